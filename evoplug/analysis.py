@@ -1,0 +1,587 @@
+"""torch.fx analysis: find transformer blocks in a model it was not written for.
+
+Flow: :func:`find_blocks` walks the module tree top-down using the calibration record
+(calibration.py): the highest module that ran exactly one attention computation per call, took
+a (B, N, C) token tensor and returned the same shape is a *candidate block*. Each candidate is
+traced **on its own** (whole models often do not trace) with every submodule that ran no
+attention kept as a leaf, so the graph shows the attention internals and the residual stream:
+
+* the attention site, recognised by what it computes: ``softmax`` over ``q @ k^T``,
+  ``scaled_dot_product_attention`` (q, k, mask and scale read from its arguments) or an
+  ``nn.MultiheadAttention`` call; never by class name;
+* additive position terms on the attention logits that do not depend on the tokens (relative
+  position bias tables): they must follow the selected tokens (see rewrite.py);
+* the residual stream: which residual adds carry the attention branch and the MLP branch
+  (layer scale, drop path, or a residual inside a submodule such as MMPretrain's FFN);
+* the prefix tokens (cls, distillation, registers) from the patch grid seen during calibration.
+
+The result is a :class:`BlockAnalysis` per block (what explain() prints) which rewrite.py turns
+into a slow-path program.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import ModuleCall
+from .errors import AnalysisError
+
+# --------------------------------------------------------------------------------------------
+# Tracing one block
+# --------------------------------------------------------------------------------------------
+
+
+def _timm_notrace():
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+        return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    except Exception:  # timm missing or too old
+        return (), ()
+
+
+class BlockTracer(fx.Tracer):
+    """Traces into the modules that ran attention; every other submodule is a leaf.
+
+    Leaves keep their own Python (so drop path / dropout follow ``train()`` at run time) and
+    the permutation probe (convert.py) checks they are token-wise.
+    """
+
+    def __init__(self, attention_modules: Set[int]):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=notrace_functions)
+        self._attention_modules = attention_modules
+        self._notrace_modules = notrace_modules
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        if self._notrace_modules and isinstance(m, self._notrace_modules):
+            return True
+        if id(m) not in self._attention_modules:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@dataclasses.dataclass
+class CallPlan:
+    """How a block is called: the token argument, other tensor arguments, constant arguments."""
+    token_arg: str
+    tensor_args: List[str]
+    constants: Dict[str, Any]
+    signature: inspect.Signature
+
+    def bind(self, module_name: str, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise AnalysisError(module_name, f"unexpected call arguments: {e}") from None
+        bound.apply_defaults()
+        values = bound.arguments
+        for name, const in self.constants.items():
+            v = values.get(name)
+            if not _same_constant(v, const):
+                raise AnalysisError(
+                    module_name,
+                    f"argument {name!r} was {const!r} when the block was analysed but is {v!r} "
+                    "now; re-run evoplug.convert with an example input that calls it this way")
+        extras = {}
+        for n in self.tensor_args:
+            v = values[n]
+            if not isinstance(v, torch.Tensor):
+                raise AnalysisError(module_name, f"argument {n!r} was a tensor at analysis, got {type(v).__name__}")
+            extras[n] = v
+        return values[self.token_arg], extras
+
+    def feed(self, x: torch.Tensor, extras: Dict[str, torch.Tensor]) -> List[Any]:
+        """Positional arguments of the traced program, in signature order."""
+        out = []
+        for n in self.signature.parameters:
+            if n == self.token_arg:
+                out.append(x)
+            elif n in extras:
+                out.append(extras[n])
+            else:
+                out.append(self.constants[n])
+        return out
+
+
+def _same_constant(a, b) -> bool:
+    if a is None or b is None:
+        return a is b
+    try:
+        return bool(a == b)
+    except Exception:
+        return a is b
+
+
+def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
+    sig = inspect.signature(module.forward)
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise AnalysisError(name, f"forward takes *{p.name}: cannot trace it with a fixed signature")
+    bound = sig.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    token_arg, tensor_args, constants = None, [], {}
+    for n, v in bound.arguments.items():
+        if isinstance(v, torch.Tensor):
+            if token_arg is None:
+                token_arg = n
+            else:
+                tensor_args.append(n)
+        else:
+            constants[n] = v
+    if token_arg is None:
+        raise AnalysisError(name, "forward received no tensor")
+    return CallPlan(token_arg, tensor_args, constants, sig)
+
+
+def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int],
+                training: bool) -> fx.GraphModule:
+    """Trace ``module`` in the given train/eval mode (traces bake ``self.training``)."""
+    was = module.training
+    module.train(training)
+    try:
+        tracer = BlockTracer(attention_modules)
+        graph = tracer.trace(module, concrete_args=dict(plan.constants))
+    except Exception as e:
+        raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
+    finally:
+        module.train(was)
+    _drop_constant_asserts(graph)
+    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _drop_constant_asserts(graph: fx.Graph):
+    """fx guards concrete (constant) arguments with torch._assert; CallPlan.bind checks them."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch._assert:
+            cond = node.args[0]
+            graph.erase_node(node)
+            if isinstance(cond, fx.Node) and not cond.users:
+                graph.erase_node(cond)
+    graph.lint()
+
+
+# --------------------------------------------------------------------------------------------
+# Graph queries
+# --------------------------------------------------------------------------------------------
+
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
+_SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+
+
+def is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADD_FUNCS) or \
+        (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _MATMUL_FUNCS) or \
+        (n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+def _module_of(gm: fx.GraphModule, n: fx.Node) -> Optional[nn.Module]:
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(n.target)
+    except AttributeError:
+        return None
+
+
+def is_softmax(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in _SOFTMAX_FUNCS:
+        return True
+    if n.op == "call_method" and n.target == "softmax":
+        return True
+    return isinstance(_module_of(gm, n), nn.Softmax)
+
+
+def softmax_dim(gm: fx.GraphModule, n: fx.Node):
+    if n.op == "call_module":
+        return _module_of(gm, n).dim
+    if "dim" in n.kwargs:
+        return n.kwargs["dim"]
+    return n.args[1] if len(n.args) > 1 else None
+
+
+def input_dependent(graph: fx.Graph) -> Set[fx.Node]:
+    """Nodes that depend on any placeholder (the tokens or another block argument)."""
+    dep: Set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        cur = todo.pop()
+        for a in cur.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def _shape(n) -> Optional[Tuple[int, ...]]:
+    if not isinstance(n, fx.Node):
+        return None
+    tm = n.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+# --------------------------------------------------------------------------------------------
+# The attention site
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class AttentionSite:
+    kind: str                          # 'softmax' | 'sdpa' | 'mha'
+    node: fx.Node                      # softmax / sdpa / mha call
+    logits: Optional[fx.Node] = None   # softmax input
+    q: Optional[fx.Node] = None
+    k: Optional[fx.Node] = None
+    mask: Optional[fx.Node] = None     # sdpa attn_mask / mha attn_mask
+    scale: Any = None
+    biases: List[fx.Node] = dataclasses.field(default_factory=list)   # token-independent terms
+    arg_terms: List[str] = dataclasses.field(default_factory=list)    # placeholders feeding logits
+
+
+def _sdpa_arg(n: fx.Node, idx: int, name: str, default=None):
+    if name in n.kwargs:
+        return n.kwargs[name]
+    return n.args[idx] if len(n.args) > idx else default
+
+
+def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
+    """Walk an add-chain feeding the logits: token-independent operands are position terms;
+    placeholders other than the tokens are block arguments feeding the logits."""
+    biases, args, todo, seen = [], [], [start], set()
+    while todo:
+        cur = todo.pop()
+        if not isinstance(cur, fx.Node) or cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            args.append(cur.target)
+        elif cur not in dep and cur.op != "placeholder":
+            biases.append(cur)
+        elif is_add(cur):
+            todo.extend(a for a in cur.args[:2] if isinstance(a, fx.Node))
+    return biases, args
+
+
+def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
+    graph = gm.graph
+    dep = input_dependent(graph)
+    sites: List[AttentionSite] = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            site = AttentionSite("sdpa", n, q=_sdpa_arg(n, 0, "query"), k=_sdpa_arg(n, 1, "key"),
+                                 mask=_sdpa_arg(n, 3, "attn_mask"), scale=_sdpa_arg(n, 6, "scale"))
+            if _sdpa_arg(n, 5, "is_causal", False) is True:
+                raise AnalysisError(name, "causal scaled_dot_product_attention: not a vision block")
+            if isinstance(site.mask, fx.Node):
+                site.biases, site.arg_terms = _logit_terms(site.mask, dep)
+            sites.append(site)
+        elif isinstance(_module_of(gm, n), nn.MultiheadAttention):
+            mask = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
+            site = AttentionSite("mha", n, q=n.args[0] if n.args else n.kwargs.get("query"),
+                                 k=n.args[1] if len(n.args) > 1 else n.kwargs.get("key"), mask=mask)
+            if isinstance(mask, fx.Node):
+                site.biases, site.arg_terms = _logit_terms(mask, dep)
+            sites.append(site)
+        elif is_softmax(gm, n):
+            logits = n.args[0] if n.args else n.kwargs.get("input")
+            if not isinstance(logits, fx.Node) or logits not in dep:
+                continue
+            # softmax(q k^T ...): a matmul of two token-dependent operands upstream of the logits
+            qk = [a for a in ancestors(logits) | {logits} if is_matmul(a) and
+                  sum(isinstance(x, fx.Node) and x in dep for x in a.args) >= 2]
+            if not qk:
+                continue
+            qk_node = max(qk, key=lambda a: list(graph.nodes).index(a))
+            site = AttentionSite("softmax", n, logits=logits, q=qk_node.args[0], k=qk_node.args[1])
+            # the logits' additive terms (walk through the q.k^T product's consumers)
+            site.biases, site.arg_terms = _logit_terms(logits, dep)
+            sites.append(site)
+    if not sites:
+        raise AnalysisError(name, "no attention computation (softmax over q.k^T, "
+                                  "scaled_dot_product_attention or nn.MultiheadAttention) in its graph")
+    if len(sites) > 1:
+        raise AnalysisError(name, f"{len(sites)} attention computations in one block "
+                                  f"({', '.join(s.node.name for s in sites)})")
+    return sites[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Residual stream and branches (what explain() shows; the attention residual is required)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Branch:
+    role: str             # 'attention' | 'mlp' | 'other'
+    add: str              # the residual add node
+    path: List[str]       # leaf modules / notable ops on the branch, in order
+
+
+def _branch_path(gm: fx.GraphModule, branch_nodes: Set[fx.Node], graph: fx.Graph) -> List[str]:
+    out = []
+    for n in graph.nodes:
+        if n in branch_nodes:
+            if n.op == "call_module":
+                out.append(f"{n.target}:{type(_module_of(gm, n)).__name__}")
+            elif n.op == "get_attr":
+                out.append(f"{n.target}(param)")
+    return out
+
+
+def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
+                      name: str) -> Tuple[List[Branch], List[str]]:
+    graph = gm.graph
+    stream = token
+    branches: List[Branch] = []
+    notes: List[str] = []
+    visited = set()
+    while True:
+        users = list(stream.users)
+        nxt = None
+        for u in users:
+            if is_add(u) and stream in u.args[:2]:
+                other = u.args[1] if u.args[0] is stream else u.args[0]
+                if isinstance(other, fx.Node):
+                    anc = ancestors(other) | {other}
+                    if token in anc:
+                        nodes = anc - ancestors(stream) - {stream}
+                        if site.node in nodes:
+                            role = "attention"
+                        elif any(n.op == "call_module" for n in nodes):
+                            role = "mlp"
+                        else:
+                            role = "other"
+                        branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph)))
+                        nxt = u
+                        break
+        if nxt is None:
+            # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
+            mods = [u for u in users if u.op == "call_module" and _shape(u) == _shape(stream)
+                    and site.node not in ancestors(u)]
+            if len(users) >= 1 and mods and any(b.role == "attention" for b in branches):
+                u = mods[0]
+                branches.append(Branch("mlp", u.name, [f"{u.target}:{type(_module_of(gm, u)).__name__} "
+                                                         "(residual inside)"]))
+                nxt = u
+        if nxt is None or nxt in visited:
+            break
+        visited.add(nxt)
+        stream = nxt
+    if not any(b.role == "attention" for b in branches):
+        raise AnalysisError(name, "the attention output is not added back to the token stream "
+                                  "(no residual attention branch)")
+    if not any(b.role == "mlp" for b in branches):
+        notes.append("no residual MLP branch found (attention-only block)")
+    return branches, notes
+
+
+# --------------------------------------------------------------------------------------------
+# Block discovery
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BlockAnalysis:
+    name: str
+    module: nn.Module
+    call: ModuleCall
+    plan: CallPlan
+    attention_modules: Set[int]
+    num_tokens: int
+    dim: int
+    num_prefix: int = 0
+    prefix_source: str = ""
+    global_query: str = "cls"        # 'cls' (query 0) or 'mean' (mean query of the patch tokens)
+    attention: str = ""              # human-readable attention description
+    q: str = ""
+    k: str = ""
+    position_terms: List[str] = dataclasses.field(default_factory=list)
+    branches: List[Branch] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+
+def _token_block_reason(call: ModuleCall) -> Optional[str]:
+    """None if the call looks like a token block: (B, N, C) in, same shape out."""
+    tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
+    tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return "called without a tensor"
+    x = tensors[0]
+    if x.dim() != 3:
+        return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
+    out = call.output
+    if not isinstance(out, torch.Tensor):
+        return f"returns {type(out).__name__}, not the token tensor"
+    if tuple(out.shape) != tuple(x.shape):
+        return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
+                "(not a self-attention token block, e.g. class attention or pooling)")
+    return None
+
+
+def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
+    """Candidate blocks and the modules with attention that are left alone (with reasons)."""
+    candidates: List[Tuple[str, nn.Module, ModuleCall]] = []
+    skipped: List[Tuple[str, str]] = []
+
+    def visit(name: str, m: nn.Module):
+        c = calls.get(id(m))
+        if c is None:  # containers that are not called themselves (ModuleList, ModuleDict)
+            for child_name, child in m.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+            return
+        if c.attention_ops == 0:
+            return
+        if c.n_calls == 1 and c.attention_ops == 1:
+            reason = _token_block_reason(c)
+            if reason is None:
+                candidates.append((name, m, c))
+                return
+        before = len(candidates)
+        for child_name, child in m.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+        if len(candidates) == before and c.attention_ops == c.n_calls == 1:
+            # one attention inside and nothing convertible: report this module, not its parts
+            skipped[:] = [s for s in skipped if not s[0].startswith(name + ".")]
+            skipped.append((name, _token_block_reason(c) or "no token block inside"))
+        elif len(candidates) == before and c.n_calls > 1 and c.attention_ops:
+            skipped[:] = [s for s in skipped if not s[0].startswith(name + ".")]
+            skipped.append((name, f"called {c.n_calls} times per forward (shared module)"))
+
+    visit("", model)
+    candidates.sort(key=lambda t: t[2].order)
+    return candidates, skipped
+
+
+def attention_modules(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
+    return {mid for mid, c in calls.items() if c.attention_ops > 0}
+
+
+def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
+                  num_tokens: int) -> Tuple[int, str]:
+    """Number of leading prefix tokens at this block: N minus the patch grid (h*w) of the last
+    4-D feature map produced before the block ran; else the model's ``num_prefix_tokens`` /
+    ``num_extra_tokens`` attribute; else 0."""
+    grid = None
+    for c in calls.values():
+        out = c.output
+        if c.order < call.order and isinstance(out, torch.Tensor) and out.dim() == 4:
+            hw = out.shape[-2] * out.shape[-1]
+            if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
+                if grid is None or c.order > grid[0]:
+                    grid = (c.order, hw, c.name, tuple(out.shape[-2:]))
+    if grid is not None:
+        return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
+    for attr in ("num_prefix_tokens", "num_extra_tokens"):
+        v = getattr(model, attr, None)
+        if isinstance(v, int):
+            return v, f"model.{attr}"
+    return 0, "assumed 0 (no patch grid found)"
+
+
+def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
+                  calls: Dict[int, ModuleCall], attn_mods: Set[int],
+                  num_prefix_override: Optional[int],
+                  global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
+    """Trace one candidate block (eval mode), propagate shapes, and describe it."""
+    plan = make_call_plan(module, name, call)
+    gm = trace_block(module, name, plan, attn_mods, training=False)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    token = placeholders[list(plan.signature.parameters).index(plan.token_arg)]
+    x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else \
+        plan.signature.bind(*call.args, **call.kwargs).arguments[plan.token_arg]
+    B, N, C = x.shape
+    # shapes of every node on the calibration input
+    from torch.fx.passes.shape_prop import ShapeProp
+    bound = plan.signature.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*feed)
+    except Exception as e:
+        raise AnalysisError(name, f"the traced block does not run: {type(e).__name__}: {e}") from None
+
+    site = find_attention(gm, name)
+    a = BlockAnalysis(name, module, call, plan, attn_mods, N, C)
+    # self-attention over all N tokens
+    if site.kind in ("softmax",):
+        s = _shape(site.node)
+        if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
+            raise AnalysisError(name, f"attention map {s} is not over the block's {N} tokens "
+                                      "(not self-attention)")
+        dim = softmax_dim(gm, site.node)
+        if dim not in (-1, len(s) - 1):
+            raise AnalysisError(name, f"softmax over dim {dim}, not over the keys (last dim)")
+        a.attention = f"softmax(q.k^T) at `{site.node.name}`"
+    elif site.kind == "sdpa":
+        qs, ks = _shape(site.q), _shape(site.k)
+        if not qs or not ks or qs[-2] != N or ks[-2] != N:
+            raise AnalysisError(name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
+                                      f"block's {N} tokens (not self-attention)")
+        a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
+    else:
+        mha = _module_of(gm, site.node)
+        if site.q is not site.k:
+            if _shape(site.q) != _shape(site.k):
+                raise AnalysisError(name, "nn.MultiheadAttention with different query and key "
+                                          "tokens (cross-attention)")
+        a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
+    a.q = getattr(site.q, "name", str(site.q))
+    a.k = getattr(site.k, "name", str(site.k))
+    for b in site.biases:
+        a.position_terms.append(f"bias `{b.name}` {_shape(b)} -> gathered for the kept tokens")
+    for t in site.arg_terms:
+        a.position_terms.append(f"argument `{t}` on the attention logits -> gathered")
+    for tname in plan.tensor_args:
+        t = bound.arguments[tname]
+        if tname not in site.arg_terms:
+            a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
+    a.branches, a.notes = residual_branches(gm, token, site, name)
+    if num_prefix_override is not None:
+        a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+    else:
+        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
+    if a.num_prefix >= N:
+        raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
+    a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    return a, gm
+
+
+def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
+    """'cls' when the first prefix token is a class token, else 'mean'.
+
+    Without prefix tokens there is no cls token. With prefix tokens, a model that declares it
+    has no class token (timm's ``cls_token is None``, e.g. register-only ViTs) uses the mean
+    query too; otherwise the first prefix token is taken as the cls token.
+    """
+    if choice not in ("auto", "cls", "mean"):
+        raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {choice!r}")
+    if choice == "cls" and num_prefix == 0:
+        raise AnalysisError("", "global_query='cls' but the block has no prefix token")
+    if choice != "auto":
+        return choice
+    if num_prefix == 0:
+        return "mean"
+    if hasattr(model, "cls_token") and getattr(model, "cls_token") is None:
+        return "mean"
+    return "cls"

@@ -1,0 +1,254 @@
+"""Public API: convert a model, explain what was done, change options, revert.
+
+Data flows one way: calibrate (one eager forward) -> analyse (fx, per block) -> plan (roles
+from the options) -> rewrite (slow-path programs, class swap).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import evolution as ev
+from .analysis import BlockAnalysis, analyse_block, attention_modules, find_blocks
+from .block import BlockSpec, EvoBlockMixin, EvoContext, _gather_extra, evo_class
+from .calibration import calibrate, default_example_input
+from .errors import AnalysisError, ConversionError
+from .options import EvoOptions
+from .rewrite import build_program
+
+
+@dataclasses.dataclass
+class ConversionReport:
+    """What :func:`convert` found and did; ``str()`` is the table :func:`explain` prints."""
+    model_class: str
+    options: EvoOptions
+    blocks: List[BlockSpec]
+    failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
+    skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+
+def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
+    """Behavioural check of a block and its program on the calibration input (eval mode):
+
+    1. the traced program reproduces the block's own forward (dense);
+    2. permutation equivariance: running it on the patch tokens in another order, with the
+       position terms following them, gives the same tokens in that order. A block that mixes
+       tokens outside attention (convolution over the grid, pooling) or has a position term
+       evoplug does not follow fails here instead of giving wrong outputs later;
+    3. it runs on a subset of the tokens plus a representative token.
+    """
+    m = a.module
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad():
+            bound = a.plan.signature.bind(*a.call.args, **a.call.kwargs)
+            ref = a.orig_forward(m, *a.call.args, **a.call.kwargs)
+            x, extras = a.plan.bind(a.name, a.call.args, a.call.kwargs)
+            out, row = program(m, *a.plan.feed(x, extras), None)
+            scale = max(1.0, float(ref.abs().max()))
+            err = float((out - ref).abs().max())
+            if err > atol * scale:
+                raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
+            B, N, C = x.shape
+            P = a.num_prefix
+            M = N - P
+            if row.shape != (B, M):
+                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {(B, M)}")
+            gen = torch.Generator().manual_seed(0)
+            perm = torch.randperm(M, generator=gen).to(x.device)
+            pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
+            xp = x.gather(1, pos[..., None].expand(-1, -1, C))
+            ex = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
+            outp, _ = program(m, *a.plan.feed(xp, ex), pos)
+            err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
+            if err > atol * scale:
+                raise AnalysisError(
+                    a.name, "not equivariant to the token order (max abs diff "
+                            f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
+                            "attention or has a position-dependent term evoplug cannot follow")
+            k = max(1, M // 2)
+            sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
+            xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
+            ex = {n: _gather_extra(a, n, t, sub_pos, N, P) for n, t in extras.items()}
+            outs, rows = program(m, *a.plan.feed(xs, ex), sub_pos)
+            if outs.shape != xs.shape or not torch.isfinite(outs).all():
+                raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
+    except AnalysisError:
+        raise
+    except Exception as e:
+        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e}") from None
+    finally:
+        m.train(was)
+
+
+def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, strict: bool = True,
+            inplace: bool = False, **options) -> nn.Module:
+    """Inject Evo-ViT slow-fast token evolution into the transformer blocks of ``model``.
+
+    Returns a converted **copy** by default (``inplace=True`` converts ``model`` itself). The
+    converted model has the same parameters, buffers, state_dict keys and output shapes: an
+    existing checkpoint loads into it strictly and it fine-tunes as usual.
+
+    Args:
+        keep_ratio: fraction of patch tokens updated slowly in evolving blocks, in (0, 1].
+        example_input: an input to run once for the analysis; by default an image batch of the
+            model's declared input size (timm's ``patch_embed.img_size``, ``pretrained_cfg``).
+        strict: raise :class:`evoplug.ConversionError` if no block converts, or if a block that
+            looks like a transformer block cannot be converted (naming the module and reason).
+            ``strict=False`` converts what it can; :func:`explain` reports the rest.
+        **options: fields of :class:`evoplug.EvoOptions` (start_block, trade_off,
+            reselect_every, representative, num_prefix_tokens, identity_fast_path).
+    """
+    opts = EvoOptions(keep_ratio=keep_ratio, **options)
+    if any(isinstance(m, EvoBlockMixin) for m in model.modules()):
+        raise ConversionError(f"{type(model).__name__} is already converted; use "
+                              "evoplug.set_options() to change its options")
+    if not inplace:
+        model = copy.deepcopy(model)
+    if example_input is None:
+        example_input = default_example_input(model)
+        if example_input is None:
+            raise ConversionError(
+                f"{type(model).__name__}: cannot tell its input size; pass example_input=")
+    try:
+        calls = calibrate(model, example_input)
+    except Exception as e:
+        raise ConversionError(f"{type(model).__name__}: the example input does not run through "
+                              f"the model: {type(e).__name__}: {e}") from e
+    candidates, skipped = find_blocks(model, calls)
+    attn_mods = attention_modules(model, calls)
+    analysed, failed = [], []
+    for name, module, call in candidates:
+        try:
+            a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
+                                       opts.num_prefix_tokens, opts.global_query)
+            a.orig_forward = type(module).forward
+            programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
+            _probe(a, programs[False])
+            analysed.append((a, programs))
+        except AnalysisError as e:
+            failed.append((name, e.reason))
+    if not analysed:
+        if failed:
+            detail = "; ".join(f"`{n}`: {r}" for n, r in failed)
+        elif skipped:
+            detail = "; ".join(f"`{n}`: {r}" for n, r in skipped)
+        else:
+            detail = ("no attention computation (softmax over q.k^T, scaled_dot_product_attention "
+                      "or nn.MultiheadAttention) ran in its forward")
+        raise ConversionError(f"evoplug found no convertible transformer block in "
+                              f"{type(model).__name__}: {detail}", failed or skipped)
+    if failed and strict:
+        detail = "\n".join(f"  `{n}`: {r}" for n, r in failed)
+        raise ConversionError(f"evoplug cannot convert {len(failed)} block(s) of "
+                              f"{type(model).__name__} (strict=True; strict=False converts the "
+                              f"others and reports these):\n{detail}", failed)
+    context = EvoContext()
+    specs = []
+    for i, (a, programs) in enumerate(analysed):
+        spec = BlockSpec(i, a, opts, context, programs, type(a.module))
+        a.module.__class__ = evo_class(type(a.module))
+        a.module._evoplug_spec = spec
+        del a.call  # do not keep the calibration tensors alive
+        specs.append(spec)
+    report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
+    model._evoplug_report = report
+    _assign_roles(report)
+    return model
+
+
+def _assign_roles(report: ConversionReport):
+    opts = report.options
+    n = len(report.blocks)
+    start = opts.start_block if opts.start_block is not None else max(1, n // 3)
+    if start >= n:
+        raise ValueError(f"start_block={start} but the model has {n} converted blocks")
+    for spec in report.blocks:
+        spec.role = "dense" if spec.index < start - 1 else ("score" if spec.index == start - 1 else "evolve")
+
+
+def get_report(model: nn.Module) -> ConversionReport:
+    report = getattr(model, "_evoplug_report", None)
+    if report is None:
+        raise ConversionError(f"{type(model).__name__} was not converted by evoplug")
+    return report
+
+
+def set_options(model: nn.Module, **changes) -> EvoOptions:
+    """Change options of a converted model in place, e.g. ``set_options(m, keep_ratio=0.7)``.
+    Takes effect at the next forward; no re-conversion."""
+    report = get_report(model)
+    new = dataclasses.replace(report.options, **changes)   # validates
+    for f in dataclasses.fields(new):
+        setattr(report.options, f.name, getattr(new, f.name))
+    _assign_roles(report)
+    return report.options
+
+
+def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
+    return set_options(model, keep_ratio=keep_ratio)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo a conversion in place (restores the blocks' classes)."""
+    report = get_report(model)
+    for spec in report.blocks:
+        m = spec.analysis.module
+        m.__class__ = spec.orig_class
+        del m._evoplug_spec
+    del model._evoplug_report
+    return model
+
+
+def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
+    """Tokens each converted block ran through its attention and MLP in the last forward
+    (-1: the block's original forward ran)."""
+    return [(s.analysis.name, s.tokens_run) for s in get_report(model).blocks]
+
+
+def format_report(report: ConversionReport) -> str:
+    o = report.options
+    lines = [f"evoplug: {report.model_class} - {len(report.blocks)} block(s) converted, "
+             f"keep_ratio={o.keep_ratio}, trade_off={o.trade_off}, reselect_every={o.reselect_every}, "
+             f"representative={'on' if o.representative else 'off'}"]
+    hdr = ("block", "role", "tokens", "prefix", "attention", "position terms")
+    rows = []
+    for s in report.blocks:
+        a = s.analysis
+        role = {"dense": "dense", "score": "dense + scores", "evolve": "evolving"}[s.role]
+        M = a.num_tokens - a.num_prefix
+        toks = f"{a.num_tokens}" if s.role != "evolve" else \
+            f"{a.num_prefix + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
+        rows.append((a.name, role, toks, str(a.num_prefix), a.attention,
+                     "; ".join(a.position_terms) or "-"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines.append(fmt.format(*hdr))
+    lines.append(fmt.format(*("-" * w for w in widths)))
+    lines.extend(fmt.format(*r) for r in rows)
+    if report.blocks:
+        a = report.blocks[0].analysis
+        lines.append(f"prefix tokens: {a.num_prefix} ({a.prefix_source}); global query: {a.global_query}; "
+                     f"q=`{a.q}`, k=`{a.k}` in the first block")
+        br = "; ".join(f"{b.role} branch at `{b.add}`: {' -> '.join(b.path) or '(ops)'}" for b in a.branches)
+        lines.append(f"residual stream of `{a.name}`: {br}")
+        for note in a.notes:
+            lines.append(f"note: {note}")
+    for name, reason in report.failed:
+        lines.append(f"NOT converted `{name}`: {reason}")
+    for name, reason in report.skipped:
+        lines.append(f"left alone `{name}`: {reason}")
+    return "\n".join(lines)
+
+
+def explain(model: nn.Module) -> str:
+    """A readable table of what evoplug found in a converted model and what it does."""
+    return format_report(get_report(model))

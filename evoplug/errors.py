@@ -1,0 +1,26 @@
+"""Errors raised by evoplug. Every message names the module it is about and the reason."""
+from __future__ import annotations
+
+
+class EvoplugError(RuntimeError):
+    """Base class of evoplug's errors."""
+
+
+class ConversionError(EvoplugError):
+    """A model (or one of its blocks) cannot be converted.
+
+    ``failures`` is a list of ``(module_name, reason)`` pairs.
+    """
+
+    def __init__(self, message: str, failures=()):
+        self.failures = list(failures)
+        super().__init__(message)
+
+
+class AnalysisError(EvoplugError):
+    """The fx analysis of one module failed; carries the module name and the reason."""
+
+    def __init__(self, module_name: str, reason: str):
+        self.module_name = module_name
+        self.reason = reason
+        super().__init__(f"{module_name or '<root>'}: {reason}")

@@ -1,0 +1,222 @@
+"""Token-evolution math of Evo-ViT: scoring, top-k, representative token, slow/fast update,
+restoring the original order. Batched tensor ops only (gather/scatter/topk/einsum), no Python
+loops over tokens; every shape depends only on the input's shape.
+
+Conventions: ``x`` is (B, N, C) with ``P`` leading prefix tokens (cls, distillation, registers)
+and ``M = N - P`` patch tokens. Global scores ``g`` are (B, M), float32, detached: they rank
+tokens, they are not trained through (a learnable trade-off is a training extra).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+# --------------------------------------------------------------------------------------------
+# Attention rows: the global query's attention over the patch keys, mean over heads.
+# They run inside the rewritten block graphs (see rewrite.py), hence plain functions.
+# --------------------------------------------------------------------------------------------
+
+def _heads_mean(p: Tensor, batch: int, num_prefix: int) -> Tensor:
+    """(B, ..., n_keys) probabilities -> (B, n_keys - P) float32, mean over the middle dims."""
+    p = p.reshape(batch, -1, p.shape[-1]).mean(1)
+    return p[:, num_prefix:].float()
+
+
+def probs_query_row(probs: Tensor, num_prefix: int) -> Tensor:
+    """Row of the cls query (query 0) in an explicit attention map (B, H, Nq, Nk): free."""
+    return _heads_mean(probs[..., 0, :].detach(), probs.shape[0], num_prefix)
+
+
+def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
+    """Attention row of the *mean query* of the patch tokens from pre-softmax logits
+    (B, H, Nq, Nk).
+
+    The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
+    mean query (bias terms included). Used when there is no cls token.
+    """
+    logits = logits.detach().float()[..., num_prefix:, :]
+    return _heads_mean(logits.mean(-2).softmax(-1), logits.shape[0], num_prefix)
+
+
+def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
+                   num_prefix: int, cls_query: bool) -> Tensor:
+    """Global-query attention row for a fused ``scaled_dot_product_attention`` call.
+
+    q, k: (..., N, d). The query is the cls token (index 0) if ``cls_query``, else the mean
+    query of the patch tokens. One query row per head: O(N d) extra work.
+    """
+    q = q.detach().float()
+    k = k.detach().float()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    qq = q[..., :1, :] if cls_query else q[..., num_prefix:, :].mean(-2, keepdim=True)
+    logits = torch.matmul(qq, k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        m = attn_mask.detach()
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill(~m, float("-inf"))
+        m = m.float()
+        if m.shape[-2] != 1:
+            m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
+        logits = logits + m
+    return _heads_mean(logits.softmax(-1), q.shape[0], num_prefix)
+
+
+def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
+                  attn_mask: Optional[Tensor], num_prefix: int, cls_query: bool) -> Tensor:
+    """Global-query attention row for ``nn.MultiheadAttention`` (need_weights may be False).
+
+    Computes q only for the global query and uses q.k_j = (W_k^T q) . x_j + const, so the keys
+    are never projected again: O(H N C) instead of O(N C^2).
+    """
+    if not mha.batch_first:
+        query, key = query.transpose(0, 1), key.transpose(0, 1)
+    query = query.detach().float()
+    key = key.detach().float()
+    E, H = mha.embed_dim, mha.num_heads
+    d = E // H
+    if mha._qkv_same_embed_dim:
+        w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    w_q, w_k = w_q.detach().float(), w_k.detach().float()
+    b_q = mha.in_proj_bias[:E].detach().float() if mha.in_proj_bias is not None else None
+    g = query[:, :1] if cls_query else query[:, num_prefix:].mean(1, keepdim=True)  # (B, 1, E)
+    qg = torch.nn.functional.linear(g, w_q, b_q).reshape(-1, H, d)             # (B, H, d)
+    u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
+    logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
+    if attn_mask is not None:  # (N, N) mask, as nn.MultiheadAttention takes it (True = masked)
+        m = attn_mask.detach()
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, device=m.device).masked_fill(m, float("-inf"))
+        m = m.float()
+        logits = logits + (m[:1] if cls_query else m[num_prefix:].mean(0, keepdim=True))
+    return _heads_mean(logits.softmax(-1), logits.shape[0], num_prefix)
+
+
+# --------------------------------------------------------------------------------------------
+# Position-dependent terms: follow the selected tokens.
+# ``pos`` (B, n) holds the original token index (0..N-1) of every token of the subset.
+# --------------------------------------------------------------------------------------------
+
+def gather_pair_bias(bias: Tensor, pos: Optional[Tensor]) -> Tensor:
+    """Gather an additive attention term (..., Nq, Nk) to the subset's tokens.
+
+    Used for relative position biases and masks that do not depend on the input tokens. A dim
+    of size 1 broadcasts and is left alone; others are indexed by ``pos``. Result (B, L, n, n)
+    (or with 1 where the input had 1). ``pos is None`` (dense run) returns the term unchanged.
+    """
+    if pos is None or bias.dim() < 2:
+        return bias
+    B, n = pos.shape
+    R, K = bias.shape[-2], bias.shape[-1]
+    if bias.dim() == 4 and bias.shape[0] == B and B > 1:
+        b4 = bias
+    else:
+        b4 = bias.reshape(1, -1, R, K).expand(B, -1, -1, -1)
+    L = b4.shape[1]
+    if R != 1:
+        b4 = torch.gather(b4, 2, pos[:, None, :, None].expand(B, L, n, K))
+        R = n
+    if K != 1:
+        b4 = torch.gather(b4, 3, pos[:, None, None, :].expand(B, L, R, n))
+    return b4
+
+
+def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
+    """Gather a per-token tensor argument (e.g. rotary embeddings (M, D)) along ``dim``.
+
+    Returns (B, *t.shape[:dim], n, *t.shape[dim+1:]), padded with singleton dims after the
+    batch to rank 4 so that it broadcasts against (B, heads, n, d) like the original did.
+    """
+    out = t.movedim(dim, 0)[pos]            # (B, n, *rest)
+    out = out.movedim(1, dim + 1)
+    while out.dim() < 4:
+        out = out.unsqueeze(1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Selection, representative token, slow/fast update, restore order.
+# --------------------------------------------------------------------------------------------
+
+def num_keep(num_patches: int, keep_ratio: float) -> int:
+    """k = floor(M * keep_ratio), at least 1 (a tiny epsilon absorbs float error)."""
+    return max(1, min(num_patches, int(math.floor(num_patches * keep_ratio + 1e-6))))
+
+
+def select_tokens(scores: Tensor, k: int, with_rep: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """Top-k patch tokens by global score. Returns (sel (B, k), rep_pos (B,) or None).
+
+    ``rep_pos`` is the best non-selected token: the position the representative token takes
+    for position-dependent terms (relative position bias, rotary embedding).
+    """
+    M = scores.shape[1]
+    take = k + 1 if (with_rep and k < M) else k
+    idx = torch.topk(scores, take, dim=1, largest=True, sorted=True).indices
+    if take > k:
+        return idx[:, :k], idx[:, k]
+    return idx, None
+
+
+def representative_weights(scores: Tensor, sel: Tensor) -> Tensor:
+    """w_j = g_j / sum g over the non-selected tokens (0 on the selected ones): (B, M)."""
+    w = scores.scatter(1, sel, 0.0)
+    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def gather_subset(x: Tensor, num_prefix: int, sel: Tensor, rep_pos: Optional[Tensor],
+                  weights: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Build the slow-path input [prefix, selected, representative].
+
+    Returns (sub (B, P+k(+1), C), pos (B, P+k(+1)) original indices, rep (B, C) or None).
+    """
+    B, N, C = x.shape
+    P = num_prefix
+    patches = x[:, P:]
+    picked = patches.gather(1, sel.unsqueeze(-1).expand(-1, -1, C))
+    prefix_pos = torch.arange(P, device=x.device).expand(B, P)
+    parts, pos_parts = [x[:, :P], picked], [prefix_pos, sel + P]
+    rep = None
+    if rep_pos is not None:
+        rep = torch.einsum("bm,bmc->bc", weights.to(x.dtype), patches)
+        parts.append(rep.unsqueeze(1))
+        pos_parts.append((rep_pos + P).unsqueeze(1))
+    return torch.cat(parts, 1), torch.cat(pos_parts, 1), rep
+
+
+def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
+            rep: Optional[Tensor]) -> Tensor:
+    """Fast update of the non-selected tokens and scatter back to the original order.
+
+    Non-selected tokens get the representative token's residual (out_rep - rep); the selected
+    ones take their slow-path outputs. Out of place (autograd-safe).
+    """
+    P = num_prefix
+    C = x.shape[-1]
+    k = sel.shape[1]
+    patches = x[:, P:]
+    if rep is not None:
+        patches = patches + (out_sub[:, -1] - rep).unsqueeze(1)
+    patches = patches.scatter(1, sel.unsqueeze(-1).expand(-1, -1, C), out_sub[:, P:P + k])
+    return torch.cat([out_sub[:, :P], patches], 1)
+
+
+def update_scores(scores: Optional[Tensor], row: Tensor, alpha: float,
+                  sel: Optional[Tensor] = None) -> Tensor:
+    """Global attention update g = (1 - alpha) g + alpha a.
+
+    Dense run: ``row`` is (B, M), every entry is refreshed (first time: g = a). Evolving run:
+    ``row`` holds the selected tokens' entries (B, k) and only those are refreshed.
+    """
+    row = row.detach().float()
+    if sel is None:
+        if scores is None or scores.shape != row.shape:
+            return row
+        return (1.0 - alpha) * scores + alpha * row
+    old = scores.gather(1, sel)
+    return scores.scatter(1, sel, (1.0 - alpha) * old + alpha * row)

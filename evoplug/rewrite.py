@@ -1,0 +1,101 @@
+"""Rewrite one traced block into its slow-path program.
+
+The program takes the block's own arguments plus ``_evo_pos`` (B, n): the original index of
+each token of the subset it runs on (``None`` for a dense run), and returns
+``(tokens_out, global_row)``:
+
+* position terms found by the analysis (token-independent additive terms on the attention
+  logits, e.g. BEiT's relative position bias) are gathered with ``_evo_pos``, so the kept tokens
+  and the representative token keep their own biases;
+* the attention row of the global query (cls token, or the mean query when there is no prefix
+  token) over the patch keys is computed next to the attention: taken from the softmax output,
+  or computed from q and k for fused ``scaled_dot_product_attention`` / from the module's
+  weights for ``nn.MultiheadAttention``.
+
+The program is the generated ``forward`` of an fx GraphModule, called with the *block itself*
+as ``self``: it reads the block's live parameters and buffers (so ``.to()``, ``.half()`` and
+``load_state_dict`` need nothing special) and adds no module, parameter or state_dict key.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import evolution as ev
+from .analysis import AttentionSite, BlockAnalysis, find_attention, trace_block
+from .errors import AnalysisError
+
+
+def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -> Callable:
+    """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``)."""
+    if gm is None:
+        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training)
+    graph = gm.graph
+    site: AttentionSite = find_attention(gm, a.name)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        pos = graph.placeholder("_evo_pos", default_value=None)
+
+    # 1. position terms follow the selected tokens
+    for bias in site.biases:
+        consumers = [u for u in list(bias.users)]
+        with graph.inserting_after(bias):
+            gathered = graph.call_function(ev.gather_pair_bias, (bias, pos))
+        for u in consumers:
+            u.replace_input_with(bias, gathered)
+
+    # 2. the global query's attention row
+    P = a.num_prefix
+    cls_query = a.global_query == "cls"
+    with graph.inserting_after(site.node):
+        if site.kind == "softmax":
+            if cls_query:
+                row = graph.call_function(ev.probs_query_row, (site.node, P))
+            else:
+                row = graph.call_function(ev.logits_query_row, (site.logits, P))
+        elif site.kind == "sdpa":
+            mask = site.node.kwargs.get("attn_mask", site.node.args[3] if len(site.node.args) > 3 else None)
+            row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P, cls_query))
+        else:
+            with graph.inserting_before(site.node):
+                mha = graph.get_attr(site.node.target)
+            mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
+            row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
+
+    # 3. return (tokens, row)
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    if not isinstance(result, fx.Node):
+        raise AnalysisError(a.name, f"block returns {type(result).__name__}, not one token tensor")
+    out_node.args = ((result, row),)
+    graph.lint()
+    gm.recompile()
+    _check_attrs_resolve(a, gm)
+    return type(gm).forward
+
+
+def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule):
+    """The program runs with the block as ``self``: every attribute it reads must be the
+    block's own. Tensor constants created by tracing are registered as non-persistent buffers
+    (not in the state_dict)."""
+    for n in gm.graph.nodes:
+        if n.op in ("get_attr", "call_module"):
+            try:
+                a.module.get_submodule(n.target) if n.op == "call_module" else _getattr_path(a.module, n.target)
+            except AttributeError:
+                if n.op == "get_attr" and "." not in n.target:
+                    value = _getattr_path(gm, n.target)
+                    if isinstance(value, torch.Tensor):
+                        a.module.register_buffer(n.target, value, persistent=False)
+                        continue
+                raise AnalysisError(a.name, f"traced program reads `{n.target}`, which the block "
+                                            "does not have") from None
+
+
+def _getattr_path(obj, path: str):
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
