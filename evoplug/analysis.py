@@ -363,6 +363,12 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                 other = u.args[1] if u.args[0] is stream else u.args[0]
                 if isinstance(other, fx.Node):
                     anc = ancestors(other) | {other}
+                    if token not in anc:
+                        # a token-independent term added to the stream (e.g. a per-position
+                        # embedding): the permutation probe decides whether that is token-wise
+                        notes.append(f"token-independent term `{other.name}` added to the stream at `{u.name}`")
+                        nxt = u
+                        break
                     if token in anc:
                         nodes = anc - ancestors(stream) - {stream}
                         if site.node in nodes:

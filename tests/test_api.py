@@ -1,0 +1,196 @@
+"""API behaviour: errors, strict/non-strict, options after conversion, explain, copy/in place."""
+import copy
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import evoplug
+from plain_vit import Layer, PlainViT
+
+
+def _small_vit():
+    return PlainViT(depth=6).eval(), torch.randn(2, 3, 32, 32)
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.01, 2, float("nan"), "0.5", None, True])
+def test_keep_ratio_out_of_range(bad):
+    model, x = _small_vit()
+    with pytest.raises(ValueError, match="keep_ratio"):
+        evoplug.convert(model, keep_ratio=bad, example_input=x[:1])
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with pytest.raises(ValueError, match="keep_ratio"):
+        evoplug.set_keep_ratio(fast, bad)
+
+
+def test_resnet_raises_clear_error():
+    model = timm.create_model("resnet18", pretrained=False)
+    with pytest.raises(evoplug.ConversionError, match="no convertible transformer block in ResNet"):
+        evoplug.convert(model, example_input=torch.randn(1, 3, 64, 64))
+
+
+def test_cnn_without_input_size_asks_for_example_input():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.raises(evoplug.ConversionError, match="example_input"):
+        evoplug.convert(model)
+
+
+class ConvInBlock(Layer):
+    """A block that mixes tokens outside attention (a depthwise conv over the patch grid)."""
+
+    def __init__(self, width, heads, grid):
+        super().__init__(width, heads)
+        self.grid = grid
+        self.dw = nn.Conv2d(width, width, 3, padding=1, groups=width)
+
+    def forward(self, tokens):
+        tokens = super().forward(tokens)
+        cls, patches = tokens[:, :1], tokens[:, 1:]
+        B, M, C = patches.shape
+        g = self.dw(patches.transpose(1, 2).reshape(B, C, self.grid, self.grid))
+        return torch.cat([cls, patches + g.flatten(2).transpose(1, 2)], 1)
+
+
+def _model_with_bad_block():
+    model = PlainViT(depth=6).eval()
+    model.trunk[4] = ConvInBlock(64, 4, grid=8).eval()
+    return model
+
+
+def test_strict_names_the_block_it_cannot_convert():
+    model = _model_with_bad_block()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(model, example_input=x)
+    msg = str(e.value)
+    assert "trunk.4" in msg and "strict=False" in msg
+    assert e.value.failures[0][0] == "trunk.4"
+
+
+def test_non_strict_converts_the_rest_and_reports():
+    model = _model_with_bad_block()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, example_input=x[:1], strict=False)
+    names = [s.analysis.name for s in evoplug.get_report(fast).blocks]
+    assert names == ["trunk.0", "trunk.1", "trunk.2", "trunk.3", "trunk.5"]
+    text = evoplug.explain(fast)
+    assert "NOT converted `trunk.4`" in text
+    with torch.no_grad():
+        assert fast(x).shape == model(x).shape
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
+
+
+class PosInBlock(Layer):
+    """A block that adds its own learned per-position term: not token-wise, refused."""
+
+    def __init__(self, width, heads, n):
+        super().__init__(width, heads)
+        self.pos = nn.Parameter(torch.randn(1, n, width))
+
+    def forward(self, tokens):
+        return super().forward(tokens + self.pos)
+
+
+def test_position_term_outside_attention_is_refused():
+    model = PlainViT(depth=6).eval()
+    model.trunk[3] = PosInBlock(64, 4, 65).eval()
+    with pytest.raises(evoplug.ConversionError, match="trunk.3"):
+        evoplug.convert(model, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_copy_by_default_inplace_on_request():
+    model, x = _small_vit()
+    fast = evoplug.convert(model, example_input=x[:1])
+    assert fast is not model
+    assert type(model.trunk[0]) is Layer          # original untouched
+    assert isinstance(fast.trunk[0], Layer) and type(fast.trunk[0]) is not Layer
+    same = evoplug.convert(model, example_input=x[:1], inplace=True)
+    assert same is model
+    with pytest.raises(evoplug.ConversionError, match="already converted"):
+        evoplug.convert(model, example_input=x[:1])
+
+
+def test_options_change_without_reconversion_and_revert():
+    model, x = _small_vit()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        fast(x)
+        runs = dict(evoplug.tokens_per_block(fast))
+        assert runs["trunk.5"] == 1 + 32 + 1
+        evoplug.set_keep_ratio(fast, 0.25)
+        fast(x)
+        assert dict(evoplug.tokens_per_block(fast))["trunk.5"] == 1 + 16 + 1
+        evoplug.set_options(fast, representative=False)
+        fast(x)
+        assert dict(evoplug.tokens_per_block(fast))["trunk.5"] == 1 + 16
+        evoplug.set_options(fast, start_block=5)
+        fast(x)
+        roles = [s.role for s in evoplug.get_report(fast).blocks]
+        assert roles == ["dense"] * 4 + ["score", "evolve"]
+        with pytest.raises(ValueError):
+            evoplug.set_options(fast, start_block=0)
+        evoplug.revert(fast)
+        assert type(fast.trunk[0]) is Layer
+        assert (fast(x) - model(x)).abs().max() == 0
+
+
+def test_deepcopy_of_converted_model_is_independent():
+    model, x = _small_vit()
+    fast = evoplug.convert(model, example_input=x[:1])
+    twin = copy.deepcopy(fast)
+    evoplug.set_keep_ratio(twin, 1.0)
+    assert evoplug.get_report(fast).options.keep_ratio == 0.5
+    with torch.no_grad():
+        nn.init.zeros_(twin.trunk[5].ff[2].weight)
+        assert not torch.equal(fast.trunk[5].ff[2].weight, twin.trunk[5].ff[2].weight)
+        assert twin(x).shape == fast(x).shape
+
+
+def test_explain_names_blocks_roles_and_findings():
+    model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=64, depth=6)
+    fast = evoplug.convert(model)
+    text = evoplug.explain(fast)
+    assert "blocks.0" in text and "evolving" in text and "dense + scores" in text
+    assert "scaled_dot_product_attention" in text or "softmax" in text
+    assert "gathered for the kept tokens" in text      # relative position bias follows the tokens
+    assert "prefix tokens: 1" in text
+    assert "mlp branch" in text and "attention branch" in text
+
+
+def test_cait_class_attention_blocks_left_alone():
+    model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=64)
+    fast = evoplug.convert(model)
+    text = evoplug.explain(fast)
+    assert "left alone `blocks_token_only.0`" in text
+    names = [s.analysis.name for s in evoplug.get_report(fast).blocks]
+    assert names == [f"blocks.{i}" for i in range(24)]
+    assert all(type(b) is type(model.blocks_token_only[0]) for b in fast.blocks_token_only)
+
+
+def test_context_is_reset_per_forward_and_batch_size_can_change():
+    model, x = _small_vit()
+    fast = evoplug.convert(model, example_input=x[:1])
+    with torch.no_grad():
+        a = fast(x)
+        fast(torch.randn(5, 3, 32, 32))
+        b = fast(x)
+    assert torch.equal(a, b)
+
+
+def test_stage_selection_reuses_the_selection():
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
+    fast = evoplug.convert(model, keep_ratio=0.5, reselect_every=4)
+    x = torch.randn(2, 3, 64, 64)
+    sels = []
+    hooks = [b.register_forward_hook(lambda m, i, o: sels.append(
+        None if m._evoplug_spec.role != "evolve" else m._evoplug_spec.context.sel.clone()))
+        for b in fast.blocks]
+    with torch.no_grad():
+        fast(x)
+    for h in hooks:
+        h.remove()
+    ev = [s for s in sels if s is not None]
+    assert len(ev) == 8
+    assert torch.equal(ev[0], ev[3]) and torch.equal(ev[4], ev[7])

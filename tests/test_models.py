@@ -1,0 +1,142 @@
+"""Every model of the core's list converts; keep 1.0 reproduces it; keep 0.5 runs the
+evolving blocks on fewer tokens; checkpoints load strictly; backward works in train mode."""
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import evoplug
+from evoplug import evolution as ev
+from models import ALL, build
+
+
+def _convert(name, keep=0.5, **opts):
+    model, size, prefix = build(name)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1], **opts)
+    return model, fast, x, prefix
+
+
+def _linear_token_counts(model):
+    """Tokens seen by the nn.Linear layers of each converted block in the next forward."""
+    seen, handles = {}, []
+    for spec in evoplug.get_report(model).blocks:
+        name = spec.analysis.name
+        for m in spec.analysis.module.modules():
+            if isinstance(m, nn.Linear):
+                def hook(mod, inp, out, name=name):
+                    t = inp[0]
+                    if t.dim() == 3:
+                        seen.setdefault(name, set()).add(t.shape[1])
+                handles.append(m.register_forward_hook(hook))
+    return seen, handles
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_keep_one_reproduces_and_half_uses_fewer_tokens(name):
+    model, fast, x, prefix = _convert(name)
+    report = evoplug.get_report(fast)
+    assert len(report.blocks) >= 6
+    assert all(s.analysis.num_prefix == prefix for s in report.blocks), evoplug.explain(fast)
+    with torch.no_grad():
+        ref = model(x)
+        # keep 0.5: same shape, finite, evolving blocks run on P + k + 1 tokens
+        seen, handles = _linear_token_counts(fast)
+        out = fast(x)
+        for h in handles:
+            h.remove()
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        for spec in report.blocks:
+            a = spec.analysis
+            M = a.num_tokens - a.num_prefix
+            if spec.role == "evolve":
+                want = a.num_prefix + ev.num_keep(M, 0.5) + 1
+                assert spec.tokens_run == want
+                if seen.get(a.name):
+                    assert max(seen[a.name]) == want, (a.name, seen[a.name])
+            elif seen.get(a.name):
+                assert seen[a.name] == {a.num_tokens}
+        assert sum(s.role == "evolve" for s in report.blocks) >= len(report.blocks) // 2
+        # keep 1.0: original outputs (original forward of every block)
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert (fast(x) - ref).abs().max().item() <= 1e-5
+        # keep 1.0 through the selection machinery (gather, position terms, scatter back)
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max().item() <= 1e-5
+        assert all(s.tokens_run == s.analysis.num_tokens for s in report.blocks if s.role == "evolve")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_checkpoint_loads_strictly_and_params_unchanged(name):
+    model, fast, x, _ = _convert(name)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in model.parameters())
+    # a dense checkpoint (of another instance) loads strictly into the converted model
+    other, _, _ = build(name)
+    for p in other.parameters():
+        nn.init.normal_(p, std=0.02)
+    fast.load_state_dict(other.state_dict(), strict=True)
+    evoplug.set_keep_ratio(fast, 1.0)
+    other.eval()
+    with torch.no_grad():
+        assert (fast(x) - other(x)).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["deit_small_patch16_224", "beit_base_patch16_224",
+                                  "eva02_tiny_patch14_224", "cait_xxs24_224", "plain_vit"])
+def test_backward_in_train_mode(name):
+    extra = {} if name == "plain_vit" else dict(drop_path_rate=0.1)
+    model, size, _ = build(name, **extra)
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    fast.train()
+    out = fast(x)
+    out.float().pow(2).mean().backward()
+    grads = [p.grad for p in fast.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    evolving = [s for s in evoplug.get_report(fast).blocks if s.role == "evolve"]
+    assert evolving and all(s.tokens_run < s.analysis.num_tokens for s in evolving)
+    # the evolving blocks' own weights get gradients
+    w = next(p for p in evolving[-1].analysis.module.parameters() if p.dim() == 2)
+    assert w.grad.abs().sum() > 0
+
+
+def test_flops_drop_as_the_schedule_says():
+    model, size, _ = build("deit_small_patch16_224")
+    model.eval()
+    x = torch.randn(1, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
+
+    def flops(m):
+        with FlopCounterMode(display=False) as fc, torch.no_grad():
+            m(x)
+        return fc.get_total_flops()
+
+    dense, evo = flops(model), flops(fast)
+    assert evo < 0.8 * dense
+    evoplug.set_keep_ratio(fast, 1.0)
+    assert flops(fast) == dense
+
+
+def test_mixed_precision_autocast_runs():
+    model, size, _ = build("deit_tiny_patch16_224")
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    fast.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast(x)
+        ref = model.eval()(x)
+    assert out.dtype == ref.dtype and torch.isfinite(out.float()).all()
+
+
+def test_plain_vit_sequence_first_mha():
+    model, size, _ = build("plain_vit", batch_first=False)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        ref = model(x)
+        assert fast(x).shape == ref.shape
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max().item() <= 1e-5
