@@ -214,6 +214,8 @@ def update_scores(scores: Optional[Tensor], row: Tensor, alpha: float,
     ``row`` holds the selected tokens' entries (B, k) and only those are refreshed.
     """
     row = row.detach().float()
+    if callable(alpha):   # learnable trade-off (e.g. sigmoid of a parameter): read at each update
+        alpha = alpha()
     if sel is None:
         if scores is None or scores.shape != row.shape:
             return row

@@ -29,7 +29,9 @@ class EvoOptions:
         block. ``None`` -> the first third of the blocks stays dense (``len(blocks) // 3``,
         blocks 5-12 of 12 evolve for DeiT, as in the paper). Must be >= 1: the block before it
         provides the first global class attention.
-    trade_off: alpha of the global attention update ``g = (1 - alpha) * g + alpha * a``.
+    trade_off: alpha of the global attention update ``g = (1 - alpha) * g + alpha * a``; a
+        float in [0, 1], or a callable returning alpha (a learnable trade-off, e.g. a module
+        computing ``sigmoid(w)``; called at each update, so gradients reach ``w``).
     reselect_every: re-run the top-k selection every this many evolving blocks (1 = every
         block; 4 = per "stage" of four blocks as in the authors' DeiT code).
     representative: summarise the non-selected tokens into one representative token whose
@@ -59,7 +61,7 @@ class EvoOptions:
 
     def validate(self):
         self.keep_ratio = check_keep_ratio(self.keep_ratio)
-        if not (0.0 <= float(self.trade_off) <= 1.0):
+        if not callable(self.trade_off) and not (0.0 <= float(self.trade_off) <= 1.0):
             raise ValueError(f"trade_off must be in [0, 1], got {self.trade_off!r}")
         if int(self.reselect_every) < 1:
             raise ValueError(f"reselect_every must be >= 1, got {self.reselect_every!r}")

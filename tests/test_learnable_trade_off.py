@@ -1,0 +1,57 @@
+"""A learnable trade-off: ``EvoOptions.trade_off`` may be a callable returning alpha (e.g. a
+module computing sigmoid(w)); it is read at every update, so gradients reach ``w``."""
+import pytest
+import torch
+from torch import nn
+
+import evoplug
+from evoplug import evolution as ev
+from plain_vit import PlainViT
+
+
+class SigmoidAlpha(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.logit = nn.Parameter(torch.zeros(()))
+
+    def forward(self):
+        return torch.sigmoid(self.logit)
+
+
+def test_update_scores_calls_the_trade_off():
+    g = torch.tensor([[0.2, 0.8]])
+    a = torch.tensor([[0.6, 0.4]])
+    w = nn.Parameter(torch.tensor(0.3))
+    out = ev.update_scores(g, a, lambda: torch.sigmoid(w))
+    alpha = torch.sigmoid(torch.tensor(0.3))
+    assert torch.allclose(out, (1 - alpha) * g + alpha * a)
+    out[:, 0].sum().backward()   # d out_0 / d alpha = a_0 - g_0 = 0.4
+    assert w.grad is not None and float(w.grad.abs()) > 0
+    # the first update is g = a, whatever alpha
+    assert torch.equal(ev.update_scores(None, a, lambda: torch.sigmoid(w)), a)
+
+
+def test_options_accept_a_callable_and_still_check_floats():
+    alpha = SigmoidAlpha()
+    assert evoplug.EvoOptions(trade_off=alpha).trade_off is alpha
+    with pytest.raises(ValueError):
+        evoplug.EvoOptions(trade_off=1.5)
+
+
+def test_learnable_trade_off_gets_a_gradient_through_the_representative_token():
+    torch.manual_seed(0)
+    model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
+    alpha = SigmoidAlpha()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
+                           start_block=1)
+    fast.train()
+    fast(x).square().mean().backward()
+    assert alpha.logit.grad is not None and float(alpha.logit.grad.abs()) > 0
+    # same forward with the float it evaluates to gives the same output
+    with torch.no_grad():
+        fast.eval()
+        y1 = fast(x)
+        evoplug.set_options(fast, trade_off=0.5)
+        y2 = fast(x)
+    assert torch.allclose(y1, y2, atol=1e-6)
