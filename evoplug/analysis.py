@@ -147,15 +147,40 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     """Trace ``module`` in the given train/eval mode (traces bake ``self.training``)."""
     was = module.training
     module.train(training)
+    saved = _mutable_state(module)
     try:
         tracer = BlockTracer(attention_modules)
         graph = tracer.trace(module, concrete_args=dict(plan.constants))
     except Exception as e:
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
     finally:
+        _restore_mutable_state(saved)
         module.train(was)
     _drop_constant_asserts(graph)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _mutable_state(module: nn.Module):
+    """Shallow copies of the dict/list attributes of every submodule: tracing runs the
+    modules' Python with proxies, and caches (e.g. LeViT's attention-bias cache) must not keep
+    them."""
+    saved = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k.startswith("_") or not isinstance(v, (dict, list)):
+                continue
+            saved.append((m, k, v, type(v)(v)))
+    return saved
+
+
+def _restore_mutable_state(saved):
+    for m, k, obj, copy_ in saved:
+        if isinstance(obj, dict):
+            obj.clear()
+            obj.update(copy_)
+        else:
+            obj[:] = copy_
+        setattr(m, k, obj)
 
 
 def _drop_constant_asserts(graph: fx.Graph):
@@ -418,6 +443,7 @@ class BlockAnalysis:
     num_prefix: int = 0
     prefix_source: str = ""
     global_query: str = "cls"        # 'cls' (query 0) or 'mean' (mean query of the patch tokens)
+    grid: Optional[Tuple[int, int]] = None   # patch grid (h, w) of the M patch tokens, if known
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -570,7 +596,23 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     if a.num_prefix >= N:
         raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    a.grid = patch_grid(call, calls, N - a.num_prefix)
     return a, gm
+
+
+def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int):
+    """(h, w) of the block's patch tokens: the last 4-D map before the block with h*w == M,
+    else a square grid if M is a perfect square, else None."""
+    best = None
+    for c in calls.values():
+        out = c.output
+        if c.order < call.order and isinstance(out, torch.Tensor) and out.dim() == 4 and \
+                out.shape[-2] * out.shape[-1] == num_patches and (best is None or c.order > best[0]):
+            best = (c.order, (int(out.shape[-2]), int(out.shape[-1])))
+    if best is not None:
+        return best[1]
+    r = int(round(num_patches ** 0.5))
+    return (r, r) if r * r == num_patches else None
 
 
 def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:

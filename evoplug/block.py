@@ -24,7 +24,7 @@ from .options import EvoOptions
 class EvoContext:
     """Per-forward state carried from block to block."""
 
-    __slots__ = ("scores", "sel", "rep_pos", "since_select", "last_subset")
+    __slots__ = ("scores", "sel", "rep_pos", "since_select", "grid")
 
     def __init__(self):
         self.reset()
@@ -34,7 +34,7 @@ class EvoContext:
         self.sel: Optional[torch.Tensor] = None      # (B, k) current selection
         self.rep_pos: Optional[torch.Tensor] = None
         self.since_select = 0
-        self.last_subset = None                      # tokens the last evolving block ran on
+        self.grid = None                             # patch grid the scores live on
 
 
 @dataclasses.dataclass
@@ -73,17 +73,23 @@ class EvoBlockMixin:
         P = a.num_prefix
         M = N - P
         k = ev.num_keep(M, opt.keep_ratio)
+        if ctx.scores is not None and ctx.scores.shape[0] == B and ctx.scores.shape[1] != M \
+                and spec.role == "evolve":
+            # a new stage of a pyramid: pool the scores onto this stage's grid
+            ctx.scores = ev.carry_scores(ctx.scores, ctx.grid, a.grid)
+            ctx.sel = None
         fresh = ctx.scores is None or ctx.scores.shape != (B, M)
         if spec.role == "score" or fresh:
             # dense run that (re)starts the global attention
             out, row = program(self, *a.plan.feed(x, extras), None)
             ctx.scores = ev.update_scores(None, row, opt.trade_off)
-            ctx.sel, ctx.since_select = None, 0
+            ctx.sel, ctx.since_select, ctx.grid = None, 0, a.grid
             spec.tokens_run = N
             return out
         if k >= M and opt.identity_fast_path:
             out, row = program(self, *a.plan.feed(x, extras), None)
             ctx.scores = ev.update_scores(ctx.scores, row, opt.trade_off)
+            ctx.grid = a.grid
             spec.tokens_run = N
             return out
         with_rep = opt.representative
@@ -97,6 +103,7 @@ class EvoBlockMixin:
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
         out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos)
         ctx.scores = ev.update_scores(ctx.scores, row[:, :k], opt.trade_off, sel)
+        ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]
         return ev.restore(x, out_sub, P, sel, rep)
 

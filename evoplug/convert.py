@@ -112,7 +112,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         raise ConversionError(f"{type(model).__name__} is already converted; use "
                               "evoplug.set_options() to change its options")
     if not inplace:
-        model = copy.deepcopy(model)
+        model = copy_model(model)
     if example_input is None:
         example_input = default_example_input(model)
         if example_input is None:
@@ -163,6 +163,19 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     model._evoplug_report = report
     _assign_roles(report)
     return model
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that also copes with tensors cached on modules that are not graph
+    leaves (e.g. timm LeViT's attention-bias cache after a forward with autograd on): such
+    caches are copied detached."""
+    memo = {}
+    for m in model.modules():
+        for v in vars(m).values():
+            for t in (v.values() if isinstance(v, dict) else [v]):
+                if isinstance(t, torch.Tensor) and not t.is_leaf:
+                    memo[id(t)] = t.detach().clone()
+    return copy.deepcopy(model, memo)
 
 
 def _assign_roles(report: ConversionReport):

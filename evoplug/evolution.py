@@ -206,6 +206,22 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     return torch.cat([out_sub[:, :P], patches], 1)
 
 
+def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
+    """Carry the global attention into a stage with another patch grid (pyramids).
+
+    The scores (B, h*w) are average-pooled onto the new grid (B, h'*w') and renormalised to
+    sum to 1 like an attention row: a downsampled token summarises the tokens under it, so
+    their mean score is its prior; the next block's attention row refreshes it. ``None`` when
+    a grid is unknown (the caller restarts the scores with a dense block).
+    """
+    if grid_from is None or grid_to is None:
+        return None
+    B = scores.shape[0]
+    g = scores.reshape(B, 1, grid_from[0], grid_from[1])
+    g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to)).reshape(B, -1)
+    return g / g.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def update_scores(scores: Optional[Tensor], row: Tensor, alpha: float,
                   sel: Optional[Tensor] = None) -> Tensor:
     """Global attention update g = (1 - alpha) g + alpha a.

@@ -1,0 +1,126 @@
+"""Pyramid models: LeViT stages (no cls token, attention biases, BatchNorm in the blocks),
+scores carried across stages, dense feature maps kept; pyramids with spatial-reduction or
+windowed attention are refused by name until they are supported."""
+import pytest
+import timm
+import torch
+from torch import nn
+
+import evoplug
+from evoplug import evolution as ev
+
+
+def _randomise(model):
+    """LeViT's init zeroes the residual branches (BN weight 0): make the blocks do something."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d) or isinstance(m, nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5
+            m.bias.data = torch.randn(m.bias.shape, generator=g) * 0.1
+            m.running_mean.data = torch.randn(m.running_mean.shape, generator=g) * 0.1
+            m.running_var.data = torch.rand(m.running_var.shape, generator=g) + 0.5
+        if isinstance(m, nn.Linear):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * 0.5 / m.weight.shape[1] ** 0.5
+        if hasattr(m, "attention_biases"):
+            m.attention_biases.data = torch.randn(m.attention_biases.shape, generator=g)
+    return model
+
+
+@pytest.mark.parametrize("name", ["levit_128s", "levit_256"])
+def test_levit_converts_evolves_across_stages(name):
+    model = _randomise(timm.create_model(name, pretrained=False)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    report = evoplug.get_report(fast)
+    blocks = report.blocks
+    assert all(s.analysis.num_prefix == 0 and s.analysis.global_query == "mean" for s in blocks)
+    assert {s.analysis.grid for s in blocks} == {(14, 14), (7, 7), (4, 4)}
+    assert all(s.analysis.position_terms for s in blocks)   # attention biases follow the tokens
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        for s in blocks:
+            M = s.analysis.num_tokens
+            if s.role == "evolve":
+                # also the first block of a new stage: the scores were pooled onto its grid
+                assert s.tokens_run == ev.num_keep(M, 0.5) + 1, (s.analysis.name, s.tokens_run)
+        stage_starts = [s for s in blocks if s.analysis.name.endswith("blocks.0") and s.role == "evolve"]
+        assert stage_starts
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+    fast.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_levit_batchnorm_in_train_mode_uses_the_tokens_that_ran():
+    model = _randomise(timm.create_model("levit_128s", pretrained=False, drop_path_rate=0.1))
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    spec = evoplug.get_report(fast).blocks[-1]
+    bn = spec.analysis.module.mlp.ln1.bn
+    seen = {}
+    h = bn.register_forward_pre_hook(lambda m, i: seen.update(x=i[0].detach().clone(),
+                                                             mean=m.running_mean.clone()))
+    fast.train()
+    out = fast(x)
+    h.remove()
+    k = ev.num_keep(spec.analysis.num_tokens, 0.5)
+    assert seen["x"].shape[0] == 2 * (k + 1)           # BN saw B * (k + 1) token rows
+    expect = (1 - bn.momentum) * seen["mean"] + bn.momentum * seen["x"].mean(0)
+    assert torch.allclose(bn.running_mean, expect, atol=1e-5)
+    out.pow(2).mean().backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_levit_features_only_keeps_every_map():
+    model = _randomise(timm.create_model("levit_128s", pretrained=False, features_only=True)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert all(torch.isfinite(o).all() for o in out)
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert all((o - r).abs().max() <= 1e-5 for o, r in zip(fast(x), ref))
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert all((o - r).abs().max() <= 1e-5 for o, r in zip(fast(x), ref))
+
+
+def test_vit_forward_intermediates_keeps_every_map():
+    model = timm.create_model("deit_small_patch16_224", pretrained=False, img_size=112).eval()
+    x = torch.randn(2, 3, 112, 112)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        ref_final, ref_maps = model.forward_intermediates(x)
+        final, maps = fast.forward_intermediates(x)
+        assert final.shape == ref_final.shape
+        assert [m.shape for m in maps] == [m.shape for m in ref_maps]
+        assert evoplug.tokens_per_block(fast)[-1][1] < 50   # evolved there too
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        final, maps = fast.forward_intermediates(x)
+        assert all((a - b).abs().max() <= 1e-5 for a, b in zip(maps, ref_maps))
+
+
+def test_carry_scores_pools_onto_the_new_grid():
+    g = torch.zeros(1, 16)
+    g[0, 0] = 1.0                                      # top-left token of a 4x4 grid
+    pooled = ev.carry_scores(g, (4, 4), (2, 2))
+    assert pooled.shape == (1, 4) and torch.allclose(pooled.sum(1), torch.ones(1))
+    assert pooled.argmax() == 0
+    assert ev.carry_scores(g, None, (2, 2)) is None
+
+
+@pytest.mark.parametrize("name,size,why", [
+    ("pvt_v2_b0", 224, "not self-attention"),
+    ("swin_tiny_patch4_window7_224", 224, "no residual attention branch"),
+    ("twins_svt_small", 224, "not self-attention"),
+])
+def test_unsupported_pyramids_are_refused_by_name(name, size, why):
+    model = timm.create_model(name, pretrained=False)
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(model, example_input=torch.randn(1, 3, size, size))
+    assert why in str(e.value)
+    assert e.value.failures and all(n and r for n, r in e.value.failures)
