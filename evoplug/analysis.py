@@ -452,7 +452,7 @@ class BlockAnalysis:
     notes: List[str] = dataclasses.field(default_factory=list)
 
 
-def _token_block_reason(call: ModuleCall) -> Optional[str]:
+def _token_block_reason(call: ModuleCall, batch: Optional[int] = None) -> Optional[str]:
     """None if the call looks like a token block: (B, N, C) in, same shape out."""
     tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
     tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
@@ -461,6 +461,9 @@ def _token_block_reason(call: ModuleCall) -> Optional[str]:
     x = tensors[0]
     if x.dim() != 3:
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
+    if batch is not None and x.shape[0] != batch:
+        return (f"its tokens are regrouped (batch {x.shape[0]} for {batch} image(s)): windowed "
+                "attention; window-aware token selection is not supported yet")
     out = call.output
     if not isinstance(out, torch.Tensor):
         return f"returns {type(out).__name__}, not the token tensor"
@@ -470,10 +473,21 @@ def _token_block_reason(call: ModuleCall) -> Optional[str]:
     return None
 
 
+def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
+    root = calls.get(id(model))
+    if root is None:
+        return None
+    for a in list(root.args) + list(root.kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.dim() >= 1:
+            return int(a.shape[0])
+    return None
+
+
 def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
     """Candidate blocks and the modules with attention that are left alone (with reasons)."""
     candidates: List[Tuple[str, nn.Module, ModuleCall]] = []
     skipped: List[Tuple[str, str]] = []
+    batch = _model_batch(model, calls)
 
     def visit(name: str, m: nn.Module):
         c = calls.get(id(m))
@@ -484,7 +498,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
         if c.attention_ops == 0:
             return
         if c.n_calls == 1 and c.attention_ops == 1:
-            reason = _token_block_reason(c)
+            reason = _token_block_reason(c, batch)
             if reason is None:
                 candidates.append((name, m, c))
                 return
@@ -493,10 +507,12 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             visit(f"{name}.{child_name}" if name else child_name, child)
         if len(candidates) == before and c.attention_ops == c.n_calls == 1:
             # one attention inside and nothing convertible: report this module, not its parts
-            skipped[:] = [s for s in skipped if not s[0].startswith(name + ".")]
-            skipped.append((name, _token_block_reason(c) or "no token block inside"))
+            inner = [f"`{n}`: {r}" for n, r in skipped if n.startswith(name + ".")]
+            skipped[:] = [sk for sk in skipped if not sk[0].startswith(name + ".")]
+            reason = _token_block_reason(c, batch) or "no token block inside"
+            skipped.append((name, reason + (f" (inside: {'; '.join(inner)})" if inner else "")))
         elif len(candidates) == before and c.n_calls > 1 and c.attention_ops:
-            skipped[:] = [s for s in skipped if not s[0].startswith(name + ".")]
+            skipped[:] = [sk for sk in skipped if not sk[0].startswith(name + ".")]
             skipped.append((name, f"called {c.n_calls} times per forward (shared module)"))
 
     visit("", model)
@@ -530,6 +546,10 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     return 0, "assumed 0 (no patch grid found)"
 
 
+_REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens: "
+               "spatial-reduction attention as in PVT/Twins), not supported yet")
+
+
 def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
                   calls: Dict[int, ModuleCall], attn_mods: Set[int],
                   num_prefix_override: Optional[int],
@@ -553,11 +573,23 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     except Exception as e:
         raise AnalysisError(name, f"the traced block does not run: {type(e).__name__}: {e}") from None
 
-    site = find_attention(gm, name)
+    try:
+        site = find_attention(gm, name)
+    except AnalysisError as e:
+        hidden = [n.target for n in gm.graph.nodes if n.op == "call_module"
+                  and id(gm.get_submodule(n.target)) in attn_mods]
+        if hidden:
+            sub = gm.get_submodule(hidden[0])
+            raise AnalysisError(name, f"its attention runs inside `{hidden[0]}` "
+                                      f"({type(sub).__name__}), which torch.fx does not trace into "
+                                      "(timm's notrace registry)") from None
+        raise e
     a = BlockAnalysis(name, module, call, plan, attn_mods, N, C)
     # self-attention over all N tokens
     if site.kind in ("softmax",):
         s = _shape(site.node)
+        if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
+            raise AnalysisError(name, _REDUCED_KV.format(s[-1], N))
         if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
             raise AnalysisError(name, f"attention map {s} is not over the block's {N} tokens "
                                       "(not self-attention)")
@@ -567,6 +599,8 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         a.attention = f"softmax(q.k^T) at `{site.node.name}`"
     elif site.kind == "sdpa":
         qs, ks = _shape(site.q), _shape(site.k)
+        if qs and ks and qs[-2] == N and ks[-2] != N:
+            raise AnalysisError(name, _REDUCED_KV.format(ks[-2], N))
         if not qs or not ks or qs[-2] != N or ks[-2] != N:
             raise AnalysisError(name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
                                       f"block's {N} tokens (not self-attention)")

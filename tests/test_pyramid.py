@@ -114,9 +114,9 @@ def test_carry_scores_pools_onto_the_new_grid():
 
 
 @pytest.mark.parametrize("name,size,why", [
-    ("pvt_v2_b0", 224, "not self-attention"),
+    ("pvt_v2_b0", 224, "spatially reduced map"),
     ("swin_tiny_patch4_window7_224", 224, "no residual attention branch"),
-    ("twins_svt_small", 224, "not self-attention"),
+    ("twins_svt_small", 224, "LocallyGroupedAttn"),
 ])
 def test_unsupported_pyramids_are_refused_by_name(name, size, why):
     model = timm.create_model(name, pretrained=False)
