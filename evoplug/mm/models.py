@@ -1,0 +1,283 @@
+"""MMPretrain model types whose backbone is converted by evoplug when the registry builds them.
+
+* ``EvoImageClassifier``: an :class:`mmpretrain.models.ImageClassifier` (a subclass: same
+  ``backbone``/``neck``/``head`` attributes and state_dict keys) whose backbone is converted in
+  place by :func:`evoplug.convert` right after it is built, plus the paper's training extras as
+  options (mean-token head, auxiliary cls-token head, learnable trade-off).
+* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``: the MMPretrain
+  backbones, converted in ``__init__``; for configs that build a backbone alone (mmdet, mmseg,
+  feature extraction): ``backbone=dict(type='mmpretrain.EvoVisionTransformer', evo=dict(...))``.
+
+Conversion happens at build time, so before the optimizer is built, before ``init_weights``
+(``init_cfg``), ``load_from`` and resume, and before EMAHook copies the model. It adds no
+parameter to the backbone: a dense checkpoint loads strictly.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+import evoplug
+from evoplug.block import EvoBlockMixin
+from evoplug.options import EvoOptions
+
+from mmengine.logging import print_log
+from mmpretrain.models.backbones import DistilledVisionTransformer, LeViT, VisionTransformer
+from mmpretrain.models.classifiers import ImageClassifier
+from mmpretrain.registry import MODELS
+
+#: keys of ``evo=dict(...)`` passed to :class:`evoplug.EvoOptions`
+OPTION_KEYS = frozenset(f.name for f in dataclasses.fields(EvoOptions))
+#: keys of ``evo=dict(...)`` for the conversion itself
+CONVERT_KEYS = frozenset({"input_size", "strict"})
+#: keys of ``evo=dict(...)`` for the classifier's training extras
+EXTRA_KEYS = frozenset({"learnable_trade_off", "mean_token_head", "aux_cls_head"})
+
+
+def is_converted(module: nn.Module) -> bool:
+    return any(isinstance(m, EvoBlockMixin) for m in module.modules())
+
+
+def example_input(backbone: nn.Module, input_size=None) -> torch.Tensor:
+    """A (1, C, H, W) calibration image for an MMPretrain backbone.
+
+    ``input_size`` (int or (H, W)) if given, else the backbone's ``img_size`` (ViT/DeiT), its
+    patch embedding's ``init_input_size``, else 224. Channels from the first convolution.
+    """
+    size = input_size
+    if size is None:
+        size = getattr(backbone, "img_size", None)
+    if size is None:
+        size = getattr(getattr(backbone, "patch_embed", None), "init_input_size", None)
+    if size is None:
+        size = 224
+    hw = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
+    chans = 3
+    for m in backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            chans = m.in_channels
+            break
+    p = next(iter(backbone.parameters()), None)
+    device = p.device if p is not None else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn((1, chans, *hw), generator=gen).to(device)
+
+
+def _split_evo(evo: Optional[Dict[str, Any]], allowed, where: str) -> Dict[str, Any]:
+    evo = dict(evo or {})
+    unknown = set(evo) - set(allowed)
+    if unknown:
+        raise TypeError(f"{where}: unknown key(s) in evo=dict(...): {sorted(unknown)}; allowed: "
+                        f"{sorted(allowed)}")
+    return evo
+
+
+def convert_backbone(backbone: nn.Module, *, input_size=None, strict: bool = True,
+                     **options) -> nn.Module:
+    """Convert an MMPretrain backbone in place with evoplug's own analysis (the same object,
+    same parameters and state_dict keys). ``options``: fields of :class:`evoplug.EvoOptions`."""
+    x = example_input(backbone, input_size)
+    # analyse in eval mode (the registry builds models in train mode): modules whose train()
+    # adds or drops cached tensors (MMPretrain LeViT's attention-bias cache `ab`) are then
+    # traced in the state their eval program reads; the mode is restored afterwards
+    was = backbone.training
+    backbone.eval()
+    try:
+        evoplug.convert(backbone, inplace=True, example_input=x, strict=strict, **options)
+    finally:
+        backbone.train(was)
+    return backbone
+
+
+class LearnableTradeOff(nn.Module):
+    """The learnable trade-off of the global attention update: ``alpha = sigmoid(logit)``
+    (Evo-LeViT). Called with no argument it returns alpha; evoplug reads it at every update,
+    and gradients reach ``logit`` through the representative token's weights."""
+
+    def __init__(self, init: float = 0.5):
+        super().__init__()
+        init = float(init)
+        if not 0.0 < init < 1.0:
+            raise ValueError(f"a learnable trade-off starts strictly inside (0, 1), got {init}")
+        self.logit = nn.Parameter(torch.tensor(math.log(init / (1.0 - init))))
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.logit)
+
+    def extra_repr(self) -> str:
+        return f"alpha=sigmoid(logit)={float(torch.sigmoid(self.logit.detach())):.4f}"
+
+
+@MODELS.register_module()
+class EvoImageClassifier(ImageClassifier):
+    """``ImageClassifier`` with an Evo-ViT backbone.
+
+    Args (besides ImageClassifier's):
+        evo (dict): conversion settings:
+
+            * fields of :class:`evoplug.EvoOptions`: ``keep_ratio`` (0.5), ``start_block``,
+              ``trade_off``, ``reselect_every``, ``representative``, ``global_query``,
+              ``num_prefix_tokens``, ``identity_fast_path``;
+            * ``input_size``: calibration image size (default: the backbone's ``img_size``);
+              ``strict`` (True): refuse a backbone with a block evoplug cannot convert;
+            * training extras of the paper (all off by default):
+
+              - ``learnable_trade_off=True``: alpha = sigmoid(w), ``w`` a parameter of the
+                classifier (``evo_trade_off.logit``, outside the backbone), initialised so
+                that alpha = ``trade_off``;
+              - ``mean_token_head=True``: the head reads the mean of the patch tokens (after
+                the final norm) instead of the cls token, in training and evaluation;
+              - ``aux_cls_head=dict(loss_weight=1.0, head=dict(...), init_from_head=True)``
+                (or ``True``): a training-only head on the cls token next to the mean-token
+                head (needs ``mean_token_head``); its config is the model's ``head`` updated
+                with ``head``; its loss is logged as ``aux_cls_loss``.
+
+    State dict: ``backbone.*``, ``neck.*``, ``head.*`` exactly as ``ImageClassifier``; the
+    extras add ``evo_trade_off.logit`` and ``aux_head.*``. A checkpoint without the extras (a
+    dense checkpoint) still loads strictly: those keys are forgiven as a group when *all* of
+    them are missing, the trade-off keeps its initial value and, with ``init_from_head``, the
+    auxiliary head starts as a copy of the loaded main head (the dense model's cls-token head).
+    """
+
+    def __init__(self, backbone: dict, neck: Optional[dict] = None, head: Optional[dict] = None,
+                 *, evo: Optional[dict] = None, **kwargs):
+        evo = _split_evo(evo, OPTION_KEYS | CONVERT_KEYS | EXTRA_KEYS, "EvoImageClassifier")
+        learnable = bool(evo.pop("learnable_trade_off", False))
+        mean_head = bool(evo.pop("mean_token_head", False))
+        aux = evo.pop("aux_cls_head", None)
+        input_size = evo.pop("input_size", None)
+        strict = evo.pop("strict", True)
+        super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
+
+        if learnable:
+            self.evo_trade_off = LearnableTradeOff(evo.get("trade_off", 0.5))
+            evo["trade_off"] = self.evo_trade_off
+        if is_converted(self.backbone):      # e.g. type='EvoVisionTransformer' as the backbone
+            if evo:
+                evoplug.set_options(self.backbone, **evo)
+        else:
+            convert_backbone(self.backbone, input_size=input_size, strict=strict, **evo)
+
+        self.mean_token_head = mean_head
+        self.aux_head = None
+        self.aux_loss_weight = 1.0
+        self.aux_init_from_head = True
+        if mean_head:
+            bb = self.backbone
+            if getattr(bb, "out_type", None) not in ("cls_token", "avg_featmap", "raw") \
+                    or not hasattr(bb, "num_extra_tokens"):
+                raise ValueError(f"mean_token_head needs a ViT-style backbone with out_type "
+                                 f"and num_extra_tokens (got {type(bb).__name__})")
+            bb.out_type = "raw"      # (B, N, C) tokens; the classifier pools them
+        if aux:
+            if not mean_head:
+                raise ValueError("aux_cls_head is the auxiliary cls-token head *next to* the "
+                                 "mean-token head: set mean_token_head=True too")
+            if getattr(self.backbone, "cls_token", None) is None:
+                raise ValueError("aux_cls_head needs a backbone with a cls token")
+            aux = dict(aux) if isinstance(aux, dict) else {}
+            self.aux_loss_weight = float(aux.pop("loss_weight", 1.0))
+            self.aux_init_from_head = bool(aux.pop("init_from_head", True))
+            aux_cfg = copy.deepcopy(head)
+            aux_cfg.update(aux.pop("head", {}))
+            if aux:
+                raise TypeError(f"aux_cls_head: unknown key(s) {sorted(aux)}")
+            self.aux_head = MODELS.build(aux_cfg)
+        self.register_load_state_dict_post_hook(_load_extras_hook)
+
+    # ------------------------------------------------------------------ token heads
+    def _pool(self, outs: Tuple[torch.Tensor, ...]):
+        """Raw token outputs -> (mean patch token per output, cls token of the last one)."""
+        P = self.backbone.num_extra_tokens
+        return tuple(t[:, P:].mean(1) for t in outs), outs[-1][:, 0]
+
+    def extract_feat(self, inputs, stage="neck"):
+        if not self.mean_token_head:
+            return super().extract_feat(inputs, stage)
+        assert stage in ("backbone", "neck", "pre_logits"), f'Invalid stage "{stage}"'
+        feats, _ = self._pool(self.backbone(inputs))
+        if stage == "backbone":
+            return feats
+        if self.with_neck:
+            feats = self.neck(feats)
+        if stage == "neck":
+            return feats
+        return self.head.pre_logits(feats)
+
+    def loss(self, inputs, data_samples):
+        if self.aux_head is None:
+            return super().loss(inputs, data_samples)
+        feats, cls = self._pool(self.backbone(inputs))
+        if self.with_neck:
+            feats = self.neck(feats)
+        losses = self.head.loss(feats, data_samples)
+        for k, v in self.aux_head.loss((cls,), data_samples).items():
+            losses[f"aux_cls_{k}"] = v * self.aux_loss_weight if "loss" in k else v
+        return losses
+
+
+def _load_extras_hook(module: EvoImageClassifier, incompatible_keys) -> None:
+    """Forgive the training extras' keys when a checkpoint has none of them (dense checkpoint).
+
+    Runs for ``nn.Module.load_state_dict`` and MMEngine's ``load_state_dict`` (``load_from``,
+    ``init_cfg=dict(type='Pretrained')`` at the classifier level). A checkpoint that has *some*
+    of a group's keys is left to fail as usual.
+    """
+    missing = incompatible_keys.missing_keys
+    groups = []
+    if hasattr(module, "evo_trade_off"):
+        groups.append(("evo_trade_off", module.evo_trade_off))
+    if module.aux_head is not None:
+        groups.append(("aux_head", module.aux_head))
+    for name, sub in groups:
+        rel = [f"{name}.{k}" for k in sub.state_dict()]
+        prefix = None
+        for k in missing:
+            m = re.match(rf"^(.*?){re.escape(rel[0])}$", k)
+            if m:
+                prefix = m.group(1)
+                break
+        if prefix is None:
+            continue
+        full = [prefix + r for r in rel]
+        if not all(k in missing for k in full):
+            continue
+        for k in full:
+            missing.remove(k)
+        note = "kept its initial value"
+        if name == "aux_head" and module.aux_init_from_head:
+            head_keys = [f"{prefix}head.{k}" for k in module.head.state_dict()]
+            same = {k: v.shape for k, v in module.head.state_dict().items()} == \
+                {k: v.shape for k, v in sub.state_dict().items()}
+            if same and not any(k in missing for k in head_keys):
+                sub.load_state_dict(module.head.state_dict())
+                note = "initialised from the loaded `head` (the dense cls-token head)"
+        print_log(f"evoplug: `{prefix}{name}` is not in the checkpoint (a dense checkpoint); {note}",
+                  logger="current")
+
+
+def evo_backbone_class(cls: type) -> type:
+    """``Evo<cls>``: the MMPretrain backbone class ``cls`` converted by evoplug in ``__init__``
+    (an extra ``evo=dict(...)`` argument: EvoOptions fields, ``input_size``, ``strict``)."""
+
+    def __init__(self, *args, evo: Optional[dict] = None, **kwargs):
+        evo = _split_evo(evo, OPTION_KEYS | CONVERT_KEYS, f"Evo{cls.__name__}")
+        cls.__init__(self, *args, **kwargs)
+        input_size = evo.pop("input_size", kwargs.get("img_size"))
+        convert_backbone(self, input_size=input_size, **evo)
+
+    return type(f"Evo{cls.__name__}", (cls,), {
+        "__init__": __init__, "__module__": __name__,
+        "__doc__": f"MMPretrain's {cls.__name__}, converted by evoplug at build time "
+                   f"(``evo=dict(keep_ratio=0.5, ...)``). Same parameters and state_dict keys."})
+
+
+EvoVisionTransformer = MODELS.register_module()(evo_backbone_class(VisionTransformer))
+EvoDistilledVisionTransformer = MODELS.register_module()(evo_backbone_class(DistilledVisionTransformer))
+EvoLeViT = MODELS.register_module()(evo_backbone_class(LeViT))

