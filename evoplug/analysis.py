@@ -100,16 +100,9 @@ class CallPlan:
         return values[self.token_arg], extras
 
     def feed(self, x: torch.Tensor, extras: Dict[str, torch.Tensor]) -> List[Any]:
-        """Positional arguments of the traced program, in signature order."""
-        out = []
-        for n in self.signature.parameters:
-            if n == self.token_arg:
-                out.append(x)
-            elif n in extras:
-                out.append(extras[n])
-            else:
-                out.append(self.constants[n])
-        return out
+        """Positional arguments of the traced program: the tokens, then the other tensor
+        arguments in signature order (constants are baked into the trace)."""
+        return [x] + [extras[n] for n in self.tensor_args]
 
 
 def _same_constant(a, b) -> bool:
@@ -157,7 +150,25 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         _restore_mutable_state(saved)
         module.train(was)
     _drop_constant_asserts(graph)
+    _tensor_only_signature(graph, plan, name)
     return fx.GraphModule(tracer.root, graph, type(module).__name__)
+
+
+def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
+    """Programs take (tokens, *tensor arguments): constant arguments (None, flags, the
+    feature size list of PVT) are baked into the trace, so their placeholders go, and with
+    them fx's pytree input handling for list constants."""
+    keep = {plan.token_arg, *plan.tensor_args}
+    for n in [n for n in graph.nodes if n.op == "placeholder"]:
+        if n.target not in keep:
+            if n.users:
+                raise AnalysisError(name, f"constant argument `{n.target}` is used as a value in the trace")
+            graph.erase_node(n)
+    graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in graph.nodes if n.op == "output")
+    if isinstance(out.args[0], (list, tuple)) and len(out.args[0]) == 1:
+        out.args = (out.args[0][0],)
+    graph.lint()
 
 
 def _mutable_state(module: nn.Module):
@@ -186,7 +197,8 @@ def _restore_mutable_state(saved):
 def _drop_constant_asserts(graph: fx.Graph):
     """fx guards concrete (constant) arguments with torch._assert; CallPlan.bind checks them."""
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is torch._assert:
+        if node.op == "call_function" and (node.target is torch._assert or
+                                           getattr(node.target, "__name__", "") == "_assert_is_none"):
             cond = node.args[0]
             graph.erase_node(node)
             if isinstance(cond, fx.Node) and not cond.users:
@@ -444,6 +456,8 @@ class BlockAnalysis:
     prefix_source: str = ""
     global_query: str = "cls"        # 'cls' (query 0) or 'mean' (mean query of the patch tokens)
     grid: Optional[Tuple[int, int]] = None   # patch grid (h, w) of the M patch tokens, if known
+    kv_grid: Optional[Tuple[int, int]] = None  # keys from the full map reduced to this grid (PVT)
+    grid_ops_expected: bool = False            # the block turns tokens into a 2-D map (PVT)
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -524,6 +538,12 @@ def attention_modules(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int
     return {mid for mid, c in calls.items() if c.attention_ops > 0}
 
 
+def modules_to_trace(calls: Dict[int, ModuleCall]) -> Set[int]:
+    """Modules the block tracer goes into: those that ran attention or a 2-D map operation
+    (the grid operations must be visible to be fed the full map); all others are leaves."""
+    return {mid for mid, c in calls.items() if c.attention_ops > 0 or c.grid_ops > 0}
+
+
 def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
                   num_tokens: int) -> Tuple[int, str]:
     """Number of leading prefix tokens at this block: N minus the patch grid (h*w) of the last
@@ -556,9 +576,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                   global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
     plan = make_call_plan(module, name, call)
-    gm = trace_block(module, name, plan, attn_mods, training=False)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    token = placeholders[list(plan.signature.parameters).index(plan.token_arg)]
+    traced = modules_to_trace(calls)
+    gm = trace_block(module, name, plan, traced, training=False)
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder")
     x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else \
         plan.signature.bind(*call.args, **call.kwargs).arguments[plan.token_arg]
     B, N, C = x.shape
@@ -584,12 +604,29 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                                       f"({type(sub).__name__}), which torch.fx does not trace into "
                                       "(timm's notrace registry)") from None
         raise e
-    a = BlockAnalysis(name, module, call, plan, attn_mods, N, C)
-    # self-attention over all N tokens
+    a = BlockAnalysis(name, module, call, plan, traced, N, C)
+    if num_prefix_override is not None:
+        a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+    else:
+        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
+    if a.num_prefix >= N:
+        raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
+    a.grid = patch_grid(call, calls, N - a.num_prefix)
+    grid_ops = find_grid_ops(gm, a)
+    a.grid_ops_expected = bool(grid_ops)
+    for kind, node, _ in grid_ops:
+        a.position_terms.append(f"2-D map op at `{node.name}` -> {'fed the full map' if kind == 'to' else 'read back at the kept tokens'}")
+    if grid_ops:
+        a.notes.append("grid operations see the full map; positions of tokens that were not run "
+                       "hold the representative token")
+    # self-attention over all N tokens (or keys from the spatially reduced full map)
     if site.kind in ("softmax",):
         s = _shape(site.node)
         if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
-            raise AnalysisError(name, _REDUCED_KV.format(s[-1], N))
+            a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
+            if a.kv_grid is None:
+                raise AnalysisError(name, _REDUCED_KV.format(s[-1], N))
+            s = s[:-1] + (N,)
         if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
             raise AnalysisError(name, f"attention map {s} is not over the block's {N} tokens "
                                       "(not self-attention)")
@@ -600,7 +637,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     elif site.kind == "sdpa":
         qs, ks = _shape(site.q), _shape(site.k)
         if qs and ks and qs[-2] == N and ks[-2] != N:
-            raise AnalysisError(name, _REDUCED_KV.format(ks[-2], N))
+            a.kv_grid = reduced_kv_grid(site.k, ks[-2], grid_ops)
+            if a.kv_grid is None:
+                raise AnalysisError(name, _REDUCED_KV.format(ks[-2], N))
+            ks = ks[:-2] + (N, ks[-1])
         if not qs or not ks or qs[-2] != N or ks[-2] != N:
             raise AnalysisError(name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
                                       f"block's {N} tokens (not self-attention)")
@@ -622,16 +662,63 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         t = bound.arguments[tname]
         if tname not in site.arg_terms:
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
-    a.branches, a.notes = residual_branches(gm, token, site, name)
-    if num_prefix_override is not None:
-        a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
-    else:
-        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
-    if a.num_prefix >= N:
-        raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
+    if a.kv_grid is not None:
+        a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
+    a.branches, notes = residual_branches(gm, token, site, name)
+    a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
-    a.grid = patch_grid(call, calls, N - a.num_prefix)
     return a, gm
+
+
+_RESHAPES = ("reshape", "view", "flatten")
+
+
+def _is_reshape(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _RESHAPES) or \
+        (n.op == "call_function" and n.target in (torch.reshape, torch.flatten))
+
+
+def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
+    """Where the block turns its tokens into a 2-D map and back (PVT's depthwise-conv MLP and
+    spatial-reduction keys): ``('to', node, token_dim)`` reshapes N tokens into the patch grid,
+    ``('from', node, token_dim)`` flattens the grid back to tokens. Needs the shapes of a
+    ShapeProp run. Slow-path programs feed the 'to' points the full map (canvas)."""
+    N, P, grid = a.num_tokens, a.num_prefix, a.grid
+    if grid is None:
+        return []
+    M = grid[0] * grid[1]
+    ops = []
+    for n in gm.graph.nodes:
+        if not _is_reshape(n):
+            continue
+        src = n.args[0] if n.args else None
+        si, so = _shape(src), _shape(n)
+        if si is None or so is None:
+            continue
+        if len(so) == 4 and tuple(so[-2:]) == tuple(grid) and len(si) == 3 and N in si[1:]:
+            dim = len(si) - 1 - list(reversed(si)).index(N)
+            ops.append(("to", n, dim))
+        elif len(si) == 4 and tuple(si[-2:]) == tuple(grid) and len(so) == 3 and M in so[1:]:
+            dim = len(so) - 1 - list(reversed(so)).index(M)
+            ops.append(("from", n, dim))
+    if ops and P:
+        raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
+                                    "supported")
+    return ops
+
+
+def reduced_kv_grid(k: fx.Node, num_keys: int, grid_ops):
+    """(h', w') of keys built from the full map by spatial reduction, else None."""
+    if not grid_ops or not isinstance(k, fx.Node):
+        return None
+    anc = ancestors(k)
+    if not any(kind == "to" and node in anc for kind, node, _ in grid_ops):
+        return None
+    for n in anc:
+        s = _shape(n)
+        if s is not None and len(s) == 4 and s[-2] * s[-1] == num_keys:
+            return (int(s[-2]), int(s[-1]))
+    return None
 
 
 def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int):

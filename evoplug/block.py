@@ -102,7 +102,8 @@ class EvoBlockMixin:
         sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights)
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
         out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos)
-        ctx.scores = ev.update_scores(ctx.scores, row[:, :k], opt.trade_off, sel)
+        row_sel = row.gather(1, sel) if a.kv_grid is not None else row[:, :k]
+        ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
         ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]
         return ev.restore(x, out_sub, P, sel, rep)

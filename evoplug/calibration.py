@@ -32,6 +32,7 @@ class ModuleCall:
     output: Any = None
     n_calls: int = 0
     attention_ops: int = 0           # attention computations run while this module ran (all calls)
+    grid_ops: int = 0                # leaf modules run on a 4-D (B, C, H, W) map inside this one
 
     @property
     def attention_per_call(self) -> float:
@@ -75,6 +76,10 @@ class _Recorder:
             c = self.calls[mid] = ModuleCall(self.names.get(mid, "?"), self.order, args, dict(kwargs))
         self.order += 1
         c.n_calls += 1
+        if next(module.children(), None) is None and any(
+                isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+            for outer in self.stack:      # e.g. a depthwise conv inside an MLP, PVT's sr conv
+                self.calls[outer].grid_ops += 1
         self.stack.append(mid)
         if isinstance(module, nn.MultiheadAttention):  # its fast path may bypass the functions
             if self.inside_attention == 0:

@@ -140,6 +140,45 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
     return out
 
 
+def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> Tensor:
+    """Full patch map for a 2-D operation inside a block (depthwise conv, spatial reduction).
+
+    ``t`` holds the subset's n tokens along ``dim``; each goes to its original position, every
+    other position holds the last token of the subset (the representative token), so a
+    convolution over the map sees real neighbours where they were run and the tokens' summary
+    elsewhere. ``pos is None`` (dense run) returns ``t``. No prefix tokens (checked by analysis).
+    """
+    if pos is None:
+        return t
+    t = t.movedim(dim, 1)
+    B, n = t.shape[:2]
+    rest = t.shape[2:]
+    canvas = t[:, -1:].expand(B, num_patches, *rest)
+    idx = pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest)
+    return canvas.scatter(1, idx, t).movedim(1, dim)
+
+
+def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
+    """Read a full map (tokens along ``dim``) back at the subset's positions."""
+    if pos is None:
+        return t
+    t = t.movedim(dim, 1)
+    B, n = pos.shape
+    rest = t.shape[2:]
+    idx = pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest)
+    return t.gather(1, idx).movedim(1, dim)
+
+
+def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
+    """Attention row over spatially reduced keys (B, h'*w') -> per patch token (B, h*w):
+    each token gets the (bilinearly interpolated) attention of the region it lies in."""
+    B = row.shape[0]
+    r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
+    r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
+    r = r.reshape(B, -1).clamp_min(0)
+    return r / r.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 # --------------------------------------------------------------------------------------------
 # Selection, representative token, slow/fast update, restore order.
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import evolution as ev
-from .analysis import AttentionSite, BlockAnalysis, find_attention, trace_block
+from .analysis import AttentionSite, BlockAnalysis, find_attention, find_grid_ops, trace_block
 from .errors import AnalysisError
 
 
@@ -33,6 +33,8 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``)."""
     if gm is None:
         gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training)
+        if a.grid_ops_expected:
+            _shape_prop_without_side_effects(a, gm)
     graph = gm.graph
     site: AttentionSite = find_attention(gm, a.name)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -47,7 +49,25 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
         for u in consumers:
             u.replace_input_with(bias, gathered)
 
-    # 2. the global query's attention row
+    # 2. 2-D map operations see the full map (canvas) and are read back at the kept tokens
+    grid_ops = find_grid_ops(gm, a) if a.grid_ops_expected else []
+    if bool(grid_ops) != a.grid_ops_expected:
+        raise AnalysisError(a.name, "the train-mode and eval-mode traces differ in their 2-D map operations")
+    M = a.grid[0] * a.grid[1] if a.grid else None
+    for kind, node, dim in grid_ops:
+        if kind == "to":
+            src = node.args[0]
+            with graph.inserting_before(node):
+                canvas = graph.call_function(ev.to_canvas, (src, pos, M, dim))
+            node.replace_input_with(src, canvas)
+        else:
+            users = list(node.users)
+            with graph.inserting_after(node):
+                back = graph.call_function(ev.from_canvas, (node, pos, dim))
+            for u in users:
+                u.replace_input_with(node, back)
+
+    # 3. the global query's attention row
     P = a.num_prefix
     cls_query = a.global_query == "cls"
     with graph.inserting_after(site.node):
@@ -65,7 +85,12 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
             mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
             row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
 
-    # 3. return (tokens, row)
+    if a.kv_grid is not None:   # keys are regions of the reduced map: back to patch tokens
+        with graph.inserting_after(row):
+            up = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
+        row = up
+
+    # 4. return (tokens, row)
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
@@ -75,6 +100,22 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     gm.recompile()
     _check_attrs_resolve(a, gm)
     return type(gm).forward
+
+
+def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule):
+    """Shapes for a train-mode trace, on the calibration input, leaving no trace: buffers
+    (BatchNorm statistics) and the RNG state are restored."""
+    from torch.fx.passes.shape_prop import ShapeProp
+    buffers = [(b, b.detach().clone()) for b in a.module.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*a.plan.feed(*a.plan.bind(a.name, a.call.args, a.call.kwargs)))
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 
 
 def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule):

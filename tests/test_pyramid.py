@@ -1,6 +1,6 @@
 """Pyramid models: LeViT stages (no cls token, attention biases, BatchNorm in the blocks),
-scores carried across stages, dense feature maps kept; pyramids with spatial-reduction or
-windowed attention are refused by name until they are supported."""
+scores carried across stages, dense feature maps kept; PVTv2 (spatial-reduction attention,
+depthwise-conv MLP); windowed attention (Swin, Twins' local blocks) refused by name."""
 import pytest
 import timm
 import torch
@@ -114,9 +114,7 @@ def test_carry_scores_pools_onto_the_new_grid():
 
 
 @pytest.mark.parametrize("name,size,why", [
-    ("pvt_v2_b0", 224, "spatially reduced map"),
     ("swin_tiny_patch4_window7_224", 224, "no residual attention branch"),
-    ("twins_svt_small", 224, "LocallyGroupedAttn"),
 ])
 def test_unsupported_pyramids_are_refused_by_name(name, size, why):
     model = timm.create_model(name, pretrained=False)
@@ -124,3 +122,62 @@ def test_unsupported_pyramids_are_refused_by_name(name, size, why):
         evoplug.convert(model, example_input=torch.randn(1, 3, size, size))
     assert why in str(e.value)
     assert e.value.failures and all(n and r for n, r in e.value.failures)
+
+
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b1"])
+def test_pvt_v2_spatial_reduction_and_depthwise_mlp(name):
+    """PVTv2: keys/values from the spatially reduced full map, the MLP's depthwise conv on the
+    full map (kept tokens at their places, the representative token elsewhere)."""
+    model = timm.create_model(name, pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    blocks = evoplug.get_report(fast).blocks
+    assert len(blocks) == sum(len(s.blocks) for s in model.stages)
+    assert [s.analysis.kv_grid for s in blocks if s.analysis.grid != (7, 7)] and \
+        all(s.analysis.kv_grid == (7, 7) for s in blocks if s.analysis.grid != (7, 7))
+    assert all(s.analysis.grid_ops_expected for s in blocks)
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        for s in blocks:
+            if s.role == "evolve":
+                assert s.tokens_run == ev.num_keep(s.analysis.num_tokens, 0.5) + 1
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+    fast.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_pvt_v2_features_only_and_backward():
+    model = timm.create_model("pvt_v2_b0", pretrained=False, features_only=True).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+    assert [o.shape for o in out] == [r.shape for r in ref]
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        assert all((o - r).abs().max() <= 1e-5 for o, r in zip(fast(x), ref))
+    evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+    fast.train()
+    sum(o.pow(2).mean() for o in fast(x)).backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_twins_converts_its_global_blocks_and_reports_the_windowed_ones():
+    model = timm.create_model("twins_svt_small", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with pytest.raises(evoplug.ConversionError, match="LocallyGroupedAttn"):
+        evoplug.convert(model, example_input=x)
+    fast = evoplug.convert(model, example_input=x, strict=False)
+    report = evoplug.get_report(fast)
+    assert report.blocks and report.failed
+    assert all(type(fast.get_submodule(n).attn).__name__ == "LocallyGroupedAttn" for n, _ in report.failed)
+    assert all(type(s.analysis.module.attn).__name__ == "GlobalSubSampleAttn" for s in report.blocks)
+    with torch.no_grad():
+        assert fast(x).shape == model(x).shape
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
