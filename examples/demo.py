@@ -13,11 +13,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "benchmarks"))
 
 import digits  # noqa: E402
 import evoplug  # noqa: E402
-import harness  # noqa: E402
+from evoplug import bench as harness  # noqa: E402  (timing/FLOP helpers: evoplug/bench.py)
 
 
 def fidelity():

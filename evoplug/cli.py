@@ -1,0 +1,293 @@
+"""The ``evoplug`` command (also ``python -m evoplug``).
+
+    evoplug bench deit_small_patch16_224 --keep 0.5 0.7 1.0 --batch 1 32 --plot bench.png
+    evoplug explain eva02_tiny_patch14_224
+    evoplug visualize bench_out/photo_vit.pth skimage:astronaut skimage:coffee --out sel.png
+
+Models are timm names (random weights: no hub; ``--model-arg img_size=112`` etc. go to
+``timm.create_model``), or, for ``explain`` and ``visualize``, a checkpoint file written by
+:func:`evoplug.visualize.save_checkpoint`; ``--checkpoint FILE`` loads a plain state_dict
+into a timm model. Exit status: 0 done, 2 bad usage (unknown model, bad keep ratio, ...),
+1 the work failed (e.g. a model evoplug cannot convert; the message says why).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+from typing import List, Optional
+
+from .options import check_keep_ratio
+
+
+class CliError(Exception):
+    """A failure to report as ``evoplug: error: ...`` with exit status 1."""
+
+
+def _keep(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"keep_ratio must be a number in (0, 1], got {text!r}")
+    try:
+        return check_keep_ratio(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _model_arg(text: str):
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        value = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        pass   # a plain string
+    return key.strip(), value
+
+
+def _add_model_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("model")
+    g.add_argument("--img-size", type=_positive_int, default=None,
+                   help="input size (passed to timm as img_size); default: the model's own")
+    g.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra timm.create_model argument, e.g. depth=6 (repeatable)")
+
+
+def _add_convert_options(p: argparse.ArgumentParser):
+    g = p.add_argument_group("conversion (evoplug.EvoOptions)")
+    g.add_argument("--start-block", type=_positive_int, default=None,
+                   help="first evolving block (default: a third of the blocks stay dense)")
+    g.add_argument("--trade-off", type=float, default=None, help="alpha of the global attention update")
+    g.add_argument("--reselect-every", type=_positive_int, default=None,
+                   help="re-run top-k every N evolving blocks (default 1)")
+    g.add_argument("--no-representative", action="store_true",
+                   help="placeholder variant: non-selected tokens carried unchanged")
+    g.add_argument("--global-query", choices=["auto", "cls", "mean"], default=None)
+
+
+def _convert_options(a) -> dict:
+    opts = {}
+    for key in ("start_block", "trade_off", "reselect_every", "global_query"):
+        if getattr(a, key, None) is not None:
+            opts[key] = getattr(a, key)
+    if getattr(a, "no_representative", False):
+        opts["representative"] = False
+    return opts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(
+        prog="evoplug", description="Evo-ViT slow-fast token evolution for existing vision "
+        "transformers: benchmark, explain and visualise converted timm models.",
+        epilog="`evoplug COMMAND --help` for the options of a command.")
+    p.add_argument("--version", action="version", version=f"evoplug {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    b = sub.add_parser("bench", help="throughput and FLOPs, original vs converted, side by side",
+                       description="Original vs converted timm models (random weights) in one "
+                       "process: FLOPs per image (torch.utils.flop_counter) and images/s, every "
+                       "variant timed interleaved with the others, median of the repeats.")
+    b.add_argument("models", nargs="+", metavar="MODEL", help="timm model names")
+    b.add_argument("--keep", type=_keep, nargs="+", default=[0.5, 1.0], metavar="K",
+                   help="keep ratios, each in (0, 1] (default: 0.5 1.0)")
+    b.add_argument("--batch", type=_positive_int, nargs="+", default=[32], metavar="B",
+                   help="batch sizes (default: 32)")
+    b.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    b.add_argument("--repeats", type=_positive_int, default=7, help="timed rounds (median; default 7)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    b.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
+    b.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the original and of each converted model")
+    b.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
+    b.add_argument("--json", metavar="FILE", help="write machine, settings and rows as JSON")
+    b.add_argument("--plot", metavar="PNG", help="plot speed-up and FLOP ratio against keep_ratio")
+    b.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    b.add_argument("--progress", dest="progress", action="store_true", default=None,
+                   help="progress bar on stderr (default: when it is a terminal)")
+    b.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_model_options(b)
+    _add_convert_options(b)
+
+    e = sub.add_parser("explain", help="what the analysis found in a model and what evolves",
+                       description="Convert a model and print what evoplug found: blocks, roles, "
+                       "tokens, prefix tokens, attention, position terms, residual stream, "
+                       "refused modules; FLOPs per image before and after.")
+    e.add_argument("model", metavar="MODEL", help="timm model name or evoplug checkpoint file")
+    e.add_argument("--keep", type=_keep, default=0.5, metavar="K", help="keep ratio (default 0.5)")
+    e.add_argument("--checkpoint", metavar="FILE", help="state_dict to load into the timm model")
+    _add_model_options(e)
+    _add_convert_options(e)
+
+    v = sub.add_parser("visualize", aliases=["visualise"],
+                       help="PNG grid of the tokens each evolving block selected",
+                       description="For each image: which patch tokens each evolving block "
+                       "ran on the slow path (the others washed out), and the final global "
+                       "attention. Only meaningful for a trained model (see examples/photos.py).")
+    v.add_argument("model", metavar="MODEL", help="timm model name or evoplug checkpoint file")
+    v.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, or skimage:NAME for scikit-image's sample photographs "
+                        "(astronaut, coffee, chelsea, rocket, ...)")
+    v.add_argument("--keep", type=_keep, default=0.5, metavar="K", help="keep ratio (default 0.5)")
+    v.add_argument("--out", default="token_selection.png", metavar="PNG")
+    v.add_argument("--tile", type=_positive_int, default=128, help="pixels per picture (default 128)")
+    v.add_argument("--checkpoint", metavar="FILE", help="state_dict to load into the timm model")
+    _add_model_options(v)
+    _add_convert_options(v)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+
+def _check_models(parser, names: List[str], allow_files: bool = False):
+    from .bench import check_model_name
+    for n in names:
+        if allow_files and os.path.isfile(n):
+            continue
+        try:
+            check_model_name(n)
+        except ValueError as err:
+            if allow_files and (os.sep in n or n.endswith((".pth", ".pt"))):
+                parser.error(f"checkpoint file not found: {n}")
+            parser.error(str(err))
+
+
+def _load_model(a):
+    """(model, meta) from a timm name or an evoplug checkpoint file."""
+    import torch
+    from .bench import create_model
+    from .visualize import load_checkpoint
+    kwargs = dict(a.model_arg)
+    if os.path.isfile(a.model):
+        if kwargs or a.img_size:
+            raise CliError("--model-arg/--img-size do not apply to a checkpoint file "
+                           "(it stores how to build its model)")
+        return load_checkpoint(a.model)
+    torch.manual_seed(0)
+    model = create_model(a.model, a.img_size, **kwargs)
+    meta = {}
+    if a.checkpoint:
+        if not os.path.isfile(a.checkpoint):
+            raise CliError(f"checkpoint file not found: {a.checkpoint}")
+        sd = torch.load(a.checkpoint, map_location="cpu", weights_only=True)
+        if isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+        model.load_state_dict(sd)
+    else:
+        meta["random_weights"] = True
+    return model.eval(), meta
+
+
+def cmd_bench(a, out) -> int:
+    import torch
+    from . import bench
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.warmup < 0:
+        raise CliError("--warmup must be >= 0")
+    settings = dict(keep_ratios=a.keep, batch_sizes=a.batch, device=a.device, dtype=a.dtype,
+                    repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
+                    model_kwargs=dict(a.model_arg), convert_options=_convert_options(a))
+    bench.resolve_device(a.device)
+    print(f"machine: {bench.machine(a.device)}", file=out)
+    print(f"settings: {a.dtype}, eval, inference_mode, random weights; original and converted "
+          f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s)"
+          f"{'; torch.compile (first call untimed)' if a.compile else ''}", file=out)
+    rows: List[dict] = []
+    for name in a.models:     # the table grows model by model
+        new = bench.run_bench([name], a.keep, a.batch, img_size=a.img_size, device=a.device,
+                              dtype=a.dtype, repeats=a.repeats, warmup=a.warmup,
+                              compile=a.compile, model_kwargs=dict(a.model_arg),
+                              convert_options=_convert_options(a), progress=a.progress)
+        print(bench.format_table(new, header=not rows, model_width=max(map(len, a.models))),
+              file=out, flush=True)
+        rows += new
+    if a.markdown:
+        print("\n" + bench.format_markdown(rows), file=out)
+    if a.csv:
+        bench.write_csv(rows, a.csv)
+        print(f"wrote {a.csv}", file=out)
+    if a.json:
+        bench.write_json(rows, a.json, bench.machine(a.device), settings)
+        print(f"wrote {a.json}", file=out)
+    if a.plot:
+        bench.plot(rows, a.plot)
+        print(f"wrote {a.plot}", file=out)
+    return 0
+
+
+def cmd_explain(a, out) -> int:
+    import torch
+    import evoplug
+    from . import bench
+    model, meta = _load_model(a)
+    h, w = bench.input_size(model, a.img_size)
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    fast = evoplug.convert(model, keep_ratio=a.keep, example_input=x, strict=False,
+                           **_convert_options(a))
+    print(evoplug.explain(fast), file=out)
+    f0, f1 = bench.flops(model, x), bench.flops(fast, x)
+    with torch.no_grad():
+        fast(x)
+    toks = ", ".join(str(t if t >= 0 else "all") for _, t in evoplug.tokens_per_block(fast))
+    print(f"input {h}x{w}; FLOPs per image: {f0 / 1e9:.3f} GFLOP dense -> {f1 / 1e9:.3f} GFLOP "
+          f"converted ({f0 / f1:.2f}x fewer); tokens through attention/MLP per block: {toks}",
+          file=out)
+    return 0
+
+
+def cmd_visualize(a, out) -> int:
+    from . import visualize as viz
+    model, meta = _load_model(a)
+    if meta.get("random_weights"):
+        print("evoplug: warning: random weights (no --checkpoint): the class attention of an "
+              "untrained model ranks tokens arbitrarily; train one, e.g. examples/photos.py",
+              file=sys.stderr)
+    mean, std = meta.get("mean"), meta.get("std")
+    wh = viz.visualize(model, a.images, a.out, keep_ratio=a.keep, size=a.img_size,
+                       mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
+                       tile=a.tile, **_convert_options(a))
+    print(f"wrote {a.out} ({wh[0]}x{wh[1]} px)", file=out)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None, out=None) -> int:
+    out = out or sys.stdout
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    sub = parser._subparsers._group_actions[0].choices[a.command]
+    if a.command == "bench":
+        _check_models(sub, a.models)
+    else:
+        _check_models(sub, [a.model], allow_files=True)
+    from .errors import EvoplugError
+    try:
+        fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
+              "visualise": cmd_visualize}[a.command]
+        return fn(a, out)
+    except (CliError, EvoplugError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
+        print(f"evoplug: error: {e}", file=sys.stderr)
+        return 1
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,259 @@
+"""The `evoplug` command (bench / explain / visualize) and the token-selection picture.
+
+Small models and inputs only; timings are never asserted (2 shared cores)."""
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evoplug
+from evoplug import bench, cli
+from evoplug import visualize as viz
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a 4-block ViT on 32 px images: 8 x 8 = 64 patch tokens + cls
+TINY = ["vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "patch_size=4",
+        "--model-arg", "depth=4", "--model-arg", "embed_dim=64", "--model-arg", "num_heads=2"]
+TINY_KW = dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2)
+
+
+def run_cli(*args):
+    out = io.StringIO()
+    rc = cli.main(list(args), out=out)
+    return rc, out.getvalue()
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    return struct.unpack(">II", head[16:24])
+
+
+def run_module(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "evoplug", *args], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+# --------------------------------------------------------------------------------------------
+# bench
+# --------------------------------------------------------------------------------------------
+
+def test_bench_table_csv_json_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    c, j, p = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "r.png"
+    rc, out = run_cli("bench", *TINY, "--keep", "0.5", "1.0", "--batch", "1", "2",
+                      "--repeats", "1", "--warmup", "0", "--no-progress",
+                      "--csv", str(c), "--json", str(j), "--plot", str(p))
+    assert rc == 0
+    assert out.startswith("machine: ")
+    assert "speed-up" in out and "FLOP ratio" in out
+    with open(c) as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["batch"], float(r["keep_ratio"])) for r in rows] == [("1", 0.5), ("1", 1.0), ("2", 0.5), ("2", 1.0)]
+    data = json.loads(j.read_text())
+    assert data["machine"] and data["settings"]["keep_ratios"] == [0.5, 1.0]
+    by_keep = {r["keep_ratio"]: r for r in data["rows"] if r["batch"] == 2}
+    # keep 1.0 is the original model: same FLOPs, bit-exact outputs
+    assert by_keep[1.0]["flop_ratio"] == 1.0 and by_keep[1.0]["max_abs_diff"] == 0.0
+    # keep 0.5: blocks 2-4 of 4 run on 1 + 32 + 1 of 65 tokens
+    assert by_keep[0.5]["flop_ratio"] > 1.2
+    assert by_keep[0.5]["gflops_evo"] < by_keep[0.5]["gflops_orig"]
+    for r in data["rows"]:
+        assert r["orig_img_s"] > 0 and r["evo_img_s"] > 0 and r["device"] == "cpu"
+    assert png_size(p)[0] > 300
+
+
+def test_bench_markdown_and_convert_options():
+    rc, out = run_cli("bench", *TINY, "--keep", "0.25", "--batch", "1", "--repeats", "1",
+                      "--warmup", "0", "--markdown", "--start-block", "3", "--no-representative")
+    assert rc == 0
+    assert "| model | px | batch | keep |" in out
+    rows = bench.run_bench(["vit_tiny_patch16_224"], [0.25], [1], img_size=32, repeats=1,
+                           warmup=0, model_kwargs=TINY_KW, convert_options=dict(start_block=3))
+    assert rows[0]["flop_ratio"] > 1.0
+
+
+def test_bench_rejects_bad_keep_ratio(capsys):
+    for bad in ("1.5", "0", "-0.2", "abc", "nan"):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["bench", "vit_tiny_patch16_224", "--keep", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "keep_ratio must be" in err and "argument --keep" in err
+
+
+def test_unknown_model_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", "deit_smal_patch16_224", "--batch", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'deit_smal_patch16_224'" in err
+    assert "deit_small_patch16_224" in err          # the close match is suggested
+    for cmd in (["explain", "no_such_model_xyz"], ["visualize", "no_such_model_xyz", "skimage:astronaut"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(cmd)
+        assert e.value.code == 2
+        assert "unknown model 'no_such_model_xyz'" in capsys.readouterr().err
+
+
+def test_python_dash_m_evoplug():
+    """The real process: `python -m evoplug` (what the console script runs)."""
+    r = run_module("--help")
+    assert r.returncode == 0 and "bench" in r.stdout and "visualize" in r.stdout
+    r = run_module("bench", "not_a_model", "--keep", "0.5")   # the model is checked first
+    assert r.returncode == 2
+    assert "evoplug bench: error: unknown model 'not_a_model'" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when CUDA is missing")
+def test_bench_cuda_without_gpu_fails_clearly(capsys):
+    rc, _ = run_cli("bench", *TINY, "--device", "cuda", "--batch", "1", "--repeats", "1")
+    assert rc == 1
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bench_cuda():
+    rows = bench.run_bench(["vit_tiny_patch16_224"], [0.5, 1.0], [4], img_size=32, repeats=2,
+                           warmup=1, model_kwargs=TINY_KW, device="cuda", dtype="float16")
+    assert rows[0]["device"].startswith("cuda") and rows[1]["max_abs_diff"] == 0.0
+
+
+def test_progress_bar_draws_and_clears():
+    s = io.StringIO()
+    bar = bench.Progress(4, stream=s, enabled=True, width=8)
+    bar.update(1, note="model a")
+    bar.update(3)
+    bar.close()
+    text = s.getvalue()
+    assert "[##......] 1/4  model a" in text and "[########] 4/4" in text
+    assert text.endswith("\r")
+    quiet = io.StringIO()
+    bench.Progress(3, stream=quiet).update(1)      # not a terminal: silent by default
+    assert quiet.getvalue() == ""
+
+
+# --------------------------------------------------------------------------------------------
+# explain
+# --------------------------------------------------------------------------------------------
+
+def test_explain_prints_the_analysis():
+    rc, out = run_cli("explain", *TINY, "--keep", "0.5")
+    assert rc == 0
+    assert "evoplug: VisionTransformer - 4 block(s) converted, keep_ratio=0.5" in out
+    assert "blocks.0" in out and "evolving" in out and "34/65" in out
+    assert "GFLOP dense" in out
+    # 4 blocks: blocks.0 runs dense and scores the tokens, blocks.1-3 run 1 + 32 + 1 tokens
+    assert "tokens through attention/MLP per block: 65, 34, 34, 34" in out
+
+
+def test_explain_refuses_a_model_without_attention(capsys):
+    rc, _ = run_cli("explain", "resnet10t")
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("evoplug: error: ") and "no convertible transformer block" in err
+
+
+# --------------------------------------------------------------------------------------------
+# visualize: the token-selection picture
+# --------------------------------------------------------------------------------------------
+
+def _tiny_converted(keep=0.5, **opts):
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KW).eval()
+    return m, evoplug.convert(m, keep_ratio=keep, example_input=torch.randn(1, 3, 32, 32), **opts)
+
+
+def test_record_selection():
+    _, fast = _tiny_converted(0.5)
+    x = torch.randn(3, 3, 32, 32)
+    rec = viz.record_selection(fast, x)
+    assert [b.name for b in rec.blocks] == ["blocks.1", "blocks.2", "blocks.3"]
+    assert rec.grid == (8, 8) and rec.num_prefix == 1 and rec.scores.shape == (3, 64)
+    masks = rec.masks()
+    assert masks.shape == (3, 3, 8, 8)
+    assert (masks.reshape(3, 3, -1).sum(-1) == 32).all()        # k = 64 * 0.5 per block
+    for b in rec.blocks:
+        assert b.selected.shape == (3, 32)
+        assert all(len(set(row.tolist())) == 32 for row in b.selected)
+    # the first evolving block takes the top-k of the scoring block's class attention
+    evoplug.set_options(fast, reselect_every=100)
+    rec = viz.record_selection(fast, x)
+    m = rec.masks()
+    assert (m[:, 0] == m[:, 1]).all() and (m[:, 1] == m[:, 2]).all()
+    # keep 1.0: every token takes the slow path
+    evoplug.set_keep_ratio(fast, 1.0)
+    assert viz.record_selection(fast, x).masks().all()
+
+
+def test_selection_grid_png_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    _, fast = _tiny_converted(0.5)
+    imgs = [np.random.default_rng(i).integers(0, 256, (40 + 10 * i, 50, 3), dtype=np.uint8)
+            for i in range(2)]
+    x = torch.stack([viz.to_tensor(im, 32) for im in imgs])
+    rec = viz.record_selection(fast, x)
+    path = tmp_path / "grid.png"
+    wh = viz.selection_grid(imgs, rec, str(path), tile=48, names=["a", "b"])
+    # 2 rows; columns: input, 3 evolving blocks, global attention
+    cols = 5
+    expected = (cols * 48 + (cols + 1) * viz.GAP, viz.HEADER + 2 * 48 + 2 * viz.GAP)
+    assert wh == expected == viz.grid_size(2, cols, 48)
+    assert png_size(path) == expected
+
+
+def test_visualize_command_on_skimage_photos(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
+    out = tmp_path / "sel.png"
+    rc, text = run_cli("visualize", *TINY, "skimage:astronaut", "skimage:coffee", "skimage:camera",
+                       "--keep", "0.25", "--tile", "64", "--out", str(out))
+    assert rc == 0 and f"wrote {out}" in text
+    assert png_size(out) == viz.grid_size(3, 1 + 3 + 1, 64)
+    assert "random weights" in capsys.readouterr().err
+
+
+def test_visualize_checkpoint_file_and_image_file(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+    import timm
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KW)
+    ck = tmp_path / "tiny.pth"
+    viz.save_checkpoint(str(ck), m, "vit_tiny_patch16_224", TINY_KW, mean=[0.5] * 3, std=[0.5] * 3)
+    img = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "sel.png"
+    rc, _ = run_cli("visualize", str(ck), str(img), "--tile", "40", "--out", str(out))
+    assert rc == 0
+    assert png_size(out) == viz.grid_size(1, 5, 40)
+    assert "random weights" not in capsys.readouterr().err
+    loaded, meta = viz.load_checkpoint(str(ck))
+    assert meta["timm_model"] == "vit_tiny_patch16_224" and meta["mean"] == [0.5] * 3
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), m.eval()(x))
+    # errors: a missing image, a missing checkpoint
+    rc, _ = run_cli("visualize", str(ck), str(tmp_path / "missing.png"), "--out", str(out))
+    assert rc == 1 and "image file not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["visualize", str(tmp_path / "nope.pth"), str(img)])
+    assert e.value.code == 2 and "checkpoint file not found" in capsys.readouterr().err
+
+
+def test_load_image_sources():
+    pytest.importorskip("skimage")
+    assert viz.load_image("skimage:camera").shape == (512, 512, 3)           # gray -> RGB
+    assert viz.load_image("skimage:stereo_motorcycle").shape == (500, 741, 3)  # tuple -> left
+    assert viz.load_image(np.ones((5, 6), dtype=float)).max() == 255
+    with pytest.raises(ValueError, match="no sample image"):
+        viz.load_image("skimage:not_an_image")

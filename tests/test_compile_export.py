@@ -1,0 +1,140 @@
+"""A converted model under torch.compile, torch.export and ONNX export: outputs equal eager.
+
+The token evolution is plain tensor code (topk, gather, scatter, einsum) with shapes fixed by
+the input's, and the per-forward state lives in a Python object (EvoContext), so dynamo
+traces the whole converted model into one graph. Small models only (compile runs Inductor's
+C++ code generation on the CPU)."""
+import pytest
+import torch
+
+import evoplug
+from models import build
+
+# a 3-block ViT on 32 px images: 8 x 8 = 64 patch tokens + cls; blocks.0 scores the tokens,
+# blocks.1-2 evolve
+TINY = dict(img_size=32, patch_size=4, depth=3, embed_dim=64, num_heads=2)
+# the suite's models with fewer blocks (tracing time grows with depth)
+SHALLOW = {"plain_vit": dict(depth=3), "beit_base_patch16_224": dict(depth=3),
+           "eva02_tiny_patch14_224": dict(depth=3, img_size=112),
+           "cait_xxs24_224": dict(depth=3), "vit_small_patch14_reg4_dinov2": dict(depth=3)}
+
+
+def tiny(keep=0.5, **opts):
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY).eval()
+    return m, evoplug.convert(m, keep_ratio=keep, example_input=torch.randn(1, 3, 32, 32), **opts).eval()
+
+
+def close(a, b, tol=1e-4):
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def test_torch_compile_matches_eager():
+    """Default backend (Inductor, C++ code generation on the CPU), one graph."""
+    torch._dynamo.reset()
+    dense, fast = tiny(0.5)
+    x = torch.randn(3, 3, 32, 32)
+    compiled = torch.compile(fast, fullgraph=True)        # fullgraph: no graph break allowed
+    with torch.no_grad():
+        ref = fast(x)
+        assert close(compiled(x), ref)
+        assert not close(ref, dense(x))                   # keep 0.5 really changed the model
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [65, 34, 34]
+
+
+def test_compiled_model_follows_set_options():
+    """Options are read at run time: dynamo guards on them and recompiles after
+    set_options (the backend does not matter for that; 'eager' keeps the test fast)."""
+    torch._dynamo.reset()
+    dense, fast = tiny(0.5)
+    x = torch.randn(3, 3, 32, 32)
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for keep in (0.5, 0.75, 0.25, 0.5):
+            evoplug.set_keep_ratio(fast, keep)
+            assert close(compiled(x), fast(x))
+        evoplug.set_options(fast, start_block=2, representative=False)
+        assert close(compiled(x), fast(x))
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert close(compiled(x), dense(x))
+
+
+def test_torch_compile_training_step():
+    """Backward through the compiled converted model (AOTAutograd traces forward and
+    backward through the evolution) gives the eager gradients."""
+    torch._dynamo.reset()
+    _, fast = tiny(0.5)
+    fast.train()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(fast, backend="aot_eager")
+    for model in (fast, compiled):
+        model.zero_grad()
+        model(x).square().mean().backward()
+        if model is fast:
+            ref = {n: p.grad.clone() for n, p in fast.named_parameters()}
+    got = {n: p.grad for n, p in fast.named_parameters()}
+    assert all(close(got[n], ref[n], 1e-3) for n in ref)
+    assert fast.blocks[1]._evoplug_spec.tokens_run == 1 + 32 + 1
+
+
+@pytest.mark.parametrize("name", ["plain_vit", "beit_base_patch16_224", "eva02_tiny_patch14_224",
+                                  "cait_xxs24_224", "vit_small_patch14_reg4_dinov2"])
+def test_one_graph_no_break(name):
+    """dynamo sees every converted model of the suite as one graph: nn.MultiheadAttention,
+    relative position bias (gathered), rotary embedding (gathered), mean query, registers."""
+    torch._dynamo.reset()
+    model, size, _ = build(name, **SHALLOW[name])
+    size = SHALLOW[name].get("img_size", size)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], strict=False).eval()
+    with torch.no_grad():
+        ex = torch._dynamo.explain(fast)(x)
+    assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
+    assert ex.graph_count == 1
+
+
+def test_torch_export_dynamic_batch():
+    _, fast = tiny(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(fast, (x,), dynamic_shapes={"x": {0: batch}})
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
+    assert any("topk" in t for t in targets)              # the selection is in the program
+    assert any("scatter" in t for t in targets)           # and the restore
+    run = ep.module()
+    for b in (1, 5):
+        xb = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            assert close(run(xb), fast(xb))
+
+
+@pytest.mark.parametrize("name", ["beit_base_patch16_224", "eva02_tiny_patch14_224"])
+def test_torch_export_position_terms(name):
+    model, size, _ = build(name, **SHALLOW[name])
+    size = SHALLOW[name].get("img_size", size)
+    model.eval()
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).eval()
+    ep = torch.export.export(fast, (x,))
+    with torch.no_grad():
+        assert close(ep.module()(x), fast(x))
+
+
+def test_onnx_export_matches_eager(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    _, fast = tiny(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    path = str(tmp_path / "evo_vit.onnx")
+    prog = torch.onnx.export(fast, (x,), dynamo=True, input_names=["images"],
+                             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=64)}},
+                             verbose=False)
+    prog.save(path)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    xb = torch.randn(5, 3, 32, 32)
+    got = sess.run(None, {"images": xb.numpy()})[0]
+    with torch.no_grad():
+        assert close(torch.from_numpy(got), fast(xb))
