@@ -194,6 +194,12 @@ def test_training_extras_keep_dense_checkpoints_loading_strictly():
     assert evoplug.get_report(evo.backbone).options.trade_off is evo.evo_trade_off
     assert float(evo.evo_trade_off().detach()) == pytest.approx(0.5)
 
+    from mmengine.optim import build_optim_wrapper              # the optimizer sees alpha
+    ow = build_optim_wrapper(evo, dict(optimizer=dict(type="AdamW", lr=1e-3, weight_decay=0.05),
+                                       paramwise_cfg=dict(custom_keys={"evo_trade_off": dict(decay_mult=0.0)})))
+    group = [g for g in ow.optimizer.param_groups if any(p is evo.evo_trade_off.logit for p in g["params"])]
+    assert len(group) == 1 and group[0]["weight_decay"] == 0.0
+
     evo.load_state_dict(dense.state_dict(), strict=True)       # extras forgiven as a group
     assert torch.equal(evo.aux_head.layers.head.weight, dense.head.layers.head.weight)
     assert float(evo.evo_trade_off.logit.detach()) == 0.0

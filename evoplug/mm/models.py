@@ -132,7 +132,8 @@ class EvoImageClassifier(ImageClassifier):
                 classifier (``evo_trade_off.logit``, outside the backbone), initialised so
                 that alpha = ``trade_off``;
               - ``mean_token_head=True``: the head reads the mean of the patch tokens (after
-                the final norm) instead of the cls token, in training and evaluation;
+                the final norm) instead of the cls token, in training and evaluation (ViT
+                backbones with a single-token head: VisionTransformerClsHead, LinearClsHead);
               - ``aux_cls_head=dict(loss_weight=1.0, head=dict(...), init_from_head=True)``
                 (or ``True``): a training-only head on the cls token next to the mean-token
                 head (needs ``mean_token_head``); its config is the model's ``head`` updated
@@ -181,6 +182,8 @@ class EvoImageClassifier(ImageClassifier):
                                  "mean-token head: set mean_token_head=True too")
             if getattr(self.backbone, "cls_token", None) is None:
                 raise ValueError("aux_cls_head needs a backbone with a cls token")
+            if head is None:
+                raise ValueError("aux_cls_head is built from the model's `head` config: set one")
             aux = dict(aux) if isinstance(aux, dict) else {}
             self.aux_loss_weight = float(aux.pop("loss_weight", 1.0))
             self.aux_init_from_head = bool(aux.pop("init_from_head", True))
@@ -239,7 +242,7 @@ def _load_extras_hook(module: EvoImageClassifier, incompatible_keys) -> None:
         rel = [f"{name}.{k}" for k in sub.state_dict()]
         prefix = None
         for k in missing:
-            m = re.match(rf"^(.*?){re.escape(rel[0])}$", k)
+            m = re.match(rf"^((?:.*\.)?){re.escape(rel[0])}$", k)
             if m:
                 prefix = m.group(1)
                 break

@@ -44,8 +44,9 @@ test_pipeline = [
 ]
 
 train_dataloader = dict(
-    batch_size=64,
-    num_workers=0,
+    batch_size=32,
+    num_workers=0,              # CPU-sized: decode in the main process
+    persistent_workers=False,   # (MMPretrain's tools/train.py defaults it to True)
     dataset=dict(type='CustomDataset', data_root=data_root, data_prefix='train',
                  pipeline=train_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=True),
@@ -53,6 +54,7 @@ train_dataloader = dict(
 val_dataloader = dict(
     batch_size=250,
     num_workers=0,
+    persistent_workers=False,
     dataset=dict(type='CustomDataset', data_root=data_root, data_prefix='val',
                  pipeline=test_pipeline),
     sampler=dict(type='DefaultSampler', shuffle=False),
@@ -73,7 +75,7 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=True, end=1, convert_to_iter_based=True),
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=1),
 ]
-train_cfg = dict(by_epoch=True, max_epochs=8, val_interval=1)
+train_cfg = dict(by_epoch=True, max_epochs=25, val_interval=5)
 val_cfg = dict()
 test_cfg = dict()
 
