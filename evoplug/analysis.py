@@ -53,16 +53,18 @@ class BlockTracer(fx.Tracer):
     the permutation probe (convert.py) checks they are token-wise.
     """
 
-    def __init__(self, attention_modules: Set[int]):
+    def __init__(self, attention_modules: Set[int], into_notrace: bool = False):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=notrace_functions)
         self._attention_modules = attention_modules
         self._notrace_modules = notrace_modules
+        self._into_notrace = into_notrace
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
             return True
-        if self._notrace_modules and isinstance(m, self._notrace_modules):
+        if self._notrace_modules and isinstance(m, self._notrace_modules) and not (
+                self._into_notrace and id(m) in self._attention_modules):
             return True
         if id(m) not in self._attention_modules:
             return True
@@ -142,8 +144,15 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     module.train(training)
     saved = _mutable_state(module)
     try:
-        tracer = BlockTracer(attention_modules)
-        graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
+        # often trace once the block's constant arguments are known; else they stay leaves
+        try:
+            tracer = BlockTracer(attention_modules, into_notrace=True)
+            graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        except Exception:
+            _restore_mutable_state(saved)
+            tracer = BlockTracer(attention_modules)
+            graph = tracer.trace(module, concrete_args=dict(plan.constants))
     except Exception as e:
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
     finally:
@@ -458,6 +467,7 @@ class BlockAnalysis:
     grid: Optional[Tuple[int, int]] = None   # patch grid (h, w) of the M patch tokens, if known
     kv_grid: Optional[Tuple[int, int]] = None  # keys from the full map reduced to this grid (PVT)
     grid_ops_expected: bool = False            # the block turns tokens into a 2-D map (PVT)
+    windowed: bool = False                     # attention inside the 2-D map part (windows)
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -619,8 +629,17 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     if grid_ops:
         a.notes.append("grid operations see the full map; positions of tokens that were not run "
                        "hold the representative token")
-    # self-attention over all N tokens (or keys from the spatially reduced full map)
-    if site.kind in ("softmax",):
+    # self-attention over all N tokens (or keys from the spatially reduced full map), or
+    # attention computed inside the 2-D map part of the block (windowed attention)
+    # windowed: the queries themselves come from the 2-D map (PVT's spatial reduction only
+    # builds the keys/values from it)
+    anc_q = ancestors(site.q) | {site.q} if isinstance(site.q, fx.Node) else set()
+    a.windowed = any(kind == "to" and node in anc_q for kind, node, _ in grid_ops) and any(
+        kind == "from" and site.node in ancestors(node) for kind, node, _ in grid_ops)
+    if a.windowed:
+        a.attention = (f"{site.kind} attention at `{site.node.name}` on the 2-D map (windowed): run on "
+                       "the full map, no global row")
+    elif site.kind in ("softmax",):
         s = _shape(site.node)
         if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
             a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
@@ -662,7 +681,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         t = bound.arguments[tname]
         if tname not in site.arg_terms:
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
-    if a.kv_grid is not None:
+    if a.kv_grid is not None and not a.windowed:
         a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
     a.branches, notes = residual_branches(gm, token, site, name)
     a.notes += notes
@@ -686,7 +705,18 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
     N, P, grid = a.num_tokens, a.num_prefix, a.grid
     if grid is None:
         return []
+    grid = tuple(grid)
     M = grid[0] * grid[1]
+
+    def layout(shape):   # 'cf' (B, C, H, W), 'cl' (B, H, W, C) or None
+        if shape is None or len(shape) != 4:
+            return None
+        if tuple(shape[-2:]) == grid:
+            return "cf"
+        if tuple(shape[1:3]) == grid:
+            return "cl"
+        return None
+
     ops = []
     for n in gm.graph.nodes:
         if not _is_reshape(n):
@@ -695,12 +725,12 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
         si, so = _shape(src), _shape(n)
         if si is None or so is None:
             continue
-        if len(so) == 4 and tuple(so[-2:]) == tuple(grid) and len(si) == 3 and N in si[1:]:
+        if layout(so) and len(si) == 3 and N in si[1:]:
             dim = len(si) - 1 - list(reversed(si)).index(N)
             ops.append(("to", n, dim))
-        elif len(si) == 4 and tuple(si[-2:]) == tuple(grid) and len(so) == 3 and M in so[1:]:
+        elif layout(si) and len(so) == 3 and M in so[1:]:
             dim = len(so) - 1 - list(reversed(so)).index(M)
-            ops.append(("from", n, dim))
+            ops.append(("from", n, (dim, layout(si))))
     if ops and P:
         raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
                                     "supported")

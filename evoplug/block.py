@@ -81,15 +81,15 @@ class EvoBlockMixin:
         fresh = ctx.scores is None or ctx.scores.shape != (B, M)
         if spec.role == "score" or fresh:
             # dense run that (re)starts the global attention
-            out, row = program(self, *a.plan.feed(x, extras), None)
-            ctx.scores = ev.update_scores(None, row, opt.trade_off)
+            out, row = program(self, *a.plan.feed(x, extras), None, None)
+            ctx.scores = None if row is None else ev.update_scores(None, row, opt.trade_off)
             ctx.sel, ctx.since_select, ctx.grid = None, 0, a.grid
             spec.tokens_run = N
             return out
         if k >= M and opt.identity_fast_path:
-            out, row = program(self, *a.plan.feed(x, extras), None)
-            ctx.scores = ev.update_scores(ctx.scores, row, opt.trade_off)
-            ctx.grid = a.grid
+            out, row = program(self, *a.plan.feed(x, extras), None, None)
+            if row is not None:
+                ctx.scores = ev.update_scores(ctx.scores, row, opt.trade_off)
             spec.tokens_run = N
             return out
         with_rep = opt.representative
@@ -101,9 +101,10 @@ class EvoBlockMixin:
         weights = ev.representative_weights(ctx.scores, sel) if rep_pos is not None else None
         sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights)
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
-        out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos)
-        row_sel = row.gather(1, sel) if a.kv_grid is not None else row[:, :k]
-        ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
+        out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos, x)
+        if row is not None:
+            row_sel = row.gather(1, sel) if a.kv_grid is not None else row[:, :k]
+            ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
         ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]
         return ev.restore(x, out_sub, P, sel, rep)

@@ -52,7 +52,7 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             bound = a.plan.signature.bind(*a.call.args, **a.call.kwargs)
             ref = a.orig_forward(m, *a.call.args, **a.call.kwargs)
             x, extras = a.plan.bind(a.name, a.call.args, a.call.kwargs)
-            out, row = program(m, *a.plan.feed(x, extras), None)
+            out, row = program(m, *a.plan.feed(x, extras), None, None)
             scale = max(1.0, float(ref.abs().max()))
             err = float((out - ref).abs().max())
             if err > atol * scale:
@@ -60,14 +60,14 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             B, N, C = x.shape
             P = a.num_prefix
             M = N - P
-            if row.shape != (B, M):
+            if row is not None and row.shape != (B, M):
                 raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {(B, M)}")
             gen = torch.Generator().manual_seed(0)
             perm = torch.randperm(M, generator=gen).to(x.device)
             pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
             xp = x.gather(1, pos[..., None].expand(-1, -1, C))
             ex = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
-            outp, _ = program(m, *a.plan.feed(xp, ex), pos)
+            outp, _ = program(m, *a.plan.feed(xp, ex), pos, x)
             err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
             if err > atol * scale:
                 raise AnalysisError(
@@ -78,7 +78,7 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
             ex = {n: _gather_extra(a, n, t, sub_pos, N, P) for n, t in extras.items()}
-            outs, rows = program(m, *a.plan.feed(xs, ex), sub_pos)
+            outs, rows = program(m, *a.plan.feed(xs, ex), sub_pos, x)
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
     except AnalysisError:

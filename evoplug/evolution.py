@@ -158,6 +158,25 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     return canvas.scatter(1, idx, t).movedim(1, dim)
 
 
+def first_not_none(a, b):
+    return b if a is None else a
+
+
+def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:
+    """The exact full map: the block's token-wise ops re-run on its full input (dense run:
+    the tokens themselves)."""
+    return t if pos is None or t_full is None else t_full
+
+
+def from_canvas_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str) -> Tensor:
+    """A 2-D map (B, C, H, W) ('cf') or (B, H, W, C) ('cl') back to tokens along ``dim``, read at
+    the subset's positions (all positions for a dense run)."""
+    t = t.flatten(2) if layout == "cf" else t.flatten(1, 2)       # (B, C, M) / (B, M, C)
+    if (layout == "cf") != (dim == 2):
+        t = t.transpose(1, 2)
+    return from_canvas(t, pos, dim)
+
+
 def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     """Read a full map (tokens along ``dim``) back at the subset's positions."""
     if pos is None:

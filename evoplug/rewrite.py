@@ -38,8 +38,11 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     graph = gm.graph
     site: AttentionSite = find_attention(gm, a.name)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    token = placeholders[0]
     with graph.inserting_after(placeholders[-1]):
         pos = graph.placeholder("_evo_pos", default_value=None)
+    with graph.inserting_after(pos):
+        full = graph.placeholder("_evo_full", default_value=None)
 
     # 1. position terms follow the selected tokens
     for bias in site.biases:
@@ -57,21 +60,27 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     for kind, node, dim in grid_ops:
         if kind == "to":
             src = node.args[0]
+            src_full = _clone_token_wise_chain(graph, src, token, full)
             with graph.inserting_before(node):
-                canvas = graph.call_function(ev.to_canvas, (src, pos, M, dim))
+                if src_full is not None:   # exact: the same token-wise ops on the full input
+                    canvas = graph.call_function(ev.full_canvas, (src, src_full, pos))
+                else:                      # kept tokens + representative token elsewhere
+                    canvas = graph.call_function(ev.to_canvas, (src, pos, M, dim))
             node.replace_input_with(src, canvas)
         else:
-            users = list(node.users)
+            tok_dim, layout = dim
             with graph.inserting_after(node):
-                back = graph.call_function(ev.from_canvas, (node, pos, dim))
-            for u in users:
-                u.replace_input_with(node, back)
+                back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
+            node.replace_all_uses_with(back)
+            graph.erase_node(node)
 
     # 3. the global query's attention row
     P = a.num_prefix
     cls_query = a.global_query == "cls"
     with graph.inserting_after(site.node):
-        if site.kind == "softmax":
+        if a.windowed:
+            row = None              # windowed attention: no global row; scores carried on
+        elif site.kind == "softmax":
             if cls_query:
                 row = graph.call_function(ev.probs_query_row, (site.node, P))
             else:
@@ -85,7 +94,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
             mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
             row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
 
-    if a.kv_grid is not None:   # keys are regions of the reduced map: back to patch tokens
+    if a.kv_grid is not None and row is not None:   # keys are regions of the reduced map
         with graph.inserting_after(row):
             up = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
         row = up
@@ -100,6 +109,33 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     gm.recompile()
     _check_attrs_resolve(a, gm)
     return type(gm).forward
+
+
+_TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as"}
+
+
+def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full: fx.Node):
+    """Re-emit the ops that made ``src`` from the block's tokens, applied to the full input
+    (``full``), when they are token-wise: leaf modules (norms, linears) and layout methods,
+    with no other input. Returns the full-map node, or None (then the canvas is filled with
+    the representative token)."""
+    chain, cur = [], src
+    while cur is not token:
+        if not isinstance(cur, fx.Node) or len(cur.all_input_nodes) != 1:
+            return None
+        ok = cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)
+        if not ok:
+            return None
+        chain.append(cur)
+        cur = cur.all_input_nodes[0]
+    with graph.inserting_after(src):
+        prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
+    anchor = prev
+    for node in reversed(chain):
+        with graph.inserting_after(anchor):
+            prev = graph.node_copy(node, lambda n, p=prev, old=node.all_input_nodes[0]: p if n is old else n)
+        anchor = prev
+    return prev
 
 
 def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule):
