@@ -200,6 +200,7 @@ def cmd_bench(a, out) -> int:
     if a.warmup < 0:
         raise CliError("--warmup must be >= 0")
     settings = dict(keep_ratios=a.keep, batch_sizes=a.batch, device=a.device, dtype=a.dtype,
+                    threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
                     model_kwargs=dict(a.model_arg), convert_options=_convert_options(a))
     bench.resolve_device(a.device)
@@ -243,9 +244,12 @@ def cmd_explain(a, out) -> int:
     f0, f1 = bench.flops(model, x), bench.flops(fast, x)
     with torch.no_grad():
         fast(x)
-    toks = ", ".join(str(t if t >= 0 else "all") for _, t in evoplug.tokens_per_block(fast))
+    specs = evoplug.get_report(fast).blocks
+    toks = ", ".join(str(s.tokens_run) if s.tokens_run >= 0 else f"{s.analysis.num_tokens}*"
+                     for s in specs)
+    star = " (*: the block's original forward)" if any(s.tokens_run < 0 for s in specs) else ""
     print(f"input {h}x{w}; FLOPs per image: {f0 / 1e9:.3f} GFLOP dense -> {f1 / 1e9:.3f} GFLOP "
-          f"converted ({f0 / f1:.2f}x fewer); tokens through attention/MLP per block: {toks}",
+          f"converted ({f0 / f1:.2f}x fewer); tokens through attention/MLP per block: {toks}{star}",
           file=out)
     return 0
 
