@@ -48,7 +48,8 @@ def machine() -> str:
             f"mmpretrain {mmpretrain.__version__}, python {platform.python_version()}")
 
 
-def make_cfg(path, data_root, work_dir, epochs, lr=None, load_from=None, model=None, warmup=True):
+def make_cfg(path, data_root, work_dir, epochs, lr=None, load_from=None, model=None, warmup=True,
+             seed=0):
     from mmengine.config import Config
     cfg = Config.fromfile(path)
     for dl in ("train_dataloader", "val_dataloader", "test_dataloader"):
@@ -67,6 +68,7 @@ def make_cfg(path, data_root, work_dir, epochs, lr=None, load_from=None, model=N
     cfg.load_from = load_from
     cfg.work_dir = work_dir
     cfg.log_level = "WARNING"
+    cfg.randomness = dict(seed=seed, deterministic=False)
     if model:
         cfg.merge_from_dict(dict(model=model))
     return cfg
@@ -114,6 +116,8 @@ def main():
     ap.add_argument("--finetune-epochs", type=int, default=2)
     ap.add_argument("--finetune-lr", type=float, default=2.5e-4)
     ap.add_argument("--keep", type=float, default=0.5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                    help="fine-tune seeds (data order, augmentation, drop path); the pre-training uses 0")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (1 is robust on a busy 2-core machine)")
     ap.add_argument("--no-extras", action="store_true", help="skip the Evo + training extras run")
@@ -147,25 +151,31 @@ def main():
     x = dense_runner.model.data_preprocessor({"inputs": list(x)}, False)["inputs"]
     ips = images_per_s({"dense": dense_runner.model, "evo": evo_runner.model}, x)
 
-    runs = [("dense", DENSE_CFG, None), (f"Evo keep {args.keep}", EVO_CFG, evo_model)]
+    evo_name = f"Evo keep {args.keep}"
+    runs = [(seed, "dense", DENSE_CFG, None) for seed in args.seeds]
+    runs += [(seed, evo_name, EVO_CFG, evo_model) for seed in args.seeds]
     if not args.no_extras:
-        runs.append((f"Evo keep {args.keep} + extras (learnable alpha, mean-token head, "
-                     "aux cls head)", EVO_CFG,
+        runs.append((args.seeds[0], f"Evo keep {args.keep} + extras (learnable alpha, "
+                     "mean-token head, aux cls head)", EVO_CFG,
                      dict(evo=dict(keep_ratio=args.keep, learnable_trade_off=True,
                                    mean_token_head=True, aux_cls_head=dict(loss_weight=1.0)))))
-    for name, path, model in runs:
-        print(f"fine-tuning: {name} ({F} epochs, lr {args.finetune_lr}) ...")
-        slug = "".join(c if c.isalnum() else "_" for c in name)[:40]
+    for seed, name, path, model in runs:
+        print(f"fine-tuning: {name}, seed {seed} ({F} epochs, lr {args.finetune_lr}) ...")
+        slug = "".join(c if c.isalnum() else "_" for c in name)[:40] + f"_s{seed}"
         runner, t = train(make_cfg(path, args.data_root, os.path.join(wd, f"ft_{slug}"), F,
-                                   lr=args.finetune_lr, load_from=ckpt, model=model, warmup=False))
-        row = dict(model=name, fine_tune=f"{F} ep", top1=top1(runner), train_s=round(t, 1))
+                                   lr=args.finetune_lr, load_from=ckpt, model=model, warmup=False,
+                                   seed=seed))
+        row = dict(model=name, fine_tune=f"{F} ep, seed {seed}", top1=top1(runner),
+                   train_s=round(t, 1), seed=seed)
         if "trade_off" in str(model):
             row["alpha"] = round(float(runner.model.evo_trade_off().detach()), 4)
         rows.append(row)
         print(f"  top-1 {row['top1']:.2f}  ({t:.0f} s)")
 
-    dense_ft = next(r["top1"] for r in rows if r["model"] == "dense")
-    evo_ft = next(r["top1"] for r in rows if r["model"] == f"Evo keep {args.keep}")
+    dense_ft = statistics.mean(r["top1"] for r in rows if r["model"] == "dense")
+    evo_ft = statistics.mean(r["top1"] for r in rows if r["model"] == evo_name)
+    rows.append(dict(model=f"mean of seeds {args.seeds}: dense", fine_tune=f"{F} ep", top1=dense_ft))
+    rows.append(dict(model=f"mean of seeds {args.seeds}: {evo_name}", fine_tune=f"{F} ep", top1=evo_ft))
     report = dict(machine=machine(), data=info, pretrain_epochs=E, finetune_epochs=F,
                   finetune_lr=args.finetune_lr, keep_ratio=args.keep, rows=rows,
                   inference_images_per_s={k: round(v, 1) for k, v in ips.items()},
@@ -178,14 +188,15 @@ def main():
     print(f"\nmachine: {report['machine']}")
     print(f"settings: {info['source']}, {info['num_train']} train / {info['num_val']} val; "
           f"DeiT (6 blocks, 96 dims, 3 heads, 32 px, patch 4: 64 patches + cls); pre-train "
-          f"{E} epochs AdamW lr 1e-3 batch 32; fine-tune {F} epochs lr {args.finetune_lr} cosine, "
-          f"seed 0; {report['evo_blocks']}")
+          f"{E} epochs AdamW lr 1e-3 batch 32 (seed 0); fine-tune {F} epochs AdamW lr "
+          f"{args.finetune_lr} cosine, batch 32, seeds {args.seeds}; {report['evo_blocks']}")
     print("\n| model | fine-tune | top-1 (%) | train wall (s) |")
     print("|---|---|---|---|")
     for r in rows:
         extra = f" (alpha -> {r['alpha']})" if "alpha" in r else ""
         print(f"| {r['model']}{extra} | {r['fine_tune']} | {r['top1']:.2f} | {r.get('train_s', '-')} |")
-    print(f"\ndense - Evo after the same fine-tune: {report['gap_points']:+.2f} points")
+    print(f"\ndense - Evo after the same fine-tune (mean of {len(args.seeds)} seed(s)): "
+          f"{report['gap_points']:+.2f} points")
     print(f"inference, batch 250, {torch.get_num_threads()} thread(s), interleaved medians: dense "
           f"{ips['dense']:.0f} img/s, Evo {ips['evo']:.0f} img/s ({ips['evo'] / ips['dense']:.2f}x)")
 

@@ -14,10 +14,17 @@ short allow-list (:mod:`evoplug.mm.checkpoint`).
 
 Train: ``python -m evoplug.mm.train CONFIG`` (or MMPretrain's ``tools/train.py``).
 """
-from . import checkpoint
-from .models import (EvoDistilledVisionTransformer, EvoImageClassifier, EvoLeViT,
-                     EvoVisionTransformer, LearnableTradeOff, convert_backbone, evo_backbone_class,
-                     example_input)
+try:
+    import mmengine  # noqa: F401
+    import mmpretrain  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"evoplug.mm needs MMPretrain ({e}): pip install 'evoplug[mm]', i.e. "
+                      "mmengine mmcv-lite mmpretrain 'setuptools<81' (mmcv-lite, not mmcv)") from e
+
+from . import checkpoint  # noqa: E402
+from .models import (EvoDistilledVisionTransformer, EvoImageClassifier,  # noqa: E402
+                     EvoLeViT, EvoVisionTransformer, LearnableTradeOff, convert_backbone,
+                     evo_backbone_class, example_input)
 
 checkpoint.install()
 
