@@ -81,16 +81,20 @@ def _sync(x: torch.Tensor):
 
 def interleaved(models: Dict[str, Callable], x: torch.Tensor, repeats: int = 7, warmup: int = 2,
                 progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Timing]:
-    """Time each callable on ``x``, interleaved, ``repeats`` times after ``warmup`` rounds.
+    """Time each callable on ``x``, interleaved (one call of each per round, the order rotated
+    from round to round), ``repeats`` times after ``warmup`` rounds.
 
     ``progress(done_rounds, total_rounds)`` is called after every round.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     res = {n: Timing(n, []) for n in models}
+    names = list(models)
     with torch.inference_mode():
         for r in range(warmup + repeats):
-            for n, m in models.items():
+            # the order rotates every round, so no model always runs first
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                m = models[n]
                 _sync(x)
                 t = time.perf_counter()
                 m(x)

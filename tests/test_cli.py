@@ -128,6 +128,19 @@ def test_bench_cuda():
     assert rows[0]["device"].startswith("cuda") and rows[1]["max_abs_diff"] == 0.0
 
 
+def test_interleaved_timing():
+    calls = []
+    models = {n: (lambda x, n=n: calls.append(n)) for n in "abc"}
+    rounds = []
+    t = bench.interleaved(models, torch.zeros(1), repeats=3, warmup=1,
+                          progress=lambda r, n: rounds.append((r, n)))
+    assert {n: len(v.seconds) for n, v in t.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(v.median >= 0 for v in t.values())
+    # one call of each per round, the order rotated from round to round
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert rounds == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
 def test_progress_bar_draws_and_clears():
     s = io.StringIO()
     bar = bench.Progress(4, stream=s, enabled=True, width=8)
