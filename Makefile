@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -r requirements/dev.txt
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,timm,plot,mm]'
 	@touch $(STAMP)
 
 demo: venv
