@@ -105,6 +105,19 @@ def _samples(n):
     return [DataSample().set_gt_label(i % 10) for i in range(n)]
 
 
+def test_image_folder_from_both_shipped_sources(tmp_path):
+    from PIL import Image
+    mod = _image_folder()
+    info = mod.write_folder(str(tmp_path / "digits"), source="digits", per_class=(2, 1))
+    assert info["source"].startswith("digits") and (info["num_train"], info["num_val"]) == (20, 10)
+    pngs = sorted((tmp_path / "digits" / "val").rglob("*.png"))
+    assert len(pngs) == 10 and Image.open(pngs[0]).size == (32, 32)
+    if mod.mnist5k_path() is not None:
+        x, y, name = mod.load_images("mnist5k")
+        assert x.shape == (5000, 32, 32) and sorted(set(y.tolist())) == list(range(10))
+        assert x.max() == 255 and x[:, :2].max() == 0             # real strokes, 2 px padding
+
+
 # ------------------------------------------------------------------------------------ registry
 
 def test_custom_imports_register_the_model_types():
