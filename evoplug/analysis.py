@@ -153,14 +153,19 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             _restore_mutable_state(saved)
             tracer = BlockTracer(attention_modules)
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        _drop_constant_asserts(graph)
+        _tensor_only_signature(graph, plan, name)
+        # assembled before the mode is restored: some modules' train() drops cached tensors the
+        # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    except AnalysisError:
+        raise
     except Exception as e:
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
     finally:
         _restore_mutable_state(saved)
         module.train(was)
-    _drop_constant_asserts(graph)
-    _tensor_only_signature(graph, plan, name)
-    return fx.GraphModule(tracer.root, graph, type(module).__name__)
+    return gm
 
 
 def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
@@ -428,8 +433,10 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                         break
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
+            # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
             mods = [u for u in users if u.op == "call_module" and _shape(u) == _shape(stream)
-                    and site.node not in ancestors(u)]
+                    and u is not site.node and any(
+                        i is not stream and stream in ancestors(i) for i in u.all_input_nodes)]
             if len(users) >= 1 and mods and any(b.role == "attention" for b in branches):
                 u = mods[0]
                 branches.append(Branch("mlp", u.name, [f"{u.target}:{type(_module_of(gm, u)).__name__} "

@@ -107,7 +107,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     out_node.args = ((result, row),)
     graph.lint()
     gm.recompile()
-    _check_attrs_resolve(a, gm)
+    _check_attrs_resolve(a, gm, training)
     return type(gm).forward
 
 
@@ -154,10 +154,20 @@ def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule):
                 b.copy_(saved)
 
 
-def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule):
+def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule, training: bool):
     """The program runs with the block as ``self``: every attribute it reads must be the
-    block's own. Tensor constants created by tracing are registered as non-persistent buffers
-    (not in the state_dict)."""
+    block's own (in the program's mode: some modules cache tensors only in eval mode). Tensor
+    constants created by tracing are registered as non-persistent buffers (not in the
+    state_dict)."""
+    was = a.module.training
+    a.module.train(training)
+    try:
+        _check_attrs(a, gm)
+    finally:
+        a.module.train(was)
+
+
+def _check_attrs(a: BlockAnalysis, gm: fx.GraphModule):
     for n in gm.graph.nodes:
         if n.op in ("get_attr", "call_module"):
             try:
