@@ -26,6 +26,25 @@ def _randomise(model):
     return model
 
 
+def _assert_evolves_then_reproduces(model, fast, x):
+    """keep 0.5: same shape, finite, every evolving block ran k + 1 tokens; keep 1.0 (both
+    paths) reproduces the model; the dense state_dict loads strictly."""
+    blocks = evoplug.get_report(fast).blocks
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        for s in blocks:
+            if s.role == "evolve":
+                M = s.analysis.num_tokens - s.analysis.num_prefix
+                assert s.tokens_run == ev.num_keep(M, 0.5) + 1, (s.analysis.name, s.tokens_run)
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+    fast.load_state_dict(model.state_dict(), strict=True)
+
+
 @pytest.mark.parametrize("name", ["levit_128s", "levit_256"])
 def test_levit_converts_evolves_across_stages(name):
     model = _randomise(timm.create_model(name, pretrained=False)).eval()
@@ -36,22 +55,9 @@ def test_levit_converts_evolves_across_stages(name):
     assert all(s.analysis.num_prefix == 0 and s.analysis.global_query == "mean" for s in blocks)
     assert {s.analysis.grid for s in blocks} == {(14, 14), (7, 7), (4, 4)}
     assert all(s.analysis.position_terms for s in blocks)   # attention biases follow the tokens
-    with torch.no_grad():
-        ref = model(x)
-        out = fast(x)
-        assert out.shape == ref.shape and torch.isfinite(out).all()
-        for s in blocks:
-            M = s.analysis.num_tokens
-            if s.role == "evolve":
-                # also the first block of a new stage: the scores were pooled onto its grid
-                assert s.tokens_run == ev.num_keep(M, 0.5) + 1, (s.analysis.name, s.tokens_run)
-        stage_starts = [s for s in blocks if s.analysis.name.endswith("blocks.0") and s.role == "evolve"]
-        assert stage_starts
-        evoplug.set_keep_ratio(fast, 1.0)
-        assert (fast(x) - ref).abs().max() <= 1e-5
-        evoplug.set_options(fast, identity_fast_path=False)
-        assert (fast(x) - ref).abs().max() <= 1e-5
-    fast.load_state_dict(model.state_dict(), strict=True)
+    # the first block of a new stage evolves too: the scores were pooled onto its grid
+    assert [s for s in blocks if s.analysis.name.endswith("blocks.0") and s.role == "evolve"]
+    _assert_evolves_then_reproduces(model, fast, x)
 
 
 def test_levit_batchnorm_in_train_mode_uses_the_tokens_that_ran():
@@ -136,18 +142,7 @@ def test_pvt_v2_spatial_reduction_and_depthwise_mlp(name):
     assert [s.analysis.kv_grid for s in blocks if s.analysis.grid != (7, 7)] and \
         all(s.analysis.kv_grid == (7, 7) for s in blocks if s.analysis.grid != (7, 7))
     assert all(s.analysis.grid_ops_expected for s in blocks)
-    with torch.no_grad():
-        ref = model(x)
-        out = fast(x)
-        assert out.shape == ref.shape and torch.isfinite(out).all()
-        for s in blocks:
-            if s.role == "evolve":
-                assert s.tokens_run == ev.num_keep(s.analysis.num_tokens, 0.5) + 1
-        evoplug.set_keep_ratio(fast, 1.0)
-        assert (fast(x) - ref).abs().max() <= 1e-5
-        evoplug.set_options(fast, identity_fast_path=False)
-        assert (fast(x) - ref).abs().max() <= 1e-5
-    fast.load_state_dict(model.state_dict(), strict=True)
+    _assert_evolves_then_reproduces(model, fast, x)
 
 
 def test_pvt_v2_features_only_and_backward():
