@@ -141,7 +141,8 @@ def default_example_input(model: nn.Module, batch: int = 1) -> Optional[torch.Te
         size = (getattr(model, "in_chans", 3), *hw)
     if size is None:
         return None
-    p = next(iter(model.parameters()), None)
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
     device = p.device if p is not None else "cpu"
+    dtype = p.dtype if p is not None else torch.float32
     gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *size), generator=gen).to(device)
+    return torch.randn((batch, *size), generator=gen).to(device=device, dtype=dtype)

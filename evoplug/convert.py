@@ -45,13 +45,19 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
     3. it runs on a subset of the tokens plus a representative token.
     """
     m = a.module
+    args, kwargs = a.call.args, a.call.kwargs
+    p = next((q for q in m.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype not in (torch.float32, torch.float64):
+        # half-precision models: probe a float32 copy, so the tolerance means the same thing
+        m = copy.deepcopy(m).float()
+        cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        args, kwargs = tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
     was = m.training
     m.eval()
     try:
         with torch.no_grad():
-            bound = a.plan.signature.bind(*a.call.args, **a.call.kwargs)
-            ref = a.orig_forward(m, *a.call.args, **a.call.kwargs)
-            x, extras = a.plan.bind(a.name, a.call.args, a.call.kwargs)
+            ref = a.orig_forward(m, *args, **kwargs)
+            x, extras = a.plan.bind(a.name, args, kwargs)
             out, row = program(m, *a.plan.feed(x, extras), None, None)
             scale = max(1.0, float(ref.abs().max()))
             err = float((out - ref).abs().max())

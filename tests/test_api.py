@@ -194,3 +194,19 @@ def test_stage_selection_reuses_the_selection():
     ev = [s for s in sels if s is not None]
     assert len(ev) == 8
     assert torch.equal(ev[0], ev[3]) and torch.equal(ev[4], ev[7])
+
+
+def test_bfloat16_model_converts_and_keeps_its_dtype():
+    """A half-precision model: the default example input takes the model's dtype and the probe
+    runs on a float32 copy, so bf16 rounding is not mistaken for a broken block."""
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64)
+    model = model.to(torch.bfloat16).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    assert len(evoplug.get_report(fast).blocks) == 12 and not evoplug.get_report(fast).failed
+    x = torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out = fast(x)
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+        assert [t[1] for t in evoplug.tokens_per_block(fast)[4:]] == [1 + 8 + 1] * 8
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert torch.equal(fast(x), model(x))
