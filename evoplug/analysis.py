@@ -53,12 +53,58 @@ class BlockTracer(fx.Tracer):
     the permutation probe (convert.py) checks they are token-wise.
     """
 
-    def __init__(self, attention_modules: Set[int], into_notrace: bool = False):
+    def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
+                 example: Optional[Dict[str, Any]] = None):
         notrace_modules, notrace_functions = _timm_notrace()
         super().__init__(autowrap_functions=notrace_functions)
         self._attention_modules = attention_modules
         self._notrace_modules = notrace_modules
         self._into_notrace = into_notrace
+        self._example = example          # the block's calibration arguments, by name
+        self.specialised: List[str] = []
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
+        sizes): specialise on the calibration input, by evaluating the traced value there. The
+        behavioural probe (convert.py) then checks the program on the full input, permuted
+        tokens and a token subset, so a branch that depends on the token count is caught."""
+        if self._example is None:
+            return super().to_bool(obj)
+        value = self._evaluate(obj.node)
+        self.specialised.append(f"{obj.node.name} -> {bool(value)}")
+        return bool(value)
+
+    def _evaluate(self, node: fx.Node):
+        needed = ancestors(node) | {node}
+        env: Dict[fx.Node, Any] = {}
+        root = self.root
+        was = root.training
+        root.eval()    # no statistics updates while evaluating (BatchNorm in train mode)
+        try:
+            # run the real modules and functions: fx's patches (Module.__call__, wrapped
+            # functions) are lifted while evaluating, as fx itself does for such calls
+            from torch.fx._symbolic_trace import _maybe_revert_all_patches
+            with torch.no_grad(), _maybe_revert_all_patches():
+                for n in self.graph.nodes:
+                    if n not in needed:
+                        continue
+                    args = fx.node.map_arg(n.args, lambda v: env[v])
+                    kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
+                    if n.op == "placeholder":
+                        if n.target not in self._example:
+                            raise fx.proxy.TraceError(f"no example value for `{n.target}`")
+                        env[n] = self._example[n.target]
+                    elif n.op == "get_attr":
+                        env[n] = _getattr_path(root, n.target)
+                    elif n.op == "call_function":
+                        env[n] = n.target(*args, **kwargs)
+                    elif n.op == "call_method":
+                        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                    elif n.op == "call_module":
+                        env[n] = root.get_submodule(n.target)(*args, **kwargs)
+        finally:
+            root.train(was)
+        return env[node]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
@@ -138,8 +184,14 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
 
 
 def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int],
-                training: bool) -> fx.GraphModule:
-    """Trace ``module`` in the given train/eval mode (traces bake ``self.training``)."""
+                training: bool, call: Optional[ModuleCall] = None) -> fx.GraphModule:
+    """Trace ``module`` in the given train/eval mode (traces bake ``self.training``). With the
+    calibration ``call``, Python branches on traced values are specialised on it."""
+    example = None
+    if call is not None:
+        bound = plan.signature.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        example = dict(bound.arguments)
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
@@ -147,11 +199,11 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
         # often trace once the block's constant arguments are known; else they stay leaves
         try:
-            tracer = BlockTracer(attention_modules, into_notrace=True)
+            tracer = BlockTracer(attention_modules, into_notrace=True, example=example)
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
         except Exception:
             _restore_mutable_state(saved)
-            tracer = BlockTracer(attention_modules)
+            tracer = BlockTracer(attention_modules, example=example)
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
         _drop_constant_asserts(graph)
         _tensor_only_signature(graph, plan, name)
@@ -431,6 +483,8 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                         branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph)))
                         nxt = u
                         break
+        if nxt is None and len(users) == 1 and _is_reshape(users[0]) and users[0].args[0] is stream:
+            nxt = users[0]     # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C))
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
@@ -475,6 +529,9 @@ class BlockAnalysis:
     kv_grid: Optional[Tuple[int, int]] = None  # keys from the full map reduced to this grid (PVT)
     grid_ops_expected: bool = False            # the block turns tokens into a 2-D map (PVT)
     windowed: bool = False                     # attention inside the 2-D map part (windows)
+    token_map: bool = False                    # block takes/returns a (B, H, W, C) map (Swin)
+    window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
+    row_full: bool = False                     # the global row covers every patch token
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -483,14 +540,19 @@ class BlockAnalysis:
     notes: List[str] = dataclasses.field(default_factory=list)
 
 
-def _token_block_reason(call: ModuleCall, batch: Optional[int] = None) -> Optional[str]:
-    """None if the call looks like a token block: (B, N, C) in, same shape out."""
+def _token_block_reason(call: ModuleCall, batch: Optional[int] = None,
+                        channels_last: bool = False) -> Optional[str]:
+    """None if the call looks like a token block: (B, N, C) in, same shape out; or a
+    channels-last token map (B, H, W, C) in, same shape out (Swin), when ``channels_last``."""
     tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
     tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
     if not tensors:
         return "called without a tensor"
     x = tensors[0]
-    if x.dim() != 3:
+    if x.dim() == 4 and not channels_last:
+        return (f"input of shape {tuple(x.shape)} is a 4-D map that is not a channels-last token "
+                "map (no norm or linear over its last dim)")
+    if x.dim() not in (3, 4):
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
     if batch is not None and x.shape[0] != batch:
         return (f"its tokens are regrouped (batch {x.shape[0]} for {batch} image(s)): windowed "
@@ -502,6 +564,27 @@ def _token_block_reason(call: ModuleCall, batch: Optional[int] = None) -> Option
         return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
                 "(not a self-attention token block, e.g. class attention or pooling)")
     return None
+
+
+def _channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
+    """A 4-D block input (B, H, W, C) is a channels-last token map when a norm or linear inside
+    the block runs over its last dim on a map of that shape (Swin's ``norm1``)."""
+    x = next((a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if x is None or x.dim() != 4:
+        return False
+    for sub in m.modules():
+        c = calls.get(id(sub))
+        if c is None or sub is m:
+            continue
+        inp = next((a for a in c.args if isinstance(a, torch.Tensor)), None)
+        if inp is None or tuple(inp.shape) != tuple(x.shape):
+            continue
+        if isinstance(sub, nn.Linear) and sub.in_features == x.shape[-1]:
+            return True
+        shape = getattr(sub, "normalized_shape", None)
+        if shape is not None and tuple(shape) == (x.shape[-1],):
+            return True
+    return False
 
 
 def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
@@ -529,7 +612,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
         if c.attention_ops == 0:
             return
         if c.n_calls == 1 and c.attention_ops == 1:
-            reason = _token_block_reason(c, batch)
+            reason = _token_block_reason(c, batch, _channels_last(m, c, calls))
             if reason is None:
                 candidates.append((name, m, c))
                 return
@@ -594,11 +677,16 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
     plan = make_call_plan(module, name, call)
     traced = modules_to_trace(calls)
-    gm = trace_block(module, name, plan, traced, training=False)
+    gm = trace_block(module, name, plan, traced, training=False, call=call)
     token = next(n for n in gm.graph.nodes if n.op == "placeholder")
     x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else \
         plan.signature.bind(*call.args, **call.kwargs).arguments[plan.token_arg]
-    B, N, C = x.shape
+    token_map = x.dim() == 4          # channels-last (B, H, W, C) token map (Swin)
+    if token_map:
+        B, H, W, C = x.shape
+        N = H * W
+    else:
+        B, N, C = x.shape
     # shapes of every node on the calibration input
     from torch.fx.passes.shape_prop import ShapeProp
     bound = plan.signature.bind(*call.args, **call.kwargs)
@@ -622,13 +710,18 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                                       "(timm's notrace registry)") from None
         raise e
     a = BlockAnalysis(name, module, call, plan, traced, N, C)
-    if num_prefix_override is not None:
-        a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+    if token_map:
+        # a map has no room for prefix tokens: every position is a patch
+        a.token_map, a.grid = True, (int(H), int(W))
+        a.num_prefix, a.prefix_source = 0, f"none: the block takes a {H}x{W} channels-last map"
     else:
-        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
-    if a.num_prefix >= N:
-        raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
-    a.grid = patch_grid(call, calls, N - a.num_prefix)
+        if num_prefix_override is not None:
+            a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+        else:
+            a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
+        if a.num_prefix >= N:
+            raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
+        a.grid = patch_grid(call, calls, N - a.num_prefix)
     grid_ops = find_grid_ops(gm, a)
     a.grid_ops_expected = bool(grid_ops)
     for kind, node, _ in grid_ops:
@@ -643,9 +736,21 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     anc_q = ancestors(site.q) | {site.q} if isinstance(site.q, fx.Node) else set()
     a.windowed = any(kind == "to" and node in anc_q for kind, node, _ in grid_ops) and any(
         kind == "from" and site.node in ancestors(node) for kind, node, _ in grid_ops)
+    site_shape = _shape(site.node)
+    if site.kind != "mha" and site_shape is not None and site_shape[0] != B:
+        # the attention runs on regrouped tokens: windows (B * windows, window tokens, ...)
+        a.windowed = True
+    if a.token_map and not a.windowed and not any(
+            kind == "from" and node in anc_q for kind, node, _ in grid_ops):
+        raise AnalysisError(name, "attention on the 4-D map that is neither windowed nor on a "
+                                  "token view of it")
     if a.windowed:
-        a.attention = (f"{site.kind} attention at `{site.node.name}` on the 2-D map (windowed): run on "
-                       "the full map, no global row")
+        a.window_index = window_token_index(gm, site, a, feed, B)
+        a.row_full = a.window_index is not None
+        a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of the 2-D map: run on "
+                       "the full map; " + ("global row = each window's mean-query attention, mapped "
+                                           "back to the tokens" if a.row_full else
+                                           "no global row (windows could not be mapped to tokens)"))
     elif site.kind in ("softmax",):
         s = _shape(site.node)
         if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
@@ -681,7 +786,8 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     a.q = getattr(site.q, "name", str(site.q))
     a.k = getattr(site.k, "name", str(site.k))
     for b in site.biases:
-        a.position_terms.append(f"bias `{b.name}` {_shape(b)} -> gathered for the kept tokens")
+        a.position_terms.append(f"bias `{b.name}` {_shape(b)} -> " + (
+            "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))
     for t in site.arg_terms:
         a.position_terms.append(f"argument `{t}` on the attention logits -> gathered")
     for tname in plan.tensor_args:
@@ -690,10 +796,94 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
     if a.kv_grid is not None and not a.windowed:
         a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
+        a.row_full = True
     a.branches, notes = residual_branches(gm, token, site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
     return a, gm
+
+
+def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysis", feed,
+                       batch: int) -> Optional[torch.Tensor]:
+    """Which token each window slot of a windowed attention holds, found by running the graph
+    from the block's input to the keys on token *indices* instead of features.
+
+    The input carries ``b * (N + 1) + n + 1`` in every channel of token n of image b; data
+    movement (roll, pad, window partition, views) moves these values with the tokens, and the
+    token-wise leaf modules on the way (norm, the qkv linear) are replaced by copying the index
+    into their output channels. At the keys every channel of a slot must hold one integer: the
+    token there (0 = padding). Checked: windows are batch-major and every token sits in exactly
+    one window slot. Returns the (windows * window tokens,) index of image 0, or None when the
+    path does arithmetic on the values or the windows overlap (the block then gives no row).
+    """
+    k = site.k
+    if not isinstance(k, fx.Node) or site.kind not in ("softmax", "sdpa"):
+        return None
+    s_node, s_k = _shape(site.node), _shape(k)
+    if s_node is None or s_k is None:
+        return None
+    nk = s_node[-1] if site.kind == "softmax" else s_k[-2]
+    N = a.num_tokens
+    stride = N + 1
+    x = feed[0]
+    shape = (2,) + tuple(x.shape[1:])
+    ids = torch.arange(N, dtype=torch.float64, device=x.device) + 1
+    ids = torch.stack([ids, ids + stride]).reshape(shape[:-1] + (1,)).expand(shape)
+    needed = ancestors(k) | {k}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(p in needed for p in placeholders[1:]):
+        return None
+    env = {placeholders[0]: ids}
+    try:
+        with torch.no_grad():
+            for n in gm.graph.nodes:
+                if n not in needed or n.op == "placeholder":
+                    continue
+                args = fx.node.map_arg(n.args, lambda v: env[v])
+                kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
+                if n.op == "get_attr":
+                    env[n] = _getattr_path(gm, n.target)
+                elif n.op == "call_function":
+                    env[n] = n.target(*args, **kwargs)
+                elif n.op == "call_method":
+                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+                elif n.op == "call_module":
+                    si, so = _shape(n.args[0]) if n.args else None, _shape(n)
+                    if si is None or so is None or si[:-1] != so[:-1]:
+                        return None   # not token-wise over the last dim
+                    inp = args[0]
+                    env[n] = inp[..., :1].expand(*inp.shape[:-1], so[-1])
+        kv = env[k]
+        if site.kind == "softmax" and kv.shape[-1] == nk:
+            kd = kv.dim() - 1
+        elif kv.shape[-2] == nk:
+            kd = kv.dim() - 2
+        else:
+            return None
+        v = kv.movedim(kd, -1).reshape(kv.shape[0], -1, nk)
+        if not bool((v == v[:, :1]).all()):
+            return None
+        w = v[:, 0]
+        if w.shape[0] % 2 or not bool((w == w.round()).all()):
+            return None
+        nw = w.shape[0] // 2
+        first, second = w[:nw], w[nw:]
+        pad = first == 0
+        if not bool(((first >= 0) & (first <= N)).all()) or \
+                not bool(((second == first + stride) | (pad & (second == 0))).all()):
+            return None
+        idx = first.reshape(-1).long()
+        if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
+            return None
+        return idx
+    except Exception:
+        return None
+
+
+def _getattr_path(obj, path: str):
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
 
 
 _RESHAPES = ("reshape", "view", "flatten")

@@ -65,6 +65,16 @@ class EvoBlockMixin:
             return spec.orig_class.forward(self, *args, **kwargs)
         a = spec.analysis
         x, extras = a.plan.bind(a.name, args, kwargs)
+        if a.token_map:   # (B, H, W, C) map: evolve its H * W tokens, give the map back
+            shape = x.shape
+            out = self._evo_tokens(x.flatten(1, 2), extras)
+            return out.reshape(shape)
+        return self._evo_tokens(x, extras)
+
+    def _evo_tokens(self, x: torch.Tensor, extras):
+        spec = self._evoplug_spec
+        opt = spec.options
+        a = spec.analysis
         program = spec.programs[self.training]
         ctx = spec.context
         if spec.index == 0:
@@ -103,7 +113,7 @@ class EvoBlockMixin:
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
         out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos, x)
         if row is not None:
-            row_sel = row.gather(1, sel) if a.kv_grid is not None else row[:, :k]
+            row_sel = row.gather(1, sel) if a.row_full else row[:, :k]
             ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
         ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]

@@ -58,6 +58,8 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
         with torch.no_grad():
             ref = a.orig_forward(m, *args, **kwargs)
             x, extras = a.plan.bind(a.name, args, kwargs)
+            if a.token_map:   # (B, H, W, C) maps: compare as tokens
+                ref, x = ref.flatten(1, 2), x.flatten(1, 2)
             out, row = program(m, *a.plan.feed(x, extras), None, None)
             scale = max(1.0, float(ref.abs().max()))
             err = float((out - ref).abs().max())
@@ -223,6 +225,8 @@ def revert(model: nn.Module) -> nn.Module:
         m = spec.analysis.module
         m.__class__ = spec.orig_class
         del m._evoplug_spec
+        if "_evo_window_index" in m._buffers:
+            del m._buffers["_evo_window_index"]
     del model._evoplug_report
     return model
 

@@ -188,6 +188,42 @@ def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     return t.gather(1, idx).movedim(1, dim)
 
 
+def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) -> Tensor:
+    """Entry of a block that takes a channels-last map (B, H, W, C) (Swin): the exact full map
+    (the block's whole input, ``full``) in evolving runs; the tokens themselves in dense runs."""
+    src = t if full is None else full
+    return src.reshape(src.shape[0], height, width, src.shape[-1])
+
+
+def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub: Tensor,
+                    full: Optional[Tensor]) -> Tensor:
+    """The residual stream of a map block, computed on the full map, read back at the subset's
+    positions. Each subset token keeps its own stream value: ``+ (sub - full[pos])`` is zero for
+    the selected tokens and turns the representative token's slot (read at ``rep_pos``) into
+    ``representative + that position's attention residual``."""
+    out = from_canvas_map(t, pos, dim, layout)
+    if pos is None or full is None:
+        return out
+    return out + (sub - from_canvas(full, pos, 1))
+
+
+def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
+    """Per-window attention rows (B * windows, window tokens) -> one global row (B, N).
+
+    ``index`` (windows * window tokens,) holds the token each window slot holds, plus one (0 =
+    padding, dropped). Each window's row sums to 1, so the result is renormalised to sum to 1
+    like a global attention row."""
+    n = index.numel()
+    if row.numel() % n:
+        raise ValueError(f"windowed attention rows {tuple(row.shape)} do not match the {n} window "
+                         "slots seen when the block was converted; convert with an example input "
+                         "of this size")
+    B = row.numel() // n
+    r = row.reshape(B, n).float()
+    out = r.new_zeros(B, num_tokens + 1).scatter_add(1, index.expand(B, n), r)[:, 1:]
+    return out / out.sum(1, keepdim=True).clamp_min(1e-12)
+
+
 def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
     """Attention row over spatially reduced keys (B, h'*w') -> per patch token (B, h*w):
     each token gets the (bilinearly interpolated) attention of the region it lies in."""

@@ -32,7 +32,7 @@ from .errors import AnalysisError
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -> Callable:
     """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``)."""
     if gm is None:
-        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training)
+        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training, a.call)
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm)
     graph = gm.graph
@@ -43,9 +43,17 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
         pos = graph.placeholder("_evo_pos", default_value=None)
     with graph.inserting_after(pos):
         full = graph.placeholder("_evo_full", default_value=None)
+    root, root_full = token, full
+    if a.token_map:
+        # the block takes a (B, H, W, C) map: its map part runs on the exact full map (the
+        # block's whole input), the token part on the subset (see the 'from' reads below)
+        with graph.inserting_after(full):
+            entry = graph.call_function(ev.tokens_to_map, (token, full, a.grid[0], a.grid[1]))
+        token.replace_all_uses_with(entry, delete_user_cb=lambda u: u is not entry)
+        root = root_full = entry
 
-    # 1. position terms follow the selected tokens
-    for bias in site.biases:
+    # 1. position terms follow the selected tokens (windows run on the full map: kept as is)
+    for bias in ([] if a.windowed else site.biases):
         consumers = [u for u in list(bias.users)]
         with graph.inserting_after(bias):
             gathered = graph.call_function(ev.gather_pair_bias, (bias, pos))
@@ -57,10 +65,14 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     if bool(grid_ops) != a.grid_ops_expected:
         raise AnalysisError(a.name, "the train-mode and eval-mode traces differ in their 2-D map operations")
     M = a.grid[0] * a.grid[1] if a.grid else None
+    stream = set()
+    if a.token_map:
+        grid_ops = _map_block_output(a, graph, grid_ops)
+        stream = _residual_stream(graph, root)
     for kind, node, dim in grid_ops:
         if kind == "to":
             src = node.args[0]
-            src_full = _clone_token_wise_chain(graph, src, token, full)
+            src_full = _clone_token_wise_chain(graph, src, root, root_full)
             with graph.inserting_before(node):
                 if src_full is not None:   # exact: the same token-wise ops on the full input
                     canvas = graph.call_function(ev.full_canvas, (src, src_full, pos))
@@ -70,7 +82,11 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
         else:
             tok_dim, layout = dim
             with graph.inserting_after(node):
-                back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
+                if node.args[0] in stream:   # the map block's residual stream becomes tokens
+                    back = graph.call_function(ev.from_stream_map, (node.args[0], pos, tok_dim, layout,
+                                                                    token, full))
+                else:
+                    back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
             node.replace_all_uses_with(back)
             graph.erase_node(node)
 
@@ -79,7 +95,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     cls_query = a.global_query == "cls"
     with graph.inserting_after(site.node):
         if a.windowed:
-            row = None              # windowed attention: no global row; scores carried on
+            row = _window_row(a, gm, site)
         elif site.kind == "softmax":
             if cls_query:
                 row = graph.call_function(ev.probs_query_row, (site.node, P))
@@ -109,6 +125,53 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
     return type(gm).forward
+
+
+def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
+    """Windowed attention: the mean query's attention in every window (the no-cls global
+    query, per window), mapped back to the tokens with the window index found by the analysis;
+    None when the windows could not be mapped."""
+    if a.window_index is None or site.kind not in ("softmax", "sdpa"):
+        return None
+    graph = gm.graph
+    if not hasattr(a.module, "_evo_window_index"):   # read by the program with the block as self
+        a.module.register_buffer("_evo_window_index", a.window_index, persistent=False)
+    gm.register_buffer("_evo_window_index", a.window_index, persistent=False)
+    with graph.inserting_after(site.node):
+        if site.kind == "softmax":
+            per_window = graph.call_function(ev.logits_query_row, (site.logits, 0))
+        else:
+            mask = site.node.kwargs.get("attn_mask", site.node.args[3] if len(site.node.args) > 3 else None)
+            per_window = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, 0, False))
+    with graph.inserting_after(per_window):
+        index = graph.get_attr("_evo_window_index")
+    with graph.inserting_after(index):
+        return graph.call_function(ev.window_row, (per_window, index, a.num_tokens))
+
+
+def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
+    """A map block's program returns tokens: its final tokens -> (B, H, W, C) view is dropped
+    (the converted block puts the restored tokens back into the map)."""
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    res = out_node.args[0]
+    last = next((g for g in grid_ops if g[0] == "to" and g[1] is res), None)
+    if last is None:
+        raise AnalysisError(a.name, "its output map is not a view of tokens computed on the "
+                                    "subset (the MLP runs on the 4-D map): nothing would run on "
+                                    "fewer tokens")
+    out_node.args = (res.args[0],)
+    graph.erase_node(res)
+    return [g for g in grid_ops if g is not last]
+
+
+def _residual_stream(graph: fx.Graph, root: fx.Node):
+    """The map block's residual stream: its input and the adds that carry it."""
+    from .analysis import is_add
+    stream = {root}
+    for n in graph.nodes:
+        if is_add(n) and any(isinstance(v, fx.Node) and v in stream for v in n.args[:2]):
+            stream.add(n)
+    return stream
 
 
 _TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as"}

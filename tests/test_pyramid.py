@@ -1,6 +1,7 @@
 """Pyramid models: LeViT stages (no cls token, attention biases, BatchNorm in the blocks),
 scores carried across stages, dense feature maps kept; PVTv2 (spatial-reduction attention,
-depthwise-conv MLP); windowed attention (Swin, Twins' local blocks) refused by name."""
+depthwise-conv MLP); windowed attention (Swin's (B, H, W, C) map blocks, Twins' local blocks);
+MMPretrain's Swin refused by name."""
 import pytest
 import timm
 import torch
@@ -125,14 +126,71 @@ def test_carry_scores_pools_onto_the_new_grid():
     assert ev.carry_scores(g, None, (2, 2)) is None
 
 
-@pytest.mark.parametrize("name,size,why", [
-    ("swin_tiny_patch4_window7_224", 224, "no residual attention branch"),
-])
-def test_unsupported_pyramids_are_refused_by_name(name, size, why):
-    model = timm.create_model(name, pretrained=False)
+def test_swin_windowed_map_blocks_evolve():
+    """Swin: blocks take (B, H, W, C) maps with (shifted) windows. The windows run on the
+    exact full map; the MLP on the kept tokens; the global row is each window's mean-query
+    attention mapped back to its tokens. The last stage (one 7x7 window = global attention)
+    runs its attention on the kept tokens too."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    blocks = evoplug.get_report(fast).blocks
+    assert len(blocks) == sum(len(layer.blocks) for layer in model.layers)
+    assert all(s.analysis.token_map and s.analysis.num_prefix == 0 for s in blocks)
+    windowed = [s for s in blocks if s.analysis.windowed]
+    assert {s.analysis.grid for s in windowed} == {(56, 56), (28, 28), (14, 14)}
+    # every window slot was traced back to its token: one global row per image
+    assert all(s.analysis.row_full and s.analysis.window_index.numel() >= s.analysis.num_tokens
+               for s in windowed)
+    assert [s for s in blocks if s.role == "evolve" and s.analysis.windowed]
+    _assert_evolves_then_reproduces(model, fast, x)
+    assert "_evo_window_index" not in fast.state_dict().__str__()
+
+
+def test_swin_window_rows_rank_tokens_and_train():
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                              drop_path_rate=0.1)
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    ctx = evoplug.get_report(fast).blocks[0].context
+    fast.eval()
+    with torch.no_grad():
+        fast(x)
+    # the scores were carried down to the last grid and rank its tokens (not a constant)
+    assert ctx.scores.shape == (2, 49) and bool((ctx.scores >= 0).all())
+    assert float(ctx.scores.std()) > 0
+    fast.train()
+    fast(x).pow(2).mean().backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_swin_features_only_keeps_every_map():
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
+                              features_only=True).eval()
+    x = torch.randn(2, 3, 224, 224)
+    _assert_feature_maps_kept(model, evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]), x)
+
+
+def test_window_row_maps_window_slots_to_tokens():
+    # 2x2 map, two windows of 2 slots plus one padded slot each: slots hold tokens 1,3 | 0,2
+    index = torch.tensor([2, 4, 0, 1, 3, 0])          # token + 1, 0 = padding
+    row = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).repeat(2, 1)   # batch 2
+    g = ev.window_row(row, index, 4)
+    expect = torch.tensor([0.1, 0.5, 0.6, 0.3])
+    assert torch.allclose(g, (expect / expect.sum()).expand(2, 4))
+    with pytest.raises(ValueError, match="example input of this size"):
+        ev.window_row(torch.ones(2, 5), index, 4)
+
+
+def test_mmpretrain_swin_is_refused_by_name():
+    """MMPretrain's Swin computes its window shapes with int() on traced sizes: fx cannot
+    trace its blocks, and evoplug says so for each block."""
+    from mmpretrain.models.backbones import SwinTransformer
+    model = SwinTransformer(arch="tiny", img_size=224)
+    model.eval()
     with pytest.raises(evoplug.ConversionError) as e:
-        evoplug.convert(model, example_input=torch.randn(1, 3, size, size))
-    assert why in str(e.value)
+        evoplug.convert(model, example_input=torch.randn(1, 3, 224, 224))
+    assert "stages.0.blocks.0" in str(e.value) and "could not trace" in str(e.value)
     assert e.value.failures and all(n and r for n, r in e.value.failures)
 
 
@@ -182,3 +240,26 @@ def test_twins_windowed_and_global_blocks_evolve():
         assert ran and all(s.tokens_run == ev.num_keep(s.analysis.num_tokens, 0.5) + 1 for s in ran)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         assert (fast(x) - ref).abs().max() <= 1e-5
+
+
+def test_swin_window_index_matches_timm_window_partition():
+    """The window index found by running the graph on token indices equals timm's own cyclic
+    shift + window partition of the token map."""
+    from timm.models.swin_transformer import window_partition
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    checked = 0
+    for s in evoplug.get_report(fast).blocks:
+        a = s.analysis
+        if not a.windowed:
+            continue
+        blk = a.module
+        H, W = a.grid
+        ids = (torch.arange(H * W) + 1).reshape(1, H, W, 1)
+        shift = tuple(blk.shift_size)
+        if any(shift):
+            ids = torch.roll(ids, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        expect = window_partition(ids, tuple(blk.window_size)).reshape(-1)
+        assert torch.equal(a.window_index, expect), a.name
+        checked += any(shift)
+    assert checked   # shifted windows were among them
