@@ -62,6 +62,9 @@ class BlockTracer(fx.Tracer):
         self._into_notrace = into_notrace
         self._example = example          # the block's calibration arguments, by name
         self.specialised: List[str] = []
+        # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
+        # program then reads the block's live buffers, which follow .to(device, dtype)
+        self.proxy_buffer_attributes = True
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
@@ -206,6 +209,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             tracer = BlockTracer(attention_modules, example=example)
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
         _drop_constant_asserts(graph)
+        _constants_to_buffers(module)
         _tensor_only_signature(graph, plan, name)
         # assembled before the mode is restored: some modules' train() drops cached tensors the
         # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
@@ -218,6 +222,16 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         _restore_mutable_state(saved)
         module.train(was)
     return gm
+
+
+def _constants_to_buffers(module: nn.Module):
+    """Tensors that tracing baked into the graph are stored by fx as plain attributes of the
+    root (the block): make them non-persistent buffers, so ``.to()``/``.half()`` move them with
+    the block while the state_dict stays the same."""
+    for k in [k for k, v in vars(module).items()
+              if k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)]:
+        t = module.__dict__.pop(k)
+        module.register_buffer(k, t, persistent=False)
 
 
 def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):

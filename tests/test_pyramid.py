@@ -263,3 +263,15 @@ def test_swin_window_index_matches_timm_window_partition():
         assert torch.equal(a.window_index, expect), a.name
         checked += any(shift)
     assert checked   # shifted windows were among them
+
+
+def test_converted_swin_follows_to_dtype():
+    """Masks, index tables and tensors baked by tracing are buffers of the block: .to() moves
+    them with it (a bfloat16 Swin runs; its state_dict keys are unchanged)."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112,
+                              window_size=7).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        out = fast(torch.randn(2, 3, 112, 112, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+    assert fast.state_dict().keys() == model.state_dict().keys()
