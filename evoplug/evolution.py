@@ -38,8 +38,9 @@ def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
     The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
     mean query (bias terms included). Used when there is no cls token.
     """
-    logits = logits.detach().float()[..., num_prefix:, :]
-    return _heads_mean(logits.mean(-2).softmax(-1), logits.shape[0], num_prefix)
+    # mean over the queries accumulated in float32, without a float32 copy of the whole map
+    mean = logits.detach()[..., num_prefix:, :].mean(-2, dtype=torch.float32)
+    return _heads_mean(mean.softmax(-1), logits.shape[0], num_prefix)
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
@@ -49,12 +50,14 @@ def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Opt
     q, k: (..., N, d). The query is the cls token (index 0) if ``cls_query``, else the mean
     query of the patch tokens. One query row per head: O(N d) extra work.
     """
-    q = q.detach().float()
-    k = k.detach().float()
+    q = q.detach()
+    k = k.detach()
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    qq = q[..., :1, :] if cls_query else q[..., num_prefix:, :].mean(-2, keepdim=True)
-    logits = torch.matmul(qq, k.transpose(-2, -1)) * scale
+    # one query row, in the keys' dtype (no float32 copy of q or k: on a GPU in half precision
+    # those copies cost more memory traffic than the rest of the row); logits in float32
+    qq = q[..., :1, :] if cls_query else q[..., num_prefix:, :].mean(-2, keepdim=True, dtype=torch.float32)
+    logits = torch.matmul(qq.to(k.dtype), k.transpose(-2, -1)).float() * scale
     if attn_mask is not None:
         m = attn_mask.detach()
         if m.dtype == torch.bool:
@@ -293,11 +296,13 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     P = num_prefix
     C = x.shape[-1]
     k = sel.shape[1]
-    patches = x[:, P:]
-    if rep is not None:
-        patches = patches + (out_sub[:, -1] - rep).unsqueeze(1)
-    patches = patches.scatter(1, sel.unsqueeze(-1).expand(-1, -1, C), out_sub[:, P:P + k])
-    return torch.cat([out_sub[:, :P], patches], 1)
+    # one pass over the tokens: a new tensor (the fast update, or a copy), then in-place writes
+    # of the prefix and the selected tokens into it (autograd-safe: nothing saved it)
+    out = x + (out_sub[:, -1] - rep).unsqueeze(1) if rep is not None else x.clone()
+    if P:
+        out[:, :P] = out_sub[:, :P]
+    out.scatter_(1, (sel + P).unsqueeze(-1).expand(-1, -1, C), out_sub[:, P:P + k])
+    return out
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
