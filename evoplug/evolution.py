@@ -16,6 +16,36 @@ from torch import Tensor
 
 
 # --------------------------------------------------------------------------------------------
+# Row gathers and writes along the token dim. A contiguous (B, N, ...) tensor is seen as B * N
+# rows: index_select / index_copy_ move whole rows (memcpy-like), much faster than gather /
+# scatter with an index expanded over the channels; other layouts fall back to gather/scatter.
+# --------------------------------------------------------------------------------------------
+
+def _flat_rows(pos: Tensor, num_rows: int) -> Tensor:
+    """(B, n) token indices -> (B * n,) row indices into a (B * num_rows, ...) view."""
+    offset = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1) * num_rows
+    return (pos + offset).reshape(-1)
+
+
+def take_rows(t: Tensor, pos: Tensor) -> Tensor:
+    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]]."""
+    B, N = t.shape[:2]
+    rest = t.shape[2:]
+    if t.is_contiguous():
+        return t.reshape(B * N, -1).index_select(0, _flat_rows(pos, N)).reshape(B, pos.shape[1], *rest)
+    idx = pos.reshape(B, -1, *([1] * len(rest))).expand(B, pos.shape[1], *rest)
+    return t.gather(1, idx)
+
+
+def put_rows_(dst: Tensor, pos: Tensor, src: Tensor) -> Tensor:
+    """In place: dst[b, pos[b, i]] = src[b, i]; dst (B, N, *rest) must be contiguous (a tensor
+    the caller just created)."""
+    B, N = dst.shape[:2]
+    dst.view(B * N, -1).index_copy_(0, _flat_rows(pos, N), src.reshape(B * pos.shape[1], -1).to(dst.dtype))
+    return dst
+
+
+# --------------------------------------------------------------------------------------------
 # Attention rows: the global query's attention over the patch keys, mean over heads.
 # They run inside the rewritten block graphs (see rewrite.py), hence plain functions.
 # --------------------------------------------------------------------------------------------
@@ -156,9 +186,8 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     t = t.movedim(dim, 1)
     B, n = t.shape[:2]
     rest = t.shape[2:]
-    canvas = t[:, -1:].expand(B, num_patches, *rest)
-    idx = pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest)
-    return canvas.scatter(1, idx, t).movedim(1, dim)
+    canvas = t[:, -1:].expand(B, num_patches, *rest).contiguous()
+    return put_rows_(canvas, pos, t).movedim(1, dim)
 
 
 def first_not_none(a, b):
@@ -184,11 +213,7 @@ def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     """Read a full map (tokens along ``dim``) back at the subset's positions."""
     if pos is None:
         return t
-    t = t.movedim(dim, 1)
-    B, n = pos.shape
-    rest = t.shape[2:]
-    idx = pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest)
-    return t.gather(1, idx).movedim(1, dim)
+    return take_rows(t.movedim(dim, 1), pos).movedim(1, dim)
 
 
 def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) -> Tensor:
@@ -275,7 +300,7 @@ def gather_subset(x: Tensor, num_prefix: int, sel: Tensor, rep_pos: Optional[Ten
     B, N, C = x.shape
     P = num_prefix
     patches = x[:, P:]
-    picked = patches.gather(1, sel.unsqueeze(-1).expand(-1, -1, C))
+    picked = take_rows(x, sel + P)
     prefix_pos = torch.arange(P, device=x.device).expand(B, P)
     parts, pos_parts = [x[:, :P], picked], [prefix_pos, sel + P]
     rep = None
@@ -299,10 +324,10 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     # one pass over the tokens: a new tensor (the fast update, or a copy), then in-place writes
     # of the prefix and the selected tokens into it (autograd-safe: nothing saved it)
     out = x + (out_sub[:, -1] - rep).unsqueeze(1) if rep is not None else x.clone()
+    out = out.contiguous()
     if P:
         out[:, :P] = out_sub[:, :P]
-    out.scatter_(1, (sel + P).unsqueeze(-1).expand(-1, -1, C), out_sub[:, P:P + k])
-    return out
+    return put_rows_(out, sel + P, out_sub[:, P:P + k])
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
