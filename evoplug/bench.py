@@ -237,7 +237,7 @@ def _raise_recompile_limit(n: int):
 def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                 batch_sizes: Sequence[int], *, size=None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, repeats: int = 7, warmup: int = 2,
-                compile: bool = False, convert_options: Optional[dict] = None,
+                compile=False, convert_options: Optional[dict] = None,
                 progress: Optional[Progress] = None, seed: int = 0) -> List[dict]:
     """Benchmark ``model`` (in eval mode) against evoplug-converted copies of it.
 
@@ -274,9 +274,10 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
         # one static graph per (model, batch size); every variant is the same forward code,
         # so dynamo's per-code recompile limit must allow all of them
         _raise_recompile_limit(2 * len(variants) * len(batch_sizes) + 8)
-        variants["orig_c"] = torch.compile(model, dynamic=False)
+        mode = compile if isinstance(compile, str) else None   # torch.compile's mode
+        variants["orig_c"] = torch.compile(model, dynamic=False, mode=mode)
         for k, m in fast.items():
-            variants[f"evo{k}_c"] = torch.compile(m, dynamic=False)
+            variants[f"evo{k}_c"] = torch.compile(m, dynamic=False, mode=mode)
         warmup = max(1, warmup)
 
     rows = []
@@ -315,7 +316,7 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
 def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1.0),
               batch_sizes: Sequence[int] = (32,), *, img_size: Optional[int] = None,
               device: str = "cpu", dtype="float32", repeats: int = 7, warmup: int = 2,
-              compile: bool = False, model_kwargs: Optional[dict] = None,
+              compile=False, model_kwargs: Optional[dict] = None,
               convert_options: Optional[dict] = None, progress: Optional[bool] = None,
               log: Optional[Callable[[str], None]] = None) -> List[dict]:
     """Benchmark timm models (random weights, no hub) by name; see :func:`bench_model`.

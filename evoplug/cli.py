@@ -111,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=_positive_int, default=7, help="timed rounds (median; default 7)")
     b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
-    b.add_argument("--compile", action="store_true",
-                   help="also time torch.compile of the original and of each converted model")
+    b.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune",
+                            "max-autotune-no-cudagraphs"],
+                   help="also time torch.compile of the original and of each converted model; "
+                        "MODE is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
     b.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     b.add_argument("--json", metavar="FILE", help="write machine, settings and rows as JSON")
     b.add_argument("--plot", metavar="PNG", help="plot speed-up and FLOP ratio against keep_ratio")
@@ -207,7 +210,7 @@ def cmd_bench(a, out) -> int:
     print(f"machine: {bench.machine(a.device)}", file=out)
     print(f"settings: {a.dtype}, eval, inference_mode, random weights; original and converted "
           f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s)"
-          f"{'; torch.compile (first call untimed)' if a.compile else ''}", file=out)
+          f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
     rows: List[dict] = []
     for name in a.models:     # the table grows model by model
         new = bench.run_bench([name], a.keep, a.batch, img_size=a.img_size, device=a.device,
