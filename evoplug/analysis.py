@@ -127,8 +127,11 @@ class CallPlan:
     tensor_args: List[str]
     constants: Dict[str, Any]
     signature: inspect.Signature
+    single: bool = False     # forward(x, <params whose defaults the analysis saw>): fast bind
 
     def bind(self, module_name: str, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        if self.single and len(args) == 1 and not kwargs:
+            return args[0], {}       # block(x): nothing else to bind or check
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as e:
@@ -183,7 +186,11 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
             constants[n] = v
     if token_arg is None:
         raise AnalysisError(name, "forward received no tensor")
-    return CallPlan(token_arg, tensor_args, constants, sig)
+    params = list(sig.parameters.values())
+    single = (not tensor_args and bool(params) and params[0].name == token_arg and all(
+        p.default is not p.empty and _same_constant(p.default, constants.get(p.name))
+        for p in params[1:]))
+    return CallPlan(token_arg, tensor_args, constants, sig, single)
 
 
 def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int],

@@ -109,7 +109,8 @@ class EvoBlockMixin:
         ctx.since_select += 1
         sel, rep_pos = ctx.sel, ctx.rep_pos
         weights = ev.representative_weights(ctx.scores, sel) if rep_pos is not None else None
-        sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights)
+        rows = ev.selection_rows(x, P, sel)
+        sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights, rows)
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
         out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos, x)
         if row is not None:
@@ -117,7 +118,7 @@ class EvoBlockMixin:
             ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
         ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]
-        return ev.restore(x, out_sub, P, sel, rep)
+        return ev.restore(x, out_sub, P, sel, rep, rows)
 
 
 def _gather_extra(a: BlockAnalysis, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int):

@@ -291,35 +291,52 @@ def representative_weights(scores: Tensor, sel: Tensor) -> Tensor:
     return w / w.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def selection_rows(x: Tensor, num_prefix: int, sel: Tensor) -> Optional[Tensor]:
+    """Row indices of the selected tokens in ``x`` seen as (B * N, C) rows (None when ``x`` is
+    not contiguous); computed once per block and shared by :func:`gather_subset` and
+    :func:`restore`."""
+    return _flat_rows(sel + num_prefix, x.shape[1]) if x.is_contiguous() else None
+
+
 def gather_subset(x: Tensor, num_prefix: int, sel: Tensor, rep_pos: Optional[Tensor],
-                  weights: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+                  weights: Optional[Tensor], rows: Optional[Tensor] = None
+                  ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Build the slow-path input [prefix, selected, representative].
 
     Returns (sub (B, P+k(+1), C), pos (B, P+k(+1)) original indices, rep (B, C) or None).
+    ``rows``: :func:`selection_rows` of ``x`` (computed here when not given).
     """
     B, N, C = x.shape
     P = num_prefix
-    patches = x[:, P:]
-    picked = take_rows(x, sel + P)
-    prefix_pos = torch.arange(P, device=x.device).expand(B, P)
-    parts, pos_parts = [x[:, :P], picked], [prefix_pos, sel + P]
+    k = sel.shape[1]
+    sel_pos = sel + P
+    if rows is None:
+        rows = selection_rows(x, P, sel)
+    if rows is not None:
+        picked = x.reshape(B * N, C).index_select(0, rows).view(B, k, C)
+    else:
+        picked = take_rows(x, sel_pos)
+    parts = [x[:, :P], picked] if P else [picked]
+    pos_parts = [torch.arange(P, device=x.device).expand(B, P), sel_pos] if P else [sel_pos]
     rep = None
     if rep_pos is not None:
-        rep = torch.einsum("bm,bmc->bc", weights.to(x.dtype), patches)
+        # attention-weighted mean of the patch tokens (weights are 0 on the selected ones)
+        rep = torch.bmm(weights.to(x.dtype).unsqueeze(1), x[:, P:]).squeeze(1)
         parts.append(rep.unsqueeze(1))
         pos_parts.append((rep_pos + P).unsqueeze(1))
     return torch.cat(parts, 1), torch.cat(pos_parts, 1), rep
 
 
 def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
-            rep: Optional[Tensor]) -> Tensor:
+            rep: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
     """Fast update of the non-selected tokens and scatter back to the original order.
 
     Non-selected tokens get the representative token's residual (out_rep - rep); the selected
-    ones take their slow-path outputs. Out of place (autograd-safe).
+    ones take their slow-path outputs. Out of place (autograd-safe). ``rows``: as for
+    :func:`gather_subset` (valid for any contiguous tensor of ``x``'s shape).
     """
     P = num_prefix
-    C = x.shape[-1]
+    B, N, C = x.shape
     k = sel.shape[1]
     # one pass over the tokens: a new tensor (the fast update, or a copy), then in-place writes
     # of the prefix and the selected tokens into it (autograd-safe: nothing saved it)
@@ -327,7 +344,10 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     out = out.contiguous()
     if P:
         out[:, :P] = out_sub[:, :P]
-    return put_rows_(out, sel + P, out_sub[:, P:P + k])
+    if rows is None:
+        return put_rows_(out, sel + P, out_sub[:, P:P + k])
+    out.view(B * N, C).index_copy_(0, rows, out_sub[:, P:P + k].reshape(B * k, C).to(out.dtype))
+    return out
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
