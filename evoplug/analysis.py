@@ -69,15 +69,33 @@ class BlockTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
         sizes): specialise on the calibration input, by evaluating the traced value there. The
-        behavioural probe (convert.py) then checks the program on the full input, permuted
-        tokens and a token subset, so a branch that depends on the token count is caught."""
+        same value is evaluated with about half of the tokens: a branch that depends on the
+        token count is refused (the program runs on fewer tokens than it was traced with)."""
         if self._example is None:
             return super().to_bool(obj)
-        value = self._evaluate(obj.node)
-        self.specialised.append(f"{obj.node.name} -> {bool(value)}")
-        return bool(value)
+        value = bool(self._evaluate(obj.node, self._example))
+        sub = self._subset_example()
+        if sub is not None:
+            try:
+                other = bool(self._evaluate(obj.node, sub))
+            except Exception:
+                other = value   # the path cannot run on a subset: programs feed it the full map
+            if other != value:
+                raise fx.proxy.TraceError(
+                    f"a Python branch (`{obj.node.name}`) depends on the number of tokens, so a "
+                    "program specialised on all tokens would be wrong on the kept ones")
+        self.specialised.append(f"{obj.node.name} -> {value}")
+        return value
 
-    def _evaluate(self, node: fx.Node):
+    def _subset_example(self) -> Optional[Dict[str, Any]]:
+        """The calibration arguments with the (B, N, C) tokens cut to about half."""
+        name, x = next(((k, v) for k, v in self._example.items() if isinstance(v, torch.Tensor)),
+                       (None, None))
+        if x is None or x.dim() != 3 or x.shape[1] < 3:
+            return None
+        return dict(self._example, **{name: x[:, : x.shape[1] // 2 + 1]})
+
+    def _evaluate(self, node: fx.Node, example: Dict[str, Any]):
         needed = ancestors(node) | {node}
         env: Dict[fx.Node, Any] = {}
         root = self.root
@@ -94,9 +112,9 @@ class BlockTracer(fx.Tracer):
                     args = fx.node.map_arg(n.args, lambda v: env[v])
                     kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
                     if n.op == "placeholder":
-                        if n.target not in self._example:
+                        if n.target not in example:
                             raise fx.proxy.TraceError(f"no example value for `{n.target}`")
-                        env[n] = self._example[n.target]
+                        env[n] = example[n.target]
                     elif n.op == "get_attr":
                         env[n] = _getattr_path(root, n.target)
                     elif n.op == "call_function":
@@ -504,8 +522,12 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                         branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph)))
                         nxt = u
                         break
-        if nxt is None and len(users) == 1 and _is_reshape(users[0]) and users[0].args[0] is stream:
-            nxt = users[0]     # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C))
+        flow = [u for u in users if not _is_size_query(u)]
+        if nxt is None and len(flow) == 1 and flow[0].args and flow[0].args[0] is stream and (
+                _is_reshape(flow[0]) or _is_scalar_or_layout_op(flow[0])):
+            # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C)), or passed through
+            # an op with a constant (x * 1.0, x.contiguous())
+            nxt = flow[0]
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
@@ -908,6 +930,25 @@ def _getattr_path(obj, path: str):
 
 
 _RESHAPES = ("reshape", "view", "flatten")
+_LAYOUT_METHODS = ("contiguous", "clone", "float", "to", "type_as")
+_SCALAR_FUNCS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul}
+
+
+def _is_size_query(n: fx.Node) -> bool:
+    """x.shape / x.size() / x.dim(): reads sizes, passes no values on."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in ("shape", "device", "dtype")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def _is_scalar_or_layout_op(n: fx.Node) -> bool:
+    if n.op == "call_method" and n.target in _LAYOUT_METHODS:
+        return True
+    others = [a for a in n.args[1:]] + list(n.kwargs.values())
+    scalar = all(not isinstance(a, fx.Node) for a in others)
+    if n.op == "call_function" and n.target in _SCALAR_FUNCS:
+        return scalar
+    return n.op == "call_method" and n.target in ("add", "mul", "sub", "div") and scalar
 
 
 def _is_reshape(n: fx.Node) -> bool:

@@ -210,3 +210,51 @@ def test_bfloat16_model_converts_and_keeps_its_dtype():
         assert [t[1] for t in evoplug.tokens_per_block(fast)[4:]] == [1 + 8 + 1] * 8
         evoplug.set_keep_ratio(fast, 1.0)
         assert torch.equal(fast(x), model(x))
+
+
+class _BranchyBlock(nn.Module):
+    """A pre-norm block with a Python branch on a traced size."""
+
+    def __init__(self, dim=32, on_tokens=False):
+        super().__init__()
+        self.on_tokens = on_tokens
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        B, N, C = x.shape
+        if self.on_tokens:
+            if N > 40:                      # depends on the token count
+                x = x * 1.0
+        elif C % 2 == 0:                    # depends on the channels only
+            x = x + 0.0
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
+        x = x + self.proj((q @ k.transpose(-2, -1) / C ** 0.5).softmax(-1) @ v)
+        return x + self.mlp(self.norm2(x))
+
+
+class _BranchyViT(nn.Module):
+    def __init__(self, on_tokens=False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 32))
+        self.blocks = nn.Sequential(*[_BranchyBlock(on_tokens=on_tokens) for _ in range(4)])
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        return self.blocks(x)[:, 0]
+
+
+def test_python_branch_on_sizes_is_specialised_unless_it_depends_on_the_token_count():
+    x = torch.randn(2, 3, 32, 32)
+    model = _BranchyViT().eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        fast(x)
+        assert evoplug.tokens_per_block(fast)[-1][1] == 1 + 32 + 1
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
+    with pytest.raises(evoplug.ConversionError, match="depends on the number of tokens"):
+        evoplug.convert(_BranchyViT(on_tokens=True).eval(), example_input=x[:1])

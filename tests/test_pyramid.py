@@ -185,8 +185,8 @@ def test_window_row_maps_window_slots_to_tokens():
 def test_mmpretrain_swin_is_refused_by_name():
     """MMPretrain's Swin computes its window shapes with int() on traced sizes: fx cannot
     trace its blocks, and evoplug says so for each block."""
-    from mmpretrain.models.backbones import SwinTransformer
-    model = SwinTransformer(arch="tiny", img_size=224)
+    backbones = pytest.importorskip("mmpretrain.models.backbones")
+    model = backbones.SwinTransformer(arch="tiny", img_size=224)
     model.eval()
     with pytest.raises(evoplug.ConversionError) as e:
         evoplug.convert(model, example_input=torch.randn(1, 3, 224, 224))
