@@ -232,6 +232,8 @@ def test_twins_windowed_and_global_blocks_evolve():
     assert len(report.blocks) == sum(len(b) for b in model.blocks)
     windowed = [s for s in report.blocks if s.analysis.windowed]
     assert windowed and all(type(s.analysis.module.attn).__name__ == "LocallyGroupedAttn" for s in windowed)
+    # the windows were traced back to their tokens: windowed blocks update the global scores too
+    assert all(s.analysis.row_full and s.analysis.window_index is not None for s in windowed)
     with torch.no_grad():
         ref = model(x)
         out = fast(x)
