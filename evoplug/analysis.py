@@ -574,6 +574,7 @@ class BlockAnalysis:
     windowed: bool = False                     # attention inside the 2-D map part (windows)
     token_map: bool = False                    # block takes/returns a (B, H, W, C) map (Swin)
     window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
+    window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     row_full: bool = False                     # the global row covers every patch token
     attention: str = ""              # human-readable attention description
     q: str = ""
@@ -897,27 +898,31 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
                     inp = args[0]
                     env[n] = inp[..., :1].expand(*inp.shape[:-1], so[-1])
         kv = env[k]
+        # keys as (leading dims..., channel, key) with the key dim last
         if site.kind == "softmax" and kv.shape[-1] == nk:
-            kd = kv.dim() - 1
+            lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
         elif kv.shape[-2] == nk:
-            kd = kv.dim() - 2
+            lead = kv.select(-1, 0)                      # k: (..., Mk, d)
         else:
             return None
-        v = kv.movedim(kd, -1).reshape(kv.shape[0], -1, nk)
-        if not bool((v == v[:, :1]).all()):
+        # leading dims along which the index does not change are heads (averaged by the row);
+        # the others, with the batch, enumerate the windows
+        head_dims = tuple(i for i in range(1, lead.dim() - 1)
+                          if bool((lead == lead.narrow(i, 0, 1)).all()))
+        for i in reversed(head_dims):
+            lead = lead.select(i, 0)
+        if not bool((lead == lead.round()).all()):
             return None
-        w = v[:, 0]
-        if w.shape[0] % 2 or not bool((w == w.round()).all()):
-            return None
-        nw = w.shape[0] // 2
-        first, second = w[:nw], w[nw:]
+        w = lead.reshape(2, -1)                          # batch-major: image 0, image 1
+        first, second = w[0], w[1]
         pad = first == 0
         if not bool(((first >= 0) & (first <= N)).all()) or \
                 not bool(((second == first + stride) | (pad & (second == 0))).all()):
             return None
-        idx = first.reshape(-1).long()
+        idx = first.long()
         if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
             return None
+        a.window_head_dims = head_dims
         return idx
     except Exception:
         return None

@@ -235,6 +235,31 @@ def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub
     return out + (sub - from_canvas(full, pos, 1))
 
 
+def window_logits_row(logits: Tensor, head_dims) -> Tensor:
+    """Mean-query attention row of every window from explicit logits (..., Mq, Mk): mean over the
+    queries (float32), softmax per head, mean over the head dims. (B', windows..., Mk)."""
+    p = logits.detach().mean(-2, dtype=torch.float32).softmax(-1)
+    return p.mean(dim=head_dims) if head_dims else p
+
+
+def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
+                    head_dims) -> Tensor:
+    """The same for fused ``scaled_dot_product_attention`` (q, k (..., M, d)): one mean query
+    per window and head, O(M d) per window."""
+    q, k = q.detach(), k.detach()
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    qq = q.mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
+    logits = torch.matmul(qq, k.transpose(-2, -1)).float() * scale           # (..., 1, Mk)
+    if attn_mask is not None:
+        m = attn_mask.detach()
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill(~m, float("-inf"))
+        logits = logits + m.float().mean(-2, keepdim=True)
+    p = logits.softmax(-1).squeeze(-2)
+    return p.mean(dim=head_dims) if head_dims else p
+
+
 def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
     """Per-window attention rows (B * windows, window tokens) -> one global row (B, N).
 

@@ -137,12 +137,13 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
     if not hasattr(a.module, "_evo_window_index"):   # read by the program with the block as self
         a.module.register_buffer("_evo_window_index", a.window_index, persistent=False)
     gm.register_buffer("_evo_window_index", a.window_index, persistent=False)
+    heads = a.window_head_dims
     with graph.inserting_after(site.node):
         if site.kind == "softmax":
-            per_window = graph.call_function(ev.logits_query_row, (site.logits, 0))
+            per_window = graph.call_function(ev.window_logits_row, (site.logits, heads))
         else:
             mask = site.node.kwargs.get("attn_mask", site.node.args[3] if len(site.node.args) > 3 else None)
-            per_window = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, 0, False))
+            per_window = graph.call_function(ev.window_sdpa_row, (site.q, site.k, mask, site.scale, heads))
     with graph.inserting_after(per_window):
         index = graph.get_attr("_evo_window_index")
     with graph.inserting_after(index):

@@ -234,6 +234,9 @@ def test_twins_windowed_and_global_blocks_evolve():
     assert windowed and all(type(s.analysis.module.attn).__name__ == "LocallyGroupedAttn" for s in windowed)
     # the windows were traced back to their tokens: windowed blocks update the global scores too
     assert all(s.analysis.row_full and s.analysis.window_index is not None for s in windowed)
+    a = windowed[0].analysis                           # 56x56 map in 7x7 windows, held in a non-batch dim
+    ids = (torch.arange(56 * 56) + 1).reshape(8, 7, 8, 7).transpose(1, 2).reshape(-1)
+    assert a.grid == (56, 56) and torch.equal(a.window_index, ids)
     with torch.no_grad():
         ref = model(x)
         out = fast(x)
