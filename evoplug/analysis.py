@@ -96,9 +96,13 @@ class BlockTracer(fx.Tracer):
         return dict(self._example, **{name: x[:, : x.shape[1] // 2 + 1]})
 
     def _evaluate(self, node: fx.Node, example: Dict[str, Any]):
-        needed = ancestors(node) | {node}
-        env: Dict[fx.Node, Any] = {}
         root = self.root
+        env: Dict[fx.Node, Any] = {}
+        for n in self.graph.nodes:
+            if n.op == "placeholder":
+                if n.target not in example:
+                    raise fx.proxy.TraceError(f"no example value for `{n.target}`")
+                env[n] = example[n.target]
         was = root.training
         root.eval()    # no statistics updates while evaluating (BatchNorm in train mode)
         try:
@@ -106,26 +110,10 @@ class BlockTracer(fx.Tracer):
             # functions) are lifted while evaluating, as fx itself does for such calls
             from torch.fx._symbolic_trace import _maybe_revert_all_patches
             with torch.no_grad(), _maybe_revert_all_patches():
-                for n in self.graph.nodes:
-                    if n not in needed:
-                        continue
-                    args = fx.node.map_arg(n.args, lambda v: env[v])
-                    kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
-                    if n.op == "placeholder":
-                        if n.target not in example:
-                            raise fx.proxy.TraceError(f"no example value for `{n.target}`")
-                        env[n] = example[n.target]
-                    elif n.op == "get_attr":
-                        env[n] = _getattr_path(root, n.target)
-                    elif n.op == "call_function":
-                        env[n] = n.target(*args, **kwargs)
-                    elif n.op == "call_method":
-                        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-                    elif n.op == "call_module":
-                        env[n] = root.get_submodule(n.target)(*args, **kwargs)
+                return run_nodes(self.graph, node, root, env,
+                                 lambda n, args, kwargs: root.get_submodule(n.target)(*args, **kwargs))
         finally:
             root.train(was)
-        return env[node]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
@@ -136,6 +124,29 @@ class BlockTracer(fx.Tracer):
         if id(m) not in self._attention_modules:
             return True
         return super().is_leaf_module(m, qualname)
+
+
+def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
+              call_module) -> Any:
+    """Evaluate ``target`` from the values in ``env`` (placeholders at least), running only its
+    ancestors; ``call_module(node, args, kwargs)`` runs the module calls."""
+    needed = ancestors(target) | {target}
+    for n in graph.nodes:
+        if n not in needed or n in env:
+            continue
+        args = fx.node.map_arg(n.args, lambda v: env[v])
+        kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
+        if n.op == "get_attr":
+            env[n] = _getattr_path(root, n.target)
+        elif n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            env[n] = call_module(n, args, kwargs)
+        else:
+            raise fx.proxy.TraceError(f"cannot evaluate `{n.name}` ({n.op})")
+    return env[target]
 
 
 @dataclasses.dataclass
@@ -876,28 +887,17 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
     needed = ancestors(k) | {k}
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if any(p in needed for p in placeholders[1:]):
-        return None
-    env = {placeholders[0]: ids}
+        return None    # the keys depend on another argument too
+    def token_wise(n, args, kwargs):
+        si, so = _shape(n.args[0]) if n.args else None, _shape(n)
+        if si is None or so is None or si[:-1] != so[:-1]:
+            raise fx.proxy.TraceError("not token-wise over the last dim")
+        inp = args[0]
+        return inp[..., :1].expand(*inp.shape[:-1], so[-1])
+
     try:
         with torch.no_grad():
-            for n in gm.graph.nodes:
-                if n not in needed or n.op == "placeholder":
-                    continue
-                args = fx.node.map_arg(n.args, lambda v: env[v])
-                kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
-                if n.op == "get_attr":
-                    env[n] = _getattr_path(gm, n.target)
-                elif n.op == "call_function":
-                    env[n] = n.target(*args, **kwargs)
-                elif n.op == "call_method":
-                    env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-                elif n.op == "call_module":
-                    si, so = _shape(n.args[0]) if n.args else None, _shape(n)
-                    if si is None or so is None or si[:-1] != so[:-1]:
-                        return None   # not token-wise over the last dim
-                    inp = args[0]
-                    env[n] = inp[..., :1].expand(*inp.shape[:-1], so[-1])
-        kv = env[k]
+            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, token_wise)
         # keys as (leading dims..., channel, key) with the key dim last
         if site.kind == "softmax" and kv.shape[-1] == nk:
             lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
