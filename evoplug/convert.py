@@ -159,6 +159,11 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         raise ConversionError(f"evoplug cannot convert {len(failed)} block(s) of "
                               f"{type(model).__name__} (strict=True; strict=False converts the "
                               f"others and reports these):\n{detail}", failed)
+    if len(analysed) < 2:   # checked before any block is touched (inplace=True)
+        raise ConversionError(
+            f"{type(model).__name__}: only one convertible block (`{analysed[0][0].name}`); Evo-ViT "
+            "ranks tokens with the attention of the blocks before the evolving ones, so nothing "
+            "would evolve", failed or skipped)
     context = EvoContext()
     specs = []
     for i, (a, programs) in enumerate(analysed):

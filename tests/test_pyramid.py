@@ -280,3 +280,26 @@ def test_converted_swin_follows_to_dtype():
         out = fast(torch.randn(2, 3, 112, 112, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
     assert fast.state_dict().keys() == model.state_dict().keys()
+
+
+@pytest.mark.parametrize("name", ["swinv2_cr_tiny_ns_224", "twins_pcpvt_small", "pit_ti_224"])
+def test_more_timm_families_convert_and_reproduce(name):
+    """SwinV2-CR (map blocks, scaled cosine attention), Twins-PCPVT (PVT-style blocks with a
+    conditional position encoding between them), PiT (pooling stages, cls token)."""
+    model = timm.create_model(name, pretrained=False).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    x = evoplug.calibration.default_example_input(model).repeat(2, 1, 1, 1)
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        assert out.shape == ref.shape and torch.isfinite(out).all()
+        assert any(0 < t < s.analysis.num_tokens for (_, t), s in
+                   zip(evoplug.tokens_per_block(fast), evoplug.get_report(fast).blocks))
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+
+
+def test_a_model_with_one_convertible_block_is_refused_clearly():
+    model = timm.create_model("efficientformer_l1", pretrained=False).eval()
+    with pytest.raises(evoplug.ConversionError, match="only one convertible block"):
+        evoplug.convert(model)
