@@ -91,13 +91,13 @@ class EvoBlockMixin:
         fresh = ctx.scores is None or ctx.scores.shape != (B, M)
         if spec.role == "score" or fresh:
             # dense run that (re)starts the global attention
-            out, row = program(self, *a.plan.feed(x, extras), None, None)
+            out, row = program(self, *a.plan.feed(x, extras), None, None)[:2]
             ctx.scores = None if row is None else ev.update_scores(None, row, opt.trade_off)
             ctx.sel, ctx.since_select, ctx.grid = None, 0, a.grid
             spec.tokens_run = N
             return out
         if k >= M and opt.identity_fast_path:
-            out, row = program(self, *a.plan.feed(x, extras), None, None)
+            out, row = program(self, *a.plan.feed(x, extras), None, None)[:2]
             if row is not None:
                 ctx.scores = ev.update_scores(ctx.scores, row, opt.trade_off)
             spec.tokens_run = N
@@ -112,12 +112,15 @@ class EvoBlockMixin:
         rows = ev.selection_rows(x, P, sel)
         sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights, rows)
         sub_extras = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
-        out_sub, row = program(self, *a.plan.feed(sub, sub_extras), pos, x)
+        out_sub, row, *fast = program(self, *a.plan.feed(sub, sub_extras), pos, x)
         if row is not None:
             row_sel = row.gather(1, sel) if a.row_full else row[:, :k]
             ctx.scores = ev.update_scores(ctx.scores, row_sel, opt.trade_off, sel)
         ctx.grid = a.grid
         spec.tokens_run = sub.shape[1]
+        if fast and fast[0] is not None:   # map block: exact attention update for every token
+            base, base_rep = fast[0]
+            return ev.restore(base, out_sub, P, sel, base_rep, rows)
         return ev.restore(x, out_sub, P, sel, rep, rows)
 
 

@@ -60,7 +60,7 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             x, extras = a.plan.bind(a.name, args, kwargs)
             if a.token_map:   # (B, H, W, C) maps: compare as tokens
                 ref, x = ref.flatten(1, 2), x.flatten(1, 2)
-            out, row = program(m, *a.plan.feed(x, extras), None, None)
+            out, row = program(m, *a.plan.feed(x, extras), None, None)[:2]
             scale = max(1.0, float(ref.abs().max()))
             err = float((out - ref).abs().max())
             if err > atol * scale:
@@ -75,7 +75,7 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
             xp = x.gather(1, pos[..., None].expand(-1, -1, C))
             ex = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
-            outp, _ = program(m, *a.plan.feed(xp, ex), pos, x)
+            outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
             err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
             if err > atol * scale:
                 raise AnalysisError(
@@ -86,7 +86,7 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
             sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
             ex = {n: _gather_extra(a, n, t, sub_pos, N, P) for n, t in extras.items()}
-            outs, rows = program(m, *a.plan.feed(xs, ex), sub_pos, x)
+            outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
     except AnalysisError:

@@ -235,6 +235,16 @@ def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub
     return out + (sub - from_canvas(full, pos, 1))
 
 
+def map_fast_base(stream: Tensor, stream_sub: Tensor, pos: Optional[Tensor], dim: int, layout: str):
+    """A map block's windows run on the full map, so every token's attention update is exact:
+    the fast update starts from the full stream after attention (not from the block input) and
+    adds only the representative token's MLP residual. Returns (full stream as tokens, the
+    representative's stream value) in evolving runs, None in dense runs."""
+    if pos is None:
+        return None
+    return from_canvas_map(stream, None, dim, layout), stream_sub[:, -1]
+
+
 def window_logits_row(logits: Tensor, head_dims) -> Tensor:
     """Mean-query attention row of every window from explicit logits (..., Mq, Mk): mean over the
     queries (float32), softmax per head, mean over the head dims. (B', windows..., Mk)."""

@@ -62,6 +62,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
 
     # 2. 2-D map operations see the full map (canvas) and are read back at the kept tokens
     grid_ops = find_grid_ops(gm, a) if a.grid_ops_expected else []
+    fast_base = None
     if bool(grid_ops) != a.grid_ops_expected:
         raise AnalysisError(a.name, "the train-mode and eval-mode traces differ in their 2-D map operations")
     M = a.grid[0] * a.grid[1] if a.grid else None
@@ -85,6 +86,9 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
                 if node.args[0] in stream:   # the map block's residual stream becomes tokens
                     back = graph.call_function(ev.from_stream_map, (node.args[0], pos, tok_dim, layout,
                                                                     token, full))
+                    with graph.inserting_after(back):
+                        fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, pos,
+                                                                           tok_dim, layout))
                 else:
                     back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
             node.replace_all_uses_with(back)
@@ -120,7 +124,10 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise AnalysisError(a.name, f"block returns {type(result).__name__}, not one token tensor")
-    out_node.args = ((result, row),)
+    if a.token_map and fast_base is None:
+        raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
+                                    "(B, N, C) view of it): nothing would run on fewer tokens")
+    out_node.args = ((result, row, fast_base) if a.token_map else (result, row),)
     graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
