@@ -303,3 +303,23 @@ def test_a_model_with_one_convertible_block_is_refused_clearly():
     model = timm.create_model("efficientformer_l1", pretrained=False).eval()
     with pytest.raises(evoplug.ConversionError, match="only one convertible block"):
         evoplug.convert(model)
+
+
+def test_swin_fast_update_keeps_every_tokens_exact_attention_update():
+    """In windowed map blocks the windows run on the full map, so every token's attention update
+    is exact; only the MLP is approximated for the tokens that were not kept. With the MLPs
+    zeroed, an evolving Swin (all stages windowed) therefore reproduces the original."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112,
+                              window_size=4, depths=(2, 2, 2), num_heads=(3, 6, 12)).eval()
+    for layer in model.layers:
+        for blk in layer.blocks:
+            torch.nn.init.zeros_(blk.mlp.fc2.weight)
+            torch.nn.init.zeros_(blk.mlp.fc2.bias)
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.windowed for s in blocks)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.no_grad():
+        out = fast(x)
+        assert [s for s in blocks if s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens]
+        assert (out - model(x)).abs().max() <= 1e-5
