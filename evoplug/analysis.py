@@ -780,8 +780,17 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     grid_ops = find_grid_ops(gm, a)
     a.grid_ops_expected = bool(grid_ops)
     for kind, node, _ in grid_ops:
-        a.position_terms.append(f"2-D map op at `{node.name}` -> {'fed the full map' if kind == 'to' else 'read back at the kept tokens'}")
-    if grid_ops:
+        if token_map and any(u.op == "output" for u in node.users):
+            what = "the block's output map (made from the restored tokens)"
+        else:
+            what = "fed the full map" if kind == "to" else "read back at the kept tokens"
+        a.position_terms.append(f"2-D map op at `{node.name}` -> {what}")
+    if token_map:
+        a.position_terms.insert(0, "block input: the exact full map")
+        a.notes.append("channels-last map block: its map part runs on the full map; tokens that "
+                       "were not kept get their own attention update plus the representative "
+                       "token's MLP residual")
+    if grid_ops and not token_map:
         a.notes.append("grid operations see the full map; positions of tokens that were not run "
                        "hold the representative token")
     # self-attention over all N tokens (or keys from the spatially reduced full map), or
