@@ -787,9 +787,6 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         a.position_terms.append(f"2-D map op at `{node.name}` -> {what}")
     if token_map:
         a.position_terms.insert(0, "block input: the exact full map")
-        a.notes.append("channels-last map block: its map part runs on the full map; tokens that "
-                       "were not kept get their own attention update plus the representative "
-                       "token's MLP residual")
     if grid_ops and not token_map:
         a.notes.append("grid operations see the full map; positions of tokens that were not run "
                        "hold the representative token")
@@ -808,6 +805,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
             kind == "from" and node in anc_q for kind, node, _ in grid_ops):
         raise AnalysisError(name, "attention on the 4-D map that is neither windowed nor on a "
                                   "token view of it")
+    if a.token_map:
+        a.notes.append("channels-last map block: tokens that were not kept get " + (
+            "their own attention update (the windows run on the full map)" if a.windowed else
+            "the representative token's attention update") + " plus its MLP residual")
     if a.windowed:
         a.window_index = window_token_index(gm, site, a, feed, B)
         a.row_full = a.window_index is not None
