@@ -270,3 +270,9 @@ def test_load_image_sources():
     assert viz.load_image(np.ones((5, 6), dtype=float)).max() == 255
     with pytest.raises(ValueError, match="no sample image"):
         viz.load_image("skimage:not_an_image")
+
+
+def test_bench_compile_mode_is_checked(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["bench", *TINY, "--compile", "fastest"])
+    assert e.value.code == 2 and "reduce-overhead" in capsys.readouterr().err
