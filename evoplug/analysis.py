@@ -999,11 +999,17 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
         si, so = _shape(src), _shape(n)
         if si is None or so is None:
             continue
+        # the token dim follows from the map's layout: (B, N, C) <-> (B, H, W, C) splits or
+        # merges dim 1, (B, C, N) <-> (B, C, H, W) the last dim (this matters when C == N)
         if layout(so) and len(si) == 3 and N in si[1:]:
-            dim = len(si) - 1 - list(reversed(si)).index(N)
+            dim = 1 if layout(so) == "cl" else 2
+            if si[dim] != N:
+                dim = len(si) - 1 - list(reversed(si)).index(N)
             ops.append(("to", n, dim))
         elif layout(si) and len(so) == 3 and M in so[1:]:
-            dim = len(so) - 1 - list(reversed(so)).index(M)
+            dim = 1 if layout(si) == "cl" else 2
+            if so[dim] != M:
+                dim = len(so) - 1 - list(reversed(so)).index(M)
             ops.append(("from", n, (dim, layout(si))))
     if ops and P:
         raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "

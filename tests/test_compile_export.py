@@ -138,3 +138,21 @@ def test_onnx_export_matches_eager(tmp_path):
     got = sess.run(None, {"images": xb.numpy()})[0]
     with torch.no_grad():
         assert close(torch.from_numpy(got), fast(xb))
+
+
+def test_swin_map_blocks_compile_into_one_graph():
+    """Channels-last map blocks with shifted windows, the window index buffer and the window
+    rows: one graph under torch.compile, equal to eager."""
+    import timm
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                          patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                          num_heads=(2, 4, 8)).eval()
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(fast, fullgraph=True)
+    with torch.no_grad():
+        ref = fast(x)
+        assert close(compiled(x), ref)
+    assert any(0 < t < 256 for _, t in evoplug.tokens_per_block(fast)[:4])

@@ -323,3 +323,19 @@ def test_swin_fast_update_keeps_every_tokens_exact_attention_update():
         out = fast(x)
         assert [s for s in blocks if s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens]
         assert (out - model(x)).abs().max() <= 1e-5
+
+
+def test_map_views_when_channels_equal_tokens():
+    """Stage 2 of this small Swin has 8x8 = 64 tokens of 64 channels: the token dim of its
+    (B, H, W, C) <-> (B, N, C) views must come from the layout, not from the sizes."""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                              patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                              num_heads=(2, 4, 8)).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    blocks = evoplug.get_report(fast).blocks
+    assert [s.analysis.grid for s in blocks if s.analysis.dim == s.analysis.num_tokens] == [(8, 8)] * 2
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
