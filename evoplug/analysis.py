@@ -610,8 +610,9 @@ def _token_block_reason(call: ModuleCall, batch: Optional[int] = None,
     if x.dim() not in (3, 4):
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
     if batch is not None and x.shape[0] != batch:
-        return (f"its tokens are regrouped (batch {x.shape[0]} for {batch} image(s)): windowed "
-                "attention; window-aware token selection is not supported yet")
+        return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
+                "windows or patches are formed outside any block evoplug can convert, so it "
+                "cannot tell which image position each token holds")
     out = call.output
     if not isinstance(out, torch.Tensor):
         return f"returns {type(out).__name__}, not the token tensor"
