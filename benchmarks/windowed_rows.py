@@ -1,16 +1,22 @@
-"""Do the windowed attention rows rank tokens usefully? Measured on a small Swin trained here.
+"""Windowed attention, measured on two small models trained here: do the window rows rank
+tokens, and what does the exact attention update of the other tokens bring?
 
-A small Swin (timm's SwinTransformer: 32 px digits from scikit-learn, patch 2 -> 16x16 tokens,
-window 4, 3 stages of 2 blocks) is trained on the 1,438 training digits, then converted off the
-shelf (no fine-tuning) and evaluated on the 359 test digits:
-  windows - evoplug's global score for windowed blocks: each window's mean-query attention,
-            mapped back to its tokens, carried with the trade-off and pooled across stages;
-  random  - the same conversion with the windowed rows replaced by random scores (an ablation:
-            selection no better than chance where the windows give the score).
-The last stage (4x4 tokens, one window) has global attention in both variants.
+A small Swin (timm's SwinTransformer: patch 2 -> 16x16 tokens, window 4, 3 stages of 2 blocks)
+and a small Twins-SVT (patch 2, windows of 4, locally-grouped and global blocks alternating)
+are trained on scikit-learn's digits (1,438 images, 32 px), then converted off the shelf (no
+fine-tuning) and evaluated on the 359 test digits:
+  evoplug - the default: global score from each window's mean-query attention; tokens that
+            were not kept keep their own (exact) windowed attention update;
+  random  - the window rows replaced by random scores (mean of 3 seeds): selection no better
+            than chance where the windows give the score;
+  flat    - the fast update of flat ViTs instead: tokens that were not kept get the
+            representative token's whole residual (attention and MLP).
+Both ablations patch evoplug functions while the programs are built (the programs keep the
+functions they were built with).
 
     python benchmarks/windowed_rows.py
 """
+import contextlib
 import os
 import sys
 
@@ -23,16 +29,20 @@ import digits  # noqa: E402
 import evoplug  # noqa: E402
 from evoplug import evolution as ev  # noqa: E402
 
+MODELS = {
+    "swin": lambda: timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2, window_size=4,
+        embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), num_classes=10),
+    "twins": lambda: timm.create_model(
+        "twins_svt_small", pretrained=False, img_size=32, patch_size=2, embed_dims=(48, 96, 192),
+        depths=(2, 2, 2), num_heads=(2, 4, 8), mlp_ratios=(4, 4, 4), sr_ratios=(4, 2, 1),
+        wss=(4, 4, 4), num_classes=10),
+}
 
-def small_swin():
-    return timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
-                             patch_size=2, window_size=4, embed_dim=48, depths=(2, 2, 2),
-                             num_heads=(3, 6, 12), num_classes=10)
 
-
-def trained_small_swin(log=print):
-    path = os.path.join(digits.CACHE, "swin_digits.pth")
-    model = small_swin()
+def trained(name, log=print):
+    path = os.path.join(digits.CACHE, f"{name}_digits.pth")
+    model = MODELS[name]()
     if os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval()
@@ -44,40 +54,50 @@ def trained_small_swin(log=print):
     return model.eval()
 
 
-def convert_with_random_window_rows(model, keep, example, seed=0):
-    """evoplug.convert with ev.window_row replaced by random scores while the programs are
-    built (the programs keep the function they were built with)."""
-    g = torch.Generator().manual_seed(seed)
-    real = ev.window_row
-
-    def random_row(row, index, num_tokens):
-        B = row.numel() // index.numel()
-        r = torch.rand(B, num_tokens, generator=g)
-        return r / r.sum(1, keepdim=True)
-
-    ev.window_row = random_row
+@contextlib.contextmanager
+def patched(**funcs):
+    saved = {k: getattr(ev, k) for k in funcs}
+    for k, f in funcs.items():
+        setattr(ev, k, f)
     try:
-        return evoplug.convert(model, keep_ratio=keep, example_input=example)
+        yield
     finally:
-        ev.window_row = real
+        for k, f in saved.items():
+            setattr(ev, k, f)
+
+
+def random_rows(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def window_row(row, index, num_tokens):
+        r = torch.rand(row.numel() // index.numel(), num_tokens, generator=g)
+        return r / r.sum(1, keepdim=True)
+    return window_row
 
 
 def main():
-    torch.manual_seed(0)
-    model = trained_small_swin()
     _, _, xt, yt = digits.load_digits_tensors()
-    print(f"small Swin trained on digits, dense top-1 {digits.accuracy(model, xt, yt):.2f}% ({len(yt)} test images)")
-    fast = evoplug.convert(model, keep_ratio=0.5, example_input=xt[:1])
-    print(evoplug.explain(fast).splitlines()[0])
-    print(f"{'keep_ratio':>10}  {'windows':>8}  {'random':>8}")
-    rows = []
-    for keep in (0.25, 0.35, 0.5, 0.7):
-        acc_w = digits.accuracy(evoplug.convert(model, keep_ratio=keep, example_input=xt[:1]), xt, yt)
-        acc_r = sum(digits.accuracy(convert_with_random_window_rows(model, keep, xt[:1], seed=s), xt, yt)
-                    for s in range(3)) / 3
-        rows.append((keep, acc_w, acc_r))
-        print(f"{keep:>10}  {acc_w:>7.2f}%  {acc_r:>7.2f}%   (random: mean of 3 seeds)")
-    return rows
+    results = {}
+    for name in MODELS:
+        torch.manual_seed(0)
+        model = trained(name, log=None)
+        dense = digits.accuracy(model, xt, yt)
+        print(f"\nsmall {name} trained on digits: dense top-1 {dense:.2f}% ({len(yt)} test images)")
+        print(f"{'keep_ratio':>10}  {'evoplug':>8}  {'random':>8}  {'flat':>8}")
+        rows = []
+        for keep in (0.25, 0.35, 0.5, 0.7):
+            conv = lambda: evoplug.convert(model, keep_ratio=keep, example_input=xt[:1])  # noqa: E731
+            acc = digits.accuracy(conv(), xt, yt)
+            rnd = 0.0
+            for s in range(3):
+                with patched(window_row=random_rows(s)):
+                    rnd += digits.accuracy(conv(), xt, yt) / 3
+            with patched(map_fast_base=lambda *a: None, stream_fast_base=lambda *a: None):
+                flat = digits.accuracy(conv(), xt, yt)
+            rows.append((keep, acc, rnd, flat))
+            print(f"{keep:>10}  {acc:>7.2f}%  {rnd:>7.2f}%  {flat:>7.2f}%")
+        results[name] = (dense, rows)
+    return results
 
 
 if __name__ == "__main__":

@@ -245,6 +245,16 @@ def map_fast_base(stream: Tensor, stream_sub: Tensor, pos: Optional[Tensor], dim
     return from_canvas_map(stream, None, dim, layout), stream_sub[:, -1]
 
 
+def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Tensor,
+                     pos: Optional[Tensor]):
+    """(B, N, C) blocks with windowed attention (Twins): the attention branch ran on every
+    token, so the fast update starts from ``full + branch_full`` (each token's exact attention
+    update) and adds the representative token's MLP residual. None in dense runs."""
+    if pos is None or full is None:
+        return None
+    return full + branch_full, stream_sub[:, -1]
+
+
 def window_logits_row(logits: Tensor, head_dims) -> Tensor:
     """Mean-query attention row of every window from explicit logits (..., Mq, Mk): mean over the
     queries (float32), softmax per head, mean over the head dims. (B', windows..., Mk)."""

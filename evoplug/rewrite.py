@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import evolution as ev
-from .analysis import AttentionSite, BlockAnalysis, find_attention, find_grid_ops, trace_block
+from .analysis import AttentionSite, BlockAnalysis, ancestors, find_attention, find_grid_ops, trace_block
 from .errors import AnalysisError
 
 
@@ -82,6 +82,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
             node.replace_input_with(src, canvas)
         else:
             tok_dim, layout = dim
+            path = None
             with graph.inserting_after(node):
                 if node.args[0] in stream:   # the map block's residual stream becomes tokens
                     back = graph.call_function(ev.from_stream_map, (node.args[0], pos, tok_dim, layout,
@@ -90,9 +91,16 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
                         fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, pos,
                                                                            tok_dim, layout))
                 else:
-                    back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
+                    if a.windowed and not a.token_map and tok_dim == 1 and site.node in ancestors(node):
+                        path = _branch_to_residual(graph, node, token)
+                    if path is None:
+                        back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
+                    else:   # windowed attention's output: exact for every token, see below
+                        back = graph.call_function(ev.from_canvas_map, (node.args[0], None, tok_dim, layout))
             node.replace_all_uses_with(back)
             graph.erase_node(node)
+            if path is not None:
+                fast_base = _exact_window_update(graph, path, token, full, pos)
 
     # 3. the global query's attention row
     P = a.num_prefix
@@ -127,7 +135,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
     if a.token_map and fast_base is None:
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
-    out_node.args = ((result, row, fast_base) if a.token_map else (result, row),)
+    out_node.args = ((result, row, fast_base) if fast_base is not None or a.token_map else (result, row),)
     graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
@@ -155,6 +163,46 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
         index = graph.get_attr("_evo_window_index")
     with graph.inserting_after(index):
         return graph.call_function(ev.window_row, (per_window, index, a.num_tokens))
+
+
+def _branch_to_residual(graph: fx.Graph, start: fx.Node, token: fx.Node):
+    """From the read-back of a windowed attention's output, the token-wise ops up to the
+    residual add with the block's tokens (Twins: proj, proj_drop, drop_path): ([ops], add), or
+    None when the path does anything else."""
+    import operator
+    from .analysis import is_add
+    chain, cur = [], start
+    while True:
+        users = list(cur.users)
+        if len(users) != 1:
+            return None
+        u = users[0]
+        if is_add(u) and token in u.args[:2] and cur in u.args[:2]:
+            return (chain, u) if chain else None
+        if not u.args or u.args[0] is not cur:
+            return None
+        others = [v for v in list(u.args[1:]) + list(u.kwargs.values()) if isinstance(v, fx.Node)]
+        ok = (u.op == "call_module" and not others) or \
+            (u.op == "call_method" and u.target in _TOKEN_WISE_OK and not others) or \
+            (u.op == "call_function" and u.target in (operator.mul, torch.mul) and
+             all(v.op == "get_attr" for v in others))          # layer scale
+        if not ok:
+            return None
+        chain.append(u)
+        cur = u
+
+
+def _exact_window_update(graph: fx.Graph, path, token: fx.Node, full: fx.Node, pos: fx.Node):
+    """Windowed attention runs on the full map, so its branch (projection, drop path) is run
+    on every token; the kept tokens read theirs back before the residual add, and the others
+    keep their own exact attention update for the fast update (as in map blocks)."""
+    chain, add = path
+    last = chain[-1]
+    with graph.inserting_after(last):
+        sub = graph.call_function(ev.from_canvas, (last, pos, 1))
+    add.replace_input_with(last, sub)
+    with graph.inserting_after(add):
+        return graph.call_function(ev.stream_fast_base, (full, last, add, pos))
 
 
 def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):

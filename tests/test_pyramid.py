@@ -339,3 +339,25 @@ def test_map_views_when_channels_equal_tokens():
         ref = model(x)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         assert (fast(x) - ref).abs().max() <= 1e-5
+
+
+def test_twins_windowed_blocks_keep_every_tokens_exact_attention_update():
+    """Twins' locally-grouped attention runs on the full map, and its projection and drop path
+    then run on every token: with the MLPs zeroed, an evolving windowed block gives exactly
+    the dense block's output for all tokens (kept or not)."""
+    model = timm.create_model("twins_svt_small", pretrained=False).eval()
+    for m in model.modules():
+        if hasattr(m, "mlp"):
+            torch.nn.init.zeros_(m.mlp.fc2.weight)
+            torch.nn.init.zeros_(m.mlp.fc2.bias)
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    spec = next(s for s in evoplug.get_report(fast).blocks if s.analysis.windowed and s.role == "evolve")
+    blk = spec.analysis.module
+    seen = {}
+    h = blk.register_forward_hook(lambda m, i, o: seen.update(args=i, out=o))
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 224, 224))
+        h.remove()
+        assert 0 < spec.tokens_run < spec.analysis.num_tokens
+        dense = spec.orig_class.forward(blk, *seen["args"])
+    assert (seen["out"] - dense).abs().max() <= 1e-5
