@@ -2,7 +2,8 @@
 
 Flow: :func:`find_blocks` walks the module tree top-down using the calibration record
 (calibration.py): the highest module that ran exactly one attention computation per call, took
-a (B, N, C) token tensor and returned the same shape is a *candidate block*. Each candidate is
+a (B, N, C) token tensor (or a channels-last (B, H, W, C) token map, as in Swin) and returned the
+same shape is a *candidate block*. Each candidate is
 traced **on its own** (whole models often do not trace) with every submodule that ran no
 attention kept as a leaf, so the graph shows the attention internals and the residual stream:
 
@@ -13,7 +14,12 @@ attention kept as a leaf, so the graph shows the attention internals and the res
   position bias tables): they must follow the selected tokens (see rewrite.py);
 * the residual stream: which residual adds carry the attention branch and the MLP branch
   (layer scale, drop path, or a residual inside a submodule such as MMPretrain's FFN);
-* the prefix tokens (cls, distillation, registers) from the patch grid seen during calibration.
+* the prefix tokens (cls, distillation, registers) from the patch grid seen during calibration;
+* windowed attention (tokens regrouped into windows inside the block) and, by running the graph
+  on token indices, which token each window slot holds (:func:`window_token_index`).
+
+Python branches on traced sizes are specialised on the calibration input (and refused when they
+depend on the token count); buffers are traced as attributes so the programs read the live ones.
 
 The result is a :class:`BlockAnalysis` per block (what explain() prints) which rewrite.py turns
 into a slow-path program.

@@ -1,8 +1,12 @@
 """Rewrite one traced block into its slow-path program.
 
-The program takes the block's own arguments plus ``_evo_pos`` (B, n): the original index of
-each token of the subset it runs on (``None`` for a dense run), and returns
-``(tokens_out, global_row)``:
+The program takes the block's own arguments (the token tensor replaced by the subset's tokens)
+plus ``_evo_pos`` (B, n): the original index of each token of the subset it runs on (``None``
+for a dense run) and ``_evo_full``: the block's full token input. It returns
+``(tokens_out, global_row)``, plus a third item ``fast_base`` for blocks whose windowed
+attention runs on the full map (Swin's map blocks, Twins' locally-grouped blocks): every
+token's exact stream after attention and the representative token's, from which the converted
+block starts the fast update:
 
 * position terms found by the analysis (token-independent additive terms on the attention
   logits, e.g. BEiT's relative position bias) are gathered with ``_evo_pos``, so the kept tokens
@@ -10,7 +14,11 @@ each token of the subset it runs on (``None`` for a dense run), and returns
 * the attention row of the global query (cls token, or the mean query when there is no prefix
   token) over the patch keys is computed next to the attention: taken from the softmax output,
   or computed from q and k for fused ``scaled_dot_product_attention`` / from the module's
-  weights for ``nn.MultiheadAttention``.
+  weights for ``nn.MultiheadAttention``; for windowed attention, each window's mean-query row
+  mapped back to its tokens with the window index found by the analysis;
+* 2-D map operations (a reshape of the tokens into the patch grid and back) are fed the full
+  map and read back at the subset's positions; a block that takes a channels-last map (Swin)
+  starts from the exact full map and returns tokens.
 
 The program is the generated ``forward`` of an fx GraphModule, called with the *block itself*
 as ``self``: it reads the block's live parameters and buffers (so ``.to()``, ``.half()`` and
