@@ -61,6 +61,13 @@ def probs_query_row(probs: Tensor, num_prefix: int) -> Tensor:
     return _heads_mean(probs[..., 0, :].detach(), probs.shape[0], num_prefix)
 
 
+def _mean_query_probs(logits: Tensor, num_prefix: int) -> Tensor:
+    """softmax of the mean of the logits rows of the patch queries (B, ..., Nq, Nk) -> (B, ..., Nk):
+    the attention of the mean query. The mean is accumulated in float32 without a float32 copy
+    of the whole map."""
+    return logits.detach()[..., num_prefix:, :].mean(-2, dtype=torch.float32).softmax(-1)
+
+
 def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
     """Attention row of the *mean query* of the patch tokens from pre-softmax logits
     (B, H, Nq, Nk).
@@ -68,18 +75,14 @@ def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
     The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
     mean query (bias terms included). Used when there is no cls token.
     """
-    # mean over the queries accumulated in float32, without a float32 copy of the whole map
-    mean = logits.detach()[..., num_prefix:, :].mean(-2, dtype=torch.float32)
-    return _heads_mean(mean.softmax(-1), logits.shape[0], num_prefix)
+    return _heads_mean(_mean_query_probs(logits, num_prefix), logits.shape[0], num_prefix)
 
 
-def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                   num_prefix: int, cls_query: bool) -> Tensor:
-    """Global-query attention row for a fused ``scaled_dot_product_attention`` call.
-
-    q, k: (..., N, d). The query is the cls token (index 0) if ``cls_query``, else the mean
-    query of the patch tokens. One query row per head: O(N d) extra work.
-    """
+def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
+                      num_prefix: int, cls_query: bool) -> Tensor:
+    """Attention of one query per head (the cls token if ``cls_query``, else the mean query of
+    the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., 1, Nk),
+    float32. O(N d) per head."""
     q = q.detach()
     k = k.detach()
     if scale is None:
@@ -96,7 +99,14 @@ def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Opt
         if m.shape[-2] != 1:
             m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
         logits = logits + m
-    return _heads_mean(logits.softmax(-1), q.shape[0], num_prefix)
+    return logits.softmax(-1)
+
+
+def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
+                   num_prefix: int, cls_query: bool) -> Tensor:
+    """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, N - P)."""
+    probs = _sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query)
+    return _heads_mean(probs, q.shape[0], num_prefix)
 
 
 def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
@@ -226,13 +236,17 @@ def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) ->
 def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub: Tensor,
                     full: Optional[Tensor]) -> Tensor:
     """The residual stream of a map block, computed on the full map, read back at the subset's
-    positions. Each subset token keeps its own stream value: ``+ (sub - full[pos])`` is zero for
-    the selected tokens and turns the representative token's slot (read at ``rep_pos``) into
-    ``representative + that position's attention residual``."""
+    positions. Each subset token keeps its own stream value: ``+ (sub - full[pos])`` turns the
+    representative token's slot (read at ``rep_pos``) into ``representative + that position's
+    attention residual``; it is zero for the selected tokens."""
     out = from_canvas_map(t, pos, dim, layout)
     if pos is None or full is None:
         return out
-    return out + (sub - from_canvas(full, pos, 1))
+    # sub equals full at every selected position: only the last slot (the representative
+    # token's, when there is one) can differ, so only it is corrected (out is a fresh gather)
+    slot = out.narrow(dim, out.shape[dim] - 1, 1)
+    slot += (sub[:, -1:] - take_rows(full, pos[:, -1:])).movedim(1, dim)
+    return out
 
 
 def map_fast_base(stream: Tensor, stream_sub: Tensor, pos: Optional[Tensor], dim: int, layout: str):
@@ -256,27 +270,16 @@ def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Te
 
 
 def window_logits_row(logits: Tensor, head_dims) -> Tensor:
-    """Mean-query attention row of every window from explicit logits (..., Mq, Mk): mean over the
-    queries (float32), softmax per head, mean over the head dims. (B', windows..., Mk)."""
-    p = logits.detach().mean(-2, dtype=torch.float32).softmax(-1)
+    """Mean-query attention row of every window from explicit logits (..., Mq, Mk): softmax per
+    head, mean over the head dims. (B', windows..., Mk)."""
+    p = _mean_query_probs(logits, 0)
     return p.mean(dim=head_dims) if head_dims else p
 
 
 def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                     head_dims) -> Tensor:
-    """The same for fused ``scaled_dot_product_attention`` (q, k (..., M, d)): one mean query
-    per window and head, O(M d) per window."""
-    q, k = q.detach(), k.detach()
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    qq = q.mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
-    logits = torch.matmul(qq, k.transpose(-2, -1)).float() * scale           # (..., 1, Mk)
-    if attn_mask is not None:
-        m = attn_mask.detach()
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill(~m, float("-inf"))
-        logits = logits + m.float().mean(-2, keepdim=True)
-    p = logits.softmax(-1).squeeze(-2)
+    """The same for fused ``scaled_dot_product_attention``: one mean query per window and head."""
+    p = _sdpa_query_probs(q, k, attn_mask, scale, 0, False).squeeze(-2)
     return p.mean(dim=head_dims) if head_dims else p
 
 

@@ -26,6 +26,7 @@ as ``self``: it reads the block's live parameters and buffers (so ``.to()``, ``.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -33,7 +34,8 @@ import torch.fx as fx
 from torch import nn
 
 from . import evolution as ev
-from .analysis import AttentionSite, BlockAnalysis, ancestors, find_attention, find_grid_ops, trace_block
+from .analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
+                       find_grid_ops, is_add, trace_block)
 from .errors import AnalysisError
 
 
@@ -177,8 +179,6 @@ def _branch_to_residual(graph: fx.Graph, start: fx.Node, token: fx.Node):
     """From the read-back of a windowed attention's output, the token-wise ops up to the
     residual add with the block's tokens (Twins: proj, proj_drop, drop_path): ([ops], add), or
     None when the path does anything else."""
-    import operator
-    from .analysis import is_add
     chain, cur = [], start
     while True:
         users = list(cur.users)
@@ -230,7 +230,6 @@ def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
 
 def _residual_stream(graph: fx.Graph, root: fx.Node):
     """The map block's residual stream: its input and the adds that carry it."""
-    from .analysis import is_add
     stream = {root}
     for n in graph.nodes:
         if is_add(n) and any(isinstance(v, fx.Node) and v in stream for v in n.args[:2]):
@@ -283,33 +282,21 @@ def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule):
 
 def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule, training: bool):
     """The program runs with the block as ``self``: every attribute it reads must be the
-    block's own (in the program's mode: some modules cache tensors only in eval mode). Tensor
-    constants created by tracing are registered as non-persistent buffers (not in the
-    state_dict)."""
+    block's own (in the program's mode: some modules cache tensors only in eval mode). Tensors
+    baked in by tracing are already non-persistent buffers of the block (analysis.trace_block)."""
     was = a.module.training
     a.module.train(training)
     try:
-        _check_attrs(a, gm)
-    finally:
-        a.module.train(was)
-
-
-def _check_attrs(a: BlockAnalysis, gm: fx.GraphModule):
-    for n in gm.graph.nodes:
-        if n.op in ("get_attr", "call_module"):
+        for n in gm.graph.nodes:
+            if n.op not in ("get_attr", "call_module"):
+                continue
             try:
-                a.module.get_submodule(n.target) if n.op == "call_module" else _getattr_path(a.module, n.target)
+                if n.op == "call_module":
+                    a.module.get_submodule(n.target)
+                else:
+                    _getattr_path(a.module, n.target)
             except AttributeError:
-                if n.op == "get_attr" and "." not in n.target:
-                    value = _getattr_path(gm, n.target)
-                    if isinstance(value, torch.Tensor):
-                        a.module.register_buffer(n.target, value, persistent=False)
-                        continue
                 raise AnalysisError(a.name, f"traced program reads `{n.target}`, which the block "
                                             "does not have") from None
-
-
-def _getattr_path(obj, path: str):
-    for p in path.split("."):
-        obj = getattr(obj, p)
-    return obj
+    finally:
+        a.module.train(was)

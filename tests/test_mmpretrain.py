@@ -319,14 +319,21 @@ def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_
 
 # ----------------------------------------------------------------------------- dense tasks
 
+def _dense_and_evo(dense_type, evo_type, registry=None, **kw):
+    """A dense backbone and its Evo form (keep 0.5) with the dense weights loaded strictly,
+    both in eval mode (BaseBackbone.train returns None, hence no chaining)."""
+    dense = MODELS.build(dict(type=dense_type, **kw))
+    dense.eval()
+    evo = (registry or MODELS).build(dict(type=evo_type, evo=dict(keep_ratio=0.5), **kw))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    evo.eval()
+    return dense, evo
+
+
 def test_featmap_outputs_keep_their_shapes():
     """The form mmdet/mmseg consume: feature maps (B, C, H, W) from several blocks."""
     kw = dict(arch=TINY_ARCH, img_size=32, patch_size=4, out_indices=(1, 3, 5), out_type="featmap")
-    dense = MODELS.build(dict(type="VisionTransformer", **kw))
-    dense.eval()                                   # (BaseBackbone.train returns None)
-    evo = ROOT_MODELS.build(dict(type="mmpretrain.EvoVisionTransformer", evo=dict(keep_ratio=0.5), **kw))
-    evo.load_state_dict(dense.state_dict(), strict=True)
-    evo.eval()
+    dense, evo = _dense_and_evo("VisionTransformer", "mmpretrain.EvoVisionTransformer", ROOT_MODELS, **kw)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref, out = dense(x), evo(x)
@@ -340,12 +347,8 @@ def test_featmap_outputs_keep_their_shapes():
 
 
 def test_distilled_deit_has_two_prefix_tokens():
-    kw = dict(arch=TINY_ARCH, img_size=32, patch_size=4)
-    evo = MODELS.build(dict(type="EvoDistilledVisionTransformer", evo=dict(keep_ratio=0.5), **kw))
-    dense = MODELS.build(dict(type="DistilledVisionTransformer", **kw))
-    dense.eval()
-    evo.load_state_dict(dense.state_dict(), strict=True)
-    evo.eval()
+    dense, evo = _dense_and_evo("DistilledVisionTransformer", "EvoDistilledVisionTransformer",
+                                arch=TINY_ARCH, img_size=32, patch_size=4)
     assert all(s.analysis.num_prefix == 2 for s in evoplug.get_report(evo).blocks)
     with torch.no_grad():
         out, ref = evo(torch.randn(2, 3, 32, 32)), dense(torch.randn(2, 3, 32, 32))
@@ -353,12 +356,7 @@ def test_distilled_deit_has_two_prefix_tokens():
 
 
 def test_levit_backbone_converts_with_the_same_feature_shapes():
-    kw = dict(arch="128s", img_size=112, out_indices=(0, 1, 2))
-    dense = MODELS.build(dict(type="LeViT", **kw))
-    dense.eval()
-    evo = MODELS.build(dict(type="EvoLeViT", evo=dict(keep_ratio=0.5), **kw))
-    evo.load_state_dict(dense.state_dict(), strict=True)
-    evo.eval()
+    dense, evo = _dense_and_evo("LeViT", "EvoLeViT", arch="128s", img_size=112, out_indices=(0, 1, 2))
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         ref, out = dense(x), evo(x)
