@@ -37,11 +37,13 @@ def take_rows(t: Tensor, pos: Tensor) -> Tensor:
     return t.gather(1, idx)
 
 
-def put_rows_(dst: Tensor, pos: Tensor, src: Tensor) -> Tensor:
+def put_rows_(dst: Tensor, pos: Tensor, src: Tensor, rows: Optional[Tensor] = None) -> Tensor:
     """In place: dst[b, pos[b, i]] = src[b, i]; dst (B, N, *rest) must be contiguous (a tensor
-    the caller just created)."""
+    the caller just created). ``rows``: ``_flat_rows(pos, N)`` when already known."""
     B, N = dst.shape[:2]
-    dst.view(B * N, -1).index_copy_(0, _flat_rows(pos, N), src.reshape(B * pos.shape[1], -1).to(dst.dtype))
+    if rows is None:
+        rows = _flat_rows(pos, N)
+    dst.view(B * N, -1).index_copy_(0, rows, src.reshape(B * pos.shape[1], -1).to(dst.dtype))
     return dst
 
 
@@ -384,7 +386,6 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     :func:`gather_subset` (valid for any contiguous tensor of ``x``'s shape).
     """
     P = num_prefix
-    B, N, C = x.shape
     k = sel.shape[1]
     # one pass over the tokens: a new tensor (the fast update, or a copy), then in-place writes
     # of the prefix and the selected tokens into it (autograd-safe: nothing saved it)
@@ -392,10 +393,7 @@ def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
     out = out.contiguous()
     if P:
         out[:, :P] = out_sub[:, :P]
-    if rows is None:
-        return put_rows_(out, sel + P, out_sub[:, P:P + k])
-    out.view(B * N, C).index_copy_(0, rows, out_sub[:, P:P + k].reshape(B * k, C).to(out.dtype))
-    return out
+    return put_rows_(out, sel + P, out_sub[:, P:P + k], rows)
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
