@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import evoplug
-from evoplug.bench import machine
+from evoplug.bench import allocator, machine, retain_freed_memory
 
 
 def _block_flops(model, names, x1):
@@ -59,8 +59,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--keep", type=float, default=0.5)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                   help="as `evoplug bench --malloc` (default: retain freed memory)")
     a = p.parse_args(argv)
-    print(f"machine: {machine('cpu')}; float32, batch {a.batch}, keep {a.keep}, {a.rounds} rounds")
+    if a.malloc == "retain":
+        retain_freed_memory()
+    print(f"machine: {machine('cpu')}; float32, batch {a.batch}, keep {a.keep}, {a.rounds} rounds; "
+          f"allocator: {allocator()}")
     for name in a.models:
         torch.manual_seed(0)
         model = timm.create_model(name, pretrained=False).eval()

@@ -57,6 +57,44 @@ def machine(device: str = "cpu") -> str:
     return text
 
 
+_ALLOCATOR = "system"
+
+
+def retain_freed_memory() -> str:
+    """Make glibc's malloc keep freed memory in the process (CPU benchmarks).
+
+    By default glibc serves every allocation above its (dynamic, at most 32 MiB) mmap threshold
+    with a fresh ``mmap`` and gives it back on ``free``, so every forward page-faults its large
+    activations in again: on the 2-core machine of the README that is about 2 GB of minor faults
+    per forward of PVTv2-b1 at batch 32, some 40% of its time, the same absolute cost for the
+    original and the converted model (it scales with the full-size activations both allocate).
+    ``mallopt(M_MMAP_THRESHOLD)`` / ``mallopt(M_TRIM_THRESHOLD)`` (the same as the
+    ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables, and the effect
+    PyTorch's CPU tuning guide gets from jemalloc or tcmalloc) keep such blocks for reuse.
+    Affects this process only. Returns the allocator setting now in force (a description).
+    """
+    global _ALLOCATOR
+    if _ALLOCATOR != "system":
+        return _ALLOCATOR
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return _ALLOCATOR + " (not glibc: left as is)"
+    import ctypes
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        limit = 2 ** 31 - 1
+        ok = libc.mallopt(-3, limit) == 1 and libc.mallopt(-1, limit) == 1   # M_MMAP_/M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        ok = False
+    if ok:
+        _ALLOCATOR = "glibc malloc retaining freed memory (mmap/trim thresholds 2 GiB)"
+    return _ALLOCATOR
+
+
+def allocator() -> str:
+    """The CPU allocator setting benchmarks ran under (see :func:`retain_freed_memory`)."""
+    return _ALLOCATOR
+
+
 def flops(model: Callable, x1: torch.Tensor) -> int:
     """FLOPs of one forward of ``model`` on ``x1`` (use a batch of one: FLOPs scale with it)."""
     with FlopCounterMode(display=False) as fc, torch.no_grad():

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "max-autotune-no-cudagraphs"],
                    help="also time torch.compile of the original and of each converted model; "
                         "MODE is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
+    b.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                   help="CPU runs: 'retain' (default) makes glibc keep freed memory, so a forward "
+                        "does not page-fault its activations in again (see "
+                        "evoplug.bench.retain_freed_memory); 'system' leaves malloc as it is")
     b.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     b.add_argument("--json", metavar="FILE", help="write machine, settings and rows as JSON")
     b.add_argument("--plot", metavar="PNG", help="plot speed-up and FLOP ratio against keep_ratio")
@@ -202,14 +206,17 @@ def cmd_bench(a, out) -> int:
         torch.set_num_threads(a.threads)
     if a.warmup < 0:
         raise CliError("--warmup must be >= 0")
-    settings = dict(keep_ratios=a.keep, batch_sizes=a.batch, device=a.device, dtype=a.dtype,
+    if a.malloc == "retain" and not str(a.device).startswith("cuda"):
+        bench.retain_freed_memory()
+    settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch, device=a.device, dtype=a.dtype,
                     threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
                     model_kwargs=dict(a.model_arg), convert_options=_convert_options(a))
     bench.resolve_device(a.device)
     print(f"machine: {bench.machine(a.device)}", file=out)
     print(f"settings: {a.dtype}, eval, inference_mode, random weights; original and converted "
-          f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s)"
+          f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s); "
+          f"allocator: {bench.allocator()}"
           f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
     rows: List[dict] = []
     for name in a.models:     # the table grows model by model

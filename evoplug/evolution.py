@@ -197,9 +197,11 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
         return t
     t = t.movedim(dim, 1)
     B, n = t.shape[:2]
-    rest = t.shape[2:]
-    canvas = t[:, -1:].expand(B, num_patches, *rest).contiguous()
-    return put_rows_(canvas, pos, t).movedim(1, dim)
+    # the subset row each map position reads: its own token, else the representative token.
+    # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
+    src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device)
+    src.scatter_(1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
+    return take_rows(t, src).movedim(1, dim)
 
 
 def first_not_none(a, b):

@@ -126,6 +126,24 @@ def test_carry_scores_pools_onto_the_new_grid():
     assert ev.carry_scores(g, None, (2, 2)) is None
 
 
+@pytest.mark.parametrize("dim", [1, 2])
+def test_to_canvas_puts_tokens_at_their_places_and_the_representative_elsewhere(dim):
+    """The canvas of a 2-D map op (PVT's depthwise conv): each subset token at its original
+    position, every other position holds the subset's last token (the representative)."""
+    B, M, n, C = 3, 12, 5, 4
+    pos = torch.stack([torch.randperm(M)[:n] for _ in range(B)])
+    t = torch.randn(B, n, C)
+    canvas = ev.to_canvas(t if dim == 1 else t.transpose(1, 2), pos, M, dim)
+    canvas = canvas if dim == 1 else canvas.transpose(1, 2)
+    assert canvas.shape == (B, M, C)
+    for b in range(B):
+        for m in range(M):
+            where = (pos[b] == m).nonzero()
+            want = t[b, where[0, 0]] if len(where) else t[b, -1]
+            assert torch.equal(canvas[b, m], want)
+    assert ev.to_canvas(t, None, M, 1) is t
+
+
 def test_swin_windowed_map_blocks_evolve():
     """Swin: blocks take (B, H, W, C) maps with (shifted) windows. The windows run on the
     exact full map; the MLP on the kept tokens; the global row is each window's mean-query
