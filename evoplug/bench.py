@@ -91,8 +91,12 @@ def retain_freed_memory() -> str:
 
 
 def allocator() -> str:
-    """The CPU allocator setting benchmarks ran under (see :func:`retain_freed_memory`)."""
-    return _ALLOCATOR
+    """The CPU allocator setting benchmarks ran under (see :func:`retain_freed_memory`), with
+    the environment that changes it (``LD_PRELOAD`` of another malloc, glibc's variables)."""
+    env = [f"{k}={os.environ[k]}" for k in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_",
+                                            "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+           if os.environ.get(k)]
+    return _ALLOCATOR + (f" ({', '.join(env)})" if env else "")
 
 
 def flops(model: Callable, x1: torch.Tensor) -> int:
