@@ -115,6 +115,10 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         **options: fields of :class:`evoplug.EvoOptions` (start_block, trade_off,
             reselect_every, representative, num_prefix_tokens, identity_fast_path).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"
+                        + (" (some modules' train()/eval() return None: call model.eval() on its "
+                           "own line)" if model is None else ""))
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
     if any(isinstance(m, EvoBlockMixin) for m in model.modules()):
         raise ConversionError(f"{type(model).__name__} is already converted; use "

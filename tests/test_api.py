@@ -30,6 +30,14 @@ def test_resnet_raises_clear_error():
         evoplug.convert(model, example_input=torch.randn(1, 3, 64, 64))
 
 
+def test_not_a_module_is_a_type_error():
+    # e.g. MMPretrain's SwinTransformer(...).eval() returns None
+    with pytest.raises(TypeError, match="takes an nn.Module, got NoneType .*own line"):
+        evoplug.convert(None)
+    with pytest.raises(TypeError, match="got function"):
+        evoplug.convert(lambda x: x)
+
+
 def test_cnn_without_input_size_asks_for_example_input():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     with pytest.raises(evoplug.ConversionError, match="example_input"):
