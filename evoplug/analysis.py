@@ -68,6 +68,7 @@ class BlockTracer(fx.Tracer):
         self._into_notrace = into_notrace
         self._example = example          # the block's calibration arguments, by name
         self.specialised: List[str] = []
+        self.batch_specialised = False   # a specialised value depends on the batch size
         # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
         # program then reads the block's live buffers, which follow .to(device, dtype)
         self.proxy_buffer_attributes = True
@@ -76,22 +77,75 @@ class BlockTracer(fx.Tracer):
         """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
         sizes): specialise on the calibration input, by evaluating the traced value there. The
         same value is evaluated with about half of the tokens: a branch that depends on the
-        token count is refused (the program runs on fewer tokens than it was traced with)."""
+        token count is refused (the program runs on fewer tokens than it was traced with).
+
+        An ``assert`` is a check, not a branch: it holds on the calibration input (which ran),
+        and one on the token count (MMPretrain's ``assert L == H * W`` before the tokens become
+        a map) is dropped: evoplug feeds such views the full map, and the probe checks the
+        converted block."""
         if self._example is None:
             return super().to_bool(obj)
         value = bool(self._evaluate(obj.node, self._example))
+        if _in_assert(inspect.currentframe()):
+            self.specialised.append(f"assert {obj.node.name} (holds on the calibration input)")
+            return True
+        self._check_subset(obj.node, value, "a Python branch")
+        self.specialised.append(f"{obj.node.name} -> {value}")
+        return value
+
+    def to_int(self, obj: fx.Proxy) -> int:
+        """``int()`` of a traced size (MMPretrain's ``window_reverse``: the batch size from the
+        number of windows): specialised on the calibration input like a branch."""
+        value = int(self._evaluate(obj.node, self._example))
+        self._check_subset(obj.node, value, "an int() of a traced value")
+        self.specialised.append(f"int({obj.node.name}) -> {value}")
+        return value
+
+    def _check_subset(self, node: fx.Node, value, what: str):
+        """Refuse a value that depends on the token count; note one that depends on the batch
+        size (MMPretrain's ``window_reverse`` computes B with ``int()``): such a block gets one
+        program per batch size (block.py)."""
         sub = self._subset_example()
         if sub is not None:
             try:
-                other = bool(self._evaluate(obj.node, sub))
+                other = type(value)(self._evaluate(node, sub))
             except Exception:
                 other = value   # the path cannot run on a subset: programs feed it the full map
             if other != value:
                 raise fx.proxy.TraceError(
-                    f"a Python branch (`{obj.node.name}`) depends on the number of tokens, so a "
-                    "program specialised on all tokens would be wrong on the kept ones")
-        self.specialised.append(f"{obj.node.name} -> {value}")
-        return value
+                    f"{what} (`{node.name}`) depends on the number of tokens, so a program "
+                    "specialised on all tokens would be wrong on the kept ones")
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 else v
+                   for k, v in self._example.items()}
+        try:
+            other = type(value)(self._evaluate(node, doubled))
+        except Exception:
+            other = None
+        if other != value:
+            self.batch_specialised = True
+
+    def trace(self, root, concrete_args=None):
+        """fx's trace, with ``int(proxy)`` specialised (:meth:`to_int`) when there is a
+        calibration input, and item assignment into traced tensors recorded as
+        ``operator.setitem`` (MMPretrain's shift-window mask is filled slice by slice)."""
+        if self._example is None or hasattr(fx.Proxy, "__int__"):
+            return super().trace(root, concrete_args)
+
+        def to_int(p):
+            if isinstance(p.tracer, BlockTracer):
+                return p.tracer.to_int(p)
+            raise TypeError("'Proxy' object cannot be interpreted as an integer")
+
+        def setitem(p, key, value):
+            p.tracer.create_proxy("call_function", operator.setitem, (p, key, value), {})
+
+        fx.Proxy.__int__ = to_int
+        fx.Proxy.__setitem__ = setitem
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            del fx.Proxy.__int__
+            del fx.Proxy.__setitem__
 
     def _subset_example(self) -> Optional[Dict[str, Any]]:
         """The calibration arguments with the (B, N, C) tokens cut to about half."""
@@ -105,9 +159,9 @@ class BlockTracer(fx.Tracer):
         root = self.root
         env: Dict[fx.Node, Any] = {}
         for n in self.graph.nodes:
-            if n.op == "placeholder":
-                if n.target not in example:
-                    raise fx.proxy.TraceError(f"no example value for `{n.target}`")
+            # placeholders fx adds for the leaves of constant arguments (``hw_shape_1``) feed
+            # only its own value checks: they need no value unless the evaluated node uses them
+            if n.op == "placeholder" and n.target in example:
                 env[n] = example[n.target]
         was = root.training
         root.eval()    # no statistics updates while evaluating (BatchNorm in train mode)
@@ -132,6 +186,24 @@ class BlockTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+_JUMP_IF_TRUE = {"POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE"}
+
+
+def _in_assert(frame) -> bool:
+    """Whether the ``bool()`` being traced is an ``assert``'s condition: the user frame (above
+    ``Proxy.__bool__``) jumps on true over ``LOAD_ASSERTION_ERROR``."""
+    import dis
+    while frame is not None and frame.f_code.co_name in ("to_bool", "__bool__"):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    insts = list(dis.get_instructions(frame.f_code))
+    at = next((i for i, ins in enumerate(insts) if ins.offset == frame.f_lasti), None)
+    if at is None or at + 1 >= len(insts):
+        return False
+    return insts[at].opname in _JUMP_IF_TRUE and insts[at + 1].opname == "LOAD_ASSERTION_ERROR"
+
+
 def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
               call_module) -> Any:
     """Evaluate ``target`` from the values in ``env`` (placeholders at least), running only its
@@ -150,6 +222,8 @@ def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.No
             env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
         elif n.op == "call_module":
             env[n] = call_module(n, args, kwargs)
+        elif n.op == "placeholder":
+            raise fx.proxy.TraceError(f"no example value for `{n.target}`")
         else:
             raise fx.proxy.TraceError(f"cannot evaluate `{n.name}` ({n.op})")
     return env[target]
@@ -256,6 +330,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         # assembled before the mode is restored: some modules' train() drops cached tensors the
         # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        gm.meta["evo_batch_specialised"] = tracer.batch_specialised
     except AnalysisError:
         raise
     except Exception as e:
@@ -593,6 +668,7 @@ class BlockAnalysis:
     window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     row_full: bool = False                     # the global row covers every patch token
+    batch_size: Optional[int] = None           # set when the trace specialised on the batch size
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -772,6 +848,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                                       "(timm's notrace registry)") from None
         raise e
     a = BlockAnalysis(name, module, call, plan, traced, N, C)
+    if gm.meta.get("evo_batch_specialised"):
+        a.batch_size = int(B)
+        a.notes.append(f"the trace specialised a value on the batch size ({B}): one program per "
+                       "batch size, built at the first call with it")
     if token_map:
         # a map has no room for prefix tokens: every position is a patch
         a.token_map, a.grid = True, (int(H), int(W))
@@ -784,7 +864,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         if a.num_prefix >= N:
             raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
         a.grid = patch_grid(call, calls, N - a.num_prefix)
-    grid_ops = find_grid_ops(gm, a)
+    grid_ops = find_grid_ops(gm, a, site)
     a.grid_ops_expected = bool(grid_ops)
     for kind, node, _ in grid_ops:
         if token_map and any(u.op == "output" for u in node.users):
@@ -978,11 +1058,16 @@ def _is_reshape(n: fx.Node) -> bool:
         (n.op == "call_function" and n.target in (torch.reshape, torch.flatten))
 
 
-def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
+def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["AttentionSite"] = None):
     """Where the block turns its tokens into a 2-D map and back (PVT's depthwise-conv MLP and
     spatial-reduction keys): ``('to', node, token_dim)`` reshapes N tokens into the patch grid,
     ``('from', node, token_dim)`` flattens the grid back to tokens. Needs the shapes of a
-    ShapeProp run. Slow-path programs feed the 'to' points the full map (canvas)."""
+    ShapeProp run. Slow-path programs feed the 'to' points the full map (canvas).
+
+    With the attention ``site``: a map whose one window covers it all (Swin's last stage, 7x7
+    tokens in 7x7 windows) is partitioned and merged by views that look like map <-> token
+    views; those inside the windowed attention (a 'from' of the map into the attention, a 'to'
+    from the attention's output before any residual add) are window views, not grid ops."""
     N, P, grid = a.num_tokens, a.num_prefix, a.grid
     if grid is None:
         return []
@@ -1018,10 +1103,28 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis"):
             if so[dim] != M:
                 dim = len(so) - 1 - list(reversed(so)).index(M)
             ops.append(("from", n, (dim, layout(si))))
+    if site is not None and ops:
+        ops = _drop_single_window_views(ops, site)
     if ops and P:
         raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
                                     "supported")
     return ops
+
+
+def _drop_single_window_views(ops, site: "AttentionSite"):
+    before = ancestors(site.node)
+    inner_from = [n for kind, n, _ in ops if kind == "from" and n in before and
+                  any(k == "to" and m in ancestors(n) for k, m, _ in ops)]
+    if not inner_from:
+        return ops
+    inner_to = []
+    for kind, n, _ in ops:
+        if kind == "to" and site.node in ancestors(n):
+            between = {m for m in ancestors(n) if site.node in ancestors(m)}
+            if not any(is_add(m) for m in between | {n}):
+                inner_to.append(n)
+    drop = set(inner_from) | set(inner_to)
+    return [op for op in ops if op[1] not in drop]
 
 
 def reduced_kv_grid(k: fx.Node, num_keys: int, grid_ops):

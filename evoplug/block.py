@@ -48,6 +48,7 @@ class BlockSpec:
     orig_class: type
     role: str = "evolve"       # 'dense' | 'score' | 'evolve' (set from options.start_block)
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
+    batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
 
 
 class EvoBlockMixin:
@@ -65,17 +66,19 @@ class EvoBlockMixin:
             return spec.orig_class.forward(self, *args, **kwargs)
         a = spec.analysis
         x, extras = a.plan.bind(a.name, args, kwargs)
+        program = spec.programs[self.training]
+        if a.batch_size is not None and x.shape[0] != a.batch_size:
+            program = _batch_program(spec, self.training, args, kwargs, x.shape[0])
         if a.token_map:   # (B, H, W, C) map: evolve its H * W tokens, give the map back
             shape = x.shape
-            out = self._evo_tokens(x.flatten(1, 2), extras)
+            out = self._evo_tokens(x.flatten(1, 2), extras, program)
             return out.reshape(shape)
-        return self._evo_tokens(x, extras)
+        return self._evo_tokens(x, extras, program)
 
-    def _evo_tokens(self, x: torch.Tensor, extras):
+    def _evo_tokens(self, x: torch.Tensor, extras, program):
         spec = self._evoplug_spec
         opt = spec.options
         a = spec.analysis
-        program = spec.programs[self.training]
         ctx = spec.context
         if spec.index == 0:
             ctx.reset()
@@ -122,6 +125,28 @@ class EvoBlockMixin:
             base, base_rep = fast[0]
             return ev.restore(base, out_sub, P, sel, base_rep, rows)
         return ev.restore(x, out_sub, P, sel, rep, rows)
+
+
+def _batch_program(spec: BlockSpec, training: bool, args, kwargs, batch: int) -> Callable:
+    """The program of a block whose trace specialised a value on the batch size (MMPretrain's
+    Swin computes it with ``int()``), for this batch size: traced at its first call, the call's
+    own input being the calibration input, then kept."""
+    key = (training, batch)
+    program = spec.batch_programs.get(key)
+    if program is None:
+        from .calibration import ModuleCall
+        from .rewrite import build_program
+        detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+        call = ModuleCall(spec.analysis.name, -1, tuple(map(detach, args)),
+                          {k: detach(v) for k, v in kwargs.items()})
+        module = spec.analysis.module
+        converted, module.__class__ = module.__class__, spec.orig_class   # trace its own forward
+        try:
+            program = build_program(spec.analysis, training, call=call)
+        finally:
+            module.__class__ = converted
+        spec.batch_programs[key] = program
+    return program
 
 
 def _gather_extra(a: BlockAnalysis, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int):

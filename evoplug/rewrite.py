@@ -39,12 +39,18 @@ from .analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, f
 from .errors import AnalysisError
 
 
-def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -> Callable:
-    """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``)."""
+def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
+                  call=None) -> Callable:
+    """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``),
+    specialised on ``call`` (default: the calibration call; block.py passes a call of another
+    batch size for blocks whose trace depends on it)."""
     if gm is None:
-        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training, a.call)
+        call = a.call if call is None else call
+        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training, call)
+        if gm.meta.get("evo_batch_specialised") and a.batch_size is None:
+            a.batch_size = int(a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
-            _shape_prop_without_side_effects(a, gm)
+            _shape_prop_without_side_effects(a, gm, call)
     graph = gm.graph
     site: AttentionSite = find_attention(gm, a.name)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -71,7 +77,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None) -
             u.replace_input_with(bias, gathered)
 
     # 2. 2-D map operations see the full map (canvas) and are read back at the kept tokens
-    grid_ops = find_grid_ops(gm, a) if a.grid_ops_expected else []
+    grid_ops = find_grid_ops(gm, a, site) if a.grid_ops_expected else []
     fast_base = None
     if bool(grid_ops) != a.grid_ops_expected:
         raise AnalysisError(a.name, "the train-mode and eval-mode traces differ in their 2-D map operations")
@@ -264,15 +270,15 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
     return prev
 
 
-def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule):
-    """Shapes for a train-mode trace, on the calibration input, leaving no trace: buffers
-    (BatchNorm statistics) and the RNG state are restored."""
+def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule, call):
+    """Shapes for a new trace, on ``call``'s input, leaving no trace: buffers (BatchNorm
+    statistics) and the RNG state are restored."""
     from torch.fx.passes.shape_prop import ShapeProp
     buffers = [(b, b.detach().clone()) for b in a.module.buffers()]
     rng = torch.get_rng_state()
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*a.plan.feed(*a.plan.bind(a.name, a.call.args, a.call.kwargs)))
+            ShapeProp(gm).propagate(*a.plan.feed(*a.plan.bind(a.name, call.args, call.kwargs)))
     finally:
         torch.set_rng_state(rng)
         with torch.no_grad():

@@ -125,7 +125,7 @@ def test_custom_imports_register_the_model_types():
     assert "evoplug.mm" in cfg.custom_imports["imports"]
     assert "evoplug.mm" in sys.modules
     for name in ("EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
-                 "EvoLeViT"):
+                 "EvoLeViT", "EvoSwinTransformer"):
         assert MODELS.get(name) is getattr(evoplug.mm, name)
     # scoped lookup, as mmdet/mmseg configs name MMPretrain backbones
     assert ROOT_MODELS.get("mmpretrain.EvoVisionTransformer") is evoplug.mm.EvoVisionTransformer
@@ -367,3 +367,20 @@ def test_levit_backbone_converts_with_the_same_feature_shapes():
     evo.train()                                    # converted in eval mode, trains too
     sum(o.float().mean() for o in evo(x)).backward()
     assert evo.patch_embed.patch_embed[0].conv.weight.grad is not None
+
+
+def test_swin_backbone_converts_for_dense_tasks():
+    """The Swin backbone mmdet/mmseg configs use, by scoped type name: every stage's feature map
+    keeps its shape, the dense weights load strictly, keep 1.0 reproduces every map."""
+    kw = dict(arch=dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]), img_size=224,
+              out_indices=(0, 1, 2, 3))
+    dense, evo = _dense_and_evo("SwinTransformer", "mmpretrain.EvoSwinTransformer", ROOT_MODELS, **kw)
+    assert type(evo) is evoplug.mm.EvoSwinTransformer
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        ref, out = dense(x), evo(x)
+        assert [o.shape for o in out] == [r.shape for r in ref] == \
+            [(2, 32 * 2 ** i, 56 // 2 ** i, 56 // 2 ** i) for i in range(4)]
+        assert any(s.role == "evolve" for s in evoplug.get_report(evo).blocks)
+        evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+        assert all((o - r).abs().max() <= 1e-5 for o, r in zip(evo(x), ref))

@@ -200,16 +200,64 @@ def test_window_row_maps_window_slots_to_tokens():
         ev.window_row(torch.ones(2, 5), index, 4)
 
 
-def test_mmpretrain_swin_is_refused_by_name():
-    """MMPretrain's Swin computes its window shapes with int() on traced sizes: fx cannot
-    trace its blocks, and evoplug says so for each block."""
+def _mm_swin(**kw):
     backbones = pytest.importorskip("mmpretrain.models.backbones")
-    model = backbones.SwinTransformer(arch="tiny", img_size=224)
-    model.eval()
-    with pytest.raises(evoplug.ConversionError) as e:
-        evoplug.convert(model, example_input=torch.randn(1, 3, 224, 224))
-    assert "stages.0.blocks.0" in str(e.value) and "could not trace" in str(e.value)
-    assert e.value.failures and all(n and r for n, r in e.value.failures)
+    torch.manual_seed(0)
+    model = backbones.SwinTransformer(arch=dict(embed_dims=32, depths=[2, 2, 2, 2],
+                                                num_heads=[1, 2, 4, 8]), img_size=224, **kw)
+    model.eval()     # BaseBackbone.train returns None: no chaining
+    return _randomise(model)
+
+
+def test_mmpretrain_swin_converts_with_sizes_specialised_per_batch():
+    """MMPretrain's Swin blocks take (B, L, C) tokens and ``hw_shape``; inside, ``assert L == H
+    * W``, ``if H != H_pad`` and ``int()`` of the batch size from the number of windows
+    (``window_reverse``): the trace specialises them on the calibration input (the assert is
+    dropped: the map views get the full map), so a block gets one program per batch size. The
+    shifted windows' mask is filled by item assignment (traced as ``operator.setitem``); the
+    last stage's single 7x7 window is windowed attention too."""
+    model = _mm_swin(out_indices=(0, 1, 2, 3))
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    blocks = evoplug.get_report(fast).blocks
+    assert len(blocks) == 8 and all(s.analysis.windowed for s in blocks)
+    assert all(s.analysis.batch_size == 1 for s in blocks)
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)          # batch 2: programs traced at this first call
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert all(torch.isfinite(o).all() for o in out)
+        assert torch.allclose(out[0], ref[0], atol=1e-5)      # stage 1 runs dense
+        assert not torch.allclose(out[3], ref[3], atol=1e-3)  # stage 4 evolved
+        for s in blocks:
+            if s.role == "evolve":
+                M = s.analysis.num_tokens
+                assert s.tokens_run == ev.num_keep(M, 0.5) + 1, (s.analysis.name, s.tokens_run)
+                assert (False, 2) in s.batch_programs
+        out3 = fast(torch.cat([x, x[:1]]))                     # another batch size
+        assert torch.allclose(out3[3][:2], out[3], atol=1e-4)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert all((o - r).abs().max() <= 1e-5 for o, r in zip(fast(x), ref))
+    fast.load_state_dict(model.state_dict(), strict=True)
+    evoplug.set_options(fast, keep_ratio=0.5)
+    fast.train()
+    sum(o.pow(2).mean() for o in fast(x)).backward()
+    assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
+
+
+def test_mmpretrain_swin_fast_update_keeps_every_tokens_exact_attention_update():
+    """As for timm's Swin and Twins: the windows run on the full map, so with the MLPs
+    (MMPretrain's FFN, residual inside) zeroed the evolving blocks equal the dense ones."""
+    model = _mm_swin()
+    for blk in [b for st in model.stages for b in st.blocks]:
+        for p in blk.ffn.parameters():
+            torch.nn.init.zeros_(p)
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        assert (fast(x)[0] - model(x)[0]).abs().max() <= 1e-4
+    assert any(s.role == "evolve" and s.tokens_run < s.analysis.num_tokens
+               for s in evoplug.get_report(fast).blocks)
 
 
 @pytest.mark.parametrize("name", ["pvt_v2_b0", "pvt_v2_b1"])

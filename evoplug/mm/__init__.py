@@ -6,8 +6,9 @@ which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registr
 * ``EvoImageClassifier``: an ImageClassifier whose backbone is converted by evoplug at build
   time (``model = dict(type='EvoImageClassifier', evo=dict(keep_ratio=0.5))``), with the
   paper's training extras as options;
-* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``: converted
-  backbones for configs that build a backbone alone (dense tasks);
+* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``,
+  ``EvoSwinTransformer``: converted backbones for configs that build a backbone alone (dense
+  tasks);
 
 and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
 short allow-list (:mod:`evoplug.mm.checkpoint`).
@@ -23,11 +24,12 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from . import checkpoint  # noqa: E402
 from .models import (EvoDistilledVisionTransformer, EvoImageClassifier,  # noqa: E402
-                     EvoLeViT, EvoVisionTransformer, LearnableTradeOff, convert_backbone,
+                     EvoLeViT, EvoSwinTransformer, EvoVisionTransformer, LearnableTradeOff,
+                     convert_backbone,
                      evo_backbone_class, example_input)
 
 checkpoint.install()
 
 __all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
-           "EvoLeViT", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
+           "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
            "example_input", "checkpoint"]

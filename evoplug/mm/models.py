@@ -4,7 +4,8 @@
   ``backbone``/``neck``/``head`` attributes and state_dict keys) whose backbone is converted in
   place by :func:`evoplug.convert` right after it is built, plus the paper's training extras as
   options (mean-token head, auxiliary cls-token head, learnable trade-off).
-* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``: the MMPretrain
+* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``,
+  ``EvoSwinTransformer``: the MMPretrain
   backbones, converted in ``__init__``; for configs that build a backbone alone (mmdet, mmseg,
   feature extraction): ``backbone=dict(type='mmpretrain.EvoVisionTransformer', evo=dict(...))``.
 
@@ -28,7 +29,8 @@ from evoplug.block import EvoBlockMixin
 from evoplug.options import EvoOptions
 
 from mmengine.logging import print_log
-from mmpretrain.models.backbones import DistilledVisionTransformer, LeViT, VisionTransformer
+from mmpretrain.models.backbones import (DistilledVisionTransformer, LeViT, SwinTransformer,
+                                         VisionTransformer)
 from mmpretrain.models.classifiers import ImageClassifier
 from mmpretrain.registry import MODELS
 
@@ -284,3 +286,4 @@ def evo_backbone_class(cls: type) -> type:
 EvoVisionTransformer = MODELS.register_module()(evo_backbone_class(VisionTransformer))
 EvoDistilledVisionTransformer = MODELS.register_module()(evo_backbone_class(DistilledVisionTransformer))
 EvoLeViT = MODELS.register_module()(evo_backbone_class(LeViT))
+EvoSwinTransformer = MODELS.register_module()(evo_backbone_class(SwinTransformer))
