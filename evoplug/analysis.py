@@ -79,16 +79,16 @@ class BlockTracer(fx.Tracer):
         same value is evaluated with about half of the tokens: a branch that depends on the
         token count is refused (the program runs on fewer tokens than it was traced with).
 
-        An ``assert`` is a check, not a branch: it holds on the calibration input (which ran),
-        and one on the token count (MMPretrain's ``assert L == H * W`` before the tokens become
-        a map) is dropped: evoplug feeds such views the full map, and the probe checks the
-        converted block."""
+        A check (``assert``, or a branch whose other path only raises) is not a branch: it
+        passes on the calibration input (which ran), and one on the token count (MMPretrain's
+        ``assert L == H * W`` before the tokens become a map) is dropped: evoplug feeds such
+        views the full map, and the probe checks the converted block."""
         if self._example is None:
             return super().to_bool(obj)
         value = bool(self._evaluate(obj.node, self._example))
-        if _in_assert(inspect.currentframe()):
-            self.specialised.append(f"assert {obj.node.name} (holds on the calibration input)")
-            return True
+        if _is_guard(inspect.currentframe()):
+            self.specialised.append(f"check {obj.node.name} (passes on the calibration input)")
+            return value
         self._check_subset(obj.node, value, "a Python branch")
         self.specialised.append(f"{obj.node.name} -> {value}")
         return value
@@ -186,22 +186,32 @@ class BlockTracer(fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
-_JUMP_IF_TRUE = {"POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_BACKWARD_IF_TRUE"}
+_COND_JUMPS = {"POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_IF_FALSE",
+               "POP_JUMP_FORWARD_IF_FALSE"}
 
 
-def _in_assert(frame) -> bool:
-    """Whether the ``bool()`` being traced is an ``assert``'s condition: the user frame (above
-    ``Proxy.__bool__``) jumps on true over ``LOAD_ASSERTION_ERROR``."""
+def _is_guard(frame) -> bool:
+    """Whether the ``bool()`` being traced is the condition of a check: a conditional jump
+    whose other path only raises (``assert``, also as pytest rewrites it, or ``if bad: raise``).
+    Read from the bytecode of the user frame above ``Proxy.__bool__``."""
     import dis
-    while frame is not None and frame.f_code.co_name in ("to_bool", "__bool__"):
+    while frame is not None and frame.f_code.co_name in ("_is_guard", "to_bool", "__bool__"):
         frame = frame.f_back
     if frame is None:
         return False
     insts = list(dis.get_instructions(frame.f_code))
     at = next((i for i, ins in enumerate(insts) if ins.offset == frame.f_lasti), None)
-    if at is None or at + 1 >= len(insts):
+    if at is not None and insts[at].opname == "TO_BOOL":   # Python >= 3.13
+        at += 1
+    if at is None or insts[at].opname not in _COND_JUMPS or not isinstance(insts[at].argval, int):
         return False
-    return insts[at].opname in _JUMP_IF_TRUE and insts[at + 1].opname == "LOAD_ASSERTION_ERROR"
+    target = insts[at].argval
+    body = [ins for ins in insts[at + 1:] if ins.offset < target]
+    # the other path ends in a raise and never leaves (its jumps stay inside: message building)
+    return bool(body) and body[-1].opname == "RAISE_VARARGS" and not any(
+        ins.opname.startswith("RETURN") or
+        ("JUMP" in ins.opname and isinstance(ins.argval, int) and not
+         body[0].offset <= ins.argval < target) for ins in body[:-1])
 
 
 def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
@@ -209,6 +219,12 @@ def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.No
     """Evaluate ``target`` from the values in ``env`` (placeholders at least), running only its
     ancestors; ``call_module(node, args, kwargs)`` runs the module calls."""
     needed = ancestors(target) | {target}
+    # in-place writes into a needed tensor (traced ``operator.setitem``) are needed too
+    for n in graph.nodes:
+        if n is target:
+            break
+        if n.op == "call_function" and n.target is operator.setitem and n.args[0] in needed:
+            needed |= ancestors(n) | {n}
     for n in graph.nodes:
         if n not in needed or n in env:
             continue

@@ -221,33 +221,43 @@ def test_bfloat16_model_converts_and_keeps_its_dtype():
 
 
 class _BranchyBlock(nn.Module):
-    """A pre-norm block with a Python branch on a traced size."""
+    """A pre-norm block with Python control flow on a traced size (``mode``)."""
 
-    def __init__(self, dim=32, on_tokens=False):
+    def __init__(self, dim=32, mode="channels"):
         super().__init__()
-        self.on_tokens = on_tokens
+        self.mode = mode
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
 
     def forward(self, x):
         B, N, C = x.shape
-        if self.on_tokens:
-            if N > 40:                      # depends on the token count
+        if self.mode == "tokens":
+            if N > 40:                      # a branch on the token count
                 x = x * 1.0
-        elif C % 2 == 0:                    # depends on the channels only
-            x = x + 0.0
+        elif self.mode == "channels":
+            if C % 2 == 0:                  # a branch on the channels only
+                x = x + 0.0
+        elif self.mode == "assert":
+            assert N == 65, "a check on the token count"
+        elif self.mode == "raise":
+            if N != 65:
+                raise ValueError("a check on the token count")
+        elif self.mode == "int_batch":     # int() of the batch size (MMPretrain's window_reverse)
+            x = x.reshape(int(x.shape[0]), -1, C)
+        elif self.mode == "int_tokens":
+            x = x.reshape(B, int(x.shape[1]), C)
         q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=-1)
         x = x + self.proj((q @ k.transpose(-2, -1) / C ** 0.5).softmax(-1) @ v)
         return x + self.mlp(self.norm2(x))
 
 
 class _BranchyViT(nn.Module):
-    def __init__(self, on_tokens=False):
+    def __init__(self, mode="channels"):
         super().__init__()
         self.embed = nn.Conv2d(3, 32, 4, 4)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, 32))
-        self.blocks = nn.Sequential(*[_BranchyBlock(on_tokens=on_tokens) for _ in range(4)])
+        self.blocks = nn.Sequential(*[_BranchyBlock(mode=mode) for _ in range(4)])
 
     def forward(self, img):
         x = self.embed(img).flatten(2).transpose(1, 2)
@@ -255,14 +265,29 @@ class _BranchyViT(nn.Module):
         return self.blocks(x)[:, 0]
 
 
-def test_python_branch_on_sizes_is_specialised_unless_it_depends_on_the_token_count():
-    x = torch.randn(2, 3, 32, 32)
-    model = _BranchyViT().eval()
+@pytest.mark.parametrize("mode", ["channels", "assert", "raise", "int_batch"])
+def test_python_control_flow_on_sizes_is_specialised(mode):
+    """Branches and int() on traced sizes take their calibration value; a check (assert, or a
+    branch that only raises) passes there and is dropped (it would fail on the kept tokens); a
+    value that depends on the batch size gives one program per batch size."""
+    x = torch.randn(3, 3, 32, 32)
+    model = _BranchyViT(mode).eval()
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.batch_size == (1 if mode == "int_batch" else None) for s in blocks)
     with torch.no_grad():
-        fast(x)
-        assert evoplug.tokens_per_block(fast)[-1][1] == 1 + 32 + 1
+        for batch in (2, 3):
+            fast(x[:batch])
+            assert evoplug.tokens_per_block(fast)[-1][1] == 1 + 32 + 1
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
-        assert (fast(x) - model(x)).abs().max() <= 1e-5
-    with pytest.raises(evoplug.ConversionError, match="depends on the number of tokens"):
-        evoplug.convert(_BranchyViT(on_tokens=True).eval(), example_input=x[:1])
+        for batch in (1, 2, 3):
+            assert (fast(x[:batch]) - model(x[:batch])).abs().max() <= 1e-5
+    if mode == "int_batch":
+        assert {k for s in blocks for k in s.batch_programs} == {(False, 2), (False, 3)}
+
+
+@pytest.mark.parametrize("mode,what", [("tokens", "a Python branch"),
+                                       ("int_tokens", r"an int\(\) of a traced value")])
+def test_control_flow_on_the_token_count_is_refused(mode, what):
+    with pytest.raises(evoplug.ConversionError, match=f"{what} .* depends on the number of tokens"):
+        evoplug.convert(_BranchyViT(mode).eval(), example_input=torch.randn(1, 3, 32, 32))
