@@ -18,8 +18,11 @@ attention kept as a leaf, so the graph shows the attention internals and the res
 * windowed attention (tokens regrouped into windows inside the block) and, by running the graph
   on token indices, which token each window slot holds (:func:`window_token_index`).
 
-Python branches on traced sizes are specialised on the calibration input (and refused when they
-depend on the token count); buffers are traced as attributes so the programs read the live ones.
+Python branches and ``int()`` on traced sizes are specialised on the calibration input (and refused
+when they depend on the token count; a value that depends on the batch size makes block.py trace
+one program per batch size); checks (``assert``, a branch that only raises) pass on the
+calibration input and are dropped; buffers are traced as attributes so the programs read the live
+ones.
 
 The result is a :class:`BlockAnalysis` per block (what explain() prints) which rewrite.py turns
 into a slow-path program.
