@@ -673,7 +673,7 @@ class BlockAnalysis:
     module: nn.Module
     call: ModuleCall
     plan: CallPlan
-    attention_modules: Set[int]
+    attention_paths: Tuple[str, ...]   # the block's submodules that ran attention, by path
     num_tokens: int
     dim: int
     num_prefix: int = 0
@@ -688,6 +688,11 @@ class BlockAnalysis:
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
+
+    def attention_ids(self) -> Set[int]:
+        """ids of the submodules that ran attention (traced into), found by path in the block
+        itself: a deep copy of a converted model (EMA) finds its own."""
+        return {id(self.module.get_submodule(p)) for p in self.attention_paths}
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
@@ -866,7 +871,8 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                                       f"({type(sub).__name__}), which torch.fx does not trace into "
                                       "(timm's notrace registry)") from None
         raise e
-    a = BlockAnalysis(name, module, call, plan, traced, N, C)
+    paths = tuple(n for n, m in module.named_modules() if id(m) in traced)
+    a = BlockAnalysis(name, module, call, plan, paths, N, C)
     if gm.meta.get("evo_batch_specialised"):
         a.batch_size = int(B)
         a.notes.append(f"the trace specialised a value on the batch size ({B}): one program per "

@@ -46,7 +46,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     batch size for blocks whose trace depends on it)."""
     if gm is None:
         call = a.call if call is None else call
-        gm = trace_block(a.module, a.name, a.plan, a.attention_modules, training, call)
+        gm = trace_block(a.module, a.name, a.plan, a.attention_ids(), training, call)
         if gm.meta.get("evo_batch_specialised") and a.batch_size is None:
             a.batch_size = int(a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:

@@ -384,3 +384,33 @@ def test_swin_backbone_converts_for_dense_tasks():
         assert any(s.role == "evolve" for s in evoplug.get_report(evo).blocks)
         evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
         assert all((o - r).abs().max() <= 1e-5 for o, r in zip(evo(x), ref))
+
+
+def test_swin_classifier_trains_on_batches_of_changing_size_and_survives_ema_copy():
+    """EvoImageClassifier with MMPretrain's Swin: train steps at two batch sizes (each traces
+    its own train programs), an EMA-style deep copy that follows, predictions in eval mode."""
+    swin = dict(type="SwinTransformer", arch=dict(embed_dims=32, depths=[2, 2, 2, 2],
+                                                   num_heads=[1, 2, 4, 8]), img_size=224)
+    kw = dict(backbone=swin, neck=dict(type="GlobalAveragePooling"),
+              head=dict(type="LinearClsHead", num_classes=10, in_channels=256))
+    dense = _tiny_classifier(**kw)
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=0.5), **kw)
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    opt = torch.optim.SGD(evo.parameters(), lr=0.01)
+    evo.train()
+    for batch in (4, 3):
+        losses = evo(torch.randn(batch, 3, 224, 224), _samples(batch), mode="loss")
+        assert torch.isfinite(losses["loss"])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    blocks = evoplug.get_report(evo.backbone).blocks
+    assert {(True, 4), (True, 3)} <= {k for s in blocks for k in s.batch_programs}
+    ema = copy.deepcopy(evo)
+    evo.eval()
+    ema.eval()
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(ema(x), evo(x), atol=1e-6)
+        preds = evo(x, mode="predict")
+    assert len(preds) == 2 and preds[0].pred_score.shape == (10,)
