@@ -31,6 +31,7 @@ EXAMPLES = os.path.join(ROOT, "examples", "mmpretrain")
 DENSE_CFG = os.path.join(EXAMPLES, "deit-tiny_mnist5k.py")
 EVO_CFG = os.path.join(EXAMPLES, "evo-deit-tiny_mnist5k.py")
 EVO_DEIT_S = os.path.join(EXAMPLES, "evo-deit-small_4xb256_in1k.py")
+EVO_SWIN_T = os.path.join(EXAMPLES, "evo-swin-tiny_16xb64_in1k.py")
 
 TINY_ARCH = dict(embed_dims=96, num_layers=6, num_heads=3, feedforward_channels=384)
 
@@ -159,6 +160,28 @@ def test_evo_deit_small_user_config_dumps_reloads_and_takes_a_dense_checkpoint(t
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
     toks = dict(evoplug.tokens_per_block(evo.backbone))
     assert toks["layers.11"] == 1 + 98 + 1                     # cls + 98 of 196 + representative
+
+
+def test_evo_swin_tiny_user_config_takes_a_dense_checkpoint():
+    """The same form for MMPretrain's Swin-T config."""
+    cfg = Config.fromfile(EVO_SWIN_T)
+    assert cfg.model.type == "EvoImageClassifier" and cfg.model.backbone.type == "SwinTransformer"
+    evo = MODELS.build(cfg.model)
+    dense_cfg = copy.deepcopy(cfg.model)
+    dense_cfg.type = "ImageClassifier"
+    dense_cfg.pop("evo")
+    dense = MODELS.build(dense_cfg)
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    dense.eval()
+    evo.eval()
+    roles = [s.role for s in evoplug.get_report(evo.backbone).blocks]
+    assert len(roles) == 12 and roles.count("evolve") == 8
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        out = evo(x)
+        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        evoplug.set_options(evo.backbone, keep_ratio=1.0, identity_fast_path=False)
+        assert (evo(x) - dense(x)).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------ dense checkpoints
