@@ -92,7 +92,7 @@ class BlockTracer(fx.Tracer):
         if _is_guard(inspect.currentframe()):
             self.specialised.append(f"check {obj.node.name} (passes on the calibration input)")
             return value
-        self._check_subset(obj.node, value, "a Python branch")
+        self._check_dependence(obj.node, value, "a Python branch")
         self.specialised.append(f"{obj.node.name} -> {value}")
         return value
 
@@ -100,11 +100,11 @@ class BlockTracer(fx.Tracer):
         """``int()`` of a traced size (MMPretrain's ``window_reverse``: the batch size from the
         number of windows): specialised on the calibration input like a branch."""
         value = int(self._evaluate(obj.node, self._example))
-        self._check_subset(obj.node, value, "an int() of a traced value")
+        self._check_dependence(obj.node, value, "an int() of a traced value")
         self.specialised.append(f"int({obj.node.name}) -> {value}")
         return value
 
-    def _check_subset(self, node: fx.Node, value, what: str):
+    def _check_dependence(self, node: fx.Node, value, what: str):
         """Refuse a value that depends on the token count; note one that depends on the batch
         size (MMPretrain's ``window_reverse`` computes B with ``int()``): such a block gets one
         program per batch size (block.py)."""
@@ -118,8 +118,9 @@ class BlockTracer(fx.Tracer):
                 raise fx.proxy.TraceError(
                     f"{what} (`{node.name}`) depends on the number of tokens, so a program "
                     "specialised on all tokens would be wrong on the kept ones")
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 else v
-                   for k, v in self._example.items()}
+        B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
+                   v.shape[0] == B else v for k, v in self._example.items()}
         try:
             other = type(value)(self._evaluate(node, doubled))
         except Exception:
@@ -358,6 +359,15 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         _restore_mutable_state(saved)
         module.train(was)
     return gm
+
+
+def mark_batch_specialised(a: "BlockAnalysis", gm: fx.GraphModule, batch: int):
+    """A trace that specialised a value on the batch size makes the block trace one program
+    per batch size (block.py); ``batch`` is the size this trace was made for."""
+    if gm.meta.get("evo_batch_specialised") and a.batch_size is None:
+        a.batch_size = int(batch)
+        a.notes.append(f"the trace specialised a value on the batch size ({batch}): one program "
+                       "per batch size, built at the first call with it")
 
 
 def _constants_to_buffers(module: nn.Module):
@@ -689,16 +699,17 @@ class BlockAnalysis:
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
 
-    def attention_ids(self) -> Set[int]:
-        """ids of the submodules that ran attention (traced into), found by path in the block
-        itself: a deep copy of a converted model (EMA) finds its own."""
-        return {id(self.module.get_submodule(p)) for p in self.attention_paths}
     attention: str = ""              # human-readable attention description
     q: str = ""
     k: str = ""
     position_terms: List[str] = dataclasses.field(default_factory=list)
     branches: List[Branch] = dataclasses.field(default_factory=list)
     notes: List[str] = dataclasses.field(default_factory=list)
+
+    def attention_ids(self) -> Set[int]:
+        """ids of the submodules that ran attention (traced into), found by path in the block
+        itself: a deep copy of a converted model (EMA) finds its own."""
+        return {id(self.module.get_submodule(p)) for p in self.attention_paths}
 
 
 def _token_block_reason(call: ModuleCall, batch: Optional[int] = None,
@@ -873,10 +884,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         raise e
     paths = tuple(n for n, m in module.named_modules() if id(m) in traced)
     a = BlockAnalysis(name, module, call, plan, paths, N, C)
-    if gm.meta.get("evo_batch_specialised"):
-        a.batch_size = int(B)
-        a.notes.append(f"the trace specialised a value on the batch size ({B}): one program per "
-                       "batch size, built at the first call with it")
+    mark_batch_specialised(a, gm, B)
     if token_map:
         # a map has no room for prefix tokens: every position is a patch
         a.token_map, a.grid = True, (int(H), int(W))

@@ -17,8 +17,10 @@ from torch import nn
 
 from . import evolution as ev
 from .analysis import BlockAnalysis
+from .calibration import ModuleCall
 from .errors import EvoplugError
 from .options import EvoOptions
+from .rewrite import build_program
 
 
 class EvoContext:
@@ -134,8 +136,6 @@ def _batch_program(spec: BlockSpec, training: bool, args, kwargs, batch: int) ->
     key = (training, batch)
     program = spec.batch_programs.get(key)
     if program is None:
-        from .calibration import ModuleCall
-        from .rewrite import build_program
         detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
         call = ModuleCall(spec.analysis.name, -1, tuple(map(detach, args)),
                           {k: detach(v) for k, v in kwargs.items()})

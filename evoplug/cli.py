@@ -208,8 +208,8 @@ def cmd_bench(a, out) -> int:
         raise CliError("--warmup must be >= 0")
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
-    settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch, device=a.device, dtype=a.dtype,
-                    threads=a.threads or torch.get_num_threads(),
+    settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
+                    device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
                     model_kwargs=dict(a.model_arg), convert_options=_convert_options(a))
     bench.resolve_device(a.device)

@@ -35,7 +35,7 @@ from torch import nn
 
 from . import evolution as ev
 from .analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
-                       find_grid_ops, is_add, trace_block)
+                       find_grid_ops, is_add, mark_batch_specialised, trace_block)
 from .errors import AnalysisError
 
 
@@ -47,8 +47,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     if gm is None:
         call = a.call if call is None else call
         gm = trace_block(a.module, a.name, a.plan, a.attention_ids(), training, call)
-        if gm.meta.get("evo_batch_specialised") and a.batch_size is None:
-            a.batch_size = int(a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
+        mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
     graph = gm.graph
