@@ -29,6 +29,8 @@ into a slow-path program.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import inspect
 import operator
@@ -178,6 +180,14 @@ class BlockTracer(fx.Tracer):
                                  lambda n, args, kwargs: root.get_submodule(n.target)(*args, **kwargs))
         finally:
             root.train(was)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module traced into contributes its own computation, not its hooks: a hook is the
+        user's, and may be removed after the conversion (the converted block runs its original
+        forward while a traced-into module has hooks, so they fire as before)."""
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
@@ -771,9 +781,14 @@ def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int
 
 
 def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
-    """Candidate blocks and the modules with attention that are left alone (with reasons)."""
+    """Walk the module tree top-down: the candidate blocks; the modules that look like token
+    blocks but cannot be converted (*failed*: strict conversion raises on them); the modules
+    with attention that are no token blocks (*skipped*, e.g. class attention, pooling).
+
+    A module that holds no candidate is reported as one unit when its attention is its own or
+    one child's (a block around its attention module): ``blocks.3``, not ``blocks.3.attn``."""
     candidates: List[Tuple[str, nn.Module, ModuleCall]] = []
-    skipped: List[Tuple[str, str]] = []
+    reports: List[Tuple[str, str, bool]] = []     # (name, reason, looks like a token block)
     batch = _model_batch(model, calls)
 
     def visit(name: str, m: nn.Module):
@@ -784,27 +799,90 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             return
         if c.attention_ops == 0:
             return
-        if c.n_calls == 1 and c.attention_ops == 1:
-            reason = _token_block_reason(c, batch, _channels_last(m, c, calls))
-            if reason is None:
-                candidates.append((name, m, c))
-                return
-        before = len(candidates)
+        reason = _token_block_reason(c, batch, _channels_last(m, c, calls))
+        if c.n_calls == 1 and c.attention_ops == 1 and reason is None:
+            candidates.append((name, m, c))
+            return
+        parallel = _parallel_branches(name, m, calls) if c.n_calls == 1 and reason is None else []
+        if len(parallel) > 1:     # e.g. timm's ParallelThingsBlock: x + attn_1(x) + attn_2(x)
+            reports.append((name, f"runs {c.attention_ops} attention computations per call, in "
+                                  f"parallel branches on the same tokens ({', '.join(parallel)}); "
+                                  "evoplug converts blocks with one self-attention over their "
+                                  "tokens", True))
+            return
+        before, reported = len(candidates), len(reports)
         for child_name, child in m.named_children():
             visit(f"{name}.{child_name}" if name else child_name, child)
-        if len(candidates) == before and c.attention_ops == c.n_calls == 1:
-            # one attention inside and nothing convertible: report this module, not its parts
-            inner = [f"`{n}`: {r}" for n, r in skipped if n.startswith(name + ".")]
-            skipped[:] = [sk for sk in skipped if not sk[0].startswith(name + ".")]
-            reason = _token_block_reason(c, batch) or "no token block inside"
-            skipped.append((name, reason + (f" (inside: {'; '.join(inner)})" if inner else "")))
-        elif len(candidates) == before and c.n_calls > 1 and c.attention_ops:
-            skipped[:] = [sk for sk in skipped if not sk[0].startswith(name + ".")]
-            skipped.append((name, f"called {c.n_calls} times per forward (shared module)"))
+        inside = reports[reported:]
+        if len(candidates) > before or len(inside) > 1 or not _one_unit(m, c, calls) or \
+                (inside and _whole_block(model.get_submodule(inside[0][0]), calls)):
+            return
+        del reports[reported:]
+        token_block = reason is None or reason.startswith("its tokens arrive regrouped")
+        if c.n_calls > 1:
+            why = f"called {c.n_calls} times per forward (shared module)"
+        elif reason is None:
+            why = (f"runs {c.attention_ops} attention computations per call; evoplug converts "
+                   "blocks with one self-attention over their tokens")
+        else:
+            why = reason
+        if inside and not inside[0][1].startswith(why):
+            why += f" (inside: `{inside[0][0]}`: {inside[0][1]})"
+        reports.append((name, why, token_block))
 
     visit("", model)
     candidates.sort(key=lambda t: t[2].order)
-    return candidates, skipped
+    failed = [(n, r) for n, r, block in reports if block]
+    skipped = [(n, r) for n, r, block in reports if not block]
+    return candidates, failed, skipped
+
+
+def _parallel_branches(name: str, m: nn.Module, calls: Dict[int, ModuleCall]) -> List[str]:
+    """The attention-running parts of ``m`` (its nearest called descendants) when several of
+    them took the very same token tensor: parallel branches of one block, not blocks in a row
+    (each of those takes the previous one's output)."""
+    parts: List[Tuple[str, ModuleCall]] = []
+
+    def collect(prefix: str, mod: nn.Module):
+        for child_name, child in mod.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            c = calls.get(id(child))
+            if c is None:
+                collect(path, child)
+            elif c.attention_ops:
+                parts.append((path, c))
+
+    collect(name, m)
+    firsts = [next((a for a in c.args if isinstance(a, torch.Tensor)), None) for _, c in parts]
+    shared = [p for (p, _), t in zip(parts, firsts) if t is not None and
+              sum(t is u for u in firsts) > 1]
+    return [f"`{p}`" for p in shared]
+
+
+def _one_unit(m: nn.Module, c: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
+    """Whether ``m`` is one attention unit: called more than once (shared), or its attention
+    runs in its own forward or inside exactly one of its children."""
+    if c.n_calls > 1:
+        return True
+    per_child = [_attention_below(child, calls) for child in m.children()]
+    per_child = [n for n in per_child if n]
+    return sum(per_child) < c.attention_ops or len(per_child) == 1
+
+
+def _whole_block(m: nn.Module, calls: Dict[int, ModuleCall]) -> bool:
+    """A module holding attention in one child and other work (an MLP: a child with parameters
+    that ran no attention) in another: a block, reported under its own name."""
+    ran = [(child, _attention_below(child, calls)) for child in m.children()
+           if calls.get(id(child)) is not None]
+    return any(n for _, n in ran) and any(
+        not n and next(child.parameters(), None) is not None for child, n in ran)
+
+
+def _attention_below(m: nn.Module, calls: Dict[int, ModuleCall]) -> int:
+    c = calls.get(id(m))
+    if c is not None:
+        return c.attention_ops
+    return sum(_attention_below(child, calls) for child in m.children())
 
 
 def attention_modules(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
@@ -823,13 +901,14 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     4-D feature map produced before the block ran; else the model's ``num_prefix_tokens`` /
     ``num_extra_tokens`` attribute; else 0."""
     grid = None
-    for c in calls.values():
-        out = c.output
-        if c.order < call.order and isinstance(out, torch.Tensor) and out.dim() == 4:
-            hw = out.shape[-2] * out.shape[-1]
+    inside = inside_attention(model, calls) if model is not None else set()
+    for mid, c in calls.items():
+        fm = c.feature_map() if c.order < call.order and mid not in inside else None
+        if fm is not None:
+            hw = fm[0] * fm[1]
             if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
                 if grid is None or c.order > grid[0]:
-                    grid = (c.order, hw, c.name, tuple(out.shape[-2:]))
+                    grid = (c.order, hw, c.name, fm)
     if grid is not None:
         return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
     for attr in ("num_prefix_tokens", "num_extra_tokens"):
@@ -896,7 +975,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
             a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
         if a.num_prefix >= N:
             raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
-        a.grid = patch_grid(call, calls, N - a.num_prefix)
+        a.grid = patch_grid(call, calls, N - a.num_prefix, model)
     grid_ops = find_grid_ops(gm, a, site)
     a.grid_ops_expected = bool(grid_ops)
     for kind, node, _ in grid_ops:
@@ -985,7 +1064,129 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     a.branches, notes = residual_branches(gm, token, site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
     return a, gm
+
+
+# --------------------------------------------------------------------------------------------
+# Token mixing outside attention
+# --------------------------------------------------------------------------------------------
+
+#: tolerance of the mixing probe, relative to the output's scale (float32; 100x in half)
+MIXING_TOLERANCE = 1e-4
+
+
+def _zero_attention_output(out):
+    """The attention's output replaced by zeros (nn.MultiheadAttention: its first item)."""
+    if isinstance(out, tuple):
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+    return torch.zeros_like(out)
+
+
+def _attention_output(site: AttentionSite) -> Optional[fx.Node]:
+    """Where the attention's result leaves it: the fused call, or for an explicit softmax the
+    first product with the values downstream of it (after talking heads, dropout, ...)."""
+    if site.kind in ("sdpa", "mha"):
+        return site.node
+    todo, seen = list(site.node.users), set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_matmul(n):
+            return n
+        todo.extend(n.users)
+    return None
+
+
+def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a: BlockAnalysis,
+                                      feed, has_grid_ops: bool):
+    """Behavioural check that the block mixes tokens only in its attention: with the attention's
+    output set to zero, changing one patch token must leave every other token as it was. An
+    order-independent reduction over the tokens (a mean added to the output, pooling) passes
+    the permutation probe but fails here; evoplug would compute it over the kept tokens only.
+    Blocks with 2-D map operations (a depthwise conv) may change the token's neighbours: only
+    the tokens far from it on the grid are compared."""
+    out_node = _attention_output(site)
+    if out_node is None:
+        return
+    graph = copy.deepcopy(gm.graph)
+    target = next(n for n in graph.nodes if n.name == out_node.name)
+    with graph.inserting_after(target):
+        zero = graph.call_function(_zero_attention_output, (target,))
+    target.replace_all_uses_with(zero, delete_user_cb=lambda u: u is not zero)
+    probe = fx.GraphModule(gm, graph)
+    x = feed[0]
+    tokens = x.flatten(1, 2) if a.token_map else x
+    B, N, C = tokens.shape
+    P = a.num_prefix
+    compare = torch.ones(N, dtype=torch.bool)
+    compare[P] = False                          # the changed token: the first patch token
+    if has_grid_ops:
+        if a.grid is None:
+            return
+        h, w = a.grid
+        r = min(h, w) // 2
+        rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+        far = torch.maximum(rows, cols) > r     # Chebyshev distance from the corner token
+        if not bool(far.any()):
+            return
+        compare = torch.cat([torch.zeros(P, dtype=torch.bool), far])
+    gen = torch.Generator().manual_seed(0)
+    changed = tokens.clone()
+    noise = torch.randn(changed[:, P].shape, generator=gen).to(changed)
+    changed[:, P] = noise * (3 * float(tokens.float().std()) + 1e-3)
+    module = a.module
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), hooks_suspended(module):
+            ref = probe(*feed)
+            out = probe(changed.reshape(x.shape), *feed[1:])
+    except RuntimeError as e:    # e.g. an op that cannot take the zeros: said in explain()
+        a.notes.append(f"the check for token mixing outside attention could not run "
+                       f"({type(e).__name__}: {e})")
+        return
+    finally:
+        module.train(was)
+    if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
+        return
+    ref, out = ref.reshape(B, N, -1).float(), out.reshape(B, N, -1).float()
+    if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
+        return
+    tol = MIXING_TOLERANCE * (1 if x.dtype in (torch.float32, torch.float64) else 100)
+    err = float((out - ref)[:, compare.to(out.device)].abs().max())
+    if err > tol * max(1.0, float(ref.abs().max())):
+        raise AnalysisError(
+            a.name, "mixes tokens outside its attention (with the attention's output set to "
+                    f"zero, changing one patch token changed others by up to {err:.3g}): e.g. a "
+                    "mean or sum over the tokens, which evoplug would take over the kept tokens "
+                    "only")
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def hooks_suspended(module: nn.Module):
+    """The hooks of ``module``'s submodules set aside (and put back): the probes compare the
+    block's own computation with its program, which never runs the hooks of what it traced
+    into."""
+    saved = []
+    for m in module.modules():
+        for name in _HOOK_DICTS:
+            d = getattr(m, name, None)
+            if d:
+                saved.append((d, dict(d)))
+                d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
 
 
 def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysis", feed,
@@ -1174,15 +1375,31 @@ def reduced_kv_grid(k: fx.Node, num_keys: int, grid_ops):
     return None
 
 
-def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int):
+def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
+    """ids of the modules that run inside an attention computation: the submodules of a
+    module that computes attention in its own forward (not only in its children). Their 4-D
+    outputs are per-head tensors (timm's ``k_norm`` on (B, N, heads, d)), attention maps or
+    spatially reduced keys, never the patch grid."""
+    inside: Set[int] = set()
+    for m in model.modules():
+        c = calls.get(id(m))
+        if c is None or c.attention_ops == 0 or m is model:
+            continue
+        if c.attention_ops > sum(_attention_below(child, calls) for child in m.children()):
+            inside.update(id(sub) for sub in m.modules() if sub is not m)
+    return inside
+
+
+def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
+               model: Optional[nn.Module] = None):
     """(h, w) of the block's patch tokens: the last 4-D map before the block with h*w == M,
     else a square grid if M is a perfect square, else None."""
     best = None
-    for c in calls.values():
-        out = c.output
-        if c.order < call.order and isinstance(out, torch.Tensor) and out.dim() == 4 and \
-                out.shape[-2] * out.shape[-1] == num_patches and (best is None or c.order > best[0]):
-            best = (c.order, (int(out.shape[-2]), int(out.shape[-1])))
+    inside = inside_attention(model, calls) if model is not None else set()
+    for mid, c in calls.items():
+        fm = c.feature_map() if c.order < call.order and mid not in inside else None
+        if fm is not None and fm[0] * fm[1] == num_patches and (best is None or c.order > best[0]):
+            best = (c.order, fm)
     if best is not None:
         return best[1]
     r = int(round(num_patches ** 0.5))
@@ -1204,6 +1421,18 @@ def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
         return choice
     if num_prefix == 0:
         return "mean"
-    if hasattr(model, "cls_token") and getattr(model, "cls_token") is None:
+    if declares_no_class_token(model):
         return "mean"
     return "cls"
+
+
+def declares_no_class_token(model: nn.Module) -> bool:
+    """The model says it has no class token: the shallowest module with a ``cls_token``
+    attribute holds None (timm ViTs, and NaFlexViT's ``embeds.cls_token``), or it sets
+    ``has_class_token = False``. Its prefix tokens are then registers, not a class token."""
+    for _, m in model.named_modules():      # pre-order: the model itself first
+        if getattr(m, "has_class_token", None) is False:
+            return True
+        if hasattr(m, "cls_token"):
+            return getattr(m, "cls_token") is None
+    return False

@@ -33,6 +33,17 @@ class ModuleCall:
     n_calls: int = 0
     attention_ops: int = 0           # attention computations run while this module ran (all calls)
     grid_ops: int = 0                # leaf modules run on a 4-D (B, C, H, W) map inside this one
+    attention_map: bool = False      # its output is what an attention function returned
+
+    def feature_map(self) -> Optional[Tuple[int, int]]:
+        """(h, w) when this module's (first) output is a 4-D spatial feature map (B, C, h, w):
+        not an attention map (B, heads, queries, keys) passed on by e.g. ``attn_drop``, and
+        with both sides >= 2 (a (B, heads, 1, N) class-attention row is no grid)."""
+        out = self.output
+        if not isinstance(out, torch.Tensor) or out.dim() != 4 or self.attention_map:
+            return None
+        h, w = int(out.shape[-2]), int(out.shape[-1])
+        return (h, w) if h >= 2 and w >= 2 else None
 
     @property
     def attention_per_call(self) -> float:
@@ -51,9 +62,11 @@ class _AttentionCounter(TorchFunctionMode):
             rec.count_attention()
             rec.inside_attention += 1
             try:
-                return func(*args, **kwargs)
+                out = func(*args, **kwargs)
             finally:
                 rec.inside_attention -= 1
+            rec.attention_outputs.append(out)
+            return out
         return func(*args, **kwargs)
 
 
@@ -62,6 +75,7 @@ class _Recorder:
         self.calls: Dict[int, ModuleCall] = {}
         self.stack: List[int] = []
         self.inside_attention = 0
+        self.attention_outputs: List[Any] = []   # what attention functions returned (kept alive)
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
 
@@ -95,6 +109,9 @@ class _Recorder:
         c = self.calls[mid]
         if c.n_calls == 1:
             c.output = output
+            # an attention map passed on unchanged (attn_drop in eval) is no feature map
+            c.attention_map = isinstance(output, torch.Tensor) and any(
+                output is o for o in self.attention_outputs)
 
 
 def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
@@ -121,28 +138,42 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     return rec.calls
 
 
-def default_example_input(model: nn.Module, batch: int = 1) -> Optional[torch.Tensor]:
-    """An image batch of the model's input size, when the model says what that is
-    (timm's ``patch_embed.img_size`` / ``pretrained_cfg['input_size']``, ``img_size``)."""
-    size = None
+def default_example_input(model: nn.Module, batch: int = 1, describe: bool = False):
+    """An image batch of the model's declared input size, or None when it declares none.
+
+    Height and width: timm's ``patch_embed.img_size``, else ``pretrained_cfg['input_size']``,
+    else ``model.img_size``. Channels: ``pretrained_cfg['input_size']``, else ``model.in_chans``,
+    else the patch embedding's input channels (not for hybrid models, whose patch embedding
+    reads a backbone's features), else 3. With ``describe=True`` returns (input, where the size
+    came from)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    cfg_size = tuple(cfg["input_size"]) if cfg.get("input_size") else None
     pe = getattr(model, "patch_embed", None)
+    hw, source = None, None
     if pe is not None and getattr(pe, "img_size", None) is not None:
-        hw = pe.img_size
-        hw = (hw, hw) if isinstance(hw, int) else tuple(hw)
-        chans = getattr(getattr(pe, "proj", None), "in_channels", 3)
-        size = (chans, *hw)
-    if size is None:
-        cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-        if cfg.get("input_size"):
-            size = tuple(cfg["input_size"])
-    if size is None and getattr(model, "img_size", None) is not None:
-        hw = model.img_size
-        hw = (hw, hw) if isinstance(hw, int) else tuple(hw)
-        size = (getattr(model, "in_chans", 3), *hw)
-    if size is None:
-        return None
+        hw, source = _pair(pe.img_size), "`patch_embed.img_size`"
+    elif cfg_size is not None:
+        hw, source = cfg_size[1:], "`pretrained_cfg['input_size']`"
+    elif getattr(model, "img_size", None) is not None:
+        hw, source = _pair(model.img_size), "`model.img_size`"
+    if hw is None:
+        return (None, None) if describe else None
+    if cfg_size is not None:
+        chans = cfg_size[0]
+    elif isinstance(getattr(model, "in_chans", None), int):
+        chans = model.in_chans
+    elif pe is not None and getattr(pe, "backbone", None) is None and \
+            isinstance(getattr(getattr(pe, "proj", None), "in_channels", None), int):
+        chans = pe.proj.in_channels
+    else:
+        chans = 3
     p = next((q for q in model.parameters() if q.is_floating_point()), None)
     device = p.device if p is not None else "cpu"
     dtype = p.dtype if p is not None else torch.float32
     gen = torch.Generator().manual_seed(0)
-    return torch.randn((batch, *size), generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn((batch, chans, *hw), generator=gen).to(device=device, dtype=dtype)
+    return (x, source) if describe else x
+
+
+def _pair(v) -> Tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)

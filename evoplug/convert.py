@@ -13,11 +13,12 @@ import torch
 from torch import nn
 
 from . import evolution as ev
-from .analysis import BlockAnalysis, analyse_block, attention_modules, find_blocks
-from .block import BlockSpec, EvoBlockMixin, EvoContext, _gather_extra, evo_class
+from .analysis import (BlockAnalysis, analyse_block, attention_modules, find_blocks,
+                       hooks_suspended)
+from .block import BlockSpec, EvoBlockMixin, EvoRuntime, Plan, _gather_extra, evo_class
 from .calibration import calibrate, default_example_input
 from .errors import AnalysisError, ConversionError
-from .options import EvoOptions
+from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite import build_program
 
 
@@ -55,8 +56,8 @@ def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
     was = m.training
     m.eval()
     try:
-        with torch.no_grad():
-            ref = a.orig_forward(m, *args, **kwargs)
+        with torch.no_grad(), hooks_suspended(m):
+            ref = type(a.module).forward(m, *args, **kwargs)
             x, extras = a.plan.bind(a.name, args, kwargs)
             if a.token_map:   # (B, H, W, C) maps: compare as tokens
                 ref, x = ref.flatten(1, 2), x.flatten(1, 2)
@@ -119,40 +120,102 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"
                         + (" (some modules' train()/eval() return None: call model.eval() on its "
                            "own line)" if model is None else ""))
+    # everything is checked before the model is touched: a conversion that fails (inplace or
+    # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
     if any(isinstance(m, EvoBlockMixin) for m in model.modules()):
         raise ConversionError(f"{type(model).__name__} is already converted; use "
                               "evoplug.set_options() to change its options")
+    _check_materialised(model)
     if not inplace:
         model = copy_model(model)
+    calls, attn_mods, candidates, failed, skipped = _calibrate(model, example_input)
+    analysed = []
+    for name, module, call in candidates:
+        added = set(module._buffers)
+        try:
+            a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
+                                       opts.num_prefix_tokens, opts.global_query)
+            programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
+            _probe(a, programs[False])
+            analysed.append((a, programs, added))
+        except AnalysisError as e:
+            _drop_added_buffers(module, added)
+            failed.append((name, e.reason))
+    failed.sort(key=lambda f: _order(calls, model, f[0]))
+    try:
+        _check_convertible(model, analysed, failed, skipped, strict)
+        roles = assign_roles(opts, len(analysed))
+    except Exception:
+        for a, _, added in analysed:
+            _drop_added_buffers(a.module, added)
+        raise
+    runtime = EvoRuntime(Plan(opts, roles))
+    specs = []
+    for i, (a, programs, added) in enumerate(analysed):
+        spec = BlockSpec(i, a, runtime, programs, type(a.module),
+                         inner=tuple(a.module.get_submodule(p) for p in a.attention_paths if p),
+                         added_buffers=tuple(n for n in a.module._buffers if n not in added))
+        a.module.__class__ = evo_class(type(a.module))
+        a.module._evoplug_spec = spec
+        del a.call  # do not keep the calibration tensors alive
+        specs.append(spec)
+    model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
+    return model
+
+
+def _check_materialised(model: nn.Module):
+    meta = next((n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+                 if t.is_meta), None)
+    if meta is not None:
+        raise ConversionError(
+            f"{type(model).__name__}: `{meta}` is on the meta device (no values): evoplug runs the "
+            "model once to analyse it. Materialise it first (model.to_empty(device=...) and "
+            "load_state_dict), then convert")
+
+
+def _calibrate(model: nn.Module, example_input):
+    """One recorded forward on the example input (the model's declared input size when none
+    is given), and the candidate blocks it shows."""
+    source = "example_input"
     if example_input is None:
-        example_input = default_example_input(model)
+        example_input, source = default_example_input(model, describe=True)
         if example_input is None:
             raise ConversionError(
                 f"{type(model).__name__}: cannot tell its input size; pass example_input=")
     try:
         calls = calibrate(model, example_input)
     except Exception as e:
+        hint = ""
+        if source != "example_input":
+            hint = (f" (evoplug made a default input of shape {tuple(example_input.shape)} from "
+                    f"{source}; if the model takes another size or channel count, pass "
+                    "example_input=)")
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
-                              f"the model: {type(e).__name__}: {e}") from e
-    candidates, skipped = find_blocks(model, calls)
-    attn_mods = attention_modules(model, calls)
-    analysed, failed = [], []
-    for name, module, call in candidates:
-        try:
-            a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
-                                       opts.num_prefix_tokens, opts.global_query)
-            a.orig_forward = type(module).forward
-            programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
-            _probe(a, programs[False])
-            analysed.append((a, programs))
-        except AnalysisError as e:
-            failed.append((name, e.reason))
+                              f"the model{hint}: {type(e).__name__}: {e}") from e
+    candidates, failed, skipped = find_blocks(model, calls)
+    return calls, attention_modules(model, calls), candidates, failed, skipped
+
+
+def _order(calls, model: nn.Module, name: str) -> int:
+    try:
+        c = calls.get(id(model.get_submodule(name)))
+    except AttributeError:
+        return 1 << 30
+    return c.order if c is not None else 1 << 30
+
+
+def _drop_added_buffers(module: nn.Module, before):
+    """Undo what the analysis registered on a block it did not convert (traced constants,
+    the window index)."""
+    for name in [n for n in module._buffers if n not in before]:
+        del module._buffers[name]
+
+
+def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool):
     if not analysed:
-        if failed:
-            detail = "; ".join(f"`{n}`: {r}" for n, r in failed)
-        elif skipped:
-            detail = "; ".join(f"`{n}`: {r}" for n, r in skipped)
+        if failed or skipped:
+            detail = "; ".join(f"`{n}`: {r}" for n, r in failed + skipped)
         else:
             detail = ("no attention computation (softmax over q.k^T, scaled_dot_product_attention "
                       "or nn.MultiheadAttention) ran in its forward")
@@ -163,23 +226,11 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         raise ConversionError(f"evoplug cannot convert {len(failed)} block(s) of "
                               f"{type(model).__name__} (strict=True; strict=False converts the "
                               f"others and reports these):\n{detail}", failed)
-    if len(analysed) < 2:   # checked before any block is touched (inplace=True)
+    if len(analysed) < 2:
         raise ConversionError(
             f"{type(model).__name__}: only one convertible block (`{analysed[0][0].name}`); Evo-ViT "
             "ranks tokens with the attention of the blocks before the evolving ones, so nothing "
             "would evolve", failed or skipped)
-    context = EvoContext()
-    specs = []
-    for i, (a, programs) in enumerate(analysed):
-        spec = BlockSpec(i, a, opts, context, programs, type(a.module))
-        a.module.__class__ = evo_class(type(a.module))
-        a.module._evoplug_spec = spec
-        del a.call  # do not keep the calibration tensors alive
-        specs.append(spec)
-    report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
-    model._evoplug_report = report
-    _assign_roles(report)
-    return model
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -195,14 +246,15 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _assign_roles(report: ConversionReport):
-    opts = report.options
-    n = len(report.blocks)
+def assign_roles(opts: EvoOptions, n: int) -> Tuple[str, ...]:
+    """Role of each of ``n`` converted blocks: 'dense', then one 'score' block, then 'evolve'.
+    Raises (before anything is changed) when ``start_block`` is past the last block."""
     start = opts.start_block if opts.start_block is not None else max(1, n // 3)
     if start >= n:
-        raise ValueError(f"start_block={start} but the model has {n} converted blocks")
-    for spec in report.blocks:
-        spec.role = "dense" if spec.index < start - 1 else ("score" if spec.index == start - 1 else "evolve")
+        raise ValueError(f"start_block={start} but the model has {n} converted blocks "
+                         f"(start_block must be in 1..{n - 1})")
+    return tuple("dense" if i < start - 1 else ("score" if i == start - 1 else "evolve")
+                 for i in range(n))
 
 
 def get_report(model: nn.Module) -> ConversionReport:
@@ -213,14 +265,25 @@ def get_report(model: nn.Module) -> ConversionReport:
 
 
 def set_options(model: nn.Module, **changes) -> EvoOptions:
-    """Change options of a converted model in place, e.g. ``set_options(m, keep_ratio=0.7)``.
-    Takes effect at the next forward; no re-conversion."""
+    """Change options of a converted model, e.g. ``set_options(m, keep_ratio=0.7)``: the next
+    forward uses them, without re-conversion. Every change is checked first; on an error
+    nothing changes. ``num_prefix_tokens`` and ``global_query`` are read when the blocks are
+    analysed: changing them raises (convert the model again). A forward already running in
+    another thread finishes with the options it started with."""
     report = get_report(model)
-    new = dataclasses.replace(report.options, **changes)   # validates
-    for f in dataclasses.fields(new):
-        setattr(report.options, f.name, getattr(new, f.name))
-    _assign_roles(report)
-    return report.options
+    old = report.options
+    fixed = sorted(k for k in CONVERSION_FIELDS & set(changes) if changes[k] != getattr(old, k))
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)} cannot change after conversion (read when the blocks are "
+            f"analysed): convert again, e.g. evoplug.convert(evoplug.revert(model), "
+            f"{fixed[0]}=...)")
+    new = old.replace(**changes)                      # checks every field
+    roles = assign_roles(new, len(report.blocks))     # checks start_block
+    report.options = new
+    if report.blocks:
+        report.blocks[0].runtime.plan = Plan(new, roles)
+    return new
 
 
 def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
@@ -228,14 +291,14 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
 
 
 def revert(model: nn.Module) -> nn.Module:
-    """Undo a conversion in place (restores the blocks' classes)."""
+    """Undo a conversion in place (restores the blocks' classes); returns ``model``."""
     report = get_report(model)
     for spec in report.blocks:
         m = spec.analysis.module
         m.__class__ = spec.orig_class
         del m._evoplug_spec
-        if "_evo_window_index" in m._buffers:
-            del m._buffers["_evo_window_index"]
+        for name in spec.added_buffers:     # traced constants, the window index
+            m._buffers.pop(name, None)
     del model._evoplug_report
     return model
 

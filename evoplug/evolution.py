@@ -32,8 +32,9 @@ def take_rows(t: Tensor, pos: Tensor) -> Tensor:
     B, N = t.shape[:2]
     rest = t.shape[2:]
     if t.is_contiguous():
-        return t.reshape(B * N, -1).index_select(0, _flat_rows(pos, N)).reshape(B, pos.shape[1], *rest)
-    idx = pos.reshape(B, -1, *([1] * len(rest))).expand(B, pos.shape[1], *rest)
+        width = math.prod(rest)     # explicit: a batch of 0 images has no -1 to infer
+        return t.reshape(B * N, width).index_select(0, _flat_rows(pos, N)).reshape(B, pos.shape[1], *rest)
+    idx = pos.reshape(B, pos.shape[1], *([1] * len(rest))).expand(B, pos.shape[1], *rest)
     return t.gather(1, idx)
 
 
@@ -43,7 +44,8 @@ def put_rows_(dst: Tensor, pos: Tensor, src: Tensor, rows: Optional[Tensor] = No
     B, N = dst.shape[:2]
     if rows is None:
         rows = _flat_rows(pos, N)
-    dst.view(B * N, -1).index_copy_(0, rows, src.reshape(B * pos.shape[1], -1).to(dst.dtype))
+    width = math.prod(dst.shape[2:])
+    dst.view(B * N, width).index_copy_(0, rows, src.reshape(B * pos.shape[1], width).to(dst.dtype))
     return dst
 
 
@@ -54,7 +56,7 @@ def put_rows_(dst: Tensor, pos: Tensor, src: Tensor, rows: Optional[Tensor] = No
 
 def _heads_mean(p: Tensor, batch: int, num_prefix: int) -> Tensor:
     """(B, ..., n_keys) probabilities -> (B, n_keys - P) float32, mean over the middle dims."""
-    p = p.reshape(batch, -1, p.shape[-1]).mean(1)
+    p = p.reshape(batch, p[..., 0].numel() // max(batch, 1), p.shape[-1]).mean(1)
     return p[:, num_prefix:].float()
 
 
@@ -131,7 +133,7 @@ def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
     w_q, w_k = w_q.detach().float(), w_k.detach().float()
     b_q = mha.in_proj_bias[:E].detach().float() if mha.in_proj_bias is not None else None
     g = query[:, :1] if cls_query else query[:, num_prefix:].mean(1, keepdim=True)  # (B, 1, E)
-    qg = torch.nn.functional.linear(g, w_q, b_q).reshape(-1, H, d)             # (B, H, d)
+    qg = torch.nn.functional.linear(g, w_q, b_q).reshape(g.shape[0], H, d)             # (B, H, d)
     u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
     logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
     if attn_mask is not None:  # (N, N) mask, as nn.MultiheadAttention takes it (True = masked)
@@ -310,7 +312,7 @@ def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
     B = row.shape[0]
     r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
     r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
-    r = r.reshape(B, -1).clamp_min(0)
+    r = r.reshape(B, r.shape[-2] * r.shape[-1]).clamp_min(0)
     return r / r.sum(1, keepdim=True).clamp_min(1e-12)
 
 
@@ -410,7 +412,7 @@ def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
         return None
     B = scores.shape[0]
     g = scores.reshape(B, 1, grid_from[0], grid_from[1])
-    g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to)).reshape(B, -1)
+    g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to)).reshape(B, grid_to[0] * grid_to[1])
     return g / g.sum(1, keepdim=True).clamp_min(1e-12)
 
 

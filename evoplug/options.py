@@ -1,36 +1,90 @@
 """User-facing options of a conversion (shared by every converted block of one model).
 
-The options object is shared, so changing ``keep_ratio`` (or any other field) on a converted
-model takes effect at the next forward, without re-converting: see :func:`evoplug.set_options`.
+:class:`EvoOptions` is immutable and checked field by field when it is made: a value of the
+wrong type or out of range raises a ``TypeError`` / ``ValueError`` naming the field, and
+nothing is stored. Numbers may be Python, NumPy or 0-d tensor numbers; they are stored as
+Python ``float`` / ``int`` / ``bool``.
+
+Most options are read at run time: :func:`evoplug.set_options` swaps in a new options object
+and the next forward uses it, without re-converting. Two are read when the blocks are
+analysed (``num_prefix_tokens``, ``global_query``): ``set_options`` refuses to change them
+(``CONVERSION_FIELDS``); convert the model again for that.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+import numbers
+import operator
+from typing import Any, Callable, Optional, Union
+
+#: options fixed when the blocks are analysed: changing them needs a new conversion
+CONVERSION_FIELDS = frozenset({"num_prefix_tokens", "global_query"})
+
+GLOBAL_QUERIES = ("auto", "cls", "mean")
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar or 0-d tensor -> the Python number it holds (other values unchanged)."""
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
+        return value.item()
+    if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "dim") and value.dim() == 0 \
+            and not getattr(value, "requires_grad", False):
+        return value.item()
+    return value
+
+
+def _real(name: str, value: Any) -> float:
+    v = _plain(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+    v = float(v)
+    if math.isnan(v):
+        raise ValueError(f"{name} must be a number, got nan")
+    return v
+
+
+def _integer(name: str, value: Any) -> int:
+    v = _plain(value)
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
+
+
+def _flag(name: str, value: Any) -> bool:
+    v = _plain(value)
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return v
 
 
 def check_keep_ratio(keep_ratio) -> float:
-    if isinstance(keep_ratio, bool) or not isinstance(keep_ratio, (int, float)):
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}")
-    keep_ratio = float(keep_ratio)
-    if not (0.0 < keep_ratio <= 1.0) or math.isnan(keep_ratio):
+    try:
+        v = _real("keep_ratio", keep_ratio)
+    except TypeError as e:
+        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from e
+    except ValueError:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}") from None
+    if not 0.0 < v <= 1.0:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}")
-    return keep_ratio
+    return v
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class EvoOptions:
     """Options of the slow-fast token evolution.
 
     keep_ratio: fraction of the patch tokens that take the slow (full) update in an evolving
-        block; ``1.0`` reproduces the original model exactly.
+        block, in (0, 1]; ``1.0`` reproduces the original model exactly.
     start_block: index (among the converted blocks, in execution order) of the first evolving
         block. ``None`` -> the first third of the blocks stays dense (``len(blocks) // 3``,
         blocks 5-12 of 12 evolve for DeiT, as in the paper). Must be >= 1: the block before it
         provides the first global class attention.
     trade_off: alpha of the global attention update ``g = (1 - alpha) * g + alpha * a``; a
-        float in [0, 1], or a callable returning alpha (a learnable trade-off, e.g. a module
+        number in [0, 1], or a callable returning alpha (a learnable trade-off, e.g. a module
         computing ``sigmoid(w)``; called at each update, so gradients reach ``w``).
     reselect_every: re-run the top-k selection every this many evolving blocks (1 = every
         block; 4 = per "stage" of four blocks as in the authors' DeiT code).
@@ -38,10 +92,10 @@ class EvoOptions:
         update is broadcast to them (fast update). ``False`` = the "placeholder" variant: the
         non-selected tokens are carried unchanged.
     num_prefix_tokens: override the detected number of leading prefix tokens (cls,
-        distillation, registers).
+        distillation, registers). Read at conversion.
     global_query: which query ranks the tokens: ``'cls'`` (the class token, query 0, as in
         the paper), ``'mean'`` (the mean query of the patch tokens: its attention row, for
-        models without a class token) or ``'auto'`` (cls when there is one).
+        models without a class token) or ``'auto'`` (cls when there is one). Read at conversion.
     identity_fast_path: with keep_ratio == 1.0 run each block's original forward (bit-exact,
         no overhead). ``False`` runs the selection machinery even at 1.0 (all tokens selected,
         gathered and scattered back): used by tests to check that path reproduces the model.
@@ -49,7 +103,7 @@ class EvoOptions:
 
     keep_ratio: float = 0.5
     start_block: Optional[int] = None
-    trade_off: float = 0.5
+    trade_off: Union[float, Callable[[], Any]] = 0.5
     reselect_every: int = 1
     representative: bool = True
     num_prefix_tokens: Optional[int] = None
@@ -57,19 +111,51 @@ class EvoOptions:
     identity_fast_path: bool = True
 
     def __post_init__(self):
-        self.validate()
+        for name, value in self._checked().items():
+            object.__setattr__(self, name, value)
 
-    def validate(self):
-        self.keep_ratio = check_keep_ratio(self.keep_ratio)
-        if not callable(self.trade_off) and not (0.0 <= float(self.trade_off) <= 1.0):
-            raise ValueError(f"trade_off must be in [0, 1], got {self.trade_off!r}")
-        if int(self.reselect_every) < 1:
+    def _checked(self) -> dict:
+        """Every field checked and in its canonical type; raises before anything is stored."""
+        out = {"keep_ratio": check_keep_ratio(self.keep_ratio)}
+        if self.start_block is None:
+            out["start_block"] = None
+        else:
+            out["start_block"] = _integer("start_block", self.start_block)
+            if out["start_block"] < 1:
+                raise ValueError(
+                    "start_block must be >= 1: the block before the first evolving block scores "
+                    f"the tokens (got {self.start_block!r})")
+        if callable(self.trade_off) and not isinstance(self.trade_off, (numbers.Number, str)):
+            out["trade_off"] = self.trade_off
+        else:
+            alpha = _real("trade_off", self.trade_off)
+            if not 0.0 <= alpha <= 1.0:
+                raise ValueError(f"trade_off must be in [0, 1], got {self.trade_off!r}")
+            out["trade_off"] = alpha
+        out["reselect_every"] = _integer("reselect_every", self.reselect_every)
+        if out["reselect_every"] < 1:
             raise ValueError(f"reselect_every must be >= 1, got {self.reselect_every!r}")
-        if self.start_block is not None and int(self.start_block) < 1:
-            raise ValueError(
-                "start_block must be >= 1: the block before the first evolving block scores "
-                f"the tokens (got {self.start_block!r})")
-        if self.global_query not in ("auto", "cls", "mean"):
+        out["representative"] = _flag("representative", self.representative)
+        if self.num_prefix_tokens is None:
+            out["num_prefix_tokens"] = None
+        else:
+            out["num_prefix_tokens"] = _integer("num_prefix_tokens", self.num_prefix_tokens)
+            if out["num_prefix_tokens"] < 0:
+                raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens!r}")
+        if not isinstance(self.global_query, str) or self.global_query not in GLOBAL_QUERIES:
             raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {self.global_query!r}")
-        if self.num_prefix_tokens is not None and int(self.num_prefix_tokens) < 0:
-            raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens!r}")
+        out["global_query"] = self.global_query
+        out["identity_fast_path"] = _flag("identity_fast_path", self.identity_fast_path)
+        return out
+
+    def validate(self) -> "EvoOptions":
+        """Kept for callers of the mutable version: the fields were checked when it was made."""
+        return self
+
+    def replace(self, **changes) -> "EvoOptions":
+        """A checked copy with ``changes``; unknown names raise a ``TypeError`` naming them."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - names)
+        if unknown:
+            raise TypeError(f"unknown evoplug option(s) {unknown}; options are {sorted(names)}")
+        return dataclasses.replace(self, **changes)

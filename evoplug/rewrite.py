@@ -33,20 +33,26 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from torch.fx.graph_module import _format_import_block
+from torch.package import sys_importer
+
 from . import evolution as ev
 from .analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
                        find_grid_ops, is_add, mark_batch_specialised, trace_block)
 from .errors import AnalysisError
+from .programs import compile_program
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
-                  call=None) -> Callable:
+                  call=None, root: nn.Module = None) -> Callable:
     """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``),
     specialised on ``call`` (default: the calibration call; block.py passes a call of another
-    batch size for blocks whose trace depends on it)."""
+    batch size for blocks whose trace depends on it, and ``root``: a stand-in of the block with
+    its original class, so the converted block is traced without being changed)."""
     if gm is None:
         call = a.call if call is None else call
-        gm = trace_block(a.module, a.name, a.plan, a.attention_ids(), training, call)
+        gm = trace_block(a.module if root is None else root, a.name, a.plan, a.attention_ids(),
+                         training, call)
         mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
@@ -154,7 +160,20 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
-    return type(gm).forward
+    return _as_program(a, gm)
+
+
+def _as_program(a: BlockAnalysis, gm: fx.GraphModule) -> Callable:
+    """The program as a plain function compiled from its own source (imports included), which
+    is what a pickled model keeps and compiles again; the same path runs at every conversion.
+    A graph that calls something Python cannot import by name keeps fx's function (such a
+    model converts and runs, but does not pickle)."""
+    code = gm.graph.python_code(root_module="self")
+    try:
+        imports = _format_import_block(code.globals, sys_importer)
+    except Exception:   # noqa: BLE001 - fx raises several types for unimportable objects
+        return type(gm).forward
+    return compile_program(imports + "\n" + code.src)
 
 
 def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):

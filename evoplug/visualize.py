@@ -147,7 +147,7 @@ def _grid_of(spec, M: int) -> Tuple[int, int]:
 @torch.no_grad()
 def record_selection(model, x: torch.Tensor) -> SelectionRecord:
     """Run a converted ``model`` (eval mode) on ``x`` and record, for every evolving block,
-    the patch tokens it selected (forward hooks reading the block's ``EvoContext``)."""
+    the patch tokens it selected (forward hooks reading the state the block left, ``spec.context``)."""
     from .convert import get_report
     report = get_report(model)
     evolving = [s for s in report.blocks if s.role == "evolve"]
@@ -172,7 +172,8 @@ def record_selection(model, x: torch.Tensor) -> SelectionRecord:
             h.remove()
     a = evolving[0].analysis
     M = a.num_tokens - a.num_prefix
-    scores = report.blocks[0].context.scores
+    state = report.blocks[0].context          # what this thread's forward left
+    scores = state.scores if state is not None else None
     if scores is None or scores.shape != (x.shape[0], M):
         # keep 1.0 runs the original forwards: no global attention was computed
         scores = torch.zeros(x.shape[0], M)
