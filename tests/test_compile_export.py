@@ -1,7 +1,7 @@
 """A converted model under torch.compile, torch.export and ONNX export: outputs equal eager.
 
 The token evolution is plain tensor code (topk, gather, scatter, einsum) with shapes fixed by
-the input's, and the per-forward state lives in a Python object (EvoContext), so dynamo
+the input's, and the per-forward state is a Python value (EvoState) handed from block to block, so dynamo
 traces the whole converted model into one graph. Small models only (compile runs Inductor's
 C++ code generation on the CPU)."""
 import pytest

@@ -170,10 +170,10 @@ def test_swin_window_rows_rank_tokens_and_train():
                               drop_path_rate=0.1)
     x = torch.randn(2, 3, 224, 224)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
-    ctx = evoplug.get_report(fast).blocks[0].context
     fast.eval()
     with torch.no_grad():
         fast(x)
+    ctx = evoplug.get_report(fast).blocks[0].context    # the state the forward left
     # the scores were carried down to the last grid and rank its tokens (not a constant)
     assert ctx.scores.shape == (2, 49) and bool((ctx.scores >= 0).all())
     assert float(ctx.scores.std()) > 0

@@ -1,0 +1,440 @@
+"""No silent wrong result, no half-done state: per-forward state under threads and gradient
+checkpointing, validation before anything is touched, prefix and class-token detection,
+mixing outside attention, hooks, run-time options, odd batches, clear refusals."""
+import copy
+import threading
+
+import numpy as np
+import pytest
+import timm
+import torch
+from timm.layers import set_reentrant_ckpt
+from timm.models.vision_transformer import Block
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import evoplug
+from evoplug import evolution as ev
+
+TINY = dict(img_size=32, patch_size=4, depth=6, embed_dim=64, num_heads=2)
+
+
+def _tiny(**kw):
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, **dict(TINY, **kw)).eval()
+
+
+def _randomise(model, scale=0.5):
+    """timm's init makes small blocks nearly the identity (and LeViT's residuals zero):
+    weights that make the blocks, and so the token selection, matter."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            m.weight.data = torch.rand(m.weight.shape, generator=g) * 0.5 + 0.5
+        if isinstance(m, nn.Linear):
+            m.weight.data = torch.randn(m.weight.shape, generator=g) * scale / m.weight.shape[1] ** 0.5
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# gradient checkpointing: recomputation in backward sees the state of its own forward
+# --------------------------------------------------------------------------------------------
+
+CKPT_MODELS = {   # name -> (kwargs, input size); LeViT checkpoints whole stages (downsampling inside)
+    "swin_tiny_patch4_window7_224": (dict(img_size=112, depths=(2, 2, 4, 2)), 112),
+    "pvt_v2_b0": (dict(), 64),
+    "levit_128s": (dict(), 224),
+    "deit_tiny_patch16_224": (dict(img_size=64), 64),
+}
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("name", list(CKPT_MODELS))
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward(name, reentrant):
+    kwargs, size = CKPT_MODELS[name]
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=2)
+    ckpt = copy.deepcopy(fast)
+    ckpt.set_grad_checkpointing(True)
+    set_reentrant_ckpt(reentrant)
+    try:
+        grads = []
+        for m in (fast, ckpt):
+            m.train()
+            torch.manual_seed(1)
+            out = m(x)
+            assert any(0 < s.tokens_run < s.analysis.num_tokens
+                       for s in evoplug.get_report(m).blocks)          # it evolved
+            out.pow(2).mean().backward()
+            grads.append([p.grad for p in m.parameters()])
+    finally:
+        set_reentrant_ckpt(False)
+    big = max(float(g.abs().max()) for g in grads[0] if g is not None)
+    for (pname, _), a, b in zip(fast.named_parameters(), *grads):
+        assert (a is None) == (b is None), pname
+        if a is not None:
+            assert float((a - b).abs().max()) <= 1e-5 * big, pname
+
+
+def test_recomputation_it_cannot_trace_back_raises():
+    """A checkpointed function that cuts its input off the graph: evoplug cannot tell which
+    forward the recomputed block belongs to, and says so instead of guessing."""
+    model = _randomise(_tiny()).train()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+
+    def forward(images):
+        t = fast._pos_embed(fast.patch_embed(images))
+        for i, blk in enumerate(fast.blocks):
+            if i == 4:
+                t = checkpoint(lambda u, b=blk: b(u.detach() + 0.0), t, use_reentrant=False)
+            else:
+                t = blk(t)
+        return t
+
+    loss = forward(x).pow(2).mean()
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks.4` runs again in backward"):
+        loss.backward()
+
+
+# --------------------------------------------------------------------------------------------
+# threads: one model, many threads
+# --------------------------------------------------------------------------------------------
+
+def _hammer(fn, inputs, threads=4):
+    results, errors = [None] * len(inputs), []
+
+    def work(start):
+        for i in range(start, len(inputs), threads):
+            try:
+                results[i] = fn(inputs[i])
+            except Exception as e:  # noqa: BLE001 - collected and asserted below
+                errors.append(repr(e))
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return results, errors
+
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("vit_tiny_patch16_224", TINY, 32),
+    ("pvt_v2_b0", dict(), 64),
+])
+def test_threads_sharing_one_model_get_the_sequential_results(name, kwargs, size):
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model(name, pretrained=False, **kwargs)).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, size, size),
+                           reselect_every=2)
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(1 + i % 3, 3, size, size, generator=gen) for i in range(24)]
+    with torch.no_grad():
+        ref = [fast(x) for x in inputs]
+
+    def run(x):
+        with torch.no_grad():
+            return fast(x)
+
+    got, errors = _hammer(run, inputs)
+    assert not errors
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_set_options_while_threads_run_changes_whole_forwards():
+    """A forward runs with the options it started with: each result is the model's output
+    under the old options or under the new ones, never a mix."""
+    torch.manual_seed(0)
+    fast = evoplug.convert(_randomise(_tiny()), keep_ratio=0.5,
+                           example_input=torch.randn(1, 3, 32, 32))
+    gen = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, 3, 32, 32, generator=gen) for _ in range(40)]
+    with torch.no_grad():
+        under = {}
+        for keep, start in ((0.5, None), (0.25, 3)):
+            evoplug.set_options(fast, keep_ratio=keep, start_block=start)
+            under[keep] = [fast(x) for x in inputs]
+    stop = threading.Event()
+
+    def flip():
+        i = 0
+        while not stop.is_set():
+            keep, start = ((0.5, None), (0.25, 3))[i % 2]
+            evoplug.set_options(fast, keep_ratio=keep, start_block=start)
+            i += 1
+
+    flipper = threading.Thread(target=flip)
+    flipper.start()
+    try:
+        def run(x):
+            with torch.no_grad():
+                return fast(x)
+        got, errors = _hammer(run, inputs, threads=3)
+    finally:
+        stop.set()
+        flipper.join()
+    assert not errors
+    for i, out in enumerate(got):
+        assert torch.equal(out, under[0.5][i]) or torch.equal(out, under[0.25][i]), i
+
+
+# --------------------------------------------------------------------------------------------
+# everything is checked before anything is touched
+# --------------------------------------------------------------------------------------------
+
+def test_failed_inplace_conversion_leaves_the_model_untouched():
+    model = _tiny()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    buffers = [n for n, _ in model.named_buffers()]
+    with pytest.raises(ValueError, match="start_block=6 but the model has 6 converted blocks"):
+        evoplug.convert(model, 0.5, example_input=x[:1], inplace=True, start_block=6)
+    assert all(type(b) is Block for b in model.blocks)
+    assert not any(hasattr(b, "_evoplug_spec") for b in model.blocks)
+    assert not hasattr(model, "_evoplug_report")
+    assert [n for n, _ in model.named_buffers()] == buffers
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    evoplug.convert(model, 0.5, example_input=x[:1], inplace=True)   # and it still converts
+
+
+def test_rejected_set_options_changes_nothing():
+    fast = evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32))
+    before = evoplug.get_report(fast).options
+    roles = [s.role for s in evoplug.get_report(fast).blocks]
+    with pytest.raises(ValueError, match="start_block=100"):
+        evoplug.set_options(fast, keep_ratio=0.3, start_block=100)
+    with pytest.raises(TypeError, match="reselect_every must be an integer"):
+        evoplug.set_options(fast, keep_ratio=0.3, reselect_every="2")
+    with pytest.raises(TypeError, match="unknown evoplug option"):
+        evoplug.set_options(fast, keep=0.3)
+    assert evoplug.get_report(fast).options == before
+    assert [s.role for s in evoplug.get_report(fast).blocks] == roles
+    evoplug.set_options(fast, keep_ratio=0.25, start_block=2)          # later changes work
+    assert [s.role for s in evoplug.get_report(fast).blocks][:3] == ["dense", "score", "evolve"]
+
+
+@pytest.mark.parametrize("field,value", [("global_query", "mean"), ("num_prefix_tokens", 0)])
+def test_options_read_at_conversion_are_refused_by_set_options(field, value):
+    fast = evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match=f"{field} cannot change after conversion"):
+        evoplug.set_options(fast, **{field: value})
+    same = getattr(evoplug.get_report(fast).options, field)
+    evoplug.set_options(fast, **{field: same})                         # no change: accepted
+    a = evoplug.get_report(fast).blocks[-1].analysis
+    assert (a.global_query, a.num_prefix) == ("cls", 1)
+
+
+@pytest.mark.parametrize("options,error,match", [
+    (dict(trade_off="0.5"), TypeError, "trade_off must be a number"),
+    (dict(trade_off=1.5), ValueError, "trade_off must be in"),
+    (dict(reselect_every="2"), TypeError, "reselect_every must be an integer"),
+    (dict(reselect_every=2.0), TypeError, "reselect_every must be an integer"),
+    (dict(start_block=1.5), TypeError, "start_block must be an integer"),
+    (dict(start_block=True), TypeError, "start_block must be an integer"),
+    (dict(representative="no"), TypeError, "representative must be True or False"),
+    (dict(identity_fast_path=1), TypeError, "identity_fast_path must be True or False"),
+    (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be >= 0"),
+    (dict(global_query=None), ValueError, "global_query must be"),
+])
+def test_options_of_the_wrong_type_are_refused_when_given(options, error, match):
+    with pytest.raises(error, match=match):
+        evoplug.EvoOptions(**options)
+    with pytest.raises(error, match=match):
+        evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32), **options)
+
+
+def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
+    o = evoplug.EvoOptions(keep_ratio=np.float32(0.5), trade_off=torch.tensor(0.25),
+                           reselect_every=np.int64(2), start_block=torch.tensor(3),
+                           representative=np.bool_(False))
+    assert (o.keep_ratio, o.trade_off, o.reselect_every, o.start_block, o.representative) == \
+        (0.5, 0.25, 2, 3, False)
+    assert all(type(v) in (float, int, bool) for v in
+               (o.keep_ratio, o.trade_off, o.reselect_every, o.start_block, o.representative))
+    with pytest.raises(dataclasses_frozen()):
+        o.keep_ratio = 0.3                          # options change through set_options only
+
+
+def dataclasses_frozen():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+# --------------------------------------------------------------------------------------------
+# prefix tokens and the class token
+# --------------------------------------------------------------------------------------------
+
+def test_crossvit_keeps_its_class_token_as_prefix_in_every_block():
+    """After the first fusion, a cross-attention map (B, heads, 1, N) passes through attn_drop:
+    it is an attention map, not the patch grid."""
+    model = timm.create_model("crossvit_tiny_240", pretrained=False).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    blocks = evoplug.get_report(fast).blocks
+    assert len(blocks) == 15
+    assert all(s.analysis.num_prefix == 1 and s.analysis.global_query == "cls" for s in blocks)
+    assert {s.analysis.grid for s in blocks} == {(20, 20), (14, 14)}
+    x = torch.randn(2, 3, 240, 240)
+    with torch.no_grad():
+        fast(x)
+    for spec in blocks:      # the class token always runs: prefix + kept + representative
+        if spec.role == "evolve":
+            assert spec.tokens_run == 1 + ev.num_keep(spec.analysis.num_tokens - 1, 0.5) + 1
+    with torch.no_grad():
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
+
+
+def test_register_tokens_without_a_class_token_use_the_mean_query():
+    """NaFlexViT declares its (absent) class token on ``embeds``; its prefix tokens are
+    registers, so the mean query ranks the tokens."""
+    model = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, depth=3,
+                              embed_dim=64, num_heads=2).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.num_prefix == 4 and s.analysis.global_query == "mean" for s in blocks)
+    dino = timm.create_model("vit_small_patch14_reg4_dinov2", pretrained=False, img_size=56,
+                             depth=3).eval()
+    blocks = evoplug.get_report(evoplug.convert(dino)).blocks
+    assert all(s.analysis.num_prefix == 5 and s.analysis.global_query == "cls" for s in blocks)
+
+
+def test_per_head_tensors_are_no_patch_grid():
+    """A (B, N, heads, d) tensor (timm's k_norm, an Identity) is no (B, C, h, w) map even when
+    heads x d is close to N."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=4,
+                              depth=3, embed_dim=48, num_heads=4).eval()   # N = 50, 4 x 12 = 48
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 28, 28))
+    assert [(s.analysis.num_prefix, s.analysis.grid) for s in evoplug.get_report(fast).blocks] == \
+        [(1, (7, 7))] * 3
+
+
+# --------------------------------------------------------------------------------------------
+# token mixing outside attention, blocks evoplug cannot convert
+# --------------------------------------------------------------------------------------------
+
+class MeanBlock(Block):
+    """Adds the mean over its tokens to every token: order-independent mixing outside attention."""
+
+    def forward(self, x, attn_mask=None):
+        y = super().forward(x, attn_mask=attn_mask)
+        return y + y.mean(1, keepdim=True)
+
+
+def test_order_independent_mixing_outside_attention_is_refused():
+    model = _tiny()
+    model.blocks[3].__class__ = MeanBlock
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks.3`: mixes tokens outside its "
+                                                      r"attention"):
+        evoplug.convert(model, 0.5, example_input=x)
+    fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
+    assert [s.analysis.name for s in evoplug.get_report(fast).blocks] == \
+        ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]
+    assert "NOT converted `blocks.3`: mixes tokens outside its attention" in evoplug.explain(fast)
+
+
+def test_gpsa_blocks_are_reported_and_fail_strict_conversion():
+    model = timm.create_model("convit_tiny", pretrained=False, depth=4, local_up_to_layer=2).eval()
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(model)
+    assert [n for n, _ in e.value.failures] == ["blocks.0", "blocks.1"]
+    assert "runs 2 attention computations per call" in str(e.value)
+    fast = evoplug.convert(model, strict=False)
+    text = evoplug.explain(fast)
+    assert "NOT converted `blocks.0`: runs 2 attention computations" in text
+    assert [s.analysis.name for s in evoplug.get_report(fast).blocks] == ["blocks.2", "blocks.3"]
+
+
+@pytest.mark.parametrize("make,block,why", [
+    (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, attn_layer="diff",
+                               img_size=32, patch_size=4, depth=3),
+     "blocks.0", "runs 2 attention computations per call"),
+    (lambda: timm.create_model("efficientvit_m0", pretrained=False),
+     "stages.0.blocks.0", "is a 4-D map that is not a channels-last token map"),
+])
+def test_refusals_name_the_block_and_the_reason(make, block, why):
+    with pytest.raises(evoplug.ConversionError, match=rf"`{block}`: [^;]*{why}"):
+        evoplug.convert(make().eval())
+
+
+def test_meta_device_model_is_refused_before_it_runs():
+    with torch.device("meta"):
+        model = _tiny()
+    with pytest.raises(evoplug.ConversionError, match=r"on the meta device.*to_empty"):
+        evoplug.convert(model)
+
+
+def test_default_input_takes_channels_from_the_model_config():
+    """A hybrid ViT's patch embedding reads backbone features: its 3 image channels come from
+    the pretrained config, not from patch_embed.proj."""
+    model = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, img_size=64).eval()
+    assert len(evoplug.get_report(evoplug.convert(model)).blocks) == 12
+
+
+def test_wrong_default_input_asks_for_example_input():
+    model = timm.create_model("levit_128s", pretrained=False, img_size=128).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"default input of shape \(1, 3, 224, 224\) "
+                                                      r"from `pretrained_cfg\['input_size'\]`.*"
+                                                      r"pass example_input="):
+        evoplug.convert(model)
+    assert evoplug.convert(model, example_input=torch.randn(1, 3, 128, 128)) is not model
+
+
+# --------------------------------------------------------------------------------------------
+# hooks
+# --------------------------------------------------------------------------------------------
+
+def test_hooks_inside_a_block_are_honoured():
+    """A hook on a module the block's program traced into (its attention) makes that block run
+    its own forward, so the hook sees what it always saw; removed, the block evolves again."""
+    model = _randomise(_tiny())
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    seen = []
+    h = fast.blocks[4].attn.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    with torch.no_grad():
+        fast(x)
+    assert seen == [(2, 65, 64)]
+    assert dict(evoplug.tokens_per_block(fast))["blocks.4"] == -1      # its own forward
+    assert dict(evoplug.tokens_per_block(fast))["blocks.5"] == 1 + 32 + 1
+    h.remove()
+    with torch.no_grad():
+        fast(x)
+    assert dict(evoplug.tokens_per_block(fast))["blocks.4"] == 1 + 32 + 1
+
+
+def test_hook_registered_before_conversion_is_not_baked_in():
+    model = _randomise(_tiny())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    h = model.blocks[4].attn.register_forward_hook(lambda m, i, o: o * 2)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    assert len(evoplug.get_report(fast).blocks) == 6                   # the probe ignores it
+    h.remove()
+    fast.blocks[4].attn._forward_hooks.clear()                        # the copy's hook too
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        assert (fast(x) - ref).abs().max() <= 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# batches of zero images, serialisation
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,kwargs,size", [
+    ("vit_tiny_patch16_224", TINY, 32),
+    ("deit_tiny_distilled_patch16_224", dict(img_size=64), 64),
+    ("vit_small_patch14_reg4_dinov2", dict(img_size=56, depth=4), 56),
+])
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_a_batch_of_no_images_gives_what_the_original_gives(name, kwargs, size, keep):
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    fast = evoplug.convert(model, keep, example_input=torch.randn(1, 3, size, size),
+                           identity_fast_path=False)
+    with torch.no_grad():
+        assert fast(torch.randn(0, 3, size, size)).shape == model(torch.randn(0, 3, size, size)).shape

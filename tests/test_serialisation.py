@@ -1,0 +1,99 @@
+"""What survives which serialisation: pickle and torch.save of the whole converted module (in
+this process and in a fresh one), copy.deepcopy, and state_dicts both ways."""
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import evoplug
+
+MODELS = {   # name -> (kwargs, input size): a flat ViT, a map-block pyramid, a canvas pyramid
+    "vit_tiny_patch16_224": (dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2), 32),
+    "swin_tiny_patch4_window7_224": (dict(img_size=112, depths=(2, 2, 2, 2)), 112),
+    "pvt_v2_b0": (dict(), 64),
+    "levit_128s": (dict(), 224),
+}
+
+
+def _convert(name, **opts):
+    kwargs, size = MODELS[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, **kwargs).eval()
+    x = torch.randn(2, 3, size, size)
+    return model, evoplug.convert(model, 0.5, example_input=x[:1], **opts), x
+
+
+def _same_model(loaded, fast, model, x):
+    """The loaded model is converted, gives the same outputs, keeps its options, and its own
+    options change independently of the original's."""
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x))
+        assert evoplug.get_report(loaded).options == evoplug.get_report(fast).options
+        assert [s.role for s in evoplug.get_report(loaded).blocks] == \
+            [s.role for s in evoplug.get_report(fast).blocks]
+        evoplug.set_keep_ratio(loaded, 1.0)
+        assert (loaded(x) - model(x)).abs().max() <= 1e-5
+        assert evoplug.get_report(fast).options.keep_ratio == 0.5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_whole_model_pickles_and_torch_saves(name):
+    model, fast, x = _convert(name, reselect_every=2)
+    with torch.no_grad():
+        fast(x)      # state from a forward must not be needed to save, nor be saved
+    _same_model(pickle.loads(pickle.dumps(fast)), fast, model, x)
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    _same_model(torch.load(buf, weights_only=False), fast, model, x)
+
+
+def test_saved_model_loads_in_a_fresh_process(tmp_path):
+    model, fast, x = _convert("swin_tiny_patch4_window7_224")
+    with torch.no_grad():
+        want = fast(x)
+    torch.save({"model": fast, "x": x, "want": want}, tmp_path / "m.pt")
+    code = (
+        "import torch, evoplug\n"
+        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+        "m = d['model']\n"
+        "with torch.no_grad():\n"
+        "    assert torch.equal(m(d['x']), d['want'])\n"
+        "print(type(m.layers[0].blocks[0]).__name__, evoplug.get_report(m).options.keep_ratio)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["EvoSwinTransformerBlock", "0.5"]
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "pvt_v2_b0"])
+def test_deepcopy_is_independent_and_equal(name):
+    model, fast, x = _convert(name)
+    twin = copy.deepcopy(fast)
+    _same_model(twin, fast, model, x)
+    spec, twin_spec = evoplug.get_report(fast).blocks[-1], evoplug.get_report(twin).blocks[-1]
+    assert twin_spec.analysis.module is not spec.analysis.module
+    assert twin_spec.runtime is not spec.runtime
+    assert all(m in list(twin_spec.analysis.module.modules()) for m in twin_spec.inner)
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "levit_128s"])
+def test_state_dicts_load_both_ways(name):
+    model, fast, x = _convert(name)
+    assert list(fast.state_dict()) == list(model.state_dict())
+    other = timm.create_model(name, pretrained=False, **MODELS[name][0]).eval()
+    other.load_state_dict(fast.state_dict(), strict=True)          # converted -> dense
+    evoplug.set_keep_ratio(fast, 1.0)
+    with torch.no_grad():
+        assert (other(x) - fast(x)).abs().max() <= 1e-5
+        for p in other.parameters():
+            p.add_(0.01)
+        fast.load_state_dict(other.state_dict(), strict=True)      # dense -> converted
+        assert (other(x) - fast(x)).abs().max() <= 1e-5
