@@ -1380,6 +1380,9 @@ def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]
     module that computes attention in its own forward (not only in its children). Their 4-D
     outputs are per-head tensors (timm's ``k_norm`` on (B, N, heads, d)), attention maps or
     spatially reduced keys, never the patch grid."""
+    derived = getattr(calls, "derived", None)       # a CallRecord caches it per forward
+    if derived is not None and "inside_attention" in derived:
+        return derived["inside_attention"]
     inside: Set[int] = set()
     for m in model.modules():
         c = calls.get(id(m))
@@ -1387,6 +1390,8 @@ def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]
             continue
         if c.attention_ops > sum(_attention_below(child, calls) for child in m.children()):
             inside.update(id(sub) for sub in m.modules() if sub is not m)
+    if derived is not None:
+        derived["inside_attention"] = inside
     return inside
 
 

@@ -23,6 +23,7 @@ from block to block:
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import threading
 import weakref
@@ -82,7 +83,6 @@ class EvoRuntime:
         self.plan = plan
         self._local = threading.local()
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
-        self._lock = threading.Lock()
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -114,7 +114,13 @@ class EvoRuntime:
     def record(self, t: torch.Tensor, state: EvoState):
         """Remember that ``t`` (a block's input or output) goes with ``state``; forgotten when
         ``t`` is freed."""
-        key = _tensor_key(t)
+        fn = t.grad_fn
+        if fn is not None:
+            fn.metadata[_GRAD_FN_KEY] = state
+        try:
+            key = _tensor_key(t)
+        except RuntimeError:    # no storage (a wrapper subclass): the autograd node must do
+            return
         recorded = self._recorded
 
         def forget(_, key=key):
@@ -123,15 +129,12 @@ class EvoRuntime:
                 recorded.pop(key, None)
 
         recorded[key] = (weakref.ref(t, forget), state)
-        fn = t.grad_fn
-        if fn is not None:
-            fn.metadata[_GRAD_FN_KEY] = state
 
     def recall(self, t: torch.Tensor) -> Optional[EvoState]:
         """The state recorded with ``t`` (or an alias of it), else the state of the nearest
         block upstream of ``t`` in the autograd graph; None when there is none."""
-        entry = self._recorded.get(_tensor_key(t))
-        if entry is not None and entry[0]() is not None:
+        entry = self._entry(t)
+        if entry is not None:
             return entry[1]
         todo = collections.deque([t.grad_fn])
         seen = set()
@@ -144,12 +147,18 @@ class EvoRuntime:
             if state is not None:
                 return state
             var = getattr(fn, "variable", None)     # a leaf (reentrant checkpointing's inputs)
-            if isinstance(var, torch.Tensor):
-                entry = self._recorded.get(_tensor_key(var))
-                if entry is not None and entry[0]() is not None:
-                    return entry[1]
+            entry = self._entry(var) if isinstance(var, torch.Tensor) else None
+            if entry is not None:
+                return entry[1]
             todo.extend(f for f, _ in fn.next_functions)
         return None
+
+    def _entry(self, t: torch.Tensor):
+        try:
+            entry = self._recorded.get(_tensor_key(t))
+        except RuntimeError:
+            return None
+        return entry if entry is not None and entry[0]() is not None else None
 
 
 @dataclasses.dataclass(eq=False)
@@ -198,7 +207,6 @@ class BlockSpec:
 
     def __deepcopy__(self, memo):
         # programs are shared (they read everything from the block they are called with)
-        import copy
         new = object.__new__(type(self))
         memo[id(self)] = new
         for k, v in self.__dict__.items():
@@ -316,7 +324,7 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
     if role == "score":   # a scoring block starts the scores from its own attention
         return EvoState(-1, rt.plan)
     state = rt.recall(x)
-    if state is not None and state.plan is not rt.plan:
+    if state is not None and state.plan != rt.plan:
         raise EvoplugError(
             f"`{spec.analysis.name}` runs again in backward (gradient checkpointing) after "
             "evoplug.set_options changed the options of its forward: the recomputation would "

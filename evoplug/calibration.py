@@ -114,6 +114,15 @@ class _Recorder:
                 output is o for o in self.attention_outputs)
 
 
+class CallRecord(dict):
+    """id(module) -> :class:`ModuleCall` of one calibration forward; ``derived`` caches what the
+    analysis computes from the whole record once (e.g. the modules inside attention)."""
+
+    def __init__(self, calls):
+        super().__init__(calls)
+        self.derived: Dict[str, Any] = {}
+
+
 def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     """Run ``model(example_input)`` once (eval, no grad) and record every module call."""
     rec = _Recorder(model)
@@ -135,7 +144,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return rec.calls
+    return CallRecord(rec.calls)
 
 
 def default_example_input(model: nn.Module, batch: int = 1, describe: bool = False):

@@ -5,6 +5,7 @@ from the options) -> rewrite (slow-path programs, class swap).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 from typing import List, Optional, Tuple
@@ -129,27 +130,32 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     _check_materialised(model)
     if not inplace:
         model = copy_model(model)
-    calls, attn_mods, candidates, failed, skipped = _calibrate(model, example_input)
     analysed = []
-    for name, module, call in candidates:
-        added = set(module._buffers)
+    with _no_side_effects(model):
+        calls, attn_mods, candidates, failed, skipped = _calibrate(model, example_input)
         try:
-            a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
-                                       opts.num_prefix_tokens, opts.global_query)
-            programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
-            _probe(a, programs[False])
-            analysed.append((a, programs, added))
-        except AnalysisError as e:
-            _drop_added_buffers(module, added)
-            failed.append((name, e.reason))
-    failed.sort(key=lambda f: _order(calls, model, f[0]))
-    try:
-        _check_convertible(model, analysed, failed, skipped, strict)
-        roles = assign_roles(opts, len(analysed))
-    except Exception:
-        for a, _, added in analysed:
-            _drop_added_buffers(a.module, added)
-        raise
+            for name, module, call in candidates:
+                added = set(module._buffers)
+                try:
+                    a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
+                                               opts.num_prefix_tokens, opts.global_query)
+                    programs = {False: build_program(a, False, gm_eval),
+                                True: build_program(a, True)}
+                    _probe(a, programs[False])
+                    analysed.append((a, programs, added))
+                except AnalysisError as e:
+                    _drop_added_buffers(module, added)
+                    failed.append((name, e.reason))
+                except BaseException:
+                    _drop_added_buffers(module, added)
+                    raise
+            failed.sort(key=lambda f: _order(calls, model, f[0]))
+            _check_convertible(model, analysed, failed, skipped, strict)
+            roles = assign_roles(opts, len(analysed))
+        except BaseException:
+            for a, _, added in analysed:
+                _drop_added_buffers(a.module, added)
+            raise
     runtime = EvoRuntime(Plan(opts, roles))
     specs = []
     for i, (a, programs, added) in enumerate(analysed):
@@ -162,6 +168,25 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         specs.append(spec)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
     return model
+
+
+@contextlib.contextmanager
+def _no_side_effects(model: nn.Module):
+    """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
+    mode, with the random number generators restored afterwards: converting a model in train
+    mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
+    put back as it was."""
+    modes = [(m, m.training) for m in model.modules()]
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(modes[0][1])          # runs the modules' own train() overrides
+            for m, mode in modes:
+                if m.training != mode:
+                    m.training = mode
 
 
 def _check_materialised(model: nn.Module):

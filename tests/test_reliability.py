@@ -201,6 +201,20 @@ def test_failed_inplace_conversion_leaves_the_model_untouched():
     evoplug.convert(model, 0.5, example_input=x[:1], inplace=True)   # and it still converts
 
 
+def test_converting_a_model_in_train_mode_changes_none_of_its_state():
+    """The analysis runs the model's modules in eval mode and restores the random number
+    generator: no BatchNorm statistics move, no random numbers are drawn, modes come back."""
+    model = timm.create_model("levit_128s", pretrained=False, drop_path_rate=0.1).train()
+    model.head.eval()                                   # a mixed-mode model stays mixed
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    rng = torch.get_rng_state()
+    evoplug.convert(model, 0.5, inplace=True)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert [m.training for m in model.modules()] == modes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_rejected_set_options_changes_nothing():
     fast = evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32))
     before = evoplug.get_report(fast).options
