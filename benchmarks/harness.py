@@ -1,3 +1,3 @@
-"""Kept for old imports: the timing and FLOP helpers live in the package, ``evoplug.bench``
+"""Kept for old imports: the timing and FLOP helpers live in the package, ``evoplug.tools.bench``
 (one implementation for ``evoplug bench``, benchmarks/throughput.py and the examples)."""
-from evoplug.bench import Progress, Timing, flops, interleaved, machine  # noqa: F401
+from evoplug.tools.bench import Progress, Timing, flops, interleaved, machine  # noqa: F401

@@ -6,7 +6,7 @@
 The backbones are built through MMPretrain's registry (``SwinTransformer`` and
 ``mmpretrain.EvoSwinTransformer``, ...) with random weights, the dense weights loaded strictly
 into the Evo form, both in eval mode; the same harness as ``evoplug bench``
-(:func:`evoplug.bench.interleaved`: interleaved runs, median of the repeats, FLOPs with
+(:func:`evoplug.tools.bench.interleaved`: interleaved runs, median of the repeats, FLOPs with
 ``torch.utils.flop_counter``, glibc keeping freed memory unless ``--malloc system``). Prints the
 machine, the settings, and per backbone: images/s of both, the speed-up, the FLOP ratio, and the
 largest difference of the last feature map to the dense one at keep 1.0 (0: reproduced).
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import evoplug
     import evoplug.mm  # noqa: F401  (registers the Evo backbones)
-    from evoplug import bench
+    from evoplug.tools import bench
 
     if a.malloc == "retain":
         bench.retain_freed_memory()

@@ -18,7 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import evoplug
-from evoplug.bench import allocator, machine, retain_freed_memory
+from evoplug.tools.bench import allocator, machine, retain_freed_memory
 
 
 def _block_flops(model, names, x1):
@@ -72,7 +72,7 @@ def main(argv=None):
         fast = evoplug.convert(model, keep_ratio=a.keep)
         specs = evoplug.get_report(fast).blocks
         names = [s.analysis.name for s in specs]
-        h, w = evoplug.calibration.default_example_input(model).shape[-2:]
+        h, w = evoplug.analyse.calibrate.default_example_input(model).shape[-2:]
         x1 = torch.randn(1, 3, h, w)
         f_o, f_e = _block_flops(model, names, x1), _block_flops(fast, names, x1)
         x = torch.randn(a.batch, 3, h, w)

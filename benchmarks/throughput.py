@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                       # DeiT-S, 224 px, batch 32, keep 0.5 and 1.0
     python benchmarks/throughput.py --models deit_tiny_patch16_224 --batch 16 --repeats 5
 
-The same as ``evoplug bench`` (evoplug/cli.py, evoplug/bench.py), with this script's older
+The same as ``evoplug bench`` (evoplug/tools/cli.py, evoplug/tools/bench.py), with this script's older
 option names: prints the machine, the settings, and per model and keep ratio the images/s of
 both, the speed-up (ratio of the medians of interleaved runs), the FLOP ratio and the max abs
 output difference (0 at keep 1.0). ``evoplug bench --help`` lists more options (several batch
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from evoplug import cli
+from evoplug.tools import cli
 
 
 def main(argv=None):

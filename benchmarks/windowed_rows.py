@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import digits  # noqa: E402
 
 import evoplug  # noqa: E402
-from evoplug import evolution as ev  # noqa: E402
+from evoplug.runtime import evolve as ev  # noqa: E402
 
 MODELS = {
     "swin": lambda: timm.create_model(

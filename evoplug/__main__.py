@@ -1,5 +1,5 @@
-"""``python -m evoplug``: the evoplug command (see evoplug/cli.py)."""
-from .cli import entry
+"""``python -m evoplug``: the evoplug command (see evoplug/tools/cli.py)."""
+from .tools.cli import entry
 
 if __name__ == "__main__":
     entry()

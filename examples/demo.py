@@ -16,7 +16,7 @@ sys.path.insert(0, HERE)
 
 import digits  # noqa: E402
 import evoplug  # noqa: E402
-from evoplug import bench as harness  # noqa: E402  (timing/FLOP helpers: evoplug/bench.py)
+from evoplug.tools import bench as harness  # noqa: E402  (timing/FLOP helpers: evoplug/tools/bench.py)
 
 
 def fidelity():

@@ -44,7 +44,7 @@ MEAN = STD = (0.5, 0.5, 0.5)
 
 def load_photos(short_side: int = 192):
     """The photographs as float tensors (3, H, W) in [0, 1], shorter side ``short_side``."""
-    from evoplug.visualize import load_image
+    from evoplug.tools.visualize import load_image
     out = []
     for name in PHOTOS:
         img = torch.from_numpy(load_image("skimage:" + name)).permute(2, 0, 1)[None].float() / 255
@@ -80,7 +80,7 @@ def random_crops(photos, n: int, gen: torch.Generator, size: int = SIZE, lo: flo
 
 
 def build():
-    from evoplug.bench import create_model
+    from evoplug.tools.bench import create_model
     return create_model(MODEL, **MODEL_KWARGS)
 
 
@@ -108,7 +108,7 @@ def train(steps: int = 300, batch: int = 64, lr: float = 1e-3, seed: int = 0, lo
 
 def trained_model(steps: int = 300, log=print, retrain: bool = False):
     """The trained ViT (cached in bench_out/photo_vit.pth after the first run)."""
-    from evoplug.visualize import load_checkpoint, save_checkpoint
+    from evoplug.tools.visualize import load_checkpoint, save_checkpoint
     if os.path.exists(CKPT) and not retrain:
         return load_checkpoint(CKPT)[0]
     if log:
@@ -153,7 +153,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     sys.path.insert(0, ROOT)
     import evoplug
-    from evoplug import visualize as viz
+    from evoplug.tools import visualize as viz
     model = trained_model(a.steps, retrain=a.retrain)
     evaluate(model)
     fast = evoplug.convert(model, keep_ratio=a.keep)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import evoplug
-from evoplug import bench, cli
-from evoplug import visualize as viz
+from evoplug.tools import bench, cli
+from evoplug.tools import visualize as viz
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # a 4-block ViT on 32 px images: 8 x 8 = 64 patch tokens + cls
@@ -75,7 +75,7 @@ def test_bench_table_csv_json_plot(tmp_path):
 
 _FAULTS = """
 import resource, sys, torch
-from evoplug import bench
+from evoplug.tools import bench
 if sys.argv[1] == "retain":
     print(bench.retain_freed_memory())
 x = torch.randn(8 << 20)                       # 32 MiB

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import evoplug
-from evoplug import evolution as ev
+from evoplug.runtime import evolve as ev
 from plain_vit import PlainViT
 
 

@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import evoplug
-from evoplug import evolution as ev
+from evoplug.runtime import evolve as ev
 from models import ALL, build
 
 

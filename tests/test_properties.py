@@ -30,7 +30,7 @@ from timm.layers import LayerScale
 from timm.models import vision_transformer as tvit
 
 import evoplug
-from evoplug import evolution as ev
+from evoplug.runtime import evolve as ev
 
 # EVOPLUG_PROPERTY_SEED / EVOPLUG_PROPERTY_CONFIGS draw other configurations (exploration)
 SEED = int(os.environ.get("EVOPLUG_PROPERTY_SEED", "20240611"))

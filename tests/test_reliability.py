@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import evoplug
-from evoplug import evolution as ev
+from evoplug.runtime import evolve as ev
 
 TINY = dict(img_size=32, patch_size=4, depth=6, embed_dim=64, num_heads=2)
 

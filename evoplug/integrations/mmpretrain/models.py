@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 import evoplug
-from evoplug.block import EvoBlockMixin
 from evoplug.options import EvoOptions
 
 from mmengine.logging import print_log
@@ -43,7 +42,7 @@ EXTRA_KEYS = frozenset({"learnable_trade_off", "mean_token_head", "aux_cls_head"
 
 
 def is_converted(module: nn.Module) -> bool:
-    return any(isinstance(m, EvoBlockMixin) for m in module.modules())
+    return evoplug.is_converted(module)
 
 
 def example_input(backbone: nn.Module, input_size=None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
-from .errors import EvoplugError
+from ..errors import EvoplugError
 
 
 def compile_program(source: str) -> Callable:

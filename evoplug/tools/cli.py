@@ -6,7 +6,7 @@
 
 Models are timm names (random weights: no hub; ``--model-arg img_size=112`` etc. go to
 ``timm.create_model``), or, for ``explain`` and ``visualize``, a checkpoint file written by
-:func:`evoplug.visualize.save_checkpoint`; ``--checkpoint FILE`` loads a plain state_dict
+:func:`evoplug.tools.visualize.save_checkpoint`; ``--checkpoint FILE`` loads a plain state_dict
 into a timm model. Exit status: 0 done, 2 bad usage (unknown model, bad keep ratio, ...),
 1 the work failed (e.g. a model evoplug cannot convert; the message says why).
 """
@@ -18,7 +18,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .options import check_keep_ratio
+from ..options import check_keep_ratio
 
 
 class CliError(Exception):
@@ -88,7 +88,7 @@ def _convert_options(a) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     p = argparse.ArgumentParser(
         prog="evoplug", description="Evo-ViT slow-fast token evolution for existing vision "
         "transformers: benchmark, explain and visualise converted timm models.",
@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--malloc", choices=["retain", "system"], default="retain",
                    help="CPU runs: 'retain' (default) makes glibc keep freed memory, so a forward "
                         "does not page-fault its activations in again (see "
-                        "evoplug.bench.retain_freed_memory); 'system' leaves malloc as it is")
+                        "evoplug.tools.bench.retain_freed_memory); 'system' leaves malloc as it is")
     b.add_argument("--csv", metavar="FILE", help="write the rows as CSV")
     b.add_argument("--json", metavar="FILE", help="write machine, settings and rows as JSON")
     b.add_argument("--plot", metavar="PNG", help="plot speed-up and FLOP ratio against keep_ratio")
@@ -288,7 +288,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         _check_models(sub, a.models)
     else:
         _check_models(sub, [a.model], allow_files=True)
-    from .errors import EvoplugError
+    from ..errors import EvoplugError
     try:
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
               "visualise": cmd_visualize}[a.command]

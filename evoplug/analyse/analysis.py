@@ -41,8 +41,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .calibration import ModuleCall
-from .errors import AnalysisError
+from ..errors import AnalysisError
+from .calibrate import ModuleCall
 
 # --------------------------------------------------------------------------------------------
 # Tracing one block

@@ -26,6 +26,7 @@ as ``self``: it reads the block's live parameters and buffers (so ``.to()``, ``.
 """
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Callable
 
@@ -36,11 +37,12 @@ from torch import nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
-from . import evolution as ev
-from .analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
+from ..analyse.analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
                        find_grid_ops, is_add, mark_batch_specialised, trace_block)
-from .errors import AnalysisError
-from .programs import compile_program
+from ..analyse.calibrate import ModuleCall
+from ..errors import AnalysisError
+from ..runtime import evolve as ev
+from ..runtime.programs import compile_program
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
@@ -161,6 +163,28 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
     return _as_program(a, gm)
+
+
+def batch_program_factory(a: BlockAnalysis, orig_class: type) -> Callable:
+    """What the runtime calls, ``factory(training, args, kwargs)``, for the program of a block
+    whose trace specialised a value on the batch size, at a batch size it has not seen: the
+    call's own arguments are the calibration input."""
+    return functools.partial(_program_for_batch, a, orig_class)
+
+
+def _program_for_batch(a: BlockAnalysis, orig_class: type, training: bool, args, kwargs) -> Callable:
+    detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
+    call = ModuleCall(a.name, -1, tuple(map(detach, args)), {k: detach(v) for k, v in kwargs.items()})
+    return build_program(a, training, call=call, root=stand_in(a.module, orig_class))
+
+
+def stand_in(module: nn.Module, cls: type) -> nn.Module:
+    """An instance of ``cls`` that shares ``module``'s attribute dict: the same parameters,
+    buffers and submodules, seen through the original class (to trace its forward without
+    changing the converted block other threads may be running)."""
+    twin = object.__new__(cls)
+    twin.__dict__ = module.__dict__
+    return twin
 
 
 def _as_program(a: BlockAnalysis, gm: fx.GraphModule) -> Callable:

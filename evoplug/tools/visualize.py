@@ -4,7 +4,7 @@ For each image, which patch tokens each evolving block sent through its attentio
 slow path): a PNG grid, one row per image, one column per evolving block, the non-selected
 tokens washed out; the last column shows the final global class attention ``g``.
 
-    from evoplug import visualize as viz
+    from evoplug.tools import visualize as viz
     rec = viz.record_selection(fast, x)           # fast: a converted model, x: (B, 3, H, W)
     viz.selection_grid([img1, img2], rec, "selection.png")
 
@@ -148,7 +148,7 @@ def _grid_of(spec, M: int) -> Tuple[int, int]:
 def record_selection(model, x: torch.Tensor) -> SelectionRecord:
     """Run a converted ``model`` (eval mode) on ``x`` and record, for every evolving block,
     the patch tokens it selected (forward hooks reading the state the block left, ``spec.context``)."""
-    from .convert import get_report
+    from ..api import get_report
     report = get_report(model)
     evolving = [s for s in report.blocks if s.role == "evolve"]
     if not evolving:

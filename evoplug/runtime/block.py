@@ -32,11 +32,9 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-from . import evolution as ev
-from .analysis import BlockAnalysis
-from .calibration import ModuleCall
-from .errors import EvoplugError
-from .options import EvoOptions
+from ..errors import EvoplugError
+from ..options import EvoOptions
+from . import evolve as ev
 from .programs import compile_program, program_source
 
 #: key of the state a converted block left, in the metadata of its output's autograd node
@@ -173,6 +171,7 @@ class BlockSpec:
     added_buffers: Tuple[str, ...] = ()  # non-persistent buffers the conversion added (revert)
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
+    program_factory: Optional[Callable] = None   # (training, args, kwargs) -> program of that batch
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -342,33 +341,19 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
 
 def _batch_program(spec: BlockSpec, training: bool, args, kwargs, batch: int) -> Callable:
     """The program of a block whose trace specialised a value on the batch size (MMPretrain's
-    Swin computes it with ``int()``), for this batch size: traced at its first call, the call's
-    own input being the calibration input, then kept. Traced on a stand-in of the block's own
-    class that shares its attributes: the block itself is never changed, so other threads
-    keep running it."""
+    Swin computes it with ``int()``), for this batch size: made at its first call by the
+    factory the conversion handed over, then kept. The factory never changes the block, so
+    other threads keep running it."""
     key = (training, batch)
     program = spec.batch_programs.get(key)
     if program is not None:
         return program
     with spec._program_lock:
         program = spec.batch_programs.get(key)
-        if program is None:
-            from .rewrite import build_program   # the compiler, only when a new size appears
-            detach = lambda v: v.detach() if isinstance(v, torch.Tensor) else v  # noqa: E731
-            call = ModuleCall(spec.analysis.name, -1, tuple(map(detach, args)),
-                              {k: detach(v) for k, v in kwargs.items()})
-            program = build_program(spec.analysis, training, call=call,
-                                    root=stand_in(spec.analysis.module, spec.orig_class))
+        if program is None:    # the factory the conversion handed over (it runs the compiler)
+            program = spec.program_factory(training, args, kwargs)
             spec.batch_programs[key] = program
     return program
-
-
-def stand_in(module: nn.Module, cls: type) -> nn.Module:
-    """An instance of ``cls`` that shares ``module``'s attribute dict: the same parameters,
-    buffers and submodules, seen through the original class (for tracing its forward)."""
-    twin = object.__new__(cls)
-    twin.__dict__ = module.__dict__
-    return twin
 
 
 def _gather_extra(a: BlockAnalysis, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int):

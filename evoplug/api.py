@@ -13,14 +13,14 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import evolution as ev
-from .analysis import (BlockAnalysis, analyse_block, attention_modules, find_blocks,
+from .analyse.analysis import (BlockAnalysis, analyse_block, attention_modules, find_blocks,
                        hooks_suspended)
-from .block import BlockSpec, EvoBlockMixin, EvoRuntime, Plan, _gather_extra, evo_class
-from .calibration import calibrate, default_example_input
+from .analyse.calibrate import calibrate, default_example_input
 from .errors import AnalysisError, ConversionError
 from .options import CONVERSION_FIELDS, EvoOptions
-from .rewrite import build_program
+from .rewrite.program import batch_program_factory, build_program
+from .runtime import evolve as ev
+from .runtime.block import BlockSpec, EvoBlockMixin, EvoRuntime, Plan, _gather_extra, evo_class
 
 
 @dataclasses.dataclass
@@ -161,7 +161,9 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     for i, (a, programs, added) in enumerate(analysed):
         spec = BlockSpec(i, a, runtime, programs, type(a.module),
                          inner=tuple(a.module.get_submodule(p) for p in a.attention_paths if p),
-                         added_buffers=tuple(n for n in a.module._buffers if n not in added))
+                         added_buffers=tuple(n for n in a.module._buffers if n not in added),
+                         program_factory=None if a.batch_size is None else
+                         batch_program_factory(a, type(a.module)))
         a.module.__class__ = evo_class(type(a.module))
         a.module._evoplug_spec = spec
         del a.call  # do not keep the calibration tensors alive
@@ -280,6 +282,11 @@ def assign_roles(opts: EvoOptions, n: int) -> Tuple[str, ...]:
                          f"(start_block must be in 1..{n - 1})")
     return tuple("dense" if i < start - 1 else ("score" if i == start - 1 else "evolve")
                  for i in range(n))
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module inside it) holds blocks converted by evoplug."""
+    return any(isinstance(m, EvoBlockMixin) for m in model.modules())
 
 
 def get_report(model: nn.Module) -> ConversionReport:

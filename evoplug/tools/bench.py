@@ -365,7 +365,7 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
 
     Checks every name, keep ratio, device and dtype before building anything.
     """
-    from .options import check_keep_ratio
+    from ..options import check_keep_ratio
     model_names = list(model_names)
     for n in model_names:
         check_model_name(n)
