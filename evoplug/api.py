@@ -8,19 +8,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 from torch import nn
 
-from .analyse.analysis import (BlockAnalysis, analyse_block, attention_modules, find_blocks,
-                       hooks_suspended)
+from .analyse.block import BlockAnalysis, analyse_block
+from .analyse.discover import attention_modules, find_blocks
+from .analyse.probes import probe_program
 from .analyse.calibrate import calibrate, default_example_input
 from .errors import AnalysisError, ConversionError
 from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
-from .runtime.block import BlockSpec, EvoBlockMixin, EvoRuntime, Plan, _gather_extra, evo_class
+from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class
+from .runtime.state import EvoRuntime, Plan
 
 
 @dataclasses.dataclass
@@ -34,69 +36,6 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return format_report(self)
-
-
-def _probe(a: BlockAnalysis, program, atol: float = 1e-4):
-    """Behavioural check of a block and its program on the calibration input (eval mode):
-
-    1. the traced program reproduces the block's own forward (dense);
-    2. permutation equivariance: running it on the patch tokens in another order, with the
-       position terms following them, gives the same tokens in that order. A block that mixes
-       tokens outside attention (convolution over the grid, pooling) or has a position term
-       evoplug does not follow fails here instead of giving wrong outputs later;
-    3. it runs on a subset of the tokens plus a representative token.
-    """
-    m = a.module
-    args, kwargs = a.call.args, a.call.kwargs
-    p = next((q for q in m.parameters() if q.is_floating_point()), None)
-    if p is not None and p.dtype not in (torch.float32, torch.float64):
-        # half-precision models: probe a float32 copy, so the tolerance means the same thing
-        m = copy.deepcopy(m).float()
-        cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
-        args, kwargs = tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
-    was = m.training
-    m.eval()
-    try:
-        with torch.no_grad(), hooks_suspended(m):
-            ref = type(a.module).forward(m, *args, **kwargs)
-            x, extras = a.plan.bind(a.name, args, kwargs)
-            if a.token_map:   # (B, H, W, C) maps: compare as tokens
-                ref, x = ref.flatten(1, 2), x.flatten(1, 2)
-            out, row = program(m, *a.plan.feed(x, extras), None, None)[:2]
-            scale = max(1.0, float(ref.abs().max()))
-            err = float((out - ref).abs().max())
-            if err > atol * scale:
-                raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
-            B, N, C = x.shape
-            P = a.num_prefix
-            M = N - P
-            if row is not None and row.shape != (B, M):
-                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {(B, M)}")
-            gen = torch.Generator().manual_seed(0)
-            perm = torch.randperm(M, generator=gen).to(x.device)
-            pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
-            xp = x.gather(1, pos[..., None].expand(-1, -1, C))
-            ex = {n: _gather_extra(a, n, t, pos, N, P) for n, t in extras.items()}
-            outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
-            err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
-            if err > atol * scale:
-                raise AnalysisError(
-                    a.name, "not equivariant to the token order (max abs diff "
-                            f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
-                            "attention or has a position-dependent term evoplug cannot follow")
-            k = max(1, M // 2)
-            sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
-            xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
-            ex = {n: _gather_extra(a, n, t, sub_pos, N, P) for n, t in extras.items()}
-            outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
-            if outs.shape != xs.shape or not torch.isfinite(outs).all():
-                raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
-    except AnalysisError:
-        raise
-    except Exception as e:
-        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e}") from None
-    finally:
-        m.train(was)
 
 
 def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, strict: bool = True,
@@ -141,7 +80,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
                                                opts.num_prefix_tokens, opts.global_query)
                     programs = {False: build_program(a, False, gm_eval),
                                 True: build_program(a, True)}
-                    _probe(a, programs[False])
+                    probe_program(a, programs[False])
                     analysed.append((a, programs, added))
                 except AnalysisError as e:
                     _drop_added_buffers(module, added)
@@ -157,19 +96,25 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
                 _drop_added_buffers(a.module, added)
             raise
     runtime = EvoRuntime(Plan(opts, roles))
-    specs = []
-    for i, (a, programs, added) in enumerate(analysed):
-        spec = BlockSpec(i, a, runtime, programs, type(a.module),
-                         inner=tuple(a.module.get_submodule(p) for p in a.attention_paths if p),
-                         added_buffers=tuple(n for n in a.module._buffers if n not in added),
-                         program_factory=None if a.batch_size is None else
-                         batch_program_factory(a, type(a.module)))
-        a.module.__class__ = evo_class(type(a.module))
-        a.module._evoplug_spec = spec
-        del a.call  # do not keep the calibration tensors alive
-        specs.append(spec)
+    specs = [_install(i, a, programs, added, runtime) for i, (a, programs, added) in enumerate(analysed)]
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
     return model
+
+
+def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime) -> BlockSpec:
+    """Swap the block's class and hand it what it needs at run time."""
+    module = a.module
+    spec = BlockSpec(
+        index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
+        ev.row_at_selected if a.row_full else ev.row_of_kept, runtime, programs, type(module),
+        analysis=a, batch_size=a.batch_size,
+        program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
+        inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
+        added_buffers=tuple(n for n in module._buffers if n not in buffers_before))
+    module.__class__ = evo_class(type(module))
+    module._evoplug_spec = spec
+    del a.call  # do not keep the calibration tensors alive
+    return spec
 
 
 @contextlib.contextmanager

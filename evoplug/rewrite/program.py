@@ -37,8 +37,11 @@ from torch import nn
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
 
-from ..analyse.analysis import (AttentionSite, BlockAnalysis, _getattr_path, ancestors, find_attention,
-                       find_grid_ops, is_add, mark_batch_specialised, trace_block)
+from ..analyse.attention import AttentionSite, find_attention
+from ..analyse.block import BlockAnalysis
+from ..analyse.graph import ancestors, getattr_path, is_add
+from ..analyse.grid import find_grid_ops
+from ..analyse.trace import mark_batch_specialised, trace_block
 from ..analyse.calibrate import ModuleCall
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
@@ -342,7 +345,7 @@ def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule, training: bool):
                 if n.op == "call_module":
                     a.module.get_submodule(n.target)
                 else:
-                    _getattr_path(a.module, n.target)
+                    getattr_path(a.module, n.target)
             except AttributeError:
                 raise AnalysisError(a.name, f"traced program reads `{n.target}`, which the block "
                                             "does not have") from None

@@ -416,6 +416,18 @@ def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     return g / g.sum(1, keepdim=True).clamp_min(1e-12)
 
 
+def row_at_selected(row: Tensor, sel: Tensor, k: int) -> Tensor:
+    """The selected tokens' entries of a global row over every patch token (B, M) -> (B, k):
+    windowed attention and keys from the full map give such rows."""
+    return row.gather(1, sel)
+
+
+def row_of_kept(row: Tensor, sel: Tensor, k: int) -> Tensor:
+    """The kept tokens' entries of a row over the subset's keys [kept, representative]:
+    (B, k + 1) -> (B, k)."""
+    return row[:, :k]
+
+
 def update_scores(scores: Optional[Tensor], row: Tensor, alpha: float,
                   sel: Optional[Tensor] = None) -> Tensor:
     """Global attention update g = (1 - alpha) g + alpha a.

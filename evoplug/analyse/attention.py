@@ -1,0 +1,110 @@
+"""The attention site of a block, recognised by what it computes: ``softmax`` over ``q @ k^T``,
+``scaled_dot_product_attention`` or an ``nn.MultiheadAttention`` call, never by class name; and
+the additive terms on its logits (position biases, masks, block arguments)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, List, Optional, Set, Tuple
+
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import AnalysisError
+from .graph import ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of
+
+@dataclasses.dataclass
+class AttentionSite:
+    kind: str                          # 'softmax' | 'sdpa' | 'mha'
+    node: fx.Node                      # softmax / sdpa / mha call
+    logits: Optional[fx.Node] = None   # softmax input
+    q: Optional[fx.Node] = None
+    k: Optional[fx.Node] = None
+    mask: Optional[fx.Node] = None     # sdpa attn_mask / mha attn_mask
+    scale: Any = None
+    biases: List[fx.Node] = dataclasses.field(default_factory=list)   # token-independent terms
+    arg_terms: List[str] = dataclasses.field(default_factory=list)    # placeholders feeding logits
+
+
+def sdpa_arg(n: fx.Node, idx: int, name: str, default=None):
+    if name in n.kwargs:
+        return n.kwargs[name]
+    return n.args[idx] if len(n.args) > idx else default
+
+
+def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
+    """Walk an add-chain feeding the logits: token-independent operands are position terms;
+    placeholders other than the tokens are block arguments feeding the logits."""
+    biases, args, todo, seen = [], [], [start], set()
+    while todo:
+        cur = todo.pop()
+        if not isinstance(cur, fx.Node) or cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            args.append(cur.target)
+        elif cur not in dep and cur.op != "placeholder":
+            biases.append(cur)
+        elif is_add(cur):
+            todo.extend(a for a in cur.args[:2] if isinstance(a, fx.Node))
+    return biases, args
+
+
+def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
+    graph = gm.graph
+    dep = input_dependent(graph)
+    sites: List[AttentionSite] = []
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
+            site = AttentionSite("sdpa", n, q=sdpa_arg(n, 0, "query"), k=sdpa_arg(n, 1, "key"),
+                                 mask=sdpa_arg(n, 3, "attn_mask"), scale=sdpa_arg(n, 6, "scale"))
+            if sdpa_arg(n, 5, "is_causal", False) is True:
+                raise AnalysisError(name, "causal scaled_dot_product_attention: not a vision block")
+            if isinstance(site.mask, fx.Node):
+                site.biases, site.arg_terms = _logit_terms(site.mask, dep)
+            sites.append(site)
+        elif isinstance(module_of(gm, n), nn.MultiheadAttention):
+            mask = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
+            site = AttentionSite("mha", n, q=n.args[0] if n.args else n.kwargs.get("query"),
+                                 k=n.args[1] if len(n.args) > 1 else n.kwargs.get("key"), mask=mask)
+            if isinstance(mask, fx.Node):
+                site.biases, site.arg_terms = _logit_terms(mask, dep)
+            sites.append(site)
+        elif is_softmax(gm, n):
+            logits = n.args[0] if n.args else n.kwargs.get("input")
+            if not isinstance(logits, fx.Node) or logits not in dep:
+                continue
+            # softmax(q k^T ...): a matmul of two token-dependent operands upstream of the logits
+            qk = [a for a in ancestors(logits) | {logits} if is_matmul(a) and
+                  sum(isinstance(x, fx.Node) and x in dep for x in a.args) >= 2]
+            if not qk:
+                continue
+            qk_node = max(qk, key=lambda a: list(graph.nodes).index(a))
+            site = AttentionSite("softmax", n, logits=logits, q=qk_node.args[0], k=qk_node.args[1])
+            # the logits' additive terms (walk through the q.k^T product's consumers)
+            site.biases, site.arg_terms = _logit_terms(logits, dep)
+            sites.append(site)
+    if not sites:
+        raise AnalysisError(name, "no attention computation (softmax over q.k^T, "
+                                  "scaled_dot_product_attention or nn.MultiheadAttention) in its graph")
+    if len(sites) > 1:
+        raise AnalysisError(name, f"{len(sites)} attention computations in one block "
+                                  f"({', '.join(s.node.name for s in sites)})")
+    return sites[0]
+
+
+def attention_output(site: AttentionSite) -> Optional[fx.Node]:
+    """Where the attention's result leaves it: the fused call, or for an explicit softmax the
+    first product with the values downstream of it (after talking heads, dropout, ...)."""
+    if site.kind in ("sdpa", "mha"):
+        return site.node
+    todo, seen = list(site.node.users), set()
+    while todo:
+        n = todo.pop(0)
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_matmul(n):
+            return n
+        todo.extend(n.users)
+    return None

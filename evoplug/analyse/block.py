@@ -1,0 +1,232 @@
+"""torch.fx analysis: find transformer blocks in a model it was not written for.
+
+Flow: :func:`find_blocks` walks the module tree top-down using the calibration record
+(calibration.py): the highest module that ran exactly one attention computation per call, took
+a (B, N, C) token tensor (or a channels-last (B, H, W, C) token map, as in Swin) and returned the
+same shape is a *candidate block*. Each candidate is
+traced **on its own** (whole models often do not trace) with every submodule that ran no
+attention kept as a leaf, so the graph shows the attention internals and the residual stream:
+
+* the attention site, recognised by what it computes: ``softmax`` over ``q @ k^T``,
+  ``scaled_dot_product_attention`` (q, k, mask and scale read from its arguments) or an
+  ``nn.MultiheadAttention`` call; never by class name;
+* additive position terms on the attention logits that do not depend on the tokens (relative
+  position bias tables): they must follow the selected tokens (see rewrite.py);
+* the residual stream: which residual adds carry the attention branch and the MLP branch
+  (layer scale, drop path, or a residual inside a submodule such as MMPretrain's FFN);
+* the prefix tokens (cls, distillation, registers) from the patch grid seen during calibration;
+* windowed attention (tokens regrouped into windows inside the block) and, by running the graph
+  on token indices, which token each window slot holds (:func:`window_token_index`).
+
+Python branches and ``int()`` on traced sizes are specialised on the calibration input (and refused
+when they depend on the token count; a value that depends on the batch size makes block.py trace
+one program per batch size); checks (``assert``, a branch that only raises) pass on the
+calibration input and are dropped; buffers are traced as attributes so the programs read the live
+ones.
+
+The result is a :class:`BlockAnalysis` per block (what explain() prints) which rewrite.py turns
+into a slow-path program.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import AnalysisError
+from ..runtime.call import CallPlan
+from .attention import find_attention
+from .calibrate import ModuleCall
+from .discover import detect_prefix, modules_to_trace, patch_grid, resolve_global_query
+from .graph import ancestors, module_of, shape_of, softmax_dim
+from .grid import find_grid_ops, reduced_kv_grid, window_token_index
+from .probes import check_no_mixing_outside_attention
+from .residual import Branch, residual_branches
+from .trace import make_call_plan, mark_batch_specialised, trace_block
+
+@dataclasses.dataclass
+class BlockAnalysis:
+    name: str
+    module: nn.Module
+    call: ModuleCall
+    plan: CallPlan
+    attention_paths: Tuple[str, ...]   # the block's submodules that ran attention, by path
+    num_tokens: int
+    dim: int
+    num_prefix: int = 0
+    prefix_source: str = ""
+    global_query: str = "cls"        # 'cls' (query 0) or 'mean' (mean query of the patch tokens)
+    grid: Optional[Tuple[int, int]] = None   # patch grid (h, w) of the M patch tokens, if known
+    kv_grid: Optional[Tuple[int, int]] = None  # keys from the full map reduced to this grid (PVT)
+    grid_ops_expected: bool = False            # the block turns tokens into a 2-D map (PVT)
+    windowed: bool = False                     # attention inside the 2-D map part (windows)
+    token_map: bool = False                    # block takes/returns a (B, H, W, C) map (Swin)
+    window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
+    window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
+    row_full: bool = False                     # the global row covers every patch token
+    batch_size: Optional[int] = None           # set when the trace specialised on the batch size
+
+    attention: str = ""              # human-readable attention description
+    q: str = ""
+    k: str = ""
+    position_terms: List[str] = dataclasses.field(default_factory=list)
+    branches: List[Branch] = dataclasses.field(default_factory=list)
+    notes: List[str] = dataclasses.field(default_factory=list)
+
+    def attention_ids(self) -> Set[int]:
+        """ids of the submodules that ran attention (traced into), found by path in the block
+        itself: a deep copy of a converted model (EMA) finds its own."""
+        return {id(self.module.get_submodule(p)) for p in self.attention_paths}
+
+
+_REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens: "
+               "spatial-reduction attention as in PVT/Twins), not supported yet")
+
+
+def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
+                  calls: Dict[int, ModuleCall], attn_mods: Set[int],
+                  num_prefix_override: Optional[int],
+                  global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
+    """Trace one candidate block (eval mode), propagate shapes, and describe it."""
+    plan = make_call_plan(module, name, call)
+    traced = modules_to_trace(calls)
+    gm = trace_block(module, name, plan, traced, training=False, call=call)
+    token = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else \
+        plan.signature.bind(*call.args, **call.kwargs).arguments[plan.token_arg]
+    token_map = x.dim() == 4          # channels-last (B, H, W, C) token map (Swin)
+    if token_map:
+        B, H, W, C = x.shape
+        N = H * W
+    else:
+        B, N, C = x.shape
+    # shapes of every node on the calibration input
+    from torch.fx.passes.shape_prop import ShapeProp
+    bound = plan.signature.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*feed)
+    except Exception as e:
+        raise AnalysisError(name, f"the traced block does not run: {type(e).__name__}: {e}") from None
+
+    try:
+        site = find_attention(gm, name)
+    except AnalysisError as e:
+        hidden = [n.target for n in gm.graph.nodes if n.op == "call_module"
+                  and id(gm.get_submodule(n.target)) in attn_mods]
+        if hidden:
+            sub = gm.get_submodule(hidden[0])
+            raise AnalysisError(name, f"its attention runs inside `{hidden[0]}` "
+                                      f"({type(sub).__name__}), which torch.fx does not trace into "
+                                      "(timm's notrace registry)") from None
+        raise e
+    paths = tuple(n for n, m in module.named_modules() if id(m) in traced)
+    a = BlockAnalysis(name, module, call, plan, paths, N, C)
+    mark_batch_specialised(a, gm, B)
+    if token_map:
+        # a map has no room for prefix tokens: every position is a patch
+        a.token_map, a.grid = True, (int(H), int(W))
+        a.num_prefix, a.prefix_source = 0, f"none: the block takes a {H}x{W} channels-last map"
+    else:
+        if num_prefix_override is not None:
+            a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+        else:
+            a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
+        if a.num_prefix >= N:
+            raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
+        a.grid = patch_grid(call, calls, N - a.num_prefix, model)
+    grid_ops = find_grid_ops(gm, a, site)
+    a.grid_ops_expected = bool(grid_ops)
+    for kind, node, _ in grid_ops:
+        if token_map and any(u.op == "output" for u in node.users):
+            what = "the block's output map (made from the restored tokens)"
+        else:
+            what = "fed the full map" if kind == "to" else "read back at the kept tokens"
+        a.position_terms.append(f"2-D map op at `{node.name}` -> {what}")
+    if token_map:
+        a.position_terms.insert(0, "block input: the exact full map")
+    if grid_ops and not token_map:
+        a.notes.append("grid operations see the full map; positions of tokens that were not run "
+                       "hold the representative token")
+    # self-attention over all N tokens (or keys from the spatially reduced full map), or
+    # attention computed inside the 2-D map part of the block (windowed attention)
+    # windowed: the queries themselves come from the 2-D map (PVT's spatial reduction only
+    # builds the keys/values from it)
+    anc_q = ancestors(site.q) | {site.q} if isinstance(site.q, fx.Node) else set()
+    a.windowed = any(kind == "to" and node in anc_q for kind, node, _ in grid_ops) and any(
+        kind == "from" and site.node in ancestors(node) for kind, node, _ in grid_ops)
+    site_shape = shape_of(site.node)
+    if site.kind != "mha" and site_shape is not None and site_shape[0] != B:
+        # the attention runs on regrouped tokens: windows (B * windows, window tokens, ...)
+        a.windowed = True
+    if a.token_map and not a.windowed and not any(
+            kind == "from" and node in anc_q for kind, node, _ in grid_ops):
+        raise AnalysisError(name, "attention on the 4-D map that is neither windowed nor on a "
+                                  "token view of it")
+    if a.token_map:
+        a.notes.append("channels-last map block: tokens that were not kept get " + (
+            "their own attention update (the windows run on the full map)" if a.windowed else
+            "the representative token's attention update") + " plus its MLP residual")
+    if a.windowed:
+        a.window_index = window_token_index(gm, site, a, feed, B)
+        a.row_full = a.window_index is not None
+        a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of the 2-D map: run on "
+                       "the full map; " + ("global row = each window's mean-query attention, mapped "
+                                           "back to the tokens" if a.row_full else
+                                           "no global row (windows could not be mapped to tokens)"))
+    elif site.kind in ("softmax",):
+        s = shape_of(site.node)
+        if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
+            a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
+            if a.kv_grid is None:
+                raise AnalysisError(name, _REDUCED_KV.format(s[-1], N))
+            s = s[:-1] + (N,)
+        if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
+            raise AnalysisError(name, f"attention map {s} is not over the block's {N} tokens "
+                                      "(not self-attention)")
+        dim = softmax_dim(gm, site.node)
+        if dim not in (-1, len(s) - 1):
+            raise AnalysisError(name, f"softmax over dim {dim}, not over the keys (last dim)")
+        a.attention = f"softmax(q.k^T) at `{site.node.name}`"
+    elif site.kind == "sdpa":
+        qs, ks = shape_of(site.q), shape_of(site.k)
+        if qs and ks and qs[-2] == N and ks[-2] != N:
+            a.kv_grid = reduced_kv_grid(site.k, ks[-2], grid_ops)
+            if a.kv_grid is None:
+                raise AnalysisError(name, _REDUCED_KV.format(ks[-2], N))
+            ks = ks[:-2] + (N, ks[-1])
+        if not qs or not ks or qs[-2] != N or ks[-2] != N:
+            raise AnalysisError(name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
+                                      f"block's {N} tokens (not self-attention)")
+        a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
+    else:
+        mha = module_of(gm, site.node)
+        if site.q is not site.k:
+            if shape_of(site.q) != shape_of(site.k):
+                raise AnalysisError(name, "nn.MultiheadAttention with different query and key "
+                                          "tokens (cross-attention)")
+        a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
+    a.q = getattr(site.q, "name", str(site.q))
+    a.k = getattr(site.k, "name", str(site.k))
+    for b in site.biases:
+        a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
+            "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))
+    for t in site.arg_terms:
+        a.position_terms.append(f"argument `{t}` on the attention logits -> gathered")
+    for tname in plan.tensor_args:
+        t = bound.arguments[tname]
+        if tname not in site.arg_terms:
+            a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
+    if a.kv_grid is not None and not a.windowed:
+        a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
+        a.row_full = True
+    a.branches, notes = residual_branches(gm, token, site, name)
+    a.notes += notes
+    a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
+    return a, gm

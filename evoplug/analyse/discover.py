@@ -1,0 +1,274 @@
+"""Candidate blocks from the calibration record, the modules evoplug refuses (by block name,
+with the reason), the prefix tokens, the patch grid and the class token."""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Set, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import AnalysisError
+from .calibrate import ModuleCall
+
+def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
+                        channels_last: bool = False) -> Optional[str]:
+    """None if the call looks like a token block: (B, N, C) in, same shape out; or a
+    channels-last token map (B, H, W, C) in, same shape out (Swin), when ``channels_last``."""
+    tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
+    tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return "called without a tensor"
+    x = tensors[0]
+    if x.dim() == 4 and not channels_last:
+        return (f"input of shape {tuple(x.shape)} is a 4-D map that is not a channels-last token "
+                "map (no norm or linear over its last dim)")
+    if x.dim() not in (3, 4):
+        return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
+    if batch is not None and x.shape[0] != batch:
+        return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
+                "windows or patches are formed outside any block evoplug can convert, so it "
+                "cannot tell which image position each token holds")
+    out = call.output
+    if not isinstance(out, torch.Tensor):
+        return f"returns {type(out).__name__}, not the token tensor"
+    if tuple(out.shape) != tuple(x.shape):
+        return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
+                "(not a self-attention token block, e.g. class attention or pooling)")
+    return None
+
+
+def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
+    """A 4-D block input (B, H, W, C) is a channels-last token map when a norm or linear inside
+    the block runs over its last dim on a map of that shape (Swin's ``norm1``)."""
+    x = next((a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    if x is None or x.dim() != 4:
+        return False
+    for sub in m.modules():
+        c = calls.get(id(sub))
+        if c is None or sub is m:
+            continue
+        inp = next((a for a in c.args if isinstance(a, torch.Tensor)), None)
+        if inp is None or tuple(inp.shape) != tuple(x.shape):
+            continue
+        if isinstance(sub, nn.Linear) and sub.in_features == x.shape[-1]:
+            return True
+        shape = getattr(sub, "normalized_shape", None)
+        if shape is not None and tuple(shape) == (x.shape[-1],):
+            return True
+    return False
+
+
+def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
+    root = calls.get(id(model))
+    if root is None:
+        return None
+    for a in list(root.args) + list(root.kwargs.values()):
+        if isinstance(a, torch.Tensor) and a.dim() >= 1:
+            return int(a.shape[0])
+    return None
+
+
+def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
+    """Walk the module tree top-down: the candidate blocks; the modules that look like token
+    blocks but cannot be converted (*failed*: strict conversion raises on them); the modules
+    with attention that are no token blocks (*skipped*, e.g. class attention, pooling).
+
+    A module that holds no candidate is reported as one unit when its attention is its own or
+    one child's (a block around its attention module): ``blocks.3``, not ``blocks.3.attn``."""
+    candidates: List[Tuple[str, nn.Module, ModuleCall]] = []
+    reports: List[Tuple[str, str, bool]] = []     # (name, reason, looks like a token block)
+    batch = _model_batch(model, calls)
+
+    def visit(name: str, m: nn.Module):
+        c = calls.get(id(m))
+        if c is None:  # containers that are not called themselves (ModuleList, ModuleDict)
+            for child_name, child in m.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+            return
+        if c.attention_ops == 0:
+            return
+        reason = token_block_reason(c, batch, channels_last(m, c, calls))
+        if c.n_calls == 1 and c.attention_ops == 1 and reason is None:
+            candidates.append((name, m, c))
+            return
+        parallel = _parallel_branches(name, m, calls) if c.n_calls == 1 and reason is None else []
+        if len(parallel) > 1:     # e.g. timm's ParallelThingsBlock: x + attn_1(x) + attn_2(x)
+            reports.append((name, f"runs {c.attention_ops} attention computations per call, in "
+                                  f"parallel branches on the same tokens ({', '.join(parallel)}); "
+                                  "evoplug converts blocks with one self-attention over their "
+                                  "tokens", True))
+            return
+        before, reported = len(candidates), len(reports)
+        for child_name, child in m.named_children():
+            visit(f"{name}.{child_name}" if name else child_name, child)
+        inside = reports[reported:]
+        if len(candidates) > before or len(inside) > 1 or not _one_unit(m, c, calls) or \
+                (inside and _whole_block(model.get_submodule(inside[0][0]), calls)):
+            return
+        del reports[reported:]
+        token_block = reason is None or reason.startswith("its tokens arrive regrouped")
+        if c.n_calls > 1:
+            why = f"called {c.n_calls} times per forward (shared module)"
+        elif reason is None:
+            why = (f"runs {c.attention_ops} attention computations per call; evoplug converts "
+                   "blocks with one self-attention over their tokens")
+        else:
+            why = reason
+        if inside and not inside[0][1].startswith(why):
+            why += f" (inside: `{inside[0][0]}`: {inside[0][1]})"
+        reports.append((name, why, token_block))
+
+    visit("", model)
+    candidates.sort(key=lambda t: t[2].order)
+    failed = [(n, r) for n, r, block in reports if block]
+    skipped = [(n, r) for n, r, block in reports if not block]
+    return candidates, failed, skipped
+
+
+def _parallel_branches(name: str, m: nn.Module, calls: Dict[int, ModuleCall]) -> List[str]:
+    """The attention-running parts of ``m`` (its nearest called descendants) when several of
+    them took the very same token tensor: parallel branches of one block, not blocks in a row
+    (each of those takes the previous one's output)."""
+    parts: List[Tuple[str, ModuleCall]] = []
+
+    def collect(prefix: str, mod: nn.Module):
+        for child_name, child in mod.named_children():
+            path = f"{prefix}.{child_name}" if prefix else child_name
+            c = calls.get(id(child))
+            if c is None:
+                collect(path, child)
+            elif c.attention_ops:
+                parts.append((path, c))
+
+    collect(name, m)
+    firsts = [next((a for a in c.args if isinstance(a, torch.Tensor)), None) for _, c in parts]
+    shared = [p for (p, _), t in zip(parts, firsts) if t is not None and
+              sum(t is u for u in firsts) > 1]
+    return [f"`{p}`" for p in shared]
+
+
+def _one_unit(m: nn.Module, c: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
+    """Whether ``m`` is one attention unit: called more than once (shared), or its attention
+    runs in its own forward or inside exactly one of its children."""
+    if c.n_calls > 1:
+        return True
+    per_child = [_attention_below(child, calls) for child in m.children()]
+    per_child = [n for n in per_child if n]
+    return sum(per_child) < c.attention_ops or len(per_child) == 1
+
+
+def _whole_block(m: nn.Module, calls: Dict[int, ModuleCall]) -> bool:
+    """A module holding attention in one child and other work (an MLP: a child with parameters
+    that ran no attention) in another: a block, reported under its own name."""
+    ran = [(child, _attention_below(child, calls)) for child in m.children()
+           if calls.get(id(child)) is not None]
+    return any(n for _, n in ran) and any(
+        not n and next(child.parameters(), None) is not None for child, n in ran)
+
+
+def _attention_below(m: nn.Module, calls: Dict[int, ModuleCall]) -> int:
+    c = calls.get(id(m))
+    if c is not None:
+        return c.attention_ops
+    return sum(_attention_below(child, calls) for child in m.children())
+
+
+def attention_modules(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
+    return {mid for mid, c in calls.items() if c.attention_ops > 0}
+
+
+def modules_to_trace(calls: Dict[int, ModuleCall]) -> Set[int]:
+    """Modules the block tracer goes into: those that ran attention or a 2-D map operation
+    (the grid operations must be visible to be fed the full map); all others are leaves."""
+    return {mid for mid, c in calls.items() if c.attention_ops > 0 or c.grid_ops > 0}
+
+
+def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
+                  num_tokens: int) -> Tuple[int, str]:
+    """Number of leading prefix tokens at this block: N minus the patch grid (h*w) of the last
+    4-D feature map produced before the block ran; else the model's ``num_prefix_tokens`` /
+    ``num_extra_tokens`` attribute; else 0."""
+    grid = None
+    inside = inside_attention(model, calls) if model is not None else set()
+    for mid, c in calls.items():
+        fm = c.feature_map() if c.order < call.order and mid not in inside else None
+        if fm is not None:
+            hw = fm[0] * fm[1]
+            if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
+                if grid is None or c.order > grid[0]:
+                    grid = (c.order, hw, c.name, fm)
+    if grid is not None:
+        return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
+    for attr in ("num_prefix_tokens", "num_extra_tokens"):
+        v = getattr(model, attr, None)
+        if isinstance(v, int):
+            return v, f"model.{attr}"
+    return 0, "assumed 0 (no patch grid found)"
+
+
+def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
+    """ids of the modules that run inside an attention computation: the submodules of a
+    module that computes attention in its own forward (not only in its children). Their 4-D
+    outputs are per-head tensors (timm's ``k_norm`` on (B, N, heads, d)), attention maps or
+    spatially reduced keys, never the patch grid."""
+    derived = getattr(calls, "derived", None)       # a CallRecord caches it per forward
+    if derived is not None and "inside_attention" in derived:
+        return derived["inside_attention"]
+    inside: Set[int] = set()
+    for m in model.modules():
+        c = calls.get(id(m))
+        if c is None or c.attention_ops == 0 or m is model:
+            continue
+        if c.attention_ops > sum(_attention_below(child, calls) for child in m.children()):
+            inside.update(id(sub) for sub in m.modules() if sub is not m)
+    if derived is not None:
+        derived["inside_attention"] = inside
+    return inside
+
+
+def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
+               model: Optional[nn.Module] = None):
+    """(h, w) of the block's patch tokens: the last 4-D map before the block with h*w == M,
+    else a square grid if M is a perfect square, else None."""
+    best = None
+    inside = inside_attention(model, calls) if model is not None else set()
+    for mid, c in calls.items():
+        fm = c.feature_map() if c.order < call.order and mid not in inside else None
+        if fm is not None and fm[0] * fm[1] == num_patches and (best is None or c.order > best[0]):
+            best = (c.order, fm)
+    if best is not None:
+        return best[1]
+    r = int(round(num_patches ** 0.5))
+    return (r, r) if r * r == num_patches else None
+
+
+def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
+    """'cls' when the first prefix token is a class token, else 'mean'.
+
+    Without prefix tokens there is no cls token. With prefix tokens, a model that declares it
+    has no class token (timm's ``cls_token is None``, e.g. register-only ViTs) uses the mean
+    query too; otherwise the first prefix token is taken as the cls token.
+    """
+    if choice not in ("auto", "cls", "mean"):
+        raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {choice!r}")
+    if choice == "cls" and num_prefix == 0:
+        raise AnalysisError("", "global_query='cls' but the block has no prefix token")
+    if choice != "auto":
+        return choice
+    if num_prefix == 0:
+        return "mean"
+    if declares_no_class_token(model):
+        return "mean"
+    return "cls"
+
+
+def declares_no_class_token(model: nn.Module) -> bool:
+    """The model says it has no class token: the shallowest module with a ``cls_token``
+    attribute holds None (timm ViTs, and NaFlexViT's ``embeds.cls_token``), or it sets
+    ``has_class_token = False``. Its prefix tokens are then registers, not a class token."""
+    for _, m in model.named_modules():      # pre-order: the model itself first
+        if getattr(m, "has_class_token", None) is False:
+            return True
+        if hasattr(m, "cls_token"):
+            return getattr(m, "cls_token") is None
+    return False

@@ -1,0 +1,149 @@
+"""Queries on a traced block graph (fx): which node adds, multiplies matrices, takes a softmax,
+reshapes; ancestors; shapes recorded by shape propagation; partial evaluation."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Dict, Optional, Set, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+
+
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
+
+
+_SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+
+
+def is_add(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _ADD_FUNCS) or \
+        (n.op == "call_method" and n.target in ("add", "add_"))
+
+
+def is_matmul(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target in _MATMUL_FUNCS) or \
+        (n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+def module_of(gm: fx.GraphModule, n: fx.Node) -> Optional[nn.Module]:
+    if n.op != "call_module":
+        return None
+    try:
+        return gm.get_submodule(n.target)
+    except AttributeError:
+        return None
+
+
+def is_softmax(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in _SOFTMAX_FUNCS:
+        return True
+    if n.op == "call_method" and n.target == "softmax":
+        return True
+    return isinstance(module_of(gm, n), nn.Softmax)
+
+
+def softmax_dim(gm: fx.GraphModule, n: fx.Node):
+    if n.op == "call_module":
+        return module_of(gm, n).dim
+    if "dim" in n.kwargs:
+        return n.kwargs["dim"]
+    return n.args[1] if len(n.args) > 1 else None
+
+
+def input_dependent(graph: fx.Graph) -> Set[fx.Node]:
+    """Nodes that depend on any placeholder (the tokens or another block argument)."""
+    dep: Set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def ancestors(node: fx.Node) -> Set[fx.Node]:
+    seen, todo = set(), [node]
+    while todo:
+        cur = todo.pop()
+        for a in cur.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+def shape_of(n) -> Optional[Tuple[int, ...]]:
+    if not isinstance(n, fx.Node):
+        return None
+    tm = n.meta.get("tensor_meta")
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def getattr_path(obj, path: str):
+    for p in path.split("."):
+        obj = getattr(obj, p)
+    return obj
+
+
+_RESHAPES = ("reshape", "view", "flatten")
+
+
+_LAYOUT_METHODS = ("contiguous", "clone", "float", "to", "type_as")
+
+
+_SCALAR_FUNCS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul}
+
+
+def is_size_query(n: fx.Node) -> bool:
+    """x.shape / x.size() / x.dim(): reads sizes, passes no values on."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in ("shape", "device", "dtype")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
+def is_scalar_or_layout_op(n: fx.Node) -> bool:
+    if n.op == "call_method" and n.target in _LAYOUT_METHODS:
+        return True
+    others = [a for a in n.args[1:]] + list(n.kwargs.values())
+    scalar = all(not isinstance(a, fx.Node) for a in others)
+    if n.op == "call_function" and n.target in _SCALAR_FUNCS:
+        return scalar
+    return n.op == "call_method" and n.target in ("add", "mul", "sub", "div") and scalar
+
+
+def is_reshape(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _RESHAPES) or \
+        (n.op == "call_function" and n.target in (torch.reshape, torch.flatten))
+
+
+def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
+              call_module) -> Any:
+    """Evaluate ``target`` from the values in ``env`` (placeholders at least), running only its
+    ancestors; ``call_module(node, args, kwargs)`` runs the module calls."""
+    needed = ancestors(target) | {target}
+    # in-place writes into a needed tensor (traced ``operator.setitem``) are needed too
+    for n in graph.nodes:
+        if n is target:
+            break
+        if n.op == "call_function" and n.target is operator.setitem and n.args[0] in needed:
+            needed |= ancestors(n) | {n}
+    for n in graph.nodes:
+        if n not in needed or n in env:
+            continue
+        args = fx.node.map_arg(n.args, lambda v: env[v])
+        kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
+        if n.op == "get_attr":
+            env[n] = getattr_path(root, n.target)
+        elif n.op == "call_function":
+            env[n] = n.target(*args, **kwargs)
+        elif n.op == "call_method":
+            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        elif n.op == "call_module":
+            env[n] = call_module(n, args, kwargs)
+        elif n.op == "placeholder":
+            raise fx.proxy.TraceError(f"no example value for `{n.target}`")
+        else:
+            raise fx.proxy.TraceError(f"cannot evaluate `{n.name}` ({n.op})")
+    return env[target]

@@ -1,0 +1,167 @@
+"""2-D map operations inside a block (a reshape of the tokens into the patch grid and back),
+spatially reduced keys, and windows: which token each window slot holds."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import AnalysisError
+from .graph import ancestors, is_add, is_reshape, run_nodes, shape_of
+
+if TYPE_CHECKING:
+    from .attention import AttentionSite
+    from .block import BlockAnalysis
+
+def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["AttentionSite"] = None):
+    """Where the block turns its tokens into a 2-D map and back (PVT's depthwise-conv MLP and
+    spatial-reduction keys): ``('to', node, token_dim)`` reshapes N tokens into the patch grid,
+    ``('from', node, token_dim)`` flattens the grid back to tokens. Needs the shapes of a
+    ShapeProp run. Slow-path programs feed the 'to' points the full map (canvas).
+
+    With the attention ``site``: a map whose one window covers it all (Swin's last stage, 7x7
+    tokens in 7x7 windows) is partitioned and merged by views that look like map <-> token
+    views; those inside the windowed attention (a 'from' of the map into the attention, a 'to'
+    from the attention's output before any residual add) are window views, not grid ops."""
+    N, P, grid = a.num_tokens, a.num_prefix, a.grid
+    if grid is None:
+        return []
+    grid = tuple(grid)
+    M = grid[0] * grid[1]
+
+    def layout(shape):   # 'cf' (B, C, H, W), 'cl' (B, H, W, C) or None
+        if shape is None or len(shape) != 4:
+            return None
+        if tuple(shape[-2:]) == grid:
+            return "cf"
+        if tuple(shape[1:3]) == grid:
+            return "cl"
+        return None
+
+    ops = []
+    for n in gm.graph.nodes:
+        if not is_reshape(n):
+            continue
+        src = n.args[0] if n.args else None
+        si, so = shape_of(src), shape_of(n)
+        if si is None or so is None:
+            continue
+        # the token dim follows from the map's layout: (B, N, C) <-> (B, H, W, C) splits or
+        # merges dim 1, (B, C, N) <-> (B, C, H, W) the last dim (this matters when C == N)
+        if layout(so) and len(si) == 3 and N in si[1:]:
+            dim = 1 if layout(so) == "cl" else 2
+            if si[dim] != N:
+                dim = len(si) - 1 - list(reversed(si)).index(N)
+            ops.append(("to", n, dim))
+        elif layout(si) and len(so) == 3 and M in so[1:]:
+            dim = 1 if layout(si) == "cl" else 2
+            if so[dim] != M:
+                dim = len(so) - 1 - list(reversed(so)).index(M)
+            ops.append(("from", n, (dim, layout(si))))
+    if site is not None and ops:
+        ops = _drop_single_window_views(ops, site)
+    if ops and P:
+        raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
+                                    "supported")
+    return ops
+
+
+def _drop_single_window_views(ops, site: "AttentionSite"):
+    before = ancestors(site.node)
+    inner_from = [n for kind, n, _ in ops if kind == "from" and n in before and
+                  any(k == "to" and m in ancestors(n) for k, m, _ in ops)]
+    if not inner_from:
+        return ops
+    inner_to = []
+    for kind, n, _ in ops:
+        if kind == "to" and site.node in ancestors(n):
+            between = {m for m in ancestors(n) if site.node in ancestors(m)}
+            if not any(is_add(m) for m in between | {n}):
+                inner_to.append(n)
+    drop = set(inner_from) | set(inner_to)
+    return [op for op in ops if op[1] not in drop]
+
+
+def reduced_kv_grid(k: fx.Node, num_keys: int, grid_ops):
+    """(h', w') of keys built from the full map by spatial reduction, else None."""
+    if not grid_ops or not isinstance(k, fx.Node):
+        return None
+    anc = ancestors(k)
+    if not any(kind == "to" and node in anc for kind, node, _ in grid_ops):
+        return None
+    for n in anc:
+        s = shape_of(n)
+        if s is not None and len(s) == 4 and s[-2] * s[-1] == num_keys:
+            return (int(s[-2]), int(s[-1]))
+    return None
+
+
+def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysis", feed,
+                       batch: int) -> Optional[torch.Tensor]:
+    """Which token each window slot of a windowed attention holds, found by running the graph
+    from the block's input to the keys on token *indices* instead of features.
+
+    The input carries ``b * (N + 1) + n + 1`` in every channel of token n of image b; data
+    movement (roll, pad, window partition, views) moves these values with the tokens, and the
+    token-wise leaf modules on the way (norm, the qkv linear) are replaced by copying the index
+    into their output channels. At the keys every channel of a slot must hold one integer: the
+    token there (0 = padding). Checked: windows are batch-major and every token sits in exactly
+    one window slot. Returns the (windows * window tokens,) index of image 0, or None when the
+    path does arithmetic on the values or the windows overlap (the block then gives no row).
+    """
+    k = site.k
+    if not isinstance(k, fx.Node) or site.kind not in ("softmax", "sdpa"):
+        return None
+    s_node, s_k = shape_of(site.node), shape_of(k)
+    if s_node is None or s_k is None:
+        return None
+    nk = s_node[-1] if site.kind == "softmax" else s_k[-2]
+    N = a.num_tokens
+    stride = N + 1
+    x = feed[0]
+    shape = (2,) + tuple(x.shape[1:])
+    ids = torch.arange(N, dtype=torch.float64, device=x.device) + 1
+    ids = torch.stack([ids, ids + stride]).reshape(shape[:-1] + (1,)).expand(shape)
+    needed = ancestors(k) | {k}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if any(p in needed for p in placeholders[1:]):
+        return None    # the keys depend on another argument too
+    def token_wise(n, args, kwargs):
+        si, so = shape_of(n.args[0]) if n.args else None, shape_of(n)
+        if si is None or so is None or si[:-1] != so[:-1]:
+            raise fx.proxy.TraceError("not token-wise over the last dim")
+        inp = args[0]
+        return inp[..., :1].expand(*inp.shape[:-1], so[-1])
+
+    try:
+        with torch.no_grad():
+            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, token_wise)
+        # keys as (leading dims..., channel, key) with the key dim last
+        if site.kind == "softmax" and kv.shape[-1] == nk:
+            lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
+        elif kv.shape[-2] == nk:
+            lead = kv.select(-1, 0)                      # k: (..., Mk, d)
+        else:
+            return None
+        # leading dims along which the index does not change are heads (averaged by the row);
+        # the others, with the batch, enumerate the windows
+        head_dims = tuple(i for i in range(1, lead.dim() - 1)
+                          if bool((lead == lead.narrow(i, 0, 1)).all()))
+        for i in reversed(head_dims):
+            lead = lead.select(i, 0)
+        if not bool((lead == lead.round()).all()):
+            return None
+        w = lead.reshape(2, -1)                          # batch-major: image 0, image 1
+        first, second = w[0], w[1]
+        pad = first == 0
+        if not bool(((first >= 0) & (first <= N)).all()) or \
+                not bool(((second == first + stride) | (pad & (second == 0))).all()):
+            return None
+        idx = first.long()
+        if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
+            return None
+        a.window_head_dims = head_dims
+        return idx
+    except Exception:
+        return None

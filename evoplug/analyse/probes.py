@@ -1,0 +1,182 @@
+"""Behavioural probes of an analysed block on the calibration input."""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import AnalysisError
+from ..runtime.block import gather_extra
+from .attention import attention_output
+
+if TYPE_CHECKING:
+    from .attention import AttentionSite
+    from .block import BlockAnalysis
+
+#: tolerance of the program probe (reproduction, permutation), relative to the output scale
+PROBE_TOLERANCE = 1e-4
+#: tolerance of the mixing probe, relative to the output's scale (float32; 100x in half)
+MIXING_TOLERANCE = 1e-4
+
+
+def _zero_attention_output(out):
+    """The attention's output replaced by zeros (nn.MultiheadAttention: its first item)."""
+    if isinstance(out, tuple):
+        return (torch.zeros_like(out[0]),) + tuple(out[1:])
+    return torch.zeros_like(out)
+
+
+def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a: BlockAnalysis,
+                                      feed, has_grid_ops: bool):
+    """Behavioural check that the block mixes tokens only in its attention: with the attention's
+    output set to zero, changing one patch token must leave every other token as it was. An
+    order-independent reduction over the tokens (a mean added to the output, pooling) passes
+    the permutation probe but fails here; evoplug would compute it over the kept tokens only.
+    Blocks with 2-D map operations (a depthwise conv) may change the token's neighbours: only
+    the tokens far from it on the grid are compared."""
+    out_node = attention_output(site)
+    if out_node is None:
+        return
+    graph = copy.deepcopy(gm.graph)
+    target = next(n for n in graph.nodes if n.name == out_node.name)
+    with graph.inserting_after(target):
+        zero = graph.call_function(_zero_attention_output, (target,))
+    target.replace_all_uses_with(zero, delete_user_cb=lambda u: u is not zero)
+    probe = fx.GraphModule(gm, graph)
+    x = feed[0]
+    tokens = x.flatten(1, 2) if a.token_map else x
+    B, N, C = tokens.shape
+    P = a.num_prefix
+    compare = torch.ones(N, dtype=torch.bool)
+    compare[P] = False                          # the changed token: the first patch token
+    if has_grid_ops:
+        if a.grid is None:
+            return
+        h, w = a.grid
+        r = min(h, w) // 2
+        rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
+        far = torch.maximum(rows, cols) > r     # Chebyshev distance from the corner token
+        if not bool(far.any()):
+            return
+        compare = torch.cat([torch.zeros(P, dtype=torch.bool), far])
+    gen = torch.Generator().manual_seed(0)
+    changed = tokens.clone()
+    noise = torch.randn(changed[:, P].shape, generator=gen).to(changed)
+    changed[:, P] = noise * (3 * float(tokens.float().std()) + 1e-3)
+    module = a.module
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), hooks_suspended(module):
+            ref = probe(*feed)
+            out = probe(changed.reshape(x.shape), *feed[1:])
+    except RuntimeError as e:    # e.g. an op that cannot take the zeros: said in explain()
+        a.notes.append(f"the check for token mixing outside attention could not run "
+                       f"({type(e).__name__}: {e})")
+        return
+    finally:
+        module.train(was)
+    if not isinstance(ref, torch.Tensor) or ref.shape != x.shape:
+        return
+    ref, out = ref.reshape(B, N, -1).float(), out.reshape(B, N, -1).float()
+    if not (torch.isfinite(ref).all() and torch.isfinite(out).all()):
+        return
+    tol = MIXING_TOLERANCE * (1 if x.dtype in (torch.float32, torch.float64) else 100)
+    err = float((out - ref)[:, compare.to(out.device)].abs().max())
+    if err > tol * max(1.0, float(ref.abs().max())):
+        raise AnalysisError(
+            a.name, "mixes tokens outside its attention (with the attention's output set to "
+                    f"zero, changing one patch token changed others by up to {err:.3g}): e.g. a "
+                    "mean or sum over the tokens, which evoplug would take over the kept tokens "
+                    "only")
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called")
+
+
+@contextlib.contextmanager
+def hooks_suspended(module: nn.Module):
+    """The hooks of ``module``'s submodules set aside (and put back): the probes compare the
+    block's own computation with its program, which never runs the hooks of what it traced
+    into."""
+    saved = []
+    for m in module.modules():
+        for name in _HOOK_DICTS:
+            d = getattr(m, name, None)
+            if d:
+                saved.append((d, dict(d)))
+                d.clear()
+    try:
+        yield
+    finally:
+        for d, items in saved:
+            d.update(items)
+
+
+def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
+    """Behavioural check of a block and its program on the calibration input (eval mode):
+
+    1. the traced program reproduces the block's own forward (dense);
+    2. permutation equivariance: running it on the patch tokens in another order, with the
+       position terms following them, gives the same tokens in that order. A block that mixes
+       tokens outside attention (convolution over the grid, pooling) or has a position term
+       evoplug does not follow fails here instead of giving wrong outputs later;
+    3. it runs on a subset of the tokens plus a representative token.
+    """
+    m = a.module
+    args, kwargs = a.call.args, a.call.kwargs
+    p = next((q for q in m.parameters() if q.is_floating_point()), None)
+    if p is not None and p.dtype not in (torch.float32, torch.float64):
+        # half-precision models: probe a float32 copy, so the tolerance means the same thing
+        m = copy.deepcopy(m).float()
+        cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+        args, kwargs = tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
+    was = m.training
+    m.eval()
+    try:
+        with torch.no_grad(), hooks_suspended(m):
+            ref = type(a.module).forward(m, *args, **kwargs)
+            x, extras = a.plan.bind(a.name, args, kwargs)
+            if a.token_map:   # (B, H, W, C) maps: compare as tokens
+                ref, x = ref.flatten(1, 2), x.flatten(1, 2)
+            out, row = program(m, *a.plan.feed(x, extras), None, None)[:2]
+            scale = max(1.0, float(ref.abs().max()))
+            err = float((out - ref).abs().max())
+            if err > atol * scale:
+                raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
+            B, N, C = x.shape
+            P = a.num_prefix
+            M = N - P
+            if row is not None and row.shape != (B, M):
+                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {(B, M)}")
+            gen = torch.Generator().manual_seed(0)
+            perm = torch.randperm(M, generator=gen).to(x.device)
+            pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
+            xp = x.gather(1, pos[..., None].expand(-1, -1, C))
+            ex = {n: gather_extra(a.name, n, t, pos, N, P) for n, t in extras.items()}
+            outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
+            err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
+            if err > atol * scale:
+                raise AnalysisError(
+                    a.name, "not equivariant to the token order (max abs diff "
+                            f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
+                            "attention or has a position-dependent term evoplug cannot follow")
+            k = max(1, M // 2)
+            sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
+            xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
+            ex = {n: gather_extra(a.name, n, t, sub_pos, N, P) for n, t in extras.items()}
+            outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
+            if outs.shape != xs.shape or not torch.isfinite(outs).all():
+                raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
+    except AnalysisError:
+        raise
+    except Exception as e:
+        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e}") from None
+    finally:
+        m.train(was)

@@ -1,0 +1,91 @@
+"""The residual stream of a block: which residual adds carry the attention branch and the MLP
+branch (layer scale, drop path, or a residual inside a submodule such as MMPretrain's FFN)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Set, Tuple
+
+import torch.fx as fx
+
+from ..errors import AnalysisError
+from .attention import AttentionSite
+from .graph import (ancestors, is_add, is_reshape, is_scalar_or_layout_op, is_size_query, module_of,
+                    shape_of)
+
+@dataclasses.dataclass
+class Branch:
+    role: str             # 'attention' | 'mlp' | 'other'
+    add: str              # the residual add node
+    path: List[str]       # leaf modules / notable ops on the branch, in order
+
+
+def _branch_path(gm: fx.GraphModule, branch_nodes: Set[fx.Node], graph: fx.Graph) -> List[str]:
+    out = []
+    for n in graph.nodes:
+        if n in branch_nodes:
+            if n.op == "call_module":
+                out.append(f"{n.target}:{type(module_of(gm, n)).__name__}")
+            elif n.op == "get_attr":
+                out.append(f"{n.target}(param)")
+    return out
+
+
+def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
+                      name: str) -> Tuple[List[Branch], List[str]]:
+    graph = gm.graph
+    stream = token
+    branches: List[Branch] = []
+    notes: List[str] = []
+    visited = set()
+    while True:
+        users = list(stream.users)
+        nxt = None
+        for u in users:
+            if is_add(u) and stream in u.args[:2]:
+                other = u.args[1] if u.args[0] is stream else u.args[0]
+                if isinstance(other, fx.Node):
+                    anc = ancestors(other) | {other}
+                    if token not in anc:
+                        # a token-independent term added to the stream (e.g. a per-position
+                        # embedding): the permutation probe decides whether that is token-wise
+                        notes.append(f"token-independent term `{other.name}` added to the stream at `{u.name}`")
+                        nxt = u
+                        break
+                    if token in anc:
+                        nodes = anc - ancestors(stream) - {stream}
+                        if site.node in nodes:
+                            role = "attention"
+                        elif any(n.op == "call_module" for n in nodes):
+                            role = "mlp"
+                        else:
+                            role = "other"
+                        branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph)))
+                        nxt = u
+                        break
+        flow = [u for u in users if not is_size_query(u)]
+        if nxt is None and len(flow) == 1 and flow[0].args and flow[0].args[0] is stream and (
+                is_reshape(flow[0]) or is_scalar_or_layout_op(flow[0])):
+            # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C)), or passed through
+            # an op with a constant (x * 1.0, x.contiguous())
+            nxt = flow[0]
+        if nxt is None:
+            # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
+            # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
+            mods = [u for u in users if u.op == "call_module" and shape_of(u) == shape_of(stream)
+                    and u is not site.node and any(
+                        i is not stream and stream in ancestors(i) for i in u.all_input_nodes)]
+            if len(users) >= 1 and mods and any(b.role == "attention" for b in branches):
+                u = mods[0]
+                branches.append(Branch("mlp", u.name, [f"{u.target}:{type(module_of(gm, u)).__name__} "
+                                                         "(residual inside)"]))
+                nxt = u
+        if nxt is None or nxt in visited:
+            break
+        visited.add(nxt)
+        stream = nxt
+    if not any(b.role == "attention" for b in branches):
+        raise AnalysisError(name, "the attention output is not added back to the token stream "
+                                  "(no residual attention branch)")
+    if not any(b.role == "mlp" for b in branches):
+        notes.append("no residual MLP branch found (attention-only block)")
+    return branches, notes

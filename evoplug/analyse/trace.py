@@ -1,0 +1,333 @@
+"""Tracing one block on its own: the tracer (leaf rule, Python branches and ``int()`` on traced
+sizes specialised on the calibration input, checks dropped, buffers as attributes, hooks never
+baked in) and the call plan of the block."""
+from __future__ import annotations
+
+import inspect
+import operator
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import AnalysisError
+from ..runtime.call import CallPlan, same_constant
+from .calibrate import ModuleCall
+from .graph import run_nodes
+
+if TYPE_CHECKING:
+    from .block import BlockAnalysis
+
+def _timm_notrace():
+    try:
+        from timm.layers import get_notrace_functions, get_notrace_modules
+        return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+    except Exception:  # timm missing or too old
+        return (), ()
+
+
+class BlockTracer(fx.Tracer):
+    """Traces into the modules that ran attention; every other submodule is a leaf.
+
+    Leaves keep their own Python (so drop path / dropout follow ``train()`` at run time) and
+    the permutation probe (convert.py) checks they are token-wise.
+    """
+
+    def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
+                 example: Optional[Dict[str, Any]] = None):
+        notrace_modules, notrace_functions = _timm_notrace()
+        super().__init__(autowrap_functions=notrace_functions)
+        self._attention_modules = attention_modules
+        self._notrace_modules = notrace_modules
+        self._into_notrace = into_notrace
+        self._example = example          # the block's calibration arguments, by name
+        self.specialised: List[str] = []
+        self.batch_specialised = False   # a specialised value depends on the batch size
+        # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
+        # program then reads the block's live buffers, which follow .to(device, dtype)
+        self.proxy_buffer_attributes = True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
+        sizes): specialise on the calibration input, by evaluating the traced value there. The
+        same value is evaluated with about half of the tokens: a branch that depends on the
+        token count is refused (the program runs on fewer tokens than it was traced with).
+
+        A check (``assert``, or a branch whose other path only raises) is not a branch: it
+        passes on the calibration input (which ran), and one on the token count (MMPretrain's
+        ``assert L == H * W`` before the tokens become a map) is dropped: evoplug feeds such
+        views the full map, and the probe checks the converted block."""
+        if self._example is None:
+            return super().to_bool(obj)
+        value = bool(self._evaluate(obj.node, self._example))
+        if _is_guard(inspect.currentframe()):
+            self.specialised.append(f"check {obj.node.name} (passes on the calibration input)")
+            return value
+        self._check_dependence(obj.node, value, "a Python branch")
+        self.specialised.append(f"{obj.node.name} -> {value}")
+        return value
+
+    def to_int(self, obj: fx.Proxy) -> int:
+        """``int()`` of a traced size (MMPretrain's ``window_reverse``: the batch size from the
+        number of windows): specialised on the calibration input like a branch."""
+        value = int(self._evaluate(obj.node, self._example))
+        self._check_dependence(obj.node, value, "an int() of a traced value")
+        self.specialised.append(f"int({obj.node.name}) -> {value}")
+        return value
+
+    def _check_dependence(self, node: fx.Node, value, what: str):
+        """Refuse a value that depends on the token count; note one that depends on the batch
+        size (MMPretrain's ``window_reverse`` computes B with ``int()``): such a block gets one
+        program per batch size (block.py)."""
+        sub = self._subset_example()
+        if sub is not None:
+            try:
+                other = type(value)(self._evaluate(node, sub))
+            except Exception:
+                other = value   # the path cannot run on a subset: programs feed it the full map
+            if other != value:
+                raise fx.proxy.TraceError(
+                    f"{what} (`{node.name}`) depends on the number of tokens, so a program "
+                    "specialised on all tokens would be wrong on the kept ones")
+        B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
+        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
+                   v.shape[0] == B else v for k, v in self._example.items()}
+        try:
+            other = type(value)(self._evaluate(node, doubled))
+        except Exception:
+            other = None
+        if other != value:
+            self.batch_specialised = True
+
+    def trace(self, root, concrete_args=None):
+        """fx's trace, with ``int(proxy)`` specialised (:meth:`to_int`) when there is a
+        calibration input, and item assignment into traced tensors recorded as
+        ``operator.setitem`` (MMPretrain's shift-window mask is filled slice by slice)."""
+        if self._example is None or hasattr(fx.Proxy, "__int__"):
+            return super().trace(root, concrete_args)
+
+        def to_int(p):
+            if isinstance(p.tracer, BlockTracer):
+                return p.tracer.to_int(p)
+            raise TypeError("'Proxy' object cannot be interpreted as an integer")
+
+        def setitem(p, key, value):
+            p.tracer.create_proxy("call_function", operator.setitem, (p, key, value), {})
+
+        fx.Proxy.__int__ = to_int
+        fx.Proxy.__setitem__ = setitem
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            del fx.Proxy.__int__
+            del fx.Proxy.__setitem__
+
+    def _subset_example(self) -> Optional[Dict[str, Any]]:
+        """The calibration arguments with the (B, N, C) tokens cut to about half."""
+        name, x = next(((k, v) for k, v in self._example.items() if isinstance(v, torch.Tensor)),
+                       (None, None))
+        if x is None or x.dim() != 3 or x.shape[1] < 3:
+            return None
+        return dict(self._example, **{name: x[:, : x.shape[1] // 2 + 1]})
+
+    def _evaluate(self, node: fx.Node, example: Dict[str, Any]):
+        root = self.root
+        env: Dict[fx.Node, Any] = {}
+        for n in self.graph.nodes:
+            # placeholders fx adds for the leaves of constant arguments (``hw_shape_1``) feed
+            # only its own value checks: they need no value unless the evaluated node uses them
+            if n.op == "placeholder" and n.target in example:
+                env[n] = example[n.target]
+        was = root.training
+        root.eval()    # no statistics updates while evaluating (BatchNorm in train mode)
+        try:
+            # run the real modules and functions: fx's patches (Module.__call__, wrapped
+            # functions) are lifted while evaluating, as fx itself does for such calls
+            from torch.fx._symbolic_trace import _maybe_revert_all_patches
+            with torch.no_grad(), _maybe_revert_all_patches():
+                return run_nodes(self.graph, node, root, env,
+                                 lambda n, args, kwargs: root.get_submodule(n.target)(*args, **kwargs))
+        finally:
+            root.train(was)
+
+    def call_module(self, m: nn.Module, forward, args, kwargs):
+        """A module traced into contributes its own computation, not its hooks: a hook is the
+        user's, and may be removed after the conversion (the converted block runs its original
+        forward while a traced-into module has hooks, so they fire as before)."""
+        if not self.is_leaf_module(m, self.path_of_module(m)):
+            forward = m.forward
+        return super().call_module(m, forward, args, kwargs)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return True
+        if self._notrace_modules and isinstance(m, self._notrace_modules) and not (
+                self._into_notrace and id(m) in self._attention_modules):
+            return True
+        if id(m) not in self._attention_modules:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+_COND_JUMPS = {"POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_IF_FALSE",
+               "POP_JUMP_FORWARD_IF_FALSE"}
+
+
+def _is_guard(frame) -> bool:
+    """Whether the ``bool()`` being traced is the condition of a check: a conditional jump
+    whose other path only raises (``assert``, also as pytest rewrites it, or ``if bad: raise``).
+    Read from the bytecode of the user frame above ``Proxy.__bool__``."""
+    import dis
+    while frame is not None and frame.f_code.co_name in ("_is_guard", "to_bool", "__bool__"):
+        frame = frame.f_back
+    if frame is None:
+        return False
+    insts = list(dis.get_instructions(frame.f_code))
+    at = next((i for i, ins in enumerate(insts) if ins.offset == frame.f_lasti), None)
+    if at is not None and insts[at].opname == "TO_BOOL":   # Python >= 3.13
+        at += 1
+    if at is None or insts[at].opname not in _COND_JUMPS or not isinstance(insts[at].argval, int):
+        return False
+    target = insts[at].argval
+    body = [ins for ins in insts[at + 1:] if ins.offset < target]
+    # the other path ends in a raise and never leaves (its jumps stay inside: message building)
+    return bool(body) and body[-1].opname == "RAISE_VARARGS" and not any(
+        ins.opname.startswith("RETURN") or
+        ("JUMP" in ins.opname and isinstance(ins.argval, int) and not
+         body[0].offset <= ins.argval < target) for ins in body[:-1])
+
+
+def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
+    sig = inspect.signature(module.forward)
+    for p in sig.parameters.values():
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            raise AnalysisError(name, f"forward takes *{p.name}: cannot trace it with a fixed signature")
+    bound = sig.bind(*call.args, **call.kwargs)
+    bound.apply_defaults()
+    token_arg, tensor_args, constants = None, [], {}
+    for n, v in bound.arguments.items():
+        if isinstance(v, torch.Tensor):
+            if token_arg is None:
+                token_arg = n
+            else:
+                tensor_args.append(n)
+        else:
+            constants[n] = v
+    if token_arg is None:
+        raise AnalysisError(name, "forward received no tensor")
+    params = list(sig.parameters.values())
+    single = (not tensor_args and bool(params) and params[0].name == token_arg and all(
+        p.default is not p.empty and same_constant(p.default, constants.get(p.name))
+        for p in params[1:]))
+    return CallPlan(token_arg, tensor_args, constants, sig, single)
+
+
+def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int],
+                training: bool, call: Optional[ModuleCall] = None) -> fx.GraphModule:
+    """Trace ``module`` in the given train/eval mode (traces bake ``self.training``). With the
+    calibration ``call``, Python branches on traced values are specialised on it."""
+    example = None
+    if call is not None:
+        bound = plan.signature.bind(*call.args, **call.kwargs)
+        bound.apply_defaults()
+        example = dict(bound.arguments)
+    was = module.training
+    module.train(training)
+    saved = _mutable_state(module)
+    try:
+        # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
+        # often trace once the block's constant arguments are known; else they stay leaves
+        try:
+            tracer = BlockTracer(attention_modules, into_notrace=True, example=example)
+            graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        except Exception:
+            _restore_mutable_state(saved)
+            tracer = BlockTracer(attention_modules, example=example)
+            graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        _drop_constant_asserts(graph)
+        _constants_to_buffers(module)
+        _tensor_only_signature(graph, plan, name)
+        # assembled before the mode is restored: some modules' train() drops cached tensors the
+        # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
+        gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+        gm.meta["evo_batch_specialised"] = tracer.batch_specialised
+    except AnalysisError:
+        raise
+    except Exception as e:
+        raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
+    finally:
+        _restore_mutable_state(saved)
+        module.train(was)
+    return gm
+
+
+def mark_batch_specialised(a: "BlockAnalysis", gm: fx.GraphModule, batch: int):
+    """A trace that specialised a value on the batch size makes the block trace one program
+    per batch size (block.py); ``batch`` is the size this trace was made for."""
+    if gm.meta.get("evo_batch_specialised") and a.batch_size is None:
+        a.batch_size = int(batch)
+        a.notes.append(f"the trace specialised a value on the batch size ({batch}): one program "
+                       "per batch size, built at the first call with it")
+
+
+def _constants_to_buffers(module: nn.Module):
+    """Tensors that tracing baked into the graph are stored by fx as plain attributes of the
+    root (the block): make them non-persistent buffers, so ``.to()``/``.half()`` move them with
+    the block while the state_dict stays the same."""
+    for k in [k for k, v in vars(module).items()
+              if k.startswith("_tensor_constant") and isinstance(v, torch.Tensor)]:
+        t = module.__dict__.pop(k)
+        module.register_buffer(k, t, persistent=False)
+
+
+def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
+    """Programs take (tokens, *tensor arguments): constant arguments (None, flags, the
+    feature size list of PVT) are baked into the trace, so their placeholders go, and with
+    them fx's pytree input handling for list constants."""
+    keep = {plan.token_arg, *plan.tensor_args}
+    for n in [n for n in graph.nodes if n.op == "placeholder"]:
+        if n.target not in keep:
+            if n.users:
+                raise AnalysisError(name, f"constant argument `{n.target}` is used as a value in the trace")
+            graph.erase_node(n)
+    graph._codegen = fx.graph.CodeGen()
+    out = next(n for n in graph.nodes if n.op == "output")
+    if isinstance(out.args[0], (list, tuple)) and len(out.args[0]) == 1:
+        out.args = (out.args[0][0],)
+    graph.lint()
+
+
+def _mutable_state(module: nn.Module):
+    """Shallow copies of the dict/list attributes of every submodule: tracing runs the
+    modules' Python with proxies, and caches (e.g. LeViT's attention-bias cache) must not keep
+    them."""
+    saved = []
+    for m in module.modules():
+        for k, v in vars(m).items():
+            if k.startswith("_") or not isinstance(v, (dict, list)):
+                continue
+            saved.append((m, k, v, type(v)(v)))
+    return saved
+
+
+def _restore_mutable_state(saved):
+    for m, k, obj, copy_ in saved:
+        if isinstance(obj, dict):
+            obj.clear()
+            obj.update(copy_)
+        else:
+            obj[:] = copy_
+        setattr(m, k, obj)
+
+
+def _drop_constant_asserts(graph: fx.Graph):
+    """fx guards concrete (constant) arguments with torch._assert; CallPlan.bind checks them."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and (node.target is torch._assert or
+                                           getattr(node.target, "__name__", "") == "_assert_is_none"):
+            cond = node.args[0]
+            graph.erase_node(node)
+            if isinstance(cond, fx.Node) and not cond.users:
+                graph.erase_node(cond)
+    graph.lint()
