@@ -72,7 +72,7 @@ def main(argv=None):
         fast = evoplug.convert(model, keep_ratio=a.keep)
         specs = evoplug.get_report(fast).blocks
         names = [s.analysis.name for s in specs]
-        h, w = evoplug.analyse.calibrate.default_example_input(model).shape[-2:]
+        h, w = evoplug.input_size(model)[1:]
         x1 = torch.randn(1, 3, h, w)
         f_o, f_e = _block_flops(model, names, x1), _block_flops(fast, names, x1)
         x = torch.randn(a.batch, 3, h, w)

@@ -3,13 +3,18 @@
     fast = evoplug.convert(model, keep_ratio=0.5)
     print(evoplug.explain(fast))
 """
-from .api import (ConversionReport, convert, explain, get_report, is_converted, revert,
-                  set_keep_ratio, set_options, tokens_per_block)
+from . import integrations  # noqa: F401  registers evoplug's own model families
+from .api import (ConversionReport, convert, example_input, explain, get_report, input_size,
+                  is_converted, revert, set_keep_ratio, set_options, tokens_per_block)
 from .errors import AnalysisError, ConversionError, EvoplugError
+from .integrations.registry import (FamilyHints, register_family, register_leaf_function,
+                                    register_leaf_module)
 from .options import EvoOptions
 
 __version__ = "0.1.0"
 
 __all__ = ["convert", "explain", "set_options", "set_keep_ratio", "revert", "get_report",
-           "tokens_per_block", "is_converted", "EvoOptions", "ConversionReport", "EvoplugError",
-           "ConversionError", "AnalysisError", "__version__"]
+           "tokens_per_block", "is_converted", "input_size", "example_input", "EvoOptions",
+           "ConversionReport", "FamilyHints", "register_family", "register_leaf_module",
+           "register_leaf_function", "EvoplugError", "ConversionError", "AnalysisError",
+           "__version__"]

@@ -8,15 +8,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .analyse.block import BlockAnalysis, analyse_block
-from .analyse.discover import attention_modules, find_blocks
+from .analyse.discover import attention_modules, find_blocks, regroup_parts
 from .analyse.probes import probe_program
-from .analyse.calibrate import calibrate, default_example_input
+from .analyse.calibrate import calibrate
+from .analyse.inputs import declared_input
+from .analyse.inputs import example_input as _example_input
 from .errors import AnalysisError, ConversionError
 from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
@@ -69,7 +71,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     _check_materialised(model)
     if not inplace:
         model = copy_model(model)
-    analysed = []
+    analysed, parts = [], []
     with _no_side_effects(model):
         calls, attn_mods, candidates, failed, skipped = _calibrate(model, example_input)
         try:
@@ -84,10 +86,11 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
                     analysed.append((a, programs, added))
                 except AnalysisError as e:
                     _drop_added_buffers(module, added)
-                    failed.append((name, e.reason))
+                    (parts if e.not_a_block else failed).append((name, e.reason))
                 except BaseException:
                     _drop_added_buffers(module, added)
                     raise
+            failed += regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
             roles = assign_roles(opts, len(analysed))
@@ -151,10 +154,10 @@ def _calibrate(model: nn.Module, example_input):
     is given), and the candidate blocks it shows."""
     source = "example_input"
     if example_input is None:
-        example_input, source = default_example_input(model, describe=True)
+        example_input, source = _example_input(model)
         if example_input is None:
             raise ConversionError(
-                f"{type(model).__name__}: cannot tell its input size; pass example_input=")
+                f"{type(model).__name__}: cannot tell its input size ({source}); pass example_input=")
     try:
         calls = calibrate(model, example_input)
     except Exception as e:
@@ -227,6 +230,25 @@ def assign_roles(opts: EvoOptions, n: int) -> Tuple[str, ...]:
                          f"(start_block must be in 1..{n - 1})")
     return tuple("dense" if i < start - 1 else ("score" if i == start - 1 else "evolve")
                  for i in range(n))
+
+
+def input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
+    """(channels, height, width) of the input ``model`` declares (timm's built size and data
+    config, MMPretrain's ``img_size``, ``patch_embed.img_size``, a registered family's hint),
+    or None."""
+    decl = declared_input(model)
+    return None if decl is None else decl[:3]
+
+
+def example_input(model: nn.Module, batch: int = 1, size=None) -> torch.Tensor:
+    """A seeded random image batch of the model's declared input size (``size``: (H, W) or an
+    int instead), on its parameters' device and dtype; what :func:`convert` calibrates with
+    when no ``example_input`` is given."""
+    x, source = _example_input(model, batch, size)
+    if x is None:
+        raise ConversionError(f"{type(model).__name__}: cannot tell its input size ({source}); "
+                              "pass size=")
+    return x
 
 
 def is_converted(model: nn.Module) -> bool:

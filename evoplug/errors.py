@@ -18,9 +18,13 @@ class ConversionError(EvoplugError):
 
 
 class AnalysisError(EvoplugError):
-    """The fx analysis of one module failed; carries the module name and the reason."""
+    """The fx analysis of one module failed; carries the module name and the reason.
 
-    def __init__(self, module_name: str, reason: str):
+    ``not_a_block``: the module is no block on its own (no attention, or no residual around
+    it): it may be a part of a larger block (see analyse.discover.regroup_parts)."""
+
+    def __init__(self, module_name: str, reason: str, not_a_block: bool = False):
         self.module_name = module_name
         self.reason = reason
+        self.not_a_block = not_a_block
         super().__init__(f"{module_name or '<root>'}: {reason}")

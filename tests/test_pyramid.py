@@ -354,7 +354,7 @@ def test_more_timm_families_convert_and_reproduce(name):
     conditional position encoding between them), PiT (pooling stages, cls token)."""
     model = timm.create_model(name, pretrained=False).eval()
     fast = evoplug.convert(model, keep_ratio=0.5)
-    x = evoplug.analyse.calibrate.default_example_input(model).repeat(2, 1, 1, 1)
+    x = evoplug.example_input(model, batch=2)
     with torch.no_grad():
         ref = model(x)
         out = fast(x)

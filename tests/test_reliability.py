@@ -392,7 +392,7 @@ def test_default_input_takes_channels_from_the_model_config():
 def test_wrong_default_input_asks_for_example_input():
     model = timm.create_model("levit_128s", pretrained=False, img_size=128).eval()
     with pytest.raises(evoplug.ConversionError, match=r"default input of shape \(1, 3, 224, 224\) "
-                                                      r"from `pretrained_cfg\['input_size'\]`.*"
+                                                      r"from timm's data config .*"
                                                       r"pass example_input="):
         evoplug.convert(model)
     assert evoplug.convert(model, example_input=torch.randn(1, 3, 128, 128)) is not model

@@ -86,7 +86,8 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             sites.append(site)
     if not sites:
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "
-                                  "scaled_dot_product_attention or nn.MultiheadAttention) in its graph")
+                                  "scaled_dot_product_attention or nn.MultiheadAttention) in its graph",
+                            not_a_block=True)
     if len(sites) > 1:
         raise AnalysisError(name, f"{len(sites)} attention computations in one block "
                                   f"({', '.join(s.node.name for s in sites)})")

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from ..integrations import registry
+
 ATTENTION_FUNCTIONS = {
     F.softmax, torch.softmax, torch.Tensor.softmax,
     F.scaled_dot_product_attention,
@@ -78,6 +80,7 @@ class _Recorder:
         self.attention_outputs: List[Any] = []   # what attention functions returned (kept alive)
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
+        self.leaves = registry.leaf_modules()
 
     def count_attention(self):
         for mid in self.stack:
@@ -99,10 +102,12 @@ class _Recorder:
             if self.inside_attention == 0:
                 self.count_attention()
             self.inside_attention += 1
+        elif self.leaves and isinstance(module, self.leaves):
+            self.inside_attention += 1    # a registered leaf: a softmax inside is no attention
 
     def post(self, module, args, kwargs, output):
         mid = id(module)
-        if isinstance(module, nn.MultiheadAttention):
+        if isinstance(module, nn.MultiheadAttention) or (self.leaves and isinstance(module, self.leaves)):
             self.inside_attention -= 1
         if self.stack and self.stack[-1] == mid:
             self.stack.pop()
@@ -145,44 +150,3 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
             h.remove()
         model.train(was_training)
     return CallRecord(rec.calls)
-
-
-def default_example_input(model: nn.Module, batch: int = 1, describe: bool = False):
-    """An image batch of the model's declared input size, or None when it declares none.
-
-    Height and width: timm's ``patch_embed.img_size``, else ``pretrained_cfg['input_size']``,
-    else ``model.img_size``. Channels: ``pretrained_cfg['input_size']``, else ``model.in_chans``,
-    else the patch embedding's input channels (not for hybrid models, whose patch embedding
-    reads a backbone's features), else 3. With ``describe=True`` returns (input, where the size
-    came from)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    cfg_size = tuple(cfg["input_size"]) if cfg.get("input_size") else None
-    pe = getattr(model, "patch_embed", None)
-    hw, source = None, None
-    if pe is not None and getattr(pe, "img_size", None) is not None:
-        hw, source = _pair(pe.img_size), "`patch_embed.img_size`"
-    elif cfg_size is not None:
-        hw, source = cfg_size[1:], "`pretrained_cfg['input_size']`"
-    elif getattr(model, "img_size", None) is not None:
-        hw, source = _pair(model.img_size), "`model.img_size`"
-    if hw is None:
-        return (None, None) if describe else None
-    if cfg_size is not None:
-        chans = cfg_size[0]
-    elif isinstance(getattr(model, "in_chans", None), int):
-        chans = model.in_chans
-    elif pe is not None and getattr(pe, "backbone", None) is None and \
-            isinstance(getattr(getattr(pe, "proj", None), "in_channels", None), int):
-        chans = pe.proj.in_channels
-    else:
-        chans = 3
-    p = next((q for q in model.parameters() if q.is_floating_point()), None)
-    device = p.device if p is not None else "cpu"
-    dtype = p.dtype if p is not None else torch.float32
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, chans, *hw), generator=gen).to(device=device, dtype=dtype)
-    return (x, source) if describe else x
-
-
-def _pair(v) -> Tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)

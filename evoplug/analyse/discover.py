@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisError
+from ..integrations.registry import hint
 from .calibrate import ModuleCall
 
 def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
@@ -186,8 +187,8 @@ def modules_to_trace(calls: Dict[int, ModuleCall]) -> Set[int]:
 def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
                   num_tokens: int) -> Tuple[int, str]:
     """Number of leading prefix tokens at this block: N minus the patch grid (h*w) of the last
-    4-D feature map produced before the block ran; else the model's ``num_prefix_tokens`` /
-    ``num_extra_tokens`` attribute; else 0."""
+    4-D feature map produced before the block ran; else what the model declares (a family
+    hint: ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else 0."""
     grid = None
     inside = inside_attention(model, calls) if model is not None else set()
     for mid, c in calls.items():
@@ -199,10 +200,9 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
                     grid = (c.order, hw, c.name, fm)
     if grid is not None:
         return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
-    for attr in ("num_prefix_tokens", "num_extra_tokens"):
-        v = getattr(model, attr, None)
-        if isinstance(v, int):
-            return v, f"model.{attr}"
+    declared, family = hint(model, "num_prefix_tokens")
+    if declared is not None:
+        return int(declared), f"declared by the model ({family} hints)"
     return 0, "assumed 0 (no patch grid found)"
 
 
@@ -263,12 +263,49 @@ def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
 
 
 def declares_no_class_token(model: nn.Module) -> bool:
-    """The model says it has no class token: the shallowest module with a ``cls_token``
-    attribute holds None (timm ViTs, and NaFlexViT's ``embeds.cls_token``), or it sets
-    ``has_class_token = False``. Its prefix tokens are then registers, not a class token."""
-    for _, m in model.named_modules():      # pre-order: the model itself first
-        if getattr(m, "has_class_token", None) is False:
-            return True
-        if hasattr(m, "cls_token"):
-            return getattr(m, "cls_token") is None
-    return False
+    """The model says it has no class token (a family hint: timm's ``cls_token is None``, also
+    on NaFlexViT's ``embeds``; MMPretrain's ``with_cls_token``): its prefix tokens are
+    registers, and the mean query ranks the tokens."""
+    has, _ = hint(model, "has_class_token")
+    return has is False
+
+
+def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tuple[str, str]],
+                  converted: List[str]) -> List[Tuple[str, str]]:
+    """Candidates that turned out to be no blocks on their own (an attention module without
+    its residual, an MLP whose softmax is a gate), reported as the block they are parts of: the
+    nearest enclosing module that takes and returns the tokens, runs more than one attention
+    computation and holds no converted block."""
+    batch = _model_batch(model, calls)
+    groups: Dict[str, List[Tuple[str, str]]] = {}
+    out: List[Tuple[str, str]] = []
+    for name, reason in parts:
+        owner = _enclosing_block(model, calls, name, batch)
+        if owner is None or any(c == owner or c.startswith(owner + ".") for c in converted):
+            out.append((name, reason))
+        else:
+            groups.setdefault(owner, []).append((name, reason))
+    for owner, members in groups.items():
+        c = calls[id(model.get_submodule(owner))]
+        inside = "; ".join(f"`{n}`: {r}" for n, r in members)
+        out.append((owner, f"runs {c.attention_ops} attention computations per call, in parts that "
+                           f"are no blocks on their own ({inside}); evoplug converts blocks with one "
+                           "self-attention. A softmax that is no attention (a gate, a router) is "
+                           "kept out by registering its module: evoplug.register_leaf_module"))
+    return out
+
+
+def _enclosing_block(model: nn.Module, calls: Dict[int, ModuleCall], name: str,
+                     batch: Optional[int]) -> Optional[str]:
+    path = name.split(".")
+    for cut in range(len(path) - 1, 0, -1):
+        owner = ".".join(path[:cut])
+        m = model.get_submodule(owner)
+        c = calls.get(id(m))
+        if c is None:
+            continue
+        if c.n_calls == 1 and c.attention_ops > 1 and \
+                token_block_reason(c, batch, channels_last(m, c, calls)) is None:
+            return owner
+        return None
+    return None

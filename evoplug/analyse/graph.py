@@ -147,3 +147,20 @@ def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.No
         else:
             raise fx.proxy.TraceError(f"cannot evaluate `{n.name}` ({n.op})")
     return env[target]
+
+
+def depends_on_data(node: fx.Node) -> bool:
+    """Whether ``node`` depends on the *values* of a block argument, not only on its sizes:
+    some path from a tensor placeholder reaches it without passing through a size query
+    (``x.shape``, ``x.size()``, ``x.dim()``). Parameters and buffers (``get_attr``) are the
+    same for every input, so they do not count."""
+    data: Dict[fx.Node, bool] = {}
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for n in sorted(ancestors(node) | {node}, key=order.__getitem__):
+        if n.op == "placeholder":
+            data[n] = True
+        elif n.op == "get_attr" or is_size_query(n):
+            data[n] = False
+        else:
+            data[n] = any(data.get(a, False) for a in n.all_input_nodes)
+    return data[node]

@@ -12,34 +12,30 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import AnalysisError
+from ..integrations import registry
 from ..runtime.call import CallPlan, same_constant
 from .calibrate import ModuleCall
-from .graph import run_nodes
+from .graph import depends_on_data, run_nodes
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
 
-def _timm_notrace():
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-        return tuple(get_notrace_modules()), tuple(get_notrace_functions())
-    except Exception:  # timm missing or too old
-        return (), ()
-
-
 class BlockTracer(fx.Tracer):
-    """Traces into the modules that ran attention; every other submodule is a leaf.
+    """Traces into the modules that ran attention; every other submodule is a leaf, and so are
+    the registered leaf modules (evoplug.register_leaf_module) and, unless they hold the
+    block's attention, the families' ones (timm's notrace registry). Registered leaf functions
+    become single nodes.
 
     Leaves keep their own Python (so drop path / dropout follow ``train()`` at run time) and
-    the permutation probe (convert.py) checks they are token-wise.
+    the probes (probes.py) check they are token-wise.
     """
 
     def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
                  example: Optional[Dict[str, Any]] = None):
-        notrace_modules, notrace_functions = _timm_notrace()
-        super().__init__(autowrap_functions=notrace_functions)
+        super().__init__(autowrap_functions=registry.leaf_functions())
         self._attention_modules = attention_modules
-        self._notrace_modules = notrace_modules
+        self._leaf_modules = registry.leaf_modules()
+        self._notrace_modules = registry.family_leaf_modules()
         self._into_notrace = into_notrace
         self._example = example          # the block's calibration arguments, by name
         self.specialised: List[str] = []
@@ -77,28 +73,34 @@ class BlockTracer(fx.Tracer):
         return value
 
     def _check_dependence(self, node: fx.Node, value, what: str):
-        """Refuse a value that depends on the token count; note one that depends on the batch
-        size (MMPretrain's ``window_reverse`` computes B with ``int()``): such a block gets one
-        program per batch size (block.py)."""
+        """Refuse a value that depends on the tensors' values or on the token count; note one
+        that depends on the batch size (MMPretrain's ``window_reverse`` computes B with
+        ``int()``): such a block gets one program per batch size."""
+        if depends_on_data(node):
+            raise fx.proxy.TraceError(
+                f"{what} (`{node.name}`) depends on the values of the tensors (data-dependent "
+                "control flow), which a trace cannot follow: register the function or module "
+                "that holds it with evoplug.register_leaf_function / register_leaf_module")
         sub = self._subset_example()
-        if sub is not None:
-            try:
-                other = type(value)(self._evaluate(node, sub))
-            except Exception:
-                other = value   # the path cannot run on a subset: programs feed it the full map
-            if other != value:
-                raise fx.proxy.TraceError(
-                    f"{what} (`{node.name}`) depends on the number of tokens, so a program "
-                    "specialised on all tokens would be wrong on the kept ones")
+        if sub is not None and self._value_on(node, sub, type(value), value) != value:
+            raise fx.proxy.TraceError(
+                f"{what} (`{node.name}`) depends on the number of tokens, so a program "
+                "specialised on all tokens would be wrong on the kept ones")
         B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
         doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
                    v.shape[0] == B else v for k, v in self._example.items()}
-        try:
-            other = type(value)(self._evaluate(node, doubled))
-        except Exception:
-            other = None
-        if other != value:
+        if self._value_on(node, doubled, type(value), None) != value:
             self.batch_specialised = True
+
+    def _value_on(self, node: fx.Node, example, kind: type, unknown):
+        """The traced value on another example; ``unknown`` when the path cannot run on it
+        (a view of the tokens as the full grid, on a token subset: the programs feed such
+        views the full map, and the probes run the converted block on a subset)."""
+        try:
+            return kind(self._evaluate(node, example))
+        except RuntimeError as e:
+            self.specialised.append(f"{node.name}: not evaluated on another example ({e})")
+            return unknown
 
     def trace(self, root, concrete_args=None):
         """fx's trace, with ``int(proxy)`` specialised (:meth:`to_int`) when there is a
@@ -161,6 +163,8 @@ class BlockTracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, nn.MultiheadAttention):
+            return True
+        if self._leaf_modules and isinstance(m, self._leaf_modules):
             return True
         if self._notrace_modules and isinstance(m, self._notrace_modules) and not (
                 self._into_notrace and id(m) in self._attention_modules):

@@ -1,12 +1,39 @@
-"""``evoplug.mm``: the public path of the MMPretrain integration (configs import it with
-``custom_imports=dict(imports=['evoplug.mm'])``); the code lives in
-:mod:`evoplug.integrations.mmpretrain`."""
+"""evoplug for OpenMMLab's MMPretrain (mmengine >= 0.10, mmpretrain >= 1.2, mmcv-lite).
+
+Importing this package (directly, or through ``custom_imports=dict(imports=['evoplug.mm'])``,
+which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registry:
+
+* ``EvoImageClassifier``: an ImageClassifier whose backbone is converted by evoplug at build
+  time (``model = dict(type='EvoImageClassifier', evo=dict(keep_ratio=0.5))``), with the
+  paper's training extras as options;
+* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``,
+  ``EvoSwinTransformer``: converted backbones for configs that build a backbone alone (dense
+  tasks);
+
+and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
+short allow-list (:mod:`evoplug.mm.checkpoint`).
+
+Train: ``python -m evoplug.mm.train CONFIG`` (or MMPretrain's ``tools/train.py``).
+"""
 import sys
 
-from evoplug.integrations import mmpretrain as _impl
-from evoplug.integrations.mmpretrain import *  # noqa: F401,F403
-from evoplug.integrations.mmpretrain import checkpoint, models  # noqa: F401
+try:
+    import mmengine  # noqa: F401
+    import mmpretrain  # noqa: F401
+except ImportError as e:  # pragma: no cover - depends on the environment
+    raise ImportError(f"evoplug.mm needs MMPretrain ({e}): pip install 'evoplug[mm]', i.e. "
+                      "mmengine mmcv-lite mmpretrain 'setuptools<81' (mmcv-lite, not mmcv)") from e
 
+from evoplug.integrations.mmpretrain import checkpoint, models  # noqa: E402
+from evoplug.integrations.mmpretrain.models import (  # noqa: E402
+    EvoDistilledVisionTransformer, EvoImageClassifier, EvoLeViT, EvoSwinTransformer,
+    EvoVisionTransformer, LearnableTradeOff, convert_backbone, evo_backbone_class, example_input)
+
+checkpoint.install()
+# ``import evoplug.mm.checkpoint`` / ``evoplug.mm.models`` keep working
 sys.modules[__name__ + ".checkpoint"] = checkpoint
 sys.modules[__name__ + ".models"] = models
-__all__ = _impl.__all__
+
+__all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
+           "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
+           "example_input", "checkpoint"]

@@ -236,17 +236,13 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.n
 
 
 def input_size(model: torch.nn.Module, img_size: Optional[int] = None):
-    """(H, W) of the model's input: ``img_size`` if given, else what the model declares."""
+    """(H, W) of the model's input: ``img_size`` if given, else what the model declares
+    (:func:`evoplug.input_size`), else 224."""
+    import evoplug
     if img_size is not None:
         return (int(img_size), int(img_size))
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "img_size", None)
-    if size is not None:
-        return (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if "input_size" in cfg:
-        return tuple(int(s) for s in cfg["input_size"][-2:])
-    return (224, 224)
+    declared = evoplug.input_size(model)
+    return tuple(declared[1:]) if declared is not None else (224, 224)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,35 +1,5 @@
-"""evoplug for OpenMMLab's MMPretrain (mmengine >= 0.10, mmpretrain >= 1.2, mmcv-lite).
-
-Importing this package (directly, or through ``custom_imports=dict(imports=['evoplug.mm'])``,
-which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registry:
-
-* ``EvoImageClassifier``: an ImageClassifier whose backbone is converted by evoplug at build
-  time (``model = dict(type='EvoImageClassifier', evo=dict(keep_ratio=0.5))``), with the
-  paper's training extras as options;
-* ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``,
-  ``EvoSwinTransformer``: converted backbones for configs that build a backbone alone (dense
-  tasks);
-
-and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
-short allow-list (:mod:`evoplug.mm.checkpoint`).
-
-Train: ``python -m evoplug.mm.train CONFIG`` (or MMPretrain's ``tools/train.py``).
-"""
-try:
-    import mmengine  # noqa: F401
-    import mmpretrain  # noqa: F401
-except ImportError as e:  # pragma: no cover - depends on the environment
-    raise ImportError(f"evoplug.mm needs MMPretrain ({e}): pip install 'evoplug[mm]', i.e. "
-                      "mmengine mmcv-lite mmpretrain 'setuptools<81' (mmcv-lite, not mmcv)") from e
-
-from . import checkpoint  # noqa: E402
-from .models import (EvoDistilledVisionTransformer, EvoImageClassifier,  # noqa: E402
-                     EvoLeViT, EvoSwinTransformer, EvoVisionTransformer, LearnableTradeOff,
-                     convert_backbone,
-                     evo_backbone_class, example_input)
-
-checkpoint.install()
-
-__all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
-           "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
-           "example_input", "checkpoint"]
+"""MMPretrain (OpenMMLab) integration. Its public path is :mod:`evoplug.mm`, which registers the
+model types and the checkpoint allow-list; this package holds the code: ``models`` (registered
+Evo types, training extras), ``checkpoint`` (MMEngine checkpoints on torch >= 2.6), ``train``
+(the training entry point) and ``hints`` (MMPretrain's conventions for the analysis, importable
+without MMPretrain)."""

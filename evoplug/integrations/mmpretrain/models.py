@@ -46,28 +46,13 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def example_input(backbone: nn.Module, input_size=None) -> torch.Tensor:
-    """A (1, C, H, W) calibration image for an MMPretrain backbone.
-
-    ``input_size`` (int or (H, W)) if given, else the backbone's ``img_size`` (ViT/DeiT), its
-    patch embedding's ``init_input_size``, else 224. Channels from the first convolution.
-    """
-    size = input_size
-    if size is None:
-        size = getattr(backbone, "img_size", None)
-    if size is None:
-        size = getattr(getattr(backbone, "patch_embed", None), "init_input_size", None)
-    if size is None:
-        size = 224
-    hw = (int(size), int(size)) if isinstance(size, (int, float)) else tuple(int(s) for s in size)
-    chans = 3
-    for m in backbone.modules():
-        if isinstance(m, nn.Conv2d):
-            chans = m.in_channels
-            break
-    p = next(iter(backbone.parameters()), None)
-    device = p.device if p is not None else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    return torch.randn((1, chans, *hw), generator=gen).to(device)
+    """A (1, C, H, W) calibration image for an MMPretrain backbone: ``input_size`` (int or
+    (H, W)) if given, else what the backbone declares (:func:`evoplug.input_size`: its
+    ``img_size``, its patch embedding's ``init_input_size``), else 224; channels from its
+    first convolution."""
+    if input_size is None and evoplug.input_size(backbone) is None:
+        input_size = 224
+    return evoplug.example_input(backbone, size=input_size)
 
 
 def _split_evo(evo: Optional[Dict[str, Any]], allowed, where: str) -> Dict[str, Any]:

@@ -1,0 +1,53 @@
+"""The input evoplug runs a model on when it is not given one: the one place that infers it.
+
+The size comes from the model's family (see evoplug/integrations: timm's built size and data
+config, MMPretrain's ``img_size``, the ``patch_embed.img_size`` / ``img_size`` conventions);
+missing channels are the first convolution's input channels, else 3.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..integrations.registry import InputSize, hint
+
+
+def declared_input(model: nn.Module) -> Optional[InputSize]:
+    """(channels, height, width, where it came from), or None when the model declares nothing."""
+    answer, _ = hint(model, "input_size")
+    if answer is None:
+        return None
+    chans, h, w, source = answer
+    if chans is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        chans = conv.in_channels if conv is not None else 3
+    return int(chans), int(h), int(w), source
+
+
+def example_input(model: nn.Module, batch: int = 1,
+                  size: Union[None, int, Tuple[int, int]] = None) -> Tuple[Optional[torch.Tensor], str]:
+    """A seeded random image batch of the model's input size, in its parameters' device and
+    dtype: (input, where the size came from); (None, reason) when the size is unknown.
+    ``size`` (int or (H, W)) overrides the declared height and width."""
+    decl = declared_input(model)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        chans = decl[0] if decl is not None else declared_channels(model)
+        source = "the size given"
+    elif decl is None:
+        return None, "the model declares no input size"
+    else:
+        chans, h, w, source = decl
+    p = next((q for q in model.parameters() if q.is_floating_point()), None)
+    device = p.device if p is not None else "cpu"
+    dtype = p.dtype if p is not None else torch.float32
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, chans, int(h), int(w)), generator=gen).to(device=device, dtype=dtype)
+    return x, source
+
+
+def declared_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return conv.in_channels if conv is not None else 3

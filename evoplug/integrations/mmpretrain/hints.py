@@ -1,0 +1,45 @@
+"""MMPretrain's conventions, as hints (see evoplug/integrations/registry.py); needs no
+MMPretrain to import: ``num_extra_tokens``, ``with_cls_token``, ``img_size`` /
+``patch_embed.init_input_size``, and the first convolution's input channels."""
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import nn
+
+from ..registry import FamilyHints, InputSize
+
+
+def is_mmpretrain(model: nn.Module) -> bool:
+    return type(model).__module__.startswith(("mmpretrain.", "evoplug.integrations.mmpretrain"))
+
+
+def _num_prefix_tokens(model: nn.Module) -> Optional[int]:
+    v = getattr(model, "num_extra_tokens", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _has_class_token(model: nn.Module) -> Optional[bool]:
+    flag = getattr(model, "with_cls_token", None)
+    return flag if isinstance(flag, bool) else None
+
+
+def _input_size(model: nn.Module) -> Optional[InputSize]:
+    size, source = getattr(model, "img_size", None), "`img_size` (MMPretrain)"
+    if size is None:
+        size = getattr(getattr(model, "patch_embed", None), "init_input_size", None)
+        source = "`patch_embed.init_input_size` (MMPretrain)"
+    if size is None:
+        return None
+    h, w = (size, size) if isinstance(size, (int, float)) else tuple(size)
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return (conv.in_channels if conv is not None else None), int(h), int(w), source
+
+
+MMPRETRAIN = FamilyHints(
+    name="mmpretrain",
+    matches=is_mmpretrain,
+    num_prefix_tokens=_num_prefix_tokens,
+    has_class_token=_has_class_token,
+    input_size=_input_size,
+)

@@ -1,0 +1,133 @@
+"""Extension points: what evoplug may be told about modules, functions and model families.
+
+The analysis recognises blocks, attention and the residual stream by what they compute. What it
+cannot see from a forward are a family's conventions; those come from hints registered here
+(in the spirit of timm's ``register_notrace_module``), never from branches in the analysis:
+
+* :func:`register_leaf_module`: instances of a module class are never traced into, and a
+  softmax inside them is not counted as attention (a router or gate, not self-attention);
+* :func:`register_leaf_function`: calls of a function become one node of the traced graph
+  (a helper with data-dependent Python control flow, which a trace cannot specialise);
+* :func:`register_family`: a :class:`FamilyHints` answering, for the models it matches, how
+  many prefix tokens they declare, whether they have a class token and what input they take.
+
+evoplug registers its own families at import (timm, MMPretrain, then the generic attribute
+conventions); hints registered later are asked first.
+"""
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, List, Optional, Tuple
+
+from torch import nn
+
+#: what ``FamilyHints.input_size`` returns: (channels or None, height, width, where it came from)
+InputSize = Tuple[Optional[int], int, int, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class FamilyHints:
+    """What evoplug may ask about models of one family. Every hint takes the model and returns
+    ``None`` when it has no answer (the next family is asked, then evoplug's own analysis).
+
+    name: shown in messages.
+    matches: whether a model belongs to the family.
+    num_prefix_tokens: the leading non-patch tokens (class, distillation, register tokens) the
+        model declares; asked when no patch grid is seen before a block.
+    has_class_token: whether the first prefix token is a class token (False: registers only,
+        the mean query ranks the tokens).
+    input_size: the input the model takes, as ``(channels or None, height, width, source)``.
+    leaf_modules / leaf_functions: module classes and functions the tracer keeps whole, for
+        every model (timm's notrace registry is one such source).
+    """
+    name: str
+    matches: Callable[[nn.Module], bool] = lambda model: True
+    num_prefix_tokens: Optional[Callable[[nn.Module], Optional[int]]] = None
+    has_class_token: Optional[Callable[[nn.Module], Optional[bool]]] = None
+    input_size: Optional[Callable[[nn.Module], Optional[InputSize]]] = None
+    leaf_modules: Callable[[], Tuple[type, ...]] = lambda: ()
+    leaf_functions: Callable[[], Tuple[Callable, ...]] = lambda: ()
+
+
+_LOCK = threading.Lock()
+_FAMILIES: List[FamilyHints] = []          # asked in this order
+_BUILT_IN: List[FamilyHints] = []          # evoplug's own, asked after the users'
+_LEAF_MODULES: List[type] = []
+_LEAF_FUNCTIONS: List[Callable] = []
+
+
+def register_leaf_module(cls: type) -> type:
+    """Never trace into instances of ``cls``, and do not count a softmax inside them as
+    attention. Usable as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"register_leaf_module takes an nn.Module subclass, got {cls!r}")
+    with _LOCK:
+        if cls not in _LEAF_MODULES:
+            _LEAF_MODULES.append(cls)
+    return cls
+
+
+def register_leaf_function(fn: Callable) -> Callable:
+    """Record calls of ``fn`` as one graph node instead of tracing through it (it runs as is in
+    the converted block, on the tokens the block runs). Usable as a decorator; ``fn`` must be
+    importable by name (a module-level function) for the model to pickle."""
+    if not callable(fn):
+        raise TypeError(f"register_leaf_function takes a function, got {fn!r}")
+    with _LOCK:
+        if fn not in _LEAF_FUNCTIONS:
+            _LEAF_FUNCTIONS.append(fn)
+    return fn
+
+
+def register_family(hints: FamilyHints, *, built_in: bool = False) -> FamilyHints:
+    """Add a family's hints; asked before the ones registered earlier and before evoplug's."""
+    if not isinstance(hints, FamilyHints):
+        raise TypeError(f"register_family takes a FamilyHints, got {type(hints).__name__}")
+    with _LOCK:
+        target = _BUILT_IN if built_in else _FAMILIES
+        target[:] = [h for h in target if h.name != hints.name]
+        if built_in:
+            target.append(hints)
+        else:
+            target.insert(0, hints)
+    return hints
+
+
+def families() -> Tuple[FamilyHints, ...]:
+    return tuple(_FAMILIES) + tuple(_BUILT_IN)
+
+
+def hint(model: nn.Module, name: str) -> Tuple[Any, Optional[str]]:
+    """The first answer to hint ``name`` among the families that match ``model``:
+    (answer, family name), or (None, None)."""
+    for family in families():
+        ask = getattr(family, name)
+        if ask is None or not family.matches(model):
+            continue
+        answer = ask(model)
+        if answer is not None:
+            return answer, family.name
+    return None, None
+
+
+def leaf_modules() -> Tuple[type, ...]:
+    """Module classes registered with :func:`register_leaf_module` (the user's, always whole)."""
+    return tuple(_LEAF_MODULES)
+
+
+def leaf_functions() -> Tuple[Callable, ...]:
+    """Functions kept whole: registered ones and every family's (timm's notrace functions)."""
+    out = list(_LEAF_FUNCTIONS)
+    for family in families():
+        out.extend(f for f in family.leaf_functions() if f not in out)
+    return tuple(out)
+
+
+def family_leaf_modules() -> Tuple[type, ...]:
+    """Module classes the families keep whole unless they hold the block's attention (timm's
+    notrace modules: they often trace once the block's constant arguments are known)."""
+    out: List[type] = []
+    for family in families():
+        out.extend(c for c in family.leaf_modules() if c not in out)
+    return tuple(out)

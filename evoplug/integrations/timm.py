@@ -1,0 +1,63 @@
+"""timm's conventions, as hints (see registry.py): the notrace registry (module classes and
+functions torch.fx should keep whole), the data config (input size and channels) and the
+class/prefix token attributes. timm is imported only when asked."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import nn
+
+from .registry import FamilyHints, InputSize
+
+
+def is_timm(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("timm.")
+
+
+def _notrace_modules() -> Tuple[type, ...]:
+    try:
+        from timm.layers import get_notrace_modules
+    except ImportError:
+        return ()
+    return tuple(get_notrace_modules())
+
+
+def _notrace_functions() -> Tuple:
+    try:
+        from timm.layers import get_notrace_functions
+    except ImportError:
+        return ()
+    return tuple(get_notrace_functions())
+
+
+def _input_size(model: nn.Module) -> Optional[InputSize]:
+    """The size the model was built for (``patch_embed.img_size``; timm's data config keeps
+    the pretrained size when ``img_size=`` changed it), channels from the data config."""
+    from timm.data import resolve_model_data_config
+    chans, h, w = resolve_model_data_config(model)["input_size"]
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return chans, int(h), int(w), "`patch_embed.img_size` (timm)"
+    return chans, int(h), int(w), "timm's data config (`resolve_model_data_config`)"
+
+
+def _has_class_token(model: nn.Module) -> Optional[bool]:
+    flag = getattr(model, "has_class_token", None)
+    return flag if isinstance(flag, bool) else None
+
+
+def _num_prefix_tokens(model: nn.Module) -> Optional[int]:
+    v = getattr(model, "num_prefix_tokens", None)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+TIMM = FamilyHints(
+    name="timm",
+    matches=is_timm,
+    num_prefix_tokens=_num_prefix_tokens,
+    has_class_token=_has_class_token,
+    input_size=_input_size,
+    leaf_modules=_notrace_modules,
+    leaf_functions=_notrace_functions,
+)

@@ -1,0 +1,164 @@
+"""The extension points, on models of the user's own (evoplug/integrations/registry.py):
+register_leaf_function, register_leaf_module, register_family."""
+import pytest
+import torch
+from torch import nn
+
+import evoplug
+from evoplug.runtime import evolve as ev
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def soft_cap(t, cap=2.0):
+    """Data-dependent Python control flow: a trace cannot follow it."""
+    if t.abs().amax() > cap:
+        return cap * torch.tanh(t / cap)
+    return t
+
+
+class CappedBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = Attention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(soft_cap(x, 3.0)))
+        return x + self.mlp(self.n2(x))
+
+
+class GatedMLP(nn.Module):
+    """Two experts mixed per token by a softmax gate: a softmax, but no attention."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gate = nn.Linear(dim, 2)
+        self.experts = nn.ModuleList([nn.Linear(dim, dim) for _ in range(2)])
+
+    def forward(self, x):
+        w = self.gate(x).softmax(-1)
+        return sum(w[..., i:i + 1] * e(x) for i, e in enumerate(self.experts))
+
+
+class GatedBlock(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn, self.mlp = Attention(dim), GatedMLP(dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        return x + self.mlp(self.n2(x))
+
+
+class MyViT(nn.Module):
+    """Patches by unfold + linear (no 4-D feature map to read a patch grid from), two special
+    tokens in front, its own attribute names."""
+
+    def __init__(self, block=CappedBlock, dim=32, depth=4, res=32, patch=4):
+        super().__init__()
+        self.res, self.patch, self.n_special = res, patch, 2
+        self.embed = nn.Linear(3 * patch * patch, dim)
+        self.special = nn.Parameter(torch.randn(1, self.n_special, dim))
+        self.where = nn.Parameter(torch.randn(1, (res // patch) ** 2, dim) * 0.1)
+        self.layers = nn.ModuleList([block(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, img):
+        t = self.embed(nn.functional.unfold(img, self.patch, stride=self.patch).transpose(1, 2))
+        t = torch.cat([self.special.expand(t.shape[0], -1, -1), t + self.where], 1)
+        for layer in self.layers:
+            t = layer(t)
+        return self.head(t[:, 0])
+
+
+def _model(block, seed=0):
+    torch.manual_seed(seed)
+    model = MyViT(block).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(4.0)           # large activations: soft_cap takes both branches
+    return model
+
+
+def _exact_and_evolving(model, fast, x):
+    with torch.no_grad():
+        out = fast(x)
+        assert out.shape == model(x).shape and torch.isfinite(out).all()
+        spec = evoplug.get_report(fast).blocks[-1]
+        M = spec.analysis.num_tokens - spec.analysis.num_prefix
+        assert spec.tokens_run == spec.analysis.num_prefix + ev.num_keep(M, 0.5) + 1
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        ref = model(x)
+        assert (fast(x) - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+
+
+def test_data_dependent_control_flow_is_refused_then_kept_whole_when_registered():
+    model = _model(CappedBlock)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`layers.0`: .*depends on the values of "
+                                                      r"the tensors.*register_leaf_function"):
+        evoplug.convert(model, example_input=x)
+    evoplug.register_leaf_function(soft_cap)
+    fast = evoplug.convert(model, example_input=x)
+    # soft_cap runs whole at every call, so both of its branches are taken and exact
+    for scale, capped in ((0.01, False), (10.0, True)):
+        x = torch.randn(3, 3, 32, 32) * scale
+        with torch.no_grad():
+            first = model.embed(nn.functional.unfold(x, 4, stride=4).transpose(1, 2))
+        assert bool(first.abs().amax() > 3.0) == capped
+        _exact_and_evolving(model, fast, x)
+
+
+def test_a_softmax_that_is_no_attention_is_ignored_inside_a_registered_leaf_module():
+    model = _model(GatedBlock)
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match="runs 2 attention computations per call"):
+        evoplug.convert(model, example_input=x)
+    evoplug.register_leaf_module(GatedMLP)
+    fast = evoplug.convert(model, example_input=x)
+    assert [s.analysis.name for s in evoplug.get_report(fast).blocks] == \
+        [f"layers.{i}" for i in range(4)]
+    _exact_and_evolving(model, fast, torch.randn(2, 3, 32, 32))
+
+
+def test_family_hints_give_prefix_tokens_and_input_size():
+    evoplug.register_leaf_function(soft_cap)
+    model = _model(CappedBlock)
+    with pytest.raises(evoplug.ConversionError, match="cannot tell its input size"):
+        evoplug.convert(model)
+    plain = evoplug.convert(model, example_input=torch.randn(1, 3, 32, 32))
+    a = evoplug.get_report(plain).blocks[0].analysis
+    assert (a.num_prefix, a.prefix_source) == (0, "assumed 0 (no patch grid found)")
+
+    evoplug.register_family(evoplug.FamilyHints(
+        name="my-vit", matches=lambda m: isinstance(m, MyViT),
+        num_prefix_tokens=lambda m: m.n_special,
+        input_size=lambda m: (3, m.res, m.res, "MyViT.res")))
+    assert evoplug.input_size(model) == (3, 32, 32)
+    fast = evoplug.convert(model)                        # no example_input needed now
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.num_prefix == 2 and s.analysis.global_query == "cls" for s in blocks)
+    assert "my-vit" in blocks[0].analysis.prefix_source
+    _exact_and_evolving(model, fast, torch.randn(2, 3, 32, 32))
+
+
+def test_registration_checks_its_argument():
+    with pytest.raises(TypeError, match="nn.Module subclass"):
+        evoplug.register_leaf_module(soft_cap)
+    with pytest.raises(TypeError, match="FamilyHints"):
+        evoplug.register_family({"name": "x"})
