@@ -34,8 +34,8 @@ def fidelity():
         label = "cls query" if query == "auto" else "mean query"
         print(f"evoplug keep_ratio={keep} ({label}): top-1 {digits.accuracy(fast, xt, yt):.2f}%  "
               f"(same prediction as dense on {agree:.1f}%, max |logit diff| {float((out - ref).abs().max()):.3g})")
-    print("(off-the-shelf, no fine-tuning: a 64-token model trained here from scratch; see the README's"
-          " MMPretrain fine-tune for Evo after fine-tuning)")
+    print("(off-the-shelf, no fine-tuning: a 64-token model trained here from scratch; see docs/mmpretrain.md's"
+          " fine-tune in Evo form for Evo after fine-tuning)")
     print()
     print(evoplug.explain(evoplug.convert(model, keep_ratio=0.5, example_input=xt[:1])))
 

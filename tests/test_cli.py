@@ -183,7 +183,7 @@ def test_progress_bar_draws_and_clears():
     bar.close()
     text = s.getvalue()
     assert "[##......] 1/4  model a" in text and "[########] 4/4" in text
-    assert text.endswith("\r")
+    assert text.endswith("\r")                  # the line is cleared (tqdm, leave=False)
     quiet = io.StringIO()
     bench.Progress(3, stream=quiet).update(1)      # not a terminal: silent by default
     assert quiet.getvalue() == ""

@@ -36,9 +36,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from torch.fx.passes.shape_prop import ShapeProp
+
 from ..errors import AnalysisError
 from ..runtime.call import CallPlan
-from .attention import find_attention
+from .attention import AttentionSite, find_attention
 from .calibrate import ModuleCall
 from .discover import detect_prefix, modules_to_trace, patch_grid, resolve_global_query
 from .graph import ancestors, module_of, shape_of, softmax_dim
@@ -94,139 +96,170 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     plan = make_call_plan(module, name, call)
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
-    token = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    x = call.args[0] if call.args and isinstance(call.args[0], torch.Tensor) else \
-        plan.signature.bind(*call.args, **call.kwargs).arguments[plan.token_arg]
-    token_map = x.dim() == 4          # channels-last (B, H, W, C) token map (Swin)
-    if token_map:
-        B, H, W, C = x.shape
-        N = H * W
-    else:
-        B, N, C = x.shape
-    # shapes of every node on the calibration input
-    from torch.fx.passes.shape_prop import ShapeProp
-    bound = plan.signature.bind(*call.args, **call.kwargs)
-    bound.apply_defaults()
-    feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
+    x, extras = plan.bind(name, call.args, call.kwargs)
+    feed = plan.feed(x, extras)
     try:
         with torch.no_grad():
             ShapeProp(gm).propagate(*feed)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any error: the block is refused, with its message
         raise AnalysisError(name, f"the traced block does not run: {type(e).__name__}: {e}") from None
+    site = _attention_site(gm, name, attn_mods)
+    N = x.shape[1] * x.shape[2] if x.dim() == 4 else x.shape[1]
+    a = BlockAnalysis(name, module, call, plan, tuple(n for n, m in module.named_modules()
+                                                      if id(m) in traced), N, x.shape[-1])
+    mark_batch_specialised(a, gm, x.shape[0])
+    _tokens_and_grid(a, model, call, calls, x, num_prefix_override)
+    grid_ops = find_grid_ops(gm, a, site)
+    _describe_map_operations(a, grid_ops)
+    _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
+    _describe_arguments(a, site, extras)
+    a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
+    a.notes += notes
+    a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
+    return a, gm
 
+
+def gm_token(gm: fx.GraphModule) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _attention_site(gm: fx.GraphModule, name: str, attn_mods: Set[int]) -> AttentionSite:
+    """The block's attention site; when the graph shows none because it runs inside a module
+    the tracer kept whole, say which."""
     try:
-        site = find_attention(gm, name)
-    except AnalysisError as e:
+        return find_attention(gm, name)
+    except AnalysisError:
         hidden = [n.target for n in gm.graph.nodes if n.op == "call_module"
                   and id(gm.get_submodule(n.target)) in attn_mods]
-        if hidden:
-            sub = gm.get_submodule(hidden[0])
-            raise AnalysisError(name, f"its attention runs inside `{hidden[0]}` "
-                                      f"({type(sub).__name__}), which torch.fx does not trace into "
-                                      "(timm's notrace registry)") from None
-        raise e
-    paths = tuple(n for n, m in module.named_modules() if id(m) in traced)
-    a = BlockAnalysis(name, module, call, plan, paths, N, C)
-    mark_batch_specialised(a, gm, B)
-    if token_map:
-        # a map has no room for prefix tokens: every position is a patch
-        a.token_map, a.grid = True, (int(H), int(W))
+        if not hidden:
+            raise
+    sub = gm.get_submodule(hidden[0])
+    raise AnalysisError(name, f"its attention runs inside `{hidden[0]}` ({type(sub).__name__}), "
+                              "which torch.fx does not trace into (a leaf: timm's notrace "
+                              "registry or evoplug.register_leaf_module)")
+
+
+def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,
+                     calls: Dict[int, ModuleCall], x: torch.Tensor, num_prefix_override):
+    """Prefix tokens and patch grid. A channels-last (B, H, W, C) map (Swin) has no room for
+    prefix tokens: every position is a patch."""
+    if x.dim() == 4:
+        H, W = int(x.shape[1]), int(x.shape[2])
+        a.token_map, a.grid = True, (H, W)
         a.num_prefix, a.prefix_source = 0, f"none: the block takes a {H}x{W} channels-last map"
+        a.position_terms.append("block input: the exact full map")
+        return
+    if num_prefix_override is not None:
+        a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
     else:
-        if num_prefix_override is not None:
-            a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
-        else:
-            a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, N)
-        if a.num_prefix >= N:
-            raise AnalysisError(name, f"{a.num_prefix} prefix tokens but only {N} tokens")
-        a.grid = patch_grid(call, calls, N - a.num_prefix, model)
-    grid_ops = find_grid_ops(gm, a, site)
+        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens)
+    if a.num_prefix >= a.num_tokens:
+        raise AnalysisError(a.name, f"{a.num_prefix} prefix tokens but only {a.num_tokens} tokens")
+    a.grid = patch_grid(call, calls, a.num_tokens - a.num_prefix, model)
+
+
+def _describe_map_operations(a: BlockAnalysis, grid_ops):
     a.grid_ops_expected = bool(grid_ops)
     for kind, node, _ in grid_ops:
-        if token_map and any(u.op == "output" for u in node.users):
+        if a.token_map and any(u.op == "output" for u in node.users):
             what = "the block's output map (made from the restored tokens)"
         else:
             what = "fed the full map" if kind == "to" else "read back at the kept tokens"
         a.position_terms.append(f"2-D map op at `{node.name}` -> {what}")
-    if token_map:
-        a.position_terms.insert(0, "block input: the exact full map")
-    if grid_ops and not token_map:
+    if grid_ops and not a.token_map:
         a.notes.append("grid operations see the full map; positions of tokens that were not run "
                        "hold the representative token")
-    # self-attention over all N tokens (or keys from the spatially reduced full map), or
-    # attention computed inside the 2-D map part of the block (windowed attention)
+
+
+def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, grid_ops,
+                    batch: int, feed):
+    """Self-attention over all N tokens (or keys from the spatially reduced full map), or
+    attention inside the 2-D map part of the block (windows)."""
     # windowed: the queries themselves come from the 2-D map (PVT's spatial reduction only
-    # builds the keys/values from it)
+    # builds the keys/values from it), or the attention runs on regrouped tokens
     anc_q = ancestors(site.q) | {site.q} if isinstance(site.q, fx.Node) else set()
     a.windowed = any(kind == "to" and node in anc_q for kind, node, _ in grid_ops) and any(
         kind == "from" and site.node in ancestors(node) for kind, node, _ in grid_ops)
     site_shape = shape_of(site.node)
-    if site.kind != "mha" and site_shape is not None and site_shape[0] != B:
-        # the attention runs on regrouped tokens: windows (B * windows, window tokens, ...)
-        a.windowed = True
-    if a.token_map and not a.windowed and not any(
-            kind == "from" and node in anc_q for kind, node, _ in grid_ops):
-        raise AnalysisError(name, "attention on the 4-D map that is neither windowed nor on a "
-                                  "token view of it")
+    if site.kind != "mha" and site_shape is not None and site_shape[0] != batch:
+        a.windowed = True          # (B * windows, window tokens, ...)
     if a.token_map:
+        if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
+            raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "
+                                        "token view of it")
         a.notes.append("channels-last map block: tokens that were not kept get " + (
             "their own attention update (the windows run on the full map)" if a.windowed else
             "the representative token's attention update") + " plus its MLP residual")
     if a.windowed:
-        a.window_index = window_token_index(gm, site, a, feed, B)
-        a.row_full = a.window_index is not None
-        a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of the 2-D map: run on "
-                       "the full map; " + ("global row = each window's mean-query attention, mapped "
-                                           "back to the tokens" if a.row_full else
-                                           "no global row (windows could not be mapped to tokens)"))
-    elif site.kind in ("softmax",):
-        s = shape_of(site.node)
-        if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
-            a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
-            if a.kv_grid is None:
-                raise AnalysisError(name, _REDUCED_KV.format(s[-1], N))
-            s = s[:-1] + (N,)
-        if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
-            raise AnalysisError(name, f"attention map {s} is not over the block's {N} tokens "
-                                      "(not self-attention)")
-        dim = softmax_dim(gm, site.node)
-        if dim not in (-1, len(s) - 1):
-            raise AnalysisError(name, f"softmax over dim {dim}, not over the keys (last dim)")
-        a.attention = f"softmax(q.k^T) at `{site.node.name}`"
+        _windowed_attention(a, gm, site, feed, batch)
+    elif site.kind == "softmax":
+        _softmax_attention(a, gm, site, grid_ops)
     elif site.kind == "sdpa":
-        qs, ks = shape_of(site.q), shape_of(site.k)
-        if qs and ks and qs[-2] == N and ks[-2] != N:
-            a.kv_grid = reduced_kv_grid(site.k, ks[-2], grid_ops)
-            if a.kv_grid is None:
-                raise AnalysisError(name, _REDUCED_KV.format(ks[-2], N))
-            ks = ks[:-2] + (N, ks[-1])
-        if not qs or not ks or qs[-2] != N or ks[-2] != N:
-            raise AnalysisError(name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
-                                      f"block's {N} tokens (not self-attention)")
-        a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
+        _sdpa_attention(a, site, grid_ops)
     else:
-        mha = module_of(gm, site.node)
-        if site.q is not site.k:
-            if shape_of(site.q) != shape_of(site.k):
-                raise AnalysisError(name, "nn.MultiheadAttention with different query and key "
-                                          "tokens (cross-attention)")
-        a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
+        _mha_attention(a, gm, site)
     a.q = getattr(site.q, "name", str(site.q))
     a.k = getattr(site.k, "name", str(site.k))
+    if a.kv_grid is not None and not a.windowed:
+        a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
+        a.row_full = True
+
+
+def _windowed_attention(a: BlockAnalysis, gm, site, feed, batch):
+    a.window_index = window_token_index(gm, site, a, feed, batch)
+    a.row_full = a.window_index is not None
+    a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of the 2-D map: run on "
+                   "the full map; " + ("global row = each window's mean-query attention, mapped "
+                                       "back to the tokens" if a.row_full else
+                                       "no global row (windows could not be mapped to tokens)"))
+
+
+def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
+    N = a.num_tokens
+    s = shape_of(site.node)
+    if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
+        a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
+        if a.kv_grid is None:
+            raise AnalysisError(a.name, _REDUCED_KV.format(s[-1], N))
+        s = s[:-1] + (N,)
+    if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
+        raise AnalysisError(a.name, f"attention map {s} is not over the block's {N} tokens "
+                                    "(not self-attention)")
+    dim = softmax_dim(gm, site.node)
+    if dim not in (-1, len(s) - 1):
+        raise AnalysisError(a.name, f"softmax over dim {dim}, not over the keys (last dim)")
+    a.attention = f"softmax(q.k^T) at `{site.node.name}`"
+
+
+def _sdpa_attention(a: BlockAnalysis, site, grid_ops):
+    N = a.num_tokens
+    qs, ks = shape_of(site.q), shape_of(site.k)
+    if qs and ks and qs[-2] == N and ks[-2] != N:
+        a.kv_grid = reduced_kv_grid(site.k, ks[-2], grid_ops)
+        if a.kv_grid is None:
+            raise AnalysisError(a.name, _REDUCED_KV.format(ks[-2], N))
+        ks = ks[:-2] + (N, ks[-1])
+    if not qs or not ks or qs[-2] != N or ks[-2] != N:
+        raise AnalysisError(a.name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
+                                    f"block's {N} tokens (not self-attention)")
+    a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
+
+
+def _mha_attention(a: BlockAnalysis, gm, site):
+    mha = module_of(gm, site.node)
+    if site.q is not site.k and shape_of(site.q) != shape_of(site.k):
+        raise AnalysisError(a.name, "nn.MultiheadAttention with different query and key tokens "
+                                    "(cross-attention)")
+    a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
+
+
+def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras):
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
             "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))
     for t in site.arg_terms:
         a.position_terms.append(f"argument `{t}` on the attention logits -> gathered")
-    for tname in plan.tensor_args:
-        t = bound.arguments[tname]
+    for tname, t in extras.items():
         if tname not in site.arg_terms:
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
-    if a.kv_grid is not None and not a.windowed:
-        a.attention += f" (keys from the full map reduced to {a.kv_grid[0]}x{a.kv_grid[1]})"
-        a.row_full = True
-    a.branches, notes = residual_branches(gm, token, site, name)
-    a.notes += notes
-    a.global_query = resolve_global_query(model, a.num_prefix, global_query)
-    check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
-    return a, gm

@@ -118,35 +118,42 @@ def is_reshape(n: fx.Node) -> bool:
         (n.op == "call_function" and n.target in (torch.reshape, torch.flatten))
 
 
-def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
-              call_module) -> Any:
-    """Evaluate ``target`` from the values in ``env`` (placeholders at least), running only its
-    ancestors; ``call_module(node, args, kwargs)`` runs the module calls."""
-    needed = ancestors(target) | {target}
-    # in-place writes into a needed tensor (traced ``operator.setitem``) are needed too
-    for n in graph.nodes:
-        if n is target:
-            break
-        if n.op == "call_function" and n.target is operator.setitem and n.args[0] in needed:
-            needed |= ancestors(n) | {n}
-    for n in graph.nodes:
-        if n not in needed or n in env:
-            continue
-        args = fx.node.map_arg(n.args, lambda v: env[v])
-        kwargs = fx.node.map_arg(n.kwargs, lambda v: env[v])
-        if n.op == "get_attr":
-            env[n] = getattr_path(root, n.target)
-        elif n.op == "call_function":
-            env[n] = n.target(*args, **kwargs)
-        elif n.op == "call_method":
-            env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-        elif n.op == "call_module":
-            env[n] = call_module(n, args, kwargs)
-        elif n.op == "placeholder":
+class PartialInterpreter(fx.Interpreter):
+    """``torch.fx.Interpreter`` that runs only what one node needs: its ancestors, and the
+    in-place writes (traced ``operator.setitem``) into them. Works on a graph still being
+    traced (no output node yet). ``call_module(node, args, kwargs)`` replaces module calls
+    (window_token_index runs leaf modules on token indices)."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph, target: fx.Node, call_module=None):
+        super().__init__(root, garbage_collect_values=False, graph=graph)
+        needed = ancestors(target) | {target}
+        for n in graph.nodes:
+            if n is target:
+                break
+            if n.op == "call_function" and n.target is operator.setitem and n.args[0] in needed:
+                needed |= ancestors(n) | {n}
+        self.needed, self.target, self._call_module = needed, target, call_module
+
+    def run_node(self, n: fx.Node):
+        if n not in self.needed:
+            return None
+        if n.op == "placeholder":
             raise fx.proxy.TraceError(f"no example value for `{n.target}`")
-        else:
-            raise fx.proxy.TraceError(f"cannot evaluate `{n.name}` ({n.op})")
-    return env[target]
+        if n.op == "call_module" and self._call_module is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return self._call_module(n, args, kwargs)
+        return super().run_node(n)
+
+    def value(self, env: Dict[fx.Node, Any]) -> Any:
+        """``target``'s value from the values in ``env`` (placeholders at least)."""
+        self.run(initial_env=dict(env), enable_io_processing=False)
+        return self.env[self.target]
+
+
+def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
+              call_module=None) -> Any:
+    """Evaluate ``target`` from the values in ``env``, running only what it needs."""
+    return PartialInterpreter(root, graph, target, call_module).value(env)
 
 
 def depends_on_data(node: fx.Node) -> bool:

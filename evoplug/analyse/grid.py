@@ -127,41 +127,53 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if any(p in needed for p in placeholders[1:]):
         return None    # the keys depend on another argument too
-    def token_wise(n, args, kwargs):
-        si, so = shape_of(n.args[0]) if n.args else None, shape_of(n)
-        if si is None or so is None or si[:-1] != so[:-1]:
-            raise fx.proxy.TraceError("not token-wise over the last dim")
-        inp = args[0]
-        return inp[..., :1].expand(*inp.shape[:-1], so[-1])
-
     try:
         with torch.no_grad():
-            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, token_wise)
-        # keys as (leading dims..., channel, key) with the key dim last
-        if site.kind == "softmax" and kv.shape[-1] == nk:
-            lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
-        elif kv.shape[-2] == nk:
-            lead = kv.select(-1, 0)                      # k: (..., Mk, d)
-        else:
+            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, _index_through_leaf)
+        found = _slots_of_image_0(kv, site.kind, nk, N)
+        if found is None:
             return None
-        # leading dims along which the index does not change are heads (averaged by the row);
-        # the others, with the batch, enumerate the windows
-        head_dims = tuple(i for i in range(1, lead.dim() - 1)
-                          if bool((lead == lead.narrow(i, 0, 1)).all()))
-        for i in reversed(head_dims):
-            lead = lead.select(i, 0)
-        if not bool((lead == lead.round()).all()):
-            return None
-        w = lead.reshape(2, -1)                          # batch-major: image 0, image 1
-        first, second = w[0], w[1]
-        pad = first == 0
-        if not bool(((first >= 0) & (first <= N)).all()) or \
-                not bool(((second == first + stride) | (pad & (second == 0))).all()):
-            return None
-        idx = first.long()
-        if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
-            return None
-        a.window_head_dims = head_dims
+        a.window_head_dims, idx = found
         return idx
-    except Exception:
+    except (fx.proxy.TraceError, RuntimeError) as e:   # not token-wise, or not runnable on indices
+        a.notes.append(f"windows not mapped to tokens: {type(e).__name__}: {e}")
         return None
+
+
+def _index_through_leaf(n: fx.Node, args, kwargs):
+    """A token-wise leaf module (norm, linear) on index values: the index copied into its
+    output channels."""
+    si, so = shape_of(n.args[0]) if n.args else None, shape_of(n)
+    if si is None or so is None or si[:-1] != so[:-1]:
+        raise fx.proxy.TraceError("not token-wise over the last dim")
+    inp = args[0]
+    return inp[..., :1].expand(*inp.shape[:-1], so[-1])
+
+
+def _slots_of_image_0(kv: torch.Tensor, kind: str, nk: int, N: int):
+    """(head dims, (windows * window tokens,) token index of image 0) from the keys computed
+    on index values, or None when they are not a clean one-token-per-slot layout."""
+    # keys as (leading dims..., channel, key) with the key dim last
+    if kind == "softmax" and kv.shape[-1] == nk:
+        lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
+    elif kv.shape[-2] == nk:
+        lead = kv.select(-1, 0)                      # k: (..., Mk, d)
+    else:
+        return None
+    # leading dims along which the index does not change are heads (averaged by the row);
+    # the others, with the batch, enumerate the windows
+    head_dims = tuple(i for i in range(1, lead.dim() - 1)
+                      if bool((lead == lead.narrow(i, 0, 1)).all()))
+    for i in reversed(head_dims):
+        lead = lead.select(i, 0)
+    if not bool((lead == lead.round()).all()):
+        return None
+    first, second = lead.reshape(2, -1)             # batch-major: image 0, image 1
+    pad = first == 0
+    if not bool(((first >= 0) & (first <= N)).all()) or \
+            not bool(((second == first + N + 1) | (pad & (second == 0))).all()):
+        return None
+    idx = first.long()
+    if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
+        return None
+    return head_dims, idx

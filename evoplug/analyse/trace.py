@@ -148,8 +148,7 @@ class BlockTracer(fx.Tracer):
             # functions) are lifted while evaluating, as fx itself does for such calls
             from torch.fx._symbolic_trace import _maybe_revert_all_patches
             with torch.no_grad(), _maybe_revert_all_patches():
-                return run_nodes(self.graph, node, root, env,
-                                 lambda n, args, kwargs: root.get_submodule(n.target)(*args, **kwargs))
+                return run_nodes(self.graph, node, root, env)
         finally:
             root.train(was)
 
@@ -245,10 +244,18 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         try:
             tracer = BlockTracer(attention_modules, into_notrace=True, example=example)
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
-        except Exception:
+        except Exception as first:  # noqa: BLE001 - retried below, the first message is kept
+            if not _holds_family_leaves(module, tracer):
+                raise
             _restore_mutable_state(saved)
             tracer = BlockTracer(attention_modules, example=example)
-            graph = tracer.trace(module, concrete_args=dict(plan.constants))
+            try:
+                graph = tracer.trace(module, concrete_args=dict(plan.constants))
+            except Exception as second:  # noqa: BLE001
+                raise AnalysisError(name, f"torch.fx could not trace the block: "
+                                          f"{type(first).__name__}: {first} (and with the notrace "
+                                          f"modules kept whole: {type(second).__name__}: "
+                                          f"{second})") from None
         _drop_constant_asserts(graph)
         _constants_to_buffers(module)
         _tensor_only_signature(graph, plan, name)
@@ -264,6 +271,13 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         _restore_mutable_state(saved)
         module.train(was)
     return gm
+
+
+def _holds_family_leaves(module: nn.Module, tracer: "BlockTracer") -> bool:
+    """Whether a retry that keeps the families' leaf modules whole (timm's notrace registry)
+    can trace differently: the block holds one that the first trace went into."""
+    leaves = tracer._notrace_modules
+    return bool(leaves) and any(isinstance(m, leaves) for m in module.modules() if m is not module)
 
 
 def mark_batch_specialised(a: "BlockAnalysis", gm: fx.GraphModule, batch: int):

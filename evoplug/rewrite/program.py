@@ -26,23 +26,24 @@ as ``self``: it reads the block's live parameters and buffers (so ``.to()``, ``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import operator
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
-
 from torch.fx.graph_module import _format_import_block
 from torch.package import sys_importer
+from torch.package.importer import ObjMismatchError, ObjNotFoundError
 
-from ..analyse.attention import AttentionSite, find_attention
+from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
+from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import ancestors, getattr_path, is_add
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
-from ..analyse.calibrate import ModuleCall
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
 from ..runtime.programs import compile_program
@@ -51,9 +52,9 @@ from ..runtime.programs import compile_program
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
                   call=None, root: nn.Module = None) -> Callable:
     """Slow-path program of block ``a`` for train or eval mode (traces bake ``self.training``),
-    specialised on ``call`` (default: the calibration call; block.py passes a call of another
-    batch size for blocks whose trace depends on it, and ``root``: a stand-in of the block with
-    its original class, so the converted block is traced without being changed)."""
+    specialised on ``call`` (default: the calibration call; the per-batch factory passes a
+    call of another batch size, and ``root``: a stand-in of the block with its original class,
+    so the converted block is traced without being changed)."""
     if gm is None:
         call = a.call if call is None else call
         gm = trace_block(a.module if root is None else root, a.name, a.plan, a.attention_ids(),
@@ -61,111 +62,161 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
+    rw = _start(a, gm)
+    for rewrite_pass in (_position_terms, _map_operations, _global_row, _outputs):
+        rewrite_pass(rw)
+    gm.graph.lint()
+    gm.recompile()
+    _check_attrs_resolve(a, gm, training)
+    return _as_program(a, gm)
+
+
+@dataclasses.dataclass
+class _Rewrite:
+    """What the passes share while they rewrite one block graph."""
+    a: BlockAnalysis
+    gm: fx.GraphModule
+    site: AttentionSite
+    token: fx.Node            # the subset's tokens (the block's token argument)
+    pos: fx.Node              # placeholder ``_evo_pos``: original index of each subset token
+    full: fx.Node             # placeholder ``_evo_full``: the block's full token input
+    root: fx.Node             # where the block's computation starts from the subset
+    root_full: fx.Node        # ... and from the full input
+    fast_base: Optional[fx.Node] = None   # exact stream after attention (map/windowed blocks)
+    row: Optional[fx.Node] = None         # the global query's attention row
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+
+def _start(a: BlockAnalysis, gm: fx.GraphModule) -> _Rewrite:
+    """Add the ``_evo_pos`` and ``_evo_full`` arguments; a block that takes a (B, H, W, C) map
+    runs its map part on the exact full map (its whole input), the token part on the subset."""
     graph = gm.graph
-    site: AttentionSite = find_attention(gm, a.name)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     token = placeholders[0]
     with graph.inserting_after(placeholders[-1]):
         pos = graph.placeholder("_evo_pos", default_value=None)
     with graph.inserting_after(pos):
         full = graph.placeholder("_evo_full", default_value=None)
-    root, root_full = token, full
+    root = token
     if a.token_map:
-        # the block takes a (B, H, W, C) map: its map part runs on the exact full map (the
-        # block's whole input), the token part on the subset (see the 'from' reads below)
         with graph.inserting_after(full):
-            entry = graph.call_function(ev.tokens_to_map, (token, full, a.grid[0], a.grid[1]))
-        token.replace_all_uses_with(entry, delete_user_cb=lambda u: u is not entry)
-        root = root_full = entry
+            root = graph.call_function(ev.tokens_to_map, (token, full, a.grid[0], a.grid[1]))
+        token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
+    return _Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
+                    root if a.token_map else full)
 
-    # 1. position terms follow the selected tokens (windows run on the full map: kept as is)
-    for bias in ([] if a.windowed else site.biases):
-        consumers = [u for u in list(bias.users)]
-        with graph.inserting_after(bias):
-            gathered = graph.call_function(ev.gather_pair_bias, (bias, pos))
+
+def _position_terms(rw: _Rewrite):
+    """Token-independent additive terms on the logits follow the selected tokens (windows run
+    on the full map: their terms stay as they are)."""
+    if rw.a.windowed:
+        return
+    for bias in rw.site.biases:
+        consumers = list(bias.users)
+        with rw.graph.inserting_after(bias):
+            gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))
         for u in consumers:
             u.replace_input_with(bias, gathered)
 
-    # 2. 2-D map operations see the full map (canvas) and are read back at the kept tokens
-    grid_ops = find_grid_ops(gm, a, site) if a.grid_ops_expected else []
-    fast_base = None
+
+def _map_operations(rw: _Rewrite):
+    """2-D map operations see the full map (a canvas) and are read back at the kept tokens."""
+    a, graph = rw.a, rw.graph
+    grid_ops = find_grid_ops(rw.gm, a, rw.site) if a.grid_ops_expected else []
     if bool(grid_ops) != a.grid_ops_expected:
         raise AnalysisError(a.name, "the train-mode and eval-mode traces differ in their 2-D map operations")
-    M = a.grid[0] * a.grid[1] if a.grid else None
     stream = set()
     if a.token_map:
         grid_ops = _map_block_output(a, graph, grid_ops)
-        stream = _residual_stream(graph, root)
+        stream = _residual_stream(graph, rw.root)
     for kind, node, dim in grid_ops:
         if kind == "to":
-            src = node.args[0]
-            src_full = _clone_token_wise_chain(graph, src, root, root_full)
-            with graph.inserting_before(node):
-                if src_full is not None:   # exact: the same token-wise ops on the full input
-                    canvas = graph.call_function(ev.full_canvas, (src, src_full, pos))
-                else:                      # kept tokens + representative token elsewhere
-                    canvas = graph.call_function(ev.to_canvas, (src, pos, M, dim))
-            node.replace_input_with(src, canvas)
+            _to_map(rw, node, dim)
         else:
-            tok_dim, layout = dim
-            path = None
-            with graph.inserting_after(node):
-                if node.args[0] in stream:   # the map block's residual stream becomes tokens
-                    back = graph.call_function(ev.from_stream_map, (node.args[0], pos, tok_dim, layout,
-                                                                    token, full))
-                    with graph.inserting_after(back):
-                        fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, pos,
-                                                                           tok_dim, layout))
-                else:
-                    if a.windowed and not a.token_map and tok_dim == 1 and site.node in ancestors(node):
-                        path = _branch_to_residual(graph, node, token)
-                    if path is None:
-                        back = graph.call_function(ev.from_canvas_map, (node.args[0], pos, tok_dim, layout))
-                    else:   # windowed attention's output: exact for every token, see below
-                        back = graph.call_function(ev.from_canvas_map, (node.args[0], None, tok_dim, layout))
-            node.replace_all_uses_with(back)
-            graph.erase_node(node)
-            if path is not None:
-                fast_base = _exact_window_update(graph, path, token, full, pos)
+            _from_map(rw, node, dim, node.args[0] in stream)
 
-    # 3. the global query's attention row
-    P = a.num_prefix
-    cls_query = a.global_query == "cls"
+
+def _to_map(rw: _Rewrite, node: fx.Node, dim: int):
+    """A (tokens -> grid) view gets the full map: the same token-wise ops re-run on the full
+    input when the tokens come from it by such ops, else the kept tokens + the representative
+    token elsewhere."""
+    graph, src = rw.graph, node.args[0]
+    src_full = _clone_token_wise_chain(graph, src, rw.root, rw.root_full)
+    with graph.inserting_before(node):
+        if src_full is not None:
+            canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
+        else:
+            M = rw.a.grid[0] * rw.a.grid[1]
+            canvas = graph.call_function(ev.to_canvas, (src, rw.pos, M, dim))
+    node.replace_input_with(src, canvas)
+
+
+def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
+    """A (grid -> tokens) view is read back at the subset's positions: the map block's residual
+    stream (and its exact fast-update base); a windowed attention's output (exact for every
+    token, see _exact_window_update); anything else."""
+    a, graph = rw.a, rw.graph
+    tok_dim, layout = dim
+    path = None
+    with graph.inserting_after(node):
+        if on_stream:
+            back = graph.call_function(ev.from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
+                                                            rw.token, rw.full))
+            with graph.inserting_after(back):
+                rw.fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, rw.pos,
+                                                                      tok_dim, layout))
+        else:
+            if a.windowed and not a.token_map and tok_dim == 1 and rw.site.node in ancestors(node):
+                path = _branch_to_residual(graph, node, rw.token)
+            where = None if path is not None else rw.pos
+            back = graph.call_function(ev.from_canvas_map, (node.args[0], where, tok_dim, layout))
+    node.replace_all_uses_with(back)
+    graph.erase_node(node)
+    if path is not None:
+        rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
+
+
+def _global_row(rw: _Rewrite):
+    """The global query's attention row over the patch keys, next to the attention."""
+    a, graph, site = rw.a, rw.graph, rw.site
+    P, cls_query = a.num_prefix, a.global_query == "cls"
     with graph.inserting_after(site.node):
         if a.windowed:
-            row = _window_row(a, gm, site)
+            row = _window_row(a, rw.gm, site)
         elif site.kind == "softmax":
-            if cls_query:
-                row = graph.call_function(ev.probs_query_row, (site.node, P))
-            else:
-                row = graph.call_function(ev.logits_query_row, (site.logits, P))
+            row = graph.call_function(ev.probs_query_row, (site.node, P)) if cls_query else \
+                graph.call_function(ev.logits_query_row, (site.logits, P))
         elif site.kind == "sdpa":
-            mask = site.node.kwargs.get("attn_mask", site.node.args[3] if len(site.node.args) > 3 else None)
+            mask = sdpa_arg(site.node, 3, "attn_mask")
             row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P, cls_query))
         else:
             with graph.inserting_before(site.node):
                 mha = graph.get_attr(site.node.target)
             mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
             row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
-
     if a.kv_grid is not None and row is not None:   # keys are regions of the reduced map
         with graph.inserting_after(row):
-            up = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
-        row = up
+            row = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
+    rw.row = row
 
-    # 4. return (tokens, row)
+
+def _outputs(rw: _Rewrite):
+    """The program returns (tokens, row), and the fast-update base where there is one."""
+    a, graph = rw.a, rw.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise AnalysisError(a.name, f"block returns {type(result).__name__}, not one token tensor")
-    if a.token_map and fast_base is None:
+    if a.token_map and rw.fast_base is None:
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
-    out_node.args = ((result, row, fast_base) if fast_base is not None or a.token_map else (result, row),)
-    graph.lint()
-    gm.recompile()
-    _check_attrs_resolve(a, gm, training)
-    return _as_program(a, gm)
+    if rw.fast_base is not None or a.token_map:
+        out_node.args = ((result, rw.row, rw.fast_base),)
+    else:
+        out_node.args = ((result, rw.row),)
 
 
 def batch_program_factory(a: BlockAnalysis, orig_class: type) -> Callable:
@@ -198,7 +249,7 @@ def _as_program(a: BlockAnalysis, gm: fx.GraphModule) -> Callable:
     code = gm.graph.python_code(root_module="self")
     try:
         imports = _format_import_block(code.globals, sys_importer)
-    except Exception:   # noqa: BLE001 - fx raises several types for unimportable objects
+    except (ObjNotFoundError, ObjMismatchError):   # a global Python cannot import by name
         return type(gm).forward
     return compile_program(imports + "\n" + code.src)
 
@@ -218,7 +269,7 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
         if site.kind == "softmax":
             per_window = graph.call_function(ev.window_logits_row, (site.logits, heads))
         else:
-            mask = site.node.kwargs.get("attn_mask", site.node.args[3] if len(site.node.args) > 3 else None)
+            mask = sdpa_arg(site.node, 3, "attn_mask")
             per_window = graph.call_function(ev.window_sdpa_row, (site.q, site.k, mask, site.scale, heads))
     with graph.inserting_after(per_window):
         index = graph.get_attr("_evo_window_index")

@@ -55,5 +55,5 @@ def same_constant(a, b) -> bool:
         return a is b
     try:
         return bool(a == b)
-    except Exception:
+    except (TypeError, ValueError, RuntimeError):   # no single truth value (arrays, tensors)
         return a is b

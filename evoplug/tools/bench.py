@@ -65,7 +65,7 @@ def retain_freed_memory() -> str:
 
     By default glibc serves every allocation above its (dynamic, at most 32 MiB) mmap threshold
     with a fresh ``mmap`` and gives it back on ``free``, so every forward page-faults its large
-    activations in again: on the 2-core machine of the README that is about 2 GB of minor faults
+    activations in again: on the 2-core machine of docs/benchmarks.md that is about 2 GB of minor faults
     per forward of PVTv2-b1 at batch 32, some 40% of its time, the same absolute cost for the
     original and the converted model (it scales with the full-size activations both allocate).
     ``mallopt(M_MMAP_THRESHOLD)`` / ``mallopt(M_TRIM_THRESHOLD)`` (the same as the
@@ -154,54 +154,30 @@ def interleaved(models: Dict[str, Callable], x: torch.Tensor, repeats: int = 7, 
 # --------------------------------------------------------------------------------------------
 
 class Progress:
-    """A one-line progress bar on a terminal: ``[#####.....] 12/40  deit_small b32  0:31 left``.
+    """The benchmark's one-line progress bar (drawn by tqdm):
+    ``[#####.....] 12/40  deit_small b32  00:31 left``.
 
-    Disabled (silent) when ``enabled`` is False; by default it is on when ``stream`` is a tty.
+    Off when ``enabled`` is False; by default on when ``stream`` is a terminal.
     """
 
     def __init__(self, total: int, stream=None, enabled: Optional[bool] = None, width: int = 28):
-        self.total = max(1, int(total))
-        self.stream = stream if stream is not None else sys.stderr
-        if enabled is None:
-            enabled = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.enabled = enabled
-        self.width = width
-        self.done = 0
-        self.note = ""
-        self.t0 = time.perf_counter()
-        self._last_len = 0
+        from tqdm import tqdm
+        self._bar = tqdm(total=max(1, int(total)), file=stream if stream is not None else sys.stderr,
+                         disable=None if enabled is None else not enabled, leave=False,
+                         mininterval=0, miniters=1,
+                         ascii=".#", bar_format="[{bar:%d}] {n_fmt}/{total_fmt}  {desc}  "
+                                                "{remaining} left" % width)
 
     def set_note(self, note: str):
-        self.note = note
-        self._draw()
+        self._bar.set_description_str(note)
 
     def update(self, n: int = 1, note: Optional[str] = None):
-        self.done = min(self.total, self.done + n)
         if note is not None:
-            self.note = note
-        self._draw()
-
-    def _draw(self):
-        if not self.enabled:
-            return
-        frac = self.done / self.total
-        fill = int(round(frac * self.width))
-        elapsed = time.perf_counter() - self.t0
-        eta = ""
-        if 0 < self.done < self.total:
-            left = elapsed / self.done * (self.total - self.done)
-            eta = f"  {int(left // 60)}:{int(left % 60):02d} left"
-        line = f"[{'#' * fill}{'.' * (self.width - fill)}] {self.done}/{self.total}  {self.note}{eta}"
-        pad = " " * max(0, self._last_len - len(line))
-        self.stream.write("\r" + line + pad)
-        self.stream.flush()
-        self._last_len = len(line)
+            self._bar.set_description_str(note, refresh=False)
+        self._bar.update(n)
 
     def close(self):
-        if self.enabled and self._last_len:
-            self.stream.write("\r" + " " * self._last_len + "\r")
-            self.stream.flush()
-        self._last_len = 0
+        self._bar.close()
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,13 +285,7 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
     variants: Dict[str, Callable] = {"orig": model}
     variants.update({f"evo{k}": m for k, m in fast.items()})
     if compile:
-        # one static graph per (model, batch size); every variant is the same forward code,
-        # so dynamo's per-code recompile limit must allow all of them
-        _raise_recompile_limit(2 * len(variants) * len(batch_sizes) + 8)
-        mode = compile if isinstance(compile, str) else None   # torch.compile's mode
-        variants["orig_c"] = torch.compile(model, dynamic=False, mode=mode)
-        for k, m in fast.items():
-            variants[f"evo{k}_c"] = torch.compile(m, dynamic=False, mode=mode)
+        variants.update(_compiled(variants, len(batch_sizes), compile))
         warmup = max(1, warmup)
 
     rows = []
@@ -333,22 +303,37 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                         (lambda r, n: progress.update(1)) if progress else None)
         ips = {v: batch / t[v].median for v in variants}
         for keep in keep_ratios:
-            e = f"evo{keep}"
             row = dict(model=name, img_size=f"{h}x{w}" if h != w else h, batch=batch,
                        keep_ratio=keep, device=str(dev), dtype=str(dtype).replace("torch.", ""),
-                       orig_img_s=round(ips["orig"], 2), evo_img_s=round(ips[e], 2),
-                       speedup=round(ips[e] / ips["orig"], 3),
-                       gflops_orig=round(f_orig / 1e9, 3), gflops_evo=round(f_evo[keep] / 1e9, 3),
-                       flop_ratio=round(f_orig / f_evo[keep], 3),
+                       **_speeds(ips, f"evo{keep}", f_orig, f_evo[keep]),
                        max_abs_diff=float(f"{diffs[keep]:.3g}"), repeats=repeats, warmup=warmup)
             if compile:
-                row.update(orig_compiled_img_s=round(ips["orig_c"], 2),
-                           evo_compiled_img_s=round(ips[e + "_c"], 2),
-                           compiled_speedup=round(ips[e + "_c"] / ips["orig_c"], 3),
-                           compiled_vs_eager_orig=round(ips[e + "_c"] / ips["orig"], 3),
-                           compile_max_abs_diff=float(f"{max(cdiffs[e], cdiffs['orig']):.3g}"))
+                row.update(_compiled_speeds(ips, f"evo{keep}", cdiffs))
             rows.append(row)
     return rows
+
+
+def _compiled(variants: Dict[str, Callable], num_batches: int, compile) -> Dict[str, Callable]:
+    """``torch.compile`` of every variant (``compile``: True, or torch.compile's mode)."""
+    # one static graph per (model, batch size); every variant is the same forward code, so
+    # dynamo's per-code recompile limit must allow all of them
+    _raise_recompile_limit(2 * len(variants) * num_batches + 8)
+    mode = compile if isinstance(compile, str) else None
+    return {f"{k}_c": torch.compile(m, dynamic=False, mode=mode) for k, m in variants.items()}
+
+
+def _speeds(ips: Dict[str, float], evo: str, f_orig: float, f_evo: float) -> dict:
+    return dict(orig_img_s=round(ips["orig"], 2), evo_img_s=round(ips[evo], 2),
+                speedup=round(ips[evo] / ips["orig"], 3), gflops_orig=round(f_orig / 1e9, 3),
+                gflops_evo=round(f_evo / 1e9, 3), flop_ratio=round(f_orig / f_evo, 3))
+
+
+def _compiled_speeds(ips: Dict[str, float], evo: str, cdiffs: Dict[str, float]) -> dict:
+    return dict(orig_compiled_img_s=round(ips["orig_c"], 2),
+                evo_compiled_img_s=round(ips[evo + "_c"], 2),
+                compiled_speedup=round(ips[evo + "_c"] / ips["orig_c"], 3),
+                compiled_vs_eager_orig=round(ips[evo + "_c"] / ips["orig"], 3),
+                compile_max_abs_diff=float(f"{max(cdiffs[evo], cdiffs['orig']):.3g}"))
 
 
 def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1.0),

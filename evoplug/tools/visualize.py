@@ -148,8 +148,8 @@ def _grid_of(spec, M: int) -> Tuple[int, int]:
 def record_selection(model, x: torch.Tensor) -> SelectionRecord:
     """Run a converted ``model`` (eval mode) on ``x`` and record, for every evolving block,
     the patch tokens it selected (forward hooks reading the state the block left, ``spec.context``)."""
-    from ..api import get_report
-    report = get_report(model)
+    import evoplug
+    report = evoplug.get_report(model)
     evolving = [s for s in report.blocks if s.role == "evolve"]
     if not evolving:
         raise ValueError("the model has no evolving block (start_block past the last block?)")
