@@ -86,7 +86,10 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
                     analysed.append((a, programs, added))
                 except AnalysisError as e:
                     _drop_added_buffers(module, added)
-                    (parts if e.not_a_block else failed).append((name, e.reason))
+                    if e.not_a_block:
+                        parts.append((name, e.reason, e.not_a_block))
+                    else:
+                        failed.append((name, e.reason))
                 except BaseException:
                     _drop_added_buffers(module, added)
                     raise

@@ -20,10 +20,11 @@ class ConversionError(EvoplugError):
 class AnalysisError(EvoplugError):
     """The fx analysis of one module failed; carries the module name and the reason.
 
-    ``not_a_block``: the module is no block on its own (no attention, or no residual around
-    it): it may be a part of a larger block (see analyse.discover.regroup_parts)."""
+    ``not_a_block``: why the module may be no block on its own, but a part of a larger one
+    (see analyse.discover.regroup_parts): ``'no attention'`` in its graph, or ``'no residual'``
+    around its attention; empty otherwise."""
 
-    def __init__(self, module_name: str, reason: str, not_a_block: bool = False):
+    def __init__(self, module_name: str, reason: str, not_a_block: str = ""):
         self.module_name = module_name
         self.reason = reason
         self.not_a_block = not_a_block

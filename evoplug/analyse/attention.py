@@ -87,7 +87,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
     if not sites:
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "
                                   "scaled_dot_product_attention or nn.MultiheadAttention) in its graph",
-                            not_a_block=True)
+                            not_a_block="no attention")
     if len(sites) > 1:
         raise AnalysisError(name, f"{len(sites)} attention computations in one block "
                                   f"({', '.join(s.node.name for s in sites)})")

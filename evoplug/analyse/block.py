@@ -108,6 +108,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     a = BlockAnalysis(name, module, call, plan, tuple(n for n, m in module.named_modules()
                                                       if id(m) in traced), N, x.shape[-1])
     mark_batch_specialised(a, gm, x.shape[0])
+    if gm.meta.get("evo_specialised"):
+        a.notes.append("Python values taken from the calibration input: "
+                       + "; ".join(gm.meta["evo_specialised"]))
     _tokens_and_grid(a, model, call, calls, x, num_prefix_override)
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)

@@ -270,24 +270,29 @@ def declares_no_class_token(model: nn.Module) -> bool:
     return has is False
 
 
-def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tuple[str, str]],
+def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tuple[str, str, str]],
                   converted: List[str]) -> List[Tuple[str, str]]:
-    """Candidates that turned out to be no blocks on their own (an attention module without
-    its residual, an MLP whose softmax is a gate), reported as the block they are parts of: the
-    nearest enclosing module that takes and returns the tokens, runs more than one attention
-    computation and holds no converted block."""
+    """Candidates that turned out to be no blocks on their own, reported as the block they
+    are parts of when one of them is an attention without its residual (the residual is the
+    enclosing module's; a softmax gate beside it is the other part): the nearest enclosing
+    module that takes and returns the tokens, runs more than one attention computation and
+    holds no converted block. Other such failures stay as they are (``parts``: (name, reason,
+    'no attention' | 'no residual'))."""
     batch = _model_batch(model, calls)
-    groups: Dict[str, List[Tuple[str, str]]] = {}
+    groups: Dict[str, List[Tuple[str, str, str]]] = {}
     out: List[Tuple[str, str]] = []
-    for name, reason in parts:
+    for name, reason, kind in parts:
         owner = _enclosing_block(model, calls, name, batch)
         if owner is None or any(c == owner or c.startswith(owner + ".") for c in converted):
             out.append((name, reason))
         else:
-            groups.setdefault(owner, []).append((name, reason))
+            groups.setdefault(owner, []).append((name, reason, kind))
     for owner, members in groups.items():
+        if not any(kind == "no residual" for _, _, kind in members):
+            out.extend((n, r) for n, r, _ in members)
+            continue
         c = calls[id(model.get_submodule(owner))]
-        inside = "; ".join(f"`{n}`: {r}" for n, r in members)
+        inside = "; ".join(f"`{n}`: {r}" for n, r, _ in members)
         out.append((owner, f"runs {c.attention_ops} attention computations per call, in parts that "
                            f"are no blocks on their own ({inside}); evoplug converts blocks with one "
                            "self-attention. A softmax that is no attention (a gate, a router) is "

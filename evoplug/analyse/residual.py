@@ -85,7 +85,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         stream = nxt
     if not any(b.role == "attention" for b in branches):
         raise AnalysisError(name, "the attention output is not added back to the token stream "
-                                  "(no residual attention branch)", not_a_block=True)
+                                  "(no residual attention branch)", not_a_block="no residual")
     if not any(b.role == "mlp" for b in branches):
         notes.append("no residual MLP branch found (attention-only block)")
     return branches, notes

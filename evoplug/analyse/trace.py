@@ -263,6 +263,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         gm.meta["evo_batch_specialised"] = tracer.batch_specialised
+        gm.meta["evo_specialised"] = list(tracer.specialised)
     except AnalysisError:
         raise
     except Exception as e:
