@@ -104,14 +104,20 @@ def _rel_bias(dtype, shape, seed=1):
 # 1. row functions
 # ------------------------------------------------------------------------------------------
 
+def _biased_logits(dtype, bias):
+    """q, k, the bias (None, (H, N, N) or (B, H, N, N)), the scale and the logits a block
+    computes from them, in ``dtype``."""
+    q, k, _ = _qkv(dtype)
+    scale = D ** -0.5
+    b = None if bias is None else _rel_bias(dtype, (H, N, N) if bias == "hnn" else (B, H, N, N))
+    return q, k, b, scale, q @ k.transpose(-2, -1) * scale + (0 if b is None else b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("P", [1, 5])
 @pytest.mark.parametrize("bias", [None, "hnn", "bhnn"])
 def test_probs_query_row(dtype, P, bias):
-    q, k, _ = _qkv(dtype)
-    scale = D ** -0.5
-    b = None if bias is None else _rel_bias(dtype, (H, N, N) if bias == "hnn" else (B, H, N, N))
-    logits = q @ k.transpose(-2, -1) * scale + (0 if b is None else b)
+    q, k, b, scale, logits = _biased_logits(dtype, bias)
     probs = logits.softmax(-1)                   # the map as the block computes it, in dtype
     ref = _ref_full_map(q, k, _additive(b), scale)[:, :, 0].mean(1)   # cls query, mean heads
     _check_row(ev.probs_query_row(probs, P), ref, P, TOL[dtype])
@@ -121,10 +127,7 @@ def test_probs_query_row(dtype, P, bias):
 @pytest.mark.parametrize("P", [0, 1, 5])
 @pytest.mark.parametrize("bias", [None, "hnn", "bhnn"])
 def test_logits_query_row(dtype, P, bias):
-    q, k, _ = _qkv(dtype)
-    scale = D ** -0.5
-    b = None if bias is None else _rel_bias(dtype, (H, N, N) if bias == "hnn" else (B, H, N, N))
-    logits = q @ k.transpose(-2, -1) * scale + (0 if b is None else b)
+    q, k, b, scale, logits = _biased_logits(dtype, bias)
     ref = _ref_mean_query_row(q, k, _additive(b), scale, P)
     _check_row(ev.logits_query_row(logits, P), ref, P, TOL[dtype])
 

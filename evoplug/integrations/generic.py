@@ -8,13 +8,13 @@ from typing import Optional
 
 from torch import nn
 
-from .registry import FamilyHints, InputSize
+from .registry import FamilyHints, InputSize, int_attribute
 
 
 def _num_prefix_tokens(model: nn.Module) -> Optional[int]:
     for attr in ("num_prefix_tokens", "num_extra_tokens"):
-        v = getattr(model, attr, None)
-        if isinstance(v, int) and not isinstance(v, bool):
+        v = int_attribute(attr)(model)
+        if v is not None:
             return v
     return None
 

@@ -50,6 +50,22 @@ class FamilyHints:
     leaf_functions: Callable[[], Tuple[Callable, ...]] = lambda: ()
 
 
+def int_attribute(name: str) -> Callable[[nn.Module], Optional[int]]:
+    """A hint reading an integer attribute of the model (None when absent or not an int)."""
+    def read(model: nn.Module) -> Optional[int]:
+        v = getattr(model, name, None)
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return read
+
+
+def bool_attribute(name: str) -> Callable[[nn.Module], Optional[bool]]:
+    """A hint reading a boolean attribute of the model (None when absent or not a bool)."""
+    def read(model: nn.Module) -> Optional[bool]:
+        v = getattr(model, name, None)
+        return v if isinstance(v, bool) else None
+    return read
+
+
 _LOCK = threading.Lock()
 _FAMILIES: List[FamilyHints] = []          # asked in this order
 _BUILT_IN: List[FamilyHints] = []          # evoplug's own, asked after the users'

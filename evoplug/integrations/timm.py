@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 from torch import nn
 
-from .registry import FamilyHints, InputSize
+from .registry import FamilyHints, InputSize, bool_attribute, int_attribute
 
 
 def is_timm(model: nn.Module) -> bool:
@@ -42,21 +42,11 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
     return chans, int(h), int(w), "timm's data config (`resolve_model_data_config`)"
 
 
-def _has_class_token(model: nn.Module) -> Optional[bool]:
-    flag = getattr(model, "has_class_token", None)
-    return flag if isinstance(flag, bool) else None
-
-
-def _num_prefix_tokens(model: nn.Module) -> Optional[int]:
-    v = getattr(model, "num_prefix_tokens", None)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
 TIMM = FamilyHints(
     name="timm",
     matches=is_timm,
-    num_prefix_tokens=_num_prefix_tokens,
-    has_class_token=_has_class_token,
+    num_prefix_tokens=int_attribute("num_prefix_tokens"),
+    has_class_token=bool_attribute("has_class_token"),
     input_size=_input_size,
     leaf_modules=_notrace_modules,
     leaf_functions=_notrace_functions,

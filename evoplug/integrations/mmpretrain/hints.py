@@ -7,21 +7,11 @@ from typing import Optional
 
 from torch import nn
 
-from ..registry import FamilyHints, InputSize
+from ..registry import FamilyHints, InputSize, bool_attribute, int_attribute
 
 
 def is_mmpretrain(model: nn.Module) -> bool:
     return type(model).__module__.startswith(("mmpretrain.", "evoplug.integrations.mmpretrain"))
-
-
-def _num_prefix_tokens(model: nn.Module) -> Optional[int]:
-    v = getattr(model, "num_extra_tokens", None)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _has_class_token(model: nn.Module) -> Optional[bool]:
-    flag = getattr(model, "with_cls_token", None)
-    return flag if isinstance(flag, bool) else None
 
 
 def _input_size(model: nn.Module) -> Optional[InputSize]:
@@ -39,7 +29,7 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
 MMPRETRAIN = FamilyHints(
     name="mmpretrain",
     matches=is_mmpretrain,
-    num_prefix_tokens=_num_prefix_tokens,
-    has_class_token=_has_class_token,
+    num_prefix_tokens=int_attribute("num_extra_tokens"),
+    has_class_token=bool_attribute("with_cls_token"),
     input_size=_input_size,
 )
