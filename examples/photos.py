@@ -80,7 +80,7 @@ def random_crops(photos, n: int, gen: torch.Generator, size: int = SIZE, lo: flo
 
 
 def build():
-    from evoplug.tools.bench import create_model
+    from evoplug.tools.models import create_model
     return create_model(MODEL, **MODEL_KWARGS)
 
 
@@ -108,7 +108,7 @@ def train(steps: int = 300, batch: int = 64, lr: float = 1e-3, seed: int = 0, lo
 
 def trained_model(steps: int = 300, log=print, retrain: bool = False):
     """The trained ViT (cached in bench_out/photo_vit.pth after the first run)."""
-    from evoplug.tools.visualize import load_checkpoint, save_checkpoint
+    from evoplug.tools.models import load_checkpoint, save_checkpoint
     if os.path.exists(CKPT) and not retrain:
         return load_checkpoint(CKPT)[0]
     if log:

@@ -31,6 +31,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .models import check_model_name, create_model, input_size  # noqa: F401  (public)
+
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -183,43 +185,6 @@ class Progress:
 # --------------------------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------------------------
-
-def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` (with close matches) if ``name`` is not a timm model name."""
-    try:
-        import timm
-    except ImportError as e:  # pragma: no cover - timm is an extra
-        raise ValueError("model names are timm names: `pip install timm`") from e
-    if timm.is_model(name):
-        return
-    import difflib
-    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
-    hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*vit*')` lists them"
-    raise ValueError(f"unknown model {name!r}: not a timm model name{hint}")
-
-
-def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.nn.Module:
-    """A timm model with random weights (``pretrained=False``: no hub), in eval mode."""
-    import timm
-    check_model_name(name)
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except TypeError as e:
-        raise ValueError(f"{name}: timm cannot build it with {kwargs}: {e}") from e
-    return model.eval()
-
-
-def input_size(model: torch.nn.Module, img_size: Optional[int] = None):
-    """(H, W) of the model's input: ``img_size`` if given, else what the model declares
-    (:func:`evoplug.input_size`), else 224."""
-    import evoplug
-    if img_size is not None:
-        return (int(img_size), int(img_size))
-    declared = evoplug.input_size(model)
-    return tuple(declared[1:]) if declared is not None else (224, 224)
-
 
 def resolve_device(device: str) -> torch.device:
     """``torch.device(device)``, with a clear error when CUDA is asked for but missing."""

@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 def _check_models(parser, names: List[str], allow_files: bool = False):
-    from .bench import check_model_name
+    from .models import check_model_name
     for n in names:
         if allow_files and os.path.isfile(n):
             continue
@@ -176,8 +176,7 @@ def _check_models(parser, names: List[str], allow_files: bool = False):
 def _load_model(a):
     """(model, meta) from a timm name or an evoplug checkpoint file."""
     import torch
-    from .bench import create_model
-    from .visualize import load_checkpoint
+    from .models import create_model, load_checkpoint
     kwargs = dict(a.model_arg)
     if os.path.isfile(a.model):
         if kwargs or a.img_size:

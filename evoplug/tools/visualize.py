@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import load_checkpoint, save_checkpoint  # noqa: F401  (public: evoplug visualize FILE)
+
 # layout of the grid (pixels)
 GAP = 4          # between tiles and around the grid
 HEADER = 34      # strip above the first row for the column titles
@@ -269,7 +271,7 @@ def visualize(model, images: Sequence[Union[str, np.ndarray]], path: str, *,
     ``keep_ratio`` (default 0.5); a converted one uses its options (``keep_ratio`` given:
     :func:`evoplug.set_keep_ratio`). Returns the PNG's (width, height)."""
     import evoplug
-    from .bench import input_size
+    from .models import input_size
     arrays = [load_image(im) for im in images]
     if names is None:
         names = [im.split(":", 1)[1] if isinstance(im, str) and im.startswith("skimage:")
@@ -292,29 +294,3 @@ def visualize(model, images: Sequence[Union[str, np.ndarray]], path: str, *,
         evoplug.set_keep_ratio(model, keep_ratio)
     rec = record_selection(model, x)
     return selection_grid(arrays, rec, path, tile=tile, names=names)
-
-
-# --------------------------------------------------------------------------------------------
-# Self-describing checkpoints (timm name + kwargs + weights), for `evoplug visualize FILE`
-# --------------------------------------------------------------------------------------------
-
-def save_checkpoint(path: str, model, timm_name: str, model_kwargs: dict, **meta) -> None:
-    """Save a timm model with what is needed to rebuild it: ``{'timm_model', 'model_kwargs',
-    'state_dict', **meta}`` (meta: e.g. ``mean``, ``std``, ``classes``; plain Python values)."""
-    torch.save(dict(timm_model=timm_name, model_kwargs=dict(model_kwargs),
-                    state_dict=model.state_dict(), **meta), path)
-
-
-def load_checkpoint(path: str):
-    """(model in eval mode, meta dict) from a file written by :func:`save_checkpoint`.
-    Loaded with ``weights_only=True`` (tensors and plain values only)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ck, dict) or "timm_model" not in ck or "state_dict" not in ck:
-        raise ValueError(f"{path}: not an evoplug checkpoint (a dict with 'timm_model', "
-                         "'model_kwargs', 'state_dict'); for a plain state_dict give a timm "
-                         "model name and --checkpoint FILE")
-    from .bench import create_model
-    model = create_model(ck["timm_model"], **ck.get("model_kwargs", {}))
-    model.load_state_dict(ck["state_dict"])
-    meta = {k: v for k, v in ck.items() if k != "state_dict"}
-    return model.eval(), meta

@@ -1,0 +1,70 @@
+"""The tools' models: timm models by name (random weights, no hub), the input size a tool
+runs them at, and self-describing checkpoints (timm name + kwargs + weights) that
+``evoplug visualize FILE`` and ``evoplug bench`` can rebuild."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` (with close matches) if ``name`` is not a timm model name."""
+    try:
+        import timm
+    except ImportError as e:  # pragma: no cover - timm is an extra
+        raise ValueError("model names are timm names: `pip install timm`") from e
+    if timm.is_model(name):
+        return
+    import difflib
+    close = difflib.get_close_matches(name, timm.list_models(), n=4, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; `timm.list_models('*vit*')` lists them"
+    raise ValueError(f"unknown model {name!r}: not a timm model name{hint}")
+
+
+def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.nn.Module:
+    """A timm model with random weights (``pretrained=False``: no hub), in eval mode."""
+    import timm
+    check_model_name(name)
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{name}: timm cannot build it with {kwargs}: {e}") from e
+    return model.eval()
+
+
+def input_size(model: torch.nn.Module, img_size: Optional[int] = None):
+    """(H, W) of the model's input: ``img_size`` if given, else what the model declares
+    (:func:`evoplug.input_size`), else 224."""
+    import evoplug
+    if img_size is not None:
+        return (int(img_size), int(img_size))
+    declared = evoplug.input_size(model)
+    return tuple(declared[1:]) if declared is not None else (224, 224)
+
+
+# --------------------------------------------------------------------------------------------
+# Self-describing checkpoints (timm name + kwargs + weights), for `evoplug visualize FILE`
+# --------------------------------------------------------------------------------------------
+
+def save_checkpoint(path: str, model, timm_name: str, model_kwargs: dict, **meta) -> None:
+    """Save a timm model with what is needed to rebuild it: ``{'timm_model', 'model_kwargs',
+    'state_dict', **meta}`` (meta: e.g. ``mean``, ``std``, ``classes``; plain Python values)."""
+    torch.save(dict(timm_model=timm_name, model_kwargs=dict(model_kwargs),
+                    state_dict=model.state_dict(), **meta), path)
+
+
+def load_checkpoint(path: str):
+    """(model in eval mode, meta dict) from a file written by :func:`save_checkpoint`.
+    Loaded with ``weights_only=True`` (tensors and plain values only)."""
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ck, dict) or "timm_model" not in ck or "state_dict" not in ck:
+        raise ValueError(f"{path}: not an evoplug checkpoint (a dict with 'timm_model', "
+                         "'model_kwargs', 'state_dict'); for a plain state_dict give a timm "
+                         "model name and --checkpoint FILE")
+    model = create_model(ck["timm_model"], **ck.get("model_kwargs", {}))
+    model.load_state_dict(ck["state_dict"])
+    meta = {k: v for k, v in ck.items() if k != "state_dict"}
+    return model.eval(), meta
