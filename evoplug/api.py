@@ -51,7 +51,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     Args:
         keep_ratio: fraction of patch tokens updated slowly in evolving blocks, in (0, 1].
         example_input: an input to run once for the analysis; by default an image batch of the
-            model's declared input size (timm's ``patch_embed.img_size``, ``pretrained_cfg``).
+            model's declared input size (:func:`input_size`).
         strict: raise :class:`evoplug.ConversionError` if no block converts, or if a block that
             looks like a transformer block cannot be converted (naming the module and reason).
             ``strict=False`` converts what it can; :func:`explain` reports the rest.
@@ -65,7 +65,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     # everything is checked before the model is touched: a conversion that fails (inplace or
     # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
-    if any(isinstance(m, EvoBlockMixin) for m in model.modules()):
+    if is_converted(model):
         raise ConversionError(f"{type(model).__name__} is already converted; use "
                               "evoplug.set_options() to change its options")
     _check_materialised(model)

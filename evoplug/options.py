@@ -148,10 +148,6 @@ class EvoOptions:
         out["identity_fast_path"] = _flag("identity_fast_path", self.identity_fast_path)
         return out
 
-    def validate(self) -> "EvoOptions":
-        """Kept for callers of the mutable version: the fields were checked when it was made."""
-        return self
-
     def replace(self, **changes) -> "EvoOptions":
         """A checked copy with ``changes``; unknown names raise a ``TypeError`` naming them."""
         names = {f.name for f in dataclasses.fields(self)}

@@ -13,6 +13,7 @@ from torch import nn
 from ..errors import AnalysisError
 from .graph import ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of
 
+
 @dataclasses.dataclass
 class AttentionSite:
     kind: str                          # 'softmax' | 'sdpa' | 'mha'

@@ -49,6 +49,7 @@ from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
 from .trace import make_call_plan, mark_batch_specialised, trace_block
 
+
 @dataclasses.dataclass
 class BlockAnalysis:
     name: str

@@ -67,7 +67,7 @@ class _AttentionCounter(TorchFunctionMode):
                 out = func(*args, **kwargs)
             finally:
                 rec.inside_attention -= 1
-            rec.attention_outputs.append(out)
+            rec.attention_outputs[id(out)] = out     # kept alive: the id stays unique
             return out
         return func(*args, **kwargs)
 
@@ -77,7 +77,7 @@ class _Recorder:
         self.calls: Dict[int, ModuleCall] = {}
         self.stack: List[int] = []
         self.inside_attention = 0
-        self.attention_outputs: List[Any] = []   # what attention functions returned (kept alive)
+        self.attention_outputs: Dict[int, Any] = {}   # what attention functions returned, by id
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
         self.leaves = registry.leaf_modules()
@@ -115,8 +115,7 @@ class _Recorder:
         if c.n_calls == 1:
             c.output = output
             # an attention map passed on unchanged (attn_drop in eval) is no feature map
-            c.attention_map = isinstance(output, torch.Tensor) and any(
-                output is o for o in self.attention_outputs)
+            c.attention_map = isinstance(output, torch.Tensor) and id(output) in self.attention_outputs
 
 
 class CallRecord(dict):

@@ -11,6 +11,7 @@ from ..errors import AnalysisError
 from ..integrations.registry import hint
 from .calibrate import ModuleCall
 
+
 def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
                         channels_last: bool = False) -> Optional[str]:
     """None if the call looks like a token block: (B, N, C) in, same shape out; or a

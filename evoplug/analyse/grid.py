@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .attention import AttentionSite
     from .block import BlockAnalysis
 
+
 def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["AttentionSite"] = None):
     """Where the block turns its tokens into a 2-D map and back (PVT's depthwise-conv MLP and
     spatial-reduction keys): ``('to', node, token_dim)`` reshapes N tokens into the patch grid,

@@ -20,10 +20,7 @@ def declared_input(model: nn.Module) -> Optional[InputSize]:
     if answer is None:
         return None
     chans, h, w, source = answer
-    if chans is None:
-        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        chans = conv.in_channels if conv is not None else 3
-    return int(chans), int(h), int(w), source
+    return int(chans if chans is not None else declared_channels(model)), int(h), int(w), source
 
 
 def example_input(model: nn.Module, batch: int = 1,
@@ -49,5 +46,6 @@ def example_input(model: nn.Module, batch: int = 1,
 
 
 def declared_channels(model: nn.Module) -> int:
+    """The first convolution's input channels (the stem's), else 3."""
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     return conv.in_channels if conv is not None else 3

@@ -12,6 +12,7 @@ from .attention import AttentionSite
 from .graph import (ancestors, is_add, is_reshape, is_scalar_or_layout_op, is_size_query, module_of,
                     shape_of)
 
+
 @dataclasses.dataclass
 class Branch:
     role: str             # 'attention' | 'mlp' | 'other'

@@ -20,6 +20,7 @@ from .graph import depends_on_data, run_nodes
 if TYPE_CHECKING:
     from .block import BlockAnalysis
 
+
 class BlockTracer(fx.Tracer):
     """Traces into the modules that ran attention; every other submodule is a leaf, and so are
     the registered leaf modules (evoplug.register_leaf_module) and, unless they hold the

@@ -56,7 +56,7 @@ def put_rows_(dst: Tensor, pos: Tensor, src: Tensor, rows: Optional[Tensor] = No
 
 def _heads_mean(p: Tensor, batch: int, num_prefix: int) -> Tensor:
     """(B, ..., n_keys) probabilities -> (B, n_keys - P) float32, mean over the middle dims."""
-    p = p.reshape(batch, p[..., 0].numel() // max(batch, 1), p.shape[-1]).mean(1)
+    p = p.reshape(batch, math.prod(p.shape[1:-1]), p.shape[-1]).mean(1)   # no -1: batch 0 runs
     return p[:, num_prefix:].float()
 
 

@@ -22,8 +22,7 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
     if size is None:
         return None
     h, w = (size, size) if isinstance(size, (int, float)) else tuple(size)
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (conv.in_channels if conv is not None else None), int(h), int(w), source
+    return None, int(h), int(w), source      # channels: the stem convolution's (inputs.py)
 
 
 MMPRETRAIN = FamilyHints(
