@@ -17,6 +17,7 @@ from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import attention_modules, find_blocks, regroup_parts
 from .analyse.probes import probe_program
 from .analyse.calibrate import calibrate
+from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
 from .errors import AnalysisError, ConversionError
@@ -24,7 +25,7 @@ from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class
-from .runtime.state import EvoRuntime, Plan
+from .runtime.state import EntryHook, EvoRuntime, Plan
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class ConversionReport:
     blocks: List[BlockSpec]
     failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
     skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
+    entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/state.py EntryHook)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -97,14 +99,30 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
             roles = assign_roles(opts, len(analysed))
+            links = chain_links([a for a, _, _ in analysed], calls)
         except BaseException:
             for a, _, added in analysed:
                 _drop_added_buffers(a.module, added)
             raise
     runtime = EvoRuntime(Plan(opts, roles))
     specs = [_install(i, a, programs, added, runtime) for i, (a, programs, added) in enumerate(analysed)]
-    model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped)
+    for spec, link in zip(specs, links):
+        spec.chain_next = None if link is None else specs[link]
+    model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
+                                             _install_entry_hook(model, runtime, example_input))
     return model
+
+
+def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input) -> Tuple[int, int]:
+    """Hooks that tell the blocks when the model's own forward runs, called like calibration
+    called it (see runtime/state.py EntryHook); returns their ids (revert removes them)."""
+    if isinstance(example_input, dict):
+        hook = EntryHook(runtime, 0, example_input)
+    else:
+        hook = EntryHook(runtime, len(example_input) if isinstance(example_input, (tuple, list)) else 1, ())
+    pre = model.register_forward_pre_hook(hook, with_kwargs=True)
+    post = model.register_forward_hook(hook.exit, with_kwargs=True, always_call=True)
+    return pre.id, post.id
 
 
 def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime) -> BlockSpec:
@@ -112,11 +130,11 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
     module = a.module
     spec = BlockSpec(
         index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
-        ev.row_at_selected if a.row_full else ev.row_of_kept, runtime, programs, type(module),
-        analysis=a, batch_size=a.batch_size,
+        a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
-        added_buffers=tuple(n for n in module._buffers if n not in buffers_before))
+        added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
+        needs_pos=a.uses_pos or bool(a.plan.tensor_args), needs_full=a.uses_full or a.token_map)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
@@ -301,6 +319,10 @@ def revert(model: nn.Module) -> nn.Module:
         del m._evoplug_spec
         for name in spec.added_buffers:     # traced constants, the window index
             m._buffers.pop(name, None)
+    for hook_id in report.entry_hooks:
+        for hooks in (model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs, model._forward_hooks,
+                      model._forward_hooks_with_kwargs, model._forward_hooks_always_called):
+            hooks.pop(hook_id, None)
     del model._evoplug_report
     return model
 

@@ -195,7 +195,7 @@ def test_window_row_maps_window_slots_to_tokens():
     row = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).repeat(2, 1)   # batch 2
     g = ev.window_row(row, index, 4)
     expect = torch.tensor([0.1, 0.5, 0.6, 0.3])
-    assert torch.allclose(g, (expect / expect.sum()).expand(2, 4))
+    assert torch.allclose(g, (expect / expect.sum()).expand(2, 1, 4))
     with pytest.raises(ValueError, match="example input of this size"):
         ev.window_row(torch.ones(2, 5), index, 4)
 

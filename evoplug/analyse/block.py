@@ -71,6 +71,8 @@ class BlockAnalysis:
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
+    uses_pos: bool = False                     # its programs read the subset's positions
+    uses_full: bool = False                    # ... or the block's whole input
 
     attention: str = ""              # human-readable attention description
     q: str = ""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from ..integrations import registry
 
@@ -60,6 +61,7 @@ class _AttentionCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rec = self.recorder
+        rec.note_uses(args, kwargs)
         if func in ATTENTION_FUNCTIONS and rec.inside_attention == 0:
             rec.count_attention()
             rec.inside_attention += 1
@@ -81,6 +83,17 @@ class _Recorder:
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
         self.leaves = registry.leaf_modules()
+        self.outputs: Dict[int, int] = {}           # id(tensor a module returned) -> id(module)
+        self.uses: Dict[int, List[Tuple[int, ...]]] = {}   # ... -> module stack of each use
+
+    def note_uses(self, args, kwargs):
+        """Which modules were running when a torch function took a module's output: tells
+        whether a block's output went only into the next block (see analyse/chain.py)."""
+        if not self.outputs:
+            return
+        for v in tree_leaves((args, kwargs)):
+            if isinstance(v, torch.Tensor) and id(v) in self.outputs:
+                self.uses.setdefault(id(v), []).append(tuple(self.stack))
 
     def count_attention(self):
         for mid in self.stack:
@@ -112,6 +125,8 @@ class _Recorder:
         if self.stack and self.stack[-1] == mid:
             self.stack.pop()
         c = self.calls[mid]
+        if isinstance(output, torch.Tensor):
+            self.outputs[id(output)] = mid
         if c.n_calls == 1:
             c.output = output
             # an attention map passed on unchanged (attn_drop in eval) is no feature map
@@ -122,9 +137,11 @@ class CallRecord(dict):
     """id(module) -> :class:`ModuleCall` of one calibration forward; ``derived`` caches what the
     analysis computes from the whole record once (e.g. the modules inside attention)."""
 
-    def __init__(self, calls):
+    def __init__(self, calls, uses=None, returned=()):
         super().__init__(calls)
         self.derived: Dict[str, Any] = {}
+        self.uses: Dict[int, List[Tuple[int, ...]]] = uses or {}   # see _Recorder.note_uses
+        self.returned = frozenset(returned)     # ids of the tensors the model's forward returned
 
 
 def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
@@ -139,13 +156,31 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     try:
         with torch.no_grad(), _AttentionCounter(rec):
             if isinstance(example_input, (tuple, list)):
-                model(*example_input)
+                out = model(*example_input)
             elif isinstance(example_input, dict):
-                model(**example_input)
+                out = model(**example_input)
             else:
-                model(example_input)
+                out = model(example_input)
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return CallRecord(rec.calls)
+    return CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
+
+
+def _tensors_in(obj, depth: int = 4):
+    """The tensors in a model's output: nested tuples, lists, dicts and plain objects (e.g. a
+    dataclass of outputs)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if depth == 0:
+        return []
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (tuple, list)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (type, nn.Module)):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for v in items for t in _tensors_in(v, depth - 1)]

@@ -153,8 +153,9 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             B, N, C = x.shape
             P = a.num_prefix
             M = N - P
-            if row is not None and row.shape != (B, M):
-                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {(B, M)}")
+            want = (B, 1, M if a.row_full else N)    # over the patches of the full map, or the keys
+            if row is not None and row.shape != want:
+                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {want}")
             gen = torch.Generator().manual_seed(0)
             perm = torch.randperm(M, generator=gen).to(x.device)
             pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)

@@ -65,6 +65,10 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     rw = _start(a, gm)
     for rewrite_pass in (_position_terms, _map_operations, _global_row, _outputs):
         rewrite_pass(rw)
+    # what the runtime must hand the program (a block that reads neither can take its kept
+    # tokens straight from the block before it, see runtime/block.py)
+    a.uses_pos = a.uses_pos or bool(rw.pos.users)
+    a.uses_full = a.uses_full or bool(rw.full.users)
     gm.graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)

@@ -17,13 +17,14 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from ..errors import EvoplugError
 from ..options import EvoOptions
 from . import evolve as ev
 from .call import CallPlan
 from .programs import compile_program, program_source
-from .state import EvoRuntime, EvoState, _in_backward
+from .state import EvoRuntime, EvoState, Segment, _in_backward
 
 
 class FlatTokens:
@@ -60,7 +61,7 @@ class BlockSpec:
     num_prefix: int            # leading prefix tokens (cls, registers): always slow
     grid: Optional[Tuple[int, int]]   # patch grid of the M = N - P patch tokens
     layout: type               # FlatTokens | MapTokens
-    row_of_selected: Callable  # (row, sel, k) -> the selected tokens' entries of the global row
+    full_row: bool             # the global row covers the M patches of the full map (windows)
     runtime: EvoRuntime        # shared by all blocks of the model
     programs: Dict[bool, Callable]   # training flag -> slow-path program
     orig_class: type
@@ -69,6 +70,11 @@ class BlockSpec:
     program_factory: Optional[Callable] = None   # (training, args, kwargs) -> program of that batch
     inner: Tuple[nn.Module, ...] = ()   # submodules traced into (their hooks need its own forward)
     added_buffers: Tuple[str, ...] = ()  # non-persistent buffers the conversion added (revert)
+    needs_pos: bool = True     # the programs read the subset tokens' original positions
+    needs_full: bool = True    # ... or the block's whole input (2-D map ops, windows)
+    chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
+    #                            output and nothing else does (calibration): segments may pass
+    #                            it the slow-path tokens directly
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -124,6 +130,13 @@ class BlockSpec:
                 return True
         return False
 
+    def observed(self) -> bool:
+        """Whether anything but the next block could see this block's input or output: hooks on
+        it or inside it, or global module hooks."""
+        m = self.analysis.module
+        return bool(m._forward_hooks or m._forward_pre_hooks or _global_forward_hooks
+                    or _global_forward_pre_hooks or self.hooked())
+
     def program(self, training: bool, batch: int, args, kwargs) -> Callable:
         """The slow-path program for this mode and batch size."""
         if self.batch_size is None or batch == self.batch_size:
@@ -155,12 +168,20 @@ class EvoBlockMixin:
         plan = state.plan if state is not None else rt.plan
         role = plan.roles[spec.index]
         opt = plan.options
-        if role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path) or spec.hooked():
+        segment = state is not None and state.segment is not None
+        if not segment and (role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path)
+                            or spec.hooked()):
             # the block's own forward (hooks of its submodules fire as always); an evolving
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         x, extras = spec.call.bind(spec.name, args, kwargs)
+        if segment and x is not state.segment.out:
+            raise EvoplugError(
+                f"`{spec.name}` did not receive the output of the converted block before it, "
+                "unlike in the forward evoplug analysed: that block handed its kept tokens on in "
+                "the selection's order. Convert with an example input that runs the model this "
+                "way, or set reselect_every=1")
         program = spec.program(self.training, x.shape[0], args, kwargs)
         record = not torch.compiler.is_compiling() and (self.training or torch.is_grad_enabled())
         if recompute:
@@ -168,8 +189,13 @@ class EvoBlockMixin:
             opt = state.plan.options
         elif record:
             rt.record(x, state)
-        out, new = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
-        out = spec.layout.restore(out, x)
+        if segment:
+            out, new = self._run(x, extras, program, state, state.selection, state.g,
+                                 state.since_select, state.segment.x0, state.segment.rep0)
+        else:
+            out, new = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
+        if new.segment is None:
+            out = spec.layout.restore(out, x)
         if record or recompute:
             rt.record(out, new)
         if not recompute:
@@ -177,47 +203,76 @@ class EvoBlockMixin:
         return out
 
     def _evolve(self, x: torch.Tensor, extras, program, state: EvoState, role: str, opt: EvoOptions):
-        """One block on tokens ``x`` (B, N, C) from ``state``: (output tokens, new state)."""
+        """One block on tokens ``x`` (B, N, C) in the original order, from ``state``: (output
+        tokens, new state)."""
         spec = self._evoplug_spec
         B, N, C = x.shape
         P = spec.num_prefix
         M = N - P
         k = ev.num_keep(M, opt.keep_ratio)
-        feed = spec.call.feed
-        scores = state.scores
-        if scores is not None and scores.shape[0] == B and scores.shape[1] != M and role == "evolve":
+        g, sel = state.g, state.selection
+        if g is not None and g.shape[0] == B and g.shape[-1] != N and role == "evolve":
             # a new stage of a pyramid: pool the scores onto this stage's grid
-            scores = ev.carry_scores(scores, state.grid, spec.grid)
-            state = state._replace(scores=scores, sel=None, rep_pos=None)
-        if role == "score" or scores is None or scores.shape != (B, M):
-            # dense run that (re)starts the global attention
-            out, row = program(self, *feed(x, extras), None, None)[:2]
-            spec.tokens_run = N
-            return out, EvoState(spec.index, state.plan, None if row is None else
-                                 ev.update_scores(None, row, opt.trade_off), grid=spec.grid)
+            pooled = ev.carry_scores(ev.patch_scores(ev.current_scores(g, sel), state.num_prefix),
+                                     state.grid, spec.grid)
+            g = None if pooled is None else ev.first_scores(pooled[:, None], spec.runtime.ranks(P, x.device), True)
+            sel = None
+        if role == "score" or g is None or g.shape != (B, 1, N):
+            return self._dense(x, extras, program, state, None)       # (re)starts the scores
         if k >= M and opt.identity_fast_path:
-            out, row = program(self, *feed(x, extras), None, None)[:2]
-            if row is not None:
-                scores = ev.update_scores(scores, row, opt.trade_off)
-            spec.tokens_run = N
-            return out, state._replace(index=spec.index, scores=scores)
-        sel, rep_pos, since = state.sel, state.rep_pos, state.since_select
-        if sel is None or sel.shape[1] != k or since % opt.reselect_every == 0:
-            sel, rep_pos = ev.select_tokens(scores, k, opt.representative)
+            return self._dense(x, extras, program, state, ev.current_scores(g, sel))
+        since = state.since_select
+        if sel is None or sel.top.shape[-1] != P + k or since % opt.reselect_every == 0:
+            g = ev.current_scores(g, sel)
+            sel = ev.select(g, k, P, C, opt.representative and k < M, spec.needs_pos)
             since = 0
-        weights = ev.representative_weights(scores, sel) if rep_pos is not None else None
-        rows = ev.selection_rows(x, P, sel)
-        sub, pos, rep = ev.gather_subset(x, P, sel, rep_pos, weights, rows)
-        sub_extras = {n: gather_extra(spec.name, n, t, pos, N, P) for n, t in extras.items()}
-        out_sub, row, *fast = program(self, *feed(sub, sub_extras), pos, x)
+        rep = ev.representative(x, sel)
+        return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)
+
+    def _dense(self, x, extras, program, state: EvoState, g):
+        """Every token through the block, its row (re)starting (``g`` None) or refreshing the
+        scores."""
+        spec = self._evoplug_spec
+        out, row = program(self, *spec.call.feed(x, extras), None, None)[:2]
+        spec.tokens_run = x.shape[1]
         if row is not None:
-            scores = ev.update_scores(scores, spec.row_of_selected(row, sel, k), opt.trade_off, sel)
+            row = ev.first_scores(row, spec.runtime.ranks(spec.num_prefix, x.device), spec.full_row)
+            g = row if g is None else ev.update_scores(g, row, state.plan.options.trade_off)
+        return out, EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix)
+
+    def _run(self, sub, extras, program, state: EvoState, sel, g, since: int, x0, rep0):
+        """The slow path on ``sub`` [prefix, kept, representative], then either the original
+        order restored (fast update) or, inside a segment, ``sub``'s output handed on."""
+        spec = self._evoplug_spec
+        P = spec.num_prefix
+        opt = state.plan.options
+        N = x0.shape[1]
+        sub_extras = {n: gather_extra(spec.name, n, t, sel.pos, N, P) for n, t in extras.items()}
+        out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
+        if row is not None:
+            kept = ev.row_at_kept(row, sel, P) if spec.full_row else ev.row_of_kept(row, sel, P)
+            sel = ev.refresh(sel, kept, spec.runtime.score_weight(opt.trade_off, P, sel.vals.shape[-1],
+                                                                   row.device))
+        since += 1
         spec.tokens_run = sub.shape[1]
-        new = EvoState(spec.index, state.plan, scores, sel, rep_pos, since + 1, spec.grid)
+        new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P)
+        if since % opt.reselect_every and self._hands_on(state.plan):
+            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0))
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]
-            return ev.restore(base, out_sub, P, sel, base_rep, rows), new
-        return ev.restore(x, out_sub, P, sel, rep, rows), new
+            return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new
+        return ev.restore(x0, out_sub, sel, rep0), new
+
+    def _hands_on(self, plan) -> bool:
+        """Whether this block may hand its slow-path tokens straight to the next block: the
+        next block evolves with the same selection and only it receives this output (chained at
+        conversion, inside the model's own forward, no hooks), and no autograd, training mode
+        or compiler is involved (recomputation and graphs see the plain order)."""
+        nxt = self._evoplug_spec.chain_next
+        return (nxt is not None and not self.training and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and plan.roles[nxt.index] == "evolve"
+                and self._evoplug_spec.runtime.entered() and not self._evoplug_spec.observed()
+                and not nxt.observed())
 
 
 def _rebuild_block(orig_class: type):

@@ -1,75 +1,58 @@
 """Token-evolution math of Evo-ViT: scoring, top-k, representative token, slow/fast update,
-restoring the original order. Batched tensor ops only (gather/scatter/topk/einsum), no Python
-loops over tokens; every shape depends only on the input's shape.
+restoring the original order. Batched tensor ops only (topk/gather/scatter/bmm), no Python
+loops over tokens, no host synchronisation; every shape depends only on the input's shape.
 
 Conventions: ``x`` is (B, N, C) with ``P`` leading prefix tokens (cls, distillation, registers)
-and ``M = N - P`` patch tokens. Global scores ``g`` are (B, M), float32, detached: they rank
-tokens, they are not trained through (a learnable trade-off is a training extra).
+and ``M = N - P`` patch tokens; ``k`` patch tokens are kept (slow update). Scores ``g`` are
+(B, 1, N), float32, one per *token*: the prefix tokens hold fixed rank constants above any
+attention score (so one top-k takes the prefix first, in order, then the best patches), the
+patch tokens their global attention (detached: they rank tokens, they are not trained through;
+a learnable trade-off is a training extra). Attention rows are (B, 1, n) over the keys a block
+ran on, float32, mean over heads.
+
+The op count matters as much as the FLOPs (each op is launch and host time on a GPU), so every
+step below is written in as few ATen ops as the math allows; the budget per evolving block is
+tested (tests/test_op_budget.py, docs/architecture.md#op-budget).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-
-# --------------------------------------------------------------------------------------------
-# Row gathers and writes along the token dim. A contiguous (B, N, ...) tensor is seen as B * N
-# rows: index_select / index_copy_ move whole rows (memcpy-like), much faster than gather /
-# scatter with an index expanded over the channels; other layouts fall back to gather/scatter.
-# --------------------------------------------------------------------------------------------
-
-def _flat_rows(pos: Tensor, num_rows: int) -> Tensor:
-    """(B, n) token indices -> (B * n,) row indices into a (B * num_rows, ...) view."""
-    offset = torch.arange(pos.shape[0], device=pos.device).unsqueeze(1) * num_rows
-    return (pos + offset).reshape(-1)
-
-
-def take_rows(t: Tensor, pos: Tensor) -> Tensor:
-    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]]."""
-    B, N = t.shape[:2]
-    rest = t.shape[2:]
-    if t.is_contiguous():
-        width = math.prod(rest)     # explicit: a batch of 0 images has no -1 to infer
-        return t.reshape(B * N, width).index_select(0, _flat_rows(pos, N)).reshape(B, pos.shape[1], *rest)
-    idx = pos.reshape(B, pos.shape[1], *([1] * len(rest))).expand(B, pos.shape[1], *rest)
-    return t.gather(1, idx)
-
-
-def put_rows_(dst: Tensor, pos: Tensor, src: Tensor, rows: Optional[Tensor] = None) -> Tensor:
-    """In place: dst[b, pos[b, i]] = src[b, i]; dst (B, N, *rest) must be contiguous (a tensor
-    the caller just created). ``rows``: ``_flat_rows(pos, N)`` when already known."""
-    B, N = dst.shape[:2]
-    if rows is None:
-        rows = _flat_rows(pos, N)
-    width = math.prod(dst.shape[2:])
-    dst.view(B * N, width).index_copy_(0, rows, src.reshape(B * pos.shape[1], width).to(dst.dtype))
-    return dst
+#: score of the last prefix token; prefix token i of P gets (P - i) times this: above any
+#: attention score (a probability), exact under the score update (its trade-off weight is 0)
+PREFIX_RANK = 1e30
+#: smallest normaliser of the representative weights (all non-kept scores underflowed to 0)
+_TINY = 1e-12
 
 
 # --------------------------------------------------------------------------------------------
-# Attention rows: the global query's attention over the patch keys, mean over heads.
-# They run inside the rewritten block graphs (see rewrite.py), hence plain functions.
+# Attention rows: the global query's attention over the keys, mean over heads, (B, 1, n_keys),
+# float32. They run inside the rewritten block graphs (see rewrite/program.py), hence plain
+# functions; computed without autograd (no detach op needed).
 # --------------------------------------------------------------------------------------------
 
-def _heads_mean(p: Tensor, batch: int, num_prefix: int) -> Tensor:
-    """(B, ..., n_keys) probabilities -> (B, n_keys - P) float32, mean over the middle dims."""
-    p = p.reshape(batch, math.prod(p.shape[1:-1]), p.shape[-1]).mean(1)   # no -1: batch 0 runs
-    return p[:, num_prefix:].float()
+def _heads_mean(p: Tensor, batch: int) -> Tensor:
+    """(B, ..., n_keys) probabilities -> (B, 1, n_keys) float32, mean over the middle dims."""
+    if p.dim() != 3:
+        p = p.reshape(batch, math.prod(p.shape[1:-1]), p.shape[-1])   # no -1: batch 0 runs
+    return p.mean(1, keepdim=True, dtype=torch.float32)
 
 
 def probs_query_row(probs: Tensor, num_prefix: int) -> Tensor:
     """Row of the cls query (query 0) in an explicit attention map (B, H, Nq, Nk): free."""
-    return _heads_mean(probs[..., 0, :].detach(), probs.shape[0], num_prefix)
+    with torch.no_grad():
+        return _heads_mean(probs.select(-2, 0), probs.shape[0])
 
 
 def _mean_query_probs(logits: Tensor, num_prefix: int) -> Tensor:
     """softmax of the mean of the logits rows of the patch queries (B, ..., Nq, Nk) -> (B, ..., Nk):
     the attention of the mean query. The mean is accumulated in float32 without a float32 copy
     of the whole map."""
-    return logits.detach()[..., num_prefix:, :].mean(-2, dtype=torch.float32).softmax(-1)
+    return logits.narrow(-2, num_prefix, logits.shape[-2] - num_prefix).mean(-2, dtype=torch.float32).softmax(-1)
 
 
 def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
@@ -79,38 +62,40 @@ def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
     The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
     mean query (bias terms included). Used when there is no cls token.
     """
-    return _heads_mean(_mean_query_probs(logits, num_prefix), logits.shape[0], num_prefix)
+    with torch.no_grad():
+        return _heads_mean(_mean_query_probs(logits, num_prefix), logits.shape[0])
 
 
 def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                       num_prefix: int, cls_query: bool) -> Tensor:
     """Attention of one query per head (the cls token if ``cls_query``, else the mean query of
-    the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., 1, Nk),
-    float32. O(N d) per head."""
-    q = q.detach()
-    k = k.detach()
+    the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., Nk),
+    float32. O(N d) per head: the logits are a product with k and a sum (no float32 copy of q
+    or k, no batched-matmul reshapes of a strided k)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    # one query row, in the keys' dtype (no float32 copy of q or k: on a GPU in half precision
-    # those copies cost more memory traffic than the rest of the row); logits in float32
-    qq = q[..., :1, :] if cls_query else q[..., num_prefix:, :].mean(-2, keepdim=True, dtype=torch.float32)
-    logits = torch.matmul(qq.to(k.dtype), k.transpose(-2, -1)).float() * scale
-    if attn_mask is not None:
-        m = attn_mask.detach()
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, dtype=logits.dtype, device=m.device).masked_fill(~m, float("-inf"))
-        m = m.float()
-        if m.shape[-2] != 1:
-            m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
-        logits = logits + m
-    return logits.softmax(-1)
+    if cls_query:
+        qq = q.narrow(-2, 0, 1) * scale
+    else:
+        qq = (q.narrow(-2, num_prefix, q.shape[-2] - num_prefix).mean(-2, keepdim=True,
+                                                                        dtype=torch.float32) * scale).to(k.dtype)
+    logits = (qq * k).sum(-1)                                     # (..., Nk)
+    if attn_mask is None:
+        return logits.softmax(-1, dtype=torch.float32)
+    m = attn_mask
+    if m.dtype == torch.bool:
+        m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
+    m = m.float()
+    if m.shape[-2] != 1:
+        m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
+    return (logits.float() + m.squeeze(-2)).softmax(-1)
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                    num_prefix: int, cls_query: bool) -> Tensor:
-    """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, N - P)."""
-    probs = _sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query)
-    return _heads_mean(probs, q.shape[0], num_prefix)
+    """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, 1, N)."""
+    with torch.no_grad():
+        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query), q.shape[0])
 
 
 def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
@@ -120,29 +105,29 @@ def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
     Computes q only for the global query and uses q.k_j = (W_k^T q) . x_j + const, so the keys
     are never projected again: O(H N C) instead of O(N C^2).
     """
-    if not mha.batch_first:
-        query, key = query.transpose(0, 1), key.transpose(0, 1)
-    query = query.detach().float()
-    key = key.detach().float()
-    E, H = mha.embed_dim, mha.num_heads
-    d = E // H
-    if mha._qkv_same_embed_dim:
-        w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
-    else:
-        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
-    w_q, w_k = w_q.detach().float(), w_k.detach().float()
-    b_q = mha.in_proj_bias[:E].detach().float() if mha.in_proj_bias is not None else None
-    g = query[:, :1] if cls_query else query[:, num_prefix:].mean(1, keepdim=True)  # (B, 1, E)
-    qg = torch.nn.functional.linear(g, w_q, b_q).reshape(g.shape[0], H, d)             # (B, H, d)
-    u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
-    logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
-    if attn_mask is not None:  # (N, N) mask, as nn.MultiheadAttention takes it (True = masked)
-        m = attn_mask.detach()
-        if m.dtype == torch.bool:
-            m = torch.zeros(m.shape, device=m.device).masked_fill(m, float("-inf"))
-        m = m.float()
-        logits = logits + (m[:1] if cls_query else m[num_prefix:].mean(0, keepdim=True))
-    return _heads_mean(logits.softmax(-1), logits.shape[0], num_prefix)
+    with torch.no_grad():
+        if not mha.batch_first:
+            query, key = query.transpose(0, 1), key.transpose(0, 1)
+        query, key = query.float(), key.float()
+        E, H = mha.embed_dim, mha.num_heads
+        d = E // H
+        if mha._qkv_same_embed_dim:
+            w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
+        else:
+            w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+        w_q, w_k = w_q.float(), w_k.float()
+        b_q = mha.in_proj_bias[:E].float() if mha.in_proj_bias is not None else None
+        g = query[:, :1] if cls_query else query[:, num_prefix:].mean(1, keepdim=True)  # (B, 1, E)
+        qg = torch.nn.functional.linear(g, w_q, b_q).reshape(g.shape[0], H, d)             # (B, H, d)
+        u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
+        logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
+        if attn_mask is not None:  # (N, N) mask, as nn.MultiheadAttention takes it (True = masked)
+            m = attn_mask
+            if m.dtype == torch.bool:
+                m = torch.zeros(m.shape, device=m.device).masked_fill(m, float("-inf"))
+            m = m.float()
+            logits = logits + (m[:1] if cls_query else m[num_prefix:].mean(0, keepdim=True))
+        return _heads_mean(logits.softmax(-1), logits.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,6 +172,13 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
     return out
 
 
+def _take(t: Tensor, pos: Tensor) -> Tensor:
+    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]]."""
+    B, n = pos.shape
+    rest = t.shape[2:]
+    return t.gather(1, pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest))
+
+
 def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> Tensor:
     """Full patch map for a 2-D operation inside a block (depthwise conv, spatial reduction).
 
@@ -203,7 +195,7 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
     src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device)
     src.scatter_(1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
-    return take_rows(t, src).movedim(1, dim)
+    return _take(t, src).movedim(1, dim)
 
 
 def first_not_none(a, b):
@@ -229,7 +221,7 @@ def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     """Read a full map (tokens along ``dim``) back at the subset's positions."""
     if pos is None:
         return t
-    return take_rows(t.movedim(dim, 1), pos).movedim(1, dim)
+    return _take(t.movedim(dim, 1), pos).movedim(1, dim)
 
 
 def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) -> Tensor:
@@ -251,18 +243,18 @@ def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub
     # sub equals full at every selected position: only the last slot (the representative
     # token's, when there is one) can differ, so only it is corrected (out is a fresh gather)
     slot = out.narrow(dim, out.shape[dim] - 1, 1)
-    slot += (sub[:, -1:] - take_rows(full, pos[:, -1:])).movedim(1, dim)
+    slot += (sub[:, -1:] - _take(full, pos[:, -1:])).movedim(1, dim)
     return out
 
 
 def map_fast_base(stream: Tensor, stream_sub: Tensor, pos: Optional[Tensor], dim: int, layout: str):
     """A map block's windows run on the full map, so every token's attention update is exact:
     the fast update starts from the full stream after attention (not from the block input) and
-    adds only the representative token's MLP residual. Returns (full stream as tokens, the
-    representative's stream value) in evolving runs, None in dense runs."""
+    adds only the representative token's MLP residual. Returns (full stream as tokens (B, N, C),
+    the representative's stream value (B, 1, C)) in evolving runs, None in dense runs."""
     if pos is None:
         return None
-    return from_canvas_map(stream, None, dim, layout), stream_sub[:, -1]
+    return from_canvas_map(stream, None, dim, layout), stream_sub[:, -1:]
 
 
 def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Tensor,
@@ -272,25 +264,27 @@ def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Te
     update) and adds the representative token's MLP residual. None in dense runs."""
     if pos is None or full is None:
         return None
-    return full + branch_full, stream_sub[:, -1]
+    return full + branch_full, stream_sub[:, -1:]
 
 
 def window_logits_row(logits: Tensor, head_dims) -> Tensor:
     """Mean-query attention row of every window from explicit logits (..., Mq, Mk): softmax per
     head, mean over the head dims. (B', windows..., Mk)."""
-    p = _mean_query_probs(logits, 0)
-    return p.mean(dim=head_dims) if head_dims else p
+    with torch.no_grad():
+        p = _mean_query_probs(logits, 0)
+        return p.mean(dim=head_dims) if head_dims else p
 
 
 def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                     head_dims) -> Tensor:
     """The same for fused ``scaled_dot_product_attention``: one mean query per window and head."""
-    p = _sdpa_query_probs(q, k, attn_mask, scale, 0, False).squeeze(-2)
-    return p.mean(dim=head_dims) if head_dims else p
+    with torch.no_grad():
+        p = _sdpa_query_probs(q, k, attn_mask, scale, 0, False)
+        return p.mean(dim=head_dims) if head_dims else p
 
 
 def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
-    """Per-window attention rows (B * windows, window tokens) -> one global row (B, N).
+    """Per-window attention rows (B * windows, window tokens) -> one global row (B, 1, N).
 
     ``index`` (windows * window tokens,) holds the token each window slot holds, plus one (0 =
     padding, dropped). Each window's row sums to 1, so the result is renormalised to sum to 1
@@ -301,23 +295,25 @@ def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
                          "slots seen when the block was converted; convert with an example input "
                          "of this size")
     B = row.numel() // n
-    r = row.reshape(B, n).float()
-    out = r.new_zeros(B, num_tokens + 1).scatter_add(1, index.expand(B, n), r)[:, 1:]
-    return out / out.sum(1, keepdim=True).clamp_min(1e-12)
+    with torch.no_grad():
+        r = row.reshape(B, 1, n).float()
+        out = r.new_zeros(B, 1, num_tokens + 1).scatter_add_(2, index.expand(B, 1, n), r)[..., 1:]
+        return out / out.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
 def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
-    """Attention row over spatially reduced keys (B, h'*w') -> per patch token (B, h*w):
+    """Attention row over spatially reduced keys (B, 1, h'*w') -> per patch token (B, 1, h*w):
     each token gets the (bilinearly interpolated) attention of the region it lies in."""
-    B = row.shape[0]
-    r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
-    r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
-    r = r.reshape(B, r.shape[-2] * r.shape[-1]).clamp_min(0)
-    return r / r.sum(1, keepdim=True).clamp_min(1e-12)
+    with torch.no_grad():
+        B = row.shape[0]
+        r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
+        r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
+        r = r.reshape(B, 1, r.shape[-2] * r.shape[-1]).clamp_min(0)
+        return r / r.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
 # --------------------------------------------------------------------------------------------
-# Selection, representative token, slow/fast update, restore order.
+# Scores, selection, representative token, slow/fast update, restoring the order.
 # --------------------------------------------------------------------------------------------
 
 def num_keep(num_patches: int, keep_ratio: float) -> int:
@@ -325,122 +321,133 @@ def num_keep(num_patches: int, keep_ratio: float) -> int:
     return max(1, min(num_patches, int(math.floor(num_patches * keep_ratio + 1e-6))))
 
 
-def select_tokens(scores: Tensor, k: int, with_rep: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """Top-k patch tokens by global score. Returns (sel (B, k), rep_pos (B,) or None).
-
-    ``rep_pos`` is the best non-selected token: the position the representative token takes
-    for position-dependent terms (relative position bias, rotary embedding).
-    """
-    M = scores.shape[1]
-    take = k + 1 if (with_rep and k < M) else k
-    idx = torch.topk(scores, take, dim=1, largest=True, sorted=True).indices
-    if take > k:
-        return idx[:, :k], idx[:, k]
-    return idx, None
+def prefix_ranks(num_prefix: int, device) -> Tensor:
+    """(1, 1, P) rank constants of the prefix tokens, decreasing: a top-k takes them first and
+    in their order."""
+    return torch.arange(num_prefix, 0, -1, dtype=torch.float32, device=device).mul_(PREFIX_RANK).view(1, 1, -1)
 
 
-def representative_weights(scores: Tensor, sel: Tensor) -> Tensor:
-    """w_j = g_j / sum g over the non-selected tokens (0 on the selected ones): (B, M)."""
-    w = scores.scatter(1, sel, 0.0)
-    return w / w.sum(1, keepdim=True).clamp_min(1e-12)
+def first_scores(row: Tensor, ranks: Optional[Tensor], full_row: bool) -> Tensor:
+    """Scores g (B, 1, N) from the first global row: the row over all N keys (prefix entries
+    replaced by the rank constants ``ranks`` (1, 1, P)), or over the M patch tokens
+    (``full_row``: windowed rows, keys of a reduced map) with the constants in front."""
+    if ranks is None:
+        return row
+    B, P = row.shape[0], ranks.shape[-1]
+    if full_row:
+        return torch.cat([ranks.expand(B, 1, P), row], -1)
+    return row.slice_scatter(ranks.expand(B, 1, P), -1, 0, P)
 
 
-def selection_rows(x: Tensor, num_prefix: int, sel: Tensor) -> Optional[Tensor]:
-    """Row indices of the selected tokens in ``x`` seen as (B * N, C) rows (None when ``x`` is
-    not contiguous); computed once per block and shared by :func:`gather_subset` and
-    :func:`restore`."""
-    return _flat_rows(sel + num_prefix, x.shape[1]) if x.is_contiguous() else None
-
-
-def gather_subset(x: Tensor, num_prefix: int, sel: Tensor, rep_pos: Optional[Tensor],
-                  weights: Optional[Tensor], rows: Optional[Tensor] = None
-                  ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """Build the slow-path input [prefix, selected, representative].
-
-    Returns (sub (B, P+k(+1), C), pos (B, P+k(+1)) original indices, rep (B, C) or None).
-    ``rows``: :func:`selection_rows` of ``x`` (computed here when not given).
-    """
-    B, N, C = x.shape
-    P = num_prefix
-    k = sel.shape[1]
-    sel_pos = sel + P
-    if rows is None:
-        rows = selection_rows(x, P, sel)
-    if rows is not None:
-        picked = x.reshape(B * N, C).index_select(0, rows).view(B, k, C)
-    else:
-        picked = take_rows(x, sel_pos)
-    parts = [x[:, :P], picked] if P else [picked]
-    pos_parts = [torch.arange(P, device=x.device).expand(B, P), sel_pos] if P else [sel_pos]
-    rep = None
-    if rep_pos is not None:
-        # attention-weighted mean of the patch tokens (weights are 0 on the selected ones)
-        rep = torch.bmm(weights.to(x.dtype).unsqueeze(1), x[:, P:]).squeeze(1)
-        parts.append(rep.unsqueeze(1))
-        pos_parts.append((rep_pos + P).unsqueeze(1))
-    return torch.cat(parts, 1), torch.cat(pos_parts, 1), rep
-
-
-def restore(x: Tensor, out_sub: Tensor, num_prefix: int, sel: Tensor,
-            rep: Optional[Tensor], rows: Optional[Tensor] = None) -> Tensor:
-    """Fast update of the non-selected tokens and scatter back to the original order.
-
-    Non-selected tokens get the representative token's residual (out_rep - rep); the selected
-    ones take their slow-path outputs. Out of place (autograd-safe). ``rows``: as for
-    :func:`gather_subset` (valid for any contiguous tensor of ``x``'s shape).
-    """
-    P = num_prefix
-    k = sel.shape[1]
-    # one pass over the tokens: a new tensor (the fast update, or a copy), then in-place writes
-    # of the prefix and the selected tokens into it (autograd-safe: nothing saved it)
-    out = x + (out_sub[:, -1] - rep).unsqueeze(1) if rep is not None else x.clone()
-    out = out.contiguous()
-    if P:
-        out[:, :P] = out_sub[:, :P]
-    return put_rows_(out, sel + P, out_sub[:, P:P + k], rows)
+def patch_scores(g: Tensor, num_prefix: int) -> Tensor:
+    """The patch tokens' scores (B, M) of token scores g (B, 1, N)."""
+    return g[:, 0, num_prefix:]
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     """Carry the global attention into a stage with another patch grid (pyramids).
 
-    The scores (B, h*w) are average-pooled onto the new grid (B, h'*w') and renormalised to
-    sum to 1 like an attention row: a downsampled token summarises the tokens under it, so
-    their mean score is its prior; the next block's attention row refreshes it. ``None`` when
-    a grid is unknown (the caller restarts the scores with a dense block).
+    The patch scores (B, h*w) or (B, 1, h*w) are average-pooled onto the new grid (h'*w' in the
+    same layout) and renormalised to sum to 1 like an attention row: a downsampled token
+    summarises the tokens under it, so their mean score is its prior; the next block's
+    attention row refreshes it. ``None`` when a grid is unknown (the caller restarts the
+    scores with a dense block).
     """
     if grid_from is None or grid_to is None:
         return None
     B = scores.shape[0]
     g = scores.reshape(B, 1, grid_from[0], grid_from[1])
-    g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to)).reshape(B, grid_to[0] * grid_to[1])
-    return g / g.sum(1, keepdim=True).clamp_min(1e-12)
+    g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to))
+    g = g.reshape(*scores.shape[:-1], grid_to[0] * grid_to[1])
+    return g / g.sum(-1, keepdim=True).clamp_min(_TINY)
 
 
-def row_at_selected(row: Tensor, sel: Tensor, k: int) -> Tensor:
-    """The selected tokens' entries of a global row over every patch token (B, M) -> (B, k):
-    windowed attention and keys from the full map give such rows."""
-    return row.gather(1, sel)
+class Selection(NamedTuple):
+    """What one top-k selection fixes until the next: the prefix and kept tokens, their scores
+    and the representative token's weights."""
+    top: Tensor                 # (B, 1, P+k) token positions of the prefix, then the kept tokens
+    index: Tensor               # (B, P+k, C): ``top`` over the channels, to gather / scatter rows
+    vals: Tensor                # (B, 1, P+k) their scores, refreshed by every block that runs them
+    weights: Optional[Tensor]   # (B, 1, N) representative weights (0 on prefix and kept, sum 1)
+    pos: Optional[Tensor]       # (B, n) original index of each subset token (the representative
+    #                             token's: the best token not kept), for position terms
 
 
-def row_of_kept(row: Tensor, sel: Tensor, k: int) -> Tensor:
-    """The kept tokens' entries of a row over the subset's keys [kept, representative]:
-    (B, k + 1) -> (B, k)."""
-    return row[:, :k]
+def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, with_pos: bool) -> Selection:
+    """Top-k of the scores g (B, 1, N): the prefix tokens (ranked first) and the ``k`` best
+    patch tokens, sorted by score; with ``with_rep``, the weights of the representative token
+    r = sum_j w_j x_j over the tokens not kept, w_j = g_j / sum g."""
+    B = g.shape[0]
+    n = num_prefix + k
+    take = n + 1 if (with_pos and with_rep) else n
+    vals, top = g.topk(take, -1)
+    pos = top.view(B, take) if with_pos else None
+    if take > n:
+        vals, top = vals[..., :n], top[..., :n]
+    index = top.transpose(1, 2).expand(B, n, channels)
+    weights = None
+    if with_rep:
+        w = g.scatter(-1, top, 0.0)
+        weights = w / w.sum(-1, keepdim=True).clamp_min(_TINY)
+    return Selection(top, index, vals, weights, pos)
 
 
-def update_scores(scores: Optional[Tensor], row: Tensor, alpha: float,
-                  sel: Optional[Tensor] = None) -> Tensor:
-    """Global attention update g = (1 - alpha) g + alpha a.
+def representative(x: Tensor, sel: Selection) -> Optional[Tensor]:
+    """The representative token (B, 1, C) of x (B, N, C): the weighted mean of the tokens not
+    kept (None without one)."""
+    if sel.weights is None:
+        return None
+    return torch.bmm(sel.weights.to(x.dtype), x)
 
-    Dense run: ``row`` is (B, M), every entry is refreshed (first time: g = a). Evolving run:
-    ``row`` holds the selected tokens' entries (B, k) and only those are refreshed.
-    """
+
+def gather_subset(x: Tensor, sel: Selection, rep: Optional[Tensor]) -> Tensor:
+    """The slow path's tokens [prefix, kept, representative]: (B, P+k(+1), C)."""
+    picked = x.gather(1, sel.index)
+    return picked if rep is None else torch.cat([picked, rep], 1)
+
+
+def restore(base: Tensor, out_sub: Tensor, sel: Selection, rep: Optional[Tensor]) -> Tensor:
+    """Fast update and original order: every token of ``base`` (B, N, C) gets the
+    representative token's residual (out_rep - rep), then the prefix and kept tokens take their
+    slow-path outputs from ``out_sub`` (its first P+k rows). Out of place (autograd-safe): the
+    writes go into the fresh tensor of the fast update. (A scatter could read the first P+k
+    rows of ``out_sub`` itself, but its backward wants a source of the index's shape.)"""
+    if rep is None:
+        return base.scatter(1, sel.index, out_sub)
+    n = sel.index.shape[1]
+    return (base + (out_sub[:, n:] - rep)).scatter_(1, sel.index, out_sub[:, :n])
+
+
+def row_of_kept(row: Tensor, sel: Selection, num_prefix: int) -> Tensor:
+    """Entries of a row over the subset's keys (B, 1, n) at the prefix and kept tokens."""
+    return row[..., :sel.top.shape[-1]]
+
+
+def row_at_kept(row: Tensor, sel: Selection, num_prefix: int) -> Tensor:
+    """Entries of a row over the M patch tokens of the full map (B, 1, M) (windowed attention,
+    keys from the full map) at the prefix (0) and kept tokens."""
+    if num_prefix:
+        row = torch.nn.functional.pad(row, (num_prefix, 0))
+    return row.gather(-1, sel.top)
+
+
+def refresh(sel: Selection, row: Tensor, weight) -> Selection:
+    """Score update g = (1 - alpha) g + alpha a of the prefix and kept tokens; ``weight`` is
+    alpha with 0 at the prefix tokens (their rank constants stay exact)."""
+    return sel._replace(vals=torch.lerp(sel.vals, row.to(sel.vals.dtype), weight))
+
+
+def current_scores(g: Tensor, sel: Optional[Selection]) -> Tensor:
+    """The scores with the kept tokens' refreshed values written back: (B, 1, N)."""
+    return g if sel is None else g.scatter(-1, sel.top, sel.vals)
+
+
+def update_scores(scores: Optional[Tensor], row: Tensor, alpha) -> Tensor:
+    """Global attention update g = (1 - alpha) g + alpha a of every entry (dense runs; the first
+    time g = a). ``alpha`` may be a callable (learnable trade-off), read at each update."""
     row = row.detach().float()
-    if callable(alpha):   # learnable trade-off (e.g. sigmoid of a parameter): read at each update
+    if scores is None or scores.shape != row.shape:
+        return row
+    if callable(alpha):
         alpha = alpha()
-    if sel is None:
-        if scores is None or scores.shape != row.shape:
-            return row
-        return (1.0 - alpha) * scores + alpha * row
-    old = scores.gather(1, sel)
-    return scores.scatter(1, sel, (1.0 - alpha) * old + alpha * row)
+    return (1.0 - alpha) * scores + alpha * row

@@ -15,6 +15,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 
 from ..options import EvoOptions
+from .evolve import Selection, current_scores, patch_scores, prefix_ranks
 
 
 #: key of the state a converted block left, in the metadata of its output's autograd node
@@ -29,15 +30,39 @@ class Plan(NamedTuple):
     roles: Tuple[str, ...]
 
 
+class Segment(NamedTuple):
+    """A segment in progress: the last block handed its slow-path tokens [prefix, kept,
+    representative] straight to the next block (same selection), instead of restoring every
+    token in the original order; the block that ends the segment restores them."""
+    out: torch.Tensor                 # the tensor the block returned: the next block's input
+    x0: torch.Tensor                  # the segment's first input, original order (B, N, C)
+    rep0: Optional[torch.Tensor]      # the representative token made from it (B, 1, C)
+
+
 class EvoState(NamedTuple):
     """What one forward carries from block to block (immutable: kept for recomputation)."""
     index: int                        # the converted block that left it (-1: none yet)
     plan: Plan                        # the plan this forward runs with
-    scores: Optional[torch.Tensor] = None   # (B, M) global attention, float32, detached
-    sel: Optional[torch.Tensor] = None      # (B, k) current selection
-    rep_pos: Optional[torch.Tensor] = None  # (B,) position of the representative token
+    g: Optional[torch.Tensor] = None  # (B, 1, N) token scores as of the last selection
+    selection: Optional[Selection] = None   # the current selection (its scores refreshed)
     since_select: int = 0
     grid: Optional[Tuple[int, int]] = None  # patch grid the scores live on
+    num_prefix: int = 0
+    segment: Optional[Segment] = None       # set while tokens travel in the selection's order
+
+    @property
+    def scores(self) -> Optional[torch.Tensor]:
+        """The patch tokens' global attention (B, M), float32, in the original order."""
+        if self.g is None:
+            return None
+        return patch_scores(current_scores(self.g, self.selection), self.num_prefix)
+
+    @property
+    def sel(self) -> Optional[torch.Tensor]:
+        """The kept patch tokens (B, k), by decreasing score (patch indices, original order)."""
+        if self.selection is None:
+            return None
+        return self.selection.top[:, 0, self.num_prefix:] - self.num_prefix
 
 
 def _in_backward() -> bool:
@@ -61,6 +86,7 @@ class EvoRuntime:
         self.plan = plan
         self._local = threading.local()
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
+        self._consts: Dict[tuple, torch.Tensor] = {}
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -87,6 +113,54 @@ class EvoRuntime:
     def current(self) -> Optional[EvoState]:
         """The state the last converted block run on this thread left (None before any)."""
         return getattr(self._local, "state", None)
+
+    # -- the model's own forward (segments hand tokens on only inside it) ------------------
+    def entered(self) -> bool:
+        """Whether this thread runs the converted model's ``forward`` as calibration saw it
+        called (see :class:`EntryHook`): only then is a block's output known to go only to the
+        next block."""
+        stack = getattr(self._local, "entry", None)
+        return bool(stack) and stack[-1]
+
+    def push_entry(self, matches: bool):
+        stack = getattr(self._local, "entry", None)
+        if stack is None:
+            stack = self._local.entry = []
+        stack.append(matches)
+
+    def pop_entry(self):
+        stack = getattr(self._local, "entry", None)
+        if stack:
+            stack.pop()
+
+    # -- constants a forward needs (made once per device) -----------------------------------
+    def ranks(self, num_prefix: int, device) -> Optional[torch.Tensor]:
+        """(1, 1, P) rank constants of the prefix tokens (None without prefix tokens)."""
+        if not num_prefix:
+            return None
+        return self._const(("ranks", num_prefix, device), lambda: prefix_ranks(num_prefix, device))
+
+    def score_weight(self, alpha, num_prefix: int, n: int, device):
+        """The trade-off alpha of the score update for [prefix, kept] entries: 0 at the P prefix
+        entries (their rank constants stay exact), alpha at the others ((1, 1, n), or alpha
+        itself without prefix tokens). A callable alpha (learnable) is read at each update."""
+        if not callable(alpha):
+            if not num_prefix:
+                return alpha
+            return self._const(("alpha", alpha, num_prefix, n, device),
+                               lambda: _masked(alpha, num_prefix, n, device))
+        a = alpha()
+        if not num_prefix:
+            return a
+        return self._const(("mask", num_prefix, n, device), lambda: _masked(1.0, num_prefix, n, device)) * a
+
+    def _const(self, key, make):
+        if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
+            return make()
+        t = self._consts.get(key)
+        if t is None:
+            t = self._consts[key] = make()
+        return t
 
     # -- recomputation in backward --------------------------------------------------------
     def record(self, t: torch.Tensor, state: EvoState):
@@ -137,3 +211,29 @@ class EvoRuntime:
         except RuntimeError:
             return None
         return entry if entry is not None and entry[0]() is not None else None
+
+
+def _masked(alpha: float, num_prefix: int, n: int, device) -> torch.Tensor:
+    w = torch.full((1, 1, n), float(alpha), dtype=torch.float32, device=device)
+    w[..., :num_prefix] = 0.0
+    return w
+
+
+class EntryHook:
+    """Forward pre-hook (and, as :meth:`exit`, forward hook) on the converted model: marks that
+    this thread runs its ``forward`` called the way calibration called it (same positional
+    count and keywords). Methods like ``forward_intermediates`` or ``forward_features`` called
+    directly do not pass here: their blocks restore the original order after each block."""
+
+    def __init__(self, runtime: EvoRuntime, num_args: int, kwargs):
+        self.runtime = runtime
+        self.num_args = num_args
+        self.kwargs = frozenset(kwargs)
+
+    def __call__(self, module, args, kwargs):
+        if not torch.compiler.is_compiling():
+            self.runtime.push_entry(len(args) == self.num_args and set(kwargs) == self.kwargs)
+
+    def exit(self, module, args, kwargs, output):
+        if not torch.compiler.is_compiling():
+            self.runtime.pop_entry()
