@@ -43,8 +43,10 @@ def test_learnable_trade_off_gets_a_gradient_through_the_representative_token():
     model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
     alpha = SigmoidAlpha()
     x = torch.randn(2, 3, 32, 32)
+    # alpha reaches the output through the representative weights of the next selection:
+    # select in every block (3 evolving blocks, fewer than the default reselect_every)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
-                           start_block=1)
+                           start_block=1, reselect_every=1)
     fast.train()
     fast(x).square().mean().backward()
     assert alpha.logit.grad is not None and float(alpha.logit.grad.abs()) > 0

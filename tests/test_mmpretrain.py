@@ -219,8 +219,8 @@ def test_init_cfg_pretrained_loads_the_dense_backbone(tmp_path):
 
 def test_training_extras_keep_dense_checkpoints_loading_strictly():
     dense = _tiny_classifier()
-    evo = _tiny_classifier("EvoImageClassifier", evo=dict(
-        keep_ratio=0.5, learnable_trade_off=True, mean_token_head=True,
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(   # reselect: alpha reaches the output
+        keep_ratio=0.5, learnable_trade_off=True, mean_token_head=True, reselect_every=1,
         aux_cls_head=dict(loss_weight=0.5)))
     keys = set(evo.state_dict())
     assert keys - set(dense.state_dict()) == {"evo_trade_off.logit", "aux_head.layers.head.weight",
