@@ -13,11 +13,17 @@ the examples:
   compiles everything with ``torch.compile``, and returns one row (a dict) per
   (model, batch size, keep ratio); :func:`format_table`, :func:`write_csv`,
   :func:`write_json` and :func:`plot` present them.
+* :func:`bench_train` times training steps instead (forward + backward + optimizer step,
+  optionally under autocast), interleaved the same way (``evoplug bench --train``).
+* :func:`kernel_profile` and :func:`format_profile`: the top kernels (by self device time) of
+  one forward of each model, side by side (``torch.profiler``).
 
 Tests never assert timings: figures measured on a shared machine are indicative only.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import dataclasses
 import json
@@ -26,7 +32,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -124,17 +130,19 @@ def _sync(x: torch.Tensor):
 
 
 def interleaved(models: Dict[str, Callable], x: torch.Tensor, repeats: int = 7, warmup: int = 2,
-                progress: Optional[Callable[[int, int], None]] = None) -> Dict[str, Timing]:
+                progress: Optional[Callable[[int, int], None]] = None,
+                inference: bool = True) -> Dict[str, Timing]:
     """Time each callable on ``x``, interleaved (one call of each per round, the order rotated
     from round to round), ``repeats`` times after ``warmup`` rounds.
 
-    ``progress(done_rounds, total_rounds)`` is called after every round.
+    ``progress(done_rounds, total_rounds)`` is called after every round. The calls run under
+    ``torch.inference_mode`` unless ``inference`` is False (training steps).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     res = {n: Timing(n, []) for n in models}
     names = list(models)
-    with torch.inference_mode():
+    with torch.inference_mode() if inference else contextlib.nullcontext():
         for r in range(warmup + repeats):
             # the order rotates every round, so no model always runs first
             for n in names[r % len(names):] + names[:r % len(names)]:
@@ -197,6 +205,66 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def converted_copies(model: torch.nn.Module, keep_ratios: Sequence[float],
+                     example: Optional[torch.Tensor] = None, convert_options: Optional[dict] = None,
+                     base: Optional[torch.nn.Module] = None) -> Dict[float, torch.nn.Module]:
+    """Converted copies of ``model`` (eval mode), one per keep ratio, from one conversion.
+
+    ``keep_ratio`` is read at run time, so one conversion (or ``base``, a model converted from
+    ``model`` earlier, e.g. cached by a benchmark suite; left untouched), copied with
+    ``copy.deepcopy`` and set to each ratio with :func:`evoplug.set_options`, gives the models
+    a conversion at each ratio would, for the cost of one analysis.
+    """
+    import evoplug
+    own = base is None
+    if own:
+        base = evoplug.convert(model, keep_ratio=keep_ratios[0], example_input=example,
+                               **dict(convert_options or {}))
+    out = {}
+    for i, keep in enumerate(keep_ratios):
+        m = base if own and i == len(keep_ratios) - 1 else copy.deepcopy(base)
+        evoplug.set_options(m, keep_ratio=keep)
+        out[keep] = m.eval()
+    return out
+
+
+@dataclasses.dataclass
+class _Setup:
+    """An original model and its converted copies on the benchmark's device, with FLOPs."""
+    model: torch.nn.Module
+    fast: Dict[float, torch.nn.Module]
+    size: Tuple[int, int]
+    f_orig: int
+    f_evo: Dict[float, int]
+
+
+def _setup(name: str, model: torch.nn.Module, keep_ratios: Sequence[float], size, dev, dtype,
+           convert_options, progress, seed: int, base, count=None) -> _Setup:
+    """Convert (on the CPU, float32), move everything to ``dev``/``dtype``, count FLOPs per
+    image with ``count`` (default :func:`flops`)."""
+    h, w = input_size(model, size)
+    model = model.eval()
+    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
+    if progress:
+        progress.set_note(f"{name}: converting at keep {', '.join(map(str, keep_ratios))}")
+    fast = converted_copies(model, keep_ratios, example, convert_options, base)
+    model = model.to(dev, dtype)
+    fast = {k: m.to(dev, dtype) for k, m in fast.items()}
+    x1 = example.to(dev, dtype)
+    if progress:
+        progress.set_note(f"{name}: counting FLOPs")
+    count = count or flops
+    return _Setup(model, fast, (h, w), count(model, x1), {k: count(m, x1) for k, m in fast.items()})
+
+
+def _batch(size: Tuple[int, int], batch: int, dev, dtype, seed: int) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
+
+
+def _img_size(size: Tuple[int, int]):
+    return f"{size[0]}x{size[1]}" if size[0] != size[1] else size[0]
+
+
 # --------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------
@@ -217,45 +285,28 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                 batch_sizes: Sequence[int], *, size=None, device: str = "cpu",
                 dtype: torch.dtype = torch.float32, repeats: int = 7, warmup: int = 2,
                 compile=False, convert_options: Optional[dict] = None,
-                progress: Optional[Progress] = None, seed: int = 0) -> List[dict]:
+                progress: Optional[Progress] = None, seed: int = 0,
+                base: Optional[torch.nn.Module] = None) -> List[dict]:
     """Benchmark ``model`` (in eval mode) against evoplug-converted copies of it.
 
-    Every keep ratio gets its own converted copy (conversion runs on the CPU in float32, the
-    copies are then moved to ``device``/``dtype``). For each batch size, the original and all
-    converted copies (and, with ``compile=True``, ``torch.compile`` of each) are timed
-    interleaved in one loop. Returns one row per (batch size, keep ratio).
+    One conversion (on the CPU in float32; or ``base``, see :func:`converted_copies`) gives
+    a copy per keep ratio; ``model`` and the copies are then moved to ``device``/``dtype``. For
+    each batch size, the original and all converted copies (and, with ``compile=True`` or a
+    mode, ``torch.compile`` of each) are timed interleaved in one loop. Returns one row per
+    (batch size, keep ratio).
     """
-    import evoplug
     dev = resolve_device(device)
-    h, w = input_size(model, size)
-    convert_options = dict(convert_options or {})
-    model = model.eval()
-    example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
-    fast = {}
-    for keep in keep_ratios:
-        if progress:
-            progress.set_note(f"{name}: converting at keep {keep}")
-        fast[keep] = evoplug.convert(model, keep_ratio=keep, example_input=example,
-                                     **convert_options).eval()
-    model = model.to(dev, dtype)
-    fast = {k: m.to(dev, dtype) for k, m in fast.items()}
-    x1 = example.to(dev, dtype)
-    if progress:
-        progress.set_note(f"{name}: counting FLOPs")
-    f_orig = flops(model, x1)
-    f_evo = {k: flops(m, x1) for k, m in fast.items()}
-    xd = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(seed + 1)).to(dev, dtype)
-    diffs = {k: _max_diff(m, model, xd) for k, m in fast.items()}
-
-    variants: Dict[str, Callable] = {"orig": model}
-    variants.update({f"evo{k}": m for k, m in fast.items()})
+    s = _setup(name, model, keep_ratios, size, dev, dtype, convert_options, progress, seed, base)
+    xd = _batch(s.size, 2, dev, dtype, seed + 1)
+    diffs = {k: _max_diff(m, s.model, xd) for k, m in s.fast.items()}
+    variants: Dict[str, Callable] = {"orig": s.model}
+    variants.update({f"evo{k}": m for k, m in s.fast.items()})
     if compile:
         variants.update(_compiled(variants, len(batch_sizes), compile))
         warmup = max(1, warmup)
-
     rows = []
     for batch in batch_sizes:
-        x = torch.randn(batch, 3, h, w, generator=torch.Generator().manual_seed(seed + 2)).to(dev, dtype)
+        x = _batch(s.size, batch, dev, dtype, seed + 2)
         cdiffs = {}
         for vname in [v for v in variants if v.endswith("_c")]:
             # the first call compiles (not timed); its output is checked against eager
@@ -268,9 +319,9 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                         (lambda r, n: progress.update(1)) if progress else None)
         ips = {v: batch / t[v].median for v in variants}
         for keep in keep_ratios:
-            row = dict(model=name, img_size=f"{h}x{w}" if h != w else h, batch=batch,
+            row = dict(model=name, img_size=_img_size(s.size), batch=batch,
                        keep_ratio=keep, device=str(dev), dtype=str(dtype).replace("torch.", ""),
-                       **_speeds(ips, f"evo{keep}", f_orig, f_evo[keep]),
+                       **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
                        max_abs_diff=float(f"{diffs[keep]:.3g}"), repeats=repeats, warmup=warmup)
             if compile:
                 row.update(_compiled_speeds(ips, f"evo{keep}", cdiffs))
@@ -301,16 +352,8 @@ def _compiled_speeds(ips: Dict[str, float], evo: str, cdiffs: Dict[str, float]) 
                 compile_max_abs_diff=float(f"{max(cdiffs[evo], cdiffs['orig']):.3g}"))
 
 
-def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1.0),
-              batch_sizes: Sequence[int] = (32,), *, img_size: Optional[int] = None,
-              device: str = "cpu", dtype="float32", repeats: int = 7, warmup: int = 2,
-              compile=False, model_kwargs: Optional[dict] = None,
-              convert_options: Optional[dict] = None, progress: Optional[bool] = None,
-              log: Optional[Callable[[str], None]] = None) -> List[dict]:
-    """Benchmark timm models (random weights, no hub) by name; see :func:`bench_model`.
-
-    Checks every name, keep ratio, device and dtype before building anything.
-    """
+def _checked(model_names, keep_ratios, batch_sizes, dtype, device):
+    """The arguments of :func:`run_bench`, checked and normalised (raises ValueError)."""
     from ..options import check_keep_ratio
     model_names = list(model_names)
     for n in model_names:
@@ -324,9 +367,31 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
     resolve_device(device)
-    rounds = (max(1, warmup) if compile else warmup) + repeats
-    total = len(model_names) * len(batch_sizes) * rounds
-    bar = Progress(total, enabled=progress)
+    return model_names, keep_ratios, batch_sizes, dtype
+
+
+def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1.0),
+              batch_sizes: Sequence[int] = (32,), *, img_size: Optional[int] = None,
+              device: str = "cpu", dtype="float32", repeats: int = 7, warmup: int = 2,
+              compile=False, model_kwargs: Optional[dict] = None,
+              convert_options: Optional[dict] = None, progress: Optional[bool] = None,
+              log: Optional[Callable[[str], None]] = None, train: bool = False,
+              optimizer: str = "adamw") -> List[dict]:
+    """Benchmark timm models (random weights, no hub) by name; see :func:`bench_model`, or
+    with ``train=True`` :func:`bench_train` (training steps; ``compile`` does not apply).
+
+    Checks every name, keep ratio, device and dtype before building anything.
+    """
+    model_names, keep_ratios, batch_sizes, dtype = _checked(model_names, keep_ratios,
+                                                            batch_sizes, dtype, device)
+    if train and compile:
+        raise ValueError("training steps are timed eagerly: compile does not apply with train")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    rounds = (max(1, warmup) if compile or train else warmup) + repeats
+    bar = Progress(len(model_names) * len(batch_sizes) * rounds, enabled=progress)
+    common = dict(size=img_size, device=device, dtype=dtype, repeats=repeats, warmup=warmup,
+                  convert_options=convert_options, progress=bar)
     rows = []
     try:
         for n in model_names:
@@ -335,9 +400,9 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
             if img_size is not None:
                 kwargs["img_size"] = img_size
             model = create_model(n, **kwargs)
-            new = bench_model(n, model, keep_ratios, batch_sizes, size=img_size, device=device,
-                              dtype=dtype, repeats=repeats, warmup=warmup, compile=compile,
-                              convert_options=convert_options, progress=bar)
+            new = (bench_train(n, model, keep_ratios, batch_sizes, optimizer=optimizer, **common)
+                   if train else
+                   bench_model(n, model, keep_ratios, batch_sizes, compile=compile, **common))
             rows += new
             if log:
                 bar.close()
@@ -349,11 +414,212 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
 
 
 # --------------------------------------------------------------------------------------------
+# Training steps
+# --------------------------------------------------------------------------------------------
+
+#: optimizer names of :func:`make_train_step` ("none": forward + backward only)
+OPTIMIZERS = ("adamw", "sgd", "none")
+
+
+def _logits(out) -> torch.Tensor:
+    # a distilled timm model returns (head, head_dist) in train mode
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def train_flops(model: torch.nn.Module, x1: torch.Tensor) -> int:
+    """FLOPs of one training forward + backward of ``model`` on ``x1`` (train mode; the
+    gradients it leaves are cleared)."""
+    was_training = model.training
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as fc:
+            _logits(model(x1)).float().sum().backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return fc.get_total_flops()
+
+
+def make_train_step(model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None,
+                    optimizer: str = "adamw", lr: float = 1e-4, seed: int = 0) -> Callable:
+    """``step(x)``: one training step of ``model`` (put in train mode) on the batch ``x``.
+
+    Zero the gradients, forward (under ``torch.autocast(amp_dtype)`` when given: mixed
+    precision, weights stay as they are), cross-entropy against random labels (drawn once per
+    batch size), backward (the loss scaled by a ``GradScaler`` for float16), then the optimizer
+    step: ``adamw`` (torch's default implementation), ``sgd`` (momentum 0.9) or ``none``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = (torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else
+           torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else None)
+    dev_type = params[0].device.type
+    scaler = torch.amp.GradScaler(dev_type, enabled=amp_dtype == torch.float16)
+    labels: Dict[int, torch.Tensor] = {}
+
+    def step(x: torch.Tensor) -> None:
+        model.zero_grad(set_to_none=True)
+        with (torch.autocast(dev_type, dtype=amp_dtype) if amp_dtype is not None
+              else contextlib.nullcontext()):
+            out = _logits(model(x))
+        y = labels.get(x.shape[0])
+        if y is None:
+            gen = torch.Generator().manual_seed(seed)
+            y = torch.randint(out.shape[-1], (x.shape[0],), generator=gen).to(x.device)
+            labels[x.shape[0]] = y
+        scaler.scale(torch.nn.functional.cross_entropy(out.float(), y)).backward()
+        if opt is not None:
+            scaler.step(opt)
+            scaler.update()
+    return step
+
+
+def bench_train(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
+                batch_sizes: Sequence[int], *, size=None, device: str = "cpu",
+                dtype: torch.dtype = torch.float32, repeats: int = 7, warmup: int = 2,
+                optimizer: str = "adamw", convert_options: Optional[dict] = None,
+                progress: Optional[Progress] = None, seed: int = 0,
+                base: Optional[torch.nn.Module] = None) -> List[dict]:
+    """Training-step throughput of ``model`` against evoplug-converted copies of it.
+
+    Weights stay float32; ``dtype`` float16/bfloat16 runs the forward under autocast (AMP).
+    Each model gets its own optimizer (:func:`make_train_step`); the steps are timed
+    interleaved (:func:`interleaved` without inference mode, at least one warm-up round for
+    the optimizer state), median of ``repeats``. FLOPs are forward + backward per image. One
+    row per (batch size, keep ratio), as :func:`bench_model` returns (no output difference).
+    """
+    dev = resolve_device(device)
+    amp = None if dtype == torch.float32 else dtype
+    s = _setup(name, model, keep_ratios, size, dev, torch.float32, convert_options, progress,
+               seed, base, count=train_flops)
+    steps = {"orig": make_train_step(s.model, amp, optimizer, seed=seed)}
+    steps.update({f"evo{k}": make_train_step(m, amp, optimizer, seed=seed) for k, m in s.fast.items()})
+    warmup = max(1, warmup)
+    label = "fwd+bwd" + ("" if optimizer == "none" else f"+{optimizer}")
+    rows = []
+    for batch in batch_sizes:
+        x = _batch(s.size, batch, dev, torch.float32, seed + 2)
+        if progress:
+            progress.set_note(f"{name}: batch {batch}, {len(steps)} training steps interleaved")
+        t = interleaved(steps, x, repeats, warmup,
+                        (lambda r, n: progress.update(1)) if progress else None, inference=False)
+        ips = {v: batch / t[v].median for v in steps}
+        for keep in keep_ratios:
+            rows.append(dict(model=name, img_size=_img_size(s.size), batch=batch, keep_ratio=keep,
+                             step=label + (f", {str(amp)[6:]} autocast" if amp else ""),
+                             device=str(dev), dtype=str(dtype).replace("torch.", ""),
+                             amp=amp is not None, optimizer=optimizer,
+                             **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
+                             repeats=repeats, warmup=warmup))
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Where the time goes: torch.profiler, side by side
+# --------------------------------------------------------------------------------------------
+
+def _per_call(m: Callable, x: torch.Tensor, n: int) -> Tuple[float, float]:
+    """(host, wall) seconds per call: when the call returns (kernels launched, not finished)
+    and when the device is done; equal on the CPU."""
+    host = wall = 0.0
+    for _ in range(n):
+        _sync(x)
+        t = time.perf_counter()
+        m(x)
+        host += time.perf_counter() - t
+        _sync(x)
+        wall += time.perf_counter() - t
+    return host / n, wall / n
+
+
+def _self_time(e, cuda: bool) -> float:
+    if not cuda:
+        return e.self_cpu_time_total
+    t = getattr(e, "self_device_time_total", None)
+    return t if t is not None else e.self_cuda_time_total
+
+
+def _top_events(events, cuda: bool, rows: int) -> dict:
+    """The top ``rows`` kernels (CUDA) or operators (CPU) by self time, in milliseconds."""
+    from torch.autograd import DeviceType
+    if cuda:
+        sel = [e for e in events if getattr(e, "device_type", None) == DeviceType.CUDA]
+        # older profilers: kernels are the events with device time and no CPU time
+        sel = sel or [e for e in events if _self_time(e, True) > 0 and e.self_cpu_time_total == 0]
+    else:
+        sel = [e for e in events if e.self_cpu_time_total > 0]
+    total = sum(_self_time(e, cuda) for e in sel)
+    top = sorted(sel, key=lambda e: _self_time(e, cuda), reverse=True)[:rows]
+    return dict(unit="kernel" if cuda else "operator", total_ms=round(total / 1e3, 4),
+                launches=sum(e.count for e in sel),
+                top=[dict(name=e.key, ms=round(_self_time(e, cuda) / 1e3, 4), calls=e.count,
+                          share=round(_self_time(e, cuda) / total, 4) if total else 0.0)
+                     for e in top])
+
+
+def kernel_profile(models: Dict[str, Callable], x: torch.Tensor, rows: int = 15,
+                   repeats: int = 5) -> Dict[str, dict]:
+    """Where one forward of each callable on ``x`` spends its time (``torch.profiler``).
+
+    Per model: ``wall_ms`` (one forward, the device synchronised) and ``host_ms`` (when the
+    call returns: the launch cost; on the CPU the same), means of ``repeats`` after two warm-up
+    calls; then one profiled forward: ``total_ms`` and ``launches`` of all kernels (memory
+    copies included) and the ``top`` ``rows`` by self device time. On the CPU (no CUDA
+    activity) the same fields hold operators by self CPU time. Runs under inference mode.
+    """
+    from torch.profiler import ProfilerActivity, profile
+    cuda = x.is_cuda
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    out = {}
+    with torch.inference_mode():
+        for name, m in models.items():
+            for _ in range(2):
+                m(x)
+            host, wall = _per_call(m, x, repeats)
+            with profile(activities=acts) as prof:
+                m(x)
+                _sync(x)
+            out[name] = dict(wall_ms=round(wall * 1e3, 3), host_ms=round(host * 1e3, 3),
+                             **_top_events(prof.key_averages(), cuda, rows))
+    return out
+
+
+def _cell(text: str, width: int = 60) -> str:
+    text = text.replace("|", "\\|")
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def format_profile(profiles: Dict[str, dict]) -> str:
+    """Markdown: a line per model (wall, host, kernel time, launches), then the top kernels
+    of each model side by side (rank, name, ms, calls, share of the model's kernel time)."""
+    names = list(profiles)
+    unit = profiles[names[0]]["unit"] if names else "kernel"
+    out = [f"| model | wall ms / forward | host ms (call returns) | {unit} ms (sum) | {unit}s run |",
+           "|---|---|---|---|---|"]
+    out += [f"| {n} | {p['wall_ms']:.2f} | {p['host_ms']:.2f} | {p['total_ms']:.2f} | {p['launches']} |"
+            for n, p in profiles.items()]
+    head = " | ".join(f"{n}: {unit} | ms | calls | share" for n in names)
+    out += ["", f"| # | {head} |", "|---|" + "---|---|---|---|" * len(names)]
+    depth = max((len(p["top"]) for p in profiles.values()), default=0)
+    for i in range(depth):
+        cells = []
+        for p in profiles.values():
+            e = p["top"][i] if i < len(p["top"]) else None
+            cells += ([f"`{_cell(e['name'])}`", f"{e['ms']:.3f}", str(e["calls"]), f"{e['share']:.0%}"]
+                      if e else ["", "", "", ""])
+        out.append(f"| {i + 1} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
 # Output: table, CSV, JSON, plot
 # --------------------------------------------------------------------------------------------
 
 _COLUMNS = [("model", "model", "{}"), ("img_size", "px", "{}"), ("batch", "batch", "{}"),
-            ("keep_ratio", "keep", "{:g}"), ("orig_img_s", "orig img/s", "{:.1f}"),
+            ("keep_ratio", "keep", "{:g}"), ("step", "training step", "{}"),
+            ("orig_img_s", "orig img/s", "{:.1f}"),
             ("evo_img_s", "evo img/s", "{:.1f}"), ("speedup", "speed-up", "{:.2f}x"),
             ("gflops_orig", "GFLOP orig", "{:.2f}"), ("gflops_evo", "GFLOP evo", "{:.2f}"),
             ("flop_ratio", "FLOP ratio", "{:.2f}x"),

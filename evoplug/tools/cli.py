@@ -1,6 +1,7 @@
 """The ``evoplug`` command (also ``python -m evoplug``).
 
     evoplug bench deit_small_patch16_224 --keep 0.5 0.7 1.0 --batch 1 32 --plot bench.png
+    evoplug bench deit_small_patch16_224 --train --keep 0.5 --batch 64 --device cuda --dtype float16
     evoplug explain eva02_tiny_patch14_224
     evoplug visualize bench_out/photo_vit.pth skimage:astronaut skimage:coffee --out sel.png
 
@@ -116,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "max-autotune-no-cudagraphs"],
                    help="also time torch.compile of the original and of each converted model; "
                         "MODE is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
+    b.add_argument("--train", action="store_true",
+                   help="time training steps instead of inference: forward + backward + optimizer "
+                        "step in train mode, interleaved, median; float32 weights, --dtype "
+                        "float16/bfloat16 runs the forward under autocast (AMP)")
+    b.add_argument("--optimizer", choices=["adamw", "sgd", "none"], default="adamw",
+                   help="with --train: adamw (default), sgd (momentum 0.9) or none (forward + "
+                        "backward only)")
     b.add_argument("--malloc", choices=["retain", "system"], default="retain",
                    help="CPU runs: 'retain' (default) makes glibc keep freed memory, so a forward "
                         "does not page-fault its activations in again (see "
@@ -198,6 +206,14 @@ def _load_model(a):
     return model.eval(), meta
 
 
+def _mode_text(a) -> str:
+    if not a.train:
+        return f"{a.dtype}, eval, inference_mode"
+    step = "forward + backward" + ("" if a.optimizer == "none" else f" + {a.optimizer} step")
+    amp = "float32" if a.dtype == "float32" else f"{a.dtype} autocast (AMP), float32 weights"
+    return f"training steps ({step}, cross-entropy, train mode), {amp}"
+
+
 def cmd_bench(a, out) -> int:
     import torch
     from . import bench
@@ -205,15 +221,18 @@ def cmd_bench(a, out) -> int:
         torch.set_num_threads(a.threads)
     if a.warmup < 0:
         raise CliError("--warmup must be >= 0")
+    if a.train and a.compile:
+        raise CliError("--train times eager training steps: it does not combine with --compile")
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
-                    model_kwargs=dict(a.model_arg), convert_options=_convert_options(a))
+                    model_kwargs=dict(a.model_arg), convert_options=_convert_options(a),
+                    train=a.train, optimizer=a.optimizer if a.train else None)
     bench.resolve_device(a.device)
     print(f"machine: {bench.machine(a.device)}", file=out)
-    print(f"settings: {a.dtype}, eval, inference_mode, random weights; original and converted "
+    print(f"settings: {_mode_text(a)}, random weights; original and converted "
           f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s); "
           f"allocator: {bench.allocator()}"
           f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
@@ -222,7 +241,8 @@ def cmd_bench(a, out) -> int:
         new = bench.run_bench([name], a.keep, a.batch, img_size=a.img_size, device=a.device,
                               dtype=a.dtype, repeats=a.repeats, warmup=a.warmup,
                               compile=a.compile, model_kwargs=dict(a.model_arg),
-                              convert_options=_convert_options(a), progress=a.progress)
+                              convert_options=_convert_options(a), progress=a.progress,
+                              train=a.train, optimizer=a.optimizer)
         print(bench.format_table(new, header=not rows, model_width=max(map(len, a.models))),
               file=out, flush=True)
         rows += new
