@@ -16,7 +16,7 @@ from torch import nn
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import attention_modules, find_blocks, regroup_parts
 from .analyse.probes import probe_program
-from .analyse.calibrate import calibrate
+from .analyse.calibrate import calibrate, token_provenance
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -190,6 +190,8 @@ def _calibrate(model: nn.Module, example_input):
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
                               f"the model{hint}: {type(e).__name__}: {e}") from e
     candidates, failed, skipped = find_blocks(model, calls)
+    if candidates:
+        token_provenance(model, example_input, calls, candidates[0][1])
     return calls, attention_modules(model, calls), candidates, failed, skipped
 
 

@@ -184,3 +184,74 @@ def _tensors_in(obj, depth: int = 4):
     else:
         return []
     return [t for v in items for t in _tensors_in(v, depth - 1)]
+
+
+#: relative change of a token row that counts as "comes from the patch map"
+_PROVENANCE_TOLERANCE = 1e-4
+
+
+def token_provenance(model: nn.Module, example_input, calls: CallRecord, block: nn.Module):
+    """Which token rows of ``block``'s input come from the image: one more eager forward (eval,
+    no grad) in which the first 4-D map the model computes (outside attention: the patch
+    embedding's, or a convolutional stem's first) gets random noise added; the rows of the block's token input that stay the same
+    are the tokens that are not patches (cls, distillation, registers, detection tokens).
+    Stored as ``calls.derived['untouched'] = (N, rows)``; nothing when the block has no (B, N, C)
+    input or no map runs before it. (Evo-ViT ranks patches and keeps the other tokens: a token
+    that is neither leading nor a patch would be ranked as one, see discover.detect_prefix.)"""
+    first = calls.get(id(block))
+    x = first.args[0] if first is not None and first.args else None
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        return
+    source = _first_feature_map(model, calls, first.order)
+    if source is None:
+        return
+    seen = {}
+
+    def perturb(_m, _args, out):
+        g = torch.Generator(device=out.device).manual_seed(0)
+        return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
+            out.float().std() + 1.0).to(out.dtype)
+
+    def capture(_m, args):
+        seen.setdefault("x", args[0] if args else None)
+
+    handles = [source.register_forward_hook(perturb), block.register_forward_pre_hook(capture)]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, example_input)
+    except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    y = seen.get("x")
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+        return
+    change = (y.float() - x.float()).abs().amax(dim=(0, 2))
+    scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
+    rows = tuple(int(i) for i in torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten())
+    calls.derived["untouched"] = (x.shape[1], rows)
+
+
+def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):
+    from .discover import inside_attention
+    inside = inside_attention(model, calls)
+    best = None
+    for m in model.modules():
+        c = calls.get(id(m))
+        if c is None or c.order >= before or id(m) in inside or c.n_calls != 1:
+            continue
+        if c.feature_map() is not None and (best is None or c.order < best[0]):
+            best = (c.order, m)
+    return None if best is None else best[1]
+
+
+def _call(model: nn.Module, example_input):
+    if isinstance(example_input, (tuple, list)):
+        return model(*example_input)
+    if isinstance(example_input, dict):
+        return model(**example_input)
+    return model(example_input)

@@ -199,6 +199,17 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
             if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
                 if grid is None or c.order > grid[0]:
                     grid = (c.order, hw, c.name, fm)
+    untouched = getattr(calls, "derived", {}).get("untouched")
+    if untouched is not None and untouched[0] == num_tokens:
+        rows = untouched[1]
+        if rows != tuple(range(len(rows))):
+            raise AnalysisError(
+                call.name, f"tokens {list(rows)} of {num_tokens} do not come from the patch map "
+                "and are not all leading (e.g. detection tokens after the patches): evoplug keeps "
+                "leading special tokens and ranks the others as patches, which would be wrong "
+                "here")
+        if grid is None and rows:      # no grid matched (a masked token set): the special ones
+            return len(rows), "tokens that do not come from the patch map (no patch grid matched)"
     if grid is not None:
         return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
     declared, family = hint(model, "num_prefix_tokens")

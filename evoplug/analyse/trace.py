@@ -3,6 +3,7 @@ sizes specialised on the calibration input, checks dropped, buffers as attribute
 baked in) and the call plan of the block."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
@@ -73,7 +74,23 @@ class BlockTracer(fx.Tracer):
         self.specialised.append(f"int({obj.node.name}) -> {value}")
         return value
 
-    def _check_dependence(self, node: fx.Node, value, what: str):
+    def to_len(self, obj: fx.Proxy) -> int:
+        """``len()`` of a traced value (Hugging Face's ``(*hidden_states.shape[:-1], -1, d)``):
+        the length of a shape, specialised on the calibration input like ``int()``; the
+        items themselves stay traced (:meth:`iter`)."""
+        value = len(self._evaluate(obj.node, self._example))
+        self._check_dependence(obj.node, value, "the length of a traced value", convert=len)
+        self.specialised.append(f"len({obj.node.name}) -> {value}")
+        return value
+
+    def iter(self, obj: fx.Proxy):
+        """Iterating a traced value (unpacking a shape): one traced item per element, their
+        number specialised on the calibration input."""
+        if self._example is None:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(self.to_len(obj))])
+
+    def _check_dependence(self, node: fx.Node, value, what: str, convert=None):
         """Refuse a value that depends on the tensors' values or on the token count; note one
         that depends on the batch size (MMPretrain's ``window_reverse`` computes B with
         ``int()``): such a block gets one program per batch size."""
@@ -82,15 +99,16 @@ class BlockTracer(fx.Tracer):
                 f"{what} (`{node.name}`) depends on the values of the tensors (data-dependent "
                 "control flow), which a trace cannot follow: register the function or module "
                 "that holds it with evoplug.register_leaf_function / register_leaf_module")
+        convert = convert or type(value)
         sub = self._subset_example()
-        if sub is not None and self._value_on(node, sub, type(value), value) != value:
+        if sub is not None and self._value_on(node, sub, convert, value) != value:
             raise fx.proxy.TraceError(
                 f"{what} (`{node.name}`) depends on the number of tokens, so a program "
                 "specialised on all tokens would be wrong on the kept ones")
         B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
         doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
                    v.shape[0] == B else v for k, v in self._example.items()}
-        if self._value_on(node, doubled, type(value), None) != value:
+        if self._value_on(node, doubled, convert, None) != value:
             self.batch_specialised = True
 
     def _value_on(self, node: fx.Node, example, kind: type, unknown):
@@ -118,13 +136,24 @@ class BlockTracer(fx.Tracer):
         def setitem(p, key, value):
             p.tracer.create_proxy("call_function", operator.setitem, (p, key, value), {})
 
+        def length(p):
+            if isinstance(p.tracer, BlockTracer):
+                return p.tracer.to_len(p)
+            raise RuntimeError("'len' is not supported in symbolic tracing")
+
+        saved_len = fx.Proxy.__dict__.get("__len__")
         fx.Proxy.__int__ = to_int
         fx.Proxy.__setitem__ = setitem
+        fx.Proxy.__len__ = length
         try:
             return super().trace(root, concrete_args)
         finally:
             del fx.Proxy.__int__
             del fx.Proxy.__setitem__
+            if saved_len is not None:
+                fx.Proxy.__len__ = saved_len
+            else:
+                del fx.Proxy.__len__
 
     def _subset_example(self) -> Optional[Dict[str, Any]]:
         """The calibration arguments with the (B, N, C) tokens cut to about half."""
@@ -203,14 +232,16 @@ def _is_guard(frame) -> bool:
 
 
 def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
+    """How the block is called: its token argument (the first tensor), other tensor arguments,
+    constants (checked at every call). ``**kwargs`` are bound by the keywords the calibration
+    call passed (Hugging Face layers take ``**kwargs``); ``*args`` must stay empty."""
     sig = inspect.signature(module.forward)
-    for p in sig.parameters.values():
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            raise AnalysisError(name, f"forward takes *{p.name}: cannot trace it with a fixed signature")
-    bound = sig.bind(*call.args, **call.kwargs)
-    bound.apply_defaults()
+    var_kw = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD), None)
+    var_pos = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
+    plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos)
+    values = plan.arguments(name, call.args, call.kwargs)
     token_arg, tensor_args, constants = None, [], {}
-    for n, v in bound.arguments.items():
+    for n, v in values.items():
         if isinstance(v, torch.Tensor):
             if token_arg is None:
                 token_arg = n
@@ -220,11 +251,35 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
             constants[n] = v
     if token_arg is None:
         raise AnalysisError(name, "forward received no tensor")
-    params = list(sig.parameters.values())
-    single = (not tensor_args and bool(params) and params[0].name == token_arg and all(
-        p.default is not p.empty and same_constant(p.default, constants.get(p.name))
-        for p in params[1:]))
-    return CallPlan(token_arg, tensor_args, constants, sig, single)
+    params = [p for p in sig.parameters.values() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    single = (not tensor_args and bool(params) and params[0].name == token_arg
+              and len(values) == len(params) and all(
+                  p.default is not p.empty and same_constant(p.default, constants.get(p.name))
+                  for p in params[1:]))
+    return dataclasses.replace(plan, token_arg=token_arg, tensor_args=tensor_args, constants=constants,
+                               single=single, names=tuple(values))
+
+
+def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
+    """For a forward with ``*args``/``**kwargs``: a twin of ``root`` (same attribute dict, so the
+    trace reads the block's own parameters and submodules) whose class's ``forward`` takes every
+    argument by name, as :meth:`CallPlan.arguments` flattens them, and calls the original."""
+    if plan.var_keyword is None and plan.var_positional is None:
+        return root
+    defaults = {n: p.default for n, p in plan.signature.parameters.items()
+                if p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    params = ", ".join(f"{n}=_defaults[{n!r}]" if n in defaults else f"{n}=None" for n in plan.names)
+    named = [n for n, p in plan.signature.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    passed = ", ".join([f"{n}={n}" for n in named] +
+                       [f"{n}={n}" for n in plan.names if n not in named])
+    src = f"def forward(self, {params}):\n    return _orig(self, {passed})\n"
+    scope = {"_defaults": defaults, "_orig": type(root).forward}
+    exec(compile(src, f"<evoplug fixed signature of {type(root).__name__}>", "exec"), scope)
+    cls = type(type(root).__name__, (type(root),), {"forward": scope["forward"],
+                                                    "__module__": type(root).__module__})
+    twin = object.__new__(cls)
+    twin.__dict__ = root.__dict__
+    return twin
 
 
 def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int],
@@ -233,9 +288,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     calibration ``call``, Python branches on traced values are specialised on it."""
     example = None
     if call is not None:
-        bound = plan.signature.bind(*call.args, **call.kwargs)
-        bound.apply_defaults()
-        example = dict(bound.arguments)
+        example = plan.arguments(name, call.args, call.kwargs)
+    module = _fixed_signature_root(module, plan)
     was = module.training
     module.train(training)
     saved = _mutable_state(module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -19,16 +19,19 @@ class CallPlan:
     constants: Dict[str, Any]
     signature: inspect.Signature
     single: bool = False     # forward(x, <params whose defaults the analysis saw>): fast bind
+    var_keyword: Optional[str] = None   # forward(..., **kwargs): its keywords bound by name
+    var_positional: Optional[str] = None   # forward(..., *args): must stay empty
+    names: Tuple[str, ...] = ()   # every argument by name, in order, **kwargs' keywords last
 
     def bind(self, module_name: str, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self.single and len(args) == 1 and not kwargs:
             return args[0], {}       # block(x): nothing else to bind or check
-        try:
-            bound = self.signature.bind(*args, **kwargs)
-        except TypeError as e:
-            raise AnalysisError(module_name, f"unexpected call arguments: {e}") from None
-        bound.apply_defaults()
-        values = bound.arguments
+        values = self.arguments(module_name, args, kwargs)
+        if set(values) != set(self.names):
+            extra = sorted(set(values) - set(self.names)) or sorted(set(self.names) - set(values))
+            raise AnalysisError(module_name, f"called with other keyword arguments than when it was "
+                                             f"analysed ({extra}); re-run evoplug.convert with an "
+                                             "example input that calls it this way")
         for name, const in self.constants.items():
             v = values.get(name)
             if not same_constant(v, const):
@@ -43,6 +46,24 @@ class CallPlan:
                 raise AnalysisError(module_name, f"argument {n!r} was a tensor at analysis, got {type(v).__name__}")
             extras[n] = v
         return values[self.token_arg], extras
+
+    def arguments(self, module_name: str, args, kwargs) -> Dict[str, Any]:
+        """The call's arguments by name, defaults applied, the keywords of ``**kwargs``
+        flattened in (a program has one parameter per argument)."""
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise AnalysisError(module_name, f"unexpected call arguments: {e}") from None
+        bound.apply_defaults()
+        values = dict(bound.arguments)
+        if self.var_positional is not None:
+            if values.pop(self.var_positional, ()):
+                raise AnalysisError(module_name, f"forward received extra positional arguments "
+                                                 f"(*{self.var_positional}): evoplug traces a fixed "
+                                                 "signature")
+        if self.var_keyword is not None:
+            values.update(values.pop(self.var_keyword, {}))
+        return values
 
     def feed(self, x: torch.Tensor, extras: Dict[str, torch.Tensor]) -> List[Any]:
         """Positional arguments of the traced program: the tokens, then the other tensor
