@@ -23,15 +23,44 @@ from .calibrate import CallRecord
 def chain_links(analysed: Sequence[BlockAnalysis], calls: CallRecord) -> List[Optional[int]]:
     """For each analysed block (in execution order), the index of the block that takes its
     output and nothing else does, or None."""
+    pairs = [i for i in range(len(analysed) - 1)
+             if _can_hand_on(analysed[i]) and _can_hand_on(analysed[i + 1])
+             and analysed[i].num_prefix == analysed[i + 1].num_prefix
+             and analysed[i].num_tokens == analysed[i + 1].num_tokens
+             and _feeds_only(analysed[i], analysed[i + 1], calls)]
+    held = _held_elsewhere([calls[id(analysed[i].module)].output for i in pairs], calls)
     links: List[Optional[int]] = [None] * len(analysed)
-    known = _record_containers(calls)
-    gc.collect()      # argument dicts the analysis bound and dropped (in reference cycles)
-    for i in range(len(analysed) - 1):
-        a, b = analysed[i], analysed[i + 1]
-        if _can_hand_on(a) and _can_hand_on(b) and a.num_prefix == b.num_prefix \
-                and a.num_tokens == b.num_tokens and _feeds_only(a, b, calls, known):
+    for i in pairs:
+        if id(calls[id(analysed[i].module)].output) not in held:
             links[i] = i + 1
     return links
+
+
+def _held_elsewhere(outputs, calls: CallRecord) -> set:
+    """ids of the ``outputs`` that something other than the calibration record refers to (a
+    list or attribute a model keeps its intermediate outputs in): one scan of the objects, and
+    one more after a garbage collection when the first finds a stranger (it may be garbage in a
+    reference cycle)."""
+    if not outputs:
+        return set()
+    held = _strangers(outputs, calls)
+    if held:
+        gc.collect()
+        held = _strangers(outputs, calls)
+    return held
+
+
+def _strangers(outputs, calls: CallRecord) -> set:
+    known = _record_containers(calls)
+    ids = {id(o) for o in outputs}
+    held = set()
+    for r in gc.get_referrers(*outputs):
+        if id(r) in known or r is outputs:
+            continue
+        if not isinstance(r, (dict, list, tuple)):
+            return ids        # an object of another kind: trust none
+        held.update(id(v) for v in (r.values() if isinstance(r, dict) else r) if id(v) in ids)
+    return held
 
 
 def _can_hand_on(a: BlockAnalysis) -> bool:
@@ -39,7 +68,7 @@ def _can_hand_on(a: BlockAnalysis) -> bool:
     return not (a.token_map or a.uses_full) and a.call is not None
 
 
-def _feeds_only(a: BlockAnalysis, b: BlockAnalysis, calls: CallRecord, known) -> bool:
+def _feeds_only(a: BlockAnalysis, b: BlockAnalysis, calls: CallRecord) -> bool:
     ca, cb = calls.get(id(a.module)), calls.get(id(b.module))
     if ca is None or cb is None or ca.n_calls != 1 or cb.n_calls != 1:
         return False
@@ -49,9 +78,7 @@ def _feeds_only(a: BlockAnalysis, b: BlockAnalysis, calls: CallRecord, known) ->
     x, _ = b.plan.bind(b.name, cb.args, cb.kwargs)
     if x is not out:
         return False
-    if any(id(b.module) not in stack for stack in calls.uses.get(id(out), ())):
-        return False
-    return all(id(r) in known for r in gc.get_referrers(out))
+    return all(id(b.module) in stack for stack in calls.uses.get(id(out), ()))
 
 
 def _record_containers(calls: CallRecord) -> set:

@@ -293,6 +293,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
+    tracer = None
     try:
         # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
         # often trace once the block's constant arguments are known; else they stay leaves
@@ -326,6 +327,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     finally:
         _restore_mutable_state(saved)
         module.train(was)
+        if tracer is not None:
+            tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
 
 
