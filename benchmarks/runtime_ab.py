@@ -3,7 +3,8 @@
 Extracts evoplug from an earlier commit (``git archive``) into a temporary folder under another
 package name, converts the same DeiT-S with both, and times the original, the old and the new
 runtime interleaved (median): inference at batch 32 (2 threads) and batch 1 (1 thread), and a
-training step (forward + backward) at batch 16. Writes the figures, machine and settings as
+training step (forward + cross-entropy backward, ``evoplug.tools.bench.make_train_step`` without
+an optimizer) at batch 16. Writes the figures, machine and settings as
 JSON.
 
     python benchmarks/runtime_ab.py --against 7234a9d --json docs/bench/cpu_runtime_ab.json
@@ -63,18 +64,10 @@ def variants(old, opts):
     return out
 
 
-def train_step(model):
-    def step(x):
-        model.train()
-        model(x).sum().backward()
-        model.zero_grad(set_to_none=True)
-    return step
-
-
 def measure(models, threads: int, batch: int, repeats: int, train: bool) -> dict:
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, 224, 224)
-    calls = {k: train_step(m) for k, m in models.items()} if train else models
+    calls = {k: bench.make_train_step(m, optimizer="none") for k, m in models.items()} if train else models
     res = bench.interleaved(calls, x, repeats=repeats, warmup=2, inference=not train)
     ips = {k: batch / t.median for k, t in res.items()}
     return {"threads": threads, "batch": batch, "train": train, "repeats": repeats,

@@ -134,7 +134,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
-        needs_pos=a.uses_pos or bool(a.plan.tensor_args), needs_full=a.uses_full or a.token_map)
+        needs_pos=a.uses_pos or bool(a.plan.tensor_args))
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive

@@ -71,7 +71,6 @@ class BlockSpec:
     inner: Tuple[nn.Module, ...] = ()   # submodules traced into (their hooks need its own forward)
     added_buffers: Tuple[str, ...] = ()  # non-persistent buffers the conversion added (revert)
     needs_pos: bool = True     # the programs read the subset tokens' original positions
-    needs_full: bool = True    # ... or the block's whole input (2-D map ops, windows)
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
     #                            it the slow-path tokens directly
