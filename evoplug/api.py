@@ -21,6 +21,7 @@ from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
 from .errors import AnalysisError, ConversionError
+from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
@@ -134,7 +135,9 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
-        needs_pos=a.uses_pos or bool(a.plan.tensor_args))
+        needs_pos=a.uses_pos or bool(a.plan.tensor_args),
+        returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
+        idle_hook=registry.hook_is_idle)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
@@ -229,6 +232,14 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
             f"{type(model).__name__}: only one convertible block (`{analysed[0][0].name}`); Evo-ViT "
             "ranks tokens with the attention of the blocks before the evolving ones, so nothing "
             "would evolve", failed or skipped)
+    rowless = [a for a, _, _ in analysed if a.windowed and a.window_index is None]
+    if len(rowless) == len(analysed):
+        note = next((n for n in rowless[0].notes if n.startswith("windows not mapped")), "")
+        raise ConversionError(
+            f"{type(model).__name__}: no converted block gives a global attention row (the "
+            f"windows of `{rowless[0].name}` and the others could not be mapped back to their "
+            f"tokens{': ' + note if note else ''}), so no token would ever be ranked and "
+            "nothing would evolve", failed or skipped)
 
 
 def copy_model(model: nn.Module) -> nn.Module:

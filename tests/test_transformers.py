@@ -30,11 +30,25 @@ FAMILIES = {
     "siglip-vision": (lambda i: T.SiglipVisionModel(T.SiglipVisionConfig(attn_implementation=i, **FLAT)), 0),
     "beit-shared-bias": (lambda i: T.BeitModel(T.BeitConfig(use_shared_relative_position_bias=True,
                                                             attn_implementation=i, **FLAT)), 1),
+    "beit-layer-bias": (lambda i: T.BeitModel(T.BeitConfig(use_relative_position_bias=True,
+                                                           attn_implementation=i, **FLAT)), 1),
+    # rotary embeddings passed to every layer as a (cos, sin) tuple over the patches
+    "dinov3": (lambda i: T.DINOv3ViTModel(T.DINOv3ViTConfig(num_register_tokens=4, attn_implementation=i,
+                                                           **FLAT)), 5),
     "ijepa": (lambda i: T.IJepaModel(T.IJepaConfig(attn_implementation=i, **FLAT)), 0),
     "vit-msn": (lambda i: T.ViTMSNModel(T.ViTMSNConfig(attn_implementation=i, **FLAT)), 1),
     "segformer": (lambda i: T.SegformerModel(T.SegformerConfig(
         image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
         num_attention_heads=[1, 2], attn_implementation=i)), 0),
+    # layers that return (hidden_states, attn_weights) / (hidden_states,)
+    "data2vec-vision": (lambda i: T.Data2VecVisionModel(T.Data2VecVisionConfig(attn_implementation=i, **FLAT)), 1),
+    "pvt-v2": (lambda i: T.PvtV2Model(T.PvtV2Config(
+        image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+        num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], attn_implementation=i)), 0),
+    "swin": (lambda i: T.SwinModel(T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
+                                                num_heads=[2, 4], window_size=4, attn_implementation=i)), 0),
+    "swinv2": (lambda i: T.Swinv2Model(T.Swinv2Config(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
+                                                      num_heads=[2, 4], window_size=4, attn_implementation=i)), 0),
 }
 
 
@@ -61,7 +75,12 @@ def _randomise(model):
 def test_transformers_vision_model_converts(family, impl):
     build, prefix = FAMILIES[family]
     torch.manual_seed(0)
-    model = _randomise(build(impl)).eval()
+    try:
+        model = _randomise(build(impl)).eval()
+    except ValueError as e:     # e.g. PvtV2: transformers has no SDPA path for it
+        if "does not support an attention implementation" not in str(e):
+            raise
+        pytest.skip(f"transformers: {family} has no {impl} attention")
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     report = evoplug.get_report(fast)
@@ -137,3 +156,108 @@ def test_kwargs_not_seen_at_conversion_are_refused_by_name():
         fast(x)
         with pytest.raises(evoplug.errors.AnalysisError, match="other keyword arguments"):
             layer(hidden, some_flag=True)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_bias_sized_from_the_token_count_follows_the_kept_tokens(impl):
+    """HF BEiT's per-layer relative position bias is sized from ``hidden_states.shape[1]``
+    (interpolated to it at another resolution): a position term, computed for the full token
+    set (its size query reads the block's whole input) and gathered for the kept tokens."""
+    torch.manual_seed(0)
+    model = _randomise(T.BeitModel(T.BeitConfig(use_relative_position_bias=True, attn_implementation=impl,
+                                                **FLAT))).eval()
+    x = torch.randn(2, 3, 40, 40)          # 10x10 patches: the 8x8 table is interpolated
+    call = {"pixel_values": x, "interpolate_pos_encoding": True}
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input={k: v[:1] if k == "pixel_values" else v
+                                                                 for k, v in call.items()})
+    blocks = evoplug.get_report(fast).blocks
+    assert all("gathered for the kept tokens" in " ".join(s.analysis.position_terms) for s in blocks)
+    with torch.no_grad():
+        dense = model(**call).last_hidden_state
+        half = fast(**call).last_hidden_state
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        machinery = fast(**call).last_hidden_state
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [101] * 4
+    assert float((machinery - dense).abs().max()) <= 1e-5 * max(1.0, float(dense.abs().max()))
+    assert torch.isfinite(half).all() and not torch.allclose(half, dense)
+
+
+
+def _hidden(out):
+    """Every dense output a pyramid gives: hidden states per stage, Swin's reshaped maps,
+    a backbone's feature maps."""
+    got = []
+    for key in ("hidden_states", "reshaped_hidden_states", "feature_maps"):
+        got += list(getattr(out, key, None) or ())
+    return got
+
+
+PYRAMIDS = {
+    "swin": lambda: T.SwinModel(T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
+                                             num_heads=[2, 4], window_size=4)),
+    "swin-backbone": lambda: T.SwinBackbone(T.SwinConfig(image_size=32, patch_size=2, embed_dim=32,
+                                                         depths=[2, 2], num_heads=[2, 4], window_size=4,
+                                                         out_features=["stage1", "stage2"])),
+    "pvt-v2-backbone": lambda: T.PvtV2Backbone(T.PvtV2Config(
+        image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+        num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], out_features=["stage1", "stage2"])),
+    "segformer": lambda: T.SegformerModel(T.SegformerConfig(
+        image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
+        num_attention_heads=[1, 2])),
+}
+
+
+@pytest.mark.parametrize("family", list(PYRAMIDS))
+def test_pyramids_keep_their_dense_outputs(family):
+    """Every converted pyramid block restores its full token map, so the per-stage hidden states
+    (``output_hidden_states``), Swin's reshaped maps and a backbone's feature maps keep their
+    shapes at keep 0.5 and are the original ones at keep 1.0 through the selection machinery."""
+    torch.manual_seed(0)
+    model = _randomise(PYRAMIDS[family]()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    kw = {} if "backbone" in family else {"output_hidden_states": True}
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input={"pixel_values": x[:1], **kw})
+    assert len(evoplug.get_report(fast).blocks) == 4
+    with torch.no_grad():
+        dense = _hidden(model(x, **kw))
+        half = _hidden(fast(x, **kw))
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        machinery = _hidden(fast(x, **kw))
+    assert len(dense) >= 2 and [t.shape for t in half] == [t.shape for t in dense]
+    for d, m in zip(dense, machinery):
+        assert float((m - d).abs().max()) <= 1e-5 * max(1.0, float(d.abs().max()))
+    assert all(torch.isfinite(t).all() for t in half)
+    assert not torch.allclose(half[-1], dense[-1])
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
+    """transformers passes ``output_hidden_states``/``output_attentions`` down to every layer
+    and, at the first call that asks, installs hooks that stay: calls with and without the
+    flags run on one conversion; a call collecting attention maps runs the original blocks
+    (every map, as the dense model gives it), and the next plain call evolves again."""
+    build = FAMILIES[family][0]
+    torch.manual_seed(0)
+    model = _randomise(build("eager")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    evolving = lambda: [t for s, (_, t) in zip(evoplug.get_report(fast).blocks,  # noqa: E731
+                                               evoplug.tokens_per_block(fast)) if s.role == "evolve"]
+    with torch.no_grad():
+        dense = model(x, output_attentions=True, output_hidden_states=True)
+        full = fast(x, output_attentions=True, output_hidden_states=True)
+        assert len(full.attentions) == len(dense.attentions) == (4 if family == "vit" else 2)
+        if family == "vit":     # maps collected from the attention modules: the original blocks ran
+            assert all(t == -1 for t in evolving())
+            for a, b in zip(full.attentions + full.hidden_states, dense.attentions + dense.hidden_states):
+                assert torch.equal(a, b)
+        else:                   # one map per stage, as its last layer returns it: the converted
+            #                     layer's (its windows run on the full map)
+            assert all(t > 0 for t in evolving())
+            assert [a.shape for a in full.attentions] == [a.shape for a in dense.attentions]
+        half = fast(x, output_hidden_states=True)
+        assert all(0 < t < s for t, s in zip(evolving(), [65] * 4 if family == "vit" else [256, 64, 64]))
+        assert [t.shape for t in half.hidden_states] == [t.shape for t in dense.hidden_states]
+        assert not torch.equal(half.hidden_states[-1], dense.hidden_states[-1])
+        # a plain call may hand tokens on between blocks (no hook collects them): same result
+        assert torch.allclose(_tensor(fast(x)), _tensor(half), atol=1e-5, rtol=1e-5)

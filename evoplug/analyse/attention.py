@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AnalysisError
-from .graph import ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of
+from .graph import (ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of,
+                    value_dependent)
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
 def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
     graph = gm.graph
     dep = input_dependent(graph)
+    values = value_dependent(graph)     # the logits' terms: sized from the tokens is no value
     sites: List[AttentionSite] = []
     for n in graph.nodes:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
@@ -62,14 +64,14 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             if sdpa_arg(n, 5, "is_causal", False) is True:
                 raise AnalysisError(name, "causal scaled_dot_product_attention: not a vision block")
             if isinstance(site.mask, fx.Node):
-                site.biases, site.arg_terms = _logit_terms(site.mask, dep)
+                site.biases, site.arg_terms = _logit_terms(site.mask, values)
             sites.append(site)
         elif isinstance(module_of(gm, n), nn.MultiheadAttention):
             mask = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
             site = AttentionSite("mha", n, q=n.args[0] if n.args else n.kwargs.get("query"),
                                  k=n.args[1] if len(n.args) > 1 else n.kwargs.get("key"), mask=mask)
             if isinstance(mask, fx.Node):
-                site.biases, site.arg_terms = _logit_terms(mask, dep)
+                site.biases, site.arg_terms = _logit_terms(mask, values)
             sites.append(site)
         elif is_softmax(gm, n):
             logits = n.args[0] if n.args else n.kwargs.get("input")
@@ -83,7 +85,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             qk_node = max(qk, key=lambda a: list(graph.nodes).index(a))
             site = AttentionSite("softmax", n, logits=logits, q=qk_node.args[0], k=qk_node.args[1])
             # the logits' additive terms (walk through the q.k^T product's consumers)
-            site.biases, site.arg_terms = _logit_terms(logits, dep)
+            site.biases, site.arg_terms = _logit_terms(logits, values)
             sites.append(site)
     if not sites:
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "

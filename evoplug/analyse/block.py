@@ -39,6 +39,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import AnalysisError
+from ..integrations.registry import hint
 from ..runtime.call import CallPlan
 from .attention import AttentionSite, find_attention
 from .calibrate import ModuleCall
@@ -96,7 +97,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                   num_prefix_override: Optional[int],
                   global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
-    plan = make_call_plan(module, name, call)
+    plan = make_call_plan(module, name, call, hint(model, "ignored_keywords")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
     x, extras = plan.bind(name, call.args, call.kwargs)

@@ -37,6 +37,7 @@ class ModuleCall:
     attention_ops: int = 0           # attention computations run while this module ran (all calls)
     grid_ops: int = 0                # leaf modules run on a 4-D (B, C, H, W) map inside this one
     attention_map: bool = False      # its output is what an attention function returned
+    module_type: Optional[type] = None
 
     def feature_map(self) -> Optional[Tuple[int, int]]:
         """(h, w) when this module's (first) output is a 4-D spatial feature map (B, C, h, w):
@@ -103,7 +104,8 @@ class _Recorder:
         mid = id(module)
         c = self.calls.get(mid)
         if c is None:
-            c = self.calls[mid] = ModuleCall(self.names.get(mid, "?"), self.order, args, dict(kwargs))
+            c = self.calls[mid] = ModuleCall(self.names.get(mid, "?"), self.order, args, dict(kwargs),
+                                             module_type=type(module))
         self.order += 1
         c.n_calls += 1
         if next(module.children(), None) is None and any(

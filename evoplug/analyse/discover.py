@@ -30,13 +30,26 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
         return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
                 "windows or patches are formed outside any block evoplug can convert, so it "
                 "cannot tell which image position each token holds")
-    out = call.output
-    if not isinstance(out, torch.Tensor):
-        return f"returns {type(out).__name__}, not the token tensor"
+    out = token_output(call.output)
+    if out is not None and out is not call.output and (
+            (call.module_type is not None and issubclass(call.module_type, nn.MultiheadAttention))
+            or x.dim() == 3 and x.shape[1] == 1):
+        out = None       # an attention module's (output, weights), a pooling query's attention
+    if out is None:
+        return f"returns {type(call.output).__name__}, not the token tensor"
     if tuple(out.shape) != tuple(x.shape):
         return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
                 "(not a self-attention token block, e.g. class attention or pooling)")
     return None
+
+
+def token_output(out) -> Optional[torch.Tensor]:
+    """The token tensor a block returns: the output itself, or the first item of a tuple or
+    list (Hugging Face layers return ``(hidden_states, attn_weights)``; the other items are
+    passed through, see rewrite/program.py); None otherwise."""
+    if isinstance(out, (tuple, list)) and out:
+        out = out[0]
+    return out if isinstance(out, torch.Tensor) else None
 
 
 def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:

@@ -3,7 +3,7 @@ reshapes; ancestors; shapes recorded by shape propagation; partial evaluation.""
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -61,6 +61,29 @@ def input_dependent(graph: fx.Graph) -> Set[fx.Node]:
         if n.op == "placeholder" or any(a in dep for a in n.all_input_nodes):
             dep.add(n)
     return dep
+
+
+def value_dependent(graph: fx.Graph) -> Set[fx.Node]:
+    """Nodes that depend on the *values* of a block argument: as :func:`input_dependent`, but
+    a size query of the token argument passes no dependence on (a bias table sized from the
+    token count, HF BEiT's ``dim_size=hidden_states.shape[1]``, is a position term; the
+    program sizes it from the full input, rewrite/program.py)."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    token = placeholders[0] if placeholders else None
+    dep: Set[fx.Node] = set()
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            dep.add(n)
+        elif is_size_query(n) and n.args and n.args[0] is token:
+            continue
+        elif any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
+
+
+def token_size_queries(node: fx.Node, token: fx.Node) -> List[fx.Node]:
+    """The size queries of the block's token argument that ``node`` is computed from."""
+    return [a for a in ancestors(node) if is_size_query(a) and a.args and a.args[0] is token]
 
 
 def ancestors(node: fx.Node) -> Set[fx.Node]:
@@ -122,9 +145,11 @@ class PartialInterpreter(fx.Interpreter):
     """``torch.fx.Interpreter`` that runs only what one node needs: its ancestors, and the
     in-place writes (traced ``operator.setitem``) into them. Works on a graph still being
     traced (no output node yet). ``call_module(node, args, kwargs)`` replaces module calls
-    (window_token_index runs leaf modules on token indices)."""
+    (window_token_index runs leaf modules on token indices); ``call_function(node, args,
+    kwargs)`` may replace function calls too (None: run the function)."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, target: fx.Node, call_module=None):
+    def __init__(self, root: nn.Module, graph: fx.Graph, target: fx.Node, call_module=None,
+                 call_function=None):
         super().__init__(root, garbage_collect_values=False, graph=graph)
         needed = ancestors(target) | {target}
         for n in graph.nodes:
@@ -133,6 +158,7 @@ class PartialInterpreter(fx.Interpreter):
             if n.op == "call_function" and n.target is operator.setitem and n.args[0] in needed:
                 needed |= ancestors(n) | {n}
         self.needed, self.target, self._call_module = needed, target, call_module
+        self._call_function = call_function
 
     def run_node(self, n: fx.Node):
         if n not in self.needed:
@@ -142,6 +168,11 @@ class PartialInterpreter(fx.Interpreter):
         if n.op == "call_module" and self._call_module is not None:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             return self._call_module(n, args, kwargs)
+        if n.op == "call_function" and self._call_function is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            value = self._call_function(n, args, kwargs)
+            if value is not None:
+                return value
         return super().run_node(n)
 
     def value(self, env: Dict[fx.Node, Any]) -> Any:
@@ -151,9 +182,9 @@ class PartialInterpreter(fx.Interpreter):
 
 
 def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.Node, Any],
-              call_module=None) -> Any:
+              call_module=None, call_function=None) -> Any:
     """Evaluate ``target`` from the values in ``env``, running only what it needs."""
-    return PartialInterpreter(root, graph, target, call_module).value(env)
+    return PartialInterpreter(root, graph, target, call_module, call_function).value(env)
 
 
 def depends_on_data(node: fx.Node) -> bool:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..errors import AnalysisError
 from .graph import ancestors, is_add, is_reshape, run_nodes, shape_of
@@ -130,7 +131,8 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
         return None    # the keys depend on another argument too
     try:
         with torch.no_grad():
-            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, _index_through_leaf)
+            kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, _index_through_leaf,
+                           _index_through_function)
         found = _slots_of_image_0(kv, site.kind, nk, N)
         if found is None:
             return None
@@ -149,6 +151,16 @@ def _index_through_leaf(n: fx.Node, args, kwargs):
         raise fx.proxy.TraceError("not token-wise over the last dim")
     inp = args[0]
     return inp[..., :1].expand(*inp.shape[:-1], so[-1])
+
+
+def _index_through_function(n: fx.Node, args, kwargs):
+    """A function that works on each token's own channels without moving it (``F.normalize``
+    over the last dim: Swinv2's cosine attention) keeps the index values; None for others."""
+    if n.target is F.normalize and args and isinstance(args[0], torch.Tensor):
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+        if dim in (-1, args[0].dim() - 1):
+            return args[0]
+    return None
 
 
 def _slots_of_image_0(kv: torch.Tensor, kind: str, nk: int, N: int):

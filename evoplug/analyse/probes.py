@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import AnalysisError
 from ..runtime.block import gather_extra
 from .attention import attention_output
+from .discover import token_output
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -143,7 +144,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     m.eval()
     try:
         with torch.no_grad(), hooks_suspended(m):
-            ref = type(a.module).forward(m, *args, **kwargs)
+            ref = token_output(type(a.module).forward(m, *args, **kwargs))
             x, extras = a.plan.bind(a.name, args, kwargs)
             if a.token_map:   # (B, H, W, C) maps: compare as tokens
                 ref, x = ref.flatten(1, 2), x.flatten(1, 2)

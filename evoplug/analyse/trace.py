@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..integrations import registry
-from ..runtime.call import CallPlan, same_constant
+from ..runtime.call import CallPlan, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .graph import depends_on_data, run_nodes
 
@@ -231,14 +231,19 @@ def _is_guard(frame) -> bool:
          body[0].offset <= ins.argval < target) for ins in body[:-1])
 
 
-def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
+def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
+                   ignored: Tuple[str, ...] = ()) -> CallPlan:
     """How the block is called: its token argument (the first tensor), other tensor arguments,
     constants (checked at every call). ``**kwargs`` are bound by the keywords the calibration
     call passed (Hugging Face layers take ``**kwargs``); ``*args`` must stay empty."""
     sig = inspect.signature(module.forward)
     var_kw = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD), None)
     var_pos = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
-    plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos)
+    plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos,
+                    ignored=tuple(ignored) if var_kw is not None else ())
+    values = plan.arguments(name, call.args, call.kwargs)
+    packed = {n: (type(v), len(v)) for n, v in values.items() if tensor_tuple(v)}
+    plan.packed = packed
     values = plan.arguments(name, call.args, call.kwargs)
     token_arg, tensor_args, constants = None, [], {}
     for n, v in values.items():
@@ -256,6 +261,7 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall) -> CallPlan:
               and len(values) == len(params) and all(
                   p.default is not p.empty and same_constant(p.default, constants.get(p.name))
                   for p in params[1:]))
+    single = single and not packed
     return dataclasses.replace(plan, token_arg=token_arg, tensor_args=tensor_args, constants=constants,
                                single=single, names=tuple(values))
 
@@ -264,14 +270,23 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
     """For a forward with ``*args``/``**kwargs``: a twin of ``root`` (same attribute dict, so the
     trace reads the block's own parameters and submodules) whose class's ``forward`` takes every
     argument by name, as :meth:`CallPlan.arguments` flattens them, and calls the original."""
-    if plan.var_keyword is None and plan.var_positional is None:
+    if plan.var_keyword is None and plan.var_positional is None and not plan.packed:
         return root
     defaults = {n: p.default for n, p in plan.signature.parameters.items()
                 if p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     params = ", ".join(f"{n}=_defaults[{n!r}]" if n in defaults else f"{n}=None" for n in plan.names)
     named = [n for n, p in plan.signature.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
-    passed = ", ".join([f"{n}={n}" for n in named] +
-                       [f"{n}={n}" for n in plan.names if n not in named])
+    items = {n for n, (_, k) in plan.packed.items() for n in [packed_name(n, i) for i in range(k)]}
+
+    def value(n):      # a tuple argument is passed as the tuple of its items
+        if n not in plan.packed:
+            return n
+        kind, k = plan.packed[n]
+        inner = "".join(f"{packed_name(n, i)}, " for i in range(k))
+        return f"({inner})" if kind is tuple else f"[{inner}]"
+    passed = ", ".join([f"{n}={value(n)}" for n in named] +
+                       [f"{n}={value(n)}" for n in list(plan.names) + list(plan.packed)
+                        if n not in named and n not in items])
     src = f"def forward(self, {params}):\n    return _orig(self, {passed})\n"
     scope = {"_defaults": defaults, "_orig": type(root).forward}
     exec(compile(src, f"<evoplug fixed signature of {type(root).__name__}>", "exec"), scope)
@@ -370,8 +385,13 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
             graph.erase_node(n)
     graph._codegen = fx.graph.CodeGen()
     out = next(n for n in graph.nodes if n.op == "output")
-    if isinstance(out.args[0], (list, tuple)) and len(out.args[0]) == 1:
-        out.args = (out.args[0][0],)
+    result = out.args[0]
+    if isinstance(result, (list, tuple)) and result and isinstance(result[0], fx.Node):
+        # a tuple-returning block (Hugging Face: (hidden_states, attn_weights)): the graph
+        # returns its tokens; the other items are kept aside (their nodes stay in the graph)
+        # and the program returns them next to the tokens (rewrite/program.py: _outputs)
+        out.args = (result[0],)
+        out.meta["evo_rest"] = tuple(result[1:])
     graph.lint()
 
 

@@ -40,6 +40,12 @@ class FamilyHints:
     input_size: the input the model takes, as ``(channels or None, height, width, source)``.
     leaf_modules / leaf_functions: module classes and functions the tracer keeps whole, for
         every model (timm's notrace registry is one such source).
+    ignored_keywords: keywords a block's ``**kwargs`` may receive that its computation never
+        reads (transformers' ``output_hidden_states``/``output_attentions``: hooks collect
+        those): the call plan drops them, so a call with or without them runs the same program.
+    idle_hook: whether a forward hook does nothing at this moment (True) or does something
+        (False), for hooks the family installs (None for others): a converted block runs its
+        own forward while a submodule it traced into has a hook that is not idle.
     """
     name: str
     matches: Callable[[nn.Module], bool] = lambda model: True
@@ -48,6 +54,8 @@ class FamilyHints:
     input_size: Optional[Callable[[nn.Module], Optional[InputSize]]] = None
     leaf_modules: Callable[[], Tuple[type, ...]] = lambda: ()
     leaf_functions: Callable[[], Tuple[Callable, ...]] = lambda: ()
+    ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
+    idle_hook: Optional[Callable[[Callable], Optional[bool]]] = None
 
 
 def int_attribute(name: str) -> Callable[[nn.Module], Optional[int]]:
@@ -138,6 +146,17 @@ def leaf_functions() -> Tuple[Callable, ...]:
     for family in families():
         out.extend(f for f in family.leaf_functions() if f not in out)
     return tuple(out)
+
+
+def hook_is_idle(hook: Callable) -> bool:
+    """Whether a family says ``hook`` does nothing at this moment (see FamilyHints.idle_hook);
+    False when none knows it. What the converted blocks are handed (runtime/block.py)."""
+    for family in families():
+        if family.idle_hook is not None:
+            answer = family.idle_hook(hook)
+            if answer is not None:
+                return answer
+    return False
 
 
 def family_leaf_modules() -> Tuple[type, ...]:

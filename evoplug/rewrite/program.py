@@ -6,11 +6,13 @@ for a dense run) and ``_evo_full``: the block's full token input. It returns
 ``(tokens_out, global_row)``, plus a third item ``fast_base`` for blocks whose windowed
 attention runs on the full map (Swin's map blocks, Twins' locally-grouped blocks): every
 token's exact stream after attention and the representative token's, from which the converted
-block starts the fast update:
+block starts the fast update; a block that returns a tuple (Hugging Face layers) has its other
+items as a fourth:
 
 * position terms found by the analysis (token-independent additive terms on the attention
   logits, e.g. BEiT's relative position bias) are gathered with ``_evo_pos``, so the kept tokens
-  and the representative token keep their own biases;
+  and the representative token keep their own biases; a term sized from the token count reads
+  the size of the full input;
 * the attention row of the global query (cls token, or the mean query when there is no prefix
   token) over the patch keys is computed next to the attention: taken from the softmax output,
   or computed from q and k for fused ``scaled_dot_product_attention`` / from the module's
@@ -41,7 +43,7 @@ from torch.package.importer import ObjMismatchError, ObjNotFoundError
 from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
-from ..analyse.graph import ancestors, getattr_path, is_add
+from ..analyse.graph import ancestors, getattr_path, is_add, token_size_queries
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
@@ -119,6 +121,13 @@ def _position_terms(rw: _Rewrite):
     if rw.a.windowed:
         return
     for bias in rw.site.biases:
+        sizes = token_size_queries(bias, rw.token)
+        if sizes:     # sized from the token count (HF BEiT): sized from the full input instead
+            last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
+            with rw.graph.inserting_after(last):
+                whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
+            for q in sizes:
+                q.replace_input_with(rw.token, whole)
         consumers = list(bias.users)
         with rw.graph.inserting_after(bias):
             gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))
@@ -208,7 +217,8 @@ def _global_row(rw: _Rewrite):
 
 
 def _outputs(rw: _Rewrite):
-    """The program returns (tokens, row), and the fast-update base where there is one."""
+    """The program returns (tokens, row), and the fast-update base where there is one; a block
+    that returns a tuple adds the tuple's other items as a fourth (see BlockSpec.returns)."""
     a, graph = rw.a, rw.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
@@ -217,7 +227,10 @@ def _outputs(rw: _Rewrite):
     if a.token_map and rw.fast_base is None:
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
-    if rw.fast_base is not None or a.token_map:
+    rest = out_node.meta.get("evo_rest")
+    if rest is not None:     # a tuple-returning block: its other items, as the program made them
+        out_node.args = ((result, rw.row, rw.fast_base, tuple(rest)),)
+    elif rw.fast_base is not None or a.token_map:
         out_node.args = ((result, rw.row, rw.fast_base),)
     else:
         out_node.args = ((result, rw.row),)
@@ -360,7 +373,10 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
             return None
         chain.append(cur)
         cur = cur.all_input_nodes[0]
-    with graph.inserting_after(src):
+    after = src
+    if src.op == "placeholder":      # the map is the tokens themselves (Swinv2: post-norm)
+        after = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(after):
         prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
     anchor = prev
     for node in reversed(chain):

@@ -74,6 +74,11 @@ class BlockSpec:
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
     #                            it the slow-path tokens directly
+    returns: Optional[type] = None   # tuple/list: the block returns (tokens, *other items);
+    #                            the program returns the other items as it computed them
+    idle_hook: Optional[Callable[[Callable], bool]] = None   # a family's forward hook that
+    #                            does nothing now (transformers' output capturing, see
+    #                            integrations/): not counted by hooked() / observed()
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
@@ -122,19 +127,26 @@ class BlockSpec:
         return new
 
     def hooked(self) -> bool:
-        """Whether a submodule the programs traced into has hooks: they fire only in the
-        block's own forward."""
+        """Whether a submodule the programs traced into has hooks that are not idle (see
+        ``idle_hook``): they fire only in the block's own forward."""
         for m in self.inner:
-            if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            if self._active(m._forward_hooks) or m._forward_pre_hooks or m._backward_hooks \
+                    or m._backward_pre_hooks:
                 return True
         return False
 
     def observed(self) -> bool:
         """Whether anything but the next block could see this block's input or output: hooks on
-        it or inside it, or global module hooks."""
+        it or inside it that are not idle, or global module hooks."""
         m = self.analysis.module
-        return bool(m._forward_hooks or m._forward_pre_hooks or _global_forward_hooks
+        return bool(self._active(m._forward_hooks) or m._forward_pre_hooks or _global_forward_hooks
                     or _global_forward_pre_hooks or self.hooked())
+
+    def _active(self, hooks) -> bool:
+        if not hooks:
+            return False
+        idle = self.idle_hook
+        return idle is None or not all(idle(h) for h in hooks.values())
 
     def program(self, training: bool, batch: int, args, kwargs) -> Callable:
         """The slow-path program for this mode and batch size."""
@@ -189,21 +201,21 @@ class EvoBlockMixin:
         elif record:
             rt.record(x, state)
         if segment:
-            out, new = self._run(x, extras, program, state, state.selection, state.g,
+            out, new, rest = self._run(x, extras, program, state, state.selection, state.g,
                                  state.since_select, state.segment.x0, state.segment.rep0)
         else:
-            out, new = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
+            out, new, rest = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
         if new.segment is None:
             out = spec.layout.restore(out, x)
         if record or recompute:
             rt.record(out, new)
         if not recompute:
             rt.leave(new)
-        return out
+        return out if spec.returns is None else spec.returns((out, *rest))
 
     def _evolve(self, x: torch.Tensor, extras, program, state: EvoState, role: str, opt: EvoOptions):
         """One block on tokens ``x`` (B, N, C) in the original order, from ``state``: (output
-        tokens, new state)."""
+        tokens, new state, the other items of a tuple-returning block)."""
         spec = self._evoplug_spec
         B, N, C = x.shape
         P = spec.num_prefix
@@ -232,12 +244,13 @@ class EvoBlockMixin:
         """Every token through the block, its row (re)starting (``g`` None) or refreshing the
         scores."""
         spec = self._evoplug_spec
-        out, row = program(self, *spec.call.feed(x, extras), None, None)[:2]
+        out, row, *more = program(self, *spec.call.feed(x, extras), None, None)
         spec.tokens_run = x.shape[1]
         if row is not None:
             row = ev.first_scores(row, spec.runtime.ranks(spec.num_prefix, x.device), spec.full_row)
             g = row if g is None else ev.update_scores(g, row, state.plan.options.trade_off)
-        return out, EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix)
+        new = EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix)
+        return out, new, (more[1] if len(more) > 1 else ())
 
     def _run(self, sub, extras, program, state: EvoState, sel, g, since: int, x0, rep0):
         """The slow path on ``sub`` [prefix, kept, representative], then either the original
@@ -248,6 +261,7 @@ class EvoBlockMixin:
         N = x0.shape[1]
         sub_extras = {n: gather_extra(spec.name, n, t, sel.pos, N, P) for n, t in extras.items()}
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
+        rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
             kept = ev.row_at_kept(row, sel, P) if spec.full_row else ev.row_of_kept(row, sel, P)
             sel = ev.refresh(sel, kept, spec.runtime.score_weight(opt.trade_off, P, sel.vals.shape[-1],
@@ -256,11 +270,11 @@ class EvoBlockMixin:
         spec.tokens_run = sub.shape[1]
         new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P)
         if since % opt.reselect_every and self._hands_on(state.plan):
-            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0))
+            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0)), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]
-            return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new
-        return ev.restore(x0, out_sub, sel, rep0), new
+            return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new, rest
+        return ev.restore(x0, out_sub, sel, rep0), new, rest
 
     def _hands_on(self, plan) -> bool:
         """Whether this block may hand its slow-path tokens straight to the next block: the

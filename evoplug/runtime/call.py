@@ -22,6 +22,13 @@ class CallPlan:
     var_keyword: Optional[str] = None   # forward(..., **kwargs): its keywords bound by name
     var_positional: Optional[str] = None   # forward(..., *args): must stay empty
     names: Tuple[str, ...] = ()   # every argument by name, in order, **kwargs' keywords last
+    ignored: Tuple[str, ...] = ()   # keywords of **kwargs the block never reads on the path
+    #                               its program runs (a family hint: transformers' output_*
+    #                               flags, collected by hooks): dropped when binding
+    packed: Dict[str, Tuple[type, int]] = dataclasses.field(default_factory=dict)
+    #                               an argument that is a tuple of tensors (rotary (cos, sin)):
+    #                               its container type and length; its items are arguments
+    #                               ``name__0``, ``name__1``, ... (see :func:`packed_name`)
 
     def bind(self, module_name: str, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self.single and len(args) == 1 and not kwargs:
@@ -62,13 +69,32 @@ class CallPlan:
                                                  f"(*{self.var_positional}): evoplug traces a fixed "
                                                  "signature")
         if self.var_keyword is not None:
-            values.update(values.pop(self.var_keyword, {}))
+            extra = values.pop(self.var_keyword, {})
+            values.update((k, v) for k, v in extra.items() if k not in self.ignored)
+        for name, (kind, n) in self.packed.items():
+            v = values.get(name)
+            if not isinstance(v, (tuple, list)) or len(v) != n:
+                raise AnalysisError(module_name, f"argument {name!r} was a {kind.__name__} of {n} "
+                                                 f"tensors when the block was analysed, got {v!r:.80}")
+            del values[name]
+            values.update((packed_name(name, i), t) for i, t in enumerate(v))
         return values
 
     def feed(self, x: torch.Tensor, extras: Dict[str, torch.Tensor]) -> List[Any]:
         """Positional arguments of the traced program: the tokens, then the other tensor
         arguments in signature order (constants are baked into the trace)."""
         return [x] + [extras[n] for n in self.tensor_args]
+
+
+def packed_name(name: str, i: int) -> str:
+    """The argument name of item ``i`` of a tuple argument ``name``."""
+    return f"{name}__{i}"
+
+
+def tensor_tuple(v) -> bool:
+    """A tuple or list of tensors (rotary ``(cos, sin)``): an argument the block reads item by
+    item, each following the tokens like a tensor argument."""
+    return isinstance(v, (tuple, list)) and bool(v) and all(isinstance(t, torch.Tensor) for t in v)
 
 
 def same_constant(a, b) -> bool:

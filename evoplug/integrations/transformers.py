@@ -1,0 +1,57 @@
+"""Hugging Face transformers' conventions, as hints (see registry.py).
+
+transformers (v5) collects ``output_hidden_states`` / ``output_attentions`` with forward hooks
+it installs on the layers and attention modules the first time a call asks for them, and
+leaves installed: afterwards each hook returns at once unless a call is collecting its key
+(a context variable of ``transformers.utils.output_capturing``). evoplug runs a block whose
+attention module has hooks as the original block (its program never calls that module, so the
+hook would not fire); such an idle hook is told apart here, so a model evolves again after one
+call with ``output_attentions=True``, and that call itself runs the original blocks and
+returns every attention map. The ``output_*`` flags themselves, passed down to every layer's
+``**kwargs``, are dropped from the blocks' call plans. transformers is never imported here."""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from .registry import FamilyHints
+
+_CAPTURING = "transformers.utils.output_capturing"
+
+
+def _closure(fn: Callable) -> dict:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def idle_hook(hook: Callable) -> Optional[bool]:
+    """True when ``hook`` is transformers' output-capturing hook and no running call collects
+    what it captures; None for other hooks (not this family's to say)."""
+    code = getattr(hook, "__code__", None)
+    if code is None or code.co_name != "output_capturing_hook":
+        return None
+    module = sys.modules.get(_CAPTURING)
+    if module is None or getattr(hook, "__module__", None) != _CAPTURING:
+        return None
+    key = _closure(hook).get("key")
+    collector = getattr(module, "_active_collector", None)
+    if key is None or collector is None:
+        return None
+    collected = collector.get()
+    return collected is None or key not in collected
+
+
+#: keywords transformers passes down to every layer's ``**kwargs`` and no layer reads (v5
+#: collects hidden states and attention maps with hooks); a call that collects attention
+#: maps runs the original blocks anyway (its hooks are not idle), where the flag is seen
+PASSED_THROUGH = ("output_hidden_states", "output_attentions")
+
+
+TRANSFORMERS = FamilyHints(
+    name="transformers",
+    matches=lambda model: type(model).__module__.startswith("transformers."),
+    ignored_keywords=lambda model: PASSED_THROUGH,
+    idle_hook=idle_hook,
+)

@@ -1,0 +1,73 @@
+"""Call forms beyond ``block(x)``, in a hand-written model (no transformers needed): a block
+that returns a tuple ``(tokens, attention weights)`` and takes a rotary ``(cos, sin)`` tuple
+over the patch tokens, as Hugging Face layers do."""
+import pytest
+import torch
+from torch import nn
+
+import evoplug
+
+
+def rotate_half(x):
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class RopeBlock(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads, self.d = heads, dim // heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, rope):
+        cos, sin = rope
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, self.heads, self.d).permute(2, 0, 3, 1, 4)
+        P = N - cos.shape[-2]                     # rotary on the patch tokens only
+        q = torch.cat([q[:, :, :P], q[:, :, P:] * cos + rotate_half(q[:, :, P:]) * sin], 2)
+        k = torch.cat([k[:, :, :P], k[:, :, P:] * cos + rotate_half(k[:, :, P:]) * sin], 2)
+        attn = (q @ k.transpose(-2, -1) * self.d ** -0.5).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.norm2(x)), attn
+
+
+class RopeViT(nn.Module):
+    def __init__(self, dim=32, depth=4, grid=6):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.ModuleList([RopeBlock(dim) for _ in range(depth)])
+        angles = torch.randn(grid * grid, dim // 4).repeat(1, 2)       # (patches, head dim)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        for blk in self.blocks:
+            x = blk(x, (self.cos, self.sin))[0]
+        return x
+
+
+def test_tuple_output_and_tuple_argument():
+    torch.manual_seed(0)
+    model = RopeViT().eval()
+    x = torch.randn(2, 3, 24, 24)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    report = evoplug.get_report(fast)
+    assert len(report.blocks) == 4 and all(s.num_prefix == 1 for s in report.blocks)
+    assert report.blocks[0].call.packed == {"rope": (tuple, 2)}
+    with torch.no_grad():
+        dense = model(x)
+        half = fast(x)
+        out = fast.blocks[3](torch.randn(2, 37, 32), (model.cos, model.sin))
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        machinery = fast(x)
+    assert isinstance(out, tuple) and len(out) == 2 and out[0].shape == (2, 37, 32)
+    assert float((machinery - dense).abs().max()) <= 1e-5
+    assert torch.isfinite(half).all() and not torch.allclose(half, dense)
+    layer = fast.blocks[1]
+    with pytest.raises(evoplug.errors.AnalysisError, match=r"blocks\.1.*'rope' was a tuple of 2 tensors"):
+        layer(torch.randn(1, 37, 32), (model.cos, model.sin, model.sin))
