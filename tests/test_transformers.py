@@ -261,3 +261,15 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
         assert not torch.equal(half.hidden_states[-1], dense.hidden_states[-1])
         # a plain call may hand tokens on between blocks (no hook collects them): same result
         assert torch.allclose(_tensor(fast(x)), _tensor(half), atol=1e-5, rtol=1e-5)
+
+
+def test_hiera_mask_unit_attention_is_refused_by_name():
+    """Hiera's early stages attend within mask units of the unrolled tokens (an attention map
+    per unit, not over the block's tokens): refused by block name with that reason."""
+    cfg = T.HieraConfig(image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
+                        embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4], query_stride=[2, 2],
+                        masked_unit_size=[8, 8], num_query_pool=2)
+    model = T.HieraModel(cfg).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`encoder\.stages\.0`: attention map \(1, 1, 4, 64, 64\) "
+                                                      r"is not over the block's 256 tokens"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))

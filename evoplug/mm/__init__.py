@@ -13,7 +13,10 @@ which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registr
 and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
 short allow-list (:mod:`evoplug.mm.checkpoint`).
 
-Train: ``python -m evoplug.mm.train CONFIG`` (or MMPretrain's ``tools/train.py``).
+and registers ``CpuBf16OptimWrapper`` (``--amp`` on CPUs) into MMEngine's ``OPTIM_WRAPPERS``.
+
+Train: ``python -m evoplug.mm.train CONFIG`` (or MMPretrain's ``tools/train.py``); distributed:
+``torchrun --nproc_per_node N -m evoplug.mm.train CONFIG --launcher pytorch``.
 """
 import sys
 
@@ -30,10 +33,13 @@ from evoplug.integrations.mmpretrain.models import (  # noqa: E402
     EvoVisionTransformer, LearnableTradeOff, convert_backbone, evo_backbone_class, example_input)
 
 checkpoint.install()
+from evoplug.integrations.mmpretrain.train import register_optim_wrappers  # noqa: E402
+
+CpuBf16OptimWrapper = register_optim_wrappers()
 # ``import evoplug.mm.checkpoint`` / ``evoplug.mm.models`` keep working
 sys.modules[__name__ + ".checkpoint"] = checkpoint
 sys.modules[__name__ + ".models"] = models
 
 __all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
            "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
-           "example_input", "checkpoint"]
+           "example_input", "checkpoint", "CpuBf16OptimWrapper"]

@@ -1,5 +1,6 @@
 """``python -m evoplug.mm.train CONFIG``: see :mod:`evoplug.integrations.mmpretrain.train`."""
-from evoplug.integrations.mmpretrain.train import build_runner, main, parse_args  # noqa: F401
+from evoplug.integrations.mmpretrain.train import (  # noqa: F401
+    build_runner, configure_amp, configure_launch, main, parse_args)
 
 if __name__ == "__main__":
     main()

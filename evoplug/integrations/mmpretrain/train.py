@@ -1,16 +1,37 @@
 """Train / fine-tune an MMPretrain config with MMEngine's Runner (evoplug registered first).
 
-    python -m evoplug.mm.train CONFIG [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
+    python -m evoplug.mm.train CONFIG [--launcher {none,pytorch,slurm,mpi}] [--work-dir DIR]
+                               [--resume [CHECKPOINT]] [--amp] [--no-sync-bn]
                                [--cfg-options key=value ...]
+    torchrun --nproc_per_node N -m evoplug.mm.train CONFIG --launcher pytorch
 
-The same as MMPretrain's ``tools/train.py`` for a single process; that script works too, since
-evoplug's base config imports ``evoplug.mm`` through ``custom_imports``.
+The same as MMPretrain's ``tools/train.py`` (that script works too, since evoplug's base config
+imports ``evoplug.mm`` through ``custom_imports``), plus what it lacks without CUDA:
+
+* ``--launcher pytorch`` on GPUs is MMEngine's own path: NCCL, one device per rank
+  (``LOCAL_RANK``), DDP with ``device_ids=[LOCAL_RANK]``, and SyncBN (``sync_bn='torch'``) unless
+  the config sets ``sync_bn`` or ``--no-sync-bn`` is given: BatchNorm statistics over the global
+  batch (LeViT; a model without BatchNorm is unchanged).
+* ``--launcher pytorch`` on CPUs: MMEngine's ``init_dist`` calls ``torch.cuda.set_device``, so the
+  gloo process group is made here, before the Runner, and DDP is built without device ids.
+  SyncBatchNorm runs on GPUs only: a config that asks for it on CPUs is refused.
+* ``--amp``: float16 with a dynamic loss scale on GPUs (MMEngine's ``AmpOptimWrapper``),
+  bfloat16 autocast on CPUs (:class:`CpuBf16OptimWrapper`; bfloat16 needs no loss scale).
+
+Progress is MMEngine's logger (``default_hooks.logger``: loss, lr, time and ETA every
+``interval`` iterations, on rank 0).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import os.path as osp
 from typing import List, Optional
+
+import torch
+
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -20,10 +41,19 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--work-dir", help="where logs and checkpoints go (default ./work_dirs/<config name>)")
     p.add_argument("--resume", nargs="?", type=str, const="auto",
                    help="resume from this checkpoint, or without a value from the latest one in the work dir")
-    p.add_argument("--amp", action="store_true", help="automatic mixed precision")
+    p.add_argument("--amp", action="store_true",
+                   help="mixed precision: float16 + loss scale on GPUs, bfloat16 on CPUs")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="none",
+                   help="how the processes were started: 'pytorch' under torchrun (default 'none': one process)")
+    p.add_argument("--no-sync-bn", action="store_true",
+                   help="keep per-process BatchNorm statistics in distributed GPU training")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0,
+                   help="set by torch.distributed.launch (torchrun sets LOCAL_RANK instead)")
     p.add_argument("--cfg-options", nargs="+", action=DictAction, default=None,
                    help="override config settings, e.g. train_cfg.max_epochs=1 load_from=dense.pth")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    return args
 
 
 def build_runner(cfg):
@@ -32,6 +62,58 @@ def build_runner(cfg):
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
     return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+
+
+def configure_launch(cfg, launcher: str, cuda: bool, sync_bn: bool = True):
+    """Set ``cfg`` up for ``launcher`` on GPUs (``cuda``) or CPUs: the process group backend, the
+    DDP wrapper and SyncBN (see the module docstring). Returns whether this process must create
+    the process group itself (CPUs: MMEngine's ``init_dist`` would call ``torch.cuda``)."""
+    cfg.launcher = launcher
+    if launcher == "none":
+        return False
+    if cfg.get("env_cfg") is None:
+        cfg.env_cfg = {}
+    if cfg.env_cfg.get("dist_cfg") is None:
+        cfg.env_cfg.dist_cfg = {}
+    dist_cfg = cfg.env_cfg.dist_cfg
+    if cuda:
+        if dist_cfg.get("backend") is None:
+            dist_cfg.backend = "nccl"
+        if sync_bn and "sync_bn" not in cfg:
+            cfg.sync_bn = "torch"
+        return False
+    if launcher != "pytorch":
+        raise ValueError(f"--launcher {launcher} needs GPUs here; on CPUs use --launcher pytorch "
+                         "under torchrun")
+    if cfg.get("sync_bn"):
+        raise ValueError(f"sync_bn={cfg.sync_bn!r}: SyncBatchNorm runs on GPUs only; remove it "
+                         "from the config for CPU training (BatchNorm then keeps per-process "
+                         "statistics)")
+    dist_cfg.backend = "gloo"
+    if cfg.get("model_wrapper_cfg") is None:
+        cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
+                                     find_unused_parameters=cfg.get("find_unused_parameters", False))
+    return True
+
+
+def init_cpu_process_group(timeout_s: int = 1800):
+    """The gloo process group of a torchrun-started CPU process (env:// rendezvous)."""
+    import datetime
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def configure_amp(cfg, cuda: bool):
+    """``--amp``: MMEngine's AmpOptimWrapper (float16, dynamic loss scale) on GPUs; bfloat16
+    autocast without loss scale on CPUs (:class:`CpuBf16OptimWrapper`)."""
+    if cuda:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        if cfg.optim_wrapper.get("loss_scale") is None:
+            cfg.optim_wrapper.loss_scale = "dynamic"
+    else:
+        cfg.optim_wrapper.type = "CpuBf16OptimWrapper"
+        cfg.optim_wrapper.pop("loss_scale", None)
 
 
 def main(argv: Optional[List[str]] = None):
@@ -51,12 +133,37 @@ def main(argv: Optional[List[str]] = None):
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    cuda = torch.cuda.is_available()
     if args.amp:
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+        configure_amp(cfg, cuda)
+    if configure_launch(cfg, args.launcher, cuda, sync_bn=not args.no_sync_bn):
+        init_cpu_process_group(cfg.env_cfg.dist_cfg.get("timeout", 1800))
     runner = build_runner(cfg)
     runner.train()
     return runner
+
+
+def register_optim_wrappers():
+    """:class:`CpuBf16OptimWrapper` in MMEngine's ``OPTIM_WRAPPERS`` (done by ``evoplug.mm``)."""
+    from mmengine.optim import OptimWrapper
+    from mmengine.registry import OPTIM_WRAPPERS
+
+    if "CpuBf16OptimWrapper" in OPTIM_WRAPPERS.module_dict:
+        return OPTIM_WRAPPERS.get("CpuBf16OptimWrapper")
+
+    @OPTIM_WRAPPERS.register_module()
+    class CpuBf16OptimWrapper(OptimWrapper):
+        """Mixed precision on CPUs: the forward under ``torch.autocast('cpu', bfloat16)``
+        (matmuls and convolutions in bfloat16, reductions and the loss in float32). bfloat16
+        has float32's exponent range, so no loss scale; the parameters and the optimizer stay
+        float32."""
+
+        @contextlib.contextmanager
+        def optim_context(self, model):
+            with super().optim_context(model), torch.autocast("cpu", dtype=torch.bfloat16):
+                yield
+
+    return CpuBf16OptimWrapper
 
 
 if __name__ == "__main__":
