@@ -437,3 +437,18 @@ def test_swin_classifier_trains_on_batches_of_changing_size_and_survives_ema_cop
         assert torch.allclose(ema(x), evo(x), atol=1e-6)
         preds = evo(x, mode="predict")
     assert len(preds) == 2 and preds[0].pred_score.shape == (10,)
+
+
+def test_swin_map_whose_channels_equal_its_sides_reads_back_channels_last():
+    """Stage 0 of a Swin with 32 channels on a 32x32 map: (B, 32, 32, 32) is channels-first and
+    channels-last at once; the token side of the view (B, 1024, 32) says channels last. (It was
+    read as channels first, and the probe refused the block.)"""
+    kw = dict(arch=dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]), img_size=128,
+              out_indices=(1, 2, 3), window_size=4)
+    dense, evo = _dense_and_evo("SwinTransformer", "mmpretrain.EvoSwinTransformer", ROOT_MODELS, **kw)
+    assert len(evoplug.get_report(evo).blocks) == 8 and not evoplug.get_report(evo).failed
+    x = torch.randn(2, 3, 128, 128)
+    evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        for d, e in zip(dense(x), evo(x)):
+            assert float((d - e).abs().max()) <= 1e-5 * max(1.0, float(d.abs().max()))

@@ -32,14 +32,13 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
     grid = tuple(grid)
     M = grid[0] * grid[1]
 
-    def layout(shape):   # 'cf' (B, C, H, W), 'cl' (B, H, W, C) or None
+    def layout(shape, tokens=None):   # 'cf' (B, C, H, W), 'cl' (B, H, W, C) or None
         if shape is None or len(shape) != 4:
             return None
-        if tuple(shape[-2:]) == grid:
-            return "cf"
-        if tuple(shape[1:3]) == grid:
-            return "cl"
-        return None
+        cf, cl = tuple(shape[-2:]) == grid, tuple(shape[1:3]) == grid
+        if cf and cl and tokens is not None:   # C == H == W: the token side tells, (B, M, C) is
+            return "cl" if tokens[1] in (N, M) else "cf"   # channels last, (B, C, M) first
+        return "cf" if cf else "cl" if cl else None
 
     ops = []
     for n in gm.graph.nodes:
@@ -52,15 +51,15 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
         # the token dim follows from the map's layout: (B, N, C) <-> (B, H, W, C) splits or
         # merges dim 1, (B, C, N) <-> (B, C, H, W) the last dim (this matters when C == N)
         if layout(so) and len(si) == 3 and N in si[1:]:
-            dim = 1 if layout(so) == "cl" else 2
+            dim = 1 if layout(so, si) == "cl" else 2
             if si[dim] != N:
                 dim = len(si) - 1 - list(reversed(si)).index(N)
             ops.append(("to", n, dim))
         elif layout(si) and len(so) == 3 and M in so[1:]:
-            dim = 1 if layout(si) == "cl" else 2
+            dim = 1 if layout(si, so) == "cl" else 2
             if so[dim] != M:
                 dim = len(so) - 1 - list(reversed(so)).index(M)
-            ops.append(("from", n, (dim, layout(si))))
+            ops.append(("from", n, (dim, layout(si, so))))
     if site is not None and ops:
         ops = _drop_single_window_views(ops, site)
     if ops and P:

@@ -27,6 +27,9 @@ except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(f"evoplug.mm needs MMPretrain ({e}): pip install 'evoplug[mm]', i.e. "
                       "mmengine mmcv-lite mmpretrain 'setuptools<81' (mmcv-lite, not mmcv)") from e
 
+from evoplug.integrations.mmpretrain.compat import multimodal_off  # noqa: E402
+
+multimodal_off()      # MMPretrain's multi-modal models need transformers 4 (see compat.py)
 from evoplug.integrations.mmpretrain import checkpoint, models  # noqa: E402
 from evoplug.integrations.mmpretrain.models import (  # noqa: E402
     EvoDistilledVisionTransformer, EvoImageClassifier, EvoLeViT, EvoSwinTransformer,

@@ -1,0 +1,153 @@
+"""MMSegmentation and MMDetection with Evo backbones on a machine with mmcv-lite only: the
+opt-in stand-in for mmcv's compiled ops (``evoplug.integrations.mmcv_ops``) lets their model
+packages import; a segmenter (EncoderDecoder + UPerHead) with ``mmpretrain.EvoVisionTransformer``
+and a detector (RetinaNet) with ``mmpretrain.EvoSwinTransformer`` build, take training steps
+and predict. Skipped without mmseg / mmdet."""
+import sys
+import types
+
+import pytest
+import torch
+
+pytest.importorskip("mmseg")
+pytest.importorskip("mmdet")
+pytest.importorskip("mmpretrain")
+
+from evoplug.integrations import mmcv_ops  # noqa: E402  (installs the stand-in if needed)
+
+import evoplug  # noqa: E402
+import evoplug.mm  # noqa: E402,F401
+
+
+def test_stand_in_serves_nms_and_names_the_ops_it_cannot_run():
+    from mmcv.ops import batched_nms, nms
+    from torchvision.ops import nms as tv_nms
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g) * 40
+    boxes = torch.cat([xy, xy + 5 + torch.rand(50, 2, generator=g) * 10], 1)
+    scores = torch.rand(50, generator=g)
+    dets, keep = nms(boxes, scores, 0.3)
+    assert torch.equal(keep, tv_nms(boxes, scores, 0.3))
+    assert torch.equal(dets[:, 4], scores[keep])
+    _, keep_b = batched_nms(boxes, scores, torch.arange(50) % 3, dict(type="nms", iou_threshold=0.3))
+    assert len(keep_b) >= len(keep)
+    if mmcv_ops.installed():
+        ext = sys.modules["mmcv._ext"]
+        with pytest.raises(mmcv_ops.CompiledOpMissing, match="`ms_deform_attn_forward` needs a compiled mmcv"):
+            ext.ms_deform_attn_forward(torch.zeros(1))
+        with pytest.raises(mmcv_ops.CompiledOpMissing, match="use_torchvision=True"):
+            ext.roi_align_backward()
+
+
+def test_stand_in_is_never_used_over_a_compiled_mmcv(monkeypatch):
+    """A real ``mmcv._ext`` that imports wins: install() changes nothing and says so."""
+    real = types.ModuleType("mmcv._ext")
+    monkeypatch.setitem(sys.modules, "mmcv._ext", real)
+    assert mmcv_ops.install() is False and sys.modules["mmcv._ext"] is real
+    assert not mmcv_ops.installed()
+
+
+TINY_VIT = dict(arch=dict(embed_dims=96, num_layers=6, num_heads=3, feedforward_channels=384),
+                img_size=64, patch_size=8, out_indices=(1, 3, 5), out_type="featmap")
+
+
+def _segmenter(backbone_type, **evo):
+    from mmseg.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmseg")
+    backbone = dict(type=backbone_type, **TINY_VIT, **({"evo": evo} if evo else {}))
+    from mmengine.config import ConfigDict
+    return MODELS.build(ConfigDict(
+        type="EncoderDecoder",
+        data_preprocessor=dict(type="SegDataPreProcessor", mean=[0.0] * 3, std=[1.0] * 3, size=(64, 64)),
+        backbone=backbone,
+        neck=dict(type="MultiLevelNeck", in_channels=[96, 96, 96], out_channels=64, scales=[2, 1, 0.5]),
+        decode_head=dict(type="UPerHead", in_channels=[64, 64, 64], in_index=[0, 1, 2], pool_scales=(1, 2),
+                         channels=32, num_classes=4, norm_cfg=dict(type="BN"), align_corners=False,
+                         loss_decode=dict(type="CrossEntropyLoss")),
+        train_cfg=dict(), test_cfg=dict(mode="whole")))
+
+
+def _seg_batch(n=2):
+    from mmseg.structures import SegDataSample
+    from mmengine.structures import PixelData
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(n):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=torch.randint(0, 4, (1, 64, 64), generator=g))
+        s.set_metainfo(dict(img_shape=(64, 64), ori_shape=(64, 64), pad_shape=(64, 64)))
+        samples.append(s)
+    return dict(inputs=[torch.rand(3, 64, 64, generator=g) * 255 for _ in range(n)], data_samples=samples)
+
+
+def test_segmenter_with_an_evo_backbone_trains_and_predicts():
+    torch.manual_seed(0)
+    dense = _segmenter("mmpretrain.VisionTransformer")
+    evo = _segmenter("mmpretrain.EvoVisionTransformer", keep_ratio=0.5)
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    assert len(evoplug.get_report(evo.backbone).blocks) == 6
+    optim = torch.optim.AdamW(evo.parameters(), lr=1e-3)
+    evo.train()
+    for _ in range(2):
+        losses = evo.loss(**evo.data_preprocessor(_seg_batch(), True))
+        loss = sum(v for k, v in losses.items() if "loss" in k)
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        assert torch.isfinite(loss)
+    assert dict(evoplug.tokens_per_block(evo.backbone))["layers.5"] == 1 + 32 + 1
+    evo.eval()
+    with torch.no_grad():
+        pred = evo.test_step(_seg_batch())
+    assert pred[0].pred_sem_seg.data.shape == (1, 64, 64)
+
+
+def test_detector_with_an_evo_swin_backbone_takes_a_step_and_predicts():
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import InstanceData
+    init_default_scope("mmdet")
+    torch.manual_seed(0)
+    from mmengine.config import ConfigDict
+    det = MODELS.build(ConfigDict(
+        type="RetinaNet",
+        data_preprocessor=dict(type="DetDataPreprocessor", mean=[0.0] * 3, std=[1.0] * 3, pad_size_divisor=32),
+        backbone=dict(type="mmpretrain.EvoSwinTransformer", arch=dict(embed_dims=32, depths=[2, 2, 2, 2],
+                      num_heads=[1, 2, 4, 8]), img_size=128, out_indices=(1, 2, 3), window_size=4,
+                      evo=dict(keep_ratio=0.5)),
+        neck=dict(type="FPN", in_channels=[64, 128, 256], out_channels=32, start_level=0,
+                  add_extra_convs="on_input", num_outs=3),
+        bbox_head=dict(type="RetinaHead", num_classes=3, in_channels=32, stacked_convs=1, feat_channels=32,
+                       anchor_generator=dict(type="AnchorGenerator", octave_base_scale=4,
+                                             scales_per_octave=1, ratios=[1.0], strides=[8, 16, 32]),
+                       bbox_coder=dict(type="DeltaXYWHBBoxCoder", target_means=[0.0] * 4, target_stds=[1.0] * 4),
+                       loss_cls=dict(type="FocalLoss", use_sigmoid=True, gamma=2.0, alpha=0.25, loss_weight=1.0),
+                       loss_bbox=dict(type="L1Loss", loss_weight=1.0)),
+        train_cfg=dict(assigner=dict(type="MaxIoUAssigner", pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0,
+                                     ignore_iof_thr=-1), sampler=dict(type="PseudoSampler"),
+                       allowed_border=-1, pos_weight=-1, debug=False),
+        test_cfg=dict(nms_pre=100, min_bbox_size=0, score_thr=0.0, nms=dict(type="nms", iou_threshold=0.5),
+                      max_per_img=20)))
+    assert len(evoplug.get_report(det.backbone).blocks) == 8
+
+    def batch():
+        s = DetDataSample()
+        s.gt_instances = InstanceData(bboxes=torch.tensor([[10.0, 12.0, 60.0, 70.0], [70.0, 20.0, 120.0, 90.0]]),
+                                      labels=torch.tensor([0, 2]))
+        s.set_metainfo(dict(img_shape=(128, 128), ori_shape=(128, 128), pad_shape=(128, 128),
+                            scale_factor=(1.0, 1.0), batch_input_shape=(128, 128)))
+        return dict(inputs=[torch.rand(3, 128, 128) * 255], data_samples=[s])
+
+    det.train()
+    data = det.data_preprocessor(batch(), True)
+    losses = det.loss(data["inputs"], data["data_samples"])
+    loss = sum(sum(v) if isinstance(v, list) else v for k, v in losses.items() if "loss" in k)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert any(t > 0 for _, t in evoplug.tokens_per_block(det.backbone))
+    det.eval()
+    with torch.no_grad():
+        out = det.test_step(batch())
+    assert out[0].pred_instances.bboxes.shape[-1] == 4 and len(out[0].pred_instances) <= 20
