@@ -151,3 +151,44 @@ def test_detector_with_an_evo_swin_backbone_takes_a_step_and_predicts():
     with torch.no_grad():
         out = det.test_step(batch())
     assert out[0].pred_instances.bboxes.shape[-1] == 4 and len(out[0].pred_instances) <= 20
+
+
+@pytest.mark.parametrize("framework, cfg, size", [
+    ("mmseg", dict(type="EvoVisionTransformer", img_size=(64, 64), patch_size=8, embed_dims=96, num_layers=6,
+                   num_heads=3, out_indices=(1, 3, 5)), 64),
+    ("mmseg", dict(type="EvoMixVisionTransformer", embed_dims=32, num_layers=[2, 2, 2, 2], num_heads=[1, 2, 5, 8],
+                   out_indices=(0, 1, 2, 3)), 64),
+    ("mmseg", dict(type="EvoSwinTransformer", embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8],
+                   window_size=4, pretrain_img_size=128), 128),
+    ("mmdet", dict(type="EvoSwinTransformer", embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8],
+                   window_size=4, pretrain_img_size=128), 128),
+    ("mmdet", dict(type="EvoPyramidVisionTransformerV2", embed_dims=32, num_layers=[2, 2, 2, 2]), 128),
+])
+def test_framework_backbones_registered_in_evo_form(framework, cfg, size):
+    """mmseg's / mmdet's own transformer backbones as ``Evo<Name>`` in their registries: every
+    block converts (SegFormer's and PVTv2's spatial-reduction attention through
+    nn.MultiheadAttention included), the dense weights load strictly, keep 1.0 through the
+    selection machinery gives the dense feature maps, keep 0.5 other values of the same shapes."""
+    import importlib
+    importlib.import_module(f"evoplug.{framework}")
+    from mmengine.registry import init_default_scope
+    registry = importlib.import_module(f"{framework}.registry").MODELS
+    init_default_scope(framework)
+    torch.manual_seed(0)
+    dense_cfg = dict(cfg, type=cfg["type"][3:])
+    dense = registry.build(dense_cfg)
+    evo = registry.build(dict(cfg, evo=dict(keep_ratio=0.5, input_size=size)))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    dense.eval()
+    evo.eval()
+    report = evoplug.get_report(evo)
+    assert not report.failed and len(report.blocks) in (6, 8)
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        d, half = dense(x), evo(x)
+        evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+        full = evo(x)
+    assert [t.shape for t in half] == [t.shape for t in d]
+    for a, b in zip(d, full):
+        assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(a.abs().max()))
+    assert any(not torch.allclose(a, b) for a, b in zip(d, half))

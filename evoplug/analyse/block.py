@@ -205,7 +205,7 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
     elif site.kind == "sdpa":
         _sdpa_attention(a, site, grid_ops)
     else:
-        _mha_attention(a, gm, site)
+        _mha_attention(a, gm, site, grid_ops)
     a.q = getattr(site.q, "name", str(site.q))
     a.k = getattr(site.k, "name", str(site.k))
     if a.kv_grid is not None and not a.windowed:
@@ -253,11 +253,17 @@ def _sdpa_attention(a: BlockAnalysis, site, grid_ops):
     a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
 
 
-def _mha_attention(a: BlockAnalysis, gm, site):
+def _mha_attention(a: BlockAnalysis, gm, site, grid_ops):
     mha = module_of(gm, site.node)
     if site.q is not site.k and shape_of(site.q) != shape_of(site.k):
-        raise AnalysisError(a.name, "nn.MultiheadAttention with different query and key tokens "
-                                    "(cross-attention)")
+        qs, ks = shape_of(site.q), shape_of(site.k)
+        t = 1 if mha.batch_first else 0          # the token dim of nn.MultiheadAttention's inputs
+        if qs and ks and len(qs) == 3 and len(ks) == 3 and qs[t] == a.num_tokens:
+            # keys/values from the full map reduced (PVTv2 / SegFormer in mmdet / mmseg)
+            a.kv_grid = reduced_kv_grid(site.k, ks[t], grid_ops)
+        if a.kv_grid is None:
+            raise AnalysisError(a.name, "nn.MultiheadAttention with different query and key tokens "
+                                        "(cross-attention)")
     a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
 
 
