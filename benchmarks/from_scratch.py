@@ -56,7 +56,7 @@ def run(name, path, model, args, seed):
             self.t, self.losses = time.perf_counter(), []
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            self.losses.append(float(outputs["loss"]))
+            self.losses.append(outputs["loss"].item())
 
         def after_train_epoch(self, runner):
             self.wall = time.perf_counter() - self.t
