@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
+import time
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,13 +22,13 @@ from .analyse.calibrate import calibrate, token_provenance
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
-from .errors import AnalysisError, ConversionError
+from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class
-from .runtime.state import EntryHook, EvoRuntime, Plan
+from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, input_key
 
 
 @dataclasses.dataclass
@@ -76,7 +78,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         model = copy_model(model)
     analysed, parts = [], []
     with _no_side_effects(model):
-        calls, attn_mods, candidates, failed, skipped = _calibrate(model, example_input)
+        calls, attn_mods, candidates, failed, skipped, example = _calibrate(model, example_input)
         try:
             for name, module, call in candidates:
                 added = set(module._buffers)
@@ -110,17 +112,99 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     for spec, link in zip(specs, links):
         spec.chain_next = None if link is None else specs[link]
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
-                                             _install_entry_hook(model, runtime, example_input))
+                                             _install_entry_hook(model, runtime, example, strict))
     return model
 
 
-def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input) -> Tuple[int, int]:
+def _size_variant(model: nn.Module, args, kwargs, strict: bool = True) -> SizeVariant:
+    """The model converted again for the input of this call (another size than the one it was
+    converted at): a twin whose converted blocks and their ancestors are new module objects
+    (sharing every parameter, buffer and other submodule with the model), converted with the
+    model's options on the call's first image. Called by the runtime at the first forward with
+    that input size (see runtime/state.py SizeVariant); what it cost is kept in ``seconds``."""
+    report = get_report(model)
+    t0 = time.perf_counter()
+    twin, pairs = _twin(model, {id(s.analysis.module) for s in report.blocks})
+    for s in report.blocks:
+        m = pairs[id(s.analysis.module)]
+        m.__class__ = s.orig_class
+        m.__dict__.pop("_evoplug_spec", None)
+        for name in s.added_buffers:
+            m._buffers.pop(name, None)
+    twin.__dict__.pop("_evoplug_report", None)
+    example = _first_image(args, kwargs)
+    options = {f.name: getattr(report.options, f.name) for f in dataclasses.fields(report.options)}
+    try:
+        convert(twin, inplace=True, example_input=example, strict=strict, **options)
+    except ConversionError as e:
+        raise EvoplugError(f"{type(model).__name__}: an input of another size than the one it was "
+                           f"converted at needs the model converted again for that size, which "
+                           f"failed: {e}") from None
+    names = [s.analysis.name for s in get_report(twin).blocks]
+    if names != [s.analysis.name for s in report.blocks]:
+        raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
+                           f"({names}) than at the size it was converted at; convert it for this size")
+    blocks = [pairs[id(s.analysis.module)] for s in report.blocks]
+    added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
+    triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
+               for m in model.modules() if id(m) in pairs]
+    return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
+
+
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
+               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def _twin(model: nn.Module, blocks: set):
+    """New objects for the converted blocks and the modules above them (their own attribute,
+    buffer, child and hook dicts, without hooks); every other submodule, and every parameter
+    and buffer, is shared. Returns (twin root, {id(original): twin})."""
+    pairs = {}
+
+    def copy(m: nn.Module) -> nn.Module:
+        holds = id(m) in blocks or any(id(d) in blocks for d in m.modules())
+        if not holds:
+            return m
+        t = object.__new__(type(m))
+        t.__dict__ = dict(m.__dict__)
+        t._buffers = dict(m._buffers)
+        t._parameters = dict(m._parameters)
+        for name in _HOOK_DICTS:
+            if name in t.__dict__:
+                t.__dict__[name] = type(m.__dict__[name])()
+        pairs[id(m)] = t
+        if id(m) not in blocks:
+            t._modules = {n: (copy(c) if c is not None else None) for n, c in m._modules.items()}
+        return t
+
+    return copy(model), pairs
+
+
+def _first_image(args, kwargs):
+    """The call's input with batch size 1, in the form convert takes an example input."""
+    one = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
+    if kwargs and not args:
+        return {k: one(v) for k, v in kwargs.items()}
+    if args and not kwargs:
+        return one(args[0]) if len(args) == 1 else tuple(one(v) for v in args)
+    raise EvoplugError("an input of another size than the one the model was converted at, "
+                       "passed both positionally and by keyword: convert the model for it")
+
+
+def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
+                        strict: bool = True) -> Tuple[int, int]:
     """Hooks that tell the blocks when the model's own forward runs, called like calibration
-    called it (see runtime/state.py EntryHook); returns their ids (revert removes them)."""
+    called it, and with which input size (see runtime/state.py EntryHook, SizeVariant); returns
+    their ids (revert removes them)."""
+    factory = functools.partial(_size_variant, strict=strict)
     if isinstance(example_input, dict):
-        hook = EntryHook(runtime, 0, example_input)
+        hook = EntryHook(runtime, 0, example_input, input_key((), example_input), factory)
+    elif isinstance(example_input, (tuple, list)):
+        hook = EntryHook(runtime, len(example_input), (), input_key(tuple(example_input), {}), factory)
     else:
-        hook = EntryHook(runtime, len(example_input) if isinstance(example_input, (tuple, list)) else 1, ())
+        hook = EntryHook(runtime, 1, (), input_key((example_input,), {}), factory)
     pre = model.register_forward_pre_hook(hook, with_kwargs=True)
     post = model.register_forward_hook(hook.exit, with_kwargs=True, always_call=True)
     return pre.id, post.id
@@ -195,7 +279,7 @@ def _calibrate(model: nn.Module, example_input):
     candidates, failed, skipped = find_blocks(model, calls)
     if candidates:
         token_provenance(model, example_input, calls, candidates[0][1])
-    return calls, attention_modules(model, calls), candidates, failed, skipped
+    return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 
 def _order(calls, model: nn.Module, name: str) -> int:
@@ -315,7 +399,10 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
     roles = assign_roles(new, len(report.blocks))     # checks start_block
     report.options = new
     if report.blocks:
-        report.blocks[0].runtime.plan = Plan(new, roles)
+        runtime = report.blocks[0].runtime
+        runtime.plan = Plan(new, roles)
+        for variant in list(runtime.variants.values()):   # the same blocks at other sizes
+            set_options(variant.model, **changes)
     return new
 
 

@@ -226,3 +226,31 @@ def test_segmentation_config_trains_on_digit_canvases_with_the_runner(tmp_path):
     dense = MODELS.build(dense_cfg.model)
     state = torch.load(os.path.join(cfg.work_dir, "iter_3.pth"), map_location="cpu", weights_only=False)
     dense.load_state_dict(state["state_dict"], strict=True)
+
+
+def test_evo_swin_backbone_takes_the_sizes_a_detector_trains_at():
+    """mmdet's multi-scale training pads images to other sizes than the backbone was converted
+    at (MMPretrain's Swin then called its blocks with another ``hw_shape``): each new size gets
+    its own conversion at its first forward, sharing the weights; keep 1.0 stays exact."""
+    from mmpretrain.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmpretrain")
+    kw = dict(arch=dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]), img_size=128,
+              out_indices=(1, 2, 3), window_size=4)
+    torch.manual_seed(0)
+    dense = MODELS.build(dict(type="SwinTransformer", **kw))
+    evo = MODELS.build(dict(type="EvoSwinTransformer", evo=dict(keep_ratio=0.5), **kw))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    dense.eval()
+    evo.eval()
+    for size in (160, 128):
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            half = evo(x)
+            evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+            full, ref = evo(x), dense(x)
+            evoplug.set_options(evo, keep_ratio=0.5, identity_fast_path=True)
+        assert [t.shape for t in half] == [t.shape for t in ref]
+        for a, b in zip(full, ref):
+            assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+    assert len(evoplug.get_report(evo).blocks[0].runtime.variants) == 1

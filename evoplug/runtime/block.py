@@ -174,6 +174,13 @@ class EvoBlockMixin:
     def forward(self, *args, **kwargs):
         spec = self._evoplug_spec
         rt = spec.runtime
+        if rt.variants:
+            variant = rt.variant()
+            if variant is not None and not spec.hooked():   # a forward of another input size
+                twin = variant.blocks[spec.index]
+                out = twin(*args, **kwargs)
+                spec.tokens_run = twin._evoplug_spec.tokens_run
+                return out
         recompute = not torch.compiler.is_compiling() and _in_backward()
         state = rt.enter(spec.index) if not recompute else None
         plan = state.plan if state is not None else rt.plan

@@ -10,7 +10,7 @@ from __future__ import annotations
 import collections
 import threading
 import weakref
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -87,6 +87,11 @@ class EvoRuntime:
         self._local = threading.local()
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
+        # other input sizes (see SizeVariant): built by the conversion's factory (which the
+        # EntryHook holds) at the first forward with a size, kept by input key; not pickled or
+        # copied (a copy builds its own)
+        self.variants: Dict[tuple, "SizeVariant"] = {}
+        self._variant_lock = threading.Lock()
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -122,16 +127,35 @@ class EvoRuntime:
         stack = getattr(self._local, "entry", None)
         return bool(stack) and stack[-1]
 
-    def push_entry(self, matches: bool):
+    def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None):
         stack = getattr(self._local, "entry", None)
         if stack is None:
             stack = self._local.entry = []
+            self._local.variant = []
         stack.append(matches)
+        self._local.variant.append(variant)
 
     def pop_entry(self):
         stack = getattr(self._local, "entry", None)
         if stack:
             stack.pop()
+            self._local.variant.pop()
+
+    def variant(self) -> Optional["SizeVariant"]:
+        """The size variant this thread's model forward runs with (None: the converted size)."""
+        stack = getattr(self._local, "variant", None)
+        return stack[-1] if stack else None
+
+    def variant_for(self, key: tuple, factory: Callable, model, args, kwargs) -> "SizeVariant":
+        """The variant for input ``key``, built once by ``factory(model, args, kwargs)`` (the
+        conversion's) at the first forward with it."""
+        v = self.variants.get(key)
+        if v is None:
+            with self._variant_lock:
+                v = self.variants.get(key)
+                if v is None:
+                    v = self.variants[key] = factory(model, args, kwargs)
+        return v
 
     # -- constants a forward needs (made once per device) -----------------------------------
     def ranks(self, num_prefix: int, device) -> Optional[torch.Tensor]:
@@ -219,20 +243,71 @@ def _masked(alpha: float, num_prefix: int, n: int, device) -> torch.Tensor:
     return w
 
 
+def _shapes(key) -> tuple:
+    return tuple(k[0] for k in key) if key is not None else None
+
+
+def input_key(args, kwargs) -> tuple:
+    """What identifies an input size: every tensor argument's shape without the batch dim,
+    dtype and device, in order."""
+    items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+    return tuple((tuple(v.shape[1:]), v.dtype, v.device.type) for v in items if isinstance(v, torch.Tensor))
+
+
+class SizeVariant:
+    """The model converted again for another input size: a twin of the model whose modules are
+    new objects holding the *same* parameters and buffers (so training, optimizers and
+    ``load_state_dict`` act on both), converted by the conversion's own factory at the first
+    forward with that size. A converted block called in a forward of that size runs its twin
+    (``blocks[spec.index]``). ``pairs`` (original, twin, shared) keep the twin's train/eval modes in
+    step with the model's; ``shared`` names the buffers of the model's own (not the ones its
+    conversion added), which the twin follows when ``.to()`` replaces them."""
+
+    def __init__(self, model, blocks, pairs, seconds: float):
+        self.model = model
+        self.blocks = blocks
+        self.pairs = pairs
+        self.seconds = seconds          # what building it cost (the first call's extra time)
+
+    def sync(self):
+        """The model's train/eval modes, and the buffers ``.to()``/``.half()`` replaced on the
+        model's own copied modules, onto the twin (before each forward of this size)."""
+        for orig, twin, shared in self.pairs:
+            if twin.training != orig.training:
+                twin.training = orig.training
+            for name in shared:
+                buf = orig._buffers.get(name)
+                if twin._buffers.get(name) is not buf:
+                    twin._buffers[name] = buf
+
+
 class EntryHook:
     """Forward pre-hook (and, as :meth:`exit`, forward hook) on the converted model: marks that
     this thread runs its ``forward`` called the way calibration called it (same positional
     count and keywords). Methods like ``forward_intermediates`` or ``forward_features`` called
-    directly do not pass here: their blocks restore the original order after each block."""
+    directly do not pass here: their blocks restore the original order after each block.
+    A forward with an input of another size than the conversion's (``key``) runs with the
+    :class:`SizeVariant` for it, when the conversion gave the runtime a factory."""
 
-    def __init__(self, runtime: EvoRuntime, num_args: int, kwargs):
+    def __init__(self, runtime: EvoRuntime, num_args: int, kwargs, key: Optional[tuple] = None,
+                 factory: Optional[Callable] = None):
         self.runtime = runtime
         self.num_args = num_args
         self.kwargs = frozenset(kwargs)
+        self.key = key
+        self.factory = factory      # (model, args, kwargs) -> SizeVariant; a picklable function
 
     def __call__(self, module, args, kwargs):
-        if not torch.compiler.is_compiling():
-            self.runtime.push_entry(len(args) == self.num_args and set(kwargs) == self.kwargs)
+        if torch.compiler.is_compiling():
+            return
+        matches = len(args) == self.num_args and set(kwargs) == self.kwargs
+        variant = None
+        if matches and self.factory is not None:
+            key = input_key(args, kwargs)
+            if _shapes(key) != _shapes(self.key):      # dtype or device alone need no twin
+                variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
+                variant.sync()
+        self.runtime.push_entry(matches, variant)
 
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():

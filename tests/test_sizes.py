@@ -1,0 +1,77 @@
+"""Input sizes other than the one a model was converted at (detection and segmentation train
+and test at many): the first forward with a new size converts a twin of the model for it (new
+objects for the converted blocks and the modules above them, every parameter and buffer
+shared) and keeps it; later forwards of that size run it."""
+import pytest
+import torch
+
+import evoplug
+
+timm = pytest.importorskip("timm")
+
+
+def _pvt():
+    torch.manual_seed(0)
+    return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def converted():
+    model = _pvt()
+    return model, evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("size", [96, 128])
+def test_other_sizes_run_exact_at_keep_one_and_evolve_at_half(converted, size):
+    model, fast = converted
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        dense = model(x)
+        half = fast(x)
+        ran = [t for _, t in evoplug.tokens_per_block(fast)]
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)   # reaches the twins
+        full = fast(x)
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+    assert float((full - dense).abs().max()) <= 1e-5 * max(1.0, float(dense.abs().max()))
+    assert torch.isfinite(half).all() and not torch.allclose(half, dense)
+    # the twin's blocks ran: block 1 scores the stage-1 map, the stage-2 blocks evolve
+    assert ran[1] == (size // 4) ** 2 and 0 < ran[2] < (size // 8) ** 2
+    runtime = evoplug.get_report(fast).blocks[0].runtime
+    variant = next(v for k, v in runtime.variants.items() if k[0][0] == (3, size, size))
+    assert variant.seconds > 0
+    with torch.no_grad():
+        again = fast(x)
+    assert torch.equal(again, half) and runtime.variants[next(iter(runtime.variants))] is not None
+
+
+def test_other_sizes_share_parameters_modes_and_gradients(converted):
+    model, fast = converted
+    x = torch.randn(2, 3, 96, 96)
+    fast.train()
+    fast.zero_grad()
+    fast(x).square().mean().backward()
+    variant = next(iter(evoplug.get_report(fast).blocks[0].runtime.variants.values()))
+    assert all(b.training for b in variant.blocks)                  # train() reached the twin
+    block = evoplug.get_report(fast).blocks[2].analysis.module
+    assert all(p.grad is not None for p in block.parameters())      # the model's own parameters
+    twin = variant.blocks[2]
+    assert all(p is q for p, q in zip(block.parameters(), twin.parameters()))
+    fast.eval()
+    with torch.no_grad():
+        fast(x)
+    assert not any(b.training for b in variant.blocks)
+    assert set(fast.state_dict()) == set(model.state_dict())
+
+
+def test_a_copy_builds_its_own_twins_and_a_size_the_model_cannot_take_is_named():
+    import copy
+    model = _pvt()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = fast(x)
+        twin = copy.deepcopy(fast)
+        assert not evoplug.get_report(twin).blocks[0].runtime.variants   # not copied
+        assert torch.allclose(twin(x), ref, atol=1e-6)
+        with pytest.raises(evoplug.errors.EvoplugError, match="converted again for that size, which failed"):
+            fast(torch.randn(1, 1, 64, 64))       # one channel: the model itself cannot run it
