@@ -76,18 +76,11 @@ def run(name, path, model, args, seed):
 def step_throughput(models: dict, batch: int, rounds: int):
     """Training steps of each model interleaved (forward + loss + backward + AdamW step on the
     same batch, train mode), median images/s per model."""
-    from evoplug.tools.bench import make_train_step
+    from evoplug.tools.bench import interleaved, make_train_step
     x = torch.randn(batch, 3, 32, 32)
     steps = {k: make_train_step(m, optimizer="adamw") for k, m in models.items()}
-    for s in steps.values():
-        s(x)
-    times = {k: [] for k in steps}
-    for _ in range(rounds):
-        for k, s in steps.items():
-            t = time.perf_counter()
-            s(x)
-            times[k].append(time.perf_counter() - t)
-    return {k: batch / statistics.median(v) for k, v in times.items()}
+    t = interleaved(steps, x, repeats=rounds, warmup=1, inference=False)
+    return {k: batch / v.median for k, v in t.items()}
 
 
 def plot(report, path):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -62,24 +61,12 @@ def train(name, args):
     return runner
 
 
-@torch.inference_mode()
-def medians(fns: dict, repeats: int):
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def report(args):
     import evoplug
     from evoplug.mm.train import build_runner
     from mmpretrain_finetune import machine
     from mmengine.runner import load_checkpoint
+    from evoplug.tools.bench import interleaved
     rows, models = [], {}
     for name in CONFIGS:
         with open(os.path.join(args.work_dir, f"{name}.json")) as f:
@@ -89,9 +76,9 @@ def report(args):
         models[name] = runner.model.eval()
     x = torch.randn(10, 3, 128, 128)
     d, e = models["dense"], models["evo"]
-    t = medians({"dense": lambda: d(x, mode="tensor"), "evo": lambda: e(x, mode="tensor"),
-                 "dense backbone": lambda: d.backbone(x), "evo backbone": lambda: e.backbone(x)}, args.repeats)
-    ips = {k: round(10 / v, 1) for k, v in t.items()}
+    t = interleaved({"dense": lambda v: d(v, mode="tensor"), "evo": lambda v: e(v, mode="tensor"),
+                     "dense backbone": d.backbone, "evo backbone": e.backbone}, x, repeats=args.repeats, warmup=1)
+    ips = {k: round(10 / v.median, 1) for k, v in t.items()}
     with open(os.path.join(args.data_root, "info.json")) as f:
         info = json.load(f)
     out = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), data=info, iters=args.iters, seed=args.seed,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -42,19 +41,6 @@ def make_cfg(path, data_root, work_dir, iters, seed):
     return cfg
 
 
-@torch.inference_mode()
-def images_per_s(fns: dict, repeats: int):
-    times = {k: [] for k in fns}
-    for f in fns.values():
-        f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-root", default=os.path.join(ROOT, "bench_out", "digit_canvas"))
@@ -71,6 +57,7 @@ def main():
     import evoplug.mmseg  # noqa: F401
     from digit_canvas import write_canvases
     from evoplug.mm.train import build_runner
+    from evoplug.tools.bench import interleaved
     from mmpretrain_finetune import machine
     info = write_canvases(args.data_root)
 
@@ -92,10 +79,10 @@ def main():
     dense.eval()
     evo.eval()
     x = torch.randn(25, 3, 64, 64)
-    t = images_per_s({"dense": lambda: dense(x, mode="tensor"), "evo": lambda: evo(x, mode="tensor"),
-                      "dense backbone": lambda: dense.backbone(x), "evo backbone": lambda: evo.backbone(x)},
-                     args.repeats)
-    ips = {k: round(25 / v, 1) for k, v in t.items()}
+    t = interleaved({"dense": lambda v: dense(v, mode="tensor"), "evo": lambda v: evo(v, mode="tensor"),
+                     "dense backbone": dense.backbone, "evo backbone": evo.backbone}, x,
+                    repeats=args.repeats, warmup=1)
+    ips = {k: round(25 / v.median, 1) for k, v in t.items()}
     report = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), data=info, iters=args.iters,
                   seed=args.seed, threads=args.threads,
                   settings="mmseg EncoderDecoder: VisionTransformer (6 blocks, 96 dims, 3 heads, 64 px, patch 4: "
