@@ -253,8 +253,15 @@ def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]
 
 def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
                model: Optional[nn.Module] = None):
-    """(h, w) of the block's patch tokens: the last 4-D map before the block with h*w == M,
-    else a square grid if M is a perfect square, else None."""
+    """(h, w) of the block's patch tokens: a pair of integers the block is called with whose
+    product is M (Swin's ``hw_shape``, transformers' ``input_dimensions``: the map the block
+    itself views its tokens as), else the last 4-D map before the block with h*w == M, else a
+    square grid if M is a perfect square, else None."""
+    for v in list(call.args) + list(call.kwargs.values()):
+        if isinstance(v, (tuple, list)) and len(v) == 2 and \
+                all(isinstance(i, int) and not isinstance(i, bool) and i >= 2 for i in v) and \
+                v[0] * v[1] == num_patches:
+            return (int(v[0]), int(v[1]))
     best = None
     inside = inside_attention(model, calls) if model is not None else set()
     for mid, c in calls.items():
