@@ -10,7 +10,7 @@ import copy
 import dataclasses
 import functools
 import time
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .analyse.calibrate import calibrate, token_provenance
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
+from . import quality
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions
@@ -40,13 +41,15 @@ class ConversionReport:
     failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
     skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
     entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/state.py EntryHook)
+    #: top-1 agreement with the dense model per global query, when ``convert(images=...)`` chose
+    query_agreement: Optional[Dict[str, float]] = None
 
     def __str__(self) -> str:
         return format_report(self)
 
 
-def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, strict: bool = True,
-            inplace: bool = False, **options) -> nn.Module:
+def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, images=None,
+            strict: bool = True, inplace: bool = False, **options) -> nn.Module:
     """Inject Evo-ViT slow-fast token evolution into the transformer blocks of ``model``.
 
     Returns a converted **copy** by default (``inplace=True`` converts ``model`` itself). The
@@ -56,7 +59,13 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     Args:
         keep_ratio: fraction of patch tokens updated slowly in evolving blocks, in (0, 1].
         example_input: an input to run once for the analysis; by default an image batch of the
-            model's declared input size (:func:`input_size`).
+            model's declared input size (:func:`input_size`), or the first of ``images``.
+        images: calibration images (a (N, C, H, W) tensor or an iterable of them) of a
+            classifier: with ``global_query='auto'`` and a class token, the model is converted
+            with both queries and the one whose predictions agree more often with the dense
+            model's on these images at ``keep_ratio`` is kept (both agreements are in
+            ``get_report(m).query_agreement`` and :func:`explain`). Without a class token, or
+            with another ``global_query``, they only provide the example input.
         strict: raise :class:`evoplug.ConversionError` if no block converts, or if a block that
             looks like a transformer block cannot be converted (naming the module and reason).
             ``strict=False`` converts what it can; :func:`explain` reports the rest.
@@ -67,6 +76,13 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
         raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"
                         + (" (some modules' train()/eval() return None: call model.eval() on its "
                            "own line)" if model is None else ""))
+    if images is not None:
+        images = quality.as_image_tensor(images)
+        if example_input is None:
+            example_input = images[:1]
+        if options.get("global_query", "auto") == "auto":
+            return _convert_choosing_query(model, keep_ratio, images, example_input, strict,
+                                           inplace, options)
     # everything is checked before the model is touched: a conversion that fails (inplace or
     # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
@@ -114,6 +130,29 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, st
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict))
     return model
+
+
+def _convert_choosing_query(model, keep_ratio, images, example_input, strict, inplace, options):
+    """``global_query='auto'`` measured: with a class token, the conversion (cls or mean query)
+    whose top-1 predictions on ``images`` agree more often with the dense model's."""
+    options = {k: v for k, v in options.items() if k != "global_query"}
+    first = convert(model, keep_ratio, example_input=example_input, strict=strict, **options)
+    report = get_report(first)
+    if not report.blocks or report.blocks[0].analysis.global_query != "cls":
+        chosen, agree = "mean", None           # no class token: the mean query is the only one
+    else:
+        dense = quality.outputs(model, images)
+        agree = {"cls": quality.agreement(quality.outputs(first, images), dense)}
+        second = convert(model, keep_ratio, example_input=example_input, strict=strict,
+                         global_query="mean", **options)
+        agree["mean"] = quality.agreement(quality.outputs(second, images), dense)
+        chosen = "mean" if agree["mean"] > agree["cls"] else "cls"
+        first = second if chosen == "mean" else first
+    if inplace:      # the measurement ran on copies; the model itself converted once more
+        first = convert(model, keep_ratio, example_input=example_input, strict=strict,
+                        inplace=True, global_query=chosen, **options)
+    get_report(first).query_agreement = agree
+    return first
 
 
 def _size_variant(model: nn.Module, args, kwargs, strict: bool = True) -> SizeVariant:
@@ -457,6 +496,9 @@ def format_report(report: ConversionReport) -> str:
         a = report.blocks[0].analysis
         lines.append(f"prefix tokens: {a.num_prefix} ({a.prefix_source}); global query: {a.global_query}; "
                      f"q=`{a.q}`, k=`{a.k}` in the first block")
+        if report.query_agreement:
+            lines.append("global query chosen on the calibration images (top-1 agreement with dense: "
+                         + ", ".join(f"{q} {v:.1%}" for q, v in report.query_agreement.items()) + ")")
         br = "; ".join(f"{b.role} branch at `{b.add}`: {' -> '.join(b.path) or '(ops)'}" for b in a.branches)
         lines.append(f"residual stream of `{a.name}`: {br}")
         for note in a.notes:

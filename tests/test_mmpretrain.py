@@ -452,3 +452,35 @@ def test_swin_map_whose_channels_equal_its_sides_reads_back_channels_last():
     with torch.no_grad():
         for d, e in zip(dense(x), evo(x)):
             assert float((d - e).abs().max()) <= 1e-5 * max(1.0, float(d.abs().max()))
+
+
+def test_label_free_distillation_with_the_runner(mini_root, dense_ckpt, tmp_path):
+    """examples/mmpretrain/distill-evo-deit-tiny_mnist5k.py: EvoDistillClassifier + EvoDistillHook
+    train the Evo model on the image folder read without labels, taught by the dense weights of
+    ``load_from`` (frozen; not in the state_dict); the checkpoint loads strictly into the dense
+    classifier; resuming needs the teacher's checkpoint named."""
+    from evoplug.mm.train import build_runner
+    from mmengine.runner import load_checkpoint
+    path = os.path.join(EXAMPLES, "distill-evo-deit-tiny_mnist5k.py")
+    wd = str(tmp_path / "distill")
+    cfg = _tiny_cfg(path, mini_root, wd, 3, load_from=dense_ckpt)
+    assert cfg.train_dataloader.dataset.with_label is False
+    runner = build_runner(cfg)
+    runner.train()
+    model = runner.model
+    dense_sd = torch.load(dense_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    teacher_sd, student_sd = model.teacher.state_dict(), model.state_dict()
+    assert set(student_sd) == set(dense_sd)                       # the teacher is not in it
+    assert all(torch.equal(teacher_sd[k], dense_sd[k]) for k in dense_sd)   # frozen dense weights
+    assert any(not torch.equal(student_sd[k], dense_sd[k]) for k in dense_sd)
+    assert float(runner.message_hub.get_scalar("train/loss_kd").current()) > 0
+    assert evoplug.get_report(model.backbone).options.keep_ratio == 0.5
+    dense = MODELS.build(Config.fromfile(DENSE_CFG).model)
+    load_checkpoint(dense, os.path.join(wd, "iter_3.pth"), map_location="cpu", strict=True)
+    resumed = _tiny_cfg(path, mini_root, wd, 4, resume=True, load_from=os.path.join(wd, "iter_3.pth"))
+    with pytest.raises(RuntimeError, match="teacher_checkpoint"):
+        build_runner(resumed).train()
+    resumed.model.distill.teacher_checkpoint = dense_ckpt
+    runner = build_runner(resumed)
+    runner.train()
+    assert runner.iter == 4 and all(torch.equal(runner.model.teacher.state_dict()[k], dense_sd[k]) for k in dense_sd)

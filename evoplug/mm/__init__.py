@@ -9,6 +9,8 @@ which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registr
 * ``EvoVisionTransformer``, ``EvoDistilledVisionTransformer``, ``EvoLeViT``,
   ``EvoSwinTransformer``: converted backbones for configs that build a backbone alone (dense
   tasks);
+* ``EvoDistillClassifier`` and the hook ``EvoDistillHook``: label-free distillation from the
+  dense model with the Runner (:mod:`evoplug.integrations.mmpretrain.distill`);
 
 and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
 short allow-list (:mod:`evoplug.mm.checkpoint`).
@@ -36,6 +38,7 @@ from evoplug.integrations.mmpretrain.models import (  # noqa: E402
     EvoVisionTransformer, LearnableTradeOff, convert_backbone, evo_backbone_class, example_input)
 
 checkpoint.install()
+from evoplug.integrations.mmpretrain.distill import EvoDistillClassifier, EvoDistillHook  # noqa: E402
 from evoplug.integrations.mmpretrain.train import register_optim_wrappers  # noqa: E402
 
 CpuBf16OptimWrapper = register_optim_wrappers()
@@ -45,4 +48,5 @@ sys.modules[__name__ + ".models"] = models
 
 __all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
            "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
-           "example_input", "checkpoint", "CpuBf16OptimWrapper"]
+           "example_input", "checkpoint", "CpuBf16OptimWrapper", "EvoDistillClassifier",
+           "EvoDistillHook"]

@@ -4,6 +4,7 @@
     evoplug bench deit_small_patch16_224 --train --keep 0.5 --batch 64 --device cuda --dtype float16
     evoplug explain eva02_tiny_patch14_224
     evoplug visualize bench_out/photo_vit.pth skimage:astronaut skimage:coffee --out sel.png
+    evoplug plan bench_out/photo_vit.pth calib_images/ --target 1.4 --png plan.png --json plan.json
 
 Models are timm names (random weights: no hub; ``--model-arg img_size=112`` etc. go to
 ``timm.create_model``), or, for ``explain`` and ``visualize``, a checkpoint file written by
@@ -66,13 +67,19 @@ def _add_model_options(p: argparse.ArgumentParser):
                    help="extra timm.create_model argument, e.g. depth=6 (repeatable)")
 
 
+def _add_model_and_images(p: argparse.ArgumentParser, images_help: str):
+    p.add_argument("model", metavar="MODEL", help="timm model name or evoplug checkpoint file")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help=images_help)
+    p.add_argument("--checkpoint", metavar="FILE", help="state_dict to load into the timm model")
+
+
 def _add_convert_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("conversion (evoplug.EvoOptions)")
     g.add_argument("--start-block", type=_positive_int, default=None,
                    help="first evolving block (default: a third of the blocks stay dense)")
     g.add_argument("--trade-off", type=float, default=None, help="alpha of the global attention update")
     g.add_argument("--reselect-every", type=_positive_int, default=None,
-                   help="re-run top-k every N evolving blocks (default 1)")
+                   help="re-run top-k every N evolving blocks (default 4)")
     g.add_argument("--no-representative", action="store_true",
                    help="placeholder variant: non-selected tokens carried unchanged")
     g.add_argument("--global-query", choices=["auto", "cls", "mean"], default=None)
@@ -92,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     p = argparse.ArgumentParser(
         prog="evoplug", description="Evo-ViT slow-fast token evolution for existing vision "
-        "transformers: benchmark, explain and visualise converted timm models.",
+        "transformers: benchmark, explain, visualise converted timm models and plan their options.",
         epilog="`evoplug COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"evoplug {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -153,16 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
                        description="For each image: which patch tokens each evolving block "
                        "ran on the slow path (the others washed out), and the final global "
                        "attention. Only meaningful for a trained model (see examples/photos.py).")
-    v.add_argument("model", metavar="MODEL", help="timm model name or evoplug checkpoint file")
-    v.add_argument("images", nargs="+", metavar="IMAGE",
-                   help="image files, or skimage:NAME for scikit-image's sample photographs "
-                        "(astronaut, coffee, chelsea, rocket, ...)")
+    _add_model_and_images(v, "image files, or skimage:NAME for scikit-image's sample photographs "
+                             "(astronaut, coffee, chelsea, rocket, ...)")
     v.add_argument("--keep", type=_keep, default=0.5, metavar="K", help="keep ratio (default 0.5)")
     v.add_argument("--out", default="token_selection.png", metavar="PNG")
     v.add_argument("--tile", type=_positive_int, default=128, help="pixels per picture (default 128)")
-    v.add_argument("--checkpoint", metavar="FILE", help="state_dict to load into the timm model")
     _add_model_options(v)
     _add_convert_options(v)
+
+    pl = sub.add_parser("plan", help="options that keep a classifier's predictions at a target speed-up",
+                        description="Measure keep ratio x start block x global query (x trade-off) "
+                        "of a converted classifier on calibration images: top-1 agreement with the "
+                        "dense model against the FLOP ratio (or the measured time ratio, --timed); "
+                        "print the table with the Pareto front and the best option that reaches "
+                        "--target (exit status 1 when none does).")
+    _add_model_and_images(pl, "image files, folders of them, skimage:NAME, or a .pt file holding "
+                              "a preprocessed (N, 3, H, W) tensor")
+    pl.add_argument("--target", type=float, default=1.3, help="speed-up to reach (default 1.3)")
+    pl.add_argument("--keep", type=_keep, nargs="+", default=None, metavar="K",
+                    help="keep ratios to measure (default 0.3 ... 0.9)")
+    pl.add_argument("--start-blocks", type=_positive_int, nargs="+", default=None, metavar="S",
+                    help="start blocks to measure (default: a quarter, a third and half of the blocks)")
+    pl.add_argument("--trade-offs", type=float, nargs="+", default=[0.5], metavar="A")
+    pl.add_argument("--queries", nargs="+", choices=["cls", "mean"], default=None,
+                    help="global queries (default: both when the model has a class token)")
+    pl.add_argument("--timed", action="store_true", help="also time dense vs converted (decides)")
+    pl.add_argument("--batch", type=_positive_int, default=32, help="batch for --timed (default 32)")
+    pl.add_argument("--max-images", type=_positive_int, default=None)
+    pl.add_argument("--png", metavar="FILE", help="plot agreement against speed-up")
+    pl.add_argument("--json", metavar="FILE", help="write every measured option as JSON")
+    pl.add_argument("--progress", dest="progress", action="store_true", default=None)
+    pl.add_argument("--no-progress", dest="progress", action="store_false")
+    _add_model_options(pl)
     return p
 
 
@@ -298,6 +327,73 @@ def cmd_visualize(a, out) -> int:
     return 0
 
 
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def _calibration_images(specs: List[str], model, meta, img_size):
+    """(N, 3, H, W) model inputs from image files, folders, skimage:NAME or .pt tensors."""
+    import torch
+    from . import bench
+    from . import visualize as viz
+    tensors, files = [], []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.lower().endswith(IMAGE_FILES))
+            if not found:
+                raise CliError(f"no image files ({', '.join(IMAGE_FILES)}) in folder {spec}")
+            files += found
+        elif spec.endswith((".pt", ".pth")) and os.path.isfile(spec):
+            t = torch.load(spec, map_location="cpu", weights_only=True)
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise CliError(f"{spec}: expected a saved (N, 3, H, W) tensor")
+            tensors.append(t.float())
+        else:
+            files.append(spec)
+    if files:
+        size = bench.input_size(model, img_size)[0]
+        mean, std = meta.get("mean"), meta.get("std")
+        if mean is None:
+            mean, std = viz.model_norm(model)
+        tensors.append(torch.stack([viz.to_tensor(viz.load_image(f), size, tuple(mean), tuple(std))
+                                    for f in files]))
+    return torch.cat(tensors)
+
+
+def cmd_plan(a, out) -> int:
+    import evoplug
+    from .plan import PlanError
+    model, meta = _load_model(a)
+    if meta.get("random_weights"):
+        print("evoplug: warning: random weights (no --checkpoint): agreement of an untrained "
+              "model says little", file=sys.stderr)
+    x = _calibration_images(a.images, model, meta, a.img_size)
+    kw = dict(keep_ratios=a.keep) if a.keep else {}
+    progress = sys.stderr.isatty() if a.progress is None else a.progress
+    try:
+        p = evoplug.plan(model, x, a.target, start_blocks=a.start_blocks, global_queries=a.queries,
+                         trade_offs=a.trade_offs, timed=a.timed, batch_size=a.batch,
+                         max_images=a.max_images, progress=progress, **kw)
+        failed = None
+    except PlanError as e:
+        p, failed = e.plan, e
+    print(f"{p.images} calibration images; target {p.target_speedup:g}x "
+          f"({'measured time' if p.timed else 'FLOP'} ratio); * Pareto front, > best\n", file=out)
+    print(p.table(), file=out)
+    if a.json:
+        p.save_json(a.json)
+        print(f"wrote {a.json}", file=out)
+    if a.png:
+        p.plot(a.png, title=f"evoplug plan: {os.path.basename(a.model)}")
+        print(f"wrote {a.png}", file=out)
+    if failed is not None:
+        raise CliError(str(failed))
+    b = p.best
+    opts = ", ".join(f"{k}={v!r}" for k, v in b.options().items())
+    print(f"\nbest: evoplug.convert(model, {opts})  # {b.speedup:.2f}x, agreement {b.agreement:.1%}",
+          file=out)
+    return 0
+
+
 def main(argv: Optional[List[str]] = None, out=None) -> int:
     out = out or sys.stdout
     parser = build_parser()
@@ -310,7 +406,7 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     from ..errors import EvoplugError
     try:
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
-              "visualise": cmd_visualize}[a.command]
+              "visualise": cmd_visualize, "plan": cmd_plan}[a.command]
         return fn(a, out)
     except (CliError, EvoplugError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
         print(f"evoplug: error: {e}", file=sys.stderr)

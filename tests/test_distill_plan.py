@@ -1,0 +1,124 @@
+"""Label-free distillation (evoplug.distill) and the planner (evoplug.plan, `evoplug plan`):
+on a small DeiT trained here on scikit-learn's real digits (a few seconds), held-out images."""
+import os
+import sys
+
+import pytest
+import torch
+
+import evoplug
+from evoplug import quality
+
+pytest.importorskip("sklearn")
+timm = pytest.importorskip("timm")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.fixture(scope="module")
+def digits_model():
+    """(dense model, unlabeled train images, held-out images, held-out labels): a 4-block DeiT
+    with 64 patch tokens trained for 8 epochs (about 90% top-1; it disagrees with its keep-0.3
+    conversion on many images, which is what distillation should repair)."""
+    sys.path.insert(0, EXAMPLES)
+    import digits
+    x, y, xt, yt = digits.load_digits_tensors()
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              embed_dim=64, depth=4, num_heads=2, num_classes=10)
+    digits.train(model, x, y, epochs=8, log=None)
+    return model.eval(), x, xt, yt
+
+
+def test_distillation_raises_agreement_on_held_out_images(digits_model):
+    model, x, xt, yt = digits_model
+    ref = quality.outputs(model, xt)
+    fast = evoplug.convert(model, keep_ratio=0.3, start_block=1, example_input=xt[:1])
+    before = quality.agreement(quality.outputs(fast, xt), ref)
+    keys = {k: v.shape for k, v in fast.state_dict().items()}
+    w0 = fast.head.weight.detach().clone()
+    result = evoplug.distill(fast, x, steps=60, lr=5e-4, batch_size=32, progress=False)
+    after = quality.agreement(quality.outputs(fast, xt), ref)
+    assert before < 0.97, before                         # there is something to repair
+    assert after >= before + 0.02, (before, after)
+    assert result.steps == 60 and result.losses[-1] < result.losses[0]
+    assert "targets computed once" in result.teacher      # no copy of the model was made
+    assert {k: v.shape for k, v in fast.state_dict().items()} == keys
+    assert not torch.equal(w0, fast.head.weight)          # trained in place
+    assert evoplug.get_report(fast).options.keep_ratio == 0.3    # options restored after targets
+    assert not fast.training                               # mode restored
+    model2 = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                               embed_dim=64, depth=4, num_heads=2, num_classes=10)
+    model2.load_state_dict(fast.state_dict(), strict=True)  # loads into the dense model
+
+
+def test_distillation_with_mixup_uses_a_frozen_dense_copy_and_features(digits_model):
+    model, x, xt, _ = digits_model
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=xt[:1])
+    result = evoplug.distill(fast, torch.utils.data.TensorDataset(x[:64]), steps=3, mixup=1.0,
+                             features=("norm",), progress=False)
+    assert result.teacher.startswith("a frozen copy") and len(result.losses) == 3
+    with pytest.raises(evoplug.EvoplugError, match="no submodule 'nope'"):
+        evoplug.distill(fast, x[:8], steps=1, features=("nope",), progress=False)
+    with pytest.raises(evoplug.EvoplugError, match="converted model"):
+        evoplug.distill(model, x[:8], steps=1, progress=False)
+
+
+def test_planner_returns_options_that_meet_the_target(digits_model):
+    model, x, xt, yt = digits_model
+    p = evoplug.plan(model, x[:100], target_speedup=1.3, labels=None, keep_ratios=(0.3, 0.6),
+                     progress=False)
+    assert len(p.choices) == 2 * 2 * 2          # cls and mean query, start blocks 1 and 2 of 4, 2 keeps
+    assert {c.start_block for c in p.choices} == {1, 2}
+    assert p.meeting and all(c.speedup >= 1.3 for c in p.meeting)
+    assert p.best.agreement == max(c.agreement for c in p.choices if c.speedup >= 1.3)
+    front = p.pareto
+    assert p.best in front and front
+    for c in front:     # nothing measured is both faster and more faithful
+        assert not any(o.speedup > c.speedup and o.agreement > c.agreement for o in p.choices)
+    # the best options, converted again and measured on the same images, agree as reported
+    fast = p.convert(model)
+    ref = quality.outputs(model, x[:100])
+    assert quality.agreement(quality.outputs(fast, x[:100]), ref) == pytest.approx(p.best.agreement)
+    assert "| >" in p.table() and p.to_dict()["best"]["keep_ratio"] == p.best.keep_ratio
+
+
+def test_planner_refuses_an_impossible_target(digits_model, tmp_path):
+    model, x, _, _ = digits_model
+    with pytest.raises(evoplug.PlanError, match="no option reaches a 20x speed-up") as e:
+        evoplug.plan(model, x[:40], target_speedup=20, keep_ratios=(0.5,), start_blocks=(1,),
+                     progress=False)
+    assert len(e.value.plan.choices) == 2 and not e.value.plan.meeting
+    with pytest.raises(evoplug.EvoplugError, match="dense model"):
+        evoplug.plan(evoplug.convert(model, example_input=x[:1]), x[:8], progress=False)
+
+
+def test_auto_query_is_measured_when_images_are_given(digits_model):
+    model, x, xt, _ = digits_model
+    fast = evoplug.convert(model, keep_ratio=0.3, start_block=1, images=x[:200])
+    agree = evoplug.get_report(fast).query_agreement
+    chosen = evoplug.get_report(fast).blocks[0].analysis.global_query
+    assert set(agree) == {"cls", "mean"} and chosen == max(agree, key=agree.get)
+    assert "global query chosen on the calibration images" in evoplug.explain(fast)
+    ref = quality.outputs(model, x[:200])
+    assert quality.agreement(quality.outputs(fast, x[:200]), ref) == pytest.approx(agree[chosen])
+
+
+def test_plan_command_line(digits_model, tmp_path):
+    pytest.importorskip("matplotlib")
+    from evoplug.tools.cli import main
+    from evoplug.tools.models import save_checkpoint
+    model, x, _, _ = digits_model
+    ckpt, images = str(tmp_path / "m.pth"), str(tmp_path / "x.pt")
+    save_checkpoint(ckpt, model, "deit_tiny_patch16_224",
+                    dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=2, num_classes=10))
+    torch.save(x[:60], images)
+    out = tmp_path / "out.txt"
+    with open(out, "w") as f:
+        rc = main(["plan", ckpt, images, "--target", "1.2", "--keep", "0.5", "0.7", "--png",
+                   str(tmp_path / "p.png"), "--json", str(tmp_path / "p.json"), "--no-progress"], out=f)
+    text = out.read_text()
+    assert rc == 0 and "best: evoplug.convert(model, keep_ratio=" in text
+    assert os.path.getsize(tmp_path / "p.png") > 1000 and os.path.exists(tmp_path / "p.json")
+    with open(out, "w") as f:
+        assert main(["plan", ckpt, images, "--target", "50", "--keep", "0.5", "--no-progress"], out=f) == 1
