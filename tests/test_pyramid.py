@@ -201,6 +201,8 @@ def test_window_row_maps_window_slots_to_tokens():
 
 
 def _mm_swin(**kw):
+    pytest.importorskip("mmpretrain")
+    import evoplug.mm  # noqa: F401  (first: MMPretrain's multi-modal models off under transformers 5)
     backbones = pytest.importorskip("mmpretrain.models.backbones")
     torch.manual_seed(0)
     model = backbones.SwinTransformer(arch=dict(embed_dims=32, depths=[2, 2, 2, 2],
