@@ -83,6 +83,13 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
         if options.get("global_query", "auto") == "auto":
             return _convert_choosing_query(model, keep_ratio, images, example_input, strict,
                                            inplace, options)
+    return _convert(model, keep_ratio, example_input, strict, inplace, options)
+
+
+def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace: bool,
+             options: dict) -> nn.Module:
+    """:func:`convert` with its arguments checked: calibrate -> analyse -> plan -> rewrite ->
+    install."""
     # everything is checked before the model is touched: a conversion that fails (inplace or
     # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)

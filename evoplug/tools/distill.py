@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import api, quality
+import evoplug
+
 from ..errors import EvoplugError
 
 
@@ -52,12 +53,12 @@ class DistillResult:
 @contextlib.contextmanager
 def dense(model: nn.Module):
     """The converted ``model`` running its original forward (keep 1.0) inside the block."""
-    old = api.get_report(model).options
-    api.set_options(model, keep_ratio=1.0, identity_fast_path=True)
+    old = evoplug.get_report(model).options
+    evoplug.set_options(model, keep_ratio=1.0, identity_fast_path=True)
     try:
         yield model
     finally:
-        api.set_options(model, keep_ratio=old.keep_ratio, identity_fast_path=old.identity_fast_path)
+        evoplug.set_options(model, keep_ratio=old.keep_ratio, identity_fast_path=old.identity_fast_path)
 
 
 class _Captured:
@@ -73,7 +74,7 @@ class _Captured:
 
     def _hook(self, name):
         def hook(module, args, output):
-            self.values[name] = quality.logits_of(output, name) if not isinstance(output, torch.Tensor) \
+            self.values[name] = evoplug.quality.logits_of(output, name) if not isinstance(output, torch.Tensor) \
                 else output
         return hook
 
@@ -92,10 +93,10 @@ def _targets(teacher: nn.Module, images: torch.Tensor, features: Sequence[str], 
     """The teacher's logits and feature outputs on every image (eval mode, on the CPU)."""
     cap = _Captured(teacher, features, "the teacher") if features else None
     logits, feats = [], {n: [] for n in features}
-    dev = quality.device_of(teacher)
+    dev = evoplug.quality.device_of(teacher)
     try:
         for i in range(0, len(images), batch):
-            logits.append(quality.logits_of(teacher(images[i:i + batch].to(dev)), "the teacher").float().cpu())
+            logits.append(evoplug.quality.logits_of(teacher(images[i:i + batch].to(dev)), "the teacher").float().cpu())
             for n in features:
                 feats[n].append(cap.values[n].float().cpu())
     finally:
@@ -126,7 +127,7 @@ class _Live:
 
     def __init__(self, model, teacher, features, augment, mixup: float, seed: int):
         if teacher is None:
-            teacher = api.revert(copy.deepcopy(model))
+            teacher = evoplug.revert(copy.deepcopy(model))
             self.name = "a frozen copy of its own weights (dense)"
         else:
             self.name = type(teacher).__name__
@@ -142,7 +143,7 @@ class _Live:
             lam = self.rng.betavariate(self.mixup, self.mixup)
             xb = lam * xb + (1 - lam) * xb.flip(0)
         with torch.no_grad():
-            logits = quality.logits_of(self.teacher(xb), "the teacher").float()
+            logits = evoplug.quality.logits_of(self.teacher(xb), "the teacher").float()
             feats = {n: self.cap.values[n].float() for n in self.features}
         return xb, logits, feats
 
@@ -152,7 +153,7 @@ class _Live:
 
 
 def _check(model, steps, batch_size, temperature, mixup):
-    if not api.is_converted(model):
+    if not evoplug.is_converted(model):
         raise EvoplugError("distill teaches a converted model: call evoplug.convert(model, ...) first "
                            "(the dense teacher is the converted model's own weights at keep 1.0)")
     if steps < 1 or batch_size < 1:
@@ -174,7 +175,7 @@ def distill(model: nn.Module, images, teacher: Optional[nn.Module] = None, *, st
     ignored). See the module docstring; returns a :class:`DistillResult`."""
     _check(model, steps, batch_size, temperature, mixup)
     features = tuple(features)
-    x = quality.as_image_tensor(images, max_images)
+    x = evoplug.quality.as_image_tensor(images, max_images)
     t0 = time.perf_counter()
     was = model.training
     if teacher is None and augment is None and not mixup:
@@ -186,7 +187,7 @@ def distill(model: nn.Module, images, teacher: Optional[nn.Module] = None, *, st
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(steps, warmup))
     gen = torch.Generator().manual_seed(seed)
-    dev = quality.device_of(model)
+    dev = evoplug.quality.device_of(model)
     losses: List[float] = []
     bar = _progress(steps, progress)
     model.train()
@@ -194,7 +195,7 @@ def distill(model: nn.Module, images, teacher: Optional[nn.Module] = None, *, st
         for _ in range(steps):
             idx = torch.randint(len(x), (min(batch_size, len(x)),), generator=gen)
             xb, tl, tf = source(idx, x[idx].to(dev))
-            loss = quality.kd_loss(quality.logits_of(model(xb), "the model").float(), tl, temperature)
+            loss = evoplug.quality.kd_loss(evoplug.quality.logits_of(model(xb), "the model").float(), tl, temperature)
             for n in features:
                 loss = loss + feature_weight * F.mse_loss(s_cap.values[n].float(), tf[n])
             opt.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .. import api, quality
+import evoplug
+
 from ..errors import EvoplugError
 from ..options import check_keep_ratio
 
@@ -72,6 +73,7 @@ class PlanResult:
     timed: bool
     dense_top1: Optional[float] = None
     metric: str = "top-1 agreement with dense"
+    example: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)   # one calibration image
 
     @property
     def meeting(self) -> List[Choice]:
@@ -90,8 +92,9 @@ class PlanResult:
         return [c for c in self.choices if c.pareto]
 
     def convert(self, model: nn.Module, **kwargs) -> nn.Module:
-        """``evoplug.convert(model, **best.options(), **kwargs)``."""
-        return api.convert(model, **{**self.best.options(), **kwargs})
+        """``evoplug.convert(model, **best.options(), **kwargs)``, on a calibration image."""
+        kwargs.setdefault("example_input", self.example)
+        return evoplug.convert(model, **{**self.best.options(), **kwargs})
 
     def table(self, rows: Optional[Sequence[Choice]] = None) -> str:
         """Markdown table (all options by default), ``*`` on the Pareto front, ``>`` the best."""
@@ -188,22 +191,22 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     query; metric: ``metric(converted_logits, dense_logits) -> float``, higher is better,
     instead of the top-1 agreement. ``options``: other :class:`evoplug.EvoOptions` fields, the
     same for every option (e.g. ``reselect_every``)."""
-    if api.is_converted(model):
+    if evoplug.is_converted(model):
         raise EvoplugError("plan measures conversions of a dense model: pass the model before "
                            "evoplug.convert (or evoplug.revert(a copy))")
     target = float(target_speedup)
     if not target > 0:
         raise ValueError(f"target_speedup must be > 0, got {target_speedup!r}")
     keeps = sorted({check_keep_ratio(k) for k in keep_ratios})
-    x = quality.as_image_tensor(images, max_images)
+    x = evoplug.quality.as_image_tensor(images, max_images)
     y = None if labels is None else torch.as_tensor(labels)[:len(x)]
-    score = metric or quality.agreement
+    score = metric or evoplug.quality.agreement
     from . import bench
-    ref = quality.outputs(model, x)
+    ref = evoplug.quality.outputs(model, x)
     flops0 = bench.flops(model, x[:1])
-    first = api.convert(model, keeps[0], example_input=x[:1], **options)
-    n_blocks = len(api.get_report(first).blocks)
-    has_cls = api.get_report(first).blocks[0].analysis.global_query == "cls"
+    first = evoplug.convert(model, keeps[0], example_input=x[:1], **options)
+    n_blocks = len(evoplug.get_report(first).blocks)
+    has_cls = evoplug.get_report(first).blocks[0].analysis.global_query == "cls"
     queries = list(global_queries or (("cls", "mean") if has_cls else ("mean",)))
     starts = sorted(set(start_blocks or {max(1, n_blocks // 4), max(1, n_blocks // 3), max(1, n_blocks // 2)}))
     total = len(queries) * len(starts) * len(keeps) * len(trade_offs)
@@ -211,21 +214,21 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     choices: List[Choice] = []
     xb = x[:min(batch_size, len(x))]
     for q in queries:
-        fast = first if q == api.get_report(first).blocks[0].analysis.global_query else \
-            api.convert(model, keeps[0], example_input=x[:1], global_query=q, **options)
+        fast = first if q == evoplug.get_report(first).blocks[0].analysis.global_query else \
+            evoplug.convert(model, keeps[0], example_input=x[:1], global_query=q, **options)
         for s in starts:
             for k in keeps:
-                api.set_options(fast, keep_ratio=k, start_block=s)
+                evoplug.set_options(fast, keep_ratio=k, start_block=s)
                 fl = flops0 / bench.flops(fast, x[:1])
                 tm = None
                 if timed:
                     t = bench.interleaved({"dense": model, "evo": fast}, xb, repeats=repeats, warmup=1)
                     tm = t["dense"].median / t["evo"].median
                 for a in trade_offs:
-                    api.set_options(fast, trade_off=a)
-                    out = quality.outputs(fast, x)
+                    evoplug.set_options(fast, trade_off=a)
+                    out = evoplug.quality.outputs(fast, x)
                     choices.append(Choice(k, s, q, float(a), float(score(out, ref)), fl, tm,
-                                          None if y is None else quality.top1(out, y)))
+                                          None if y is None else evoplug.quality.top1(out, y)))
                     if bar is not None:
                         bar.update(1)
     if bar is not None:
@@ -234,8 +237,9 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
         c.meets = c.speedup >= target
     _mark_pareto(choices)
     choices.sort(key=lambda c: (-c.speedup, -c.agreement))
-    result = PlanResult(choices, target, len(x), timed, None if y is None else quality.top1(ref, y),
-                        "top-1 agreement with dense" if metric is None else getattr(metric, "__name__", "metric"))
+    result = PlanResult(choices, target, len(x), timed, None if y is None else evoplug.quality.top1(ref, y),
+                        "top-1 agreement with dense" if metric is None else getattr(metric, "__name__", "metric"),
+                        x[:1])
     if not result.meeting:
         raise PlanError(_impossible(result), result)
     return result
