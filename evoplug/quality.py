@@ -28,11 +28,11 @@ def logits_of(output: Any, who: str = "the model") -> torch.Tensor:
         t = output[0]
     else:
         raise TypeError(f"{who} returned {type(output).__name__}, not class logits: agreement "
-                        "with the dense model needs (batch, classes) logits (pass metric= for "
-                        "other outputs)")
+                        "with the dense model (evoplug.plan, evoplug.distill) needs a classifier's "
+                        "(batch, classes) logits")
     if t.dim() != 2:
-        raise TypeError(f"{who} returned a tensor of shape {tuple(t.shape)}, not (batch, classes) "
-                        "logits (pass metric= for other outputs)")
+        raise TypeError(f"{who} returned a tensor of shape {tuple(t.shape)}, not a classifier's "
+                        "(batch, classes) logits")
     return t
 
 
