@@ -40,14 +40,11 @@ def write_boxes(root: str, n_train: int = 600, n_val: int = 150, per_canvas: int
                 seed: int = 0, source: str = "auto") -> dict:
     """Write the set (reused when ``info.json`` matches); returns the info."""
     from PIL import Image
-    from image_folder import load_images
+    from image_folder import cached_info, load_images
     want = dict(n_train=n_train, n_val=n_val, per_canvas=per_canvas, seed=seed, size=SIZE, ink=INK)
-    info_path = os.path.join(root, "info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        if all(info.get(k) == v for k, v in want.items()):
-            return info
+    info = cached_info(root, want)
+    if info is not None:
+        return info
     images, labels, name = load_images(source)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(labels))
@@ -81,7 +78,7 @@ def write_boxes(root: str, n_train: int = 600, n_val: int = 150, per_canvas: int
         with open(os.path.join(root, "annotations", f"{split}.json"), "w") as f:
             json.dump(coco, f)
     info = dict(want, source=name, classes=list(CLASSES))
-    with open(info_path, "w") as f:
+    with open(os.path.join(root, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
 

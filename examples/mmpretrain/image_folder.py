@@ -29,6 +29,17 @@ def mnist5k_path() -> Optional[str]:
     return path if os.path.isfile(path) else None
 
 
+def cached_info(root: str, want: dict) -> Optional[dict]:
+    """The ``info.json`` of a data set already written under ``root`` when it records every
+    setting in ``want`` (then the set is reused), else None."""
+    path = os.path.join(root, "info.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        info = json.load(f)
+    return info if all(info.get(k) == v for k, v in want.items()) else None
+
+
 def load_images(source: str = "auto") -> Tuple[np.ndarray, np.ndarray, str]:
     """(images uint8 (N, 32, 32), labels int64 (N,), source name)."""
     if source in ("auto", "mnist5k"):

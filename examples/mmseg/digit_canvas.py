@@ -45,14 +45,11 @@ def write_canvases(root: str, n_train: int = 800, n_val: int = 200, per_canvas: 
                    seed: int = 0, source: str = "auto") -> dict:
     """Write the folder (reused when ``info.json`` matches); returns the info."""
     from PIL import Image
-    from image_folder import load_images
+    from image_folder import cached_info, load_images
     want = dict(n_train=n_train, n_val=n_val, per_canvas=per_canvas, seed=seed, size=SIZE, ink=INK)
-    info_path = os.path.join(root, "info.json")
-    if os.path.isfile(info_path):
-        with open(info_path) as f:
-            info = json.load(f)
-        if all(info.get(k) == v for k, v in want.items()):
-            return info
+    info = cached_info(root, want)
+    if info is not None:
+        return info
     images, labels, name = load_images(source)
     images = images[:, 2:-2, 2:-2] if images.shape[-1] == 32 and name.startswith("mnist") else images
     rng = np.random.default_rng(seed)
@@ -71,7 +68,7 @@ def write_canvases(root: str, n_train: int = 800, n_val: int = 200, per_canvas: 
             Image.fromarray(np.stack([canvas] * 3, -1)).save(os.path.join(root, "img_dir", split, f"{i}.png"))
             Image.fromarray(mask).save(os.path.join(root, "ann_dir", split, f"{i}.png"))
     info = dict(want, source=name, classes=list(CLASSES))
-    with open(info_path, "w") as f:
+    with open(os.path.join(root, "info.json"), "w") as f:
         json.dump(info, f, indent=1)
     return info
 
