@@ -10,7 +10,7 @@ as ``evoplug bench`` does (``evoplug.tools.bench``: interleaved rounds, median):
 
 * inference images/s, eager and ``torch.compile`` (modes default and reduce-overhead), float16
   and float32, keep 0.5 and 1.0 (the matrix: :func:`gpu_plan`);
-* training steps of DeiT-S (forward + backward + AdamW, float16 autocast), batch 64;
+* training steps (forward + backward + AdamW, float16 autocast): DeiT-S batch 64, DeiT-T/S batch 32;
 * the top CUDA kernels of one DeiT-S forward, original next to converted (``torch.profiler``).
 
 The work is a list of units (one model in one setting), most wanted first. A unit starts only
@@ -98,7 +98,8 @@ class Unit:
 
 def gpu_plan() -> List[Unit]:
     """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), the DeiT-S
-    profile and training step, fp32 eager for DeiT-S/B and ViT-L/384, then torch.compile
+    profile and training step, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
+    batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
     units = [Unit("eager_fp16", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), est_s=EAGER_S[m])
              for m in MODELS]
@@ -107,6 +108,9 @@ def gpu_plan() -> List[Unit]:
                       est_s=8))
     units += [Unit("eager_fp32", "infer", m, "float32", BATCH_OVERRIDE.get(m, BATCH), repeats=8,
                    warmup=2, est_s=FP32_S[m]) for m in (DEIT_S, DEIT_B, VIT_L384)]
+    # issue 13's small training batches (its CPU figures are DeiT-T/S at batch 16/32)
+    units += [Unit("train_amp_fp16", "train", m, "float16", 32, keeps=(0.5,), est_s=6)
+              for m in (DEIT_T, DEIT_S)]
     order = [(DEIT_S, "reduce-overhead"), (DEIT_S, "default"), (DEIT_B, "reduce-overhead"),
              (VIT_L384, "reduce-overhead"), (DEIT_B, "default"), (SWIN_T, "reduce-overhead"),
              (VIT_L384, "default"), (SWIN_T, "default")]

@@ -23,6 +23,7 @@ EXAMPLES = os.path.join(ROOT, "examples", "mmpretrain")
 RANK_CHECK = '''
 import hashlib, json, os
 import torch
+import torch.distributed as dist
 from mmengine.hooks import Hook
 from mmengine.registry import HOOKS
 import evoplug
@@ -42,24 +43,27 @@ class RankDigestHook(Hook):
         row = dict(iter=runner.iter + 1, digest=h.hexdigest(), world=runner.world_size,
                    wrapper=type(runner.model).__name__, optim=type(runner.optim_wrapper).__name__,
                    tokens=dict(evoplug.tokens_per_block(model.backbone)),
-                   loss=float(outputs["loss"]))
+                   loss=float(outputs["loss"]),
+                   backend=dist.get_backend() if dist.is_initialized() else None,
+                   device=str(next(model.parameters()).device))
         with open(os.path.join(self.out, "rank%d.jsonl" % runner.rank), "a") as f:
             f.write(json.dumps(row) + "\\n")
 
 '''
 
 
-def _write_folder(root):
+def _write_folder(root, per_class=(6, 2)):
     spec = importlib.util.spec_from_file_location("image_folder", os.path.join(EXAMPLES, "image_folder.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.write_folder(root, per_class=(6, 2))
+    return mod.write_folder(root, per_class=per_class)
 
 
-def _torchrun(args, tmp_path, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]), OMP_NUM_THREADS="1")
+def _torchrun(args, tmp_path, timeout=600, nproc=2):
+    path = [ROOT, str(tmp_path)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", "-m", "evoplug.mm.train", *args]
+           "--nproc_per_node", str(nproc), "-m", "evoplug.mm.train", *args]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     return r
@@ -70,10 +74,12 @@ def _rows(out, rank):
         return [json.loads(line) for line in f]
 
 
-def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
+def _ddp_config(tmp_path, per_class=(6, 2), batch=6, iters=4):
+    """An image folder, the rank-digest hook and a config of ``iters`` steps (a checkpoint
+    every 2) on MMPretrain's Evo DeiT-Tiny example; returns (config, digests folder)."""
     data = str(tmp_path / "mnist")
-    info = _write_folder(data)
-    assert info["num_train"] == 60
+    info = _write_folder(data, per_class)
+    assert info["num_train"] == 10 * per_class[0]
     (tmp_path / "rank_check.py").write_text(RANK_CHECK)
     out = tmp_path / "digests"
     out.mkdir()
@@ -82,32 +88,36 @@ def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
         f"_base_ = [{os.path.join(EXAMPLES, 'evo-deit-tiny_mnist5k.py')!r}]\n"
         "custom_imports = dict(imports=['evoplug.mm', 'rank_check'], allow_failed_imports=False)\n"
         f"custom_hooks = [dict(type='RankDigestHook', out={str(out)!r})]\n"
-        f"train_dataloader = dict(batch_size=6, num_workers=0, persistent_workers=False, dataset=dict(data_root={data!r}))\n"
+        f"train_dataloader = dict(batch_size={batch}, num_workers=0, persistent_workers=False, dataset=dict(data_root={data!r}))\n"
         f"val_dataloader = dict(batch_size=10, num_workers=0, persistent_workers=False, dataset=dict(data_root={data!r}))\n"
-        "train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=4, val_interval=4)\n"
+        f"train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters={iters}, val_interval={iters})\n"
         "param_scheduler = []\n"
         "default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2, max_keep_ckpts=3),\n"
         "                     logger=dict(interval=1))\n"
         "test_dataloader = None\ntest_cfg = None\ntest_evaluator = None\n")
-    wd = str(tmp_path / "work")
-    first = _torchrun([str(cfg), "--launcher", "pytorch", "--work-dir", wd], tmp_path)
-    assert os.path.isfile(os.path.join(wd, "iter_4.pth"))
-    _torchrun([str(cfg), "--launcher", "pytorch", "--work-dir", wd, "--resume", "--amp",
-               "--cfg-options", "train_cfg.max_iters=6"], tmp_path)
+    return cfg, out
 
-    ranks = [_rows(str(out), r) for r in (0, 1)]
-    assert [row["iter"] for row in ranks[0]] == [row["iter"] for row in ranks[1]] == [1, 2, 3, 4, 5, 6]
-    for a, b in zip(*ranks):
-        assert a["digest"] == b["digest"], f"ranks differ after step {a['iter']}"
-        assert a["world"] == 2 and a["wrapper"] == "MMDistributedDataParallel"
+
+def _check_ranks(out, world, iters, optims, device):
+    """Every rank saw the same steps, held the same weights after each, on ``device``."""
+    ranks = [_rows(str(out), r) for r in range(world)]
+    for rows in ranks:
+        assert [row["iter"] for row in rows] == list(range(1, iters + 1))
+    for rows in zip(*ranks):
+        assert len({row["digest"] for row in rows}) == 1, f"ranks differ after step {rows[0]['iter']}"
+    for row in ranks[0]:
+        assert row["world"] == world and row["wrapper"] == "MMDistributedDataParallel"
+        assert row["device"].startswith(device)
         # the Evo model trained: later blocks ran the prefix + kept + representative tokens
-        assert a["tokens"]["layers.5"] == 1 + 32 + 1
-    assert len({row["digest"] for row in ranks[0]}) == 6          # every step changed the weights
-    assert [row["optim"] for row in ranks[0]] == ["OptimWrapper"] * 4 + ["CpuBf16OptimWrapper"] * 2
-    assert all(row["loss"] == row["loss"] for row in ranks[0])    # finite, not NaN
-    assert "Distributed launcher: pytorch" in first.stdout + first.stderr
+        assert row["tokens"]["layers.5"] == 1 + 32 + 1
+        assert row["loss"] == row["loss"]                              # finite, not NaN
+    assert len({row["digest"] for row in ranks[0]}) == iters           # every step changed the weights
+    assert [row["optim"] for row in ranks[0]] == optims
+    return ranks[0]
 
-    # the checkpoint (Evo model, DDP-trained) loads strictly into the dense model
+
+def _check_dense_load(checkpoint, iters):
+    """The Evo checkpoint (DDP-trained) loads strictly into the dense model."""
     import evoplug.mm  # noqa: F401
     from evoplug.mm import checkpoint as evo_ckpt
     from mmengine.config import Config
@@ -115,9 +125,48 @@ def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
     from mmpretrain.registry import MODELS
     init_default_scope("mmpretrain")
     dense = MODELS.build(Config.fromfile(os.path.join(EXAMPLES, "deit-tiny_mnist5k.py")).model)
-    state = evo_ckpt.load_from_local(os.path.join(wd, "iter_6.pth"))
-    assert state["meta"]["iter"] == 6
+    state = evo_ckpt.load_from_local(checkpoint)
+    assert state["meta"]["iter"] == iters
     dense.load_state_dict(state["state_dict"], strict=True)
+
+
+def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
+    cfg, out = _ddp_config(tmp_path)
+    wd = str(tmp_path / "work")
+    first = _torchrun([str(cfg), "--launcher", "pytorch", "--work-dir", wd], tmp_path)
+    assert os.path.isfile(os.path.join(wd, "iter_4.pth"))
+    _torchrun([str(cfg), "--launcher", "pytorch", "--work-dir", wd, "--resume", "--amp",
+               "--cfg-options", "train_cfg.max_iters=6"], tmp_path)
+    rows = _check_ranks(out, 2, 6, ["OptimWrapper"] * 4 + ["CpuBf16OptimWrapper"] * 2, "cpu")
+    assert {row["backend"] for row in rows} == {"gloo"}
+    assert "Distributed launcher: pytorch" in first.stdout + first.stderr
+    _check_dense_load(os.path.join(wd, "iter_6.pth"), 6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
+                    reason="needs a CUDA GPU and NCCL")
+def test_gpu_ddp_nccl_amp_trains_saves_resumes(tmp_path):
+    """The GPU form (run on a lent GPU; skipped in CI): one rank per GPU (NCCL allows no two ranks
+    on one device), NCCL, MMEngine's own DDP wrapper with device ids, ``--amp`` = float16 with a
+    dynamic loss scale, a resume, and the strict dense load. ``EVOPLUG_TEST_OUT`` keeps the
+    per-step rows and the logs."""
+    world = torch.cuda.device_count()
+    cfg, out = _ddp_config(tmp_path, per_class=(32, 4), batch=16, iters=8)
+    wd = str(tmp_path / "work")
+    args = [str(cfg), "--launcher", "pytorch", "--work-dir", wd, "--amp"]
+    first = _torchrun(args, tmp_path, nproc=world)
+    second = _torchrun(args + ["--resume", "--cfg-options", "train_cfg.max_iters=12"], tmp_path, nproc=world)
+    keep = os.environ.get("EVOPLUG_TEST_OUT")
+    if keep:
+        os.makedirs(keep, exist_ok=True)
+        with open(os.path.join(keep, "gpu_ddp_log.txt"), "w") as f:
+            f.write(first.stdout[-20000:] + first.stderr[-20000:] + "\n===== resume =====\n"
+                    + second.stdout[-20000:] + second.stderr[-20000:])
+        with open(os.path.join(keep, "gpu_ddp_rank0.jsonl"), "w") as f:
+            f.writelines(open(os.path.join(out, "rank0.jsonl")))
+    rows = _check_ranks(out, world, 12, ["AmpOptimWrapper"] * 12, "cuda")
+    assert {row["backend"] for row in rows} == {"nccl"}
+    _check_dense_load(os.path.join(wd, "iter_12.pth"), 12)
 
 
 def test_launch_configuration_for_gpus_and_cpus():

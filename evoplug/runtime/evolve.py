@@ -433,8 +433,11 @@ def row_at_kept(row: Tensor, sel: Selection, num_prefix: int) -> Tensor:
 
 def refresh(sel: Selection, row: Tensor, weight) -> Selection:
     """Score update g = (1 - alpha) g + alpha a of the prefix and kept tokens; ``weight`` is
-    alpha with 0 at the prefix tokens (their rank constants stay exact)."""
-    return sel._replace(vals=torch.lerp(sel.vals, row.to(sel.vals.dtype), weight))
+    alpha with 0 at the prefix tokens (their rank constants stay exact). Built with the
+    constructor, not ``_replace``: Dynamo of torch 2.11 cannot rebuild a NamedTuple that
+    ``_replace`` made inside a compiled forward (AssertionError in codegen_save_tempvars)."""
+    vals = torch.lerp(sel.vals, row.to(sel.vals.dtype), weight)
+    return Selection(sel.top, sel.index, vals, sel.weights, sel.pos)
 
 
 def current_scores(g: Tensor, sel: Optional[Selection]) -> Tensor:
