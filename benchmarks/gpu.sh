@@ -18,6 +18,7 @@
 #   BUNDLE    a folder that receives, on every exit, gpu_results.tar.gz (all of $OUT),
 #             summary.md, run.log and setup.txt: for a machine that hands back only a few files
 #   PY        the Python with torch (default: ./.venv/bin/python if present, else python3)
+#   SUITE_ARGS more options of gpu_suite.py (e.g. "--only eager_fp16 --models deit_small_patch16_224")
 # Writes into $OUT: setup.txt (what was checked or installed, and what failed), nvidia-smi.txt,
 # env.json/env.md (device, driver, versions, settings, plan), one JSON and one Markdown file
 # per part, summary.md (ratios next to the targets), run.log.
@@ -97,6 +98,8 @@ LEFT=$(( HARD_S - ($(date +%s) - START) ))
 ARGS=(--out "$OUT" --budget-s "$BUDGET_S" --start "$START")
 [ "$DRY" = 0 ] || ARGS+=(--dry)
 [ -z "$BUNDLE" ] || ARGS+=(--bundle "$BUNDLE")
+# shellcheck disable=SC2206  # word splitting wanted: extra options of gpu_suite.py
+[ -z "${SUITE_ARGS:-}" ] || ARGS+=($SUITE_ARGS)
 log "+ $PY benchmarks/gpu_suite.py ${ARGS[*]}   (interrupted after $LEFT s)"
 timeout -s INT -k 20 "$LEFT" $PY -u benchmarks/gpu_suite.py "${ARGS[@]}" 2>&1 | tee "$OUT/run.log"
 RC=${PIPESTATUS[0]}

@@ -84,6 +84,7 @@ class Unit:
     warmup: int = 3
     est_s: float = 5.0           # estimated seconds, conversion excluded (CONVERT_S)
     skip: Optional[str] = None   # a reason not to run it at all
+    variant: Optional[str] = None  # a runtime variant (VARIANTS) the unit runs the converted model with
 
     @property
     def name(self) -> str:
@@ -91,35 +92,48 @@ class Unit:
 
     @property
     def mode(self) -> str:
-        if self.kind == "train":
-            return "train"
-        return f"compile {self.compile}" if self.compile else "eager"
+        mode = "train" if self.kind == "train" else f"compile {self.compile}" if self.compile else "eager"
+        return f"{mode} [{self.variant}]" if self.variant else mode
+
+
+#: runtime variants a unit can run with: a private switch of evoplug set for the unit's duration
+#: ("matmul-logits": the global-query logits as batched matrix products, see
+#: evoplug.runtime.evolve.query_logits), so both forms are timed in one run
+VARIANTS = {"matmul-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", True)}
 
 
 def gpu_plan() -> List[Unit]:
-    """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), the DeiT-S
-    profile and training step, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
+    """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), again with the
+    matmul-logits variant (keep 0.5), the DeiT-S profile (both forms) and training steps at batch
+    64 and 256, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
     batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
     units = [Unit("eager_fp16", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), est_s=EAGER_S[m])
              for m in MODELS]
-    units.append(Unit("profile_fp16", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5))
-    units.append(Unit("train_amp_fp16", "train", DEIT_S, "float16", TRAIN_BATCH, keeps=(0.5,),
-                      est_s=8))
+    mm = "matmul-logits"
+    units += [Unit("eager_fp16_mm", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), keeps=(0.5,),
+                   est_s=EAGER_S[m], variant=mm) for m in MODELS]
+    units += [Unit("profile_fp16", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5),
+              Unit("profile_fp16_mm", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5,
+                   variant=mm)]
+    units += [Unit("train_amp_fp16", "train", DEIT_S, "float16", b, keeps=(0.5,), est_s=8)
+              for b in (TRAIN_BATCH, BATCH)]
     units += [Unit("eager_fp32", "infer", m, "float32", BATCH_OVERRIDE.get(m, BATCH), repeats=8,
                    warmup=2, est_s=FP32_S[m]) for m in (DEIT_S, DEIT_B, VIT_L384)]
     # issue 13's small training batches (its CPU figures are DeiT-T/S at batch 16/32)
     units += [Unit("train_amp_fp16", "train", m, "float16", 32, keeps=(0.5,), est_s=6)
               for m in (DEIT_T, DEIT_S)]
-    order = [(DEIT_S, "reduce-overhead"), (DEIT_S, "default"), (DEIT_B, "reduce-overhead"),
-             (VIT_L384, "reduce-overhead"), (DEIT_B, "default"), (SWIN_T, "reduce-overhead"),
-             (VIT_L384, "default"), (SWIN_T, "default")]
+    order = [(DEIT_S, "reduce-overhead", None), (DEIT_S, "reduce-overhead", mm),
+             (DEIT_S, "default", None), (DEIT_B, "reduce-overhead", None),
+             (VIT_L384, "reduce-overhead", None), (DEIT_B, "default", None),
+             (SWIN_T, "reduce-overhead", None), (VIT_L384, "default", None), (SWIN_T, "default", None)]
     seen = set()
-    for m, mode in order:
+    for m, mode, variant in order:
         est = COMPILE_S[m] * (SECOND_MODE if m in seen else 1.0)
         seen.add(m)
-        units.append(Unit(f"compile_{mode}_fp16", "infer", m, "float16",
-                          BATCH_OVERRIDE.get(m, BATCH), keeps=(0.5,), compile=mode, est_s=est))
+        units.append(Unit(f"compile_{mode}_fp16" + ("_mm" if variant else ""), "infer", m, "float16",
+                          BATCH_OVERRIDE.get(m, BATCH), keeps=(0.5,), compile=mode, est_s=est,
+                          variant=variant))
     return units
 
 
@@ -197,7 +211,21 @@ class Clock:
 # --------------------------------------------------------------------------------------------
 
 def run_unit(u: Unit, models: Models, device: str) -> dict:
-    """The unit's rows (infer, train) or profiles (profile)."""
+    """The unit's rows (infer, train) or profiles (profile), with its runtime variant set."""
+    if u.variant is None:
+        return _run_unit(u, models, device)
+    import importlib
+    module, name, value = VARIANTS[u.variant]
+    mod = importlib.import_module(module)
+    before = getattr(mod, name)
+    setattr(mod, name, value)
+    try:
+        return _run_unit(u, models, device)
+    finally:
+        setattr(mod, name, before)
+
+
+def _run_unit(u: Unit, models: Models, device: str) -> dict:
     from evoplug.tools import bench
     model, evo = models.get(u.model)
     dtype = bench.DTYPES[u.dtype]
@@ -333,6 +361,12 @@ def parse_args(argv=None):
     p.add_argument("--bundle", default=None, metavar="DIR",
                    help="after each unit also write DIR/gpu_results.tar.gz and DIR/summary.md")
     p.add_argument("--only", nargs="+", default=None, metavar="PART", help="run only these parts")
+    p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
+                   help="run only the units of these timm models")
+    p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
+                   help="leave torch.backends.cudnn.benchmark off (default: on, as timm's "
+                        "benchmark.py and DeiT's training set it: the patch-embedding convolution "
+                        "then gets cuDNN's fastest algorithm, for both models alike)")
     p.add_argument("--list", action="store_true", help="print the plan and its estimate, run nothing")
     a = p.parse_args(argv)
     a.out = a.out or ("bench_out/gpu_dry" if a.dry else "bench_out/gpu")
@@ -358,6 +392,8 @@ def main(argv=None) -> int:
     plan = dry_plan() if a.dry else gpu_plan()
     if a.only:
         plan = [u for u in plan if u.part in a.only]
+    if a.models:
+        plan = [u for u in plan if u.model in a.models]
     if a.list:
         print_plan(plan, a.budget_s)
         return 0
@@ -365,6 +401,7 @@ def main(argv=None) -> int:
     device = "cpu" if a.dry else "cuda"
     if a.threads or a.dry:
         torch.set_num_threads(a.threads or 1)
+    torch.backends.cudnn.benchmark = bool(a.cudnn_benchmark)
     report = Report(pathlib.Path(a.out), a.bundle)
     env = environment(a, device, plan)
     report.write_environment(env, environment_md(env))

@@ -70,16 +70,15 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
                       num_prefix: int, cls_query: bool) -> Tensor:
     """Attention of one query per head (the cls token if ``cls_query``, else the mean query of
     the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., Nk),
-    float32. O(N d) per head: the logits are a product with k and a sum (no float32 copy of q
-    or k, no batched-matmul reshapes of a strided k)."""
+    float32. O(N d) per head (:func:`query_logits`; no float32 copy of q or k)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cls_query:
-        qq = q.narrow(-2, 0, 1) * scale
+        qq = q.narrow(-2, 0, 1)
     else:
-        qq = (q.narrow(-2, num_prefix, q.shape[-2] - num_prefix).mean(-2, keepdim=True,
-                                                                        dtype=torch.float32) * scale).to(k.dtype)
-    logits = (qq * k).sum(-1)                                     # (..., Nk)
+        qq = q.narrow(-2, num_prefix, q.shape[-2] - num_prefix).mean(-2, keepdim=True,
+                                                                     dtype=torch.float32).to(k.dtype)
+    logits = query_logits(qq, k, scale)                           # (..., Nk)
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
     m = attn_mask
@@ -89,6 +88,56 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     if m.shape[-2] != 1:
         m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
     return (logits.float() + m.squeeze(-2)).softmax(-1)
+
+
+#: how :func:`query_logits` computes: False = a product with k and a sum over d (fewest ATen ops:
+#: the op budget); True = batched matrix products on k's own memory (no k-sized temporary: less
+#: GPU memory traffic, 2 more ops). Private: benchmarks/gpu_suite.py times both side by side.
+_MATMUL_LOGITS = False
+#: (1, H, H*d) head masks times the scale, per (H, d, scale, dtype, device)
+_HEAD_MASKS: dict = {}
+
+
+def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
+    """(1, H, H*d): ``scale`` on head h's d channels in row h, 0 elsewhere."""
+    def make():
+        eye = torch.eye(heads, dtype=dtype, device=device) * scale
+        return eye.repeat_interleave(dim, 1).view(1, heads, heads * dim)
+    if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
+        return make()
+    key = (heads, dim, float(scale), dtype, device)
+    mask = _HEAD_MASKS.get(key)
+    if mask is None:
+        mask = _HEAD_MASKS[key] = make()
+    return mask
+
+
+def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``scale * (qq . k)``: qq (..., 1, d), k (..., Nk, d) -> (..., Nk).
+
+    By default a product and a sum over d (:data:`_MATMUL_LOGITS`). The matrix form reads k once
+    where it lies, with no k-sized temporary, for the two layouts that allow it without a copy:
+    timm's ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed
+    is a (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the
+    queries gives every head's logits; and a k whose leading dims merge (contiguous per head).
+    Anything else takes the product and sum."""
+    *lead, n, d = k.shape
+    if _MATMUL_LOGITS and k.dim() == 4 and list(qq.shape) == lead + [1, d]:
+        B, H = lead
+        try:
+            keys = k.transpose(2, 3).view(B, H * d, n)                # k's own memory
+            query = qq.view(B, 1, H * d)
+        except RuntimeError:
+            keys = None
+        if keys is not None:
+            return torch.bmm(query * _head_mask(H, d, scale, qq.dtype, qq.device), keys)
+        try:
+            keys = k.view(B * H, n, d)
+        except RuntimeError:
+            keys = None
+        if keys is not None:
+            return torch.bmm(keys, (qq * scale).view(B * H, d, 1)).view(B, H, n)
+    return ((qq * scale) * k).sum(-1)
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
