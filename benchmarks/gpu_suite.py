@@ -63,9 +63,9 @@ CONVERT_S = {DEIT_T: 2, DEIT_S: 2, DEIT_B: 4, VIT_B384: 8, VIT_L384: 20, SWIN_T:
 EAGER_S = {DEIT_T: 3, DEIT_S: 3, DEIT_B: 4, VIT_B384: 8, VIT_L384: 5, SWIN_T: 5, PVT_B1: 4}
 FP32_S = {DEIT_S: 4, DEIT_B: 10, VIT_L384: 15}    # no TF32 (PyTorch's default): ~6x the fp16 time
 #: seconds of a torch.compile unit (original + converted at keep 0.5, Inductor from a cold cache;
-#: the second mode of a model reuses the Triton kernels). No compile time was recorded in the
-#: earlier H100 runs: guesses, corrected during the run (see Clock)
-COMPILE_S = {DEIT_S: 75, DEIT_B: 75, VIT_L384: 90, SWIN_T: 120}
+#: the second mode of a model reuses the Triton kernels): on the H200 of 2026-11-30 (16-core
+#: host) reduce-overhead took DeiT-S 36-38 s, DeiT-B 21-26, ViT-L/384 36-48, Swin-T 75, with margin
+COMPILE_S = {DEIT_S: 45, DEIT_B: 35, VIT_L384: 55, SWIN_T: 85}
 SECOND_MODE = 0.55
 STARTUP_S = 15        # python, torch, timm and CUDA start before the first unit
 
@@ -96,26 +96,29 @@ class Unit:
         return f"{mode} [{self.variant}]" if self.variant else mode
 
 
-#: runtime variants a unit can run with: a private switch of evoplug set for the unit's duration
-#: ("matmul-logits": the global-query logits as batched matrix products, see
-#: evoplug.runtime.evolve.query_logits), so both forms are timed in one run
-VARIANTS = {"matmul-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", True)}
+#: runtime variants a unit can run with: a private switch of evoplug set for the unit's duration,
+#: so two forms are timed in one run. The global-query logits (evoplug.runtime.evolve.
+#: query_logits) are by default batched matrix products in eager mode on a GPU and a product and
+#: sum when compiled; "product-logits" / "matmul-logits" force one form everywhere
+VARIANTS = {"matmul-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", True),
+            "product-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", False)}
 
 
 def gpu_plan() -> List[Unit]:
     """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), again with the
-    matmul-logits variant (keep 0.5), the DeiT-S profile (both forms) and training steps at batch
+    product-logits variant (keep 0.5; compiled units use it by default, matmul-logits for
+    DeiT-S), the DeiT-S profile (both forms) and training steps at batch
     64 and 256, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
     batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
     units = [Unit("eager_fp16", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), est_s=EAGER_S[m])
              for m in MODELS]
-    mm = "matmul-logits"
-    units += [Unit("eager_fp16_mm", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), keeps=(0.5,),
-                   est_s=EAGER_S[m], variant=mm) for m in MODELS]
+    mm, prod = "matmul-logits", "product-logits"
+    units += [Unit("eager_fp16_product", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH),
+                   keeps=(0.5,), est_s=EAGER_S[m], variant=prod) for m in MODELS]
     units += [Unit("profile_fp16", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5),
-              Unit("profile_fp16_mm", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5,
-                   variant=mm)]
+              Unit("profile_fp16_product", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,),
+                   est_s=5, variant=prod)]
     units += [Unit("train_amp_fp16", "train", DEIT_S, "float16", b, keeps=(0.5,), est_s=8)
               for b in (TRAIN_BATCH, BATCH)]
     units += [Unit("eager_fp32", "infer", m, "float32", BATCH_OVERRIDE.get(m, BATCH), repeats=8,

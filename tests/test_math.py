@@ -175,6 +175,41 @@ def test_sdpa_query_row(dtype, P, cls_query, mask, scale):
     _check_row(out, ref, P, TOL[dtype])
 
 
+def _k_layout(q, k, v, layout):
+    """q, k in the memory layouts the matrix form of the logits meets: timm's slices of one
+    ``qkv.reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)`` tensor, contiguous per head, or a
+    layout neither product can use in place (keys transposed in memory)."""
+    if layout == "qkv":
+        qkv = torch.stack([q, k, v]).permute(1, 3, 0, 2, 4).contiguous()     # (B, N, 3, H, d)
+        q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    elif layout == "transposed":
+        k = k.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return q, k
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("P,cls_query", [(1, True), (1, False), (0, False)])
+@pytest.mark.parametrize("layout", ["qkv", "contiguous", "transposed"])
+@pytest.mark.parametrize("mask", [None, "float_bhnn"])
+def test_sdpa_query_row_matrix_form(dtype, P, cls_query, layout, mask, monkeypatch):
+    """The matrix form of the logits (eager mode on a GPU) against the explicit reference, in
+    every layout of q and k, with the same result as the product form."""
+    q, k, v = _qkv(dtype)
+    m = _sdpa_mask(mask, dtype, P)
+    ref_q, ref_k = q, k
+    q, k = _k_layout(q, k, v, layout)
+    assert torch.equal(q, ref_q) and torch.equal(k, ref_k)
+    add = _additive(m)
+    full = _ref_full_map(ref_q, ref_k, add, D ** -0.5)
+    ref = full[:, :, 0].mean(1) if cls_query else _ref_mean_query_row(ref_q, ref_k, add, D ** -0.5, P)
+    monkeypatch.setattr(ev, "_MATMUL_LOGITS", True)
+    out = ev.sdpa_query_row(q, k, m, None, P, cls_query)
+    _check_row(out, ref, P, TOL[dtype])
+    monkeypatch.setattr(ev, "_MATMUL_LOGITS", False)
+    torch.testing.assert_close(out, ev.sdpa_query_row(q, k, m, None, P, cls_query),
+                               atol=TOL[dtype], rtol=0)
+
+
 def _mha(batch_first, dtype, seed=3, E=16, heads=2):
     torch.manual_seed(seed)
     mha = nn.MultiheadAttention(E, heads, batch_first=batch_first)

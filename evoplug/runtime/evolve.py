@@ -90,10 +90,13 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     return (logits.float() + m.squeeze(-2)).softmax(-1)
 
 
-#: how :func:`query_logits` computes: False = a product with k and a sum over d (fewest ATen ops:
-#: the op budget); True = batched matrix products on k's own memory (no k-sized temporary: less
-#: GPU memory traffic, 2 more ops). Private: benchmarks/gpu_suite.py times both side by side.
-_MATMUL_LOGITS = False
+#: how :func:`query_logits` computes: None = by where it runs (the matrix form in eager mode on
+#: a GPU, the product and sum on CPUs and under torch.compile), True / False = always the matrix
+#: form / the product and sum. Measured on an H200 (docs/gpu.md, "The global-query logits"): in
+#: eager mode the matrix form cut DeiT-S's kernel time per forward by 7% (8.23 -> 7.65 ms) and
+#: ran DeiT-B and ViT-L/384 5% faster; compiled, Inductor's fused product-and-sum was faster
+#: (1.17x vs 1.12x). Private: benchmarks/gpu_suite.py times the forms side by side.
+_MATMUL_LOGITS: Optional[bool] = None
 #: (1, H, H*d) head masks times the scale, per (H, d, scale, dtype, device)
 _HEAD_MASKS: dict = {}
 
@@ -102,7 +105,7 @@ def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
     """(1, H, H*d): ``scale`` on head h's d channels in row h, 0 elsewhere."""
     def make():
         eye = torch.eye(heads, dtype=dtype, device=device) * scale
-        return eye.repeat_interleave(dim, 1).view(1, heads, heads * dim)
+        return eye[:, :, None].expand(heads, heads, dim).reshape(1, heads, heads * dim)
     if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
         return make()
     key = (heads, dim, float(scale), dtype, device)
@@ -115,14 +118,19 @@ def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
 def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     """``scale * (qq . k)``: qq (..., 1, d), k (..., Nk, d) -> (..., Nk).
 
-    By default a product and a sum over d (:data:`_MATMUL_LOGITS`). The matrix form reads k once
-    where it lies, with no k-sized temporary, for the two layouts that allow it without a copy:
+    A product and a sum over d (the fewest ATen ops: 2 fewer per row), or on a GPU in eager mode
+    (:data:`_MATMUL_LOGITS`) the matrix form: it reads k once where it lies, with no k-sized
+    temporary that the product writes and the sum reads again, for the two layouts that allow
+    it without a copy:
     timm's ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed
     is a (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the
     queries gives every head's logits; and a k whose leading dims merge (contiguous per head).
     Anything else takes the product and sum."""
     *lead, n, d = k.shape
-    if _MATMUL_LOGITS and k.dim() == 4 and list(qq.shape) == lead + [1, d]:
+    matmul = _MATMUL_LOGITS
+    if matmul is None:
+        matmul = k.is_cuda and not torch.compiler.is_compiling()
+    if matmul and k.dim() == 4 and list(qq.shape) == lead + [1, d]:
         B, H = lead
         try:
             keys = k.transpose(2, 3).view(B, H * d, n)                # k's own memory

@@ -82,5 +82,6 @@ test_cfg = dict()
 default_hooks = dict(logger=dict(type='LoggerHook', interval=20),
                      checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=2))
 randomness = dict(seed=0, deterministic=False)
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='gloo'))
+# no dist_cfg backend: `python -m evoplug.mm.train --launcher pytorch` picks NCCL on GPUs and gloo
+# on CPUs (a backend named here would be used on both)
+env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0))
