@@ -296,15 +296,21 @@ class EntryHook:
         self.kwargs = frozenset(kwargs)
         self.key = key
         self.factory = factory      # (model, args, kwargs) -> SizeVariant; a picklable function
+        self._key_shapes = _shapes(key)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._key_shapes = _shapes(self.key)
 
     def __call__(self, module, args, kwargs):
+        # every forward of the model passes here: no per-call sets or tuples beyond the input key
         if torch.compiler.is_compiling():
             return
-        matches = len(args) == self.num_args and set(kwargs) == self.kwargs
+        matches = len(args) == self.num_args and kwargs.keys() == self.kwargs
         variant = None
         if matches and self.factory is not None:
             key = input_key(args, kwargs)
-            if _shapes(key) != _shapes(self.key):      # dtype or device alone need no twin
+            if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
                 variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
                 variant.sync()
         self.runtime.push_entry(matches, variant)
