@@ -310,3 +310,22 @@ def test_bench_compile_mode_is_checked(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", *TINY, "--compile", "fastest"])
     assert e.value.code == 2 and "reduce-overhead" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("optimizer", bench.OPTIMIZERS)
+def test_train_step_optimizers(optimizer):
+    """`evoplug bench --train`'s step on a converted model: forward, backward (gradients reach
+    the weights through the slow-fast update), then the optimizer changes them (``none``: not)."""
+    import timm
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KW)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    before = {k: v.clone() for k, v in fast.state_dict().items()}
+    step = bench.make_train_step(fast, optimizer=optimizer)
+    step(torch.randn(4, 3, 32, 32))
+    assert fast.training
+    assert fast.blocks[0].attn.qkv.weight.grad is not None and fast.head.weight.grad is not None
+    changed = [k for k, v in fast.state_dict().items() if not torch.equal(before[k], v)]
+    assert bool(changed) == (optimizer != "none"), changed
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        bench.make_train_step(fast, optimizer="adam")

@@ -121,8 +121,7 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     A product and a sum over d (the fewest ATen ops: 2 fewer per row), or on a GPU in eager mode
     (:data:`_MATMUL_LOGITS`) the matrix form: it reads k once where it lies, with no k-sized
     temporary that the product writes and the sum reads again, for the two layouts that allow
-    it without a copy:
-    timm's ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed
+    it without a copy: timm's ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed
     is a (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the
     queries gives every head's logits; and a k whose leading dims merge (contiguous per head).
     Anything else takes the product and sum."""
@@ -130,7 +129,7 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     matmul = _MATMUL_LOGITS
     if matmul is None:
         matmul = k.is_cuda and not torch.compiler.is_compiling()
-    if matmul and k.dim() == 4 and list(qq.shape) == lead + [1, d]:
+    if matmul and k.dim() == 4 and list(qq.shape) == lead + [1, d] and qq.dtype == k.dtype:
         B, H = lead
         try:
             keys = k.transpose(2, 3).view(B, H * d, n)                # k's own memory
@@ -472,7 +471,8 @@ def restore(base: Tensor, out_sub: Tensor, sel: Selection, rep: Optional[Tensor]
     if rep is None:
         return base.scatter(1, sel.index, out_sub)
     n = sel.index.shape[1]
-    return (base + (out_sub[:, n:] - rep)).scatter_(1, sel.index, out_sub[:, :n])
+    kept, rep_out = out_sub.split([n, out_sub.shape[1] - n], 1)   # one op; backward: one cat
+    return (base + (rep_out - rep)).scatter_(1, sel.index, kept)
 
 
 def row_of_kept(row: Tensor, sel: Selection, num_prefix: int) -> Tensor:

@@ -417,8 +417,9 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
 # Training steps
 # --------------------------------------------------------------------------------------------
 
-#: optimizer names of :func:`make_train_step` ("none": forward + backward only)
-OPTIMIZERS = ("adamw", "sgd", "none")
+#: optimizer names of :func:`make_train_step` ("none": forward + backward only; "adamw-fused":
+#: torch's single-kernel AdamW, ``fused=True``, on CPUs from torch 2.4)
+OPTIMIZERS = ("adamw", "adamw-fused", "sgd", "none")
 
 
 def _logits(out) -> torch.Tensor:
@@ -447,13 +448,15 @@ def make_train_step(model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = N
     Zero the gradients, forward (under ``torch.autocast(amp_dtype)`` when given: mixed
     precision, weights stay as they are), cross-entropy against random labels (drawn once per
     batch size), backward (the loss scaled by a ``GradScaler`` for float16), then the optimizer
-    step: ``adamw`` (torch's default implementation), ``sgd`` (momentum 0.9) or ``none``.
+    step: ``adamw`` (torch's default implementation), ``adamw-fused`` (``fused=True``), ``sgd``
+    (momentum 0.9) or ``none``.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = (torch.optim.AdamW(params, lr=lr) if optimizer == "adamw" else
+           torch.optim.AdamW(params, lr=lr, fused=True) if optimizer == "adamw-fused" else
            torch.optim.SGD(params, lr=lr, momentum=0.9) if optimizer == "sgd" else None)
     dev_type = params[0].device.type
     scaler = torch.amp.GradScaler(dev_type, enabled=amp_dtype == torch.float16)

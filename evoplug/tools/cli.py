@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time training steps instead of inference: forward + backward + optimizer "
                         "step in train mode, interleaved, median; float32 weights, --dtype "
                         "float16/bfloat16 runs the forward under autocast (AMP)")
-    b.add_argument("--optimizer", choices=["adamw", "sgd", "none"], default="adamw",
-                   help="with --train: adamw (default), sgd (momentum 0.9) or none (forward + "
+    b.add_argument("--optimizer", choices=["adamw", "adamw-fused", "sgd", "none"], default="adamw",
+                   help="with --train: adamw (default, torch's default implementation), "
+                        "adamw-fused (fused=True), sgd (momentum 0.9) or none (forward + "
                         "backward only)")
     b.add_argument("--malloc", choices=["retain", "system"], default="retain",
                    help="CPU runs: 'retain' (default) makes glibc keep freed memory, so a forward "
