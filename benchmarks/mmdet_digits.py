@@ -30,20 +30,13 @@ CONFIGS = {"dense": "retinanet_swin_digit-boxes.py", "evo": "evo-retinanet_swin_
 
 def make_cfg(name, data_root, work_dir, iters, seed):
     from mmengine.config import Config
+    from mm_schedule import short_run
     cfg = Config.fromfile(os.path.join(EXAMPLES, CONFIGS[name]))
     for dl in ("train_dataloader", "val_dataloader", "test_dataloader"):
         cfg[dl].dataset.data_root = data_root
     cfg.val_evaluator.ann_file = os.path.join(data_root, "annotations", "val.json")
     cfg.test_evaluator = cfg.val_evaluator
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
-    warm = max(1, iters // 30)
-    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, end=warm),
-                           dict(type="CosineAnnealingLR", eta_min=1e-5, by_epoch=False, begin=warm, end=iters)]
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters, max_keep_ckpts=1)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, iters // 10), log_metric_by_epoch=False)
-    cfg.work_dir = os.path.join(work_dir, name)
-    cfg.randomness = dict(seed=seed)
-    return cfg
+    return short_run(cfg, os.path.join(work_dir, name), iters, seed, warm=max(1, iters // 30), logs=10)
 
 
 def train(name, args):

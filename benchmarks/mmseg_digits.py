@@ -27,18 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 def make_cfg(path, data_root, work_dir, iters, seed):
     from mmengine.config import Config
+    from mm_schedule import short_run
     cfg = Config.fromfile(path)
     for dl in ("train_dataloader", "val_dataloader", "test_dataloader"):
         cfg[dl].dataset.data_root = data_root
-    cfg.train_cfg = dict(type="IterBasedTrainLoop", max_iters=iters, val_interval=iters)
-    warm = max(1, iters // 12)
-    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.01, by_epoch=False, end=warm),
-                           dict(type="CosineAnnealingLR", eta_min=1e-5, by_epoch=False, begin=warm, end=iters)]
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=iters, max_keep_ckpts=1)
-    cfg.default_hooks.logger = dict(type="LoggerHook", interval=max(1, iters // 6), log_metric_by_epoch=False)
-    cfg.work_dir = work_dir
-    cfg.randomness = dict(seed=seed)
-    return cfg
+    return short_run(cfg, work_dir, iters, seed, warm=max(1, iters // 12), logs=6)
 
 
 def main():

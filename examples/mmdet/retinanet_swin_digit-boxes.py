@@ -3,7 +3,7 @@
 # them as a COCO-format set), built on MMDetection's own RetinaNet model config, CPU-sized.
 # Dense; evo-retinanet_swin_digit-boxes.py is the Evo form.
 #   python -m evoplug.mm.train examples/mmdet/retinanet_swin_digit-boxes.py
-_base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py']
+_base_ = ['mmdet::_base_/models/retinanet_r50_fpn.py', '../digits_runtime.py']
 
 custom_imports = dict(imports=['evoplug.integrations.mmcv_ops', 'evoplug.mmdet'],
                       allow_failed_imports=False)
@@ -54,22 +54,6 @@ optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, 
 param_scheduler = [dict(type='LinearLR', start_factor=0.01, by_epoch=False, end=50),
                    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=50, end=1500)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=1500, val_interval=1500)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
-
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=1500, max_keep_ckpts=1),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='DetVisualizationHook'))
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='gloo'))
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='DetLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(by_epoch=False)
-log_level = 'INFO'
-randomness = dict(seed=0)
-load_from = None
-resume = False
+default_hooks = dict(checkpoint=dict(interval=1500),
+                     visualization=dict(type='DetVisualizationHook'))
+visualizer = dict(type='DetLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')], name='visualizer')

@@ -3,7 +3,7 @@
 # built on MMSegmentation's own model config (mmseg's VisionTransformer + MultiLevelNeck + UPerHead),
 # CPU-sized. Dense; evo-vit-uper_digit-canvas.py is the Evo form.
 #   python -m evoplug.mm.train examples/mmseg/vit-uper_digit-canvas.py
-_base_ = ['mmseg::_base_/models/upernet_vit-b16_ln_mln.py']
+_base_ = ['mmseg::_base_/models/upernet_vit-b16_ln_mln.py', '../digits_runtime.py']
 
 custom_imports = dict(imports=['evoplug.integrations.mmcv_ops', 'evoplug.mmseg'],
                       allow_failed_imports=False)
@@ -59,22 +59,6 @@ optim_wrapper = dict(type='OptimWrapper', optimizer=dict(type='AdamW', lr=1e-3, 
 param_scheduler = [dict(type='LinearLR', start_factor=0.01, by_epoch=False, end=50),
                    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=False, begin=50, end=600)]
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=600, val_interval=600)
-val_cfg = dict(type='ValLoop')
-test_cfg = dict(type='TestLoop')
-
-default_hooks = dict(
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50, log_metric_by_epoch=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', by_epoch=False, interval=600, max_keep_ckpts=1),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    visualization=dict(type='SegVisualizationHook'))
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='gloo'))
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='SegLocalVisualizer', vis_backends=vis_backends, name='visualizer')
-log_processor = dict(by_epoch=False)
-log_level = 'INFO'
-randomness = dict(seed=0)
-load_from = None
-resume = False
+default_hooks = dict(checkpoint=dict(interval=600),
+                     visualization=dict(type='SegVisualizationHook'))
+visualizer = dict(type='SegLocalVisualizer', vis_backends=[dict(type='LocalVisBackend')], name='visualizer')
