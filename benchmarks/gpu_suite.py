@@ -102,12 +102,15 @@ class Unit:
 #: sum when compiled; "product-logits" / "matmul-logits" force one form everywhere
 VARIANTS = {"matmul-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", True),
             "product-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", False)}
+#: variants that are options of the converted model (evoplug.set_options on a copy): issue 12's
+#: reselect_every table on a GPU (the default selects every 4 blocks)
+OPTION_VARIANTS = {"reselect-1": dict(reselect_every=1)}
 
 
 def gpu_plan() -> List[Unit]:
     """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), again with the
     product-logits variant (keep 0.5; compiled units use it by default, matmul-logits for
-    DeiT-S), the DeiT-S profile (both forms) and training steps at batch
+    DeiT-S), DeiT-S/B selecting every block (reselect-1), the DeiT-S profile (both forms) and training steps at batch
     64 and 256, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
     batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
@@ -116,6 +119,8 @@ def gpu_plan() -> List[Unit]:
     mm, prod = "matmul-logits", "product-logits"
     units += [Unit("eager_fp16_product", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH),
                    keeps=(0.5,), est_s=EAGER_S[m], variant=prod) for m in MODELS]
+    units += [Unit("eager_fp16_r1", "infer", m, "float16", BATCH, keeps=(0.5,), est_s=EAGER_S[m],
+                   variant="reselect-1") for m in (DEIT_S, DEIT_B)]
     units += [Unit("profile_fp16", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5),
               Unit("profile_fp16_product", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,),
                    est_s=5, variant=prod)]
@@ -215,7 +220,7 @@ class Clock:
 
 def run_unit(u: Unit, models: Models, device: str) -> dict:
     """The unit's rows (infer, train) or profiles (profile), with its runtime variant set."""
-    if u.variant is None:
+    if u.variant is None or u.variant in OPTION_VARIANTS:
         return _run_unit(u, models, device)
     import importlib
     module, name, value = VARIANTS[u.variant]
@@ -231,6 +236,10 @@ def run_unit(u: Unit, models: Models, device: str) -> dict:
 def _run_unit(u: Unit, models: Models, device: str) -> dict:
     from evoplug.tools import bench
     model, evo = models.get(u.model)
+    if u.variant in OPTION_VARIANTS:
+        import evoplug
+        evo = copy.deepcopy(evo)
+        evoplug.set_options(evo, **OPTION_VARIANTS[u.variant])
     dtype = bench.DTYPES[u.dtype]
     common = dict(device=device, dtype=dtype, repeats=u.repeats, warmup=u.warmup, base=evo)
     if u.kind == "infer":
