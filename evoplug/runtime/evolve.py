@@ -121,29 +121,24 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     A product and a sum over d (the fewest ATen ops: 2 fewer per row), or on a GPU in eager mode
     (:data:`_MATMUL_LOGITS`) the matrix form: it reads k once where it lies, with no k-sized
     temporary that the product writes and the sum reads again, for the two layouts that allow
-    it without a copy: timm's ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed
-    is a (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the
-    queries gives every head's logits; and a k whose leading dims merge (contiguous per head).
+    it without a copy (told by the strides, no exception on the hot path): timm's
+    ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed is a
+    (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the queries
+    gives every head's logits; and a k whose batch and head dims merge (contiguous per head).
     Anything else takes the product and sum."""
-    *lead, n, d = k.shape
     matmul = _MATMUL_LOGITS
     if matmul is None:
         matmul = k.is_cuda and not torch.compiler.is_compiling()
-    if matmul and k.dim() == 4 and list(qq.shape) == lead + [1, d] and qq.dtype == k.dtype:
-        B, H = lead
-        try:
-            keys = k.transpose(2, 3).view(B, H * d, n)                # k's own memory
-            query = qq.view(B, 1, H * d)
-        except RuntimeError:
-            keys = None
-        if keys is not None:
-            return torch.bmm(query * _head_mask(H, d, scale, qq.dtype, qq.device), keys)
-        try:
-            keys = k.view(B * H, n, d)
-        except RuntimeError:
-            keys = None
-        if keys is not None:
-            return torch.bmm(keys, (qq * scale).view(B * H, d, 1)).view(B, H, n)
+    if matmul and k.dim() == 4 and qq.dtype == k.dtype:
+        B, H, n, d = k.shape
+        ks, qs = k.stride(), qq.stride()
+        if qq.shape == (B, H, 1, d) and ks[1] == d * ks[3] and qs[1] == d * qs[3]:
+            # heads merge with d: k^T is a (B, H*d, n) view, the query a (B, 1, H*d) view
+            keys = k.transpose(2, 3).view(B, H * d, n)
+            return torch.bmm(qq.view(B, 1, H * d) * _head_mask(H, d, scale, qq.dtype, qq.device), keys)
+        if qq.shape == (B, H, 1, d) and ks[0] == H * ks[1]:
+            # batch merges with heads: (B*H, n, d), one matrix-vector product per head
+            return torch.bmm(k.view(B * H, n, d), (qq * scale).view(B * H, d, 1)).view(B, H, n)
     return ((qq * scale) * k).sum(-1)
 
 
