@@ -53,7 +53,7 @@ def figures(parts: Dict[str, dict]) -> List[dict]:
     out = []
     for name, part in parts.items():
         for r in part["rows"]:
-            if r["mode"] == "train":
+            if r["mode"].startswith("train"):
                 continue
             c = "compiled_speedup" in r
             out.append(dict(part=name, model=r["model"], batch=r["batch"], dtype=r["dtype"],
@@ -201,7 +201,7 @@ class Report:
 
     def _train_and_profile(self) -> List[str]:
         lines = []
-        rows = [r for p in self.parts.values() for r in p["rows"] if r["mode"] == "train"]
+        rows = [r for p in self.parts.values() for r in p["rows"] if r["mode"].startswith("train")]
         if rows:
             lines += ["", "## Training step (no target in the issue)", "", bench.format_markdown(rows)]
         for name, part in self.parts.items():

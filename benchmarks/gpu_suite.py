@@ -10,7 +10,8 @@ as ``evoplug bench`` does (``evoplug.tools.bench``: interleaved rounds, median):
 
 * inference images/s, eager and ``torch.compile`` (modes default and reduce-overhead), float16
   and float32, keep 0.5 and 1.0 (the matrix: :func:`gpu_plan`);
-* training steps (forward + backward + AdamW, float16 autocast): DeiT-S batch 64, DeiT-T/S batch 32;
+* training steps (forward + backward + AdamW, float16 autocast): DeiT-S batch 64 and 256, eager
+  and with forward and backward compiled, DeiT-T/S batch 32;
 * the top CUDA kernels of one DeiT-S forward, original next to converted (``torch.profiler``).
 
 The work is a list of units (one model in one setting), most wanted first. A unit starts only
@@ -92,7 +93,8 @@ class Unit:
 
     @property
     def mode(self) -> str:
-        mode = "train" if self.kind == "train" else f"compile {self.compile}" if self.compile else "eager"
+        mode = f"compile {self.compile}" if self.compile else "eager"
+        mode = ("train" + (f" {mode}" if self.compile else "")) if self.kind == "train" else mode
         return f"{mode} [{self.variant}]" if self.variant else mode
 
 
@@ -111,7 +113,7 @@ def gpu_plan() -> List[Unit]:
     """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), again with the
     product-logits variant (keep 0.5; compiled units use it by default, matmul-logits for
     DeiT-S), DeiT-S/B selecting every block (reselect-1), the DeiT-S profile (both forms) and training steps at batch
-    64 and 256, fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
+    64 and 256 (eager, then compiled), fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
     batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
     units = [Unit("eager_fp16", "infer", m, "float16", BATCH_OVERRIDE.get(m, BATCH), est_s=EAGER_S[m])
@@ -126,6 +128,10 @@ def gpu_plan() -> List[Unit]:
                    est_s=5, variant=prod)]
     units += [Unit("train_amp_fp16", "train", DEIT_S, "float16", b, keeps=(0.5,), est_s=8)
               for b in (TRAIN_BATCH, BATCH)]
+    # training steps whose forward and backward are compiled (AOTAutograd + Inductor): the eager
+    # steps were host-bound on the H200 (0.76x-0.93x); compiled, the host launches far fewer ops
+    units += [Unit("train_compiled_fp16", "train", DEIT_S, "float16", b, keeps=(0.5,),
+                   compile="default", est_s=2 * COMPILE_S[DEIT_S]) for b in (TRAIN_BATCH, BATCH)]
     units += [Unit("eager_fp32", "infer", m, "float32", BATCH_OVERRIDE.get(m, BATCH), repeats=8,
                    warmup=2, est_s=FP32_S[m]) for m in (DEIT_S, DEIT_B, VIT_L384)]
     # issue 13's small training batches (its CPU figures are DeiT-T/S at batch 16/32)
@@ -246,8 +252,8 @@ def _run_unit(u: Unit, models: Models, device: str) -> dict:
         return dict(rows=bench.bench_model(u.model, model, u.keeps, [u.batch],
                                            compile=u.compile or False, **common))
     if u.kind == "train":
-        return dict(rows=bench.bench_train(u.model, model, u.keeps, [u.batch],
-                                           optimizer="adamw", **common))
+        return dict(rows=bench.bench_train(u.model, model, u.keeps, [u.batch], optimizer="adamw",
+                                           compile=u.compile or False, **common))
     h, w = bench.input_size(model)
     fast = bench.converted_copies(model, u.keeps, base=evo)
     variants = {"original": model.to(device, dtype)}

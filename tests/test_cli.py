@@ -329,3 +329,31 @@ def test_train_step_optimizers(optimizer):
     assert bool(changed) == (optimizer != "none"), changed
     with pytest.raises(ValueError, match="optimizer must be one of"):
         bench.make_train_step(fast, optimizer="adam")
+
+
+def test_compiled_train_step_matches_eager_and_is_benchmarked(capsys):
+    """`evoplug bench --train --compile`: a step whose forward and backward run torch.compile
+    (Inductor) of the converted model changes the weights as the eager step does, and the row
+    reports the compiled steps next to the eager ones."""
+    import copy
+    import timm
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, **TINY_KW)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    twin = copy.deepcopy(fast)
+    w0 = fast.blocks[3].attn.qkv.weight.detach().clone()
+    x = torch.randn(4, 3, 32, 32)
+    eager = bench.make_train_step(fast, optimizer="sgd", lr=0.1)
+    compiled = bench.make_train_step(torch.compile(twin, dynamic=False), optimizer="sgd", lr=0.1)
+    for _ in range(2):
+        eager(x)
+        compiled(x)
+    a, b = fast.state_dict(), twin.state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in a)
+    assert not torch.equal(b["blocks.3.attn.qkv.weight"], w0)
+    assert twin.blocks[3]._evoplug_spec.tokens_run == 1 + 32 + 1      # ran evolving, compiled
+    rc, text = run_cli("bench", *TINY, "--train", "--compile", "--keep", "0.5", "--batch", "4",
+                       "--repeats", "1", "--warmup", "1", "--optimizer", "sgd")
+    assert rc == 0
+    assert "compiled" in text and "torch.compile mode=default" in text

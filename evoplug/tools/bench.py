@@ -344,12 +344,14 @@ def _speeds(ips: Dict[str, float], evo: str, f_orig: float, f_evo: float) -> dic
                 gflops_evo=round(f_evo / 1e9, 3), flop_ratio=round(f_orig / f_evo, 3))
 
 
-def _compiled_speeds(ips: Dict[str, float], evo: str, cdiffs: Dict[str, float]) -> dict:
+def _compiled_speeds(ips: Dict[str, float], evo: str, cdiffs: Optional[Dict[str, float]]) -> dict:
+    """The compiled columns of a row (``cdiffs`` None: training steps, no output compared)."""
     return dict(orig_compiled_img_s=round(ips["orig_c"], 2),
                 evo_compiled_img_s=round(ips[evo + "_c"], 2),
                 compiled_speedup=round(ips[evo + "_c"] / ips["orig_c"], 3),
                 compiled_vs_eager_orig=round(ips[evo + "_c"] / ips["orig"], 3),
-                compile_max_abs_diff=float(f"{max(cdiffs[evo], cdiffs['orig']):.3g}"))
+                compile_max_abs_diff=(None if cdiffs is None else
+                                      float(f"{max(cdiffs[evo], cdiffs['orig']):.3g}")))
 
 
 def _checked(model_names, keep_ratios, batch_sizes, dtype, device):
@@ -378,14 +380,12 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
               log: Optional[Callable[[str], None]] = None, train: bool = False,
               optimizer: str = "adamw") -> List[dict]:
     """Benchmark timm models (random weights, no hub) by name; see :func:`bench_model`, or
-    with ``train=True`` :func:`bench_train` (training steps; ``compile`` does not apply).
+    with ``train=True`` :func:`bench_train` (training steps, ``compile`` as there).
 
     Checks every name, keep ratio, device and dtype before building anything.
     """
     model_names, keep_ratios, batch_sizes, dtype = _checked(model_names, keep_ratios,
                                                             batch_sizes, dtype, device)
-    if train and compile:
-        raise ValueError("training steps are timed eagerly: compile does not apply with train")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
     rounds = (max(1, warmup) if compile or train else warmup) + repeats
@@ -400,7 +400,8 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
             if img_size is not None:
                 kwargs["img_size"] = img_size
             model = create_model(n, **kwargs)
-            new = (bench_train(n, model, keep_ratios, batch_sizes, optimizer=optimizer, **common)
+            new = (bench_train(n, model, keep_ratios, batch_sizes, optimizer=optimizer,
+                               compile=compile, **common)
                    if train else
                    bench_model(n, model, keep_ratios, batch_sizes, compile=compile, **common))
             rows += new
@@ -484,7 +485,7 @@ def bench_train(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                 dtype: torch.dtype = torch.float32, repeats: int = 7, warmup: int = 2,
                 optimizer: str = "adamw", convert_options: Optional[dict] = None,
                 progress: Optional[Progress] = None, seed: int = 0,
-                base: Optional[torch.nn.Module] = None) -> List[dict]:
+                base: Optional[torch.nn.Module] = None, compile=False) -> List[dict]:
     """Training-step throughput of ``model`` against evoplug-converted copies of it.
 
     Weights stay float32; ``dtype`` float16/bfloat16 runs the forward under autocast (AMP).
@@ -492,13 +493,24 @@ def bench_train(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
     interleaved (:func:`interleaved` without inference mode, at least one warm-up round for
     the optimizer state), median of ``repeats``. FLOPs are forward + backward per image. One
     row per (batch size, keep ratio), as :func:`bench_model` returns (no output difference).
+
+    ``compile`` (True, or torch.compile's mode) also times steps whose forward and backward
+    run ``torch.compile`` of each model (AOTAutograd: one compiled graph each way; the
+    optimizer step stays eager), interleaved with the eager steps on separate copies of the
+    models (same initial weights); the first compiled step compiles and is not timed.
     """
     dev = resolve_device(device)
     amp = None if dtype == torch.float32 else dtype
     s = _setup(name, model, keep_ratios, size, dev, torch.float32, convert_options, progress,
                seed, base, count=train_flops)
-    steps = {"orig": make_train_step(s.model, amp, optimizer, seed=seed)}
-    steps.update({f"evo{k}": make_train_step(m, amp, optimizer, seed=seed) for k, m in s.fast.items()})
+    models = {"orig": s.model, **{f"evo{k}": m for k, m in s.fast.items()}}
+    steps = {n: make_train_step(m, amp, optimizer, seed=seed) for n, m in models.items()}
+    if compile:
+        _raise_recompile_limit(2 * len(models) * len(batch_sizes) + 8)
+        mode = compile if isinstance(compile, str) else None
+        steps.update({f"{n}_c": make_train_step(torch.compile(copy.deepcopy(m), dynamic=False, mode=mode),
+                                                amp, optimizer, seed=seed)
+                      for n, m in models.items()})
     warmup = max(1, warmup)
     label = "fwd+bwd" + ("" if optimizer == "none" else f"+{optimizer}")
     rows = []
@@ -510,12 +522,15 @@ def bench_train(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                         (lambda r, n: progress.update(1)) if progress else None, inference=False)
         ips = {v: batch / t[v].median for v in steps}
         for keep in keep_ratios:
-            rows.append(dict(model=name, img_size=_img_size(s.size), batch=batch, keep_ratio=keep,
-                             step=label + (f", {str(amp)[6:]} autocast" if amp else ""),
-                             device=str(dev), dtype=str(dtype).replace("torch.", ""),
-                             amp=amp is not None, optimizer=optimizer,
-                             **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
-                             repeats=repeats, warmup=warmup))
+            row = dict(model=name, img_size=_img_size(s.size), batch=batch, keep_ratio=keep,
+                       step=label + (f", {str(amp)[6:]} autocast" if amp else ""),
+                       device=str(dev), dtype=str(dtype).replace("torch.", ""),
+                       amp=amp is not None, optimizer=optimizer,
+                       **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
+                       repeats=repeats, warmup=warmup)
+            if compile:
+                row.update(_compiled_speeds(ips, f"evo{keep}", None))
+            rows.append(row)
     return rows
 
 

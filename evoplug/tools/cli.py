@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["default", "reduce-overhead", "max-autotune",
                             "max-autotune-no-cudagraphs"],
                    help="also time torch.compile of the original and of each converted model; "
-                        "MODE is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
+                        "MODE is torch.compile's mode (reduce-overhead: CUDA graphs on a GPU); "
+                        "with --train: steps with forward and backward compiled")
     b.add_argument("--train", action="store_true",
                    help="time training steps instead of inference: forward + backward + optimizer "
                         "step in train mode, interleaved, median; float32 weights, --dtype "
@@ -251,8 +252,6 @@ def cmd_bench(a, out) -> int:
         torch.set_num_threads(a.threads)
     if a.warmup < 0:
         raise CliError("--warmup must be >= 0")
-    if a.train and a.compile:
-        raise CliError("--train times eager training steps: it does not combine with --compile")
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
