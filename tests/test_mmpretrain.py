@@ -340,6 +340,41 @@ def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_
     assert saved["state_dict"].keys() == dense_sd.keys()
 
 
+def test_runner_compiles_the_backbone_and_trains_as_eager(dense_ckpt, mini_root, tmp_path):
+    """`python -m evoplug.mm.train CONFIG --compile`: the backbone runs torch.compile (here the
+    aot_eager backend: AOTAutograd's forward and backward graphs, without Inductor's code
+    generation) and trains as the eager backbone does (same seed, same batches: the same
+    weights after the steps); the state_dict keys stay the dense model's, and an EMA-style deep
+    copy runs its own weights (torch drops the compiled call in copies)."""
+    from evoplug.mm.train import main
+    opts = ["--cfg-options", f"load_from={dense_ckpt}", f"train_dataloader.dataset.data_root={mini_root}",
+            f"val_dataloader.dataset.data_root={mini_root}", "train_dataloader.batch_size=12",
+            "val_dataloader.batch_size=10", "train_cfg.max_epochs=1", "param_scheduler=[]",
+            "test_dataloader=None", "test_cfg=None", "test_evaluator=None",
+            "model.backbone.drop_path_rate=0.0"]
+    eager = main([EVO_CFG, "--work-dir", str(tmp_path / "eager"), *opts])
+    torch._dynamo.reset()
+    compiled = main([EVO_CFG, "--compile", "--work-dir", str(tmp_path / "compiled"), *opts,
+                     "compile.backend=aot_eager"])
+    backbone = compiled.model.backbone
+    assert backbone._compiled_call_impl is not None and compiled.iter == eager.iter == 5
+    a, b = eager.model.state_dict(), compiled.model.state_dict()
+    assert a.keys() == b.keys() == evo_ckpt.load_from_local(dense_ckpt)["state_dict"].keys()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    assert dict(evoplug.tokens_per_block(backbone))["layers.5"] == 1 + 32 + 1
+    x = torch.randn(2, 3, 32, 32)
+    backbone.eval()
+    twin = copy.deepcopy(backbone)
+    assert twin._compiled_call_impl is None
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(twin)(x)       # one graph: numpy drop-path rates made floats
+    assert explained.graph_count == 1, [str(r.reason)[:200] for r in explained.break_reasons]
+    with torch.no_grad():
+        twin.layers[0].ffn.layers[1].weight.zero_()                 # differs from the original
+        twin.eval()
+        assert not torch.allclose(twin(x)[0], backbone(x)[0])
+
+
 # ----------------------------------------------------------------------------- dense tasks
 
 def _dense_and_evo(dense_type, evo_type, registry=None, **kw):

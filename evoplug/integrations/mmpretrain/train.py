@@ -1,7 +1,7 @@
 """Train / fine-tune an MMPretrain config with MMEngine's Runner (evoplug registered first).
 
     python -m evoplug.mm.train CONFIG [--launcher {none,pytorch,slurm,mpi}] [--work-dir DIR]
-                               [--resume [CHECKPOINT]] [--amp] [--no-sync-bn]
+                               [--resume [CHECKPOINT]] [--amp] [--compile] [--no-sync-bn]
                                [--cfg-options key=value ...]
     torchrun --nproc_per_node N -m evoplug.mm.train CONFIG --launcher pytorch
 
@@ -17,6 +17,13 @@ imports ``evoplug.mm`` through ``custom_imports``), plus what it lacks without C
   SyncBatchNorm runs on GPUs only: a config that asks for it on CPUs is refused.
 * ``--amp``: float16 with a dynamic loss scale on GPUs (MMEngine's ``AmpOptimWrapper``),
   bfloat16 autocast on CPUs (:class:`CpuBf16OptimWrapper`; bfloat16 needs no loss scale).
+* ``--compile`` (or ``compile=True`` / ``compile=dict(...)`` in the config): ``torch.compile`` of
+  the model's backbone (``nn.Module.compile``: its forward, and through AOTAutograd its
+  backward), static shapes unless the dict says otherwise. MMEngine's own ``compile`` compiles the whole ``train_step``,
+  optimizer step included, which Dynamo of torch 2.14 fails on for dense and Evo models alike
+  (``InternalTorchDynamoError`` in the optimizer's ``param_groups``); the backbone is where
+  the evolution runs, and compiling it removes the per-op host time that bounds eager training
+  steps on GPUs. The optimizer step stays eager; checkpoint keys do not change.
 
 Progress is MMEngine's logger (``default_hooks.logger``: loss, lr, time and ETA every
 ``interval`` iterations, on rank 0).
@@ -45,6 +52,8 @@ def parse_args(argv: Optional[List[str]] = None):
                    help="mixed precision: float16 + loss scale on GPUs, bfloat16 on CPUs")
     p.add_argument("--launcher", choices=LAUNCHERS, default="none",
                    help="how the processes were started: 'pytorch' under torchrun (default 'none': one process)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the backbone (forward and backward; see the module docstring)")
     p.add_argument("--no-sync-bn", action="store_true",
                    help="keep per-process BatchNorm statistics in distributed GPU training")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0,
@@ -57,11 +66,63 @@ def parse_args(argv: Optional[List[str]] = None):
 
 
 def build_runner(cfg):
-    """MMEngine's Runner for ``cfg`` (``runner_type`` honoured), after importing evoplug.mm."""
+    """MMEngine's Runner for ``cfg`` (``runner_type`` honoured), after importing evoplug.mm; a
+    ``compile`` setting compiles the backbone (:func:`compile_backbone`) instead of MMEngine's
+    ``train_step``."""
     import evoplug.mm  # noqa: F401  registers the model types and the checkpoint allow-list
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
-    return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    options = compile_options(cfg.pop("compile", None))
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    if options is not None:
+        compile_backbone(runner.model, options)
+        runner.logger.info(f"evoplug: torch.compile of the backbone's forward ({options}); the "
+                           "first iterations of each input shape and mode compile")
+    return runner
+
+
+def compile_options(setting) -> Optional[dict]:
+    """torch.compile's keyword arguments from a config's ``compile`` (None/False: none;
+    True: static shapes; a dict: those arguments, ``dynamic=False`` unless it says)."""
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        return dict(dynamic=False)
+    if not isinstance(setting, dict):
+        raise ValueError(f"compile must be True, False or a dict of torch.compile arguments, "
+                         f"got {setting!r}")
+    return {"dynamic": False, **setting}
+
+
+def compile_backbone(model, options: dict):
+    """``nn.Module.compile`` of ``model``'s backbone (inside a DDP wrapper too; the model itself
+    if it has none): its calls run ``torch.compile`` of the module's call. The parameters and the
+    state_dict keys stay, and copies (EMA, pickling) drop the compiled call and run eagerly
+    (torch's ``Module.__getstate__``) rather than call this module's."""
+    from mmengine.model import is_model_wrapper
+    inner = model.module if is_model_wrapper(model) else model
+    target = getattr(inner, "backbone", None) or inner
+    plain_scalars(target)
+    target.compile(**options)
+    return target
+
+
+def plain_scalars(module) -> int:
+    """NumPy scalars held as attributes of ``module``'s submodules (MMPretrain's drop-path rates
+    come from ``np.linspace``) made Python numbers of the same value; returns how many.
+
+    Dynamo treats a NumPy scalar as an array, so mmcv's ``if drop_prob == 0.`` breaks the graph
+    in every block of a dense and an Evo backbone alike (27 graphs for a 6-layer MMPretrain ViT
+    instead of one), and the block forwards compiled one by one then hit Dynamo's recompile
+    limit."""
+    import numpy as np
+    n = 0
+    for m in module.modules():
+        for name, value in list(vars(m).items()):
+            if isinstance(value, np.generic) and not isinstance(value, np.object_):
+                setattr(m, name, value.item())
+                n += 1
+    return n
 
 
 def configure_launch(cfg, launcher: str, cuda: bool, sync_bn: bool = True):
@@ -133,6 +194,8 @@ def main(argv: Optional[List[str]] = None):
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
+    if args.compile and not cfg.get("compile"):
+        cfg.compile = True
     cuda = torch.cuda.is_available()
     if args.amp:
         configure_amp(cfg, cuda)
