@@ -143,6 +143,19 @@ def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
     _check_dense_load(os.path.join(wd, "iter_6.pth"), 6)
 
 
+def test_two_process_cpu_ddp_with_the_backbone_compiled(tmp_path):
+    """``--compile`` under DDP: the compiled backbone inside MMDistributedDataParallel (backend
+    aot_eager: AOTAutograd's graphs without Inductor's code generation) keeps both ranks in step
+    and trains the Evo model; the checkpoint still loads strictly into the dense model."""
+    cfg, out = _ddp_config(tmp_path, iters=3)
+    wd = str(tmp_path / "work")
+    run = _torchrun([str(cfg), "--launcher", "pytorch", "--work-dir", wd, "--compile",
+                     "--cfg-options", "compile.backend=aot_eager"], tmp_path)
+    _check_ranks(out, 2, 3, ["OptimWrapper"] * 3, "cpu")
+    assert "torch.compile of the backbone" in run.stdout + run.stderr
+    _check_dense_load(os.path.join(wd, "iter_3.pth"), 3)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not torch.distributed.is_nccl_available(),
                     reason="needs a CUDA GPU and NCCL")
 def test_gpu_ddp_nccl_amp_trains_saves_resumes(tmp_path):
