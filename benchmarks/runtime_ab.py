@@ -8,6 +8,8 @@ an optimizer) at batch 16. Writes the figures, machine and settings as
 JSON.
 
     python benchmarks/runtime_ab.py --against 7234a9d --json docs/bench/cpu_runtime_ab.json
+    python benchmarks/runtime_ab.py --against 60cdcd5 --train-only --threads 1 --optimizer adamw \
+        --json docs/bench/cpu_train_segments_ab.json   # the training step with AdamW, 1 thread
 """
 from __future__ import annotations
 
@@ -64,13 +66,14 @@ def variants(old, opts):
     return out
 
 
-def measure(models, threads: int, batch: int, repeats: int, train: bool) -> dict:
+def measure(models, threads: int, batch: int, repeats: int, train: bool, optimizer: str = "none") -> dict:
     torch.set_num_threads(threads)
     x = torch.randn(batch, 3, 224, 224)
-    calls = {k: bench.make_train_step(m, optimizer="none") for k, m in models.items()} if train else models
+    calls = {k: bench.make_train_step(m, optimizer=optimizer) for k, m in models.items()} if train else models
     res = bench.interleaved(calls, x, repeats=repeats, warmup=2, inference=not train)
     ips = {k: batch / t.median for k, t in res.items()}
     return {"threads": threads, "batch": batch, "train": train, "repeats": repeats,
+            **({"optimizer": optimizer} if train else {}),
             "img_per_s": {k: round(v, 3) for k, v in ips.items()},
             "vs_original": {k: round(v / ips["original"], 3) for k, v in ips.items()}}
 
@@ -80,15 +83,21 @@ def main(argv=None):
     p.add_argument("--against", default="7234a9d", help="commit of the old runtime")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--json", default=None)
+    p.add_argument("--train-only", action="store_true", help="only the training step")
+    p.add_argument("--threads", type=int, default=2, help="threads of the training step")
+    p.add_argument("--train-batch", type=int, default=16)
+    p.add_argument("--optimizer", default="none", choices=bench.OPTIMIZERS,
+                   help="optimizer step in the training step (default none: forward + backward)")
     a = p.parse_args(argv)
     bench.retain_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         old = old_evoplug(a.against, tmp)
         models = variants(old, {})
-        runs = [measure(models, 2, 32, a.repeats, False), measure(models, 1, 1, 3 * a.repeats, False),
-                measure(models, 2, 16, a.repeats, True)]
+        runs = [] if a.train_only else [measure(models, 2, 32, a.repeats, False),
+                                         measure(models, 1, 1, 3 * a.repeats, False)]
+        runs.append(measure(models, a.threads, a.train_batch, a.repeats, True, a.optimizer))
     for r in runs:
-        mode = "training step (fwd+bwd)" if r["train"] else "inference"
+        mode = f"training step (fwd+bwd, optimizer {r['optimizer']})" if r["train"] else "inference"
         print(f"{mode}, batch {r['batch']}, {r['threads']} thread(s): " +
               ", ".join(f"{k} {v:.3f}x" for k, v in r["vs_original"].items()))
     if a.json:

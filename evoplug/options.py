@@ -90,9 +90,10 @@ class EvoOptions:
         evolving blocks than ``reselect_every`` for it to matter).
     reselect_every: re-run the top-k selection every this many evolving blocks (default 4:
         once per "stage" of four blocks as in the authors' DeiT code; 1 = every block). Between
-        selections the blocks hand the kept tokens on in the selection's order (inference), which
-        halves the ops per block; on two trained models the predictions match selecting every
-        block within a few inputs (docs/reselect.md).
+        selections the blocks hand the kept tokens on in the selection's order (inference, and
+        training outside gradient checkpointing), which halves the ops per block; on two
+        trained models the predictions match selecting every block within a few inputs
+        (docs/reselect.md).
     representative: summarise the non-selected tokens into one representative token whose
         update is broadcast to them (fast update). ``False`` = the "placeholder" variant: the
         non-selected tokens are carried unchanged.

@@ -8,6 +8,7 @@ in the selection's order (segments, reselect_every > 1) never reach anything but
 block: hooks, ``forward_intermediates`` and model code between blocks see every token in the
 original order."""
 import collections
+import contextlib
 
 import pytest
 import timm
@@ -87,6 +88,34 @@ def test_extra_ops_per_evolving_block_within_budget(name, kwargs, size, opts, fo
                if s.role == "evolve" and s.analysis.num_tokens > 4)
 
 
+#: training step (train mode, forward + backward of a scalar loss), DeiT-S: reselect_every ->
+#: most extra ops per evolving block, forward and backward together (docs/architecture.md:
+#: 23.9 + 14.0 selecting every block; 12.6 + 3.5 handing tokens on between selections)
+TRAIN_BUDGETS = [(1, 38.5), (4, 16.5)]
+
+
+def count_step_ops(model, x) -> collections.Counter:
+    model.train()
+    with OpCounter() as c:
+        model(x).float().logsumexp(-1).mean().backward()
+    model.zero_grad(set_to_none=True)
+    model.eval()
+    return c.ops
+
+
+@pytest.mark.parametrize("reselect_every,budget", TRAIN_BUDGETS, ids=[f"R{r}" for r, _ in TRAIN_BUDGETS])
+def test_training_step_extra_ops_within_budget(reselect_every, budget, logits_form):
+    logits_form("product")
+    dense, fast, x = _converted("deit_small_patch16_224", {}, 224, dict(reselect_every=reselect_every))
+    evolving = sum(s.role == "evolve" for s in evoplug.get_report(fast).blocks)
+    count_step_ops(fast, x)                      # constants made once per device
+    base, ops = count_step_ops(dense, x), count_step_ops(fast, x)
+    extra = (sum(ops.values()) - sum(base.values())) / evolving
+    assert extra <= budget, f"{extra:.2f} extra ops per evolving block (budget {budget}): {ops - base}"
+    syncs = {op: n for op, n in ops.items() if op in SYNCING}
+    assert syncs == {op: n for op, n in base.items() if op in SYNCING}, syncs
+
+
 @pytest.mark.parametrize("name,kwargs,size", [("deit_small_patch16_224", dict(depth=6), 224),
                                               ("swin_tiny_patch4_window7_224", dict(depths=(2, 2, 2, 2)), 224),
                                               ("pvt_v2_b0", {}, 64)])
@@ -124,9 +153,10 @@ def _tiny_pair(**opts):
 
 
 def _per_block_reference(fast, x):
-    """The converted model's output with every block restoring the order (segments need a
-    forward without autograd)."""
-    with torch.enable_grad():
+    """The converted model's output with every block restoring the order: under saved-tensor
+    hooks (what non-reentrant gradient checkpointing runs its forward under) no block hands its
+    tokens on."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
         return fast(x).detach()
 
 
@@ -220,4 +250,35 @@ def test_a_handed_on_output_that_does_not_arrive_raises():
     with torch.no_grad():
         with pytest.raises(EvoplugError, match="did not receive the output"):
             fast(x)
-    fast(x)     # with autograd every block restores the order: no segment to break
+    with pytest.raises(EvoplugError, match="did not receive the output"):
+        fast.train()(x)                       # training with autograd hands tokens on as well
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        fast(x)                               # under checkpointing's hooks every block restores
+
+
+def _forward_and_grads(model, x, per_block: bool):
+    """Output, parameter gradients and ATen ops of one training forward + backward;
+    ``per_block``: under saved-tensor hooks, where every block restores the order."""
+    model.train()
+    model.zero_grad()
+    hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if per_block
+             else contextlib.nullcontext())
+    with OpCounter() as c, hooks:
+        torch.manual_seed(1)
+        out = model(x)
+    out.pow(2).mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(c.ops.values())
+
+
+def test_training_hands_tokens_on_with_the_per_block_gradients():
+    """With autograd the blocks between selections hand the kept tokens on too: the output and
+    every gradient are those of restoring the order after every block, in fewer ops."""
+    _, fast, x = _tiny_pair(reselect_every=4)
+    ref, ref_grads, ref_ops = _forward_and_grads(fast, x, per_block=True)
+    out, grads, ops = _forward_and_grads(fast, x, per_block=False)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+    # blocks 2-5 evolve: 3 of them take the tokens as handed on (no gather) and 3 hand on
+    # (no restore), so the forward dispatches fewer ops
+    assert ops < ref_ops - 3 * 4, (ops, ref_ops)

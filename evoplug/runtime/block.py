@@ -24,7 +24,7 @@ from ..options import EvoOptions
 from . import evolve as ev
 from .call import CallPlan
 from .programs import compile_program, program_source
-from .state import EvoRuntime, EvoState, Segment, _in_backward
+from .state import EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
 
 
 class FlatTokens:
@@ -194,17 +194,19 @@ class EvoBlockMixin:
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         x, extras = spec.call.bind(spec.name, args, kwargs)
-        if segment and x is not state.segment.out:
-            raise EvoplugError(
-                f"`{spec.name}` did not receive the output of the converted block before it, "
-                "unlike in the forward evoplug analysed: that block handed its kept tokens on in "
-                "the selection's order. Convert with an example input that runs the model this "
-                "way, or set reselect_every=1")
+        if segment:
+            _check_segment_arrived(spec.name, x, state.segment)
         program = spec.program(self.training, x.shape[0], args, kwargs)
         record = not torch.compiler.is_compiling() and (self.training or torch.is_grad_enabled())
         if recompute:
             state = _recomputed_state(spec, rt, x, role)
             opt = state.plan.options
+            segment = state.segment is not None     # its forward took a segment: so does this
+            if segment and tuple(x.shape) != tuple(state.segment.out.shape):
+                raise EvoplugError(
+                    f"`{spec.name}` runs again in backward (gradient checkpointing) on tokens "
+                    "that are not the ones its forward took from the block before it, in the "
+                    "selection's order. Checkpoint whole blocks, or set reselect_every=1")
         elif record:
             rt.record(x, state)
         if segment:
@@ -286,18 +288,43 @@ class EvoBlockMixin:
     def _hands_on(self, plan) -> bool:
         """Whether this block may hand its slow-path tokens straight to the next block: the
         next block evolves with the same selection and only it receives this output (chained at
-        conversion, inside the model's own forward, no hooks), and no autograd, training mode
-        or compiler is involved (recomputation and graphs see the plain order)."""
+        conversion, inside the model's own forward, no hooks), no compiler is involved (graphs
+        see the plain order), and either no autograd (inference) or autograd outside gradient
+        checkpointing: not a training-mode forward without autograd (how reentrant
+        checkpointing runs its forward), no saved-tensor hooks (non-reentrant checkpointing,
+        offloading), not a recomputation in backward. Inside a checkpointed region every block
+        restores the order, in its forward and its recomputation alike."""
         nxt = self._evoplug_spec.chain_next
-        return (nxt is not None and not self.training and not torch.is_grad_enabled()
-                and not torch.compiler.is_compiling() and plan.roles[nxt.index] == "evolve"
-                and self._evoplug_spec.runtime.entered() and not self._evoplug_spec.observed()
-                and not nxt.observed())
+        if (nxt is None or torch.compiler.is_compiling() or plan.roles[nxt.index] != "evolve"
+                or not self._evoplug_spec.runtime.entered() or self._evoplug_spec.observed()
+                or nxt.observed()):
+            return False
+        if not torch.is_grad_enabled():
+            return not self.training
+        return not _saving_hooks() and not _in_backward()
 
 
 def _rebuild_block(orig_class: type):
     """Unpickling: an empty instance of the converted class of ``orig_class``."""
     return object.__new__(evo_class(orig_class))
+
+
+def _check_segment_arrived(name: str, x: torch.Tensor, segment: Segment):
+    """A block after one that handed its kept tokens on must get exactly that output, and with
+    autograd when it was made with autograd."""
+    if x is not segment.out:
+        raise EvoplugError(
+            f"`{name}` did not receive the output of the converted block before it, unlike in "
+            "the forward evoplug analysed: that block handed its kept tokens on in the "
+            "selection's order. Convert with an example input that runs the model this way, or "
+            "set reselect_every=1")
+    if segment.out.requires_grad and not torch.is_grad_enabled():
+        raise EvoplugError(
+            f"`{name}` runs without autograd (reentrant gradient checkpointing around it, or "
+            "torch.no_grad) right after a converted block that ran with autograd and handed its "
+            "kept tokens on in the selection's order: the gradients of the tokens it did not "
+            "keep would be lost. Checkpoint every converted block or none, use non-reentrant "
+            "checkpointing (use_reentrant=False), or set reselect_every=1")
 
 
 def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: str) -> EvoState:

@@ -71,6 +71,15 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _saving_hooks() -> bool:
+    """True while saved-tensor hooks are active on this thread: the forward of non-reentrant
+    gradient checkpointing (and its recomputation), ``torch.autograd.graph.save_on_cpu``."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError):   # not in this torch: assume they are (no segments)
+        return True
+
+
 def _tensor_key(t: torch.Tensor):
     """Identifies a tensor's data: equal for the tensor and its aliases of the same geometry
     (``detach()``, which reentrant checkpointing applies to its inputs), until it is written."""
