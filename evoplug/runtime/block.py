@@ -202,7 +202,7 @@ class EvoBlockMixin:
             state = _recomputed_state(spec, rt, x, role)
             opt = state.plan.options
             segment = state.segment is not None     # its forward took a segment: so does this
-            if segment and tuple(x.shape) != tuple(state.segment.out.shape):
+            if segment and tuple(x.shape) != state.segment.shape:
                 raise EvoplugError(
                     f"`{spec.name}` runs again in backward (gradient checkpointing) on tokens "
                     "that are not the ones its forward took from the block before it, in the "
@@ -279,7 +279,7 @@ class EvoBlockMixin:
         spec.tokens_run = sub.shape[1]
         new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P)
         if since % opt.reselect_every and self._hands_on(state.plan):
-            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0)), rest
+            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0, tuple(out_sub.shape))), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]
             return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new, rest

@@ -33,10 +33,12 @@ class Plan(NamedTuple):
 class Segment(NamedTuple):
     """A segment in progress: the last block handed its slow-path tokens [prefix, kept,
     representative] straight to the next block (same selection), instead of restoring every
-    token in the original order; the block that ends the segment restores them."""
-    out: torch.Tensor                 # the tensor the block returned: the next block's input
+    token in the original order; the block that ends the segment restores them. Recorded for
+    recomputation without ``out`` (see :meth:`EvoRuntime.record`)."""
+    out: Optional[torch.Tensor]       # the tensor the block returned: the next block's input
     x0: torch.Tensor                  # the segment's first input, original order (B, N, C)
     rep0: Optional[torch.Tensor]      # the representative token made from it (B, 1, C)
+    shape: Tuple[int, ...] = ()       # out's shape
 
 
 class EvoState(NamedTuple):
@@ -198,7 +200,13 @@ class EvoRuntime:
     # -- recomputation in backward --------------------------------------------------------
     def record(self, t: torch.Tensor, state: EvoState):
         """Remember that ``t`` (a block's input or output) goes with ``state``; forgotten when
-        ``t`` is freed."""
+        ``t`` is freed. A segment's ``out`` is dropped from what is kept: it is ``t`` itself (or
+        the input of the block ``t`` came out of), and holding it here, or in ``t``'s autograd
+        node, would keep ``t`` and its whole graph alive (a step's worth of memory per training
+        step)."""
+        seg = state.segment
+        if seg is not None and seg.out is not None:
+            state = state._replace(segment=seg._replace(out=None))
         fn = t.grad_fn
         if fn is not None:
             fn.metadata[_GRAD_FN_KEY] = state
