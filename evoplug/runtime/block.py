@@ -207,7 +207,7 @@ class EvoBlockMixin:
                     f"`{spec.name}` runs again in backward (gradient checkpointing) on tokens "
                     "that are not the ones its forward took from the block before it, in the "
                     "selection's order. Checkpoint whole blocks, or set reselect_every=1")
-        elif record:
+        elif record and not segment:    # a handed-on input was recorded as the output before
             rt.record(x, state)
         if segment:
             out, new, rest = self._run(x, extras, program, state, state.selection, state.g,
