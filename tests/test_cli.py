@@ -6,6 +6,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import struct
 import subprocess
 import sys
@@ -62,6 +63,13 @@ def test_bench_table_csv_json_plot(tmp_path):
     assert [(r["batch"], float(r["keep_ratio"])) for r in rows] == [("1", 0.5), ("1", 1.0), ("2", 0.5), ("2", 1.0)]
     data = json.loads(j.read_text())
     assert data["machine"] and data["settings"]["keep_ratios"] == [0.5, 1.0]
+    assert data["date"].startswith("20") and data["torch"] == torch.__version__
+    assert data["evoplug"] == evoplug.__version__
+    root = os.path.dirname(os.path.dirname(os.path.abspath(evoplug.__file__)))
+    head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                          capture_output=True, text=True) if shutil.which("git") else None
+    if head is not None and head.returncode == 0:      # a git checkout (CI's clone): the figures name their commit
+        assert data["commit"].split("+")[0] == head.stdout.strip()
     by_keep = {r["keep_ratio"]: r for r in data["rows"] if r["batch"] == 2}
     # keep 1.0 is the original model: same FLOPs, bit-exact outputs
     assert by_keep[1.0]["flop_ratio"] == 1.0 and by_keep[1.0]["max_abs_diff"] == 0.0

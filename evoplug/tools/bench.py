@@ -683,11 +683,39 @@ def write_csv(rows: List[dict], path: str) -> None:
         wr.writerows(rows)
 
 
+def provenance() -> Dict[str, str]:
+    """When and with what code a figure was measured: UTC time, package versions, and the git
+    commit of the evoplug checkout (``+dirty`` with uncommitted changes) when it is one."""
+    import datetime
+    import subprocess
+
+    from .. import __version__
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "evoplug": __version__, "torch": torch.__version__, "python": platform.python_version()}
+    try:
+        import timm
+        out["timm"] = timm.__version__
+    except ImportError:
+        pass
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return out
+    if head.returncode == 0 and head.stdout.strip():
+        out["commit"] = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return out
+
+
 def write_json(rows: List[dict], path: str, machine_text: Optional[str] = None,
                settings: Optional[dict] = None) -> None:
+    """Rows with the machine, the settings and :func:`provenance` (date, versions, commit)."""
     with open(path, "w") as f:
-        json.dump(dict(machine=machine_text or machine(), settings=settings or {}, rows=rows),
-                  f, indent=1)
+        json.dump(dict(machine=machine_text or machine(), **provenance(),
+                       settings=settings or {}, rows=rows), f, indent=1)
 
 
 def plot(rows: List[dict], path: str, title: Optional[str] = None) -> str:
