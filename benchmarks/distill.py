@@ -276,7 +276,7 @@ def main():
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "distill_cpu.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = dict(machine=bench.machine(), date=time.strftime("%Y-%m-%d"), keep_ratio=KEEP,
+    out = dict(machine=bench.machine(), **bench.provenance(), keep_ratio=KEEP,
                settings=f"distill(): AdamW lr 5e-4 (features row 1e-3), wd 0.05, batch 32, 10% warm-up then "
                         f"cosine, clip 1.0, T=1, seed {args.seed}; planner on {args.calib} pool images; "
                         f"{args.threads} torch thread(s)", note=args.note, cases=[])

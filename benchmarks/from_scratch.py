@@ -36,6 +36,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from mmpretrain_finetune import DENSE_CFG, EVO_CFG, ROOT, machine, make_cfg  # noqa: E402
+from evoplug.tools.bench import provenance  # noqa: E402
 
 EXTRAS = dict(learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(loss_weight=1.0))
 
@@ -237,7 +238,7 @@ def main():
                             train_s_per_epoch_median=round(statistics.median(epoch_s), 1),
                             **({"throughput": walls[name]} if name in walls else {})))
     tokens = (args.img_size // args.patch_size) ** 2
-    report = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), data=info, epochs=args.epochs,
+    report = dict(machine=machine(), **provenance(), data=info, epochs=args.epochs,
                   seeds=args.seeds, keep_ratio=args.keep, threads=args.threads,
                   settings=f"DeiT (MMPretrain VisionTransformer: 6 blocks, 96 dims, 3 heads, "
                            f"{args.img_size} px, patch {args.patch_size}: {tokens} patches + cls), "

@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from evoplug.tools.bench import provenance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "mmdet")
@@ -74,7 +75,7 @@ def report(args):
     ips = {k: round(10 / v.median, 1) for k, v in t.items()}
     with open(os.path.join(args.data_root, "info.json")) as f:
         info = json.load(f)
-    out = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), data=info, iters=args.iters, seed=args.seed,
+    out = dict(machine=machine(), **provenance(), data=info, iters=args.iters, seed=args.seed,
                settings="mmdet RetinaNet (mmdet's _base_ model config): mmdet SwinTransformer (32 dims, depths "
                         "2-2-2-2, window 4, 128 px) + FPN (64 ch) + RetinaHead, from random init, AdamW lr 1e-3, "
                         f"batch 8, {args.iters} iterations (warm-up then cosine), 10 classes",

@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from evoplug.tools.bench import provenance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -87,7 +88,7 @@ def main():
         print(f"{h}x{w}: detector {ips['dense']} -> {ips['evo']} img/s ({row['speedup_model']:.2f}x), "
               f"backbone {ips['dense backbone']} -> {ips['evo backbone']} ({row['speedup_backbone']:.2f}x); "
               f"first call {first:.1f} s, later {second:.1f} s; keep 1.0 (selection path) max |err| {err:.2e}", flush=True)
-    out = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+    out = dict(machine=machine(), **provenance(),
                settings=f"MMDetection RetinaNet + Swin-T p4 w7 (mmdet's COCO config), random weights, eval, "
                         f"batch {args.batch}, fp32, {args.threads} thread(s), {args.repeats} interleaved "
                         f"rounds, median; Evo converted at 800x1344 (build {build_s:.1f} s)",

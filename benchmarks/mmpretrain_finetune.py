@@ -25,6 +25,7 @@ import time
 import warnings
 
 import torch
+from evoplug.tools.bench import provenance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "mmpretrain")
@@ -176,7 +177,7 @@ def main():
     evo_ft = statistics.mean(r["top1"] for r in rows if r["model"] == evo_name)
     rows.append(dict(model=f"mean of seeds {args.seeds}: dense", fine_tune=f"{F} ep", top1=dense_ft))
     rows.append(dict(model=f"mean of seeds {args.seeds}: {evo_name}", fine_tune=f"{F} ep", top1=evo_ft))
-    report = dict(machine=machine(), data=info, pretrain_epochs=E, finetune_epochs=F,
+    report = dict(machine=machine(), **provenance(), data=info, pretrain_epochs=E, finetune_epochs=F,
                   finetune_lr=args.finetune_lr, keep_ratio=args.keep, rows=rows,
                   inference_images_per_s={k: round(v, 1) for k, v in ips.items()},
                   gap_points=round(dense_ft - evo_ft, 2),

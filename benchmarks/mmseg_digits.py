@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+from evoplug.tools.bench import provenance  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "mmseg")
@@ -76,7 +77,7 @@ def main():
                      "dense backbone": dense.backbone, "evo backbone": evo.backbone}, x,
                     repeats=args.repeats, warmup=1)
     ips = {k: round(25 / v.median, 1) for k, v in t.items()}
-    report = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), data=info, iters=args.iters,
+    report = dict(machine=machine(), **provenance(), data=info, iters=args.iters,
                   seed=args.seed, threads=args.threads,
                   settings="mmseg EncoderDecoder: VisionTransformer (6 blocks, 96 dims, 3 heads, 64 px, patch 4: "
                            "16x16 tokens + cls) + MultiLevelNeck + UPerHead (64 ch), from random init, AdamW lr 1e-3, "

@@ -14,7 +14,6 @@ JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib
 import io
 import json
@@ -101,7 +100,7 @@ def main(argv=None):
         print(f"{mode}, batch {r['batch']}, {r['threads']} thread(s): " +
               ", ".join(f"{k} {v:.3f}x" for k, v in r["vs_original"].items()))
     if a.json:
-        doc = dict(machine=bench.machine("cpu"), torch=torch.__version__, date=str(datetime.date.today()),
+        doc = dict(machine=bench.machine("cpu"), **bench.provenance(),
                    model=MODEL, keep_ratio=0.5, old_commit=a.against, allocator=bench.allocator(),
                    settings="random weights, fp32, interleaved rounds, median; inference under "
                             "torch.inference_mode", runs=runs)
