@@ -41,10 +41,31 @@ from evoplug.tools.bench import provenance  # noqa: E402
 EXTRAS = dict(learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(loss_weight=1.0))
 
 
-def variants(keep: float):
-    return [("dense", DENSE_CFG, None),
-            (f"Evo keep {keep}", EVO_CFG, dict(evo=dict(keep_ratio=keep))),
-            (f"Evo keep {keep} + extras", EVO_CFG, dict(evo=dict(keep_ratio=keep, **EXTRAS)))]
+# --extra-variants: how often the selection is taken while training (the default,
+# reselect_every=4, is one selection for the 4 evolving blocks of this model)
+EXTRA_VARIANTS = ("every-block", "authors-schedule")
+
+
+def variants(keep: float, extra=()):
+    out = [("dense", DENSE_CFG, None),
+           (f"Evo keep {keep}", EVO_CFG, dict(evo=dict(keep_ratio=keep))),
+           (f"Evo keep {keep} + extras", EVO_CFG, dict(evo=dict(keep_ratio=keep, **EXTRAS)))]
+    if "every-block" in extra:
+        out.append((f"Evo keep {keep}, select in every block", EVO_CFG,
+                    dict(evo=dict(keep_ratio=keep, reselect_every=1))))
+    if "authors-schedule" in extra:     # hooks added by `build` (custom_hooks)
+        out.append((f"Evo keep {keep}, every block for 2/3 of the epochs", EVO_CFG,
+                    dict(evo=dict(keep_ratio=keep, reselect_every=4))))
+    return out
+
+
+def schedule_hooks(name: str, epochs: int) -> list:
+    """The authors' DeiT schedule (engine_deit.py: layer-wise selection for 200 of 300 epochs,
+    then once per stage) as evoplug's EvoOptionsHook, for the variant that asks for it."""
+    if "every block for 2/3" not in name:
+        return []
+    return [dict(type="EvoOptionsHook", schedule={0: dict(reselect_every=1),
+                                                  round(epochs * 2 / 3): dict(reselect_every=4)})]
 
 
 def sized(model, args):
@@ -72,6 +93,7 @@ def build(name, path, model, args, seed, epochs, tag=""):
     cfg = make_cfg(path, args.data_root, os.path.join(args.work_dir, slug), epochs,
                    model=sized(model, args), seed=seed)
     crop_pipelines(cfg, args.img_size)
+    cfg.custom_hooks = list(cfg.get("custom_hooks", [])) + schedule_hooks(name, epochs)
     return cfg
 
 
@@ -135,7 +157,8 @@ def epoch_throughput(args, rounds: int) -> dict:
         def after_train_epoch(self, runner):
             self.wall = time.perf_counter() - self.t
 
-    order = variants(args.keep)
+    # the scheduled variant runs as "every block" in a 1-epoch run: not timed on its own
+    order = [v for v in variants(args.keep, args.extra_variants) if not schedule_hooks(v[0], 3)]
     for r in range(rounds):
         for name, path, model in (order if r % 2 == 0 else order[::-1]):
             cfg = build(name, path, model, args, 0, 1, tag="_throughput")
@@ -199,6 +222,10 @@ def main():
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each with --threads)")
     ap.add_argument("--rounds", type=int, default=2,
                     help="back-to-back epochs of each variant for the throughput (0: none)")
+    ap.add_argument("--extra-variants", nargs="*", default=[], choices=EXTRA_VARIANTS,
+                    help="also train Evo with a selection in every block (reselect_every=1), or "
+                         "with the authors' schedule (every block for 2/3 of the epochs, then one "
+                         "selection per stage: EvoOptionsHook)")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs <json>.runs.jsonl holds")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "from_scratch_cpu.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "from_scratch.png"))
@@ -213,7 +240,7 @@ def main():
     log = args.json + ".runs.jsonl"
     done = finished_runs(log, args.fresh)
     jobs = [(name, path, model, args, seed) for seed in args.seeds      # seed-major
-            for name, path, model in variants(args.keep) if (name, seed) not in done]
+            for name, path, model in variants(args.keep, args.extra_variants) if (name, seed) not in done]
 
     def finished(name, seed, curve):
         done[(name, seed)] = curve
@@ -228,7 +255,8 @@ def main():
     else:
         for job in jobs:
             finished(*_run_job(job))
-    curves = {name: [done[(name, seed)] for seed in args.seeds] for name, _, _ in variants(args.keep)}
+    curves = {name: [done[(name, seed)] for seed in args.seeds]
+              for name, _, _ in variants(args.keep, args.extra_variants)}
     walls = epoch_throughput(args, args.rounds) if args.rounds else {}
     summary = []
     for name, runs in curves.items():

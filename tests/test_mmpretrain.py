@@ -525,3 +525,50 @@ def test_label_free_distillation_with_the_runner(mini_root, dense_ckpt, tmp_path
     runner = build_runner(resumed)
     runner.train()
     assert runner.iter == 4 and all(torch.equal(runner.model.teacher.state_dict()[k], dense_sd[k]) for k in dense_sd)
+
+
+def test_options_hook_switches_options_at_the_scheduled_iterations_and_on_resume(mini_root, tmp_path):
+    """EvoOptionsHook (the authors' schedule: select in every block first, once per stage later)
+    applies the entry in force before each iteration, also when a run resumes."""
+    from evoplug.api import get_report
+    from evoplug.mm import EvoOptionsHook
+    from evoplug.mm.train import build_runner
+    from evoplug.integrations.mmpretrain.hooks import converted_roots
+    from mmengine.hooks import Hook
+
+    seen = []
+
+    class Probe(Hook):
+        priority = "LOWEST"
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            (root,) = converted_roots(runner.model)
+            seen.append((runner.iter, get_report(root).options.reselect_every))
+
+    hook = dict(type="EvoOptionsHook", by_epoch=False,
+                schedule={0: dict(reselect_every=1), 2: dict(reselect_every=2, keep_ratio=0.5)})
+    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook])
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=2)
+    runner = build_runner(cfg)
+    runner.register_hook(Probe())
+    runner.train()
+    assert seen == [(0, 1), (1, 1), (2, 2), (3, 2)]
+
+    seen.clear()          # resume from iteration 2 with the options set back to 4
+    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook],
+                    resume=True, load_from=os.path.join(str(tmp_path), "iter_2.pth"))
+    runner = build_runner(cfg)
+    (root,) = converted_roots(runner.model)
+    evoplug.set_options(root, reselect_every=4)
+    runner.register_hook(Probe())
+    runner.train()
+    assert seen == [(2, 2), (3, 2)]
+
+    with pytest.raises(ValueError, match="reselect_every"):
+        EvoOptionsHook({0: dict(reselect_every=0)})
+    with pytest.raises(ValueError, match="global_query"):
+        EvoOptionsHook({3: dict(global_query="mean")})
+    with pytest.raises(ValueError, match="epoch"):
+        EvoOptionsHook({-1: dict(keep_ratio=0.5)})
+    with pytest.raises(TypeError):
+        EvoOptionsHook({0: dict(no_such_option=1)})

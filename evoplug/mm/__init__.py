@@ -11,6 +11,9 @@ which evoplug's base config sets) registers into MMPretrain's ``MODELS`` registr
   tasks);
 * ``EvoDistillClassifier`` and the hook ``EvoDistillHook``: label-free distillation from the
   dense model with the Runner (:mod:`evoplug.integrations.mmpretrain.distill`);
+* the hook ``EvoOptionsHook``: evoplug options that change at given epochs of training, e.g.
+  the authors' schedule of selecting in every block first and once per stage later
+  (:mod:`evoplug.integrations.mmpretrain.hooks`);
 
 and makes MMEngine load its own checkpoints on torch >= 2.6 with ``weights_only=True`` and a
 short allow-list (:mod:`evoplug.mm.checkpoint`).
@@ -39,6 +42,7 @@ from evoplug.integrations.mmpretrain.models import (  # noqa: E402
 
 checkpoint.install()
 from evoplug.integrations.mmpretrain.distill import EvoDistillClassifier, EvoDistillHook  # noqa: E402
+from evoplug.integrations.mmpretrain.hooks import EvoOptionsHook  # noqa: E402
 from evoplug.integrations.mmpretrain.train import register_optim_wrappers  # noqa: E402
 
 CpuBf16OptimWrapper = register_optim_wrappers()
@@ -49,4 +53,4 @@ sys.modules[__name__ + ".models"] = models
 __all__ = ["EvoImageClassifier", "EvoVisionTransformer", "EvoDistilledVisionTransformer",
            "EvoLeViT", "EvoSwinTransformer", "LearnableTradeOff", "convert_backbone", "evo_backbone_class",
            "example_input", "checkpoint", "CpuBf16OptimWrapper", "EvoDistillClassifier",
-           "EvoDistillHook"]
+           "EvoDistillHook", "EvoOptionsHook"]
