@@ -564,6 +564,11 @@ def test_options_hook_switches_options_at_the_scheduled_iterations_and_on_resume
     runner.train()
     assert seen == [(2, 2), (3, 2)]
 
+    # an epoch schedule on an iteration-based loop would stop at its first entry: refused
+    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path / "by_epoch"), 2, custom_hooks=[
+        dict(type="EvoOptionsHook", schedule={0: dict(reselect_every=1), 1: dict(reselect_every=2)})])
+    with pytest.raises(ValueError, match="by_epoch=False"):
+        build_runner(cfg).train()
     with pytest.raises(ValueError, match="reselect_every"):
         EvoOptionsHook({0: dict(reselect_every=0)})
     with pytest.raises(ValueError, match="global_query"):

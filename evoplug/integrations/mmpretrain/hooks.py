@@ -18,6 +18,7 @@ sets its own through ``evo=dict(...)``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Dict, List
 
 from mmengine.hooks import Hook
@@ -80,6 +81,18 @@ class EvoOptionsHook(Hook):
         print_log(f"evoplug: from {unit} {key}: {self.schedule[key]}", logger="current")
 
     def before_train(self, runner) -> None:
+        from mmengine.runner import EpochBasedTrainLoop
+        loop = runner.train_loop
+        if self.by_epoch and not isinstance(loop, EpochBasedTrainLoop) and max(self.schedule) > 0:
+            raise ValueError(f"EvoOptionsHook: by_epoch=True, but the train loop is "
+                             f"{type(loop).__name__} (no epochs): the entries after epoch 0 would "
+                             "never apply; set by_epoch=False and give iterations")
+        last = loop.max_epochs if self.by_epoch else loop.max_iters
+        never = [k for k in self.schedule if k >= last]
+        if never:
+            print_log(f"evoplug: EvoOptionsHook entries {never} lie beyond the last "
+                      f"{'epoch' if self.by_epoch else 'iteration'} ({last - 1}) and will not apply",
+                      logger="current", level=logging.WARNING)
         self._applied = None
         self._apply(runner, runner.epoch if self.by_epoch else runner.iter)
 
