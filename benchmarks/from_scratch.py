@@ -44,6 +44,7 @@ EXTRAS = dict(learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(
 # --extra-variants: how often the selection is taken while training (the default,
 # reselect_every=4, is one selection for the 4 evolving blocks of this model)
 EXTRA_VARIANTS = ("every-block", "authors-schedule")
+AUTHORS = "every block for 2/3 of the epochs"     # the variant trained with the authors' schedule
 
 
 def variants(keep: float, extra=()):
@@ -54,7 +55,7 @@ def variants(keep: float, extra=()):
         out.append((f"Evo keep {keep}, select in every block", EVO_CFG,
                     dict(evo=dict(keep_ratio=keep, reselect_every=1))))
     if "authors-schedule" in extra:     # hooks added by `build` (custom_hooks)
-        out.append((f"Evo keep {keep}, every block for 2/3 of the epochs", EVO_CFG,
+        out.append((f"Evo keep {keep}, {AUTHORS}", EVO_CFG,
                     dict(evo=dict(keep_ratio=keep, reselect_every=4))))
     return out
 
@@ -62,7 +63,7 @@ def variants(keep: float, extra=()):
 def schedule_hooks(name: str, epochs: int) -> list:
     """The authors' DeiT schedule (engine_deit.py: layer-wise selection for 200 of 300 epochs,
     then once per stage) as evoplug's EvoOptionsHook, for the variant that asks for it."""
-    if "every block for 2/3" not in name:
+    if AUTHORS not in name:
         return []
     return [dict(type="EvoOptionsHook", schedule={0: dict(reselect_every=1),
                                                   round(epochs * 2 / 3): dict(reselect_every=4)})]
@@ -158,7 +159,7 @@ def epoch_throughput(args, rounds: int) -> dict:
             self.wall = time.perf_counter() - self.t
 
     # the scheduled variant runs as "every block" in a 1-epoch run: not timed on its own
-    order = [v for v in variants(args.keep, args.extra_variants) if not schedule_hooks(v[0], 3)]
+    order = [v for v in variants(args.keep, args.extra_variants) if AUTHORS not in v[0]]
     for r in range(rounds):
         for name, path, model in (order if r % 2 == 0 else order[::-1]):
             cfg = build(name, path, model, args, 0, 1, tag="_throughput")

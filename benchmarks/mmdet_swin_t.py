@@ -19,7 +19,7 @@ import sys
 import time
 
 import torch
-from evoplug.tools.bench import provenance  # noqa: E402
+from evoplug.tools.bench import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

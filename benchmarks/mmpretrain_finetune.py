@@ -25,7 +25,7 @@ import time
 import warnings
 
 import torch
-from evoplug.tools.bench import provenance  # noqa: E402
+from evoplug.tools.bench import provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "mmpretrain")

@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -67,23 +65,10 @@ def reselect_values(n_evolve: int) -> list:
 
 
 def provenance(note: str = "") -> dict:
-    """Machine, torch version, date, and which evoplug the figures were measured with: its
-    folder and, when that is this checkout's, the commit and whether evoplug/ had changes."""
-    pkg = os.path.dirname(os.path.abspath(evoplug.__file__))
-    info = dict(machine=bench.machine("cpu"), torch=torch.__version__,
-                date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                evoplug_from=pkg, note=note)
-    if pkg != os.path.join(ROOT, "evoplug"):
-        return info
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "evoplug"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return info
-    info.update(git_commit=head, evoplug_modified=bool(dirty))
-    return info
+    """Machine, date, versions and commit (:func:`evoplug.tools.bench.provenance`), the folder
+    of the evoplug the figures were measured with, and the note."""
+    return dict(machine=bench.machine("cpu"), **bench.provenance(),
+                evoplug_from=os.path.dirname(os.path.abspath(evoplug.__file__)), note=note)
 
 
 def write_json(path: str, data: dict) -> None:

@@ -684,8 +684,9 @@ def write_csv(rows: List[dict], path: str) -> None:
 
 
 def provenance() -> Dict[str, str]:
-    """When and with what code a figure was measured: UTC time, package versions, and the git
-    commit of the evoplug checkout (``+dirty`` with uncommitted changes) when it is one."""
+    """When and with what code a figure was measured: UTC time, package versions, and, when the
+    evoplug that runs is a git checkout's own folder (not an installed copy), its commit, with
+    ``+dirty`` when ``evoplug/`` or ``benchmarks/`` have uncommitted changes."""
     import datetime
     import subprocess
 
@@ -698,15 +699,19 @@ def provenance() -> Dict[str, str]:
     except ImportError:
         pass
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
     try:
-        head = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        top = git("rev-parse", "--show-toplevel")
+        if not top or os.path.realpath(top) != os.path.realpath(root):
+            return out                     # an installed copy: no commit to name
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "evoplug", "benchmarks")
+        out["commit"] = git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return out
-    if head.returncode == 0 and head.stdout.strip():
-        out["commit"] = head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+        pass
     return out
 
 

@@ -28,7 +28,7 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 import evoplug
-from evoplug.options import EvoOptions
+from evoplug.options import CONVERSION_FIELDS, EvoOptions
 
 
 def converted_roots(model: nn.Module) -> List[nn.Module]:
@@ -45,16 +45,14 @@ class EvoOptionsHook(Hook):
     def __init__(self, schedule: Dict[int, dict], by_epoch: bool = True):
         if not isinstance(schedule, dict) or not schedule:
             raise ValueError("EvoOptionsHook: schedule must be a non-empty dict {epoch: {option: value}}")
-        fixed = {"num_prefix_tokens", "global_query"}
         parsed = {}
         for k, v in schedule.items():
-            if isinstance(k, bool) or not (isinstance(k, int) or (isinstance(k, str) and k.isdigit())) \
-                    or int(k) < 0:
+            step = int(k) if isinstance(k, int) and not isinstance(k, bool) else -1
+            if step < 0:
                 raise ValueError(f"EvoOptionsHook: schedule key {k!r} is not an epoch/iteration >= 0")
-            step = int(k)
             if not isinstance(v, dict):
                 raise TypeError(f"EvoOptionsHook: schedule[{k!r}] must be a dict of options, got {v!r}")
-            bad = fixed & set(v)
+            bad = CONVERSION_FIELDS & set(v)
             if bad:
                 raise ValueError(f"EvoOptionsHook: {sorted(bad)} are read at conversion and cannot "
                                  "change during training")
