@@ -42,8 +42,10 @@ EXTRAS = dict(learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(
 
 
 # --extra-variants: how often the selection is taken while training (the default,
-# reselect_every=4, is one selection for the 4 evolving blocks of this model)
-EXTRA_VARIANTS = ("every-block", "authors-schedule")
+# reselect_every=4, is one selection for the 4 evolving blocks of this model), and two choices
+# of the authors' DeiT code (no representative token; the two heads without a learnable trade-off),
+# and the dense model with those two heads (is it the heads or Evo that costs accuracy?)
+EXTRA_VARIANTS = ("every-block", "authors-schedule", "placeholder", "heads", "dense-heads")
 AUTHORS = "every block for 2/3 of the epochs"     # the variant trained with the authors' schedule
 
 
@@ -57,7 +59,28 @@ def variants(keep: float, extra=()):
     if "authors-schedule" in extra:     # hooks added by `build` (custom_hooks)
         out.append((f"Evo keep {keep}, {AUTHORS}", EVO_CFG,
                     dict(evo=dict(keep_ratio=keep, reselect_every=4))))
+    if "placeholder" in extra:          # the authors' DeiT code: no representative token
+        out.append((f"Evo keep {keep}, placeholder (no representative token)", EVO_CFG,
+                    dict(evo=dict(keep_ratio=keep, representative=False))))
+    if "heads" in extra:                # the extras but the learnable trade-off (authors' DeiT code)
+        out.append((f"Evo keep {keep} + mean-token and cls heads, fixed trade-off", EVO_CFG,
+                    dict(evo=dict(keep_ratio=keep, **{k: v for k, v in EXTRAS.items()
+                                                      if k != "learnable_trade_off"}))))
+    if "dense-heads" in extra:          # the same two heads on the dense model (keep 1.0 is exact)
+        out.append(("dense + mean-token and cls heads", EVO_CFG,
+                    dict(evo=dict(keep_ratio=1.0, **{k: v for k, v in EXTRAS.items()
+                                                     if k != "learnable_trade_off"}))))
     return out
+
+
+def selected(keep: float, extra=(), only=()) -> list:
+    """``variants`` reduced to those ``--only`` names (``dense``, ``evo``, ``extras`` or an extra
+    variant; all without it); dense always: the speed-ups are against it."""
+    out = variants(keep, extra)
+    if not only:
+        return out
+    keys = ["dense", "evo", "extras"] + [k for k in EXTRA_VARIANTS if k in extra]
+    return [v for k, v in zip(keys, out) if k in only or k == "dense"]
 
 
 def schedule_hooks(name: str, epochs: int) -> list:
@@ -118,7 +141,8 @@ def run(name, path, model, args, seed):
             self.t, self.losses = time.perf_counter(), []
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
-            self.losses.append(outputs["loss"].item())
+            # the classification head's loss (with the extras' two heads, the mean-token head's)
+            self.losses.append(outputs.get("mean_token_loss", outputs["loss"]).item())
 
         def after_train_epoch(self, runner):
             self.wall = time.perf_counter() - self.t
@@ -159,7 +183,8 @@ def epoch_throughput(args, rounds: int) -> dict:
             self.wall = time.perf_counter() - self.t
 
     # the scheduled variant runs as "every block" in a 1-epoch run: not timed on its own
-    order = [v for v in variants(args.keep, args.extra_variants) if AUTHORS not in v[0]]
+    order = [v for v in selected(args.keep, args.extra_variants, args.only)
+             if AUTHORS not in v[0]]
     for r in range(rounds):
         for name, path, model in (order if r % 2 == 0 else order[::-1]):
             cfg = build(name, path, model, args, 0, 1, tag="_throughput")
@@ -226,7 +251,11 @@ def main():
     ap.add_argument("--extra-variants", nargs="*", default=[], choices=EXTRA_VARIANTS,
                     help="also train Evo with a selection in every block (reselect_every=1), or "
                          "with the authors' schedule (every block for 2/3 of the epochs, then one "
-                         "selection per stage: EvoOptionsHook)")
+                         "selection per stage: EvoOptionsHook), or without the representative "
+                         "token (placeholder), or with the extras' two heads but a fixed trade-off "
+                         "(heads), or the dense model with those heads (dense-heads)")
+    ap.add_argument("--only", nargs="+", default=[], choices=("dense", "evo", "extras") + EXTRA_VARIANTS,
+                    help="train (and time) only these variants, and dense")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs <json>.runs.jsonl holds")
     ap.add_argument("--json", default=os.path.join(ROOT, "docs", "bench", "from_scratch_cpu.json"))
     ap.add_argument("--plot", default=os.path.join(ROOT, "docs", "img", "from_scratch.png"))
@@ -240,8 +269,9 @@ def main():
 
     log = args.json + ".runs.jsonl"
     done = finished_runs(log, args.fresh)
+    chosen = selected(args.keep, args.extra_variants, args.only)
     jobs = [(name, path, model, args, seed) for seed in args.seeds      # seed-major
-            for name, path, model in variants(args.keep, args.extra_variants) if (name, seed) not in done]
+            for name, path, model in chosen if (name, seed) not in done]
 
     def finished(name, seed, curve):
         done[(name, seed)] = curve
@@ -257,7 +287,7 @@ def main():
         for job in jobs:
             finished(*_run_job(job))
     curves = {name: [done[(name, seed)] for seed in args.seeds]
-              for name, _, _ in variants(args.keep, args.extra_variants)}
+              for name, _, _ in chosen}
     walls = epoch_throughput(args, args.rounds) if args.rounds else {}
     summary = []
     for name, runs in curves.items():

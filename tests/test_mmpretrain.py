@@ -247,8 +247,11 @@ def test_training_extras_keep_dense_checkpoints_loading_strictly():
     evo.train()
     x = torch.randn(6, 3, 32, 32)
     losses = evo(x, _samples(6), mode="loss")
-    assert set(losses) == {"loss", "aux_cls_loss"}
-    sum(losses.values()).backward()
+    assert set(losses) == {"mean_token_loss", "aux_cls_loss"}
+    total, log_vars = evo.parse_losses(losses)                  # MMEngine logs the sum as `loss`
+    assert torch.equal(log_vars["loss"], total)
+    assert torch.allclose(total, losses["mean_token_loss"] + losses["aux_cls_loss"])
+    total.backward()
     assert evo.evo_trade_off.logit.grad is not None             # alpha is in the graph
     assert evo.aux_head.layers.head.weight.grad.abs().sum() > 0
     evo.eval()

@@ -123,7 +123,8 @@ class EvoImageClassifier(ImageClassifier):
               - ``aux_cls_head=dict(loss_weight=1.0, head=dict(...), init_from_head=True)``
                 (or ``True``): a training-only head on the cls token next to the mean-token
                 head (needs ``mean_token_head``); its config is the model's ``head`` updated
-                with ``head``; its loss is logged as ``aux_cls_loss``.
+                with ``head``; the losses are logged as ``mean_token_loss`` and
+                ``aux_cls_loss`` (``loss``: their sum, the one optimised).
 
     State dict: ``backbone.*``, ``neck.*``, ``head.*`` exactly as ``ImageClassifier``; the
     extras add ``evo_trade_off.logit`` and ``aux_head.*``. A checkpoint without the extras (a
@@ -205,7 +206,9 @@ class EvoImageClassifier(ImageClassifier):
         feats, cls = self._pool(self.backbone(inputs))
         if self.with_neck:
             feats = self.neck(feats)
-        losses = self.head.loss(feats, data_samples)
+        # no bare `loss` key: MMEngine's parse_losses logs the total under `loss`, and a head's
+        # own `loss` key would overwrite it in the log (the optimised sum stays right)
+        losses = {f"mean_token_{k}": v for k, v in self.head.loss(feats, data_samples).items()}
         for k, v in self.aux_head.loss((cls,), data_samples).items():
             losses[f"aux_cls_{k}"] = v * self.aux_loss_weight if "loss" in k else v
         return losses
