@@ -16,6 +16,9 @@ model = dict(
         keep_ratio=0.5,   # half of the patch tokens take the slow update in blocks 5-12
         # the paper's training extras (off by default in evoplug):
         # learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(loss_weight=1.0),
+        # from scratch, the authors' DeiT code carries the unselected tokens unchanged; in
+        # evoplug's from-scratch runs that trained closer to dense (docs/benchmarks.md):
+        # representative=False,
     ))
 
 # load_from = 'deit-small_dense.pth'   # an existing dense checkpoint
