@@ -43,9 +43,8 @@ EXTRAS = dict(learnable_trade_off=True, mean_token_head=True, aux_cls_head=dict(
 
 # --extra-variants: how often the selection is taken while training (the default,
 # reselect_every=4, is one selection for the 4 evolving blocks of this model), and two choices
-# of the authors' DeiT code (no representative token; the two heads without a learnable trade-off),
-# and the dense model with those two heads (is it the heads or Evo that costs accuracy?)
-EXTRA_VARIANTS = ("every-block", "authors-schedule", "placeholder", "heads", "dense-heads")
+# of the authors' DeiT code (no representative token; the two heads without a learnable trade-off)
+EXTRA_VARIANTS = ("every-block", "authors-schedule", "placeholder", "heads")
 AUTHORS = "every block for 2/3 of the epochs"     # the variant trained with the authors' schedule
 
 
@@ -66,10 +65,6 @@ def variants(keep: float, extra=()):
         out.append((f"Evo keep {keep} + mean-token and cls heads, fixed trade-off", EVO_CFG,
                     dict(evo=dict(keep_ratio=keep, **{k: v for k, v in EXTRAS.items()
                                                       if k != "learnable_trade_off"}))))
-    if "dense-heads" in extra:          # the same two heads on the dense model (keep 1.0 is exact)
-        out.append(("dense + mean-token and cls heads", EVO_CFG,
-                    dict(evo=dict(keep_ratio=1.0, **{k: v for k, v in EXTRAS.items()
-                                                     if k != "learnable_trade_off"}))))
     return out
 
 
@@ -253,7 +248,7 @@ def main():
                          "with the authors' schedule (every block for 2/3 of the epochs, then one "
                          "selection per stage: EvoOptionsHook), or without the representative "
                          "token (placeholder), or with the extras' two heads but a fixed trade-off "
-                         "(heads), or the dense model with those heads (dense-heads)")
+                         "(heads)")
     ap.add_argument("--only", nargs="+", default=[], choices=("dense", "evo", "extras") + EXTRA_VARIANTS,
                     help="train (and time) only these variants, and dense")
     ap.add_argument("--fresh", action="store_true", help="ignore the runs <json>.runs.jsonl holds")
