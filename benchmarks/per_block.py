@@ -15,10 +15,9 @@ import time
 
 import timm
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import evoplug
-from evoplug.tools.bench import allocator, machine, retain_freed_memory
+from evoplug.tools.bench import allocator, flop_counter, machine, retain_freed_memory
 
 
 def _block_flops(model, names, x1):
@@ -28,7 +27,7 @@ def _block_flops(model, names, x1):
         state = {}
 
         def pre(m, i, state=state):
-            state["fc"] = FlopCounterMode(display=False)
+            state["fc"] = flop_counter()
             state["fc"].__enter__()
 
         def post(m, i, o, state=state, n=n):

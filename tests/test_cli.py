@@ -114,6 +114,55 @@ def test_retain_freed_memory_stops_the_page_faults_of_a_second_big_allocation():
     assert r.returncode == 0 and "allocator: glibc malloc retaining freed memory" in r.stdout
 
 
+def test_flop_counter_counts_the_cpus_fused_attention():
+    """torch counts ``F.scaled_dot_product_attention`` only on CUDA; bench.flop_counter counts
+    it on the CPU as the explicit QK^T and AV matmuls (forward), and its backward as torch's
+    formula for the CUDA kernels does (5 matmuls: the scores are recomputed)."""
+    q, k, v = (torch.randn(2, 3, 10, 8, requires_grad=True) for _ in range(3))
+    with bench.flop_counter() as explicit:
+        ((q @ k.transpose(-2, -1)).softmax(-1) @ v).sum()
+    with bench.flop_counter() as fused:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    forward = explicit.get_total_flops()
+    assert forward == 2 * (2 * 2 * 3 * 10 * 8 * 10) and fused.get_total_flops() == forward
+    with bench.flop_counter() as backward:
+        out.sum().backward()
+    assert backward.get_total_flops() == forward * 5 // 2
+    # a ViT: the attention is counted, so the FLOP ratio is the one a GPU would count
+    model = bench.create_model("vit_tiny_patch16_224", **TINY_KW)
+    x = torch.randn(1, 3, 32, 32)
+    blocks = 4 * 2 * 2 * (2 * 65 * 32 * 65)        # 4 blocks: QK^T and AV, 2 heads of 32, 65 tokens
+    with torch.utils.flop_counter.FlopCounterMode(display=False) as torch_only:
+        model(x)
+    assert bench.flops(model, x) == torch_only.get_total_flops() + blocks
+
+
+def test_flop_counter_counts_a_grouped_convolutions_backward_once():
+    """Each gradient of a convolution (input, weight) takes the forward's multiply-adds; torch's
+    formula counts a depthwise weight gradient in_channels times over."""
+    for groups in (1, 8):
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+        x = torch.randn(2, 8, 6, 6, requires_grad=True)
+        with bench.flop_counter() as fc:
+            y = conv(x)
+        forward = fc.get_total_flops()
+        assert forward == 2 * 2 * 36 * 9 * 8 * (8 // groups)
+        with bench.flop_counter() as fc:
+            y.sum().backward()
+        assert fc.get_total_flops() == 2 * forward
+
+
+def test_train_flops_on_batchnorm_leaves_the_model_as_it_was():
+    """A training FLOP count runs on a batch of two (BatchNorm refuses one) and reports one
+    image; the running statistics and the mode are restored, no gradient is left."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.BatchNorm1d(5)).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # per image: forward 2*4*5, backward only the weight's gradient (the input needs none)
+    assert bench.train_flops(model, torch.randn(1, 4)) == 2 * (2 * 4 * 5)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_bench_markdown_and_convert_options():
     rc, out = run_cli("bench", *TINY, "--keep", "0.25", "--batch", "1", "--repeats", "1",
                       "--warmup", "0", "--markdown", "--start-block", "3", "--no-representative")

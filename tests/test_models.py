@@ -3,10 +3,10 @@ evolving blocks on fewer tokens; checkpoints load strictly; backward works in tr
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import evoplug
 from evoplug.runtime import evolve as ev
+from evoplug.tools import bench
 from models import ALL, build
 
 
@@ -109,9 +109,7 @@ def test_flops_drop_as_the_schedule_says():
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
 
     def flops(m):
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            m(x)
-        return fc.get_total_flops()
+        return bench.flops(m, x)
 
     dense, evo = flops(model), flops(fast)
     assert evo < 0.8 * dense

@@ -8,7 +8,8 @@ the examples:
   ``torch.inference_mode`` (CUDA synchronised around each call); the figure reported is the
   **median** of the repeats, so a noisy neighbour hits every model alike.
 * :func:`flops` counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-  convolutions, attention; 2 FLOPs per multiply-add), no extra dependency.
+  convolutions, attention; 2 FLOPs per multiply-add), no extra dependency. :func:`flop_counter`
+  adds the fused attention of the CPU, which torch counts only on CUDA.
 * :func:`run_bench` builds timm models, converts them at several keep ratios, optionally
   compiles everything with ``torch.compile``, and returns one row (a dict) per
   (model, batch size, keep ratio); :func:`format_table`, :func:`write_csv`,
@@ -35,6 +36,7 @@ import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils import flop_counter as _fc
 from torch.utils.flop_counter import FlopCounterMode
 
 from .models import check_model_name, create_model, input_size  # noqa: F401  (public)
@@ -107,9 +109,49 @@ def allocator() -> str:
     return _ALLOCATOR + (f" ({', '.join(env)})" if env else "")
 
 
-def flops(model: Callable, x1: torch.Tensor) -> int:
-    """FLOPs of one forward of ``model`` on ``x1`` (use a batch of one: FLOPs scale with it)."""
-    with FlopCounterMode(display=False) as fc, torch.no_grad():
+def _sdpa(q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return _fc.sdpa_flop_count(q, k, v)
+
+
+def _sdpa_backward(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
+    return _fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+
+def _conv_backward(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed,
+                   _output_padding, _groups, output_mask, out_shape=None, **kwargs) -> int:
+    # each gradient (input, weight) takes as many multiply-adds as the forward
+    forward = _fc.conv_flop_count(x, w, grad_out, transposed=transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+def _formulas() -> dict:
+    aten = torch.ops.aten
+    names = {"_scaled_dot_product_flash_attention_for_cpu": _sdpa,
+             "_scaled_dot_product_flash_attention_for_cpu_backward": _sdpa_backward}
+    out = {getattr(aten, n): f for n, f in names.items()
+           if hasattr(aten, n) and getattr(aten, n) not in _fc.flop_registry}
+    out[aten.convolution_backward] = _conv_backward
+    return out
+
+
+def flop_counter() -> FlopCounterMode:
+    """A silent ``FlopCounterMode`` with two corrections to torch's formulas (torch 2.14):
+
+    * ``F.scaled_dot_product_attention`` on the CPU is counted. torch registers formulas for
+      the CUDA attention kernels only, so the CPU count of a timm ViT left out the ``N^2`` part
+      of every attention (QK^T and AV), and a FLOP ratio counted on the CPU differed from the
+      one counted on a GPU.
+    * The backward of a grouped convolution (PVTv2's depthwise 3x3) counts its weight gradient
+      as the forward's multiply-adds; torch's formula ignores the groups there and counts it
+      ``in_channels / groups`` times over (PVTv2-b1's training FLOPs: 91 GFLOP an image instead
+      of about 13)."""
+    return FlopCounterMode(display=False, custom_mapping=_formulas())
+
+
+def flops(model: Callable, x1: torch.Tensor, counter: Callable = None) -> int:
+    """FLOPs of one forward of ``model`` on ``x1`` (use a batch of one: FLOPs scale with it);
+    ``counter`` makes the ``FlopCounterMode`` (default :func:`flop_counter`)."""
+    with (counter or flop_counter)() as fc, torch.no_grad():
         model(x1)
     return fc.get_total_flops()
 
@@ -428,18 +470,24 @@ def _logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def train_flops(model: torch.nn.Module, x1: torch.Tensor) -> int:
-    """FLOPs of one training forward + backward of ``model`` on ``x1`` (train mode; the
-    gradients it leaves are cleared)."""
+def train_flops(model: torch.nn.Module, x1: torch.Tensor, counter: Callable = None) -> int:
+    """FLOPs per image of one training forward + backward of ``model`` on ``x1`` (train mode).
+    Counted on ``x1`` twice over (a batch of two: BatchNorm, as in LeViT, refuses to train on
+    one), halved; the gradients it leaves are cleared and the buffers (BatchNorm's running
+    statistics) restored. ``counter`` as in :func:`flops`."""
     was_training = model.training
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
     model.train()
     try:
-        with FlopCounterMode(display=False) as fc:
-            _logits(model(x1)).float().sum().backward()
+        with (counter or flop_counter)() as fc:
+            _logits(model(torch.cat([x1, x1]))).float().sum().backward()
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-    return fc.get_total_flops()
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+    return fc.get_total_flops() // 2
 
 
 def make_train_step(model: torch.nn.Module, amp_dtype: Optional[torch.dtype] = None,
