@@ -96,7 +96,10 @@ class EvoOptions:
         (docs/reselect.md).
     representative: summarise the non-selected tokens into one representative token whose
         update is broadcast to them (fast update). ``False`` = the "placeholder" variant: the
-        non-selected tokens are carried unchanged.
+        non-selected tokens are carried unchanged (the authors' DeiT code; one token fewer per
+        block). The fast update matters where those tokens are read again: a later selection,
+        a returned feature map (dense tasks); on small classifiers either setting gave the same
+        top-1 within half a point (docs/benchmarks.md).
     num_prefix_tokens: override the detected number of leading prefix tokens (cls,
         distillation, registers). Read at conversion.
     global_query: which query ranks the tokens: ``'cls'`` (the class token, query 0, as in
