@@ -8,8 +8,8 @@ the examples:
   ``torch.inference_mode`` (CUDA synchronised around each call); the figure reported is the
   **median** of the repeats, so a noisy neighbour hits every model alike.
 * :func:`flops` counts FLOPs with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls,
-  convolutions, attention; 2 FLOPs per multiply-add), no extra dependency. :func:`flop_counter`
-  adds the fused attention of the CPU, which torch counts only on CUDA.
+  convolutions, attention; 2 FLOPs per multiply-add), no extra dependency; :func:`flop_counter`
+  mends two of torch's formulas (the CPU's fused attention, a grouped convolution's backward).
 * :func:`run_bench` builds timm models, converts them at several keep ratios, optionally
   compiles everything with ``torch.compile``, and returns one row (a dict) per
   (model, batch size, keep ratio); :func:`format_table`, :func:`write_csv`,
@@ -148,7 +148,7 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=_formulas())
 
 
-def flops(model: Callable, x1: torch.Tensor, counter: Callable = None) -> int:
+def flops(model: Callable, x1: torch.Tensor, counter: Optional[Callable] = None) -> int:
     """FLOPs of one forward of ``model`` on ``x1`` (use a batch of one: FLOPs scale with it);
     ``counter`` makes the ``FlopCounterMode`` (default :func:`flop_counter`)."""
     with (counter or flop_counter)() as fc, torch.no_grad():
@@ -470,7 +470,8 @@ def _logits(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def train_flops(model: torch.nn.Module, x1: torch.Tensor, counter: Callable = None) -> int:
+def train_flops(model: torch.nn.Module, x1: torch.Tensor,
+                counter: Optional[Callable] = None) -> int:
     """FLOPs per image of one training forward + backward of ``model`` on ``x1`` (train mode).
     Counted on ``x1`` twice over (a batch of two: BatchNorm, as in LeViT, refuses to train on
     one), halved; the gradients it leaves are cleared and the buffers (BatchNorm's running

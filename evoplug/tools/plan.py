@@ -10,8 +10,9 @@ token), start block, keep ratio and trade-off, the converted model runs on the c
 images and its top-1 predictions are compared with the dense model's (*agreement*; top-1 as
 well when labels are given). Speed is the FLOP ratio of one image
 (:func:`evoplug.tools.bench.flop_counter`) and, with ``timed=True``, the measured time ratio
-(dense and converted interleaved, median), which then decides. Options at or above the target are ranked by agreement, then speed; ``best`` is the
-first. No option reaching the target raises :class:`PlanError` carrying the measured plan.
+(dense and converted interleaved, median), which then decides. Options at or above the target
+are ranked by agreement, then speed; ``best`` is the first. No option reaching the target
+raises :class:`PlanError` carrying the measured plan.
 
 Only the conversion (once per query) costs analysis time; the other options change at run
 time through :func:`evoplug.set_options`.
