@@ -1,7 +1,7 @@
 """Old runtime against new, side by side in one process: did the CPU speed drop?
 
 Extracts evoplug from an earlier commit (``git archive``) into a temporary folder under another
-package name, converts the same DeiT-S with both, and times the original, the old and the new
+package name, converts the same DeiT-S (or ``--model``) with both, and times the original, the old and the new
 runtime interleaved (median): inference at batch 32 (2 threads) and batch 1 (1 thread), and a
 training step (forward + cross-entropy backward, ``evoplug.tools.bench.make_train_step`` without
 an optimizer) at batch 16. Writes the figures, machine and settings as
@@ -54,10 +54,10 @@ def old_evoplug(commit: str, where: str):
     return importlib.import_module("evoplug_old")
 
 
-def variants(old, opts):
+def variants(old, opts, model: str = MODEL):
     torch.manual_seed(0)
-    dense = timm.create_model(MODEL).eval()
-    ex = torch.randn(1, 3, 224, 224)
+    dense = timm.create_model(model).eval()
+    ex = torch.randn(1, 3, *evoplug.input_size(dense)[1:])
     out = {"original": dense}
     for r in (1, 4):
         out[f"old R={r}"] = old.convert(dense, 0.5, example_input=ex, reselect_every=r, **opts)
@@ -67,7 +67,7 @@ def variants(old, opts):
 
 def measure(models, threads: int, batch: int, repeats: int, train: bool, optimizer: str = "none") -> dict:
     torch.set_num_threads(threads)
-    x = torch.randn(batch, 3, 224, 224)
+    x = torch.randn(batch, 3, *evoplug.input_size(models["original"])[1:])
     calls = {k: bench.make_train_step(m, optimizer=optimizer) for k, m in models.items()} if train else models
     res = bench.interleaved(calls, x, repeats=repeats, warmup=2, inference=not train)
     ips = {k: batch / t.median for k, t in res.items()}
@@ -80,6 +80,7 @@ def measure(models, threads: int, batch: int, repeats: int, train: bool, optimiz
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--against", default="7234a9d", help="commit of the old runtime")
+    p.add_argument("--model", default=MODEL, help="a timm model name (random weights)")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--json", default=None)
     p.add_argument("--train-only", action="store_true", help="only the training step")
@@ -91,7 +92,7 @@ def main(argv=None):
     bench.retain_freed_memory()
     with tempfile.TemporaryDirectory() as tmp:
         old = old_evoplug(a.against, tmp)
-        models = variants(old, {})
+        models = variants(old, {}, a.model)
         runs = [] if a.train_only else [measure(models, 2, 32, a.repeats, False),
                                          measure(models, 1, 1, 3 * a.repeats, False)]
         runs.append(measure(models, a.threads, a.train_batch, a.repeats, True, a.optimizer))
@@ -101,7 +102,7 @@ def main(argv=None):
               ", ".join(f"{k} {v:.3f}x" for k, v in r["vs_original"].items()))
     if a.json:
         doc = dict(machine=bench.machine("cpu"), **bench.provenance(),
-                   model=MODEL, keep_ratio=0.5, old_commit=a.against, allocator=bench.allocator(),
+                   model=a.model, keep_ratio=0.5, old_commit=a.against, allocator=bench.allocator(),
                    settings="random weights, fp32, interleaved rounds, median; inference under "
                             "torch.inference_mode", runs=runs)
         with open(a.json, "w") as f:
