@@ -210,6 +210,26 @@ def test_sdpa_query_row_matrix_form(dtype, P, cls_query, layout, mask, monkeypat
                                atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_row_copies_match_gather_and_gradients(layout, monkeypatch):
+    """evolve._take by row copies (index_select, the CPU's form) and by gather (elsewhere): the
+    same rows, the same gradients, for a contiguous tensor and a strided one (which gathers)."""
+    torch.manual_seed(0)
+    base = torch.randn(3, 5, 7, requires_grad=True)
+    pos = torch.tensor([[4, 0, 4], [1, 2, 3], [0, 0, 0]])
+    outs, grads = [], []
+    for rows in (True, False):
+        monkeypatch.setattr(ev, "_ROW_SELECT", rows)
+        t = base * 2 if layout == "contiguous" else (base * 2).transpose(1, 2).contiguous().transpose(1, 2)
+        out = ev._take(t, pos)
+        (g,) = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), base)
+        outs.append(out)
+        grads.append(g)
+    ref = torch.stack([(base * 2)[b, pos[b]] for b in range(3)])
+    assert torch.equal(outs[0], ref) and torch.equal(outs[1], ref)
+    torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
+
+
 def _mha(batch_first, dtype, seed=3, E=16, heads=2):
     torch.manual_seed(seed)
     mha = nn.MultiheadAttention(E, heads, batch_first=batch_first)

@@ -22,9 +22,12 @@ from evoplug.errors import EvoplugError
 
 #: (model, kwargs, image size, options, form of the global-query logits) -> most extra ops per
 #: evolving block (the budget reached; the issue's targets: DeiT-S 30 reselecting every block, 14
-#: every 4 blocks; Swin-T 60). "product": the form CPUs and torch.compile run (what these counts
-#: measure on a CPU by default); "matmul": the form of eager mode on a GPU, 2 ops more per row
-#: (docs/gpu.md "The global-query logits": fewer bytes moved, measured faster there)
+#: every 4 blocks; Swin-T 60). Forms: "product" = the global-query logits as a product and sum
+#: (CPUs, torch.compile) and rows copied by ``gather``: what a GPU dispatches under
+#: torch.compile, the form the issue's budgets count; "matmul": the logits' form of eager mode on
+#: a GPU, 2 ops more per row (docs/gpu.md "The global-query logits": fewer bytes moved, measured
+#: faster there); "cpu": what a CPU runs by default, the product and rows copied by
+#: ``index_select`` (4 ops more per row copy, several times faster there: evolve._ROW_SELECT)
 BUDGETS = [
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=1), "product", 24),
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=4), "product", 13),
@@ -33,6 +36,9 @@ BUDGETS = [
     ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "product", 58),
     ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "matmul", 58),  # explicit maps: no logits
     ("pvt_v2_b0", {}, 64, dict(reselect_every=1), "product", 54),
+    ("deit_small_patch16_224", {}, 224, dict(reselect_every=4), "cpu", 13),
+    ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "cpu", 68),
+    ("pvt_v2_b0", {}, 64, dict(reselect_every=1), "cpu", 62),
 ]
 
 #: ops that wait for the device (a value read back to the host, or a data-dependent shape)
@@ -68,9 +74,14 @@ def _converted(name, kwargs, size, opts):
 
 @pytest.fixture
 def logits_form(monkeypatch):
-    """Sets the form of the global-query logits (evoplug.runtime.evolve._MATMUL_LOGITS)."""
+    """Sets the form of the global-query logits and of the row copies
+    (evoplug.runtime.evolve._MATMUL_LOGITS, _ROW_SELECT)."""
     from evoplug.runtime import evolve
-    return lambda form: monkeypatch.setattr(evolve, "_MATMUL_LOGITS", form == "matmul")
+
+    def set_form(form):
+        monkeypatch.setattr(evolve, "_MATMUL_LOGITS", form == "matmul")
+        monkeypatch.setattr(evolve, "_ROW_SELECT", form == "cpu")
+    return set_form
 
 
 @pytest.mark.parametrize("name,kwargs,size,opts,form,budget", BUDGETS,

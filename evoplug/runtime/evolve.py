@@ -223,10 +223,27 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
     return out
 
 
+#: how :func:`_take` copies rows: None = by where it runs (``index_select`` of whole rows on a
+#: CPU, ``gather`` elsewhere), True / False = always the one / the other. On a CPU, ``gather``
+#: with its index expanded over the channels reads an index per element: measured on the AMD
+#: EPYC (2 threads, batch 32, docs/benchmarks.md) PVTv2-b1 ran 1.14x with it and 1.26x with
+#: row copies (inference; training step at batch 16: 1.13x and 1.23x), Twins-S 1.17x and 1.23x.
+#: Row copies cost 4 ATen ops more per call (the row offsets): on a GPU in eager mode each op is
+#: host time (issue 12's op budgets count the ``gather`` form), so it keeps ``gather`` there.
+#: Private: tests/test_op_budget.py counts both forms.
+_ROW_SELECT: Optional[bool] = None
+
+
 def _take(t: Tensor, pos: Tensor) -> Tensor:
-    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]]."""
+    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]] (:data:`_ROW_SELECT`)."""
     B, n = pos.shape
-    rest = t.shape[2:]
+    N, rest = t.shape[1], t.shape[2:]
+    rows = _ROW_SELECT
+    if rows is None:
+        rows = t.device.type == "cpu"
+    if rows and t.is_contiguous():
+        flat = pos + torch.arange(0, B * N, N, dtype=pos.dtype, device=pos.device).unsqueeze(1)
+        return t.flatten(0, 1).index_select(0, flat.view(-1)).view(B, n, *rest)
     return t.gather(1, pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest))
 
 
