@@ -114,21 +114,29 @@ def run_api(name, model, pool, pool_y, xt, yt, args):
     return dict(model=name, pool=len(pool), held_out=len(xt), plan_table=p.table(), rows=rows)
 
 
+def api_data(name: str, photo_pool: int = 2000):
+    """(model, pool, pool labels, held-out images, held-out labels) of an examples/ model:
+    ``digits`` (its training images / test split) or ``photos`` (``photo_pool`` random crops,
+    seed 7 / 1,000 other crops, seed 1234)."""
+    if name == "digits":
+        import digits
+        x, y, xt, yt = digits.load_digits_tensors()
+        return digits.trained_small_deit(log=None), x, y, xt, yt
+    import photos
+    ph = photos.load_photos()
+    pool, pool_y = photos.random_crops(ph, photo_pool, torch.Generator().manual_seed(7))
+    xt, yt = photos.random_crops(ph, 1000, torch.Generator().manual_seed(1234))
+    return photos.trained_model(log=None), pool, pool_y, xt, yt
+
+
 def digits_case(args):
-    import digits
-    model = digits.trained_small_deit(log=None)
-    x, y, xt, yt = digits.load_digits_tensors()
-    return run_api("digits DeiT (examples/digits.py: 6 blocks, 96 dims, 64 patches + cls)", model, x, y, xt, yt, args)
+    return run_api("digits DeiT (examples/digits.py: 6 blocks, 96 dims, 64 patches + cls)",
+                   *api_data("digits"), args)
 
 
 def photos_case(args):
-    import photos
-    model = photos.trained_model(log=None)
-    ph = photos.load_photos()
-    pool, pool_y = photos.random_crops(ph, args.photo_pool, torch.Generator().manual_seed(7))
-    xt, yt = photos.random_crops(ph, 1000, torch.Generator().manual_seed(1234))
-    return run_api("photo ViT (examples/photos.py: 6 blocks, 96 dims, 64 patches + cls)", model, pool, pool_y,
-                   xt, yt, args)
+    return run_api("photo ViT (examples/photos.py: 6 blocks, 96 dims, 64 patches + cls)",
+                   *api_data("photos", args.photo_pool), args)
 
 
 # -- MMPretrain, with MMEngine's Runner ----------------------------------------------------------

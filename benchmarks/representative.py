@@ -54,21 +54,8 @@ TRAIN_KEEP = 0.5
 RESELECT = (4, 1)      # the default (one selection for these 4 evolving blocks) and every block
 
 
-def data(name: str):
-    """(model, pool, pool labels, held-out images, held-out labels) as benchmarks/distill.py."""
-    if name == "digits":
-        import digits
-        x, y, xt, yt = digits.load_digits_tensors()
-        return digits.trained_small_deit(log=None), x, y, xt, yt
-    import photos
-    ph = photos.load_photos()
-    pool, pool_y = photos.random_crops(ph, 2000, torch.Generator().manual_seed(7))
-    xt, yt = photos.random_crops(ph, 1000, torch.Generator().manual_seed(1234))
-    return photos.trained_model(log=None), pool, pool_y, xt, yt
-
-
 def rows_for(name: str, steps, seed: int) -> list:
-    model, pool, pool_y, xt, yt = data(name)
+    model, pool, pool_y, xt, yt = dist.api_data(name)
     model.eval()
     ref = quality.outputs(model, xt)
     flops0 = bench.flops(model, xt[:1])
