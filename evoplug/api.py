@@ -125,6 +125,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
             roles = assign_roles(opts, len(analysed))
+            _check_scored(model, [a for a, _, _ in analysed], roles, strict)
             links = chain_links([a for a, _, _ in analysed], calls)
         except BaseException:
             for a, _, added in analysed:
@@ -372,6 +373,49 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
             "nothing would evolve", failed or skipped)
 
 
+def gives_row(a: BlockAnalysis) -> bool:
+    """Whether the block's programs return a global attention row (windowed attention whose
+    windows could not be mapped back to the tokens gives none)."""
+    return not a.windowed or a.row_full
+
+
+def unscored(analyses, roles) -> List[int]:
+    """Positions of the evolving blocks that no global scores reach: they run every token, as
+    the runtime's ``EvoBlockMixin._evolve`` does when it holds no scores. Follows the scores
+    the way the runtime carries them: started by the scoring block's row (or restarted by the
+    first block with a row), kept through row-less blocks, pooled onto a new stage's grid when
+    both grids are known, lost otherwise."""
+    out, have, prev = [], False, None
+    for i, (a, role) in enumerate(zip(analyses, roles)):
+        if role == "dense":
+            continue
+        if role == "evolve" and have and a.num_tokens != prev.num_tokens:
+            have = prev.grid is not None and a.grid is not None     # ev.carry_scores
+        if role == "score" or not have:
+            if role == "evolve":
+                out.append(i)
+            have = gives_row(a)
+        prev = a
+    return out
+
+
+def _unscored_reason(analyses, idle) -> str:
+    names = ", ".join(f"`{analyses[i].name}`" for i in idle[:3]) + (" ..." if len(idle) > 3 else "")
+    rowless = [a for a in analyses[:idle[-1] + 1] if not gives_row(a)]
+    why = next((n for a in rowless for n in a.notes if n.startswith("windows not mapped")), "")
+    return (f"{len(idle)} evolving block(s) ({names}) would run every token: no global attention "
+            f"row reaches them (blocks without one: {', '.join(f'`{a.name}`' for a in rowless[:3])}"
+            f"{' ...' if len(rowless) > 3 else ''}{'; ' + why if why else ''}). Set start_block "
+            "later, or strict=False to convert anyway (explain() marks them)")
+
+
+def _check_scored(model: nn.Module, analyses, roles, strict: bool):
+    idle = unscored(analyses, roles)
+    if idle and strict:
+        raise ConversionError(f"{type(model).__name__}: {_unscored_reason(analyses, idle)}",
+                              [(analyses[i].name, "no global scores reach it") for i in idle])
+
+
 def copy_model(model: nn.Module) -> nn.Module:
     """``copy.deepcopy`` that also copes with tensors cached on modules that are not graph
     leaves (e.g. timm LeViT's attention-bias cache after a forward with autograd on): such
@@ -486,12 +530,16 @@ def format_report(report: ConversionReport) -> str:
              f"representative={'on' if o.representative else 'off'}"]
     hdr = ("block", "role", "tokens", "prefix", "attention", "position terms")
     rows = []
+    analyses = [s.analysis for s in report.blocks]
+    idle = unscored(analyses, [s.role for s in report.blocks])
     for s in report.blocks:
         a = s.analysis
         role = {"dense": "dense", "score": "dense + scores", "evolve": "evolving"}[s.role]
         M = a.num_tokens - a.num_prefix
-        toks = f"{a.num_tokens}" if s.role != "evolve" else \
+        toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle else \
             f"{a.num_prefix + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
+        if s.index in idle:
+            role = "evolving, no scores: dense"
         rows.append((a.name, role, toks, str(a.num_prefix), a.attention,
                      "; ".join(a.position_terms) or "-"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
@@ -510,6 +558,8 @@ def format_report(report: ConversionReport) -> str:
         lines.append(f"residual stream of `{a.name}`: {br}")
         for note in a.notes:
             lines.append(f"note: {note}")
+    if idle:
+        lines.append(f"WARNING: {_unscored_reason(analyses, idle)}")
     for name, reason in report.failed:
         lines.append(f"NOT converted `{name}`: {reason}")
     for name, reason in report.skipped:

@@ -315,15 +315,22 @@ def test_twins_windowed_and_global_blocks_evolve():
         assert (fast(x) - ref).abs().max() <= 1e-5
 
 
-def test_swin_window_index_matches_timm_window_partition():
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "swinv2_tiny_window8_256"])
+def test_swin_window_index_matches_timm_window_partition(name):
     """The window index found by running the graph on token indices equals timm's own cyclic
-    shift + window partition of the token map."""
+    shift + window partition of the token map. Swinv2's qkv is ``F.linear`` with a bias made
+    by ``torch.cat`` (a function, not a module, on the way to the keys)."""
     from timm.models.swin_transformer import window_partition
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    model = timm.create_model(name, pretrained=False).eval()
     fast = evoplug.convert(model, keep_ratio=0.5)
+    x = evoplug.example_input(model)
+    with torch.no_grad():
+        fast(x)
     checked = 0
     for s in evoplug.get_report(fast).blocks:
         a = s.analysis
+        if s.role == "evolve":      # every evolving block runs the kept tokens (scores reach it)
+            assert 0 < s.tokens_run < a.num_tokens, a.name
         if not a.windowed:
             continue
         blk = a.module
@@ -336,6 +343,29 @@ def test_swin_window_index_matches_timm_window_partition():
         assert torch.equal(a.window_index, expect), a.name
         checked += any(shift)
     assert checked   # shifted windows were among them
+
+
+def test_evolving_blocks_that_no_scores_reach_are_refused_or_marked(monkeypatch):
+    """Windows that cannot be mapped back to their tokens give no global row. When no block
+    before an evolving block gives one, that block would silently run every token: a strict
+    conversion refuses it by name; strict=False converts and explain() marks exactly the
+    blocks that then run dense (checked against the runtime's tokens per block)."""
+    from evoplug.analyse import grid
+    monkeypatch.setattr(grid, "_LINEAR", ())      # Swinv2's F.linear qkv: windows not mapped
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"7 evolving block\(s\) .*`layers\.2\.blocks\.0`"
+                       r".*no global attention row reaches them.*windows not mapped"):
+        evoplug.convert(model, keep_ratio=0.5)
+    fast = evoplug.convert(model, keep_ratio=0.5, strict=False)
+    report = evoplug.get_report(fast)
+    idle = evoplug.api.unscored([s.analysis for s in report.blocks], [s.role for s in report.blocks])
+    with torch.no_grad():
+        fast(evoplug.example_input(model))
+    ran_all = [s.index for s in report.blocks
+               if s.role == "evolve" and s.tokens_run == s.analysis.num_tokens]
+    assert idle == ran_all and len(idle) == 7      # stage 3, and stage 4's first block (restart)
+    text = evoplug.explain(fast)
+    assert text.count("evolving, no scores: dense") == 7 and "WARNING: 7 evolving block(s)" in text
 
 
 def test_converted_swin_follows_to_dtype():

@@ -138,7 +138,8 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
         a.window_head_dims, idx = found
         return idx
     except (fx.proxy.TraceError, RuntimeError) as e:   # not token-wise, or not runnable on indices
-        a.notes.append(f"windows not mapped to tokens: {type(e).__name__}: {e}")
+        first = (str(e).strip().splitlines() or [""])[0]     # fx appends the node and a hint
+        a.notes.append(f"windows not mapped to tokens: {type(e).__name__}: {first}")
         return None
 
 
@@ -152,13 +153,25 @@ def _index_through_leaf(n: fx.Node, args, kwargs):
     return inp[..., :1].expand(*inp.shape[:-1], so[-1])
 
 
+_LINEAR = (F.linear, torch._C._nn.linear)
+
+
 def _index_through_function(n: fx.Node, args, kwargs):
-    """A function that works on each token's own channels without moving it (``F.normalize``
-    over the last dim: Swinv2's cosine attention) keeps the index values; None for others."""
-    if n.target is F.normalize and args and isinstance(args[0], torch.Tensor):
+    """A function that works on each token's own channels without moving it keeps the index
+    values: ``F.normalize`` over the last dim (Swinv2's cosine attention), and ``F.linear``
+    (timm's Swinv2 calls it with a bias concatenated from ``q_bias``, zeros and ``v_bias``),
+    whose index is copied into its output channels like a linear module's; None for others."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        return None
+    if n.target is F.normalize:
         dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
-        if dim in (-1, args[0].dim() - 1):
-            return args[0]
+        if dim in (-1, x.dim() - 1):
+            return x
+    elif n.target in _LINEAR:
+        w = kwargs.get("weight", args[1] if len(args) > 1 else None)
+        if isinstance(w, torch.Tensor) and w.dim() == 2 and x.shape[-1] == w.shape[1]:
+            return x[..., :1].expand(*x.shape[:-1], w.shape[0])
     return None
 
 
