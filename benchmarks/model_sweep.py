@@ -4,21 +4,11 @@
     python benchmarks/model_sweep.py convit_tiny pit_ti_224                # any timm names
 
 Each model runs in its own process (a crash, a hang or a leak stays there; ``--timeout``
-seconds each), with random weights (seed 0) and its default input, batch 2, float32, on the
-CPU. What is checked for a model that converts (``strict=True``, or ``strict=False`` when the
-strict conversion is refused, which the row says):
-
-* **keep 1.0** reproduces the original output through the identity fast path and through the
-  selection machinery (``identity_fast_path=False``): max |diff| (bound 1e-5, as the suite's);
-* **keep 0.5** gives the original output's shape, finite values, and evolves: every block
-  planned to evolve runs fewer tokens than it has (``tokens_per_block``; one that runs them all
-  was reached by no global scores);
-* **batch independence** at keep 0.5: the first image alone gives what it gave in the batch of
-  two (a selection or gather that mixes the images of a batch would not; bound 1e-4 relative);
-* the original ``state_dict`` loads strictly into the converted model and back;
-* **gradients** (train mode, keep 0.5, loss ``out.pow(2).mean()``): finite, and every parameter
-  that gets a gradient in the original gets one in the converted model (a parameter that lost
-  its gradient is a path the conversion cut).
+seconds each), with random weights (seed 0), through :func:`evoplug.tools.check.check_conversion`
+(the checks the test suite makes on its own models: keep 1.0 exact on both paths, every
+evolving block runs fewer tokens at keep 0.5, batch independence, ``state_dict`` both ways,
+gradients reach every parameter; its docstring has the bounds), batch 2, float32, on the CPU.
+``strict=False`` is tried when the strict conversion is refused ('partly' in the rows).
 
 A model evoplug refuses must be refused with ``ConversionError``/``EvoplugError`` naming the
 module; any other exception out of ``convert`` is listed as ``error`` (a bug). Rows carry the
@@ -31,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import traceback
 
 # One small variant per family of timm 1.0.31 that has attention somewhere (and some without
@@ -58,107 +47,22 @@ MODELS = [
     "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "iformer_t", "lowformer_b0",
 ]
 
-KEEP1_BOUND = 1e-5
-BATCH_BOUND = 1e-4
-
-
-def _out(o):
-    """The tensor a model returns (first item of a tuple/list/dict)."""
-    if isinstance(o, (tuple, list)):
-        return _out(o[0])
-    if isinstance(o, dict):
-        return _out(next(iter(o.values())))
-    return o
-
-
-def _diff(a, b) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
-def _grads(model, x):
-    model.train()
-    model.zero_grad(set_to_none=True)
-    _out(model(x)).float().pow(2).mean().backward()
-    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    model.eval()
-    return got
-
-
 def check(name: str) -> dict:
-    """One model, in this process."""
+    """One model, in this process: :func:`evoplug.tools.check.check_conversion` as a row."""
+    import dataclasses
     import torch
     import timm
-    import evoplug
+    from evoplug.tools.check import check_conversion
 
     torch.manual_seed(0)
-    row = {"model": name}
     model = timm.create_model(name, pretrained=False).eval()
-    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-    x = evoplug.example_input(model, batch=2)
-    row["input"] = list(x.shape[1:])
-    with torch.no_grad():
-        ref = _out(model(x))
-    t0 = time.perf_counter()
-    try:
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
-        row["strict"] = True
-    except evoplug.EvoplugError as e:
-        row["refused"] = f"{type(e).__name__}: {e}"
-        try:
-            fast = evoplug.convert(model, keep_ratio=0.5, example_input=x, strict=False)
-            row["strict"] = False
-        except evoplug.EvoplugError as e2:
-            row["status"] = "refused"
-            row["refused_non_strict"] = f"{type(e2).__name__}: {e2}"
-            return row
-    row["convert_s"] = round(time.perf_counter() - t0, 2)
-    report = evoplug.get_report(fast)
-    row["blocks"] = len(report.blocks)
-    row["evolving"] = sum(s.role == "evolve" for s in report.blocks)
-    row["not_converted"] = [f"{n}: {why}" for n, why in report.failed]
-    problems = []
-    with torch.no_grad():
-        out = _out(fast(x))
-        tokens = [(t, s.analysis.num_tokens) for (_, t), s in
-                  zip(evoplug.tokens_per_block(fast), report.blocks) if s.role == "evolve"]
-        row["tokens_evolving"] = tokens[:3]
-        if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
-            problems.append(f"keep 0.5 output {tuple(out.shape)} vs {tuple(ref.shape)}, finite="
-                            f"{bool(torch.isfinite(out).all())}")
-        if not any(0 < t < n for t, n in tokens):
-            problems.append("keep 0.5 evolves no block")
-        idle = [s.analysis.name for s in report.blocks
-                if s.role == "evolve" and s.tokens_run == s.analysis.num_tokens]
-        if idle:
-            problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
-        row["keep05_rel_change"] = round(float((out - ref).abs().mean() / ref.abs().mean()), 4)
-        one = _out(fast(x[:1]))
-        row["batch_diff"] = _diff(one, out[:1]) / max(float(out[:1].abs().max()), 1e-6)
-        if row["batch_diff"] > BATCH_BOUND:
-            problems.append(f"image 0 alone differs from image 0 in the batch by "
-                            f"{row['batch_diff']:.2e} (relative)")
-        evoplug.set_options(fast, keep_ratio=1.0)
-        row["keep1_fast_diff"] = _diff(_out(fast(x)), ref)
-        evoplug.set_options(fast, identity_fast_path=False)
-        row["keep1_machinery_diff"] = _diff(_out(fast(x)), ref)
-        for k in ("keep1_fast_diff", "keep1_machinery_diff"):
-            if not row[k] <= KEEP1_BOUND:
-                problems.append(f"{k} {row[k]:.2e} > {KEEP1_BOUND}")
-        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
-    try:
-        fast.load_state_dict(model.state_dict(), strict=True)
-        model.load_state_dict(fast.state_dict(), strict=True)
-    except Exception as e:                         # noqa: BLE001 (reported)
-        problems.append(f"state_dict: {e}"[:300])
-    g_ref = _grads(model, x)
-    g = _grads(fast, x)
-    lost = sorted(set(g_ref) - set(g))
-    if lost:
-        problems.append(f"{len(lost)} parameters lost their gradient: {lost[:4]}")
-    if not all(bool(torch.isfinite(t).all()) for t in g.values()):
-        problems.append("non-finite gradients")
-    row["problems"] = problems
-    row["status"] = ("converts" if row["strict"] else "partly") if not problems else "WRONG"
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear) and not bool(head.weight.any()):
+        torch.nn.init.normal_(head.weight, std=0.02)   # zero-initialised (Hiera): outputs all 0
+    row = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
+    result = check_conversion(model)
+    row.update(dataclasses.asdict(result))
+    row["tokens_evolving"] = row["tokens_evolving"][:3]
     return row
 
 
@@ -192,11 +96,11 @@ def _line(r: dict) -> str:
         t = r.get("tokens_evolving") or [("-", "-")]
         what = (f"{r['evolving']}/{r['blocks']} evolving, tokens {t[0][0]}/{t[0][1]}, keep 1.0 "
                 f"{r['keep1_fast_diff']:.1e}/{r['keep1_machinery_diff']:.1e}, batch "
-                f"{r['batch_diff']:.1e}, {r['convert_s']} s")
-        if r["problems"]:
-            what += " | " + "; ".join(r["problems"])
+                f"{r['batch_diff']:.1e}, {r['convert_s']:.1f} s")
+        if r["problems"] or r.get("warnings"):
+            what += " | " + "; ".join(r["problems"] + r.get("warnings", []))
         return what
-    return (r.get("refused_non_strict") or r.get("error") or "")[:160]
+    return (r.get("refused") or r.get("error") or "")[:160]
 
 
 def markdown(rows) -> str:
@@ -209,13 +113,13 @@ def markdown(rows) -> str:
             t = (r.get("tokens_evolving") or [["-", "-"]])[0]
             why = "; ".join(r["problems"]) or "; ".join(x.split(":")[0] + ": " + x.split(": ", 1)[1][:90]
                                                           for x in r["not_converted"][:1]) or "-"
-            if not r["strict"]:
-                why = (f"strict: {r['refused'][:150]}" if not r["not_converted"] else why)
+            if r["status"] == "partly" and not r["not_converted"]:
+                why = f"strict: {r['refused'][:150]}"
             out.append(f"| `{r['model']}` | {r['status']} | {r['evolving']} / {r['blocks']} | "
                        f"{t[0]} / {t[1]} | {r['keep1_fast_diff']:.0e} / {r['keep1_machinery_diff']:.0e} | "
                        f"{r['batch_diff']:.0e} | {why.replace('|', '/')} |")
         else:
-            why = (r.get("refused_non_strict") or r.get("error") or "").split(": ", 1)[-1]
+            why = (r.get("refused") or r.get("error") or "").split(": ", 1)[-1]
             if " in " in why.split(":")[0]:     # "... no convertible block in X: `a`: why; `b`: ..."
                 why = why.split(": ", 1)[1].split("; `")[0]
             out.append(f"| `{r['model']}` | {r['status']} | - | - | - | - | {why[:200].replace('|', '/')} |")
@@ -251,8 +155,7 @@ def main(argv=None) -> int:
             json.dump(dict(machine=bench.machine("cpu"), provenance=bench.provenance(),
                            versions=dict(torch=torch.__version__, timm=timm.__version__),
                            settings=dict(batch=2, dtype="float32", weights="random, seed 0",
-                                         keep=0.5, keep1_bound=KEEP1_BOUND,
-                                         batch_bound=BATCH_BOUND),
+                                         keep=0.5, keep1_bound=1e-5, batch_bound=1e-4),
                            summary=counts, rows=rows), f, indent=1)
     return 1 if any(r["status"] in ("WRONG", "error", "crash") for r in rows) else 0
 

@@ -3,6 +3,7 @@
     evoplug bench deit_small_patch16_224 --keep 0.5 0.7 1.0 --batch 1 32 --plot bench.png
     evoplug bench deit_small_patch16_224 --train --keep 0.5 --batch 64 --device cuda --dtype float16
     evoplug explain eva02_tiny_patch14_224
+    evoplug check deit_small_patch16_224 swinv2_tiny_window8_256 --keep 0.5
     evoplug visualize bench_out/photo_vit.pth skimage:astronaut skimage:coffee --out sel.png
     evoplug plan bench_out/photo_vit.pth calib_images/ --target 1.4 --png plan.png --json plan.json
 
@@ -170,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(v)
     _add_convert_options(v)
 
+    c = sub.add_parser("check", help="convert models and check that they do what evoplug promises",
+                       description="For each model: keep 1.0 reproduces it (both paths), every "
+                       "evolving block runs fewer tokens at --keep, batch independence, state_dict "
+                       "both ways, gradients reach every parameter (evoplug.tools.check). Exit "
+                       "status 1 when a model is refused or a check fails.")
+    c.add_argument("models", nargs="+", metavar="MODEL", help="timm model names or evoplug checkpoint files")
+    c.add_argument("--keep", type=_keep, default=0.5, metavar="K", help="keep ratio (default 0.5)")
+    c.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    _add_model_options(c)
+    _add_convert_options(c)
+
     pl = sub.add_parser("plan", help="options that keep a classifier's predictions at a target speed-up",
                         description="Measure keep ratio x start block x global query (x trade-off) "
                         "of a converted classifier on calibration images: top-1 agreement with the "
@@ -312,6 +324,27 @@ def cmd_explain(a, out) -> int:
     return 0
 
 
+def cmd_check(a, out) -> int:
+    import dataclasses
+    import json
+    import torch
+    from .check import check_conversion
+    from . import bench
+    results = {}
+    for name in a.models:
+        a.model, a.checkpoint = name, None
+        model, _ = _load_model(a)
+        h, w = bench.input_size(model, a.img_size)
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+        results[name] = r = check_conversion(model, x, keep_ratio=a.keep, **_convert_options(a))
+        print(f"{name}: {r}", file=out, flush=True)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({n: dataclasses.asdict(r) for n, r in results.items()}, f, indent=1)
+        print(f"wrote {a.json}", file=out)
+    return 0 if all(r.ok for r in results.values()) else 1
+
+
 def cmd_visualize(a, out) -> int:
     from . import visualize as viz
     model, meta = _load_model(a)
@@ -401,12 +434,14 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
     sub = parser._subparsers._group_actions[0].choices[a.command]
     if a.command == "bench":
         _check_models(sub, a.models)
+    elif a.command == "check":
+        _check_models(sub, a.models, allow_files=True)
     else:
         _check_models(sub, [a.model], allow_files=True)
     from ..errors import EvoplugError
     try:
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
-              "visualise": cmd_visualize, "plan": cmd_plan}[a.command]
+              "visualise": cmd_visualize, "plan": cmd_plan, "check": cmd_check}[a.command]
         return fn(a, out)
     except (CliError, EvoplugError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
         print(f"evoplug: error: {e}", file=sys.stderr)

@@ -1,0 +1,176 @@
+"""A pre-flight check of a conversion: does the converted model do what evoplug promises?
+
+    from evoplug.tools.check import check_conversion
+    result = check_conversion(model)                  # model: the dense nn.Module (untouched)
+    print(result)                                     # one line; result.problems lists failures
+
+    evoplug check deit_small_patch16_224 swinv2_tiny_window8_256     # the same from the shell
+
+The checks are the ones the test suite makes on its own models, run on yours (random or
+trained weights, its declared input or ``example_input``; batch 2, float32, the model's device):
+
+* **keep 1.0** reproduces the model through the identity fast path and through the selection
+  machinery (``identity_fast_path=False``): max |diff| <= ``keep1_bound``;
+* **keep** ``keep_ratio`` gives the original output's shape and finite values, and every block
+  planned to evolve runs fewer tokens than it has (one that runs them all was reached by no
+  global scores);
+* **batch independence**: the first image alone gives what it gave in the batch of two (a
+  selection or copy that mixed the images of a batch would not), within ``batch_bound``
+  (relative to the output's largest value);
+* the model's ``state_dict`` loads strictly into the converted model and back;
+* **gradients** (train mode, loss ``out.pow(2).mean()``): finite, and every parameter that gets a
+  gradient in the original gets one in the converted model.
+
+A model evoplug refuses is reported with the refusal (``result.refused``), not raised.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+import evoplug
+
+
+@dataclasses.dataclass
+class CheckResult:
+    """What :func:`check_conversion` found. ``status``: 'converts' (every block, no problem),
+    'partly' (converted with ``strict=False``, no problem), 'refused', or 'WRONG' (problems)."""
+    status: str
+    refused: str = ""                  # the strict conversion's refusal, when there was one
+    blocks: int = 0                    # converted blocks
+    evolving: int = 0                  # of them evolving at keep_ratio
+    not_converted: List[str] = dataclasses.field(default_factory=list)
+    tokens_evolving: List[Tuple[int, int]] = dataclasses.field(default_factory=list)
+    keep1_fast_diff: float = float("nan")
+    keep1_machinery_diff: float = float("nan")
+    batch_diff: float = float("nan")
+    rel_change: float = float("nan")   # mean |converted - original| / mean |original| at keep_ratio
+    convert_s: float = 0.0
+    problems: List[str] = dataclasses.field(default_factory=list)
+    warnings: List[str] = dataclasses.field(default_factory=list)   # checks that compared nothing
+
+    @property
+    def ok(self) -> bool:
+        return self.status in ("converts", "partly")
+
+    def __str__(self) -> str:
+        if self.status == "refused":
+            return f"refused: {self.refused}"
+        t = self.tokens_evolving[0] if self.tokens_evolving else ("-", "-")
+        text = (f"{self.status}: {self.evolving}/{self.blocks} blocks evolving (first: {t[0]} of "
+                f"{t[1]} tokens), keep 1.0 max diff {self.keep1_fast_diff:.1e} (fast path) / "
+                f"{self.keep1_machinery_diff:.1e} (machinery), batch independence "
+                f"{self.batch_diff:.1e}, converted in {self.convert_s:.1f} s")
+        return text + "".join(f"\n  PROBLEM: {p}" for p in self.problems) + \
+            "".join(f"\n  WARNING: {w}" for w in self.warnings)
+
+
+def output_tensor(o):
+    """The tensor a model returns (the first item of a tuple, list or dict, recursively)."""
+    if isinstance(o, (tuple, list)):
+        return output_tensor(o[0])
+    if isinstance(o, dict):
+        return output_tensor(next(iter(o.values())))
+    return o
+
+
+def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def _grads(model: nn.Module, x: torch.Tensor):
+    was = model.training
+    model.train()
+    model.zero_grad(set_to_none=True)
+    output_tensor(model(x)).float().pow(2).mean().backward()
+    got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    model.train(was)
+    return got
+
+
+def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = None,
+                     keep_ratio: float = 0.5, keep1_bound: float = 1e-5,
+                     batch_bound: float = 1e-4, **options) -> CheckResult:
+    """Convert a copy of ``model`` (left untouched) and check it; see the module docstring.
+    ``example_input``: a batch of at least 2 (default: 2 images of the declared input size);
+    ``options``: :class:`evoplug.EvoOptions` fields."""
+    model = copy.deepcopy(model).eval()
+    x = example_input if example_input is not None else evoplug.example_input(model, batch=2)
+    if x.shape[0] < 2:
+        raise ValueError("check_conversion needs an example input of at least 2 images")
+    with torch.no_grad():
+        ref = output_tensor(model(x))
+    r = CheckResult(status="converts")
+    if not bool(ref.any()):
+        r.warnings.append("the model's output is all zeros on this input (a zero-initialised "
+                          "head?): the output comparisons compare nothing; check trained weights "
+                          "or a model with a non-zero head")
+    t0 = time.perf_counter()
+    try:
+        fast = evoplug.convert(model, keep_ratio=keep_ratio, example_input=x, **options)
+    except evoplug.EvoplugError as e:
+        r.refused = f"{type(e).__name__}: {e}"
+        try:
+            fast = evoplug.convert(model, keep_ratio=keep_ratio, example_input=x, strict=False,
+                                   **options)
+            r.status = "partly"
+        except evoplug.EvoplugError:
+            r.status = "refused"
+            return r
+    r.convert_s = round(time.perf_counter() - t0, 2)
+    report = evoplug.get_report(fast)
+    r.blocks = len(report.blocks)
+    r.evolving = sum(s.role == "evolve" for s in report.blocks)
+    r.not_converted = [f"{n}: {why}" for n, why in report.failed]
+    _check_outputs(r, fast, x, ref, keep_ratio, keep1_bound, batch_bound)
+    try:
+        fast.load_state_dict(model.state_dict(), strict=True)
+        model.load_state_dict(fast.state_dict(), strict=True)
+    except Exception as e:                     # noqa: BLE001 (a problem to report)
+        r.problems.append(f"state_dict: {e}"[:300])
+    g_ref = _grads(model, x)
+    g = _grads(fast, x)
+    lost = sorted(set(g_ref) - set(g))
+    if lost:
+        r.problems.append(f"{len(lost)} parameter(s) lost their gradient: {lost[:4]}")
+    if not all(bool(torch.isfinite(t).all()) for t in g.values()):
+        r.problems.append("non-finite gradients")
+    if r.problems:
+        r.status = "WRONG"
+    return r
+
+
+def _check_outputs(r: CheckResult, fast, x, ref, keep_ratio, keep1_bound, batch_bound):
+    report = evoplug.get_report(fast)
+    with torch.no_grad():
+        out = output_tensor(fast(x))
+        evolving = [s for s in report.blocks if s.role == "evolve"]
+        r.tokens_evolving = [(s.tokens_run, s.analysis.num_tokens) for s in evolving]
+        if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
+            r.problems.append(f"keep {keep_ratio} output {tuple(out.shape)} (original "
+                              f"{tuple(ref.shape)}), finite: {bool(torch.isfinite(out).all())}")
+            return
+        idle = [s.analysis.name for s in evolving if s.tokens_run == s.analysis.num_tokens]
+        if keep_ratio < 1 and idle:
+            r.problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
+        r.rel_change = float((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
+        one = output_tensor(fast(x[:1]))
+        r.batch_diff = _diff(one, out[:1]) / max(float(out[:1].abs().max()), 1e-6)
+        if not r.batch_diff <= batch_bound:
+            r.problems.append(f"image 0 alone differs from image 0 in the batch by "
+                              f"{r.batch_diff:.2e} (relative)")
+        opts = report.options
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=True)
+        r.keep1_fast_diff = _diff(output_tensor(fast(x)), ref)
+        evoplug.set_options(fast, identity_fast_path=False)
+        r.keep1_machinery_diff = _diff(output_tensor(fast(x)), ref)
+        evoplug.set_options(fast, keep_ratio=opts.keep_ratio, identity_fast_path=opts.identity_fast_path)
+    for name in ("keep1_fast_diff", "keep1_machinery_diff"):
+        if not getattr(r, name) <= keep1_bound:
+            r.problems.append(f"{name} {getattr(r, name):.2e} > {keep1_bound}")

@@ -1,0 +1,91 @@
+"""``evoplug.tools.check`` and ``evoplug check``: the pre-flight check of a conversion, on models
+the other tests do not cover (timm families found by ``benchmarks/model_sweep.py``), and that
+the check finds what it is there to find."""
+import json
+
+import pytest
+import timm
+import torch
+
+import evoplug
+from evoplug.runtime import evolve as ev
+from evoplug.tools import cli
+from evoplug.tools.check import check_conversion
+
+# families of timm 1.0.31 the sweep covers and no other test does: rotary embeddings with
+# registers (DINOv3), mixed rotary + absolute positions, Perception Encoder at 384 px (577
+# tokens), a hybrid with a convolutional stem (ViTamin), Swin with searched window sizes (S3),
+# and Hiera (mask-unit blocks left out: converts partly)
+SWEPT = [("vit_small_patch16_dinov3", "converts"), ("vit_small_patch16_rope_mixed_ape_224", "converts"),
+         ("vit_pe_core_tiny_patch16_384", "converts"), ("vitamin_small_224", "converts"),
+         ("swin_s3_tiny_224", "converts"), ("hiera_tiny_224", "partly")]
+
+
+@pytest.mark.parametrize("name,status", SWEPT)
+def test_swept_families_pass_the_check(name, status):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear) and not head.weight.any():   # Hiera's: zero-initialised
+        assert "output is all zeros" in check_conversion(model).warnings[0]
+        torch.nn.init.normal_(head.weight, std=0.02)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    r = check_conversion(model)
+    assert r.status == status, str(r)
+    assert not r.problems and not r.warnings and r.ok
+    assert r.keep1_fast_diff <= 1e-5 and r.keep1_machinery_diff <= 1e-5 and r.batch_diff <= 1e-4
+    assert r.evolving >= 4 and all(0 < t < n for t, n in r.tokens_evolving)
+    assert 0 < r.rel_change < 10                     # keep 0.5 changes the output, finitely
+    assert not evoplug.is_converted(model)           # the model itself is left as it was
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def _small_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=6).eval()
+
+
+def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
+    """A runtime whose subset copy took its rows from the next image of the batch would give
+    plausible outputs at keep 0.5; the batch-independence check catches it."""
+    take = ev.gather_subset
+
+    def mixed(x, sel, rep):
+        return take(x.roll(1, 0), sel, rep)
+    monkeypatch.setattr(ev, "gather_subset", mixed)
+    import evoplug.runtime.block as block
+    monkeypatch.setattr(block.ev, "gather_subset", mixed)
+    r = check_conversion(_small_vit())
+    assert r.status == "WRONG" and any("image 0 alone differs" in p for p in r.problems), str(r)
+    assert r.keep1_fast_diff == 0                    # keep 1.0 alone would not have shown it
+
+
+def test_the_check_finds_blocks_that_no_scores_reach(monkeypatch):
+    """Swinv2 with its windows not mapped (see test_pyramid): the strict conversion refuses it,
+    the check converts with strict=False and reports the blocks that run every token."""
+    from evoplug.analyse import grid
+    monkeypatch.setattr(grid, "_LINEAR", ())
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False).eval()
+    r = check_conversion(model)
+    assert r.status == "WRONG" and "no global attention row" in r.refused
+    assert any("7 evolving block(s) ran every token" in p for p in r.problems), str(r)
+
+
+def test_the_check_reports_a_refusal():
+    model = timm.create_model("resnet18", pretrained=False).eval()
+    r = check_conversion(model, torch.randn(2, 3, 32, 32))
+    assert r.status == "refused" and not r.ok and "no convertible transformer block" in r.refused
+    with pytest.raises(ValueError, match="at least 2 images"):
+        check_conversion(model, torch.randn(1, 3, 32, 32))
+
+
+def test_check_command(tmp_path, capsys):
+    out = tmp_path / "check.json"
+    assert cli.main(["check", "vit_tiny_patch16_224", "--img-size", "64", "--model-arg", "depth=6",
+                     "--keep", "0.5", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "vit_tiny_patch16_224: converts: 4/6 blocks evolving (first: 10 of 17 tokens)" in text
+    saved = json.loads(out.read_text())["vit_tiny_patch16_224"]
+    assert saved["status"] == "converts" and saved["problems"] == []
+    assert cli.main(["check", "resnet18"]) == 1
+    assert "refused: ConversionError" in capsys.readouterr().out
