@@ -88,8 +88,10 @@ class BlockAnalysis:
         return {id(self.module.get_submodule(p)) for p in self.attention_paths}
 
 
-_REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens: "
-               "spatial-reduction attention as in PVT/Twins), not supported yet")
+_REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens) that evoplug "
+               "cannot rebuild from the full token map: no reshape of the block's tokens into "
+               "the patch grid precedes the reduction (PVT's and Twins' spatial-reduction "
+               "attention has one and converts)")
 
 
 def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
