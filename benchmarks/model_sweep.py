@@ -47,7 +47,7 @@ MODELS = [
     "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "iformer_t", "lowformer_b0",
 ]
 
-def check(name: str) -> dict:
+def check(name: str, compile_backend=None) -> dict:
     """One model, in this process: :func:`evoplug.tools.check.check_conversion` as a row."""
     import dataclasses
     import torch
@@ -60,15 +60,15 @@ def check(name: str) -> dict:
     if isinstance(head, torch.nn.Linear) and not bool(head.weight.any()):
         torch.nn.init.normal_(head.weight, std=0.02)   # zero-initialised (Hiera): outputs all 0
     row = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-    result = check_conversion(model)
+    result = check_conversion(model, compile=compile_backend)
     row.update(dataclasses.asdict(result))
     row["tokens_evolving"] = row["tokens_evolving"][:3]
     return row
 
 
-def _worker(name: str) -> int:
+def _worker(name: str, compile_backend=None) -> int:
     try:
-        row = check(name)
+        row = check(name, compile_backend)
     except Exception as e:                         # noqa: BLE001 (the row says it)
         tb = traceback.format_exc().strip().splitlines()
         row = {"model": name, "status": "error", "error": f"{type(e).__name__}: {e}"[:500],
@@ -77,10 +77,11 @@ def _worker(name: str) -> int:
     return 0
 
 
-def run(name: str, timeout: float) -> dict:
+def run(name: str, timeout: float, compile_backend=None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     try:
-        done = subprocess.run([sys.executable, __file__, "--one", name], capture_output=True,
+        more = ["--compile", compile_backend] if compile_backend else []
+        done = subprocess.run([sys.executable, __file__, "--one", name, *more], capture_output=True,
                               text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"model": name, "status": "timeout", "error": f"over {timeout:.0f} s"}
@@ -97,6 +98,8 @@ def _line(r: dict) -> str:
         what = (f"{r['evolving']}/{r['blocks']} evolving, tokens {t[0][0]}/{t[0][1]}, keep 1.0 "
                 f"{r['keep1_fast_diff']:.1e}/{r['keep1_machinery_diff']:.1e}, batch "
                 f"{r['batch_diff']:.1e}, {r['convert_s']:.1f} s")
+        if r.get("graphs"):
+            what += f", compile: {r['graphs']} graph(s), {r['compile_diff']:.1e}"
         if r["problems"] or r.get("warnings"):
             what += " | " + "; ".join(r["problems"] + r.get("warnings", []))
         return what
@@ -133,9 +136,11 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the rows here (with the machine and the code's commit)")
     p.add_argument("--markdown", help="print the table of docs/models.md from this JSON and exit")
+    p.add_argument("--compile", metavar="BACKEND", help="also torch.compile each converted model "
+                   "with this backend (inductor, aot_eager): graphs, breaks, compiled vs eager")
     a = p.parse_args(argv)
     if a.one:
-        return _worker(a.one)
+        return _worker(a.one, a.compile)
     if a.markdown:
         with open(a.markdown) as f:
             print(markdown(json.load(f)["rows"]), end="")
@@ -143,7 +148,7 @@ def main(argv=None) -> int:
     from evoplug.tools import bench
     rows = []
     for name in a.models:
-        r = run(name, a.timeout)
+        r = run(name, a.timeout, a.compile)
         rows.append(r)
         print(f"{name:<38} {r['status']:<9} {_line(r)}", flush=True)
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
@@ -155,7 +160,8 @@ def main(argv=None) -> int:
             json.dump(dict(machine=bench.machine("cpu"), provenance=bench.provenance(),
                            versions=dict(torch=torch.__version__, timm=timm.__version__),
                            settings=dict(batch=2, dtype="float32", weights="random, seed 0",
-                                         keep=0.5, keep1_bound=1e-5, batch_bound=1e-4),
+                                         keep=0.5, keep1_bound=1e-5, batch_bound=1e-4,
+                                         compile=a.compile),
                            summary=counts, rows=rows), f, indent=1)
     return 1 if any(r["status"] in ("WRONG", "error", "crash") for r in rows) else 0
 

@@ -89,3 +89,12 @@ def test_check_command(tmp_path, capsys):
     assert saved["status"] == "converts" and saved["problems"] == []
     assert cli.main(["check", "resnet18"]) == 1
     assert "refused: ConversionError" in capsys.readouterr().out
+
+
+def test_the_check_compiles_and_compares():
+    """compile=BACKEND: dynamo's graphs of the converted forward and the compiled output
+    against the eager one (aot_eager here: the graph capture and functionalisation without
+    Inductor's code generation)."""
+    r = check_conversion(_small_vit(), compile="aot_eager")
+    assert r.ok and r.graphs == 1 and not r.graph_breaks and r.compile_diff <= 1e-4, str(r)
+    assert "torch.compile: 1 graph(s)" in str(r)

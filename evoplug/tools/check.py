@@ -53,6 +53,11 @@ class CheckResult:
     convert_s: float = 0.0
     problems: List[str] = dataclasses.field(default_factory=list)
     warnings: List[str] = dataclasses.field(default_factory=list)   # checks that compared nothing
+    # with compile=True: graphs dynamo makes of the converted forward, why it broke, and the
+    # compiled output's max |diff| from the eager one at keep_ratio (relative to its scale)
+    graphs: int = 0
+    graph_breaks: List[str] = dataclasses.field(default_factory=list)
+    compile_diff: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -66,6 +71,9 @@ class CheckResult:
                 f"{t[1]} tokens), keep 1.0 max diff {self.keep1_fast_diff:.1e} (fast path) / "
                 f"{self.keep1_machinery_diff:.1e} (machinery), batch independence "
                 f"{self.batch_diff:.1e}, converted in {self.convert_s:.1f} s")
+        if self.graphs:
+            text += (f"; torch.compile: {self.graphs} graph(s), compiled vs eager "
+                     f"{self.compile_diff:.1e}" + "".join(f"\n  graph break: {b}" for b in self.graph_breaks))
         return text + "".join(f"\n  PROBLEM: {p}" for p in self.problems) + \
             "".join(f"\n  WARNING: {w}" for w in self.warnings)
 
@@ -96,9 +104,13 @@ def _grads(model: nn.Module, x: torch.Tensor):
 
 def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = None,
                      keep_ratio: float = 0.5, keep1_bound: float = 1e-5,
-                     batch_bound: float = 1e-4, **options) -> CheckResult:
+                     batch_bound: float = 1e-4, compile: Optional[str] = None,
+                     **options) -> CheckResult:
     """Convert a copy of ``model`` (left untouched) and check it; see the module docstring.
     ``example_input``: a batch of at least 2 (default: 2 images of the declared input size);
+    ``compile``: also compile the converted model with this ``torch.compile`` backend
+    ('inductor', 'aot_eager', ...): the graphs and breaks ``torch._dynamo.explain`` finds, and
+    the compiled output against the eager one (a problem beyond ``batch_bound``, relative);
     ``options``: :class:`evoplug.EvoOptions` fields."""
     model = copy.deepcopy(model).eval()
     x = example_input if example_input is not None else evoplug.example_input(model, batch=2)
@@ -141,6 +153,8 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
         r.problems.append(f"{len(lost)} parameter(s) lost their gradient: {lost[:4]}")
     if not all(bool(torch.isfinite(t).all()) for t in g.values()):
         r.problems.append("non-finite gradients")
+    if compile:
+        _check_compiled(r, fast.eval(), x, compile, batch_bound)
     if r.problems:
         r.status = "WRONG"
     return r
@@ -174,3 +188,19 @@ def _check_outputs(r: CheckResult, fast, x, ref, keep_ratio, keep1_bound, batch_
     for name in ("keep1_fast_diff", "keep1_machinery_diff"):
         if not getattr(r, name) <= keep1_bound:
             r.problems.append(f"{name} {getattr(r, name):.2e} > {keep1_bound}")
+
+
+def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: str, bound: float):
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ex = torch._dynamo.explain(fast)(x)
+        r.graphs = ex.graph_count
+        r.graph_breaks = sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})
+        torch._dynamo.reset()
+        eager = output_tensor(fast(x))
+        compiled = output_tensor(torch.compile(fast, backend=backend)(x))
+    r.compile_diff = _diff(compiled, eager) / max(float(eager.abs().max()), 1e-6)
+    if not r.compile_diff <= bound:
+        r.problems.append(f"torch.compile ({backend}) differs from eager by {r.compile_diff:.2e} "
+                          "(relative)")
+    torch._dynamo.reset()

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("models", nargs="+", metavar="MODEL", help="timm model names or evoplug checkpoint files")
     c.add_argument("--keep", type=_keep, default=0.5, metavar="K", help="keep ratio (default 0.5)")
     c.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    c.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor", default=None,
+                   help="also torch.compile the converted model (default backend inductor): "
+                        "graphs, graph breaks, compiled vs eager output")
     _add_model_options(c)
     _add_convert_options(c)
 
@@ -336,7 +339,8 @@ def cmd_check(a, out) -> int:
         model, _ = _load_model(a)
         h, w = bench.input_size(model, a.img_size)
         x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
-        results[name] = r = check_conversion(model, x, keep_ratio=a.keep, **_convert_options(a))
+        results[name] = r = check_conversion(model, x, keep_ratio=a.keep, compile=a.compile,
+                                             **_convert_options(a))
         print(f"{name}: {r}", file=out, flush=True)
     if a.json:
         with open(a.json, "w") as f:
