@@ -22,6 +22,14 @@ trained weights, its declared input or ``example_input``; batch 2, float32, the 
   gradient in the original gets one in the converted model.
 
 A model evoplug refuses is reported with the refusal (``result.refused``), not raised.
+
+With random weights attention is nearly uniform and the global scores of neighbouring tokens
+differ in the 6th or 7th digit: float rounding alone (another batch size's GEMM, Inductor's
+summation order) can swap the k-th and (k+1)-th token and change the output a lot. The check
+measures how fragile the selection is (input noise of 1e-3 of the input's scale, against the
+original's change: ``noise_change``, ``selection_stable``); where it is fragile, a batch or
+compile difference is a warning, not a problem. Compiled keep 1.0 through the machinery (no
+selection to swap) is always compared strictly.
 """
 from __future__ import annotations
 
@@ -55,6 +63,12 @@ class CheckResult:
     warnings: List[str] = dataclasses.field(default_factory=list)   # checks that compared nothing
     # with compile=True: graphs dynamo makes of the converted forward, why it broke, and the
     # compiled output's max |diff| from the eager one at keep_ratio (relative to its scale)
+    # the converted output's change under input noise of 1e-3 of the input's scale, against the
+    # original's: with random weights attention is nearly uniform, scores differ in the 6th
+    # digit, and float rounding alone can swap the k-th and (k+1)-th token; when the selection
+    # is that fragile, batch and compile differences are warnings, not problems
+    noise_change: float = float("nan")
+    selection_stable: bool = True
     graphs: int = 0
     graph_breaks: List[str] = dataclasses.field(default_factory=list)
     compile_diff: float = float("nan")
@@ -140,7 +154,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     r.blocks = len(report.blocks)
     r.evolving = sum(s.role == "evolve" for s in report.blocks)
     r.not_converted = [f"{n}: {why}" for n, why in report.failed]
-    _check_outputs(r, fast, x, ref, keep_ratio, keep1_bound, batch_bound)
+    _check_outputs(r, model, fast, x, ref, keep_ratio, keep1_bound, batch_bound)
     try:
         fast.load_state_dict(model.state_dict(), strict=True)
         model.load_state_dict(fast.state_dict(), strict=True)
@@ -160,10 +174,30 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     return r
 
 
-def _check_outputs(r: CheckResult, fast, x, ref, keep_ratio, keep1_bound, batch_bound):
+def _flag(r: CheckResult, text: str):
+    """A difference that float rounding can cause where the selection is fragile (see
+    ``CheckResult.noise_change``) is a warning there, a problem elsewhere."""
+    if r.selection_stable:
+        r.problems.append(text)
+    else:
+        r.warnings.append(f"{text}; the selection itself is that fragile here (input noise of "
+                          f"1e-3 changes the output by {r.noise_change:.1e}: near-uniform "
+                          "attention, e.g. random weights)")
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return _diff(a, b) / max(float(b.abs().max()), 1e-6)
+
+
+def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound, batch_bound):
     report = evoplug.get_report(fast)
     with torch.no_grad():
         out = output_tensor(fast(x))
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
+        noisy = x + noise * (1e-3 * x.float().std().to(x.dtype))
+        dense_change = _rel(output_tensor(model(noisy)), ref)
+        r.noise_change = _rel(output_tensor(fast(noisy)), out)
+        r.selection_stable = r.noise_change <= max(batch_bound, 100 * dense_change)
         evolving = [s for s in report.blocks if s.role == "evolve"]
         r.tokens_evolving = [(s.tokens_run, s.analysis.num_tokens) for s in evolving]
         if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
@@ -175,10 +209,10 @@ def _check_outputs(r: CheckResult, fast, x, ref, keep_ratio, keep1_bound, batch_
             r.problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
         r.rel_change = float((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
         one = output_tensor(fast(x[:1]))
-        r.batch_diff = _diff(one, out[:1]) / max(float(out[:1].abs().max()), 1e-6)
+        r.batch_diff = _rel(one, out[:1])
         if not r.batch_diff <= batch_bound:
-            r.problems.append(f"image 0 alone differs from image 0 in the batch by "
-                              f"{r.batch_diff:.2e} (relative)")
+            _flag(r, f"image 0 alone differs from image 0 in the batch by {r.batch_diff:.2e} "
+                     "(relative)")
         opts = report.options
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=True)
         r.keep1_fast_diff = _diff(output_tensor(fast(x)), ref)
@@ -191,16 +225,24 @@ def _check_outputs(r: CheckResult, fast, x, ref, keep_ratio, keep1_bound, batch_
 
 
 def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: str, bound: float):
+    """The graphs dynamo makes; the compiled output against eager at the options' keep ratio
+    (a selection-fragile difference is a warning) and at keep 1.0 through the selection
+    machinery (scores, top-k, copies, restore: no selection to swap, so always a problem)."""
     torch._dynamo.reset()
+    opts = evoplug.get_report(fast).options
     with torch.no_grad():
         ex = torch._dynamo.explain(fast)(x)
         r.graphs = ex.graph_count
         r.graph_breaks = sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})
         torch._dynamo.reset()
-        eager = output_tensor(fast(x))
-        compiled = output_tensor(torch.compile(fast, backend=backend)(x))
-    r.compile_diff = _diff(compiled, eager) / max(float(eager.abs().max()), 1e-6)
+        compiled = torch.compile(fast, backend=backend)
+        r.compile_diff = _rel(output_tensor(compiled(x)), output_tensor(fast(x)))
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        machinery = _rel(output_tensor(compiled(x)), output_tensor(fast(x)))
+        evoplug.set_options(fast, keep_ratio=opts.keep_ratio, identity_fast_path=opts.identity_fast_path)
     if not r.compile_diff <= bound:
-        r.problems.append(f"torch.compile ({backend}) differs from eager by {r.compile_diff:.2e} "
-                          "(relative)")
+        _flag(r, f"torch.compile ({backend}) differs from eager by {r.compile_diff:.2e} (relative)")
+    if not machinery <= bound:
+        r.problems.append(f"torch.compile ({backend}) at keep 1.0 through the selection machinery "
+                          f"differs from eager by {machinery:.2e} (relative)")
     torch._dynamo.reset()
