@@ -149,8 +149,13 @@ def _index_through_leaf(n: fx.Node, args, kwargs):
     si, so = shape_of(n.args[0]) if n.args else None, shape_of(n)
     if si is None or so is None or si[:-1] != so[:-1]:
         raise fx.proxy.TraceError("not token-wise over the last dim")
-    inp = args[0]
-    return inp[..., :1].expand(*inp.shape[:-1], so[-1])
+    return _index_into(args[0], so[-1])
+
+
+def _index_into(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """The index values of ``x`` (the same in every channel) in ``channels`` output channels:
+    what a token-wise map over the last dim (norm, linear) does to a token's index."""
+    return x[..., :1].expand(*x.shape[:-1], channels)
 
 
 _LINEAR = (F.linear, torch._C._nn.linear)
@@ -171,7 +176,7 @@ def _index_through_function(n: fx.Node, args, kwargs):
     elif n.target in _LINEAR:
         w = kwargs.get("weight", args[1] if len(args) > 1 else None)
         if isinstance(w, torch.Tensor) and w.dim() == 2 and x.shape[-1] == w.shape[1]:
-            return x[..., :1].expand(*x.shape[:-1], w.shape[0])
+            return _index_into(x, w.shape[0])
     return None
 
 
