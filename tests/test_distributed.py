@@ -219,3 +219,58 @@ def test_launch_configuration_for_gpus_and_cpus():
     configure_amp(amp_cpu, cuda=False)
     assert amp_gpu.optim_wrapper.type == "AmpOptimWrapper" and amp_gpu.optim_wrapper.loss_scale == "dynamic"
     assert amp_cpu.optim_wrapper.type == "CpuBf16OptimWrapper" and "loss_scale" not in amp_cpu.optim_wrapper
+
+
+#: a one-rank gloo DDP step, then the command's ending (finish_distributed); prints go to a
+#: pipe (block-buffered), so what os._exit would lose unflushed shows in the output
+FINISH = '''
+import atexit, os, sys
+import torch
+import torch.distributed as dist
+from evoplug.mm.train import finish_distributed
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(8, 8))
+model(torch.randn(4, 8)).sum().backward()
+
+
+def record():
+    with open(sys.argv[1], "w") as f:
+        f.write("initialized=%s" % dist.is_initialized())
+
+
+atexit.register(record)
+print("trained", end="")
+finish_distributed()
+print(" after")
+'''
+
+
+def test_a_distributed_run_ends_without_interpreter_shutdown(tmp_path):
+    """``python -m evoplug.mm.train`` ends a distributed run through ``finish_distributed``: the
+    process group destroyed, then the atexit handlers (MMEngine's log files), stdout flushed,
+    exit status 0, and nothing after it runs (no interpreter shutdown, where gloo's threads
+    can abort the process; see its docstring)."""
+    import socket
+    script, marker = tmp_path / "finish.py", tmp_path / "atexit.txt"
+    script.write_text(FINISH)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, str(script), str(marker), str(port)], capture_output=True,
+                       text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout == "trained"
+    assert marker.read_text() == "initialized=False"
+
+
+def test_finish_distributed_does_nothing_without_a_process_group():
+    from evoplug.mm.train import finish_distributed
+
+    def exit(code):
+        raise AssertionError(f"exit({code}) without a process group")
+
+    assert not torch.distributed.is_initialized()
+    assert finish_distributed(exit=exit) is False
