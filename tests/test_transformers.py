@@ -273,3 +273,22 @@ def test_hiera_mask_unit_attention_is_refused_by_name():
     with pytest.raises(evoplug.ConversionError, match=r"`encoder\.stages\.0`: attention map \(1, 1, 4, 64, 64\) "
                                                       r"is not over the block's 256 tokens"):
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+def test_the_input_size_comes_from_the_configuration():
+    """``config.image_size`` / ``num_channels`` (or the vision configuration's) is the size
+    ``convert`` calibrates with when no example input is given."""
+    cfg = dict(S, image_size=48, patch_size=8, num_channels=1)
+    vit = T.ViTModel(T.ViTConfig(**cfg)).eval()
+    assert evoplug.input_size(vit) == (1, 48, 48)
+    fast = evoplug.convert(vit, keep_ratio=0.5)
+    assert evoplug.get_report(fast).blocks[0].analysis.num_tokens == 1 + 6 * 6
+    x = torch.randn(2, 1, 48, 48)
+    with torch.no_grad():
+        fast(x)
+    assert any(t < 37 for _, t in evoplug.tokens_per_block(fast))
+    clip = T.CLIPModel(T.CLIPConfig(vision_config=dict(S, image_size=40, patch_size=8),
+                                    text_config=dict(S, vocab_size=100)))
+    assert evoplug.input_size(clip) == (3, 40, 40)
+    assert evoplug.input_size(T.SwinModel(T.SwinConfig(image_size=(32, 64), patch_size=2, embed_dim=16,
+                                                       depths=[1], num_heads=[1], window_size=4))) == (3, 32, 64)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from .registry import FamilyHints
+from .registry import FamilyHints, InputSize
 
 _CAPTURING = "transformers.utils.output_capturing"
 
@@ -49,9 +49,27 @@ def idle_hook(hook: Callable) -> Optional[bool]:
 PASSED_THROUGH = ("output_hidden_states", "output_attentions")
 
 
+def input_size(model) -> Optional[InputSize]:
+    """The input a transformers vision model declares: ``config.image_size`` (an int or a
+    (height, width) pair) and ``config.num_channels``, or the same in ``config.vision_config``
+    (CLIP-like models)."""
+    config = getattr(model, "config", None)
+    for cfg, where in ((config, "config"), (getattr(config, "vision_config", None), "config.vision_config")):
+        size = getattr(cfg, "image_size", None)
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        if (isinstance(size, (tuple, list)) and len(size) == 2
+                and all(isinstance(v, int) and v > 0 for v in size)):
+            chans = getattr(cfg, "num_channels", None)
+            return (chans if isinstance(chans, int) else None, size[0], size[1],
+                    f"`{where}.image_size`")
+    return None
+
+
 TRANSFORMERS = FamilyHints(
     name="transformers",
     matches=lambda model: type(model).__module__.startswith("transformers."),
     ignored_keywords=lambda model: PASSED_THROUGH,
     idle_hook=idle_hook,
+    input_size=input_size,
 )
