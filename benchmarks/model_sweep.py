@@ -1,7 +1,15 @@
-"""Convert many timm models and check each the way the test suite checks its own models.
+"""Convert many timm and transformers models and check each the way the test suite checks its
+own models.
 
-    python benchmarks/model_sweep.py --json docs/bench/timm_sweep.json     # the list below
+    python benchmarks/model_sweep.py --json docs/bench/timm_sweep.json     # the timm list below
     python benchmarks/model_sweep.py convit_tiny pit_ti_224                # any timm names
+    python benchmarks/model_sweep.py --transformers --json docs/bench/hf_sweep.json
+    python benchmarks/model_sweep.py hf:vit hf:sam_vision_model            # transformers model types
+
+``hf:TYPE`` is a transformers model type built as users build one without the hub: its default
+configuration (``AutoConfig.for_model``), the image-classification class when transformers maps
+one, else ``AutoModel`` (a vision tower's own class where ``AutoModel`` has none), with at most
+12 layers; the input is the size the configuration declares (224 where it declares none).
 
 Each model runs in its own process (a crash, a hang or a leak stays there; ``--timeout``
 seconds each), with random weights (seed 0), through :func:`evoplug.tools.check.check_conversion`
@@ -47,20 +55,68 @@ MODELS = [
     "mobilevit_xxs", "mobilevitv2_050", "edgenext_xx_small", "iformer_t", "lowformer_b0",
 ]
 
+# transformers 5.23 model types whose model takes an image batch (``pixel_values``) alone:
+# classifiers, vision towers of multimodal models, backbones of dense-task models.
+HF_MODELS = [
+    "hf:vit", "hf:deit", "hf:beit", "hf:data2vec-vision", "hf:dinov2", "hf:dinov2_with_registers",
+    "hf:dinov3_vit", "hf:ijepa", "hf:vit_msn", "hf:clip", "hf:siglip", "hf:metaclip_2",
+    "hf:aimv2_vision_model", "hf:mlcd_vision_model", "hf:blip_vision_model", "hf:git_vision_model",
+    "hf:groupvit_vision_model", "hf:owlvit_vision_model", "hf:owlv2_vision_model",
+    "hf:chinese_clip_vision_model", "hf:altclip_vision_model", "hf:clipseg_vision_model",
+    "hf:idefics3_vision", "hf:internvl_vision", "hf:janus_vision_model", "hf:tipsv2_vision_model",
+    "hf:swin", "hf:swinv2", "hf:donut-swin", "hf:pvt", "hf:pvt_v2", "hf:segformer", "hf:levit",
+    "hf:cvt", "hf:mobilevit", "hf:mobilevitv2", "hf:swiftformer", "hf:hiera", "hf:focalnet",
+    "hf:poolformer", "hf:vitdet", "hf:sam_vision_model", "hf:sam2_vision_model", "hf:dpt",
+    "hf:yolos", "hf:eomt",
+]
+
+
+#: transformers configurations deeper than this are built with this many layers (the row says so)
+MAX_LAYERS = 12
+
+
+def build(name: str):
+    """A timm name, or ``hf:TYPE`` (see the module's docstring), with random weights."""
+    if not name.startswith("hf:"):
+        import timm
+        return timm.create_model(name, pretrained=False)
+    import transformers as T
+    from transformers.models.auto import modeling_auto
+    kind = name[3:]
+    config = T.AutoConfig.for_model(kind)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > MAX_LAYERS:      # MLCD's 48 would not fit in memory
+        config.num_hidden_layers = MAX_LAYERS
+    names = modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES.get(kind)
+    if names is not None:
+        return getattr(T, names if isinstance(names, str) else names[0])(config)   # LeViT: two
+    if kind in modeling_auto.MODEL_MAPPING_NAMES:
+        return T.AutoModel.from_config(config)
+    if kind in modeling_auto.MODEL_FOR_UNIVERSAL_SEGMENTATION_MAPPING_NAMES:           # EoMT
+        return T.AutoModelForUniversalSegmentation.from_config(config)
+    return getattr(T, type(config).__name__[:-len("Config")] + "Model")(config)    # BlipVisionModel
+
+
 def check(name: str, compile_backend=None) -> dict:
     """One model, in this process: :func:`evoplug.tools.check.check_conversion` as a row."""
     import dataclasses
     import torch
-    import timm
+    import evoplug
     from evoplug.tools.check import check_conversion
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    model = build(name).eval()
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if isinstance(head, torch.nn.Linear) and not bool(head.weight.any()):
         torch.nn.init.normal_(head.weight, std=0.02)   # zero-initialised (Hiera): outputs all 0
     row = {"model": name, "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-    result = check_conversion(model, compile=compile_backend)
+    if name.startswith("hf:"):
+        row["class"] = type(model).__name__
+    x = None
+    if evoplug.input_size(model) is None:      # CvT's configuration names no image size
+        x = evoplug.example_input(model, batch=2, size=224)
+        row["input"] = "224 x 224 (the model declares no size)"
+    result = check_conversion(model, example_input=x, compile=compile_backend)
     row.update(dataclasses.asdict(result))
     row["tokens_evolving"] = row["tokens_evolving"][:3]
     return row
@@ -131,7 +187,8 @@ def markdown(rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("models", nargs="*", default=MODELS)
+    p.add_argument("models", nargs="*")
+    p.add_argument("--transformers", action="store_true", help="the transformers list (hf:TYPE names)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--json", help="write the rows here (with the machine and the code's commit)")
@@ -147,7 +204,7 @@ def main(argv=None) -> int:
         return 0
     from evoplug.tools import bench
     rows = []
-    for name in a.models:
+    for name in a.models or (HF_MODELS if a.transformers else MODELS):
         r = run(name, a.timeout, a.compile)
         rows.append(r)
         print(f"{name:<38} {r['status']:<9} {_line(r)}", flush=True)
@@ -156,9 +213,11 @@ def main(argv=None) -> int:
     if a.json:
         import timm
         import torch
+        import transformers
         with open(a.json, "w") as f:
             json.dump(dict(machine=bench.machine("cpu"), provenance=bench.provenance(),
-                           versions=dict(torch=torch.__version__, timm=timm.__version__),
+                           versions=dict(torch=torch.__version__, timm=timm.__version__,
+                                         transformers=transformers.__version__),
                            settings=dict(batch=2, dtype="float32", weights="random, seed 0",
                                          keep=0.5, keep1_bound=1e-5, batch_bound=1e-4,
                                          compile=a.compile),

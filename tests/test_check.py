@@ -55,7 +55,22 @@ def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
     monkeypatch.setattr(block.ev, "gather_subset", mixed)
     r = check_conversion(_small_vit())
     assert r.status == "WRONG" and any("image 0 alone differs" in p for p in r.problems), str(r)
-    assert r.keep1_fast_diff == 0                    # keep 1.0 alone would not have shown it
+    assert r.keep1_fast_diff == 0                    # the fast path alone would not have shown it
+    # the machinery's difference is no float32 rounding: float64 shows it as well
+    assert r.keep1_float64_diff > 1e-3
+    assert any(p.startswith("keep1_machinery_diff") and "float64" in p for p in r.problems), str(r)
+
+
+def test_float32_rounding_the_model_amplifies_is_a_warning():
+    """Logits of 1e5 (EoMT thresholds its own mask logits, with the same effect): keep 1.0
+    through the machinery sums in another order and differs by more than the absolute bound in
+    float32, by nothing in float64."""
+    model = _small_vit()
+    with torch.no_grad():
+        model.head.weight.mul_(1e5)
+    r = check_conversion(model)
+    assert r.ok and r.keep1_machinery_diff > 1e-5 and r.keep1_float64_diff <= 1e-9, str(r)
+    assert any("float64" in w for w in r.warnings)
 
 
 def test_the_check_finds_blocks_that_no_scores_reach(monkeypatch):
