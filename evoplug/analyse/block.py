@@ -70,6 +70,7 @@ class BlockAnalysis:
     token_map: bool = False                    # block takes/returns a (B, H, W, C) map (Swin)
     window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
+    window_heads_folded: int = 1               # heads merged into the leading dim (B*win*heads)
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
     uses_pos: bool = False                     # its programs read the subset's positions
@@ -190,9 +191,10 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
     anc_q = ancestors(site.q) | {site.q} if isinstance(site.q, fx.Node) else set()
     a.windowed = any(kind == "to" and node in anc_q for kind, node, _ in grid_ops) and any(
         kind == "from" and site.node in ancestors(node) for kind, node, _ in grid_ops)
-    site_shape = shape_of(site.node)
-    if site.kind != "mha" and site_shape is not None and site_shape[0] != batch:
-        a.windowed = True          # (B * windows, window tokens, ...)
+    site_shape, q_shape = shape_of(site.node), shape_of(site.q)
+    if site.kind != "mha" and site_shape is not None and site_shape[0] != batch and not (
+            q_shape is not None and len(q_shape) >= 2 and q_shape[-2] == a.num_tokens):
+        a.windowed = True          # (B * windows, window tokens, ...), not (B * heads, N, ...)
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "

@@ -135,7 +135,7 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
         found = _slots_of_image_0(kv, site.kind, nk, N)
         if found is None:
             return None
-        a.window_head_dims, idx = found
+        a.window_head_dims, a.window_heads_folded, idx = found
         return idx
     except (fx.proxy.TraceError, RuntimeError) as e:   # not token-wise, or not runnable on indices
         first = (str(e).strip().splitlines() or [""])[0]     # fx appends the node and a hint
@@ -180,9 +180,22 @@ def _index_through_function(n: fx.Node, args, kwargs):
     return None
 
 
+def _heads_folded(rows: torch.Tensor) -> int:
+    """How many consecutive rows (slots of one window) repeat: heads merged into the leading
+    dim after the windows, ``(B * windows * heads, slots)``; 1 when they do not repeat."""
+    L = rows.shape[0]
+    r = 1
+    while r < L and bool((rows[r] == rows[0]).all()):
+        r += 1
+    if r == 1 or L % r or not bool((rows.reshape(L // r, r, -1) == rows[::r, None]).all()):
+        return 1
+    return r
+
+
 def _slots_of_image_0(kv: torch.Tensor, kind: str, nk: int, N: int):
-    """(head dims, (windows * window tokens,) token index of image 0) from the keys computed
-    on index values, or None when they are not a clean one-token-per-slot layout."""
+    """(head dims, heads folded into the leading dim, (windows * window tokens,) token index of
+    image 0) from the keys computed on index values, or None when they are not a clean
+    one-token-per-slot layout."""
     # keys as (leading dims..., channel, key) with the key dim last
     if kind == "softmax" and kv.shape[-1] == nk:
         lead = kv.select(-2, 0)                      # k^T: (..., d, Mk)
@@ -196,6 +209,9 @@ def _slots_of_image_0(kv: torch.Tensor, kind: str, nk: int, N: int):
                       if bool((lead == lead.narrow(i, 0, 1)).all()))
     for i in reversed(head_dims):
         lead = lead.select(i, 0)
+    folded = _heads_folded(lead.reshape(-1, lead.shape[-1]))
+    if folded > 1:        # heads merged into the batch dim after the windows (timm's SAM)
+        lead = lead.reshape(-1, folded, lead.shape[-1]).select(1, 0)
     if not bool((lead == lead.round()).all()):
         return None
     first, second = lead.reshape(2, -1)             # batch-major: image 0, image 1
@@ -206,4 +222,4 @@ def _slots_of_image_0(kv: torch.Tensor, kind: str, nk: int, N: int):
     idx = first.long()
     if not bool((torch.bincount(idx, minlength=N + 1)[1:] == 1).all()):
         return None
-    return head_dims, idx
+    return head_dims, folded, idx

@@ -43,7 +43,8 @@ from torch.package.importer import ObjMismatchError, ObjNotFoundError
 from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
-from ..analyse.graph import ancestors, getattr_path, is_add, token_size_queries
+from ..analyse.graph import (ancestors, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
+                              shape_of, token_size_queries)
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
@@ -90,6 +91,7 @@ class _Rewrite:
     root_full: fx.Node        # ... and from the full input
     fast_base: Optional[fx.Node] = None   # exact stream after attention (map/windowed blocks)
     row: Optional[fx.Node] = None         # the global query's attention row
+    read_backs: list = dataclasses.field(default_factory=list)   # (map -> subset tokens, dim)
 
     @property
     def graph(self) -> fx.Graph:
@@ -150,6 +152,42 @@ def _map_operations(rw: _Rewrite):
             _to_map(rw, node, dim)
         else:
             _from_map(rw, node, dim, node.args[0] in stream)
+    for back, tok_dim in rw.read_backs:     # once every map op has its canvas
+        _subset_sizes(rw, back, tok_dim)
+    if grid_ops and not a.windowed:
+        _gather_map_terms(rw)
+
+
+_CANVASES = (ev.to_canvas, ev.full_canvas)
+
+
+def _gather_map_terms(rw: _Rewrite):
+    """A term on the logits computed from the tokens on the full map (SAM's and ViTDet's
+    decomposed relative positions: ``q`` on the map, ``q_i . R[p_i - p_j]``) is gathered to the
+    subset's pairs, as a position bias is; the attention itself runs on the subset."""
+    site, graph = rw.site, rw.graph
+    if site.kind == "sdpa":
+        terms = [sdpa_arg(site.node, 3, "attn_mask")]
+    elif site.kind == "softmax":
+        qk = {n for n in ancestors(site.logits) | {site.logits} if is_matmul(n) and site.q in n.args}
+        terms, todo = [], [site.logits]
+        while todo:
+            cur = todo.pop()
+            if is_add(cur):
+                todo.extend(x for x in cur.args[:2] if isinstance(x, fx.Node))
+            elif cur not in qk and not (ancestors(cur) & qk):
+                terms.append(cur)
+    else:
+        return
+    for term in terms:
+        if not isinstance(term, fx.Node) or not any(
+                n.op == "call_function" and n.target in _CANVASES for n in ancestors(term)):
+            continue
+        consumers = list(term.users)
+        with graph.inserting_after(term):
+            gathered = graph.call_function(ev.gather_pair_term, (term, rw.pos))
+        for u in consumers:
+            u.replace_input_with(term, gathered)
 
 
 def _to_map(rw: _Rewrite, node: fx.Node, dim: int):
@@ -184,12 +222,140 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
         else:
             if a.windowed and not a.token_map and tok_dim == 1 and rw.site.node in ancestors(node):
                 path = _branch_to_residual(graph, node, rw.token)
-            where = None if path is not None else rw.pos
-            back = graph.call_function(ev.from_canvas_map, (node.args[0], where, tok_dim, layout))
+            back = _subset_tokens(rw, node) if path is None else None
+            if back is None:
+                where = None if path is not None else rw.pos
+                back = graph.call_function(ev.from_canvas_map, (node.args[0], where, tok_dim, layout))
+    source = node.args[0]
     node.replace_all_uses_with(back)
     graph.erase_node(node)
+    _erase_unused(graph, source, rw.root)
+    if not on_stream and path is None:
+        rw.read_backs.append((back, tok_dim))
     if path is not None:
         rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
+
+
+def _subset_tokens(rw: _Rewrite, node: fx.Node) -> Optional[fx.Node]:
+    """The tokens of a global attention inside a channels-last map block (SAM's and ViTDet's
+    global blocks: ``norm1`` on the map, then ``x.reshape(B, H * W, C)``) made from the subset's
+    own tokens by the same token-wise ops, so the representative token's slot holds the
+    representative token (a read-back of the full map would hold the token at its position).
+    None where the map is not a token-wise function of the block's input."""
+    a = rw.a
+    if not a.token_map or a.windowed or node.args[0] is rw.root:
+        return None
+    if shape_of(node) is None or len(shape_of(node)) != 3 or rw.root.op == "placeholder":
+        return None
+    src = node.args[0]
+    tokens = _clone_token_wise_chain(rw.graph, src, rw.root, rw.token)
+    if tokens is None:
+        tokens = _token_modules_on_subset(rw, src)
+    s = shape_of(src)
+    if tokens is not None and s is not None and tuple(s[1:]) == (*a.grid, a.dim):
+        for u in [u for u in src.users if is_size_query(u)]:   # sizes from the map itself, so
+            u.replace_input_with(src, rw.root)                  # the map-side ops can go
+    return tokens
+
+
+_MOVES = {"view", "reshape", "permute", "contiguous", "roll", "flatten", "transpose"}
+
+
+def _token_modules_on_subset(rw: _Rewrite, src: fx.Node) -> Optional[fx.Node]:
+    """Where the map goes from the block's input to the attention's tokens through token-wise
+    modules (a norm) and data movement that keeps every token's channels together (Swin's
+    padding and window views, one window covering the map): the modules run on the subset's
+    tokens, which is what the read-back holds at the kept tokens and, at the representative
+    token's slot, the representative token's. None for any other op on the way."""
+    modules, cur = [], src
+    while cur is not rw.root:
+        if not isinstance(cur, fx.Node) or not cur.args or not isinstance(cur.args[0], fx.Node):
+            return None
+        si, so = shape_of(cur.args[0]), shape_of(cur)
+        if (si is None and cur.args[0] is not rw.root) or so is None:
+            return None
+        si = si if si is not None else (0, *rw.a.grid, rw.a.dim)
+        others = [n for n in cur.all_input_nodes[1:] if not _is_size_value(n)]
+        if others or si[-1] != so[-1]:
+            return None
+        if cur.op == "call_module":
+            if tuple(si[1:-1]) != tuple(so[1:-1]):
+                return None
+            modules.append(cur)
+        elif not ((cur.op == "call_method" and cur.target in _MOVES) or (
+                cur.op == "call_function" and cur.target in (torch.nn.functional.pad, torch.roll))):
+            return None
+        cur = cur.args[0]
+    graph, prev = rw.graph, rw.token
+    anchor = max(rw.token, rw.root, key=lambda n: list(graph.nodes).index(n))
+    for m in reversed(modules):
+        with graph.inserting_after(anchor):
+            prev = graph.node_copy(m, lambda n, p=prev, old=m.args[0]: p if n is old else n)
+        anchor = prev
+    return prev
+
+
+_INT_OPS = (operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv,
+            operator.mod, operator.neg)
+
+
+def _is_size_value(n: fx.Node) -> bool:
+    """An int computed from sizes only (window counts, padding amounts)."""
+    if is_size_query(n):
+        return True
+    return n.op == "call_function" and n.target in _INT_OPS and all(
+        _is_size_value(a) for a in n.all_input_nodes)
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node, root: fx.Node):
+    """Drop ``node`` and the ops feeding only it, up to ``root``, once nothing reads it (the
+    map-side twin of ops re-run on the subset)."""
+    while isinstance(node, fx.Node) and node is not root and not node.users and node.op in (
+            "call_module", "call_method", "call_function"):
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        node = inputs[0] if len(inputs) == 1 else None
+
+
+def _subset_sizes(rw: _Rewrite, back: fx.Node, tok_dim: int):
+    """Views of the read-back tokens sized by the map's ``H * W`` (SAM's attention:
+    ``B, H, W, _ = x.shape; qkv.view(B, H * W, ...)``) take the subset's token count instead, up
+    to where the tokens go back onto a canvas."""
+    grid, graph = tuple(rw.a.grid), rw.graph
+    count, seen, todo = None, set(), list(back.users)
+    while todo:
+        n = todo.pop()
+        if n in seen or is_size_query(n) or (n.op == "call_function" and n.target in _CANVASES):
+            continue
+        seen.add(n)
+        todo.extend(n.users)
+        if not is_reshape(n):
+            continue
+        for x in list(n.all_input_nodes[1:]):
+            if _is_grid_count(x, grid, rw.root):
+                if count is None:
+                    with graph.inserting_after(back):
+                        count = graph.call_method("size", (back, tok_dim))
+                n.replace_input_with(x, count)
+
+
+def _is_grid_count(x: fx.Node, grid, root: fx.Node) -> bool:
+    """``H * W`` read from the sizes of one 2-D map of the patch grid (``root``: the block's
+    entry map, made by the rewrite)."""
+    if x.op != "call_function" or x.target is not operator.mul or len(x.args) != 2:
+        return False
+    sizes = []
+    for f in x.args:
+        if not (isinstance(f, fx.Node) and f.op == "call_function" and f.target is operator.getitem
+                and isinstance(f.args[0], fx.Node) and is_size_query(f.args[0])
+                and isinstance(f.args[1], int)):
+            return False
+        src = f.args[0].args[0]
+        shape = (0, *grid, 0) if src is root else shape_of(src)
+        if shape is None or len(shape) != 4:
+            return False
+        sizes.append((f.args[0], shape[f.args[1]]))
+    return sizes[0][0] is sizes[1][0] and tuple(sorted(s for _, s in sizes)) == tuple(sorted(grid))
 
 
 def _global_row(rw: _Rewrite):
@@ -200,11 +366,13 @@ def _global_row(rw: _Rewrite):
         if a.windowed:
             row = _window_row(a, rw.gm, site)
         elif site.kind == "softmax":
-            row = graph.call_function(ev.probs_query_row, (site.node, P)) if cls_query else \
-                graph.call_function(ev.logits_query_row, (site.logits, P))
+            extra = _images_if_heads_merged(rw)
+            row = graph.call_function(ev.probs_query_row, (site.node, P) + extra) if cls_query else \
+                graph.call_function(ev.logits_query_row, (site.logits, P) + extra)
         elif site.kind == "sdpa":
             mask = sdpa_arg(site.node, 3, "attn_mask")
-            row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P, cls_query))
+            row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P,
+                                                          cls_query) + _images_if_heads_merged(rw))
         else:
             with graph.inserting_before(site.node):
                 mha = graph.get_attr(site.node.target)
@@ -214,6 +382,17 @@ def _global_row(rw: _Rewrite):
         with graph.inserting_after(row):
             row = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
     rw.row = row
+
+
+def _images_if_heads_merged(rw: _Rewrite) -> tuple:
+    """``(batch size node,)`` where the attention merges the heads into the batch dim
+    ((B * heads, N, d), timm's SAM), else ``()``."""
+    q, token = shape_of(rw.site.q), shape_of(rw.token)
+    if q is None or token is None or q[0] == token[0]:
+        return ()
+    graph = rw.graph
+    with graph.inserting_before(rw.site.node):
+        return (graph.call_method("size", (rw.root, 0)),)
 
 
 def _outputs(rw: _Rewrite):
@@ -281,13 +460,14 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
     if not hasattr(a.module, "_evo_window_index"):   # read by the program with the block as self
         a.module.register_buffer("_evo_window_index", a.window_index, persistent=False)
     gm.register_buffer("_evo_window_index", a.window_index, persistent=False)
-    heads = a.window_head_dims
+    heads, folded = a.window_head_dims, a.window_heads_folded
     with graph.inserting_after(site.node):
         if site.kind == "softmax":
-            per_window = graph.call_function(ev.window_logits_row, (site.logits, heads))
+            per_window = graph.call_function(ev.window_logits_row, (site.logits, heads, folded))
         else:
             mask = sdpa_arg(site.node, 3, "attn_mask")
-            per_window = graph.call_function(ev.window_sdpa_row, (site.q, site.k, mask, site.scale, heads))
+            per_window = graph.call_function(ev.window_sdpa_row, (site.q, site.k, mask, site.scale,
+                                                                  heads, folded))
     with graph.inserting_after(per_window):
         index = graph.get_attr("_evo_window_index")
     with graph.inserting_after(index):

@@ -36,16 +36,19 @@ _TINY = 1e-12
 # --------------------------------------------------------------------------------------------
 
 def _heads_mean(p: Tensor, batch: int) -> Tensor:
-    """(B, ..., n_keys) probabilities -> (B, 1, n_keys) float32, mean over the middle dims."""
-    if p.dim() != 3:
-        p = p.reshape(batch, math.prod(p.shape[1:-1]), p.shape[-1])   # no -1: batch 0 runs
+    """(B, ..., n_keys) probabilities -> (B, 1, n_keys) float32, mean over the middle dims (and
+    over heads merged into the batch dim, image-major: (B * heads, n_keys))."""
+    if p.dim() != 3 or p.shape[0] != batch:
+        rows = math.prod(p.shape[:-1]) // batch if batch else math.prod(p.shape[1:-1])
+        p = p.reshape(batch, rows, p.shape[-1])   # no -1: batch 0 runs
     return p.mean(1, keepdim=True, dtype=torch.float32)
 
 
-def probs_query_row(probs: Tensor, num_prefix: int) -> Tensor:
-    """Row of the cls query (query 0) in an explicit attention map (B, H, Nq, Nk): free."""
+def probs_query_row(probs: Tensor, num_prefix: int, images: Optional[int] = None) -> Tensor:
+    """Row of the cls query (query 0) in an explicit attention map (B, H, Nq, Nk): free.
+    ``images``: the batch size where the heads are merged into the batch dim (B * H, Nq, Nk)."""
     with torch.no_grad():
-        return _heads_mean(probs.select(-2, 0), probs.shape[0])
+        return _heads_mean(probs.select(-2, 0), probs.shape[0] if images is None else images)
 
 
 def _mean_query_probs(logits: Tensor, num_prefix: int) -> Tensor:
@@ -55,7 +58,7 @@ def _mean_query_probs(logits: Tensor, num_prefix: int) -> Tensor:
     return logits.narrow(-2, num_prefix, logits.shape[-2] - num_prefix).mean(-2, dtype=torch.float32).softmax(-1)
 
 
-def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
+def logits_query_row(logits: Tensor, num_prefix: int, images: Optional[int] = None) -> Tensor:
     """Attention row of the *mean query* of the patch tokens from pre-softmax logits
     (B, H, Nq, Nk).
 
@@ -63,7 +66,8 @@ def logits_query_row(logits: Tensor, num_prefix: int) -> Tensor:
     mean query (bias terms included). Used when there is no cls token.
     """
     with torch.no_grad():
-        return _heads_mean(_mean_query_probs(logits, num_prefix), logits.shape[0])
+        return _heads_mean(_mean_query_probs(logits, num_prefix),
+                           logits.shape[0] if images is None else images)
 
 
 def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
@@ -143,10 +147,11 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                   num_prefix: int, cls_query: bool) -> Tensor:
+                   num_prefix: int, cls_query: bool, images: Optional[int] = None) -> Tensor:
     """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, 1, N)."""
     with torch.no_grad():
-        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query), q.shape[0])
+        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query),
+                           q.shape[0] if images is None else images)
 
 
 def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
@@ -247,6 +252,31 @@ def _take(t: Tensor, pos: Tensor) -> Tensor:
     return t.gather(1, pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest))
 
 
+def _rows_of(pos: Tensor, rows: int) -> Tensor:
+    """``pos`` (B, n) for a tensor whose leading dim is ``rows``: B, or B * r with the images
+    outermost (heads merged into the batch dim, timm's SAM): each image's row repeated r times."""
+    B, n = pos.shape
+    if rows == B:
+        return pos
+    if rows % B:
+        raise ValueError(f"a tensor with {rows} rows for {B} images: not a whole number per image")
+    return pos[:, None].expand(B, rows // B, n).reshape(rows, n)
+
+
+def gather_pair_term(term: Tensor, pos: Optional[Tensor]) -> Tensor:
+    """An additive term on the attention logits computed from the tokens on the full map
+    (the decomposed relative positions of SAM / ViTDet: ``q_i . R[p_i - p_j]``), leading dims
+    image-major (B * heads, M, M) or (B, heads, M, M), to the subset's pairs (..., n, n)."""
+    if pos is None:
+        return term
+    B, n = pos.shape
+    t = term.reshape(B, -1, term.shape[-2], term.shape[-1])
+    L, K = t.shape[1], t.shape[-1]
+    t = t.gather(2, pos[:, None, :, None].expand(B, L, n, K))
+    t = t.gather(3, pos[:, None, None, :].expand(B, L, n, n))
+    return t.reshape(*term.shape[:-2], n, n)
+
+
 def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> Tensor:
     """Full patch map for a 2-D operation inside a block (depthwise conv, spatial reduction).
 
@@ -258,6 +288,7 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     if pos is None:
         return t
     t = t.movedim(dim, 1)
+    pos = _rows_of(pos, t.shape[0])
     B, n = t.shape[:2]
     # the subset row each map position reads: its own token, else the representative token.
     # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
@@ -289,7 +320,8 @@ def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     """Read a full map (tokens along ``dim``) back at the subset's positions."""
     if pos is None:
         return t
-    return _take(t.movedim(dim, 1), pos).movedim(1, dim)
+    t = t.movedim(dim, 1)
+    return _take(t, _rows_of(pos, t.shape[0])).movedim(1, dim)
 
 
 def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) -> Tensor:
@@ -335,20 +367,28 @@ def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Te
     return full + branch_full, stream_sub[:, -1:]
 
 
-def window_logits_row(logits: Tensor, head_dims) -> Tensor:
+def _window_heads_mean(p: Tensor, head_dims, folded: int) -> Tensor:
+    if head_dims:
+        p = p.mean(dim=head_dims)
+    if folded > 1:       # (B * windows * heads, Mk): the heads are the inner part of dim 0
+        p = p.reshape(-1, folded, p.shape[-1]).mean(1)
+    return p
+
+
+def window_logits_row(logits: Tensor, head_dims, folded: int = 1) -> Tensor:
     """Mean-query attention row of every window from explicit logits (..., Mq, Mk): softmax per
-    head, mean over the head dims. (B', windows..., Mk)."""
+    head, mean over the head dims (and over the ``folded`` heads merged into the leading dim).
+    (B', windows..., Mk)."""
     with torch.no_grad():
-        p = _mean_query_probs(logits, 0)
-        return p.mean(dim=head_dims) if head_dims else p
+        return _window_heads_mean(_mean_query_probs(logits, 0), head_dims, folded)
 
 
 def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                    head_dims) -> Tensor:
+                    head_dims, folded: int = 1) -> Tensor:
     """The same for fused ``scaled_dot_product_attention``: one mean query per window and head."""
     with torch.no_grad():
-        p = _sdpa_query_probs(q, k, attn_mask, scale, 0, False)
-        return p.mean(dim=head_dims) if head_dims else p
+        return _window_heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, 0, False), head_dims,
+                                  folded)
 
 
 def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:

@@ -1,0 +1,187 @@
+"""SAM / ViTDet image encoders (timm's ``samvit``): blocks on a (B, H, W, C) map whose global
+attention reshapes the map into tokens itself, merges the heads into the batch dim and adds
+*decomposed relative positions* that depend on the queries (``q_i . R_h[h_i - h_j] + q_i .
+R_w[w_i - w_j]``), mixed with windowed blocks (padded windows, heads merged after them).
+
+The global blocks are checked against an Evo-ViT forward written here from the paper's rules
+with that attention written out for a token subset at its own positions."""
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import evoplug
+from evoplug.runtime import evolve as ev
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_sam(seed=0, fused=True, **kw):
+    """8x8 tokens of 64 channels; every block global (``window_size=0``) unless ``kw`` says
+    otherwise; weights and relative positions random (timm zero-initialises the latter)."""
+    args = dict(img_size=64, patch_size=8, depth=6, embed_dim=64, num_heads=2, window_size=0,
+                global_attn_indexes=(), num_classes=10)
+    args.update(kw)
+    model = timm.create_model("samvit_base_patch16_224", pretrained=False, **args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and name == "weight":
+                    gain = 2.0 if p.shape[0] == 3 * 64 else 1.0    # qkv: peaky attention
+                    p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p[0].numel()))
+                elif name.startswith("rel_pos"):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
+                elif name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def _images(n=2, seed=15):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _embed(model, img):
+    x = model.patch_embed(img)
+    return x if model.pos_embed is None else x + model.pos_embed
+
+
+def _subset_logits(blk, x, pos, W):
+    """The block's attention logits (B, heads, n, n) over the tokens ``x`` (B, n, C) that sit at
+    map positions ``pos`` (B, n): ``q k^T * scale + q_i . R_h[h_i - h_j] + q_i . R_w[w_i - w_j]``,
+    and the values (B, heads, n, d)."""
+    attn = blk.attn
+    B, n, C = x.shape
+    qkv = attn.qkv(blk.norm1(x)).reshape(B, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    hi, wi = pos // W, pos % W
+    Rh = attn.rel_pos_h[hi[:, :, None] - hi[:, None, :] + attn.rel_pos_h.shape[0] // 2]
+    Rw = attn.rel_pos_w[wi[:, :, None] - wi[:, None, :] + attn.rel_pos_w.shape[0] // 2]
+    bias = torch.einsum("bhid,bijd->bhij", q, Rh) + torch.einsum("bhid,bijd->bhij", q, Rw)
+    return q @ k.transpose(-2, -1) * attn.scale + bias, v
+
+
+def _block_on_subset(blk, x, pos, W):
+    """timm's SAM block (attention + MLP, both residual) run on the tokens ``x`` alone."""
+    logits, v = _subset_logits(blk, x, pos, W)
+    B, n, C = x.shape
+    out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(B, n, C)
+    x = x + blk.attn.proj(out)
+    return x + blk.mlp(blk.norm2(x))
+
+
+def _row(blk, x, pos, W):
+    """The mean query's attention row over the tokens (softmax of the mean logits row), mean
+    over heads: (B, n)."""
+    logits, _ = _subset_logits(blk, x, pos, W)
+    return logits.mean(-2).softmax(-1).mean(1)
+
+
+@torch.no_grad()
+def reference_forward(model, img, keep, reselect_every, alpha=0.5):
+    """Evo-ViT from the paper's rules on SAM's global blocks (no prefix token: the mean query
+    ranks; the representative token sits at the position of the best token it stands for)."""
+    x = _embed(model, img)
+    B, H, W, C = x.shape
+    M = H * W
+    x = x.reshape(B, M, C)
+    every = torch.arange(M).expand(B, M)
+    k = ev.num_keep(M, keep)
+    start = len(model.blocks) // 3
+    g, sel, since, runs, gaps = None, None, 0, [], []
+    for i, blk in enumerate(model.blocks):
+        if i < start - 1:
+            x = _block_on_subset(blk, x, every, W)
+            runs.append(-1)
+            continue
+        if i == start - 1:
+            g = _row(blk, x, every, W)
+            x = _block_on_subset(blk, x, every, W)
+            runs.append(M)
+            continue
+        if sel is None or since % reselect_every == 0:
+            top = torch.topk(g, k + 1, dim=1)
+            sel, rep_pos = top.indices[:, :k], top.indices[:, k]
+            gaps.append(float((top.values[:, k - 1] - top.values[:, k]).min()))
+            since = 0
+        w = g.clone().scatter_(1, sel, 0.0)
+        w = w / w.sum(1, keepdim=True)
+        rep = (w[..., None] * x).sum(1, keepdim=True)
+        picked = torch.gather(x, 1, sel[..., None].expand(B, k, C))
+        pos = torch.cat([sel, rep_pos[:, None]], 1)
+        out = _block_on_subset(blk, torch.cat([picked, rep], 1), pos, W)
+        a = _row(blk, torch.cat([picked, rep], 1), pos, W)[:, :k]
+        new = x + (out[:, -1:] - rep)                                # fast update
+        new.scatter_(1, sel[..., None].expand(B, k, C), out[:, :k])  # slow update
+        g = g.scatter(1, sel, (1 - alpha) * torch.gather(g, 1, sel) + alpha * a)
+        x, since = new, since + 1
+        runs.append(k + 1)
+    x = model.neck(x.reshape(B, H, W, C).permute(0, 3, 1, 2))
+    return model.forward_head(x), runs, min(gaps)
+
+
+def test_reference_harness_reproduces_the_model():
+    model = tiny_sam()
+    x = _images()
+    with torch.no_grad():
+        dense = model(x)
+    with torch.no_grad():     # the reference's block: every block on all tokens at their places
+        t = _embed(model, x)
+        B, H, W, C = t.shape
+        t = t.reshape(B, H * W, C)
+        for blk in model.blocks:
+            t = _block_on_subset(blk, t, torch.arange(H * W).expand(B, H * W), W)
+        out = model.forward_head(model.neck(t.reshape(B, H, W, C).permute(0, 3, 1, 2)))
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
+
+
+CASES = [(0.5, 4, True), (0.5, 1, True), (0.25, 2, False)]
+
+
+@pytest.mark.parametrize("keep,reselect_every,fused", CASES)
+def test_global_blocks_match_the_reference(keep, reselect_every, fused):
+    """Each evolving global block runs its attention on the kept tokens and the representative
+    token with the relative positions of their own places, the rest get the fast update."""
+    model = tiny_sam(fused=fused)
+    x = _images()
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1],
+                           reselect_every=reselect_every)
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.token_map and not s.analysis.windowed for s in blocks)
+    with torch.no_grad():
+        out = fast(x)
+    ref, runs, gap = reference_forward(model, x, keep, reselect_every)
+    assert gap > 1e-6, "near tie at the top-k cut: pick another seed"
+    assert [s.tokens_run for s in blocks] == runs
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (model(x) - out).abs().max() > 1e-2
+
+
+def test_windowed_and_global_blocks_with_padded_windows():
+    """ViTDet's mix: 3x3 windows on the 8x8 map (padded to 9x9; heads merged into the batch dim
+    after the windows) and global blocks. Windowed blocks run their windows on the full map
+    and give a global row (each window's mean-query row, mapped back to its tokens); the
+    conversion passes every check of ``evoplug check``."""
+    from evoplug.tools.check import check_conversion
+    model = tiny_sam(window_size=3, global_attn_indexes=(2, 5))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=_images(1))
+    kinds = [(s.analysis.windowed, s.analysis.row_full) for s in evoplug.get_report(fast).blocks]
+    assert kinds == [(True, True), (True, True), (False, False)] * 2
+    index = evoplug.get_report(fast).blocks[0].analysis.window_index
+    assert index.numel() == 81 and int((index == 0).sum()) == 81 - 64     # 17 padding slots
+    assert sorted(index[index > 0].tolist()) == list(range(1, 65))        # every token once
+    r = check_conversion(model, _images())
+    assert r.status == "converts" and not r.problems, r.problems
+    assert r.evolving == 4 and all(t == 33 for t, _ in r.tokens_evolving)
+    assert r.keep1_fast_diff <= 1e-5 and r.keep1_machinery_diff <= 1e-5
