@@ -218,8 +218,9 @@ def finish_distributed(exit=os._exit) -> bool:
     work holds the all-reduces of the last backward, whose captured thread-local state holds a
     Python object (autograd's ``contextvars`` context). Destroyed during interpreter shutdown,
     that object needs the GIL, the thread is ended inside a ``noexcept`` destructor and the
-    process aborts (``terminate called without an active exception``, SIGABRT): 4 of 101 runs of
-    a two-rank CPU DDP script here (torch 2.14.1), 0 of 100 ended this way. A
+    process aborts (``terminate called without an active exception``, SIGABRT): 6 of 100 launches
+    of a two-rank CPU DDP script here (torch 2.14.1, ``benchmarks/gloo_exit.py``), 0 of 100 ended
+    this way. A
     ``destroy_process_group`` alone does not help: after a ``DistributedDataParallel`` the gloo
     backend stays alive with its threads (a reference torch keeps), so they outlive the
     interpreter. Ending the process with ``os._exit`` once everything that writes has finished
