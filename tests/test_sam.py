@@ -178,6 +178,9 @@ def test_windowed_and_global_blocks_with_padded_windows():
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=_images(1))
     kinds = [(s.analysis.windowed, s.analysis.row_full) for s in evoplug.get_report(fast).blocks]
     assert kinds == [(True, True), (True, True), (False, False)] * 2
+    text = evoplug.explain(fast)    # what the global blocks do with the relative positions
+    assert text.count("computed from the queries on the map -> the subset's queries on the map, "
+                      "gathered to its pairs") == 2
     index = evoplug.get_report(fast).blocks[0].analysis.window_index
     assert index.numel() == 81 and int((index == 0).sum()) == 81 - 64     # 17 padding slots
     assert sorted(index[index > 0].tolist()) == list(range(1, 65))        # every token once

@@ -183,6 +183,8 @@ def _gather_map_terms(rw: _Rewrite):
         if not isinstance(term, fx.Node) or not any(
                 n.op == "call_function" and n.target in _CANVASES for n in ancestors(term)):
             continue
+        _describe(rw.a, None, f"term `{term.name}` on the logits, computed from the queries on "
+                              "the map -> the subset's queries on the map, gathered to its pairs")
         consumers = list(term.users)
         with graph.inserting_after(term):
             gathered = graph.call_function(ev.gather_pair_term, (term, rw.pos))
@@ -251,6 +253,10 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node) -> Optional[fx.Node]:
     tokens = _clone_token_wise_chain(rw.graph, src, rw.root, rw.token)
     if tokens is None:
         tokens = _token_modules_on_subset(rw, src)
+    if tokens is not None:
+        _describe(a, f"2-D map op at `{node.name}` -> read back at the kept tokens",
+                  f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
+                  "before it re-run on them)")
     s = shape_of(src)
     if tokens is not None and s is not None and tuple(s[1:]) == (*a.grid, a.dim):
         for u in [u for u in src.users if is_size_query(u)]:   # sizes from the map itself, so
@@ -315,6 +321,16 @@ def _erase_unused(graph: fx.Graph, node: fx.Node, root: fx.Node):
         inputs = node.all_input_nodes
         graph.erase_node(node)
         node = inputs[0] if len(inputs) == 1 else None
+
+
+def _describe(a: BlockAnalysis, old: Optional[str], new: str):
+    """What explain() lists for the block: ``old`` replaced by ``new`` (or ``new`` added once;
+    the train- and eval-mode programs are built from the same analysis)."""
+    terms = a.position_terms
+    if old in terms:
+        terms[terms.index(old)] = new
+    elif new not in terms:
+        terms.append(new)
 
 
 def _subset_sizes(rw: _Rewrite, back: fx.Node, tok_dim: int):
