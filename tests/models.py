@@ -1,6 +1,9 @@
 """The models the core must convert, at small inputs where the model allows."""
+import math
+
 import timm
 import torch
+from torch import nn
 
 from plain_vit import PlainViT
 
@@ -28,3 +31,28 @@ def build(name, **extra):
 
 
 ALL = list(TIMM_MODELS) + ["plain_vit"]
+
+
+def peaky_weights(model: nn.Module, seed: int = 0, fused: bool = True, qkv_rows: int = 3 * 64,
+                  others: float = 0.5) -> nn.Module:
+    """Random weights that make the attention peaky (qkv weights of ``qkv_rows`` outputs at gain
+    2), LayerNorm weights near 1, small biases; every other parameter (cls token, positions,
+    relative-position tables) ``others`` * N(0, 1); ``fused`` sets timm's ``fused_attn``. The
+    math references (test_math.py, test_sam.py) need attention far from uniform, so a wrong
+    selection shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "fused_attn"):
+                m.fused_attn = fused
+            for name, p in m.named_parameters(recurse=False):
+                if isinstance(m, (nn.Linear, nn.Conv2d)) and name == "weight":
+                    gain = 2.0 if p.shape[0] == qkv_rows else 1.0
+                    p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p[0].numel()))
+                elif isinstance(m, nn.LayerNorm) and name == "weight":
+                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+                elif name.endswith("bias"):
+                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(others * torch.randn(p.shape, generator=g))
+    return model.eval()

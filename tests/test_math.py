@@ -20,6 +20,7 @@ from torch import nn
 
 import evoplug
 from evoplug.runtime import evolve as ev
+from models import peaky_weights
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.bfloat16]
@@ -386,22 +387,7 @@ def test_window_row(dtype, row_layout):
 def tiny_vit(seed=0, fused=True, **kw):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
                               depth=4, embed_dim=64, num_heads=2, **kw)
-    g = _gen(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, (nn.Linear, nn.Conv2d)) and name == "weight":
-                    gain = 2.0 if p.shape[0] == 3 * 64 else 1.0    # qkv: peaky attention
-                    p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p[0].numel()))
-                elif isinstance(m, nn.LayerNorm) and name == "weight":
-                    p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-                elif name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-                else:                                               # cls_token, pos_embed
-                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return peaky_weights(model, seed, fused)
 
 
 def _images(n=2, seed=15):

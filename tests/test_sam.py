@@ -5,15 +5,13 @@ R_w[w_i - w_j]``), mixed with windowed blocks (padded windows, heads merged afte
 
 The global blocks are checked against an Evo-ViT forward written here from the paper's rules
 with that attention written out for a token subset at its own positions."""
-import math
-
 import pytest
 import timm
 import torch
-from torch import nn
 
 import evoplug
 from evoplug.runtime import evolve as ev
+from models import peaky_weights
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,20 +29,7 @@ def tiny_sam(seed=0, fused=True, **kw):
                 global_attn_indexes=(), num_classes=10)
     args.update(kw)
     model = timm.create_model("samvit_base_patch16_224", pretrained=False, **args)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if hasattr(m, "fused_attn"):
-                m.fused_attn = fused
-            for name, p in m.named_parameters(recurse=False):
-                if isinstance(m, (nn.Linear, nn.Conv2d)) and name == "weight":
-                    gain = 2.0 if p.shape[0] == 3 * 64 else 1.0    # qkv: peaky attention
-                    p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(p[0].numel()))
-                elif name.startswith("rel_pos"):
-                    p.copy_(0.5 * torch.randn(p.shape, generator=g))
-                elif name.endswith("bias"):
-                    p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model.eval()
+    return peaky_weights(model, seed, fused)
 
 
 def _images(n=2, seed=15):
