@@ -29,13 +29,7 @@ B, H, N, D = 2, 3, 17, 8
 P_QUERY = [(0, False), (1, True), (1, False), (5, True), (5, False)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast and does not fight the busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed=0):

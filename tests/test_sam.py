@@ -14,12 +14,7 @@ from evoplug.runtime import evolve as ev
 from models import peaky_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_sam(seed=0, fused=True, **kw):
