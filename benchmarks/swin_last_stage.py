@@ -41,7 +41,7 @@ def main(argv=None):
     rows, own = [], program._subset_tokens
     for keep in (0.25, 0.35, 0.5, 0.7):
         now = digits.accuracy(evoplug.convert(model, keep_ratio=keep, example_input=xt[:1]), xt, yt)
-        program._subset_tokens = lambda rw, node: None
+        program._subset_tokens = lambda rw, node: (None, [])
         try:
             before = digits.accuracy(evoplug.convert(model, keep_ratio=keep, example_input=xt[:1]), xt, yt)
         finally:

@@ -213,7 +213,7 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     token, see _exact_window_update); anything else."""
     a, graph = rw.a, rw.graph
     tok_dim, layout = dim
-    path = None
+    path, replaced = None, []
     with graph.inserting_after(node):
         if on_stream:
             back = graph.call_function(ev.from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
@@ -224,7 +224,7 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
         else:
             if a.windowed and not a.token_map and tok_dim == 1 and rw.site.node in ancestors(node):
                 path = _branch_to_residual(graph, node, rw.token)
-            back = _subset_tokens(rw, node) if path is None else None
+            back, replaced = _subset_tokens(rw, node) if path is None else (None, [])
             if back is None:
                 where = None if path is not None else rw.pos
                 back = graph.call_function(ev.from_canvas_map, (node.args[0], where, tok_dim, layout))
@@ -232,48 +232,55 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     node.replace_all_uses_with(back)
     graph.erase_node(node)
     _erase_unused(graph, source, rw.root)
+    _drop_size_only(graph, replaced, rw)
     if not on_stream and path is None:
         rw.read_backs.append((back, tok_dim))
     if path is not None:
         rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
 
 
-def _subset_tokens(rw: _Rewrite, node: fx.Node) -> Optional[fx.Node]:
+def _subset_tokens(rw: _Rewrite, node: fx.Node):
     """The tokens of a global attention inside a channels-last map block (SAM's and ViTDet's
-    global blocks: ``norm1`` on the map, then ``x.reshape(B, H * W, C)``) made from the subset's
-    own tokens by the same token-wise ops, so the representative token's slot holds the
-    representative token (a read-back of the full map would hold the token at its position).
-    None where the map is not a token-wise function of the block's input."""
+    global blocks: ``norm1`` on the map, then ``x.reshape(B, H * W, C)``; Swin's last stage, one
+    window covering the map) made from the subset's own tokens by the same token-wise ops, so the
+    representative token's slot holds the representative token (a read-back of the full map
+    would hold the token at its position). Returns (tokens, the map-side modules they replace),
+    or (None, []) where the map is not a token-wise function of the block's input."""
     a = rw.a
-    if not a.token_map or a.windowed or node.args[0] is rw.root:
-        return None
-    if shape_of(node) is None or len(shape_of(node)) != 3 or rw.root.op == "placeholder":
-        return None
-    src = node.args[0]
-    tokens = _clone_token_wise_chain(rw.graph, src, rw.root, rw.token)
-    if tokens is None:
-        tokens = _token_modules_on_subset(rw, src)
-    if tokens is not None:
-        _describe(a, f"2-D map op at `{node.name}` -> read back at the kept tokens",
-                  f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
-                  "before it re-run on them)")
-    s = shape_of(src)
-    if tokens is not None and s is not None and tuple(s[1:]) == (*a.grid, a.dim):
-        for u in [u for u in src.users if is_size_query(u)]:   # sizes from the map itself, so
-            u.replace_input_with(src, rw.root)                  # the map-side ops can go
-    return tokens
+    if not a.token_map or a.windowed or node.args[0] is rw.root or rw.root.op == "placeholder":
+        return None, []
+    if shape_of(node) is None or len(shape_of(node)) != 3:
+        return None, []
+    chain = _token_wise_path(rw, node.args[0])
+    if chain is None:
+        return None, []
+    _describe(a, f"2-D map op at `{node.name}` -> read back at the kept tokens",
+              f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
+              "before it re-run on them)")
+    graph, prev = rw.graph, rw.token
+    anchor = max(rw.token, rw.root, key=lambda n: list(graph.nodes).index(n))
+    for op in reversed(chain):
+        if op.op == "call_module" or op.target in _VALUE_METHODS:
+            with graph.inserting_after(anchor):
+                prev = graph.node_copy(op, lambda n, p=prev, old=op.args[0]: p if n is old else n)
+            anchor = prev
+    return prev, [op for op in chain if op.op == "call_module"]
 
 
 _MOVES = {"view", "reshape", "permute", "contiguous", "roll", "flatten", "transpose"}
+_VALUE_METHODS = {"float", "to", "type_as"}
 
 
-def _token_modules_on_subset(rw: _Rewrite, src: fx.Node) -> Optional[fx.Node]:
-    """Where the map goes from the block's input to the attention's tokens through token-wise
-    modules (a norm) and data movement that keeps every token's channels together (Swin's
-    padding and window views, one window covering the map): the modules run on the subset's
-    tokens, which is what the read-back holds at the kept tokens and, at the representative
-    token's slot, the representative token's. None for any other op on the way."""
-    modules, cur = [], src
+def _is_move(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _MOVES) or (
+        n.op == "call_function" and n.target in (torch.nn.functional.pad, torch.roll))
+
+
+def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Optional[list]:
+    """The ops from the block's entry map to ``src`` (``src`` first) when they are token-wise
+    modules (norms, linears), dtype methods and data movement that keeps every token's channels
+    together (padding, window views); None for any other op on the way."""
+    chain, cur = [], src
     while cur is not rw.root:
         if not isinstance(cur, fx.Node) or not cur.args or not isinstance(cur.args[0], fx.Node):
             return None
@@ -281,24 +288,37 @@ def _token_modules_on_subset(rw: _Rewrite, src: fx.Node) -> Optional[fx.Node]:
         if (si is None and cur.args[0] is not rw.root) or so is None:
             return None
         si = si if si is not None else (0, *rw.a.grid, rw.a.dim)
-        others = [n for n in cur.all_input_nodes[1:] if not _is_size_value(n)]
-        if others or si[-1] != so[-1]:
+        if any(not _is_size_value(n) for n in cur.all_input_nodes[1:]):
             return None
         if cur.op == "call_module":
-            if tuple(si[1:-1]) != tuple(so[1:-1]):
-                return None
-            modules.append(cur)
-        elif not ((cur.op == "call_method" and cur.target in _MOVES) or (
-                cur.op == "call_function" and cur.target in (torch.nn.functional.pad, torch.roll))):
+            ok = tuple(si[1:-1]) == tuple(so[1:-1])           # token-wise over the last dim
+        elif cur.op == "call_method" and cur.target in _VALUE_METHODS:
+            ok = tuple(si) == tuple(so)
+        else:
+            ok = _is_move(cur) and si[-1] == so[-1]
+        if not ok:
             return None
+        chain.append(cur)
         cur = cur.args[0]
-    graph, prev = rw.graph, rw.token
-    anchor = max(rw.token, rw.root, key=lambda n: list(graph.nodes).index(n))
-    for m in reversed(modules):
-        with graph.inserting_after(anchor):
-            prev = graph.node_copy(m, lambda n, p=prev, old=m.args[0]: p if n is old else n)
-        anchor = prev
-    return prev
+    return chain
+
+
+def _drop_size_only(graph: fx.Graph, modules: list, rw: _Rewrite):
+    """Map-side modules the subset's tokens replaced, left to feed only size queries (through
+    data movement: Swin's padding reads the map's size): the sizes read their input instead,
+    so the module does not run on the full map for nothing."""
+    alive = set(graph.nodes)
+    for m in modules:
+        si = shape_of(m.args[0]) if m.args[0] is not rw.root else (shape_of(m)[0], *rw.a.grid, rw.a.dim)
+        if m in alive and si is not None and tuple(si) == tuple(shape_of(m) or ()) \
+                and _feeds_only_sizes(m):
+            m.replace_all_uses_with(m.args[0])
+            graph.erase_node(m)
+
+
+def _feeds_only_sizes(n: fx.Node) -> bool:
+    return all(is_size_query(u) or (_is_move(u) and u.args[0] is n and _feeds_only_sizes(u))
+               for u in n.users)
 
 
 _INT_OPS = (operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv,
