@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.evoplug-installed
+# pytest-xdist workers for `make test` (auto: one per core); each test file runs on one worker,
+# so a module's fixtures are built once
+TEST_WORKERS ?= auto
 
 .PHONY: venv demo test bench clean
 
@@ -20,7 +23,7 @@ demo: venv
 	$(PY) examples/demo.py
 
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: venv
 	$(PY) benchmarks/throughput.py

@@ -215,14 +215,14 @@ def test_set_options_while_threads_run_changes_whole_forwards():
         for keep, start in ((0.5, None), (0.25, 3)):
             evoplug.set_options(fast, keep_ratio=keep, start_block=start)
             under[keep] = [fast(x) for x in inputs]
-    stop = threading.Event()
+    stop, flips = threading.Event(), [0]
 
     def flip():
-        i = 0
         while not stop.is_set():
-            keep, start = ((0.5, None), (0.25, 3))[i % 2]
+            keep, start = ((0.5, None), (0.25, 3))[flips[0] % 2]
             evoplug.set_options(fast, keep_ratio=keep, start_block=start)
-            i += 1
+            flips[0] += 1
+            stop.wait(1e-4)    # lets the forwards run between flips (a busy loop holds the GIL)
 
     flipper = threading.Thread(target=flip)
     flipper.start()
@@ -235,8 +235,12 @@ def test_set_options_while_threads_run_changes_whole_forwards():
         stop.set()
         flipper.join()
     assert not errors
+    assert flips[0] > 2 * len(inputs), flips        # the options changed during the forwards
+    which = []
     for i, out in enumerate(got):
-        assert torch.equal(out, under[0.5][i]) or torch.equal(out, under[0.25][i]), i
+        which.append(torch.equal(out, under[0.5][i]))
+        assert which[-1] or torch.equal(out, under[0.25][i]), i
+    assert 0 < sum(which) < len(which)                # and both options' forwards ran
 
 
 # --------------------------------------------------------------------------------------------
