@@ -17,6 +17,7 @@ T = pytest.importorskip("transformers")
 
 S = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=2, intermediate_size=128)
 FLAT = dict(image_size=32, patch_size=4, **S)
+SWIN = dict(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=8)
 
 # name -> (builder(attn_implementation), prefix tokens, extra forward kwargs)
 FAMILIES = {
@@ -45,10 +46,11 @@ FAMILIES = {
     "pvt-v2": (lambda i: T.PvtV2Model(T.PvtV2Config(
         image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
         num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], attn_implementation=i)), 0),
-    "swin": (lambda i: T.SwinModel(T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
-                                                num_heads=[2, 4], window_size=4, attn_implementation=i)), 0),
-    "swinv2": (lambda i: T.Swinv2Model(T.Swinv2Config(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2],
-                                                      num_heads=[2, 4], window_size=4, attn_implementation=i)), 0),
+    # 16x16 then 8x8 maps in 8x8 windows: shifted windows, then one window over the whole map
+    # (its views look like map <-> token views; shape arithmetic `size()[:-2] + (C,)` between them)
+    "swin": (lambda i: T.SwinModel(T.SwinConfig(attn_implementation=i, **SWIN)), 0),
+    "swinv2": (lambda i: T.Swinv2Model(T.Swinv2Config(attn_implementation=i, **SWIN)), 0),
+    "donut-swin": (lambda i: T.DonutSwinModel(T.DonutSwinConfig(attn_implementation=i, **SWIN)), 0),
 }
 
 

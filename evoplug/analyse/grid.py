@@ -78,7 +78,8 @@ def _drop_single_window_views(ops, site: "AttentionSite"):
     for kind, n, _ in ops:
         if kind == "to" and site.node in ancestors(n):
             between = {m for m in ancestors(n) if site.node in ancestors(m)}
-            if not any(is_add(m) for m in between | {n}):
+            # a residual add is a tensor's; shape arithmetic (``size()[:-2] + (C,)``) is not
+            if not any(is_add(m) and shape_of(m) is not None for m in between | {n}):
                 inner_to.append(n)
     drop = set(inner_from) | set(inner_to)
     return [op for op in ops if op[1] not in drop]
