@@ -52,6 +52,23 @@ def test_an_all_zero_output_is_a_warning():
     assert "output is all zeros" in check_conversion(model).warnings[0]
 
 
+def test_blocks_that_add_nothing_are_a_warning():
+    """Blocks whose residual branches are zero at initialisation (timm's SwinV2 zero-initialises
+    its post-norms) give the original output at keep 0.5 although they run fewer tokens: the
+    check says its output comparisons showed nothing, instead of passing it in silence (the
+    swept families of the test above, with the same random weights, are not flagged)."""
+    model = _small_vit()
+    assert not any("cannot show the selection" in w for w in check_conversion(model).warnings)
+    with torch.no_grad():
+        for blk in model.blocks:
+            for lin in (blk.attn.proj, blk.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
+    r = check_conversion(model)
+    assert r.rel_change == 0 and r.evolving >= 1 and all(t < n for t, n in r.tokens_evolving)
+    assert any("changes the output by 0.0e+00 only" in w for w in r.warnings), r.warnings
+
+
 def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
     """A runtime whose subset copy took its rows from the next image of the batch would give
     plausible outputs at keep 0.5; the batch-independence check catches it."""
