@@ -459,3 +459,30 @@ def test_twins_windowed_blocks_keep_every_tokens_exact_attention_update():
         assert 0 < spec.tokens_run < spec.analysis.num_tokens
         dense = spec.orig_class.forward(blk, *seen["args"])
     assert (seen["out"] - dense).abs().max() <= 1e-5
+
+
+def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_update():
+    """Hiera's mask-unit attention cuts its windows from the token sequence itself
+    (``qkv(x).reshape(B, n, windows, 3, heads, d)``, the window count computed from the token
+    count): it runs on the full sequence, so with the MLPs zeroed an evolving mask-unit block
+    gives exactly the dense block's output for all tokens, kept or not."""
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False).eval()
+    for m in model.modules():
+        if hasattr(m, "mlp"):
+            torch.nn.init.zeros_(m.mlp.fc2.weight)
+            torch.nn.init.zeros_(m.mlp.fc2.bias)
+    fast = evoplug.convert(model, keep_ratio=0.5, start_block=1)
+    specs = [s for s in evoplug.get_report(fast).blocks if s.analysis.windowed]
+    assert [s.analysis.name for s in specs] == ["blocks.0", "blocks.2"]
+    spec = specs[1]
+    assert spec.role == "evolve"
+    blk = spec.analysis.module
+    seen = {}
+    h = blk.register_forward_hook(lambda m, i, o: seen.update(args=i, out=o))
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 224, 224))
+        h.remove()
+        assert 0 < spec.tokens_run < spec.analysis.num_tokens
+        dense = spec.orig_class.forward(blk, *seen["args"])
+    assert (seen["out"] - dense).abs().max() <= 1e-5

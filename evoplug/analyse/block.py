@@ -45,7 +45,7 @@ from .attention import AttentionSite, find_attention
 from .calibrate import ModuleCall
 from .discover import detect_prefix, modules_to_trace, patch_grid, resolve_global_query
 from .graph import ancestors, module_of, shape_of, softmax_dim
-from .grid import find_grid_ops, reduced_kv_grid, window_token_index
+from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
 from .trace import make_call_plan, mark_batch_specialised, trace_block
@@ -195,6 +195,8 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
     if site.kind != "mha" and site_shape is not None and site_shape[0] != batch and not (
             q_shape is not None and len(q_shape) >= 2 and q_shape[-2] == a.num_tokens):
         a.windowed = True          # (B * windows, window tokens, ...), not (B * heads, N, ...)
+    elif windows_in_own_dim(site, a.num_tokens):
+        a.windowed = True          # Hiera's mask units: (B, heads, windows, window tokens, d)
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "

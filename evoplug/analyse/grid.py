@@ -60,11 +60,56 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
             if so[dim] != M:
                 dim = len(so) - 1 - list(reversed(so)).index(M)
             ops.append(("from", n, (dim, layout(si, so))))
+    if site is not None and not ops and windows_in_own_dim(site, N):
+        ops = _sequence_window_views(gm, N)
     if site is not None and ops:
         ops = _drop_single_window_views(ops, site)
     if ops and P:
         raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
                                     "supported")
+    return ops
+
+
+def windows_in_own_dim(site: Optional["AttentionSite"], num_tokens: int) -> bool:
+    """Softmax attention whose queries have a windows dim of their own, not over all the tokens:
+    Hiera's mask-unit attention, ``(B, heads, windows, window tokens, d)``."""
+    if site is None or site.kind not in ("softmax", "sdpa"):
+        return False
+    q = shape_of(site.q) if isinstance(site.q, fx.Node) else None
+    return q is not None and len(q) > 4 and q[-2] != num_tokens
+
+
+def _split_dims(shape, N: int) -> int:
+    """k >= 2 when dims 1..k of ``shape`` (each between 1 and N) multiply to N, else 0."""
+    prod = 1
+    for k in range(1, len(shape)):
+        if not 1 < shape[k] < N:
+            return 0
+        prod *= shape[k]
+        if prod == N:
+            return k if k >= 2 else 0
+        if prod > N:
+            return 0
+    return 0
+
+
+def _sequence_window_views(gm: fx.GraphModule, N: int):
+    """Windows cut from the token sequence itself (Hiera: ``qkv(x).reshape(B, n, W, 3, h, d)``,
+    back with ``.reshape(B, N, C)``): the reshape that splits the token dim is fed the full
+    sequence, the one that merges it back is read at the kept tokens (layout ``seq<k>``: dims
+    1..k are the tokens)."""
+    ops = []
+    for n in gm.graph.nodes:
+        if not is_reshape(n):
+            continue
+        si, so = shape_of(n.args[0]) if n.args else None, shape_of(n)
+        if si is None or so is None:
+            continue
+        if len(si) == 3 and si[1] == N and _split_dims(so, N):
+            n.meta["evo_sequence_windows"] = tuple(so[1:])   # sizes of the full sequence's cut
+            ops.append(("to", n, 1))
+        elif len(so) == 3 and so[1] == N and _split_dims(si, N):
+            ops.append(("from", n, (1, f"seq{_split_dims(si, N)}")))
     return ops
 
 

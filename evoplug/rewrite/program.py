@@ -205,6 +205,13 @@ def _to_map(rw: _Rewrite, node: fx.Node, dim: int):
             M = rw.a.grid[0] * rw.a.grid[1]
             canvas = graph.call_function(ev.to_canvas, (src, rw.pos, M, dim))
     node.replace_input_with(src, canvas)
+    sizes = node.meta.get("evo_sequence_windows")
+    if sizes is not None and node.op == "call_method":
+        # the cut's sizes are the full sequence's (Hiera computes its window count from the
+        # token count, which the subset would give): the canvas is always the full sequence
+        with graph.inserting_before(node):
+            batch = graph.call_method("size", (canvas, 0))
+        node.args, node.kwargs = (canvas, batch, *sizes), {}
 
 
 def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
