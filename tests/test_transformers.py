@@ -265,16 +265,29 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
         assert torch.allclose(_tensor(fast(x)), _tensor(half), atol=1e-5, rtol=1e-5)
 
 
-def test_hiera_mask_unit_attention_is_refused_by_name():
+def test_hiera_mask_unit_attention_evolves():
     """Hiera's early stages attend within mask units of the unrolled tokens (an attention map
-    per unit, not over the block's tokens): refused by block name with that reason."""
+    per unit, ``(B, heads, units, n, n)``): the units run on the full sequence, the MLP on the
+    kept tokens; keep 1.0 reproduces the model on both paths, and at keep 0.5 the mask-unit
+    blocks run fewer tokens."""
     cfg = T.HieraConfig(image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3],
                         embed_dim=32, depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4], query_stride=[2, 2],
                         masked_unit_size=[8, 8], num_query_pool=2)
-    model = T.HieraModel(cfg).eval()
-    with pytest.raises(evoplug.ConversionError, match=r"`encoder\.stages\.0`: attention map \(1, 1, 4, 64, 64\) "
-                                                      r"is not over the block's 256 tokens"):
-        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    torch.manual_seed(0)
+    model = _randomise(T.HieraModel(cfg)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, start_block=1, example_input=x[:1])
+    units = [s for s in evoplug.get_report(fast).blocks if s.analysis.windowed]
+    assert units and "in windows" in units[0].analysis.attention
+    with torch.no_grad():
+        dense = model(x).last_hidden_state
+        half = fast(x).last_hidden_state
+        assert any(s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens for s in units)
+        evoplug.set_options(fast, keep_ratio=1.0)
+        assert torch.equal(fast(x).last_hidden_state, dense)
+        evoplug.set_options(fast, identity_fast_path=False)
+        assert float((fast(x).last_hidden_state - dense).abs().max()) <= 1e-5 * max(1.0, float(dense.abs().max()))
+    assert float((half - dense).abs().max()) > 1e-4
 
 
 def test_the_input_size_comes_from_the_configuration():
