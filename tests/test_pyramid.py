@@ -439,26 +439,36 @@ def test_map_views_when_channels_equal_tokens():
         assert (fast(x) - ref).abs().max() <= 1e-5
 
 
-def test_twins_windowed_blocks_keep_every_tokens_exact_attention_update():
-    """Twins' locally-grouped attention runs on the full map, and its projection and drop path
-    then run on every token: with the MLPs zeroed, an evolving windowed block gives exactly
-    the dense block's output for all tokens (kept or not)."""
-    model = timm.create_model("twins_svt_small", pretrained=False).eval()
+def _mlps_zeroed(model):
     for m in model.modules():
         if hasattr(m, "mlp"):
             torch.nn.init.zeros_(m.mlp.fc2.weight)
             torch.nn.init.zeros_(m.mlp.fc2.bias)
-    fast = evoplug.convert(model, keep_ratio=0.5)
-    spec = next(s for s in evoplug.get_report(fast).blocks if s.analysis.windowed and s.role == "evolve")
+    return model
+
+
+def _assert_block_gives_dense_output(fast, spec, x):
+    """An evolving block, run inside ``fast(x)``, gives the dense block's output for every token
+    (on the same input) while it ran fewer tokens."""
     blk = spec.analysis.module
     seen = {}
     h = blk.register_forward_hook(lambda m, i, o: seen.update(args=i, out=o))
     with torch.no_grad():
-        fast(torch.randn(2, 3, 224, 224))
+        fast(x)
         h.remove()
         assert 0 < spec.tokens_run < spec.analysis.num_tokens
         dense = spec.orig_class.forward(blk, *seen["args"])
     assert (seen["out"] - dense).abs().max() <= 1e-5
+
+
+def test_twins_windowed_blocks_keep_every_tokens_exact_attention_update():
+    """Twins' locally-grouped attention runs on the full map, and its projection and drop path
+    then run on every token: with the MLPs zeroed, an evolving windowed block gives exactly
+    the dense block's output for all tokens (kept or not)."""
+    model = _mlps_zeroed(timm.create_model("twins_svt_small", pretrained=False).eval())
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    spec = next(s for s in evoplug.get_report(fast).blocks if s.analysis.windowed and s.role == "evolve")
+    _assert_block_gives_dense_output(fast, spec, torch.randn(2, 3, 224, 224))
 
 
 def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_update():
@@ -467,22 +477,9 @@ def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_upd
     count): it runs on the full sequence, so with the MLPs zeroed an evolving mask-unit block
     gives exactly the dense block's output for all tokens, kept or not."""
     torch.manual_seed(0)
-    model = timm.create_model("hiera_tiny_224", pretrained=False).eval()
-    for m in model.modules():
-        if hasattr(m, "mlp"):
-            torch.nn.init.zeros_(m.mlp.fc2.weight)
-            torch.nn.init.zeros_(m.mlp.fc2.bias)
+    model = _mlps_zeroed(timm.create_model("hiera_tiny_224", pretrained=False).eval())
     fast = evoplug.convert(model, keep_ratio=0.5, start_block=1)
     specs = [s for s in evoplug.get_report(fast).blocks if s.analysis.windowed]
     assert [s.analysis.name for s in specs] == ["blocks.0", "blocks.2"]
-    spec = specs[1]
-    assert spec.role == "evolve"
-    blk = spec.analysis.module
-    seen = {}
-    h = blk.register_forward_hook(lambda m, i, o: seen.update(args=i, out=o))
-    with torch.no_grad():
-        fast(torch.randn(2, 3, 224, 224))
-        h.remove()
-        assert 0 < spec.tokens_run < spec.analysis.num_tokens
-        dense = spec.orig_class.forward(blk, *seen["args"])
-    assert (seen["out"] - dense).abs().max() <= 1e-5
+    assert specs[1].role == "evolve"
+    _assert_block_gives_dense_output(fast, specs[1], torch.randn(2, 3, 224, 224))
