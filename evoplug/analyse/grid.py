@@ -96,8 +96,8 @@ def _split_dims(shape, N: int) -> int:
 def _sequence_window_views(gm: fx.GraphModule, N: int):
     """Windows cut from the token sequence itself (Hiera: ``qkv(x).reshape(B, n, W, 3, h, d)``,
     back with ``.reshape(B, N, C)``): the reshape that splits the token dim is fed the full
-    sequence, the one that merges it back is read at the kept tokens (layout ``seq<k>``: dims
-    1..k are the tokens)."""
+    sequence (``('to', node, (1, 'seq'))``), the one that merges it back is read at the kept
+    tokens (layout ``seq<k>``: dims 1..k are the tokens)."""
     ops = []
     for n in gm.graph.nodes:
         if not is_reshape(n):
@@ -106,10 +106,9 @@ def _sequence_window_views(gm: fx.GraphModule, N: int):
         if si is None or so is None:
             continue
         if len(si) == 3 and si[1] == N and _split_dims(so, N):
-            n.meta["evo_sequence_windows"] = tuple(so[1:])   # sizes of the full sequence's cut
-            ops.append(("to", n, 1))
-        elif len(so) == 3 and so[1] == N and _split_dims(si, N):
-            ops.append(("from", n, (1, f"seq{_split_dims(si, N)}")))
+            ops.append(("to", n, (1, "seq")))
+        elif len(so) == 3 and so[1] == N and (k := _split_dims(si, N)):
+            ops.append(("from", n, (1, f"seq{k}")))
     return ops
 
 

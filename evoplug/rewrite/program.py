@@ -192,11 +192,13 @@ def _gather_map_terms(rw: _Rewrite):
             u.replace_input_with(term, gathered)
 
 
-def _to_map(rw: _Rewrite, node: fx.Node, dim: int):
+def _to_map(rw: _Rewrite, node: fx.Node, dim):
     """A (tokens -> grid) view gets the full map: the same token-wise ops re-run on the full
     input when the tokens come from it by such ops, else the kept tokens + the representative
-    token elsewhere."""
+    token elsewhere. ``dim``: the token dim, or ``(1, 'seq')`` for windows cut from the token
+    sequence itself."""
     graph, src = rw.graph, node.args[0]
+    dim, layout = dim if isinstance(dim, tuple) else (dim, None)
     src_full = _clone_token_wise_chain(graph, src, rw.root, rw.root_full)
     with graph.inserting_before(node):
         if src_full is not None:
@@ -205,13 +207,12 @@ def _to_map(rw: _Rewrite, node: fx.Node, dim: int):
             M = rw.a.grid[0] * rw.a.grid[1]
             canvas = graph.call_function(ev.to_canvas, (src, rw.pos, M, dim))
     node.replace_input_with(src, canvas)
-    sizes = node.meta.get("evo_sequence_windows")
-    if sizes is not None and node.op == "call_method":
+    if layout == "seq" and node.op == "call_method":
         # the cut's sizes are the full sequence's (Hiera computes its window count from the
         # token count, which the subset would give): the canvas is always the full sequence
         with graph.inserting_before(node):
             batch = graph.call_method("size", (canvas, 0))
-        node.args, node.kwargs = (canvas, batch, *sizes), {}
+        node.args, node.kwargs = (canvas, batch, *shape_of(node)[1:]), {}
 
 
 def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
