@@ -268,7 +268,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
         needs_pos=a.uses_pos or bool(a.plan.tensor_args),
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
-        idle_hook=registry.hook_is_idle)
+        idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
@@ -535,12 +535,14 @@ def format_report(report: ConversionReport) -> str:
     for s in report.blocks:
         a = s.analysis
         role = {"dense": "dense", "score": "dense + scores", "evolve": "evolving"}[s.role]
-        M = a.num_tokens - a.num_prefix
+        special = a.num_prefix + a.num_suffix
+        M = a.num_tokens - special
         toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle else \
-            f"{a.num_prefix + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
+            f"{special + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
         if s.index in idle:
             role = "evolving, no scores: dense"
-        rows.append((a.name, role, toks, str(a.num_prefix), a.attention,
+        rows.append((a.name, role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
+                     str(a.num_prefix), a.attention,
                      "; ".join(a.position_terms) or "-"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
@@ -549,7 +551,8 @@ def format_report(report: ConversionReport) -> str:
     lines.extend(fmt.format(*r) for r in rows)
     if report.blocks:
         a = report.blocks[0].analysis
-        lines.append(f"prefix tokens: {a.num_prefix} ({a.prefix_source}); global query: {a.global_query}; "
+        trailing = f", trailing tokens: {a.num_suffix}" if a.num_suffix else ""
+        lines.append(f"prefix tokens: {a.num_prefix}{trailing} ({a.prefix_source}); global query: {a.global_query}; "
                      f"q=`{a.q}`, k=`{a.k}` in the first block")
         if report.query_agreement:
             lines.append("global query chosen on the calibration images (top-1 agreement with dense: "

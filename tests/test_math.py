@@ -390,7 +390,7 @@ def _images(n=2, seed=15):
 
 def _attn_row(blk, x, P, mean_query):
     """This block's global-query attention over the tokens ``x`` (B, n, C), computed from its
-    qkv weights: softmax(q_g k^T * scale), mean over heads, keys after the P prefix tokens.
+    qkv weights: softmax(q_g k^T * scale), mean over heads, over all n keys.
     q_g = the cls query (query 0) or the mean of the patch queries (queries P..n-1)."""
     attn = blk.attn
     h = blk.norm1(x)
@@ -400,33 +400,38 @@ def _attn_row(blk, x, P, mean_query):
     q, k = attn.q_norm(q), attn.k_norm(k)
     qg = q[:, :, P:].mean(2, keepdim=True) if mean_query else q[:, :, :1]
     a = (qg @ k.transpose(-2, -1) * attn.scale).softmax(-1)       # (B, H, 1, n)
-    return a.mean(1)[:, 0, P:]
+    return a.mean(1)[:, 0]
 
 
 @torch.no_grad()
 def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every=None,
-                      representative=True, P=1, mean_query=False):
+                      representative=True, P=1, mean_query=False, S=0):
     """Evo-ViT written from the paper's rules. Returns (logits, tokens run per block as
-    evoplug reports them, smallest score gap at a top-k cut, the scoring row)."""
+    evoplug reports them, smallest score gap at a top-k cut, the scoring row). ``S`` special
+    tokens after the patches (``model`` a :class:`DetTokenViT`) are kept like the prefix."""
     if reselect_every is None:
         reselect_every = evoplug.EvoOptions().reselect_every
-    x = model.patch_embed(img)
-    x = model._pos_embed(x)
-    x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    if S:
+        x, blocks, head = model.tokens(img), model.vit.blocks, model.head
+    else:
+        x = model.patch_embed(img)
+        x = model._pos_embed(x)
+        x = model.patch_drop(x)
+        x = model.norm_pre(x)
+        blocks, head = model.blocks, lambda t: model.forward_head(model.norm(t))
     Bx, N_, C = x.shape
-    M = N_ - P
+    M = N_ - P - S
     k = ev.num_keep(M, keep)
     g = sel = first_row = None
     since = 0
     runs, gaps = [], []
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(blocks):
         if i < start_block - 1:                    # dense
             x = blk(x)
             runs.append(-1)
             continue
         if i == start_block - 1:                   # dense + first global attention: g = a
-            g = first_row = _attn_row(blk, x, P, mean_query)
+            g = first_row = _attn_row(blk, x, P, mean_query)[:, P:N_ - S]
             x = blk(x)
             runs.append(N_)
             continue
@@ -437,9 +442,9 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
             if k < M:
                 gaps.append(float((top.values[:, k - 1] - top.values[:, k]).min()))
             since = 0
-        xp = x[:, P:]
+        xp = x[:, P:N_ - S]
         picked = torch.stack([xp[b, sel[b]] for b in range(Bx)])
-        parts = [x[:, :P], picked]
+        parts = [x[:, :P], x[:, N_ - S:], picked]
         rep = None
         if representative and k < M:
             w = g.clone()
@@ -448,23 +453,23 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
             w = w / w.sum(1, keepdim=True)
             rep = (w[..., None] * xp).sum(1)       # r = sum_j w_j x_j
             parts.append(rep[:, None])
-        sub = torch.cat(parts, 1)                  # [prefix, selected, representative]
+        sub = torch.cat(parts, 1)                  # [prefix, trailing, selected, representative]
         out = blk(sub)                             # slow update: timm's own Block.forward
         # this block's global row over the subset's keys, at the selected tokens' columns
-        a = _attn_row(blk, sub, P, mean_query)[:, :k]
+        a = _attn_row(blk, sub, P, mean_query)[:, P + S:P + S + k]
         new = x.clone()
         if rep is not None:                        # fast update: x_j += r_after - r_before
-            new[:, P:] += (out[:, -1] - rep)[:, None]
+            new[:, P:N_ - S] += (out[:, -1] - rep)[:, None]
         new[:, :P] = out[:, :P]
+        new[:, N_ - S:] = out[:, P:P + S]
         g = g.clone()
         for b in range(Bx):
-            new[b, P + sel[b]] = out[b, P:P + k]   # selected tokens: their slow outputs
+            new[b, P + sel[b]] = out[b, P + S:P + S + k]   # selected tokens: their slow outputs
             g[b, sel[b]] = (1 - alpha) * g[b, sel[b]] + alpha * a[b]   # refresh selected only
         x = new
         since += 1
         runs.append(sub.shape[1])
-    x = model.norm(x)
-    return model.forward_head(x), runs, (min(gaps) if gaps else math.inf), first_row
+    return head(x), runs, (min(gaps) if gaps else math.inf), first_row
 
 
 def test_reference_harness_reproduces_the_model():
@@ -580,3 +585,79 @@ def test_cls_query_without_prefix_token_raises():
     fast = evoplug.convert(no_cls, example_input=x)   # auto -> mean query
     assert all(s.analysis.num_prefix == 0 and s.analysis.global_query == "mean"
                for s in evoplug.get_report(fast).blocks)
+
+
+# ------------------------------------------------------------------------------------------
+# 4. special tokens after the patches (YOLOS' detection tokens)
+# ------------------------------------------------------------------------------------------
+
+class DetTokenViT(nn.Module):
+    """A timm ViT with ``S`` learned detection tokens after the patches, as YOLOS lays them
+    out: [cls, patches, detection tokens]; the output is the normed cls and detection tokens.
+    ``where='middle'`` puts them between the patches instead (refused)."""
+
+    def __init__(self, vit, S=6, where="end"):
+        super().__init__()
+        self.vit, self.S, self.where = vit, S, where
+        self.det = nn.Parameter(torch.randn(1, S, vit.embed_dim, generator=_gen(4)))
+
+    def tokens(self, img):
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(img))))
+        det = self.det.expand(x.shape[0], -1, -1)
+        if self.where == "middle":
+            return torch.cat([x[:, :9], det, x[:, 9:]], 1)
+        return torch.cat([x, det], 1)
+
+    def head(self, x):
+        x = self.vit.norm(x)
+        return torch.cat([x[:, :1], x[:, -self.S:]], 1)
+
+    def forward(self, img):
+        return self.head(self.vit.blocks(self.tokens(img)))
+
+
+@pytest.mark.parametrize("keep,opts", [(0.5, {}), (0.25, dict(reselect_every=1)),
+                                       (0.5, dict(representative=False, start_block=2))],
+                         ids=["keep0.5", "keep0.25-reselect1", "keep0.5-placeholder-start2"])
+def test_trailing_special_tokens_match_reference(keep, opts):
+    """Detection tokens after the patches are found as tokens that do not come from the image
+    and kept on the slow path like the cls token, the patches between them ranked: the output
+    matches the paper's rules written out with both kinds of special tokens."""
+    model = DetTokenViT(tiny_vit())
+    x = _images()
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1], **opts)
+    blocks = evoplug.get_report(fast).blocks
+    assert all((s.analysis.num_prefix, s.analysis.num_suffix) == (1, 6) for s in blocks)
+    assert "1 leading and 6 trailing" in blocks[0].analysis.prefix_source
+    assert "1+6" in evoplug.explain(fast)
+    with torch.no_grad():
+        out = fast(x)
+    ref, runs, gap, _ = reference_forward(
+        model, x, keep, start_block=opts.get("start_block", 1), reselect_every=opts.get("reselect_every"),
+        representative=opts.get("representative", True), S=6)
+    assert gap > 1e-6
+    assert [s.tokens_run for s in blocks] == runs
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        assert (model(x) - out).abs().max() > 1e-2
+        kept = blocks[-1].context.sel                  # patch indices of the kept tokens
+        assert kept.shape == (2, ev.num_keep(64, keep)) and int(kept.max()) < 64
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=0)
+
+
+def test_special_tokens_between_the_patches_are_refused():
+    model = DetTokenViT(tiny_vit(), where="middle")
+    with pytest.raises(evoplug.ConversionError, match=r"tokens \[0, 9, 10, 11, 12, 13, 14\] of 71 do "
+                                                      "not come from the patch map and are neither"):
+        evoplug.convert(model, example_input=_images(1))
+
+
+def test_trailing_special_tokens_need_a_class_token():
+    """Without a class token the mean query of the patches would have to skip the trailing
+    tokens: refused by name rather than ranked with them."""
+    model = DetTokenViT(tiny_vit(class_token=False, global_pool="avg"))
+    with pytest.raises(evoplug.ConversionError, match="6 special tokens follow the patches and it "
+                                                      "has no class token"):
+        evoplug.convert(model, example_input=_images(1))

@@ -51,6 +51,9 @@ FAMILIES = {
     "swin": (lambda i: T.SwinModel(T.SwinConfig(attn_implementation=i, **SWIN)), 0),
     "swinv2": (lambda i: T.Swinv2Model(T.Swinv2Config(attn_implementation=i, **SWIN)), 0),
     "donut-swin": (lambda i: T.DonutSwinModel(T.DonutSwinConfig(attn_implementation=i, **SWIN)), 0),
+    # [cls, patches, detection tokens] (kept like the cls token), mid-layer position embeddings
+    "yolos": (lambda i: T.YolosForObjectDetection(T.YolosConfig(
+        num_detection_tokens=10, attn_implementation=i, **dict(FLAT, image_size=[32, 32]))), 1),
 }
 
 
@@ -137,13 +140,25 @@ def test_vitmae_with_masking_keeps_its_cls_token_out_of_the_ranking():
     assert "do not come from the patch map" in blocks[0].analysis.prefix_source
 
 
-def test_detection_tokens_after_the_patches_are_refused_by_name():
-    """YOLOS lays out [cls, patches, detection tokens]: trailing special tokens cannot be kept
-    as a prefix, and ranking them as patches would be wrong, so every layer is refused."""
-    model = T.YolosModel(T.YolosConfig(image_size=[32, 32], patch_size=4, num_detection_tokens=10, **S)).eval()
-    with pytest.raises(evoplug.ConversionError, match=r"encoder\.layer\.0`: tokens \[0, 65, .*74\] of 75 "
-                                                      "do not come from the patch map and are not all leading"):
-        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+def test_yolos_detection_tokens_stay_on_the_slow_path():
+    """YOLOS lays out [cls, 64 patches, 10 detection tokens]: the detection tokens are found as
+    tokens that do not come from the image, kept with the cls token, and only the patches are
+    ranked: an evolving layer runs 1 + 10 + 32 kept + 1 representative tokens, and its kept
+    tokens are patches. Boxes and class logits come from the detection tokens' slow path."""
+    torch.manual_seed(0)
+    model = _randomise(T.YolosForObjectDetection(T.YolosConfig(
+        num_detection_tokens=10, **dict(FLAT, image_size=[32, 32])))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    blocks = evoplug.get_report(fast).blocks
+    assert [(s.num_prefix, s.num_suffix) for s in blocks] == [(1, 10)] * 4
+    with torch.no_grad():
+        dense, out = model(x), fast(x)
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [75, 44, 44, 44]
+    kept = blocks[-1].context.sel
+    assert kept.shape == (2, 32) and int(kept.min()) >= 0 and int(kept.max()) < 64
+    assert out.pred_boxes.shape == dense.pred_boxes.shape == (2, 10, 4)
+    assert 1e-4 < float((out.logits - dense.logits).abs().max()) and torch.isfinite(out.pred_boxes).all()
 
 
 def test_kwargs_not_seen_at_conversion_are_refused_by_name():

@@ -43,7 +43,8 @@ from ..integrations.registry import hint
 from ..runtime.call import CallPlan
 from .attention import AttentionSite, find_attention
 from .calibrate import ModuleCall
-from .discover import detect_prefix, modules_to_trace, patch_grid, resolve_global_query
+from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
+                       special_rows)
 from .graph import ancestors, module_of, shape_of, softmax_dim
 from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
 from .probes import check_no_mixing_outside_attention
@@ -61,6 +62,7 @@ class BlockAnalysis:
     num_tokens: int
     dim: int
     num_prefix: int = 0
+    num_suffix: int = 0              # trailing special tokens (YOLOS' detection tokens)
     prefix_source: str = ""
     global_query: str = "cls"        # 'cls' (query 0) or 'mean' (mean query of the patch tokens)
     grid: Optional[Tuple[int, int]] = None   # patch grid (h, w) of the M patch tokens, if known
@@ -126,8 +128,24 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    _check_trailing_tokens(a, grid_ops)
     check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
     return a, gm
+
+
+def _check_trailing_tokens(a: BlockAnalysis, grid_ops):
+    """Trailing special tokens are kept like the prefix by a block on a token sequence ranked
+    by its class token; where the patches' place in the sequence matters otherwise (a 2-D map
+    of them, windows, a mean query over them) they are refused by name."""
+    if not a.num_suffix:
+        return
+    why = ("its tokens are made into a 2-D map" if grid_ops or a.windowed or a.row_full else
+           "it has no class token to rank the patches with (the mean query of the patches would "
+           "need them contiguous)" if a.global_query != "cls" else None)
+    if why:
+        raise AnalysisError(a.name, f"{a.num_suffix} special tokens follow the patches and {why}:"
+                                    " evoplug keeps trailing tokens only in blocks on a token "
+                                    "sequence ranked by a class token")
 
 
 def gm_token(gm: fx.GraphModule) -> fx.Node:
@@ -162,11 +180,13 @@ def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,
         return
     if num_prefix_override is not None:
         a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
+        a.num_suffix = special_rows(a.name, calls, a.num_tokens)[1]
     else:
-        a.num_prefix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens)
-    if a.num_prefix >= a.num_tokens:
-        raise AnalysisError(a.name, f"{a.num_prefix} prefix tokens but only {a.num_tokens} tokens")
-    a.grid = patch_grid(call, calls, a.num_tokens - a.num_prefix, model)
+        a.num_prefix, a.num_suffix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens)
+    if a.num_prefix + a.num_suffix >= a.num_tokens:
+        raise AnalysisError(a.name, f"{a.num_prefix + a.num_suffix} special tokens but only "
+                                    f"{a.num_tokens} tokens")
+    a.grid = patch_grid(call, calls, a.num_tokens - a.num_prefix - a.num_suffix, model)
 
 
 def _describe_map_operations(a: BlockAnalysis, grid_ops):

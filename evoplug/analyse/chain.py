@@ -26,6 +26,7 @@ def chain_links(analysed: Sequence[BlockAnalysis], calls: CallRecord) -> List[Op
     pairs = [i for i in range(len(analysed) - 1)
              if _can_hand_on(analysed[i]) and _can_hand_on(analysed[i + 1])
              and analysed[i].num_prefix == analysed[i + 1].num_prefix
+             and analysed[i].num_suffix == analysed[i + 1].num_suffix
              and analysed[i].num_tokens == analysed[i + 1].num_tokens
              and _feeds_only(analysed[i], analysed[i + 1], calls)]
     held = _held_elsewhere([calls[id(analysed[i].module)].output for i in pairs], calls)

@@ -199,10 +199,13 @@ def modules_to_trace(calls: Dict[int, ModuleCall]) -> Set[int]:
 
 
 def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
-                  num_tokens: int) -> Tuple[int, str]:
-    """Number of leading prefix tokens at this block: N minus the patch grid (h*w) of the last
-    4-D feature map produced before the block ran; else what the model declares (a family
-    hint: ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else 0."""
+                  num_tokens: int) -> Tuple[int, int, str]:
+    """Leading prefix tokens P and trailing special tokens S at this block (YOLOS' detection
+    tokens after the patches): the tokens a perturbation of the patch map leaves unchanged
+    (calibrate.token_provenance), which must lead or trail; else N minus the patch grid (h*w)
+    of the last 4-D feature map produced before the block ran, all leading; else what the
+    model declares (a family hint: ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``,
+    ...); else 0."""
     grid = None
     inside = inside_attention(model, calls) if model is not None else set()
     for mid, c in calls.items():
@@ -212,23 +215,37 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
             if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
                 if grid is None or c.order > grid[0]:
                     grid = (c.order, hw, c.name, fm)
-    untouched = getattr(calls, "derived", {}).get("untouched")
-    if untouched is not None and untouched[0] == num_tokens:
-        rows = untouched[1]
-        if rows != tuple(range(len(rows))):
-            raise AnalysisError(
-                call.name, f"tokens {list(rows)} of {num_tokens} do not come from the patch map "
-                "and are not all leading (e.g. detection tokens after the patches): evoplug keeps "
-                "leading special tokens and ranks the others as patches, which would be wrong "
-                "here")
-        if grid is None and rows:      # no grid matched (a masked token set): the special ones
-            return len(rows), "tokens that do not come from the patch map (no patch grid matched)"
+    lead, trail = special_rows(call.name, calls, num_tokens)
+    if trail:
+        return lead, trail, (f"{lead} leading and {trail} trailing tokens that do not come from "
+                             "the patch map")
+    if lead is not None and grid is None and lead:   # no grid matched (a masked token set)
+        return lead, 0, "tokens that do not come from the patch map (no patch grid matched)"
     if grid is not None:
-        return num_tokens - grid[1], f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
+        return num_tokens - grid[1], 0, f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
     declared, family = hint(model, "num_prefix_tokens")
     if declared is not None:
-        return int(declared), f"declared by the model ({family} hints)"
-    return 0, "assumed 0 (no patch grid found)"
+        return int(declared), 0, f"declared by the model ({family} hints)"
+    return 0, 0, "assumed 0 (no patch grid found)"
+
+
+def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int):
+    """(leading, trailing) counts of the tokens that do not come from the patch map, as the
+    provenance forward found them for blocks of ``num_tokens`` tokens; (None, 0) when it did
+    not run. Special tokens elsewhere (between the patches) are refused: evoplug keeps the
+    leading and trailing ones and ranks the others as patches, which would be wrong."""
+    untouched = getattr(calls, "derived", {}).get("untouched")
+    if untouched is None or untouched[0] != num_tokens:
+        return None, 0
+    rows = untouched[1]
+    lead = next((i for i, r in enumerate(rows) if r != i), len(rows))
+    trail = len(rows) - lead
+    if rows[lead:] != tuple(range(num_tokens - trail, num_tokens)):
+        raise AnalysisError(
+            name, f"tokens {list(rows)} of {num_tokens} do not come from the patch map and are "
+            "neither leading nor trailing: evoplug keeps leading and trailing special tokens and "
+            "ranks the others as patches, which would be wrong here")
+    return lead, trail
 
 
 def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:

@@ -154,16 +154,17 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             if err > atol * scale:
                 raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
             B, N, C = x.shape
-            P = a.num_prefix
-            M = N - P
+            P, S = a.num_prefix, a.num_suffix
+            M = N - P - S
             want = (B, 1, M if a.row_full else N)    # over the patches of the full map, or the keys
             if row is not None and row.shape != want:
                 raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {want}")
             gen = torch.Generator().manual_seed(0)
             perm = torch.randperm(M, generator=gen).to(x.device)
-            pos = torch.cat([torch.arange(P, device=x.device), perm + P]).expand(B, N)
+            special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
+            pos = torch.cat([special, perm + P]).expand(B, N)    # the runtime's order
             xp = x.gather(1, pos[..., None].expand(-1, -1, C))
-            ex = {n: gather_extra(a.name, n, t, pos, N, P) for n, t in extras.items()}
+            ex = {n: gather_extra(a.name, n, t, pos, N, P, S) for n, t in extras.items()}
             outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
             err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
             if err > atol * scale:
@@ -172,9 +173,9 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
                             f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
                             "attention or has a position-dependent term evoplug cannot follow")
             k = max(1, M // 2)
-            sub_pos = pos[:, :P + k + 1] if k + 1 <= M else pos
+            sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
-            ex = {n: gather_extra(a.name, n, t, sub_pos, N, P) for n, t in extras.items()}
+            ex = {n: gather_extra(a.name, n, t, sub_pos, N, P, S) for n, t in extras.items()}
             outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")

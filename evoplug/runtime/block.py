@@ -80,6 +80,7 @@ class BlockSpec:
     #                            does nothing now (transformers' output capturing, see
     #                            integrations/): not counted by hooked() / observed()
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
+    num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -227,14 +228,14 @@ class EvoBlockMixin:
         tokens, new state, the other items of a tuple-returning block)."""
         spec = self._evoplug_spec
         B, N, C = x.shape
-        P = spec.num_prefix
-        M = N - P
+        P, S = spec.num_prefix, spec.num_suffix
+        M = N - P - S
         k = ev.num_keep(M, opt.keep_ratio)
         g, sel = state.g, state.selection
         if g is not None and g.shape[0] == B and g.shape[-1] != N and role == "evolve":
             # a new stage of a pyramid: pool the scores onto this stage's grid
-            pooled = ev.carry_scores(ev.patch_scores(ev.current_scores(g, sel), state.num_prefix),
-                                     state.grid, spec.grid)
+            pooled = None if S or state.num_suffix else ev.carry_scores(
+                ev.patch_scores(ev.current_scores(g, sel), state.num_prefix), state.grid, spec.grid)
             g = None if pooled is None else ev.first_scores(pooled[:, None], spec.runtime.ranks(P, x.device), True)
             sel = None
         if role == "score" or g is None or g.shape != (B, 1, N):
@@ -242,9 +243,9 @@ class EvoBlockMixin:
         if k >= M and opt.identity_fast_path:
             return self._dense(x, extras, program, state, ev.current_scores(g, sel))
         since = state.since_select
-        if sel is None or sel.top.shape[-1] != P + k or since % opt.reselect_every == 0:
+        if sel is None or sel.top.shape[-1] != P + S + k or since % opt.reselect_every == 0:
             g = ev.current_scores(g, sel)
-            sel = ev.select(g, k, P, C, opt.representative and k < M, spec.needs_pos)
+            sel = ev.select(g, k, P + S, C, opt.representative and k < M, spec.needs_pos)
             since = 0
         rep = ev.representative(x, sel)
         return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)
@@ -256,28 +257,31 @@ class EvoBlockMixin:
         out, row, *more = program(self, *spec.call.feed(x, extras), None, None)
         spec.tokens_run = x.shape[1]
         if row is not None:
-            row = ev.first_scores(row, spec.runtime.ranks(spec.num_prefix, x.device), spec.full_row)
+            S = spec.num_suffix
+            row = ev.first_scores(row, spec.runtime.ranks(spec.num_prefix + S, x.device),
+                                  spec.full_row, S)
             g = row if g is None else ev.update_scores(g, row, state.plan.options.trade_off)
-        new = EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix)
+        new = EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix,
+                       num_suffix=spec.num_suffix)
         return out, new, (more[1] if len(more) > 1 else ())
 
     def _run(self, sub, extras, program, state: EvoState, sel, g, since: int, x0, rep0):
         """The slow path on ``sub`` [prefix, kept, representative], then either the original
         order restored (fast update) or, inside a segment, ``sub``'s output handed on."""
         spec = self._evoplug_spec
-        P = spec.num_prefix
+        P, S = spec.num_prefix, spec.num_suffix
         opt = state.plan.options
         N = x0.shape[1]
-        sub_extras = {n: gather_extra(spec.name, n, t, sel.pos, N, P) for n, t in extras.items()}
+        sub_extras = {n: gather_extra(spec.name, n, t, sel.pos, N, P, S) for n, t in extras.items()}
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
             kept = ev.row_at_kept(row, sel, P) if spec.full_row else ev.row_of_kept(row, sel, P)
-            sel = ev.refresh(sel, kept, spec.runtime.score_weight(opt.trade_off, P, sel.vals.shape[-1],
-                                                                   row.device))
+            sel = ev.refresh(sel, kept, spec.runtime.score_weight(opt.trade_off, P + S,
+                                                                   sel.vals.shape[-1], row.device))
         since += 1
         spec.tokens_run = sub.shape[1]
-        new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P)
+        new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P, num_suffix=S)
         if since % opt.reselect_every and self._hands_on(state.plan):
             return out_sub, new._replace(segment=Segment(out_sub, x0, rep0, tuple(out_sub.shape))), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
@@ -348,18 +352,20 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
     return state
 
 
-def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int):
+def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int,
+                 S: int = 0):
     """Other tensor arguments of the block follow the selected tokens: a trailing (N, N) pair
     (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
-    size M = N - P (patch-only terms such as EVA's rotary embedding) by patch index."""
+    size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
+    subset's P + S special tokens come first)."""
     if t.dim() >= 2 and t.shape[-1] == N and t.shape[-2] == N:
         return ev.gather_pair_bias(t, pos)
     for dim, size in enumerate(t.shape):
         if size == N:
             return ev.gather_token_arg(t, pos, dim)
     for dim, size in enumerate(t.shape):
-        if size == N - P:
-            return ev.gather_token_arg(t, pos[:, P:] - P, dim)
+        if size == N - P - S:
+            return ev.gather_token_arg(t, pos[:, P + S:] - P, dim)
     raise EvoplugError(f"{block}: tensor argument {name!r} of shape {tuple(t.shape)} has no "
                        f"token dimension ({N} tokens); evoplug cannot make it follow the tokens")
 

@@ -438,21 +438,26 @@ def prefix_ranks(num_prefix: int, device) -> Tensor:
     return torch.arange(num_prefix, 0, -1, dtype=torch.float32, device=device).mul_(PREFIX_RANK).view(1, 1, -1)
 
 
-def first_scores(row: Tensor, ranks: Optional[Tensor], full_row: bool) -> Tensor:
-    """Scores g (B, 1, N) from the first global row: the row over all N keys (prefix entries
-    replaced by the rank constants ``ranks`` (1, 1, P)), or over the M patch tokens
-    (``full_row``: windowed rows, keys of a reduced map) with the constants in front."""
+def first_scores(row: Tensor, ranks: Optional[Tensor], full_row: bool, num_suffix: int = 0) -> Tensor:
+    """Scores g (B, 1, N) from the first global row: the row over all N keys (the entries of
+    the P prefix and S trailing special tokens replaced by the rank constants ``ranks``
+    (1, 1, P + S)), or over the M patch tokens (``full_row``: windowed rows, keys of a reduced
+    map; no trailing tokens there) with the constants in front."""
     if ranks is None:
         return row
-    B, P = row.shape[0], ranks.shape[-1]
+    B, P = row.shape[0], ranks.shape[-1] - num_suffix
     if full_row:
         return torch.cat([ranks.expand(B, 1, P), row], -1)
+    if num_suffix:
+        N = row.shape[-1]
+        row = row.slice_scatter(ranks[..., P:].expand(B, 1, num_suffix), -1, N - num_suffix, N)
+        return row if not P else row.slice_scatter(ranks[..., :P].expand(B, 1, P), -1, 0, P)
     return row.slice_scatter(ranks.expand(B, 1, P), -1, 0, P)
 
 
-def patch_scores(g: Tensor, num_prefix: int) -> Tensor:
+def patch_scores(g: Tensor, num_prefix: int, num_suffix: int = 0) -> Tensor:
     """The patch tokens' scores (B, M) of token scores g (B, 1, N)."""
-    return g[:, 0, num_prefix:]
+    return g[:, 0, num_prefix:g.shape[-1] - num_suffix]
 
 
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
@@ -476,7 +481,8 @@ def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
 class Selection(NamedTuple):
     """What one top-k selection fixes until the next: the prefix and kept tokens, their scores
     and the representative token's weights."""
-    top: Tensor                 # (B, 1, P+k) token positions of the prefix, then the kept tokens
+    top: Tensor                 # (B, 1, P+k) token positions of the P special tokens (prefix,
+    #                             then trailing ones), then of the kept tokens
     index: Tensor               # (B, P+k, C): ``top`` over the channels, to gather / scatter rows
     vals: Tensor                # (B, 1, P+k) their scores, refreshed by every block that runs them
     weights: Optional[Tensor]   # (B, 1, N) representative weights (0 on prefix and kept, sum 1)

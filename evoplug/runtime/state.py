@@ -51,20 +51,21 @@ class EvoState(NamedTuple):
     grid: Optional[Tuple[int, int]] = None  # patch grid the scores live on
     num_prefix: int = 0
     segment: Optional[Segment] = None       # set while tokens travel in the selection's order
+    num_suffix: int = 0                     # trailing special tokens (after the patches)
 
     @property
     def scores(self) -> Optional[torch.Tensor]:
         """The patch tokens' global attention (B, M), float32, in the original order."""
         if self.g is None:
             return None
-        return patch_scores(current_scores(self.g, self.selection), self.num_prefix)
+        return patch_scores(current_scores(self.g, self.selection), self.num_prefix, self.num_suffix)
 
     @property
     def sel(self) -> Optional[torch.Tensor]:
         """The kept patch tokens (B, k), by decreasing score (patch indices, original order)."""
         if self.selection is None:
             return None
-        return self.selection.top[:, 0, self.num_prefix:] - self.num_prefix
+        return self.selection.top[:, 0, self.num_prefix + self.num_suffix:] - self.num_prefix
 
 
 def _in_backward() -> bool:

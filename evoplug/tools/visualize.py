@@ -173,7 +173,7 @@ def record_selection(model, x: torch.Tensor) -> SelectionRecord:
         for h in handles:
             h.remove()
     a = evolving[0].analysis
-    M = a.num_tokens - a.num_prefix
+    M = a.num_tokens - a.num_prefix - a.num_suffix
     state = report.blocks[0].context          # what this thread's forward left
     scores = state.scores if state is not None else None
     if scores is None or scores.shape != (x.shape[0], M):
