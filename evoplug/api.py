@@ -47,6 +47,13 @@ class ConversionReport:
     def __str__(self) -> str:
         return format_report(self)
 
+    @property
+    def unscored(self) -> List[str]:
+        """The evolving blocks no global scores reach under the options in force: they run
+        every token (``explain()`` marks them; a strict conversion refuses them)."""
+        idle = unscored([s.analysis for s in self.blocks], [s.role for s in self.blocks])
+        return [self.blocks[i].name for i in idle]
+
 
 def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, images=None,
             strict: bool = True, inplace: bool = False, **options) -> nn.Module:
@@ -325,7 +332,7 @@ def _calibrate(model: nn.Module, example_input):
                               f"the model{hint}: {type(e).__name__}: {e}") from e
     candidates, failed, skipped = find_blocks(model, calls)
     if candidates:
-        token_provenance(model, example_input, calls, candidates[0][1])
+        token_provenance(model, example_input, calls, [c[1] for c in candidates])
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 
@@ -390,7 +397,8 @@ def unscored(analyses, roles) -> List[int]:
         if role == "dense":
             continue
         if role == "evolve" and have and a.num_tokens != prev.num_tokens:
-            have = prev.grid is not None and a.grid is not None     # ev.carry_scores
+            have = (prev.grid is not None and a.grid is not None     # ev.carry_scores
+                    and not (prev.num_suffix or a.num_suffix))
         if role == "score" or not have:
             if role == "evolve":
                 out.append(i)

@@ -101,13 +101,22 @@ def test_float32_rounding_the_model_amplifies_is_a_warning():
 
 def test_the_check_finds_blocks_that_no_scores_reach(monkeypatch):
     """Swinv2 with its windows not mapped (see test_pyramid): the strict conversion refuses it,
-    the check converts with strict=False and reports the blocks that run every token."""
+    the check converts with strict=False and reports the blocks that run every token: a
+    warning where explain() says so (the report's ``unscored``), a problem where it does not."""
     from evoplug.analyse import grid
+    from evoplug.runtime import block as runtime_block
     monkeypatch.setattr(grid, "_LINEAR", ())
     model = timm.create_model("swinv2_tiny_window8_256", pretrained=False).eval()
     r = check_conversion(model)
-    assert r.status == "WRONG" and "no global attention row" in r.refused
-    assert any("7 evolving block(s) ran every token" in p for p in r.problems), str(r)
+    assert r.status == "partly" and "no global attention row" in r.refused and not r.problems
+    assert any("7 evolving block(s) ran every token, as explain() says" in w for w in r.warnings), str(r)
+    # a block that runs every token where explain() says it evolves is a problem
+    dense = runtime_block.EvoBlockMixin._dense
+    monkeypatch.setattr(runtime_block.EvoBlockMixin, "_evolve",
+                        lambda self, x, extras, program, state, role, opt:
+                        dense(self, x, extras, program, state, None))
+    r = check_conversion(model)
+    assert r.status == "WRONG" and any("ran every token: [" in p for p in r.problems), str(r)
 
 
 def test_the_check_reports_a_refusal():

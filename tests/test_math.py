@@ -661,3 +661,34 @@ def test_trailing_special_tokens_need_a_class_token():
     with pytest.raises(evoplug.ConversionError, match="6 special tokens follow the patches and it "
                                                       "has no class token"):
         evoplug.convert(model, example_input=_images(1))
+
+
+class LateDetTokenViT(DetTokenViT):
+    """Detection tokens appended after the second block: the blocks after it see 71 tokens,
+    7 more than the 8x8 patch map, of which only the cls token leads."""
+
+    def forward(self, img):
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(img))))
+        x = v.blocks[1](v.blocks[0](x))
+        x = torch.cat([x, self.det.expand(x.shape[0], -1, -1)], 1)
+        return self.head(v.blocks[3](v.blocks[2](x)))
+
+
+def test_special_tokens_of_a_later_stage_are_found_where_they_are():
+    """The provenance forward reads every token count's first block, not only the first block:
+    the 71-token blocks keep the cls token and the 6 trailing detection tokens and rank the 64
+    patches (a patch-grid count alone would take 7 leading tokens, cls and 6 patches, for the
+    prefix and rank the detection tokens as patches)."""
+    model = LateDetTokenViT(tiny_vit())
+    x = _images()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1, strict=False)
+    report = evoplug.get_report(fast)
+    assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks] == \
+        [(1, 0), (1, 0), (1, 6), (1, 6)]
+    assert report.unscored == ["vit.blocks.2"]    # a new token set: the scores start again
+    with torch.no_grad():
+        fast(x)
+    assert [s.tokens_run for s in report.blocks] == [65, 34, 71, 40]   # 1 + 6 + 32 + 1
+    kept = report.blocks[3].context.sel
+    assert kept.shape == (2, 32) and int(kept.max()) < 64

@@ -192,19 +192,28 @@ def _tensors_in(obj, depth: int = 4):
 _PROVENANCE_TOLERANCE = 1e-4
 
 
-def token_provenance(model: nn.Module, example_input, calls: CallRecord, block: nn.Module):
-    """Which token rows of ``block``'s input come from the image: one more eager forward (eval,
-    no grad) in which the first 4-D map the model computes (outside attention: the patch
-    embedding's, or a convolutional stem's first) gets random noise added; the rows of the block's token input that stay the same
-    are the tokens that are not patches (cls, distillation, registers, detection tokens).
-    Stored as ``calls.derived['untouched'] = (N, rows)``; nothing when the block has no (B, N, C)
-    input or no map runs before it. (Evo-ViT ranks patches and keeps the other tokens: a token
-    that is neither leading nor a patch would be ranked as one, see discover.detect_prefix.)"""
-    first = calls.get(id(block))
-    x = first.args[0] if first is not None and first.args else None
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Which token rows of the blocks' inputs come from the image: one more eager forward
+    (eval, no grad) in which the first 4-D map the model computes (outside attention: the patch
+    embedding's, or a convolutional stem's first) gets random noise added; the rows of a block's
+    token input that stay the same are the tokens that are not patches (cls, distillation,
+    registers, detection tokens, the learned group tokens a later stage appends). Read at the
+    first of ``blocks`` (candidate blocks, in execution order) with each token count N.
+    Stored as ``calls.derived['untouched'] = {N: rows}``; nothing for a block without a
+    (B, N, C) input, nothing at all when no map runs before the first block. (Evo-ViT ranks
+    patches and keeps the other tokens: a token that is neither leading, trailing nor a patch
+    would be ranked as one, see discover.special_rows.)"""
+    firsts, inputs = {}, {}
+    for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
+                        key=lambda b: calls[id(b)].order):
+        c = calls.get(id(block))
+        x = c.args[0] if c is not None and c.args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in firsts:
+            firsts[x.shape[1]] = (block, x)
+    if not firsts:
         return
-    source = _first_feature_map(model, calls, first.order)
+    first_order = min(calls[id(b)].order for b, _ in firsts.values())
+    source = _first_feature_map(model, calls, first_order)
     if source is None:
         return
     seen = {}
@@ -214,10 +223,13 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, block: 
         return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
             out.float().std() + 1.0).to(out.dtype)
 
-    def capture(_m, args):
-        seen.setdefault("x", args[0] if args else None)
+    def capture(n):
+        def hook(_m, args):      # returns None: the block's arguments stay as they are
+            seen.setdefault(n, args[0] if args else None)
+        return hook
 
-    handles = [source.register_forward_hook(perturb), block.register_forward_pre_hook(capture)]
+    handles = [source.register_forward_hook(perturb)] + [
+        b.register_forward_pre_hook(capture(n)) for n, (b, _) in firsts.items()]
     was = model.training
     model.eval()
     try:
@@ -229,13 +241,14 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, block: 
         for h in handles:
             h.remove()
         model.train(was)
-    y = seen.get("x")
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return
-    change = (y.float() - x.float()).abs().amax(dim=(0, 2))
-    scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
-    rows = tuple(int(i) for i in torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten())
-    calls.derived["untouched"] = (x.shape[1], rows)
+    for n, (_, x) in firsts.items():
+        y = seen.get(n)
+        if isinstance(y, torch.Tensor) and y.shape == x.shape:
+            change = (y.float() - x.float()).abs().amax(dim=(0, 2))
+            scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
+            rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
+            inputs[n] = tuple(int(i) for i in rows)
+    calls.derived["untouched"] = inputs
 
 
 def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):

@@ -202,10 +202,11 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
                   num_tokens: int) -> Tuple[int, int, str]:
     """Leading prefix tokens P and trailing special tokens S at this block (YOLOS' detection
     tokens after the patches): the tokens a perturbation of the patch map leaves unchanged
-    (calibrate.token_provenance), which must lead or trail; else N minus the patch grid (h*w)
-    of the last 4-D feature map produced before the block ran, all leading; else what the
-    model declares (a family hint: ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``,
-    ...); else 0."""
+    (calibrate.token_provenance), which must lead or trail (with trailing ones, P is the
+    larger of the leading ones and N minus the patch grid minus S: a cls token that has seen
+    the image changes with it); else N minus the patch grid (h*w) of the last 4-D feature map
+    produced before the block ran, all leading; else what the model declares (a family hint:
+    ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else 0."""
     grid = None
     inside = inside_attention(model, calls) if model is not None else set()
     for mid, c in calls.items():
@@ -216,7 +217,11 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
                 if grid is None or c.order > grid[0]:
                     grid = (c.order, hw, c.name, fm)
     lead, trail = special_rows(call.name, calls, num_tokens)
-    if trail:
+    if trail:   # a later stage's cls token has seen the image: the patch grid counts it
+        if grid is not None and num_tokens - grid[1] - trail > lead:
+            return num_tokens - grid[1] - trail, trail, (
+                f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`, {trail} of the tokens "
+                "that do not come from the patch map trailing")
         return lead, trail, (f"{lead} leading and {trail} trailing tokens that do not come from "
                              "the patch map")
     if lead is not None and grid is None and lead:   # no grid matched (a masked token set)
@@ -234,10 +239,9 @@ def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int):
     provenance forward found them for blocks of ``num_tokens`` tokens; (None, 0) when it did
     not run. Special tokens elsewhere (between the patches) are refused: evoplug keeps the
     leading and trailing ones and ranks the others as patches, which would be wrong."""
-    untouched = getattr(calls, "derived", {}).get("untouched")
-    if untouched is None or untouched[0] != num_tokens:
+    rows = getattr(calls, "derived", {}).get("untouched", {}).get(num_tokens)
+    if rows is None:
         return None, 0
-    rows = untouched[1]
     lead = next((i for i, r in enumerate(rows) if r != i), len(rows))
     trail = len(rows) - lead
     if rows[lead:] != tuple(range(num_tokens - trail, num_tokens)):

@@ -17,7 +17,8 @@ trained weights, its declared input or ``example_input``; batch 2, float32, the 
   a warning, the same computation in float32's rounding; beyond, a problem;
 * **keep** ``keep_ratio`` gives the original output's shape and finite values, and every block
   planned to evolve runs fewer tokens than it has (one that runs them all was reached by no
-  global scores);
+  global scores: a warning where the report's ``unscored`` says so, as ``explain()`` does, a
+  problem where it does not);
 * **batch independence**: the first image alone gives what it gave in the batch of two (a
   selection or copy that mixed the images of a batch would not), within ``batch_bound``
   (relative to the output's largest value);
@@ -212,8 +213,13 @@ def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound,
                               f"{tuple(ref.shape)}), finite: {bool(torch.isfinite(out).all())}")
             return
         idle = [s.analysis.name for s in evolving if s.tokens_run == s.analysis.num_tokens]
+        said = [n for n in idle if n in report.unscored]     # what explain() says they do
+        idle = [n for n in idle if n not in said]
         if keep_ratio < 1 and idle:
             r.problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
+        if keep_ratio < 1 and said:
+            r.warnings.append(f"{len(said)} evolving block(s) ran every token, as explain() "
+                              f"says (no global scores reach them): {said[:3]}")
         r.rel_change = float((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
         if keep_ratio < 1 and evolving and r.rel_change <= 1e-6 and bool(ref.any()):
             r.warnings.append(f"keep {keep_ratio} changes the output by {r.rel_change:.1e} only "
