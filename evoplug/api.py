@@ -275,7 +275,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
         needs_pos=a.uses_pos or bool(a.plan.tensor_args),
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
-        idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix)
+        idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive

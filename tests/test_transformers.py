@@ -51,6 +51,8 @@ FAMILIES = {
     "swin": (lambda i: T.SwinModel(T.SwinConfig(attn_implementation=i, **SWIN)), 0),
     "swinv2": (lambda i: T.Swinv2Model(T.Swinv2Config(attn_implementation=i, **SWIN)), 0),
     "donut-swin": (lambda i: T.DonutSwinModel(T.DonutSwinConfig(attn_implementation=i, **SWIN)), 0),
+    # rotary (cos, sin) tables (N, d) without a batch dim, lined up with (B, N, heads, d) inside
+    "mlcd": (lambda i: T.MLCDVisionModel(T.MLCDVisionConfig(attn_implementation=i, **FLAT)), 1),
     # [cls, patches, detection tokens] (kept like the cls token), mid-layer position embeddings
     "yolos": (lambda i: T.YolosForObjectDetection(T.YolosConfig(
         num_detection_tokens=10, attn_implementation=i, **dict(FLAT, image_size=[32, 32]))), 1),
@@ -159,6 +161,40 @@ def test_yolos_detection_tokens_stay_on_the_slow_path():
     assert kept.shape == (2, 32) and int(kept.min()) >= 0 and int(kept.max()) < 64
     assert out.pred_boxes.shape == dense.pred_boxes.shape == (2, 10, 4)
     assert 1e-4 < float((out.logits - dense.logits).abs().max()) and torch.isfinite(out.pred_boxes).all()
+
+
+def test_mlcd_rotary_tables_follow_each_images_tokens():
+    """MLCD hands its layers rotary tables (N, d) without a batch dim and lines them up with the
+    queries itself (``cos.unsqueeze(0)`` ... ``.unsqueeze(-2)``): the program takes them whole
+    and gathers them where they are lined up, per image. A layer's program on a token subset
+    gives what the original layer gives on each image's subset with its rows of the tables."""
+    torch.manual_seed(0)
+    model = _randomise(T.MLCDVisionModel(T.MLCDVisionConfig(**FLAT))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    spec = evoplug.get_report(fast).blocks[2]
+    assert spec.whole_args == ("position_embeddings__0", "position_embeddings__1")
+    seen = {}
+    layer = spec.analysis.module
+    hook = layer.register_forward_pre_hook(lambda m, a, kw: seen.update(args=a, kwargs=kw),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        fast(x)
+    hook.remove()
+    hidden, extras = spec.call.bind(spec.name, seen["args"], seen["kwargs"])
+    cos, sin = extras["position_embeddings__0"], extras["position_embeddings__1"]
+    g = torch.Generator().manual_seed(3)
+    pos = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(64, generator=g)[:20] + 1])
+                       for _ in range(2)])                                  # cls + 20 patches each
+    sub = hidden.gather(1, pos[..., None].expand(-1, -1, hidden.shape[-1]))
+    with torch.no_grad():
+        out = spec.programs[False](layer, *spec.call.feed(sub, extras), pos, hidden)[0]
+        ref = torch.cat([spec.orig_class.forward(layer, sub[b:b + 1], (cos[pos[b]], sin[pos[b]]))
+                         for b in range(2)])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    with torch.no_grad():    # the tables matter: the rows of the first image for both is wrong
+        wrong = spec.orig_class.forward(layer, sub[1:], (cos[pos[0]], sin[pos[0]]))
+    assert float((wrong - ref[1:]).abs().max()) > 1e-3
 
 
 def test_kwargs_not_seen_at_conversion_are_refused_by_name():

@@ -77,6 +77,7 @@ class BlockAnalysis:
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
     uses_pos: bool = False                     # its programs read the subset's positions
     uses_full: bool = False                    # ... or the block's whole input
+    whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
 
     attention: str = ""              # human-readable attention description
     q: str = ""

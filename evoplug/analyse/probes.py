@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import AnalysisError
-from ..runtime.block import gather_extra
+from ..runtime.block import gather_extras
 from .attention import attention_output
 from .discover import token_output
 
@@ -164,7 +164,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
             pos = torch.cat([special, perm + P]).expand(B, N)    # the runtime's order
             xp = x.gather(1, pos[..., None].expand(-1, -1, C))
-            ex = {n: gather_extra(a.name, n, t, pos, N, P, S) for n, t in extras.items()}
+            ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args)
             outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
             err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
             if err > atol * scale:
@@ -175,7 +175,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
-            ex = {n: gather_extra(a.name, n, t, sub_pos, N, P, S) for n, t in extras.items()}
+            ex = gather_extras(a.name, extras, sub_pos, N, P, S, a.whole_args)
             outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")

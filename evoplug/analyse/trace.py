@@ -156,12 +156,21 @@ class BlockTracer(fx.Tracer):
                 del fx.Proxy.__len__
 
     def _subset_example(self) -> Optional[Dict[str, Any]]:
-        """The calibration arguments with the (B, N, C) tokens cut to about half."""
+        """The calibration arguments with the (B, N, C) tokens cut to about half, and the other
+        tensor arguments' dims of N tokens (rotary tables, masks) cut the same way."""
         name, x = next(((k, v) for k, v in self._example.items() if isinstance(v, torch.Tensor)),
                        (None, None))
         if x is None or x.dim() != 3 or x.shape[1] < 3:
             return None
-        return dict(self._example, **{name: x[:, : x.shape[1] // 2 + 1]})
+        N, n = x.shape[1], x.shape[1] // 2 + 1
+        out = dict(self._example, **{name: x[:, :n]})
+        for k, v in self._example.items():
+            if k != name and isinstance(v, torch.Tensor):
+                for d in range(v.dim()):
+                    if v.shape[d] == N:
+                        v = v.narrow(d, 0, n)
+                out[k] = v
+        return out
 
     def _evaluate(self, node: fx.Node, example: Dict[str, Any]):
         root = self.root

@@ -66,7 +66,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
     rw = _start(a, gm)
-    for rewrite_pass in (_position_terms, _map_operations, _global_row, _outputs):
+    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row, _outputs):
         rewrite_pass(rw)
     # what the runtime must hand the program (a block that reads neither can take its kept
     # tokens straight from the block before it, see runtime/block.py)
@@ -135,6 +135,47 @@ def _position_terms(rw: _Rewrite):
             gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))
         for u in consumers:
             u.replace_input_with(bias, gathered)
+
+
+#: methods by which a block lines a per-token argument up with its tokens
+_LINE_UP = {"unsqueeze", "float", "double", "half", "bfloat16", "to", "type_as", "contiguous"}
+
+
+def _whole_token_args(rw: _Rewrite):
+    """A per-token argument without a batch dim that the block lines up with its tokens itself
+    (MLCD's rotary ``cos`` (N, d): ``cos.unsqueeze(0) ... .unsqueeze(-2)`` against queries
+    (B, N, heads, d)) is handed to the program whole and gathered where it is lined up, to
+    (B, ..., n, ...): a gathered (B, n, d) handed in would not line up (the block adds its own
+    leading dim). The runtime leaves these arguments to the program (``a.whole_args``)."""
+    a, graph = rw.a, rw.graph
+    if a.windowed or not a.plan.tensor_args:
+        return
+    extras = a.plan.bind(a.name, a.call.args, a.call.kwargs)[1]
+    N = a.num_tokens
+    holders = [n for n in graph.nodes if n.op == "placeholder"][1:1 + len(a.plan.tensor_args)]
+    whole = []
+    for name, node in zip(a.plan.tensor_args, holders):
+        val = extras[name]
+        if val.dim() < 2 or val.shape[0] != N or list(val.shape).count(N) != 1 \
+                or name in rw.site.arg_terms:
+            continue
+        while len(node.users) == 1:
+            u = next(iter(node.users))
+            if not (u.op == "call_method" and u.target in _LINE_UP and u.args[0] is node
+                    and not any(isinstance(v, fx.Node) for v in list(u.args[1:]) + list(u.kwargs.values()))):
+                break
+            val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
+            node = u
+        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1:
+            continue
+        with graph.inserting_after(node):
+            gathered = graph.call_function(ev.gather_aligned, (node, rw.pos, list(val.shape).index(N)))
+        node.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
+        whole.append(name)
+        _describe(a, f"argument `{name}` {tuple(extras[name].shape)} -> gathered by token index",
+                  f"argument `{name}` {tuple(extras[name].shape)} -> gathered where the block "
+                  f"lines it up with the tokens (`{node.name}`)")
+    a.whole_args = tuple(whole)
 
 
 def _map_operations(rw: _Rewrite):

@@ -81,6 +81,7 @@ class BlockSpec:
     #                            integrations/): not counted by hooked() / observed()
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
+    whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
@@ -272,7 +273,7 @@ class EvoBlockMixin:
         P, S = spec.num_prefix, spec.num_suffix
         opt = state.plan.options
         N = x0.shape[1]
-        sub_extras = {n: gather_extra(spec.name, n, t, sel.pos, N, P, S) for n, t in extras.items()}
+        sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args)
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
@@ -350,6 +351,12 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
             "set_grad_checkpointing, torch.utils.checkpoint around converted blocks), or "
             "convert with keep_ratio=1.0 for this run")
     return state
+
+
+def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=()):
+    """The block's other tensor arguments for a subset run: each gathered (:func:`gather_extra`)
+    but those the program gathers itself (``whole``)."""
+    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S) for n, t in extras.items()}
 
 
 def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int,

@@ -215,6 +215,19 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor]) -> Tensor:
     return b4
 
 
+def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
+    """A per-token term lined up with the tokens by the block, ``t`` (1, ..., N, ...) with the
+    token dim ``dim`` (MLCD's rotary cos (1, N, 1, d) against queries (B, N, heads, d)),
+    gathered to the subset: (B, ..., n, ...). ``pos is None`` (dense run): ``t``."""
+    if pos is None:
+        return t
+    B, n = pos.shape
+    size = list(t.shape)
+    size[0], size[dim] = B, n
+    index = pos.view(B, *([1] * (dim - 1)), n, *([1] * (t.dim() - dim - 1))).expand(size)
+    return t.expand(B, *t.shape[1:]).gather(dim, index)
+
+
 def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
     """Gather a per-token tensor argument (e.g. rotary embeddings (M, D)) along ``dim``.
 
