@@ -218,6 +218,7 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.windowed = True          # (B * windows, window tokens, ...), not (B * heads, N, ...)
     elif windows_in_own_dim(site, a.num_tokens):
         a.windowed = True          # Hiera's mask units: (B, heads, windows, window tokens, d)
+        a.notes.append("windows cut from the token sequence (mask units), in a dim of their own")
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "
@@ -243,8 +244,10 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
 def _windowed_attention(a: BlockAnalysis, gm, site, feed, batch):
     a.window_index = window_token_index(gm, site, a, feed, batch)
     a.row_full = a.window_index is not None
-    a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of the 2-D map: run on "
-                   "the full map; " + ("global row = each window's mean-query attention, mapped "
+    seq = any(n.startswith("windows cut from the token sequence") for n in a.notes)
+    where, whole = ("the token sequence", "sequence") if seq else ("the 2-D map", "map")
+    a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of {where}: run on "
+                   f"the full {whole}; " + ("global row = each window's mean-query attention, mapped "
                                        "back to the tokens" if a.row_full else
                                        "no global row (windows could not be mapped to tokens)"))
 
