@@ -692,3 +692,27 @@ def test_special_tokens_of_a_later_stage_are_found_where_they_are():
     assert [s.tokens_run for s in report.blocks] == [65, 34, 71, 40]   # 1 + 6 + 32 + 1
     kept = report.blocks[3].context.sel
     assert kept.shape == (2, 32) and int(kept.max()) < 64
+
+
+class DeafStageViT(DetTokenViT):
+    """After the second block the tokens are 17 learned ones that hardly depend on the image
+    (as random weights can make a later stage): the noise forward leaves every row unchanged."""
+
+    def forward(self, img):
+        v = self.vit
+        x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(img))))
+        x = v.blocks[1](v.blocks[0](x))
+        x = self.det[:, :1].new_zeros(1, 17, x.shape[-1]) + self.det[:, :1] + 1e-9 * x[:, :17]
+        return v.blocks[3](v.blocks[2](x))[:, 0]
+
+
+def test_rows_the_noise_did_not_reach_are_no_special_tokens():
+    """A token set the noise forward does not reach at all says nothing about which tokens are
+    special: it is ignored (the blocks are analysed as without it), not taken for 17 special
+    tokens with no patch left."""
+    model = DeafStageViT(tiny_vit())
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=_images(1), strict=False)
+    report = evoplug.get_report(fast)
+    assert not report.failed, report.failed
+    assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks][2:] == [(0, 0)] * 2
+    assert report.blocks[2].analysis.prefix_source.startswith("assumed 0")

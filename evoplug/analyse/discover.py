@@ -216,7 +216,7 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
             if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
                 if grid is None or c.order > grid[0]:
                     grid = (c.order, hw, c.name, fm)
-    lead, trail = special_rows(call.name, calls, num_tokens)
+    lead, trail = special_rows(call.name, calls, num_tokens, grid[1] if grid else None)
     if trail:   # a later stage's cls token has seen the image: the patch grid counts it
         if grid is not None and num_tokens - grid[1] - trail > lead:
             return num_tokens - grid[1] - trail, trail, (
@@ -234,13 +234,18 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     return 0, 0, "assumed 0 (no patch grid found)"
 
 
-def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int):
+def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int,
+                 patches: Optional[int] = None):
     """(leading, trailing) counts of the tokens that do not come from the patch map, as the
     provenance forward found them for blocks of ``num_tokens`` tokens; (None, 0) when it did
-    not run. Special tokens elsewhere (between the patches) are refused: evoplug keeps the
-    leading and trailing ones and ranks the others as patches, which would be wrong."""
+    not run, or when the noise did not reach as many tokens as there are ``patches`` (a
+    model whose later stage hardly depends on its input, as random weights can make it: then
+    the unchanged rows say nothing). Special tokens elsewhere (between the patches) are
+    refused: evoplug keeps the leading and trailing ones and ranks the others as patches,
+    which would be wrong."""
     rows = getattr(calls, "derived", {}).get("untouched", {}).get(num_tokens)
-    if rows is None:
+    if rows is None or len(rows) >= num_tokens or (
+            patches is not None and num_tokens - len(rows) < patches):
         return None, 0
     lead = next((i for i, r in enumerate(rows) if r != i), len(rows))
     trail = len(rows) - lead
