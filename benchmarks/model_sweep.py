@@ -176,12 +176,12 @@ def markdown(rows) -> str:
                 why = f"strict: {r['refused'][:150]}"
             out.append(f"| `{r['model']}` | {r['status']} | {r['evolving']} / {r['blocks']} | "
                        f"{t[0]} / {t[1]} | {r['keep1_fast_diff']:.0e} / {r['keep1_machinery_diff']:.0e} | "
-                       f"{r['batch_diff']:.0e} | {why.replace('|', '/')} |")
+                       f"{r['batch_diff']:.0e} | {why.replace('|', '/').replace(chr(10), ' ')} |")
         else:
             why = (r.get("refused") or r.get("error") or "").split(": ", 1)[-1]
             if " in " in why.split(":")[0]:     # "... no convertible block in X: `a`: why; `b`: ..."
                 why = why.split(": ", 1)[1].split("; `")[0]
-            out.append(f"| `{r['model']}` | {r['status']} | - | - | - | - | {why[:200].replace('|', '/')} |")
+            out.append(f"| `{r['model']}` | {r['status']} | - | - | - | - | {why[:200].replace('|', '/').replace(chr(10), ' ')} |")
     return "\n".join(out) + "\n"
 
 
