@@ -3,9 +3,11 @@ restoring the original order. Batched tensor ops only (topk/gather/scatter/bmm),
 loops over tokens, no host synchronisation; every shape depends only on the input's shape.
 
 Conventions: ``x`` is (B, N, C) with ``P`` leading prefix tokens (cls, distillation, registers)
-and ``M = N - P`` patch tokens; ``k`` patch tokens are kept (slow update). Scores ``g`` are
-(B, 1, N), float32, one per *token*: the prefix tokens hold fixed rank constants above any
-attention score (so one top-k takes the prefix first, in order, then the best patches), the
+and ``M = N - P`` patch tokens; ``k`` patch tokens are kept (slow update). Where special tokens
+also follow the patches (YOLOS' detection tokens), ``num_prefix`` here counts all of them and
+``M`` excludes them. Scores ``g`` are (B, 1, N), float32, one per *token*: the special tokens
+hold fixed rank constants above any attention score (so one top-k takes them first, in order,
+then the best patches), the
 patch tokens their global attention (detached: they rank tokens, they are not trained through;
 a learnable trade-off is a training extra). Attention rows are (B, 1, n) over the keys a block
 ran on, float32, mean over heads.
