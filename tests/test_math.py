@@ -388,17 +388,17 @@ def _images(n=2, seed=15):
     return torch.randn(n, 3, 32, 32, generator=_gen(seed))
 
 
-def _attn_row(blk, x, P, mean_query):
+def _attn_row(blk, x, P, mean_query, after=0):
     """This block's global-query attention over the tokens ``x`` (B, n, C), computed from its
     qkv weights: softmax(q_g k^T * scale), mean over heads, over all n keys.
-    q_g = the cls query (query 0) or the mean of the patch queries (queries P..n-1)."""
+    q_g = the cls query (query 0) or the mean of the patch queries (queries P..n-1-after)."""
     attn = blk.attn
     h = blk.norm1(x)
     Bx, n, C = h.shape
     qkv = F.linear(h, attn.qkv.weight, attn.qkv.bias).reshape(Bx, n, 3, attn.num_heads, attn.head_dim)
     q, k, _ = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    qg = q[:, :, P:].mean(2, keepdim=True) if mean_query else q[:, :, :1]
+    qg = q[:, :, P:n - after].mean(2, keepdim=True) if mean_query else q[:, :, :1]
     a = (qg @ k.transpose(-2, -1) * attn.scale).softmax(-1)       # (B, H, 1, n)
     return a.mean(1)[:, 0]
 
@@ -431,7 +431,7 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
             runs.append(-1)
             continue
         if i == start_block - 1:                   # dense + first global attention: g = a
-            g = first_row = _attn_row(blk, x, P, mean_query)[:, P:N_ - S]
+            g = first_row = _attn_row(blk, x, P, mean_query, after=S)[:, P:N_ - S]
             x = blk(x)
             runs.append(N_)
             continue
@@ -456,7 +456,7 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
         sub = torch.cat(parts, 1)                  # [prefix, trailing, selected, representative]
         out = blk(sub)                             # slow update: timm's own Block.forward
         # this block's global row over the subset's keys, at the selected tokens' columns
-        a = _attn_row(blk, sub, P, mean_query)[:, P + S:P + S + k]
+        a = _attn_row(blk, sub, P + S, mean_query)[:, P + S:P + S + k]   # [prefix, trailing] first
         new = x.clone()
         if rep is not None:                        # fast update: x_j += r_after - r_before
             new[:, P:N_ - S] += (out[:, -1] - rep)[:, None]
@@ -654,13 +654,22 @@ def test_special_tokens_between_the_patches_are_refused():
         evoplug.convert(model, example_input=_images(1))
 
 
-def test_trailing_special_tokens_need_a_class_token():
-    """Without a class token the mean query of the patches would have to skip the trailing
-    tokens: refused by name rather than ranked with them."""
-    model = DetTokenViT(tiny_vit(class_token=False, global_pool="avg"))
-    with pytest.raises(evoplug.ConversionError, match="6 special tokens follow the patches and it "
-                                                      "has no class token"):
-        evoplug.convert(model, example_input=_images(1))
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])
+def test_trailing_special_tokens_without_a_class_token_use_the_patches_mean_query(fused):
+    """Without a class token the mean query averages the patch queries only: between the
+    prefix and the trailing tokens in the original order, after both in a subset."""
+    model = DetTokenViT(tiny_vit(class_token=False, global_pool="avg", fused=fused))
+    x = _images()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    blocks = evoplug.get_report(fast).blocks
+    assert all((s.analysis.num_prefix, s.analysis.num_suffix, s.analysis.global_query) == (0, 6, "mean")
+               for s in blocks)
+    with torch.no_grad():
+        out = fast(x)
+    ref, runs, gap, _ = reference_forward(model, x, 0.5, reselect_every=1, P=0, S=6, mean_query=True)
+    assert gap > 1e-6
+    assert [s.tokens_run for s in blocks] == runs
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)     # outputs up to 3.5
 
 
 class LateDetTokenViT(DetTokenViT):

@@ -135,18 +135,15 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
 
 
 def _check_trailing_tokens(a: BlockAnalysis, grid_ops):
-    """Trailing special tokens are kept like the prefix by a block on a token sequence ranked
-    by its class token; where the patches' place in the sequence matters otherwise (a 2-D map
-    of them, windows, a mean query over them) they are refused by name."""
+    """Trailing special tokens are kept like the prefix by a block on a token sequence (the mean
+    query averages the patch queries between the special tokens); where the patches' place in
+    the sequence matters otherwise (a 2-D map of them, windows) they are refused by name."""
     if not a.num_suffix:
         return
-    why = ("its tokens are made into a 2-D map" if grid_ops or a.windowed or a.row_full else
-           "it has no class token to rank the patches with (the mean query of the patches would "
-           "need them contiguous)" if a.global_query != "cls" else None)
-    if why:
-        raise AnalysisError(a.name, f"{a.num_suffix} special tokens follow the patches and {why}:"
-                                    " evoplug keeps trailing tokens only in blocks on a token "
-                                    "sequence ranked by a class token")
+    if grid_ops or a.windowed or a.row_full:
+        raise AnalysisError(a.name, f"{a.num_suffix} special tokens follow the patches and its "
+                                    "tokens are made into a 2-D map: evoplug keeps trailing "
+                                    "tokens only in blocks on a token sequence")
 
 
 def gm_token(gm: fx.GraphModule) -> fx.Node:

@@ -447,6 +447,9 @@ def _global_row(rw: _Rewrite):
     """The global query's attention row over the patch keys, next to the attention."""
     a, graph, site = rw.a, rw.graph, rw.site
     P, cls_query = a.num_prefix, a.global_query == "cls"
+    if a.num_suffix and not cls_query:    # the mean query's patches: between the special tokens
+        with graph.inserting_after(rw.full):
+            P = graph.call_function(ev.patch_span, (a.num_prefix, a.num_suffix, rw.pos))
     with graph.inserting_after(site.node):
         if a.windowed:
             row = _window_row(a, rw.gm, site)

@@ -53,11 +53,25 @@ def probs_query_row(probs: Tensor, num_prefix: int, images: Optional[int] = None
         return _heads_mean(probs.select(-2, 0), probs.shape[0] if images is None else images)
 
 
-def _mean_query_probs(logits: Tensor, num_prefix: int) -> Tensor:
+def patch_span(num_prefix: int, num_suffix: int, pos: Optional[Tensor]):
+    """Where the patch queries are when special tokens also follow the patches: (tokens before,
+    tokens after) them, in the original order (a dense run, ``pos is None``: [prefix, patches,
+    trailing]) or in a subset's ([prefix, trailing, kept, representative])."""
+    return (num_prefix, num_suffix) if pos is None else (num_prefix + num_suffix, 0)
+
+
+def _patches(t: Tensor, dim: int, num_prefix) -> Tensor:
+    """The patch queries' rows of ``t`` along ``dim``: after ``num_prefix`` rows, or between
+    the (before, after) counts of :func:`patch_span`."""
+    before, after = num_prefix if isinstance(num_prefix, tuple) else (num_prefix, 0)
+    return t.narrow(dim, before, t.shape[dim] - before - after)
+
+
+def _mean_query_probs(logits: Tensor, num_prefix) -> Tensor:
     """softmax of the mean of the logits rows of the patch queries (B, ..., Nq, Nk) -> (B, ..., Nk):
     the attention of the mean query. The mean is accumulated in float32 without a float32 copy
     of the whole map."""
-    return logits.narrow(-2, num_prefix, logits.shape[-2] - num_prefix).mean(-2, dtype=torch.float32).softmax(-1)
+    return _patches(logits, -2, num_prefix).mean(-2, dtype=torch.float32).softmax(-1)
 
 
 def logits_query_row(logits: Tensor, num_prefix: int, images: Optional[int] = None) -> Tensor:
@@ -82,8 +96,7 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     if cls_query:
         qq = q.narrow(-2, 0, 1)
     else:
-        qq = q.narrow(-2, num_prefix, q.shape[-2] - num_prefix).mean(-2, keepdim=True,
-                                                                     dtype=torch.float32).to(k.dtype)
+        qq = _patches(q, -2, num_prefix).mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
     logits = query_logits(qq, k, scale)                           # (..., Nk)
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
@@ -92,7 +105,7 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
     m = m.float()
     if m.shape[-2] != 1:
-        m = m[..., :1, :] if cls_query else m[..., num_prefix:, :].mean(-2, keepdim=True)
+        m = m[..., :1, :] if cls_query else _patches(m, -2, num_prefix).mean(-2, keepdim=True)
     return (logits.float() + m.squeeze(-2)).softmax(-1)
 
 
@@ -175,7 +188,7 @@ def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
             w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
         w_q, w_k = w_q.float(), w_k.float()
         b_q = mha.in_proj_bias[:E].float() if mha.in_proj_bias is not None else None
-        g = query[:, :1] if cls_query else query[:, num_prefix:].mean(1, keepdim=True)  # (B, 1, E)
+        g = query[:, :1] if cls_query else _patches(query, 1, num_prefix).mean(1, keepdim=True)  # (B, 1, E)
         qg = torch.nn.functional.linear(g, w_q, b_q).reshape(g.shape[0], H, d)             # (B, H, d)
         u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
         logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
@@ -184,7 +197,7 @@ def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
             if m.dtype == torch.bool:
                 m = torch.zeros(m.shape, device=m.device).masked_fill(m, float("-inf"))
             m = m.float()
-            logits = logits + (m[:1] if cls_query else m[num_prefix:].mean(0, keepdim=True))
+            logits = logits + (m[:1] if cls_query else _patches(m, 0, num_prefix).mean(0, keepdim=True))
         return _heads_mean(logits.softmax(-1), logits.shape[0])
 
 
