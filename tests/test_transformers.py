@@ -195,6 +195,13 @@ def test_mlcd_rotary_tables_follow_each_images_tokens():
     with torch.no_grad():    # the tables matter: the rows of the first image for both is wrong
         wrong = spec.orig_class.forward(layer, sub[1:], (cos[pos[0]], sin[pos[0]]))
     assert float((wrong - ref[1:]).abs().max()) > 1e-3
+    # a program built after the conversion (the per-batch factory's path: the calibration call
+    # is gone by then) gathers the tables the same way
+    from evoplug.rewrite.program import batch_program_factory
+    late = batch_program_factory(spec.analysis, spec.orig_class)(False, seen["args"], seen["kwargs"])
+    with torch.no_grad():
+        torch.testing.assert_close(late(layer, *spec.call.feed(sub, extras), pos, hidden)[0], ref,
+                                   atol=1e-5, rtol=0)
 
 
 def test_kwargs_not_seen_at_conversion_are_refused_by_name():

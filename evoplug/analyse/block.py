@@ -78,6 +78,8 @@ class BlockAnalysis:
     uses_pos: bool = False                     # its programs read the subset's positions
     uses_full: bool = False                    # ... or the block's whole input
     whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
+    extra_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)  # other
+    #                                          tensor arguments' shapes at calibration
 
     attention: str = ""              # human-readable attention description
     q: str = ""
@@ -215,7 +217,6 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.windowed = True          # (B * windows, window tokens, ...), not (B * heads, N, ...)
     elif windows_in_own_dim(site, a.num_tokens):
         a.windowed = True          # Hiera's mask units: (B, heads, windows, window tokens, d)
-        a.notes.append("windows cut from the token sequence (mask units), in a dim of their own")
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "
@@ -241,7 +242,7 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
 def _windowed_attention(a: BlockAnalysis, gm, site, feed, batch):
     a.window_index = window_token_index(gm, site, a, feed, batch)
     a.row_full = a.window_index is not None
-    seq = any(n.startswith("windows cut from the token sequence") for n in a.notes)
+    seq = windows_in_own_dim(site, a.num_tokens)
     where, whole = ("the token sequence", "sequence") if seq else ("the 2-D map", "map")
     a.attention = (f"{site.kind} attention at `{site.node.name}` in windows of {where}: run on "
                    f"the full {whole}; " + ("global row = each window's mean-query attention, mapped "
@@ -295,6 +296,7 @@ def _mha_attention(a: BlockAnalysis, gm, site, grid_ops):
 
 
 def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras):
+    a.extra_shapes = {n: tuple(t.shape) for n, t in extras.items()}
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
             "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))

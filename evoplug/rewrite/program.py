@@ -146,16 +146,18 @@ def _whole_token_args(rw: _Rewrite):
     (MLCD's rotary ``cos`` (N, d): ``cos.unsqueeze(0) ... .unsqueeze(-2)`` against queries
     (B, N, heads, d)) is handed to the program whole and gathered where it is lined up, to
     (B, ..., n, ...): a gathered (B, n, d) handed in would not line up (the block adds its own
-    leading dim). The runtime leaves these arguments to the program (``a.whole_args``)."""
+    leading dim). The runtime leaves these arguments to the program (``a.whole_args``). Decided
+    on the calibration shapes (``a.extra_shapes``: a program built later, per batch size, has
+    no calibration call), the line-up replayed on meta tensors."""
     a, graph = rw.a, rw.graph
     if a.windowed or not a.plan.tensor_args:
         return
-    extras = a.plan.bind(a.name, a.call.args, a.call.kwargs)[1]
     N = a.num_tokens
     holders = [n for n in graph.nodes if n.op == "placeholder"][1:1 + len(a.plan.tensor_args)]
     whole = []
     for name, node in zip(a.plan.tensor_args, holders):
-        val = extras[name]
+        shape = a.extra_shapes[name]
+        val = torch.empty(shape, device="meta")
         if val.dim() < 2 or val.shape[0] != N or list(val.shape).count(N) != 1 \
                 or name in rw.site.arg_terms:
             continue
@@ -164,7 +166,10 @@ def _whole_token_args(rw: _Rewrite):
             if not (u.op == "call_method" and u.target in _LINE_UP and u.args[0] is node
                     and not any(isinstance(v, fx.Node) for v in list(u.args[1:]) + list(u.kwargs.values()))):
                 break
-            val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
+            try:
+                val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
+            except (RuntimeError, TypeError):    # e.g. .to() a device: not followed further
+                break
             node = u
         if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1:
             continue
@@ -172,8 +177,8 @@ def _whole_token_args(rw: _Rewrite):
             gathered = graph.call_function(ev.gather_aligned, (node, rw.pos, list(val.shape).index(N)))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
         whole.append(name)
-        _describe(a, f"argument `{name}` {tuple(extras[name].shape)} -> gathered by token index",
-                  f"argument `{name}` {tuple(extras[name].shape)} -> gathered where the block "
+        _describe(a, f"argument `{name}` {shape} -> gathered by token index",
+                  f"argument `{name}` {shape} -> gathered where the block "
                   f"lines it up with the tokens (`{node.name}`)")
     a.whole_args = tuple(whole)
 

@@ -213,7 +213,8 @@ def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound,
                               f"{tuple(ref.shape)}), finite: {bool(torch.isfinite(out).all())}")
             return
         idle = [s.analysis.name for s in evolving if s.tokens_run == s.analysis.num_tokens]
-        said = [n for n in idle if n in report.unscored]     # what explain() says they do
+        unscored = set(report.unscored)                      # what explain() says they do
+        said = [n for n in idle if n in unscored]
         idle = [n for n in idle if n not in said]
         if keep_ratio < 1 and idle:
             r.problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
