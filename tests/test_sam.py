@@ -168,3 +168,66 @@ def test_windowed_and_global_blocks_with_padded_windows():
     assert r.status == "converts" and not r.problems, r.problems
     assert r.evolving == 4 and all(t == 33 for t, _ in r.tokens_evolving)
     assert r.keep1_fast_diff <= 1e-5 and r.keep1_machinery_diff <= 1e-5
+
+
+def _hf_sam_like(model, impl):
+    """transformers' SamVisionModel with the weights of the timm SAM ``model`` (6 blocks, 3x3
+    windows but blocks 2 and 5): its blocks keep the (B, H, W, C) map through the qkv projection
+    and the MLP and split the heads as (B, heads, H, W, d); the math is timm's."""
+    T = pytest.importorskip("transformers")
+    cfg = T.SamVisionConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=64,
+                            patch_size=8, window_size=3, global_attn_indexes=[2, 5], mlp_dim=256,
+                            output_channels=32, layer_norm_eps=model.blocks[0].norm1.eps,
+                            attn_implementation=impl)
+    hf = T.SamVisionModel(cfg).eval()
+    names = [("patch_embed.proj", "patch_embed.projection"), ("blocks.", "layers."),
+             ("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.lin1"),
+             ("mlp.fc2", "mlp.lin2"), ("neck.0", "neck.conv1"), ("neck.1", "neck.layer_norm1"),
+             ("neck.2", "neck.conv2"), ("neck.3", "neck.layer_norm2")]
+    state = {}
+    for k, v in model.state_dict().items():
+        if k.startswith("head"):
+            continue
+        for a, b in names:
+            k = k.replace(a, b)
+        state["vision_encoder." + k] = v
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_transformers_sam_evolves_as_timms_sam(impl):
+    """transformers' SAM converts (its token-wise ops on the map are moved onto tokens,
+    analyse/canon.py) and evolves exactly as timm's SAM with the same weights, which the
+    reference above checks against the paper's rules: same outputs at keep 0.5 and 0.25,
+    reselecting every block or every 4, and the same gradients in training."""
+    model = tiny_sam(window_size=3, global_attn_indexes=(2, 5), use_abs_pos=True, neck_chans=32)
+    hf = _hf_sam_like(model, impl)
+    x = _images(3)
+    with torch.no_grad():
+        # transformers' SAM orders some float ops differently (relative positions always
+        # interpolated, ...): 1e-5 apart after the neck, activations up to 18 in the blocks
+        torch.testing.assert_close(hf(x).last_hidden_state, model.forward_features(x),
+                                   atol=5e-5, rtol=0)
+    fast_hf = evoplug.convert(hf, keep_ratio=0.5, example_input=x[:1])
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    roles = [(s.role, s.analysis.windowed) for s in evoplug.get_report(fast_hf).blocks]
+    assert roles == [(s.role, s.analysis.windowed) for s in evoplug.get_report(fast).blocks]
+    assert [r for r, _ in roles].count("evolve") == 4
+    for keep, every in [(0.5, 4), (0.25, 1)]:
+        evoplug.set_options(fast_hf, keep_ratio=keep, reselect_every=every)
+        evoplug.set_options(fast, keep_ratio=keep, reselect_every=every)
+        with torch.no_grad():
+            out = fast_hf(x).last_hidden_state
+            torch.testing.assert_close(out, fast.forward_features(x), atol=5e-5, rtol=0)
+            assert (out - hf(x).last_hidden_state).abs().max() > 1e-2
+    fast_hf.train()
+    fast.train()
+    fast_hf(x).last_hidden_state.square().mean().backward()
+    fast.forward_features(x).square().mean().backward()
+    grads = dict(fast.named_parameters())
+    for name, p in fast_hf.named_parameters():
+        if name.startswith("vision_encoder.layers.2."):     # a global evolving block
+            twin = grads[name.replace("vision_encoder.layers.", "blocks.").replace("layer_norm", "norm")
+                         .replace("lin1", "fc1").replace("lin2", "fc2")]
+            torch.testing.assert_close(p.grad, twin.grad, atol=1e-6, rtol=1e-4)

@@ -53,6 +53,12 @@ FAMILIES = {
     "donut-swin": (lambda i: T.DonutSwinModel(T.DonutSwinConfig(attn_implementation=i, **SWIN)), 0),
     # rotary (cos, sin) tables (N, d) without a batch dim, lined up with (B, N, heads, d) inside
     "mlcd": (lambda i: T.MLCDVisionModel(T.MLCDVisionConfig(attn_implementation=i, **FLAT)), 1),
+    # SAM's image encoder: a (B, H, W, C) map through qkv and MLP, 3x3 windows on the 8x8 map
+    # (padded) and global blocks with decomposed relative positions (test_sam.py: as timm's SAM)
+    "sam-vision": (lambda i: T.SamVisionModel(T.SamVisionConfig(
+        hidden_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=32, patch_size=4,
+        window_size=3, global_attn_indexes=[1, 3], mlp_dim=128, output_channels=32,
+        attn_implementation=i)), 0),
     # [cls, patches, detection tokens] (kept like the cls token), mid-layer position embeddings
     "yolos": (lambda i: T.YolosForObjectDetection(T.YolosConfig(
         num_detection_tokens=10, attn_implementation=i, **dict(FLAT, image_size=[32, 32]))), 1),

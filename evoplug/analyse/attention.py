@@ -56,6 +56,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
     graph = gm.graph
     dep = input_dependent(graph)
     values = value_dependent(graph)     # the logits' terms: sized from the tokens is no value
+    carried = None
     sites: List[AttentionSite] = []
     for n in graph.nodes:
         if n.op == "call_function" and n.target is F.scaled_dot_product_attention:
@@ -78,8 +79,14 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             if not isinstance(logits, fx.Node) or logits not in dep:
                 continue
             # softmax(q k^T ...): a matmul of two token-dependent operands upstream of the logits
+            # (by their values: a product of the queries with a table sized from the map,
+            # transformers' SAM's relative positions after q.k^T, is no q.k^T)
             qk = [a for a in ancestors(logits) | {logits} if is_matmul(a) and
                   sum(isinstance(x, fx.Node) and x in dep for x in a.args) >= 2]
+            if len(qk) > 1:
+                carried = carried or value_dependent(graph, any_size=True)
+                qk = [a for a in qk if sum(isinstance(x, fx.Node) and x in carried
+                                           for x in a.args) >= 2] or qk
             if not qk:
                 continue
             qk_node = max(qk, key=lambda a: list(graph.nodes).index(a))

@@ -123,6 +123,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     if gm.meta.get("evo_specialised"):
         a.notes.append("Python values taken from the calibration input: "
                        + "; ".join(gm.meta["evo_specialised"]))
+    if gm.meta.get("evo_tokenised"):
+        a.notes.append("token-wise ops on the (B, H, W, C) map run on its tokens: "
+                       + "; ".join(gm.meta["evo_tokenised"]))
     _tokens_and_grid(a, model, call, calls, x, num_prefix_override)
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)

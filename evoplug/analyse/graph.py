@@ -63,18 +63,19 @@ def input_dependent(graph: fx.Graph) -> Set[fx.Node]:
     return dep
 
 
-def value_dependent(graph: fx.Graph) -> Set[fx.Node]:
+def value_dependent(graph: fx.Graph, any_size: bool = False) -> Set[fx.Node]:
     """Nodes that depend on the *values* of a block argument: as :func:`input_dependent`, but
     a size query of the token argument passes no dependence on (a bias table sized from the
     token count, HF BEiT's ``dim_size=hidden_states.shape[1]``, is a position term; the
-    program sizes it from the full input, rewrite/program.py)."""
+    program sizes it from the full input, rewrite/program.py). ``any_size``: no size query
+    passes it on (transformers' SAM sizes its relative positions from the normed map)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     token = placeholders[0] if placeholders else None
     dep: Set[fx.Node] = set()
     for n in graph.nodes:
         if n.op == "placeholder":
             dep.add(n)
-        elif is_size_query(n) and n.args and n.args[0] is token:
+        elif is_size_query(n) and n.args and (any_size or n.args[0] is token):
             continue
         elif any(a in dep for a in n.all_input_nodes):
             dep.add(n)
@@ -91,6 +92,27 @@ def ancestors(node: fx.Node) -> Set[fx.Node]:
     while todo:
         cur = todo.pop()
         for a in cur.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+_SHAPE_ONLY_SECOND = ("reshape_as", "view_as", "expand_as", "type_as")
+
+
+def value_ancestors(node: fx.Node) -> Set[fx.Node]:
+    """The nodes whose values ``node`` is computed from: not through size queries, nor the
+    second argument of ``x.reshape_as(y)`` and the like (only ``y``'s shape is read)."""
+    seen, todo = set(), [node]
+    while todo:
+        cur = todo.pop()
+        if is_size_query(cur):
+            continue
+        inputs = cur.all_input_nodes
+        if cur.op == "call_method" and cur.target in _SHAPE_ONLY_SECOND:
+            inputs = [cur.args[0]] if isinstance(cur.args[0], fx.Node) else []
+        for a in inputs:
             if a not in seen:
                 seen.add(a)
                 todo.append(a)

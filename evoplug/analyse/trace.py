@@ -16,6 +16,7 @@ from ..errors import AnalysisError
 from ..integrations import registry
 from ..runtime.call import CallPlan, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
+from .canon import tokenise_map_block
 from .graph import depends_on_data, run_nodes
 
 if TYPE_CHECKING:
@@ -344,6 +345,9 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         gm.meta["evo_batch_specialised"] = tracer.batch_specialised
         gm.meta["evo_specialised"] = list(tracer.specialised)
+        if call is not None:
+            feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
+            gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]))
     except AnalysisError:
         raise
     except Exception as e:

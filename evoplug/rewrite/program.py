@@ -44,7 +44,7 @@ from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
-                              shape_of, token_size_queries)
+                              shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
@@ -221,7 +221,7 @@ def _gather_map_terms(rw: _Rewrite):
             cur = todo.pop()
             if is_add(cur):
                 todo.extend(x for x in cur.args[:2] if isinstance(x, fx.Node))
-            elif cur not in qk and not (ancestors(cur) & qk):
+            elif cur not in qk and not (value_ancestors(cur) & qk):
                 terms.append(cur)
     else:
         return
@@ -231,11 +231,27 @@ def _gather_map_terms(rw: _Rewrite):
             continue
         _describe(rw.a, None, f"term `{term.name}` on the logits, computed from the queries on "
                               "the map -> the subset's queries on the map, gathered to its pairs")
+        term = _sized_on_the_map(graph, term)
         consumers = list(term.users)
         with graph.inserting_after(term):
             gathered = graph.call_function(ev.gather_pair_term, (term, rw.pos))
         for u in consumers:
             u.replace_input_with(term, gathered)
+
+
+def _sized_on_the_map(graph: fx.Graph, term: fx.Node) -> fx.Node:
+    """``term.reshape_as(logits)`` (transformers' SAM) would size the map's term by the subset's
+    logits: it takes the shape it had at calibration (the full map's pairs) instead, with the
+    logits' own leading (batch) dim."""
+    if not (term.op == "call_method" and term.target in ("reshape_as", "view_as")):
+        return term
+    like, shape = term.args[1], shape_of(term)
+    with graph.inserting_before(term):
+        lead = graph.call_method("size", (like, 0))
+        sized = graph.call_method("reshape", (term.args[0], lead, *shape[1:]))
+    term.replace_all_uses_with(sized)
+    graph.erase_node(term)
+    return sized
 
 
 def _to_map(rw: _Rewrite, node: fx.Node, dim):
