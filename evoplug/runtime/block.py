@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import threading
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -174,6 +175,20 @@ class EvoBlockMixin:
         return (_rebuild_block, (self._evoplug_spec.orig_class,), self.__getstate__())
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():      # no hand-on in compiled graphs: nothing to guard
+            return self._forward(*args, **kwargs)
+        local = self._evoplug_spec.runtime._local
+        guard = getattr(local, "guard", None)
+        if guard is not None and guard.on_stack:   # this block's own ops pass untouched
+            guard.off()
+        try:
+            return self._forward(*args, **kwargs)
+        finally:
+            guard = getattr(local, "guard", None)
+            if guard is not None and guard.watched:
+                guard.on()
+
+    def _forward(self, *args, **kwargs):
         spec = self._evoplug_spec
         rt = spec.runtime
         if rt.variants:
@@ -196,6 +211,13 @@ class EvoBlockMixin:
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         x, extras = spec.call.bind(spec.name, args, kwargs)
+        if segment and x is not state.segment.out and not recompute and \
+                tuple(x.shape) != state.segment.shape:
+            # the handed-on tokens were read (the guard restored them: a dropout between the
+            # blocks) or replaced before this block: it starts from its input, in the original
+            # order, with the selection in force. (An input of the handed-on shape that is not
+            # the handed-on tensor is refused below: its order cannot be told.)
+            state, segment = state._replace(segment=None), False
         if segment:
             _check_segment_arrived(spec.name, x, state.segment)
         program = spec.program(self.training, x.shape[0], args, kwargs)
@@ -284,6 +306,7 @@ class EvoBlockMixin:
         spec.tokens_run = sub.shape[1]
         new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P, num_suffix=S)
         if since % opt.reselect_every and self._hands_on(state.plan):
+            spec.runtime.guard().watch(out_sub, functools.partial(ev.restore, x0, sel=sel, rep=rep0))
             return out_sub, new._replace(segment=Segment(out_sub, x0, rep0, tuple(out_sub.shape))), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]

@@ -16,6 +16,7 @@ import torch
 
 from ..options import EvoOptions
 from .evolve import Selection, current_scores, patch_scores, prefix_ranks
+from .guard import SegmentGuard
 
 
 #: key of the state a converted block left, in the metadata of its output's autograd node
@@ -126,6 +127,13 @@ class EvoRuntime:
 
     def leave(self, state: EvoState):
         self._local.state = state
+
+    def guard(self) -> SegmentGuard:
+        """This thread's guard of the tokens handed on in the selection's order (guard.py)."""
+        g = getattr(self._local, "guard", None)
+        if g is None:
+            g = self._local.guard = SegmentGuard()
+        return g
 
     def current(self) -> Optional[EvoState]:
         """The state the last converted block run on this thread left (None before any)."""
@@ -336,3 +344,7 @@ class EntryHook:
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
             self.runtime.pop_entry()
+            guard = getattr(self.runtime._local, "guard", None)
+            if guard is not None and guard.watched and not self.runtime.entered():
+                return guard.finish(output)
+        return None
