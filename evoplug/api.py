@@ -9,6 +9,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import random
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -29,7 +30,7 @@ from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class
-from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, input_key
+from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, input_key, named_tensors
 
 
 @dataclasses.dataclass
@@ -223,8 +224,9 @@ def _twin(model: nn.Module, blocks: set):
             return m
         t = object.__new__(type(m))
         t.__dict__ = dict(m.__dict__)
-        t._buffers = dict(m._buffers)
-        t._parameters = dict(m._parameters)
+        t._buffers = dict(m._buffers)      # (its conversion adds buffers of its own)
+        # the parameters dict itself is shared: one replaced on the model (load_state_dict with
+        # assign=True, a parameter set anew) is the twin's too
         for name in _HOOK_DICTS:
             if name in t.__dict__:
                 t.__dict__[name] = type(m.__dict__[name])()
@@ -255,10 +257,15 @@ def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
     factory = functools.partial(_size_variant, strict=strict)
     if isinstance(example_input, dict):
         hook = EntryHook(runtime, 0, example_input, input_key((), example_input), factory)
+        named = named_tensors(model, (), example_input)
     elif isinstance(example_input, (tuple, list)):
         hook = EntryHook(runtime, len(example_input), (), input_key(tuple(example_input), {}), factory)
+        named = named_tensors(model, tuple(example_input), {})
     else:
         hook = EntryHook(runtime, 1, (), input_key((example_input,), {}), factory)
+        named = named_tensors(model, (example_input,), {})
+    if named:      # other call forms (by keyword, with flags) find their input size by name
+        hook.set_names(named)
     pre = model.register_forward_pre_hook(hook, with_kwargs=True)
     post = model.register_forward_hook(hook.exit, with_kwargs=True, always_call=True)
     return pre.id, post.id
@@ -283,6 +290,14 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
 
 
 @contextlib.contextmanager
+def _restored(setter, state):
+    try:
+        yield
+    finally:
+        setter(state)
+
+
+@contextlib.contextmanager
 def _no_side_effects(model: nn.Module):
     """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
     mode, with the random number generators restored afterwards: converting a model in train
@@ -290,7 +305,8 @@ def _no_side_effects(model: nn.Module):
     put back as it was."""
     modes = [(m, m.training) for m in model.modules()]
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
+    python_rng = random.getstate()        # (a model's own Python draws, e.g. in its embedding)
+    with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
         model.eval()
         try:
             yield
@@ -411,10 +427,14 @@ def _unscored_reason(analyses, idle) -> str:
     names = ", ".join(f"`{analyses[i].name}`" for i in idle[:3]) + (" ..." if len(idle) > 3 else "")
     rowless = [a for a in analyses[:idle[-1] + 1] if not gives_row(a)]
     why = next((n for a in rowless for n in a.notes if n.startswith("windows not mapped")), "")
+    if rowless:
+        where = (f"blocks without one: {', '.join(f'`{a.name}`' for a in rowless[:3])}"
+                 f"{' ...' if len(rowless) > 3 else ''}{'; ' + why if why else ''}")
+    else:    # every block before gives a row, but the scores restart across a change of tokens
+        where = "the scores start again where the token set changes, with nothing before to score it"
     return (f"{len(idle)} evolving block(s) ({names}) would run every token: no global attention "
-            f"row reaches them (blocks without one: {', '.join(f'`{a.name}`' for a in rowless[:3])}"
-            f"{' ...' if len(rowless) > 3 else ''}{'; ' + why if why else ''}). Set start_block "
-            "later, or strict=False to convert anyway (explain() marks them)")
+            f"row reaches them ({where}). Set start_block later, or strict=False to convert "
+            "anyway (explain() marks them)")
 
 
 def _check_scored(model: nn.Module, analyses, roles, strict: bool):

@@ -182,6 +182,23 @@ def test_bench_rejects_bad_keep_ratio(capsys):
         assert "keep_ratio must be" in err and "argument --keep" in err
 
 
+def test_bad_trade_off_is_a_usage_error_and_a_refused_input_an_error_line(capsys, tmp_path):
+    """--trade-off out of [0, 1] is bad usage (exit 2) like --keep; images the model refuses
+    (timm asserts its input size) end in an ``evoplug: error:`` line (exit 1), no traceback."""
+    for cmd in (["explain", "vit_tiny_patch16_224", "--trade-off", "2"],
+                ["plan", "vit_tiny_patch16_224", "x.pt", "--trade-offs", "-0.1"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(cmd)
+        assert e.value.code == 2
+        assert "trade_off must be in [0, 1]" in capsys.readouterr().err
+    torch.save(torch.randn(4, 3, 16, 16), tmp_path / "small.pt")
+    code = cli.main(["plan", *TINY, str(tmp_path / "small.pt"), "--keep", "0.5",
+                     "--start-blocks", "1", "--no-progress"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "evoplug: error: the model refused its input" in err and "Traceback" not in err
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "deit_smal_patch16_224", "--batch", "1"])

@@ -123,3 +123,20 @@ def test_plan_command_line(digits_model, tmp_path):
     assert os.path.getsize(tmp_path / "p.png") > 1000 and os.path.exists(tmp_path / "p.json")
     with open(out, "w") as f:
         assert main(["plan", ckpt, images, "--target", "50", "--keep", "0.5", "--no-progress"], out=f) == 1
+
+
+def test_the_dense_targets_are_computed_in_eval_mode():
+    """A model built from a config is in train mode: the targets of its own dense forward are
+    still computed without dropout (they were not: 0.2 apart with dropout 0.3)."""
+    from evoplug.tools.distill import _Precomputed
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=10, drop_rate=0.3, proj_drop_rate=0.3)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    fast.train()
+    x = torch.randn(6, 3, 32, 32)
+    targets = _Precomputed(fast, x, (), 4).logits
+    assert fast.training
+    with torch.no_grad():
+        torch.testing.assert_close(targets, model.eval()(x))

@@ -3,6 +3,7 @@ checkpointing, validation before anything is touched, prefix and class-token det
 mixing outside attention, hooks, run-time options, odd batches, clear refusals."""
 import contextlib
 import copy
+import random
 import threading
 
 import numpy as np
@@ -399,6 +400,43 @@ class MeanBlock(Block):
     def forward(self, x, attn_mask=None):
         y = super().forward(x, attn_mask=attn_mask)
         return y + y.mean(1, keepdim=True)
+
+
+class PythonLayerDrop(Block):
+    """Skips itself in training with a Python random number (LayerDrop written in the block)."""
+
+    def forward(self, x, attn_mask=None):
+        if self.training and random.random() < 0.2:
+            return x
+        return super().forward(x, attn_mask=attn_mask)
+
+
+class TorchLayerDrop(Block):
+    """The same with ``torch.rand(()).item()``: a draw from no traced value."""
+
+    def forward(self, x, attn_mask=None):
+        if self.training and torch.rand(()).item() < 0.2:
+            return x
+        return super().forward(x, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("cls,source", [(PythonLayerDrop, "random.random"), (TorchLayerDrop, "torch.rand")])
+def test_a_block_that_skips_itself_at_random_is_refused(cls, source):
+    """A trace would keep the one number drawn while tracing: the converted block would run
+    always (or never) in training. Refused by name; the conversion draws no Python random
+    number (it drew one, through the trace)."""
+    model = _tiny()
+    model.blocks[3].__class__ = cls
+    x = torch.randn(1, 3, 32, 32)
+    random.seed(7)
+    state = random.getstate()
+    with pytest.raises(evoplug.ConversionError, match=rf"`blocks.3`: .*draws a random number outside "
+                                                      rf"its traced tensors \({source}\)"):
+        evoplug.convert(model, 0.5, example_input=x)
+    assert random.getstate() == state
+    fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
+    assert "blocks.3" not in [s.analysis.name for s in evoplug.get_report(fast).blocks]
+    assert random.getstate() == state
 
 
 def test_order_independent_mixing_outside_attention_is_refused():

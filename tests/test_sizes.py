@@ -75,3 +75,25 @@ def test_a_copy_builds_its_own_twins_and_a_size_the_model_cannot_take_is_named()
         assert torch.allclose(twin(x), ref, atol=1e-6)
         with pytest.raises(evoplug.errors.EvoplugError, match="converted again for that size, which failed"):
             fast(torch.randn(1, 1, 64, 64))       # one channel: the model itself cannot run it
+
+
+def test_parameters_replaced_after_a_twin_was_built_are_the_twins_too():
+    """EVA-02's blocks hold their layer scales (gamma_1, gamma_2) themselves. A checkpoint
+    loaded with ``assign=True`` after a second size ran replaces them: the twin of that size
+    runs the new ones (its blocks shared the old parameter objects in a dict of their own)."""
+    timm = pytest.importorskip("timm")
+    import copy
+    torch.manual_seed(0)
+    m = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=4,
+                          dynamic_img_size=True, init_values=0.1).eval()
+    assert "gamma_1" in m.blocks[0]._parameters
+    x56, x84 = torch.randn(2, 3, 56, 56), torch.randn(2, 3, 84, 84)
+    fast = evoplug.convert(m, keep_ratio=1.0)
+    with torch.no_grad():
+        fast(x84)                                        # the 84 px twin is built
+        state = {k: v + 0.1 * torch.randn_like(v) for k, v in m.state_dict().items()}
+        dense = copy.deepcopy(m)
+        dense.load_state_dict(state)
+        fast.load_state_dict(state, assign=True)
+        assert torch.equal(fast(x56), dense(x56))
+        assert torch.equal(fast(x84), dense(x84))

@@ -43,6 +43,9 @@ FAMILIES = {
         num_attention_heads=[1, 2], attn_implementation=i)), 0),
     # layers that return (hidden_states, attn_weights) / (hidden_states,)
     "data2vec-vision": (lambda i: T.Data2VecVisionModel(T.Data2VecVisionConfig(attn_implementation=i, **FLAT)), 1),
+    # per-layer relative positions sized from the *normed* tokens' count (the published setting)
+    "data2vec-layer-bias": (lambda i: T.Data2VecVisionModel(T.Data2VecVisionConfig(
+        use_relative_position_bias=True, attn_implementation=i, **FLAT)), 1),
     "pvt-v2": (lambda i: T.PvtV2Model(T.PvtV2Config(
         image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1], hidden_sizes=[32, 64],
         num_attention_heads=[1, 2], patch_sizes=[7, 3], strides=[4, 2], attn_implementation=i)), 0),
@@ -148,6 +151,47 @@ def test_vitmae_with_masking_keeps_its_cls_token_out_of_the_ranking():
     assert "do not come from the patch map" in blocks[0].analysis.prefix_source
 
 
+def test_mae_decoder_does_not_rank_its_patches_by_the_visible_patches_scores():
+    """ViTMAEForPreTraining: the encoder runs 16 randomly chosen visible patches (a 4x4 'grid'
+    only by their count), the decoder all 64 in the image's order. Scores are not carried
+    from the one onto the other (they were, pooled as if the visible patches were a downsampled
+    image): the decoder's first block runs every token and starts them again."""
+    torch.manual_seed(0)
+    cfg = T.ViTMAEConfig(decoder_hidden_size=32, decoder_num_hidden_layers=3,
+                         decoder_num_attention_heads=2, decoder_intermediate_size=64, **FLAT)
+    model = _randomise(T.ViTMAEForPreTraining(cfg)).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input={"pixel_values": x[:1], "noise": noise[:1]})
+    with torch.no_grad():
+        fast(pixel_values=x, noise=noise)
+    runs = [(s.name.startswith("decoder"), s.analysis.num_tokens, t)
+            for s, (_, t) in zip(evoplug.get_report(fast).blocks, evoplug.tokens_per_block(fast))]
+    first_decoder = next(r for r in runs if r[0])
+    assert first_decoder[1:] == (65, 65)                       # restarts: every token
+    assert all(t < n for dec, n, t in runs[runs.index(first_decoder) + 1:])   # then evolves
+
+
+def test_a_text_encoder_beside_the_image_encoder_is_refused_by_name():
+    """A whole SiglipModel: its (bidirectional) text layers took the vision tower's scores,
+    pooled onto a 'grid' of the text tokens. Their tokens do not depend on the image (the
+    provenance forward's noise changes the vision layers' inputs, none of theirs): refused by
+    name; strict=False converts the vision tower and leaves the text tower exact."""
+    torch.manual_seed(0)
+    model = T.SiglipModel(T.SiglipConfig(text_config=dict(S, vocab_size=100, max_position_embeddings=32),
+                                         vision_config=FLAT)).eval()
+    ids, px = torch.randint(0, 100, (2, 16)), torch.randn(2, 3, 32, 32)
+    example = dict(input_ids=ids[:1], pixel_values=px[:1])
+    with pytest.raises(evoplug.ConversionError, match=r"text_model.encoder.layers.0`: its tokens "
+                                                      r"do not come from the image"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=example)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=example, strict=False)
+    assert all(s.name.startswith("vision_model") for s in evoplug.get_report(fast).blocks)
+    with torch.no_grad():
+        a, b = model(input_ids=ids, pixel_values=px), fast(input_ids=ids, pixel_values=px)
+    assert torch.equal(a.text_embeds, b.text_embeds)
+    assert (a.image_embeds - b.image_embeds).abs().max() > 1e-4
+
+
 def test_yolos_detection_tokens_stay_on_the_slow_path():
     """YOLOS lays out [cls, 64 patches, 10 detection tokens]: the detection tokens are found as
     tokens that do not come from the image, kept with the cls token, and only the patches are
@@ -210,9 +254,11 @@ def test_mlcd_rotary_tables_follow_each_images_tokens():
                                    atol=1e-5, rtol=0)
 
 
-def test_kwargs_not_seen_at_conversion_are_refused_by_name():
+def test_kwargs_not_seen_at_conversion_run_the_original_forward_with_a_warning():
     """A layer whose ``**kwargs`` receive a keyword the calibration call did not pass: the
-    program has no parameter for it, so the call is refused, naming the block."""
+    program has no parameter for it, so that call runs the layer's own forward on every token
+    (exact), with a warning naming the block (it raised before: DINO's
+    ``get_last_selfattention`` calls its last block with ``return_attention=True``)."""
     model = T.ViTModel(T.ViTConfig(**FLAT)).eval()
     x = torch.randn(1, 3, 32, 32)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
@@ -220,18 +266,25 @@ def test_kwargs_not_seen_at_conversion_are_refused_by_name():
     hidden = torch.randn(1, 65, 64)
     with torch.no_grad():
         fast(x)
-        with pytest.raises(evoplug.errors.AnalysisError, match="other keyword arguments"):
-            layer(hidden, some_flag=True)
+        with pytest.warns(UserWarning, match=r"other keyword arguments.*`(encoder.)?layers?.2` runs its "
+                                             r"original forward"):
+            out = layer(hidden, some_flag=True)
+        evoplug.revert(fast)
+        torch.testing.assert_close(out, layer(hidden, some_flag=True), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_bias_sized_from_the_token_count_follows_the_kept_tokens(impl):
+@pytest.mark.parametrize("kind", ["beit", "data2vec-vision"])
+def test_bias_sized_from_the_token_count_follows_the_kept_tokens(impl, kind):
     """HF BEiT's per-layer relative position bias is sized from ``hidden_states.shape[1]``
     (interpolated to it at another resolution): a position term, computed for the full token
-    set (its size query reads the block's whole input) and gathered for the kept tokens."""
+    set (its size query reads the block's whole input) and gathered for the kept tokens.
+    Data2Vec-Vision reads the size from the normed tokens (refused until the sixteenth session)."""
     torch.manual_seed(0)
-    model = _randomise(T.BeitModel(T.BeitConfig(use_relative_position_bias=True, attn_implementation=impl,
-                                                **FLAT))).eval()
+    model_cls, config_cls = {"beit": (T.BeitModel, T.BeitConfig),
+                             "data2vec-vision": (T.Data2VecVisionModel, T.Data2VecVisionConfig)}[kind]
+    model = _randomise(model_cls(config_cls(use_relative_position_bias=True, attn_implementation=impl,
+                                            **FLAT))).eval()
     x = torch.randn(2, 3, 40, 40)          # 10x10 patches: the 8x8 table is interpolated
     call = {"pixel_values": x, "interpolate_pos_encoding": True}
     fast = evoplug.convert(model, keep_ratio=0.5, example_input={k: v[:1] if k == "pixel_values" else v
@@ -371,3 +424,30 @@ def test_the_input_size_comes_from_the_configuration():
     assert evoplug.input_size(clip) == (3, 40, 40)
     assert evoplug.input_size(T.SwinModel(T.SwinConfig(image_size=(32, 64), patch_size=2, embed_dim=16,
                                                        depths=[1], num_heads=[1], window_size=4))) == (3, 32, 64)
+
+
+def test_another_input_size_is_found_whatever_the_call_form():
+    """The twin for another input size is built from the tensors bound to the names the
+    conversion's input had: by position or keyword, with output flags, and with the call's
+    flags (Hiera needs ``interpolate_pos_encoding=True`` there). They raised before."""
+    torch.manual_seed(0)
+    swin = T.SwinModel(T.SwinConfig(**dict(SWIN, image_size=32, window_size=4))).eval()
+    x = torch.randn(2, 3, 48, 48)
+    fast = evoplug.convert(swin, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        ref = swin(x).last_hidden_state
+        for call in (lambda f: f(pixel_values=x), lambda f: f(x, output_hidden_states=True),
+                     lambda f: f(x)):
+            out = call(fast).last_hidden_state
+            assert float((out - ref).abs().max()) <= 1e-5
+    assert len(next(m for m in fast.modules() if hasattr(m, "_evoplug_spec"))
+               ._evoplug_spec.runtime.variants) == 1          # one twin for the size
+    hiera = T.HieraModel(T.HieraConfig(embed_dim=16, image_size=[64, 64], patch_size=[7, 7],
+                                       patch_stride=[4, 4], patch_padding=[3, 3], depths=[1, 1, 2, 1],
+                                       num_heads=[1, 2, 4, 8])).eval()
+    x = torch.randn(2, 3, 128, 128)
+    fast = evoplug.convert(hiera, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        ref = hiera(x, interpolate_pos_encoding=True).last_hidden_state
+        out = fast(x, interpolate_pos_encoding=True).last_hidden_state
+    assert float((out - ref).abs().max()) <= 1e-5

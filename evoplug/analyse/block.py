@@ -105,6 +105,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                   num_prefix_override: Optional[int],
                   global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
+    if name in getattr(calls, "derived", {}).get("image_free", ()):
+        raise AnalysisError(name, "its tokens do not come from the image (noise on the image's "
+                                  "first feature map changes other blocks' tokens, not one of "
+                                  "these): not a vision block (a text encoder's?)")
     plan = make_call_plan(module, name, call, hint(model, "ignored_keywords")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)

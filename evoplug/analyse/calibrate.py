@@ -203,13 +203,15 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     (B, N, C) input, nothing at all when no map runs before the first block. (Evo-ViT ranks
     patches and keeps the other tokens: a token that is neither leading, trailing nor a patch
     would be ranked as one, see discover.special_rows.)"""
-    firsts, inputs = {}, {}
+    firsts, inputs, every = {}, {}, {}
     for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
                         key=lambda b: calls[id(b)].order):
         c = calls.get(id(block))
         x = c.args[0] if c is not None and c.args else None
         if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in firsts:
             firsts[x.shape[1]] = (block, x)
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
+            every[id(block)] = (c.name, x)
     if not firsts:
         return
     first_order = min(calls[id(b)].order for b, _ in firsts.values())
@@ -228,8 +230,9 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
             seen.setdefault(n, args[0] if args else None)
         return hook
 
+    by_id = {id(b): b for b in blocks}
     handles = [source.register_forward_hook(perturb)] + [
-        b.register_forward_pre_hook(capture(n)) for n, (b, _) in firsts.items()]
+        by_id[k].register_forward_pre_hook(capture(k)) for k in every]
     was = model.training
     model.eval()
     try:
@@ -241,14 +244,72 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
         for h in handles:
             h.remove()
         model.train(was)
-    for n, (_, x) in firsts.items():
-        y = seen.get(n)
+    # (blocks that ran before the noise, or inside the module it was added to, cannot see it)
+    inside = {id(m) for m in source.modules()}
+    after = {k: v for k, v in every.items()
+             if k not in inside and calls[k].order > calls[id(source)].order}
+    same = _image_free(after, seen)
+    if same:     # confirmed on noise in every floating-point input (CrossViT's second branch
+        # starts from its own patch map, which the first map's noise does not reach)
+        same = _unchanged_by_the_inputs(model, example_input, by_id, {k: after[k] for k in same})
+    calls.derived["image_free"] = tuple(after[k][0] for k in same)
+    for n, (b, x) in firsts.items():
+        y = seen.get(id(b))
         if isinstance(y, torch.Tensor) and y.shape == x.shape:
             change = (y.float() - x.float()).abs().amax(dim=(0, 2))
             scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
             rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
             inputs[n] = tuple(int(i) for i in rows)
     calls.derived["untouched"] = inputs
+
+
+def _image_free(every, seen) -> List[int]:
+    """The blocks (ids) whose input the noise on the image left exactly as it was, when it
+    changed another block's (a text encoder's layers beside an image encoder's)."""
+    same, changed = [], False
+    for k, (name, x) in every.items():
+        y = seen.get(k)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            continue
+        if torch.equal(y, x):
+            same.append(k)
+        else:
+            changed = True
+    return same if changed else []
+
+
+def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> List[int]:
+    """Of the blocks ``every`` ({id: (name, calibration input)}), those whose input stays
+    exactly the same when noise is added to every floating-point tensor the model is given:
+    nothing they compute comes from the image (token ids and masks are integers)."""
+    def noisy(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            g = torch.Generator(device=v.device).manual_seed(1)
+            return v + torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) * (
+                v.float().std().nan_to_num() + 1.0).to(v.dtype)
+        return v
+    if isinstance(example_input, dict):
+        example = {k: noisy(v) for k, v in example_input.items()}
+    elif isinstance(example_input, (tuple, list)):
+        example = type(example_input)(noisy(v) for v in example_input)
+    else:
+        example = noisy(example_input)
+    seen = {}
+    def capture(k):
+        def hook(_m, args):      # returns None: the block's arguments stay as they are
+            seen.setdefault(k, args[0] if args else None)
+        return hook
+    handles = [by_id[k].register_forward_pre_hook(capture(k)) for k in every]
+    try:
+        with torch.no_grad():
+            _call(model, example)
+    except Exception:   # noqa: BLE001 - inputs the model cannot take noisy: nothing is refused
+        return []
+    finally:
+        for h in handles:
+            h.remove()
+    return [k for k, (_, x) in every.items()
+            if isinstance(seen.get(k), torch.Tensor) and seen[k].shape == x.shape and torch.equal(seen[k], x)]
 
 
 def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):

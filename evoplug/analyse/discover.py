@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..integrations.registry import hint
+from ..runtime.evolve import GuessedGrid
 from .calibrate import ModuleCall
 
 
@@ -297,7 +298,8 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
     if best is not None:
         return best[1]
     r = int(round(num_patches ** 0.5))
-    return (r, r) if r * r == num_patches else None
+    return GuessedGrid((r, r)) if r * r == num_patches else None   # (runtime/evolve.py)
+
 
 
 def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:

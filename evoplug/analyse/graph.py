@@ -75,16 +75,35 @@ def value_dependent(graph: fx.Graph, any_size: bool = False) -> Set[fx.Node]:
     for n in graph.nodes:
         if n.op == "placeholder":
             dep.add(n)
-        elif is_size_query(n) and n.args and (any_size or n.args[0] is token):
+        elif is_size_query(n) and n.args and (any_size or token_wise_of(n.args[0], token)):
             continue
         elif any(a in dep for a in n.all_input_nodes):
             dep.add(n)
     return dep
 
 
+def token_wise_of(n, token: fx.Node) -> bool:
+    """``n`` is the token argument, or made from it alone by modules and dtype/layout methods
+    (a norm: transformers' Data2Vec-Vision sizes its relative positions from the normed
+    tokens' ``shape[1]``), so its sizes are the tokens'."""
+    while isinstance(n, fx.Node) and n is not token:
+        inputs = n.all_input_nodes
+        if len(inputs) != 1 or not (
+                (n.op == "call_module" and isinstance(module_of(n.graph.owning_module, n), _SAME_SHAPE))
+                or (n.op == "call_method" and n.target in _LAYOUT_METHODS)):
+            return False
+        n = inputs[0]
+    return n is token
+
+
+#: modules whose output has their input's shape (what token_wise_of follows)
+_SAME_SHAPE = (nn.LayerNorm, nn.RMSNorm, nn.Dropout, nn.Identity)
+
+
 def token_size_queries(node: fx.Node, token: fx.Node) -> List[fx.Node]:
-    """The size queries of the block's token argument that ``node`` is computed from."""
-    return [a for a in ancestors(node) if is_size_query(a) and a.args and a.args[0] is token]
+    """The size queries of the block's token argument (or of what token-wise modules made of
+    it) that ``node`` is computed from."""
+    return [a for a in ancestors(node) if is_size_query(a) and a.args and token_wise_of(a.args[0], token)]
 
 
 def ancestors(node: fx.Node) -> Set[fx.Node]:
@@ -224,3 +243,21 @@ def depends_on_data(node: fx.Node) -> bool:
         else:
             data[n] = any(data.get(a, False) for a in n.all_input_nodes)
     return data[node]
+
+
+_RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
+                     torch.randint_like, torch.bernoulli, torch.normal, torch.randperm,
+                     torch.multinomial, torch.poisson}
+_RANDOM_METHODS = {"bernoulli", "bernoulli_", "uniform_", "normal_", "random_", "exponential_",
+                   "geometric_", "cauchy_", "log_normal_"}
+
+
+def random_source(node: fx.Node) -> Optional[fx.Node]:
+    """A random draw ``node`` is computed from (``torch.rand(()) < p``: a Python branch on it
+    would keep the one drawn while tracing), else None."""
+    for n in ancestors(node) | {node}:
+        if (n.op == "call_function" and n.target in _RANDOM_FUNCTIONS) or \
+                (n.op == "call_method" and n.target in _RANDOM_METHODS):
+            return n
+    return None
+

@@ -3,9 +3,12 @@ sizes specialised on the calibration input, checks dropped, buffers as attribute
 baked in) and the call plan of the block."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import operator
+import random
+import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
@@ -17,7 +20,7 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import depends_on_data, run_nodes
+from .graph import depends_on_data, random_source, run_nodes
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -95,6 +98,13 @@ class BlockTracer(fx.Tracer):
         """Refuse a value that depends on the tensors' values or on the token count; note one
         that depends on the batch size (MMPretrain's ``window_reverse`` computes B with
         ``int()``): such a block gets one program per batch size."""
+        drawn = random_source(node)
+        if drawn is not None:
+            raise fx.proxy.TraceError(
+                f"{what} (`{node.name}`) depends on a random number (`{drawn.name}`): a trace "
+                "would keep the one drawn while tracing (a block skipped at random, LayerDrop, "
+                "would always run or never). Register the module that draws with "
+                "evoplug.register_leaf_module, or skip blocks outside them")
         if depends_on_data(node):
             raise fx.proxy.TraceError(
                 f"{what} (`{node.name}`) depends on the values of the tensors (data-dependent "
@@ -127,7 +137,8 @@ class BlockTracer(fx.Tracer):
         calibration input, and item assignment into traced tensors recorded as
         ``operator.setitem`` (MMPretrain's shift-window mask is filled slice by slice)."""
         if self._example is None or hasattr(fx.Proxy, "__int__"):
-            return super().trace(root, concrete_args)
+            with _no_python_random():
+                return super().trace(root, concrete_args)
 
         def to_int(p):
             if isinstance(p.tracer, BlockTracer):
@@ -147,7 +158,8 @@ class BlockTracer(fx.Tracer):
         fx.Proxy.__setitem__ = setitem
         fx.Proxy.__len__ = length
         try:
-            return super().trace(root, concrete_args)
+            with _no_python_random():
+                return super().trace(root, concrete_args)
         finally:
             del fx.Proxy.__int__
             del fx.Proxy.__setitem__
@@ -215,6 +227,44 @@ class BlockTracer(fx.Tracer):
 
 _COND_JUMPS = {"POP_JUMP_IF_TRUE", "POP_JUMP_FORWARD_IF_TRUE", "POP_JUMP_IF_FALSE",
                "POP_JUMP_FORWARD_IF_FALSE"}
+
+
+_PYTHON_RANDOM = ("random", "uniform", "randint", "randrange", "choice", "choices", "gauss",
+                  "normalvariate", "betavariate", "sample", "shuffle")
+_TORCH_RANDOM = ("rand", "randn", "randint", "randperm", "bernoulli", "normal", "multinomial",
+                 "poisson")
+
+
+@contextlib.contextmanager
+def _no_python_random():
+    """No random number is drawn while a block is traced, outside the traced tensors: Python's
+    ``random``, or a torch draw from no traced value (``torch.rand(()).item() < p``). The trace
+    would keep the one number drawn then (a block that skips itself at random in training
+    would always run or never), and the draw would move the caller's random state. (Draws on
+    traced values, timm's drop path ``x.new_empty(...).bernoulli_()``, are traced ops.)"""
+    me = threading.get_ident()
+
+    def refuse(module, name, original, traced_ok):
+        def draw(*args, **kwargs):
+            if threading.get_ident() != me or (traced_ok and any(
+                    isinstance(v, fx.Proxy) for v in list(args) + list(kwargs.values()))):
+                return original(*args, **kwargs)      # another thread, or a traced draw
+            raise fx.proxy.TraceError(
+                f"the block draws a random number outside its traced tensors "
+                f"({module}.{name}): a trace would keep the one drawn while tracing (a block "
+                "skipped at random would always run or never). Draw with torch on the block's "
+                "tensors, register the module that draws with evoplug.register_leaf_module, or "
+                "skip blocks outside them")
+        return draw
+    saved = [(random, n, getattr(random, n)) for n in _PYTHON_RANDOM] + \
+        [(torch, n, getattr(torch, n)) for n in _TORCH_RANDOM]
+    for mod, n, f in saved:
+        setattr(mod, n, refuse(mod.__name__, n, f, mod is torch))
+    try:
+        yield
+    finally:
+        for mod, n, f in saved:
+            setattr(mod, n, f)
 
 
 def _is_guard(frame) -> bool:

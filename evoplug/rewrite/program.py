@@ -129,7 +129,7 @@ def _position_terms(rw: _Rewrite):
             with rw.graph.inserting_after(last):
                 whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
             for q in sizes:
-                q.replace_input_with(rw.token, whole)
+                q.replace_input_with(q.args[0], whole)
         consumers = list(bias.users)
         with rw.graph.inserting_after(bias):
             gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))

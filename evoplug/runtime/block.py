@@ -14,13 +14,14 @@ import copy
 import dataclasses
 import functools
 import threading
+import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from ..errors import EvoplugError
+from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
 from . import evolve as ev
 from .call import CallPlan
@@ -210,7 +211,17 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        x, extras = spec.call.bind(spec.name, args, kwargs)
+        try:
+            x, extras = spec.call.bind(spec.name, args, kwargs)
+        except AnalysisError as e:
+            if segment or recompute:
+                raise
+            # a call the conversion did not see (DINO's get_last_selfattention passes
+            # return_attention=True): the block's own forward, on every token, is exact
+            warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
+                          "forward (every token) for such calls", stacklevel=5)
+            spec.tokens_run = -1
+            return spec.orig_class.forward(self, *args, **kwargs)
         if segment and x is not state.segment.out and not recompute and \
                 tuple(x.shape) != state.segment.shape:
             # the handed-on tokens were read (the guard restored them: a dropout between the

@@ -44,8 +44,9 @@ class CallPlan:
             if not same_constant(v, const):
                 raise AnalysisError(
                     module_name,
-                    f"argument {name!r} was {const!r} when the block was analysed but is {v!r} "
-                    "now; re-run evoplug.convert with an example input that calls it this way")
+                    f"argument {name!r} was {_short(const)} when the block was analysed but is "
+                    f"{_short(v)} now; re-run evoplug.convert with an example input that calls it "
+                    "this way")
         extras = {}
         for n in self.tensor_args:
             v = values[n]
@@ -104,3 +105,11 @@ def same_constant(a, b) -> bool:
         return bool(a == b)
     except (TypeError, ValueError, RuntimeError):   # no single truth value (arrays, tensors)
         return a is b
+
+
+def _short(v) -> str:
+    """A value for a message: a tensor by its shape and dtype, anything else by a short repr."""
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)} ({v.dtype})"
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."

@@ -488,16 +488,26 @@ def patch_scores(g: Tensor, num_prefix: int, num_suffix: int = 0) -> Tensor:
     return g[:, 0, num_prefix:g.shape[-1] - num_suffix]
 
 
+class GuessedGrid(tuple):
+    """A square patch grid taken from the token count alone (no map or size argument showed
+    it): good for the block's own views, and for scores carried *down* a pyramid (LeViT's
+    stages), not onto a grid as large or larger (16 tokens need not be a 4x4 image: MAE's
+    visible patches before its decoder's full grid)."""
+
+
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     """Carry the global attention into a stage with another patch grid (pyramids).
 
     The patch scores (B, h*w) or (B, 1, h*w) are average-pooled onto the new grid (h'*w' in the
     same layout) and renormalised to sum to 1 like an attention row: a downsampled token
     summarises the tokens under it, so their mean score is its prior; the next block's
-    attention row refreshes it. ``None`` when a grid is unknown (the caller restarts the
-    scores with a dense block).
+    attention row refreshes it. ``None`` when a grid is unknown, or guessed and not smaller
+    than the one before (the caller restarts the scores with a dense block).
     """
     if grid_from is None or grid_to is None:
+        return None
+    if (isinstance(grid_from, GuessedGrid) or isinstance(grid_to, GuessedGrid)) and \
+            grid_to[0] * grid_to[1] >= grid_from[0] * grid_from[1]:
         return None
     B = scores.shape[0]
     g = scores.reshape(B, 1, grid_from[0], grid_from[1])

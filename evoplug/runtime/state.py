@@ -8,6 +8,7 @@ recomputes a block with the state of its own forward (see docs/guarantees.md).
 from __future__ import annotations
 
 import collections
+import inspect
 import threading
 import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
@@ -273,6 +274,16 @@ def _shapes(key) -> tuple:
     return tuple(k[0] for k in key) if key is not None else None
 
 
+def named_tensors(module, args, kwargs) -> Optional[Dict[str, torch.Tensor]]:
+    """The call's tensor arguments by the names of ``module.forward``'s parameters (a call by
+    keyword and one by position give the same names); None where they do not bind."""
+    try:
+        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return {n: v for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+
+
 def input_key(args, kwargs) -> tuple:
     """What identifies an input size: every tensor argument's shape without the batch dim,
     dtype and device, in order."""
@@ -324,6 +335,13 @@ class EntryHook:
         self.factory = factory      # (model, args, kwargs) -> SizeVariant; a picklable function
         self._key_shapes = _shapes(key)
 
+    names: Tuple[str, ...] = ()       # calibration's tensor arguments, by parameter name
+    _named_shapes = None
+
+    def set_names(self, named: Dict[str, torch.Tensor]):
+        self.names = tuple(sorted(named))
+        self._named_shapes = _shapes(input_key((), named))
+
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._key_shapes = _shapes(self.key)
@@ -339,12 +357,30 @@ class EntryHook:
             if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
                 variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
                 variant.sync()
+        elif self.factory is not None and self.names:
+            variant = self._variant_by_name(module, args, kwargs)
         self.runtime.push_entry(matches, variant)
+
+    def _variant_by_name(self, module, args, kwargs) -> Optional[SizeVariant]:
+        """Another call form (by keyword, with other flags or tensors): the input size is read
+        from the tensors bound to the names calibration's input had."""
+        named = named_tensors(module, args, kwargs)
+        if named is None or not all(n in named for n in self.names):
+            return None
+        mine = {n: named[n] for n in self.names}
+        key = input_key((), mine)
+        if _shapes(key) == self._named_shapes:
+            return None
+        flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        # (the call's flags go with the twin's example: interpolate_pos_encoding=True)
+        variant = self.runtime.variant_for(key, self.factory, module, (), {**flags, **mine})
+        variant.sync()
+        return variant
 
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
             self.runtime.pop_entry()
             guard = getattr(self.runtime._local, "guard", None)
-            if guard is not None and guard.watched and not self.runtime.entered():
+            if guard is not None and (guard.watched or guard.on_stack) and not self.runtime.entered():
                 return guard.finish(output)
         return None

@@ -39,6 +39,16 @@ def _keep(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _trade_off(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"trade_off must be a number in [0, 1], got {text!r}")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"trade_off must be in [0, 1], got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -78,7 +88,7 @@ def _add_convert_options(p: argparse.ArgumentParser):
     g = p.add_argument_group("conversion (evoplug.EvoOptions)")
     g.add_argument("--start-block", type=_positive_int, default=None,
                    help="first evolving block (default: a third of the blocks stay dense)")
-    g.add_argument("--trade-off", type=float, default=None, help="alpha of the global attention update")
+    g.add_argument("--trade-off", type=_trade_off, default=None, help="alpha of the global attention update")
     g.add_argument("--reselect-every", type=_positive_int, default=None,
                    help="re-run top-k every N evolving blocks (default 4)")
     g.add_argument("--no-representative", action="store_true",
@@ -198,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep ratios to measure (default 0.3 ... 0.9)")
     pl.add_argument("--start-blocks", type=_positive_int, nargs="+", default=None, metavar="S",
                     help="start blocks to measure (default: a quarter, a third and half of the blocks)")
-    pl.add_argument("--trade-offs", type=float, nargs="+", default=[0.5], metavar="A")
+    pl.add_argument("--trade-offs", type=_trade_off, nargs="+", default=[0.5], metavar="A")
     pl.add_argument("--queries", nargs="+", choices=["cls", "mean"], default=None,
                     help="global queries (default: both when the model has a class token)")
     pl.add_argument("--timed", action="store_true", help="also time dense vs converted (decides)")
@@ -449,6 +459,9 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         return fn(a, out)
     except (CliError, EvoplugError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
         print(f"evoplug: error: {e}", file=sys.stderr)
+        return 1
+    except AssertionError as e:     # a model's own check of its input (timm: the image size)
+        print(f"evoplug: error: the model refused its input: {e}", file=sys.stderr)
         return 1
 
 

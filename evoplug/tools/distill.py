@@ -94,12 +94,15 @@ def _targets(teacher: nn.Module, images: torch.Tensor, features: Sequence[str], 
     cap = _Captured(teacher, features, "the teacher") if features else None
     logits, feats = [], {n: [] for n in features}
     dev = evoplug.quality.device_of(teacher)
+    was = teacher.training
+    teacher.eval()              # (a model built from a config is in train mode: no dropout here)
     try:
         for i in range(0, len(images), batch):
             logits.append(evoplug.quality.logits_of(teacher(images[i:i + batch].to(dev)), "the teacher").float().cpu())
             for n in features:
                 feats[n].append(cap.values[n].float().cpu())
     finally:
+        teacher.train(was)
         if cap:
             cap.remove()
     return torch.cat(logits), {n: torch.cat(v) for n, v in feats.items()}
