@@ -115,8 +115,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
     try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*feed)
+        if not gm.meta.get("evo_shapes"):     # (a rewritten map block has them: canon.py)
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*feed)
     except Exception as e:  # noqa: BLE001 - any error: the block is refused, with its message
         raise AnalysisError(name, f"the traced block does not run: {type(e).__name__}: {e}") from None
     site = _attention_site(gm, name, attn_mods)

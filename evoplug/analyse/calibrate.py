@@ -225,14 +225,9 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
         return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
             out.float().std() + 1.0).to(out.dtype)
 
-    def capture(n):
-        def hook(_m, args):      # returns None: the block's arguments stay as they are
-            seen.setdefault(n, args[0] if args else None)
-        return hook
-
     by_id = {id(b): b for b in blocks}
     handles = [source.register_forward_hook(perturb)] + [
-        by_id[k].register_forward_pre_hook(capture(k)) for k in every]
+        by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
     was = model.training
     model.eval()
     try:
@@ -261,6 +256,14 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
             rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
             inputs[n] = tuple(int(i) for i in rows)
     calls.derived["untouched"] = inputs
+
+
+def _capture(seen: dict, key):
+    """A pre-hook keeping a block's first input under ``key`` (it returns None: the block's
+    arguments stay as they are)."""
+    def hook(_m, args):
+        seen.setdefault(key, args[0] if args else None)
+    return hook
 
 
 def _image_free(every, seen) -> List[int]:
@@ -295,11 +298,7 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
     else:
         example = noisy(example_input)
     seen = {}
-    def capture(k):
-        def hook(_m, args):      # returns None: the block's arguments stay as they are
-            seen.setdefault(k, args[0] if args else None)
-        return hook
-    handles = [by_id[k].register_forward_pre_hook(capture(k)) for k in every]
+    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
     try:
         with torch.no_grad():
             _call(model, example)

@@ -8,7 +8,6 @@ input: the op run on the flattened input gives the flattened output), so the rew
 computes the same values in the same order of floating-point operations."""
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 from typing import Dict, List, Optional, Sequence
@@ -17,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph import is_add, is_reshape, shape_of
+from .graph import is_add, is_reshape, no_side_effects, shape_of
 
 _UNARY_METHODS = {"contiguous", "float", "to", "type_as"}
 _UNARY_FUNCTIONS = {torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.silu,
@@ -37,27 +36,15 @@ class _Values(ShapeProp):
         return out
 
 
-@contextlib.contextmanager
-def _no_side_effects(gm: fx.GraphModule):
-    buffers = [(b, b.detach().clone()) for b in gm.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-
 def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid) -> List[str]:
     """Rewrite ``gm`` (a block whose token argument is the (B, H, W, C) map ``feed[0]``) so its
     token-wise ops run on tokens. Returns what was rewritten (empty: nothing to do)."""
     if feed[0].dim() != 4:
         return []
-    with _no_side_effects(gm), torch.no_grad():
+    with no_side_effects(gm), torch.no_grad():
         prop = _Values(gm)
         prop.propagate(*feed)
+    gm.meta["evo_shapes"] = True          # (the callers' shape propagation is done)
     ctx = _Ctx(gm, prop.values, tuple(grid), int(feed[0].shape[0]))
     done = []
     for rule in (_heads_to_tokens, _sink_map_views, _projection_on_tokens, _tail_on_tokens):
@@ -105,7 +92,7 @@ class _Ctx:
         was = mod.training
         mod.eval()
         try:
-            with _no_side_effects(self.gm), torch.no_grad():
+            with no_side_effects(self.gm), torch.no_grad():
                 flat = mod(x.flatten(1, 2))
                 want = mod(x).flatten(1, 2)
         except Exception:   # noqa: BLE001 - a module that needs the map is not token-wise
@@ -298,7 +285,7 @@ def _propagate(ctx: _Ctx):
     gm.graph.lint()
     gm.recompile()
     feed = [ctx.values[n] for n in gm.graph.nodes if n.op == "placeholder"]
-    with _no_side_effects(gm), torch.no_grad():
+    with no_side_effects(gm), torch.no_grad():
         prop = _Values(gm)
         prop.propagate(*feed)
     ctx.values = prop.values

@@ -2,6 +2,7 @@
 reshapes; ancestors; shapes recorded by shape propagation; partial evaluation."""
 from __future__ import annotations
 
+import contextlib
 import operator
 from typing import Any, Dict, List, Optional, Set, Tuple
 
@@ -260,4 +261,19 @@ def random_source(node: fx.Node) -> Optional[fx.Node]:
                 (n.op == "call_method" and n.target in _RANDOM_METHODS):
             return n
     return None
+
+
+@contextlib.contextmanager
+def no_side_effects(module: nn.Module):
+    """Run a module's graph for its shapes leaving no trace: its buffers (BatchNorm statistics)
+    and torch's random state are put back."""
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(rng)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
 

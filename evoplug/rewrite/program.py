@@ -44,7 +44,7 @@ from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
-                              shape_of, token_size_queries, value_ancestors)
+                              no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
@@ -676,19 +676,13 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
 
 
 def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule, call):
-    """Shapes for a new trace, on ``call``'s input, leaving no trace: buffers (BatchNorm
-    statistics) and the RNG state are restored."""
+    """Shapes for a new trace, on ``call``'s input, leaving no trace (buffers and the RNG state
+    put back); already there when the trace rewrote a map block (analyse/canon.py)."""
     from torch.fx.passes.shape_prop import ShapeProp
-    buffers = [(b, b.detach().clone()) for b in a.module.buffers()]
-    rng = torch.get_rng_state()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*a.plan.feed(*a.plan.bind(a.name, call.args, call.kwargs)))
-    finally:
-        torch.set_rng_state(rng)
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    if gm.meta.get("evo_shapes"):
+        return
+    with no_side_effects(a.module), torch.no_grad():
+        ShapeProp(gm).propagate(*a.plan.feed(*a.plan.bind(a.name, call.args, call.kwargs)))
 
 
 def _check_attrs_resolve(a: BlockAnalysis, gm: fx.GraphModule, training: bool):
