@@ -9,6 +9,7 @@ block: hooks, ``forward_intermediates`` and model code between blocks see every 
 original order."""
 import collections
 import contextlib
+import copy
 import gc
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evoplug
+from evoplug.errors import EvoplugError
 
 #: (model, kwargs, image size, options, form of the global-query logits) -> most extra ops per
 #: evolving block (the budget reached; the issue's targets: DeiT-S 30 reselecting every block, 14
@@ -346,6 +348,30 @@ def test_block_outputs_kept_past_the_forward_are_restored_in_place():
     assert [t.shape for t in fast.outs] == [t.shape for t in ref]
     for a, b in zip(fast.outs, ref):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_block_outputs_kept_past_a_training_forward_raise():
+    """With autograd a handed-on output cannot be restored in place (the next block saved it for
+    backward): one the forward keeps where the runtime cannot see it raises, naming the block,
+    instead of leaving tokens in the selection's order to be read after the forward. Returned
+    and hooked outputs need no error; with reselect_every=1 nothing is handed on."""
+    dense, _, x = _tiny_pair()
+    fast = evoplug.convert(Collects(dense), keep_ratio=0.5, example_input=x[:1], reselect_every=4)
+    fast.__class__ = Stashes
+    fast.train()
+    with pytest.raises(EvoplugError, match=r"`vit\.blocks\.\d+` handed its output on.*kept it past "
+                                           r"this training forward.*reselect_every=1"):
+        fast(x)
+    fast.__class__ = Collects
+    fast.collect = True
+    out, outs = fast(x)                                   # returned: replaced, no error
+    assert [o.shape for o in outs] == [(3, 65, 64)] * len(outs)
+    every = evoplug.convert(Collects(copy.deepcopy(dense)), keep_ratio=0.5, example_input=x[:1],
+                            reselect_every=1)
+    every.__class__ = Stashes
+    every.train()
+    every(x)
+    assert [o.shape for o in every.outs] == [(3, 65, 64)] * len(every.outs)
 
 
 def _forward_and_grads(model, x, per_block: bool):

@@ -317,7 +317,8 @@ class EvoBlockMixin:
         spec.tokens_run = sub.shape[1]
         new = EvoState(spec.index, state.plan, g, sel, since, spec.grid, P, num_suffix=S)
         if since % opt.reselect_every and self._hands_on(state.plan):
-            spec.runtime.guard().watch(out_sub, functools.partial(ev.restore, x0, sel=sel, rep=rep0))
+            spec.runtime.guard().watch(out_sub, functools.partial(ev.restore, x0, sel=sel, rep=rep0),
+                                      spec.name)
             return out_sub, new._replace(segment=Segment(out_sub, x0, rep0, tuple(out_sub.shape))), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]

@@ -14,30 +14,36 @@ something outside kept one without autograd, restores it in place.
 """
 from __future__ import annotations
 
+import gc
+import sys
+import types
 import weakref
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree
 from torch.utils._pytree import tree_map
+
+from ..errors import EvoplugError
 
 
 class SegmentGuard(TorchFunctionMode):
-    """See the module docstring. ``watch(t, restore)`` registers a handed-on tensor;
-    ``restore(t)`` gives its tokens in the original order."""
+    """See the module docstring. ``watch(t, restore, name)`` registers a handed-on tensor of
+    block ``name``; ``restore(t)`` gives its tokens in the original order."""
 
     def __init__(self):
         super().__init__()
-        self.watched: Dict[int, List] = {}     # id -> [weakref, restore, restored or None]
+        self.watched: Dict[int, List] = {}     # id -> [weakref, restore, restored or None, name]
         self.on_stack = False
         self.suspended = False                # on the stack under another mode: pass through
 
     # -- what is watched -------------------------------------------------------------------
-    def watch(self, t: torch.Tensor, restore: Callable[[torch.Tensor], torch.Tensor]):
+    def watch(self, t: torch.Tensor, restore: Callable[[torch.Tensor], torch.Tensor], name: str = "?"):
         key = id(t)
         # forgotten when it is freed: a guard with nothing watched passes every call on as is
         self.watched[key] = [weakref.ref(t, lambda _, k=key, w=self.watched: w.pop(k, None)),
-                             restore, None]
+                             restore, None, name]
 
     def live(self) -> bool:
         """Whether a watched tensor still exists (the dead ones are forgotten)."""
@@ -93,17 +99,77 @@ class SegmentGuard(TorchFunctionMode):
         if not self.live():
             self.watched.clear()
             return output
+        returned = output
         output = tree_map(self.restored, output)
+        graphed = []
         for e in self.watched.values():
             t = e[0]()
             # kept by something outside (a list of block outputs) or by the runtime's last
             # state: restored in place where autograd allows it (with autograd, the forward's
             # own uses were restored by the mode, and what it returns above)
-            if t is None or t.requires_grad or (torch.is_inference(t) and
-                                                not torch.is_inference_mode_enabled()):
+            if t is None or (torch.is_inference(t) and not torch.is_inference_mode_enabled()):
+                continue
+            if t.requires_grad:
+                graphed.append((e[3], t))
                 continue
             fixed = self.restored(t)
             with torch.no_grad():
                 t.set_(fixed.detach().clone())
+        t = e = None
         self.watched.clear()
+        name = _kept_outside(graphed, returned)
+        del graphed
+        if name is not None:
+            raise EvoplugError(
+                f"`{name}` handed its output on to the next converted block with the kept tokens "
+                "in the selection's order (between selections, reselect_every > 1), and something "
+                "outside the blocks kept it past this training forward (a list or an attribute "
+                "the forward filled, a method-output recorder). With autograd evoplug cannot "
+                "restore it in place: read later, its tokens would be in the wrong order. Keep "
+                "block outputs with a forward hook on the block or return them from the forward "
+                "(both see every token in order), or convert with reselect_every=1")
         return output
+
+
+def _kept_outside(graphed, returned) -> Optional[str]:
+    """The name of the first block whose handed-on output (with autograd) something still holds
+    that is neither autograd (which keeps a tensor it saved for backward in C++), a running
+    frame, nor a container of what the forward returned (those were replaced); None if none.
+    Reference counts first (cheap), the garbage collector's referrers only where they show a
+    holder. (Without ``Tensor._use_count``, nothing is checked.)"""
+    suspects = []
+    for pair in graphed:
+        t = pair[1]
+        if not hasattr(t, "_use_count"):
+            return None
+        # the pair, this frame's local, getrefcount's argument, and the owning reference C++
+        # holds on the Python object while autograd keeps the tensor
+        if sys.getrefcount(t) - 3 - (t._use_count() > 1) > 0:
+            suspects.append(pair)
+    t = None
+    if not suspects:
+        return None
+    mine = _containers(returned) | {id(graphed), id(suspects)}
+    mine |= {id(pair) for pair in graphed}
+    for name, t in suspects:
+        for r in gc.get_referrers(t):
+            if isinstance(r, types.FrameType) or id(r) in mine or (
+                    isinstance(r, types.CellType) and r.cell_contents is returned):
+                continue        # (the cell: nn.Module's call holds what the forward returned)
+            return name
+    return None
+
+
+def _containers(obj, depth: int = 6) -> set:
+    """Ids of the pytree containers in ``obj`` (the ones ``tree_map`` rebuilt), and of their
+    attribute dicts (a transformers ``ModelOutput`` keeps its fields twice)."""
+    out = set()
+    if depth == 0 or isinstance(obj, torch.Tensor) or _pytree.tree_is_leaf(obj):
+        return out
+    out.add(id(obj))
+    if hasattr(obj, "__dict__"):
+        out.add(id(vars(obj)))
+    children, _ = _pytree.tree_flatten(obj, is_leaf=lambda v: v is not obj)
+    for c in children:
+        out |= _containers(c, depth - 1)
+    return out

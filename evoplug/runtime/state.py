@@ -380,7 +380,12 @@ class EntryHook:
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
             self.runtime.pop_entry()
-            guard = getattr(self.runtime._local, "guard", None)
+            local = self.runtime._local
+            cur = getattr(local, "state", None)
+            if cur is not None and cur.segment is not None and not self.runtime.entered():
+                local.state = cur._replace(segment=None)    # the forward is over: nothing follows
+            cur = None
+            guard = getattr(local, "guard", None)
             if guard is not None and (guard.watched or guard.on_stack) and not self.runtime.entered():
                 return guard.finish(output)
         return None
