@@ -18,8 +18,8 @@ from torch import nn
 
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import attention_modules, find_blocks, regroup_parts
-from .analyse.probes import probe_program
-from .analyse.calibrate import calibrate, token_provenance
+from .analyse.probes import hooks_suspended, probe_program
+from .analyse.calibrate import calibrate, plain_attributes, stream_starts, token_provenance
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -29,8 +29,8 @@ from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
-from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class
-from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, input_key, named_tensors
+from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class, traced_state
+from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, images_in, input_key, named_tensors
 
 
 @dataclasses.dataclass
@@ -52,7 +52,8 @@ class ConversionReport:
     def unscored(self) -> List[str]:
         """The evolving blocks no global scores reach under the options in force: they run
         every token (``explain()`` marks them; a strict conversion refuses them)."""
-        idle = unscored([s.analysis for s in self.blocks], [s.role for s in self.blocks])
+        idle = unscored([s.analysis for s in self.blocks], [s.role for s in self.blocks],
+                        [s.index for s in self.blocks if s.starts_stream])
         return [self.blocks[i].name for i in idle]
 
 
@@ -132,17 +133,25 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             failed += regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
-            roles = assign_roles(opts, len(analysed))
-            _check_scored(model, [a for a, _, _ in analysed], roles, strict)
+            names = set(calls.derived.get("stream_starts", ()))
+            starts = [i for i, (a, _, _) in enumerate(analysed) if i and a.name in names]
+            roles = assign_roles(opts, len(analysed), starts)
+            _check_scored(model, [a for a, _, _ in analysed], roles, strict, starts)
             links = chain_links([a for a, _, _ in analysed], calls)
         except BaseException:
             for a, _, added in analysed:
                 _drop_added_buffers(a.module, added)
             raise
     runtime = EvoRuntime(Plan(opts, roles))
-    specs = [_install(i, a, programs, added, runtime) for i, (a, programs, added) in enumerate(analysed)]
+    volatile = calls.derived.get("volatile", {})
+    images = (images_in((), example) if isinstance(example, dict) else
+              images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
+              images_in((example,), {}))
+    specs = [_install(i, a, programs, added, runtime, volatile, images)
+             for i, (a, programs, added) in enumerate(analysed)]
     for spec, link in zip(specs, links):
         spec.chain_next = None if link is None else specs[link]
+        spec.starts_stream = spec.index in starts
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict))
     return model
@@ -189,8 +198,12 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True) -> SizeVa
     twin.__dict__.pop("_evoplug_report", None)
     example = _first_image(args, kwargs)
     options = {f.name: getattr(report.options, f.name) for f in dataclasses.fields(report.options)}
+    shared = [m for m in model.modules() if id(m) not in pairs]
     try:
-        convert(twin, inplace=True, example_input=example, strict=strict, **options)
+        # the user's hooks on the modules the twin shares do not see its analysis' forwards
+        # (no other thread runs the model meanwhile: EvoRuntime.variant_for)
+        with hooks_suspended(*shared):
+            convert(twin, inplace=True, example_input=example, strict=strict, **options)
     except ConversionError as e:
         raise EvoplugError(f"{type(model).__name__}: an input of another size than the one it was "
                            f"converted at needs the model converted again for that size, which "
@@ -271,9 +284,12 @@ def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
     return pre.id, post.id
 
 
-def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime) -> BlockSpec:
+def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime,
+             volatile=None, images: Optional[int] = None) -> BlockSpec:
     """Swap the block's class and hand it what it needs at run time."""
     module = a.module
+    x = a.plan.bind(a.name, a.call.args, a.call.kwargs)[0]
+    per_image = x.shape[0] // images if images and x.shape[0] % images == 0 else None
     spec = BlockSpec(
         index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
@@ -282,7 +298,10 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
         needs_pos=a.uses_pos or bool(a.plan.tensor_args),
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
-        idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args)
+        idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args,
+        batch_args=a.batch_args,
+        traced=traced_state(module, a.attention_paths, plain_attributes, volatile),
+        per_image=per_image)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
@@ -349,6 +368,7 @@ def _calibrate(model: nn.Module, example_input):
     candidates, failed, skipped = find_blocks(model, calls)
     if candidates:
         token_provenance(model, example_input, calls, [c[1] for c in candidates])
+        stream_starts(model, example_input, calls, [c[1] for c in candidates])
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 
@@ -402,7 +422,7 @@ def gives_row(a: BlockAnalysis) -> bool:
     return not a.windowed or a.row_full
 
 
-def unscored(analyses, roles) -> List[int]:
+def unscored(analyses, roles, starts=()) -> List[int]:
     """Positions of the evolving blocks that no global scores reach: they run every token, as
     the runtime's ``EvoBlockMixin._evolve`` does when it holds no scores. Follows the scores
     the way the runtime carries them: started by the scoring block's row (or restarted by the
@@ -410,6 +430,8 @@ def unscored(analyses, roles) -> List[int]:
     both grids are known, lost otherwise."""
     out, have, prev = [], False, None
     for i, (a, role) in enumerate(zip(analyses, roles)):
+        if i in starts:       # another token stream: its scores start again
+            have = False
         if role == "dense":
             continue
         if role == "evolve" and have and a.num_tokens != prev.num_tokens:
@@ -437,8 +459,8 @@ def _unscored_reason(analyses, idle) -> str:
             "anyway (explain() marks them)")
 
 
-def _check_scored(model: nn.Module, analyses, roles, strict: bool):
-    idle = unscored(analyses, roles)
+def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):
+    idle = unscored(analyses, roles, starts)
     if idle and strict:
         raise ConversionError(f"{type(model).__name__}: {_unscored_reason(analyses, idle)}",
                               [(analyses[i].name, "no global scores reach it") for i in idle])
@@ -457,15 +479,27 @@ def copy_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def assign_roles(opts: EvoOptions, n: int) -> Tuple[str, ...]:
+def assign_roles(opts: EvoOptions, n: int, starts=()) -> Tuple[str, ...]:
     """Role of each of ``n`` converted blocks: 'dense', then one 'score' block, then 'evolve'.
-    Raises (before anything is changed) when ``start_block`` is past the last block."""
-    start = opts.start_block if opts.start_block is not None else max(1, n // 3)
-    if start >= n:
-        raise ValueError(f"start_block={start} but the model has {n} converted blocks "
-                         f"(start_block must be in 1..{n - 1})")
-    return tuple("dense" if i < start - 1 else ("score" if i == start - 1 else "evolve")
-                 for i in range(n))
+    ``starts``: the positions where another token stream starts (a second tower,
+    calibrate.stream_starts): each stream gets these roles of its own (``start_block`` counted
+    in it; a stream too short for it stays dense). Raises (before anything is changed) when
+    ``start_block`` is past the last block of every stream."""
+    bounds = [0] + sorted(i for i in set(starts) if 0 < i < n) + [n]
+    roles, longest = [], 0
+    for lo, hi in zip(bounds, bounds[1:]):
+        m = hi - lo
+        longest = max(longest, m)
+        start = opts.start_block if opts.start_block is not None else max(1, m // 3)
+        roles += ["dense" if i < start - 1 or start >= m else ("score" if i == start - 1 else "evolve")
+                  for i in range(m)]
+    start = opts.start_block if opts.start_block is not None else max(1, longest // 3)
+    if start >= longest:
+        where = f"{n} converted blocks" if len(bounds) == 2 else \
+            f"token streams of at most {longest} converted blocks"
+        raise ValueError(f"start_block={start} but the model has {where} "
+                         f"(start_block must be in 1..{longest - 1})")
+    return tuple(roles)
 
 
 def input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
@@ -514,7 +548,8 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
             f"analysed): convert again, e.g. evoplug.convert(evoplug.revert(model), "
             f"{fixed[0]}=...)")
     new = old.replace(**changes)                      # checks every field
-    roles = assign_roles(new, len(report.blocks))     # checks start_block
+    roles = assign_roles(new, len(report.blocks),      # checks start_block
+                         [b.index for b in report.blocks if b.starts_stream])
     report.options = new
     if report.blocks:
         runtime = report.blocks[0].runtime
@@ -559,10 +594,13 @@ def format_report(report: ConversionReport) -> str:
     hdr = ("block", "role", "tokens", "prefix", "attention", "position terms")
     rows = []
     analyses = [s.analysis for s in report.blocks]
-    idle = unscored(analyses, [s.role for s in report.blocks])
+    idle = unscored(analyses, [s.role for s in report.blocks],
+                    [s.index for s in report.blocks if s.starts_stream])
     for s in report.blocks:
         a = s.analysis
         role = {"dense": "dense", "score": "dense + scores", "evolve": "evolving"}[s.role]
+        if s.starts_stream:
+            role += " (new stream)"
         special = a.num_prefix + a.num_suffix
         M = a.num_tokens - special
         toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle else \

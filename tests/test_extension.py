@@ -67,9 +67,9 @@ class MyViT(nn.Module):
     """Patches by unfold + linear (no 4-D feature map to read a patch grid from), two special
     tokens in front, its own attribute names."""
 
-    def __init__(self, block=CappedBlock, dim=32, depth=4, res=32, patch=4):
+    def __init__(self, block=CappedBlock, dim=32, depth=4, res=32, patch=4, seen=False):
         super().__init__()
-        self.res, self.patch, self.n_special = res, patch, 2
+        self.res, self.patch, self.n_special, self.seen = res, patch, 2, seen
         self.embed = nn.Linear(3 * patch * patch, dim)
         self.special = nn.Parameter(torch.randn(1, self.n_special, dim))
         self.where = nn.Parameter(torch.randn(1, (res // patch) ** 2, dim) * 0.1)
@@ -78,15 +78,18 @@ class MyViT(nn.Module):
 
     def forward(self, img):
         t = self.embed(nn.functional.unfold(img, self.patch, stride=self.patch).transpose(1, 2))
-        t = torch.cat([self.special.expand(t.shape[0], -1, -1), t + self.where], 1)
+        special = self.special.expand(t.shape[0], -1, -1)
+        if self.seen:        # special tokens that have seen the image: noise cannot tell them
+            special = special + t.mean(1, keepdim=True)
+        t = torch.cat([special, t + self.where], 1)
         for layer in self.layers:
             t = layer(t)
         return self.head(t[:, 0])
 
 
-def _model(block, seed=0):
+def _model(block, seed=0, **kwargs):
     torch.manual_seed(seed)
-    model = MyViT(block).eval()
+    model = MyViT(block, **kwargs).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Linear):
@@ -137,8 +140,14 @@ def test_a_softmax_that_is_no_attention_is_ignored_inside_a_registered_leaf_modu
 
 
 def test_family_hints_give_prefix_tokens_and_input_size():
+    """Without a 4-D patch map, noise on the input finds special tokens that have not seen the
+    image; ones that have (here: plus the mean patch token) need the family's hint."""
     evoplug.register_leaf_function(soft_cap)
-    model = _model(CappedBlock)
+    found = evoplug.convert(_model(CappedBlock), example_input=torch.randn(1, 3, 32, 32))
+    a = evoplug.get_report(found).blocks[0].analysis
+    assert (a.num_prefix, a.prefix_source) == (
+        2, "tokens that do not come from the patch map (no patch grid matched)")
+    model = _model(CappedBlock, seen=True)
     with pytest.raises(evoplug.ConversionError, match="cannot tell its input size"):
         evoplug.convert(model)
     plain = evoplug.convert(model, example_input=torch.randn(1, 3, 32, 32))

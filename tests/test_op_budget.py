@@ -374,6 +374,22 @@ def test_block_outputs_kept_past_a_training_forward_raise():
     assert [o.shape for o in every.outs] == [(3, 65, 64)] * len(every.outs)
 
 
+def test_backward_hooks_on_a_block_see_every_token():
+    """A full backward hook on a converted block wraps its output for autograd: the next block
+    gets another tensor, so the block restores the order (it handed its tokens on before the
+    seventeenth session: autograd then raised a shape error naming no block). The gradients are
+    those of every block restoring."""
+    _, fast, x = _tiny_pair(reselect_every=4)
+    seen = []
+    ref, ref_grads, _ = _forward_and_grads(fast, x, per_block=True)
+    fast.blocks[3].register_full_backward_hook(lambda m, gi, go: seen.append(go[0].shape))
+    out, grads, _ = _forward_and_grads(fast, x, per_block=False)
+    assert seen == [(3, 65, 64)]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def _forward_and_grads(model, x, per_block: bool):
     """Output, parameter gradients and ATen ops of one training forward + backward;
     ``per_block``: under saved-tensor hooks, where every block restores the order."""

@@ -553,3 +553,167 @@ def test_a_batch_of_no_images_gives_what_the_original_gives(name, kwargs, size, 
                            identity_fast_path=False)
     with torch.no_grad():
         assert fast(torch.randn(0, 3, size, size)).shape == model(torch.randn(0, 3, size, size)).shape
+
+
+class _PerImageArgBlock(nn.Module):
+    """A block given a per-image argument: a key padding mask (B, N) or a conditioning stream
+    (B, N, C) added before the attention."""
+
+    def __init__(self, kind, d=64, heads=4):
+        super().__init__()
+        self.kind, self.heads = kind, heads
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x, extra):
+        B, N, C = x.shape
+        h = self.n1(x) + (extra if self.kind == "stream" else 0)
+        q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5
+        if self.kind == "padding":
+            a = a.masked_fill(extra[:, None, None, :], float("-inf"))
+        x = x + self.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+class _PerImageArgViT(nn.Module):
+    def __init__(self, kind, d=64):
+        super().__init__()
+        self.kind = kind
+        self.embed, self.side = nn.Conv2d(3, d, 4, 4), nn.Conv2d(1, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 65, d) * 0.1)
+        self.blocks = nn.ModuleList([_PerImageArgBlock(kind, d) for _ in range(6)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, img, side):
+        t = self.embed(img).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        if self.kind == "padding":     # side: (B, 1, 32, 32), > 0 where the image is padding
+            pad = torch.nn.functional.max_pool2d(side, 4).flatten(1) > 0
+            extra = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
+        else:                          # side: a depth map as a per-token conditioning stream
+            c = self.side(side).flatten(2).transpose(1, 2)
+            extra = torch.cat([torch.zeros_like(c[:, :1]), c], 1)
+        for b in self.blocks:
+            t = b(t, extra)
+        return self.head(t[:, 0])
+
+
+@pytest.mark.parametrize("kind", ["padding", "stream"])
+def test_per_image_block_arguments_follow_each_image(kind):
+    """A block argument with the batch first (a key padding mask (B, N), a conditioning stream
+    (B, N, C)) is gathered image by image: converted on one image, a batch runs and each image's
+    output is the one it gets alone. (It was gathered as if it had no batch dim: a shape error
+    inside the program at batch 2, or a refusal as not equivariant.)"""
+    torch.manual_seed(0)
+    model = _PerImageArgViT(kind).eval()
+    img = torch.randn(3, 3, 32, 32)
+    side = torch.randn(3, 1, 32, 32)
+    if kind == "padding":
+        side = torch.zeros(3, 1, 32, 32)
+        side[1, :, 16:] = 1.0               # image 1: its lower half is padding
+        side[2, :, :, 24:] = 1.0
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=(img[:1], side[:1]))
+    report = evoplug.get_report(fast)
+    assert all(s.role != "evolve" or s.batch_args == ("extra",) for s in report.blocks)
+    with torch.no_grad():
+        batch = fast(img, side)
+        for i in range(3):
+            torch.testing.assert_close(batch[i:i + 1], fast(img[i:i + 1], side[i:i + 1]),
+                                       atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(img, side), model(img, side), atol=1e-5, rtol=1e-5)
+
+
+def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
+    """The slow-path program holds what the trace saw of the block and its attention: a
+    dropout rate or scale set anew, or an attention module replaced, after conversion raises,
+    naming the block and what changed (they were ignored before the seventeenth session,
+    while dense blocks honoured them). Attributes a forward itself sets are state, not
+    checked; ``revert`` and ``convert`` again take the change."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, attn_drop_rate=0.3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        fast(x)
+    fast.blocks[2].attn.attn_drop.p = 0.0
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.2`: `attn\.attn_drop\.p` \(Dropout\) changed "
+                                           r"from 0\.3 to 0\.0 after conversion.*revert"):
+        fast(x)
+    again = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        again(x)
+    again.blocks[3].attn = copy.deepcopy(again.blocks[3].attn)
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.3`: its submodule `attn` was replaced"):
+        again(x)
+    # an attention that records the token count in its forward: state, not a change
+    for blk in model.blocks:
+        blk.attn.__class__ = _Recording
+    counted = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert counted.blocks[2].attn.last_tokens == 17
+    counted.blocks[2].attn(torch.randn(1, 5, 192))           # its own forward, another count
+    with torch.no_grad():
+        counted(x)
+
+
+class _Recording(timm.models.vision_transformer.Attention):
+    def forward(self, x, *args, **kwargs):
+        self.last_tokens = x.shape[1]
+        return super().forward(x, *args, **kwargs)
+
+
+class _CausalBlock(nn.Module):
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x, mask):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.n1(x)).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + mask).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+class _CausalViT(nn.Module):
+    """An autoregressive-style image ViT without a class token: the mean query ranks."""
+
+    def __init__(self, fill, d=64):
+        super().__init__()
+        self.fill = fill
+        self.embed = nn.Conv2d(3, d, 4, 4)
+        self.pos = nn.Parameter(torch.randn(1, 64, d) * 0.1)
+        self.blocks = nn.ModuleList([_CausalBlock(d) for _ in range(6)])
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2) + self.pos
+        mask = torch.full((64, 64), self.fill).triu(1)
+        for b in self.blocks:
+            t = b(t, mask)
+        return t.mean(1)
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), torch.finfo(torch.float32).min])
+def test_the_mean_query_of_a_causal_mask_ranks_each_image(fill):
+    """A mask that differs between query rows (causal) is averaged per key over the rows that
+    see it: each image gets its own ranking. The plain mean of the rows masked every key but the
+    first (the same selection for every image), or overflowed to NaN (finfo.min fill)."""
+    torch.manual_seed(0)
+    model = _CausalViT(fill).eval()
+    x = torch.randn(4, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    report = evoplug.get_report(fast)
+    assert all(s.analysis.global_query == "mean" and s.analysis.row_masked for s in report.blocks)
+    with torch.no_grad():
+        out = fast(x)
+        kept = [frozenset(p.tolist()) for p in report.blocks[-1].context.selection.pos]
+        assert torch.isfinite(out).all() and len(set(kept)) > 1
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

@@ -451,3 +451,22 @@ def test_another_input_size_is_found_whatever_the_call_form():
         ref = hiera(x, interpolate_pos_encoding=True).last_hidden_state
         out = fast(x, interpolate_pos_encoding=True).last_hidden_state
     assert float((out - ref).abs().max()) <= 1e-5
+
+
+def test_a_model_that_packs_its_images_into_one_sequence_refuses_a_batch():
+    """transformers' Pixtral packs every image of a call into one token sequence (a
+    block-diagonal mask keeps them apart). Converted on one image, a call with two would rank
+    the tokens of both images together (and the mean query of the packed mask overflowed to
+    NaN before the seventeenth session): it raises, naming the block; one image still runs."""
+    cfg = T.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                num_attention_heads=4, image_size=32, patch_size=4, head_dim=16)
+    torch.manual_seed(0)
+    model = T.PixtralVisionModel(cfg).eval()
+    pix = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=pix[:1])
+    with torch.no_grad():
+        one = fast(pix[:1]).last_hidden_state
+        assert one.shape == (1, 64, 64) and torch.isfinite(one).all()
+        with pytest.raises(evoplug.EvoplugError, match=r"`transformer\.layers\.\d+` runs on a batch "
+                                                       r"of 1 token sequence\(s\) for 2 image\(s\)"):
+            fast(pix)

@@ -41,7 +41,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from ..errors import AnalysisError
 from ..integrations.registry import hint
 from ..runtime.call import CallPlan
-from .attention import AttentionSite, find_attention
+from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
@@ -78,6 +78,10 @@ class BlockAnalysis:
     uses_pos: bool = False                     # its programs read the subset's positions
     uses_full: bool = False                    # ... or the block's whole input
     whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
+    row_masked: bool = False                   # the mean query's rows are masked per query
+    #                                          (causal, block-diagonal): _masked_per_query
+    batch_args: Tuple[str, ...] = ()           # other tensor arguments whose first dim is the
+    #                                          batch at calibration (gathered image by image)
     extra_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)  # other
     #                                          tensor arguments' shapes at calibration
 
@@ -106,9 +110,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                   global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
     if name in getattr(calls, "derived", {}).get("image_free", ()):
-        raise AnalysisError(name, "its tokens do not come from the image (noise on the image's "
-                                  "first feature map changes other blocks' tokens, not one of "
-                                  "these): not a vision block (a text encoder's?)")
+        raise AnalysisError(name, "its tokens do not come from the image (noise on the model's "
+                                  "floating-point inputs changes other blocks' tokens, not one "
+                                  "of these): not a vision block (a text encoder's?)")
     plan = make_call_plan(module, name, call, hint(model, "ignored_keywords")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
@@ -135,13 +139,54 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
-    _describe_arguments(a, site, extras)
+    _describe_arguments(a, site, extras, x.shape[0])
     a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    if a.global_query == "mean" and not a.windowed:
+        a.row_masked = _masked_per_query(gm, site, feed, a)
     _check_trailing_tokens(a, grid_ops)
     check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
     return a, gm
+
+
+def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAnalysis) -> bool:
+    """Whether the mean query's input (the softmax's logits, or the mask given to
+    ``scaled_dot_product_attention``) masks keys for some patch queries and not for others at
+    calibration (a causal or block-diagonal mask: entries at or below half the dtype's lowest
+    value, -inf included). The mean of such rows is no mask of the mean query (it masks every
+    key any patch query cannot see, or overflows to NaN): the runtime then averages each key's
+    unmasked entries (evolve._masked_row_mean)."""
+    node = site.logits if site.kind == "softmax" else (
+        sdpa_arg(site.node, 3, "attn_mask") if site.kind == "sdpa" else None)
+    if not isinstance(node, fx.Node):
+        return False
+    seen = {}
+
+    class Capture(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if n is node:
+                seen["v"] = out
+            return out
+
+    try:
+        with torch.no_grad():
+            Capture(gm).run(*feed)
+    except Exception:   # noqa: BLE001 - the probes report a block that does not run
+        return False
+    v = seen.get("v")
+    if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] == 1:
+        return False
+    if v.dtype == torch.bool:
+        off = ~v
+    elif v.is_floating_point():
+        off = v <= torch.finfo(v.dtype).min / 2
+    else:
+        return False
+    rows = off.narrow(-2, a.num_prefix, off.shape[-2] - a.num_prefix - a.num_suffix) \
+        if off.shape[-2] == a.num_tokens else off
+    return bool((rows != rows[..., :1, :]).any())
 
 
 def _check_trailing_tokens(a: BlockAnalysis, grid_ops):
@@ -303,8 +348,9 @@ def _mha_attention(a: BlockAnalysis, gm, site, grid_ops):
     a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
 
 
-def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras):
+def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: int):
     a.extra_shapes = {n: tuple(t.shape) for n, t in extras.items()}
+    a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and t.shape[0] == batch)
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
             "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))

@@ -155,6 +155,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
         handles.append(m.register_forward_hook(rec.post, with_kwargs=True))
     was_training = model.training
     model.eval()
+    before = {id(m): plain_attributes(m) for m in model.modules()}
     try:
         with torch.no_grad(), _AttentionCounter(rec):
             if isinstance(example_input, (tuple, list)):
@@ -167,7 +168,23 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
+    calls = CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
+    # plain attributes a forward sets (a cached size): state, not what the trace depends on
+    calls.derived["volatile"] = {
+        id(m): {k for k, v in plain_attributes(m).items() if before.get(id(m), {}).get(k, _GONE) != v}
+        for m in model.modules()}
+    return calls
+
+
+_GONE = object()
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def plain_attributes(m: nn.Module) -> Dict[str, Any]:
+    """A module's attributes of plain Python values (not ``training``): numbers, flags,
+    strings (what a trace bakes into the code it records)."""
+    return {k: v for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and type(v) in _PLAIN}
 
 
 def _tensors_in(obj, depth: int = 4):
@@ -194,30 +211,119 @@ _PROVENANCE_TOLERANCE = 1e-4
 
 def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks):
     """Which token rows of the blocks' inputs come from the image: one more eager forward
-    (eval, no grad) in which the first 4-D map the model computes (outside attention: the patch
-    embedding's, or a convolutional stem's first) gets random noise added; the rows of a block's
-    token input that stay the same are the tokens that are not patches (cls, distillation,
-    registers, detection tokens, the learned group tokens a later stage appends). Read at the
-    first of ``blocks`` (candidate blocks, in execution order) with each token count N.
-    Stored as ``calls.derived['untouched'] = {N: rows}``; nothing for a block without a
-    (B, N, C) input, nothing at all when no map runs before the first block. (Evo-ViT ranks
-    patches and keeps the other tokens: a token that is neither leading, trailing nor a patch
-    would be ranked as one, see discover.special_rows.)"""
-    firsts, inputs, every = {}, {}, {}
+    (eval, no grad) in which the first 4-D map the model computes before the first block
+    (outside attention: the patch embedding's, or a convolutional stem's first) gets random
+    noise added, or, with no such map (a patch embedding by reshape and ``nn.Linear``, a
+    ``Conv3d`` over video), every floating-point input does; the rows of a block's token input
+    that stay the same are the tokens that are not patches (cls, distillation, registers,
+    detection tokens, the learned group tokens a later stage appends). Read at the first
+    block with each token count N whose input the noise reached. Stored as
+    ``calls.derived['untouched'] = {N: rows}``; nothing for a block without a (B, N, C) input.
+    (Evo-ViT ranks patches and keeps the other tokens: a token that is neither leading,
+    trailing nor a patch would be ranked as one, see discover.special_rows.)
+
+    Also ``calls.derived['image_free']``: the blocks whose input no floating-point input of
+    the model reaches, when another block's does (a text encoder's layers beside an image
+    encoder's, before or after it): see :func:`_image_free`."""
+    every = {}
     for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
                         key=lambda b: calls[id(b)].order):
         c = calls.get(id(block))
         x = c.args[0] if c is not None and c.args else None
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in firsts:
-            firsts[x.shape[1]] = (block, x)
         if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
             every[id(block)] = (c.name, x)
-    if not firsts:
+    if not any(x.dim() == 3 for _, x in every.values()):
         return
-    first_order = min(calls[id(b)].order for b, _ in firsts.values())
+    first_order = min(calls[k].order for k, (_, x) in every.items() if x.dim() == 3)
     source = _first_feature_map(model, calls, first_order)
-    if source is None:
+    by_id = {id(b): b for b in blocks}
+    seen = _inputs_seen(model, example_input, by_id, every, source)
+    if seen is None:
         return
+    if source is None:     # the noise was on every input: what it did not reach is image-free
+        same = _image_free(every, seen)
+    else:
+        # (blocks inside the module the noise was added to cannot see it; those that ran
+        # before it, a text tower run first, are checked with noise on every input below)
+        inside = {id(m) for m in source.modules()}
+        after = {k: v for k, v in every.items()
+                 if k not in inside and calls[k].order > calls[id(source)].order}
+        before = [k for k in every if k not in after and k not in inside]
+        same = _image_free(after, seen)
+        if same or (before and any(not _same_input(seen, k, after[k][1]) for k in after)):
+            # confirmed on noise in every floating-point input (CrossViT's second branch
+            # starts from its own patch map, which the first map's noise does not reach)
+            same = _unchanged_by_the_inputs(model, example_input, by_id,
+                                            {k: every[k] for k in same + before})
+    calls.derived["image_free"] = tuple(every[k][0] for k in same)
+    inputs = {}
+    for k, (_, x) in every.items():
+        y = seen.get(k)
+        if x.dim() != 3 or x.shape[1] in inputs or k in same or not isinstance(y, torch.Tensor) \
+                or y.shape != x.shape:
+            continue
+        change = (y.float() - x.float()).abs().amax(dim=(0, 2))
+        scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
+        rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
+        inputs[x.shape[1]] = tuple(int(i) for i in rows)
+    calls.derived["untouched"] = inputs
+
+
+def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """The blocks (names) that start a token stream of their own: one more eager forward (eval,
+    no grad) with noise added to every block's token output leaves their input as it was,
+    though a block ran before them (the second of two image towers, a text tower's first
+    layer run before the image tower). Their scores restart (runtime/block.py): carried over,
+    another stream's ranking would select their tokens. Stored as
+    ``calls.derived['stream_starts']``."""
+    ordered = sorted((b for b in blocks if calls.get(id(b)) is not None and calls[id(b)].n_calls == 1),
+                     key=lambda b: calls[id(b)].order)
+    every = {}
+    for block in ordered[1:]:
+        c = calls[id(block)]
+        x = c.args[0] if c.args else None
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
+            every[id(block)] = (c.name, x)
+    if not every:
+        return
+
+    def perturb(_m, _args, out):
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            return None
+        g = torch.Generator(device=t.device).manual_seed(2)
+        t = t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
+            t.float().std().nan_to_num() + 1.0).to(t.dtype)
+        return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
+
+    seen = {}
+    by_id = {id(b): b for b in ordered}
+    handles = [b.register_forward_hook(perturb) for b in ordered]
+    handles += [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, example_input)
+    except Exception:   # noqa: BLE001 - noise the model cannot take: one stream, as before
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    calls.derived["stream_starts"] = tuple(name for k, (name, x) in every.items()
+                                           if _same_input(seen, k, x))
+
+
+def _same_input(seen, key, x) -> bool:
+    y = seen.get(key)
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
+
+
+def _inputs_seen(model: nn.Module, example_input, by_id, every, source) -> Optional[dict]:
+    """The first input of each block of ``every`` in one eager forward (eval, no grad) with
+    noise added to ``source``'s output, or with ``source`` None to every floating-point input;
+    None when the model cannot take it."""
     seen = {}
 
     def perturb(_m, _args, out):
@@ -225,37 +331,21 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
         return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
             out.float().std() + 1.0).to(out.dtype)
 
-    by_id = {id(b): b for b in blocks}
-    handles = [source.register_forward_hook(perturb)] + [
-        by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
+    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
+    if source is not None:
+        handles.append(source.register_forward_hook(perturb))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, example_input)
+            _call(model, example_input if source is not None else _noisy_inputs(example_input))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
-        return
+        return None
     finally:
         for h in handles:
             h.remove()
         model.train(was)
-    # (blocks that ran before the noise, or inside the module it was added to, cannot see it)
-    inside = {id(m) for m in source.modules()}
-    after = {k: v for k, v in every.items()
-             if k not in inside and calls[k].order > calls[id(source)].order}
-    same = _image_free(after, seen)
-    if same:     # confirmed on noise in every floating-point input (CrossViT's second branch
-        # starts from its own patch map, which the first map's noise does not reach)
-        same = _unchanged_by_the_inputs(model, example_input, by_id, {k: after[k] for k in same})
-    calls.derived["image_free"] = tuple(after[k][0] for k in same)
-    for n, (b, x) in firsts.items():
-        y = seen.get(id(b))
-        if isinstance(y, torch.Tensor) and y.shape == x.shape:
-            change = (y.float() - x.float()).abs().amax(dim=(0, 2))
-            scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
-            rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
-            inputs[n] = tuple(int(i) for i in rows)
-    calls.derived["untouched"] = inputs
+    return seen
 
 
 def _capture(seen: dict, key):
@@ -269,15 +359,9 @@ def _capture(seen: dict, key):
 def _image_free(every, seen) -> List[int]:
     """The blocks (ids) whose input the noise on the image left exactly as it was, when it
     changed another block's (a text encoder's layers beside an image encoder's)."""
-    same, changed = [], False
-    for k, (name, x) in every.items():
-        y = seen.get(k)
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            continue
-        if torch.equal(y, x):
-            same.append(k)
-        else:
-            changed = True
+    same = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+    changed = any(isinstance(seen.get(k), torch.Tensor) and seen[k].shape == x.shape
+                  and k not in same for k, (_, x) in every.items())
     return same if changed else []
 
 
@@ -285,6 +369,17 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
     """Of the blocks ``every`` ({id: (name, calibration input)}), those whose input stays
     exactly the same when noise is added to every floating-point tensor the model is given:
     nothing they compute comes from the image (token ids and masks are integers)."""
+    if not every:
+        return []
+    seen = _inputs_seen(model, example_input, by_id, every, None)
+    if seen is None:    # inputs the model cannot take noisy: nothing is refused
+        return []
+    return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+
+
+def _noisy_inputs(example_input):
+    """``example_input`` with noise added to every floating-point tensor in it (a dict's
+    values, a tuple's items or the tensor itself)."""
     def noisy(v):
         if isinstance(v, torch.Tensor) and v.is_floating_point():
             g = torch.Generator(device=v.device).manual_seed(1)
@@ -292,23 +387,10 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
                 v.float().std().nan_to_num() + 1.0).to(v.dtype)
         return v
     if isinstance(example_input, dict):
-        example = {k: noisy(v) for k, v in example_input.items()}
-    elif isinstance(example_input, (tuple, list)):
-        example = type(example_input)(noisy(v) for v in example_input)
-    else:
-        example = noisy(example_input)
-    seen = {}
-    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
-    try:
-        with torch.no_grad():
-            _call(model, example)
-    except Exception:   # noqa: BLE001 - inputs the model cannot take noisy: nothing is refused
-        return []
-    finally:
-        for h in handles:
-            h.remove()
-    return [k for k, (_, x) in every.items()
-            if isinstance(seen.get(k), torch.Tensor) and seen[k].shape == x.shape and torch.equal(seen[k], x)]
+        return {k: noisy(v) for k, v in example_input.items()}
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(noisy(v) for v in example_input)
+    return noisy(example_input)
 
 
 def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):

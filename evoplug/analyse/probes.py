@@ -104,12 +104,12 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_back
 
 
 @contextlib.contextmanager
-def hooks_suspended(module: nn.Module):
-    """The hooks of ``module``'s submodules set aside (and put back): the probes compare the
-    block's own computation with its program, which never runs the hooks of what it traced
-    into."""
+def hooks_suspended(*modules: nn.Module):
+    """The hooks of ``modules`` and their submodules set aside (and put back): the probes
+    compare the block's own computation with its program, which never runs the hooks of what it
+    traced into."""
     saved = []
-    for m in module.modules():
+    for m in {id(m): m for top in modules for m in top.modules()}.values():
         for name in _HOOK_DICTS:
             d = getattr(m, name, None)
             if d:
@@ -164,7 +164,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
             pos = torch.cat([special, perm + P]).expand(B, N)    # the runtime's order
             xp = x.gather(1, pos[..., None].expand(-1, -1, C))
-            ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args)
+            ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args, a.batch_args)
             outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
             err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
             if err > atol * scale:
@@ -175,7 +175,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
-            ex = gather_extras(a.name, extras, sub_pos, N, P, S, a.whole_args)
+            ex = gather_extras(a.name, extras, sub_pos, N, P, S, a.whole_args, a.batch_args)
             outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")

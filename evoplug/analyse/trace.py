@@ -49,6 +49,14 @@ class BlockTracer(fx.Tracer):
         # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
         # program then reads the block's live buffers, which follow .to(device, dtype)
         self.proxy_buffer_attributes = True
+        # fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces:
+        # other threads' modules (the same model's, running forwards) must run as usual
+        self._thread = threading.get_ident()
+
+    def getattr(self, attr: str, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self._thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
@@ -208,6 +216,8 @@ class BlockTracer(fx.Tracer):
         """A module traced into contributes its own computation, not its hooks: a hook is the
         user's, and may be removed after the conversion (the converted block runs its original
         forward while a traced-into module has hooks, so they fire as before)."""
+        if threading.get_ident() != self._thread:    # another thread's module: as usual
+            return forward(*args, **kwargs)
         if not self.is_leaf_module(m, self.path_of_module(m)):
             forward = m.forward
         return super().call_module(m, forward, args, kwargs)

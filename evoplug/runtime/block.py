@@ -84,7 +84,14 @@ class BlockSpec:
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
     whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
+    batch_args: Tuple[str, ...] = ()   # other tensor arguments whose first dim is the batch
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
+    traced: Tuple = ()         # (parent, name, path, module, its plain attributes) of each module
+    #                            the programs traced into, as the trace saw them (changed())
+    per_image: Optional[int] = None   # token sequences per image the model's input had at
+    #                            calibration (block batch / images), when it divided evenly
+    starts_stream: bool = False   # its input comes from no converted block before it (another
+    #                            tower): the scores restart here (calibrate.stream_starts)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -130,6 +137,23 @@ class BlockSpec:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
 
+    def changed(self) -> Optional[str]:
+        """What changed since the block was traced in a module it traced into (the block itself
+        and its attention modules): a submodule replaced, or a plain attribute set anew (a
+        dropout rate, ``scale``, ``fused_attn``): the programs hold the values and code the
+        trace saw. None when nothing did."""
+        for parent, name, path, m, scalars in self.traced:
+            if parent is not None and parent._modules.get(name) is not m:
+                return f"its submodule `{path}` was replaced"
+            d = m.__dict__
+            for k, v in scalars:
+                now = d.get(k, _GONE)
+                if now is not v and now != v:
+                    where = f"{path}.{k}" if path else k
+                    return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
+                            f"{'(deleted)' if now is _GONE else repr(now)}")
+        return None
+
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
         ``idle_hook``): they fire only in the block's own forward."""
@@ -141,10 +165,12 @@ class BlockSpec:
 
     def observed(self) -> bool:
         """Whether anything but the next block could see this block's input or output: hooks on
-        it or inside it that are not idle, or global module hooks."""
+        it or inside it that are not idle (backward hooks on it too: they wrap its output, so
+        the next block would get another tensor), or global module hooks."""
         m = self.analysis.module
         return bool(self._active(m._forward_hooks) or m._forward_pre_hooks or _global_forward_hooks
-                    or _global_forward_pre_hooks or self.hooked())
+                    or _global_forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or self.hooked())
 
     def _active(self, hooks) -> bool:
         if not hooks:
@@ -201,6 +227,8 @@ class EvoBlockMixin:
                 return out
         recompute = not torch.compiler.is_compiling() and _in_backward()
         state = rt.enter(spec.index) if not recompute else None
+        if state is not None and spec.starts_stream and state.index >= 0:
+            state = EvoState(-1, state.plan)     # another tower: its own scores, from here
         plan = state.plan if state is not None else rt.plan
         role = plan.roles[spec.index]
         opt = plan.options
@@ -211,17 +239,13 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        try:
-            x, extras = spec.call.bind(spec.name, args, kwargs)
-        except AnalysisError as e:
-            if segment or recompute:
-                raise
-            # a call the conversion did not see (DINO's get_last_selfattention passes
-            # return_attention=True): the block's own forward, on every token, is exact
-            warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
-                          "forward (every token) for such calls", stacklevel=5)
+        bound = _bind(spec, args, kwargs, strict=segment or recompute)
+        if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
+        x, extras = bound
+        if spec.per_image and not recompute and rt.entered():
+            _check_images(spec, x, rt.images())
         if segment and x is not state.segment.out and not recompute and \
                 tuple(x.shape) != state.segment.shape:
             # the handed-on tokens were read (the guard restored them: a dropout between the
@@ -306,7 +330,8 @@ class EvoBlockMixin:
         P, S = spec.num_prefix, spec.num_suffix
         opt = state.plan.options
         N = x0.shape[1]
-        sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args)
+        sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args,
+                                   spec.batch_args)
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
@@ -349,6 +374,44 @@ def _rebuild_block(orig_class: type):
     return object.__new__(evo_class(orig_class))
 
 
+def _bind(spec: BlockSpec, args, kwargs, strict: bool):
+    """The token input and other tensor arguments of a call that runs the program, after
+    checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
+    conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
+    runs the block's own forward, on every token, exactly (``strict``: raise instead)."""
+    stale = spec.changed() if spec.traced else None
+    if stale is not None:
+        raise EvoplugError(
+            f"`{spec.name}`: {stale} after conversion; its slow-path program holds what the "
+            "trace saw, so it would run the old computation. Convert the model again "
+            "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
+            "converting")
+    try:
+        return spec.call.bind(spec.name, args, kwargs)
+    except AnalysisError as e:
+        if strict:
+            raise
+        hint = "" if spec.runtime.entered() else (
+            "; a call of the model itself with a new input size runs a twin converted for "
+            "it, methods such as forward_features called directly cannot")
+        warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
+                      f"forward (every token) for such calls{hint}", stacklevel=6)
+        return None
+
+
+def _check_images(spec: BlockSpec, x: torch.Tensor, images: Optional[int]):
+    """A block must see as many token sequences per image as at calibration: a model that
+    packs several images into one sequence (transformers' Pixtral) would have their tokens
+    ranked together."""
+    if images is not None and x.shape[0] != images * spec.per_image:
+        raise EvoplugError(
+            f"`{spec.name}` runs on a batch of {x.shape[0]} token sequence(s) for {images} "
+            f"image(s), where the conversion saw {spec.per_image} per image: the model packs or "
+            "regroups its images before this block (several images in one sequence), and "
+            "evoplug would rank the tokens of different images together. Call it with one "
+            "image at a time, or leave it dense")
+
+
 def _check_segment_arrived(name: str, x: torch.Tensor, segment: Segment):
     """A block after one that handed its kept tokens on must get exactly that output, and with
     autograd when it was made with autograd."""
@@ -388,28 +451,59 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
     return state
 
 
-def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=()):
+def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=(),
+                  batched=()):
     """The block's other tensor arguments for a subset run: each gathered (:func:`gather_extra`)
-    but those the program gathers itself (``whole``)."""
-    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S) for n, t in extras.items()}
+    but those the program gathers itself (``whole``); ``batched``: the names of those whose
+    first dim was the batch at calibration."""
+    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched)
+            for n, t in extras.items()}
 
 
 def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int,
-                 S: int = 0):
+                 S: int = 0, batched: bool = False):
     """Other tensor arguments of the block follow the selected tokens: a trailing (N, N) pair
     (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
     size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
     subset's P + S special tokens come first)."""
     if t.dim() >= 2 and t.shape[-1] == N and t.shape[-2] == N:
         return ev.gather_pair_bias(t, pos)
-    for dim, size in enumerate(t.shape):
+    first = 1 if batched and t.shape[0] == pos.shape[0] else 0    # (not the batch dim)
+    for dim, size in enumerate(t.shape[first:], first):
         if size == N:
-            return ev.gather_token_arg(t, pos, dim)
-    for dim, size in enumerate(t.shape):
+            return ev.gather_token_arg(t, pos, dim, batched)
+    for dim, size in enumerate(t.shape[first:], first):
         if size == N - P - S:
-            return ev.gather_token_arg(t, pos[:, P + S:] - P, dim)
+            return ev.gather_token_arg(t, pos[:, P + S:] - P, dim, batched)
     raise EvoplugError(f"{block}: tensor argument {name!r} of shape {tuple(t.shape)} has no "
                        f"token dimension ({N} tokens); evoplug cannot make it follow the tokens")
+
+
+_GONE = object()
+
+
+def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None) -> Tuple:
+    """For :attr:`BlockSpec.traced`: the block and every module under its attention paths
+    (traced into), each with its parent, name and plain attributes (``attributes(m)``, a
+    dict) but those a forward sets (``volatile``: {id(module): names})."""
+    volatile = volatile or {}
+
+    def entry(parent, path, m):
+        skip = volatile.get(id(m), ())
+        return (parent, path.rpartition(".")[2], path, m,
+                tuple((k, v) for k, v in attributes(m).items() if k not in skip))
+
+    out, seen = [entry(None, "", block)], {id(block)}
+    for path in paths:
+        if not path:
+            continue
+        for sub, m in block.get_submodule(path).named_modules(prefix=path):
+            if id(m) in seen:
+                continue
+            seen.add(id(m))
+            pp = sub.rpartition(".")[0]
+            out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
+    return tuple(out)
 
 
 _CLASS_CACHE: Dict[type, type] = {}

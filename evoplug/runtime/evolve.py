@@ -67,27 +67,47 @@ def _patches(t: Tensor, dim: int, num_prefix) -> Tensor:
     return t.narrow(dim, before, t.shape[dim] - before - after)
 
 
-def _mean_query_probs(logits: Tensor, num_prefix) -> Tensor:
+def _mean_query_probs(logits: Tensor, num_prefix, masked: bool = False) -> Tensor:
     """softmax of the mean of the logits rows of the patch queries (B, ..., Nq, Nk) -> (B, ..., Nk):
     the attention of the mean query. The mean is accumulated in float32 without a float32 copy
-    of the whole map."""
-    return _patches(logits, -2, num_prefix).mean(-2, dtype=torch.float32).softmax(-1)
+    of the whole map. ``masked``: the rows mask keys per query (:func:`_masked_row_mean`)."""
+    rows = _patches(logits, -2, num_prefix)
+    if masked:
+        return _masked_row_mean(rows).softmax(-1)
+    return rows.mean(-2, dtype=torch.float32).softmax(-1)
 
 
-def logits_query_row(logits: Tensor, num_prefix: int, images: Optional[int] = None) -> Tensor:
+def _masked_row_mean(rows: Tensor) -> Tensor:
+    """Mean over the query rows (dim -2, in float32) of each key's entries that no mask removed
+    (above half the dtype's lowest value; a bool mask's True), -inf for a key every row masks:
+    the mean query of a causal or block-diagonal mask sees each key as the queries that see it
+    do. (A plain mean masks every key one query cannot see, or overflows to NaN.)"""
+    if rows.dtype == torch.bool:
+        return torch.zeros(rows.shape[:-2] + rows.shape[-1:], device=rows.device).masked_fill(
+            ~rows.any(-2), float("-inf"))
+    seen = rows > torch.finfo(rows.dtype).min / 2
+    count = seen.sum(-2)
+    total = torch.where(seen, rows, torch.zeros((), dtype=rows.dtype, device=rows.device)).sum(
+        -2, dtype=torch.float32)
+    return (total / count.clamp_min(1)).masked_fill(count == 0, float("-inf"))
+
+
+def logits_query_row(logits: Tensor, num_prefix: int, images: Optional[int] = None,
+                     masked: bool = False) -> Tensor:
     """Attention row of the *mean query* of the patch tokens from pre-softmax logits
     (B, H, Nq, Nk).
 
     The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
-    mean query (bias terms included). Used when there is no cls token.
+    mean query (bias terms included). Used when there is no cls token. ``masked``: a mask
+    that differs between the query rows (causal) is averaged per key over the rows that see it.
     """
     with torch.no_grad():
-        return _heads_mean(_mean_query_probs(logits, num_prefix),
+        return _heads_mean(_mean_query_probs(logits, num_prefix, masked),
                            logits.shape[0] if images is None else images)
 
 
 def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                      num_prefix: int, cls_query: bool) -> Tensor:
+                      num_prefix: int, cls_query: bool, masked: bool = False) -> Tensor:
     """Attention of one query per head (the cls token if ``cls_query``, else the mean query of
     the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., Nk),
     float32. O(N d) per head (:func:`query_logits`; no float32 copy of q or k)."""
@@ -101,6 +121,8 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
     m = attn_mask
+    if masked and not cls_query and m.shape[-2] != 1:   # a mask per query row (causal)
+        return (logits.float() + _masked_row_mean(_patches(m, -2, num_prefix))).softmax(-1)
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
     m = m.float()
@@ -162,10 +184,12 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                   num_prefix: int, cls_query: bool, images: Optional[int] = None) -> Tensor:
-    """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, 1, N)."""
+                   num_prefix: int, cls_query: bool, images: Optional[int] = None,
+                   masked: bool = False) -> Tensor:
+    """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, 1, N).
+    ``masked``: see :func:`logits_query_row`."""
     with torch.no_grad():
-        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query),
+        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query, masked),
                            q.shape[0] if images is None else images)
 
 
@@ -243,12 +267,22 @@ def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     return t.expand(B, *t.shape[1:]).gather(dim, index)
 
 
-def gather_token_arg(t: Tensor, pos: Tensor, dim: int) -> Tensor:
+def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) -> Tensor:
     """Gather a per-token tensor argument (e.g. rotary embeddings (M, D)) along ``dim``.
 
     Returns (B, *t.shape[:dim], n, *t.shape[dim+1:]), padded with singleton dims after the
     batch to rank 4 so that it broadcasts against (B, heads, n, d) like the original did.
+    ``batched``: the argument's first dim is the batch (a per-image mask or conditioning
+    stream (B, ..., N, ...), as at calibration): each image's row gathered with its own
+    positions, in the argument's own shape.
     """
+    B = pos.shape[0]
+    if batched and dim >= 1 and t.shape[0] == B:
+        view = [B] + [1] * (t.dim() - 1)
+        view[dim] = pos.shape[1]
+        size = list(t.shape)
+        size[dim] = pos.shape[1]
+        return torch.gather(t, dim, pos.reshape(view).expand(size))
     out = t.movedim(dim, 0)[pos]            # (B, n, *rest)
     out = out.movedim(1, dim + 1)
     while out.dim() < 4:

@@ -105,7 +105,11 @@ class EvoRuntime:
         # EntryHook holds) at the first forward with a size, kept by input key; not pickled or
         # copied (a copy builds its own)
         self.variants: Dict[tuple, "SizeVariant"] = {}
-        self._variant_lock = threading.Lock()
+        # building one runs the model's shared modules with the analysis' hooks on them: it
+        # waits until no other thread runs the model, and the others wait at its entry
+        self._gate = threading.Condition()
+        self._inside: Dict[int, int] = {}     # thread id -> forwards of the model it runs
+        self._builder: Optional[int] = None
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -148,34 +152,81 @@ class EvoRuntime:
         stack = getattr(self._local, "entry", None)
         return bool(stack) and stack[-1]
 
-    def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None):
+    def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None,
+                   images: Optional[int] = None):
         stack = getattr(self._local, "entry", None)
         if stack is None:
             stack = self._local.entry = []
             self._local.variant = []
+            self._local.images = []
         stack.append(matches)
         self._local.variant.append(variant)
+        self._local.images.append(images)
 
     def pop_entry(self):
         stack = getattr(self._local, "entry", None)
         if stack:
             stack.pop()
             self._local.variant.pop()
+            self._local.images.pop()
+
+    def images(self) -> Optional[int]:
+        """The batch size of the model forward running on this thread (its first
+        floating-point tensor argument's first dim), None when unknown."""
+        stack = getattr(self._local, "images", None)
+        return stack[-1] if stack else None
 
     def variant(self) -> Optional["SizeVariant"]:
         """The size variant this thread's model forward runs with (None: the converted size)."""
         stack = getattr(self._local, "variant", None)
         return stack[-1] if stack else None
 
+    def admit(self):
+        """A forward of the model starts on this thread (it waits while another thread builds
+        a size variant)."""
+        me = threading.get_ident()
+        with self._gate:
+            while self._builder is not None and self._builder != me:
+                self._gate.wait()
+            self._inside[me] = self._inside.get(me, 0) + 1
+
+    def release(self):
+        """A forward of the model ends on this thread."""
+        me = threading.get_ident()
+        with self._gate:
+            n = self._inside.pop(me, 0) - 1
+            if n > 0:
+                self._inside[me] = n
+            self._gate.notify_all()
+
     def variant_for(self, key: tuple, factory: Callable, model, args, kwargs) -> "SizeVariant":
         """The variant for input ``key``, built once by ``factory(model, args, kwargs)`` (the
-        conversion's) at the first forward with it."""
+        conversion's) at the first forward with it, while no other thread runs the model (the
+        analysis hooks and perturbs the modules the variant shares with it). A thread waiting
+        here counts as idle: two threads that both need a variant do not wait for each other."""
         v = self.variants.get(key)
-        if v is None:
-            with self._variant_lock:
-                v = self.variants.get(key)
-                if v is None:
-                    v = self.variants[key] = factory(model, args, kwargs)
+        if v is not None:
+            return v
+        me = threading.get_ident()
+        with self._gate:
+            mine = self._inside.pop(me, 0)
+            while self._builder is not None:
+                self._gate.wait()
+            v = self.variants.get(key)
+            if v is None:
+                self._builder = me
+                while self._inside:            # the others' forwards end; new ones wait
+                    self._gate.wait()
+            if mine:
+                self._inside[me] = mine
+        if v is not None:
+            return v
+        try:
+            v = self.variants[key] = factory(model, args, kwargs)
+        finally:
+            with self._gate:
+                self._builder = None
+                self._gate.notify_all()
         return v
 
     # -- constants a forward needs (made once per device) -----------------------------------
@@ -284,6 +335,15 @@ def named_tensors(module, args, kwargs) -> Optional[Dict[str, torch.Tensor]]:
     return {n: v for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
 
 
+def images_in(args, kwargs) -> Optional[int]:
+    """The first dim of the first floating-point tensor among a call's arguments (the number
+    of images of a vision model's call), None without one."""
+    for v in (*args, *kwargs.values()):
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
+            return v.shape[0]
+    return None
+
+
 def input_key(args, kwargs) -> tuple:
     """What identifies an input size: every tensor argument's shape without the batch dim,
     dtype and device, in order."""
@@ -352,14 +412,17 @@ class EntryHook:
             return
         matches = len(args) == self.num_args and kwargs.keys() == self.kwargs
         variant = None
-        if matches and self.factory is not None:
-            key = input_key(args, kwargs)
-            if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
-                variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
-                variant.sync()
-        elif self.factory is not None and self.names:
-            variant = self._variant_by_name(module, args, kwargs)
-        self.runtime.push_entry(matches, variant)
+        self.runtime.admit()
+        try:
+            if matches and self.factory is not None:
+                key = input_key(args, kwargs)
+                if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
+                    variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
+                    variant.sync()
+            elif self.factory is not None and self.names:
+                variant = self._variant_by_name(module, args, kwargs)
+        finally:     # (exit, called whatever happens, pops and releases)
+            self.runtime.push_entry(matches, variant, images_in(args, kwargs))
 
     def _variant_by_name(self, module, args, kwargs) -> Optional[SizeVariant]:
         """Another call form (by keyword, with other flags or tensors): the input size is read
@@ -380,6 +443,7 @@ class EntryHook:
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
             self.runtime.pop_entry()
+            self.runtime.release()
             local = self.runtime._local
             cur = getattr(local, "state", None)
             if cur is not None and cur.segment is not None and not self.runtime.entered():
