@@ -103,8 +103,13 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
     if is_converted(model):
-        raise ConversionError(f"{type(model).__name__} is already converted; use "
-                              "evoplug.set_options() to change its options")
+        whole = getattr(model, "_evoplug_report", None) is not None
+        raise ConversionError(
+            f"{type(model).__name__} is already converted; use evoplug.set_options() to change "
+            "its options" if whole else
+            f"{type(model).__name__} holds blocks of a model evoplug converted; change the "
+            "options on that model (evoplug.set_options(model, ...)), or convert "
+            "evoplug.revert(model)")
     _check_materialised(model)
     if not inplace:
         model = copy_model(model)

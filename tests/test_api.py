@@ -118,6 +118,9 @@ def test_copy_by_default_inplace_on_request():
     assert same is model
     with pytest.raises(evoplug.ConversionError, match="already converted"):
         evoplug.convert(model, example_input=x[:1])
+    with pytest.raises(evoplug.ConversionError, match=r"holds blocks of a model evoplug converted.*"
+                                                      r"set_options\(model"):
+        evoplug.convert(model.trunk, example_input=torch.randn(1, 17, 64))
 
 
 def test_options_change_without_reconversion_and_revert():

@@ -138,3 +138,48 @@ def test_plain_vit_sequence_first_mha():
         assert fast(x).shape == ref.shape
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         assert (fast(x) - ref).abs().max().item() <= 1e-5
+
+
+class _TorchEncoderViT(nn.Module):
+    """A ViT built from PyTorch's own ``nn.TransformerEncoderLayer`` (batch first), as layers
+    in a ``Sequential`` or inside ``nn.TransformerEncoder``."""
+
+    def __init__(self, norm_first, encoder, d=64, depth=6):
+        super().__init__()
+        self.embed = nn.Conv2d(3, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 65, d) * 0.1)
+        layer = lambda: nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,  # noqa: E731
+                                                   norm_first=norm_first)
+        self.enc = nn.TransformerEncoder(layer(), depth, enable_nested_tensor=False) if encoder \
+            else nn.Sequential(*[layer() for _ in range(depth)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
+        return self.head(self.enc(t)[:, 0])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("encoder", [False, True])
+def test_torch_transformer_encoder_layers_convert(norm_first, encoder):
+    """``nn.TransformerEncoderLayer``'s forward checks tensor metadata (``src.is_nested``) before
+    its fused path: a trace specialises such reads like sizes (it refused them as values, a
+    data-dependent branch, before the seventeenth session) and follows the layer's own path."""
+    torch.manual_seed(0)
+    model = _TorchEncoderViT(norm_first, encoder).eval()
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    report = evoplug.get_report(fast)
+    assert [s.role for s in report.blocks] == ["dense", "score"] + ["evolve"] * 4
+    with torch.no_grad():
+        out = fast(x)
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4
+        torch.testing.assert_close(out[1:2], fast(x[1:2]), atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    fast.train()
+    evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+    fast(x).sum().backward()
+    assert all(p.grad is not None for p in fast.enc.parameters())

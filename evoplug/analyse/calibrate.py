@@ -287,9 +287,12 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
     if not every:
         return
 
-    def perturb(_m, _args, out):
+    missed = []
+
+    def perturb(m, _args, out):
         t = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            missed.append(m)      # an output it cannot add noise to: nothing can be told
             return None
         g = torch.Generator(device=t.device).manual_seed(2)
         t = t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
@@ -311,6 +314,8 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
         for h in handles:
             h.remove()
         model.train(was)
+    if missed:
+        return
     calls.derived["stream_starts"] = tuple(name for k, (name, x) in every.items()
                                            if _same_input(seen, k, x))
 

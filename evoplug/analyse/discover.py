@@ -27,6 +27,11 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
                 "map (no norm or linear over its last dim)")
     if x.dim() not in (3, 4):
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
+    if batch is not None and x.shape[0] != batch and x.dim() == 3 and x.shape[1] == batch:
+        return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): they "
+                "look sequence-first, (N, B, C) (nn.TransformerEncoderLayer or "
+                "nn.MultiheadAttention with batch_first=False between blocks); evoplug converts "
+                "batch-first blocks, or ones that transpose inside")
     if batch is not None and x.shape[0] != batch:
         return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
                 "windows or patches are formed outside any block evoplug can convert, so it "

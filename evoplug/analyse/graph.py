@@ -161,10 +161,17 @@ _LAYOUT_METHODS = ("contiguous", "clone", "float", "to", "type_as")
 _SCALAR_FUNCS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul}
 
 
+#: tensor attributes that are metadata, the same whatever the values (not ``requires_grad``:
+#: it differs between the calibration's no-grad forward and training)
+_META_ATTRIBUTES = frozenset({"shape", "device", "dtype", "ndim", "is_nested", "is_cuda", "layout",
+                              "is_sparse", "is_quantized", "is_meta"})
+
+
 def is_size_query(n: fx.Node) -> bool:
-    """x.shape / x.size() / x.dim(): reads sizes, passes no values on."""
+    """x.shape / x.size() / x.dim() (and other metadata: ``x.is_nested``, ``x.device``): reads
+    sizes, passes no values on."""
     if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
-        return n.args[1] in ("shape", "device", "dtype")
+        return n.args[1] in _META_ATTRIBUTES
     return n.op == "call_method" and n.target in ("size", "dim")
 
 
