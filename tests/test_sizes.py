@@ -105,6 +105,30 @@ def _small_vit():
                              dynamic_img_size=True, num_classes=10).eval()
 
 
+def _served_meanwhile(model, x, work):
+    """Outputs and errors of ``model(x)`` called over and over in another thread while
+    ``work()`` runs in this one."""
+    import threading
+    outs, errors, stop = [], [], threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                with torch.no_grad():
+                    outs.append(model(x))
+            except Exception as e:     # noqa: BLE001 - collected for the assertion
+                errors.append(e)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    try:
+        work()
+    finally:
+        stop.set()
+        t.join()
+    return outs, errors
+
+
 def test_a_twin_is_built_while_no_other_thread_runs_the_model():
     """The first forward at a new size analyses a twin that shares the model's modules (the
     analysis hooks them and adds noise to the patch embedding's output): other threads' forwards
@@ -112,32 +136,19 @@ def test_a_twin_is_built_while_no_other_thread_runs_the_model():
     or dense, and NameErrors from torch.fx's process-wide patches before the seventeenth
     session). Hooks the user put on shared modules fire once per forward, not for the twin's
     analysis."""
-    import threading
     fast = evoplug.convert(_small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = fast(x)
     calls = []
     fast.norm.register_forward_hook(lambda m, i, o: calls.append(o.shape[0]))
-    outs, errors, stop = [], [], threading.Event()
 
-    def serve():
-        while not stop.is_set():
-            try:
-                with torch.no_grad():
-                    outs.append(fast(x))
-            except Exception as e:     # noqa: BLE001 - collected for the assertion
-                errors.append(e)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
+    def new_sizes():
         for size in (96, 80):
             with torch.no_grad():
                 assert fast(torch.randn(3, 3, size, size)).shape == (3, 10)
-    finally:
-        stop.set()
-        t.join()
+
+    outs, errors = _served_meanwhile(fast, x, new_sizes)
     assert not errors and outs
     for o in outs:
         torch.testing.assert_close(o, ref, atol=0, rtol=0)
@@ -147,27 +158,11 @@ def test_a_twin_is_built_while_no_other_thread_runs_the_model():
 def test_a_conversion_leaves_other_threads_models_alone():
     """torch.fx patches ``nn.Module.__call__`` for the whole process while it traces: modules
     another thread runs meanwhile go their usual way."""
-    import threading
     other = _small_vit()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         ref = other(x)
-    outs, errors, stop = [], [], threading.Event()
-
-    def serve():
-        while not stop.is_set():
-            try:
-                with torch.no_grad():
-                    outs.append(other(x))
-            except Exception as e:     # noqa: BLE001 - collected for the assertion
-                errors.append(e)
-
-    t = threading.Thread(target=serve)
-    t.start()
-    try:
-        evoplug.convert(_small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
-    finally:
-        stop.set()
-        t.join()
+    outs, errors = _served_meanwhile(other, x, lambda: evoplug.convert(
+        _small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64)))
     assert not errors and outs
     assert all(torch.equal(o, ref) for o in outs)
