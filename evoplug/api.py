@@ -19,7 +19,8 @@ from torch import nn
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import attention_modules, find_blocks, regroup_parts
 from .analyse.probes import hooks_suspended, probe_program
-from .analyse.calibrate import calibrate, plain_attributes, stream_starts, token_provenance
+from .analyse.calibrate import (calibrate, plain_attributes, stream_starts, token_provenance,
+                                varying_arguments)
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -305,7 +306,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
         idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args,
         batch_args=a.batch_args,
-        traced=traced_state(module, a.attention_paths, plain_attributes, volatile),
+        traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths),
         per_image=per_image)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
@@ -374,6 +375,7 @@ def _calibrate(model: nn.Module, example_input):
     if candidates:
         token_provenance(model, example_input, calls, [c[1] for c in candidates])
         stream_starts(model, example_input, calls, [c[1] for c in candidates])
+        varying_arguments(model, example_input, calls, [c[1] for c in candidates])
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 

@@ -355,6 +355,8 @@ def test_crossvit_keeps_its_class_token_as_prefix_in_every_block():
     assert len(blocks) == 15
     assert all(s.analysis.num_prefix == 1 and s.analysis.global_query == "cls" for s in blocks)
     assert {s.analysis.grid for s in blocks} == {(20, 20), (14, 14)}
+    # both branches see the same image: one ranking, carried between them (no new stream)
+    assert not any(s.starts_stream for s in blocks)
     x = torch.randn(2, 3, 240, 240)
     with torch.no_grad():
         fast(x)
@@ -568,7 +570,7 @@ class _PerImageArgBlock(nn.Module):
 
     def forward(self, x, extra):
         B, N, C = x.shape
-        h = self.n1(x) + (extra if self.kind == "stream" else 0)
+        h = self.n1(x) + (extra if self.kind in ("stream", "table") else 0)
         q, k, v = self.qkv(h).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         a = q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5
         if self.kind == "padding":
@@ -593,6 +595,8 @@ class _PerImageArgViT(nn.Module):
         if self.kind == "padding":     # side: (B, 1, 32, 32), > 0 where the image is padding
             pad = torch.nn.functional.max_pool2d(side, 4).flatten(1) > 0
             extra = torch.cat([torch.zeros_like(pad[:, :1]), pad], 1)
+        elif self.kind == "table":     # one (1, N, C) table for every image
+            extra = self.pos * 2.0
         else:                          # side: a depth map as a per-token conditioning stream
             c = self.side(side).flatten(2).transpose(1, 2)
             extra = torch.cat([torch.zeros_like(c[:, :1]), c], 1)
@@ -601,12 +605,13 @@ class _PerImageArgViT(nn.Module):
         return self.head(t[:, 0])
 
 
-@pytest.mark.parametrize("kind", ["padding", "stream"])
+@pytest.mark.parametrize("kind", ["padding", "stream", "table"])
 def test_per_image_block_arguments_follow_each_image(kind):
     """A block argument with the batch first (a key padding mask (B, N), a conditioning stream
-    (B, N, C)) is gathered image by image: converted on one image, a batch runs and each image's
-    output is the one it gets alone. (It was gathered as if it had no batch dim: a shape error
-    inside the program at batch 2, or a refusal as not equivariant.)"""
+    (B, N, C), or a (1, N, C) table the block adds to its tokens) is gathered image by image:
+    converted on one image, a batch runs and each image's output is the one it gets alone. (It
+    was gathered as if it had no batch dim: a shape error inside the program at batch 2, or a
+    refusal as not equivariant.)"""
     torch.manual_seed(0)
     model = _PerImageArgViT(kind).eval()
     img = torch.randn(3, 3, 32, 32)
@@ -647,6 +652,10 @@ def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
     again = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x[:1])
     with torch.no_grad():
         again(x)
+    lora = _LowRank(again.blocks[3].attn.qkv)     # a module the program calls by path: live
+    again.blocks[3].attn.qkv = lora
+    with torch.no_grad():
+        again(x)
     again.blocks[3].attn = copy.deepcopy(again.blocks[3].attn)
     with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.3`: its submodule `attn` was replaced"):
         again(x)
@@ -658,6 +667,16 @@ def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
     counted.blocks[2].attn(torch.randn(1, 5, 192))           # its own forward, another count
     with torch.no_grad():
         counted(x)
+
+
+class _LowRank(nn.Module):
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.a, self.b = nn.Linear(base.in_features, 4, bias=False), nn.Linear(4, base.out_features, bias=False)
+
+    def forward(self, t):
+        return self.base(t) + self.b(self.a(t))
 
 
 class _Recording(timm.models.vision_transformer.Attention):

@@ -30,6 +30,7 @@ into a slow-path program.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
@@ -78,6 +79,7 @@ class BlockAnalysis:
     uses_pos: bool = False                     # its programs read the subset's positions
     uses_full: bool = False                    # ... or the block's whole input
     whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
+    leaf_paths: Tuple[str, ...] = ()           # submodules its programs call as modules
     row_masked: bool = False                   # the mean query's rows are masked per query
     #                                          (causal, block-diagonal): _masked_per_query
     batch_args: Tuple[str, ...] = ()           # other tensor arguments whose first dim is the
@@ -139,7 +141,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
-    _describe_arguments(a, site, extras, x.shape[0])
+    _describe_arguments(a, site, extras, x.shape[0], getattr(calls, "derived", {}).get("varying", ()), gm)
     a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
@@ -348,9 +350,17 @@ def _mha_attention(a: BlockAnalysis, gm, site, grid_ops):
     a.attention = f"nn.MultiheadAttention `{site.node.target}` (batch_first={mha.batch_first})"
 
 
-def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: int):
+def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: int, varying=(),
+                        gm: Optional[fx.GraphModule] = None):
     a.extra_shapes = {n: tuple(t.shape) for n, t in extras.items()}
-    a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and t.shape[0] == batch)
+    # first dim the batch: at one image, a floating-point table is per image if it came from
+    # the inputs (calibrate.varying_arguments), and follows the batch like one if the block adds
+    # or multiplies it into a tensor of its own rank (a position table added to the tokens);
+    # a mask (bool, int) is taken as per image
+    same_rank = _same_rank_arguments(gm, a) if gm is not None else set()
+    a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and (
+        (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or id(t) in varying))
+        or (t.shape[0] == 1 and n in same_rank)))
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
             "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))
@@ -359,3 +369,22 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
     for tname, t in extras.items():
         if tname not in site.arg_terms:
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
+
+
+_ARITHMETIC = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
+
+
+def _same_rank_arguments(gm: fx.GraphModule, a: BlockAnalysis) -> set:
+    """The block's other tensor arguments it first adds, subtracts or multiplies into a tensor
+    of the same rank (so their first dim lines up with the batch, as the tokens' does)."""
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"][1:1 + len(a.plan.tensor_args)]
+    out = set()
+    for name, node in zip(a.plan.tensor_args, holders):
+        rank = len(shape_of(node) or ())
+        for u in node.users:
+            arith = (u.op == "call_function" and u.target in _ARITHMETIC) or (
+                u.op == "call_method" and u.target in ("add", "mul", "sub"))
+            others = [v for v in u.args if isinstance(v, fx.Node) and v is not node]
+            if arith and rank and any(len(shape_of(v) or ()) == rank for v in others):
+                out.add(name)
+    return out

@@ -302,7 +302,8 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
     seen = {}
     by_id = {id(b): b for b in ordered}
     handles = [b.register_forward_hook(perturb) for b in ordered]
-    handles += [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
+    handles += [by_id[k].register_forward_pre_hook(_capture(seen, k), with_kwargs=True)
+                for k in every]
     was = model.training
     model.eval()
     try:
@@ -316,8 +317,64 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
         model.train(was)
     if missed:
         return
-    calls.derived["stream_starts"] = tuple(name for k, (name, x) in every.items()
-                                           if _same_input(seen, k, x))
+    starts = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+    calls.derived["stream_starts"] = tuple(every[k][0] for k in _foreign(
+        model, example_input, calls, ordered, starts))
+
+
+def _foreign(model: nn.Module, example_input, calls: CallRecord, ordered, starts) -> List[int]:
+    """Of the blocks ``starts`` (ids) that no block before them reaches, those whose tokens
+    come from other model inputs than the block before them: another image (a second tower),
+    token ids (a text tower). Streams of one input (CrossViT's two branches of the same image)
+    keep one ranking: it is of the same image regions. One forward per floating-point input,
+    noise on it alone."""
+    n = _float_inputs(example_input)
+    if not starts or n < 2:
+        return []
+    every = {id(b): (calls[id(b)].name, calls[id(b)].args[0]) for b in ordered
+             if calls[id(b)].args and isinstance(calls[id(b)].args[0], torch.Tensor)}
+    by_id = {id(b): b for b in ordered}
+    reached = []
+    for i in range(n):
+        seen = _inputs_seen(model, example_input, by_id, every, None, only=i)
+        if seen is None:
+            return []
+        reached.append({k for k, (_, x) in every.items() if not _same_input(seen, k, x)})
+    order = [id(b) for b in ordered]
+    out = []
+    for k in starts:
+        before = order[order.index(k) - 1]
+        if {i for i, r in enumerate(reached) if k in r} != {i for i, r in enumerate(reached) if before in r}:
+            out.append(k)
+    return out
+
+
+def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Which of the blocks' other floating-point tensor arguments with a first dim of 1 come
+    from the inputs (a per-image conditioning stream) rather than being shared by every image
+    (a position table): at a calibration batch of one image the shape cannot tell. One eager
+    forward with noise on every floating-point input; stored as ``calls.derived['varying']``,
+    the ids of the calibration's argument tensors that changed."""
+    def others(c):
+        return [v for v in (*c.args[1:], *c.kwargs.values()) if isinstance(v, torch.Tensor)]
+    every = {}
+    for b in blocks:
+        c = calls.get(id(b))
+        if c is not None and c.args and isinstance(c.args[0], torch.Tensor) and any(
+                t.is_floating_point() and t.dim() >= 2 and t.shape[0] == 1 for t in others(c)):
+            every[id(b)] = (c.name, c.args[0])
+    if not every:
+        return
+    got = {}
+    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, None, args=got) is None:
+        return
+    varying = set()
+    for k in every:
+        before, after = others(calls[k]), got.get(k, [])
+        if len(before) == len(after):
+            varying.update(id(t) for t, u in zip(before, after)
+                           if t.shape != u.shape or not torch.equal(t, u))
+    calls.derived["varying"] = varying
 
 
 def _same_input(seen, key, x) -> bool:
@@ -325,10 +382,12 @@ def _same_input(seen, key, x) -> bool:
     return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
 
 
-def _inputs_seen(model: nn.Module, example_input, by_id, every, source) -> Optional[dict]:
+def _inputs_seen(model: nn.Module, example_input, by_id, every, source, only=None,
+                 args: Optional[dict] = None) -> Optional[dict]:
     """The first input of each block of ``every`` in one eager forward (eval, no grad) with
-    noise added to ``source``'s output, or with ``source`` None to every floating-point input;
-    None when the model cannot take it."""
+    noise added to ``source``'s output, or with ``source`` None to every floating-point input
+    (``only``: to the one of that rank); None when the model cannot take it. ``args``: filled
+    with each block's other tensor arguments, in call order."""
     seen = {}
 
     def perturb(_m, _args, out):
@@ -336,14 +395,15 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, source) -> Optio
         return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
             out.float().std() + 1.0).to(out.dtype)
 
-    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k)) for k in every]
+    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k, args), with_kwargs=True)
+               for k in every]
     if source is not None:
         handles.append(source.register_forward_hook(perturb))
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, example_input if source is not None else _noisy_inputs(example_input))
+            _call(model, example_input if source is not None else _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
     finally:
@@ -353,11 +413,14 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, source) -> Optio
     return seen
 
 
-def _capture(seen: dict, key):
-    """A pre-hook keeping a block's first input under ``key`` (it returns None: the block's
-    arguments stay as they are)."""
-    def hook(_m, args):
+def _capture(seen: dict, key, others: Optional[dict] = None):
+    """A pre-hook (with keywords) keeping a block's first input under ``key``, and in
+    ``others`` its other tensor arguments (it returns None: the arguments stay as they are)."""
+    def hook(_m, args, kwargs):
         seen.setdefault(key, args[0] if args else None)
+        if others is not None:
+            others.setdefault(key, [v for v in (*args[1:], *kwargs.values())
+                                    if isinstance(v, torch.Tensor)])
     return hook
 
 
@@ -382,11 +445,23 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
     return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
 
 
-def _noisy_inputs(example_input):
+def _float_inputs(example_input) -> int:
+    items = list(example_input.values()) if isinstance(example_input, dict) else (
+        list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
+    return sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in items)
+
+
+def _noisy_inputs(example_input, only: Optional[int] = None):
     """``example_input`` with noise added to every floating-point tensor in it (a dict's
-    values, a tuple's items or the tensor itself)."""
+    values, a tuple's items or the tensor itself); ``only``: to the one of that rank among
+    them."""
+    seen = [-1]
+
     def noisy(v):
         if isinstance(v, torch.Tensor) and v.is_floating_point():
+            seen[0] += 1
+            if only is not None and seen[0] != only:
+                return v
             g = torch.Generator(device=v.device).manual_seed(1)
             return v + torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) * (
                 v.float().std().nan_to_num() + 1.0).to(v.dtype)

@@ -75,6 +75,10 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     gm.graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
+    # the submodules the program calls by path on the live block (what they compute, and
+    # what replaces them, is read at run time: not part of what runtime/block.py checks)
+    a.leaf_paths = tuple(sorted(set(a.leaf_paths) | {n.target for n in gm.graph.nodes
+                                                       if n.op == "call_module"}))
     return _as_program(a, gm)
 
 

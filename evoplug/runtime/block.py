@@ -468,7 +468,7 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
     subset's P + S special tokens come first)."""
     if t.dim() >= 2 and t.shape[-1] == N and t.shape[-2] == N:
         return ev.gather_pair_bias(t, pos)
-    first = 1 if batched and t.shape[0] == pos.shape[0] else 0    # (not the batch dim)
+    first = 1 if batched and t.shape[0] in (1, pos.shape[0]) else 0    # (not the batch dim)
     for dim, size in enumerate(t.shape[first:], first):
         if size == N:
             return ev.gather_token_arg(t, pos, dim, batched)
@@ -482,23 +482,27 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
 _GONE = object()
 
 
-def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None) -> Tuple:
-    """For :attr:`BlockSpec.traced`: the block and every module under its attention paths
+def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=()) -> Tuple:
+    """For :attr:`BlockSpec.traced`: every module under the block's attention paths
     (traced into), each with its parent, name and plain attributes (``attributes(m)``, a
-    dict) but those a forward sets (``volatile``: {id(module): names})."""
+    dict) but those a forward sets (``volatile``: {id(module): names}); not the modules the
+    programs call by path (``leaves``) and what is inside them: those run live."""
     volatile = volatile or {}
+    live = tuple(leaves)
 
     def entry(parent, path, m):
         skip = volatile.get(id(m), ())
         return (parent, path.rpartition(".")[2], path, m,
                 tuple((k, v) for k, v in attributes(m).items() if k not in skip))
 
-    out, seen = [entry(None, "", block)], {id(block)}
+    # (not the block's own attributes: its flags are read outside the traced forward too,
+    # transformers' gradient_checkpointing in __call__; its attention's are math)
+    out, seen = [], {id(block)}
     for path in paths:
         if not path:
             continue
         for sub, m in block.get_submodule(path).named_modules(prefix=path):
-            if id(m) in seen:
+            if id(m) in seen or any(sub == p or sub.startswith(p + ".") for p in live):
                 continue
             seen.add(id(m))
             pp = sub.rpartition(".")[0]

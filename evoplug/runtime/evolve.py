@@ -273,11 +273,12 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) ->
     Returns (B, *t.shape[:dim], n, *t.shape[dim+1:]), padded with singleton dims after the
     batch to rank 4 so that it broadcasts against (B, heads, n, d) like the original did.
     ``batched``: the argument's first dim is the batch (a per-image mask or conditioning
-    stream (B, ..., N, ...), as at calibration): each image's row gathered with its own
-    positions, in the argument's own shape.
+    stream (B, ..., N, ...), as at calibration; or 1, broadcast over the batch): each image's
+    row gathered with its own positions, in the argument's own shape.
     """
     B = pos.shape[0]
-    if batched and dim >= 1 and t.shape[0] == B:
+    if batched and dim >= 1 and t.shape[0] in (1, B):
+        t = t.expand(B, *t.shape[1:])      # (one shared by the batch: as it broadcast)
         view = [B] + [1] * (t.dim() - 1)
         view[dim] = pos.shape[1]
         size = list(t.shape)

@@ -336,10 +336,11 @@ def named_tensors(module, args, kwargs) -> Optional[Dict[str, torch.Tensor]]:
 
 
 def images_in(args, kwargs) -> Optional[int]:
-    """The first dim of the first floating-point tensor among a call's arguments (the number
-    of images of a vision model's call), None without one."""
+    """The first dim of the first floating-point tensor of 4 dims or more among a call's
+    arguments (the images of a vision model's call; not a float attention mask), None
+    without one."""
     for v in (*args, *kwargs.values()):
-        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() > 0:
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dim() >= 4:
             return v.shape[0]
     return None
 
