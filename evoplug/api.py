@@ -19,8 +19,8 @@ from torch import nn
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import attention_modules, find_blocks, regroup_parts
 from .analyse.probes import hooks_suspended, probe_program
-from .analyse.calibrate import (calibrate, plain_attributes, stream_starts, token_provenance,
-                                varying_arguments)
+from .analyse.calibrate import calibrate, plain_attributes
+from .analyse.provenance import stream_starts, token_provenance, varying_arguments
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -489,7 +489,7 @@ def copy_model(model: nn.Module) -> nn.Module:
 def assign_roles(opts: EvoOptions, n: int, starts=()) -> Tuple[str, ...]:
     """Role of each of ``n`` converted blocks: 'dense', then one 'score' block, then 'evolve'.
     ``starts``: the positions where another token stream starts (a second tower,
-    calibrate.stream_starts): each stream gets these roles of its own (``start_block`` counted
+    provenance.stream_starts): each stream gets these roles of its own (``start_block`` counted
     in it; a stream too short for it stays dense). Raises (before anything is changed) when
     ``start_block`` is past the last block of every stream."""
     bounds = [0] + sorted(i for i in set(starts) if 0 < i < n) + [n]

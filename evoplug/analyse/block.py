@@ -354,7 +354,7 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
                         gm: Optional[fx.GraphModule] = None):
     a.extra_shapes = {n: tuple(t.shape) for n, t in extras.items()}
     # first dim the batch: at one image, a floating-point table is per image if it came from
-    # the inputs (calibrate.varying_arguments), and follows the batch like one if the block adds
+    # the inputs (provenance.varying_arguments), and follows the batch like one if the block adds
     # or multiplies it into a tensor of its own rank (a position table added to the tokens);
     # a mask (bool, int) is taken as per image
     same_rank = _same_rank_arguments(gm, a) if gm is not None else set()

@@ -208,7 +208,7 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
                   num_tokens: int) -> Tuple[int, int, str]:
     """Leading prefix tokens P and trailing special tokens S at this block (YOLOS' detection
     tokens after the patches): the tokens a perturbation of the patch map leaves unchanged
-    (calibrate.token_provenance), which must lead or trail (with trailing ones, P is the
+    (provenance.token_provenance), which must lead or trail (with trailing ones, P is the
     larger of the leading ones and N minus the patch grid minus S: a cls token that has seen
     the image changes with it); else N minus the patch grid (h*w) of the last 4-D feature map
     produced before the block ran, all leading; else what the model declares (a family hint:

@@ -91,7 +91,7 @@ class BlockSpec:
     per_image: Optional[int] = None   # token sequences per image the model's input had at
     #                            calibration (block batch / images), when it divided evenly
     starts_stream: bool = False   # its input comes from no converted block before it (another
-    #                            tower): the scores restart here (calibrate.stream_starts)
+    #                            tower): the scores restart here (provenance.stream_starts)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property

@@ -1,0 +1,295 @@
+"""Where the tokens come from: eager forwards of the model (eval, no grad) with noise added to
+its first patch map, to its inputs, or to every block's output, compared with the calibration
+forward (calibrate.py). They tell the special tokens from the patches
+(:func:`token_provenance`), blocks that see no image (text towers), token streams of their own
+(:func:`stream_starts`: a second image tower) and block arguments that come from the inputs
+(:func:`varying_arguments`). Results go to ``calls.derived``."""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from .calibrate import CallRecord, _call
+
+
+#: relative change of a token row that counts as "comes from the patch map"
+_PROVENANCE_TOLERANCE = 1e-4
+
+
+def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Which token rows of the blocks' inputs come from the image: one more eager forward
+    (eval, no grad) in which the first 4-D map the model computes before the first block
+    (outside attention: the patch embedding's, or a convolutional stem's first) gets random
+    noise added, or, with no such map (a patch embedding by reshape and ``nn.Linear``, a
+    ``Conv3d`` over video), every floating-point input does; the rows of a block's token input
+    that stay the same are the tokens that are not patches (cls, distillation, registers,
+    detection tokens, the learned group tokens a later stage appends). Read at the first
+    block with each token count N whose input the noise reached. Stored as
+    ``calls.derived['untouched'] = {N: rows}``; nothing for a block without a (B, N, C) input.
+    (Evo-ViT ranks patches and keeps the other tokens: a token that is neither leading,
+    trailing nor a patch would be ranked as one, see discover.special_rows.)
+
+    Also ``calls.derived['image_free']``: the blocks whose input no floating-point input of
+    the model reaches, when another block's does (a text encoder's layers beside an image
+    encoder's, before or after it): see :func:`_image_free`."""
+    every = {}
+    for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
+                        key=lambda b: calls[id(b)].order):
+        c = calls.get(id(block))
+        x = c.args[0] if c is not None and c.args else None
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
+            every[id(block)] = (c.name, x)
+    if not any(x.dim() == 3 for _, x in every.values()):
+        return
+    first_order = min(calls[k].order for k, (_, x) in every.items() if x.dim() == 3)
+    source = _first_feature_map(model, calls, first_order)
+    by_id = {id(b): b for b in blocks}
+    seen = _inputs_seen(model, example_input, by_id, every, source)
+    if seen is None:
+        return
+    if source is None:     # the noise was on every input: what it did not reach is image-free
+        same = _image_free(every, seen)
+    else:
+        # (blocks inside the module the noise was added to cannot see it; those that ran
+        # before it, a text tower run first, are checked with noise on every input below)
+        inside = {id(m) for m in source.modules()}
+        after = {k: v for k, v in every.items()
+                 if k not in inside and calls[k].order > calls[id(source)].order}
+        before = [k for k in every if k not in after and k not in inside]
+        same = _image_free(after, seen)
+        if same or (before and any(not _same_input(seen, k, after[k][1]) for k in after)):
+            # confirmed on noise in every floating-point input (CrossViT's second branch
+            # starts from its own patch map, which the first map's noise does not reach)
+            same = _unchanged_by_the_inputs(model, example_input, by_id,
+                                            {k: every[k] for k in same + before})
+    calls.derived["image_free"] = tuple(every[k][0] for k in same)
+    inputs = {}
+    for k, (_, x) in every.items():
+        y = seen.get(k)
+        if x.dim() != 3 or x.shape[1] in inputs or k in same or not isinstance(y, torch.Tensor) \
+                or y.shape != x.shape:
+            continue
+        change = (y.float() - x.float()).abs().amax(dim=(0, 2))
+        scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
+        rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
+        inputs[x.shape[1]] = tuple(int(i) for i in rows)
+    calls.derived["untouched"] = inputs
+
+
+def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """The blocks (names) that start a token stream of their own: one more eager forward (eval,
+    no grad) with noise added to every block's token output leaves their input as it was,
+    though a block ran before them (the second of two image towers, a text tower's first
+    layer run before the image tower). Their scores restart (runtime/block.py): carried over,
+    another stream's ranking would select their tokens. Stored as
+    ``calls.derived['stream_starts']``."""
+    ordered = sorted((b for b in blocks if calls.get(id(b)) is not None and calls[id(b)].n_calls == 1),
+                     key=lambda b: calls[id(b)].order)
+    every = {}
+    for block in ordered[1:]:
+        c = calls[id(block)]
+        x = c.args[0] if c.args else None
+        if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
+            every[id(block)] = (c.name, x)
+    if not every:
+        return
+
+    missed = []
+
+    def perturb(m, _args, out):
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            missed.append(m)      # an output it cannot add noise to: nothing can be told
+            return None
+        g = torch.Generator(device=t.device).manual_seed(2)
+        t = t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
+            t.float().std().nan_to_num() + 1.0).to(t.dtype)
+        return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
+
+    seen = {}
+    by_id = {id(b): b for b in ordered}
+    handles = [b.register_forward_hook(perturb) for b in ordered]
+    handles += [by_id[k].register_forward_pre_hook(_capture(seen, k), with_kwargs=True)
+                for k in every]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, example_input)
+    except Exception:   # noqa: BLE001 - noise the model cannot take: one stream, as before
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if missed:
+        return
+    starts = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+    calls.derived["stream_starts"] = tuple(every[k][0] for k in _foreign(
+        model, example_input, calls, ordered, starts))
+
+
+def _foreign(model: nn.Module, example_input, calls: CallRecord, ordered, starts) -> List[int]:
+    """Of the blocks ``starts`` (ids) that no block before them reaches, those whose tokens
+    come from other model inputs than the block before them: another image (a second tower),
+    token ids (a text tower). Streams of one input (CrossViT's two branches of the same image)
+    keep one ranking: it is of the same image regions. One forward per floating-point input,
+    noise on it alone."""
+    n = _float_inputs(example_input)
+    if not starts or n < 2:
+        return []
+    every = {id(b): (calls[id(b)].name, calls[id(b)].args[0]) for b in ordered
+             if calls[id(b)].args and isinstance(calls[id(b)].args[0], torch.Tensor)}
+    by_id = {id(b): b for b in ordered}
+    reached = []
+    for i in range(n):
+        seen = _inputs_seen(model, example_input, by_id, every, None, only=i)
+        if seen is None:
+            return []
+        reached.append({k for k, (_, x) in every.items() if not _same_input(seen, k, x)})
+    order = [id(b) for b in ordered]
+    out = []
+    for k in starts:
+        before = order[order.index(k) - 1]
+        if {i for i, r in enumerate(reached) if k in r} != {i for i, r in enumerate(reached) if before in r}:
+            out.append(k)
+    return out
+
+
+def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Which of the blocks' other floating-point tensor arguments with a first dim of 1 come
+    from the inputs (a per-image conditioning stream) rather than being shared by every image
+    (a position table): at a calibration batch of one image the shape cannot tell. One eager
+    forward with noise on every floating-point input; stored as ``calls.derived['varying']``,
+    the ids of the calibration's argument tensors that changed."""
+    def others(c):
+        return [v for v in (*c.args[1:], *c.kwargs.values()) if isinstance(v, torch.Tensor)]
+    every = {}
+    for b in blocks:
+        c = calls.get(id(b))
+        if c is not None and c.args and isinstance(c.args[0], torch.Tensor) and any(
+                t.is_floating_point() and t.dim() >= 2 and t.shape[0] == 1 for t in others(c)):
+            every[id(b)] = (c.name, c.args[0])
+    if not every:
+        return
+    got = {}
+    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, None, args=got) is None:
+        return
+    varying = set()
+    for k in every:
+        before, after = others(calls[k]), got.get(k, [])
+        if len(before) == len(after):
+            varying.update(id(t) for t, u in zip(before, after)
+                           if t.shape != u.shape or not torch.equal(t, u))
+    calls.derived["varying"] = varying
+
+
+def _same_input(seen, key, x) -> bool:
+    y = seen.get(key)
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
+
+
+def _inputs_seen(model: nn.Module, example_input, by_id, every, source, only=None,
+                 args: Optional[dict] = None) -> Optional[dict]:
+    """The first input of each block of ``every`` in one eager forward (eval, no grad) with
+    noise added to ``source``'s output, or with ``source`` None to every floating-point input
+    (``only``: to the one of that rank); None when the model cannot take it. ``args``: filled
+    with each block's other tensor arguments, in call order."""
+    seen = {}
+
+    def perturb(_m, _args, out):
+        g = torch.Generator(device=out.device).manual_seed(0)
+        return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
+            out.float().std() + 1.0).to(out.dtype)
+
+    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k, args), with_kwargs=True)
+               for k in every]
+    if source is not None:
+        handles.append(source.register_forward_hook(perturb))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, example_input if source is not None else _noisy_inputs(example_input, only))
+    except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
+        return None
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return seen
+
+
+def _capture(seen: dict, key, others: Optional[dict] = None):
+    """A pre-hook (with keywords) keeping a block's first input under ``key``, and in
+    ``others`` its other tensor arguments (it returns None: the arguments stay as they are)."""
+    def hook(_m, args, kwargs):
+        seen.setdefault(key, args[0] if args else None)
+        if others is not None:
+            others.setdefault(key, [v for v in (*args[1:], *kwargs.values())
+                                    if isinstance(v, torch.Tensor)])
+    return hook
+
+
+def _image_free(every, seen) -> List[int]:
+    """The blocks (ids) whose input the noise on the image left exactly as it was, when it
+    changed another block's (a text encoder's layers beside an image encoder's)."""
+    same = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+    changed = any(isinstance(seen.get(k), torch.Tensor) and seen[k].shape == x.shape
+                  and k not in same for k, (_, x) in every.items())
+    return same if changed else []
+
+
+def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> List[int]:
+    """Of the blocks ``every`` ({id: (name, calibration input)}), those whose input stays
+    exactly the same when noise is added to every floating-point tensor the model is given:
+    nothing they compute comes from the image (token ids and masks are integers)."""
+    if not every:
+        return []
+    seen = _inputs_seen(model, example_input, by_id, every, None)
+    if seen is None:    # inputs the model cannot take noisy: nothing is refused
+        return []
+    return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
+
+
+def _float_inputs(example_input) -> int:
+    items = list(example_input.values()) if isinstance(example_input, dict) else (
+        list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
+    return sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in items)
+
+
+def _noisy_inputs(example_input, only: Optional[int] = None):
+    """``example_input`` with noise added to every floating-point tensor in it (a dict's
+    values, a tuple's items or the tensor itself); ``only``: to the one of that rank among
+    them."""
+    seen = [-1]
+
+    def noisy(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            seen[0] += 1
+            if only is not None and seen[0] != only:
+                return v
+            g = torch.Generator(device=v.device).manual_seed(1)
+            return v + torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) * (
+                v.float().std().nan_to_num() + 1.0).to(v.dtype)
+        return v
+    if isinstance(example_input, dict):
+        return {k: noisy(v) for k, v in example_input.items()}
+    if isinstance(example_input, (tuple, list)):
+        return type(example_input)(noisy(v) for v in example_input)
+    return noisy(example_input)
+
+
+def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):
+    from .discover import inside_attention
+    inside = inside_attention(model, calls)
+    best = None
+    for m in model.modules():
+        c = calls.get(id(m))
+        if c is None or c.order >= before or id(m) in inside or c.n_calls != 1:
+            continue
+        if c.feature_map() is not None and (best is None or c.order < best[0]):
+            best = (c.order, m)
+    return None if best is None else best[1]
