@@ -141,7 +141,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             _check_convertible(model, analysed, failed, skipped, strict)
             names = set(calls.derived.get("stream_starts", ()))
             starts = [i for i, (a, _, _) in enumerate(analysed) if i and a.name in names]
-            roles = assign_roles(opts, len(analysed), starts)
+            roles = plan_roles(opts, [a for a, _, _ in analysed], starts)
             _check_scored(model, [a for a, _, _ in analysed], roles, strict, starts)
             links = chain_links([a for a, _, _ in analysed], calls)
         except BaseException:
@@ -442,8 +442,7 @@ def unscored(analyses, roles, starts=()) -> List[int]:
         if role == "dense":
             continue
         if role == "evolve" and have and a.num_tokens != prev.num_tokens:
-            have = (prev.grid is not None and a.grid is not None     # ev.carry_scores
-                    and not (prev.num_suffix or a.num_suffix))
+            have = ev.can_carry(prev.grid, a.grid) and not (prev.num_suffix or a.num_suffix)
         if role == "score" or not have:
             if role == "evolve":
                 out.append(i)
@@ -484,6 +483,25 @@ def copy_model(model: nn.Module) -> nn.Module:
                 if isinstance(t, torch.Tensor) and not t.is_leaf:
                     memo[id(t)] = t.detach().clone()
     return copy.deepcopy(model, memo)
+
+
+def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:
+    """:func:`assign_roles`, then an evolving block where the tokens change and the scores
+    cannot be carried onto a grid that was only guessed (MAE's decoder after its visible
+    patches: ``ev.can_carry``) scores them again ('score'), as the runtime does there."""
+    roles = list(assign_roles(opts, len(analyses), starts))
+    prev = None
+    for i, a in enumerate(analyses):
+        if i in starts:
+            prev = None
+        if roles[i] == "dense":
+            continue
+        if roles[i] == "evolve" and prev is not None and a.num_tokens != prev.num_tokens \
+                and prev.grid is not None and a.grid is not None \
+                and not (prev.num_suffix or a.num_suffix) and not ev.can_carry(prev.grid, a.grid):
+            roles[i] = "score"
+        prev = a
+    return tuple(roles)
 
 
 def assign_roles(opts: EvoOptions, n: int, starts=()) -> Tuple[str, ...]:
@@ -555,8 +573,8 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
             f"analysed): convert again, e.g. evoplug.convert(evoplug.revert(model), "
             f"{fixed[0]}=...)")
     new = old.replace(**changes)                      # checks every field
-    roles = assign_roles(new, len(report.blocks),      # checks start_block
-                         [b.index for b in report.blocks if b.starts_stream])
+    roles = plan_roles(new, [b.analysis for b in report.blocks],      # checks start_block
+                       [b.index for b in report.blocks if b.starts_stream])
     report.options = new
     if report.blocks:
         runtime = report.blocks[0].runtime

@@ -169,6 +169,9 @@ def test_mae_decoder_does_not_rank_its_patches_by_the_visible_patches_scores():
     first_decoder = next(r for r in runs if r[0])
     assert first_decoder[1:] == (65, 65)                       # restarts: every token
     assert all(t < n for dec, n, t in runs[runs.index(first_decoder) + 1:])   # then evolves
+    # planned as it runs: a scoring block (explain() said 'evolving 34/65' for it before)
+    roles = {s.name: s.role for s in evoplug.get_report(fast).blocks}
+    assert roles["decoder.decoder_layers.0"] == "score" and not evoplug.get_report(fast).unscored
 
 
 def test_a_text_encoder_beside_the_image_encoder_is_refused_by_name():

@@ -530,6 +530,15 @@ class GuessedGrid(tuple):
     visible patches before its decoder's full grid)."""
 
 
+def can_carry(grid_from, grid_to) -> bool:
+    """Whether scores on ``grid_from`` carry onto ``grid_to`` (:func:`carry_scores`): both
+    grids known, and a guessed one only down to a smaller grid."""
+    if grid_from is None or grid_to is None:
+        return False
+    return not ((isinstance(grid_from, GuessedGrid) or isinstance(grid_to, GuessedGrid)) and
+                grid_to[0] * grid_to[1] >= grid_from[0] * grid_from[1])
+
+
 def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     """Carry the global attention into a stage with another patch grid (pyramids).
 
@@ -539,10 +548,7 @@ def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     attention row refreshes it. ``None`` when a grid is unknown, or guessed and not smaller
     than the one before (the caller restarts the scores with a dense block).
     """
-    if grid_from is None or grid_to is None:
-        return None
-    if (isinstance(grid_from, GuessedGrid) or isinstance(grid_to, GuessedGrid)) and \
-            grid_to[0] * grid_to[1] >= grid_from[0] * grid_from[1]:
+    if not can_carry(grid_from, grid_to):
         return None
     B = scores.shape[0]
     g = scores.reshape(B, 1, grid_from[0], grid_from[1])
