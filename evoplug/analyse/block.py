@@ -46,7 +46,7 @@ from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
-from .graph import ancestors, module_of, shape_of, softmax_dim
+from .graph import ancestors, module_of, run_nodes, shape_of, softmax_dim
 from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
@@ -163,21 +163,12 @@ def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAna
         sdpa_arg(site.node, 3, "attn_mask") if site.kind == "sdpa" else None)
     if not isinstance(node, fx.Node):
         return False
-    seen = {}
-
-    class Capture(fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n is node:
-                seen["v"] = out
-            return out
-
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     try:
         with torch.no_grad():
-            Capture(gm).run(*feed)
+            v = run_nodes(gm.graph, node, gm, dict(zip(holders, feed)))
     except Exception:   # noqa: BLE001 - the probes report a block that does not run
         return False
-    v = seen.get("v")
     if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] == 1:
         return False
     if v.dtype == torch.bool:

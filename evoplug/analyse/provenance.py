@@ -46,7 +46,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     first_order = min(calls[k].order for k, (_, x) in every.items() if x.dim() == 3)
     source = _first_feature_map(model, calls, first_order)
     by_id = {id(b): b for b in blocks}
-    seen = _inputs_seen(model, example_input, by_id, every, source)
+    seen = _inputs_seen(model, example_input, by_id, every, () if source is None else (source,))
     if seen is None:
         return
     if source is None:     # the noise was on every input: what it did not reach is image-free
@@ -96,35 +96,9 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
     if not every:
         return
 
-    missed = []
-
-    def perturb(m, _args, out):
-        t = out[0] if isinstance(out, (tuple, list)) and out else out
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            missed.append(m)      # an output it cannot add noise to: nothing can be told
-            return None
-        g = torch.Generator(device=t.device).manual_seed(2)
-        t = t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
-            t.float().std().nan_to_num() + 1.0).to(t.dtype)
-        return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
-
-    seen = {}
     by_id = {id(b): b for b in ordered}
-    handles = [b.register_forward_hook(perturb) for b in ordered]
-    handles += [by_id[k].register_forward_pre_hook(_capture(seen, k), with_kwargs=True)
-                for k in every]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            _call(model, example_input)
-    except Exception:   # noqa: BLE001 - noise the model cannot take: one stream, as before
-        return
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
-    if missed:
+    seen = _inputs_seen(model, example_input, by_id, every, ordered, seed=2)
+    if seen is None:    # noise the model cannot take, or an output it cannot go on: one stream
         return
     starts = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
     calls.derived["stream_starts"] = tuple(every[k][0] for k in _foreign(
@@ -145,7 +119,7 @@ def _foreign(model: nn.Module, example_input, calls: CallRecord, ordered, starts
     by_id = {id(b): b for b in ordered}
     reached = []
     for i in range(n):
-        seen = _inputs_seen(model, example_input, by_id, every, None, only=i)
+        seen = _inputs_seen(model, example_input, by_id, every, only=i)
         if seen is None:
             return []
         reached.append({k for k, (_, x) in every.items() if not _same_input(seen, k, x)})
@@ -175,7 +149,7 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     if not every:
         return
     got = {}
-    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, None, args=got) is None:
+    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, args=got) is None:
         return
     varying = set()
     for k in every:
@@ -191,35 +165,45 @@ def _same_input(seen, key, x) -> bool:
     return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
 
 
-def _inputs_seen(model: nn.Module, example_input, by_id, every, source, only=None,
-                 args: Optional[dict] = None) -> Optional[dict]:
-    """The first input of each block of ``every`` in one eager forward (eval, no grad) with
-    noise added to ``source``'s output, or with ``source`` None to every floating-point input
-    (``only``: to the one of that rank); None when the model cannot take it. ``args``: filled
-    with each block's other tensor arguments, in call order."""
-    seen = {}
+def _noise(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """``t`` plus seeded Gaussian noise on the scale of its values."""
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    return t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
+        t.float().std().nan_to_num() + 1.0).to(t.dtype)
 
-    def perturb(_m, _args, out):
-        g = torch.Generator(device=out.device).manual_seed(0)
-        return out + torch.randn(out.shape, generator=g, device=out.device, dtype=out.dtype) * (
-            out.float().std() + 1.0).to(out.dtype)
+
+def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only=None,
+                 args: Optional[dict] = None, seed: int = 0) -> Optional[dict]:
+    """The first input of each block of ``every`` in one eager forward (eval, no grad) with
+    noise added to the (first tensor) output of each module of ``sources``, or without sources
+    to every floating-point input (``only``: to the one of that rank); None when the model
+    cannot take it or an output has no floating-point tensor to add it to. ``args``: filled
+    with each block's other tensor arguments, in call order."""
+    seen, missed = {}, []
+
+    def perturb(m, _args, out):
+        t = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            missed.append(m)
+            return None
+        t = _noise(t, seed)
+        return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
 
     handles = [by_id[k].register_forward_pre_hook(_capture(seen, k, args), with_kwargs=True)
                for k in every]
-    if source is not None:
-        handles.append(source.register_forward_hook(perturb))
+    handles += [m.register_forward_hook(perturb) for m in sources]
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, example_input if source is not None else _noisy_inputs(example_input, only))
+            _call(model, example_input if sources else _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
     finally:
         for h in handles:
             h.remove()
         model.train(was)
-    return seen
+    return None if missed else seen
 
 
 def _capture(seen: dict, key, others: Optional[dict] = None):
@@ -248,7 +232,7 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
     nothing they compute comes from the image (token ids and masks are integers)."""
     if not every:
         return []
-    seen = _inputs_seen(model, example_input, by_id, every, None)
+    seen = _inputs_seen(model, example_input, by_id, every)
     if seen is None:    # inputs the model cannot take noisy: nothing is refused
         return []
     return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
@@ -271,9 +255,7 @@ def _noisy_inputs(example_input, only: Optional[int] = None):
             seen[0] += 1
             if only is not None and seen[0] != only:
                 return v
-            g = torch.Generator(device=v.device).manual_seed(1)
-            return v + torch.randn(v.shape, generator=g, device=v.device, dtype=v.dtype) * (
-                v.float().std().nan_to_num() + 1.0).to(v.dtype)
+            return _noise(v, 1)
         return v
     if isinstance(example_input, dict):
         return {k: noisy(v) for k, v in example_input.items()}

@@ -138,10 +138,10 @@ class BlockSpec:
         return new
 
     def changed(self) -> Optional[str]:
-        """What changed since the block was traced in a module it traced into (the block itself
-        and its attention modules): a submodule replaced, or a plain attribute set anew (a
-        dropout rate, ``scale``, ``fused_attn``): the programs hold the values and code the
-        trace saw. None when nothing did."""
+        """What changed since the block was traced in a module it traced into (its attention
+        modules, not the ones the programs call by path): a submodule replaced, or a plain
+        attribute set anew (a dropout rate, ``scale``, ``fused_attn``): the programs hold the
+        values and code the trace saw. None when nothing did."""
         for parent, name, path, m, scalars in self.traced:
             if parent is not None and parent._modules.get(name) is not m:
                 return f"its submodule `{path}` was replaced"

@@ -255,9 +255,10 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor]) -> Tensor:
 
 
 def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
-    """A per-token term lined up with the tokens by the block, ``t`` (1, ..., N, ...) with the
-    token dim ``dim`` (MLCD's rotary cos (1, N, 1, d) against queries (B, N, heads, d)),
-    gathered to the subset: (B, ..., n, ...). ``pos is None`` (dense run): ``t``."""
+    """A per-token term lined up with the tokens by the block, ``t`` (1 or B, ..., N, ...) with
+    the token dim ``dim`` (MLCD's rotary cos (1, N, 1, d) against queries (B, N, heads, d); a
+    per-image mask (B, N)), gathered image by image to the subset: (B, ..., n, ...). ``pos is
+    None`` (dense run): ``t``."""
     if pos is None:
         return t
     B, n = pos.shape
@@ -276,14 +277,8 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) ->
     stream (B, ..., N, ...), as at calibration; or 1, broadcast over the batch): each image's
     row gathered with its own positions, in the argument's own shape.
     """
-    B = pos.shape[0]
-    if batched and dim >= 1 and t.shape[0] in (1, B):
-        t = t.expand(B, *t.shape[1:])      # (one shared by the batch: as it broadcast)
-        view = [B] + [1] * (t.dim() - 1)
-        view[dim] = pos.shape[1]
-        size = list(t.shape)
-        size[dim] = pos.shape[1]
-        return torch.gather(t, dim, pos.reshape(view).expand(size))
+    if batched and dim >= 1 and t.shape[0] in (1, pos.shape[0]):
+        return gather_aligned(t, pos, dim)
     out = t.movedim(dim, 0)[pos]            # (B, n, *rest)
     out = out.movedim(1, dim + 1)
     while out.dim() < 4:

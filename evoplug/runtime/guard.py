@@ -137,15 +137,19 @@ def _kept_outside(graphed, returned) -> Optional[str]:
     frame, nor a container of what the forward returned (those were replaced); None if none.
     Reference counts first (cheap), the garbage collector's referrers only where they show a
     holder. (Without ``Tensor._use_count``, nothing is checked.)"""
-    suspects = []
+    suspects, returned_refs = [], None
     for pair in graphed:
         t = pair[1]
         if not hasattr(t, "_use_count"):
             return None
         # the pair, this frame's local, getrefcount's argument, and the owning reference C++
         # holds on the Python object while autograd keeps the tensor
-        if sys.getrefcount(t) - 3 - (t._use_count() > 1) > 0:
-            suspects.append(pair)
+        extra = sys.getrefcount(t) - 3 - (t._use_count() > 1)
+        if extra > 0:
+            if returned_refs is None:     # (block outputs returned in a list: every step)
+                returned_refs = _references(returned)
+            if extra > returned_refs.get(id(t), 0):
+                suspects.append(pair)
     t = None
     if not suspects:
         return None
@@ -158,6 +162,24 @@ def _kept_outside(graphed, returned) -> Optional[str]:
                 continue        # (the cell: nn.Module's call holds what the forward returned)
             return name
     return None
+
+
+def _references(obj, depth: int = 6) -> Dict[int, int]:
+    """How many references the pytree containers in ``obj`` hold to each tensor (by id): an item
+    of a list, a tuple or a dict, and an attribute (a transformers ``ModelOutput`` keeps its
+    fields twice)."""
+    out: Dict[int, int] = {}
+    if depth == 0 or isinstance(obj, torch.Tensor) or _pytree.tree_is_leaf(obj):
+        return out
+    children, _ = _pytree.tree_flatten(obj, is_leaf=lambda v: v is not obj)
+    held = list(children) + (list(vars(obj).values()) if hasattr(obj, "__dict__") else [])
+    for v in held:
+        if isinstance(v, torch.Tensor):
+            out[id(v)] = out.get(id(v), 0) + 1
+    for c in children:
+        for k, n in _references(c, depth - 1).items():
+            out[k] = out.get(k, 0) + n
+    return out
 
 
 def _containers(obj, depth: int = 6) -> set:

@@ -171,8 +171,8 @@ class EvoRuntime:
             self._local.images.pop()
 
     def images(self) -> Optional[int]:
-        """The batch size of the model forward running on this thread (its first
-        floating-point tensor argument's first dim), None when unknown."""
+        """The images of the model forward running on this thread (:func:`images_in`), None
+        when unknown."""
         stack = getattr(self._local, "images", None)
         return stack[-1] if stack else None
 
