@@ -404,6 +404,33 @@ def _forward_and_grads(model, x, per_block: bool):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(c.ops.values())
 
 
+def test_frozen_early_blocks_train_with_the_per_block_gradients():
+    """Partial fine-tuning: the first evolving blocks frozen, so the tokens they hand on need
+    no gradient, while the next (trainable) block saves them for backward. They were restored in
+    place at the end of the forward, which failed backward ("modified by an inplace operation";
+    MMPretrain's ``frozen_stages`` too) until the eighteenth session."""
+    _, fast, x = _tiny_pair(reselect_every=4)
+    trained = ("blocks.4.", "blocks.5.", "norm.", "head.")
+    for n, p in fast.named_parameters():
+        p.requires_grad_(n.startswith(trained))
+    outs, grads = [], []
+    for per_block in (True, False):
+        fast.train()
+        fast.zero_grad()
+        hooks = (torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if per_block
+                 else contextlib.nullcontext())
+        with hooks:
+            torch.manual_seed(1)
+            out = fast(x)
+        out.pow(2).mean().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in fast.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert set(grads[1]) == set(grads[0]) and any(n.startswith("blocks.4.") for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def test_training_steps_with_segments_free_their_graphs():
     """What the runtime keeps of a training step for recomputation in backward goes with the
     step: once its backward ran and its output is gone, every block output it recorded is freed

@@ -101,7 +101,7 @@ class SegmentGuard(TorchFunctionMode):
             return output
         returned = output
         output = tree_map(self.restored, output)
-        graphed = []
+        graphed, grad = [], torch.is_grad_enabled()
         for e in self.watched.values():
             t = e[0]()
             # kept by something outside (a list of block outputs) or by the runtime's last
@@ -109,7 +109,9 @@ class SegmentGuard(TorchFunctionMode):
             # own uses were restored by the mode, and what it returns above)
             if t is None or (torch.is_inference(t) and not torch.is_inference_mode_enabled()):
                 continue
-            if t.requires_grad:
+            if t.requires_grad or grad:
+                # with autograd, even a tensor that needs no gradient (a frozen block's output)
+                # may be saved for backward by the next block: never changed in place
                 graphed.append((e[3], t))
                 continue
             fixed = self.restored(t)
