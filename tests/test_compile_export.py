@@ -156,3 +156,48 @@ def test_swin_map_blocks_compile_into_one_graph():
         ref = fast(x)
         assert close(compiled(x), ref)
     assert any(0 < t < 256 for _, t in evoplug.tokens_per_block(fast)[:4])
+
+
+def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows():
+    """Swin's blocks take the map itself, with no size argument: compiled, or through
+    ``forward_features`` (no twin is converted for a new size there), a map of another shape
+    ran the conversion's window programs on it, wrong by 0.3 even at keep 1.0 (the same token
+    count) or failing with a reshape error, until the eighteenth session. Now such blocks run
+    their own forward, with a warning naming them."""
+    import timm
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
+                          patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
+                          num_heads=(2, 4), strict_img_size=False, num_classes=0,
+                          global_pool="").eval()
+    fast = evoplug.convert(m, keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, 64, 64)).eval()
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        for x in (torch.randn(2, 3, 32, 128), torch.randn(2, 3, 48, 48)):  # same / other count
+            with pytest.warns(UserWarning, match="its token map is .* the map it was analysed on"):
+                assert torch.equal(fast.forward_features(x), m.forward_features(x))
+            with pytest.warns(UserWarning, match="nor does torch.compile"):
+                assert close(compiled(x), m(x), 1e-5)
+
+
+def test_an_export_that_would_run_the_blocks_dense_is_refused():
+    """transformers builds an attention mask while exporting (its eager calls pass None), so
+    every block fell back to its own forward and the exported program was the dense model, with
+    a warning only (until the eighteenth session); so was an export at another input size."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.ViTModel(transformers.ViTConfig(
+        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=128), add_pooling_layer=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x[:1]).eval()
+    with pytest.raises(evoplug.errors.EvoplugError, match="attention_mask.*would run it on every token"):
+        torch.export.export(fast, (), {"pixel_values": x})
+    import timm
+    pvt = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10).eval()
+    fast = evoplug.convert(pvt, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64)).eval()
+    with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError,
+                                        match="feat_size.*in this export|in this export.*feat_size"):
+        torch.export.export(fast, (torch.randn(2, 3, 96, 96),))

@@ -387,13 +387,27 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool):
             "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
             "converting")
     try:
-        return spec.call.bind(spec.name, args, kwargs)
+        bound = spec.call.bind(spec.name, args, kwargs)
+        if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
+            # window indices and map views of the programs are the conversion's map's
+            raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
+                                f"map it was analysed on {spec.grid}")
+        return bound
     except AnalysisError as e:
         if strict:
             raise
+        if torch.compiler.is_exporting():     # an exported program is no place for a quiet fallback
+            raise EvoplugError(
+                f"`{spec.name}` cannot run its evolving program in this export: "
+                f"{e.reason.split('; re-run')[0]}. The exported program would run it on every "
+                "token (the dense model). Export at the input size and with the arguments the "
+                "model was converted with; transformers models build an attention mask while "
+                "exporting that their eager calls do not pass, so they do not export "
+                "(docs/export.md)") from None
         hint = "" if spec.runtime.entered() else (
-            "; a call of the model itself with a new input size runs a twin converted for "
-            "it, methods such as forward_features called directly cannot")
+            "; an eager call of the model itself with a new input size runs a twin converted "
+            "for it, methods such as forward_features called directly cannot, nor does "
+            "torch.compile (compile at the size the model was converted at)")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
