@@ -276,6 +276,36 @@ def test_kwargs_not_seen_at_conversion_run_the_original_forward_with_a_warning()
         torch.testing.assert_close(out, layer(hidden, some_flag=True), atol=0, rtol=0)
 
 
+def test_what_trainer_passes_down_still_evolves_and_checkpoints():
+    """transformers' ``Trainer`` calls the model with ``num_items_in_batch`` and sets
+    ``config.use_cache``; transformers hands both down to every layer, where no vision layer
+    reads them. They made every layer run its own forward (a Trainer run trained the dense
+    model), and under gradient checkpointing the recomputation raised where its forward had
+    fallen back (until the eighteenth session). A keyword the conversion did not see still runs
+    the layer's own forward, in its recomputation too."""
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification(T.ViTConfig(num_labels=10, **FLAT)).eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).train()
+    fast.config.use_cache = False
+    fast(pixel_values=x, labels=y, num_items_in_batch=torch.tensor(4)).loss.backward()
+    ran = [t for _, t in evoplug.tokens_per_block(fast)]
+    assert ran[0] == 65 and all(0 < t < 65 for t in ran[1:]), ran
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fast.zero_grad()
+    fast(pixel_values=x, labels=y, num_items_in_batch=torch.tensor(4)).loss.backward()
+    assert all(p.grad is not None for p in evoplug.get_report(fast).blocks[2].analysis.module.parameters())
+    # a keyword no conversion saw: every layer's own forward, in forward and recomputation
+    dense = evoplug.revert(__import__("copy").deepcopy(fast))
+    fast.zero_grad()
+    with pytest.warns(UserWarning, match="other keyword arguments"):
+        fast(pixel_values=x, labels=y, some_flag=True).loss.backward()
+    assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
+    dense(pixel_values=x, labels=y, some_flag=True).loss.backward()
+    for (n, p), q in zip(fast.named_parameters(), dense.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["beit", "data2vec-vision"])
 def test_bias_sized_from_the_token_count_follows_the_kept_tokens(impl, kind):

@@ -45,8 +45,12 @@ def idle_hook(hook: Callable) -> Optional[bool]:
 
 #: keywords transformers passes down to every layer's ``**kwargs`` and no layer reads (v5
 #: collects hidden states and attention maps with hooks); a call that collects attention
-#: maps runs the original blocks anyway (its hooks are not idle), where the flag is seen
-PASSED_THROUGH = ("output_hidden_states", "output_attentions")
+#: maps runs the original blocks anyway (its hooks are not idle), where the flag is seen.
+#: ``Trainer`` adds two: ``num_items_in_batch`` (for the loss, passed to the model's forward)
+#: and ``use_cache`` (it sets ``config.use_cache``; a key/value cache is a text decoder's,
+#: and evoplug refuses text towers); with them every layer ran its own forward, so a Trainer
+#: run trained the dense model, until the eighteenth session
+PASSED_THROUGH = ("output_hidden_states", "output_attentions", "num_items_in_batch", "use_cache")
 
 
 def input_size(model) -> Optional[InputSize]:

@@ -239,7 +239,7 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        bound = _bind(spec, args, kwargs, strict=segment or recompute)
+        bound = _bind(spec, args, kwargs, strict=segment)   # (a recomputation binds as its forward did)
         if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
