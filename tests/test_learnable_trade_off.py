@@ -57,3 +57,21 @@ def test_learnable_trade_off_gets_a_gradient_through_the_representative_token():
         evoplug.set_options(fast, trade_off=0.5)
         y2 = fast(x)
     assert torch.allclose(y1, y2, atol=1e-6)
+
+
+def test_a_learnable_trade_off_trains_after_an_inference_mode_pass():
+    """The score-update constants are cached per runtime: made in an inference_mode pass
+    (validation, a sanity check) they were inference tensors, and a learnable trade-off's mask,
+    saved for backward, failed every later training step (until the eighteenth session)."""
+    torch.manual_seed(0)
+    model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
+    alpha = SigmoidAlpha()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
+                           start_block=1, reselect_every=1)
+    with torch.inference_mode():
+        fast.eval()
+        fast(x)
+    fast.train()
+    fast(x).square().mean().backward()
+    assert alpha.logit.grad is not None and torch.isfinite(alpha.logit.grad)

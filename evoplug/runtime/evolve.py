@@ -152,7 +152,8 @@ def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
     key = (heads, dim, float(scale), dtype, device)
     mask = _HEAD_MASKS.get(key)
     if mask is None:
-        mask = _HEAD_MASKS[key] = make()
+        with torch.inference_mode(False):      # not an inference tensor (cached across modes)
+            mask = _HEAD_MASKS[key] = make()
     return mask
 
 

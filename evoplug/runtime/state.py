@@ -255,7 +255,10 @@ class EvoRuntime:
             return make()
         t = self._consts.get(key)
         if t is None:
-            t = self._consts[key] = make()
+            # never an inference tensor (made in an inference_mode validation pass): a learnable
+            # trade-off's mask is saved for backward by every later training step
+            with torch.inference_mode(False):
+                t = self._consts[key] = make()
         return t
 
     # -- recomputation in backward --------------------------------------------------------
