@@ -86,6 +86,26 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
         raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"
                         + (" (some modules' train()/eval() return None: call model.eval() on its "
                            "own line)" if model is None else ""))
+    with _plain_modes():
+        return _convert_checked(model, keep_ratio, example_input, images, strict, inplace, options)
+
+
+@contextlib.contextmanager
+def _plain_modes():
+    """A conversion runs outside autocast and inference mode, whatever the caller's: the analysis
+    runs in the model's own dtype (under autocast the probes compared bfloat16 outputs at float32
+    tolerances and refused every block), and what it makes (the copy's parameters, index
+    buffers, a twin built in an inference_mode validation pass) are plain tensors that training
+    can use (until the eighteenth session they were inference tensors, and training failed)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        stack.enter_context(torch.inference_mode(False))
+        yield
+
+
+def _convert_checked(model, keep_ratio, example_input, images, strict, inplace, options):
     if images is not None:
         images = quality.as_image_tensor(images)
         if example_input is None:
@@ -361,6 +381,11 @@ def _calibrate(model: nn.Module, example_input):
         if example_input is None:
             raise ConversionError(
                 f"{type(model).__name__}: cannot tell its input size ({source}); pass example_input=")
+    # an input made under inference_mode (a twin's, from an inference_mode forward) is copied
+    # into a plain tensor: the analysis writes into tensors made from it
+    example_input = torch.utils._pytree.tree_map(
+        lambda t: t.clone() if isinstance(t, torch.Tensor) and torch.is_inference(t) else t,
+        example_input)
     try:
         calls = calibrate(model, example_input)
     except Exception as e:

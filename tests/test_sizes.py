@@ -166,3 +166,32 @@ def test_a_conversion_leaves_other_threads_models_alone():
         _small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64)))
     assert not errors and outs
     assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_conversions_and_twins_made_under_autocast_or_inference_mode_train():
+    """A conversion (or a twin, at the first forward of a new size) may start inside the
+    caller's autocast or inference_mode (an AMP validation pass). Under autocast the probes
+    compared bfloat16 outputs at float32 tolerances and refused every block ("not equivariant
+    to the token order"); under inference_mode the copy's parameters and the index buffers
+    were inference tensors, and every later training step failed (until the eighteenth
+    session). Both now run the analysis in the model's own dtype, with plain tensors."""
+    torch.manual_seed(0)
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=2).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        evoplug.convert(deit, keep_ratio=0.5, example_input=torch.randn(1, 3, 224, 224))
+    model = _pvt()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+        fast(torch.randn(2, 3, 96, 96))                  # a twin built here too
+    assert not any(torch.is_inference(t) for t in list(fast.parameters()) + list(fast.buffers()))
+    fast.train()
+    for size in (64, 96):
+        fast.zero_grad()
+        fast(torch.randn(2, 3, size, size)).square().mean().backward()
+        assert 0 < evoplug.tokens_per_block(fast)[2][1] < (size // 8) ** 2
+        assert all(p.grad is not None for p in fast.parameters())
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    fast.eval()
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert float((fast(x) - model(x)).abs().max()) <= 1e-5
