@@ -201,3 +201,14 @@ def test_an_export_that_would_run_the_blocks_dense_is_refused():
     with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError,
                                         match="feat_size.*in this export|in this export.*feat_size"):
         torch.export.export(fast, (torch.randn(2, 3, 96, 96),))
+
+
+def test_torchscript_is_refused_by_name():
+    """torch.jit.trace failed with "Graphs differed across invocations" (cached constants made at
+    the first call) and torch.jit.script on a type annotation; both now name the block and point
+    to torch.export / torch.compile."""
+    _, fast = tiny(0.5)
+    with pytest.raises(evoplug.errors.EvoplugError, match="blocks.0.*torch.jit.trace.*torch.export"):
+        torch.jit.trace(fast, torch.randn(2, 3, 32, 32))
+    with pytest.raises(evoplug.errors.EvoplugError, match="blocks.0.*torch.jit.script"):
+        torch.jit.script(fast)

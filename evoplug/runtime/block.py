@@ -192,6 +192,11 @@ class BlockSpec:
         return program
 
 
+_NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
+                   "and per-forward state are Python, and a trace would keep the first call's "
+                   "cached constants); use torch.export or torch.compile (docs/export.md)")
+
+
 class EvoBlockMixin:
     """Mixed in front of the block's own class by :func:`evoplug.convert`."""
 
@@ -201,9 +206,14 @@ class EvoBlockMixin:
         # the converted class is made at run time: pickle names the original class
         return (_rebuild_block, (self._evoplug_spec.orig_class,), self.__getstate__())
 
+    def __prepare_scriptable__(self):
+        raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.script"))
+
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():      # no hand-on in compiled graphs: nothing to guard
             return self._forward(*args, **kwargs)
+        if torch._C._get_tracing_state() is not None:
+            raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.trace"))
         local = self._evoplug_spec.runtime._local
         guard = getattr(local, "guard", None)
         if guard is not None and guard.on_stack:   # this block's own ops pass untouched
