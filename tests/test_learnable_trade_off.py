@@ -38,15 +38,21 @@ def test_options_accept_a_callable_and_still_check_floats():
         evoplug.EvoOptions(trade_off=1.5)
 
 
-def test_learnable_trade_off_gets_a_gradient_through_the_representative_token():
+def _learnable():
+    """A small ViT converted with a learnable trade-off, its alpha and an input. alpha reaches
+    the output through the representative weights of the next selection: select in every block
+    (3 evolving blocks, fewer than the default reselect_every)."""
     torch.manual_seed(0)
     model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
     alpha = SigmoidAlpha()
     x = torch.randn(2, 3, 32, 32)
-    # alpha reaches the output through the representative weights of the next selection:
-    # select in every block (3 evolving blocks, fewer than the default reselect_every)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
                            start_block=1, reselect_every=1)
+    return fast, alpha, x
+
+
+def test_learnable_trade_off_gets_a_gradient_through_the_representative_token():
+    fast, alpha, x = _learnable()
     fast.train()
     fast(x).square().mean().backward()
     assert alpha.logit.grad is not None and float(alpha.logit.grad.abs()) > 0
@@ -63,12 +69,7 @@ def test_a_learnable_trade_off_trains_after_an_inference_mode_pass():
     """The score-update constants are cached per runtime: made in an inference_mode pass
     (validation, a sanity check) they were inference tensors, and a learnable trade-off's mask,
     saved for backward, failed every later training step (until the eighteenth session)."""
-    torch.manual_seed(0)
-    model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
-    alpha = SigmoidAlpha()
-    x = torch.randn(2, 3, 32, 32)
-    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
-                           start_block=1, reselect_every=1)
+    fast, alpha, x = _learnable()
     with torch.inference_mode():
         fast.eval()
         fast(x)
