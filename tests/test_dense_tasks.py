@@ -330,3 +330,18 @@ def test_swin_t_coco_config_builds_on_mmdets_own_config():
     for a, b, h in zip(full, ref, half):
         assert a.shape == b.shape == h.shape
         assert float((a - b).abs().max()) <= 1e-5 * max(1.0, float(b.abs().max()))
+
+
+def test_swin_with_checkpointing_inside_its_blocks_is_refused_naming_it():
+    """MMPretrain's Swin with ``with_cp=True`` branches on ``x.requires_grad`` inside each block
+    (to checkpoint it): the refusal named a value-dependent branch in general terms until the
+    eighteenth session; it names the checkpointing and the fix now."""
+    from mmpretrain.registry import MODELS
+    from mmengine.registry import init_default_scope
+    init_default_scope("mmpretrain")
+    kw = dict(arch=dict(embed_dims=32, depths=[2, 2], num_heads=[2, 4]), img_size=64,
+              window_size=4, out_indices=(1,))
+    with pytest.raises(evoplug.ConversionError, match=r"x.requires_grad.*with_cp=True.*with_cp=False"):
+        MODELS.build(dict(type="EvoSwinTransformer", with_cp=True, evo=dict(keep_ratio=0.5), **kw))
+    assert evoplug.get_report(MODELS.build(dict(type="EvoSwinTransformer", with_cp=False,
+                                                evo=dict(keep_ratio=0.5), **kw))).blocks

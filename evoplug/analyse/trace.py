@@ -20,7 +20,7 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import depends_on_data, random_source, run_nodes
+from .graph import ancestors, depends_on_data, random_source, run_nodes
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -74,6 +74,14 @@ class BlockTracer(fx.Tracer):
         if _is_guard(inspect.currentframe()):
             self.specialised.append(f"check {obj.node.name} (passes on the calibration input)")
             return value
+        grad = next((n for n in ancestors(obj.node) | {obj.node} if n.op == "call_function"
+                     and n.target is getattr and n.args[1:] == ("requires_grad",)), None)
+        if grad is not None:
+            raise fx.proxy.TraceError(
+                f"a Python branch on `{grad.args[0]}.requires_grad` (gradient checkpointing "
+                "inside the block, as MMPretrain's with_cp=True does): a trace cannot keep the "
+                "checkpointing. Build the model without it (with_cp=False) and checkpoint the "
+                "converted blocks from outside (torch.utils.checkpoint) if memory needs it")
         self._check_dependence(obj.node, value, "a Python branch")
         self.specialised.append(f"{obj.node.name} -> {value}")
         return value
