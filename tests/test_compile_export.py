@@ -182,19 +182,34 @@ def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows
                 assert close(compiled(x), m(x), 1e-5)
 
 
-def test_an_export_that_would_run_the_blocks_dense_is_refused():
+def test_transformers_models_export_with_the_mask_they_build_while_exporting():
     """transformers builds an attention mask while exporting (its eager calls pass None), so
     every block fell back to its own forward and the exported program was the dense model, with
-    a warning only (until the eighteenth session); so was an export at another input size."""
+    a warning only (until the eighteenth session). The mask is taken as the None the analysis
+    saw, with a run-time assert in the program that it keeps every key."""
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    m = transformers.ViTModel(transformers.ViTConfig(
-        image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
-        intermediate_size=128), add_pooling_layer=False).eval()
-    x = torch.randn(2, 3, 32, 32)
-    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x[:1]).eval()
-    with pytest.raises(evoplug.errors.EvoplugError, match="attention_mask.*would run it on every token"):
-        torch.export.export(fast, (), {"pixel_values": x})
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        m = transformers.ViTModel(transformers.ViTConfig(
+            image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=3, num_attention_heads=2,
+            intermediate_size=128, attn_implementation=impl), add_pooling_layer=False).eval()
+        x = torch.randn(2, 3, 32, 32)
+        fast = evoplug.convert(m, keep_ratio=0.5, example_input=x[:1]).eval()
+        with torch.no_grad():
+            ep = torch.export.export(fast, (), {"pixel_values": x},
+                                     dynamic_shapes={"pixel_values": {0: torch.export.Dim("batch")}})
+            asserts = [n for n in ep.graph.nodes if n.target is torch.ops.aten._assert_async.msg]
+            x3 = torch.randn(3, 3, 32, 32)
+            got, ref = ep.module()(pixel_values=x3), fast(pixel_values=x3)
+            assert close(got.last_hidden_state, ref.last_hidden_state, 1e-5), impl
+            assert not close(got.last_hidden_state, m(pixel_values=x3).last_hidden_state), impl
+        assert len(asserts) == 3, impl
+
+
+def test_an_export_that_would_run_the_blocks_dense_is_refused():
+    """An export at another input size than the conversion's: no twin is converted while
+    exporting, so the blocks would fall back to their own forward (the dense model); it raises
+    naming the block instead."""
     import timm
     pvt = timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10).eval()
     fast = evoplug.convert(pvt, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64)).eval()

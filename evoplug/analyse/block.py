@@ -115,7 +115,8 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         raise AnalysisError(name, "its tokens do not come from the image (noise on the model's "
                                   "floating-point inputs changes other blocks' tokens, not one "
                                   "of these): not a vision block (a text encoder's?)")
-    plan = make_call_plan(module, name, call, hint(model, "ignored_keywords")[0] or ())
+    plan = make_call_plan(module, name, call, hint(model, "ignored_keywords")[0] or (),
+                          hint(model, "export_masks")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
     x, extras = plan.bind(name, call.args, call.kwargs)

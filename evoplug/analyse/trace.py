@@ -310,7 +310,7 @@ def _is_guard(frame) -> bool:
 
 
 def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
-                   ignored: Tuple[str, ...] = ()) -> CallPlan:
+                   ignored: Tuple[str, ...] = (), export_masks: Tuple[str, ...] = ()) -> CallPlan:
     """How the block is called: its token argument (the first tensor), other tensor arguments,
     constants (checked at every call). ``**kwargs`` are bound by the keywords the calibration
     call passed (Hugging Face layers take ``**kwargs``); ``*args`` must stay empty."""
@@ -318,7 +318,8 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
     var_kw = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_KEYWORD), None)
     var_pos = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
     plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos,
-                    ignored=tuple(ignored) if var_kw is not None else ())
+                    ignored=tuple(ignored) if var_kw is not None else (),
+                    export_masks=tuple(export_masks))
     values = plan.arguments(name, call.args, call.kwargs)
     packed = {n: (type(v), len(v)) for n, v in values.items() if tensor_tuple(v)}
     plan.packed = packed

@@ -43,6 +43,10 @@ class FamilyHints:
     ignored_keywords: keywords a block's ``**kwargs`` may receive that its computation never
         reads (transformers' ``output_hidden_states``/``output_attentions``: hooks collect
         those): the call plan drops them, so a call with or without them runs the same program.
+    export_masks: arguments the family materialises only while exporting, as a mask that keeps
+        every key (transformers builds its attention mask under ``torch.export`` where eager calls
+        pass None): a block analysed with None takes such a mask in an export, with a run-time
+        assert in the exported program that it keeps every key.
     idle_hook: whether a forward hook does nothing at this moment (True) or does something
         (False), for hooks the family installs (None for others): a converted block runs its
         own forward while a submodule it traced into has a hook that is not idle.
@@ -55,6 +59,7 @@ class FamilyHints:
     leaf_modules: Callable[[], Tuple[type, ...]] = lambda: ()
     leaf_functions: Callable[[], Tuple[Callable, ...]] = lambda: ()
     ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
+    export_masks: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     idle_hook: Optional[Callable[[Callable], Optional[bool]]] = None
 
 

@@ -74,6 +74,9 @@ TRANSFORMERS = FamilyHints(
     name="transformers",
     matches=lambda model: type(model).__module__.startswith("transformers."),
     ignored_keywords=lambda model: PASSED_THROUGH,
+    # create_bidirectional_mask never skips the mask while exporting (it cannot look at the
+    # padding mask's values there), even when the call passed none
+    export_masks=lambda model: ("attention_mask",),
     idle_hook=idle_hook,
     input_size=input_size,
 )

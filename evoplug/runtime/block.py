@@ -411,9 +411,7 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool):
                 f"`{spec.name}` cannot run its evolving program in this export: "
                 f"{e.reason.split('; re-run')[0]}. The exported program would run it on every "
                 "token (the dense model). Export at the input size and with the arguments the "
-                "model was converted with; transformers models build an attention mask while "
-                "exporting that their eager calls do not pass, so they do not export "
-                "(docs/export.md)") from None
+                "model was converted with (docs/export.md)") from None
         hint = "" if spec.runtime.entered() else (
             "; an eager call of the model itself with a new input size runs a twin converted "
             "for it, methods such as forward_features called directly cannot, nor does "

@@ -25,6 +25,8 @@ class CallPlan:
     ignored: Tuple[str, ...] = ()   # keywords of **kwargs the block never reads on the path
     #                               its program runs (a family hint: transformers' output_*
     #                               flags, collected by hooks): dropped when binding
+    export_masks: Tuple[str, ...] = ()   # masks a family builds only while exporting (see
+    #                               integrations/registry.py FamilyHints.export_masks)
     packed: Dict[str, Tuple[type, int]] = dataclasses.field(default_factory=dict)
     #                               an argument that is a tuple of tensors (rotary (cos, sin)):
     #                               its container type and length; its items are arguments
@@ -42,6 +44,8 @@ class CallPlan:
         for name, const in self.constants.items():
             v = values.get(name)
             if not same_constant(v, const):
+                if const is None and name in self.export_masks and _keeps_every_key(v):
+                    continue
                 raise AnalysisError(
                     module_name,
                     f"argument {name!r} was {_short(const)} when the block was analysed but is "
@@ -113,3 +117,15 @@ def _short(v) -> str:
         return f"a tensor of shape {tuple(v.shape)} ({v.dtype})"
     r = repr(v)
     return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _keeps_every_key(mask) -> bool:
+    """While exporting, a mask that the analysis saw as None (see ``CallPlan.export_masks``): the
+    exported program asserts at run time that it keeps every key (a bool mask all True, an
+    additive one all 0), and the block runs the program analysed without it."""
+    if not (isinstance(mask, torch.Tensor) and torch.compiler.is_exporting()):
+        return False
+    keeps = mask.all() if mask.dtype == torch.bool else (mask == 0).all()
+    torch._assert_async(keeps, "evoplug: an attention mask built while exporting masks a key; "
+                               "the converted blocks were analysed without a mask")
+    return True
