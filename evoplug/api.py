@@ -141,8 +141,9 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             for name, module, call in candidates:
                 added = set(module._buffers)
                 try:
+                    prior = analysed[-1][0] if analysed else None
                     a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
-                                               opts.num_prefix_tokens, opts.global_query)
+                                               opts.num_prefix_tokens, opts.global_query, prior)
                     programs = {False: build_program(a, False, gm_eval),
                                 True: build_program(a, True)}
                     probe_program(a, programs[False])
@@ -512,7 +513,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:
     """:func:`assign_roles`, then an evolving block where the tokens change and the scores
-    cannot be carried onto a grid that was only guessed (MAE's decoder after its visible
+    cannot be carried onto the new tokens (a grid unknown or only guessed: MAE's decoder after
+    its visible patches, a model that drops patches between blocks; special tokens after the
     patches: ``ev.can_carry``) scores them again ('score'), as the runtime does there."""
     roles = list(assign_roles(opts, len(analyses), starts))
     prev = None
@@ -522,8 +524,7 @@ def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:
         if roles[i] == "dense":
             continue
         if roles[i] == "evolve" and prev is not None and a.num_tokens != prev.num_tokens \
-                and prev.grid is not None and a.grid is not None \
-                and not (prev.num_suffix or a.num_suffix) and not ev.can_carry(prev.grid, a.grid):
+                and (prev.num_suffix or a.num_suffix or not ev.can_carry(prev.grid, a.grid)):
             roles[i] = "score"
         prev = a
     return tuple(roles)

@@ -684,6 +684,40 @@ class LateDetTokenViT(DetTokenViT):
         return self.head(v.blocks[3](v.blocks[2](x)))
 
 
+class PrunedViT(nn.Module):
+    """A timm ViT that keeps its cls token and the first 48 patches after its second block
+    (token pruning between blocks, no patch map of the 49 tokens left)."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, img):
+        v = self.vit
+        x = v.norm_pre(v._pos_embed(v.patch_embed(img)))
+        x = v.blocks[1](v.blocks[0](x))[:, :49]
+        return v.head(v.norm(v.blocks[3](v.blocks[2](x)))[:, 0])
+
+
+def test_the_class_token_stays_first_after_patches_are_dropped_between_blocks():
+    """49 tokens after a 65-token stage fit a 7x7 grid: the analysis took them for a pyramid
+    stage without prefix tokens and carried the scores onto a 7x7 grid that does not exist, so
+    the cls token was ranked as a patch and went down the fast path (never selected, here),
+    until the eighteenth session. The blocks after the drop keep the prefix of the block before
+    (no patch map shows which tokens remain), and the first of them scores the new token set."""
+    model = PrunedViT(tiny_vit()).eval()
+    x = _images(4)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1)
+    report = evoplug.get_report(fast)
+    assert [s.analysis.num_prefix for s in report.blocks] == [1, 1, 1, 1]
+    assert [s.role for s in report.blocks] == ["score", "evolve", "score", "evolve"]
+    assert "kept from `vit.blocks.1`" in report.blocks[2].analysis.prefix_source
+    with torch.no_grad():
+        fast(x)
+    assert [s.tokens_run for s in report.blocks] == [65, 34, 49, 26]   # 1 + 24 + 1
+    assert report.blocks[3].analysis.global_query == "cls"
+
+
 def test_special_tokens_of_a_later_stage_are_found_where_they_are():
     """The provenance forward reads every token count's first block, not only the first block:
     the 71-token blocks keep the cls token and the 6 trailing detection tokens and rank the 64
@@ -695,7 +729,8 @@ def test_special_tokens_of_a_later_stage_are_found_where_they_are():
     report = evoplug.get_report(fast)
     assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks] == \
         [(1, 0), (1, 0), (1, 6), (1, 6)]
-    assert report.unscored == ["vit.blocks.2"]    # a new token set: the scores start again
+    # a new token set with special tokens after the patches: the scores start again there
+    assert [s.role for s in report.blocks][2] == "score" and not report.unscored
     with torch.no_grad():
         fast(x)
     assert [s.tokens_run for s in report.blocks] == [65, 34, 71, 40]   # 1 + 6 + 32 + 1
@@ -718,10 +753,11 @@ class DeafStageViT(DetTokenViT):
 def test_rows_the_noise_did_not_reach_are_no_special_tokens():
     """A token set the noise forward does not reach at all says nothing about which tokens are
     special: it is ignored (the blocks are analysed as without it), not taken for 17 special
-    tokens with no patch left."""
+    tokens with no patch left; the 17 (fewer than before, no patch map of them) keep the
+    leading cls token of the blocks before."""
     model = DeafStageViT(tiny_vit())
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=_images(1), strict=False)
     report = evoplug.get_report(fast)
     assert not report.failed, report.failed
-    assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks][2:] == [(0, 0)] * 2
-    assert report.blocks[2].analysis.prefix_source.startswith("assumed 0")
+    assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks][2:] == [(1, 0)] * 2
+    assert report.blocks[2].analysis.prefix_source.startswith("kept from `vit.blocks.1`")

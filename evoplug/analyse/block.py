@@ -109,7 +109,7 @@ _REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} to
 def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
                   calls: Dict[int, ModuleCall], attn_mods: Set[int],
                   num_prefix_override: Optional[int],
-                  global_query: str = "auto") -> Tuple[BlockAnalysis, fx.GraphModule]:
+                  global_query: str = "auto", prior=None) -> Tuple[BlockAnalysis, fx.GraphModule]:
     """Trace one candidate block (eval mode), propagate shapes, and describe it."""
     if name in getattr(calls, "derived", {}).get("image_free", ()):
         raise AnalysisError(name, "its tokens do not come from the image (noise on the model's "
@@ -138,7 +138,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     if gm.meta.get("evo_tokenised"):
         a.notes.append("token-wise ops on the (B, H, W, C) map run on its tokens: "
                        + "; ".join(gm.meta["evo_tokenised"]))
-    _tokens_and_grid(a, model, call, calls, x, num_prefix_override)
+    _tokens_and_grid(a, model, call, calls, x, num_prefix_override, prior)
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
@@ -216,7 +216,8 @@ def _attention_site(gm: fx.GraphModule, name: str, attn_mods: Set[int]) -> Atten
 
 
 def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,
-                     calls: Dict[int, ModuleCall], x: torch.Tensor, num_prefix_override):
+                     calls: Dict[int, ModuleCall], x: torch.Tensor, num_prefix_override,
+                     prior=None):
     """Prefix tokens and patch grid. A channels-last (B, H, W, C) map (Swin) has no room for
     prefix tokens: every position is a patch."""
     if x.dim() == 4:
@@ -229,7 +230,8 @@ def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,
         a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
         a.num_suffix = special_rows(a.name, calls, a.num_tokens)[1]
     else:
-        a.num_prefix, a.num_suffix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens)
+        a.num_prefix, a.num_suffix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens,
+                                                                    prior)
     if a.num_prefix + a.num_suffix >= a.num_tokens:
         raise AnalysisError(a.name, f"{a.num_prefix + a.num_suffix} special tokens but only "
                                     f"{a.num_tokens} tokens")

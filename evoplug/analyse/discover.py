@@ -205,14 +205,17 @@ def modules_to_trace(calls: Dict[int, ModuleCall]) -> Set[int]:
 
 
 def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall],
-                  num_tokens: int) -> Tuple[int, int, str]:
+                  num_tokens: int, prior=None) -> Tuple[int, int, str]:
     """Leading prefix tokens P and trailing special tokens S at this block (YOLOS' detection
     tokens after the patches): the tokens a perturbation of the patch map leaves unchanged
     (provenance.token_provenance), which must lead or trail (with trailing ones, P is the
     larger of the leading ones and N minus the patch grid minus S: a cls token that has seen
     the image changes with it); else N minus the patch grid (h*w) of the last 4-D feature map
     produced before the block ran, all leading; else what the model declares (a family hint:
-    ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else 0."""
+    ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else, where the tokens
+    became fewer since the converted block before (``prior``, its analysis) with no patch map
+    to show which remain, that block's leading prefix (token pruning keeps the class token
+    first: ranked as a patch it went down the fast path); else 0."""
     grid = None
     inside = inside_attention(model, calls) if model is not None else set()
     for mid, c in calls.items():
@@ -237,6 +240,11 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     declared, family = hint(model, "num_prefix_tokens")
     if declared is not None:
         return int(declared), 0, f"declared by the model ({family} hints)"
+    if prior is not None and prior.num_prefix and not prior.token_map and \
+            prior.num_prefix < num_tokens <= prior.num_tokens:
+        return prior.num_prefix, 0, (f"kept from `{prior.name}` ({prior.num_tokens} -> {num_tokens} "
+                                     "tokens with no patch map to show which remain: the leading "
+                                     "special tokens are taken to stay first)")
     return 0, 0, "assumed 0 (no patch grid found)"
 
 
