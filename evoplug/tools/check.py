@@ -139,7 +139,17 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
         raise ValueError("check_conversion needs an example input of at least 2 images")
     with torch.no_grad():
         ref = output_tensor(model(x))
+        again = output_tensor(model(x))
     r = CheckResult(status="converts")
+    if not torch.equal(ref, again):
+        # a model that draws random numbers in eval mode (MAE's masking): compare like with like
+        model.register_forward_pre_hook(_same_draws)     # (the converted copy inherits it)
+        r.warnings.append(
+            f"the model's output changes between two calls on the same input (by "
+            f"{_diff(ref, again):.1e}: it draws random numbers in eval mode, e.g. MAE-style "
+            "masking): every forward of this check starts from the same seed")
+        with torch.no_grad():
+            ref = output_tensor(model(x))
     if not bool(ref.any()):
         r.warnings.append("the model's output is all zeros on this input (a zero-initialised "
                           "head?): the output comparisons compare nothing; check trained weights "
@@ -179,6 +189,11 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     if r.problems:
         r.status = "WRONG"
     return r
+
+
+def _same_draws(module, args):
+    """Forward pre-hook of a model that draws random numbers: every forward draws the same."""
+    torch.manual_seed(0)
 
 
 def _flag(r: CheckResult, text: str):
