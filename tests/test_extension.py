@@ -171,3 +171,33 @@ def test_registration_checks_its_argument():
         evoplug.register_leaf_module(soft_cap)
     with pytest.raises(TypeError, match="FamilyHints"):
         evoplug.register_family({"name": "x"})
+
+
+class BaddbmmAttention(Attention):
+    """Heads merged into the batch, logits by ``torch.baddbmm`` with beta=0 (Megatron's and
+    BLOOM's form: the scale as alpha, the bias unused)."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h, d = self.heads, C // self.heads
+        q, k, v = self.qkv(x).reshape(B, N, 3, h, d).permute(2, 0, 3, 1, 4).reshape(3, B * h, N, d)
+        a = torch.baddbmm(q.new_zeros(B * h, N, N), q, k.transpose(1, 2), beta=0.0,
+                          alpha=d ** -0.5).softmax(-1)
+        return self.out(torch.bmm(a, v).reshape(B, h, N, d).transpose(1, 2).reshape(B, N, C))
+
+
+class BaddbmmBlock(GatedBlock):
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.attn = BaddbmmAttention(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+
+def test_attention_logits_by_baddbmm_convert():
+    """``baddbmm(bias, q, k^T)`` is the product the analysis finds attention by, plus a term:
+    refused as "no attention computation" until the eighteenth session."""
+    model = _model(BaddbmmBlock)
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert len(evoplug.get_report(fast).blocks) == 4
+    _exact_and_evolving(model, fast, x)

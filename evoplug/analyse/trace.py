@@ -407,6 +407,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                           f"modules kept whole: {type(second).__name__}: "
                                           f"{second})") from None
         _drop_constant_asserts(graph)
+        _split_baddbmm(graph)
         _constants_to_buffers(module)
         _tensor_only_signature(graph, plan, name)
         # assembled before the mode is restored: some modules' train() drops cached tensors the
@@ -498,6 +499,32 @@ def _restore_mutable_state(saved):
         else:
             obj[:] = copy_
         setattr(m, k, obj)
+
+
+def _split_baddbmm(graph: fx.Graph):
+    """``baddbmm(bias, q, k^T, beta=, alpha=)``, attention logits with an added term in one
+    call, as ``beta * bias + alpha * bmm(q, k^T)``: the product the analysis finds attention by,
+    and an additive term on the logits like any other (gathered for the kept tokens)."""
+    for node in list(graph.nodes):
+        fn = node.op == "call_function" and node.target is torch.baddbmm
+        if not (fn or (node.op == "call_method" and node.target == "baddbmm")):
+            continue
+        names = ("input", "batch1", "batch2")
+        args = dict(zip(names, node.args)) | {k: v for k, v in node.kwargs.items() if k in names}
+        beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+        if len(args) != 3 or set(node.kwargs) - set(names) - {"beta", "alpha"} or \
+                not all(isinstance(v, (int, float, fx.Node)) for v in (beta, alpha)):
+            continue
+        with graph.inserting_before(node):
+            out = graph.call_function(torch.bmm, (args["batch1"], args["batch2"]))
+            if isinstance(alpha, fx.Node) or alpha != 1:      # (a scale read from a shape)
+                out = graph.call_function(operator.mul, (out, alpha))
+            if isinstance(beta, fx.Node) or beta != 0:
+                bias = args["input"] if not isinstance(beta, fx.Node) and beta == 1 else \
+                    graph.call_function(operator.mul, (args["input"], beta))
+                out = graph.call_function(operator.add, (out, bias))
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
 
 
 def _drop_constant_asserts(graph: fx.Graph):
