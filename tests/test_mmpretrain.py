@@ -272,6 +272,37 @@ def test_extras_are_refused_where_they_make_no_sense():
         _tiny_classifier("EvoImageClassifier", evo=dict(aux_cls_head=True))
     with pytest.raises(TypeError, match="unknown key"):
         _tiny_classifier("EvoImageClassifier", evo=dict(keep_ration=0.5))
+    # a distilled DeiT's head reads two tokens: the batch was unpacked as them (until the
+    # eighteenth session: outputs of shape (10,) at batch 2 and 3)
+    with pytest.raises(ValueError, match="2 extra tokens"):
+        MODELS.build(dict(type="EvoImageClassifier", evo=dict(keep_ratio=0.5, mean_token_head=True),
+                          backbone=dict(type="DistilledVisionTransformer", img_size=32, patch_size=4,
+                                        arch=dict(embed_dims=64, num_layers=4, num_heads=2,
+                                                  feedforward_channels=128)),
+                          head=dict(type="DeiTClsHead", num_classes=10, in_channels=64)))
+
+
+def test_the_mean_token_head_keeps_an_avg_featmap_backbones_norm():
+    """MAE/BEiT fine-tune configs pool with out_type='avg_featmap': the backbone normalises the
+    mean patch token with its own ``ln2``, which the mean-token head skipped (keep 1.0 off by 0.6,
+    ``ln2`` without a gradient) until the eighteenth session."""
+    bb = dict(type="VisionTransformer", img_size=32, patch_size=4, out_type="avg_featmap",
+              final_norm=False, arch=dict(embed_dims=64, num_layers=4, num_heads=2,
+                                          feedforward_channels=128))
+    head = dict(type="LinearClsHead", num_classes=10, in_channels=64)
+    torch.manual_seed(0)
+    dense = MODELS.build(dict(type="ImageClassifier", backbone=bb, head=head))
+    for p in dense.backbone.ln2.parameters():       # a trained norm is not the identity
+        torch.nn.init.normal_(p, 0.5, 0.3)
+    evo = MODELS.build(dict(type="EvoImageClassifier", backbone=bb, head=head,
+                            evo=dict(keep_ratio=1.0, mean_token_head=True)))
+    evo.load_state_dict(dense.state_dict(), strict=True)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(evo.eval()(x, mode="tensor"), dense.eval()(x, mode="tensor"),
+                                   atol=1e-5, rtol=1e-5)
+    evo.train()(x, mode="tensor").sum().backward()
+    assert evo.backbone.ln2.weight.grad is not None
 
 
 # ------------------------------------------------------------------------------ checkpoints

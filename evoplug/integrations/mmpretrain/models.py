@@ -156,12 +156,21 @@ class EvoImageClassifier(ImageClassifier):
         self.aux_head = None
         self.aux_loss_weight = 1.0
         self.aux_init_from_head = True
+        self._mean_norm = False
         if mean_head:
             bb = self.backbone
             if getattr(bb, "out_type", None) not in ("cls_token", "avg_featmap", "raw") \
                     or not hasattr(bb, "num_extra_tokens"):
                 raise ValueError(f"mean_token_head needs a ViT-style backbone with out_type "
                                  f"and num_extra_tokens (got {type(bb).__name__})")
+            if bb.num_extra_tokens > 1:
+                raise ValueError(
+                    f"mean_token_head replaces a single-token head by the mean patch token; "
+                    f"{type(bb).__name__} has {bb.num_extra_tokens} extra tokens (a distilled "
+                    "DeiT's head reads the class and the distillation token): leave it off")
+            # an 'avg_featmap' backbone normalises its mean patch token with its own `ln2`,
+            # which the classifier then applies (it was skipped: keep 1.0 was off by 0.6)
+            self._mean_norm = bb.out_type == "avg_featmap"
             bb.out_type = "raw"      # (B, N, C) tokens; the classifier pools them
         if aux:
             if not mean_head:
@@ -185,7 +194,10 @@ class EvoImageClassifier(ImageClassifier):
     def _pool(self, outs: Tuple[torch.Tensor, ...]):
         """Raw token outputs -> (mean patch token per output, cls token of the last one)."""
         P = self.backbone.num_extra_tokens
-        return tuple(t[:, P:].mean(1) for t in outs), outs[-1][:, 0]
+        means = tuple(t[:, P:].mean(1) for t in outs)
+        if getattr(self, "_mean_norm", False):
+            means = tuple(self.backbone.ln2(m) for m in means)
+        return means, outs[-1][:, 0]
 
     def extract_feat(self, inputs, stage="neck"):
         if not self.mean_token_head:
