@@ -272,6 +272,11 @@ def test_extras_are_refused_where_they_make_no_sense():
         _tiny_classifier("EvoImageClassifier", evo=dict(aux_cls_head=True))
     with pytest.raises(TypeError, match="unknown key"):
         _tiny_classifier("EvoImageClassifier", evo=dict(keep_ration=0.5))
+    # a float for the dict, a string size (as --cfg-options gives): named, not a 6x4 image
+    with pytest.raises(TypeError, match="evo must be a dict"):
+        _tiny_classifier("EvoImageClassifier", evo=0.5)
+    with pytest.raises(TypeError, match="input_size must be an int"):
+        _tiny_classifier("EvoImageClassifier", evo=dict(input_size="64"))
     # a distilled DeiT's head reads two tokens: the batch was unpacked as them (until the
     # eighteenth session: outputs of shape (10,) at batch 2 and 3)
     with pytest.raises(ValueError, match="2 extra tokens"):

@@ -17,14 +17,45 @@ MMSEG = {"VisionTransformer": "mmseg.models.backbones", "MixVisionTransformer": 
 MMDET = {"SwinTransformer": "mmdet.models.backbones", "PyramidVisionTransformerV2": "mmdet.models.backbones"}
 
 
-def _register(registry, classes: Dict[str, str]) -> List[str]:
+class _Classes:
+    """Where pickle finds a framework's Evo backbone classes (``__qualname__``
+    ``mmseg_classes.EvoSwinTransformer`` in this module: their names are MMPretrain's own Evo
+    classes' too, so the whole models did not pickle until the eighteenth session). An attribute
+    asked for before the registration (unpickling in a fresh process) registers them."""
+
+    def __init__(self, name: str, register: str):
+        self._name, self._register = name, register
+        self.__module__ = __name__
+
+    def __reduce__(self):
+        # pickle's protocols below 4 save a dotted name as getattr(parent, name), the parent by
+        # reference: this module's own object, not a copy
+        return self._name
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        globals()[self._register]()
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+mmseg_classes = _Classes("mmseg_classes", "register_mmseg")
+mmdet_classes = _Classes("mmdet_classes", "register_mmdet")
+
+
+def _register(registry, classes: Dict[str, str], where: str) -> List[str]:
     import importlib
     names = []
     for cls_name, module in classes.items():
         evo_name = f"Evo{cls_name}"
         if evo_name not in registry.module_dict:
-            cls = getattr(importlib.import_module(module), cls_name)
-            registry.register_module(name=evo_name)(evo_backbone_class(cls))
+            evo = evo_backbone_class(getattr(importlib.import_module(module), cls_name))
+            evo.__module__, evo.__qualname__ = __name__, f"{where}.{evo_name}"
+            setattr(globals()[where], evo_name, evo)
+            registry.register_module(name=evo_name)(evo)
         names.append(evo_name)
     return names
 
@@ -32,10 +63,10 @@ def _register(registry, classes: Dict[str, str]) -> List[str]:
 def register_mmseg() -> List[str]:
     """Register ``Evo<Backbone>`` into MMSegmentation's ``MODELS``; returns their names."""
     from mmseg.registry import MODELS
-    return _register(MODELS, MMSEG)
+    return _register(MODELS, MMSEG, "mmseg_classes")
 
 
 def register_mmdet() -> List[str]:
     """Register ``Evo<Backbone>`` into MMDetection's ``MODELS``; returns their names."""
     from mmdet.registry import MODELS
-    return _register(MODELS, MMDET)
+    return _register(MODELS, MMDET, "mmdet_classes")

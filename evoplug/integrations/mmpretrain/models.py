@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -56,12 +57,24 @@ def example_input(backbone: nn.Module, input_size=None) -> torch.Tensor:
 
 
 def _split_evo(evo: Optional[Dict[str, Any]], allowed, where: str) -> Dict[str, Any]:
+    if evo is not None and not isinstance(evo, Mapping):
+        raise TypeError(f"{where}: evo must be a dict of options (evo=dict(keep_ratio=0.5, ...)), "
+                        f"got {type(evo).__name__} {evo!r}")
     evo = dict(evo or {})
     unknown = set(evo) - set(allowed)
     if unknown:
         raise TypeError(f"{where}: unknown key(s) in evo=dict(...): {sorted(unknown)}; allowed: "
                         f"{sorted(allowed)}")
+    size = evo.get("input_size")
+    if size is not None and not (_is_int(size) or (isinstance(size, (tuple, list)) and
+                                                    len(size) == 2 and all(map(_is_int, size)))):
+        raise TypeError(f"{where}: evo input_size must be an int or an (H, W) pair of ints, got "
+                        f"{type(size).__name__} {size!r}")
     return evo
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def convert_backbone(backbone: nn.Module, *, input_size=None, strict: bool = True,
