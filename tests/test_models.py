@@ -173,6 +173,11 @@ def test_torch_transformer_encoder_layers_convert(norm_first, encoder):
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     report = evoplug.get_report(fast)
     assert [s.role for s in report.blocks] == ["dense", "score"] + ["evolve"] * 4
+    # post-norm too: the stream goes on through the norm after each residual add (explain()
+    # called post-norm blocks attention-only until the eighteenth session)
+    a = report.blocks[2].analysis
+    assert [b.role for b in a.branches] == ["attention", "mlp"], a.branches
+    assert not any("attention-only" in n for n in a.notes)
     with torch.no_grad():
         out = fast(x)
         assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4

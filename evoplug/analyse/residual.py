@@ -69,6 +69,11 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
             # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C)), or passed through
             # an op with a constant (x * 1.0, x.contiguous())
             nxt = flow[0]
+        if nxt is None and len(flow) == 1 and flow[0].op == "call_module" and \
+                flow[0] is not site.node and flow[0].all_input_nodes == [stream] and \
+                shape_of(flow[0]) == shape_of(stream) and branches:
+            # a post-norm block: the stream goes on through the norm after its residual add
+            nxt = flow[0]
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
