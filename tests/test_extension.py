@@ -201,3 +201,27 @@ def test_attention_logits_by_baddbmm_convert():
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     assert len(evoplug.get_report(fast).blocks) == 4
     _exact_and_evolving(model, fast, x)
+
+
+class KeysInTheMiddleAttention(Attention):
+    """Logits laid out (B, N, N, heads) by einsum, softmax over dim 2 (the keys)."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        h, d = self.heads, C // self.heads
+        q, k, v = self.qkv(x).reshape(B, N, 3, h, d).unbind(2)
+        a = torch.einsum("bnhd,bmhd->bnmh", q, k).mul(d ** -0.5).softmax(2)
+        return self.out(torch.einsum("bnmh,bmhd->bnhd", a, v).reshape(B, N, C))
+
+
+class KeysInTheMiddleBlock(BaddbmmBlock):
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.attn = KeysInTheMiddleAttention(dim)
+
+
+def test_a_softmax_over_another_dim_than_the_last_is_refused_for_that():
+    """Refused as "keys/values come from a spatially reduced map (2 keys for 66 tokens)" (the 2
+    was the heads) until the eighteenth session."""
+    with pytest.raises(evoplug.ConversionError, match="softmax over dim 2 of the attention map"):
+        evoplug.convert(_model(KeysInTheMiddleBlock), example_input=torch.randn(1, 3, 32, 32))

@@ -302,6 +302,11 @@ def _windowed_attention(a: BlockAnalysis, gm, site, feed, batch):
 def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
     N = a.num_tokens
     s = shape_of(site.node)
+    dim = softmax_dim(gm, site.node)
+    if s is not None and dim not in (-1, len(s) - 1):    # before reading the keys off the last dim
+        raise AnalysisError(a.name, f"softmax over dim {dim} of the attention map {tuple(s)}, not "
+                                    "over its last dim: evoplug reads the keys on the last dim "
+                                    "(lay the logits out (..., queries, keys) before the softmax)")
     if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
         a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
         if a.kv_grid is None:
@@ -310,9 +315,6 @@ def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
     if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
         raise AnalysisError(a.name, f"attention map {s} is not over the block's {N} tokens "
                                     "(not self-attention)")
-    dim = softmax_dim(gm, site.node)
-    if dim not in (-1, len(s) - 1):
-        raise AnalysisError(a.name, f"softmax over dim {dim}, not over the keys (last dim)")
     a.attention = f"softmax(q.k^T) at `{site.node.name}`"
 
 
