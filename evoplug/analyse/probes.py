@@ -182,6 +182,9 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     except AnalysisError:
         raise
     except Exception as e:
-        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e}") from None
+        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e} (a "
+                                    "tensor the block builds from the token count, such as "
+                                    "positions from torch.arange(N) or a view of a fixed size, "
+                                    "cannot follow the kept tokens)") from None
     finally:
         m.train(was)
