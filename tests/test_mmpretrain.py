@@ -277,6 +277,13 @@ def test_extras_are_refused_where_they_make_no_sense():
         _tiny_classifier("EvoImageClassifier", evo=0.5)
     with pytest.raises(TypeError, match="input_size must be an int"):
         _tiny_classifier("EvoImageClassifier", evo=dict(input_size="64"))
+    # a backbone that converted itself: a classifier-level input_size would be ignored
+    with pytest.raises(ValueError, match="converted itself when it was built"):
+        MODELS.build(dict(type="EvoImageClassifier", evo=dict(input_size=32),
+                          backbone=dict(type="EvoVisionTransformer", img_size=32, patch_size=4,
+                                        arch=dict(embed_dims=64, num_layers=4, num_heads=2,
+                                                  feedforward_channels=128)),
+                          head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
     # a distilled DeiT's head reads two tokens: the batch was unpacked as them (until the
     # eighteenth session: outputs of shape (10,) at batch 2 and 3)
     with pytest.raises(ValueError, match="2 extra tokens"):

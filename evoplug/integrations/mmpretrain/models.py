@@ -160,6 +160,11 @@ class EvoImageClassifier(ImageClassifier):
             self.evo_trade_off = LearnableTradeOff(evo.get("trade_off", 0.5))
             evo["trade_off"] = self.evo_trade_off
         if is_converted(self.backbone):      # e.g. type='EvoVisionTransformer' as the backbone
+            if input_size is not None or strict is not True:
+                raise ValueError(
+                    f"EvoImageClassifier: evo input_size / strict are read by a conversion, and the "
+                    f"backbone ({type(self.backbone).__name__}) converted itself when it was built: "
+                    "set them in the backbone's own evo=dict(...)")
             if evo:
                 evoplug.set_options(self.backbone, **evo)
         else:
