@@ -377,6 +377,7 @@ def test_mmseg_and_mmdet_evo_backbones_save_whole_and_load_in_a_fresh_process(tm
     torch.save({"models": models, "x": x, "want": want}, tmp_path / "m.pt")
     code = (
         "import torch\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"     # (the same sums as here)
         "from evoplug.integrations import mmcv_ops\n"
         "mmcv_ops.install()\n"
         f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"

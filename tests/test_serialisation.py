@@ -61,6 +61,7 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path):
     torch.save({"model": fast, "x": x, "want": want}, tmp_path / "m.pt")
     code = (
         "import torch, evoplug\n"
+        f"torch.set_num_threads({torch.get_num_threads()})\n"     # (the same sums as here)
         f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
         "m = d['model']\n"
         "with torch.no_grad():\n"
