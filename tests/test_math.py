@@ -84,8 +84,14 @@ def _ref_mean_query_row(q, k, add, scale, P):
     its bias row, logits_ij = scale * q_i . k_j + add_ij, so the mean of the patch queries'
     logit rows is exactly the logit row of the mean query with the mean bias row. For a
     boolean mask (0 / -inf additive term) the mean is -inf wherever any patch query masks
-    key j: the mean query may only see keys every patch query may see."""
-    qm = q.double()[..., P:, :].mean(-2, keepdim=True)
+    key j: the mean query may only see keys every patch query may see. A query whose key every
+    row masks (a padded position) is no query of the mean."""
+    qd = q.double()[..., P:, :]
+    if add is None:
+        qm = qd.mean(-2, keepdim=True)
+    else:
+        valid = (add > float("-inf")).any(-2)[..., P:].double().unsqueeze(-1)   # (.., M, 1)
+        qm = (qd * valid).sum(-2, keepdim=True) / valid.sum(-2, keepdim=True).clamp_min(1)
     logits = qm @ k.double().transpose(-2, -1) * scale
     if add is not None:
         a = add if add.shape[-2] == 1 else add[..., P:, :].mean(-2, keepdim=True)

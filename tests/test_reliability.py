@@ -736,3 +736,40 @@ def test_the_mean_query_of_a_causal_mask_ranks_each_image(fill):
         assert torch.isfinite(out).all() and len(set(kept)) > 1
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_of_a_packed_sequence_does_not_move_the_real_tokens():
+    """NaFlex batches pad each image's patch sequence and mask the padded keys. The mean query
+    (register tokens, no class token) averaged the padded queries too, so what the padding held
+    moved the ranking of the real tokens and their outputs (by 3.3 here; transformers' Siglip2
+    alike) until the eighteenth session. How much padding there is still counts: the kept share
+    is of the padded length (static shapes)."""
+    torch.manual_seed(0)
+    m = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, embed_dim=64, depth=4,
+                          num_heads=2, img_size=32, patch_size=4, num_classes=10).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+            if n.endswith(".gamma"):
+                p.fill_(1.0)        # layer scale off its 1e-5 init: the blocks matter
+    img = torch.randn(48, 48, generator=g)                    # 6 x 8 patches of 4 x 4 x 3
+    ys, xs = torch.meshgrid(torch.arange(6), torch.arange(8), indexing="ij")
+    coord = torch.stack([ys.flatten(), xs.flatten()], -1)
+
+    def padded(fill):
+        return dict(patches=torch.cat([img, fill])[None],
+                    patch_coord=torch.cat([coord, torch.zeros(16, 2, dtype=coord.dtype)])[None],
+                    patch_valid=torch.cat([torch.ones(48, dtype=torch.bool),
+                                           torch.zeros(16, dtype=torch.bool)])[None])
+
+    zeros, noise = padded(torch.zeros(16, 48)), padded(50 * torch.randn(16, 48, generator=g))
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=(zeros,))
+    with torch.no_grad():
+        a = fast.forward_features(**zeros)["patches"][0, 4:52]
+        b = fast.forward_features(**noise)["patches"][0, 4:52]
+        assert 0 < evoplug.tokens_per_block(fast)[1][1] < 68
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.forward_features(**zeros)["patches"][0, 4:52],
+                                   m.forward_features(**noise)["patches"][0, 4:52])

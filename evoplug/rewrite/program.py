@@ -480,14 +480,19 @@ def _global_row(rw: _Rewrite):
             row = _window_row(a, rw.gm, site)
         elif site.kind == "softmax":
             extra = _images_if_heads_merged(rw)
-            masked = {"masked": True} if a.row_masked else {}
+            flags = {"masked": True} if a.row_masked else {}
+            if not site.arg_terms:       # no mask among the block's arguments: no padding
+                flags["padded"] = False
             row = graph.call_function(ev.probs_query_row, (site.node, P) + extra) if cls_query else \
-                graph.call_function(ev.logits_query_row, (site.logits, P) + extra, masked)
+                graph.call_function(ev.logits_query_row, (site.logits, P) + extra, flags)
         elif site.kind == "sdpa":
             mask = sdpa_arg(site.node, 3, "attn_mask")
+            flags = {"masked": True} if a.row_masked and not cls_query else {}
+            if not site.arg_terms:
+                flags["padded"] = False
             row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P,
                                                           cls_query) + _images_if_heads_merged(rw),
-                                      {"masked": True} if a.row_masked and not cls_query else {})
+                                      flags)
         else:
             with graph.inserting_before(site.node):
                 mha = graph.get_attr(site.node.target)

@@ -67,14 +67,29 @@ def _patches(t: Tensor, dim: int, num_prefix) -> Tensor:
     return t.narrow(dim, before, t.shape[dim] - before - after)
 
 
-def _mean_query_probs(logits: Tensor, num_prefix, masked: bool = False) -> Tensor:
+def _mean_query_probs(logits: Tensor, num_prefix, masked: bool = False,
+                      padded: bool = True) -> Tensor:
     """softmax of the mean of the logits rows of the patch queries (B, ..., Nq, Nk) -> (B, ..., Nk):
     the attention of the mean query. The mean is accumulated in float32 without a float32 copy
-    of the whole map. ``masked``: the rows mask keys per query (:func:`_masked_row_mean`)."""
+    of the whole map. ``masked``: the rows mask keys per query (:func:`_masked_row_mean`);
+    otherwise a key every row masks (padding) is no query of the mean either."""
     rows = _patches(logits, -2, num_prefix)
     if masked:
         return _masked_row_mean(rows).softmax(-1)
+    if padded and logits.dtype != torch.bool and rows.shape[-2] == logits.shape[-1] - _span_total(num_prefix):
+        # self-attention over a padded sequence: padded queries (their keys masked in every row)
+        # do not enter the mean (their content would move the ranking of the real tokens)
+        valid = _patches(logits.amax(-2) > torch.finfo(logits.dtype).min / 2, -1, num_prefix)
+        w = valid.unsqueeze(-1).to(torch.float32)
+        mean = (rows * w).sum(-2, dtype=torch.float32) / w.sum(-2).clamp_min(1)
+        return mean.softmax(-1)
     return rows.mean(-2, dtype=torch.float32).softmax(-1)
+
+
+def _span_total(num_prefix) -> int:
+    """The special tokens around the patch queries (see :func:`patch_span`)."""
+    before, after = num_prefix if isinstance(num_prefix, tuple) else (num_prefix, 0)
+    return before + after
 
 
 def _masked_row_mean(rows: Tensor) -> Tensor:
@@ -93,21 +108,25 @@ def _masked_row_mean(rows: Tensor) -> Tensor:
 
 
 def logits_query_row(logits: Tensor, num_prefix: int, images: Optional[int] = None,
-                     masked: bool = False) -> Tensor:
+                     masked: bool = False, padded: bool = True) -> Tensor:
     """Attention row of the *mean query* of the patch tokens from pre-softmax logits
     (B, H, Nq, Nk).
 
     The logits are linear in q, so softmax(mean_i logits_i) is exactly the attention of the
     mean query (bias terms included). Used when there is no cls token. ``masked``: a mask
     that differs between the query rows (causal) is averaged per key over the rows that see it.
+    ``padded``: the logits may mask whole keys (a key padding mask among the block's
+    arguments): the padded positions' queries are left out of the mean (False: the conversion
+    saw no mask argument; saves the check's ops).
     """
     with torch.no_grad():
-        return _heads_mean(_mean_query_probs(logits, num_prefix, masked),
+        return _heads_mean(_mean_query_probs(logits, num_prefix, masked, padded),
                            logits.shape[0] if images is None else images)
 
 
 def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
-                      num_prefix: int, cls_query: bool, masked: bool = False) -> Tensor:
+                      num_prefix: int, cls_query: bool, masked: bool = False,
+                      padded: bool = True) -> Tensor:
     """Attention of one query per head (the cls token if ``cls_query``, else the mean query of
     the patch tokens) for fused ``scaled_dot_product_attention`` (q, k (..., N, d)): (..., Nk),
     float32. O(N d) per head (:func:`query_logits`; no float32 copy of q or k)."""
@@ -115,6 +134,14 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
         scale = 1.0 / math.sqrt(q.shape[-1])
     if cls_query:
         qq = q.narrow(-2, 0, 1)
+    elif padded and attn_mask is not None and attn_mask.shape[-1] == q.shape[-2]:
+        # a key padding mask: the padded queries do not enter the mean query (their content
+        # moved the real tokens' ranking, and with it their outputs, until the eighteenth session)
+        m = attn_mask if attn_mask.dtype == torch.bool else \
+            attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        w = _patches(m.any(-2), -1, num_prefix).unsqueeze(-1).to(torch.float32)   # (B, .., M, 1)
+        qq = ((_patches(q, -2, num_prefix) * w).sum(-2, keepdim=True, dtype=torch.float32)
+              / w.sum(-2, keepdim=True).clamp_min(1)).to(k.dtype)
     else:
         qq = _patches(q, -2, num_prefix).mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
     logits = query_logits(qq, k, scale)                           # (..., Nk)
@@ -186,11 +213,12 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                    num_prefix: int, cls_query: bool, images: Optional[int] = None,
-                   masked: bool = False) -> Tensor:
+                   masked: bool = False, padded: bool = True) -> Tensor:
     """Global-query attention row for a fused ``scaled_dot_product_attention`` call: (B, 1, N).
-    ``masked``: see :func:`logits_query_row`."""
+    ``masked``, ``padded``: see :func:`logits_query_row`."""
     with torch.no_grad():
-        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query, masked),
+        return _heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, num_prefix, cls_query, masked,
+                                             padded),
                            q.shape[0] if images is None else images)
 
 
@@ -442,15 +470,16 @@ def window_logits_row(logits: Tensor, head_dims, folded: int = 1) -> Tensor:
     head, mean over the head dims (and over the ``folded`` heads merged into the leading dim).
     (B', windows..., Mk)."""
     with torch.no_grad():
-        return _window_heads_mean(_mean_query_probs(logits, 0), head_dims, folded)
+        return _window_heads_mean(_mean_query_probs(logits, 0, padded=False), head_dims, folded)
 
 
 def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
                     head_dims, folded: int = 1) -> Tensor:
     """The same for fused ``scaled_dot_product_attention``: one mean query per window and head."""
     with torch.no_grad():
-        return _window_heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, 0, False), head_dims,
-                                  folded)
+        # (a window's mask, Swin's shift, masks pairs, never a whole key: no padded queries)
+        return _window_heads_mean(_sdpa_query_probs(q, k, attn_mask, scale, 0, False,
+                                                    padded=False), head_dims, folded)
 
 
 def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
