@@ -294,3 +294,16 @@ def test_python_control_flow_on_sizes_is_specialised(mode):
 def test_control_flow_on_the_token_count_is_refused(mode, what):
     with pytest.raises(evoplug.ConversionError, match=f"{what} .* depends on the number of tokens"):
         evoplug.convert(_BranchyViT(mode).eval(), example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_a_features_only_vit_converts_at_the_size_it_was_built_for():
+    """timm's features_only wrapper (FeatureGetterNet) holds the ViT as `model`: its declared
+    input size was the pretrained 224 px instead of the built 32 px (the default conversion then
+    failed) until the eighteenth session."""
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              depth=4, features_only=True, out_indices=(1, 3)).eval()
+    assert evoplug.input_size(model) == (3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert [f.shape for f in fast(x)] == [f.shape for f in model(x)]

@@ -35,10 +35,12 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
     the pretrained size when ``img_size=`` changed it), channels from the data config."""
     from timm.data import resolve_model_data_config
     chans, h, w = resolve_model_data_config(model)["input_size"]
-    size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if size is not None:
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return chans, int(h), int(w), "`patch_embed.img_size` (timm)"
+    for where in ("", "model."):       # a features_only wrapper (FeatureGetterNet) holds `model`
+        holder = getattr(model, "model", None) if where else model
+        size = getattr(getattr(holder, "patch_embed", None), "img_size", None)
+        if size is not None:
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            return chans, int(h), int(w), f"`{where}patch_embed.img_size` (timm)"
     return chans, int(h), int(w), "timm's data config (`resolve_model_data_config`)"
 
 
