@@ -56,3 +56,20 @@ def peaky_weights(model: nn.Module, seed: int = 0, fused: bool = True, qkv_rows:
                 else:
                     p.copy_(others * torch.randn(p.shape, generator=g))
     return model.eval()
+
+
+def run_in_a_fresh_process(tmp_path, saved: dict, body: str, setup: str = "") -> str:
+    """``saved`` written with ``torch.save`` and loaded as ``d`` in a new Python process (with the
+    same torch thread count as this one: the same sums), after ``setup``; ``body`` runs there.
+    Returns what it printed; a failure there fails here with its traceback."""
+    import os
+    import subprocess
+    import sys
+    torch.save(saved, tmp_path / "saved.pt")
+    code = (f"import torch\ntorch.set_num_threads({torch.get_num_threads()})\n{setup}"
+            f"d = torch.load({str(tmp_path / 'saved.pt')!r}, weights_only=False)\n{body}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout

@@ -352,8 +352,6 @@ def test_mmseg_and_mmdet_evo_backbones_save_whole_and_load_in_a_fresh_process(tm
     ``torch.save`` of the backbone (and of any segmentor or detector on it) failed until the
     eighteenth session; they are found under ``evoplug.integrations.openmmlab`` now, registered
     when a fresh process asks for them."""
-    import os
-    import subprocess
     import evoplug.mmdet  # noqa: F401
     import evoplug.mmseg  # noqa: F401
     from mmdet.registry import MODELS as DET
@@ -374,20 +372,12 @@ def test_mmseg_and_mmdet_evo_backbones_save_whole_and_load_in_a_fresh_process(tm
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         want = {k: m(x) for k, m in models.items()}
-    torch.save({"models": models, "x": x, "want": want}, tmp_path / "m.pt")
-    code = (
-        "import torch\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"     # (the same sums as here)
-        "from evoplug.integrations import mmcv_ops\n"
-        "mmcv_ops.install()\n"
-        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+    from models import run_in_a_fresh_process
+    out = run_in_a_fresh_process(tmp_path, {"models": models, "x": x, "want": want}, (
         "with torch.no_grad():\n"
         "    for k, m in d['models'].items():\n"
         "        assert all(torch.equal(a, b) for a, b in zip(m(d['x']), d['want'][k])), k\n"
-        "print(*(type(m).__qualname__ for m in d['models'].values()))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["mmseg_classes.EvoMixVisionTransformer",
+        "print(*(type(m).__qualname__ for m in d['models'].values()))\n"),
+        setup="from evoplug.integrations import mmcv_ops\nmmcv_ops.install()\n")
+    assert out.split() == ["mmseg_classes.EvoMixVisionTransformer",
                                   "mmdet_classes.EvoSwinTransformer"]

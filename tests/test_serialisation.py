@@ -2,16 +2,14 @@
 this process and in a fresh one), copy.deepcopy, and state_dicts both ways."""
 import copy
 import io
-import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 
 import evoplug
+from models import run_in_a_fresh_process
 
 MODELS = {   # name -> (kwargs, input size): a flat ViT, a map-block pyramid, a canvas pyramid
     "vit_tiny_patch16_224": (dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2), 32),
@@ -58,20 +56,13 @@ def test_saved_model_loads_in_a_fresh_process(tmp_path):
     model, fast, x = _convert("swin_tiny_patch4_window7_224")
     with torch.no_grad():
         want = fast(x)
-    torch.save({"model": fast, "x": x, "want": want}, tmp_path / "m.pt")
-    code = (
-        "import torch, evoplug\n"
-        f"torch.set_num_threads({torch.get_num_threads()})\n"     # (the same sums as here)
-        f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+    out = run_in_a_fresh_process(tmp_path, {"model": fast, "x": x, "want": want}, (
+        "import evoplug\n"
         "m = d['model']\n"
         "with torch.no_grad():\n"
         "    assert torch.equal(m(d['x']), d['want'])\n"
-        "print(type(m.layers[0].blocks[0]).__name__, evoplug.get_report(m).options.keep_ratio)\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-2:] == ["EvoSwinTransformerBlock", "0.5"]
+        "print(type(m.layers[0].blocks[0]).__name__, evoplug.get_report(m).options.keep_ratio)\n"))
+    assert out.split()[-2:] == ["EvoSwinTransformerBlock", "0.5"]
 
 
 @pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "pvt_v2_b0"])
