@@ -306,6 +306,22 @@ def test_what_trainer_passes_down_still_evolves_and_checkpoints():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
+def test_dinov2_evolves_with_interpolate_pos_encoding():
+    """DINOv2 hands ``interpolate_pos_encoding`` to every layer, where nothing reads it (its
+    embeddings interpolate always): every layer ran its own forward for such calls until the
+    eighteenth session (BEiT's layers do read it: it is no blanket ignore)."""
+    torch.manual_seed(0)
+    model = T.Dinov2Model(T.Dinov2Config(**FLAT)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        fast(pixel_values=x, interpolate_pos_encoding=True)
+        assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(pixel_values=x, interpolate_pos_encoding=True).last_hidden_state,
+                                   model(pixel_values=x).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("kind", ["beit", "data2vec-vision"])
 def test_bias_sized_from_the_token_count_follows_the_kept_tokens(impl, kind):

@@ -12,7 +12,7 @@ returns every attention map. The ``output_*`` flags themselves, passed down to e
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 from .registry import FamilyHints, InputSize
 
@@ -52,6 +52,21 @@ def idle_hook(hook: Callable) -> Optional[bool]:
 #: run trained the dense model, until the eighteenth session
 PASSED_THROUGH = ("output_hidden_states", "output_attentions", "num_items_in_batch", "use_cache")
 
+#: keywords some families hand down to their layers too, read by none of their layers (checked
+#: in their modeling files: DINOv2's embeddings interpolate always, and the flag reaches the
+#: layers through ``**kwargs`` only). Not for every family: BEiT's layers read
+#: ``interpolate_pos_encoding`` (their relative position bias).
+PASSED_THROUGH_BY_TYPE = {
+    "dinov2": ("interpolate_pos_encoding",),
+    "dinov2_with_registers": ("interpolate_pos_encoding",),
+    "dinov3_vit": ("interpolate_pos_encoding",),
+}
+
+
+def ignored_keywords(model) -> Tuple[str, ...]:
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    return PASSED_THROUGH + PASSED_THROUGH_BY_TYPE.get(kind, ())
+
 
 def input_size(model) -> Optional[InputSize]:
     """The input a transformers vision model declares: ``config.image_size`` (an int or a
@@ -73,7 +88,7 @@ def input_size(model) -> Optional[InputSize]:
 TRANSFORMERS = FamilyHints(
     name="transformers",
     matches=lambda model: type(model).__module__.startswith("transformers."),
-    ignored_keywords=lambda model: PASSED_THROUGH,
+    ignored_keywords=ignored_keywords,
     # create_bidirectional_mask never skips the mask while exporting (it cannot look at the
     # padding mask's values there), even when the call passed none
     export_masks=lambda model: ("attention_mask",),
