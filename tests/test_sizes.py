@@ -195,3 +195,20 @@ def test_conversions_and_twins_made_under_autocast_or_inference_mode_train():
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         assert float((fast(x) - model(x)).abs().max()) <= 1e-5
+
+
+def test_forward_features_at_a_size_a_twin_exists_for_runs_the_twin():
+    """Methods called directly (``forward_features``) do not convert a twin, but one that a
+    call of the model converted for that size takes them: they ran every block's own forward
+    (dense, with a warning per block) until the eighteenth session."""
+    model = _pvt()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match="then use it at that size too"):
+            fast.forward_features(x)                 # no twin yet: every block's own forward
+        assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
+        full = fast(x)                               # converts the twin
+        feats = fast.forward_features(x)
+        assert 0 < evoplug.tokens_per_block(fast)[2][1] < 12 * 12
+        assert torch.equal(fast.forward_head(feats), full)

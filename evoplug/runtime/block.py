@@ -249,10 +249,14 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        bound = _bind(spec, args, kwargs, strict=segment)   # (a recomputation binds as its forward did)
+        bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute)
         if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
+        if isinstance(bound, nn.Module):      # a twin converted for this size: it runs the call
+            out = bound(*args, **kwargs)
+            spec.tokens_run = bound._evoplug_spec.tokens_run
+            return out
         x, extras = bound
         if spec.per_image and not recompute and rt.entered():
             _check_images(spec, x, rt.images())
@@ -384,11 +388,14 @@ def _rebuild_block(orig_class: type):
     return object.__new__(evo_class(orig_class))
 
 
-def _bind(spec: BlockSpec, args, kwargs, strict: bool):
+def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
     """The token input and other tensor arguments of a call that runs the program, after
     checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
     conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
-    runs the block's own forward, on every token, exactly (``strict``: raise instead)."""
+    runs the block's own forward, on every token, exactly (``strict``: raise instead).
+    ``twins``: a call of another size outside the model's own forward (``forward_features``
+    called directly) runs the block of a twin an earlier call of the model converted for that
+    size, when one takes it (returned instead of the binding)."""
     stale = spec.changed() if spec.traced else None
     if stale is not None:
         raise EvoplugError(
@@ -412,13 +419,35 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool):
                 f"{e.reason.split('; re-run')[0]}. The exported program would run it on every "
                 "token (the dense model). Export at the input size and with the arguments the "
                 "model was converted with (docs/export.md)") from None
+        if twins and spec.runtime.variants and not spec.runtime.entered() and \
+                not torch.compiler.is_compiling():
+            twin = _twin_taking(spec, args, kwargs)
+            if twin is not None:
+                return twin
         hint = "" if spec.runtime.entered() else (
-            "; an eager call of the model itself with a new input size runs a twin converted "
-            "for it, methods such as forward_features called directly cannot, nor does "
-            "torch.compile (compile at the size the model was converted at)")
+            "; an eager call of the model itself with a new input size converts a twin for it "
+            "(methods such as forward_features called directly then use it at that size too); "
+            "torch.compile does not (compile at the size the model was converted at)")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
+
+
+def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call
+    (its arguments and, for a map block, its map), with the twin's modes synced; None if none."""
+    for variant in list(spec.runtime.variants.values()):
+        twin = variant.blocks[spec.index]
+        ts = twin._evoplug_spec
+        try:
+            x = ts.call.bind(ts.name, args, kwargs)[0]
+        except AnalysisError:
+            continue
+        if ts.layout is MapTokens and tuple(x.shape[1:3]) != ts.grid:
+            continue
+        variant.sync()
+        return twin
+    return None
 
 
 def _check_images(spec: BlockSpec, x: torch.Tensor, images: Optional[int]):
