@@ -212,3 +212,19 @@ def test_forward_features_at_a_size_a_twin_exists_for_runs_the_twin():
         feats = fast.forward_features(x)
         assert 0 < evoplug.tokens_per_block(fast)[2][1] < 12 * 12
         assert torch.equal(fast.forward_head(feats), full)
+
+
+def test_a_compiled_model_at_a_size_a_twin_exists_for_runs_the_twin():
+    """torch.compile's graphs skip the model's entry hook, so a compiled call of another size
+    ran every block's own forward (the dense model) even where an eager call had converted a twin
+    for that size, until the eighteenth session; it runs the twin's blocks now (the failed
+    binding of the model's own blocks is a graph break). Without a twin it stays dense, warned."""
+    torch._dynamo.reset()
+    model = _pvt()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    x = torch.randn(2, 3, 96, 96)
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        eager = fast(x)                              # converts the twin
+        torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
+        assert not torch.allclose(eager, model(x), atol=1e-3)

@@ -394,8 +394,9 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
     conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
     runs the block's own forward, on every token, exactly (``strict``: raise instead).
     ``twins``: a call of another size outside the model's own forward (``forward_features``
-    called directly) runs the block of a twin an earlier call of the model converted for that
-    size, when one takes it (returned instead of the binding)."""
+    called directly, or under torch.compile, whose graphs skip the model's entry hook) runs the
+    block of a twin an earlier eager call of the model converted for that size, when one takes
+    it (returned instead of the binding; compiled, the failed binding is a graph break)."""
     stale = spec.changed() if spec.traced else None
     if stale is not None:
         raise EvoplugError(
@@ -419,8 +420,7 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
                 f"{e.reason.split('; re-run')[0]}. The exported program would run it on every "
                 "token (the dense model). Export at the input size and with the arguments the "
                 "model was converted with (docs/export.md)") from None
-        if twins and spec.runtime.variants and not spec.runtime.entered() and \
-                not torch.compiler.is_compiling():
+        if twins and spec.runtime.variants and not spec.runtime.entered():
             twin = _twin_taking(spec, args, kwargs)
             if twin is not None:
                 return twin
