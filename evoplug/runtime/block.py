@@ -405,12 +405,7 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
             "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
             "converting")
     try:
-        bound = spec.call.bind(spec.name, args, kwargs)
-        if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
-            # window indices and map views of the programs are the conversion's map's
-            raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
-                                f"map it was analysed on {spec.grid}")
-        return bound
+        return _bound(spec, args, kwargs)
     except AnalysisError as e:
         if strict:
             raise
@@ -425,25 +420,32 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
             if twin is not None:
                 return twin
         hint = "" if spec.runtime.entered() else (
-            "; an eager call of the model itself with a new input size converts a twin for it "
-            "(methods such as forward_features called directly then use it at that size too); "
-            "torch.compile does not (compile at the size the model was converted at)")
+            "; an eager call of the model itself with a new input size converts a twin for it, "
+            "which methods such as forward_features called directly, and compiled calls, then "
+            "use at that size too")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
 
 
+def _bound(spec: BlockSpec, args, kwargs):
+    """``spec.call.bind``, and for a map block its map checked against the conversion's (the
+    programs' window indices and map views are that map's): AnalysisError if either differs."""
+    bound = spec.call.bind(spec.name, args, kwargs)
+    if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
+        raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
+                            f"map it was analysed on {spec.grid}")
+    return bound
+
+
 def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
-    """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call
-    (its arguments and, for a map block, its map), with the twin's modes synced; None if none."""
+    """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call,
+    with the twin's modes synced; None if none."""
     for variant in list(spec.runtime.variants.values()):
         twin = variant.blocks[spec.index]
-        ts = twin._evoplug_spec
         try:
-            x = ts.call.bind(ts.name, args, kwargs)[0]
+            _bound(twin._evoplug_spec, args, kwargs)
         except AnalysisError:
-            continue
-        if ts.layout is MapTokens and tuple(x.shape[1:3]) != ts.grid:
             continue
         variant.sync()
         return twin
