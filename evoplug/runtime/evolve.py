@@ -80,10 +80,15 @@ def _mean_query_probs(logits: Tensor, num_prefix, masked: bool = False,
         # self-attention over a padded sequence: padded queries (their keys masked in every row)
         # do not enter the mean (their content would move the ranking of the real tokens)
         valid = _patches(logits.amax(-2) > torch.finfo(logits.dtype).min / 2, -1, num_prefix)
-        w = valid.unsqueeze(-1).to(torch.float32)
-        mean = (rows * w).sum(-2, dtype=torch.float32) / w.sum(-2).clamp_min(1)
-        return mean.softmax(-1)
+        return _mean_of_valid(rows, valid).softmax(-1)
     return rows.mean(-2, dtype=torch.float32).softmax(-1)
+
+
+def _mean_of_valid(rows: Tensor, valid: Tensor, keepdim: bool = False) -> Tensor:
+    """Mean over the rows (dim -2, in float32) that ``valid`` (..., rows) marks."""
+    w = valid.unsqueeze(-1).to(torch.float32)
+    return rows.mul(w).sum(-2, keepdim=keepdim, dtype=torch.float32) / \
+        w.sum(-2, keepdim=keepdim).clamp_min(1)
 
 
 def _span_total(num_prefix) -> int:
@@ -139,9 +144,8 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
         # moved the real tokens' ranking, and with it their outputs, until the eighteenth session)
         m = attn_mask if attn_mask.dtype == torch.bool else \
             attn_mask > torch.finfo(attn_mask.dtype).min / 2
-        w = _patches(m.any(-2), -1, num_prefix).unsqueeze(-1).to(torch.float32)   # (B, .., M, 1)
-        qq = ((_patches(q, -2, num_prefix) * w).sum(-2, keepdim=True, dtype=torch.float32)
-              / w.sum(-2, keepdim=True).clamp_min(1)).to(k.dtype)
+        qq = _mean_of_valid(_patches(q, -2, num_prefix), _patches(m.any(-2), -1, num_prefix),
+                            keepdim=True).to(k.dtype)
     else:
         qq = _patches(q, -2, num_prefix).mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
     logits = query_logits(qq, k, scale)                           # (..., Nk)
