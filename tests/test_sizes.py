@@ -155,6 +155,29 @@ def test_a_twin_is_built_while_no_other_thread_runs_the_model():
     assert sorted(set(calls)) == [2, 3] and calls.count(3) == 2     # no batch-1 analysis calls
 
 
+def test_methods_called_directly_in_other_threads_do_not_meet_a_twin_build():
+    """A thread calling ``forward_features`` directly (no model forward: it does not wait at the
+    model's entry) while another thread's first call at a new size builds a twin: its calls
+    counted in the twin's calibration record (the build failed, "called 4 times per forward"),
+    its blocks saw the analysis' hooks and ran dense, and the provenance noise could reach its
+    patch embedding (until the nineteenth session). The analysis' hooks act on the building
+    thread only, and a block called outside a model forward runs admitted like one."""
+    fast = evoplug.convert(_small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = fast.forward_features(x)
+
+    def new_sizes():
+        for size in (96, 80, 112):
+            with torch.no_grad():
+                assert fast(torch.randn(3, 3, size, size)).shape == (3, 10)
+
+    outs, errors = _served_meanwhile(lambda v: fast.forward_features(v), x, new_sizes)
+    assert not errors and outs
+    for o in outs:
+        torch.testing.assert_close(o, ref, atol=0, rtol=0)
+
+
 def test_a_conversion_leaves_other_threads_models_alone():
     """torch.fx patches ``nn.Module.__call__`` for the whole process while it traces: modules
     another thread runs meanwhile go their usual way."""

@@ -9,6 +9,7 @@ count N at each block and the patch grid (for the number of prefix tokens).
 from __future__ import annotations
 
 import dataclasses
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -135,6 +136,18 @@ class _Recorder:
             c.attention_map = isinstance(output, torch.Tensor) and id(output) in self.attention_outputs
 
 
+def this_thread(hook):
+    """``hook`` for the calls made on the thread that registers it; other threads' calls of the
+    module pass untouched. A twin's analysis hooks modules it shares with the model while other
+    threads may run them (``forward_features`` called directly, see runtime/state.py): their
+    calls must neither count in the record nor get its noise."""
+    me = threading.get_ident()
+
+    def only_here(*args, **kwargs):
+        return hook(*args, **kwargs) if threading.get_ident() == me else None
+    return only_here
+
+
 class CallRecord(dict):
     """id(module) -> :class:`ModuleCall` of one calibration forward; ``derived`` caches what the
     analysis computes from the whole record once (e.g. the modules inside attention)."""
@@ -151,8 +164,8 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     rec = _Recorder(model)
     handles = []
     for m in model.modules():
-        handles.append(m.register_forward_pre_hook(rec.pre, with_kwargs=True))
-        handles.append(m.register_forward_hook(rec.post, with_kwargs=True))
+        handles.append(m.register_forward_pre_hook(this_thread(rec.pre), with_kwargs=True))
+        handles.append(m.register_forward_hook(this_thread(rec.post), with_kwargs=True))
     was_training = model.training
     model.eval()
     before = {id(m): plain_attributes(m) for m in model.modules()}

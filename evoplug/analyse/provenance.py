@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .calibrate import CallRecord, _call
+from .calibrate import CallRecord, _call, this_thread
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -189,9 +189,9 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
         t = _noise(t, seed)
         return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
 
-    handles = [by_id[k].register_forward_pre_hook(_capture(seen, k, args), with_kwargs=True)
+    handles = [by_id[k].register_forward_pre_hook(this_thread(_capture(seen, k, args)), with_kwargs=True)
                for k in every]
-    handles += [m.register_forward_hook(perturb) for m in sources]
+    handles += [m.register_forward_hook(this_thread(perturb)) for m in sources]
     was = model.training
     model.eval()
     try:

@@ -214,7 +214,14 @@ class EvoBlockMixin:
             return self._forward(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:
             raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.trace"))
-        local = self._evoplug_spec.runtime._local
+        rt = self._evoplug_spec.runtime
+        local = rt._local
+        # outside a forward of the model (``forward_features`` called directly) the block runs
+        # admitted like a forward: not while another thread builds a twin, which runs the modules
+        # they share with the user's hooks set aside and its analysis' hooks on them
+        outside = not getattr(local, "entry", None)
+        if outside:
+            rt.admit()
         guard = getattr(local, "guard", None)
         if guard is not None and guard.on_stack:   # this block's own ops pass untouched
             guard.off()
@@ -224,6 +231,8 @@ class EvoBlockMixin:
             guard = getattr(local, "guard", None)
             if guard is not None and guard.watched:
                 guard.on()
+            if outside:
+                rt.release()
 
     def _forward(self, *args, **kwargs):
         spec = self._evoplug_spec

@@ -183,7 +183,8 @@ class EvoRuntime:
 
     def admit(self):
         """A forward of the model starts on this thread (it waits while another thread builds
-        a size variant)."""
+        a size variant); so does a converted block called outside one (a method such as
+        ``forward_features`` called directly: runtime/block.py), for the block's run."""
         me = threading.get_ident()
         with self._gate:
             while self._builder is not None and self._builder != me:
