@@ -177,7 +177,9 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
     for spec, link in zip(specs, links):
-        spec.chain_next = None if link is None else specs[link]
+        # (a sequence-first block takes its tokens through a transpose: none is handed on)
+        spec.chain_next = None if link is None or spec.call.token_perm or \
+            specs[link].call.token_perm else specs[link]
         spec.starts_stream = spec.index in starts
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict))

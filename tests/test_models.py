@@ -141,24 +141,70 @@ def test_plain_vit_sequence_first_mha():
 
 
 class _TorchEncoderViT(nn.Module):
-    """A ViT built from PyTorch's own ``nn.TransformerEncoderLayer`` (batch first), as layers
-    in a ``Sequential`` or inside ``nn.TransformerEncoder``."""
+    """A ViT built from PyTorch's own ``nn.TransformerEncoderLayer`` (batch first, or
+    sequence-first as PyTorch's default: (N, B, C) between the layers), as layers in a
+    ``Sequential`` or inside ``nn.TransformerEncoder``; an optional key padding mask."""
 
-    def __init__(self, norm_first, encoder, d=64, depth=6):
+    def __init__(self, norm_first, encoder, d=64, depth=6, batch_first=True):
         super().__init__()
         self.embed = nn.Conv2d(3, d, 4, 4)
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, 65, d) * 0.1)
-        layer = lambda: nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,  # noqa: E731
+        layer = lambda: nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=batch_first,  # noqa: E731
                                                    norm_first=norm_first)
         self.enc = nn.TransformerEncoder(layer(), depth, enable_nested_tensor=False) if encoder \
             else nn.Sequential(*[layer() for _ in range(depth)])
         self.head = nn.Linear(d, 10)
+        self.batch_first = batch_first
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         t = self.embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
-        return self.head(self.enc(t)[:, 0])
+        pad = {} if mask is None else {"src_key_padding_mask": mask}
+        if self.batch_first:
+            return self.head(self.enc(t, **pad)[:, 0])
+        return self.head(self.enc(t.transpose(0, 1), **pad)[0])
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("encoder", [False, True])
+def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first, encoder):
+    """PyTorch's ``nn.TransformerEncoderLayer`` takes (N, B, C) by default (``batch_first=False``):
+    such layers convert through a transpose at their boundary (``CallPlan.token_perm``; refused
+    as regrouped tokens until the nineteenth session). The same weights as batch-first layers
+    give the batch-first conversion's outputs and gradients (reselecting every block, and every
+    4 blocks: sequence-first blocks restore the order after each block), with a key padding
+    mask too."""
+    torch.manual_seed(0)
+    seq = _TorchEncoderViT(norm_first, encoder, batch_first=False).eval()
+    ref = _TorchEncoderViT(norm_first, encoder).eval()
+    ref.load_state_dict(seq.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    for every in (1, 4):
+        fast = evoplug.convert(seq, keep_ratio=0.5, reselect_every=every, example_input=x[:1])
+        twin = evoplug.convert(ref, keep_ratio=0.5, reselect_every=every, example_input=x[:1])
+        assert [s.analysis.plan.token_perm for s in evoplug.get_report(fast).blocks] == [(1, 0, 2)] * 6
+        with torch.no_grad():
+            out = fast(x)
+            torch.testing.assert_close(out, twin(x), atol=1e-5, rtol=1e-5)
+            assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4
+            assert (out - seq(x)).abs().max() > 1e-3          # it evolved
+        fast.train(), twin.train()
+        grads = torch.autograd.grad(fast(x).square().sum(), list(fast.parameters()))
+        want = torch.autograd.grad(twin(x).square().sum(), list(twin.parameters()))
+        for g, w in zip(grads, want):
+            torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        evoplug.set_options(fast.eval(), keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), seq(x), atol=1e-5, rtol=1e-5)
+    if not encoder:
+        return
+    mask = torch.zeros(3, 65, dtype=torch.bool)
+    mask[:, -5:] = True       # (a per-image mask: calibrated at two images, as documented)
+    fast = evoplug.convert(seq, keep_ratio=0.5, example_input=(x[:2], mask[:2]))
+    twin = evoplug.convert(ref, keep_ratio=0.5, example_input=(x[:2], mask[:2]))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, mask), twin(x, mask), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("norm_first", [True, False])

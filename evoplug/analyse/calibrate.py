@@ -39,6 +39,13 @@ class ModuleCall:
     grid_ops: int = 0                # leaf modules run on a 4-D (B, C, H, W) map inside this one
     attention_map: bool = False      # its output is what an attention function returned
     module_type: Optional[type] = None
+    token_perm: Tuple[int, ...] = ()  # a sequence-first block: its tokens as (B, N, C) are
+    #                                   args[0].permute(token_perm) (see runtime/call.py)
+
+    def tokens(self):
+        """The first argument, a token tensor as (B, N, C) (or a (B, H, W, C) map)."""
+        x = self.args[0] if self.args else None
+        return x.permute(self.token_perm) if self.token_perm and isinstance(x, torch.Tensor) else x
 
     def feature_map(self) -> Optional[Tuple[int, int]]:
         """(h, w) when this module's (first) output is a 4-D spatial feature map (B, C, h, w):

@@ -27,12 +27,7 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
                 "map (no norm or linear over its last dim)")
     if x.dim() not in (3, 4):
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
-    if batch is not None and x.shape[0] != batch and x.dim() == 3 and x.shape[1] == batch:
-        return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): they "
-                "look sequence-first, (N, B, C) (nn.TransformerEncoderLayer or "
-                "nn.MultiheadAttention with batch_first=False between blocks); evoplug converts "
-                "batch-first blocks, or ones that transpose inside")
-    if batch is not None and x.shape[0] != batch:
+    if batch is not None and x.shape[0] != batch and not sequence_first(x, batch):
         return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
                 "windows or patches are formed outside any block evoplug can convert, so it "
                 "cannot tell which image position each token holds")
@@ -47,6 +42,14 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
         return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
                 "(not a self-attention token block, e.g. class attention or pooling)")
     return None
+
+
+def sequence_first(x: torch.Tensor, batch: Optional[int]) -> bool:
+    """Tokens (N, B, C) of ``batch`` images: a sequence-first block (PyTorch's
+    ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` with ``batch_first=False``,
+    their default). It converts like a batch-first one, through ``x.transpose(0, 1)``
+    (``CallPlan.token_perm``)."""
+    return batch is not None and x.dim() == 3 and x.shape[0] != batch and x.shape[1] == batch
 
 
 def token_output(out) -> Optional[torch.Tensor]:
@@ -110,6 +113,8 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             return
         reason = token_block_reason(c, batch, channels_last(m, c, calls))
         if c.n_calls == 1 and c.attention_ops == 1 and reason is None:
+            x = next((a for a in list(c.args) + list(c.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+            c.token_perm = (1, 0, 2) if sequence_first(x, batch) else ()
             candidates.append((name, m, c))
             return
         parallel = _parallel_branches(name, m, calls) if c.n_calls == 1 and reason is None else []

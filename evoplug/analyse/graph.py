@@ -172,7 +172,10 @@ def is_size_query(n: fx.Node) -> bool:
     sizes, passes no values on."""
     if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
         return n.args[1] in _META_ATTRIBUTES
-    return n.op == "call_method" and n.target in ("size", "dim")
+    if n.op == "call_function" and n.target in (torch.is_floating_point, torch.is_complex):
+        return True          # the dtype's (F._canonical_mask of a key padding mask)
+    return n.op == "call_method" and n.target in ("size", "dim", "is_floating_point",
+                                                   "is_complex", "element_size")
 
 
 def is_scalar_or_layout_op(n: fx.Node) -> bool:

@@ -145,6 +145,8 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     try:
         with torch.no_grad(), hooks_suspended(m):
             ref = token_output(type(a.module).forward(m, *args, **kwargs))
+            if a.plan.token_perm:     # a sequence-first block: compared as (B, N, C)
+                ref = ref.permute(a.plan.token_perm)
             x, extras = a.plan.bind(a.name, args, kwargs)
             if a.token_map:   # (B, H, W, C) maps: compare as tokens
                 ref, x = ref.flatten(1, 2), x.flatten(1, 2)

@@ -38,7 +38,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
                         key=lambda b: calls[id(b)].order):
         c = calls.get(id(block))
-        x = c.args[0] if c is not None and c.args else None
+        x = c.tokens() if c is not None else None
         if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
             every[id(block)] = (c.name, x)
     if not any(x.dim() == 3 for _, x in every.values()):
@@ -49,6 +49,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     seen = _inputs_seen(model, example_input, by_id, every, () if source is None else (source,))
     if seen is None:
         return
+    seen = _as_tokens(seen, calls)
     if source is None:     # the noise was on every input: what it did not reach is image-free
         same = _image_free(every, seen)
     else:
@@ -63,7 +64,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
             # confirmed on noise in every floating-point input (CrossViT's second branch
             # starts from its own patch map, which the first map's noise does not reach)
             same = _unchanged_by_the_inputs(model, example_input, by_id,
-                                            {k: every[k] for k in same + before})
+                                            {k: every[k] for k in same + before}, calls)
     calls.derived["image_free"] = tuple(every[k][0] for k in same)
     inputs = {}
     for k, (_, x) in every.items():
@@ -160,6 +161,13 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     calls.derived["varying"] = varying
 
 
+def _as_tokens(seen: dict, calls: CallRecord) -> dict:
+    """The block inputs ``seen`` as (B, N, C) tokens, as ``ModuleCall.tokens`` gives the
+    calibration's (sequence-first blocks take them transposed)."""
+    return {k: y.permute(calls[k].token_perm) if calls[k].token_perm and isinstance(y, torch.Tensor)
+            else y for k, y in seen.items()}
+
+
 def _same_input(seen, key, x) -> bool:
     y = seen.get(key)
     return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
@@ -226,7 +234,8 @@ def _image_free(every, seen) -> List[int]:
     return same if changed else []
 
 
-def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> List[int]:
+def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every,
+                             calls: CallRecord) -> List[int]:
     """Of the blocks ``every`` ({id: (name, calibration input)}), those whose input stays
     exactly the same when noise is added to every floating-point tensor the model is given:
     nothing they compute comes from the image (token ids and masks are integers)."""
@@ -235,6 +244,7 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every) -> L
     seen = _inputs_seen(model, example_input, by_id, every)
     if seen is None:    # inputs the model cannot take noisy: nothing is refused
         return []
+    seen = _as_tokens(seen, calls)
     return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
 
 

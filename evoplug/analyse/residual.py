@@ -65,9 +65,12 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                         break
         flow = [u for u in users if not is_size_query(u)]
         if nxt is None and len(flow) == 1 and flow[0].args and flow[0].args[0] is stream and (
-                is_reshape(flow[0]) or is_scalar_or_layout_op(flow[0])):
+                is_reshape(flow[0]) or is_scalar_or_layout_op(flow[0]) or (
+                    stream is token and flow[0].op == "call_method" and
+                    flow[0].target == "permute")):
             # the stream viewed as tokens (Swin: (B, H, W, C) -> (B, N, C)), or passed through
-            # an op with a constant (x * 1.0, x.contiguous())
+            # an op with a constant (x * 1.0, x.contiguous()); a sequence-first block's tokens
+            # taken back to (N, B, C) (analyse/trace.py: CallPlan.token_perm)
             nxt = flow[0]
         if nxt is None and len(flow) == 1 and flow[0].op == "call_module" and \
                 flow[0] is not site.node and flow[0].all_input_nodes == [stream] and \

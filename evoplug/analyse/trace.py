@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..integrations import registry
-from ..runtime.call import CallPlan, packed_name, same_constant, tensor_tuple
+from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import ancestors, depends_on_data, random_source, run_nodes
@@ -319,7 +319,7 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
     var_pos = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
     plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos,
                     ignored=tuple(ignored) if var_kw is not None else (),
-                    export_masks=tuple(export_masks))
+                    export_masks=tuple(export_masks), token_perm=tuple(call.token_perm))
     values = plan.arguments(name, call.args, call.kwargs)
     packed = {n: (type(v), len(v)) for n, v in values.items() if tensor_tuple(v)}
     plan.packed = packed
@@ -349,7 +349,8 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
     """For a forward with ``*args``/``**kwargs``: a twin of ``root`` (same attribute dict, so the
     trace reads the block's own parameters and submodules) whose class's ``forward`` takes every
     argument by name, as :meth:`CallPlan.arguments` flattens them, and calls the original."""
-    if plan.var_keyword is None and plan.var_positional is None and not plan.packed:
+    if plan.var_keyword is None and plan.var_positional is None and not plan.packed and \
+            not plan.token_perm:
         return root
     defaults = {n: p.default for n, p in plan.signature.parameters.items()
                 if p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
@@ -358,6 +359,8 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
     items = {n for n, (_, k) in plan.packed.items() for n in [packed_name(n, i) for i in range(k)]}
 
     def value(n):      # a tuple argument is passed as the tuple of its items
+        if n == plan.token_arg and plan.token_perm:
+            return f"{n}.permute({inverse(plan.token_perm)})"
         if n not in plan.packed:
             return n
         kind, k = plan.packed[n]
@@ -367,6 +370,11 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
                        [f"{n}={value(n)}" for n in list(plan.names) + list(plan.packed)
                         if n not in named and n not in items])
     src = f"def forward(self, {params}):\n    return _orig(self, {passed})\n"
+    if plan.token_perm:      # the tokens come as (B, N, C) and go back so (see CallPlan.token_perm)
+        src = (f"def forward(self, {params}):\n    out = _orig(self, {passed})\n"
+               f"    if isinstance(out, (tuple, list)):\n"
+               f"        return (out[0].permute({plan.token_perm}), *out[1:])\n"
+               f"    return out.permute({plan.token_perm})\n")
     scope = {"_defaults": defaults, "_orig": type(root).forward}
     exec(compile(src, f"<evoplug fixed signature of {type(root).__name__}>", "exec"), scope)
     cls = type(type(root).__name__, (type(root),), {"forward": scope["forward"],
@@ -383,6 +391,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     example = None
     if call is not None:
         example = plan.arguments(name, call.args, call.kwargs)
+        if plan.token_perm:
+            example[plan.token_arg] = example[plan.token_arg].permute(plan.token_perm)
     module = _fixed_signature_root(module, plan)
     was = module.training
     module.train(training)

@@ -297,7 +297,7 @@ class EvoBlockMixin:
         else:
             out, new, rest = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
         if new.segment is None:
-            out = spec.layout.restore(out, x)
+            out = spec.call.to_call(spec.layout.restore(out, x))
         if record or recompute:
             rt.record(out, new)
         if not recompute:

@@ -27,6 +27,11 @@ class CallPlan:
     #                               flags, collected by hooks): dropped when binding
     export_masks: Tuple[str, ...] = ()   # masks a family builds only while exporting (see
     #                               integrations/registry.py FamilyHints.export_masks)
+    token_perm: Tuple[int, ...] = ()   # the block takes its tokens in another layout than
+    #                               (B, N, C): sequence-first (N, B, C), as PyTorch's
+    #                               nn.TransformerEncoderLayer by default; binding gives them
+    #                               as ``x.permute(token_perm)``, (B, N, C), and the block's
+    #                               output goes back with :meth:`to_call`
     packed: Dict[str, Tuple[type, int]] = dataclasses.field(default_factory=dict)
     #                               an argument that is a tuple of tensors (rotary (cos, sin)):
     #                               its container type and length; its items are arguments
@@ -34,7 +39,8 @@ class CallPlan:
 
     def bind(self, module_name: str, args, kwargs) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         if self.single and len(args) == 1 and not kwargs:
-            return args[0], {}       # block(x): nothing else to bind or check
+            x = args[0]              # block(x): nothing else to bind or check
+            return (x.permute(self.token_perm) if self.token_perm else x), {}
         values = self.arguments(module_name, args, kwargs)
         if set(values) != set(self.names):
             extra = sorted(set(values) - set(self.names)) or sorted(set(self.names) - set(values))
@@ -57,7 +63,14 @@ class CallPlan:
             if not isinstance(v, torch.Tensor):
                 raise AnalysisError(module_name, f"argument {n!r} was a tensor at analysis, got {type(v).__name__}")
             extras[n] = v
-        return values[self.token_arg], extras
+        x = values[self.token_arg]
+        if self.token_perm and isinstance(x, torch.Tensor):
+            x = x.permute(self.token_perm)
+        return x, extras
+
+    def to_call(self, out: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, N, C) in the layout the block takes and returns (see ``token_perm``)."""
+        return out.permute(inverse(self.token_perm)) if self.token_perm else out
 
     def arguments(self, module_name: str, args, kwargs) -> Dict[str, Any]:
         """The call's arguments by name, defaults applied, the keywords of ``**kwargs``
@@ -89,6 +102,11 @@ class CallPlan:
         """Positional arguments of the traced program: the tokens, then the other tensor
         arguments in signature order (constants are baked into the trace)."""
         return [x] + [extras[n] for n in self.tensor_args]
+
+
+def inverse(perm: Tuple[int, ...]) -> Tuple[int, ...]:
+    """The permutation that undoes ``perm``."""
+    return tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
 
 
 def packed_name(name: str, i: int) -> str:
