@@ -227,3 +227,25 @@ def test_torchscript_is_refused_by_name():
         torch.jit.trace(fast, torch.randn(2, 3, 32, 32))
     with pytest.raises(evoplug.errors.EvoplugError, match="blocks.0.*torch.jit.script"):
         torch.jit.script(fast)
+
+
+def test_fx_tracing_is_refused_by_name_and_the_blocks_trace_as_leaves():
+    """torch.fx.symbolic_trace and torchvision's create_feature_extractor recorded every
+    converted block's own dense forward (the tracer's Proxy arguments went the way of a call the
+    conversion did not see), with only a warning about the block's arguments: the traced model
+    was the dense one (until the nineteenth session). Now refused naming the block; with the
+    converted blocks as leaf modules the extractor runs them and gives the converted outputs."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+    _, fast = tiny(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(evoplug.errors.EvoplugError, match="blocks.0.*torch.fx.*leaf_modules"):
+        torch.fx.symbolic_trace(fast)
+    with pytest.raises(evoplug.errors.EvoplugError, match="blocks.0.*create_feature_extractor"):
+        create_feature_extractor(fast, return_nodes={"head": "head"})
+    leaves = {type(b) for b in fast.blocks}
+    extractor = create_feature_extractor(fast, return_nodes={"blocks.2": "b2", "head": "head"},
+                                         tracer_kwargs={"leaf_modules": list(leaves)})
+    with torch.no_grad():
+        got, want = extractor(x), fast(x)
+        torch.testing.assert_close(got["head"], want, atol=1e-5, rtol=1e-5)
+        assert got["b2"].shape == (2, 65, fast.embed_dim)

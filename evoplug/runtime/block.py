@@ -197,6 +197,20 @@ _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}
                    "cached constants); use torch.export or torch.compile (docs/export.md)")
 
 
+_NO_FX = ("`{}` is a converted block, which torch.fx cannot record (torch.fx.symbolic_trace, "
+          "torchvision's create_feature_extractor): its token selection and per-forward state "
+          "are Python, and the trace would keep the block's own dense forward. Trace with the "
+          "converted blocks as leaf modules (create_feature_extractor(model, return_nodes, "
+          "tracer_kwargs={{'leaf_modules': [{}]}})), or use torch.export or torch.compile "
+          "(docs/export.md)")
+
+
+def _fx_tracing(args, kwargs) -> bool:
+    """Whether torch.fx records this call (an argument is a Proxy of its trace)."""
+    return torch.fx._symbolic_trace.is_fx_symbolic_tracing() and any(
+        isinstance(v, torch.fx.Proxy) for v in (*args, *kwargs.values()))
+
+
 class EvoBlockMixin:
     """Mixed in front of the block's own class by :func:`evoplug.convert`."""
 
@@ -214,6 +228,8 @@ class EvoBlockMixin:
             return self._forward(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:
             raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.trace"))
+        if _fx_tracing(args, kwargs):
+            raise EvoplugError(_NO_FX.format(self._evoplug_spec.name, "type(block)"))
         rt = self._evoplug_spec.runtime
         local = rt._local
         # outside a forward of the model (``forward_features`` called directly) the block runs
@@ -225,6 +241,13 @@ class EvoBlockMixin:
         guard = getattr(local, "guard", None)
         if guard is not None and guard.on_stack:   # this block's own ops pass untouched
             guard.off()
+        if guard is not None and guard.watched:
+            # handed-on tokens reach only the block they were handed to; any other converted
+            # block (blocks run in another order, one run twice) gets them in the original order
+            cur = getattr(local, "state", None)
+            seg = cur.segment if cur is not None else None
+            to = seg.out if seg is not None and seg.to == self._evoplug_spec.index else None
+            args, kwargs = _stray_restored(guard, args, kwargs, to)
         try:
             return self._forward(*args, **kwargs)
         finally:
@@ -269,6 +292,10 @@ class EvoBlockMixin:
         x, extras = bound
         if spec.per_image and not recompute and rt.entered():
             _check_images(spec, x, rt.images())
+        if segment and state.segment.to != spec.index:
+            # tokens were handed to another block (blocks run in another order than at
+            # conversion): this one starts from its input, in the original order (see forward)
+            state, segment = state._replace(segment=None), False
         if segment and x is not state.segment.out and not recompute and \
                 tuple(x.shape) != state.segment.shape:
             # the handed-on tokens were read (the guard restored them: a dropout between the
@@ -367,7 +394,8 @@ class EvoBlockMixin:
         if since % opt.reselect_every and self._hands_on(state.plan):
             spec.runtime.guard().watch(out_sub, functools.partial(ev.restore, x0, sel=sel, rep=rep0),
                                       spec.name)
-            return out_sub, new._replace(segment=Segment(out_sub, x0, rep0, tuple(out_sub.shape))), rest
+            segment = Segment(out_sub, x0, rep0, tuple(out_sub.shape), spec.chain_next.index)
+            return out_sub, new._replace(segment=segment), rest
         if fast and fast[0] is not None:   # map block: exact attention update for every token
             base, base_rep = fast[0]
             return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new, rest
@@ -390,6 +418,13 @@ class EvoBlockMixin:
         if not torch.is_grad_enabled():
             return not self.training
         return not _saving_hooks() and not _in_backward()
+
+
+def _stray_restored(guard, args, kwargs, expected):
+    """The call's arguments, a handed-on tensor other than ``expected`` in the original order."""
+    def fix(v):
+        return guard.restored(v) if isinstance(v, torch.Tensor) and v is not expected else v
+    return tuple(fix(v) for v in args), {k: fix(v) for k, v in kwargs.items()}
 
 
 def _rebuild_block(orig_class: type):

@@ -41,6 +41,7 @@ class Segment(NamedTuple):
     x0: torch.Tensor                  # the segment's first input, original order (B, N, C)
     rep0: Optional[torch.Tensor]      # the representative token made from it (B, 1, C)
     shape: Tuple[int, ...] = ()       # out's shape
+    to: int = -1                      # the converted block it is handed to (chain_next)
 
 
 class EvoState(NamedTuple):
