@@ -427,6 +427,25 @@ def test_backward_hooks_on_a_block_see_every_token():
         torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
 
 
+@pytest.mark.parametrize("kind", ["full_backward_hook", "full_backward_pre_hook"])
+def test_global_backward_hooks_see_every_token(kind):
+    """A global module backward hook (``register_module_full_backward_hook``) wraps every
+    block's output for autograd like a hook on the block: blocks restore the order (a handed-on
+    output mixed with the restored one and backward raised a shape error until the nineteenth
+    session)."""
+    _, fast, x = _tiny_pair(reselect_every=4)
+    ref, ref_grads, _ = _forward_and_grads(fast, x, per_block=True)
+    register = getattr(torch.nn.modules.module, f"register_module_{kind}")
+    handle = register(lambda m, *grads: None)
+    try:
+        out, grads, _ = _forward_and_grads(fast, x, per_block=False)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, atol=1e-6, rtol=1e-4, msg=n)
+
+
 def _forward_and_grads(model, x, per_block: bool):
     """Output, parameter gradients and ATen ops of one training forward + backward;
     ``per_block``: under saved-tensor hooks, where every block restores the order."""

@@ -162,6 +162,45 @@ def test_recomputation_it_cannot_trace_back_raises():
 # threads: one model, many threads
 # --------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("every", [1, 4])
+def test_reentrant_checkpointing_in_eval_mode_gives_the_plain_input_gradients(every):
+    """Input gradients of a model in eval mode (saliency, attribution) with reentrant
+    checkpointing: its forward runs without autograd on tokens that need gradients, which the
+    runtime took for inference in eval mode (no states recorded, tokens handed on out of the
+    checkpoint): an EvoplugError or a shape error in backward until the nineteenth session.
+    timm's per-block checkpointing and ``checkpoint_sequential`` over the blocks."""
+    from torch.utils.checkpoint import checkpoint_sequential
+    model = _randomise(_tiny(depth=6)).eval()
+    x = torch.randn(3, 3, 32, 32)
+
+    def input_grads(fast):
+        xi = x.clone().requires_grad_(True)
+        fast(xi)[:, :3].square().sum().backward()
+        return xi.grad
+
+    fast = evoplug.convert(model, keep_ratio=0.5, reselect_every=every, example_input=x[:1]).eval()
+    want = input_grads(fast)
+    fast.set_grad_checkpointing(True)
+    set_reentrant_ckpt(True)
+    try:
+        torch.testing.assert_close(input_grads(fast), want, atol=1e-6, rtol=1e-4)
+    finally:
+        set_reentrant_ckpt(False)
+        fast.set_grad_checkpointing(False)
+    blocks = fast.blocks
+
+    class Sequential(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = blocks
+
+        def forward(self, t):
+            return checkpoint_sequential(self.inner, 2, t, use_reentrant=True)
+
+    fast.blocks = Sequential()
+    torch.testing.assert_close(input_grads(fast), want, atol=1e-6, rtol=1e-4)
+
+
 def _hammer(fn, inputs, threads=4):
     results, errors = [None] * len(inputs), []
 

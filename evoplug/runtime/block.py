@@ -19,7 +19,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks,
+                                      _global_forward_hooks, _global_forward_pre_hooks)
 
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
@@ -170,7 +171,7 @@ class BlockSpec:
         m = self.analysis.module
         return bool(self._active(m._forward_hooks) or m._forward_pre_hooks or _global_forward_hooks
                     or _global_forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or self.hooked())
+                    or _global_backward_hooks or _global_backward_pre_hooks or self.hooked())
 
     def _active(self, hooks) -> bool:
         if not hooks:
@@ -271,6 +272,13 @@ class EvoBlockMixin:
         state = rt.enter(spec.index) if not recompute else None
         if state is not None and spec.starts_stream and state.index >= 0:
             state = EvoState(-1, state.plan)     # another tower: its own scores, from here
+        if state is not None and not torch.is_grad_enabled() and any(
+                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            # a forward without autograd whose tokens need gradients runs inside a reentrant
+            # checkpoint (an eval-mode one too: input gradients, saliency): from here on this
+            # forward records its states for the recomputation and hands no tokens on, as a
+            # train-mode forward without autograd does
+            rt._local.untied = True
         plan = state.plan if state is not None else rt.plan
         role = plan.roles[spec.index]
         opt = plan.options
@@ -306,7 +314,8 @@ class EvoBlockMixin:
         if segment:
             _check_segment_arrived(spec.name, x, state.segment)
         program = spec.program(self.training, x.shape[0], args, kwargs)
-        record = not torch.compiler.is_compiling() and (self.training or torch.is_grad_enabled())
+        record = not torch.compiler.is_compiling() and (
+            self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
         if recompute:
             state = _recomputed_state(spec, rt, x, role)
             opt = state.plan.options
@@ -416,7 +425,7 @@ class EvoBlockMixin:
                 or nxt.observed()):
             return False
         if not torch.is_grad_enabled():
-            return not self.training
+            return not self.training and not getattr(self._evoplug_spec.runtime._local, "untied", False)
         return not _saving_hooks() and not _in_backward()
 
 

@@ -128,6 +128,7 @@ class EvoRuntime:
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
             local.state = cur
+            local.untied = False        # see runtime/block.py: a reentrant checkpoint's forward
         local.last = index          # every converted block, dense ones too, moves it on
         return cur
 
