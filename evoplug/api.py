@@ -619,9 +619,10 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
 def revert(model: nn.Module) -> nn.Module:
     """Undo a conversion in place (restores the blocks' classes); returns ``model``."""
     report = get_report(model)
-    for spec in report.blocks:
+    classes = [_unconverted_class(spec) for spec in report.blocks]     # (checked first)
+    for spec, cls in zip(report.blocks, classes):
         m = spec.analysis.module
-        m.__class__ = spec.orig_class
+        m.__class__ = cls
         del m._evoplug_spec
         for name in spec.added_buffers:     # traced constants, the window index
             m._buffers.pop(name, None)
@@ -631,6 +632,24 @@ def revert(model: nn.Module) -> nn.Module:
             hooks.pop(hook_id, None)
     del model._evoplug_report
     return model
+
+
+def _unconverted_class(spec: BlockSpec) -> type:
+    """The class a converted block goes back to: its original class, with the subclasses made
+    on top of the converted one since (``torch.nn.utils.parametrize`` makes one per
+    parametrized module) made again on top of the original, so they keep working."""
+    cls, evo, above = type(spec.analysis.module), evo_class(spec.orig_class), []
+    while cls is not evo:
+        if len(cls.__bases__) != 1 or not issubclass(cls, evo):
+            raise EvoplugError(f"`{spec.name}`: its class {cls.__qualname__} was changed after "
+                               "the conversion in a way revert cannot undo")
+        above.append(cls)
+        cls = cls.__bases__[0]
+    out = spec.orig_class
+    for c in reversed(above):
+        out = type(c.__name__.replace(evo.__name__, spec.orig_class.__name__), (out,),
+                   {k: v for k, v in vars(c).items() if k not in ("__dict__", "__weakref__")})
+    return out
 
 
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:

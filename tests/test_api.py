@@ -147,6 +147,36 @@ def test_options_change_without_reconversion_and_revert():
         assert (fast(x) - model(x)).abs().max() == 0
 
 
+def test_revert_keeps_a_parametrization_made_after_the_conversion():
+    """``torch.nn.utils.parametrize`` makes a subclass of the block's class when it
+    parametrizes the block's own parameter; revert set the original class and dropped it, so
+    every later forward raised an AttributeError (until the nineteenth session). The subclass is
+    made again on top of the original class, and removing the parametrization still works."""
+    import torch.nn.utils.parametrize as P
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    model, x = _small_vit()
+    ref = copy.deepcopy(model)
+    P.register_parametrization(ref.trunk[3].pre_a, "weight", Double())
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+    block = fast.trunk[3]
+    block.register_parameter("gain", nn.Parameter(torch.ones(())))
+    P.register_parametrization(block, "gain", Double())
+    P.register_parametrization(block.pre_a, "weight", Double())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+        evoplug.revert(fast)
+        assert isinstance(fast.trunk[3], Layer) and P.is_parametrized(fast.trunk[3], "gain")
+        assert type(fast.trunk[3]).__name__ == "ParametrizedLayer"
+        assert float(fast.trunk[3].gain) == 2.0
+        torch.testing.assert_close(fast(x), ref(x), atol=0, rtol=0)
+    P.remove_parametrizations(fast.trunk[3], "gain")
+    assert type(fast.trunk[3]) is Layer
+
+
 def test_deepcopy_of_converted_model_is_independent():
     model, x = _small_vit()
     fast = evoplug.convert(model, example_input=x[:1])
