@@ -767,3 +767,44 @@ def test_rows_the_noise_did_not_reach_are_no_special_tokens():
     assert not report.failed, report.failed
     assert [(s.analysis.num_prefix, s.analysis.num_suffix) for s in report.blocks][2:] == [(1, 0)] * 2
     assert report.blocks[2].analysis.prefix_source.startswith("kept from `vit.blocks.1`")
+
+
+def test_tied_scores_keep_the_same_tokens_whatever_the_batch():
+    """Tied global scores go by token index: PVTv2's first-stage row over a 2x2 reduced map,
+    upsampled and pooled onto the next stage's grid, ties exactly (64 scores, 39 values here),
+    and topk broke the tie at the k-th place by the batch's layout: one image's output moved by
+    0.85 between a batch of 5 and alone (until the nineteenth session; a stable sort now)."""
+    g = torch.tensor([[[1e30, 0.3, 0.2, 0.2, 0.2, 0.1]]]).repeat(3, 1, 1)
+    sel = ev.select(g, 2, 1, 4, True, True)
+    assert sel.top[:, 0].tolist() == [[0, 1, 2]] * 3 and sel.pos.tolist() == [[0, 1, 2, 3]] * 3
+    torch.manual_seed(0)
+    model = peaky_weights(timm.create_model("pvt_v2_b0", pretrained=False), 0, False)
+    torch.manual_seed(3)
+    x = torch.randn(5, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    with torch.no_grad():
+        batch = fast(x)
+        for i in range(5):
+            torch.testing.assert_close(batch[i:i + 1], fast(x[i:i + 1]), atol=1e-4, rtol=1e-4)
+
+
+def test_the_representative_weights_sum_to_one_when_the_scores_underflow():
+    """Sharp class attention leaves the tokens not kept scores that sum below 1e-12: the weights
+    were normalised by max(sum, 1e-12), summed to 1e-10 and made the representative token
+    nearly zero (off the paper's rule by up to 2.3 until the nineteenth session)."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = peaky_weights(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4,
+                                            num_heads=2), 0)
+    with torch.no_grad():
+        for b in model.blocks:
+            b.attn.qkv.weight.mul_(6.0)
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    with torch.no_grad():
+        ref = reference_forward(model, x, 0.5, start_block=1, reselect_every=1)[0]
+        torch.testing.assert_close(fast(x), ref, atol=1e-4, rtol=1e-4)
+    g = torch.tensor([[[1e30, 0.5, 0.5, 0.0, 0.0]]])          # every score not kept is 0
+    sel = ev.select(g, 2, 1, 4, True, False)
+    torch.testing.assert_close(sel.weights, torch.tensor([[[0.0, 0.0, 0.0, 0.5, 0.5]]]))

@@ -27,7 +27,7 @@ from torch import Tensor
 #: score of the last prefix token; prefix token i of P gets (P - i) times this: above any
 #: attention score (a probability), exact under the score update (its trade-off weight is 0)
 PREFIX_RANK = 1e30
-#: smallest normaliser of the representative weights (all non-kept scores underflowed to 0)
+#: smallest normaliser of rows mapped or carried onto tokens (all their entries underflowed)
 _TINY = 1e-12
 
 
@@ -609,15 +609,27 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     B = g.shape[0]
     n = num_prefix + k
     take = n + 1 if (with_pos and with_rep) else n
-    vals, top = g.topk(take, -1)
-    pos = top.view(B, take) if with_pos else None
-    if take > n:
+    if torch.compiler.is_exporting():
+        # (ONNX has no stable sort; its TopK takes tied values in index order, by its spec)
+        vals, top = g.topk(take, -1)
+        pos = top.view(B, take) if with_pos else None
+        if take > n:
+            vals, top = vals[..., :n], top[..., :n]
+    else:
+        # a stable sort, not topk: tied scores (flat image regions, a row upsampled from a
+        # reduced map) go by token index, so an image keeps the same tokens whatever else is in
+        # its batch (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0)
+        vals, top = g.sort(dim=-1, descending=True, stable=True)
+        pos = top[..., :take].view(B, take) if with_pos else None
         vals, top = vals[..., :n], top[..., :n]
     index = top.transpose(1, 2).expand(B, n, channels)
     weights = None
     if with_rep:
-        w = g.scatter(-1, top, 0.0)
-        weights = w / w.sum(-1, keepdim=True).clamp_min(_TINY)
+        # the smallest normal float on every score: the weights sum to 1 even where every score
+        # not kept underflowed (then uniform); a floor of 1e-12 on the sum left them summing to
+        # 1e-10 in sharp attention, and the representative token near zero
+        w = (g + torch.finfo(g.dtype).tiny).scatter(-1, top, 0.0)
+        weights = w / w.sum(-1, keepdim=True)
     return Selection(top, index, vals, weights, pos)
 
 
