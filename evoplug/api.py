@@ -325,6 +325,8 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
+        buffer_values={n: t.detach().cpu().clone() for n, t in module._buffers.items()
+                       if n not in buffers_before and t is not None},
         needs_pos=a.uses_pos or bool(a.plan.tensor_args),
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
         idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args,

@@ -89,3 +89,26 @@ def test_state_dicts_load_both_ways(name):
             p.add_(0.01)
         fast.load_state_dict(other.state_dict(), strict=True)      # dense -> converted
         assert (other(x) - fast(x)).abs().max() <= 1e-5
+
+
+def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added():
+    """The empty-init recipe (``to_empty``, timm's ``reinit_non_persistent_buffers``, then the
+    checkpoint) left the buffers the conversion added (Swin's window index, traced constants)
+    holding whatever memory they got: an index error naming neither evoplug nor the buffer, or
+    a silently wrong output (until the nineteenth session). Converted blocks follow timm's
+    ``init_non_persistent_buffers`` convention."""
+    from timm.models._manipulate import reinit_non_persistent_buffers
+    model, fast, x = _convert("swin_tiny_patch4_window7_224")
+    with torch.no_grad():
+        want = fast(x)
+    added = {(s.name, n) for s in evoplug.get_report(fast).blocks for n in s.added_buffers}
+    assert added
+    state = fast.state_dict()
+    fast.to_empty(device="cpu")
+    with torch.no_grad():
+        for block, n in added:
+            fast.get_submodule(block)._buffers[n].fill_(-7)       # what empty memory may hold
+    reinit_non_persistent_buffers(fast)
+    fast.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)

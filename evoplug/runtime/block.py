@@ -73,6 +73,8 @@ class BlockSpec:
     program_factory: Optional[Callable] = None   # (training, args, kwargs) -> program of that batch
     inner: Tuple[nn.Module, ...] = ()   # submodules traced into (their hooks need its own forward)
     added_buffers: Tuple[str, ...] = ()  # non-persistent buffers the conversion added (revert)
+    buffer_values: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #                            their values (CPU copies): init_non_persistent_buffers
     needs_pos: bool = True     # the programs read the subset tokens' original positions
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
@@ -220,6 +222,19 @@ class EvoBlockMixin:
     def __reduce_ex__(self, protocol):
         # the converted class is made at run time: pickle names the original class
         return (_rebuild_block, (self._evoplug_spec.orig_class,), self.__getstate__())
+
+    def init_non_persistent_buffers(self):
+        """timm's convention for buffers no checkpoint holds (``to_empty`` then
+        ``reinit_non_persistent_buffers``): the buffers the conversion added (the window index,
+        traced constants) get the values it computed, on their current device and dtype; the
+        block's own class makes its own, where it can."""
+        for name, value in self._evoplug_spec.buffer_values.items():
+            cur = self._buffers.get(name)
+            if cur is not None:
+                self._buffers[name] = value.to(device=cur.device, dtype=cur.dtype)
+        own = getattr(super(), "init_non_persistent_buffers", None)
+        if own is not None:
+            own()
 
     def __prepare_scriptable__(self):
         raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.script"))
