@@ -2,6 +2,8 @@
 and test at many): the first forward with a new size converts a twin of the model for it (new
 objects for the converted blocks and the modules above them, every parameter and buffer
 shared) and keeps it; later forwards of that size run it."""
+import copy
+
 import pytest
 import torch
 
@@ -251,3 +253,45 @@ def test_a_compiled_model_at_a_size_a_twin_exists_for_runs_the_twin():
         eager = fast(x)                              # converts the twin
         torch.testing.assert_close(compiled(x), eager, atol=1e-6, rtol=1e-6)
         assert not torch.allclose(eager, model(x), atol=1e-3)
+
+
+def test_quantised_and_parametrised_models_keep_their_twins_or_say_what_to_do():
+    """Dynamic quantisation takes its activation scale over every token: a model quantised
+    before the conversion (or a twin converted from one) is refused by the mixing probe, now
+    naming the quantised module and the order that works (convert, call at each size, quantise
+    in place: the twins share the quantised modules). A parametrised attention (parametrize's
+    subclass lives in torch.nn.utils) was taken for a torch.nn leaf, so a twin of a model
+    parametrised after the conversion was refused (until the nineteenth session)."""
+    import torch.nn.utils.parametrize as P
+    from torch.ao.quantization import quantize_dynamic
+    from torch import nn
+    model = _small_vit()
+    a, b = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        with pytest.raises(evoplug.errors.ConversionError,
+                           match="dynamically quantised.*Convert the float model.*inplace=True"):
+            evoplug.convert(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8),
+                            example_input=a[:1])
+        fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=a[:1])
+        fast(b)
+        want = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+        quantize_dynamic(fast, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        for x in (a, b):
+            torch.testing.assert_close(fast(x), want(x), atol=1e-5, rtol=1e-5)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    torch.manual_seed(0)
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=3,
+                            dynamic_img_size=True, num_classes=10).eval()
+    fast = evoplug.convert(copy.deepcopy(eva), keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, 56, 56))
+    for m in (eva, fast):
+        for blk in m.blocks:
+            P.register_parametrization(blk.attn, "q_bias", Double())
+    with torch.no_grad():
+        for size in (56, 84):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(fast(x), eva(x), atol=1e-5, rtol=1e-5)

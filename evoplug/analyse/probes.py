@@ -95,7 +95,20 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
             a.name, "mixes tokens outside its attention (with the attention's output set to "
                     f"zero, changing one patch token changed others by up to {err:.3g}): e.g. a "
                     "mean or sum over the tokens, which evoplug would take over the kept tokens "
-                    "only")
+                    "only" + _quantised_hint(a.module))
+
+
+def _quantised_hint(block: nn.Module) -> str:
+    """Why a dynamically quantised block fails the mixing probe, and what to do instead."""
+    quantised = [n for n, m in block.named_modules() if type(m).__module__.startswith(
+        ("torch.ao.nn.quantized.dynamic", "torch.nn.quantized.dynamic"))]
+    if not quantised:
+        return ""
+    return (f". `{quantised[0]}` is dynamically quantised: its activation scale is taken over "
+            "every token, so one token changes the others' outputs. Convert the float model and "
+            "quantise the converted one; for input sizes other than the conversion's, call it at "
+            "each size first and quantise in place (quantize_dynamic(..., inplace=True): the "
+            "twins made for those sizes are kept)")
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.utils import parametrize
 
 from ..errors import AnalysisError
 from ..integrations import registry
@@ -240,6 +241,12 @@ class BlockTracer(fx.Tracer):
             return True
         if id(m) not in self._attention_modules:
             return True
+        if parametrize.is_parametrized(m):
+            # parametrize's subclass of the module's class lives in torch.nn.utils, which fx
+            # takes for a torch.nn leaf: judge the class it was made from
+            base = type(m).__bases__[0]
+            return base.__module__.startswith(("torch.nn.", "torch.ao.nn.")) and \
+                not issubclass(base, nn.Sequential)
         return super().is_leaf_module(m, qualname)
 
 
