@@ -166,6 +166,62 @@ class _TorchEncoderViT(nn.Module):
         return self.head(self.enc(t.transpose(0, 1), **pad)[0])
 
 
+class _PosLayer(nn.Module):
+    """A DETR-style layer: positions added to the queries and keys at every layer, laid out
+    like the tokens ((N, B, C) when sequence-first)."""
+
+    def __init__(self, d, batch_first):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, 4, batch_first=batch_first)
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x, pos):
+        h = self.n1(x)
+        q = k = h + pos
+        x = x + self.attn(q, k, h, need_weights=False)[0]
+        return x + self.ff(self.n2(x))
+
+
+class _PosViT(nn.Module):
+    def __init__(self, batch_first, d=64):
+        super().__init__()
+        self.batch_first = batch_first
+        self.embed = nn.Conv2d(3, d, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 65, d))
+        self.layers = nn.ModuleList([_PosLayer(d, batch_first) for _ in range(6)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        pos = self.pos.expand(t.shape[0], -1, -1)
+        if not self.batch_first:
+            t, pos = t.transpose(0, 1), pos.transpose(0, 1)
+        for layer in self.layers:
+            t = layer(t, pos)
+        return self.head(t[:, 0] if self.batch_first else t[0])
+
+
+def test_sequence_first_layers_with_positions_laid_out_like_their_tokens():
+    """A sequence-first layer's other arguments laid out like its tokens (DETR's positions,
+    (N, B, C)) follow the kept tokens like the batch-first layer's (B, N, C) positions: the
+    same outputs as the batch-first conversion of the same weights."""
+    torch.manual_seed(0)
+    seq, ref = _PosViT(False).eval(), _PosViT(True).eval()
+    ref.load_state_dict(seq.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(seq, keep_ratio=0.5, example_input=x[:1])
+    twin = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1])
+    assert evoplug.get_report(fast).blocks[2].analysis.plan.perm_args == ("pos",)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), twin(x), atol=1e-5, rtol=1e-5)
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), seq(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first, encoder):

@@ -377,7 +377,11 @@ def _same_rank_arguments(gm: fx.GraphModule, a: BlockAnalysis) -> set:
     out = set()
     for name, node in zip(a.plan.tensor_args, holders):
         rank = len(shape_of(node) or ())
-        for u in node.users:
+        users = list(node.users)
+        if name in a.plan.perm_args:    # (a sequence-first argument: past its permute back)
+            users = [w for u in users for w in (u.users if u.op == "call_method" and
+                                                 u.target == "permute" else [u])]
+        for u in users:
             arith = (u.op == "call_function" and u.target in _ARITHMETIC) or (
                 u.op == "call_method" and u.target in ("add", "mul", "sub"))
             others = [v for v in u.args if isinstance(v, fx.Node) and v is not node]

@@ -32,6 +32,8 @@ class CallPlan:
     #                               nn.TransformerEncoderLayer by default; binding gives them
     #                               as ``x.permute(token_perm)``, (B, N, C), and the block's
     #                               output goes back with :meth:`to_call`
+    perm_args: Tuple[str, ...] = ()   # other tensor arguments laid out like the tokens (DETR's
+    #                               positions (N, B, C) beside sequence-first tokens): permuted too
     packed: Dict[str, Tuple[type, int]] = dataclasses.field(default_factory=dict)
     #                               an argument that is a tuple of tensors (rotary (cos, sin)):
     #                               its container type and length; its items are arguments
@@ -62,7 +64,7 @@ class CallPlan:
             v = values[n]
             if not isinstance(v, torch.Tensor):
                 raise AnalysisError(module_name, f"argument {n!r} was a tensor at analysis, got {type(v).__name__}")
-            extras[n] = v
+            extras[n] = v.permute(self.token_perm) if n in self.perm_args else v
         x = values[self.token_arg]
         if self.token_perm and isinstance(x, torch.Tensor):
             x = x.permute(self.token_perm)
