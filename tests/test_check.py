@@ -175,12 +175,18 @@ def test_the_check_compiles_and_compares():
 
 
 def test_the_check_tells_a_fragile_selection():
-    """With random weights PVTv2's attention is nearly uniform: its global scores differ in the
-    6th or 7th digit at the k-th token, so input noise of 1e-3 (or Inductor's other summation
-    order) swaps tokens at the boundary and changes the output by a lot; such differences are
-    warnings there. A DeiT's selection is stable under the same noise."""
+    """Where input noise of 1e-3 changes the converted output far more than the original's, the
+    selection is fragile and batch or compile differences are warnings, not problems. With
+    random weights PVTv2-b0's output moved by 0.77 under that noise until the nineteenth
+    session: its scores tie exactly (a row upsampled from the reduced keys) and topk broke the
+    ties by rounding; the stable sort breaks them by token index, and its selection is stable
+    now, as a DeiT's is."""
+    from evoplug.tools.check import CheckResult, _flag
     torch.manual_seed(0)
     pvt = check_conversion(timm.create_model("pvt_v2_b0", pretrained=False).eval())
-    assert pvt.ok and not pvt.selection_stable and pvt.noise_change > 0.1
+    assert pvt.ok and pvt.selection_stable and pvt.noise_change < 0.01
     vit = check_conversion(_small_vit())
     assert vit.selection_stable and vit.noise_change < 0.01
+    r = CheckResult(status="converts", noise_change=0.5, selection_stable=False)
+    _flag(r, "keep 0.5 batch of 2 vs alone: 0.4")
+    assert not r.problems and "fragile" in r.warnings[0] and "5.0e-01" in r.warnings[0]

@@ -287,13 +287,8 @@ class EvoBlockMixin:
         state = rt.enter(spec.index) if not recompute else None
         if state is not None and spec.starts_stream and state.index >= 0:
             state = EvoState(-1, state.plan)     # another tower: its own scores, from here
-        if state is not None and not torch.is_grad_enabled() and any(
-                isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            # a forward without autograd whose tokens need gradients runs inside a reentrant
-            # checkpoint (an eval-mode one too: input gradients, saliency): from here on this
-            # forward records its states for the recomputation and hands no tokens on, as a
-            # train-mode forward without autograd does
-            rt._local.untied = True
+        if state is not None and not torch.is_grad_enabled():
+            _mark_untied(rt, args)
         plan = state.plan if state is not None else rt.plan
         role = plan.roles[spec.index]
         opt = plan.options
@@ -315,19 +310,8 @@ class EvoBlockMixin:
         x, extras = bound
         if spec.per_image and not recompute and rt.entered():
             _check_images(spec, x, rt.images())
-        if segment and state.segment.to != spec.index:
-            # tokens were handed to another block (blocks run in another order than at
-            # conversion): this one starts from its input, in the original order (see forward)
-            state, segment = state._replace(segment=None), False
-        if segment and x is not state.segment.out and not recompute and \
-                tuple(x.shape) != state.segment.shape:
-            # the handed-on tokens were read (the guard restored them: a dropout between the
-            # blocks) or replaced before this block: it starts from its input, in the original
-            # order, with the selection in force. (An input of the handed-on shape that is not
-            # the handed-on tensor is refused below: its order cannot be told.)
-            state, segment = state._replace(segment=None), False
         if segment:
-            _check_segment_arrived(spec.name, x, state.segment)
+            state, segment = _segment_taken(spec, state, x, recompute)
         program = spec.program(self.training, x.shape[0], args, kwargs)
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
@@ -442,6 +426,29 @@ class EvoBlockMixin:
         if not torch.is_grad_enabled():
             return not self.training and not getattr(self._evoplug_spec.runtime._local, "untied", False)
         return not _saving_hooks() and not _in_backward()
+
+
+def _mark_untied(rt: EvoRuntime, args):
+    """A forward without autograd whose tokens need gradients runs inside a reentrant
+    checkpoint (an eval-mode one too: input gradients, saliency): from here on this forward
+    records its states for the recomputation and hands no tokens on, as a train-mode forward
+    without autograd does."""
+    if any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        rt._local.untied = True
+
+
+def _segment_taken(spec: BlockSpec, state: EvoState, x: torch.Tensor, recompute: bool):
+    """(state, whether this block takes the segment in progress): not when the tokens were
+    handed to another block (blocks run in another order than at conversion), nor when the
+    handed-on tokens were read (the guard restored them: a dropout between the blocks) or
+    replaced before this block; then it starts from its input, in the original order, with the
+    selection in force. (An input of the handed-on shape that is not the handed-on tensor is
+    refused: its order cannot be told.)"""
+    if state.segment.to != spec.index or (x is not state.segment.out and not recompute and
+                                          tuple(x.shape) != state.segment.shape):
+        return state._replace(segment=None), False
+    _check_segment_arrived(spec.name, x, state.segment)
+    return state, True
 
 
 def _stray_restored(guard, args, kwargs, expected):
