@@ -176,10 +176,10 @@ class _PosLayer(nn.Module):
         self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
 
-    def forward(self, x, pos):
+    def forward(self, x, pos, gate):
         h = self.n1(x)
         q = k = h + pos
-        x = x + self.attn(q, k, h, need_weights=False)[0]
+        x = x + self.attn(q, k, h, need_weights=False)[0] * gate[..., None]
         return x + self.ff(self.n2(x))
 
 
@@ -190,6 +190,7 @@ class _PosViT(nn.Module):
         self.embed = nn.Conv2d(3, d, 4, 4)
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, 65, d))
+        self.gate = nn.Linear(d, 1)
         self.layers = nn.ModuleList([_PosLayer(d, batch_first) for _ in range(6)])
         self.head = nn.Linear(d, 10)
 
@@ -197,29 +198,34 @@ class _PosViT(nn.Module):
         t = self.embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
         pos = self.pos.expand(t.shape[0], -1, -1)
+        gate = self.gate(t)[..., 0].sigmoid()           # per image and token (B, N)
         if not self.batch_first:
-            t, pos = t.transpose(0, 1), pos.transpose(0, 1)
+            t, pos, gate = t.transpose(0, 1), pos.transpose(0, 1), gate.transpose(0, 1)
         for layer in self.layers:
-            t = layer(t, pos)
+            t = layer(t, pos, gate)
         return self.head(t[:, 0] if self.batch_first else t[0])
 
 
 def test_sequence_first_layers_with_positions_laid_out_like_their_tokens():
     """A sequence-first layer's other arguments laid out like its tokens (DETR's positions,
-    (N, B, C)) follow the kept tokens like the batch-first layer's (B, N, C) positions: the
-    same outputs as the batch-first conversion of the same weights."""
+    (N, B, C); a per-token gate (N, B)) follow the kept tokens like the batch-first layer's
+    (B, N, C) and (B, N): the same outputs as the batch-first conversion of the same weights.
+    A calibration batch equal to the token count cannot tell the layouts apart: refused (the
+    (N, N, C) tokens were taken as batch-first, off by 0.8 at keep 1.0)."""
     torch.manual_seed(0)
     seq, ref = _PosViT(False).eval(), _PosViT(True).eval()
     ref.load_state_dict(seq.state_dict())
     x = torch.randn(3, 3, 32, 32)
     fast = evoplug.convert(seq, keep_ratio=0.5, example_input=x[:1])
     twin = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1])
-    assert evoplug.get_report(fast).blocks[2].analysis.plan.perm_args == ("pos",)
+    assert evoplug.get_report(fast).blocks[2].analysis.plan.perm_args == ("pos", "gate")
     with torch.no_grad():
         torch.testing.assert_close(fast(x), twin(x), atol=1e-5, rtol=1e-5)
         assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x), seq(x), atol=1e-5, rtol=1e-5)
+    with pytest.raises(evoplug.errors.ConversionError, match="as many as the images"):
+        evoplug.convert(seq, example_input=torch.randn(65, 3, 32, 32))
 
 
 @pytest.mark.parametrize("norm_first", [True, False])

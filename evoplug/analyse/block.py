@@ -142,7 +142,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     grid_ops = find_grid_ops(gm, a, site)
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
-    _describe_arguments(a, site, extras, x.shape[0], getattr(calls, "derived", {}).get("varying", ()), gm)
+    varying = getattr(calls, "derived", {}).get("varying", ())
+    raw = plan.arguments(name, call.args, call.kwargs)      # (the calibration's own tensors)
+    _describe_arguments(a, site, extras, x.shape[0], {n for n in extras if id(raw.get(n)) in varying}, gm)
     a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
@@ -355,7 +357,7 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
     # a mask (bool, int) is taken as per image
     same_rank = _same_rank_arguments(gm, a) if gm is not None else set()
     a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and (
-        (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or id(t) in varying))
+        (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or n in varying))
         or (t.shape[0] == 1 and n in same_rank)))
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
@@ -378,9 +380,9 @@ def _same_rank_arguments(gm: fx.GraphModule, a: BlockAnalysis) -> set:
     for name, node in zip(a.plan.tensor_args, holders):
         rank = len(shape_of(node) or ())
         users = list(node.users)
-        if name in a.plan.perm_args:    # (a sequence-first argument: past its permute back)
+        if name in a.plan.perm_args:    # (a sequence-first argument: past its transpose back)
             users = [w for u in users for w in (u.users if u.op == "call_method" and
-                                                 u.target == "permute" else [u])]
+                                                 u.target == "transpose" else [u])]
         for u in users:
             arith = (u.op == "call_function" and u.target in _ARITHMETIC) or (
                 u.op == "call_method" and u.target in ("add", "mul", "sub"))

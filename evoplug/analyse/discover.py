@@ -14,7 +14,7 @@ from .calibrate import ModuleCall
 
 
 def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
-                        channels_last: bool = False) -> Optional[str]:
+                        channels_last: bool = False, seq: Optional[bool] = None) -> Optional[str]:
     """None if the call looks like a token block: (B, N, C) in, same shape out; or a
     channels-last token map (B, H, W, C) in, same shape out (Swin), when ``channels_last``."""
     tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
@@ -27,14 +27,16 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
                 "map (no norm or linear over its last dim)")
     if x.dim() not in (3, 4):
         return f"input of shape {tuple(x.shape)} is not a (B, N, C) token tensor"
-    if batch is not None and x.shape[0] != batch and not sequence_first(x, batch):
+    if seq is None:         # (N, B, C): known from the block's attention, else by the batch
+        seq = sequence_first(x, batch)
+    if batch is not None and x.shape[0] != batch and not seq:
         return (f"its tokens arrive regrouped (batch {x.shape[0]} for {batch} image(s)): the "
                 "windows or patches are formed outside any block evoplug can convert, so it "
                 "cannot tell which image position each token holds")
     out = token_output(call.output)
     if out is not None and out is not call.output and (
             (call.module_type is not None and issubclass(call.module_type, nn.MultiheadAttention))
-            or x.dim() == 3 and x.shape[1] == 1):
+            or x.dim() == 3 and x.shape[1] == 1 and not seq):
         out = None       # an attention module's (output, weights), a pooling query's attention
     if out is None:
         return f"returns {type(call.output).__name__}, not the token tensor"
@@ -50,6 +52,31 @@ def sequence_first(x: torch.Tensor, batch: Optional[int]) -> bool:
     their default). It converts like a batch-first one, through ``x.transpose(0, 1)``
     (``CallPlan.token_perm``)."""
     return batch is not None and x.dim() == 3 and x.shape[0] != batch and x.shape[1] == batch
+
+
+def mha_layout(m: nn.Module, x: torch.Tensor, calls: Dict[int, ModuleCall]) -> Optional[str]:
+    """The token layout an ``nn.MultiheadAttention`` inside block ``m`` says the block's input
+    ``x`` has, where it takes ``x``'s shape as its query (no transpose between): 'sequence' or
+    'batch' by its ``batch_first``; 'ambiguous' for a square (N, N, C) input (a calibration batch
+    equal to the token count: a transpose would not show); None without such an attention."""
+    if x is None or x.dim() != 3:
+        return None
+    for sub in m.modules():
+        c = calls.get(id(sub))
+        if not isinstance(sub, nn.MultiheadAttention) or c is None or sub is m:
+            continue
+        q = c.args[0] if c.args else c.kwargs.get("query")
+        if not isinstance(q, torch.Tensor) or tuple(q.shape) != tuple(x.shape):
+            continue
+        if x.shape[0] == x.shape[1]:
+            return "ambiguous"
+        return "batch" if sub.batch_first else "sequence"
+    return None
+
+
+_SQUARE = ("its tokens {} are as many as the images in the calibration input: evoplug cannot "
+           "tell the batch dim from the token dim (a sequence-first block takes (N, B, C)); "
+           "convert with an example input of another batch size")
 
 
 def token_output(out) -> Optional[torch.Tensor]:
@@ -111,10 +138,17 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             return
         if c.attention_ops == 0:
             return
-        reason = token_block_reason(c, batch, channels_last(m, c, calls))
+        x = next((a for a in list(c.args) + list(c.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        layout = mha_layout(m, x, calls) if c.n_calls == 1 and c.attention_ops == 1 else None
+        # (N, B, C) as the block's attention says (the model's batch may be misread: a (N, B, C)
+        # model input), else where the calibration's batch sits
+        seq = layout == "sequence" or (layout is None and x is not None and sequence_first(x, batch))
+        reason = token_block_reason(c, batch, channels_last(m, c, calls), seq)
+        if layout == "ambiguous" or (layout is None and reason is None and x is not None and
+                                     x.dim() == 3 and x.shape[0] == x.shape[1] == batch):
+            reason = _SQUARE.format(tuple(x.shape))
         if c.n_calls == 1 and c.attention_ops == 1 and reason is None:
-            x = next((a for a in list(c.args) + list(c.kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            c.token_perm = (1, 0, 2) if sequence_first(x, batch) else ()
+            c.token_perm = (1, 0, 2) if seq else ()
             candidates.append((name, m, c))
             return
         parallel = _parallel_branches(name, m, calls) if c.n_calls == 1 and reason is None else []

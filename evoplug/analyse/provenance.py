@@ -144,8 +144,10 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     every = {}
     for b in blocks:
         c = calls.get(id(b))
+        batch_dim = 1 if c is not None and c.token_perm else 0     # (sequence-first: (N, B, ...))
         if c is not None and c.args and isinstance(c.args[0], torch.Tensor) and any(
-                t.is_floating_point() and t.dim() >= 2 and t.shape[0] == 1 for t in others(c)):
+                t.is_floating_point() and t.dim() >= 2 and t.shape[batch_dim] == 1
+                for t in others(c)):
             every[id(b)] = (c.name, c.args[0])
     if not every:
         return

@@ -349,7 +349,7 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
                   for p in params[1:]))
     single = single and not packed
     x = values[token_arg]
-    perm_args = tuple(n for n in tensor_args if plan.token_perm and values[n].dim() == x.dim() and
+    perm_args = tuple(n for n in tensor_args if plan.token_perm and values[n].dim() >= 2 and
                       values[n].shape[0] == x.shape[0] and values[n].shape[1] in (1, x.shape[1]))
     return dataclasses.replace(plan, token_arg=token_arg, tensor_args=tensor_args, constants=constants,
                                single=single, names=tuple(values), perm_args=perm_args)
@@ -369,8 +369,10 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
     items = {n for n, (_, k) in plan.packed.items() for n in [packed_name(n, i) for i in range(k)]}
 
     def value(n):      # a tuple argument is passed as the tuple of its items
-        if plan.token_perm and (n == plan.token_arg or n in plan.perm_args):
+        if plan.token_perm and n == plan.token_arg:
             return f"{n}.permute({inverse(plan.token_perm)})"
+        if n in plan.perm_args:
+            return f"{n}.transpose(0, 1)"
         if n not in plan.packed:
             return n
         kind, k = plan.packed[n]
@@ -401,8 +403,10 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     example = None
     if call is not None:
         example = plan.arguments(name, call.args, call.kwargs)
-        for n in (plan.token_arg, *plan.perm_args) if plan.token_perm else ():
-            example[n] = example[n].permute(plan.token_perm)
+        if plan.token_perm:
+            example[plan.token_arg] = example[plan.token_arg].permute(plan.token_perm)
+        for n in plan.perm_args:
+            example[n] = example[n].transpose(0, 1)
     module = _fixed_signature_root(module, plan)
     was = module.training
     module.train(training)

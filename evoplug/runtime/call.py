@@ -32,8 +32,9 @@ class CallPlan:
     #                               nn.TransformerEncoderLayer by default; binding gives them
     #                               as ``x.permute(token_perm)``, (B, N, C), and the block's
     #                               output goes back with :meth:`to_call`
-    perm_args: Tuple[str, ...] = ()   # other tensor arguments laid out like the tokens (DETR's
-    #                               positions (N, B, C) beside sequence-first tokens): permuted too
+    perm_args: Tuple[str, ...] = ()   # other tensor arguments laid out like the tokens, tokens
+    #                               first (DETR's positions (N, B, C), a gate (N, B), beside
+    #                               sequence-first tokens): their first two dims swapped too
     packed: Dict[str, Tuple[type, int]] = dataclasses.field(default_factory=dict)
     #                               an argument that is a tuple of tensors (rotary (cos, sin)):
     #                               its container type and length; its items are arguments
@@ -64,7 +65,7 @@ class CallPlan:
             v = values[n]
             if not isinstance(v, torch.Tensor):
                 raise AnalysisError(module_name, f"argument {n!r} was a tensor at analysis, got {type(v).__name__}")
-            extras[n] = v.permute(self.token_perm) if n in self.perm_args else v
+            extras[n] = v.transpose(0, 1) if n in self.perm_args else v
         x = values[self.token_arg]
         if self.token_perm and isinstance(x, torch.Tensor):
             x = x.permute(self.token_perm)
