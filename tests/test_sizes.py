@@ -295,3 +295,47 @@ def test_quantised_and_parametrised_models_keep_their_twins_or_say_what_to_do():
         for size in (56, 84):
             x = torch.randn(2, 3, size, size)
             torch.testing.assert_close(fast(x), eva(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_block_called_from_inside_another_does_not_wait_for_a_twin_build():
+    """A thread that runs converted blocks outside a model forward is admitted block by block;
+    a block it calls from inside another (from a hook) while another thread began a twin build
+    waited for that build, which waited for the first block: a deadlock (found in review, the
+    nineteenth session). An admitted thread goes on."""
+    import threading
+    import time
+    fast = evoplug.convert(_small_vit(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    rt = evoplug.get_report(fast).blocks[0].runtime
+    done = {}
+
+    def build():
+        with torch.no_grad():
+            fast(torch.randn(1, 3, 96, 96))          # a new size: a twin is built
+        done["build"] = True
+
+    def hook(module, inputs, output):
+        if "hooked" in done:
+            return
+        done["hooked"] = True
+        threading.Thread(target=build, daemon=True).start()
+        t0 = time.time()
+        while rt._builder is None and not rt.variants and time.time() - t0 < 10:
+            time.sleep(0.001)
+        fast.blocks[3](inputs[0][:, :1].expand(1, 17, -1).contiguous())
+
+    fast.blocks[2].mlp.fc1.register_forward_hook(hook)
+
+    def direct():
+        with torch.no_grad():
+            t = fast.norm_pre(fast._pos_embed(fast.patch_embed(torch.randn(1, 3, 64, 64))))
+            for block in fast.blocks:
+                t = block(t)
+        done["direct"] = True
+
+    runner = threading.Thread(target=direct, daemon=True)
+    runner.start()
+    runner.join(60)
+    t0 = time.time()
+    while "build" not in done and time.time() - t0 < 60:
+        time.sleep(0.05)
+    assert "direct" in done and "build" in done

@@ -186,10 +186,12 @@ class EvoRuntime:
     def admit(self):
         """A forward of the model starts on this thread (it waits while another thread builds
         a size variant); so does a converted block called outside one (a method such as
-        ``forward_features`` called directly: runtime/block.py), for the block's run."""
+        ``forward_features`` called directly: runtime/block.py), for the block's run. A thread
+        admitted already goes on (a block called from a hook inside another): a build that began
+        meanwhile waits for it, so waiting for the build would wait forever."""
         me = threading.get_ident()
         with self._gate:
-            while self._builder is not None and self._builder != me:
+            while self._builder is not None and self._builder != me and not self._inside.get(me):
                 self._gate.wait()
             self._inside[me] = self._inside.get(me, 0) + 1
 
