@@ -519,3 +519,33 @@ def test_a_model_that_packs_its_images_into_one_sequence_refuses_a_batch():
         with pytest.raises(evoplug.EvoplugError, match=r"`transformer\.layers\.\d+` runs on a batch "
                                                        r"of 1 token sequence\(s\) for 2 image\(s\)"):
             fast(pix)
+
+
+def test_vitdet_layers_on_channels_first_maps_evolve():
+    """transformers' VitDet layers take and return a channels-first (B, C, H, W) map and permute
+    it to channels-last themselves: they convert through that permute at their boundary
+    (``CallPlan.token_perm`` (0, 2, 3, 1); refused by name until the nineteenth session), as
+    timm's SAM blocks do: windowed and global layers, keep 1.0 exact through the machinery,
+    fewer tokens at keep 0.5, each image as alone, the backbone's feature maps in their shape.
+    Decomposed relative positions added into a view of the logits
+    (``add_decomposed_relative_positions``) are not followed on a token subset: such global
+    layers are refused by the permutation probe, naming them."""
+    torch.manual_seed(0)
+    cfg = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
+               mlp_ratio=2, window_size=4, window_block_indices=[0, 2])
+    model = T.VitDetBackbone(T.VitDetConfig(**cfg, out_features=["stage6"])).eval()
+    x = torch.randn(3, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    report = evoplug.get_report(fast)
+    assert [s.analysis.plan.token_perm for s in report.blocks] == [(0, 2, 3, 1)] * 6
+    with torch.no_grad():
+        out = fast(x).feature_maps[0]
+        assert out.shape == model(x).feature_maps[0].shape == (3, 64, 8, 8)
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 4
+        torch.testing.assert_close(fast(x[1:2]).feature_maps[0], out[1:2], atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x).feature_maps[0], model(x).feature_maps[0],
+                                   atol=1e-5, rtol=1e-5)
+    rel = T.VitDetModel(T.VitDetConfig(**cfg, use_relative_position_embeddings=True)).eval()
+    with pytest.raises(evoplug.errors.ConversionError, match="encoder.layer.1`: not equivariant"):
+        evoplug.convert(rel, keep_ratio=0.5, example_input=x[:1])

@@ -349,7 +349,7 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
                   for p in params[1:]))
     single = single and not packed
     x = values[token_arg]
-    perm_args = tuple(n for n in tensor_args if plan.token_perm and values[n].dim() >= 2 and
+    perm_args = tuple(n for n in tensor_args if plan.token_perm == (1, 0, 2) and values[n].dim() >= 2 and
                       values[n].shape[0] == x.shape[0] and values[n].shape[1] in (1, x.shape[1]))
     return dataclasses.replace(plan, token_arg=token_arg, tensor_args=tensor_args, constants=constants,
                                single=single, names=tuple(values), perm_args=perm_args)
@@ -432,6 +432,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                           f"{second})") from None
         _drop_constant_asserts(graph)
         _split_baddbmm(graph)
+        if plan.token_perm:
+            _cancel_permutes(graph)
         _constants_to_buffers(module)
         _tensor_only_signature(graph, plan, name)
         # assembled before the mode is restored: some modules' train() drops cached tensors the
@@ -549,6 +551,29 @@ def _split_baddbmm(graph: fx.Graph):
                 out = graph.call_function(operator.add, (out, bias))
         node.replace_all_uses_with(out)
         graph.erase_node(node)
+
+
+def _cancel_permutes(graph: fx.Graph):
+    """``x.permute(p).permute(q)`` that gives ``x`` back is ``x``: a block that takes a
+    channels-first map and permutes it to channels-last itself (VitDet) is traced through the
+    permute to its own layout (CallPlan.token_perm) and back; the pair goes, so the residual
+    stream starts at the block's input as for a block that takes the map."""
+    def perm_of(n):
+        if n.op == "call_method" and n.target == "permute" and isinstance(n.args[0], fx.Node):
+            dims = n.args[1] if len(n.args) == 2 and isinstance(n.args[1], (tuple, list)) else n.args[1:]
+            if all(isinstance(d, int) for d in dims):
+                return tuple(dims)
+        return None
+    for n in list(graph.nodes):
+        q = perm_of(n)
+        first = n.args[0] if q is not None else None
+        p = perm_of(first) if first is not None else None
+        if p is None or len(p) != len(q) or tuple(p[i] for i in q) != tuple(range(len(q))):
+            continue
+        n.replace_all_uses_with(first.args[0])
+        graph.erase_node(n)
+        if not first.users:
+            graph.erase_node(first)
 
 
 def _drop_constant_asserts(graph: fx.Graph):
