@@ -527,9 +527,10 @@ def test_vitdet_layers_on_channels_first_maps_evolve():
     (``CallPlan.token_perm`` (0, 2, 3, 1); refused by name until the nineteenth session), as
     timm's SAM blocks do: windowed and global layers, keep 1.0 exact through the machinery,
     fewer tokens at keep 0.5, each image as alone, the backbone's feature maps in their shape.
-    Decomposed relative positions added into a view of the logits
-    (``add_decomposed_relative_positions``) are not followed on a token subset: such global
-    layers are refused by the permutation probe, naming them."""
+    Its decomposed relative positions, added into a view of the logits by the map's size
+    (``add_decomposed_relative_positions``), are rewritten into one term on the logits as
+    timm's SAM adds them (``canon._terms_out_of_logit_views``), which follows the kept tokens
+    (the permutation probe refused those global layers before)."""
     torch.manual_seed(0)
     cfg = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
                mlp_ratio=2, window_size=4, window_block_indices=[0, 2])
@@ -547,5 +548,12 @@ def test_vitdet_layers_on_channels_first_maps_evolve():
         torch.testing.assert_close(fast(x).feature_maps[0], model(x).feature_maps[0],
                                    atol=1e-5, rtol=1e-5)
     rel = T.VitDetModel(T.VitDetConfig(**cfg, use_relative_position_embeddings=True)).eval()
-    with pytest.raises(evoplug.errors.ConversionError, match="encoder.layer.1`: not equivariant"):
-        evoplug.convert(rel, keep_ratio=0.5, example_input=x[:1])
+    fast = evoplug.convert(rel, keep_ratio=0.5, example_input=x[:1])
+    assert any("one term on it" in n for n in evoplug.get_report(fast).blocks[1].analysis.notes)
+    with torch.no_grad():
+        out = fast(x).last_hidden_state
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 4
+        torch.testing.assert_close(fast(x[1:2]).last_hidden_state, out[1:2], atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x).last_hidden_state, rel(x).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)

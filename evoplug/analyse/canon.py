@@ -47,7 +47,8 @@ def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid) -> List[str]:
     gm.meta["evo_shapes"] = True          # (the callers' shape propagation is done)
     ctx = _Ctx(gm, prop.values, tuple(grid), int(feed[0].shape[0]))
     done = []
-    for rule in (_heads_to_tokens, _sink_map_views, _projection_on_tokens, _tail_on_tokens):
+    for rule in (_terms_out_of_logit_views, _heads_to_tokens, _sink_map_views,
+                 _projection_on_tokens, _tail_on_tokens):
         done += rule(ctx)
     if done:
         gm.graph.lint()
@@ -132,6 +133,49 @@ def _merged_sizes(sizes: list, shape, i: int) -> Optional[list]:
         else:
             out.append(s)
     return out
+
+
+def _terms_out_of_logit_views(ctx: _Ctx) -> List[str]:
+    """``(a.view(S) + t_1 + ... + t_n).view(a.shape)`` (transformers' VitDet adds decomposed
+    relative positions into a view of the logits by the map's size) -> ``a + (t_1 + ... +
+    t_n).reshape(a.shape)``: the terms become one term on the logits, as timm's SAM adds them,
+    which the analysis follows on a token subset. Only where the terms' sum has the view's
+    shape (they broadcast among themselves, not into the view)."""
+    graph, done = ctx.graph, []
+    for out in list(graph.nodes):
+        if not is_reshape(out) or not isinstance(out.args[0], fx.Node):
+            continue
+        terms, cur = [], out.args[0]
+        while is_add(cur) and len(cur.users) == 1 and isinstance(cur.args[0], fx.Node) and \
+                isinstance(cur.args[1], fx.Node):
+            terms.append(cur.args[1])
+            cur = cur.args[0]
+        view = cur
+        if not terms or view is out.args[0] or not is_reshape(view) or len(view.users) != 1 or \
+                not isinstance(view.args[0], fx.Node):
+            continue
+        logits, shapes = view.args[0], [shape_of(t) for t in terms]
+        if shape_of(logits) is None or shape_of(logits) != shape_of(out) or None in shapes or \
+                tuple(torch.broadcast_shapes(*shapes)) != shape_of(view):
+            continue
+        with graph.inserting_before(out):
+            total = terms[-1]
+            for t in reversed(terms[:-1]):
+                total = graph.call_function(operator.add, (total, t))
+            term = graph.call_method("reshape", (total, *_sizes(out)))
+            new = graph.call_function(operator.add, (logits, term))
+        out.replace_all_uses_with(new)
+        chain = [out]
+        node = out.args[0]
+        while node is not view:
+            chain.append(node)
+            node = node.args[0]
+        for n in chain + [view]:
+            graph.erase_node(n)
+        done.append(f"terms added into a view of `{logits.name}` -> one term on it")
+    if done:
+        _propagate(ctx)
+    return done
 
 
 def _heads_to_tokens(ctx: _Ctx) -> List[str]:
