@@ -557,3 +557,45 @@ def test_vitdet_layers_on_channels_first_maps_evolve():
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x).last_hidden_state, rel(x).last_hidden_state,
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_an_attention_implementation_changed_after_the_conversion_is_refused_by_name():
+    """transformers looks its attention function up at every call (``config._attn_implementation``
+    in a global registry); the blocks' programs hold the one traced. A switch after the
+    conversion (``set_attn_implementation``, a function registered anew under the name) ran the
+    old computation silently (off by 0.03 at keep 1.0 until the nineteenth session); now it is
+    refused naming the block, as a changed attribute is. A function of the user's own is traced
+    like any Python: a warning says its side effects do not run with the converted blocks."""
+    from transformers import AttentionInterface
+    from transformers.models.vit.modeling_vit import eager_attention_forward
+    seen = []
+
+    def capture(module, q, k, v, mask, **kw):
+        out, w = eager_attention_forward(module, q, k, v, mask, **kw)
+        seen.append(w)
+        return out, w
+
+    def half(module, q, k, v, mask, **kw):
+        out, w = eager_attention_forward(module, q, k, v, mask, **kw)
+        return out * 0.5, w
+
+    AttentionInterface.register("evoplug_test_capture", capture)
+    AttentionInterface.register("evoplug_test_half", half)
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=6,
+                      num_attention_heads=2, intermediate_size=128, num_labels=10)
+    x = torch.randn(2, 3, 32, 32)
+    model = T.ViTForImageClassification(cfg).eval()
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        fast(x)
+        fast.set_attn_implementation("evoplug_test_half")
+        with pytest.raises(evoplug.errors.EvoplugError, match="attention function changed"):
+            fast(x)
+    cfg._attn_implementation = "evoplug_test_capture"
+    own = T.ViTForImageClassification(cfg).eval()
+    with pytest.warns(UserWarning, match="not one of transformers' own"):
+        fast = evoplug.convert(own, keep_ratio=1.0, identity_fast_path=False)
+    AttentionInterface.register("evoplug_test_capture", half)
+    with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError, match="attention function changed"):
+        fast(x)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -50,6 +50,10 @@ class FamilyHints:
     idle_hook: whether a forward hook does nothing at this moment (True) or does something
         (False), for hooks the family installs (None for others): a converted block runs its
         own forward while a submodule it traced into has a hook that is not idle.
+    traced_settings: for a module a block's programs trace into, what its forward reads beyond
+        its own plain attributes and the trace bakes in ({name: value}: transformers' attention
+        implementation, read from the shared config and a global registry); a change after the
+        conversion is refused by name like a changed attribute.
     """
     name: str
     matches: Callable[[nn.Module], bool] = lambda model: True
@@ -61,6 +65,7 @@ class FamilyHints:
     ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     export_masks: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     idle_hook: Optional[Callable[[Callable], Optional[bool]]] = None
+    traced_settings: Optional[Callable[[nn.Module], Optional[Dict[str, Any]]]] = None
 
 
 def int_attribute(name: str) -> Callable[[nn.Module], Optional[int]]:
@@ -162,6 +167,16 @@ def hook_is_idle(hook: Callable) -> bool:
             if answer is not None:
                 return answer
     return False
+
+
+def traced_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
+    """What the families say ``module``'s traced forward read beyond its plain attributes
+    (see FamilyHints.traced_settings), as sorted (name, value) pairs; () when none does."""
+    out: Dict[str, Any] = {}
+    for family in families():
+        if family.traced_settings is not None:
+            out.update(family.traced_settings(module) or {})
+    return tuple(sorted(out.items()))
 
 
 def family_leaf_modules() -> Tuple[type, ...]:

@@ -85,6 +85,22 @@ def input_size(model) -> Optional[InputSize]:
     return None
 
 
+def traced_settings(module) -> Optional[dict]:
+    """An attention module's implementation: read from the shared config at every call and
+    looked up in transformers' registry of attention functions, so a trace bakes in the one it
+    saw (``set_attn_implementation`` or a function registered anew after the conversion went
+    unseen until the nineteenth session)."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    if not isinstance(impl, str) or not type(module).__module__.startswith("transformers."):
+        return None
+    try:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        fn = ALL_ATTENTION_FUNCTIONS.get(impl)
+    except Exception:   # noqa: BLE001 - an older transformers: the name alone
+        fn = None
+    return {"config._attn_implementation": impl, "attention function": fn}
+
+
 TRANSFORMERS = FamilyHints(
     name="transformers",
     matches=lambda model: type(model).__module__.startswith("transformers."),
@@ -94,4 +110,5 @@ TRANSFORMERS = FamilyHints(
     export_masks=lambda model: ("attention_mask",),
     idle_hook=idle_hook,
     input_size=input_size,
+    traced_settings=traced_settings,
 )

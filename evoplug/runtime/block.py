@@ -81,6 +81,9 @@ class BlockSpec:
     #                            it the slow-path tokens directly
     returns: Optional[type] = None   # tuple/list: the block returns (tokens, *other items);
     #                            the program returns the other items as it computed them
+    settings_of: Optional[Callable] = None   # module -> ((name, value), ...) its traced forward
+    #                            read beyond its attributes (a family hint: transformers' attention
+    #                            implementation); recorded in ``traced``, checked by changed()
     idle_hook: Optional[Callable[[Callable], bool]] = None   # a family's forward hook that
     #                            does nothing now (transformers' output capturing, see
     #                            integrations/): not counted by hooked() / observed()
@@ -145,7 +148,7 @@ class BlockSpec:
         modules, not the ones the programs call by path): a submodule replaced, or a plain
         attribute set anew (a dropout rate, ``scale``, ``fused_attn``): the programs hold the
         values and code the trace saw. None when nothing did."""
-        for parent, name, path, m, scalars in self.traced:
+        for parent, name, path, m, scalars, settings in self.traced:
             if parent is not None and parent._modules.get(name) is not m:
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
@@ -155,6 +158,11 @@ class BlockSpec:
                     where = f"{path}.{k}" if path else k
                     return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
                             f"{'(deleted)' if now is _GONE else repr(now)}")
+            if settings and self.settings_of is not None:
+                for (k, v), (_, now) in zip(settings, self.settings_of(m)):
+                    if now is not v and now != v:
+                        return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
+                                f"{now!r}")
         return None
 
     def hooked(self) -> bool:
@@ -610,18 +618,21 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
 _GONE = object()
 
 
-def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=()) -> Tuple:
+def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=(),
+                 settings: Optional[Callable] = None) -> Tuple:
     """For :attr:`BlockSpec.traced`: every module under the block's attention paths
     (traced into), each with its parent, name and plain attributes (``attributes(m)``, a
-    dict) but those a forward sets (``volatile``: {id(module): names}); not the modules the
-    programs call by path (``leaves``) and what is inside them: those run live."""
+    dict) but those a forward sets (``volatile``: {id(module): names}), and what a family says
+    its forward read besides (``settings(m)``); not the modules the programs call by path
+    (``leaves``) and what is inside them: those run live."""
     volatile = volatile or {}
     live = tuple(leaves)
 
     def entry(parent, path, m):
         skip = volatile.get(id(m), ())
         return (parent, path.rpartition(".")[2], path, m,
-                tuple((k, v) for k, v in attributes(m).items() if k not in skip))
+                tuple((k, v) for k, v in attributes(m).items() if k not in skip),
+                settings(m) if settings is not None else ())
 
     # (not the block's own attributes: its flags are read outside the traced forward too,
     # transformers' gradient_checkpointing in __call__; its attention's are math)
