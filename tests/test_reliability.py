@@ -812,3 +812,24 @@ def test_padding_of_a_packed_sequence_does_not_move_the_real_tokens():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(m.forward_features(**zeros)["patches"][0, 4:52],
                                    m.forward_features(**noise)["patches"][0, 4:52])
+
+
+def test_a_blocks_own_settings_changed_after_conversion_are_refused_by_name():
+    """Swin's block reads its own ``shift_size`` and ``attn_mask`` (None without a shift) in its
+    traced forward; timm's ``set_input_size(always_partition=True)`` changes them on the block,
+    not on its attention, and the converted model ran the old, unshifted block silently (off by
+    0.02 at keep 1.0 until the nineteenth session). The block's own plain attributes (tuples
+    too) and the buffers the trace saw as None are checked now. A stage of one head also checks
+    that a mask added into a view of the logits stays a term of the view (the rewrite of terms
+    added into views takes only terms computed from the block's input)."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, depths=(2, 2, 2, 2),
+                              embed_dim=32, num_heads=(1, 2, 4, 8), num_classes=10).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=1.0, example_input=x[:1],
+                           identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+        fast.set_input_size(always_partition=True)
+        with pytest.raises(evoplug.errors.EvoplugError, match="always_partition|shift_size"):
+            fast(x)

@@ -202,9 +202,11 @@ _PLAIN = (bool, int, float, str, type(None))
 
 def plain_attributes(m: nn.Module) -> Dict[str, Any]:
     """A module's attributes of plain Python values (not ``training``): numbers, flags,
-    strings (what a trace bakes into the code it records)."""
+    strings and tuples of them (what a trace bakes into the code it records: a window or shift
+    size)."""
     return {k: v for k, v in vars(m).items()
-            if not k.startswith("_") and k != "training" and type(v) in _PLAIN}
+            if not k.startswith("_") and k != "training" and (type(v) in _PLAIN or (
+                type(v) is tuple and all(type(i) in _PLAIN for i in v)))}
 
 
 def _tensors_in(obj, depth: int = 4):

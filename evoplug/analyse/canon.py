@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .graph import is_add, is_reshape, no_side_effects, shape_of
+from .graph import depends_on_data, is_add, is_reshape, no_side_effects, shape_of
 
 _UNARY_METHODS = {"contiguous", "float", "to", "type_as"}
 _UNARY_FUNCTIONS = {torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.silu,
@@ -140,7 +140,8 @@ def _terms_out_of_logit_views(ctx: _Ctx) -> List[str]:
     relative positions into a view of the logits by the map's size) -> ``a + (t_1 + ... +
     t_n).reshape(a.shape)``: the terms become one term on the logits, as timm's SAM adds them,
     which the analysis follows on a token subset. Only where the terms' sum has the view's
-    shape (they broadcast among themselves, not into the view)."""
+    shape (they broadcast among themselves, not into the view) and every term comes from the
+    block's input."""
     graph, done = ctx.graph, []
     for out in list(graph.nodes):
         if not is_reshape(out) or not isinstance(out.args[0], fx.Node):
@@ -155,8 +156,11 @@ def _terms_out_of_logit_views(ctx: _Ctx) -> List[str]:
                 not isinstance(view.args[0], fx.Node):
             continue
         logits, shapes = view.args[0], [shape_of(t) for t in terms]
+        # (terms computed from the block's input, which carry its batch: a constant added into a
+        # view, Swin's shift mask (1, windows, 1, N, N), can match the view only at one image)
         if shape_of(logits) is None or shape_of(logits) != shape_of(out) or None in shapes or \
-                tuple(torch.broadcast_shapes(*shapes)) != shape_of(view):
+                tuple(torch.broadcast_shapes(*shapes)) != shape_of(view) or \
+                not all(depends_on_data(t) for t in terms):
             continue
         with graph.inserting_before(out):
             total = terms[-1]

@@ -153,7 +153,7 @@ class BlockSpec:
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
             for k, v in scalars:
-                now = d.get(k, _GONE)
+                now = m._buffers.get(k[7:], _GONE) if k.startswith("buffer ") else d.get(k, _GONE)
                 if now is not v and now != v:
                     where = f"{path}.{k}" if path else k
                     return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
@@ -287,6 +287,7 @@ class EvoBlockMixin:
         if rt.variants:
             variant = rt.variant()
             if variant is not None and not spec.hooked():   # a forward of another input size
+                _check_unchanged(spec)          # (the twin copied the block's attributes)
                 twin = variant.blocks[spec.index]
                 out = twin(*args, **kwargs)
                 spec.tokens_run = twin._evoplug_spec.tokens_run
@@ -436,6 +437,17 @@ class EvoBlockMixin:
         return not _saving_hooks() and not _in_backward()
 
 
+def _check_unchanged(spec: BlockSpec):
+    """Raise where something the block's trace baked in changed since (BlockSpec.changed)."""
+    stale = spec.changed() if spec.traced else None
+    if stale is not None:
+        raise EvoplugError(
+            f"`{spec.name}`: {stale} after conversion; its slow-path program holds what the "
+            "trace saw, so it would run the old computation. Convert the model again "
+            "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
+            "converting")
+
+
 def _mark_untied(rt: EvoRuntime, args):
     """A forward without autograd whose tokens need gradients runs inside a reentrant
     checkpoint (an eval-mode one too: input gradients, saliency): from here on this forward
@@ -480,13 +492,7 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
     called directly, or under torch.compile, whose graphs skip the model's entry hook) runs the
     block of a twin an earlier eager call of the model converted for that size, when one takes
     it (returned instead of the binding; compiled, the failed binding is a graph break)."""
-    stale = spec.changed() if spec.traced else None
-    if stale is not None:
-        raise EvoplugError(
-            f"`{spec.name}`: {stale} after conversion; its slow-path program holds what the "
-            "trace saw, so it would run the old computation. Convert the model again "
-            "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
-            "converting")
+    _check_unchanged(spec)
     try:
         return _bound(spec, args, kwargs)
     except AnalysisError as e:
@@ -629,14 +635,16 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
     live = tuple(leaves)
 
     def entry(parent, path, m):
-        skip = volatile.get(id(m), ())
+        skip = set(volatile.get(id(m), ())) | (_READ_OUTSIDE if m is block else set())
+        # (a buffer the trace saw as None, Swin's attn_mask without a shift, is a constant too)
+        nones = tuple((f"buffer {k}", None) for k, v in m._buffers.items() if v is None)
         return (parent, path.rpartition(".")[2], path, m,
-                tuple((k, v) for k, v in attributes(m).items() if k not in skip),
+                tuple((k, v) for k, v in attributes(m).items() if k not in skip) + nones,
                 settings(m) if settings is not None else ())
 
-    # (not the block's own attributes: its flags are read outside the traced forward too,
-    # transformers' gradient_checkpointing in __call__; its attention's are math)
-    out, seen = [], {id(block)}
+    # the block's own attributes too (Swin's shift_size, read in its traced forward), but the
+    # flags read outside it (transformers' gradient_checkpointing, in __call__)
+    out, seen = [entry(None, "", block)], {id(block)}
     for path in paths:
         if not path:
             continue
@@ -648,6 +656,9 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
             out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
     return tuple(out)
 
+
+#: a block's own attributes read outside its traced forward: not checked by changed()
+_READ_OUTSIDE = {"gradient_checkpointing"}
 
 _CLASS_CACHE: Dict[type, type] = {}
 _CLASS_LOCK = threading.Lock()
