@@ -353,7 +353,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         batch_args=a.batch_args,
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,
                             registry.traced_settings),
-        settings_of=registry.traced_settings,
+        settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec

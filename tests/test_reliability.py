@@ -833,3 +833,21 @@ def test_a_blocks_own_settings_changed_after_conversion_are_refused_by_name():
         fast.set_input_size(always_partition=True)
         with pytest.raises(evoplug.errors.EvoplugError, match="always_partition|shift_size"):
             fast(x)
+
+
+def test_an_argument_of_another_rank_runs_the_blocks_own_forward_with_a_warning():
+    """timm's patch dropout in training gathers EVA's rotary table per image, (B, 1, N', d)
+    where the programs took (N, d): the program failed with a bare shape error naming no block
+    (until the nineteenth session). Such a call runs the block's own forward, with a warning
+    naming the argument, and gives the original's output."""
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=56, depth=4,
+                              patch_drop_rate=0.5, num_classes=10)
+    x = torch.randn(3, 3, 56, 56)
+    fast = evoplug.convert(copy.deepcopy(model).eval(), keep_ratio=0.5, example_input=x[:1])
+    fast.train(), model.train()
+    with pytest.warns(UserWarning, match="'rope' has shape .* another rank"):
+        torch.manual_seed(1)
+        out = fast(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)

@@ -81,6 +81,9 @@ class BlockSpec:
     #                            it the slow-path tokens directly
     returns: Optional[type] = None   # tuple/list: the block returns (tokens, *other items);
     #                            the program returns the other items as it computed them
+    extra_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    #                            the other tensor arguments' shapes at the analysis (their ranks
+    #                            are checked at every call)
     settings_of: Optional[Callable] = None   # module -> ((name, value), ...) its traced forward
     #                            read beyond its attributes (a family hint: transformers' attention
     #                            implementation); recorded in ``traced``, checked by changed()
@@ -521,6 +524,13 @@ def _bound(spec: BlockSpec, args, kwargs):
     """``spec.call.bind``, and for a map block its map checked against the conversion's (the
     programs' window indices and map views are that map's): AnalysisError if either differs."""
     bound = spec.call.bind(spec.name, args, kwargs)
+    for n, t in bound[1].items():
+        want = spec.extra_shapes.get(n)
+        if want is not None and t.dim() != len(want):
+            # (EVA's rotary table gathered per image by timm's patch dropout in training: (B, 1,
+            # N', d) where the program took (N, d))
+            raise AnalysisError(spec.name, f"its argument {n!r} has shape {tuple(t.shape)}, of "
+                                f"another rank than when it was analysed {want}")
     if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
         raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
                             f"map it was analysed on {spec.grid}")
