@@ -343,8 +343,15 @@ def test_swin_with_checkpointing_inside_its_blocks_is_refused_naming_it():
               window_size=4, out_indices=(1,))
     with pytest.raises(evoplug.ConversionError, match=r"x.requires_grad.*with_cp=True.*with_cp=False"):
         MODELS.build(dict(type="EvoSwinTransformer", with_cp=True, evo=dict(keep_ratio=0.5), **kw))
-    assert evoplug.get_report(MODELS.build(dict(type="EvoSwinTransformer", with_cp=False,
-                                                evo=dict(keep_ratio=0.5), **kw))).blocks
+    model = MODELS.build(dict(type="EvoSwinTransformer", with_cp=False, evo=dict(keep_ratio=0.5), **kw))
+    assert evoplug.get_report(model).blocks
+    for stage in model.stages:          # set after the conversion: refused with the same fix
+        for block in stage.blocks:
+            block.with_cp = True
+    with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError,
+                                        match="with_cp.*checkpoint the converted blocks from outside"):
+        model.eval()
+        model(torch.randn(2, 3, 64, 64))
 
 
 def test_mmseg_and_mmdet_evo_backbones_save_whole_and_load_in_a_fresh_process(tmp_path):

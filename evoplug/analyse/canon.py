@@ -144,7 +144,8 @@ def _terms_out_of_logit_views(ctx: _Ctx) -> List[str]:
     block's input."""
     graph, done = ctx.graph, []
     for out in list(graph.nodes):
-        if not is_reshape(out) or not isinstance(out.args[0], fx.Node):
+        if not (out.op == "call_method" and out.target in ("view", "reshape")) or \
+                not isinstance(out.args[0], fx.Node):
             continue
         terms, cur = [], out.args[0]
         while is_add(cur) and len(cur.users) == 1 and isinstance(cur.args[0], fx.Node) and \

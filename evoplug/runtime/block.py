@@ -443,6 +443,12 @@ class EvoBlockMixin:
 def _check_unchanged(spec: BlockSpec):
     """Raise where something the block's trace baked in changed since (BlockSpec.changed)."""
     stale = spec.changed() if spec.traced else None
+    if stale is not None and "`with_cp`" in stale:     # (MMPretrain: checkpointing inside)
+        raise EvoplugError(
+            f"`{spec.name}`: {stale} after conversion: a converted block cannot checkpoint "
+            "itself (its forward branches on x.requires_grad, which a trace cannot keep). Keep "
+            "with_cp=False and checkpoint the converted blocks from outside "
+            "(torch.utils.checkpoint)")
     if stale is not None:
         raise EvoplugError(
             f"`{spec.name}`: {stale} after conversion; its slow-path program holds what the "
