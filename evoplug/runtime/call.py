@@ -28,10 +28,11 @@ class CallPlan:
     export_masks: Tuple[str, ...] = ()   # masks a family builds only while exporting (see
     #                               integrations/registry.py FamilyHints.export_masks)
     token_perm: Tuple[int, ...] = ()   # the block takes its tokens in another layout than
-    #                               (B, N, C): sequence-first (N, B, C), as PyTorch's
-    #                               nn.TransformerEncoderLayer by default; binding gives them
-    #                               as ``x.permute(token_perm)``, (B, N, C), and the block's
-    #                               output goes back with :meth:`to_call`
+    #                               (B, N, C) or a channels-last map: sequence-first (N, B, C),
+    #                               PyTorch's nn.TransformerEncoderLayer by default, (1, 0, 2);
+    #                               a channels-first map the block permutes itself (VitDet),
+    #                               (0, 2, 3, 1); binding gives ``x.permute(token_perm)``, and the
+    #                               block's output goes back with :meth:`to_call`
     perm_args: Tuple[str, ...] = ()   # other tensor arguments laid out like the tokens, tokens
     #                               first (DETR's positions (N, B, C), a gate (N, B), beside
     #                               sequence-first tokens): their first two dims swapped too
