@@ -231,3 +231,57 @@ def test_transformers_sam_evolves_as_timms_sam(impl):
             twin = grads[name.replace("vision_encoder.layers.", "blocks.").replace("layer_norm", "norm")
                          .replace("lin1", "fc1").replace("lin2", "fc2")]
             torch.testing.assert_close(p.grad, twin.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_transformers_vitdet_evolves_as_timms_sam():
+    """transformers' VitDet layers (a channels-first map per layer, decomposed relative positions
+    added into a view of the logits) converted since the nineteenth session through the permute
+    at their boundary and a rewrite of those terms into timm's form: with the same weights they
+    evolve as timm's SAM blocks do (checked above against the paper's rules), windowed and
+    global, at keep 0.5 and 0.25 and reselecting every 1, 2 or 4 blocks."""
+    T = pytest.importorskip("transformers")
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+    torch.manual_seed(0)
+    cfg = T.VitDetConfig(image_size=64, pretrain_image_size=64, patch_size=8, hidden_size=64,
+                         num_hidden_layers=6, num_attention_heads=2, mlp_ratio=2, window_size=4,
+                         window_block_indices=[0, 2], use_relative_position_embeddings=True)
+    hf = T.VitDetModel(cfg).eval()
+    sam = VisionTransformerSAM(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2,
+                               mlp_ratio=2, window_size=4, global_attn_indexes=(1, 3, 4, 5),
+                               use_rel_pos=True, neck_chans=0, num_classes=0, global_pool="").eval()
+    g = torch.Generator().manual_seed(1)
+    emb = hf.embeddings
+    state = {"pos_embed": emb.position_embeddings[:, 1:].detach().reshape(1, 8, 8, 64),
+             "patch_embed.proj.weight": emb.projection.weight, "patch_embed.proj.bias": emb.projection.bias}
+    names = [("norm1", "norm1"), ("attention.qkv", "attn.qkv"), ("attention.proj", "attn.proj"),
+             ("norm2", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")]
+    for i, layer in enumerate(hf.encoder.layer):
+        with torch.no_grad():
+            for p in layer.parameters():     # weights that make the attention matter
+                p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1))
+        for a, b in names:
+            for kind in ("weight", "bias"):
+                state[f"blocks.{i}.{b}.{kind}"] = getattr(layer.get_submodule(a), kind)
+        for kind in ("rel_pos_h", "rel_pos_w"):
+            state[f"blocks.{i}.attn.{kind}"] = getattr(layer.attention, kind)
+    assert sam.load_state_dict({k: v.detach() for k, v in state.items()}, strict=False).missing_keys \
+        == ["neck.weight", "neck.bias"]
+    x = torch.randn(3, 3, 64, 64)
+
+    def last(model, blocks):         # the last block's output map, (B, H, W, C)
+        out = []
+        hook = blocks[-1].register_forward_hook(lambda m, i, o: out.append(o[0] if isinstance(o, tuple) else o))
+        with torch.no_grad():
+            model(x)
+        hook.remove()
+        return out[0] if out[0].shape[-1] == 64 else out[0].permute(0, 2, 3, 1)
+
+    dense = last(sam, sam.blocks)
+    torch.testing.assert_close(last(hf, hf.encoder.layer), dense, atol=1e-3, rtol=1e-3)
+    for keep, every in ((0.5, 1), (0.5, 4), (0.25, 2)):
+        fh = evoplug.convert(hf, keep_ratio=keep, reselect_every=every, example_input=x[:1])
+        fs = evoplug.convert(sam, keep_ratio=keep, reselect_every=every, example_input=x[:1])
+        got, want = last(fh, fh.encoder.layer), last(fs, fs.blocks)
+        assert evoplug.tokens_per_block(fh)[-1][1] == evoplug.tokens_per_block(fs)[-1][1] < 64
+        assert (want - dense).abs().max() > 0.1                   # the selection mattered
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-3)
