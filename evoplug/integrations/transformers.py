@@ -8,8 +8,11 @@ attention module has hooks as the original block (its program never calls that m
 hook would not fire); such an idle hook is told apart here, so a model evolves again after one
 call with ``output_attentions=True``, and that call itself runs the original blocks and
 returns every attention map. The ``output_*`` flags themselves, passed down to every layer's
-``**kwargs``, are dropped from the blocks' call plans. transformers is never imported here."""
+``**kwargs``, are dropped from the blocks' call plans. transformers is imported here only for
+a module of a transformers model (its registry of attention functions)."""
 from __future__ import annotations
+
+import functools
 
 import sys
 from typing import Callable, Optional, Tuple
@@ -93,12 +96,20 @@ def traced_settings(module) -> Optional[dict]:
     impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
     if not isinstance(impl, str) or not type(module).__module__.startswith("transformers."):
         return None
+    functions = _attention_functions()
+    return {"config._attn_implementation": impl,
+            "attention function": functions.get(impl) if functions is not None else None}
+
+
+@functools.lru_cache(maxsize=1)
+def _attention_functions():
+    """transformers' registry of attention functions (None in a version without one); looked
+    up once: traced_settings runs at every call of a converted block."""
     try:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        fn = ALL_ATTENTION_FUNCTIONS.get(impl)
-    except Exception:   # noqa: BLE001 - an older transformers: the name alone
-        fn = None
-    return {"config._attn_implementation": impl, "attention function": fn}
+    except ImportError:
+        return None
+    return ALL_ATTENTION_FUNCTIONS
 
 
 TRANSFORMERS = FamilyHints(

@@ -151,16 +151,19 @@ class BlockSpec:
         modules, not the ones the programs call by path): a submodule replaced, or a plain
         attribute set anew (a dropout rate, ``scale``, ``fused_attn``): the programs hold the
         values and code the trace saw. None when nothing did."""
-        for parent, name, path, m, scalars, settings in self.traced:
+        for parent, name, path, m, scalars, nones, settings in self.traced:
             if parent is not None and parent._modules.get(name) is not m:
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
             for k, v in scalars:
-                now = m._buffers.get(k[7:], _GONE) if k.startswith("buffer ") else d.get(k, _GONE)
+                now = d.get(k, _GONE)
                 if now is not v and now != v:
                     where = f"{path}.{k}" if path else k
                     return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
                             f"{'(deleted)' if now is _GONE else repr(now)}")
+            for k in nones:
+                if m._buffers.get(k, _GONE) is not None:
+                    return f"`{path + '.' if path else ''}{k}` ({type(m).__name__}), None when traced, was set"
             if settings and self.settings_of is not None:
                 for (k, v), (_, now) in zip(settings, self.settings_of(m)):
                     if now is not v and now != v:
@@ -653,14 +656,16 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
     def entry(parent, path, m):
         skip = set(volatile.get(id(m), ())) | (_READ_OUTSIDE if m is block else set())
         # (a buffer the trace saw as None, Swin's attn_mask without a shift, is a constant too)
-        nones = tuple((f"buffer {k}", None) for k, v in m._buffers.items() if v is None)
         return (parent, path.rpartition(".")[2], path, m,
-                tuple((k, v) for k, v in attributes(m).items() if k not in skip) + nones,
+                tuple((k, v) for k, v in attributes(m).items() if k not in skip),
+                tuple(k for k, v in m._buffers.items() if v is None),
                 settings(m) if settings is not None else ())
 
     # the block's own attributes too (Swin's shift_size, read in its traced forward), but the
-    # flags read outside it (transformers' gradient_checkpointing, in __call__)
-    out, seen = [entry(None, "", block)], {id(block)}
+    # flags read outside it (transformers' gradient_checkpointing, in __call__); an entry with
+    # nothing to check is left out (changed() runs at every call)
+    own = entry(None, "", block)
+    out, seen = ([own] if any(own[4:]) else []), {id(block)}
     for path in paths:
         if not path:
             continue
