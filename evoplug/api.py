@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import random
 import time
-import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -177,7 +176,6 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
               images_in((example,), {}))
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
-    _warn_own_attention_functions(specs)
     for spec, link in zip(specs, links):
         # (a sequence-first block takes its tokens through a transpose: none is handed on)
         spec.chain_next = None if link is None or spec.call.token_perm or \
@@ -186,24 +184,6 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict))
     return model
-
-
-def _warn_own_attention_functions(specs):
-    """A transformers attention implementation of the user's own (``AttentionInterface.register``)
-    is traced into the programs like any Python: side effects in it (a list of attention maps)
-    ran while tracing only."""
-    for spec in specs:
-        for *_, settings in spec.traced:
-            fn = dict(settings).get("attention function")
-            if fn is not None and not getattr(fn, "__module__", "").startswith("transformers."):
-                warnings.warn(
-                    f"`{spec.name}`: its transformers attention implementation "
-                    f"{getattr(fn, '__qualname__', fn)!r} is not one of transformers' own: the "
-                    "converted blocks run the torch operations it ran while traced, and Python "
-                    "side effects in it (collecting attention maps) do not happen when they run; "
-                    "call the model with output_attentions=True for the maps (the original "
-                    "blocks run then)", stacklevel=4)
-                return
 
 
 def _convert_choosing_query(model, keep_ratio, images, example_input, strict, inplace, options):
@@ -352,7 +332,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         idle_hook=registry.hook_is_idle, num_suffix=a.num_suffix, whole_args=a.whole_args,
         batch_args=a.batch_args,
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,
-                            registry.traced_settings),
+                            functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image)
     module.__class__ = evo_class(type(module))

@@ -27,6 +27,9 @@ ATTENTION_FUNCTIONS = {
 }
 
 
+_OWN = object()     # ModuleCall.tokens: of the call's own first argument
+
+
 @dataclasses.dataclass
 class ModuleCall:
     name: str
@@ -42,9 +45,11 @@ class ModuleCall:
     token_perm: Tuple[int, ...] = ()  # a sequence-first block: its tokens as (B, N, C) are
     #                                   args[0].permute(token_perm) (see runtime/call.py)
 
-    def tokens(self):
-        """The first argument, a token tensor as (B, N, C) (or a (B, H, W, C) map)."""
-        x = self.args[0] if self.args else None
+    def tokens(self, x=_OWN):
+        """The first argument (or ``x``, another call's of this module), a token tensor as
+        (B, N, C) (or a (B, H, W, C) map)."""
+        if x is _OWN:
+            x = self.args[0] if self.args else None
         return x.permute(self.token_perm) if self.token_perm and isinstance(x, torch.Tensor) else x
 
     def feature_map(self) -> Optional[Tuple[int, int]]:

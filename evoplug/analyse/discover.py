@@ -109,17 +109,14 @@ def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) 
     return False
 
 
-def channels_first(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
-    """A 4-D block input (B, C, H, W) that the block permutes into a channels-last map itself
-    (transformers' VitDet layers): a norm or linear inside runs over the last dim of a map of
-    the shape (B, H, W, C). It converts as that map, through ``x.permute(0, 2, 3, 1)``
+def channels_first(m: nn.Module, call: ModuleCall, x: torch.Tensor, calls: Dict[int, ModuleCall]) -> bool:
+    """A 4-D block input ``x`` (B, C, H, W) that the block permutes into a channels-last map
+    itself (transformers' VitDet layers): a norm or linear inside runs over the last dim of a
+    map of the shape (B, H, W, C). It converts as that map, through ``x.permute(0, 2, 3, 1)``
     (``CallPlan.token_perm``)."""
-    x = next((a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)), None)
-    if x is None or x.dim() != 4 or x.shape[1] == x.shape[3]:
+    if x.dim() != 4 or x.shape[1] == x.shape[3]:
         return False
-    cl = x.permute(0, 2, 3, 1)
-    view = ModuleCall(call.name, call.order, (cl,), {}, call.output)
-    return channels_last(m, view, calls)
+    return channels_last(m, ModuleCall(call.name, call.order, (x.permute(0, 2, 3, 1),), {}), calls)
 
 
 def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
@@ -156,7 +153,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
         # (N, B, C) as the block's attention says (the model's batch may be misread: a (N, B, C)
         # model input), else where the calibration's batch sits
         seq = layout == "sequence" or (layout is None and x is not None and sequence_first(x, batch))
-        cf = not seq and x is not None and x.dim() == 4 and channels_first(m, c, calls)
+        cf = not seq and x is not None and channels_first(m, c, x, calls)
         reason = token_block_reason(c, batch, cf or channels_last(m, c, calls), seq)
         if layout == "ambiguous" or (layout is None and reason is None and x is not None and
                                      x.dim() == 3 and x.shape[0] == x.shape[1] == batch):

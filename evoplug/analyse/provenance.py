@@ -166,8 +166,7 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
 def _as_tokens(seen: dict, calls: CallRecord) -> dict:
     """The block inputs ``seen`` as (B, N, C) tokens, as ``ModuleCall.tokens`` gives the
     calibration's (sequence-first blocks take them transposed)."""
-    return {k: y.permute(calls[k].token_perm) if calls[k].token_perm and isinstance(y, torch.Tensor)
-            else y for k, y in seen.items()}
+    return {k: calls[k].tokens(y) for k, y in seen.items()}
 
 
 def _same_input(seen, key, x) -> bool:

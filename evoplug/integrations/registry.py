@@ -53,7 +53,8 @@ class FamilyHints:
     traced_settings: for a module a block's programs trace into, what its forward reads beyond
         its own plain attributes and the trace bakes in ({name: value}: transformers' attention
         implementation, read from the shared config and a global registry); a change after the
-        conversion is refused by name like a changed attribute.
+        conversion is refused by name like a changed attribute. Its second argument is True
+        when the conversion asks (then the family may warn about what it sees).
     """
     name: str
     matches: Callable[[nn.Module], bool] = lambda model: True
@@ -65,7 +66,7 @@ class FamilyHints:
     ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     export_masks: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     idle_hook: Optional[Callable[[Callable], Optional[bool]]] = None
-    traced_settings: Optional[Callable[[nn.Module], Optional[Dict[str, Any]]]] = None
+    traced_settings: Optional[Callable[[nn.Module, bool], Optional[Dict[str, Any]]]] = None
 
 
 def int_attribute(name: str) -> Callable[[nn.Module], Optional[int]]:
@@ -169,13 +170,14 @@ def hook_is_idle(hook: Callable) -> bool:
     return False
 
 
-def traced_settings(module: nn.Module) -> Tuple[Tuple[str, Any], ...]:
+def traced_settings(module: nn.Module, converting: bool = False) -> Tuple[Tuple[str, Any], ...]:
     """What the families say ``module``'s traced forward read beyond its plain attributes
-    (see FamilyHints.traced_settings), as sorted (name, value) pairs; () when none does."""
+    (see FamilyHints.traced_settings), as sorted (name, value) pairs; () when none does.
+    ``converting``: asked by the conversion (a family may warn then), not by a call."""
     out: Dict[str, Any] = {}
     for family in families():
         if family.traced_settings is not None:
-            out.update(family.traced_settings(module) or {})
+            out.update(family.traced_settings(module, converting) or {})
     return tuple(sorted(out.items()))
 
 

@@ -13,6 +13,7 @@ a module of a transformers model (its registry of attention functions)."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import sys
 from typing import Callable, Optional, Tuple
@@ -88,7 +89,7 @@ def input_size(model) -> Optional[InputSize]:
     return None
 
 
-def traced_settings(module) -> Optional[dict]:
+def traced_settings(module, converting: bool = False) -> Optional[dict]:
     """An attention module's implementation: read from the shared config at every call and
     looked up in transformers' registry of attention functions, so a trace bakes in the one it
     saw (``set_attn_implementation`` or a function registered anew after the conversion went
@@ -97,8 +98,15 @@ def traced_settings(module) -> Optional[dict]:
     if not isinstance(impl, str) or not type(module).__module__.startswith("transformers."):
         return None
     functions = _attention_functions()
-    return {"config._attn_implementation": impl,
-            "attention function": functions.get(impl) if functions is not None else None}
+    fn = functions.get(impl) if functions is not None else None
+    if converting and fn is not None and not getattr(fn, "__module__", "").startswith("transformers."):
+        warnings.warn(
+            f"`{type(module).__name__}`: its transformers attention implementation {impl!r} "
+            f"({getattr(fn, '__qualname__', fn)}) is not one of transformers' own: the converted "
+            "blocks run the torch operations it ran while traced, and Python side effects in it "
+            "(collecting attention maps) do not happen when they run; call the model with "
+            "output_attentions=True for the maps (the original blocks run then)", stacklevel=2)
+    return {"config._attn_implementation": impl, "attention function": fn}
 
 
 @functools.lru_cache(maxsize=1)
