@@ -609,19 +609,14 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     B = g.shape[0]
     n = num_prefix + k
     take = n + 1 if (with_pos and with_rep) else n
-    if torch.compiler.is_exporting():
-        # (ONNX has no stable sort; its TopK takes tied values in index order, by its spec)
-        vals, top = g.topk(take, -1)
-        pos = top.view(B, take) if with_pos else None
-        if take > n:
-            vals, top = vals[..., :n], top[..., :n]
-    else:
-        # a stable sort, not topk: tied scores (flat image regions, a row upsampled from a
-        # reduced map) go by token index, so an image keeps the same tokens whatever else is in
-        # its batch (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0)
-        vals, top = g.sort(dim=-1, descending=True, stable=True)
-        pos = top[..., :take].view(B, take) if with_pos else None
-        vals, top = vals[..., :n], top[..., :n]
+    # a stable sort, not topk: tied scores (flat image regions, a row upsampled from a reduced
+    # map) go by token index, so an image keeps the same tokens whatever else is in its batch
+    # (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0). An export keeps
+    # topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
+    vals, top = g.topk(take, -1) if torch.compiler.is_exporting() else \
+        g.sort(dim=-1, descending=True, stable=True)
+    pos = top[..., :take].view(B, take) if with_pos else None
+    vals, top = vals[..., :n], top[..., :n]
     index = top.transpose(1, 2).expand(B, n, channels)
     weights = None
     if with_rep:
