@@ -31,7 +31,8 @@ from .options import CONVERSION_FIELDS, EvoOptions
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class, traced_state
-from .runtime.state import EntryHook, EvoRuntime, Plan, SizeVariant, images_in, input_key, named_tensors
+from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
+                            named_tensors)
 
 
 @dataclasses.dataclass
@@ -174,6 +175,9 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
+    first = analysed[0][0]          # (sequence-first: bound as (B, N, C) from (N, B, C))
+    seq_batch = first.plan.bind(first.name, first.call.args, first.call.kwargs)[0].shape[0] \
+        if first.plan.token_perm[:1] == (1,) else None
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
     for spec, link in zip(specs, links):
@@ -182,7 +186,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             specs[link].call.token_perm else specs[link]
         spec.starts_stream = spec.index in starts
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
-                                             _install_entry_hook(model, runtime, example, strict))
+                                             _install_entry_hook(model, runtime, example, strict,
+                                                                 seq_batch))
     return model
 
 
@@ -209,7 +214,8 @@ def _convert_choosing_query(model, keep_ratio, images, example_input, strict, in
     return first
 
 
-def _size_variant(model: nn.Module, args, kwargs, strict: bool = True) -> SizeVariant:
+def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
+                  batch_dims=None) -> SizeVariant:
     """The model converted again for the input of this call (another size than the one it was
     converted at): a twin whose converted blocks and their ancestors are new module objects
     (sharing every parameter, buffer and other submodule with the model), converted with the
@@ -225,7 +231,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True) -> SizeVa
         for name in s.added_buffers:
             m._buffers.pop(name, None)
     twin.__dict__.pop("_evoplug_report", None)
-    example = _first_image(args, kwargs)
+    example = _first_image(args, kwargs, batch_dims)
     options = {f.name: getattr(report.options, f.name) for f in dataclasses.fields(report.options)}
     shared = [m for m in model.modules() if id(m) not in pairs]
     try:
@@ -280,32 +286,35 @@ def _twin(model: nn.Module, blocks: set):
     return copy(model), pairs
 
 
-def _first_image(args, kwargs):
-    """The call's input with batch size 1, in the form convert takes an example input."""
-    one = lambda v: v[:1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
+def _first_image(args, kwargs, batch_dims=None):
+    """The call's input with batch size 1 (along each argument's batch dim: dim 0 but for
+    ``batch_dims``'), in the form convert takes an example input."""
+    dims = batch_dims or {}
+
+    def one(k, v):
+        return v.narrow(dims.get(k, 0), 0, 1) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+
     if kwargs and not args:
-        return {k: one(v) for k, v in kwargs.items()}
+        return {k: one(k, v) for k, v in kwargs.items()}
     if args and not kwargs:
-        return one(args[0]) if len(args) == 1 else tuple(one(v) for v in args)
+        return one(0, args[0]) if len(args) == 1 else tuple(one(i, v) for i, v in enumerate(args))
     raise EvoplugError("an input of another size than the one the model was converted at, "
                        "passed both positionally and by keyword: convert the model for it")
 
 
 def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
-                        strict: bool = True) -> Tuple[int, int]:
+                        strict: bool = True, seq_batch: Optional[int] = None) -> Tuple[int, int]:
     """Hooks that tell the blocks when the model's own forward runs, called like calibration
     called it, and with which input size (see runtime/state.py EntryHook, SizeVariant); returns
-    their ids (revert removes them)."""
+    their ids (revert removes them). ``seq_batch``: the images of the first converted block when
+    it is sequence-first (an input laid out (N, B, ...) has its batch dim 1: ``batch_dims``)."""
     factory = functools.partial(_size_variant, strict=strict)
-    if isinstance(example_input, dict):
-        hook = EntryHook(runtime, 0, example_input, input_key((), example_input), factory)
-        named = named_tensors(model, (), example_input)
-    elif isinstance(example_input, (tuple, list)):
-        hook = EntryHook(runtime, len(example_input), (), input_key(tuple(example_input), {}), factory)
-        named = named_tensors(model, tuple(example_input), {})
-    else:
-        hook = EntryHook(runtime, 1, (), input_key((example_input,), {}), factory)
-        named = named_tensors(model, (example_input,), {})
+    args, kwargs = ((), example_input) if isinstance(example_input, dict) else \
+        (tuple(example_input), {}) if isinstance(example_input, (tuple, list)) else ((example_input,), {})
+    named = named_tensors(model, args, kwargs)
+    dims = {**batch_dims(args, kwargs, seq_batch), **batch_dims((), named or {}, seq_batch)}
+    hook = EntryHook(runtime, len(args), kwargs, input_key(args, kwargs, dims), factory)
+    hook.batch_dims = dims
     if named:      # other call forms (by keyword, with flags) find their input size by name
         hook.set_names(named)
     pre = model.register_forward_pre_hook(hook, with_kwargs=True)

@@ -228,6 +228,40 @@ def test_sequence_first_layers_with_positions_laid_out_like_their_tokens():
         evoplug.convert(seq, example_input=torch.randn(65, 3, 32, 32))
 
 
+class _SeqInputs(nn.Module):
+    """A model called with sequence-first tokens and positions ((N, B, C), DETR's encoder)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.layers = nn.ModuleList([_PosLayer(d, False) for _ in range(6)])
+        self.gate, self.head = nn.Linear(d, 1), nn.Linear(d, 10)
+
+    def forward(self, t, pos):
+        gate = self.gate(t)[..., 0].sigmoid()
+        for layer in self.layers:
+            t = layer(t, pos, gate)
+        return self.head(t[0])
+
+
+def test_a_model_called_with_sequence_first_inputs_converts_again_at_another_batch_size():
+    """A model whose own inputs are (N, B, C) (tokens and positions) called at another batch
+    size than its conversion's is converted again on the call's first image along dim 1, and
+    its key drops dim 1 (the twin build sliced dim 0: one token, refused as square), whether
+    called by position or by keyword; each image's output is the one it gets alone."""
+    torch.manual_seed(0)
+    model = _SeqInputs().eval()
+    t, pos = torch.randn(65, 3, 64), torch.randn(65, 3, 64)
+    for example in ((t[:, :2], pos[:, :2]), {"t": t[:, :2], "pos": pos[:, :2]}):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=example)
+        with torch.no_grad():
+            alone = torch.cat([fast(t[:, i:i + 1], pos[:, i:i + 1]) for i in range(3)])
+            torch.testing.assert_close(fast(t, pos), alone, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(fast(t=t[:, :2], pos=pos[:, :2]), alone[:2], atol=1e-5, rtol=1e-5)
+            assert [n for _, n in evoplug.tokens_per_block(fast)][2:] == [33] * 4
+            evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+            torch.testing.assert_close(fast(t, pos), model(t, pos), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first, encoder):

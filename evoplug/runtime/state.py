@@ -8,6 +8,7 @@ recomputes a block with the state of its own forward (see docs/guarantees.md).
 from __future__ import annotations
 
 import collections
+import functools
 import inspect
 import threading
 import weakref
@@ -353,11 +354,30 @@ def images_in(args, kwargs) -> Optional[int]:
     return None
 
 
-def input_key(args, kwargs) -> tuple:
+def input_key(args, kwargs, batch_dims=None) -> tuple:
     """What identifies an input size: every tensor argument's shape without the batch dim,
-    dtype and device, in order."""
-    items = list(args) + [kwargs[k] for k in sorted(kwargs)]
-    return tuple((tuple(v.shape[1:]), v.dtype, v.device.type) for v in items if isinstance(v, torch.Tensor))
+    dtype and device, in order. ``batch_dims``: the arguments (by position or keyword) whose
+    batch dim is not dim 0 (a sequence-first model's (N, B, C) tokens: :func:`batch_dims`)."""
+    dims = batch_dims or {}
+    items = [(i, v) for i, v in enumerate(args)] + [(k, kwargs[k]) for k in sorted(kwargs)]
+    return tuple((_unbatched(v.shape, dims.get(k, 0)), v.dtype, v.device.type)
+                 for k, v in items if isinstance(v, torch.Tensor))
+
+
+def _unbatched(shape, dim: int) -> tuple:
+    return tuple(shape[:dim]) + tuple(shape[dim + 1:])
+
+
+def batch_dims(args, kwargs, seq_batch: Optional[int]) -> Dict:
+    """The model's tensor arguments (by position and by keyword) laid out (N, B, ...): when its
+    first converted block is sequence-first and takes ``seq_batch`` images, an argument whose
+    dim 1 (and not dim 0) has that size (the tokens a sequence-first model is called with, and
+    what is laid out like them); {} otherwise (every batch dim is dim 0)."""
+    if seq_batch is None:
+        return {}
+    items = list(enumerate(args)) + list(kwargs.items())
+    return {k: 1 for k, v in items if isinstance(v, torch.Tensor) and v.dim() >= 2
+            and v.shape[0] != seq_batch and v.shape[1] == seq_batch}
 
 
 class SizeVariant:
@@ -406,10 +426,11 @@ class EntryHook:
 
     names: Tuple[str, ...] = ()       # calibration's tensor arguments, by parameter name
     _named_shapes = None
+    batch_dims: Dict = {}             # arguments whose batch dim is not dim 0 (:func:`batch_dims`)
 
     def set_names(self, named: Dict[str, torch.Tensor]):
         self.names = tuple(sorted(named))
-        self._named_shapes = _shapes(input_key((), named))
+        self._named_shapes = _shapes(input_key((), named, self.batch_dims))
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -424,14 +445,18 @@ class EntryHook:
         self.runtime.admit()
         try:
             if matches and self.factory is not None:
-                key = input_key(args, kwargs)
+                key = input_key(args, kwargs, self.batch_dims)
                 if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
-                    variant = self.runtime.variant_for(key, self.factory, module, args, kwargs)
+                    variant = self.runtime.variant_for(key, self._factory(), module, args, kwargs)
                     variant.sync()
             elif self.factory is not None and self.names:
                 variant = self._variant_by_name(module, args, kwargs)
         finally:     # (exit, called whatever happens, pops and releases)
             self.runtime.push_entry(matches, variant, images_in(args, kwargs))
+
+    def _factory(self) -> Callable:
+        return functools.partial(self.factory, batch_dims=self.batch_dims) if self.batch_dims \
+            else self.factory
 
     def _variant_by_name(self, module, args, kwargs) -> Optional[SizeVariant]:
         """Another call form (by keyword, with other flags or tensors): the input size is read
@@ -440,12 +465,12 @@ class EntryHook:
         if named is None or not all(n in named for n in self.names):
             return None
         mine = {n: named[n] for n in self.names}
-        key = input_key((), mine)
+        key = input_key((), mine, self.batch_dims)
         if _shapes(key) == self._named_shapes:
             return None
         flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
         # (the call's flags go with the twin's example: interpolate_pos_encoding=True)
-        variant = self.runtime.variant_for(key, self.factory, module, (), {**flags, **mine})
+        variant = self.runtime.variant_for(key, self._factory(), module, (), {**flags, **mine})
         variant.sync()
         return variant
 
