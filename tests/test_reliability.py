@@ -851,3 +851,28 @@ def test_an_argument_of_another_rank_runs_the_blocks_own_forward_with_a_warning(
         out = fast(x)
     torch.manual_seed(1)
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_mode_derivatives_agree_with_backward():
+    """The attention rows rank tokens under no_grad: no gradient flows back through them. That
+    stopped backward but not forward-mode AD, whose tangent reached the representative token's
+    weights: ``torch.func.jvp`` and ``torch.autograd.forward_ad`` were off backward's by 1e-3
+    (the dot test <J t, w> = <t, J^T w>); now equal to float64 rounding, at keep 1.0 as before."""
+    import torch.autograd.forward_ad as fwad
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=3, num_heads=4,
+                              num_classes=10).eval().double()
+    for b in model.blocks:
+        b.attn.fused_attn = False        # (scaled_dot_product_attention has no forward-mode rule)
+    x, t = torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    w = torch.randn(2, 10, dtype=torch.float64)
+    for keep in (1.0, 0.5):
+        fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=False, example_input=x[:1])
+        _, jt = torch.func.jvp(fast, (x,), (t,))
+        _, pull = torch.func.vjp(fast, x)
+        back = (t * pull(w)[0]).sum()
+        torch.testing.assert_close((jt * w).sum(), back, atol=1e-12, rtol=1e-9)
+        with fwad.dual_level():
+            tangent = fwad.unpack_dual(fast(fwad.make_dual(x, t))).tangent
+        torch.testing.assert_close((tangent * w).sum(), back, atol=1e-12, rtol=1e-9)

@@ -389,7 +389,7 @@ class EvoBlockMixin:
         spec.tokens_run = x.shape[1]
         if row is not None:
             S = spec.num_suffix
-            row = ev.first_scores(row, spec.runtime.ranks(spec.num_prefix + S, x.device),
+            row = ev.first_scores(ev.untangled(row), spec.runtime.ranks(spec.num_prefix + S, x.device),
                                   spec.full_row, S)
             g = row if g is None else ev.update_scores(g, row, state.plan.options.trade_off)
         new = EvoState(spec.index, state.plan, g, grid=spec.grid, num_prefix=spec.num_prefix,

@@ -673,8 +673,20 @@ def refresh(sel: Selection, row: Tensor, weight) -> Selection:
     alpha with 0 at the prefix tokens (their rank constants stay exact). Built with the
     constructor, not ``_replace``: Dynamo of torch 2.11 cannot rebuild a NamedTuple that
     ``_replace`` made inside a compiled forward (AssertionError in codegen_save_tempvars)."""
-    vals = torch.lerp(sel.vals, row.to(sel.vals.dtype), weight)
+    vals = torch.lerp(sel.vals, untangled(row).to(sel.vals.dtype), weight)
     return Selection(sel.top, sel.index, vals, sel.weights, sel.pos)
+
+
+def untangled(row: Tensor) -> Tensor:
+    """An attention row without a forward-mode tangent: the rows are computed under no_grad
+    (they rank tokens, no gradient flows back through them), which stops backward but not
+    forward-mode AD (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``), whose
+    tangent reached the representative token's weights (jvp off backward by 1e-3); detached
+    only under such a transform (no op in a plain forward)."""
+    if torch.autograd.forward_ad._current_level >= 0 or \
+            torch._C._functorch.is_functorch_wrapped_tensor(row):
+        return row.detach()
+    return row
 
 
 def current_scores(g: Tensor, sel: Optional[Selection]) -> Tensor:
