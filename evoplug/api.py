@@ -379,6 +379,16 @@ def _no_side_effects(model: nn.Module):
 
 
 def _check_materialised(model: nn.Module):
+    traced = next((n for n, m in model.named_modules() if isinstance(m, torch.fx.GraphModule)
+                   and any(_inlines_attention(m, node) for node in m.graph.nodes)), None)
+    if traced is not None:
+        # (timm's features_only=True, feature_cls='fx'; torchvision's create_feature_extractor)
+        raise ConversionError(
+            f"{type(model).__name__}: `{traced or type(model).__name__}` is a torch.fx GraphModule "
+            "with attention inlined in its graph (a feature extractor traced by torch.fx): it "
+            "runs the blocks' code, not the blocks, so evoplug cannot convert them. Convert the "
+            "model before tracing it, with the blocks as leaf modules (docs/export.md), or use "
+            "timm's features_only with feature_cls='hook'")
     meta = next((n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if t.is_meta), None)
     if meta is not None:
@@ -386,6 +396,16 @@ def _check_materialised(model: nn.Module):
             f"{type(model).__name__}: `{meta}` is on the meta device (no values): evoplug runs the "
             "model once to analyse it. Materialise it first (model.to_empty(device=...) and "
             "load_state_dict), then convert")
+
+
+def _inlines_attention(gm: torch.fx.GraphModule, node) -> bool:
+    """A softmax or a fused attention in a traced graph (not behind a module that holds it)."""
+    t = node.target
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(t), nn.Softmax)
+    return node.op in ("call_function", "call_method") and (
+        t in (torch.nn.functional.scaled_dot_product_attention, torch.softmax,
+              torch.nn.functional.softmax, "softmax"))
 
 
 def _calibrate(model: nn.Module, example_input):

@@ -249,3 +249,38 @@ def test_fx_tracing_is_refused_by_name_and_the_blocks_trace_as_leaves():
         got, want = extractor(x), fast(x)
         torch.testing.assert_close(got["head"], want, atol=1e-5, rtol=1e-5)
         assert got["b2"].shape == (2, 65, fast.embed_dim)
+
+
+def test_a_model_traced_by_fx_is_refused_naming_the_graph_module():
+    """A feature extractor traced by torch.fx (timm's ``features_only=True, feature_cls='fx'``)
+    runs the blocks' code inlined in its graph: refused naming the GraphModule and the order
+    that works (the error blamed a softmax's "4-D map" or named an empty module). A block that
+    makes a module inside its forward (``nn.Softmax(dim=-1)(x)``, ViLT) is told so."""
+    import timm
+    from torch import nn
+    for name, kw in (("vit_tiny_patch16_224", dict(img_size=32, patch_size=4, depth=4)),
+                     ("swin_tiny_patch4_window7_224", dict(img_size=64, window_size=4, embed_dim=24,
+                                                            depths=(2, 2, 2), num_heads=(1, 2, 4)))):
+        net = timm.create_model(name, features_only=True, feature_cls="fx", **kw).eval()
+        size = kw["img_size"]
+        with pytest.raises(evoplug.errors.ConversionError, match="`graph_module` is a torch.fx GraphModule"):
+            evoplug.convert(net, example_input=torch.randn(1, 3, size, size))
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    class Attn(nn.Module):
+        def __init__(self, d=64, h=4):
+            super().__init__()
+            self.qkv, self.proj, self.h = nn.Linear(d, 3 * d), nn.Linear(d, d), h
+
+        def forward(self, x, attn_mask=None, is_causal=False):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4)
+            a = nn.Softmax(dim=-1)(q @ k.transpose(-2, -1) * (C // self.h) ** -0.5)
+            return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+    vit = VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4)
+    for b in vit.blocks:
+        b.attn = Attn()
+    with pytest.raises(evoplug.errors.ConversionError, match=r"makes a module inside its forward"):
+        evoplug.convert(vit.eval(), example_input=torch.randn(1, 3, 32, 32))

@@ -447,7 +447,11 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     except AnalysisError:
         raise
     except Exception as e:
-        raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: {e}") from None
+        hint = ("; the block makes a module inside its forward (e.g. `nn.Softmax(dim=-1)(x)`): "
+                "torch.fx traces modules that are attributes of the block only (make it one, or "
+                "call the function: `x.softmax(-1)`)") if "not installed as a submodule" in str(e) else ""
+        raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: "
+                                  f"{e}{hint}") from None
     finally:
         _restore_mutable_state(saved)
         module.train(was)
