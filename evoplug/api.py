@@ -234,11 +234,23 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     example = _first_image(args, kwargs, batch_dims)
     options = {f.name: getattr(report.options, f.name) for f in dataclasses.fields(report.options)}
     shared = [m for m in model.modules() if id(m) not in pairs]
+    for m in pairs.values():
+        # (transformers' output-capturing hooks: the twin's calibration installs its own, which
+        # heads reading the hidden states need; dropped below)
+        m.__dict__.pop("_output_capturing_hooks_installed", None)
     try:
         # the user's hooks on the modules the twin shares do not see its analysis' forwards
         # (no other thread runs the model meanwhile: EvoRuntime.variant_for)
         with hooks_suspended(*shared):
             convert(twin, inplace=True, example_input=example, strict=strict, **options)
+        # the twin's blocks run inside the model's (whose hooks fire): hooks its analysis left on
+        # its own modules fired again (transformers' hidden states and attentions, twice each)
+        keep = set(get_report(twin).entry_hooks)
+        for m in pairs.values():
+            for name in _HOOK_DICTS:
+                d = m.__dict__.get(name)
+                for hook_id in [k for k in d or () if k not in keep]:
+                    del d[hook_id]
     except ConversionError as e:
         raise EvoplugError(f"{type(model).__name__}: an input of another size than the one it was "
                            f"converted at needs the model converted again for that size, which "

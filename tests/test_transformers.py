@@ -599,3 +599,36 @@ def test_an_attention_implementation_changed_after_the_conversion_is_refused_by_
     AttentionInterface.register("evoplug_test_capture", half)
     with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError, match="attention function changed"):
         fast(x)
+
+
+def test_hidden_states_and_heads_reading_them_at_another_input_size():
+    """transformers records hidden states and attentions with hooks it installs at a model's
+    first call. A twin (the model converted again for a new input size) made at a first call
+    with ``output_hidden_states=True`` kept the hooks its analysis installed: every layer's
+    state came twice (9 instead of 5, ``hidden_states[k]`` the wrong layer). A model whose hooks
+    were already installed gave the twin none: heads that read the hidden states (SegFormer's
+    decoder, DPT) failed to convert at another size. Now both as at the conversion's size."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 48, 48)
+    model = T.ViTModel(T.ViTConfig(attn_implementation="eager", **FLAT)).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        for _ in range(2):
+            out = fast(x, interpolate_pos_encoding=True, output_hidden_states=True, output_attentions=True)
+            assert len(out.hidden_states) == 5 and len(out.attentions) == 4
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        out = fast(x, interpolate_pos_encoding=True, output_hidden_states=True)
+        want = model(x, interpolate_pos_encoding=True, output_hidden_states=True)
+        for h, w in zip(out.hidden_states, want.hidden_states):
+            torch.testing.assert_close(h, w, atol=1e-5, rtol=1e-5)
+    seg = T.SegformerForSemanticSegmentation(T.SegformerConfig(
+        num_labels=5, decoder_hidden_size=32, image_size=32, num_encoder_blocks=2, depths=[2, 2],
+        sr_ratios=[2, 1], hidden_sizes=[32, 64], num_attention_heads=[1, 2], patch_sizes=[7, 3],
+        strides=[4, 2])).eval()
+    with torch.no_grad():
+        seg(torch.randn(1, 3, 32, 32))              # (its hooks installed before the conversion)
+        fast = evoplug.convert(seg, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+        alone = torch.cat([fast(x[i:i + 1]).logits for i in range(2)])
+        torch.testing.assert_close(fast(x).logits, alone, atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x).logits, seg(x).logits, atol=1e-5, rtol=1e-5)

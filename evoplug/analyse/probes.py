@@ -125,13 +125,16 @@ def hooks_suspended(*modules: nn.Module):
     for m in {id(m): m for top in modules for m in top.modules()}.values():
         for name in _HOOK_DICTS:
             d = getattr(m, name, None)
-            if d:
+            if d is not None:
                 saved.append((d, dict(d)))
                 d.clear()
     try:
         yield
     finally:
+        # exactly what was there: a hook the analysis' forwards made (transformers installs its
+        # output-capturing hooks at a model's first call) does not stay
         for d, items in saved:
+            d.clear()
             d.update(items)
 
 
