@@ -627,7 +627,11 @@ def is_converted(model: nn.Module) -> bool:
 def get_report(model: nn.Module) -> ConversionReport:
     report = getattr(model, "_evoplug_report", None)
     if report is None:
-        raise ConversionError(f"{type(model).__name__} was not converted by evoplug")
+        # a wrapper (AveragedModel, timm's ModelEma, DDP, Sequential) holding a converted model
+        inner = next((n for n, m in model.named_modules()
+                      if n and getattr(m, "_evoplug_report", None) is not None), None)
+        hint = f"; `{inner}` inside it is: pass that (model.{inner})" if inner else ""
+        raise ConversionError(f"{type(model).__name__} was not converted by evoplug{hint}")
     return report
 
 

@@ -337,3 +337,20 @@ def test_a_features_only_vit_converts_at_the_size_it_was_built_for():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert [f.shape for f in fast(x)] == [f.shape for f in model(x)]
+
+
+def test_a_wrapper_of_a_converted_model_is_told_where_the_converted_model_is():
+    """``get_report``/``set_options``/``explain`` on a wrapper (``AveragedModel``, timm's
+    ``ModelEmaV3``, a ``Sequential``) name the converted module inside it (they said only
+    that the wrapper was not converted)."""
+    from torch.optim.swa_utils import AveragedModel
+    from timm.models.vision_transformer import VisionTransformer
+    fast = evoplug.convert(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=4,
+                                             num_heads=4).eval(), example_input=torch.randn(1, 3, 32, 32))
+    swa = AveragedModel(fast)
+    for call in (evoplug.get_report, evoplug.explain, lambda m: evoplug.set_options(m, keep_ratio=0.7)):
+        with pytest.raises(evoplug.errors.ConversionError, match=r"`module` inside it is: pass that \(model.module\)"):
+            call(swa)
+    assert evoplug.get_report(swa.module).options.keep_ratio == 0.5
+    with pytest.raises(evoplug.errors.ConversionError, match=r"`0` inside it"):
+        evoplug.get_report(torch.nn.Sequential(fast, torch.nn.Identity()))
