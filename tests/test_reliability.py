@@ -876,3 +876,20 @@ def test_forward_mode_derivatives_agree_with_backward():
         with fwad.dual_level():
             tangent = fwad.unpack_dual(fast(fwad.make_dual(x, t))).tangent
         torch.testing.assert_close((tangent * w).sum(), back, atol=1e-12, rtol=1e-9)
+
+
+def test_vmap_over_a_converted_swin_gives_the_batched_outputs():
+    """``torch.func.vmap`` over a converted Swin (per image) crashed with functorch's error on
+    an in-place scatter of batched positions into the unbatched window canvas
+    (``evolve.to_canvas``); now it gives the batched forward's outputs."""
+    import warnings
+    from timm.models.swin_transformer import SwinTransformer
+    torch.manual_seed(0)
+    model = SwinTransformer(img_size=64, patch_size=4, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                            num_heads=(2, 4, 8), num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)      # (functorch: no batching rule, slower)
+        torch.testing.assert_close(torch.func.vmap(lambda im: fast(im[None])[0])(x), fast(x),
+                                   atol=1e-5, rtol=1e-5)

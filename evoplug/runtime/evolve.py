@@ -383,8 +383,9 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     B, n = t.shape[:2]
     # the subset row each map position reads: its own token, else the representative token.
     # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
-    src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device)
-    src.scatter_(1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
+    # (out of place: under torch.func.vmap the positions are batched and the full map is not)
+    src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device).scatter(
+        1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
     return _take(t, src).movedim(1, dim)
 
 
