@@ -175,9 +175,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
-    first = analysed[0][0]          # (sequence-first: bound as (B, N, C) from (N, B, C))
-    seq_batch = first.plan.bind(first.name, first.call.args, first.call.kwargs)[0].shape[0] \
-        if first.plan.token_perm[:1] == (1,) else None
+    seq_batch = _sequence_first_batch(analysed[0][0])
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
     for spec, link in zip(specs, links):
@@ -212,6 +210,14 @@ def _convert_choosing_query(model, keep_ratio, images, example_input, strict, in
                         inplace=True, global_query=chosen, **options)
     get_report(first).query_agreement = agree
     return first
+
+
+def _sequence_first_batch(first: BlockAnalysis) -> Optional[int]:
+    """The images of the first converted block when it is sequence-first (bound as (B, N, C)
+    from (N, B, C)), else None."""
+    if first.plan.token_perm[:1] != (1,):
+        return None
+    return first.plan.bind(first.name, first.call.args, first.call.kwargs)[0].shape[0]
 
 
 def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,

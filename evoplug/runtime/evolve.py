@@ -684,6 +684,8 @@ def untangled(row: Tensor) -> Tensor:
     forward-mode AD (``torch.func.jvp``/``jacfwd``, ``torch.autograd.forward_ad``), whose
     tangent reached the representative token's weights (jvp off backward by 1e-3); detached
     only under such a transform (no op in a plain forward)."""
+    if torch.compiler.is_compiling():     # (no forward-mode AD through a compiled forward)
+        return row
     if torch.autograd.forward_ad._current_level >= 0 or \
             torch._C._functorch.is_functorch_wrapped_tensor(row):
         return row.detach()
