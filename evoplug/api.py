@@ -132,7 +132,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             f"{type(model).__name__} holds blocks of a model evoplug converted; change the "
             "options on that model (evoplug.set_options(model, ...)), or convert "
             "evoplug.revert(model)")
-    _check_materialised(model)
+    _check_model(model)
     if not inplace:
         model = copy_model(model)
     analysed, parts = [], []
@@ -396,7 +396,13 @@ def _no_side_effects(model: nn.Module):
                     m.training = mode
 
 
-def _check_materialised(model: nn.Module):
+def _check_model(model: nn.Module):
+    """What refuses a model before anything runs: a graph traced by torch.fx, meta tensors."""
+    _check_not_traced(model)
+    _check_materialised(model)
+
+
+def _check_not_traced(model: nn.Module):
     traced = next((n for n, m in model.named_modules() if isinstance(m, torch.fx.GraphModule)
                    and any(_inlines_attention(m, node) for node in m.graph.nodes)), None)
     if traced is not None:
@@ -407,6 +413,9 @@ def _check_materialised(model: nn.Module):
             "runs the blocks' code, not the blocks, so evoplug cannot convert them. Convert the "
             "model before tracing it, with the blocks as leaf modules (docs/export.md), or use "
             "timm's features_only with feature_cls='hook'")
+
+
+def _check_materialised(model: nn.Module):
     meta = next((n for n, t in list(model.named_parameters()) + list(model.named_buffers())
                  if t.is_meta), None)
     if meta is not None:

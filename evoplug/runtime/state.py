@@ -358,9 +358,12 @@ def input_key(args, kwargs, batch_dims=None) -> tuple:
     """What identifies an input size: every tensor argument's shape without the batch dim,
     dtype and device, in order. ``batch_dims``: the arguments (by position or keyword) whose
     batch dim is not dim 0 (a sequence-first model's (N, B, C) tokens: :func:`batch_dims`)."""
-    dims = batch_dims or {}
-    items = [(i, v) for i, v in enumerate(args)] + [(k, kwargs[k]) for k in sorted(kwargs)]
-    return tuple((_unbatched(v.shape, dims.get(k, 0)), v.dtype, v.device.type)
+    if not batch_dims:          # (every forward passes here: the common case stays one pass)
+        items = list(args) + [kwargs[k] for k in sorted(kwargs)]
+        return tuple((tuple(v.shape[1:]), v.dtype, v.device.type) for v in items
+                     if isinstance(v, torch.Tensor))
+    items = list(enumerate(args)) + [(k, kwargs[k]) for k in sorted(kwargs)]
+    return tuple((_unbatched(v.shape, batch_dims.get(k, 0)), v.dtype, v.device.type)
                  for k, v in items if isinstance(v, torch.Tensor))
 
 
