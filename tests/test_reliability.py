@@ -893,3 +893,24 @@ def test_vmap_over_a_converted_swin_gives_the_batched_outputs():
         warnings.simplefilter("ignore", UserWarning)      # (functorch: no batching rule, slower)
         torch.testing.assert_close(torch.func.vmap(lambda im: fast(im[None])[0])(x), fast(x),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_channel_attention_with_as_many_channels_per_head_as_tokens_is_refused():
+    # XCiT attends channel to channel: with 64 channels per head and 64 tokens (128 px, patch
+    # 16) its map (B, heads, 64, 64) has the shape of a token map; it was ranked as one
+    from timm.models.vision_transformer import VisionTransformer
+    from timm.models.xcit import Xcit
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 128, 128)
+    xcit = Xcit(img_size=128, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                cls_attn_layers=1, num_classes=10).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: the attention map .* not "
+                                                      r"token by token.*XCiT"):
+        evoplug.convert(xcit, keep_ratio=0.5, example_input=x)
+    # a token-attention ViT of the same sizes (64 tokens, 64 channels per head) still converts
+    vit = VisionTransformer(img_size=128, patch_size=16, embed_dim=128, depth=2, num_heads=2,
+                            class_token=False, global_pool="avg", num_classes=10).eval()
+    ref = vit(x)
+    c = evoplug.convert(copy.deepcopy(vit), keep_ratio=1.0, example_input=x)
+    torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
+    assert len(evoplug.get_report(c).blocks) == 2

@@ -275,6 +275,8 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.notes.append("channels-last map block: tokens that were not kept get " + (
             "their own attention update (the windows run on the full map)" if a.windowed else
             "the representative token's attention update") + " plus its MLP residual")
+    if not a.windowed and site.kind in ("softmax", "sdpa"):
+        _check_queries_follow_tokens(a, gm, site, feed)
     if a.windowed:
         _windowed_attention(a, gm, site, feed, batch)
     elif site.kind == "softmax":
@@ -299,6 +301,42 @@ def _windowed_attention(a: BlockAnalysis, gm, site, feed, batch):
                    f"the full {whole}; " + ("global row = each window's mean-query attention, mapped "
                                        "back to the tokens" if a.row_full else
                                        "no global row (windows could not be mapped to tokens)"))
+
+
+def _check_queries_follow_tokens(a: BlockAnalysis, gm, site, feed):
+    """Where the queries' last dim is as long as the token count, whether their rows (dim -2)
+    are the tokens: a change to one patch token must reach a few query rows (its own; a
+    convolutional projection adds its neighbours), not every row. Cross-covariance attention
+    (XCiT) lays the queries out (..., channels, tokens) and attends channel to channel; with
+    as many channels per head as tokens, its map has the shape of a token map."""
+    N, qs = a.num_tokens, shape_of(site.q)
+    if not isinstance(site.q, fx.Node) or qs is None or len(qs) < 2 or qs[-1] != N or qs[-2] != N:
+        return
+    holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    x = feed[0]
+    j = a.num_prefix                       # the first patch token (a corner of the grid)
+    flat = x.reshape(x.shape[0], -1, x.shape[-1])
+    moved = flat.clone()
+    gen = torch.Generator().manual_seed(0)
+    moved[:, j] += torch.randn(moved[:, j].shape, generator=gen).to(x) * (flat.std() + 1)
+    try:
+        with torch.no_grad():
+            q0, q1 = (run_nodes(gm.graph, site.q, gm, dict(zip(holders, (t.reshape(x.shape),
+                                                                         *feed[1:]))))
+                      for t in (flat, moved))
+    except Exception:   # noqa: BLE001 - the probes report a block that does not run
+        return
+    if not isinstance(q0, torch.Tensor) or q0.shape != q1.shape or not q0.is_floating_point():
+        return
+    d = (q1.float() - q0.float()).abs()
+    rows = d.transpose(-2, -1).reshape(-1, N).amax(0)       # the change per query row
+    if rows.max() > 0 and int((rows > 1e-3 * rows.max()).sum()) > N // 2:
+        raise AnalysisError(a.name, f"the attention map {shape_of(site.node)} is not token by "
+                                    f"token: changing one token changes all {N} rows of the "
+                                    f"queries `{site.q.name}` {tuple(qs)}, whose last dim holds the "
+                                    "tokens (attention between channels, as XCiT's cross-"
+                                    "covariance attention); evoplug ranks tokens by a "
+                                    "token-to-token attention map")
 
 
 def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
