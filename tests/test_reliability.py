@@ -914,3 +914,35 @@ def test_channel_attention_with_as_many_channels_per_head_as_tokens_is_refused()
     c = evoplug.convert(copy.deepcopy(vit), keep_ratio=1.0, example_input=x)
     torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
     assert len(evoplug.get_report(c).blocks) == 2
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_padded_batch_after_an_unpadded_calibration_gives_what_a_padded_one_does(fused):
+    """NaFlex's mask also masks the padded queries' whole rows. Calibrated on an image without
+    padding (every row alike), the mean query averaged those rows too: NaN for every output
+    (fused attention: the plain mean of the mask rows; explicit softmax: the mask reaches the
+    logits through timm's ``maybe_add_mask``, one call, so the padding check was left out)."""
+    torch.manual_seed(0)
+    m = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, embed_dim=64, depth=3,
+                          num_heads=2, img_size=32, patch_size=4, num_classes=10).eval()
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = fused
+    img = torch.randn(48, 48)                                 # 6 x 8 patches of 4 x 4 x 3
+    ys, xs = torch.meshgrid(torch.arange(6), torch.arange(8), indexing="ij")
+    coord = torch.stack([ys.flatten(), xs.flatten()], -1)
+
+    def padded(n):
+        return dict(patches=torch.cat([img, torch.zeros(n, 48)])[None],
+                    patch_coord=torch.cat([coord, torch.zeros(n, 2, dtype=coord.dtype)])[None],
+                    patch_valid=torch.cat([torch.ones(48, dtype=torch.bool),
+                                           torch.zeros(n, dtype=torch.bool)])[None])
+
+    plain = evoplug.convert(m, keep_ratio=0.5, example_input=(padded(0),))
+    seen = evoplug.convert(m, keep_ratio=0.5, example_input=(padded(16),))
+    with torch.no_grad():
+        y = plain(padded(16))
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, seen(padded(16)), atol=1e-5, rtol=1e-5)
+        evoplug.set_options(plain, keep_ratio=1.0)
+        torch.testing.assert_close(plain(padded(16)), m(padded(16)), atol=1e-5, rtol=1e-5)

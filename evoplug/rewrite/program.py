@@ -468,6 +468,17 @@ def _is_grid_count(x: fx.Node, grid, root: fx.Node) -> bool:
     return sizes[0][0] is sizes[1][0] and tuple(sorted(s for _, s in sizes)) == tuple(sorted(grid))
 
 
+def _argument_reaches(a: BlockAnalysis, node) -> bool:
+    """Whether a tensor argument of the block other than the tokens reaches ``node`` (the
+    logits, the mask): a padding mask may then arrive, whatever the calibration's held, and by
+    any path (timm's ``maybe_add_mask`` is one call, no add)."""
+    if not isinstance(node, fx.Node):
+        return False
+    holders = [n for n in node.graph.nodes if n.op == "placeholder"][1:1 + len(a.plan.tensor_args)]
+    up = ancestors(node) | {node}
+    return any(h in up for h in holders)
+
+
 def _global_row(rw: _Rewrite):
     """The global query's attention row over the patch keys, next to the attention."""
     a, graph, site = rw.a, rw.graph, rw.site
@@ -481,14 +492,14 @@ def _global_row(rw: _Rewrite):
         elif site.kind == "softmax":
             extra = _images_if_heads_merged(rw)
             flags = {"masked": True} if a.row_masked else {}
-            if not site.arg_terms:       # no mask among the block's arguments: no padding
+            if not _argument_reaches(a, site.logits):    # no mask among the block's arguments
                 flags["padded"] = False
             row = graph.call_function(ev.probs_query_row, (site.node, P) + extra) if cls_query else \
                 graph.call_function(ev.logits_query_row, (site.logits, P) + extra, flags)
         elif site.kind == "sdpa":
             mask = sdpa_arg(site.node, 3, "attn_mask")
             flags = {"masked": True} if a.row_masked and not cls_query else {}
-            if not site.arg_terms:
+            if not _argument_reaches(a, mask):
                 flags["padded"] = False
             row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P,
                                                           cls_query) + _images_if_heads_merged(rw),

@@ -152,7 +152,10 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
     m = attn_mask
-    if masked and not cls_query and m.shape[-2] != 1:   # a mask per query row (causal)
+    if (masked or padded) and not cls_query and m.shape[-2] != 1:
+        # a mask per query row (causal), or one that may mask the padded queries' whole rows
+        # (a plain mean of such rows is -inf for every key: NaN; a padded call after an
+        # unpadded calibration, whose rows were all alike)
         return (logits.float() + _masked_row_mean(_patches(m, -2, num_prefix))).softmax(-1)
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
