@@ -46,6 +46,9 @@ class ConversionReport:
     entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/state.py EntryHook)
     #: top-1 agreement with the dense model per global query, when ``convert(images=...)`` chose
     query_agreement: Optional[Dict[str, float]] = None
+    #: converted blocks no longer in the model (timm's ``prune_intermediate_layers``, a block
+    #: replaced or deleted after conversion), as of the last :func:`get_report`
+    removed: List[str] = dataclasses.field(default_factory=list)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -647,7 +650,16 @@ def get_report(model: nn.Module) -> ConversionReport:
                       if n and getattr(m, "_evoplug_report", None) is not None), None)
         hint = f"; `{inner}` inside it is: pass that (model.{inner})" if inner else ""
         raise ConversionError(f"{type(model).__name__} was not converted by evoplug{hint}")
+    report.removed = [b.name for b in report.blocks if not _still_in(model, b)]
     return report
+
+
+def _still_in(model: nn.Module, spec: BlockSpec) -> bool:
+    """Whether the converted block ``spec`` is still where the conversion found it."""
+    try:
+        return getattr(model.get_submodule(spec.name), "_evoplug_spec", None) is spec
+    except AttributeError:
+        return False
 
 
 def set_options(model: nn.Module, **changes) -> EvoOptions:
@@ -719,7 +731,8 @@ def _unconverted_class(spec: BlockSpec) -> type:
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
     """Tokens each converted block ran through its attention and MLP in the last forward
     (-1: the block's original forward ran)."""
-    return [(s.analysis.name, s.tokens_run) for s in get_report(model).blocks]
+    report = get_report(model)
+    return [(s.analysis.name, s.tokens_run) for s in report.blocks if s.name not in report.removed]
 
 
 def format_report(report: ConversionReport) -> str:
@@ -743,6 +756,8 @@ def format_report(report: ConversionReport) -> str:
             f"{special + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
         if s.index in idle:
             role = "evolving, no scores: dense"
+        if s.name in report.removed:
+            role, toks = "removed after conversion", "-"
         rows.append((a.name, role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
                      str(a.num_prefix), a.attention,
                      "; ".join(a.position_terms) or "-"))
@@ -765,6 +780,14 @@ def format_report(report: ConversionReport) -> str:
             lines.append(f"note: {note}")
     if idle:
         lines.append(f"WARNING: {_unscored_reason(analyses, idle)}")
+    if report.removed:
+        left = [s for s in report.blocks if s.name not in report.removed and s.role == "evolve"
+                and s.index not in idle]
+        lines.append(f"WARNING: {len(report.removed)} converted block(s) are no longer in the model "
+                     f"({', '.join(report.removed)})" + (
+                         "" if left or o.keep_ratio >= 1 else
+                         "; none of the blocks left evolves its tokens: the model runs as the "
+                         "original (convert after removing blocks)"))
     for name, reason in report.failed:
         lines.append(f"NOT converted `{name}`: {reason}")
     for name, reason in report.skipped:

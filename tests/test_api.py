@@ -354,3 +354,40 @@ def test_a_wrapper_of_a_converted_model_is_told_where_the_converted_model_is():
     assert evoplug.get_report(swa.module).options.keep_ratio == 0.5
     with pytest.raises(evoplug.errors.ConversionError, match=r"`0` inside it"):
         evoplug.get_report(torch.nn.Sequential(fast, torch.nn.Identity()))
+
+
+def test_blocks_removed_after_conversion_are_reported_and_a_forward_without_evolving_blocks_warns():
+    """timm's ``prune_intermediate_layers`` after conversion drops the blocks after the kept
+    ones. Where that leaves no evolving block the model runs as the original (right, not
+    faster): explain() listed the removed blocks as evolving and nothing said so."""
+    import warnings
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    roles = [s.role for s in evoplug.get_report(fast).blocks]
+    first = roles.index("evolve")
+    fast.prune_intermediate_layers(indices=[first - 1])
+    m.prune_intermediate_layers(indices=[first - 1])
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        torch.testing.assert_close(fast(x), m(x))
+        fast(x)
+    said = [str(i.message) for i in w if "no token was sped up" in str(i.message)]
+    assert len(said) == 1                                       # once
+    gone = [f"blocks.{i}" for i in range(first, 6)]
+    assert [n for n, _ in evoplug.tokens_per_block(fast)] == [f"blocks.{i}" for i in range(first)]
+    text = evoplug.explain(fast)
+    assert f"are no longer in the model ({', '.join(gone)}); none of the blocks left evolves" in text
+    assert all(f"{n}  removed after conversion" in text for n in gone)
+
+    # pruned after an evolving block: reported, no warning, the kept blocks still evolve
+    fast = evoplug.convert(timm.create_model("vit_tiny_patch16_224", img_size=64, depth=6,
+                                             num_classes=10).eval(), keep_ratio=0.5, example_input=x)
+    fast.prune_intermediate_layers(indices=[first])
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        fast(x)
+    assert not [i for i in w if "sped up" in str(i.message)]
+    assert dict(evoplug.tokens_per_block(fast))[f"blocks.{first}"] < 17
+    assert "none of the blocks left" not in evoplug.explain(fast)

@@ -11,6 +11,7 @@ import collections
 import functools
 import inspect
 import threading
+import warnings
 import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
@@ -154,6 +155,24 @@ class EvoRuntime:
         next block."""
         stack = getattr(self._local, "entry", None)
         return bool(stack) and stack[-1]
+
+    _idle_warned = False
+
+    def check_evolved(self):
+        """After a forward of the model as calibration called it: warn (once) when it ran
+        converted blocks but none that evolves tokens although the options ask for it (the
+        evolving blocks were removed from the model after conversion: timm's
+        ``prune_intermediate_layers``); the model then runs as the original, which is right,
+        but not faster."""
+        last, plan = getattr(self._local, "last", None), self.plan
+        if last is None or self._idle_warned or plan.options.keep_ratio >= 1 or \
+                "evolve" not in plan.roles or plan.roles.index("evolve") <= last:
+            return
+        self._idle_warned = True
+        warnings.warn(f"evoplug: this forward ran converted blocks up to block {last} only, and the "
+                      f"first that evolves tokens is block {plan.roles.index('evolve')}: no token was "
+                      "sped up (were blocks removed after conversion? explain() lists them; convert "
+                      "after removing blocks)", stacklevel=2)
 
     def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None,
                    images: Optional[int] = None):
@@ -479,6 +498,8 @@ class EntryHook:
 
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
+            if self.runtime.entered() and len(self.runtime._local.entry) == 1:
+                self.runtime.check_evolved()
             self.runtime.pop_entry()
             self.runtime.release()
             local = self.runtime._local
