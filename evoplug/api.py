@@ -364,7 +364,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,
                             functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
-        per_image=per_image)
+        per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive

@@ -483,3 +483,31 @@ def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_upd
     assert [s.analysis.name for s in specs] == ["blocks.0", "blocks.2"]
     assert specs[1].role == "evolve"
     _assert_block_gives_dense_output(fast, specs[1], torch.randn(2, 3, 224, 224))
+
+
+def test_a_masked_hiera_forward_runs_its_visible_tokens():
+    """``forward_features(x, mask=...)`` (MAE pre-training) runs Hiera's blocks on the visible
+    mask units only: the scores carried between stages did not fill the next grid and the
+    windowed blocks' programs were cut for all tokens (a reshape error from the program). Now
+    the scores restart where they do not fill a grid, the windowed blocks run their own
+    forward with a warning naming them, and keep 1.0 gives the original."""
+    import warnings
+    torch.manual_seed(0)
+    model = timm.create_model("hiera_tiny_224", pretrained=False, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x, start_block=1)
+    assert evoplug.get_report(fast).blocks[1].analysis.windowed      # a windowed block evolves
+    units = model.mask_spatial_shape[0] * model.mask_spatial_shape[1]
+    mask = torch.zeros(2, units, dtype=torch.bool)
+    mask[0, [0, 3]] = mask[1, [1, 2]] = True                     # half the mask units visible
+    with torch.no_grad(), warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        ref = model.forward_features(x, mask=mask)
+        y = fast.forward_features(x, mask=mask)
+        assert y.shape == ref.shape and torch.isfinite(y).all()
+        assert any("`blocks.2` runs its original forward" in str(i.message) and
+                   "windows were cut from 64 tokens, and it has 32" in str(i.message) for i in w)
+        assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.5"] < 8    # of the 8 visible
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast.forward_features(x, mask=mask), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

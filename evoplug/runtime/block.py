@@ -101,6 +101,8 @@ class BlockSpec:
     #                            calibration (block batch / images), when it divided evenly
     starts_stream: bool = False   # its input comes from no converted block before it (another
     #                            tower): the scores restart here (provenance.stream_starts)
+    windowed_tokens: Optional[int] = None   # a flat block's windows partition this many
+    #                            tokens (Hiera's mask units): its programs take no other count
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -540,6 +542,11 @@ def _bound(spec: BlockSpec, args, kwargs):
             # N', d) where the program took (N, d))
             raise AnalysisError(spec.name, f"its argument {n!r} has shape {tuple(t.shape)}, of "
                                 f"another rank than when it was analysed {want}")
+    if spec.windowed_tokens is not None and bound[0].shape[1] != spec.windowed_tokens:
+        # (MAE's visible tokens of a masked Hiera: the windows were cut from all of them)
+        raise AnalysisError(spec.name, f"its windows were cut from {spec.windowed_tokens} tokens, "
+                            f"and it has {bound[0].shape[1]} (a call that dropped tokens, as MAE's "
+                            "masking does)")
     if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
         raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
                             f"map it was analysed on {spec.grid}")

@@ -583,10 +583,11 @@ def carry_scores(scores: Tensor, grid_from, grid_to) -> Optional[Tensor]:
     same layout) and renormalised to sum to 1 like an attention row: a downsampled token
     summarises the tokens under it, so their mean score is its prior; the next block's
     attention row refreshes it. ``None`` when a grid is unknown, or guessed and not smaller
-    than the one before (the caller restarts the scores with a dense block).
+    than the one before, or the scores do not fill it (the caller restarts the scores with a
+    dense block).
     """
-    if not can_carry(grid_from, grid_to):
-        return None
+    if not can_carry(grid_from, grid_to) or scores.shape[-1] != grid_from[0] * grid_from[1]:
+        return None     # (a grid the tokens do not fill: MAE's visible patches of a masked call)
     B = scores.shape[0]
     g = scores.reshape(B, 1, grid_from[0], grid_from[1])
     g = torch.nn.functional.adaptive_avg_pool2d(g, tuple(grid_to))
