@@ -946,3 +946,28 @@ def test_a_padded_batch_after_an_unpadded_calibration_gives_what_a_padded_one_do
         torch.testing.assert_close(y, seen(padded(16)), atol=1e-5, rtol=1e-5)
         evoplug.set_options(plain, keep_ratio=1.0)
         torch.testing.assert_close(plain(padded(16)), m(padded(16)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_pre_hook_registered_after_conversion_that_changes_the_batch():
+    """Test-time augmentation by a forward pre-hook on the converted model (flipped copies
+    stacked on the batch): the entry hook read the input before it, so every forward was
+    refused as a model that "packs or regroups its images". The entry hook now moves itself
+    after such a hook; the forward that finds it runs each block on its own (exact too)."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+
+    def tta(module, args):
+        return (torch.cat([args[0], args[0].flip(-1)]),)
+
+    fast.register_forward_pre_hook(tta)
+    with torch.no_grad():
+        first, second = fast(x), fast(x)
+        assert first.shape == (4, 10)
+        torch.testing.assert_close(first, second, atol=1e-5, rtol=1e-5)
+        assert dict(evoplug.tokens_per_block(fast))["blocks.3"] < 17
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        m.register_forward_pre_hook(tta)
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+

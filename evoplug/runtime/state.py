@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import inspect
+import sys
 import threading
 import warnings
 import weakref
@@ -463,6 +464,8 @@ class EntryHook:
         if torch.compiler.is_compiling():
             return
         matches = len(args) == self.num_args and kwargs.keys() == self.kwargs
+        if matches and next(reversed(module._forward_pre_hooks.values())) is not self:
+            matches = self._move_last(module)
         variant = None
         self.runtime.admit()
         try:
@@ -475,6 +478,19 @@ class EntryHook:
                 variant = self._variant_by_name(module, args, kwargs)
         finally:     # (exit, called whatever happens, pops and releases)
             self.runtime.push_entry(matches, variant, images_in(args, kwargs))
+
+    def _move_last(self, module) -> bool:
+        """A forward pre-hook registered after this one (test-time augmentation that stacks
+        flipped copies, a resize) changes the input after it was read here: the blocks then
+        saw another batch or size than the one read (a misleading error, a wrong twin). This
+        hook goes last for the next forwards; this one runs as a call of another form (each
+        block on its own, exact). Returns False (no match) when it moved."""
+        hooks = module._forward_pre_hooks
+        key = next((k for k, h in hooks.items() if h is self), None)
+        if key is None:
+            return True
+        hooks.move_to_end(key)
+        return False
 
     def _factory(self) -> Callable:
         return functools.partial(self.factory, batch_dims=self.batch_dims) if self.batch_dims \
@@ -498,7 +514,8 @@ class EntryHook:
 
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
-            if self.runtime.entered() and len(self.runtime._local.entry) == 1:
+            if self.runtime.entered() and len(self.runtime._local.entry) == 1 and \
+                    sys.exc_info()[0] is None:      # (not a forward that raised)
                 self.runtime.check_evolved()
             self.runtime.pop_entry()
             self.runtime.release()
