@@ -971,3 +971,40 @@ def test_a_forward_pre_hook_registered_after_conversion_that_changes_the_batch()
         m.register_forward_pre_hook(tta)
         torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
 
+
+@pytest.mark.parametrize("how", ["class forward", "instance forward", "class swap", "block class forward"])
+def test_code_changed_after_conversion_is_refused_by_name(how, monkeypatch):
+    """Patching the attention's forward (to collect attention maps, add an adapter) or its
+    class after conversion changed the original and left the converted model's programs on
+    the traced code: at keep 0.5 the change was ignored, new parameters got no gradient
+    (found by the twenty-first session's audit). Attribute changes were refused; code
+    changes now are too."""
+    import types
+    import timm.models.vision_transformer as tv
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    fast(x)
+    orig = tv.Attention.forward
+
+    def doubled(self, *a, **k):
+        return 2 * orig(self, *a, **k)
+
+    class Doubled(tv.Attention):
+        forward = doubled
+
+    attn = fast.blocks[2].attn
+    if how == "class forward":
+        monkeypatch.setattr(tv.Attention, "forward", doubled)
+    elif how == "instance forward":
+        attn.forward = types.MethodType(doubled, attn)
+    elif how == "class swap":
+        attn.__class__ = Doubled
+    else:
+        old = tv.Block.forward
+        monkeypatch.setattr(tv.Block, "forward", lambda self, *a, **k: 0.5 * old(self, *a, **k))
+    first = "blocks.2" if how in ("instance forward", "class swap") else "blocks.0"
+    with pytest.raises(evoplug.EvoplugError, match=rf"`{first}`: .*(was swapped|was replaced|"
+                                                   r"a forward was set on it).* after conversion"):
+        fast(x)

@@ -152,11 +152,19 @@ class BlockSpec:
         """What changed since the block was traced in a module it traced into (its attention
         modules, not the ones the programs call by path): a submodule replaced, or a plain
         attribute set anew (a dropout rate, ``scale``, ``fused_attn``): the programs hold the
-        values and code the trace saw. None when nothing did."""
-        for parent, name, path, m, scalars, nones, settings in self.traced:
+        values and code the trace saw (a class or forward swapped or patched, too). None when
+        nothing did."""
+        for parent, name, path, m, scalars, nones, settings, (cls, fwd, own) in self.traced:
             if parent is not None and parent._modules.get(name) is not m:
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
+            now = type(m) if parent is not None else self.orig_class
+            if now is not cls or now.forward is not fwd or d.get("forward") is not own:
+                what = f"`{path}` ({now.__name__})" if path else f"the block ({now.__name__})"
+                how = ("its class was swapped" if now is not cls else "its class's forward was "
+                       "replaced" if now.forward is not fwd else "a forward was set on it")
+                return f"{what}: {how} (the code its forward runs)"
+
             for k, v in scalars:
                 now = d.get(k, _GONE)
                 if now is not v and now != v:
@@ -666,13 +674,13 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
         return (parent, path.rpartition(".")[2], path, m,
                 tuple((k, v) for k, v in attributes(m).items() if k not in skip),
                 tuple(k for k, v in m._buffers.items() if v is None),
-                settings(m) if settings is not None else ())
+                settings(m) if settings is not None else (),
+                _code(m))
 
     # the block's own attributes too (Swin's shift_size, read in its traced forward), but the
-    # flags read outside it (transformers' gradient_checkpointing, in __call__); an entry with
-    # nothing to check is left out (changed() runs at every call)
+    # flags read outside it (transformers' gradient_checkpointing, in __call__), and its code
     own = entry(None, "", block)
-    out, seen = ([own] if any(own[4:]) else []), {id(block)}
+    out, seen = [own], {id(block)}
     for path in paths:
         if not path:
             continue
@@ -683,6 +691,13 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
             pp = sub.rpartition(".")[0]
             out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
     return tuple(out)
+
+
+def _code(m: nn.Module) -> Tuple:
+    """What decides the code a module's forward runs: its class, the forward that class
+    has, a forward set on the instance (``m.forward = ...``)."""
+    cls = type(m)
+    return cls, cls.forward, m.__dict__.get("forward")
 
 
 #: a block's own attributes read outside its traced forward: not checked by changed()
