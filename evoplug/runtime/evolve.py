@@ -137,6 +137,7 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     float32. O(N d) per head (:func:`query_logits`; no float32 copy of q or k)."""
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    valid = None
     if cls_query:
         qq = q.narrow(-2, 0, 1)
     elif padded and attn_mask is not None and attn_mask.shape[-1] == q.shape[-2]:
@@ -144,23 +145,27 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
         # moved the real tokens' ranking, and with it their outputs, until the eighteenth session)
         m = attn_mask if attn_mask.dtype == torch.bool else \
             attn_mask > torch.finfo(attn_mask.dtype).min / 2
-        qq = _mean_of_valid(_patches(q, -2, num_prefix), _patches(m.any(-2), -1, num_prefix),
-                            keepdim=True).to(k.dtype)
+        valid = _patches(m.any(-2), -1, num_prefix)
+        qq = _mean_of_valid(_patches(q, -2, num_prefix), valid, keepdim=True).to(k.dtype)
     else:
         qq = _patches(q, -2, num_prefix).mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
     logits = query_logits(qq, k, scale)                           # (..., Nk)
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
     m = attn_mask
-    if (masked or padded) and not cls_query and m.shape[-2] != 1:
-        # a mask per query row (causal), or one that may mask the padded queries' whole rows
-        # (a plain mean of such rows is -inf for every key: NaN; a padded call after an
-        # unpadded calibration, whose rows were all alike)
+    if masked and not cls_query and m.shape[-2] != 1:   # a mask per query row (causal)
         return (logits.float() + _masked_row_mean(_patches(m, -2, num_prefix))).softmax(-1)
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
     m = m.float()
-    if m.shape[-2] != 1:
+    if m.shape[-2] != 1 and valid is not None and m.shape[-2] == q.shape[-2]:
+        # the mask of the mean of the valid queries: the padded queries' rows (masked whole by
+        # NaFlex's mask) left out, as from the mean (all in, every key was -inf: NaN; a padded
+        # call after a calibration without padding, whose rows were all alike)
+        rows, w = _patches(m, -2, num_prefix), valid.unsqueeze(-1)
+        m = torch.where(w, rows, torch.zeros((), device=m.device)).sum(-2, keepdim=True) / \
+            w.sum(-2, keepdim=True).clamp_min(1)
+    elif m.shape[-2] != 1:
         m = m[..., :1, :] if cls_query else _patches(m, -2, num_prefix).mean(-2, keepdim=True)
     return (logits.float() + m.squeeze(-2)).softmax(-1)
 
