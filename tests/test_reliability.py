@@ -1008,3 +1008,29 @@ def test_code_changed_after_conversion_is_refused_by_name(how, monkeypatch):
     with pytest.raises(evoplug.EvoplugError, match=rf"`{first}`: .*(was swapped|was replaced|"
                                                    r"a forward was set on it).* after conversion"):
         fast(x)
+
+
+def test_a_parametrization_after_conversion_is_no_code_change():
+    """torch's parametrize puts a subclass of the attention's class in; the programs read the
+    parametrized tensor live, so it is honoured, not refused as a class swap."""
+    from torch.nn.utils import parametrize
+
+    class Twice(nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    torch.manual_seed(0)
+    m = timm.create_model("beit_base_patch16_224", img_size=64, depth=3, embed_dim=64, num_heads=2,
+                          num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    before = fast(x)
+    for model in (m, fast):
+        parametrize.register_parametrization(model.blocks[2].attn, "q_bias", Twice())
+    with torch.no_grad():
+        m.blocks[2].attn.parametrizations.q_bias.original.normal_()
+        fast.blocks[2].attn.parametrizations.q_bias.original.copy_(
+            m.blocks[2].attn.parametrizations.q_bias.original)
+        assert not torch.allclose(fast(x), before)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)

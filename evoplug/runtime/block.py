@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks,
                                       _global_forward_hooks, _global_forward_pre_hooks)
+from torch.nn.utils import parametrize
 
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
@@ -159,6 +160,8 @@ class BlockSpec:
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
             now = type(m) if parent is not None else self.orig_class
+            if now is not cls and now.__bases__ == (cls,) and parametrize.is_parametrized(m):
+                now = cls      # (torch's parametrize puts a subclass in; its properties run live)
             if now is not cls or now.forward is not fwd or d.get("forward") is not own:
                 what = f"`{path}` ({now.__name__})" if path else f"the block ({now.__name__})"
                 how = ("its class was swapped" if now is not cls else "its class's forward was "
