@@ -339,3 +339,30 @@ def test_a_block_called_from_inside_another_does_not_wait_for_a_twin_build():
     while "build" not in done and time.time() - t0 < 60:
         time.sleep(0.05)
     assert "direct" in done and "build" in done
+
+
+def test_a_calibration_batch_as_large_as_a_token_count():
+    """Batch sizes equal to a token count (found by the twenty-first session's audit): Twins'
+    second stage (16 tokens) at a batch of 16 was left alone without a word under strict=True
+    (an ambiguity report filed as "not a token block"); EVA's rotary table (16 patches, d) at a
+    batch of 16 was taken as per image, and EVA refused. The first is now refused by name
+    (strict) and listed as not converted; the second converts as at any other batch."""
+    torch.manual_seed(0)
+    twins = timm.create_model("twins_svt_small", pretrained=False, img_size=32, embed_dims=(16, 32),
+                              depths=(2, 2), num_heads=(2, 4), wss=(2, 2), sr_ratios=(2, 1),
+                              mlp_ratios=(2, 2), num_classes=10).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1\.0`: its tokens \(16, 16, 32\) "
+                                                      r"are as many as the images"):
+        evoplug.convert(twins, 0.5, example_input=torch.randn(16, 3, 32, 32))
+    some = evoplug.convert(twins, 0.5, example_input=torch.randn(16, 3, 32, 32), strict=False)
+    assert "NOT converted `blocks.1.1`" in evoplug.explain(some)
+
+    eva = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8,
+                            embed_dim=64, depth=3, num_heads=4, num_classes=10).eval()
+    x = torch.randn(3, 3, 32, 32)
+    at16 = evoplug.convert(eva, 0.5, example_input=torch.randn(16, 3, 32, 32))
+    at2 = evoplug.convert(eva, 0.5, example_input=torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(at16(x), at2(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(at16(x)[1:2], at16(x[1:2]), atol=1e-5, rtol=1e-5)
+        assert dict(evoplug.tokens_per_block(at16))["blocks.2"] < 17

@@ -395,7 +395,8 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
     # a mask (bool, int) is taken as per image
     same_rank = _same_rank_arguments(gm, a) if gm is not None else set()
     a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and (
-        (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or n in varying))
+        (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or n in varying)
+         and not _token_table(a, t, n in varying))
         or (t.shape[0] == 1 and n in same_rank)))
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (
@@ -405,6 +406,16 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
     for tname, t in extras.items():
         if tname not in site.arg_terms:
             a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
+
+
+def _token_table(a: BlockAnalysis, t, varying: bool) -> bool:
+    """A floating-point argument as long as the batch *and* the tokens (EVA's rotary table
+    (M, d) at a calibration batch of M images) is a table over the tokens when the model's
+    inputs do not move it and its rows differ: rows for the images would be copies."""
+    M = a.num_tokens - a.num_prefix - a.num_suffix
+    if varying or not t.is_floating_point() or t.shape[0] not in (a.num_tokens, M):
+        return False
+    return not bool((t == t[:1]).all())
 
 
 _ARITHMETIC = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub}
