@@ -590,7 +590,11 @@ def test_an_attention_implementation_changed_after_the_conversion_is_refused_by_
     with torch.no_grad():
         fast(x)
         fast.set_attn_implementation("evoplug_test_half")
-        with pytest.raises(evoplug.errors.EvoplugError, match="attention function changed"):
+        with pytest.raises(evoplug.errors.EvoplugError, match="its config._attn_implementation "
+                                                              "changed from 'sdpa' to 'evoplug_test_half'"):
+            fast(x)
+        fast.set_attn_implementation("eager")       # (no function in the registry: not "None")
+        with pytest.raises(evoplug.errors.EvoplugError, match="changed from 'sdpa' to 'eager'"):
             fast(x)
     cfg._attn_implementation = "evoplug_test_capture"
     own = T.ViTForImageClassification(cfg).eval()

@@ -106,7 +106,8 @@ def traced_settings(module, converting: bool = False) -> Optional[dict]:
             "blocks run the torch operations it ran while traced, and Python side effects in it "
             "(collecting attention maps) do not happen when they run; call the model with "
             "output_attentions=True for the maps (the original blocks run then)", stacklevel=2)
-    return {"config._attn_implementation": impl, "attention function": fn}
+    # (sorted by name, the implementation's name is checked first: "eager" has no function)
+    return {"config._attn_implementation": impl, "registered attention function": fn}
 
 
 @functools.lru_cache(maxsize=1)
