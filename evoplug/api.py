@@ -752,8 +752,9 @@ def format_report(report: ConversionReport) -> str:
             role += " (new stream)"
         special = a.num_prefix + a.num_suffix
         M = a.num_tokens - special
-        toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle else \
-            f"{special + ev.num_keep(M, o.keep_ratio) + (1 if o.representative and o.keep_ratio < 1 else 0)}/{a.num_tokens}"
+        k = ev.num_keep(M, o.keep_ratio)
+        toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle or k >= M else \
+            f"{special + k + (1 if o.representative else 0)}/{a.num_tokens}"
         if s.index in idle:
             role = "evolving, no scores: dense"
         if s.name in report.removed:
