@@ -511,3 +511,25 @@ def test_a_masked_hiera_forward_runs_its_visible_tokens():
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast.forward_features(x, mask=mask), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_shifted_window_as_large_as_the_map_converts_as_one_window():
+    """timm's Swin with ``always_partition=True`` keeps the shift where one window covers the
+    map: the attention runs on the rolled map, with the shift mask. evoplug took the window's
+    tokens in the map's order (its single-window rule), the program did not reproduce the block,
+    and the block was refused as "traced program differs". It is now a windowed block with one
+    window: run on the full map, exact at keep 1.0, and the dense block's attention update for
+    every token (MLPs zeroed)."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                              window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+                              num_classes=10, always_partition=True).eval()
+    assert model.layers[1].blocks[1].shift_size == (2, 2)      # one 4x4 window, shifted
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(_mlps_zeroed(model), keep_ratio=0.5, example_input=x)
+    spec = next(s for s in evoplug.get_report(fast).blocks if s.name == "layers.1.blocks.1")
+    assert spec.analysis.windowed and spec.role == "evolve"
+    _assert_block_gives_dense_output(fast, spec, x)
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)

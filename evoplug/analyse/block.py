@@ -46,7 +46,7 @@ from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
-from .graph import ancestors, module_of, run_nodes, shape_of, softmax_dim
+from .graph import ancestors, module_of, rolls, run_nodes, shape_of, softmax_dim
 from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
@@ -268,6 +268,8 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.windowed = True          # (B * windows, window tokens, ...), not (B * heads, N, ...)
     elif windows_in_own_dim(site, a.num_tokens):
         a.windowed = True          # Hiera's mask units: (B, heads, windows, window tokens, d)
+    elif a.token_map and any(rolls(n) for n in anc_q):
+        a.windowed = True          # one shifted window as large as the map (always_partition)
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "

@@ -287,3 +287,12 @@ def no_side_effects(module: nn.Module):
             for b, saved in buffers:
                 b.copy_(saved)
 
+
+def rolls(n: fx.Node) -> bool:
+    """A roll (``torch.roll`` or ``Tensor.roll``) by a shift that is not all zeros."""
+    if not ((n.op == "call_method" and n.target == "roll") or
+            (n.op == "call_function" and n.target is torch.roll)):
+        return False
+    shifts = n.kwargs.get("shifts", n.args[1] if len(n.args) > 1 else 0)
+    return not (isinstance(shifts, (int, tuple, list)) and
+                all(v == 0 for v in (shifts if isinstance(shifts, (tuple, list)) else (shifts,))))

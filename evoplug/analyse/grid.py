@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import AnalysisError
-from .graph import ancestors, is_add, is_reshape, run_nodes, shape_of
+from .graph import ancestors, is_add, is_reshape, rolls, run_nodes, shape_of
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -114,8 +114,11 @@ def _sequence_window_views(gm: fx.GraphModule, N: int):
 
 def _drop_single_window_views(ops, site: "AttentionSite"):
     before = ancestors(site.node)
+    # (a shifted window as large as a map the block takes as such, timm's Swin with
+    # always_partition=True: the window is cut from the rolled map itself, no 'to' before it)
+    shifted = any(rolls(n) for n in before)
     inner_from = [n for kind, n, _ in ops if kind == "from" and n in before and
-                  any(k == "to" and m in ancestors(n) for k, m, _ in ops)]
+                  (shifted or any(k == "to" and m in ancestors(n) for k, m, _ in ops))]
     if not inner_from:
         return ops
     inner_to = []

@@ -43,7 +43,7 @@ from torch.package.importer import ObjMismatchError, ObjNotFoundError
 from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
-from ..analyse.graph import (ancestors, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
+from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
@@ -328,6 +328,14 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node):
     chain = _token_wise_path(rw, node.args[0])
     if chain is None:
         return None, []
+    rolled = next((op for op in chain if rolls(op)), None)
+    if rolled is not None:
+        # (its attention's slots hold the rolled map: the position bias and mask are the
+        # rolled slots', not the tokens')
+        raise AnalysisError(a.name, f"its attention runs on the map rolled at `{rolled.name}` as one "
+                                    "window (a shifted window as large as the map: timm's Swin with "
+                                    "always_partition=True); evoplug takes a single window's tokens "
+                                    "in the map's own order, so it cannot place the kept ones")
     _describe(a, f"2-D map op at `{node.name}` -> read back at the kept tokens",
               f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
               "before it re-run on them)")
