@@ -366,3 +366,37 @@ def test_a_calibration_batch_as_large_as_a_token_count():
         torch.testing.assert_close(at16(x), at2(x), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(at16(x)[1:2], at16(x[1:2]), atol=1e-5, rtol=1e-5)
         assert dict(evoplug.tokens_per_block(at16))["blocks.2"] < 17
+
+
+def test_heads_as_many_and_as_wide_as_the_patch_grid_are_no_map():
+    """Where (heads, channels per head) equals the patch grid, the heads' split
+    (B, N, C) -> (B, N, heads, d) and merge back looked like a view of the tokens into the 2-D
+    map and back (audit, twenty-first session): transformers' ViT with 4 heads of 4 channels on
+    a 4x4 grid was refused ("2-D map operations ... with prefix tokens"), and Twins converted
+    at 32x32 could not run at 32x64 (its second stage's 4x8 grid = 4 heads of 8). Which dim
+    holds the tokens now decides, and the attention's output merged back is no map."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(image_size=16, patch_size=4, hidden_size=16, num_hidden_layers=4,
+                      num_attention_heads=4, intermediate_size=32, num_labels=10)
+    vit = T.ViTForImageClassification(cfg).eval()
+    twins = timm.create_model("twins_svt_small", pretrained=False, img_size=32, embed_dims=(16, 32),
+                              depths=(2, 2), num_heads=(2, 4), wss=(2, 2), sr_ratios=(2, 1),
+                              mlp_ratios=(2, 2), num_classes=10).eval()
+    for model, inputs, last in ((vit, {17: torch.randn(2, 3, 16, 16)}, "vit.layers.3"),
+                                (twins, {16: torch.randn(2, 3, 32, 32), 32: torch.randn(2, 3, 32, 64)},
+                                 "blocks.1.1")):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=next(iter(inputs.values())))
+        for n, inp in inputs.items():
+            with torch.no_grad():
+                y = fast(inp)
+                y = getattr(y, "logits", y)
+                tokens = dict(evoplug.tokens_per_block(fast))[last]
+                one = fast(inp[1:2])
+                torch.testing.assert_close(y[1:2], getattr(one, "logits", one), atol=1e-5, rtol=1e-5)
+                evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+                ref, got = model(inp), fast(inp)
+                torch.testing.assert_close(getattr(got, "logits", got), getattr(ref, "logits", ref),
+                                           atol=1e-5, rtol=1e-5)
+                evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+            assert tokens < n                  # the last block evolved (n tokens at that size)

@@ -9,6 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import AnalysisError
+from .attention import attention_output
 from .graph import ancestors, is_add, is_reshape, rolls, run_nodes, shape_of
 
 if TYPE_CHECKING:
@@ -54,8 +55,14 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
             dim = 1 if layout(so, si) == "cl" else 2
             if si[dim] != N:
                 dim = len(si) - 1 - list(reversed(si)).index(N)
+            held = _token_dim(src)
+            if held is not None and held != _split_dim(si, so):
+                continue    # the heads split off the channels, (B, N, C) -> (B, N, heads, d),
+                #            where (heads, d) happens to be the patch grid
             ops.append(("to", n, dim))
         elif layout(si) and len(so) == 3 and M in so[1:]:
+            if site is not None and _heads_merged(src, site):
+                continue    # the attention's heads merged back, (B, N, heads, d) -> (B, N, C)
             dim = 1 if layout(si, so) == "cl" else 2
             if so[dim] != M:
                 dim = len(so) - 1 - list(reversed(so)).index(M)
@@ -68,6 +75,54 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
         raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
                                     "supported")
     return ops
+
+
+def _heads_merged(src: fx.Node, site: "AttentionSite") -> bool:
+    """Whether ``src`` is the attention's output with its dims moved (``o.transpose(1, 2)``),
+    whose last two dims are the heads and their channels."""
+    out = attention_output(site)
+    while isinstance(src, fx.Node) and src is not out and src.args and (
+            (src.op == "call_method" and src.target in ("contiguous", "transpose", "permute"))
+            or (is_reshape(src) and shape_of(src) is not None and
+                shape_of(src) == shape_of(src.args[0]))):      # (a reshape to its own shape)
+        src = src.args[0]
+    return out is not None and src is out
+
+
+def _split_dim(si, so) -> int:
+    """The dim of ``si`` a reshape to ``so`` splits (the first that differs)."""
+    return next((k for k, (a, b) in enumerate(zip(si, so)) if a != b), len(si) - 1)
+
+
+_KEEPS_DIMS = {"contiguous", "float", "to", "type_as", "clone", "mul", "add", "div", "sub"}
+
+
+def _token_dim(n) -> Optional[int]:
+    """Which dim of the 3-D tensor ``n`` holds the block's tokens, followed back to the
+    block's (B, N, C) input through modules and ops that keep the leading dims (norms,
+    linears, scaling) and transposes; None where the path does anything else."""
+    swaps = []
+    while isinstance(n, fx.Node):
+        s = shape_of(n)
+        if n.op == "placeholder":
+            if s is None or len(s) != 3:
+                return None
+            d = 1
+            for a, b in reversed(swaps):
+                d = b if d == a else a if d == b else d
+            return d
+        src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        si = shape_of(src) if src is not None else None
+        if src is None or s is None or si is None or len(si) != 3 or len(s) != 3:
+            return None
+        if n.op == "call_method" and n.target == "transpose" and len(n.args) == 3:
+            a, b = (int(v) % 3 for v in n.args[1:3])
+            swaps.append((a, b))
+        elif not ((n.op == "call_module" or (n.op == "call_method" and n.target in _KEEPS_DIMS)
+                   or n.op == "call_function") and tuple(si[:2]) == tuple(s[:2])):
+            return None
+        n = src
+    return None
 
 
 def windows_in_own_dim(site: Optional["AttentionSite"], num_tokens: int) -> bool:
