@@ -239,6 +239,26 @@ def test_forward_features_at_a_size_a_twin_exists_for_runs_the_twin():
         assert torch.equal(fast.forward_head(feats), full)
 
 
+def test_forward_features_runs_one_twin_where_a_stage_has_another_sizes_shapes():
+    """At 48 px PVTv2's last stage is 2x2, as at the conversion's 64 px; at 80 px it is 3x3,
+    as at 96 px. ``forward_features`` ran the earlier stages in the twin of its size and the last
+    block in the model (or the 96 px twin) whose shapes it matched first: from scores that
+    model did not have, so every token, and an output off the model's forward by 0.03 that
+    depended on which twins existed (audit, twenty-first session). A forward keeps to the twin
+    its first twin block came from."""
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 2, 1), num_classes=10).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        for size in (48, 96, 80):
+            x = torch.randn(2, 3, size, size)
+            full = fast(x)
+            tokens = evoplug.tokens_per_block(fast)
+            torch.testing.assert_close(fast.forward_head(fast.forward_features(x)), full,
+                                       atol=1e-6, rtol=1e-6)
+            assert evoplug.tokens_per_block(fast) == tokens
+
+
 def test_a_compiled_model_at_a_size_a_twin_exists_for_runs_the_twin():
     """torch.compile's graphs skip the model's entry hook, so a compiled call of another size
     ran every block's own forward (the dense model) even where an eager call had converted a twin

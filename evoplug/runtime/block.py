@@ -311,6 +311,11 @@ class EvoBlockMixin:
                 out = twin(*args, **kwargs)
                 spec.tokens_run = twin._evoplug_spec.tokens_run
                 return out
+            twin = _sticky_twin(spec, args, kwargs) if not rt.entered() else None
+            if twin is not None:    # a method called directly at a twin's size: that twin's block
+                out = twin(*args, **kwargs)
+                spec.tokens_run = twin._evoplug_spec.tokens_run
+                return out
         recompute = not torch.compiler.is_compiling() and _in_backward()
         state = rt.enter(spec.index) if not recompute else None
         if state is not None and spec.starts_stream and state.index >= 0:
@@ -574,8 +579,36 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         except AnalysisError:
             continue
         variant.sync()
+        if not torch.compiler.is_compiling():
+            spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
+
+
+def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In a method called directly (``forward_features``) whose earlier block ran a size
+    twin's block, the same twin's block for this one when it takes the call: a block whose
+    shapes are also those of another size (PVTv2's last 2x2 stage at 48 and 64 px) ran that
+    size's block, from scores it did not have (the output then differed from the model's
+    forward at that size, and with the twins built before)."""
+    if torch.compiler.is_compiling():
+        return None
+    local = spec.runtime._local
+    held = getattr(local, "direct", None)
+    if held is None:
+        return None
+    variant, last = held
+    if spec.index <= last:            # a new forward
+        local.direct = None
+        return None
+    twin = variant.blocks[spec.index]
+    try:
+        _bound(twin._evoplug_spec, args, kwargs)
+    except AnalysisError:
+        local.direct = None
+        return None
+    local.direct = (variant, spec.index)
+    return twin
 
 
 def _check_images(spec: BlockSpec, x: torch.Tensor, images: Optional[int]):
