@@ -313,12 +313,16 @@ def _first_image(args, kwargs, batch_dims=None):
     dims = batch_dims or {}
 
     def one(k, v):
+        if isinstance(v, (dict, list, tuple)):      # (NaFlex's dict of patches, coordinates, mask)
+            return torch.utils._pytree.tree_map(lambda t: one(None, t), v)
         return v.narrow(dims.get(k, 0), 0, 1) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
 
     if kwargs and not args:
         return {k: one(k, v) for k, v in kwargs.items()}
     if args and not kwargs:
-        return one(0, args[0]) if len(args) == 1 else tuple(one(i, v) for i, v in enumerate(args))
+        if len(args) == 1 and not isinstance(args[0], (dict, list, tuple)):
+            return one(0, args[0])
+        return tuple(one(i, v) for i, v in enumerate(args))     # (a lone dict stays positional)
     raise EvoplugError("an input of another size than the one the model was converted at, "
                        "passed both positionally and by keyword: convert the model for it")
 

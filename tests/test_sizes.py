@@ -420,3 +420,28 @@ def test_heads_as_many_and_as_wide_as_the_patch_grid_are_no_map():
                                            atol=1e-5, rtol=1e-5)
                 evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
             assert tokens < n                  # the last block evolved (n tokens at that size)
+
+
+def test_naflex_inputs_at_another_size_than_an_image_calibration():
+    """A NaFlexViT converted on images and then given its own input forms (audit, twenty-first
+    session): a dict of patches, coordinates and mask was unpacked into keyword arguments for
+    the twin ("unexpected keyword argument 'patches'"), and patches with the coordinates and
+    mask by keyword built the twin from the patches alone (timm's "Expecting 2D image
+    input"). Both now give what the original does, and what a conversion on them gives."""
+    torch.manual_seed(0)
+    m = timm.create_model("naflexvit_base_patch16_gap", pretrained=False, img_size=64, patch_size=8,
+                          embed_dim=64, depth=4, num_heads=2, num_classes=10).eval()
+    ys, xs = torch.meshgrid(torch.arange(6), torch.arange(8), indexing="ij")
+    d = {"patches": torch.randn(3, 48, 8 * 8 * 3),
+         "patch_coord": torch.stack([ys.flatten(), xs.flatten()], -1).expand(3, -1, -1).clone(),
+         "patch_valid": torch.ones(3, 48, dtype=torch.bool)}
+    fresh = evoplug.convert(m, keep_ratio=0.5, example_input=(d,))
+    with torch.no_grad():
+        want = fresh(d)
+        for call in (lambda f: f(d), lambda f: f(d["patches"], patch_coord=d["patch_coord"],
+                                                 patch_valid=d["patch_valid"])):
+            fast = evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(2, 3, 64, 64))
+            torch.testing.assert_close(call(fast), want, atol=1e-5, rtol=1e-5)
+            assert dict(evoplug.tokens_per_block(fast))["blocks.3"] < 52
+            evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+            torch.testing.assert_close(call(fast), m(d), atol=1e-5, rtol=1e-5)

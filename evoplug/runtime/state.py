@@ -507,8 +507,9 @@ class EntryHook:
         if _shapes(key) == self._named_shapes:
             return None
         flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-        # (the call's flags go with the twin's example: interpolate_pos_encoding=True)
-        variant = self.runtime.variant_for(key, self._factory(), module, (), {**flags, **mine})
+        # (the call's flags and its other tensors go with the twin's example:
+        # interpolate_pos_encoding=True, NaFlex's patch_coord and patch_valid)
+        variant = self.runtime.variant_for(key, self._factory(), module, (), {**flags, **named})
         variant.sync()
         return variant
 
