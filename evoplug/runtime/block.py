@@ -303,19 +303,11 @@ class EvoBlockMixin:
     def _forward(self, *args, **kwargs):
         spec = self._evoplug_spec
         rt = spec.runtime
-        if rt.variants:
-            variant = rt.variant()
-            if variant is not None and not spec.hooked():   # a forward of another input size
-                _check_unchanged(spec)          # (the twin copied the block's attributes)
-                twin = variant.blocks[spec.index]
-                out = twin(*args, **kwargs)
-                spec.tokens_run = twin._evoplug_spec.tokens_run
-                return out
-            twin = _sticky_twin(spec, args, kwargs) if not rt.entered() else None
-            if twin is not None:    # a method called directly at a twin's size: that twin's block
-                out = twin(*args, **kwargs)
-                spec.tokens_run = twin._evoplug_spec.tokens_run
-                return out
+        twin = _size_twin(spec, args, kwargs) if rt.variants else None
+        if twin is not None:
+            out = twin(*args, **kwargs)
+            spec.tokens_run = twin._evoplug_spec.tokens_run
+            return out
         recompute = not torch.compiler.is_compiling() and _in_backward()
         state = rt.enter(spec.index) if not recompute else None
         if state is not None and spec.starts_stream and state.index >= 0:
@@ -583,6 +575,18 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
             spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
+
+
+def _size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """The block of the size twin this call runs: the one the model's forward runs with (an
+    input of another size), or in a method called directly at a twin's size the twin an earlier
+    block of it ran; None: this block runs the call."""
+    rt = spec.runtime
+    variant = rt.variant()
+    if variant is not None and not spec.hooked():     # a forward of another input size
+        _check_unchanged(spec)          # (the twin copied the block's attributes)
+        return variant.blocks[spec.index]
+    return _sticky_twin(spec, args, kwargs) if not rt.entered() else None
 
 
 def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
