@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import random
 import time
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -516,6 +517,12 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
             f"windows of `{rowless[0].name}` and the others could not be mapped back to their "
             f"tokens{': ' + note if note else ''}), so no token would ever be ranked and "
             "nothing would evolve", failed or skipped)
+    odd = next((a for a, _, _ in analysed if ", where the tokens show" in a.prefix_source), None)
+    if odd is not None:      # (block.py _tokens_and_grid)
+        warnings.warn(f"evoplug: num_prefix_tokens={odd.num_prefix} differs from what the tokens of "
+                      f"`{odd.name}` show: {odd.prefix_source.split('where the tokens show ')[1]}; a "
+                      "class token counted as a patch can be left out of the slow path, a patch "
+                      "counted as a prefix token always runs it", stacklevel=3)
 
 
 def gives_row(a: BlockAnalysis) -> bool:

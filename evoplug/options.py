@@ -44,6 +44,26 @@ def _real(name: str, value: Any) -> float:
     return v
 
 
+def read_trade_off(alpha: Callable[[], Any]) -> Any:
+    """What a callable ``trade_off`` gives at an update, checked: a number in [0, 1], or a
+    one-element floating-point tensor (a learnable one; its value is read on the CPU only: on an
+    accelerator reading it would wait for the device)."""
+    a = alpha()
+    if type(a).__name__ in ("Tensor", "Parameter") and hasattr(a, "numel"):
+        if a.numel() != 1 or not a.is_floating_point():
+            raise TypeError(f"trade_off() must give a number in [0, 1] or a one-element "
+                            f"floating-point tensor, got a {a.dtype} tensor of shape {tuple(a.shape)}")
+        import torch     # (this module is read without torch elsewhere)
+        if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                not 0.0 <= float(a.detach()) <= 1.0:
+            raise ValueError(f"trade_off() must give a number in [0, 1], got {float(a.detach())}")
+        return a
+    v = _real("trade_off()", a)
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"trade_off() must give a number in [0, 1], got {a!r}")
+    return v
+
+
 def _integer(name: str, value: Any) -> int:
     v = _plain(value)
     if isinstance(v, bool):

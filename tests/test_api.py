@@ -391,3 +391,37 @@ def test_blocks_removed_after_conversion_are_reported_and_a_forward_without_evol
     assert not [i for i in w if "sped up" in str(i.message)]
     assert dict(evoplug.tokens_per_block(fast))[f"blocks.{first}"] < 17
     assert "none of the blocks left" not in evoplug.explain(fast)
+
+
+def test_options_that_contradict_the_model_are_told():
+    """Found by the twenty-first session's audit of the options: ``num_prefix_tokens`` that
+    contradicts the tokens (0 on a ViT with a class token: the class token ranked as a patch)
+    was taken without a word; ``global_query='cls'`` on a model that declares no class token
+    ranked the tokens by a register; a callable ``trade_off`` was never checked (2.0 ran, a
+    string crashed inside the score update)."""
+    import warnings
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=6, embed_dim=64,
+                            num_heads=2, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"num_prefix_tokens=0 differs from what the tokens of "
+                                         r"`blocks\.0` show: 1 \(patch grid 8x8"):
+        evoplug.convert(vit, keep_ratio=0.3, example_input=x, num_prefix_tokens=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evoplug.convert(vit, keep_ratio=0.3, example_input=x, num_prefix_tokens=1)    # agrees
+    registers = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=6,
+                                  embed_dim=64, num_heads=2, num_classes=10, class_token=False,
+                                  reg_tokens=2, global_pool="avg").eval()
+    with pytest.raises(evoplug.ConversionError, match="global_query='cls' but the model declares "
+                                                      "no class token"):
+        evoplug.convert(registers, keep_ratio=0.3, example_input=x, global_query="cls")
+    for bad, error in ((lambda: 2.0, ValueError), (lambda: "0.5", TypeError),
+                       (lambda: torch.tensor(5.0), ValueError), (lambda: torch.ones(2), TypeError)):
+        fast = evoplug.convert(vit, keep_ratio=0.3, example_input=x, reselect_every=1, trade_off=bad)
+        with pytest.raises(error, match=r"trade_off\(\) must"), torch.no_grad():
+            fast(x)
+    fast = evoplug.convert(vit, keep_ratio=0.3, example_input=x, reselect_every=1,
+                           trade_off=lambda: torch.tensor(0.3))
+    with torch.no_grad():
+        assert torch.isfinite(fast(x)).all()

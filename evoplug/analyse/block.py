@@ -231,6 +231,11 @@ def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,
     if num_prefix_override is not None:
         a.num_prefix, a.prefix_source = int(num_prefix_override), "option num_prefix_tokens"
         a.num_suffix = special_rows(a.name, calls, a.num_tokens)[1]
+        seen, _, source = detect_prefix(model, call, calls, a.num_tokens, prior)
+        if seen != a.num_prefix and not source.startswith("assumed"):
+            # (the option is for a model whose prefix evoplug gets wrong; one that contradicts
+            # what the tokens show is more often a slip: cls ranked as a patch, patches always kept)
+            a.prefix_source += f", where the tokens show {seen} ({source})"
     else:
         a.num_prefix, a.num_suffix, a.prefix_source = detect_prefix(model, call, calls, a.num_tokens,
                                                                     prior)

@@ -378,6 +378,9 @@ def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
         raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {choice!r}")
     if choice == "cls" and num_prefix == 0:
         raise AnalysisError("", "global_query='cls' but the block has no prefix token")
+    if choice == "cls" and declares_no_class_token(model):
+        raise AnalysisError("", "global_query='cls' but the model declares no class token (its "
+                                "prefix tokens are registers): use 'mean' (what 'auto' picks)")
     if choice != "auto":
         return choice
     if num_prefix == 0:

@@ -24,6 +24,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from ..options import read_trade_off
+
 #: score of the last prefix token; prefix token i of P gets (P - i) times this: above any
 #: attention score (a probability), exact under the score update (its trade-off weight is 0)
 PREFIX_RANK = 1e30
@@ -713,5 +715,5 @@ def update_scores(scores: Optional[Tensor], row: Tensor, alpha) -> Tensor:
     if scores is None or scores.shape != row.shape:
         return row
     if callable(alpha):
-        alpha = alpha()
+        alpha = read_trade_off(alpha)
     return (1.0 - alpha) * scores + alpha * row

@@ -18,7 +18,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
-from ..options import EvoOptions
+from ..options import EvoOptions, read_trade_off
 from .evolve import Selection, current_scores, patch_scores, prefix_ranks
 from .guard import SegmentGuard
 
@@ -271,7 +271,7 @@ class EvoRuntime:
                 return alpha
             return self._const(("alpha", alpha, num_prefix, n, device),
                                lambda: _masked(alpha, num_prefix, n, device))
-        a = alpha()
+        a = read_trade_off(alpha)
         if not num_prefix:
             return a
         return self._const(("mask", num_prefix, n, device), lambda: _masked(1.0, num_prefix, n, device)) * a
