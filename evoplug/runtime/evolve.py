@@ -625,10 +625,14 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     # map) go by token index, so an image keeps the same tokens whatever else is in its batch
     # (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0). An export keeps
     # topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
-    vals, top = g.topk(take, -1) if torch.compiler.is_exporting() else \
-        g.sort(dim=-1, descending=True, stable=True)
-    pos = top[..., :take].view(B, take) if with_pos else None
-    vals, top = vals[..., :n], top[..., :n]
+    exporting = torch.compiler.is_exporting()
+    vals, top = g.topk(take, -1) if exporting else g.sort(dim=-1, descending=True, stable=True)
+    if with_pos and with_rep and not exporting and top.shape[-1] > take:
+        rest_v, rest_i, vals, top = vals[..., n:], top[..., n:], vals[..., :n], top[..., :n]
+        pos = torch.cat([top, _rep_position(rest_v, rest_i, g.shape[-1])], -1).view(B, take)
+    else:
+        pos = top[..., :take].view(B, take) if with_pos else None
+        vals, top = vals[..., :n], top[..., :n]
     index = top.transpose(1, 2).expand(B, n, channels)
     weights = None
     if with_rep:
@@ -638,6 +642,17 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
         w = (g + torch.finfo(g.dtype).tiny).scatter(-1, top, 0.0)
         weights = w / w.sum(-1, keepdim=True)
     return Selection(top, index, vals, weights, pos)
+
+
+def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
+    """Where the representative token sits (a map block's 2-D ops see it there): the best
+    token not kept, the lowest index among those within 1e-5 of its score. Scores spread back
+    from a reduced map tie to within a few ulps, which an image's batch moves: the best one by
+    the sort alone moved with the batch, and SegFormer's features by up to 3.0 (vals, idx: the
+    sorted scores (never negative) and indices of the tokens not kept, (B, 1, N - n) ->
+    (B, 1, 1))."""
+    near = vals >= vals[..., :1] * (1.0 - 1e-5)
+    return torch.where(near, idx, tokens).amin(-1, keepdim=True)
 
 
 def representative(x: Tensor, sel: Selection) -> Optional[Tensor]:
