@@ -646,12 +646,14 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
 
 def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
     """Where the representative token sits (a map block's 2-D ops see it there): the best
-    token not kept, the lowest index among those within 1e-5 of its score. Scores spread back
-    from a reduced map tie to within a few ulps, which an image's batch moves: the best one by
-    the sort alone moved with the batch, and SegFormer's features by up to 3.0 (vals, idx: the
+    token not kept, the lowest index among those within 3e-7 of its score (relative: a few
+    ulps). Scores spread back from a reduced map tie to within a few ulps, which an image's
+    batch moves: the best one by the sort alone moved with the batch, and SegFormer's features
+    by up to 3.0. A wider window (1e-5) let input noise of 1e-3 move the place across the map,
+    and PVTv2's output by 0.6 (tests/test_check.py's fragile selection) (vals, idx: the
     sorted scores (never negative) and indices of the tokens not kept, (B, 1, N - n) ->
     (B, 1, 1))."""
-    near = vals >= vals[..., :1] * (1.0 - 1e-5)
+    near = vals >= vals[..., :1] * (1.0 - 3e-7)
     return torch.where(near, idx, tokens).amin(-1, keepdim=True)
 
 
