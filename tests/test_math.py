@@ -360,9 +360,14 @@ def _window_index(num_tokens, slots, seed=9):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row_layout", ["4d", "5d"])
-def test_window_row(dtype, row_layout):
-    num_tokens = NW * MW - 5
+@pytest.mark.parametrize("padding,by_slots", [(5, False), (5, True), (0, False), (0, True)])
+def test_window_row(dtype, row_layout, padding, by_slots):
+    """Per-window rows onto the tokens; by_slots: the slot of each token read with one
+    index_select (every token in one slot), without padding normalised by the window count."""
+    num_tokens = NW * MW - padding
     index = _window_index(num_tokens, NW * MW)
+    slots = ev.window_slots(index, num_tokens) if by_slots else None
+    assert not by_slots or slots is not None
     _, _, _, _, _, logits = _window_inputs(dtype, row_layout)
     per_window = ev.window_logits_row(logits, (1,) if row_layout == "4d" else (2,)).to(dtype)
     rows = per_window.reshape(B * NW, MW).double()
@@ -374,10 +379,17 @@ def test_window_row(dtype, row_layout):
                 if t > 0:
                     ref[b, t - 1] += rows[b * NW + w, s]
     ref /= ref.sum(1, keepdim=True)        # padding slots dropped: renormalise to sum 1
-    out = ev.window_row(per_window, index, num_tokens)
+    out = ev.window_row(per_window, index, num_tokens, slots)
     _check_row(out, ref, 0, 1e-6)          # float32 arithmetic on the given rows
     with pytest.raises(ValueError, match="window"):
-        ev.window_row(per_window[..., :-1], index, num_tokens)
+        ev.window_row(per_window[..., :-1], index, num_tokens, slots)
+
+
+def test_window_slots_only_where_every_token_has_one_slot():
+    index = torch.tensor([2, 4, 0, 1, 3, 0])
+    assert ev.window_slots(index, 4).tolist() == [3, 0, 4, 1]
+    assert ev.window_slots(torch.tensor([2, 4, 0, 1, 2, 0]), 4) is None    # token 3 in none, 2 twice
+    assert ev.window_slots(torch.tensor([2, 1, 2, 0]), 2) is None            # token 2 twice
 
 
 # ------------------------------------------------------------------------------------------

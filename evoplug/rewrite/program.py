@@ -599,6 +599,11 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
     if not hasattr(a.module, "_evo_window_index"):   # read by the program with the block as self
         a.module.register_buffer("_evo_window_index", a.window_index, persistent=False)
     gm.register_buffer("_evo_window_index", a.window_index, persistent=False)
+    slots = ev.window_slots(a.window_index, a.num_tokens)     # windows partition the map
+    if slots is not None:
+        if not hasattr(a.module, "_evo_window_slots"):
+            a.module.register_buffer("_evo_window_slots", slots, persistent=False)
+        gm.register_buffer("_evo_window_slots", slots, persistent=False)
     heads, folded = a.window_head_dims, a.window_heads_folded
     with graph.inserting_after(site.node):
         if site.kind == "softmax":
@@ -609,8 +614,13 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
                                                                   heads, folded))
     with graph.inserting_after(per_window):
         index = graph.get_attr("_evo_window_index")
-    with graph.inserting_after(index):
-        return graph.call_function(ev.window_row, (per_window, index, a.num_tokens))
+    last = index
+    if slots is not None:
+        with graph.inserting_after(index):
+            last = graph.get_attr("_evo_window_slots")
+    with graph.inserting_after(last):
+        return graph.call_function(ev.window_row, (per_window, index, a.num_tokens,
+                                                   None if slots is None else last))
 
 
 def _branch_to_residual(graph: fx.Graph, start: fx.Node, token: fx.Node):

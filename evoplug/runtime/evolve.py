@@ -497,12 +497,16 @@ def window_sdpa_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Op
                                                     padded=False), head_dims, folded)
 
 
-def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
+def window_row(row: Tensor, index: Tensor, num_tokens: int,
+               slots: Optional[Tensor] = None) -> Tensor:
     """Per-window attention rows (B * windows, window tokens) -> one global row (B, 1, N).
 
     ``index`` (windows * window tokens,) holds the token each window slot holds, plus one (0 =
     padding, dropped). Each window's row sums to 1, so the result is renormalised to sum to 1
-    like a global attention row."""
+    like a global attention row. ``slots`` (N,), where every token has exactly one slot: the
+    slot of each token (:func:`window_slots`), read with one ``index_select`` instead of a
+    scatter into zeros; without padding the sum of float32 rows is then the number of windows,
+    a constant (3 ops in all instead of 8: the op budget of windowed models)."""
     n = index.numel()
     if row.numel() % n:
         raise ValueError(f"windowed attention rows {tuple(row.shape)} do not match the {n} window "
@@ -511,8 +515,25 @@ def window_row(row: Tensor, index: Tensor, num_tokens: int) -> Tensor:
     B = row.numel() // n
     with torch.no_grad():
         r = row.reshape(B, 1, n).float()
-        out = r.new_zeros(B, 1, num_tokens + 1).scatter_add_(2, index.expand(B, 1, n), r)[..., 1:]
+        if slots is not None:
+            out = r.index_select(2, slots)
+            if n == num_tokens and row.dtype in (torch.float32, torch.float64):
+                # no padding: every window's row is all there, and sums to 1 within float32's
+                # rounding (the runtime's rows are float32; a half-precision one does not)
+                return out * (row.shape[-1] / n)
+        else:
+            out = r.new_zeros(B, 1, num_tokens + 1).scatter_add_(2, index.expand(B, 1, n), r)[..., 1:]
         return out / out.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
+def window_slots(index: Tensor, num_tokens: int) -> Optional[Tensor]:
+    """The slot of each token (N,) for :func:`window_row`, when every token 1..N has exactly
+    one slot in ``index`` (windows partition the map; padding apart); else None."""
+    order = index.argsort(stable=True)
+    pad = int((index == 0).sum())
+    if not torch.equal(index[order[pad:]], torch.arange(1, num_tokens + 1, device=index.device)):
+        return None
+    return order[pad:].clone()
 
 
 def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
@@ -628,7 +649,8 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     exporting = torch.compiler.is_exporting()
     vals, top = g.topk(take, -1) if exporting else g.sort(dim=-1, descending=True, stable=True)
     if with_pos and with_rep and not exporting and top.shape[-1] > take:
-        rest_v, rest_i, vals, top = vals[..., n:], top[..., n:], vals[..., :n], top[..., :n]
+        parts = [n, g.shape[-1] - n]             # one split each: 2 ops, not 4 slices
+        (vals, rest_v), (top, rest_i) = vals.split(parts, -1), top.split(parts, -1)
         pos = torch.cat([top, _rep_position(rest_v, rest_i, g.shape[-1])], -1).view(B, take)
     else:
         pos = top[..., :take].view(B, take) if with_pos else None
@@ -653,8 +675,9 @@ def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
     and PVTv2's output by 0.6 (tests/test_check.py's fragile selection) (vals, idx: the
     sorted scores (never negative) and indices of the tokens not kept, (B, 1, N - n) ->
     (B, 1, 1))."""
-    near = vals >= vals[..., :1] * (1.0 - 3e-7)
-    return torch.where(near, idx, tokens).amin(-1, keepdim=True)
+    # (masked_fill of the far ones: no scalar tensor for torch.where; a NaN best score gives
+    # the lowest index not kept, not an index out of range)
+    return idx.masked_fill(vals < vals[..., :1] * (1.0 - 3e-7), tokens).amin(-1, keepdim=True)
 
 
 def representative(x: Tensor, sel: Selection) -> Optional[Tensor]:
