@@ -551,3 +551,19 @@ def test_the_representative_tokens_place_does_not_follow_the_batch():
         y = fast(x)
         for i in range(4):
             torch.testing.assert_close(y[i:i + 1], fast(x[i:i + 1]), atol=1e-4, rtol=1e-4)
+
+
+def test_an_image_with_a_nan_leaves_the_rest_of_its_batch_alone():
+    """A NaN in one image: its scores are NaN, and the representative's place (the near-best
+    token not kept) was the token count, out of range, so the whole batch failed (a device-side
+    assert on a GPU), until the twenty-second session. Now that image alone comes out NaN."""
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64),
+                           reselect_every=1)
+    x = torch.randn(2, 3, 64, 64)
+    x[0, :, 3, 3] = float("nan")
+    with torch.no_grad():
+        y = fast(x)
+        assert torch.isnan(y[0]).any()
+        torch.testing.assert_close(y[1:], fast(x[1:]), atol=1e-5, rtol=1e-5)
