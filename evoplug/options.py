@@ -106,8 +106,9 @@ class EvoOptions:
     trade_off: alpha of the global attention update ``g = (1 - alpha) * g + alpha * a``; a
         number in [0, 1], or a callable returning alpha (a learnable trade-off, e.g. a module
         computing ``sigmoid(w)``; called at each update, so gradients reach ``w`` through the
-        representative weights of the selections after the first: a model needs more
-        evolving blocks than ``reselect_every`` for it to matter).
+        representative weights of the selections after the first, by the tokens that leave
+        the kept set (1-3% per selection at 0.5 on a trained DeiT: docs/reselect.md): a model
+        needs more evolving blocks than ``reselect_every`` for it to matter).
     reselect_every: re-run the top-k selection every this many evolving blocks (default 4:
         once per "stage" of four blocks as in the authors' DeiT code; 1 = every block). Between
         selections the blocks hand the kept tokens on in the selection's order (inference, and
