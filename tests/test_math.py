@@ -820,3 +820,25 @@ def test_the_representative_weights_sum_to_one_when_the_scores_underflow():
     g = torch.tensor([[[1e30, 0.5, 0.5, 0.0, 0.0]]])          # every score not kept is 0
     sel = ev.select(g, 2, 1, 4, True, False)
     torch.testing.assert_close(sel.weights, torch.tensor([[[0.0, 0.0, 0.0, 0.5, 0.5]]]))
+
+
+@pytest.mark.parametrize("kv_grid,grid", [((2, 2), (8, 8)), ((3, 5), (7, 13)), ((7, 7), (14, 14)),
+                                          ((4, 4), (4, 4)), ((1, 3), (5, 9))])
+def test_upsampled_rows_by_taps_are_interpolate_and_tie_exactly(kv_grid, grid):
+    """The row over a reduced map spread onto the tokens with two lerps of the neighbours is
+    ``interpolate``'s bilinear result (align_corners=False), and tokens whose taps meet equal
+    values (the map's edge) get exactly equal scores (batch-independent ties)."""
+    row = torch.rand(3, 1, kv_grid[0] * kv_grid[1], generator=_gen(4)).softmax(-1)
+    taps = tuple(ev.upsample_taps(i, o) for i, o in zip(kv_grid, grid))
+    taps = ((taps[0][0], taps[0][1], taps[0][2].unsqueeze(1)), taps[1])
+    ref = ev.upsample_row(row, kv_grid, grid)                     # interpolate
+    out = ev.upsample_row(row, kv_grid, grid, taps)
+    torch.testing.assert_close(out, ref, atol=1e-7, rtol=1e-5)
+    m = out.view(3, *grid)
+    for side, (i, o) in enumerate(zip(kv_grid, grid)):
+        t0, t1, _ = ev.upsample_taps(i, o)
+        same = (t0 == t1).nonzero().flatten()    # clamped at an edge: the source value itself
+        if len(same) > 1:
+            a, b = m.select(side + 1, int(same[0])), m.select(side + 1, int(same[1]))
+            if t0[same[0]] == t0[same[1]]:
+                assert torch.equal(a, b)

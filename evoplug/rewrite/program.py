@@ -518,9 +518,35 @@ def _global_row(rw: _Rewrite):
             mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
             row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
     if a.kv_grid is not None and row is not None:   # keys are regions of the reduced map
-        with graph.inserting_after(row):
-            row = graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid))
+        row = _upsampled(a, rw.gm, row)
     rw.row = row
+
+
+def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
+    """The row over the reduced map's keys spread onto the tokens (:func:`ev.upsample_row`),
+    with its bilinear taps made once here as buffers (on the block too: the program runs with
+    the block as self)."""
+    graph = gm.graph
+    try:
+        device = next(t.device for t in list(a.module.parameters()) + list(a.module.buffers()))
+    except StopIteration:
+        device = None
+    names = []
+    for side, (size_in, size_out) in enumerate(zip(a.kv_grid, a.grid)):
+        taps = ev.upsample_taps(size_in, size_out, device)
+        if side == 0:
+            taps = (taps[0], taps[1], taps[2].unsqueeze(1))    # rows: weights (h, 1)
+        for part, t in zip(("first", "second", "weight"), taps):
+            name = f"_evo_upsample_{'hw'[side]}_{part}"
+            if not hasattr(a.module, name):
+                a.module.register_buffer(name, t, persistent=False)
+            gm.register_buffer(name, t, persistent=False)
+            names.append(name)
+    with graph.inserting_before(row):
+        nodes = [graph.get_attr(n) for n in names]
+    with graph.inserting_after(row):
+        taps = (tuple(nodes[:3]), tuple(nodes[3:]))
+        return graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid, taps))
 
 
 def _images_if_heads_merged(rw: _Rewrite) -> tuple:

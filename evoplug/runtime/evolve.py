@@ -19,7 +19,7 @@ tested (tests/test_op_budget.py, docs/architecture.md#op-budget).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -536,15 +536,39 @@ def window_slots(index: Tensor, num_tokens: int) -> Optional[Tensor]:
     return order[pad:].clone()
 
 
-def upsample_row(row: Tensor, kv_grid, grid) -> Tensor:
+def upsample_row(row: Tensor, kv_grid, grid, taps: Optional[tuple] = None) -> Tensor:
     """Attention row over spatially reduced keys (B, 1, h'*w') -> per patch token (B, 1, h*w):
-    each token gets the (bilinearly interpolated) attention of the region it lies in."""
+    each token gets the (bilinearly interpolated) attention of the region it lies in.
+
+    ``taps`` (:func:`upsample_taps` of each side, made once at conversion): the interpolation
+    as two ``lerp`` of the neighbours, which gives a tap between equal values (the map's edge,
+    where the source position is clamped, or two equal neighbours) exactly that value.
+    ``interpolate`` computes (1 - l) a + l a there, rounded in a way the batch moves (its CPU
+    kernel): tokens that are tied got scores an ulp apart in one batch and equal in another,
+    and the kept tokens followed the batch (PVTv2, SegFormer: an image's output by up to 1.0)."""
     with torch.no_grad():
         B = row.shape[0]
-        r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
-        r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
-        r = r.reshape(B, 1, r.shape[-2] * r.shape[-1]).clamp_min(0)
+        if taps is None:
+            r = row.reshape(B, 1, kv_grid[0], kv_grid[1])
+            r = torch.nn.functional.interpolate(r, size=tuple(grid), mode="bilinear", align_corners=False)
+        else:
+            (h0, h1, hw), (w0, w1, ww) = taps
+            r = row.reshape(B, kv_grid[0], kv_grid[1])
+            r = torch.lerp(r.index_select(1, h0), r.index_select(1, h1), hw)   # hw: (h, 1)
+            r = torch.lerp(r.index_select(2, w0), r.index_select(2, w1), ww)   # ww: (w,)
+        r = r.reshape(B, 1, grid[0] * grid[1]).clamp_min(0)
         return r / r.sum(-1, keepdim=True).clamp_min(_TINY)
+
+
+def upsample_taps(size_in: int, size_out: int, device=None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Bilinear taps of one side, as ``interpolate(..., align_corners=False)`` takes them:
+    (first neighbour, second neighbour (the first at the edge), weight of the second)."""
+    scale = size_in / size_out
+    src = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * scale - 0.5).clamp_min(0)
+    i0 = src.floor().long().clamp_max(size_in - 1)
+    i1 = (i0 + 1).clamp_max(size_in - 1)
+    w = (src - i0).clamp(0, 1).to(torch.float32)
+    return i0.to(device), i1.to(device), w.to(device)
 
 
 # --------------------------------------------------------------------------------------------
