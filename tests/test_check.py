@@ -113,6 +113,34 @@ def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
     assert any(p.startswith("keep1_machinery_diff") and "float64" in p for p in r.problems), str(r)
 
 
+class _TwoMaps(torch.nn.Module):
+    """A backbone returning a map of its (dense) stem first, then the last block's tokens."""
+
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, img):
+        v = self.vit
+        x = v._pos_embed(v.patch_embed(img))
+        return {"stem": x, "last": v.norm(v.blocks(x))}
+
+
+def test_every_output_of_a_backbone_is_checked(monkeypatch):
+    """The check compared the first output only: a backbone's first map comes before any
+    evolving block, so keep 0.5 'changed nothing' (a warning) and a runtime that mixed the
+    images of a batch passed (SegFormer's MiT in mmseg, audit of the twenty-second session)."""
+    model = _TwoMaps(_small_vit())
+    r = check_conversion(model, example_input=torch.randn(2, 3, 64, 64))
+    assert r.status == "converts" and r.ok, str(r)
+    assert r.rel_change > 1e-3 and not any("cannot show" in w for w in r.warnings), str(r)
+    take = ev.gather_subset
+    import evoplug.runtime.block as block
+    monkeypatch.setattr(block.ev, "gather_subset", lambda x, sel, rep: take(x.roll(1, 0), sel, rep))
+    r = check_conversion(model, example_input=torch.randn(2, 3, 64, 64))
+    assert r.status == "WRONG" and any("image 0 alone differs" in p for p in r.problems), str(r)
+
+
 def test_float32_rounding_the_model_amplifies_is_a_warning():
     """Logits of 1e5 (EoMT thresholds its own mask logits, with the same effect): keep 1.0
     through the machinery sums in another order and differs by more than the absolute bound in

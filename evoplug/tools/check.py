@@ -7,7 +7,9 @@
     evoplug check deit_small_patch16_224 swinv2_tiny_window8_256     # the same from the shell
 
 The checks are the ones the test suite makes on its own models, run on yours (random or
-trained weights, its declared input or ``example_input``; batch 2, float32, the model's device):
+trained weights, its declared input or ``example_input``; batch 2, float32, the model's device),
+on every floating-point tensor the model returns (a backbone's feature maps, a tuple or dict of
+outputs: each compared, the worst one reported):
 
 * **keep 1.0** reproduces the model through the identity fast path and through the selection
   machinery (``identity_fast_path=False``): max |diff| <= ``keep1_bound``. The machinery sums
@@ -23,7 +25,7 @@ trained weights, its declared input or ``example_input``; batch 2, float32, the 
   selection or copy that mixed the images of a batch would not), within ``batch_bound``
   (relative to the output's largest value);
 * the model's ``state_dict`` loads strictly into the converted model and back;
-* **gradients** (train mode, loss ``out.pow(2).mean()``): finite, and every parameter that gets a
+* **gradients** (train mode, loss: the sum of ``out.pow(2).mean()`` over the outputs): finite, and every parameter that gets a
   gradient in the original gets one in the converted model.
 
 A model evoplug refuses is reported with the refusal (``result.refused``), not raised.
@@ -99,24 +101,40 @@ class CheckResult:
             "".join(f"\n  WARNING: {w}" for w in self.warnings)
 
 
-def output_tensor(o):
-    """The tensor a model returns (the first item of a tuple, list or dict, recursively)."""
+def outputs(o) -> List[torch.Tensor]:
+    """Every floating-point tensor a model returns (the items of tuples, lists and dicts,
+    recursively, in order): a backbone's feature maps are all compared, not the first one
+    (a dense first stage: the check compared nothing until the twenty-second session)."""
     if isinstance(o, (tuple, list)):
-        return output_tensor(o[0])
+        return [t for item in o for t in outputs(item)]
     if isinstance(o, dict):
-        return output_tensor(next(iter(o.values())))
-    return o
+        return [t for item in o.values() for t in outputs(item)]
+    return [o] if isinstance(o, torch.Tensor) and o.is_floating_point() else []
 
 
-def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
+def _pairs(a, b):
+    a, b = (a if isinstance(a, list) else [a]), (b if isinstance(b, list) else [b])
+    if len(a) != len(b):
+        raise ValueError(f"{len(a)} output tensor(s) against {len(b)}")
+    return list(zip(a, b))
+
+
+def _diff(a, b) -> float:
+    """Largest |a - b| over the outputs (tensors or lists of them)."""
+    return max((float((x.float() - y.float()).abs().max()) if x.numel() else 0.0
+                for x, y in _pairs(a, b)), default=0.0)
+
+
+def _first(out: List[torch.Tensor], batch: int) -> List[torch.Tensor]:
+    """Image 0 of every output whose first dim is the batch."""
+    return [t[:1] for t in out if t.dim() and t.shape[0] == batch]
 
 
 def _grads(model: nn.Module, x: torch.Tensor):
     was = model.training
     model.train()
     model.zero_grad(set_to_none=True)
-    output_tensor(model(x)).float().pow(2).mean().backward()
+    sum(t.float().pow(2).mean() for t in outputs(model(x))).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     model.train(was)
@@ -138,10 +156,12 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     if x.shape[0] < 2:
         raise ValueError("check_conversion needs an example input of at least 2 images")
     with torch.no_grad():
-        ref = output_tensor(model(x))
-        again = output_tensor(model(x))
+        ref = outputs(model(x))
+        again = outputs(model(x))
+    if not ref:
+        raise ValueError(f"{type(model).__name__} returns no floating-point tensor to compare")
     r = CheckResult(status="converts")
-    if not torch.equal(ref, again):
+    if not all(torch.equal(a, b) for a, b in _pairs(ref, again)):
         # a model that draws random numbers in eval mode (MAE's masking): compare like with like
         model.register_forward_pre_hook(_same_draws)     # (the converted copy inherits it)
         r.warnings.append(
@@ -149,8 +169,8 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
             f"{_diff(ref, again):.1e}: it draws random numbers in eval mode, e.g. MAE-style "
             "masking): every forward of this check starts from the same seed")
         with torch.no_grad():
-            ref = output_tensor(model(x))
-    if not bool(ref.any()):
+            ref = outputs(model(x))
+    if not any(bool(t.any()) for t in ref):
         r.warnings.append("the model's output is all zeros on this input (a zero-initialised "
                           "head?): the output comparisons compare nothing; check trained weights "
                           "or a model with a non-zero head")
@@ -207,25 +227,32 @@ def _flag(r: CheckResult, text: str):
                           "attention, e.g. random weights)")
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return _diff(a, b) / max(float(b.abs().max()), 1e-6)
+def _rel(a, b) -> float:
+    """Largest |a - b| relative to the largest |b|, the worst over the outputs."""
+    return max((_diff(x, y) / max(float(y.abs().max()) if y.numel() else 0.0, 1e-6)
+                for x, y in _pairs(a, b)), default=0.0)
+
+
+def _shapes(out: List[torch.Tensor]) -> str:
+    return ", ".join(str(tuple(t.shape)) for t in out)
 
 
 def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound, batch_bound,
                    options):
     report = evoplug.get_report(fast)
     with torch.no_grad():
-        out = output_tensor(fast(x))
+        out = outputs(fast(x))
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x)
         noisy = x + noise * (1e-3 * x.float().std().to(x.dtype))
-        dense_change = _rel(output_tensor(model(noisy)), ref)
-        r.noise_change = _rel(output_tensor(fast(noisy)), out)
+        dense_change = _rel(outputs(model(noisy)), ref)
+        r.noise_change = _rel(outputs(fast(noisy)), out)
         r.selection_stable = r.noise_change <= max(batch_bound, 100 * dense_change)
         evolving = [s for s in report.blocks if s.role == "evolve"]
         r.tokens_evolving = [(s.tokens_run, s.analysis.num_tokens) for s in evolving]
-        if out.shape != ref.shape or not bool(torch.isfinite(out).all()):
-            r.problems.append(f"keep {keep_ratio} output {tuple(out.shape)} (original "
-                              f"{tuple(ref.shape)}), finite: {bool(torch.isfinite(out).all())}")
+        finite = all(bool(torch.isfinite(t).all()) for t in out)
+        if [t.shape for t in out] != [t.shape for t in ref] or not finite:
+            r.problems.append(f"keep {keep_ratio} output {_shapes(out)} (original "
+                              f"{_shapes(ref)}), finite: {finite}")
             return
         idle = [s.analysis.name for s in evolving if s.tokens_run == s.analysis.num_tokens]
         unscored = set(report.unscored)                      # what explain() says they do
@@ -236,24 +263,25 @@ def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound,
         if keep_ratio < 1 and said:
             r.warnings.append(f"{len(said)} evolving block(s) ran every token, as explain() "
                               f"says (no global scores reach them): {said[:3]}")
-        r.rel_change = float((out - ref).abs().mean() / ref.abs().mean().clamp_min(1e-12))
-        if keep_ratio < 1 and evolving and r.rel_change <= 1e-6 and bool(ref.any()):
+        r.rel_change = max(float((o - f).abs().mean() / f.abs().mean().clamp_min(1e-12))
+                           for o, f in zip(out, ref))          # the output that moved most
+        if keep_ratio < 1 and evolving and r.rel_change <= 1e-6 and any(bool(t.any()) for t in ref):
             r.warnings.append(f"keep {keep_ratio} changes the output by {r.rel_change:.1e} only "
                               f"(relative) although {len(evolving)} evolving block(s) ran fewer "
                               "tokens: their residual branches add (almost) nothing here (an "
                               "identity-like initialisation: timm's SwinV2 zero-initialises its "
                               "post-norms, CaiT scales its branches by 1e-5), so the output "
                               "comparisons cannot show the selection at work; check trained weights")
-        one = output_tensor(fast(x[:1]))
-        r.batch_diff = _rel(one, out[:1])
+        one = _first(outputs(fast(x[:1])), 1)
+        r.batch_diff = _rel(one, _first(out, x.shape[0]))
         if not r.batch_diff <= batch_bound:
             _flag(r, f"image 0 alone differs from image 0 in the batch by {r.batch_diff:.2e} "
                      "(relative)")
         opts = report.options
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=True)
-        r.keep1_fast_diff = _diff(output_tensor(fast(x)), ref)
+        r.keep1_fast_diff = _diff(outputs(fast(x)), ref)
         evoplug.set_options(fast, identity_fast_path=False)
-        r.keep1_machinery_diff = _diff(output_tensor(fast(x)), ref)
+        r.keep1_machinery_diff = _diff(outputs(fast(x)), ref)
         evoplug.set_options(fast, keep_ratio=opts.keep_ratio, identity_fast_path=opts.identity_fast_path)
     if not r.keep1_fast_diff <= keep1_bound:
         r.problems.append(f"keep1_fast_diff {r.keep1_fast_diff:.2e} > {keep1_bound}")
@@ -271,10 +299,10 @@ def _keep1_float64(model: nn.Module, x: torch.Tensor, options: dict) -> float:
     try:
         m64, x64 = copy.deepcopy(model).double(), x.double()
         with torch.no_grad():
-            ref = output_tensor(m64(x64))
+            ref = outputs(m64(x64))
             fast = evoplug.convert(m64, keep_ratio=1.0, example_input=x64, strict=False,
                                    **dict(options, identity_fast_path=False))
-            return _rel(output_tensor(fast(x64)), ref)
+            return _rel(outputs(fast(x64)), ref)
     except Exception:                          # noqa: BLE001 (then float32 decides)
         return float("nan")
 
@@ -305,9 +333,9 @@ def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: s
         r.graph_breaks = sorted({str(b.reason).splitlines()[0][:200] for b in ex.break_reasons})
         torch._dynamo.reset()
         compiled = torch.compile(fast, backend=backend)
-        r.compile_diff = _rel(output_tensor(compiled(x)), output_tensor(fast(x)))
+        r.compile_diff = _rel(outputs(compiled(x)), outputs(fast(x)))
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
-        machinery = _rel(output_tensor(compiled(x)), output_tensor(fast(x)))
+        machinery = _rel(outputs(compiled(x)), outputs(fast(x)))
         evoplug.set_options(fast, keep_ratio=opts.keep_ratio, identity_fast_path=opts.identity_fast_path)
     if not r.compile_diff <= bound:
         _flag(r, f"torch.compile ({backend}) differs from eager by {r.compile_diff:.2e} (relative)")
