@@ -168,9 +168,26 @@ def test_bench_markdown_and_convert_options():
                       "--warmup", "0", "--markdown", "--start-block", "3", "--no-representative")
     assert rc == 0
     assert "| model | px | batch | keep |" in out
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    cells = [len(line.replace("\\|", "").split("|")) for line in table]
+    assert len(table) == 3 and len(set(cells)) == 1, table   # max|diff| escaped: one table
     rows = bench.run_bench(["vit_tiny_patch16_224"], [0.25], [1], img_size=32, repeats=1,
                            warmup=0, model_kwargs=TINY_KW, convert_options=dict(start_block=3))
     assert rows[0]["flop_ratio"] > 1.0
+
+
+def test_out_of_range_numbers_are_usage_errors_and_repeated_keeps_one_row(capsys):
+    for argv in (["bench", "vit_tiny_patch16_224", "--warmup", "-1"],
+                 ["plan", "vit_tiny_patch16_224", "skimage:astronaut", "--target", "0"]):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 2, argv
+        assert "argument --" in capsys.readouterr().err
+    rc, out = run_cli("bench", *TINY, "--keep", "0.5", "0.5", "1", "1.0", "--batch", "1", "1",
+                      "--repeats", "1", "--warmup", "0")
+    assert rc == 0
+    rows = [line for line in out.splitlines() if line.startswith("vit_tiny")]
+    assert len(rows) == 2, out
 
 
 def test_bench_rejects_bad_keep_ratio(capsys):
@@ -315,6 +332,32 @@ def test_record_selection():
     # keep 1.0: every token takes the slow path
     evoplug.set_keep_ratio(fast, 1.0)
     assert viz.record_selection(fast, x).masks().all()
+
+
+def test_record_selection_of_a_pyramid_keeps_each_blocks_grid(tmp_path):
+    """Swin's evolving blocks span two stages (7x7 and 4x4 at 112 px): every block's selection
+    was drawn on the first one's grid (the 4x4 stage's tokens filled the top rows of a 7x7
+    map) and the final scores, on the 4x4 grid, were replaced by zeros in silence (audit,
+    twenty-second session)."""
+    from evoplug.tools.models import create_model
+    torch.manual_seed(0)
+    model = create_model("swin_tiny_patch4_window7_224", 112, embed_dim=48).eval()
+    x = torch.randn(2, 3, 112, 112)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    rec = viz.record_selection(fast, x)
+    grids = {b.name.split(".")[1]: b.grid for b in rec.blocks}
+    assert grids == {"2": (7, 7), "3": (4, 4)}, grids
+    for b, m in zip(rec.blocks, rec.block_masks()):
+        assert m.shape == (2, *b.grid)
+        assert (m.reshape(2, -1).sum(-1) == b.selected.shape[1]).all()
+        assert b.selected.max() < b.grid[0] * b.grid[1]
+    assert rec.grid == (4, 4) and rec.scores.shape == (2, 16) and rec.scores.sum() > 0
+    with pytest.raises(ValueError, match="block_masks"):
+        rec.masks()
+    pytest.importorskip("matplotlib")
+    imgs = [np.full((112, 112, 3), 100 * i, dtype=np.uint8) for i in range(2)]
+    path = tmp_path / "swin.png"
+    assert viz.selection_grid(imgs, rec, str(path), tile=32) == png_size(path)
 
 
 def test_selection_grid_png_size(tmp_path):

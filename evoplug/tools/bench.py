@@ -714,11 +714,16 @@ def format_table(rows: List[dict], header: bool = True, model_width: int = 0) ->
     return "\n".join(out)
 
 
+def _md_cell(text: str) -> str:
+    """A table cell: a ``|`` in it (``max|diff|``) escaped, or it splits the row."""
+    return text.replace("|", "\\|")
+
+
 def format_markdown(rows: List[dict]) -> str:
     cols = [c for c in _COLUMNS if any(c[0] in r for r in rows)]
-    out = ["| " + " | ".join(h for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt.format(r[k]) if k in r else "-" for k, _, fmt in cols) + " |"
-            for r in rows]
+    out = ["| " + " | ".join(_md_cell(h) for _, h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(_md_cell(fmt.format(r[k])) if k in r else "-" for k, _, fmt in cols)
+            + " |" for r in rows]
     return "\n".join(out)
 
 

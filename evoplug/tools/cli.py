@@ -59,6 +59,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
 def _model_arg(text: str):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -128,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     b.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     b.add_argument("--repeats", type=_positive_int, default=7, help="timed rounds (median; default 7)")
-    b.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    b.add_argument("--warmup", type=_non_negative_int, default=2, help="untimed rounds first (default 2)")
     b.add_argument("--threads", type=_positive_int, default=None, help="torch.set_num_threads")
     b.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
                    choices=["default", "reduce-overhead", "max-autotune",
@@ -203,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target (exit status 1 when none does).")
     _add_model_and_images(pl, "image files, folders of them, skimage:NAME, or a .pt file holding "
                               "a preprocessed (N, 3, H, W) tensor")
-    pl.add_argument("--target", type=float, default=1.3, help="speed-up to reach (default 1.3)")
+    pl.add_argument("--target", type=_positive_float, default=1.3, help="speed-up to reach (default 1.3)")
     pl.add_argument("--keep", type=_keep, nargs="+", default=None, metavar="K",
                     help="keep ratios to measure (default 0.3 ... 0.9)")
     pl.add_argument("--start-blocks", type=_positive_int, nargs="+", default=None, metavar="S",
@@ -270,15 +290,19 @@ def _mode_text(a) -> str:
     return f"training steps ({step}, cross-entropy, train mode), {amp}"
 
 
+def _unique(values):
+    """The values in their order, each once (1 and 1.0 are one)."""
+    return None if values is None else list(dict.fromkeys(values))
+
+
 def cmd_bench(a, out) -> int:
     import torch
     from . import bench
     if a.threads:
         torch.set_num_threads(a.threads)
-    if a.warmup < 0:
-        raise CliError("--warmup must be >= 0")
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
+    a.keep, a.batch = _unique(a.keep), _unique(a.batch)   # (a ratio given twice: one row)
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
@@ -414,7 +438,7 @@ def cmd_plan(a, out) -> int:
         print("evoplug: warning: random weights (no --checkpoint): agreement of an untrained "
               "model says little", file=sys.stderr)
     x = _calibration_images(a.images, model, meta, a.img_size)
-    kw = dict(keep_ratios=a.keep) if a.keep else {}
+    kw = dict(keep_ratios=_unique(a.keep)) if a.keep else {}
     progress = sys.stderr.isatty() if a.progress is None else a.progress
     try:
         p = evoplug.plan(model, x, a.target, start_blocks=a.start_blocks, global_queries=a.queries,

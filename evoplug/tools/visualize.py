@@ -111,29 +111,42 @@ class BlockSelection:
     index: int                       # position among the converted blocks
     name: str                        # module name, e.g. 'blocks.4'
     selected: Optional[torch.Tensor]  # (B, k) patch indices on the slow path; None = all
+    grid: Tuple[int, int] = (0, 0)   # the block's patch grid (h, w): a pyramid's stages differ
 
 
 @dataclasses.dataclass
 class SelectionRecord:
     blocks: List[BlockSelection]     # evolving blocks, in execution order
     scores: torch.Tensor             # (B, M) final global attention
-    grid: Tuple[int, int]            # patch grid (h, w) of the M patch tokens
+    grid: Tuple[int, int]            # patch grid (h, w) of the scores' M patch tokens
     num_prefix: int
     keep_ratio: float
 
-    def masks(self) -> np.ndarray:
-        """(B, n_blocks, h, w) booleans: True where the token took the slow path."""
-        B, M = self.scores.shape
-        gh, gw = self.grid
-        out = np.zeros((B, len(self.blocks), M), dtype=bool)
-        for j, b in enumerate(self.blocks):
+    def block_masks(self) -> List[np.ndarray]:
+        """Per evolving block, (B, h, w) booleans on its own patch grid: True where the token
+        took the slow path."""
+        B = self.scores.shape[0]
+        out = []
+        for b in self.blocks:
+            gh, gw = b.grid
+            m = np.zeros((B, gh * gw), dtype=bool)
             if b.selected is None:
-                out[:, j] = True
+                m[:] = True
             else:
                 sel = b.selected.cpu().numpy()
                 for i in range(B):
-                    out[i, j, sel[i]] = True
-        return out.reshape(B, len(self.blocks), gh, gw)
+                    m[i, sel[i]] = True
+            out.append(m.reshape(B, gh, gw))
+        return out
+
+    def masks(self) -> np.ndarray:
+        """(B, n_blocks, h, w) booleans: True where the token took the slow path (every
+        evolving block on one grid; a pyramid's: :meth:`block_masks`)."""
+        grids = {b.grid for b in self.blocks}
+        if len(grids) > 1:
+            raise ValueError(f"the evolving blocks have {len(grids)} patch grids "
+                             f"{sorted(grids)}: use block_masks()")
+        return np.stack(self.block_masks(), 1)
 
 
 def _grid_of(spec, M: int) -> Tuple[int, int]:
@@ -155,6 +168,8 @@ def record_selection(model, x: torch.Tensor) -> SelectionRecord:
     evolving = [s for s in report.blocks if s.role == "evolve"]
     if not evolving:
         raise ValueError("the model has no evolving block (start_block past the last block?)")
+    grids = {s.index: _grid_of(s, s.analysis.num_tokens - s.analysis.num_prefix - s.analysis.num_suffix)
+             for s in evolving}
     got: List[BlockSelection] = []
     handles = []
     for spec in evolving:
@@ -162,7 +177,7 @@ def record_selection(model, x: torch.Tensor) -> SelectionRecord:
             # tokens_run == -1: the original forward ran (keep 1.0), every token took it
             sel = spec.context.sel if spec.tokens_run != -1 else None
             got.append(BlockSelection(spec.index, spec.analysis.name,
-                                      None if sel is None else sel.detach().clone()))
+                                      None if sel is None else sel.detach().clone(), grids[spec.index]))
         handles.append(spec.analysis.module.register_forward_hook(hook))
     was = model.training
     model.eval()
@@ -172,15 +187,17 @@ def record_selection(model, x: torch.Tensor) -> SelectionRecord:
         model.train(was)
         for h in handles:
             h.remove()
-    a = evolving[0].analysis
-    M = a.num_tokens - a.num_prefix - a.num_suffix
     state = report.blocks[0].context          # what this thread's forward left
     scores = state.scores if state is not None else None
-    if scores is None or scores.shape != (x.shape[0], M):
+    # the scores are on the grid of the last stage they reached (a pyramid's last)
+    grid = next((grids[s.index] for s in reversed(evolving) if scores is not None
+                 and scores.shape == (x.shape[0], grids[s.index][0] * grids[s.index][1])), None)
+    if grid is None:
         # keep 1.0 runs the original forwards: no global attention was computed
-        scores = torch.zeros(x.shape[0], M)
-    return SelectionRecord(got, scores.detach().float().cpu().clone(), _grid_of(evolving[0], M),
-                           a.num_prefix, report.options.keep_ratio)
+        grid = grids[evolving[0].index]
+        scores = torch.zeros(x.shape[0], grid[0] * grid[1])
+    return SelectionRecord(got, scores.detach().float().cpu().clone(), grid,
+                           evolving[0].analysis.num_prefix, report.options.keep_ratio)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,7 +233,7 @@ def selection_grid(images: Sequence[np.ndarray], record: SelectionRecord, path: 
     B = len(images)
     if record.scores.shape[0] != B:
         raise ValueError(f"{B} images but the record holds {record.scores.shape[0]}")
-    masks = record.masks()
+    masks = record.block_masks()
     n_blk = len(record.blocks)
     cols = 1 + n_blk + 1
     W, H = grid_size(B, cols, tile)
@@ -231,7 +248,7 @@ def selection_grid(images: Sequence[np.ndarray], record: SelectionRecord, path: 
         base = center_square(img, tile).astype(np.float32) / 255.0
         tiles = [base]
         for j in range(n_blk):
-            keep = _token_map(masks[i, j], tile)[..., None]
+            keep = _token_map(masks[j][i], tile)[..., None]
             tiles.append(np.where(keep, base, base * (1 - wash) + wash))
         s = scores[i]
         s = (s - s.min()) / max(float(s.max() - s.min()), 1e-12)
