@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .analyse.block import BlockAnalysis, analyse_block
-from .analyse.discover import attention_modules, find_blocks, regroup_parts
+from .analyse.discover import _SQUARE, attention_modules, find_blocks, regroup_parts
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.provenance import stream_starts, token_provenance, varying_arguments
@@ -241,7 +241,6 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
         for name in s.added_buffers:
             m._buffers.pop(name, None)
     twin.__dict__.pop("_evoplug_report", None)
-    example = _first_image(args, kwargs, batch_dims)
     options = {f.name: getattr(report.options, f.name) for f in dataclasses.fields(report.options)}
     shared = [m for m in model.modules() if id(m) not in pairs]
     for m in pairs.values():
@@ -252,7 +251,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
         # the user's hooks on the modules the twin shares do not see its analysis' forwards
         # (no other thread runs the model meanwhile: EvoRuntime.variant_for)
         with hooks_suspended(*shared):
-            convert(twin, inplace=True, example_input=example, strict=strict, **options)
+            _convert_twin(twin, args, kwargs, batch_dims, strict, options)
         # the twin's blocks run inside the model's (whose hooks fire): hooks its analysis left on
         # its own modules fired again (transformers' hidden states and attentions, twice each)
         keep = set(get_report(twin).entry_hooks)
@@ -274,6 +273,21 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
     return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
+
+
+def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, options: dict):
+    """Convert the twin on the call's first image; where a block's token count is 1 (a
+    pyramid's last stage at a small size), batch 1 cannot tell the batch dim from the token
+    dim: then on 2 images, then 3 (the first repeated where the call has fewer)."""
+    square = _SQUARE.split("{}")[1]
+    for n in (1, 2, 3):
+        try:
+            convert(twin, inplace=True, example_input=_first_image(args, kwargs, batch_dims, n),
+                    strict=strict, **options)
+            return
+        except ConversionError as e:
+            if n == 3 or square not in str(e):
+                raise
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -308,15 +322,21 @@ def _twin(model: nn.Module, blocks: set):
     return copy(model), pairs
 
 
-def _first_image(args, kwargs, batch_dims=None):
-    """The call's input with batch size 1 (along each argument's batch dim: dim 0 but for
-    ``batch_dims``'), in the form convert takes an example input."""
+def _first_image(args, kwargs, batch_dims=None, n: int = 1):
+    """The call's input with batch size ``n`` (along each argument's batch dim: dim 0 but for
+    ``batch_dims``'; its first image repeated where the call has fewer), in the form convert
+    takes an example input."""
     dims = batch_dims or {}
+
+    def first(t: torch.Tensor, d: int) -> torch.Tensor:
+        if t.shape[d] >= n:
+            return t.narrow(d, 0, n)
+        return torch.cat([t.narrow(d, 0, 1)] * n, d)
 
     def one(k, v):
         if isinstance(v, (dict, list, tuple)):      # (NaFlex's dict of patches, coordinates, mask)
             return torch.utils._pytree.tree_map(lambda t: one(None, t), v)
-        return v.narrow(dims.get(k, 0), 0, 1) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+        return first(v, dims.get(k, 0)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
 
     if kwargs and not args:
         return {k: one(k, v) for k, v in kwargs.items()}

@@ -445,3 +445,54 @@ def test_naflex_inputs_at_another_size_than_an_image_calibration():
             assert dict(evoplug.tokens_per_block(fast))["blocks.3"] < 52
             evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
             torch.testing.assert_close(call(fast), m(d), atol=1e-5, rtol=1e-5)
+
+
+def test_a_size_whose_last_stage_has_one_token_converts_its_twin_on_more_images():
+    """PVTv2 converted at 64 px and called at 32 px: its last stage has 1 token there, and the
+    twin, calibrated on the call's first image, was refused (1 token as many as 1 image: the
+    batch dim cannot be told from the token dim), so the forward raised although the dense
+    model runs (audit, twenty-second session). The twin is then calibrated on 2 images."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 64, 64))
+    at32 = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), at32(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x[:1]), at32(x[:1]), atol=1e-5, rtol=1e-5)
+
+
+class _AnySizeViT(torch.nn.Module):
+    """PlainViT without its position table: it takes any image size, and an empty batch."""
+
+    def __init__(self):
+        super().__init__()
+        from plain_vit import PlainViT
+        self.vit = PlainViT(img=32, patch=4, width=32, heads=2, depth=6)
+
+    def forward(self, images):
+        v = self.vit
+        t = v.embed(images).flatten(2).transpose(1, 2)
+        t = torch.cat([v.summary.expand(t.shape[0], -1, -1), t], 1)
+        for layer in v.trunk:
+            t = layer(t)
+        return v.classify(v.final(t)[:, 0])
+
+
+def test_an_empty_batch_runs_at_any_size():
+    """A batch of 0 images at a size the model was not converted at: there is no image to
+    calibrate the twin on (it failed inside narrow()); nothing to speed up either, so every
+    block runs its own forward, as the dense model does (audit, twenty-second session)."""
+    torch.manual_seed(0)
+    model = _AnySizeViT().eval()
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
+    with torch.no_grad():
+        for size in (32, 64, 48):
+            x = torch.randn(0, 3, size, size)
+            assert fast(x).shape == model(x).shape == (0, 10)
+        x = torch.randn(2, 3, 48, 48)              # the size still converts at its first images
+        y = fast(x)
+    assert all(0 < s.tokens_run < 145              # of 1 + 12 * 12 at 48 px
+               for s in evoplug.get_report(fast).blocks if s.role == "evolve")
+    torch.testing.assert_close(y, evoplug.convert(model, 0.5, example_input=x)(x), atol=1e-5, rtol=1e-5)

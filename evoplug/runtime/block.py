@@ -319,7 +319,7 @@ class EvoBlockMixin:
         opt = plan.options
         segment = state is not None and state.segment is not None
         if not segment and (role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path)
-                            or spec.hooked()):
+                            or spec.hooked() or rt.images() == 0):
             # the block's own forward (hooks of its submodules fire as always); an evolving
             # block passes the state on unchanged
             spec.tokens_run = -1

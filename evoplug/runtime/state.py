@@ -374,6 +374,15 @@ def images_in(args, kwargs) -> Optional[int]:
     return None
 
 
+def _empty(args, kwargs, batch_dims) -> bool:
+    """Whether the call's first tensor argument holds no image (a batch of 0 along its batch
+    dim)."""
+    for k, v in (*enumerate(args), *kwargs.items()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            return v.shape[(batch_dims or {}).get(k, 0)] == 0
+    return False
+
+
 def input_key(args, kwargs, batch_dims=None) -> tuple:
     """What identifies an input size: every tensor argument's shape without the batch dim,
     dtype and device, in order. ``batch_dims``: the arguments (by position or keyword) whose
@@ -468,8 +477,13 @@ class EntryHook:
             matches = self._move_last(module)
         variant = None
         self.runtime.admit()
+        images = images_in(args, kwargs)
         try:
-            if matches and self.factory is not None:
+            if _empty(args, kwargs, self.batch_dims):
+                # an empty batch: nothing to calibrate a twin on, nothing to speed up; every
+                # block runs its own forward (block.py: ``rt.images() == 0``)
+                images = 0
+            elif matches and self.factory is not None:
                 key = input_key(args, kwargs, self.batch_dims)
                 if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
                     variant = self.runtime.variant_for(key, self._factory(), module, args, kwargs)
@@ -477,7 +491,7 @@ class EntryHook:
             elif self.factory is not None and self.names:
                 variant = self._variant_by_name(module, args, kwargs)
         finally:     # (exit, called whatever happens, pops and releases)
-            self.runtime.push_entry(matches, variant, images_in(args, kwargs))
+            self.runtime.push_entry(matches, variant, images)
 
     def _move_last(self, module) -> bool:
         """A forward pre-hook registered after this one (test-time augmentation that stacks
