@@ -586,3 +586,22 @@ def test_tokens_tied_by_an_upsampled_row_keep_their_order_whatever_the_batch(kee
         y = fast(x)
         for i in range(len(x)):
             torch.testing.assert_close(y[i:i + 1], fast(x[i:i + 1]), atol=1e-4, rtol=1e-4)
+
+
+def test_a_one_wide_patch_grid_is_a_grid():
+    """PVTv2 on a 32x128 image: its last stage is a 1x4 map, which the block is called with
+    (its ``feat_size``). Pairs with a side of 1 were passed over and a 2x2 square was guessed
+    from the 4 tokens, so the depthwise convolution went unseen and the block was refused as
+    'mixes tokens outside its attention' (audit, twenty-second session)."""
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    for shape in [(32, 128), (128, 32)]:
+        x = torch.randn(3, 3, *shape)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:2])
+        last = [s for s in evoplug.get_report(fast).blocks if s.analysis.name.startswith("stages.3")]
+        assert {tuple(s.analysis.grid) for s in last} == {(1, 4) if shape[0] == 32 else (4, 1)}
+        with torch.no_grad():
+            y = fast(x)
+            torch.testing.assert_close(y[1:2], fast(x[1:2]), atol=1e-5, rtol=1e-5)
+            evoplug.set_keep_ratio(fast, 1.0)
+            assert torch.equal(fast(x), model(x))

@@ -350,9 +350,11 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
     itself views its tokens as), else the last 4-D map before the block with h*w == M, else a
     square grid if M is a perfect square, else None."""
     for v in list(call.args) + list(call.kwargs.values()):
+        # (one side may be 1: PVTv2's last stage of a 32x128 image is a 1x4 map; a square
+        # guessed from its 4 tokens was wrong)
         if isinstance(v, (tuple, list)) and len(v) == 2 and \
-                all(isinstance(i, int) and not isinstance(i, bool) and i >= 2 for i in v) and \
-                v[0] * v[1] == num_patches:
+                all(isinstance(i, int) and not isinstance(i, bool) and i >= 1 for i in v) and \
+                max(v) >= 2 and v[0] * v[1] == num_patches:
             return (int(v[0]), int(v[1]))
     best = None
     inside = inside_attention(model, calls) if model is not None else set()

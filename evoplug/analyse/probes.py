@@ -58,7 +58,7 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
         if a.grid is None:
             return
         h, w = a.grid
-        r = min(h, w) // 2
+        r = max(1, min(h, w) // 2)         # (a 1-wide grid: not the direct neighbours)
         rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
         far = torch.maximum(rows, cols) > r     # Chebyshev distance from the corner token
         if not bool(far.any()):
