@@ -91,14 +91,15 @@ def test_state_dicts_load_both_ways(name):
         assert (other(x) - fast(x)).abs().max() <= 1e-5
 
 
-def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added():
+@pytest.mark.parametrize("name", ["swin_tiny_patch4_window7_224", "pvt_v2_b0"])
+def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added(name):
     """The empty-init recipe (``to_empty``, timm's ``reinit_non_persistent_buffers``, then the
-    checkpoint) left the buffers the conversion added (Swin's window index, traced constants)
-    holding whatever memory they got: an index error naming neither evoplug nor the buffer, or
-    a silently wrong output (until the nineteenth session). Converted blocks follow timm's
-    ``init_non_persistent_buffers`` convention."""
+    checkpoint) left the buffers the conversion added (Swin's window index and slots, PVT's
+    upsampling taps, traced constants) holding whatever memory they got: an index error naming
+    neither evoplug nor the buffer, or a silently wrong output (until the nineteenth session).
+    Converted blocks follow timm's ``init_non_persistent_buffers`` convention."""
     from timm.models._manipulate import reinit_non_persistent_buffers
-    model, fast, x = _convert("swin_tiny_patch4_window7_224")
+    model, fast, x = _convert(name)
     with torch.no_grad():
         want = fast(x)
     added = {(s.name, n) for s in evoplug.get_report(fast).blocks for n in s.added_buffers}
