@@ -40,7 +40,7 @@ from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims
 class ConversionReport:
     """What :func:`convert` found and did; ``str()`` is the table :func:`explain` prints."""
     model_class: str
-    options: EvoOptions
+    _options: EvoOptions               # (read-only ``options``; evoplug.set_options changes it)
     blocks: List[BlockSpec]
     failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
     skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
@@ -53,6 +53,23 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return format_report(self)
+
+    @property
+    def options(self) -> EvoOptions:
+        """The options in force (frozen, and not assignable: :func:`set_options` changes them,
+        and the runtime with them)."""
+        return self._options
+
+    @options.setter
+    def options(self, value):
+        raise AttributeError("the options of a converted model change with "
+                             "evoplug.set_options(model, ...), which checks them and tells the "
+                             "runtime; assigning the report's would only change what explain() says")
+
+    def __setstate__(self, state):
+        if "options" in state:          # (a report pickled before the twenty-second session)
+            state["_options"] = state.pop("options")
+        self.__dict__.update(state)
 
     @property
     def unscored(self) -> List[str]:
@@ -710,7 +727,7 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
     new = old.replace(**changes)                      # checks every field
     roles = plan_roles(new, [b.analysis for b in report.blocks],      # checks start_block
                        [b.index for b in report.blocks if b.starts_stream])
-    report.options = new
+    report._options = new
     if report.blocks:
         runtime = report.blocks[0].runtime
         runtime.plan = Plan(new, roles)

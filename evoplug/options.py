@@ -84,8 +84,8 @@ def _flag(name: str, value: Any) -> bool:
 def check_keep_ratio(keep_ratio) -> float:
     try:
         v = _real("keep_ratio", keep_ratio)
-    except TypeError as e:
-        raise ValueError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from e
+    except TypeError as e:          # (a string, None: the wrong type, as for the other options)
+        raise TypeError(f"keep_ratio must be a number in (0, 1], got {keep_ratio!r}") from e
     except ValueError:
         raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio!r}") from None
     if not 0.0 < v <= 1.0:
@@ -172,7 +172,9 @@ class EvoOptions:
             out["num_prefix_tokens"] = _integer("num_prefix_tokens", self.num_prefix_tokens)
             if out["num_prefix_tokens"] < 0:
                 raise ValueError(f"num_prefix_tokens must be >= 0, got {self.num_prefix_tokens!r}")
-        if not isinstance(self.global_query, str) or self.global_query not in GLOBAL_QUERIES:
+        if not isinstance(self.global_query, str):
+            raise TypeError(f"global_query must be 'auto', 'cls' or 'mean', got {self.global_query!r}")
+        if self.global_query not in GLOBAL_QUERIES:
             raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {self.global_query!r}")
         out["global_query"] = self.global_query
         out["identity_fast_path"] = _flag("identity_fast_path", self.identity_fast_path)

@@ -355,13 +355,18 @@ def test_options_read_at_conversion_are_refused_by_set_options(field, value):
     (dict(representative="no"), TypeError, "representative must be True or False"),
     (dict(identity_fast_path=1), TypeError, "identity_fast_path must be True or False"),
     (dict(num_prefix_tokens=-1), ValueError, "num_prefix_tokens must be >= 0"),
-    (dict(global_query=None), ValueError, "global_query must be"),
+    (dict(global_query=None), TypeError, "global_query must be"),
+    (dict(global_query="first"), ValueError, "global_query must be"),
+    (dict(keep_ratio="0.5"), TypeError, "keep_ratio must be a number"),
+    (dict(keep_ratio=None), TypeError, "keep_ratio must be a number"),
+    (dict(keep_ratio=1.5), ValueError, "keep_ratio must be in"),
 ])
 def test_options_of_the_wrong_type_are_refused_when_given(options, error, match):
     with pytest.raises(error, match=match):
         evoplug.EvoOptions(**options)
     with pytest.raises(error, match=match):
-        evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32), **options)
+        evoplug.convert(_tiny(), example_input=torch.randn(1, 3, 32, 32),
+                        **{"keep_ratio": 0.5, **options})
 
 
 def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
@@ -374,6 +379,19 @@ def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
                (o.keep_ratio, o.trade_off, o.reselect_every, o.start_block, o.representative))
     with pytest.raises(dataclasses_frozen()):
         o.keep_ratio = 0.3                          # options change through set_options only
+
+
+def test_the_reports_options_are_not_assignable():
+    """``get_report(model).options = ...`` was accepted: explain() then showed options the
+    model did not run, and the next set_options started from them (docs audit, twenty-second
+    session). It raises, pointing to set_options."""
+    fast = evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32))
+    report = evoplug.get_report(fast)
+    with pytest.raises(AttributeError, match="set_options"):
+        report.options = evoplug.EvoOptions(keep_ratio=0.9)
+    assert report.options.keep_ratio == 0.5 and "keep_ratio=0.5" in evoplug.explain(fast)
+    evoplug.set_options(fast, keep_ratio=0.7)
+    assert report.options.keep_ratio == 0.7
 
 
 def dataclasses_frozen():
