@@ -101,8 +101,10 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
         strict: raise :class:`evoplug.ConversionError` if no block converts, or if a block that
             looks like a transformer block cannot be converted (naming the module and reason).
             ``strict=False`` converts what it can; :func:`explain` reports the rest.
+        inplace: convert ``model`` itself instead of a copy.
         **options: fields of :class:`evoplug.EvoOptions` (start_block, trade_off,
-            reselect_every, representative, num_prefix_tokens, identity_fast_path).
+            reselect_every, representative, global_query, num_prefix_tokens,
+            identity_fast_path).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"

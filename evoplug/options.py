@@ -100,8 +100,9 @@ class EvoOptions:
     keep_ratio: fraction of the patch tokens that take the slow (full) update in an evolving
         block, in (0, 1]; ``1.0`` reproduces the original model exactly.
     start_block: index (among the converted blocks, in execution order) of the first evolving
-        block. ``None`` -> the first third of the blocks stays dense (``len(blocks) // 3``,
-        blocks 5-12 of 12 evolve for DeiT, as in the paper). Must be >= 1: the block before it
+        block. ``None`` -> the first third of the blocks stays dense (``max(1, len(blocks) // 3)``
+        in each token stream, e.g. each tower of a two-tower model; blocks 5-12 of 12 evolve
+        for DeiT, as in the paper). Must be >= 1: the block before it
         provides the first global class attention.
     trade_off: alpha of the global attention update ``g = (1 - alpha) * g + alpha * a``; a
         number in [0, 1], or a callable returning alpha (a learnable trade-off, e.g. a module

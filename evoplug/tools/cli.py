@@ -8,7 +8,7 @@
     evoplug plan bench_out/photo_vit.pth calib_images/ --target 1.4 --png plan.png --json plan.json
 
 Models are timm names (random weights: no hub; ``--model-arg img_size=112`` etc. go to
-``timm.create_model``), or, for ``explain`` and ``visualize``, a checkpoint file written by
+``timm.create_model``), or, for ``explain``, ``visualize``, ``check`` and ``plan``, a checkpoint file written by
 :func:`evoplug.tools.visualize.save_checkpoint`; ``--checkpoint FILE`` loads a plain state_dict
 into a timm model. Exit status: 0 done, 2 bad usage (unknown model, bad keep ratio, ...),
 1 the work failed (e.g. a model evoplug cannot convert; the message says why).

@@ -12,5 +12,7 @@ model = dict(type='EvoDistillClassifier', distill=dict(temperature=1.0, teacher_
 custom_hooks = [dict(type='EvoDistillHook')]
 
 train_dataloader = dict(dataset=dict(data_prefix='train', with_label=False))
-optim_wrapper = dict(optimizer=dict(lr=5e-4))
-train_cfg = dict(by_epoch=True, max_epochs=3, val_interval=1)
+# docs/distill.md: lr 1e-4 for 8 epochs took agreement with the dense model from 98.8% to 99.7%;
+# lr 5e-4 moved a model that already agrees on 99% of images too far (97.7% after 3 epochs)
+optim_wrapper = dict(optimizer=dict(lr=1e-4))
+train_cfg = dict(by_epoch=True, max_epochs=8, val_interval=1)
