@@ -201,6 +201,11 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     seq_batch = _sequence_first_batch(analysed[0][0])
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
+    # scores spread from a reduced map (PVT, Twins, SegFormer) tie by the map's symmetry and are
+    # rounded apart by the batch: the selection treats near-ties at its cut as ties
+    near_ties = any(a.kv_grid is not None for a, _, _ in analysed)
+    for spec in specs:
+        spec.near_ties = near_ties
     for spec, link in zip(specs, links):
         # (a sequence-first block takes its tokens through a transpose: none is handed on)
         spec.chain_next = None if link is None or spec.call.token_perm or \

@@ -77,6 +77,7 @@ class BlockSpec:
     buffer_values: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     #                            their values (CPU copies): init_non_persistent_buffers
     needs_pos: bool = True     # the programs read the subset tokens' original positions
+    near_ties: bool = False    # scores within 3e-7 of the cut are ties (evolve.select)
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
     #                            it the slow-path tokens directly
@@ -386,7 +387,8 @@ class EvoBlockMixin:
         since = state.since_select
         if sel is None or sel.top.shape[-1] != P + S + k or since % opt.reselect_every == 0:
             g = ev.current_scores(g, sel)
-            sel = ev.select(g, k, P + S, C, opt.representative and k < M, spec.needs_pos)
+            sel = ev.select(g, k, P + S, C, opt.representative and k < M, spec.needs_pos,
+                            spec.near_ties)
             since = 0
         rep = ev.representative(x, sel)
         return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)

@@ -659,10 +659,12 @@ class Selection(NamedTuple):
     #                             token's: the best token not kept), for position terms
 
 
-def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, with_pos: bool) -> Selection:
+def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, with_pos: bool,
+           near_ties: bool = False) -> Selection:
     """Top-k of the scores g (B, 1, N): the prefix tokens (ranked first) and the ``k`` best
     patch tokens, sorted by score; with ``with_rep``, the weights of the representative token
-    r = sum_j w_j x_j over the tokens not kept, w_j = g_j / sum g."""
+    r = sum_j w_j x_j over the tokens not kept, w_j = g_j / sum g. ``near_ties``: scores within
+    3e-7 (relative) of the cut are ties (:func:`_ties_at_cut`)."""
     B = g.shape[0]
     n = num_prefix + k
     take = n + 1 if (with_pos and with_rep) else n
@@ -671,7 +673,8 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     # (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0). An export keeps
     # topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
     exporting = torch.compiler.is_exporting()
-    vals, top = g.topk(take, -1) if exporting else g.sort(dim=-1, descending=True, stable=True)
+    ranked = _ties_at_cut(g, n) if near_ties and not exporting and n < g.shape[-1] else g
+    vals, top = g.topk(take, -1) if exporting else ranked.sort(dim=-1, descending=True, stable=True)
     if with_pos and with_rep and not exporting and top.shape[-1] > take:
         parts = [n, g.shape[-1] - n]             # one split each: 2 ops, not 4 slices
         (vals, rest_v), (top, rest_i) = vals.split(parts, -1), top.split(parts, -1)
@@ -688,6 +691,18 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
         w = (g + torch.finfo(g.dtype).tiny).scatter(-1, top, 0.0)
         weights = w / w.sum(-1, keepdim=True)
     return Selection(top, index, vals, weights, pos)
+
+
+def _ties_at_cut(g: Tensor, n: int) -> Tensor:
+    """The scores g (B, 1, N) with those within 3e-7 (relative: a few ulps) of the n-th
+    largest set to it, so the stable sort takes them by token index. Scores spread from a
+    reduced map tie by the map's symmetry (a row [a, b, b, b] upsampled, then pooled onto the
+    next stage, gives tokens at transposed places equal scores) but are computed in another
+    order, so the batch's rounding (its GEMMs) leaves them equal or an ulp apart, and the kept
+    token at the cut followed the batch (Twins-PCPVT: an image by 6%; audit, twenty-second
+    session). 6 ops."""
+    kth = g.kthvalue(g.shape[-1] - n + 1, -1, keepdim=True).values
+    return torch.where((g - kth).abs() <= kth * 3e-7, kth, g)
 
 
 def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
