@@ -101,7 +101,7 @@ def test_torch_export_dynamic_batch():
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(fast, (x,), dynamic_shapes={"x": {0: batch}})
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert any("topk" in t for t in targets)              # the selection is in the program
+    assert any("sort" in t for t in targets)              # the selection is in the program
     assert any("scatter" in t for t in targets)           # and the restore
     run = ep.module()
     for b in (1, 5):
@@ -120,6 +120,21 @@ def test_torch_export_position_terms(name):
     ep = torch.export.export(fast, (x,))
     with torch.no_grad():
         assert close(ep.module()(x), fast(x))
+
+
+def test_an_exported_pyramid_breaks_ties_as_eager_does():
+    """A torch.export program took ``topk`` (for ONNX, which has no stable sort), and torch's
+    topk breaks tied scores its own way: PVTv2-b0's exported program differed from eager by 0.13
+    (twenty-second session). It sorts like eager now; only an ONNX export takes topk (ONNX's
+    TopK takes ties in index order by its specification)."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 64, 64)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ep = torch.export.export(fast, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x), fast(x), atol=1e-5, rtol=1e-5)
 
 
 def test_onnx_export_matches_eager(tmp_path):

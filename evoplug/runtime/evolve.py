@@ -670,12 +670,13 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     take = n + 1 if (with_pos and with_rep) else n
     # a stable sort, not topk: tied scores (flat image regions, a row upsampled from a reduced
     # map) go by token index, so an image keeps the same tokens whatever else is in its batch
-    # (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0). An export keeps
-    # topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
-    exporting = torch.compiler.is_exporting()
-    ranked = _ties_at_cut(g, n) if near_ties and not exporting and n < g.shape[-1] else g
-    vals, top = g.topk(take, -1) if exporting else ranked.sort(dim=-1, descending=True, stable=True)
-    if with_pos and with_rep and not exporting and top.shape[-1] > take:
+    # (topk broke ties by the batch's layout: an image moved by 0.85, PVTv2-b0; in a program of
+    # torch.export, PVTv2-b0's output by 0.13 until the twenty-second session). An ONNX export
+    # keeps topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
+    onnx = _onnx_export()
+    ranked = _ties_at_cut(g, n) if near_ties and n < g.shape[-1] else g
+    vals, top = ranked.topk(take, -1) if onnx else ranked.sort(dim=-1, descending=True, stable=True)
+    if with_pos and with_rep and not onnx and top.shape[-1] > take:
         parts = [n, g.shape[-1] - n]             # one split each: 2 ops, not 4 slices
         (vals, rest_v), (top, rest_i) = vals.split(parts, -1), top.split(parts, -1)
         pos = torch.cat([top, _rep_position(rest_v, rest_i, g.shape[-1])], -1).view(B, take)
@@ -693,6 +694,11 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     return Selection(top, index, vals, weights, pos)
 
 
+def _onnx_export() -> bool:
+    """Whether an ONNX export traces this forward (torch.export alone runs every op)."""
+    return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
+
+
 def _ties_at_cut(g: Tensor, n: int) -> Tensor:
     """The scores g (B, 1, N) with those within 3e-7 (relative: a few ulps) of the n-th
     largest set to it, so the stable sort takes them by token index. Scores spread from a
@@ -701,7 +707,10 @@ def _ties_at_cut(g: Tensor, n: int) -> Tensor:
     order, so the batch's rounding (its GEMMs) leaves them equal or an ulp apart, and the kept
     token at the cut followed the batch (Twins-PCPVT: an image by 6%; audit, twenty-second
     session). 6 ops."""
-    kth = g.kthvalue(g.shape[-1] - n + 1, -1, keepdim=True).values
+    if _onnx_export():                    # (ONNX has no kthvalue)
+        kth = g.topk(n, -1).values[..., -1:]
+    else:
+        kth = g.kthvalue(g.shape[-1] - n + 1, -1, keepdim=True).values
     return torch.where((g - kth).abs() <= kth * 3e-7, kth, g)
 
 
