@@ -201,20 +201,25 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     seq_batch = _sequence_first_batch(analysed[0][0])
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
-    # scores spread from a reduced map (PVT, Twins, SegFormer) tie by the map's symmetry and are
-    # rounded apart by the batch: the selection treats near-ties at its cut as ties
-    near_ties = any(a.kv_grid is not None for a, _, _ in analysed)
-    for spec in specs:
-        spec.near_ties = near_ties
+    _relate(specs, links, starts)
+    model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
+                                             _install_entry_hook(model, runtime, example, strict,
+                                                                 seq_batch))
+    return model
+
+
+def _relate(specs: List[BlockSpec], links, starts):
+    """What the installed blocks know of each other: the next block each hands its tokens on
+    to (``links``, :func:`chain_links`), where a token stream starts, and whether the scores
+    come from a reduced map somewhere (PVT, Twins, SegFormer: ties the map's symmetry makes are
+    rounded apart by the batch, and the selection takes near-ties at its cut as ties)."""
+    near_ties = any(s.analysis.kv_grid is not None for s in specs)
     for spec, link in zip(specs, links):
         # (a sequence-first block takes its tokens through a transpose: none is handed on)
         spec.chain_next = None if link is None or spec.call.token_perm or \
             specs[link].call.token_perm else specs[link]
         spec.starts_stream = spec.index in starts
-    model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
-                                             _install_entry_hook(model, runtime, example, strict,
-                                                                 seq_batch))
-    return model
+        spec.near_ties = near_ties
 
 
 def _convert_choosing_query(model, keep_ratio, images, example_input, strict, inplace, options):
