@@ -522,10 +522,17 @@ def _global_row(rw: _Rewrite):
     rw.row = row
 
 
+def _constant_buffer(a: BlockAnalysis, gm: fx.GraphModule, name: str, value: torch.Tensor):
+    """A constant the program reads (a non-persistent buffer: no checkpoint holds it), on the
+    graph module and on the block (the program runs with the block as self)."""
+    if not hasattr(a.module, name):
+        a.module.register_buffer(name, value, persistent=False)
+    gm.register_buffer(name, value, persistent=False)
+
+
 def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
     """The row over the reduced map's keys spread onto the tokens (:func:`ev.upsample_row`),
-    with its bilinear taps made once here as buffers (on the block too: the program runs with
-    the block as self)."""
+    with its bilinear taps made once here as buffers."""
     graph = gm.graph
     try:
         device = next(t.device for t in list(a.module.parameters()) + list(a.module.buffers()))
@@ -538,9 +545,7 @@ def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
             taps = (taps[0], taps[1], taps[2].unsqueeze(1))    # rows: weights (h, 1)
         for part, t in zip(("first", "second", "weight"), taps):
             name = f"_evo_upsample_{'hw'[side]}_{part}"
-            if not hasattr(a.module, name):
-                a.module.register_buffer(name, t, persistent=False)
-            gm.register_buffer(name, t, persistent=False)
+            _constant_buffer(a, gm, name, t)
             names.append(name)
     with graph.inserting_before(row):
         nodes = [graph.get_attr(n) for n in names]
@@ -622,14 +627,10 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
     if a.window_index is None or site.kind not in ("softmax", "sdpa"):
         return None
     graph = gm.graph
-    if not hasattr(a.module, "_evo_window_index"):   # read by the program with the block as self
-        a.module.register_buffer("_evo_window_index", a.window_index, persistent=False)
-    gm.register_buffer("_evo_window_index", a.window_index, persistent=False)
+    _constant_buffer(a, gm, "_evo_window_index", a.window_index)
     slots = ev.window_slots(a.window_index, a.num_tokens)     # windows partition the map
     if slots is not None:
-        if not hasattr(a.module, "_evo_window_slots"):
-            a.module.register_buffer("_evo_window_slots", slots, persistent=False)
-        gm.register_buffer("_evo_window_slots", slots, persistent=False)
+        _constant_buffer(a, gm, "_evo_window_slots", slots)
     heads, folded = a.window_head_dims, a.window_heads_folded
     with graph.inserting_after(site.node):
         if site.kind == "softmax":

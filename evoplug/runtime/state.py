@@ -479,7 +479,7 @@ class EntryHook:
         self.runtime.admit()
         images = images_in(args, kwargs)
         try:
-            if _empty(args, kwargs, self.batch_dims):
+            if images == 0 or (images is None and _empty(args, kwargs, self.batch_dims)):
                 # an empty batch: nothing to calibrate a twin on, nothing to speed up; every
                 # block runs its own forward (block.py: ``rt.images() == 0``)
                 images = 0
