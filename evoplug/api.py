@@ -9,6 +9,8 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import inspect
+import numbers
 import random
 import time
 import warnings
@@ -18,7 +20,8 @@ import torch
 from torch import nn
 
 from .analyse.block import BlockAnalysis, analyse_block
-from .analyse.discover import _SQUARE, attention_modules, find_blocks, regroup_parts
+from .analyse.discover import (_SQUARE, attention_modules, find_blocks, regroup_parts,
+                                wrapped_block)
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.provenance import stream_starts, token_provenance, varying_arguments
@@ -36,9 +39,10 @@ from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims
                             named_tensors)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class ConversionReport:
-    """What :func:`convert` found and did; ``str()`` is the table :func:`explain` prints."""
+    """What :func:`convert` found and did; ``str()`` is the table :func:`explain` prints.
+    Compared by identity (the report of one conversion; hashable)."""
     model_class: str
     _options: EvoOptions               # (read-only ``options``; evoplug.set_options changes it)
     blocks: List[BlockSpec]
@@ -53,6 +57,10 @@ class ConversionReport:
 
     def __str__(self) -> str:
         return format_report(self)
+
+    def __repr__(self) -> str:
+        return (f"<ConversionReport of {self.model_class}: {len(self.blocks)} block(s) converted, "
+                f"{len(self.failed)} not converted, {len(self.skipped)} skipped; {self._options}>")
 
     @property
     def options(self) -> EvoOptions:
@@ -137,7 +145,18 @@ def _convert_checked(model, keep_ratio, example_input, images, strict, inplace, 
         if options.get("global_query", "auto") == "auto":
             return _convert_choosing_query(model, keep_ratio, images, example_input, strict,
                                            inplace, options)
-    return _convert(model, keep_ratio, example_input, strict, inplace, options)
+    if example_input is not None:
+        return _convert(model, keep_ratio, example_input, strict, inplace, options)
+    # the input evoplug makes: one image, then 2 and 3 where a block's token count is 1 (a
+    # pyramid's last stage: batch 1 cannot tell the batch dim from the token dim), as for twins
+    square = _SQUARE.split("{}")[1]
+    for batch in (1, 2, 3):
+        try:
+            return _convert(model, keep_ratio, _example_input(model, batch)[0] if batch > 1 else None,
+                            strict, inplace, options)
+        except ConversionError as e:
+            if batch == 3 or square not in str(e):
+                raise
 
 
 def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace: bool,
@@ -157,30 +176,22 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             "evoplug.revert(model)")
     _check_model(model)
     if not inplace:
-        model = copy_model(model)
+        original, model = model, copy_model(model)
+        opts = opts.replace(trade_off=_on_copy(original, model, opts.trade_off))
     analysed, parts = [], []
     with _no_side_effects(model):
         calls, attn_mods, candidates, failed, skipped, example = _calibrate(model, example_input)
         try:
             for name, module, call in candidates:
-                added = set(module._buffers)
                 try:
                     prior = analysed[-1][0] if analysed else None
-                    a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
-                                               opts.num_prefix_tokens, opts.global_query, prior)
-                    programs = {False: build_program(a, False, gm_eval),
-                                True: build_program(a, True)}
-                    probe_program(a, programs[False])
-                    analysed.append((a, programs, added))
+                    analysed.append(_analyse_candidate(model, name, module, call, calls,
+                                                       attn_mods, opts, prior))
                 except AnalysisError as e:
-                    _drop_added_buffers(module, added)
                     if e.not_a_block:
                         parts.append((name, e.reason, e.not_a_block))
                     else:
                         failed.append((name, e.reason))
-                except BaseException:
-                    _drop_added_buffers(module, added)
-                    raise
             failed += regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
@@ -524,6 +535,32 @@ def _calibrate(model: nn.Module, example_input):
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 
+def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, calls, attn_mods,
+                       opts: EvoOptions, prior):
+    """(analysis, programs, buffers before) of a candidate block, or of the block it only wraps
+    (:func:`wrapped_block`: a stage holding one block), where the candidate itself is no block.
+    Raises the candidate's own :class:`AnalysisError` when neither is."""
+    added = set(module._buffers)
+    try:
+        a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
+                                   opts.num_prefix_tokens, opts.global_query, prior)
+        programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
+        probe_program(a, programs[False])
+        return a, programs, added
+    except AnalysisError as e:
+        _drop_added_buffers(module, added)
+        inner = wrapped_block(name, module, call, calls)
+        if inner is None:
+            raise
+        try:
+            return _analyse_candidate(model, *inner, calls, attn_mods, opts, prior)
+        except AnalysisError:
+            raise e from None
+    except BaseException:
+        _drop_added_buffers(module, added)
+        raise
+
+
 def _order(calls, model: nn.Module, name: str) -> int:
     try:
         c = calls.get(id(model.get_submodule(name)))
@@ -621,6 +658,31 @@ def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):
     if idle and strict:
         raise ConversionError(f"{type(model).__name__}: {_unscored_reason(analyses, idle)}",
                               [(analyses[i].name, "no global scores reach it") for i in idle])
+
+
+def _on_copy(original: nn.Module, copied: nn.Module, alpha):
+    """A learnable ``trade_off`` that belongs to the model (a submodule, or a method of one),
+    taken from the copy that ``inplace=False`` converts: the original's would get the gradients
+    and the copy's, which the optimiser steps and the checkpoint saves, would do nothing. A
+    function reading the original's modules or parameters cannot be moved: refused."""
+    if not callable(alpha) or isinstance(alpha, (numbers.Number, str)):
+        return alpha
+    owner = alpha.__self__ if inspect.ismethod(alpha) else alpha
+    if isinstance(owner, nn.Module):
+        path = next((n for n, m in original.named_modules() if m is owner), None)
+        if path is not None:
+            new = copied.get_submodule(path)
+            return getattr(new, alpha.__name__) if inspect.ismethod(alpha) else new
+    cells = [c.cell_contents for c in getattr(alpha, "__closure__", None) or ()
+             if c.cell_contents is not None] if not isinstance(owner, nn.Module) else []
+    held = {id(t) for t in (*original.modules(), *original.parameters())}
+    if any(id(v) in held for v in cells):
+        raise ValueError("trade_off reads modules or parameters of the model itself, and "
+                         "inplace=False converts a copy of it: the copy would learn nothing. "
+                         "Convert with inplace=True, or make trade_off a module of the model "
+                         "(it then follows the copy), or set_options(fast, trade_off=...) "
+                         "with a function of the copy's")
+    return alpha
 
 
 def copy_model(model: nn.Module) -> nn.Module:
@@ -739,9 +801,12 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
     new = old.replace(**changes)                      # checks every field
     roles = plan_roles(new, [b.analysis for b in report.blocks],      # checks start_block
                        [b.index for b in report.blocks if b.starts_stream])
-    report._options = new
-    if report.blocks:
-        runtime = report.blocks[0].runtime
+    if not report.blocks:
+        report._options = new
+        return new
+    runtime = report.blocks[0].runtime
+    with runtime.between_builds():     # (a twin built meanwhile would keep the old options)
+        report._options = new
         runtime.plan = Plan(new, roles)
         for variant in list(runtime.variants.values()):   # the same blocks at other sizes
             set_options(variant.model, **changes)

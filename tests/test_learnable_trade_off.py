@@ -76,3 +76,59 @@ def test_a_learnable_trade_off_trains_after_an_inference_mode_pass():
     fast.train()
     fast(x).square().mean().backward()
     assert alpha.logit.grad is not None and torch.isfinite(alpha.logit.grad)
+
+
+def test_a_trade_off_module_of_the_model_follows_the_copy_convert_makes():
+    """``model.alpha = SigmoidAlpha(); convert(model, trade_off=model.alpha)`` converts a copy
+    (inplace=False): its forward read the original's alpha, which got the gradients, while the
+    copy's, which the optimiser steps and the checkpoint saves, did nothing (audit E of the
+    twenty-third session). The copy's own module is the trade-off now."""
+    torch.manual_seed(0)
+    model = PlainViT(img=32, patch=4, width=32, heads=2, depth=4)
+    model.alpha = SigmoidAlpha()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=model.alpha,
+                           start_block=1, reselect_every=1)
+    assert evoplug.get_report(fast).options.trade_off is fast.alpha
+    fast.train()
+    fast(x).square().mean().backward()
+    assert model.alpha.logit.grad is None
+    assert fast.alpha.logit.grad is not None and float(fast.alpha.logit.grad.abs()) > 0
+    # a function of the original's parameters cannot follow the copy: refused, not ignored
+    with pytest.raises(ValueError, match="inplace=True"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1],
+                        trade_off=lambda: torch.sigmoid(model.alpha.logit))
+    # an alpha outside the model stays the caller's
+    outside = SigmoidAlpha()
+    other = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=outside)
+    assert evoplug.get_report(other).options.trade_off is outside
+
+
+def test_a_learnable_trade_off_in_a_reentrant_checkpoint_is_refused():
+    """A reentrant checkpoint runs its forward without autograd: the refreshed scores, which
+    carry alpha's gradient to the next selection, leave it as state, so alpha got no gradient
+    and trained silently frozen (audit E of the twenty-third session). Refused by name; the
+    non-reentrant checkpoint gives the plain backward's gradient."""
+    timm = pytest.importorskip("timm")
+    from timm.layers import config, set_reentrant_ckpt
+    before = config._USE_REENTRANT_CKPT
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                              depth=4, embed_dim=32, num_heads=2, num_classes=10)
+    alpha = SigmoidAlpha()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=alpha,
+                           start_block=1, reselect_every=1).train()
+    fast(x).square().mean().backward()
+    plain = alpha.logit.grad.clone()
+    alpha.logit.grad = None
+    fast.set_grad_checkpointing(True)
+    try:
+        set_reentrant_ckpt(False)
+        fast(x).square().mean().backward()
+        torch.testing.assert_close(alpha.logit.grad, plain)
+        set_reentrant_ckpt(True)
+        with pytest.raises(evoplug.EvoplugError, match="reentrant gradient checkpoint"):
+            fast(x).square().mean().backward()
+    finally:
+        set_reentrant_ckpt(before)

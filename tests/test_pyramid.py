@@ -536,6 +536,45 @@ def test_a_shifted_window_as_large_as_the_map_converts_as_one_window():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+def test_a_map_smaller_than_its_window_is_one_padded_window():
+    """A Swin built for 64 px (window 4) and called at 32 px meets a 2x2 map in stage 2: timm pads
+    it to one 4x4 window. Its queries then hold more rows than the map has tokens, in a single
+    window, and the block was refused ("attention on the 4-D map that is neither windowed nor on
+    a token view of it"; audit B of the twenty-second session). It is a windowed block now: exact
+    at keep 1.0, and the dense block's attention update for every token (MLPs zeroed)."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
+                              window_size=4, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8),
+                              num_classes=10, strict_img_size=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(_mlps_zeroed(model), keep_ratio=0.5, example_input=x)
+    spec = next(s for s in evoplug.get_report(fast).blocks if s.name == "layers.2.blocks.0")
+    assert spec.analysis.windowed and spec.analysis.grid == (2, 2) and spec.role == "evolve"
+    _assert_block_gives_dense_output(fast, spec, x)
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_a_stage_holding_one_block_is_analysed_through_it():
+    """A Swin stage with a single block ran one attention, so the stage was taken for the block;
+    in stage 0 its identity downsampling sits before the block's residual stream, and strict
+    conversion refused the model ("the attention output is not added back to the token
+    stream"). The stage is now analysed through the block it wraps."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
+                              window_size=4, embed_dim=32, depths=(1, 1, 2, 1),
+                              num_heads=(1, 2, 4, 8), num_classes=10).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, inplace=False)
+    names = [s.name for s in evoplug.get_report(fast).blocks]
+    assert names[0].startswith("layers.0.blocks") and len(names) == 5
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() > 1e-4
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_the_representative_tokens_place_does_not_follow_the_batch():
     """The representative token sits at the best token not kept (a map block's depthwise
     convolution sees it there). Scores spread back from a reduced map tie to within a few ulps,

@@ -113,3 +113,18 @@ def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added(na
     fast.load_state_dict(state)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_the_report_and_its_parts_have_a_short_repr_and_compare_by_identity():
+    """repr() of a report (a notebook cell, a debugger, ``print([report])``) raised
+    AttributeError: the dataclass' own repr read the calibration call the conversion drops
+    (audit G of the twenty-third session). Two reports compared unequal even to themselves
+    pickled, and hashing one raised; a report is one conversion's, compared by identity."""
+    _, fast, _ = _convert("vit_tiny_patch16_224")
+    report = evoplug.get_report(fast)
+    text = repr([report])
+    assert "ConversionReport of VisionTransformer" in text and len(text) < 400
+    assert repr(report.blocks[1]).startswith("BlockSpec(1, 'blocks.1'")
+    assert repr(report.blocks[1].analysis).startswith("BlockAnalysis('blocks.1'")
+    assert report == report and {report: 1}[report] == 1
+    assert pickle.loads(pickle.dumps(report)) != report

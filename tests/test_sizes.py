@@ -496,3 +496,101 @@ def test_an_empty_batch_runs_at_any_size():
     assert all(0 < s.tokens_run < 145              # of 1 + 12 * 12 at 48 px
                for s in evoplug.get_report(fast).blocks if s.role == "evolve")
     torch.testing.assert_close(y, evoplug.convert(model, 0.5, example_input=x)(x), atol=1e-5, rtol=1e-5)
+
+
+def _tiny_dynamic_vit():
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
+                             depth=4, embed_dim=32, num_heads=2, num_classes=10,
+                             dynamic_img_size=True).eval()
+
+
+def test_two_threads_that_each_need_a_twin_do_not_wait_for_each_other(monkeypatch):
+    """Thread C is inside the model (admitted) when thread A starts building its twin and waits
+    for C's forward to end; C then reaches the twin it needs itself and counts as idle, but did
+    not wake A: both waited forever (audit G of the twenty-third session; 1 trial in 4 with 4
+    threads). The delay the scheduler can put between C's admission and its twin is forced."""
+    import threading
+    import time
+    from evoplug.runtime import state as st
+    fast = evoplug.convert(_tiny_dynamic_vit(), keep_ratio=0.5)
+    rt = evoplug.get_report(fast).blocks[0].runtime
+    images_in = st.images_in
+
+    def slow(args, kwargs):
+        if threading.current_thread().name == "C":        # admitted: wait for A's build
+            t0 = time.time()
+            while rt._builder is None and time.time() - t0 < 5:
+                time.sleep(0.01)
+        return images_in(args, kwargs)
+
+    monkeypatch.setattr(st, "images_in", slow)
+    outs = {}
+
+    def run(name, size):
+        if name == "A":
+            while not rt._inside:
+                time.sleep(0.01)
+        with torch.no_grad():
+            outs[name] = fast(torch.randn(1, 3, size, size))
+
+    threads = [threading.Thread(target=run, args=a, name=a[0], daemon=True)
+               for a in (("C", 40), ("A", 48))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not any(t.is_alive() for t in threads), "deadlock: each thread waits for the other"
+    assert sorted(outs) == ["A", "C"] and len(rt.variants) == 2
+
+
+def test_options_set_while_a_twin_is_built_reach_that_twin():
+    """set_options updated the twins in the runtime's table, but a twin being built was not there
+    yet and kept the options its build read: that size ran the old options for good (audit G of
+    the twenty-third session). set_options now waits for a build in progress."""
+    import threading
+    import time
+    model = _tiny_dynamic_vit()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    rt = evoplug.get_report(fast).blocks[0].runtime
+    x = torch.randn(2, 3, 48, 48)
+
+    def first():
+        with torch.no_grad():
+            fast(x)
+    t = threading.Thread(target=first)
+    t.start()
+    t0 = time.time()
+    while rt._builder is None and t.is_alive() and time.time() - t0 < 30:
+        time.sleep(0.0005)
+    evoplug.set_options(fast, keep_ratio=0.9, reselect_every=1)
+    t.join()
+    fresh = evoplug.convert(model, keep_ratio=0.9, reselect_every=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), fresh(x), atol=0, rtol=0)
+    twin = next(iter(rt.variants.values())).model
+    assert evoplug.get_report(twin).options.keep_ratio == 0.9
+
+
+def test_a_twins_own_buffers_follow_the_models_dtype_and_device():
+    """A converted PVT cast with .double() or .bfloat16() ran its taps' weights (buffers: cast
+    too) against float32 scores and raised, at its own size too ("expected dtype float for
+    `weight`"). And the buffers a twin's conversion added are not in model.modules(): .to()
+    left them behind. A new dtype or device type gets a twin of its own, but a move to another
+    GPU (cuda:0 -> cuda:1) reuses the twin, whose window index stayed on the first (audit G of
+    the twenty-third session); they follow the model's own now, when the twin is synced."""
+    model = _pvt()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    x64, x96 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        fast(x96)                                         # the twin for 96 px
+        fast = fast.to(torch.float64)
+        out64, out96 = fast(x64.double()), fast(x96.double())
+        twin = next(iter(evoplug.get_report(fast).blocks[0].runtime.variants.values()))
+        assert twin.blocks[0]._evo_upsample_h_weight.dtype == torch.float32   # (float32 input's)
+        twin.sync()                                        # what a forward it runs does first
+        assert twin.blocks[0]._evo_upsample_h_weight.dtype == torch.float64
+        fresh = evoplug.convert(copy.deepcopy(model).double(), keep_ratio=0.5,
+                                example_input=torch.randn(1, 3, 64, 64, dtype=torch.float64))
+        torch.testing.assert_close(out64, fresh(x64.double()), atol=1e-9, rtol=1e-9)
+        torch.testing.assert_close(out96, fresh(x96.double()), atol=1e-9, rtol=1e-9)

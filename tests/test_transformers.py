@@ -636,3 +636,44 @@ def test_hidden_states_and_heads_reading_them_at_another_input_size():
         torch.testing.assert_close(fast(x).logits, alone, atol=1e-5, rtol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x).logits, seg(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_head_mask_which_no_layer_reads_leaves_the_layers_evolving():
+    """transformers 5 still takes ``head_mask`` and hands it to every layer's ``**kwargs``,
+    where no layer reads it: the converted layers ran dense, with a warning each (audit F of
+    the twenty-third session). The dense model ignores it; so do the converted layers now."""
+    import warnings
+    torch.manual_seed(0)
+    m = T.ViTModel(T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4,
+                               num_attention_heads=2, intermediate_size=128)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    heads = torch.ones(4, 2)
+    heads[1, 0] = 0
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(m(x, head_mask=heads)[0], m(x)[0])
+        out = fast(x, head_mask=heads)[0]
+        runs = [t for _, t in evoplug.tokens_per_block(fast)]
+        torch.testing.assert_close(out, fast(x)[0], atol=1e-5, rtol=1e-5)
+    assert runs[-1] > 0
+
+
+def test_a_model_whose_last_stage_has_one_token_converts_on_the_input_evoplug_makes():
+    """LeViT at its configured 64 px ends in a 1-token stage: the default input (one image)
+    cannot tell its batch dim from its token dim, and strict conversion refused the model,
+    though twins in that case are calibrated on 2, then 3 images (audit F of the twenty-third
+    session). The first conversion does the same now."""
+    torch.manual_seed(0)
+    config = T.LevitConfig(num_labels=10, image_size=64, patch_size=16, hidden_sizes=[32, 48, 64],
+                           num_attention_heads=[2, 2, 2], depths=[2, 2, 2], key_dim=[8, 8, 8],
+                           down_ops=[["Subsample", 8, 2, 4, 2, 2], ["Subsample", 8, 4, 4, 2, 2]])
+    model = T.LevitForImageClassification(config).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast(x)
+        assert [s for s in evoplug.get_report(fast).blocks
+                if s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens]
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)

@@ -99,6 +99,12 @@ class BlockAnalysis:
         itself: a deep copy of a converted model (EMA) finds its own."""
         return {id(self.module.get_submodule(p)) for p in self.attention_paths}
 
+    def __repr__(self) -> str:
+        # (not the dataclass' own: the module, tensors and the calibration's call, which the
+        # conversion drops, would be in it)
+        return (f"BlockAnalysis({self.name!r}: {self.num_tokens} tokens, {self.num_prefix} prefix, "
+                f"grid {self.grid}, {self.attention or 'attention not described'})")
+
 
 _REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens) that evoplug "
                "cannot rebuild from the full token map: no reshape of the block's tokens into "
@@ -275,6 +281,10 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.windowed = True          # Hiera's mask units: (B, heads, windows, window tokens, d)
     elif a.token_map and any(rolls(n) for n in anc_q):
         a.windowed = True          # one shifted window as large as the map (always_partition)
+    elif (a.token_map and site.kind != "mha" and q_shape is not None and len(q_shape) >= 2
+          and q_shape[-2] > a.num_tokens
+          and any(n.op == "call_function" and n.target is torch.nn.functional.pad for n in anc_q)):
+        a.windowed = True          # one window larger than the map, which is padded to it
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "

@@ -198,6 +198,33 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
     return candidates, failed, skipped
 
 
+def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]):
+    """The one module ``m`` wraps, when ``m`` ran its attention only there and the attention
+    itself runs deeper still: (name, module, call) of a stage that holds a single block behind
+    an identity downsampling, or of a one-block ``Sequential``. ``find_blocks`` takes the
+    outermost module with one attention; where that is no block (its residual stream is the
+    inner block's), the block it wraps is analysed instead. None otherwise (a block around its
+    attention module: the attention module is no block)."""
+    x = call.tokens()
+    while True:
+        holders = [(n, c) for n, c in m.named_children() if _attention_below(c, calls)]
+        if len(holders) != 1:
+            return None
+        child_name, child = holders[0]
+        name = f"{name}.{child_name}"
+        c = calls.get(id(child))
+        if c is None:                       # a ModuleList: look inside
+            m = child
+            continue
+        inner = c.args[0] if c.args else None
+        if c.n_calls != 1 or c.attention_ops != call.attention_ops or not isinstance(
+                inner, torch.Tensor) or not isinstance(x, torch.Tensor) or inner.shape != (
+                call.args[0].shape) or not any(_attention_below(g, calls) for g in child.children()):
+            return None
+        c.token_perm = call.token_perm      # (the same tensor layout as the wrapper's)
+        return name, child, c
+
+
 def _parallel_branches(name: str, m: nn.Module, calls: Dict[int, ModuleCall]) -> List[str]:
     """The attention-running parts of ``m`` (its nearest called descendants) when several of
     them took the very same token tensor: parallel branches of one block, not blocks in a row

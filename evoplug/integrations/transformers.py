@@ -53,8 +53,11 @@ def idle_hook(hook: Callable) -> Optional[bool]:
 #: ``Trainer`` adds two: ``num_items_in_batch`` (for the loss, passed to the model's forward)
 #: and ``use_cache`` (it sets ``config.use_cache``; a key/value cache is a text decoder's,
 #: and evoplug refuses text towers); with them every layer ran its own forward, so a Trainer
-#: run trained the dense model, until the eighteenth session
-PASSED_THROUGH = ("output_hidden_states", "output_attentions", "num_items_in_batch", "use_cache")
+#: run trained the dense model, until the eighteenth session. ``head_mask``: v5 still takes it
+#: and no modeling file reads it any more (v4's layers took it as a parameter of their own,
+#: which this list does not drop); with it every layer ran dense, with a warning
+PASSED_THROUGH = ("output_hidden_states", "output_attentions", "num_items_in_batch", "use_cache",
+                  "head_mask")
 
 #: keywords some families hand down to their layers too, read by none of their layers (checked
 #: in their modeling files: DINOv2's embeddings interpolate always, and the flag reaches the

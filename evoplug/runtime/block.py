@@ -24,7 +24,7 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
 from torch.nn.utils import parametrize
 
 from ..errors import AnalysisError, EvoplugError
-from ..options import EvoOptions
+from ..options import EvoOptions, read_trade_off
 from . import evolve as ev
 from .call import CallPlan
 from .programs import compile_program, program_source
@@ -106,6 +106,11 @@ class BlockSpec:
     windowed_tokens: Optional[int] = None   # a flat block's windows partition this many
     #                            tokens (Hiera's mask units): its programs take no other count
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def __repr__(self) -> str:
+        # (not the dataclass' own: programs, modules, buffers and the runtime would be in it)
+        return (f"BlockSpec({self.index}, {self.name!r}, role={self.role!r}, "
+                f"tokens_run={self.tokens_run})")
 
     @property
     def options(self) -> EvoOptions:
@@ -420,6 +425,8 @@ class EvoBlockMixin:
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
+            if callable(opt.trade_off) and self.training and not torch.is_grad_enabled():
+                _check_alpha_learns(spec, opt.trade_off)
             kept = ev.row_at_kept(row, sel, P) if spec.full_row else ev.row_of_kept(row, sel, P)
             sel = ev.refresh(sel, kept, spec.runtime.score_weight(opt.trade_off, P + S,
                                                                    sel.vals.shape[-1], row.device))
@@ -470,6 +477,23 @@ def _check_unchanged(spec: BlockSpec):
             "trace saw, so it would run the old computation. Convert the model again "
             "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
             "converting")
+
+
+def _check_alpha_learns(spec: BlockSpec, alpha):
+    """A learnable trade-off read in a training forward without autograd whose tokens need
+    gradients (a reentrant checkpoint's forward): the refreshed scores, which carry alpha's
+    gradient to the next selection's representative token, leave the checkpoint as state,
+    not as an output, so alpha would silently get no gradient."""
+    if not getattr(spec.runtime._local, "untied", False):
+        return
+    with torch.enable_grad():
+        a = read_trade_off(alpha)
+    if isinstance(a, torch.Tensor) and a.requires_grad:
+        raise EvoplugError(
+            f"`{spec.name}` runs inside a reentrant gradient checkpoint (use_reentrant=True) "
+            "with a learnable trade_off: its score update runs without autograd there, so the "
+            "trade-off would get no gradient. Use non-reentrant checkpointing "
+            "(use_reentrant=False; timm: set_reentrant_ckpt(False)), or a fixed trade_off")
 
 
 def _mark_untied(rt: EvoRuntime, args):

@@ -554,8 +554,9 @@ def upsample_row(row: Tensor, kv_grid, grid, taps: Optional[tuple] = None) -> Te
         else:
             (h0, h1, hw), (w0, w1, ww) = taps
             r = row.reshape(B, kv_grid[0], kv_grid[1])
-            r = torch.lerp(r.index_select(1, h0), r.index_select(1, h1), hw)   # hw: (h, 1)
-            r = torch.lerp(r.index_select(2, w0), r.index_select(2, w1), ww)   # ww: (w,)
+            # (the weights are buffers: ``model.to(dtype)`` casts them; no op when it did not)
+            r = torch.lerp(r.index_select(1, h0), r.index_select(1, h1), hw.to(r.dtype))  # (h, 1)
+            r = torch.lerp(r.index_select(2, w0), r.index_select(2, w1), ww.to(r.dtype))  # (w,)
         r = r.reshape(B, 1, grid[0] * grid[1]).clamp_min(0)
         return r / r.sum(-1, keepdim=True).clamp_min(_TINY)
 

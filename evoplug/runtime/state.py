@@ -8,6 +8,7 @@ recomputes a block with the state of its own forward (see docs/guarantees.md).
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import inspect
 import sys
@@ -236,6 +237,8 @@ class EvoRuntime:
         me = threading.get_ident()
         with self._gate:
             mine = self._inside.pop(me, 0)
+            if mine:            # a build waiting for this thread's forward to end goes on
+                self._gate.notify_all()
             while self._builder is not None:
                 self._gate.wait()
             v = self.variants.get(key)
@@ -254,6 +257,22 @@ class EvoRuntime:
                 self._builder = None
                 self._gate.notify_all()
         return v
+
+    @contextlib.contextmanager
+    def between_builds(self):
+        """Runs its body while no size variant is being built, and starts none meanwhile
+        (set_options: a twin built meanwhile would keep the options its build read). A thread
+        inside a forward counts as idle while it waits, as in :meth:`variant_for`."""
+        me = threading.get_ident()
+        with self._gate:
+            mine = self._inside.pop(me, 0)
+            if mine:
+                self._gate.notify_all()
+            while self._builder is not None and self._builder != me:
+                self._gate.wait()
+            if mine:
+                self._inside[me] = mine
+            yield
 
     # -- constants a forward needs (made once per device) -----------------------------------
     def ranks(self, num_prefix: int, device) -> Optional[torch.Tensor]:
@@ -437,6 +456,20 @@ class SizeVariant:
                 buf = orig._buffers.get(name)
                 if twin._buffers.get(name) is not buf:
                     twin._buffers[name] = buf
+            for name, buf in twin._buffers.items():
+                if buf is not None and name not in shared:
+                    _follow(twin, name, buf, orig._buffers.get(name))
+
+
+def _follow(twin, name: str, buf: torch.Tensor, ref: Optional[torch.Tensor]):
+    """A buffer the twin's conversion added (window index, upsampling taps) onto the device,
+    and if floating-point the dtype, of the model's own one of that name, which ``.to()``
+    moved (the twin's modules are not the model's: ``.to()`` does not reach them)."""
+    if ref is None:
+        return
+    dtype = ref.dtype if buf.is_floating_point() and ref.is_floating_point() else buf.dtype
+    if buf.device != ref.device or buf.dtype != dtype:
+        twin._buffers[name] = buf.to(ref.device, dtype)
 
 
 class EntryHook:
