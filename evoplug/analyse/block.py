@@ -106,10 +106,11 @@ class BlockAnalysis:
                 f"grid {self.grid}, {self.attention or 'attention not described'})")
 
 
-_REDUCED_KV = ("keys/values come from a spatially reduced map ({} keys for {} tokens) that evoplug "
-               "cannot rebuild from the full token map: no reshape of the block's tokens into "
-               "the patch grid precedes the reduction (PVT's and Twins' spatial-reduction "
-               "attention has one and converts)")
+_REDUCED_KV = ("its attention has {} keys for {} query tokens, and evoplug cannot rebuild them from "
+               "the block's own tokens: no reshape of its tokens into the patch grid precedes "
+               "them. Cross-attention to another sequence (a decoder's object queries attending "
+               "to image features) is no self-attention to evolve; a spatially reduced map that "
+               "converts (PVT's and Twins' spatial-reduction attention) is made from the tokens")
 
 
 def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,

@@ -450,6 +450,10 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         hint = ("; the block makes a module inside its forward (e.g. `nn.Softmax(dim=-1)(x)`): "
                 "torch.fx traces modules that are attributes of the block only (make it one, or "
                 "call the function: `x.softmax(-1)`)") if "not installed as a submodule" in str(e) else ""
+        if "control flow" in str(e) or "must be a bool, but got" in str(e):
+            hint = ("; its forward branches on tensor values (an `if` or an assert on a tensor), "
+                    "which a trace cannot keep: evoplug converts blocks whose computation is fixed "
+                    "for an input shape")
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: "
                                   f"{e}{hint}") from None
     finally:
