@@ -145,15 +145,20 @@ def _convert_checked(model, keep_ratio, example_input, images, strict, inplace, 
         if options.get("global_query", "auto") == "auto":
             return _convert_choosing_query(model, keep_ratio, images, example_input, strict,
                                            inplace, options)
-    if example_input is not None:
+    one = example_input is None or (isinstance(example_input, torch.Tensor)
+                                    and example_input.dim() >= 1 and example_input.shape[0] == 1)
+    if not one:
         return _convert(model, keep_ratio, example_input, strict, inplace, options)
-    # the input evoplug makes: one image, then 2 and 3 where a block's token count is 1 (a
-    # pyramid's last stage: batch 1 cannot tell the batch dim from the token dim), as for twins
+    # one image (the input evoplug makes, or the caller's), then 2 and 3 where a block's token
+    # count is 1 (a pyramid's last stage: batch 1 cannot tell the batch dim from the token
+    # dim), as for twins: the caller's image repeated
     square = _SQUARE.split("{}")[1]
     for batch in (1, 2, 3):
+        x = example_input
+        if batch > 1:
+            x = _example_input(model, batch)[0] if x is None else torch.cat([x] * batch)
         try:
-            return _convert(model, keep_ratio, _example_input(model, batch)[0] if batch > 1 else None,
-                            strict, inplace, options)
+            return _convert(model, keep_ratio, x, strict, inplace, options)
         except ConversionError as e:
             if batch == 3 or square not in str(e):
                 raise

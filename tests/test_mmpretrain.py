@@ -479,6 +479,33 @@ def test_levit_backbone_converts_with_the_same_feature_shapes():
     assert evo.patch_embed.patch_embed[0].conv.weight.grad is not None
 
 
+def test_levit_whose_last_stage_has_one_token_builds():
+    """EvoLeViT at 64 px ends in a 1x1 map: its calibration image (one) cannot tell the batch dim
+    from the token dim, and the build was refused, telling the user to pass another batch size,
+    which evo=dict(...) has no key for (audit I of the twenty-third session). The calibration
+    image is repeated now (2, then 3 images), as for twins."""
+    dense, evo = _dense_and_evo("LeViT", "EvoLeViT", arch="128s", img_size=64, out_indices=(0, 1, 2))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert [o.shape for o in evo(x)] == [r.shape for r in dense(x)]
+    assert any(s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens
+               for s in evoplug.get_report(evo).blocks)
+
+
+def test_importing_the_detection_backbones_without_compiled_mmcv_says_what_to_import():
+    """``import evoplug.mmdet`` on mmcv-lite failed with a bare "No module named 'mmcv._ext'"
+    (audit I of the twenty-third session); it names the stand-in to import first now."""
+    import subprocess
+    import sys
+    code = ("import sys, importlib.util; sys.modules.pop('mmcv._ext', None)\n"
+            "if importlib.util.find_spec('mmcv._ext') is not None: print('compiled mmcv'); raise SystemExit\n"
+            "import evoplug.mmdet")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    if "compiled mmcv" in r.stdout:
+        pytest.skip("a compiled mmcv is installed")
+    assert r.returncode != 0 and "import evoplug.integrations.mmcv_ops first" in r.stderr, r.stderr[-800:]
+
+
 def test_swin_backbone_converts_for_dense_tasks():
     """The Swin backbone mmdet/mmseg configs use, by scoped type name: every stage's feature map
     keeps its shape, the dense weights load strictly, keep 1.0 reproduces every map."""

@@ -594,3 +594,34 @@ def test_a_twins_own_buffers_follow_the_models_dtype_and_device():
                                 example_input=torch.randn(1, 3, 64, 64, dtype=torch.float64))
         torch.testing.assert_close(out64, fresh(x64.double()), atol=1e-9, rtol=1e-9)
         torch.testing.assert_close(out96, fresh(x96.double()), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentrant):
+    """Backward recomputes a checkpointed block after the model's forward ended, so no twin was
+    in force: the block recomputed itself, every token, where its forward had run the twin's
+    block. Reentrant: gradients off by 17-72%; non-reentrant: a CheckpointError (audit J of the
+    twenty-third session; detection trains at many sizes). The recomputation now finds the twin
+    by the state its forward recorded."""
+    import copy
+    from timm.layers import config, set_reentrant_ckpt
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                              patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                              num_heads=(2, 2, 2), dynamic_img_size=True, num_classes=10)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).train()
+    x = torch.randn(2, 3, 48, 48)
+    plain, ckpt = fast, copy.deepcopy(fast)
+    ckpt.set_grad_checkpointing(True)
+    before = config._USE_REENTRANT_CKPT
+    set_reentrant_ckpt(reentrant)
+    try:
+        grads = []
+        for f in (plain, ckpt):
+            torch.manual_seed(1)                           # (the same drop paths)
+            f(x).pow(2).mean().backward()
+            grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
+    finally:
+        set_reentrant_ckpt(before)
+    assert [t for _, t in evoplug.tokens_per_block(ckpt)][-1] < 36
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)

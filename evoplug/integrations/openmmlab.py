@@ -52,7 +52,17 @@ def _register(registry, classes: Dict[str, str], where: str) -> List[str]:
     for cls_name, module in classes.items():
         evo_name = f"Evo{cls_name}"
         if evo_name not in registry.module_dict:
-            evo = evo_backbone_class(getattr(importlib.import_module(module), cls_name))
+            try:
+                package = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if "mmcv._ext" not in str(e):
+                    raise
+                raise ImportError(
+                    f"{module} needs mmcv's compiled ops ({e}), which mmcv-lite does not have: "
+                    "import evoplug.integrations.mmcv_ops first, e.g. custom_imports=dict("
+                    f"imports=['evoplug.integrations.mmcv_ops', 'evoplug.{where[:5]}']) (docs/mmpretrain.md, "
+                    "'MMSegmentation and MMDetection without a compiled mmcv')") from e
+            evo = evo_backbone_class(getattr(package, cls_name))
             evo.__module__, evo.__qualname__ = __name__, f"{where}.{evo_name}"
             setattr(globals()[where], evo_name, evo)
             registry.register_module(name=evo_name)(evo)

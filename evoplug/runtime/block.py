@@ -612,7 +612,37 @@ def _size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     if variant is not None and not spec.hooked():     # a forward of another input size
         _check_unchanged(spec)          # (the twin copied the block's attributes)
         return variant.blocks[spec.index]
-    return _sticky_twin(spec, args, kwargs) if not rt.entered() else None
+    if rt.entered():
+        return None
+    if not torch.compiler.is_compiling() and _in_backward():
+        return _recomputed_twin(spec, args, kwargs)
+    return _sticky_twin(spec, args, kwargs)
+
+
+def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In backward, a block recomputed by gradient checkpointing whose forward ran a size
+    twin's block (the model's forward has ended: no variant in force): that twin's block, found
+    by the state its forward recorded with the block's input, which belongs to the twin's own
+    runtime. (Recomputed as the block itself, it ran every token: wrong gradients under
+    reentrant checkpointing, a CheckpointError under non-reentrant, until the twenty-third
+    session.)"""
+    rt = spec.runtime
+    try:
+        x = spec.call.arguments(spec.name, args, kwargs).get(spec.call.token_arg)
+    except AnalysisError:
+        return None
+    if not isinstance(x, torch.Tensor):
+        return None
+    own = rt.recall(x)
+    if own is not None and own.plan is rt.plan:
+        return None
+    for variant in list(rt.variants.values()):
+        twin = variant.blocks[spec.index]
+        trt = twin._evoplug_spec.runtime
+        state = trt.recall(x)
+        if state is not None and state.plan is trt.plan:
+            return twin
+    return None
 
 
 def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
