@@ -46,17 +46,22 @@ def _real(name: str, value: Any) -> float:
 
 def read_trade_off(alpha: Callable[[], Any]) -> Any:
     """What a callable ``trade_off`` gives at an update, checked: a number in [0, 1], or a
-    one-element floating-point tensor (a learnable one; its value is read on the CPU only: on an
-    accelerator reading it would wait for the device)."""
+    one-element floating-point tensor (a learnable one; its value is read on the CPU in eager
+    mode; compiled, exported or on an accelerator, where reading it would wait for the device,
+    the device asserts the range)."""
     a = alpha()
-    if type(a).__name__ in ("Tensor", "Parameter") and hasattr(a, "numel"):
+    # (a tensor of any kind: a Parameter, a FakeTensor while exporting; not a numpy scalar)
+    if hasattr(a, "numel") and callable(getattr(a, "is_floating_point", None)):
         if a.numel() != 1 or not a.is_floating_point():
             raise TypeError(f"trade_off() must give a number in [0, 1] or a one-element "
                             f"floating-point tensor, got a {a.dtype} tensor of shape {tuple(a.shape)}")
         import torch     # (this module is read without torch elsewhere)
-        if a.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                not 0.0 <= float(a.detach()) <= 1.0:
-            raise ValueError(f"trade_off() must give a number in [0, 1], got {float(a.detach())}")
+        if a.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not 0.0 <= float(a.detach()) <= 1.0:
+                raise ValueError(f"trade_off() must give a number in [0, 1], got {float(a.detach())}")
+        else:   # (compiled, exported or on an accelerator: checked by the device, no wait)
+            torch._assert_async((a >= 0) & (a <= 1), "evoplug: trade_off() must give a number "
+                                                      "in [0, 1]")
         return a
     v = _real("trade_off()", a)
     if not 0.0 <= v <= 1.0:

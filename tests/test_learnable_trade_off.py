@@ -132,3 +132,22 @@ def test_a_learnable_trade_off_in_a_reentrant_checkpoint_is_refused():
             fast(x).square().mean().backward()
     finally:
         set_reentrant_ckpt(before)
+
+
+def test_an_out_of_range_learnable_trade_off_is_refused_compiled_and_exported_too():
+    """The range of a learnable trade-off was checked in eager mode only: compiled or exported,
+    1.7 extrapolated the score update without a word (audit H of the twenty-third session).
+    There the device asserts it now (no wait for a value)."""
+    fast, alpha, x = _learnable()
+    with torch.no_grad():
+        alpha.logit.fill_(2.0)
+    fast.eval()
+    too_big = lambda: alpha.logit * 0.85          # noqa: E731 - 1.7
+    evoplug.set_options(fast, trade_off=too_big)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        fast(x)
+    torch._dynamo.reset()
+    with pytest.raises((RuntimeError, ValueError), match=r"in \[0, 1\]"):   # (or a graph break)
+        torch.compile(fast, backend="eager")(x)
+    with pytest.raises(RuntimeError, match=r"in \[0, 1\]"):     # exporting or running it
+        torch.export.export(fast, (x,)).module()(x)

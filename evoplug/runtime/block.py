@@ -230,7 +230,8 @@ class BlockSpec:
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
                    "and per-forward state are Python, and a trace would keep the first call's "
-                   "cached constants); use torch.export or torch.compile (docs/export.md)")
+                   "cached constants); use torch.export or torch.compile, and for ONNX "
+                   "torch.onnx.export(..., dynamo=True) (docs/export.md)")
 
 
 _NO_FX = ("`{}` is a converted block, which torch.fx cannot record (torch.fx.symbolic_trace, "
