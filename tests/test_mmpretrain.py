@@ -465,12 +465,34 @@ def test_distilled_deit_has_two_prefix_tokens():
     assert [tuple(t.shape) for t in out[-1]] == [tuple(t.shape) for t in ref[-1]]
 
 
+def _randomised(model):
+    """Weights that make LeViT's tokens differ: at MMPretrain's init (zero attention biases, tiny
+    logits) every token gets the same attention output, and an evolving LeViT equals the dense
+    one to 1e-6 whatever its fast path does (audit I of the twenty-third session)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            scale = 0.3 if p.dim() < 2 else 1.5 / p.shape[1] ** 0.5
+            p.copy_(torch.randn(p.shape, generator=g) * scale + (1.0 if n.endswith("bn.weight") else 0))
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.normal_(0, 0.3, generator=g)
+                m.running_var.uniform_(0.5, 1.5, generator=g)
+    return model
+
+
 def test_levit_backbone_converts_with_the_same_feature_shapes():
     dense, evo = _dense_and_evo("LeViT", "EvoLeViT", arch="128s", img_size=112, out_indices=(0, 1, 2))
+    evo.load_state_dict(_randomised(dense).state_dict(), strict=True)
     x = torch.randn(2, 3, 112, 112)
     with torch.no_grad():
         ref, out = dense(x), evo(x)
-    assert [o.shape for o in out] == [r.shape for r in ref]
+        assert [o.shape for o in out] == [r.shape for r in ref]
+        assert (out[-1] - ref[-1]).norm() > 0.01 * ref[-1].norm()      # the fast path acts
+        evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
+        for o, r in zip(evo(x), ref):
+            torch.testing.assert_close(o, r, atol=1e-4, rtol=1e-4)
+        evoplug.set_options(evo, keep_ratio=0.5, identity_fast_path=True)
     report = evoplug.get_report(evo)
     assert any(s.role == "evolve" for s in report.blocks)
     assert all(s.analysis.num_prefix == 0 for s in report.blocks)   # no cls token: mean query
