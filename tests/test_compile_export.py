@@ -4,6 +4,8 @@ The token evolution is plain tensor code (topk, gather, scatter, einsum) with sh
 the input's, and the per-forward state is a Python value (EvoState) handed from block to block, so dynamo
 traces the whole converted model into one graph. Small models only (compile runs Inductor's
 C++ code generation on the CPU)."""
+import warnings
+
 import pytest
 import torch
 
@@ -178,7 +180,9 @@ def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows
     ``forward_features`` (no twin is converted for a new size there), a map of another shape
     ran the conversion's window programs on it, wrong by 0.3 even at keep 1.0 (the same token
     count) or failing with a reshape error, until the eighteenth session. Now such blocks run
-    their own forward, with a warning naming them."""
+    their own forward, with a warning naming them; a compiled call of the model converts the
+    twin for its size (a graph break) and runs it, as an eager call does (it ran the dense
+    model, with a warning, until the twenty-third session)."""
     import timm
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -189,12 +193,20 @@ def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows
     fast = evoplug.convert(m, keep_ratio=1.0, identity_fast_path=False,
                            example_input=torch.randn(1, 3, 64, 64)).eval()
     compiled = torch.compile(fast, backend="eager")
+    variants = evoplug.get_report(fast).blocks[0].runtime.variants
+    sizes = (torch.randn(2, 3, 32, 128), torch.randn(2, 3, 48, 48))     # same / other count
     with torch.no_grad():
-        for x in (torch.randn(2, 3, 32, 128), torch.randn(2, 3, 48, 48)):  # same / other count
+        for i, x in enumerate(sizes):
             with pytest.warns(UserWarning, match="its token map is .* the map it was analysed on"):
                 assert torch.equal(fast.forward_features(x), m.forward_features(x))
-            with pytest.warns(UserWarning, match="and compiled calls, then use"):
-                assert close(compiled(x), m(x), 1e-5)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert close(compiled(x), m(x), 1e-5)          # keep 1.0: the dense output
+            assert len(variants) == i + 1
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+        for x in sizes:
+            out = compiled(x)
+            assert close(out, fast(x), 1e-5) and not close(out, m(x), 1e-3)
 
 
 def test_transformers_models_export_with_the_mask_they_build_while_exporting():

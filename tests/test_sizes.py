@@ -230,7 +230,7 @@ def test_forward_features_at_a_size_a_twin_exists_for_runs_the_twin():
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
-        with pytest.warns(UserWarning, match="called directly, and compiled calls, then use at that size"):
+        with pytest.warns(UserWarning, match="called directly then use at that size"):
             fast.forward_features(x)                 # no twin yet: every block's own forward
         assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
         full = fast(x)                               # converts the twin

@@ -558,9 +558,9 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
             if twin is not None:
                 return twin
         hint = "" if spec.runtime.entered() else (
-            "; an eager call of the model itself with a new input size converts a twin for it, "
-            "which methods such as forward_features called directly, and compiled calls, then "
-            "use at that size too")
+            "; a call of the model itself (eager or compiled) with a new input size converts a "
+            "twin for it, which methods such as forward_features called directly then use at "
+            "that size too")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None

@@ -461,6 +461,19 @@ class SizeVariant:
                     _follow(twin, name, buf, orig._buffers.get(name))
 
 
+@torch._dynamo.disable
+def _twin_outside_the_graph(hook: "EntryHook", module, args, kwargs):
+    """A compiled call of the model at an input size no twin exists for: the twin is converted
+    here, in eager mode (a graph break), and the compiled blocks then run its blocks (block.py
+    ``_twin_taking``), as after an eager call at that size. (They ran their own forward on every
+    token, the dense model, with a warning, until the twenty-third session.)"""
+    if images_in(args, kwargs) == 0 or _empty(args, kwargs, hook.batch_dims):
+        return
+    key = input_key(args, kwargs, hook.batch_dims)
+    if key not in hook.runtime.variants:
+        hook.runtime.variant_for(key, hook._factory(), module, args, kwargs)
+
+
 def _follow(twin, name: str, buf: torch.Tensor, ref: Optional[torch.Tensor]):
     """A buffer the twin's conversion added (window index, upsampling taps) onto the device,
     and if floating-point the dtype, of the model's own one of that name, which ``.to()``
@@ -504,6 +517,13 @@ class EntryHook:
     def __call__(self, module, args, kwargs):
         # every forward of the model passes here: no per-call sets or tuples beyond the input key
         if torch.compiler.is_compiling():
+            # (shapes are static while dynamo traces: at the conversion's size nothing is added to
+            # the graph; at another, a graph break builds the twin the blocks then take)
+            if self.factory is not None and not torch.compiler.is_exporting() and \
+                    len(args) == self.num_args and \
+                    kwargs.keys() == self.kwargs and \
+                    _shapes(input_key(args, kwargs, self.batch_dims)) != self._key_shapes:
+                _twin_outside_the_graph(self, module, args, kwargs)
             return
         matches = len(args) == self.num_args and kwargs.keys() == self.kwargs
         if matches and next(reversed(module._forward_pre_hooks.values())) is not self:
