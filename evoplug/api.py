@@ -14,7 +14,7 @@ import numbers
 import random
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -149,18 +149,25 @@ def _convert_checked(model, keep_ratio, example_input, images, strict, inplace, 
                                     and example_input.dim() >= 1 and example_input.shape[0] == 1)
     if not one:
         return _convert(model, keep_ratio, example_input, strict, inplace, options)
-    # one image (the input evoplug makes, or the caller's), then 2 and 3 where a block's token
-    # count is 1 (a pyramid's last stage: batch 1 cannot tell the batch dim from the token
-    # dim), as for twins: the caller's image repeated
-    square = _SQUARE.split("{}")[1]
-    for batch in (1, 2, 3):
+
+    def on(n: int):     # the input evoplug makes, or the caller's one image repeated
         x = example_input
-        if batch > 1:
-            x = _example_input(model, batch)[0] if x is None else torch.cat([x] * batch)
+        if n > 1:
+            x = _example_input(model, n)[0] if x is None else torch.cat([x] * n)
+        return _convert(model, keep_ratio, x, strict, inplace, options)
+    return _on_more_images(on)
+
+
+def _on_more_images(convert_on: Callable[[int], Any]):
+    """``convert_on(n)`` on 1 image, then on 2 and 3 where a block's token count is 1 (a
+    pyramid's last stage at a small size): batch 1 cannot tell the batch dim from the token dim
+    (the refusal ``_SQUARE``). For the first conversion and for twins alike."""
+    square = _SQUARE.split("{}")[1]
+    for n in (1, 2, 3):
         try:
-            return _convert(model, keep_ratio, x, strict, inplace, options)
+            return convert_on(n)
         except ConversionError as e:
-            if batch == 3 or square not in str(e):
+            if n == 3 or square not in str(e):
                 raise
 
 
@@ -324,15 +331,8 @@ def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, optio
     """Convert the twin on the call's first image; where a block's token count is 1 (a
     pyramid's last stage at a small size), batch 1 cannot tell the batch dim from the token
     dim: then on 2 images, then 3 (the first repeated where the call has fewer)."""
-    square = _SQUARE.split("{}")[1]
-    for n in (1, 2, 3):
-        try:
-            convert(twin, inplace=True, example_input=_first_image(args, kwargs, batch_dims, n),
-                    strict=strict, **options)
-            return
-        except ConversionError as e:
-            if n == 3 or square not in str(e):
-                raise
+    _on_more_images(lambda n: convert(twin, inplace=True, strict=strict, **options,
+                                      example_input=_first_image(args, kwargs, batch_dims, n)))
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",

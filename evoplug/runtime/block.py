@@ -634,14 +634,17 @@ def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         return None
     if not isinstance(x, torch.Tensor):
         return None
-    own = rt.recall(x)
-    if own is not None and own.plan is rt.plan:
+    # the model's own records, else the nearest state upstream in the autograd graph (whichever
+    # runtime made it: the nodes carry it), found once; a reentrant checkpoint's input is a
+    # leaf with no graph, recorded by the twin's runtime only
+    state = rt.recall(x)
+    if state is not None and state.plan is rt.plan:
         return None
     for variant in list(rt.variants.values()):
         twin = variant.blocks[spec.index]
         trt = twin._evoplug_spec.runtime
-        state = trt.recall(x)
-        if state is not None and state.plan is trt.plan:
+        found = state if state is not None else trt.recall(x)
+        if found is not None and found.plan is trt.plan:
             return twin
     return None
 
