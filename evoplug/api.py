@@ -277,12 +277,15 @@ def _sequence_first_batch(first: BlockAnalysis) -> Optional[int]:
 
 
 def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
-                  batch_dims=None) -> SizeVariant:
+                  batch_dims=None, on: str = "first") -> SizeVariant:
     """The model converted again for the input of this call (another size than the one it was
     converted at): a twin whose converted blocks and their ancestors are new module objects
     (sharing every parameter, buffer and other submodule with the model), converted with the
     model's options on the call's first image. Called by the runtime at the first forward with
-    that input size (see runtime/state.py SizeVariant); what it cost is kept in ``seconds``."""
+    that input size (see runtime/state.py SizeVariant); what it cost is kept in ``seconds``.
+    ``on``: which of the call's images it is converted on (:func:`_convert_twin`; a form twin,
+    runtime/block.py ``_form_twin``: the form of a padding mask follows the whole batch, not its
+    first image)."""
     report = get_report(model)
     t0 = time.perf_counter()
     twin, pairs = _twin(model, {id(s.analysis.module) for s in report.blocks})
@@ -303,7 +306,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
         # the user's hooks on the modules the twin shares do not see its analysis' forwards
         # (no other thread runs the model meanwhile: EvoRuntime.variant_for)
         with hooks_suspended(*shared):
-            _convert_twin(twin, args, kwargs, batch_dims, strict, options)
+            _convert_twin(twin, args, kwargs, batch_dims, strict, options, on)
         # the twin's blocks run inside the model's (whose hooks fire): hooks its analysis left on
         # its own modules fired again (transformers' hidden states and attentions, twice each)
         keep = set(get_report(twin).entry_hooks)
@@ -321,18 +324,73 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
         raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
                            f"({names}) than at the size it was converted at; convert it for this size")
     blocks = [pairs[id(s.analysis.module)] for s in report.blocks]
+    get_report(twin).blocks[0].runtime.parent = report.blocks[0].runtime
     added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
     return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
 
 
-def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, options: dict):
-    """Convert the twin on the call's first image; where a block's token count is 1 (a
-    pyramid's last stage at a small size), batch 1 cannot tell the batch dim from the token
-    dim: then on 2 images, then 3 (the first repeated where the call has fewer)."""
+def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, options: dict,
+                  on: str = "first"):
+    """Convert the twin on the call's first image (``on="form"``: on images that give the
+    call's argument form, :func:`_form_images`; ``"all"``: on the whole call); where a block's
+    token count is 1 (a pyramid's last stage at a small size), batch 1 cannot tell the batch
+    dim from the token dim: then on 2 images, then 3 (the first repeated where the call has
+    fewer)."""
+    if on != "first":
+        if args and kwargs:
+            args, kwargs = _by_name(twin, args, kwargs)
+        pick = _form_images(args, kwargs, batch_dims) if on == "form" else None
+        if pick != [0]:
+            try:
+                return convert(twin, inplace=True, strict=strict, **options,
+                               example_input=_first_image(args, kwargs, batch_dims, None, pick))
+            except ConversionError as e:
+                if _SQUARE.split("{}")[1] not in str(e):
+                    raise
     _on_more_images(lambda n: convert(twin, inplace=True, strict=strict, **options,
                                       example_input=_first_image(args, kwargs, batch_dims, n)))
+
+
+def _form_images(args, kwargs, batch_dims) -> List[int]:
+    """The first image of a call, and of the other images whose integer or boolean arguments
+    of 2 dims or more (a padding mask, not a label) differ from its, the one with the fewest
+    nonzero entries in them (the most padded): a model such as transformers' passes its blocks
+    a mask only when some image is padded, so these two give the blocks the arguments (None or
+    a tensor) the whole batch gives them, at the cost of 2 images, not the batch's."""
+    dims = batch_dims or {}
+    leaves = [(t, dims.get(k, 0)) for k, v in (*enumerate(args), *kwargs.items())
+              for t in torch.utils._pytree.tree_leaves(v)
+              if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
+    n = min((t.shape[d] for t, d in leaves), default=1)
+    differ = [i for i in range(1, n)
+              if any(not torch.equal(t.select(d, i), t.select(d, 0)) for t, d in leaves)]
+    if not differ:
+        return [0]
+    return [0, min(differ, key=lambda i: sum(int(t.select(d, i).count_nonzero()) for t, d in leaves))]
+
+
+def _by_name(model: nn.Module, args, kwargs):
+    """A call that passes some arguments by position and some by keyword, every argument by
+    keyword (``model(x, attention_mask=m)``: an example input is a tuple or a dict); the call
+    unchanged when its positional ones have no name (``*args``)."""
+    sig = inspect.signature(model.forward)
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    named = {}
+    for name, v in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            if v:
+                return args, kwargs
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(v)
+        else:
+            named[name] = v
+    return (), named
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
@@ -367,13 +425,16 @@ def _twin(model: nn.Module, blocks: set):
     return copy(model), pairs
 
 
-def _first_image(args, kwargs, batch_dims=None, n: int = 1):
+def _first_image(args, kwargs, batch_dims=None, n: Optional[int] = 1,
+                 pick: Optional[List[int]] = None):
     """The call's input with batch size ``n`` (along each argument's batch dim: dim 0 but for
-    ``batch_dims``'; its first image repeated where the call has fewer), in the form convert
-    takes an example input."""
+    ``batch_dims``'; its first image repeated where the call has fewer; None: the whole call,
+    or its images ``pick``), in the form convert takes an example input."""
     dims = batch_dims or {}
 
     def first(t: torch.Tensor, d: int) -> torch.Tensor:
+        if n is None:
+            return t if pick is None else t.index_select(d, torch.tensor(pick, device=t.device))
         if t.shape[d] >= n:
             return t.narrow(d, 0, n)
         return torch.cat([t.narrow(d, 0, 1)] * n, d)

@@ -677,3 +677,126 @@ def test_a_model_whose_last_stage_has_one_token_converts_on_the_input_evoplug_ma
                 if s.role == "evolve" and 0 < s.tokens_run < s.analysis.num_tokens]
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def _padded(kind: str):
+    """A model that hands its layers a padding mask only when some image of the batch is
+    padded (None otherwise), a batch [unpadded image, padded image] and its keywords."""
+    torch.manual_seed(0)
+    if kind == "vit":       # transformers 5's ViT: ``attention_mask`` over [cls, patches]
+        model = _randomise(T.ViTModel(T.ViTConfig(**FLAT))).eval()
+        mask = torch.ones(2, 65, dtype=torch.long)
+        mask[1, 41:] = 0
+        return model, dict(pixel_values=torch.randn(2, 3, 32, 32), attention_mask=mask)
+    # Siglip2 (NaFlex): patches of images of several sizes, padded to one length
+    model = _randomise(T.Siglip2VisionModel(T.Siglip2VisionConfig(num_patches=64, patch_size=4, **S))).eval()
+    mask = torch.ones(2, 64, dtype=torch.long)
+    mask[1, 32:] = 0                  # image 1: 4x8 patches
+    return model, dict(pixel_values=torch.randn(2, 64, 48), pixel_attention_mask=mask,
+                       spatial_shapes=torch.tensor([[8, 8], [4, 8]]))
+
+
+@pytest.mark.parametrize("calibrated", ["unpadded", "padded"])
+@pytest.mark.parametrize("kind", ["vit", "siglip2"])
+def test_a_padding_mask_in_either_form_evolves_and_no_image_depends_on_its_batch(kind, calibrated):
+    """transformers drops an all-ones padding mask (the layers get None) and hands the layers a
+    mask when some image is padded: a model converted on either form met the other in ordinary
+    batches, and its layers ran their original forward there (a warning each), so an unpadded
+    image's output depended on whether a padded one shared its batch, by up to 2.5 (audit F of
+    the twenty-third session). The first layer that meets the other form now converts a twin of
+    the model on that call (its first image and one padded image) and the forward runs it:
+    every layer evolves in both forms, an image's output is its own, and a twin is what
+    converting on such a batch gives."""
+    import warnings
+    model, call = _padded(kind)
+    one = {k: v[:1] for k, v in call.items()}
+    two = {k: v[1:] for k, v in call.items()}
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=one if calibrated == "unpadded" else two)
+    direct = evoplug.convert(model, keep_ratio=0.5, example_input=call)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        both = fast(**call).last_hidden_state
+        assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
+        alone = fast(**one).last_hidden_state
+        assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
+        torch.testing.assert_close(alone[0], both[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(both, direct(**call).last_hidden_state, atol=1e-5, rtol=1e-5)
+        assert len(evoplug.get_report(fast).blocks[0].runtime.variants) == 1
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        for c in (call, one, two):
+            torch.testing.assert_close(fast(**c).last_hidden_state, model(**c).last_hidden_state,
+                                       atol=1e-5, rtol=1e-5)
+
+
+def test_a_padding_mask_at_another_input_size_and_under_checkpointing():
+    """A padded batch at another input size runs the twin converted for that size and form;
+    gradient checkpointing recomputes the form twin's layers (the gradients are the plain
+    ones); a twin that cannot be converted leaves the layers on their original forward, with
+    one warning naming the layer, and is not tried again."""
+    model, call = _padded("vit")
+    x, mask = call["pixel_values"], call["attention_mask"]
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    x48 = torch.randn(2, 3, 48, 48)
+    mask48 = torch.ones(2, 145, dtype=torch.long)
+    mask48[1, 100:] = 0
+    with torch.no_grad():
+        both = fast(x48, attention_mask=mask48, interpolate_pos_encoding=True).last_hidden_state
+        assert all(0 < t < 145 for _, t in evoplug.tokens_per_block(fast)[1:])
+        alone = fast(x48[:1], interpolate_pos_encoding=True).last_hidden_state
+        torch.testing.assert_close(alone[0], both[0], atol=1e-5, rtol=1e-5)
+    fast.train()
+
+    def grads(reentrant=None):
+        fast.zero_grad()
+        if reentrant is None:
+            fast.activation_checkpointing_disable()
+        else:
+            fast.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        fast(x, attention_mask=mask).last_hidden_state.pow(2).mean().backward()
+        assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
+        return [p.grad.clone() for p in fast.parameters() if p.grad is not None]
+    plain = grads()
+    for reentrant in (False, True):
+        for a, b in zip(plain, grads(reentrant), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    fast.activation_checkpointing_disable()
+    # a twin that fails to convert
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    tried = []
+
+    def refuse(*a, **k):
+        tried.append(1)
+        raise evoplug.ConversionError("no such luck")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evoplug.api, "_convert_twin", refuse)
+        with pytest.warns(UserWarning, match=r"`layers.0` is called with attention_mask in another "
+                                             r"form.*converting the model on this call failed"):
+            out = fast(x, attention_mask=mask).last_hidden_state
+        assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
+        torch.testing.assert_close(out, model(x, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
+        fast(x, attention_mask=mask)
+    assert len(tried) == 1
+
+
+def test_a_form_twin_is_converted_on_two_images_of_a_large_batch():
+    """A twin for a padding mask's form is converted on the batch's first image and its most
+    padded one (labels, which differ from image to image, do not choose it): a twin's usual
+    cost, not the batch's (on the whole call it took 28 s at batch 32 for a DeiT-S-sized ViT on
+    this CPU, 3 s on 2 images)."""
+    torch.manual_seed(0)
+    model = T.ViTForImageClassification(T.ViTConfig(num_labels=10, **FLAT))
+    x, y = torch.randn(6, 3, 32, 32), torch.arange(6)
+    mask = torch.ones(6, 65, dtype=torch.long)
+    mask[4, 41:] = 0
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).train()
+    seen, convert = [], evoplug.api.convert
+
+    def spy(m, *a, example_input=None, **k):
+        seen.append(example_input)
+        return convert(m, *a, example_input=example_input, **k)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(evoplug.api, "convert", spy)
+        fast(pixel_values=x, attention_mask=mask, labels=y).loss.backward()
+    assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
+    assert len(seen) == 1 and torch.equal(seen[0]["attention_mask"], mask[[0, 4]])
+    assert torch.equal(seen[0]["labels"], y[[0, 4]])

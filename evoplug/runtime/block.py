@@ -28,7 +28,7 @@ from ..options import EvoOptions, read_trade_off
 from . import evolve as ev
 from .call import CallPlan
 from .programs import compile_program, program_source
-from .state import EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
+from .state import EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks, input_key
 
 
 class FlatTokens:
@@ -331,7 +331,8 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute)
+        bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute,
+                      fresh=state is not None and state.g is None and state.segment is None)
         if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
@@ -532,7 +533,7 @@ def _rebuild_block(orig_class: type):
     return object.__new__(evo_class(orig_class))
 
 
-def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
+def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False, fresh: bool = False):
     """The token input and other tensor arguments of a call that runs the program, after
     checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
     conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
@@ -540,7 +541,10 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
     ``twins``: a call of another size outside the model's own forward (``forward_features``
     called directly, or under torch.compile, whose graphs skip the model's entry hook) runs the
     block of a twin an earlier eager call of the model converted for that size, when one takes
-    it (returned instead of the binding; compiled, the failed binding is a graph break)."""
+    it (returned instead of the binding; compiled, the failed binding is a graph break).
+    ``fresh``: no block of this forward has scored tokens yet; a call whose tensor arguments
+    differ from the analysed ones only in being None or not (a padding mask) then runs the
+    form twin for it (:func:`_form_twin`)."""
     _check_unchanged(spec)
     try:
         return _bound(spec, args, kwargs)
@@ -555,6 +559,10 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False):
                 "model was converted with (docs/export.md)") from None
         if twins and spec.runtime.variants and not spec.runtime.entered():
             twin = _twin_taking(spec, args, kwargs)
+            if twin is not None:
+                return twin
+        if fresh and not torch.compiler.is_compiling():
+            twin = _form_twin(spec, args, kwargs)
             if twin is not None:
                 return twin
         hint = "" if spec.runtime.entered() else (
@@ -602,6 +610,63 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
             spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
+
+
+def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In a forward of the model, the first block that runs a program, called with a tensor
+    argument that is None where its analysis had a tensor or the reverse: the block of the twin
+    converted on this forward's call (runtime/state.py SizeVariant; on 1 or 2 of its images that
+    give its form, api.py ``_form_images``, else on all), which the rest of the forward runs. Such arguments follow the data: transformers passes a padding mask
+    only when some image of the batch is padded (``None`` for a batch without padding), so a
+    model converted on either form met the other in ordinary batches; its blocks ran their
+    original forward then, and an image's output depended on the images batched with it (up to
+    2.5 apart on Siglip2), until the twenty-fourth session. None when the call differs in
+    another way, or outside a model forward."""
+    rt = spec.runtime
+    owner = rt.parent or rt          # (a size twin's block: the model's runtime keeps the twins)
+    call = owner.call()
+    if call is None or call[0].factory is None:
+        return None
+    plan = spec.call
+    try:
+        values = plan.arguments(spec.name, args, kwargs)
+    except AnalysisError:
+        return None
+    flipped = [n for n in plan.names if n not in plan.packed and (
+        (n in plan.tensor_args and values.get(n) is None) or
+        (n in plan.constants and plan.constants[n] is None and isinstance(values.get(n), torch.Tensor)))]
+    if not flipped:
+        return None
+    hook, model, cargs, ckwargs = call
+    key = (input_key(cargs, ckwargs, hook.batch_dims),
+           ("form", tuple((n, values.get(n) is None) for n in flipped)))
+    if key in owner._no_form:
+        return None
+    make = hook._factory()
+
+    def takes(variant) -> bool:
+        try:
+            _bound(variant.blocks[spec.index]._evoplug_spec, args, kwargs)
+        except AnalysisError:
+            return False
+        return True
+
+    def build(m, a, k):     # on 1 or 2 images that give the call's form; else on all of them
+        variant = make(m, a, k, on="form")
+        return variant if takes(variant) else make(m, a, k, on="all")
+    try:
+        variant = owner.variant_for(key, build, model, cargs, ckwargs)
+    except Exception as e:      # (the forward goes on as before the twins: each block its own)
+        owner._no_form[key] = str(e)
+        warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(flipped)} in another form "
+                      f"than when it was analysed (None or a tensor), and converting the model on "
+                      f"this call failed: {e}", stacklevel=7)
+        return None
+    if not takes(variant):
+        return None
+    variant.sync()
+    owner.use_variant(variant)
+    return variant.blocks[spec.index]
 
 
 def _size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:

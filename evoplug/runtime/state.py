@@ -115,6 +115,10 @@ class EvoRuntime:
         self._gate = threading.Condition()
         self._inside: Dict[int, int] = {}     # thread id -> forwards of the model it runs
         self._builder: Optional[int] = None
+        # a twin's runtime: the runtime of the model it is a twin of (whose forward runs the
+        # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
+        self.parent: Optional["EvoRuntime"] = None
+        self._no_form: Dict[tuple, str] = {}     # form twins that failed to convert: why
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -177,15 +181,20 @@ class EvoRuntime:
                       "after removing blocks)", stacklevel=2)
 
     def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None,
-                   images: Optional[int] = None):
+                   images: Optional[int] = None, call: Optional[tuple] = None):
+        """A forward of the model starts on this thread: whether it is called as calibration
+        called it, the twin it runs with, its images, and ``call`` (the entry hook, the model and
+        the call's arguments: what a twin for the call's argument form is converted from)."""
         stack = getattr(self._local, "entry", None)
         if stack is None:
             stack = self._local.entry = []
             self._local.variant = []
             self._local.images = []
+            self._local.call = []
         stack.append(matches)
         self._local.variant.append(variant)
         self._local.images.append(images)
+        self._local.call.append(call)
 
     def pop_entry(self):
         stack = getattr(self._local, "entry", None)
@@ -193,6 +202,17 @@ class EvoRuntime:
             stack.pop()
             self._local.variant.pop()
             self._local.images.pop()
+            self._local.call.pop()
+
+    def call(self) -> Optional[tuple]:
+        """(entry hook, model, args, kwargs) of the model forward running on this thread."""
+        stack = getattr(self._local, "call", None)
+        return stack[-1] if stack else None
+
+    def use_variant(self, variant: "SizeVariant"):
+        """The rest of this thread's model forward runs with ``variant`` (a form twin, found by
+        its first block that runs a program: runtime/block.py ``_form_twin``)."""
+        self._local.variant[-1] = variant
 
     def images(self) -> Optional[int]:
         """The images of the model forward running on this thread (:func:`images_in`), None
@@ -544,7 +564,7 @@ class EntryHook:
             elif self.factory is not None and self.names:
                 variant = self._variant_by_name(module, args, kwargs)
         finally:     # (exit, called whatever happens, pops and releases)
-            self.runtime.push_entry(matches, variant, images)
+            self.runtime.push_entry(matches, variant, images, (self, module, args, kwargs))
 
     def _move_last(self, module) -> bool:
         """A forward pre-hook registered after this one (test-time augmentation that stacks
@@ -583,7 +603,8 @@ class EntryHook:
     def exit(self, module, args, kwargs, output):
         if not torch.compiler.is_compiling():
             if self.runtime.entered() and len(self.runtime._local.entry) == 1 and \
-                    sys.exc_info()[0] is None:      # (not a forward that raised)
+                    sys.exc_info()[0] is None and self.runtime.variant() is None:
+                # (not a forward that raised, nor one a twin ran)
                 self.runtime.check_evolved()
             self.runtime.pop_entry()
             self.runtime.release()
