@@ -316,9 +316,11 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
                 for hook_id in [k for k in d or () if k not in keep]:
                     del d[hook_id]
     except ConversionError as e:
-        raise EvoplugError(f"{type(model).__name__}: an input of another size than the one it was "
-                           f"converted at needs the model converted again for that size, which "
-                           f"failed: {e}") from None
+        what = "an input of another size than the one it was converted at needs the model " \
+               "converted again for that size" if on == "first" else \
+               "a call whose block arguments take another form (None or a tensor) than at the " \
+               "conversion needs the model converted again on that call"
+        raise EvoplugError(f"{type(model).__name__}: {what}, which failed: {e}") from None
     names = [s.analysis.name for s in get_report(twin).blocks]
     if names != [s.analysis.name for s in report.blocks]:
         raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
@@ -354,20 +356,26 @@ def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, optio
 
 
 def _form_images(args, kwargs, batch_dims) -> List[int]:
-    """The first image of a call, and of the other images whose integer or boolean arguments
-    of 2 dims or more (a padding mask, not a label) differ from its, the one with the fewest
-    nonzero entries in them (the most padded): a model such as transformers' passes its blocks
-    a mask only when some image is padded, so these two give the blocks the arguments (None or
-    a tensor) the whole batch gives them, at the cost of 2 images, not the batch's."""
+    """Two images of a call: its first, and of the images whose integer or boolean arguments of
+    2 dims or more that hold one entry per image (a padding mask, not a label, nor a mask shared
+    by the batch) differ from its, the one with the fewest nonzero entries in them (the most
+    padded); the second image when none differs ([0] for one image). A model such as
+    transformers' passes its blocks a mask only when some image is padded, so these two give
+    the blocks the arguments (None or a tensor) the whole batch gives them, at the cost of 2
+    images, not the batch's (and a per-image mask is analysed on 2, as it needs)."""
     dims = batch_dims or {}
-    leaves = [(t, dims.get(k, 0)) for k, v in (*enumerate(args), *kwargs.items())
-              for t in torch.utils._pytree.tree_leaves(v)
-              if isinstance(t, torch.Tensor) and t.dim() >= 2 and not t.is_floating_point()]
-    n = min((t.shape[d] for t, d in leaves), default=1)
-    differ = [i for i in range(1, n)
+    tensors = [(t, dims.get(k, 0)) for k, v in (*enumerate(args), *kwargs.items())
+               for t in torch.utils._pytree.tree_leaves(v)
+               if isinstance(t, torch.Tensor) and t.dim() > 0]
+    images = images_in(args, kwargs)
+    if images is None:
+        images = tensors[0][0].shape[tensors[0][1]] if tensors else 1
+    leaves = [(t, d) for t, d in tensors
+              if t.dim() >= 2 and not t.is_floating_point() and t.shape[d] == images]
+    differ = [i for i in range(1, images)
               if any(not torch.equal(t.select(d, i), t.select(d, 0)) for t, d in leaves)]
     if not differ:
-        return [0]
+        return [0, 1] if images > 1 else [0]
     return [0, min(differ, key=lambda i: sum(int(t.select(d, i).count_nonzero()) for t, d in leaves))]
 
 

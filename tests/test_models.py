@@ -303,6 +303,38 @@ def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first
         torch.testing.assert_close(fast(x, mask), twin(x, mask), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_key_padding_mask_the_conversion_did_not_see_converts_a_twin(batch_first):
+    """A model converted without ``src_key_padding_mask`` and called with one: the first layer
+    that runs a program converts a twin of the model on the call (2 of its images) and the
+    forward runs it (runtime/block.py ``_form_twin``). A first padded batch whose images are all
+    padded alike was converted on its first image alone, which a per-image mask cannot be
+    analysed on; the failure was kept, so every later padded batch ran dense, off by 5.6 from
+    the same call made in another order (audit K of the twenty-fourth session)."""
+    torch.manual_seed(0)
+    model = _TorchEncoderViT(True, True, batch_first=batch_first).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    x = torch.randn(3, 3, 32, 32)
+    alike = torch.zeros(3, 65, dtype=torch.bool)
+    alike[:, 40:] = True
+    pad = torch.zeros(3, 65, dtype=torch.bool)
+    pad[1, 40:] = pad[2, 20:] = True
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        for mask in (alike, pad):
+            out = fast(x, mask)
+            assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [34] * 4
+        direct = evoplug.convert(model, keep_ratio=0.5, example_input=(x, pad))
+        torch.testing.assert_close(out, direct(x, pad), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[:1], fast(x[:1]), atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x, pad), model(x, pad), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_torch_transformer_encoder_layers_convert(norm_first, encoder):

@@ -731,8 +731,9 @@ def test_a_padding_mask_in_either_form_evolves_and_no_image_depends_on_its_batch
 def test_a_padding_mask_at_another_input_size_and_under_checkpointing():
     """A padded batch at another input size runs the twin converted for that size and form;
     gradient checkpointing recomputes the form twin's layers (the gradients are the plain
-    ones); a twin that cannot be converted leaves the layers on their original forward, with
-    one warning naming the layer, and is not tried again."""
+    ones); a twin that cannot be converted (on 2 images, nor on the whole call) leaves the
+    layers on their original forward, with one warning naming the layer, and is not tried
+    again."""
     model, call = _padded("vit")
     x, mask = call["pixel_values"], call["attention_mask"]
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
@@ -775,7 +776,7 @@ def test_a_padding_mask_at_another_input_size_and_under_checkpointing():
         assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
         torch.testing.assert_close(out, model(x, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
         fast(x, attention_mask=mask)
-    assert len(tried) == 1
+    assert len(tried) == 2      # on 2 images, then on the whole call; not again
 
 
 def test_a_form_twin_is_converted_on_two_images_of_a_large_batch():

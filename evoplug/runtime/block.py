@@ -615,7 +615,7 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
 def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     """In a forward of the model, the first block that runs a program, called with a tensor
     argument that is None where its analysis had a tensor or the reverse: the block of the twin
-    converted on this forward's call (runtime/state.py SizeVariant; on 1 or 2 of its images that
+    converted on this forward's call (runtime/state.py SizeVariant; on 2 of its images that
     give its form, api.py ``_form_images``, else on all), which the rest of the forward runs. Such arguments follow the data: transformers passes a padding mask
     only when some image of the batch is padded (``None`` for a batch without padding), so a
     model converted on either form met the other in ordinary batches; its blocks ran their
@@ -651,8 +651,11 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
             return False
         return True
 
-    def build(m, a, k):     # on 1 or 2 images that give the call's form; else on all of them
-        variant = make(m, a, k, on="form")
+    def build(m, a, k):     # on 2 images that give the call's form; else on all of them
+        try:
+            variant = make(m, a, k, on="form")
+        except Exception:       # (a twin on all images may still convert)
+            return make(m, a, k, on="all")
         return variant if takes(variant) else make(m, a, k, on="all")
     try:
         variant = owner.variant_for(key, build, model, cargs, ckwargs)
