@@ -363,13 +363,8 @@ def _form_images(args, kwargs, batch_dims) -> List[int]:
     transformers' passes its blocks a mask only when some image is padded, so these two give
     the blocks the arguments (None or a tensor) the whole batch gives them, at the cost of 2
     images, not the batch's (and a per-image mask is analysed on 2, as it needs)."""
-    dims = batch_dims or {}
-    tensors = [(t, dims.get(k, 0)) for k, v in (*enumerate(args), *kwargs.items())
-               for t in torch.utils._pytree.tree_leaves(v)
-               if isinstance(t, torch.Tensor) and t.dim() > 0]
-    images = images_in(args, kwargs)
-    if images is None:
-        images = tensors[0][0].shape[tensors[0][1]] if tensors else 1
+    tensors = _call_tensors(args, kwargs, batch_dims)
+    images = _call_images(args, kwargs, tensors)
     leaves = [(t, d) for t, d in tensors
               if t.dim() >= 2 and not t.is_floating_point() and t.shape[d] == images]
     differ = [i for i in range(1, images)
@@ -377,6 +372,21 @@ def _form_images(args, kwargs, batch_dims) -> List[int]:
     if not differ:
         return [0, 1] if images > 1 else [0]
     return [0, min(differ, key=lambda i: sum(int(t.select(d, i).count_nonzero()) for t, d in leaves))]
+
+
+def _call_tensors(args, kwargs, batch_dims) -> List[Tuple[torch.Tensor, int]]:
+    """The tensors of a call (in its dicts, lists and tuples too) with their batch dims."""
+    dims = batch_dims or {}
+    return [(t, dims.get(k, 0)) for k, v in (*enumerate(args), *kwargs.items())
+            for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor) and t.dim() > 0]
+
+
+def _call_images(args, kwargs, tensors) -> int:
+    """The images of a call: :func:`images_in`, else the batch dim of its first tensor."""
+    images = images_in(args, kwargs)
+    if images is None:
+        images = tensors[0][0].shape[tensors[0][1]] if tensors else 1
+    return images
 
 
 def _by_name(model: nn.Module, args, kwargs):
@@ -437,12 +447,16 @@ def _first_image(args, kwargs, batch_dims=None, n: Optional[int] = 1,
                  pick: Optional[List[int]] = None):
     """The call's input with batch size ``n`` (along each argument's batch dim: dim 0 but for
     ``batch_dims``'; its first image repeated where the call has fewer; None: the whole call,
-    or its images ``pick``), in the form convert takes an example input."""
+    or its images ``pick``, which leaves a tensor of another length than the call's images whole:
+    a mask shared by the batch), in the form convert takes an example input."""
     dims = batch_dims or {}
+    images = _call_images(args, kwargs, _call_tensors(args, kwargs, dims)) if pick is not None else 0
 
     def first(t: torch.Tensor, d: int) -> torch.Tensor:
         if n is None:
-            return t if pick is None else t.index_select(d, torch.tensor(pick, device=t.device))
+            if pick is None or t.shape[d] != images:
+                return t
+            return t.index_select(d, torch.tensor(pick, device=t.device))
         if t.shape[d] >= n:
             return t.narrow(d, 0, n)
         return torch.cat([t.narrow(d, 0, 1)] * n, d)

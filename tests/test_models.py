@@ -335,6 +335,26 @@ def test_a_key_padding_mask_the_conversion_did_not_see_converts_a_twin(batch_fir
         torch.testing.assert_close(fast(x, pad), model(x, pad), atol=1e-5, rtol=1e-5)
 
 
+def test_a_form_twin_takes_a_padded_image_and_leaves_what_the_batch_shares_whole():
+    """The images a form twin is converted on: the first and the most padded (by the entries of
+    its per-image integer arguments of 2 dims or more), not the first whose label differs; a
+    mask the batch shares ((N, N), no batch dim) is not one: it chose "images" past the batch
+    and was cut to 2 rows (audit K of the twenty-fourth session)."""
+    from evoplug.api import _first_image, _form_images
+    x, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
+    pad = torch.ones(4, 65, dtype=torch.long)
+    pad[2, 50:] = 0
+    pad[3, 30:] = 0
+    shared = torch.zeros(65, 65, dtype=torch.bool)
+    shared[:, 50:] = True
+    assert _form_images((x, pad, labels, shared), {}, {}) == [0, 3]
+    assert _form_images((x, torch.ones(4, 65), labels, shared), {}, {}) == [0, 1]
+    assert _form_images((x[:1],), {}, {}) == [0]
+    two = _first_image((x, pad, labels, shared), {}, {}, None, [0, 3])
+    assert torch.equal(two[1], pad[[0, 3]]) and torch.equal(two[2], labels[[0, 3]])
+    assert two[0].shape[0] == 2 and two[3] is shared
+
+
 @pytest.mark.parametrize("norm_first", [True, False])
 @pytest.mark.parametrize("encoder", [False, True])
 def test_torch_transformer_encoder_layers_convert(norm_first, encoder):
