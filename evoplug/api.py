@@ -24,7 +24,7 @@ from .analyse.discover import (_SQUARE, attention_modules, find_blocks, regroup_
                                 wrapped_block)
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.provenance import stream_starts, token_provenance, varying_arguments
+from .analyse.provenance import rest_read, stream_starts, token_provenance, token_rest, varying_arguments
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -204,6 +204,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                         parts.append((name, e.reason, e.not_a_block))
                     else:
                         failed.append((name, e.reason))
+            _drop_read_rest(model, example, analysed, failed)
             failed += regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
@@ -632,6 +633,7 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     try:
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
+        a.token_rest = tuple(token_rest(gm_eval, a.plan.token_arg))
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])
         return a, programs, added
@@ -647,6 +649,28 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     except BaseException:
         _drop_added_buffers(module, added)
         raise
+
+
+def _drop_read_rest(model: nn.Module, example, analysed, failed):
+    """Blocks that return, besides their tokens, a tensor computed from them (an attention
+    map) that the model reads after them are not converted (moved from ``analysed`` to
+    ``failed``): an evolving block computes it over its kept tokens only, in their order. A
+    hand-written ViT pooling by its last block's class attention got that map over the subset:
+    off by 0.39 at keep 1.0, and a shape error or a wrong token at keep 0.5 (audit L of the
+    twenty-fourth session). Such items nothing reads (``x, _ = block(x)``) are no matter."""
+    read = {id(m) for m in rest_read(model, example, [(a.module, set(a.token_rest))
+                                                      for a, _, _ in analysed if a.token_rest])}
+    for i in [i for i, (a, _, _) in enumerate(analysed) if id(a.module) in read][::-1]:
+        a, _, added = analysed.pop(i)
+        _drop_added_buffers(a.module, added)
+        out = a.call.output
+        what = ", ".join(f"item {j} (shape {tuple(out[j].shape)})" for j in a.token_rest
+                         if isinstance(out[j], torch.Tensor))
+        failed.append((a.name, f"it returns, besides its tokens, {what} computed from them (an "
+                               "attention map?), which the model reads after it: an evolving block "
+                               "computes that over its kept tokens only, so what reads it would be "
+                               "wrong. Have the block return only its tokens, or read the map "
+                               "from a block that stays dense (start_block)"))
 
 
 def _order(calls, model: nn.Module, name: str) -> int:

@@ -86,6 +86,9 @@ class BlockAnalysis:
     #                                          batch at calibration (gathered image by image)
     extra_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)  # other
     #                                          tensor arguments' shapes at calibration
+    token_rest: Tuple[int, ...] = ()           # items of its tuple output, after the tokens,
+    #                                          computed from them (an attention map): what an
+    #                                          evolving block gives over its kept tokens only
 
     attention: str = ""              # human-readable attention description
     q: str = ""

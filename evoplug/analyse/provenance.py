@@ -11,7 +11,8 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .calibrate import CallRecord, _call, this_thread
+from .calibrate import CallRecord, _call, _tensors_in, this_thread
+from .graph import ancestors
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -286,3 +287,49 @@ def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):
         if c.feature_map() is not None and (best is None or c.order < best[0]):
             best = (c.order, m)
     return None if best is None else best[1]
+
+
+def token_rest(gm, token_arg: str) -> List[int]:
+    """The items after the tokens of a tuple-returning block's output (traced: ``evo_rest``)
+    that are computed from its tokens (an attention map), by position in the output (1, ...)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    x = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == token_arg), None)
+    if x is None:
+        return []
+    return [i for i, r in enumerate(out.meta.get("evo_rest") or (), start=1)
+            if isinstance(r, torch.fx.Node) and (r is x or x in ancestors(r))]
+
+
+def rest_read(model: nn.Module, example_input, blocks) -> List[nn.Module]:
+    """Of ``blocks`` ([(module, items)]: blocks whose tuple output holds, at those positions,
+    tensors computed from their tokens), the ones whose items the model reads after them:
+    noise on those items changes the model's output (one eager forward, eval, no grad, with
+    all of them perturbed; then one per block when that changed it). An evolving block computes
+    them over its kept tokens only, so a model that reads them would read something else."""
+    def run(chosen) -> Optional[list]:
+        def perturb(m, _args, out):
+            items = dict(chosen)[m]
+            if type(out) not in (tuple, list):
+                return None
+            return type(out)(_noise(t, 7 + i) if i in items and isinstance(t, torch.Tensor) and
+                             t.is_floating_point() else t for i, t in enumerate(out))
+        handles = [m.register_forward_hook(this_thread(perturb)) for m, _ in chosen]
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return _tensors_in(_call(model, example_input))
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was)
+
+    def differs(a, b) -> bool:
+        return len(a) != len(b) or any(s.shape != t.shape or not torch.equal(s, t) for s, t in zip(a, b))
+
+    if not blocks:
+        return []
+    ref = run([])
+    if not differs(ref, run(blocks)) or differs(ref, run([])):   # (read by nothing, or noisy)
+        return []
+    return [m for m, items in blocks if differs(ref, run([(m, items)]))]
