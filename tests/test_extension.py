@@ -130,7 +130,11 @@ def test_data_dependent_control_flow_is_refused_then_kept_whole_when_registered(
 def test_a_softmax_that_is_no_attention_is_ignored_inside_a_registered_leaf_module():
     model = _model(GatedBlock)
     x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(evoplug.ConversionError, match="runs 2 attention computations per call"):
+    # (the refusal says what it counted and the way out: its "2 attention computations" and the
+    # MLP part's "no attention computation" read as a contradiction; audit L, twenty-fourth session)
+    with pytest.raises(evoplug.ConversionError, match=r"runs 2 attention computations per call.*"
+                                                      r"each softmax and fused attention call that "
+                                                      r"ran counts as one.*register_leaf_module"):
         evoplug.convert(model, example_input=x)
     evoplug.register_leaf_module(GatedMLP)
     fast = evoplug.convert(model, example_input=x)

@@ -184,7 +184,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             why = f"called {c.n_calls} times per forward (shared module)"
         elif reason is None:
             why = (f"runs {c.attention_ops} attention computations per call; evoplug converts "
-                   "blocks with one self-attention over their tokens")
+                   f"blocks with one self-attention over their tokens{_SOFTMAX_COUNTS}")
         else:
             why = reason
         if inside and not inside[0][1].startswith(why):
@@ -452,9 +452,13 @@ def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tu
         inside = "; ".join(f"`{n}`: {r}" for n, r, _ in members)
         out.append((owner, f"runs {c.attention_ops} attention computations per call, in parts that "
                            f"are no blocks on their own ({inside}); evoplug converts blocks with one "
-                           "self-attention. A softmax that is no attention (a gate, a router) is "
-                           "kept out by registering its module: evoplug.register_leaf_module"))
+                           f"self-attention{_SOFTMAX_COUNTS}"))
     return out
+
+
+_SOFTMAX_COUNTS = (" (each softmax and fused attention call that ran counts as one; a softmax "
+                   "that is no attention, a gate, a router or linear attention's feature maps, is "
+                   "kept out by registering its module: evoplug.register_leaf_module)")
 
 
 def _enclosing_block(model: nn.Module, calls: Dict[int, ModuleCall], name: str,
