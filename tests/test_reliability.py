@@ -1094,7 +1094,8 @@ class _MapViT(nn.Module):
         t = self.embed(x).flatten(2).transpose(1, 2)
         t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos
         for b in self.blocks:
-            t, a = b(t)
+            t = b(t)
+            t, a = t if isinstance(t, tuple) else (t, None)
         if not self.reads:
             return self.head(t[:, 0])
         w = a[:, :, 0, 1:].mean(1)
@@ -1124,3 +1125,51 @@ def test_a_block_whose_attention_map_the_model_reads_stays_dense(reads):
         torch.testing.assert_close(out[1:2], fast(x[1:2]), atol=1e-5, rtol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _LocalBlock(_MapBlock):
+    """Attention within a distance of 3 patches on the 8x8 grid (class token: every key), as a
+    bool buffer through ``masked_fill`` or as an additive 0/-inf buffer."""
+
+    def __init__(self, additive: bool, d=64):
+        super().__init__(d)
+        yx = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(64, 2)
+        near = torch.ones(65, 65, dtype=torch.bool)
+        near[1:, 1:] = (yx[:, None] - yx[None]).abs().amax(-1) <= 3
+        self.additive = additive
+        self.register_buffer("near", torch.zeros(65, 65).masked_fill(~near, float("-inf")) if additive
+                             else near, persistent=False)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        at = self.attn
+        q, k, v = at.qkv(self.n1(x)).reshape(B, N, 3, at.heads, C // at.heads).permute(2, 0, 3, 1, 4)
+        a = q @ k.transpose(-2, -1) * (C // at.heads) ** -0.5
+        a = a + self.near if self.additive else a.masked_fill(~self.near, float("-inf"))
+        x = x + at.proj((a.softmax(-1) @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+def test_a_position_mask_through_masked_fill_is_gathered_as_an_additive_one():
+    """A local-window mask as a bool buffer through ``masked_fill`` was refused (not equivariant
+    to the token order), while the same mask as an additive 0/-inf buffer converts and is gathered
+    for the kept tokens (audit L of the twenty-fourth session): the two give the same outputs."""
+    torch.manual_seed(0)
+    models = []
+    for additive in (True, False):
+        m = _MapViT(False)
+        m.blocks = nn.ModuleList(_LocalBlock(additive) for _ in range(4))
+        models.append(m.eval())
+    _randomise(models[0])
+    models[1].load_state_dict(models[0].state_dict(), strict=False)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = models[1](x)
+        torch.testing.assert_close(models[0](x), ref, atol=1e-5, rtol=1e-5)
+        fast = [evoplug.convert(m, keep_ratio=0.5, example_input=x[:1]) for m in models]
+        out = fast[1](x)
+        assert [t for _, t in evoplug.tokens_per_block(fast[1])][1:] == [34] * 3
+        torch.testing.assert_close(out, fast[0](x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1:2], fast[1](x[1:2]), atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast[1], keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast[1](x), ref, atol=1e-5, rtol=1e-5)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, List, Optional, Set, Tuple
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +50,17 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
             biases.append(cur)
         elif is_add(cur):
             todo.extend(a for a in cur.args[:2] if isinstance(a, fx.Node))
+        elif _masked_fill(cur) and isinstance(cur.args[1], fx.Node):
+            # logits.masked_fill(mask, -inf) with a mask of the positions (a local window as a
+            # bool buffer): the mask is a term of the pairs like an additive one (it was refused
+            # as not equivariant, while the same mask as a 0/-inf buffer converted)
+            todo.extend((cur.args[0], cur.args[1]))
     return biases, args
+
+
+def _masked_fill(n: fx.Node) -> bool:
+    return len(n.args) >= 2 and ((n.op == "call_method" and n.target == "masked_fill") or
+                                 (n.op == "call_function" and n.target is torch.masked_fill))
 
 
 def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
