@@ -454,6 +454,12 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             hint = ("; its forward branches on tensor values (an `if` or an assert on a tensor), "
                     "which a trace cannot keep: evoplug converts blocks whose computation is fixed "
                     "for an input shape")
+        if isinstance(e, TypeError) and "positional argument" in str(e) and \
+                str(e).split("(")[0] in _FACTORIES:
+            hint = (f"; `torch.{str(e).split('(')[0]}` given sizes read from a traced tensor, which "
+                    "torch.fx cannot trace: make the tensor from one that is traced "
+                    f"(`x.new_{str(e).split('(')[0]}(...)`), or register the function that makes it "
+                    "with evoplug.register_leaf_function")
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: "
                                   f"{e}{hint}") from None
     finally:
@@ -510,6 +516,9 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
         out.args = (result[0],)
         out.meta["evo_rest"] = tuple(result[1:])
     graph.lint()
+
+
+_FACTORIES = ("empty", "zeros", "ones", "full")     # (torch.<f>(size...) has x.new_<f>(size...))
 
 
 def _mutable_state(module: nn.Module):
