@@ -1216,3 +1216,29 @@ def test_a_tensor_factory_given_traced_sizes_is_refused_with_the_way_out():
             assert [t for _, t in evoplug.tokens_per_block(fast)][1:] == [34] * 3
             evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_model_called_from_a_hook_on_its_own_block_leaves_the_outer_forward_alone():
+    """A forward of the converted model inside another (an auxiliary prediction on another view,
+    from a forward hook on one of its blocks): the outer forward's later blocks went on from the
+    inner forward's scores, off by 0.59 (audit M of the twenty-fourth session); the outer
+    forward's state now comes back when the inner one ends."""
+    torch.manual_seed(0)
+    model = _randomise(_tiny())
+    x = torch.randn(4, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    inner, busy = [], []
+
+    def hook(_m, _i, _o):
+        if not busy:
+            busy.append(1)
+            inner.append(fast(x.flip(-1)))
+    with torch.no_grad():
+        alone, flipped = fast(x), fast(x.flip(-1))
+        runs = [t for _, t in evoplug.tokens_per_block(fast)]
+        handle = fast.blocks[3].register_forward_hook(hook)
+        outer = fast(x)
+        handle.remove()
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == runs
+    torch.testing.assert_close(outer, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inner[0], flipped, atol=1e-5, rtol=1e-5)

@@ -565,13 +565,23 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False, fres
             twin = _form_twin(spec, args, kwargs)
             if twin is not None:
                 return twin
-        hint = "" if spec.runtime.entered() else (
+        # (the size hint where the call differs in its sizes, not in a flag such as
+        # transformers' output_attentions=True, which needs every token's attention)
+        hint = "" if spec.runtime.entered() or _flag_reason(e.reason) else (
             "; a call of the model itself (eager or compiled) with a new input size converts a "
             "twin for it, which methods such as forward_features called directly then use at "
             "that size too")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
+
+
+def _flag_reason(reason: str) -> bool:
+    """A binding that failed on a flag, a keyword or a None (CallPlan.bind), not on a size."""
+    return reason.startswith("called with other keyword arguments") or (
+        reason.startswith("argument") and any(f"was {v} when" in reason or f"is {v} now" in reason
+                                              or f"got {v}" in reason
+                                              for v in ("True", "False", "None", "NoneType")))
 
 
 def _bound(spec: BlockSpec, args, kwargs):

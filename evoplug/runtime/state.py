@@ -96,6 +96,10 @@ def _tensor_key(t: torch.Tensor):
     return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
 
 
+#: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py)
+_FORWARD_STATE = ("state", "last", "untied", "direct")
+
+
 class EvoRuntime:
     """Per converted model: the current :class:`Plan`, each thread's forward in progress and
     the states recorded for recomputation in backward. Pickles and copies without the
@@ -185,12 +189,18 @@ class EvoRuntime:
         """A forward of the model starts on this thread: whether it is called as calibration
         called it, the twin it runs with, its images, and ``call`` (the entry hook, the model and
         the call's arguments: what a twin for the call's argument form is converted from)."""
-        stack = getattr(self._local, "entry", None)
+        local = self._local
+        stack = getattr(local, "entry", None)
         if stack is None:
-            stack = self._local.entry = []
-            self._local.variant = []
-            self._local.images = []
-            self._local.call = []
+            stack = local.entry = []
+            local.variant = []
+            local.images = []
+            local.call = []
+            local.outer = []
+        # a forward inside a forward (the model called from a hook on one of its blocks): the
+        # outer forward's state comes back when it ends (the outer forward's later blocks went
+        # on from the inner one's scores, off by 0.59, until the twenty-fourth session)
+        local.outer.append(tuple(getattr(local, k, None) for k in _FORWARD_STATE) if stack else None)
         stack.append(matches)
         self._local.variant.append(variant)
         self._local.images.append(images)
@@ -203,6 +213,10 @@ class EvoRuntime:
             self._local.variant.pop()
             self._local.images.pop()
             self._local.call.pop()
+            outer = self._local.outer.pop()
+            if outer is not None:
+                for k, v in zip(_FORWARD_STATE, outer):
+                    setattr(self._local, k, v)
 
     def call(self) -> Optional[tuple]:
         """(entry hook, model, args, kwargs) of the model forward running on this thread."""
