@@ -161,3 +161,40 @@ def test_a_text_tower_run_before_the_image_tower_is_refused_by_name():
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=example, strict=False)
     assert [s.name for s in evoplug.get_report(fast).blocks] == [f"image.blocks.{i}" for i in range(6)]
     assert not any(s.starts_stream for s in evoplug.get_report(fast).blocks)
+
+
+class TorchTextClip(nn.Module):
+    """An image tower beside a text tower of PyTorch's ``nn.TransformerEncoder``, zero-shot
+    style: each image against each prompt."""
+
+    def __init__(self):
+        super().__init__()
+        self.image = ImageTower()
+        self.tok = nn.Embedding(100, 64)
+        self.text = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 2, 128, dropout=0.0, batch_first=True),
+                                          3, enable_nested_tensor=False)
+
+    def forward(self, image, ids):
+        return self.image(image)[:, 0] @ self.text(self.tok(ids)).mean(1).T
+
+
+def test_every_layer_of_a_torch_text_encoder_is_found_image_free():
+    """``nn.TransformerEncoderLayer`` takes its fused path where no torch-function mode runs:
+    the provenance forward's text layers after the first got inputs 1e-7 off calibration's and
+    were taken for layers the image reaches; ``strict=False`` converted them, and a zero-shot
+    call (6 prompts for 4 images) then raised mid-forward (audit M of the twenty-fourth
+    session)."""
+    torch.manual_seed(0)
+    model = TorchTextClip().eval()
+    images, ids = torch.randn(4, 3, 32, 32), torch.randint(0, 100, (4, 7))
+    with pytest.raises(ConversionError) as e:
+        evoplug.convert(model, keep_ratio=0.5, example_input=(images[:1], ids[:1]))
+    assert all(f"`text.layers.{i}`: its tokens do not come from the image" in str(e.value) for i in range(3))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=(images[:1], ids[:1]), strict=False)
+    assert [s.name for s in evoplug.get_report(fast).blocks] == [f"image.blocks.{i}" for i in range(6)]
+    prompts = torch.randint(0, 100, (6, 7))
+    image_only = evoplug.convert(model.image, keep_ratio=0.5, example_input=images[:1])
+    with torch.no_grad():
+        out = fast(images, prompts)
+        torch.testing.assert_close(out, image_only(images)[:, 0] @ model.text(model.tok(prompts)).mean(1).T,
+                                   atol=1e-5, rtol=1e-5)
