@@ -447,21 +447,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     except AnalysisError:
         raise
     except Exception as e:
-        hint = ("; the block makes a module inside its forward (e.g. `nn.Softmax(dim=-1)(x)`): "
-                "torch.fx traces modules that are attributes of the block only (make it one, or "
-                "call the function: `x.softmax(-1)`)") if "not installed as a submodule" in str(e) else ""
-        if "control flow" in str(e) or "must be a bool, but got" in str(e):
-            hint = ("; its forward branches on tensor values (an `if` or an assert on a tensor), "
-                    "which a trace cannot keep: evoplug converts blocks whose computation is fixed "
-                    "for an input shape")
-        if isinstance(e, TypeError) and "positional argument" in str(e) and \
-                str(e).split("(")[0] in _FACTORIES:
-            hint = (f"; `torch.{str(e).split('(')[0]}` given sizes read from a traced tensor, which "
-                    "torch.fx cannot trace: make the tensor from one that is traced "
-                    f"(`x.new_{str(e).split('(')[0]}(...)`), or register the function that makes it "
-                    "with evoplug.register_leaf_function")
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: "
-                                  f"{e}{hint}") from None
+                                  f"{e}{_trace_hint(e)}") from None
     finally:
         _restore_mutable_state(saved)
         module.train(was)
@@ -519,6 +506,24 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
 
 
 _FACTORIES = ("empty", "zeros", "ones", "full")     # (torch.<f>(size...) has x.new_<f>(size...))
+
+
+def _trace_hint(e: Exception) -> str:
+    """What a torch.fx failure means for the block, where it is known."""
+    if "not installed as a submodule" in str(e):
+        return ("; the block makes a module inside its forward (e.g. `nn.Softmax(dim=-1)(x)`): "
+                "torch.fx traces modules that are attributes of the block only (make it one, or "
+                "call the function: `x.softmax(-1)`)")
+    if "control flow" in str(e) or "must be a bool, but got" in str(e):
+        return ("; its forward branches on tensor values (an `if` or an assert on a tensor), "
+                "which a trace cannot keep: evoplug converts blocks whose computation is fixed "
+                "for an input shape")
+    f = str(e).split("(")[0]
+    if isinstance(e, TypeError) and "positional argument" in str(e) and f in _FACTORIES:
+        return (f"; `torch.{f}` given sizes read from a traced tensor, which torch.fx cannot "
+                f"trace: make the tensor from one that is traced (`x.new_{f}(...)`), or register "
+                "the function that makes it with evoplug.register_leaf_function")
+    return ""
 
 
 def _mutable_state(module: nn.Module):
