@@ -171,20 +171,19 @@ def _as_tokens(seen: dict, calls: CallRecord) -> dict:
 
 
 def _same_input(seen, key, x) -> bool:
-    """Whether a block's input in a perturbed forward (``seen``) is its calibration input ``x``,
-    within float rounding: the two forwards need not take the same kernels (PyTorch's
-    ``nn.TransformerEncoderLayer`` takes its fused path only where no torch-function mode runs,
-    as calibration's does), and a text layer after the first, 1e-7 off, was taken for one the
-    image reaches (audit M of the twenty-fourth session)."""
     y = seen.get(key)
-    if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-        return False
-    if torch.equal(y, x):
-        return True
-    if not x.is_floating_point():
-        return False
-    return float((y.float() - x.float()).abs().max()) <= \
-        _PROVENANCE_TOLERANCE * max(1.0, float(x.float().abs().max()))
+    return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
+
+
+class _AsCalibrated(torch.overrides.TorchFunctionMode):
+    """A torch-function mode that changes nothing: a perturbed forward under it takes the
+    kernels calibration's forward took (PyTorch's ``nn.TransformerEncoderLayer`` takes its fused
+    path only where no such mode runs), so a block the noise did not reach gets exactly its
+    calibration input. (Text layers after the first got inputs 1e-7 off and were taken for
+    layers the image reaches; audit M of the twenty-fourth session.)"""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
 
 
 def _noise(t: torch.Tensor, seed: int) -> torch.Tensor:
@@ -217,7 +216,7 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
     was = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _AsCalibrated():
             _call(model, example_input if sources else _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
