@@ -24,7 +24,7 @@ from .analyse.discover import (_SQUARE, attention_modules, find_blocks, regroup_
                                 wrapped_block)
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.provenance import rest_read, stream_starts, token_provenance, token_rest, varying_arguments
+from .analyse.provenance import rest_read, stream_starts, token_provenance, varying_arguments
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -633,7 +633,6 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     try:
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
-        a.token_rest = tuple(token_rest(gm_eval, a.plan.token_arg))
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])
         return a, programs, added

@@ -22,10 +22,12 @@ class AnalysisError(EvoplugError):
 
     ``not_a_block``: why the module may be no block on its own, but a part of a larger one
     (see analyse.discover.regroup_parts): ``'no attention'`` in its graph, or ``'no residual'``
-    around its attention; empty otherwise."""
+    around its attention; empty otherwise. ``sized``: a call that differs from the analysed one
+    in a size (a map, a window cut, a size argument), which a twin for that size can take."""
 
-    def __init__(self, module_name: str, reason: str, not_a_block: str = ""):
+    def __init__(self, module_name: str, reason: str, not_a_block: str = "", sized: bool = False):
         self.module_name = module_name
         self.reason = reason
         self.not_a_block = not_a_block
+        self.sized = sized
         super().__init__(f"{module_name or '<root>'}: {reason}")

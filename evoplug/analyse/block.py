@@ -162,7 +162,20 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         a.row_masked = _masked_per_query(gm, site, feed, a)
     _check_trailing_tokens(a, grid_ops)
     check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
+    a.token_rest = _token_rest(gm, plan.token_arg)
     return a, gm
+
+
+def _token_rest(gm: fx.GraphModule, token_arg: str) -> Tuple[int, ...]:
+    """The items after the tokens of a tuple-returning block's output (traced: ``evo_rest``)
+    that are computed from its tokens (an attention map), by position in the output (1, ...):
+    api.py ``_drop_read_rest`` checks whether the model reads them."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    x = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == token_arg), None)
+    if x is None:
+        return ()
+    return tuple(i for i, r in enumerate(out.meta.get("evo_rest") or (), start=1)
+                 if isinstance(r, fx.Node) and (r is x or x in ancestors(r)))
 
 
 def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAnalysis) -> bool:

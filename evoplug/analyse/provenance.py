@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .calibrate import CallRecord, _call, _tensors_in, this_thread
-from .graph import ancestors
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -298,17 +297,6 @@ def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):
         if c.feature_map() is not None and (best is None or c.order < best[0]):
             best = (c.order, m)
     return None if best is None else best[1]
-
-
-def token_rest(gm, token_arg: str) -> List[int]:
-    """The items after the tokens of a tuple-returning block's output (traced: ``evo_rest``)
-    that are computed from its tokens (an attention map), by position in the output (1, ...)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    x = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.target == token_arg), None)
-    if x is None:
-        return []
-    return [i for i, r in enumerate(out.meta.get("evo_rest") or (), start=1)
-            if isinstance(r, torch.fx.Node) and (r is x or x in ancestors(r))]
 
 
 def rest_read(model: nn.Module, example_input, blocks) -> List[nn.Module]:

@@ -331,8 +331,7 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
-        bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute,
-                      fresh=state is not None and state.g is None and state.segment is None)
+        bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute, state=state)
         if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
@@ -533,7 +532,8 @@ def _rebuild_block(orig_class: type):
     return object.__new__(evo_class(orig_class))
 
 
-def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False, fresh: bool = False):
+def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
+          state: Optional[EvoState] = None):
     """The token input and other tensor arguments of a call that runs the program, after
     checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
     conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
@@ -542,8 +542,8 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False, fres
     called directly, or under torch.compile, whose graphs skip the model's entry hook) runs the
     block of a twin an earlier eager call of the model converted for that size, when one takes
     it (returned instead of the binding; compiled, the failed binding is a graph break).
-    ``fresh``: no block of this forward has scored tokens yet; a call whose tensor arguments
-    differ from the analysed ones only in being None or not (a padding mask) then runs the
+    ``state``: the forward's; where no block of it has scored tokens yet, a call whose tensor
+    arguments differ from the analysed ones only in being None or not (a padding mask) runs the
     form twin for it (:func:`_form_twin`)."""
     _check_unchanged(spec)
     try:
@@ -561,27 +561,20 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False, fres
             twin = _twin_taking(spec, args, kwargs)
             if twin is not None:
                 return twin
-        if fresh and not torch.compiler.is_compiling():
+        if state is not None and state.g is None and state.segment is None and \
+                not torch.compiler.is_compiling():
             twin = _form_twin(spec, args, kwargs)
             if twin is not None:
                 return twin
         # (the size hint where the call differs in its sizes, not in a flag such as
         # transformers' output_attentions=True, which needs every token's attention)
-        hint = "" if spec.runtime.entered() or _flag_reason(e.reason) else (
+        hint = "" if spec.runtime.entered() or not e.sized else (
             "; a call of the model itself (eager or compiled) with a new input size converts a "
             "twin for it, which methods such as forward_features called directly then use at "
             "that size too")
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
-
-
-def _flag_reason(reason: str) -> bool:
-    """A binding that failed on a flag, a keyword or a None (CallPlan.bind), not on a size."""
-    return reason.startswith("called with other keyword arguments") or (
-        reason.startswith("argument") and any(f"was {v} when" in reason or f"is {v} now" in reason
-                                              or f"got {v}" in reason
-                                              for v in ("True", "False", "None", "NoneType")))
 
 
 def _bound(spec: BlockSpec, args, kwargs):
@@ -594,15 +587,15 @@ def _bound(spec: BlockSpec, args, kwargs):
             # (EVA's rotary table gathered per image by timm's patch dropout in training: (B, 1,
             # N', d) where the program took (N, d))
             raise AnalysisError(spec.name, f"its argument {n!r} has shape {tuple(t.shape)}, of "
-                                f"another rank than when it was analysed {want}")
+                                f"another rank than when it was analysed {want}", sized=True)
     if spec.windowed_tokens is not None and bound[0].shape[1] != spec.windowed_tokens:
         # (MAE's visible tokens of a masked Hiera: the windows were cut from all of them)
         raise AnalysisError(spec.name, f"its windows were cut from {spec.windowed_tokens} tokens, "
                             f"and it has {bound[0].shape[1]} (a call that dropped tokens, as MAE's "
-                            "masking does)")
+                            "masking does)", sized=True)
     if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
         raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
-                            f"map it was analysed on {spec.grid}")
+                            f"map it was analysed on {spec.grid}", sized=True)
     return bound
 
 
@@ -626,12 +619,13 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     """In a forward of the model, the first block that runs a program, called with a tensor
     argument that is None where its analysis had a tensor or the reverse: the block of the twin
     converted on this forward's call (runtime/state.py SizeVariant; on 2 of its images that
-    give its form, api.py ``_form_images``, else on all), which the rest of the forward runs. Such arguments follow the data: transformers passes a padding mask
-    only when some image of the batch is padded (``None`` for a batch without padding), so a
-    model converted on either form met the other in ordinary batches; its blocks ran their
-    original forward then, and an image's output depended on the images batched with it (up to
-    2.5 apart on Siglip2), until the twenty-fourth session. None when the call differs in
-    another way, or outside a model forward."""
+    give its form, api.py ``_form_images``, else on all), which the rest of the forward runs.
+    Such arguments follow the data: transformers passes a padding mask only when some image of
+    the batch is padded (``None`` for a batch without padding), so a model converted on either
+    form met the other in ordinary batches; its blocks ran their original forward then, and an
+    image's output depended on the images batched with it (up to 2.5 apart on Siglip2), until
+    the twenty-fourth session. None when the call differs in another way, or outside a model
+    forward."""
     rt = spec.runtime
     owner = rt.parent or rt          # (a size twin's block: the model's runtime keeps the twins)
     call = owner.call()

@@ -60,7 +60,8 @@ class CallPlan:
                     module_name,
                     f"argument {name!r} was {_short(const)} when the block was analysed but is "
                     f"{_short(v)} now; re-run evoplug.convert with an example input that calls it "
-                    "this way")
+                    "this way", sized=isinstance(const, (int, float, tuple, list)) and
+                    not isinstance(const, bool))
         extras = {}
         for n in self.tensor_args:
             v = values[n]
