@@ -382,3 +382,106 @@ def test_torch_transformer_encoder_layers_convert(norm_first, encoder):
     evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
     fast(x).sum().backward()
     assert all(p.grad is not None for p in fast.enc.parameters())
+
+
+class _SdpaLayer(nn.Module):
+    """``nn.TransformerEncoderLayer(norm_first=True)`` written by hand on the same parameters,
+    with ``scaled_dot_product_attention`` and its position mask as a buffer (in SDPA's form:
+    True attends)."""
+
+    def __init__(self, layer, mask):
+        super().__init__()
+        self.layer = layer
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        layer, B, N, C = self.layer, *x.shape
+        attn, H = layer.self_attn, layer.self_attn.num_heads
+        qkv = nn.functional.linear(layer.norm1(x), attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.reshape(B, N, 3, H, C // H).permute(2, 0, 3, 1, 4)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        x = x + attn.out_proj(o.transpose(1, 2).reshape(B, N, C))
+        return x + layer.linear2(torch.relu(layer.linear1(layer.norm2(x))))
+
+
+class _MaskedEncoder(nn.Module):
+    """PyTorch's encoder layers called with ``src_mask``, a fixed (N, N) mask of the positions
+    each token sees (additive float or bool, True masked), or the same layers by hand."""
+
+    def __init__(self, by_hand, cls_token, bool_mask, d=64, depth=3):
+        super().__init__()
+        torch.manual_seed(0)
+        n = 16 + cls_token
+        self.embed = nn.Conv2d(3, d, 8, 8)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d)) if cls_token else None
+        self.pos = nn.Parameter(torch.randn(1, n, d) * 0.1)
+        layers = [nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=True,
+                                             norm_first=True) for _ in range(depth)]
+        for p in nn.ModuleList(layers).parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=p.shape[-1] ** -0.5)
+        sees = torch.rand(n, n, generator=torch.Generator().manual_seed(1)) > 0.4
+        sees.fill_diagonal_(True)
+        self.src_mask = ~sees if bool_mask else torch.zeros(n, n).masked_fill(~sees, float("-inf"))
+        self.blocks = nn.ModuleList([_SdpaLayer(la, sees) for la in layers] if by_hand else layers)
+        self.by_hand = by_hand
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = self.embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
+        x = x + self.pos
+        for block in self.blocks:
+            x = block(x) if self.by_hand else block(x, src_mask=self.src_mask)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("cls_token", [True, False])
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_torch_encoder_layers_given_a_src_mask_evolve_as_the_same_layers_by_hand(cls_token, bool_mask):
+    """``src_mask`` (N, N) to ``nn.TransformerEncoderLayer``: gathered for the kept tokens and
+    handed to ``nn.MultiheadAttention`` in its (B * heads, n, n) form, the global row taking the
+    mask (the mean query's per key over the rows that see it). The layers evolve as the same
+    layers written by hand with ``scaled_dot_product_attention`` and the mask as a buffer. Before
+    the twenty-fifth session the layers were refused: torch.fx could not trace
+    ``F._none_or_dtype(src_mask)``; and the global row of ``nn.MultiheadAttention`` averaged a
+    mask that differs between the query rows into -inf for every key (NaN outputs)."""
+    x = torch.randn(3, 3, 32, 32)
+    torch_layers = _MaskedEncoder(False, cls_token, bool_mask).eval()
+    by_hand = _MaskedEncoder(True, cls_token, bool_mask).eval()
+    fast = evoplug.convert(torch_layers, keep_ratio=0.5, example_input=x[:1], inplace=False)
+    reference = evoplug.convert(by_hand, keep_ratio=0.5, example_input=x[:1])
+    assert "argument `src_mask`" in evoplug.explain(fast)
+    with torch.no_grad():
+        out = fast(x)
+        assert [t for _, t in evoplug.tokens_per_block(fast)][1:] == [9 + cls_token] * 2
+        torch.testing.assert_close(out, reference(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[1:2], fast(x[1:2]), atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), torch_layers(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("global_query", ["cls", "mean"])
+def test_what_the_padding_holds_does_not_move_the_real_tokens_of_torch_layers(batch_first, global_query):
+    """``nn.MultiheadAttention``'s ``key_padding_mask`` in the global row: padded keys get no
+    attention and padded queries stay out of the mean query. The row left the mask out before
+    the twenty-fifth session, so the padding's content chose the kept tokens and moved the real
+    ones' outputs (by 0.56 with the class token as the query, 1.39 with the mean query)."""
+    torch.manual_seed(0)
+    model = _TorchEncoderViT(True, True, batch_first=batch_first).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    x = torch.randn(2, 3, 32, 32)
+    pad = torch.zeros(2, 65, dtype=torch.bool)
+    pad[:, 41:] = True                   # the patches of image rows 20 to 31
+    other = x.clone()
+    other[:, :, 20:] = torch.randn(2, 3, 12, 32) * 5
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=(x, pad), global_query=global_query)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, pad), model(other, pad))
+        torch.testing.assert_close(fast(x, pad), fast(other, pad), atol=1e-5, rtol=1e-5)

@@ -180,13 +180,16 @@ def _token_rest(gm: fx.GraphModule, token_arg: str) -> Tuple[int, ...]:
 
 def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAnalysis) -> bool:
     """Whether the mean query's input (the softmax's logits, or the mask given to
-    ``scaled_dot_product_attention``) masks keys for some patch queries and not for others at
+    ``scaled_dot_product_attention`` or ``nn.MultiheadAttention``) masks keys for some patch queries and not for others at
     calibration (a causal or block-diagonal mask: entries at or below half the dtype's lowest
     value, -inf included). The mean of such rows is no mask of the mean query (it masks every
     key any patch query cannot see, or overflows to NaN): the runtime then averages each key's
     unmasked entries (evolve._masked_row_mean)."""
-    node = site.logits if site.kind == "softmax" else (
-        sdpa_arg(site.node, 3, "attn_mask") if site.kind == "sdpa" else None)
+    if site.kind == "softmax":
+        node = site.logits
+    else:     # (nn.MultiheadAttention's bool mask: True masks)
+        node = sdpa_arg(site.node, 3, "attn_mask") if site.kind == "sdpa" else site.node.kwargs.get(
+            "attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
     if not isinstance(node, fx.Node):
         return False
     holders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -198,7 +201,7 @@ def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAna
     if not isinstance(v, torch.Tensor) or v.dim() < 2 or v.shape[-2] == 1:
         return False
     if v.dtype == torch.bool:
-        off = ~v
+        off = v if site.kind == "mha" else ~v
     elif v.is_floating_point():
         off = v <= torch.finfo(v.dtype).min / 2
     else:

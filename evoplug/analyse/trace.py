@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -260,18 +261,49 @@ _TORCH_RANDOM = ("rand", "randn", "randint", "randperm", "bernoulli", "normal", 
                  "poisson")
 
 
+#: threads tracing a block now (ident -> depth), and the functions patched while any is
+_TRACING: Dict[int, int] = {}
+_TRACING_LOCK = threading.Lock()
+_PATCHED: List[Tuple[Any, str, Any]] = []
+
+
 @contextlib.contextmanager
 def _no_python_random():
     """No random number is drawn while a block is traced, outside the traced tensors: Python's
     ``random``, or a torch draw from no traced value (``torch.rand(()).item() < p``). The trace
     would keep the one number drawn then (a block that skips itself at random in training
     would always run or never), and the draw would move the caller's random state. (Draws on
-    traced values, timm's drop path ``x.new_empty(...).bernoulli_()``, are traced ops.)"""
-    me = threading.get_ident()
+    traced values, timm's drop path ``x.new_empty(...).bernoulli_()``, are traced ops.)
 
+    Also: PyTorch's ``nn.TransformerEncoderLayer`` reads a mask's dtype with
+    ``F._none_or_dtype``, which raises on anything but None or a tensor; on a traced mask
+    (``src_mask``) it reads the proxy's dtype, a metadata node (branches on it are specialised).
+
+    The functions are patched for the process while any thread traces (installed by the first,
+    restored by the last: threads converting at once leave nothing behind); other threads get
+    the originals."""
+    me = threading.get_ident()
+    with _TRACING_LOCK:
+        if not _TRACING:
+            _install_tracing_patches()
+        _TRACING[me] = _TRACING.get(me, 0) + 1
+    try:
+        yield
+    finally:
+        with _TRACING_LOCK:
+            _TRACING[me] -= 1
+            if not _TRACING[me]:
+                del _TRACING[me]
+            if not _TRACING:
+                for mod, n, f in _PATCHED:
+                    setattr(mod, n, f)
+                _PATCHED.clear()
+
+
+def _install_tracing_patches():
     def refuse(module, name, original, traced_ok):
         def draw(*args, **kwargs):
-            if threading.get_ident() != me or (traced_ok and any(
+            if threading.get_ident() not in _TRACING or (traced_ok and any(
                     isinstance(v, fx.Proxy) for v in list(args) + list(kwargs.values()))):
                 return original(*args, **kwargs)      # another thread, or a traced draw
             raise fx.proxy.TraceError(
@@ -281,15 +313,19 @@ def _no_python_random():
                 "tensors, register the module that draws with evoplug.register_leaf_module, or "
                 "skip blocks outside them")
         return draw
-    saved = [(random, n, getattr(random, n)) for n in _PYTHON_RANDOM] + \
-        [(torch, n, getattr(torch, n)) for n in _TORCH_RANDOM]
-    for mod, n, f in saved:
+
+    def dtype_of(original):
+        def read(t):
+            if isinstance(t, fx.Proxy) and threading.get_ident() in _TRACING:
+                return t.dtype
+            return original(t)
+        return read
+    _PATCHED.extend([(random, n, getattr(random, n)) for n in _PYTHON_RANDOM] +
+                    [(torch, n, getattr(torch, n)) for n in _TORCH_RANDOM])
+    for mod, n, f in _PATCHED:
         setattr(mod, n, refuse(mod.__name__, n, f, mod is torch))
-    try:
-        yield
-    finally:
-        for mod, n, f in saved:
-            setattr(mod, n, f)
+    _PATCHED.append((F, "_none_or_dtype", F._none_or_dtype))
+    F._none_or_dtype = dtype_of(_PATCHED[-1][2])
 
 
 def _is_guard(frame) -> bool:

@@ -44,7 +44,7 @@ from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
-                              no_side_effects, shape_of, token_size_queries, value_ancestors)
+                              module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
@@ -513,13 +513,35 @@ def _global_row(rw: _Rewrite):
                                                           cls_query) + _images_if_heads_merged(rw),
                                       flags)
         else:
-            with graph.inserting_before(site.node):
-                mha = graph.get_attr(site.node.target)
-            mask = site.node.kwargs.get("attn_mask", site.node.args[5] if len(site.node.args) > 5 else None)
-            row = graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query))
+            row = _mha_row(rw, P, cls_query)
     if a.kv_grid is not None and row is not None:   # keys are regions of the reduced map
         row = _upsampled(a, rw.gm, row)
     rw.row = row
+
+
+def _mha_arg(node: fx.Node, index: int, name: str):
+    return node.kwargs.get(name, node.args[index] if len(node.args) > index else None)
+
+
+def _mha_row(rw: _Rewrite, P, cls_query: bool) -> fx.Node:
+    """nn.MultiheadAttention's global row, with its masks as the module takes them; an
+    ``attn_mask`` gathered for the subset ((B, 1, n, n), :func:`ev.gather_pair_bias`) goes to
+    the module as (B * heads, n, n)."""
+    graph, site = rw.graph, rw.site
+    mha_module = module_of(rw.gm, site.node)
+    mask = _mha_arg(site.node, 5, "attn_mask")
+    if isinstance(mask, fx.Node):
+        with graph.inserting_before(site.node):
+            mask = graph.call_function(ev.mha_attn_mask, (mask, mha_module.num_heads))
+        if "attn_mask" in site.node.kwargs:
+            site.node.update_kwarg("attn_mask", mask)
+        else:
+            site.node.update_arg(5, mask)
+    with graph.inserting_before(site.node):
+        mha = graph.get_attr(site.node.target)
+    flags = {"masked": True} if rw.a.row_masked and not cls_query else {}
+    return graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query,
+                                                  _mha_arg(site.node, 3, "key_padding_mask")), flags)
 
 
 def _constant_buffer(a: BlockAnalysis, gm: fx.GraphModule, name: str, value: torch.Tensor):

@@ -154,13 +154,22 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
     logits = query_logits(qq, k, scale)                           # (..., Nk)
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
-    m = attn_mask
+    return (logits.float() + _query_mask(attn_mask, num_prefix, cls_query, masked, valid,
+                                         q.shape[-2])).softmax(-1)
+
+
+def _query_mask(m: Tensor, num_prefix, cls_query: bool, masked: bool, valid: Optional[Tensor],
+                queries: int) -> Tensor:
+    """The global query's row of an attention mask in ``scaled_dot_product_attention``'s form
+    (bool: True attends; float: added; (..., Nq or 1, Nk)) as a float32 term (..., Nk): the cls
+    query's row, or the mean query's (the rows of the ``valid`` queries where some are padded;
+    each key's unmasked entries where the rows mask keys per query, ``masked``)."""
     if masked and not cls_query and m.shape[-2] != 1:   # a mask per query row (causal)
-        return (logits.float() + _masked_row_mean(_patches(m, -2, num_prefix))).softmax(-1)
+        return _masked_row_mean(_patches(m, -2, num_prefix))
     if m.dtype == torch.bool:
         m = torch.zeros(m.shape, dtype=torch.float32, device=m.device).masked_fill(~m, float("-inf"))
     m = m.float()
-    if m.shape[-2] != 1 and valid is not None and m.shape[-2] == q.shape[-2]:
+    if m.shape[-2] != 1 and valid is not None and m.shape[-2] == queries:
         # the mask of the mean of the valid queries: the padded queries' rows (masked whole by
         # NaFlex's mask) left out, as from the mean (all in, every key was -inf: NaN; a padded
         # call after a calibration without padding, whose rows were all alike)
@@ -169,7 +178,7 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
             w.sum(-2, keepdim=True).clamp_min(1)
     elif m.shape[-2] != 1:
         m = m[..., :1, :] if cls_query else _patches(m, -2, num_prefix).mean(-2, keepdim=True)
-    return (logits.float() + m.squeeze(-2)).softmax(-1)
+    return m.squeeze(-2)
 
 
 #: how :func:`query_logits` computes: None = by where it runs (the matrix form in eager mode on
@@ -237,35 +246,59 @@ def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Opt
 
 
 def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
-                  attn_mask: Optional[Tensor], num_prefix: int, cls_query: bool) -> Tensor:
+                  attn_mask: Optional[Tensor], num_prefix: int, cls_query: bool,
+                  key_padding_mask: Optional[Tensor] = None, masked: bool = False) -> Tensor:
     """Global-query attention row for ``nn.MultiheadAttention`` (need_weights may be False).
 
     Computes q only for the global query and uses q.k_j = (W_k^T q) . x_j + const, so the keys
-    are never projected again: O(H N C) instead of O(N C^2).
+    are never projected again: O(H N C) instead of O(N C^2). The masks as the module takes them
+    (bool: True is masked): ``attn_mask`` (N, N), (B * heads, N, N), or gathered for a subset
+    (B, 1 or heads, n, n); ``key_padding_mask`` (B, N): padded keys get no attention and padded
+    queries do not enter the mean query (their content would move the real tokens' ranking).
     """
     with torch.no_grad():
         if not mha.batch_first:
             query, key = query.transpose(0, 1), key.transpose(0, 1)
         query, key = query.float(), key.float()
         E, H = mha.embed_dim, mha.num_heads
-        d = E // H
+        B, d = query.shape[0], E // H
         if mha._qkv_same_embed_dim:
             w_q, w_k = mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E]
         else:
             w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
         w_q, w_k = w_q.float(), w_k.float()
         b_q = mha.in_proj_bias[:E].float() if mha.in_proj_bias is not None else None
-        g = query[:, :1] if cls_query else _patches(query, 1, num_prefix).mean(1, keepdim=True)  # (B, 1, E)
-        qg = torch.nn.functional.linear(g, w_q, b_q).reshape(g.shape[0], H, d)             # (B, H, d)
+        pad = None if key_padding_mask is None else (
+            key_padding_mask if key_padding_mask.dtype == torch.bool else
+            key_padding_mask <= torch.finfo(key_padding_mask.dtype).min / 2)
+        valid = None if pad is None or cls_query else _patches(~pad, 1, num_prefix)
+        if cls_query:
+            g = query[:, :1]
+        elif valid is not None:
+            g = _mean_of_valid(_patches(query, 1, num_prefix), valid, keepdim=True)
+        else:
+            g = _patches(query, 1, num_prefix).mean(1, keepdim=True)               # (B, 1, E)
+        qg = torch.nn.functional.linear(g, w_q, b_q).reshape(B, H, d)              # (B, H, d)
         u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
         logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
-        if attn_mask is not None:  # (N, N) mask, as nn.MultiheadAttention takes it (True = masked)
-            m = attn_mask
-            if m.dtype == torch.bool:
-                m = torch.zeros(m.shape, device=m.device).masked_fill(m, float("-inf"))
-            m = m.float()
-            logits = logits + (m[:1] if cls_query else _patches(m, 0, num_prefix).mean(0, keepdim=True))
+        if attn_mask is not None:
+            m = attn_mask.reshape(B, H, *attn_mask.shape[-2:]) if attn_mask.dim() == 3 else attn_mask
+            m = ~m if m.dtype == torch.bool else m          # scaled_dot_product_attention's form
+            logits = logits + _query_mask(m, num_prefix, cls_query, masked, valid, m.shape[-2])
+        if key_padding_mask is not None:
+            logits = logits + (key_padding_mask.float() if key_padding_mask.dtype != torch.bool
+                               else torch.zeros(pad.shape, device=pad.device).masked_fill(
+                                   pad, float("-inf")))[:, None]
         return _heads_mean(logits.softmax(-1), logits.shape[0])
+
+
+def mha_attn_mask(mask: Optional[Tensor], heads: int) -> Optional[Tensor]:
+    """An ``attn_mask`` gathered for a subset, (B, 1 or heads, n, n), in the (B * heads, n, n)
+    form ``nn.MultiheadAttention`` takes; others as they are."""
+    if mask is None or mask.dim() != 4:
+        return mask
+    B, n, k = mask.shape[0], mask.shape[-2], mask.shape[-1]
+    return mask.expand(B, heads, n, k).reshape(B * heads, n, k)
 
 
 # --------------------------------------------------------------------------------------------
