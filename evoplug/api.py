@@ -292,7 +292,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     twin, pairs = _twin(model, {id(s.analysis.module) for s in report.blocks})
     for s in report.blocks:
         m = pairs[id(s.analysis.module)]
-        m.__class__ = s.orig_class
+        m.__class__ = _unconverted_class(s)     # (with a parametrization made since)
         m.__dict__.pop("_evoplug_spec", None)
         for name in s.added_buffers:
             m._buffers.pop(name, None)
@@ -882,6 +882,14 @@ def get_report(model: nn.Module) -> ConversionReport:
         inner = next((n for n, m in model.named_modules()
                       if n and getattr(m, "_evoplug_report", None) is not None), None)
         hint = f"; `{inner}` inside it is: pass that (model.{inner})" if inner else ""
+        block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
+        if not inner and block is not None:
+            # (peft's merge_and_unload of a converted PeftModel: the blocks still evolve, the
+            # report stayed on the wrapper; audit O of the twenty-fifth session)
+            hint = (f"; it holds blocks converted as part of another model (`{block}`): the "
+                    "model evoplug.convert was given (a wrapper, such as peft's PeftModel before "
+                    "merge_and_unload, or a model this one was taken out of) has the report: pass "
+                    "that, or convert an unconverted copy of this one")
         raise ConversionError(f"{type(model).__name__} was not converted by evoplug{hint}")
     report.removed = [b.name for b in report.blocks if not _still_in(model, b)]
     return report

@@ -357,6 +357,15 @@ def test_a_wrapper_of_a_converted_model_is_told_where_the_converted_model_is():
     assert evoplug.get_report(swa.module).options.keep_ratio == 0.5
     with pytest.raises(evoplug.errors.ConversionError, match=r"`0` inside it"):
         evoplug.get_report(torch.nn.Sequential(fast, torch.nn.Identity()))
+    # the converted model taken out of the wrapper it was converted as (peft's merge_and_unload
+    # of a converted PeftModel): its blocks evolve, the report is the wrapper's (audit O of the
+    # twenty-fifth session: "was not converted by evoplug" only)
+    wrapper = torch.nn.Sequential(VisionTransformer(img_size=32, patch_size=4, embed_dim=64,
+                                                    depth=4, num_heads=4).eval())
+    wrapper = evoplug.convert(wrapper, example_input=torch.randn(1, 3, 32, 32))
+    with pytest.raises(evoplug.errors.ConversionError, match=r"blocks converted as part of "
+                       r"another model \(`blocks.0`\)(.|\n)*pass that"):
+        evoplug.tokens_per_block(wrapper[0])
 
 
 def test_blocks_removed_after_conversion_are_reported_and_a_forward_without_evolving_blocks_warns():

@@ -317,6 +317,60 @@ def test_quantised_and_parametrised_models_keep_their_twins_or_say_what_to_do():
             torch.testing.assert_close(fast(x), eva(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("twin_first", [True, False])
+def test_prune_and_parametrize_on_a_blocks_own_parameter_reach_its_twins(twin_first):
+    """A converted block's own parameter (EVA's ``gamma_1``) pruned or parametrized after the
+    conversion, with a twin built before or after: prune's forward pre-hook sets the pruned
+    weight on the model's block at each call, which the twin's copy of the block's attributes
+    never saw (off by 1.2 at keep 1.0, wrong gradients; an AttributeError where the twin came
+    first; after ``prune.remove`` a stale copy hid the parameter); a parametrization makes a
+    subclass of the block's class, which the twin lacked (an AttributeError), and a twin built
+    after it dropped it (audit O of the twenty-fifth session). The twin's block now follows the
+    block's tensor attributes, and a twin whose blocks changed class is converted anew."""
+    import torch.nn.utils.parametrize as P
+    import torch.nn.utils.prune as prune
+    from torch import nn
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    def eva():
+        torch.manual_seed(0)
+        return timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32,
+                                 patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=10,
+                                 init_values=0.1, dynamic_img_size=True).eval()
+    small, large = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    dense = eva()
+    fast = evoplug.convert(eva(), keep_ratio=1.0, identity_fast_path=False, example_input=small[:1])
+
+    def check(step):
+        if twin_first:
+            with torch.no_grad():
+                fast(large)
+        for m in (dense, fast):
+            step(m.blocks[1])
+            with torch.no_grad():
+                m.blocks[1].gamma_1_orig.add_(torch.linspace(-3, 3, 64)) \
+                    if hasattr(m.blocks[1], "gamma_1_orig") else None
+        with torch.no_grad():
+            for x in (small, large):
+                torch.testing.assert_close(fast(x), dense(x), atol=1e-5, rtol=1e-5)
+        fast.train(), dense.train()
+        for m in (dense, fast):
+            m.zero_grad()
+            m(large).pow(2).sum().backward()
+        fast.eval(), dense.eval()
+        grads = [[p.grad for p in m.blocks[1].parameters()] for m in (dense, fast)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+    check(lambda b: prune.l1_unstructured(b, "gamma_1", amount=0.5))
+    check(lambda b: prune.remove(b, "gamma_1"))
+    check(lambda b: P.register_parametrization(b, "gamma_2", Double()))
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [37] * 3
+
+
 def test_a_block_called_from_inside_another_does_not_wait_for_a_twin_build():
     """A thread that runs converted blocks outside a model forward is admitted block by block;
     a block it calls from inside another (from a hook) while another thread began a twin build

@@ -105,6 +105,8 @@ class BlockSpec:
     #                            tower): the scores restart here (provenance.stream_starts)
     windowed_tokens: Optional[int] = None   # a flat block's windows partition this many
     #                            tokens (Hiera's mask units): its programs take no other count
+    attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
+    #                            its plain tensor attributes) when last followed (_following)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -239,7 +241,9 @@ _NO_FX = ("`{}` is a converted block, which torch.fx cannot record (torch.fx.sym
           "are Python, and the trace would keep the block's own dense forward. Trace with the "
           "converted blocks as leaf modules (create_feature_extractor(model, return_nodes, "
           "tracer_kwargs={{'leaf_modules': [{}]}})), or use torch.export or torch.compile "
-          "(docs/export.md)")
+          "(docs/export.md). torchvision's get_graph_node_names and create_feature_extractor "
+          "put the model in train mode before they trace and leave it there after this error: "
+          "call model.eval() before evaluating it")
 
 
 def _fx_tracing(args, kwargs) -> bool:
@@ -312,7 +316,7 @@ class EvoBlockMixin:
         rt = spec.runtime
         twin = _size_twin(spec, args, kwargs) if rt.variants else None
         if twin is not None:
-            out = twin(*args, **kwargs)
+            out = _following(self, twin)(*args, **kwargs)
             spec.tokens_run = twin._evoplug_spec.tokens_run
             return out
         recompute = not torch.compiler.is_compiling() and _in_backward()
@@ -336,7 +340,7 @@ class EvoBlockMixin:
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         if isinstance(bound, nn.Module):      # a twin converted for this size: it runs the call
-            out = bound(*args, **kwargs)
+            out = _following(self, bound)(*args, **kwargs)
             spec.tokens_run = bound._evoplug_spec.tokens_run
             return out
         x, extras = bound
@@ -604,6 +608,8 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     with the twin's modes synced; None if none."""
     for variant in list(spec.runtime.variants.values()):
         twin = variant.blocks[spec.index]
+        if variant.stale():         # (the next call of the model at its size converts anew)
+            continue
         try:
             _bound(twin._evoplug_spec, args, kwargs)
         except AnalysisError:
@@ -674,6 +680,29 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     variant.sync()
     owner.use_variant(variant)
     return variant.blocks[spec.index]
+
+
+def _following(block: nn.Module, twin: nn.Module) -> nn.Module:
+    """The twin's block with the plain tensor attributes the model's block holds now (not its
+    parameters, buffers or submodules, which the twin shares): prune's pruned weight, which its
+    forward pre-hook on the model's block sets anew at each call, or the hook-based
+    ``weight_norm``'s. The twin copied the block's attributes when it was built and read those
+    (off by 1.2 after prune, audit O of the twenty-fifth session); one the block no longer holds
+    leaves the twin (after ``prune.remove`` a stale copy hid the parameter again). Rescanned only
+    when the block's attributes are added or removed (a pre-hook replaces a value: same keys)."""
+    d, t = block.__dict__, twin.__dict__
+    spec = twin._evoplug_spec
+    size, names = spec.attributes
+    if size != len(d):
+        names = tuple(k for k, v in d.items() if isinstance(v, torch.Tensor))
+        for k in [k for k, v in t.items() if isinstance(v, torch.Tensor) and k not in d]:
+            del t[k]
+        spec.attributes = (len(d), names)
+    for k in names:
+        v = d[k]
+        if t.get(k) is not v:
+            t[k] = v
+    return twin
 
 
 def _size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:

@@ -266,7 +266,7 @@ class EvoRuntime:
         analysis hooks and perturbs the modules the variant shares with it). A thread waiting
         here counts as idle: two threads that both need a variant do not wait for each other."""
         v = self.variants.get(key)
-        if v is not None:
+        if v is not None and not v.stale():
             return v
         me = threading.get_ident()
         with self._gate:
@@ -276,6 +276,9 @@ class EvoRuntime:
             while self._builder is not None:
                 self._gate.wait()
             v = self.variants.get(key)
+            if v is not None and v.stale():
+                del self.variants[key]
+                v = None
             if v is None:
                 self._builder = me
                 while self._inside:            # the others' forwards end; new ones wait
@@ -479,6 +482,13 @@ class SizeVariant:
         self.blocks = blocks
         self.pairs = pairs
         self.seconds = seconds          # what building it cost (the first call's extra time)
+        self.classes = tuple((orig, type(orig)) for orig, _, _ in pairs)
+
+    def stale(self) -> bool:
+        """Whether a module the twin copied has changed class since it was built
+        (``torch.nn.utils.parametrize`` on a block's own parameter makes a subclass and moves
+        the parameter): the twin's copy lacks the change; a new twin is converted instead."""
+        return any(type(orig) is not cls for orig, cls in self.classes)
 
     def sync(self):
         """The model's train/eval modes, and the buffers ``.to()``/``.half()`` replaced on the
