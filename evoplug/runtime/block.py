@@ -398,7 +398,7 @@ class EvoBlockMixin:
         if sel is None or sel.top.shape[-1] != P + S + k or since % opt.reselect_every == 0:
             g = ev.current_scores(g, sel)
             sel = ev.select(g, k, P + S, C, opt.representative and k < M, spec.needs_pos,
-                            spec.near_ties)
+                            spec.near_ties, ev.tie_window(x))
             since = 0
         rep = ev.representative(x, sel)
         return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)

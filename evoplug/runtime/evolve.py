@@ -693,12 +693,31 @@ class Selection(NamedTuple):
     #                             token's: the best token not kept), for position terms
 
 
+#: the relative window within which scores are ties (:func:`tie_window`), by the precision the
+#: block computes in; 3e-7 (a few float32 ulps) for every other
+_TIE_WINDOWS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+def tie_window(x: Tensor) -> float:
+    """Scores within this (relative) of each other are ties at the cut and at the
+    representative token's place (:func:`_ties_at_cut`, :func:`_rep_position`): a few float32
+    ulps, 3e-7, where the block computes in float32 or float64. In half precision (the tokens',
+    or autocast's) the scores move with the batch's rounding by far more (a flat image region:
+    tied tokens 2.6e-5 apart in bfloat16, 2e-6 in float16, by the batch), and an image's kept
+    tokens followed its batch (off by 0.33, audit N of the twenty-fifth session): about a 64th
+    of the dtype's epsilon there, 1.2e-4 and 1.5e-5. A Python float: no op."""
+    dtype, device = x.dtype, x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    return _TIE_WINDOWS.get(dtype, 3e-7)
+
+
 def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, with_pos: bool,
-           near_ties: bool = False) -> Selection:
+           near_ties: bool = False, window: float = 3e-7) -> Selection:
     """Top-k of the scores g (B, 1, N): the prefix tokens (ranked first) and the ``k`` best
     patch tokens, sorted by score; with ``with_rep``, the weights of the representative token
     r = sum_j w_j x_j over the tokens not kept, w_j = g_j / sum g. ``near_ties``: scores within
-    3e-7 (relative) of the cut are ties (:func:`_ties_at_cut`)."""
+    ``window`` (relative, :func:`tie_window`) of the cut are ties (:func:`_ties_at_cut`)."""
     B = g.shape[0]
     n = num_prefix + k
     take = n + 1 if (with_pos and with_rep) else n
@@ -708,12 +727,12 @@ def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, wi
     # torch.export, PVTv2-b0's output by 0.13 until the twenty-second session). An ONNX export
     # keeps topk: ONNX has no stable sort, and its TopK takes tied values in index order by its spec
     onnx = _onnx_export()
-    ranked = _ties_at_cut(g, n) if near_ties and n < g.shape[-1] else g
+    ranked = _ties_at_cut(g, n, window) if near_ties and n < g.shape[-1] else g
     vals, top = ranked.topk(take, -1) if onnx else ranked.sort(dim=-1, descending=True, stable=True)
     if with_pos and with_rep and not onnx and top.shape[-1] > take:
         parts = [n, g.shape[-1] - n]             # one split each: 2 ops, not 4 slices
         (vals, rest_v), (top, rest_i) = vals.split(parts, -1), top.split(parts, -1)
-        pos = torch.cat([top, _rep_position(rest_v, rest_i, g.shape[-1])], -1).view(B, take)
+        pos = torch.cat([top, _rep_position(rest_v, rest_i, g.shape[-1], window)], -1).view(B, take)
     else:
         pos = top[..., :take].view(B, take) if with_pos else None
         vals, top = vals[..., :n], top[..., :n]
@@ -733,8 +752,8 @@ def _onnx_export() -> bool:
     return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
-def _ties_at_cut(g: Tensor, n: int) -> Tensor:
-    """The scores g (B, 1, N) with those within 3e-7 (relative: a few ulps) of the n-th
+def _ties_at_cut(g: Tensor, n: int, window: float = 3e-7) -> Tensor:
+    """The scores g (B, 1, N) with those within ``window`` (relative: a few ulps) of the n-th
     largest set to it, so the stable sort takes them by token index. Scores spread from a
     reduced map tie by the map's symmetry (a row [a, b, b, b] upsampled, then pooled onto the
     next stage, gives tokens at transposed places equal scores) but are computed in another
@@ -745,13 +764,13 @@ def _ties_at_cut(g: Tensor, n: int) -> Tensor:
         kth = g.topk(n, -1).values[..., -1:]
     else:
         kth = g.kthvalue(g.shape[-1] - n + 1, -1, keepdim=True).values
-    return torch.where((g - kth).abs() <= kth * 3e-7, kth, g)
+    return torch.where((g - kth).abs() <= kth * window, kth, g)
 
 
-def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
+def _rep_position(vals: Tensor, idx: Tensor, tokens: int, window: float = 3e-7) -> Tensor:
     """Where the representative token sits (a map block's 2-D ops see it there): the best
-    token not kept, the lowest index among those within 3e-7 of its score (relative: a few
-    ulps). Scores spread back from a reduced map tie to within a few ulps, which an image's
+    token not kept, the lowest index among those within ``window`` of its score (relative: a
+    few float32 ulps, :func:`tie_window`). Scores spread back from a reduced map tie to within a few ulps, which an image's
     batch moves: the best one by the sort alone moved with the batch, and SegFormer's features
     by up to 3.0. A wider window (1e-5) let input noise of 1e-3 move the place across the map,
     and PVTv2's output by 0.6 (tests/test_check.py's fragile selection) (vals, idx: the
@@ -759,7 +778,7 @@ def _rep_position(vals: Tensor, idx: Tensor, tokens: int) -> Tensor:
     (B, 1, 1))."""
     # (masked_fill of the far ones: no scalar tensor for torch.where; a NaN best score gives
     # the lowest index not kept, not an index out of range)
-    return idx.masked_fill(vals < vals[..., :1] * (1.0 - 3e-7), tokens).amin(-1, keepdim=True)
+    return idx.masked_fill(vals < vals[..., :1] * (1.0 - window), tokens).amin(-1, keepdim=True)
 
 
 def representative(x: Tensor, sel: Selection) -> Optional[Tensor]:
