@@ -485,3 +485,23 @@ def test_what_the_padding_holds_does_not_move_the_real_tokens_of_torch_layers(ba
     with torch.no_grad():
         torch.testing.assert_close(model(x, pad), model(other, pad))
         torch.testing.assert_close(fast(x, pad), fast(other, pad), atol=1e-5, rtol=1e-5)
+
+
+def test_a_mask_per_image_and_head_for_torch_layers_is_refused_by_name():
+    """A 3-D ``src_mask`` (batch * heads, N, N): converted at one image it was taken for a
+    shared per-head term and failed at 3 images with a bare expand error mid-forward; at 2 images
+    the refusal blamed a tensor built from the token count. Refused by name, saying what is
+    gathered (twenty-fifth session)."""
+    class PerHead(_MaskedEncoder):
+        def forward(self, x):
+            x = self.embed(x).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1) + self.pos
+            mask = self.src_mask.expand(x.shape[0] * 4, -1, -1)
+            for block in self.blocks:
+                x = block(x, src_mask=mask)
+            return self.head(x[:, 0])
+
+    model = PerHead(False, True, False).eval()
+    with pytest.raises(evoplug.errors.ConversionError, match=r"`blocks.0`: nn.MultiheadAttention "
+                       r"`self_attn` is given a 3-D attn_mask \(4, 17, 17\)"):
+        evoplug.convert(model, example_input=torch.randn(1, 3, 32, 32))

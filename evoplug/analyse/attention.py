@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from .graph import (ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of,
-                    value_dependent)
+                    shape_of, value_dependent)
 
 
 @dataclasses.dataclass
@@ -83,6 +83,12 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             site = AttentionSite("mha", n, q=n.args[0] if n.args else n.kwargs.get("query"),
                                  k=n.args[1] if len(n.args) > 1 else n.kwargs.get("key"), mask=mask)
             if isinstance(mask, fx.Node):
+                shape = shape_of(mask)
+                if shape is not None and len(shape) == 3:
+                    raise AnalysisError(name, f"nn.MultiheadAttention `{n.target}` is given a 3-D "
+                                              f"attn_mask {tuple(shape)} (one per image and head): "
+                                              "evoplug gathers a (N, N) attn_mask and a (B, N) "
+                                              "key_padding_mask for the kept tokens")
                 site.biases, site.arg_terms = _logit_terms(mask, values)
             sites.append(site)
         elif is_softmax(gm, n):

@@ -234,7 +234,8 @@ def _attention_site(gm: fx.GraphModule, name: str, attn_mods: Set[int]) -> Atten
         return find_attention(gm, name)
     except AnalysisError:
         hidden = [n.target for n in gm.graph.nodes if n.op == "call_module"
-                  and id(gm.get_submodule(n.target)) in attn_mods]
+                  and id(gm.get_submodule(n.target)) in attn_mods
+                  and not isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
         if not hidden:
             raise
     sub = gm.get_submodule(hidden[0])
