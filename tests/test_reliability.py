@@ -5,6 +5,7 @@ import contextlib
 import copy
 import random
 import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -1242,3 +1243,29 @@ def test_the_model_called_from_a_hook_on_its_own_block_leaves_the_outer_forward_
     assert [t for _, t in evoplug.tokens_per_block(fast)] == runs
     torch.testing.assert_close(outer, alone, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inner[0], flipped, atol=1e-5, rtol=1e-5)
+
+
+def test_a_forward_that_raises_between_handed_on_blocks_warns_of_nothing_it_did_not_do():
+    """A forward that raises inside a block whose input was handed on (a user hook on its
+    MLP): PyTorch silences an error of the entry's always-called exit hook into a warning, and
+    the exit took the traceback's hold on the block outputs for something outside the blocks
+    keeping them past a training forward (audit M of the twenty-fourth session). The user's
+    error comes alone now, and the next forward is right."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=6, embed_dim=64, num_heads=4).eval()
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    want = fast(x)
+
+    def fail(module, args, output):
+        raise ValueError("the user's hook failed")
+    handle = fast.blocks[4].mlp.register_forward_hook(fail)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="the user's hook failed"):
+            fast(x)
+    handle.remove()
+    assert not [str(w.message) for w in seen]
+    torch.testing.assert_close(fast(x), want)

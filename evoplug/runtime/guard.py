@@ -89,10 +89,13 @@ class SegmentGuard(TorchFunctionMode):
         torch._C._push_on_torch_function_stack(self)
         self.on_stack = True
 
-    def finish(self, output):
+    def finish(self, output, raised: bool = False):
         """The model's forward returns ``output``: watched tensors in it are replaced by their
         restored tokens; one kept elsewhere without autograd (a list the forward filled) is
-        restored in place; the guard leaves the stack. Returns the output to hand back."""
+        restored in place; the guard leaves the stack. Returns the output to hand back.
+        ``raised``: the forward raised; the frames of its traceback still hold its block
+        outputs, which are no holders outside the blocks (the error said so, untrue, in a
+        warning PyTorch made of it; audit M of the twenty-fourth session)."""
         if self.on_stack:
             self.off()
         self.suspended = False
@@ -119,7 +122,7 @@ class SegmentGuard(TorchFunctionMode):
                 t.set_(fixed.detach().clone())
         t = e = None
         self.watched.clear()
-        name = _kept_outside(graphed, returned)
+        name = None if raised else _kept_outside(graphed, returned)
         del graphed
         if name is not None:
             raise EvoplugError(

@@ -639,5 +639,5 @@ class EntryHook:
             cur = None
             guard = getattr(local, "guard", None)
             if guard is not None and (guard.watched or guard.on_stack) and not self.runtime.entered():
-                return guard.finish(output)
+                return guard.finish(output, raised=sys.exc_info()[0] is not None)
         return None
