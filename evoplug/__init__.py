@@ -7,8 +7,8 @@
 """
 from . import integrations  # noqa: F401  registers evoplug's own model families
 from . import quality  # noqa: F401  agreement with the dense model (outputs, agreement, top1)
-from .api import (ConversionReport, convert, example_input, explain, get_report, input_size,
-                  is_converted, revert, set_keep_ratio, set_options, tokens_per_block)
+from .api import convert, example_input, input_size, revert, set_keep_ratio, set_options
+from .report import ConversionReport, explain, get_report, is_converted, tokens_per_block
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations.registry import (FamilyHints, register_family, register_leaf_function,
                                     register_leaf_module)

@@ -1,0 +1,213 @@
+"""What a conversion found and did: the report on the converted model, the table
+:func:`explain` prints, and the tokens each block ran in the last forward."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .errors import ConversionError
+from .options import EvoOptions
+from .runtime import evolve as ev
+from .runtime.block import BlockSpec, EvoBlockMixin
+
+if TYPE_CHECKING:
+    from .analyse.block import BlockAnalysis
+
+
+@dataclasses.dataclass(eq=False)
+class ConversionReport:
+    """What :func:`convert` found and did; ``str()`` is the table :func:`explain` prints.
+    Compared by identity (the report of one conversion; hashable)."""
+    model_class: str
+    _options: EvoOptions               # (read-only ``options``; evoplug.set_options changes it)
+    blocks: List[BlockSpec]
+    failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
+    skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
+    entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/state.py EntryHook)
+    #: top-1 agreement with the dense model per global query, when ``convert(images=...)`` chose
+    query_agreement: Optional[Dict[str, float]] = None
+    #: converted blocks no longer in the model (timm's ``prune_intermediate_layers``, a block
+    #: replaced or deleted after conversion), as of the last :func:`get_report`
+    removed: List[str] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        return format_report(self)
+
+    def __repr__(self) -> str:
+        return (f"<ConversionReport of {self.model_class}: {len(self.blocks)} block(s) converted, "
+                f"{len(self.failed)} not converted, {len(self.skipped)} skipped; {self._options}>")
+
+    @property
+    def options(self) -> EvoOptions:
+        """The options in force (frozen, and not assignable: :func:`set_options` changes them,
+        and the runtime with them)."""
+        return self._options
+
+    @options.setter
+    def options(self, value):
+        raise AttributeError("the options of a converted model change with "
+                             "evoplug.set_options(model, ...), which checks them and tells the "
+                             "runtime; assigning the report's would only change what explain() says")
+
+    def __setstate__(self, state):
+        if "options" in state:          # (a report pickled before the twenty-second session)
+            state["_options"] = state.pop("options")
+        self.__dict__.update(state)
+
+    @property
+    def unscored(self) -> List[str]:
+        """The evolving blocks no global scores reach under the options in force: they run
+        every token (``explain()`` marks them; a strict conversion refuses them)."""
+        idle = unscored([s.analysis for s in self.blocks], [s.role for s in self.blocks],
+                        [s.index for s in self.blocks if s.starts_stream])
+        return [self.blocks[i].name for i in idle]
+
+
+def gives_row(a: BlockAnalysis) -> bool:
+    """Whether the block's programs return a global attention row (windowed attention whose
+    windows could not be mapped back to the tokens gives none)."""
+    return not a.windowed or a.row_full
+
+
+def unscored(analyses, roles, starts=()) -> List[int]:
+    """Positions of the evolving blocks that no global scores reach: they run every token, as
+    the runtime's ``EvoBlockMixin._evolve`` does when it holds no scores. Follows the scores
+    the way the runtime carries them: started by the scoring block's row (or restarted by the
+    first block with a row), kept through row-less blocks, pooled onto a new stage's grid when
+    both grids are known, lost otherwise."""
+    out, have, prev = [], False, None
+    for i, (a, role) in enumerate(zip(analyses, roles)):
+        if i in starts:       # another token stream: its scores start again
+            have = False
+        if role == "dense":
+            continue
+        if role == "evolve" and have and a.num_tokens != prev.num_tokens:
+            have = ev.can_carry(prev.grid, a.grid) and not (prev.num_suffix or a.num_suffix)
+        if role == "score" or not have:
+            if role == "evolve":
+                out.append(i)
+            have = gives_row(a)
+        prev = a
+    return out
+
+
+def is_converted(model: nn.Module) -> bool:
+    """Whether ``model`` (or a module inside it) holds blocks converted by evoplug."""
+    return any(isinstance(m, EvoBlockMixin) for m in model.modules())
+
+
+def get_report(model: nn.Module) -> ConversionReport:
+    report = getattr(model, "_evoplug_report", None)
+    if report is None:
+        # a wrapper (AveragedModel, timm's ModelEma, DDP, Sequential) holding a converted model
+        inner = next((n for n, m in model.named_modules()
+                      if n and getattr(m, "_evoplug_report", None) is not None), None)
+        hint = f"; `{inner}` inside it is: pass that (model.{inner})" if inner else ""
+        block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
+        if not inner and block is not None:
+            # (peft's merge_and_unload of a converted PeftModel: the blocks still evolve, the
+            # report stayed on the wrapper; audit O of the twenty-fifth session)
+            hint = (f"; it holds blocks converted as part of another model (`{block}`): the "
+                    "model evoplug.convert was given (a wrapper, such as peft's PeftModel before "
+                    "merge_and_unload, or a model this one was taken out of) has the report: pass "
+                    "that, or convert an unconverted copy of this one")
+        raise ConversionError(f"{type(model).__name__} was not converted by evoplug{hint}")
+    report.removed = [b.name for b in report.blocks if not _still_in(model, b)]
+    return report
+
+
+def _still_in(model: nn.Module, spec: BlockSpec) -> bool:
+    """Whether the converted block ``spec`` is still where the conversion found it."""
+    try:
+        return getattr(model.get_submodule(spec.name), "_evoplug_spec", None) is spec
+    except AttributeError:
+        return False
+
+
+def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
+    """Tokens each converted block ran through its attention and MLP in the last forward
+    (-1: the block's original forward ran)."""
+    report = get_report(model)
+    return [(s.analysis.name, s.tokens_run) for s in report.blocks if s.name not in report.removed]
+
+
+def format_report(report: ConversionReport) -> str:
+    o = report.options
+    lines = [f"evoplug: {report.model_class} - {len(report.blocks)} block(s) converted, "
+             f"keep_ratio={o.keep_ratio}, trade_off={o.trade_off}, reselect_every={o.reselect_every}, "
+             f"representative={'on' if o.representative else 'off'}"]
+    hdr = ("block", "role", "tokens", "prefix", "attention", "position terms")
+    rows = []
+    analyses = [s.analysis for s in report.blocks]
+    idle = unscored(analyses, [s.role for s in report.blocks],
+                    [s.index for s in report.blocks if s.starts_stream])
+    for s in report.blocks:
+        a = s.analysis
+        role = {"dense": "dense", "score": "dense + scores", "evolve": "evolving"}[s.role]
+        if s.starts_stream:
+            role += " (new stream)"
+        special = a.num_prefix + a.num_suffix
+        M = a.num_tokens - special
+        k = ev.num_keep(M, o.keep_ratio)
+        toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle or k >= M else \
+            f"{special + k + (1 if o.representative else 0)}/{a.num_tokens}"
+        if s.index in idle:
+            role = "evolving, no scores: dense"
+        if s.name in report.removed:
+            role, toks = "removed after conversion", "-"
+        rows.append((a.name, role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
+                     str(a.num_prefix), a.attention,
+                     "; ".join(a.position_terms) or "-"))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    lines.append(fmt.format(*hdr))
+    lines.append(fmt.format(*("-" * w for w in widths)))
+    lines.extend(fmt.format(*r) for r in rows)
+    if report.blocks:
+        a = report.blocks[0].analysis
+        trailing = f", trailing tokens: {a.num_suffix}" if a.num_suffix else ""
+        lines.append(f"prefix tokens: {a.num_prefix}{trailing} ({a.prefix_source}); global query: {a.global_query}; "
+                     f"q=`{a.q}`, k=`{a.k}` in the first block")
+        if report.query_agreement:
+            lines.append("global query chosen on the calibration images (top-1 agreement with dense: "
+                         + ", ".join(f"{q} {v:.1%}" for q, v in report.query_agreement.items()) + ")")
+        br = "; ".join(f"{b.role} branch at `{b.add}`: {' -> '.join(b.path) or '(ops)'}" for b in a.branches)
+        lines.append(f"residual stream of `{a.name}`: {br}")
+        for note in a.notes:
+            lines.append(f"note: {note}")
+    if idle:
+        lines.append(f"WARNING: {unscored_reason(analyses, idle)}")
+    if report.removed:
+        left = [s for s in report.blocks if s.name not in report.removed and s.role == "evolve"
+                and s.index not in idle]
+        lines.append(f"WARNING: {len(report.removed)} converted block(s) are no longer in the model "
+                     f"({', '.join(report.removed)})" + (
+                         "" if left or o.keep_ratio >= 1 else
+                         "; none of the blocks left evolves its tokens: the model runs as the "
+                         "original (convert after removing blocks)"))
+    for name, reason in report.failed:
+        lines.append(f"NOT converted `{name}`: {reason}")
+    for name, reason in report.skipped:
+        lines.append(f"left alone `{name}`: {reason}")
+    return "\n".join(lines)
+
+
+def explain(model: nn.Module) -> str:
+    """A readable table of what evoplug found in a converted model and what it does."""
+    return format_report(get_report(model))
+
+
+def unscored_reason(analyses, idle) -> str:
+    names = ", ".join(f"`{analyses[i].name}`" for i in idle[:3]) + (" ..." if len(idle) > 3 else "")
+    rowless = [a for a in analyses[:idle[-1] + 1] if not gives_row(a)]
+    why = next((n for a in rowless for n in a.notes if n.startswith("windows not mapped")), "")
+    if rowless:
+        where = (f"blocks without one: {', '.join(f'`{a.name}`' for a in rowless[:3])}"
+                 f"{' ...' if len(rowless) > 3 else ''}{'; ' + why if why else ''}")
+    else:    # every block before gives a row, but the scores restart across a change of tokens
+        where = "the scores start again where the token set changes, with nothing before to score it"
+    return (f"{len(idle)} evolving block(s) ({names}) would run every token: no global attention "
+            f"row reaches them ({where}). Set start_block later, or strict=False to convert "
+            "anyway (explain() marks them)")
