@@ -437,3 +437,17 @@ def test_options_that_contradict_the_model_are_told():
                            trade_off=lambda: torch.tensor(0.3))
     with torch.no_grad():
         assert torch.isfinite(fast(x)).all()
+
+
+def test_the_default_input_of_a_timm_model_has_its_channels():
+    """timm's data config keeps the pretrained 3 channels of a model built with ``in_chans=1``:
+    the default example input had 3 and the conversion was refused (audit S of the
+    twenty-fifth session); the channels come from the patch embedding now."""
+    from timm.models.vision_transformer import VisionTransformer
+    model = VisionTransformer(img_size=32, patch_size=8, in_chans=1, embed_dim=64, depth=3,
+                              num_heads=4).eval()
+    assert tuple(evoplug.example_input(model).shape) == (1, 1, 32, 32)
+    fast = evoplug.convert(model)
+    with torch.no_grad():
+        fast(torch.randn(2, 1, 32, 32))
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10]

@@ -76,3 +76,30 @@ def test_tuple_output_and_tuple_argument():
         layer(torch.randn(1, 37, 32), (model.cos, model.sin, model.sin))
     with pytest.raises(ValueError):
         model.blocks[1](torch.randn(1, 37, 32), (model.cos, model.sin, model.sin))
+
+
+def test_a_key_mask_after_a_pair_mask_evolves_and_keeps_images_apart():
+    """timm's ``VisionTransformer(x, attn_mask=...)`` with a shared (1, 1, N, N) pair mask, then
+    a key mask (B, 1, 1, N) or (1, 1, 1, N): a key mask was gathered by token into rank 5, a
+    bare shape error inside the program after the pair mask's twin, and a shared key mask ran
+    every block densely with a warning blaming positions built from the token count (audit S of
+    the twenty-fifth session). Both are gathered as (..., 1, N) logit terms now."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                              num_classes=10).eval()
+    x, n = torch.randn(4, 3, 32, 32), 17
+    keys = torch.ones(4, 1, 1, n, dtype=torch.bool)
+    keys[1, ..., 10:] = False
+    keys[3, ..., 4:9] = False
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        for mask in (torch.randn(1, 1, n, n), keys, keys[1:2], keys[3:4]):
+            evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+            torch.testing.assert_close(fast(x, attn_mask=mask), model(x, attn_mask=mask),
+                                       atol=1e-5, rtol=1e-5)
+            evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+            out = fast(x, attn_mask=mask)
+            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+            one = mask if mask.shape[0] == 1 else mask[1:2]
+            torch.testing.assert_close(fast(x[1:2], attn_mask=one), out[1:2], atol=1e-5, rtol=1e-5)

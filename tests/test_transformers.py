@@ -801,3 +801,16 @@ def test_a_form_twin_is_converted_on_two_images_of_a_large_batch():
     assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
     assert len(seen) == 1 and torch.equal(seen[0]["attention_mask"], mask[[0, 4]])
     assert torch.equal(seen[0]["labels"], y[[0, 4]])
+
+
+def test_explain_notes_a_value_not_evaluated_in_one_line():
+    """A traced value the tracer could not evaluate on another example is noted by the first
+    line of torch's error: explain() carried its whole text ("While executing ...", "Original
+    traceback", a tlparse link), twice per block (audit T of the twenty-fifth session)."""
+    config = T.SegformerConfig(image_size=32, num_encoder_blocks=2, depths=[2, 2], sr_ratios=[2, 1],
+                               hidden_sizes=[32, 64], num_attention_heads=[1, 2])
+    torch.manual_seed(0)
+    fast = evoplug.convert(T.SegformerModel(config).eval(), example_input=torch.randn(1, 3, 32, 32))
+    text = evoplug.explain(fast)
+    assert "not evaluated on another example (" in text
+    assert "While executing" not in text and "tlparse" not in text

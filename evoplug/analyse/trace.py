@@ -147,7 +147,11 @@ class BlockTracer(fx.Tracer):
         try:
             return kind(self._evaluate(node, example))
         except RuntimeError as e:
-            self.specialised.append(f"{node.name}: not evaluated on another example ({e})")
+            # (the first line: torch's text goes on with "While executing ..." and a traceback)
+            first = str(e).strip().split("\n")[0]
+            note = f"{node.name}: not evaluated on another example ({first})"
+            if note not in self.specialised:
+                self.specialised.append(note)
             return unknown
 
     def trace(self, root, concrete_args=None):
@@ -328,6 +332,20 @@ def _install_tracing_patches():
     F._none_or_dtype = dtype_of(_PATCHED[-1][2])
 
 
+def _python_numbers(graph: fx.Graph):
+    """NumPy scalars in the graph's arguments as Python numbers: fx prints them as
+    ``np.float64(...)`` in the code it generates, where ``np`` is no name (MMPretrain's
+    SwinTransformerV2 clamps by ``np.log(1 / 0.01)``: a NameError out of the generated code,
+    past every refusal; audit V of the twenty-fifth session)."""
+    def plain(a):
+        return a.item() if type(a).__module__ == "numpy" and hasattr(a, "item") and \
+            getattr(a, "ndim", None) == 0 else a
+    for n in graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            n.args = torch.utils._pytree.tree_map(plain, n.args)
+            n.kwargs = torch.utils._pytree.tree_map(plain, n.kwargs)
+
+
 def _is_guard(frame) -> bool:
     """Whether the ``bool()`` being traced is the condition of a check: a conditional jump
     whose other path only raises (``assert``, also as pytest rewrites it, or ``if bad: raise``).
@@ -467,6 +485,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                           f"modules kept whole: {type(second).__name__}: "
                                           f"{second})") from None
         _drop_constant_asserts(graph)
+        _python_numbers(graph)
         _split_baddbmm(graph)
         if plan.token_perm:
             _cancel_permutes(graph)

@@ -843,7 +843,10 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
     (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
     size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
     subset's P + S special tokens come first)."""
-    if t.dim() >= 2 and t.shape[-1] == N and t.shape[-2] == N:
+    if (t.dim() >= 2 and t.shape[-2:] == (N, N)) or (t.dim() == 4 and t.shape[-2:] in ((1, N), (N, 1))):
+        # (a key mask (B or 1, 1, 1, N) too: gathered per token it came out of rank 5, a shape
+        # error in the program after a twin analysed on a (1, 1, N, N) mask; audit S of the
+        # twenty-fifth session)
         return ev.gather_pair_bias(t, pos)
     first = 1 if batched and t.shape[0] in (1, pos.shape[0]) else 0    # (not the batch dim)
     for dim, size in enumerate(t.shape[first:], first):

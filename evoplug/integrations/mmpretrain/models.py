@@ -84,13 +84,17 @@ def convert_backbone(backbone: nn.Module, *, input_size=None, strict: bool = Tru
     x = example_input(backbone, input_size)
     # analyse in eval mode (the registry builds models in train mode): modules whose train()
     # adds or drops cached tensors (MMPretrain LeViT's attention-bias cache `ab`) are then
-    # traced in the state their eval program reads; the mode is restored afterwards
-    was = backbone.training
+    # traced in the state their eval program reads; every module's mode is restored afterwards,
+    # parents first, by its own train() (a backbone's frozen stages stay in eval mode: one
+    # backbone.train(was) put them in train mode, their dropout on; audit V, twenty-fifth session)
+    modes = [(m, m.training) for m in backbone.modules()]
     backbone.eval()
     try:
         evoplug.convert(backbone, inplace=True, example_input=x, strict=strict, **options)
     finally:
-        backbone.train(was)
+        for m, training in modes:
+            if m.training != training:
+                m.train(training)
     return backbone
 
 
@@ -168,6 +172,10 @@ class EvoImageClassifier(ImageClassifier):
             if evo:
                 evoplug.set_options(self.backbone, **evo)
         else:
+            if input_size is None and isinstance(backbone, Mapping):
+                # (the config's img_size: LeViT keeps none on the module, and was calibrated at
+                # 224 px whatever the config said; audit V, twenty-fifth session)
+                input_size = backbone.get("img_size")
             convert_backbone(self.backbone, input_size=input_size, strict=strict, **evo)
 
         self.mean_token_head = mean_head
