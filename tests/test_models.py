@@ -303,6 +303,19 @@ def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first
         torch.testing.assert_close(fast(x, mask), twin(x, mask), atol=1e-5, rtol=1e-5)
 
 
+def _spread_encoder(batch_first):
+    """A pre-norm ``nn.TransformerEncoder`` ViT whose weights spread the attention (PyTorch's
+    init leaves it near uniform, where any selection gives about the same output)."""
+    torch.manual_seed(0)
+    model = _TorchEncoderViT(True, True, batch_first=batch_first).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return model
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 def test_a_key_padding_mask_the_conversion_did_not_see_converts_a_twin(batch_first):
     """A model converted without ``src_key_padding_mask`` and called with one: the first layer
@@ -311,13 +324,7 @@ def test_a_key_padding_mask_the_conversion_did_not_see_converts_a_twin(batch_fir
     padded alike was converted on its first image alone, which a per-image mask cannot be
     analysed on; the failure was kept, so every later padded batch ran dense, off by 5.6 from
     the same call made in another order (audit K of the twenty-fourth session)."""
-    torch.manual_seed(0)
-    model = _TorchEncoderViT(True, True, batch_first=batch_first).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    model = _spread_encoder(batch_first)
     x = torch.randn(3, 3, 32, 32)
     alike = torch.zeros(3, 65, dtype=torch.bool)
     alike[:, 40:] = True
@@ -469,13 +476,7 @@ def test_what_the_padding_holds_does_not_move_the_real_tokens_of_torch_layers(ba
     attention and padded queries stay out of the mean query. The row left the mask out before
     the twenty-fifth session, so the padding's content chose the kept tokens and moved the real
     ones' outputs (by 0.56 with the class token as the query, 1.39 with the mean query)."""
-    torch.manual_seed(0)
-    model = _TorchEncoderViT(True, True, batch_first=batch_first).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    model = _spread_encoder(batch_first)
     x = torch.randn(2, 3, 32, 32)
     pad = torch.zeros(2, 65, dtype=torch.bool)
     pad[:, 41:] = True                   # the patches of image rows 20 to 31
