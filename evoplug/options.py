@@ -62,7 +62,9 @@ def read_trade_off(alpha: Callable[[], Any]) -> Any:
         else:   # (compiled, exported or on an accelerator: checked by the device, no wait)
             torch._assert_async((a >= 0) & (a <= 1), "evoplug: trade_off() must give a number "
                                                       "in [0, 1]")
-        return a
+        # (the scores are float32 whatever the model's dtype: a float64 or half-precision alpha
+        # failed torch.lerp's dtype check; audit Z of the twenty-fifth session)
+        return a if a.dtype == torch.float32 else a.float()
     v = _real("trade_off()", a)
     if not 0.0 <= v <= 1.0:
         raise ValueError(f"trade_off() must give a number in [0, 1], got {a!r}")

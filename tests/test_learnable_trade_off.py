@@ -151,3 +151,23 @@ def test_an_out_of_range_learnable_trade_off_is_refused_compiled_and_exported_to
         torch.compile(fast, backend="eager")(x)
     with pytest.raises(RuntimeError, match=r"in \[0, 1\]"):     # exporting or running it
         torch.export.export(fast, (x,)).module()(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_learnable_trade_off_in_a_model_of_another_dtype_learns(dtype):
+    """A learnable trade-off kept in the model follows its dtype; the scores are float32, and
+    ``torch.lerp`` refused a float64 or (without a class token) half-precision weight: every
+    forward raised (audit Z of the twenty-fifth session). It is read as float32, its gradient
+    kept."""
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=6, num_heads=4,
+                              num_classes=10, class_token=False, global_pool="avg")
+    model.evo_alpha = SigmoidAlpha()
+    model = model.to(dtype)
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    fast = evoplug.convert(model, keep_ratio=0.5, trade_off=model.evo_alpha, reselect_every=1,
+                           example_input=x[:1])
+    fast.train()
+    fast(x).float().sum().backward()
+    assert fast.evo_alpha.logit.grad is not None and fast.evo_alpha.logit.grad.dtype == dtype
