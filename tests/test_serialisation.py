@@ -115,6 +115,23 @@ def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added(na
         torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["pvt_v2_b0"])     # (Swin's own buffers stay on meta, dense too)
+def test_a_meta_model_loaded_with_assign_gets_the_buffers_the_conversion_added(name):
+    """``model.to('meta')`` then ``load_state_dict(state, assign=True)``: no checkpoint holds the
+    buffers the conversion added, so they stayed on the meta device and the first forward failed
+    with a bare device error (audit Y of the twenty-fifth session). A converted block's load
+    gives them the values the conversion computed, on the loaded tensors' device."""
+    model, fast, x = _convert(name)
+    with torch.no_grad():
+        want = fast(x)
+    state = fast.state_dict()
+    fast.to("meta")
+    fast.load_state_dict(state, assign=True)
+    assert not [n for n, b in fast.named_buffers() if b.is_meta]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+
+
 def test_the_report_and_its_parts_have_a_short_repr_and_compare_by_identity():
     """repr() of a report (a notebook cell, a debugger, ``print([report])``) raised
     AttributeError: the dataclass' own repr read the calibration call the conversion drops

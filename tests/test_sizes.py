@@ -679,3 +679,45 @@ def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentr
         set_reentrant_ckpt(before)
     assert [t for _, t in evoplug.tokens_per_block(ckpt)][-1] < 36
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def _forward_in_child(model, x, queue):
+    torch.set_num_threads(1)
+    with torch.no_grad():
+        queue.put(model(x).sum().item())
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
+    """A child process forked (DataLoader workers, multiprocessing's default on Linux) while
+    another thread of the parent was inside the model's forward: that thread does not exist in
+    the child, and its count held the child's twin build waiting forever (audit Y of the
+    twenty-fifth session). A forked child resets the runtime's thread bookkeeping."""
+    import multiprocessing
+    import threading
+    model = _pvt()
+    small, large = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=small[:1])
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(module, args, output):
+        inside.set()
+        release.wait(60)
+    handle = fast.stages[3].register_forward_hook(hold)
+    with torch.no_grad():
+        worker = threading.Thread(target=lambda: fast(small))
+        worker.start()
+        assert inside.wait(60)
+        handle.remove()
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        child = context.Process(target=_forward_in_child, args=(fast, large, queue))
+        child.start()
+        child.join(120)
+        hung = child.is_alive()
+        if hung:
+            child.kill()
+        release.set()
+        worker.join()
+        assert not hung and child.exitcode == 0
+        assert abs(queue.get(timeout=10) - fast(large).sum().item()) <= 1e-3

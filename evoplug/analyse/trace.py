@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import inspect
 import operator
+import os
 import random
 import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
@@ -302,6 +303,24 @@ def _no_python_random():
                 for mod, n, f in _PATCHED:
                     setattr(mod, n, f)
                 _PATCHED.clear()
+
+
+def _after_fork():
+    """A child forked while another thread traced: that thread does not exist there; the lock it
+    may hold is new, and the functions patched for it are restored."""
+    global _TRACING_LOCK
+    _TRACING_LOCK = threading.Lock()
+    me = threading.get_ident()
+    for ident in [i for i in _TRACING if i != me]:
+        del _TRACING[ident]
+    if not _TRACING:
+        for mod, n, f in _PATCHED:
+            setattr(mod, n, f)
+        _PATCHED.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _install_tracing_patches():

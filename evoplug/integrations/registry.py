@@ -17,6 +17,7 @@ conventions); hints registered later are asked first.
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -86,6 +87,15 @@ def bool_attribute(name: str) -> Callable[[nn.Module], Optional[bool]]:
 
 
 _LOCK = threading.Lock()
+
+
+def _new_lock():                # (a child forked while another thread held it)
+    global _LOCK
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_lock)
 _FAMILIES: List[FamilyHints] = []          # asked in this order
 _BUILT_IN: List[FamilyHints] = []          # evoplug's own, asked after the users'
 _LEAF_MODULES: List[type] = []

@@ -33,7 +33,8 @@ def _notrace_functions() -> Tuple:
 def _input_size(model: nn.Module) -> Optional[InputSize]:
     """The size the model was built for (``patch_embed.img_size``; timm's data config keeps
     the pretrained size when ``img_size=`` changed it), channels from the patch embedding's
-    convolution (``in_chans=1``: the data config keeps the pretrained 3), else the data config."""
+    convolution (``in_chans=1``: the data config keeps the pretrained 3), else (a hybrid's, whose
+    convolution reads its backbone's features) from the data config."""
     from timm.data import resolve_model_data_config
     chans, h, w = resolve_model_data_config(model)["input_size"]
     for where in ("", "model."):       # a features_only wrapper (FeatureGetterNet) holds `model`
@@ -43,7 +44,8 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
         if size is not None:
             h, w = (size, size) if isinstance(size, int) else tuple(size)
             proj = getattr(embed, "proj", None)
-            chans = getattr(proj, "in_channels", chans)
+            if getattr(embed, "backbone", None) is None:    # (a hybrid's proj reads features)
+                chans = getattr(proj, "in_channels", chans)
             return chans, int(h), int(w), f"`{where}patch_embed.img_size` (timm)"
     return chans, int(h), int(w), "timm's data config (`resolve_model_data_config`)"
 

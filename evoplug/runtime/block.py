@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import threading
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -273,6 +274,26 @@ class EvoBlockMixin:
         own = getattr(super(), "init_non_persistent_buffers", None)
         if own is not None:
             own()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """The block's own keys as always; then the buffers the conversion added (no checkpoint
+        holds them) that are on the meta device, after ``model.to('meta')`` and
+        ``load_state_dict(..., assign=True)``, get the values it computed, on the loaded
+        tensors' device (they stayed on meta: a bare device error in the first forward; audit Y
+        of the twenty-fifth session). ``init_non_persistent_buffers`` does it after ``to_empty``."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        spec = self.__dict__.get("_evoplug_spec")
+        if spec is None or not any(getattr(self._buffers.get(n), "is_meta", False)
+                                   for n in spec.buffer_values):
+            return
+        loaded = next((v for k, v in state_dict.items() if k.startswith(prefix) and
+                       isinstance(v, torch.Tensor) and not v.is_meta), None)
+        if loaded is None:
+            return
+        for name, value in spec.buffer_values.items():
+            cur = self._buffers.get(name)
+            if cur is not None and cur.is_meta:
+                self._buffers[name] = value.to(device=loaded.device, dtype=cur.dtype)
 
     def __prepare_scriptable__(self):
         raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.script"))
@@ -909,6 +930,15 @@ _READ_OUTSIDE = {"gradient_checkpointing"}
 
 _CLASS_CACHE: Dict[type, type] = {}
 _CLASS_LOCK = threading.Lock()
+
+
+def _new_class_lock():          # (a child forked while another thread held it: never released)
+    global _CLASS_LOCK
+    _CLASS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_class_lock)
 
 
 def evo_class(cls: type) -> type:

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import functools
 import inspect
+import os
 import sys
 import threading
 import warnings
@@ -99,6 +100,14 @@ def _tensor_key(t: torch.Tensor):
 #: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py)
 _FORWARD_STATE = ("state", "last", "untied", "direct")
 
+#: every runtime of this process (weakly): a forked child resets their thread bookkeeping
+_RUNTIMES: "weakref.WeakSet[EvoRuntime]" = weakref.WeakSet()
+
+
+def _reset_after_fork():
+    for rt in list(_RUNTIMES):
+        rt._after_fork()
+
 
 class EvoRuntime:
     """Per converted model: the current :class:`Plan`, each thread's forward in progress and
@@ -123,6 +132,18 @@ class EvoRuntime:
         # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
         self.parent: Optional["EvoRuntime"] = None
         self._no_form: Dict[tuple, str] = {}     # form twins that failed to convert: why
+        _RUNTIMES.add(self)
+
+    def _after_fork(self):
+        """In a child process forked while other threads ran the model or built a twin: they
+        do not exist there, and their counts held every twin build (and the builder's, every
+        forward) waiting forever (audit Y of the twenty-fifth session). The forking thread's own
+        forward, if it forked from inside one, still counts."""
+        me = threading.get_ident()
+        mine = self._inside.get(me, 0)
+        self._gate = threading.Condition()
+        self._inside = {me: mine} if mine else {}
+        self._builder = None
 
     def __getstate__(self):
         return {"plan": self.plan}
@@ -641,3 +662,7 @@ class EntryHook:
             if guard is not None and (guard.watched or guard.on_stack) and not self.runtime.entered():
                 return guard.finish(output, raised=sys.exc_info()[0] is not None)
         return None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
