@@ -8,6 +8,8 @@ What makes them convert: their layers' ``forward(hidden_states, **kwargs)`` is b
 keywords the call passed (runtime/call.py), and ``len()``/unpacking of a traced shape
 (``(*hidden_states.shape[:-1], -1, head_dim)``) is specialised on the calibration input like
 ``int()`` (analyse/trace.py)."""
+import warnings
+
 import pytest
 import torch
 
@@ -814,3 +816,31 @@ def test_explain_notes_a_value_not_evaluated_in_one_line():
     text = evoplug.explain(fast)
     assert "not evaluated on another example (" in text
     assert "While executing" not in text and "tlparse" not in text
+
+
+def test_a_flag_of_another_value_at_the_conversion_size_converts_a_twin():
+    """BEiT's layers read ``interpolate_pos_encoding``. A caller passing it at every size ran
+    every layer's own forward at the size the model was converted at, with a warning per layer
+    and call, and evolved at every other size (audits Q and T of the twenty-fifth session). A
+    flag of another value now converts a twin on the call, as a mask of another form does: it
+    gives what converting with the flag gives, keep 1.0 what the model gives."""
+    config = T.BeitConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=128, image_size=32, patch_size=4,
+                          use_relative_position_bias=True)
+    torch.manual_seed(0)
+    model = _randomise(T.BeitModel(config).eval())
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    direct = evoplug.convert(model, keep_ratio=0.5,
+                             example_input={"pixel_values": x[:1], "interpolate_pos_encoding": True})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _tensor(fast(x, interpolate_pos_encoding=True))
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [65, 34, 34, 34]
+        torch.testing.assert_close(out, _tensor(direct(x, interpolate_pos_encoding=True)),
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_tensor(fast(x[1:2], interpolate_pos_encoding=True)), out[1:2],
+                                   atol=1e-5, rtol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(_tensor(fast(x, interpolate_pos_encoding=True)),
+                                   _tensor(model(x, interpolate_pos_encoding=True)), atol=1e-5, rtol=1e-5)

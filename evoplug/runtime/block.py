@@ -666,11 +666,18 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     flipped = [n for n in plan.names if n not in plan.packed and (
         (n in plan.tensor_args and values.get(n) is None) or
         (n in plan.constants and plan.constants[n] is None and isinstance(values.get(n), torch.Tensor)))]
-    if not flipped:
+    # a flag of another value (transformers' BEiT layers read interpolate_pos_encoding, which a
+    # caller may pass at every size: at the conversion's size they ran their own forward, with a
+    # warning per layer and call; audits Q and T of the twenty-fifth session)
+    other = [n for n in plan.names if n not in plan.packed and n in plan.constants and n in values
+             and _plain(plan.constants[n]) and _plain(values[n]) and values[n] != plan.constants[n]]
+    if not flipped and not other:
         return None
     hook, model, cargs, ckwargs = call
     key = (input_key(cargs, ckwargs, hook.batch_dims),
-           ("form", tuple((n, values.get(n) is None) for n in flipped)))
+           ("form", tuple((n, values.get(n) is None) for n in flipped) +
+            tuple((n, "=", values[n]) for n in other)))
+    flipped = flipped + other
     if key in owner._no_form:
         return None
     make = hook._factory()
@@ -693,14 +700,19 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     except Exception as e:      # (the forward goes on as before the twins: each block its own)
         owner._no_form[key] = str(e)
         warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(flipped)} in another form "
-                      f"than when it was analysed (None or a tensor), and converting the model on "
-                      f"this call failed: {e}", stacklevel=7)
+                      f"than when it was analysed (None or a tensor, or another value), and "
+                      f"converting the model on this call failed: {e}", stacklevel=7)
         return None
     if not takes(variant):
         return None
     variant.sync()
     owner.use_variant(variant)
     return variant.blocks[spec.index]
+
+
+def _plain(v) -> bool:
+    """A flag's value (None, a bool, a number, a string): another one makes a form twin."""
+    return v is None or isinstance(v, (bool, int, float, str))
 
 
 def _following(block: nn.Module, twin: nn.Module) -> nn.Module:
