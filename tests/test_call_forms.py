@@ -103,3 +103,34 @@ def test_a_key_mask_after_a_pair_mask_evolves_and_keeps_images_apart():
             assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
             one = mask if mask.shape[0] == 1 else mask[1:2]
             torch.testing.assert_close(fast(x[1:2], attn_mask=one), out[1:2], atol=1e-5, rtol=1e-5)
+
+
+def test_a_flag_that_changes_with_every_call_converts_a_few_twins_then_runs_dense():
+    """A block flag of another value converts a twin on the call; one that changes with every
+    call (a step count) would convert one each time: after 4 values the blocks run their own
+    forward for further values, with a warning saying so (twenty-fifth session)."""
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    class StepBlock(Block):
+        def forward(self, x, step=0):
+            return super().forward(x)
+
+    class StepViT(VisionTransformer):
+        def forward(self, x, step=0):
+            x = self._pos_embed(self.patch_embed(x))
+            for block in self.blocks:
+                x = block(x, step=step)
+            return self.forward_head(self.norm(x))
+
+    torch.manual_seed(0)
+    model = StepViT(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+                    block_fn=StepBlock).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for step in range(1, 5):
+            fast(x, step=step)
+            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+        with pytest.warns(UserWarning, match="of 4 other values already"):
+            torch.testing.assert_close(fast(x, step=5), model(x, step=5))
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 4

@@ -680,6 +680,14 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     flipped = flipped + other
     if key in owner._no_form:
         return None
+    if other and len(_flag_values(owner, other)) >= _FLAG_TWINS:
+        # (a flag that changes with every call, a step count, would convert a twin each time)
+        owner._no_form[key] = "too many values"
+        warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(other)} of "
+                      f"{_FLAG_TWINS} other values already, each of which converted a twin of the "
+                      "model; for further values the blocks run their own forward (every token)",
+                      stacklevel=7)
+        return None
     make = hook._factory()
 
     def takes(variant) -> bool:
@@ -708,6 +716,17 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     variant.sync()
     owner.use_variant(variant)
     return variant.blocks[spec.index]
+
+
+#: twins converted for other values of a block's flags, at most (per flag)
+_FLAG_TWINS = 4
+
+
+def _flag_values(owner, names) -> set:
+    """The values of the flags ``names`` that form twins were converted (or tried) for."""
+    keys = list(owner.variants) + list(owner._no_form)
+    return {e for k in keys if len(k) == 2 and isinstance(k[1], tuple) and k[1][:1] == ("form",)
+            for e in k[1][1] if len(e) == 3 and e[0] in names}
 
 
 def _plain(v) -> bool:
