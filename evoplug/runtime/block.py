@@ -663,21 +663,11 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         values = plan.arguments(spec.name, args, kwargs)
     except AnalysisError:
         return None
-    flipped = [n for n in plan.names if n not in plan.packed and (
-        (n in plan.tensor_args and values.get(n) is None) or
-        (n in plan.constants and plan.constants[n] is None and isinstance(values.get(n), torch.Tensor)))]
-    # a flag of another value (transformers' BEiT layers read interpolate_pos_encoding, which a
-    # caller may pass at every size: at the conversion's size they ran their own forward, with a
-    # warning per layer and call; audits Q and T of the twenty-fifth session)
-    other = [n for n in plan.names if n not in plan.packed and n in plan.constants and n in values
-             and _plain(plan.constants[n]) and _plain(values[n]) and values[n] != plan.constants[n]]
-    if not flipped and not other:
+    flipped, other, form = _other_form(plan, values)
+    if form is None:
         return None
     hook, model, cargs, ckwargs = call
-    key = (input_key(cargs, ckwargs, hook.batch_dims),
-           ("form", tuple((n, values.get(n) is None) for n in flipped) +
-            tuple((n, "=", values[n]) for n in other)))
-    flipped = flipped + other
+    key = (input_key(cargs, ckwargs, hook.batch_dims), form)
     if key in owner._no_form:
         return None
     if other and len(_flag_values(owner, other)) >= _FLAG_TWINS:
@@ -716,6 +706,25 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     variant.sync()
     owner.use_variant(variant)
     return variant.blocks[spec.index]
+
+
+def _other_form(plan, values):
+    """How a call's arguments differ from the analysed ones in form: (the tensor arguments that
+    are None where the analysis had a tensor or the reverse, and the flags of another value; the
+    form's key, None where neither). A flag of another value: transformers' BEiT layers read
+    ``interpolate_pos_encoding``, which a caller may pass at every size: at the conversion's
+    size they ran their own forward, with a warning per layer and call (audits Q and T of the
+    twenty-fifth session)."""
+    flipped = [n for n in plan.names if n not in plan.packed and (
+        (n in plan.tensor_args and values.get(n) is None) or
+        (n in plan.constants and plan.constants[n] is None and isinstance(values.get(n), torch.Tensor)))]
+    other = [n for n in plan.names if n not in plan.packed and n in plan.constants and n in values
+             and _plain(plan.constants[n]) and _plain(values[n]) and values[n] != plan.constants[n]]
+    if not flipped and not other:
+        return flipped, other, None
+    form = ("form", tuple((n, values.get(n) is None) for n in flipped) +
+            tuple((n, "=", values[n]) for n in other))
+    return flipped + other, other, form
 
 
 #: twins converted for other values of a block's flags, at most (per flag)
