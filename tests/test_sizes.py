@@ -721,3 +721,41 @@ def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
         worker.join()
         assert not hung and child.exitcode == 0
         assert abs(queue.get(timeout=10) - fast(large).sum().item()) <= 1e-3
+
+
+def _build_in_child(spec, queue):
+    queue.put(spec.program(False, 2, (), {}))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_child_forked_while_another_thread_builds_a_program_builds_its_own():
+    """A block whose programs are per batch size builds one at a new batch size under a lock; a
+    child forked while another thread held it waited forever for that thread (twenty-fifth
+    session). The lock is new in a child."""
+    import multiprocessing
+    import os
+    import threading
+    fast = evoplug.convert(_pvt(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    spec = evoplug.get_report(fast).blocks[-1]
+    spec.batch_size, spec.program_factory = 1, lambda training, args, kwargs: "a program"
+    spec._lock_pid = os.getpid()
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with spec._program_lock:
+            held.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(60)
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_build_in_child, args=(spec, queue))
+    child.start()
+    child.join(60)
+    hung = child.is_alive()
+    if hung:
+        child.kill()
+    release.set()
+    holder.join()
+    assert not hung and queue.get(timeout=10) == "a program"

@@ -224,6 +224,11 @@ class BlockSpec:
         key = (training, batch)
         program = self.batch_programs.get(key)
         if program is None:
+            if self.__dict__.get("_lock_pid", os.getpid()) != os.getpid():
+                # (a child forked while another thread built a program: that thread's hold on
+                # the lock is never released there)
+                self._program_lock = threading.Lock()
+            self._lock_pid = os.getpid()
             with self._program_lock:   # the factory runs the compiler once per new batch size
                 program = self.batch_programs.get(key)
                 if program is None:
