@@ -681,6 +681,21 @@ def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentr
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
+def _in_forked_child(target, *args, timeout: float = 120):
+    """What ``target(*args, queue)`` puts in its queue, run in a forked child; None if the child
+    did not finish within ``timeout`` seconds (then killed) or failed."""
+    import multiprocessing
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=target, args=(*args, queue))
+    child.start()
+    child.join(timeout)
+    if child.is_alive():
+        child.kill()
+        return None
+    return queue.get(timeout=10) if child.exitcode == 0 else None
+
+
 def _forward_in_child(model, x, queue):
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -693,7 +708,6 @@ def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
     another thread of the parent was inside the model's forward: that thread does not exist in
     the child, and its count held the child's twin build waiting forever (audit Y of the
     twenty-fifth session). A forked child resets the runtime's thread bookkeeping."""
-    import multiprocessing
     import threading
     model = _pvt()
     small, large = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
@@ -709,18 +723,10 @@ def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
         worker.start()
         assert inside.wait(60)
         handle.remove()
-        context = multiprocessing.get_context("fork")
-        queue = context.Queue()
-        child = context.Process(target=_forward_in_child, args=(fast, large, queue))
-        child.start()
-        child.join(120)
-        hung = child.is_alive()
-        if hung:
-            child.kill()
+        got = _in_forked_child(_forward_in_child, fast, large)
         release.set()
         worker.join()
-        assert not hung and child.exitcode == 0
-        assert abs(queue.get(timeout=10) - fast(large).sum().item()) <= 1e-3
+        assert got is not None and abs(got - fast(large).sum().item()) <= 1e-3
 
 
 def _build_in_child(spec, queue):
@@ -732,7 +738,6 @@ def test_a_child_forked_while_another_thread_builds_a_program_builds_its_own():
     """A block whose programs are per batch size builds one at a new batch size under a lock; a
     child forked while another thread held it waited forever for that thread (twenty-fifth
     session). The lock is new in a child."""
-    import multiprocessing
     import os
     import threading
     fast = evoplug.convert(_pvt(), keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
@@ -748,14 +753,7 @@ def test_a_child_forked_while_another_thread_builds_a_program_builds_its_own():
     holder = threading.Thread(target=hold)
     holder.start()
     assert held.wait(60)
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_build_in_child, args=(spec, queue))
-    child.start()
-    child.join(60)
-    hung = child.is_alive()
-    if hung:
-        child.kill()
+    got = _in_forked_child(_build_in_child, spec)
     release.set()
     holder.join()
-    assert not hung and queue.get(timeout=10) == "a program"
+    assert got == "a program"
