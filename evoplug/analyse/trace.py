@@ -356,9 +356,10 @@ def _python_numbers(graph: fx.Graph):
     ``np.float64(...)`` in the code it generates, where ``np`` is no name (MMPretrain's
     SwinTransformerV2 clamps by ``np.log(1 / 0.01)``: a NameError out of the generated code,
     past every refusal; audit V of the twenty-fifth session)."""
+    import numpy as np
+
     def plain(a):
-        return a.item() if type(a).__module__ == "numpy" and hasattr(a, "item") and \
-            getattr(a, "ndim", None) == 0 else a
+        return a.item() if isinstance(a, np.generic) else a
     for n in graph.nodes:
         if n.op in ("call_function", "call_method"):
             n.args = torch.utils._pytree.tree_map(plain, n.args)

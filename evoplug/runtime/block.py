@@ -78,7 +78,7 @@ class BlockSpec:
     buffer_values: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     #                            their values (CPU copies): init_non_persistent_buffers
     needs_pos: bool = True     # the programs read the subset tokens' original positions
-    near_ties: bool = False    # scores within 3e-7 of the cut are ties (evolve.select)
+    near_ties: bool = False    # scores within evolve.tie_window of the cut are ties (evolve.select)
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
     #                            it the slow-path tokens directly
@@ -423,8 +423,12 @@ class EvoBlockMixin:
         since = state.since_select
         if sel is None or sel.top.shape[-1] != P + S + k or since % opt.reselect_every == 0:
             g = ev.current_scores(g, sel)
-            sel = ev.select(g, k, P + S, C, opt.representative and k < M, spec.needs_pos,
-                            spec.near_ties, ev.tie_window(x))
+            with_rep = opt.representative and k < M
+            # (the window is read where ties are taken: near ties at the cut, or the place of the
+            # representative; DeiT's selections take neither)
+            window = ev.tie_window(x) if spec.near_ties or (with_rep and spec.needs_pos) \
+                else ev.TIES_FLOAT32
+            sel = ev.select(g, k, P + S, C, with_rep, spec.needs_pos, spec.near_ties, window)
             since = 0
         rep = ev.representative(x, sel)
         return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)

@@ -693,27 +693,29 @@ class Selection(NamedTuple):
     #                             token's: the best token not kept), for position terms
 
 
-#: the relative window within which scores are ties (:func:`tie_window`), by the precision the
-#: block computes in; 3e-7 (a few float32 ulps) for every other
+#: the relative window within which scores are ties (:func:`tie_window`): a few float32 ulps
+TIES_FLOAT32 = 3e-7
+#: ... and in half precision, by the dtype the block computes in
 _TIE_WINDOWS = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
 def tie_window(x: Tensor) -> float:
     """Scores within this (relative) of each other are ties at the cut and at the
     representative token's place (:func:`_ties_at_cut`, :func:`_rep_position`): a few float32
-    ulps, 3e-7, where the block computes in float32 or float64. In half precision (the tokens',
-    or autocast's) the scores move with the batch's rounding by far more (a flat image region:
-    tied tokens 2.6e-5 apart in bfloat16, 2e-6 in float16, by the batch), and an image's kept
-    tokens followed its batch (off by 0.33, audit N of the twenty-fifth session): about a 64th
-    of the dtype's epsilon there, 1.2e-4 and 1.5e-5. A Python float: no op."""
+    ulps, :data:`TIES_FLOAT32`, where the block computes in float32 or float64. In half
+    precision (the tokens', or autocast's) the batch's rounding moves the scores by far more
+    (tokens of a flat image region tied 2e-6 apart in float16, up to 1.2e-4 in bfloat16, one way
+    in a batch and the other alone), and an image's kept tokens followed its batch (off by 0.33,
+    audit N of the twenty-fifth session): 1e-4 for float16, 1e-3 for bfloat16 there. A Python
+    float: no op."""
     dtype, device = x.dtype, x.device.type
     if torch.is_autocast_enabled(device):
         dtype = torch.get_autocast_dtype(device)
-    return _TIE_WINDOWS.get(dtype, 3e-7)
+    return _TIE_WINDOWS.get(dtype, TIES_FLOAT32)
 
 
 def select(g: Tensor, k: int, num_prefix: int, channels: int, with_rep: bool, with_pos: bool,
-           near_ties: bool = False, window: float = 3e-7) -> Selection:
+           near_ties: bool = False, window: float = TIES_FLOAT32) -> Selection:
     """Top-k of the scores g (B, 1, N): the prefix tokens (ranked first) and the ``k`` best
     patch tokens, sorted by score; with ``with_rep``, the weights of the representative token
     r = sum_j w_j x_j over the tokens not kept, w_j = g_j / sum g. ``near_ties``: scores within
@@ -752,7 +754,7 @@ def _onnx_export() -> bool:
     return torch.compiler.is_exporting() and torch.onnx.is_in_onnx_export()
 
 
-def _ties_at_cut(g: Tensor, n: int, window: float = 3e-7) -> Tensor:
+def _ties_at_cut(g: Tensor, n: int, window: float = TIES_FLOAT32) -> Tensor:
     """The scores g (B, 1, N) with those within ``window`` (relative: a few ulps) of the n-th
     largest set to it, so the stable sort takes them by token index. Scores spread from a
     reduced map tie by the map's symmetry (a row [a, b, b, b] upsampled, then pooled onto the
@@ -767,7 +769,7 @@ def _ties_at_cut(g: Tensor, n: int, window: float = 3e-7) -> Tensor:
     return torch.where((g - kth).abs() <= kth * window, kth, g)
 
 
-def _rep_position(vals: Tensor, idx: Tensor, tokens: int, window: float = 3e-7) -> Tensor:
+def _rep_position(vals: Tensor, idx: Tensor, tokens: int, window: float = TIES_FLOAT32) -> Tensor:
     """Where the representative token sits (a map block's 2-D ops see it there): the best
     token not kept, the lowest index among those within ``window`` of its score (relative: a
     few float32 ulps, :func:`tie_window`). Scores spread back from a reduced map tie to within a few ulps, which an image's
