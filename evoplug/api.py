@@ -31,7 +31,7 @@ from .analyse.inputs import example_input as _example_input
 from . import quality
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
-from .options import CONVERSION_FIELDS, EvoOptions
+from .options import CONVERSION_FIELDS, EvoOptions, check_names
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .report import ConversionReport, get_report, is_converted, unscored, unscored_reason
@@ -71,6 +71,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
         raise TypeError(f"evoplug.convert takes an nn.Module, got {type(model).__name__}"
                         + (" (some modules' train()/eval() return None: call model.eval() on its "
                            "own line)" if model is None else ""))
+    check_names(options, ("example_input", "images", "strict", "inplace"))
     with _plain_modes():
         return _convert_checked(model, keep_ratio, example_input, images, strict, inplace, options)
 

@@ -190,8 +190,19 @@ class EvoOptions:
 
     def replace(self, **changes) -> "EvoOptions":
         """A checked copy with ``changes``; unknown names raise a ``TypeError`` naming them."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - names)
-        if unknown:
-            raise TypeError(f"unknown evoplug option(s) {unknown}; options are {sorted(names)}")
+        check_names(changes)
         return dataclasses.replace(self, **changes)
+
+
+def check_names(options, arguments=()) -> None:
+    """A ``TypeError`` naming the unknown ones of ``options`` (names), with the option (or one
+    of ``arguments``, the calling function's own) each is closest to: ``convert(m,
+    example_inputs=x)`` said only that ``EvoOptions.__init__()`` got an unexpected keyword."""
+    names = sorted(f.name for f in dataclasses.fields(EvoOptions))
+    unknown = sorted(set(options) - set(names))
+    if not unknown:
+        return
+    import difflib
+    hints = [f"{u!r} (did you mean {close[0]!r}?)" if close else repr(u) for u in unknown
+             for close in [difflib.get_close_matches(u, names + list(arguments), n=1, cutoff=0.6)]]
+    raise TypeError(f"unknown evoplug option(s) {', '.join(hints)}; options are {names}")

@@ -335,6 +335,20 @@ def test_rejected_set_options_changes_nothing():
     assert [s.role for s in evoplug.get_report(fast).blocks][:3] == ["dense", "score", "evolve"]
 
 
+def test_a_misspelt_argument_of_convert_is_named_with_the_one_meant():
+    """``convert(m, example_inputs=x)`` raised "EvoOptions.__init__() got an unexpected keyword
+    argument" (until the twenty-sixth session): the unknown name is told with the option or
+    argument closest to it, before anything runs."""
+    model = _tiny()
+    with pytest.raises(TypeError, match=r"'example_inputs' \(did you mean 'example_input'\?\)"):
+        evoplug.convert(model, 0.5, example_inputs=torch.randn(1, 3, 32, 32))
+    with pytest.raises(TypeError, match=r"'keepratio' \(did you mean 'keep_ratio'\?\), 'zzz'; options"):
+        evoplug.convert(model, zzz=1, keepratio=0.3)
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    with pytest.raises(TypeError, match=r"'reselect' \(did you mean 'reselect_every'\?\)"):
+        evoplug.set_options(fast, reselect=2)
+
+
 @pytest.mark.parametrize("field,value", [("global_query", "mean"), ("num_prefix_tokens", 0)])
 def test_options_read_at_conversion_are_refused_by_set_options(field, value):
     fast = evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32))

@@ -296,7 +296,7 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     to show which remain, that block's leading prefix (token pruning keeps the class token
     first: ranked as a patch it went down the fast path); else 0."""
     grid = None
-    inside = inside_attention(model, calls) if model is not None else set()
+    inside = no_patch_maps(model, calls) if model is not None else set()
     for mid, c in calls.items():
         fm = c.feature_map() if c.order < call.order and mid not in inside else None
         if fm is not None:
@@ -370,6 +370,29 @@ def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]
     return inside
 
 
+def no_patch_maps(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
+    """ids of the modules whose 4-D outputs are no patch map: those inside attention
+    (:func:`inside_attention`) and those run on the model's own tables, a parameter or buffer
+    as their only tensor input, with their submodules (Swinv2's continuous position bias MLP on
+    its relative-coordinate table: MMPretrain's (1, 3, 3, heads) output at windows of 2 was
+    taken for a 3x4 patch grid, 4 prefix tokens, and the stage refused)."""
+    derived = getattr(calls, "derived", None)
+    if derived is not None and "no_patch_maps" in derived:
+        return derived["no_patch_maps"]
+    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    out = set(inside_attention(model, calls))
+    for m in model.modules():
+        c = calls.get(id(m))
+        if c is None or m is model:
+            continue
+        tensors = [v for v in list(c.args) + list(c.kwargs.values()) if isinstance(v, torch.Tensor)]
+        if tensors and all(id(t) in own for t in tensors):
+            out.update(id(sub) for sub in m.modules())
+    if derived is not None:
+        derived["no_patch_maps"] = out
+    return out
+
+
 def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
                model: Optional[nn.Module] = None):
     """(h, w) of the block's patch tokens: a pair of integers the block is called with whose
@@ -384,7 +407,7 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
                 max(v) >= 2 and v[0] * v[1] == num_patches:
             return (int(v[0]), int(v[1]))
     best = None
-    inside = inside_attention(model, calls) if model is not None else set()
+    inside = no_patch_maps(model, calls) if model is not None else set()
     for mid, c in calls.items():
         fm = c.feature_map() if c.order < call.order and mid not in inside else None
         if fm is not None and fm[0] * fm[1] == num_patches and (best is None or c.order > best[0]):

@@ -267,9 +267,9 @@ _LINEAR = (F.linear, torch._C._nn.linear)
 def _index_through_function(n: fx.Node, args, kwargs):
     """A function that works on each token's own channels without moving it keeps the index
     values: ``F.normalize`` over the last dim (Swinv2's cosine attention), and ``F.linear``
-    (timm's Swinv2 calls it with a bias concatenated from ``q_bias``, zeros and ``v_bias``),
-    whose index is copied into its output channels like a linear module's; None for others."""
-    x = args[0] if args else None
+    (timm's Swinv2 calls it with a bias concatenated from ``q_bias``, zeros and ``v_bias``;
+    MMPretrain's by keyword, ``input=x``), whose index is copied into its output channels like a linear module's; None for others."""
+    x = args[0] if args else kwargs.get("input")     # MMPretrain: F.linear(input=x, ...)
     if not isinstance(x, torch.Tensor):
         return None
     if n.target is F.normalize:

@@ -287,8 +287,8 @@ def _noisy_inputs(example_input, only: Optional[int] = None):
 
 
 def _first_feature_map(model: nn.Module, calls: CallRecord, before: int):
-    from .discover import inside_attention
-    inside = inside_attention(model, calls)
+    from .discover import no_patch_maps
+    inside = no_patch_maps(model, calls)
     best = None
     for m in model.modules():
         c = calls.get(id(m))
