@@ -757,3 +757,32 @@ def test_a_child_forked_while_another_thread_builds_a_program_builds_its_own():
     release.set()
     holder.join()
     assert got == "a program"
+
+
+def test_transformers_swin_at_sizes_whose_last_map_is_one_token_wide():
+    """transformers' SwinBackbone converted at 64 px, called at 64x32 (a 2x1 last map, padded to
+    its 4x4 window) and 32x32 (1x1): the twin build failed where the dense model
+    runs until the twenty-sixth session (audit W): the (B, 2, C) -> (B, 2, 1, C) view was taken
+    for the heads split off the channels, and a block of one token for a pooling query. Keep
+    1.0 gives the dense maps on the evolving path; keep 0.5 runs fewer tokens, each image as
+    alone."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2, 2],
+                       num_heads=[1, 2, 2, 4], window_size=4,
+                       out_features=["stage1", "stage2", "stage3", "stage4"])
+    base = T.SwinBackbone(cfg).eval()
+    x64 = torch.randn(1, 3, 64, 64)
+    same = evoplug.convert(base, keep_ratio=1.0, identity_fast_path=False, example_input=x64)
+    fast = evoplug.convert(base, keep_ratio=0.5, example_input=x64)
+    for size, last in (((64, 32), 2), ((32, 32), 1)):
+        x = torch.randn(3, 3, *size)
+        with torch.no_grad():
+            want = base(x).feature_maps
+            for a, b in zip(same(x).feature_maps, want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            got, alone = fast(x).feature_maps, fast(x[1:2]).feature_maps
+        assert dict(evoplug.tokens_per_block(fast))["swin.encoder.layers.3.blocks.1"] == last
+        assert dict(evoplug.tokens_per_block(fast))["swin.encoder.layers.1.blocks.1"] < size[0] * size[1] // 64
+        for a, b in zip(got, alone):
+            torch.testing.assert_close(a[1:2], b, atol=1e-5, rtol=1e-5)

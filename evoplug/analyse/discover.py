@@ -36,8 +36,11 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
     out = token_output(call.output)
     if out is not None and out is not call.output and (
             (call.module_type is not None and issubclass(call.module_type, nn.MultiheadAttention))
-            or x.dim() == 3 and x.shape[1] == 1 and not seq):
-        out = None       # an attention module's (output, weights), a pooling query's attention
+            or x.dim() == 3 and x.shape[1] == 1 and not seq and any(
+                t.dim() == 3 and t.shape[0] == x.shape[0] and t.shape[1] > 1 for t in tensors[1:])):
+        # an attention module's (output, weights), a pooling query's attention over keys of
+        # their own (a block of one token, transformers' Swin's last stage at 32 px, is a block)
+        out = None
     if out is None:
         return f"returns {type(call.output).__name__}, not the token tensor"
     if tuple(out.shape) != tuple(x.shape):
@@ -161,6 +164,12 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
         if c.n_calls == 1 and c.attention_ops == 1 and reason is None:
             c.token_perm = (1, 0, 2) if seq else (0, 2, 3, 1) if cf else ()
             candidates.append((name, m, c))
+            return
+        if c.n_calls == 1 and c.attention_ops == 1 and reason == _SQUARE.format(tuple(x.shape)):
+            # a block of as many tokens as images (one token, one image: transformers' Swin's
+            # last stage at 32 px): refused as such, so that it is analysed on more images,
+            # not through its attention module, whose windows are no token block
+            reports.append((name, reason, True))
             return
         parallel = _parallel_branches(name, m, calls) if c.n_calls == 1 and reason is None else []
         if len(parallel) > 1:     # e.g. timm's ParallelThingsBlock: x + attn_1(x) + attn_2(x)

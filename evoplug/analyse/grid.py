@@ -2,7 +2,7 @@
 spatially reduced keys, and windows: which token each window slot holds."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -56,7 +56,7 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
             if si[dim] != N:
                 dim = len(si) - 1 - list(reversed(si)).index(N)
             held = _token_dim(src)
-            if held is not None and held != _split_dim(si, so):
+            if held is not None and held not in _split_dim(si, so):
                 continue    # the heads split off the channels, (B, N, C) -> (B, N, heads, d),
                 #            where (heads, d) happens to be the patch grid
             ops.append(("to", n, dim))
@@ -89,9 +89,14 @@ def _heads_merged(src: fx.Node, site: "AttentionSite") -> bool:
     return out is not None and src is out
 
 
-def _split_dim(si, so) -> int:
-    """The dim of ``si`` a reshape to ``so`` splits (the first that differs)."""
-    return next((k for k, (a, b) in enumerate(zip(si, so)) if a != b), len(si) - 1)
+def _split_dim(si, so) -> Tuple[int, ...]:
+    """The dims of ``si`` a reshape to ``so`` may split in two (``si[k] == so[k] * so[k + 1]``,
+    the others unchanged): more than one where a side is 1 ((B, 2, C) -> (B, 2, 1, C), the 2x1
+    last stage of transformers' Swin at a 64x32 input, splits dim 1, or dim 2 into (1, C))."""
+    if len(so) != len(si) + 1:
+        return (next((k for k, (a, b) in enumerate(zip(si, so)) if a != b), len(si) - 1),)
+    return tuple(k for k in range(len(si)) if tuple(si[:k]) == tuple(so[:k])
+                 and si[k] == so[k] * so[k + 1] and tuple(si[k + 1:]) == tuple(so[k + 2:]))
 
 
 _KEEPS_DIMS = {"contiguous", "float", "to", "type_as", "clone", "mul", "add", "div", "sub"}
