@@ -373,7 +373,7 @@ class EvoBlockMixin:
         if spec.per_image and not recompute and rt.entered():
             _check_images(spec, x, rt.images())
         if segment:
-            state, segment = _segment_taken(spec, state, x, recompute)
+            state, segment, x = _segment_taken(spec, state, x, recompute, rt._local)
         program = spec.program(self.training, x.shape[0], args, kwargs)
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
@@ -540,18 +540,26 @@ def _mark_untied(rt: EvoRuntime, args):
         rt._local.untied = True
 
 
-def _segment_taken(spec: BlockSpec, state: EvoState, x: torch.Tensor, recompute: bool):
-    """(state, whether this block takes the segment in progress): not when the tokens were
-    handed to another block (blocks run in another order than at conversion), nor when the
-    handed-on tokens were read (the guard restored them: a dropout between the blocks) or
-    replaced before this block; then it starts from its input, in the original order, with the
-    selection in force. (An input of the handed-on shape that is not the handed-on tensor is
-    refused: its order cannot be told.)"""
-    if state.segment.to != spec.index or (x is not state.segment.out and not recompute and
-                                          tuple(x.shape) != state.segment.shape):
-        return state._replace(segment=None), False
-    _check_segment_arrived(spec.name, x, state.segment)
-    return state, True
+def _segment_taken(spec: BlockSpec, state: EvoState, x: torch.Tensor, recompute: bool, local):
+    """(state, whether this block takes the segment in progress, its tokens): not when the
+    tokens were handed to another block (blocks run in another order than at conversion), nor
+    when the handed-on tokens were read (the guard restored them: a dropout between the blocks)
+    or replaced before this block; then it starts from its input, in the original order, with
+    the selection in force. Handed-on tokens written into in place (``x[:, 0] = 0`` between the
+    blocks) are taken as the guard restored them, where the write landed (until the twenty-sixth
+    session the block took the handed-on tensor, and the write was lost). (An input of the
+    handed-on shape that is neither the handed-on tensor nor made after its tokens were
+    restored is refused: its order cannot be told.)"""
+    seg = state.segment
+    guard = getattr(local, "guard", None)
+    restored, written = guard.seen(seg.out) if guard is not None and not recompute else (None, False)
+    if x is seg.out and written:
+        return state._replace(segment=None), False, restored
+    if seg.to != spec.index or (x is not seg.out and not recompute and (
+            tuple(x.shape) != seg.shape or restored is not None)):
+        return state._replace(segment=None), False, x
+    _check_segment_arrived(spec.name, x, seg)
+    return state, True, x
 
 
 def _stray_restored(guard, args, kwargs, expected):

@@ -43,7 +43,7 @@ class SegmentGuard(TorchFunctionMode):
         key = id(t)
         # forgotten when it is freed: a guard with nothing watched passes every call on as is
         self.watched[key] = [weakref.ref(t, lambda _, k=key, w=self.watched: w.pop(k, None)),
-                             restore, None, name]
+                             restore, None, name, False]
 
     def live(self) -> bool:
         """Whether a watched tensor still exists (the dead ones are forgotten)."""
@@ -61,11 +61,27 @@ class SegmentGuard(TorchFunctionMode):
             return v
         if e[2] is None:
             e[2] = e[1](v)
+            e.append(_version(e[2]))
         return e[2]
+
+    def seen(self, t: torch.Tensor):
+        """(``t``'s tokens restored, or None where nothing read them; whether something wrote
+        into them in place) for a watched tensor ``t``; (None, False) for another."""
+        e = self.watched.get(id(t))
+        if e is None or e[0]() is not t:
+            return None, False
+        return e[2], e[4] or (e[2] is not None and _version(e[2]) != e[5])
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.suspended and self.watched:    # (the mode is off while this runs)
+            if _writes(func, kwargs):
+                # an in-place write (``x[:, 0] = 0``, ``x.mul_``, ``x.data``, ``out=``) lands
+                # in the restored tokens: the next block takes those (runtime/block.py)
+                for v in [args[0] if args else None, kwargs.get("out")]:
+                    e = self.watched.get(id(v)) if isinstance(v, torch.Tensor) else None
+                    if e is not None and e[0]() is v:
+                        e[4] = True
             args, kwargs = tree_map(self.restored, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -134,6 +150,28 @@ class SegmentGuard(TorchFunctionMode):
                 "block outputs with a forward hook on the block or return them from the forward "
                 "(both see every token in order), or convert with reselect_every=1")
         return output
+
+
+_DATA = torch._C.TensorBase.data
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    """``t``'s version counter (in-place writes, through views and ``detach()`` too); None for
+    an inference tensor, which keeps none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
+def _writes(func, kwargs) -> bool:
+    """Whether ``func`` may write into its first argument (or its ``out=``): an in-place
+    method, item assignment, or ``.data`` (whose writes no version counter shows)."""
+    name = getattr(func, "__name__", "")
+    return "out" in kwargs or getattr(func, "__self__", None) is _DATA or name == "__setitem__" or (
+        name.endswith("_") and not name.startswith("_")) or (
+        name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__init__",
+                                                                         "__int__", "__invert__"))
 
 
 def _kept_outside(graphed, returned) -> Optional[str]:
