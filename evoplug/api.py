@@ -243,8 +243,11 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     first image)."""
     report = get_report(model)
     t0 = time.perf_counter()
-    twin, pairs = _twin(model, {id(s.analysis.module) for s in report.blocks})
-    for s in report.blocks:
+    # (blocks removed after conversion, timm's prune_intermediate_layers: the twin converts the
+    # ones left, in their roles at the conversion; a KeyError until the twenty-sixth session)
+    present = [s for s in report.blocks if s.name not in report.removed]
+    twin, pairs = _twin(model, {id(s.analysis.module) for s in present})
+    for s in present:
         m = pairs[id(s.analysis.module)]
         m.__class__ = _unconverted_class(s)     # (with a parametrization made since)
         m.__dict__.pop("_evoplug_spec", None)
@@ -276,12 +279,17 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
                "a call whose block arguments take another form (None or a tensor) than at the " \
                "conversion needs the model converted again on that call"
         raise EvoplugError(f"{type(model).__name__}: {what}, which failed: {e}") from None
-    names = [s.analysis.name for s in get_report(twin).blocks]
-    if names != [s.analysis.name for s in report.blocks]:
+    converted = get_report(twin).blocks
+    if [id(s.analysis.module) for s in converted] != [id(pairs[id(s.analysis.module)]) for s in present]:
         raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
-                           f"({names}) than at the size it was converted at; convert it for this size")
-    blocks = [pairs[id(s.analysis.module)] for s in report.blocks]
-    get_report(twin).blocks[0].runtime.parent = report.blocks[0].runtime
+                           f"({[s.analysis.name for s in converted]}) than at the size it was "
+                           "converted at; convert it for this size")
+    blocks = [pairs.get(id(s.analysis.module)) for s in report.blocks]    # (by spec.index)
+    runtime = converted[0].runtime
+    runtime.parent = report.blocks[0].runtime
+    if report.removed:       # the roles of the conversion, not those of fewer blocks
+        runtime.plan = Plan(runtime.plan.options, [report.blocks[0].runtime.plan.roles[s.index]
+                                                   for s in present])
     added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
@@ -807,7 +815,14 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
         report._options = new
         runtime.plan = Plan(new, roles)
         for variant in list(runtime.variants.values()):   # the same blocks at other sizes
-            set_options(variant.model, **changes)
+            if any(b is None for b in variant.blocks):
+                # a twin of the blocks left after some were removed: their roles in the model
+                inner = get_report(variant.model)
+                inner._options = new
+                inner.blocks[0].runtime.plan = Plan(new, [r for r, b in zip(roles, variant.blocks)
+                                                          if b is not None])
+            else:
+                set_options(variant.model, **changes)
     return new
 
 

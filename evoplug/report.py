@@ -31,6 +31,13 @@ class ConversionReport:
     #: converted blocks no longer in the model (timm's ``prune_intermediate_layers``, a block
     #: replaced or deleted after conversion), as of the last :func:`get_report`
     removed: List[str] = dataclasses.field(default_factory=list)
+    #: converted blocks that moved (``del model.blocks[1]`` renumbers the ones after it):
+    #: their path at conversion -> their path now, as of the last :func:`get_report`
+    moved: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def path(self, spec: BlockSpec) -> str:
+        """Where the converted block ``spec`` is in the model now (as of the last report)."""
+        return self.moved.get(spec.name, spec.analysis.name)
 
     def __str__(self) -> str:
         return format_report(self)
@@ -114,23 +121,37 @@ def get_report(model: nn.Module) -> ConversionReport:
                     "merge_and_unload, or a model this one was taken out of) has the report: pass "
                     "that, or convert an unconverted copy of this one")
         raise ConversionError(f"{type(model).__name__} was not converted by evoplug{hint}")
-    report.removed = [b.name for b in report.blocks if not _still_in(model, b)]
+    where = _where(model, report)
+    report.removed = [b.name for b in report.blocks if id(b) not in where]
+    report.moved = {b.name: where[id(b)] for b in report.blocks
+                    if id(b) in where and where[id(b)] != b.name}
     return report
 
 
-def _still_in(model: nn.Module, spec: BlockSpec) -> bool:
-    """Whether the converted block ``spec`` is still where the conversion found it."""
-    try:
-        return getattr(model.get_submodule(spec.name), "_evoplug_spec", None) is spec
+def _where(model: nn.Module, report: ConversionReport) -> Dict[int, str]:
+    """id(spec) -> the path of the converted block that holds it, for the blocks still in the
+    model, wherever they are now (a block found by its path at conversion only was reported
+    removed when a block before it was deleted, though it ran: audit X of the twenty-sixth
+    session)."""
+    try:         # (the usual case: every block where the conversion found it)
+        if all(getattr(model.get_submodule(b.name), "_evoplug_spec", None) is b for b in report.blocks):
+            return {id(b): b.name for b in report.blocks}
     except AttributeError:
-        return False
+        pass
+    mine = {id(b) for b in report.blocks}
+    out: Dict[int, str] = {}
+    for name, m in model.named_modules():
+        spec = m.__dict__.get("_evoplug_spec")
+        if spec is not None and id(spec) in mine:
+            out.setdefault(id(spec), name)
+    return out
 
 
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
     """Tokens each converted block ran through its attention and MLP in the last forward
     (-1: the block's original forward ran)."""
     report = get_report(model)
-    return [(s.analysis.name, s.tokens_run) for s in report.blocks if s.name not in report.removed]
+    return [(report.path(s), s.tokens_run) for s in report.blocks if s.name not in report.removed]
 
 
 def format_report(report: ConversionReport) -> str:
@@ -157,7 +178,8 @@ def format_report(report: ConversionReport) -> str:
             role = "evolving, no scores: dense"
         if s.name in report.removed:
             role, toks = "removed after conversion", "-"
-        rows.append((a.name, role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
+        rows.append((report.path(s) if s.name not in report.moved else
+                     f"{report.path(s)} (was {a.name})", role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
                      str(a.num_prefix), a.attention,
                      "; ".join(a.position_terms) or "-"))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]

@@ -786,3 +786,38 @@ def test_transformers_swin_at_sizes_whose_last_map_is_one_token_wide():
         assert dict(evoplug.tokens_per_block(fast))["swin.encoder.layers.1.blocks.1"] < size[0] * size[1] // 64
         for a, b in zip(got, alone):
             torch.testing.assert_close(a[1:2], b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cut", ["slice", "prune", "del"])
+def test_blocks_removed_after_conversion_then_a_new_size(cut):
+    """Blocks removed after conversion (a slice, timm's ``prune_intermediate_layers``, ``del``),
+    then a call at a size the model was not converted at: a bare KeyError from the twin build
+    until the twenty-sixth session (audit X). The twin converts the blocks left, in their roles
+    at the conversion, and gives what the model converted at that size and cut alike gives,
+    after set_options too. Blocks a ``del`` renumbered are reported at their paths now (they
+    were reported removed, though they ran)."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=5, num_classes=10, dynamic_img_size=True).eval()
+    do = {"slice": lambda m: setattr(m, "blocks", m.blocks[:4]),
+          "prune": lambda m: m.prune_intermediate_layers([3], prune_head=False),
+          "del": lambda m: m.blocks.__delitem__(1)}[cut]
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    ref = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 48, 48))
+    do(fast)
+    do(ref)
+    x = torch.randn(2, 3, 48, 48)
+    for change in ({}, {"keep_ratio": 0.3, "start_block": 2}):
+        evoplug.set_options(fast, **change)
+        evoplug.set_options(ref, **change)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+        assert evoplug.tokens_per_block(fast) == evoplug.tokens_per_block(ref)
+    ran = dict(evoplug.tokens_per_block(fast))
+    assert len(ran) == 4 and list(ran.values())[-1] < 1 + 36    # (of 6x6 patches and cls)
+    if cut == "del":
+        report = evoplug.get_report(fast)
+        assert report.removed == ["blocks.1"] and report.moved == {"blocks.2": "blocks.1",
+                                                                    "blocks.3": "blocks.2",
+                                                                    "blocks.4": "blocks.3"}
+        assert "blocks.1 (was blocks.2)" in evoplug.explain(fast)
