@@ -821,3 +821,40 @@ def test_blocks_removed_after_conversion_then_a_new_size(cut):
                                                                     "blocks.3": "blocks.2",
                                                                     "blocks.4": "blocks.3"}
         assert "blocks.1 (was blocks.2)" in evoplug.explain(fast)
+
+
+def test_a_twin_built_inside_functional_call_reads_the_parameters_of_each_call():
+    """``torch.func.functional_call`` swaps a model's parameters for plain tensors; a twin for a
+    new input size built inside it traced EVA's ``gamma_1``, ``q_bias`` and ``qkv.weight`` (read
+    in the block's own code) as constants: every later call at that size used the first call's
+    tensors (off by 7.9), and ``torch.func.grad`` gave 0 for them (until the twenty-sixth
+    session, audit P). They are read from the block now."""
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=42, depth=3,
+                              num_classes=5, dynamic_img_size=True, init_values=0.5).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5)
+    x = torch.randn(2, 3, 56, 56)
+    own = {k: v.detach().clone() for k, v in fast.named_parameters()}
+
+    def moved(seed):
+        g = torch.Generator().manual_seed(seed)
+        return {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in own.items()}
+
+    def loaded(params):
+        ref = copy.deepcopy(fast)
+        ref.load_state_dict(params, strict=False)
+        return ref
+
+    p2, p3 = moved(2), moved(3)
+    with torch.no_grad():
+        functional_call(fast, p2, (x,))          # the 56 px twin, built with p2 in place
+        torch.testing.assert_close(functional_call(fast, p3, (x,)), loaded(p3)(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fast(x), loaded(own)(x), atol=1e-5, rtol=1e-5)
+    got = torch.func.grad(lambda p: functional_call(fast, p, (x,)).sum())(p3)
+    ref = loaded(p3)
+    want = dict(zip([k for k, _ in ref.named_parameters()],
+                    torch.autograd.grad(ref(x).sum(), list(ref.parameters()))))
+    for k in ("blocks.2.gamma_1", "blocks.2.attn.q_bias", "blocks.2.attn.qkv.weight"):
+        assert want[k].abs().max() > 0
+        torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)

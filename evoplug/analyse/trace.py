@@ -61,6 +61,19 @@ class BlockTracer(fx.Tracer):
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
+    def create_arg(self, a):
+        """A plain tensor registered as a parameter (``torch.func.functional_call`` swaps the
+        parameters for the tensors it is given) is read from the block like the parameter, not
+        baked into the program as a constant: a twin built for a new input size inside
+        ``functional_call`` kept the tensors of that call for every later one (EVA's
+        ``gamma_1``, off by 7.9, and no gradient for it; audit P of the twenty-sixth session)."""
+        if isinstance(a, torch.Tensor) and not isinstance(a, nn.Parameter) and \
+                threading.get_ident() == self._thread:
+            for name, p in self.root.named_parameters():
+                if a is p:
+                    return self.create_node("get_attr", name, (), {})
+        return super().create_arg(a)
+
     def to_bool(self, obj: fx.Proxy) -> bool:
         """Python control flow on traced values (MMPretrain's ``if H != H_pad`` on padded map
         sizes): specialise on the calibration input, by evaluating the traced value there. The
