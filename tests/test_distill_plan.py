@@ -84,6 +84,23 @@ def test_planner_returns_options_that_meet_the_target(digits_model):
     assert "| >" in p.table() and p.to_dict()["best"]["keep_ratio"] == p.best.keep_ratio
 
 
+def test_planner_keeps_the_other_options_it_measured_with(digits_model):
+    """``plan(model, x, **options)`` measured every choice with the other options
+    (``reselect_every=1, representative=False``), but ``best.options()``, ``convert`` and the
+    JSON left them out: ``p.convert(model)`` built another model than the one measured (until
+    the twenty-sixth session, audit R)."""
+    model, x, _, _ = digits_model
+    p = evoplug.plan(model, x[:60], target_speedup=1.2, keep_ratios=(0.3,), start_blocks=(1,),
+                     global_queries=("mean",), progress=False, reselect_every=1, representative=False)
+    assert p.best.options()["reselect_every"] == 1 and p.best.options()["representative"] is False
+    assert p.to_dict()["best"]["fixed"] == {"reselect_every": 1, "representative": False}
+    fast = p.convert(model)
+    opts = evoplug.get_report(fast).options
+    assert opts.reselect_every == 1 and opts.representative is False
+    ref = quality.outputs(model, x[:60])
+    assert quality.agreement(quality.outputs(fast, x[:60]), ref) == pytest.approx(p.best.agreement)
+
+
 def test_planner_refuses_an_impossible_target(digits_model, tmp_path):
     model, x, _, _ = digits_model
     with pytest.raises(evoplug.PlanError, match="no option reaches a 20x speed-up") as e:

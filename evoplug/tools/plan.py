@@ -55,6 +55,9 @@ class Choice:
     top1: Optional[float] = None          # with labels
     meets: bool = False                   # speedup >= the target
     pareto: bool = False                  # no other choice is both faster and more faithful
+    #: the other options given to :func:`plan`, the same for every choice (they were left out of
+    #: :meth:`options`, so ``PlanResult.convert`` built another model than the one measured)
+    fixed: Dict[str, object] = dataclasses.field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
@@ -63,7 +66,7 @@ class Choice:
     def options(self) -> Dict[str, object]:
         """Keyword arguments of :func:`evoplug.convert` for this choice."""
         return dict(keep_ratio=self.keep_ratio, start_block=self.start_block,
-                    global_query=self.global_query, trade_off=self.trade_off)
+                    global_query=self.global_query, trade_off=self.trade_off, **self.fixed)
 
 
 @dataclasses.dataclass
@@ -229,7 +232,8 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
                     evoplug.set_options(fast, trade_off=a)
                     out = evoplug.quality.outputs(fast, x)
                     choices.append(Choice(k, s, q, float(a), float(score(out, ref)), fl, tm,
-                                          None if y is None else evoplug.quality.top1(out, y)))
+                                          None if y is None else evoplug.quality.top1(out, y),
+                                          fixed=dict(options)))
                     if bar is not None:
                         bar.update(1)
     if bar is not None:
