@@ -216,6 +216,44 @@ def test_bad_trade_off_is_a_usage_error_and_a_refused_input_an_error_line(capsys
     assert "evoplug: error: the model refused its input" in err and "Traceback" not in err
 
 
+def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_path):
+    """Audit R of the twenty-sixth session: a file ``torch.load`` cannot read (corrupt, or a whole
+    pickled model), a corrupt image, a folder given to ``visualize`` end in an ``evoplug: error:``
+    line (they were tracebacks); ``--model-arg img_size=N`` builds the model (``create_model()
+    got multiple values``); ``class_token=false`` is False (it was the string 'false', which
+    timm took as true); ``--checkpoint`` beside a checkpoint MODEL is refused (it was ignored);
+    a 16-bit gray PNG loads as the picture it holds (it came out white)."""
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint at all")
+    (tmp_path / "broken.png").write_bytes(b"no png")
+    for cmd in (["explain", *TINY, "--checkpoint", str(tmp_path / "bad.pth")],
+                ["visualize", *TINY, str(tmp_path / "broken.png"), "--out", str(tmp_path / "o.png")],
+                ["visualize", *TINY, str(tmp_path), "--out", str(tmp_path / "o.png")]):
+        assert run_cli(*cmd)[0] == 1
+        err = capsys.readouterr().err
+        assert "\nevoplug: error: " in "\n" + err and "Traceback" not in err
+    rc, out = run_cli("explain", "vit_tiny_patch16_224", "--model-arg", "img_size=32",
+                      "--model-arg", "patch_size=8", "--model-arg", "depth=2",
+                      "--model-arg", "class_token=false", "--model-arg", "global_pool=avg")
+    assert rc == 0 and "prefix tokens: 0" in out
+    assert cli._model_arg("class_token=False") == cli._model_arg("class_token=false") == ("class_token", False)
+    from evoplug.tools.models import create_model, save_checkpoint
+    save_checkpoint(str(tmp_path / "ck.pth"), create_model("vit_tiny_patch16_224", **TINY_KW),
+                    "vit_tiny_patch16_224", TINY_KW)
+    assert run_cli("explain", str(tmp_path / "ck.pth"), "--checkpoint", str(tmp_path / "bad.pth"))[0] == 1
+    assert "do not apply to a checkpoint file" in capsys.readouterr().err
+    from PIL import Image
+    ramp = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1040)        # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    img = viz.load_image(str(tmp_path / "deep.png"))
+    assert img.shape == (8, 64, 3) and img.dtype == np.uint8
+    np.testing.assert_allclose(img[0, :, 0], ramp[0] / 65535 * 255, atol=0.51)
+    torch.save(torch.randn(4, 3, 32, 32), tmp_path / "x.pt")       # plan takes the options docs list
+    rc, out = run_cli("plan", *TINY, str(tmp_path / "x.pt"), "--keep", "0.5", "--start-blocks", "1",
+                      "--queries", "mean", "--reselect-every", "1", "--no-representative",
+                      "--no-progress", "--target", "1.0")
+    assert rc == 0 and "reselect_every=1, representative=False)" in out
+
+
 def test_unknown_model_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["bench", "deit_smal_patch16_224", "--batch", "1"])

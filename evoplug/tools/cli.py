@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import pickle
 import sys
 from typing import List, Optional
 
@@ -72,6 +73,10 @@ def _model_arg(text: str):
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
     key, value = text.split("=", 1)
+    # (``class_token=false`` was the string 'false', which timm took as true)
+    words = {"true": True, "false": False, "none": None}
+    if value.strip().lower() in words:
+        return key.strip(), words[value.strip().lower()]
     try:
         value = ast.literal_eval(value)
     except (ValueError, SyntaxError):
@@ -227,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", metavar="FILE", help="write every measured option as JSON")
     pl.add_argument("--progress", dest="progress", action="store_true", default=None)
     pl.add_argument("--no-progress", dest="progress", action="store_false")
+    g = pl.add_argument_group("conversion (the same for every option measured)")
+    g.add_argument("--reselect-every", type=_positive_int, default=None,
+                   help="re-run top-k every N evolving blocks (default 4)")
+    g.add_argument("--no-representative", action="store_true",
+                   help="placeholder variant: non-selected tokens carried unchanged")
     _add_model_options(pl)
     return p
 
@@ -252,12 +262,15 @@ def _load_model(a):
     from .models import create_model, load_checkpoint
     kwargs = dict(a.model_arg)
     if os.path.isfile(a.model):
-        if kwargs or a.img_size:
-            raise CliError("--model-arg/--img-size do not apply to a checkpoint file "
-                           "(it stores how to build its model)")
+        if kwargs or a.img_size or getattr(a, "checkpoint", None):
+            raise CliError("--model-arg/--img-size/--checkpoint do not apply to a checkpoint file "
+                           "(it stores how to build its model, and its weights)")
         return load_checkpoint(a.model)
     torch.manual_seed(0)
-    model = create_model(a.model, a.img_size, **kwargs)
+    size = kwargs.pop("img_size", None)      # (--model-arg img_size=112, as bench takes it)
+    if a.img_size is not None and size is not None and size != a.img_size:
+        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
+    model = create_model(a.model, a.img_size if a.img_size is not None else size, **kwargs)
     meta = {}
     if a.checkpoint:
         if not os.path.isfile(a.checkpoint):
@@ -294,13 +307,15 @@ def cmd_bench(a, out) -> int:
     a.keep, a.batch = _unique(a.keep), _unique(a.batch)   # (a ratio given twice: one row)
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
-                    repeats=a.repeats, warmup=a.warmup, compile=a.compile, img_size=a.img_size,
+                    repeats=a.repeats, warmup=max(1, a.warmup) if a.train or a.compile else a.warmup,
+                    compile=a.compile, img_size=a.img_size,
                     model_kwargs=dict(a.model_arg), convert_options=_convert_options(a),
                     train=a.train, optimizer=a.optimizer if a.train else None)
     bench.resolve_device(a.device)
     print(f"machine: {bench.machine(a.device)}", file=out)
     print(f"settings: {_mode_text(a)}, random weights; original and converted "
-          f"models timed interleaved, median of {a.repeats} after {a.warmup} warm-up round(s); "
+          f"models timed interleaved, median of {a.repeats} after "
+          f"{max(1, a.warmup) if a.train or a.compile else a.warmup} warm-up round(s); "
           f"allocator: {bench.allocator()}"
           f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
     rows: List[dict] = []
@@ -432,7 +447,7 @@ def cmd_plan(a, out) -> int:
     try:
         p = evoplug.plan(model, x, a.target, start_blocks=a.start_blocks, global_queries=a.queries,
                          trade_offs=a.trade_offs, timed=a.timed, batch_size=a.batch,
-                         max_images=a.max_images, progress=progress, **kw)
+                         max_images=a.max_images, progress=progress, **kw, **_convert_options(a))
         failed = None
     except PlanError as e:
         p, failed = e.plan, e
@@ -470,8 +485,14 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
               "visualise": cmd_visualize, "plan": cmd_plan, "check": cmd_check}[a.command]
         return fn(a, out)
-    except (CliError, EvoplugError, ValueError, ImportError, FileNotFoundError, RuntimeError) as e:
-        print(f"evoplug: error: {e}", file=sys.stderr)
+    except (CliError, EvoplugError, ValueError, ImportError, OSError, RuntimeError, EOFError,
+            pickle.UnpicklingError) as e:
+        # (OSError: a folder or a file that is no image; UnpicklingError: a file torch.load
+        # cannot read with weights_only, e.g. a whole pickled model: tracebacks until the
+        # twenty-sixth session)
+        what = f"{type(e).__name__}: " if isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) \
+            and not isinstance(e, FileNotFoundError) else ""
+        print(f"evoplug: error: {what}{e}", file=sys.stderr)
         return 1
     except AssertionError as e:     # a model's own check of its input (timm: the image size)
         print(f"evoplug: error: the model refused its input: {e}", file=sys.stderr)

@@ -66,7 +66,15 @@ def load_image(spec: Union[str, np.ndarray]) -> np.ndarray:
         except ImportError as e:
             raise ImportError("reading image files needs Pillow (pip install pillow)") from e
         with Image.open(spec) as im:
-            img = np.asarray(im.convert("RGB"))
+            if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+                # 16-bit (or 32-bit) gray: convert("RGB") clips at 255 (a 16-bit PNG came out
+                # white, until the twenty-sixth session); scaled to [0, 1] here
+                a = np.asarray(im, dtype=np.float64)
+                top = 1.0 if im.mode == "F" and a.max() <= 1.0 else \
+                    65535.0 if im.mode != "F" and a.max() <= 65535 else max(float(a.max()), 1.0)
+                img = np.clip(a / top, 0.0, 1.0)
+            else:
+                img = np.asarray(im.convert("RGB"))
     img = np.asarray(img)
     if img.dtype == bool:
         img = img.astype(np.uint8) * 255
