@@ -241,6 +241,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     ``on``: which of the call's images it is converted on (:func:`_convert_twin`; a form twin,
     runtime/block.py ``_form_twin``: the form of a padding mask follows the whole batch, not its
     first image)."""
+    _refuse_under_vmap(model, on)
     report = get_report(model)
     t0 = time.perf_counter()
     # (blocks removed after conversion, timm's prune_intermediate_layers: the twin converts the
@@ -294,6 +295,25 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
     return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
+
+
+def _refuse_under_vmap(model: nn.Module, on: str):
+    """A twin cannot be analysed inside ``torch.func.vmap`` (its analysis draws noise and
+    compares tensors: functorch's raw errors came out, audit P of the twenty-sixth session);
+    other transforms (grad, jvp) build it as usual."""
+    try:
+        from torch._C._functorch import TransformType
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+        inside = any(i.key() == TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+    except (ImportError, AttributeError):        # (private API: not there, nothing to check)
+        return
+    if inside:
+        what = "an input size" if on == "first" else "a form of the block arguments"
+        raise EvoplugError(
+            f"{type(model).__name__}: called inside torch.func.vmap with {what} it was not "
+            "converted at: evoplug converts the model again for it first, which it cannot do "
+            "inside vmap. Call the model once at this size outside vmap (one input is enough), "
+            "then vmap it: later calls at that size run under vmap")
 
 
 def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, options: dict,

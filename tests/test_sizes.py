@@ -858,3 +858,22 @@ def test_a_twin_built_inside_functional_call_reads_the_parameters_of_each_call()
     for k in ("blocks.2.gamma_1", "blocks.2.attn.q_bias", "blocks.2.attn.qkv.weight"):
         assert want[k].abs().max() > 0
         torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")      # (functorch's fallbacks)
+def test_vmap_at_a_new_size_is_refused_with_the_warm_up_that_works():
+    """The first call at a new input size inside ``torch.func.vmap`` raised functorch's own
+    errors from the twin's analysis (random operation in vmap, data-dependent control flow;
+    audit P of the twenty-sixth session): refused by name now, with the warm-up call that works,
+    after which vmap gives the batched outputs."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=3, num_classes=5, dynamic_img_size=True).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(3, 3, 48, 48)
+    per_image = torch.func.vmap(lambda im: fast(im[None])[0])
+    with torch.no_grad():
+        with pytest.raises(evoplug.EvoplugError, match="inside torch.func.vmap(.|\n)*outside vmap"):
+            per_image(x)
+        want = fast(x)                                # the warm-up call at 48 px
+        torch.testing.assert_close(per_image(x), want, atol=1e-5, rtol=1e-5)
