@@ -97,6 +97,27 @@ def test_one_graph_no_break(name):
     assert ex.graph_count == 1
 
 
+def test_a_transformers_model_is_one_graph_without_warnings():
+    """A converted transformers ViT is one graph, and dynamo says nothing of evoplug's code: it
+    warned of "silent incorrectness" at every compile, from an ``lru_cache`` evoplug read the
+    attention registry through (until the twenty-sixth session, audit U)."""
+    import warnings
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        intermediate_size=64, num_labels=4, attn_implementation="sdpa")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        ex = torch._dynamo.explain(fast)(x)
+    assert ex.graph_break_count == 0 and ex.graph_count == 1
+    assert not [w for w in caught if "evoplug" in (w.filename + str(w.message))], \
+        [str(w.message)[:200] for w in caught]
+
+
 def test_torch_export_dynamic_batch():
     _, fast = tiny(0.5)
     x = torch.randn(2, 3, 32, 32)

@@ -12,7 +12,6 @@ returns every attention map. The ``output_*`` flags themselves, passed down to e
 a module of a transformers model (its registry of attention functions)."""
 from __future__ import annotations
 
-import functools
 import warnings
 
 import sys
@@ -113,15 +112,21 @@ def traced_settings(module, converting: bool = False) -> Optional[dict]:
     return {"config._attn_implementation": impl, "registered attention function": fn}
 
 
-@functools.lru_cache(maxsize=1)
+_REGISTRY: list = []
+
+
 def _attention_functions():
     """transformers' registry of attention functions (None in a version without one); looked
-    up once: traced_settings runs at every call of a converted block."""
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:
-        return None
-    return ALL_ATTENTION_FUNCTIONS
+    up once: traced_settings runs at every call of a converted block. (Kept in a plain list, not
+    an ``lru_cache``: dynamo warned of "silent incorrectness" at every compile of a converted
+    transformers model, audit U of the twenty-sixth session.)"""
+    if not _REGISTRY:
+        try:
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        except ImportError:
+            ALL_ATTENTION_FUNCTIONS = None
+        _REGISTRY.append(ALL_ATTENTION_FUNCTIONS)
+    return _REGISTRY[0]
 
 
 TRANSFORMERS = FamilyHints(
