@@ -118,6 +118,28 @@ def test_a_transformers_model_is_one_graph_without_warnings():
         [str(w.message)[:200] for w in caught]
 
 
+def test_an_export_with_a_dynamic_image_size_is_refused_at_export():
+    """A converted ViT exported with a dynamic image size: the program advertised the range and
+    failed at every other size with torch's guard on the keep count (audit U of the
+    twenty-sixth session); the export itself is refused now, naming the way that works. At
+    keep 1.0 (the block's own forward) it exports and runs at another size."""
+    timm = pytest.importorskip("timm")
+    Dim = torch.export.Dim
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=2, embed_dim=32, num_heads=2, dynamic_img_size=True).eval()
+    h = Dim("h", min=2, max=8)
+    shapes = {"x": {0: Dim("b"), 2: 8 * h, 3: 8 * h}}
+    x32, x48 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x32[:1])
+    with pytest.raises(evoplug.EvoplugError, match="dynamic image size(.|\n)*dynamic batch only"):
+        torch.export.export(fast, (x32,), dynamic_shapes=shapes)
+    same = evoplug.convert(model, keep_ratio=1.0, example_input=x32[:1])
+    ep = torch.export.export(same, (x32,), dynamic_shapes=shapes)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x48), model(x48))
+
+
 def test_torch_export_dynamic_batch():
     _, fast = tiny(0.5)
     x = torch.randn(2, 3, 32, 32)

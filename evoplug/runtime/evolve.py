@@ -611,6 +611,14 @@ def upsample_taps(size_in: int, size_out: int, device=None) -> Tuple[Tensor, Ten
 
 def num_keep(num_patches: int, keep_ratio: float) -> int:
     """k = floor(M * keep_ratio), at least 1 (a tiny epsilon absorbs float error)."""
+    if isinstance(num_patches, torch.SymInt) and torch.compiler.is_exporting():
+        # (k would be a plain integer: the program advertised the range of sizes and failed at
+        # every other one with torch's guard; audit U of the twenty-sixth session)
+        from ..errors import EvoplugError
+        raise EvoplugError(
+            "torch.export with a dynamic image size: a converted model keeps a number of tokens "
+            "fixed by the token count, so its program holds for one size. Export with a dynamic "
+            "batch only (one program per image size), or at keep_ratio=1.0")
     return max(1, min(num_patches, int(math.floor(num_patches * keep_ratio + 1e-6))))
 
 
