@@ -190,8 +190,13 @@ def test_check_command(tmp_path, capsys):
     assert "vit_tiny_patch16_224: converts: 4/6 blocks evolving (first: 10 of 17 tokens)" in text
     saved = json.loads(out.read_text())["vit_tiny_patch16_224"]
     assert saved["status"] == "converts" and saved["problems"] == []
-    assert cli.main(["check", "resnet18"]) == 1
+    assert cli.main(["check", "resnet18", "--json", str(tmp_path / "refused.json")]) == 1
     assert "refused: ConversionError" in capsys.readouterr().out
+    # strict JSON: figures not measured are null, not NaN (until the twenty-sixth session)
+    def no_constant(c):
+        raise AssertionError(f"{c} in the JSON")
+    saved = json.loads((tmp_path / "refused.json").read_text(), parse_constant=no_constant)
+    assert saved["resnet18"]["status"] == "refused"
 
 
 def test_the_check_compiles_and_compares():

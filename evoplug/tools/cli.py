@@ -284,6 +284,17 @@ def _load_model(a):
     return model.eval(), meta
 
 
+def _no_nan(v):
+    """``v`` with every float NaN (in dicts and lists) as None."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: _no_nan(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_no_nan(x) for x in v]
+    return v
+
+
 def _mode_text(a) -> str:
     if not a.train:
         return f"{a.dtype}, eval, inference_mode"
@@ -382,7 +393,8 @@ def cmd_check(a, out) -> int:
         print(f"{name}: {r}", file=out, flush=True)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({n: dataclasses.asdict(r) for n, r in results.items()}, f, indent=1)
+            # (NaN, a figure not measured, is no JSON: strict parsers refused the file)
+            json.dump(_no_nan({n: dataclasses.asdict(r) for n, r in results.items()}), f, indent=1)
         print(f"wrote {a.json}", file=out)
     return 0 if all(r.ok for r in results.values()) else 1
 
