@@ -306,6 +306,10 @@ def _write_into(x, how):
         x.data.mul_(1.5)
     elif how == "detach":
         x.detach()[:, 1:5].mul_(2.0)
+    elif how == "view":
+        x[:, 1:3].zero_()
+    elif how == "relu_":
+        torch.nn.functional.relu(x, inplace=True)
 
 
 def _reference(fast, x):
@@ -341,18 +345,23 @@ def test_tokens_handed_on_are_restored_wherever_else_they_are_read(change, mode)
         sum(t.float().pow(2).mean() for t in flat_out).backward()
 
 
-@pytest.mark.parametrize("how", ["setitem", "cls", "index_fill_", "data", "detach"])
-def test_tokens_written_into_in_place_between_blocks_take_the_write(how):
+@pytest.mark.parametrize("how,mode", [("setitem", "no_grad"), ("cls", "no_grad"),
+                                      ("index_fill_", "no_grad"), ("data", "no_grad"),
+                                      ("detach", "no_grad"), ("view", "no_grad"),
+                                      ("view", "inference_mode"), ("relu_", "inference_mode")])
+def test_tokens_written_into_in_place_between_blocks_take_the_write(how, mode):
     """A write into a block's output between two blocks (``x[:, 1:3] = 0``, ``x.data.mul_``),
     added after the conversion: the guard handed the write the tokens restored, and the next
     block took the handed-on tensor, in the selection's order, without the write (off by
     0.06-0.72 from the dense model at keep 1.0 until the twenty-sixth session, audit X). At
     keep 1.0 the result is the dense model's with the same write; at keep 0.5, every block
     restoring's. Also: an op between the blocks whose output has the handed-on shape (all
-    tokens kept, keep 1.0 on the evolving path) was refused as a tensor of unknown order."""
+    tokens kept, keep 1.0 on the evolving path) was refused as a tensor of unknown order.
+    Under inference mode (no version counters), a write through a view was lost (audit Q2)."""
     dense, _, x = _tiny_pair()
     plain = Collects(dense)
     plain.write_after = (3, how)
+    grad_off = torch.no_grad if mode == "no_grad" else torch.inference_mode
     with torch.no_grad():
         want = plain(x)
     for keep in (1.0, 0.5):
@@ -360,7 +369,7 @@ def test_tokens_written_into_in_place_between_blocks_take_the_write(how):
                                identity_fast_path=False, reselect_every=4)
         fast.write_after = (3, how)
         ref = _reference(fast, x)          # every block restoring
-        with torch.no_grad():
+        with grad_off():
             out = fast(x)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         if keep == 1.0:

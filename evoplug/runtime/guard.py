@@ -70,7 +70,10 @@ class SegmentGuard(TorchFunctionMode):
         e = self.watched.get(id(t))
         if e is None or e[0]() is not t:
             return None, False
-        return e[2], e[4] or (e[2] is not None and _version(e[2]) != e[5])
+        # (an inference tensor keeps no version counter: a write through a view of it shows
+        # nowhere, so tokens read there are taken as written; lost until audit Q2 of the
+        # twenty-sixth session)
+        return e[2], e[4] or (e[2] is not None and (e[5] is None or _version(e[2]) != e[5]))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
