@@ -844,3 +844,26 @@ def test_a_flag_of_another_value_at_the_conversion_size_converts_a_twin():
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(_tensor(fast(x, interpolate_pos_encoding=True)),
                                    _tensor(model(x, interpolate_pos_encoding=True)), atol=1e-5, rtol=1e-5)
+
+
+def test_a_stage_of_one_block_converts_with_the_nested_items_it_returns():
+    """transformers' Swinv2 with a last stage of depth 1: the stage itself is the block, and it
+    returns (tokens, tokens before downsampling, (h, w, h, w)); the converted stage returned the
+    last item flattened, (..., 2, 2, 2, 2), and the encoder failed where the dense model runs
+    (audit Q2 of the twenty-sixth session). Keep 1.0 on the evolving path gives the dense
+    logits and hidden states; keep 0.5 runs."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    cfg = T.Swinv2Config(image_size=64, patch_size=4, embed_dim=32, depths=[2, 2, 2, 1],
+                         num_heads=[1, 2, 2, 4], window_size=2, num_labels=10)
+    model = T.Swinv2ForImageClassification(cfg).eval()
+    same = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x)
+    assert evoplug.get_report(same).blocks[-1].name == "swinv2.encoder.layers.3"
+    with torch.no_grad():
+        torch.testing.assert_close(same(x).logits, model(x).logits, atol=1e-5, rtol=1e-5)
+        got, want = same(x, output_hidden_states=True), model(x, output_hidden_states=True)
+        for a, b in zip(got.reshaped_hidden_states, want.reshaped_hidden_states):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
+        assert fast(x).logits.shape == (2, 10)
+    assert dict(evoplug.tokens_per_block(fast))["swinv2.encoder.layers.3"] == 3

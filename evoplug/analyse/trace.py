@@ -581,9 +581,15 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
             if n.users:
                 raise AnalysisError(name, f"constant argument `{n.target}` is used as a value in the trace")
             graph.erase_node(n)
+    info = getattr(graph._codegen, "pytree_info", None)
     graph._codegen = fx.graph.CodeGen()
     out = next(n for n in graph.nodes if n.op == "output")
     result = out.args[0]
+    if info is not None and info.out_spec is not None and isinstance(result, (list, tuple)):
+        # the output as the block returns it, not pytree's flat leaves: transformers' Swinv2
+        # stage returns (tokens, tokens, (h, w, h, w)), which came back as 6 items and broke
+        # the encoder (audit Q2 of the twenty-sixth session)
+        result = torch.utils._pytree.tree_unflatten(list(result), info.out_spec)
     if isinstance(result, (list, tuple)) and result and isinstance(result[0], fx.Node):
         # a tuple-returning block (Hugging Face: (hidden_states, attn_weights)): the graph
         # returns its tokens; the other items are kept aside (their nodes stay in the graph)
