@@ -186,25 +186,31 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
                 (inside and _whole_block(model.get_submodule(inside[0][0]), calls)):
             return
         del reports[reported:]
-        # (a block whose token count equals the batch is a token block: strict refuses it)
-        token_block = reason is None or reason.startswith("its tokens arrive regrouped") or \
-            _SQUARE.split("{}")[1] in reason
-        if c.n_calls > 1:
-            why = f"called {c.n_calls} times per forward (shared module)"
-        elif reason is None:
-            why = (f"runs {c.attention_ops} attention computations per call; evoplug converts "
-                   f"blocks with one self-attention over their tokens{_SOFTMAX_COUNTS}")
-        else:
-            why = reason
-        if inside and not inside[0][1].startswith(why):
-            why += f" (inside: `{inside[0][0]}`: {inside[0][1]})"
-        reports.append((name, why, token_block))
+        reports.append((name, *_unit_report(c, reason, inside)))
 
     visit("", model)
     candidates.sort(key=lambda t: t[2].order)
     failed = [(n, r) for n, r, block in reports if block]
     skipped = [(n, r) for n, r, block in reports if not block]
     return candidates, failed, skipped
+
+
+def _unit_report(c: ModuleCall, reason: Optional[str], inside) -> Tuple[str, bool]:
+    """(why, whether it is a token block) of a module reported as one unit: its own reason, or
+    why its attention computations cannot convert; with the first report from inside it."""
+    # (a block whose token count equals the batch is a token block: strict refuses it)
+    token_block = reason is None or reason.startswith("its tokens arrive regrouped") or \
+        _SQUARE.split("{}")[1] in reason
+    if c.n_calls > 1:
+        why = f"called {c.n_calls} times per forward (shared module)"
+    elif reason is None:
+        why = (f"runs {c.attention_ops} attention computations per call; evoplug converts "
+               f"blocks with one self-attention over their tokens{_SOFTMAX_COUNTS}")
+    else:
+        why = reason
+    if inside and not inside[0][1].startswith(why):
+        why += f" (inside: `{inside[0][0]}`: {inside[0][1]})"
+    return why, token_block
 
 
 def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]):
