@@ -65,6 +65,25 @@ def test_distillation_with_mixup_uses_a_frozen_dense_copy_and_features(digits_mo
         evoplug.distill(model, x[:8], steps=1, progress=False)
 
 
+def test_a_given_teacher_is_given_back_as_it_was_and_frozen_nothing_of_the_model(digits_model):
+    """``teacher=`` was set to eval and ``requires_grad_(False)`` for good: the model's
+    parameters it shared (an EMA-style teacher sharing the patch embedding) were silently not
+    trained; the model as its own teacher failed with torch's "empty parameter list" (audit C2
+    of the twenty-sixth session)."""
+    import copy
+    model, x, xt, _ = digits_model
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=xt[:1])
+    teacher = copy.deepcopy(model).train()
+    teacher.patch_embed = fast.patch_embed                 # shared with the student
+    before = fast.patch_embed.proj.weight.detach().clone()
+    evoplug.distill(fast, x[:32], teacher=teacher, steps=2, batch_size=8, progress=False)
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    assert fast.patch_embed.proj.weight.requires_grad
+    assert not torch.equal(fast.patch_embed.proj.weight, before)        # trained
+    with pytest.raises(evoplug.EvoplugError, match="teacher is the model it trains"):
+        evoplug.distill(fast, x[:8], teacher=fast, steps=1, progress=False)
+
+
 def test_planner_returns_options_that_meet_the_target(digits_model):
     model, x, xt, yt = digits_model
     p = evoplug.plan(model, x[:100], target_speedup=1.3, labels=None, keep_ratios=(0.3, 0.6),

@@ -129,12 +129,19 @@ class _Live:
     student's): a given module, or a frozen dense copy of the model."""
 
     def __init__(self, model, teacher, features, augment, mixup: float, seed: int):
+        self.was = None
         if teacher is None:
-            teacher = evoplug.revert(copy.deepcopy(model))
+            teacher = evoplug.revert(copy.deepcopy(model)).requires_grad_(False)
             self.name = "a frozen copy of its own weights (dense)"
+        elif teacher is model:
+            raise EvoplugError("distill: the teacher is the model it trains (run at its keep ratio, "
+                               "not dense): pass teacher=None (a frozen dense copy) or another module")
         else:
-            self.name = type(teacher).__name__
-        self.teacher = teacher.eval().requires_grad_(False)
+            # (run under no_grad, in eval mode for the steps; its parameters keep their
+            # requires_grad: one it shares with the model is trained, and after distill the
+            # teacher is as it was; until the twenty-sixth session both were frozen for good)
+            self.name, self.was = type(teacher).__name__, teacher.training
+        self.teacher = teacher.eval()
         self.features, self.augment, self.mixup = features, augment, mixup
         self.rng = random.Random(seed)
         self.cap = _Captured(teacher, features, "the teacher") if features else None
@@ -153,6 +160,8 @@ class _Live:
     def close(self):
         if self.cap is not None:
             self.cap.remove()
+        if self.was is not None:
+            self.teacher.train(self.was)
 
 
 def _check(model, steps, batch_size, temperature, mixup):
