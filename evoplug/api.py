@@ -247,6 +247,12 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     # (blocks removed after conversion, timm's prune_intermediate_layers: the twin converts the
     # ones left, in their roles at the conversion; a KeyError until the twenty-sixth session)
     present = [s for s in report.blocks if s.name not in report.removed]
+    if len(present) < 2:
+        raise EvoplugError(
+            f"{type(model).__name__}: converted blocks were removed after conversion "
+            f"({', '.join(report.removed)}) and {len(present)} is left, which evolves no tokens; "
+            "a call at a new input size would convert the model again, which needs two blocks. "
+            "evoplug.revert(model) gives the dense model, which runs at any size")
     twin, pairs = _twin(model, {id(s.analysis.module) for s in present})
     for s in present:
         m = pairs[id(s.analysis.module)]

@@ -877,3 +877,22 @@ def test_vmap_at_a_new_size_is_refused_with_the_warm_up_that_works():
             per_image(x)
         want = fast(x)                                # the warm-up call at 48 px
         torch.testing.assert_close(per_image(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_one_converted_block_left_at_a_new_size_is_told_with_the_way_out():
+    """All blocks but one removed after conversion, then a new size: the twin's conversion
+    refused "only one convertible block (`blocks`)", which named a Sequential (audit Q2 of the
+    twenty-sixth session). It says what happened and what runs: the reverted, dense model."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=3, num_classes=5, dynamic_img_size=True).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    fast.blocks = fast.blocks[:1]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), pytest.raises(evoplug.EvoplugError, match="1 is left, which evolves no "
+                                                                    "tokens(.|\n)*revert"):
+        fast(x)
+    dense = copy.deepcopy(model)
+    dense.blocks = dense.blocks[:1]
+    with torch.no_grad():
+        torch.testing.assert_close(evoplug.revert(fast)(x), dense(x))
