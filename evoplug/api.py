@@ -36,7 +36,7 @@ from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .report import ConversionReport, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
-from .runtime.block import BlockSpec, FlatTokens, MapTokens, evo_class, traced_state
+from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class, traced_state
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors)
 
@@ -134,12 +134,21 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
     if is_converted(model):
         whole = getattr(model, "_evoplug_report", None) is not None
+        inner = next((n for n, m in model.named_modules() if n and m.__dict__.get("_evoplug_report")
+                      is not None), None)
+        block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
         raise ConversionError(
             f"{type(model).__name__} is already converted; use evoplug.set_options() to change "
             "its options" if whole else
-            f"{type(model).__name__} holds blocks of a model evoplug converted; change the "
-            "options on that model (evoplug.set_options(model, ...)), or convert "
-            "evoplug.revert(model)")
+            f"{type(model).__name__} holds a model evoplug converted, `{inner}`: convert "
+            f"evoplug.revert(model.{inner}) first, or change its options with "
+            f"evoplug.set_options(model.{inner}, ...)" if inner else
+            # (blocks shared with a model converted elsewhere: they named nothing, and the advice
+            # given, set_options or revert on this model, raised; audit C2, twenty-sixth session)
+            f"{type(model).__name__} holds blocks of a model evoplug converted (`{block}`; this "
+            "is a part of it, or shares blocks with it): change the options on that model "
+            "(evoplug.set_options(that_model, ...)), revert it (evoplug.revert(that_model)), or "
+            "convert a copy of this one with blocks of its own (copy.deepcopy of the original)")
     _check_model(model)
     if not inplace:
         original, model = model, copy_model(model)

@@ -121,9 +121,13 @@ def test_copy_by_default_inplace_on_request():
     assert same is model
     with pytest.raises(evoplug.ConversionError, match="already converted"):
         evoplug.convert(model, example_input=x[:1])
-    with pytest.raises(evoplug.ConversionError, match=r"holds blocks of a model evoplug converted.*"
-                                                      r"set_options\(model"):
+    with pytest.raises(evoplug.ConversionError, match=r"holds blocks of a model evoplug converted "
+                                                      r"\(`0`(.|\n)*set_options\(that_model"):
         evoplug.convert(model.trunk, example_input=torch.randn(1, 17, 64))
+    # a wrapper of the converted model is told which module it is (audit C2, 26th session)
+    with pytest.raises(evoplug.ConversionError, match=r"holds a model evoplug converted, `0`: "
+                                                      r"convert evoplug.revert\(model.0\)"):
+        evoplug.convert(nn.Sequential(model), example_input=x[:1])
 
 
 def test_options_change_without_reconversion_and_revert():
