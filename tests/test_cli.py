@@ -247,6 +247,16 @@ def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_p
     img = viz.load_image(str(tmp_path / "deep.png"))
     assert img.shape == (8, 64, 3) and img.dtype == np.uint8
     np.testing.assert_allclose(img[0, :, 0], ramp[0] / 65535 * 255, atol=0.51)
+    with pytest.raises(SystemExit) as e:                           # a folder as MODEL
+        cli.main(["explain", str(tmp_path)])
+    assert e.value.code == 2 and "is a folder" in capsys.readouterr().err
+    torch.save(create_model("vit_tiny_patch16_224", **TINY_KW), tmp_path / "whole.pt")
+    assert run_cli("explain", str(tmp_path / "whole.pt"))[0] == 1
+    err = capsys.readouterr().err
+    assert "not an evoplug checkpoint" in err and "weights_only" not in err
+    assert run_cli("bench", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "img_size=64",
+                   "--batch", "1")[0] == 1
+    assert "differ" in capsys.readouterr().err
     torch.save(torch.randn(4, 3, 32, 32), tmp_path / "x.pt")       # plan takes the options docs list
     rc, out = run_cli("plan", *TINY, str(tmp_path / "x.pt"), "--keep", "0.5", "--start-blocks", "1",
                       "--queries", "mean", "--reselect-every", "1", "--no-representative",

@@ -251,6 +251,8 @@ def _check_models(parser, names: List[str], allow_files: bool = False):
         try:
             check_model_name(n)
         except ValueError as err:
+            if allow_files and os.path.isdir(n):
+                parser.error(f"{n} is a folder, not a checkpoint file nor a timm model name")
             if allow_files and (os.sep in n or n.endswith((".pth", ".pt"))):
                 parser.error(f"checkpoint file not found: {n}")
             parser.error(str(err))
@@ -316,6 +318,9 @@ def cmd_bench(a, out) -> int:
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
     a.keep, a.batch = _unique(a.keep), _unique(a.batch)   # (a ratio given twice: one row)
+    size = dict(a.model_arg).get("img_size")
+    if a.img_size is not None and size is not None and size != a.img_size:
+        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=max(1, a.warmup) if a.train or a.compile else a.warmup,

@@ -59,7 +59,15 @@ def save_checkpoint(path: str, model, timm_name: str, model_kwargs: dict, **meta
 def load_checkpoint(path: str):
     """(model in eval mode, meta dict) from a file written by :func:`save_checkpoint`.
     Loaded with ``weights_only=True`` (tensors and plain values only)."""
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    import pickle
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # (a whole pickled model: torch's advice, weights_only=False, is nothing the command
+        # can take; audit Q2 of the twenty-sixth session)
+        raise ValueError(f"{path}: not an evoplug checkpoint (tensors and plain values only; "
+                         "a whole pickled model is not read: save its state_dict, or use "
+                         "evoplug.tools.models.save_checkpoint)") from None
     if not isinstance(ck, dict) or "timm_model" not in ck or "state_dict" not in ck:
         raise ValueError(f"{path}: not an evoplug checkpoint (a dict with 'timm_model', "
                          "'model_kwargs', 'state_dict'); for a plain state_dict give a timm "
