@@ -589,7 +589,9 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
         # the output as the block returns it, not pytree's flat leaves: transformers' Swinv2
         # stage returns (tokens, tokens, (h, w, h, w)), which came back as 6 items and broke
         # the encoder (audit Q2 of the twenty-sixth session)
-        result = torch.utils._pytree.tree_unflatten(list(result), info.out_spec)
+        tree = torch.utils._pytree.tree_unflatten(list(result), info.out_spec)
+        if isinstance(tree, (list, tuple)):      # (a single tensor stays as its one leaf)
+            result = tree
     if isinstance(result, (list, tuple)) and result and isinstance(result[0], fx.Node):
         # a tuple-returning block (Hugging Face: (hidden_states, attn_weights)): the graph
         # returns its tokens; the other items are kept aside (their nodes stay in the graph)
