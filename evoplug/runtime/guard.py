@@ -66,7 +66,10 @@ class SegmentGuard(TorchFunctionMode):
 
     def seen(self, t: torch.Tensor):
         """(``t``'s tokens restored, or None where nothing read them; whether something wrote
-        into them in place) for a watched tensor ``t``; (None, False) for another."""
+        into them in place) for a watched tensor ``t``; (None, False) for another. A write
+        between the blocks (``x[:, 0] = 0``, ``x.mul_``, ``out=x``, through a view or
+        ``x.detach()``) lands in the restored tokens and moves their version counter; the next
+        block takes them (runtime/block.py)."""
         e = self.watched.get(id(t))
         if e is None or e[0]() is not t:
             return None, False
@@ -78,13 +81,12 @@ class SegmentGuard(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if not self.suspended and self.watched:    # (the mode is off while this runs)
-            if _writes(func, kwargs):
-                # an in-place write (``x[:, 0] = 0``, ``x.mul_``, ``x.data``, ``out=``) lands
-                # in the restored tokens: the next block takes those (runtime/block.py)
-                for v in [args[0] if args else None, kwargs.get("out")]:
-                    e = self.watched.get(id(v)) if isinstance(v, torch.Tensor) else None
-                    if e is not None and e[0]() is v:
-                        e[4] = True
+            if getattr(func, "__self__", None) is _DATA and args:
+                # ``x.data``: a write through it shows in no version counter (every other
+                # in-place write into the restored tokens does: :meth:`seen`)
+                e = self.watched.get(id(args[0]))
+                if e is not None and e[0]() is args[0]:
+                    e[4] = True
             args, kwargs = tree_map(self.restored, (args, kwargs))
         return func(*args, **kwargs)
 
@@ -165,16 +167,6 @@ def _version(t: torch.Tensor) -> Optional[int]:
         return t._version
     except RuntimeError:
         return None
-
-
-def _writes(func, kwargs) -> bool:
-    """Whether ``func`` may write into its first argument (or its ``out=``): an in-place
-    method, item assignment, or ``.data`` (whose writes no version counter shows)."""
-    name = getattr(func, "__name__", "")
-    return "out" in kwargs or getattr(func, "__self__", None) is _DATA or name == "__setitem__" or (
-        name.endswith("_") and not name.startswith("_")) or (
-        name.startswith("__i") and name.endswith("__") and name not in ("__index__", "__init__",
-                                                                         "__int__", "__invert__"))
 
 
 def _kept_outside(graphed, returned) -> Optional[str]:
