@@ -269,10 +269,8 @@ def _load_model(a):
                            "(it stores how to build its model, and its weights)")
         return load_checkpoint(a.model)
     torch.manual_seed(0)
-    size = kwargs.pop("img_size", None)      # (--model-arg img_size=112, as bench takes it)
-    if a.img_size is not None and size is not None and size != a.img_size:
-        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
-    model = create_model(a.model, a.img_size if a.img_size is not None else size, **kwargs)
+    kwargs.pop("img_size", None)           # (--model-arg img_size=112, as bench takes it)
+    model = create_model(a.model, _img_size(a), **kwargs)
     meta = {}
     if a.checkpoint:
         if not os.path.isfile(a.checkpoint):
@@ -284,6 +282,14 @@ def _load_model(a):
     else:
         meta["random_weights"] = True
     return model.eval(), meta
+
+
+def _img_size(a) -> Optional[int]:
+    """--img-size, or --model-arg img_size=N; both given, they must agree."""
+    size = dict(a.model_arg).get("img_size")
+    if a.img_size is not None and size is not None and size != a.img_size:
+        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
+    return a.img_size if a.img_size is not None else size
 
 
 def _no_nan(v):
@@ -318,20 +324,17 @@ def cmd_bench(a, out) -> int:
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
     a.keep, a.batch = _unique(a.keep), _unique(a.batch)   # (a ratio given twice: one row)
-    size = dict(a.model_arg).get("img_size")
-    if a.img_size is not None and size is not None and size != a.img_size:
-        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
+    _img_size(a)
+    warmup = max(1, a.warmup) if a.train or a.compile else a.warmup    # (as bench runs them)
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
-                    repeats=a.repeats, warmup=max(1, a.warmup) if a.train or a.compile else a.warmup,
-                    compile=a.compile, img_size=a.img_size,
+                    repeats=a.repeats, warmup=warmup, compile=a.compile, img_size=a.img_size,
                     model_kwargs=dict(a.model_arg), convert_options=_convert_options(a),
                     train=a.train, optimizer=a.optimizer if a.train else None)
     bench.resolve_device(a.device)
     print(f"machine: {bench.machine(a.device)}", file=out)
     print(f"settings: {_mode_text(a)}, random weights; original and converted "
-          f"models timed interleaved, median of {a.repeats} after "
-          f"{max(1, a.warmup) if a.train or a.compile else a.warmup} warm-up round(s); "
+          f"models timed interleaved, median of {a.repeats} after {warmup} warm-up round(s); "
           f"allocator: {bench.allocator()}"
           f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
     rows: List[dict] = []
