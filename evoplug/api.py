@@ -34,9 +34,9 @@ from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions, check_names
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
-from .report import ConversionReport, get_report, is_converted, unscored, unscored_reason
+from .report import ConversionReport, converted_inside, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
-from .runtime.block import BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class, traced_state
+from .runtime.block import BlockSpec, FlatTokens, MapTokens, evo_class, traced_state
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors)
 
@@ -134,9 +134,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
     if is_converted(model):
         whole = getattr(model, "_evoplug_report", None) is not None
-        inner = next((n for n, m in model.named_modules() if n and m.__dict__.get("_evoplug_report")
-                      is not None), None)
-        block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
+        inner, block = converted_inside(model)
         raise ConversionError(
             f"{type(model).__name__} is already converted; use evoplug.set_options() to change "
             "its options" if whole else
@@ -303,13 +301,20 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     blocks = [pairs.get(id(s.analysis.module)) for s in report.blocks]    # (by spec.index)
     runtime = converted[0].runtime
     runtime.parent = report.blocks[0].runtime
-    if report.removed:       # the roles of the conversion, not those of fewer blocks
-        runtime.plan = Plan(runtime.plan.options, [report.blocks[0].runtime.plan.roles[s.index]
-                                                   for s in present])
+    if report.removed:
+        runtime.plan = _plan_of_blocks_left(runtime.plan.options, report.blocks[0].runtime.plan.roles,
+                                            blocks)
     added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
     return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
+
+
+def _plan_of_blocks_left(options: EvoOptions, roles, blocks) -> Plan:
+    """The plan of a twin of the blocks left after some were removed (``blocks``: the twin's
+    block for each converted block, None for a removed one): their roles in the model, not
+    those a conversion of fewer blocks would give."""
+    return Plan(options, [r for r, b in zip(roles, blocks) if b is not None])
 
 
 def _refuse_under_vmap(model: nn.Module, on: str):
@@ -850,12 +855,10 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
         report._options = new
         runtime.plan = Plan(new, roles)
         for variant in list(runtime.variants.values()):   # the same blocks at other sizes
-            if any(b is None for b in variant.blocks):
-                # a twin of the blocks left after some were removed: their roles in the model
+            if any(b is None for b in variant.blocks):      # (blocks removed: their roles)
                 inner = get_report(variant.model)
                 inner._options = new
-                inner.blocks[0].runtime.plan = Plan(new, [r for r, b in zip(roles, variant.blocks)
-                                                          if b is not None])
+                inner.blocks[0].runtime.plan = _plan_of_blocks_left(new, roles, variant.blocks)
             else:
                 set_options(variant.model, **changes)
     return new

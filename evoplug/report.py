@@ -105,14 +105,21 @@ def is_converted(model: nn.Module) -> bool:
     return any(isinstance(m, EvoBlockMixin) for m in model.modules())
 
 
+def converted_inside(model: nn.Module) -> Tuple[Optional[str], Optional[str]]:
+    """(the path of a converted model inside ``model``, of its first converted block), each
+    None where there is none: what errors about a model that is not itself converted name."""
+    inner = next((n for n, m in model.named_modules()
+                  if n and getattr(m, "_evoplug_report", None) is not None), None)
+    block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
+    return inner, block
+
+
 def get_report(model: nn.Module) -> ConversionReport:
     report = getattr(model, "_evoplug_report", None)
     if report is None:
         # a wrapper (AveragedModel, timm's ModelEma, DDP, Sequential) holding a converted model
-        inner = next((n for n, m in model.named_modules()
-                      if n and getattr(m, "_evoplug_report", None) is not None), None)
+        inner, block = converted_inside(model)
         hint = f"; `{inner}` inside it is: pass that (model.{inner})" if inner else ""
-        block = next((n for n, m in model.named_modules() if isinstance(m, EvoBlockMixin)), None)
         if not inner and block is not None:
             # (peft's merge_and_unload of a converted PeftModel: the blocks still evolve, the
             # report stayed on the wrapper; audit O of the twenty-fifth session)
