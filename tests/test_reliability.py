@@ -4,6 +4,7 @@ mixing outside attention, hooks, run-time options, odd batches, clear refusals."
 import contextlib
 import copy
 import random
+import re
 import threading
 import warnings
 
@@ -947,6 +948,18 @@ def test_channel_attention_with_as_many_channels_per_head_as_tokens_is_refused()
     c = evoplug.convert(copy.deepcopy(vit), keep_ratio=1.0, example_input=x)
     torch.testing.assert_close(c(x), ref, rtol=1e-5, atol=1e-5)
     assert len(evoplug.get_report(c).blocks) == 2
+
+
+def test_a_refusal_names_the_attention_module_inside_a_stage():
+    # EdgeNeXt's stages are Sequentials of conv blocks and one block of channel attention: the
+    # refusal named only `stages.1.blocks`, not the module whose map is not over the tokens
+    torch.manual_seed(0)
+    m = timm.create_model("edgenext_xx_small", pretrained=False, num_classes=10).eval()
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    assert re.search(r"`stages\.1\.blocks`: attention map \(1, 4, 12, 12\) in "
+                     r"`stages\.1\.blocks\.\d+\.xca` \(CrossCovarianceAttn\) is not over the "
+                     r"block's \d+ tokens \(not self-attention; .*between channels", str(e.value))
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -46,7 +46,7 @@ from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
-from .graph import ancestors, module_of, rolls, run_nodes, shape_of, softmax_dim
+from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of, softmax_dim
 from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
@@ -377,6 +377,15 @@ def _check_queries_follow_tokens(a: BlockAnalysis, gm, site, feed):
                                     "token-to-token attention map")
 
 
+def _between_channels(s, N: int) -> str:
+    """A square map whose side is not the token count (and not a window of it) is most likely
+    attention between channels (XCiT's, EdgeNeXt's cross-covariance attention)."""
+    if s is not None and len(s) >= 2 and s[-1] == s[-2] and s[-1] != N and N % s[-1]:
+        return "; a square map of that side is most likely attention between channels, " \
+               "as XCiT's or EdgeNeXt's cross-covariance attention"
+    return ""
+
+
 def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
     N = a.num_tokens
     s = shape_of(site.node)
@@ -391,8 +400,9 @@ def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
             raise AnalysisError(a.name, _REDUCED_KV.format(s[-1], N))
         s = s[:-1] + (N,)
     if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
-        raise AnalysisError(a.name, f"attention map {s} is not over the block's {N} tokens "
-                                    "(not self-attention)")
+        raise AnalysisError(a.name, f"attention map {s}{computed_in(site.node, a.name)} is not "
+                                    f"over the block's {N} tokens (not self-attention"
+                                    f"{_between_channels(s, N)})")
     a.attention = f"softmax(q.k^T) at `{site.node.name}`"
 
 
@@ -405,8 +415,9 @@ def _sdpa_attention(a: BlockAnalysis, site, grid_ops):
             raise AnalysisError(a.name, _REDUCED_KV.format(ks[-2], N))
         ks = ks[:-2] + (N, ks[-1])
     if not qs or not ks or qs[-2] != N or ks[-2] != N:
-        raise AnalysisError(a.name, f"scaled_dot_product_attention q{qs} k{ks} is not over the "
-                                    f"block's {N} tokens (not self-attention)")
+        raise AnalysisError(a.name, f"scaled_dot_product_attention q{qs} k{ks}"
+                                    f"{computed_in(site.node, a.name)} is not over the block's "
+                                    f"{N} tokens (not self-attention{_between_channels(ks, N)})")
     a.attention = f"scaled_dot_product_attention at `{site.node.name}`"
 
 

@@ -39,6 +39,21 @@ def module_of(gm: fx.GraphModule, n: fx.Node) -> Optional[nn.Module]:
         return None
 
 
+def computed_in(n: fx.Node, unit: str = "") -> str:
+    """`` in `stages.1.blocks.2.xca` (XCA)``: the innermost submodule whose code computed node
+    ``n`` (fx's ``nn_module_stack``), named from the model when the traced unit is ``unit``;
+    empty when the unit's own code computed it. An error about an attention map deep inside
+    a stage names the attention module, not only the stage (EdgeNeXt's channel attention)."""
+    stack = n.meta.get("nn_module_stack") if isinstance(n, fx.Node) else None
+    if not stack:
+        return ""
+    path, cls = list(stack.values())[-1]
+    if not path:
+        return ""
+    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
+    return f" in `{unit + '.' if unit else ''}{path}` ({name})"
+
+
 def is_softmax(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_function" and n.target in _SOFTMAX_FUNCS:
         return True
