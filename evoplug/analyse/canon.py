@@ -47,7 +47,7 @@ def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid) -> List[str]:
     gm.meta["evo_shapes"] = True          # (the callers' shape propagation is done)
     ctx = _Ctx(gm, prop.values, tuple(grid), int(feed[0].shape[0]))
     done = []
-    for rule in (_terms_out_of_logit_views, _heads_to_tokens, _sink_map_views,
+    for rule in (_terms_out_of_logit_views, _heads_to_tokens, _merge_then_view, _sink_map_views,
                  _projection_on_tokens, _tail_on_tokens):
         done += rule(ctx)
     if done:
@@ -223,6 +223,34 @@ def _heads_to_tokens(ctx: _Ctx) -> List[str]:
         for n in (r2, p, r1):
             graph.erase_node(n)
         done.append(f"`{r2.name}`: the heads' outputs merged as tokens, then viewed as the map")
+    if done:
+        _propagate(ctx)
+    return done
+
+
+def _merge_then_view(ctx: _Ctx) -> List[str]:
+    """``o.reshape(B, H, W, C)`` of the heads' outputs as tokens, ``o`` (B, N, heads, d)
+    (VOLO's global attention: ``(attn @ v).transpose(1, 2).reshape(B, H, W, C)``) ->
+    ``o.reshape(B, -1, C).reshape(B, H, W, C)``: the heads merged on the tokens, then one view
+    into the map. In one reshape the analysis saw no token -> map view, so the attention ran on
+    the kept tokens and their output was laid on the map in their order (off under a
+    permutation of the tokens; at keep < 1.0 a crash)."""
+    graph, done = ctx.graph, []
+    N = ctx.grid[0] * ctx.grid[1]
+    for r in list(graph.nodes):
+        if not (is_reshape(r) and r.op == "call_method" and r.target in ("reshape", "view")
+                and ctx.is_map(r) and isinstance(r.args[0], fx.Node)):
+            continue
+        si, so, sizes = shape_of(r.args[0]), shape_of(r), _sizes(r)
+        if si is None or len(si) < 4 or si[0] != ctx.batch or si[1] != N or \
+                math.prod(si[2:]) != so[3] or len(sizes) != 4:
+            continue
+        with graph.inserting_before(r):
+            merged = graph.call_method("reshape", (r.args[0], sizes[0], -1, sizes[3]))
+            view = graph.call_method("reshape", (merged, *sizes))
+        r.replace_all_uses_with(view)
+        graph.erase_node(r)
+        done.append(f"`{r.name}`: the heads' outputs merged as tokens, then viewed as the map")
     if done:
         _propagate(ctx)
     return done
