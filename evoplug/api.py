@@ -342,7 +342,9 @@ def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, optio
     call's argument form, :func:`_form_images`; ``"all"``: on the whole call); where a block's
     token count is 1 (a pyramid's last stage at a small size), batch 1 cannot tell the batch
     dim from the token dim: then on 2 images, then 3 (the first repeated where the call has
-    fewer)."""
+    fewer). Images holding NaN or inf are left out (one corrupt first image made every block
+    look as if it could not run on a token subset; audit A3 of the twenty-seventh session)."""
+    args, kwargs = _finite_images(twin, args, kwargs, batch_dims)
     if on != "first":
         if args and kwargs:
             args, kwargs = _by_name(twin, args, kwargs)
@@ -356,6 +358,38 @@ def _convert_twin(twin: nn.Module, args, kwargs, batch_dims, strict: bool, optio
                     raise
     _on_more_images(lambda n: convert(twin, inplace=True, strict=strict, **options,
                                       example_input=_first_image(args, kwargs, batch_dims, n)))
+
+
+def _finite_images(model: nn.Module, args, kwargs, batch_dims):
+    """The call without its images whose floating-point tensors hold NaN or inf (the call
+    itself when every image is finite); an :class:`EvoplugError` when none is."""
+    tensors = _call_tensors(args, kwargs, batch_dims)
+    images = _call_images(args, kwargs, tensors)
+    floats = [(t, d) for t, d in tensors if t.is_floating_point() and t.shape[d] == images]
+    if not floats:
+        return args, kwargs
+    bad = torch.zeros(images, dtype=torch.bool)
+    for t, d in floats:
+        bad |= ~torch.isfinite(t.detach().movedim(d, 0).reshape(images, -1)).all(1).cpu()
+    if not bool(bad.any()):
+        return args, kwargs
+    if bool(bad.all()):
+        raise EvoplugError(
+            f"{type(model).__name__}: a call at an input size (or argument form) it was not "
+            "converted at, whose every image holds NaN or inf: evoplug converts the model again "
+            "for it on a finite image of the call (checking the blocks against the model on it); "
+            "call it once with finite images")
+    index = (~bad).nonzero().flatten()
+    dims = batch_dims or {}
+
+    def pick(k, v):
+        if isinstance(v, (dict, list, tuple)):
+            return torch.utils._pytree.tree_map(lambda t: pick(None, t), v)
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[dims.get(k, 0)] == images:
+            return v.index_select(dims.get(k, 0), index.to(v.device))
+        return v
+
+    return tuple(pick(i, v) for i, v in enumerate(args)), {k: pick(k, v) for k, v in kwargs.items()}
 
 
 def _form_images(args, kwargs, batch_dims) -> List[int]:
@@ -608,6 +642,11 @@ def _calibrate(model: nn.Module, example_input):
     example_input = torch.utils._pytree.tree_map(
         lambda t: t.clone() if isinstance(t, torch.Tensor) and torch.is_inference(t) else t,
         example_input)
+    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
+           for t in torch.utils._pytree.tree_leaves(example_input)):
+        raise ConversionError(f"{type(model).__name__}: the example input holds NaN or inf: the "
+                              "analysis checks every converted block against the model on it; "
+                              "pass finite images")
     try:
         calls = calibrate(model, example_input)
     except Exception as e:

@@ -896,3 +896,37 @@ def test_one_converted_block_left_at_a_new_size_is_told_with_the_way_out():
     dense.blocks = dense.blocks[:1]
     with torch.no_grad():
         torch.testing.assert_close(evoplug.revert(fast)(x), dense(x))
+
+
+def test_a_new_size_whose_first_image_is_not_finite_converts_on_a_finite_one():
+    """One corrupt image first in the first batch of a new size: the twin was calibrated on it,
+    and every block was refused as if it could not run on a token subset (the dense model runs
+    the batch; audit A3 of the twenty-seventh session). The twin is built on a finite image;
+    a call with no finite image, or a NaN example input, is told as such."""
+    model = _tiny_dynamic_vit()
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(3, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    x[0, :, 0, 0] = float("nan")
+    x[1, 1, 5, 7] = float("inf")
+    with torch.no_grad():
+        y = fast(x)
+        # the twin for 48 px is the one a conversion on the finite image gives
+        want = evoplug.convert(model, 0.5, example_input=x[2:])(x)
+    assert not torch.isfinite(y[:2]).all() and torch.isfinite(y[2]).all()
+    torch.testing.assert_close(y[2], want[2], atol=1e-5, rtol=1e-5)
+    assert any(s.role == "evolve" and 0 < s.tokens_run < 145 for s in evoplug.get_report(fast).blocks)
+    with torch.no_grad(), pytest.raises(evoplug.EvoplugError, match="every image holds NaN or inf"):
+        fast(torch.full((2, 3, 40, 40), float("nan")))
+    with pytest.raises(evoplug.ConversionError, match="example input holds NaN or inf"):
+        evoplug.convert(model, 0.5, example_input=x[:1])
+
+
+def test_a_block_whose_own_output_is_not_finite_is_told_so():
+    """A model that overflows on the calibration input (a block's output of inf) was refused
+    as if its blocks could not run on a token subset (audit D3)."""
+    model = _tiny_dynamic_vit()
+    with torch.no_grad():
+        model.blocks[1].mlp.fc2.bias.fill_(float("inf"))
+    with pytest.raises(evoplug.ConversionError,
+                       match=r"`blocks\.1`: the block's own output on the calibration input is not finite"):
+        evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))

@@ -158,9 +158,15 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
         args, kwargs = tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
     was = m.training
     m.eval()
+    step = "the block's own forward on the calibration input"
     try:
         with torch.no_grad(), hooks_suspended(m):
             ref = token_output(type(a.module).forward(m, *args, **kwargs))
+            if not bool(torch.isfinite(ref).all()):
+                raise AnalysisError(a.name, "the block's own output on the calibration input is "
+                                            "not finite (NaN or inf): the traced program cannot "
+                                            "be checked against it")
+            step = "the traced program on all the tokens"
             if a.plan.token_perm:     # a sequence-first block: compared as (B, N, C)
                 ref = ref.permute(a.plan.token_perm)
             x, extras = a.plan.bind(a.name, args, kwargs)
@@ -177,6 +183,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             want = (B, 1, M if a.row_full else N)    # over the patches of the full map, or the keys
             if row is not None and row.shape != want:
                 raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {want}")
+            step = "the traced program on the tokens in another order"
             gen = torch.Generator().manual_seed(0)
             perm = torch.randperm(M, generator=gen).to(x.device)
             special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
@@ -190,6 +197,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
                     a.name, "not equivariant to the token order (max abs diff "
                             f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
                             "attention or has a position-dependent term evoplug cannot follow")
+            step = "the traced program on a token subset"
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
@@ -200,9 +208,11 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     except AnalysisError:
         raise
     except Exception as e:
-        raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e} (a "
-                                    "tensor the block builds from the token count, such as "
-                                    "positions from torch.arange(N) or a view of a fixed size, "
-                                    "cannot follow the kept tokens)") from None
+        if step == "the traced program on a token subset":
+            raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e} "
+                                        "(a tensor the block builds from the token count, such as "
+                                        "positions from torch.arange(N) or a view of a fixed size, "
+                                        "cannot follow the kept tokens)") from None
+        raise AnalysisError(a.name, f"{step} failed: {type(e).__name__}: {e}") from None
     finally:
         m.train(was)
