@@ -134,3 +134,73 @@ def test_a_flag_that_changes_with_every_call_converts_a_few_twins_then_runs_dens
         with pytest.warns(UserWarning, match="of 4 other values already"):
             torch.testing.assert_close(fast(x, step=5), model(x, step=5))
         assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 4
+
+
+class RelBiasBlock(nn.Module):
+    """A relative position bias (a table indexed by a buffer over the class token and a 4x4
+    grid) sized from the token count ``n`` of ``B, n, C = x.shape``, the read that also sizes
+    the q/k/v reshapes; ``from_index``: sized from the index buffer instead."""
+
+    def __init__(self, dim=32, heads=4, grid=4, from_index=False):
+        super().__init__()
+        self.heads, self.from_index = heads, from_index
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        p = torch.stack([ys.flatten(), xs.flatten()], 1)
+        d = p[:, None] - p[None] + grid - 1
+        idx = torch.full((grid * grid + 1, grid * grid + 1), (2 * grid - 1) ** 2)   # class token
+        idx[1:, 1:] = d[..., 0] * (2 * grid - 1) + d[..., 1]
+        self.register_buffer("idx", idx, persistent=False)
+        self.table = nn.Parameter(torch.randn((2 * grid - 1) ** 2 + 1, heads))
+
+    def forward(self, x):
+        B, n, C = x.shape
+        h = self.norm1(x)
+        q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        m = self.idx.shape[0] if self.from_index else n
+        bias = self.table[self.idx.view(-1)].view(m, m, -1).permute(2, 0, 1)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + bias).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class RelBiasViT(nn.Module):
+    def __init__(self, from_index, depth=4, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.ModuleList([RelBiasBlock(dim, from_index=from_index) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x[:, 0])
+
+
+def test_a_position_bias_sized_from_the_token_count_of_the_shared_shape_read():
+    """``B, n, C = x.shape`` sizes both the q/k/v reshapes and the bias' ``view(n, n, -1)``: the
+    bias was sized from the full input by pointing that one shape read at it, so the subset's
+    q/k/v reshapes took the full count too and every block was refused (audit H3 of the
+    twenty-seventh session). The bias' path reads the full count, the reshapes the subset's:
+    the blocks evolve as the same blocks sized from the index buffer."""
+    torch.manual_seed(0)
+    by_count = RelBiasViT(from_index=False).eval()
+    by_index = RelBiasViT(from_index=True).eval()
+    by_index.load_state_dict(by_count.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = by_count(x)
+        torch.testing.assert_close(by_index(x), ref, rtol=0, atol=0)
+    for keep in (1.0, 0.5):
+        fast = evoplug.convert(by_count, keep, example_input=x[:1])
+        want = evoplug.convert(by_index, keep, example_input=x[:1])
+        assert len(evoplug.get_report(fast).blocks) == 4
+        with torch.no_grad():
+            out = fast(x)
+            torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
+        assert (out - ref).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -132,13 +132,35 @@ def _position_terms(rw: _Rewrite):
             last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
             with rw.graph.inserting_after(last):
                 whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
-            for q in sizes:
-                q.replace_input_with(q.args[0], whole)
+            _size_bias_from(rw.graph, bias, sizes, whole)
         consumers = list(bias.users)
         with rw.graph.inserting_after(bias):
             gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))
         for u in consumers:
             u.replace_input_with(bias, gathered)
+
+
+def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole: fx.Node):
+    """The size queries ``sizes`` of the tokens that the position term ``bias`` is computed from
+    read ``whole`` (the full input) on the term's own path: copies of them and of the ops
+    between them and ``bias``, so the queries' other users (``B, n, C = x.shape`` also sizes
+    the q/k/v reshapes of the subset) keep the subset's sizes (audit H3)."""
+    path, queries = ancestors(bias), set(sizes)
+    on = [n for n in graph.nodes if n in path and (n in queries or ancestors(n) & queries)]
+    copies = {}
+    for n in on:
+        with graph.inserting_after(n):
+            copies[n] = graph.node_copy(n, lambda a: copies.get(a, a))
+        if n in queries:
+            copies[n].replace_input_with(n.args[0], whole)
+    for u in list(path) + [bias]:
+        if u not in copies:
+            for a in list(u.all_input_nodes):
+                if a in copies:
+                    u.replace_input_with(a, copies[a])
+    for n in reversed(on):     # (left to the subset's sizes, a view by them would still run)
+        if not n.users:
+            graph.erase_node(n)
 
 
 #: methods by which a block lines a per-token argument up with its tokens
