@@ -204,3 +204,52 @@ def test_a_position_bias_sized_from_the_token_count_of_the_shared_shape_read():
             out = fast(x)
             torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
         assert (out - ref).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4
+
+
+class GQABlock(nn.Module):
+    """Grouped-query attention: 4 query heads over 2 key/value heads, by ``scaled_dot_product_
+    attention(enable_gqa=True)``, or (``repeat``) with the key/value heads repeated first."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2, repeat=False):
+        super().__init__()
+        self.h, self.kvh, self.d, self.repeat = heads, kv_heads, dim // heads, repeat
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * kv_heads * self.d)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        B, n, C = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(B, n, self.h, self.d).transpose(1, 2)
+        k, v = self.kv(h).view(B, n, 2, self.kvh, self.d).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.repeat:
+            g = self.h // self.kvh
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1))
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        x = x + self.proj(o.transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_grouped_query_attention_by_enable_gqa_evolves_as_with_repeated_heads():
+    """The global query's row multiplied 4 query heads by 2 key heads: every block was refused
+    as if it could not run on a token subset (audit H3)."""
+    torch.manual_seed(0)
+    models = []
+    for repeat in (False, True):
+        m = RelBiasViT(from_index=True)
+        m.blocks = nn.ModuleList([GQABlock(repeat=repeat) for _ in range(4)])
+        models.append(m.eval())
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = models[0](x)
+        torch.testing.assert_close(models[1](x), ref, rtol=0, atol=0)
+    for keep in (1.0, 0.5):
+        fast, want = (evoplug.convert(m, keep, example_input=x[:1]) for m in models)
+        with torch.no_grad():
+            out = fast(x)
+            torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
+        assert (out - ref).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4

@@ -151,7 +151,13 @@ def _sdpa_query_probs(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: 
         qq = _mean_of_valid(_patches(q, -2, num_prefix), valid, keepdim=True).to(k.dtype)
     else:
         qq = _patches(q, -2, num_prefix).mean(-2, keepdim=True, dtype=torch.float32).to(k.dtype)
-    logits = query_logits(qq, k, scale)                           # (..., Nk)
+    if q.dim() >= 3 and k.dim() == q.dim() and q.shape[-3] != k.shape[-3] and \
+            q.shape[-3] % k.shape[-3] == 0:
+        # grouped-query attention (``enable_gqa=True``): query head i reads key head i // groups
+        g = q.shape[-3] // k.shape[-3]
+        logits = query_logits(qq.unflatten(-3, (k.shape[-3], g)), k.unsqueeze(-3), scale).flatten(-3, -2)
+    else:
+        logits = query_logits(qq, k, scale)                       # (..., Nk)
     if attn_mask is None:
         return logits.softmax(-1, dtype=torch.float32)
     return (logits.float() + _query_mask(attn_mask, num_prefix, cls_query, masked, valid,
