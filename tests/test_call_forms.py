@@ -253,3 +253,41 @@ def test_grouped_query_attention_by_enable_gqa_evolves_as_with_repeated_heads():
             out = fast(x)
             torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
         assert (out - ref).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4
+
+
+class MapChunkBlock(GQABlock):
+    """``q, k, v = map(heads, qkv.chunk(3, -1))`` (``unpacked``: the chunk unpacked first)."""
+
+    def __init__(self, unpacked=False, dim=32):
+        super().__init__(dim, heads=4, kv_heads=4)
+        self.unpacked = unpacked
+
+    def forward(self, x):
+        B, n, C = x.shape
+        h = self.norm1(x)
+        qkv = torch.cat([self.q(h), self.kv(h)], -1)
+        heads = lambda t: t.reshape(B, n, self.h, self.d).transpose(1, 2)    # noqa: E731
+        if self.unpacked:
+            q, k, v = qkv.chunk(3, dim=-1)
+            q, k, v = heads(q), heads(k), heads(v)
+        else:
+            q, k, v = map(heads, qkv.chunk(3, dim=-1))
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        x = x + self.proj(o.transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+def test_map_over_a_chunk_is_no_data_dependent_control_flow():
+    """Iterating ``qkv.chunk(3, -1)`` (``map``) asks for its length, which was refused as
+    "depends on the values of the tensors (data-dependent control flow)" (audit H3)."""
+    torch.manual_seed(0)
+    models = []
+    for unpacked in (False, True):
+        m = RelBiasViT(from_index=True)
+        m.blocks = nn.ModuleList([MapChunkBlock(unpacked) for _ in range(4)])
+        models.append(m.eval())
+    models[1].load_state_dict(models[0].state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    fast, want = (evoplug.convert(m, 0.5, example_input=x[:1]) for m in models)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=1e-5)

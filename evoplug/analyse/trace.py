@@ -29,6 +29,17 @@ if TYPE_CHECKING:
     from .block import BlockAnalysis
 
 
+_SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
+
+
+def _splits(node: fx.Node) -> bool:
+    """A node that splits a tensor into a tuple (``q, k, v = map(f, qkv.chunk(3, -1))``): how
+    many parts it gives follows from its arguments and the tensor's shape, never from values
+    (the token-count and batch checks still run on it)."""
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    return node.op in ("call_method", "call_function") and target in _SPLITS
+
+
 class BlockTracer(fx.Tracer):
     """Traces into the modules that ran attention; every other submodule is a leaf, and so are
     the registered leaf modules (evoplug.register_leaf_module) and, unless they hold the
@@ -115,7 +126,8 @@ class BlockTracer(fx.Tracer):
         the length of a shape, specialised on the calibration input like ``int()``; the
         items themselves stay traced (:meth:`iter`)."""
         value = len(self._evaluate(obj.node, self._example))
-        self._check_dependence(obj.node, value, "the length of a traced value", convert=len)
+        self._check_dependence(obj.node, value, "the length of a traced value", convert=len,
+                               shape_only=_splits(obj.node))
         self.specialised.append(f"len({obj.node.name}) -> {value}")
         return value
 
@@ -126,7 +138,8 @@ class BlockTracer(fx.Tracer):
             return super().iter(obj)
         return iter([obj[i] for i in range(self.to_len(obj))])
 
-    def _check_dependence(self, node: fx.Node, value, what: str, convert=None):
+    def _check_dependence(self, node: fx.Node, value, what: str, convert=None,
+                          shape_only: bool = False):
         """Refuse a value that depends on the tensors' values or on the token count; note one
         that depends on the batch size (MMPretrain's ``window_reverse`` computes B with
         ``int()``): such a block gets one program per batch size."""
@@ -137,7 +150,7 @@ class BlockTracer(fx.Tracer):
                 "would keep the one drawn while tracing (a block skipped at random, LayerDrop, "
                 "would always run or never). Register the module that draws with "
                 "evoplug.register_leaf_module, or skip blocks outside them")
-        if depends_on_data(node):
+        if not shape_only and depends_on_data(node):
             raise fx.proxy.TraceError(
                 f"{what} (`{node.name}`) depends on the values of the tensors (data-dependent "
                 "control flow), which a trace cannot follow: register the function or module "
