@@ -2,7 +2,8 @@
 
     fast = evoplug.convert(model, keep_ratio=0.5)
     print(evoplug.explain(fast))
-    options = evoplug.plan(model, images, target_speedup=1.4).best   # measured on your images
+    best = evoplug.plan(model, images, target_speedup=1.4).best      # measured on your images
+    fast = evoplug.convert(model, **best.options())
     evoplug.distill(fast, images, steps=300)                          # label-free, in place
 """
 from . import integrations  # noqa: F401  registers evoplug's own model families

@@ -59,9 +59,10 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
             model's on these images at ``keep_ratio`` is kept (both agreements are in
             ``get_report(m).query_agreement`` and :func:`explain`). Without a class token, or
             with another ``global_query``, they only provide the example input.
-        strict: raise :class:`evoplug.ConversionError` if no block converts, or if a block that
-            looks like a transformer block cannot be converted (naming the module and reason).
-            ``strict=False`` converts what it can; :func:`explain` reports the rest.
+        strict: raise :class:`evoplug.ConversionError` if a block that looks like a transformer
+            block cannot be converted (naming the module and reason); ``strict=False`` converts
+            the others and :func:`explain` reports the rest. A model with fewer than two
+            convertible blocks (nothing would evolve) raises whatever ``strict`` is.
         inplace: convert ``model`` itself instead of a copy.
         **options: fields of :class:`evoplug.EvoOptions` (start_block, trade_off,
             reselect_every, representative, global_query, num_prefix_tokens,
@@ -904,6 +905,7 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
 
 
 def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
+    """``set_options(model, keep_ratio=keep_ratio)``: returns the new options."""
     return set_options(model, keep_ratio=keep_ratio)
 
 

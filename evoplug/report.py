@@ -115,6 +115,9 @@ def converted_inside(model: nn.Module) -> Tuple[Optional[str], Optional[str]]:
 
 
 def get_report(model: nn.Module) -> ConversionReport:
+    """The :class:`ConversionReport` of a converted model (options, converted blocks with their
+    analyses, failed and skipped modules); a :class:`ConversionError` for any other model,
+    naming the converted model inside it where there is one."""
     report = getattr(model, "_evoplug_report", None)
     if report is None:
         # a wrapper (AveragedModel, timm's ModelEma, DDP, Sequential) holding a converted model
@@ -156,7 +159,7 @@ def _where(model: nn.Module, report: ConversionReport) -> Dict[int, str]:
 
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
     """Tokens each converted block ran through its attention and MLP in the last forward
-    (-1: the block's original forward ran)."""
+    (-1: the block's original forward ran, or no forward has run since the conversion)."""
     report = get_report(model)
     return [(report.path(s), s.tokens_run) for s in report.blocks if s.name not in report.removed]
 

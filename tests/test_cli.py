@@ -239,7 +239,7 @@ def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_p
     from evoplug.tools.models import create_model, save_checkpoint
     save_checkpoint(str(tmp_path / "ck.pth"), create_model("vit_tiny_patch16_224", **TINY_KW),
                     "vit_tiny_patch16_224", TINY_KW)
-    assert run_cli("explain", str(tmp_path / "ck.pth"), "--checkpoint", str(tmp_path / "bad.pth"))[0] == 1
+    assert run_cli("explain", str(tmp_path / "ck.pth"), "--checkpoint", str(tmp_path / "bad.pth"))[0] == 2
     assert "do not apply to a checkpoint file" in capsys.readouterr().err
     from PIL import Image
     ramp = (np.arange(64, dtype=np.uint16)[None].repeat(8, 0) * 1040)        # 0 .. 65520
@@ -255,7 +255,7 @@ def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_p
     err = capsys.readouterr().err
     assert "not an evoplug checkpoint" in err and "weights_only" not in err
     assert run_cli("bench", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "img_size=64",
-                   "--batch", "1")[0] == 1
+                   "--batch", "1")[0] == 2
     assert "differ" in capsys.readouterr().err
     torch.save(torch.randn(4, 3, 32, 32), tmp_path / "x.pt")       # plan takes the options docs list
     rc, out = run_cli("plan", *TINY, str(tmp_path / "x.pt"), "--keep", "0.5", "--start-blocks", "1",

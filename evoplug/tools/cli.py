@@ -29,6 +29,11 @@ class CliError(Exception):
     """A failure to report as ``evoplug: error: ...`` with exit status 1."""
 
 
+class UsageError(CliError):
+    """Options that do not go together, found once the model is known: exit status 2, as
+    argparse's own usage errors (they exited 1 until the twenty-seventh session)."""
+
+
 def _keep(text: str) -> float:
     try:
         value = float(text)
@@ -265,7 +270,7 @@ def _load_model(a):
     kwargs = dict(a.model_arg)
     if os.path.isfile(a.model):
         if kwargs or a.img_size or getattr(a, "checkpoint", None):
-            raise CliError("--model-arg/--img-size/--checkpoint do not apply to a checkpoint file "
+            raise UsageError("--model-arg/--img-size/--checkpoint do not apply to a checkpoint file "
                            "(it stores how to build its model, and its weights)")
         return load_checkpoint(a.model)
     torch.manual_seed(0)
@@ -288,7 +293,7 @@ def _img_size(a) -> Optional[int]:
     """--img-size, or --model-arg img_size=N; both given, they must agree."""
     size = dict(a.model_arg).get("img_size")
     if a.img_size is not None and size is not None and size != a.img_size:
-        raise CliError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
+        raise UsageError(f"--img-size {a.img_size} and --model-arg img_size={size!r} differ")
     return a.img_size if a.img_size is not None else size
 
 
@@ -505,6 +510,9 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
               "visualise": cmd_visualize, "plan": cmd_plan, "check": cmd_check}[a.command]
         return fn(a, out)
+    except UsageError as e:
+        print(f"evoplug: error: {e}", file=sys.stderr)
+        return 2
     except (CliError, EvoplugError, ValueError, ImportError, OSError, RuntimeError, EOFError,
             pickle.UnpicklingError) as e:
         # (OSError: a folder or a file that is no image; UnpicklingError: a file torch.load
