@@ -291,3 +291,36 @@ def test_map_over_a_chunk_is_no_data_dependent_control_flow():
     fast, want = (evoplug.convert(m, 0.5, example_input=x[:1]) for m in models)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=1e-5)
+
+
+class TokenMixBlock(nn.Module):
+    """An MLP-Mixer block: an MLP across the tokens, no attention."""
+
+    def __init__(self, tokens=17, dim=32):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mix = nn.Sequential(nn.Linear(tokens, tokens), nn.GELU(), nn.Linear(tokens, tokens))
+
+    def forward(self, x):
+        return x + self.mix(self.norm(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_blocks_without_attention_between_converted_ones_are_told_and_see_every_token():
+    """Attention blocks alternating with token-mixing MLP blocks: the mixers get every token in
+    its original order (keep 1.0 through the selection path is the model), and ``explain``
+    names them; they were named nowhere (audit H3)."""
+    torch.manual_seed(0)
+    m = RelBiasViT(from_index=True)
+    m.blocks = nn.ModuleList([GQABlock(kv_heads=4) if i % 2 == 0 else TokenMixBlock() for i in range(6)])
+    m.eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x)
+        same = evoplug.convert(m, 1.0, example_input=x[:1], identity_fast_path=False)
+        torch.testing.assert_close(same(x), ref, rtol=1e-5, atol=1e-5)
+    report = evoplug.get_report(same)
+    assert [s.name for s in report.blocks] == ["blocks.0", "blocks.2", "blocks.4"]
+    assert [n for n, _ in report.skipped] == ["blocks.1", "blocks.3"]
+    text = evoplug.explain(same)
+    assert "left alone `blocks.1`: no attention computation (TokenMixBlock): runs as it is, on all " \
+           "the tokens in their original order" in text and "`blocks.3`" in text
