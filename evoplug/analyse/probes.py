@@ -148,14 +148,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
        evoplug does not follow fails here instead of giving wrong outputs later;
     3. it runs on a subset of the tokens plus a representative token.
     """
-    m = a.module
-    args, kwargs = a.call.args, a.call.kwargs
-    p = next((q for q in m.parameters() if q.is_floating_point()), None)
-    if p is not None and p.dtype not in (torch.float32, torch.float64):
-        # half-precision models: probe a float32 copy, so the tolerance means the same thing
-        m = copy.deepcopy(m).float()
-        cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
-        args, kwargs = tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
+    m, args, kwargs = _in_float32(a.module, a.call.args, a.call.kwargs)
     was = m.training
     m.eval()
     step = "the block's own forward on the calibration input"
@@ -208,11 +201,27 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     except AnalysisError:
         raise
     except Exception as e:
-        if step == "the traced program on a token subset":
-            raise AnalysisError(a.name, f"does not run on a token subset: {type(e).__name__}: {e} "
-                                        "(a tensor the block builds from the token count, such as "
-                                        "positions from torch.arange(N) or a view of a fixed size, "
-                                        "cannot follow the kept tokens)") from None
-        raise AnalysisError(a.name, f"{step} failed: {type(e).__name__}: {e}") from None
+        raise _failed(a.name, step, e) from None
     finally:
         m.train(was)
+
+
+def _in_float32(m: nn.Module, args, kwargs):
+    """A half-precision block is probed as a float32 copy, so the tolerance means the same
+    thing: (module, args, kwargs)."""
+    p = next((q for q in m.parameters() if q.is_floating_point()), None)
+    if p is None or p.dtype in (torch.float32, torch.float64):
+        return m, args, kwargs
+    cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    return copy.deepcopy(m).float(), tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
+
+
+def _failed(name: str, step: str, e: Exception) -> AnalysisError:
+    """The error of a probe step that raised (not only the subset's run: the block's own
+    forward or the program on all the tokens may fail first, audit H3)."""
+    if step == "the traced program on a token subset":
+        return AnalysisError(name, f"does not run on a token subset: {type(e).__name__}: {e} (a "
+                                   "tensor the block builds from the token count, such as "
+                                   "positions from torch.arange(N) or a view of a fixed size, "
+                                   "cannot follow the kept tokens)")
+    return AnalysisError(name, f"{step} failed: {type(e).__name__}: {e}")
