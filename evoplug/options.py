@@ -25,13 +25,24 @@ GLOBAL_QUERIES = ("auto", "cls", "mean")
 
 
 def _plain(value: Any) -> Any:
-    """A NumPy scalar or 0-d tensor -> the Python number it holds (other values unchanged)."""
+    """A NumPy scalar or 0-d tensor -> the Python number it holds (other values unchanged); one
+    of less than 64 bits -> the shortest decimal that rounds to it (``np.float32(0.29)`` ->
+    0.29, not 0.28999999165534973: k = floor(M * keep) was one token fewer than for the
+    Python float at M = 400, audit O3 of the twenty-seventh session)."""
     if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
-        return value.item()
+        return _shortest(value) if value.dtype.kind == "f" and value.dtype.itemsize < 8 else value.item()
     if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "dim") and value.dim() == 0 \
             and not getattr(value, "requires_grad", False):
+        if value.is_floating_point() and value.element_size() < 8:
+            import numpy as np
+            return _shortest(np.float32(value.float().item()))     # (half types: exact in float32)
         return value.item()
     return value
+
+
+def _shortest(value) -> float:
+    """The Python float of the shortest decimal NumPy prints for a float32 / float16 scalar."""
+    return float(str(value))
 
 
 def _real(name: str, value: Any) -> float:

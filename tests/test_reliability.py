@@ -395,6 +395,13 @@ def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
                (o.keep_ratio, o.trade_off, o.reselect_every, o.start_block, o.representative))
     with pytest.raises(dataclasses_frozen()):
         o.keep_ratio = 0.3                          # options change through set_options only
+    # a float32 ratio is the decimal it prints as: 0.29 of 400 patches keeps 116 tokens, as the
+    # Python float does (float32's 0.28999999... kept 115; audit O3)
+    for r in (np.float32(0.29), torch.tensor(0.29), np.float16(0.29)):
+        ratio = evoplug.EvoOptions(keep_ratio=r).keep_ratio
+        assert ratio == float(str(np.float16(0.29))) if isinstance(r, np.float16) else ratio == 0.29
+    assert ev.num_keep(400, evoplug.EvoOptions(keep_ratio=np.float32(0.29)).keep_ratio) == \
+        ev.num_keep(400, 0.29) == 116
 
 
 def test_the_reports_options_are_not_assignable():
