@@ -206,7 +206,17 @@ def test_launch_configuration_for_gpus_and_cpus():
     assert configure_launch(cpu, "pytorch", cuda=False) is True
     assert cpu.env_cfg.dist_cfg.backend == "gloo"
     assert cpu.model_wrapper_cfg == dict(type="MMDistributedDataParallel", device_ids=None,
-                                         find_unused_parameters=True)
+                                         broadcast_buffers=False, find_unused_parameters=True)
+    # a config's own DDP wrapper (MMEngine's way to set find_unused_parameters) gets no device
+    # ids on CPUs (MMEngine gave it [LOCAL_RANK], which DDP refuses for a CPU module); its other
+    # keys, and a wrapper that is no DDP, are left as they are (audit T3)
+    own = cfg(model_wrapper_cfg=dict(type="MMDistributedDataParallel", find_unused_parameters=True))
+    configure_launch(own, "pytorch", cuda=False)
+    assert own.model_wrapper_cfg == dict(type="MMDistributedDataParallel", find_unused_parameters=True,
+                                         device_ids=None)
+    fsdp = cfg(model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))
+    configure_launch(fsdp, "pytorch", cuda=False)
+    assert "device_ids" not in fsdp.model_wrapper_cfg
     with pytest.raises(ValueError, match="SyncBatchNorm runs on GPUs only"):
         configure_launch(cfg(sync_bn="torch"), "pytorch", cuda=False)
     with pytest.raises(ValueError, match="--launcher slurm needs GPUs"):

@@ -154,10 +154,27 @@ def configure_launch(cfg, launcher: str, cuda: bool, sync_bn: bool = True):
                          "from the config for CPU training (BatchNorm then keeps per-process "
                          "statistics)")
     dist_cfg.backend = "gloo"
-    if cfg.get("model_wrapper_cfg") is None:
+    wrapper = cfg.get("model_wrapper_cfg")
+    if wrapper is None:
+        # (broadcast_buffers=False as MMEngine's own default wrapper: BatchNorm keeps each
+        # process's statistics, as on GPUs; rank 0's were copied to every rank each step)
         cfg.model_wrapper_cfg = dict(type="MMDistributedDataParallel", device_ids=None,
+                                     broadcast_buffers=False,
                                      find_unused_parameters=cfg.get("find_unused_parameters", False))
+    elif _is_ddp(wrapper.get("type", "MMDistributedDataParallel")):
+        # the config's own wrapper (find_unused_parameters=True): MMEngine would give it
+        # device_ids=[LOCAL_RANK], which DDP refuses for a CPU module (audit T3)
+        wrapper.setdefault("device_ids", None)
     return True
+
+
+def _is_ddp(wrapper_type) -> bool:
+    """Whether a model wrapper type (a registry name or a class) is a DistributedDataParallel,
+    which MMEngine builds with ``device_ids``."""
+    from mmengine.registry import MODEL_WRAPPERS
+    from torch.nn.parallel import DistributedDataParallel
+    cls = MODEL_WRAPPERS.get(wrapper_type) if isinstance(wrapper_type, str) else wrapper_type
+    return isinstance(cls, type) and issubclass(cls, DistributedDataParallel)
 
 
 def init_cpu_process_group(timeout_s: int = 1800):
