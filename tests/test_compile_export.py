@@ -80,6 +80,31 @@ def test_torch_compile_training_step():
     assert fast.blocks[1]._evoplug_spec.tokens_run == 1 + 32 + 1
 
 
+def test_a_compiled_model_compiles_once_over_its_calls():
+    """The second call compiled the model again: dynamo guarded on the per-thread state the
+    first call created (audit T3 of the twenty-seventh session); in eval and in training."""
+    from torch._dynamo.testing import CompileCounter
+    _, fast = tiny(0.5)
+    x = torch.randn(2, 3, 32, 32)
+    for train in (False, True):
+        torch._dynamo.reset()
+        counter = CompileCounter()
+        fast.train(train)
+        compiled = torch.compile(fast, backend=counter)
+        for _ in range(3):
+            with torch.set_grad_enabled(train):
+                out = compiled(x)
+            if train:
+                out.square().mean().backward()
+        assert counter.frame_count == 1, (train, counter.frame_count)
+    _, fresh = tiny(0.5)            # the state a block's hook reads: none before a forward
+    spec = fresh.blocks[1]._evoplug_spec
+    assert spec.context is None
+    with torch.no_grad():
+        fresh(x)
+    assert spec.context.index == 2 and spec.context.sel.shape == (2, 32)
+
+
 @pytest.mark.parametrize("name", ["plain_vit", "beit_base_patch16_224", "eva02_tiny_patch14_224",
                                   "cait_xxs24_224", "vit_small_patch14_reg4_dinov2"])
 def test_one_graph_no_break(name):

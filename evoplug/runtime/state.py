@@ -109,6 +109,18 @@ def _reset_after_fork():
         rt._after_fork()
 
 
+class _ThreadState(threading.local):
+    """A thread's forward in progress, starting out as a forward's end leaves it (a state of
+    the last block): ``torch.compile`` guards on what :meth:`EvoRuntime.enter` reads, and a
+    first call that found no state compiled the model a second time at the second call
+    (audit T3 of the twenty-seventh session)."""
+
+    def __init__(self, plan: Plan):
+        self.state = self.initial = EvoState(-1, plan)
+        self.last = len(plan.roles) - 1
+        self.untied = False
+
+
 class EvoRuntime:
     """Per converted model: the current :class:`Plan`, each thread's forward in progress and
     the states recorded for recomputation in backward. Pickles and copies without the
@@ -116,7 +128,7 @@ class EvoRuntime:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self._local = threading.local()
+        self._local = _ThreadState(plan)
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
         # other input sizes (see SizeVariant): built by the conversion's factory (which the
@@ -157,7 +169,7 @@ class EvoRuntime:
         block of this thread's forward in progress starts a new forward (with the plan in
         force now); so does the first block ever run."""
         local = self._local
-        cur = getattr(local, "state", None)
+        cur = local.state
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
             local.state = cur
@@ -177,7 +189,8 @@ class EvoRuntime:
 
     def current(self) -> Optional[EvoState]:
         """The state the last converted block run on this thread left (None before any)."""
-        return getattr(self._local, "state", None)
+        state = self._local.state
+        return None if state is self._local.initial else state
 
     # -- the model's own forward (segments hand tokens on only inside it) ------------------
     def entered(self) -> bool:
