@@ -109,18 +109,6 @@ def _reset_after_fork():
         rt._after_fork()
 
 
-class _ThreadState(threading.local):
-    """A thread's forward in progress, starting out as a forward's end leaves it (a state of
-    the last block): ``torch.compile`` guards on what :meth:`EvoRuntime.enter` reads, and a
-    first call that found no state compiled the model a second time at the second call
-    (audit T3 of the twenty-seventh session)."""
-
-    def __init__(self, plan: Plan):
-        self.state = self.initial = EvoState(-1, plan)
-        self.last = len(plan.roles) - 1
-        self.untied = False
-
-
 class EvoRuntime:
     """Per converted model: the current :class:`Plan`, each thread's forward in progress and
     the states recorded for recomputation in backward. Pickles and copies without the
@@ -128,7 +116,14 @@ class EvoRuntime:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self._local = _ThreadState(plan)
+        self._local = threading.local()
+        # the converting thread's forward state starts as a forward's end leaves it (a state
+        # of the last block): torch.compile guards on what enter() reads, and a first call that
+        # found no state compiled the model again at the second (audit T3 of the twenty-seventh
+        # session). (A threading.local subclass that sets them for every thread lost enter()'s
+        # writes under compile: each block started a new forward.)
+        self._local.state = self._local.initial = EvoState(-1, plan)
+        self._local.last = len(plan.roles) - 1
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
         # other input sizes (see SizeVariant): built by the conversion's factory (which the
@@ -169,7 +164,7 @@ class EvoRuntime:
         block of this thread's forward in progress starts a new forward (with the plan in
         force now); so does the first block ever run."""
         local = self._local
-        cur = local.state
+        cur = getattr(local, "state", None)
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
             local.state = cur
@@ -189,8 +184,8 @@ class EvoRuntime:
 
     def current(self) -> Optional[EvoState]:
         """The state the last converted block run on this thread left (None before any)."""
-        state = self._local.state
-        return None if state is self._local.initial else state
+        state = getattr(self._local, "state", None)
+        return None if state is getattr(self._local, "initial", None) else state
 
     # -- the model's own forward (segments hand tokens on only inside it) ------------------
     def entered(self) -> bool:
