@@ -324,3 +324,30 @@ def test_blocks_without_attention_between_converted_ones_are_told_and_see_every_
     text = evoplug.explain(same)
     assert "left alone `blocks.1`: no attention computation (TokenMixBlock): runs as it is, on all " \
            "the tokens in their original order" in text and "`blocks.3`" in text
+
+
+class ValueCountBlock(MapChunkBlock):
+    """A block that counts the parts of a split whose number follows the tokens' values."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+    def forward(self, x):
+        row = x[0, :, 0]
+        parts = (row > 0).nonzero().unbind(0) if self.how == "nonzero" else \
+            row[row > 0].split(1) if self.how == "mask" else \
+            row.tensor_split(row.abs().sum().long().clamp(1, 8))       # sections in a 0-d tensor
+        return super().forward(x) * (1 + len(parts) / 100)
+
+
+@pytest.mark.parametrize("how", ["nonzero", "mask", "sizes"])
+def test_a_split_whose_parts_follow_the_values_is_still_refused(how):
+    """The length of a split is shape-only unless its input's shape or its sizes follow the
+    values (audit Q3: a count over ``nonzero().unbind(0)`` was frozen at the calibration
+    image's, off by 2.6-10.4 on other images)."""
+    torch.manual_seed(0)
+    m = RelBiasViT(from_index=True)
+    m.blocks = nn.ModuleList([ValueCountBlock(how) for _ in range(4)])
+    with pytest.raises(evoplug.ConversionError, match="depends on the values of the tensors"):
+        evoplug.convert(m.eval(), 0.5, example_input=torch.randn(1, 3, 32, 32))

@@ -29,15 +29,34 @@ if TYPE_CHECKING:
     from .block import BlockAnalysis
 
 
+#: ops whose output's shape may follow the values of their input (with ``where``: one argument;
+#: ``repeat_interleave``: repeats in a tensor)
+_VALUE_SHAPED = {"nonzero", "argwhere", "masked_select", "unique", "unique_consecutive",
+                 "bincount", "where", "repeat_interleave"}
+
+
+def _shape_follows_values(node: fx.Node) -> bool:
+    """Whether the shape of ``node`` (and so a ``len()`` of it: a tensor's first dim, the parts
+    of a split) may follow the values of the block's tensors, not only their shapes: an op
+    whose output's size is data-dependent (``nonzero``, boolean indexing) on the way, or a
+    split whose sizes are a tensor. ``q, k, v = map(f, qkv.chunk(3, -1))`` asks for a length
+    that follows the shape (refused as data-dependent control flow until audit H3 of the
+    twenty-seventh session; the token-count and batch checks still run on it)."""
+    for n in ancestors(node) | {node}:
+        if n.op not in ("call_method", "call_function"):
+            continue
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        tensors: List[fx.Node] = []       # the nodes among its other arguments
+        fx.node.map_arg((n.args[1:], n.kwargs), lambda a: tensors.append(a) or a)
+        if name in _VALUE_SHAPED and not (name == "where" and len(n.args) + len(n.kwargs) > 1) \
+                and not (name == "repeat_interleave" and not any(depends_on_data(a) for a in tensors)):
+            return True
+        if (n.target is operator.getitem or name in _SPLITS) and any(depends_on_data(a) for a in tensors):
+            return True     # x[mask], x[idx], x.split(sizes_tensor)
+    return False
+
+
 _SPLITS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
-
-
-def _splits(node: fx.Node) -> bool:
-    """A node that splits a tensor into a tuple (``q, k, v = map(f, qkv.chunk(3, -1))``): how
-    many parts it gives follows from its arguments and the tensor's shape, never from values
-    (the token-count and batch checks still run on it)."""
-    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
-    return node.op in ("call_method", "call_function") and target in _SPLITS
 
 
 class BlockTracer(fx.Tracer):
@@ -127,7 +146,7 @@ class BlockTracer(fx.Tracer):
         items themselves stay traced (:meth:`iter`)."""
         value = len(self._evaluate(obj.node, self._example))
         self._check_dependence(obj.node, value, "the length of a traced value", convert=len,
-                               shape_only=_splits(obj.node))
+                               shape_only=not _shape_follows_values(obj.node))
         self.specialised.append(f"len({obj.node.name}) -> {value}")
         return value
 
