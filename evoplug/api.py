@@ -370,14 +370,14 @@ def _finite_images(model: nn.Module, args, kwargs, batch_dims):
     if not floats:
         return args, kwargs
     bad = torch.zeros(images, dtype=torch.bool)
-    for t, d in floats:
-        bad |= ~torch.isfinite(t.detach().movedim(d, 0).reshape(images, -1)).all(1).cpu()
+    for i, (t, d) in enumerate(floats):
+        bad |= _corrupt(t.detach().movedim(d, 0).reshape(images, -1), i == 0).any(1).cpu()
     if not bool(bad.any()):
         return args, kwargs
     if bool(bad.all()):
         raise EvoplugError(
             f"{type(model).__name__}: a call at an input size (or argument form) it was not "
-            "converted at, whose every image holds NaN or inf: evoplug converts the model again "
+            "converted at, whose every image holds NaN or inf (NaN outside the images): evoplug converts the model again "
             "for it on a finite image of the call (checking the blocks against the model on it); "
             "call it once with finite images")
     index = (~bad).nonzero().flatten()
@@ -391,6 +391,13 @@ def _finite_images(model: nn.Module, args, kwargs, batch_dims):
         return v
 
     return tuple(pick(i, v) for i, v in enumerate(args)), {k: pick(k, v) for k, v in kwargs.items()}
+
+
+def _corrupt(t: torch.Tensor, images: bool) -> torch.Tensor:
+    """Where a call's floating-point tensor holds a value no image has: NaN or inf in the
+    images (the call's first floating-point tensor), NaN in the others (an additive mask holds
+    -inf where it masks: PyTorch's documented float masks; audit Q3)."""
+    return ~torch.isfinite(t) if images else torch.isnan(t)
 
 
 def _form_images(args, kwargs, batch_dims) -> List[int]:
@@ -643,11 +650,12 @@ def _calibrate(model: nn.Module, example_input):
     example_input = torch.utils._pytree.tree_map(
         lambda t: t.clone() if isinstance(t, torch.Tensor) and torch.is_inference(t) else t,
         example_input)
-    if any(isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())
-           for t in torch.utils._pytree.tree_leaves(example_input)):
-        raise ConversionError(f"{type(model).__name__}: the example input holds NaN or inf: the "
-                              "analysis checks every converted block against the model on it; "
-                              "pass finite images")
+    floats = [t for t in torch.utils._pytree.tree_leaves(example_input)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if any(bool(_corrupt(t, i == 0).any()) for i, t in enumerate(floats)):
+        raise ConversionError(f"{type(model).__name__}: the example input holds NaN or inf (NaN "
+                              "outside the images): the analysis checks every converted block "
+                              "against the model on it; pass finite images")
     try:
         calls = calibrate(model, example_input)
     except Exception as e:

@@ -930,3 +930,50 @@ def test_a_block_whose_own_output_is_not_finite_is_told_so():
     with pytest.raises(evoplug.ConversionError,
                        match=r"`blocks\.1`: the block's own output on the calibration input is not finite"):
         evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+class _MaskedEncoder(torch.nn.Module):
+    """nn.TransformerEncoderLayer blocks over a class token and 8 px patches of any size, with
+    a key padding mask."""
+
+    def __init__(self, dim=32, depth=4):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, dim, 8, 8)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim))
+        self.layers = torch.nn.ModuleList([torch.nn.TransformerEncoderLayer(
+            dim, 4, 64, dropout=0.0, batch_first=True) for _ in range(depth)])
+        self.head = torch.nn.Linear(dim, 10)
+
+    def forward(self, img, pad):
+        t = self.embed(img).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        for layer in self.layers:
+            t = layer(t, src_key_padding_mask=pad)
+        return self.head(t[:, 0])
+
+
+def test_an_additive_mask_of_minus_inf_is_no_corrupt_image():
+    """PyTorch's documented float mask holds -inf where it masks: the NaN/inf check of the
+    images refused it as a corrupt example input, and at a new size as a call whose every
+    image is corrupt (audit Q3). NaN or inf in the images, NaN elsewhere, is what it looks for."""
+    torch.manual_seed(0)
+    model = _MaskedEncoder().eval()
+
+    def call(size):
+        pad = torch.zeros(2, 1 + (size // 8) ** 2)
+        pad[:, -3:] = float("-inf")
+        return torch.randn(2, 3, size, size), pad
+
+    x, pad = call(32)
+    fast = evoplug.convert(model, 1.0, example_input=(x[:1], pad[:1]), identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, pad), model(x, pad), atol=1e-5, rtol=1e-5)
+        evoplug.set_keep_ratio(fast, 0.5)
+        x48, pad48 = call(48)
+        y = fast(x48, pad48)
+        want = evoplug.convert(model, 0.5, example_input=(x48[:1], pad48[:1]))(x48, pad48)
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    bad = pad.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(evoplug.ConversionError, match="holds NaN or inf"):
+        evoplug.convert(model, 0.5, example_input=(x[:1], bad[:1]))
