@@ -246,7 +246,10 @@ def _merge_then_view(ctx: _Ctx) -> List[str]:
                 math.prod(si[2:]) != so[3] or len(sizes) != 4:
             continue
         with graph.inserting_before(r):
-            merged = graph.call_method("reshape", (r.args[0], sizes[0], -1, sizes[3]))
+            # (reshape(B, H, W, -1) or reshape(-1, H, W, C): the merge takes one -1 only)
+            batch = graph.call_method("size", (r.args[0], 0)) if _inferred(sizes[0]) else sizes[0]
+            merged = graph.call_method("reshape", (r.args[0], batch, -1,
+                                                   int(so[3]) if _inferred(sizes[3]) else sizes[3]))
             view = graph.call_method("reshape", (merged, *sizes))
         r.replace_all_uses_with(view)
         graph.erase_node(r)
@@ -254,6 +257,11 @@ def _merge_then_view(ctx: _Ctx) -> List[str]:
     if done:
         _propagate(ctx)
     return done
+
+
+def _inferred(size) -> bool:
+    """A reshape's size given as -1 (inferred), not a traced size."""
+    return isinstance(size, int) and size == -1
 
 
 def _map_view(ctx: _Ctx, v: fx.Node) -> Optional[fx.Node]:
@@ -281,9 +289,13 @@ def _sink_map_views(ctx: _Ctx) -> List[str]:
                 continue
             u.replace_input_with(v, t)
             sizes = _sizes(v)[:-1] + [-1]
-            with graph.inserting_after(u):
+            at = u
+            if _inferred(sizes[0]):              # (reshape(-1, H, W, C): one -1 only)
+                with graph.inserting_after(u):
+                    at = sizes[0] = graph.call_method("size", (u, 0))
+            with graph.inserting_after(at):
                 view = graph.call_method("reshape", (u, *sizes))
-            u.replace_all_uses_with(view, delete_user_cb=lambda w: w is not view)
+            u.replace_all_uses_with(view, delete_user_cb=lambda w: w is not view and w is not at)
             graph.erase_node(v)
             done.append(f"`{u.name}` runs on tokens (before the view into the map)")
             changed = True
