@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .analyse.block import BlockAnalysis, analyse_block
-from .analyse.discover import (_SQUARE, attention_modules, find_blocks, regroup_parts,
+from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks, regroup_parts,
                                 wrapped_block)
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
@@ -737,6 +737,12 @@ def _drop_added_buffers(module: nn.Module, before):
         del module._buffers[name]
 
 
+def _refused(skipped):
+    """The skipped modules an error's ``failures`` names: not those merely left as they are
+    between the converted blocks (no attention in them)."""
+    return [(n, r) for n, r in skipped if not r.startswith(BETWEEN)]
+
+
 def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool):
     if not analysed:
         if failed or skipped:
@@ -755,7 +761,7 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
         raise ConversionError(
             f"{type(model).__name__}: only one convertible block (`{analysed[0][0].name}`); Evo-ViT "
             "ranks tokens with the attention of the blocks before the evolving ones, so nothing "
-            "would evolve", failed or skipped)
+            "would evolve", failed or _refused(skipped))
     rowless = [a for a, _, _ in analysed if a.windowed and a.window_index is None]
     if len(rowless) == len(analysed):
         note = next((n for n in rowless[0].notes if n.startswith("windows not mapped")), "")
@@ -763,7 +769,7 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
             f"{type(model).__name__}: no converted block gives a global attention row (the "
             f"windows of `{rowless[0].name}` and the others could not be mapped back to their "
             f"tokens{': ' + note if note else ''}), so no token would ever be ranked and "
-            "nothing would evolve", failed or skipped)
+            "nothing would evolve", failed or _refused(skipped))
     odd = next((a for a, _, _ in analysed if ", where the tokens show" in a.prefix_source), None)
     if odd is not None:      # (block.py _tokens_and_grid)
         warnings.warn(f"evoplug: num_prefix_tokens={odd.num_prefix} differs from what the tokens of "

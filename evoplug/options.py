@@ -32,11 +32,11 @@ def _plain(value: Any) -> Any:
     if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", 1) == 0:
         return _shortest(value) if value.dtype.kind == "f" and value.dtype.itemsize < 8 else value.item()
     if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "dim") and value.dim() == 0 \
-            and not getattr(value, "requires_grad", False):
-        if value.is_floating_point() and value.element_size() < 8:
+            and not getattr(value, "requires_grad", False) and not value.is_meta:
+        if str(value.dtype) in ("torch.float32", "torch.float16"):
             import numpy as np
-            return _shortest(np.float32(value.float().item()))     # (half types: exact in float32)
-        return value.item()
+            return _shortest(np.dtype(str(value.dtype)[6:]).type(value.item()))
+        return value.item()     # (bfloat16 has no NumPy type: its value as it is)
     return value
 
 

@@ -322,8 +322,8 @@ def test_blocks_without_attention_between_converted_ones_are_told_and_see_every_
     assert [s.name for s in report.blocks] == ["blocks.0", "blocks.2", "blocks.4"]
     assert [n for n, _ in report.skipped] == ["blocks.1", "blocks.3"]
     text = evoplug.explain(same)
-    assert "left alone `blocks.1`: no attention computation (TokenMixBlock): runs as it is, on all " \
-           "the tokens in their original order" in text and "`blocks.3`" in text
+    assert "left alone `blocks.1`: between converted blocks, no attention computation in it (TokenMixBlock); it " \
+           "runs on all the tokens in their original order" in text and "`blocks.3`" in text
 
 
 class ValueCountBlock(MapChunkBlock):

@@ -397,9 +397,12 @@ def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
         o.keep_ratio = 0.3                          # options change through set_options only
     # a float32 ratio is the decimal it prints as: 0.29 of 400 patches keeps 116 tokens, as the
     # Python float does (float32's 0.28999999... kept 115; audit O3)
-    for r in (np.float32(0.29), torch.tensor(0.29), np.float16(0.29)):
+    for r in (np.float32(0.29), torch.tensor(0.29), np.float16(0.29), torch.tensor(0.29).half()):
         ratio = evoplug.EvoOptions(keep_ratio=r).keep_ratio
-        assert ratio == float(str(np.float16(0.29))) if isinstance(r, np.float16) else ratio == 0.29
+        assert ratio == (0.29 if r.dtype in (np.float32, torch.float32) else float(str(np.float16(0.29))))
+    assert evoplug.EvoOptions(keep_ratio=torch.tensor(0.2).half()).keep_ratio == 0.2     # (audit Q3)
+    with pytest.raises(TypeError, match="keep_ratio must be a number"):
+        evoplug.EvoOptions(keep_ratio=torch.tensor(0.5, device="meta"))
     assert ev.num_keep(400, evoplug.EvoOptions(keep_ratio=np.float32(0.29)).keep_ratio) == \
         ev.num_keep(400, 0.29) == 116
 

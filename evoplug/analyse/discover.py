@@ -195,6 +195,10 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
     return candidates, failed, skipped + _between_blocks(model, calls, candidates, reports)
 
 
+#: how a module without attention between the converted blocks is reported (``skipped``)
+BETWEEN = "between converted blocks, "
+
+
 def _between_blocks(model: nn.Module, calls: Dict[int, ModuleCall], candidates, reports):
     """Siblings of the candidate blocks, called between the first and the last of them, that
     compute no attention (MLP-Mixer blocks, conv blocks in a stage): left as they are, which
@@ -210,8 +214,8 @@ def _between_blocks(model: nn.Module, calls: Dict[int, ModuleCall], candidates, 
             name, c = f"{parent}.{child_name}", calls.get(id(child))
             if c is not None and c.attention_ops == 0 and name not in taken and \
                     min(orders) < c.order < max(orders):
-                out.append((name, f"no attention computation ({type(child).__name__}): runs as it "
-                                  "is, on all the tokens in their original order"))
+                out.append((name, f"{BETWEEN}no attention computation in it ({type(child).__name__}); "
+                                  "it runs on all the tokens in their original order"))
     return out
 
 
