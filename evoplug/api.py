@@ -552,6 +552,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
+        leaves=tuple((p, module.get_submodule(p)) for p in a.leaf_paths if p),
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
         buffer_values={n: t.detach().cpu().clone() for n, t in module._buffers.items()
                        if n not in buffers_before and t is not None},

@@ -607,6 +607,38 @@ def test_hooks_inside_a_block_are_honoured():
     assert dict(evoplug.tokens_per_block(fast))["blocks.4"] == 1 + 32 + 1
 
 
+def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
+    """A forward hook on ``attn.attn_drop`` (attention rollout reads the maps there) fires on
+    the kept tokens in the selection's order, as guarantees.md says: a rollout failed on a
+    shape at keep 0.5, and at keep 1.0 on the evolving path read permuted maps, without a word
+    (audit E3). A warning says so once per model, with the way to see every token; hooking the
+    attention module gives every token (the block runs its own forward)."""
+    model = _randomise(_tiny())
+    x = torch.randn(2, 3, 32, 32)
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    maps = []
+    hooks = [b.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape)))
+             for b in fast.blocks]
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"a forward hook on `blocks\.\d\.attn\.attn_drop` "
+                                                         r"fires on the tokens that evolving block runs") as w:
+        fast(x)
+        fast(x)
+    assert sum("forward hook on" in str(r.message) for r in w) == 1
+    assert (2, 2, 34, 34) in maps                           # 2 heads, 1 + 32 + 1 tokens
+    for h in hooks:
+        h.remove()
+    maps.clear()
+    hooks = [b.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape)))
+             for b in fast.blocks] + [b.attn.register_forward_hook(lambda m, i, o: None) for b in fast.blocks]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x)
+    assert maps == [(2, 2, 65, 65)] * 6
+
+
 def test_hook_registered_before_conversion_is_not_baked_in():
     model = _randomise(_tiny())
     x = torch.randn(2, 3, 32, 32)

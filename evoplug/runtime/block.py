@@ -108,6 +108,8 @@ class BlockSpec:
     #                            tokens (Hiera's mask units): its programs take no other count
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
     #                            its plain tensor attributes) when last followed (_following)
+    leaves: Tuple[Tuple[str, nn.Module], ...] = ()   # (path, submodule) the programs call by
+    #                            path: their hooks fire on the tokens the block runs (tell_leaf_hooks)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -201,6 +203,25 @@ class BlockSpec:
                     or m._backward_pre_hooks:
                 return True
         return False
+
+    def tell_leaf_hooks(self):
+        """Once per model: a forward hook (or pre-hook) on a submodule the programs call by path
+        (``attn.attn_drop``, where attention rollout reads the attention maps; ``norm1``, a
+        Grad-CAM target) fires, in an evolving block, on what that submodule runs: the kept
+        tokens, in the selection's order (docs/guarantees.md, Hooks). Said by a warning with
+        the way to see every token: a rollout failed on a shape, or at keep 1.0 on the
+        evolving path read permuted maps, without a word (audit E3 of the twenty-seventh
+        session)."""
+        for path, m in self.leaves:
+            if self._active(m._forward_hooks) or m._forward_pre_hooks:
+                self.runtime.leaf_hooks_told = True
+                warnings.warn(
+                    f"evoplug: a forward hook on `{self.name}.{path}` fires on the tokens that "
+                    "evolving block runs (its prefix, kept and representative tokens, in the "
+                    "selection's order), not on every token in order; to read every token "
+                    "(attention rollout, Grad-CAM), hook the attention module or the block itself "
+                    "(the block then runs its own forward), or set keep_ratio=1.0", stacklevel=4)
+                return
 
     def observed(self) -> bool:
         """Whether anything but the next block could see this block's input or output: hooks on
@@ -375,6 +396,8 @@ class EvoBlockMixin:
         if segment:
             state, segment, x = _segment_taken(spec, state, x, recompute, rt._local)
         program = spec.program(self.training, x.shape[0], args, kwargs)
+        if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
+            spec.tell_leaf_hooks()
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
         if recompute:

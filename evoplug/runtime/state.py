@@ -155,6 +155,9 @@ class EvoRuntime:
     def __getstate__(self):
         return {"plan": self.plan}
 
+    #: a warning told that hooks inside an evolving block see its kept tokens (BlockSpec)
+    leaf_hooks_told = False
+
     def __setstate__(self, state):
         self.__init__(state["plan"])
 
