@@ -380,17 +380,27 @@ def _finite_images(model: nn.Module, args, kwargs, batch_dims):
             "converted at, whose every image holds NaN or inf (NaN outside the images): evoplug converts the model again "
             "for it on a finite image of the call (checking the blocks against the model on it); "
             "call it once with finite images")
-    index = (~bad).nonzero().flatten()
+    return _on_call_tensors(args, kwargs, batch_dims, _images_of((~bad).nonzero().flatten(), images))
+
+
+def _images_of(index: torch.Tensor, images: int):
+    """``(t, d) ->`` the images ``index`` of a call's tensor ``t`` with its batch dim ``d``; a
+    tensor of another length than the call's images (a mask shared by the batch) whole."""
+    return lambda t, d: t if t.shape[d] != images else t.index_select(d, index.to(t.device))
+
+
+def _on_call_tensors(args, kwargs, batch_dims, fn):
+    """(args, kwargs) of a call with ``fn(t, batch dim)`` applied to each of its tensors of one
+    dim or more (in its dicts, lists and tuples too: NaFlex's dict of patches, coordinates and
+    mask; batch dim 0 but for ``batch_dims``' arguments)."""
     dims = batch_dims or {}
 
-    def pick(k, v):
+    def one(k, v):
         if isinstance(v, (dict, list, tuple)):
-            return torch.utils._pytree.tree_map(lambda t: pick(None, t), v)
-        if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[dims.get(k, 0)] == images:
-            return v.index_select(dims.get(k, 0), index.to(v.device))
-        return v
+            return torch.utils._pytree.tree_map(lambda t: one(None, t), v)
+        return fn(v, dims.get(k, 0)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
 
-    return tuple(pick(i, v) for i, v in enumerate(args)), {k: pick(k, v) for k, v in kwargs.items()}
+    return tuple(one(i, v) for i, v in enumerate(args)), {k: one(k, v) for k, v in kwargs.items()}
 
 
 def _corrupt(t: torch.Tensor, images: bool) -> torch.Tensor:
@@ -494,29 +504,28 @@ def _first_image(args, kwargs, batch_dims=None, n: Optional[int] = 1,
     ``batch_dims``'; its first image repeated where the call has fewer; None: the whole call,
     or its images ``pick``, which leaves a tensor of another length than the call's images whole:
     a mask shared by the batch), in the form convert takes an example input."""
-    dims = batch_dims or {}
-    images = _call_images(args, kwargs, _call_tensors(args, kwargs, dims)) if pick is not None else 0
+    if bool(args) == bool(kwargs):
+        raise EvoplugError("an input of another size than the one the model was converted at, "
+                           "passed both positionally and by keyword: convert the model for it")
 
     def first(t: torch.Tensor, d: int) -> torch.Tensor:
-        if n is None:
-            if pick is None or t.shape[d] != images:
-                return t
-            return t.index_select(d, torch.tensor(pick, device=t.device))
         if t.shape[d] >= n:
             return t.narrow(d, 0, n)
         return torch.cat([t.narrow(d, 0, 1)] * n, d)
 
-    def one(k, v):
-        if isinstance(v, (dict, list, tuple)):      # (NaFlex's dict of patches, coordinates, mask)
-            return torch.utils._pytree.tree_map(lambda t: one(None, t), v)
-        return first(v, dims.get(k, 0)) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
-
-    if kwargs and not args:
-        return {k: one(k, v) for k, v in kwargs.items()}
-    if args and not kwargs:
-        if len(args) == 1 and not isinstance(args[0], (dict, list, tuple)):
-            return one(0, args[0])
-        return tuple(one(i, v) for i, v in enumerate(args))     # (a lone dict stays positional)
+    if n is not None:
+        fn = first
+    elif pick is not None:
+        images = _call_images(args, kwargs, _call_tensors(args, kwargs, batch_dims))
+        fn = _images_of(torch.tensor(pick), images)
+    else:
+        fn = lambda t, d: t  # noqa: E731
+    a, k = _on_call_tensors(args, kwargs, batch_dims, fn)
+    if kwargs:
+        return k
+    if len(args) == 1 and not isinstance(args[0], (dict, list, tuple)):
+        return a[0]
+    return a                                                    # (a lone dict stays positional)
     raise EvoplugError("an input of another size than the one the model was converted at, "
                        "passed both positionally and by keyword: convert the model for it")
 

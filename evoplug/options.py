@@ -34,8 +34,7 @@ def _plain(value: Any) -> Any:
     if type(value).__name__ in ("Tensor", "Parameter") and hasattr(value, "dim") and value.dim() == 0 \
             and not getattr(value, "requires_grad", False) and not value.is_meta:
         if str(value.dtype) in ("torch.float32", "torch.float16"):
-            import numpy as np
-            return _shortest(np.dtype(str(value.dtype)[6:]).type(value.item()))
+            return _plain(value.detach().cpu().numpy()[()])     # (the NumPy scalar of its type)
         return value.item()     # (bfloat16 has no NumPy type: its value as it is)
     return value
 

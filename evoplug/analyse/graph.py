@@ -50,8 +50,7 @@ def computed_in(n: fx.Node, unit: str = "") -> str:
     path, cls = list(stack.values())[-1]
     if not path:
         return ""
-    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1].strip("'>")
-    return f" in `{unit + '.' if unit else ''}{path}` ({name})"
+    return f" in `{unit + '.' if unit else ''}{path}` ({getattr(cls, '__name__', cls)})"
 
 
 def is_softmax(gm: fx.GraphModule, n: fx.Node) -> bool:

@@ -138,6 +138,9 @@ def hooks_suspended(*modules: nn.Module):
             d.update(items)
 
 
+_ON_SUBSET = "the traced program on a token subset"     # (the probe step _failed tells apart)
+
+
 def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     """Behavioural check of a block and its program on the calibration input (eval mode):
 
@@ -190,7 +193,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
                     a.name, "not equivariant to the token order (max abs diff "
                             f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
                             "attention or has a position-dependent term evoplug cannot follow")
-            step = "the traced program on a token subset"
+            step = _ON_SUBSET
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
             xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
@@ -219,7 +222,7 @@ def _in_float32(m: nn.Module, args, kwargs):
 def _failed(name: str, step: str, e: Exception) -> AnalysisError:
     """The error of a probe step that raised (not only the subset's run: the block's own
     forward or the program on all the tokens may fail first, audit H3)."""
-    if step == "the traced program on a token subset":
+    if step == _ON_SUBSET:
         return AnalysisError(name, f"does not run on a token subset: {type(e).__name__}: {e} (a "
                                    "tensor the block builds from the token count, such as "
                                    "positions from torch.arange(N) or a view of a fixed size, "

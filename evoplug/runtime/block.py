@@ -213,7 +213,7 @@ class BlockSpec:
         evolving path read permuted maps, without a word (audit E3 of the twenty-seventh
         session)."""
         for path, m in self.leaves:
-            if self._active(m._forward_hooks) or m._forward_pre_hooks:
+            if m._forward_pre_hooks or (m._forward_hooks and self._active(m._forward_hooks)):
                 self.runtime.leaf_hooks_told = True
                 warnings.warn(
                     f"evoplug: a forward hook on `{self.name}.{path}` fires on the tokens that "
