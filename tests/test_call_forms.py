@@ -141,9 +141,9 @@ class RelBiasBlock(nn.Module):
     grid) sized from the token count ``n`` of ``B, n, C = x.shape``, the read that also sizes
     the q/k/v reshapes; ``from_index``: sized from the index buffer instead."""
 
-    def __init__(self, dim=32, heads=4, grid=4, from_index=False):
+    def __init__(self, dim=32, heads=4, grid=4, from_index=False, folded=False, shared=False):
         super().__init__()
-        self.heads, self.from_index = heads, from_index
+        self.heads, self.from_index, self.folded, self.shared = heads, from_index, folded, shared
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -161,17 +161,27 @@ class RelBiasBlock(nn.Module):
         q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         m = self.idx.shape[0] if self.from_index else n
         bias = self.table[self.idx.view(-1)].view(m, m, -1).permute(2, 0, 1)
-        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + bias).softmax(-1)
-        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        if self.shared:
+            bias = bias.mean(0, keepdim=True)
+        scale = (C // self.heads) ** -0.5
+        if self.folded:       # heads merged into the batch dim, the bias folded the same way
+            if not self.shared:
+                bias = bias.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * self.heads, m, m)
+            q, k, v = (t.reshape(B * self.heads, n, -1) for t in (q, k, v))
+            a = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)
+            out = torch.bmm(a, v).view(B, self.heads, n, -1)
+        else:
+            out = (q @ k.transpose(-2, -1) * scale + bias).softmax(-1) @ v
+        x = x + self.proj(out.transpose(1, 2).reshape(B, n, C))
         return x + self.mlp(self.norm2(x))
 
 
 class RelBiasViT(nn.Module):
-    def __init__(self, from_index, depth=4, dim=32):
+    def __init__(self, from_index, depth=4, dim=32, **form):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
-        self.blocks = nn.ModuleList([RelBiasBlock(dim, from_index=from_index) for _ in range(depth)])
+        self.blocks = nn.ModuleList([RelBiasBlock(dim, from_index=from_index, **form) for _ in range(depth)])
         self.head = nn.Linear(dim, 10)
 
     def forward(self, img):
@@ -204,6 +214,32 @@ def test_a_position_bias_sized_from_the_token_count_of_the_shared_shape_read():
             out = fast(x)
             torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
         assert (out - ref).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
+def test_a_position_bias_folded_with_the_heads_into_the_batch_dim(shared):
+    """Heads merged into the batch dim (``baddbmm`` over (B * heads, N, d)) with the bias folded
+    the same way (``expand(B, heads, N, N).reshape(B * heads, N, N)``) or shared by all ((1, N,
+    N)): the gathered bias was (B, B * heads, n, n) and every block was refused ("batch1 must
+    be a 3D tensor"). The blocks evolve as the same blocks over (B, heads, N, d)."""
+    torch.manual_seed(0)
+    folded = RelBiasViT(from_index=False, folded=True, shared=shared).eval()
+    four_d = RelBiasViT(from_index=True, shared=shared).eval()
+    four_d.load_state_dict(folded.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = four_d(x)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    for keep in (1.0, 0.5):
+        fast = evoplug.convert(folded, keep, example_input=x[:1])
+        want = evoplug.convert(four_d, keep, example_input=x[:1])
+        assert len(evoplug.get_report(fast).blocks) == 4
+        with torch.no_grad():
+            out = fast(x)
+            torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
+            if keep == 1.0:
+                assert (out - folded(x)).abs().max() == 0
+        assert keep == 1.0 or (out - ref).abs().max() > 1e-4
 
 
 class GQABlock(nn.Module):

@@ -126,6 +126,7 @@ def _position_terms(rw: _Rewrite):
     on the full map: their terms stay as they are)."""
     if rw.a.windowed:
         return
+    heads = _heads_merged(rw)
     for bias in rw.site.biases:
         sizes = token_size_queries(bias, rw.token)
         if sizes:     # sized from the token count (HF BEiT): sized from the full input instead
@@ -135,9 +136,18 @@ def _position_terms(rw: _Rewrite):
             _size_bias_from(rw.graph, bias, sizes, whole)
         consumers = list(bias.users)
         with rw.graph.inserting_after(bias):
-            gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos))
+            gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos) + heads)
         for u in consumers:
             u.replace_input_with(bias, gathered)
+
+
+def _heads_merged(rw: _Rewrite) -> tuple:
+    """``(heads,)`` where the attention merges its heads into the batch dim ((B * heads, N, d),
+    a count fixed by the block), else ``()``."""
+    q, token = shape_of(rw.site.q), shape_of(rw.token)
+    if q is None or token is None or q[0] == token[0] or q[0] % token[0]:
+        return ()
+    return (q[0] // token[0],)
 
 
 def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole: fx.Node):

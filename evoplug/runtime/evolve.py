@@ -312,18 +312,24 @@ def mha_attn_mask(mask: Optional[Tensor], heads: int) -> Optional[Tensor]:
 # ``pos`` (B, n) holds the original token index (0..N-1) of every token of the subset.
 # --------------------------------------------------------------------------------------------
 
-def gather_pair_bias(bias: Tensor, pos: Optional[Tensor]) -> Tensor:
+def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Tensor:
     """Gather an additive attention term (..., Nq, Nk) to the subset's tokens.
 
     Used for relative position biases and masks that do not depend on the input tokens. A dim
     of size 1 broadcasts and is left alone; others are indexed by ``pos``. Result (B, L, n, n)
-    (or with 1 where the input had 1). ``pos is None`` (dense run) returns the term unchanged.
+    (or with 1 where the input had 1). ``heads`` > 0: the attention merges its ``heads`` into
+    the batch dim (logits (B * heads, N, N)) and so does a 3-D term (1 or B * heads, N, N):
+    the result is (B * heads, n, n). ``pos is None`` (dense run) returns the term unchanged.
     """
     if pos is None or bias.dim() < 2:
         return bias
     B, n = pos.shape
     R, K = bias.shape[-2], bias.shape[-1]
-    if bias.dim() == 4 and bias.shape[0] == B and B > 1:
+    merged = heads > 0 and bias.dim() == 3
+    if merged:
+        b4 = (bias.reshape(-1, heads, R, K) if bias.shape[0] > 1 else bias[:, None]).expand(
+            B, heads, R, K)
+    elif bias.dim() == 4 and bias.shape[0] == B and B > 1:
         b4 = bias
     else:
         b4 = bias.reshape(1, -1, R, K).expand(B, -1, -1, -1)
@@ -333,7 +339,7 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor]) -> Tensor:
         R = n
     if K != 1:
         b4 = torch.gather(b4, 3, pos[:, None, None, :].expand(B, L, R, n))
-    return b4
+    return b4.reshape(B * heads, R, b4.shape[-1]) if merged else b4
 
 
 def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
