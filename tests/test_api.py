@@ -333,12 +333,15 @@ def test_control_flow_on_the_token_count_is_refused(mode, what):
         evoplug.convert(_BranchyViT(mode).eval(), example_input=torch.randn(1, 3, 32, 32))
 
 
-def test_a_features_only_vit_converts_at_the_size_it_was_built_for():
-    """timm's features_only wrapper (FeatureGetterNet) holds the ViT as `model`: its declared
-    input size was the pretrained 224 px instead of the built 32 px (the default conversion then
-    failed) until the eighteenth session."""
+@pytest.mark.parametrize("feature_cls", ["getter", "hook"])
+def test_a_features_only_vit_converts_at_the_size_it_was_built_for(feature_cls):
+    """timm's features_only wrappers hold the ViT as `model` (FeatureGetterNet) or `body`
+    (FeatureHookNet): the declared input size was the pretrained 224 px instead of the built
+    32 px (the default conversion then failed) until the eighteenth session (the twenty-eighth
+    for the hook wrapper: audit I4)."""
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4,
-                              depth=4, features_only=True, out_indices=(1, 3)).eval()
+                              depth=4, features_only=True, out_indices=(1, 3),
+                              feature_cls=feature_cls).eval()
     assert evoplug.input_size(model) == (3, 32, 32)
     fast = evoplug.convert(model, keep_ratio=0.5)
     x = torch.randn(2, 3, 32, 32)

@@ -37,8 +37,8 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
     convolution reads its backbone's features) from the data config."""
     from timm.data import resolve_model_data_config
     chans, h, w = resolve_model_data_config(model)["input_size"]
-    for where in ("", "model."):       # a features_only wrapper (FeatureGetterNet) holds `model`
-        holder = getattr(model, "model", None) if where else model
+    for where in ("", "model.", "body."):    # features_only wrappers hold `model` (FeatureGetterNet)
+        holder = getattr(model, where[:-1], None) if where else model    # or `body` (FeatureHookNet)
         embed = getattr(holder, "patch_embed", None)
         size = getattr(embed, "img_size", None)
         if size is not None:

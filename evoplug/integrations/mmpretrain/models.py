@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import re
 from collections.abc import Mapping
@@ -292,6 +293,21 @@ def _load_extras_hook(module: EvoImageClassifier, incompatible_keys) -> None:
                   logger="current")
 
 
+def _built_size(cls: type, module, args, kwargs):
+    """The image size a backbone was built for, from its arguments: MMPretrain's and mmseg's
+    ViT ``img_size``, mmdet's and mmseg's Swin ``pretrain_img_size`` (given or the default);
+    None where it takes neither."""
+    try:
+        bound = inspect.signature(cls.__init__).bind(module, *args, **kwargs)
+    except TypeError:
+        return kwargs.get("img_size")
+    bound.apply_defaults()
+    for name in ("img_size", "pretrain_img_size"):
+        if bound.arguments.get(name) is not None:
+            return bound.arguments[name]
+    return None
+
+
 def evo_backbone_class(cls: type) -> type:
     """``Evo<cls>``: the MMPretrain backbone class ``cls`` converted by evoplug in ``__init__``
     (an extra ``evo=dict(...)`` argument: EvoOptions fields, ``input_size``, ``strict``)."""
@@ -299,7 +315,7 @@ def evo_backbone_class(cls: type) -> type:
     def __init__(self, *args, evo: Optional[dict] = None, **kwargs):
         evo = _split_evo(evo, OPTION_KEYS | CONVERT_KEYS, f"Evo{cls.__name__}")
         cls.__init__(self, *args, **kwargs)
-        input_size = evo.pop("input_size", kwargs.get("img_size"))
+        input_size = evo.pop("input_size", None) or _built_size(cls, self, args, kwargs)
         convert_backbone(self, input_size=input_size, **evo)
 
     return type(f"Evo{cls.__name__}", (cls,), {
