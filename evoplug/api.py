@@ -308,7 +308,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
-    return SizeVariant(twin, blocks, triples, time.perf_counter() - t0)
+    return SizeVariant(twin, blocks, triples, time.perf_counter() - t0, runtime)
 
 
 def _plan_of_blocks_left(options: EvoOptions, roles, blocks) -> Plan:

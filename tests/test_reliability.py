@@ -1288,15 +1288,17 @@ def test_a_tensor_factory_given_traced_sizes_is_refused_with_the_way_out():
             torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
-def test_the_model_called_from_a_hook_on_its_own_block_leaves_the_outer_forward_alone():
+@pytest.mark.parametrize("size", [32, 48], ids=["converted_size", "twin_size"])
+def test_the_model_called_from_a_hook_on_its_own_block_leaves_the_outer_forward_alone(size):
     """A forward of the converted model inside another (an auxiliary prediction on another view,
     from a forward hook on one of its blocks): the outer forward's later blocks went on from the
     inner forward's scores, off by 0.59 (audit M of the twenty-fourth session); the outer
-    forward's state now comes back when the inner one ends."""
+    forward's state now comes back when the inner one ends, and at another input size so does
+    the state of the size twin both run with (off by 0.04: audit C4 of the twenty-eighth)."""
     torch.manual_seed(0)
-    model = _randomise(_tiny())
-    x = torch.randn(4, 3, 32, 32)
-    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    model = _randomise(_tiny(dynamic_img_size=True))
+    x = torch.randn(4, 3, size, size)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     inner, busy = [], []
 
     def hook(_m, _i, _o):
@@ -1339,3 +1341,40 @@ def test_a_forward_that_raises_between_handed_on_blocks_warns_of_nothing_it_did_
     # (the one warning: the hook on the MLP sees the kept tokens, told since audit E3)
     assert [str(w.message)[:58] for w in seen] == ["evoplug: a forward hook on `blocks.4.mlp` fires on the tok"]
     torch.testing.assert_close(fast(x), want)
+
+
+def test_a_keyboard_interrupt_in_a_forward_holds_nothing_back():
+    """Ctrl-C in a forward: PyTorch calls the always-call exit hook for an ``Exception`` only,
+    so the thread stayed counted inside the model (a twin build of another thread waited for it
+    forever) and the segment guard stayed on its torch-function stack (audit C4 of the
+    twenty-eighth session). Another thread's new size builds its twin; the thread's next
+    forward ends what was left and gives the model's outputs."""
+    import threading
+    torch.manual_seed(0)
+    model = _randomise(_tiny(dynamic_img_size=True, depth=8))
+    x, big = torch.randn(2, 3, 32, 32), torch.randn(1, 3, 48, 48)
+    fast = evoplug.convert(model, keep_ratio=0.5, reselect_every=4, example_input=x[:1])
+    with torch.no_grad():
+        want, want_big = fast(x), evoplug.convert(model, 0.5, reselect_every=4, example_input=big)(big)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    handle = fast.blocks[5].mlp.register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        fast(x)
+    handle.remove()
+    got = []
+
+    def other():
+        with torch.no_grad():
+            got.append(fast(big))
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert got, "a twin build waited for the interrupted forward"
+    torch.testing.assert_close(got[0], want_big, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, rtol=0, atol=0)
+    assert torch._C._len_torch_function_stack() == 0
+    assert not evoplug.get_report(fast).blocks[0].runtime._inside

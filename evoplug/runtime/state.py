@@ -109,6 +109,18 @@ def _reset_after_fork():
         rt._after_fork()
 
 
+def _on_stack(frame, top) -> bool:
+    """Whether ``frame`` (None: not known, taken as running) is ``top`` or one it was called
+    from."""
+    if frame is None:
+        return True
+    while top is not None:
+        if top is frame:
+            return True
+        top = top.f_back
+    return False
+
+
 class EvoRuntime:
     """Per converted model: the current :class:`Plan`, each thread's forward in progress and
     the states recorded for recomputation in backward. Pickles and copies without the
@@ -135,6 +147,10 @@ class EvoRuntime:
         self._gate = threading.Condition()
         self._inside: Dict[int, int] = {}     # thread id -> forwards of the model it runs
         self._builder: Optional[int] = None
+        # thread id -> the frames (torch's Module._call_impl) of the model forwards it runs: one
+        # no longer on its thread's stack ended without the exit hook (a KeyboardInterrupt:
+        # PyTorch calls always-call hooks for an Exception only) and is dropped
+        self._frames: Dict[int, list] = {}
         # a twin's runtime: the runtime of the model it is a twin of (whose forward runs the
         # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
         self.parent: Optional["EvoRuntime"] = None
@@ -150,6 +166,7 @@ class EvoRuntime:
         mine = self._inside.get(me, 0)
         self._gate = threading.Condition()
         self._inside = {me: mine} if mine else {}
+        self._frames = {me: self._frames[me]} if me in self._frames else {}
         self._builder = None
 
     def __getstate__(self):
@@ -217,10 +234,11 @@ class EvoRuntime:
                       "after removing blocks)", stacklevel=2)
 
     def push_entry(self, matches: bool, variant: Optional["SizeVariant"] = None,
-                   images: Optional[int] = None, call: Optional[tuple] = None):
+                   images: Optional[int] = None, call: Optional[tuple] = None, frame=None):
         """A forward of the model starts on this thread: whether it is called as calibration
-        called it, the twin it runs with, its images, and ``call`` (the entry hook, the model and
-        the call's arguments: what a twin for the call's argument form is converted from)."""
+        called it, the twin it runs with, its images, ``call`` (the entry hook, the model and
+        the call's arguments: what a twin for the call's argument form is converted from), and
+        ``frame``, the frame that runs the forward (gone from the stack: the forward is over)."""
         local = self._local
         stack = getattr(local, "entry", None)
         if stack is None:
@@ -229,11 +247,22 @@ class EvoRuntime:
             local.images = []
             local.call = []
             local.outer = []
+            local.frames = self._frames[threading.get_ident()] = []
+        elif stack:
+            self._drop_abandoned()
         # a forward inside a forward (the model called from a hook on one of its blocks): the
         # outer forward's state comes back when it ends (the outer forward's later blocks went
-        # on from the inner one's scores, off by 0.59, until the twenty-fourth session)
-        local.outer.append(tuple(getattr(local, k, None) for k in _FORWARD_STATE) if stack else None)
+        # on from the inner one's scores, off by 0.59, until the twenty-fourth session), and so
+        # does the state of the size twin the outer forward runs with, whose blocks keep theirs
+        # on the twin's runtime (off by 0.04 at another size: audit C4 of the twenty-eighth)
+        if stack:
+            twin = local.variant[-1].runtime if local.variant[-1] is not None else None
+            local.outer.append((self._forward_state(), twin,
+                                twin._forward_state() if twin is not None else None))
+        else:
+            local.outer.append(None)
         stack.append(matches)
+        local.frames.append(frame)
         self._local.variant.append(variant)
         self._local.images.append(images)
         self._local.call.append(call)
@@ -242,13 +271,44 @@ class EvoRuntime:
         stack = getattr(self._local, "entry", None)
         if stack:
             stack.pop()
+            self._local.frames.pop()
             self._local.variant.pop()
             self._local.images.pop()
             self._local.call.pop()
             outer = self._local.outer.pop()
             if outer is not None:
-                for k, v in zip(_FORWARD_STATE, outer):
-                    setattr(self._local, k, v)
+                mine, twin, theirs = outer
+                self._set_forward_state(mine)
+                if twin is not None:
+                    twin._set_forward_state(theirs)
+
+    def _drop_abandoned(self):
+        """The forwards this thread had in progress that ended without the exit hook (a
+        KeyboardInterrupt in a forward left its count, which held every twin build of another
+        thread waiting forever, and the segment guard on the thread's torch-function stack:
+        audit C4 of the twenty-eighth session) end now, as the exit hook ends a forward that
+        raised. Called at a forward's start on a thread with forwards in progress."""
+        frames = self._local.frames
+        stale = 0
+        while len(frames) > stale and not _on_stack(frames[-1 - stale], sys._getframe(2)):
+            stale += 1
+        for _ in range(stale):
+            self.pop_entry()
+        if stale:
+            me = threading.get_ident()
+            with self._gate:
+                self._inside[me] = max(self._inside.get(me, 0) - stale, 1)   # (this one counts)
+                self._gate.notify_all()
+            guard = getattr(self._local, "guard", None)
+            if guard is not None and not self.entered() and (guard.watched or guard.on_stack):
+                guard.finish(None, raised=True)
+
+    def _forward_state(self) -> tuple:
+        return tuple(getattr(self._local, k, None) for k in _FORWARD_STATE)
+
+    def _set_forward_state(self, values: tuple):
+        for k, v in zip(_FORWARD_STATE, values):
+            setattr(self._local, k, v)
 
     def call(self) -> Optional[tuple]:
         """(entry hook, model, args, kwargs) of the model forward running on this thread."""
@@ -292,6 +352,17 @@ class EvoRuntime:
                 self._inside[me] = n
             self._gate.notify_all()
 
+    def _forget_abandoned(self):
+        """(Gate held.) Threads counted inside a forward that they left without the exit hook
+        (a KeyboardInterrupt) or that ended: they no longer hold a twin build back."""
+        now = sys._current_frames()
+        for tid in list(self._inside):
+            frames = self._frames.get(tid)
+            if tid not in now or (frames and not _on_stack(frames[0], now[tid])):
+                del self._inside[tid]
+                if tid not in now:
+                    self._frames.pop(tid, None)
+
     def variant_for(self, key: tuple, factory: Callable, model, args, kwargs) -> "SizeVariant":
         """The variant for input ``key``, built once by ``factory(model, args, kwargs)`` (the
         conversion's) at the first forward with it, while no other thread runs the model (the
@@ -314,7 +385,8 @@ class EvoRuntime:
             if v is None:
                 self._builder = me
                 while self._inside:            # the others' forwards end; new ones wait
-                    self._gate.wait()
+                    if not self._gate.wait(1.0):
+                        self._forget_abandoned()
             if mine:
                 self._inside[me] = mine
         if v is not None:
@@ -509,8 +581,9 @@ class SizeVariant:
     step with the model's; ``shared`` names the buffers of the model's own (not the ones its
     conversion added), which the twin follows when ``.to()`` replaces them."""
 
-    def __init__(self, model, blocks, pairs, seconds: float):
+    def __init__(self, model, blocks, pairs, seconds: float, runtime: Optional[EvoRuntime] = None):
         self.model = model
+        self.runtime = runtime          # the twin's own (its blocks' forward state is kept there)
         self.blocks = blocks
         self.pairs = pairs
         self.seconds = seconds          # what building it cost (the first call's extra time)
@@ -620,7 +693,8 @@ class EntryHook:
             elif self.factory is not None and self.names:
                 variant = self._variant_by_name(module, args, kwargs)
         finally:     # (exit, called whatever happens, pops and releases)
-            self.runtime.push_entry(matches, variant, images, (self, module, args, kwargs))
+            self.runtime.push_entry(matches, variant, images, (self, module, args, kwargs),
+                                    sys._getframe(1))
 
     def _move_last(self, module) -> bool:
         """A forward pre-hook registered after this one (test-time augmentation that stacks
