@@ -350,6 +350,18 @@ def test_fx_tracing_is_refused_by_name_and_the_blocks_trace_as_leaves():
         got, want = extractor(x), fast(x)
         torch.testing.assert_close(got["head"], want, atol=1e-5, rtol=1e-5)
         assert got["b2"].shape == (2, 65, fast.embed_dim)
+    # timm's extractor takes no tracer_kwargs (the message sent its users to one): its notrace
+    # registry instead (audit I4 of the twenty-eighth session)
+    import timm.layers
+    from timm.models import create_feature_extractor as timm_extractor
+    with pytest.raises(evoplug.errors.EvoplugError, match="timm.layers.register_notrace_module"):
+        timm_extractor(fast, return_nodes={"head": "head"})
+    fast.eval()
+    for leaf in leaves:
+        timm.layers.register_notrace_module(leaf)
+    extractor = timm_extractor(fast, return_nodes={"head": "head"})
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)["head"], want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_model_traced_by_fx_is_refused_naming_the_graph_module():

@@ -267,8 +267,9 @@ _NO_FX = ("`{}` is a converted block, which torch.fx cannot record (torch.fx.sym
           "torchvision's create_feature_extractor): its token selection and per-forward state "
           "are Python, and the trace would keep the block's own dense forward. Trace with the "
           "converted blocks as leaf modules (create_feature_extractor(model, return_nodes, "
-          "tracer_kwargs={{'leaf_modules': [{}]}})), or use torch.export or torch.compile "
-          "(docs/export.md). torchvision's get_graph_node_names and create_feature_extractor "
+          "tracer_kwargs={{'leaf_modules': [{}]}})); timm's create_feature_extractor takes "
+          "no tracer_kwargs: call timm.layers.register_notrace_module on that class first. Or "
+          "use torch.export or torch.compile (docs/export.md). torchvision's get_graph_node_names and create_feature_extractor "
           "put the model in train mode before they trace and leave it there after this error: "
           "call model.eval() before evaluating it")
 
