@@ -666,10 +666,16 @@ def test_trailing_special_tokens_match_reference(keep, opts):
 
 
 def test_special_tokens_between_the_patches_are_refused():
+    """Named as runs of indices, the first six (a 7x7 window's padding over a 4x4 map listed
+    some 190 indices per block: audit P4 of the twenty-eighth session)."""
+    from evoplug.analyse.discover import _spans
     model = DetTokenViT(tiny_vit(), where="middle")
-    with pytest.raises(evoplug.ConversionError, match=r"tokens \[0, 9, 10, 11, 12, 13, 14\] of 71 do "
+    with pytest.raises(evoplug.ConversionError, match=r"tokens 0, 9-14 of 71 do "
                                                       "not come from the patch map and are neither"):
         evoplug.convert(model, example_input=_images(1))
+    padded = tuple(i for i in range(196) if i % 14 >= 4 or i >= 56)      # 4x4 of a 14x14
+    assert _spans(padded) == "4-13, 18-27, 32-41, 46-195"
+    assert _spans(tuple(range(0, 40, 2))) == "0, 2, 4, 6, 8, 10, ... (20 tokens)"
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "softmax"])

@@ -383,10 +383,22 @@ def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int,
     trail = len(rows) - lead
     if rows[lead:] != tuple(range(num_tokens - trail, num_tokens)):
         raise AnalysisError(
-            name, f"tokens {list(rows)} of {num_tokens} do not come from the patch map and are "
-            "neither leading nor trailing: evoplug keeps leading and trailing special tokens and "
-            "ranks the others as patches, which would be wrong here")
+            name, f"tokens {_spans(rows)} of {num_tokens} do not come from the patch map and are "
+            "neither leading nor trailing (such as a window's padding where the window is larger "
+            "than the map): evoplug keeps leading and trailing special tokens and ranks the "
+            "others as patches, which would be wrong here")
     return lead, trail
+
+
+def _spans(rows, most: int = 6) -> str:
+    """Token indices as runs (``4-13, 18-27, ...``), the first ``most`` of them, and how many."""
+    runs, start = [], rows[0]
+    for prev, r in zip(rows, rows[1:] + (None,)):
+        if r != prev + 1:
+            runs.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = r
+    shown = ", ".join(runs[:most]) + (", ..." if len(runs) > most else "")
+    return f"{shown} ({len(rows)} tokens)" if len(runs) > most else shown
 
 
 def inside_attention(model: nn.Module, calls: Dict[int, ModuleCall]) -> Set[int]:
