@@ -1,6 +1,7 @@
 """Every model of the core's list converts; keep 1.0 reproduces it; keep 0.5 runs the
 evolving blocks on fewer tokens; checkpoints load strictly; backward works in train mode."""
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -506,3 +507,14 @@ def test_a_mask_per_image_and_head_for_torch_layers_is_refused_by_name():
     with pytest.raises(evoplug.errors.ConversionError, match=r"`blocks.0`: nn.MultiheadAttention "
                        r"`self_attn` is given a 3-D attn_mask \(4, 17, 17\)"):
         evoplug.convert(model, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_tnt_is_refused_naming_the_block_that_runs_its_two_attentions():
+    """TNT's block runs an attention on the pixel tokens and one on the patch tokens and
+    returns both streams: its patch attention was refused for having no residual, as if the
+    attention module were the block (audit P4 of the twenty-eighth session); the block that
+    holds the residual is named, with what it runs."""
+    model = timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=64, depth=2).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0\.attn_out`: .*no residual attention "
+                       r"branch\); the residual is `blocks\.0`'s, which runs 2 attention computations"):
+        evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 64, 64))

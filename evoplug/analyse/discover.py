@@ -515,7 +515,8 @@ def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tu
     for name, reason, kind in parts:
         owner = _enclosing_block(model, calls, name, batch)
         if owner is None or any(c == owner or c.startswith(owner + ".") for c in converted):
-            out.append((name, reason))
+            out.append((name, reason + _held_by(model, calls, name) if kind == "no residual"
+                        and owner is None else reason))
         else:
             groups.setdefault(owner, []).append((name, reason, kind))
     for owner, members in groups.items():
@@ -533,6 +534,22 @@ def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tu
 _SOFTMAX_COUNTS = (" (each softmax and fused attention call that ran counts as one; a softmax "
                    "that is no attention, a gate, a router or linear attention's feature maps, is "
                    "kept out by registering its module: evoplug.register_leaf_module)")
+
+
+def _held_by(model: nn.Module, calls: Dict[int, ModuleCall], name: str) -> str:
+    """Where an attention's residual is its parent's and the parent runs more than one
+    attention but is no token block either (TNT's block: two token streams, a tuple returned),
+    the parent named: the attention was told "no residual" as if that were the reason."""
+    path = name.split(".")
+    for cut in range(len(path) - 1, 0, -1):
+        owner = ".".join(path[:cut])
+        c = calls.get(id(model.get_submodule(owner)))
+        if c is not None:
+            return "" if c.attention_ops < 2 else (
+                f"; the residual is `{owner}`'s, which runs {c.attention_ops} attention "
+                f"computations per call and is no block evoplug converts (one self-attention "
+                "over one token stream)")
+    return ""
 
 
 def _enclosing_block(model: nn.Module, calls: Dict[int, ModuleCall], name: str,
