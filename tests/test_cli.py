@@ -176,6 +176,26 @@ def test_bench_markdown_and_convert_options():
     assert rows[0]["flop_ratio"] > 1.0
 
 
+def test_bench_of_a_model_that_partly_converts(capsys, tmp_path):
+    """ConViT converts 2 of its 12 blocks: `evoplug bench` told users of strict=False, which it
+    had no option for, and rows measured through the Python API with it did not say how little
+    was converted (audit B4 of the twenty-eighth session)."""
+    conv = ["bench", "convit_tiny", "--img-size", "64", "--keep", "0.5", "--batch", "1",
+            "--repeats", "1", "--warmup", "0"]
+    assert cli.main(conv) == 1
+    assert "(evoplug bench: --no-strict)" in capsys.readouterr().err
+    rc, out = run_cli(*conv, "--no-strict", "--json", str(tmp_path / "b.json"))
+    assert rc == 0 and "2 of 12 blocks" in out
+    with open(tmp_path / "b.json") as f:
+        data = json.load(f)
+    assert data["settings"]["convert_options"] == {"strict": False}
+    row = data["rows"][0]
+    assert (row["blocks_converted"], row["blocks_evolving"], row["blocks_not_converted"]) == (2, 1, 10)
+    full = bench.run_bench(["vit_tiny_patch16_224"], [0.5], [1], img_size=32, repeats=1, warmup=0,
+                           model_kwargs=TINY_KW)[0]
+    assert (full["blocks_converted"], full["blocks_not_converted"]) == (4, 0) and "converted" not in full
+
+
 def test_out_of_range_numbers_are_usage_errors_and_repeated_keeps_one_row(capsys):
     for argv in (["bench", "vit_tiny_patch16_224", "--warmup", "-1"],
                  ["plan", "vit_tiny_patch16_224", "skimage:astronaut", "--target", "0"]):

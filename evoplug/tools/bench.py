@@ -278,6 +278,7 @@ class _Setup:
     size: Tuple[int, int]
     f_orig: int
     f_evo: Dict[float, int]
+    blocks: Dict[str, object] = dataclasses.field(default_factory=dict)    # :func:`_blocks`
 
 
 def _setup(name: str, model: torch.nn.Module, keep_ratios: Sequence[float], size, dev, dtype,
@@ -296,7 +297,21 @@ def _setup(name: str, model: torch.nn.Module, keep_ratios: Sequence[float], size
     if progress:
         progress.set_note(f"{name}: counting FLOPs")
     count = count or flops
-    return _Setup(model, fast, (h, w), count(model, x1), {k: count(m, x1) for k, m in fast.items()})
+    return _Setup(model, fast, (h, w), count(model, x1), {k: count(m, x1) for k, m in fast.items()},
+                  _blocks(next(iter(fast.values()))))
+
+
+def _blocks(fast: torch.nn.Module) -> Dict[str, object]:
+    """What a row's figures come from: the converted and evolving blocks, and the blocks left
+    as they are (``strict=False``), with a ``converted`` cell for the table where some were."""
+    import evoplug
+    report = evoplug.get_report(fast)
+    out = dict(blocks_converted=len(report.blocks),
+               blocks_evolving=sum(s.role == "evolve" for s in report.blocks),
+               blocks_not_converted=len(report.failed))
+    if report.failed:
+        out["converted"] = f"{len(report.blocks)} of {len(report.blocks) + len(report.failed)} blocks"
+    return out
 
 
 def _batch(size: Tuple[int, int], batch: int, dev, dtype, seed: int) -> torch.Tensor:
@@ -364,7 +379,8 @@ def bench_model(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
             row = dict(model=name, img_size=_img_size(s.size), batch=batch,
                        keep_ratio=keep, device=str(dev), dtype=str(dtype).replace("torch.", ""),
                        **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
-                       max_abs_diff=float(f"{diffs[keep]:.3g}"), repeats=repeats, warmup=warmup)
+                       max_abs_diff=float(f"{diffs[keep]:.3g}"), repeats=repeats, warmup=warmup,
+                       **s.blocks)
             if compile:
                 row.update(_compiled_speeds(ips, f"evo{keep}", cdiffs))
             rows.append(row)
@@ -576,7 +592,7 @@ def bench_train(name: str, model: torch.nn.Module, keep_ratios: Sequence[float],
                        device=str(dev), dtype=str(dtype).replace("torch.", ""),
                        amp=amp is not None, optimizer=optimizer,
                        **_speeds(ips, f"evo{keep}", s.f_orig, s.f_evo[keep]),
-                       repeats=repeats, warmup=warmup)
+                       repeats=repeats, warmup=warmup, **s.blocks)
             if compile:
                 row.update(_compiled_speeds(ips, f"evo{keep}", None))
             rows.append(row)
@@ -693,7 +709,7 @@ _COLUMNS = [("model", "model", "{}"), ("img_size", "px", "{}"), ("batch", "batch
             ("orig_compiled_img_s", "compiled orig", "{:.1f}"),
             ("evo_compiled_img_s", "compiled evo", "{:.1f}"),
             ("compiled_speedup", "compiled speed-up", "{:.2f}x"),
-            ("max_abs_diff", "max|diff|", "{:.2g}")]
+            ("max_abs_diff", "max|diff|", "{:.2g}"), ("converted", "converted", "{}")]
 
 
 def format_table(rows: List[dict], header: bool = True, model_width: int = 0) -> str:

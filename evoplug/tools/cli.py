@@ -125,6 +125,10 @@ def _convert_options(a) -> dict:
     return opts
 
 
+def _bench_convert_options(a) -> dict:
+    return _convert_options(a) if a.strict else dict(_convert_options(a), strict=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     p = argparse.ArgumentParser(
@@ -176,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", dest="progress", action="store_false")
     _add_model_options(b)
     _add_convert_options(b)
+    b.add_argument("--no-strict", dest="strict", action="store_false",
+                   help="a model only some of whose blocks convert: convert those, leave the "
+                        "others as they are (strict=False; the rows say how many converted)")
 
     e = sub.add_parser("explain", help="what the analysis found in a model and what evolves",
                        description="Convert a model and print what evoplug found: blocks, roles, "
@@ -334,7 +341,7 @@ def cmd_bench(a, out) -> int:
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
                     repeats=a.repeats, warmup=warmup, compile=a.compile, img_size=a.img_size,
-                    model_kwargs=dict(a.model_arg), convert_options=_convert_options(a),
+                    model_kwargs=dict(a.model_arg), convert_options=_bench_convert_options(a),
                     train=a.train, optimizer=a.optimizer if a.train else None)
     bench.resolve_device(a.device)
     print(f"machine: {bench.machine(a.device)}", file=out)
@@ -347,7 +354,7 @@ def cmd_bench(a, out) -> int:
         new = bench.run_bench([name], a.keep, a.batch, img_size=a.img_size, device=a.device,
                               dtype=a.dtype, repeats=a.repeats, warmup=a.warmup,
                               compile=a.compile, model_kwargs=dict(a.model_arg),
-                              convert_options=_convert_options(a), progress=a.progress,
+                              convert_options=_bench_convert_options(a), progress=a.progress,
                               train=a.train, optimizer=a.optimizer)
         print(bench.format_table(new, header=not rows, model_width=max(map(len, a.models))),
               file=out, flush=True)
@@ -520,7 +527,9 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         # twenty-sixth session)
         what = f"{type(e).__name__}: " if isinstance(e, (OSError, EOFError, pickle.UnpicklingError)) \
             and not isinstance(e, FileNotFoundError) else ""
-        print(f"evoplug: error: {what}{e}", file=sys.stderr)
+        hint = " (evoplug bench: --no-strict)" if a.command == "bench" and \
+            "strict=False converts" in str(e) else ""
+        print(f"evoplug: error: {what}{e}{hint}", file=sys.stderr)
         return 1
     except AssertionError as e:     # a model's own check of its input (timm: the image size)
         print(f"evoplug: error: the model refused its input: {e}", file=sys.stderr)
