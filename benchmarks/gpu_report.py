@@ -130,7 +130,8 @@ class Report:
 
     def write(self, env: dict, elapsed: float):
         for name, part in self.parts.items():
-            data = dict(machine=env.get("machine"), settings=env.get("bench_settings"), **part)
+            settings = env.get("train_settings" if name.startswith("train") else "bench_settings")
+            data = dict(machine=env.get("machine"), settings=settings, **part)
             (self.out / f"{name}.json").write_text(json.dumps(data, indent=1, default=str))
             (self.out / f"{name}.md").write_text(self._part_md(name, part))
         (self.out / "summary.md").write_text(self._summary(elapsed))
@@ -161,7 +162,8 @@ class Report:
 
     def _part_md(self, name: str, part: dict) -> str:
         lines = [f"# {name}", "", f"machine: {self.env.get('machine')}", "",
-                 f"settings: {self.env.get('bench_settings')}", ""]
+                 "settings: " + str(self.env.get("train_settings" if name.startswith("train")
+                                                 else "bench_settings")), ""]
         if part["rows"]:
             lines += [bench.format_markdown(part["rows"]), ""]
         for model, prof in part["profiles"].items():

@@ -339,6 +339,10 @@ def environment(args, device: str, plan: List[Unit]) -> dict:
                        "model at keep 0.5, other keeps by evoplug.set_options on deep copies; "
                        "original and converted timed interleaved, median of repeats; "
                        "torch.compile(dynamic=False, mode=...) of each, first call untimed",
+        train_settings="train mode, forward + cross-entropy + backward + AdamW step under float16 "
+                       "autocast, random weights (timm, seed 0); original and converted (keep "
+                       "0.5) timed interleaved, median of repeats; the train_compiled part "
+                       "compiles forward and backward, first steps untimed",
         setup_log=read("setup.txt"), nvidia_smi=read("nvidia-smi.txt"),
         plan=[dataclasses.asdict(u) for u in plan])
 
