@@ -165,11 +165,15 @@ class RelBiasBlock(nn.Module):
             bias = bias.mean(0, keepdim=True)
         scale = (C // self.heads) ** -0.5
         if self.folded:       # heads merged into the batch dim, the bias folded the same way
+            H, outer = self.heads, self.folded == "heads_outer"
             if not self.shared:
-                bias = bias.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * self.heads, m, m)
-            q, k, v = (t.reshape(B * self.heads, n, -1) for t in (q, k, v))
+                bias = (bias.unsqueeze(1).expand(-1, B, -1, -1) if outer else
+                        bias.unsqueeze(0).expand(B, -1, -1, -1)).reshape(B * H, m, m)
+            q, k, v = (t.transpose(0, 1).reshape(H * B, n, -1) if outer else
+                       t.reshape(B * H, n, -1) for t in (q, k, v))
             a = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=scale).softmax(-1)
-            out = torch.bmm(a, v).view(B, self.heads, n, -1)
+            out = torch.bmm(a, v).view(H, B, n, -1).transpose(0, 1) if outer else \
+                torch.bmm(a, v).view(B, H, n, -1)
         else:
             out = (q @ k.transpose(-2, -1) * scale + bias).softmax(-1) @ v
         x = x + self.proj(out.transpose(1, 2).reshape(B, n, C))
@@ -240,6 +244,22 @@ def test_a_position_bias_folded_with_the_heads_into_the_batch_dim(shared):
             if keep == 1.0:
                 assert (out - folded(x)).abs().max() == 0
         assert keep == 1.0 or (out - ref).abs().max() > 1e-4
+
+
+def test_heads_merged_into_the_batch_dim_with_the_heads_outer_are_refused():
+    """``q.transpose(0, 1).reshape(heads * B, N, d)``: each image was ranked by other images'
+    rows and its bias gathered for other images, silently (keep 0.5 off by 0.14, keep 1.0 on the
+    selection path by 0.06: audit Q4 of the twenty-eighth session); refused naming the merge."""
+    torch.manual_seed(0)
+    outer = RelBiasViT(from_index=True, folded="heads_outer").eval()
+    four_d = RelBiasViT(from_index=True).eval()
+    four_d.load_state_dict(outer.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(outer(x), four_d(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: its attention merges the heads "
+                       r"into the batch dim with the heads outer \(`\w+`: \(4, 1, 17, 8\)"):
+        evoplug.convert(outer, 0.5, example_input=x[:1])
 
 
 class GQABlock(nn.Module):

@@ -614,9 +614,36 @@ def _images_if_heads_merged(rw: _Rewrite) -> tuple:
     q, token = shape_of(rw.site.q), shape_of(rw.token)
     if q is None or token is None or q[0] == token[0]:
         return ()
+    _check_batch_outer(rw, q[0], token[0])
     graph = rw.graph
     with graph.inserting_before(rw.site.node):
         return (graph.call_method("size", (rw.root, 0)),)
+
+
+def _check_batch_outer(rw: _Rewrite, merged: int, images: int):
+    """Heads merged into the batch dim are read with the batch outer ((B * heads, N, d), as
+    torch's MultiheadAttention merges them): a merge with the heads outer (``q.transpose(0, 1)
+    .reshape(heads * B, N, d)``) ranked each image by other images' rows, silently (audit Q4 of
+    the twenty-eighth session), and is refused. Found at the reshape that merges the two dims
+    on the queries' way (the calibration's batch tells them apart)."""
+    heads, n = merged // images, rw.site.q
+    for _ in range(32):
+        src = next((a for a in n.all_input_nodes if (shape_of(a) or (0,))[0] == merged), None) \
+            if not is_reshape(n) else n.args[0]
+        if is_reshape(n):
+            dims = shape_of(src) if isinstance(src, fx.Node) else None
+            if dims is not None and len(dims) >= 2 and dims[0] * dims[1] == merged and \
+                    dims[:2] == (heads, images) and heads != images:
+                raise AnalysisError(rw.a.name, f"its attention merges the heads into the batch dim "
+                                               f"with the heads outer (`{n.name}`: {tuple(dims)} -> "
+                                               f"heads * batch); evoplug reads such a merge with "
+                                               f"the batch outer (batch * heads, as torch's "
+                                               f"MultiheadAttention merges them)")
+            if dims is None or dims[0] != merged:
+                return
+        if src is None or not isinstance(src, fx.Node):
+            return
+        n = src
 
 
 def _outputs(rw: _Rewrite):
