@@ -1378,3 +1378,65 @@ def test_a_keyboard_interrupt_in_a_forward_holds_nothing_back():
         torch.testing.assert_close(fast(x), want, rtol=0, atol=0)
     assert torch._C._len_torch_function_stack() == 0
     assert not evoplug.get_report(fast).blocks[0].runtime._inside
+
+
+def test_a_thread_that_ended_inside_a_forward_holds_no_twin_build_back():
+    """A thread that left a forward by a BaseException and ended kept its count under its
+    identifier, which CPython gives the next thread: while that thread lived, idle, every twin
+    build waited forever (audit Q4 of the twenty-eighth session). After a Ctrl-C, the blocks of
+    a method called directly (``forward_features``) ran unadmitted, a twin build beside them."""
+    import threading
+    import time
+    torch.manual_seed(0)
+    model = _randomise(_tiny(dynamic_img_size=True))
+    x = torch.randn(1, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
+    runtime = evoplug.get_report(fast).blocks[0].runtime
+
+    def leave(*_):
+        raise SystemExit
+    handle = fast.blocks[2].register_forward_hook(leave)
+    dying = threading.Thread(target=lambda: fast(x))
+    dying.start()
+    dying.join()
+    handle.remove()
+    idle, done = threading.Event(), []
+
+    def worker():
+        with torch.no_grad():
+            fast(x)
+        idle.wait(30)
+    workers = [threading.Thread(target=worker, daemon=True) for _ in range(2)]
+    for w in workers:
+        w.start()
+    other = threading.Thread(target=lambda: done.append(fast(torch.randn(1, 3, 48, 48))), daemon=True)
+    other.start()
+    other.join(30)
+    idle.set()
+    assert done, "a twin build waited for a thread that had ended"
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    handle = fast.blocks[0].register_forward_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        fast(x)
+    handle.remove()
+    events = []
+    later = threading.Thread(target=lambda: (fast(torch.randn(1, 3, 40, 40)), events.append("twin")),
+                             daemon=True)
+
+    def slow(*_):        # the other thread's twin build starts while this block runs
+        if events:           # (the twin's block holds the hook too)
+            return
+        events.append("block in")
+        later.start()
+        time.sleep(2.5)      # (a waiting build checks for abandoned forwards every second)
+        events.append("block out")
+    handle = fast.blocks[1].mlp.register_forward_pre_hook(slow)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast.forward_features(x)
+    handle.remove()
+    later.join(30)
+    assert events == ["block in", "block out", "twin"], events
+    assert not runtime._inside

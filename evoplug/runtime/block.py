@@ -337,7 +337,13 @@ class EvoBlockMixin:
         # outside a forward of the model (``forward_features`` called directly) the block runs
         # admitted like a forward: not while another thread builds a twin, which runs the modules
         # they share with the user's hooks set aside and its analysis' hooks on them
-        outside = not getattr(local, "entry", None)
+        entry = getattr(local, "entry", None)
+        if entry and getattr(local, "last", -1) >= self._evoplug_spec.index:
+            # a run of the blocks starts (once per forward): one of the model's forwards this
+            # thread left by a KeyboardInterrupt ends here (the blocks of a method called
+            # directly went unadmitted, a twin build beside them: audit Q4, twenty-eighth session)
+            rt._drop_abandoned(admitted=0)
+        outside = not entry
         if outside:
             rt.admit()
         guard = getattr(local, "guard", None)

@@ -151,6 +151,7 @@ class EvoRuntime:
         # no longer on its thread's stack ended without the exit hook (a KeyboardInterrupt:
         # PyTorch calls always-call hooks for an Exception only) and is dropped
         self._frames: Dict[int, list] = {}
+        self._owners: Dict[int, weakref.ref] = {}    # thread id -> the thread counted under it
         # a twin's runtime: the runtime of the model it is a twin of (whose forward runs the
         # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
         self.parent: Optional["EvoRuntime"] = None
@@ -167,6 +168,7 @@ class EvoRuntime:
         self._gate = threading.Condition()
         self._inside = {me: mine} if mine else {}
         self._frames = {me: self._frames[me]} if me in self._frames else {}
+        self._owners = {me: self._owners[me]} if me in self._owners else {}
         self._builder = None
 
     def __getstate__(self):
@@ -249,7 +251,7 @@ class EvoRuntime:
             local.outer = []
             local.frames = self._frames[threading.get_ident()] = []
         elif stack:
-            self._drop_abandoned()
+            self._drop_abandoned(admitted=1)
         # a forward inside a forward (the model called from a hook on one of its blocks): the
         # outer forward's state comes back when it ends (the outer forward's later blocks went
         # on from the inner one's scores, off by 0.59, until the twenty-fourth session), and so
@@ -282,22 +284,29 @@ class EvoRuntime:
                 if twin is not None:
                     twin._set_forward_state(theirs)
 
-    def _drop_abandoned(self):
+    def _drop_abandoned(self, admitted: int):
         """The forwards this thread had in progress that ended without the exit hook (a
         KeyboardInterrupt in a forward left its count, which held every twin build of another
         thread waiting forever, and the segment guard on the thread's torch-function stack:
         audit C4 of the twenty-eighth session) end now, as the exit hook ends a forward that
-        raised. Called at a forward's start on a thread with forwards in progress."""
+        raised. Called where a forward (``admitted``: 1, counted already) or a run of the blocks
+        (0: a method such as ``forward_features``, which then counts itself) starts on a thread
+        with forwards in progress."""
         frames = self._local.frames
+        top = sys._getframe()
         stale = 0
-        while len(frames) > stale and not _on_stack(frames[-1 - stale], sys._getframe(2)):
+        while len(frames) > stale and not _on_stack(frames[-1 - stale], top):
             stale += 1
         for _ in range(stale):
             self.pop_entry()
         if stale:
             me = threading.get_ident()
             with self._gate:
-                self._inside[me] = max(self._inside.get(me, 0) - stale, 1)   # (this one counts)
+                n = max(self._inside.get(me, 0) - stale, admitted)
+                if n:
+                    self._inside[me] = n
+                else:
+                    self._inside.pop(me, None)
                 self._gate.notify_all()
             guard = getattr(self._local, "guard", None)
             if guard is not None and not self.entered() and (guard.watched or guard.on_stack):
@@ -339,6 +348,12 @@ class EvoRuntime:
         meanwhile waits for it, so waiting for the build would wait forever."""
         me = threading.get_ident()
         with self._gate:
+            owner = self._owners.get(me)
+            if owner is None or owner() is not threading.current_thread():
+                # a thread that ended inside a forward left its count under an identifier
+                # CPython gives the next thread (audit Q4 of the twenty-eighth session)
+                self._inside.pop(me, None)
+                self._owners[me] = weakref.ref(threading.current_thread())
             while self._builder is not None and self._builder != me and not self._inside.get(me):
                 self._gate.wait()
             self._inside[me] = self._inside.get(me, 0) + 1
