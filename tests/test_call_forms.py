@@ -407,3 +407,59 @@ def test_a_split_whose_parts_follow_the_values_is_still_refused(how):
     m.blocks = nn.ModuleList([ValueCountBlock(how) for _ in range(4)])
     with pytest.raises(evoplug.ConversionError, match="depends on the values of the tensors"):
         evoplug.convert(m.eval(), 0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+class MaskArgBlock(nn.Module):
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x, mask):
+        B, n, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + mask[:, None, None, :]).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class IdsMaskViT(nn.Module):
+    """Transformers' way: an integer attention mask (B, patches) made additive inside the model
+    ((1 - m) * finfo.min), handed to every block."""
+
+    def __init__(self, dim=32, depth=4):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim))
+        self.blocks = nn.ModuleList([MaskArgBlock(dim) for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, img, attention_mask):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        m = torch.cat([attention_mask.new_ones(x.shape[0], 1), attention_mask], 1)
+        mask = (1.0 - m.float()) * torch.finfo(torch.float32).min
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return self.head(x[:, 0])
+
+
+def test_a_mask_made_from_integer_ids_is_named_when_one_image_cannot_show_it_per_image():
+    """Noise on the image does not reach a mask made from integer ids: calibrated on one image
+    it reads as one table for all images and the blocks were refused as mixing tokens, with no
+    word of the mask (audit K5 of the twenty-eighth session). The refusal names it and the way
+    out; two example images convert, an image's output then independent of its batch."""
+    torch.manual_seed(0)
+    model = IdsMaskViT().eval()
+    img, ids = torch.randn(3, 3, 32, 32), torch.ones(3, 16, dtype=torch.long)
+    ids[1, 8:] = 0
+    with pytest.raises(evoplug.ConversionError, match=r"its argument `mask` \(1, 17\) holds one value "
+                       r"per image, which one calibration image cannot show: convert on two"):
+        evoplug.convert(model, 0.5, example_input=(img[:1], ids[:1]))
+    fast = evoplug.convert(model, 0.5, example_input=(img[:2], ids[:2]))
+    with torch.no_grad():
+        out = fast(img, ids)
+        for i in range(3):
+            torch.testing.assert_close(fast(img[i:i + 1], ids[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)

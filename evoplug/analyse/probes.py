@@ -192,7 +192,8 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
                 raise AnalysisError(
                     a.name, "not equivariant to the token order (max abs diff "
                             f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
-                            "attention or has a position-dependent term evoplug cannot follow")
+                            "attention or has a position-dependent term evoplug cannot follow"
+                            + _one_image_hint(a, extras, B))
             step = _ON_SUBSET
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
@@ -207,6 +208,19 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
         raise _failed(a.name, step, e) from None
     finally:
         m.train(was)
+
+
+def _one_image_hint(a, extras, images: int) -> str:
+    """Calibrated on one image, a tensor argument of batch 1 that the noise on the inputs did
+    not reach (an attention mask made from integer ids or thresholded) reads as one table for all
+    images: named, with the way to tell (audit K5 of the twenty-eighth session)."""
+    if images != 1:
+        return ""
+    shared = [f"`{n}` {tuple(t.shape)}" for n, t in extras.items() if isinstance(t, torch.Tensor)
+              and t.dim() >= 2 and t.shape[0] == 1 and n not in a.batch_args]
+    return "" if not shared else (
+        f"; or its argument {', '.join(shared)} holds one value per image, which one calibration "
+        "image cannot show: convert on two or more example images")
 
 
 def _in_float32(m: nn.Module, args, kwargs):
