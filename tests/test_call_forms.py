@@ -463,3 +463,56 @@ def test_a_mask_made_from_integer_ids_is_named_when_one_image_cannot_show_it_per
         out = fast(img, ids)
         for i in range(3):
             torch.testing.assert_close(fast(img[i:i + 1], ids[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)
+
+
+class CondBlock(MaskArgBlock):
+    """A per-token conditioning stream added on the attention branch's way: before its first
+    op (``before``: ``attn(op(x + cond))``) or after it (``attn(op(x) + cond)``); ``op`` an
+    identity, so the two compute the same."""
+
+    def __init__(self, dim=32, before=True):
+        super().__init__(dim)
+        self.before, self.op = before, nn.Identity()
+
+    def forward(self, x, cond):
+        B, n, C = x.shape
+        h = self.op(x + cond) if self.before else self.op(x) + cond
+        q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class CondViT(IdsMaskViT):
+    def __init__(self, before, dim=32, depth=4):
+        super().__init__(dim, depth)
+        self.blocks = nn.ModuleList([CondBlock(dim, before) for _ in range(depth)])
+        self.cond = nn.Conv2d(1, dim, 8, 8)
+
+    def forward(self, img, side):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        c = self.cond(side).flatten(2).transpose(1, 2)
+        c = torch.cat([c.new_zeros(c.shape[0], 1, c.shape[2]), c], 1)
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.head(x[:, 0])
+
+
+def test_a_conditioning_stream_added_before_the_attention_branchs_first_op():
+    """``x + attn(norm(x + cond))``: the add of the conditioning was taken for the stream going
+    on, and every block was told "no residual attention branch" (audit K5 of the twenty-eighth
+    session). The blocks evolve as the same blocks adding it after that op."""
+    torch.manual_seed(0)
+    before, after = CondViT(before=True).eval(), CondViT(before=False).eval()
+    after.load_state_dict(before.state_dict())
+    img, side = torch.randn(3, 3, 32, 32), torch.randn(3, 1, 32, 32)
+    for keep in (1.0, 0.5):
+        fast = evoplug.convert(before, keep, example_input=(img[:1], side[:1]))
+        want = evoplug.convert(after, keep, example_input=(img[:1], side[:1]))
+        assert len(evoplug.get_report(fast).blocks) == 4
+        with torch.no_grad():
+            out = fast(img, side)
+            torch.testing.assert_close(out, want(img, side), rtol=1e-5, atol=1e-5)
+            dense = before(img, side)
+            assert torch.equal(out, dense) if keep == 1.0 else (out - dense).abs().max() > 1e-4
