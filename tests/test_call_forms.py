@@ -516,3 +516,65 @@ def test_a_conditioning_stream_added_before_the_attention_branchs_first_op():
             torch.testing.assert_close(out, want(img, side), rtol=1e-5, atol=1e-5)
             dense = before(img, side)
             assert torch.equal(out, dense) if keep == 1.0 else (out - dense).abs().max() > 1e-4
+
+
+class AdaBlock(MaskArgBlock):
+    """DiT's adaLN: shift, scale and gate of both branches from a conditioning ``c``, one vector
+    per image (B, C) (``per_token``: the same vector given for every token, (B, N, C))."""
+
+    def __init__(self, dim=32, per_token=False):
+        super().__init__(dim)
+        self.per_token = per_token
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x, c):
+        B, n, C = x.shape
+        mods = self.ada(c).chunk(6, -1)
+        sh1, sc1, g1, sh2, sc2, g2 = mods if self.per_token else (m.unsqueeze(1) for m in mods)
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + g1 * self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+
+
+class AdaViT(IdsMaskViT):
+    def __init__(self, per_token, dim=32, depth=4):
+        super().__init__(dim, depth)
+        self.per_token = per_token
+        self.blocks = nn.ModuleList([AdaBlock(dim, per_token) for _ in range(depth)])
+        self.label = nn.Linear(4, dim)
+
+    def forward(self, img, y):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        c = self.label(y)
+        c = c[:, None].expand(-1, x.shape[1], -1) if self.per_token else c
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.head(x[:, 0])
+
+
+def test_a_conditioning_vector_per_image_passes_to_the_kept_tokens_as_it_is():
+    """DiT's adaLN conditioning ``c`` (B, C) has no token dim: every block was refused ("has no
+    token dimension; evoplug cannot make it follow the tokens": audit K5 of the twenty-eighth
+    session). It is the same for every token of an image: the blocks evolve as the same blocks
+    given it per token (B, N, C), and an image's output does not depend on its batch."""
+    torch.manual_seed(0)
+    vector, tokens = AdaViT(per_token=False).eval(), AdaViT(per_token=True).eval()
+    with torch.no_grad():
+        for p in vector.parameters():
+            p.normal_(0, 0.3)
+    tokens.load_state_dict(vector.state_dict())
+    img, y = torch.randn(3, 3, 32, 32), torch.randn(3, 4)
+    for keep in (1.0, 0.5):
+        fast = evoplug.convert(vector, keep, example_input=(img[:1], y[:1]))
+        want = evoplug.convert(tokens, keep, example_input=(img[:1], y[:1]))
+        assert len(evoplug.get_report(fast).blocks) == 4
+        with torch.no_grad():
+            out, dense = fast(img, y), vector(img, y)
+            torch.testing.assert_close(out, want(img, y), rtol=1e-5, atol=1e-5)
+            assert torch.equal(out, dense) if keep == 1.0 else (out - dense).abs().max() > 1e-3
+            for i in range(3):
+                torch.testing.assert_close(fast(img[i:i + 1], y[i:i + 1]), out[i:i + 1],
+                                           rtol=1e-5, atol=1e-5)

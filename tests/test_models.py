@@ -518,3 +518,35 @@ def test_tnt_is_refused_naming_the_block_that_runs_its_two_attentions():
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0\.attn_out`: .*no residual attention "
                        r"branch\); the residual is `blocks\.0`'s, which runs 2 attention computations"):
         evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+def test_gcvit_converts_its_windowed_stages_and_refuses_the_single_window_ones():
+    """GCViT hands every block a global query map (B, 7, 7, C) with no token dim: each block
+    was refused for it until the twenty-eighth session. A per-image value with no token dim
+    passes to the subset as it is: the windowed stages 0-1 run their windows on the full map
+    (with every MLP's last linear zeroed keep 0.5 gives the dense output), while the queries of
+    stages 2-3 (one window, the whole map) are refused by the permutation probe."""
+    import copy
+    torch.manual_seed(0)
+    model = timm.create_model("gcvit_xxtiny", pretrained=False).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1], strict=False)
+    report = evoplug.get_report(fast)
+    assert [s.analysis.name for s in report.blocks] == [
+        "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0", "stages.1.blocks.1"]
+    assert report.failed[0][0] == "stages.2.blocks.0" and "not equivariant" in report.failed[0][1]
+    assert "`q_global` (1, 7, 7, 64) -> as it is (no token dim)" in evoplug.explain(fast)
+    with torch.no_grad():
+        out, dense = fast(x), model(x)
+        assert (out - dense).abs().max() > 1e-3
+        torch.testing.assert_close(fast(x[1:]), out[1:], rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), dense, rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+        zeroed = copy.deepcopy(model)
+        for net in (fast, zeroed):
+            for name, m in net.named_modules():
+                if name.endswith("mlp.fc2"):
+                    m.weight.zero_()
+                    m.bias.zero_()
+        torch.testing.assert_close(fast(x), zeroed(x), rtol=0, atol=1e-6)

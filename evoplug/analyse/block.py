@@ -452,9 +452,12 @@ def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: in
             "kept (the windows run on the full map)" if a.windowed else "gathered for the kept tokens"))
     for t in site.arg_terms:
         a.position_terms.append(f"argument `{t}` on the attention logits -> gathered")
+    M = a.num_tokens - a.num_prefix - a.num_suffix
     for tname, t in extras.items():
         if tname not in site.arg_terms:
-            a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> gathered by token index")
+            follows = a.num_tokens in t.shape[1:] or M in t.shape[1:] or t.shape[0] in (a.num_tokens, M)
+            a.position_terms.append(f"argument `{tname}` {tuple(t.shape)} -> " + (
+                "gathered by token index" if follows else "as it is (no token dim)"))
 
 
 def _token_table(a: BlockAnalysis, t, varying: bool) -> bool:
