@@ -293,9 +293,10 @@ class EvoRuntime:
         (0: a method such as ``forward_features``, which then counts itself) starts on a thread
         with forwards in progress."""
         frames = self._local.frames
-        top = sys._getframe()
         stale = 0
-        while len(frames) > stale and not _on_stack(frames[-1 - stale], top):
+        # (the caller's frame, in no local: this frame holding its own frame object kept it
+        # and, through f_back, every frame above alive past its return, with their tensors)
+        while len(frames) > stale and not _on_stack(frames[-1 - stale], sys._getframe(1)):
             stale += 1
         for _ in range(stale):
             self.pop_entry()
