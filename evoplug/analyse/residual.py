@@ -32,7 +32,10 @@ def _branch_path(gm: fx.GraphModule, branch_nodes: Set[fx.Node], graph: fx.Graph
 
 
 def _adds_a_branch(u: fx.Node, stream: fx.Node, token: fx.Node) -> bool:
-    """Whether ``u`` adds to ``stream`` something computed from the block's tokens."""
+    """Whether ``u`` adds to ``stream`` something computed from the block's tokens: such a
+    residual add goes before a token-independent term added to the stream, as in ``x +
+    attn(norm(x + cond))``, which adds its conditioning on the branch's way, not to the stream
+    (every such block was told "no residual attention branch": audit K5, twenty-eighth session)."""
     if not (is_add(u) and stream in u.args[:2]):
         return False
     other = u.args[1] if u.args[0] is stream else u.args[0]
@@ -49,11 +52,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
     while True:
         users = list(stream.users)
         nxt = None
-        # a residual add (a branch computed from the tokens) before a token-independent term
-        # added to the stream: ``attn(norm(x + cond))`` adds its conditioning on the branch's
-        # way, not to the stream (every such block was told "no residual attention branch":
-        # audit K5 of the twenty-eighth session)
-        users.sort(key=lambda u: not _adds_a_branch(u, stream, token))
+        users.sort(key=lambda u: not _adds_a_branch(u, stream, token))    # (residual adds first)
         for u in users:
             if is_add(u) and stream in u.args[:2]:
                 other = u.args[1] if u.args[0] is stream else u.args[0]
