@@ -202,12 +202,57 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
             outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
             if outs.shape != xs.shape or not torch.isfinite(outs).all():
                 raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
+            step = "the traced program on two images"
+            _check_images_apart(a, program, m, x, extras, pos, k, atol * scale)
     except AnalysisError:
         raise
     except Exception as e:
         raise _failed(a.name, step, e) from None
     finally:
         m.train(was)
+
+
+def _check_images_apart(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor, extras, pos,
+                        k: int, tol: float):
+    """Each image's kept tokens and global row come from that image alone: on the calibration
+    images (two made from one), each in its own token order, a new last image must leave the
+    others' results as they were. What evoplug reads or gathers per image on a tensor whose
+    batch dim is another's (heads merged into the batch dim with the heads outer, by a reshape
+    or a ``torch.cat`` of the split heads, in any calibration batch) ranked and gathered each
+    image by another's values, silently (audit Q5 of the twenty-eighth session)."""
+    B, N, C = x.shape
+    if B == 1:
+        if a.batch_size is not None:    # (a trace specialised on one image: runs at one only)
+            return
+        x = x.expand(2, -1, -1)
+        extras = {n: t.expand(2, *t.shape[1:]) if n in a.batch_args and t.shape[0] == 1 else t
+                  for n, t in extras.items()}
+    P, S = a.num_prefix, a.num_suffix
+    gen = torch.Generator().manual_seed(1)
+    new = x.clone()
+    new[-1] = x[-1] + torch.randn(x[-1].shape, generator=gen).to(x) * (float(x.float().std()) + 1e-3)
+    results = []
+    for images, turn in ((x, 0), (new, 1)):
+        orders = [pos[0, P + S:].roll(i + (i + 1 == len(x)) * turn * len(x), 0)    # (the new one's
+                  for i in range(len(x))]                                           # its own too)
+        p = torch.stack([torch.cat([pos[0, :P + S], o]) for o in orders])[:, :P + S + k + 1]
+        xs = images.gather(1, p[..., None].expand(-1, -1, C))
+        ex = gather_extras(a.name, extras, p, N, P, S, a.whole_args, a.batch_args)
+        try:
+            out = program(m, *a.plan.feed(xs, ex), p, images)
+        except RuntimeError:
+            if B > 1:
+                raise
+            return     # (a block that runs one sequence whatever the images: Pixtral's packing)
+        results.append((out[0][:-1], out[1][:-1] if out[1] is not None else None))
+    for what, before, after in zip(("kept tokens", "global attention row"), *results):
+        err = 0.0 if before is None else float((before - after).abs().max())
+        if err > tol:
+            raise AnalysisError(
+                a.name, f"one image's {what} changed by {err:.3g} when another image of the batch "
+                        "changed: evoplug reads its attention as if each image's values were its "
+                        "own (e.g. heads merged into the batch dim with the heads outer, by "
+                        "`torch.cat` of the split heads: merge them batch outer, B * heads)")
 
 
 def _one_image_hint(a, extras, images: int) -> str:
