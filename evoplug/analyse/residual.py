@@ -10,7 +10,7 @@ import torch.fx as fx
 from ..errors import AnalysisError
 from .attention import AttentionSite
 from .graph import (ancestors, is_add, is_reshape, is_scalar_or_layout_op, is_size_query, module_of,
-                    shape_of)
+                    shape_of, value_ancestors)
 
 
 @dataclasses.dataclass
@@ -39,7 +39,19 @@ def _adds_a_branch(u: fx.Node, stream: fx.Node, token: fx.Node) -> bool:
     if not (is_add(u) and stream in u.args[:2]):
         return False
     other = u.args[1] if u.args[0] is stream else u.args[0]
-    return isinstance(other, fx.Node) and (other is token or token in ancestors(other))
+    return isinstance(other, fx.Node) and (other is token or token in value_ancestors(other))
+
+
+def _stream_first(users: List[fx.Node], stream: fx.Node, token: fx.Node) -> List[fx.Node]:
+    """The stream's users with its residual add first: before the adds of a term computed on a
+    branch's way (``x + attn(norm(x + cond))``, ``x + attn(norm(x + lin(x)))``: an add whose
+    result another add of the stream reads), then those that add something computed from the
+    tokens' values (a conditioning sized by ``c[:, None].expand(-1, n, -1)`` reads only their
+    count). Such blocks were told "no residual attention branch" (audit Q5, twenty-eighth
+    session)."""
+    adds = [u for u in users if is_add(u) and stream in u.args[:2]]
+    inner = {u for u in adds if any(u in ancestors(w) for w in adds if w is not u)}
+    return sorted(users, key=lambda u: (u in inner, not _adds_a_branch(u, stream, token)))
 
 
 def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
@@ -50,9 +62,8 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
     notes: List[str] = []
     visited = set()
     while True:
-        users = list(stream.users)
+        users = _stream_first(list(stream.users), stream, token)
         nxt = None
-        users.sort(key=lambda u: not _adds_a_branch(u, stream, token))    # (residual adds first)
         for u in users:
             if is_add(u) and stream in u.args[:2]:
                 other = u.args[1] if u.args[0] is stream else u.args[0]
