@@ -487,6 +487,16 @@ class MeanBlock(Block):
         return y + y.mean(1, keepdim=True)
 
 
+class CountScaledBlock(Block):
+    """Scales its MLP branch by the token count it was built for over the count it runs on (a
+    value read from ``x.shape``, no mixing: every token's own output)."""
+
+    def forward(self, x, attn_mask=None):
+        B, n, C = x.shape
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.mlp(self.norm2(x)) * (65 / n)
+
+
 class PythonLayerDrop(Block):
     """Skips itself in training with a Python random number (LayerDrop written in the block)."""
 
@@ -535,6 +545,22 @@ def test_order_independent_mixing_outside_attention_is_refused():
     assert [s.analysis.name for s in evoplug.get_report(fast).blocks] == \
         ["blocks.0", "blocks.1", "blocks.2", "blocks.4", "blocks.5"]
     assert "NOT converted `blocks.3`: mixes tokens outside its attention" in evoplug.explain(fast)
+
+
+def test_a_branch_scaled_by_the_token_count_is_refused():
+    """``mlp(norm2(x)) * (65 / n)``: on the kept tokens the branch was scaled for their count
+    (keep 0.5 off by 0.45 from the block's own per-token math, and the fast update with it),
+    silently: no token's value moves another's, so the mixing probe passed (audit Q5 of the
+    twenty-eighth session). Refused: run on a subset with the attention's output set to zero,
+    a token's output must not change."""
+    model = _tiny()
+    model.blocks[3].__class__ = CountScaledBlock
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks.3`: computes its tokens outside "
+                                                      r"its attention from their count"):
+        evoplug.convert(model, 0.5, example_input=x)
+    fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
+    assert "blocks.3" not in [s.analysis.name for s in evoplug.get_report(fast).blocks]
 
 
 def test_gpsa_blocks_are_reported_and_fail_strict_conversion():

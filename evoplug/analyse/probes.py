@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 from typing import TYPE_CHECKING
 
 import torch
@@ -96,6 +97,48 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
                     f"zero, changing one patch token changed others by up to {err:.3g}): e.g. a "
                     "mean or sum over the tokens, which evoplug would take over the kept tokens "
                     "only" + _quantised_hint(a.module))
+    if not has_grid_ops and not a.token_map:
+        _check_count_free(probe, a, feed, ref.reshape(B, N, -1), tol * max(1.0, float(ref.abs().max())))
+
+
+def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.Tensor, tol: float):
+    """With the attention's output set to zero, a token's output is the same on a subset of the
+    tokens: what the block computes outside its attention does not read the token count (a
+    branch scaled by ``N0 / n`` was scaled for the kept tokens' count, silently: audit Q5 of
+    the twenty-eighth session). A block that does not run on the subset this way (a table of
+    the full count added) is left to the program's probes."""
+    x = feed[0]
+    B, N, C = x.shape
+    P, S = a.num_prefix, a.num_suffix
+    M = N - P - S
+    if M < 2:
+        return
+    gen = torch.Generator().manual_seed(2)
+    patches = (torch.randperm(M, generator=gen)[:max(1, M // 2)] + P).to(x.device)
+    pos = torch.cat([torch.arange(P, device=x.device), torch.arange(N - S, N, device=x.device),
+                     patches]).expand(B, -1)
+    extras = dict(zip(a.plan.tensor_args, feed[1:]))
+    module, was = a.module, a.module.training
+    module.eval()
+    try:
+        ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args, a.batch_args)
+        with torch.no_grad(), hooks_suspended(module), \
+                contextlib.redirect_stderr(io.StringIO()):    # (fx prints the errors it raises)
+            out = probe(*a.plan.feed(x.gather(1, pos[..., None].expand(-1, -1, C)), ex))
+    except Exception:   # noqa: BLE001 - it does not run on a subset this way
+        return
+    finally:
+        module.train(was)
+    if not isinstance(out, torch.Tensor) or out.shape[:2] != pos.shape:
+        return
+    want = ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))
+    err = float((out.reshape(want.shape).float() - want).abs().max())
+    if err > tol:
+        raise AnalysisError(
+            a.name, "computes its tokens outside its attention from their count (with the "
+                    "attention's output set to zero, a token's output changed by up to "
+                    f"{err:.3g} on a subset of the tokens): e.g. a branch scaled by the token "
+                    "count, which on the kept tokens would take their count")
 
 
 def _quantised_hint(block: nn.Module) -> str:
