@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import operator
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -177,6 +177,33 @@ def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole:
 _LINE_UP = {"unsqueeze", "float", "double", "half", "bfloat16", "to", "type_as", "contiguous"}
 
 
+def _is_unsqueeze_index(u: fx.Node, node: fx.Node) -> bool:
+    """``t[:, None]`` and the like: an index of only ``None``, ``:`` and ``...``."""
+    if not (u.op == "call_function" and u.target is operator.getitem and u.args[0] is node):
+        return False
+    index = u.args[1] if isinstance(u.args[1], tuple) else (u.args[1],)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in index)
+
+
+def _lined_up(node: fx.Node, val: torch.Tensor) -> Tuple[fx.Node, torch.Tensor]:
+    """The last node (and its meta value) of the ops by which the block lines an argument up
+    with its tokens (unsqueeze, ``[:, None]``, a cast), from the argument's placeholder."""
+    while len(node.users) == 1:
+        u = next(iter(node.users))
+        if _is_unsqueeze_index(u, node):
+            val = val[u.args[1]]
+        elif u.op == "call_method" and u.target in _LINE_UP and u.args[0] is node and not any(
+                isinstance(v, fx.Node) for v in list(u.args[1:]) + list(u.kwargs.values())):
+            try:
+                val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
+            except (RuntimeError, TypeError):    # e.g. .to() a device: not followed further
+                break
+        else:
+            break
+        node = u
+    return node, val
+
+
 def _whole_token_args(rw: _Rewrite):
     """A per-token argument without a batch dim that the block lines up with its tokens itself
     (MLCD's rotary ``cos`` (N, d): ``cos.unsqueeze(0) ... .unsqueeze(-2)`` against queries
@@ -194,20 +221,16 @@ def _whole_token_args(rw: _Rewrite):
     for name, node in zip(a.plan.tensor_args, holders):
         shape = a.extra_shapes[name]
         val = torch.empty(shape, device="meta")
-        if val.dim() < 2 or val.shape[0] != N or list(val.shape).count(N) != 1 \
+        if val.dim() < 2 or val.shape[0] not in (N, 1) or list(val.shape).count(N) != 1 \
                 or name in rw.site.arg_terms:
             continue
-        while len(node.users) == 1:
-            u = next(iter(node.users))
-            if not (u.op == "call_method" and u.target in _LINE_UP and u.args[0] is node
-                    and not any(isinstance(v, fx.Node) for v in list(u.args[1:]) + list(u.kwargs.values()))):
-                break
-            try:
-                val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
-            except (RuntimeError, TypeError):    # e.g. .to() a device: not followed further
-                break
-            node = u
-        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1:
+        rank = val.dim()
+        node, val = _lined_up(node, val)
+        # (a shared table (1, N, d) only where the block adds dims to it: ``cos[:, None]`` against
+        # (B, heads, N, d) was gathered to (B, 1, n, d) and came out rank 5, refused at any
+        # calibration; audit Q5 of the twenty-eighth session)
+        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1 or \
+                (shape[0] == 1 and val.dim() == rank):
             continue
         with graph.inserting_after(node):
             gathered = graph.call_function(ev.gather_aligned, (node, rw.pos, list(val.shape).index(N)))

@@ -486,7 +486,7 @@ class EvoBlockMixin:
         opt = state.plan.options
         N = x0.shape[1]
         sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args,
-                                   spec.batch_args)
+                                   spec.batch_args, spec.extra_shapes)
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if row is not None:
@@ -937,11 +937,19 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
 
 
 def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=(),
-                  batched=()):
+                  batched=(), shapes=None):
     """The block's other tensor arguments for a subset run: each gathered (:func:`gather_extra`)
     but those the program gathers itself (``whole``); ``batched``: the names of those whose
-    first dim was the batch at calibration."""
-    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched)
+    first dim was the batch at calibration. An argument whose first dim was 1 there (one
+    calibration image: read as one table for all) and is the batch now (``shapes``: the
+    calibration's) holds one per image: gathered so (a mask made from integer ids, which the
+    noise does not reach, was gathered as one table and its (B, N) raised a shape error in the
+    block; audit of the twenty-ninth session)."""
+    B = pos.shape[0]
+    grown = () if B == 1 or not shapes else tuple(
+        n for n, t in extras.items() if n not in batched and t.dim() >= 2 and t.shape[0] == B and
+        len(shapes.get(n, ())) == t.dim() and shapes[n][0] == 1)
+    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched or n in grown)
             for n, t in extras.items()}
 
 
@@ -951,6 +959,11 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
     (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
     size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
     subset's P + S special tokens come first)."""
+    if batched and t.dim() == 3 and t.shape[-2:] == (N, N):
+        # a pair term per image (B, N, N): gathered image by image (taken for (1, heads, N, N),
+        # it came out (B, B, n, n), a raw shape error in the probes; audit Q5 of the
+        # twenty-eighth session)
+        return ev.gather_pair_bias(t.unsqueeze(1), pos).squeeze(1)
     if (t.dim() >= 2 and t.shape[-2:] == (N, N)) or (t.dim() == 4 and t.shape[-2:] in ((1, N), (N, 1))):
         # (a key mask (B or 1, 1, 1, N) too: gathered per token it came out of rank 5, a shape
         # error in the program after a twin analysed on a (1, 1, N, N) mask; audit S of the
