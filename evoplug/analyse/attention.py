@@ -107,7 +107,8 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             if not qk:
                 continue
             qk_node = max(qk, key=lambda a: list(graph.nodes).index(a))
-            site = AttentionSite("softmax", n, logits=logits, q=qk_node.args[0], k=qk_node.args[1])
+            q, k = [x for x in qk_node.args if isinstance(x, fx.Node)][:2]    # (einsum: not its equation)
+            site = AttentionSite("softmax", n, logits=logits, q=q, k=k)
             # the logits' additive terms (walk through the q.k^T product's consumers)
             site.biases, site.arg_terms = _logit_terms(logits, values)
             sites.append(site)

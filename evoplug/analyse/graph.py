@@ -26,8 +26,14 @@ def is_add(n: fx.Node) -> bool:
 
 
 def is_matmul(n: fx.Node) -> bool:
-    return (n.op == "call_function" and n.target in _MATMUL_FUNCS) or \
-        (n.op == "call_method" and n.target in ("matmul", "bmm"))
+    return (n.op == "call_function" and (n.target in _MATMUL_FUNCS or _is_einops_einsum(n.target))) \
+        or (n.op == "call_method" and n.target in ("matmul", "bmm"))
+
+
+def _is_einops_einsum(fn) -> bool:
+    """``einops.einsum(a, b, pattern)``, kept whole by the tracer (integrations/einops.py)."""
+    return getattr(fn, "__name__", None) == "einsum" and \
+        (getattr(fn, "__module__", None) or "").startswith("einops")
 
 
 def module_of(gm: fx.GraphModule, n: fx.Node) -> Optional[nn.Module]:

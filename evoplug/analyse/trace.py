@@ -9,6 +9,7 @@ import inspect
 import operator
 import os
 import random
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple
 
@@ -71,7 +72,15 @@ class BlockTracer(fx.Tracer):
 
     def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
                  example: Optional[Dict[str, Any]] = None):
-        super().__init__(autowrap_functions=registry.leaf_functions())
+        leaf_functions = registry.leaf_functions()
+        super().__init__(autowrap_functions=leaf_functions)
+        # a leaf function called by its package's name (``einops.rearrange(...)``) as well as by
+        # an imported name: fx patches it where it finds it, in the modules it searches
+        search = getattr(self, "_autowrap_search", None)
+        for fn in leaf_functions:
+            package = sys.modules.get((getattr(fn, "__module__", None) or "").split(".")[0])
+            if isinstance(search, list) and package is not None and package not in search:
+                search.append(package)
         self._attention_modules = attention_modules
         self._leaf_modules = registry.leaf_modules()
         self._notrace_modules = registry.family_leaf_modules()
