@@ -945,9 +945,10 @@ def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int 
     calibration's) holds one per image: gathered so (a mask made from integer ids, which the
     noise does not reach, was gathered as one table and its (B, N) raised a shape error in the
     block; audit of the twenty-ninth session)."""
-    B = pos.shape[0]
+    B = pos.shape[0] if pos is not None else 1     # (None: every token, in order)
     grown = () if B == 1 or not shapes else tuple(
-        n for n, t in extras.items() if n not in batched and t.dim() >= 2 and t.shape[0] == B and
+        n for n, t in extras.items() if n not in batched and isinstance(t, torch.Tensor) and
+        t.dim() >= 2 and t.shape[0] == B and
         len(shapes.get(n, ())) == t.dim() and shapes[n][0] == 1)
     return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched or n in grown)
             for n, t in extras.items()}
