@@ -24,7 +24,8 @@ from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks,
                                 wrapped_block)
 from .analyse.probes import hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.provenance import rest_read, stream_starts, token_provenance, varying_arguments
+from .analyse.provenance import (rest_read, rows_not_images, stream_starts, token_provenance,
+                                 varying_arguments)
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -681,6 +682,7 @@ def _calibrate(model: nn.Module, example_input):
         token_provenance(model, example_input, calls, [c[1] for c in candidates])
         stream_starts(model, example_input, calls, [c[1] for c in candidates])
         varying_arguments(model, example_input, calls, [c[1] for c in candidates])
+        rows_not_images(model, example_input, calls, [c[1] for c in candidates])
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
 
 

@@ -141,9 +141,11 @@ class RelBiasBlock(nn.Module):
     grid) sized from the token count ``n`` of ``B, n, C = x.shape``, the read that also sizes
     the q/k/v reshapes; ``from_index``: sized from the index buffer instead."""
 
-    def __init__(self, dim=32, heads=4, grid=4, from_index=False, folded=False, shared=False):
+    def __init__(self, dim=32, heads=4, grid=4, from_index=False, folded=False, shared=False,
+                 int_batch=False):
         super().__init__()
         self.heads, self.from_index, self.folded, self.shared = heads, from_index, folded, shared
+        self.int_batch = int_batch      # B read by int(): the trace specialises on the batch size
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
@@ -157,6 +159,7 @@ class RelBiasBlock(nn.Module):
 
     def forward(self, x):
         B, n, C = x.shape
+        B = int(B) if self.int_batch else B
         h = self.norm1(x)
         q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         m = self.idx.shape[0] if self.from_index else n
@@ -275,6 +278,37 @@ def test_heads_merged_into_the_batch_dim_with_the_heads_outer_are_refused(form, 
         r"changed: .* merge them batch outer"
     with pytest.raises(evoplug.ConversionError, match=match):
         evoplug.convert(outer, 0.5, example_input=x[:images])
+
+
+def test_heads_merged_into_the_batch_dim_evolve_in_training_and_at_other_batch_sizes():
+    """The programs traced after the analysis (train mode; per batch size, where the trace
+    specialised on it) had no shapes to tell the heads merged into the batch dim: they read the
+    global row unmerged, (B * heads, 1, N), and their blocks ran every token, silently (audits
+    of the twenty-ninth session). Training evolves as inference does; a trace specialised on the
+    batch size converts on two images, each image then as alone at a batch of 3, and is refused
+    on one (which cannot show the merge's order) and with the heads outer."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 32, 32)
+    model = RelBiasViT(from_index=True, folded=True).eval()
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    with torch.no_grad():
+        inference, tokens = fast(x), evoplug.tokens_per_block(fast)
+        fast.train()
+        torch.testing.assert_close(fast(x), inference, rtol=1e-5, atol=1e-5)
+    assert evoplug.tokens_per_block(fast) == tokens and tokens[-1][1] < 17
+    sized = RelBiasViT(from_index=True, folded=True, int_batch=True).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: its trace specialised on the "
+                       r"batch size and its attention merges the heads into the batch dim.*two or more"):
+        evoplug.convert(sized, 0.5, example_input=x[:1])
+    fast = evoplug.convert(sized, 0.5, example_input=x[:2])
+    with torch.no_grad():
+        out = fast(x)
+        assert evoplug.tokens_per_block(fast)[-1][1] < 17
+        for i in range(3):
+            torch.testing.assert_close(fast(x[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)
+    outer = RelBiasViT(from_index=True, folded="heads_outer_cat", int_batch=True).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"one image's kept tokens changed"):
+        evoplug.convert(outer, 0.5, example_input=x[:2])
 
 
 class GQABlock(nn.Module):
@@ -778,3 +812,29 @@ def test_a_conditioning_vector_per_image_passes_to_the_kept_tokens_as_it_is():
             for i in range(3):
                 torch.testing.assert_close(fast(img[i:i + 1], y[i:i + 1]), out[i:i + 1],
                                            rtol=1e-5, atol=1e-5)
+
+
+def test_a_shared_bias_with_as_many_rows_as_calibration_images_stays_shared():
+    """BEiT's shared relative position bias (heads, N, N), handed to every block, converted on
+    as many images as heads: its first dim was taken for the batch and each image was given one
+    head's bias. At timm's init the bias table is zero, so no probe could see it; once trained
+    (or loaded) a batch mixed images: keep 1.0 off by 0.018, an image off by 0.04 from itself
+    alone at keep 0.5 (audit of the twenty-ninth session). A forward with one image more shows
+    the rows stay: the bias is shared, gathered for every image alike."""
+    from timm.models.beit import Beit
+    x = torch.randn(4, 3, 32, 32)
+    torch.manual_seed(0)
+    model = Beit(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, use_shared_rel_pos_bias=True,
+                 use_abs_pos_emb=False, num_classes=0).eval()
+    fast = evoplug.convert(model, 0.5, example_input=x[:2])
+    assert fast.blocks[1]._evoplug_spec.batch_args == ()
+    with torch.no_grad():
+        for m in (model, fast):
+            torch.manual_seed(5)
+            m.rel_pos_bias.relative_position_bias_table.normal_(0, 2.0)
+        out = fast(x[:2])
+        assert (out - model(x[:2])).abs().max() > 1e-3
+        for i in range(2):
+            torch.testing.assert_close(fast(x[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x[:2]), model(x[:2]), rtol=1e-5, atol=1e-5)

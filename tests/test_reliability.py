@@ -13,6 +13,7 @@ import pytest
 import timm
 import torch
 from timm.layers import set_reentrant_ckpt
+from timm.models.beit import Block as BeitBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -489,12 +490,25 @@ class MeanBlock(Block):
 
 class CountScaledBlock(Block):
     """Scales its MLP branch by the token count it was built for over the count it runs on (a
-    value read from ``x.shape``, no mixing: every token's own output)."""
+    value read from ``x.shape``, no mixing: every token's own output); ``attention``: its
+    attention branch instead."""
+
+    attention = False
 
     def forward(self, x, attn_mask=None):
         B, n, C = x.shape
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.mlp(self.norm2(x)) * (65 / n)
+        x = x + self.attn(self.norm1(x)) * (65 / n if self.attention else 1)
+        return x + self.mlp(self.norm2(x)) * (1 if self.attention else 65 / n)
+
+
+class CountScaledBeitBlock(BeitBlock):
+    """BEiT's block (a relative position bias of the full token count on its logits) with its
+    MLP branch scaled by the token count."""
+
+    def forward(self, x, shared_rel_pos_bias=None):
+        B, n, C = x.shape
+        x = x + self.attn(self.norm1(x), shared_rel_pos_bias=shared_rel_pos_bias)
+        return x + self.mlp(self.norm2(x)) * (17 / n)
 
 
 class PythonLayerDrop(Block):
@@ -547,14 +561,24 @@ def test_order_independent_mixing_outside_attention_is_refused():
     assert "NOT converted `blocks.3`: mixes tokens outside its attention" in evoplug.explain(fast)
 
 
-def test_a_branch_scaled_by_the_token_count_is_refused():
+@pytest.mark.parametrize("form", ["mlp", "attention", "beit"])
+def test_a_branch_scaled_by_the_token_count_is_refused(form):
     """``mlp(norm2(x)) * (65 / n)``: on the kept tokens the branch was scaled for their count
     (keep 0.5 off by 0.45 from the block's own per-token math, and the fast update with it),
     silently: no token's value moves another's, so the mixing probe passed (audit Q5 of the
-    twenty-eighth session). Refused: run on a subset with the attention's output set to zero,
-    a token's output must not change."""
-    model = _tiny()
-    model.blocks[3].__class__ = CountScaledBlock
+    twenty-eighth session). Refused: run on a subset with the attention's output set to a
+    constant, a token's output must not change. The attention branch scaled after a projection
+    without bias (zeros stay zeros, whatever the scale) and a block whose logits take a bias of
+    the full token count (the probe could not run on a subset) converted, silently, until the
+    audit of this probe (twenty-ninth session)."""
+    if form == "beit":
+        model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                                  depth=4, embed_dim=32, num_heads=2).eval()
+        model.blocks[3].__class__ = CountScaledBeitBlock
+    else:
+        model = _tiny(proj_bias=False)
+        model.blocks[3].__class__ = CountScaledBlock
+        model.blocks[3].attention = form == "attention"
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(evoplug.ConversionError, match=r"`blocks.3`: computes its tokens outside "
                                                       r"its attention from their count"):

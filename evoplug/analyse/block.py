@@ -76,6 +76,7 @@ class BlockAnalysis:
     window_heads_folded: int = 1               # heads merged into the leading dim (B*win*heads)
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
+    heads_in_batch: bool = False               # its attention merges the heads into the batch dim
     uses_pos: bool = False                     # its programs read the subset's positions
     uses_full: bool = False                    # ... or the block's whole input
     whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
@@ -153,8 +154,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
     varying = getattr(calls, "derived", {}).get("varying", ())
+    rows = getattr(calls, "derived", {}).get("rows_not_images", ())
     raw = plan.arguments(name, call.args, call.kwargs)      # (the calibration's own tensors)
-    _describe_arguments(a, site, extras, x.shape[0], {n for n in extras if id(raw.get(n)) in varying}, gm)
+    _describe_arguments(a, site, extras, x.shape[0], {n for n in extras if id(raw.get(n)) in varying}, gm,
+                        {n for n in extras if id(raw.get(n)) in rows})
     a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
@@ -436,16 +439,17 @@ def _mha_attention(a: BlockAnalysis, gm, site, grid_ops):
 
 
 def _describe_arguments(a: BlockAnalysis, site: AttentionSite, extras, batch: int, varying=(),
-                        gm: Optional[fx.GraphModule] = None):
+                        gm: Optional[fx.GraphModule] = None, rows=()):
     a.extra_shapes = {n: tuple(t.shape) for n, t in extras.items()}
     # first dim the batch: at one image, a floating-point table is per image if it came from
     # the inputs (provenance.varying_arguments), and follows the batch like one if the block adds
     # or multiplies it into a tensor of its own rank (a position table added to the tokens);
-    # a mask (bool, int) is taken as per image
+    # a mask (bool, int) is taken as per image; at more, not one whose first dim stayed when
+    # the batch grew (``rows``: provenance.rows_not_images)
     same_rank = _same_rank_arguments(gm, a) if gm is not None else set()
     a.batch_args = tuple(n for n, t in extras.items() if t.dim() >= 2 and (
         (t.shape[0] == batch and (batch > 1 or not t.is_floating_point() or n in varying)
-         and not _token_table(a, t, n in varying))
+         and not _token_table(a, t, n in varying) and n not in rows)
         or (t.shape[0] == 1 and n in same_rank)))
     for b in site.biases:
         a.position_terms.append(f"bias `{b.name}` {shape_of(b)} -> " + (

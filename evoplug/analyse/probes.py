@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AnalysisError
 from ..runtime.block import gather_extras
 from .attention import attention_output
 from .discover import token_output
+from .graph import shape_of
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -25,30 +27,41 @@ PROBE_TOLERANCE = 1e-4
 MIXING_TOLERANCE = 1e-4
 
 
-def _zero_attention_output(out):
-    """The attention's output replaced by zeros (nn.MultiheadAttention: its first item)."""
+def _constant_attention_output(out):
+    """The attention's output replaced by a constant, the same for every token (nn.Multihead-
+    Attention: its first item): not zeros, which a branch scaled after the attention's product
+    (``proj(o) * s`` without a bias) keeps zero whatever it is scaled by."""
     if isinstance(out, tuple):
-        return (torch.zeros_like(out[0]),) + tuple(out[1:])
-    return torch.zeros_like(out)
+        return (torch.full_like(out[0], 0.5),) + tuple(out[1:])
+    return torch.full_like(out, 0.5)
+
+
+def _values_of(target: fx.Node):
+    """The values ``v`` of an attention output ``attn @ v`` or ``sdpa(q, k, v)`` where the
+    output has their shape (self-attention, as many heads): the constant made from them leaves
+    the attention itself dead code, so the probe runs where a term of the logits is sized from
+    the full token count (a relative position bias); None otherwise."""
+    if target.op != "call_function":
+        return None
+    if target.target is F.scaled_dot_product_attention:
+        v = target.kwargs.get("value", target.args[2] if len(target.args) > 2 else None)
+    else:
+        v = ([a for a in target.args if isinstance(a, fx.Node)] or [None])[-1]
+    return v if isinstance(v, fx.Node) and shape_of(v) is not None and \
+        shape_of(v) == shape_of(target) else None
 
 
 def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a: BlockAnalysis,
                                       feed, has_grid_ops: bool):
     """Behavioural check that the block mixes tokens only in its attention: with the attention's
-    output set to zero, changing one patch token must leave every other token as it was. An
+    output set to a constant, changing one patch token must leave every other token as it was. An
     order-independent reduction over the tokens (a mean added to the output, pooling) passes
     the permutation probe but fails here; evoplug would compute it over the kept tokens only.
     Blocks with 2-D map operations (a depthwise conv) may change the token's neighbours: only
     the tokens far from it on the grid are compared."""
-    out_node = attention_output(site)
-    if out_node is None:
+    probe = _constant_attention_probe(gm, site)
+    if probe is None:
         return
-    graph = copy.deepcopy(gm.graph)
-    target = next(n for n in graph.nodes if n.name == out_node.name)
-    with graph.inserting_after(target):
-        zero = graph.call_function(_zero_attention_output, (target,))
-    target.replace_all_uses_with(zero, delete_user_cb=lambda u: u is not zero)
-    probe = fx.GraphModule(gm, graph)
     x = feed[0]
     tokens = x.flatten(1, 2) if a.token_map else x
     B, N, C = tokens.shape
@@ -94,7 +107,7 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
     if err > tol * max(1.0, float(ref.abs().max())):
         raise AnalysisError(
             a.name, "mixes tokens outside its attention (with the attention's output set to "
-                    f"zero, changing one patch token changed others by up to {err:.3g}): e.g. a "
+                    f"a constant, changing one patch token changed others by up to {err:.3g}): e.g. a "
                     "mean or sum over the tokens, which evoplug would take over the kept tokens "
                     "only" + _quantised_hint(a.module))
     if not has_grid_ops and not a.token_map:
@@ -102,7 +115,7 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
 
 
 def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.Tensor, tol: float):
-    """With the attention's output set to zero, a token's output is the same on a subset of the
+    """With the attention's output set to a constant, a token's output is the same on a subset of the
     tokens: what the block computes outside its attention does not read the token count (a
     branch scaled by ``N0 / n`` was scaled for the kept tokens' count, silently: audit Q5 of
     the twenty-eighth session). A block that does not run on the subset this way (a table of
@@ -136,9 +149,28 @@ def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.
     if err > tol:
         raise AnalysisError(
             a.name, "computes its tokens outside its attention from their count (with the "
-                    "attention's output set to zero, a token's output changed by up to "
+                    "attention's output set to a constant, a token's output changed by up to "
                     f"{err:.3g} on a subset of the tokens): e.g. a branch scaled by the token "
                     "count, which on the kept tokens would take their count")
+
+
+def _constant_attention_probe(gm: fx.GraphModule, site: AttentionSite):
+    """A copy of the traced block whose attention output is a constant (None where the output
+    is not found)."""
+    out_node = attention_output(site)
+    if out_node is None:
+        return None
+    graph = copy.deepcopy(gm.graph)
+    target = next(n for n in graph.nodes if n.name == out_node.name)
+    values = _values_of(target)
+    with graph.inserting_after(target):
+        const = graph.call_function(_constant_attention_output, (target if values is None else values,))
+    target.replace_all_uses_with(const, delete_user_cb=lambda u: u is not const)
+    probe = fx.GraphModule(gm, graph)
+    if values is not None:
+        probe.graph.eliminate_dead_code()
+        probe.recompile()
+    return probe
 
 
 def _quantised_hint(block: nn.Module) -> str:
@@ -265,6 +297,12 @@ def _check_images_apart(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor
     image by another's values, silently (audit Q5 of the twenty-eighth session)."""
     B, N, C = x.shape
     if B == 1:
+        if a.batch_size is not None and a.heads_in_batch:
+            raise AnalysisError(
+                a.name, "its trace specialised on the batch size and its attention merges the "
+                        "heads into the batch dim: one calibration image cannot show whether "
+                        "each image keeps its own heads (the programs for other batch sizes are "
+                        "built at run time); convert on two or more example images")
         if a.batch_size is not None:    # (a trace specialised on one image: runs at one only)
             return
         x = x.expand(2, -1, -1)

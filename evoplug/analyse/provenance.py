@@ -163,6 +163,56 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     calls.derived["varying"] = varying
 
 
+def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Which of the blocks' other tensor arguments have a first dim as long as the calibration's
+    batch (B > 1) by chance: one eager forward with one image more (each input tensor of first
+    dim B grown by its first image) leaves their first dim at B (a per-head bias (heads, N, N)
+    shared by the blocks, BEiT's, calibrated on as many images as heads: taken for one per image,
+    each image got one head's bias; audit of the twenty-ninth session). Stored as
+    ``calls.derived['rows_not_images']``, the ids of the calibration's argument tensors."""
+    def others(c):
+        return [v for v in (*c.args[1:], *c.kwargs.values()) if isinstance(v, torch.Tensor)]
+    every, B = {}, None
+    for b in blocks:
+        c = calls.get(id(b))
+        if c is None or c.token_perm or not c.args or not isinstance(c.args[0], torch.Tensor):
+            continue
+        B = c.args[0].shape[0]
+        if B > 1 and any(t.dim() >= 2 and t.shape[0] == B for t in others(c)):
+            every[id(b)] = (c.name, c.args[0])
+    if not every:
+        return
+    def grown(v):
+        return torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v
+    if isinstance(example_input, dict):
+        bigger = {k: grown(v) for k, v in example_input.items()}
+    elif isinstance(example_input, (tuple, list)):
+        bigger = type(example_input)(grown(v) for v in example_input)
+    else:
+        bigger = grown(example_input)
+    got, seen = {}, {}
+    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), got)), with_kwargs=True)
+               for b in blocks if id(b) in every]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _AsCalibrated():
+            _call(model, bigger)
+    except Exception:   # noqa: BLE001 - a model of one batch size: no answer, as before
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    rows = set()
+    for k in every:
+        before, after = others(calls[k]), got.get(k, [])
+        if len(before) == len(after):
+            rows.update(id(t) for t, u in zip(before, after)
+                        if t.dim() >= 2 and t.shape[0] == B and u.shape[0] == B)
+    calls.derived["rows_not_images"] = rows
+
+
 def _as_tokens(seen: dict, calls: CallRecord) -> dict:
     """The block inputs ``seen`` as (B, N, C) tokens, as ``ModuleCall.tokens`` gives the
     calibration's (sequence-first blocks take them transposed)."""

@@ -65,6 +65,14 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
+        else:
+            # (the shapes tell heads merged into the batch dim: without them the train-mode and
+            # per-batch programs read the global row unmerged, (B * heads, 1, N), and their
+            # blocks ran every token, silently; audits of the twenty-ninth session)
+            try:
+                _shape_prop_without_side_effects(a, gm, call)
+            except Exception:   # noqa: BLE001 - the program runs without them as before
+                pass
     rw = _start(a, gm)
     for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row, _outputs):
         rewrite_pass(rw)
@@ -637,6 +645,7 @@ def _images_if_heads_merged(rw: _Rewrite) -> tuple:
     q, token = shape_of(rw.site.q), shape_of(rw.token)
     if q is None or token is None or q[0] == token[0]:
         return ()
+    rw.a.heads_in_batch = True
     _check_batch_outer(rw, q[0], token[0])
     graph = rw.graph
     with graph.inserting_before(rw.site.node):
