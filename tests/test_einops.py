@@ -96,3 +96,38 @@ def test_blocks_written_with_einops_evolve_as_the_same_blocks_written_with_torch
         m(img).square().mean().backward()
     torch.testing.assert_close(fast.blocks[2].attn.to_qkv.weight.grad, want.blocks[2].attn.to_qkv.weight.grad,
                                rtol=1e-4, atol=1e-6)
+
+
+def test_einops_in_a_helper_of_another_module_is_named_with_the_way_out(monkeypatch):
+    """einops called from a helper function of another module than the block's is not where
+    torch.fx patches it: the refusal says so and how to keep the helper whole, which converts
+    the blocks as written with torch."""
+    import sys
+    import types
+    helpers = types.ModuleType("attention_helpers")
+    monkeypatch.setitem(sys.modules, "attention_helpers", helpers)
+    exec("from einops import rearrange\n"
+         "def split_heads(t, h):\n"
+         "    return rearrange(t, 'b n (h d) -> b h n d', h=h)\n", helpers.__dict__)
+
+    class HelperAttention(Attention):
+        def forward(self, x):
+            q, k, v = (helpers.split_heads(t, self.heads) for t in self.to_qkv(self.norm(x)).chunk(3, dim=-1))
+            out = ((q @ k.transpose(-1, -2)) * self.scale).softmax(-1) @ v
+            return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    torch.manual_seed(0)
+    model, plain = EinopsViT("functions").eval(), EinopsViT("plain").eval()
+    plain.load_state_dict(model.state_dict())
+    for blk in model.blocks:
+        blk.attn.__class__ = HelperAttention
+    img = torch.randn(2, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: torch\.fx could not trace the "
+                       r"block: .*unknown to einops.*register that helper with "
+                       r"evoplug\.register_leaf_function"):
+        evoplug.convert(model, 0.5, example_input=img[:1])
+    evoplug.register_leaf_function(helpers.split_heads)
+    fast = evoplug.convert(model, 0.5, example_input=img[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(img), evoplug.convert(plain, 0.5, example_input=img[:1])(img),
+                                   rtol=1e-5, atol=1e-5)

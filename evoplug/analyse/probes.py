@@ -321,9 +321,10 @@ def _check_images_apart(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor
         ex = gather_extras(a.name, extras, p, N, P, S, a.whole_args, a.batch_args)
         try:
             out = program(m, *a.plan.feed(xs, ex), p, images)
-        except RuntimeError:
+        except RuntimeError as e:
             if B > 1:
                 raise
+            _two_images_fail(a, program, m, images, extras, e)
             return     # (a block that runs one sequence whatever the images: Pixtral's packing)
         results.append((out[0][:-1], out[1][:-1] if out[1] is not None else None))
     for what, before, after in zip(("kept tokens", "global attention row"), *results):
@@ -331,9 +332,31 @@ def _check_images_apart(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor
         if err > tol:
             raise AnalysisError(
                 a.name, f"one image's {what} changed by {err:.3g} when another image of the batch "
-                        "changed: evoplug reads its attention as if each image's values were its "
-                        "own (e.g. heads merged into the batch dim with the heads outer, by "
-                        "`torch.cat` of the split heads: merge them batch outer, B * heads)")
+                        "changed: evoplug reads its attention with the batch first, each image's "
+                        "values its own (e.g. heads merged into the batch dim with the heads "
+                        "outer, by `torch.cat` of the split heads, or a (heads, B, N, d) layout: "
+                        "keep the batch first, (B, heads, ...) or B * heads)")
+
+
+def _two_images_fail(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor, extras, e: Exception):
+    """Made from one calibration image, two images run on a token subset failed (``e``): a
+    block that runs them with every token (so the model runs a batch) is refused, naming its
+    arguments shared by all images, which the subset gathers for each image (a shared key mask
+    viewed ``(1, 1, 1, n)`` in the block converted and raised a raw error at a batch of 3;
+    audit of the twenty-ninth session); one that cannot take two images at all is left alone
+    (Pixtral's packing runs one sequence whatever the images)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            program(m, *a.plan.feed(x, extras), None, None)
+    except Exception:   # noqa: BLE001 - not a batch of images: nothing to check here
+        return
+    shared = [f"`{n}` {tuple(t.shape)}" for n, t in extras.items()
+              if isinstance(t, torch.Tensor) and n not in a.batch_args]
+    raise AnalysisError(a.name, "runs on two images with every token, not on a subset of each "
+                                f"({type(e).__name__}: {e})" + (
+                                    f": its argument {', '.join(shared)}, the same for every "
+                                    "image, is gathered for each image's kept tokens, and the "
+                                    "block shapes it for one" if shared else ""))
 
 
 def _one_image_hint(a, extras, images: int) -> str:

@@ -557,7 +557,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                 raise AnalysisError(name, f"torch.fx could not trace the block: "
                                           f"{type(first).__name__}: {first} (and with the notrace "
                                           f"modules kept whole: {type(second).__name__}: "
-                                          f"{second})") from None
+                                          f"{second}){_trace_hint(second)}") from None
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -655,6 +655,10 @@ def _trace_hint(e: Exception) -> str:
         return ("; its forward branches on tensor values (an `if` or an assert on a tensor), "
                 "which a trace cannot keep: evoplug converts blocks whose computation is fixed "
                 "for an input shape")
+    if "unknown to einops" in str(e):    # (its functions are kept whole where fx can patch them)
+        return ("; an einops function called from a function of another module than the block's "
+                "(a helper) meets torch.fx's proxies there: register that helper with "
+                "evoplug.register_leaf_function")
     f = str(e).split("(")[0]
     if isinstance(e, TypeError) and "positional argument" in str(e) and f in _FACTORIES:
         return (f"; `torch.{f}` given sizes read from a traced tensor, which torch.fx cannot "

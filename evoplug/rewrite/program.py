@@ -212,6 +212,21 @@ def _lined_up(node: fx.Node, val: torch.Tensor) -> Tuple[fx.Node, torch.Tensor]:
     return node, val
 
 
+_BROADCASTING = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+                 torch.mul, torch.div, torch.where, torch.cat}
+
+
+def _broadcast_partners(node: fx.Node) -> List[fx.Node]:
+    """The tensors ``node`` meets in the element-wise ops (and concatenations) that take it: it
+    broadcasts against them from the right (not a module's argument, a key padding mask)."""
+    out = []
+    for u in node.users:
+        if (u.op == "call_function" and u.target in _BROADCASTING) or (
+                u.op == "call_method" and u.target in ("add", "sub", "mul", "div", "masked_fill", "where")):
+            out += [v for v in u.all_input_nodes if v is not node]
+    return out
+
+
 def _whole_token_args(rw: _Rewrite):
     """A per-token argument without a batch dim that the block lines up with its tokens itself
     (MLCD's rotary ``cos`` (N, d): ``cos.unsqueeze(0) ... .unsqueeze(-2)`` against queries
@@ -229,20 +244,31 @@ def _whole_token_args(rw: _Rewrite):
     for name, node in zip(a.plan.tensor_args, holders):
         shape = a.extra_shapes[name]
         val = torch.empty(shape, device="meta")
-        if val.dim() < 2 or val.shape[0] not in (N, 1) or list(val.shape).count(N) != 1 \
+        if val.dim() < 1 or val.shape[0] not in (N, 1) or list(val.shape).count(N) != 1 \
                 or name in rw.site.arg_terms:
             continue
-        rank = val.dim()
         node, val = _lined_up(node, val)
         # (a shared table (1, N, d) only where the block adds dims to it: ``cos[:, None]`` against
         # (B, heads, N, d) was gathered to (B, 1, n, d) and came out rank 5, refused at any
-        # calibration; audit Q5 of the twenty-eighth session)
-        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1 or \
-                (shape[0] == 1 and val.dim() == rank):
+        # calibration; audit Q5 of the twenty-eighth session. A table lined up with its token dim
+        # first, (N, 1, d) against (B, N, heads, d), and a key mask (N,) made (1, 1, 1, N): the
+        # same, audit of the twenty-ninth session)
+        # its leading dims up to the rank of what it meets, so its first dim is the batch's:
+        # Pixtral's (1, N, d) against (B, heads, N, d) was gathered to (B, n, d), a shape error
+        # at two images
+        pad = max([len(shape_of(v) or ()) for v in _broadcast_partners(node)] + [val.dim()]) - val.dim()
+        val = val[(None,) * pad]
+        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1:
             continue
-        with graph.inserting_after(node):
-            gathered = graph.call_function(ev.gather_aligned, (node, rw.pos, list(val.shape).index(N)))
-        node.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
+        users, lined = list(node.users), node
+        after = node if node.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
+        for _ in range(pad):
+            with graph.inserting_after(after):
+                after = lined = graph.call_method("unsqueeze", (lined, 0))
+        with graph.inserting_after(after):
+            gathered = graph.call_function(ev.gather_aligned, (lined, rw.pos, list(val.shape).index(N)))
+        for u in users:
+            u.replace_input_with(node, gathered)
         whole.append(name)
         _describe(a, f"argument `{name}` {shape} -> gathered by token index",
                   f"argument `{name}` {shape} -> gathered where the block "
