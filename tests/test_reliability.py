@@ -501,6 +501,37 @@ class CountScaledBlock(Block):
         return x + self.mlp(self.norm2(x)) * (1 if self.attention else 65 / n)
 
 
+class PerImageLoopBlock(Block):
+    """Runs its attention image by image in a Python loop over ``int(B)`` (the trace specialises
+    on the batch size: one attention per image)."""
+
+    def forward(self, x, attn_mask=None):
+        att = torch.cat([self.attn(self.norm1(x[b:b + 1])) for b in range(int(x.shape[0]))])
+        x = x + att
+        return x + self.mlp(self.norm2(x))
+
+
+def test_a_block_whose_trace_at_another_batch_size_is_no_block_runs_its_own_forward():
+    """A per-image loop over ``int(B)`` converts on one image (one attention); at a batch of 3
+    its trace runs 3 attentions, no block evoplug converts: the analysis' error was raised from
+    the model's forward (audit of the twenty-ninth session). The block runs its original forward
+    at that batch size, said once in a warning, and evolves at the size it was converted at."""
+    model = _tiny()
+    for i in range(1, 6):
+        model.blocks[i].__class__ = PerImageLoopBlock
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"`blocks\.\d` at a batch of 3: .*3 attention "
+                                                          r"computations.*original forward"):
+        out = fast(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast(x)
+        one = fast(x[:1])
+    assert dict(evoplug.tokens_per_block(fast))["blocks.5"] < 65 and (one - model(x[:1])).abs().max() > 1e-4
+
+
 class CountScaledBeitBlock(BeitBlock):
     """BEiT's block (a relative position bias of the full token count on its logits) with its
     MLP branch scaled by the token count."""

@@ -98,6 +98,7 @@ class BlockSpec:
     whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
     batch_args: Tuple[str, ...] = ()   # other tensor arguments whose first dim is the batch
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
+    batch_failures: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> why none
     traced: Tuple = ()         # (parent, name, path, module, its plain attributes) of each module
     #                            the programs traced into, as the trace saw them (changed())
     per_image: Optional[int] = None   # token sequences per image the model's input had at
@@ -239,7 +240,8 @@ class BlockSpec:
         return idle is None or not all(idle(h) for h in hooks.values())
 
     def program(self, training: bool, batch: int, args, kwargs) -> Callable:
-        """The slow-path program for this mode and batch size."""
+        """The slow-path program for this mode and batch size; None where none can be built for
+        that batch size (said once, in a warning)."""
         if self.batch_size is None or batch == self.batch_size:
             return self.programs[training]
         key = (training, batch)
@@ -252,8 +254,17 @@ class BlockSpec:
             self._lock_pid = os.getpid()
             with self._program_lock:   # the factory runs the compiler once per new batch size
                 program = self.batch_programs.get(key)
-                if program is None:
-                    program = self.batch_programs[key] = self.program_factory(training, args, kwargs)
+                if program is None and key not in self.batch_failures:
+                    try:
+                        program = self.batch_programs[key] = self.program_factory(training, args, kwargs)
+                    except AnalysisError as e:
+                        # (a block whose trace at this batch size is no block evoplug converts:
+                        # a per-image Python loop runs one attention per image; it raised the
+                        # analysis' error from the forward; audit of the twenty-ninth session)
+                        self.batch_failures[key] = e.reason
+                        warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
+                                      "it runs its original forward (every token) at that batch "
+                                      "size", stacklevel=5)
         return program
 
 
@@ -403,6 +414,9 @@ class EvoBlockMixin:
         if segment:
             state, segment, x = _segment_taken(spec, state, x, recompute, rt._local)
         program = spec.program(self.training, x.shape[0], args, kwargs)
+        if program is None:      # (no program at this batch size: told once, in its build)
+            spec.tokens_run = -1
+            return spec.orig_class.forward(self, *args, **kwargs)
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks()
         record = not torch.compiler.is_compiling() and (
