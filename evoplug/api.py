@@ -22,7 +22,7 @@ from torch import nn
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks, regroup_parts,
                                 wrapped_block)
-from .analyse.probes import hooks_suspended, probe_program
+from .analyse.probes import check_count_free_program, count_probe_graph, hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.provenance import (rest_read, rows_not_images, stream_starts, token_provenance,
                                  varying_arguments)
@@ -695,8 +695,10 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     try:
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
+        counted = count_probe_graph(gm_eval, a)     # (before the rewrite changes gm_eval)
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])
+        check_count_free_program(a, lambda g: build_program(copy.copy(a), False, g), counted)
         return a, programs, added
     except AnalysisError as e:
         _drop_added_buffers(module, added)

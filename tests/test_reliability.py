@@ -14,6 +14,8 @@ import timm
 import torch
 from timm.layers import set_reentrant_ckpt
 from timm.models.beit import Block as BeitBlock
+from timm.models.pvt_v2 import Block as PvtBlock
+from timm.models.swin_transformer import SwinTransformerBlock as SwinBlock
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -542,6 +544,27 @@ class CountScaledBeitBlock(BeitBlock):
         return x + self.mlp(self.norm2(x)) * (17 / n)
 
 
+class CountScaledPvtBlock(PvtBlock):
+    """PVT-v2's block (a depthwise convolution over the patch map in its MLP) with its MLP
+    branch scaled by the token count."""
+
+    def forward(self, x, feat_size):
+        x = x + self.drop_path1(self.attn(self.norm1(x), feat_size))
+        return x + self.mlp(self.norm2(x), feat_size) * (64 / x.shape[1])
+
+
+class CountScaledSwinBlock(SwinBlock):
+    """Swin's block (a (B, H, W, C) map in and out, windows) with its MLP branch scaled by the
+    map's size over the count of the tokens it runs on."""
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.mlp(self.norm2(x)) * (H * W / x.shape[1])
+        return x.reshape(B, H, W, C)
+
+
 class PythonLayerDrop(Block):
     """Skips itself in training with a Python random number (LayerDrop written in the block)."""
 
@@ -592,7 +615,7 @@ def test_order_independent_mixing_outside_attention_is_refused():
     assert "NOT converted `blocks.3`: mixes tokens outside its attention" in evoplug.explain(fast)
 
 
-@pytest.mark.parametrize("form", ["mlp", "attention", "beit"])
+@pytest.mark.parametrize("form", ["mlp", "attention", "beit", "pvt_v2", "swin"])
 def test_a_branch_scaled_by_the_token_count_is_refused(form):
     """``mlp(norm2(x)) * (65 / n)``: on the kept tokens the branch was scaled for their count
     (keep 0.5 off by 0.45 from the block's own per-token math, and the fast update with it),
@@ -601,7 +624,28 @@ def test_a_branch_scaled_by_the_token_count_is_refused(form):
     constant, a token's output must not change. The attention branch scaled after a projection
     without bias (zeros stay zeros, whatever the scale) and a block whose logits take a bias of
     the full token count (the probe could not run on a subset) converted, silently, until the
-    audit of this probe (twenty-ninth session)."""
+    audit of this probe (twenty-ninth session). Blocks with 2-D map operations (PVT-v2's
+    depthwise convolution, Swin's map) skip that probe (a subset makes no map): theirs runs the
+    block's program, which feeds the map operations the full map, with the attention's output
+    set to a constant (thirtieth session)."""
+    name, block = "blocks.3", None
+    if form == "pvt_v2":
+        model = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 2, 1)).eval()
+        name, block = "stages.2.blocks.1", CountScaledPvtBlock
+    elif form == "swin":
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=112,
+                                  depths=(1, 2, 1, 1), embed_dim=48).eval()
+        name, block = "layers.1.blocks.1", CountScaledSwinBlock
+    if block is not None:
+        model.get_submodule(name).__class__ = block
+        x = torch.randn(1, 3, *((64, 64) if form == "pvt_v2" else (112, 112)))
+        with pytest.raises(evoplug.ConversionError, match=rf"`{re.escape(name)}`: computes its tokens "
+                                                          r"outside its attention from their count"):
+            evoplug.convert(model, 0.5, example_input=x)
+        fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
+        kept = [s.analysis.name for s in evoplug.get_report(fast).blocks]
+        assert name not in kept and len(kept) >= 3
+        return
     if form == "beit":
         model = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
                                   depth=4, embed_dim=32, num_heads=2).eval()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import AnalysisError
 from ..runtime.block import gather_extras
-from .attention import attention_output
+from .attention import attention_output, find_attention
 from .discover import token_output
 from .graph import shape_of
 
@@ -147,26 +147,90 @@ def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.
     want = ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))
     err = float((out.reshape(want.shape).float() - want).abs().max())
     if err > tol:
-        raise AnalysisError(
-            a.name, "computes its tokens outside its attention from their count (with the "
-                    "attention's output set to a constant, a token's output changed by up to "
-                    f"{err:.3g} on a subset of the tokens): e.g. a branch scaled by the token "
-                    "count, which on the kept tokens would take their count")
+        raise AnalysisError(a.name, _COUNT_MESSAGE.format(err=err))
 
 
-def _constant_attention_probe(gm: fx.GraphModule, site: AttentionSite):
+def count_probe_graph(gm: fx.GraphModule, a: BlockAnalysis):
+    """For a block the count probe above skips (2-D map operations need the full map, which a
+    token subset does not make): a copy of its traced graph with the attention's output set to
+    a constant, for :func:`check_count_free_program` to build a program of (the program feeds
+    its map operations the full map). None for other blocks, or where the output is not found."""
+    if not (a.grid_ops_expected or a.token_map):
+        return None
+    return _constant_attention_probe(gm, find_attention(gm, a.name), keep_attention=True)
+
+
+def check_count_free_program(a: BlockAnalysis, build: Callable, gm: Optional[fx.GraphModule]):
+    """The count probe of a block with 2-D map operations, on its program: with the attention's
+    output set to a constant, the program on a token subset (its map operations fed the full
+    map, where a patch not in the subset holds the subset's last token: the dense reference
+    holds it there too) must give each token what it gives with every token. A branch scaled by the token
+    count (``mlp(x, H, W) * (N0 / n)``) in a PVT-style block was scaled for the kept tokens'
+    count, silently (audit of the twenty-ninth session). ``build(gm)``: the program of ``gm``."""
+    if gm is None:
+        return
+    m, args, kwargs = _in_float32(a.module, a.call.args, a.call.kwargs)
+    was = m.training
+    m.eval()
+    try:
+        program = build(gm)
+        x, extras = a.plan.bind(a.name, args, kwargs)
+        if a.token_map:
+            x = x.flatten(1, 2)
+        B, N, C = x.shape
+        P, S = a.num_prefix, a.num_suffix
+        M = N - P - S
+        gen = torch.Generator().manual_seed(2)
+        patches = (torch.randperm(M, generator=gen)[:max(1, M // 2)] + P).to(x.device)
+        pos = torch.cat([torch.arange(P, device=x.device), torch.arange(N - S, N, device=x.device),
+                         patches]).expand(B, -1)
+        # the dense reference sees what the subset's maps see: every patch not in the subset
+        # holds the subset's last token (ev.to_canvas), the same through the token-wise ops
+        others = torch.ones(N, dtype=torch.bool, device=x.device)
+        others[pos[0]] = False
+        x = torch.where(others[:, None], x[:, pos[0, -1]][:, None], x)
+        ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args, a.batch_args)
+        with torch.no_grad(), hooks_suspended(m), contextlib.redirect_stderr(io.StringIO()):
+            ref = program(m, *a.plan.feed(x, extras), None, None)[0]
+            out = program(m, *a.plan.feed(x.gather(1, pos[..., None].expand(-1, -1, C)), ex), pos, x)[0]
+    except Exception as e:  # noqa: BLE001 - said in explain(), as the mixing probe does
+        a.notes.append(f"the check that the block's tokens do not read their count could not run "
+                       f"({type(e).__name__}: {e})")
+        return
+    finally:
+        m.train(was)
+    ref = ref.reshape(B, N, -1).float()
+    want = ref.gather(1, pos[..., None].expand(-1, -1, ref.shape[-1]))
+    if out.numel() != want.numel() or not (torch.isfinite(want).all() and torch.isfinite(out).all()):
+        return
+    tol = MIXING_TOLERANCE * max(1.0, float(ref.abs().max()))
+    err = float((out.reshape(want.shape).float() - want).abs().max())
+    if err > tol:
+        raise AnalysisError(a.name, _COUNT_MESSAGE.format(err=err))
+
+
+_COUNT_MESSAGE = ("computes its tokens outside its attention from their count (with the "
+                  "attention's output set to a constant, a token's output changed by up to "
+                  "{err:.3g} on a subset of the tokens): e.g. a branch scaled by the token "
+                  "count, which on the kept tokens would take their count")
+
+
+def _constant_attention_probe(gm: fx.GraphModule, site: AttentionSite, keep_attention: bool = False):
     """A copy of the traced block whose attention output is a constant (None where the output
-    is not found)."""
+    is not found). ``keep_attention``: the attention stays in the graph (its output unread), so
+    the rewrite finds it and builds a program of the copy."""
     out_node = attention_output(site)
     if out_node is None:
         return None
     graph = copy.deepcopy(gm.graph)
     target = next(n for n in graph.nodes if n.name == out_node.name)
-    values = _values_of(target)
+    values = None if keep_attention else _values_of(target)
     with graph.inserting_after(target):
         const = graph.call_function(_constant_attention_output, (target if values is None else values,))
+    const.meta = dict(target.meta)
     target.replace_all_uses_with(const, delete_user_cb=lambda u: u is not const)
     probe = fx.GraphModule(gm, graph)
+    probe.meta.update(gm.meta)
     if values is not None:
         probe.graph.eliminate_dead_code()
         probe.recompile()
