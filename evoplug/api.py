@@ -33,10 +33,12 @@ from . import quality
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions, check_names
+from .rewrite.pairs import regroup_residual_pairs
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
 from .report import ConversionReport, converted_inside, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
+from .runtime.pairs import undo_regroup
 from .runtime.block import BlockSpec, FlatTokens, MapTokens, evo_class, traced_state
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors)
@@ -155,7 +157,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
         opts = opts.replace(trade_off=_on_copy(original, model, opts.trade_off))
     analysed, parts = [], []
     with _no_side_effects(model):
-        calls, attn_mods, candidates, failed, skipped, example = _calibrate(model, example_input)
+        calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
+            model, example_input)
         try:
             for name, module, call in candidates:
                 try:
@@ -179,7 +182,10 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
         except BaseException:
             for a, _, added in analysed:
                 _drop_added_buffers(a.module, added)
+            for name in regrouped:
+                undo_regroup(model.get_submodule(name))
             raise
+        regrouped = _keep_regrouped(model, regrouped, [a.name for a, _, _ in analysed])
     runtime = EvoRuntime(Plan(opts, roles))
     volatile = calls.derived.get("volatile", {})
     images = (images_in((), example) if isinstance(example, dict) else
@@ -191,8 +197,36 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     _relate(specs, links, starts)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict,
-                                                                 seq_batch))
+                                                                 seq_batch), regrouped=regrouped)
     return model
+
+
+def _calibrate_pairs(model: nn.Module, example_input):
+    """:func:`_calibrate`, and again where residual pairs were regrouped into blocks
+    (``rewrite/pairs.py``: then found as any block); the regrouped parents' names last."""
+    found = _calibrate(model, example_input)
+    regrouped = regroup_residual_pairs(model, found[0])
+    if regrouped:
+        try:
+            found = _calibrate(model, found[-1])
+        except BaseException:
+            for name in regrouped:
+                undo_regroup(model.get_submodule(name))
+            raise
+    return (*found, regrouped)
+
+
+def _keep_regrouped(model: nn.Module, regrouped: List[str], converted: List[str]) -> Tuple[str, ...]:
+    """The regrouped parents that hold a converted pair; the others put back as they were."""
+    kept = []
+    for name in regrouped:
+        pairs = model.get_submodule(name)._evoplug_regrouped.pairs
+        inside = {f"{name}.{p}" if name else p for p in pairs}
+        if inside & set(converted):
+            kept.append(name)
+        else:
+            undo_regroup(model.get_submodule(name))
+    return tuple(kept)
 
 
 def _relate(specs: List[BlockSpec], links, starts):
@@ -947,6 +981,8 @@ def revert(model: nn.Module) -> nn.Module:
         del m._evoplug_spec
         for name in spec.added_buffers:     # traced constants, the window index
             m._buffers.pop(name, None)
+    for name in report.regrouped:
+        undo_regroup(model.get_submodule(name))
     for hook_id in report.entry_hooks:
         for hooks in (model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs, model._forward_hooks,
                       model._forward_hooks_with_kwargs, model._forward_hooks_always_called):

@@ -34,6 +34,9 @@ class ConversionReport:
     #: converted blocks that moved (``del model.blocks[1]`` renumbers the ones after it):
     #: their path at conversion -> their path now, as of the last :func:`get_report`
     moved: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: modules whose forward adds the residual branches of pairs (``x = attn(x) + x``) that the
+    #: conversion regrouped into blocks (``runtime/pairs.py``), by name
+    regrouped: Tuple[str, ...] = ()
 
     def path(self, spec: BlockSpec) -> str:
         """Where the converted block ``spec`` is in the model now (as of the last report)."""

@@ -586,6 +586,24 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     return gm
 
 
+def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) -> fx.GraphModule:
+    """The forward of a module that calls blocks (or their parts), every submodule a leaf, in
+    the given train/eval mode; ``concrete``: its non-tensor arguments, specialised. Raises
+    what the trace raises (a random draw outside the traced tensors included)."""
+    was = module.training
+    module.train(training)
+    saved = _mutable_state(module)
+    tracer = BlockTracer(set())
+    try:
+        graph = tracer.trace(module, concrete_args=dict(concrete))
+        _drop_constant_asserts(graph)
+        _python_numbers(graph)
+        return fx.GraphModule(tracer.root, graph, type(module).__name__)
+    finally:
+        _restore_mutable_state(saved)
+        module.train(was)
+
+
 def _holds_family_leaves(module: nn.Module, tracer: "BlockTracer") -> bool:
     """Whether a retry that keeps the families' leaf modules whole (timm's notrace registry)
     can trace differently: the block holds one that the first trace went into."""

@@ -1,0 +1,133 @@
+"""Blocks whose residual adds are their parent's (``x = attn(x) + x; x = ff(x) + x`` in a loop
+over ``ModuleList([attn, ff])`` pairs: lucidrains' vit-pytorch and much code written after it).
+
+The pair's ``ModuleList`` becomes a :class:`ResidualPairs`, a block that runs the same two
+adds, and the parent's forward a program (its own graph, traced by ``rewrite/pairs.py``) that
+calls the pair where it called its two parts; evoplug then converts the pair as any block.
+Parameters, buffers and ``state_dict`` keys stay as they were (the classes change, no module
+is added). A call of the parent the program was not traced for (another value of a non-tensor
+argument) runs the parent's own forward: the parts run as written, dense.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+from torch import nn
+
+from .programs import compile_program, program_source
+
+
+class ResidualPairs(nn.ModuleList):
+    """Two residual branches, each added to the stream it was given: the block a parent's loop
+    ran in parts (``x = self[0](x) + x; x = self[1](x) + x``, the same adds in the same order)."""
+
+    def forward(self, x):
+        x = self[0](x) + x
+        return self[1](x) + x
+
+
+class Regrouped:
+    """What a regrouped parent runs: ``program`` (its traced forward calling the pairs), the
+    class it had, the pairs (paths under the parent), the parameters the program takes (the
+    tensors, in order) and the values of the others it was traced with."""
+
+    def __init__(self, programs: Dict[bool, Any], orig_class: type, pairs: Tuple[str, ...],
+                 tensors: Tuple[str, ...], fixed: Dict[str, Any], module: nn.Module):
+        self.programs, self.orig_class, self.pairs = programs, orig_class, pairs
+        self.tensors, self.fixed = tensors, fixed
+        self.attributes = plain_attributes(module)     # (the trace read them as constants)
+        self.warned = False
+
+    def inputs(self, module: nn.Module, args, kwargs) -> Optional[list]:
+        """The program's inputs for this call; None where it binds a non-tensor argument to
+        another value than the program was traced with."""
+        try:
+            bound = inspect.signature(self.orig_class.forward).bind(module, *args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        got = bound.arguments
+        if plain_attributes(module) != self.attributes:
+            return None
+        if any(not (got.get(k) is v or _same(got.get(k), v)) for k, v in self.fixed.items()):
+            return None
+        return [got[n] for n in self.tensors]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["programs"] = {k: program_source(p, self.orig_class.__name__)
+                             for k, p in self.programs.items()}
+        return state
+
+    def __setstate__(self, state):
+        state["programs"] = {k: compile_program(p) for k, p in state["programs"].items()}
+        self.__dict__.update(state)
+
+
+class RegroupedMixin:
+    """Mixed in front of the parent's class: its forward runs the regrouped program."""
+
+    _evoplug_regrouped: Regrouped
+
+    def forward(self, *args, **kwargs):
+        r = self.__dict__["_evoplug_regrouped"]
+        inputs = r.inputs(self, args, kwargs)
+        if inputs is not None:
+            return r.programs[self.training](self, *inputs)
+        if not r.warned:
+            r.warned = True
+            warnings.warn(f"{r.orig_class.__name__}: called with other arguments than at the "
+                          "conversion, or an attribute its forward reads changed since, so it "
+                          "runs its own forward: the blocks it holds "
+                          f"({', '.join(r.pairs)}) run dense in this call", stacklevel=2)
+        return r.orig_class.forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # the class is made at run time: pickle names the original one
+        return (_rebuild_regrouped, (self._evoplug_regrouped.orig_class,), self.__getstate__())
+
+
+def plain_attributes(module: nn.Module) -> Dict[str, Any]:
+    """The module's own plain Python values (flags, sizes) but ``training``: what a traced
+    forward read as constants."""
+    return {k: v for k, v in module.__dict__.items()
+            if k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:   # noqa: BLE001 - not comparable: not the same
+        return False
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def regrouped_class(cls: type) -> type:
+    """The regrouped class of a parent class (one per original class)."""
+    if issubclass(cls, RegroupedMixin):
+        return cls
+    new = _CLASSES.get(cls)
+    if new is None:
+        new = _CLASSES[cls] = type(f"Regrouped{cls.__name__}", (RegroupedMixin, cls),
+                                   {"__module__": cls.__module__})
+    return new
+
+
+def _rebuild_regrouped(orig_class: type) -> nn.Module:
+    return object.__new__(regrouped_class(orig_class))
+
+
+def undo_regroup(parent: nn.Module):
+    """The parent and its pairs back to their own classes."""
+    r = parent.__dict__.pop("_evoplug_regrouped", None)
+    if r is None:
+        return
+    parent.__class__ = r.orig_class
+    for path in r.pairs:
+        pair = parent.get_submodule(path)
+        if type(pair) is ResidualPairs:
+            pair.__class__ = nn.ModuleList

@@ -1,0 +1,175 @@
+"""Blocks whose residual adds are their parent's: ``for attn, ff in self.layers: x = attn(x) + x;
+x = ff(x) + x`` over ``ModuleList([attn, ff])`` pairs (lucidrains' vit-pytorch and much code
+written after it). There is no block module: each pair is regrouped into one (its
+``ModuleList`` made a ``ResidualPairs``, the parent's forward a program calling it), then
+converted as any block. Refused by name until the thirtieth session."""
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import evoplug
+from evoplug.tools.check import check_conversion
+
+vit_pytorch = pytest.importorskip("vit_pytorch")
+from vit_pytorch.simple_vit import SimpleViT  # noqa: E402
+from vit_pytorch.vit import ViT  # noqa: E402
+
+
+def _vit(pool="cls", **kw):
+    torch.manual_seed(0)
+    return ViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=6, heads=4, mlp_dim=128,
+               pool=pool, **kw).eval()
+
+
+@pytest.mark.parametrize("form", ["vit_cls", "vit_mean", "simple_vit"])
+def test_vit_pytorch_models_convert_with_their_state_dict_keys(form):
+    """Every pair evolves past the dense ones; keep 1.0 exact on both paths; the same keys."""
+    model = SimpleViT(image_size=32, patch_size=4, num_classes=10, dim=64, depth=6, heads=4,
+                      mlp_dim=128).eval() if form == "simple_vit" else _vit(form[4:])
+    result = check_conversion(model, torch.randn(2, 3, 32, 32))
+    assert result.status == "converts", str(result)
+    assert (result.blocks, result.evolving) == (6, 4)
+    assert result.keep1_fast_diff == 0.0 and result.keep1_machinery_diff < 1e-5
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert [s.name for s in evoplug.get_report(fast).blocks] == [f"transformer.layers.{i}" for i in range(6)]
+    assert list(fast.state_dict()) == list(model.state_dict())
+    assert type(model.transformer).__name__ == "Transformer"      # (the original: untouched)
+    assert type(model.transformer.layers[0]) is nn.ModuleList
+
+
+def test_regrouped_models_pickle_train_and_revert():
+    model = _vit(dropout=0.1)
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    with torch.no_grad():
+        before = fast(x)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), before, rtol=0, atol=0)
+    fast.train()
+    fast(x).pow(2).mean().backward()
+    assert all(p.grad is not None for p in fast.parameters())
+    assert dict(evoplug.tokens_per_block(fast))["transformer.layers.5"] < 65
+    fast.eval()
+    evoplug.revert(fast)
+    assert type(fast.transformer).__name__ == "Transformer"
+    assert all(type(pair) is nn.ModuleList for pair in fast.transformer.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim=32, heads=4):
+        super().__init__()
+        self.heads, self.norm = heads, nn.LayerNorm(dim)
+        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, n, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(B, n, C))
+
+
+class Encoder(nn.Module):
+    """The pairs' loop with a flag the trace takes as a constant, and the residual written
+    ``x + branch`` (either order)."""
+
+    def __init__(self, dim=32, depth=5, scale=1.0):
+        super().__init__()
+        ff = lambda: nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, 2 * dim), nn.GELU(),  # noqa: E731
+                                   nn.Linear(2 * dim, dim))
+        self.layers = nn.ModuleList([nn.ModuleList([Attention(dim), ff()]) for _ in range(depth)])
+        self.scale = scale
+
+    def forward(self, x, return_hiddens=False):
+        hiddens = []
+        for attn, ff in self.layers:
+            x = x + attn(x) * self.scale if self.scale != 1.0 else x + attn(x)
+            x = ff(x) + x
+            hiddens.append(x)
+        return (x, hiddens) if return_hiddens else x
+
+
+class Net(nn.Module):
+    def __init__(self, **kw):
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, 32))
+        self.encoder = Encoder(**kw)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, img, **kw):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = self.encoder(torch.cat([self.cls.expand(len(x), -1, -1), x], 1), **kw)
+        return self.head(x[:, 0]) if isinstance(x, torch.Tensor) else x
+
+
+def test_a_call_the_parent_was_not_traced_for_runs_its_own_forward():
+    """The parent's program was traced with ``return_hiddens=False`` and its plain attributes as
+    they were: another value, or an attribute set anew, runs the parent's own forward (the pairs
+    dense, each part as written), with one warning; the traced call evolves again after."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    assert evoplug.get_report(fast).regrouped == ("encoder",)
+    with torch.no_grad(), pytest.warns(UserWarning, match="Encoder: called with other arguments"):
+        out, hiddens = fast(x, return_hiddens=True)
+        want, want_h = model(x, return_hiddens=True)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert len(hiddens) == 5
+    with torch.no_grad():
+        assert (fast(x) - model(x)).abs().max() > 1e-4          # evolving again
+        fast.encoder.scale = 0.5                                 # read by the trace as 1.0
+        model.encoder.scale = 0.5
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+class NotResidual(Encoder):
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + 2 * x
+            x = ff(x) + x
+        return x
+
+
+def test_pairs_whose_adds_are_no_residual_are_refused_and_left_as_they_were():
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder.__class__ = NotResidual
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match="in parts that are no blocks on their own"):
+        evoplug.convert(model, 0.5, example_input=x, inplace=True)
+    assert type(model.encoder) is NotResidual
+    assert all(type(pair) is nn.ModuleList for pair in model.encoder.layers)
+
+
+def test_a_refused_conversion_puts_the_regrouped_parent_back():
+    """The pairs regrouped, then the conversion refused (a block evoplug refuses among them,
+    strict): the model is left exactly as it was, ``inplace=True`` too."""
+    torch.manual_seed(0)
+    model = Net().eval()
+
+    class Mean(nn.Module):        # mixes tokens outside the attention: refused
+        def forward(self, x):
+            return x.mean(1, keepdim=True).expand_as(x)
+    model.encoder.layers[3][1] = Mean()
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`encoder\.layers\.3`: mixes tokens"):
+        evoplug.convert(model, 0.5, example_input=x, inplace=True)
+    assert type(model.encoder) is Encoder
+    assert all(type(pair) is nn.ModuleList for pair in model.encoder.layers)
+    fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
+    assert "encoder.layers.3" not in [s.name for s in evoplug.get_report(fast).blocks]
+    with torch.no_grad():
+        one = evoplug.convert(model, 1.0, example_input=x, strict=False)
+        torch.testing.assert_close(one(x), model(x), rtol=0, atol=0)
