@@ -171,7 +171,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                     else:
                         failed.append((name, e.reason))
             _drop_read_rest(model, example, analysed, failed)
-            failed += regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed])
+            failed += _with_regroup_reasons(regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed]),
+                                            calls.derived.get("not_regrouped", {}))
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
             names = set(calls.derived.get("stream_starts", ()))
@@ -205,7 +206,7 @@ def _calibrate_pairs(model: nn.Module, example_input):
     """:func:`_calibrate`, and again where residual pairs were regrouped into blocks
     (``rewrite/pairs.py``: then found as any block); the regrouped parents' names last."""
     found = _calibrate(model, example_input)
-    regrouped = regroup_residual_pairs(model, found[0])
+    regrouped, why = regroup_residual_pairs(model, found[0])
     if regrouped:
         try:
             found = _calibrate(model, found[-1])
@@ -213,7 +214,19 @@ def _calibrate_pairs(model: nn.Module, example_input):
             for name in regrouped:
                 undo_regroup(model.get_submodule(name))
             raise
+    found[0].derived["not_regrouped"] = why
     return (*found, regrouped)
+
+
+def _with_regroup_reasons(failed, why):
+    """The refusals of a parent's parts, with why its residual pairs were not regrouped."""
+    out = []
+    for name, reason in failed:
+        parent = next((p for p in why if not p or name == p or name.startswith(p + ".")), None)
+        out.append((name, reason if parent is None else (
+            f"{reason}; `{parent}` adds its pairs' residual branches itself, and they were not "
+            f"regrouped into blocks: {why[parent]}")))
+    return out
 
 
 def _keep_regrouped(model: nn.Module, regrouped: List[str], converted: List[str]) -> Tuple[str, ...]:

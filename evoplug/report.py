@@ -212,6 +212,11 @@ def format_report(report: ConversionReport) -> str:
         lines.append(f"residual stream of `{a.name}`: {br}")
         for note in a.notes:
             lines.append(f"note: {note}")
+    for name in report.regrouped:
+        lines.append(f"regrouped `{name}`: its forward adds the residual branches of pairs "
+                     "(`x = attn(x) + x; x = ff(x) + x`); each pair runs as one block, called by "
+                     "a program of that forward (other arguments than at the conversion run its "
+                     "own forward, dense)")
     if idle:
         lines.append(f"WARNING: {unscored_reason(analyses, idle)}")
     if report.removed:

@@ -4,6 +4,7 @@ written after it). There is no block module: each pair is regrouped into one (it
 ``ModuleList`` made a ``ResidualPairs``, the parent's forward a program calling it), then
 converted as any block. Refused by name until the thirtieth session."""
 import io
+import random
 import warnings
 
 import pytest
@@ -120,6 +121,7 @@ def test_a_call_the_parent_was_not_traced_for_runs_its_own_forward():
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(model, 0.5, example_input=x[:1])
     assert evoplug.get_report(fast).regrouped == ("encoder",)
+    assert "regrouped `encoder`: its forward adds the residual branches of pairs" in evoplug.explain(fast)
     with torch.no_grad(), pytest.warns(UserWarning, match="Encoder: called with other arguments"):
         out, hiddens = fast(x, return_hiddens=True)
         want, want_h = model(x, return_hiddens=True)
@@ -173,3 +175,108 @@ def test_a_refused_conversion_puts_the_regrouped_parent_back():
     with torch.no_grad():
         one = evoplug.convert(model, 1.0, example_input=x, strict=False)
         torch.testing.assert_close(one(x), model(x), rtol=0, atol=0)
+
+
+# forms of the parent's loop found by the audit of this feature (thirtieth session)
+# --------------------------------------------------------------------------------------------
+
+from random import random as _draw  # noqa: E402 - bound before evoplug patches random.random
+
+
+class LayerDrop(Encoder):
+    def forward(self, x):
+        for attn, ff in self.layers:
+            if self.training and _draw() < 0.1:
+                continue
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+class FrozenFirst(Encoder):
+    def forward(self, x):
+        for i, (attn, ff) in enumerate(self.layers):
+            with torch.set_grad_enabled(i > 0 and torch.is_grad_enabled()):
+                x = attn(x) + x
+                x = ff(x) + x
+        return x
+
+
+class KeepsHiddens(Encoder):
+    def forward(self, x):
+        self.hiddens = []
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+            self.hiddens.append(x)
+        return x
+
+
+@pytest.mark.parametrize("cls,why", [
+    (LayerDrop, "draws a random number outside its traced tensors"),
+    (FrozenFirst, "uses set_grad_enabled, which a traced program would not keep"),
+    (KeepsHiddens, r"sets attributes or globals \(hiddens\)")])
+def test_a_parent_whose_forward_a_program_would_not_keep_is_refused_with_the_reason(cls, why):
+    """A random draw by a name bound before evoplug patches ``random`` (LayerDrop: the trace
+    kept one draw, every train-mode call ran the same layers), the gradient mode set around the
+    parts (frozen layers got gradients), attributes set on the parent (hidden states of the
+    calibration call): each was converted, silently wrong, by the first version of this feature.
+    Refused, saying why the pairs were not regrouped; the caller's random state unmoved."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder.__class__ = cls
+    random.seed(7)
+    state = random.getstate()
+    with pytest.raises(evoplug.ConversionError, match=rf"`encoder` adds its pairs' residual branches "
+                                                      rf"itself, and they were not regrouped into blocks: its forward {why}"):
+        evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert random.getstate() == state
+
+
+class Skips(Encoder):
+    """Skips the layers listed in a list attribute; calls its attention with a keyword at its
+    default; holds another two-module list run in sequence (no pair)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.skip = []
+        self.tail = nn.ModuleList([Attention(32), nn.Linear(32, 32)])
+
+    def forward(self, x, bias=None):
+        for i, (attn, ff) in enumerate(self.layers):
+            if i in self.skip:
+                continue
+            x = attn(x, scale=None) + x
+            x = ff(x) + x
+        x = x if bias is None else x + bias
+        return self.tail[1](self.tail[0](x, scale=None))
+
+
+class ScaledAttention(Attention):
+    def forward(self, x, scale=None):
+        return super().forward(x) * (1 if scale is None else scale)
+
+
+def test_what_the_parents_program_holds_is_watched():
+    """A list attribute the loop reads (``skip``), an argument traced at None: the program holds
+    them as they were, so a call with others runs the parent's own forward (it ran the stale
+    program, off by 0.29; a tensor argument called with None raised a TypeError). Keyword arguments at their
+    defaults, and another two-module list that is no pair, leave the pairs regrouped."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder.__class__ = Skips
+    Skips.__init__(model.encoder)
+    for pair in model.encoder.layers:
+        pair[0].__class__ = ScaledAttention
+    model.encoder.tail[0].__class__ = ScaledAttention
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, 1.0, example_input=(x[:1],), strict=False)
+    assert [s.name for s in evoplug.get_report(fast).blocks][:4] == [f"encoder.layers.{i}" for i in range(4)]
+    bias = torch.randn(65, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(fast.encoder(torch.ones(2, 65, 32), bias),
+                                   model.encoder(torch.ones(2, 65, 32), bias), rtol=0, atol=0)
+        fast.encoder.skip.append(2)
+        model.encoder.skip.append(2)
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)

@@ -590,16 +590,26 @@ def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) ->
     """The forward of a module that calls blocks (or their parts), every submodule a leaf, in
     the given train/eval mode; ``concrete``: its non-tensor arguments, specialised. Raises
     what the trace raises (a random draw outside the traced tensors included)."""
+    import numpy as np
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
     tracer = BlockTracer(set())
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
     try:
         graph = tracer.trace(module, concrete_args=dict(concrete))
+        if random.getstate() != states[0] or not np.array_equal(np.random.get_state()[1], states[1][1]) \
+                or not torch.equal(torch.random.get_rng_state(), states[2]):
+            # (``from random import random`` escapes the patched functions; NumPy's are not)
+            raise AnalysisError(type(module).__name__, "its forward draws a random number outside "
+                                "its traced tensors: a program would keep the one drawn while tracing")
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         return fx.GraphModule(tracer.root, graph, type(module).__name__)
     finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
         _restore_mutable_state(saved)
         module.train(was)
 

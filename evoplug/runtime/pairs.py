@@ -10,10 +10,12 @@ argument) runs the parent's own forward: the parts run as written, dense.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .programs import compile_program, program_source
@@ -34,11 +36,19 @@ class Regrouped:
     tensors, in order) and the values of the others it was traced with."""
 
     def __init__(self, programs: Dict[bool, Any], orig_class: type, pairs: Tuple[str, ...],
-                 tensors: Tuple[str, ...], fixed: Dict[str, Any], module: nn.Module):
+                 tensors: Tuple[str, ...], fixed: Dict[str, Any], module: nn.Module,
+                 watched: Tuple[Tuple[nn.Module, str], ...] = ()):
         self.programs, self.orig_class, self.pairs = programs, orig_class, pairs
         self.tensors, self.fixed = tensors, fixed
-        self.attributes = plain_attributes(module)     # (the trace read them as constants)
+        # what the trace read as constants: the parent's plain values and containers of them,
+        # and the attributes of its submodules its forward reads by name (``watched``)
+        self.watched = watched
+        self.attributes = self._attributes(module)
         self.warned = False
+
+    def _attributes(self, module: nn.Module):
+        return (plain_attributes(module),
+                [copy.deepcopy(m.__dict__.get(k, _GONE)) for m, k in self.watched])
 
     def inputs(self, module: nn.Module, args, kwargs) -> Optional[list]:
         """The program's inputs for this call; None where it binds a non-tensor argument to
@@ -49,7 +59,9 @@ class Regrouped:
             return None
         bound.apply_defaults()
         got = bound.arguments
-        if plain_attributes(module) != self.attributes:
+        if any(not isinstance(got.get(n), torch.Tensor) for n in self.tensors):
+            return None      # (a tensor argument left out, or None: traced for a tensor)
+        if not _same(self._attributes(module), self.attributes):
             return None
         if any(not (got.get(k) is v or _same(got.get(k), v)) for k, v in self.fixed.items()):
             return None
@@ -89,11 +101,30 @@ class RegroupedMixin:
         return (_rebuild_regrouped, (self._evoplug_regrouped.orig_class,), self.__getstate__())
 
 
+_PLAIN = (bool, int, float, str, type(None))
+_GONE = "<evoplug: no such attribute>"   # (a string: it compares equal after a copy)
+
+
+def is_plain(v) -> bool:
+    """A plain Python value, or a list/tuple/set/dict of them (what a trace reads as constants)."""
+    if isinstance(v, _PLAIN):
+        return True
+    if isinstance(v, (list, tuple, set, frozenset)):
+        return all(is_plain(i) for i in v)
+    if isinstance(v, dict):
+        return all(is_plain(k) and is_plain(i) for k, i in v.items())
+    return False
+
+
 def plain_attributes(module: nn.Module) -> Dict[str, Any]:
-    """The module's own plain Python values (flags, sizes) but ``training``: what a traced
-    forward read as constants."""
-    return {k: v for k, v in module.__dict__.items()
-            if k != "training" and isinstance(v, (bool, int, float, str, type(None)))}
+    """The module's own plain Python values and containers of them (flags, sizes, a list of
+    layers to skip) but ``training``, copied: what a traced forward read as constants."""
+    return {k: copy.deepcopy(v) for k, v in module.__dict__.items()
+            if k not in _MODULE_KEYS and is_plain(v)}
+
+
+#: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's values
+_MODULE_KEYS = frozenset(nn.Module().__dict__)
 
 
 def _same(a, b) -> bool:
