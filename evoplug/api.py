@@ -171,8 +171,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                     else:
                         failed.append((name, e.reason))
             _drop_read_rest(model, example, analysed, failed)
-            failed += _with_regroup_reasons(regroup_parts(model, calls, parts, [an.name for an, _, _ in analysed]),
-                                            calls.derived.get("not_regrouped", {}))
+            failed += _parts_refused(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
             names = set(calls.derived.get("stream_starts", ()))
@@ -218,10 +217,11 @@ def _calibrate_pairs(model: nn.Module, example_input):
     return (*found, regrouped)
 
 
-def _with_regroup_reasons(failed, why):
-    """The refusals of a parent's parts, with why its residual pairs were not regrouped."""
-    out = []
-    for name, reason in failed:
+def _parts_refused(model: nn.Module, calls, parts, converted):
+    """The refusals of parts that are no blocks (:func:`regroup_parts`), with why a parent's
+    residual pairs were not regrouped into blocks, where that parent holds them."""
+    why, out = calls.derived.get("not_regrouped", {}), []
+    for name, reason in regroup_parts(model, calls, parts, converted):
         parent = next((p for p in why if not p or name == p or name.startswith(p + ".")), None)
         out.append((name, reason if parent is None else (
             f"{reason}; `{parent}` adds its pairs' residual branches itself, and they were not "
