@@ -212,16 +212,44 @@ class KeepsHiddens(Encoder):
         return x
 
 
+GAIN = 1.0
+
+
+class GlobalGain(Encoder):
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x * GAIN
+
+
+class Helper(Encoder):
+    def _frozen(self, x):
+        with torch.no_grad():
+            return self.layers[0][1](x)
+
+    def forward(self, x):
+        x = self._frozen(x) + x
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
 @pytest.mark.parametrize("cls,why", [
     (LayerDrop, "draws a random number outside its traced tensors"),
     (FrozenFirst, "uses set_grad_enabled, which a traced program would not keep"),
-    (KeepsHiddens, r"sets attributes or globals \(hiddens\)")])
+    (KeepsHiddens, r"sets `hiddens`, which a traced program would not"),
+    (GlobalGain, r"reads the global `GAIN` \(float\), which a traced program would hold as it is now"),
+    (Helper, r"reads its `_frozen`, the method or property a traced program would run or hold once")])
 def test_a_parent_whose_forward_a_program_would_not_keep_is_refused_with_the_reason(cls, why):
     """A random draw by a name bound before evoplug patches ``random`` (LayerDrop: the trace
     kept one draw, every train-mode call ran the same layers), the gradient mode set around the
     parts (frozen layers got gradients), attributes set on the parent (hidden states of the
-    calibration call): each was converted, silently wrong, by the first version of this feature.
-    Refused, saying why the pairs were not regrouped; the caller's random state unmoved."""
+    calibration call), each was converted, silently wrong, by the first version of this feature;
+    so were a global number and a helper method (the second audit of the feature). What the
+    parent's forward reads is checked on its code: submodules, parameters, buffers and plain
+    values (watched) only; globals that are modules, functions or classes. Refused, saying why the pairs were not regrouped; the caller's random state unmoved."""
     torch.manual_seed(0)
     model = Net().eval()
     model.encoder.__class__ = cls
@@ -279,4 +307,29 @@ def test_what_the_parents_program_holds_is_watched():
                                    model.encoder(torch.ones(2, 65, 32), bias), rtol=0, atol=0)
         fast.encoder.skip.append(2)
         model.encoder.skip.append(2)
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+class TokenBatchNorm(nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_pair_deleted_or_a_batchnorm_in_a_pair():
+    """A pair deleted after the conversion runs the parent's own forward (the program called
+    the deleted pair: a raw AttributeError); BatchNorm's running statistics in a pair no longer
+    keep the pairs from being regrouped (the check's train-mode run moved them)."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder.layers[1][1] = nn.Sequential(nn.Linear(32, 32), TokenBatchNorm(), nn.GELU())
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, 1.0, example_input=x[:1])
+    assert evoplug.get_report(fast).regrouped == ("encoder",)
+    del fast.encoder.layers[3]
+    del model.encoder.layers[3]
+    with torch.no_grad(), pytest.warns(UserWarning, match="runs its own forward"):
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)

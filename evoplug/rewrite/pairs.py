@@ -9,10 +9,12 @@ what the parent's own forward gives on the calibration call, in eval and train m
 """
 from __future__ import annotations
 
+import builtins
 import dis
 import inspect
 import operator
 import random
+import types
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -68,27 +70,16 @@ def _pairs_by_parent(model: nn.Module, calls: Dict[int, ModuleCall]) -> Dict[str
 
 #: names whose use in the parent's forward a traced program would not keep
 _NOT_TRACED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast",
-               "checkpoint", "checkpoint_sequential")
+               "checkpoint", "checkpoint_sequential", "is_grad_enabled", "is_inference_mode_enabled",
+               "is_autocast_enabled", "getattr", "setattr", "delattr", "vars", "globals", "eval", "exec")
 
 
 def _regroup(parent: nn.Module, call: ModuleCall, pairs: List[str]):
     forward = type(parent).forward
-    names, stores = _code_names(forward.__code__)
     signature = inspect.signature(forward)
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in signature.parameters.values()):
         raise _NotRegrouped("its forward takes *args or **kwargs")
-    if stores:
-        raise _NotRegrouped(f"its forward sets attributes or globals ({', '.join(sorted(stores))}), "
-                            "which a traced program would not")
-    unkept = sorted(set(names) & set(_NOT_TRACED))
-    if unkept:
-        raise _NotRegrouped(f"its forward uses {', '.join(unkept)}, which a traced program "
-                            "would not keep")
-    glob = forward.__globals__
-    mutable = sorted(n for n in names if isinstance(glob.get(n), (list, dict, set)))
-    if mutable:
-        raise _NotRegrouped(f"its forward reads the global container(s) {', '.join(mutable)}, "
-                            "which a traced program would hold as they are now")
+    watched = _reads(forward, parent)
     bound = signature.bind(parent, *call.args, **call.kwargs)
     bound.apply_defaults()
     args = dict(list(bound.arguments.items())[1:])
@@ -99,21 +90,89 @@ def _regroup(parent: nn.Module, call: ModuleCall, pairs: List[str]):
     programs, found = {}, None
     for training in (False, True):
         gm = trace_parent(parent, fixed, training)
-        regrouped = _regroup_graph(parent, gm, pairs)
+        regrouped, why = _regroup_graph(parent, gm, pairs)
         if not regrouped or (found is not None and regrouped != found):
-            raise _NotRegrouped("its forward does not add each pair's outputs to their inputs "
-                                "(`x = attn(x) + x; x = ff(x) + x`)")
+            raise _NotRegrouped(why or "its forward regroups other pairs in train mode than in eval mode")
         found = regrouped
         programs[training] = _as_program(None, gm)
-    watched = tuple((m, k) for m in parent.modules() if m is not parent for k in names
-                    if k in m.__dict__ and is_plain(m.__dict__[k]))
     _install(parent, call, found, Regrouped(programs, type(parent), found, tensors, fixed, parent,
                                             watched))
 
 
+def _reads(forward, parent: nn.Module) -> Tuple[Tuple[nn.Module, str], ...]:
+    """What a program of ``forward`` would hold as constants, checked on its code (its own and
+    its nested functions'): every attribute it reads of the parent is a submodule, a parameter,
+    a buffer or a plain value (watched at each call), every global a module, function or class,
+    and what it reads of the submodules by name is plain (watched) or theirs as modules. Else
+    (a helper method or property, which the trace runs once; an object, a global number or
+    container; attributes set; the gradient mode) it raises :class:`_NotRegrouped`."""
+    code, watched = forward.__code__, []
+    self_name = code.co_varnames[0] if code.co_argcount else None
+    subs = [m for m in parent.modules() if m is not parent]
+    for ins, prev in _instructions(code):
+        name = ins.argval
+        if ins.opname in ("STORE_ATTR", "DELETE_ATTR", "STORE_GLOBAL", "DELETE_GLOBAL"):
+            raise _NotRegrouped(f"its forward sets `{name}`, which a traced program would not")
+        if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
+            value = forward.__globals__.get(name, getattr(builtins, name, None))
+            if name in _NOT_TRACED:
+                raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
+            if not (inspect.ismodule(value) or inspect.isclass(value) or inspect.isroutine(value)):
+                raise _NotRegrouped(f"its forward reads the global `{name}` ({type(value).__name__}), "
+                                    "which a traced program would hold as it is now")
+        elif ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            if name in _NOT_TRACED:
+                raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
+            on_self = prev is not None and prev.opname == "LOAD_FAST" and prev.argval == self_name
+            for m in ([parent] if on_self else subs):
+                watched += _attribute_read(m, name, on_self, m is parent)
+    return tuple(watched)
+
+
+def _attribute_read(m: nn.Module, name: str, certain: bool, is_parent: bool):
+    """[(m, name)] where ``m.name`` is a plain value to watch; [] where it is a module, a
+    parameter, a buffer, or (read on another object than ``m``, ``certain`` False) no
+    attribute of ``m``'s own; raises where it is code or an object."""
+    if name in m._modules or name in m._parameters or name in m._buffers:
+        return []
+    value = inspect.getattr_static(m, name, _MISSING)
+    if value is _MISSING or (not certain and _torch_own(m, name)):
+        return []     # (a tensor's or a list's attribute, named as torch's modules': x.to, l.append)
+    if is_plain(value):
+        return [(m, name)]
+    if not certain and not is_parent and not isinstance(value, (property, types.FunctionType)):
+        return []
+    what = "the method or property" if isinstance(value, (property, types.FunctionType,
+                                                            staticmethod, classmethod)) else "the object"
+    where = "its" if is_parent else f"a submodule's ({type(m).__name__})"
+    raise _NotRegrouped(f"its forward reads {where} `{name}`, {what} a traced program would run "
+                        "or hold once, as it is now")
+
+
+_MISSING = object()
+
+
+def _torch_own(m: nn.Module, name: str) -> bool:
+    """Whether ``name`` is an attribute torch's own classes give ``m`` (``to``, ``append``)."""
+    owner = next((c for c in type(m).__mro__ if name in vars(c)), None)
+    return owner is not None and (owner.__module__ or "").startswith("torch.")
+
+
+def _instructions(code):
+    """(instruction, the one before it) of ``code`` and of the code it nests."""
+    prev = None
+    for ins in dis.get_instructions(code):
+        yield ins, prev
+        prev = ins
+    for const in code.co_consts:
+        if inspect.iscode(const):
+            yield from _instructions(const)
+
+
 def _install(parent: nn.Module, call: ModuleCall, found, regroup: Regrouped):
     """Regroup, and check that the parent gives what it gave, in eval and in train mode (the
-    same random numbers for both), and changes no attribute of its own in a forward."""
+    same random numbers for both; its buffers, BatchNorm's running statistics, as they were
+    before each run), and changes no attribute of its own in a forward."""
     own = [_run(parent, training, call) for training in (False, True)]
     parent.__dict__["_evoplug_regrouped"] = regroup
     parent.__class__ = regrouped_class(type(parent))
@@ -124,37 +183,28 @@ def _install(parent: nn.Module, call: ModuleCall, found, regroup: Regrouped):
                             "forward gives")
 
 
-def _code_names(code) -> Tuple[List[str], List[str]]:
-    """The names a function's code reads (attributes, globals), its nested functions' too,
-    and those it stores as attributes or globals."""
-    names, stores = list(code.co_names), []
-    for ins in dis.get_instructions(code):
-        if ins.opname in ("STORE_ATTR", "DELETE_ATTR", "STORE_GLOBAL", "DELETE_GLOBAL"):
-            stores.append(ins.argval)
-    for const in code.co_consts:
-        if inspect.iscode(const):
-            more, more_stores = _code_names(const)
-            names += more
-            stores += more_stores
-    return names, stores
-
-
-def _regroup_graph(parent: nn.Module, gm: fx.GraphModule, pairs: List[str]) -> Tuple[str, ...]:
-    """Replace each pair's two residual adds in the parent's graph by one call of the pair;
-    the pairs regrouped (a pair the parent does not use so is left as it is)."""
-    graph, done = gm.graph, []
+def _regroup_graph(parent: nn.Module, gm: fx.GraphModule, pairs: List[str]):
+    """Replace each pair's two residual adds in the parent's graph by one call of the pair:
+    (the pairs regrouped, why the first other was not; a pair the parent does not use so is
+    left as it is)."""
+    graph, done, why = gm.graph, [], []
     for pair in pairs:
         first = _only_call(graph, f"{pair}.0")
         second = _only_call(graph, f"{pair}.1")
         if first is None or second is None:
+            why.append(f"it does not call `{pair}.0` and `{pair}.1` once each")
             continue
-        x = first.args[0] if _defaults_only(parent.get_submodule(f"{pair}.0"), first) else None
+        odd = [n.target for n in (first, second) if not _defaults_only(parent.get_submodule(n.target), n)]
+        if odd:
+            why.append(f"it calls `{odd[0]}` with other arguments than the stream (and their "
+                       "defaults)")
+            continue
+        x = first.args[0]
         mid = _residual_add(first, x)
-        if mid is None or second.args[:1] != (mid,) or not _defaults_only(
-                parent.get_submodule(f"{pair}.1"), second):
-            continue
-        out = _residual_add(second, mid)
+        out = _residual_add(second, mid) if mid is not None and second.args[:1] == (mid,) else None
         if out is None or set(mid.users) != {second, out}:
+            why.append(f"it does not add the outputs of `{pair}.0` and `{pair}.1` to their inputs "
+                       "(`x = attn(x) + x; x = ff(x) + x`)")
             continue
         with graph.inserting_before(first):
             whole = graph.call_module(pair, (x,))
@@ -164,7 +214,7 @@ def _regroup_graph(parent: nn.Module, gm: fx.GraphModule, pairs: List[str]) -> T
         done.append(pair)
     graph.lint()
     gm.recompile()
-    return tuple(done)
+    return tuple(done), ("its forward: " + why[0]) if why else None
 
 
 def _defaults_only(module: nn.Module, node: fx.Node) -> bool:
@@ -210,6 +260,7 @@ def _run(parent: nn.Module, training: bool, call: ModuleCall):
     was, before = parent.training, plain_attributes(parent)
     parent.train(training)
     state, np_state = random.getstate(), np.random.get_state()
+    buffers = [(b, b.clone()) for b in parent.buffers()]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -219,6 +270,9 @@ def _run(parent: nn.Module, training: bool, call: ModuleCall):
     finally:
         random.setstate(state)
         np.random.set_state(np_state)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
         parent.train(was)
     if plain_attributes(parent) != before:
         raise _NotRegrouped("its forward changes its own attributes, which a traced program "

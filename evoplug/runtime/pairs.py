@@ -47,8 +47,17 @@ class Regrouped:
         self.warned = False
 
     def _attributes(self, module: nn.Module):
+        """What the program holds as it was traced: plain values, the values it reads by name,
+        and which modules are where down to the pairs (a pair deleted, replaced or added)."""
         return (plain_attributes(module),
-                [copy.deepcopy(m.__dict__.get(k, _GONE)) for m, k in self.watched])
+                [copy.deepcopy(getattr(m, k, _GONE)) for m, k in self.watched],
+                [(k, tuple(c._modules)) for k, c in module._modules.items()])
+
+    def _pairs_in_place(self, module: nn.Module) -> bool:
+        try:
+            return all(isinstance(module.get_submodule(p), ResidualPairs) for p in self.pairs)
+        except AttributeError:     # (a pair deleted)
+            return False
 
     def inputs(self, module: nn.Module, args, kwargs) -> Optional[list]:
         """The program's inputs for this call; None where it binds a non-tensor argument to
@@ -61,7 +70,7 @@ class Regrouped:
         got = bound.arguments
         if any(not isinstance(got.get(n), torch.Tensor) for n in self.tensors):
             return None      # (a tensor argument left out, or None: traced for a tensor)
-        if not _same(self._attributes(module), self.attributes):
+        if not _same(self._attributes(module), self.attributes) or not self._pairs_in_place(module):
             return None
         if any(not (got.get(k) is v or _same(got.get(k), v)) for k, v in self.fixed.items()):
             return None
