@@ -3,6 +3,7 @@ x = ff(x) + x`` over ``ModuleList([attn, ff])`` pairs (lucidrains' vit-pytorch a
 written after it). There is no block module: each pair is regrouped into one (its
 ``ModuleList`` made a ``ResidualPairs``, the parent's forward a program calling it), then
 converted as any block. Refused by name until the thirtieth session."""
+import copy
 import io
 import random
 import warnings
@@ -236,18 +237,58 @@ class Helper(Encoder):
         return x
 
 
+def _run_layers(encoder, x):
+    for attn, ff in encoder.layers:
+        x = attn(x) + x
+        x = ff(x) + x
+    return x
+
+
+class HandsSelfOn(Encoder):
+    def forward(self, x):
+        return _run_layers(self, x)
+
+
+class Decorated(Encoder):
+    @torch.no_grad()
+    def forward(self, x):
+        return _run_layers(self, x)
+
+
+class Closure(Encoder):
+    def forward(self, x):
+        scaled = lambda t: t * self.scale  # noqa: E731
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return scaled(x)
+
+
+class ByType(Encoder):
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x * type(self).__name__.count("e")
+
+
 @pytest.mark.parametrize("cls,why", [
+    (HandsSelfOn, r"hands `self` on \(to a function, or another name\)"),
+    (Decorated, r"is no plain function \(a decorator"),
+    (Closure, r"defines a function that reads its variables \(a closure\)"),
+    (ByType, "uses type, which a traced program would not keep"),
     (LayerDrop, "draws a random number outside its traced tensors"),
     (FrozenFirst, "uses set_grad_enabled, which a traced program would not keep"),
     (KeepsHiddens, r"sets `hiddens`, which a traced program would not"),
-    (GlobalGain, r"reads the global `GAIN` \(float\), which a traced program would hold as it is now"),
+    (GlobalGain, r"reads the global `GAIN` \(float\), which a traced program would run or hold once"),
     (Helper, r"reads its `_frozen`, the method or property a traced program would run or hold once")])
 def test_a_parent_whose_forward_a_program_would_not_keep_is_refused_with_the_reason(cls, why):
     """A random draw by a name bound before evoplug patches ``random`` (LayerDrop: the trace
     kept one draw, every train-mode call ran the same layers), the gradient mode set around the
     parts (frozen layers got gradients), attributes set on the parent (hidden states of the
     calibration call), each was converted, silently wrong, by the first version of this feature;
-    so were a global number and a helper method (the second audit of the feature). What the
+    so were a global number and a helper method (the second audit of the feature), a module-
+    level function handed ``self``, a decorated forward, a closure and ``type(self)`` (the third). What the
     parent's forward reads is checked on its code: submodules, parameters, buffers and plain
     values (watched) only; globals that are modules, functions or classes. Refused, saying why the pairs were not regrouped; the caller's random state unmoved."""
     torch.manual_seed(0)
@@ -331,5 +372,36 @@ def test_a_pair_deleted_or_a_batchnorm_in_a_pair():
     assert evoplug.get_report(fast).regrouped == ("encoder",)
     del fast.encoder.layers[3]
     del model.encoder.layers[3]
+    with torch.no_grad(), pytest.warns(UserWarning, match="runs its own forward"):
+        torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+class Staged(nn.Module):
+    """The pairs one list further down: ``for stage in self.stages: for attn, ff in stage``."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.stages = nn.ModuleList([Encoder(dim, depth=2).layers, Encoder(dim, depth=2).layers])
+
+    def forward(self, x):
+        for stage in self.stages:
+            for attn, ff in stage:
+                x = attn(x) + x
+                x = ff(x) + x
+        return x
+
+
+def test_a_pair_added_one_list_further_down_runs_the_parents_own_forward():
+    """Every list that holds the pairs is watched (only the parent's children were: a pair
+    appended to ``stages[0]`` never ran, off by 0.38; the third audit of the feature)."""
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder = Staged()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, 1.0, example_input=x[:1])
+    assert [s.name for s in evoplug.get_report(fast).blocks][0] == "encoder.stages.0.0"
+    extra = Encoder(depth=1).layers[0]
+    model.encoder.stages[0].append(extra)
+    fast.encoder.stages[0].append(copy.deepcopy(extra))
     with torch.no_grad(), pytest.warns(UserWarning, match="runs its own forward"):
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)

@@ -71,7 +71,15 @@ def _pairs_by_parent(model: nn.Module, calls: Dict[int, ModuleCall]) -> Dict[str
 #: names whose use in the parent's forward a traced program would not keep
 _NOT_TRACED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast",
                "checkpoint", "checkpoint_sequential", "is_grad_enabled", "is_inference_mode_enabled",
-               "is_autocast_enabled", "getattr", "setattr", "delattr", "vars", "globals", "eval", "exec")
+               "is_autocast_enabled", "getattr", "setattr", "delattr", "vars", "globals", "eval", "exec",
+               "super", "type", "environ", "getenv")
+#: the packages whose modules, functions and classes the parent's forward may name (their
+#: values are not the model's state)
+_LIBRARIES = ("torch", "einops", "math", "operator", "functools", "itertools", "numpy", "builtins",
+              "typing", "collections")
+#: the objects a traced program would not keep, whatever name they are imported as
+_GRAD_MODES = (torch.no_grad, torch.enable_grad, torch.set_grad_enabled, torch.inference_mode,
+               torch.autocast, torch.is_grad_enabled, torch.utils.checkpoint.checkpoint)
 
 
 def _regroup(parent: nn.Module, call: ModuleCall, pairs: List[str]):
@@ -101,32 +109,71 @@ def _regroup(parent: nn.Module, call: ModuleCall, pairs: List[str]):
 
 def _reads(forward, parent: nn.Module) -> Tuple[Tuple[nn.Module, str], ...]:
     """What a program of ``forward`` would hold as constants, checked on its code (its own and
-    its nested functions'): every attribute it reads of the parent is a submodule, a parameter,
-    a buffer or a plain value (watched at each call), every global a module, function or class,
-    and what it reads of the submodules by name is plain (watched) or theirs as modules. Else
-    (a helper method or property, which the trace runs once; an object, a global number or
-    container; attributes set; the gradient mode) it raises :class:`_NotRegrouped`."""
-    code, watched = forward.__code__, []
-    self_name = code.co_varnames[0] if code.co_argcount else None
-    subs = [m for m in parent.modules() if m is not parent]
-    for ins, prev in _instructions(code):
+    the code it nests): every attribute it reads of the parent is a submodule, a parameter, a
+    buffer or a plain value, and what it reads by name of the submodules is theirs as modules or
+    a plain value (watched at each call); ``self`` goes nowhere else; every global is a module,
+    function or class of a library (torch, einops, math, ...). Else (a decorator, a closure, a
+    helper method, property or function of its own, which the trace runs once; an object, a
+    global value; attributes set; the gradient mode) it raises :class:`_NotRegrouped`."""
+    if not inspect.isfunction(forward) or hasattr(forward, "__wrapped__"):
+        raise _NotRegrouped("its forward is no plain function (a decorator, a partial method)")
+    code = forward.__code__
+    return _function_reads(forward, [parent] + [m for m in parent.modules() if m is not parent],
+                           code.co_varnames[0] if code.co_argcount else None)
+
+
+def _function_reads(fn, modules: List[nn.Module], self_name: Optional[str], depth: int = 0):
+    """:func:`_reads` of one function: ``modules`` the parent and its submodules, ``self_name``
+    the parent's name in it (None in a function of the model's module it calls, checked the
+    same way: lucidrains' ``exists(val)``)."""
+    parent, subs, watched = modules[0], modules[1:], []
+    forward = fn
+    for ins, prev, nested in _instructions(fn.__code__):
         name = ins.argval
+        if nested and (ins.opname in ("LOAD_DEREF", "LOAD_CLOSURE", "LOAD_CLASSDEREF")) or \
+                ins.opname in ("LOAD_CLOSURE", "MAKE_CELL") and name != "__class__":
+            raise _NotRegrouped("its forward defines a function that reads its variables (a "
+                                "closure), which the check cannot follow")
         if ins.opname in ("STORE_ATTR", "DELETE_ATTR", "STORE_GLOBAL", "DELETE_GLOBAL"):
             raise _NotRegrouped(f"its forward sets `{name}`, which a traced program would not")
+        if prev is not None and prev.opname == "LOAD_FAST" and prev.argval == self_name and \
+                ins.opname not in ("LOAD_ATTR", "LOAD_METHOD"):
+            raise _NotRegrouped("its forward hands `self` on (to a function, or another name), "
+                                "which the check cannot follow")
         if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
-            value = forward.__globals__.get(name, getattr(builtins, name, None))
-            if name in _NOT_TRACED:
+            value = forward.__globals__.get(name, getattr(builtins, name, _MISSING))
+            if name in _NOT_TRACED or any(value is g for g in _GRAD_MODES):
                 raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
-            if not (inspect.ismodule(value) or inspect.isclass(value) or inspect.isroutine(value)):
+            if inspect.isfunction(value) and not _library(value) and depth < 3 and \
+                    value.__closure__ is None and not hasattr(value, "__wrapped__"):
+                watched += _function_reads(value, modules, None, depth + 1)
+            elif not _library(value):
                 raise _NotRegrouped(f"its forward reads the global `{name}` ({type(value).__name__}), "
-                                    "which a traced program would hold as it is now")
+                                    "which a traced program would run or hold once, as it is now")
         elif ins.opname in ("LOAD_ATTR", "LOAD_METHOD"):
             if name in _NOT_TRACED:
                 raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
             on_self = prev is not None and prev.opname == "LOAD_FAST" and prev.argval == self_name
-            for m in ([parent] if on_self else subs):
+            if not on_self and name in _TENSOR_NAMES:
+                continue          # (a tensor's attribute or method: x.shape, x.device)
+            for m in ([parent] if on_self else [parent] + subs):
                 watched += _attribute_read(m, name, on_self, m is parent)
     return tuple(watched)
+
+
+_TENSOR_NAMES = frozenset(dir(torch.Tensor))
+
+
+def _library(value) -> bool:
+    """A module, function or class of a library (not of the model's own code)."""
+    if value is _MISSING:
+        return False
+    if inspect.ismodule(value):
+        return value.__name__.split(".")[0] in _LIBRARIES
+    if inspect.isclass(value) or inspect.isroutine(value):
+        module = getattr(value, "__module__", None) or "builtins"
+        return module.split(".")[0] in _LIBRARIES
+    return False
 
 
 def _attribute_read(m: nn.Module, name: str, certain: bool, is_parent: bool):
@@ -140,8 +187,6 @@ def _attribute_read(m: nn.Module, name: str, certain: bool, is_parent: bool):
         return []     # (a tensor's or a list's attribute, named as torch's modules': x.to, l.append)
     if is_plain(value):
         return [(m, name)]
-    if not certain and not is_parent and not isinstance(value, (property, types.FunctionType)):
-        return []
     what = "the method or property" if isinstance(value, (property, types.FunctionType,
                                                             staticmethod, classmethod)) else "the object"
     where = "its" if is_parent else f"a submodule's ({type(m).__name__})"
@@ -158,15 +203,16 @@ def _torch_own(m: nn.Module, name: str) -> bool:
     return owner is not None and (owner.__module__ or "").startswith("torch.")
 
 
-def _instructions(code):
-    """(instruction, the one before it) of ``code`` and of the code it nests."""
+def _instructions(code, nested: bool = False):
+    """(instruction, the one before it, whether it is in nested code) of ``code`` and of the
+    code it nests."""
     prev = None
     for ins in dis.get_instructions(code):
-        yield ins, prev
+        yield ins, prev, nested
         prev = ins
     for const in code.co_consts:
         if inspect.iscode(const):
-            yield from _instructions(const)
+            yield from _instructions(const, True)
 
 
 def _install(parent: nn.Module, call: ModuleCall, found, regroup: Regrouped):

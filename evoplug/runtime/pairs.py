@@ -43,6 +43,8 @@ class Regrouped:
         # what the trace read as constants: the parent's plain values and containers of them,
         # and the attributes of its submodules its forward reads by name (``watched``)
         self.watched = watched
+        # the modules that hold the pairs, down from the parent (a pair added, deleted, moved)
+        self.containers = tuple({id(c): c for p in pairs for c in _ancestors(module, p)}.values())
         self.attributes = self._attributes(module)
         self.warned = False
 
@@ -51,7 +53,7 @@ class Regrouped:
         and which modules are where down to the pairs (a pair deleted, replaced or added)."""
         return (plain_attributes(module),
                 [copy.deepcopy(getattr(m, k, _GONE)) for m, k in self.watched],
-                [(k, tuple(c._modules)) for k, c in module._modules.items()])
+                [tuple(c._modules) for c in self.containers])
 
     def _pairs_in_place(self, module: nn.Module) -> bool:
         try:
@@ -134,6 +136,14 @@ def plain_attributes(module: nn.Module) -> Dict[str, Any]:
 
 #: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's values
 _MODULE_KEYS = frozenset(nn.Module().__dict__)
+
+
+def _ancestors(module: nn.Module, path: str):
+    """``module`` and the modules on ``path`` below it, the last one's parent included."""
+    out, parts = [module], path.split(".")
+    for part in parts[:-1]:
+        out.append(out[-1]._modules[part])
+    return out
 
 
 def _same(a, b) -> bool:
