@@ -224,7 +224,7 @@ def _parts_refused(model: nn.Module, calls, parts, converted):
     for name, reason in regroup_parts(model, calls, parts, converted):
         parent = next((p for p in why if not p or name == p or name.startswith(p + ".")), None)
         out.append((name, reason if parent is None else (
-            f"{reason}; `{parent}` adds its pairs' residual branches itself, and they were not "
+            f"{reason}; {f'`{parent}`' if parent else 'the model'} adds its pairs' residual branches itself, and they were not "
             f"regrouped into blocks: {why[parent]}")))
     return out
 

@@ -272,7 +272,27 @@ class ByType(Encoder):
         return x * type(self).__name__.count("e")
 
 
+class Picker(nn.Module):
+    how = "first"
+
+    def select(self, x):         # (a name torch.Tensor has too)
+        return x[:, :1] if self.how == "first" else x.mean(1, keepdim=True)
+
+
+class Selects(Encoder):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.pick = Picker()
+
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x + self.pick.select(x)
+
+
 @pytest.mark.parametrize("cls,why", [
+    (Selects, r"reads a submodule's \(Picker\) `select`, the method or property"),
     (HandsSelfOn, r"hands `self` on \(to a function, or another name\)"),
     (Decorated, r"is no plain function \(a decorator"),
     (Closure, r"defines a function that reads its variables \(a closure\)"),
@@ -294,6 +314,8 @@ def test_a_parent_whose_forward_a_program_would_not_keep_is_refused_with_the_rea
     torch.manual_seed(0)
     model = Net().eval()
     model.encoder.__class__ = cls
+    if cls is Selects:
+        model.encoder.pick = Picker()
     random.seed(7)
     state = random.getstate()
     with pytest.raises(evoplug.ConversionError, match=rf"`encoder` adds its pairs' residual branches "
@@ -405,3 +427,47 @@ def test_a_pair_added_one_list_further_down_runs_the_parents_own_forward():
     fast.encoder.stages[0].append(copy.deepcopy(extra))
     with torch.no_grad(), pytest.warns(UserWarning, match="runs its own forward"):
         torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+
+
+ACT = nn.functional.gelu
+
+
+class Activated(Encoder):
+    def forward(self, x, skip=None):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return ACT(x)
+
+
+def test_a_global_the_parent_reads_rebound_runs_its_own_forward():
+    """A module-level name bound to a library function (``ACT = F.gelu``) and rebound after
+    the conversion: the program called the old one (off by 0.26; fourth audit of the feature).
+    A list argument is refused with the reason (a raw fx error before)."""
+    global ACT
+    torch.manual_seed(0)
+    model = Net().eval()
+    model.encoder.__class__ = Activated
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, 1.0, example_input=x[:1])
+    assert evoplug.get_report(fast).regrouped == ("encoder",)
+    try:
+        ACT = torch.tanh
+        with torch.no_grad(), pytest.warns(UserWarning, match="runs its own forward"):
+            torch.testing.assert_close(fast(x), model(x), rtol=0, atol=0)
+    finally:
+        ACT = nn.functional.gelu
+    with pytest.raises(evoplug.ConversionError, match=r"arguments other than tensors and plain values "
+                                                      r"\(a list, a tuple"):
+        evoplug.convert(_WithList(model), 0.5, example_input=x[:1])
+
+
+class _WithList(nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, img):
+        x = self.net.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.net.cls.expand(len(x), -1, -1), x], 1)
+        return self.net.head(self.net.encoder(x, skip=[1])[:, 0])

@@ -72,7 +72,7 @@ def _pairs_by_parent(model: nn.Module, calls: Dict[int, ModuleCall]) -> Dict[str
 _NOT_TRACED = ("no_grad", "enable_grad", "set_grad_enabled", "inference_mode", "autocast",
                "checkpoint", "checkpoint_sequential", "is_grad_enabled", "is_inference_mode_enabled",
                "is_autocast_enabled", "getattr", "setattr", "delattr", "vars", "globals", "eval", "exec",
-               "super", "type", "environ", "getenv")
+               "super", "type", "environ", "getenv", "__dict__", "__class__")
 #: the packages whose modules, functions and classes the parent's forward may name (their
 #: values are not the model's state)
 _LIBRARIES = ("torch", "einops", "math", "operator", "functools", "itertools", "numpy", "builtins",
@@ -93,8 +93,9 @@ def _regroup(parent: nn.Module, call: ModuleCall, pairs: List[str]):
     args = dict(list(bound.arguments.items())[1:])
     tensors = tuple(n for n, v in args.items() if isinstance(v, torch.Tensor))
     fixed = {n: v for n, v in args.items() if n not in tensors}
-    if not all(is_plain(v) for v in fixed.values()):
-        raise _NotRegrouped("its forward takes arguments other than tensors and plain values")
+    if not all(isinstance(v, (bool, int, float, str, type(None))) for v in fixed.values()):
+        raise _NotRegrouped("its forward takes arguments other than tensors and plain values "
+                            "(a list, a tuple: fx traces them as they are)")
     programs, found = {}, None
     for training in (False, True):
         gm = trace_parent(parent, fixed, training)
@@ -142,8 +143,13 @@ def _function_reads(fn, modules: List[nn.Module], self_name: Optional[str], dept
                                 "which the check cannot follow")
         if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"):
             value = forward.__globals__.get(name, getattr(builtins, name, _MISSING))
+            if name == "super":
+                raise _NotRegrouped("its forward calls super(): the base class's forward, which "
+                                    "the check does not follow")
             if name in _NOT_TRACED or any(value is g for g in _GRAD_MODES):
                 raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
+            if name in forward.__globals__:      # (rebound later, the program would not follow)
+                watched.append((forward.__module__, name))
             if inspect.isfunction(value) and not _library(value) and depth < 3 and \
                     value.__closure__ is None and not hasattr(value, "__wrapped__"):
                 watched += _function_reads(value, modules, None, depth + 1)
@@ -154,14 +160,9 @@ def _function_reads(fn, modules: List[nn.Module], self_name: Optional[str], dept
             if name in _NOT_TRACED:
                 raise _NotRegrouped(f"its forward uses {name}, which a traced program would not keep")
             on_self = prev is not None and prev.opname == "LOAD_FAST" and prev.argval == self_name
-            if not on_self and name in _TENSOR_NAMES:
-                continue          # (a tensor's attribute or method: x.shape, x.device)
             for m in ([parent] if on_self else [parent] + subs):
                 watched += _attribute_read(m, name, on_self, m is parent)
     return tuple(watched)
-
-
-_TENSOR_NAMES = frozenset(dir(torch.Tensor))
 
 
 def _library(value) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -52,7 +53,8 @@ class Regrouped:
         """What the program holds as it was traced: plain values, the values it reads by name,
         and which modules are where down to the pairs (a pair deleted, replaced or added)."""
         return (plain_attributes(module),
-                [copy.deepcopy(getattr(m, k, _GONE)) for m, k in self.watched],
+                [_global(m, k) if isinstance(m, str) else copy.deepcopy(getattr(m, k, _GONE))
+                 for m, k in self.watched],
                 [tuple(c._modules) for c in self.containers])
 
     def _pairs_in_place(self, module: nn.Module) -> bool:
@@ -136,6 +138,15 @@ def plain_attributes(module: nn.Module) -> Dict[str, Any]:
 
 #: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's values
 _MODULE_KEYS = frozenset(nn.Module().__dict__)
+
+
+def _global(module: str, name: str):
+    """What the global ``name`` of the module ``module`` is bound to now, by name (a module,
+    function or class rebound; the same after a copy or a pickle)."""
+    value = vars(sys.modules[module]).get(name, _GONE) if module in sys.modules else _GONE
+    if inspect.ismodule(value):
+        return ("module", value.__name__)
+    return (getattr(value, "__module__", None), getattr(value, "__qualname__", None), type(value).__name__)
 
 
 def _ancestors(module: nn.Module, path: str):
