@@ -126,10 +126,7 @@ def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.
     M = N - P - S
     if M < 2:
         return
-    gen = torch.Generator().manual_seed(2)
-    patches = (torch.randperm(M, generator=gen)[:max(1, M // 2)] + P).to(x.device)
-    pos = torch.cat([torch.arange(P, device=x.device), torch.arange(N - S, N, device=x.device),
-                     patches]).expand(B, -1)
+    pos = _count_subset(B, N, P, S, x.device)
     extras = dict(zip(a.plan.tensor_args, feed[1:]))
     module, was = a.module, a.module.training
     module.eval()
@@ -150,6 +147,16 @@ def _check_count_free(probe: fx.GraphModule, a: BlockAnalysis, feed, ref: torch.
         raise AnalysisError(a.name, _COUNT_MESSAGE.format(err=err))
 
 
+def _count_subset(B: int, N: int, P: int, S: int, device) -> torch.Tensor:
+    """The count probes' token subset (B, n): the special tokens and half the patches, drawn
+    with a fixed seed."""
+    M = N - P - S
+    gen = torch.Generator().manual_seed(2)
+    patches = (torch.randperm(M, generator=gen)[:max(1, M // 2)] + P).to(device)
+    return torch.cat([torch.arange(P, device=device), torch.arange(N - S, N, device=device),
+                      patches]).expand(B, -1)
+
+
 def count_probe_graph(gm: fx.GraphModule, a: BlockAnalysis):
     """For a block the count probe above skips (2-D map operations need the full map, which a
     token subset does not make): a copy of its traced graph with the attention's output set to
@@ -166,7 +173,7 @@ def check_count_free_program(a: BlockAnalysis, build: Callable, gm: Optional[fx.
     map, where a patch not in the subset holds the subset's last token: the dense reference
     holds it there too) must give each token what it gives with every token. A branch scaled by the token
     count (``mlp(x, H, W) * (N0 / n)``) in a PVT-style block was scaled for the kept tokens'
-    count, silently (audit of the twenty-ninth session). ``build(gm)``: the program of ``gm``."""
+    count, silently (thirtieth session). ``build(gm)``: the program of ``gm``."""
     if gm is None:
         return
     m, args, kwargs = _in_float32(a.module, a.call.args, a.call.kwargs)
@@ -179,11 +186,7 @@ def check_count_free_program(a: BlockAnalysis, build: Callable, gm: Optional[fx.
             x = x.flatten(1, 2)
         B, N, C = x.shape
         P, S = a.num_prefix, a.num_suffix
-        M = N - P - S
-        gen = torch.Generator().manual_seed(2)
-        patches = (torch.randperm(M, generator=gen)[:max(1, M // 2)] + P).to(x.device)
-        pos = torch.cat([torch.arange(P, device=x.device), torch.arange(N - S, N, device=x.device),
-                         patches]).expand(B, -1)
+        pos = _count_subset(B, N, P, S, x.device)
         # the dense reference sees what the subset's maps see: every patch not in the subset
         # holds the subset's last token (ev.to_canvas), the same through the token-wise ops
         others = torch.ones(N, dtype=torch.bool, device=x.device)

@@ -49,11 +49,13 @@ class Regrouped:
         self.attributes = self._attributes(module)
         self.warned = False
 
-    def _attributes(self, module: nn.Module):
+    def _attributes(self, module: nn.Module, snapshot: bool = True):
         """What the program holds as it was traced: plain values, the values it reads by name,
-        and which modules are where down to the pairs (a pair deleted, replaced or added)."""
-        return (plain_attributes(module),
-                [_global(m, k) if isinstance(m, str) else copy.deepcopy(getattr(m, k, _GONE))
+        and which modules are where down to the pairs (a pair deleted, replaced or added).
+        Copied for the snapshot; read as they are to compare with it (every call)."""
+        keep = copy.deepcopy if snapshot else (lambda v: v)
+        return (plain_attributes(module, snapshot),
+                [_global(m, k) if isinstance(m, str) else keep(getattr(m, k, _GONE))
                  for m, k in self.watched],
                 [tuple(c._modules) for c in self.containers])
 
@@ -66,15 +68,18 @@ class Regrouped:
     def inputs(self, module: nn.Module, args, kwargs) -> Optional[list]:
         """The program's inputs for this call; None where it binds a non-tensor argument to
         another value than the program was traced with."""
+        signature = self.__dict__.get("_signature")
+        if signature is None:     # (made once: the call's cost is per forward)
+            signature = self._signature = inspect.signature(self.orig_class.forward)
         try:
-            bound = inspect.signature(self.orig_class.forward).bind(module, *args, **kwargs)
+            bound = signature.bind(module, *args, **kwargs)
         except TypeError:
             return None
         bound.apply_defaults()
         got = bound.arguments
         if any(not isinstance(got.get(n), torch.Tensor) for n in self.tensors):
             return None      # (a tensor argument left out, or None: traced for a tensor)
-        if not _same(self._attributes(module), self.attributes) or not self._pairs_in_place(module):
+        if not _same(self._attributes(module, False), self.attributes) or not self._pairs_in_place(module):
             return None
         if any(not (got.get(k) is v or _same(got.get(k), v)) for k, v in self.fixed.items()):
             return None
@@ -82,6 +87,7 @@ class Regrouped:
 
     def __getstate__(self):
         state = dict(self.__dict__)
+        state.pop("_signature", None)
         state["programs"] = {k: program_source(p, self.orig_class.__name__)
                              for k, p in self.programs.items()}
         return state
@@ -129,10 +135,11 @@ def is_plain(v) -> bool:
     return False
 
 
-def plain_attributes(module: nn.Module) -> Dict[str, Any]:
+def plain_attributes(module: nn.Module, copied: bool = True) -> Dict[str, Any]:
     """The module's own plain Python values and containers of them (flags, sizes, a list of
-    layers to skip) but ``training``, copied: what a traced forward read as constants."""
-    return {k: copy.deepcopy(v) for k, v in module.__dict__.items()
+    layers to skip) but ``training``, copied (or as they are, to compare): what a traced
+    forward read as constants."""
+    return {k: copy.deepcopy(v) if copied else v for k, v in module.__dict__.items()
             if k not in _MODULE_KEYS and is_plain(v)}
 
 
