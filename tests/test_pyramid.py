@@ -353,8 +353,10 @@ def test_evolving_blocks_that_no_scores_reach_are_refused_or_marked(monkeypatch)
     blocks that then run dense (checked against the runtime's tokens per block)."""
     from evoplug.analyse import grid
     monkeypatch.setattr(grid, "_LINEAR", ())      # Swinv2's F.linear qkv: windows not mapped
-    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False).eval()
-    with pytest.raises(evoplug.ConversionError, match=r"7 evolving block\(s\) .*`layers\.2\.blocks\.0`"
+    # (narrowed, fewer blocks: the same kinds of blocks and tokens, several times faster)
+    model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, embed_dim=48,
+                              depths=(1, 2, 2, 2)).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"4 evolving block\(s\) .*`layers\.2\.blocks\.0`"
                        r".*no global attention row reaches them.*windows not mapped"):
         evoplug.convert(model, keep_ratio=0.5)
     fast = evoplug.convert(model, keep_ratio=0.5, strict=False)
@@ -364,9 +366,9 @@ def test_evolving_blocks_that_no_scores_reach_are_refused_or_marked(monkeypatch)
         fast(evoplug.example_input(model))
     ran_all = [s.index for s in report.blocks
                if s.role == "evolve" and s.tokens_run == s.analysis.num_tokens]
-    assert idle == ran_all and len(idle) == 7      # stage 3, and stage 4's first block (restart)
+    assert idle == ran_all and len(idle) == 4      # stage 2's second, stage 3, stage 4's first
     text = evoplug.explain(fast)
-    assert text.count("evolving, no scores: dense") == 7 and "WARNING: 7 evolving block(s)" in text
+    assert text.count("evolving, no scores: dense") == 4 and "WARNING: 4 evolving block(s)" in text
 
 
 def test_converted_swin_follows_to_dtype():
