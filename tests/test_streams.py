@@ -198,3 +198,83 @@ def test_every_layer_of_a_torch_text_encoder_is_found_image_free():
         out = fast(images, prompts)
         torch.testing.assert_close(out, image_only(images)[:, 0] @ model.text(model.tok(prompts)).mean(1).T,
                                    atol=1e-5, rtol=1e-5)
+
+
+def _vit_tokens(model, x):
+    return model._pos_embed(model.patch_embed(x))
+
+
+@pytest.mark.parametrize("every,train", [(1, False), (4, False), (4, True)])
+def test_two_streams_run_block_by_block_through_the_same_blocks_evolve_as_each_alone(every, train):
+    """``a = blk(a); b = blk(b)`` for each block (two views of a siamese or student-teacher
+    loop, written after the conversion): the second stream's first call started a new forward and
+    the first stream went on from the second's scores, off by 0.67, silently, until the
+    thirty-first session. Each stream is told by the tensor its last block gave and runs as it
+    runs alone; so does a stream that a whole forward of the model interrupted."""
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=6)
+    fast = evoplug.convert(model.eval(), keep_ratio=0.5, reselect_every=every,
+                           example_input=torch.randn(1, 3, 64, 64)).train(train)
+    xa, xb = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+
+    def alone(x):
+        h = _vit_tokens(fast, x)
+        for blk in fast.blocks:
+            h = blk(h)
+        return h
+
+    with torch.set_grad_enabled(train):
+        want_a, want_b = alone(xa), alone(xb)
+        a, b = _vit_tokens(fast, xa), _vit_tokens(fast, xb)
+        for blk in fast.blocks:
+            a = blk(a)
+            b = blk(b)
+        torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b, want_b, atol=1e-5, rtol=1e-5)
+        if train:                                   # and the gradients are each stream's own
+            (a.square().mean() + b.square().mean()).backward()
+            got = [p.grad.clone() for p in fast.blocks.parameters()]
+            fast.zero_grad()
+            (want_a.square().mean() + want_b.square().mean()).backward()
+            for g, w in zip(got, (p.grad for p in fast.blocks.parameters())):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+            return
+        # a whole forward of the model between two blocks of a stream
+        a = _vit_tokens(fast, xa)
+        a = fast.blocks[1](fast.blocks[0](a))
+        whole = fast(xb)
+        for blk in fast.blocks[2:]:
+            a = blk(a)
+        torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(whole, fast.forward_head(fast.norm(want_b)), atol=1e-5, rtol=1e-5)
+    evolving = [t for _, t in evoplug.tokens_per_block(fast)][2:]
+    assert all(0 < t < 17 for t in evolving), evolving
+
+
+def test_streams_whose_tokens_change_between_blocks_are_warned_and_a_run_left_early_is_not():
+    """Two streams through a Swin, stage by stage (the patch merging between two stages makes
+    tokens no block gave): which stream a block call continues cannot be told, and is warned
+    (once). A run of the blocks left early (a probe of the first block) and then a whole run
+    is one stream after the other: no warning, the same output."""
+    import timm
+    import warnings
+    torch.manual_seed(0)
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64, patch_size=2,
+                          window_size=4, embed_dim=32, depths=(2, 2), num_heads=(2, 2)).eval()
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    xa, xb = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        want = fast.layers(fast.patch_embed(xa))
+        fast.layers[0].blocks[0](fast.patch_embed(xb))          # a probe, left there
+        torch.testing.assert_close(fast.layers(fast.patch_embed(xa)), want, atol=1e-5, rtol=1e-5)
+        assert not [w for w in caught if "evoplug" in str(w.message)]
+        a, b = fast.patch_embed(xa), fast.patch_embed(xb)
+        for stage in fast.layers:
+            a, b = stage.downsample(a), stage.downsample(b)
+            for blk in stage.blocks:
+                a, b = blk(a), blk(b)
+    told = [str(w.message) for w in caught if "evoplug" in str(w.message)]
+    assert len(told) == 1 and "both up to block 1, and block 2 got tokens that neither" in told[0], told
+    assert caught[-1].filename == __file__

@@ -384,8 +384,19 @@ class EvoBlockMixin:
             out = _following(self, twin)(*args, **kwargs)
             spec.tokens_run = twin._evoplug_spec.tokens_run
             return out
-        recompute = not torch.compiler.is_compiling() and _in_backward()
-        state = rt.enter(spec.index) if not recompute else None
+        if torch.compiler.is_compiling():
+            return self._entered(rt.enter(spec.index), False, args, kwargs)
+        if _in_backward():
+            return self._entered(None, True, args, kwargs)
+        out = self._entered(rt.enter(spec.index, (args, kwargs)), False, args, kwargs)
+        rt.left(out)
+        return out
+
+    def _entered(self, state: Optional[EvoState], recompute: bool, args, kwargs):
+        """The block's call from ``state`` (None: recomputed in backward, from the state its
+        forward recorded)."""
+        spec = self._evoplug_spec
+        rt = spec.runtime
         if state is not None and spec.starts_stream and state.index >= 0:
             state = EvoState(-1, state.plan)     # another tower: its own scores, from here
         if state is not None and not torch.is_grad_enabled():

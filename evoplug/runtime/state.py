@@ -98,10 +98,35 @@ def _tensor_key(t: torch.Tensor):
 
 
 #: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py)
-_FORWARD_STATE = ("state", "last", "untied", "direct")
+_FORWARD_STATE = ("state", "last", "untied", "direct", "out", "other")
+
+
+def first_tensor(obj) -> Optional[torch.Tensor]:
+    """The tensor a block call takes or gives as its tokens: ``obj`` itself, or the first
+    tensor of a tuple or list (transformers' layers return ``(hidden_states, ...)``)."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
+        return obj[0]
+    return None
+
+
+def _call_tensor(args, kwargs) -> Optional[torch.Tensor]:
+    for v in args:
+        if isinstance(v, torch.Tensor):
+            return v
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    return None
 
 #: every runtime of this process (weakly): a forked child resets their thread bookkeeping
 _RUNTIMES: "weakref.WeakSet[EvoRuntime]" = weakref.WeakSet()
+
+
+def _dead():
+    """A weak reference to nothing (a forward's last output not known)."""
+    return None
 
 
 def _reset_after_fork():
@@ -181,12 +206,37 @@ class EvoRuntime:
         self.__init__(state["plan"])
 
     # -- the forward in progress on this thread ------------------------------------------
-    def enter(self, index: int) -> EvoState:
-        """The state block ``index`` starts from. A block that does not come after the last
-        block of this thread's forward in progress starts a new forward (with the plan in
-        force now); so does the first block ever run."""
+    def enter(self, index: int, call: Optional[tuple] = None) -> EvoState:
+        """The state block ``index`` starts from, called with ``call`` = (args, kwargs) (None:
+        under torch.compile, which runs one forward at a time). A block that does not come after
+        the last block of this thread's forward in progress starts a new forward (with the plan
+        in force now); so does the first block ever run.
+
+        Two token streams run block by block through the same blocks (``a = blk(a); b =
+        blk(b)``): the forward the second stream's first block call interrupted is kept, and a
+        call whose tokens are the output that forward's last block gave continues it (each
+        stream from its own scores; the second went on from the first's until the thirty-first
+        session, off by 0.67, silently). A stream is known by that tensor only: tokens changed
+        between two blocks (a norm, a downsampling) continue the forward run last."""
         local = self._local
         cur = getattr(local, "state", None)
+        if call is not None:
+            other = getattr(local, "other", None)
+            t = _call_tensor(*call) if other is not None and other[1] < index else None
+            if t is not None and t is other[2]():
+                # the interrupted stream goes on: swap it in, the current one waits
+                local.other = self._stream(cur)
+                cur, local.last, local.out, local.untied = other
+                local.state = cur
+            elif t is not None and other[1] == local.last < index and t is not local.out():
+                self._tell_streams(index)
+            elif cur is None or local.last >= index:
+                # a forward interrupted mid-way, outside the model's own forward (no tokens
+                # handed on), may be continued by its stream (above)
+                keep = cur is not None and cur.index >= 0 and cur.segment is None \
+                    and local.last < len(cur.plan.roles) - 1
+                local.other = self._stream(cur) if keep else None
+                local.out = _dead
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
             local.state = cur
@@ -194,8 +244,32 @@ class EvoRuntime:
         local.last = index          # every converted block, dense ones too, moves it on
         return cur
 
+    _streams_told = False
+
+    def _tell_streams(self, index: int):
+        """Two forwards wait at the same block and a call's tokens are neither's last output."""
+        if self._streams_told:
+            return
+        self._streams_told = True
+        warnings.warn(
+            f"evoplug: two runs of the converted blocks are in progress on this thread, both "
+            f"up to block {index - 1}, and block {index} got tokens that neither run's last "
+            "block gave (changed in between, e.g. a norm or a downsampling): it goes on from the "
+            "run that came last. If two token streams run block by block through the same "
+            "blocks, each stream may be ranked by the other's scores: run them one after the "
+            "other, or stack them in the batch (docs/guarantees.md)", stacklevel=7)
+
+    def _stream(self, state: EvoState) -> tuple:
+        local = self._local
+        return (state, local.last, getattr(local, "out", _dead), getattr(local, "untied", False))
+
     def leave(self, state: EvoState):
         self._local.state = state
+
+    def left(self, output):
+        """A block call of this thread's forward returned ``output`` (see :meth:`enter`)."""
+        t = first_tensor(output)
+        self._local.out = weakref.ref(t) if t is not None else _dead
 
     def guard(self) -> SegmentGuard:
         """This thread's guard of the tokens handed on in the selection's order (guard.py)."""
