@@ -204,19 +204,27 @@ def _vit_tokens(model, x):
     return model._pos_embed(model.patch_embed(x))
 
 
+class _PosBlock(Block):
+    """A block with a second tensor argument (called ``blk(pos=pos, x=h)``)."""
+
+    def forward(self, x, pos):
+        return super().forward(x + pos)
+
+
 @pytest.mark.parametrize("every,train", [(1, False), (4, False), (4, True)])
-def test_two_streams_run_block_by_block_through_the_same_blocks_evolve_as_each_alone(every, train):
+def test_streams_run_block_by_block_through_the_same_blocks_evolve_as_each_alone(every, train):
     """``a = blk(a); b = blk(b)`` for each block (two views of a siamese or student-teacher
     loop, written after the conversion): the second stream's first call started a new forward and
     the first stream went on from the second's scores, off by 0.67, silently, until the
     thirty-first session. Each stream is told by the tensor its last block gave and runs as it
-    runs alone; so does a stream that a whole forward of the model interrupted."""
+    runs alone: two or three streams (of other batch sizes), a whole forward of the model
+    between two blocks of two streams, a compiled forward in between, the gradients."""
     import timm
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=6)
     fast = evoplug.convert(model.eval(), keep_ratio=0.5, reselect_every=every,
                            example_input=torch.randn(1, 3, 64, 64)).train(train)
-    xa, xb = torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64)
+    xs = [torch.randn(2, 3, 64, 64), torch.randn(3, 3, 64, 64), torch.randn(2, 3, 64, 64)]
 
     def alone(x):
         h = _vit_tokens(fast, x)
@@ -224,39 +232,69 @@ def test_two_streams_run_block_by_block_through_the_same_blocks_evolve_as_each_a
             h = blk(h)
         return h
 
+    def interleaved(streams, between=None):
+        hs = [_vit_tokens(fast, x) for x in xs[:streams]]
+        for i, blk in enumerate(fast.blocks):
+            hs = [blk(h) for h in hs]
+            if i == 1 and between is not None:
+                between(torch.randn(2, 3, 64, 64))
+        return hs
+
     with torch.set_grad_enabled(train):
-        want_a, want_b = alone(xa), alone(xb)
-        a, b = _vit_tokens(fast, xa), _vit_tokens(fast, xb)
-        for blk in fast.blocks:
-            a = blk(a)
-            b = blk(b)
-        torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b, want_b, atol=1e-5, rtol=1e-5)
+        want = [alone(x) for x in xs]
+        got = interleaved(2)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
         if train:                                   # and the gradients are each stream's own
-            (a.square().mean() + b.square().mean()).backward()
-            got = [p.grad.clone() for p in fast.blocks.parameters()]
+            sum(g.square().mean() for g in got).backward()
+            grads = [p.grad.clone() for p in fast.blocks.parameters()]
             fast.zero_grad()
-            (want_a.square().mean() + want_b.square().mean()).backward()
-            for g, w in zip(got, (p.grad for p in fast.blocks.parameters())):
+            sum(w.square().mean() for w in want[:2]).backward()
+            for g, w in zip(grads, (p.grad for p in fast.blocks.parameters())):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
             return
-        # a whole forward of the model between two blocks of a stream
-        a = _vit_tokens(fast, xa)
-        a = fast.blocks[1](fast.blocks[0](a))
-        whole = fast(xb)
-        for blk in fast.blocks[2:]:
-            a = blk(a)
-        torch.testing.assert_close(a, want_a, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(whole, fast.forward_head(fast.norm(want_b)), atol=1e-5, rtol=1e-5)
+        for streams, between in ((3, None), (2, fast), (2, torch.compile(fast, backend="eager"))):
+            for g, w in zip(interleaved(streams, between), want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     evolving = [t for _, t in evoplug.tokens_per_block(fast)][2:]
     assert all(0 < t < 17 for t in evolving), evolving
 
 
+def test_streams_through_blocks_called_with_their_tokens_by_keyword_not_first():
+    """``blk(pos=pos, x=h)``: the call's first tensor (pos) was taken for the stream's tokens
+    (audit I of the thirty-first session)."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*[_PosBlock() for _ in range(4)])
+    pos = torch.randn(1, 17, 64) * 0.02
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = blocks
+
+        def forward(self, x):
+            for blk in self.blocks:
+                x = blk(pos=pos, x=x)
+            return x
+
+    fast = evoplug.convert(Model().eval(), keep_ratio=0.5, example_input=torch.randn(1, 17, 64))
+    xa, xb = torch.randn(2, 17, 64), torch.randn(2, 17, 64)
+    with torch.no_grad():
+        want = fast(xa), fast(xb)
+        a, b = xa, xb
+        for blk in fast.blocks:
+            a, b = blk(pos=pos, x=a), blk(pos=pos, x=b)
+    torch.testing.assert_close(a, want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b, want[1], atol=1e-5, rtol=1e-5)
+    assert 0 < evoplug.tokens_per_block(fast)[-1][1] < 17
+
+
 def test_streams_whose_tokens_change_between_blocks_are_warned_and_a_run_left_early_is_not():
     """Two streams through a Swin, stage by stage (the patch merging between two stages makes
-    tokens no block gave): which stream a block call continues cannot be told, and is warned
-    (once). A run of the blocks left early (a probe of the first block) and then a whole run
-    is one stream after the other: no warning, the same output."""
+    tokens no block gave): which stream a block call continues cannot be told, and is warned.
+    A run of the blocks left early (a probe of the first block; ``forward_intermediates`` with
+    ``stop_early``) and then a whole run is one stream after the other: no warning, the same
+    output."""
     import timm
     import warnings
     torch.manual_seed(0)
@@ -269,6 +307,8 @@ def test_streams_whose_tokens_change_between_blocks_are_warned_and_a_run_left_ea
         want = fast.layers(fast.patch_embed(xa))
         fast.layers[0].blocks[0](fast.patch_embed(xb))          # a probe, left there
         torch.testing.assert_close(fast.layers(fast.patch_embed(xa)), want, atol=1e-5, rtol=1e-5)
+        fast.forward_intermediates(xb, indices=[0], stop_early=True)
+        fast(xa)
         assert not [w for w in caught if "evoplug" in str(w.message)]
         a, b = fast.patch_embed(xa), fast.patch_embed(xb)
         for stage in fast.layers:
@@ -276,5 +316,6 @@ def test_streams_whose_tokens_change_between_blocks_are_warned_and_a_run_left_ea
             for blk in stage.blocks:
                 a, b = blk(a), blk(b)
     told = [str(w.message) for w in caught if "evoplug" in str(w.message)]
-    assert len(told) == 1 and "both up to block 1, and block 2 got tokens that neither" in told[0], told
+    assert len(told) == 1 and "wait on this thread at block 1, and block 2 got tokens that neither" \
+        in told[0], told
     assert caught[-1].filename == __file__

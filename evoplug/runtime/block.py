@@ -388,7 +388,7 @@ class EvoBlockMixin:
             return self._entered(rt.enter(spec.index), False, args, kwargs)
         if _in_backward():
             return self._entered(None, True, args, kwargs)
-        out = self._entered(rt.enter(spec.index, (args, kwargs)), False, args, kwargs)
+        out = self._entered(rt.enter(spec.index, spec.call.tokens(args, kwargs)), False, args, kwargs)
         rt.left(out)
         return out
 

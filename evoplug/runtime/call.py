@@ -3,6 +3,7 @@ arguments follow the tokens, which constants the trace baked in (checked at ever
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -72,6 +73,24 @@ class CallPlan:
         if self.token_perm and isinstance(x, torch.Tensor):
             x = x.permute(self.token_perm)
         return x, extras
+
+    def tokens(self, args, kwargs) -> Optional[torch.Tensor]:
+        """The token argument of a call, as given (None: not a tensor, or not found)."""
+        if self.single and args and not kwargs:
+            x = args[0]
+        elif self.token_arg in kwargs:
+            x = kwargs[self.token_arg]
+        else:
+            i = self.signature_index
+            x = args[i] if i < len(args) else None
+        return x if isinstance(x, torch.Tensor) else None
+
+    @functools.cached_property
+    def signature_index(self) -> int:
+        """The token argument's place among the positional parameters (huge: keyword-only)."""
+        names = [p.name for p in self.signature.parameters.values()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        return names.index(self.token_arg) if self.token_arg in names else 1 << 30
 
     def to_call(self, out: torch.Tensor) -> torch.Tensor:
         """Tokens (B, N, C) in the layout the block takes and returns (see ``token_perm``)."""

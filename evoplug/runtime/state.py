@@ -98,12 +98,33 @@ def _tensor_key(t: torch.Tensor):
 
 
 #: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py)
-_FORWARD_STATE = ("state", "last", "untied", "direct", "out", "other")
+_FORWARD_STATE = ("state", "last", "untied", "direct", "run", "waiting")
+
+#: the block call's tokens are not known (under torch.compile, which runs one forward at a time)
+NO_TOKENS = object()
+#: runs of the blocks kept waiting on a thread, at most (the oldest is dropped)
+_MAX_WAITING = 8
+
+
+class Run(NamedTuple):
+    """A run of the converted blocks on a thread (see :meth:`EvoRuntime.enter`): the tensor its
+    last block call returned (weakly), the state that block left, its index, ``untied``."""
+    out: Callable[[], Optional[torch.Tensor]]
+    state: EvoState
+    last: int
+    untied: bool
+
+    def waits(self) -> bool:
+        """Whether a later block call may go on with it: mid-way, outside the model's own
+        forward (no tokens handed on). (One whose last output is gone can be gone on with
+        only by tokens made from that output: kept, so that such a call is warned.)"""
+        s = self.state
+        return s.index >= 0 and s.segment is None and self.last < len(s.plan.roles) - 1
 
 
 def first_tensor(obj) -> Optional[torch.Tensor]:
-    """The tensor a block call takes or gives as its tokens: ``obj`` itself, or the first
-    tensor of a tuple or list (transformers' layers return ``(hidden_states, ...)``)."""
+    """The tensor a block call gives as its tokens: ``obj`` itself, or the first item of a
+    tuple or list (transformers' layers return ``(hidden_states, ...)``)."""
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
@@ -111,22 +132,19 @@ def first_tensor(obj) -> Optional[torch.Tensor]:
     return None
 
 
-def _call_tensor(args, kwargs) -> Optional[torch.Tensor]:
-    for v in args:
-        if isinstance(v, torch.Tensor):
-            return v
-    for v in kwargs.values():
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
 #: every runtime of this process (weakly): a forked child resets their thread bookkeeping
 _RUNTIMES: "weakref.WeakSet[EvoRuntime]" = weakref.WeakSet()
 
 
-def _dead():
-    """A weak reference to nothing (a forward's last output not known)."""
-    return None
+def _tell_streams(index: int):
+    """Runs wait at the block before ``index`` and its call's tokens are none of theirs."""
+    warnings.warn(
+        f"evoplug: runs of the converted blocks wait on this thread at block {index - 1}, and "
+        f"block {index} got tokens that neither they nor the run that came last returned "
+        "(changed in between, e.g. by a norm or a downsampling; or its tokens come from a run "
+        "given up): it goes on from the run that came last. If token streams run block by "
+        "block through the same blocks, they may be ranked by each other's scores: run them "
+        "one after the other, or stack them in the batch (docs/guarantees.md)", stacklevel=8)
 
 
 def _reset_after_fork():
@@ -206,37 +224,26 @@ class EvoRuntime:
         self.__init__(state["plan"])
 
     # -- the forward in progress on this thread ------------------------------------------
-    def enter(self, index: int, call: Optional[tuple] = None) -> EvoState:
-        """The state block ``index`` starts from, called with ``call`` = (args, kwargs) (None:
-        under torch.compile, which runs one forward at a time). A block that does not come after
-        the last block of this thread's forward in progress starts a new forward (with the plan
-        in force now); so does the first block ever run.
+    def enter(self, index: int, tokens=NO_TOKENS) -> EvoState:
+        """The state block ``index`` starts from, called with ``tokens``. A block that does not
+        come after the last block of this thread's forward in progress starts a new forward
+        (with the plan in force now); so does the first block ever run.
 
-        Two token streams run block by block through the same blocks (``a = blk(a); b =
-        blk(b)``): the forward the second stream's first block call interrupted is kept, and a
-        call whose tokens are the output that forward's last block gave continues it (each
-        stream from its own scores; the second went on from the first's until the thirty-first
-        session, off by 0.67, silently). A stream is known by that tensor only: tokens changed
-        between two blocks (a norm, a downsampling) continue the forward run last."""
+        Token streams run block by block through the same blocks (``a = blk(a); b = blk(b)``):
+        a run interrupted mid-way by a new one waits, and a block call whose tokens are the
+        tensor a waiting run's last block returned goes on with that run (each stream from its
+        own scores; the first went on from the second's until the thirty-first session, off by
+        0.67, silently). So does a run whose state a compiled forward replaced meanwhile. A
+        stream is known by that tensor only: tokens changed between two blocks go on with the
+        run that came last (warned, outside a forward of the model, where runs wait at the
+        block before)."""
         local = self._local
         cur = getattr(local, "state", None)
-        if call is not None:
-            other = getattr(local, "other", None)
-            t = _call_tensor(*call) if other is not None and other[1] < index else None
-            if t is not None and t is other[2]():
-                # the interrupted stream goes on: swap it in, the current one waits
-                local.other = self._stream(cur)
-                cur, local.last, local.out, local.untied = other
-                local.state = cur
-            elif t is not None and other[1] == local.last < index and t is not local.out():
-                self._tell_streams(index)
-            elif cur is None or local.last >= index:
-                # a forward interrupted mid-way, outside the model's own forward (no tokens
-                # handed on), may be continued by its stream (above)
-                keep = cur is not None and cur.index >= 0 and cur.segment is None \
-                    and local.last < len(cur.plan.roles) - 1
-                local.other = self._stream(cur) if keep else None
-                local.out = _dead
+        if tokens is not NO_TOKENS:
+            run = getattr(local, "run", None)
+            if run is None or run.state is not cur or run.last != local.last \
+                    or getattr(local, "waiting", ()) or local.last >= index:
+                cur = self._streams(local, cur, index, tokens, run)
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
             local.state = cur
@@ -244,24 +251,30 @@ class EvoRuntime:
         local.last = index          # every converted block, dense ones too, moves it on
         return cur
 
-    _streams_told = False
-
-    def _tell_streams(self, index: int):
-        """Two forwards wait at the same block and a call's tokens are neither's last output."""
-        if self._streams_told:
-            return
-        self._streams_told = True
-        warnings.warn(
-            f"evoplug: two runs of the converted blocks are in progress on this thread, both "
-            f"up to block {index - 1}, and block {index} got tokens that neither run's last "
-            "block gave (changed in between, e.g. a norm or a downsampling): it goes on from the "
-            "run that came last. If two token streams run block by block through the same "
-            "blocks, each stream may be ranked by the other's scores: run them one after the "
-            "other, or stack them in the batch (docs/guarantees.md)", stacklevel=7)
-
-    def _stream(self, state: EvoState) -> tuple:
-        local = self._local
-        return (state, local.last, getattr(local, "out", _dead), getattr(local, "untied", False))
+    def _streams(self, local, cur: Optional[EvoState], index: int, tokens, run: Optional[Run]):
+        """:meth:`enter` where runs wait or one may start: the state to go on from."""
+        waiting = getattr(local, "waiting", ())
+        if run is not None and (run.state is not cur or run.last != local.last):
+            # its state was replaced without a block call here (a compiled forward): it waits
+            waiting, run = waiting + (run,), None
+        found = None
+        if tokens is not None:
+            found = next((w for w in reversed(waiting) if w.last < index and w.out() is tokens), None)
+        if found is not None:
+            waiting = tuple(w for w in waiting if w is not found)
+            if run is not None:
+                waiting += (run,)
+            local.state, local.last, local.untied, local.run = found.state, found.last, found.untied, found
+            cur = found.state
+        elif cur is None or local.last >= index:      # a new run: the one in progress waits
+            if run is not None:
+                waiting += (run,)
+            local.run = None
+        elif not getattr(local, "entry", None) and any(w.last == local.last for w in waiting) \
+                and (run is None or run.out() is not tokens):
+            _tell_streams(index)
+        local.waiting = tuple(w for w in waiting if w.waits())[-_MAX_WAITING:]
+        return cur
 
     def leave(self, state: EvoState):
         self._local.state = state
@@ -269,7 +282,12 @@ class EvoRuntime:
     def left(self, output):
         """A block call of this thread's forward returned ``output`` (see :meth:`enter`)."""
         t = first_tensor(output)
-        self._local.out = weakref.ref(t) if t is not None else _dead
+        local = self._local
+        state = local.state
+        # (tokens handed on in the selection's order are the model's own forward's: a state
+        # with a segment holds its output, which must not outlive the forward)
+        local.run = Run(weakref.ref(t), state, local.last, getattr(local, "untied", False)) \
+            if t is not None and state is not None and state.segment is None else None
 
     def guard(self) -> SegmentGuard:
         """This thread's guard of the tokens handed on in the selection's order (guard.py)."""
