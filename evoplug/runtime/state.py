@@ -273,7 +273,10 @@ class EvoRuntime:
         elif not getattr(local, "entry", None) and any(w.last == local.last for w in waiting) \
                 and (run is None or run.out() is not tokens):
             _tell_streams(index)
-        local.waiting = tuple(w for w in waiting if w.waits())[-_MAX_WAITING:]
+        # (a run whose output is gone is kept only until the run in progress passes it: it
+        # can be gone on with by no call's tokens, only warned of)
+        local.waiting = tuple(w for w in waiting if w.waits() and (w.last >= index or w.out() is not None)
+                              )[-_MAX_WAITING:]
         return cur
 
     def leave(self, state: EvoState):
