@@ -240,9 +240,11 @@ class EvoRuntime:
         local = self._local
         cur = getattr(local, "state", None)
         if tokens is not NO_TOKENS:
+            # (the usual call goes on with the run in progress, none waiting: nothing to do;
+            # nor where no run is recorded, as with tokens handed on, and none waits)
             run = getattr(local, "run", None)
-            if run is None or run.state is not cur or run.last != local.last \
-                    or getattr(local, "waiting", ()) or local.last >= index:
+            if getattr(local, "waiting", ()) or run is not None and (
+                    run.state is not cur or run.last != local.last or local.last >= index):
                 cur = self._streams(local, cur, index, tokens, run)
         if cur is None or local.last >= index:
             cur = EvoState(-1, self.plan)
