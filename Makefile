@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.txt
 	$(PY) -m pip install -q -r requirements/torch.txt
 	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q -e '.[test,timm,plot,mm]'
+	@# yapf (MMEngine imports it) writes its grammar pickles on its first import: here, once, not
+	@# by two test workers at once (one read a half-written pickle: EOFError at collection)
+	$(PY) -c "import importlib.util as u; u.find_spec('yapf') and __import__('yapf')"
 	@touch $(STAMP)
 
 demo: venv
