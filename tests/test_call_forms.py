@@ -946,3 +946,96 @@ def test_a_shared_bias_with_as_many_rows_as_calibration_images_stays_shared():
             torch.testing.assert_close(fast(x[i:i + 1]), out[i:i + 1], rtol=1e-5, atol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x[:2]), model(x[:2]), rtol=1e-5, atol=1e-5)
+
+
+class PosBlock(nn.Module):
+    """A pre-norm block adding a position table to its queries and keys; ``pos_first``: its
+    forward takes ``(pos, x)`` (DETR's layers take the positions beside the tokens)."""
+
+    def __init__(self, dim=32, heads=2, pos_first=True):
+        super().__init__()
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qk, self.v, self.proj = nn.Linear(dim, 2 * dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.heads, self.pos_first = heads, pos_first
+
+    def forward(self, a, b):
+        pos, x = (a, b) if self.pos_first else (b, a)
+        B, N, C = x.shape
+        h = self.n1(x)
+        q, k = (self.qk(h + pos)).reshape(B, N, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        v = self.v(h).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+class PosViT(nn.Module):
+    def __init__(self, pos_first, computed=False, keywords=False, dim=32, depth=4, own=False):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * .02)
+        self.pos = nn.Parameter(torch.randn(1, 17, dim) * .02)
+        self.pos_mlp = nn.Linear(dim, dim)
+        self.blocks = nn.ModuleList(PosBlock(dim, pos_first=pos_first) for _ in range(depth))
+        self.pos_first, self.computed, self.keywords, self.own = pos_first, computed, keywords, own
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        # a learned table, or positions computed once and handed to every block (DETR's)
+        pos = self.pos_mlp(self.pos).expand(x.shape[0], -1, -1) if self.computed else self.pos
+        for i, blk in enumerate(self.blocks):
+            if self.own:            # a table of each block's own, of one image or of each
+                pos = self.pos * (1.0 + i)
+                pos = pos.expand(x.shape[0], -1, -1) if self.own == "expanded" else pos
+            if self.keywords:
+                x = blk(a=pos, b=x) if self.pos_first else blk(b=pos, a=x)
+            else:
+                x = blk(pos, x) if self.pos_first else blk(x, pos)
+        return x[:, 0]
+
+
+@pytest.mark.parametrize("computed,keywords,own,images", [
+    (False, False, False, 1), (True, False, False, 2), (False, True, False, 2), (False, False, True, 2)])
+def test_a_block_whose_tokens_are_not_its_first_argument(computed, keywords, own, images):
+    """``forward(self, pos, x)``: the position table, a parameter or the one tensor every block is
+    given, came first and was taken for the tokens; the block was refused as having "no residual
+    attention branch" (audit I of the thirty-first session). The tokens are the argument shaped
+    as the block's output that is no shared table: the blocks evolve as the same blocks taking
+    ``(x, pos)`` do, in eval and training, and keep 1.0 reproduces the model. ``own``: a table
+    of each block's own, told from the tokens by its batch of one."""
+    torch.manual_seed(0)
+    first, second = PosViT(True, computed, keywords, own=own).eval(), PosViT(False, computed, keywords, own=own).eval()
+    second.load_state_dict(first.state_dict())
+    img = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(first, 0.5, example_input=img[:images])
+    want = evoplug.convert(second, 0.5, example_input=img[:images])
+    assert fast.blocks[1]._evoplug_spec.call.token_arg == "b"
+    assert want.blocks[1]._evoplug_spec.call.token_arg == "a"
+    with torch.no_grad():
+        out = fast(img)
+        torch.testing.assert_close(out, want(img), rtol=1e-5, atol=1e-5)
+        assert (out - first(img)).abs().max() > 1e-3
+        assert [n for _, n in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+        torch.testing.assert_close(fast(img[2:]), out[2:], rtol=1e-5, atol=1e-5)
+    fast.train(), want.train()
+    fast(img).square().sum().backward()
+    want(img).square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), want.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    evoplug.set_options(fast.eval(), keep_ratio=1.0, identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(img), first(img), rtol=1e-5, atol=1e-5)
+
+
+def test_a_block_taking_a_table_of_its_own_before_its_tokens_is_refused_with_the_reason():
+    """Positions made for each block, expanded to the batch and handed before the tokens, cannot
+    be told from them: the refusal says which argument was taken for the tokens and which one
+    has their shape (it said only "no residual attention branch")."""
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(PosViT(True, own="expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))
+    assert "`blocks.1`: the attention output is not added back to the token stream (no residual " \
+           "attention branch), taking its first tensor argument `a` for its tokens; `b` has their " \
+           "shape too" in str(e.value)
+    evoplug.convert(PosViT(False, own="expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))

@@ -158,7 +158,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     raw = plan.arguments(name, call.args, call.kwargs)      # (the calibration's own tensors)
     _describe_arguments(a, site, extras, x.shape[0], {n for n in extras if id(raw.get(n)) in varying}, gm,
                         {n for n in extras if id(raw.get(n)) in rows})
-    a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
+    try:
+        a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
+    except AnalysisError as e:
+        raise _tokens_maybe_elsewhere(e, plan, call, x, extras) from None
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
     if a.global_query == "mean" and not a.windowed:
@@ -167,6 +170,22 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     check_no_mixing_outside_attention(gm, site, a, feed, bool(grid_ops))
     a.token_rest = _token_rest(gm, plan.token_arg)
     return a, gm
+
+
+def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, call: ModuleCall, x, extras) -> AnalysisError:
+    """``e``, a block with no residual attention branch from its first tensor argument, says
+    which other argument has the tokens' shape: the tokens may be that one (``forward(self,
+    pos, x)`` with a table of its own, which calibrate._token_arguments cannot tell apart)."""
+    same = [n for n, t in extras.items() if t.dim() == x.dim() and t.shape[1:] == x.shape[1:]]
+    if e.not_a_block != "no residual" or call.token_key is not None or not same:
+        return e
+    return AnalysisError(e.module_name, f"{e.reason}, taking its first tensor argument "
+                                        f"`{plan.token_arg}` for its tokens; `{same[0]}` has their shape "
+                                        "too: evoplug takes a block's tokens from its first tensor "
+                                        "argument unless that one is a table the blocks share (a "
+                                        "parameter, or the same tensor given to each), so a block "
+                                        "that takes another tensor before its tokens must take them "
+                                        "first", not_a_block=e.not_a_block)
 
 
 def _token_rest(gm: fx.GraphModule, token_arg: str) -> Tuple[int, ...]:

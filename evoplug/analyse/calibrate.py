@@ -44,13 +44,29 @@ class ModuleCall:
     module_type: Optional[type] = None
     token_perm: Tuple[int, ...] = ()  # a sequence-first block: its tokens as (B, N, C) are
     #                                   args[0].permute(token_perm) (see runtime/call.py)
+    token_key: Any = None            # where its tokens are when not in the first argument (an
+    #                                   index of args or a keyword; see _token_arguments)
 
     def tokens(self, x=_OWN):
-        """The first argument (or ``x``, another call's of this module), a token tensor as
+        """The token argument (or ``x``, another call's of this module), a token tensor as
         (B, N, C) (or a (B, H, W, C) map)."""
         if x is _OWN:
-            x = self.args[0] if self.args else None
+            x = self.raw_tokens()
         return x.permute(self.token_perm) if self.token_perm and isinstance(x, torch.Tensor) else x
+
+    def raw_tokens(self):
+        """The token argument as the call gave it: the first one unless ``token_key`` says."""
+        return split_tokens(self.args, self.kwargs, self.token_key)[0]
+
+    def other_tensors(self) -> List[torch.Tensor]:
+        """The call's tensor arguments but its tokens, in call order."""
+        return split_tokens(self.args, self.kwargs, self.token_key)[1]
+
+    def first_tensor(self) -> Optional[torch.Tensor]:
+        """The tokens where ``token_key`` says, else the call's first tensor argument."""
+        if self.token_key is not None:
+            return self.raw_tokens()
+        return next((a for a in (*self.args, *self.kwargs.values()) if isinstance(a, torch.Tensor)), None)
 
     def feature_map(self) -> Optional[Tuple[int, int]]:
         """(h, w) when this module's (first) output is a 4-D spatial feature map (B, C, h, w):
@@ -65,6 +81,47 @@ class ModuleCall:
     @property
     def attention_per_call(self) -> float:
         return self.attention_ops / max(1, self.n_calls)
+
+
+def split_tokens(args, kwargs, key=None) -> Tuple[Any, List[torch.Tensor]]:
+    """(the tokens, the other tensor arguments in call order) of a call ``(args, kwargs)``: the
+    tokens are the first argument, or where ``key`` says (``ModuleCall.token_key``)."""
+    if key is None:
+        token, rest = (args[0] if args else None), [*args[1:], *kwargs.values()]
+    else:
+        token = (args[key] if key < len(args) else None) if isinstance(key, int) else kwargs.get(key)
+        rest = [a for i, a in enumerate(args) if i != key] + [v for k, v in kwargs.items() if k != key]
+    return token, [v for v in rest if isinstance(v, torch.Tensor)]
+
+
+def _token_arguments(model: nn.Module, calls: Dict[int, "ModuleCall"]):
+    """Blocks whose tokens are not their first tensor argument (``forward(self, pos, x)``): the
+    first one is no stream (a parameter or buffer of the model, the very tensor another module
+    of the block's class was given too, or one of another batch than the block returns: a
+    position table handed to every block) and
+    exactly one other argument is the tokens' shape (at any batch), the shape the block returns
+    and no such shared tensor. Such a call's ``token_key`` says where its tokens are."""
+    own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
+    given: Dict[Tuple[int, type], set] = {}     # (id(tensor), module class) -> ids of the modules
+    for mid, c in calls.items():
+        for v in (*c.args, *c.kwargs.values()):
+            if isinstance(v, torch.Tensor):
+                given.setdefault((id(v), c.module_type), set()).add(mid)
+
+    def shared(c, t) -> bool:
+        return id(t) in own or len(given.get((id(t), c.module_type), ())) > 1
+    for c in calls.values():
+        items = [(k, v) for k, v in (*enumerate(c.args), *c.kwargs.items()) if isinstance(v, torch.Tensor)]
+        out = c.output[0] if isinstance(c.output, (tuple, list)) and c.output else c.output
+        if c.attention_ops == 0 or len(items) < 2 or not isinstance(out, torch.Tensor):
+            continue
+        first = items[0][1]
+        found = [k for k, t in items[1:] if t.shape == out.shape and t.dim() == first.dim()
+                 and t.shape[1:] == first.shape[1:] and not shared(c, t)]
+        # (a first argument of another first dim than the output's: a table broadcast to
+        # the images)
+        if len(found) == 1 and (shared(c, first) or first.shape != out.shape):
+            c.token_key = found[0]
 
 
 class _AttentionCounter(TorchFunctionMode):
@@ -194,6 +251,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
             h.remove()
         model.train(was_training)
     calls = CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
+    _token_arguments(model, calls)
     # plain attributes a forward sets (a cached size): state, not what the trace depends on
     calls.derived["volatile"] = {
         id(m): {k for k, v in plain_attributes(m).items() if before.get(id(m), {}).get(k, _GONE) != v}

@@ -21,7 +21,9 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
     tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
     if not tensors:
         return "called without a tensor"
-    x = tensors[0]
+    x, rest = tensors[0], tensors[1:]
+    if call.token_key is not None:      # (tokens not first: forward(self, pos, x))
+        x, rest = call.first_tensor(), call.other_tensors()
     if x.dim() == 4 and not channels_last:
         return (f"input of shape {tuple(x.shape)} is a 4-D map that is not a channels-last token "
                 "map (no norm or linear over its last dim)")
@@ -37,7 +39,7 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
     if out is not None and out is not call.output and (
             (call.module_type is not None and issubclass(call.module_type, nn.MultiheadAttention))
             or x.dim() == 3 and x.shape[1] == 1 and not seq and any(
-                t.dim() == 3 and t.shape[0] == x.shape[0] and t.shape[1] > 1 for t in tensors[1:])):
+                t.dim() == 3 and t.shape[0] == x.shape[0] and t.shape[1] > 1 for t in rest)):
         # an attention module's (output, weights), a pooling query's attention over keys of
         # their own (a block of one token, transformers' Swin's last stage at 32 px, is a block)
         out = None
@@ -94,7 +96,7 @@ def token_output(out) -> Optional[torch.Tensor]:
 def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
     """A 4-D block input (B, H, W, C) is a channels-last token map when a norm or linear inside
     the block runs over its last dim on a map of that shape (Swin's ``norm1``)."""
-    x = next((a for a in list(call.args) + list(call.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    x = call.first_tensor()
     if x is None or x.dim() != 4:
         return False
     for sub in m.modules():
@@ -151,7 +153,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             return
         if c.attention_ops == 0:
             return
-        x = next((a for a in list(c.args) + list(c.kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        x = c.first_tensor()
         layout = mha_layout(m, x, calls) if c.n_calls == 1 and c.attention_ops == 1 else None
         # (N, B, C) as the block's attention says (the model's batch may be misread: a (N, B, C)
         # model input), else where the calibration's batch sits
@@ -255,10 +257,10 @@ def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, Mo
         if c is None:                       # a ModuleList: look inside
             m = child
             continue
-        inner = c.args[0] if c.args else None
+        inner = c.raw_tokens()
         if c.n_calls != 1 or c.attention_ops != call.attention_ops or not isinstance(
                 inner, torch.Tensor) or not isinstance(x, torch.Tensor) or inner.shape != (
-                call.args[0].shape) or not any(_attention_below(g, calls) for g in child.children()):
+                call.raw_tokens().shape) or not any(_attention_below(g, calls) for g in child.children()):
             return None
         c.token_perm = call.token_perm      # (the same tensor layout as the wrapper's)
         return name, child, c

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .calibrate import CallRecord, _call, _tensors_in, this_thread
+from .calibrate import CallRecord, _call, _tensors_in, split_tokens, this_thread
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -46,7 +46,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     first_order = min(calls[k].order for k, (_, x) in every.items() if x.dim() == 3)
     source = _first_feature_map(model, calls, first_order)
     by_id = {id(b): b for b in blocks}
-    seen = _inputs_seen(model, example_input, by_id, every, () if source is None else (source,))
+    seen = _inputs_seen(model, example_input, by_id, every, () if source is None else (source,), calls=calls)
     if seen is None:
         return
     seen = _as_tokens(seen, calls)
@@ -91,14 +91,14 @@ def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
     every = {}
     for block in ordered[1:]:
         c = calls[id(block)]
-        x = c.args[0] if c.args else None
+        x = c.raw_tokens()
         if isinstance(x, torch.Tensor) and x.dim() in (3, 4):
             every[id(block)] = (c.name, x)
     if not every:
         return
 
     by_id = {id(b): b for b in ordered}
-    seen = _inputs_seen(model, example_input, by_id, every, ordered, seed=2)
+    seen = _inputs_seen(model, example_input, by_id, every, ordered, seed=2, calls=calls)
     if seen is None:    # noise the model cannot take, or an output it cannot go on: one stream
         return
     starts = [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
@@ -115,12 +115,12 @@ def _foreign(model: nn.Module, example_input, calls: CallRecord, ordered, starts
     n = _float_inputs(example_input)
     if not starts or n < 2:
         return []
-    every = {id(b): (calls[id(b)].name, calls[id(b)].args[0]) for b in ordered
-             if calls[id(b)].args and isinstance(calls[id(b)].args[0], torch.Tensor)}
+    every = {id(b): (calls[id(b)].name, calls[id(b)].raw_tokens()) for b in ordered
+             if isinstance(calls[id(b)].raw_tokens(), torch.Tensor)}
     by_id = {id(b): b for b in ordered}
     reached = []
     for i in range(n):
-        seen = _inputs_seen(model, example_input, by_id, every, only=i)
+        seen = _inputs_seen(model, example_input, by_id, every, only=i, calls=calls)
         if seen is None:
             return []
         reached.append({k for k, (_, x) in every.items() if not _same_input(seen, k, x)})
@@ -140,19 +140,19 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     forward with noise on every floating-point input; stored as ``calls.derived['varying']``,
     the ids of the calibration's argument tensors that changed."""
     def others(c):
-        return [v for v in (*c.args[1:], *c.kwargs.values()) if isinstance(v, torch.Tensor)]
+        return c.other_tensors()
     every = {}
     for b in blocks:
         c = calls.get(id(b))
         batch_dim = 1 if c is not None and c.token_perm else 0     # (sequence-first: (N, B, ...))
-        if c is not None and c.args and isinstance(c.args[0], torch.Tensor) and any(
+        if c is not None and isinstance(c.raw_tokens(), torch.Tensor) and any(
                 t.is_floating_point() and t.dim() >= 2 and t.shape[batch_dim] == 1
                 for t in others(c)):
-            every[id(b)] = (c.name, c.args[0])
+            every[id(b)] = (c.name, c.raw_tokens())
     if not every:
         return
     got = {}
-    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, args=got) is None:
+    if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, args=got, calls=calls) is None:
         return
     varying = set()
     for k in every:
@@ -171,15 +171,15 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
     each image got one head's bias; audit of the twenty-ninth session). Stored as
     ``calls.derived['rows_not_images']``, the ids of the calibration's argument tensors."""
     def others(c):
-        return [v for v in (*c.args[1:], *c.kwargs.values()) if isinstance(v, torch.Tensor)]
+        return c.other_tensors()
     every, B = {}, None
     for b in blocks:
         c = calls.get(id(b))
-        if c is None or c.token_perm or not c.args or not isinstance(c.args[0], torch.Tensor):
+        if c is None or c.token_perm or not isinstance(c.raw_tokens(), torch.Tensor):
             continue
-        B = c.args[0].shape[0]
+        B = c.raw_tokens().shape[0]
         if B > 1 and any(t.dim() >= 2 and t.shape[0] == B for t in others(c)):
-            every[id(b)] = (c.name, c.args[0])
+            every[id(b)] = (c.name, c.raw_tokens())
     if not every:
         return
     def grown(v):
@@ -191,8 +191,8 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
     else:
         bigger = grown(example_input)
     got, seen = {}, {}
-    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), got)), with_kwargs=True)
-               for b in blocks if id(b) in every]
+    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), got, calls[id(b)].token_key)),
+                                           with_kwargs=True) for b in blocks if id(b) in every]
     was = model.training
     model.eval()
     try:
@@ -243,12 +243,13 @@ def _noise(t: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only=None,
-                 args: Optional[dict] = None, seed: int = 0) -> Optional[dict]:
+                 args: Optional[dict] = None, seed: int = 0, calls=None) -> Optional[dict]:
     """The first input of each block of ``every`` in one eager forward (eval, no grad) with
     noise added to the (first tensor) output of each module of ``sources``, or without sources
     to every floating-point input (``only``: to the one of that rank); None when the model
     cannot take it or an output has no floating-point tensor to add it to. ``args``: filled
-    with each block's other tensor arguments, in call order."""
+    with each block's other tensor arguments, in call order. ``calls``: the record, where a
+    block's tokens are not its first argument (``ModuleCall.token_key``)."""
     seen, missed = {}, []
 
     def perturb(m, _args, out):
@@ -259,8 +260,8 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
         t = _noise(t, seed)
         return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
 
-    handles = [by_id[k].register_forward_pre_hook(this_thread(_capture(seen, k, args)), with_kwargs=True)
-               for k in every]
+    handles = [by_id[k].register_forward_pre_hook(this_thread(_capture(
+        seen, k, args, calls[k].token_key if calls is not None else None)), with_kwargs=True) for k in every]
     handles += [m.register_forward_hook(this_thread(perturb)) for m in sources]
     was = model.training
     model.eval()
@@ -276,14 +277,15 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
     return None if missed else seen
 
 
-def _capture(seen: dict, key, others: Optional[dict] = None):
-    """A pre-hook (with keywords) keeping a block's first input under ``key``, and in
-    ``others`` its other tensor arguments (it returns None: the arguments stay as they are)."""
+def _capture(seen: dict, key, others: Optional[dict] = None, token_key=None):
+    """A pre-hook (with keywords) keeping a block's tokens (its first input, or where
+    ``token_key`` says) under ``key``, and in ``others`` its other tensor arguments (it returns
+    None: the arguments stay as they are)."""
     def hook(_m, args, kwargs):
-        seen.setdefault(key, args[0] if args else None)
+        token, rest = split_tokens(args, kwargs, token_key)
+        seen.setdefault(key, token)
         if others is not None:
-            others.setdefault(key, [v for v in (*args[1:], *kwargs.values())
-                                    if isinstance(v, torch.Tensor)])
+            others.setdefault(key, rest)
     return hook
 
 
@@ -303,7 +305,7 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every,
     nothing they compute comes from the image (token ids and masks are integers)."""
     if not every:
         return []
-    seen = _inputs_seen(model, example_input, by_id, every)
+    seen = _inputs_seen(model, example_input, by_id, every, calls=calls)
     if seen is None:    # inputs the model cannot take noisy: nothing is refused
         return []
     seen = _as_tokens(seen, calls)

@@ -460,11 +460,14 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
     plan.packed = packed
     values = plan.arguments(name, call.args, call.kwargs)
     token_arg, tensor_args, constants = None, [], {}
+    if call.token_key is not None:     # (tokens not first: forward(self, pos, x))
+        tokens = call.raw_tokens()
+        token_arg = next((n for n, v in values.items() if v is tokens), None)
     for n, v in values.items():
         if isinstance(v, torch.Tensor):
             if token_arg is None:
                 token_arg = n
-            else:
+            elif n != token_arg:
                 tensor_args.append(n)
         else:
             constants[n] = v
@@ -487,12 +490,16 @@ def _fixed_signature_root(root: nn.Module, plan: CallPlan) -> nn.Module:
     """For a forward with ``*args``/``**kwargs``: a twin of ``root`` (same attribute dict, so the
     trace reads the block's own parameters and submodules) whose class's ``forward`` takes every
     argument by name, as :meth:`CallPlan.arguments` flattens them, and calls the original."""
+    # the program's first parameter is the tokens (CallPlan.feed), also where the block takes
+    # another tensor before them (forward(self, pos, x))
+    order = [plan.token_arg] + [n for n in plan.names if n != plan.token_arg]
+    later = plan.tensor_args and plan.names.index(plan.tensor_args[0]) < plan.names.index(plan.token_arg)
     if plan.var_keyword is None and plan.var_positional is None and not plan.packed and \
-            not plan.token_perm:
+            not plan.token_perm and not later:
         return root
     defaults = {n: p.default for n, p in plan.signature.parameters.items()
                 if p.default is not p.empty and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    params = ", ".join(f"{n}=_defaults[{n!r}]" if n in defaults else f"{n}=None" for n in plan.names)
+    params = ", ".join(f"{n}=_defaults[{n!r}]" if n in defaults else f"{n}=None" for n in order)
     named = [n for n, p in plan.signature.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
     items = {n for n, (_, k) in plan.packed.items() for n in [packed_name(n, i) for i in range(k)]}
 
