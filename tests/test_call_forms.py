@@ -971,42 +971,51 @@ class PosBlock(nn.Module):
 
 
 class PosViT(nn.Module):
-    def __init__(self, pos_first, computed=False, keywords=False, dim=32, depth=4, own=False):
+    """``form``: how the blocks are given the positions: 'table' (the parameter), 'computed' (a
+    tensor computed once for all blocks, DETR's), 'keywords' (by name), 'reversed' (by name,
+    the tokens named first), 'slice' (the parameter sliced at each call), 'own' (a table of
+    each block's own, of one image), 'expanded' (the same, expanded to the batch)."""
+
+    def __init__(self, pos_first, form="table", dim=32, depth=4):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * .02)
         self.pos = nn.Parameter(torch.randn(1, 17, dim) * .02)
         self.pos_mlp = nn.Linear(dim, dim)
         self.blocks = nn.ModuleList(PosBlock(dim, pos_first=pos_first) for _ in range(depth))
-        self.pos_first, self.computed, self.keywords, self.own = pos_first, computed, keywords, own
+        self.pos_first, self.form = pos_first, form
 
     def forward(self, img):
         x = self.embed(img).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
-        # a learned table, or positions computed once and handed to every block (DETR's)
-        pos = self.pos_mlp(self.pos).expand(x.shape[0], -1, -1) if self.computed else self.pos
+        pos = self.pos_mlp(self.pos).expand(x.shape[0], -1, -1) if self.form == "computed" else self.pos
         for i, blk in enumerate(self.blocks):
-            if self.own:            # a table of each block's own, of one image or of each
+            if self.form in ("own", "expanded"):
                 pos = self.pos * (1.0 + i)
-                pos = pos.expand(x.shape[0], -1, -1) if self.own == "expanded" else pos
-            if self.keywords:
-                x = blk(a=pos, b=x) if self.pos_first else blk(b=pos, a=x)
+                pos = pos.expand(x.shape[0], -1, -1) if self.form == "expanded" else pos
+            t = self.pos[:, :x.shape[1]] if self.form == "slice" else pos
+            if self.form == "keywords":
+                x = blk(a=t, b=x) if self.pos_first else blk(b=t, a=x)
+            elif self.form == "reversed":
+                x = blk(b=x, a=t) if self.pos_first else blk(a=x, b=t)
             else:
-                x = blk(pos, x) if self.pos_first else blk(x, pos)
+                x = blk(t, x) if self.pos_first else blk(x, t)
         return x[:, 0]
 
 
-@pytest.mark.parametrize("computed,keywords,own,images", [
-    (False, False, False, 1), (True, False, False, 2), (False, True, False, 2), (False, False, True, 2)])
-def test_a_block_whose_tokens_are_not_its_first_argument(computed, keywords, own, images):
-    """``forward(self, pos, x)``: the position table, a parameter or the one tensor every block is
-    given, came first and was taken for the tokens; the block was refused as having "no residual
-    attention branch" (audit I of the thirty-first session). The tokens are the argument shaped
-    as the block's output that is no shared table: the blocks evolve as the same blocks taking
-    ``(x, pos)`` do, in eval and training, and keep 1.0 reproduces the model. ``own``: a table
-    of each block's own, told from the tokens by its batch of one."""
+@pytest.mark.parametrize("form,images", [("table", 1), ("computed", 2), ("keywords", 2), ("reversed", 1),
+                                         ("slice", 1), ("own", 2)])
+def test_a_block_whose_tokens_are_not_its_first_argument(form, images):
+    """``forward(self, pos, x)``: the position table came first and was taken for the tokens; the
+    block was refused as having "no residual attention branch" (audit I of the thirty-first
+    session). Where the first argument is a table (a parameter or a view of one, the same
+    tensor in every call, or one of another batch: 'own') and the other one is what the block
+    before returned, that one is the tokens: the blocks evolve as the same blocks taking
+    ``(x, pos)`` do, in eval and training, and keep 1.0 reproduces the model. Keywords given in
+    another order than the signature's ('reversed') were read in the call's order by the
+    analysis and in the signature's by the call plan (audit J)."""
     torch.manual_seed(0)
-    first, second = PosViT(True, computed, keywords, own=own).eval(), PosViT(False, computed, keywords, own=own).eval()
+    first, second = PosViT(True, form).eval(), PosViT(False, form).eval()
     second.load_state_dict(first.state_dict())
     img = torch.randn(3, 3, 32, 32)
     fast = evoplug.convert(first, 0.5, example_input=img[:images])
@@ -1029,13 +1038,139 @@ def test_a_block_whose_tokens_are_not_its_first_argument(computed, keywords, own
         torch.testing.assert_close(fast(img), first(img), rtol=1e-5, atol=1e-5)
 
 
+class SeqFirstLayer(nn.Module):
+    """DETR's encoder layer, sequence-first (N, B, C), taking its positions first."""
+
+    def __init__(self, dim=32):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, 2)
+        self.l1, self.l2 = nn.Linear(dim, 64), nn.Linear(64, dim)
+        self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, pos, src):
+        q = k = src + pos
+        src = self.n1(src + self.attn(q, k, src)[0])
+        return self.n2(src + self.l2(torch.relu(self.l1(src))))
+
+
+class BiasBlock(PosBlock):
+    """A block taking a per-head bias of its logits (heads, N, N) first."""
+
+    def forward(self, bias, x):
+        B, N, C = x.shape
+        h = self.n1(x)
+        q, k = self.qk(h).reshape(B, N, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        v = self.v(h).reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + bias).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+class TableFirst(nn.Module):
+    def __init__(self, kind, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.kind = kind
+        if kind == "detr":
+            self.table = nn.Parameter(torch.randn(16, 1, dim) * .1)     # (N, 1, C)
+            self.layers = nn.ModuleList(SeqFirstLayer(dim) for _ in range(3))
+        else:
+            self.table = nn.Parameter(torch.randn(2, 16, 16) * .5)      # (heads, N, N)
+            self.layers = nn.ModuleList(BiasBlock(dim) for _ in range(3))
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2)
+        x = x.permute(2, 0, 1) if self.kind == "detr" else x.transpose(1, 2)
+        for layer in self.layers:
+            x = layer(self.table, x)
+        return x.mean(0 if self.kind == "detr" else 1)
+
+
+@pytest.mark.parametrize("kind", ["detr", "bias"])
+def test_a_table_of_another_shape_before_the_tokens(kind):
+    """A sequence-first layer given its (N, 1, C) positions first, and a block given a per-head
+    bias (heads, N, N) first, were refused for their tokens "arriving regrouped" (audit J): the
+    blocks run fewer tokens at keep 0.5, keep 1.0 reproduces the model, and an image's output
+    does not depend on its batch (the model has no class token: the mean query ranks them)."""
+    torch.manual_seed(0)
+    model, img = TableFirst(kind).eval(), torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, 0.5, example_input=img[:2])
+    assert fast.layers[1]._evoplug_spec.call.token_arg == ("src" if kind == "detr" else "x")
+    with torch.no_grad():
+        out = fast(img)
+        assert (out - model(img)).abs().max() > 1e-3
+        assert [n for _, n in evoplug.tokens_per_block(fast)][1:] == [9, 9]
+        torch.testing.assert_close(fast(img[2:]), out[2:], rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(img), model(img), rtol=1e-5, atol=1e-5)
+
+
+class CtxBlock(nn.Module):
+    """A block taking its tokens first and a context made from them for its keys and values."""
+
+    def __init__(self, dim=32, heads=2):
+        super().__init__()
+        self.n1, self.n2, self.nc = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.heads = heads
+
+    def forward(self, x, ctx):
+        B, N, C = x.shape
+        h = self.n1(x)
+        q = self.q(h).reshape(B, N, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(h + self.nc(ctx)).reshape(B, N, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+        return x + self.mlp(self.n2(x))
+
+
+class TwoTowers(nn.Module):
+    """A trunk handing its tokens to two towers of its own block class; ``clone``: tower b gets a
+    copy (the same numbers, another tensor)."""
+
+    def __init__(self, clone=False, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * .02)
+        self.trunk, self.a, self.b = (nn.ModuleList(CtxBlock(dim) for _ in range(k)) for k in (3, 2, 2))
+        self.ctx = nn.ModuleList(nn.Linear(dim, dim) for _ in range(7))
+        self.clone = clone
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        for i, t in enumerate(self.trunk):
+            x = t(x, self.ctx[i](x))
+        xa, xb = x, (x.clone() if self.clone else x)
+        for i, (a, b) in enumerate(zip(self.a, self.b)):
+            xa, xb = a(xa, self.ctx[3 + 2 * i](xa)), b(xb, self.ctx[4 + 2 * i](xb))
+        return torch.cat([xa[:, 0], xb[:, 0]], -1)
+
+
+def test_tokens_handed_to_two_blocks_of_one_class_are_no_table():
+    """Tokens first, the trunk's output handed to two towers of the same block class: the first
+    version of the rule took it for a table (the same tensor given to two blocks) and each
+    block's context for its tokens; it converted, off by 0.12 from the same model giving one
+    tower a copy (audit J). Both run the same now."""
+    torch.manual_seed(0)
+    model, copy = TwoTowers().eval(), TwoTowers(clone=True).eval()
+    copy.load_state_dict(model.state_dict())
+    img = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, 0.5, example_input=img[:2])
+    want = evoplug.convert(copy, 0.5, example_input=img[:2])
+    assert {m._evoplug_spec.call.token_arg for m in fast.modules() if hasattr(m, "_evoplug_spec")} == {"x"}
+    with torch.no_grad():
+        torch.testing.assert_close(fast(img), want(img), rtol=1e-5, atol=1e-5)
+
+
 def test_a_block_taking_a_table_of_its_own_before_its_tokens_is_refused_with_the_reason():
     """Positions made for each block, expanded to the batch and handed before the tokens, cannot
     be told from them: the refusal says which argument was taken for the tokens and which one
     has their shape (it said only "no residual attention branch")."""
     with pytest.raises(evoplug.ConversionError) as e:
-        evoplug.convert(PosViT(True, own="expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))
+        evoplug.convert(PosViT(True, "expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))
     assert "`blocks.1`: the attention output is not added back to the token stream (no residual " \
            "attention branch), taking its first tensor argument `a` for its tokens; `b` has their " \
            "shape too" in str(e.value)
-    evoplug.convert(PosViT(False, own="expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))
+    evoplug.convert(PosViT(False, "expanded").eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))

@@ -161,7 +161,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     try:
         a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
     except AnalysisError as e:
-        raise _tokens_maybe_elsewhere(e, plan, call, x, extras) from None
+        raise _tokens_maybe_elsewhere(e, plan, x, extras) from None
     a.notes += notes
     a.global_query = resolve_global_query(model, a.num_prefix, global_query)
     if a.global_query == "mean" and not a.windowed:
@@ -172,20 +172,26 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     return a, gm
 
 
-def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, call: ModuleCall, x, extras) -> AnalysisError:
-    """``e``, a block with no residual attention branch from its first tensor argument, says
-    which other argument has the tokens' shape: the tokens may be that one (``forward(self,
-    pos, x)`` with a table of its own, which calibrate._token_arguments cannot tell apart)."""
+def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, x, extras) -> AnalysisError:
+    """``e``, a block with no residual attention branch from the argument taken for its tokens,
+    says which one that was and which other argument has the tokens' shape: the tokens may be
+    that one (``forward(self, pos, x)`` with a table of its own, which
+    calibrate._token_arguments cannot tell apart)."""
     same = [n for n, t in extras.items() if t.dim() == x.dim() and t.shape[1:] == x.shape[1:]]
-    if e.not_a_block != "no residual" or call.token_key is not None or not same:
+    if e.not_a_block != "no residual" or not same:
         return e
-    return AnalysisError(e.module_name, f"{e.reason}, taking its first tensor argument "
-                                        f"`{plan.token_arg}` for its tokens; `{same[0]}` has their shape "
-                                        "too: evoplug takes a block's tokens from its first tensor "
-                                        "argument unless that one is a table the blocks share (a "
-                                        "parameter, or the same tensor given to each), so a block "
-                                        "that takes another tensor before its tokens must take them "
-                                        "first", not_a_block=e.not_a_block)
+    if next((n for n in plan.names if n == plan.token_arg or n in extras), None) != plan.token_arg:
+        how = f"taking `{plan.token_arg}` for its tokens (the argument before it read as a table)"
+    else:
+        how = f"taking its first tensor argument `{plan.token_arg}` for its tokens"
+    return AnalysisError(e.module_name, f"{e.reason}, {how}; `{same[0]}` has their shape too: "
+                                        "evoplug takes another argument than the first for the "
+                                        "tokens only where the first one is a table (a parameter or "
+                                        "buffer or a view of one, the same tensor in every call of "
+                                        "the block's class, or one broadcast to the output) and the "
+                                        "other one is what the block before returned, so a block "
+                                        "given a table of its own before its tokens must take the "
+                                        "tokens first", not_a_block=e.not_a_block)
 
 
 def _token_rest(gm: fx.GraphModule, token_arg: str) -> Tuple[int, ...]:

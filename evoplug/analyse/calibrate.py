@@ -9,6 +9,7 @@ count N at each block and the patch grid (for the number of prefix tokens).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -95,33 +96,95 @@ def split_tokens(args, kwargs, key=None) -> Tuple[Any, List[torch.Tensor]]:
 
 
 def _token_arguments(model: nn.Module, calls: Dict[int, "ModuleCall"]):
-    """Blocks whose tokens are not their first tensor argument (``forward(self, pos, x)``): the
-    first one is no stream (a parameter or buffer of the model, the very tensor another module
-    of the block's class was given too, or one of another batch than the block returns: a
-    position table handed to every block) and
-    exactly one other argument is the tokens' shape (at any batch), the shape the block returns
-    and no such shared tensor. Such a call's ``token_key`` says where its tokens are."""
+    """Where each block's tokens are among its arguments (``ModuleCall.token_key``), where that
+    is not the first tensor of the call as given: the first tensor argument in the signature's
+    order (keywords given in another order), or another argument where the first one is a
+    table (``forward(self, pos, x)``, DETR's layers). Decided per class of blocks, on all their
+    calls together: the first argument is a table when it is a parameter or buffer of the model
+    (or a view of one) in every call, the same tensor in every call, or one broadcast to the
+    output (another size in some dim) in every call; the tokens are then the one other
+    argument that has the block's output shape in every call (and, but for a parameter, the
+    first one's shape where it is not 1), is no parameter, and is what the block before
+    returned at least once, where the first one never is (a stream handed to two towers or
+    parallel branches is no table: audit J of the thirty-second session)."""
     own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    given: Dict[Tuple[int, type], set] = {}     # (id(tensor), module class) -> ids of the modules
+    modules = {id(m): m for m in model.modules()}
+    by_class: Dict[type, list] = {}
     for mid, c in calls.items():
-        for v in (*c.args, *c.kwargs.values()):
-            if isinstance(v, torch.Tensor):
-                given.setdefault((id(v), c.module_type), set()).add(mid)
+        if c.attention_ops and mid in modules:
+            by_class.setdefault(c.module_type, []).append((c, _named_tensors(modules[mid], c)))
+    for members in by_class.values():
+        members.sort(key=lambda m: m[0].order)
+        chosen = _table_first(members, own)
+        for c, named in members:
+            key = next((k for n, k, _ in named if n == chosen), None) if chosen else (
+                named[0][1] if named else None)
+            given = next((i for i, a in enumerate(c.args) if isinstance(a, torch.Tensor)),
+                         next((k for k, v in c.kwargs.items() if isinstance(v, torch.Tensor)), None))
+            if key is not None and (key != given or chosen):     # (the plan's default: the
+                c.token_key = key                                 # first in signature order)
 
-    def shared(c, t) -> bool:
-        return id(t) in own or len(given.get((id(t), c.module_type), ())) > 1
-    for c in calls.values():
-        items = [(k, v) for k, v in (*enumerate(c.args), *c.kwargs.items()) if isinstance(v, torch.Tensor)]
-        out = c.output[0] if isinstance(c.output, (tuple, list)) and c.output else c.output
-        if c.attention_ops == 0 or len(items) < 2 or not isinstance(out, torch.Tensor):
-            continue
-        first = items[0][1]
-        found = [k for k, t in items[1:] if t.shape == out.shape and t.dim() == first.dim()
-                 and t.shape[1:] == first.shape[1:] and not shared(c, t)]
-        # (a first argument of another first dim than the output's: a table broadcast to
-        # the images)
-        if len(found) == 1 and (shared(c, first) or first.shape != out.shape):
-            c.token_key = found[0]
+
+def _named_tensors(module: nn.Module, c: "ModuleCall") -> List[Tuple[str, Any, torch.Tensor]]:
+    """The call's tensor arguments in the order of the module's signature: (name, key, tensor),
+    the key an index of ``c.args`` or a keyword; [] where the signature does not bind them."""
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*c.args, **c.kwargs)
+    except (TypeError, ValueError):
+        return []
+    positional = [p.name for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    out = []
+    for name, v in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind == inspect.Parameter.VAR_POSITIONAL:
+            return []
+        items = v.items() if kind == inspect.Parameter.VAR_KEYWORD else [(name, v)]
+        for n, t in items:
+            i = positional.index(n) if n in positional else len(c.args)
+            if isinstance(t, torch.Tensor):
+                out.append((n, i if i < len(c.args) else n, t))
+    return out
+
+
+def _table_first(members, own) -> Optional[str]:
+    """The name of the token argument of a class of blocks whose first tensor argument is a
+    table (see :func:`_token_arguments`), else None. ``members``: [(call, named tensors)] in
+    call order."""
+    def param(t):
+        return id(t) in own or (t._base is not None and id(t._base) in own)
+
+    def out_of(c):
+        o = c.output[0] if isinstance(c.output, (tuple, list)) and c.output else c.output
+        return o if isinstance(o, torch.Tensor) else None
+    if not members or any(len(named) < 2 or out_of(c) is None for c, named in members):
+        return None
+    first = members[0][1][0][0]
+    if any(named[0][0] != first for _, named in members):
+        return None
+    firsts = [named[0][2] for _, named in members]
+    params = all(param(t) for t in firsts)
+    same = len(members) > 1 and all(t is firsts[0] for t in firsts)
+
+    def fits(c, named, t):     # the tokens' shape: the output's, the table's where it is not 1
+        f, o = named[0][2], out_of(c)
+        return t.shape == o.shape and not param(t) and (params or (f.dim() == t.dim() and all(
+            a in (1, b) for a, b in zip(f.shape, t.shape))))
+    names = [n for n, _, _ in members[0][1][1:]
+             if all(any(m == n and fits(c, named, t) for m, _, t in named[1:]) for c, named in members)]
+    if len(names) != 1:
+        return None
+    tokens = [next(t for m, _, t in named if m == names[0]) for _, named in members]
+    broadcast = all(named[0][2].shape != t.shape for (_, named), t in zip(members, tokens))
+    if not (params or same or broadcast):
+        return None
+    outs = [out_of(c) for c, _ in members]
+    if any(f is o for f, o in zip(firsts[1:], outs)):     # the first one is the stream
+        return None
+    if len(members) > 1 and not (broadcast and not same and not params) and \
+            not any(t is o for t, o in zip(tokens[1:], outs)):
+        return None
+    return names[0]
 
 
 class _AttentionCounter(TorchFunctionMode):
