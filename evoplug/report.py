@@ -74,6 +74,15 @@ class ConversionReport:
                         [s.index for s in self.blocks if s.starts_stream])
         return [self.blocks[i].name for i in idle]
 
+    @property
+    def too_few(self) -> List[str]:
+        """The evolving blocks with too few tokens to run fewer under the options in force: the
+        kept ones and the representative are all of them (``explain()`` marks them)."""
+        o = self.options
+        return [s.name for s in self.blocks if s.role == "evolve" and ev.runs_every_token(
+            s.analysis.num_tokens - s.analysis.num_prefix - s.analysis.num_suffix,
+            o.keep_ratio, o.representative)]
+
 
 def gives_row(a: BlockAnalysis) -> bool:
     """Whether the block's programs return a global attention row (windowed attention whose
@@ -187,6 +196,8 @@ def format_report(report: ConversionReport) -> str:
         k = ev.num_keep(M, o.keep_ratio)
         toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle or k >= M else \
             f"{special + k + (1 if o.representative else 0)}/{a.num_tokens}"
+        if s.role == "evolve" and ev.runs_every_token(M, o.keep_ratio, o.representative):
+            role, toks = "evolving, too few tokens: all run", f"{a.num_tokens}"
         if s.index in idle:
             role = "evolving, no scores: dense"
         if s.name in report.removed:

@@ -177,6 +177,21 @@ def test_the_check_finds_blocks_that_no_scores_reach(monkeypatch):
     assert r.status == "WRONG" and any("ran every token: [" in p for p in r.problems), str(r)
 
 
+def test_blocks_with_too_few_tokens_to_run_fewer_are_a_warning():
+    """PVTv2 at 32 px: its last stage has one token, which keep 0.5 keeps (and 2 tokens, one kept
+    and the representative, would run both). explain() said "evolving" and the check called the
+    model WRONG for blocks that ran every token (audit J); both say why now."""
+    model = timm.create_model("pvt_v2_b0", pretrained=False, depths=(1, 1, 1, 2)).eval()
+    r = check_conversion(model, torch.randn(2, 3, 32, 32))
+    assert r.status == "converts" and not r.problems, str(r)
+    assert any("2 evolving block(s) have too few tokens to run fewer at keep 0.5" in w for w in r.warnings)
+    fast = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
+    assert evoplug.get_report(fast).too_few == ["stages.3.blocks.0", "stages.3.blocks.1"]
+    assert "evolving, too few tokens: all run" in evoplug.explain(fast)
+    assert [ev.runs_every_token(m, 0.5, True) for m in (1, 2, 3, 4)] == [True, True, False, False]
+    assert [ev.runs_every_token(m, 0.5, False) for m in (1, 2, 3)] == [True, False, False]
+
+
 def test_the_check_reports_a_refusal():
     model = timm.create_model("resnet18", pretrained=False).eval()
     r = check_conversion(model, torch.randn(2, 3, 32, 32))

@@ -621,6 +621,14 @@ def upsample_taps(size_in: int, size_out: int, device=None) -> Tuple[Tensor, Ten
 # Scores, selection, representative token, slow/fast update, restoring the order.
 # --------------------------------------------------------------------------------------------
 
+def runs_every_token(num_patches: int, keep_ratio: float, representative: bool) -> bool:
+    """Whether an evolving block of ``num_patches`` patch tokens runs every one of them at
+    ``keep_ratio``: the kept tokens and the representative are as many (PVTv2's last stage of a
+    32 px image: one token)."""
+    k = num_keep(num_patches, keep_ratio)
+    return k + (1 if representative and k < num_patches else 0) >= num_patches
+
+
 def num_keep(num_patches: int, keep_ratio: float) -> int:
     """k = floor(M * keep_ratio), at least 1 (a tiny epsilon absorbs float error)."""
     if isinstance(num_patches, torch.SymInt) and torch.compiler.is_exporting():

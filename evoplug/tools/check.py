@@ -257,7 +257,11 @@ def _check_outputs(r: CheckResult, model, fast, x, ref, keep_ratio, keep1_bound,
         idle = [s.analysis.name for s in evolving if s.tokens_run == s.analysis.num_tokens]
         unscored = set(report.unscored)                      # what explain() says they do
         said = [n for n in idle if n in unscored]
-        idle = [n for n in idle if n not in said]
+        few = [n for n in idle if n in set(report.too_few)]             # (explain() says so)
+        idle = [n for n in idle if n not in said and n not in few]
+        if keep_ratio < 1 and few:
+            r.warnings.append(f"{len(few)} evolving block(s) have too few tokens to run fewer at "
+                              f"keep {keep_ratio}, as explain() says: {few[:3]}")
         if keep_ratio < 1 and idle:
             r.problems.append(f"{len(idle)} evolving block(s) ran every token: {idle[:3]}")
         if keep_ratio < 1 and said:
