@@ -175,23 +175,22 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
 def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, x, extras) -> AnalysisError:
     """``e``, a block with no residual attention branch from the argument taken for its tokens,
     says which one that was and which other argument has the tokens' shape: the tokens may be
-    that one (``forward(self, pos, x)`` with a table of its own, which
-    calibrate._token_arguments cannot tell apart)."""
+    that one (``forward(self, pos, x)`` where calibrate._token_arguments cannot tell the
+    table from the tokens)."""
     same = [n for n, t in extras.items() if t.dim() == x.dim() and t.shape[1:] == x.shape[1:]]
     if e.not_a_block != "no residual" or not same:
         return e
     if next((n for n in plan.names if n == plan.token_arg or n in extras), None) != plan.token_arg:
-        how = f"taking `{plan.token_arg}` for its tokens (the argument before it read as a table)"
+        how = f"taking `{plan.token_arg}` for its tokens (the blocks' outputs reach it, not the first one)"
     else:
         how = f"taking its first tensor argument `{plan.token_arg}` for its tokens"
     return AnalysisError(e.module_name, f"{e.reason}, {how}; `{same[0]}` has their shape too: "
                                         "evoplug takes another argument than the first for the "
-                                        "tokens only where the first one is a table (a parameter or "
-                                        "buffer or a view of one, the same tensor in every call of "
-                                        "the block's class, or one broadcast to the output) and the "
-                                        "other one is what the block before returned, so a block "
-                                        "given a table of its own before its tokens must take the "
-                                        "tokens first", not_a_block=e.not_a_block)
+                                        "tokens only where noise on the outputs of the blocks of its "
+                                        "class reaches that one in a later call and never the first "
+                                        "one (a table), so blocks whose outputs reach no other's "
+                                        "arguments (side by side) must take their tokens first",
+                                        not_a_block=e.not_a_block)
 
 
 def _token_rest(gm: fx.GraphModule, token_arg: str) -> Tuple[int, ...]:

@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .calibrate import CallRecord, _call, _tensors_in, split_tokens, this_thread
+from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, split_tokens, this_thread
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -196,7 +196,7 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), _AsCalibrated():
+        with torch.no_grad(), AsCalibrated():
             _call(model, bigger)
     except Exception:   # noqa: BLE001 - a model of one batch size: no answer, as before
         return
@@ -222,17 +222,6 @@ def _as_tokens(seen: dict, calls: CallRecord) -> dict:
 def _same_input(seen, key, x) -> bool:
     y = seen.get(key)
     return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
-
-
-class _AsCalibrated(torch.overrides.TorchFunctionMode):
-    """A torch-function mode that changes nothing: a perturbed forward under it takes the
-    kernels calibration's forward took (PyTorch's ``nn.TransformerEncoderLayer`` takes its fused
-    path only where no such mode runs), so a block the noise did not reach gets exactly its
-    calibration input. (Text layers after the first got inputs 1e-7 off and were taken for
-    layers the image reaches; audit M of the twenty-fourth session.)"""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
 
 
 def _noise(t: torch.Tensor, seed: int) -> torch.Tensor:
@@ -266,7 +255,7 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), _AsCalibrated():
+        with torch.no_grad(), AsCalibrated():
             _call(model, example_input if sources else _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
