@@ -1188,3 +1188,48 @@ def test_a_block_taking_a_table_of_its_own_before_its_tokens_is_refused_with_the
            "branch), taking its first tensor argument `a` for its tokens; `b` has their shape " \
            "too" in str(e.value)
     evoplug.convert(Side(False).eval(), 0.5, example_input=torch.randn(2, 3, 32, 32))
+
+
+class QueryDecoder(CtxBlock):
+    """A decoder block whose stream is a set of learned queries, given the encoder's tokens."""
+
+    def forward(self, x, ctx):
+        return super().forward(x + ctx, ctx)
+
+
+class WithQueries(nn.Module):
+    def __init__(self, clone, dim=32):
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 8, 8)
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * .02)
+        self.blocks = nn.ModuleList(CtxBlock(dim) for _ in range(3))
+        self.queries = nn.Parameter(torch.randn(1, 17, dim))
+        self.dec, self.clone = QueryDecoder(dim), clone
+
+    def forward(self, img):
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+        for b in self.blocks:
+            x = b(x, x * 0.5)
+        q = self.queries.expand(x.shape[0], -1, -1)          # a view of a parameter: the stream
+        return self.dec(q.clone() if self.clone else q, x).mean(1)
+
+
+def test_learned_queries_that_are_a_decoders_stream_are_no_table():
+    """The second version of the rule took learned queries (a view of a parameter) handed to the
+    one decoder block of its class for a table and the encoder's tokens for its tokens: the
+    decoder converted, off by 1.2 from the same model with the queries cloned (audit J2). No
+    block's output reaches the queries: the decoder is analysed on them, as before, and refused
+    (its tokens do not come from the image) in both."""
+    img = torch.randn(3, 3, 32, 32)
+    outs = []
+    for clone in (False, True):
+        torch.manual_seed(0)
+        model = WithQueries(clone).eval()
+        fast = evoplug.convert(model, 0.5, example_input=img[:2], strict=False)
+        report = evoplug.get_report(fast)
+        assert [s.name for s in report.blocks] == ["blocks.0", "blocks.1", "blocks.2"]
+        assert [n for n, _ in report.failed] == ["dec"]
+        with torch.no_grad():
+            outs.append(fast(img))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
