@@ -179,18 +179,17 @@ def _carries_the_blocks_outputs(model: nn.Module, example_input, members, name: 
     ``members`` (see :func:`_table_first`): whether it reaches their argument ``name`` in some
     call and never their first tensor argument."""
     got: Dict[int, Tuple[Any, Any]] = {}
+    keys = {id(m): (named[0][1], next(k for n, k, _ in named if n == name)) for m, _, named in members}
 
-    def capture(m, args, kwargs):
+    def capture(m, args, kwargs):     # (the forward calls the blocks as the calibration's did)
         if id(m) not in got:
-            got[id(m)] = tuple(_argument(args, kwargs, _key_in(m, n, args)) for n in (members[0][2][0][0], name))
+            got[id(m)] = tuple(_argument(args, kwargs, k) for k in keys[id(m)])
 
     def noisy(_m, _args, out):
         t = out[0] if isinstance(out, (tuple, list)) and out else out
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             return None
-        g = torch.Generator(device=t.device).manual_seed(3)
-        t = t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
-            t.float().std().nan_to_num() + 1.0).to(t.dtype)
+        t = noise(t, 3)
         return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
     handles = []
     for m, _, _ in members:
@@ -219,19 +218,17 @@ def _carries_the_blocks_outputs(model: nn.Module, example_input, members, name: 
     return moved and stayed
 
 
-def _key_in(m: nn.Module, name: str, args) -> Any:
-    """The key (index or keyword) of argument ``name`` in a call of ``m`` with ``args``: its
-    place in the signature where it is given positionally, else its name."""
-    positional = [p.name for p in inspect.signature(m.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    i = positional.index(name) if name in positional else len(args)
-    return i if i < len(args) else name
-
-
 def _argument(args, kwargs, key):
     if isinstance(key, int):
         return args[key] if key < len(args) else None
     return kwargs.get(key)
+
+
+def noise(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """``t`` plus seeded Gaussian noise on the scale of its values."""
+    g = torch.Generator(device=t.device).manual_seed(seed)
+    return t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
+        t.float().std().nan_to_num() + 1.0).to(t.dtype)
 
 
 class AsCalibrated(TorchFunctionMode):

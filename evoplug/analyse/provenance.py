@@ -11,7 +11,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, split_tokens, this_thread
+from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, noise, split_tokens, this_thread
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -224,13 +224,6 @@ def _same_input(seen, key, x) -> bool:
     return isinstance(y, torch.Tensor) and y.shape == x.shape and torch.equal(y, x)
 
 
-def _noise(t: torch.Tensor, seed: int) -> torch.Tensor:
-    """``t`` plus seeded Gaussian noise on the scale of its values."""
-    g = torch.Generator(device=t.device).manual_seed(seed)
-    return t + torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype) * (
-        t.float().std().nan_to_num() + 1.0).to(t.dtype)
-
-
 def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only=None,
                  args: Optional[dict] = None, seed: int = 0, calls=None) -> Optional[dict]:
     """The first input of each block of ``every`` in one eager forward (eval, no grad) with
@@ -246,7 +239,7 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             missed.append(m)
             return None
-        t = _noise(t, seed)
+        t = noise(t, seed)
         return (t, *out[1:]) if isinstance(out, (tuple, list)) else t
 
     handles = [by_id[k].register_forward_pre_hook(this_thread(_capture(
@@ -318,7 +311,7 @@ def _noisy_inputs(example_input, only: Optional[int] = None):
             seen[0] += 1
             if only is not None and seen[0] != only:
                 return v
-            return _noise(v, 1)
+            return noise(v, 1)
         return v
     if isinstance(example_input, dict):
         return {k: noisy(v) for k, v in example_input.items()}
@@ -351,7 +344,7 @@ def rest_read(model: nn.Module, example_input, blocks) -> List[nn.Module]:
             items = dict(chosen)[m]
             if type(out) not in (tuple, list):
                 return None
-            return type(out)(_noise(t, 7 + i) if i in items and isinstance(t, torch.Tensor) and
+            return type(out)(noise(t, 7 + i) if i in items and isinstance(t, torch.Tensor) and
                              t.is_floating_point() else t for i, t in enumerate(out))
         handles = [m.register_forward_hook(this_thread(perturb)) for m, _ in chosen]
         was = model.training
