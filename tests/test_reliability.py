@@ -679,7 +679,7 @@ def test_gpsa_blocks_are_reported_and_fail_strict_conversion():
                                img_size=32, patch_size=4, depth=3),
      "blocks.0", "runs 2 attention computations per call"),
     (lambda: timm.create_model("efficientvit_m0", pretrained=False),
-     "stages.0.blocks.0", "is a 4-D map that is not a channels-last token map"),
+     "stages.0.blocks.0", "runs 4 attention computations per call"),
 ])
 def test_refusals_name_the_block_and_the_reason(make, block, why):
     with pytest.raises(evoplug.ConversionError, match=rf"`{block}`: [^;]*{why}"):

@@ -45,6 +45,8 @@ class ModuleCall:
     module_type: Optional[type] = None
     token_perm: Tuple[int, ...] = ()  # a sequence-first block: its tokens as (B, N, C) are
     #                                   args[0].permute(token_perm) (see runtime/call.py)
+    keeps_channels_first: bool = False   # a (B, C, H, W) block that keeps its map channels
+    #                                   first (analyse/channels_first.py), not one that permutes it
     token_key: Any = None            # where its tokens are when not in the first argument (an
     #                                   index of args or a keyword; see _token_arguments)
 

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from .channels_first import tokenise_channels_first
 from .graph import depends_on_data, is_add, is_reshape, no_side_effects, shape_of
 
 _UNARY_METHODS = {"contiguous", "float", "to", "type_as"}
@@ -36,9 +37,11 @@ class _Values(ShapeProp):
         return out
 
 
-def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid) -> List[str]:
+def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid,
+                       channels_first: bool = False) -> List[str]:
     """Rewrite ``gm`` (a block whose token argument is the (B, H, W, C) map ``feed[0]``) so its
-    token-wise ops run on tokens. Returns what was rewritten (empty: nothing to do)."""
+    token-wise ops run on tokens; ``channels_first``: the block keeps the map channels first
+    (analyse/channels_first.py). Returns what was rewritten (empty: nothing to do)."""
     if feed[0].dim() != 4:
         return []
     with no_side_effects(gm), torch.no_grad():
@@ -46,7 +49,9 @@ def tokenise_map_block(gm: fx.GraphModule, feed: Sequence, grid) -> List[str]:
         prop.propagate(*feed)
     gm.meta["evo_shapes"] = True          # (the callers' shape propagation is done)
     ctx = _Ctx(gm, prop.values, tuple(grid), int(feed[0].shape[0]))
-    done = []
+    done = tokenise_channels_first(ctx) if channels_first else []
+    if done:
+        _propagate(ctx)
     for rule in (_terms_out_of_logit_views, _heads_to_tokens, _merge_then_view, _sink_map_views,
                  _projection_on_tokens, _tail_on_tokens):
         done += rule(ctx)

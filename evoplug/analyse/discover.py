@@ -115,13 +115,40 @@ def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) 
 
 
 def channels_first(m: nn.Module, call: ModuleCall, x: torch.Tensor, calls: Dict[int, ModuleCall]) -> bool:
-    """A 4-D block input ``x`` (B, C, H, W) that the block permutes into a channels-last map
-    itself (transformers' VitDet layers): a norm or linear inside runs over the last dim of a
-    map of the shape (B, H, W, C). It converts as that map, through ``x.permute(0, 2, 3, 1)``
-    (``CallPlan.token_perm``)."""
+    """A 4-D block input ``x`` (B, C, H, W) that is a channels-first token map: the block
+    permutes it into a channels-last map itself (transformers' VitDet layers: a norm or linear
+    inside runs over the last dim of a map of the shape (B, H, W, C)), or keeps it channels
+    first and runs a 1x1 convolution or a norm over its channels on it (timm's CoAtNet and
+    LeViT with ``use_conv``; rewritten into token form, analyse/channels_first.py). It converts
+    as the channels-last map, through ``x.permute(0, 2, 3, 1)`` (``CallPlan.token_perm``)."""
     if x.dim() != 4 or x.shape[1] == x.shape[3]:
         return False
-    return channels_last(m, ModuleCall(call.name, call.order, (x.permute(0, 2, 3, 1),), {}), calls)
+    if channels_last(m, ModuleCall(call.name, call.order, (x.permute(0, 2, 3, 1),), {}), calls):
+        return True
+    call.keeps_channels_first = _channel_op_on(m, x, calls)
+    return call.keeps_channels_first
+
+
+def _channel_op_on(m: nn.Module, x: torch.Tensor, calls: Dict[int, ModuleCall]) -> bool:
+    """A module inside ``m`` runs a 1x1 convolution, a BatchNorm2d or a norm over the channels
+    (``LayerNorm2d``) on a channels-first map of ``x``'s shape."""
+    C = x.shape[1]
+    for sub in m.modules():
+        c = calls.get(id(sub))
+        if c is None or sub is m:
+            continue
+        inp = next((a for a in c.args if isinstance(a, torch.Tensor)), None)
+        if inp is None or tuple(inp.shape) != tuple(x.shape):
+            continue
+        if isinstance(sub, nn.Conv2d) and sub.in_channels == C and sub.groups == 1 and \
+                tuple(sub.kernel_size) == (1, 1) and tuple(sub.stride) == (1, 1):
+            return True
+        if isinstance(sub, nn.BatchNorm2d) and sub.num_features == C:
+            return True
+        shape = getattr(sub, "normalized_shape", None)
+        if shape is not None and tuple(shape) == (C,):
+            return True
+    return False
 
 
 def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
@@ -263,6 +290,7 @@ def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, Mo
                 call.raw_tokens().shape) or not any(_attention_below(g, calls) for g in child.children()):
             return None
         c.token_perm = call.token_perm      # (the same tensor layout as the wrapper's)
+        c.keeps_channels_first = call.keeps_channels_first
         return name, child, c
 
 

@@ -454,7 +454,8 @@ def make_call_plan(module: nn.Module, name: str, call: ModuleCall,
     var_pos = next((p.name for p in sig.parameters.values() if p.kind == p.VAR_POSITIONAL), None)
     plan = CallPlan("", [], {}, sig, var_keyword=var_kw, var_positional=var_pos,
                     ignored=tuple(ignored) if var_kw is not None else (),
-                    export_masks=tuple(export_masks), token_perm=tuple(call.token_perm))
+                    export_masks=tuple(export_masks), token_perm=tuple(call.token_perm),
+                    keeps_channels_first=call.keeps_channels_first)
     values = plan.arguments(name, call.args, call.kwargs)
     packed = {n: (type(v), len(v)) for n, v in values.items() if tensor_tuple(v)}
     plan.packed = packed
@@ -579,7 +580,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm.meta["evo_specialised"] = list(tracer.specialised)
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
-            gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]))
+            gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),
+                                                          plan.keeps_channels_first)
     except AnalysisError:
         raise
     except Exception as e:

@@ -124,6 +124,8 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> _Rewrite:
     if a.token_map:
         with graph.inserting_after(full):
             root = graph.call_function(ev.tokens_to_map, (token, full, a.grid[0], a.grid[1]))
+        if "tensor_meta" in token.meta:     # (the map's shape: a view of it may be the first op)
+            root.meta["tensor_meta"] = token.meta["tensor_meta"]
         token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
     return _Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
                     root if a.token_map else full)

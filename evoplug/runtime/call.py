@@ -33,7 +33,10 @@ class CallPlan:
     #                               PyTorch's nn.TransformerEncoderLayer by default, (1, 0, 2);
     #                               a channels-first map the block permutes itself (VitDet),
     #                               (0, 2, 3, 1); binding gives ``x.permute(token_perm)``, and the
-    #                               block's output goes back with :meth:`to_call`
+    #                               block's output goes back with :meth:`to_call`; also a map
+    #                               the block keeps channels first (CoAtNet, LeViT-conv), whose
+    #                               graph is rewritten into token form when it is traced
+    keeps_channels_first: bool = False
     perm_args: Tuple[str, ...] = ()   # other tensor arguments laid out like the tokens, tokens
     #                               first (DETR's positions (N, B, C), a gate (N, B), beside
     #                               sequence-first tokens): their first two dims swapped too

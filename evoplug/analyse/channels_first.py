@@ -1,0 +1,313 @@
+"""Blocks that take and keep their tokens a channels-first ``(B, C, H, W)`` map (timm's CoAtNet
+transformer blocks, LeViT with ``use_conv``: a 1x1 ``Conv2d`` for each linear layer, a
+``LayerNorm2d`` or ``BatchNorm2d`` for each norm, attention over ``map.view(B, heads, d, H * W)``)
+rewritten into token form: the residual stream and every op that treats each position alike
+run on ``(B, H * W, C)`` tokens, the attention's operands are views of those tokens, and a 2-D
+op (a 3x3 convolution, a pooling) reads a view of the tokens as the map.
+
+The block is traced taking the channels-last map (``CallPlan.token_perm``): its graph starts
+with ``cf = map.permute(0, 3, 1, 2)``. Each node whose value is a channels-first map computed
+from ``cf`` gets a *twin*, the same values as ``(B, H * W, c)`` tokens:
+
+- an op with that map as its one tensor input that treats every position alike (checked on the
+  calibration values: run on the map laid out as one row ``(B, c, 1, H * W)`` it gives the
+  output laid out so) runs on the twin in that row layout, ``twin.transpose(1, 2)
+  .unsqueeze(2)``; a 1x1 convolution, ``LayerNorm2d``, ``BatchNorm2d`` (its statistics over
+  the same positions), a ``(C, 1, 1)`` layer scale and the activations are such ops. (A row,
+  not a column ``(B, c, H * W, 1)``: the column's gradients reach the op strided (.., 1, c, 1),
+  which torch 2.14.1's CPU ``BatchNorm2d`` backward gets wrong against a contiguous input:
+  LeViT-conv's gradients were off by 100% in the thirty-third session's first version; the
+  row's are strided as a channels-last map's);
+- an elementwise op of two twinned maps (the residual add) runs on the two twins;
+- a view of a twinned map into ``(B, s..., H * W)`` (the heads split off the channels) is a view
+  of the twin, ``twin.reshape(B, -1, *s).permute(0, 2, .., 1)``, and a view of such a tensor
+  back into a map, ``o.view(B, -1, H, W)``, has the twin ``o.flatten(1, -2).transpose(1, 2)``.
+
+Every rewrite gives the same values (the row layout is checked, the views are exact), so
+the analysis that follows sees a block of tokens, as it does PVT's."""
+from __future__ import annotations
+
+import operator
+from typing import Dict, List, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import is_reshape, no_side_effects, shape_of
+
+_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
+                torch.sub}
+#: ops a twinned map's original left without users may be removed with (shape reads, views)
+_PURE_METHODS = {"size", "dim", "view", "reshape", "flatten", "permute", "transpose",
+                 "contiguous", "squeeze", "unsqueeze", "chunk", "split", "unbind"}
+
+#: how far an op run on the map as one row may be from the op on the map, relative to the
+#: values (rounding of another summation order; a 3x3 convolution is off by far more)
+_RTOL = 1e-4
+_PURE_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.add, operator.floordiv}
+
+
+def _placeholder_permute(graph: fx.Graph) -> Optional[fx.Node]:
+    """``map.permute(0, 3, 1, 2)`` of the block's token placeholder (its first)."""
+    ph = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    for u in (ph.users if ph is not None else ()):
+        dims = u.args[1:] if u.op == "call_method" and u.target == "permute" else ()
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = tuple(dims[0])
+        if tuple(dims) == (0, 3, 1, 2):
+            return u
+    return None
+
+
+class _Twins:
+    def __init__(self, ctx, cf: fx.Node):
+        self.ctx, self.graph, self.values = ctx, ctx.graph, ctx.values
+        self.batch, self.grid = ctx.batch, tuple(ctx.grid)
+        self.twin: Dict[fx.Node, fx.Node] = {}
+        self.row: Dict[fx.Node, fx.Node] = {}      # twin -> its (B, c, 1, N) layout
+        self._flat: Dict[fx.Node, fx.Node] = {}       # twin -> its (B, c, N) layout
+        self.new: List[fx.Node] = []
+        self.replaced: List[tuple] = []      # (node, its replacement): made once it converts
+        ph = cf.args[0]
+        with self.graph.inserting_after(cf):
+            self.twin[cf] = self._add("call_method", "flatten", (ph, 1, 2))
+
+    def _add(self, op, target, args, kwargs=None) -> fx.Node:
+        n = self.graph.create_node(op, target, args, kwargs or {})
+        self.new.append(n)
+        return n
+
+    def is_cf_map(self, n) -> bool:
+        s = shape_of(n)
+        return s is not None and len(s) == 4 and s[0] == self.batch and tuple(s[2:]) == self.grid
+
+    def rows(self, t: fx.Node) -> fx.Node:
+        if t not in self.row and t in self._flat:     # (B, c, N) -> (B, c, 1, N)
+            self.row[t] = self._add("call_method", "unsqueeze", (self._flat[t], 2))
+        if t not in self.row:
+            self.row[t] = self._add("call_method", "unsqueeze",
+                                       (self._add("call_method", "transpose", (t, 1, 2)), 2))
+        return self.row[t]
+
+    def row_wise(self, n: fx.Node, src: fx.Node) -> bool:
+        """``n``, whose one tensor input that is a map is ``src``, treats each position alike:
+        run on ``src`` laid out as one row it gives its output laid out so (eval mode)."""
+        x, want = self.values.get(src), self.values.get(n)
+        if not isinstance(x, torch.Tensor) or not isinstance(want, torch.Tensor) or \
+                not self.is_cf_map(n) or n.op not in ("call_module", "call_function", "call_method"):
+            return False
+        if any(self.is_cf_map(v) for v in n.all_input_nodes if v is not src):
+            return False
+        row = x.flatten(2).unsqueeze(2)
+
+        def value(a):
+            return row if a is src else self.values.get(a, a)
+        args = fx.map_arg(n.args, value)
+        kwargs = fx.map_arg(n.kwargs, value)
+        mods = [self.ctx.gm.get_submodule(n.target)] if n.op == "call_module" else []
+        was = [m.training for m in mods]
+        for m in mods:
+            m.eval()
+        try:
+            with no_side_effects(self.ctx.gm), torch.no_grad():
+                if n.op == "call_module":
+                    got = mods[0](*args, **kwargs)
+                elif n.op == "call_function":
+                    got = n.target(*args, **kwargs)
+                else:
+                    got = getattr(args[0], n.target)(*args[1:], **kwargs)
+                ref = fx.map_arg(n.args, lambda a: x if a is src else self.values.get(a, a))
+                ref_kw = fx.map_arg(n.kwargs, lambda a: x if a is src else self.values.get(a, a))
+                if n.op == "call_module":
+                    want = mods[0](*ref, **ref_kw)      # (in eval mode too: dropout, BN)
+                elif n.op == "call_function":
+                    want = n.target(*ref, **ref_kw)
+                else:
+                    want = getattr(ref[0], n.target)(*ref[1:], **ref_kw)
+        except Exception:  # noqa: BLE001 - an op that needs the map is not row-wise
+            return False
+        finally:
+            for m, w in zip(mods, was):
+                m.train(w)
+        if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or \
+                got.shape != want.flatten(2).unsqueeze(2).shape:
+            return False
+        # (the two layouts may sum in another order: an op that mixes positions is off by the
+        # values' own size, not by rounding)
+        scale = float(want.abs().max()) if want.numel() else 0.0
+        return torch.allclose(got, want.flatten(2).unsqueeze(2), rtol=_RTOL,
+                              atol=_RTOL * max(scale, 1.0))
+
+    def visit(self, n: fx.Node) -> Optional[str]:
+        """Give ``n`` a twin (or rewrite it to read one); what was done, or None."""
+        ins = [v for v in n.all_input_nodes if v in self.twin]
+        if not ins or n.op == "output":
+            return None
+        maps = [v for v in n.args[:2] if isinstance(v, fx.Node) and self.is_cf_map(v)]
+        if len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
+                n.target in _ELEMENTWISE and maps[0] is not maps[1]:
+            other = maps[1] if maps[0] is ins[0] else maps[0]   # (a 2-D op's output: read as
+            with self.graph.inserting_after(other):             # tokens, PVTv2's dwconv)
+                f = self._add("call_method", "flatten", (other, 2))
+            with self.graph.inserting_after(f):
+                self.twin[other] = self._add("call_method", "transpose", (f, 1, 2))
+            self._flat[self.twin[other]] = f
+            ins = [v for v in n.all_input_nodes if v in self.twin]
+        if len(ins) == 2 and n.op == "call_function" and n.target in _ELEMENTWISE and \
+                self.is_cf_map(n) and shape_of(ins[0]) == shape_of(ins[1]) == shape_of(n):
+            with self.graph.inserting_before(n):
+                self.twin[n] = self._add("call_function", n.target, fx.map_arg(
+                    n.args, lambda a: self.twin.get(a, a)), dict(n.kwargs))
+            return f"`{n.name}` on tokens"
+        if len(ins) != 1:
+            return None
+        src = ins[0]
+        if n.op == "call_module" and isinstance(self.ctx.gm.get_submodule(n.target), nn.Identity) \
+                and n.args and n.args[0] is src:
+            self.twin[n] = self.twin[src]       # (CoAtNet's shortcut: the stream goes on)
+            return None
+        if self.row_wise(n, src):
+            with self.graph.inserting_before(n):
+                row = self.rows(self.twin[src])
+                new = self.graph.node_copy(n, lambda a: row if a is src else a)
+                self.new.append(new)
+                t = self._add("call_method", "transpose",
+                              (self._add("call_method", "squeeze", (new, 2)), 1, 2))
+            self.row[t] = new
+            self.twin[n] = t
+            return f"`{n.name}` on tokens"
+        return self._heads_view(n, src)
+
+    def _heads_view(self, n: fx.Node, src: fx.Node) -> Optional[str]:
+        """``src.view(B, s..., H * W)`` -> ``twin.reshape(B, -1, *s).permute(0, 2, .., 1)``."""
+        s_in, s_out = shape_of(src), shape_of(n)
+        N = self.grid[0] * self.grid[1]
+        if not is_reshape(n) or n.args[0] is not src or s_out is None or len(s_out) < 3 or \
+                s_out[0] != self.batch or s_out[-1] != N or \
+                int(torch.Size(s_out[1:-1]).numel()) != s_in[1]:
+            return None
+        inner = [int(d) for d in s_out[1:-1]]
+        with self.graph.inserting_before(n):
+            t = self.twin[src]
+            b = self._add("call_method", "size", (t, 0))
+            r = self._add("call_method", "reshape", (t, b, -1, *inner))
+            p = self._add("call_method", "permute", (r, 0, *range(2, 2 + len(inner)), 1))
+        self.replaced.append((n, p))
+        return f"`{n.name}`: the heads split off the tokens' channels"
+
+    def back_to_map(self, n: fx.Node) -> Optional[str]:
+        """``o.view(B, -1, H, W)`` of ``o`` (B, s..., H * W) -> twin ``o.flatten(1, -2)
+        .transpose(1, 2)``."""
+        if not (is_reshape(n) and self.is_cf_map(n) and isinstance(n.args[0], fx.Node)):
+            return None
+        o = n.args[0]
+        s = shape_of(o)
+        N = self.grid[0] * self.grid[1]
+        if o in self.twin or s is None or len(s) < 3 or s[0] != self.batch or s[-1] != N or \
+                int(torch.Size(s[1:-1]).numel()) != shape_of(n)[1]:
+            return None
+        with self.graph.inserting_before(n):
+            f = self._add("call_method", "flatten", (o, 1, -2)) if len(s) > 3 else o
+            self.twin[n] = self._add("call_method", "transpose", (f, 1, 2))
+        self._flat[self.twin[n]] = f
+        return f"`{n.name}`: the heads' outputs merged as tokens"
+
+    def map_view(self, n: fx.Node) -> fx.Node:
+        """The map ``n`` read from its twin (for an op that needs the map)."""
+        c = shape_of(n)[1]
+        return self._add("call_method", "reshape",
+                         (self._add("call_method", "transpose", (self.twin[n], 1, 2)),
+                          -1, int(c), *self.grid))
+
+
+def tokenise_channels_first(ctx) -> List[str]:
+    """Rewrite a channels-first block's graph into token form (see the module's docstring).
+    Nothing is changed unless the block's output gets a twin (the nodes added on the way are
+    erased; the replacements are made only then)."""
+    graph = ctx.graph
+    cf = _placeholder_permute(graph)
+    out = next(n for n in graph.nodes if n.op == "output")
+    res = out.args[0] if isinstance(out.args[0], fx.Node) else None
+    if cf is None or res is None or not (res.op == "call_method" and res.target == "permute"):
+        return []
+    tw = _Twins(ctx, cf)
+    done = []
+    for n in list(graph.nodes):
+        if n is cf or n in tw.new:
+            continue
+        what = tw.back_to_map(n) or tw.visit(n)
+        if what:
+            done.append(what)
+    last = res.args[0]
+    if last not in tw.twin:        # (the graph is left as it was: only new nodes were added)
+        ctx.gm.meta["evo_channels_first_stop"] = _where_it_stopped(ctx, tw, cf)
+        for n in reversed(tw.new):
+            graph.erase_node(n)
+        return []
+    for n, p in tw.replaced:
+        n.replace_all_uses_with(p)
+    _shape_reads_of_the_input(graph, cf)
+    originals = [n for n in tw.twin if n is not cf]
+    for n in originals:                 # ops that need the map read it from the twin
+        for u in list(n.users):
+            if u is res or u in tw.new:
+                continue
+            with graph.inserting_before(u):
+                u.replace_input_with(n, tw.map_view(n))
+    with graph.inserting_before(out):
+        size = graph.call_method("size", (cf.args[0],))
+        view = graph.call_method("reshape", (tw.twin[last], size))
+    out.replace_input_with(res, view)
+    _remove_dead(graph, set(originals) | {res} | set(tw.new))
+    return done + ["the channels-first map's token-wise ops run on tokens"]
+
+
+def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
+    """Why a channels-first block's output got no twin: the first map op on a twinned map that
+    got none (for the refusal)."""
+    for n in ctx.graph.nodes:
+        if n in tw.twin or n in tw.new or n is cf or not tw.is_cf_map(n) or \
+                not any(v in tw.twin for v in n.all_input_nodes):
+            continue
+        what = type(ctx.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else \
+            getattr(n.target, "__name__", str(n.target))
+        return (f"`{n.name}` ({what}) on its channels-first map treats the positions unalike (a "
+                "convolution wider than 1x1, a pooling) and its output reaches the block's "
+                "output otherwise than added to the tokens (as PVTv2's depthwise convolution is)")
+    return "its output is not computed from the tokens by ops evoplug runs on tokens"
+
+
+def _shape_reads_of_the_input(graph: fx.Graph, cf: fx.Node):
+    """``cf.shape[i]`` and ``cf.size(i)`` (``B, C, H, W = x.shape``) read from the map the block
+    was given: ``map.size((0, 3, 1, 2)[i])``, so the stream is the map's only data user."""
+    ph, perm = cf.args[0], (0, 3, 1, 2)
+    for u in list(cf.users):
+        reads = []
+        if u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",):
+            reads = [(g, g.args[1]) for g in u.users]
+        elif u.op == "call_method" and u.target == "size" and len(u.args) == 2:
+            reads = [(u, u.args[1])]
+        for r, i in reads:
+            if not (isinstance(i, int) and -4 <= i < 4) or (r is not u and not (
+                    r.op == "call_function" and r.target is operator.getitem)):
+                continue
+            with graph.inserting_before(r):
+                r.replace_all_uses_with(graph.call_method("size", (ph, perm[i])))
+            graph.erase_node(r)
+        if not u.users and u.op != "call_method":
+            graph.erase_node(u)
+
+
+def _remove_dead(graph: fx.Graph, candidates):
+    changed = True
+    while changed:
+        changed = False
+        for n in reversed(list(graph.nodes)):
+            if n.users or n.op in ("placeholder", "output"):
+                continue
+            pure = n in candidates or (n.op == "call_function" and n.target in _PURE_FUNCTIONS) \
+                or (n.op == "call_method" and n.target in _PURE_METHODS)
+            if pure:
+                graph.erase_node(n)
+                changed = True

@@ -1,0 +1,226 @@
+"""Blocks that keep their tokens a channels-first (B, C, H, W) map (timm's LeViT with
+``use_conv``, CoAtNet's transformer stages, a hand-written ViT of 1x1 convolutions): converted in
+token form (analyse/channels_first.py), they evolve as the same weights laid out as tokens do."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import evoplug
+from evoplug.runtime import evolve as ev
+from test_pyramid import _randomise
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
+
+
+class _ConvBlock(nn.Module):
+    """A pre-norm block on a (B, C, H, W) map: 1x1 convolutions, attention over
+    ``qkv.view(B, heads, 3 * d, H * W)``; ``dw``: a 3x3 depthwise convolution in the MLP;
+    ``sdpa``: ``scaled_dot_product_attention`` on the views' transposes with a relative
+    position bias (heads, N, N), as CoAtNet's."""
+
+    def __init__(self, dim, heads, dw=False, sdpa=False, tokens=64):
+        super().__init__()
+        self.heads, self.between = heads, dw == "between"
+        self.bias = nn.Parameter(torch.zeros(heads, tokens, tokens)) if sdpa else None
+        self.norm1, self.norm2 = _LayerNorm2d(dim), _LayerNorm2d(dim)
+        self.qkv, self.proj = nn.Conv2d(dim, 3 * dim, 1), nn.Conv2d(dim, dim, 1)
+        self.fc1, self.fc2 = nn.Conv2d(dim, 2 * dim, 1), nn.Conv2d(2 * dim, dim, 1)
+        self.dw = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim) if dw else None
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, self.heads, -1, H * W).chunk(3, dim=2)
+        if self.bias is not None:
+            o = F.scaled_dot_product_attention(q.transpose(-1, -2).contiguous(),
+                                               k.transpose(-1, -2).contiguous(),
+                                               v.transpose(-1, -2).contiguous(), attn_mask=self.bias)
+            x = x + self.proj(o.transpose(-1, -2).reshape(B, -1, H, W))
+        else:
+            attn = (q.transpose(-2, -1) @ k * (C // self.heads) ** -0.5).softmax(-1)
+            x = x + self.proj((v @ attn.transpose(-2, -1)).view(B, C, H, W))
+        h = F.gelu(self.fc1(self.norm2(x)))
+        if self.dw is not None:
+            h = self.dw(h) if self.between else h + self.dw(h)
+        return x + self.fc2(h)
+
+
+class _TokenBlock(nn.Module):
+    """The same block on (B, N, C) tokens, with ``nn.Linear`` and ``nn.LayerNorm`` (the depthwise
+    convolution on a view of the tokens as the map, as PVTv2 writes it)."""
+
+    def __init__(self, dim, heads, grid, dw=False, sdpa=False, tokens=64):
+        super().__init__()
+        self.heads, self.grid, self.between = heads, grid, dw == "between"
+        self.bias = nn.Parameter(torch.zeros(heads, tokens, tokens)) if sdpa else None
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.dw = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim) if dw else None
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(self.norm1(x)).reshape(B, N, self.heads, -1).permute(0, 2, 1, 3)
+        q, k, v = qkv.chunk(3, dim=-1)
+        if self.bias is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
+        else:
+            o = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1) @ v
+        x = x + self.proj(o.transpose(1, 2).reshape(B, N, C))
+        h = F.gelu(self.fc1(self.norm2(x)))
+        if self.dw is not None:
+            H, W = self.grid
+            d = self.dw(h.transpose(1, 2).reshape(B, -1, H, W)).flatten(2).transpose(1, 2)
+            h = d if self.between else h + d
+        return x + self.fc2(h)
+
+
+class _Net(nn.Module):
+    def __init__(self, channels_first, depth=5, dim=32, heads=4, dw=False, sdpa=False):
+        super().__init__()
+        self.channels_first = channels_first
+        self.embed = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.Sequential(*[_ConvBlock(dim, heads, dw, sdpa) if channels_first else
+                                      _TokenBlock(dim, heads, (8, 8), dw, sdpa)
+                                      for _ in range(depth)])
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, img):
+        x = self.embed(img)
+        if not self.channels_first:
+            x = x.flatten(2).transpose(1, 2)
+        x = self.blocks(x)
+        return self.head(x.mean((2, 3)) if self.channels_first else x.mean(1))
+
+
+def _pair(dw, sdpa=False):
+    torch.manual_seed(0)
+    tokens = _Net(False, dw=dw, sdpa=sdpa).eval()
+    for p in tokens.parameters():
+        p.data.normal_(0, 0.3)
+    maps = _Net(True, dw=dw, sdpa=sdpa).eval()
+    maps.load_state_dict({k: v.reshape(maps.state_dict()[k].shape)
+                          for k, v in tokens.state_dict().items()})
+    return tokens, maps
+
+
+def _levit_pair():
+    tokens = _randomise(timm.create_model("levit_128s", pretrained=False)).eval()
+    with torch.no_grad():       # (branches strong enough for the selection to show)
+        for n, p in tokens.named_parameters():
+            if n.endswith(("proj.ln.bn.weight", "ln2.bn.weight")):
+                p.mul_(8)
+    maps = timm.create_model("levit_conv_128s", pretrained=False).eval()
+    maps.load_state_dict({k: v.reshape(maps.state_dict()[k].shape)
+                          for k, v in tokens.state_dict().items()})
+    return tokens, maps
+
+
+@pytest.mark.parametrize("which", ["plain", "depthwise_conv_mlp", "depthwise_conv_between",
+                                   "sdpa_with_bias", "levit"])
+def test_channels_first_blocks_evolve_as_the_same_weights_on_tokens(which):
+    """keep 0.5: the outputs, in eval and train mode, and the gradients are the token model's;
+    keep 1.0 reproduces the model; the dense state_dict loads strictly."""
+    dw = {"depthwise_conv_mlp": True, "depthwise_conv_between": "between"}.get(which, False)
+    tokens, maps = _levit_pair() if which == "levit" else _pair(dw, which == "sdpa_with_bias")
+    size = 224 if which == "levit" else 32
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        tol = 3e-6 * maps(x).abs().max()
+        assert (tokens(x) - maps(x)).abs().max() <= tol       # (the pair is one model)
+    ft = evoplug.convert(copy.deepcopy(tokens), keep_ratio=0.5, example_input=x[:2])
+    fm = evoplug.convert(copy.deepcopy(maps), keep_ratio=0.5, example_input=x[:2])
+    roles = [s.role for s in evoplug.get_report(fm).blocks]
+    assert roles == [s.role for s in evoplug.get_report(ft).blocks] and "evolve" in roles
+    with torch.no_grad():
+        out = fm(x)
+        for s in evoplug.get_report(fm).blocks:
+            if s.role == "evolve":
+                M = s.analysis.num_tokens - s.analysis.num_prefix
+                assert s.tokens_run == ev.num_keep(M, 0.5) + 1
+        assert (out - maps(x)).abs().max() > 10 * tol       # (tokens were left out)
+        assert (out - ft(x)).abs().max() <= tol
+    with torch.no_grad():
+        evoplug.set_keep_ratio(fm, 1.0)
+        assert (fm(x) - maps(x)).abs().max() <= tol
+        evoplug.set_options(fm, identity_fast_path=False)
+        assert (fm(x) - maps(x)).abs().max() <= tol
+        evoplug.set_keep_ratio(fm, 0.5)
+        evoplug.set_options(fm, identity_fast_path=True)
+    ft.train(), fm.train()
+    a, b = ft(x), fm(x)
+    assert (a - b).abs().max() <= tol
+    a.square().mean().backward()
+    b.square().mean().backward()
+    grads = {n: p.grad for n, p in ft.named_parameters()}
+    top = max(g.abs().max() for g in grads.values())
+    for n, p in fm.named_parameters():
+        # (float32 through LeViT's BatchNorms: 1e-4 apart at keep 1.0, and a bias before a
+        # BatchNorm has no gradient but rounding; the first version of the rewrite was 100% off)
+        g = grads[n]
+        assert (p.grad.reshape(g.shape) - g).abs().max() <= 2e-3 * max(g.abs().max(), 1e-3 * top), n
+    fm.load_state_dict(maps.state_dict(), strict=True)
+
+
+def test_coatnet_transformer_stages_convert():
+    """CoAtNet: its transformer stages (LayerNorm2d, 1x1 convolutions, relative position bias,
+    scaled_dot_product_attention on views of the map) evolve; the first block of each stage
+    (a downsampling one) is left alone."""
+    model = _randomise(timm.create_model("coatnet_nano_rw_224", pretrained=False)).eval()
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x)
+    report = evoplug.get_report(fast)
+    names = {s.analysis.name: s.role for s in report.blocks}
+    assert "stages.2.blocks.0" not in names and names["stages.3.blocks.1"] == "evolve"
+    assert sum(r == "evolve" for r in names.values()) >= 4
+    with torch.no_grad():
+        ref = model(x)
+        assert torch.isfinite(fast(x)).all()
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert (fast(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+    fast.load_state_dict(model.state_dict(), strict=True)
+
+
+class _Convs3x3(_ConvBlock):
+    """3x3 convolutions and GroupNorm: no op runs over the channels of one position alone."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.norm1, self.norm2 = nn.GroupNorm(1, dim), nn.GroupNorm(1, dim)
+        self.qkv = nn.Conv2d(dim, 3 * dim, 3, padding=1)
+        self.proj = nn.Conv2d(dim, dim, 3, padding=1)
+        self.fc1 = nn.Conv2d(dim, 2 * dim, 3, padding=1)
+
+
+class _ConvAfterTheResidual(_ConvBlock):
+    """A 3x3 depthwise convolution of the block's output map (after the last residual add)."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads, dw=True)
+        self.dw = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(B, self.heads, -1, H * W).chunk(3, dim=2)
+        attn = (q.transpose(-2, -1) @ k * (C // self.heads) ** -0.5).softmax(-1)
+        x = x + self.proj((v @ attn.transpose(-2, -1)).view(B, C, H, W))
+        return self.dw(x + self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+
+
+@pytest.mark.parametrize("block,why", [
+    (_Convs3x3, "is a 4-D map that is not a channels-last token map"),
+    (_ConvAfterTheResidual, r"a channels-first block: `dw` \(Conv2d\) on its channels-first map "
+                            r"treats the positions unalike"),
+])
+def test_channels_first_blocks_the_rewrite_cannot_reach_are_refused_by_name(block, why):
+    model = _Net(True).eval()
+    model.blocks = nn.Sequential(*[block(32, 4) for _ in range(3)])
+    with pytest.raises(evoplug.ConversionError, match=rf"`blocks.0`: [^;]*{why}"):
+        evoplug.convert(model, example_input=torch.randn(2, 3, 32, 32))
