@@ -335,10 +335,8 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         a.windowed = True          # one window larger than the map, which is padded to it
     if a.token_map:
         if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
-            stop = gm.meta.get("evo_channels_first_stop")
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "
-                                        "token view of it" + (f" (a channels-first block: {stop})"
-                                                              if stop else ""))
+                                        "token view of it")
         a.notes.append("channels-last map block: tokens that were not kept get " + (
             "their own attention update (the windows run on the full map)" if a.windowed else
             "the representative token's attention update") + " plus its MLP residual")

@@ -27,11 +27,13 @@ Every rewrite gives the same values (the row layout is checked, the views are ex
 the analysis that follows sees a block of tokens, as it does PVT's."""
 from __future__ import annotations
 
+import copy
 import operator
 from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .graph import is_reshape, no_side_effects, shape_of
@@ -46,6 +48,34 @@ _PURE_METHODS = {"size", "dim", "view", "reshape", "flatten", "permute", "transp
 #: values (rounding of another summation order; a 3x3 convolution is off by far more)
 _RTOL = 1e-4
 _PURE_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.add, operator.floordiv}
+
+
+_POSITION_MIXERS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                    nn.LPPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold)
+_POSITION_MIXING_FUNCTIONS = {F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
+                              F.adaptive_max_pool2d, F.interpolate, F.pad, F.unfold, F.fold,
+                              F.pixel_shuffle, F.pixel_unshuffle, torch.roll}
+_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+
+
+def _mixes_positions(gm: fx.GraphModule, n: fx.Node, values) -> bool:
+    """A convolution wider than 1x1 (or strided), a pooling or a resampling in ``n`` (a module
+    and its submodules, or a function): it mixes map positions whatever its weights are."""
+    if n.op == "call_module":
+        for m in gm.get_submodule(n.target).modules():
+            if isinstance(m, _POSITION_MIXERS) or isinstance(m, nn.modules.conv._ConvNd) and (
+                    any(k != 1 for k in m.kernel_size) or any(st != 1 for st in m.stride)):
+                return True
+        return False
+    if n.op == "call_function" and n.target in _POSITION_MIXING_FUNCTIONS:
+        return True
+    if n.op == "call_function" and n.target in _CONVS:
+        w = values.get(n.args[1]) if len(n.args) > 1 else values.get(n.kwargs.get("weight"))
+        stride = n.args[3] if len(n.args) > 3 else n.kwargs.get("stride", 1)
+        return not (isinstance(w, torch.Tensor) and all(k == 1 for k in w.shape[2:])) or \
+            any(st != 1 for st in (stride if isinstance(stride, (tuple, list)) else (stride,)))
+    return n.op == "call_method" and n.target in ("roll", "unfold")
 
 
 def _placeholder_permute(graph: fx.Graph) -> Optional[fx.Node]:
@@ -69,6 +99,7 @@ class _Twins:
         self._flat: Dict[fx.Node, fx.Node] = {}       # twin -> its (B, c, N) layout
         self.new: List[fx.Node] = []
         self.replaced: List[tuple] = []      # (node, its replacement): made once it converts
+        self.cf, self.why = cf, None         # (why the output is not reached, where known)
         ph = cf.args[0]
         with self.graph.inserting_after(cf):
             self.twin[cf] = self._add("call_method", "flatten", (ph, 1, 2))
@@ -91,45 +122,51 @@ class _Twins:
         return self.row[t]
 
     def row_wise(self, n: fx.Node, src: fx.Node) -> bool:
-        """``n``, whose one tensor input that is a map is ``src``, treats each position alike:
-        run on ``src`` laid out as one row it gives its output laid out so (eval mode)."""
+        """``n``, whose one tensor input that is a map is ``src``, treats each position alike: no
+        convolution wider than 1x1 or pooling inside, and, run on ``src`` laid out as one row,
+        it gives its output laid out so, in eval and in train mode (the same random numbers:
+        DropBlock drops squares of the map) and with its parameters perturbed (a convolution
+        whose weights are zero or an identity at the conversion mixes positions once trained)."""
         x, want = self.values.get(src), self.values.get(n)
         if not isinstance(x, torch.Tensor) or not isinstance(want, torch.Tensor) or \
                 not self.is_cf_map(n) or n.op not in ("call_module", "call_function", "call_method"):
             return False
-        if any(self.is_cf_map(v) for v in n.all_input_nodes if v is not src):
+        if any(self.is_cf_map(v) for v in n.all_input_nodes if v is not src) or \
+                _mixes_positions(self.ctx.gm, n, self.values):
             return False
-        row = x.flatten(2).unsqueeze(2)
+        return all(self._same_on_a_row(n, src, x.contiguous(), training) for training in (False, True))
 
-        def value(a):
-            return row if a is src else self.values.get(a, a)
-        args = fx.map_arg(n.args, value)
-        kwargs = fx.map_arg(n.kwargs, value)
-        mods = [self.ctx.gm.get_submodule(n.target)] if n.op == "call_module" else []
-        was = [m.training for m in mods]
-        for m in mods:
-            m.eval()
+    def _same_on_a_row(self, n: fx.Node, src: fx.Node, x: torch.Tensor, training: bool) -> bool:
+        g = torch.Generator().manual_seed(0)
+
+        def perturbed(t):
+            return t + torch.randn(t.shape, generator=g, dtype=t.dtype) * (t.abs().mean() + 0.1)
+        consts = {a: perturbed(self.values[a]) for a in n.all_input_nodes if a.op == "get_attr"
+                  and isinstance(self.values.get(a), torch.Tensor) and self.values[a].is_floating_point()}
+        mod = None
+        if n.op == "call_module":
+            mod = copy.deepcopy(self.ctx.gm.get_submodule(n.target)).train(training)
+            with torch.no_grad():
+                for p in mod.parameters():
+                    if p.is_floating_point():
+                        p.copy_(perturbed(p))
+
+        def run(inp):
+            args, kwargs = (fx.map_arg(v, lambda a: inp if a is src else consts.get(a, self.values.get(a, a)))
+                            for v in (n.args, n.kwargs))
+            if mod is not None:
+                return mod(*args, **kwargs)
+            if n.op == "call_function":
+                return n.target(*args, **kwargs)
+            return getattr(args[0], n.target)(*args[1:], **kwargs)
         try:
-            with no_side_effects(self.ctx.gm), torch.no_grad():
-                if n.op == "call_module":
-                    got = mods[0](*args, **kwargs)
-                elif n.op == "call_function":
-                    got = n.target(*args, **kwargs)
-                else:
-                    got = getattr(args[0], n.target)(*args[1:], **kwargs)
-                ref = fx.map_arg(n.args, lambda a: x if a is src else self.values.get(a, a))
-                ref_kw = fx.map_arg(n.kwargs, lambda a: x if a is src else self.values.get(a, a))
-                if n.op == "call_module":
-                    want = mods[0](*ref, **ref_kw)      # (in eval mode too: dropout, BN)
-                elif n.op == "call_function":
-                    want = n.target(*ref, **ref_kw)
-                else:
-                    want = getattr(ref[0], n.target)(*ref[1:], **ref_kw)
+            with no_side_effects(self.ctx.gm), torch.no_grad(), torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                want = run(x)
+                torch.manual_seed(0)
+                got = run(x.flatten(2).unsqueeze(2))
         except Exception:  # noqa: BLE001 - an op that needs the map is not row-wise
             return False
-        finally:
-            for m, w in zip(mods, was):
-                m.train(w)
         if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or \
                 got.shape != want.flatten(2).unsqueeze(2).shape:
             return False
@@ -146,7 +183,15 @@ class _Twins:
             return None
         maps = [v for v in n.args[:2] if isinstance(v, fx.Node) and self.is_cf_map(v)]
         if len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
-                n.target in _ELEMENTWISE and maps[0] is not maps[1]:
+                n.target in _ELEMENTWISE and maps[0] is not maps[1] and ins[0] is self.cf:
+            other = maps[1] if maps[0] is ins[0] else maps[0]
+            self.why = (f"`{other.name}`, a map op that is no token-wise one, is added to the "
+                        "block's input (a convolutional position encoding, CPVT's or CvT's): the "
+                        "residual stream itself mixes tokens outside attention, which evoplug "
+                        "refuses in token blocks too (not equivariant to the token order)")
+        elif len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
+                n.target in _ELEMENTWISE and maps[0] is not maps[1] and not (
+                    (maps[1] if maps[0] is ins[0] else maps[0]).target in _ELEMENTWISE):
             other = maps[1] if maps[0] is ins[0] else maps[0]   # (a 2-D op's output: read as
             with self.graph.inserting_after(other):             # tokens, PVTv2's dwconv)
                 f = self._add("call_method", "flatten", (other, 2))
@@ -247,8 +292,8 @@ def tokenise_channels_first(ctx) -> List[str]:
         return []
     for n, p in tw.replaced:
         n.replace_all_uses_with(p)
-    _shape_reads_of_the_input(graph, cf)
     originals = [n for n in tw.twin if n is not cf]
+    _shape_reads(graph, [cf] + originals, cf)
     for n in originals:                 # ops that need the map read it from the twin
         for u in list(n.users):
             if u is res or u in tw.new:
@@ -266,6 +311,8 @@ def tokenise_channels_first(ctx) -> List[str]:
 def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
     """Why a channels-first block's output got no twin: the first map op on a twinned map that
     got none (for the refusal)."""
+    if tw.why:
+        return tw.why
     for n in ctx.graph.nodes:
         if n in tw.twin or n in tw.new or n is cf or not tw.is_cf_map(n) or \
                 not any(v in tw.twin for v in n.all_input_nodes):
@@ -278,25 +325,41 @@ def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
     return "its output is not computed from the tokens by ops evoplug runs on tokens"
 
 
-def _shape_reads_of_the_input(graph: fx.Graph, cf: fx.Node):
-    """``cf.shape[i]`` and ``cf.size(i)`` (``B, C, H, W = x.shape``) read from the map the block
-    was given: ``map.size((0, 3, 1, 2)[i])``, so the stream is the map's only data user."""
-    ph, perm = cf.args[0], (0, 3, 1, 2)
-    for u in list(cf.users):
-        reads = []
-        if u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",):
-            reads = [(g, g.args[1]) for g in u.users]
-        elif u.op == "call_method" and u.target == "size" and len(u.args) == 2:
-            reads = [(u, u.args[1])]
-        for r, i in reads:
-            if not (isinstance(i, int) and -4 <= i < 4) or (r is not u and not (
-                    r.op == "call_function" and r.target is operator.getitem)):
+def _shape_reads(graph: fx.Graph, maps, cf: fx.Node):
+    """Shape reads of the channels-first maps (the block's input ``cf`` and the maps that got a
+    twin: ``B, C, H, W = x.shape``): the batch, height and width from the map the block was
+    given (its placeholder (B, H, W, C)), the channels as the constant they are. So no op runs
+    on a map for its shape only (a BatchNorm2d kept for ``x.shape`` ran twice per forward, its
+    statistics too), and ``H * W`` reads as the grid's (rewrite/program.py ``_subset_sizes``)."""
+    ph, perm, shape = cf.args[0], (0, 3, 1, 2), None
+    for n in maps:
+        channels = int(shape_of(n)[1]) if shape_of(n) is not None else None
+        for u in list(n.users):
+            if u.op == "call_function" and u.target is getattr and u.args[1:] == ("shape",):
+                reads = [(g, g.args[1]) for g in list(u.users)
+                         if g.op == "call_function" and g.target is operator.getitem]
+            elif u.op == "call_method" and u.target == "size" and len(u.args) == 2:
+                reads = [(u, u.args[1])]
+            else:
                 continue
-            with graph.inserting_before(r):
-                r.replace_all_uses_with(graph.call_method("size", (ph, perm[i])))
-            graph.erase_node(r)
-        if not u.users and u.op != "call_method":
-            graph.erase_node(u)
+            for r, i in reads:
+                if not isinstance(i, int) or not -4 <= i < 4 or (i % 4 == 1 and channels is None):
+                    continue
+                if i % 4 == 1:
+                    for w in list(r.users):
+                        w.args = fx.map_arg(w.args, lambda a: channels if a is r else a)
+                        w.kwargs = fx.map_arg(w.kwargs, lambda a: channels if a is r else a)
+                else:
+                    if shape is None:
+                        first = next(m for m in graph.nodes if m.op != "placeholder")
+                        with graph.inserting_before(first):
+                            shape = graph.call_function(getattr, (ph, "shape"))
+                    with graph.inserting_before(r):
+                        r.replace_all_uses_with(graph.call_function(operator.getitem,
+                                                                    (shape, perm[i % 4])))
+                graph.erase_node(r)
+            if not u.users and u.op == "call_function":
+                graph.erase_node(u)
 
 
 def _remove_dead(graph: fx.Graph, candidates):

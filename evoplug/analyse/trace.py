@@ -582,6 +582,10 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
             gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),
                                                           plan.keeps_channels_first)
+            if gm.meta.get("evo_channels_first_stop"):
+                raise AnalysisError(name, "a block that keeps its map channels first, which "
+                                          "evoplug cannot put in token form: "
+                                          + gm.meta["evo_channels_first_stop"])
     except AnalysisError:
         raise
     except Exception as e:

@@ -398,8 +398,8 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     graph.erase_node(node)
     _erase_unused(graph, source, rw.root)
     _drop_size_only(graph, replaced, rw)
-    if not on_stream and path is None:
-        rw.read_backs.append((back, tok_dim))
+    if path is None:       # (the stream's too: a channels-first block's attention may size its
+        rw.read_backs.append((back, tok_dim))   # views by H * W, FastViT's)
     if path is not None:
         rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
 
