@@ -279,10 +279,9 @@ class _PositionEncoding(_ConvBlock):
 @pytest.mark.parametrize("block,why", [
     (_Convs3x3, "is a 4-D map that is not a channels-last token map"),
     (_ConvAfterTheResidual, r"keeps its map channels first, which evoplug cannot put in token "
-                            r"form: `dw` \(Conv2d\) on its channels-first map treats the positions "
-                            r"unalike"),
-    (_PositionEncoding, r"`pe`, a map op that is no token-wise one, is added to the block's "
-                        r"input"),
+                            r"form: `dw` \(Conv2d\) on its channels-first map is no op evoplug "
+                            r"runs on tokens"),
+    (_PositionEncoding, r"`pe`, a map op that mixes positions, is added to the block's input"),
 ])
 def test_channels_first_blocks_the_rewrite_cannot_reach_are_refused_by_name(block, why):
     model = _Net(True).eval()

@@ -185,10 +185,12 @@ class _Twins:
         if len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
                 n.target in _ELEMENTWISE and maps[0] is not maps[1] and ins[0] is self.cf:
             other = maps[1] if maps[0] is ins[0] else maps[0]
-            self.why = (f"`{other.name}`, a map op that is no token-wise one, is added to the "
-                        "block's input (a convolutional position encoding, CPVT's or CvT's): the "
-                        "residual stream itself mixes tokens outside attention, which evoplug "
-                        "refuses in token blocks too (not equivariant to the token order)")
+            if self.cf in other.all_input_nodes and _mixes_positions(self.ctx.gm, other, self.values):
+                self.why = (f"`{other.name}`, a map op that mixes positions, is added to the "
+                            "block's input (a convolutional position encoding, CPVT's or CvT's): "
+                            "the residual stream itself mixes tokens outside attention, which "
+                            "evoplug refuses in token blocks too (not equivariant to the token "
+                            "order)")
         elif len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
                 n.target in _ELEMENTWISE and maps[0] is not maps[1] and not (
                     (maps[1] if maps[0] is ins[0] else maps[0]).target in _ELEMENTWISE):
@@ -309,20 +311,25 @@ def tokenise_channels_first(ctx) -> List[str]:
 
 
 def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
-    """Why a channels-first block's output got no twin: the first map op on a twinned map that
-    got none (for the refusal)."""
+    """Why a channels-first block's output got no twin (for the refusal): the first op on a
+    rewritten map that got no twin (shape reads and elementwise ops aside), else the first
+    term added to the tokens that is not computed from them."""
     if tw.why:
         return tw.why
+    replaced = {n for n, _ in tw.replaced}
     for n in ctx.graph.nodes:
-        if n in tw.twin or n in tw.new or n is cf or not tw.is_cf_map(n) or \
-                not any(v in tw.twin for v in n.all_input_nodes):
+        if n in tw.twin or n in tw.new or n in replaced or n is cf or n.op == "output" or \
+                not any(v in tw.twin for v in n.all_input_nodes) or \
+                (n.op == "call_function" and n.target in (getattr, *_ELEMENTWISE)) or \
+                (n.op == "call_method" and n.target in ("size", "dim")):
             continue
         what = type(ctx.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else \
             getattr(n.target, "__name__", str(n.target))
-        return (f"`{n.name}` ({what}) on its channels-first map treats the positions unalike (a "
-                "convolution wider than 1x1, a pooling) and its output reaches the block's "
-                "output otherwise than added to the tokens (as PVTv2's depthwise convolution is)")
-    return "its output is not computed from the tokens by ops evoplug runs on tokens"
+        return (f"`{n.name}` ({what}) on its channels-first map is no op evoplug runs on tokens "
+                "(it treats the positions unalike, or is a form the rewrite does not know) and its "
+                "output reaches the block's output otherwise than added to the tokens (as PVTv2's "
+                "depthwise convolution is)")
+    return "its output is not computed from its tokens by ops evoplug runs on tokens"
 
 
 def _shape_reads(graph: fx.Graph, maps, cf: fx.Node):
