@@ -24,7 +24,9 @@ class _ConvBlock(nn.Module):
     """A pre-norm block on a (B, C, H, W) map: 1x1 convolutions, attention over
     ``qkv.view(B, heads, 3 * d, H * W)``. ``form``: "dw", a 3x3 depthwise convolution added in
     the MLP; "between", one between the MLP's layers; "flatten", the heads split in two views,
-    the second sized by ``H * W``. ``sdpa``: ``scaled_dot_product_attention`` on the views'
+    the second sized by ``H * W``; "five_d", by ``view(B, heads, 3 * d, H, W).flatten(-2)``;
+    "chunk", q, k and v cut from the channels first; "unflatten", the heads' outputs put back by
+    ``o.flatten(1, 2).unflatten(-1, (H, W))``. ``sdpa``: ``scaled_dot_product_attention`` on the views'
     transposes with a relative position bias (heads, N, N), as CoAtNet's."""
 
     def __init__(self, dim, heads, form="", sdpa=False, tokens=64):
@@ -42,7 +44,12 @@ class _ConvBlock(nn.Module):
         qkv = self.qkv(self.norm1(x))
         if self.form == "flatten":
             qkv = qkv.flatten(2).reshape(B, self.heads, -1, H * W)
-        q, k, v = qkv.view(B, self.heads, -1, H * W).chunk(3, dim=2)
+        elif self.form == "five_d":
+            qkv = qkv.view(B, self.heads, -1, H, W).flatten(-2)
+        if self.form == "chunk":    # (q, k and v cut from the channels first: (3, heads, d))
+            q, k, v = (t.reshape(B, self.heads, -1, H * W) for t in qkv.chunk(3, dim=1))
+        else:
+            q, k, v = qkv.view(B, self.heads, -1, H * W).chunk(3, dim=2)
         if self.bias is not None:
             o = F.scaled_dot_product_attention(q.transpose(-1, -2).contiguous(),
                                                k.transpose(-1, -2).contiguous(),
@@ -50,7 +57,10 @@ class _ConvBlock(nn.Module):
             x = x + self.proj(o.transpose(-1, -2).reshape(B, -1, H, W))
         else:
             attn = (q.transpose(-2, -1) @ k * (C // self.heads) ** -0.5).softmax(-1)
-            x = x + self.proj((v @ attn.transpose(-2, -1)).view(B, C, H, W))
+            o = v @ attn.transpose(-2, -1)
+            o = o.flatten(1, 2).unflatten(-1, (H, W)) if self.form == "unflatten" else \
+                o.view(B, C, H, W)
+            x = x + self.proj(o)
         h = F.gelu(self.fc1(self.norm2(x)))
         if self.dw is not None:
             h = self.dw(h) if self.form == "between" else h + self.dw(h)
@@ -73,8 +83,11 @@ class _TokenBlock(nn.Module):
 
     def forward(self, x):
         B, N, C = x.shape
-        qkv = self.qkv(self.norm1(x)).reshape(B, N, self.heads, -1).permute(0, 2, 1, 3)
-        q, k, v = qkv.chunk(3, dim=-1)
+        qkv = self.qkv(self.norm1(x))
+        if self.form == "chunk":
+            q, k, v = (t.reshape(B, N, self.heads, -1).permute(0, 2, 1, 3) for t in qkv.chunk(3, -1))
+        else:
+            q, k, v = qkv.reshape(B, N, self.heads, -1).permute(0, 2, 1, 3).chunk(3, dim=-1)
         if self.bias is not None:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias)
         else:
@@ -174,12 +187,13 @@ def _levit_pair():
 
 
 @pytest.mark.parametrize("which", ["plain", "depthwise_conv_mlp", "depthwise_conv_between",
-                                   "heads_in_two_views", "sdpa_with_bias", "fastvit", "levit"])
+                                   "heads_in_two_views", "chunk", "five_d", "unflatten",
+                                   "sdpa_with_bias", "fastvit", "levit"])
 def test_channels_first_blocks_evolve_as_the_same_weights_on_tokens(which):
     """keep 0.5: the outputs, in eval and train mode, and the gradients are the token model's;
     keep 1.0 reproduces the model; the dense state_dict loads strictly."""
     form = {"depthwise_conv_mlp": "dw", "depthwise_conv_between": "between",
-            "heads_in_two_views": "flatten", "fastvit": "fastvit"}.get(which, "")
+            "heads_in_two_views": "flatten"}.get(which, which)
     tokens, maps = _levit_pair() if which == "levit" else _pair(form, which == "sdpa_with_bias")
     size = 224 if which == "levit" else 32
     x = torch.randn(3, 3, size, size)
@@ -276,12 +290,24 @@ class _PositionEncoding(_ConvBlock):
         return super().forward(x + self.pe(x))
 
 
+class _PositionTable(_ConvBlock):
+    """A learned (1, C, H, W) table added to the block's input."""
+
+    def __init__(self, dim, heads):
+        super().__init__(dim, heads)
+        self.pos = nn.Parameter(torch.randn(1, dim, 8, 8))
+
+    def forward(self, x):
+        return super().forward(x + self.pos)
+
+
 @pytest.mark.parametrize("block,why", [
     (_Convs3x3, "is a 4-D map that is not a channels-last token map"),
     (_ConvAfterTheResidual, r"keeps its map channels first, which evoplug cannot put in token "
                             r"form: `dw` \(Conv2d\) on its channels-first map is no op evoplug "
                             r"runs on tokens"),
     (_PositionEncoding, r"`pe`, a map op that mixes positions, is added to the block's input"),
+    (_PositionTable, r"combines the map with `pos` \(1, 32, 8, 8\), a term per map position"),
 ])
 def test_channels_first_blocks_the_rewrite_cannot_reach_are_refused_by_name(block, why):
     model = _Net(True).eval()

@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import is_reshape, no_side_effects, shape_of
+from .graph import ancestors, is_reshape, no_side_effects, shape_of
 
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
                 torch.sub}
@@ -100,6 +100,7 @@ class _Twins:
         self.new: List[fx.Node] = []
         self.replaced: List[tuple] = []      # (node, its replacement): made once it converts
         self.cf, self.why = cf, None         # (why the output is not reached, where known)
+        self.parts: Dict[fx.Node, fx.Node] = {}     # chunk/split of a map -> its twin's split
         ph = cf.args[0]
         with self.graph.inserting_after(cf):
             self.twin[cf] = self._add("call_method", "flatten", (ph, 1, 2))
@@ -178,6 +179,8 @@ class _Twins:
 
     def visit(self, n: fx.Node) -> Optional[str]:
         """Give ``n`` a twin (or rewrite it to read one); what was done, or None."""
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.parts:
+            return self._channel_parts(n, None)
         ins = [v for v in n.all_input_nodes if v in self.twin]
         if not ins or n.op == "output":
             return None
@@ -193,7 +196,8 @@ class _Twins:
                             "order)")
         elif len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
                 n.target in _ELEMENTWISE and maps[0] is not maps[1] and not (
-                    (maps[1] if maps[0] is ins[0] else maps[0]).target in _ELEMENTWISE):
+                    (maps[1] if maps[0] is ins[0] else maps[0]).target in _ELEMENTWISE) and \
+                self.cf in ancestors(maps[1] if maps[0] is ins[0] else maps[0]):
             other = maps[1] if maps[0] is ins[0] else maps[0]   # (a 2-D op's output: read as
             with self.graph.inserting_after(other):             # tokens, PVTv2's dwconv)
                 f = self._add("call_method", "flatten", (other, 2))
@@ -210,6 +214,9 @@ class _Twins:
         if len(ins) != 1:
             return None
         src = ins[0]
+        parts = self._channel_parts(n, src)
+        if parts:
+            return parts
         if n.op == "call_module" and isinstance(self.ctx.gm.get_submodule(n.target), nn.Identity) \
                 and n.args and n.args[0] is src:
             self.twin[n] = self.twin[src]       # (CoAtNet's shortcut: the stream goes on)
@@ -226,13 +233,43 @@ class _Twins:
             return f"`{n.name}` on tokens"
         return self._heads_view(n, src)
 
+    def _channel_parts(self, n: fx.Node, src: fx.Node) -> Optional[str]:
+        """``src.chunk(k, dim=1)`` / ``src.split(sizes, dim=1)`` (q, k and v cut from the map's
+        channels) -> the twin split along its channels; each part taken by ``[i]`` gets its part
+        as twin."""
+        if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.parts \
+                and isinstance(n.args[1], int) and self.is_cf_map(n):
+            with self.graph.inserting_before(n):
+                self.twin[n] = self._add("call_function", operator.getitem,
+                                         (self.parts[n.args[0]], n.args[1]))
+            return f"`{n.name}`: a part of the tokens' channels"
+        name = n.target if n.op == "call_method" else getattr(n.target, "__name__", "")
+        if name not in ("chunk", "split") or n.args[0] is not src:
+            return None
+        dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
+        parts = self.values.get(n)
+        if dim not in (1, -3) or not isinstance(parts, (tuple, list)) or \
+                not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in parts):
+            return None
+        with self.graph.inserting_before(n):
+            self.parts[n] = self._add("call_method", "split",
+                                      (self.twin[src], [int(t.shape[1]) for t in parts], 2))
+        return None
+
     def _heads_view(self, n: fx.Node, src: fx.Node) -> Optional[str]:
-        """``src.view(B, s..., H * W)`` -> ``twin.reshape(B, -1, *s).permute(0, 2, .., 1)``."""
+        """``src.view(B, s..., H * W)`` -> ``twin.reshape(B, -1, *s).permute(0, 2, .., 1)``; also
+        ``src.view(B, s..., H, W)`` whose one user merges ``H, W`` (``.flatten(-2)``)."""
         s_in, s_out = shape_of(src), shape_of(n)
         N = self.grid[0] * self.grid[1]
         if not is_reshape(n) or n.args[0] is not src or s_out is None or len(s_out) < 3 or \
-                s_out[0] != self.batch or s_out[-1] != N or \
-                int(torch.Size(s_out[1:-1]).numel()) != s_in[1]:
+                s_out[0] != self.batch:
+            return None
+        if len(s_out) > 4 and tuple(s_out[-2:]) == self.grid and len(n.users) == 1:
+            u = next(iter(n.users))           # (B, s..., H, W) -> (B, s..., H * W)
+            if not (is_reshape(u) and u.args[0] is n and shape_of(u) == (*s_out[:-2], N)):
+                return None
+            n, s_out = u, shape_of(u)
+        if s_out[-1] != N or int(torch.Size(s_out[1:-1]).numel()) != s_in[1]:
             return None
         inner = [int(d) for d in s_out[1:-1]]
         with self.graph.inserting_before(n):
@@ -246,7 +283,8 @@ class _Twins:
     def back_to_map(self, n: fx.Node) -> Optional[str]:
         """``o.view(B, -1, H, W)`` of ``o`` (B, s..., H * W) -> twin ``o.flatten(1, -2)
         .transpose(1, 2)``."""
-        if not (is_reshape(n) and self.is_cf_map(n) and isinstance(n.args[0], fx.Node)):
+        if not ((is_reshape(n) or (n.op == "call_method" and n.target == "unflatten")) and
+                self.is_cf_map(n) and isinstance(n.args[0], fx.Node)):
             return None
         o = n.args[0]
         s = shape_of(o)
@@ -329,6 +367,16 @@ def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
                 "(it treats the positions unalike, or is a form the rewrite does not know) and its "
                 "output reaches the block's output otherwise than added to the tokens (as PVTv2's "
                 "depthwise convolution is)")
+    for n in ctx.graph.nodes:          # a term per map position, a parameter (1, C, H, W)
+        if n.op == "call_function" and n.target in _ELEMENTWISE and n not in tw.twin and \
+                any(v in tw.twin for v in n.all_input_nodes):
+            for v in n.all_input_nodes:
+                shape = shape_of(v)
+                if v not in tw.twin and shape is not None and len(shape) >= 2 and \
+                        tuple(shape[-2:]) == tw.grid and cf not in ancestors(v):
+                    return (f"`{n.name}` combines the map with `{v.name}` {tuple(shape)}, a term "
+                            "per map position the kept tokens cannot follow (the block is not "
+                            "equivariant to the token order)")
     return "its output is not computed from its tokens by ops evoplug runs on tokens"
 
 
