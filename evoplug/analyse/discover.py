@@ -131,14 +131,18 @@ def channels_first(m: nn.Module, call: ModuleCall, x: torch.Tensor, calls: Dict[
 
 def _channel_op_on(m: nn.Module, x: torch.Tensor, calls: Dict[int, ModuleCall]) -> bool:
     """A module inside ``m`` runs a 1x1 convolution, a BatchNorm2d or a norm over the channels
-    (``LayerNorm2d``) on a channels-first map of ``x``'s shape."""
+    (``LayerNorm2d``) on a channels-first map of ``x``'s shape; inside a stage (a ``Sequential``
+    or ``ModuleList`` of modules, SwiftFormer's and EdgeNeXt's) on ``x`` itself, so that a stage
+    whose first block starts with a wider convolution is looked into block by block."""
     C = x.shape[1]
+    stage = isinstance(m, (nn.Sequential, nn.ModuleList)) or any(
+        isinstance(ch, (nn.Sequential, nn.ModuleList)) and len(ch) > 1 for ch in m.children())
     for sub in m.modules():
         c = calls.get(id(sub))
         if c is None or sub is m:
             continue
         inp = next((a for a in c.args if isinstance(a, torch.Tensor)), None)
-        if inp is None or tuple(inp.shape) != tuple(x.shape):
+        if inp is None or tuple(inp.shape) != tuple(x.shape) or (stage and not _same_tensor(inp, x)):
             continue
         if isinstance(sub, nn.Conv2d) and sub.in_channels == C and sub.groups == 1 and \
                 tuple(sub.kernel_size) == (1, 1) and tuple(sub.stride) == (1, 1):
@@ -149,6 +153,10 @@ def _channel_op_on(m: nn.Module, x: torch.Tensor, calls: Dict[int, ModuleCall]) 
         if shape is not None and tuple(shape) == (C,):
             return True
     return False
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
 
 
 def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:
