@@ -36,7 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import ancestors, is_reshape, no_side_effects, shape_of
+from .graph import ancestors, is_reshape, is_size_query, no_side_effects, shape_of
 
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
                 torch.sub}
@@ -56,7 +56,7 @@ _POSITION_MIXERS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd
 _POSITION_MIXING_FUNCTIONS = {F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
                               F.adaptive_max_pool2d, F.interpolate, F.pad, F.unfold, F.fold,
                               F.pixel_shuffle, F.pixel_unshuffle, torch.roll}
-_CONVS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONVS = {F.conv1d, F.conv2d, F.conv3d}
 
 
 def _mixes_positions(gm: fx.GraphModule, n: fx.Node, values) -> bool:
@@ -185,26 +185,26 @@ class _Twins:
         if not ins or n.op == "output":
             return None
         maps = [v for v in n.args[:2] if isinstance(v, fx.Node) and self.is_cf_map(v)]
-        if len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
-                n.target in _ELEMENTWISE and maps[0] is not maps[1] and ins[0] is self.cf:
-            other = maps[1] if maps[0] is ins[0] else maps[0]
-            if self.cf in other.all_input_nodes and _mixes_positions(self.ctx.gm, other, self.values):
-                self.why = (f"`{other.name}`, a map op that mixes positions, is added to the "
-                            "block's input (a convolutional position encoding, CPVT's or CvT's): "
-                            "the residual stream itself mixes tokens outside attention, which "
-                            "evoplug refuses in token blocks too (not equivariant to the token "
-                            "order)")
-        elif len(ins) == 1 and len(maps) == 2 and n.op == "call_function" and \
-                n.target in _ELEMENTWISE and maps[0] is not maps[1] and not (
-                    (maps[1] if maps[0] is ins[0] else maps[0]).target in _ELEMENTWISE) and \
-                self.cf in ancestors(maps[1] if maps[0] is ins[0] else maps[0]):
-            other = maps[1] if maps[0] is ins[0] else maps[0]   # (a 2-D op's output: read as
-            with self.graph.inserting_after(other):             # tokens, PVTv2's dwconv)
-                f = self._add("call_method", "flatten", (other, 2))
-            with self.graph.inserting_after(f):
-                self.twin[other] = self._add("call_method", "transpose", (f, 1, 2))
-            self._flat[self.twin[other]] = f
-            ins = [v for v in n.all_input_nodes if v in self.twin]
+        if len(ins) == 1 and len(maps) == 2 and maps[0] is not maps[1] and \
+                n.op == "call_function" and n.target in _ELEMENTWISE:
+            other = maps[1] if maps[0] is ins[0] else maps[0]      # (a map not twinned yet)
+            if ins[0] is self.cf:
+                if self.cf in other.all_input_nodes and \
+                        _mixes_positions(self.ctx.gm, other, self.values):
+                    self.why = (f"`{other.name}`, a map op that mixes positions, is added to the "
+                                "block's input (a convolutional position encoding, CPVT's or "
+                                "CvT's): the residual stream itself mixes tokens outside attention, "
+                                "which evoplug refuses in token blocks too (not equivariant to the "
+                                "token order)")
+            elif other.target not in _ELEMENTWISE and self.cf in ancestors(other):
+                # a 2-D op's output added to the tokens (PVTv2's depthwise convolution): read as
+                # tokens, as the token layout reads it
+                with self.graph.inserting_after(other):
+                    f = self._add("call_method", "flatten", (other, 2))
+                with self.graph.inserting_after(f):
+                    self.twin[other] = self._add("call_method", "transpose", (f, 1, 2))
+                self._flat[self.twin[other]] = f
+                ins = [v for v in n.all_input_nodes if v in self.twin]
         if len(ins) == 2 and n.op == "call_function" and n.target in _ELEMENTWISE and \
                 self.is_cf_map(n) and shape_of(ins[0]) == shape_of(ins[1]) == shape_of(n):
             with self.graph.inserting_before(n):
@@ -358,8 +358,7 @@ def _where_it_stopped(ctx, tw: _Twins, cf: fx.Node) -> str:
     for n in ctx.graph.nodes:
         if n in tw.twin or n in tw.new or n in replaced or n is cf or n.op == "output" or \
                 not any(v in tw.twin for v in n.all_input_nodes) or \
-                (n.op == "call_function" and n.target in (getattr, *_ELEMENTWISE)) or \
-                (n.op == "call_method" and n.target in ("size", "dim")):
+                is_size_query(n) or (n.op == "call_function" and n.target in _ELEMENTWISE):
             continue
         what = type(ctx.gm.get_submodule(n.target)).__name__ if n.op == "call_module" else \
             getattr(n.target, "__name__", str(n.target))
