@@ -226,9 +226,9 @@ class _Twins:
                 row = self.rows(self.twin[src])
                 new = self.graph.node_copy(n, lambda a: row if a is src else a)
                 self.new.append(new)
-                t = self._add("call_method", "transpose",
-                              (self._add("call_method", "squeeze", (new, 2)), 1, 2))
-            self.row[t] = new
+                flat = self._add("call_method", "squeeze", (new, 2))
+                t = self._add("call_method", "transpose", (flat, 1, 2))
+            self.row[t], self._flat[t] = new, flat
             self.twin[n] = t
             return f"`{n.name}` on tokens"
         return self._heads_view(n, src)
@@ -275,8 +275,11 @@ class _Twins:
         with self.graph.inserting_before(n):
             t = self.twin[src]
             b = self._add("call_method", "size", (t, 0))
-            r = self._add("call_method", "reshape", (t, b, -1, *inner))
-            p = self._add("call_method", "permute", (r, 0, *range(2, 2 + len(inner)), 1))
+            if t in self._flat:       # (B, c, n): the map's own memory order, a view
+                p = self._add("call_method", "reshape", (self._flat[t], b, *inner, -1))
+            else:
+                r = self._add("call_method", "reshape", (t, b, -1, *inner))
+                p = self._add("call_method", "permute", (r, 0, *range(2, 2 + len(inner)), 1))
         self.replaced.append((n, p))
         return f"`{n.name}`: the heads split off the tokens' channels"
 

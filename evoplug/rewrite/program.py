@@ -104,6 +104,7 @@ class _Rewrite:
     fast_base: Optional[fx.Node] = None   # exact stream after attention (map/windowed blocks)
     row: Optional[fx.Node] = None         # the global query's attention row
     read_backs: list = dataclasses.field(default_factory=list)   # (map -> subset tokens, dim)
+    stream_is_input: bool = False   # a map block's stream is its input tokens (no read-back)
 
     @property
     def graph(self) -> fx.Graph:
@@ -295,6 +296,11 @@ def _map_operations(rw: _Rewrite):
             _from_map(rw, node, dim, node.args[0] in stream)
     for back, tok_dim in rw.read_backs:     # once every map op has its canvas
         _subset_sizes(rw, back, tok_dim)
+    if rw.stream_is_input:       # (the entry map, where nothing reads it but its sizes)
+        for u in [u for u in rw.root.users if is_size_query(u) and not u.users]:
+            graph.erase_node(u)
+        if not rw.root.users:
+            graph.erase_node(rw.root)
     if grid_ops and not a.windowed:
         _gather_map_terms(rw)
 
@@ -379,6 +385,15 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     a, graph = rw.a, rw.graph
     tok_dim, layout = dim
     path, replaced = None, []
+    if on_stream and _reads_the_input(rw, node, dim):
+        # the block's input map flattened back into the tokens it was made from: the subset's
+        # tokens themselves, and the fast update the flat blocks' (a channels-first block put in
+        # token form, analyse/channels_first.py, runs every op on them from its first one)
+        node.replace_all_uses_with(rw.token)
+        graph.erase_node(node)
+        rw.stream_is_input = True
+        rw.read_backs.append((rw.token, tok_dim))
+        return
     with graph.inserting_after(node):
         if on_stream:
             back = graph.call_function(ev.from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
@@ -402,6 +417,14 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
         rw.read_backs.append((back, tok_dim))   # views by H * W, FastViT's)
     if path is not None:
         rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
+
+
+def _reads_the_input(rw: _Rewrite, node: fx.Node, dim) -> bool:
+    """``node`` is a (B, H, W, C) -> (B, H * W, C) view of the block's entry map itself."""
+    src, shape, entry = node.args[0], shape_of(node), shape_of(rw.root)
+    return src is rw.root and rw.root.op == "call_function" and rw.root.target is ev.tokens_to_map \
+        and dim == (1, "cl") and shape is not None and entry is not None and len(entry) == 4 \
+        and tuple(shape) == (entry[0], entry[1] * entry[2], entry[3])
 
 
 def _subset_tokens(rw: _Rewrite, node: fx.Node):
@@ -543,7 +566,9 @@ def _subset_sizes(rw: _Rewrite, back: fx.Node, tok_dim: int):
         for x in list(n.all_input_nodes[1:]):
             if _is_grid_count(x, grid, rw.root):
                 if count is None:
-                    with graph.inserting_after(back):
+                    where = back if back.op != "placeholder" else \
+                        [p for p in graph.nodes if p.op == "placeholder"][-1]
+                    with graph.inserting_after(where):
                         count = graph.call_method("size", (back, tok_dim))
                 n.replace_input_with(x, count)
 
@@ -714,7 +739,7 @@ def _outputs(rw: _Rewrite):
     result = out_node.args[0]
     if not isinstance(result, fx.Node):
         raise AnalysisError(a.name, f"block returns {type(result).__name__}, not one token tensor")
-    if a.token_map and rw.fast_base is None:
+    if a.token_map and rw.fast_base is None and not rw.stream_is_input:
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
     rest = out_node.meta.get("evo_rest")
