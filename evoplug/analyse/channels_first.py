@@ -274,7 +274,7 @@ class _Twins:
         inner = [int(d) for d in s_out[1:-1]]
         with self.graph.inserting_before(n):
             t = self.twin[src]
-            b = self._add("call_method", "size", (t, 0))
+            b = self._add("call_method", "size", (self._flat.get(t, t), 0))
             if t in self._flat:       # (B, c, n): the map's own memory order, a view
                 p = self._add("call_method", "reshape", (self._flat[t], b, *inner, -1))
             else:
