@@ -18,9 +18,10 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels_first import tokenise_channels_first
 from .graph import depends_on_data, is_add, is_reshape, no_side_effects, shape_of
+from .pointwise import mixes_positions, perturbed_copy, perturber, seeded, treats_positions_alike
 
 _UNARY_METHODS = {"contiguous", "float", "to", "type_as"}
-_UNARY_FUNCTIONS = {torch.nn.functional.gelu, torch.nn.functional.relu, torch.nn.functional.silu,
+_UNARY_FUNCTIONS = {torch.nn.functional.gelu, torch.nn.functional.relu, torch.relu, torch.nn.functional.silu,
                     torch.tanh, torch.sigmoid}
 
 
@@ -74,9 +75,10 @@ class _Ctx:
         return s is not None and len(s) == 4 and s[0] == self.batch and tuple(s[1:3]) == self.grid
 
     def token_wise(self, n: fx.Node, src: fx.Node) -> bool:
-        """``n`` (one tensor input, ``src``) treats every map position alike: it maps the
-        flattened map to the flattened output (checked on the calibration values, in eval mode:
-        dropout is token-wise, and random)."""
+        """``n`` (one tensor input, ``src``) treats every map position alike: an op that does by
+        what it is, or a module with no convolution wider than 1x1 or pooling inside that maps
+        the flattened map to the flattened output, and a subset of its positions to their
+        outputs (analyse/pointwise.py: eval and train mode, parameters perturbed)."""
         if not (self.is_map(src) and self.is_map(n)) or \
                 [v for v in n.all_input_nodes if _is_tensor(self, v)] != [src]:
             return False
@@ -88,25 +90,17 @@ class _Ctx:
             other = n.args[1] if n.args[0] is src else n.args[0]    # layer scale: (C,) parameter
             return isinstance(other, fx.Node) and other.op == "get_attr" and \
                 len(shape_of(other) or (0, 0)) == 1
-        if n.op != "call_module":
+        if n.op != "call_module" or mixes_positions(self.gm, n, self.values):
             return False
-        mod = self.gm.get_submodule(n.target)
         x = self.values.get(src)
-        ref = self.values.get(n)
-        if not isinstance(x, torch.Tensor) or not isinstance(ref, torch.Tensor):
+        if not isinstance(x, torch.Tensor) or not isinstance(self.values.get(n), torch.Tensor):
             return False
-        was = mod.training
-        mod.eval()
-        try:
-            with no_side_effects(self.gm), torch.no_grad():
-                flat = mod(x.flatten(1, 2))
-                want = mod(x).flatten(1, 2)
-        except Exception:   # noqa: BLE001 - a module that needs the map is not token-wise
-            return False
-        finally:
-            mod.train(was)
-        return isinstance(flat, torch.Tensor) and flat.shape == want.shape and \
-            torch.allclose(flat, want, rtol=1e-5, atol=1e-6)
+        mod = perturbed_copy(self.gm.get_submodule(n.target), perturber())
+
+        def run(inp, training):
+            with no_side_effects(self.gm):
+                return seeded(mod.train(training), inp)
+        return treats_positions_alike(run, x, lambda t: t.flatten(1, 2), 1)
 
 
 def _is_tensor(ctx: _Ctx, n: fx.Node) -> bool:

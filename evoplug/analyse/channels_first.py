@@ -27,16 +27,15 @@ Every rewrite gives the same values (the row layout is checked, the views are ex
 the analysis that follows sees a block of tokens, as it does PVT's."""
 from __future__ import annotations
 
-import copy
 import operator
 from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
 from .graph import ancestors, is_reshape, is_size_query, no_side_effects, shape_of
+from .pointwise import mixes_positions, perturbed_copy, perturber, seeded, treats_positions_alike
 
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
                 torch.sub}
@@ -44,38 +43,7 @@ _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torc
 _PURE_METHODS = {"size", "dim", "view", "reshape", "flatten", "permute", "transpose",
                  "contiguous", "squeeze", "unsqueeze", "chunk", "split", "unbind"}
 
-#: how far an op run on the map as one row may be from the op on the map, relative to the
-#: values (rounding of another summation order; a 3x3 convolution is off by far more)
-_RTOL = 1e-4
 _PURE_FUNCTIONS = {getattr, operator.getitem, operator.mul, operator.add, operator.floordiv}
-
-
-_POSITION_MIXERS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-                    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-                    nn.LPPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold)
-_POSITION_MIXING_FUNCTIONS = {F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
-                              F.adaptive_max_pool2d, F.interpolate, F.pad, F.unfold, F.fold,
-                              F.pixel_shuffle, F.pixel_unshuffle, torch.roll}
-_CONVS = {F.conv1d, F.conv2d, F.conv3d}
-
-
-def _mixes_positions(gm: fx.GraphModule, n: fx.Node, values) -> bool:
-    """A convolution wider than 1x1 (or strided), a pooling or a resampling in ``n`` (a module
-    and its submodules, or a function): it mixes map positions whatever its weights are."""
-    if n.op == "call_module":
-        for m in gm.get_submodule(n.target).modules():
-            if isinstance(m, _POSITION_MIXERS) or isinstance(m, nn.modules.conv._ConvNd) and (
-                    any(k != 1 for k in m.kernel_size) or any(st != 1 for st in m.stride)):
-                return True
-        return False
-    if n.op == "call_function" and n.target in _POSITION_MIXING_FUNCTIONS:
-        return True
-    if n.op == "call_function" and n.target in _CONVS:
-        w = values.get(n.args[1]) if len(n.args) > 1 else values.get(n.kwargs.get("weight"))
-        stride = n.args[3] if len(n.args) > 3 else n.kwargs.get("stride", 1)
-        return not (isinstance(w, torch.Tensor) and all(k == 1 for k in w.shape[2:])) or \
-            any(st != 1 for st in (stride if isinstance(stride, (tuple, list)) else (stride,)))
-    return n.op == "call_method" and n.target in ("roll", "unfold")
 
 
 def _placeholder_permute(graph: fx.Graph) -> Optional[fx.Node]:
@@ -125,57 +93,36 @@ class _Twins:
     def row_wise(self, n: fx.Node, src: fx.Node) -> bool:
         """``n``, whose one tensor input that is a map is ``src``, treats each position alike: no
         convolution wider than 1x1 or pooling inside, and, run on ``src`` laid out as one row,
-        it gives its output laid out so, in eval and in train mode (the same random numbers:
-        DropBlock drops squares of the map) and with its parameters perturbed (a convolution
-        whose weights are zero or an identity at the conversion mixes positions once trained)."""
+        it gives its output laid out so, and on a subset of the positions their outputs
+        (analyse/pointwise.py: eval and train mode, parameters perturbed)."""
         x, want = self.values.get(src), self.values.get(n)
         if not isinstance(x, torch.Tensor) or not isinstance(want, torch.Tensor) or \
                 not self.is_cf_map(n) or n.op not in ("call_module", "call_function", "call_method"):
             return False
         if any(self.is_cf_map(v) for v in n.all_input_nodes if v is not src) or \
-                _mixes_positions(self.ctx.gm, n, self.values):
+                mixes_positions(self.ctx.gm, n, self.values):
             return False
-        return all(self._same_on_a_row(n, src, x.contiguous(), training) for training in (False, True))
+        return treats_positions_alike(self._runner(n, src), x.contiguous(),
+                                      lambda t: t.flatten(2).unsqueeze(2), 3)
 
-    def _same_on_a_row(self, n: fx.Node, src: fx.Node, x: torch.Tensor, training: bool) -> bool:
-        g = torch.Generator().manual_seed(0)
-
-        def perturbed(t):
-            return t + torch.randn(t.shape, generator=g, dtype=t.dtype) * (t.abs().mean() + 0.1)
+    def _runner(self, n: fx.Node, src: fx.Node):
+        """``run(input, training)``: ``n`` on ``input`` in place of ``src``, its parameters and
+        constants perturbed (analyse/pointwise.py)."""
+        perturbed = perturber()
         consts = {a: perturbed(self.values[a]) for a in n.all_input_nodes if a.op == "get_attr"
-                  and isinstance(self.values.get(a), torch.Tensor) and self.values[a].is_floating_point()}
-        mod = None
-        if n.op == "call_module":
-            mod = copy.deepcopy(self.ctx.gm.get_submodule(n.target)).train(training)
-            with torch.no_grad():
-                for p in mod.parameters():
-                    if p.is_floating_point():
-                        p.copy_(perturbed(p))
+                  and isinstance(self.values.get(a), torch.Tensor)}
+        mod = perturbed_copy(self.ctx.gm.get_submodule(n.target), perturbed) if n.op == "call_module" else None
 
-        def run(inp):
+        def run(inp, training):
             args, kwargs = (fx.map_arg(v, lambda a: inp if a is src else consts.get(a, self.values.get(a, a)))
                             for v in (n.args, n.kwargs))
-            if mod is not None:
-                return mod(*args, **kwargs)
-            if n.op == "call_function":
-                return n.target(*args, **kwargs)
-            return getattr(args[0], n.target)(*args[1:], **kwargs)
-        try:
-            with no_side_effects(self.ctx.gm), torch.no_grad(), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                want = run(x)
-                torch.manual_seed(0)
-                got = run(x.flatten(2).unsqueeze(2))
-        except Exception:  # noqa: BLE001 - an op that needs the map is not row-wise
-            return False
-        if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or \
-                got.shape != want.flatten(2).unsqueeze(2).shape:
-            return False
-        # (the two layouts may sum in another order: an op that mixes positions is off by the
-        # values' own size, not by rounding)
-        scale = float(want.abs().max()) if want.numel() else 0.0
-        return torch.allclose(got, want.flatten(2).unsqueeze(2), rtol=_RTOL,
-                              atol=_RTOL * max(scale, 1.0))
+            with no_side_effects(self.ctx.gm):
+                if mod is not None:
+                    return seeded(mod.train(training), *args, **kwargs)
+                if n.op == "call_function":
+                    return seeded(n.target, *args, **kwargs)
+                return seeded(getattr(args[0], n.target), *args[1:], **kwargs)
+        return run
 
     def visit(self, n: fx.Node) -> Optional[str]:
         """Give ``n`` a twin (or rewrite it to read one); what was done, or None."""
@@ -190,7 +137,7 @@ class _Twins:
             other = maps[1] if maps[0] is ins[0] else maps[0]      # (a map not twinned yet)
             if ins[0] is self.cf:
                 if self.cf in other.all_input_nodes and \
-                        _mixes_positions(self.ctx.gm, other, self.values):
+                        mixes_positions(self.ctx.gm, other, self.values):
                     self.why = (f"`{other.name}`, a map op that mixes positions, is added to the "
                                 "block's input (a convolutional position encoding, CPVT's or "
                                 "CvT's): the residual stream itself mixes tokens outside attention, "

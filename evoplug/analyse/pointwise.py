@@ -1,0 +1,117 @@
+"""Whether an op on a 4-D map treats every map position alike, so the rewrites into token form
+(canon.py for channels-last maps, channels_first.py for channels-first ones) may run it on the
+kept tokens alone. Checked by running the op, which is what its code computes, whatever kind
+of module it is:
+
+- laid out as tokens, it gives its output laid out so, in eval and in train mode (the same
+  random numbers: ``Dropout2d`` on a channels-last map drops whole rows of it, DropBlock
+  squares);
+- run on a subset of the positions, in another order, it gives the same subset of its output
+  (in eval mode: a global context ``x + gamma * fc(x.mean(positions))`` gives the same mean in
+  any layout, but not over a subset; in train mode ``BatchNorm`` takes its statistics over the
+  positions it is given, which evoplug's blocks do by design: over the tokens that run);
+- both with its parameters perturbed: a term that is zero or an identity at the conversion
+  (GCNet's zero-initialised ``gamma``, a zero-initialised convolution) mixes positions once
+  trained (audits K and L, thirty-third and thirty-fourth sessions: each converted, and was
+  silently off by 0.2-0.5 once the weights changed).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+#: how far the op on tokens may be from the op on the map, relative to the values (rounding of
+#: another summation order; an op that mixes positions is off by the values' own size)
+RTOL = 1e-4
+
+
+_POSITION_MIXERS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+                    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+                    nn.LPPool2d, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Fold, nn.Unfold)
+_POSITION_MIXING_FUNCTIONS = {F.avg_pool2d, F.max_pool2d, F.adaptive_avg_pool2d,
+                              F.adaptive_max_pool2d, F.interpolate, F.pad, F.unfold, F.fold,
+                              F.pixel_shuffle, F.pixel_unshuffle, torch.roll}
+_CONVS = {F.conv1d, F.conv2d, F.conv3d}
+
+
+def mixes_positions(gm: fx.GraphModule, n: fx.Node, values) -> bool:
+    """A convolution wider than 1x1 (or strided), a pooling or a resampling in ``n`` (a module
+    and its submodules, or a function): it mixes map positions whatever its weights are."""
+    if n.op == "call_module":
+        for m in gm.get_submodule(n.target).modules():
+            if isinstance(m, _POSITION_MIXERS) or isinstance(m, nn.modules.conv._ConvNd) and (
+                    any(k != 1 for k in m.kernel_size) or any(st != 1 for st in m.stride)):
+                return True
+        return False
+    if n.op == "call_function" and n.target in _POSITION_MIXING_FUNCTIONS:
+        return True
+    if n.op == "call_function" and n.target in _CONVS:
+        w = values.get(n.args[1]) if len(n.args) > 1 else values.get(n.kwargs.get("weight"))
+        stride = n.args[3] if len(n.args) > 3 else n.kwargs.get("stride", 1)
+        return not (isinstance(w, torch.Tensor) and all(k == 1 for k in w.shape[2:])) or \
+            any(st != 1 for st in (stride if isinstance(stride, (tuple, list)) else (stride,)))
+    return n.op == "call_method" and n.target in ("roll", "unfold")
+
+
+def perturber(seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``t -> t + noise`` of the size of ``t``'s values (and at least 0.1: a zero stays no zero)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def perturbed(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point():
+            return t
+        return t + torch.randn(t.shape, generator=g, dtype=t.dtype) * (t.abs().mean() + 0.1)
+    return perturbed
+
+
+def perturbed_copy(module: nn.Module, perturbed: Callable) -> nn.Module:
+    """A copy of ``module`` whose floating-point parameters are perturbed."""
+    mod = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in mod.parameters():
+            if p.is_floating_point():
+                p.copy_(perturbed(p))
+    return mod
+
+
+def seeded(fn: Callable, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the random numbers of seed 0, the caller's left as they were."""
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return fn(*args, **kwargs)
+
+
+def treats_positions_alike(run: Callable[[torch.Tensor, bool], object], x: torch.Tensor,
+                           to_tokens: Callable[[torch.Tensor], torch.Tensor], dim: int,
+                           rtol: float = RTOL) -> bool:
+    """``run(input, training)``: the op (its parameters perturbed, its random numbers seeded) on
+    ``input``; ``x``: the map it takes; ``to_tokens``: a map laid out as the op will run on the
+    tokens, whose positions are along ``dim``. See the module's docstring."""
+    try:
+        tokens = to_tokens(x)
+        for training in (False, True):
+            if not _close(run(tokens, training), _tokens_of(run(x, training), to_tokens), rtol):
+                return False
+        n = tokens.shape[dim]
+        some = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max(2, n // 2)]
+        want = _tokens_of(run(x, False), to_tokens)
+        return want is not None and _close(run(tokens.index_select(dim, some), False),
+                                           want.index_select(dim, some), rtol)
+    except Exception:  # noqa: BLE001 - an op that needs the map is not one that treats positions alike
+        return False
+
+
+def _tokens_of(out, to_tokens) -> Optional[torch.Tensor]:
+    return to_tokens(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+
+
+def _close(got, want, rtol: float) -> bool:
+    if not (isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)) or got.shape != want.shape:
+        return False
+    scale = float(want.abs().max()) if want.numel() else 0.0
+    return bool(torch.allclose(got, want, rtol=rtol, atol=rtol * max(scale, 1.0)))
