@@ -32,7 +32,7 @@ from .analyse.inputs import example_input as _example_input
 from . import quality
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
-from .options import CONVERSION_FIELDS, EvoOptions, check_names
+from .options import CONVERSION_FIELDS, EvoOptions, check_names, follow_copy
 from .rewrite.pairs import regroup_residual_pairs
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
@@ -153,8 +153,9 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             "convert a copy of this one with blocks of its own (copy.deepcopy of the original)")
     _check_model(model)
     if not inplace:
-        original, model = model, copy_model(model)
-        opts = opts.replace(trade_off=_on_copy(original, model, opts.trade_off))
+        memo = {}
+        original, model = model, copy_model(model, memo)
+        opts = opts.replace(trade_off=_on_copy(original, model, opts.trade_off, memo))
     analysed, parts = [], []
     with _no_side_effects(model):
         calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
@@ -846,11 +847,13 @@ def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):
                               [(analyses[i].name, "no global scores reach it") for i in idle])
 
 
-def _on_copy(original: nn.Module, copied: nn.Module, alpha):
+def _on_copy(original: nn.Module, copied: nn.Module, alpha, memo: dict):
     """A learnable ``trade_off`` that belongs to the model (a submodule, or a method of one),
     taken from the copy that ``inplace=False`` converts: the original's would get the gradients
     and the copy's, which the optimiser steps and the checkpoint saves, would do nothing. A
-    function reading the original's modules or parameters cannot be moved: refused."""
+    function holding the original's modules or parameters (closure, default arguments, a
+    ``functools.partial``'s) gets the copy's (``memo``: what the copy copied); one reading them as
+    global names is refused (options.follow_copy: audit M of the thirty-fourth session)."""
     if not callable(alpha) or isinstance(alpha, (numbers.Number, str)):
         return alpha
     owner = alpha.__self__ if inspect.ismethod(alpha) else alpha
@@ -859,23 +862,14 @@ def _on_copy(original: nn.Module, copied: nn.Module, alpha):
         if path is not None:
             new = copied.get_submodule(path)
             return getattr(new, alpha.__name__) if inspect.ismethod(alpha) else new
-    cells = [c.cell_contents for c in getattr(alpha, "__closure__", None) or ()
-             if c.cell_contents is not None] if not isinstance(owner, nn.Module) else []
-    held = {id(t) for t in (*original.modules(), *original.parameters())}
-    if any(id(v) in held for v in cells):
-        raise ValueError("trade_off reads modules or parameters of the model itself, and "
-                         "inplace=False converts a copy of it: the copy would learn nothing. "
-                         "Convert with inplace=True, or make trade_off a module of the model "
-                         "(it then follows the copy), or set_options(fast, trade_off=...) "
-                         "with a function of the copy's")
-    return alpha
+    return follow_copy(alpha, memo, only_copied=True)
 
 
-def copy_model(model: nn.Module) -> nn.Module:
+def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     """``copy.deepcopy`` that also copes with tensors cached on modules that are not graph
     leaves (e.g. timm LeViT's attention-bias cache after a forward with autograd on): such
-    caches are copied detached."""
-    memo = {}
+    caches are copied detached. ``memo``: the copy's memo (what it copied), filled."""
+    memo = {} if memo is None else memo
     for m in model.modules():
         for v in vars(m).values():
             for t in (v.values() if isinstance(v, dict) else [v]):

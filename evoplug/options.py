@@ -203,6 +203,103 @@ class EvoOptions:
         check_names(changes)
         return dataclasses.replace(self, **changes)
 
+    def __getstate__(self):
+        # (pickle stores a function by its name: what its default arguments or the global names
+        # it reads hold would be the loading process's, not the loaded model's)
+        fn = self.trade_off
+        import types
+        if isinstance(fn, types.FunctionType) and (_holds_state(fn.__defaults__) or _holds_state(
+                fn.__kwdefaults__) or any(_holds_state(fn.__globals__.get(n)) for n in _global_names(fn.__code__))):
+            raise TypeError(f"trade_off {fn.__qualname__} reads tensors or modules through its default "
+                            "arguments or global names, which pickle cannot store with the model: "
+                            "make trade_off a module of the model (evoplug.set_options(model, "
+                            "trade_off=...)) before saving")
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+
+    def __deepcopy__(self, memo):
+        # (a copy of a converted model: a trade_off function reading the model's parameters
+        # reads the copy's; the standard copy keeps the very function, which read and trained
+        # the original's, silently: audit M of the thirty-fourth session)
+        return self.replace(trade_off=follow_copy(self.trade_off, memo))
+
+
+def follow_copy(fn: Any, memo: dict, only_copied: bool = False) -> Any:
+    """``fn`` (a ``trade_off``) for a copy of the model made by ``copy.deepcopy(..., memo)``:
+    a module or bound method is deep-copied (the model's own map onto the copy's); a function or
+    ``functools.partial`` is rebuilt with the tensors and modules it holds (closure cells, default
+    arguments, the partial's arguments) deep-copied; ``only_copied``: only those the copy copied
+    (``memo``), the caller's others left as they are. One that reads a tensor or module as a
+    global name cannot follow: a ``ValueError`` naming it."""
+    import copy
+    import functools
+    import types
+
+    def moved(v):
+        if not _holds_state(v) or (only_copied and id(v) not in memo and not isinstance(v, (tuple, list, dict))):
+            return v
+        if isinstance(v, (tuple, list)):
+            return type(v)(moved(i) for i in v)
+        if isinstance(v, dict):
+            return {k: moved(i) for k, i in v.items()}
+        return copy.deepcopy(v, memo)
+
+    if isinstance(fn, functools.partial):
+        return functools.partial(follow_copy(fn.func, memo, only_copied), *moved(list(fn.args)),
+                                 **moved(dict(fn.keywords)))
+    if isinstance(fn, types.FunctionType):
+        names = _global_names(fn.__code__)
+        bad = sorted(n for n in names if _holds_state(fn.__globals__.get(n)))
+        if bad:
+            raise ValueError(f"trade_off reads {', '.join(f'`{n}`' for n in bad)} (a tensor or module) "
+                             "as a global name: a copy of the model would read and train the "
+                             "original's. Make trade_off a module of the model, or a function "
+                             "holding what it reads (a closure), or set_options(copy, trade_off=...) "
+                             "with a function of the copy's")
+        cells = tuple(_moved_cell(c, moved) for c in fn.__closure__ or ())
+        new = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__,
+                                 moved(fn.__defaults__) if fn.__defaults__ else fn.__defaults__,
+                                 cells or None)
+        new.__kwdefaults__ = moved(fn.__kwdefaults__) if fn.__kwdefaults__ else fn.__kwdefaults__
+        new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
+        new.__dict__.update(fn.__dict__)
+        return new
+    return fn if only_copied or isinstance(fn, (numbers.Number, str)) else copy.deepcopy(fn, memo)
+
+
+def _holds_state(v) -> bool:
+    """``v`` is or holds (in a tuple, list or dict) a tensor or a module."""
+    if isinstance(v, (tuple, list)):
+        return any(_holds_state(i) for i in v)
+    if isinstance(v, dict):
+        return any(_holds_state(i) for i in v.values())
+    if type(v).__module__.startswith("numpy") or isinstance(v, (numbers.Number, str, type(None))):
+        return False
+    import torch
+    return isinstance(v, (torch.Tensor, torch.nn.Module))
+
+
+def _moved_cell(cell, moved):
+    try:
+        value = cell.cell_contents
+    except ValueError:          # (an empty cell: a name the function defines after it is made)
+        return cell
+    new = moved(value)
+    import types
+    return cell if new is value else types.CellType(new)
+
+
+def _global_names(code) -> set:
+    """The global names a code object (and the functions and lambdas defined in it) reads."""
+    out = set(code.co_names)
+    for c in code.co_consts:
+        if hasattr(c, "co_names"):
+            out |= _global_names(c)
+    return out
+
 
 def check_names(options, arguments=()) -> None:
     """A ``TypeError`` naming the unknown ones of ``options`` (names), with the option (or one
