@@ -423,10 +423,13 @@ def _attn_row(blk, x, P, mean_query, after=0):
 
 @torch.no_grad()
 def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every=None,
-                      representative=True, P=1, mean_query=False, S=0):
+                      representative=True, P=1, mean_query=False, S=0, skip=None):
     """Evo-ViT written from the paper's rules. Returns (logits, tokens run per block as
     evoplug reports them, smallest score gap at a top-k cut, the scoring row). ``S`` special
-    tokens after the patches (``model`` a :class:`DetTokenViT`) are kept like the prefix."""
+    tokens after the patches (``model`` a :class:`DetTokenViT`) are kept like the prefix.
+    ``skip(blk, tokens)``: the block's skip path where its residual adds take the stream scaled
+    (``s * x + f(norm(x))``): every token that is not run gets its own skip path plus the
+    representative token's residual over its own."""
     if reselect_every is None:
         reselect_every = evoplug.EvoOptions().reselect_every
     if S:
@@ -449,7 +452,9 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
             runs.append(-1)
             continue
         if i == start_block - 1:                   # dense + first global attention: g = a
-            g = first_row = _attn_row(blk, x, P, mean_query, after=S)[:, P:N_ - S]
+            # (detached: the scores steer the selection and weigh the representative token,
+            # and evoplug computes them without autograd; the reference runs with it for gradients)
+            g = first_row = _attn_row(blk, x, P, mean_query, after=S)[:, P:N_ - S].detach()
             x = blk(x)
             runs.append(N_)
             continue
@@ -474,10 +479,11 @@ def reference_forward(model, img, keep, start_block=1, alpha=0.5, reselect_every
         sub = torch.cat(parts, 1)                  # [prefix, trailing, selected, representative]
         out = blk(sub)                             # slow update: timm's own Block.forward
         # this block's global row over the subset's keys, at the selected tokens' columns
-        a = _attn_row(blk, sub, P + S, mean_query)[:, P + S:P + S + k]   # [prefix, trailing] first
-        new = x.clone()
+        a = _attn_row(blk, sub, P + S, mean_query)[:, P + S:P + S + k].detach()   # [prefix, trailing] first
+        new = x.clone() if skip is None else skip(blk, x)
         if rep is not None:                        # fast update: x_j += r_after - r_before
-            new[:, P:N_ - S] += (out[:, -1] - rep)[:, None]
+            before = rep if skip is None else skip(blk, rep[:, None])[:, 0]
+            new[:, P:N_ - S] += (out[:, -1] - before)[:, None]
         new[:, :P] = out[:, :P]
         new[:, N_ - S:] = out[:, P:P + S]
         g = g.clone()

@@ -3,9 +3,12 @@ branch (layer scale, drop path, or a residual inside a submodule such as MMPretr
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Set, Tuple
+import operator
+from typing import List, Optional, Set, Tuple
 
+import torch
 import torch.fx as fx
+from torch import nn
 
 from ..errors import AnalysisError
 from .attention import AttentionSite
@@ -18,6 +21,33 @@ class Branch:
     role: str             # 'attention' | 'mlp' | 'other'
     add: str              # the residual add node
     path: List[str]       # leaf modules / notable ops on the branch, in order
+    skip: Optional[str] = None   # the ``stream * scale`` node the add takes instead of the
+    #                              stream itself (MetaFormer's ResScale: ``s * x + f(norm(x))``)
+
+
+_MULS = {operator.mul, torch.mul}
+
+
+def skip_scale(gm: fx.GraphModule, u: fx.Node, stream: fx.Node, token: fx.Node):
+    """How ``u`` scales ``stream``, where it does so by a scale that does not depend on the
+    tokens and scales the channels alike at every position: ``stream * scale`` (a number, or a
+    tensor whose dims are 1 but the last, the channels'): the scale; a leaf module that computes
+    ``x * parameter`` and nothing else (timm's ``Scale``): the module's path. None otherwise."""
+    if u.op == "call_module" and u.args and u.args[0] is stream and len(u.all_input_nodes) == 1 \
+            and shape_of(u) == shape_of(stream) and _scales_by_a_parameter(gm.get_submodule(u.target)):
+        return u.target
+    if not ((u.op == "call_function" and u.target in _MULS) or (u.op == "call_method" and u.target == "mul")) \
+            or len(u.args) != 2 or u.kwargs or stream not in u.args:
+        return None
+    other = u.args[1] if u.args[0] is stream else u.args[0]
+    if isinstance(other, (int, float)) and not isinstance(other, bool):
+        return other
+    shape, channels = shape_of(other), (shape_of(stream) or (None,))[-1]
+    if not isinstance(other, fx.Node) or other is token or token in ancestors(other) or \
+            shape is None or not shape or channels is None or shape[-1] != channels or \
+            any(d != 1 for d in shape[:-1]) or len(shape) > len(shape_of(stream)):
+        return None
+    return other
 
 
 def _branch_path(gm: fx.GraphModule, branch_nodes: Set[fx.Node], graph: fx.Graph) -> List[str]:
@@ -54,6 +84,43 @@ def _stream_first(users: List[fx.Node], stream: fx.Node, token: fx.Node) -> List
     return sorted(users, key=lambda u: (u in inner, not _adds_a_branch(u, stream, token)))
 
 
+_VIEWS = {"view", "reshape", "unsqueeze", "expand_as", "view_as", "to", "type_as"}
+
+
+def _scales_by_a_parameter(module: nn.Module) -> bool:
+    """``module``'s forward is ``x * p`` (``p`` a parameter or buffer of it, viewed), read from
+    its code: no value can make it do anything else."""
+    try:
+        graph = fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001 - a module fx cannot trace is no plain scale
+        return False
+    nodes = list(graph.nodes)
+    ph = [n for n in nodes if n.op == "placeholder"]
+    out = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else None
+    if len(ph) != 1 or not isinstance(out, fx.Node) or not (
+            (out.op == "call_function" and out.target in _MULS) or
+            (out.op == "call_method" and out.target in ("mul", "mul_"))) or \
+            len(out.args) != 2 or out.kwargs or ph[0] not in out.args:
+        return False
+    scale = out.args[1] if out.args[0] is ph[0] else out.args[0]
+    while isinstance(scale, fx.Node) and scale.op == "call_method" and scale.target in _VIEWS:
+        scale = scale.args[0]
+    rest = [n for n in nodes if n.op not in ("placeholder", "output", "get_attr")
+            and n is not out and not (n.op == "call_method" and n.target in _VIEWS)]
+    return isinstance(scale, fx.Node) and scale.op == "get_attr" and not rest and \
+        all(u is out for u in ph[0].users)
+
+
+def _with_scaled_skips(gm: fx.GraphModule, users: List[fx.Node], stream: fx.Node, token: fx.Node):
+    """(user, None) for each user of the stream, then (add, skip) for each add of a scaled
+    skip ``skip = stream * scale`` that adds a branch computed from the tokens."""
+    out = [(u, None) for u in users]
+    for u in users:
+        if skip_scale(gm, u, stream, token) is not None:
+            out += [(w, u) for w in u.users if _adds_a_branch(w, u, token)]
+    return out
+
+
 def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                       name: str) -> Tuple[List[Branch], List[str]]:
     graph = gm.graph
@@ -64,9 +131,9 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
     while True:
         users = _stream_first(list(stream.users), stream, token)
         nxt = None
-        for u in users:
-            if is_add(u) and stream in u.args[:2]:
-                other = u.args[1] if u.args[0] is stream else u.args[0]
+        for u, skip in _with_scaled_skips(gm, users, stream, token):
+            if is_add(u) and (skip or stream) in u.args[:2]:
+                other = u.args[1] if u.args[0] is (skip or stream) else u.args[0]
                 if isinstance(other, fx.Node):
                     anc = ancestors(other) | {other}
                     if token not in anc:
@@ -83,7 +150,8 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                             role = "mlp"
                         else:
                             role = "other"
-                        branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph)))
+                        branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph),
+                                               skip.name if skip is not None else None))
                         nxt = u
                         break
         flow = [u for u in users if not is_size_query(u)]

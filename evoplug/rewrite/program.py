@@ -46,6 +46,7 @@ from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
+from ..analyse.residual import residual_branches, skip_scale
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
@@ -74,8 +75,11 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
             except Exception:   # noqa: BLE001 - the program runs without them as before
                 pass
     rw = _start(a, gm)
-    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row, _outputs):
+    skips = _scaled_skips(rw)
+    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row):
         rewrite_pass(rw)
+    _skip_fast_base(rw, skips)
+    _outputs(rw)
     # what the runtime must hand the program (a block that reads neither can take its kept
     # tokens straight from the block before it, see runtime/block.py)
     a.uses_pos = a.uses_pos or bool(rw.pos.users)
@@ -729,6 +733,45 @@ def _check_batch_outer(rw: _Rewrite, merged: int, images: int):
         if src is None or not isinstance(src, fx.Node):
             return
         n = src
+
+
+def _scaled_skips(rw: _Rewrite) -> list:
+    """The steps that scale the residual stream on its skip path, in order (see
+    analyse/residual.py skip_scale): a scale, or a get_attr of the module that scales."""
+    if not any(b.skip for b in rw.a.branches):
+        return []
+    if rw.a.token_map or rw.a.windowed:
+        raise AnalysisError(rw.a.name, "its residual adds take the stream scaled (`"
+                            + "`, `".join(b.skip for b in rw.a.branches if b.skip) + "`), which "
+                            "evoplug does not combine with a map block or windowed attention")
+    names = {n.name: n for n in rw.graph.nodes}
+    branches, _ = residual_branches(rw.gm, rw.token, rw.site, rw.a.name)
+    steps = []
+    for b in branches:
+        u = names.get(b.skip) if b.skip else None
+        if u is None:
+            continue
+        stream = u.args[0] if u.op == "call_module" else next(
+            v for v in u.args if isinstance(v, fx.Node) and skip_scale(rw.gm, u, v, rw.token) is not None)
+        how = skip_scale(rw.gm, u, stream, rw.token)
+        if u.op == "call_module":
+            with rw.graph.inserting_before(u):
+                how = rw.graph.get_attr(how)
+        steps.append(how)
+    if len(steps) != sum(bool(b.skip) for b in rw.a.branches):
+        raise AnalysisError(rw.a.name, "the program's trace scales its residual stream elsewhere "
+                                       "than the analysis' did")
+    return steps
+
+
+def _skip_fast_base(rw: _Rewrite, steps: list):
+    """A block whose residual adds take the stream scaled: the fast update starts from every
+    token's own skip path (runtime/evolve.py scaled_fast_base)."""
+    if not steps:
+        return
+    out_node = next(n for n in rw.graph.nodes if n.op == "output")
+    with rw.graph.inserting_before(out_node):
+        rw.fast_base = rw.graph.call_function(ev.scaled_fast_base, (rw.full, rw.token, rw.pos, *steps))
 
 
 def _outputs(rw: _Rewrite):
