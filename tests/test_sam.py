@@ -125,14 +125,16 @@ def test_reference_harness_reproduces_the_model():
     torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
 
 
-CASES = [(0.5, 4, True), (0.5, 1, True), (0.25, 2, False)]
+CASES = [(0.5, 4, True, 2), (0.5, 1, True, 2), (0.25, 2, False, 2), (0.5, 2, True, 8)]
 
 
-@pytest.mark.parametrize("keep,reselect_every,fused", CASES)
-def test_global_blocks_match_the_reference(keep, reselect_every, fused):
+@pytest.mark.parametrize("keep,reselect_every,fused,heads", CASES)
+def test_global_blocks_match_the_reference(keep, reselect_every, fused, heads):
     """Each evolving global block runs its attention on the kept tokens and the representative
-    token with the relative positions of their own places, the rest get the fast update."""
-    model = tiny_sam(fused=fused)
+    token with the relative positions of their own places, the rest get the fast update. With 8
+    heads of 8 channels on the 8x8 grid the merge of the heads, (B, N, heads, d) -> (B, N, C),
+    looked like a channels-first map flattened: refused until audit L (thirty-fourth session)."""
+    model = tiny_sam(fused=fused, num_heads=heads)
     x = _images()
     fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1],
                            reselect_every=reselect_every)
@@ -170,15 +172,15 @@ def test_windowed_and_global_blocks_with_padded_windows():
     assert r.keep1_fast_diff <= 1e-5 and r.keep1_machinery_diff <= 1e-5
 
 
-def _hf_sam_like(model, impl):
+def _hf_sam_like(model, impl, heads=2, **kw):
     """transformers' SamVisionModel with the weights of the timm SAM ``model`` (6 blocks, 3x3
     windows but blocks 2 and 5): its blocks keep the (B, H, W, C) map through the qkv projection
     and the MLP and split the heads as (B, heads, H, W, d); the math is timm's."""
     T = pytest.importorskip("transformers")
-    cfg = T.SamVisionConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, image_size=64,
-                            patch_size=8, window_size=3, global_attn_indexes=[2, 5], mlp_dim=256,
-                            output_channels=32, layer_norm_eps=model.blocks[0].norm1.eps,
-                            attn_implementation=impl)
+    args = dict(window_size=3, global_attn_indexes=[2, 5]) | kw
+    cfg = T.SamVisionConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=heads, image_size=64,
+                            patch_size=8, mlp_dim=256, output_channels=32,
+                            layer_norm_eps=model.blocks[0].norm1.eps, attn_implementation=impl, **args)
     hf = T.SamVisionModel(cfg).eval()
     names = [("patch_embed.proj", "patch_embed.projection"), ("blocks.", "layers."),
              ("norm1", "layer_norm1"), ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.lin1"),
@@ -231,6 +233,21 @@ def test_transformers_sam_evolves_as_timms_sam(impl):
             twin = grads[name.replace("vision_encoder.layers.", "blocks.").replace("layer_norm", "norm")
                          .replace("lin1", "fc1").replace("lin2", "fc2")]
             torch.testing.assert_close(p.grad, twin.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_transformers_sam_with_as_many_heads_as_the_grid_is_high():
+    """8 heads on the 8x8 grid: transformers' SAM splits its heads off the map as (B, heads, H,
+    W, d), and the rewrite into token form took (heads, H) for the map's (H, W) there, so every
+    layer was refused (audit L of the thirty-fourth session); it evolves as timm's SAM."""
+    model = tiny_sam(num_heads=8, use_abs_pos=True, neck_chans=32)
+    hf = _hf_sam_like(model, "eager", heads=8, window_size=0, global_attn_indexes=[])
+    x = _images(2)
+    fast_hf = evoplug.convert(hf, keep_ratio=0.5, example_input=x[:1])
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert [s.role for s in evoplug.get_report(fast_hf).blocks].count("evolve") == 4
+    with torch.no_grad():
+        torch.testing.assert_close(fast_hf(x).last_hidden_state, fast.forward_features(x),
+                                   atol=5e-5, rtol=0)
 
 
 def test_transformers_vitdet_evolves_as_timms_sam():

@@ -194,15 +194,18 @@ def _heads_to_tokens(ctx: _Ctx) -> List[str]:
         so = shape_of(r1)
         if so is None or len(so) < 5 or len(r1.users) != 1:
             continue
-        i = next((j for j in range(1, len(so) - 1) if tuple(so[j:j + 2]) == (H, W)), None)
         p = next(iter(r1.users))
-        if i is None or not (p.op == "call_method" and p.target == "permute" and p.args[0] is r1
-                             and len(p.users) == 1):
+        if not (p.op == "call_method" and p.target == "permute" and p.args[0] is r1 and len(p.users) == 1):
             continue
         perm = [int(d) for d in (p.args[1] if len(p.args) == 2 else p.args[1:])]
-        k = perm.index(i)
-        if k + 1 >= len(perm) or perm[k + 1] != i + 1:
+        # the dims (H, W): a pair of that size the permute keeps side by side (as many heads as
+        # the map is high gives another pair, (heads, H), which it does not: audit L's SAM with
+        # 16 heads on a 16x16 grid was refused)
+        i = next((j for j in range(1, len(so) - 1) if tuple(so[j:j + 2]) == (H, W)
+                  and perm.index(j) + 1 < len(perm) and perm[perm.index(j) + 1] == j + 1), None)
+        if i is None:
             continue
+        k = perm.index(i)
         r2 = next(iter(p.users))
         if not (is_reshape(r2) and r2.op == "call_method" and r2.target in ("reshape", "view")
                 and ctx.is_map(r2)):

@@ -83,10 +83,19 @@ def _heads_merged(src: fx.Node, site: "AttentionSite") -> bool:
     out = attention_output(site)
     while isinstance(src, fx.Node) and src is not out and src.args and (
             (src.op == "call_method" and src.target in ("contiguous", "transpose", "permute"))
-            or (is_reshape(src) and shape_of(src) is not None and
-                shape_of(src) == shape_of(src.args[0]))):      # (a reshape to its own shape)
+            or (is_reshape(src) and shape_of(src) is not None and (
+                shape_of(src) == shape_of(src.args[0])         # (a reshape to its own shape)
+                or _heads_out_of_the_batch(shape_of(src.args[0]), shape_of(src))))):
         src = src.args[0]
     return out is not None and src is out
+
+
+def _heads_out_of_the_batch(si, so) -> bool:
+    """(B * heads, ...) -> (B, heads, ...): timm's SAM attention, ``o.view(B, heads, N, -1)``
+    of its (B * heads, N, d) output (with 8 heads of 8 on an 8x8 grid its merge back, (B, N,
+    heads, d) -> (B, N, C), looked like a channels-first map flattened: audit L)."""
+    return si is not None and so is not None and len(so) == len(si) + 1 and \
+        si[0] == so[0] * so[1] and tuple(si[1:]) == tuple(so[2:])
 
 
 def _split_dim(si, so) -> Tuple[int, ...]:
