@@ -153,9 +153,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             "convert a copy of this one with blocks of its own (copy.deepcopy of the original)")
     _check_model(model)
     if not inplace:
-        memo = {}
-        original, model = model, copy_model(model, memo)
-        opts = opts.replace(trade_off=_on_copy(original, model, opts.trade_off, memo))
+        model, opts = _copy_for_conversion(model, opts)
     analysed, parts = [], []
     with _no_side_effects(model):
         calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
@@ -845,6 +843,13 @@ def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):
     if idle and strict:
         raise ConversionError(f"{type(model).__name__}: {unscored_reason(analyses, idle)}",
                               [(analyses[i].name, "no global scores reach it") for i in idle])
+
+
+def _copy_for_conversion(original: nn.Module, opts: EvoOptions):
+    """The copy ``inplace=False`` converts, and the options with its trade-off (:func:`_on_copy`)."""
+    memo = {}
+    copied = copy_model(original, memo)
+    return copied, opts.replace(trade_off=_on_copy(original, copied, opts.trade_off, memo))
 
 
 def _on_copy(original: nn.Module, copied: nn.Module, alpha, memo: dict):
