@@ -19,8 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _ScaledSkips(nn.Module):
-    """A timm ``Block`` whose residual adds take the stream scaled: by a ``Scale`` module (a
-    leaf: no attention inside), a parameter of the block, or a number."""
+    """A timm ``Block`` whose residual stream is scaled on its way: its adds take it scaled by a
+    ``Scale`` module (a leaf: no attention inside), a parameter of the block or a number; or
+    (audit N of the thirty-fourth session, each 0.08-0.62 off the rule before) the MLP's add
+    takes the block's input scaled, past the attention's add ("input_skip"), a constant before
+    ("leading") or after ("trailing") the scaled adds, the adds' sums scaled ("scaled_sum"), the
+    stream added with a scaled copy of itself ("twice")."""
 
     def __init__(self, blk, how, seed):
         super().__init__()
@@ -34,21 +38,48 @@ class _ScaledSkips(nn.Module):
             with torch.no_grad():
                 self.res_scale1.scale.copy_(torch.rand(C, generator=g) * 1.2 + 0.4)
                 self.res_scale2.scale.copy_(torch.rand(C, generator=g) * 1.2 + 0.4)
-        elif how == "parameter":
+        elif how != "number":
             self.s1 = nn.Parameter(torch.rand(C, generator=g) * 1.2 + 0.4)
             self.s2 = nn.Parameter(torch.rand(C, generator=g) * 1.2 + 0.4)
 
-    def skip1(self, x):
-        return {"module": lambda: self.res_scale1(x), "parameter": lambda: x * self.s1,
-                "number": lambda: 0.7 * x}[self.how]()
+    def attn_branch(self, x):
+        return self.drop_path1(self.ls1(self.attn(self.norm1(x))))
 
-    def skip2(self, x):
-        return {"module": lambda: self.res_scale2(x), "parameter": lambda: self.s2 * x,
-                "number": lambda: x * 1.3}[self.how]()
+    def mlp_branch(self, x):
+        return self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
     def forward(self, x):
-        x = self.skip1(x) + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return self.skip2(x) + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        how = self.how
+        if how == "module":
+            x = self.res_scale1(x) + self.attn_branch(x)
+            return self.res_scale2(x) + self.mlp_branch(x)
+        if how == "number":
+            x = 0.7 * x + self.attn_branch(x)
+            return x * 1.3 + self.mlp_branch(x)
+        if how == "input_skip":
+            y = self.s1 * x + self.attn_branch(x)
+            return self.s2 * x + self.mlp_branch(y)
+        if how == "scaled_sum":
+            x = (x + self.attn_branch(x)) * self.s1
+            return (x + self.mlp_branch(x)) * self.s2
+        if how == "twice":
+            x = x + x * self.s1 + self.attn_branch(x)
+            return x + self.mlp_branch(x)
+        x = x * 0.5 if how == "leading" else x
+        x = x * self.s1 + self.attn_branch(x)
+        x = self.s2 * x + self.mlp_branch(x)
+        return x * 0.5 if how == "trailing" else x
+
+    def skip_path(self, x):
+        """What the block's output takes from its input with its branches left out."""
+        how = self.how
+        if how == "module":
+            return self.res_scale2(self.res_scale1(x))
+        return {"number": lambda: x * 0.7 * 1.3, "input_skip": lambda: self.s2 * x,
+                "twice": lambda: x + x * self.s1, "leading": lambda: x * 0.5 * self.s1 * self.s2,
+                "trailing": lambda: x * self.s1 * self.s2 * 0.5,
+                "parameter": lambda: x * self.s1 * self.s2,
+                "scaled_sum": lambda: x * self.s1 * self.s2}[how]()
 
 
 def _model(how, fused=True):
@@ -60,12 +91,13 @@ def _model(how, fused=True):
 
 
 def _skip(blk, t):
-    return blk.skip2(blk.skip1(t))
+    return blk.skip_path(t)
 
 
 CASES = [("module", 0.5, {}), ("module", 0.5, dict(reselect_every=2)), ("module", 0.25, dict(reselect_every=1)),
          ("parameter", 0.5, dict(reselect_every=2, fused=False)), ("number", 0.5, {}),
-         ("module", 0.5, dict(representative=False))]
+         ("module", 0.5, dict(representative=False))] + [
+    (how, 0.5, dict(reselect_every=2)) for how in ("input_skip", "leading", "trailing", "scaled_sum", "twice")]
 
 
 @pytest.mark.parametrize("how,keep,opts", CASES, ids=[f"{h}-{k}-" + "-".join(f"{a}={b}" for a, b in o.items())

@@ -34,20 +34,27 @@ def skip_scale(gm: fx.GraphModule, u: fx.Node, stream: fx.Node, token: fx.Node):
     tensor whose dims are 1 but the last, the channels'): the scale; a leaf module that computes
     ``x * parameter`` and nothing else (timm's ``Scale``): the module's path. None otherwise."""
     if u.op == "call_module" and u.args and u.args[0] is stream and len(u.all_input_nodes) == 1 \
-            and shape_of(u) == shape_of(stream) and _scales_by_a_parameter(gm.get_submodule(u.target)):
+            and shape_of(u) == shape_of(stream) and scales_by_a_parameter(gm.get_submodule(u.target)):
         return u.target
     if not ((u.op == "call_function" and u.target in _MULS) or (u.op == "call_method" and u.target == "mul")) \
             or len(u.args) != 2 or u.kwargs or stream not in u.args:
         return None
     other = u.args[1] if u.args[0] is stream else u.args[0]
+    return other if channel_scale(other, stream, token) else None
+
+
+def channel_scale(other, stream: fx.Node, token: fx.Node) -> bool:
+    """``other`` scales ``stream`` alike at every position: a number, or a tensor that does not
+    depend on the tokens whose dims are 1 but the last, which is 1 or the channels', and the
+    first, which may be the batch's (a scale per image: DiT's adaLN)."""
     if isinstance(other, (int, float)) and not isinstance(other, bool):
-        return other
-    shape, channels = shape_of(other), (shape_of(stream) or (None,))[-1]
-    if not isinstance(other, fx.Node) or other is token or token in ancestors(other) or \
-            shape is None or not shape or channels is None or shape[-1] != channels or \
-            any(d != 1 for d in shape[:-1]) or len(shape) > len(shape_of(stream)):
-        return None
-    return other
+        return True
+    shape, s = shape_of(other), shape_of(stream)
+    if not (isinstance(other, fx.Node) and other is not token and token not in ancestors(other)
+            and shape is not None and s is not None and len(shape) <= len(s)):
+        return False
+    lead = shape[1:-1] if len(shape) == len(s) and shape[0] == s[0] else shape[:-1]
+    return all(d == 1 for d in lead) and (not shape or shape[-1] in (1, s[-1]))
 
 
 def _branch_path(gm: fx.GraphModule, branch_nodes: Set[fx.Node], graph: fx.Graph) -> List[str]:
@@ -87,7 +94,7 @@ def _stream_first(users: List[fx.Node], stream: fx.Node, token: fx.Node) -> List
 _VIEWS = {"view", "reshape", "unsqueeze", "expand_as", "view_as", "to", "type_as"}
 
 
-def _scales_by_a_parameter(module: nn.Module) -> bool:
+def scales_by_a_parameter(module: nn.Module) -> bool:
     """``module``'s forward is ``x * p`` (``p`` a parameter or buffer of it, viewed), read from
     its code: no value can make it do anything else."""
     try:

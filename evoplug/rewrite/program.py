@@ -46,11 +46,11 @@ from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
-from ..analyse.residual import residual_branches, skip_scale
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
 from ..runtime.programs import compile_program
+from .skip_path import clone_path, is_identity, skip_path
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
@@ -75,11 +75,9 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
             except Exception:   # noqa: BLE001 - the program runs without them as before
                 pass
     rw = _start(a, gm)
-    skips = _scaled_skips(rw)
-    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row):
+    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row,
+                         _skip_fast_base, _outputs):
         rewrite_pass(rw)
-    _skip_fast_base(rw, skips)
-    _outputs(rw)
     # what the runtime must hand the program (a block that reads neither can take its kept
     # tokens straight from the block before it, see runtime/block.py)
     a.uses_pos = a.uses_pos or bool(rw.pos.users)
@@ -735,43 +733,29 @@ def _check_batch_outer(rw: _Rewrite, merged: int, images: int):
         n = src
 
 
-def _scaled_skips(rw: _Rewrite) -> list:
-    """The steps that scale the residual stream on its skip path, in order (see
-    analyse/residual.py skip_scale): a scale, or a get_attr of the module that scales."""
-    if not any(b.skip for b in rw.a.branches):
-        return []
-    if rw.a.token_map or rw.a.windowed:
-        raise AnalysisError(rw.a.name, "its residual adds take the stream scaled (`"
-                            + "`, `".join(b.skip for b in rw.a.branches if b.skip) + "`), which "
-                            "evoplug does not combine with a map block or windowed attention")
-    names = {n.name: n for n in rw.graph.nodes}
-    branches, _ = residual_branches(rw.gm, rw.token, rw.site, rw.a.name)
-    steps = []
-    for b in branches:
-        u = names.get(b.skip) if b.skip else None
-        if u is None:
-            continue
-        stream = u.args[0] if u.op == "call_module" else next(
-            v for v in u.args if isinstance(v, fx.Node) and skip_scale(rw.gm, u, v, rw.token) is not None)
-        how = skip_scale(rw.gm, u, stream, rw.token)
-        if u.op == "call_module":
-            with rw.graph.inserting_before(u):
-                how = rw.graph.get_attr(how)
-        steps.append(how)
-    if len(steps) != sum(bool(b.skip) for b in rw.a.branches):
-        raise AnalysisError(rw.a.name, "the program's trace scales its residual stream elsewhere "
-                                       "than the analysis' did")
-    return steps
-
-
-def _skip_fast_base(rw: _Rewrite, steps: list):
-    """A block whose residual adds take the stream scaled: the fast update starts from every
-    token's own skip path (runtime/evolve.py scaled_fast_base)."""
-    if not steps:
+def _skip_fast_base(rw: _Rewrite):
+    """A block whose skip path is not the identity (rewrite/skip_path.py): the fast update
+    starts from every token's own skip path, ``S(x_j) + r_after - S(r_before)``."""
+    a, graph = rw.a, rw.graph
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    scaled = [b.skip for b in a.branches if b.skip]
+    if a.token_map or not isinstance(result, fx.Node):
+        path = None
+    else:
+        path = skip_path(rw.gm, rw.token, result)
+        path = None if path is None or is_identity(rw.gm, path) else path
+    if (a.token_map or rw.fast_base is not None) and (scaled or path is not None):
+        raise AnalysisError(a.name, "its residual stream is scaled on its way (" + (
+            "`" + "`, `".join(scaled) + "`" if scaled else "a scale on its skip path") + "), which "
+            "evoplug does not combine with a map block or windowed attention")
+    if path is None:
         return
-    out_node = next(n for n in rw.graph.nodes if n.op == "output")
-    with rw.graph.inserting_before(out_node):
-        rw.fast_base = rw.graph.call_function(ev.scaled_fast_base, (rw.full, rw.token, rw.pos, *steps))
+    with graph.inserting_before(out_node):
+        z = graph.call_function(ev.first_not_none, (rw.full, rw.token))
+        rep = graph.call_function(operator.getitem, (rw.token, (slice(None), slice(-1, None))))
+        s_full, s_rep = clone_path(graph, path, z), clone_path(graph, path, rep)
+        rw.fast_base = graph.call_function(ev.skip_fast_base, (s_full, s_rep, rw.pos, rw.full))
 
 
 def _outputs(rw: _Rewrite):

@@ -517,17 +517,15 @@ def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Te
     return full + branch_full, stream_sub[:, -1:]
 
 
-def scaled_fast_base(full: Optional[Tensor], sub: Tensor, pos: Optional[Tensor], *steps):
-    """(B, N, C) blocks whose residual adds take the stream scaled (MetaFormer's ResScale:
-    ``s * x + f(norm(x))``): the fast update starts from every token's own skip path, its input
-    through the ``steps`` in order (a scale, or a module computing ``x * p``), and adds the
-    representative token's residual over its own skip path. None in dense runs."""
+def skip_fast_base(skip_full: Tensor, skip_rep: Tensor, pos: Optional[Tensor],
+                   full: Optional[Tensor]):
+    """(B, N, C) blocks whose skip path scales the stream (MetaFormer's ResScale ``s * x +
+    f(norm(x))``; rewrite/skip_path.py): the fast update starts from every token's own skip
+    path ``S(x_j)`` and adds the representative token's residual over its own, ``r_after -
+    S(r_before)``. None in dense runs."""
     if pos is None or full is None:
         return None
-    rep = sub[:, -1:]
-    for step in steps:
-        full, rep = (step(full), step(rep)) if callable(step) else (full * step, rep * step)
-    return full, rep
+    return skip_full, skip_rep
 
 
 def _window_heads_mean(p: Tensor, head_dims, folded: int) -> Tensor:

@@ -1,0 +1,109 @@
+"""The skip path of a block: what its output takes from its input with every branch left out.
+
+A token that is not run gets the representative token's residual over the skip path:
+``S(x_j) + r_after - S(r_before)``, which is exact where every branch gives each token the
+same output. For a pre-norm block ``S`` is the identity, and this is the paper's
+``x_j + r_after - r_before``; with the stream scaled on its way (MetaFormer's ResScale
+``s * x + f(norm(x))``, a sum scaled after an add, a constant) ``S`` scales it. ``S`` is read
+from the graph: the paths from the block's input to its output through residual adds (the
+branches left out), subtractions, scalings by a number or a tensor that scales each position
+alike, leaf modules computing ``x * parameter`` and ops that keep the values. Where no such path
+reaches the output (a post-norm block: a norm on the stream) the paper's rule stands.
+
+Audit N of the thirty-fourth session: the first version took the scales of the adds' skips
+only, so a constant before or after them, a scaled residual sum and an add whose skip is the
+block's input past another add were left out (0.08-0.38 off the rule)."""
+from __future__ import annotations
+
+import operator
+from typing import List, Optional
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..analyse.graph import is_add
+from ..analyse.residual import channel_scale, scales_by_a_parameter
+
+_SUBS = {operator.sub, operator.isub, torch.sub}
+_MULS = {operator.mul, operator.imul, torch.mul}
+_DIVS = {operator.truediv, operator.itruediv, torch.div}
+_SAME_VALUES = {"contiguous", "clone", "float", "to", "type_as"}
+
+
+def _is(n: fx.Node, functions, method: str) -> bool:
+    return (n.op == "call_function" and n.target in functions) or \
+        (n.op == "call_method" and n.target in (method, method + "_"))
+
+
+def _passes(gm: fx.GraphModule, u: fx.Node, v: fx.Node, token: fx.Node) -> bool:
+    """``u`` passes ``v`` on along the skip path (linearly, each position alike)."""
+    if len(u.args) < 1 or u.kwargs and not (u.op == "call_method" and u.target in _SAME_VALUES):
+        return False
+    if is_add(u) or _is(u, _SUBS, "sub"):
+        return v in u.args[:2] and len(u.args) == 2
+    if _is(u, _MULS, "mul") and len(u.args) == 2 and v in u.args:
+        other = u.args[1] if u.args[0] is v else u.args[0]
+        return channel_scale(other, v, token)
+    if _is(u, _DIVS, "div") and len(u.args) == 2 and u.args[0] is v:
+        return channel_scale(u.args[1], v, token)
+    if u.op == "call_module" and u.args[0] is v and u.all_input_nodes == [v]:
+        mod = gm.get_submodule(u.target)
+        return isinstance(mod, nn.Identity) or scales_by_a_parameter(mod)
+    return u.op == "call_method" and u.target in _SAME_VALUES and u.args[0] is v
+
+
+def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node) -> Optional[List[fx.Node]]:
+    """The nodes on the skip paths from ``token`` to ``result``, in graph order; None where
+    none reaches it."""
+    reach = {token}
+    for n in gm.graph.nodes:        # (graph order is a topological order)
+        if n is not token and any(v in reach and _passes(gm, n, v, token) for v in n.all_input_nodes):
+            reach.add(n)
+    if result not in reach:
+        return None
+    on = {result}
+    for n in reversed(list(gm.graph.nodes)):
+        if n in reach and any(u in on and _passes(gm, u, n, token) for u in n.users):
+            on.add(n)
+    return [n for n in gm.graph.nodes if n in on]
+
+
+def is_identity(gm: fx.GraphModule, path: List[fx.Node]) -> bool:
+    """The skip path passes the input on unchanged: one path, through adds and ops that keep
+    the values (a Dropout or Identity module on it passes the values in eval mode)."""
+    on = set(path)
+    for n in path[1:]:
+        if is_add(n):
+            if sum(isinstance(a, fx.Node) and a in on for a in n.args[:2]) != 1:
+                return False
+        elif not (n.op == "call_method" and n.target in _SAME_VALUES or
+                  n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity)):
+            return False
+    return True
+
+
+def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
+    """``S(z)``: the skip path's ops on ``z`` in place of the block's input, every branch left
+    out (an add of a branch passes its other side on; a subtraction of the stream negates it).
+    Inserted where the graph's insertion point is."""
+    on, done = set(path), {path[0]: z}
+    for n in path[1:]:
+        if is_add(n) or _is(n, _SUBS, "sub"):
+            a, b = (done.get(v) if isinstance(v, fx.Node) and v in on else None for v in n.args[:2])
+            sub = not is_add(n)
+            if a is not None and b is not None:
+                done[n] = graph.call_function(operator.sub if sub else operator.add, (a, b))
+            elif a is not None:
+                done[n] = a
+            else:
+                done[n] = graph.call_function(operator.neg, (b,)) if sub else b
+        elif n.op == "call_module":
+            done[n] = graph.call_module(n.target, (done[n.args[0]],))
+        else:
+            args = fx.map_arg(n.args, lambda v: done.get(v, v) if v in on else v)
+            fn = graph.call_method if n.op == "call_method" else graph.call_function
+            target = n.target.rstrip("_") if n.op == "call_method" and n.target.endswith("_") else n.target
+            target = {operator.imul: operator.mul, operator.itruediv: operator.truediv}.get(target, target)
+            done[n] = fn(target, args, dict(n.kwargs))
+    return done[path[-1]]
