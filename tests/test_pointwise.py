@@ -109,22 +109,28 @@ def test_a_channels_last_op_on_each_token_still_moves_onto_the_tokens():
 
 
 class _GlobalContext2d(nn.Module):
-    def __init__(self, C):
+    def __init__(self, C, buffer=False):
         super().__init__()
-        self.fc, self.gamma = nn.Linear(C, C), nn.Parameter(torch.zeros(C))
+        self.fc = nn.Linear(C, C)
+        if buffer:
+            self.register_buffer("gamma", torch.zeros(C))
+        else:
+            self.gamma = nn.Parameter(torch.zeros(C))
 
     def forward(self, x):            # (B, C, H, W), timm's SEModule reads its context so
         return x + (self.gamma * self.fc(x.mean((2, 3))))[:, :, None, None]
 
 
-def test_a_channels_first_context_over_every_position_runs_on_the_map():
+@pytest.mark.parametrize("buffer", [False, True], ids=["parameter", "buffer"])
+def test_a_channels_first_context_over_every_position_runs_on_the_map(buffer):
     """In a channels-first block the same context (``x.mean((2, 3))``, zero at the conversion)
     gave the same mean on the row of tokens ``(B, C, 1, n)``, so it ran there, over the kept
-    tokens only; it runs on the full map."""
+    tokens only; it runs on the full map. Its ``gamma`` held as a buffer was not perturbed, so
+    it still ran on the row (audit O)."""
     torch.manual_seed(0)
     model = _Net(True, depth=4)
     for b in model.blocks:
-        b.norm2 = nn.Sequential(b.norm2, _GlobalContext2d(32))
+        b.norm2 = nn.Sequential(b.norm2, _GlobalContext2d(32, buffer))
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(model.eval(), keep_ratio=0.5, example_input=x)
     assert [s.role for s in evoplug.get_report(fast).blocks].count("evolve") == 3

@@ -59,21 +59,23 @@ def mixes_positions(gm: fx.GraphModule, n: fx.Node, values) -> bool:
 
 
 def perturber(seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``t -> t + noise`` of the size of ``t``'s values (and at least 0.1: a zero stays no zero)."""
+    """``t -> t + noise`` of the size of ``t``'s values (and at least 0.1: a zero stays no zero),
+    the noise not negative (a running variance stays one)."""
     g = torch.Generator().manual_seed(seed)
 
     def perturbed(t: torch.Tensor) -> torch.Tensor:
         if not t.is_floating_point():
             return t
-        return t + torch.randn(t.shape, generator=g, dtype=t.dtype) * (t.abs().mean() + 0.1)
+        return t + torch.randn(t.shape, generator=g, dtype=t.dtype).abs() * (t.abs().mean() + 0.1)
     return perturbed
 
 
 def perturbed_copy(module: nn.Module, perturbed: Callable) -> nn.Module:
-    """A copy of ``module`` whose floating-point parameters are perturbed."""
+    """A copy of ``module`` whose floating-point parameters and buffers are perturbed (a
+    zero-initialised ``gamma`` held as a buffer hid a context over every position: audit O)."""
     mod = copy.deepcopy(module)
     with torch.no_grad():
-        for p in mod.parameters():
+        for p in (*mod.parameters(), *mod.buffers()):
             if p.is_floating_point():
                 p.copy_(perturbed(p))
     return mod

@@ -365,6 +365,11 @@ def _to_map(rw: _Rewrite, node: fx.Node, dim):
     graph, src = rw.graph, node.args[0]
     dim, layout = dim if isinstance(dim, tuple) else (dim, None)
     src_full = _clone_token_wise_chain(graph, src, rw.root, rw.root_full)
+    if src_full is None and rw.stream_is_input:
+        # (a map block whose stream is its input tokens: a channels-first block's 2-D op on
+        # its input or on norm1 of it, through the row layout; it got the representative
+        # token's canvas, the same weights as tokens the exact map: audit O, thirty-fourth session)
+        src_full = _clone_token_wise_chain(graph, src, rw.token, rw.full)
     with graph.inserting_before(node):
         if src_full is not None:
             canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
@@ -905,7 +910,7 @@ def _residual_stream(graph: fx.Graph, root: fx.Node):
     return stream
 
 
-_TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as"}
+_TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as", "squeeze", "unsqueeze"}
 
 
 def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full: fx.Node):
@@ -915,13 +920,18 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
     the representative token)."""
     chain, cur = [], src
     while cur is not token:
-        if not isinstance(cur, fx.Node) or len(cur.all_input_nodes) != 1:
+        if not isinstance(cur, fx.Node) or not cur.all_input_nodes:
             return None
-        ok = cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)
-        if not ok:
+        main = cur.all_input_nodes[0]
+        if cur.op == "call_method" and cur.target in ("reshape", "view") and cur.args[0] is main and \
+                all(_batch_size(i) for i in cur.all_input_nodes[1:]) and -1 in cur.args[1:]:
+            pass    # (a view sized by the batch, the tokens' count left to -1: the heads of a
+            #         channels-first block's twin, analyse/channels_first.py)
+        elif len(cur.all_input_nodes) != 1 or not (
+                cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
             return None
         chain.append(cur)
-        cur = cur.all_input_nodes[0]
+        cur = main
     after = src
     if src.op == "placeholder":      # the map is the tokens themselves (Swinv2: post-norm)
         after = [n for n in graph.nodes if n.op == "placeholder"][-1]
@@ -933,6 +943,14 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
             prev = graph.node_copy(node, lambda n, p=prev, old=node.all_input_nodes[0]: p if n is old else n)
         anchor = prev
     return prev
+
+
+def _batch_size(n: fx.Node) -> bool:
+    """``t.size(0)`` or ``t.shape[0]``: the same for the kept tokens as for all of them."""
+    if n.op == "call_method" and n.target == "size" and len(n.args) == 2:
+        return n.args[1] == 0
+    return n.op == "call_function" and n.target is operator.getitem and n.args[1] == 0 and \
+        isinstance(n.args[0], fx.Node) and is_size_query(n.args[0]) and len(n.args[0].args) == 1
 
 
 def _shape_prop_without_side_effects(a: BlockAnalysis, gm: fx.GraphModule, call):
