@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import weakref
 from typing import List, Optional, Set, Tuple
 
 import torch
@@ -94,11 +95,25 @@ def _stream_first(users: List[fx.Node], stream: fx.Node, token: fx.Node) -> List
 _VIEWS = {"view", "reshape", "unsqueeze", "expand_as", "view_as", "to", "type_as"}
 
 
+_SCALES: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def scales_by_a_parameter(module: nn.Module) -> bool:
-    """``module``'s forward is ``x * p`` (``p`` a parameter or buffer of it, viewed), read from
-    its code: no value can make it do anything else."""
+    """``module``'s forward is ``x * p`` (``p`` its one parameter or buffer, viewed), read from
+    its code: no value can make it do anything else. (Traced once per module, by evoplug's
+    tracer: torch.fx's own patches every module's call in the process while it traces, and
+    another thread's model ran into it: tests/test_sizes.py.)"""
+    if list(module.children()) or len([*module.parameters(), *module.buffers()]) != 1:
+        return False
+    if module not in _SCALES:
+        _SCALES[module] = _traced_scale(module)
+    return _SCALES[module]
+
+
+def _traced_scale(module: nn.Module) -> bool:
+    from .trace import BlockTracer
     try:
-        graph = fx.symbolic_trace(module).graph
+        graph = BlockTracer(set()).trace(module)
     except Exception:  # noqa: BLE001 - a module fx cannot trace is no plain scale
         return False
     nodes = list(graph.nodes)
