@@ -239,6 +239,8 @@ def follow_copy(fn: Any, memo: dict, only_copied: bool = False) -> Any:
     import types
 
     def moved(v):
+        if isinstance(v, (types.FunctionType, functools.partial)) and v is not fn:
+            return follow_copy(v, memo, only_copied)     # (a function the closure calls)
         if not _holds_state(v) or (only_copied and id(v) not in memo and not isinstance(v, (tuple, list, dict))):
             return v
         if isinstance(v, (tuple, list)):
@@ -267,7 +269,67 @@ def follow_copy(fn: Any, memo: dict, only_copied: bool = False) -> Any:
         new.__qualname__, new.__module__, new.__doc__ = fn.__qualname__, fn.__module__, fn.__doc__
         new.__dict__.update(fn.__dict__)
         return new
-    return fn if only_copied or isinstance(fn, (numbers.Number, str)) else copy.deepcopy(fn, memo)
+    if isinstance(fn, (numbers.Number, str)):
+        return fn
+    within = memo if only_copied else None      # (the model's own, where they are known)
+    if hasattr(fn, "cache_info") and _reaches_state(getattr(fn, "__wrapped__", None), within=within):
+        raise ValueError("trade_off is a cached function (functools.lru_cache) of tensors or "
+                         "modules: it keeps giving the value it computed first, and a copy of the "
+                         "model would share it. Make trade_off a module of the model")
+    if only_copied:
+        if _reaches_state(fn, within=within):
+            raise ValueError(f"trade_off ({type(fn).__name__}) holds tensors or modules through an "
+                             "object evoplug cannot rebuild for the copy inplace=False converts: "
+                             "the copy would read and train the original's. Convert with "
+                             "inplace=True, or make trade_off a module of the model (it then "
+                             "follows the copy), a method of one, or a function holding what it reads")
+        return fn
+    return copy.deepcopy(fn, memo)
+
+
+def _reaches_state(f, depth: int = 4, within: Optional[dict] = None) -> bool:
+    """A callable that holds a tensor or module (one of ``within``'s keys, ids, where given):
+    through its closure, default arguments, global names, a partial's arguments, its object (a
+    bound method's, a callable object's attributes) or the function it wraps (a few levels
+    deep)."""
+    import functools
+    import types
+    if f is None or depth < 0:
+        return False
+    if _holds_state(f) and (within is None or _some_in(f, within)):
+        return True
+    if isinstance(f, functools.partial):
+        parts = [f.func, *f.args, *f.keywords.values()]
+    elif isinstance(f, types.FunctionType):
+        parts = [c.cell_contents for c in f.__closure__ or () if _filled(c)]
+        parts += list(f.__defaults__ or ()) + list((f.__kwdefaults__ or {}).values())
+        parts += [f.__globals__.get(n) for n in _global_names(f.__code__)
+                  if isinstance(f.__globals__.get(n), (types.FunctionType, functools.partial))
+                  or _holds_state(f.__globals__.get(n))]
+    elif isinstance(f, types.MethodType):
+        parts = [f.__self__, f.__func__]
+    else:
+        parts = list(vars(f).values()) if hasattr(f, "__dict__") and not isinstance(f, type) else []
+    return any(_reaches_state(p, depth - 1, within) for p in parts
+               if p is not f and not isinstance(p, (type, types.ModuleType)))
+
+
+def _some_in(v, ids: dict) -> bool:
+    """``v`` or a tensor or module it holds (in a tuple, list or dict; a module's own
+    parameters) is one whose id is a key of ``ids``."""
+    if isinstance(v, (tuple, list)):
+        return any(_some_in(i, ids) for i in v)
+    if isinstance(v, dict):
+        return any(_some_in(i, ids) for i in v.values())
+    return id(v) in ids
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
 
 
 def _holds_state(v) -> bool:

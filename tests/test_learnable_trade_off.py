@@ -187,7 +187,7 @@ def _closure(m):
     return lambda: torch.sigmoid(m.alpha_logit)
 
 
-@pytest.mark.parametrize("form", ["closure", "partial", "default_argument"])
+@pytest.mark.parametrize("form", ["closure", "partial", "default_argument", "nested_closure"])
 def test_a_trade_off_function_holding_the_models_parameter_follows_every_copy(form):
     """A function holding the model's parameter (a closure, ``functools.partial``, a default
     argument) reads the copy's in the copy ``inplace=False`` converts and in a ``copy.deepcopy``
@@ -198,8 +198,10 @@ def test_a_trade_off_function_holding_the_models_parameter_follows_every_copy(fo
     x = torch.randn(2, 3, 32, 32)
 
     def make(m):
+        inner = _closure(m)
         return {"closure": _closure(m), "partial": functools.partial(torch.sigmoid, m.alpha_logit),
-                "default_argument": lambda a=m.alpha_logit: torch.sigmoid(a)}[form]
+                "default_argument": lambda a=m.alpha_logit: torch.sigmoid(a),
+                "nested_closure": lambda: inner()}[form]      # (audit P: the inner one stayed)
     model = _alpha_model()
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1,
                            reselect_every=1, trade_off=make(model))
@@ -237,3 +239,25 @@ _MODEL = None
 
 def _global_alpha():
     return torch.sigmoid(_MODEL.alpha_logit)
+
+
+class _Holder:
+    def __init__(self, model):
+        self.model = model
+
+    def alpha(self):
+        return torch.sigmoid(self.model.alpha_logit)
+
+
+def test_a_trade_off_evoplug_cannot_rebuild_for_the_copy_is_refused():
+    """A method of a plain object holding the model, or a cached function of it, cannot follow
+    the copy ``inplace=False`` converts: refused (audit P: the copy read and trained the
+    original's parameter, 0.08 off, or served the first value it computed)."""
+    import functools
+    x = torch.randn(2, 3, 32, 32)
+    model = _alpha_model()
+    cached = functools.lru_cache(_closure(model))
+    for fn, why in [(_Holder(model).alpha, "object evoplug cannot rebuild"),
+                    (cached, "cached function")]:
+        with pytest.raises(ValueError, match=why):
+            evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=fn)

@@ -65,6 +65,9 @@ class _ScaledSkips(nn.Module):
         if how == "twice":
             x = x + x * self.s1 + self.attn_branch(x)
             return x + self.mlp_branch(x)
+        if how == "add_alpha":      # (audit P: alpha on the stream's side was left out)
+            x = torch.add(self.attn_branch(x), x, alpha=0.5)
+            return x + self.mlp_branch(x)
         x = x * 0.5 if how == "leading" else x
         x = x * self.s1 + self.attn_branch(x)
         x = self.s2 * x + self.mlp_branch(x)
@@ -77,6 +80,7 @@ class _ScaledSkips(nn.Module):
             return self.res_scale2(self.res_scale1(x))
         return {"number": lambda: x * 0.7 * 1.3, "input_skip": lambda: self.s2 * x,
                 "twice": lambda: x + x * self.s1, "leading": lambda: x * 0.5 * self.s1 * self.s2,
+                "add_alpha": lambda: x * 0.5,
                 "trailing": lambda: x * self.s1 * self.s2 * 0.5,
                 "parameter": lambda: x * self.s1 * self.s2,
                 "scaled_sum": lambda: x * self.s1 * self.s2}[how]()
@@ -97,7 +101,8 @@ def _skip(blk, t):
 CASES = [("module", 0.5, {}), ("module", 0.5, dict(reselect_every=2)), ("module", 0.25, dict(reselect_every=1)),
          ("parameter", 0.5, dict(reselect_every=2, fused=False)), ("number", 0.5, {}),
          ("module", 0.5, dict(representative=False))] + [
-    (how, 0.5, dict(reselect_every=2)) for how in ("input_skip", "leading", "trailing", "scaled_sum", "twice")]
+    (how, 0.5, dict(reselect_every=2)) for how in ("input_skip", "leading", "trailing", "scaled_sum", "twice",
+                                                   "add_alpha")]
 
 
 @pytest.mark.parametrize("how,keep,opts", CASES, ids=[f"{h}-{k}-" + "-".join(f"{a}={b}" for a, b in o.items())

@@ -38,10 +38,11 @@ def _is(n: fx.Node, functions, method: str) -> bool:
 
 def _passes(gm: fx.GraphModule, u: fx.Node, v: fx.Node, token: fx.Node) -> bool:
     """``u`` passes ``v`` on along the skip path (linearly, each position alike)."""
+    if is_add(u) or _is(u, _SUBS, "sub"):    # (``torch.add(a, b, alpha=k)``: a + k * b)
+        return v in u.args[:2] and len(u.args) == 2 and set(u.kwargs) <= {"alpha"} and \
+            isinstance(u.kwargs.get("alpha", 1), (int, float))
     if len(u.args) < 1 or u.kwargs and not (u.op == "call_method" and u.target in _SAME_VALUES):
         return False
-    if is_add(u) or _is(u, _SUBS, "sub"):
-        return v in u.args[:2] and len(u.args) == 2
     if _is(u, _MULS, "mul") and len(u.args) == 2 and v in u.args:
         other = u.args[1] if u.args[0] is v else u.args[0]
         return channel_scale(other, v, token)
@@ -75,7 +76,8 @@ def is_identity(gm: fx.GraphModule, path: List[fx.Node]) -> bool:
     on = set(path)
     for n in path[1:]:
         if is_add(n):
-            if sum(isinstance(a, fx.Node) and a in on for a in n.args[:2]) != 1:
+            if sum(isinstance(a, fx.Node) and a in on for a in n.args[:2]) != 1 or \
+                    (n.args[1] in on and n.kwargs.get("alpha", 1) != 1):
                 return False
         elif not (n.op == "call_method" and n.target in _SAME_VALUES or
                   n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity)):
@@ -91,7 +93,9 @@ def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
     for n in path[1:]:
         if is_add(n) or _is(n, _SUBS, "sub"):
             a, b = (done.get(v) if isinstance(v, fx.Node) and v in on else None for v in n.args[:2])
-            sub = not is_add(n)
+            sub, alpha = not is_add(n), n.kwargs.get("alpha", 1)
+            if b is not None and alpha != 1:
+                b = graph.call_function(operator.mul, (b, alpha))
             if a is not None and b is not None:
                 done[n] = graph.call_function(operator.sub if sub else operator.add, (a, b))
             elif a is not None:
