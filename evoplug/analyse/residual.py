@@ -26,22 +26,28 @@ class Branch:
     #                              stream itself (MetaFormer's ResScale: ``s * x + f(norm(x))``)
 
 
-_MULS = {operator.mul, torch.mul}
+MULS = {operator.mul, operator.imul, torch.mul}
+DIVS = {operator.truediv, operator.itruediv, torch.div}
 
 
-def skip_scale(gm: fx.GraphModule, u: fx.Node, stream: fx.Node, token: fx.Node):
-    """How ``u`` scales ``stream``, where it does so by a scale that does not depend on the
-    tokens and scales the channels alike at every position: ``stream * scale`` (a number, or a
-    tensor whose dims are 1 but the last, the channels'): the scale; a leaf module that computes
-    ``x * parameter`` and nothing else (timm's ``Scale``): the module's path. None otherwise."""
-    if u.op == "call_module" and u.args and u.args[0] is stream and len(u.all_input_nodes) == 1 \
-            and shape_of(u) == shape_of(stream) and scales_by_a_parameter(gm.get_submodule(u.target)):
-        return u.target
-    if not ((u.op == "call_function" and u.target in _MULS) or (u.op == "call_method" and u.target == "mul")) \
-            or len(u.args) != 2 or u.kwargs or stream not in u.args:
-        return None
-    other = u.args[1] if u.args[0] is stream else u.args[0]
-    return other if channel_scale(other, stream, token) else None
+def is_call(n: fx.Node, functions, method: str) -> bool:
+    return (n.op == "call_function" and n.target in functions) or \
+        (n.op == "call_method" and n.target in (method, method + "_"))
+
+
+def scales(gm: fx.GraphModule, u: fx.Node, stream: fx.Node, token: fx.Node) -> bool:
+    """``u`` scales ``stream`` by a scale that does not depend on the tokens and scales each
+    position alike: ``stream * scale`` or ``stream / scale`` (a number, or a tensor whose dims
+    are 1 but the last, the channels'), or a leaf module that computes ``x * parameter`` and
+    nothing else (timm's ``Scale``). Shared with rewrite/skip_path.py."""
+    if u.op == "call_module":
+        return bool(u.args) and u.args[0] is stream and u.all_input_nodes == [stream] and \
+            shape_of(u) == shape_of(stream) and scales_by_a_parameter(gm.get_submodule(u.target))
+    if len(u.args) != 2 or u.kwargs:
+        return False
+    if is_call(u, MULS, "mul") and stream in u.args:
+        return channel_scale(u.args[1] if u.args[0] is stream else u.args[0], stream, token)
+    return is_call(u, DIVS, "div") and u.args[0] is stream and channel_scale(u.args[1], stream, token)
 
 
 def channel_scale(other, stream: fx.Node, token: fx.Node) -> bool:
@@ -120,8 +126,7 @@ def _traced_scale(module: nn.Module) -> bool:
     ph = [n for n in nodes if n.op == "placeholder"]
     out = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else None
     if len(ph) != 1 or not isinstance(out, fx.Node) or not (
-            (out.op == "call_function" and out.target in _MULS) or
-            (out.op == "call_method" and out.target in ("mul", "mul_"))) or \
+            is_call(out, MULS, "mul")) or \
             len(out.args) != 2 or out.kwargs or ph[0] not in out.args:
         return False
     scale = out.args[1] if out.args[0] is ph[0] else out.args[0]
@@ -138,7 +143,7 @@ def _with_scaled_skips(gm: fx.GraphModule, users: List[fx.Node], stream: fx.Node
     skip ``skip = stream * scale`` that adds a branch computed from the tokens."""
     out = [(u, None) for u in users]
     for u in users:
-        if skip_scale(gm, u, stream, token) is not None:
+        if scales(gm, u, stream, token):
             out += [(w, u) for w in u.users if _adds_a_branch(w, u, token)]
     return out
 

@@ -23,34 +23,23 @@ import torch.fx as fx
 from torch import nn
 
 from ..analyse.graph import is_add
-from ..analyse.residual import channel_scale, scales_by_a_parameter
+from ..analyse.residual import is_call, scales
 
 _SUBS = {operator.sub, operator.isub, torch.sub}
-_MULS = {operator.mul, operator.imul, torch.mul}
-_DIVS = {operator.truediv, operator.itruediv, torch.div}
 _SAME_VALUES = {"contiguous", "clone", "float", "to", "type_as"}
-
-
-def _is(n: fx.Node, functions, method: str) -> bool:
-    return (n.op == "call_function" and n.target in functions) or \
-        (n.op == "call_method" and n.target in (method, method + "_"))
 
 
 def _passes(gm: fx.GraphModule, u: fx.Node, v: fx.Node, token: fx.Node) -> bool:
     """``u`` passes ``v`` on along the skip path (linearly, each position alike)."""
-    if is_add(u) or _is(u, _SUBS, "sub"):    # (``torch.add(a, b, alpha=k)``: a + k * b)
+    if is_add(u) or is_call(u, _SUBS, "sub"):    # (``torch.add(a, b, alpha=k)``: a + k * b)
         return v in u.args[:2] and len(u.args) == 2 and set(u.kwargs) <= {"alpha"} and \
             isinstance(u.kwargs.get("alpha", 1), (int, float))
     if len(u.args) < 1 or u.kwargs and not (u.op == "call_method" and u.target in _SAME_VALUES):
         return False
-    if _is(u, _MULS, "mul") and len(u.args) == 2 and v in u.args:
-        other = u.args[1] if u.args[0] is v else u.args[0]
-        return channel_scale(other, v, token)
-    if _is(u, _DIVS, "div") and len(u.args) == 2 and u.args[0] is v:
-        return channel_scale(u.args[1], v, token)
+    if scales(gm, u, v, token):
+        return True
     if u.op == "call_module" and u.args[0] is v and u.all_input_nodes == [v]:
-        mod = gm.get_submodule(u.target)
-        return isinstance(mod, nn.Identity) or scales_by_a_parameter(mod)
+        return isinstance(gm.get_submodule(u.target), nn.Identity)
     return u.op == "call_method" and u.target in _SAME_VALUES and u.args[0] is v
 
 
@@ -91,7 +80,7 @@ def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
     Inserted where the graph's insertion point is."""
     on, done = set(path), {path[0]: z}
     for n in path[1:]:
-        if is_add(n) or _is(n, _SUBS, "sub"):
+        if is_add(n) or is_call(n, _SUBS, "sub"):
             a, b = (done.get(v) if isinstance(v, fx.Node) and v in on else None for v in n.args[:2])
             sub, alpha = not is_add(n), n.kwargs.get("alpha", 1)
             if b is not None and alpha != 1:
