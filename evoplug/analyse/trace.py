@@ -212,7 +212,20 @@ class BlockTracer(fx.Tracer):
     def trace(self, root, concrete_args=None):
         """fx's trace, with ``int(proxy)`` specialised (:meth:`to_int`) when there is a
         calibration input, and item assignment into traced tensors recorded as
-        ``operator.setitem`` (MMPretrain's shift-window mask is filled slice by slice)."""
+        ``operator.setitem`` (MMPretrain's shift-window mask is filled slice by slice).
+
+        The calls of wrapped functions (timm's ``window_reverse``) lose their ``is_wrapped``
+        mark: with it, the code of every GraphModule built on the graph, at each recompile,
+        registers its own namespace with ``torch.fx.wrap`` for the rest of the process (the
+        registry only grows: every later trace patches each entry, 8 ms a trace after a few
+        hundred), so that fx may trace the module again. evoplug's modules are never traced
+        again: converted blocks refuse torch.fx (runtime/block.py)."""
+        graph = self._trace(root, concrete_args)
+        for node in graph.nodes:
+            node.meta.pop("is_wrapped", None)
+        return graph
+
+    def _trace(self, root, concrete_args):
         if self._example is None or hasattr(fx.Proxy, "__int__"):
             with _no_python_random():
                 return super().trace(root, concrete_args)
