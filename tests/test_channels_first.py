@@ -28,7 +28,8 @@ class _ConvBlock(nn.Module):
     "chunk", q, k and v cut from the channels first; "unflatten", the heads' outputs put back by
     ``o.flatten(1, 2).unflatten(-1, (H, W))``; "conv_on_norm", a 3x3 depthwise convolution of
     ``norm1(x)`` added with the attention; "conv_on_input", one of the block's input (viewed as
-    ``(B, C, H * W)`` and back) added after it. ``sdpa``: ``scaled_dot_product_attention`` on the
+    ``(B, C, H * W)`` and back) added after it; "conv_on_input_plain", the same on the input
+    itself (refused as "no residual attention branch" before the thirty-fifth session). ``sdpa``: ``scaled_dot_product_attention`` on the
     views' transposes with a relative position bias (heads, N, N), as CoAtNet's."""
 
     def __init__(self, dim, heads, form="", sdpa=False, tokens=64):
@@ -69,6 +70,8 @@ class _ConvBlock(nn.Module):
             x = x + self.pe(h1)
         elif self.form == "conv_on_input":
             x = x + self.pe(x0.reshape(B, C, H * W).reshape(B, C, H, W))
+        elif self.form == "conv_on_input_plain":
+            x = x + self.pe(x0)
         h = F.gelu(self.fc1(self.norm2(x)))
         if self.dw is not None:
             h = self.dw(h) if self.form == "between" else h + self.dw(h)
@@ -201,7 +204,8 @@ def _levit_pair():
 
 @pytest.mark.parametrize("which", ["plain", "depthwise_conv_mlp", "depthwise_conv_between",
                                    "heads_in_two_views", "chunk", "five_d", "unflatten",
-                                   "sdpa_with_bias", "fastvit", "levit", "conv_on_norm", "conv_on_input"])
+                                   "sdpa_with_bias", "fastvit", "levit", "conv_on_norm", "conv_on_input",
+                                   "conv_on_input_plain"])
 def test_channels_first_blocks_evolve_as_the_same_weights_on_tokens(which):
     """keep 0.5: the outputs, in eval and train mode, and the gradients are the token model's;
     keep 1.0 reproduces the model; the dense state_dict loads strictly. A 2-D op on the block's

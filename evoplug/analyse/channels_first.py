@@ -284,7 +284,10 @@ def tokenise_channels_first(ctx) -> List[str]:
         n.replace_all_uses_with(p)
     originals = [n for n in tw.twin if n is not cf]
     _shape_reads(graph, [cf] + originals, cf)
-    for n in originals:                 # ops that need the map read it from the twin
+    # ops that need the map read it from the twin: the block's input map too (a 2-D op on it,
+    # ``x + dw(x)`` after the attention, kept the input a second stream and the residual walk
+    # found no attention branch)
+    for n in [cf] + originals:
         for u in list(n.users):
             if u is res or u in tw.new:
                 continue
@@ -294,7 +297,7 @@ def tokenise_channels_first(ctx) -> List[str]:
         size = graph.call_method("size", (cf.args[0],))
         view = graph.call_method("reshape", (tw.twin[last], size))
     out.replace_input_with(res, view)
-    _remove_dead(graph, set(originals) | {res} | set(tw.new))
+    _remove_dead(graph, set(originals) | {res, cf} | set(tw.new))
     return done + ["the channels-first map's token-wise ops run on tokens"]
 
 
