@@ -48,6 +48,7 @@ from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_glob
                        special_rows)
 from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of, softmax_dim
 from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
+from .one_window import collapse_one_window
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
 from .trace import make_call_plan, mark_batch_specialised, trace_block
@@ -74,6 +75,7 @@ class BlockAnalysis:
     window_index: Optional[torch.Tensor] = None  # (windows * window tokens,) token index + 1, 0 = pad
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     window_heads_folded: int = 1               # heads merged into the leading dim (B*win*heads)
+    one_window: bool = False                   # its one window read as attention over the tokens
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
     heads_in_batch: bool = False               # its attention merges the heads into the batch dim
@@ -151,6 +153,13 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                        + "; ".join(gm.meta["evo_tokenised"]))
     _tokens_and_grid(a, model, call, calls, x, num_prefix_override, prior)
     grid_ops = find_grid_ops(gm, a, site)
+    if collapse_one_window(gm, a, site, grid_ops, feed, x.shape[0], call.output):
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*feed)
+        grid_ops = find_grid_ops(gm, a, site)
+        a.one_window = True
+        a.notes.append("one window covering the map, unshifted and unpadded: attention over the "
+                       "tokens (its partition and merge removed)")
     _describe_map_operations(a, grid_ops)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
     varying = getattr(calls, "derived", {}).get("varying", ())

@@ -89,8 +89,11 @@ def _strangers(outputs, calls: CallRecord) -> set:
 
 
 def _can_hand_on(a: BlockAnalysis) -> bool:
-    """A (B, N, C) block whose programs need only its subset (no whole input, no map)."""
-    return not (a.token_map or a.uses_full) and a.call is not None
+    """A (B, N, C) block whose programs need only its subset (no whole input, no map), and
+    whose programs per batch size are traced on a call of all its tokens (a one-window block,
+    analyse/one_window.py, is traced as windowed attention first: MMPretrain's Swin asserts
+    the map's size on its tokens)."""
+    return not (a.token_map or a.uses_full or a.one_window) and a.call is not None
 
 
 def _feeds_only(a: BlockAnalysis, b: BlockAnalysis, calls: CallRecord) -> bool:

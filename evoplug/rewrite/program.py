@@ -46,6 +46,7 @@ from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
+from ..analyse.one_window import collapse_one_window
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
@@ -74,6 +75,8 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
                 _shape_prop_without_side_effects(a, gm, call)
             except Exception:   # noqa: BLE001 - the program runs without them as before
                 pass
+        if a.one_window:
+            _one_window_again(a, gm, call)
     rw = _start(a, gm)
     for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row,
                          _skip_fast_base, _outputs):
@@ -90,6 +93,18 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     a.leaf_paths = tuple(sorted(set(a.leaf_paths) | {n.target for n in gm.graph.nodes
                                                        if n.op == "call_module"}))
     return _as_program(a, gm)
+
+
+def _one_window_again(a: BlockAnalysis, gm: fx.GraphModule, call):
+    """The analysis read the block's one window as attention over its tokens (analyse/
+    one_window.py): a program traced again (train mode, another batch size) reads it so too."""
+    site = find_attention(gm, a.name)
+    feed = a.plan.feed(*a.plan.bind(a.name, call.args, call.kwargs))
+    if not collapse_one_window(gm, a, site, find_grid_ops(gm, a, site), feed, feed[0].shape[0]):
+        raise AnalysisError(a.name, "its one window covering the map, read as attention over its "
+                                    "tokens at the conversion, is not one in the program traced "
+                                    "for this call (another mode or batch size)")
+    _shape_prop_without_side_effects(a, gm, call)
 
 
 @dataclasses.dataclass
