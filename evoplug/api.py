@@ -641,6 +641,7 @@ def _no_side_effects(model: nn.Module):
     mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
     put back as it was."""
     modes = [(m, m.training) for m in model.modules()]
+    plain = [(m, plain_attributes(m)) for m in model.modules()]
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     python_rng = random.getstate()        # (a model's own Python draws, e.g. in its embedding)
     with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
@@ -652,6 +653,18 @@ def _no_side_effects(model: nn.Module):
             for m, mode in modes:
                 if m.training != mode:
                     m.training = mode
+            _restore_plain(plain)
+
+
+def _restore_plain(plain):
+    """Put back the plain attributes (numbers, flags) the analysis' forwards changed: a layer
+    that sets its own shift to 0 when the map fits its window, and never back (transformers'
+    Swin), kept the calibration size's settings, and the converted model at another size,
+    keep 1.0 included, was 1.3 off the model it was made from (audit T, thirty-fifth session)."""
+    for m, before in plain:
+        for k, v in before.items():
+            if k in vars(m) and vars(m)[k] is not v and vars(m)[k] != v:
+                setattr(m, k, v)
 
 
 def _check_model(model: nn.Module):

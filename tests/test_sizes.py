@@ -791,6 +791,27 @@ def test_transformers_swin_at_sizes_whose_last_map_is_one_token_wide():
             torch.testing.assert_close(a[1:2], b, atol=1e-5, rtol=1e-5)
 
 
+def test_a_layer_that_changes_its_own_settings_in_a_forward_is_converted_as_it_was():
+    """transformers' Swin layer sets its shift to 0 when the map fits its window, and never back:
+    converted at 32 px (a 4x4 last map, window 4), the copy kept the calibration's settings, and at
+    40 px, keep 1.0 included, it was 1.3 off the model it was made from (audit T, thirty-fifth
+    session). The plain attributes the analysis' forwards change are put back."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2],
+                       num_heads=[2, 4, 8], window_size=4, attn_implementation="sdpa")
+    base = T.SwinModel(cfg, add_pooling_layer=False).eval()
+    for inplace in (False, True):
+        model = copy.deepcopy(base) if inplace else base
+        fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 32, 32),
+                               inplace=inplace)
+        assert fast.encoder.layers[2].blocks[1].shift_size == base.encoder.layers[2].blocks[1].shift_size == 2
+        x = torch.randn(2, 3, 40, 40)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x).last_hidden_state, copy.deepcopy(base)(x).last_hidden_state,
+                                       atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("cut", ["slice", "prune", "del"])
 def test_blocks_removed_after_conversion_then_a_new_size(cut):
     """Blocks removed after conversion (a slice, timm's ``prune_intermediate_layers``, ``del``),
