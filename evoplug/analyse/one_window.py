@@ -88,11 +88,6 @@ def collapse_one_window(gm: fx.GraphModule, a, site, grid_ops, feed, batch: int,
             tos[0] not in ancestors(site.q) or site.node not in ancestors(frs[0]):
         return False
     to, frm = tos[0], frs[0]
-    out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    if any(isinstance(r, fx.Node) and (r is site.node or site.node in ancestors(r))
-           for r in out_node.meta.get("evo_rest") or ()):
-        return False    # (it returns its attention map too, transformers' output_attentions: the
-        #                 window run on the full map gives the whole map, as the dense layer does)
     src = to.args[0]
     win = _partitioned(to, shape_of(src) or ())
     out = _merged(frm, site.node)
