@@ -375,3 +375,53 @@ def test_a_train_mode_op_that_drops_squares_of_the_map_runs_on_the_map():
     seen.clear()
     fast.train()(x)
     assert seen and all(s[2:] == (8, 8) for s in seen), seen
+
+
+class _BatchNormOnTheMap(_ConvBlock):
+    """``conv_on_norm`` with a BatchNorm for ``norm1`` (FastViT's norm): the 3x3 convolution reads
+    norm1 of the input, which the rewrite re-runs on the block's full input for the exact map.
+    ``wrapped``: the BatchNorm inside a leaf module (a 1x1 convolution + BatchNorm, timm's
+    ``ConvNorm``) rather than a torch BatchNorm itself."""
+
+    def __init__(self, dim, heads, wrapped):
+        super().__init__(dim, heads, "conv_on_norm")
+        self.norm1 = nn.Sequential(nn.Conv2d(dim, dim, 1), nn.BatchNorm2d(dim)) if wrapped \
+            else nn.BatchNorm2d(dim)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["batch_norm", "in_a_leaf"])
+def test_a_batch_norm_run_again_on_the_full_map_moves_its_statistics_once(wrapped):
+    """The token-wise ops before a 2-D op re-run on the block's full input (the exact map) beside
+    the subset's run: a BatchNorm among them moved its running statistics twice a forward (the
+    batch count 2 after one step). Now the subset's run alone moves them, as in the original
+    (the statistics of the tokens that run); the outputs are unchanged (the full map is
+    normalised by its own batch statistics, as before)."""
+    torch.manual_seed(0)
+    model = _Net(True, depth=4)
+    model.blocks = nn.Sequential(*[_BatchNormOnTheMap(32, 4, wrapped) for _ in range(4)])
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(4, 3, 32, 32)
+    fast = evoplug.convert(copy.deepcopy(model).eval(), keep_ratio=0.5, example_input=x)
+    roles = [s.role for s in evoplug.get_report(fast).blocks]
+    assert roles.count("evolve") >= 2, roles
+    seen = {}
+    for i, b in enumerate(fast.blocks):
+        bn = b.norm1[1] if wrapped else b.norm1
+        bn.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[0].detach()))
+    with pytest.warns(UserWarning, match="forward hook"):
+        fast.train()(x)
+    for i, b in enumerate(fast.blocks):
+        bn = b.norm1[1] if wrapped else b.norm1
+        assert bn.num_batches_tracked.item() == 1, (i, bn.num_batches_tracked)
+        # the statistics of the run on the fewest positions (the subset's; the full map has 64)
+        ran = min(seen[i], key=lambda t: t[0, 0].numel())
+        mean, var = ran.mean((0, 2, 3)), ran.var((0, 2, 3), unbiased=True)
+        assert torch.allclose(bn.running_mean, 0.1 * mean, atol=1e-5)
+        assert torch.allclose(bn.running_var, 0.9 + 0.1 * var, atol=1e-5)
+    assert sum(seen[i][0][0, 0].numel() < 64 for i in seen) >= 2     # (the subsets ran)
+    # keep 1.0: outputs and statistics as the original's, in train mode
+    fast, model = evoplug.convert(copy.deepcopy(model).eval(), keep_ratio=1.0, example_input=x), model
+    torch.testing.assert_close(fast.train()(x), model.train()(x), rtol=0, atol=1e-5)
+    for (n, a), (_, b) in zip(fast.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)

@@ -435,6 +435,7 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     graph.erase_node(node)
     _erase_unused(graph, source, rw.root)
     _drop_size_only(graph, replaced, rw)
+    _leave_stats_to_the_subset(graph, replaced)
     if path is None:       # (the stream's too: a channels-first block's attention may size its
         rw.read_backs.append((back, tok_dim))   # views by H * W, FastViT's)
     if path is not None:
@@ -462,7 +463,7 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node):
     if shape_of(node) is None or len(shape_of(node)) != 3:
         return None, []
     chain = _token_wise_path(rw, node.args[0])
-    if chain is None:
+    if chain is None or not all(_can_run_again(rw.gm, op) for op in chain):
         return None, []
     rolled = next((op for op in chain if rolls(op)), None)
     if rolled is not None:
@@ -519,6 +520,43 @@ def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Optional[list]:
         chain.append(cur)
         cur = cur.args[0]
     return chain
+
+
+def _running_stats(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether the module ``node`` calls holds a norm with running statistics (BatchNorm)."""
+    from torch.nn.modules.batchnorm import _NormBase
+    return node.op == "call_module" and any(
+        isinstance(m, _NormBase) and m.track_running_stats for m in gm.get_submodule(node.target).modules())
+
+
+def _can_run_again(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` can run a second time in a forward, on other tokens, without moving
+    running statistics twice: ev.without_stat_update takes a module and its one input."""
+    return not _running_stats(gm, node) or (len(node.args) == 1 and not node.kwargs)
+
+
+def _run_again(graph: fx.Graph, node: fx.Node, anchor: fx.Node, arg: fx.Node) -> fx.Node:
+    """A copy of the one-input op ``node`` run on ``arg`` too, after ``anchor``: a BatchNorm's
+    copy leaves the running statistics to the original's run (train mode)."""
+    old = node.all_input_nodes[0]
+    if _running_stats(graph.owning_module, node):
+        with graph.inserting_after(anchor):
+            module = graph.get_attr(node.target)
+        with graph.inserting_after(module):
+            return graph.call_function(ev.without_stat_update, (module, arg))
+    with graph.inserting_after(anchor):
+        return graph.node_copy(node, lambda n: arg if n is old else n)
+
+
+def _leave_stats_to_the_subset(graph: fx.Graph, modules: list):
+    """Map-side modules the subset's tokens replaced and that still run on the full map (for
+    the stream): a BatchNorm among them leaves its running statistics to the subset's run."""
+    alive = set(graph.nodes)
+    for m in modules:
+        if m in alive and _running_stats(graph.owning_module, m):
+            again = _run_again(graph, m, m, m.args[0])
+            m.replace_all_uses_with(again)
+            graph.erase_node(m)
 
 
 def _drop_size_only(graph: fx.Graph, modules: list, rw: _Rewrite):
@@ -945,6 +983,8 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
         elif len(cur.all_input_nodes) != 1 or not (
                 cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
             return None
+        elif not _can_run_again(graph.owning_module, cur):
+            return None     # (its running statistics would move twice in a forward)
         chain.append(cur)
         cur = main
     after = src
@@ -952,11 +992,8 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
         after = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(after):
         prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
-    anchor = prev
     for node in reversed(chain):
-        with graph.inserting_after(anchor):
-            prev = graph.node_copy(node, lambda n, p=prev, old=node.all_input_nodes[0]: p if n is old else n)
-        anchor = prev
+        prev = _run_again(graph, node, prev, prev)
     return prev
 
 

@@ -448,6 +448,34 @@ def first_not_none(a, b):
     return b if a is None else a
 
 
+def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
+    """``module(t)`` for a module holding a BatchNorm that also runs on other tokens of the same
+    forward (the block's full input beside the subset): in train mode it normalises ``t`` by the
+    batch's own statistics, as the module does, but leaves the running statistics and the batch
+    count to the run on the subset, so they move once per forward as in the original. A torch
+    BatchNorm itself is run as ``F.batch_norm`` without them (nothing of it changes: threads may
+    share it); a module holding one (timm's ``ConvNorm``) has them put back after its run. A
+    SyncBatchNorm takes this process's statistics here."""
+    from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+    norms = [n for n in module.modules()
+             if isinstance(n, _NormBase) and n.training and n.track_running_stats]
+    if not norms:
+        return module(t)        # (eval mode, or no running statistics: nothing moves)
+    if norms == [module] and isinstance(module, _BatchNorm) and \
+            type(module).forward in (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward):
+        return torch.nn.functional.batch_norm(t, None, None, module.weight, module.bias, True, 0.0,
+                                              module.eps)
+    kept = [(n.running_mean.clone(), n.running_var.clone(), n.num_batches_tracked.clone())
+            for n in norms]
+    out = module(t)
+    with torch.no_grad():
+        for n, (mean, var, count) in zip(norms, kept):
+            n.running_mean.copy_(mean)
+            n.running_var.copy_(var)
+            n.num_batches_tracked.copy_(count)
+    return out
+
+
 def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:
     """The exact full map: the block's token-wise ops re-run on its full input (dense run:
     the tokens themselves)."""
