@@ -20,6 +20,18 @@ class _LayerNorm2d(nn.LayerNorm):
                             self.eps).permute(0, 3, 1, 2)
 
 
+class _Affine(nn.Module):
+    """``x * s + t`` per channel (a leaf module of the block)."""
+
+    def __init__(self, dim, shape=None):
+        super().__init__()
+        shape = shape or (dim, 1, 1)
+        self.s, self.t = nn.Parameter(torch.ones(shape)), nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x):
+        return x * self.s + self.t
+
+
 class _ConvBlock(nn.Module):
     """A pre-norm block on a (B, C, H, W) map: 1x1 convolutions, attention over
     ``qkv.view(B, heads, 3 * d, H * W)``. ``form``: "dw", a 3x3 depthwise convolution added in
@@ -42,6 +54,10 @@ class _ConvBlock(nn.Module):
         self.dw = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim) \
             if form in ("dw", "between") else None
         self.pe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if form.startswith("conv_on") else None
+        if form == "conv_on_scaled":
+            self.s, self.t = nn.Parameter(torch.ones(dim, 1, 1)), nn.Parameter(torch.zeros(dim, 1, 1))
+        elif form == "conv_on_scale_module":
+            self.scale = _Affine(dim)
 
     def forward(self, x):
         B, C, H, W = x.shape
@@ -72,6 +88,10 @@ class _ConvBlock(nn.Module):
             x = x + self.pe(x0.reshape(B, C, H * W).reshape(B, C, H, W))
         elif self.form == "conv_on_input_plain":
             x = x + self.pe(x0)
+        elif self.form == "conv_on_scaled":
+            x = x + self.pe(x0 * self.s + self.t)
+        elif self.form == "conv_on_scale_module":
+            x = x + self.pe(self.scale(x0))
         h = F.gelu(self.fc1(self.norm2(x)))
         if self.dw is not None:
             h = self.dw(h) if self.form == "between" else h + self.dw(h)
@@ -92,6 +112,10 @@ class _TokenBlock(nn.Module):
         self.dw = nn.Conv2d(2 * dim, 2 * dim, 3, padding=1, groups=2 * dim) \
             if form in ("dw", "between") else None
         self.pe = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if form.startswith("conv_on") else None
+        if form == "conv_on_scaled":
+            self.s, self.t = nn.Parameter(torch.ones(dim)), nn.Parameter(torch.zeros(dim))
+        elif form == "conv_on_scale_module":
+            self.scale = _Affine(dim, (dim,))
 
     def forward(self, x):
         B, N, C = x.shape
@@ -107,6 +131,10 @@ class _TokenBlock(nn.Module):
             o = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1) @ v
         x = x + self.proj(o.transpose(1, 2).reshape(B, N, C))
         if self.pe is not None:
+            if self.form == "conv_on_scaled":
+                x0 = x0 * self.s + self.t
+            elif self.form == "conv_on_scale_module":
+                x0 = self.scale(x0)
             m = (h1 if self.form == "conv_on_norm" else x0).transpose(1, 2).reshape(B, C, *self.grid)
             x = x + self.pe(m).flatten(2).transpose(1, 2)
         h = F.gelu(self.fc1(self.norm2(x)))
@@ -425,3 +453,27 @@ def test_a_batch_norm_run_again_on_the_full_map_moves_its_statistics_once(wrappe
     torch.testing.assert_close(fast.train()(x), model.train()(x), rtol=0, atol=1e-5)
     for (n, a), (_, b) in zip(fast.named_buffers(), model.named_buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("channels_first", [True, False], ids=["maps", "tokens"])
+def test_a_2d_op_on_the_input_scaled_by_parameters_reads_the_exact_map(channels_first):
+    """``pe(x * self.s + self.t)``: arithmetic with parameters between the block's input and a
+    2-D op is re-run on the full input, as the same affine map written as a module is (it got
+    the representative token's canvas until the thirty-sixth session: outputs 1.1 apart)."""
+    torch.manual_seed(0)
+    inline = _Net(channels_first, form="conv_on_scaled")
+    for p in inline.parameters():
+        p.data.normal_(0, 0.3)
+    module = _Net(channels_first, form="conv_on_scale_module")
+    module.load_state_dict({k[:-1] + "scale." + k[-1] if k.endswith((".s", ".t")) else k: v
+                            for k, v in inline.state_dict().items()})
+    x = torch.randn(2, 3, 32, 32)
+    outs = []
+    for net in (inline.eval(), module.eval()):
+        fast = evoplug.convert(copy.deepcopy(net), keep_ratio=0.5, example_input=x)
+        assert [s.role for s in evoplug.get_report(fast).blocks].count("evolve") == 4
+        with torch.no_grad():
+            outs.append(fast(x))
+            evoplug.set_keep_ratio(fast, 1.0)
+            assert torch.equal(fast(x), net(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)

@@ -535,10 +535,12 @@ def _can_run_again(gm: fx.GraphModule, node: fx.Node) -> bool:
     return not _running_stats(gm, node) or (len(node.args) == 1 and not node.kwargs)
 
 
-def _run_again(graph: fx.Graph, node: fx.Node, anchor: fx.Node, arg: fx.Node) -> fx.Node:
-    """A copy of the one-input op ``node`` run on ``arg`` too, after ``anchor``: a BatchNorm's
-    copy leaves the running statistics to the original's run (train mode)."""
-    old = node.all_input_nodes[0]
+def _run_again(graph: fx.Graph, node: fx.Node, anchor: fx.Node, arg: fx.Node,
+               old: Optional[fx.Node] = None) -> fx.Node:
+    """A copy of ``node`` run on ``arg`` in place of its input ``old`` (its first), after
+    ``anchor``: a BatchNorm's copy leaves the running statistics to the original's run (train
+    mode)."""
+    old = node.all_input_nodes[0] if old is None else old
     if _running_stats(graph.owning_module, node):
         with graph.inserting_after(anchor):
             module = graph.get_attr(node.target)
@@ -968,8 +970,8 @@ _TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as"
 
 def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full: fx.Node):
     """Re-emit the ops that made ``src`` from the block's tokens, applied to the full input
-    (``full``), when they are token-wise: leaf modules (norms, linears) and layout methods,
-    with no other input. Returns the full-map node, or None (then the canvas is filled with
+    (``full``), when they are token-wise: leaf modules (norms, linears), layout methods and
+    arithmetic with constants. Returns the full-map node, or None (then the canvas is filled with
     the representative token)."""
     chain, cur = [], src
     while cur is not token:
@@ -982,19 +984,38 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
             #         channels-first block's twin, analyse/channels_first.py)
         elif len(cur.all_input_nodes) != 1 or not (
                 cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
-            return None
-        elif not _can_run_again(graph.owning_module, cur):
+            main = _scaled_by_constants(cur, token)
+            if main is None:
+                return None
+        if not _can_run_again(graph.owning_module, cur):
             return None     # (its running statistics would move twice in a forward)
-        chain.append(cur)
+        chain.append((cur, main))
         cur = main
     after = src
     if src.op == "placeholder":      # the map is the tokens themselves (Swinv2: post-norm)
         after = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(after):
         prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
-    for node in reversed(chain):
-        prev = _run_again(graph, node, prev, prev)
+    for node, main in reversed(chain):
+        prev = _run_again(graph, node, prev, prev, main)
     return prev
+
+
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
+               torch.mul, torch.div, "add", "sub", "mul", "div"}
+
+
+def _scaled_by_constants(node: fx.Node, token: fx.Node) -> Optional[fx.Node]:
+    """The one input of the arithmetic op ``node`` (``x * self.gamma + self.beta``, not in place)
+    that comes from the block's tokens when its other operands are constants (parameters,
+    buffers, numbers: the same for the full input as for the subset), else None."""
+    if node.op not in ("call_function", "call_method") or node.target not in _ARITHMETIC:
+        return None
+    on_path = [i for i in node.all_input_nodes if i is token or token in ancestors(i)]
+    if len(on_path) != 1 or any(a.op == "placeholder" for i in node.all_input_nodes
+                                if i is not on_path[0] for a in ancestors(i) | {i}):
+        return None
+    return on_path[0]
 
 
 def _batch_size(n: fx.Node) -> bool:
