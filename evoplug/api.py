@@ -639,9 +639,10 @@ def _no_side_effects(model: nn.Module):
     """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
     mode, with the random number generators restored afterwards: converting a model in train
     mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
-    put back as it was."""
+    put back as it was, and so are its buffers."""
     modes = [(m, m.training) for m in model.modules()]
     plain = [(m, plain_attributes(m)) for m in model.modules()]
+    buffers = _buffer_values(model)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     python_rng = random.getstate()        # (a model's own Python draws, e.g. in its embedding)
     with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
@@ -654,6 +655,30 @@ def _no_side_effects(model: nn.Module):
                 if m.training != mode:
                     m.training = mode
             _restore_plain(plain)
+            _restore_buffers(buffers)
+
+
+def _buffer_values(model: nn.Module) -> list:
+    """(module, name, buffer, a copy of its values) for every materialised buffer."""
+    from torch.nn.parameter import is_lazy
+    return [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
+            if b is not None and not is_lazy(b)]
+
+
+def _restore_buffers(saved: list):
+    """Put back the buffers the analysis' forwards changed, in eval mode too: a counter a module
+    moves at each forward, a quantisation observer's minimum and maximum (torch.ao's
+    ``MinMaxObserver``) read the conversion's 13 forwards as if they were the user's (audit U1,
+    thirty-sixth session). A buffer the module replaced (``self.n = self.n + 1``) gets its
+    object back."""
+    with torch.no_grad():
+        for m, k, b, values in saved:
+            if k in m._buffers and m._buffers[k] is not b:
+                m._buffers[k] = b
+            if b.shape != values.shape:
+                b.resize_(values.shape)
+            if not torch.equal(b, values):
+                b.copy_(values)
 
 
 def _restore_plain(plain):

@@ -812,6 +812,55 @@ def test_a_layer_that_changes_its_own_settings_in_a_forward_is_converted_as_it_w
                                        atol=1e-5, rtol=1e-5)
 
 
+class _Counter(torch.nn.Module):
+    """Counts its forwards in a buffer: in place, or by a new tensor (``self.n = self.n + 1``)."""
+
+    def __init__(self, in_place):
+        super().__init__()
+        self.in_place = in_place
+        self.register_buffer("n", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.in_place:
+            self.n += 1
+        else:
+            self.n = self.n + 1
+        return x
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_the_conversion_leaves_no_trace_in_buffers_that_forwards_change(inplace):
+    """A buffer a module changes in eval mode (a counter, a quantisation observer's minimum and
+    maximum) read the conversion's own forwards as the user's: 13 counts after ``convert`` and 13
+    more at a new input size (the twin's conversion), an observer's range taken from the
+    analysis' inputs before any user batch (audit U1, thirty-sixth session). Each user forward
+    now moves them once, and only it."""
+    from torch.ao.quantization.observer import MinMaxObserver
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=10, dynamic_img_size=True).eval()
+    for i, blk in enumerate(model.blocks):
+        blk.mlp.fc2 = torch.nn.Sequential(blk.mlp.fc2, _Counter(in_place=i % 2 == 0))
+    model.blocks[2].mlp.fc1 = torch.nn.Sequential(model.blocks[2].mlp.fc1, MinMaxObserver())
+    observer = model.blocks[2].mlp.fc1[1]
+
+    def counts(m):
+        return [int(b.mlp.fc2[1].n) for b in m.blocks]
+
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32),
+                           inplace=inplace)
+    assert counts(fast) == [0] * 4 and counts(model) == [0] * 4
+    seen = fast.blocks[2].mlp.fc1[1]
+    assert seen.min_val.item() == float("inf") and seen.max_val.item() == float("-inf")
+    with torch.no_grad():
+        fast(torch.randn(2, 3, 32, 32))
+        assert counts(fast) == [1] * 4
+        fast(torch.randn(2, 3, 48, 48))         # (a new size: the twin is converted first)
+    assert counts(fast) == [2] * 4
+    assert "evolve" in [s.role for s in evoplug.get_report(fast).blocks]
+    assert torch.isfinite(seen.min_val) and (seen is observer) == inplace
+
+
 @pytest.mark.parametrize("cut", ["slice", "prune", "del"])
 def test_blocks_removed_after_conversion_then_a_new_size(cut):
     """Blocks removed after conversion (a slice, timm's ``prune_intermediate_layers``, ``del``),
