@@ -115,6 +115,48 @@ def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
     assert any(p.startswith("keep1_machinery_diff") and "float64" in p for p in r.problems), str(r)
 
 
+def _planted(how):
+    """A runtime with one of the Evo-ViT rules broken, each a plausible slip: the lowest-scored
+    tokens kept, no representative residual on the tokens not kept, the kept tokens' outputs
+    written back one place off."""
+    select, restore = ev.select, ev.restore
+    if how == "bottom_k":
+        def broken(g, k, P, C, *args, **kwargs):
+            flipped = g.clone()
+            flipped[..., P:] = -flipped[..., P:]
+            return select(flipped, k, P, C, *args, **kwargs)._replace(
+                vals=select(g, k, P, C, *args, **kwargs).vals)
+        return "select", broken
+
+    def broken(base, out_sub, sel, rep):
+        if how == "no_representative" and rep is not None:
+            return base.scatter(1, sel.index, out_sub[:, :sel.index.shape[1]])
+        if how == "one_place_off" and sel.index.shape[1] < base.shape[1]:
+            sel = sel._replace(index=torch.cat([sel.index[:, :1], sel.index[:, 1:].roll(1, 1)], 1))
+        return restore(base, out_sub, sel, rep)
+    return "restore", broken
+
+
+@pytest.mark.parametrize("how", ["bottom_k", "no_representative", "one_place_off"])
+def test_the_check_rebuilds_the_evo_vit_update_and_finds_a_broken_rule(monkeypatch, how):
+    """At keep 0.5 the check compared shapes, finite values, token counts and batch
+    independence only: a runtime that kept the worst tokens, dropped the representative
+    token's residual, or wrote the kept tokens' outputs back one place off passed it (audit U2,
+    thirty-sixth session). It now rebuilds the update of plain evolving blocks from the paper's
+    rules on each block's own input and the block's original forward."""
+    model = _small_vit()
+    honest = check_conversion(model)
+    assert honest.ok and honest.evolution_checked[0] == 3 and honest.evolution_checked[1] >= 3
+    assert honest.evolution_diff < 1e-5 and honest.hand_on_diff < 1e-5, str(honest)
+    assert "rebuilt from the paper's rules" in str(honest)
+    name, broken = _planted(how)
+    monkeypatch.setattr(ev, name, broken)
+    r = check_conversion(model)
+    assert r.status == "WRONG" and r.evolution_diff > 1e-2, str(r)
+    assert any("rebuilt from the paper's rules" in p for p in r.problems), str(r)
+    assert r.keep1_fast_diff == 0 and r.batch_diff < 1e-4     # (what the check had: all fine)
+
+
 class _TwoMaps(torch.nn.Module):
     """A backbone returning a map of its (dense) stem first, then the last block's tokens."""
 

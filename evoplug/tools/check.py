@@ -24,6 +24,17 @@ outputs: each compared, the worst one reported):
 * **batch independence**: the first image alone gives what it gave in the batch of two (a
   selection or copy that mixed the images of a batch would not), within ``batch_bound``
   (relative to the output's largest value);
+* **the Evo-ViT update itself** (keep < 1): up to three evolving blocks of the plain kind (the
+  block called on its tokens alone, no 2-D map, windows, position terms or scaled skip) are
+  rebuilt from the paper's rules on each block's own input, independently of the runtime: the
+  top-k patch tokens by the global scores the block received (images with a near-tie at the cut
+  left out), the representative token (the non-kept tokens weighted by their scores), the
+  block's original forward on [prefix, kept, representative], the kept tokens' outputs put back
+  at their places and the representative token's residual added to every other token. The
+  block's output must match (``evolution_diff``, relative). This runs with ``reselect_every=1``
+  and every block restoring the order, so that
+* **hand-on** is checked too: the model's output with tokens handed on between blocks in the
+  selection's order equals its output with every block restoring the order (``hand_on_diff``);
 * the model's ``state_dict`` loads strictly into the converted model and back;
 * **gradients** (train mode, loss: the sum of ``out.pow(2).mean()`` over the outputs): finite, and every parameter that gets a
   gradient in the original gets one in the converted model.
@@ -54,7 +65,8 @@ import evoplug
 @dataclasses.dataclass
 class CheckResult:
     """What :func:`check_conversion` found. ``status``: 'converts' (every block, no problem),
-    'partly' (converted with ``strict=False``, no problem), 'refused', or 'WRONG' (problems)."""
+    'partly' (converted with ``strict=False``, no problem), 'refused', or 'WRONG' (problems);
+    ``evoplug check`` adds 'failed' (the model could not be built or run; why in ``refused``)."""
     status: str
     refused: str = ""                  # the strict conversion's refusal, when there was one
     blocks: int = 0                    # converted blocks
@@ -81,19 +93,29 @@ class CheckResult:
     graphs: int = 0
     graph_breaks: List[str] = dataclasses.field(default_factory=list)
     compile_diff: float = float("nan")
+    # the Evo-ViT update rebuilt from the paper's rules on plain evolving blocks (relative), and
+    # how many blocks and images it compared; the output with tokens handed on between blocks
+    # against every block restoring the order (relative)
+    evolution_diff: float = float("nan")
+    evolution_checked: Tuple[int, int] = (0, 0)
+    hand_on_diff: float = float("nan")
 
     @property
     def ok(self) -> bool:
         return self.status in ("converts", "partly")
 
     def __str__(self) -> str:
-        if self.status == "refused":
-            return f"refused: {self.refused}"
+        if self.status in ("refused", "failed"):
+            return f"{self.status}: {self.refused}"
         t = self.tokens_evolving[0] if self.tokens_evolving else ("-", "-")
-        text = (f"{self.status}: {self.evolving}/{self.blocks} blocks evolving (first: {t[0]} of "
-                f"{t[1]} tokens), keep 1.0 max diff {self.keep1_fast_diff:.1e} (fast path) / "
+        first = f" (first: {t[0]} of {t[1]} tokens)" if t[0] != -1 else " (keep 1.0: every token)"
+        blocks, images = self.evolution_checked
+        update = (f", Evo-ViT update of {blocks} block(s) rebuilt from the paper's rules "
+                  f"{self.evolution_diff:.1e}" if blocks and images else "")
+        text = (f"{self.status}: {self.evolving}/{self.blocks} blocks evolving{first}, keep 1.0 "
+                f"max diff {self.keep1_fast_diff:.1e} (fast path) / "
                 f"{self.keep1_machinery_diff:.1e} (machinery), batch independence "
-                f"{self.batch_diff:.1e}, converted in {self.convert_s:.1f} s")
+                f"{self.batch_diff:.1e}{update}, converted in {self.convert_s:.1f} s")
         if self.graphs:
             text += (f"; torch.compile: {self.graphs} graph(s), compiled vs eager "
                      f"{self.compile_diff:.1e}" + "".join(f"\n  graph break: {b}" for b in self.graph_breaks))
@@ -192,6 +214,8 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     r.evolving = sum(s.role == "evolve" for s in report.blocks)
     r.not_converted = [f"{n}: {why}" for n, why in report.failed]
     _check_outputs(r, model, fast, x, ref, keep_ratio, keep1_bound, batch_bound, options)
+    if keep_ratio < 1 and r.evolving and not r.problems:
+        _check_evolution(r, fast, x, batch_bound)
     try:
         fast.load_state_dict(model.state_dict(), strict=True)
         model.load_state_dict(fast.state_dict(), strict=True)
@@ -347,3 +371,105 @@ def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: s
         r.problems.append(f"torch.compile ({backend}) at keep 1.0 through the selection machinery "
                           f"differs from eager by {machinery:.2e} (relative)")
     torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------------------------
+# The Evo-ViT update rebuilt from the paper's rules
+# --------------------------------------------------------------------------------------------
+
+#: images whose scores at the cut are closer than this (relative) are not compared: a near-tie
+#: goes either way with the summation order
+_CUT_GAP = 1e-4
+
+
+def _plain(spec) -> bool:
+    """An evolving block the rules can be rebuilt on with its own forward: no 2-D map, windows,
+    position terms, whole-input reads, extra arguments, trailing tokens or scaled skip."""
+    a = spec.analysis
+    return spec.role == "evolve" and not (
+        a.grid_ops_expected or a.windowed or a.token_map or a.one_window or a.uses_pos or
+        a.uses_full or a.whole_args or a.token_rest or a.batch_args or a.num_suffix or
+        any(b.skip for b in a.branches))
+
+
+def _per_block(fast: nn.Module, x: torch.Tensor):
+    """The converted model's outputs with every block restoring the order: under saved-tensor
+    hooks (what non-reentrant gradient checkpointing runs its forward under) no block hands its
+    tokens on."""
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        return [t.detach() for t in outputs(fast(x))]
+
+
+def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, bound: float):
+    """``hand_on_diff`` and ``evolution_diff`` (see the module docstring)."""
+    report = evoplug.get_report(fast)
+    opts = report.options
+    with torch.no_grad():
+        handed = outputs(fast(x))
+    r.hand_on_diff = _rel(_per_block(fast, x), handed)
+    if not r.hand_on_diff <= bound:
+        _flag(r, f"the output with tokens handed on between blocks differs from every block "
+                 f"restoring the order by {r.hand_on_diff:.2e} (relative)")
+    specs = [s for s in report.blocks if _plain(s)][:3]
+    if not specs or not opts.representative:
+        return
+    seen, handles = {}, []
+    for spec in specs:
+        def before(mod, args, kwargs, spec=spec):
+            state = spec.context
+            scores = state.scores if state is not None and state.index >= 0 else None
+            seen[spec.index] = [args, kwargs, None if scores is None else scores.detach().clone()]
+
+        def after(mod, args, kwargs, out, spec=spec):
+            seen[spec.index] += [out, spec.tokens_run]
+        handles += [spec.analysis.module.register_forward_pre_hook(before, with_kwargs=True),
+                    spec.analysis.module.register_forward_hook(after, with_kwargs=True)]
+    evoplug.set_options(fast, reselect_every=1)
+    try:
+        _per_block(fast, x)
+    finally:
+        evoplug.set_options(fast, reselect_every=opts.reselect_every)
+        for h in handles:
+            h.remove()
+    diffs, images = [], 0
+    for spec in specs:
+        got = _rebuilt(spec, *seen.get(spec.index, [None] * 5))
+        if got is not None:
+            diffs.append(got[0])
+            images += got[1]
+    r.evolution_checked = (len(diffs), images)
+    r.evolution_diff = max(diffs, default=float("nan"))
+    if diffs and not r.evolution_diff <= bound:
+        r.problems.append(f"an evolving block's output differs from the Evo-ViT update rebuilt "
+                          f"from the paper's rules by {r.evolution_diff:.2e} (relative)")
+
+
+@torch.no_grad()
+def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
+    """(relative max |diff|, images compared) of the block's output against the update rebuilt
+    from ``scores`` (B, M) on its input; None where nothing can be compared."""
+    if scores is None or kwargs or len(args) != 1 or not isinstance(out, torch.Tensor) or \
+            tokens_run is None or tokens_run < 0:
+        return None
+    x, P = args[0].detach(), spec.analysis.num_prefix
+    B, N, C = x.shape if x.dim() == 3 else (0, 0, 0)
+    k = tokens_run - P - 1
+    if out.shape != x.shape or scores.shape != (B, N - P) or not 0 < k < N - P - 1:
+        return None
+    g = scores.double()
+    ranked = g.sort(-1, descending=True).values
+    clear = (ranked[:, k - 1] - ranked[:, k]) > _CUT_GAP * ranked[:, k - 1].abs()
+    if not bool(clear.any()):
+        return None
+    kept = g.topk(k, -1).indices + P                                    # (B, k) token indices
+    w = g.scatter(-1, kept - P, 0.0)
+    w = w / w.sum(-1, keepdim=True)
+    rep = torch.einsum("bm,bmc->bc", w.to(x.dtype), x[:, P:])[:, None]
+    index = kept[..., None].expand(B, k, C)
+    sub = torch.cat([x[:, :P], x.gather(1, index), rep], 1)
+    out_sub = spec.orig_class.forward(spec.analysis.module, sub)
+    want = x + (out_sub[:, -1:] - rep)
+    want[:, :P] = out_sub[:, :P]
+    want.scatter_(1, index, out_sub[:, P:P + k])
+    scale = float(want[clear].abs().max().clamp_min(1e-6))
+    return float((out.detach()[clear] - want[clear]).abs().max()) / scale, int(clear.sum())
