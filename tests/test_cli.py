@@ -549,3 +549,84 @@ def test_compiled_train_step_matches_eager_and_is_benchmarked(capsys, monkeypatc
                        "--repeats", "1", "--warmup", "1", "--optimizer", "sgd")
     assert rc == 0
     assert "compiled" in text and "torch.compile mode=default" in text
+
+
+# --------------------------------------------------------------------------------------------
+# audit U2 (thirty-sixth session): options the tools took and dropped, one failure ending a
+# whole `check`, pictures written elsewhere than said
+# --------------------------------------------------------------------------------------------
+
+def test_visualize_runs_a_converted_model_with_the_options_given_and_puts_them_back(tmp_path, monkeypatch):
+    """Options given with a converted model were dropped (start_block, reselect_every), and
+    ``keep_ratio`` stayed changed on the caller's model."""
+    pytest.importorskip("matplotlib")
+    _, fast = _tiny_converted(0.5)
+    seen, record = [], viz.record_selection
+
+    def spy(model, x):
+        o = evoplug.get_report(model).options
+        seen.append((o.keep_ratio, o.start_block, o.reselect_every))
+        return record(model, x)
+    monkeypatch.setattr(viz, "record_selection", spy)
+    viz.visualize(fast, [np.zeros((32, 32, 3), np.uint8)], str(tmp_path / "v.png"), size=32,
+                  keep_ratio=0.25, start_block=2, reselect_every=1, tile=32)
+    assert seen == [(0.25, 2, 1)]
+    o = evoplug.get_report(fast).options
+    assert (o.keep_ratio, o.start_block, o.reselect_every) == (0.5, None, 4)
+
+
+def test_check_goes_on_past_a_model_it_cannot_build_and_writes_its_json(tmp_path, monkeypatch):
+    load = cli._load_model
+
+    def failing(a):
+        if a.model == "deit_tiny_patch16_224":
+            raise ValueError("deit_tiny_patch16_224: cannot build it here")
+        return load(a)
+    monkeypatch.setattr(cli, "_load_model", failing)
+    path = tmp_path / "c.json"
+    rc, out = run_cli("check", "deit_tiny_patch16_224", *TINY, "--json", str(path))
+    assert rc == 1 and "deit_tiny_patch16_224: failed: ValueError: deit_tiny_patch16_224: cannot build" in out
+    got = json.loads(path.read_text())
+    assert got["deit_tiny_patch16_224"]["status"] == "failed"
+    assert got["vit_tiny_patch16_224"]["status"] == "converts", out
+
+
+def test_pictures_go_where_the_command_says_and_unknown_formats_stop_it_first(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("skimage")
+    rc, text = run_cli("visualize", *TINY, "skimage:coffee", "--tile", "32", "--out",
+                       str(tmp_path / "selection"))
+    assert rc == 0 and f"wrote {tmp_path / 'selection.png'}" in text
+    assert (tmp_path / "selection.png").is_file()
+    for argv in (["visualize", *TINY, "skimage:coffee", "--out", str(tmp_path / "s.txt")],
+                 ["bench", *TINY, "--plot", str(tmp_path / "b.txt")]):
+        capsys.readouterr()
+        assert run_cli(*argv)[0] == 2
+        assert "matplotlib cannot write .txt" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.txt"))
+
+
+def test_options_that_apply_to_another_mode_are_usage_errors(capsys):
+    """``bench --optimizer`` without ``--train`` and ``plan --batch`` without ``--timed`` were
+    taken and ignored."""
+    for argv, why in ((["bench", *TINY, "--optimizer", "sgd"], "--optimizer applies to --train"),
+                      (["plan", *TINY, "skimage:coffee", "--batch", "4"], "--batch applies to --timed")):
+        assert run_cli(*argv)[0] == 2, argv
+        assert why in capsys.readouterr().err
+
+
+def test_tools_feed_img_size_to_a_model_that_takes_no_img_size_argument():
+    from evoplug.tools.models import create_model, input_size
+    model = create_model("pvt_v2_b0", 64)          # (timm's PVTv2 takes no img_size)
+    assert input_size(model, 64) == (64, 64)
+    assert bench._checked(["pvt_v2_b0"], [0.5, 0.5, 1], [2, 2], "float32", "cpu")[1:3] == ([0.5, 1.0], [2])
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
+    """``evoplug explain ... | head``: 'evoplug: error: BrokenPipeError' and exit status 1."""
+    proc = subprocess.Popen([sys.executable, "-m", "evoplug", "explain", *TINY], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(evoplug.__file__))))
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0 and "Error" not in err, err

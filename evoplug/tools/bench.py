@@ -418,8 +418,10 @@ def _checked(model_names, keep_ratios, batch_sizes, dtype, device):
     model_names = list(model_names)
     for n in model_names:
         check_model_name(n)
-    keep_ratios = [check_keep_ratio(k) for k in keep_ratios]
-    batch_sizes = [int(b) for b in batch_sizes]
+    # (each once, in their order, as the command takes them: a ratio given twice gave two
+    # rows of the same measurement until the thirty-sixth session; audit U2)
+    keep_ratios = list(dict.fromkeys(check_keep_ratio(k) for k in keep_ratios))
+    batch_sizes = list(dict.fromkeys(int(b) for b in batch_sizes))
     if not keep_ratios or not batch_sizes or any(b < 1 for b in batch_sizes):
         raise ValueError("need at least one keep ratio and batch sizes >= 1")
     if isinstance(dtype, str):

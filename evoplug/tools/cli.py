@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time training steps instead of inference: forward + backward + optimizer "
                         "step in train mode, interleaved, median; float32 weights, --dtype "
                         "float16/bfloat16 runs the forward under autocast (AMP)")
-    b.add_argument("--optimizer", choices=["adamw", "adamw-fused", "sgd", "none"], default="adamw",
+    b.add_argument("--optimizer", choices=["adamw", "adamw-fused", "sgd", "none"], default=None,
                    help="with --train: adamw (default, torch's default implementation), "
                         "adamw-fused (fused=True), sgd (momentum 0.9) or none (forward + "
                         "backward only)")
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--queries", nargs="+", choices=["cls", "mean"], default=None,
                     help="global queries (default: both when the model has a class token)")
     pl.add_argument("--timed", action="store_true", help="also time dense vs converted (decides)")
-    pl.add_argument("--batch", type=_positive_int, default=32, help="batch for --timed (default 32)")
+    pl.add_argument("--batch", type=_positive_int, default=None, help="batch for --timed (default 32)")
     pl.add_argument("--max-images", type=_positive_int, default=None)
     pl.add_argument("--png", metavar="FILE", help="plot agreement against speed-up")
     pl.add_argument("--json", metavar="FILE", help="write every measured option as JSON")
@@ -336,6 +336,9 @@ def cmd_bench(a, out) -> int:
     if a.malloc == "retain" and not str(a.device).startswith("cuda"):
         bench.retain_freed_memory()
     a.keep, a.batch = _unique(a.keep), _unique(a.batch)   # (a ratio given twice: one row)
+    if a.optimizer is not None and not a.train:
+        raise UsageError("--optimizer applies to --train (training steps) only")
+    a.optimizer = a.optimizer or "adamw"
     _img_size(a)
     warmup = max(1, a.warmup) if a.train or a.compile else a.warmup    # (as bench runs them)
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
@@ -402,14 +405,22 @@ def cmd_check(a, out) -> int:
     import torch
     from .check import check_conversion
     from . import bench
+    from ..errors import EvoplugError
+    from .check import CheckResult
     results = {}
     for name in a.models:
         a.model, a.checkpoint = name, None
-        model, _ = _load_model(a)
-        h, w = bench.input_size(model, a.img_size)
-        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
-        results[name] = r = check_conversion(model, x, keep_ratio=a.keep, compile=a.compile,
-                                             **_convert_options(a))
+        try:
+            model, _ = _load_model(a)
+            h, w = bench.input_size(model, a.img_size)
+            x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+            r = check_conversion(model, x, keep_ratio=a.keep, compile=a.compile,
+                                 **_convert_options(a))
+        except (CliError, EvoplugError, ValueError, OSError, RuntimeError, AssertionError) as e:
+            # (one model that cannot be built or run ended the command: the models after it
+            # went unchecked and --json unwritten until the thirty-sixth session; audit U2)
+            r = CheckResult(status="failed", refused=f"{type(e).__name__}: {e}")
+        results[name] = r
         print(f"{name}: {r}", file=out, flush=True)
     if a.json:
         with open(a.json, "w") as f:
@@ -473,7 +484,13 @@ def cmd_plan(a, out) -> int:
     if meta.get("random_weights"):
         print("evoplug: warning: random weights (no --checkpoint): agreement of an untrained "
               "model says little", file=sys.stderr)
+    if a.batch is not None and not a.timed:
+        raise UsageError("--batch applies to --timed only (the agreement runs on every image)")
     x = _calibration_images(a.images, model, meta, a.img_size)
+    a.batch = a.batch or 32
+    if a.timed and a.batch > len(x):
+        print(f"evoplug: warning: --batch {a.batch} is more than the {len(x)} calibration "
+              f"images: timed at batch {len(x)}", file=sys.stderr)
     kw = dict(keep_ratios=_unique(a.keep)) if a.keep else {}
     progress = sys.stderr.isatty() if a.progress is None else a.progress
     try:
@@ -501,6 +518,19 @@ def cmd_plan(a, out) -> int:
     return 0
 
 
+def _picture_path(path: str) -> str:
+    """The file a picture goes to: ``path``, with '.png' added where it has no extension (as
+    matplotlib adds it: 'wrote selpic' named a file that was not there); a format matplotlib
+    cannot write is a usage error before the work, not after it (audit U2, thirty-sixth session)."""
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if not ext:
+        return path + ".png"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    if ext not in FigureCanvasAgg.get_supported_filetypes():
+        raise UsageError(f"{path}: matplotlib cannot write .{ext} pictures (png, pdf, svg, jpg, ...)")
+    return path
+
+
 def main(argv: Optional[List[str]] = None, out=None) -> int:
     out = out or sys.stdout
     parser = build_parser()
@@ -514,12 +544,21 @@ def main(argv: Optional[List[str]] = None, out=None) -> int:
         _check_models(sub, [a.model], allow_files=True)
     from ..errors import EvoplugError
     try:
+        for name in {"bench": ("plot",), "plan": ("png",), "visualize": ("out",),
+                     "visualise": ("out",)}.get(a.command, ()):
+            if getattr(a, name, None):
+                setattr(a, name, _picture_path(getattr(a, name)))
         fn = {"bench": cmd_bench, "explain": cmd_explain, "visualize": cmd_visualize,
               "visualise": cmd_visualize, "plan": cmd_plan, "check": cmd_check}[a.command]
         return fn(a, out)
     except UsageError as e:
         print(f"evoplug: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`evoplug explain ... | head`): no error (one until the
+        # thirty-sixth session), and nothing more written to the closed pipe at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (CliError, EvoplugError, ValueError, ImportError, OSError, RuntimeError, EOFError,
             pickle.UnpicklingError) as e:
         # (OSError: a folder or a file that is no image; UnpicklingError: a file torch.load

@@ -23,7 +23,9 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.nn.Module:
-    """A timm model with random weights (``pretrained=False``: no hub), in eval mode."""
+    """A timm model with random weights (``pretrained=False``: no hub), in eval mode. A model
+    that takes no ``img_size`` (no fixed input size: PVTv2, Swin's timm builds of some sizes) is
+    built without it; the tools feed it ``img_size`` images all the same (:func:`input_size`)."""
     import timm
     check_model_name(name)
     if img_size is not None:
@@ -31,7 +33,10 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.n
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except TypeError as e:
-        raise ValueError(f"{name}: timm cannot build it with {kwargs}: {e}") from e
+        if "img_size" not in kwargs or "img_size" not in str(e):
+            raise ValueError(f"{name}: timm cannot build it with {kwargs}: {e}") from e
+        # (--img-size was refused for such models until the thirty-sixth session: audit U2)
+        return create_model(name, None, **{k: v for k, v in kwargs.items() if k != "img_size"})
     return model.eval()
 
 

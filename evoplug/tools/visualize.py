@@ -293,8 +293,9 @@ def visualize(model, images: Sequence[Union[str, np.ndarray]], path: str, *,
               **convert_options) -> Tuple[int, int]:
     """Token-selection grid of ``model`` on ``images`` (file names, ``skimage:NAME`` or
     arrays), written to ``path``. A model that is not converted yet is converted (a copy) at
-    ``keep_ratio`` (default 0.5); a converted one uses its options (``keep_ratio`` given:
-    :func:`evoplug.set_keep_ratio`). Returns the PNG's (width, height)."""
+    ``keep_ratio`` (default 0.5) with ``convert_options``; a converted one runs with its options,
+    ``keep_ratio`` and ``convert_options`` set for the pictures (:func:`evoplug.set_options`) and
+    put back afterwards. Returns the PNG's (width, height)."""
     import evoplug
     from .models import input_size
     arrays = [load_image(im) for im in images]
@@ -315,7 +316,16 @@ def visualize(model, images: Sequence[Union[str, np.ndarray]], path: str, *,
     if getattr(model, "_evoplug_report", None) is None:
         model = evoplug.convert(model, keep_ratio=0.5 if keep_ratio is None else keep_ratio,
                                 example_input=x[:1], **convert_options)
-    elif keep_ratio is not None:
-        evoplug.set_keep_ratio(model, keep_ratio)
-    rec = record_selection(model, x)
+        rec = record_selection(model, x)
+    else:
+        # (options given with a converted model were dropped, and keep_ratio stayed changed on
+        # the caller's model until the thirty-sixth session: audit U2)
+        change = dict(convert_options, **({} if keep_ratio is None else {"keep_ratio": keep_ratio}))
+        opts = evoplug.get_report(model).options
+        before = {k: getattr(opts, k) for k in change}
+        evoplug.set_options(model, **change)
+        try:
+            rec = record_selection(model, x)
+        finally:
+            evoplug.set_options(model, **before)
     return selection_grid(arrays, rec, path, tile=tile, names=names)
