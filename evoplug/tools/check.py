@@ -448,10 +448,13 @@ def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, bound: fl
 def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
     """(relative max |diff|, images compared) of the block's output against the update rebuilt
     from ``scores`` (B, M) on its input; None where nothing can be compared."""
-    if scores is None or kwargs or len(args) != 1 or not isinstance(out, torch.Tensor) or \
-            tokens_run is None or tokens_run < 0:
+    plan = spec.call
+    x = plan.tokens(args, kwargs) if args is not None else None
+    out = out[0] if isinstance(out, (tuple, list)) and out else out
+    if scores is None or x is None or plan.token_perm or plan.tensor_args or plan.packed or \
+            not isinstance(out, torch.Tensor) or tokens_run is None or tokens_run < 0:
         return None
-    x, P = args[0].detach(), spec.analysis.num_prefix
+    x, P = x.detach(), spec.analysis.num_prefix
     B, N, C = x.shape if x.dim() == 3 else (0, 0, 0)
     k = tokens_run - P - 1
     if out.shape != x.shape or scores.shape != (B, N - P) or not 0 < k < N - P - 1:
@@ -467,9 +470,19 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
     rep = torch.einsum("bm,bmc->bc", w.to(x.dtype), x[:, P:])[:, None]
     index = kept[..., None].expand(B, k, C)
     sub = torch.cat([x[:, :P], x.gather(1, index), rep], 1)
-    out_sub = spec.orig_class.forward(spec.analysis.module, sub)
+    args, kwargs = _with_tokens(plan, args, kwargs, sub)
+    out_sub = spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
+    out_sub = out_sub[0] if isinstance(out_sub, (tuple, list)) else out_sub
     want = x + (out_sub[:, -1:] - rep)
     want[:, :P] = out_sub[:, :P]
     want.scatter_(1, index, out_sub[:, P:P + k])
     scale = float(want[clear].abs().max().clamp_min(1e-6))
     return float((out.detach()[clear] - want[clear]).abs().max()) / scale, int(clear.sum())
+
+
+def _with_tokens(plan, args, kwargs, tokens):
+    """(args, kwargs) of a block's call with its token argument replaced by ``tokens``."""
+    if plan.token_arg in kwargs:
+        return args, dict(kwargs, **{plan.token_arg: tokens})
+    i = 0 if plan.single else plan.signature_index
+    return args[:i] + (tokens,) + args[i + 1:], kwargs
