@@ -658,26 +658,76 @@ def _no_side_effects(model: nn.Module):
             _restore_buffers(buffers)
 
 
+#: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
+_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
+_PLAIN_VALUES = (bool, int, float, str, type(None))
+_CONTAINERS = (list, dict, set)
+
+
 def _buffer_values(model: nn.Module) -> list:
-    """(module, name, buffer, a copy of its values) for every materialised buffer."""
+    """For every module with materialised buffers: (module, [(name, buffer, a copy of its
+    values)], its other instance state: plain values as they are, containers as shallow copies,
+    other objects by identity)."""
     from torch.nn.parameter import is_lazy
-    return [(m, k, b, b.detach().clone()) for m in model.modules() for k, b in m._buffers.items()
-            if b is not None and not is_lazy(b)]
+    saved = []
+    for m in model.modules():
+        bufs = [(k, b, b.detach().clone()) for k, b in m._buffers.items()
+                if b is not None and not is_lazy(b)]
+        if bufs:
+            saved.append((m, bufs, {k: type(v)(v) if type(v) in _CONTAINERS else v
+                                    for k, v in vars(m).items() if k not in _MODULE_INTERNALS}))
+    return saved
+
+
+def _same(old, new) -> bool:
+    """Whether an attribute is as it was (containers: the same items, by identity)."""
+    if type(old) is not type(new):
+        return False
+    if isinstance(old, dict):
+        return old.keys() == new.keys() and all(old[k] is new[k] for k in old)
+    if isinstance(old, list):
+        return len(old) == len(new) and all(a is b for a, b in zip(old, new))
+    if isinstance(old, (set, *_PLAIN_VALUES)):
+        return old == new
+    return old is new
 
 
 def _restore_buffers(saved: list):
     """Put back the buffers the analysis' forwards changed, in eval mode too: a counter a module
     moves at each forward, a quantisation observer's minimum and maximum (torch.ao's
     ``MinMaxObserver``) read the conversion's 13 forwards as if they were the user's (audit U1,
-    thirty-sixth session). A buffer the module replaced (``self.n = self.n + 1``) gets its
-    object back."""
+    thirty-sixth session). With them, the module's other state those forwards changed, where it
+    is plain values and containers (a flag that says a cached buffer is filled: the buffer put
+    back empty and the flag left set gave outputs 0.97 off; audit U4); where an object changed,
+    the module is left as its forwards left it. A buffer the module replaced gets its object back."""
     with torch.no_grad():
-        for m, k, b, values in saved:
-            if k in m._buffers and m._buffers[k] is not b:
-                m._buffers[k] = b
-            if b.shape != values.shape:
-                b.resize_(values.shape)
-            if not torch.equal(b, values):
+        for m, bufs, attrs in saved:
+            if all(m._buffers.get(k) is b and b.shape == v.shape and torch.equal(b, v)
+                   for k, b, v in bufs):
+                continue
+            now = {k: v for k, v in vars(m).items()
+                   if k not in _MODULE_INTERNALS and not k.startswith("_evoplug")}
+            changed = [k for k in now.keys() | attrs.keys() if k not in now or k not in attrs
+                       or not _same(attrs[k], now[k])]
+            if any(not isinstance(v, (*_PLAIN_VALUES, *_CONTAINERS))
+                   for k in changed for v in (now.get(k), attrs.get(k))):
+                continue
+            for k in changed:
+                if k not in attrs:
+                    delattr(m, k)
+                elif type(attrs[k]) in _CONTAINERS and type(now.get(k)) is type(attrs[k]):
+                    now[k].clear()          # (in place: others may hold the container)
+                    if isinstance(now[k], list):
+                        now[k].extend(attrs[k])
+                    else:
+                        now[k].update(attrs[k])
+                else:
+                    setattr(m, k, attrs[k])
+            for k, b, values in bufs:
+                if m._buffers.get(k) is not b:
+                    m._buffers[k] = b
+                if b.shape != values.shape:
+                    b.resize_(values.shape)
                 b.copy_(values)
 
 

@@ -2,6 +2,7 @@
 ``use_conv``, CoAtNet's transformer stages, a hand-written ViT of 1x1 convolutions): converted in
 token form (analyse/channels_first.py), they evolve as the same weights laid out as tokens do."""
 import copy
+import warnings
 
 import pytest
 import timm
@@ -417,16 +418,31 @@ class _BatchNormOnTheMap(_ConvBlock):
             else nn.BatchNorm2d(dim)
 
 
-@pytest.mark.parametrize("wrapped", [False, True], ids=["batch_norm", "in_a_leaf"])
+class _BatchNormOnTokens(nn.Module):
+    """A leaf module: BatchNorm1d over the channels of (B, N, C) tokens."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(dim)
+
+    def forward(self, x):
+        return self.bn(x.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("wrapped", [False, True, "tokens"], ids=["batch_norm", "in_a_leaf", "on_tokens"])
 def test_a_batch_norm_run_again_on_the_full_map_moves_its_statistics_once(wrapped):
     """The token-wise ops before a 2-D op re-run on the block's full input (the exact map) beside
     the subset's run: a BatchNorm among them moved its running statistics twice a forward (the
     batch count 2 after one step). Now the subset's run alone moves them, as in the original
     (the statistics of the tokens that run); the outputs are unchanged (the full map is
-    normalised by its own batch statistics, as before)."""
+    normalised by its own batch statistics, as before), and the backward runs."""
     torch.manual_seed(0)
-    model = _Net(True, depth=4)
-    model.blocks = nn.Sequential(*[_BatchNormOnTheMap(32, 4, wrapped) for _ in range(4)])
+    model = _Net(wrapped != "tokens", depth=4, form="conv_on_norm")
+    for i, b in enumerate(model.blocks):
+        if wrapped == "tokens":
+            b.norm1 = _BatchNormOnTokens(32)
+        else:
+            model.blocks[i] = _BatchNormOnTheMap(32, 4, wrapped)
     for p in model.parameters():
         p.data.normal_(0, 0.3)
     x = torch.randn(4, 3, 32, 32)
@@ -434,17 +450,23 @@ def test_a_batch_norm_run_again_on_the_full_map_moves_its_statistics_once(wrappe
     roles = [s.role for s in evoplug.get_report(fast).blocks]
     assert roles.count("evolve") >= 2, roles
     seen = {}
+    def norm_of(b):
+        return b.norm1.bn if wrapped == "tokens" else b.norm1[1] if wrapped else b.norm1
+
     for i, b in enumerate(fast.blocks):
-        bn = b.norm1[1] if wrapped else b.norm1
+        bn = norm_of(b)
         bn.register_forward_pre_hook(lambda m, a, i=i: seen.setdefault(i, []).append(a[0].detach()))
-    with pytest.warns(UserWarning, match="forward hook"):
-        fast.train()(x)
+    with warnings.catch_warnings():     # (evoplug says where hooks inside a block fire)
+        warnings.simplefilter("ignore")
+        fast.train()(x).square().mean().backward()   # (the leaf's statistics written back in
+        #   place broke the backward: BatchNorm saves them for it; audit U4)
     for i, b in enumerate(fast.blocks):
-        bn = b.norm1[1] if wrapped else b.norm1
+        bn = norm_of(b)
         assert bn.num_batches_tracked.item() == 1, (i, bn.num_batches_tracked)
         # the statistics of the run on the fewest positions (the subset's; the full map has 64)
         ran = min(seen[i], key=lambda t: t[0, 0].numel())
-        mean, var = ran.mean((0, 2, 3)), ran.var((0, 2, 3), unbiased=True)
+        dims = [d for d in range(ran.dim()) if d != 1]
+        mean, var = ran.mean(dims), ran.var(dims, unbiased=True)
         assert torch.allclose(bn.running_mean, 0.1 * mean, atol=1e-5)
         assert torch.allclose(bn.running_var, 0.9 + 0.1 * var, atol=1e-5)
     assert sum(seen[i][0][0, 0].numel() < 64 for i in seen) >= 2     # (the subsets ran)
@@ -477,3 +499,29 @@ def test_a_2d_op_on_the_input_scaled_by_parameters_reads_the_exact_map(channels_
             evoplug.set_keep_ratio(fast, 1.0)
             assert torch.equal(fast(x), net(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-5)
+
+
+def test_a_batch_norm_traced_into_runs_on_the_tokens_in_train_mode():
+    """timm's ``BatchNormAct2d`` as a channels-first block's norm: traced into, it is a
+    ``F.batch_norm`` whose mode is an argument. In the train program its statistics over a
+    subset of the positions differed from the map's, so it was taken for a map op, and the
+    attention got the full map: a size error at the first train-mode forward (audit U4,
+    thirty-sixth session). Its mode is now set as a module's is, and it runs on the tokens."""
+    from timm.layers import BatchNormAct2d
+    torch.manual_seed(0)
+    model = _Net(True, depth=4, form="conv_on_norm")
+    for b in model.blocks:
+        b.norm1 = BatchNormAct2d(32)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    x = torch.randn(4, 3, 32, 32)
+    fast = evoplug.convert(copy.deepcopy(model).eval(), keep_ratio=0.5, example_input=x)
+    assert [s.role for s in evoplug.get_report(fast).blocks].count("evolve") == 3
+    fast.train()(x).square().mean().backward()
+    assert all(int(b.norm1.num_batches_tracked) == 1 for b in fast.blocks)
+    assert dict(evoplug.tokens_per_block(fast))["blocks.2"] == 33
+    one = evoplug.convert(copy.deepcopy(model).eval(), keep_ratio=1.0, example_input=x)
+    evoplug.set_options(one, identity_fast_path=False)
+    torch.testing.assert_close(one.train()(x), model.train()(x), rtol=0, atol=1e-5)
+    for (n, a), (_, b) in zip(one.named_buffers(), model.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)

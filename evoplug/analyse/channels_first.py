@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 from .graph import ancestors, is_reshape, is_size_query, no_side_effects, shape_of
@@ -116,6 +117,14 @@ class _Twins:
         def run(inp, training):
             args, kwargs = (fx.map_arg(v, lambda a: inp if a is src else consts.get(a, self.values.get(a, a)))
                             for v in (n.args, n.kwargs))
+            if n.op == "call_function" and n.target is F.batch_norm:
+                # (a BatchNorm traced into, timm's BatchNormAct2d: its mode is an argument, as a
+                # module's is its own; with the train trace's flag the subset's statistics made it
+                # a map op feeding the attention the full map, a size error: audit U4)
+                if len(args) > 5:
+                    args = (*args[:5], training, *args[6:])
+                else:
+                    kwargs = {**kwargs, "training": training}
             with no_side_effects(self.ctx.gm):
                 if mod is not None:
                     return seeded(mod.train(training), *args, **kwargs)

@@ -454,7 +454,7 @@ def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
     batch's own statistics, as the module does, but leaves the running statistics and the batch
     count to the run on the subset, so they move once per forward as in the original. A torch
     BatchNorm itself is run as ``F.batch_norm`` without them (nothing of it changes: threads may
-    share it); a module holding one (timm's ``ConvNorm``) has them put back after its run. A
+    share it); a module holding one (timm's ``ConvNorm``) runs on copies of them. A
     SyncBatchNorm takes this process's statistics here."""
     from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
     norms = [n for n in module.modules()
@@ -465,15 +465,17 @@ def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
             type(module).forward in (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward):
         return torch.nn.functional.batch_norm(t, None, None, module.weight, module.bias, True, 0.0,
                                               module.eps)
-    kept = [(n.running_mean.clone(), n.running_var.clone(), n.num_batches_tracked.clone())
-            for n in norms]
-    out = module(t)
-    with torch.no_grad():
-        for n, (mean, var, count) in zip(norms, kept):
-            n.running_mean.copy_(mean)
-            n.running_var.copy_(var)
-            n.num_batches_tracked.copy_(count)
-    return out
+    # the run moves copies of the statistics, the module's own are put back untouched (written
+    # back in place, they broke the backward: BatchNorm saves them for it; audit U4)
+    own = [(n, k, n._buffers[k]) for n in norms
+           for k in ("running_mean", "running_var", "num_batches_tracked") if n._buffers.get(k) is not None]
+    for n, k, b in own:
+        n._buffers[k] = b.clone()
+    try:
+        return module(t)
+    finally:
+        for n, k, b in own:
+            n._buffers[k] = b
 
 
 def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:

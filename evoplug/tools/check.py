@@ -451,9 +451,12 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
     plan = spec.call
     x = plan.tokens(args, kwargs) if args is not None else None
     out = out[0] if isinstance(out, (tuple, list)) and out else out
-    if scores is None or x is None or plan.token_perm or plan.tensor_args or plan.packed or \
-            not isinstance(out, torch.Tensor) or tokens_run is None or tokens_run < 0:
+    if scores is None or x is None or plan.tensor_args or plan.packed or \
+            not isinstance(out, torch.Tensor) or tokens_run is None or tokens_run < 0 or \
+            len(plan.token_perm) not in (0, x.dim()):
         return None
+    if plan.token_perm:       # (sequence-first tokens, PyTorch's nn.TransformerEncoderLayer)
+        x, out = x.permute(plan.token_perm), out.permute(plan.token_perm)
     x, P = x.detach(), spec.analysis.num_prefix
     B, N, C = x.shape if x.dim() == 3 else (0, 0, 0)
     k = tokens_run - P - 1
@@ -470,9 +473,10 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
     rep = torch.einsum("bm,bmc->bc", w.to(x.dtype), x[:, P:])[:, None]
     index = kept[..., None].expand(B, k, C)
     sub = torch.cat([x[:, :P], x.gather(1, index), rep], 1)
-    args, kwargs = _with_tokens(plan, args, kwargs, sub)
+    args, kwargs = _with_tokens(plan, args, kwargs, plan.to_call(sub))
     out_sub = spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
     out_sub = out_sub[0] if isinstance(out_sub, (tuple, list)) else out_sub
+    out_sub = out_sub.permute(plan.token_perm) if plan.token_perm else out_sub
     want = x + (out_sub[:, -1:] - rep)
     want[:, :P] = out_sub[:, :P]
     want.scatter_(1, index, out_sub[:, P:P + k])

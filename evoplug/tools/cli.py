@@ -407,12 +407,16 @@ def cmd_check(a, out) -> int:
     from . import bench
     from ..errors import EvoplugError
     from .check import CheckResult
+    from .models import load_checkpoint
     results = {}
     for name in a.models:
         a.model, a.checkpoint = name, None
         try:
-            model, _ = _load_model(a)
-            h, w = bench.input_size(model, a.img_size)
+            # (a checkpoint file knows its model and size: --img-size and --model-arg are for
+            # the timm names beside it; they failed the file until the thirty-sixth session)
+            own = os.path.isfile(name)
+            model = load_checkpoint(name)[0] if own else _load_model(a)[0]
+            h, w = bench.input_size(model, None if own else a.img_size)
             x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
             r = check_conversion(model, x, keep_ratio=a.keep, compile=a.compile,
                                  **_convert_options(a))

@@ -322,8 +322,8 @@ def visualize(model, images: Sequence[Union[str, np.ndarray]], path: str, *,
         # the caller's model until the thirty-sixth session: audit U2)
         change = dict(convert_options, **({} if keep_ratio is None else {"keep_ratio": keep_ratio}))
         opts = evoplug.get_report(model).options
-        before = {k: getattr(opts, k) for k in change}
-        evoplug.set_options(model, **change)
+        before = {k: getattr(opts, k) for k in change if hasattr(opts, k)}
+        evoplug.set_options(model, **change)      # (an unknown option: its error, naming them)
         try:
             rec = record_selection(model, x)
         finally:
