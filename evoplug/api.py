@@ -664,19 +664,20 @@ _PLAIN_VALUES = (bool, int, float, str, type(None))
 _CONTAINERS = (list, dict, set)
 
 
+def _own_state(m: nn.Module) -> dict:
+    """A module's own attributes (not torch's bookkeeping, not evoplug's)."""
+    return {k: v for k, v in vars(m).items()
+            if k not in _MODULE_INTERNALS and not k.startswith("_evoplug")}
+
+
 def _buffer_values(model: nn.Module) -> list:
-    """For every module with materialised buffers: (module, [(name, buffer, a copy of its
-    values)], its other instance state: plain values as they are, containers as shallow copies,
-    other objects by identity)."""
+    """For every module: (module, [(name, buffer, a copy of its values)], its own attributes:
+    plain values as they are, containers as shallow copies, other objects by identity)."""
     from torch.nn.parameter import is_lazy
-    saved = []
-    for m in model.modules():
-        bufs = [(k, b, b.detach().clone()) for k, b in m._buffers.items()
-                if b is not None and not is_lazy(b)]
-        if bufs:
-            saved.append((m, bufs, {k: type(v)(v) if type(v) in _CONTAINERS else v
-                                    for k, v in vars(m).items() if k not in _MODULE_INTERNALS}))
-    return saved
+    return [(m, [(k, b, b.detach().clone()) for k, b in m._buffers.items()
+                 if b is not None and not is_lazy(b)],
+             {k: copy.copy(v) if isinstance(v, _CONTAINERS) else v for k, v in _own_state(m).items()})
+            for m in model.modules()]
 
 
 def _same(old, new) -> bool:
@@ -696,39 +697,47 @@ def _restore_buffers(saved: list):
     """Put back the buffers the analysis' forwards changed, in eval mode too: a counter a module
     moves at each forward, a quantisation observer's minimum and maximum (torch.ao's
     ``MinMaxObserver``) read the conversion's 13 forwards as if they were the user's (audit U1,
-    thirty-sixth session). With them, the module's other state those forwards changed, where it
-    is plain values and containers (a flag that says a cached buffer is filled: the buffer put
-    back empty and the flag left set gave outputs 0.97 off; audit U4); where an object changed,
-    the module is left as its forwards left it. A buffer the module replaced gets its object back."""
+    thirty-sixth session). All or nothing: with them, every module's own state those forwards
+    changed (a flag that says a cached buffer is filled, on its module or another: the buffer
+    put back empty and the flag left set gave outputs 0.2-0.97 off; audits U4, U6), where all of
+    it is plain values and containers; where an object changed anywhere (a tensor cached as an
+    attribute), nothing is put back and the model stays as its forwards left it, consistent."""
+    changed_buffers = [(m, k, b, v) for m, bufs, _ in saved for k, b, v in bufs
+                       if m._buffers.get(k) is not b or b.shape != v.shape or not torch.equal(b, v)]
+    if not changed_buffers:
+        return
+    changes = []
+    for m, _, attrs in saved:
+        now = _own_state(m)
+        for k in now.keys() | attrs.keys():
+            if k not in now or k not in attrs or not _same(attrs[k], now[k]):
+                if any(not isinstance(v, (*_PLAIN_VALUES, *_CONTAINERS))
+                       for v in (now.get(k), attrs.get(k))):
+                    return
+                changes.append((m, k, now.get(k), attrs.get(k, _MISSING)))
+    for m, k, cur, old in changes:
+        if old is _MISSING:
+            delattr(m, k)
+        elif isinstance(old, _CONTAINERS) and type(cur) is type(old):
+            cur.clear()          # (in place: others may hold the container)
+            if isinstance(cur, list):
+                cur.extend(old)
+            else:
+                cur.update(old)
+        else:
+            setattr(m, k, old)
     with torch.no_grad():
-        for m, bufs, attrs in saved:
-            if all(m._buffers.get(k) is b and b.shape == v.shape and torch.equal(b, v)
-                   for k, b, v in bufs):
-                continue
-            now = {k: v for k, v in vars(m).items()
-                   if k not in _MODULE_INTERNALS and not k.startswith("_evoplug")}
-            changed = [k for k in now.keys() | attrs.keys() if k not in now or k not in attrs
-                       or not _same(attrs[k], now[k])]
-            if any(not isinstance(v, (*_PLAIN_VALUES, *_CONTAINERS))
-                   for k in changed for v in (now.get(k), attrs.get(k))):
-                continue
-            for k in changed:
-                if k not in attrs:
-                    delattr(m, k)
-                elif type(attrs[k]) in _CONTAINERS and type(now.get(k)) is type(attrs[k]):
-                    now[k].clear()          # (in place: others may hold the container)
-                    if isinstance(now[k], list):
-                        now[k].extend(attrs[k])
-                    else:
-                        now[k].update(attrs[k])
-                else:
-                    setattr(m, k, attrs[k])
-            for k, b, values in bufs:
-                if m._buffers.get(k) is not b:
-                    m._buffers[k] = b
+        for m, k, b, values in changed_buffers:
+            m._buffers[k] = b
+            try:
                 if b.shape != values.shape:
                     b.resize_(values.shape)
                 b.copy_(values)
+            except RuntimeError:     # (an inference tensor, a buffer made by ``expand``)
+                m._buffers[k] = values
+
+
+_MISSING = object()
 
 
 def _restore_plain(plain):

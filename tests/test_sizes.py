@@ -2,6 +2,7 @@
 and test at many): the first forward with a new size converts a twin of the model for it (new
 objects for the converted blocks and the modules above them, every parameter and buffer
 shared) and keeps it; later forwards of that size run it."""
+import collections
 import copy
 import os
 
@@ -874,10 +875,13 @@ class _CachedTable(torch.nn.Module):
             self._built = False
         elif flag == "set":
             self._built = set()
+        elif flag == "ordered":
+            self.filled = collections.OrderedDict()
 
     def forward(self, t):
         built = {"bool": lambda: self._built, "set": lambda: "table" in self._built,
-                 "made": lambda: hasattr(self, "_made")}[self.flag]()
+                 "made": lambda: hasattr(self, "_made"), "ordered": lambda: bool(self.filled),
+                 "elsewhere": lambda: False}[self.flag]()
         if not built:
             n, c = self.table.shape[1:]
             pos = torch.arange(n)[:, None] / 100 ** (torch.arange(c) / c)
@@ -886,18 +890,35 @@ class _CachedTable(torch.nn.Module):
                 self._built = True
             elif self.flag == "set":
                 self._built.add("table")
+            elif self.flag == "ordered":
+                self.filled["table"] = n
             else:
                 self._made = True
         return t + self.table
 
 
-@pytest.mark.parametrize("flag", ["bool", "set", "made"])
+class _FlagAbove(torch.nn.Module):
+    """The flag on the module above the one holding the buffer (it has no buffers itself)."""
+
+    def __init__(self, n, c):
+        super().__init__()
+        self.inner = _CachedTable(n, c, "elsewhere")
+        self._built = False
+
+    def forward(self, t):
+        if not self._built:
+            self._built = True
+            return self.inner(t)
+        return t + self.inner.table
+
+
+@pytest.mark.parametrize("flag", ["bool", "set", "made", "ordered", "elsewhere"])
 def test_a_cache_filled_at_the_first_forward_is_put_back_with_its_flag(flag):
     """The buffers the conversion's forwards changed are put back: a cached table with them,
     but its flag (a private attribute, a set, an attribute made at the first forward) stayed
     set, and the converted model ran on an empty table, 0.97 off the original at keep 1.0
-    (audit U4, thirty-sixth session). The module's plain and container state goes back with
-    its buffers."""
+    (audit U4, thirty-sixth session); so did a flag in an OrderedDict or on another module
+    (audit U6). Every module's plain and container state goes back with the buffers."""
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
     from plain_vit import PlainViT
@@ -905,7 +926,7 @@ def test_a_cache_filled_at_the_first_forward_is_put_back_with_its_flag(flag):
     class Net(PlainViT):
         def __init__(self):
             super().__init__()
-            self.cache = _CachedTable(65, 64, flag)
+            self.cache = _FlagAbove(65, 64) if flag == "elsewhere" else _CachedTable(65, 64, flag)
 
         def forward(self, images):
             t = self.embed(images).flatten(2).transpose(1, 2)
@@ -919,10 +940,28 @@ def test_a_cache_filled_at_the_first_forward_is_put_back_with_its_flag(flag):
     ref = copy.deepcopy(net)
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(net, keep_ratio=1.0, example_input=x)
-    assert bool((fast.cache.table == 0).all())               # (as before the conversion)
+    table = (fast.cache.inner if flag == "elsewhere" else fast.cache).table
+    assert bool((table == 0).all())                           # (as before the conversion)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
-    assert bool((fast.cache.table != 0).any())
+    assert bool((table != 0).any())
+
+
+def test_buffers_that_cannot_be_written_in_place_are_put_back_too():
+    """A counter the module replaces, converted again at a new size under inference_mode (its
+    buffer then an inference tensor), and a buffer made by ``expand`` beside it: writing them
+    back in place raised (audit U6, thirty-sixth session)."""
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=10, dynamic_img_size=True).eval()
+    counter = _Counter(in_place=False)
+    counter.register_buffer("spread", torch.zeros(1, 1, 192).expand(1, 5, 192))
+    model.blocks[1].mlp.fc2 = torch.nn.Sequential(model.blocks[1].mlp.fc2, counter)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    with torch.inference_mode():
+        fast(torch.randn(2, 3, 32, 32))
+        fast(torch.randn(2, 3, 48, 48))         # (the twin's conversion, under inference_mode)
+    assert int(fast.blocks[1].mlp.fc2[1].n) == 2
 
 
 @pytest.mark.parametrize("cut", ["slice", "prune", "del"])
