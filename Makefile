@@ -22,8 +22,11 @@ $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.txt
 	$(PY) -c "import importlib.util as u; u.find_spec('yapf') and __import__('yapf')"
 	@touch $(STAMP)
 
+# extra arguments for the demo: `make demo ARGS="--distill-steps 50 --repeats 1"`
+ARGS ?=
+
 demo: venv
-	$(PY) examples/demo.py
+	$(PY) examples/demo.py $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests

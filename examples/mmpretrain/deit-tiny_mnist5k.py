@@ -75,6 +75,8 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=True, end=1, convert_to_iter_based=True),
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=1),
 ]
+# (max_epochs >= 2: one warm-up epoch, then the cosine from epoch 1; MMEngine refuses a cosine
+# from epoch 1 to 1)
 train_cfg = dict(by_epoch=True, max_epochs=25, val_interval=5)
 val_cfg = dict()
 test_cfg = dict()
