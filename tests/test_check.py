@@ -292,3 +292,18 @@ def test_the_check_tells_a_fragile_selection():
     r = CheckResult(status="converts", noise_change=0.5, selection_stable=False)
     _flag(r, "keep 0.5 batch of 2 vs alone: 0.4")
     assert not r.problems and "fragile" in r.warnings[0] and "5.0e-01" in r.warnings[0]
+
+
+def test_the_check_runs_on_an_mmpretrain_backbone():
+    """MMPretrain's backbones return None from ``train()`` (so from ``eval()``): the check's
+    ``copy.deepcopy(model).eval()`` handed on None, and ``check_conversion`` of any MMPretrain
+    backbone failed ('NoneType' object is not callable) until the thirty-sixth session. The
+    rebuilt update agrees with its blocks."""
+    import evoplug.mm  # noqa: F401 (before mmpretrain: its registry and transformers 5)
+    mm = pytest.importorskip("mmpretrain.models")
+    torch.manual_seed(0)
+    model = mm.VisionTransformer(arch="deit-tiny", img_size=64, patch_size=8)
+    model.eval()
+    r = check_conversion(model, torch.randn(2, 3, 64, 64))
+    assert r.status == "converts" and r.evolution_checked[0] == 3, str(r)
+    assert r.evolution_diff < 1e-5 and not model.training

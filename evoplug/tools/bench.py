@@ -266,7 +266,8 @@ def converted_copies(model: torch.nn.Module, keep_ratios: Sequence[float],
     for i, keep in enumerate(keep_ratios):
         m = base if own and i == len(keep_ratios) - 1 else copy.deepcopy(base)
         evoplug.set_options(m, keep_ratio=keep)
-        out[keep] = m.eval()
+        m.eval()            # (not chained: MMPretrain's backbones' train() returns None)
+        out[keep] = m
     return out
 
 
@@ -286,7 +287,7 @@ def _setup(name: str, model: torch.nn.Module, keep_ratios: Sequence[float], size
     """Convert (on the CPU, float32), move everything to ``dev``/``dtype``, count FLOPs per
     image with ``count`` (default :func:`flops`)."""
     h, w = input_size(model, size)
-    model = model.eval()
+    model.eval()
     example = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(seed))
     if progress:
         progress.set_note(f"{name}: converting at keep {', '.join(map(str, keep_ratios))}")

@@ -173,7 +173,8 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     ('inductor', 'aot_eager', ...): the graphs and breaks ``torch._dynamo.explain`` finds, and
     the compiled output against the eager one (a problem beyond ``batch_bound``, relative);
     ``options``: :class:`evoplug.EvoOptions` fields."""
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model)
+    model.eval()            # (not chained: MMPretrain's backbones' train() returns None)
     x = example_input if example_input is not None else evoplug.example_input(model, batch=2)
     if x.shape[0] < 2:
         raise ValueError("check_conversion needs an example input of at least 2 images")
@@ -229,7 +230,8 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     if not all(bool(torch.isfinite(t).all()) for t in g.values()):
         r.problems.append("non-finite gradients")
     if compile:
-        _check_compiled(r, fast.eval(), x, compile, batch_bound)
+        fast.eval()
+        _check_compiled(r, fast, x, compile, batch_bound)
     if r.problems:
         r.status = "WRONG"
     return r

@@ -141,7 +141,8 @@ class _Live:
             # requires_grad: one it shares with the model is trained, and after distill the
             # teacher is as it was; until the twenty-sixth session both were frozen for good)
             self.name, self.was = type(teacher).__name__, teacher.training
-        self.teacher = teacher.eval()
+        teacher.eval()      # (not chained: MMPretrain's backbones' train() returns None)
+        self.teacher = teacher
         self.features, self.augment, self.mixup = features, augment, mixup
         self.rng = random.Random(seed)
         self.cap = _Captured(teacher, features, "the teacher") if features else None

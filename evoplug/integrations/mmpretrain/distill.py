@@ -82,7 +82,8 @@ class EvoDistillClassifier(EvoImageClassifier):
         else:
             source = "the weights training starts from"
         evoplug.set_options(t.backbone, keep_ratio=1.0, identity_fast_path=True)
-        t.eval().requires_grad_(False)
+        t.eval()
+        t.requires_grad_(False)
         self.__dict__["_teacher"] = t
         print_log(f"evoplug: distillation teacher = dense forward of {source}", logger="current")
 
