@@ -525,3 +525,31 @@ def test_a_batch_norm_traced_into_runs_on_the_tokens_in_train_mode():
     torch.testing.assert_close(one.train()(x), model.train()(x), rtol=0, atol=1e-5)
     for (n, a), (_, b) in zip(one.named_buffers(), model.named_buffers()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=n)
+
+
+class _NormTrainReturnsNone(_LayerNorm2d):
+    """A norm whose ``train()`` returns None, as MMPretrain's backbones' and some OpenMMLab
+    modules' do."""
+
+    def train(self, mode=True):
+        super().train(mode)
+
+
+def test_a_module_whose_train_returns_none_is_checked_as_any_other():
+    """The row-wise check ran ``mod.train(training)(x)``: with a module whose ``train()``
+    returns None it raised, was read as 'mixes positions', and the block took another road
+    (thirty-sixth session). It converts and evolves as the same norm written plainly."""
+    outs = []
+    for cls in (_LayerNorm2d, _NormTrainReturnsNone):
+        torch.manual_seed(0)
+        model = _Net(True, depth=4)
+        for b in model.blocks:
+            b.norm1, b.norm2 = cls(32), cls(32)
+        for p in model.parameters():
+            p.data.normal_(0, 0.3)
+        x = torch.randn(2, 3, 32, 32)
+        fast = evoplug.convert(model.eval(), keep_ratio=0.5, example_input=x)
+        assert [s.role for s in evoplug.get_report(fast).blocks].count("evolve") == 3
+        with torch.no_grad():
+            outs.append(fast(x))
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)

@@ -98,8 +98,9 @@ class _Ctx:
         mod = perturbed_copy(self.gm.get_submodule(n.target), perturber())
 
         def run(inp, training):
+            mod.train(training)         # (not chained: some modules' train() returns None)
             with no_side_effects(self.gm):
-                return seeded(mod.train(training), inp)
+                return seeded(mod, inp)
         return treats_positions_alike(run, x, lambda t: t.flatten(1, 2), 1)
 
 

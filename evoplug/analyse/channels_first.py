@@ -127,7 +127,8 @@ class _Twins:
                     kwargs = {**kwargs, "training": training}
             with no_side_effects(self.ctx.gm):
                 if mod is not None:
-                    return seeded(mod.train(training), *args, **kwargs)
+                    mod.train(training)     # (not chained: some modules' train() returns None)
+                    return seeded(mod, *args, **kwargs)
                 if n.op == "call_function":
                     return seeded(n.target, *args, **kwargs)
                 return seeded(getattr(args[0], n.target), *args[1:], **kwargs)
