@@ -215,8 +215,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     r.evolving = sum(s.role == "evolve" for s in report.blocks)
     r.not_converted = [f"{n}: {why}" for n, why in report.failed]
     _check_outputs(r, model, fast, x, ref, keep_ratio, keep1_bound, batch_bound, options)
-    if keep_ratio < 1 and r.evolving and not r.problems:
-        _check_evolution(r, fast, x, batch_bound)
+    _check_evolution(r, fast, x, keep_ratio, batch_bound)
     try:
         fast.load_state_dict(model.state_dict(), strict=True)
         model.load_state_dict(fast.state_dict(), strict=True)
@@ -230,7 +229,6 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     if not all(bool(torch.isfinite(t).all()) for t in g.values()):
         r.problems.append("non-finite gradients")
     if compile:
-        fast.eval()
         _check_compiled(r, fast, x, compile, batch_bound)
     if r.problems:
         r.status = "WRONG"
@@ -355,6 +353,7 @@ def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: s
     """The graphs dynamo makes; the compiled output against eager at the options' keep ratio
     (a selection-fragile difference is a warning) and at keep 1.0 through the selection
     machinery (scores, top-k, copies, restore: no selection to swap, so always a problem)."""
+    fast.eval()             # (not chained: MMPretrain's backbones' train() returns None)
     torch._dynamo.reset()
     opts = evoplug.get_report(fast).options
     with torch.no_grad():
@@ -402,8 +401,12 @@ def _per_block(fast: nn.Module, x: torch.Tensor):
         return [t.detach() for t in outputs(fast(x))]
 
 
-def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, bound: float):
-    """``hand_on_diff`` and ``evolution_diff`` (see the module docstring)."""
+def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, keep_ratio: float,
+                     bound: float):
+    """``hand_on_diff`` and ``evolution_diff`` (see the module docstring), at keep < 1 where
+    blocks evolve and nothing before went wrong."""
+    if keep_ratio >= 1 or not r.evolving or r.problems:
+        return
     report = evoplug.get_report(fast)
     opts = report.options
     with torch.no_grad():
