@@ -23,6 +23,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ..options import read_trade_off
 
@@ -456,7 +457,6 @@ def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
     BatchNorm itself is run as ``F.batch_norm`` without them (nothing of it changes: threads may
     share it); a module holding one (timm's ``ConvNorm``) runs on copies of them. A
     SyncBatchNorm takes this process's statistics here."""
-    from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
     norms = [n for n in module.modules()
              if isinstance(n, _NormBase) and n.training and n.track_running_stats]
     if not norms:
