@@ -24,6 +24,7 @@ from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks,
                                 wrapped_block)
 from .analyse.probes import check_count_free_program, count_probe_graph, hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
+from .analyse.snapshot import restore, snapshot
 from .analyse.provenance import (rest_read, rows_not_images, stream_starts, token_provenance,
                                  varying_arguments)
 from .analyse.chain import chain_links
@@ -639,10 +640,9 @@ def _no_side_effects(model: nn.Module):
     """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
     mode, with the random number generators restored afterwards: converting a model in train
     mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
-    put back as it was, and so are its buffers."""
+    put back as it was, and so is all of its own state (analyse/snapshot.py)."""
     modes = [(m, m.training) for m in model.modules()]
-    plain = [(m, plain_attributes(m)) for m in model.modules()]
-    buffers = _buffer_values(model)
+    saved = snapshot(model)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     python_rng = random.getstate()        # (a model's own Python draws, e.g. in its embedding)
     with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
@@ -654,101 +654,7 @@ def _no_side_effects(model: nn.Module):
             for m, mode in modes:
                 if m.training != mode:
                     m.training = mode
-            _restore_plain(plain)
-            _restore_buffers(buffers)
-
-
-#: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
-_MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
-_PLAIN_VALUES = (bool, int, float, str, type(None))
-_CONTAINERS = (list, dict, set)
-
-
-def _own_state(m: nn.Module) -> dict:
-    """A module's own attributes (not torch's bookkeeping, not evoplug's)."""
-    return {k: v for k, v in vars(m).items()
-            if k not in _MODULE_INTERNALS and not k.startswith("_evoplug")}
-
-
-def _buffer_values(model: nn.Module) -> list:
-    """For every module: (module, [(name, buffer, a copy of its values)], its own attributes:
-    plain values as they are, containers as shallow copies, other objects by identity)."""
-    from torch.nn.parameter import is_lazy
-    return [(m, [(k, b, b.detach().clone()) for k, b in m._buffers.items()
-                 if b is not None and not is_lazy(b)],
-             {k: copy.copy(v) if isinstance(v, _CONTAINERS) else v for k, v in _own_state(m).items()})
-            for m in model.modules()]
-
-
-def _same(old, new) -> bool:
-    """Whether an attribute is as it was (containers: the same items, by identity)."""
-    if type(old) is not type(new):
-        return False
-    if isinstance(old, dict):
-        return old.keys() == new.keys() and all(old[k] is new[k] for k in old)
-    if isinstance(old, list):
-        return len(old) == len(new) and all(a is b for a, b in zip(old, new))
-    if isinstance(old, (set, *_PLAIN_VALUES)):
-        return old == new
-    return old is new
-
-
-def _restore_buffers(saved: list):
-    """Put back the buffers the analysis' forwards changed, in eval mode too: a counter a module
-    moves at each forward, a quantisation observer's minimum and maximum (torch.ao's
-    ``MinMaxObserver``) read the conversion's 13 forwards as if they were the user's (audit U1,
-    thirty-sixth session). All or nothing: with them, every module's own state those forwards
-    changed (a flag that says a cached buffer is filled, on its module or another: the buffer
-    put back empty and the flag left set gave outputs 0.2-0.97 off; audits U4, U6), where all of
-    it is plain values and containers; where an object changed anywhere (a tensor cached as an
-    attribute), nothing is put back and the model stays as its forwards left it, consistent."""
-    changed_buffers = [(m, k, b, v) for m, bufs, _ in saved for k, b, v in bufs
-                       if m._buffers.get(k) is not b or b.shape != v.shape or not torch.equal(b, v)]
-    if not changed_buffers:
-        return
-    changes = []
-    for m, _, attrs in saved:
-        now = _own_state(m)
-        for k in now.keys() | attrs.keys():
-            if k not in now or k not in attrs or not _same(attrs[k], now[k]):
-                if any(not isinstance(v, (*_PLAIN_VALUES, *_CONTAINERS))
-                       for v in (now.get(k), attrs.get(k))):
-                    return
-                changes.append((m, k, now.get(k), attrs.get(k, _MISSING)))
-    for m, k, cur, old in changes:
-        if old is _MISSING:
-            delattr(m, k)
-        elif isinstance(old, _CONTAINERS) and type(cur) is type(old):
-            cur.clear()          # (in place: others may hold the container)
-            if isinstance(cur, list):
-                cur.extend(old)
-            else:
-                cur.update(old)
-        else:
-            setattr(m, k, old)
-    with torch.no_grad():
-        for m, k, b, values in changed_buffers:
-            m._buffers[k] = b
-            try:
-                if b.shape != values.shape:
-                    b.resize_(values.shape)
-                b.copy_(values)
-            except RuntimeError:     # (an inference tensor, a buffer made by ``expand``)
-                m._buffers[k] = values
-
-
-_MISSING = object()
-
-
-def _restore_plain(plain):
-    """Put back the plain attributes (numbers, flags) the analysis' forwards changed: a layer
-    that sets its own shift to 0 when the map fits its window, and never back (transformers'
-    Swin), kept the calibration size's settings, and the converted model at another size,
-    keep 1.0 included, was 1.3 off the model it was made from (audit T, thirty-fifth session)."""
-    for m, before in plain:
-        for k, v in before.items():
-            if k in vars(m) and vars(m)[k] is not v and vars(m)[k] != v:
-                setattr(m, k, v)
+            restore(saved)
 
 
 def _check_model(model: nn.Module):

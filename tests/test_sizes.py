@@ -947,6 +947,66 @@ def test_a_cache_filled_at_the_first_forward_is_put_back_with_its_flag(flag):
     assert bool((table != 0).any())
 
 
+class _KeyedTable(torch.nn.Module):
+    """A position table cached for the last token count: a plain key beside a tensor attribute
+    (replaced at a new count, or rewritten in place), not a buffer."""
+
+    def __init__(self, c, n, in_place):
+        super().__init__()
+        self.c, self.n, self.in_place = c, n, in_place
+        self.table = self._make(n)
+
+    def _make(self, n):
+        pos = torch.arange(n, dtype=torch.float32)[:, None]
+        return torch.sin(pos / (1 + torch.arange(self.c)))[None] * 0.5
+
+    def forward(self, t):
+        if self.n != t.shape[1]:
+            if self.in_place:
+                self.table.resize_(1, t.shape[1], self.c).copy_(self._make(t.shape[1]))
+            else:
+                self.table = self._make(t.shape[1])
+            self.n = t.shape[1]
+        return t + self.table
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["replaced", "in_place"])
+def test_a_table_cached_for_a_size_is_put_back_with_its_key(in_place):
+    """A table cached in a tensor attribute for the last token count, the count in a plain
+    attribute: the conversion at another size put back the count alone (a plain value) and left
+    the table its forwards made, so the next call at the original size read a table of the
+    conversion's size and failed (audit V0, thirty-seventh session). Both go back, at the
+    conversion and at a twin's."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from plain_vit import PlainViT
+
+    class Net(PlainViT):
+        def __init__(self):
+            super().__init__(img=32)
+            self.where = None
+            self.pos = _KeyedTable(64, 65, in_place)
+
+        def forward(self, images):
+            t = self.embed(images).flatten(2).transpose(1, 2)
+            t = self.pos(torch.cat([self.summary.expand(t.shape[0], -1, -1), t], 1))
+            for layer in self.trunk:
+                t = layer(t)
+            return self.classify(self.final(t)[:, 0])
+
+    torch.manual_seed(0)
+    net = Net().eval()
+    ref = copy.deepcopy(net)
+    x, big = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    fast = evoplug.convert(net, keep_ratio=1.0, example_input=torch.randn(2, 3, 64, 64))
+    assert (fast.pos.n, fast.pos.table.shape[1]) == (65, 65)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
+        torch.testing.assert_close(fast(big), ref(big), rtol=0, atol=1e-5)     # (a twin)
+        assert (fast.pos.n, fast.pos.table.shape[1]) == (145, 145)
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
+
+
 def test_buffers_that_cannot_be_written_in_place_are_put_back_too():
     """A counter the module replaces, converted again at a new size under inference_mode (its
     buffer then an inference tensor), and a buffer made by ``expand`` beside it: writing them
