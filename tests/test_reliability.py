@@ -1161,6 +1161,33 @@ def test_a_padded_batch_after_an_unpadded_calibration_gives_what_a_padded_one_do
         torch.testing.assert_close(plain(padded(16)), m(padded(16)), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fill", ["bool", "-inf"])
+def test_a_minus_infinity_padding_mask_ranks_by_the_real_queries(fill):
+    """A mean-query ViT (no class token) in explicit attention called with a key padding mask of
+    -inf (a bool mask, which timm turns into -inf, or a 0/-inf float mask): the padded queries'
+    rows were left out of the mean by a multiplication by 0, -inf * 0 = NaN, and every padded
+    image's output was NaN, alone in its batch too (audit V1, thirty-seventh session). The mask
+    of the lowest finite value gave the right answer; both forms give it now."""
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, depth=4, embed_dim=64,
+                          num_heads=4, class_token=False, global_pool="avg", num_classes=10).eval()
+    for mod in m.modules():
+        if hasattr(mod, "fused_attn"):
+            mod.fused_attn = False
+    x = torch.randn(3, 3, 32, 32)
+    keep = torch.ones(3, 1, 1, 64, dtype=torch.bool)
+    keep[1, ..., -8:] = keep[2, ..., -16:] = False
+    lowest = torch.zeros(3, 1, 1, 64).masked_fill(~keep, torch.finfo(torch.float32).min)
+    mask = keep if fill == "bool" else torch.zeros(3, 1, 1, 64).masked_fill(~keep, float("-inf"))
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = fast(x, attn_mask=mask)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y, fast(x, attn_mask=lowest), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[2:], fast(x[2:], attn_mask=mask[2:]), atol=1e-5, rtol=1e-5)
+
+
 def test_a_forward_pre_hook_registered_after_conversion_that_changes_the_batch():
     """Test-time augmentation by a forward pre-hook on the converted model (flipped copies
     stacked on the batch): the entry hook read the input before it, so every forward was

@@ -88,10 +88,13 @@ def _mean_query_probs(logits: Tensor, num_prefix, masked: bool = False,
 
 
 def _mean_of_valid(rows: Tensor, valid: Tensor, keepdim: bool = False) -> Tensor:
-    """Mean over the rows (dim -2, in float32) that ``valid`` (..., rows) marks."""
-    w = valid.unsqueeze(-1).to(torch.float32)
-    return rows.mul(w).sum(-2, keepdim=keepdim, dtype=torch.float32) / \
-        w.sum(-2, keepdim=keepdim).clamp_min(1)
+    """Mean over the rows (dim -2, in float32) that ``valid`` (..., rows) marks. The others are
+    left out by a ``where``, not multiplied by 0: a padded query's logits row holds -inf at the
+    padded keys (a bool or 0/-inf mask in explicit attention), and -inf * 0 made every padded
+    image's output NaN (audit V1, thirty-seventh session)."""
+    v = valid.unsqueeze(-1)
+    return torch.where(v, rows, 0.0).sum(-2, keepdim=keepdim, dtype=torch.float32) / \
+        v.sum(-2, keepdim=keepdim).clamp_min(1)
 
 
 def _span_total(num_prefix) -> int:
