@@ -727,12 +727,25 @@ def _calibrate(model: nn.Module, example_input):
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
                               f"the model{hint}: {type(e).__name__}: {e}") from e
     candidates, failed, skipped = find_blocks(model, calls)
+    skipped = skipped + _unread_attention(calls)
     if candidates:
         token_provenance(model, example_input, calls, [c[1] for c in candidates])
         stream_starts(model, example_input, calls, [c[1] for c in candidates])
         varying_arguments(model, example_input, calls, [c[1] for c in candidates])
         rows_not_images(model, example_input, calls, [c[1] for c in candidates])
     return calls, attention_modules(model, calls), candidates, failed, skipped, example_input
+
+
+def _unread_attention(calls) -> list:
+    """The modules whose attention ran through a kernel evoplug does not read (flex attention:
+    refused as "no attention computation ran" without a name until the thirty-seventh session,
+    audit V3)."""
+    unread = list(calls.derived.get("unread_attention", {}).items())
+    return [(name, f"its attention runs through torch's {fn}, whose score and mask functions are "
+                   "code evoplug cannot read a class-attention row from: run it with "
+                   "scaled_dot_product_attention or an explicit softmax (transformers: "
+                   "attn_implementation='sdpa' or 'eager')" if i == 0 else f"{fn} too")
+            for i, (name, fn) in enumerate(unread)]
 
 
 def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, calls, attn_mods,

@@ -504,6 +504,42 @@ def test_another_input_size_is_found_whatever_the_call_form():
     assert float((out - ref).abs().max()) <= 1e-5
 
 
+def test_a_flag_given_by_position_goes_with_a_new_size():
+    """``ViTModel(x, None, True)``: ``interpolate_pos_encoding`` by position at a size the model
+    was not converted at. The twin was converted on the call's tensors and its keyword flags
+    only, without the flag, and failed where the dense model runs (audit V3, thirty-seventh
+    session)."""
+    torch.manual_seed(0)
+    vit = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                 intermediate_size=64, image_size=32, patch_size=4)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    fast = evoplug.convert(vit, keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, None, True).last_hidden_state,
+                                   vit(x, None, True).last_hidden_state, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_attention_is_refused_by_name_with_what_works():
+    """``attn_implementation="flex_attention"``: the model runs, and its attention ran through a
+    kernel whose score and mask functions are code, no tensors. The refusal said no attention
+    ran at all, naming no module (audit V3, thirty-seventh session); it names the modules and
+    the implementations that convert."""
+    torch.manual_seed(0)
+    cfg = T.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                      intermediate_size=64, image_size=32, patch_size=4)
+    vit = T.ViTModel._from_config(cfg, attn_implementation="flex_attention").eval()
+    x = torch.randn(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.no_grad():
+            vit(x)
+        with pytest.raises(evoplug.ConversionError,
+                           match=r"`[\w.]*layers?\.0\.attention[\w.]*`: its attention runs "
+                                 r"through torch's flex_attention.*attn_implementation='sdpa'"):
+            evoplug.convert(vit, keep_ratio=0.5, example_input=x)
+
+
 def test_a_model_that_packs_its_images_into_one_sequence_refuses_a_batch():
     """transformers' Pixtral packs every image of a call into one token sequence (a
     block-diagonal mask keeps them apart). Converted on one image, a call with two would rank
@@ -773,12 +809,17 @@ def test_a_padding_mask_at_another_input_size_and_under_checkpointing():
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
         mp.setattr(evoplug.api, "_convert_twin", refuse)
         with pytest.warns(UserWarning, match=r"`layers.0` is called with attention_mask in another "
-                                             r"form.*converting the model on this call failed"):
+                                             r"form.*converting the model on this call failed") as said:
             out = fast(x, attention_mask=mask).last_hidden_state
         assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
         torch.testing.assert_close(out, model(x, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=1e-5)
-        fast(x, attention_mask=mask)
+        with warnings.catch_warnings(record=True) as again:
+            warnings.simplefilter("always")
+            fast(x, attention_mask=mask)
     assert len(tried) == 2      # on 2 images, then on the whole call; not again
+    # one warning, not one per layer and call (audit V3, thirty-seventh session)
+    assert [str(w.message).startswith("evoplug") for w in said].count(True) == 1
+    assert not [w for w in again if str(w.message).startswith("evoplug")]
 
 
 def test_a_form_twin_is_converted_on_two_images_of_a_large_batch():

@@ -28,6 +28,10 @@ ATTENTION_FUNCTIONS = {
 }
 
 
+#: attention kernels evoplug does not read: their score and mask functions are Python code, not
+#: tensors, so no attention row can be taken from them (matched by name: no import of them)
+UNREAD_ATTENTION = frozenset({"flex_attention"})
+
 _OWN = object()     # ModuleCall.tokens: of the call's own first argument
 
 
@@ -262,6 +266,8 @@ class _AttentionCounter(TorchFunctionMode):
                 rec.inside_attention -= 1
             rec.attention_outputs[id(out)] = out     # kept alive: the id stays unique
             return out
+        if rec.inside_attention == 0 and rec.stack and getattr(func, "__name__", None) in UNREAD_ATTENTION:
+            rec.unread.setdefault(rec.names.get(rec.stack[-1], "?"), func.__name__)
         return func(*args, **kwargs)
 
 
@@ -271,6 +277,7 @@ class _Recorder:
         self.stack: List[int] = []
         self.inside_attention = 0
         self.attention_outputs: Dict[int, Any] = {}   # what attention functions returned, by id
+        self.unread: Dict[str, str] = {}            # module -> an UNREAD_ATTENTION kernel it ran
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
         self.leaves = registry.leaf_modules()
@@ -371,6 +378,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
             h.remove()
         model.train(was_training)
     calls = CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
+    calls.derived["unread_attention"] = rec.unread
     _token_arguments(model, calls, example_input)
     # plain attributes a forward sets (a cached size): state, not what the trace depends on
     calls.derived["volatile"] = {

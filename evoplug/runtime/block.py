@@ -661,6 +661,8 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
         if state is not None and state.g is None and state.segment is None and \
                 not torch.compiler.is_compiling():
             twin = _form_twin(spec, args, kwargs)
+            if twin is _SAID:
+                return None
             if twin is not None:
                 return twin
         # (the size hint where the call differs in its sizes, not in a flag such as
@@ -741,7 +743,9 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     hook, model, cargs, ckwargs = call
     key = (input_key(cargs, ckwargs, hook.batch_dims), form)
     if key in owner._no_form:
-        return None
+        # (its one warning was given: each block, at each call, said it again, audit V3 of the
+        # thirty-seventh session)
+        return _SAID
     if other and len(_flag_values(owner, other)) >= _FLAG_TWINS:
         # (a flag that changes with every call, a step count, would convert a twin each time)
         owner._no_form[key] = "too many values"
@@ -749,7 +753,7 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
                       f"{_FLAG_TWINS} other values already, each of which converted a twin of the "
                       "model; for further values the blocks run their own forward (every token)",
                       stacklevel=7)
-        return None
+        return _SAID
     make = hook._factory()
 
     def takes(variant) -> bool:
@@ -771,13 +775,19 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         owner._no_form[key] = str(e)
         warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(flipped)} in another form "
                       f"than when it was analysed (None or a tensor, or another value), and "
-                      f"converting the model on this call failed: {e}", stacklevel=7)
-        return None
+                      f"converting the model on this call failed: {e}; the blocks run their own "
+                      "forward (every token) for such calls", stacklevel=7)
+        return _SAID
     if not takes(variant):
         return None
     variant.sync()
     owner.use_variant(variant)
     return variant.blocks[spec.index]
+
+
+#: :func:`_form_twin`: the call's form was refused before, with a warning; the block runs its
+#: original forward without another
+_SAID = object()
 
 
 def _other_form(plan, values):

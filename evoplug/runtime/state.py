@@ -637,6 +637,26 @@ def named_tensors(module, args, kwargs) -> Optional[Dict[str, torch.Tensor]]:
     return {n: v for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
 
 
+def named_flags(module, args, kwargs) -> Dict[str, object]:
+    """The call's other arguments than tensors by name, given by keyword or by position: a flag
+    given by position (``ViTModel(x, None, True)``: ``interpolate_pos_encoding``) was left out of
+    the example a new size's twin is converted on, which then failed where the model runs (audit
+    V3, thirty-seventh session)."""
+    flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    try:
+        sig = inspect.signature(module.forward)
+        bound = sig.bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return flags
+    for n, v in bound.arguments.items():
+        kind = sig.parameters[n].kind
+        if kind == inspect.Parameter.VAR_KEYWORD or kind == inspect.Parameter.VAR_POSITIONAL:
+            continue        # (the keywords are in ``kwargs``; extra positions have no name)
+        if not isinstance(v, torch.Tensor):
+            flags.setdefault(n, v)
+    return flags
+
+
 def images_in(args, kwargs) -> Optional[int]:
     """The first dim of the first floating-point tensor of 4 dims or more among a call's
     arguments (the images of a vision model's call; not a float attention mask), None
@@ -836,7 +856,7 @@ class EntryHook:
         key = input_key((), mine, self.batch_dims)
         if _shapes(key) == self._named_shapes:
             return None
-        flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        flags = named_flags(module, args, kwargs)
         # (the call's flags and its other tensors go with the twin's example:
         # interpolate_pos_encoding=True, NaFlex's patch_coord and patch_valid)
         variant = self.runtime.variant_for(key, self._factory(), module, (), {**flags, **named})
