@@ -273,7 +273,7 @@ def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_p
     torch.save(create_model("vit_tiny_patch16_224", **TINY_KW), tmp_path / "whole.pt")
     assert run_cli("explain", str(tmp_path / "whole.pt"))[0] == 1
     err = capsys.readouterr().err
-    assert "not an evoplug checkpoint" in err and "weights_only" not in err
+    assert "a whole pickled model is not read" in err and "weights_only" not in err
     assert run_cli("bench", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "img_size=64",
                    "--batch", "1")[0] == 2
     assert "differ" in capsys.readouterr().err
@@ -282,6 +282,38 @@ def test_files_it_cannot_read_and_model_arguments_are_told_plainly(capsys, tmp_p
                       "--queries", "mean", "--reselect-every", "1", "--no-representative",
                       "--no-progress", "--target", "1.0")
     assert rc == 0 and "reselect_every=1, representative=False)" in out
+
+
+def test_files_and_model_arguments_the_model_refuses_end_in_one_line(capsys, tmp_path):
+    """Audit V4 of the thirty-seventh session: a ``--checkpoint`` that is no dict (a list, a
+    tensor), an empty file, a checkpoint whose fields have the wrong types, ``--model-arg`` values
+    the model's own code refuses (``num_heads=0``: ZeroDivisionError; ``embed_dim=7``: an
+    assertion, reported as the model refusing its input) ended in tracebacks or told nothing;
+    ``check`` stopped at such a model, left the models after it unchecked and --json unwritten."""
+    from evoplug.tools.models import create_model
+    weights = create_model("vit_tiny_patch16_224", **TINY_KW).state_dict()
+    torch.save(list(weights.values()), tmp_path / "list.pth")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    torch.save(dict(timm_model="vit_tiny_patch16_224", model_kwargs=[1], state_dict={}),
+               tmp_path / "fields.pth")
+    torch.save(dict(timm_model="vit_tiny_patch16_224", model_kwargs=dict(TINY_KW, num_heads=0),
+                    state_dict={}), tmp_path / "heads0.pth")
+    torch.save(torch.zeros(0, 3, 32, 32), tmp_path / "none.pt")
+    for cmd, said in (
+            (["explain", *TINY, "--checkpoint", str(tmp_path / "list.pth")], "not a state_dict"),
+            (["explain", *TINY, "--checkpoint", str(tmp_path / "tensor.pth")], "not a state_dict"),
+            (["explain", *TINY, "--checkpoint", str(tmp_path / "empty.pth")], "empty.pth: not a file"),
+            (["explain", str(tmp_path / "fields.pth")], "not an evoplug checkpoint"),
+            (["explain", *TINY, "--model-arg", "num_heads=0"], "timm cannot build it"),
+            (["explain", *TINY, "--model-arg", "embed_dim=7"], "timm cannot build it"),
+            (["plan", *TINY, str(tmp_path / "none.pt"), "--no-progress"], "N >= 1 images")):
+        assert run_cli(*cmd)[0] == 1, cmd
+        err = [line for line in capsys.readouterr().err.splitlines() if "warning: random" not in line]
+        assert len(err) == 1 and err[0].startswith("evoplug: error: ") and said in err[0], err
+    rc, out = run_cli("check", str(tmp_path / "heads0.pth"), *TINY, "--json", str(tmp_path / "c.json"))
+    assert rc == 1 and "heads0.pth: failed: ValueError" in out
+    assert json.loads((tmp_path / "c.json").read_text())["vit_tiny_patch16_224"]["status"] == "converts"
 
 
 def test_unknown_model_is_a_usage_error(capsys):

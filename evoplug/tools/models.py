@@ -37,6 +37,10 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.n
             raise ValueError(f"{name}: timm cannot build it with {kwargs}: {e}") from e
         # (--img-size was refused for such models until the thirty-sixth session: audit U2)
         return create_model(name, None, **{k: v for k, v in kwargs.items() if k != "img_size"})
+    except Exception as e:        # noqa: BLE001 (arguments the model's own code refuses)
+        # (num_heads=0, embed_dim=7: a ZeroDivisionError traceback, or an assertion reported as
+        # the model refusing its input, until the thirty-seventh session; audit V4)
+        raise ValueError(f"{name}: timm cannot build it with {kwargs}: {type(e).__name__}: {e}") from e
     return model.eval()
 
 
@@ -61,22 +65,31 @@ def save_checkpoint(path: str, model, timm_name: str, model_kwargs: dict, **meta
                     state_dict=model.state_dict(), **meta), path)
 
 
+def read_torch_file(path: str):
+    """``torch.load(path)`` with tensors and plain values only, a file it cannot read said in one
+    line with its name (torch's own errors: its advice ``weights_only=False``, which no command
+    takes, or a bare ``EOFError:`` for an empty file; audits Q2 and V4)."""
+    import pickle
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: holds more than tensors and plain values (a whole pickled "
+                         "model is not read: save its state_dict, or use "
+                         "evoplug.tools.models.save_checkpoint)") from None
+    except (EOFError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a file torch.save wrote, or cut short "
+                         f"({type(e).__name__}: {str(e) or 'empty'})") from None
+
+
 def load_checkpoint(path: str):
     """(model in eval mode, meta dict) from a file written by :func:`save_checkpoint`.
     Loaded with ``weights_only=True`` (tensors and plain values only)."""
-    import pickle
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # (a whole pickled model: torch's advice, weights_only=False, is nothing the command
-        # can take; audit Q2 of the twenty-sixth session)
-        raise ValueError(f"{path}: not an evoplug checkpoint (tensors and plain values only; "
-                         "a whole pickled model is not read: save its state_dict, or use "
-                         "evoplug.tools.models.save_checkpoint)") from None
-    if not isinstance(ck, dict) or "timm_model" not in ck or "state_dict" not in ck:
-        raise ValueError(f"{path}: not an evoplug checkpoint (a dict with 'timm_model', "
-                         "'model_kwargs', 'state_dict'); for a plain state_dict give a timm "
-                         "model name and --checkpoint FILE")
+    ck = read_torch_file(path)
+    if not isinstance(ck, dict) or not isinstance(ck.get("timm_model"), str) or \
+            not isinstance(ck.get("state_dict"), dict) or not isinstance(ck.get("model_kwargs", {}), dict):
+        raise ValueError(f"{path}: not an evoplug checkpoint (a dict with 'timm_model', a name, "
+                         "'model_kwargs', a dict, and 'state_dict'); for a plain state_dict give "
+                         "a timm model name and --checkpoint FILE")
     model = create_model(ck["timm_model"], **ck.get("model_kwargs", {}))
     model.load_state_dict(ck["state_dict"])
     meta = {k: v for k, v in ck.items() if k != "state_dict"}
