@@ -82,7 +82,9 @@ def test_torch_compile_training_step():
 
 def test_a_compiled_model_compiles_once_over_its_calls():
     """The second call compiled the model again: dynamo guarded on the per-thread state the
-    first call created (audit T3 of the twenty-seventh session); in eval and in training."""
+    first call created (audit T3 of the twenty-seventh session); in eval and in training. So
+    did a compiled call after an eager one (the stacks of model forwards the eager call made;
+    audit V5 of the thirty-seventh session)."""
     from torch._dynamo.testing import CompileCounter
     _, fast = tiny(0.5)
     x = torch.randn(2, 3, 32, 32)
@@ -91,9 +93,9 @@ def test_a_compiled_model_compiles_once_over_its_calls():
         counter = CompileCounter()
         fast.train(train)
         compiled = torch.compile(fast, backend=counter)
-        for _ in range(3):
+        for model in (compiled, compiled, fast, compiled):
             with torch.set_grad_enabled(train):
-                out = compiled(x)
+                out = model(x)
             if train:
                 out.square().mean().backward()
         assert counter.frame_count == 1, (train, counter.frame_count)

@@ -179,6 +179,11 @@ class EvoRuntime:
         # writes under compile: each block started a new forward.)
         self._local.state = self._local.initial = EvoState(-1, plan)
         self._local.last = len(plan.roles) - 1
+        # and so do its stacks of model forwards: compiled code guarded on their absence, and
+        # the first eager call, which makes them, compiled the model again at the next compiled
+        # call (audit V5 of the thirty-seventh session)
+        self._frames: Dict[int, list] = {}
+        self._new_stacks(self._local)
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
         # other input sizes (see SizeVariant): built by the conversion's factory (which the
@@ -190,10 +195,9 @@ class EvoRuntime:
         self._gate = threading.Condition()
         self._inside: Dict[int, int] = {}     # thread id -> forwards of the model it runs
         self._builder: Optional[int] = None
-        # thread id -> the frames (torch's Module._call_impl) of the model forwards it runs: one
-        # no longer on its thread's stack ended without the exit hook (a KeyboardInterrupt:
-        # PyTorch calls always-call hooks for an Exception only) and is dropped
-        self._frames: Dict[int, list] = {}
+        # self._frames: thread id -> the frames (torch's Module._call_impl) of the model forwards
+        # it runs: one no longer on its thread's stack ended without the exit hook (a
+        # KeyboardInterrupt: PyTorch calls always-call hooks for an Exception only) and is dropped
         self._owners: Dict[int, weakref.ref] = {}    # thread id -> the thread counted under it
         # a twin's runtime: the runtime of the model it is a twin of (whose forward runs the
         # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
@@ -341,12 +345,7 @@ class EvoRuntime:
         local = self._local
         stack = getattr(local, "entry", None)
         if stack is None:
-            stack = local.entry = []
-            local.variant = []
-            local.images = []
-            local.call = []
-            local.outer = []
-            local.frames = self._frames[threading.get_ident()] = []
+            stack = self._new_stacks(local)
         elif stack:
             self._drop_abandoned(admitted=1)
         # a forward inside a forward (the model called from a hook on one of its blocks): the
@@ -365,6 +364,12 @@ class EvoRuntime:
         self._local.variant.append(variant)
         self._local.images.append(images)
         self._local.call.append(call)
+
+    def _new_stacks(self, local) -> list:
+        """This thread's stacks of the model forwards it runs (empty); returns the entry stack."""
+        local.entry, local.variant, local.images, local.call, local.outer = [], [], [], [], []
+        local.frames = self._frames[threading.get_ident()] = []
+        return local.entry
 
     def pop_entry(self):
         stack = getattr(self._local, "entry", None)
