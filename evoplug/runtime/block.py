@@ -253,18 +253,24 @@ class BlockSpec:
                 self._program_lock = threading.Lock()
             self._lock_pid = os.getpid()
             with self._program_lock:   # the factory runs the compiler once per new batch size
+                # both modes at once: a compiled call in the other mode found no program, and
+                # dynamo cannot run the factory (one eager warm-up per mode was needed besides
+                # the one per batch size the docs name; audit V5, thirty-seventh session)
+                for mode in (training, not training):
+                    if self.batch_programs.get((mode, batch)) is None and \
+                            (mode, batch) not in self.batch_failures:
+                        try:
+                            self.batch_programs[mode, batch] = self.program_factory(mode, args, kwargs)
+                        except AnalysisError as e:
+                            # (a block whose trace at this batch size is no block evoplug
+                            # converts: a per-image Python loop runs one attention per image; it
+                            # raised the analysis' error from the forward; audit of the
+                            # twenty-ninth session)
+                            self.batch_failures[mode, batch] = e.reason
+                            warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
+                                          "it runs its original forward (every token) at that batch "
+                                          "size", stacklevel=5)
                 program = self.batch_programs.get(key)
-                if program is None and key not in self.batch_failures:
-                    try:
-                        program = self.batch_programs[key] = self.program_factory(training, args, kwargs)
-                    except AnalysisError as e:
-                        # (a block whose trace at this batch size is no block evoplug converts:
-                        # a per-image Python loop runs one attention per image; it raised the
-                        # analysis' error from the forward; audit of the twenty-ninth session)
-                        self.batch_failures[key] = e.reason
-                        warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
-                                      "it runs its original forward (every token) at that batch "
-                                      "size", stacklevel=5)
         return program
 
 
