@@ -25,8 +25,11 @@ from evoplug.errors import EvoplugError
 #: evolving block (the budget reached; the issue's targets: DeiT-S 30 reselecting every block, 14
 #: every 4 blocks; Swin-T 60). The selection's stable sort (ties in token order, whatever the
 #: batch) costs 2 ops more than topk did without the positions, 1 with them (nineteenth session). Forms: "product" = the global-query logits as a product and sum
-#: (CPUs, torch.compile) and rows copied by ``gather``: what a GPU dispatches under
-#: torch.compile, the form the issue's budgets count; "matmul": the logits' form of eager mode on
+#: (CPUs, torch.compile) and rows copied by ``gather``: the ops of the forms a GPU dispatches
+#: under torch.compile, the form the issue's budgets count, counted in eager mode (with
+#: reselect_every > 1 the eager forward runs the blocks between selections as one segment,
+#: which a compiled graph does not: there every block gathers and restores, as with
+#: reselect_every=1; audit V5 of the thirty-seventh session); "matmul": the logits' form of eager mode on
 #: a GPU, 2 ops more per row (docs/gpu.md "The global-query logits": fewer bytes moved, measured
 #: faster there); "cpu": what a CPU runs by default, the product and rows copied by
 #: ``index_select`` (4 ops more per row copy, several times faster there: evolve._ROW_SELECT)

@@ -903,7 +903,7 @@ def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
     for blk in model.blocks:
         blk.attn.__class__ = _Recording
     counted = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
-    assert counted.blocks[2].attn.last_tokens == 17
+    assert not hasattr(counted.blocks[2].attn, "last_tokens")   # (the conversion leaves no trace)
     counted.blocks[2].attn(torch.randn(1, 5, 192))           # its own forward, another count
     with torch.no_grad():
         counted(x)

@@ -1,6 +1,6 @@
 """The tools' models: timm models by name (random weights, no hub), the input size a tool
 runs them at, and self-describing checkpoints (timm name + kwargs + weights) that
-``evoplug visualize FILE`` and ``evoplug bench`` can rebuild."""
+``evoplug explain/check/plan/visualize FILE`` rebuild (``evoplug bench`` takes timm names)."""
 from __future__ import annotations
 
 from typing import Optional
