@@ -863,6 +863,30 @@ def test_the_conversion_leaves_no_trace_in_buffers_that_forwards_change(inplace)
     assert torch.isfinite(seen.min_val) and (seen is observer) == inplace
 
 
+def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:
+    """tests/plain_vit.py's ViT whose tokens (the class token first, plus its position table
+    where ``position_table``) pass through ``stage`` before its layers."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from plain_vit import PlainViT
+
+    class Net(PlainViT):
+        def __init__(self):
+            super().__init__(img=32)
+            self.stage = stage
+            if not position_table:
+                self.where = None
+
+        def forward(self, images):
+            t = self.embed(images).flatten(2).transpose(1, 2)
+            t = torch.cat([self.summary.expand(t.shape[0], -1, -1), t], 1)
+            t = self.stage(t if self.where is None else t + self.where)
+            for layer in self.trunk:
+                t = layer(t)
+            return self.classify(self.final(t)[:, 0])
+    return Net()
+
+
 class _CachedTable(torch.nn.Module):
     """A table filled into a buffer at the first forward, the fill marked by a private flag: a
     bool, a set, or an attribute made at the first forward."""
@@ -919,28 +943,12 @@ def test_a_cache_filled_at_the_first_forward_is_put_back_with_its_flag(flag):
     set, and the converted model ran on an empty table, 0.97 off the original at keep 1.0
     (audit U4, thirty-sixth session); so did a flag in an OrderedDict or on another module
     (audit U6). Every module's plain and container state goes back with the buffers."""
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from plain_vit import PlainViT
-
-    class Net(PlainViT):
-        def __init__(self):
-            super().__init__()
-            self.cache = _FlagAbove(65, 64) if flag == "elsewhere" else _CachedTable(65, 64, flag)
-
-        def forward(self, images):
-            t = self.embed(images).flatten(2).transpose(1, 2)
-            t = self.cache(torch.cat([self.summary.expand(t.shape[0], -1, -1), t], 1) + self.where)
-            for layer in self.trunk:
-                t = layer(t)
-            return self.classify(self.final(t)[:, 0])
-
     torch.manual_seed(0)
-    net = Net().eval()
+    net = _vit_around(_FlagAbove(65, 64) if flag == "elsewhere" else _CachedTable(65, 64, flag)).eval()
     ref = copy.deepcopy(net)
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(net, keep_ratio=1.0, example_input=x)
-    table = (fast.cache.inner if flag == "elsewhere" else fast.cache).table
+    table = (fast.stage.inner if flag == "elsewhere" else fast.stage).table
     assert bool((table == 0).all())                           # (as before the conversion)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
@@ -977,33 +985,16 @@ def test_a_table_cached_for_a_size_is_put_back_with_its_key(in_place):
     the table its forwards made, so the next call at the original size read a table of the
     conversion's size and failed (audit V0, thirty-seventh session). Both go back, at the
     conversion and at a twin's."""
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    from plain_vit import PlainViT
-
-    class Net(PlainViT):
-        def __init__(self):
-            super().__init__(img=32)
-            self.where = None
-            self.pos = _KeyedTable(64, 65, in_place)
-
-        def forward(self, images):
-            t = self.embed(images).flatten(2).transpose(1, 2)
-            t = self.pos(torch.cat([self.summary.expand(t.shape[0], -1, -1), t], 1))
-            for layer in self.trunk:
-                t = layer(t)
-            return self.classify(self.final(t)[:, 0])
-
     torch.manual_seed(0)
-    net = Net().eval()
+    net = _vit_around(_KeyedTable(64, 65, in_place), position_table=False).eval()
     ref = copy.deepcopy(net)
     x, big = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
     fast = evoplug.convert(net, keep_ratio=1.0, example_input=torch.randn(2, 3, 64, 64))
-    assert (fast.pos.n, fast.pos.table.shape[1]) == (65, 65)
+    assert (fast.stage.n, fast.stage.table.shape[1]) == (65, 65)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
         torch.testing.assert_close(fast(big), ref(big), rtol=0, atol=1e-5)     # (a twin)
-        assert (fast.pos.n, fast.pos.table.shape[1]) == (145, 145)
+        assert (fast.stage.n, fast.stage.table.shape[1]) == (145, 145)
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
 
 
