@@ -13,6 +13,7 @@ import inspect
 import numbers
 import random
 import time
+import types
 import warnings
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -532,6 +533,13 @@ def _twin(model: nn.Module, blocks: set):
             return m
         t = object.__new__(type(m))
         t.__dict__ = dict(m.__dict__)
+        # what is bound to the original runs the original: ``nn.Module.compile()``'s
+        # ``_compiled_call_impl`` (the twin's calibration ran the model, which waited for the
+        # twin: a hang) and methods bound on the instance (audit V6, thirty-seventh session)
+        t.__dict__.pop("_compiled_call_impl", None)
+        for k, v in list(t.__dict__.items()):
+            if isinstance(v, types.MethodType) and v.__self__ is m:
+                t.__dict__[k] = types.MethodType(v.__func__, t)
         t._buffers = dict(m._buffers)      # (its conversion adds buffers of its own)
         # the parameters dict itself is shared: one replaced on the model (load_state_dict with
         # assign=True, a parameter set anew) is the twin's too

@@ -107,6 +107,32 @@ def test_a_compiled_model_compiles_once_over_its_calls():
     assert spec.context.index == 2 and spec.context.sel.shape == (2, 32)
 
 
+def test_a_model_compiled_with_its_compile_method_runs_at_a_new_size():
+    """``model.compile()`` (``nn.Module.compile``, as MMPretrain's ``--compile`` does on the
+    backbone) and then a new input size: the twin copied the compiled call bound to the model,
+    its analysis ran the model, which waited for the twin: the call never returned (audit V6,
+    thirty-seventh session)."""
+    import threading
+    import timm
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              depth=4, num_classes=5, dynamic_img_size=True).eval()
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, 32, 32))
+    fast.compile(backend="eager")
+    x, got = torch.randn(2, 3, 48, 48), []
+
+    def call():
+        with torch.no_grad():
+            got.append(fast(x))
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(timeout=240)
+    assert got, "the call at a new size did not return"
+    with torch.no_grad():
+        assert close(got[0], model(x), 1e-5)
+
+
 @pytest.mark.parametrize("name", ["plain_vit", "beit_base_patch16_224", "eva02_tiny_patch14_224",
                                   "cait_xxs24_224", "vit_small_patch14_reg4_dinov2"])
 def test_one_graph_no_break(name):

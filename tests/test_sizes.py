@@ -998,6 +998,74 @@ def test_a_table_cached_for_a_size_is_put_back_with_its_key(in_place):
         torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
 
 
+class _FirstBatch(torch.nn.Module):
+    """State made at the first forward: a scale from the first batch in a buffer registered as
+    None (ActNorm), a buffer registered by the forward, a non-persistent buffer the forward
+    deletes, a sparse buffer beside them, a child made in place of a None attribute."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.what = what
+        if what == "none":
+            self.register_buffer("scale", None)
+        elif what == "deleted":
+            self.register_buffer("pending", torch.ones(1), persistent=False)
+        elif what == "sparse":
+            self.register_buffer("pattern", torch.eye(3).to_sparse())
+        elif what == "child":
+            self.extra = None
+
+    def forward(self, t):
+        if self.what == "none" and self.scale is None:
+            self.scale = 1 / (t.detach().std(dim=(0, 1), keepdim=True) + 1e-6)
+        if self.what == "registered" and not hasattr(self, "scale"):
+            self.register_buffer("scale", 1 / (t.detach().std(dim=(0, 1), keepdim=True) + 1e-6))
+        if self.what == "deleted" and hasattr(self, "pending"):
+            del self.pending
+        if self.what == "child" and self.extra is None:
+            self.extra = torch.nn.Identity()
+        return t * self.scale if hasattr(self, "scale") else t
+
+
+@pytest.mark.parametrize("what", ["none", "registered", "deleted", "sparse", "child"])
+def test_buffers_and_children_the_forwards_made_or_removed_are_put_back(what):
+    """Audit V6 (thirty-seventh session) of the restore above: a buffer registered as None and
+    filled at the first forward kept the conversion's batch (1.53 off the dense model at keep
+    1.0 at the first user batch); one the forward registers stayed (in the state_dict too); a
+    non-persistent buffer the forward deleted came back persistent (a dense checkpoint no
+    longer loaded strictly); a sparse buffer made every conversion fail; a child made in place
+    of a None attribute stayed in the state_dict behind the None."""
+    torch.manual_seed(0)
+    net = _vit_around(_FirstBatch(what)).eval()
+    ref = copy.deepcopy(net)
+    keys = set(net.state_dict())
+    fast = evoplug.convert(net, keep_ratio=1.0, example_input=torch.randn(1, 3, 32, 32) * 5)
+    assert set(fast.state_dict()) == keys
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref(x), rtol=0, atol=1e-6)
+
+
+def test_hooks_the_forwards_removed_come_back():
+    """A hook that removes itself at its first call (a one-shot capture) was used up by the
+    conversion's forwards of a model converted in place (audit V6, thirty-seventh session)."""
+    torch.manual_seed(0)
+    net = _vit_around(torch.nn.Identity()).eval()
+    seen = []
+
+    def once(_m, args):
+        seen.append(args[0].shape[0])
+        handle.remove()
+    handle = net.register_forward_pre_hook(once)
+    fast = evoplug.convert(net, keep_ratio=0.5, inplace=True, example_input=torch.randn(1, 3, 32, 32))
+    seen.clear()
+    with torch.no_grad():
+        fast(torch.randn(4, 3, 32, 32))
+        fast(torch.randn(3, 3, 32, 32))
+    assert seen == [4]
+
+
 def test_buffers_that_cannot_be_written_in_place_are_put_back_too():
     """A counter the module replaces, converted again at a new size under inference_mode (its
     buffer then an inference tensor), and a buffer made by ``expand`` beside it: writing them

@@ -29,20 +29,29 @@ def own_state(m: nn.Module) -> dict:
             if k not in _MODULE_INTERNALS and not k.startswith("_evoplug")}
 
 
+#: buffers the analysis itself registers on a block (traced constants, window indices, taps):
+#: they stay, the program reads them
+_OWN_BUFFERS = ("_tensor_constant", "_evo_")
+
+
 def snapshot(model: nn.Module) -> List[tuple]:
-    """For every module: (module, [(name, buffer, a copy of its values)], its own attributes
-    (containers as shallow copies, everything else by identity), {name: a copy of the values}
-    of the attributes that are tensors, {hook dict: the ids of its hooks})."""
+    """For every module: (module, its class, [(name, buffer or None, a copy of its values)], the
+    non-persistent buffer names, its own attributes (containers as shallow copies, everything
+    else by identity), {name: a copy of the values} of the attributes that are tensors, its
+    children's names, {hook dict: a copy})."""
     from torch.nn.parameter import is_lazy
     saved = []
     for m in model.modules():
         attrs = own_state(m)
-        saved.append((m, [(k, b, b.detach().clone()) for k, b in m._buffers.items()
-                          if b is not None and not is_lazy(b)],
+        saved.append((m, type(m),
+                      [(k, b, None if b is None or is_lazy(b) else b.detach().clone())
+                       for k, b in m._buffers.items()],
+                      set(m._non_persistent_buffers_set),
                       {k: copy.copy(v) if isinstance(v, _CONTAINERS) else v for k, v in attrs.items()},
                       {k: v.detach().clone() for k, v in attrs.items()
                        if isinstance(v, torch.Tensor) and not is_lazy(v)},
-                      {name: set(vars(m)[name]) for name in _HOOK_DICTS if name in vars(m)}))
+                      set(m._modules),
+                      {name: dict(vars(m)[name]) for name in _HOOK_DICTS if name in vars(m)}))
     return saved
 
 
@@ -65,44 +74,72 @@ def _same(old, new) -> bool:
 def restore(saved: List[tuple]):
     """Put back everything the forwards since :func:`snapshot` changed: every module's own
     attributes (plain values, containers in place, objects they replaced), the values of its
-    tensor attributes and buffers. All of it: a flag put back without the table it says is
-    filled, or a size key put back beside the table cached for another size, leaves a model
-    that is wrong or fails at its next call (audits U4, U6, thirty-sixth session; V0,
-    thirty-seventh). An object changed in place (not a tensor, not a list, dict or set) is not
-    seen. Hooks the forwards installed and left (transformers' output-capturing hooks, with
-    their flag ``_output_capturing_hooks_installed``) go too: the flag put back alone had
-    transformers install its hooks a second time, every hidden state returned twice."""
-    for m, _, attrs, tensors, hooks in saved:
-        for name, ids in hooks.items():
+    tensor attributes and buffers, buffers they registered, filled (``None`` before) or removed,
+    children they made in place of an attribute, and its hooks (those the forwards installed
+    and left, transformers' output-capturing hooks with their flag, go; the flag put back alone
+    doubled every hidden state; a hook that removed itself comes back). All of it: a flag put
+    back without the table it says is filled, or a size key put back beside the table cached
+    for another size, leaves a model that is wrong or fails at its next call (audits U4, U6,
+    thirty-sixth session; V0, V6, thirty-seventh). A module whose class the forwards changed (a
+    lazy module materialised) keeps its new state. Not seen: an object other than a tensor or
+    a container changed in place, attributes in ``__slots__``, modules outside the module tree."""
+    tensors = []
+    for m, cls, bufs, non_persistent, attrs, values, children, hooks in saved:
+        if type(m) is not cls:
+            continue
+        for name, before in hooks.items():
             d = vars(m).get(name)
-            for hook_id in [h for h in d or () if h not in ids]:
-                del d[hook_id]
-        now = own_state(m)
-        for k in now.keys() | attrs.keys():
-            old, cur = attrs.get(k, _MISSING), now.get(k, _MISSING)
-            if old is _MISSING:
-                del vars(m)[k]
-            elif cur is _MISSING or not _same(old, cur):
-                if isinstance(old, _CONTAINERS) and type(cur) is type(old):
-                    cur.clear()          # (in place: others may hold the container)
-                    cur.extend(old) if isinstance(cur, list) else cur.update(old)
-                else:
-                    vars(m)[k] = old
-        _put_back([(vars(m), k, attrs[k], values) for k, values in tensors.items()])
-    _put_back([(m._buffers, k, b, values) for m, bufs, *_ in saved for k, b, values in bufs])
+            if d is not None and (d.keys() != before.keys() or any(d[h] is not f for h, f in before.items())):
+                d.clear()
+                d.update(before)
+        _put_back_attributes(m, attrs, children)
+        tensors += [(vars(m), k, attrs[k], v) for k, v in values.items()]
+        tensors += _put_back_buffers(m, bufs, non_persistent)
+    _put_back(tensors)
+
+
+def _put_back_attributes(m: nn.Module, attrs: dict, children: set):
+    now = own_state(m)
+    for k in now.keys() | attrs.keys():
+        old, cur = attrs.get(k, _MISSING), now.get(k, _MISSING)
+        if old is _MISSING:
+            del vars(m)[k]
+        elif cur is _MISSING or not _same(old, cur):
+            if cur is _MISSING and k in m._modules and k not in children:
+                del m._modules[k]           # (a child the forward made in place of a None)
+            if isinstance(old, _CONTAINERS) and type(cur) is type(old):
+                cur.clear()          # (in place: others may hold the container)
+                cur.extend(old) if isinstance(cur, list) else cur.update(old)
+            else:
+                vars(m)[k] = old
+
+
+def _put_back_buffers(m: nn.Module, bufs: list, non_persistent: set) -> list:
+    """The buffers as they were (registered anew, ``None`` again, removed if the forwards made
+    them), and the entries whose values :func:`_put_back` writes back."""
+    names = {k for k, _, _ in bufs}
+    for k in [k for k in m._buffers if k not in names and not k.startswith(_OWN_BUFFERS)]:
+        del m._buffers[k]
+    for k, b, _ in bufs:
+        m._buffers[k] = b
+    own = {k for k in m._non_persistent_buffers_set if k not in names and k in m._buffers}
+    if m._non_persistent_buffers_set != non_persistent | own:
+        m._non_persistent_buffers_set.clear()
+        m._non_persistent_buffers_set.update(non_persistent | own)
+    return [(m._buffers, k, b, values) for k, b, values in bufs if values is not None]
 
 
 def _put_back(entries: list):
     """Each tensor back in its place with its values: written in place, or replaced by the copy
-    where it cannot be (an inference tensor, a tensor made by ``expand``)."""
+    where it cannot be (an inference tensor, a tensor made by ``expand``, a sparse tensor)."""
     with torch.no_grad():
         for where, k, t, values in entries:
             where[k] = t
-            if t.shape == values.shape and torch.equal(t, values):
-                continue
             try:
+                if t.layout == torch.strided and t.shape == values.shape and torch.equal(t, values):
+                    continue
                 if t.shape != values.shape:
                     t.resize_(values.shape)
                 t.copy_(values)
-            except RuntimeError:
+            except (RuntimeError, NotImplementedError, TypeError):
                 where[k] = values
