@@ -1468,6 +1468,65 @@ def test_the_model_called_from_a_hook_on_its_own_block_leaves_the_outer_forward_
     torch.testing.assert_close(inner[0], flipped, atol=1e-5, rtol=1e-5)
 
 
+def test_the_model_called_from_a_hook_in_a_threads_first_forward():
+    """The nested forward of the test above as the first forward of a thread: the outer
+    forward's state was put back with no list of waiting runs (None) and every later forward on
+    that thread raised a TypeError (audit V8, thirty-seventh session)."""
+    torch.manual_seed(0)
+    fast = evoplug.convert(_randomise(_tiny()), keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = fast(x)
+    got = []
+
+    def hook(_m, _i, _o):
+        handle.remove()
+        fast(x.flip(-1))
+
+    def first_forward():
+        with torch.no_grad():
+            fast(x)
+            got.append(fast(x))
+    handle = fast.blocks[1].register_forward_hook(hook)
+    worker = threading.Thread(target=first_forward)
+    worker.start()
+    worker.join()
+    torch.testing.assert_close(got[0], want, atol=1e-6, rtol=1e-6)
+
+
+def test_conversions_in_two_threads_at_once():
+    """Two threads converting models at once: torch.fx patches torch's functions and
+    nn.Module.__call__ for the whole process while it traces, and two threads' patches
+    interleaved broke both conversions (missing submodules, a block refused for 2 attentions)
+    and left nn.Module.__call__ patched (audit V8, thirty-seventh session). One trace runs at a
+    time now."""
+    import timm
+    call = torch.nn.Module.__call__
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10).eval())
+    x = torch.randn(1, 3, 64, 64)
+    alone = [evoplug.convert(m, keep_ratio=0.5, example_input=x) for m in models]
+    done = {}
+
+    def convert(i):
+        try:
+            done[i] = evoplug.convert(models[i], keep_ratio=0.5, example_input=x)
+        except Exception as e:          # noqa: BLE001 (the test reports it)
+            done[i] = e
+    workers = [threading.Thread(target=convert, args=(i,)) for i in (0, 1)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert torch.nn.Module.__call__ is call
+    with torch.no_grad():
+        for i in (0, 1):
+            assert isinstance(done[i], torch.nn.Module), done[i]
+            torch.testing.assert_close(done[i](x), alone[i](x), atol=1e-6, rtol=1e-6)
+
+
 def test_a_forward_that_raises_between_handed_on_blocks_warns_of_nothing_it_did_not_do():
     """A forward that raises inside a block whose input was handed on (a user hook on its
     MLP): PyTorch silences an error of the entry's always-called exit hook into a warning, and

@@ -220,7 +220,11 @@ class BlockTracer(fx.Tracer):
         registry only grows: every later trace patches each entry, 8 ms a trace after a few
         hundred), so that fx may trace the module again. evoplug's modules are never traced
         again: converted blocks refuse torch.fx (runtime/block.py)."""
-        graph = self._trace(root, concrete_args)
+        with _ONE_TRACE:
+            # (one trace at a time in the process: fx patches torch functions and
+            # nn.Module.__call__ globally, and two threads' patches interleaved left them patched
+            # and broke both conversions; audit V8 of the thirty-seventh session)
+            graph = self._trace(root, concrete_args)
         for node in graph.nodes:
             node.meta.pop("is_wrapped", None)
         return graph
@@ -336,6 +340,7 @@ _TORCH_RANDOM = ("rand", "randn", "randint", "randperm", "bernoulli", "normal", 
 #: threads tracing a block now (ident -> depth), and the functions patched while any is
 _TRACING: Dict[int, int] = {}
 _TRACING_LOCK = threading.Lock()
+_ONE_TRACE = threading.RLock()
 _PATCHED: List[Tuple[Any, str, Any]] = []
 
 
@@ -375,8 +380,9 @@ def _no_python_random():
 def _after_fork():
     """A child forked while another thread traced: that thread does not exist there; the lock it
     may hold is new, and the functions patched for it are restored."""
-    global _TRACING_LOCK
+    global _TRACING_LOCK, _ONE_TRACE
     _TRACING_LOCK = threading.Lock()
+    _ONE_TRACE = threading.RLock()
     me = threading.get_ident()
     for ident in [i for i in _TRACING if i != me]:
         del _TRACING[ident]

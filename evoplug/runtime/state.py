@@ -259,7 +259,7 @@ class EvoRuntime:
 
     def _streams(self, local, cur: Optional[EvoState], index: int, tokens, run: Optional[Run]):
         """:meth:`enter` where runs wait or one may start: the state to go on from."""
-        waiting = getattr(local, "waiting", ())
+        waiting = getattr(local, "waiting", None) or ()   # (None: put back by a nested forward)
         if run is not None and (run.state is not cur or run.last != local.last):
             # its state was replaced without a block call here (a compiled forward): it waits
             waiting, run = waiting + (run,), None
