@@ -223,6 +223,11 @@ def test_launch_configuration_for_gpus_and_cpus():
     configure_amp(amp_cpu, cuda=False)
     assert amp_gpu.optim_wrapper.type == "AmpOptimWrapper" and amp_gpu.optim_wrapper.loss_scale == "dynamic"
     assert amp_cpu.optim_wrapper.type == "CpuBf16OptimWrapper" and "loss_scale" not in amp_cpu.optim_wrapper
+    # a config's AmpOptimWrapper(dtype='bfloat16'): the CPU wrapper took no dtype (audit V9)
+    bf16 = cfg()
+    bf16.optim_wrapper.update(type="AmpOptimWrapper", dtype="bfloat16")
+    configure_amp(bf16, cuda=False)
+    assert bf16.optim_wrapper.type == "CpuBf16OptimWrapper" and "dtype" not in bf16.optim_wrapper
 
 
 #: a one-rank gloo DDP step, then the command's ending (finish_distributed); prints go to a

@@ -284,6 +284,14 @@ def test_extras_are_refused_where_they_make_no_sense():
                                         arch=dict(embed_dims=64, num_layers=4, num_heads=2,
                                                   feedforward_channels=128)),
                           head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
+    # on/off settings are bools: 'False' or 'no' read as true turned the extras on (audit V9)
+    for flag in ("mean_token_head", "learnable_trade_off", "aux_cls_head", "strict"):
+        with pytest.raises(TypeError, match=f"evo.{flag}"):
+            MODELS.build(dict(type="EvoImageClassifier", evo=dict(keep_ratio=0.5, **{flag: "no"}),
+                              backbone=dict(type="VisionTransformer", img_size=32, patch_size=4,
+                                            arch=dict(embed_dims=64, num_layers=4, num_heads=2,
+                                                      feedforward_channels=128)),
+                              head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
     # a distilled DeiT's head reads two tokens: the batch was unpacked as them (until the
     # eighteenth session: outputs of shape (10,) at batch 2 and 3)
     with pytest.raises(ValueError, match="2 extra tokens"):
@@ -672,6 +680,11 @@ def test_options_hook_switches_options_at_the_scheduled_iterations_and_on_resume
         EvoOptionsHook({-1: dict(keep_ratio=0.5)})
     with pytest.raises(TypeError):
         EvoOptionsHook({0: dict(no_such_option=1)})
+    # a key from --cfg-options (custom_hooks.0.schedule.3.keep_ratio=0.75) is the string '3':
+    # it was refused as no epoch (audit V9, thirty-seventh session); it edits entry 3
+    hook = EvoOptionsHook({0: dict(keep_ratio=0.5), 3: dict(keep_ratio=0.6, reselect_every=2),
+                           "3": dict(keep_ratio=0.75)})
+    assert hook.schedule == {0: dict(keep_ratio=0.5), 3: dict(keep_ratio=0.75, reselect_every=2)}
 
 
 def test_an_evo_classifier_keeps_frozen_stages_in_eval_mode_and_the_configs_img_size():

@@ -12,7 +12,7 @@ with ``python -m evoplug.mm.train`` and with MMPretrain's own ``tools/train.py``
     ]
     model = dict(type='EvoImageClassifier', evo=dict(keep_ratio=0.5))
 
-This module imports nothing heavy (it only builds paths).
+This module only builds paths; importing it imports the ``evoplug`` package (and torch) first.
 """
 import os
 

@@ -47,6 +47,11 @@ class EvoOptionsHook(Hook):
             raise ValueError("EvoOptionsHook: schedule must be a non-empty dict {epoch: {option: value}}")
         parsed = {}
         for k, v in schedule.items():
+            # (a key given by --cfg-options, custom_hooks.0.schedule.3.keep_ratio=0.75, comes
+            # as the string '3'; it was refused as no epoch, audit V9 of the thirty-seventh
+            # session; given after the config's own key 3, it replaces it)
+            if isinstance(k, str) and k.strip().isdigit():
+                k = int(k)
             step = int(k) if isinstance(k, int) and not isinstance(k, bool) else -1
             if step < 0:
                 raise ValueError(f"EvoOptionsHook: schedule key {k!r} is not an epoch/iteration >= 0")
@@ -57,7 +62,7 @@ class EvoOptionsHook(Hook):
                 raise ValueError(f"EvoOptionsHook: {sorted(bad)} are read at conversion and cannot "
                                  "change during training")
             EvoOptions().replace(**v)          # unknown names and bad values fail here, at build
-            parsed[step] = dict(v)
+            parsed[step] = {**parsed.get(step, {}), **v}
         self.schedule = dict(sorted(parsed.items()))
         self.by_epoch = bool(by_epoch)
         self._applied = None

@@ -118,6 +118,14 @@ class LearnableTradeOff(nn.Module):
         return f"alpha=sigmoid(logit)={float(torch.sigmoid(self.logit.detach())):.4f}"
 
 
+def _flag(value, name: str) -> bool:
+    """An on/off setting of the config: a bool (``'False'`` or ``'no'`` read as true turned
+    the extras on until the thirty-seventh session; audit V9)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"EvoImageClassifier: evo.{name} must be True or False, got {value!r}")
+    return value
+
+
 @MODELS.register_module()
 class EvoImageClassifier(ImageClassifier):
     """``ImageClassifier`` with an Evo-ViT backbone.
@@ -154,11 +162,13 @@ class EvoImageClassifier(ImageClassifier):
     def __init__(self, backbone: dict, neck: Optional[dict] = None, head: Optional[dict] = None,
                  *, evo: Optional[dict] = None, **kwargs):
         evo = _split_evo(evo, OPTION_KEYS | CONVERT_KEYS | EXTRA_KEYS, "EvoImageClassifier")
-        learnable = bool(evo.pop("learnable_trade_off", False))
-        mean_head = bool(evo.pop("mean_token_head", False))
+        learnable = _flag(evo.pop("learnable_trade_off", False), "learnable_trade_off")
+        mean_head = _flag(evo.pop("mean_token_head", False), "mean_token_head")
         aux = evo.pop("aux_cls_head", None)
+        if aux is not None and not isinstance(aux, dict):
+            aux = _flag(aux, "aux_cls_head (a bool or a dict)")
         input_size = evo.pop("input_size", None)
-        strict = evo.pop("strict", True)
+        strict = _flag(evo.pop("strict", True), "strict")
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
 
         if learnable:
@@ -209,7 +219,7 @@ class EvoImageClassifier(ImageClassifier):
                 raise ValueError("aux_cls_head is built from the model's `head` config: set one")
             aux = dict(aux) if isinstance(aux, dict) else {}
             self.aux_loss_weight = float(aux.pop("loss_weight", 1.0))
-            self.aux_init_from_head = bool(aux.pop("init_from_head", True))
+            self.aux_init_from_head = _flag(aux.pop("init_from_head", True), "aux_cls_head.init_from_head")
             aux_cfg = copy.deepcopy(head)
             aux_cfg.update(aux.pop("head", {}))
             if aux:

@@ -195,6 +195,7 @@ def configure_amp(cfg, cuda: bool):
     else:
         cfg.optim_wrapper.type = "CpuBf16OptimWrapper"
         cfg.optim_wrapper.pop("loss_scale", None)
+        cfg.optim_wrapper.pop("dtype", None)   # (AmpOptimWrapper's: a TypeError here; audit V9)
 
 
 def main(argv: Optional[List[str]] = None):
