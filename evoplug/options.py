@@ -91,7 +91,8 @@ def _integer(name: str, value: Any) -> int:
         raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})") from None
 
 
-def _flag(name: str, value: Any) -> bool:
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool (numpy's too); a TypeError naming ``name`` for anything else."""
     v = _plain(value)
     if not isinstance(v, bool):
         raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
@@ -183,7 +184,7 @@ class EvoOptions:
         out["reselect_every"] = _integer("reselect_every", self.reselect_every)
         if out["reselect_every"] < 1:
             raise ValueError(f"reselect_every must be >= 1, got {self.reselect_every!r}")
-        out["representative"] = _flag("representative", self.representative)
+        out["representative"] = check_flag("representative", self.representative)
         if self.num_prefix_tokens is None:
             out["num_prefix_tokens"] = None
         else:
@@ -195,7 +196,7 @@ class EvoOptions:
         if self.global_query not in GLOBAL_QUERIES:
             raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {self.global_query!r}")
         out["global_query"] = self.global_query
-        out["identity_fast_path"] = _flag("identity_fast_path", self.identity_fast_path)
+        out["identity_fast_path"] = check_flag("identity_fast_path", self.identity_fast_path)
         return out
 
     def replace(self, **changes) -> "EvoOptions":

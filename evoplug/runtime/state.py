@@ -635,11 +635,18 @@ def _shapes(key) -> tuple:
 def named_tensors(module, args, kwargs) -> Optional[Dict[str, torch.Tensor]]:
     """The call's tensor arguments by the names of ``module.forward``'s parameters (a call by
     keyword and one by position give the same names); None where they do not bind."""
-    try:
-        bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
+    bound = _bind(module, args, kwargs)
+    if bound is None:
         return None
     return {n: v for n, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+
+
+def _bind(module, args, kwargs) -> Optional[inspect.BoundArguments]:
+    """The call bound to ``module.forward``'s parameters; None where it does not bind."""
+    try:
+        return inspect.signature(module.forward).bind_partial(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
 
 
 def named_flags(module, args, kwargs) -> Dict[str, object]:
@@ -648,16 +655,11 @@ def named_flags(module, args, kwargs) -> Dict[str, object]:
     the example a new size's twin is converted on, which then failed where the model runs (audit
     V3, thirty-seventh session)."""
     flags = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
-    try:
-        sig = inspect.signature(module.forward)
-        bound = sig.bind_partial(*args, **kwargs)
-    except (TypeError, ValueError):
-        return flags
-    for n, v in bound.arguments.items():
-        kind = sig.parameters[n].kind
-        if kind == inspect.Parameter.VAR_KEYWORD or kind == inspect.Parameter.VAR_POSITIONAL:
-            continue        # (the keywords are in ``kwargs``; extra positions have no name)
-        if not isinstance(v, torch.Tensor):
+    bound = _bind(module, args, kwargs)
+    for n, v in bound.arguments.items() if bound is not None else ():
+        kind = bound.signature.parameters[n].kind
+        if kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL) and \
+                not isinstance(v, torch.Tensor):      # (**kwargs: in ``kwargs``; *args: no name)
             flags.setdefault(n, v)
     return flags
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import evoplug
-from evoplug.options import EvoOptions
+from evoplug.options import EvoOptions, check_flag
 
 from mmengine.logging import print_log
 from mmpretrain.models.backbones import (DistilledVisionTransformer, LeViT, SwinTransformer,
@@ -121,9 +121,7 @@ class LearnableTradeOff(nn.Module):
 def _flag(value, name: str) -> bool:
     """An on/off setting of the config: a bool (``'False'`` or ``'no'`` read as true turned
     the extras on until the thirty-seventh session; audit V9)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"EvoImageClassifier: evo.{name} must be True or False, got {value!r}")
-    return value
+    return check_flag(f"EvoImageClassifier: evo.{name}", value)
 
 
 @MODELS.register_module()
