@@ -329,14 +329,9 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
         # (no other thread runs the model meanwhile: EvoRuntime.variant_for)
         with hooks_suspended(*shared):
             _convert_twin(twin, args, kwargs, batch_dims, strict, options, on)
-        # the twin's blocks run inside the model's (whose hooks fire): hooks its analysis left on
-        # its own modules fired again (transformers' hidden states and attentions, twice each)
-        keep = set(get_report(twin).entry_hooks)
-        for m in pairs.values():
-            for name in _HOOK_DICTS:
-                d = m.__dict__.get(name)
-                for hook_id in [k for k in d or () if k not in keep]:
-                    del d[hook_id]
+        # (the twin's blocks run inside the model's, whose hooks fire: hooks its analysis left
+        # on its own modules fired again, transformers' hidden states and attentions twice each;
+        # the conversion's restore, analyse/snapshot.py, removes them with the rest)
     except ConversionError as e:
         what = "an input of another size than the one it was converted at needs the model " \
                "converted again for that size" if on == "first" else \
