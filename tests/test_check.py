@@ -157,6 +157,84 @@ def test_the_check_rebuilds_the_evo_vit_update_and_finds_a_broken_rule(monkeypat
     assert r.keep1_fast_diff == 0 and r.batch_diff < 1e-4     # (what the check had: all fine)
 
 
+def _planted_scores(how):
+    """A runtime whose score update is wrong and whose update rule is right: the kept tokens'
+    scores not refreshed, refreshed with each other's attention, or the first scores put on
+    the tokens in reverse order."""
+    refresh, first = ev.refresh, ev.first_scores
+    if how == "not_refreshed":
+        return "refresh", lambda sel, row, weight: sel
+    if how == "rows_swapped":
+        return "refresh", lambda sel, row, weight: refresh(sel, row.flip(-1), weight)
+    return "first_scores", lambda row, *args, **kwargs: first(row.flip(-1), *args, **kwargs)
+
+
+@pytest.mark.parametrize("how", ["not_refreshed", "rows_swapped", "first_row_reversed"])
+def test_the_check_rebuilds_the_global_scores_and_finds_a_broken_update(monkeypatch, how):
+    """The update check took the global scores from the runtime: a runtime that ranked the
+    tokens by wrong scores passed it (a known limit until the thirty-eighth session). The
+    scores each block receives are now rebuilt from the block before it: its input scores and
+    the attention map its own forward computes (read by ``tools/attention_maps.py``, apart
+    from the runtime), g = (1 - alpha) g + alpha a at the kept tokens."""
+    model = _small_vit()              # (honest: test_the_rebuilt_scores_agree_with_the_runtime)
+    name, broken = _planted_scores(how)
+    monkeypatch.setattr(ev, name, broken)
+    r = check_conversion(model)
+    assert r.status == "WRONG" and r.scores_diff > 1e-2, str(r)
+    assert any("global attention scores" in p for p in r.problems), str(r)
+    assert r.evolution_diff < 1e-5 and r.hand_on_diff < 1e-5     # (what the check had: fine)
+
+
+class _EncoderLayersViT(torch.nn.Module):
+    """PyTorch's ``nn.TransformerEncoderLayer`` (sequence-first, its default) over a class
+    token and 4 px patches."""
+
+    def __init__(self, d=64, depth=6):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, d, 4, 4)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, d))
+        self.enc = torch.nn.Sequential(*[torch.nn.TransformerEncoderLayer(
+            d, 4, 2 * d, dropout=0.0) for _ in range(depth)])
+
+    def forward(self, x):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1)
+        return self.enc(t.transpose(0, 1))[0]
+
+
+KINDS = ["cls_query", "mean_query_and_trade_off", "plain_mha", "torch_layers", "explicit_softmax"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_rebuilt_scores_agree_with_the_runtime(kind):
+    """The scores rebuilt from the blocks' own maps agree with the runtime's, on timm's fused
+    attention with a class token and on the other forms of attention: the mean query (no class token), another trade-off,
+    ``nn.MultiheadAttention`` in a hand-written layer, PyTorch's ``nn.TransformerEncoderLayer``
+    (sequence-first; its fused fast path) and a softmax written out."""
+    torch.manual_seed(0)
+    options = {}
+    if kind == "plain_mha":
+        from plain_vit import PlainViT
+        model = PlainViT(batch_first=False).eval()
+    elif kind == "torch_layers":
+        model = _EncoderLayersViT().eval()
+    elif kind == "cls_query":
+        model = _small_vit()
+    else:
+        mean = kind.startswith("mean_query")
+        kw = dict(class_token=False, global_pool="avg") if mean else {}
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64,
+                                  depth=6, **kw).eval()
+        if kind == "explicit_softmax":
+            for blk in model.blocks:
+                blk.attn.fused_attn = False
+        options = dict(trade_off=0.2) if mean else {}
+    x = torch.randn(2, 3, 32, 32) if kind in ("plain_mha", "torch_layers") else None
+    r = check_conversion(model, x, **options)
+    assert r.ok and r.scores_checked == 3 and r.scores_diff < 1e-5, str(r)
+    assert "global scores of 3 block(s) rebuilt" in str(r)
+
+
 class _TwoMaps(torch.nn.Module):
     """A backbone returning a map of its (dense) stem first, then the last block's tokens."""
 

@@ -33,6 +33,13 @@ outputs: each compared, the worst one reported):
   at their places and the representative token's residual added to every other token. The
   block's output must match (``evolution_diff``, relative). This runs with ``reselect_every=1``
   and every block restoring the order, so that
+* **the global scores** those blocks receive are rebuilt too, from the block that ran just
+  before each (the one that computes the first scores included): its input scores and the
+  attention map its own original forward computes on the same tokens (read by
+  :mod:`evoplug.tools.attention_maps`, apart from the runtime): the class token's or the mean
+  query's row, averaged over the heads, ``g = (1 - alpha) g + alpha a`` at the kept tokens
+  (``scores_diff``, relative; a block whose forward computes no such map, or more than one, is
+  not compared);
 * **hand-on** is checked too: the model's output with tokens handed on between blocks in the
   selection's order equals its output with every block restoring the order (``hand_on_diff``);
 * the model's ``state_dict`` loads strictly into the converted model and back;
@@ -60,6 +67,9 @@ import torch
 from torch import nn
 
 import evoplug
+from evoplug.options import read_trade_off
+
+from .attention_maps import AttentionMaps, global_row
 
 
 @dataclasses.dataclass
@@ -99,6 +109,11 @@ class CheckResult:
     evolution_diff: float = float("nan")
     evolution_checked: Tuple[int, int] = (0, 0)
     hand_on_diff: float = float("nan")
+    # the global scores blocks received against the ones rebuilt from the block before them
+    # (its input scores and its own attention map, read by tools/attention_maps.py; relative),
+    # and how many blocks' scores it compared
+    scores_diff: float = float("nan")
+    scores_checked: int = 0
 
     @property
     def ok(self) -> bool:
@@ -112,6 +127,9 @@ class CheckResult:
         blocks, images = self.evolution_checked
         update = (f", Evo-ViT update of {blocks} block(s) rebuilt from the paper's rules "
                   f"{self.evolution_diff:.1e}" if blocks and images else "")
+        if self.scores_checked:
+            update += (f", global scores of {self.scores_checked} block(s) rebuilt from the "
+                       f"attention maps {self.scores_diff:.1e}")
         text = (f"{self.status}: {self.evolving}/{self.blocks} blocks evolving{first}, keep 1.0 "
                 f"max diff {self.keep1_fast_diff:.1e} (fast path) / "
                 f"{self.keep1_machinery_diff:.1e} (machinery), batch independence "
@@ -383,11 +401,12 @@ def _check_compiled(r: CheckResult, fast: nn.Module, x: torch.Tensor, backend: s
 _CUT_GAP = 1e-4
 
 
-def _plain(spec) -> bool:
-    """An evolving block the rules can be rebuilt on with its own forward: no 2-D map, windows,
-    position terms, whole-input reads, extra arguments, trailing tokens or scaled skip."""
+def _plain(spec, role: str = "evolve") -> bool:
+    """A block of ``role`` the rules can be rebuilt on with its own forward: no 2-D map,
+    windows, position terms, whole-input reads, extra arguments, trailing tokens or scaled
+    skip."""
     a = spec.analysis
-    return spec.role == "evolve" and not (
+    return spec.role == role and not (
         a.grid_ops_expected or a.windowed or a.token_map or a.one_window or a.uses_pos or
         a.uses_full or a.whole_args or a.token_rest or a.batch_args or a.num_suffix or
         any(b.skip for b in a.branches))
@@ -403,8 +422,8 @@ def _per_block(fast: nn.Module, x: torch.Tensor):
 
 def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, keep_ratio: float,
                      bound: float):
-    """``hand_on_diff`` and ``evolution_diff`` (see the module docstring), at keep < 1 where
-    blocks evolve and nothing before went wrong."""
+    """``hand_on_diff``, ``evolution_diff`` and ``scores_diff`` (see the module docstring), at
+    keep < 1 where blocks evolve and nothing before went wrong."""
     if keep_ratio >= 1 or not r.evolving or r.problems:
         return
     report = evoplug.get_report(fast)
@@ -418,41 +437,109 @@ def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, keep_rati
     specs = [s for s in report.blocks if _plain(s)][:3]
     if not specs or not opts.representative:
         return
-    seen, handles = {}, []
-    for spec in specs:
+    scored = [s for s in report.blocks if s.role == "score" and _plain(s, "score")][:1]
+    seen, order = _watch_blocks(fast, x, report, specs + scored)
+    diffs, images, want = [], 0, {}
+    for spec in specs + scored:
+        if spec.index not in seen:
+            continue
+        got = (_rebuilt if spec.role == "evolve" else _first_scores)(
+            spec, *seen[spec.index], alpha=opts.trade_off)
+        if got is not None:
+            diffs += [got[0]] if got[0] is not None else []
+            images += got[1]
+            want[spec.index] = got[2]
+    r.evolution_checked = (len(diffs), images)
+    r.evolution_diff = max(diffs, default=float("nan"))
+    if diffs and not r.evolution_diff <= bound:
+        r.problems.append(f"an evolving block's output differs from the Evo-ViT update rebuilt "
+                          f"from the paper's rules by {r.evolution_diff:.2e} (relative)")
+    _compare_scores(r, seen, order, want, bound)
+
+
+def _watch_blocks(fast: nn.Module, x: torch.Tensor, report, specs):
+    """Run ``fast`` with every block restoring the order and ``reselect_every=1``; returns
+    {block index: [args, kwargs, scores it received, output, tokens run]} of ``specs`` and the
+    order in which every converted block ran."""
+    seen, order, handles = {}, [], []
+    keep = {s.index for s in specs}
+    for spec in report.blocks:
         def before(mod, args, kwargs, spec=spec):
+            order.append(spec.index)
             state = spec.context
             scores = state.scores if state is not None and state.index >= 0 else None
             seen[spec.index] = [args, kwargs, None if scores is None else scores.detach().clone()]
 
         def after(mod, args, kwargs, out, spec=spec):
             seen[spec.index] += [out, spec.tokens_run]
-        handles += [spec.analysis.module.register_forward_pre_hook(before, with_kwargs=True),
-                    spec.analysis.module.register_forward_hook(after, with_kwargs=True)]
+        handles.append(spec.analysis.module.register_forward_pre_hook(before, with_kwargs=True))
+        if spec.index in keep:
+            handles.append(spec.analysis.module.register_forward_hook(after, with_kwargs=True))
+    every = report.options.reselect_every
     evoplug.set_options(fast, reselect_every=1)
     try:
         _per_block(fast, x)
     finally:
-        evoplug.set_options(fast, reselect_every=opts.reselect_every)
+        evoplug.set_options(fast, reselect_every=every)
         for h in handles:
             h.remove()
-    diffs, images = [], 0
-    for spec in specs:
-        got = _rebuilt(spec, *seen.get(spec.index, [None] * 5))
-        if got is not None:
-            diffs.append(got[0])
-            images += got[1]
-    r.evolution_checked = (len(diffs), images)
-    r.evolution_diff = max(diffs, default=float("nan"))
-    if diffs and not r.evolution_diff <= bound:
-        r.problems.append(f"an evolving block's output differs from the Evo-ViT update rebuilt "
-                          f"from the paper's rules by {r.evolution_diff:.2e} (relative)")
+    return {i: v for i, v in seen.items() if i in keep and len(v) == 5}, order
+
+
+def _compare_scores(r: CheckResult, seen, order, want, bound: float):
+    """The scores each checked block received against the scores rebuilt from the block that
+    ran just before it (its input scores and its own attention map)."""
+    diffs = []
+    for prev, nxt in zip(order, order[1:]):
+        if want.get(prev) is None or nxt not in seen or seen[nxt][2] is None:
+            continue
+        expected, clear = want[prev]
+        got = seen[nxt][2].double()
+        if got.shape != expected.shape or not bool(clear.any()):
+            continue
+        scale = float(expected[clear].abs().max().clamp_min(1e-12))
+        diffs.append(float((got[clear] - expected[clear]).abs().max()) / scale)
+    r.scores_checked = len(diffs)
+    r.scores_diff = max(diffs, default=float("nan"))
+    if diffs and not r.scores_diff <= bound:
+        r.problems.append(f"the global attention scores a block received differ from the ones "
+                          f"rebuilt from the previous block's own attention map by "
+                          f"{r.scores_diff:.2e} (relative)")
+
+
+def _alpha(alpha) -> float:
+    return float(read_trade_off(alpha)) if callable(alpha) else float(alpha)
 
 
 @torch.no_grad()
-def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
-    """(relative max |diff|, images compared) of the block's output against the update rebuilt
-    from ``scores`` (B, M) on its input; None where nothing can be compared."""
+def _first_scores(spec, args, kwargs, scores, out, tokens_run, alpha):
+    """(None, 0, (scores expected after it, images)) of the block that computes the first
+    global scores: its own attention row over the patch tokens (mixed into the scores it
+    received, where it received some); None where its map cannot be read."""
+    plan = spec.call
+    x = plan.tokens(args, kwargs)
+    if plan.tensor_args or plan.packed or len(plan.token_perm) not in (0, x.dim()) or x.dim() != 3:
+        return None
+    x = x.permute(plan.token_perm) if plan.token_perm else x
+    P = spec.analysis.num_prefix
+    with AttentionMaps(x.shape[1]) as maps:
+        spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
+    if len(maps.logits) != 1:
+        return None
+    row = global_row(maps.logits[0], x.shape[0], P, spec.analysis.global_query)
+    if row is None:
+        return None
+    row = row[:, P:]
+    if scores is not None and scores.shape == row.shape:
+        row = torch.lerp(scores.double(), row, _alpha(alpha))
+    return None, 0, (row, torch.ones(row.shape[0], dtype=torch.bool))
+
+
+@torch.no_grad()
+def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha):
+    """(relative max |diff|, images compared, (scores expected after it, images compared)) of
+    the block's output against the update rebuilt from ``scores`` (B, M) on its input; None
+    where nothing can be compared."""
     plan = spec.call
     x = plan.tokens(args, kwargs) if args is not None else None
     out = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -479,14 +566,23 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run):
     index = kept[..., None].expand(B, k, C)
     sub = torch.cat([x[:, :P], x.gather(1, index), rep], 1)
     args, kwargs = _with_tokens(plan, args, kwargs, plan.to_call(sub))
-    out_sub = spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
+    with AttentionMaps(sub.shape[1]) as maps:
+        out_sub = spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
     out_sub = out_sub[0] if isinstance(out_sub, (tuple, list)) else out_sub
     out_sub = out_sub.permute(plan.token_perm) if plan.token_perm else out_sub
     want = x + (out_sub[:, -1:] - rep)
     want[:, :P] = out_sub[:, :P]
     want.scatter_(1, index, out_sub[:, P:P + k])
     scale = float(want[clear].abs().max().clamp_min(1e-6))
-    return float((out.detach()[clear] - want[clear]).abs().max()) / scale, int(clear.sum())
+    diff = float((out.detach()[clear] - want[clear]).abs().max()) / scale
+    row = global_row(maps.logits[0], B, P, spec.analysis.global_query) \
+        if len(maps.logits) == 1 else None
+    scores_after = None
+    if row is not None:          # g = (1 - alpha) g + alpha a at the kept tokens
+        at = kept - P
+        scores_after = (g.scatter(-1, at, torch.lerp(g.gather(-1, at), row[:, P:P + k],
+                                                     _alpha(alpha))), clear)
+    return diff, int(clear.sum()), scores_after
 
 
 def _with_tokens(plan, args, kwargs, tokens):
