@@ -71,7 +71,7 @@ class BlockTracer(fx.Tracer):
     """
 
     def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
-                 example: Optional[Dict[str, Any]] = None):
+                 example: Optional[Dict[str, Any]] = None, trace_into: frozenset = frozenset()):
         leaf_functions = registry.leaf_functions()
         super().__init__(autowrap_functions=leaf_functions)
         # a leaf function called by its package's name (``einops.rearrange(...)``) as well as by
@@ -86,6 +86,10 @@ class BlockTracer(fx.Tracer):
         self._notrace_modules = registry.family_leaf_modules()
         self._into_notrace = into_notrace
         self._example = example          # the block's calibration arguments, by name
+        # functions registered with torch.fx.wrap (for the whole process) to trace into, and
+        # those the last trace kept whole: see _into_wrapped
+        self._trace_into = trace_into
+        self.global_wrapped: frozenset = frozenset()
         self.specialised: List[str] = []
         self.batch_specialised = False   # a specialised value depends on the batch size
         # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
@@ -224,7 +228,11 @@ class BlockTracer(fx.Tracer):
             # (one trace at a time in the process: fx patches torch functions and
             # nn.Module.__call__ globally, and two threads' patches interleaved left them patched
             # and broke both conversions; audit V8 of the thirty-seventh session)
-            graph = self._trace(root, concrete_args)
+            with _traced_into(self._trace_into):
+                graph = self._trace(root, concrete_args)
+            wrapped = {n.target for n in graph.nodes
+                       if n.op == "call_function" and n.meta.get("is_wrapped")}
+            self.global_wrapped = frozenset(wrapped & _globally_wrapped())
         for node in graph.nodes:
             node.meta.pop("is_wrapped", None)
         return graph
@@ -585,6 +593,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                           f"{type(first).__name__}: {first} (and with the notrace "
                                           f"modules kept whole: {type(second).__name__}: "
                                           f"{second}){_trace_hint(second)}") from None
+        graph, tracer = _into_wrapped(module, graph, tracer, saved, plan, example)
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -616,6 +625,70 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
+
+
+def _globally_wrapped() -> set:
+    """The functions registered with ``torch.fx.wrap`` in this process (torchvision's
+    ``shifted_window_attention``, timm's ``maybe_add_mask``, ...)."""
+    from torch.fx._symbolic_trace import _wrapped_fns_to_patch
+    return {f for (_, name), space in list(_wrapped_fns_to_patch.items())
+            if callable(f := space.get(name))}
+
+
+@contextlib.contextmanager
+def _traced_into(functions: frozenset):
+    """fx traces into ``functions`` though they are registered with ``torch.fx.wrap``: their
+    entries are lifted from fx's table while it traces (callers hold _ONE_TRACE)."""
+    if not functions:
+        yield
+        return
+    from torch.fx._symbolic_trace import _wrapped_fns_to_patch as table
+    held = {key: space for key, space in list(table.items()) if space.get(key[1]) in functions}
+    for key in held:
+        del table[key]
+    try:
+        yield
+    finally:
+        table.update(held)
+
+
+_ATTENTION_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax,
+                        F.scaled_dot_product_attention, F.multi_head_attention_forward}
+
+
+def _has_attention(graph: fx.Graph, root: nn.Module) -> bool:
+    """A softmax, fused attention or ``nn.MultiheadAttention`` call among the graph's nodes."""
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target in _ATTENTION_FUNCTIONS or \
+                n.op == "call_method" and n.target == "softmax":
+            return True
+        if n.op == "call_module" and isinstance(root.get_submodule(n.target),
+                                                (nn.Softmax, nn.MultiheadAttention)):
+            return True
+    return False
+
+
+def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer, saved, plan,
+                  example) -> Tuple[fx.Graph, BlockTracer]:
+    """The block traced again into the functions its library registered with ``torch.fx.wrap``
+    (kept whole by fx in every trace of the process) where the first trace shows no attention
+    and called such functions: the attention may run inside one (torchvision's Swin:
+    ``shifted_window_attention``, refused as "no attention computation" until the
+    thirty-eighth session). The graph kept is the first one unless the second traces and shows
+    the attention."""
+    if not tracer.global_wrapped or _has_attention(graph, tracer.root):
+        return graph, tracer
+    _restore_mutable_state(saved)
+    again = BlockTracer(tracer._attention_modules, into_notrace=tracer._into_notrace,
+                        example=example, trace_into=tracer.global_wrapped)
+    try:
+        retraced = again.trace(module, concrete_args=dict(plan.constants))
+    except Exception:  # noqa: BLE001 - the first graph stands (and is refused as it was)
+        _restore_mutable_state(saved)
+        return graph, tracer
+    if not _has_attention(retraced, again.root):
+        return graph, tracer
+    return retraced, again
 
 
 def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) -> fx.GraphModule:

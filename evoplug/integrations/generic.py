@@ -1,7 +1,7 @@
 """Attribute conventions many hand-written models share (most copied from timm), asked for
 every model after the families' own hints: ``num_prefix_tokens`` / ``num_extra_tokens``, a
 ``cls_token`` attribute (None: no class token), ``has_class_token``, ``patch_embed.img_size``
-or ``img_size`` with ``in_chans``."""
+or ``img_size`` (``image_size``: torchvision, open_clip) with ``in_chans``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -52,6 +52,12 @@ def _input_size(model: nn.Module) -> Optional[InputSize]:
     if getattr(model, "img_size", None) is not None:
         h, w = _pair(model.img_size)
         return chans, int(h), int(w), "`model.img_size`"
+    # torchvision's VisionTransformer (an int, asserted in its forward), open_clip's (a pair)
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) or isinstance(size, (tuple, list)) and len(size) == 2 and \
+            all(isinstance(v, int) for v in size):
+        h, w = _pair(size)
+        return chans, h, w, "`model.image_size`"
     return None
 
 
