@@ -31,11 +31,12 @@ class Block(nn.Module):
 
 class LinearEmbedViT(nn.Module):
     """vit-pytorch style: patches by reshape, embedded by ``nn.Linear`` (no 4-D map); the
-    class token first or last; ``frames`` > 1: a video ViT with a ``Conv3d`` tubelet embedding."""
+    class token first or last; ``frames`` > 1: a video ViT with a ``Conv3d`` tubelet embedding;
+    ``keyword``: the blocks called as ``b(x=t)``."""
 
-    def __init__(self, img=32, p=4, d=64, depth=6, cls_last=False, frames=1):
+    def __init__(self, img=32, p=4, d=64, depth=6, cls_last=False, frames=1, keyword=False):
         super().__init__()
-        self.p, self.cls_last, self.frames = p, cls_last, frames
+        self.p, self.cls_last, self.frames, self.keyword = p, cls_last, frames, keyword
         n = (img // p) ** 2
         if frames > 1:
             self.embed = nn.Conv3d(3, d, (2, p, p), (2, p, p))
@@ -60,7 +61,7 @@ class LinearEmbedViT(nn.Module):
         c = self.cls.expand(t.shape[0], -1, -1)
         t = (torch.cat([t, c], 1) if self.cls_last else torch.cat([c, t], 1)) + self.pos
         for b in self.blocks:
-            t = b(t)
+            t = b(x=t) if self.keyword else b(t)
         return self.head(t[:, -1] if self.cls_last else t[:, 0])
 
 
@@ -83,6 +84,29 @@ def test_class_token_is_found_without_a_patch_map(form):
         evoplug.set_keep_ratio(fast, 1.0)
         torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)
     assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cls_last", [False, True], ids=["cls-first", "cls-last"])
+def test_blocks_called_by_keyword_find_the_class_token_as_when_called_by_position(cls_last):
+    """``t = b(x=t)``: the provenance forward read a block's tokens as its first positional
+    argument and had none, so the class token after a linear patch embedding was ranked as a
+    patch (0 prefix tokens, mean query; 2.24 off), and one after the patches of a convolutional
+    embedding was taken for a leading one (1.01 off), until the thirty-eighth session (audit W4,
+    fuzzing). Called by keyword, the model converts as called by position."""
+    torch.manual_seed(0)
+    by_position = LinearEmbedViT(cls_last=cls_last).eval()
+    by_keyword = LinearEmbedViT(cls_last=cls_last, keyword=True).eval()
+    by_keyword.load_state_dict(by_position.state_dict())
+    x = torch.randn(4, 3, 32, 32)
+    outs = []
+    for model in (by_position, by_keyword):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+        a = evoplug.get_report(fast).blocks[0].analysis
+        assert (a.num_prefix, a.num_suffix, a.global_query) == ((0, 1, "mean") if cls_last else (1, 0, "cls"))
+        with torch.no_grad():
+            outs.append(fast(x))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=0)
+    assert (outs[0] - by_position(x)).abs().max() > 1e-3
 
 
 class ImageTower(nn.Module):
