@@ -26,8 +26,8 @@ from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks,
 from .analyse.probes import check_count_free_program, count_probe_graph, hooks_suspended, probe_program
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.snapshot import restore, snapshot
-from .analyse.provenance import (rest_read, rows_not_images, stream_starts, token_provenance,
-                                 varying_arguments)
+from .analyse.provenance import (class_token_rows, rest_read, rows_not_images, stream_starts,
+                                 token_provenance, varying_arguments)
 from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -733,6 +733,7 @@ def _calibrate(model: nn.Module, example_input):
     skipped = skipped + _unread_attention(calls)
     if candidates:
         token_provenance(model, example_input, calls, [c[1] for c in candidates])
+        class_token_rows(model, example_input, calls, [c[1] for c in candidates])
         stream_starts(model, example_input, calls, [c[1] for c in candidates])
         varying_arguments(model, example_input, calls, [c[1] for c in candidates])
         rows_not_images(model, example_input, calls, [c[1] for c in candidates])

@@ -581,6 +581,43 @@ def test_global_query_mean_override():
         torch.testing.assert_close(fast_cls(x), ref_cls, atol=1e-5, rtol=0)
 
 
+class _RegistersFirstViT(timm.models.vision_transformer.VisionTransformer):
+    """Registers before the class token: ``[reg, reg, cls, patches]`` (timm puts the class
+    token first)."""
+
+    def _pos_embed(self, x):
+        x = x + self.pos_embed                      # (no_embed_class: the patches' only)
+        B = x.shape[0]
+        return torch.cat([self.reg_token.expand(B, -1, -1), self.cls_token.expand(B, -1, -1), x], 1)
+
+
+def test_registers_before_the_class_token_rank_by_the_mean_query_not_a_register():
+    """evoplug reads the class query as the first prefix token's: with registers before the
+    class token, a register's query ranked the tokens while explain() said "global query: cls"
+    (0.3 to 1.8 off the paper's forward; audit W4 of the thirty-eighth session, fuzzing). Noise
+    on the declared ``cls_token`` now shows where it is: the mean query ranks (said in the
+    notes), and ``global_query='cls'`` is refused, naming the class token's place."""
+    model = peaky_weights(timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=4, depth=4,
+        embed_dim=64, num_heads=2, reg_tokens=2, no_embed_class=True, global_pool="avg"))
+    model.__class__ = _RegistersFirstViT
+    x = _images()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    blocks = evoplug.get_report(fast).blocks
+    assert all(s.analysis.global_query == "mean" and s.analysis.num_prefix == 3 for s in blocks)
+    assert "the class token is prefix token 2 of 3" in evoplug.explain(fast)
+    ref, runs, gap, _ = reference_forward(model, x, 0.5, P=3, mean_query=True, reselect_every=1)
+    assert gap > 1e-6
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=0)
+    with pytest.raises(evoplug.ConversionError, match="class token is prefix token 2 of 3"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], global_query="cls")
+    # timm's own order, the class token first: its query ranks
+    model.__class__ = timm.models.vision_transformer.VisionTransformer
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert all(s.analysis.global_query == "cls" for s in evoplug.get_report(fast).blocks)
+
+
 def test_num_prefix_tokens_zero_on_cls_model():
     model = tiny_vit()
     x = _images()

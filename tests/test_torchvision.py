@@ -63,6 +63,32 @@ def test_torchvision_swin_converts_through_its_fx_wrapped_window_attention(v2):
     assert all(p.grad is not None for p in fast.parameters() if p.requires_grad)
 
 
+def test_torchvision_swin_whose_last_stage_is_one_window_converts():
+    """At 64 px the last stage's 4x4 map is one 4x4 window (``swin_t`` at 224 px: one 7x7
+    window), cut by a view, permute and reshape that the grid analysis does not read as a token
+    view: refused as "attention on the 4-D map that is neither windowed nor on a token view"
+    until the thirty-eighth session. It runs on the full map like windows (the window index
+    maps each query row to its token): exact attention for every token, the MLP on the kept."""
+    model, x = _swin(False), _images(size=64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    last = evoplug.get_report(fast).blocks[-1].analysis
+    assert last.name == "features.5.1" and last.windowed and last.row_full
+    with torch.no_grad():
+        ref = model(x)
+        fast(x)
+        runs = [n for _, n in evoplug.tokens_per_block(fast)]
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5
+    assert runs[-2:] == [9, 9]                          # 8 of the 16 tokens + representative
+    for name, m in model.named_modules():
+        if name.endswith(".mlp"):
+            torch.nn.init.zeros_(m[3].weight)
+            torch.nn.init.zeros_(m[3].bias)
+    zeroed = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        assert (zeroed(x) - model(x)).abs().max() <= 1e-5
+
+
 def test_torchvision_vit_converts_at_the_size_it_declares():
     """``VisionTransformer`` declares its size as ``image_size`` (and asserts it in its
     forward): read as the input size (audit W1: "cannot tell its input size" until the

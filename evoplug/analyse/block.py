@@ -172,7 +172,12 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     except AnalysisError as e:
         raise _tokens_maybe_elsewhere(e, plan, x, extras) from None
     a.notes += notes
-    a.global_query = resolve_global_query(model, a.num_prefix, global_query)
+    class_row = getattr(calls, "derived", {}).get("class_rows", {}).get(a.num_tokens)
+    a.global_query = resolve_global_query(model, a.num_prefix, global_query, class_row)
+    if a.global_query == "mean" and class_row is not None and 0 < class_row < a.num_prefix:
+        a.notes.append(f"the class token is prefix token {class_row} of {a.num_prefix} (noise on "
+                       "`cls_token` showed it): the mean query ranks the tokens (evoplug reads "
+                       "the class query as the first token's)")
     if a.global_query == "mean" and not a.windowed:
         a.row_masked = _masked_per_query(gm, site, feed, a)
     _check_trailing_tokens(a, grid_ops)
@@ -342,10 +347,18 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
           and q_shape[-2] > a.num_tokens
           and any(n.op == "call_function" and n.target is torch.nn.functional.pad for n in anc_q)):
         a.windowed = True          # one window larger than the map, which is padded to it
+    if a.token_map and not a.windowed and not any(kind == "from" and node in anc_q
+                                                  for kind, node, _ in grid_ops):
+        # one window cut from the map by a view, permute and reshape that the grid ops do not
+        # read as a token view (torchvision's Swin, whose last stage at 224 px is one 7x7
+        # window: refused until the thirty-eighth session): run on the full map like windows,
+        # where the window index maps every query row to a token
+        index = window_token_index(gm, site, a, feed, batch)
+        if index is None or index.numel() != a.num_tokens:
+            raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor "
+                                        "on a token view of it")
+        a.windowed = True
     if a.token_map:
-        if not a.windowed and not any(kind == "from" and node in anc_q for kind, node, _ in grid_ops):
-            raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor on a "
-                                        "token view of it")
         a.notes.append("channels-last map block: tokens that were not kept get " + (
             "their own attention update (the windows run on the full map)" if a.windowed else
             "the representative token's attention update") + " plus its MLP residual")

@@ -508,12 +508,16 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
 
 
 
-def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
+def resolve_global_query(model: nn.Module, num_prefix: int, choice: str,
+                         class_row: Optional[int] = None) -> str:
     """'cls' when the first prefix token is a class token, else 'mean'.
 
     Without prefix tokens there is no cls token. With prefix tokens, a model that declares it
     has no class token (timm's ``cls_token is None``, e.g. register-only ViTs) uses the mean
-    query too; otherwise the first prefix token is taken as the cls token.
+    query too; otherwise the first prefix token is taken as the cls token, unless noise on the
+    declared class token showed it at another prefix position (``class_row``,
+    provenance.class_token_rows: registers before it): the mean query then, for the class
+    query evoplug reads is the first token's.
     """
     if choice not in ("auto", "cls", "mean"):
         raise ValueError(f"global_query must be 'auto', 'cls' or 'mean', got {choice!r}")
@@ -522,9 +526,15 @@ def resolve_global_query(model: nn.Module, num_prefix: int, choice: str) -> str:
     if choice == "cls" and declares_no_class_token(model):
         raise AnalysisError("", "global_query='cls' but the model declares no class token (its "
                                 "prefix tokens are registers): use 'mean' (what 'auto' picks)")
+    behind = class_row is not None and 0 < class_row < num_prefix
+    if choice == "cls" and behind:
+        raise AnalysisError("", f"global_query='cls' but the class token is prefix token "
+                                f"{class_row} of {num_prefix} (tokens before it: registers?): "
+                                "evoplug reads the class query as the first token's; use "
+                                "'mean' (what 'auto' picks)")
     if choice != "auto":
         return choice
-    if num_prefix == 0:
+    if num_prefix == 0 or behind:
         return "mean"
     if declares_no_class_token(model):
         return "mean"

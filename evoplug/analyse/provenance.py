@@ -79,6 +79,53 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     calls.derived["untouched"] = inputs
 
 
+def class_token_rows(model: nn.Module, example_input, calls: CallRecord, blocks):
+    """Where the class token is among a block's tokens: one more eager forward (eval, no grad)
+    with noise on the model's declared class token (the shallowest ``cls_token`` parameter);
+    the one row of the first block with each token count N that changes is the class token's.
+    Stored as ``calls.derived['class_rows'] = {N: row}``; nothing where no ``cls_token``
+    parameter is declared, or where the noise changes no row or several. Evo-ViT ranks by the
+    class token's query, which evoplug reads as the first prefix token's: registers before the
+    class token (``[reg, cls, patches]``) had a register rank the tokens (audit W4)."""
+    token = next((m.cls_token for _, m in model.named_modules()
+                  if isinstance(getattr(m, "cls_token", None), nn.Parameter)), None)
+    if token is None or not token.is_floating_point() or not token.numel():
+        return
+    every = {}
+    for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
+                        key=lambda b: calls[id(b)].order):
+        x = calls[id(block)].tokens()
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in every.values():
+            every[id(block)] = x.shape[1]
+    seen = {}
+    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), None, calls[id(b)].token_key)),
+                                           with_kwargs=True) for b in blocks if id(b) in every]
+    saved, was = token.detach().clone(), model.training
+    model.eval()
+    try:
+        with torch.no_grad(), AsCalibrated():
+            token.copy_(noise(token, 1))
+            _call(model, example_input)
+    except Exception:   # noqa: BLE001 - no answer: the first prefix token stays the class token
+        return
+    finally:
+        with torch.no_grad():
+            token.copy_(saved)
+        for h in handles:
+            h.remove()
+        model.train(was)
+    rows = {}
+    for k, n in every.items():
+        x, y = calls[k].tokens(), seen.get(k)
+        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
+            continue
+        changed = torch.nonzero((y.float() - x.float()).abs().amax(dim=(0, 2)) > _PROVENANCE_TOLERANCE *
+                                x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)).flatten()
+        if changed.numel() == 1:
+            rows[n] = int(changed)
+    calls.derived["class_rows"] = rows
+
+
 def stream_starts(model: nn.Module, example_input, calls: CallRecord, blocks):
     """The blocks (names) that start a token stream of their own: one more eager forward (eval,
     no grad) with noise added to every block's token output leaves their input as it was,
