@@ -352,8 +352,10 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         # one window cut from the map by a view, permute and reshape that the grid ops do not
         # read as a token view (torchvision's Swin, whose last stage at 224 px is one 7x7
         # window: refused until the thirty-eighth session): run on the full map like windows,
-        # where the window index maps every query row to a token
-        index = window_token_index(gm, site, a, feed, batch)
+        # where the window index maps every query row to a token. Not a map one token high or
+        # wide: NesT's (B, T, N, C) blocks of tokens are no 2-D map, and its last level (T = 1)
+        # stays refused (its scores would come from a (T, N) "grid")
+        index = window_token_index(gm, site, a, feed, batch) if min(a.grid) >= 2 else None
         if index is None or index.numel() != a.num_tokens:
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor "
                                         "on a token view of it")
