@@ -466,8 +466,9 @@ def _watch_blocks(fast: nn.Module, x: torch.Tensor, report, specs):
     for spec in report.blocks:
         def before(mod, args, kwargs, spec=spec):
             order.append(spec.index)
-            state = spec.context
-            scores = state.scores if state is not None and state.index >= 0 else None
+            state = spec.context      # (before the first block: the last forward's, stale)
+            scores = state.scores if state is not None and state.index >= 0 and \
+                len(order) > 1 else None
             seen[spec.index] = [args, kwargs, None if scores is None else scores.detach().clone()]
 
         def after(mod, args, kwargs, out, spec=spec):
