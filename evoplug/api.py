@@ -32,6 +32,7 @@ from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
 from . import quality
+from .copies import copy_model
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions, check_names, follow_copy
@@ -888,19 +889,6 @@ def _on_copy(original: nn.Module, copied: nn.Module, alpha, memo: dict):
             new = copied.get_submodule(path)
             return getattr(new, alpha.__name__) if inspect.ismethod(alpha) else new
     return follow_copy(alpha, memo, only_copied=True)
-
-
-def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
-    """``copy.deepcopy`` that also copes with tensors cached on modules that are not graph
-    leaves (e.g. timm LeViT's attention-bias cache after a forward with autograd on): such
-    caches are copied detached. ``memo``: the copy's memo (what it copied), filled."""
-    memo = {} if memo is None else memo
-    for m in model.modules():
-        for v in vars(m).values():
-            for t in (v.values() if isinstance(v, dict) else [v]):
-                if isinstance(t, torch.Tensor) and not t.is_leaf:
-                    memo[id(t)] = t.detach().clone()
-    return copy.deepcopy(model, memo)
 
 
 def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:

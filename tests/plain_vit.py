@@ -41,3 +41,18 @@ class PlainViT(nn.Module):
         for layer in self.trunk:
             t = layer(t)
         return self.classify(self.final(t)[:, 0])
+
+
+class RecordingViT(PlainViT):
+    """:class:`PlainViT` that keeps each layer's output in a list attribute, as kornia's ViT
+    encoder does (``encoder.results``): after a forward with autograd on, the list holds tensors
+    with autograd history, which ``copy.deepcopy`` refuses."""
+
+    def forward(self, images):
+        t = self.embed(images).flatten(2).transpose(1, 2)
+        t = torch.cat([self.summary.expand(t.shape[0], -1, -1), t], 1) + self.where
+        self.results = []
+        for layer in self.trunk:
+            t = layer(t)
+            self.results.append(t)
+        return self.classify(self.final(t)[:, 0])

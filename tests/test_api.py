@@ -1,5 +1,6 @@
 """API behaviour: errors, strict/non-strict, options after conversion, explain, copy/in place."""
 import copy
+import functools
 
 import pytest
 import timm
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 import evoplug
-from plain_vit import Layer, PlainViT
+from plain_vit import Layer, PlainViT, RecordingViT
 
 
 def _small_vit():
@@ -128,6 +129,44 @@ def test_copy_by_default_inplace_on_request():
     with pytest.raises(evoplug.ConversionError, match=r"holds a model evoplug converted, `0`: "
                                                       r"convert evoplug.revert\(model.0\)"):
         evoplug.convert(nn.Sequential(model), example_input=x[:1])
+
+
+def test_a_model_keeping_tensors_with_autograd_history_is_copied():
+    """A model that keeps tensors computed in a forward (kornia's ViT encoder keeps each block's
+    output in a list, ``encoder.results``) holds tensors with autograd history after a training
+    forward; the copy ``inplace=False`` converts raised torch's raw "Only Tensors created
+    explicitly by the user (graph leaves) support the deepcopy protocol" (``inplace=True``
+    worked; audit W3 of the thirty-eighth session). They are values of a past forward: the copy
+    holds them detached, and the original keeps its own."""
+    torch.manual_seed(0)
+    model, x = RecordingViT(depth=6), torch.randn(2, 3, 32, 32)
+    model.train()
+    model(x).mean().backward()
+    model.eval()
+    kept = model.results
+    assert kept[0].grad_fn is not None
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+    assert model.results is kept and kept[0].grad_fn is not None      # the original's own
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
+    # the same held deeper (a dict in a list in a plain object) is found too
+    class Holder:
+        pass
+    model.train()
+    model(x).mean().backward()
+    model.eval()
+    holder = Holder()
+    holder.seen = [{"out": model.results[-1]}]
+    model.trunk[2].holder = holder
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert fast.trunk[2].holder.seen[0]["out"].grad_fn is None
+    assert model.trunk[2].holder.seen[0]["out"].grad_fn is not None
+    # one held where evoplug does not look is told by name, with the ways out
+    model.trunk[1].later = functools.partial(print, model.results[-1] * 2)
+    with pytest.raises(evoplug.EvoplugError, match=r"`trunk.1`.later holds a tensor with "
+                                                   r"autograd history(.|\n)*torch.no_grad\(\) "
+                                                   r"first, or convert it with inplace=True"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
 
 
 def test_options_change_without_reconversion_and_revert():

@@ -328,6 +328,24 @@ def test_the_check_reports_a_refusal():
         check_conversion(model, torch.randn(1, 3, 32, 32))
 
 
+def test_the_check_copies_a_model_keeping_tensors_with_autograd_history():
+    """The check's own copy of the model was ``copy.deepcopy``, which raised torch's raw "Only
+    Tensors created explicitly by the user (graph leaves) support the deepcopy protocol" on a
+    model that keeps the outputs of a training forward (kornia's ViT encoder, ``results``;
+    audit W3 of the thirty-eighth session). It copies as the conversion does (detached)."""
+    from plain_vit import RecordingViT
+    torch.manual_seed(0)
+    model, x = RecordingViT(depth=6), torch.randn(2, 3, 32, 32)
+    model.train()
+    model(x).mean().backward()
+    model.eval()
+    # (reselect_every=1: blocks' outputs a training forward keeps in the selection's order are
+    # refused by name otherwise, runtime/guard.py)
+    r = check_conversion(model, x, reselect_every=1)
+    assert r.status == "converts" and not r.problems, r.problems
+    assert model.results[0].grad_fn is not None
+
+
 def test_check_command(tmp_path, capsys):
     out = tmp_path / "check.json"
     assert cli.main(["check", "vit_tiny_patch16_224", "--img-size", "64", "--model-arg", "depth=6",

@@ -17,13 +17,14 @@ of module it is:
 """
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from ..copies import copy_model
 
 #: how far the op on tokens may be from the op on the map, relative to the values (rounding of
 #: another summation order; an op that mixes positions is off by the values' own size)
@@ -73,7 +74,7 @@ def perturber(seed: int = 0) -> Callable[[torch.Tensor], torch.Tensor]:
 def perturbed_copy(module: nn.Module, perturbed: Callable) -> nn.Module:
     """A copy of ``module`` whose floating-point parameters and buffers are perturbed (a
     zero-initialised ``gamma`` held as a buffer hid a context over every position: audit O)."""
-    mod = copy.deepcopy(module)
+    mod = copy_model(module)
     with torch.no_grad():
         for p in (*mod.parameters(), *mod.buffers()):
             if p.is_floating_point():

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..copies import copy_model
 from ..errors import AnalysisError
 from ..runtime.block import gather_extras
 from .attention import attention_output, find_attention
@@ -446,7 +447,7 @@ def _in_float32(m: nn.Module, args, kwargs):
     if p is None or p.dtype in (torch.float32, torch.float64):
         return m, args, kwargs
     cast = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
-    return copy.deepcopy(m).float(), tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
+    return copy_model(m).float(), tuple(cast(v) for v in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _failed(name: str, step: str, e: Exception) -> AnalysisError:

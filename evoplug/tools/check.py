@@ -58,7 +58,6 @@ selection to swap) is always compared strictly.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import time
 from typing import List, Optional, Tuple
@@ -67,6 +66,7 @@ import torch
 from torch import nn
 
 import evoplug
+from evoplug.copies import copy_model
 from evoplug.options import read_trade_off
 
 from .attention_maps import AttentionMaps, global_row
@@ -191,7 +191,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     ('inductor', 'aot_eager', ...): the graphs and breaks ``torch._dynamo.explain`` finds, and
     the compiled output against the eager one (a problem beyond ``batch_bound``, relative);
     ``options``: :class:`evoplug.EvoOptions` fields."""
-    model = copy.deepcopy(model)
+    model = copy_model(model)       # (as convert copies it: evoplug/copies.py)
     model.eval()            # (not chained: MMPretrain's backbones' train() returns None)
     x = example_input if example_input is not None else evoplug.example_input(model, batch=2)
     if x.shape[0] < 2:
@@ -343,7 +343,7 @@ def _keep1_float64(model: nn.Module, x: torch.Tensor, options: dict) -> float:
     """Relative max |diff| of keep 1.0 through the selection machinery from the original, both
     in float64 (nan where the model does not run in float64)."""
     try:
-        m64, x64 = copy.deepcopy(model).double(), x.double()
+        m64, x64 = copy_model(model).double(), x.double()
         with torch.no_grad():
             ref = outputs(m64(x64))
             fast = evoplug.convert(m64, keep_ratio=1.0, example_input=x64, strict=False,
