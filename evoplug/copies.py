@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import EvoplugError
 
@@ -28,7 +29,11 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
       LeViT's attention-bias cache, kornia's ``encoder.results``, ``weight_norm``'s ``weight``;
       ``copy.deepcopy`` refuses them) are copied detached: the copy's parameters are new
       tensors, so no graph of the original's could be the copy's; the copy computes its own at
-      its first forward. The original keeps them as they are.
+      its first forward. The original keeps them as they are;
+    * a module ``torch.nn.utils.parametrize`` parametrized gets a class of its own, as torch gave
+      the original one (it holds the parametrized tensors as properties): a copy that shared it
+      lost the original's property when ``remove_parametrizations`` ran on the copy, and the
+      original raised at its next call (audit W2 of the thirty-eighth session).
 
     ``memo``: the copy's memo (what it copied), filled. A tensor with autograd history held
     where this does not look (a closure, ``__slots__``, deeper than :data:`_DEPTH`) raises an
@@ -40,7 +45,7 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
             _detach_into(v, memo, seen, _DEPTH)
     seeded = dict(memo)         # (a failed deepcopy leaves half-made copies in ``memo``)
     try:
-        return copy.deepcopy(model, memo)
+        copied = copy.deepcopy(model, memo)
     except RuntimeError as e:
         if _REFUSED not in str(e):
             raise
@@ -52,6 +57,17 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
             f"functools.partial, __slots__, deeper than {_DEPTH} containers below a module's "
             "attribute), which copy.deepcopy refuses: run one forward under torch.no_grad() "
             f"first, or convert it with inplace=True ({e})") from None
+    for m in copied.modules():
+        if parametrize.is_parametrized(m):
+            m.__class__ = _own_class(type(m))
+    return copied
+
+
+def _own_class(cls: type) -> type:
+    """A class of its own for a copy of a parametrized module: ``cls`` made again, on the same
+    base, with the same properties and methods (api.py ``_unconverted_class`` does the same)."""
+    return type(cls.__name__, cls.__bases__,
+                {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
 
 
 #: what torch's refusal to deep-copy a tensor with autograd history says

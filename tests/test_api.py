@@ -223,6 +223,42 @@ def test_revert_keeps_a_parametrization_made_after_the_conversion():
     assert type(fast.trunk[3]) is Layer
 
 
+def test_removing_a_parametrization_from_the_converted_copy_leaves_the_original_working():
+    """``torch.nn.utils.parametrize`` gives each parametrized module a class of its own, which
+    holds the parametrized tensor as a property; the converted copy shared the original's
+    classes (as ``copy.deepcopy`` does), so ``remove_parametrizations`` on the copy (a LoRA
+    merged in) deleted the original's property too, and every later call of the original raised
+    "'ParametrizedLinear' object has no attribute 'weight'" (audit W2 of the thirty-eighth
+    session). The copy's parametrized modules get classes of their own."""
+    import torch.nn.utils.parametrize as P
+
+    class Delta(nn.Module):
+        def forward(self, w):
+            return w + 0.05
+
+    model, x = _small_vit()
+    for layer in model.trunk:
+        P.register_parametrization(layer.ff[0], "weight", Delta())
+        P.register_parametrization(layer.pre_b, "weight", Delta())
+    with torch.no_grad():
+        ref = model(x)
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+    own = type(fast.trunk[0].ff[0])
+    for layer in fast.trunk:
+        P.remove_parametrizations(layer.ff[0], "weight", leave_parametrized=True)
+        P.remove_parametrizations(layer.pre_b, "weight", leave_parametrized=True)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
+    assert own is not type(model.trunk[0].ff[0]) and own.__bases__ == (nn.Linear,)
+    assert type(fast.trunk[0].ff[0]) is nn.Linear
+    assert P.is_parametrized(model.trunk[0].ff[0], "weight")
+    # and the other way round: removed on the original, the copy keeps its own
+    for layer in model.trunk:
+        P.remove_parametrizations(layer.ff[0], "weight", leave_parametrized=False)
+    assert evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]) is not model
+
+
 def test_deepcopy_of_converted_model_is_independent():
     model, x = _small_vit()
     fast = evoplug.convert(model, example_input=x[:1])
