@@ -282,6 +282,67 @@ def test_explain_names_blocks_roles_and_findings():
     assert "mlp branch" in text and "attention branch" in text
 
 
+class _ResidualAdd(nn.Module):
+    """kornia's ``ResidualAdd``: ``x + fn(x)``."""
+
+    def __init__(self, *fn):
+        super().__init__()
+        self.fn = nn.Sequential(*fn)
+
+    def forward(self, x):
+        return x + self.fn(x)
+
+
+class _Attention(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class _NestedResidualViT(nn.Module):
+    """kornia's ViT: each block ``Sequential(ResidualAdd(LN -> attention -> Dropout),
+    ResidualAdd(LN -> FeedForward -> Dropout))``."""
+
+    def __init__(self, width=32, depth=4):
+        super().__init__()
+        self.embed = nn.Conv2d(3, width, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 65, width) * 0.1)
+        self.blocks = nn.Sequential(*[nn.Sequential(
+            _ResidualAdd(nn.LayerNorm(width), _Attention(width, 4), nn.Dropout(0.0)),
+            _ResidualAdd(nn.LayerNorm(width), nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
+                                                            nn.Linear(2 * width, width)),
+                         nn.Dropout(0.0))) for _ in range(depth)])
+
+    def forward(self, images):
+        t = self.embed(images).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([self.cls.expand(t.shape[0], -1, -1), t], 1) + self.pos)
+
+
+def test_explain_tells_an_mlp_kept_whole_inside_a_module():
+    """A block whose MLP and its residual add run inside one module the analysis keeps whole
+    (kornia's ``ResidualAdd(LN -> FeedForward -> Dropout)``) was explained as "no residual MLP
+    branch found (attention-only block)" (audit W3 of the thirty-eighth session): the note says
+    where the rest of the block runs and what that means for the fast update."""
+    torch.manual_seed(0)
+    model, x = _NestedResidualViT().eval(), torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    notes = [line for line in evoplug.explain(fast).splitlines() if line.startswith("note:")]
+    assert not any("attention-only" in n for n in notes), notes
+    assert any("runs inside `1` (_ResidualAdd), which the analysis keeps whole" in n
+               for n in notes), notes
+    # a block that is attention only is still said to be one
+    model.blocks = nn.Sequential(*[b[0] for b in model.blocks])
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert "note: no residual MLP branch found (attention-only block)" in evoplug.explain(fast)
+
+
 def test_cait_class_attention_blocks_left_alone():
     model = timm.create_model("cait_xxs24_224", pretrained=False, img_size=64)
     fast = evoplug.convert(model)

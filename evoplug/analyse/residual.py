@@ -155,6 +155,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
     branches: List[Branch] = []
     notes: List[str] = []
     visited = set()
+    passed: List[fx.Node] = []      # modules the stream went through after the last branch
     while True:
         users = _stream_first(list(stream.users), stream, token)
         nxt = None
@@ -179,7 +180,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
                             role = "other"
                         branches.append(Branch(role, u.name, _branch_path(gm, nodes, graph),
                                                skip.name if skip is not None else None))
-                        nxt = u
+                        nxt, passed = u, []
                         break
         flow = [u for u in users if not is_size_query(u)]
         if nxt is None and len(flow) == 1 and flow[0].args and flow[0].args[0] is stream and (
@@ -193,8 +194,9 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         if nxt is None and len(flow) == 1 and flow[0].op == "call_module" and \
                 flow[0] is not site.node and flow[0].all_input_nodes == [stream] and \
                 shape_of(flow[0]) == shape_of(stream) and branches:
-            # a post-norm block: the stream goes on through the norm after its residual add
+            # post-norm: the stream goes on through a norm after its add (or a module kept whole)
             nxt = flow[0]
+            passed.append(nxt)
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
@@ -214,5 +216,27 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         raise AnalysisError(name, "the attention output is not added back to the token stream "
                                   "(no residual attention branch)", not_a_block="no residual")
     if not any(b.role == "mlp" for b in branches):
-        notes.append("no residual MLP branch found (attention-only block)")
+        notes.append(_no_mlp_note(gm, passed))
     return branches, notes
+
+
+def _no_mlp_note(gm: fx.GraphModule, passed: List[fx.Node]) -> str:
+    """What a block without a residual MLP branch does after its attention: nothing but norms
+    (an attention-only block), or the rest of the block inside a module the analysis keeps whole
+    (kornia's ``ResidualAdd(LN -> FeedForward -> Dropout)``: one with layers of its own, not a
+    norm), whose residual add it cannot see (said to be an attention-only block until audit W3
+    of the thirty-eighth session)."""
+    whole = [n for n in passed if _holds_layers(gm.get_submodule(n.target))]
+    if not whole:
+        return "no residual MLP branch found (attention-only block)"
+    n = whole[0]
+    return (f"the rest of the block runs inside `{n.target}` ({type(gm.get_submodule(n.target)).__name__}), "
+            "which the analysis keeps whole (it holds no attention): an MLP branch and its "
+            "residual add inside it are not seen as such. The kept tokens run it as the block "
+            "does; the other tokens get what it adds through the representative token's "
+            "residual (the fast update), as they would an MLP branch's")
+
+
+def _holds_layers(m: nn.Module) -> bool:
+    """Submodules, or a weight matrix (a linear layer): more than a norm."""
+    return any(True for _ in m.children()) or any(p.dim() >= 2 for p in m.parameters(recurse=False))
