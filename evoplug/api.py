@@ -42,7 +42,8 @@ from .runtime import evolve as ev
 from .report import ConversionReport, converted_inside, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
 from .runtime.pairs import undo_regroup
-from .runtime.block import BlockSpec, FlatTokens, MapTokens, evo_class, traced_state
+from .runtime.block import (BlockSpec, FlatTokens, MapTokens, evo_class, leaf_groups,
+                            traced_state)
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors)
 
@@ -613,7 +614,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
         program_factory=None if a.batch_size is None else batch_program_factory(a, type(module)),
         inner=tuple(module.get_submodule(p) for p in a.attention_paths if p),
-        leaves=tuple((p, module.get_submodule(p)) for p in a.leaf_paths if p),
+        leaves=leaf_groups(p for p in a.leaf_paths if p),
         added_buffers=tuple(n for n in module._buffers if n not in buffers_before),
         buffer_values={n: t.detach().cpu().clone() for n, t in module._buffers.items()
                        if n not in buffers_before and t is not None},

@@ -764,6 +764,47 @@ def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
     assert maps == [(2, 2, 65, 65)] * 6
 
 
+def test_a_leaf_replaced_after_conversion_leaves_no_stale_copy_behind():
+    """The spec of a converted block kept the submodules its programs call by path as they were
+    at conversion (``spec.leaves``). Replaced afterwards (dynamic quantisation in the order
+    guarantees.md gives, a LoRA layer), the old modules stayed alive beside the new ones: the
+    quantised model no longer pickled (``Can't pickle local object
+    '_add_module_to_qconfig_obs_ctr...'``, the old Linears kept quantize_dynamic's qconfig),
+    their float weights stayed in memory, and a hook on the new module fired on the kept tokens
+    without the warning a hook on ``norm1`` gets (audit W2 of the thirty-eighth session). The
+    spec now holds the paths and finds the modules by name."""
+    import gc
+    import io
+    import weakref
+    from torch.ao.quantization import quantize_dynamic
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(_randomise(_tiny()), 0.5, example_input=x[:1])
+    old = fast.blocks[2].attn.qkv
+    new = nn.Linear(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    fast.blocks[2].attn.qkv = new
+    gone = weakref.ref(old)
+    del old
+    gc.collect()
+    assert gone() is None, "the spec keeps the replaced module alive"
+    seen = []
+    hook = new.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"a forward hook on `blocks\.2\.attn\.qkv` "
+                                                         r"fires on the tokens that evolving block runs"):
+        fast(x)
+    assert seen and seen[0] < 65                    # it ran the kept tokens
+    hook.remove()
+    quantize_dynamic(fast, {nn.Linear}, dtype=torch.qint8, inplace=True)
+    with torch.no_grad():
+        want = fast(x)
+    buf = io.BytesIO()
+    torch.save(fast, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+
+
 def test_hook_registered_before_conversion_is_not_baked_in():
     model = _randomise(_tiny())
     x = torch.randn(2, 3, 32, 32)

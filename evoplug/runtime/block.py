@@ -109,8 +109,10 @@ class BlockSpec:
     #                            tokens (Hiera's mask units): its programs take no other count
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
     #                            its plain tensor attributes) when last followed (_following)
-    leaves: Tuple[Tuple[str, nn.Module], ...] = ()   # (path, submodule) the programs call by
-    #                            path: their hooks fire on the tokens the block runs (tell_leaf_hooks)
+    leaves: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()   # the submodules the
+    #                            programs call by path, as (parent's path parts, their names):
+    #                            their hooks fire on the tokens the block runs (tell_leaf_hooks);
+    #                            found by name at use, never held (leaf_groups)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -143,6 +145,9 @@ class BlockSpec:
         return state
 
     def __setstate__(self, state):
+        leaves = state.get("leaves", ())
+        if leaves and isinstance(leaves[0][1], nn.Module):    # (a pickle of (path, module) pairs)
+            state["leaves"] = leaf_groups(p for p, _ in leaves)
         state["programs"] = {k: compile_program(s) for k, s in state["programs"].items()}
         state["batch_programs"] = {k: compile_program(s) for k, s in state["batch_programs"].items()}
         state["_program_lock"] = threading.Lock()
@@ -205,24 +210,38 @@ class BlockSpec:
                 return True
         return False
 
-    def tell_leaf_hooks(self):
+    def tell_leaf_hooks(self, block: nn.Module):
         """Once per model: a forward hook (or pre-hook) on a submodule the programs call by path
         (``attn.attn_drop``, where attention rollout reads the attention maps; ``norm1``, a
         Grad-CAM target) fires, in an evolving block, on what that submodule runs: the kept
         tokens, in the selection's order (docs/guarantees.md, Hooks). Said by a warning with
         the way to see every token: a rollout failed on a shape, or at keep 1.0 on the
         evolving path read permuted maps, without a word (audit E3 of the twenty-seventh
-        session)."""
-        for path, m in self.leaves:
-            if m._forward_pre_hooks or (m._forward_hooks and self._active(m._forward_hooks)):
-                self.runtime.leaf_hooks_told = True
-                warnings.warn(
-                    f"evoplug: a forward hook on `{self.name}.{path}` fires on the tokens that "
-                    "evolving block runs (its prefix, kept and representative tokens, in the "
-                    "selection's order), not on every token in order; to read every token "
-                    "(attention rollout, Grad-CAM), hook the attention module or the block itself "
-                    "(the block then runs its own forward), or set keep_ratio=1.0", stacklevel=4)
-                return
+        session). The submodules are found by name in ``block`` (the spec held the ones of
+        the conversion: replaced by quantisation or LoRA, they were kept alive, broke pickling
+        and were the ones asked; audit W2 of the thirty-eighth session)."""
+        for parent_path, names in self.leaves:
+            parent = block
+            for part in parent_path:
+                parent = parent._modules.get(part) if parent is not None else None
+            if parent is None:
+                continue
+            modules = parent._modules
+            for name in names:
+                m = modules.get(name)
+                if m is not None and (m._forward_pre_hooks or (
+                        m._forward_hooks and self._active(m._forward_hooks))):
+                    self._tell_leaf_hook(".".join(parent_path + (name,)))
+                    return
+
+    def _tell_leaf_hook(self, path: str):
+        self.runtime.leaf_hooks_told = True
+        warnings.warn(
+            f"evoplug: a forward hook on `{self.name}.{path}` fires on the tokens that evolving "
+            "block runs (its prefix, kept and representative tokens, in the selection's order), "
+            "not on every token in order; to read every token (attention rollout, Grad-CAM), "
+            "hook the attention module or the block itself (the block then runs its own "
+            "forward), or set keep_ratio=1.0", stacklevel=5)
 
     def observed(self) -> bool:
         """Whether anything but the next block could see this block's input or output: hooks on
@@ -435,7 +454,7 @@ class EvoBlockMixin:
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
-            spec.tell_leaf_hooks()
+            spec.tell_leaf_hooks(self)
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
         if recompute:
@@ -1025,6 +1044,16 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
 
 
 _GONE = object()
+
+
+def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:
+    """:attr:`BlockSpec.leaves` of submodule paths: (parent's path parts, child names), so a
+    forward finds them with one dict look-up each (``attn.qkv``, ``norm1``)."""
+    groups: Dict[Tuple[str, ...], list] = {}
+    for path in paths:
+        *parent, name = path.split(".")
+        groups.setdefault(tuple(parent), []).append(name)
+    return tuple((parent, tuple(names)) for parent, names in groups.items())
 
 
 def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=(),
