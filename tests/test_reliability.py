@@ -732,6 +732,59 @@ def test_hooks_inside_a_block_are_honoured():
     assert dict(evoplug.tokens_per_block(fast))["blocks.4"] == 1 + 32 + 1
 
 
+def _small_beit():
+    torch.manual_seed(0)
+    return timm.create_model("beit_base_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                             embed_dim=64, depth=3, num_heads=4, num_classes=10).eval()
+
+
+def _prune_q_bias(model):
+    import torch.nn.utils.prune as prune
+    for b in model.blocks:
+        prune.l1_unstructured(b.attn, "q_bias", amount=0.3)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_pruning_an_attention_modules_own_parameter_keeps_the_block_evolving(when):
+    """``torch.nn.utils.prune`` on an attention module's own parameter (BEiT's ``q_bias``,
+    Swin's relative position bias table), before or after the conversion, made every block
+    run its own dense forward for good (``tokens_per_block`` -1), without a word: prune's
+    forward pre-hook on the attention was taken for a user's hook (audit W2 of the
+    thirty-eighth session). Pruning hooks read no tokens: the block runs them (so the pruned
+    value is current, a mask changed by pruning again included) and evolves; a user's hook
+    there still runs the block's own forward, and says so once."""
+    x = torch.randn(2, 3, 32, 32)
+    model = _small_beit()
+    if when == "before":
+        _prune_q_bias(model)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    if when == "after":
+        _prune_q_bias(fast)
+    plain = _small_beit()                  # the pruned values as plain parameters
+    for b, p in zip(fast.blocks, plain.blocks):
+        p.attn.q_bias.data = b.attn.q_bias_orig * b.attn.q_bias_mask
+    ref = evoplug.convert(plain, 0.5, example_input=x[:1])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, want = fast(x), ref(x)
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == \
+        [t for _, t in evoplug.tokens_per_block(ref)] == [17, 10, 10]
+    assert (out - want).abs().max() <= 1e-5
+    with torch.no_grad():                  # (training moves the original: the value follows)
+        for b, p in zip(fast.blocks, ref.blocks):
+            b.attn.q_bias_orig.add_(1.0)
+            p.attn.q_bias.copy_(b.attn.q_bias_orig * b.attn.q_bias_mask)
+        assert (fast(x) - ref(x)).abs().max() <= 1e-5
+    h = fast.blocks[1].attn.register_forward_hook(lambda m, i, o: None)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"`blocks\.1` runs its own forward.*"
+                                                         r"forward hook .* on `blocks\.1\.attn`") as w:
+        fast(x)
+        fast(x)
+    assert sum("runs its own forward" in str(r.message) for r in w) == 1
+    assert dict(evoplug.tokens_per_block(fast))["blocks.1"] == -1
+    h.remove()
+
+
 def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
     """A forward hook on ``attn.attn_drop`` (attention rollout reads the maps there) fires on
     the kept tokens in the selection's order, as guarantees.md says: a rollout failed on a
@@ -758,9 +811,10 @@ def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
     maps.clear()
     hooks = [b.attn.attn_drop.register_forward_hook(lambda m, i, o: maps.append(tuple(o.shape)))
              for b in fast.blocks] + [b.attn.register_forward_hook(lambda m, i, o: None) for b in fast.blocks]
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with torch.no_grad(), warnings.catch_warnings(record=True) as w:     # (said once: audit W2)
+        warnings.simplefilter("always")
         fast(x)
+    assert [str(r.message)[:40] for r in w] == ["evoplug: `blocks.1` runs its own forward"]
     assert maps == [(2, 2, 65, 65)] * 6
 
 

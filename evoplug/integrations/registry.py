@@ -180,6 +180,12 @@ def hook_is_idle(hook: Callable) -> bool:
     return False
 
 
+def hook_is_family(hook: Callable) -> bool:
+    """Whether ``hook`` is a family's own (one its ``idle_hook`` knows: transformers' output
+    capturing), not the user's: a block it makes run its own forward is not warned about."""
+    return any(f.idle_hook is not None and f.idle_hook(hook) is not None for f in families())
+
+
 def traced_settings(module: nn.Module, converting: bool = False) -> Tuple[Tuple[str, Any], ...]:
     """What the families say ``module``'s traced forward read beyond its plain attributes
     (see FamilyHints.traced_settings), as sorted (name, value) pairs; () when none does.

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks,
                                       _global_forward_hooks, _global_forward_pre_hooks)
 from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions, read_trade_off
@@ -109,6 +110,8 @@ class BlockSpec:
     #                            tokens (Hiera's mask units): its programs take no other count
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
     #                            its plain tensor attributes) when last followed (_following)
+    family_hook: Optional[Callable[[Callable], bool]] = None   # whether a hook is a family's
+    #                            own, not the user's (not warned about: tell_hooked)
     leaves: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()   # the submodules the
     #                            programs call by path, as (parent's path parts, their names):
     #                            their hooks fire on the tokens the block runs (tell_leaf_hooks);
@@ -203,12 +206,51 @@ class BlockSpec:
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
-        ``idle_hook``): they fire only in the block's own forward."""
+        ``idle_hook``) nor torch's pruning (``run_pruning``): they fire only in the block's own
+        forward."""
         for m in self.inner:
-            if self._active(m._forward_hooks) or m._forward_pre_hooks or m._backward_hooks \
-                    or m._backward_pre_hooks:
+            if self._active(m._forward_hooks) or m._backward_hooks or m._backward_pre_hooks or (
+                    m._forward_pre_hooks and not _pruning_only(m._forward_pre_hooks)):
                 return True
         return False
+
+    def run_pruning(self):
+        """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
+        traced into, as their own call would: each sets its pruned parameter (``q_bias`` from
+        ``q_bias_orig * q_bias_mask``), which the program then reads. They read no tokens, so
+        the block evolves (they made it run its own forward, for good and without a word, until
+        audit W2 of the thirty-eighth session). Called where ``hooked()`` is False: the
+        pre-hooks left are pruning ones."""
+        for m in self.inner:
+            if m._forward_pre_hooks:
+                for hook in tuple(m._forward_pre_hooks.values()):
+                    hook(m, ())
+
+    def tell_hooked(self):
+        """Once per model: the block runs its own forward, every token, while a hook is on a
+        submodule its programs traced into (docs/guarantees.md, Hooks); said by a warning
+        naming the module and the hook (it was silent until audit W2 of the thirty-eighth
+        session)."""
+        family = self.family_hook or (lambda h: False)
+        for m in self.inner:
+            hooks = [("forward hook", h) for h in m._forward_hooks.values()] + \
+                [("forward pre-hook", h) for h in m._forward_pre_hooks.values()
+                 if not isinstance(h, BasePruningMethod)] + \
+                [("backward hook", h) for h in (*m._backward_hooks.values(), *m._backward_pre_hooks.values())]
+            hooks = [(kind, h) for kind, h in hooks if not family(h)]
+            if hooks:
+                kind, hook = hooks[0]
+                paths = {id(m): p for p, m in self.analysis.module.named_modules()}
+                self.runtime.hooked_told = True
+                warnings.warn(
+                    f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run "
+                    f"-1, no speed-up), while a {kind} ({getattr(hook, '__qualname__', type(hook).__name__)}) "
+                    f"is on `{self.name}.{paths.get(id(m), '?')}` ({type(m).__name__}), a module "
+                    "its program traces into and so cannot fire inside it; the block evolves again "
+                    "once the hook is removed. Hook the block itself, or a module it calls "
+                    "(a Linear, a norm: it then sees the kept tokens), to keep it evolving (said "
+                    "once per model)", stacklevel=5)
+                return
 
     def tell_leaf_hooks(self, block: nn.Module):
         """Once per model: a forward hook (or pre-hook) on a submodule the programs call by path
@@ -229,8 +271,8 @@ class BlockSpec:
             modules = parent._modules
             for name in names:
                 m = modules.get(name)
-                if m is not None and (m._forward_pre_hooks or (
-                        m._forward_hooks and self._active(m._forward_hooks))):
+                if m is not None and ((m._forward_pre_hooks and not _pruning_only(m._forward_pre_hooks))
+                                      or (m._forward_hooks and self._active(m._forward_hooks))):
                     self._tell_leaf_hook(".".join(parent_path + (name,)))
                     return
 
@@ -430,8 +472,7 @@ class EvoBlockMixin:
         role = plan.roles[spec.index]
         opt = plan.options
         segment = state is not None and state.segment is not None
-        if not segment and (role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path)
-                            or spec.hooked() or rt.images() == 0):
+        if not segment and _runs_own_forward(spec, role, opt):
             # the block's own forward (hooks of its submodules fire as always); an evolving
             # block passes the state on unchanged
             spec.tokens_run = -1
@@ -455,6 +496,7 @@ class EvoBlockMixin:
             return spec.orig_class.forward(self, *args, **kwargs)
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks(self)
+        spec.run_pruning()
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
         if recompute:
@@ -575,6 +617,25 @@ class EvoBlockMixin:
         if not torch.is_grad_enabled():
             return not self.training and not getattr(self._evoplug_spec.runtime._local, "untied", False)
         return not _saving_hooks() and not _in_backward()
+
+
+def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:
+    """Whether the block runs its own forward (every token): a dense block, keep 1.0 on the
+    identity fast path, a batch of no images, or a hook on a module its programs traced into
+    (said once per model: BlockSpec.tell_hooked)."""
+    if role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path):
+        return True
+    if spec.hooked():
+        if not spec.runtime.hooked_told:
+            spec.tell_hooked()
+        return True
+    return spec.runtime.images() == 0
+
+
+def _pruning_only(hooks) -> bool:
+    """Whether every hook of a module's forward pre-hooks is torch's pruning (which sets a
+    parameter from ``name_orig * name_mask`` and reads no tokens)."""
+    return all(isinstance(h, BasePruningMethod) for h in hooks.values())
 
 
 def _check_unchanged(spec: BlockSpec):

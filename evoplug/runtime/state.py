@@ -223,6 +223,8 @@ class EvoRuntime:
 
     #: a warning told that hooks inside an evolving block see its kept tokens (BlockSpec)
     leaf_hooks_told = False
+    #: a warning told that a hook inside a block made it run its own forward (BlockSpec)
+    hooked_told = False
 
     def __setstate__(self, state):
         self.__init__(state["plan"])
