@@ -516,7 +516,7 @@ def test_tnt_is_refused_naming_the_block_that_runs_its_two_attentions():
     holds the residual is named, with what it runs."""
     model = timm.create_model("tnt_s_patch16_224", pretrained=False, img_size=64, depth=2).eval()
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0\.attn_out`: .*no residual attention "
-                       r"branch\); the residual is `blocks\.0`'s, which runs 2 attention computations"):
+                       r"branch\); the module around it, `blocks\.0`, runs 2 attention computations"):
         evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 64, 64))
 
 

@@ -585,16 +585,18 @@ _SOFTMAX_COUNTS = (" (each softmax and fused attention call that ran counts as o
 
 
 def _held_by(model: nn.Module, calls: Dict[int, ModuleCall], name: str) -> str:
-    """Where an attention's residual is its parent's and the parent runs more than one
+    """Where an attention's residual may be its parent's and the parent runs more than one
     attention but is no token block either (TNT's block: two token streams, a tuple returned),
-    the parent named: the attention was told "no residual" as if that were the reason."""
+    the parent named: the attention was told "no residual" as if that were the reason. (Said
+    as "the residual is the parent's" until the thirty-eighth session, unchecked: torchvision's
+    MaxViT adds it in the attention's own layer, on a partitioned view; audit W1.)"""
     path = name.split(".")
     for cut in range(len(path) - 1, 0, -1):
         owner = ".".join(path[:cut])
         c = calls.get(id(model.get_submodule(owner)))
         if c is not None:
             return "" if c.attention_ops < 2 else (
-                f"; the residual is `{owner}`'s, which runs {c.attention_ops} attention "
+                f"; the module around it, `{owner}`, runs {c.attention_ops} attention "
                 f"computations per call and is no block evoplug converts (one self-attention "
                 "over one token stream)")
     return ""
