@@ -52,10 +52,11 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
         where = _refused_attribute(model, seeded)
         raise EvoplugError(
             f"{type(model).__name__}: evoplug copies the model (convert with inplace=False, the "
-            f"check), and {where or 'it'} holds a tensor with autograd history (kept from a "
-            "forward with autograd on) where evoplug does not look for one (a closure, a "
-            f"functools.partial, __slots__, deeper than {_DEPTH} containers below a module's "
-            "attribute), which copy.deepcopy refuses: run one forward under torch.no_grad() "
+            f"check), and {where or 'it'} holds a tensor with autograd history, which "
+            "copy.deepcopy refuses: a view of a parameter (copied detached it would follow no "
+            "weight), or a value kept from a forward with autograd on where evoplug does not "
+            f"look for one (a closure, a functools.partial, __slots__, deeper than {_DEPTH} "
+            "containers below a module's attribute): run one forward under torch.no_grad() "
             f"first, or convert it with inplace=True ({e})") from None
     for m in copied.modules():
         if parametrize.is_parametrized(m):
@@ -91,7 +92,12 @@ def _refused_attribute(model: nn.Module, memo: dict) -> str:
 def _detach_into(v, memo: dict, seen: set, depth: int) -> None:
     """Put a detached copy of every tensor with autograd history under ``v`` in ``memo``."""
     if isinstance(v, torch.Tensor):
-        if not v.is_leaf and id(v) not in memo:
+        # (a view of a parameter, ``self.weight.t()`` kept by the module, is no value of a past
+        # forward: detached, the copy's would follow no weight and pass it no gradient (audit
+        # W5 of the thirty-eighth session); ``copy.deepcopy`` refuses it, said below)
+        base = v._base
+        if not v.is_leaf and id(v) not in memo and not (
+                base is not None and base.is_leaf and base.requires_grad):
             memo[id(v)] = v.detach().clone()
         return
     if depth == 0 or isinstance(v, _OPAQUE) or id(v) in seen:

@@ -167,6 +167,13 @@ def test_a_model_keeping_tensors_with_autograd_history_is_copied():
                                                    r"autograd history(.|\n)*torch.no_grad\(\) "
                                                    r"first, or convert it with inplace=True"):
         evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    # a view of a parameter is no value of a past forward: copied detached, the copy's would
+    # follow no weight and pass it no gradient (audit W5): told by name, as copy.deepcopy did
+    del model.trunk[1].later
+    model.trunk[1].view = model.trunk[1].ff[0].weight.t()
+    with pytest.raises(evoplug.EvoplugError, match=r"`trunk.1`.view holds a tensor with "
+                                                   r"autograd history(.|\n)*a view of a parameter"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
 
 
 def test_options_change_without_reconversion_and_revert():
