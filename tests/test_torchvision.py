@@ -70,6 +70,7 @@ def test_torchvision_swin_whose_last_stage_is_one_window_converts():
     until the thirty-eighth session. It runs on the full map like windows (the window index
     maps each query row to its token): exact attention for every token, the MLP on the kept."""
     model, x = _swin(False), _images(size=64)
+    ref_of = model
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     last = evoplug.get_report(fast).blocks[-1].analysis
     assert last.name == "features.5.1" and last.windowed and last.row_full
@@ -80,6 +81,11 @@ def test_torchvision_swin_whose_last_stage_is_one_window_converts():
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         assert (fast(x) - ref).abs().max() <= 1e-5
     assert runs[-2:] == [9, 9]                          # 8 of the 16 tokens + representative
+    # a rectangular size whose 2x8 map fills two 4x4 windows with padding: 32 slots for 16
+    # tokens, as many rows per window as the map has tokens (refused there, audit W5)
+    y = torch.randn(2, 3, 16, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (fast(y) - ref_of(y)).abs().max() <= 1e-5
     for name, m in model.named_modules():
         if name.endswith(".mlp"):
             torch.nn.init.zeros_(m[3].weight)

@@ -355,8 +355,10 @@ def _attention_kind(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite, g
         # where the window index maps every query row to a token. Not a map one token high or
         # wide: NesT's (B, T, N, C) blocks of tokens are no 2-D map, and its last level (T = 1)
         # stays refused (its scores would come from a (T, N) "grid")
+        # (or windows as many slots as the map has tokens, padded: a 2x8 map in two 4x4
+        # windows, 32 slots for 16 tokens; taken for attention over the tokens by its shape)
         index = window_token_index(gm, site, a, feed, batch) if min(a.grid) >= 2 else None
-        if index is None or index.numel() != a.num_tokens:
+        if index is None or index.numel() < a.num_tokens:
             raise AnalysisError(a.name, "attention on the 4-D map that is neither windowed nor "
                                         "on a token view of it")
         a.windowed = True
