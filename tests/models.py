@@ -1,4 +1,5 @@
 """The models the core must convert, at small inputs where the model allows."""
+import io
 import math
 
 import timm
@@ -74,3 +75,11 @@ def run_in_a_fresh_process(tmp_path, saved: dict, body: str, setup: str = "") ->
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+def saved_and_loaded(model: nn.Module) -> nn.Module:
+    """``model`` through ``torch.save`` and ``torch.load`` (the whole module, in memory)."""
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -828,8 +828,8 @@ def test_a_leaf_replaced_after_conversion_leaves_no_stale_copy_behind():
     without the warning a hook on ``norm1`` gets (audit W2 of the thirty-eighth session). The
     spec now holds the paths and finds the modules by name."""
     import gc
-    import io
     import weakref
+    from models import saved_and_loaded
     from torch.ao.quantization import quantize_dynamic
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(_randomise(_tiny()), 0.5, example_input=x[:1])
@@ -851,10 +851,7 @@ def test_a_leaf_replaced_after_conversion_leaves_no_stale_copy_behind():
     quantize_dynamic(fast, {nn.Linear}, dtype=torch.qint8, inplace=True)
     with torch.no_grad():
         want = fast(x)
-    buf = io.BytesIO()
-    torch.save(fast, buf)
-    buf.seek(0)
-    back = torch.load(buf, weights_only=False)
+    back = saved_and_loaded(fast)
     with torch.no_grad():
         assert torch.equal(back(x), want)
 

@@ -4,7 +4,6 @@ written after it). There is no block module: each pair is regrouped into one (it
 ``ModuleList`` made a ``ResidualPairs``, the parent's forward a program calling it), then
 converted as any block. Refused by name until the thirtieth session."""
 import copy
-import io
 import random
 import warnings
 
@@ -14,6 +13,7 @@ from torch import nn
 
 import evoplug
 from evoplug.tools.check import check_conversion
+from models import saved_and_loaded
 
 vit_pytorch = pytest.importorskip("vit_pytorch")
 from vit_pytorch.simple_vit import SimpleViT  # noqa: E402
@@ -48,10 +48,7 @@ def test_regrouped_models_pickle_train_and_revert():
     fast = evoplug.convert(model, 0.5, example_input=x[:1])
     with torch.no_grad():
         before = fast(x)
-    buffer = io.BytesIO()
-    torch.save(fast, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = saved_and_loaded(fast)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), before, rtol=0, atol=0)
     fast.train()

@@ -1,7 +1,6 @@
 """What survives which serialisation: pickle and torch.save of the whole converted module (in
 this process and in a fresh one), copy.deepcopy, and state_dicts both ways."""
 import copy
-import io
 import pickle
 
 import pytest
@@ -9,7 +8,7 @@ import timm
 import torch
 
 import evoplug
-from models import run_in_a_fresh_process
+from models import run_in_a_fresh_process, saved_and_loaded
 
 MODELS = {   # name -> (kwargs, input size): a flat ViT, a map-block pyramid, a canvas pyramid
     "vit_tiny_patch16_224": (dict(img_size=32, patch_size=4, depth=4, embed_dim=64, num_heads=2), 32),
@@ -46,10 +45,7 @@ def test_whole_model_pickles_and_torch_saves(name):
     with torch.no_grad():
         fast(x)      # state from a forward must not be needed to save, nor be saved
     _same_model(pickle.loads(pickle.dumps(fast)), fast, model, x)
-    buf = io.BytesIO()
-    torch.save(fast, buf)
-    buf.seek(0)
-    _same_model(torch.load(buf, weights_only=False), fast, model, x)
+    _same_model(saved_and_loaded(fast), fast, model, x)
 
 
 def test_saved_model_loads_in_a_fresh_process(tmp_path):
