@@ -389,6 +389,29 @@ def test_converted_swin_follows_to_dtype():
     assert fast.state_dict().keys() == model.state_dict().keys()
 
 
+def test_scores_carry_only_onto_a_map_of_the_same_image():
+    """Scores are pooled onto the next stage's grid where both sides scale alike (a map of
+    the same image at another scale; rounding allowed: 7x13 -> 4x7). NesT's blocks take
+    (B, T, N, C) blocks of tokens, 16x49 then 4x49 at 112 px: pooled over the blocks' rows,
+    level 1's tokens took other places' scores (a ranking that follows no image position) until
+    the thirty-eighth session; the scores restart there (dense + scores)."""
+    assert ev.can_carry((56, 56), (28, 28)) and ev.can_carry((7, 13), (4, 7))
+    assert ev.can_carry((14, 14), (7, 7)) and ev.can_carry((20, 20), (14, 14))
+    assert not ev.can_carry((16, 196), (4, 196)) and not ev.can_carry((16, 49), (4, 49))
+    torch.manual_seed(0)
+    model = timm.create_model("nest_tiny", pretrained=False, img_size=112).eval()
+    x = torch.randn(2, 3, 112, 112)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], strict=False)
+    roles = [(s.name, s.role) for s in evoplug.get_report(fast).blocks]
+    assert roles == [("levels.0.transformer_encoder.0", "score"), ("levels.0.transformer_encoder.1", "evolve"),
+                     ("levels.1.transformer_encoder.0", "score"), ("levels.1.transformer_encoder.1", "evolve")]
+    with torch.no_grad():
+        fast(x)
+        assert [n for _, n in evoplug.tokens_per_block(fast)] == [784, 393, 196, 99]
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - model(x)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("name", ["swinv2_cr_tiny_ns_224", "twins_pcpvt_small", "pit_ti_224"])
 def test_more_timm_families_convert_and_reproduce(name):
     """SwinV2-CR (map blocks, scaled cosine attention), Twins-PCPVT (PVT-style blocks with a

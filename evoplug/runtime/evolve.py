@@ -728,6 +728,13 @@ def can_carry(grid_from, grid_to) -> bool:
     7x7 downsampling of the 8x8 map (a model that kept 48 patches and its class token)."""
     if grid_from is None or grid_to is None:
         return False
+    # the same image at another scale: both sides scaled alike (within 2x, for rounding: 7x13
+    # -> 4x7). NesT's blocks of tokens, (T, N) = 16x196 then 4x196, are no map of the image:
+    # pooled over the blocks' rows, level 1's tokens took other places' scores (until the
+    # thirty-eighth session); the scores restart there
+    fh, fw = grid_from[0] / max(grid_to[0], 1), grid_from[1] / max(grid_to[1], 1)
+    if max(fh, fw) > 2 * min(fh, fw):
+        return False
     if not (isinstance(grid_from, GuessedGrid) or isinstance(grid_to, GuessedGrid)):
         return True
     return all(any(t in (f // s, -(-f // s)) for s in range(2, f + 1))
