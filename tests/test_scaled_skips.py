@@ -168,6 +168,29 @@ def test_caformer_converts_and_reproduces_at_keep_one():
         torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("how", ["parametrized", "pruned"])
+def test_a_skip_scale_changed_by_parametrize_or_prune_is_named_in_the_refusal(how):
+    """A ``Scale`` on the skip path that ``torch.nn.utils.parametrize`` or ``prune`` changed
+    is no plain ``x * parameter``: the residual add is not recognised and the block was refused
+    as "no residual attention branch" alone (audit W2 of the thirty-eighth session). The
+    refusal names the module and the way out; done after the conversion, it is followed."""
+    from torch.nn.utils import parametrize, prune
+    model = _model("module")
+    scale = model.blocks[1].res_scale1
+    if how == "pruned":
+        prune.l1_unstructured(scale, "scale", amount=0.2)
+    else:
+        class Doubled(nn.Module):
+            def forward(self, s):
+                return 2 * s
+        parametrize.register_parametrization(scale, "scale", Doubled())
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=rf"`blocks\.1`: .*no residual attention "
+                       rf"branch\); the block's input goes through `res_scale1` \(Scale\), which "
+                       rf"is {how}: .*convert first"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+
+
 class _ScaledSwinBlock(SwinTransformerBlock):
     def forward(self, x):
         B, H, W, C = x.shape

@@ -214,10 +214,35 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         stream = nxt
     if not any(b.role == "attention" for b in branches):
         raise AnalysisError(name, "the attention output is not added back to the token stream "
-                                  "(no residual attention branch)", not_a_block="no residual")
+                                  "(no residual attention branch)" + _changed_scales(gm, token),
+                            not_a_block="no residual")
     if not any(b.role == "mlp" for b in branches):
         notes.append(_no_mlp_note(gm, passed))
     return branches, notes
+
+
+def _changed_scales(gm: fx.GraphModule, token: fx.Node) -> str:
+    """Where the block's input goes through a module that torch.nn.utils.parametrize or prune
+    changed (a ``Scale`` on the skip path, CAFormer's ``res_scale1``): the residual add behind
+    it is not recognised, for a scale is read only from plain ``x * parameter`` code; said,
+    with the way out (the refusal said only "no residual attention branch" until audit W2 of
+    the thirty-eighth session)."""
+    from torch.nn.utils import parametrize
+    for n in token.users:
+        if n.op != "call_module":
+            continue
+        m = gm.get_submodule(n.target)
+        pruned = any(type(h).__module__ == "torch.nn.utils.prune" for h in m._forward_pre_hooks.values())
+        changed = parametrize.is_parametrized(m)
+        if changed or pruned:
+            cls = type(m).__bases__[0] if changed else type(m)
+            how = "parametrized" if changed else "pruned"
+            return (f"; the block's input goes through `{n.target}` ({cls.__name__}), which is "
+                    f"{how}: a residual add that takes the stream scaled is recognised only "
+                    "where the scale is plain code (x * parameter); convert first and "
+                    f"{'parametrize' if changed else 'prune'} after (the converted model "
+                    "follows it)")
+    return ""
 
 
 def _no_mlp_note(gm: fx.GraphModule, passed: List[fx.Node]) -> str:
