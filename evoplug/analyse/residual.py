@@ -213,12 +213,13 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         visited.add(nxt)
         stream = nxt
     if not any(b.role == "attention" for b in branches):
-        raise AnalysisError(name, "the attention output is not added back to the token stream "
-                                  "(no residual attention branch)" + _changed_scales(gm, token),
-                            not_a_block="no residual")
+        raise AnalysisError(name, NO_RESIDUAL + _changed_scales(gm, token), not_a_block="no residual")
     if not any(b.role == "mlp" for b in branches):
         notes.append(_no_mlp_note(gm, passed))
     return branches, notes
+
+
+NO_RESIDUAL = "the attention output is not added back to the token stream (no residual attention branch)"
 
 
 def _changed_scales(gm: fx.GraphModule, token: fx.Node) -> str:
