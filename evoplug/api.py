@@ -862,6 +862,16 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
 
 
 def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):
+    if "evolve" not in roles:
+        # (every convertible block dense or scoring: a NesT of one block per level, whose
+        # scores restart at each level, converted with strict=False into a model that did
+        # nothing, without a word; audit W6 of the thirty-eighth session)
+        raise ConversionError(
+            f"{type(model).__name__}: nothing would evolve: every convertible block is dense or "
+            "computes the global scores afresh (" + ", ".join(
+                f"`{a.name}`: {r}" for a, r in zip(analyses, roles)) + "): Evo-ViT needs a "
+            "block after the scoring one with the same tokens (a lower start_block, or more "
+            "blocks per stage)", [(a.name, f"role {r}") for a, r in zip(analyses, roles)])
     idle = unscored(analyses, roles, starts)
     if idle and strict:
         raise ConversionError(f"{type(model).__name__}: {unscored_reason(analyses, idle)}",

@@ -410,6 +410,13 @@ def test_scores_carry_only_onto_a_map_of_the_same_image():
         assert [n for _, n in evoplug.tokens_per_block(fast)] == [784, 393, 196, 99]
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         assert (fast(x) - model(x)).abs().max() <= 1e-5
+    # one block per level: every block would score afresh, none evolve; strict=False converted
+    # it into a model that did nothing, without a word (audit W6): refused, saying why
+    shallow = timm.models.nest.Nest(img_size=112, embed_dims=(32, 64, 128), num_heads=(1, 2, 4),
+                                    depths=(1, 1, 2)).eval()
+    with pytest.raises(evoplug.ConversionError, match="nothing would evolve: every convertible "
+                                                      "block is dense or computes the global scores afresh"):
+        evoplug.convert(shallow, keep_ratio=0.5, example_input=x[:1], strict=False)
 
 
 @pytest.mark.parametrize("name", ["swinv2_cr_tiny_ns_224", "twins_pcpvt_small", "pit_ti_224"])
