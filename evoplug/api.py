@@ -32,7 +32,7 @@ from .analyse.chain import chain_links
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
 from . import quality
-from .copies import copy_model
+from .copies import copy_model, remade_class
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
 from .options import CONVERSION_FIELDS, EvoOptions, check_names, follow_copy
@@ -1036,8 +1036,7 @@ def _unconverted_class(spec: BlockSpec) -> type:
         cls = cls.__bases__[0]
     out = spec.orig_class
     for c in reversed(above):
-        out = type(c.__name__.replace(evo.__name__, spec.orig_class.__name__), (out,),
-                   {k: v for k, v in vars(c).items() if k not in ("__dict__", "__weakref__")})
+        out = remade_class(c, (out,), c.__name__.replace(evo.__name__, spec.orig_class.__name__))
     return out
 
 

@@ -60,14 +60,15 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
             f"first, or convert it with inplace=True ({e})") from None
     for m in copied.modules():
         if parametrize.is_parametrized(m):
-            m.__class__ = _own_class(type(m))
+            m.__class__ = remade_class(type(m))
     return copied
 
 
-def _own_class(cls: type) -> type:
-    """A class of its own for a copy of a parametrized module: ``cls`` made again, on the same
-    base, with the same properties and methods (api.py ``_unconverted_class`` does the same)."""
-    return type(cls.__name__, cls.__bases__,
+def remade_class(cls: type, bases: Optional[tuple] = None, name: Optional[str] = None) -> type:
+    """``cls`` made again (its properties and methods; on ``bases``, by default its own): a
+    class of its own for a copy of a parametrized module, or a parametrization's class put back
+    on a block's original class by ``revert`` (api.py ``_unconverted_class``)."""
+    return type(name or cls.__name__, cls.__bases__ if bases is None else bases,
                 {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
 
 

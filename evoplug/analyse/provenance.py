@@ -6,6 +6,7 @@ forward (calibrate.py). They tell the special tokens from the patches
 (:func:`varying_arguments`). Results go to ``calls.derived``."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -73,9 +74,7 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
         if x.dim() != 3 or x.shape[1] in inputs or k in same or not isinstance(y, torch.Tensor) \
                 or y.shape != x.shape:
             continue
-        change = (y.float() - x.float()).abs().amax(dim=(0, 2))
-        scale = x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
-        rows = torch.nonzero(change <= _PROVENANCE_TOLERANCE * scale).flatten()
+        rows = torch.nonzero(_unchanged_rows(x, y)).flatten()
         inputs[x.shape[1]] = tuple(int(i) for i in rows)
     calls.derived["untouched"] = inputs
 
@@ -92,36 +91,29 @@ def class_token_rows(model: nn.Module, example_input, calls: CallRecord, blocks)
                   if isinstance(getattr(m, "cls_token", None), nn.Parameter)), None)
     if token is None or not token.is_floating_point() or not token.numel():
         return
-    every = {}
+    every, sizes = {}, set()
     for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
                         key=lambda b: calls[id(b)].order):
         x = calls[id(block)].tokens()
-        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in every.values():
-            every[id(block)] = x.shape[1]
-    seen = {}
-    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), None, calls[id(b)].token_key)),
-                                           with_kwargs=True) for b in blocks if id(b) in every]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), AsCalibrated(), _InPlaceOf(token, noise(token.detach(), 1)):
-            _call(model, example_input)
-    except Exception:   # noqa: BLE001 - no answer: the first prefix token stays the class token
-        return
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] not in sizes:
+            every[id(block)] = (calls[id(block)].name, x)
+            sizes.add(x.shape[1])
+    seen = _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, calls=calls,
+                        mode=_InPlaceOf(token, noise(token.detach(), 1)))
     rows = {}
-    for k, n in every.items():
-        x, y = calls[k].tokens(), seen.get(k)
-        if not isinstance(y, torch.Tensor) or y.shape != x.shape:
-            continue
-        changed = torch.nonzero((y.float() - x.float()).abs().amax(dim=(0, 2)) > _PROVENANCE_TOLERANCE *
-                                x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)).flatten()
-        if changed.numel() == 1:
-            rows[n] = int(changed)
+    for k, (_, x) in every.items():
+        y = (seen or {}).get(k)
+        if isinstance(y, torch.Tensor) and y.shape == x.shape:
+            changed = torch.nonzero(~_unchanged_rows(x, y)).flatten()
+            if changed.numel() == 1:
+                rows[x.shape[1]] = int(changed)
     calls.derived["class_rows"] = rows
+
+
+def _unchanged_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N,) whether each token row of ``y`` (B, N, C) is ``x``'s, within the tolerance."""
+    change = (y.float() - x.float()).abs().amax(dim=(0, 2))
+    return change <= _PROVENANCE_TOLERANCE * x.float().abs().amax(dim=(0, 2)).clamp_min(1.0)
 
 
 class _InPlaceOf(TorchFunctionMode):
@@ -294,13 +286,15 @@ def _same_input(seen, key, x) -> bool:
 
 
 def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only=None,
-                 args: Optional[dict] = None, seed: int = 0, calls=None) -> Optional[dict]:
+                 args: Optional[dict] = None, seed: int = 0, calls=None,
+                 mode: Optional[TorchFunctionMode] = None) -> Optional[dict]:
     """The first input of each block of ``every`` in one eager forward (eval, no grad) with
     noise added to the (first tensor) output of each module of ``sources``, or without sources
-    to every floating-point input (``only``: to the one of that rank); None when the model
-    cannot take it or an output has no floating-point tensor to add it to. ``args``: filled
-    with each block's other tensor arguments, in call order. ``calls``: the record, where a
-    block's tokens are not its first argument (``ModuleCall.token_key``)."""
+    to every floating-point input (``only``: to the one of that rank), or, with ``mode``, the
+    inputs as they are under that mode (noise on a parameter: :class:`_InPlaceOf`); None when
+    the model cannot take it or an output has no floating-point tensor to add it to. ``args``:
+    filled with each block's other tensor arguments, in call order. ``calls``: the record,
+    where a block's tokens are not its first argument (``ModuleCall.token_key``)."""
     seen, missed = {}, []
 
     def perturb(m, _args, out):
@@ -317,8 +311,8 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), AsCalibrated():
-            _call(model, example_input if sources else _noisy_inputs(example_input, only))
+        with torch.no_grad(), AsCalibrated(), mode or contextlib.nullcontext():
+            _call(model, example_input if sources or mode else _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
     finally:

@@ -229,11 +229,12 @@ def _changed_scales(gm: fx.GraphModule, token: fx.Node) -> str:
     with the way out (the refusal said only "no residual attention branch" until audit W2 of
     the thirty-eighth session)."""
     from torch.nn.utils import parametrize
+    from torch.nn.utils.prune import BasePruningMethod
     for n in token.users:
         if n.op != "call_module":
             continue
         m = gm.get_submodule(n.target)
-        pruned = any(type(h).__module__ == "torch.nn.utils.prune" for h in m._forward_pre_hooks.values())
+        pruned = any(isinstance(h, BasePruningMethod) for h in m._forward_pre_hooks.values())
         changed = parametrize.is_parametrized(m)
         if changed or pruned:
             cls = type(m).__bases__[0] if changed else type(m)

@@ -24,7 +24,7 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import ancestors, depends_on_data, random_source, run_nodes
+from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -652,20 +652,13 @@ def _traced_into(functions: frozenset):
         table.update(held)
 
 
-_ATTENTION_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax,
-                        F.scaled_dot_product_attention, F.multi_head_attention_forward}
-
-
 def _has_attention(graph: fx.Graph, root: nn.Module) -> bool:
-    """A softmax, fused attention or ``nn.MultiheadAttention`` call among the graph's nodes."""
-    for n in graph.nodes:
-        if n.op == "call_function" and n.target in _ATTENTION_FUNCTIONS or \
-                n.op == "call_method" and n.target == "softmax":
-            return True
-        if n.op == "call_module" and isinstance(root.get_submodule(n.target),
-                                                (nn.Softmax, nn.MultiheadAttention)):
-            return True
-    return False
+    """A softmax (graph.is_softmax), fused attention or ``nn.MultiheadAttention`` call among the
+    graph's nodes."""
+    return any(is_softmax(root, n) or isinstance(module_of(root, n), nn.MultiheadAttention) or
+               n.op == "call_function" and n.target in (F.scaled_dot_product_attention,
+                                                         F.multi_head_attention_forward)
+               for n in graph.nodes)
 
 
 def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer, saved, plan,
