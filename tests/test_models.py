@@ -1,5 +1,7 @@
 """Every model of the core's list converts; keep 1.0 reproduces it; keep 0.5 runs the
 evolving blocks on fewer tokens; checkpoints load strictly; backward works in train mode."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -302,6 +304,41 @@ def test_sequence_first_transformer_layers_evolve_as_batch_first_ones(norm_first
     twin = evoplug.convert(ref, keep_ratio=0.5, example_input=(x[:2], mask[:2]))
     with torch.no_grad():
         torch.testing.assert_close(fast(x, mask), twin(x, mask), atol=1e-5, rtol=1e-5)
+
+
+class _Transposing(nn.Module):
+    """A batch-first wrapper around a sequence-first ``nn.TransformerEncoderLayer``."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_a_batch_first_wrapper_around_a_sequence_first_layer_converts_the_layer():
+    """A wrapper that transposes batch-first tokens around PyTorch's sequence-first layer is no
+    block itself (its residual stream is the layer's): the layer inside converts, as in the
+    model that transposes once around all the layers. It was refused as "a leaf" that torch.fx
+    does not trace into (audit W4 of the thirty-eighth session)."""
+    torch.manual_seed(0)
+    seq = _TorchEncoderViT(False, False, batch_first=False).eval()
+    wrapped = copy.deepcopy(seq)
+    wrapped.enc = nn.Sequential(*[_Transposing(layer) for layer in seq.enc])
+    wrapped.batch_first = True
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), seq(x), atol=1e-6, rtol=1e-6)
+        fast = evoplug.convert(wrapped, keep_ratio=0.5, example_input=x[:2])
+        twin = evoplug.convert(seq, keep_ratio=0.5, example_input=x[:2])
+        assert [s.name for s in evoplug.get_report(fast).blocks] == [
+            f"enc.{i}.layer" for i in range(6)]
+        assert [s.analysis.plan.token_perm for s in evoplug.get_report(fast).blocks] == [(1, 0, 2)] * 6
+        torch.testing.assert_close(fast(x), twin(x), atol=1e-5, rtol=1e-5)
+        assert (fast(x) - wrapped(x)).abs().max() > 1e-3          # it evolved
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), wrapped(x), atol=1e-5, rtol=1e-5)
 
 
 def _spread_encoder(batch_first):

@@ -280,9 +280,10 @@ def _attention_site(gm: fx.GraphModule, name: str, attn_mods: Set[int]) -> Atten
         if not hidden:
             raise
     sub = gm.get_submodule(hidden[0])
+    why = ("a torch.nn module, which torch.fx keeps whole" if type(sub).__module__.startswith(
+        "torch.nn.") else "a leaf: timm's notrace registry or evoplug.register_leaf_module")
     raise AnalysisError(name, f"its attention runs inside `{hidden[0]}` ({type(sub).__name__}), "
-                              "which torch.fx does not trace into (a leaf: timm's notrace "
-                              "registry or evoplug.register_leaf_module)")
+                              f"which torch.fx does not trace into ({why})")
 
 
 def _tokens_and_grid(a: BlockAnalysis, model: nn.Module, call: ModuleCall,

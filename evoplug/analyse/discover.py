@@ -277,7 +277,8 @@ def _unit_report(c: ModuleCall, reason: Optional[str], inside) -> Tuple[str, boo
 def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]):
     """The one module ``m`` wraps, when ``m`` ran its attention only there and the attention
     itself runs deeper still: (name, module, call) of a stage that holds a single block behind
-    an identity downsampling, or of a one-block ``Sequential``. ``find_blocks`` takes the
+    an identity downsampling, of a one-block ``Sequential``, or of a sequence-first layer that
+    a batch-first wrapper transposes its tokens around (or the other way round). ``find_blocks`` takes the
     outermost module with one attention; where that is no block (its residual stream is the
     inner block's), the block it wraps is analysed instead. None otherwise (a block around its
     attention module: the attention module is no block)."""
@@ -294,11 +295,19 @@ def wrapped_block(name: str, m: nn.Module, call: ModuleCall, calls: Dict[int, Mo
             continue
         inner = c.raw_tokens()
         if c.n_calls != 1 or c.attention_ops != call.attention_ops or not isinstance(
-                inner, torch.Tensor) or not isinstance(x, torch.Tensor) or inner.shape != (
-                call.raw_tokens().shape) or not any(_attention_below(g, calls) for g in child.children()):
+                inner, torch.Tensor) or not isinstance(x, torch.Tensor) or not any(
+                _attention_below(g, calls) for g in child.children()):
             return None
-        c.token_perm = call.token_perm      # (the same tensor layout as the wrapper's)
-        c.keeps_channels_first = call.keeps_channels_first
+        if inner.shape == call.raw_tokens().shape:
+            c.token_perm = call.token_perm      # (the same tensor layout as the wrapper's)
+            c.keeps_channels_first = call.keeps_channels_first
+        elif x.dim() == 3 and x.shape[0] != x.shape[1] and inner.shape in (
+                x.shape, x.transpose(0, 1).shape):
+            # a batch-first wrapper transposing its tokens around a sequence-first block
+            # (PyTorch's nn.TransformerEncoderLayer), or the other way round
+            c.token_perm = (1, 0, 2) if inner.shape != x.shape else ()
+        else:
+            return None
         return name, child, c
 
 
