@@ -23,7 +23,8 @@ from torch import nn
 from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks, regroup_parts,
                                 wrapped_block)
-from .analyse.probes import check_count_free_program, count_probe_graph, hooks_suspended, probe_program
+from .analyse.probes import (CALL_HOOK_DICTS, check_count_free_program, count_probe_graph,
+                             hooks_suspended, probe_program)
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.snapshot import restore, snapshot
 from .analyse.provenance import (class_token_rows, rest_read, rows_not_images, stream_starts,
@@ -512,10 +513,8 @@ def _by_name(model: nn.Module, args, kwargs):
     return (), named
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-               "_forward_hooks_always_called", "_state_dict_hooks", "_state_dict_pre_hooks",
-               "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+_HOOK_DICTS = CALL_HOOK_DICTS + ("_state_dict_hooks", "_state_dict_pre_hooks",
+                                 "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
 def _twin(model: nn.Module, blocks: set):

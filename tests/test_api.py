@@ -230,6 +230,41 @@ def test_revert_keeps_a_parametrization_made_after_the_conversion():
     assert type(fast.trunk[3]) is Layer
 
 
+def test_converted_classes_of_parametrized_blocks_go_with_their_models():
+    """A block whose own parameter is parametrized has a class of torch's, one per module; the
+    converted class made on it was cached for good, so every conversion of such a block kept a
+    class (and the class torch made) alive (a known gap of the thirty-eighth session). The cache
+    holds a converted class while a block has it."""
+    import gc
+    import torch.nn.utils.parametrize as P
+    from evoplug.runtime import block as runtime_block
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return w * 2.0
+
+    def convert_one():
+        model, x = _small_vit()
+        for b in model.trunk[2:]:
+            b.register_parameter("gain", nn.Parameter(torch.ones(())))
+            P.register_parametrization(b, "gain", Double())
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+        assert all(type(b).__name__ == "EvoParametrizedLayer" for b in fast.trunk[3:])
+        return fast(x).sum().item()
+
+    convert_one()
+    gc.collect()
+    before = len(runtime_block._CLASS_CACHE)
+    for _ in range(3):
+        convert_one()
+    gc.collect()
+    assert len(runtime_block._CLASS_CACHE) == before
+    model, x = _small_vit()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    gc.collect()          # a converted class stays while its blocks hold it
+    assert runtime_block._CLASS_CACHE.get(Layer) is type(fast.trunk[3])
+
+
 def test_removing_a_parametrization_from_the_converted_copy_leaves_the_original_working():
     """``torch.nn.utils.parametrize`` gives each parametrized module a class of its own, which
     holds the parametrized tensor as a property; the converted copy shared the original's

@@ -254,9 +254,10 @@ def _quantised_hint(block: nn.Module) -> str:
             "twins made for those sizes are kept)")
 
 
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
-               "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
-               "_forward_hooks_always_called")
+#: a module's dicts of the hooks that run around its calls
+CALL_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                   "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 @contextlib.contextmanager
@@ -266,7 +267,7 @@ def hooks_suspended(*modules: nn.Module):
     traced into."""
     saved = []
     for m in {id(m): m for top in modules for m in top.modules()}.values():
-        for name in _HOOK_DICTS:
+        for name in CALL_HOOK_DICTS:
             d = getattr(m, name, None)
             if d is not None:
                 saved.append((d, dict(d)))

@@ -15,7 +15,7 @@ from typing import List
 import torch
 from torch import nn
 
-from .probes import _HOOK_DICTS
+from .probes import CALL_HOOK_DICTS
 
 #: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
@@ -51,7 +51,7 @@ def snapshot(model: nn.Module) -> List[tuple]:
                       {k: v.detach().clone() for k, v in attrs.items()
                        if isinstance(v, torch.Tensor) and not is_lazy(v)},
                       set(m._modules),
-                      {name: dict(vars(m)[name]) for name in _HOOK_DICTS if name in vars(m)}))
+                      {name: dict(vars(m)[name]) for name in CALL_HOOK_DICTS if name in vars(m)}))
     return saved
 
 

@@ -16,6 +16,7 @@ import functools
 import os
 import threading
 import warnings
+import weakref
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -1162,7 +1163,9 @@ def _code(m: nn.Module) -> Tuple:
 #: a block's own attributes read outside its traced forward: not checked by changed()
 _READ_OUTSIDE = {"gradient_checkpointing"}
 
-_CLASS_CACHE: Dict[type, type] = {}
+#: converted classes by original class, while a converted block holds one: a parametrized
+#: block's class is torch's, one per module, and the cache kept each of them alive for good
+_CLASS_CACHE: "weakref.WeakValueDictionary[type, type]" = weakref.WeakValueDictionary()
 _CLASS_LOCK = threading.Lock()
 
 
