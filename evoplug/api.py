@@ -832,18 +832,20 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
         else:
             detail = ("no attention computation (softmax over q.k^T, scaled_dot_product_attention "
                       "or nn.MultiheadAttention) ran in its forward")
+        # (failures name the modules and reasons: the model itself ('') where no module ran any
+        # attention; the list was empty then, and with one block, audit X4 of the 39th session)
         raise ConversionError(f"evoplug found no convertible transformer block in "
-                              f"{type(model).__name__}: {detail}", failed or skipped)
+                              f"{type(model).__name__}: {detail}", failed or skipped or [("", detail)])
     if failed and strict:
         detail = "\n".join(f"  `{n}`: {r}" for n, r in failed)
         raise ConversionError(f"evoplug cannot convert {len(failed)} block(s) of "
                               f"{type(model).__name__} (strict=True; strict=False converts the "
                               f"others and reports these):\n{detail}", failed)
     if len(analysed) < 2:
-        raise ConversionError(
-            f"{type(model).__name__}: only one convertible block (`{analysed[0][0].name}`); Evo-ViT "
-            "ranks tokens with the attention of the blocks before the evolving ones, so nothing "
-            "would evolve", failed or _refused(skipped))
+        only = (f"only one convertible block (`{analysed[0][0].name}`); Evo-ViT ranks tokens with "
+                "the attention of the blocks before the evolving ones, so nothing would evolve")
+        raise ConversionError(f"{type(model).__name__}: {only}",
+                              (failed or _refused(skipped)) + [(analysed[0][0].name, only)])
     rowless = [a for a, _, _ in analysed if a.windowed and a.window_index is None]
     if len(rowless) == len(analysed):
         note = next((n for n in rowless[0].notes if n.startswith("windows not mapped")), "")

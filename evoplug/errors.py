@@ -9,7 +9,7 @@ class EvoplugError(RuntimeError):
 class ConversionError(EvoplugError):
     """A model (or one of its blocks) cannot be converted.
 
-    ``failures`` is a list of ``(module_name, reason)`` pairs.
+    ``failures`` is a list of ``(module_name, reason)`` pairs (``''`` names the model itself).
     """
 
     def __init__(self, message: str, failures=()):

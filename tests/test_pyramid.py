@@ -437,9 +437,16 @@ def test_more_timm_families_convert_and_reproduce(name):
 
 
 def test_a_model_with_one_convertible_block_is_refused_clearly():
+    """The error names the block, in its message and in ``failures`` (which was empty; audit X4
+    of the thirty-ninth session), as does the error for a model that runs no attention."""
     model = timm.create_model("efficientformer_l1", pretrained=False).eval()
-    with pytest.raises(evoplug.ConversionError, match="only one convertible block"):
+    with pytest.raises(evoplug.ConversionError, match="only one convertible block") as e:
         evoplug.convert(model)
+    assert e.value.failures[-1][0] == "stages.3.blocks.4"
+    assert "only one convertible block" in e.value.failures[-1][1]
+    with pytest.raises(evoplug.ConversionError, match="no convertible transformer block") as e:
+        evoplug.convert(timm.create_model("resnet10t").eval(), example_input=torch.randn(1, 3, 32, 32))
+    assert e.value.failures == [("", str(e.value).split(": ", 1)[1])]
 
 
 def test_swin_fast_update_keeps_every_tokens_exact_attention_update():
