@@ -44,7 +44,7 @@ from .report import ConversionReport, converted_inside, get_report, is_converted
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
 from .runtime.pairs import undo_regroup
 from .runtime.block import (BlockSpec, FlatTokens, MapTokens, evo_class, leaf_groups,
-                            traced_state)
+                            traced_state, traced_writes)
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors)
 
@@ -626,6 +626,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
                             functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None)
+    spec.writes = traced_writes(spec.traced, volatile)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive

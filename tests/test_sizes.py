@@ -814,6 +814,37 @@ def test_a_layer_that_changes_its_own_settings_in_a_forward_is_converted_as_it_w
                                        atol=1e-5, rtol=1e-5)
 
 
+def test_a_layer_that_changes_its_own_settings_does_so_when_it_evolves_too():
+    """transformers' Swin layer sets its shift to 0 for good when the map fits its window. Its
+    keep-1.0 path (its own forward) did so, its programs did not: a converted model that ran
+    keep 0.5 at 32 px kept the shift, one that ran keep 1.0 lost it, and at 40 px the two were
+    1.5 apart (audit X3 of the thirty-ninth session). The programs set what the forward sets:
+    the converted model's state follows its calls as the original's does."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4],
+                       window_size=8, attn_implementation="sdpa")
+    base = T.SwinModel(cfg, add_pooling_layer=False).eval()
+    x, x40 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 40, 40)
+    shifts = lambda m: [b.shift_size for layer in m.encoder.layers for b in layer.blocks]  # noqa: E731
+    evolved = evoplug.convert(base, keep_ratio=0.5, example_input=x[:1])
+    dense_first = evoplug.convert(base, keep_ratio=0.5, example_input=x[:1])
+    dense = copy.deepcopy(base)
+    assert shifts(evolved) == shifts(base) == [0, 4, 0, 4]         # (the conversion changed none)
+    with torch.no_grad():
+        dense(x)
+        evolved(x)
+        evoplug.set_options(dense_first, keep_ratio=1.0)
+        dense_first(x)
+        evoplug.set_options(dense_first, keep_ratio=0.5)
+        assert shifts(evolved) == shifts(dense_first) == shifts(dense) == [0, 4, 0, 0]
+        torch.testing.assert_close(evolved(x40).last_hidden_state,
+                                   dense_first(x40).last_hidden_state, atol=1e-5, rtol=1e-5)
+        evoplug.set_options(evolved, keep_ratio=1.0)
+        torch.testing.assert_close(evolved(x40).last_hidden_state, dense(x40).last_hidden_state,
+                                   atol=1e-5, rtol=1e-5)
+
+
 class _Counter(torch.nn.Module):
     """Counts its forwards in a buffer: in place, or by a new tensor (``self.n = self.n + 1``)."""
 

@@ -386,9 +386,11 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     calls = CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
     calls.derived["unread_attention"] = rec.unread
     _token_arguments(model, calls, example_input)
-    # plain attributes a forward sets (a cached size): state, not what the trace depends on
+    # plain attributes a forward sets (a cached size, transformers' Swin's shift set to 0 for
+    # good): state, not what the trace depends on; with the values the forward left
     calls.derived["volatile"] = {
-        id(m): {k for k, v in plain_attributes(m).items() if before.get(id(m), {}).get(k, _GONE) != v}
+        id(m): {k: v for k, v in plain_attributes(m).items()
+                if before.get(id(m), {}).get(k, _GONE) != v}
         for m in model.modules()}
     return calls
 

@@ -117,6 +117,11 @@ class BlockSpec:
     #                            programs call by path, as (parent's path parts, their names):
     #                            their hooks fire on the tokens the block runs (tell_leaf_hooks);
     #                            found by name at use, never held (leaf_groups)
+    writes: Tuple[Tuple[str, str, Any], ...] = ()   # (path, name, value): the plain
+    #                            attributes the block's forward set, at the calibration, on itself
+    #                            and the modules it traced into (transformers' Swin sets its shift
+    #                            to 0 for good when the map fits its window): its programs set
+    #                            them too, as its forward would (replay_writes)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -204,6 +209,15 @@ class BlockSpec:
                         return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
                                 f"{now!r}")
         return None
+
+    def replay_writes(self, block: nn.Module):
+        """Set what the block's own forward sets on itself and the modules it traced into (the
+        programs, traced code, set nothing): a converted model's state then follows the calls it
+        ran as the original's does, keep 1.0 or not (audit X3 of the thirty-ninth session: a
+        transformers Swin whose blocks evolved kept its shift, one that ran keep 1.0 lost it,
+        and the two gave different outputs at the next input size)."""
+        for path, name, value in self.writes:
+            setattr(block.get_submodule(path) if path else block, name, value)
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
@@ -381,6 +395,22 @@ class EvoBlockMixin:
         if own is not None:
             own()
 
+    def _apply(self, fn, recurse=True):
+        """A dtype or device change (``.half()``, ``.to(...)``) casts the floating-point buffers
+        the conversion added from the values it computed, not from their last cast: after
+        ``.bfloat16().float()`` PVTv2's upsampling taps kept their bfloat16 rounding for good,
+        and the selection moved (6e-2 off the same weights converted afresh; audit X2 of the
+        thirty-ninth session). In place, so a buffer shared by ``share_memory`` stays shared."""
+        out = super()._apply(fn, recurse)
+        spec = self.__dict__.get("_evoplug_spec")
+        if spec is not None:
+            with torch.no_grad():
+                for name, value in spec.buffer_values.items():
+                    cur = self._buffers.get(name)
+                    if cur is not None and cur.is_floating_point() and not cur.is_meta:
+                        cur.copy_(value)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """The block's own keys as always; then the buffers the conversion added (no checkpoint
         holds them) that are on the meta device, after ``model.to('meta')`` and
@@ -498,6 +528,8 @@ class EvoBlockMixin:
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks(self)
         spec.run_pruning()
+        if spec.writes and not torch.compiler.is_compiling():
+            spec.replay_writes(self)
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))
         if recompute:
@@ -1151,6 +1183,13 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
             pp = sub.rpartition(".")[0]
             out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
     return tuple(out)
+
+
+def traced_writes(traced: Tuple, volatile) -> Tuple[Tuple[str, str, Any], ...]:
+    """For :attr:`BlockSpec.writes`: the plain attributes the calibration's forward set on the
+    modules of :func:`traced_state` (``volatile``: {id(module): {name: value}})."""
+    return tuple((path, k, v) for _, _, path, m, *_ in traced
+                 for k, v in (volatile or {}).get(id(m), {}).items())
 
 
 def _code(m: nn.Module) -> Tuple:
