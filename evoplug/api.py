@@ -36,7 +36,7 @@ from . import quality
 from .copies import copy_model, remade_class
 from .errors import AnalysisError, ConversionError, EvoplugError
 from .integrations import registry
-from .options import CONVERSION_FIELDS, EvoOptions, check_names, follow_copy
+from .options import CONVERSION_FIELDS, EvoOptions, check_flag, check_names, follow_copy
 from .rewrite.pairs import regroup_residual_pairs
 from .rewrite.program import batch_program_factory, build_program
 from .runtime import evolve as ev
@@ -101,6 +101,9 @@ def _plain_modes():
 
 
 def _convert_checked(model, keep_ratio, example_input, images, strict, inplace, options):
+    # (flags of the wrong type are refused as the options' are: strict='False' was read as
+    # true, MMPretrain's backbone configs included; audit Y3 of the thirty-ninth session)
+    strict, inplace = check_flag("strict", strict), check_flag("inplace", inplace)
     if images is not None:
         images = quality.as_image_tensor(images)
         if example_input is None:

@@ -176,6 +176,28 @@ def test_gpu_ddp_nccl_amp_trains_saves_resumes(tmp_path):
     _check_dense_load(os.path.join(wd, "iter_12.pth"), 12)
 
 
+def test_resume_without_a_checkpoint_yet_starts_from_load_from(tmp_path):
+    """``--resume`` (the latest checkpoint of the work dir) on a first launch, with a config that
+    fine-tunes a dense checkpoint (``load_from``): MMPretrain's ``tools/train.py`` drops
+    ``load_from`` and trains from random weights with a log line only (audit Y3 of the
+    thirty-ninth session). Here the first launch starts from ``load_from``; later ones resume."""
+    from mmengine.config import Config
+    from evoplug.integrations.mmpretrain.train import _resume_latest
+
+    cfg = Config(dict(work_dir=str(tmp_path / "wd"), load_from="dense.pth"))
+    _resume_latest(cfg)
+    assert cfg.resume is False and cfg.load_from == "dense.pth"
+    os.makedirs(cfg.work_dir)
+    torch.save({}, os.path.join(cfg.work_dir, "iter_4.pth"))
+    with open(os.path.join(cfg.work_dir, "last_checkpoint"), "w") as f:
+        f.write(os.path.join(cfg.work_dir, "iter_4.pth"))
+    _resume_latest(cfg)
+    assert cfg.resume is True and cfg.load_from is None       # (MMEngine finds iter_4.pth)
+    cfg = Config(dict(work_dir=str(tmp_path / "other")))
+    _resume_latest(cfg)
+    assert cfg.resume is True and cfg.load_from is None
+
+
 def test_launch_configuration_for_gpus_and_cpus():
     """What ``--launcher pytorch`` sets: on GPUs MMEngine's NCCL/DDP path with SyncBN (unless the
     config or --no-sync-bn says otherwise); on CPUs gloo, DDP without device ids, and a clear

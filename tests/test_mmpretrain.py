@@ -292,6 +292,12 @@ def test_extras_are_refused_where_they_make_no_sense():
                                             arch=dict(embed_dims=64, num_layers=4, num_heads=2,
                                                       feedforward_channels=128)),
                               head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
+    # ... and so is a backbone's own: EvoVisionTransformer read strict='False' as true (audit Y3
+    # of the thirty-ninth session)
+    with pytest.raises(TypeError, match="strict must be True or False"):
+        MODELS.build(dict(type="EvoVisionTransformer", img_size=32, patch_size=4,
+                          arch=dict(embed_dims=64, num_layers=4, num_heads=2, feedforward_channels=128),
+                          evo=dict(keep_ratio=0.5, strict="False")))
     # a distilled DeiT's head reads two tokens: the batch was unpacked as them (until the
     # eighteenth session: outputs of shape (10,) at batch 2 and 3)
     with pytest.raises(ValueError, match="2 extra tokens"):

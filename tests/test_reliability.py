@@ -388,6 +388,14 @@ def test_options_of_the_wrong_type_are_refused_when_given(options, error, match)
                         **{"keep_ratio": 0.5, **options})
 
 
+@pytest.mark.parametrize("flags", [dict(strict="False"), dict(strict=None), dict(inplace=1)])
+def test_convert_flags_of_the_wrong_type_are_refused(flags):
+    """``strict`` and ``inplace`` are bools, as the options' flags: ``strict='False'`` was read as
+    true (audit Y3 of the thirty-ninth session)."""
+    with pytest.raises(TypeError, match=f"{next(iter(flags))} must be True or False"):
+        evoplug.convert(_tiny(), 0.5, example_input=torch.randn(1, 3, 32, 32), **flags)
+
+
 def test_numpy_and_tensor_numbers_are_accepted_as_python_numbers():
     o = evoplug.EvoOptions(keep_ratio=np.float32(0.5), trade_off=torch.tensor(0.25),
                            reselect_every=np.int64(2), start_block=torch.tensor(3),

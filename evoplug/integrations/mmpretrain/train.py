@@ -210,8 +210,7 @@ def main(argv: Optional[List[str]] = None):
     elif cfg.get("work_dir") is None:
         cfg.work_dir = osp.join("./work_dirs", osp.splitext(osp.basename(args.config))[0])
     if args.resume == "auto":
-        cfg.resume = True
-        cfg.load_from = None
+        _resume_latest(cfg)
     elif args.resume is not None:
         cfg.resume = True
         cfg.load_from = args.resume
@@ -225,6 +224,22 @@ def main(argv: Optional[List[str]] = None):
     runner = build_runner(cfg)
     runner.train()
     return runner
+
+
+def _resume_latest(cfg):
+    """``--resume`` without a checkpoint: the latest one in the work dir. On a first launch
+    there is none; the config's ``load_from`` (a dense checkpoint to fine-tune) is then loaded
+    as the weights to start from, where MMPretrain's own ``tools/train.py`` drops it and trains
+    from random weights with a log line only (audit Y3 of the thirty-ninth session)."""
+    from mmengine.runner import find_latest_checkpoint
+    latest = find_latest_checkpoint(cfg.work_dir) if osp.isdir(cfg.work_dir) else None
+    if latest is None and cfg.get("load_from"):
+        print(f"evoplug: --resume: no checkpoint in {cfg.work_dir} yet; starting from "
+              f"load_from={cfg.load_from}", flush=True)
+        cfg.resume = False
+        return
+    cfg.resume = True
+    cfg.load_from = None
 
 
 def finish_distributed(exit=os._exit) -> bool:
