@@ -284,6 +284,14 @@ def test_extras_are_refused_where_they_make_no_sense():
                                         arch=dict(embed_dims=64, num_layers=4, num_heads=2,
                                                   feedforward_channels=128)),
                           head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
+    # ... and so are the options read at a conversion (the refusal pointed to Python: audit Y3 of
+    # the thirty-ninth session)
+    with pytest.raises(ValueError, match="global_query is read by a conversion.*backbone's own evo"):
+        MODELS.build(dict(type="EvoImageClassifier", evo=dict(global_query="cls"),
+                          backbone=dict(type="EvoVisionTransformer", img_size=32, patch_size=4,
+                                        arch=dict(embed_dims=64, num_layers=4, num_heads=2,
+                                                  feedforward_channels=128)),
+                          head=dict(type="VisionTransformerClsHead", num_classes=10, in_channels=64)))
     # on/off settings are bools: 'False' or 'no' read as true turned the extras on (audit V9)
     for flag in ("mean_token_head", "learnable_trade_off", "aux_cls_head", "strict"):
         with pytest.raises(TypeError, match=f"evo.{flag}"):

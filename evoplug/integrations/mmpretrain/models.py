@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 import evoplug
-from evoplug.options import EvoOptions, check_flag
+from evoplug.options import CONVERSION_FIELDS, EvoOptions, check_flag
 
 from mmengine.logging import print_log
 from mmpretrain.models.backbones import (DistilledVisionTransformer, LeViT, SwinTransformer,
@@ -124,6 +124,20 @@ def _flag(value, name: str) -> bool:
     return check_flag(f"EvoImageClassifier: evo.{name}", value)
 
 
+def _refuse_conversion_keys(backbone: nn.Module, evo: dict, input_size, strict):
+    """Options a conversion reads, given to a classifier whose backbone converted itself when it
+    was built: refused, pointing to the backbone's own ``evo`` (the refusal of ``global_query``
+    pointed to Python, not to the config; audit Y3 of the thirty-ninth session)."""
+    read = [k for k in evo if k in CONVERSION_FIELDS] + \
+        (["input_size"] if input_size is not None else []) + ([] if strict is True else ["strict"])
+    if read:
+        verb = "is" if len(read) == 1 else "are"
+        raise ValueError(
+            f"EvoImageClassifier: evo {' / '.join(read)} {verb} read by a conversion, and the "
+            f"backbone ({type(backbone).__name__}) converted itself when it was built: set them "
+            "in the backbone's own evo=dict(...)")
+
+
 @MODELS.register_module()
 class EvoImageClassifier(ImageClassifier):
     """``ImageClassifier`` with an Evo-ViT backbone.
@@ -173,11 +187,7 @@ class EvoImageClassifier(ImageClassifier):
             self.evo_trade_off = LearnableTradeOff(evo.get("trade_off", 0.5))
             evo["trade_off"] = self.evo_trade_off
         if is_converted(self.backbone):      # e.g. type='EvoVisionTransformer' as the backbone
-            if input_size is not None or strict is not True:
-                raise ValueError(
-                    f"EvoImageClassifier: evo input_size / strict are read by a conversion, and the "
-                    f"backbone ({type(self.backbone).__name__}) converted itself when it was built: "
-                    "set them in the backbone's own evo=dict(...)")
+            _refuse_conversion_keys(self.backbone, evo, input_size, strict)
             if evo:
                 evoplug.set_options(self.backbone, **evo)
         else:
