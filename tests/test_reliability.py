@@ -694,6 +694,50 @@ def test_refusals_name_the_block_and_the_reason(make, block, why):
         evoplug.convert(make().eval())
 
 
+class _ClassTokenConvBlock(nn.Module):
+    """A block with a class token beside its patches and a depthwise convolution over the
+    patches' map in its MLP (CPVT/PiT-style)."""
+
+    def __init__(self, d=32, grid=4):
+        super().__init__()
+        self.grid = grid
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.dw = nn.Conv2d(2 * d, 2 * d, 3, padding=1, groups=2 * d)
+
+    def forward(self, x):
+        h = self.n1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        h = self.fc1(self.n2(x))
+        cls, p = h[:, :1], h[:, 1:]
+        B, N, C = p.shape
+        p = p + self.dw(p.transpose(1, 2).reshape(B, C, self.grid, self.grid)).flatten(2).transpose(1, 2)
+        return x + self.fc2(torch.cat([cls, p], 1))
+
+
+class _ClassTokenConvViT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pe = nn.Conv2d(3, 32, 8, 8)
+        self.cls = nn.Parameter(torch.zeros(1, 1, 32))
+        self.blocks = nn.Sequential(*[_ClassTokenConvBlock() for _ in range(4)])
+
+    def forward(self, x):
+        x = self.pe(x).flatten(2).transpose(1, 2)
+        return self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))[:, 0]
+
+
+def test_a_map_op_beside_a_class_token_is_refused_naming_the_op():
+    """Refused (a documented limit since audit Y5 of the thirty-ninth session, which counted it
+    109 times among 350 fuzzed pyramids): the refusal says how many tokens sit beside the
+    patches and names the map op."""
+    with pytest.raises(evoplug.ConversionError, match=re.escape(
+            "`blocks.0`: 2-D map operations inside a block with prefix tokens are not supported "
+            "(1 token(s) beside the patches; its map op at `flatten`)")):
+        evoplug.convert(_ClassTokenConvViT().eval(), example_input=torch.randn(2, 3, 32, 32))
+
+
 def test_meta_device_model_is_refused_before_it_runs():
     with torch.device("meta"):
         model = _tiny()

@@ -72,8 +72,10 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
     if site is not None and ops:
         ops = _drop_single_window_views(ops, site)
     if ops and P:
-        raise AnalysisError(a.name, "2-D map operations inside a block with prefix tokens are not "
-                                    "supported")
+        raise AnalysisError(a.name, f"2-D map operations inside a block with prefix tokens are not "
+                                    f"supported ({P} token(s) beside the patches; its map op at "
+                                    f"`{ops[0][1].name}`): evoplug feeds the full map only to "
+                                    "blocks whose tokens are all patches")
     return ops
 
 
