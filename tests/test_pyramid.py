@@ -836,3 +836,84 @@ def test_a_last_stage_of_one_window_evolves_alike_in_timm_and_transformers(attn)
         evoplug.set_keep_ratio(fh, 1.0)
         with torch.no_grad():
             torch.testing.assert_close(fh(x).last_hidden_state, dense, rtol=1e-5, atol=1e-5)
+
+
+class _ReducedKeys(nn.Module):
+    """A PVT-like block whose spatial-reduction keys read the normed tokens through ``view``
+    (``x[:, self.num_prefix:]`` with no prefix token is ``x[:, 0:]``)."""
+
+    def __init__(self, view, dim=32, heads=2):
+        super().__init__()
+        self.view, self.heads = view, heads
+        self.norm1, self.norm2, self.sr_norm = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+        self.sr = nn.Conv2d(dim, dim, 2, 2)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        h = self.norm1(x)
+        q = self.q(h).reshape(B, N, self.heads, -1).transpose(1, 2)
+        m = self.sr(self.view(h, H, W).transpose(1, 2).reshape(B, C, H, W))
+        kv = self.kv(self.sr_norm(m.flatten(2).transpose(1, 2)))
+        k, v = kv.reshape(B, -1, 2, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = ((q @ k.transpose(-2, -1)) * (C // self.heads) ** -0.5).softmax(-1) @ v
+        x = x + self.proj(o.transpose(1, 2).reshape(B, N, C))
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class _ReducedKeysNet(nn.Module):
+    def __init__(self, view, dim=32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList(_ReducedKeys(view, dim) for _ in range(2))
+
+    def forward(self, img):
+        m = self.patch(img)
+        x, (H, W) = m.flatten(2).transpose(1, 2), m.shape[2:]
+        for b in self.blocks:
+            x = b(x, H, W)
+        return x
+
+
+_WHOLE_VIEWS = {"0:": lambda x, H, W: x[:, 0:], ":N": lambda x, H, W: x[:, :x.shape[1]],
+                ":H*W": lambda x, H, W: x[:, :H * W, :], "narrow": lambda x, H, W: x.narrow(1, 0, H * W),
+                "clone": lambda x, H, W: x.clone()}
+
+
+@pytest.mark.parametrize("view", list(_WHOLE_VIEWS))
+def test_reduced_keys_read_through_a_view_of_every_token_come_from_the_full_map(view):
+    """Spatial-reduction keys read through a view of every token (``x[:, 0:]``, the cut of an
+    optional class token with none) came from a patchwork map, the kept tokens and the
+    representative token in place of the others (a view was no op evoplug re-ran on the full
+    input), while ``explain()`` said "keys from the full map": off by 2.68 at keep 0.5 (outputs
+    about 4.8); a ``narrow`` of the full length failed on the subset; audit Y5 of the
+    thirty-ninth session. Now the view is the tokens themselves: the same outputs as the block
+    without it, whose keys come from the exact full map."""
+    img = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    plain = _ReducedKeysNet(lambda x, H, W: x).eval()
+    with torch.no_grad():
+        for b in plain.blocks:          # (peaky attention: the keys' map matters)
+            b.q.weight.mul_(3)
+            b.kv.weight.mul_(3)
+    viewed = _ReducedKeysNet(_WHOLE_VIEWS[view]).eval()
+    viewed.load_state_dict(plain.state_dict())
+    want = evoplug.convert(plain, keep_ratio=0.5, example_input=img[:1], reselect_every=1)
+    got = evoplug.convert(viewed, keep_ratio=0.5, example_input=img[:1], reselect_every=1)
+    assert evoplug.get_report(got).blocks[1].analysis.kv_grid == (4, 4)
+    with torch.no_grad():
+        assert (want(img) - plain(img)).abs().max() > 0.1         # the blocks evolved
+        torch.testing.assert_close(got(img), want(img), rtol=1e-5, atol=1e-5)
+
+
+def test_reduced_keys_from_a_map_that_cannot_be_rebuilt_are_refused():
+    """Spatial-reduction keys from a map of the tokens that evoplug cannot re-run on the full
+    input (here the tokens cut and joined again) were reduced from the kept tokens and the
+    representative token in place of the others, silently, while ``explain()`` said "keys from
+    the full map" (audit Y5 of the thirty-ninth session). Now such a block is refused, by name."""
+    img = torch.randn(1, 3, 32, 32)
+    net = _ReducedKeysNet(lambda x, H, W: torch.cat([x[:, :1], x[:, 1:]], 1)).eval()
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1`: its keys/values are reduced "
+                                                      r"from a 2-D map .*not from the full map"):
+        evoplug.convert(net, keep_ratio=0.5, example_input=img)

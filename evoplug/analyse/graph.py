@@ -166,6 +166,29 @@ def shape_of(n) -> Optional[Tuple[int, ...]]:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
+def is_whole_view(n) -> bool:
+    """``n`` is a view of every element of its input, in order: ``x[:, 0:]`` (the idiom for an
+    optional class token with none, ``x[:, self.num_prefix:]``), ``x[:, :N]``, ``x.narrow(1, 0,
+    N)`` of the full length. Told from the shapes recorded at calibration (the same before and
+    after) and slices that start at 0 with step 1; the batch dim (0) is not cut (a cut of one
+    image at a calibration of one would be whole there and not at another batch size)."""
+    if not isinstance(n, fx.Node) or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    shape = shape_of(n)
+    if shape is None or shape != shape_of(n.args[0]):
+        return False
+    if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2:
+        index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        return bool(index) and all(isinstance(i, slice) and i.start in (None, 0) and
+                                   i.step in (None, 1) for i in index) and index[0] == slice(None)
+    if (n.op == "call_method" and n.target == "narrow") or \
+            (n.op == "call_function" and n.target is torch.narrow):
+        named = dict(zip(("dim", "start", "length"), n.args[1:]), **n.kwargs)
+        dim = named.get("dim")
+        return isinstance(dim, int) and dim % len(shape) != 0 and named.get("start") == 0
+    return False
+
+
 def getattr_path(obj, path: str):
     for p in path.split("."):
         obj = getattr(obj, p)

@@ -44,6 +44,7 @@ from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
+                              is_whole_view,
                               module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
@@ -134,6 +135,7 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> _Rewrite:
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     token = placeholders[0]
+    _drop_whole_views(graph, token)
     with graph.inserting_after(placeholders[-1]):
         pos = graph.placeholder("_evo_pos", default_value=None)
     with graph.inserting_after(pos):
@@ -147,6 +149,18 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> _Rewrite:
         token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
     return _Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
                     root if a.token_map else full)
+
+
+def _drop_whole_views(graph: fx.Graph, token: fx.Node):
+    """Views of every token, in order (``x[:, 0:]``: an optional class token's cut with none,
+    ``x[:, :N]``, ``x.narrow(1, 0, N)``), are the tokens themselves: on the subset too (a
+    ``narrow`` of the full length would fail there), and followed like them (the map re-run on
+    the full input sees through them: keys reduced from a patchwork map of the kept tokens and
+    the representative token until audit Y5 of the thirty-ninth session)."""
+    for n in list(graph.nodes):
+        if is_whole_view(n) and token in ancestors(n) | {n.args[0]}:
+            n.replace_all_uses_with(n.args[0])
+            graph.erase_node(n)
 
 
 def _position_terms(rw: _Rewrite):
@@ -385,6 +399,14 @@ def _to_map(rw: _Rewrite, node: fx.Node, dim):
         # its input or on norm1 of it, through the row layout; it got the representative
         # token's canvas, the same weights as tokens the exact map: audit O, thirty-fourth session)
         src_full = _clone_token_wise_chain(graph, src, rw.token, rw.full)
+    if src_full is None and rw.a.kv_grid is not None and not rw.a.windowed and \
+            isinstance(rw.site.k, fx.Node) and node in ancestors(rw.site.k):
+        raise AnalysisError(rw.a.name, f"its keys/values are reduced from a 2-D map (at "
+                                       f"`{node.name}`) made from its tokens by ops evoplug cannot "
+                                       "re-run on its full input (only modules, layout methods, "
+                                       "views of every token and arithmetic with constants): the "
+                                       "keys would come from the kept tokens and the representative "
+                                       "token in place of the others, not from the full map")
     with graph.inserting_before(node):
         if src_full is not None:
             canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
@@ -965,7 +987,8 @@ def _residual_stream(graph: fx.Graph, root: fx.Node):
     return stream
 
 
-_TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "float", "to", "type_as", "squeeze", "unsqueeze"}
+_TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "clone", "float", "to", "type_as", "squeeze",
+                  "unsqueeze"}
 
 
 def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full: fx.Node):
