@@ -2,6 +2,8 @@
 scores carried across stages, dense feature maps kept; PVTv2 (spatial-reduction attention,
 depthwise-conv MLP); windowed attention (Swin's (B, H, W, C) map blocks, Twins' local blocks);
 MMPretrain's Swin refused by name."""
+import copy
+
 import pytest
 import timm
 import torch
@@ -515,6 +517,99 @@ def test_twins_windowed_blocks_keep_every_tokens_exact_attention_update():
     fast = evoplug.convert(model, keep_ratio=0.5)
     spec = next(s for s in evoplug.get_report(fast).blocks if s.analysis.windowed and s.role == "evolve")
     _assert_block_gives_dense_output(fast, spec, torch.randn(2, 3, 224, 224))
+
+
+class _WindowAttention(nn.Module):
+    """Attention over windows (B_, n, C), its projection inside (MMPretrain's ``WindowMSA``)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, w):
+        B_, n, C = w.shape
+        q, k, v = self.qkv(w).reshape(B_, n, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // 2) ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B_, n, C))
+
+
+class _WindowBlock(nn.Module):
+    """A windowed block in three writings: tokens (B, N, C) and (H, W) with the attention's
+    residual added on the tokens ('tokens') or on the block's (B, H, W, C) view of them ('view'),
+    or a channels-last map in and out ('map', timm's form)."""
+
+    def __init__(self, dim, form, ws=4):
+        super().__init__()
+        self.form, self.ws = form, ws
+        self.norm1, self.norm2, self.attn = nn.LayerNorm(dim), nn.LayerNorm(dim), _WindowAttention(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def windows(self, m):
+        B, H, W, C = m.shape
+        ws = self.ws
+        w = m.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        w = self.attn(w).view(B, H // ws, W // ws, ws, ws, C)
+        return w.permute(0, 1, 3, 2, 4, 5).reshape(B, H, W, C)
+
+    def forward(self, x, H=None, W=None):
+        if self.form == "map":
+            x = x + self.windows(self.norm1(x))
+        elif self.form == "view":
+            B, L, C = x.shape
+            m = x.view(B, H, W, C)
+            x = (m + self.windows(self.norm1(m))).reshape(B, L, C)
+        else:
+            B, L, C = x.shape
+            x = x + self.windows(self.norm1(x).view(B, H, W, C)).reshape(B, L, C)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+class _WindowNet(nn.Module):
+    def __init__(self, form, dim=32):
+        super().__init__()
+        self.form, self.patch = form, nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList(_WindowBlock(dim, form) for _ in range(4))
+
+    def forward(self, img):
+        m = self.patch(img).permute(0, 2, 3, 1)
+        B, H, W, C = m.shape
+        x = m if self.form == "map" else m.reshape(B, H * W, C)
+        for b in self.blocks:
+            x = b(x) if self.form == "map" else b(x, H, W)
+        return x.reshape(B, H * W, C)
+
+
+def test_windows_cut_inside_a_token_block_give_every_token_its_exact_attention_update():
+    """A block that takes (B, N, C) tokens and (H, W) and cuts its windows itself (MMPretrain's
+    form), the projection inside the window attention: the windows ran on the full map, but the
+    merge, added to the tokens as it is (no projection or drop path after it) or on the block's
+    (B, H, W, C) view of them, was read back at the kept tokens only, and the others took the
+    representative token's residual (the representative's slot held the token at its position):
+    with the MLPs zeroed keep 0.5 was off the dense model by 5.7 and 9.7 (audit Y5 of the
+    thirty-ninth session). Now every token keeps its exact attention update, and the three
+    writings of the same block give the same keep-0.5 output (MLPs on)."""
+    x = torch.randn(2, 3, 32, 32)
+    outs = {}
+    for form in ("map", "tokens", "view"):
+        torch.manual_seed(1)
+        model = _WindowNet(form).eval()
+        with torch.no_grad():
+            for b in model.blocks:
+                b.attn.qkv.weight.mul_(3)
+        zeroed = copy.deepcopy(model)
+        for b in zeroed.blocks:
+            torch.nn.init.zeros_(b.fc2.weight)
+            torch.nn.init.zeros_(b.fc2.bias)
+        fast = evoplug.convert(zeroed, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), zeroed(x), atol=1e-5, rtol=1e-5)
+        assert [n for _, n in evoplug.tokens_per_block(fast)] == [64, 33, 33, 33]
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+        with torch.no_grad():
+            outs[form] = fast(x)
+            assert (outs[form] - model(x)).abs().max() > 1e-3      # (the MLPs approximated)
+    torch.testing.assert_close(outs["tokens"], outs["map"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs["view"], outs["map"], atol=1e-5, rtol=1e-5)
 
 
 def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_update():

@@ -320,6 +320,8 @@ def _map_operations(rw: _Rewrite):
     if a.token_map:
         grid_ops = _map_block_output(a, graph, grid_ops)
         stream = _residual_stream(graph, rw.root)
+    elif a.windowed:
+        stream = _flat_map_stream(graph, rw.token, grid_ops)
     for kind, node, dim in grid_ops:
         if kind == "to":
             _to_map(rw, node, dim)
@@ -936,7 +938,10 @@ def _branch_to_residual(graph: fx.Graph, start: fx.Node, token: fx.Node):
             return None
         u = users[0]
         if is_add(u) and token in u.args[:2] and cur in u.args[:2]:
-            return (chain, u) if chain else None
+            # (an empty chain: the windows' merge is added as it is, MMPretrain-style blocks
+            # with the projection inside the window attention: read back at the kept tokens
+            # only until the thirty-ninth session, audit Y5)
+            return chain, u
         if not u.args or u.args[0] is not cur:
             return None
         others = [v for v in list(u.args[1:]) + list(u.kwargs.values()) if isinstance(v, fx.Node)]
@@ -955,7 +960,7 @@ def _exact_window_update(graph: fx.Graph, path, token: fx.Node, full: fx.Node, p
     on every token; the kept tokens read theirs back before the residual add, and the others
     keep their own exact attention update for the fast update (as in map blocks)."""
     chain, add = path
-    last = chain[-1]
+    last = chain[-1] if chain else next(v for v in add.args[:2] if v is not token)
     with graph.inserting_after(last):
         sub = graph.call_function(ev.from_canvas, (last, pos, 1))
     add.replace_input_with(last, sub)
@@ -978,13 +983,23 @@ def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
     return [g for g in grid_ops if g is not last]
 
 
-def _residual_stream(graph: fx.Graph, root: fx.Node):
-    """The map block's residual stream: its input and the adds that carry it."""
-    stream = {root}
+def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=()):
+    """The map block's residual stream: its input (or ``seeds``) and the adds that carry it."""
+    stream = set(seeds) or {root}
     for n in graph.nodes:
         if is_add(n) and any(isinstance(v, fx.Node) and v in stream for v in n.args[:2]):
             stream.add(n)
     return stream
+
+
+def _flat_map_stream(graph: fx.Graph, token: fx.Node, grid_ops):
+    """A windowed (B, N, C) block that views its input tokens themselves as the map (``m =
+    x.view(B, H, W, C)``) and adds its attention residual on that view (MMPretrain-style blocks
+    written like timm's): the residual stream on the map, read back as a map block's stream is
+    (every token's exact attention update, the representative token's slot its own; audit Y5 of
+    the thirty-ninth session). Empty where no map view of the input itself is added to."""
+    seeds = [node for kind, node, _ in grid_ops if kind == "to" and node.args[0] is token]
+    return _residual_stream(graph, token, seeds) if seeds else set()
 
 
 _TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "clone", "float", "to", "type_as", "squeeze",
