@@ -261,6 +261,28 @@ def _relate(specs: List[BlockSpec], links, starts):
             specs[link].call.token_perm else specs[link]
         spec.starts_stream = spec.index in starts
         spec.near_ties = near_ties
+    _share_positions(specs)
+
+
+def _share_positions(specs: List[BlockSpec]):
+    """A selection serves the blocks after it until the next one (``reselect_every``), within a
+    run of blocks of the same tokens in one stream: where any of them reads the tokens' original
+    positions (a 2-D map op, a position term), every selection in the run takes them. Until the
+    thirty-ninth session a plain block's selection had none, and a depthwise-conv MLP after it
+    got the subset for its map (a shape error; audit Y5)."""
+    run: List[BlockSpec] = []
+    for spec in specs + [None]:
+        if run and (spec is None or spec.starts_stream or _tokens(spec) != _tokens(run[-1])):
+            reads = any(s.needs_pos for s in run)
+            for s in run:
+                s.selects_pos = reads
+            run = []
+        if spec is not None:
+            run.append(spec)
+
+
+def _tokens(spec: BlockSpec):
+    return spec.analysis.num_tokens, spec.num_prefix, spec.num_suffix
 
 
 def _convert_choosing_query(model, keep_ratio, images, example_input, strict, inplace, options):

@@ -1012,3 +1012,61 @@ def test_reduced_keys_from_a_map_that_cannot_be_rebuilt_are_refused():
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1`: its keys/values are reduced "
                                                       r"from a 2-D map .*not from the full map"):
         evoplug.convert(net, keep_ratio=0.5, example_input=img)
+
+
+class _MixFfnBlock(nn.Module):
+    """A global block taking (x, H, W); with ``dw``, PVTv2's Mix-FFN (a depthwise conv on the
+    2-D map of the hidden tokens)."""
+
+    def __init__(self, dim, dw):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.dw = nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim) if dw else None
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        x = x + self.proj(nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
+        h = self.fc1(self.norm2(x))
+        if self.dw is not None:
+            h = self.dw(h.transpose(1, 2).reshape(B, -1, H, W)).flatten(2).transpose(1, 2)
+        return x + self.fc2(nn.functional.gelu(h))
+
+
+class _PlainThenMixFfn(nn.Module):
+    def __init__(self, dim=32):
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, 4)
+        self.blocks = nn.ModuleList(_MixFfnBlock(dim, dw=(i == 3)) for i in range(4))
+
+    def forward(self, img):
+        m = self.patch(img)
+        x = m.flatten(2).transpose(1, 2)
+        for b in self.blocks:
+            x = b(x, m.shape[2], m.shape[3])
+        return x
+
+
+def test_a_map_block_after_plain_blocks_in_one_selection_gets_the_tokens_positions():
+    """At reselect_every=4 the selection a plain block made (no 2-D op, no position term) held
+    no positions, and the block after it that reads them (PVTv2's depthwise-conv MLP) got its
+    subset instead of the full map: "expected input[2, 33, 8, 8] to have 64 channels" in the
+    forward, handed on or not; 10 of 100 fuzzed pyramids (audit Y5 of the thirty-ninth
+    session). Every selection of a run of blocks of the same tokens now takes the positions
+    where one of them reads them; handing on gives what restoring after every block gives
+    (and, in the audit, what an independent Evo-ViT reference gives, to 5e-6)."""
+    torch.manual_seed(0)
+    model = _PlainThenMixFfn().eval()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=4)
+    blocks = evoplug.get_report(fast).blocks
+    assert blocks[2].chain_next is blocks[3] and blocks[3].needs_pos and not blocks[1].needs_pos
+    restoring = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=4)
+    restoring.blocks[2].register_forward_pre_hook(lambda m, a: None)   # (seen: no segment)
+    with torch.no_grad():
+        out, want = fast(x), restoring(x)
+        assert [v for _, v in evoplug.tokens_per_block(fast)] == [64, 33, 33, 33]
+        assert (out - model(x)).abs().max() > 0.1             # the blocks ran on fewer tokens
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)

@@ -81,6 +81,8 @@ class BlockSpec:
     #                            their values (CPU copies): init_non_persistent_buffers
     needs_pos: bool = True     # the programs read the subset tokens' original positions
     near_ties: bool = False    # scores within evolve.tie_window of the cut are ties (evolve.select)
+    selects_pos: bool = False  # its selections take the positions: a block that may run on
+    #                            them after it reads them (api._relate; needs_pos its own)
     chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
     #                            output and nothing else does (calibration): segments may pass
     #                            it the slow-path tokens directly
@@ -581,9 +583,10 @@ class EvoBlockMixin:
             with_rep = opt.representative and k < M
             # (the window is read where ties are taken: near ties at the cut, or the place of the
             # representative; DeiT's selections take neither)
-            window = ev.tie_window(x) if spec.near_ties or (with_rep and spec.needs_pos) \
+            with_pos = spec.needs_pos or spec.selects_pos
+            window = ev.tie_window(x) if spec.near_ties or (with_rep and with_pos) \
                 else ev.TIES_FLOAT32
-            sel = ev.select(g, k, P + S, C, with_rep, spec.needs_pos, spec.near_ties, window)
+            sel = ev.select(g, k, P + S, C, with_rep, with_pos, spec.near_ties, window)
             since = 0
         rep = ev.representative(x, sel)
         return self._run(ev.gather_subset(x, sel, rep), extras, program, state, sel, g, since, x, rep)
@@ -610,6 +613,11 @@ class EvoBlockMixin:
         P, S = spec.num_prefix, spec.num_suffix
         opt = state.plan.options
         N = x0.shape[1]
+        if spec.needs_pos and sel.pos is None:
+            raise EvoplugError(
+                f"`{spec.name}` reads its tokens' original positions (a 2-D map op, a position "
+                "term), but runs on a selection made without them by a block before it; set "
+                "reselect_every=1")
         sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args,
                                    spec.batch_args, spec.extra_shapes)
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
