@@ -1,0 +1,93 @@
+"""Fuzz evoplug on random hand-written pyramids and windowed models against an independent
+Evo-ViT reference (benchmarks/fuzz_pyramid_models.py: Swin-like windows, shifted or padded, with
+relative position bias, in channels-last, (B, N, C) + (H, W) and grid-attribute layouts;
+PVT-like spatial reduction, Mix-FFN, position convs, patch merging or strided convs, a class
+token or none, layer scale, pre/post norm). For each seed: convert at keep 0.5 (refusals are
+recorded with their reason), keep 1.0 against the model itself (fast path and machinery), keep
+0.5 against the reference, relative to the output's scale.
+
+    python benchmarks/fuzz_pyramids.py 0 250 --json docs/bench/fuzz_pyramids_r1.json
+    python benchmarks/fuzz_pyramids.py 250 350 --reselect 4 --json docs/bench/fuzz_pyramids_r4.json
+
+The reference runs every windowed block as windows on the full map, as docs/models.md says
+evoplug does for blocks that cut their windows themselves (its own flag would run a
+channels-last single window as attention over the kept tokens)."""
+import argparse
+import collections
+import json
+import os
+import platform
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fuzz_pyramid_models as pyr  # noqa: E402
+
+import evoplug  # noqa: E402
+
+pyr.WinBlock.single_window = property(lambda self: False)
+
+
+def one(seed: int, reselect: int) -> dict:
+    rec = {"seed": seed}
+    model, x, cfg = pyr.build(seed)
+    with torch.no_grad():
+        dense = model(x)
+        try:
+            fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=reselect)
+        except evoplug.ConversionError as e:
+            return dict(rec, status="refused", reason=(e.failures[0][1] if e.failures else str(e))[:200])
+        out = fast(x)
+        ref, _ = pyr.reference(model, x, 0.5, reselect)
+        scale = dense.abs().max().item()
+        rec.update(status="converted", roles=[s.role for s in evoplug.get_report(fast).blocks],
+                   keep05_vs_reference=(out - ref).abs().max().item() / scale,
+                   keep05_vs_dense=(out - dense).abs().max().item() / scale)
+        evoplug.set_keep_ratio(fast, 1.0)
+        rec["keep1_fast_path"] = (fast(x) - dense).abs().max().item()
+        evoplug.set_options(fast, identity_fast_path=False)
+        rec["keep1_machinery"] = (fast(x) - dense).abs().max().item()
+    return rec
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("start", type=int)
+    p.add_argument("end", type=int)
+    p.add_argument("--reselect", type=int, default=1)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    rows, t0 = [], time.time()
+    for seed in range(a.start, a.end):
+        try:
+            rows.append(one(seed, a.reselect))
+        except Exception as e:      # noqa: BLE001 - a crash is a finding, recorded
+            rows.append({"seed": seed, "status": "crash", "error": f"{type(e).__name__}: {e}"[:300]})
+    conv = [r for r in rows if r["status"] == "converted"]
+    summary = {
+        "models": len(rows), **collections.Counter(r["status"] for r in rows),
+        "keep05_vs_reference_over_1e-4": [(r["seed"], round(r["keep05_vs_reference"], 4)) for r in conv
+                                          if r["keep05_vs_reference"] > 1e-4],
+        "keep1_fast_path_max": max((r["keep1_fast_path"] for r in conv), default=None),
+        "keep1_machinery_max": max((r["keep1_machinery"] for r in conv), default=None),
+        "refusals": collections.Counter(r["reason"].split(" (")[0][:90] for r in rows
+                                        if r["status"] == "refused").most_common(),
+    }
+    print(json.dumps(summary, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"settings": {"seeds": [a.start, a.end], "keep_ratio": 0.5,
+                                    "reselect_every": a.reselect, "torch": torch.__version__,
+                                    "evoplug": evoplug.__version__ if hasattr(evoplug, "__version__") else None,
+                                    "machine": platform.processor() or platform.machine(),
+                                    "threads": 1, "seconds": round(time.time() - t0, 1)},
+                       "summary": summary, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
