@@ -799,63 +799,48 @@ def reference(model, img, keep, reselect_every=1, start=None):
         k = max(1, min(M, int(math.floor(M * keep + 1e-6))))
         x = m.permute(0, 2, 3, 1).reshape(B, M, C)        # patch tokens
         for i, blk in enumerate(stage.blocks):
-            if isinstance(blk, WinBlock):
-                xm = x.reshape(B, H, W, C)
-                if bi < start - 1:
-                    x = blk._fwd(xm).reshape(B, M, C)
-                    roles.append("dense")
-                elif bi == start - 1 or g is None:
-                    row = ref_win_dense_row(blk, xm)
-                    x = blk._fwd(xm).reshape(B, M, C)
-                    g, ggrid, sel = row.float(), (H, W), None
-                    roles.append("score")
-                else:
-                    if ggrid != (H, W):
-                        g, ggrid, sel = pooled_scores(g, ggrid, (H, W)), (H, W), None
-                    if k >= M:
-                        row = ref_win_dense_row(blk, xm)
-                        x = blk._fwd(xm).reshape(B, M, C)
-                        g = (1 - ALPHA) * g + ALPHA * row
-                        roles.append("evolve(all)")
-                    else:
-                        if sel is None or since % reselect_every == 0:
-                            sel, rep_pos, wt = select(g, k, near_ties)
-                            since = 0
-                        xm2, a = ref_win_evolve(blk, xm, sel, rep_pos, wt)
-                        x = xm2.reshape(B, M, C)
-                        g = g.scatter(1, sel, torch.lerp(g.gather(1, sel), a.float(), ALPHA))
-                        since += 1
-                        roles.append("evolve")
+            windowed = isinstance(blk, WinBlock)
+            if windowed:          # (B, H, W, C) map in, (B, M, C) tokens out
+                t = x.reshape(B, H, W, C)
+                dense_row = lambda t=t, blk=blk: ref_win_dense_row(blk, t)  # noqa: E731
+                run = lambda t=t, blk=blk: blk._fwd(t).reshape(B, M, C)  # noqa: E731
+
+                def evolve(s, r, w, t=t, blk=blk):
+                    new, a = ref_win_evolve(blk, t, s, r, w)
+                    return new.reshape(B, M, C), a
+            else:                 # [prefix, patches] tokens and (H, W)
+                t = torch.cat([cls, x], 1) if P else x
+                dense_row = lambda t=t, blk=blk: ref_glob_dense_row(blk, t, H, W)  # noqa: E731
+                run = lambda t=t, blk=blk: blk._fwd(t, H, W)  # noqa: E731
+                evolve = lambda s, r, w, t=t, blk=blk: ref_glob_evolve(blk, t, H, W, s, r, w)  # noqa: E731
+            if bi < start - 1:
+                out = run()
+                roles.append("dense")
+            elif bi == start - 1 or g is None:
+                row = dense_row()
+                out = run()
+                g, ggrid, sel = row.float(), (H, W), None
+                roles.append("score")
             else:
-                xf = torch.cat([cls, x], 1) if P else x
-                if bi < start - 1:
-                    xf = blk._fwd(xf, H, W)
-                    roles.append("dense")
-                elif bi == start - 1 or g is None:
-                    row = ref_glob_dense_row(blk, xf, H, W)
-                    xf = blk._fwd(xf, H, W)
-                    g, ggrid, sel = row.float(), (H, W), None
-                    roles.append("score")
+                if ggrid != (H, W):
+                    g, ggrid, sel = pooled_scores(g, ggrid, (H, W)), (H, W), None
+                if k >= M:
+                    row = dense_row()
+                    out = run()
+                    g = (1 - ALPHA) * g + ALPHA * row
+                    roles.append("evolve(all)")
                 else:
-                    if ggrid != (H, W):
-                        g, ggrid, sel = pooled_scores(g, ggrid, (H, W)), (H, W), None
-                    if k >= M:
-                        row = ref_glob_dense_row(blk, xf, H, W)
-                        xf = blk._fwd(xf, H, W)
-                        g = (1 - ALPHA) * g + ALPHA * row
-                        roles.append("evolve(all)")
-                    else:
-                        if sel is None or since % reselect_every == 0:
-                            sel, rep_pos, wt = select(g, k, near_ties)
-                            since = 0
-                        xf, a = ref_glob_evolve(blk, xf, H, W, sel, rep_pos, wt)
-                        g = g.scatter(1, sel, torch.lerp(g.gather(1, sel), a.float(), ALPHA))
-                        since += 1
-                        roles.append("evolve")
-                if P:
-                    cls, x = xf[:, :P], xf[:, P:]
-                else:
-                    x = xf
+                    if sel is None or since % reselect_every == 0:
+                        sel, rep_pos, wt = select(g, k, near_ties)
+                        since = 0
+                    out, a = evolve(sel, rep_pos, wt)
+                    g = g.scatter(1, sel, torch.lerp(g.gather(1, sel), a.float(), ALPHA))
+                    since += 1
+                    roles.append("evolve")
+            if windowed or not P:
+                x = out
+            else:
+                cls, x = out[:, :P], out[:, P:]
             bi += 1
             if i == 0 and stage.peg is not None:
                 if stage.cl:
