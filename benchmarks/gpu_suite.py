@@ -382,7 +382,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (dry: 1)")
     p.add_argument("--bundle", default=None, metavar="DIR",
                    help="after each unit also write DIR/gpu_results.tar.gz and DIR/summary.md")
-    p.add_argument("--only", nargs="+", default=None, metavar="PART", help="run only these parts")
+    p.add_argument("--only", nargs="+", default=None, metavar="PART",
+                   help="run only these parts, in the order named (each part's units in plan order)")
     p.add_argument("--models", nargs="+", default=None, metavar="MODEL",
                    help="run only the units of these timm models")
     p.add_argument("--no-cudnn-benchmark", dest="cudnn_benchmark", action="store_false",
@@ -413,7 +414,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     plan = dry_plan() if a.dry else gpu_plan()
     if a.only:
-        plan = [u for u in plan if u.part in a.only]
+        # sorted() is stable: a part's units keep their order
+        plan = sorted((u for u in plan if u.part in a.only), key=lambda u: a.only.index(u.part))
     if a.models:
         plan = [u for u in plan if u.model in a.models]
     if a.list:
