@@ -514,6 +514,27 @@ def test_python_control_flow_on_sizes_is_specialised(mode):
         assert counter.frame_count == 1
 
 
+def test_a_compiled_call_at_a_new_batch_size_builds_programs_outside_the_graph_and_says_so():
+    """A block whose programs depend on the batch size builds them for a new one by tracing,
+    which dynamo cannot: without fullgraph the build runs outside the graph (the output is
+    eager's); ``fullgraph=True`` is refused with the warm-up that works, where it was refused
+    with dynamo's words about ``os.getpid`` (a known gap until the fortieth session)."""
+    x = torch.randn(4, 3, 32, 32)
+    fast = evoplug.convert(_BranchyViT("int_batch").eval(), keep_ratio=0.5, example_input=x[:1])
+    torch._dynamo.reset()
+    with torch.no_grad():
+        with pytest.raises(Exception, match="call the model once at this batch size outside "
+                                            "torch.compile first"):
+            torch.compile(fast, backend="eager", fullgraph=True)(x[:3])
+        torch._dynamo.reset()
+        out = torch.compile(fast, backend="eager")(x[:2])
+        assert (out - fast(x[:2])).abs().max() <= 1e-6
+        fast(x[:3])                                     # the eager warm-up at batch 3
+        torch._dynamo.reset()
+        out = torch.compile(fast, backend="eager", fullgraph=True)(x[:3])
+        assert (out - fast(x[:3])).abs().max() <= 1e-6
+
+
 @pytest.mark.parametrize("mode,what", [("tokens", "a Python branch"),
                                        ("int_tokens", r"an int\(\) of a traced value")])
 def test_control_flow_on_the_token_count_is_refused(mode, what):

@@ -34,6 +34,15 @@ from .programs import compile_program, program_source
 from .state import EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks, input_key
 
 
+
+def _compiler_disable(reason: str) -> Callable:
+    """``torch.compiler.disable`` with a reason that ``fullgraph=True`` reports (torch >= 2.8
+    takes one; before, the plain decorator)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
 class FlatTokens:
     """The block takes (B, N, C) tokens."""
 
@@ -325,31 +334,41 @@ class BlockSpec:
         key = (training, batch)
         program = self.batch_programs.get(key)
         if program is None:
-            if self.__dict__.get("_lock_pid", os.getpid()) != os.getpid():
-                # (a child forked while another thread built a program: that thread's hold on
-                # the lock is never released there)
-                self._program_lock = threading.Lock()
-            self._lock_pid = os.getpid()
-            with self._program_lock:   # the factory runs the compiler once per new batch size
-                # both modes at once: a compiled call in the other mode found no program, and
-                # dynamo cannot run the factory (one eager warm-up per mode was needed besides
-                # the one per batch size the docs name; audit V5, thirty-seventh session)
-                for mode in (training, not training):
-                    if self.batch_programs.get((mode, batch)) is None and \
-                            (mode, batch) not in self.batch_failures:
-                        try:
-                            self.batch_programs[mode, batch] = self.program_factory(mode, args, kwargs)
-                        except AnalysisError as e:
-                            # (a block whose trace at this batch size is no block evoplug
-                            # converts: a per-image Python loop runs one attention per image; it
-                            # raised the analysis' error from the forward; audit of the
-                            # twenty-ninth session)
-                            self.batch_failures[mode, batch] = e.reason
-                            warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
-                                          "it runs its original forward (every token) at that batch "
-                                          "size", stacklevel=5)
-                program = self.batch_programs.get(key)
+            self._build_batch_programs(training, batch, args, kwargs)
+            program = self.batch_programs.get(key)
         return program
+
+    # (the tracer cannot run inside torch.compile: a compiled call at a batch size no eager
+    # call has built programs for runs this outside the graph, and fullgraph=True refuses it
+    # with this reason; it refused it with dynamo's words about os.getpid)
+    @_compiler_disable("evoplug builds a converted block's programs for a new batch size by "
+                       "tracing the block, outside the graph: call the model once at this "
+                       "batch size outside torch.compile first, then "
+                       "compile with fullgraph=True")
+    def _build_batch_programs(self, training: bool, batch: int, args, kwargs):
+        if self.__dict__.get("_lock_pid", os.getpid()) != os.getpid():
+            # (a child forked while another thread built a program: that thread's hold on
+            # the lock is never released there)
+            self._program_lock = threading.Lock()
+        self._lock_pid = os.getpid()
+        with self._program_lock:   # the factory runs the compiler once per new batch size
+            # both modes at once: a compiled call in the other mode found no program, and
+            # dynamo cannot run the factory (one eager warm-up per mode was needed besides
+            # the one per batch size the docs name; audit V5, thirty-seventh session)
+            for mode in (training, not training):
+                if self.batch_programs.get((mode, batch)) is None and \
+                        (mode, batch) not in self.batch_failures:
+                    try:
+                        self.batch_programs[mode, batch] = self.program_factory(mode, args, kwargs)
+                    except AnalysisError as e:
+                        # (a block whose trace at this batch size is no block evoplug
+                        # converts: a per-image Python loop runs one attention per image; it
+                        # raised the analysis' error from the forward; audit of the
+                        # twenty-ninth session)
+                        self.batch_failures[mode, batch] = e.reason
+                        warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
+                                      "it runs its original forward (every token) at that batch "
+                                      "size", stacklevel=7)
 
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
