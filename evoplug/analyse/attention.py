@@ -50,12 +50,27 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
             biases.append(cur)
         elif is_add(cur):
             todo.extend(a for a in cur.args[:2] if isinstance(a, fx.Node))
+        elif _cast_of(cur) is not None:
+            # a dtype cast between the terms and the softmax (``a.float().softmax(-1)``, the
+            # upcast many codebases write: its position term was refused as not equivariant
+            # until audit A1 of the fortieth session)
+            todo.append(_cast_of(cur))
         elif _masked_fill(cur) and isinstance(cur.args[1], fx.Node):
             # logits.masked_fill(mask, -inf) with a mask of the positions (a local window as a
             # bool buffer): the mask is a term of the pairs like an additive one (it was refused
             # as not equivariant, while the same mask as a 0/-inf buffer converted)
             todo.extend((cur.args[0], cur.args[1]))
     return biases, args
+
+
+_CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as"})
+
+
+def _cast_of(n: fx.Node) -> Optional[fx.Node]:
+    """The tensor a dtype cast method (``.float()``, ``.to(...)``, ``.type_as(v)``) casts."""
+    if n.op == "call_method" and n.target in _CASTS and n.args and isinstance(n.args[0], fx.Node):
+        return n.args[0]
+    return None
 
 
 def _masked_fill(n: fx.Node) -> bool:
