@@ -211,6 +211,41 @@ def test_sdpa_query_row_matrix_form(dtype, P, cls_query, layout, mask, monkeypat
                                atol=TOL[dtype], rtol=0)
 
 
+@pytest.mark.parametrize("form", ["product", "matrix"])
+@pytest.mark.parametrize("layout", ["qkv", "contiguous"])
+def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layout, monkeypatch):
+    """Sharp attention in float16: class-token logits of about 1e5, beyond float16's 65504,
+    which the model's own attention (accumulating in float32) takes. The logits were float16,
+    inf, the scores NaN and every output of a converted model NaN, silently (audit A3 of the
+    fortieth session). The row equals the float64 one, and a converted float16 ViT with such
+    logits is finite and near its float32 conversion."""
+    monkeypatch.setattr(ev, "_MATMUL_LOGITS", form == "matrix")
+    q, k, v = (t.half() * 130 for t in _qkv(torch.float32))
+    q, k = _k_layout(q, k, v, layout)
+    logits = (q[:, :, :1].double() @ k.double().transpose(-1, -2)).squeeze(-2) * D ** -0.5
+    assert logits.abs().max() > 8e4
+    ref = logits.softmax(-1).mean(1)
+    out = ev.sdpa_query_row(q, k, None, None, 1, True)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref[:, None], atol=2e-3, rtol=0)
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=4,
+                              embed_dim=64, num_heads=4, num_classes=10).eval()
+    with torch.no_grad():
+        for blk in model.blocks:            # q and k x 1000: class-token logits about 9e4
+            blk.attn.qkv.weight[:128] *= 1000
+            blk.attn.qkv.bias[:128] *= 1000
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        want = fast(x)
+        fast.half()
+        out = fast(x.half())
+    assert torch.isfinite(out).all()
+    assert (out.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_row_copies_match_gather_and_gradients(layout, monkeypatch):
     """evolve._take by row copies (index_select, the CPU's form) and by gather (elsewhere): the

@@ -218,7 +218,8 @@ def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
 
 
 def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
-    """``scale * (qq . k)``: qq (..., 1, d), k (..., Nk, d) -> (..., Nk).
+    """``scale * (qq . k)``: qq (..., 1, d), k (..., Nk, d) -> (..., Nk), float32 (the matrix
+    form in bfloat16: bfloat16, whose range is float32's).
 
     A product and a sum over d (the fewest ATen ops: 2 fewer per row), or on a GPU in eager mode
     (:data:`_MATMUL_LOGITS`) the matrix form: it reads k once where it lies, with no k-sized
@@ -227,21 +228,36 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     ``qkv.reshape(B, N, 3, H, d).permute(...)`` slice (B, H, Nk, d), where k transposed is a
     (B, H*d, Nk) matrix and one product with the block-diagonal (B, H, H*d) matrix of the queries
     gives every head's logits; and a k whose batch and head dims merge (contiguous per head).
-    Anything else takes the product and sum."""
+    Anything else takes the product and sum.
+
+    The sum accumulates into float32 and the matrix form's float16 product holds the logits
+    divided by 2^8, scaled back in float32: float16 logits beyond its range (65504, sharp
+    attention) were inf, the scores NaN and every output NaN where the model's own attention,
+    which accumulates in float32, was finite (audit A3 of the fortieth session)."""
     matmul = _MATMUL_LOGITS
     if matmul is None:
         matmul = k.is_cuda and not torch.compiler.is_compiling()
     if matmul and k.dim() == 4 and qq.dtype == k.dtype:
         B, H, n, d = k.shape
         ks, qs = k.stride(), qq.stride()
+        half = k.dtype == torch.float16
+        s = scale / _HALF_SHIFT if half else scale
+        logits = None
         if qq.shape == (B, H, 1, d) and ks[1] == d * ks[3] and qs[1] == d * qs[3]:
             # heads merge with d: k^T is a (B, H*d, n) view, the query a (B, 1, H*d) view
             keys = k.transpose(2, 3).view(B, H * d, n)
-            return torch.bmm(qq.view(B, 1, H * d) * _head_mask(H, d, scale, qq.dtype, qq.device), keys)
-        if qq.shape == (B, H, 1, d) and ks[0] == H * ks[1]:
+            logits = torch.bmm(qq.view(B, 1, H * d) * _head_mask(H, d, s, qq.dtype, qq.device), keys)
+        elif qq.shape == (B, H, 1, d) and ks[0] == H * ks[1]:
             # batch merges with heads: (B*H, n, d), one matrix-vector product per head
-            return torch.bmm(k.view(B * H, n, d), (qq * scale).view(B * H, d, 1)).view(B, H, n)
-    return ((qq * scale) * k).sum(-1)
+            logits = torch.bmm(k.view(B * H, n, d), (qq * s).view(B * H, d, 1)).view(B, H, n)
+        if logits is not None:
+            return logits.float().mul_(_HALF_SHIFT) if half else logits
+    return ((qq * scale) * k).sum(-1, dtype=torch.float32)
+
+
+#: the matrix form's float16 logits are computed divided by this (a power of two: exact), so
+#: logits up to 65504 * 256 stay finite; scaled back in float32
+_HALF_SHIFT = 256.0
 
 
 def sdpa_query_row(q: Tensor, k: Tensor, attn_mask: Optional[Tensor], scale: Optional[float],
