@@ -148,14 +148,14 @@ class _TorchEncoderViT(nn.Module):
     sequence-first as PyTorch's default: (N, B, C) between the layers), as layers in a
     ``Sequential`` or inside ``nn.TransformerEncoder``; an optional key padding mask."""
 
-    def __init__(self, norm_first, encoder, d=64, depth=6, batch_first=True):
+    def __init__(self, norm_first, encoder, d=64, depth=6, batch_first=True, nested=False):
         super().__init__()
         self.embed = nn.Conv2d(3, d, 4, 4)
         self.cls = nn.Parameter(torch.randn(1, 1, d))
         self.pos = nn.Parameter(torch.randn(1, 65, d) * 0.1)
         layer = lambda: nn.TransformerEncoderLayer(d, 4, 2 * d, dropout=0.0, batch_first=batch_first,  # noqa: E731
                                                    norm_first=norm_first)
-        self.enc = nn.TransformerEncoder(layer(), depth, enable_nested_tensor=False) if encoder \
+        self.enc = nn.TransformerEncoder(layer(), depth, enable_nested_tensor=nested) if encoder \
             else nn.Sequential(*[layer() for _ in range(depth)])
         self.head = nn.Linear(d, 10)
         self.batch_first = batch_first
@@ -167,6 +167,32 @@ class _TorchEncoderViT(nn.Module):
         if self.batch_first:
             return self.head(self.enc(t, **pad)[:, 0])
         return self.head(self.enc(t.transpose(0, 1), **pad)[0])
+
+
+def test_nested_tokens_of_torch_encoder_fast_path_run_dense_and_say_so():
+    """``nn.TransformerEncoder`` built with its default ``enable_nested_tensor=True`` makes a
+    padded batch a nested tensor in inference and hands it to its layers (without the mask):
+    the converted layers raised torch's "NestedTensorImpl doesn't support sizes" (audit A4 of
+    the fortieth session). They run their own forward on it, exactly, with one warning naming
+    the way to evolve; without the encoder's nested form they evolve."""
+    torch.manual_seed(0)
+    model = _TorchEncoderViT(norm_first=False, encoder=True, nested=True).eval()
+    x = torch.randn(3, 3, 32, 32)
+    pad = torch.zeros(3, 65, dtype=torch.bool)
+    pad[1, 40:] = True
+    pad[2, 20:] = True
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        ref = model(x, pad)
+        with pytest.warns(UserWarning, match=r"`enc\.layers\.\d` is given its tokens as a nested "
+                                             r"tensor.*enable_nested_tensor=False") as told:
+            out = fast(x, pad)
+        assert sum("nested tensor (nn." in str(w.message) for w in told) == 1
+        assert (out - ref).abs().max() == 0
+        fast.enc.use_nested_tensor = False          # (what enable_nested_tensor=False sets)
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 6
+        fast(x, pad)
+        assert [t for _, t in evoplug.tokens_per_block(fast)][1:] == [65] + [1 + 32 + 1] * 4
 
 
 class _PosLayer(nn.Module):

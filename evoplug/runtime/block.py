@@ -789,6 +789,9 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     arguments differ from the analysed ones only in being None or not (a padding mask) runs the
     form twin for it (:func:`_form_twin`)."""
     _check_unchanged(spec)
+    if getattr(spec.call.tokens(args, kwargs), "is_nested", False):
+        _tell_nested(spec)
+        return None
     try:
         return _bound(spec, args, kwargs)
     except AnalysisError as e:
@@ -820,6 +823,22 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
+
+
+def _tell_nested(spec: BlockSpec):
+    """Once per model: a block given its tokens as a nested tensor runs its own forward, which
+    takes one (nn.TransformerEncoder's fast path makes one of a padded batch in inference when
+    built with ``enable_nested_tensor=True``, its default); the program, on padded tokens,
+    raised torch's "NestedTensorImpl doesn't support sizes" until audit A4 of the fortieth
+    session."""
+    if spec.runtime.nested_told:
+        return
+    spec.runtime.nested_told = True
+    warnings.warn(f"evoplug: `{spec.name}` is given its tokens as a nested tensor (nn."
+                  "TransformerEncoder's fast path for a padded batch in inference, with "
+                  "enable_nested_tensor=True): it runs its original forward (every token), as "
+                  "every converted block given one does. Build the encoder with "
+                  "enable_nested_tensor=False to evolve padded batches", stacklevel=7)
 
 
 def _bound(spec: BlockSpec, args, kwargs):
