@@ -423,6 +423,68 @@ def test_map_over_a_chunk_is_no_data_dependent_control_flow():
         torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=1e-5)
 
 
+class HeadsOfAChunkBlock(nn.Module):
+    """Heads split off each part of ``qkv(x).chunk(3, -1)`` by ``t.view(B, n, heads, -1)``
+    (``chunk``, the form of many plain ViTs), or off the fused qkv by ``reshape(B, n, 3, heads,
+    d)`` (``fused``); 4 heads of 4 channels."""
+
+    def __init__(self, form, dim=16, heads=4):
+        super().__init__()
+        self.form, self.h = form, heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        B, n, C = x.shape
+        qkv = self.qkv(self.norm1(x))
+        if self.form == "chunk":
+            q, k, v = map(lambda t: t.view(B, n, self.h, -1).transpose(1, 2), qkv.chunk(3, dim=-1))
+        else:
+            q, k, v = qkv.reshape(B, n, 3, self.h, C // self.h).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.h) ** -0.5).softmax(-1)
+        x = x + self.proj((a @ v).transpose(1, 2).reshape(B, n, C))
+        return x + self.mlp(self.norm2(x))
+
+
+class HeadsOfAChunkViT(RelBiasViT):
+    """4 such blocks over the 4x4 patch grid of a 32x32 image, with a class token or without
+    (then as many tokens as channels, 16)."""
+
+    def __init__(self, form, cls):
+        super().__init__(from_index=True, dim=16)
+        self.blocks = nn.ModuleList([HeadsOfAChunkBlock(form) for _ in range(4)])
+        self.with_cls = cls
+
+    def forward(self, img):
+        if self.with_cls:
+            return super().forward(img)
+        x = self.embed(img).flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(x.mean(1))
+
+
+@pytest.mark.parametrize("cls", [True, False], ids=["class_token", "no_class_token"])
+def test_heads_of_a_chunk_as_many_and_as_wide_as_the_patch_grid_are_no_map(cls):
+    """``map(lambda t: t.view(B, n, heads, -1), qkv(x).chunk(3, -1))`` with (heads, channels
+    per head) equal to the patch grid: the dim holding the tokens, followed back through
+    modules and transposes since the twenty-first session, was not followed through the chunk,
+    so the heads' split was taken for a view of the tokens into the 2-D map (audit A1 of the
+    fortieth session). With a class token every block was refused ("2-D map operations ...
+    with prefix tokens"), without one as not equivariant to the token order. The blocks now
+    evolve as the same blocks splitting the fused qkv."""
+    torch.manual_seed(0)
+    chunked = HeadsOfAChunkViT("chunk", cls).eval()
+    fused = HeadsOfAChunkViT("fused", cls).eval()
+    fused.load_state_dict(chunked.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = fused(x)
+        torch.testing.assert_close(chunked(x), ref, rtol=1e-6, atol=1e-6)
+    _evolves_as(chunked, fused, x, ref)
+
+
 class TokenMixBlock(nn.Module):
     """An MLP-Mixer block: an MLP across the tokens, no attention."""
 

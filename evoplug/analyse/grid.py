@@ -2,6 +2,7 @@
 spatially reduced keys, and windows: which token each window slot holds."""
 from __future__ import annotations
 
+import operator
 from typing import TYPE_CHECKING, Optional, Tuple
 
 import torch
@@ -111,12 +112,14 @@ def _split_dim(si, so) -> Tuple[int, ...]:
 
 
 _KEEPS_DIMS = {"contiguous", "float", "to", "type_as", "clone", "mul", "add", "div", "sub"}
+_SPLITS = {"chunk", "split", "tensor_split", "split_with_sizes"}
 
 
 def _token_dim(n) -> Optional[int]:
     """Which dim of the 3-D tensor ``n`` holds the block's tokens, followed back to the
     block's (B, N, C) input through modules and ops that keep the leading dims (norms,
-    linears, scaling) and transposes; None where the path does anything else."""
+    linears, scaling, a part of a split: ``qkv(x).chunk(3, -1)[0]``) and transposes; None
+    where the path does anything else."""
     swaps = []
     while isinstance(n, fx.Node):
         s = shape_of(n)
@@ -128,6 +131,9 @@ def _token_dim(n) -> Optional[int]:
                 d = b if d == a else a if d == b else d
             return d
         src = n.args[0] if n.args and isinstance(n.args[0], fx.Node) else None
+        whole = _split_from(n)
+        if whole is not None:     # (the split's tuple has no shape: the part's leading dims
+            src = whole           #  are checked against those of the tensor it was cut from)
         si = shape_of(src) if src is not None else None
         if src is None or s is None or si is None or len(si) != 3 or len(s) != 3:
             return None
@@ -139,6 +145,16 @@ def _token_dim(n) -> Optional[int]:
             return None
         n = src
     return None
+
+
+def _split_from(n: fx.Node) -> Optional[fx.Node]:
+    """The tensor a part taken by ``[i]`` from its split (``qkv(x).chunk(3, dim=-1)[0]``) was
+    cut from; None for any other node."""
+    split = n.args[0] if n.op == "call_function" and n.target is operator.getitem and n.args else None
+    if not isinstance(split, fx.Node) or not split.args or not isinstance(split.args[0], fx.Node):
+        return None
+    name = split.target if split.op == "call_method" else getattr(split.target, "__name__", "")
+    return split.args[0] if name in _SPLITS else None
 
 
 def windows_in_own_dim(site: Optional["AttentionSite"], num_tokens: int) -> bool:
