@@ -415,10 +415,17 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
                                                evoplug.tokens_per_block(fast)) if s.role == "evolve"]
     with torch.no_grad():
         dense = model(x, output_attentions=True, output_hidden_states=True)
-        full = fast(x, output_attentions=True, output_hidden_states=True)
+        with warnings.catch_warnings(record=True) as told:
+            warnings.simplefilter("always")
+            full = fast(x, output_attentions=True, output_hidden_states=True)
+        maps = [w for w in told if "in calls that collect its attention maps" in str(w.message)]
         assert len(full.attentions) == len(dense.attentions) == (4 if family == "vit" else 2)
         if family == "vit":     # maps collected from the attention modules: the original blocks ran
-            assert all(t == -1 for t in evolving())
+            assert all(t == -1 for t in evolving()) and len(maps) == 1
+            with warnings.catch_warnings(record=True) as told:      # (once per model)
+                warnings.simplefilter("always")
+                fast(x, output_attentions=True)
+            assert not [w for w in told if "collect its attention maps" in str(w.message)]
             for a, b in zip(full.attentions + full.hidden_states, dense.attentions + dense.hidden_states):
                 assert torch.equal(a, b)
         else:                   # one map per stage, as its last layer returns it: the converted
@@ -431,6 +438,28 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
         assert not torch.equal(half.hidden_states[-1], dense.hidden_states[-1])
         # a plain call may hand tokens on between blocks (no hook collects them): same result
         assert torch.allclose(_tensor(fast(x)), _tensor(half), atol=1e-5, rtol=1e-5)
+
+
+def test_a_config_that_collects_attention_maps_is_told():
+    """A config with ``output_attentions=True`` (or ``from_pretrained(...,
+    output_attentions=True)``) makes every call collect attention maps, for which the blocks
+    run their original forward: the conversion was a no-op without a word (audit A2 of the
+    fortieth session). The first such call says so, with the way out, and the model evolves
+    once the config's flag is off."""
+    torch.manual_seed(0)
+    model = _randomise(FAMILIES["vit"][0]("eager")).eval()
+    model.config.output_attentions = True
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        with pytest.warns(UserWarning, match=r"in calls that collect its attention maps .* "
+                                             r"`model\.config\.output_attentions`"):
+            out = fast(x)
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 4
+        assert torch.equal(_tensor(out), _tensor(model(x)))
+        fast.config.output_attentions = False
+        fast(x)
+    assert [t for _, t in evoplug.tokens_per_block(fast)][1:] == [1 + 32 + 1] * 3
 
 
 def test_hiera_mask_unit_attention_evolves():

@@ -263,6 +263,8 @@ class BlockSpec:
                 [("forward pre-hook", h) for h in m._forward_pre_hooks.values()
                  if not isinstance(h, BasePruningMethod)] + \
                 [("backward hook", h) for h in (*m._backward_hooks.values(), *m._backward_pre_hooks.values())]
+            if hooks and all(family(h) for _, h in hooks):
+                self._tell_maps_collected()
             hooks = [(kind, h) for kind, h in hooks if not family(h)]
             if hooks:
                 kind, hook = hooks[0]
@@ -277,6 +279,22 @@ class BlockSpec:
                     "(a Linear, a norm: it then sees the kept tokens), to keep it evolving (said "
                     "once per model)", stacklevel=5)
                 return
+
+    def _tell_maps_collected(self):
+        """Once per model: a call collects what a family's own hooks capture inside the block
+        (transformers' attention maps, ``output_attentions``), so the block runs its own
+        forward. Said because the flag may be the model's config's, which made every call run
+        the dense model without a word until audit A2 of the fortieth session."""
+        if self.runtime.maps_told:
+            return
+        self.runtime.maps_told = True
+        warnings.warn(
+            f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run -1, no "
+            "speed-up), in calls that collect its attention maps (output_attentions=True, given "
+            "to the call or set in the model's config): the maps need every token's attention. "
+            "Calls that collect none evolve; where the config sets it (transformers' "
+            "`model.config.output_attentions`), set it to False and pass output_attentions=True "
+            "to the calls that need maps (said once per model)", stacklevel=5)
 
     def tell_leaf_hooks(self, block: nn.Module):
         """Once per model: a forward hook (or pre-hook) on a submodule the programs call by path

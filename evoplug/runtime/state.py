@@ -225,6 +225,8 @@ class EvoRuntime:
     leaf_hooks_told = False
     #: a warning told that a hook inside a block made it run its own forward (BlockSpec)
     hooked_told = False
+    #: a warning told that a call collecting attention maps runs the blocks' own forward
+    maps_told = False
     nested_told = False      # a block given a nested tensor was said (block.py ``_bind``)
 
     def __setstate__(self, state):
