@@ -301,6 +301,34 @@ def test_coatnet_transformer_stages_convert():
     fast.load_state_dict(model.state_dict(), strict=True)
 
 
+@pytest.mark.parametrize("name", ["fastvit_sa12", "iformer_t"])
+def test_fastvit_and_iformer_attention_stages_convert(name):
+    """FastViT's and iFormer's attention stages (channels-first maps, 1x1 convolutions) evolve;
+    the README listed both as converted by the suite while only a model sweep did (audit A4 of
+    the fortieth session). keep 1.0 through the selection machinery reproduces the model, keep
+    0.5 runs fewer tokens in the evolving blocks, and the dense checkpoint loads strictly."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():         # (timm's init: layer scales of 1e-5, tiny branches)
+            if 0 < p.abs().max() < 1e-3:
+                p.fill_(0.3)
+    x = torch.randn(2, 3, 224, 224)
+    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x)
+    roles = [s.role for s in evoplug.get_report(fast).blocks]
+    assert roles.count("evolve") >= 1
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        ran = [t for r, (_, t) in zip(roles, evoplug.tokens_per_block(fast)) if r == "evolve"]
+        assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4 * ref.abs().max()
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        assert (fast(x) - ref).abs().max() <= 1e-5 * ref.abs().max()
+        full = [t for r, (_, t) in zip(roles, evoplug.tokens_per_block(fast)) if r == "evolve"]
+    assert all(0 < t < n for t, n in zip(ran, full))
+    fast.load_state_dict(model.state_dict(), strict=True)
+
+
 class _Convs3x3(_ConvBlock):
     """3x3 convolutions and GroupNorm: no op runs over the channels of one position alone."""
 
