@@ -4,6 +4,7 @@ the additive terms on its logits (position biases, masks, block arguments)."""
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, List, Optional, Set, Tuple
 
 import torch
@@ -27,6 +28,9 @@ class AttentionSite:
     scale: Any = None
     biases: List[fx.Node] = dataclasses.field(default_factory=list)   # token-independent terms
     arg_terms: List[str] = dataclasses.field(default_factory=list)    # placeholders feeding logits
+    lined_terms: List[Tuple[fx.Node, str]] = dataclasses.field(default_factory=list)
+    #                                    block arguments the block lines up with the logits
+    #                                    itself (``bias.unsqueeze(0)``): (lined-up node, name)
 
 
 def sdpa_arg(n: fx.Node, idx: int, name: str, default=None):
@@ -35,10 +39,11 @@ def sdpa_arg(n: fx.Node, idx: int, name: str, default=None):
     return n.args[idx] if len(n.args) > idx else default
 
 
-def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
+def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str], list]:
     """Walk an add-chain feeding the logits: token-independent operands are position terms;
-    placeholders other than the tokens are block arguments feeding the logits."""
-    biases, args, todo, seen = [], [], [start], set()
+    placeholders other than the tokens are block arguments feeding the logits, as they are or
+    lined up with them by the block (:func:`_lined_up_argument`)."""
+    biases, args, lined, todo, seen = [], [], [], [start], set()
     while todo:
         cur = todo.pop()
         if not isinstance(cur, fx.Node) or cur in seen:
@@ -46,6 +51,8 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
         seen.add(cur)
         if cur.op == "placeholder":
             args.append(cur.target)
+        elif (name := _lined_up_argument(cur)) is not None:
+            lined.append((cur, name))
         elif cur not in dep and cur.op != "placeholder":
             biases.append(cur)
         elif is_add(cur):
@@ -60,7 +67,36 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str]]:
             # bool buffer): the mask is a term of the pairs like an additive one (it was refused
             # as not equivariant, while the same mask as a 0/-inf buffer converted)
             todo.extend((cur.args[0], cur.args[1]))
-    return biases, args
+    return biases, args, lined
+
+
+def _lined_up_argument(n: fx.Node) -> Optional[str]:
+    """The block argument (not the tokens) that ``n`` is made of by unit dims added to it alone
+    (``rel_pos_bias.unsqueeze(0)``, ``bias[None]``) and casts, each read once. Such a term is
+    gathered where the block has lined it up (rewrite/program.py): gathered before, a shared
+    (heads, N, N) came out (B, heads, n, n) and the block's own ``unsqueeze(0)`` made it rank 5,
+    an internal error or a silently mixed order (audit A1 of the fortieth session)."""
+    steps = 0
+    while n.op != "placeholder":
+        base = n.args[0] if n.args else None
+        if not isinstance(base, fx.Node) or len(base.users) != 1 or not (
+                _cast_of(n) is not None or _adds_unit_dims(n)):
+            return None
+        steps += _adds_unit_dims(n)
+        n = base
+    first = next(p for p in n.graph.nodes if p.op == "placeholder")
+    return n.target if steps and n is not first else None
+
+
+def _adds_unit_dims(n: fx.Node) -> bool:
+    """``t.unsqueeze(d)``, ``torch.unsqueeze(t, d)``, ``t[None]`` (an index of only ``None``,
+    ``:`` and ``...`` with a ``None``)."""
+    if (n.op == "call_method" and n.target == "unsqueeze") or n.target is torch.unsqueeze:
+        return not any(isinstance(v, fx.Node) for v in list(n.args[1:]) + list(n.kwargs.values()))
+    if n.op == "call_function" and n.target is operator.getitem and len(n.args) == 2:
+        index = n.args[1] if isinstance(n.args[1], tuple) else (n.args[1],)
+        return None in index and all(i is None or i is Ellipsis or i == slice(None) for i in index)
+    return False
 
 
 _CASTS = frozenset({"float", "double", "half", "bfloat16", "to", "type", "type_as"})
@@ -91,7 +127,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             if sdpa_arg(n, 5, "is_causal", False) is True:
                 raise AnalysisError(name, "causal scaled_dot_product_attention: not a vision block")
             if isinstance(site.mask, fx.Node):
-                site.biases, site.arg_terms = _logit_terms(site.mask, values)
+                site.biases, site.arg_terms, site.lined_terms = _logit_terms(site.mask, values)
             sites.append(site)
         elif isinstance(module_of(gm, n), nn.MultiheadAttention):
             mask = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
@@ -104,7 +140,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
                                               f"attn_mask {tuple(shape)} (one per image and head): "
                                               "evoplug gathers a (N, N) attn_mask and a (B, N) "
                                               "key_padding_mask for the kept tokens")
-                site.biases, site.arg_terms = _logit_terms(mask, values)
+                site.biases, site.arg_terms, site.lined_terms = _logit_terms(mask, values)
             sites.append(site)
         elif is_softmax(gm, n):
             logits = n.args[0] if n.args else n.kwargs.get("input")
@@ -125,7 +161,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             q, k = [x for x in qk_node.args if isinstance(x, fx.Node)][:2]    # (einsum: not its equation)
             site = AttentionSite("softmax", n, logits=logits, q=q, k=k)
             # the logits' additive terms (walk through the q.k^T product's consumers)
-            site.biases, site.arg_terms = _logit_terms(logits, values)
+            site.biases, site.arg_terms, site.lined_terms = _logit_terms(logits, values)
             sites.append(site)
     if not sites:
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "

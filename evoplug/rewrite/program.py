@@ -123,6 +123,7 @@ class _Rewrite:
     row: Optional[fx.Node] = None         # the global query's attention row
     read_backs: list = dataclasses.field(default_factory=list)   # (map -> subset tokens, dim)
     stream_is_input: bool = False   # a map block's stream is its input tokens (no read-back)
+    lined: list = dataclasses.field(default_factory=list)   # arguments gathered as lined up
 
     @property
     def graph(self) -> fx.Graph:
@@ -176,11 +177,26 @@ def _position_terms(rw: _Rewrite):
             with rw.graph.inserting_after(last):
                 whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
             _size_bias_from(rw.graph, bias, sizes, whole)
-        consumers = list(bias.users)
-        with rw.graph.inserting_after(bias):
-            gathered = rw.graph.call_function(ev.gather_pair_bias, (bias, rw.pos) + heads)
-        for u in consumers:
-            u.replace_input_with(bias, gathered)
+        _gather_term(rw, bias, heads)
+    for node, name in rw.site.lined_terms:
+        # a block argument the block lines up with the logits itself (a shared relative
+        # position bias (heads, N, N) handed to every block, ``attn_mask=bias.unsqueeze(0)``):
+        # handed to the program whole and gathered as lined up, (1 or B, heads, n, n)
+        _gather_term(rw, node, heads)
+        rw.lined.append(name)
+        shape = rw.a.extra_shapes.get(name)
+        _describe(rw.a, f"argument `{name}` {shape} -> gathered by token index",
+                  f"argument `{name}` {shape} on the attention logits -> gathered where the block "
+                  f"lines it up with them (`{node.name}`)")
+
+
+def _gather_term(rw: _Rewrite, term: fx.Node, heads: tuple):
+    """``term`` (a term on the logits) gathered to the subset's pairs for all its users."""
+    consumers = list(term.users)
+    with rw.graph.inserting_after(term):
+        gathered = rw.graph.call_function(ev.gather_pair_bias, (term, rw.pos) + heads)
+    for u in consumers:
+        u.replace_input_with(term, gathered)
 
 
 def _heads_merged(rw: _Rewrite) -> tuple:
@@ -270,6 +286,7 @@ def _whole_token_args(rw: _Rewrite):
     on the calibration shapes (``a.extra_shapes``: a program built later, per batch size, has
     no calibration call), the line-up replayed on meta tensors."""
     a, graph = rw.a, rw.graph
+    a.whole_args = tuple(rw.lined)
     if a.windowed or not a.plan.tensor_args:
         return
     N = a.num_tokens
@@ -279,7 +296,7 @@ def _whole_token_args(rw: _Rewrite):
         shape = a.extra_shapes[name]
         val = torch.empty(shape, device="meta")
         if val.dim() < 1 or val.shape[0] not in (N, 1) or list(val.shape).count(N) != 1 \
-                or name in rw.site.arg_terms:
+                or name in rw.site.arg_terms or name in rw.lined:
             continue
         node, val = _lined_up(node, val)
         # (a shared table (1, N, d) only where the block adds dims to it: ``cos[:, None]`` against
@@ -307,7 +324,7 @@ def _whole_token_args(rw: _Rewrite):
         _describe(a, f"argument `{name}` {shape} -> gathered by token index",
                   f"argument `{name}` {shape} -> gathered where the block "
                   f"lines it up with the tokens (`{node.name}`)")
-    a.whole_args = tuple(whole)
+    a.whole_args += tuple(whole)
 
 
 def _map_operations(rw: _Rewrite):
