@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .. import __version__
     p = argparse.ArgumentParser(
         prog="evoplug", description="Evo-ViT slow-fast token evolution for existing vision "
-        "transformers: benchmark, explain, visualise converted timm models and plan their options.",
+        "transformers: benchmark, explain, visualise and check converted timm models and plan their "
+        "options.",
         epilog="`evoplug COMMAND --help` for the options of a command.")
     p.add_argument("--version", action="version", version=f"evoplug {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
