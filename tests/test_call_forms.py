@@ -220,14 +220,18 @@ def test_a_position_bias_sized_from_the_token_count_of_the_shared_shape_read():
     twenty-seventh session). The bias' path reads the full count, the reshapes the subset's:
     the blocks evolve as the same blocks sized from the index buffer."""
     torch.manual_seed(0)
-    by_count = RelBiasViT(from_index=False).eval()
-    by_index = RelBiasViT(from_index=True).eval()
-    by_index.load_state_dict(by_count.state_dict())
+    _written_otherwise(RelBiasViT(from_index=False).eval(), RelBiasViT(from_index=True).eval())
+
+
+def _written_otherwise(model, same, atol=0.0):
+    """``same`` (the blocks written another way) takes ``model``'s weights and gives its output
+    (within ``atol``); converted, ``model`` evolves as ``same`` does (:func:`_evolves_as`)."""
+    same.load_state_dict(model.state_dict())
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        ref = by_count(x)
-        torch.testing.assert_close(by_index(x), ref, rtol=0, atol=0)
-    _evolves_as(by_count, by_index, x, ref)
+        ref = same(x)
+        torch.testing.assert_close(model(x), ref, rtol=atol, atol=atol)
+    _evolves_as(model, same, x, ref)
 
 
 def _evolves_as(model, same, x, ref):
@@ -254,14 +258,7 @@ def test_a_position_bias_before_a_cast_of_the_logits(upcast):
     the token order (audit A1 of the fortieth session, 15 of 300 fuzzed flat ViTs). The blocks
     evolve as the same blocks without the cast."""
     torch.manual_seed(0)
-    cast = RelBiasViT(from_index=False, upcast=upcast).eval()
-    plain = RelBiasViT(from_index=False).eval()
-    plain.load_state_dict(cast.state_dict())
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        ref = plain(x)
-        torch.testing.assert_close(cast(x), ref, rtol=0, atol=0)
-    _evolves_as(cast, plain, x, ref)
+    _written_otherwise(RelBiasViT(from_index=False, upcast=upcast).eval(), RelBiasViT(from_index=False).eval())
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["per_head", "shared"])
@@ -271,14 +268,8 @@ def test_a_position_bias_folded_with_the_heads_into_the_batch_dim(shared):
     N)): the gathered bias was (B, B * heads, n, n) and every block was refused ("batch1 must
     be a 3D tensor"). The blocks evolve as the same blocks over (B, heads, N, d)."""
     torch.manual_seed(0)
-    folded = RelBiasViT(from_index=False, folded=True, shared=shared).eval()
-    four_d = RelBiasViT(from_index=True, shared=shared).eval()
-    four_d.load_state_dict(folded.state_dict())
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        ref = four_d(x)
-        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
-    _evolves_as(folded, four_d, x, ref)
+    _written_otherwise(RelBiasViT(from_index=False, folded=True, shared=shared).eval(),
+                       RelBiasViT(from_index=True, shared=shared).eval(), atol=1e-5)
 
 
 @pytest.mark.parametrize("form,images", [("heads_outer", 1), ("heads_outer_cat", 1), ("heads_outer", 4)],
@@ -475,14 +466,7 @@ def test_heads_of_a_chunk_as_many_and_as_wide_as_the_patch_grid_are_no_map(cls):
     with prefix tokens"), without one as not equivariant to the token order. The blocks now
     evolve as the same blocks splitting the fused qkv."""
     torch.manual_seed(0)
-    chunked = HeadsOfAChunkViT("chunk", cls).eval()
-    fused = HeadsOfAChunkViT("fused", cls).eval()
-    fused.load_state_dict(chunked.state_dict())
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        ref = fused(x)
-        torch.testing.assert_close(chunked(x), ref, rtol=1e-6, atol=1e-6)
-    _evolves_as(chunked, fused, x, ref)
+    _written_otherwise(HeadsOfAChunkViT("chunk", cls).eval(), HeadsOfAChunkViT("fused", cls).eval(), atol=1e-6)
 
 
 class TokenMixBlock(nn.Module):
