@@ -211,3 +211,80 @@ def test_a_scaled_skip_in_a_map_block_is_refused():
             blk.__class__ = _ScaledSwinBlock
     with pytest.raises(EvoplugError, match="res_scale"):
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+
+
+@evoplug.register_leaf_function
+def token_cap(t, cap=1.5):
+    """Each token scaled down to ``cap`` on its own where it is larger: token-wise, with Python
+    control flow on the values (a trace cannot follow it: a registered leaf function)."""
+    if bool((t.abs().amax() > cap).item()):
+        top = t.abs().amax(-1, keepdim=True)
+        return torch.where(top > cap, t * cap / top, t)
+    return t
+
+
+class _StreamFirst(nn.Module):
+    """A timm ``Block`` whose stream goes through a token-wise op before its residual adds:
+    ``x = op(x); x = x + attn(norm1(x)); x + mlp(norm2(x))``, the op a LayerNorm ("norm") or a
+    registered leaf function ("leaf")."""
+
+    def __init__(self, blk, how, seed):
+        super().__init__()
+        self.ln1, self.attn, self.ls1, self.drop_path1 = blk.norm1, blk.attn, blk.ls1, blk.drop_path1
+        self.norm2, self.mlp, self.ls2, self.drop_path2 = blk.norm2, blk.mlp, blk.ls2, blk.drop_path2
+        self.how = how
+        C = blk.norm1.normalized_shape[0]
+        g = torch.Generator().manual_seed(seed)
+        self.norm0 = nn.LayerNorm(C)
+        with torch.no_grad():
+            self.norm0.weight.copy_(torch.rand(C, generator=g) * 1.5 + 0.5)
+            self.norm0.bias.copy_(torch.randn(C, generator=g) * 0.3)
+
+    def stream(self, x):
+        return self.norm0(x) if self.how == "norm" else token_cap(x)
+
+    @property
+    def norm1(self):
+        """What the attention reads from the block's input (test_math._attn_row's scoring row)."""
+        return lambda t: self.ln1(self.stream(t))
+
+    def forward(self, x):
+        x = self.stream(x)
+        x = x + self.drop_path1(self.ls1(self.attn(self.ln1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+    def skip_path(self, x):
+        return self.stream(x)
+
+
+@pytest.mark.parametrize("how,opts", [("norm", {}), ("norm", dict(reselect_every=1)),
+                                      ("leaf", dict(reselect_every=2))])
+def test_a_token_wise_op_on_the_stream_before_the_adds_is_the_skip_path(how, opts):
+    """A block whose stream goes through a norm or a registered leaf function before its
+    residual adds was refused with "the attention output is not added back to the token stream
+    (no residual attention branch)", which is false (audit A4 of the fortieth session; the same
+    op after the adds, post-norm, converted). The op is the block's skip path: the kept tokens
+    and the representative token run it in the block, a token that is not run gets ``op(x_j) +
+    r_after - op(r_before)`` (exact where the branches give every token the same output), as
+    the reference of test_math.py does with this skip path."""
+    model = tiny_vit(global_pool="avg")
+    model.blocks = nn.Sequential(*[_StreamFirst(b, how, i) for i, b in enumerate(model.blocks)])
+    model.eval()
+    x = _images() * (4.0 if how == "leaf" else 1.0)
+    with torch.no_grad():
+        dense = model(x)
+        assert how != "leaf" or model.patch_embed(x).abs().amax() > 1.5     # token_cap caps
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], **opts)
+    assert [b.role for b in evoplug.get_report(fast).blocks].count("evolve") == 3
+    with torch.no_grad():
+        out = fast(x)
+    ref, runs, gap, _ = reference_forward(model, x, 0.5, reselect_every=opts.get("reselect_every"),
+                                          skip=_skip)
+    assert gap > 1e-6, "selection ill-conditioned (near tie at the top-k cut): pick another seed"
+    assert [s.tokens_run for s in evoplug.get_report(fast).blocks] == runs
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    plain, _, _, _ = reference_forward(model, x, 0.5, reselect_every=opts.get("reselect_every"))
+    assert (plain - out).abs().max() > 1e-2 and (dense - out).abs().max() > 1e-2
+    evoplug.set_options(fast, keep_ratio=1.0)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)

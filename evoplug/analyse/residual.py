@@ -191,12 +191,13 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
             # an op with a constant (x * 1.0, x.contiguous()); a sequence-first block's tokens
             # taken back to (N, B, C) (analyse/trace.py: CallPlan.token_perm)
             nxt = flow[0]
-        if nxt is None and len(flow) == 1 and flow[0].op == "call_module" and \
-                flow[0] is not site.node and flow[0].all_input_nodes == [stream] and \
-                shape_of(flow[0]) == shape_of(stream) and branches:
-            # post-norm: the stream goes on through a norm after its add (or a module kept whole)
+        if nxt is None and _through(flow, stream, site, after_add=bool(branches)):
+            # post-norm: the stream goes on through a norm after its add (or a module kept
+            # whole); before the first add, through a norm or a leaf function (the skip path)
             nxt = flow[0]
             passed.append(nxt)
+            if not branches:
+                notes.append(BEFORE_THE_ADDS.format(nxt.name))
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
@@ -219,7 +220,24 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
     return branches, notes
 
 
+def through_on_the_stream(u: fx.Node, stream: fx.Node, site: AttentionSite, after_add: bool) -> bool:
+    """``u`` passes the whole stream on, the same shape, through a module (a norm, a module
+    kept whole) or, before the first residual add, a function (a registered leaf function):
+    ``x = n0(x); x = x + attn(n1(x))`` (refused as "no residual attention branch" until audit
+    A4 of the fortieth session). Whether it treats each token on its own, the probes tell.
+    Shared with rewrite/skip_path.py."""
+    return u is not site.node and u.all_input_nodes == [stream] and \
+        shape_of(u) == shape_of(stream) and \
+        (u.op == "call_module" or (not after_add and u.op == "call_function"))
+
+
+def _through(flow: List[fx.Node], stream: fx.Node, site: AttentionSite, after_add: bool) -> bool:
+    return len(flow) == 1 and through_on_the_stream(flow[0], stream, site, after_add)
+
+
 NO_RESIDUAL = "the attention output is not added back to the token stream (no residual attention branch)"
+BEFORE_THE_ADDS = ("the stream passes `{}` before its residual adds: on the block's skip path, a "
+                   "token not run takes it in its fast update (rewrite/skip_path.py)")
 
 
 def _changed_scales(gm: fx.GraphModule, token: fx.Node) -> str:

@@ -52,7 +52,7 @@ from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
 from ..runtime.programs import compile_program
-from .skip_path import clone_path, is_identity, skip_path
+from .skip_path import clone_path, is_identity, skip_path, takes_the_stream_whole
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
@@ -336,7 +336,7 @@ def _map_operations(rw: _Rewrite):
     stream = set()
     if a.token_map:
         grid_ops = _map_block_output(a, graph, grid_ops)
-        stream = _residual_stream(graph, rw.root)
+        stream = _residual_stream(graph, rw.root, site=rw.site)
     elif a.windowed:
         stream = _flat_map_stream(graph, rw.token, grid_ops)
     for kind, node, dim in grid_ops:
@@ -844,12 +844,13 @@ def _skip_fast_base(rw: _Rewrite):
     if a.token_map or not isinstance(result, fx.Node):
         path = None
     else:
-        path = skip_path(rw.gm, rw.token, result)
+        path = skip_path(rw.gm, rw.token, result, rw.site)
         path = None if path is None or is_identity(rw.gm, path) else path
     if (a.token_map or rw.fast_base is not None) and (scaled or path is not None):
-        raise AnalysisError(a.name, "its residual stream is scaled on its way (" + (
-            "`" + "`, `".join(scaled) + "`" if scaled else "a scale on its skip path") + "), which "
-            "evoplug does not combine with a map block or windowed attention")
+        ops = scaled or [n.name for n in path[1:] if not is_add(n)]
+        raise AnalysisError(a.name, "its residual stream is scaled or passes a token-wise op on "
+                                    "its way (`" + "`, `".join(ops) + "`), which evoplug does "
+                                    "not combine with a map block or windowed attention")
     if path is None:
         return
     with graph.inserting_before(out_node):
@@ -1000,12 +1001,19 @@ def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
     return [g for g in grid_ops if g is not last]
 
 
-def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=()):
-    """The map block's residual stream: its input (or ``seeds``) and the adds that carry it."""
+def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=(), site: AttentionSite = None):
+    """The map block's residual stream: its input (or ``seeds``), a norm or a function that
+    takes it whole before its first add (``first``; run on the full map, as the block's map part
+    is: its fast-update base keeps it), and the adds that carry it."""
     stream = set(seeds) or {root}
+    first = set(stream)
     for n in graph.nodes:
         if is_add(n) and any(isinstance(v, fx.Node) and v in stream for v in n.args[:2]):
             stream.add(n)
+        elif site is not None and len(n.all_input_nodes) == 1 and n.all_input_nodes[0] in first \
+                and takes_the_stream_whole(n, site):
+            stream.add(n)
+            first.add(n)
     return stream
 
 

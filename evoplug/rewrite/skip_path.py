@@ -7,8 +7,10 @@ same output. For a pre-norm block ``S`` is the identity, and this is the paper's
 ``s * x + f(norm(x))``, a sum scaled after an add, a constant) ``S`` scales it. ``S`` is read
 from the graph: the paths from the block's input to its output through residual adds (the
 branches left out), subtractions, scalings by a number or a tensor that scales each position
-alike, leaf modules computing ``x * parameter`` and ops that keep the values. Where no such path
-reaches the output (a post-norm block: a norm on the stream) the paper's rule stands.
+alike, leaf modules computing ``x * parameter`` and ops that keep the values; before the first
+add, also a norm or a function that takes the whole stream (audit A4 of the fortieth session).
+Where no such path reaches the output (a post-norm block: a norm on the stream after an add)
+the paper's rule stands.
 
 Audit N of the thirty-fourth session: the first version took the scales of the adds' skips
 only, so a constant before or after them, a scaled residual sum and an add whose skip is the
@@ -21,9 +23,12 @@ from typing import List, Optional
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
 
-from ..analyse.graph import is_add
-from ..analyse.residual import is_call, scales
+from ..analyse.attention import AttentionSite
+from ..analyse.graph import is_add, is_size_query
+from ..analyse.residual import is_call, scales, through_on_the_stream
+from ..runtime import evolve as ev
 
 _SUBS = {operator.sub, operator.isub, torch.sub}
 _SAME_VALUES = {"contiguous", "clone", "float", "to", "type_as"}
@@ -43,20 +48,45 @@ def _passes(gm: fx.GraphModule, u: fx.Node, v: fx.Node, token: fx.Node) -> bool:
     return u.op == "call_method" and u.target in _SAME_VALUES and u.args[0] is v
 
 
-def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node) -> Optional[List[fx.Node]]:
+def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node,
+              site: AttentionSite) -> Optional[List[fx.Node]]:
     """The nodes on the skip paths from ``token`` to ``result``, in graph order; None where
-    none reaches it."""
-    reach = {token}
+    none reaches it. Before the first add (``first``: the input and what passes it on whole),
+    the stream may also go through a norm or a function of it alone (analyse/residual.py:
+    through_on_the_stream): ``x = n0(x); x = x + attn(n1(x))`` has ``S = n0``, exact where
+    the branches give every token the same output, as a scale is."""
+    reach, first, whole = {token}, {token}, set()
     for n in gm.graph.nodes:        # (graph order is a topological order)
-        if n is not token and any(v in reach and _passes(gm, n, v, token) for v in n.all_input_nodes):
+        if n is token:
+            continue
+        if any(v in reach and _passes(gm, n, v, token) for v in n.all_input_nodes):
             reach.add(n)
+            if any(v in first for v in n.all_input_nodes) and not (is_add(n) or is_call(n, _SUBS, "sub")):
+                first.add(n)
+        elif len(n.all_input_nodes) == 1 and n.all_input_nodes[0] in first and \
+                takes_the_stream_whole(n, site):
+            reach.add(n)
+            first.add(n)
+            whole.add(n)
     if result not in reach:
         return None
     on = {result}
     for n in reversed(list(gm.graph.nodes)):
-        if n in reach and any(u in on and _passes(gm, u, n, token) for u in n.users):
+        if n in reach and any(u in on and (u in whole or _passes(gm, u, n, token)) for u in n.users):
             on.add(n)
     return [n for n in gm.graph.nodes if n in on]
+
+
+def takes_the_stream_whole(n: fx.Node, site: AttentionSite) -> bool:
+    """``n`` takes the stream whole (no other reader of it but size queries) and passes it on
+    through a norm or a function of it alone."""
+    v = n.all_input_nodes[0]
+    return [u for u in v.users if not is_size_query(u)] == [n] and \
+        through_on_the_stream(n, v, site, after_add=False)
+
+
+def _running_stats(gm: fx.GraphModule, target: str) -> bool:
+    return any(isinstance(m, _NormBase) and m.track_running_stats for m in gm.get_submodule(target).modules())
 
 
 def is_identity(gm: fx.GraphModule, path: List[fx.Node]) -> bool:
@@ -91,6 +121,10 @@ def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
                 done[n] = a
             else:
                 done[n] = graph.call_function(operator.neg, (b,)) if sub else b
+        elif n.op == "call_module" and _running_stats(graph.owning_module, n.target):
+            # (a BatchNorm's running statistics move once, in the block's own run of it)
+            module = graph.get_attr(n.target)
+            done[n] = graph.call_function(ev.without_stat_update, (module, done[n.args[0]]))
         elif n.op == "call_module":
             done[n] = graph.call_module(n.target, (done[n.args[0]],))
         else:
