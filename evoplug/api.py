@@ -645,6 +645,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         needs_pos=a.uses_pos or bool(a.plan.tensor_args),
         returns=type(a.call.output) if isinstance(a.call.output, (tuple, list)) else None,
         idle_hook=registry.hook_is_idle, family_hook=registry.hook_is_family,
+        maps_collected=registry.maps_collected if a.token_rest and not a.windowed else None,
         num_suffix=a.num_suffix, whole_args=a.whole_args,
         batch_args=a.batch_args,
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,

@@ -428,9 +428,13 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
             assert not [w for w in told if "collect its attention maps" in str(w.message)]
             for a, b in zip(full.attentions + full.hidden_states, dense.attentions + dense.hidden_states):
                 assert torch.equal(a, b)
-        else:                   # one map per stage, as its last layer returns it: the converted
-            #                     layer's (its windows run on the full map)
-            assert all(t > 0 for t in evolving())
+        else:                   # one map per stage, as its last layer returns it: a windowed
+            #                     layer's evolves (its windows run on the full map); the one-window
+            #                     layers of the last stage, whose maps are over the tokens they run,
+            #                     run their own forward (audit A2 of the fortieth session)
+            one = [s.analysis.one_window for s in evoplug.get_report(fast).blocks if s.role == "evolve"]
+            assert any(one) and not all(one)
+            assert [t > 0 if not o else t == -1 for t, o in zip(evolving(), one)] == [True] * len(one)
             assert [a.shape for a in full.attentions] == [a.shape for a in dense.attentions]
         half = fast(x, output_hidden_states=True)
         assert all(0 < t < s for t, s in zip(evolving(), [65] * 4 if family == "vit" else [256, 64, 64]))

@@ -153,7 +153,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                        + "; ".join(gm.meta["evo_tokenised"]))
     _tokens_and_grid(a, model, call, calls, x, num_prefix_override, prior)
     grid_ops = find_grid_ops(gm, a, site)
-    if collapse_one_window(gm, a, site, grid_ops, feed, x.shape[0], call.output):
+    if collapse_one_window(gm, a, site, grid_ops, feed, x.shape[0]):
         with torch.no_grad():
             ShapeProp(gm).propagate(*feed)
         grid_ops = find_grid_ops(gm, a, site)

@@ -51,6 +51,10 @@ class FamilyHints:
     idle_hook: whether a forward hook does nothing at this moment (True) or does something
         (False), for hooks the family installs (None for others): a converted block runs its
         own forward while a submodule it traced into has a hook that is not idle.
+    collects_maps: whether a call now running collects the attention maps the family's layers
+        return (transformers' ``output_attentions=True``, whose hook may sit on a module above
+        the layer: Swin's stage); a block whose returned map is over the tokens it runs (not
+        windows on the full map) then runs its own forward, so the map is over every token.
     traced_settings: for a module a block's programs trace into, what its forward reads beyond
         its own plain attributes and the trace bakes in ({name: value}: transformers' attention
         implementation, read from the shared config and a global registry); a change after the
@@ -67,6 +71,7 @@ class FamilyHints:
     ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     export_masks: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None
     idle_hook: Optional[Callable[[Callable], Optional[bool]]] = None
+    collects_maps: Optional[Callable[[], bool]] = None
     traced_settings: Optional[Callable[[nn.Module, bool], Optional[Dict[str, Any]]]] = None
 
 
@@ -178,6 +183,12 @@ def hook_is_idle(hook: Callable) -> bool:
             if answer is not None:
                 return answer
     return False
+
+
+def maps_collected() -> bool:
+    """Whether a family says a call now running collects attention maps (see
+    FamilyHints.collects_maps). What the converted blocks that return one are handed."""
+    return any(f.collects_maps is not None and f.collects_maps() for f in families())
 
 
 def hook_is_family(hook: Callable) -> bool:

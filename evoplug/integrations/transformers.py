@@ -46,6 +46,16 @@ def idle_hook(hook: Callable) -> Optional[bool]:
     return collected is None or key not in collected
 
 
+def collects_attentions() -> bool:
+    """Whether a running call collects attention maps (``output_attentions=True``): Swin's hook
+    takes them from the stage's output, the last layer's map, so no hook inside the layer tells
+    (its eager layer's last-stage map is over the tokens it runs, analyse/one_window.py)."""
+    module = sys.modules.get(_CAPTURING)
+    collector = getattr(module, "_active_collector", None) if module is not None else None
+    collected = collector.get() if collector is not None else None
+    return bool(collected) and any("attentions" in k for k in collected)
+
+
 #: keywords transformers passes down to every layer's ``**kwargs`` and no layer reads (v5
 #: collects hidden states and attention maps with hooks); a call that collects attention
 #: maps runs the original blocks anyway (its hooks are not idle), where the flag is seen.
@@ -137,6 +147,7 @@ TRANSFORMERS = FamilyHints(
     # padding mask's values there), even when the call passed none
     export_masks=lambda model: ("attention_mask",),
     idle_hook=idle_hook,
+    collects_maps=collects_attentions,
     input_size=input_size,
     traced_settings=traced_settings,
 )

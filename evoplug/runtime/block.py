@@ -106,6 +106,9 @@ class BlockSpec:
     idle_hook: Optional[Callable[[Callable], bool]] = None   # a family's forward hook that
     #                            does nothing now (transformers' output capturing, see
     #                            integrations/): not counted by hooked() / observed()
+    maps_collected: Optional[Callable[[], bool]] = None   # for a block that returns its
+    #                            attention map over the tokens it runs: whether the call now
+    #                            collects such maps (a family hint): it runs its own forward then
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
     whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
@@ -699,9 +702,12 @@ class EvoBlockMixin:
 
 def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:
     """Whether the block runs its own forward (every token): a dense block, keep 1.0 on the
-    identity fast path, a batch of no images, or a hook on a module its programs traced into
-    (said once per model: BlockSpec.tell_hooked)."""
+    identity fast path, a batch of no images, a hook on a module its programs traced into
+    (said once per model: BlockSpec.tell_hooked), or a call that collects the attention map it
+    returns (BlockSpec.maps_collected)."""
     if role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path):
+        return True
+    if spec.maps_collected is not None and spec.maps_collected():
         return True
     if spec.hooked():
         if not spec.runtime.hooked_told:
