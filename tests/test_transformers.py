@@ -435,6 +435,7 @@ def test_output_flags_and_the_hooks_transformers_leaves_behind(family):
             one = [s.analysis.one_window for s in evoplug.get_report(fast).blocks if s.role == "evolve"]
             assert any(one) and not all(one)
             assert [t > 0 if not o else t == -1 for t, o in zip(evolving(), one)] == [True] * len(one)
+            assert len(maps) == 1       # (said, as for ViT)
             assert [a.shape for a in full.attentions] == [a.shape for a in dense.attentions]
         half = fast(x, output_hidden_states=True)
         assert all(0 < t < s for t, s in zip(evolving(), [65] * 4 if family == "vit" else [256, 64, 64]))

@@ -708,6 +708,7 @@ def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:
     if role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path):
         return True
     if spec.maps_collected is not None and spec.maps_collected():
+        spec._tell_maps_collected()
         return True
     if spec.hooked():
         if not spec.runtime.hooked_told:
