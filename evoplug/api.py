@@ -30,7 +30,7 @@ from .analyse.residual import BEFORE_THE_ADDS
 from .analyse.snapshot import restore, snapshot
 from .analyse.provenance import (class_token_rows, rest_read, rows_not_images, stream_starts,
                                  token_provenance, varying_arguments)
-from .analyse.chain import chain_links
+from .analyse.chain import chain_links, fresh_token_blocks
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
 from . import quality
@@ -182,11 +182,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             failed += _parts_refused(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
             _check_convertible(model, analysed, failed, skipped, strict)
-            names = set(calls.derived.get("stream_starts", ()))
-            starts = [i for i, (a, _, _) in enumerate(analysed) if i and a.name in names]
-            roles = plan_roles(opts, [a for a, _, _ in analysed], starts)
-            _check_scored(model, [a for a, _, _ in analysed], roles, strict, starts)
-            links = chain_links([a for a, _, _ in analysed], calls)
+            starts, roles, links = _plan(model, example, [a for a, _, _ in analysed], calls, opts,
+                                         strict)
         except BaseException:
             for a, _, added in analysed:
                 _drop_added_buffers(a.module, added)
@@ -207,6 +204,20 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                                              _install_entry_hook(model, runtime, example, strict,
                                                                  seq_batch), regrouped=regrouped)
     return model
+
+
+def _plan(model: nn.Module, example, blocks: List[BlockAnalysis], calls, opts: EvoOptions,
+          strict: bool):
+    """(where token streams start, the blocks' roles, the block each hands its tokens on to)
+    of the converted ``blocks``; marks those whose tokens are not the block before's output
+    row by row (``fresh_tokens``: their scores start afresh)."""
+    names = set(calls.derived.get("stream_starts", ()))
+    starts = [i for i, a in enumerate(blocks) if i and a.name in names]
+    for i in fresh_token_blocks(model, example, blocks):
+        blocks[i].fresh_tokens = True
+    roles = plan_roles(opts, blocks, starts)
+    _check_scored(model, blocks, roles, strict, starts)
+    return starts, roles, chain_links(blocks, calls)
 
 
 def _calibrate_pairs(model: nn.Module, example_input):
@@ -950,10 +961,12 @@ def _on_copy(original: nn.Module, copied: nn.Module, alpha, memo: dict):
 
 
 def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:
-    """:func:`assign_roles`, then an evolving block where the tokens change and the scores
-    cannot be carried onto the new tokens (a grid unknown or only guessed: MAE's decoder after
-    its visible patches, a model that drops patches between blocks; special tokens after the
-    patches: ``ev.can_carry``) scores them again ('score'), as the runtime does there."""
+    """:func:`assign_roles`, then an evolving block scores its tokens again ('score', as the
+    runtime does there) where they are not the block before's output row by row
+    (``fresh_tokens``: another width, reordered; MAE's decoder after its unmasked encoder), or
+    where the tokens change and the scores cannot be carried onto the new ones (a grid unknown
+    or only guessed: MAE's decoder after its visible patches, a model that drops patches
+    between blocks; special tokens after the patches: ``ev.can_carry``)."""
     roles = list(assign_roles(opts, len(analyses), starts))
     prev = None
     for i, a in enumerate(analyses):
@@ -961,8 +974,9 @@ def plan_roles(opts: EvoOptions, analyses, starts=()) -> Tuple[str, ...]:
             prev = None
         if roles[i] == "dense":
             continue
-        if roles[i] == "evolve" and prev is not None and a.num_tokens != prev.num_tokens \
-                and (prev.num_suffix or a.num_suffix or not ev.can_carry(prev.grid, a.grid)):
+        if roles[i] == "evolve" and prev is not None and (a.fresh_tokens or (
+                a.num_tokens != prev.num_tokens
+                and (prev.num_suffix or a.num_suffix or not ev.can_carry(prev.grid, a.grid)))):
             roles[i] = "score"
         prev = a
     return tuple(roles)

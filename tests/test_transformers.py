@@ -8,6 +8,7 @@ What makes them convert: their layers' ``forward(hidden_states, **kwargs)`` is b
 keywords the call passed (runtime/call.py), and ``len()``/unpacking of a traced shape
 (``(*hidden_states.shape[:-1], -1, head_dim)``) is specialised on the calibration input like
 ``int()`` (analyse/trace.py)."""
+import copy
 import warnings
 
 import pytest
@@ -174,6 +175,122 @@ def test_mae_decoder_does_not_rank_its_patches_by_the_visible_patches_scores():
     # planned as it runs: a scoring block (explain() said 'evolving 34/65' for it before)
     roles = {s.name: s.role for s in evoplug.get_report(fast).blocks}
     assert roles["decoder.decoder_layers.0"] == "score" and not evoplug.get_report(fast).unscored
+
+
+class _EvoViTLayers(torch.nn.Module):
+    """HF ViT layers run as Evo-ViT from the paper's rules, written out (the reference): the
+    layers before ``scoring`` dense, that one scores the patches by the class token's attention
+    row (g = a), the ones after evolve: top-k of g every ``reselect_every`` layers, the
+    representative token r = sum w_j x_j over the others (w = g / sum g), the block on
+    [cls, top-k, r], the others get r's residual, g = (1 - alpha) g + alpha a at the kept ones."""
+
+    def __init__(self, layers, keep, scoring, alpha=0.5, reselect_every=4):
+        super().__init__()
+        self.layers, self.keep, self.scoring = layers, keep, scoring
+        self.alpha, self.reselect_every = alpha, reselect_every
+
+    @staticmethod
+    def _row(layer, x):
+        att = layer.attention
+        h = layer.layernorm_before(x)
+        B, n, _ = h.shape
+        q = att.q_proj(h).view(B, n, -1, att.head_dim).transpose(1, 2)
+        k = att.k_proj(h).view(B, n, -1, att.head_dim).transpose(1, 2)
+        return (q[:, :, :1] @ k.transpose(-2, -1) * att.scaling).softmax(-1).mean(1)[:, 0, 1:]
+
+    def forward(self, x, *args, **kwargs):
+        M = x.shape[1] - 1
+        k = max(1, int(M * self.keep + 1e-6))
+        g = sel = None
+        since = 0
+        for i, layer in enumerate(self.layers):
+            if i <= self.scoring:
+                if i == self.scoring:
+                    g = self._row(layer, x)
+                x = layer(x)
+                continue
+            if sel is None or since % self.reselect_every == 0:
+                sel, since = g.topk(k, dim=1).indices, 0
+            xp = x[:, 1:]
+            picked = torch.stack([xp[b, sel[b]] for b in range(x.shape[0])])
+            w = g.clone()
+            for b in range(x.shape[0]):
+                w[b, sel[b]] = 0.0
+            rep = ((w / w.sum(1, keepdim=True))[..., None] * xp).sum(1)
+            sub = torch.cat([x[:, :1], picked, rep[:, None]], 1)
+            out, a = layer(sub), self._row(layer, sub)[:, :k]
+            new = x.clone()
+            new[:, 1:] += (out[:, -1] - rep)[:, None]
+            new[:, :1] = out[:, :1]
+            g = g.clone()
+            for b in range(x.shape[0]):
+                new[b, 1 + sel[b]] = out[b, 1:1 + k]
+                g[b, sel[b]] = (1 - self.alpha) * g[b, sel[b]] + self.alpha * a[b]
+            x, since = new, since + 1
+        return x
+
+
+@pytest.mark.parametrize("decoder_width", [32, 64])
+def test_a_decoder_on_as_many_tokens_as_its_encoder_scores_them_afresh(decoder_width):
+    """ViTMAEForPreTraining without masking: the encoder runs its 65 tokens in the noise's
+    shuffled order, the decoder its 65 (projected to its width) in the image's order. Until
+    audit A2 of the fortieth session the decoder's layers evolved on the encoder's selection,
+    because the token count was the same: a raw gather error at another width, and at the same
+    width the patches at the encoder's kept *positions* ran, other patches than it ranked.
+    Now a block whose tokens are not the block before's output row by row (another width,
+    reordered, or in an order the model draws at each call) scores them afresh: keep 0.5 equals
+    Evo-ViT written out with the decoder's first layer scoring."""
+    torch.manual_seed(0)
+    cfg = T.ViTMAEConfig(mask_ratio=0.0, decoder_hidden_size=decoder_width, decoder_num_hidden_layers=2,
+                         decoder_num_attention_heads=2, decoder_intermediate_size=64, **FLAT)
+    model = _randomise(T.ViTMAEForPreTraining(cfg)).eval()
+    x, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input={"pixel_values": x[:1], "noise": noise[:1]})
+    blocks = evoplug.get_report(fast).blocks
+    assert [s.role for s in blocks] == ["dense", "score", "evolve", "evolve", "score", "evolve"]
+    ref = copy.deepcopy(model)     # the encoder scores at its layer 1, the decoder at its first
+    ref.vit.layers = torch.nn.ModuleList([_EvoViTLayers(ref.vit.layers, 0.5, 1)])
+    ref.decoder.decoder_layers = torch.nn.ModuleList([_EvoViTLayers(ref.decoder.decoder_layers, 0.5, 0)])
+    with torch.no_grad():
+        out, want = fast(x, noise=noise).logits, ref(x, noise=noise).logits
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1, 65, 34, 34, 65, 34]
+        assert float((out - model(x, noise=noise).logits).abs().max()) > 1e-3
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    # no noise passed: the model draws its own, and the order differs from call to call
+    drawn = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    assert [s.role for s in evoplug.get_report(drawn).blocks][4] == "score"
+
+
+def test_decoders_of_another_width_on_their_encoders_token_count_run():
+    """CLIPSeg's decoder (65 tokens of width reduce_dim after 65 vision tokens of width 64) and
+    Hiera's pre-training decoder (16 tokens of width 32 after 16 of width 128) evolved on their
+    encoder's selection until audit A2 of the fortieth session: every forward of CLIPSeg at keep
+    0.5, and Hiera's at keep 1.0 through the selection machinery, failed in a gather. Their
+    first decoder layer now scores afresh; keep 1.0 on the machinery is the dense model."""
+    torch.manual_seed(0)
+    clipseg = _randomise(T.CLIPSegForImageSegmentation(T.CLIPSegConfig(
+        text_config=dict(S, num_hidden_layers=2, vocab_size=100, max_position_embeddings=16,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=FLAT, projection_dim=32, extract_layers=[1, 2, 3], reduce_dim=32,
+        decoder_num_attention_heads=2, decoder_intermediate_size=64))).eval()
+    hiera = _randomise(T.HieraForPreTraining(T.HieraConfig(
+        image_size=[64, 64], patch_size=[7, 7], patch_stride=[4, 4], patch_padding=[3, 3], embed_dim=32,
+        depths=[1, 2, 2, 1], num_heads=[1, 2, 2, 4], query_stride=[2, 2], masked_unit_size=[8, 8],
+        num_query_pool=2, mask_ratio=0.0, decoder_hidden_size=32, decoder_depth=2, decoder_num_heads=2))).eval()
+    cases = [(clipseg, dict(input_ids=torch.randint(2, 100, (2, 8)), pixel_values=torch.randn(2, 3, 32, 32)),
+              "decoder.layers.0"),
+             (hiera, dict(pixel_values=torch.randn(2, 3, 64, 64), noise=torch.rand(2, 4)),
+              "decoder.decoder_block.layers.0")]
+    for model, inputs, first in cases:
+        fast = evoplug.convert(model, keep_ratio=0.5, strict=False,
+                               example_input={k: v[:1] for k, v in inputs.items()})
+        roles = {s.name: s.role for s in evoplug.get_report(fast).blocks}
+        assert roles[first] == "score", roles
+        with torch.no_grad():
+            dense = model(**inputs).logits
+            assert torch.isfinite(fast(**inputs).logits).all()
+            evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+            assert float((fast(**inputs).logits - dense).abs().max()) <= 1e-5 * max(1.0, float(dense.abs().max()))
 
 
 def test_a_text_encoder_beside_the_image_encoder_is_refused_by_name():

@@ -92,6 +92,9 @@ class BlockAnalysis:
     token_rest: Tuple[int, ...] = ()           # items of its tuple output, after the tokens,
     #                                          computed from them (an attention map): what an
     #                                          evolving block gives over its kept tokens only
+    fresh_tokens: bool = False                 # as many tokens as the converted block before,
+    #                                          but not its output row by row (another width,
+    #                                          reordered): its scores start afresh (chain.py)
 
     attention: str = ""              # human-readable attention description
     q: str = ""

@@ -8,17 +8,22 @@ Evidence from the calibration forward (analyse/calibrate.py), all of it required
   list or attribute a model keeps its intermediate outputs in).
 The runtime adds what only a call can tell (runtime/block.py: ``_hands_on``): the model's own
 ``forward`` is running (not ``forward_intermediates``), no hooks, no autograd.
+
+Also which converted blocks take as many tokens as the block before but not its output row by
+row (:func:`fresh_token_blocks`: a decoder after its encoder): their scores start afresh.
 """
 from __future__ import annotations
 
 import gc
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch import nn
 
 from .block import BlockAnalysis
-from .calibrate import CallRecord
+from .calibrate import AsCalibrated, CallRecord, ModuleCall, _call, noise, this_thread
+from .provenance import _capture, _unchanged_rows
 
 
 def chain_links(analysed: Sequence[BlockAnalysis], calls: CallRecord) -> List[Optional[int]]:
@@ -115,3 +120,109 @@ def _record_containers(calls: CallRecord) -> set:
     for c in calls.values():
         ids.update((id(c.__dict__), id(c.args), id(c.kwargs)))
     return ids
+
+
+def fresh_token_blocks(model: nn.Module, example_input, analysed: Sequence[BlockAnalysis]) -> List[int]:
+    """Positions of the analysed blocks (in execution order) whose tokens, as many as the block
+    before's, are not that block's output row by row: another width, other special tokens, rows
+    reordered or replaced on the way (MAE's decoder: the encoder ran the patches in the noise's
+    shuffled order, the decoder in the image's; CLIPSeg's and Hiera's decoders on projected
+    tokens). Their scores start afresh (api.plan_roles); where the count changes, the grids
+    decide. A block called with the output itself carries it, one of another shape does not;
+    where the shapes are equal (a position encoding, a projection, a reordering), one eager
+    forward (eval, no grad) tells: each such block before hands on its calibration output with
+    noise on a quarter of its patch rows, and those rows must change in the next block's input
+    at their own places (a depthwise convolution between them, Twins' position encoding,
+    changes their neighbours too). A forward the noise breaks starts them afresh."""
+    fresh, check = [], {}
+    for i in range(1, len(analysed)):
+        a, b = analysed[i - 1], analysed[i]
+        out, x = _first(a.call.output), b.call.raw_tokens()
+        if a.num_tokens != b.num_tokens or a.call.n_calls != 1 or b.call.n_calls != 1 or x is out \
+                or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
+            continue
+        if _rows(a.call, out).shape != _rows(b.call, x).shape \
+                or (a.num_prefix, a.num_suffix) != (b.num_prefix, b.num_suffix):
+            fresh.append(i)
+        else:
+            M = a.num_tokens - a.num_prefix - a.num_suffix
+            order = torch.randperm(M, generator=torch.Generator().manual_seed(i))
+            check[i] = a.num_prefix + order[:max(1, M // 4)]
+    if check:
+        carried = _rows_carried(model, example_input, analysed, check)
+        fresh += [i for i in check if i not in carried]
+    return sorted(fresh)
+
+
+def _rows_carried(model: nn.Module, example_input, analysed, check: Dict[int, torch.Tensor]) -> set:
+    """Of the positions ``check`` (block -> patch rows of the block before's output to noise),
+    those whose input changes at every one of those rows (see :func:`fresh_token_blocks`).
+    Where every patch row changed, the rows may differ from call to call (MAE shuffling by a
+    noise it draws itself): carried only if the outputs handed on without noise give the
+    block its calibration input again."""
+    changed = _changed_rows(model, example_input, analysed, check)
+    carried = {i for i, ch in changed.items() if ch[check[i]].all()}
+    every = {i: check[i][:0] for i in carried if changed[i][
+        analysed[i].num_prefix:analysed[i].num_tokens - analysed[i].num_suffix].all()}
+    if every:
+        again = _changed_rows(model, example_input, analysed, every)
+        carried -= {i for i in every if i not in again or again[i].any()}
+    return carried
+
+
+def _changed_rows(model: nn.Module, example_input, analysed, check: Dict[int, torch.Tensor]) -> dict:
+    """Position -> which rows of the block's input (N,) change in one eager forward (eval, no
+    grad) in which the block before each returns its calibration output with noise on the
+    ``check`` rows; {} where the model cannot take it."""
+    seen: dict = {}
+    handles = []
+    for i, rows in check.items():
+        a, b = analysed[i - 1], analysed[i]
+        handles.append(a.module.register_forward_hook(this_thread(_handing_on(a.call, rows, i))))
+        handles.append(b.module.register_forward_pre_hook(
+            this_thread(_capture(seen, i, token_key=b.call.token_key)), with_kwargs=True))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), AsCalibrated():
+            _call(model, example_input)
+    except Exception:   # noqa: BLE001 - noise the model cannot take: none is known to carry
+        return {}
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    out = {}
+    for i in check:
+        c = analysed[i].call
+        x, y = _rows(c, c.raw_tokens()), seen.get(i)
+        if isinstance(y, torch.Tensor) and _rows(c, y).shape == x.shape:
+            out[i] = ~_unchanged_rows(x, _rows(c, y))
+    return out
+
+
+def _handing_on(call: ModuleCall, rows: torch.Tensor, seed: int):
+    """A forward hook that makes a block return its calibration output (``call.output``) with
+    noise on the token ``rows``."""
+    def hook(_m, _args, out):
+        t = _first(call.output)
+        v = call.tokens(t)
+        flat = v.reshape(v.shape[0], -1, v.shape[-1])
+        mask = torch.zeros(flat.shape[1], dtype=torch.bool, device=t.device)
+        mask[rows.to(t.device)] = True
+        y = torch.where(mask[:, None], noise(flat, seed), flat).reshape(v.shape)
+        if call.token_perm:
+            y = y.permute(sorted(range(y.dim()), key=call.token_perm.__getitem__))
+        y = torch.empty_like(t).copy_(y)
+        return (y, *out[1:]) if isinstance(out, (tuple, list)) else y
+    return hook
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) and out else out
+
+
+def _rows(call: ModuleCall, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in a block's layout as (B, N, C) token rows (a (B, H, W, C) map flattened)."""
+    v = call.tokens(t)
+    return v.flatten(1, -2) if v.dim() == 4 else v
