@@ -814,7 +814,9 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     arguments differ from the analysed ones only in being None or not (a padding mask) runs the
     form twin for it (:func:`_form_twin`)."""
     _check_unchanged(spec)
-    if getattr(spec.call.tokens(args, kwargs), "is_nested", False):
+    if not torch.compiler.is_compiling() and getattr(spec.call.tokens(args, kwargs), "is_nested", False):
+        # (eager only: nn.TransformerEncoder's nested fast path is an eager one; the token
+        # lookup split dynamo's graph of every converted model)
         _tell_nested(spec)
         return None
     try:
