@@ -10,7 +10,6 @@ the output's scale, keep 1.0 against the model on the fast path and through the 
     python benchmarks/fuzz_flat.py 1000 1250 --json docs/bench/fuzz_flat_v2.json
 """
 import argparse
-import collections
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_flat_models as ff  # noqa: E402
+from fuzz_summary import summarise  # noqa: E402
 
 import evoplug  # noqa: E402
 
@@ -91,18 +91,11 @@ def main():
         if a.json:
             with open(a.json, "w") as f:
                 json.dump({"rows": rows}, f, indent=1, default=str)
-    conv = [r for r in rows if r["status"] == "converted"]
-    summary = {
-        "models": len(rows), **collections.Counter(r["status"] for r in rows),
-        "mismatch_over_1e-4": [(r["seed"], round(r["keep_vs_reference"], 5)) for r in conv
-                               if r["keep_vs_reference"] > 1e-4],
-        "keep1_fast_path_max": max((r["keep1_fast_path"] for r in conv), default=None),
-        "keep1_machinery_max": max((r["keep1_machinery"] for r in conv), default=None),
-        "ref_keep1_max": max((r["ref_keep1_vs_dense"] for r in rows if "ref_keep1_vs_dense" in r), default=None),
-        "refusals": collections.Counter(str((r.get("failures") or [("", r.get("message", ""))])[0][1])[:90]
-                                        for r in rows if r["status"] == "refused").most_common(),
-        "seconds": round(time.time() - t0, 1),
-    }
+    summary = summarise(rows, "keep_vs_reference", "mismatch_over_1e-4",
+                        lambda r: str((r.get("failures") or [("", r.get("message", ""))])[0][1]), digits=5)
+    summary["ref_keep1_max"] = max((r["ref_keep1_vs_dense"] for r in rows if "ref_keep1_vs_dense" in r),
+                                   default=None)
+    summary["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(summary, indent=1))
     if a.json:
         with open(a.json, "w") as f:

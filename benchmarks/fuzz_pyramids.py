@@ -13,7 +13,6 @@ The reference runs every windowed block as windows on the full map, as docs/mode
 evoplug does for blocks that cut their windows themselves (its own flag would run a
 channels-last single window as attention over the kept tokens)."""
 import argparse
-import collections
 import json
 import os
 import platform
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_pyramid_models as pyr  # noqa: E402
+from fuzz_summary import summarise  # noqa: E402
 
 import evoplug  # noqa: E402
 
@@ -68,16 +68,8 @@ def main():
             rows.append(one(seed, a.reselect))
         except Exception as e:      # noqa: BLE001 - a crash is a finding, recorded
             rows.append({"seed": seed, "status": "crash", "error": f"{type(e).__name__}: {e}"[:300]})
-    conv = [r for r in rows if r["status"] == "converted"]
-    summary = {
-        "models": len(rows), **collections.Counter(r["status"] for r in rows),
-        "keep05_vs_reference_over_1e-4": [(r["seed"], round(r["keep05_vs_reference"], 4)) for r in conv
-                                          if r["keep05_vs_reference"] > 1e-4],
-        "keep1_fast_path_max": max((r["keep1_fast_path"] for r in conv), default=None),
-        "keep1_machinery_max": max((r["keep1_machinery"] for r in conv), default=None),
-        "refusals": collections.Counter(r["reason"].split(" (")[0][:90] for r in rows
-                                        if r["status"] == "refused").most_common(),
-    }
+    summary = summarise(rows, "keep05_vs_reference", "keep05_vs_reference_over_1e-4",
+                        lambda r: r["reason"].split(" (")[0])
     print(json.dumps(summary, indent=1))
     if a.json:
         with open(a.json, "w") as f:

@@ -1,0 +1,18 @@
+"""The summary both fuzzers (benchmarks/fuzz_pyramids.py, benchmarks/fuzz_flat.py) print and
+store: counts by status, the seeds off their reference by more than 1e-4 (relative), keep 1.0's
+largest differences, and the refusals counted by reason."""
+import collections
+from typing import Callable, Dict, List
+
+
+def summarise(rows: List[Dict], diff: str, over: str, reason: Callable[[Dict], str],
+              digits: int = 4) -> Dict:
+    conv = [r for r in rows if r["status"] == "converted"]
+    return {
+        "models": len(rows), **collections.Counter(r["status"] for r in rows),
+        over: [(r["seed"], round(r[diff], digits)) for r in conv if r[diff] > 1e-4],
+        "keep1_fast_path_max": max((r["keep1_fast_path"] for r in conv), default=None),
+        "keep1_machinery_max": max((r["keep1_machinery"] for r in conv), default=None),
+        "refusals": collections.Counter(reason(r)[:90] for r in rows
+                                        if r["status"] == "refused").most_common(),
+    }
