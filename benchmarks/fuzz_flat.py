@@ -9,7 +9,6 @@ the output's scale, keep 1.0 against the model on the fast path and through the 
     python benchmarks/fuzz_flat.py 0 300 --json docs/bench/fuzz_flat_r1.json
     python benchmarks/fuzz_flat.py 1000 1250 --json docs/bench/fuzz_flat_v2.json
 """
-import argparse
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_flat_models as ff  # noqa: E402
-from fuzz_summary import summarise  # noqa: E402
+from fuzz_summary import fuzz_parser, summarise  # noqa: E402
 
 import evoplug  # noqa: E402
 
@@ -67,10 +66,7 @@ def one(seed, keep=None, reselect=None, start="cfg"):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("start", type=int)
-    p.add_argument("end", type=int)
-    p.add_argument("--json", default=None)
+    p = fuzz_parser(__doc__)
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

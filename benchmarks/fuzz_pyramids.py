@@ -12,7 +12,6 @@ recorded with their reason), keep 1.0 against the model itself (fast path and ma
 The reference runs every windowed block as windows on the full map, as docs/models.md says
 evoplug does for blocks that cut their windows themselves (its own flag would run a
 channels-last single window as attention over the kept tokens)."""
-import argparse
 import json
 import os
 import platform
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_pyramid_models as pyr  # noqa: E402
-from fuzz_summary import summarise  # noqa: E402
+from fuzz_summary import fuzz_parser, summarise  # noqa: E402
 
 import evoplug  # noqa: E402
 
@@ -54,11 +53,8 @@ def one(seed: int, reselect: int) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("start", type=int)
-    p.add_argument("end", type=int)
+    p = fuzz_parser(__doc__)
     p.add_argument("--reselect", type=int, default=1)
-    p.add_argument("--json", default=None)
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)

@@ -1,8 +1,18 @@
-"""The summary both fuzzers (benchmarks/fuzz_pyramids.py, benchmarks/fuzz_flat.py) print and
+"""The command line and the summary both fuzzers (benchmarks/fuzz_pyramids.py, benchmarks/fuzz_flat.py) print and
 store: counts by status, the seeds off their reference by more than 1e-4 (relative), keep 1.0's
 largest differences, and the refusals counted by reason."""
+import argparse
 import collections
 from typing import Callable, Dict, List
+
+
+def fuzz_parser(doc: str) -> argparse.ArgumentParser:
+    """A fuzzer's command line: the seeds START..END-1 and --json FILE."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("start", type=int)
+    p.add_argument("end", type=int)
+    p.add_argument("--json", default=None)
+    return p
 
 
 def summarise(rows: List[Dict], diff: str, over: str, reason: Callable[[Dict], str],
