@@ -301,19 +301,22 @@ def test_coatnet_transformer_stages_convert():
     fast.load_state_dict(model.state_dict(), strict=True)
 
 
-@pytest.mark.parametrize("name", ["fastvit_sa12", "iformer_t"])
-def test_fastvit_and_iformer_attention_stages_convert(name):
+@pytest.mark.parametrize("name,size", [("fastvit_sa12", 224), ("fastvit_sa12", 128), ("iformer_t", 224)])
+def test_fastvit_and_iformer_attention_stages_convert(name, size):
     """FastViT's and iFormer's attention stages (channels-first maps, 1x1 convolutions) evolve;
     the README listed both as converted by the suite while only a model sweep did (audit A4 of
     the fortieth session). keep 1.0 through the selection machinery reproduces the model, keep
-    0.5 runs fewer tokens in the evolving blocks, and the dense checkpoint loads strictly."""
+    0.5 runs fewer tokens in the evolving blocks, and the dense checkpoint loads strictly. At
+    128 px FastViT's last map is 4x4, within reach of its MLP's 7x7 depthwise convolution: the
+    mixing probe compared tokens that convolution reaches and refused the blocks as "mixing
+    tokens outside attention" (once their layer scales were above timm's 1e-5 init)."""
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval()
     with torch.no_grad():
         for p in model.parameters():         # (timm's init: layer scales of 1e-5, tiny branches)
             if 0 < p.abs().max() < 1e-3:
                 p.fill_(0.3)
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, size, size)
     fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x)
     roles = [s.role for s in evoplug.get_report(fast).blocks]
     assert roles.count("evolve") >= 1

@@ -52,6 +52,22 @@ def _values_of(target: fx.Node):
         shape_of(v) == shape_of(target) else None
 
 
+def _map_reach(gm: fx.GraphModule) -> int:
+    """How far (in grid steps) the block's convolution and pooling modules can carry a token's
+    change, in sum (as if each fed the next)."""
+    reach = 0
+    for n in gm.graph.nodes:
+        m = gm.get_submodule(n.target) if n.op == "call_module" else None
+        k = getattr(m, "kernel_size", None)
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.modules.pooling._AvgPoolNd,
+                          nn.modules.pooling._MaxPoolNd)) and k is not None:
+            ks = k if isinstance(k, tuple) else (k,)
+            d = getattr(m, "dilation", 1)
+            ds = d if isinstance(d, tuple) else (d,) * len(ks)
+            reach += max((kk - 1) // 2 * dd for kk, dd in zip(ks, ds))
+    return reach
+
+
 def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a: BlockAnalysis,
                                       feed, has_grid_ops: bool):
     """Behavioural check that the block mixes tokens only in its attention: with the attention's
@@ -73,7 +89,10 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
         if a.grid is None:
             return
         h, w = a.grid
-        r = max(1, min(h, w) // 2)         # (a 1-wide grid: not the direct neighbours)
+        # (a 1-wide grid: not the direct neighbours; at least as far as the block's
+        # convolutions and pools reach: FastViT's 7x7 depthwise convolution on a 4x4 map was
+        # taken for mixing, audit A4 of the fortieth session)
+        r = max(1, min(h, w) // 2, _map_reach(gm))
         rows, cols = torch.arange(h).repeat_interleave(w), torch.arange(w).repeat(h)
         far = torch.maximum(rows, cols) > r     # Chebyshev distance from the corner token
         if not bool(far.any()):
