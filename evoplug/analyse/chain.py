@@ -128,8 +128,8 @@ def fresh_token_blocks(model: nn.Module, example_input, analysed: Sequence[Block
     reordered or replaced on the way (MAE's decoder: the encoder ran the patches in the noise's
     shuffled order, the decoder in the image's; CLIPSeg's and Hiera's decoders on projected
     tokens). Their scores start afresh (api.plan_roles); where the count changes, the grids
-    decide. A block called with the output itself carries it (or with the very tokens the block
-    before took: blocks side by side), one of another shape does not;
+    decide. A block called with the output itself carries it (or with the tokens the block before
+    took, that tensor or a copy: blocks side by side), one of another shape does not;
     where the shapes are equal (a position encoding, a projection, a reordering), one eager
     forward (eval, no grad) tells: each such block before hands on its calibration output with
     noise on a quarter of its patch rows, and those rows must change in the next block's input
@@ -140,10 +140,10 @@ def fresh_token_blocks(model: nn.Module, example_input, analysed: Sequence[Block
         a, b = analysed[i - 1], analysed[i]
         out, x = _first(a.call.output), b.call.raw_tokens()
         if a.num_tokens != b.num_tokens or a.call.n_calls != 1 or b.call.n_calls != 1 or x is out \
-                or x is a.call.raw_tokens() \
-                or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor):
-            # (the output itself; or the very tokens the block before took: blocks side by side
-            # on the same tokens share its selection)
+                or not isinstance(out, torch.Tensor) or not isinstance(x, torch.Tensor) \
+                or _same_tokens(x, a.call.raw_tokens()):
+            # (the output itself; or the tokens the block before took, that tensor or a copy:
+            # blocks side by side on the same tokens share its selection)
             continue
         if _rows(a.call, out).shape != _rows(b.call, x).shape \
                 or (a.num_prefix, a.num_suffix) != (b.num_prefix, b.num_suffix):
@@ -156,6 +156,10 @@ def fresh_token_blocks(model: nn.Module, example_input, analysed: Sequence[Block
         carried = _rows_carried(model, example_input, analysed, check)
         fresh += [i for i in check if i not in carried]
     return sorted(fresh)
+
+
+def _same_tokens(x: torch.Tensor, y) -> bool:
+    return x is y or (isinstance(y, torch.Tensor) and x.shape == y.shape and torch.equal(x, y))
 
 
 def _rows_carried(model: nn.Module, example_input, analysed, check: Dict[int, torch.Tensor]) -> set:
