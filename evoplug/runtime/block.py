@@ -814,16 +814,15 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     arguments differ from the analysed ones only in being None or not (a padding mask) runs the
     form twin for it (:func:`_form_twin`)."""
     _check_unchanged(spec)
-    if not torch.compiler.is_compiling() and getattr(spec.call.tokens(args, kwargs), "is_nested", False):
-        # (eager only: nn.TransformerEncoder's nested fast path is an eager one; the token
-        # lookup split dynamo's graph of every converted model)
-        _tell_nested(spec)
-        return None
     try:
-        return _bound(spec, args, kwargs)
+        bound = _bound(spec, args, kwargs)
     except AnalysisError as e:
         if strict:
             raise
+        if getattr(spec.call.tokens(args, kwargs), "is_nested", False):
+            # (a call the conversion did not see: nested tokens without the padding mask)
+            _tell_nested(spec)
+            return None
         if torch.compiler.is_exporting():     # an exported program is no place for a quiet fallback
             raise EvoplugError(
                 f"`{spec.name}` cannot run its evolving program in this export: "
@@ -850,6 +849,10 @@ def _bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
         warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
                       f"forward (every token) for such calls{hint}", stacklevel=6)
         return None
+    if bound[0].is_nested:      # (the one attribute read on the common path)
+        _tell_nested(spec)
+        return None
+    return bound
 
 
 def _tell_nested(spec: BlockSpec):
