@@ -26,7 +26,6 @@ from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks,
 from .analyse.probes import (CALL_HOOK_DICTS, check_count_free_program, count_probe_graph,
                              hooks_suspended, probe_program)
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.residual import BEFORE_THE_ADDS
 from .analyse.snapshot import restore, snapshot
 from .analyse.provenance import (class_token_rows, rest_read, rows_not_images, stream_starts,
                                  token_provenance, varying_arguments)
@@ -806,7 +805,7 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])
         check_count_free_program(a, lambda g: build_program(copy.copy(a), False, g), counted)
-        inner = wrapped_block(name, module, call, calls) if _passes_before_adds(a) else None
+        inner = wrapped_block(name, module, call, calls) if a.stream_head else None
         if inner is not None:
             # a stage holding one block behind an identity downsampling passes it on the
             # stream before the block's adds: the block it wraps is the block, where it is one
@@ -829,13 +828,6 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     except BaseException:
         _drop_added_buffers(module, added)
         raise
-
-
-def _passes_before_adds(a) -> bool:
-    """Whether the block's stream passes a module or function before its residual adds
-    (analyse/residual.py ``BEFORE_THE_ADDS``, audit A4 of the fortieth session)."""
-    head = BEFORE_THE_ADDS.split("`")[0]
-    return any(n.startswith(head) for n in a.notes)
 
 
 def _drop_read_rest(model: nn.Module, example, analysed, failed):

@@ -95,6 +95,9 @@ class BlockAnalysis:
     fresh_tokens: bool = False                 # as many tokens as the converted block before,
     #                                          but not its output row by row (another width,
     #                                          reordered): its scores start afresh (chain.py)
+    stream_head: List[str] = dataclasses.field(default_factory=list)   # what the residual
+    #                                          stream passes before its first add (a norm: the
+    #                                          skip path's start, rewrite/skip_path.py)
 
     attention: str = ""              # human-readable attention description
     q: str = ""
@@ -171,7 +174,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     _describe_arguments(a, site, extras, x.shape[0], {n for n in extras if id(raw.get(n)) in varying}, gm,
                         {n for n in extras if id(raw.get(n)) in rows})
     try:
-        a.branches, notes = residual_branches(gm, gm_token(gm), site, name)
+        a.branches, notes, a.stream_head = residual_branches(gm, gm_token(gm), site, name)
     except AnalysisError as e:
         raise _tokens_maybe_elsewhere(e, plan, x, extras) from None
     a.notes += notes

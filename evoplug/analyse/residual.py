@@ -149,13 +149,14 @@ def _with_scaled_skips(gm: fx.GraphModule, users: List[fx.Node], stream: fx.Node
 
 
 def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
-                      name: str) -> Tuple[List[Branch], List[str]]:
+                      name: str) -> Tuple[List[Branch], List[str], List[str]]:
     graph = gm.graph
     stream = token
     branches: List[Branch] = []
     notes: List[str] = []
     visited = set()
     passed: List[fx.Node] = []      # modules the stream went through after the last branch
+    before: List[str] = []          # ... before the first add (``x = n0(x)``): returned third
     while True:
         users = _stream_first(list(stream.users), stream, token)
         nxt = None
@@ -196,8 +197,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
             # whole); before the first add, through a norm or a leaf function (the skip path)
             nxt = flow[0]
             passed.append(nxt)
-            if not branches:
-                notes.append(BEFORE_THE_ADDS.format(nxt.name))
+            before += [] if branches else [nxt.name]
         if nxt is None:
             # a shape-preserving leaf module on the stream (e.g. FFN adding its identity inside)
             # ... it takes the stream itself and a branch computed from it (FFN(ln2(x), identity=x))
@@ -217,7 +217,7 @@ def residual_branches(gm: fx.GraphModule, token: fx.Node, site: AttentionSite,
         raise AnalysisError(name, NO_RESIDUAL + _changed_scales(gm, token), not_a_block="no residual")
     if not any(b.role == "mlp" for b in branches):
         notes.append(_no_mlp_note(gm, passed))
-    return branches, notes
+    return branches, notes + [BEFORE_THE_ADDS.format(n) for n in before], before
 
 
 def through_on_the_stream(u: fx.Node, stream: fx.Node, site: AttentionSite, after_add: bool) -> bool:
