@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from .block import BlockAnalysis
-from .calibrate import AsCalibrated, CallRecord, ModuleCall, _call, noise, this_thread
-from .provenance import _capture, _unchanged_rows
+from .calibrate import CallRecord, ModuleCall, noise
+from .provenance import _inputs_seen, _unchanged_rows
 
 
 def chain_links(analysed: Sequence[BlockAnalysis], calls: CallRecord) -> List[Optional[int]]:
@@ -182,24 +182,12 @@ def _changed_rows(model: nn.Module, example_input, analysed, check: Dict[int, to
     """Position -> which rows of the block's input (N,) change in one eager forward (eval, no
     grad) in which the block before each returns its calibration output with noise on the
     ``check`` rows; {} where the model cannot take it."""
-    seen: dict = {}
-    handles = []
-    for i, rows in check.items():
-        a, b = analysed[i - 1], analysed[i]
-        handles.append(a.module.register_forward_hook(this_thread(_handing_on(a.call, rows, i))))
-        handles.append(b.module.register_forward_pre_hook(
-            this_thread(_capture(seen, i, token_key=b.call.token_key)), with_kwargs=True))
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), AsCalibrated():
-            _call(model, example_input)
-    except Exception:   # noqa: BLE001 - noise the model cannot take: none is known to carry
+    seen = _inputs_seen(model, example_input, {i: analysed[i].module for i in check}, check,
+                        calls={i: analysed[i].call for i in check},
+                        outputs={analysed[i - 1].module: _handing_on(analysed[i - 1].call, rows, i)
+                                 for i, rows in check.items()})
+    if seen is None:    # noise the model cannot take: none is known to carry
         return {}
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     out = {}
     for i in check:
         c = analysed[i].call

@@ -287,14 +287,15 @@ def _same_input(seen, key, x) -> bool:
 
 def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only=None,
                  args: Optional[dict] = None, seed: int = 0, calls=None,
-                 mode: Optional[TorchFunctionMode] = None) -> Optional[dict]:
+                 mode: Optional[TorchFunctionMode] = None, outputs=None) -> Optional[dict]:
     """The first input of each block of ``every`` in one eager forward (eval, no grad) with
     noise added to the (first tensor) output of each module of ``sources``, or without sources
     to every floating-point input (``only``: to the one of that rank), or, with ``mode``, the
     inputs as they are under that mode (noise on a parameter: :class:`_InPlaceOf`); None when
     the model cannot take it or an output has no floating-point tensor to add it to. ``args``:
     filled with each block's other tensor arguments, in call order. ``calls``: the record,
-    where a block's tokens are not its first argument (``ModuleCall.token_key``)."""
+    where a block's tokens are not its first argument (``ModuleCall.token_key``). ``outputs``:
+    {module: forward hook} that change those modules' outputs in other ways (analyse/chain.py)."""
     seen, missed = {}, []
 
     def perturb(m, _args, out):
@@ -308,11 +309,13 @@ def _inputs_seen(model: nn.Module, example_input, by_id, every, sources=(), only
     handles = [by_id[k].register_forward_pre_hook(this_thread(_capture(
         seen, k, args, calls[k].token_key if calls is not None else None)), with_kwargs=True) for k in every]
     handles += [m.register_forward_hook(this_thread(perturb)) for m in sources]
+    handles += [m.register_forward_hook(this_thread(h)) for m, h in (outputs or {}).items()]
     was = model.training
     model.eval()
     try:
         with torch.no_grad(), AsCalibrated(), mode or contextlib.nullcontext():
-            _call(model, example_input if sources or mode else _noisy_inputs(example_input, only))
+            _call(model, example_input if sources or mode or outputs else
+                  _noisy_inputs(example_input, only))
     except Exception:   # noqa: BLE001 - noise the model cannot take: no provenance, as before
         return None
     finally:
