@@ -52,7 +52,7 @@ from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
 from ..runtime.programs import compile_program
-from .skip_path import clone_path, is_identity, skip_path, takes_the_stream_whole
+from .skip_path import clone_path, is_identity, skip_path
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
@@ -79,8 +79,8 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         if a.one_window:
             _one_window_again(a, gm, call)
     rw = _start(a, gm)
-    for rewrite_pass in (_position_terms, _whole_token_args, _map_operations, _global_row,
-                         _skip_fast_base, _outputs):
+    for rewrite_pass in (_position_terms, _whole_token_args, _stream_head, _map_operations,
+                         _global_row, _skip_fast_base, _outputs):
         rewrite_pass(rw)
     # what the runtime must hand the program (a block that reads neither can take its kept
     # tokens straight from the block before it, see runtime/block.py)
@@ -124,6 +124,8 @@ class _Rewrite:
     read_backs: list = dataclasses.field(default_factory=list)   # (map -> subset tokens, dim)
     stream_is_input: bool = False   # a map block's stream is its input tokens (no read-back)
     lined: list = dataclasses.field(default_factory=list)   # arguments gathered as lined up
+    stream_in: Optional[fx.Node] = None     # the stream past its head (``x = n0(x)`` before the
+    stream_full: Optional[fx.Node] = None   # adds) on the subset and on the full input
 
     @property
     def graph(self) -> fx.Graph:
@@ -148,8 +150,10 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> _Rewrite:
         if "tensor_meta" in token.meta:     # (the map's shape: a view of it may be the first op)
             root.meta["tensor_meta"] = token.meta["tensor_meta"]
         token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
-    return _Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
-                    root if a.token_map else full)
+    rw = _Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
+                  root if a.token_map else full)
+    rw.stream_in, rw.stream_full = token, full
+    return rw
 
 
 def _drop_whole_views(graph: fx.Graph, token: fx.Node):
@@ -327,6 +331,24 @@ def _whole_token_args(rw: _Rewrite):
     a.whole_args += tuple(whole)
 
 
+def _stream_head(rw: _Rewrite):
+    """A windowed or map block whose stream passes a token-wise op before its adds (``x =
+    n0(x)``): the windows' exact update and the representative token's stream value start from
+    ``n0`` of the tokens, not the tokens (audit A1 of the forty-first session: 0.02-6.8 off)."""
+    a, graph = rw.a, rw.graph
+    head = [n for n in graph.nodes if n.name in a.stream_head]
+    if not head or not (a.windowed or a.token_map):
+        return
+    path = [head[0].all_input_nodes[0]] + head
+    with graph.inserting_before(head[-1].next):
+        whole = graph.call_function(ev.first_not_none, (rw.full, rw.token))
+        rw.stream_full = graph.call_function(ev.in_evolving_run, (rw.full, clone_path(graph, path, whole)))
+        if a.token_map:     # (the head runs on the entry map: the subset's own tokens get theirs)
+            rw.stream_in = clone_path(graph, path, rw.token)
+    if not a.token_map:
+        rw.stream_in = head[-1]
+
+
 def _map_operations(rw: _Rewrite):
     """2-D map operations see the full map (a canvas) and are read back at the kept tokens."""
     a, graph = rw.a, rw.graph
@@ -336,9 +358,9 @@ def _map_operations(rw: _Rewrite):
     stream = set()
     if a.token_map:
         grid_ops = _map_block_output(a, graph, grid_ops)
-        stream = _residual_stream(graph, rw.root, site=rw.site)
+        stream = _residual_stream(graph, rw.root, head=a.stream_head)
     elif a.windowed:
-        stream = _flat_map_stream(graph, rw.token, grid_ops)
+        stream = _flat_map_stream(graph, rw.stream_in, grid_ops)
     for kind, node, dim in grid_ops:
         if kind == "to":
             _to_map(rw, node, dim)
@@ -460,13 +482,13 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     with graph.inserting_after(node):
         if on_stream:
             back = graph.call_function(ev.from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
-                                                            rw.token, rw.full))
+                                                            rw.stream_in, rw.stream_full))
             with graph.inserting_after(back):
                 rw.fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, rw.pos,
                                                                       tok_dim, layout))
         else:
             if a.windowed and not a.token_map and tok_dim == 1 and rw.site.node in ancestors(node):
-                path = _branch_to_residual(graph, node, rw.token)
+                path = _branch_to_residual(graph, node, rw.stream_in)
             back, replaced = _subset_tokens(rw, node) if path is None else (None, [])
             if back is None:
                 where = None if path is not None else rw.pos
@@ -480,7 +502,7 @@ def _from_map(rw: _Rewrite, node: fx.Node, dim, on_stream: bool):
     if path is None:       # (the stream's too: a channels-first block's attention may size its
         rw.read_backs.append((back, tok_dim))   # views by H * W, FastViT's)
     if path is not None:
-        rw.fast_base = _exact_window_update(graph, path, rw.token, rw.full, rw.pos)
+        rw.fast_base = _exact_window_update(graph, path, rw.stream_in, rw.stream_full, rw.pos)
 
 
 def _reads_the_input(rw: _Rewrite, node: fx.Node, dim) -> bool:
@@ -844,9 +866,12 @@ def _skip_fast_base(rw: _Rewrite):
     if a.token_map or not isinstance(result, fx.Node):
         path = None
     else:
-        path = skip_path(rw.gm, rw.token, result, rw.site)
+        path = skip_path(rw.gm, rw.token, result, a.stream_head)
         path = None if path is None or is_identity(rw.gm, path) else path
-    if (a.token_map or rw.fast_base is not None) and (scaled or path is not None):
+    if path is not None and rw.fast_base is not None and not scaled and \
+            all(is_add(n) or n.name in a.stream_head for n in path[1:]):
+        return      # (windows run on every token: their update starts from the head, _stream_head)
+    if (a.token_map or a.windowed or rw.fast_base is not None) and (scaled or path is not None):
         ops = scaled or [n.name for n in path[1:] if not is_add(n)]
         raise AnalysisError(a.name, "its residual stream is scaled or passes a token-wise op on "
                                     "its way (`" + "`, `".join(ops) + "`), which evoplug does "
@@ -1001,7 +1026,7 @@ def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
     return [g for g in grid_ops if g is not last]
 
 
-def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=(), site: AttentionSite = None):
+def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=(), head=()):
     """The map block's residual stream: its input (or ``seeds``), a norm or a function that
     takes it whole before its first add (``first``; run on the full map, as the block's map part
     is: its fast-update base keeps it), and the adds that carry it."""
@@ -1010,8 +1035,7 @@ def _residual_stream(graph: fx.Graph, root: fx.Node, seeds=(), site: AttentionSi
     for n in graph.nodes:
         if is_add(n) and any(isinstance(v, fx.Node) and v in stream for v in n.args[:2]):
             stream.add(n)
-        elif site is not None and len(n.all_input_nodes) == 1 and n.all_input_nodes[0] in first \
-                and takes_the_stream_whole(n, site):
+        elif n.name in head and n.all_input_nodes[0] in first:
             stream.add(n)
             first.add(n)
     return stream

@@ -18,16 +18,15 @@ block's input past another add were left out (0.08-0.38 off the rule)."""
 from __future__ import annotations
 
 import operator
-from typing import List, Optional
+from typing import Collection, List, Optional
 
 import torch
 import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..analyse.attention import AttentionSite
 from ..analyse.graph import is_add, is_size_query
-from ..analyse.residual import is_call, scales, through_on_the_stream
+from ..analyse.residual import is_call, scales
 from ..runtime import evolve as ev
 
 _SUBS = {operator.sub, operator.isub, torch.sub}
@@ -49,12 +48,15 @@ def _passes(gm: fx.GraphModule, u: fx.Node, v: fx.Node, token: fx.Node) -> bool:
 
 
 def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node,
-              site: AttentionSite) -> Optional[List[fx.Node]]:
+              head: Collection[str]) -> Optional[List[fx.Node]]:
     """The nodes on the skip paths from ``token`` to ``result``, in graph order; None where
     none reaches it. Before the first add (``first``: the input and what passes it on whole),
-    the stream may also go through a norm or a function of it alone (analyse/residual.py:
-    through_on_the_stream): ``x = n0(x); x = x + attn(n1(x))`` has ``S = n0``, exact where
-    the branches give every token the same output, as a scale is."""
+    the stream may also go through a norm or a function of it alone, ``head``: the names the
+    analysis found (BlockAnalysis.stream_head). ``x = n0(x); x = x + attn(n1(x))`` has ``S =
+    n0``, exact where the branches give every token the same output, as a scale is. (Until
+    audit A1 of the forty-first session they were found again here, as the tokens' only
+    reader: the rewrite's own re-run of a map on the full input reads them too, so PVT's and
+    Twins' reduced-key blocks took the paper's rule, 4-8 off.)"""
     reach, first, whole = {token}, {token}, set()
     for n in gm.graph.nodes:        # (graph order is a topological order)
         if n is token:
@@ -63,8 +65,7 @@ def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node,
             reach.add(n)
             if any(v in first for v in n.all_input_nodes) and not (is_add(n) or is_call(n, _SUBS, "sub")):
                 first.add(n)
-        elif len(n.all_input_nodes) == 1 and n.all_input_nodes[0] in first and \
-                takes_the_stream_whole(n, site):
+        elif n.name in head and n.all_input_nodes[0] in first:
             reach.add(n)
             first.add(n)
             whole.add(n)
@@ -75,14 +76,6 @@ def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node,
         if n in reach and any(u in on and (u in whole or _passes(gm, u, n, token)) for u in n.users):
             on.add(n)
     return [n for n in gm.graph.nodes if n in on]
-
-
-def takes_the_stream_whole(n: fx.Node, site: AttentionSite) -> bool:
-    """``n`` takes the stream whole (no other reader of it but size queries) and passes it on
-    through a norm or a function of it alone."""
-    v = n.all_input_nodes[0]
-    return [u for u in v.users if not is_size_query(u)] == [n] and \
-        through_on_the_stream(n, v, site, after_add=False)
 
 
 def _running_stats(gm: fx.GraphModule, target: str) -> bool:

@@ -468,6 +468,11 @@ def first_not_none(a, b):
     return b if a is None else a
 
 
+def in_evolving_run(full: Optional[Tensor], t: Tensor) -> Optional[Tensor]:
+    """``t`` in evolving runs (the block's full input given), None in dense runs."""
+    return None if full is None else t
+
+
 def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
     """``module(t)`` for a module holding a BatchNorm that also runs on other tokens of the same
     forward (the block's full input beside the subset): in train mode it normalises ``t`` by the
