@@ -1246,7 +1246,7 @@ def _assert_blocks_evolve_as_the_reference(model, x, blocks, **opts):
 def test_a_token_wise_op_on_the_stream_before_the_adds_of_windowed_blocks():
     """A windowed block whose stream passes a token-wise op before its adds (``x = op(x); x =
     x + attn(norm1(x)); ...``): the op is the block's skip path (a known gap of the fortieth
-    session, checked for flat ViT blocks only). Until audit A1 of the forty-first session the
+    session, checked for flat ViT blocks only). Until the forty-first session (check F2) the
     windows' exact update started from the block's input, not from ``op`` of it, and a map
     block's representative token took ``rep + op(x_p) - x_p`` for ``op(rep)``: the three
     writings of test_windows_cut_inside_a_token_block... were 0.26-6.8 off the rule, Twins'

@@ -334,7 +334,7 @@ def _whole_token_args(rw: _Rewrite):
 def _stream_head(rw: _Rewrite):
     """A windowed or map block whose stream passes a token-wise op before its adds (``x =
     n0(x)``): the windows' exact update and the representative token's stream value start from
-    ``n0`` of the tokens, not the tokens (audit A1 of the forty-first session: 0.02-6.8 off)."""
+    ``n0`` of the tokens, not the tokens (the forty-first session (check F2): 0.02-6.8 off)."""
     a, graph = rw.a, rw.graph
     head = [n for n in graph.nodes if n.name in a.stream_head]
     if not head or not (a.windowed or a.token_map):

@@ -54,7 +54,7 @@ def skip_path(gm: fx.GraphModule, token: fx.Node, result: fx.Node,
     the stream may also go through a norm or a function of it alone, ``head``: the names the
     analysis found (BlockAnalysis.stream_head). ``x = n0(x); x = x + attn(n1(x))`` has ``S =
     n0``, exact where the branches give every token the same output, as a scale is. (Until
-    audit A1 of the forty-first session they were found again here, as the tokens' only
+    the forty-first session (check F2) they were found again here, as the tokens' only
     reader: the rewrite's own re-run of a map on the full input reads them too, so PVT's and
     Twins' reduced-key blocks took the paper's rule, 4-8 off.)"""
     reach, first, whole = {token}, {token}, set()
