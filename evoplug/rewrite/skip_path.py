@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..analyse.graph import is_add, is_size_query
+from ..analyse.graph import is_add
 from ..analyse.residual import is_call, scales
 from ..runtime import evolve as ev
 
