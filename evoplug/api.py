@@ -27,8 +27,8 @@ from .analyse.probes import (CALL_HOOK_DICTS, check_count_free_program, count_pr
                              hooks_suspended, probe_program)
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.snapshot import restore, snapshot
-from .analyse.provenance import (class_token_rows, rest_read, rows_not_images, stream_starts,
-                                 token_provenance, varying_arguments)
+from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
+                                 stream_starts, token_provenance, varying_arguments)
 from .analyse.chain import chain_links, fresh_token_blocks
 from .analyse.inputs import declared_input
 from .analyse.inputs import example_input as _example_input
@@ -769,6 +769,7 @@ def _calibrate(model: nn.Module, example_input):
                     "example_input=)")
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
                               f"the model{hint}: {type(e).__name__}: {e}") from e
+    images_in_rows(model, example_input, calls)
     candidates, failed, skipped = find_blocks(model, calls)
     skipped = skipped + _unread_attention(calls)
     if candidates:
@@ -1008,7 +1009,8 @@ def input_size(model: nn.Module) -> Optional[Tuple[int, int, int]]:
 def example_input(model: nn.Module, batch: int = 1, size=None) -> torch.Tensor:
     """A seeded random image batch of the model's declared input size (``size``: (H, W) or an
     int instead), on its parameters' device and dtype; what :func:`convert` calibrates with
-    when no ``example_input`` is given."""
+    when no ``example_input`` is given. A video model's (transformers' VideoMAE, ViViT,
+    TimeSformer) is a video (batch, frames, C, H, W)."""
     x, source = _example_input(model, batch, size)
     if x is None:
         raise ConversionError(f"{type(model).__name__}: cannot tell its input size ({source}); "

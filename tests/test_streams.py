@@ -109,6 +109,75 @@ def test_blocks_called_by_keyword_find_the_class_token_as_when_called_by_positio
     assert (outs[0] - by_position(x)).abs().max() > 1e-3
 
 
+class IntegerInput(LinearEmbedViT):
+    """The same model taking an integer (uint8) image or video, normalised inside."""
+
+    def forward(self, x):
+        return super().forward(x.float() / 127.5 - 1)
+
+
+@pytest.mark.parametrize("form", ["linear", "video"])
+def test_an_integer_image_or_video_finds_the_class_token_as_a_float_one(form):
+    """A model taking a uint8 image (patches by reshape + ``nn.Linear``) or video (a ``Conv3d``
+    tubelet embedding: a 5-D map) and normalising it itself had 0 prefix tokens, its class token
+    ranked as a patch (the head reads it: 0.15 off), until audit B1 of the forty-first session:
+    the noise forward perturbed floating-point inputs only, and the patch grid was read from
+    4-D maps only. Now integer images get the noise too and a video map counts its T*H*W
+    positions: converted on the uint8 input, the model evolves as the same weights converted on
+    the normalised float input; keep 1.0 is exact."""
+    torch.manual_seed(0)
+    frames = 4 if form == "video" else 1
+    model = IntegerInput(frames=frames, depth=4).eval()
+    on_floats = LinearEmbedViT(frames=frames, depth=4).eval()
+    on_floats.load_state_dict(model.state_dict())
+    x = torch.randint(0, 256, (4, 3, 4, 32, 32) if frames > 1 else (4, 3, 32, 32), dtype=torch.uint8)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    want = evoplug.convert(on_floats, keep_ratio=0.5, example_input=x[:1].float() / 127.5 - 1)
+    assert all(s.analysis.num_prefix == 1 for s in evoplug.get_report(fast).blocks)
+    assert ("patch grid 2x8x8 from `embed`" if frames > 1 else "no patch grid matched") in evoplug.explain(fast)
+    with torch.no_grad():
+        out = fast(x)
+        torch.testing.assert_close(out, want(x.float() / 127.5 - 1), atol=1e-5, rtol=1e-5)
+        assert (out - model(x)).abs().max() > 1e-3
+        evoplug.set_keep_ratio(fast, 1.0)
+        torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)
+
+
+class DividedVideoViT(nn.Module):
+    """TimeSformer's divided space-time attention: a block over each position's T' frames
+    (B*N, T', C), then one over each frame's N positions (B*T', N, C)."""
+
+    def __init__(self, d=64, depth=2, frames=4):
+        super().__init__()
+        self.embed = nn.Conv3d(3, d, (2, 8, 8), (2, 8, 8))
+        self.time = nn.ModuleList([Block(d) for _ in range(depth)])
+        self.space = nn.ModuleList([Block(d) for _ in range(depth)])
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        t = self.embed(x).flatten(3).permute(0, 2, 3, 1)       # (B, T', N, C)
+        B, T, N, C = t.shape
+        for tb, sb in zip(self.time, self.space):
+            t = tb(t.transpose(1, 2).reshape(B * N, T, C)).reshape(B, N, T, C).transpose(1, 2)
+            t = sb(t.reshape(B * T, N, C)).reshape(B, T, N, C)
+        return self.head(t.mean((1, 2)))
+
+
+@pytest.mark.parametrize("images", [1, 2, 3])
+def test_divided_space_time_attention_is_refused_as_regrouped_whatever_the_batch(images):
+    """Time attention over (B*N, T', C) is refused: its tokens arrive regrouped. Where the
+    example's batch B equalled T' the tokens were taken for sequence-first ones (N, B, C) and
+    the refusal gave another reason (special tokens between the patches, or one image's tokens
+    moved by another's) until audit B1 of the forty-first session: one image more grows dim 0
+    of regrouped tokens, dim 1 of sequence-first ones. T' = B here, but for 3 images (T' = 2)."""
+    torch.manual_seed(0)
+    frames = 4 if images == 3 else 2 * images
+    model = DividedVideoViT(frames=frames).eval()
+    with pytest.raises(evoplug.EvoplugError, match=rf"`time\.0`: its tokens arrive regrouped "
+                                                   rf"\(batch {16 * images} for {images} image"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(images, 3, frames, 32, 32))
+
+
 class ImageTower(nn.Module):
     def __init__(self, depth=6, d=64, p=4):
         super().__init__()

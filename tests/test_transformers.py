@@ -628,6 +628,33 @@ def test_the_input_size_comes_from_the_configuration():
                                                        depths=[1], num_heads=[1], window_size=4))) == (3, 32, 64)
 
 
+def test_a_video_models_input_is_a_video_of_its_configured_frames():
+    """VideoMAE and ViViT take ``pixel_values`` (B, frames, C, H, W): evoplug made an image
+    batch (1, C, H, W) from ``config.image_size`` and ``convert(model)`` failed ("pass
+    example_input="), where docs/models.md says none is needed, until audit B1 of the
+    forty-first session. The input it makes is now a video of ``config.num_frames``, and the
+    model converts as on an example video given; TimeSformer is refused by name (its divided
+    attention's tokens arrive regrouped), not for its input."""
+    torch.manual_seed(0)
+    video = dict(S, image_size=32, patch_size=8, num_frames=4)
+    for model in (T.VideoMAEModel(T.VideoMAEConfig(tubelet_size=2, **video)),
+                  T.VivitModel(T.VivitConfig(tubelet_size=[2, 8, 8], **video))):
+        model.eval()
+        assert tuple(evoplug.example_input(model).shape) == (1, 4, 3, 32, 32)
+        fast = evoplug.convert(model, keep_ratio=0.5)
+        want = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 4, 3, 32, 32))
+        x = torch.randn(2, 4, 3, 32, 32)
+        with torch.no_grad():
+            out = fast(x).last_hidden_state
+            torch.testing.assert_close(out, want(x).last_hidden_state, atol=1e-5, rtol=1e-5)
+            assert (out - model(x).last_hidden_state).abs().max() > 1e-3
+            evoplug.set_keep_ratio(fast, 1.0)
+            torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, atol=0, rtol=0)
+    timesformer = T.TimesformerModel(T.TimesformerConfig(**video)).eval()
+    with pytest.raises(evoplug.ConversionError, match="temporal_attention`: its tokens arrive regrouped"):
+        evoplug.convert(timesformer, keep_ratio=0.5)
+
+
 def test_another_input_size_is_found_whatever_the_call_form():
     """The twin for another input size is built from the tensors bound to the names the
     conversion's input had: by position or keyword, with output flags, and with the call's

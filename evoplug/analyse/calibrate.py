@@ -85,6 +85,17 @@ class ModuleCall:
         h, w = int(out.shape[-2]), int(out.shape[-1])
         return (h, w) if h >= 2 and w >= 2 else None
 
+    def map_sides(self) -> Optional[Tuple[int, ...]]:
+        """The sides of a spatial feature map this module outputs: (h, w) of a 4-D one
+        (:meth:`feature_map`), (t, h, w) of a 5-D (B, C, T, H, W) one (a ``Conv3d``'s over
+        video, whose T*H*W positions are the patch tokens; counted where the prefix is
+        (discover.detect_prefix), never taken for a 2-D grid); None otherwise."""
+        out = self.output
+        if isinstance(out, torch.Tensor) and out.dim() == 5 and not self.attention_map:
+            t, h, w = (int(s) for s in out.shape[2:])
+            return (t, h, w) if h >= 2 and w >= 2 else None
+        return self.feature_map()
+
     @property
     def attention_per_call(self) -> float:
         return self.attention_ops / max(1, self.n_calls)

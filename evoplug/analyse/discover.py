@@ -2,6 +2,7 @@
 with the reason), the prefix tokens, the patch grid and the class token."""
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
@@ -179,6 +180,7 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
     candidates: List[Tuple[str, nn.Module, ModuleCall]] = []
     reports: List[Tuple[str, str, bool]] = []     # (name, reason, looks like a token block)
     batch = _model_batch(model, calls)
+    regrouped = getattr(calls, "derived", {}).get("images_in_rows", ())
 
     def visit(name: str, m: nn.Module):
         c = calls.get(id(m))
@@ -191,8 +193,10 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
         x = c.first_tensor()
         layout = mha_layout(m, x, calls) if c.n_calls == 1 and c.attention_ops == 1 else None
         # (N, B, C) as the block's attention says (the model's batch may be misread: a (N, B, C)
-        # model input), else where the calibration's batch sits
-        seq = layout == "sequence" or (layout is None and x is not None and sequence_first(x, batch))
+        # model input), else where the calibration's batch sits, unless one image more grew
+        # dim 0 (regrouped (B*N, T', C) with T' == B: provenance.images_in_rows)
+        seq = layout == "sequence" or (layout is None and x is not None and sequence_first(x, batch)
+                                       and id(m) not in regrouped)
         cf = not seq and x is not None and channels_first(m, c, x, calls)
         reason = token_block_reason(c, batch, cf or channels_last(m, c, calls), seq)
         if layout == "ambiguous" or (layout is None and reason is None and x is not None and
@@ -376,32 +380,34 @@ def detect_prefix(model: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCal
     (provenance.token_provenance), which must lead or trail (with trailing ones, P is the
     larger of the leading ones and N minus the patch grid minus S: a cls token that has seen
     the image changes with it); else N minus the patch grid (h*w) of the last 4-D feature map
-    produced before the block ran, all leading; else what the model declares (a family hint:
-    ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...); else, where the tokens
-    became fewer since the converted block before (``prior``, its analysis) with no patch map
-    to show which remain, that block's leading prefix (token pruning keeps the class token
-    first: ranked as a patch it went down the fast path); else 0."""
+    (t*h*w of a 5-D video map) produced before the block ran, all leading; else what the model
+    declares (a family hint: ``num_prefix_tokens``, MMPretrain's ``num_extra_tokens``, ...);
+    else, where the tokens became fewer since the converted block before (``prior``, its
+    analysis) with no patch map to show which remain, that block's leading prefix (token
+    pruning keeps the class token first: ranked as a patch it went down the fast path); else 0."""
     grid = None
     inside = no_patch_maps(model, calls) if model is not None else set()
     for mid, c in calls.items():
-        fm = c.feature_map() if c.order < call.order and mid not in inside else None
+        # (a video's 5-D map counts its T*H*W positions: until audit B1 of the forty-first
+        # session only 4-D maps did, and a video ViT converted on a uint8 video had no prefix)
+        fm = c.map_sides() if c.order < call.order and mid not in inside else None
         if fm is not None:
-            hw = fm[0] * fm[1]
+            hw = math.prod(fm)
             if 0 <= num_tokens - hw <= max(16, num_tokens // 8):
                 if grid is None or c.order > grid[0]:
-                    grid = (c.order, hw, c.name, fm)
+                    grid = (c.order, hw, c.name, "x".join(map(str, fm)))
     lead, trail = special_rows(call.name, calls, num_tokens, grid[1] if grid else None)
     if trail:   # a later stage's cls token has seen the image: the patch grid counts it
         if grid is not None and num_tokens - grid[1] - trail > lead:
             return num_tokens - grid[1] - trail, trail, (
-                f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`, {trail} of the tokens "
+                f"patch grid {grid[3]} from `{grid[2]}`, {trail} of the tokens "
                 "that do not come from the patch map trailing")
         return lead, trail, (f"{lead} leading and {trail} trailing tokens that do not come from "
                              "the patch map")
     if lead is not None and grid is None and lead:   # no grid matched (a masked token set)
         return lead, 0, "tokens that do not come from the patch map (no patch grid matched)"
     if grid is not None:
-        return num_tokens - grid[1], 0, f"patch grid {grid[3][0]}x{grid[3][1]} from `{grid[2]}`"
+        return num_tokens - grid[1], 0, f"patch grid {grid[3]} from `{grid[2]}`"
     declared, family = hint(model, "num_prefix_tokens")
     if declared is not None:
         return int(declared), 0, f"declared by the model ({family} hints)"

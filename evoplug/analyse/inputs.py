@@ -27,7 +27,8 @@ def example_input(model: nn.Module, batch: int = 1,
                   size: Union[None, int, Tuple[int, int]] = None) -> Tuple[Optional[torch.Tensor], str]:
     """A seeded random image batch of the model's input size, in its parameters' device and
     dtype: (input, where the size came from); (None, reason) when the size is unknown.
-    ``size`` (int or (H, W)) overrides the declared height and width."""
+    ``size`` (int or (H, W)) overrides the declared height and width. A video model (a family's
+    ``input_frames`` hint) gets a video (batch, frames, C, H, W)."""
     decl = declared_input(model)
     if size is not None:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
@@ -40,8 +41,12 @@ def example_input(model: nn.Module, batch: int = 1,
     p = next((q for q in model.parameters() if q.is_floating_point()), None)
     device = p.device if p is not None else "cpu"
     dtype = p.dtype if p is not None else torch.float32
+    frames, _ = hint(model, "input_frames")
+    shape = (batch, chans, int(h), int(w)) if frames is None else (batch, int(frames), chans, int(h), int(w))
+    if frames is not None:
+        source = f"{source} and {frames} frames"
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, chans, int(h), int(w)), generator=gen).to(device=device, dtype=dtype)
+    x = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
     return x, source
 
 

@@ -7,6 +7,7 @@ forward (calibrate.py). They tell the special tokens from the patches
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import List, Optional
 
 import torch
@@ -25,16 +26,17 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
     (eval, no grad) in which the first 4-D map the model computes before the first block
     (outside attention: the patch embedding's, or a convolutional stem's first) gets random
     noise added, or, with no such map (a patch embedding by reshape and ``nn.Linear``, a
-    ``Conv3d`` over video), every floating-point input does; the rows of a block's token input
-    that stay the same are the tokens that are not patches (cls, distillation, registers,
-    detection tokens, the learned group tokens a later stage appends). Read at the first
-    block with each token count N whose input the noise reached. Stored as
+    ``Conv3d`` over video), every floating-point input and integer image does
+    (:func:`_image_input`); the rows of a block's token input that stay the same are the
+    tokens that are not patches (cls, distillation, registers, detection tokens, the learned
+    group tokens a later stage appends). Read at the first block with each token count N
+    whose input the noise reached. Stored as
     ``calls.derived['untouched'] = {N: rows}``; nothing for a block without a (B, N, C) input.
     (Evo-ViT ranks patches and keeps the other tokens: a token that is neither leading,
     trailing nor a patch would be ranked as one, see discover.special_rows.)
 
-    Also ``calls.derived['image_free']``: the blocks whose input no floating-point input of
-    the model reaches, when another block's does (a text encoder's layers beside an image
+    Also ``calls.derived['image_free']``: the blocks whose input no image input of the
+    model reaches, when another block's does (a text encoder's layers beside an image
     encoder's, before or after it): see :func:`_image_free`."""
     every = {}
     for block in sorted((b for b in blocks if calls.get(id(b)) is not None),
@@ -243,28 +245,10 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
             every[id(b)] = (c.name, c.raw_tokens())
     if not every:
         return
-    def grown(v):
-        return torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == B else v
-    if isinstance(example_input, dict):
-        bigger = {k: grown(v) for k, v in example_input.items()}
-    elif isinstance(example_input, (tuple, list)):
-        bigger = type(example_input)(grown(v) for v in example_input)
-    else:
-        bigger = grown(example_input)
     got, seen = {}, {}
-    handles = [b.register_forward_pre_hook(this_thread(_capture(seen, id(b), got, calls[id(b)].token_key)),
-                                           with_kwargs=True) for b in blocks if id(b) in every]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), AsCalibrated():
-            _call(model, bigger)
-    except Exception:   # noqa: BLE001 - a model of one batch size: no answer, as before
+    if not _one_image_more(model, example_input, B, {
+            b: _capture(seen, id(b), got, calls[id(b)].token_key) for b in blocks if id(b) in every}):
         return
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
     rows = set()
     for k in every:
         before, after = others(calls[k]), got.get(k, [])
@@ -272,6 +256,59 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
             rows.update(id(t) for t, u in zip(before, after)
                         if t.dim() >= 2 and t.shape[0] == B and u.shape[0] == B)
     calls.derived["rows_not_images"] = rows
+
+
+def images_in_rows(model: nn.Module, example_input, calls: CallRecord):
+    """Which modules that ran attention on tokens laid out as sequence-first ones look, (X, B,
+    C) with B the calibration's images and no ``nn.MultiheadAttention`` to say (see
+    discover.sequence_first), hold the images along dim 0: tokens regrouped (B*N, T', C), as
+    divided space-time attention runs over each position's frames, T' equal to B by chance.
+    One eager forward with one image more: sequence-first tokens grow along dim 1, regrouped
+    ones along dim 0. Stored as ``calls.derived['images_in_rows']`` (ids), read by
+    discover.find_blocks (taken for sequence-first, such blocks were refused for another
+    reason, special tokens between the patches, until audit B1 of the forty-first session)."""
+    from .discover import _model_batch, mha_layout, sequence_first
+    batch, every, seen = _model_batch(model, calls), {}, {}
+    for m in model.modules():
+        c = calls.get(id(m))
+        x = c.first_tensor() if c is not None and c.attention_ops else None
+        if isinstance(x, torch.Tensor) and sequence_first(x, batch) and \
+                not isinstance(m, nn.MultiheadAttention) and mha_layout(m, x, calls) is None:
+            every[m] = x
+
+    def capture(m, args, kwargs):   # (the tokens as the calibration's first_tensor reads them)
+        seen.setdefault(m, dataclasses.replace(calls[id(m)], args=args, kwargs=kwargs).first_tensor())
+    if every and _one_image_more(model, example_input, batch, {m: capture for m in every}):
+        calls.derived["images_in_rows"] = {
+            id(m) for m, x in every.items() if isinstance(seen.get(m), torch.Tensor)
+            and seen[m].shape[1:] == x.shape[1:] and seen[m].shape[0] > x.shape[0]}
+
+
+def _one_image_more(model: nn.Module, example_input, batch: int, hooks: dict) -> bool:
+    """One eager forward (eval, no grad) with each input tensor of first dim ``batch`` grown by
+    its first image, ``hooks`` ({module: pre-hook with keywords}) installed; False where the
+    model cannot take it (a model of one batch size: no answer, as before)."""
+    def grown(v):
+        return torch.cat([v, v[:1]]) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == batch else v
+    if isinstance(example_input, dict):
+        bigger = {k: grown(v) for k, v in example_input.items()}
+    elif isinstance(example_input, (tuple, list)):
+        bigger = type(example_input)(grown(v) for v in example_input)
+    else:
+        bigger = grown(example_input)
+    handles = [m.register_forward_pre_hook(this_thread(h), with_kwargs=True) for m, h in hooks.items()]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), AsCalibrated():
+            _call(model, bigger)
+    except Exception:   # noqa: BLE001 - a model of one batch size
+        return False
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return True
 
 
 def _as_tokens(seen: dict, calls: CallRecord) -> dict:
@@ -349,8 +386,9 @@ def _image_free(every, seen) -> List[int]:
 def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every,
                              calls: CallRecord) -> List[int]:
     """Of the blocks ``every`` ({id: (name, calibration input)}), those whose input stays
-    exactly the same when noise is added to every floating-point tensor the model is given:
-    nothing they compute comes from the image (token ids and masks are integers)."""
+    exactly the same when noise is added to every floating-point tensor and integer image the
+    model is given: nothing they compute comes from the image (token ids and masks are
+    integers of a lower rank)."""
     if not every:
         return []
     seen = _inputs_seen(model, example_input, by_id, every, calls=calls)
@@ -360,23 +398,36 @@ def _unchanged_by_the_inputs(model: nn.Module, example_input, by_id, every,
     return [k for k, (_, x) in every.items() if _same_input(seen, k, x)]
 
 
+def _image_input(v) -> bool:
+    """A model input the noise forwards perturb: a floating-point tensor, or an integer one of
+    an image's rank (a uint8 image (B, C, H, W) or video, which the model normalises itself;
+    left alone, and the class token ranked as a patch, until audit B1 of the forty-first
+    session); never token ids (B, L), a bool mask or a pixel mask (B, H, W)."""
+    return isinstance(v, torch.Tensor) and (v.is_floating_point() or (
+        v.dim() >= 4 and v.dtype != torch.bool and not v.is_complex()))
+
+
 def _float_inputs(example_input) -> int:
+    """How many inputs the noise forwards perturb (:func:`_image_input`)."""
     items = list(example_input.values()) if isinstance(example_input, dict) else (
         list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
-    return sum(isinstance(v, torch.Tensor) and v.is_floating_point() for v in items)
+    return sum(_image_input(v) for v in items)
 
 
 def _noisy_inputs(example_input, only: Optional[int] = None):
-    """``example_input`` with noise added to every floating-point tensor in it (a dict's
-    values, a tuple's items or the tensor itself); ``only``: to the one of that rank among
-    them."""
+    """``example_input`` with noise added to every floating-point tensor in it and every
+    integer image (:func:`_image_input`: a dict's values, a tuple's items or the tensor
+    itself); ``only``: to the one of that rank among them. An integer image's noise is rounded
+    and kept within the values it holds."""
     seen = [-1]
 
     def noisy(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
+        if _image_input(v):
             seen[0] += 1
             if only is not None and seen[0] != only:
                 return v
+            if not v.is_floating_point():
+                return noise(v.double(), 1).round().clamp(int(v.min()), int(v.max())).to(v.dtype)
             return noise(v, 1)
         return v
     if isinstance(example_input, dict):

@@ -39,6 +39,8 @@ class FamilyHints:
     has_class_token: whether the first prefix token is a class token (False: registers only,
         the mean query ranks the tokens).
     input_size: the input the model takes, as ``(channels or None, height, width, source)``.
+    input_frames: the frames of the video a video model takes, as (B, frames, channels, height,
+        width) (transformers' VideoMAE, ViViT, TimeSformer): the input evoplug makes is a video.
     leaf_modules / leaf_functions: module classes and functions the tracer keeps whole, for
         every model (timm's notrace registry is one such source).
     ignored_keywords: keywords a block's ``**kwargs`` may receive that its computation never
@@ -66,6 +68,7 @@ class FamilyHints:
     num_prefix_tokens: Optional[Callable[[nn.Module], Optional[int]]] = None
     has_class_token: Optional[Callable[[nn.Module], Optional[bool]]] = None
     input_size: Optional[Callable[[nn.Module], Optional[InputSize]]] = None
+    input_frames: Optional[Callable[[nn.Module], Optional[int]]] = None
     leaf_modules: Callable[[], Tuple[type, ...]] = lambda: ()
     leaf_functions: Callable[[], Tuple[Callable, ...]] = lambda: ()
     ignored_keywords: Optional[Callable[[nn.Module], Optional[Tuple[str, ...]]]] = None

@@ -101,6 +101,23 @@ def input_size(model) -> Optional[InputSize]:
     return None
 
 
+#: model types whose ``pixel_values`` are a video (B, ``config.num_frames``, C, H, W): their
+#: embeddings unpack ``batch_size, num_frames, num_channels, height, width`` (an image
+#: batch made from ``config.image_size`` alone did not run through them; audit B1 of the
+#: forty-first session)
+VIDEO_TYPES = ("videomae", "vivit", "timesformer")
+
+
+def input_frames(model) -> Optional[int]:
+    """The frames a transformers video model takes: ``config.num_frames`` (VIDEO_TYPES)."""
+    config = getattr(model, "config", None)
+    frames = getattr(config, "num_frames", None)
+    if getattr(config, "model_type", None) in VIDEO_TYPES and isinstance(frames, int) and \
+            not isinstance(frames, bool) and frames > 0:
+        return frames
+    return None
+
+
 def traced_settings(module, converting: bool = False) -> Optional[dict]:
     """An attention module's implementation: read from the shared config at every call and
     looked up in transformers' registry of attention functions, so a trace bakes in the one it
@@ -149,5 +166,6 @@ TRANSFORMERS = FamilyHints(
     idle_hook=idle_hook,
     collects_maps=collects_attentions,
     input_size=input_size,
+    input_frames=input_frames,
     traced_settings=traced_settings,
 )
