@@ -597,6 +597,48 @@ def test_swin_classifier_trains_on_batches_of_changing_size_and_survives_ema_cop
     assert len(preds) == 2 and preds[0].pred_score.shape == (10,)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")      # (functorch's fallbacks)
+def test_swin_programs_for_a_new_batch_size_build_inside_torch_func_grad_and_vmap():
+    """MMPretrain's Swin runs programs made for each batch size. The first call at a new batch
+    size inside ``torch.func.grad`` (or ``vmap(grad)``, per-image gradients) raised functorch's
+    "in-place operation (aten::copy_) that would mutate a captured Tensor", at every such call
+    until a plain one: the programs' shape propagation wrote every buffer back, changed or not
+    (audit B2 of the forty-first session). They build as in a plain call now: the gradients are
+    those of plain backward after a plain call at that batch size, per image too."""
+    from mmpretrain.models.backbones import SwinTransformer
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model = SwinTransformer(arch=dict(embed_dims=32, depths=[2, 4], num_heads=[2, 2]), img_size=64,
+                            window_size=4, out_indices=(1,), drop_path_rate=0.0)
+    model.eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(2, 3, 64, 64))
+    ref = copy.deepcopy(fast)               # (programs for batch 2 only, like fast)
+    x = torch.randn(3, 3, 64, 64)
+    params = {k: p.detach() for k, p in fast.named_parameters()}
+
+    def loss(p, images):
+        return functional_call(fast, p, (images,))[0].square().sum()
+
+    def plain(images):                      # a plain call at that batch size, then backward
+        with torch.no_grad():
+            ref(images)
+        ref.zero_grad()
+        ref(images)[0].square().sum().backward()
+        return {k: p.grad.clone() for k, p in ref.named_parameters()}
+
+    fast.train()
+    ref.train()
+    got, want = grad(loss)(params, x), plain(x)                   # batch 3, in train mode
+    for k, g in want.items():
+        torch.testing.assert_close(got[k], g, atol=1e-5, rtol=1e-4)
+    fast.eval()
+    ref.eval()
+    per_image = vmap(grad(lambda p, im: loss(p, im[None])), in_dims=(None, 0))(params, x)
+    for i in range(3):                                            # batch 1, in eval mode
+        for k, g in plain(x[i:i + 1]).items():
+            torch.testing.assert_close(per_image[k][i], g, atol=1e-5, rtol=1e-4)
+
+
 def test_swin_map_whose_channels_equal_its_sides_reads_back_channels_last():
     """Stage 0 of a Swin with 32 channels on a 32x32 map: (B, 32, 32, 32) is channels-first and
     channels-last at once; the token side of the view (B, 1024, 32) says channels last. (It was

@@ -1186,6 +1186,46 @@ def test_a_twin_built_inside_functional_call_reads_the_parameters_of_each_call()
         torch.testing.assert_close(got[k], want[k], atol=1e-4, rtol=1e-4)
 
 
+def test_a_twin_built_inside_torch_func_grad_gives_the_gradients_of_a_plain_call():
+    """The first call at a new input size inside ``torch.func.grad`` (over the parameters or the
+    input) raised torch's "Cannot access data pointer of Tensor that doesn't have storage": the
+    twin's analysis read the storage of functorch's wrappers (audit B2 of the forty-first
+    session). The twin builds as in a plain call now: the gradients are those of plain backward
+    after a plain call at that size, and the dense model's at keep 1.0; a Swin's too (its
+    shape propagation put back every buffer, which the transform refuses)."""
+    from timm.models.swin_transformer import SwinTransformer
+    from timm.models.vision_transformer import VisionTransformer
+    from torch.func import functional_call
+    torch.manual_seed(0)
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+                            num_classes=10, dynamic_img_size=True).train()
+    swin = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
+                           num_heads=(2, 2), num_classes=10, strict_img_size=False).eval()
+    x = torch.randn(2, 3, 48, 48)
+
+    def plain(model):                     # a plain call at 48 px first, then plain backward
+        with torch.no_grad():
+            model(x)
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {k: p.grad for k, p in model.named_parameters()}
+
+    for model, keep in ((vit, 0.5), (vit, 1.0), (swin, 0.5)):
+        fast = evoplug.convert(model, keep_ratio=keep, example_input=torch.randn(1, 3, 32, 32))
+        on_input, by_backward, ref = (copy.deepcopy(fast) for _ in range(3))   # (no twin yet)
+        want = plain(model if keep == 1.0 else by_backward)
+        params = {k: p.detach() for k, p in fast.named_parameters()}
+        got = torch.func.grad(lambda p: functional_call(fast, p, (x,)).square().sum())(params)
+        for k, g in want.items():
+            torch.testing.assert_close(got[k], g, atol=1e-5, rtol=1e-4)
+        got = torch.func.grad(lambda t: on_input(t).square().sum())(x)
+        x_ = x.clone().requires_grad_()
+        with torch.no_grad():
+            ref(x)
+        ref(x_).square().sum().backward()
+        torch.testing.assert_close(got, x_.grad, atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:There is a performance drop")      # (functorch's fallbacks)
 def test_vmap_at_a_new_size_is_refused_with_the_warm_up_that_works():
     """The first call at a new input size inside ``torch.func.vmap`` raised functorch's own

@@ -157,7 +157,24 @@ def _channel_op_on(m: nn.Module, x: torch.Tensor, calls: Dict[int, ModuleCall]) 
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
+    """``a`` is ``b`` or an alias of it of the same geometry. A twin built inside
+    ``torch.func.grad`` or ``jvp`` sees functorch's wrappers, which have no storage: compared
+    by the tensors they wrap (a raw "Cannot access data pointer" until audit B2 of the
+    forty-first session); another tensor without storage only by identity."""
+    if a is b:
+        return True
+    a, b = _unwrapped(a), _unwrapped(b)
+    try:
+        return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
+    except RuntimeError:                # (a wrapper subclass without storage)
+        return False
+
+
+def _unwrapped(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under functorch's wrappers (one per transform level)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def _model_batch(model: nn.Module, calls: Dict[int, ModuleCall]) -> Optional[int]:

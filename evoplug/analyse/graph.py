@@ -319,7 +319,11 @@ def random_source(node: fx.Node) -> Optional[fx.Node]:
 @contextlib.contextmanager
 def no_side_effects(module: nn.Module):
     """Run a module's graph for its shapes leaving no trace: its buffers (BatchNorm statistics)
-    and torch's random state are put back."""
+    and torch's random state are put back. Only the buffers that changed are written: inside
+    ``torch.func.grad`` or ``jvp`` (a program or twin built at a call's new batch or input
+    size) writing a buffer, one the transform captured, is refused, and writing back every
+    buffer raised functorch's "mutate a captured Tensor" at each such call until audit B2 of
+    the forty-first session."""
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
     rng = torch.get_rng_state()
     try:
@@ -328,7 +332,8 @@ def no_side_effects(module: nn.Module):
         torch.set_rng_state(rng)
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                if b.is_meta or b.layout != torch.strided or not torch.equal(b, saved):
+                    b.copy_(saved)      # (no torch.equal on meta or sparse tensors)
 
 
 def rolls(n: fx.Node) -> bool:
