@@ -46,7 +46,7 @@ from .runtime.pairs import undo_regroup
 from .runtime.block import (BlockSpec, FlatTokens, MapTokens, evo_class, leaf_groups,
                             traced_state, traced_writes)
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
-                            named_tensors)
+                            named_tensors, row_counts)
 
 
 def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, images=None,
@@ -201,7 +201,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     _relate(specs, links, starts)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict,
-                                                                 seq_batch), regrouped=regrouped)
+                                                                 seq_batch, specs), regrouped=regrouped)
     return model
 
 
@@ -619,7 +619,8 @@ def _first_image(args, kwargs, batch_dims=None, n: Optional[int] = 1,
 
 
 def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
-                        strict: bool = True, seq_batch: Optional[int] = None) -> Tuple[int, int]:
+                        strict: bool = True, seq_batch: Optional[int] = None,
+                        specs: Tuple[BlockSpec, ...] = ()) -> Tuple[int, int]:
     """Hooks that tell the blocks when the model's own forward runs, called like calibration
     called it, and with which input size (see runtime/state.py EntryHook, SizeVariant); returns
     their ids (revert removes them). ``seq_batch``: the images of the first converted block when
@@ -631,11 +632,33 @@ def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
     dims = {**batch_dims(args, kwargs, seq_batch), **batch_dims((), named or {}, seq_batch)}
     hook = EntryHook(runtime, len(args), kwargs, input_key(args, kwargs, dims), factory)
     hook.batch_dims = dims
+    hook.set_counts(_suffix_counts(specs, named), named)
     if named:      # other call forms (by keyword, with flags) find their input size by name
         hook.set_names(named)
     pre = model.register_forward_pre_hook(hook, with_kwargs=True)
     post = model.register_forward_hook(hook.exit, with_kwargs=True, always_call=True)
     return pre.id, post.id
+
+
+def _suffix_counts(specs, named) -> Tuple[Tuple[str, bool, str], ...]:
+    """(argument, value, block) where a block's trailing special tokens are as many as the entries
+    equal to ``value`` in every row of a boolean argument of the model's (recorded on the spec,
+    ``suffix_from``). VideoMAE's pre-training decoder trails its mask tokens after the visible
+    ones, as many as ``bool_masked_pos`` has True per row: that count follows the call, and the
+    entry hook reads it as part of the input size (state.counted; a call with another count
+    kept the conversion's, ranking mask tokens as patches, until audit B1 of the forty-first
+    session). A coincidental match costs a twin at another count, never a wrong output."""
+    masks = [(n, t) for n, t in (named or {}).items()
+             if t.dtype == torch.bool and t.dim() >= 2 and t.shape[0]]
+    found = []
+    for spec in specs:
+        for n, t in masks if spec.num_suffix else ():
+            for value in (True, False):
+                if row_counts(t, value) == (spec.num_suffix, spec.num_suffix):
+                    spec.suffix_from += ((n, value),)
+                    if (n, value) not in [f[:2] for f in found]:
+                        found.append((n, value, spec.name))
+    return tuple(found)
 
 
 def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime,

@@ -335,6 +335,38 @@ def test_yolos_detection_tokens_stay_on_the_slow_path():
     assert 1e-4 < float((out.logits - dense.logits).abs().max()) and torch.isfinite(out.pred_boxes).all()
 
 
+def test_videomae_mask_tokens_follow_the_calls_mask_count():
+    """VideoMAE's pre-training decoder takes [visible tubelets, mask tokens], as many mask tokens
+    as ``bool_masked_pos`` has True per video: trailing special tokens whose count follows the
+    call at the same shapes. Converted at 8 masked and called at 24 (or the reverse), the
+    decoder kept the conversion's count: 16 mask tokens ranked as patches, or 16 visible ones
+    kept as special, 0.01 off, without a word (audit B1 of the forty-first session). A call
+    with another count now converts a twin for it: the model converted at that count, which at
+    keep 1.0 gives the dense model."""
+    config = T.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
+                              hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, decoder_hidden_size=32,
+                              decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
+                              decoder_intermediate_size=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = _randomise(T.VideoMAEForPreTraining(config).eval())
+    video = torch.randn(2, 4, 3, 32, 32)
+    masks = {n: torch.stack([torch.randperm(32) < n for _ in range(2)]) for n in (8, 24)}
+    conv = {n: evoplug.convert(model, keep_ratio=0.5, start_block=2, example_input=dict(
+        pixel_values=video[:1], bool_masked_pos=masks[n][:1])) for n in (8, 24)}
+    assert [s.num_suffix for s in evoplug.get_report(conv[8]).blocks][2:] == [8] * 2
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for at, other in ((8, 24), (24, 8)):
+            out = conv[at](video, bool_masked_pos=masks[other]).logits
+            torch.testing.assert_close(out, conv[other](video, bool_masked_pos=masks[other]).logits,
+                                       atol=1e-5, rtol=1e-5)
+            assert evoplug.tokens_per_block(conv[at])[-1][1] == other + (32 - other) // 2 + 1
+        evoplug.set_options(conv[24], keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(conv[24](video, bool_masked_pos=masks[24]).logits,
+                                   model(video, bool_masked_pos=masks[24]).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_mlcd_rotary_tables_follow_each_images_tokens():
     """MLCD hands its layers rotary tables (N, d) without a batch dim and lines them up with the
     queries itself (``cos.unsqueeze(0)`` ... ``.unsqueeze(-2)``): the program takes them whole
@@ -688,7 +720,7 @@ def test_a_flag_given_by_position_goes_with_a_new_size():
     only, without the flag, and failed where the dense model runs (audit V3, thirty-seventh
     session)."""
     torch.manual_seed(0)
-    vit = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+    vit = T.ViTModel(T.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                  intermediate_size=64, image_size=32, patch_size=4)).eval()
     x = torch.randn(2, 3, 48, 48)
     fast = evoplug.convert(vit, keep_ratio=1.0, identity_fast_path=False,

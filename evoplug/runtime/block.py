@@ -111,6 +111,9 @@ class BlockSpec:
     #                            collects such maps (a family hint): it runs its own forward then
     tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
     num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
+    suffix_from: Tuple[Tuple[str, bool], ...] = ()   # (argument, value): as many of them as
+    #                            ``value`` entries per row of the model's boolean argument
+    #                            (VideoMAE's mask tokens): each call's count keys its twin
     whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
     batch_args: Tuple[str, ...] = ()   # other tensor arguments whose first dim is the batch
     batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program

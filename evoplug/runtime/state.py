@@ -20,6 +20,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 
+from ..errors import EvoplugError
 from ..options import EvoOptions, read_trade_off
 from .evolve import Selection, current_scores, patch_scores, prefix_ranks
 from .guard import SegmentGuard
@@ -701,6 +702,37 @@ def input_key(args, kwargs, batch_dims=None) -> tuple:
                  for k, v in items if isinstance(v, torch.Tensor))
 
 
+def row_counts(t: torch.Tensor, value: bool) -> Tuple[int, int]:
+    """(fewest, most) entries equal to ``value`` in a row (an image) of a boolean tensor."""
+    per_row = (t.reshape(t.shape[0], -1) == value).sum(1)
+    lo, hi = torch.aminmax(per_row)
+    return tuple(torch.stack([lo, hi]).tolist())
+
+
+def counted(key: tuple, counts, named: Optional[Dict[str, torch.Tensor]]) -> tuple:
+    """``key`` with the counts the blocks' trailing special tokens follow (``counts``: (argument,
+    value, block) of :class:`EntryHook`), read from the call's ``named`` tensors: VideoMAE's
+    decoder trails as many mask tokens as ``bool_masked_pos`` has True per row, so a call with
+    another count is another input (a twin) at the same shapes. Read on the host, only for such
+    models (the model itself indexes with that mask). An argument missing counts as None."""
+    if not counts:
+        return key
+    found = []
+    for arg, value, block in counts:
+        t = (named or {}).get(arg)
+        if t is None or t.dtype != torch.bool or t.dim() < 2 or not t.shape[0]:
+            found.append(None)
+            continue
+        lo, hi = row_counts(t, value)
+        if lo != hi:
+            raise EvoplugError(
+                f"`{block}` keeps its last tokens as special tokens, as many as `{arg}` has "
+                f"{value} entries per image; this call's images have from {lo} to {hi}, and one "
+                "conversion serves one count: call the model with as many in every image")
+        found.append(lo)
+    return key + ((tuple(found),),)
+
+
 def _unbatched(shape, dim: int) -> tuple:
     return tuple(shape[:dim]) + tuple(shape[dim + 1:])
 
@@ -763,8 +795,18 @@ def _twin_outside_the_graph(hook: "EntryHook", module, args, kwargs):
     token, the dense model, with a warning, until the twenty-third session.)"""
     if images_in(args, kwargs) == 0 or _empty(args, kwargs, hook.batch_dims):
         return
-    key = input_key(args, kwargs, hook.batch_dims)
-    if key not in hook.runtime.variants:
+    key = hook._key(module, args, kwargs)
+    if hook.counts and _shapes(key)[-1] != hook._key_shapes[-1]:
+        # (compiled blocks find a twin only by a call their own program does not take: one at
+        # the same shapes with another count would run the conversion's count)
+        (arg, value, block), now, then = hook.counts[0], _shapes(key)[-1], hook._key_shapes[-1]
+        raise EvoplugError(
+            f"`{block}` keeps its last tokens as special tokens, as many as `{arg}` has {value} "
+            f"entries per image ({now[0]} in this call, {then[0]} at the "
+            "conversion): a compiled call with another count cannot take the twin converted "
+            "for it. Call the model eagerly for such calls, or convert it at that count")
+    if len(args) == hook.num_args and kwargs.keys() == hook.kwargs and \
+            _shapes(key) != hook._key_shapes and key not in hook.runtime.variants:
         hook.runtime.variant_for(key, hook._factory(), module, args, kwargs)
 
 
@@ -799,10 +841,23 @@ class EntryHook:
     names: Tuple[str, ...] = ()       # calibration's tensor arguments, by parameter name
     _named_shapes = None
     batch_dims: Dict = {}             # arguments whose batch dim is not dim 0 (:func:`batch_dims`)
+    counts: Tuple = ()                # (argument, value, block): the block's trailing special
+    #                                   tokens are as many as ``value`` entries per row of that
+    #                                   boolean argument; the count is part of the key (counted)
 
     def set_names(self, named: Dict[str, torch.Tensor]):
         self.names = tuple(sorted(named))
-        self._named_shapes = _shapes(input_key((), named, self.batch_dims))
+        self._named_shapes = _shapes(counted(input_key((), named, self.batch_dims), self.counts, named))
+
+    def set_counts(self, counts: Tuple, named: Optional[Dict[str, torch.Tensor]]):
+        """The conversion's counts (:func:`counted`) into its key."""
+        self.counts = counts
+        self.key = counted(self.key, counts, named)
+        self._key_shapes = _shapes(self.key)
+
+    def _key(self, module, args, kwargs) -> tuple:
+        key = input_key(args, kwargs, self.batch_dims)
+        return counted(key, self.counts, named_tensors(module, args, kwargs)) if self.counts else key
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -813,10 +868,9 @@ class EntryHook:
         if torch.compiler.is_compiling():
             # (shapes are static while dynamo traces: at the conversion's size nothing is added to
             # the graph; at another, a graph break builds the twin the blocks then take)
-            if self.factory is not None and not torch.compiler.is_exporting() and \
-                    len(args) == self.num_args and \
-                    kwargs.keys() == self.kwargs and \
-                    _shapes(input_key(args, kwargs, self.batch_dims)) != self._key_shapes:
+            if self.factory is not None and not torch.compiler.is_exporting() and (
+                    self.counts or len(args) == self.num_args and kwargs.keys() == self.kwargs and
+                    _shapes(input_key(args, kwargs, self.batch_dims)) != self._key_shapes):
                 _twin_outside_the_graph(self, module, args, kwargs)
             return
         matches = len(args) == self.num_args and kwargs.keys() == self.kwargs
@@ -831,7 +885,7 @@ class EntryHook:
                 # block runs its own forward (block.py: ``rt.images() == 0``)
                 images = 0
             elif matches and self.factory is not None:
-                key = input_key(args, kwargs, self.batch_dims)
+                key = self._key(module, args, kwargs)
                 if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
                     variant = self.runtime.variant_for(key, self._factory(), module, args, kwargs)
                     variant.sync()
@@ -865,7 +919,7 @@ class EntryHook:
         if named is None or not all(n in named for n in self.names):
             return None
         mine = {n: named[n] for n in self.names}
-        key = input_key((), mine, self.batch_dims)
+        key = counted(input_key((), mine, self.batch_dims), self.counts, named)
         if _shapes(key) == self._named_shapes:
             return None
         flags = named_flags(module, args, kwargs)
