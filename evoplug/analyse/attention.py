@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import AnalysisError
-from .graph import (ancestors, input_dependent, is_add, is_matmul, is_softmax, module_of,
-                    shape_of, value_dependent)
+from .graph import (ancestors, input_dependent, is_add, is_matmul, is_reshape, is_size_query,
+                    is_softmax, module_of, shape_of, value_dependent)
 
 
 @dataclasses.dataclass
@@ -72,20 +72,45 @@ def _logit_terms(start, dep: Set[fx.Node]) -> Tuple[List[fx.Node], List[str], li
 
 def _lined_up_argument(n: fx.Node) -> Optional[str]:
     """The block argument (not the tokens) that ``n`` is made of by unit dims added to it alone
-    (``rel_pos_bias.unsqueeze(0)``, ``bias[None]``) and casts, each read once. Such a term is
-    gathered where the block has lined it up (rewrite/program.py): gathered before, a shared
-    (heads, N, N) came out (B, heads, n, n) and the block's own ``unsqueeze(0)`` made it rank 5,
-    an internal error or a silently mixed order (audit A1 of the fortieth session)."""
+    (``rel_pos_bias.unsqueeze(0)``, ``bias[None]``), views and broadcasts of it by sizes
+    (``bias.view(1, heads, N, N)``, ``.reshape``, ``.expand(B, -1, -1, -1)``) and casts, each
+    read once (but for its sizes). Such a term is gathered where the block has lined it up
+    (rewrite/program.py): gathered before, a shared (heads, N, N) came out (B, heads, n, n) and
+    the block's own ``unsqueeze(0)`` made it rank 5, an internal error or a silently mixed order
+    (audit A1 of the fortieth session); lined up by ``view``, ``reshape`` or ``expand`` it was
+    refused with a raw shape error as the reason until the forty-first session."""
     steps = 0
     while n.op != "placeholder":
         base = n.args[0] if n.args else None
-        if not isinstance(base, fx.Node) or len(base.users) != 1 or not (
-                _cast_of(n) is not None or _adds_unit_dims(n)):
+        if not isinstance(base, fx.Node) or sum(not is_size_query(u) for u in base.users) != 1 \
+                or not (_cast_of(n) is not None or _adds_unit_dims(n) or _shaped_by_sizes(n)):
             return None
-        steps += _adds_unit_dims(n)
+        steps += _adds_unit_dims(n) or _shaped_by_sizes(n)
         n = base
     first = next(p for p in n.graph.nodes if p.op == "placeholder")
     return n.target if steps and n is not first else None
+
+
+def _shaped_by_sizes(n: fx.Node) -> bool:
+    """``t.view(...)``, ``t.reshape(...)``, ``torch.reshape(t, ...)``, ``t.expand(...)`` with
+    sizes alone (ints, or read from sizes: ``B, n, C = x.shape``), and ``t.contiguous()``."""
+    if not ((n.op == "call_method" and n.target in ("view", "reshape", "expand", "contiguous"))
+            or n.target is torch.reshape):
+        return False
+    return _is_size(list(n.args[1:]) + list(n.kwargs.values()))
+
+
+def _is_size(a) -> bool:
+    if isinstance(a, (list, tuple)):
+        return all(_is_size(x) for x in a)
+    if not isinstance(a, fx.Node):
+        return isinstance(a, int)
+    return is_size_query(a) or (a.op == "call_function" and a.target in _SIZE_ARITHMETIC
+                                and _is_size(list(a.args) + list(a.kwargs.values())))
+
+
+_SIZE_ARITHMETIC = frozenset({operator.getitem, operator.add, operator.sub, operator.mul,
+                              operator.floordiv})
 
 
 def _adds_unit_dims(n: fx.Node) -> bool:
@@ -112,6 +137,25 @@ def _cast_of(n: fx.Node) -> Optional[fx.Node]:
 def _masked_fill(n: fx.Node) -> bool:
     return len(n.args) >= 2 and ((n.op == "call_method" and n.target == "masked_fill") or
                                  (n.op == "call_function" and n.target is torch.masked_fill))
+
+
+def _no_argument_on_merged_pairs(logits: fx.Node, values: Set[fx.Node], name: str):
+    """Refuse a block argument added to the logits while the block has their query and key
+    dims merged (``(logits.flatten(2) + bias.view(1, heads, n * n)).view(B, heads, n, n)``): a
+    term is gathered for the kept tokens on the logits' own (query, key) dims (it was refused
+    with a raw shape error as the reason until the forty-first session)."""
+    inner = logits.args[0] if is_reshape(logits) and logits.args else None
+    shape, before = shape_of(logits), shape_of(inner)
+    if shape is None or before is None or tuple(before[-2:]) == tuple(shape[-2:]):
+        return
+    _, args, lined = _logit_terms(inner, values)
+    names = args + [arg for _, arg in lined]
+    if names:
+        raise AnalysisError(name, f"its argument `{names[0]}` is added to the attention logits with "
+                                  f"their query and key dims merged ({tuple(before)} at "
+                                  f"`{inner.name}`, made {tuple(shape)} for the softmax): evoplug "
+                                  "gathers a term for the kept tokens on the (query, key) dims "
+                                  "of the logits and cannot follow one added to them merged")
 
 
 def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
@@ -162,6 +206,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             site = AttentionSite("softmax", n, logits=logits, q=q, k=k)
             # the logits' additive terms (walk through the q.k^T product's consumers)
             site.biases, site.arg_terms, site.lined_terms = _logit_terms(logits, values)
+            _no_argument_on_merged_pairs(logits, values, name)
             sites.append(site)
     if not sites:
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "

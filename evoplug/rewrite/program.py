@@ -45,7 +45,8 @@ from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               is_whole_view,
-                              module_of, no_side_effects, shape_of, token_size_queries, value_ancestors)
+                              module_of, no_side_effects, shape_of, token_size_queries, token_wise_of,
+                              value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.trace import mark_batch_specialised, trace_block
@@ -175,23 +176,58 @@ def _position_terms(rw: _Rewrite):
         return
     heads = _heads_merged(rw)
     for bias in rw.site.biases:
-        sizes = token_size_queries(bias, rw.token)
-        if sizes:     # sized from the token count (HF BEiT): sized from the full input instead
-            last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
-            with rw.graph.inserting_after(last):
-                whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
-            _size_bias_from(rw.graph, bias, sizes, whole)
+        _sized_from_full(rw, bias)
         _gather_term(rw, bias, heads)
     for node, name in rw.site.lined_terms:
         # a block argument the block lines up with the logits itself (a shared relative
-        # position bias (heads, N, N) handed to every block, ``attn_mask=bias.unsqueeze(0)``):
-        # handed to the program whole and gathered as lined up, (1 or B, heads, n, n)
+        # position bias (heads, N, N) handed to every block, ``attn_mask=bias.unsqueeze(0)``,
+        # ``bias.view(1, heads, n, n)``): handed to the program whole, lined up there as by the
+        # block (sizes read from the full input) and gathered as lined up, (1 or B, heads, n, n)
+        _check_lined_up(rw, node, name, heads)
+        _sized_from_full(rw, node)
         _gather_term(rw, node, heads)
         rw.lined.append(name)
         shape = rw.a.extra_shapes.get(name)
         _describe(rw.a, f"argument `{name}` {shape} -> gathered by token index",
                   f"argument `{name}` {shape} on the attention logits -> gathered where the block "
                   f"lines it up with them (`{node.name}`)")
+
+
+def _sized_from_full(rw: _Rewrite, term: fx.Node):
+    """A term sized from the token count (HF BEiT's bias, ``bias.view(1, heads, n, n)``) is
+    sized from the full input instead."""
+    sizes = token_size_queries(term, rw.token)
+    if sizes:
+        last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
+        with rw.graph.inserting_after(last):
+            whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
+        _size_bias_from(rw.graph, term, sizes, whole)
+
+
+def _check_lined_up(rw: _Rewrite, node: fx.Node, name: str, heads: tuple):
+    """An argument lined up with the logits is gathered on its last two dims as (1 or B, heads,
+    n, n) (or (B * heads, n, n)): they must be the token pairs of logits of that rank."""
+    shape, N = shape_of(node), rw.a.num_tokens
+    read = [q.args[0] for q in ancestors(node) if is_size_query(q) and isinstance(q.args[0], fx.Node)
+            and q.args[0].op != "placeholder" and not token_wise_of(q.args[0], rw.token)]
+    if read:     # (the program reads the sizes from the full input, as the tokens')
+        raise AnalysisError(rw.a.name, f"its argument `{name}` is lined up with the attention "
+                                       f"logits (`{node.name}`) by sizes read from `{read[0].name}`"
+                                       ", not from the block's tokens: evoplug sizes it for the "
+                                       "full input from the tokens' own sizes alone")
+    logits = shape_of(rw.site.logits if rw.site.kind == "softmax" else rw.site.q)
+    if shape is None or logits is None:
+        return
+    ranks = (3,) if heads else (2, 3, 4)     # (merged: as the logits (B * heads, N, N))
+    if rw.site.kind == "mha" or len(logits) != ranks[-1] or len(shape) not in ranks \
+            or shape[-2] not in (N, 1) or shape[-1] not in (N, 1):
+        raise AnalysisError(rw.a.name, f"its argument `{name}` {rw.a.extra_shapes.get(name)} is "
+                                       f"lined up with the attention logits as {tuple(shape)} "
+                                       f"(`{node.name}`; {rw.site.kind} of {tuple(logits)}): "
+                                       "evoplug gathers such a term for each image's kept tokens "
+                                       "on its last two dims, the (query, key) pairs of the "
+                                       f"{N} tokens, against logits (B, heads, N, N) or (B * "
+                                       "heads, N, N)")
 
 
 def _gather_term(rw: _Rewrite, term: fx.Node, heads: tuple):
