@@ -445,9 +445,15 @@ def special_rows(name: str, calls: Dict[int, ModuleCall], num_tokens: int,
     the unchanged rows say nothing). Special tokens elsewhere (between the patches) are
     refused: evoplug keeps the leading and trailing ones and ranks the others as patches,
     which would be wrong."""
-    rows = getattr(calls, "derived", {}).get("untouched", {}).get(num_tokens)
+    derived = getattr(calls, "derived", {})
+    rows = derived.get("untouched", {}).get(num_tokens)
     if rows is None or len(rows) >= num_tokens or (
-            patches is not None and num_tokens - len(rows) < patches):
+            patches is not None and num_tokens - len(rows) < patches and not (
+                len(rows) in derived.get("mask_counts", ()) and
+                rows == tuple(range(num_tokens - len(rows), num_tokens)))):
+        # (but a trailing run of as many as a boolean input masks per image is what it is:
+        # VideoMAE's decoder trails its mask tokens after the visible patches, fewer than the
+        # video's patch grid, which a 5-D map counts since the forty-first session)
         return None, 0
     lead = next((i for i, r in enumerate(rows) if r != i), len(rows))
     trail = len(rows) - lead

@@ -79,6 +79,24 @@ def token_provenance(model: nn.Module, example_input, calls: CallRecord, blocks)
         rows = torch.nonzero(_unchanged_rows(x, y)).flatten()
         inputs[x.shape[1]] = tuple(int(i) for i in rows)
     calls.derived["untouched"] = inputs
+    calls.derived["mask_counts"] = mask_counts(example_input)
+
+
+def mask_counts(example_input) -> frozenset:
+    """The counts of True and of False entries per row (image) of each boolean input of two or
+    more dims where every row has as many (VideoMAE's ``bool_masked_pos``): as many tokens may
+    not come from the image at all (its pre-training decoder trails one mask token per True
+    entry), which discover.special_rows then believes though the noise reached fewer tokens
+    than the patch grid has."""
+    items = list(example_input.values()) if isinstance(example_input, dict) else (
+        list(example_input) if isinstance(example_input, (tuple, list)) else [example_input])
+    counts = set()
+    for t in items:
+        if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.dim() >= 2 and t.shape[0]:
+            per_row = t.reshape(t.shape[0], -1).sum(1)
+            if bool((per_row == per_row[0]).all()):
+                counts.update((int(per_row[0]), t[0].numel() - int(per_row[0])))
+    return frozenset(counts)
 
 
 def class_token_rows(model: nn.Module, example_input, calls: CallRecord, blocks):
