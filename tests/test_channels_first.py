@@ -282,6 +282,53 @@ def test_channels_first_blocks_evolve_as_the_same_weights_on_tokens(which):
     fm.load_state_dict(maps.state_dict(), strict=True)
 
 
+def _levit_pair_at(size):
+    """levit_128s and levit_conv_128s at ``size`` with the same weights, strong enough that the
+    tokens of a stage get clearly different residuals (BN statistics 0 / 1, linear and conv
+    weights N(0, 1/fan_in), attention biases N(0, 16): with test_pyramid._randomise's, every
+    token of a stage got nearly the same update and keep 0.5 equalled the dense model)."""
+    tokens = timm.create_model("levit_128s", pretrained=False, img_size=size, num_classes=10)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in tokens.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.zero_(), m.running_var.fill_(1.0), m.bias.zero_()
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            elif isinstance(m, (nn.Linear, nn.Conv2d)):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+        for n, p in tokens.named_parameters():
+            if n.endswith("attention_biases"):
+                p.copy_(torch.randn(p.shape, generator=g) * 4)
+    maps = timm.create_model("levit_conv_128s", pretrained=False, img_size=size, num_classes=10)
+    maps.load_state_dict({k: v.reshape(maps.state_dict()[k].shape)
+                          for k, v in tokens.state_dict().items()})
+    return tokens.eval(), maps.eval()
+
+
+@pytest.mark.parametrize("size", [(128, 512), (128, 192)])
+def test_levit_on_a_wide_image_carries_its_scores_on_its_real_stage_grids(size):
+    """timm's LeViT keeps (B, N, C) tokens through its stages, so no map shows their grids: a
+    square was guessed from the token count. On a 128x512 image (stage maps 8x32, 4x16, 2x8:
+    64 and 16 tokens) the scores were carried onto 8x8 and 4x4 grids, silently 0.06 off the
+    paper's pooling onto the real maps; on a 128x192 one (24 and 6 tokens, no square) they
+    restarted with a dense block (audit D1 of the forty-first session). The grid is now the
+    last map before the stage (the stem's) divided by a stride: the token model evolves as
+    levit_conv_128s, whose blocks see the real maps (independent of the guess)."""
+    tokens, maps = _levit_pair_at(size)
+    x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(3))
+    ft = evoplug.convert(copy.deepcopy(tokens), keep_ratio=0.5, example_input=x[:1])
+    fm = evoplug.convert(copy.deepcopy(maps), keep_ratio=0.5, example_input=x[:1])
+    grids = [tuple(s.blocks[0].attn.resolution) for s in tokens.stages]
+    assert [s.analysis.grid for s in evoplug.get_report(ft).blocks if s.role != "dense"][-1] == grids[-1]
+    with torch.no_grad():
+        dense, out = tokens(x), ft(x)
+        assert (maps(x) - dense).abs().max() <= 1e-5
+        assert (out - dense).abs().max() > 1e-2                     # (tokens were left out)
+        torch.testing.assert_close(out, fm(x), atol=1e-5, rtol=0)
+    assert [t for _, t in evoplug.tokens_per_block(ft)] == [t for _, t in evoplug.tokens_per_block(fm)]
+    assert [s.role for s in evoplug.get_report(ft).blocks].count("evolve") == 6
+
+
 def test_coatnet_transformer_stages_convert():
     """CoAtNet: its transformer stages (LayerNorm2d, 1x1 convolutions, relative position bias,
     scaled_dot_product_attention on views of the map) evolve; the first block of each stage
