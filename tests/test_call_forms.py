@@ -1149,6 +1149,54 @@ def test_a_shared_bias_added_to_logits_with_merged_token_dims_is_refused_with_th
         evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
 
 
+class HeadLayoutBlock(MaskArgBlock):
+    """q, k and v with the heads in a dim of their own (B, heads, N, d) (``4d``), merged into the
+    batch dim (B * heads, N, d) (``merged``), or one head and no head dim (B, N, d) (``single``);
+    the logits get a position bias (N, N) of the block's own (``param``), or one shared by all
+    blocks, handed in and lined up inside (``arg``: ``bias.unsqueeze(0)``, ``bias[None, None]``
+    on 4-D logits)."""
+
+    def __init__(self, dim=32, heads=2, layout="4d", term="param"):
+        super().__init__(dim, heads)
+        self.layout, self.term = layout, term
+        self.rel = nn.Parameter(torch.randn(17, 17))
+
+    def forward(self, x, bias):
+        B, n, C = x.shape
+        q, k, v = self.heads_of(self.norm1(x))
+        if self.layout != "4d":
+            q, k, v = (t.reshape(B * self.heads, n, -1) for t in (q, k, v))
+        t = self.rel if self.term == "param" else bias[None, None] if self.layout == "4d" else bias.unsqueeze(0)
+        o = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5 + t).softmax(-1) @ v
+        return self.finish(x, o.reshape(B, self.heads, n, -1))
+
+
+class HeadLayoutViT(IdsMaskViT):
+    def __init__(self, layout, term, heads):
+        super().__init__(32, 4, functools.partial(HeadLayoutBlock, heads=heads, layout=layout, term=term))
+        self.rel_pos_bias = nn.Parameter(torch.randn(17, 17))
+
+    def forward(self, img):
+        x = self.tokens(img)
+        for blk in self.blocks:
+            x = blk(x, self.rel_pos_bias)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("term", ["param", "arg"])
+@pytest.mark.parametrize("layout,heads", [("merged", 2), ("single", 1)])
+def test_a_position_bias_on_logits_of_merged_heads_or_of_one_head_without_a_head_dim(layout, heads, term):
+    """A position bias (N, N) added to logits (B * heads, N, N) of heads merged into the batch
+    dim was gathered to (B, 1, n, n), which made the logits rank 4 ("runs on two images with
+    every token ... shape invalid"); one head with no head dim (logits (B, N, N)) was refused as
+    "does not run on a token subset", with a bias of its own or one handed in (found in the
+    forty-first session). Both are gathered as of merged heads, (B * heads, n, n): the blocks
+    evolve as the same blocks with the heads in a dim of their own, each image as alone."""
+    torch.manual_seed(0)
+    _evolves_like(HeadLayoutViT(layout, term, heads).eval(), HeadLayoutViT("4d", term, heads).eval(),
+                  (torch.randn(3, 3, 32, 32),), 1, alone=True)
+
+
 class PosBlock(nn.Module):
     """A pre-norm block adding a position table to its queries and keys; ``pos_first``: its
     forward takes ``(pos, x)`` (DETR's layers take the positions beside the tokens)."""

@@ -241,10 +241,15 @@ def _gather_term(rw: _Rewrite, term: fx.Node, heads: tuple):
 
 def _heads_merged(rw: _Rewrite) -> tuple:
     """``(heads,)`` where the attention merges its heads into the batch dim ((B * heads, N, d),
-    a count fixed by the block), else ``()``."""
+    a count fixed by the block), ``(1,)`` where it has one head and no head dim ((B, N, d): a
+    term on its logits (B, N, N) is gathered as of one merged head; such blocks with a position
+    bias were refused, "does not run on a token subset", until the forty-first session), else
+    ``()``."""
     q, token = shape_of(rw.site.q), shape_of(rw.token)
-    if q is None or token is None or q[0] == token[0] or q[0] % token[0]:
+    if q is None or token is None or q[0] % token[0]:
         return ()
+    if q[0] == token[0]:
+        return (1,) if len(q) == 3 and len(token) == 3 and rw.site.kind in ("softmax", "sdpa") else ()
     return (q[0] // token[0],)
 
 

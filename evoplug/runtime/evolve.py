@@ -338,17 +338,19 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Ten
     Used for relative position biases and masks that do not depend on the input tokens. A dim
     of size 1 broadcasts and is left alone; others are indexed by ``pos``. Result (B, L, n, n)
     (or with 1 where the input had 1). ``heads`` > 0: the attention merges its ``heads`` into
-    the batch dim (logits (B * heads, N, N)) and so does a 3-D term (1 or B * heads, N, N):
-    the result is (B * heads, n, n). ``pos is None`` (dense run) returns the term unchanged.
+    the batch dim (logits (B * heads, N, N); one head with no head dim: ``heads`` 1), and a
+    term (N, N), (1, N, N), (heads, N, N) or (B * heads, N, N) is gathered to (B * heads, n, n)
+    (a 2-D one came out (B, 1, n, n), broadcast against the logits to rank 4, until the
+    forty-first session). ``pos is None`` (dense run) returns the term unchanged.
     """
     if pos is None or bias.dim() < 2:
         return bias
     B, n = pos.shape
     R, K = bias.shape[-2], bias.shape[-1]
-    merged = heads > 0 and bias.dim() == 3
+    merged = heads > 0 and bias.dim() <= 3
     if merged:
-        b4 = (bias.reshape(-1, heads, R, K) if bias.shape[0] > 1 else bias[:, None]).expand(
-            B, heads, R, K)
+        b4 = (bias.reshape(-1, heads, R, K) if bias.dim() == 3 and bias.shape[0] > 1
+              else bias.reshape(1, 1, R, K)).expand(B, heads, R, K)
     elif bias.dim() == 4 and bias.shape[0] == B and B > 1:
         b4 = bias
     else:
