@@ -660,6 +660,85 @@ def test_the_input_size_comes_from_the_configuration():
                                                        depths=[1], num_heads=[1], window_size=4))) == (3, 32, 64)
 
 
+def _video_reference(x, layers, keep, P, mean, start, every, alpha=0.5):
+    """Evo-ViT's rules written out for a stack of transformers layers (ViViT's, VideoMAE's) on
+    tubelet tokens ``x`` (B, N, C) with ``P`` prefix tokens, read independently of evoplug's
+    code (audit B1 of the forty-first session): layer ``start - 1`` scores (class query, or the
+    mean query over the patches: ``mean``), the later ones run [prefix, top-k, representative]
+    (top-k by the scores, reselected every ``every`` layers), the others get the representative
+    token's update, the kept tokens' scores are refreshed with ``alpha``."""
+    def row(layer, h):
+        h = layer.layernorm_before(h)
+        a = layer.attention.attention if hasattr(layer.attention, "attention") else layer.attention
+        B, n, C = h.shape
+        q, k = ((a.query(h), a.key(h)) if hasattr(a, "query") else (a.q_proj(h), a.k_proj(h)))
+        heads = a.num_attention_heads
+        q, k = (t.view(B, n, heads, C // heads).transpose(1, 2) for t in (q, k))
+        qg = q[:, :, P:].mean(2, keepdim=True) if mean else q[:, :, :1]
+        return (qg @ k.transpose(-2, -1) * (C // heads) ** -0.5).softmax(-1).mean(1)[:, 0]
+
+    def run(layer, h):
+        o = layer(h)
+        return o[0] if isinstance(o, tuple) else o
+    B, N, C = x.shape
+    M = N - P
+    k, g, sel, since = max(1, int(M * keep + 1e-6)), None, None, 0
+    for i, layer in enumerate(layers):
+        if i < start:
+            g = row(layer, x)[:, P:] if i == start - 1 else g
+            x = run(layer, x)
+            continue
+        if sel is None or since % every == 0:
+            sel, since = g.sort(dim=1, descending=True, stable=True).indices[:, :k], 0
+        xp = x[:, P:]
+        picked = torch.stack([xp[b, sel[b]] for b in range(B)])
+        w = g.clone()
+        for b in range(B):
+            w[b, sel[b]] = 0
+        rep = ((w / w.sum(1, keepdim=True))[..., None] * xp).sum(1)
+        sub = torch.cat([x[:, :P], picked, rep[:, None]], 1)
+        out, a = run(layer, sub), row(layer, sub)[:, P:P + k]
+        new = x.clone()
+        new[:, P:] += (out[:, -1] - rep)[:, None]
+        new[:, :P] = out[:, :P]
+        g = g.clone()
+        for b in range(B):
+            new[b, P + sel[b]] = out[b, P:P + k]
+            g[b, sel[b]] = (1 - alpha) * g[b, sel[b]] + alpha * a[b]
+        x, since = new, since + 1
+    return x
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(reselect_every=1), dict(start_block=3, reselect_every=2)])
+@pytest.mark.parametrize("family", ["vivit", "videomae"])
+def test_video_models_evolve_by_the_papers_rules_on_their_tubelets(family, opts):
+    """ViViT (a class token, joint space-time attention) and VideoMAE (no class token: the mean
+    query) over tubelet tokens evolve as the paper's rules written out (_video_reference), each
+    video as alone; no test covered video models until audit B1 of the forty-first session,
+    which found them right (2e-7 - 8e-7)."""
+    torch.manual_seed(0)
+    video = torch.randn(3, 4, 3, 32, 32)
+    small = dict(image_size=32, num_frames=4, hidden_size=32, num_hidden_layers=6,
+                 num_attention_heads=2, intermediate_size=64)
+    if family == "vivit":
+        model = T.VivitModel(T.VivitConfig(tubelet_size=[2, 8, 8], **small), add_pooling_layer=False).eval()
+        embed, layers, final, P = model.embeddings, model.layers, model.layernorm, 1
+    else:
+        model = T.VideoMAEModel(T.VideoMAEConfig(patch_size=8, tubelet_size=2, **small)).eval()
+        embed, layers, P = (lambda v: model.embeddings(v, None)), model.encoder.layer, 0
+        final = model.layernorm if model.layernorm is not None else (lambda t: t)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=video[:1], **opts)
+    with torch.no_grad():
+        x = embed(video)
+        ref = final(_video_reference(x, layers, 0.5, P, P == 0, opts.get("start_block", 2),
+                                     opts.get("reselect_every", 4)))
+        out, dense = fast(video).last_hidden_state, model(video).last_hidden_state
+        assert (out - dense).abs().max() > 1e-2
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        alone = torch.cat([fast(video[i:i + 1]).last_hidden_state for i in range(3)])
+        torch.testing.assert_close(alone, out, atol=1e-5, rtol=1e-5)
+
+
 def test_a_video_models_input_is_a_video_of_its_configured_frames():
     """VideoMAE and ViViT take ``pixel_values`` (B, frames, C, H, W): evoplug made an image
     batch (1, C, H, W) from ``config.image_size`` and ``convert(model)`` failed ("pass
