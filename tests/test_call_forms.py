@@ -1076,7 +1076,9 @@ class ShapedBiasBlock(SharedBiasBlock):
     ``expand_sized`` (``unsqueeze(0).expand(B, heads, n, n)``); a ``flat`` bias (heads * N * N,)
     viewed (1, heads, n, n), one ``shared`` over the heads (N, N) viewed (1, 1, n, n); or handed
     in lined up (1, heads or 1, N, N) (``outside``). ``merged``: added to the logits with their
-    query and key dims merged, ``(logits.flatten(2) + bias.view(1, heads, n * n))``."""
+    query and key dims merged, ``(logits.flatten(2) + bias.view(1, heads, n * n))``;
+    ``q_sized``: viewed by sizes read from the queries and keys, ``view(1, heads, q.shape[-2],
+    k.shape[-2])``."""
 
     def __init__(self, dim=32, heads=2, form="sdpa", line_up="view"):
         super().__init__(dim, heads, form)
@@ -1089,7 +1091,8 @@ class ShapedBiasBlock(SharedBiasBlock):
         b = {"view": lambda: r.view(1, h, n, n), "reshape": lambda: r.reshape(1, h, n, n),
              "expand": lambda: r.unsqueeze(0).expand(B, -1, -1, -1),
              "expand_sized": lambda: r.unsqueeze(0).expand(B, h, n, n),
-             "flat": lambda: r.view(1, h, n, n), "shared": lambda: r.view(1, 1, n, n)}.get(
+             "flat": lambda: r.view(1, h, n, n), "shared": lambda: r.view(1, 1, n, n),
+             "q_sized": lambda: r.view(1, h, q.shape[-2], k.shape[-2])}.get(
             self.line_up, lambda: r)()
         logits = q @ k.transpose(-2, -1) * (C // h) ** -0.5
         if self.line_up == "merged":
@@ -1146,6 +1149,19 @@ def test_a_shared_bias_added_to_logits_with_merged_token_dims_is_refused_with_th
     with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `rel_pos_bias` is "
                        r"added to the attention logits with their query and key dims merged "
                        r"\(\(2, 2, 289\) at `add`.*cannot follow one added to them merged"):
+        evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
+
+
+def test_a_shared_bias_lined_up_by_the_sizes_of_the_queries_is_refused_with_the_reason():
+    """A shared bias viewed by sizes read from the queries and keys (``bias.view(1, heads,
+    q.shape[-2], k.shape[-2])``): the program sizes a lined-up term for the full input from the
+    tokens' own sizes, and the queries of a token subset are fewer. Refused naming the block,
+    the argument and where its sizes come from (the forty-first session; a shape error before)."""
+    torch.manual_seed(0)
+    model = ShapedBiasViT("softmax", 2, "q_sized").eval()
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `rel_pos_bias` is lined "
+                       r"up with the attention logits \(`view`\) by sizes read from `\w+`, not from "
+                       r"the block's tokens"):
         evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
 
 
