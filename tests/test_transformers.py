@@ -355,6 +355,7 @@ def test_videomae_mask_tokens_follow_the_calls_mask_count():
     conv = {n: evoplug.convert(model, keep_ratio=0.5, start_block=2, example_input=dict(
         pixel_values=video[:1], bool_masked_pos=masks[n][:1])) for n in (8, 24)}
     assert [s.num_suffix for s in evoplug.get_report(conv[8]).blocks][2:] == [8] * 2
+    assert "as many as `bool_masked_pos` has True entries per image" in evoplug.explain(conv[8])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
         for at, other in ((8, 24), (24, 8)):
