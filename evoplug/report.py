@@ -216,12 +216,7 @@ def format_report(report: ConversionReport) -> str:
         trailing = f", trailing tokens: {a.num_suffix}" if a.num_suffix else ""
         lines.append(f"prefix tokens: {a.num_prefix}{trailing} ({a.prefix_source}); global query: {a.global_query}; "
                      f"q=`{a.q}`, k=`{a.k}` in the first block")
-        follow = [s for s in report.blocks if getattr(s, "suffix_from", ())]
-        if follow:      # (VideoMAE's decoder: its mask tokens, as many as the call masks)
-            arg, value = follow[0].suffix_from[0]
-            lines.append(f"trailing tokens of {len(follow)} block(s) from `{follow[0].name}` follow "
-                         f"the call: as many as `{arg}` has {value} entries per image (another "
-                         "count converts a twin for it)")
+        lines.extend(_following_the_call(report))
         if report.query_agreement:
             lines.append("global query chosen on the calibration images (top-1 agreement with dense: "
                          + ", ".join(f"{q} {v:.1%}" for q, v in report.query_agreement.items()) + ")")
@@ -249,6 +244,18 @@ def format_report(report: ConversionReport) -> str:
     for name, reason in report.skipped:
         lines.append(f"left alone `{name}`: {reason}")
     return "\n".join(lines)
+
+
+def _following_the_call(report) -> List[str]:
+    """A line where blocks' trailing tokens are as many as a boolean argument of the call has
+    entries of a value per image (VideoMAE's decoder: its mask tokens)."""
+    follow = [s for s in report.blocks if getattr(s, "suffix_from", ())]
+    if not follow:
+        return []
+    arg, value = follow[0].suffix_from[0]
+    return [f"trailing tokens of {len(follow)} block(s) from `{follow[0].name}` follow the call: "
+            f"as many as `{arg}` has {value} entries per image (another count converts a twin "
+            "for it)"]
 
 
 def explain(model: nn.Module) -> str:
