@@ -1055,6 +1055,7 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
             f"{', '.join(fixed)} cannot change after conversion (read when the blocks are "
             f"analysed): convert again, e.g. evoplug.convert(evoplug.revert(model), "
             f"{fixed[0]}=...)")
+    _keep_a_learnable_trade_off(model, old.trade_off, changes)
     new = old.replace(**changes)                      # checks every field
     roles = plan_roles(new, [b.analysis for b in report.blocks],      # checks start_block
                        [b.index for b in report.blocks if b.starts_stream])
@@ -1073,6 +1074,26 @@ def set_options(model: nn.Module, **changes) -> EvoOptions:
             else:
                 set_options(variant.model, **changes)
     return new
+
+
+def _keep_a_learnable_trade_off(model: nn.Module, alpha, changes: dict):
+    """Warn where a learnable ``trade_off`` (a module with trainable parameters, or a method of
+    one: MMPretrain's ``learnable_trade_off=True`` puts one on the classifier) is replaced by
+    anything else: its parameters stay in the optimiser and the checkpoint with no gradient
+    (an ``EvoOptionsHook`` schedule or ``set_options(trade_off=0.5)`` did that silently until
+    audit E1 of the forty-first session; a warning, not an error: comparing with a fixed
+    value at evaluation is a fair use)."""
+    if "trade_off" not in changes or changes["trade_off"] is alpha or not callable(alpha) \
+            or isinstance(alpha, (numbers.Number, str)) or changes["trade_off"] == alpha:
+        return
+    owner = alpha.__self__ if inspect.ismethod(alpha) else alpha
+    if isinstance(owner, nn.Module) and any(p.requires_grad for p in owner.parameters()):
+        warnings.warn(
+            f"evoplug: trade_off was learnable ({type(owner).__name__}, trained with the model) "
+            f"and is now {changes['trade_off']!r}: its parameters get no gradient while it is "
+            "replaced, though they stay in the optimiser and the checkpoint. Schedule or set a "
+            "trade-off only on a model without a learnable one, or freeze it "
+            "(requires_grad_(False)) to silence this", stacklevel=3)
 
 
 def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:

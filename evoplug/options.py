@@ -60,12 +60,15 @@ def read_trade_off(alpha: Callable[[], Any]) -> Any:
     mode; compiled, exported or on an accelerator, where reading it would wait for the device,
     the device asserts the range)."""
     a = alpha()
-    # (a tensor of any kind: a Parameter, a FakeTensor while exporting; not a numpy scalar)
-    if hasattr(a, "numel") and callable(getattr(a, "is_floating_point", None)):
+    import torch     # (this module is read without torch elsewhere)
+    # (a tensor of any kind: a Parameter, a FakeTensor while exporting; not a numpy scalar. An
+    # isinstance check: dynamo cannot trace callable(getattr(a, ...)) on a tensor, and a
+    # learnable trade-off broke the compiled graph in every block until audit E1 of the
+    # forty-first session)
+    if isinstance(a, torch.Tensor):
         if a.numel() != 1 or not a.is_floating_point():
             raise TypeError(f"trade_off() must give a number in [0, 1] or a one-element "
                             f"floating-point tensor, got a {a.dtype} tensor of shape {tuple(a.shape)}")
-        import torch     # (this module is read without torch elsewhere)
         if a.device.type == "cpu" and not torch.compiler.is_compiling():
             if not 0.0 <= float(a.detach()) <= 1.0:
                 raise ValueError(f"trade_off() must give a number in [0, 1], got {float(a.detach())}")

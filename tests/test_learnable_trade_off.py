@@ -1,5 +1,7 @@
 """A learnable trade-off: ``EvoOptions.trade_off`` may be a callable returning alpha (e.g. a
 module computing sigmoid(w)); it is read at every update, so gradients reach ``w``."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -261,3 +263,27 @@ def test_a_trade_off_evoplug_cannot_rebuild_for_the_copy_is_refused():
                     (cached, "cached function")]:
         with pytest.raises(ValueError, match=why):
             evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=fn)
+
+
+def test_replacing_a_learnable_trade_off_is_warned_and_a_compiled_model_keeps_one_graph():
+    """A learnable trade-off replaced by a number (``set_options(trade_off=0.5)``, or an
+    MMPretrain ``EvoOptionsHook`` scheduling one on ``learnable_trade_off=True``) silently left
+    its parameter in the optimiser and the checkpoint without a gradient; and a learnable
+    trade-off split dynamo's graph at every block (``callable(getattr(tensor, ...))`` in
+    options.read_trade_off), so ``--compile`` ran the backbone mostly eagerly (audit E1 of the
+    forty-first session). Now the replacement is warned (the output is the number's), and the
+    compiled model is one graph with the trade-off learning in it."""
+    fast, alpha, x = _learnable()
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(fast)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    fast.train()
+    torch.compile(fast, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    assert alpha.logit.grad is not None and float(alpha.logit.grad.abs()) > 0
+    with pytest.warns(UserWarning, match=r"trade_off was learnable \(SigmoidAlpha.*now 0\.5"):
+        evoplug.set_options(fast, trade_off=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evoplug.set_options(fast, trade_off=alpha)          # (back: no warning)
+        alpha.requires_grad_(False)
+        evoplug.set_options(fast, trade_off=0.25)           # (frozen: nothing is lost)
