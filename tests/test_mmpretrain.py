@@ -217,6 +217,15 @@ def test_init_cfg_pretrained_loads_the_dense_backbone(tmp_path):
 
 # ---------------------------------------------------------------------------- training extras
 
+def test_a_learnable_trade_off_without_the_representative_token_is_refused():
+    """alpha reaches the loss only through the representative token's weights (docs/mmpretrain.md):
+    with ``representative=False`` its parameter never got a gradient, without a word (audit E1 of
+    the forty-first session); the classifier is refused at build, saying why."""
+    with pytest.raises(ValueError, match="learnable_trade_off=True needs the representative token"):
+        _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=0.5, learnable_trade_off=True,
+                                                        representative=False))
+
+
 def test_training_extras_keep_dense_checkpoints_loading_strictly():
     dense = _tiny_classifier()
     evo = _tiny_classifier("EvoImageClassifier", evo=dict(   # reselect: alpha reaches the output

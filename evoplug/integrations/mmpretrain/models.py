@@ -183,6 +183,12 @@ class EvoImageClassifier(ImageClassifier):
         strict = _flag(evo.pop("strict", True), "strict")
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
 
+        if learnable and evo.get("representative", True) is False:
+            # (alpha reaches the loss only through the representative token's weights: without
+            # it `w` never got a gradient, without a word, until audit E1 of the forty-first session)
+            raise ValueError("EvoImageClassifier: learnable_trade_off=True needs the representative "
+                             "token (representative=False leaves alpha without a gradient: it "
+                             "reaches the loss only through the representative token's weights)")
         if learnable:
             self.evo_trade_off = LearnableTradeOff(evo.get("trade_off", 0.5))
             evo["trade_off"] = self.evo_trade_off
