@@ -1139,29 +1139,21 @@ def test_a_shared_bias_lined_up_inside_the_block_by_its_sizes(form, images, line
                   (torch.randn(3, 3, 32, 32),), images, alone=True)
 
 
-def test_a_shared_bias_added_to_logits_with_merged_token_dims_is_refused_with_the_reason():
+@pytest.mark.parametrize("line_up,reason", [
+    ("merged", r"added to the attention logits with their query and key dims merged \(\(2, 2, 289\) at "
+               r"`add`.*cannot follow one added to them merged"),
+    ("q_sized", r"lined up with the attention logits \(`view`\) by sizes read from `\w+`, not from "
+                r"the block's tokens")])
+def test_a_shared_bias_evoplug_cannot_gather_is_refused_with_the_reason(line_up, reason):
     """A shared bias added to the logits while their query and key dims are merged (``(logits.
     flatten(2) + bias.view(1, heads, n * n)).view(B, heads, n, n)``) cannot be gathered on the
-    token pairs: it was refused with a raw shape error as the reason (a known gap of the
-    fortieth session). Refused naming the block, the argument and why."""
+    token pairs; one viewed by sizes read from the queries and keys (``bias.view(1, heads,
+    q.shape[-2], k.shape[-2])``) cannot be sized for the full input, whose queries a token
+    subset has fewer of. Both were refused with a raw shape error as the reason (a known gap of
+    the fortieth session); refused naming the block, the argument and why."""
     torch.manual_seed(0)
-    model = ShapedBiasViT("softmax", 2, "merged").eval()
-    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `rel_pos_bias` is "
-                       r"added to the attention logits with their query and key dims merged "
-                       r"\(\(2, 2, 289\) at `add`.*cannot follow one added to them merged"):
-        evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
-
-
-def test_a_shared_bias_lined_up_by_the_sizes_of_the_queries_is_refused_with_the_reason():
-    """A shared bias viewed by sizes read from the queries and keys (``bias.view(1, heads,
-    q.shape[-2], k.shape[-2])``): the program sizes a lined-up term for the full input from the
-    tokens' own sizes, and the queries of a token subset are fewer. Refused naming the block,
-    the argument and where its sizes come from (the forty-first session; a shape error before)."""
-    torch.manual_seed(0)
-    model = ShapedBiasViT("softmax", 2, "q_sized").eval()
-    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `rel_pos_bias` is lined "
-                       r"up with the attention logits \(`view`\) by sizes read from `\w+`, not from "
-                       r"the block's tokens"):
+    model = ShapedBiasViT("softmax", 2, line_up).eval()
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `rel_pos_bias` is " + reason):
         evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
 
 
