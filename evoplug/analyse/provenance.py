@@ -235,13 +235,17 @@ def varying_arguments(model: nn.Module, example_input, calls: CallRecord, blocks
     got = {}
     if _inputs_seen(model, example_input, {id(b): b for b in blocks}, every, args=got, calls=calls) is None:
         return
-    varying = set()
+    calls.derived["varying"] = {id(t) for t, u in _argument_pairs(calls, every, got)
+                                if t.shape != u.shape or not torch.equal(t, u)}
+
+
+def _argument_pairs(calls: CallRecord, every, got: dict):
+    """(calibration tensor, the same argument in another forward, ``got``) for the other tensor
+    arguments of the blocks ``every``, where both forwards gave as many."""
     for k in every:
-        before, after = others(calls[k]), got.get(k, [])
+        before, after = calls[k].other_tensors(), got.get(k, [])
         if len(before) == len(after):
-            varying.update(id(t) for t, u in zip(before, after)
-                           if t.shape != u.shape or not torch.equal(t, u))
-    calls.derived["varying"] = varying
+            yield from zip(before, after)
 
 
 def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
@@ -267,13 +271,8 @@ def rows_not_images(model: nn.Module, example_input, calls: CallRecord, blocks):
     if not _one_image_more(model, example_input, B, {
             b: _capture(seen, id(b), got, calls[id(b)].token_key) for b in blocks if id(b) in every}):
         return
-    rows = set()
-    for k in every:
-        before, after = others(calls[k]), got.get(k, [])
-        if len(before) == len(after):
-            rows.update(id(t) for t, u in zip(before, after)
-                        if t.dim() >= 2 and t.shape[0] == B and u.shape[0] == B)
-    calls.derived["rows_not_images"] = rows
+    calls.derived["rows_not_images"] = {id(t) for t, u in _argument_pairs(calls, every, got)
+                                        if t.dim() >= 2 and t.shape[0] == B and u.shape[0] == B}
 
 
 def images_in_rows(model: nn.Module, example_input, calls: CallRecord):

@@ -739,9 +739,10 @@ def patch_scores(g: Tensor, num_prefix: int, num_suffix: int = 0) -> Tensor:
 
 class GuessedGrid(tuple):
     """A patch grid taken from the token count and the last map before the block (no map or
-    size argument showed it; analyse/discover.py _guessed_grid): good for the block's own views, and for scores carried *down* a pyramid (LeViT's
-    stages), not onto a grid as large or larger (16 tokens need not be a 4x4 image: MAE's
-    visible patches before its decoder's full grid)."""
+    size argument showed it; analyse/discover.py _guessed_grid): good for the block's own
+    views, and for scores carried *down* a pyramid (LeViT's stages), not onto a grid as large
+    or larger (16 tokens need not be a 4x4 image: MAE's visible patches before its decoder's
+    full grid)."""
 
 
 def can_carry(grid_from, grid_to) -> bool:
