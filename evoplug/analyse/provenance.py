@@ -15,6 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, noise, split_tokens, this_thread
+from ..runtime.state import row_counts
 
 
 #: relative change of a token row that counts as "comes from the patch map"
@@ -93,9 +94,9 @@ def mask_counts(example_input) -> frozenset:
     counts = set()
     for t in items:
         if isinstance(t, torch.Tensor) and t.dtype == torch.bool and t.dim() >= 2 and t.shape[0]:
-            per_row = t.reshape(t.shape[0], -1).sum(1)
-            if bool((per_row == per_row[0]).all()):
-                counts.update((int(per_row[0]), t[0].numel() - int(per_row[0])))
+            fewest, most = row_counts(t, True)
+            if fewest == most:
+                counts.update((fewest, t[0].numel() - fewest))
     return frozenset(counts)
 
 
