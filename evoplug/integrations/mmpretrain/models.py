@@ -138,6 +138,35 @@ def _refuse_conversion_keys(backbone: nn.Module, evo: dict, input_size, strict):
             "in the backbone's own evo=dict(...)")
 
 
+def _refuse_conflicting_options(backbone: nn.Module, backbone_cfg, evo: dict):
+    """Options that the classifier's ``evo`` and the self-converted backbone's own ``evo`` both
+    set, to different values: refused, naming both (the classifier's silently replaced the
+    backbone's until audit E1 of the forty-first session)."""
+    own = backbone_cfg.get("evo") if isinstance(backbone_cfg, Mapping) else None
+    options = evoplug.get_report(backbone).options
+    clash = [k for k in evo if k in (own or {}) and
+             getattr(options.replace(**{k: evo[k]}), k) != getattr(options, k)]
+    if clash:
+        ours = ", ".join(f"{k}={evo[k]!r}" for k in clash)
+        theirs = ", ".join(f"{k}={own[k]!r}" for k in clash)
+        raise ValueError(
+            f"EvoImageClassifier: evo {ours} differs from the backbone's own evo=dict(...) "
+            f"({type(backbone).__name__}: {theirs}), which converted it: set each option in one "
+            "place (a derived config may need model.evo's key removed, e.g. with _delete_=True)")
+
+
+def _learnable_trade_off(evo: dict, own: EvoOptions) -> LearnableTradeOff:
+    """``learnable_trade_off=True``: alpha starts at evo's ``trade_off``, else at the one in force
+    (``own``: a self-converted backbone's options, or the defaults)."""
+    if evo.get("representative", own.representative) is False:
+        # (alpha reaches the loss only through the representative token's weights: without
+        # it `w` never got a gradient, without a word, until audit E1 of the forty-first session)
+        raise ValueError("EvoImageClassifier: learnable_trade_off=True needs the representative "
+                         "token (representative=False leaves alpha without a gradient: it "
+                         "reaches the loss only through the representative token's weights)")
+    return LearnableTradeOff(evo.get("trade_off", own.trade_off))
+
+
 @MODELS.register_module()
 class EvoImageClassifier(ImageClassifier):
     """``ImageClassifier`` with an Evo-ViT backbone.
@@ -183,17 +212,16 @@ class EvoImageClassifier(ImageClassifier):
         strict = _flag(evo.pop("strict", True), "strict")
         super().__init__(backbone=backbone, neck=neck, head=head, **kwargs)
 
-        if learnable and evo.get("representative", True) is False:
-            # (alpha reaches the loss only through the representative token's weights: without
-            # it `w` never got a gradient, without a word, until audit E1 of the forty-first session)
-            raise ValueError("EvoImageClassifier: learnable_trade_off=True needs the representative "
-                             "token (representative=False leaves alpha without a gradient: it "
-                             "reaches the loss only through the representative token's weights)")
-        if learnable:
-            self.evo_trade_off = LearnableTradeOff(evo.get("trade_off", 0.5))
-            evo["trade_off"] = self.evo_trade_off
-        if is_converted(self.backbone):      # e.g. type='EvoVisionTransformer' as the backbone
+        converted = is_converted(self.backbone)     # e.g. type='EvoVisionTransformer' as the backbone
+        if converted:
             _refuse_conversion_keys(self.backbone, evo, input_size, strict)
+            _refuse_conflicting_options(self.backbone, backbone, evo)
+        # the options in force where evo sets none: the backbone's own, if it converted itself
+        own = evoplug.get_report(self.backbone).options if converted else EvoOptions()
+        if learnable:
+            self.evo_trade_off = _learnable_trade_off(evo, own)
+            evo["trade_off"] = self.evo_trade_off
+        if converted:
             if evo:
                 evoplug.set_options(self.backbone, **evo)
         else:
