@@ -284,8 +284,17 @@ def test_extras_are_refused_where_they_make_no_sense():
     # a float for the dict, a string size (as --cfg-options gives): named, not a 6x4 image
     with pytest.raises(TypeError, match="evo must be a dict"):
         _tiny_classifier("EvoImageClassifier", evo=0.5)
-    with pytest.raises(TypeError, match="input_size must be an int"):
+    with pytest.raises(TypeError, match="input_size must be a positive int"):
         _tiny_classifier("EvoImageClassifier", evo=dict(input_size="64"))
+    # a size of 0 was taken as "not given" by a self-converting backbone (the size it was built
+    # for instead, silently), (0, 0) and -8 failed with raw torch errors (audit F3 of the
+    # forty-second session): each is refused naming the key, for both forms
+    for size in (0, (0, 0), -8, (32, -1)):
+        with pytest.raises(TypeError, match="input_size must be a positive int"):
+            _tiny_classifier("EvoImageClassifier", evo=dict(input_size=size))
+        with pytest.raises(TypeError, match="EvoVisionTransformer: evo input_size must be a positive"):
+            MODELS.build(dict(type="EvoVisionTransformer", img_size=32, patch_size=4, evo=dict(input_size=size),
+                              arch=dict(embed_dims=64, num_layers=4, num_heads=2, feedforward_channels=128)))
     # a backbone that converted itself: a classifier-level input_size would be ignored
     with pytest.raises(ValueError, match="converted itself when it was built"):
         MODELS.build(dict(type="EvoImageClassifier", evo=dict(input_size=32),

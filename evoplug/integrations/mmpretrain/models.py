@@ -67,15 +67,15 @@ def _split_evo(evo: Optional[Dict[str, Any]], allowed, where: str) -> Dict[str, 
         raise TypeError(f"{where}: unknown key(s) in evo=dict(...): {sorted(unknown)}; allowed: "
                         f"{sorted(allowed)}")
     size = evo.get("input_size")
-    if size is not None and not (_is_int(size) or (isinstance(size, (tuple, list)) and
-                                                    len(size) == 2 and all(map(_is_int, size)))):
-        raise TypeError(f"{where}: evo input_size must be an int or an (H, W) pair of ints, got "
-                        f"{type(size).__name__} {size!r}")
+    if size is not None and not (_is_side(size) or (isinstance(size, (tuple, list)) and
+                                                     len(size) == 2 and all(map(_is_side, size)))):
+        raise TypeError(f"{where}: evo input_size must be a positive int or an (H, W) pair of "
+                        f"positive ints, got {type(size).__name__} {size!r}")
     return evo
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def _is_side(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def convert_backbone(backbone: nn.Module, *, input_size=None, strict: bool = True,
