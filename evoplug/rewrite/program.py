@@ -583,7 +583,7 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node):
     graph, prev = rw.graph, rw.token
     anchor = max(rw.token, rw.root, key=lambda n: list(graph.nodes).index(n))
     for op in reversed(chain):
-        if op.op == "call_module" or op.target in _VALUE_METHODS:
+        if op.op == "call_module" or op.target in _VALUE_METHODS or op.name in a.stream_head:
             with graph.inserting_after(anchor):
                 prev = graph.node_copy(op, lambda n, p=prev, old=op.args[0]: p if n is old else n)
             anchor = prev
@@ -601,8 +601,10 @@ def _is_move(n: fx.Node) -> bool:
 
 def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Optional[list]:
     """The ops from the block's entry map to ``src`` (``src`` first) when they are token-wise
-    modules (norms, linears), dtype methods and data movement that keeps every token's channels
-    together (padding, window views); None for any other op on the way."""
+    modules (norms, linears), dtype methods, data movement that keeps every token's channels
+    together (padding, window views) and the stream's head (``x = n0(x)`` before the adds, a
+    registered leaf function too: token-wise, as the skip path takes it); None for any other
+    op on the way."""
     chain, cur = [], src
     while cur is not rw.root:
         if not isinstance(cur, fx.Node) or not cur.args or not isinstance(cur.args[0], fx.Node):
@@ -615,7 +617,7 @@ def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Optional[list]:
             return None
         if cur.op == "call_module":
             ok = tuple(si[1:-1]) == tuple(so[1:-1])           # token-wise over the last dim
-        elif cur.op == "call_method" and cur.target in _VALUE_METHODS:
+        elif (cur.op == "call_method" and cur.target in _VALUE_METHODS) or cur.name in rw.a.stream_head:
             ok = tuple(si) == tuple(so)
         else:
             ok = _is_move(cur) and si[-1] == so[-1]
