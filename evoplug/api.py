@@ -24,7 +24,7 @@ from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import (_SQUARE, BETWEEN, attention_modules, find_blocks, regroup_parts,
                                 wrapped_block)
 from .analyse.probes import (CALL_HOOK_DICTS, check_count_free_program, count_probe_graph,
-                             hooks_suspended, probe_program)
+                             hooks_suspended, probe_program, quantised_hint)
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.snapshot import restore, snapshot
 from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
@@ -43,8 +43,8 @@ from .runtime import evolve as ev
 from .report import ConversionReport, converted_inside, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
 from .runtime.pairs import undo_regroup
-from .runtime.block import (BlockSpec, FlatTokens, MapTokens, evo_class, leaf_groups,
-                            traced_state, traced_writes)
+from .runtime.block import (BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class,
+                            leaf_groups, traced_state, traced_writes)
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors, row_counts)
 
@@ -175,8 +175,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                 except AnalysisError as e:
                     if e.not_a_block:
                         parts.append((name, e.reason, e.not_a_block))
-                    else:
-                        failed.append((name, e.reason))
+                    else:      # (a quantised block says so, whichever probe refused it)
+                        failed.append((name, e.reason + quantised_hint(module, e.reason)))
             _drop_read_rest(model, example, analysed, failed)
             failed += _parts_refused(model, calls, parts, [an.name for an, _, _ in analysed])
             failed.sort(key=lambda f: _order(calls, model, f[0]))
@@ -1104,8 +1104,13 @@ def set_keep_ratio(model: nn.Module, keep_ratio: float) -> EvoOptions:
 def revert(model: nn.Module) -> nn.Module:
     """Undo a conversion in place (restores the blocks' classes); returns ``model``."""
     report = get_report(model)
-    classes = [_unconverted_class(spec) for spec in report.blocks]     # (checked first)
-    for spec, cls in zip(report.blocks, classes):
+    # with the converted blocks deep-copied into the model apart from it since (they run their
+    # own forward: runtime/block.py ``_apart``; revert left them converted, and converting
+    # again was refused, until audit F1 of the forty-second session)
+    copies = [m._evoplug_spec for m in model.modules() if isinstance(m, EvoBlockMixin)
+              and not m._evoplug_spec.runtime.served]
+    classes = [_unconverted_class(spec) for spec in report.blocks + copies]     # (checked first)
+    for spec, cls in zip(report.blocks + copies, classes):
         m = spec.analysis.module
         m.__class__ = cls
         del m._evoplug_spec

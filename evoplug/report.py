@@ -34,6 +34,10 @@ class ConversionReport:
     #: converted blocks that moved (``del model.blocks[1]`` renumbers the ones after it):
     #: their path at conversion -> their path now, as of the last :func:`get_report`
     moved: Dict[str, str] = dataclasses.field(default_factory=dict)
+    #: of ``removed``, those whose place holds another module now (a block put there after
+    #: conversion, or a converted block deep-copied there): it runs its own forward, as of the
+    #: last :func:`get_report`
+    replaced: List[str] = dataclasses.field(default_factory=list)
     #: modules whose forward adds the residual branches of pairs (``x = attn(x) + x``) that the
     #: conversion regrouped into blocks (``runtime/pairs.py``), by name
     regrouped: Tuple[str, ...] = ()
@@ -64,6 +68,7 @@ class ConversionReport:
     def __setstate__(self, state):
         if "options" in state:          # (a report pickled before the twenty-second session)
             state["_options"] = state.pop("options")
+        state.setdefault("replaced", [])    # (one pickled before the forty-second session)
         self.__dict__.update(state)
 
     @property
@@ -147,7 +152,19 @@ def get_report(model: nn.Module) -> ConversionReport:
     report.removed = [b.name for b in report.blocks if id(b) not in where]
     report.moved = {b.name: where[id(b)] for b in report.blocks
                     if id(b) in where and where[id(b)] != b.name}
+    report.replaced = [n for n in report.removed if n not in where.values() and _holds(model, n)]
     return report
+
+
+def _holds(model: nn.Module, path: str) -> bool:
+    """Whether a module is at ``path`` in ``model`` (a removed block's place that holds another
+    one was reported "removed after conversion", though that one ran: audit F1 of the
+    forty-second session)."""
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _where(model: nn.Module, report: ConversionReport) -> Dict[int, str]:
@@ -171,9 +188,11 @@ def _where(model: nn.Module, report: ConversionReport) -> Dict[int, str]:
 
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
     """Tokens each converted block ran through its attention and MLP in the last forward
-    (-1: the block's original forward ran, or no forward has run since the conversion)."""
+    (-1: the block's original forward ran, or no forward has run since the conversion; so for a
+    module that replaced a converted block after conversion, which runs its own forward)."""
     report = get_report(model)
-    return [(report.path(s), s.tokens_run) for s in report.blocks if s.name not in report.removed]
+    return [(s.name, -1) if s.name in report.replaced else (report.path(s), s.tokens_run)
+            for s in report.blocks if s.name not in report.removed or s.name in report.replaced]
 
 
 def format_report(report: ConversionReport) -> str:
@@ -202,6 +221,8 @@ def format_report(report: ConversionReport) -> str:
             role = "evolving, no scores: dense"
         if s.name in report.removed:
             role, toks = "removed after conversion", "-"
+        if s.name in report.replaced:
+            role = "replaced after conversion: its own forward"
         rows.append((report.path(s) if s.name not in report.moved else
                      f"{report.path(s)} (was {a.name})", role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
                      str(a.num_prefix), a.attention,
@@ -231,19 +252,31 @@ def format_report(report: ConversionReport) -> str:
                      "own forward, dense)")
     if idle:
         lines.append(f"WARNING: {unscored_reason(analyses, idle)}")
-    if report.removed:
-        left = [s for s in report.blocks if s.name not in report.removed and s.role == "evolve"
-                and s.index not in idle]
-        lines.append(f"WARNING: {len(report.removed)} converted block(s) are no longer in the model "
-                     f"({', '.join(report.removed)})" + (
-                         "" if left or o.keep_ratio >= 1 else
-                         "; none of the blocks left evolves its tokens: the model runs as the "
-                         "original (convert after removing blocks)"))
+    lines.extend(_removed_lines(report, idle))
     for name, reason in report.failed:
         lines.append(f"NOT converted `{name}`: {reason}")
     for name, reason in report.skipped:
         lines.append(f"left alone `{name}`: {reason}")
     return "\n".join(lines)
+
+
+def _removed_lines(report, idle) -> List[str]:
+    """The warnings about converted blocks no longer in the model, and modules in their place."""
+    if not report.removed:
+        return []
+    left = [s for s in report.blocks if s.name not in report.removed and s.role == "evolve"
+            and s.index not in idle]
+    lines = [f"WARNING: {len(report.removed)} converted block(s) are no longer in the model "
+             f"({', '.join(report.removed)})" + (
+                 "" if left or report.options.keep_ratio >= 1 else
+                 "; none of the blocks left evolves its tokens: the model runs as the "
+                 "original (convert after removing blocks)")]
+    if report.replaced:
+        lines.append(f"WARNING: other modules are in the place of {', '.join(report.replaced)} "
+                     "(put or deep-copied there after the conversion): they run their own "
+                     "forward, every token; to have them evolve, convert again: "
+                     "evoplug.convert(evoplug.revert(model), ...)")
+    return lines
 
 
 def _following_the_call(report) -> List[str]:

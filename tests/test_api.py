@@ -621,6 +621,50 @@ def test_blocks_removed_after_conversion_are_reported_and_a_forward_without_evol
     assert "none of the blocks left" not in evoplug.explain(fast)
 
 
+def test_a_converted_block_copied_into_another_place_is_told_and_reported_replaced():
+    """A converted block deep-copied into another place after conversion (``blocks[2] =
+    copy.deepcopy(blocks[1])``, depth up-scaling) keeps the spec of the block it was copied
+    from, with a runtime of its own that no forward of the model drives: it ran its own forward
+    without a word, explain() called its place "removed after conversion", tokens_per_block()
+    left it out, and revert() left it converted, so converting again was refused (until audit
+    F1 of the forty-second session). It runs its own forward, as an unconverted block put there
+    does, with one warning naming its place and the fix; explain() and tokens_per_block()
+    report the place replaced (a fresh block put there too); revert() then convert() gives the
+    model copied before the conversion."""
+    import warnings
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                          embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    fresh = copy.deepcopy(fast)                     # written another way: an unconverted copy
+    fast.blocks[2] = copy.deepcopy(fast.blocks[1])
+    fresh.blocks[2] = copy.deepcopy(m.blocks[1])
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        out = fast(x)
+        fast(x)
+        want = fresh(x)
+    said = [str(i.message) for i in w if "copy of the converted block" in str(i.message)]
+    assert len(said) == 1 and "`blocks.2` of VisionTransformer is a copy of the converted block " \
+        "`blocks.1`" in said[0] and "evoplug.convert(evoplug.revert(model), ...)" in said[0]
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    for model in (fast, fresh):
+        assert evoplug.get_report(model).replaced == ["blocks.2"]
+        assert [n for n, _ in evoplug.tokens_per_block(model)] == [f"blocks.{i}" for i in range(4)]
+        assert dict(evoplug.tokens_per_block(model))["blocks.2"] == -1
+        assert "blocks.2  replaced after conversion: its own forward" in evoplug.explain(model)
+    copied_first = copy.deepcopy(m)
+    copied_first.blocks[2] = copy.deepcopy(m.blocks[1])
+    again = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), evoplug.convert(copied_first, keep_ratio=0.5,
+                                                             example_input=x)(x))
+
+
 def test_options_that_contradict_the_model_are_told():
     """Found by the twenty-first session's audit of the options: ``num_prefix_tokens`` that
     contradicts the tokens (0 on a ViT with a class token: the class token ranked as a patch)

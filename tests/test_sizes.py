@@ -321,6 +321,33 @@ def test_quantised_and_parametrised_models_keep_their_twins_or_say_what_to_do():
             torch.testing.assert_close(fast(x), eva(x), atol=1e-5, rtol=1e-5)
 
 
+def test_every_refusal_of_a_model_quantised_before_the_conversion_names_the_quantisation():
+    """A model quantised before the conversion is refused; the mixing probe's refusals named
+    the quantised module and the order that works, but a block refused first by another probe
+    (the count probe: a subset of the tokens has another activation scale; the batch probe: so
+    has another batch, Swin, PVTv2) was refused without a word of the quantisation, until
+    audit F1 of the forty-second session. Each block's reason names it now."""
+    import re
+    from torch import nn
+    from torch.ao.quantization import quantize_dynamic
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                            embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
+                             embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()
+    for model, size, blocks in ((vit, 32, 4), (swin, 56, 4)):
+        with pytest.raises(evoplug.errors.ConversionError) as refused:
+            evoplug.convert(quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8),
+                            example_input=torch.randn(2, 3, size, size))
+        reasons = re.split(r"; (?=`[\w.]+`: )", str(refused.value))
+        assert len(reasons) == blocks
+        for reason in reasons:
+            assert re.search(r"`[\w.]+` is dynamically quantised.*Convert the float model", reason), reason
+
+
 @pytest.mark.parametrize("twin_first", [True, False])
 def test_prune_and_parametrize_on_a_blocks_own_parameter_reach_its_twins(twin_first):
     """A converted block's own parameter (EVA's ``gamma_1``) pruned or parametrized after the

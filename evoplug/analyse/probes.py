@@ -129,7 +129,7 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
             a.name, "mixes tokens outside its attention (with the attention's output set to "
                     f"a constant, changing one patch token changed others by up to {err:.3g}): e.g. a "
                     "mean or sum over the tokens, which evoplug would take over the kept tokens "
-                    "only" + _quantised_hint(a.module))
+                    "only" + quantised_hint(a.module))
     if not has_grid_ops and not a.token_map:
         _check_count_free(probe, a, feed, ref.reshape(B, N, -1), tol * max(1.0, float(ref.abs().max())))
 
@@ -260,17 +260,19 @@ def _constant_attention_probe(gm: fx.GraphModule, site: AttentionSite, keep_atte
     return probe
 
 
-def _quantised_hint(block: nn.Module) -> str:
-    """Why a dynamically quantised block fails the mixing probe, and what to do instead."""
+def quantised_hint(block: nn.Module, reason: str = "") -> str:
+    """Why a dynamically quantised block fails the mixing probe (or another: the count probe,
+    the batch probe, whose refusals of such a block named no quantisation until audit F1 of the
+    forty-second session), and what to do instead; '' where ``reason`` says it already."""
     quantised = [n for n, m in block.named_modules() if type(m).__module__.startswith(
         ("torch.ao.nn.quantized.dynamic", "torch.nn.quantized.dynamic"))]
-    if not quantised:
+    if not quantised or "is dynamically quantised" in reason:
         return ""
     return (f". `{quantised[0]}` is dynamically quantised: its activation scale is taken over "
-            "every token, so one token changes the others' outputs. Convert the float model and "
-            "quantise the converted one; for input sizes other than the conversion's, call it at "
-            "each size first and quantise in place (quantize_dynamic(..., inplace=True): the "
-            "twins made for those sizes are kept)")
+            "every token of the batch, so one token changes the others' outputs. Convert the "
+            "float model and quantise the converted one; for input sizes other than the "
+            "conversion's, call it at each size first and quantise in place "
+            "(quantize_dynamic(..., inplace=True): the twins made for those sizes are kept)")
 
 
 #: a module's dicts of the hooks that run around its calls

@@ -31,7 +31,8 @@ from ..options import EvoOptions, read_trade_off
 from . import evolve as ev
 from .call import CallPlan
 from .programs import compile_program, program_source
-from .state import EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks, input_key
+from .state import (_RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks,
+                    input_key)
 
 
 
@@ -412,6 +413,33 @@ _NO_FX = ("`{}` is a converted block, which torch.fx cannot record (torch.fx.sym
           "call model.eval() before evaluating it")
 
 
+def _apart(block: nn.Module, spec: BlockSpec) -> bool:
+    """Whether ``block``, whose runtime no model's entry hook drives (a converted block
+    deep-copied apart from its model: ``model.blocks[2] = copy.deepcopy(model.blocks[1])``,
+    depth up-scaling), runs inside the forward of a converted model on this thread, which does
+    not drive it either: it then runs its own forward, told once per copy with its place. It
+    ran through its own runtime without a word, and explain() called its place "removed after
+    conversion", until audit F1 of the forty-second session. (Run alone, such copies go on as
+    blocks of a method called directly.)"""
+    rt = spec.runtime
+    if torch.compiler.is_compiling():
+        return False
+    models = [call[1] for other in list(_RUNTIMES) if other is not rt
+              for call in getattr(other._local, "call", None) or ()]
+    if not models or rt.apart_told:
+        return bool(models)
+    rt.apart_told = True
+    where = next((f"`{n}` of {type(model).__name__}" for model in models
+                  for n, m in model.named_modules() if m is block), "this block")
+    warnings.warn(
+        f"evoplug: {where} is a copy of the converted block `{spec.name}`, made apart from the "
+        "model it was converted in (copy.deepcopy of the block after the conversion): it runs "
+        "its own forward, on every token (no speed-up; evoplug.set_options does not reach it). "
+        "To have it evolve, convert the model that holds it again: "
+        "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=5)
+    return True
+
+
 def _fx_tracing(args, kwargs) -> bool:
     """Whether torch.fx records this call (an argument is a Proxy of its trace)."""
     return torch.fx._symbolic_trace.is_fx_symbolic_tracing() and any(
@@ -480,6 +508,10 @@ class EvoBlockMixin:
         raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.script"))
 
     def forward(self, *args, **kwargs):
+        spec = self._evoplug_spec
+        if not spec.runtime.served and _apart(self, spec):    # (a copy put in a converted model)
+            spec.tokens_run = -1
+            return spec.orig_class.forward(self, *args, **kwargs)
         if torch.compiler.is_compiling():      # no hand-on in compiled graphs: nothing to guard
             return self._forward(*args, **kwargs)
         if torch._C._get_tracing_state() is not None:

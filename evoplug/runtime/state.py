@@ -222,6 +222,11 @@ class EvoRuntime:
     def __getstate__(self):
         return {"plan": self.plan}
 
+    #: a model's entry hook drives it (set by :class:`EntryHook`, also when one is copied or
+    #: unpickled): False for the runtime of a converted block copied apart from its model
+    served = False
+    #: a warning told that a converted block copied apart from its model runs its own forward
+    apart_told = False
     #: a warning told that hooks inside an evolving block see its kept tokens (BlockSpec)
     leaf_hooks_told = False
     #: a warning told that a hook inside a block made it run its own forward (BlockSpec)
@@ -832,6 +837,7 @@ class EntryHook:
     def __init__(self, runtime: EvoRuntime, num_args: int, kwargs, key: Optional[tuple] = None,
                  factory: Optional[Callable] = None):
         self.runtime = runtime
+        runtime.served = True
         self.num_args = num_args
         self.kwargs = frozenset(kwargs)
         self.key = key
@@ -862,6 +868,7 @@ class EntryHook:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._key_shapes = _shapes(self.key)
+        self.runtime.served = True       # (a copy of the model: its runtime, copied with it)
 
     def __call__(self, module, args, kwargs):
         # every forward of the model passes here: no per-call sets or tuples beyond the input key
