@@ -425,3 +425,47 @@ def test_a_model_traced_by_fx_is_refused_naming_the_graph_module():
         b.attn = Attn()
     with pytest.raises(evoplug.errors.ConversionError, match=r"makes a module inside its forward"):
         evoplug.convert(vit.eval(), example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_a_compiled_call_at_a_new_size_takes_the_twin_of_its_mask_count():
+    """An MAE-like model whose decoder trails as many mask tokens as ``bool_masked_pos`` has True
+    per image, and whose layers are told the grid side (so a new size needs a twin): at 48 px
+    an eager call with 24 masked and one with 8 convert a twin each, at the same shapes. A
+    compiled call with 8 masked took the first twin its program's shapes took, the one for 24,
+    1.0 off without a word (a known gap of the forty-first session); now the twin for its own
+    count, as the model converted at 48 px with 8 masked gives."""
+    from plain_vit import Layer
+
+    class Told(Layer):
+        def forward(self, tokens, side):
+            return super().forward(tokens) * (side / side)
+
+    class MAE(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Conv2d(3, 32, 4, 4)
+            self.enc = torch.nn.ModuleList([Layer(32, 2) for _ in range(2)])
+            self.mask_token = torch.nn.Parameter(torch.randn(1, 1, 32))
+            self.dec = torch.nn.ModuleList([Told(32, 2) for _ in range(2)])
+
+        def forward(self, x, bool_masked_pos):
+            t = self.embed(x).flatten(2).transpose(1, 2)
+            vis = t[~bool_masked_pos].reshape(t.shape[0], -1, t.shape[2])
+            for layer in self.enc:
+                vis = layer(vis)
+            t = torch.cat([vis, self.mask_token.expand(t.shape[0], t.shape[1] - vis.shape[1], -1)], 1)
+            for layer in self.dec:
+                t = layer(t, x.shape[-1] // 4)
+            return t
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = MAE().eval()
+    x, mask = torch.randn(2, 3, 48, 48), {n: torch.stack([torch.randperm(144) < n] * 2) for n in (24, 8)}
+    fast = evoplug.convert(model, keep_ratio=0.5, start_block=2, example_input=(
+        torch.randn(1, 3, 32, 32), torch.randperm(64)[None] < 8))
+    at48 = evoplug.convert(model, keep_ratio=0.5, start_block=2, example_input=(x[:1], mask[8][:1]))
+    with torch.no_grad():
+        fast(x, mask[24]), fast(x, mask[8])
+        out = torch.compile(fast, backend="eager")(x, mask[8])
+        torch.testing.assert_close(out, at48(x, mask[8]), atol=1e-5, rtol=1e-5)

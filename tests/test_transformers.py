@@ -335,6 +335,17 @@ def test_yolos_detection_tokens_stay_on_the_slow_path():
     assert 1e-4 < float((out.logits - dense.logits).abs().max()) and torch.isfinite(out.pred_boxes).all()
 
 
+def _videomae_pretraining():
+    """A 2 + 2-layer VideoMAEForPreTraining on 4 frames of 32 px: 32 tubelets."""
+    config = T.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
+                              hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                              intermediate_size=64, decoder_hidden_size=32,
+                              decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
+                              decoder_intermediate_size=64, attn_implementation="eager")
+    torch.manual_seed(0)
+    return _randomise(T.VideoMAEForPreTraining(config).eval())
+
+
 def test_videomae_mask_tokens_follow_the_calls_mask_count():
     """VideoMAE's pre-training decoder takes [visible tubelets, mask tokens], as many mask tokens
     as ``bool_masked_pos`` has True per video: trailing special tokens whose count follows the
@@ -343,13 +354,7 @@ def test_videomae_mask_tokens_follow_the_calls_mask_count():
     kept as special, 0.01 off, without a word (audit B1 of the forty-first session). A call
     with another count now converts a twin for it: the model converted at that count, which at
     keep 1.0 gives the dense model."""
-    config = T.VideoMAEConfig(image_size=32, patch_size=8, num_frames=4, tubelet_size=2,
-                              hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                              intermediate_size=64, decoder_hidden_size=32,
-                              decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-                              decoder_intermediate_size=64, attn_implementation="eager")
-    torch.manual_seed(0)
-    model = _randomise(T.VideoMAEForPreTraining(config).eval())
+    model = _videomae_pretraining()
     video = torch.randn(2, 4, 3, 32, 32)
     masks = {n: torch.stack([torch.randperm(32) < n for _ in range(2)]) for n in (8, 24)}
     conv = {n: evoplug.convert(model, keep_ratio=0.5, start_block=2, example_input=dict(
@@ -366,6 +371,29 @@ def test_videomae_mask_tokens_follow_the_calls_mask_count():
         evoplug.set_options(conv[24], keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(conv[24](video, bool_masked_pos=masks[24]).logits,
                                    model(video, bool_masked_pos=masks[24]).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_videomae_decoder_called_directly_is_refused_not_run_at_the_conversions_count():
+    """The decoder's blocks learn their count of trailing mask tokens from the model's
+    ``bool_masked_pos``; ``model.decoder(x, n)`` called directly passes no such argument, and
+    its blocks kept the conversion's count: converted at 8 masked and called with 24 mask
+    tokens, 16 of them were ranked as patches, 2.6 off the model converted at 24, without a word
+    (a known gap of the forty-first session). Now such a call is refused naming the block and
+    the argument its count follows; the model's own calls and keep 1.0 run as before."""
+    model = _videomae_pretraining()
+    video = torch.randn(2, 4, 3, 32, 32)
+    mask = torch.stack([torch.randperm(32) < 8 for _ in range(2)])
+    conv = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, start_block=2,
+                           example_input=dict(pixel_values=video[:1], bool_masked_pos=mask[:1]))
+    x = torch.randn(2, 32, 32)
+    with torch.no_grad():
+        for n in (24, 8):
+            with pytest.raises(evoplug.EvoplugError, match=r"`decoder\.decoder_layers\.0`.*"
+                               r"`bool_masked_pos` has True entries per image \(8 at the conversion"):
+                conv.decoder(x, n)
+        assert conv(video, bool_masked_pos=mask).logits.shape == (2, 8, 384)
+        evoplug.set_options(conv, keep_ratio=1.0)
+        torch.testing.assert_close(conv.decoder(x, 24).logits, model.decoder(x, 24).logits)
 
 
 def test_mlcd_rotary_tables_follow_each_images_tokens():

@@ -524,8 +524,9 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
                model: Optional[nn.Module] = None):
     """(h, w) of the block's patch tokens: a pair of integers the block is called with whose
     product is M (Swin's ``hw_shape``, transformers' ``input_dimensions``: the map the block
-    itself views its tokens as), else the last 4-D map before the block with h*w == M, else a
-    square grid if M is a perfect square, else None."""
+    itself views its tokens as), else the last 4-D map before the block with h*w == M, else
+    None for tokens dropped from an earlier output (:func:`_kept_rows`), else a guess
+    (:func:`_guessed_grid`)."""
     for v in list(call.args) + list(call.kwargs.values()):
         # (one side may be 1: PVTv2's last stage of a 32x128 image is a 1x4 map; a square
         # guessed from its 4 tokens was wrong)
@@ -543,7 +544,39 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
             last = (c.order, fm)
     if best is not None:
         return best[1]
+    if _kept_rows(call, calls, num_patches):
+        return None
     return _guessed_grid(num_patches, last[1] if last is not None else None)
+
+
+def _kept_rows(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int) -> bool:
+    """Whether the block's tokens are a subset of an earlier module's (B, N, C) output with more
+    tokens: at least half its patches are that output's rows, copied (the first call with this
+    token count is checked, so every block of the count agrees). A model that drops tokens
+    between blocks (keeps the top ones, or a fixed subset) keeps no map: its kept patches are no
+    grid, whatever their count (16 of an 8x8 map were taken for a 4x4 one, the scores pooled
+    onto other places, 0.15 off, until the forty-second session; a known gap of the forty-first).
+    A downsampling stage (LeViT's) computes its tokens: none is a copy."""
+    x = call.first_tensor()
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.shape[0] or not x.is_floating_point():
+        return False
+    B, n, C = x.shape
+
+    def flat(t, count) -> bool:
+        return isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == B and \
+            t.shape[2] == C and count(t.shape[1]) and t.dtype == x.dtype
+    first = min((c for c in calls.values() if c.order <= call.order and
+                 flat(c.first_tensor(), lambda m: m == n)), key=lambda c: c.order, default=call)
+    rows = first.first_tensor()[0]
+    rows = rows[rows.abs().amax(-1) > 0]
+    for c in calls.values():
+        if c.order < first.order and flat(c.output, lambda m: m > n) and c.name and \
+                not first.name.startswith(c.name + "."):
+            apart = torch.cdist(rows.float(), c.output[0].float(),
+                                compute_mode="donot_use_mm_for_euclid_dist")
+            if int((apart == 0).any(1).sum()) - (n - num_patches) >= max(1, num_patches // 2):
+                return True
+    return False
 
 
 def _guessed_grid(num_patches: int, seen: Optional[Tuple[int, int]]):

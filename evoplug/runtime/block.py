@@ -585,6 +585,8 @@ class EvoBlockMixin:
             # block passes the state on unchanged
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
+        if spec.suffix_from and not recompute:
+            _check_suffix_count(spec)
         bound = _bind(spec, args, kwargs, strict=segment, twins=not recompute, state=state)
         if bound is None:       # a call the conversion did not see: the block's own forward
             spec.tokens_run = -1
@@ -930,11 +932,15 @@ def _bound(spec: BlockSpec, args, kwargs):
 
 def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call,
-    with the twin's modes synced; None if none."""
+    with the twin's modes synced; None if none. Where the block's trailing special tokens follow
+    a boolean argument's count (``suffix_from``), only a twin converted at the block's count: a
+    compiled call has it (state.py refuses another), and twins of one size at other counts have
+    the same shapes (a compiled call at 48 px with 8 masked ran the twin for 24 that an eager
+    call had converted first, 1.0 off, until the forty-second session)."""
     for variant in list(spec.runtime.variants.values()):
         twin = variant.blocks[spec.index]
-        if variant.stale():         # (the next call of the model at its size converts anew)
-            continue
+        if variant.stale() or (spec.suffix_from and twin._evoplug_spec.num_suffix != spec.num_suffix):
+            continue                # (a stale one: the next call of the model converts anew)
         try:
             _bound(twin._evoplug_spec, args, kwargs)
         except AnalysisError:
@@ -944,6 +950,27 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
             spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
+
+
+def _check_suffix_count(spec: BlockSpec):
+    """A block whose trailing special tokens are as many as a boolean argument of the model's
+    has True (or False) entries per image (``suffix_from``: VideoMAE's decoder trails one mask
+    token per True entry of ``bool_masked_pos``) learns that count only from a call of the model
+    (state.py ``counted``). Called outside one (``model.decoder(x, n)`` called directly) it
+    cannot tell how many of its tokens are special: refused by name. (It kept the conversion's
+    count, ranking mask tokens as patches, 2.6 off with 24 mask tokens where it was converted
+    at 8, until the forty-second session.) Not checked while compiling: the entry hook refuses
+    the model's compiled calls at another count."""
+    owner = spec.runtime.parent or spec.runtime       # (a size twin's: the model's runtime)
+    if getattr(owner._local, "entry", None) or torch.compiler.is_compiling():
+        return
+    arg, value = spec.suffix_from[0]
+    raise EvoplugError(
+        f"`{spec.name}` keeps its last tokens as special tokens, as many as the model's argument "
+        f"`{arg}` has {value} entries per image ({spec.num_suffix} at the conversion), a count "
+        "only a call of the model gives: called outside the model's forward (a module holding "
+        "it called directly), it cannot tell how many of its tokens are special. Call the "
+        "model itself, or set keep_ratio=1.0 for such calls")
 
 
 def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
