@@ -1439,3 +1439,75 @@ def test_a_token_wise_op_on_the_stream_before_the_adds_of_pvt_v2_and_sam_blocks(
     with torch.no_grad():
         assert how != "leaf" or _embed(model, x).abs().amax() > 1.5      # token_cap caps
     _assert_blocks_evolve_as_the_reference(model, x, blocks)
+
+
+class _Cap(nn.Module):
+    def forward(self, t):
+        return token_cap(t, 0.8)
+
+
+#: how a SAM global block's attention reads ``op(norm1(x))``, ``op`` written as a function (the
+#: block) and as a module, or folded into ``norm1`` (the same model, which converted right)
+_WRITINGS = {
+    "mul": (lambda blk, t: t * 0.5, lambda blk: (blk.norm1.weight.mul_(0.5), blk.norm1.bias.mul_(0.5))),
+    "layer_norm": (lambda blk, t: nn.functional.layer_norm(t, blk.post.normalized_shape, blk.post.weight,
+                                                           blk.post.bias, blk.post.eps),
+                   lambda blk: setattr(blk, "norm1", nn.Sequential(blk.norm1, blk.post))),
+    "cast": (lambda blk, t: t.type(torch.float32), lambda blk: None),
+    "leaf": (lambda blk, t: token_cap(t, 0.8), lambda blk: setattr(blk, "norm1", nn.Sequential(blk.norm1, _Cap()))),
+    "flip": (lambda blk, t: t.flip(1), None),       # (mixes the tokens: refused)
+}
+
+
+class _WrittenSamBlock(_HeadSamBlock):
+    """A global SAM block whose attention reads ``op(norm1(x))``, ``op`` a function."""
+
+    def forward(self, x):
+        x = _head(self, x)
+        B, H, W, _ = x.shape
+        x = x + self.attn(_WRITINGS[self.writing][0](self, self.norm1(x)))
+        x = x.reshape(B, H * W, -1)
+        x = x + self.mlp(self.norm2(x))
+        return x.reshape(B, H, W, -1)
+
+
+@pytest.mark.parametrize("writing", list(_WRITINGS))
+def test_a_function_between_a_sam_global_blocks_map_and_its_attention_runs_on_the_subset(writing):
+    """A SAM global block whose attention reads its map through a function, not a module
+    (``attn(norm1(x) * 0.5)``, ``F.layer_norm`` written out, a cast, a registered leaf
+    function): until the forty-second session (a check of the forty-second session) only
+    modules, dtype methods and the stream's head were re-run on the subset's own tokens; with
+    any other op on the way the attention read the full map back at the subset's places, and
+    the representative token's slot held the token at its place, not the representative
+    token (0.3-1.3 off the same model with the op folded into ``norm1`` or made a module,
+    silently; a ``flip`` of the map converted so too). Every op there that analyse/pointwise.py
+    finds acts on each token alone now re-runs on the subset, and another one is refused by
+    name. Checked against the folded / module form, itself checked against an Evo-ViT
+    reference per block."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    blocks = ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]
+    model = _with_head(tiny_sam(), "norm").eval()
+    for i, blk in enumerate(model.blocks):
+        blk.post = nn.LayerNorm(64)
+        with torch.no_grad():
+            blk.post.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(i)) + 0.5)
+        blk.writing, blk.__class__ = writing, _WrittenSamBlock
+    if _WRITINGS[writing][1] is None:
+        with pytest.raises(evoplug.ConversionError, match=r"through `flip` \(method \.flip\(\)\), which does not act on each token alone"):
+            evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+        return
+    folded = copy.deepcopy(model)
+    for blk in folded.blocks:
+        blk.__class__ = _HeadSamBlock
+        with torch.no_grad():
+            _WRITINGS[writing][1](blk)
+        del blk.post
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(folded(x), dense, atol=1e-5, rtol=0)
+    want = _assert_blocks_evolve_as_the_reference(folded, x, blocks)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=0)
+        evoplug.set_options(fast, keep_ratio=1.0)
+        torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)

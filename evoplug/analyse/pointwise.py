@@ -1,7 +1,8 @@
 """Whether an op on a 4-D map treats every map position alike, so the rewrites into token form
 (canon.py for channels-last maps, channels_first.py for channels-first ones) may run it on the
-kept tokens alone. Checked by running the op, which is what its code computes, whatever kind
-of module it is:
+kept tokens alone (and rewrite/program.py may re-run an op between a map block's input and its
+global attention on the subset's own tokens: node_treats_tokens_alike, an op of any rank).
+Checked by running the op, which is what its code computes, whatever kind of module it is:
 
 - laid out as tokens, it gives its output laid out so, in eval and in train mode (the same
   random numbers: ``Dropout2d`` on a channels-last map drops whole rows of it, DropBlock
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..copies import copy_model
+from .graph import getattr_path, is_size_query, no_side_effects
 
 #: how far the op on tokens may be from the op on the map, relative to the values (rounding of
 #: another summation order; an op that mixes positions is off by the values' own size)
@@ -104,19 +106,69 @@ def treats_positions_alike(run: Callable[[torch.Tensor, bool], object], x: torch
     try:
         tokens = to_tokens(x)
         for training in (False, True):
-            if not _close(run(tokens, training), _tokens_of(run(x, training), to_tokens), rtol):
+            if not _close(run(tokens, training), _tokens_of(run(x, training), to_tokens, x.dim()), rtol):
                 return False
         n = tokens.shape[dim]
         some = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:max(2, n // 2)]
-        want = _tokens_of(run(x, False), to_tokens)
+        want = _tokens_of(run(x, False), to_tokens, x.dim())
         return want is not None and _close(run(tokens.index_select(dim, some), False),
                                            want.index_select(dim, some), rtol)
     except Exception:  # noqa: BLE001 - an op that needs the map is not one that treats positions alike
         return False
 
 
-def _tokens_of(out, to_tokens) -> Optional[torch.Tensor]:
-    return to_tokens(out) if isinstance(out, torch.Tensor) and out.dim() == 4 else None
+def _tokens_of(out, to_tokens, rank: int) -> Optional[torch.Tensor]:
+    return to_tokens(out) if isinstance(out, torch.Tensor) and out.dim() == rank else None
+
+
+def node_treats_tokens_alike(gm: fx.GraphModule, n: fx.Node, x_node: fx.Node, shape) -> bool:
+    """``n`` (a module, function or method of ``gm``'s graph) gives each token of its input
+    ``x_node`` (``shape``: the batch, positions, channels last) its output from that token
+    alone (treats_positions_alike, on random values): a norm, a scaling by a parameter, a
+    cast, a registered leaf function that acts token by token. Its other arguments must be
+    constants (parameters, buffers, numbers: perturbed) or sizes (read on stand-ins of the
+    tensors they are read from); anything else it reads is not known: False."""
+    meta = x_node.meta.get("tensor_meta")
+    dtype = getattr(meta, "dtype", torch.float32)
+    held = next(iter([*gm.parameters(), *gm.buffers()]), None)
+    x = torch.randn((max(1, shape[0]), *shape[1:]), generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float32).to(dtype=dtype, device=None if held is None else held.device)
+    perturbed = perturber()
+    try:
+        args, kwargs = fx.map_arg((n.args, n.kwargs),
+                                  lambda v: v if v is x_node else _constant(gm, v, perturbed))
+        mod = perturbed_copy(gm.get_submodule(n.target), perturbed) if n.op == "call_module" else None
+    except Exception:  # noqa: BLE001 - what it reads besides its input is not a constant
+        return False
+
+    def run(inp, training):
+        a, k = fx.map_arg((args, kwargs), lambda v: inp if v is x_node else v)
+        if mod is not None:
+            mod.train(training)
+            with no_side_effects(gm):
+                return seeded(mod, *a, **k)
+        return seeded(getattr(a[0], n.target), *a[1:], **k) if n.op == "call_method" else \
+            seeded(n.target, *a, **k)
+    rtol = RTOL if dtype in (torch.float32, torch.float64) else 100 * RTOL
+    return treats_positions_alike(run, x, lambda t: t.flatten(1, -2), 1, rtol)
+
+
+def _constant(gm: fx.GraphModule, v: fx.Node, perturbed: Callable):
+    """The value of ``v``, made of parameters, buffers and numbers (perturbed) and of sizes of
+    tensors (read on zeros of their shapes); raises where ``v`` reads any tensor's values."""
+    if v.op == "get_attr":
+        t = getattr_path(gm, v.target)
+        return perturbed(t) if isinstance(t, torch.Tensor) else t
+    if v.op not in ("call_function", "call_method"):
+        raise ValueError(f"`{v.name}` is no constant")
+    if is_size_query(v) and v.args[0].op != "get_attr":
+        meta = v.args[0].meta["tensor_meta"]
+        args, kwargs = (torch.zeros(meta.shape, dtype=meta.dtype), *v.args[1:]), v.kwargs
+    else:
+        args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: _constant(gm, u, perturbed))
+    if v.op == "call_method":
+        return getattr(args[0], v.target)(*args[1:], **kwargs)
+    return v.target(*args, **kwargs)
 
 
 def _close(got, want, rtol: float) -> bool:

@@ -49,6 +49,7 @@ from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, 
                               value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
+from ..analyse.pointwise import node_treats_tokens_alike
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
@@ -560,16 +561,19 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node):
     window covering the map) made from the subset's own tokens by the same token-wise ops, so the
     representative token's slot holds the representative token (a read-back of the full map
     would hold the token at its position). Returns (tokens, the map-side modules they replace),
-    or (None, []) where the map is not a token-wise function of the block's input."""
+    or (None, []) where the map is not made from the block's input map here (a window cut from
+    it). An op on the way that does not act on each token alone is refused by name."""
     a = rw.a
     if not a.token_map or a.windowed or node.args[0] is rw.root or rw.root.op == "placeholder":
         return None, []
-    if shape_of(node) is None or len(shape_of(node)) != 3:
+    if shape_of(node) is None or len(shape_of(node)) != 3 or rw.root not in value_ancestors(node.args[0]):
         return None, []
-    chain = _token_wise_path(rw, node.args[0])
-    if chain is None or not all(_can_run_again(rw.gm, op) for op in chain):
+    chain, blocker = _token_wise_path(rw, node.args[0])
+    if blocker is not None:
+        raise AnalysisError(a.name, _NOT_TOKEN_WISE.format(blocker.name, _op_name(blocker)))
+    if not all(_can_run_again(rw.gm, op) for op, _ in chain):
         return None, []
-    rolled = next((op for op in chain if rolls(op)), None)
+    rolled = next((op for op, _ in chain if rolls(op)), None)
     if rolled is not None:
         # (its attention's slots hold the rolled map: the position bias and mask are the
         # rolled slots', not the tokens')
@@ -581,13 +585,26 @@ def _subset_tokens(rw: _Rewrite, node: fx.Node):
               f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
               "before it re-run on them)")
     graph, prev = rw.graph, rw.token
-    anchor = max(rw.token, rw.root, key=lambda n: list(graph.nodes).index(n))
-    for op in reversed(chain):
-        if op.op == "call_module" or op.target in _VALUE_METHODS or op.name in a.stream_head:
-            with graph.inserting_after(anchor):
-                prev = graph.node_copy(op, lambda n, p=prev, old=op.args[0]: p if n is old else n)
-            anchor = prev
-    return prev, [op for op in chain if op.op == "call_module"]
+    for op, main in reversed(chain):
+        if not _is_move(op):        # (the subset's tokens are in token form already)
+            with graph.inserting_before(node):
+                prev = graph.node_copy(op, lambda n, p=prev, old=main: p if n is old else n)
+    return prev, [op for op, _ in chain if op.op == "call_module"]
+
+
+_NOT_TOKEN_WISE = ("its attention takes its tokens from the map through `{}` ({}), which does not "
+                   "act on each token alone, or not in a way evoplug can re-run on the subset's own "
+                   "tokens (it mixes positions, or reads a tensor other than its input): read back "
+                   "from the full map, the representative token's slot would hold the token at its "
+                   "place, not the representative token")
+
+
+def _op_name(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"module {type(n.graph.owning_module.get_submodule(n.target)).__name__}"
+    if n.op == "call_method":
+        return f"method .{n.target}()"
+    return f"function {getattr(n.target, '__name__', n.target)}" if n.op == "call_function" else n.op
 
 
 _MOVES = {"view", "reshape", "permute", "contiguous", "roll", "flatten", "transpose"}
@@ -599,33 +616,38 @@ def _is_move(n: fx.Node) -> bool:
         n.op == "call_function" and n.target in (torch.nn.functional.pad, torch.roll))
 
 
-def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Optional[list]:
-    """The ops from the block's entry map to ``src`` (``src`` first) when they are token-wise
-    modules (norms, linears), dtype methods, data movement that keeps every token's channels
-    together (padding, window views) and the stream's head (``x = n0(x)`` before the adds, a
-    registered leaf function too: token-wise, as the skip path takes it); None for any other
-    op on the way."""
+def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Tuple[Optional[list], Optional[fx.Node]]:
+    """The ops from the block's entry map to ``src`` (``src`` first), each with the input it
+    takes from the map, when they act on each token alone: data movement that keeps every
+    token's channels together (padding, window views), dtype methods, the stream's head (``x =
+    n0(x)`` before the adds, token-wise as the skip path takes it), and a module, function or
+    method that analyse/pointwise.py finds treats every token alike when run on its own (a
+    norm, a scaling by a constant or a per-channel parameter, ``F.layer_norm`` over the
+    channels, a registered leaf function). ``(chain, None)``, or ``(None, op)``: the first op
+    on the way that is none of these (until the forty-second session a function there made
+    the attention read the full map back, the representative token's slot holding the token
+    at its place)."""
     chain, cur = [], src
     while cur is not rw.root:
-        if not isinstance(cur, fx.Node) or not cur.args or not isinstance(cur.args[0], fx.Node):
-            return None
-        si, so = shape_of(cur.args[0]), shape_of(cur)
-        if (si is None and cur.args[0] is not rw.root) or so is None:
-            return None
+        main = [i for i in cur.all_input_nodes if i is rw.root or rw.root in value_ancestors(i)]
+        if len(main) != 1:
+            return None, cur
+        si, so = shape_of(main[0]), shape_of(cur)
+        if (si is None and main[0] is not rw.root) or so is None:
+            return None, cur
         si = si if si is not None else (0, *rw.a.grid, rw.a.dim)
-        if any(not _is_size_value(n) for n in cur.all_input_nodes[1:]):
-            return None
-        if cur.op == "call_module":
-            ok = tuple(si[1:-1]) == tuple(so[1:-1])           # token-wise over the last dim
+        sizes = all(_is_size_value(n) for n in cur.all_input_nodes if n is not main[0])
+        if _is_move(cur) and cur.args[0] is main[0]:
+            ok = sizes and si[-1] == so[-1]
         elif (cur.op == "call_method" and cur.target in _VALUE_METHODS) or cur.name in rw.a.stream_head:
-            ok = tuple(si) == tuple(so)
+            ok = sizes and tuple(si) == tuple(so)
         else:
-            ok = _is_move(cur) and si[-1] == so[-1]
+            ok = tuple(si[1:-1]) == tuple(so[1:-1]) and node_treats_tokens_alike(rw.gm, cur, main[0], si)
         if not ok:
-            return None
-        chain.append(cur)
-        cur = cur.args[0]
-    return chain
+            return None, cur
+        chain.append((cur, main[0]))
+        cur = main[0]
+    return chain, None
 
 
 def _running_stats(gm: fx.GraphModule, node: fx.Node) -> bool:
