@@ -35,6 +35,18 @@ def build(name, **extra):
 ALL = list(TIMM_MODELS) + ["plain_vit"]
 
 
+def sharp_tiny_vit(seed: int = 0) -> nn.Module:
+    """A 4-block timm ViT at 32 px (16 patches, dim 32) in eval mode, its qkv weights scaled up
+    so that keep 0.5 differs clearly from the dense model."""
+    torch.manual_seed(seed)
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                          embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    with torch.no_grad():
+        for blk in m.blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    return m
+
+
 def peaky_weights(model: nn.Module, seed: int = 0, fused: bool = True, qkv_rows: int = 3 * 64,
                   others: float = 0.5) -> nn.Module:
     """Random weights that make the attention peaky (qkv weights of ``qkv_rows`` outputs at gain

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import evoplug
+from models import sharp_tiny_vit
 from plain_vit import Layer, PlainViT, RecordingViT
 
 
@@ -632,12 +633,7 @@ def test_a_converted_block_copied_into_another_place_is_told_and_reported_replac
     report the place replaced (a fresh block put there too); revert() then convert() gives the
     model copied before the conversion."""
     import warnings
-    torch.manual_seed(0)
-    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                          embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
-    with torch.no_grad():
-        for blk in m.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
+    m = sharp_tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
     fresh = copy.deepcopy(fast)                     # written another way: an unconverted copy

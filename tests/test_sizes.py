@@ -12,6 +12,7 @@ import torch
 import evoplug
 
 timm = pytest.importorskip("timm")
+from models import sharp_tiny_vit  # noqa: E402  (needs timm)
 
 
 def _pvt():
@@ -330,12 +331,7 @@ def test_every_refusal_of_a_model_quantised_before_the_conversion_names_the_quan
     import re
     from torch import nn
     from torch.ao.quantization import quantize_dynamic
-    torch.manual_seed(0)
-    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                            embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
-    with torch.no_grad():
-        for blk in vit.blocks:
-            blk.attn.qkv.weight.mul_(4.0)
+    vit = sharp_tiny_vit()
     swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=56,
                              embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=5).eval()
     for model, size, blocks in ((vit, 32, 4), (swin, 56, 4)):
