@@ -661,6 +661,59 @@ def test_a_converted_block_copied_into_another_place_is_told_and_reported_replac
                                                              example_input=x)(x))
 
 
+def test_converted_blocks_reordered_after_conversion_are_told():
+    """Converted blocks put in another order after conversion (``blocks[2], blocks[3] =
+    blocks[3], blocks[2]``) run in the conversion's order: the block after one converted later
+    than it starts the scores anew, so the output is not that of the reordered model converted
+    anew, and until a check of the forty-second session nothing said so. The first such block
+    of a forward of the model now warns once, naming both blocks where they are and the fix,
+    which gives the reordered model converted anew. A plain forward, the model called from a
+    hook on one of its blocks, blocks run from such a hook, token streams run block by block
+    and the reordered model converted anew warn nothing."""
+    import warnings
+    m = sharp_tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    reordered = copy.deepcopy(m)
+    reordered.blocks[1], reordered.blocks[2] = reordered.blocks[2], reordered.blocks[1]
+    want = evoplug.convert(copy.deepcopy(reordered), keep_ratio=0.5, example_input=x)
+    fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    inner = []
+
+    def hook(_m, _i, out):
+        if not inner:
+            inner.append(1)
+            fast(x.flip(-1))
+            h = out
+            for blk in fast.blocks:
+                h = blk(h)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        alone = fast(x)
+        handle = fast.blocks[2].register_forward_hook(hook)
+        torch.testing.assert_close(fast(x), alone, atol=1e-6, rtol=1e-6)
+        handle.remove()
+        a, b = (fast.patch_embed(v) for v in (x, x.flip(-1)))
+        a, b = fast._pos_embed(a), fast._pos_embed(b)
+        for blk in fast.blocks:
+            a, b = blk(a), blk(b)
+        want(x)
+        reference = want(x)
+    fast.blocks[1], fast.blocks[2] = fast.blocks[2], fast.blocks[1]
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        out = fast(x)
+        fast(x)
+    said = [str(i.message) for i in w if "evoplug" in str(i.message)]
+    assert len(said) == 1 and "`blocks.2` (converted as `blocks.1`) ran after `blocks.1` " \
+        "(converted as `blocks.2`)" in said[0] and "evoplug.convert(evoplug.revert(model), ...)" \
+        in said[0], said
+    assert (out - reference).abs().max() > 1e-2              # what it warns of
+    again = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(again(x), reference, atol=1e-6, rtol=1e-6)
+
+
 def test_options_that_contradict_the_model_are_told():
     """Found by the twenty-first session's audit of the options: ``num_prefix_tokens`` that
     contradicts the tokens (0 on a ViT with a class token: the class token ranked as a patch)

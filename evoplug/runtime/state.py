@@ -98,8 +98,9 @@ def _tensor_key(t: torch.Tensor):
     return (t.data_ptr(), t.dtype, t.device, tuple(t.shape), t.stride(), t._version)
 
 
-#: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py)
-_FORWARD_STATE = ("state", "last", "untied", "direct", "run", "waiting")
+#: what a forward leaves on its thread's runtime (EvoRuntime.enter, runtime/block.py; ``ran``:
+#: a run of the converted blocks started in the model's forward in progress)
+_FORWARD_STATE = ("state", "last", "untied", "direct", "run", "waiting", "ran")
 
 #: the block call's tokens are not known (under torch.compile, which runs one forward at a time)
 NO_TOKENS = object()
@@ -146,6 +147,29 @@ def _tell_streams(index: int):
         "given up): it goes on from the run that came last. If token streams run block by "
         "block through the same blocks, they may be ranked by each other's scores: run them "
         "one after the other, or stack them in the batch (docs/guarantees.md)", stacklevel=8)
+
+
+def _inside_another_block(rt: "EvoRuntime", index: int, top) -> bool:
+    """Whether the call of converted block ``index`` of ``rt`` runs inside the call of another
+    block of ``rt`` (a hook on it) in the forward that ``top`` (:meth:`EvoRuntime.push_entry`'s
+    frame) runs. Walks the stack: only where a run starts in a forward where one started."""
+    frame = sys._getframe(2)
+    while frame is not None and frame is not top:
+        spec = getattr(frame.f_locals.get("self"), "_evoplug_spec", None)
+        if spec is not None and spec.runtime is rt and spec.index != index:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _placed(rt: "EvoRuntime", model, index: int) -> str:
+    """Converted block ``index`` of ``rt`` by its place in ``model`` now and the name it was
+    converted under."""
+    for name, m in model.named_modules():
+        spec = m.__dict__.get("_evoplug_spec")
+        if spec is not None and spec.runtime is rt and spec.index == index:
+            return f"`{name}`" if name == spec.name else f"`{name}` (converted as `{spec.name}`)"
+    return f"converted block {index}"
 
 
 def _reset_after_fork():
@@ -262,11 +286,38 @@ class EvoRuntime:
                     run.state is not cur or run.last != local.last or local.last >= index):
                 cur = self._streams(local, cur, index, tokens, run)
         if cur is None or local.last >= index:
+            if tokens is not NO_TOKENS:     # (not compiled: a compiled forward gives no tokens)
+                self._run_starts(local, index)
             cur = EvoState(-1, self.plan)
             local.state = cur
             local.untied = False        # see runtime/block.py: a reentrant checkpoint's forward
         local.last = index          # every converted block, dense ones too, moves it on
         return cur
+
+    reorder_told = False     # a warning told that converted blocks ran out of their order
+
+    def _run_starts(self, local, index: int):
+        """A run of the blocks starts at block ``index``, eagerly. In a forward of the model as
+        calibration called it, where a run started already, a block ran after one with a later
+        or equal index: blocks put in another order after the conversion (or one run twice),
+        which the runtime does not follow; told once (it ran densely from no scores, and the
+        blocks after it evolved from those, without a word, until the forty-second session).
+        Blocks called inside another converted block's call (from a hook on it) are a run of
+        their own beside the forward's, which goes on after them (see :meth:`enter`): not told."""
+        if getattr(local, "ran", False) and not self.reorder_told and self.entered() and \
+                not _inside_another_block(self, index, local.frames[-1]):
+            self.reorder_told = True
+            model = self.call()[1]
+            now, before = (_placed(self, model, i) for i in (index, local.last))
+            ran = "ran twice in a row" if index == local.last else f"ran after {before}"
+            warnings.warn(
+                f"evoplug: {now} {ran} in this forward of {type(model).__name__}: "
+                "converted blocks keep the order of the conversion, so it started the scores "
+                "anew, on every token, and the blocks after it evolved from those, not as the "
+                "model converted in this order would (were blocks put in another order, or one "
+                "run twice, after the conversion?). Convert after reordering blocks: "
+                "evoplug.convert(evoplug.revert(model), ...) (said once)", stacklevel=7)
+        local.ran = True
 
     def _streams(self, local, cur: Optional[EvoState], index: int, tokens, run: Optional[Run]):
         """:meth:`enter` where runs wait or one may start: the state to go on from."""
@@ -370,6 +421,7 @@ class EvoRuntime:
                                 twin._forward_state() if twin is not None else None))
         else:
             local.outer.append(None)
+        local.ran = False
         stack.append(matches)
         local.frames.append(frame)
         self._local.variant.append(variant)
