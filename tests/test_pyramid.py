@@ -368,6 +368,7 @@ def test_evolving_blocks_that_no_scores_reach_are_refused_or_marked(monkeypatch)
     blocks that then run dense (checked against the runtime's tokens per block)."""
     from evoplug.analyse import grid
     monkeypatch.setattr(grid, "_LINEAR", ())      # Swinv2's F.linear qkv: windows not mapped
+    monkeypatch.setattr(grid, "_index_through_token_wise", lambda *args: None)
     # (narrowed, fewer blocks: the same kinds of blocks and tokens, several times faster)
     model = timm.create_model("swinv2_tiny_window8_256", pretrained=False, embed_dim=48,
                               depths=(1, 2, 2, 2)).eval()
@@ -1377,12 +1378,13 @@ def test_a_token_wise_op_on_the_stream_before_the_adds_of_windowed_blocks():
     full input hid the op from the skip path, so Twins' (and PVTv2's) sub-sampled blocks gave a
     token not run ``x_j + r_after - r_before`` (4-8 off with the MLPs zeroed). Each evolving
     block is now checked against an Evo-ViT reference of its rule with ``op`` the skip path.
-    With a registered leaf function for ``op`` the windows cannot be traced back to their
-    tokens: refused so."""
+    With a registered leaf function for ``op`` the windows could not be traced back to their
+    tokens, and the model was refused so, until the forty-second session (a check of the
+    forty-second session): a function that acts on each token alone keeps their indices now."""
     how = "norm"
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
-    with pytest.raises(evoplug.ConversionError, match="could not be mapped back to their tokens"):
-        evoplug.convert(_with_head(_WindowNet("tokens"), "leaf").eval(), example_input=x[:1])
+    _assert_blocks_evolve_as_the_reference(_with_head(_WindowNet("tokens"), "leaf").eval(), x,
+                                           ["blocks.1", "blocks.2", "blocks.3"])
     outs = {}
     for form in ("map", "tokens", "view"):
         torch.manual_seed(1)
@@ -1446,8 +1448,9 @@ class _Cap(nn.Module):
         return token_cap(t, 0.8)
 
 
-#: how a SAM global block's attention reads ``op(norm1(x))``, ``op`` written as a function (the
-#: block) and as a module, or folded into ``norm1`` (the same model, which converted right)
+#: how a SAM global (or PVTv2) block's attention reads ``op(norm1(x))``, ``op`` written as a
+#: function (the block) and as a module, or folded into ``norm1`` (the same model, which
+#: converted right)
 _WRITINGS = {
     "mul": (lambda blk, t: t * 0.5, lambda blk: (blk.norm1.weight.mul_(0.5), blk.norm1.bias.mul_(0.5))),
     "layer_norm": (lambda blk, t: nn.functional.layer_norm(t, blk.post.normalized_shape, blk.post.weight,
@@ -1460,15 +1463,33 @@ _WRITINGS = {
 
 
 class _WrittenSamBlock(_HeadSamBlock):
-    """A global SAM block whose attention reads ``op(norm1(x))``, ``op`` a function."""
+    """A SAM block (global, or windowed) whose attention reads ``op(norm1(x))``, ``op`` a
+    function."""
 
     def forward(self, x):
         x = _head(self, x)
         B, H, W, _ = x.shape
-        x = x + self.attn(_WRITINGS[self.writing][0](self, self.norm1(x)))
-        x = x.reshape(B, H * W, -1)
+        t, pad = _WRITINGS[self.writing][0](self, self.norm1(x)), None
+        if self.window_size > 0:
+            t, pad = samvit.window_partition(t, self.window_size)
+        t = self.attn(t)
+        if self.window_size > 0:
+            t = samvit.window_unpartition(t, self.window_size, (H, W), pad)
+        x = (x + t).reshape(B, H * W, -1)
         x = x + self.mlp(self.norm2(x))
         return x.reshape(B, H, W, -1)
+
+
+class _WrittenSwinBlock(_HeadSwinBlock):
+    """A Swin block whose (shifted) windows are cut from ``op(norm1(x))``, ``op`` a function."""
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = _head(self, x)
+        x = x + self.drop_path1(self._attn(_WRITINGS[self.writing][0](self, self.norm1(x))))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
 
 
 @pytest.mark.parametrize("writing", list(_WRITINGS))
@@ -1485,20 +1506,41 @@ def test_a_function_between_a_sam_global_blocks_map_and_its_attention_runs_on_th
     name. Checked against the folded / module form, itself checked against an Evo-ViT
     reference per block."""
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    blocks = ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]
-    model = _with_head(tiny_sam(), "norm").eval()
-    for i, blk in enumerate(model.blocks):
-        blk.post = nn.LayerNorm(64)
+    _assert_written_evolves_as_folded(_with_head(tiny_sam(), "norm").eval(), writing, x,
+                                      ["blocks.2", "blocks.3", "blocks.4", "blocks.5"],
+                                      r"through `flip` \(method \.flip\(\)\), which does not act on each token alone")
+
+
+class _WrittenPvtBlock(_HeadPvtBlock):
+    """A PVTv2 block whose attention reads ``op(norm1(x))`` (its queries, and the map its keys
+    are reduced from), ``op`` a function."""
+
+    def forward(self, x, feat_size):
+        x = _head(self, x)
+        x = x + self.drop_path1(self.attn(_WRITINGS[self.writing][0](self, self.norm1(x)), feat_size))
+        return x + self.drop_path2(self.mlp(self.norm2(x), feat_size))
+
+
+_WRITTEN = {_HeadSamBlock: _WrittenSamBlock, _HeadPvtBlock: _WrittenPvtBlock, _HeadSwinBlock: _WrittenSwinBlock}
+
+
+def _assert_written_evolves_as_folded(model, writing, x, blocks, refusal):
+    """Every block of ``model`` written with ``op`` a function (_WRITINGS) converts as the same
+    model with ``op`` folded into ``norm1`` or made a module does, itself checked against the
+    Evo-ViT reference per block; or, for an op that mixes the tokens, is refused (``refusal``)."""
+    for i, blk in enumerate(b for b in model.modules() if type(b) in _WRITTEN):
+        C = blk.norm1.normalized_shape[0]
+        blk.post = nn.LayerNorm(C)
         with torch.no_grad():
-            blk.post.weight.copy_(torch.rand(64, generator=torch.Generator().manual_seed(i)) + 0.5)
-        blk.writing, blk.__class__ = writing, _WrittenSamBlock
+            blk.post.weight.copy_(torch.rand(C, generator=torch.Generator().manual_seed(i)) + 0.5)
+        blk.writing, blk.__class__ = writing, _WRITTEN[type(blk)]
     if _WRITINGS[writing][1] is None:
-        with pytest.raises(evoplug.ConversionError, match=r"through `flip` \(method \.flip\(\)\), which does not act on each token alone"):
+        with pytest.raises(evoplug.ConversionError, match=refusal):
             evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
         return
     folded = copy.deepcopy(model)
-    for blk in folded.blocks:
-        blk.__class__ = _HeadSamBlock
+    for blk in (b for b in folded.modules() if type(b) in _WRITTEN.values()):
+        blk.__class__ = blk.__class__.__bases__[0]
         with torch.no_grad():
             _WRITINGS[writing][1](blk)
         del blk.post
@@ -1511,3 +1553,53 @@ def test_a_function_between_a_sam_global_blocks_map_and_its_attention_runs_on_th
         torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=0)
         evoplug.set_options(fast, keep_ratio=1.0)
         torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("writing", list(_WRITINGS))
+@pytest.mark.parametrize("kw", [dict(sr_ratios=(4, 2)), dict(sr_ratios=(2, 1), linear=True)],
+                         ids=["strided", "linear"])
+def test_a_function_between_a_pvt_v2_blocks_tokens_and_its_reduced_keys_re_runs_on_the_full_input(kw, writing):
+    """A PVTv2 block whose attention reads its tokens through a function (``F.layer_norm``
+    written out, a cast, a registered leaf function), the map its keys are reduced from (by a
+    strided conv, or pooled where ``linear``) made from them: until the forty-second session (a
+    check of the forty-second session) the ops from the tokens to that map were re-run on the
+    full input only where they were modules, layout methods or arithmetic with constants, and
+    any other function refused the block ("keys reduced from a 2-D map ... cannot re-run"),
+    though the same model with the op folded into ``norm1`` or made a module converted. Every
+    op there that analyse/pointwise.py finds acts on each token alone now re-runs on the full
+    input; one that mixes the tokens (``flip``) is still refused. Checked against the folded /
+    module form, itself checked against an Evo-ViT reference per block."""
+    model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(32, 64), depths=(2, 2),
+                              num_heads=(1, 2), mlp_ratios=(2, 2), **kw)
+    with torch.no_grad():
+        for b in model.modules():
+            if isinstance(b, PvtBlock):
+                b.attn.q.weight.mul_(3), b.attn.kv.weight.mul_(3)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    _assert_written_evolves_as_folded(_with_head(model, "norm").eval(), writing, x,
+                                      ["stages.0.blocks.1", "stages.1.blocks.0", "stages.1.blocks.1"],
+                                      r"its keys/values are reduced from a 2-D map")
+
+
+@pytest.mark.parametrize("writing", ["mul", "layer_norm", "leaf"])
+@pytest.mark.parametrize("kind", ["sam_mix", "swin"])
+def test_a_function_before_the_windows_keeps_the_window_rows(kind, writing):
+    """Windowed blocks whose windows are cut from ``op(norm1(x))``, ``op`` a function (SAM's
+    padded windows beside its global blocks; Swin's shifted windows): until the forty-second
+    session (a check of the forty-second session) the windows were mapped back to their tokens
+    by running the block on token indices through data movement, modules, ``F.linear`` and
+    ``F.normalize`` only; any other function scaled the indices, so such a block gave no
+    attention row, silently: SAM's selections then came from its global blocks alone, 0.3-0.6
+    off the same model with ``op`` folded into ``norm1`` or made a module, and a Swin written
+    so was refused whole ("no converted block gives a global attention row"). A function
+    analyse/pointwise.py finds acts on each token alone now keeps the indices (a cast always
+    did). Checked against the folded / module form, itself checked against an Evo-ViT
+    reference per block."""
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    if kind == "sam_mix":
+        model, blocks = tiny_sam(**_SAM_MIX), ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]
+    else:
+        model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
+                                  embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4)
+        blocks = ["layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"]
+    _assert_written_evolves_as_folded(_with_head(model, "norm").eval(), writing, x, blocks, None)

@@ -2,6 +2,7 @@
 spatially reduced keys, and windows: which token each window slot holds."""
 from __future__ import annotations
 
+import functools
 import operator
 from typing import TYPE_CHECKING, Optional, Tuple
 
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from ..errors import AnalysisError
 from .attention import attention_output
 from .graph import ancestors, is_add, is_reshape, rolls, run_nodes, shape_of
+from .pointwise import node_treats_tokens_alike
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -266,7 +268,7 @@ def window_token_index(gm: fx.GraphModule, site: AttentionSite, a: "BlockAnalysi
     try:
         with torch.no_grad():
             kv = run_nodes(gm.graph, k, gm, {placeholders[0]: ids}, _index_through_leaf,
-                           _index_through_function)
+                           functools.partial(_index_through, gm, placeholders[0]))
         found = _slots_of_image_0(kv, site.kind, nk, N)
         if found is None:
             return None
@@ -313,6 +315,27 @@ def _index_through_function(n: fx.Node, args, kwargs):
         if isinstance(w, torch.Tensor) and w.dim() == 2 and x.shape[-1] == w.shape[1]:
             return _index_into(x, w.shape[0])
     return None
+
+
+def _index_through(gm: fx.GraphModule, index: fx.Node, n: fx.Node, args, kwargs):
+    found = _index_through_function(n, args, kwargs)
+    return found if found is not None else _index_through_token_wise(gm, index, n, args, kwargs)
+
+
+def _index_through_token_wise(gm: fx.GraphModule, index: fx.Node, n: fx.Node, args, kwargs):
+    """Any other function that analyse/pointwise.py finds acts on each token alone (a scaling,
+    ``F.gelu``, ``F.layer_norm``, a registered leaf function) keeps the index of its one input
+    from the block's input, copied into its output channels; None for others, which run on the
+    index values (until the forty-second session such a function on the way to the keys left
+    the block with no attention row)."""
+    main = [i for i in n.all_input_nodes if i is index or index in ancestors(i)]
+    si, so = (shape_of(main[0]), shape_of(n)) if len(main) == 1 else (None, None)
+    if si is None or so is None or len(si) < 3 or tuple(si[:-1]) != tuple(so[:-1]) or \
+            not node_treats_tokens_alike(gm, n, main[0], si):
+        return None
+    x = next((v for v, a in zip([*args, *kwargs.values()], [*n.args, *n.kwargs.values()])
+              if a is main[0]), None)      # (None where it sits inside a list: torch.cat)
+    return None if x is None else _index_into(x, so[-1])
 
 
 def _heads_folded(rows: torch.Tensor) -> int:

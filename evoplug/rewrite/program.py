@@ -487,9 +487,10 @@ def _to_map(rw: _Rewrite, node: fx.Node, dim):
         raise AnalysisError(rw.a.name, f"its keys/values are reduced from a 2-D map (at "
                                        f"`{node.name}`) made from its tokens by ops evoplug cannot "
                                        "re-run on its full input (only modules, layout methods, "
-                                       "views of every token and arithmetic with constants): the "
-                                       "keys would come from the kept tokens and the representative "
-                                       "token in place of the others, not from the full map")
+                                       "views of every token and ops that act on each token "
+                                       "alone): the keys would come from the kept tokens and the "
+                                       "representative token in place of the others, not from "
+                                       "the full map")
     with graph.inserting_before(node):
         if src_full is not None:
             canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
@@ -1122,9 +1123,10 @@ _TOKEN_WISE_OK = {"permute", "transpose", "contiguous", "clone", "float", "to", 
 
 def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full: fx.Node):
     """Re-emit the ops that made ``src`` from the block's tokens, applied to the full input
-    (``full``), when they are token-wise: leaf modules (norms, linears), layout methods and
-    arithmetic with constants. Returns the full-map node, or None (then the canvas is filled with
-    the representative token)."""
+    (``full``), when they are token-wise: leaf modules (norms, linears), layout methods,
+    arithmetic with constants and any other op analyse/pointwise.py finds acts on each token
+    alone (_treats_tokens_alike). Returns the full-map node, or None (then the canvas is filled
+    with the representative token)."""
     chain, cur = [], src
     while cur is not token:
         if not isinstance(cur, fx.Node) or not cur.all_input_nodes:
@@ -1136,7 +1138,7 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
             #         channels-first block's twin, analyse/channels_first.py)
         elif len(cur.all_input_nodes) != 1 or not (
                 cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
-            main = _scaled_by_constants(cur, token)
+            main = _scaled_by_constants(cur, token) or _treats_tokens_alike(graph, cur, token)
             if main is None:
                 return None
         if not _can_run_again(graph.owning_module, cur):
@@ -1166,6 +1168,19 @@ def _scaled_by_constants(node: fx.Node, token: fx.Node) -> Optional[fx.Node]:
     on_path = [i for i in node.all_input_nodes if i is token or token in ancestors(i)]
     if len(on_path) != 1 or any(a.op == "placeholder" for i in node.all_input_nodes
                                 if i is not on_path[0] for a in ancestors(i) | {i}):
+        return None
+    return on_path[0]
+
+
+def _treats_tokens_alike(graph: fx.Graph, node: fx.Node, token: fx.Node) -> Optional[fx.Node]:
+    """The one input of ``node`` that comes from the block's tokens where analyse/pointwise.py
+    finds ``node`` acts on each of its tokens alone (``F.gelu``, ``F.layer_norm``, a cast, a
+    registered leaf function; its other arguments constants or sizes), else None (until the
+    forty-second session any such function refused PVTv2's reduced keys)."""
+    on_path = [i for i in node.all_input_nodes if i is token or token in ancestors(i)]
+    shape = shape_of(on_path[0]) if len(on_path) == 1 else None
+    if shape is None or len(shape) < 3 or \
+            not node_treats_tokens_alike(graph.owning_module, node, on_path[0], shape):
         return None
     return on_path[0]
 
