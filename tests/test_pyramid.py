@@ -1409,6 +1409,18 @@ def test_a_token_wise_op_on_the_stream_before_the_adds_of_windowed_blocks():
 _SAM_MIX = dict(window_size=3, global_attn_indexes=(1, 2, 5))    # blocks 3, 4 windowed (padded)
 
 
+def _sharp_pvt_v2(**kw):
+    """A 2-stage PVTv2-b0 at 32/64 channels, its queries and keys scaled up (keep 0.5 differs
+    clearly from dense)."""
+    model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(32, 64), depths=(2, 2),
+                              num_heads=(1, 2), mlp_ratios=(2, 2), **kw)
+    with torch.no_grad():
+        for b in model.modules():
+            if isinstance(b, PvtBlock):
+                b.attn.q.weight.mul_(3), b.attn.kv.weight.mul_(3)
+    return model
+
+
 @pytest.mark.parametrize("kind,kw,how", [("pvt_v2", dict(sr_ratios=(4, 2)), "norm"),
                                          ("pvt_v2", dict(sr_ratios=(2, 1), linear=True), "norm"),
                                          ("sam", {}, "norm"), ("sam", {}, "leaf"),
@@ -1427,12 +1439,7 @@ def test_a_token_wise_op_on_the_stream_before_the_adds_of_pvt_v2_and_sam_blocks(
     and now moves too. (PVTv2 with the leaf is refused: its reduced keys need the map the
     leaf makes.)"""
     if kind == "pvt_v2":
-        model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(32, 64), depths=(2, 2),
-                                  num_heads=(1, 2), mlp_ratios=(2, 2), **kw)
-        with torch.no_grad():
-            for b in model.modules():
-                if isinstance(b, PvtBlock):
-                    b.attn.q.weight.mul_(3), b.attn.kv.weight.mul_(3)
+        model = _sharp_pvt_v2(**kw)
         blocks = ["stages.0.blocks.1", "stages.1.blocks.0", "stages.1.blocks.1"]
     else:
         model, blocks = tiny_sam(**kw), ["blocks.2", "blocks.3", "blocks.4", "blocks.5"]
@@ -1569,12 +1576,7 @@ def test_a_function_between_a_pvt_v2_blocks_tokens_and_its_reduced_keys_re_runs_
     op there that analyse/pointwise.py finds acts on each token alone now re-runs on the full
     input; one that mixes the tokens (``flip``) is still refused. Checked against the folded /
     module form, itself checked against an Evo-ViT reference per block."""
-    model = timm.create_model("pvt_v2_b0", pretrained=False, embed_dims=(32, 64), depths=(2, 2),
-                              num_heads=(1, 2), mlp_ratios=(2, 2), **kw)
-    with torch.no_grad():
-        for b in model.modules():
-            if isinstance(b, PvtBlock):
-                b.attn.q.weight.mul_(3), b.attn.kv.weight.mul_(3)
+    model = _sharp_pvt_v2(**kw)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     _assert_written_evolves_as_folded(_with_head(model, "norm").eval(), writing, x,
                                       ["stages.0.blocks.1", "stages.1.blocks.0", "stages.1.blocks.1"],
