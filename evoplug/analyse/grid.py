@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..errors import AnalysisError
 from .attention import attention_output
 from .graph import ancestors, is_add, is_reshape, rolls, run_nodes, shape_of
-from .pointwise import node_treats_tokens_alike
+from .pointwise import token_wise_input
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -328,13 +328,12 @@ def _index_through_token_wise(gm: fx.GraphModule, index: fx.Node, n: fx.Node, ar
     from the block's input, copied into its output channels; None for others, which run on the
     index values (until the forty-second session such a function on the way to the keys left
     the block with no attention row)."""
-    main = [i for i in n.all_input_nodes if i is index or index in ancestors(i)]
-    si, so = (shape_of(main[0]), shape_of(n)) if len(main) == 1 else (None, None)
-    if si is None or so is None or len(si) < 3 or tuple(si[:-1]) != tuple(so[:-1]) or \
-            not node_treats_tokens_alike(gm, n, main[0], si):
+    so = shape_of(n)
+    main = None if so is None else token_wise_input(gm, n, index)
+    if main is None or tuple(shape_of(main)[:-1]) != tuple(so[:-1]):
         return None
     x = next((v for v, a in zip([*args, *kwargs.values()], [*n.args, *n.kwargs.values()])
-              if a is main[0]), None)      # (None where it sits inside a list: torch.cat)
+              if a is main), None)      # (None where it sits inside a list: torch.cat)
     return None if x is None else _index_into(x, so[-1])
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..copies import copy_model
-from .graph import getattr_path, is_size_query, no_side_effects
+from .graph import ancestors, getattr_path, is_size_query, no_side_effects, shape_of
 
 #: how far the op on tokens may be from the op on the map, relative to the values (rounding of
 #: another summation order; an op that mixes positions is off by the values' own size)
@@ -152,6 +152,17 @@ def node_treats_tokens_alike(gm: fx.GraphModule, n: fx.Node, x_node: fx.Node, sh
     rtol = RTOL if dtype in (torch.float32, torch.float64) else 100 * RTOL
     return treats_positions_alike(run, x, lambda t: t.flatten(1, -2), 1, rtol)
 
+
+def token_wise_input(gm: fx.GraphModule, n: fx.Node, source: fx.Node) -> Optional[fx.Node]:
+    """The one input of ``n`` that comes from ``source`` (``source`` itself, or a node made from
+    it), where ``n`` acts on each of its tokens alone (:func:`node_treats_tokens_alike`; its
+    shape known: batch, positions, channels); None otherwise. What grid.py carries a token index
+    through, and what rewrite/program.py re-runs on the full input of PVTv2's reduced keys."""
+    on_path = [i for i in n.all_input_nodes if i is source or source in ancestors(i)]
+    shape = shape_of(on_path[0]) if len(on_path) == 1 else None
+    if shape is None or len(shape) < 3 or not node_treats_tokens_alike(gm, n, on_path[0], shape):
+        return None
+    return on_path[0]
 
 def _constant(gm: fx.GraphModule, v: fx.Node, perturbed: Callable):
     """The value of ``v``, made of parameters, buffers and numbers (perturbed) and of sizes of

@@ -49,7 +49,7 @@ from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, 
                               value_ancestors)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
-from ..analyse.pointwise import node_treats_tokens_alike
+from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
 from ..analyse.trace import mark_batch_specialised, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
@@ -1125,7 +1125,7 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
     """Re-emit the ops that made ``src`` from the block's tokens, applied to the full input
     (``full``), when they are token-wise: leaf modules (norms, linears), layout methods,
     arithmetic with constants and any other op analyse/pointwise.py finds acts on each token
-    alone (_treats_tokens_alike). Returns the full-map node, or None (then the canvas is filled
+    alone (``token_wise_input``). Returns the full-map node, or None (then the canvas is filled
     with the representative token)."""
     chain, cur = [], src
     while cur is not token:
@@ -1138,7 +1138,7 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
             #         channels-first block's twin, analyse/channels_first.py)
         elif len(cur.all_input_nodes) != 1 or not (
                 cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
-            main = _scaled_by_constants(cur, token) or _treats_tokens_alike(graph, cur, token)
+            main = _scaled_by_constants(cur, token) or token_wise_input(graph.owning_module, cur, token)
             if main is None:
                 return None
         if not _can_run_again(graph.owning_module, cur):
@@ -1168,19 +1168,6 @@ def _scaled_by_constants(node: fx.Node, token: fx.Node) -> Optional[fx.Node]:
     on_path = [i for i in node.all_input_nodes if i is token or token in ancestors(i)]
     if len(on_path) != 1 or any(a.op == "placeholder" for i in node.all_input_nodes
                                 if i is not on_path[0] for a in ancestors(i) | {i}):
-        return None
-    return on_path[0]
-
-
-def _treats_tokens_alike(graph: fx.Graph, node: fx.Node, token: fx.Node) -> Optional[fx.Node]:
-    """The one input of ``node`` that comes from the block's tokens where analyse/pointwise.py
-    finds ``node`` acts on each of its tokens alone (``F.gelu``, ``F.layer_norm``, a cast, a
-    registered leaf function; its other arguments constants or sizes), else None (until the
-    forty-second session any such function refused PVTv2's reduced keys)."""
-    on_path = [i for i in node.all_input_nodes if i is token or token in ancestors(i)]
-    shape = shape_of(on_path[0]) if len(on_path) == 1 else None
-    if shape is None or len(shape) < 3 or \
-            not node_treats_tokens_alike(graph.owning_module, node, on_path[0], shape):
         return None
     return on_path[0]
 
