@@ -396,6 +396,36 @@ def test_videomae_decoder_called_directly_is_refused_not_run_at_the_conversions_
         torch.testing.assert_close(conv.decoder(x, 24).logits, model.decoder(x, 24).logits)
 
 
+def test_a_compiled_videomae_decoder_called_directly_is_refused_as_the_eager_one_is():
+    """``torch.compile(model.decoder)`` called on its own ran at the conversion's mask count:
+    the direct-call check was skipped while compiling, as a compiled block cannot see the
+    model's per-thread forward stack, so 24 mask tokens ran as 8 special tokens and 16 patches
+    without a word (a known gap of the forty-second session). The entry and exit hooks now count
+    the model forwards dynamo traces: a compiled direct call is refused as the eager one is, and
+    the compiled model's own calls run as eagerly, leaving the count at 0 after them."""
+    torch._dynamo.reset()
+    model = _videomae_pretraining()
+    video = torch.randn(2, 4, 3, 32, 32)
+    mask = torch.stack([torch.randperm(32) < 8 for _ in range(2)])
+    conv = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, start_block=2,
+                           example_input=dict(pixel_values=video[:1], bool_masked_pos=mask[:1]))
+    x = torch.randn(2, 32, 32)
+    runtime = evoplug.get_report(conv).blocks[0].runtime
+    decoder = torch.compile(conv.decoder, backend="eager")
+    with torch.no_grad():
+        for n in (24, 8):
+            with pytest.raises(evoplug.EvoplugError, match=r"`decoder\.decoder_layers\.0`.*"
+                               r"called outside the model's forward"):
+                decoder(x, n)
+        eager = conv(video, bool_masked_pos=mask).logits
+        compiled = torch.compile(conv, backend="eager")(video, bool_masked_pos=mask).logits
+        torch.testing.assert_close(compiled, eager)
+        assert runtime.compiled_entries == 0
+        with pytest.raises(evoplug.EvoplugError, match="called outside the model's forward"):
+            decoder(x, 24)
+    torch._dynamo.reset()
+
+
 def test_mlcd_rotary_tables_follow_each_images_tokens():
     """MLCD hands its layers rotary tables (N, d) without a batch dim and lines them up with the
     queries itself (``cos.unsqueeze(0)`` ... ``.unsqueeze(-2)``): the program takes them whole

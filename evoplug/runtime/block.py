@@ -959,10 +959,13 @@ def _check_suffix_count(spec: BlockSpec):
     (state.py ``counted``). Called outside one (``model.decoder(x, n)`` called directly) it
     cannot tell how many of its tokens are special: refused by name. (It kept the conversion's
     count, ranking mask tokens as patches, 2.6 off with 24 mask tokens where it was converted
-    at 8, until the forty-second session.) Not checked while compiling: the entry hook refuses
-    the model's compiled calls at another count."""
+    at 8, until the forty-second session.) While compiling, the model's forwards dynamo traces
+    are counted instead (``EvoRuntime.compiled_entries``; a compiled direct call ran at the
+    conversion's count until the forty-third session); the entry hook refuses the model's
+    compiled calls at another count."""
     owner = spec.runtime.parent or spec.runtime       # (a size twin's: the model's runtime)
-    if getattr(owner._local, "entry", None) or torch.compiler.is_compiling():
+    if getattr(owner._local, "entry", None) or \
+            torch.compiler.is_compiling() and owner.compiled_entries > 0:
         return
     arg, value = spec.suffix_from[0]
     raise EvoplugError(

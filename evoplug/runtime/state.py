@@ -295,6 +295,10 @@ class EvoRuntime:
         return cur
 
     reorder_told = False     # a warning told that converted blocks ran out of their order
+    #: the model's forwards dynamo traces now (the entry hook counts them up, the exit hook
+    #: down, while compiling; the traced code keeps no per-thread stacks): a block whose count
+    #: of special tokens only the model's call gives is refused outside one
+    compiled_entries = 0
 
     def _run_starts(self, local, index: int):
         """A run of the blocks starts at block ``index``, eagerly. In a forward of the model as
@@ -925,6 +929,7 @@ class EntryHook:
     def __call__(self, module, args, kwargs):
         # every forward of the model passes here: no per-call sets or tuples beyond the input key
         if torch.compiler.is_compiling():
+            self.runtime.compiled_entries += 1
             # (shapes are static while dynamo traces: at the conversion's size nothing is added to
             # the graph; at another, a graph break builds the twin the blocks then take)
             if self.factory is not None and not torch.compiler.is_exporting() and (
@@ -989,7 +994,9 @@ class EntryHook:
         return variant
 
     def exit(self, module, args, kwargs, output):
-        if not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
+            self.runtime.compiled_entries -= 1
+        else:
             if self.runtime.entered() and len(self.runtime._local.entry) == 1 and \
                     sys.exc_info()[0] is None and self.runtime.variant() is None:
                 # (not a forward that raised, nor one a twin ran)
