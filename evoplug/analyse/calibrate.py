@@ -396,6 +396,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
         model.train(was_training)
     calls = CallRecord(rec.calls, rec.uses, [id(t) for t in _tensors_in(out)])
     calls.derived["unread_attention"] = rec.unread
+    calls.derived["example_input"] = example_input     # (for the probes run on demand)
     _token_arguments(model, calls, example_input)
     # plain attributes a forward sets (a cached size, transformers' Swin's shift set to 0 for
     # good): state, not what the trace depends on; with the values the forward left

@@ -12,6 +12,7 @@ from ..errors import AnalysisError
 from ..integrations.registry import hint
 from ..runtime.evolve import GuessedGrid
 from .calibrate import ModuleCall
+from .provenance import rows_followed
 
 
 def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
@@ -544,39 +545,49 @@ def patch_grid(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
             last = (c.order, fm)
     if best is not None:
         return best[1]
-    if _kept_rows(call, calls, num_patches):
+    if _kept_rows(call, calls, num_patches, model):
         return None
     return _guessed_grid(num_patches, last[1] if last is not None else None)
 
 
-def _kept_rows(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int) -> bool:
+def _kept_rows(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
+               model: Optional[nn.Module]) -> bool:
     """Whether the block's tokens are a subset of an earlier module's (B, N, C) output with more
-    tokens: at least half its patches are that output's rows, copied (the first call with this
-    token count is checked, so every block of the count agrees). A model that drops tokens
-    between blocks (keeps the top ones, or a fixed subset) keeps no map: its kept patches are no
-    grid, whatever their count (16 of an 8x8 map were taken for a 4x4 one, the scores pooled
-    onto other places, 0.15 off, until the forty-second session; a known gap of the forty-first).
-    A downsampling stage (LeViT's) computes its tokens: none is a copy."""
+    tokens: at least half its patches each follow one row of that output, token by token
+    (provenance.rows_followed, on the last such output before the first call with this token
+    count, so every block of the count agrees). A model that drops tokens between blocks (keeps
+    the top ones, or a fixed subset) keeps no map: its kept patches are no grid, whatever their
+    count (16 of an 8x8 map were taken for a 4x4 one, the scores pooled onto other places, 0.15
+    off, until the forty-second session; a known gap of the forty-first; and where a per-token
+    step followed the drop, a scaling, a position term, a cast, whose rows are no copies, 0.11
+    to 0.32 off until the forty-third). A downsampling stage (LeViT's) computes each of its
+    tokens from several: none follows one."""
     x = call.first_tensor()
-    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.shape[0] or not x.is_floating_point():
+    if model is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.shape[0] or \
+            not x.is_floating_point():
         return False
     B, n, C = x.shape
 
     def flat(t, count) -> bool:
         return isinstance(t, torch.Tensor) and t.dim() == 3 and t.shape[0] == B and \
             t.shape[2] == C and count(t.shape[1]) and t.dtype == x.dtype
-    first = min((c for c in calls.values() if c.order <= call.order and
-                 flat(c.first_tensor(), lambda m: m == n)), key=lambda c: c.order, default=call)
-    rows = first.first_tensor()[0]
-    rows = rows[rows.abs().amax(-1) > 0]
-    for c in calls.values():
-        if c.order < first.order and flat(c.output, lambda m: m > n) and c.name and \
-                not first.name.startswith(c.name + "."):
-            apart = torch.cdist(rows.float(), c.output[0].float(),
-                                compute_mode="donot_use_mm_for_euclid_dist")
-            if int((apart == 0).any(1).sum()) - (n - num_patches) >= max(1, num_patches // 2):
-                return True
-    return False
+    derived = getattr(calls, "derived", {})
+    into, first = min(((k, c) for k, c in calls.items() if c.order <= call.order and
+                       flat(c.first_tensor(), lambda m: m == n)), key=lambda kc: kc[1].order,
+                      default=(None, call))
+    source = max((k for k, c in calls.items() if c.order < first.order and c.n_calls == 1 and
+                   flat(c.output, lambda m: m > n) and c.name and
+                   not first.name.startswith(c.name + ".")), key=lambda k: calls[k].order, default=None)
+    if into is None or source is None or "example_input" not in derived:
+        return False
+    least = n - num_patches + max(1, num_patches // 2)
+    found = derived.setdefault("rows_followed", {})
+    if (into, source) not in found:
+        modules = {id(m): m for m in model.modules()}
+        found[(into, source)] = rows_followed(model, derived["example_input"], calls, modules[into],
+                                              modules[source], least)
+    followed = found[(into, source)]
+    return followed is not None and int(followed.sum()) >= least
 
 
 def _guessed_grid(num_patches: int, seen: Optional[Tuple[int, int]]):

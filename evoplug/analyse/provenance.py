@@ -15,6 +15,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, noise, split_tokens, this_thread
+from .pointwise import seeded
 from ..runtime.state import row_counts
 
 
@@ -129,6 +130,51 @@ def class_token_rows(model: nn.Module, example_input, calls: CallRecord, blocks)
             if changed.numel() == 1:
                 rows[x.shape[1]] = int(changed)
     calls.derived["class_rows"] = rows
+
+
+def rows_followed(model: nn.Module, example_input, calls: CallRecord, into: nn.Module,
+                  source: nn.Module, least: int = 1) -> Optional[torch.Tensor]:
+    """(N,) which token rows of ``into``'s input each follow one row of ``source``'s (B, N', C)
+    output, token by token: eager forwards (eval, no grad, the random numbers of seed 0 in each:
+    a subset drawn at random is drawn alike) in which ``source`` returns its output
+    with small noise (1e-3 of its scale: a ranking by the rows keeps its order) on all its rows,
+    then, for each bit of a row's index, on the rows with the bit set and on the others. A row
+    of one source row (copied, gathered, then normed, scaled, projected, cast, given a position
+    term) changes with all of them and in one forward of each pair; a row made of several (a
+    pooling, a patch merging, an attention subsample) changes in both forwards of a bit where
+    two of its rows differ. Stops once fewer than ``least`` rows can follow one; None where the
+    model cannot take the noise."""
+    n_rows = calls[id(source)].output.shape[1]
+    index = torch.arange(n_rows)
+    masks = [index >= 0]
+    for b in range(max(1, (n_rows - 1).bit_length())):
+        masks += [(index >> b) % 2 == 1, (index >> b) % 2 == 0]
+    x, followed = None, None
+    for i, mask in enumerate([index < 0] + masks):
+        seen = seeded(_inputs_seen, model, example_input, {id(into): into}, {id(into): None},
+                      calls=calls, outputs={source: _small_noise_on(mask, i)})
+        y = None if seen is None else seen.get(id(into))
+        if not isinstance(y, torch.Tensor) or (x is not None and y.shape != x.shape):
+            return None
+        if i == 0:
+            x = y
+            continue
+        changed = ~_unchanged_rows(x, y)
+        followed = changed if i == 1 else followed & ~(last & changed) if i % 2 == 1 else followed
+        if int(followed.sum()) < least:
+            break
+        last = changed
+    return followed
+
+
+def _small_noise_on(rows: torch.Tensor, seed: int):
+    """A forward hook adding seeded noise of 1e-3 of the output's scale to its token ``rows``."""
+    def hook(_m, _args, out):
+        g = torch.Generator().manual_seed(seed)
+        step = torch.randn(out.shape, generator=g, dtype=torch.float32).to(out.device, out.dtype)
+        scale = (out.float().std() + 1.0).to(out.dtype) * 1e-3
+        return torch.where(rows.to(out.device)[:, None], out + step * scale, out)
+    return hook
 
 
 def _unchanged_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
