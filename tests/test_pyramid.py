@@ -527,6 +527,16 @@ def test_tokens_dropped_between_blocks_restart_the_scores_not_carried_onto_a_gue
     assert runs[3:] == [n for _, n in evoplug.tokens_per_block(rest)] == [kept + 1] + [kept // 2 + 2] * 2
 
 
+def test_dropped_tokens_copied_as_they_are_are_told_where_the_probe_cannot_run(monkeypatch):
+    """Where the dependence probe (provenance.rows_followed) cannot run on a model (None), the
+    kept rows are still told by being copies of the earlier output's rows, as before the
+    forty-third session (the probe had no fallback: such a model's dropped tokens would have been
+    taken for a guessed grid again)."""
+    from evoplug.analyse import discover
+    monkeypatch.setattr(discover, "rows_followed", lambda *args, **kwargs: None)
+    test_tokens_dropped_between_blocks_restart_the_scores_not_carried_onto_a_guessed_grid((32, 32), 16, False)
+
+
 @pytest.mark.parametrize("step,img,kept,fixed", [
     ("scale", (32, 32), 16, False), ("position", (32, 64), 32, True), ("cast", (32, 32), 16, True),
     ("layer_norm", (32, 64), 32, False), ("linear", (32, 32), 16, False)])

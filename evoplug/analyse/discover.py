@@ -563,8 +563,7 @@ def _kept_rows(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
     to 0.32 off until the forty-third). A downsampling stage (LeViT's) computes each of its
     tokens from several: none follows one."""
     x = call.first_tensor()
-    if model is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.shape[0] or \
-            not x.is_floating_point():
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.shape[0] or not x.is_floating_point():
         return False
     B, n, C = x.shape
 
@@ -575,19 +574,30 @@ def _kept_rows(call: ModuleCall, calls: Dict[int, ModuleCall], num_patches: int,
     into, first = min(((k, c) for k, c in calls.items() if c.order <= call.order and
                        flat(c.first_tensor(), lambda m: m == n)), key=lambda kc: kc[1].order,
                       default=(None, call))
-    source = max((k for k, c in calls.items() if c.order < first.order and c.n_calls == 1 and
-                   flat(c.output, lambda m: m > n) and c.name and
-                   not first.name.startswith(c.name + ".")), key=lambda k: calls[k].order, default=None)
-    if into is None or source is None or "example_input" not in derived:
-        return False
+    earlier = [k for k, c in calls.items() if c.order < first.order and c.name and
+               flat(c.output, lambda m: m > n) and not first.name.startswith(c.name + ".")]
+    source = max((k for k in earlier if calls[k].n_calls == 1), key=lambda k: calls[k].order,
+                 default=None)
     least = n - num_patches + max(1, num_patches // 2)
-    found = derived.setdefault("rows_followed", {})
-    if (into, source) not in found:
-        modules = {id(m): m for m in model.modules()}
-        found[(into, source)] = rows_followed(model, derived["example_input"], calls, modules[into],
-                                              modules[source], least)
-    followed = found[(into, source)]
-    return followed is not None and int(followed.sum()) >= least
+    followed = None
+    if model is not None and into is not None and source is not None and "example_input" in derived:
+        found = derived.setdefault("rows_followed", {})
+        if (into, source) not in found:
+            modules = {id(m): m for m in model.modules()}
+            found[(into, source)] = rows_followed(model, derived["example_input"], calls,
+                                                  modules[into], modules[source], least)
+        followed = found[(into, source)]
+    if followed is None:        # (no probe ran: rows copied as they are, from any earlier output)
+        return any(_copied_rows(first.first_tensor()[0], calls[k].output[0], least) for k in earlier)
+    return int(followed.sum()) >= least
+
+
+def _copied_rows(rows: torch.Tensor, earlier: torch.Tensor, least: int) -> bool:
+    """Whether at least ``least`` of the (nonzero) ``rows`` are rows of ``earlier``, exactly: the
+    check of the forty-second session, where :func:`provenance.rows_followed` cannot run."""
+    rows = rows[rows.abs().amax(-1) > 0]
+    apart = torch.cdist(rows.float(), earlier.float(), compute_mode="donot_use_mm_for_euclid_dist")
+    return int((apart == 0).any(1).sum()) >= least
 
 
 def _guessed_grid(num_patches: int, seen: Optional[Tuple[int, int]]):

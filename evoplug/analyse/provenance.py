@@ -149,7 +149,7 @@ def rows_followed(model: nn.Module, example_input, calls: CallRecord, into: nn.M
     masks = [index >= 0]
     for b in range(max(1, (n_rows - 1).bit_length())):
         masks += [(index >> b) % 2 == 1, (index >> b) % 2 == 0]
-    x, followed = None, None
+    x, followed, last = None, None, None
     for i, mask in enumerate([index < 0] + masks):
         seen = seeded(_inputs_seen, model, example_input, {id(into): into}, {id(into): None},
                       calls=calls, outputs={source: _small_noise_on(mask, i)})
