@@ -378,10 +378,9 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
                "conversion needs the model converted again on that call"
         raise EvoplugError(f"{type(model).__name__}: {what}, which failed: {e}") from None
     converted = get_report(twin).blocks
-    if [id(s.analysis.module) for s in converted] != [id(pairs[id(s.analysis.module)]) for s in present]:
-        raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
-                           f"({[s.analysis.name for s in converted]}) than at the size it was "
-                           "converted at; convert it for this size")
+    _check_twin_blocks(model, report, [id(s.analysis.module) for s in converted],
+                       [id(pairs[id(s.analysis.module)]) for s in present],
+                       [s.analysis.name for s in converted])
     blocks = [pairs.get(id(s.analysis.module)) for s in report.blocks]    # (by spec.index)
     runtime = converted[0].runtime
     runtime.parent = report.blocks[0].runtime
@@ -392,6 +391,26 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]
     return SizeVariant(twin, blocks, triples, time.perf_counter() - t0, runtime)
+
+
+def _check_twin_blocks(model: nn.Module, report: ConversionReport, converted, present, names):
+    """A twin must convert the blocks left of the conversion's (``present``), in their order
+    (ids of the twin's modules). The same blocks in another order are blocks reordered after
+    the conversion, whose twin would run in the new order and the model at the conversion's
+    size in the old one: refused naming them (the refusal said "other blocks convert", listing
+    the same names, until the forty-third session)."""
+    if converted == present:
+        return
+    if sorted(converted) == sorted(present) and report.moved:
+        where = ", ".join(f"`{now}` (converted as `{then}`)" for then, now in report.moved.items())
+        raise EvoplugError(
+            f"{type(model).__name__}: its converted blocks were put in another order after the "
+            f"conversion ({where}); converted blocks keep the order of the conversion, and a "
+            "call at another input size, which converts the model again for that size, cannot "
+            "run them in it. Convert after reordering blocks: "
+            "evoplug.convert(evoplug.revert(model), ...)")
+    raise EvoplugError(f"{type(model).__name__}: at this input size other blocks convert "
+                       f"({names}) than at the size it was converted at; convert it for this size")
 
 
 def _plan_of_blocks_left(options: EvoOptions, roles, blocks) -> Plan:

@@ -38,6 +38,11 @@ class ConversionReport:
     #: conversion, or a converted block deep-copied there): it runs its own forward, as of the
     #: last :func:`get_report`
     replaced: List[str] = dataclasses.field(default_factory=list)
+    #: converted blocks deep-copied into the model after conversion in no converted block's
+    #: place (``model.blocks.append(copy.deepcopy(model.blocks[-1]))``): their path -> the name
+    #: of the converted block they copy; they run their own forward, as of the last
+    #: :func:`get_report`
+    copied: Dict[str, str] = dataclasses.field(default_factory=dict)
     #: modules whose forward adds the residual branches of pairs (``x = attn(x) + x``) that the
     #: conversion regrouped into blocks (``runtime/pairs.py``), by name
     regrouped: Tuple[str, ...] = ()
@@ -69,6 +74,7 @@ class ConversionReport:
         if "options" in state:          # (a report pickled before the twenty-second session)
             state["_options"] = state.pop("options")
         state.setdefault("replaced", [])    # (one pickled before the forty-second session)
+        state.setdefault("copied", {})      # (one pickled before the forty-third session)
         self.__dict__.update(state)
 
     @property
@@ -153,7 +159,19 @@ def get_report(model: nn.Module) -> ConversionReport:
     report.moved = {b.name: where[id(b)] for b in report.blocks
                     if id(b) in where and where[id(b)] != b.name}
     report.replaced = [n for n in report.removed if n not in where.values() and _holds(model, n)]
+    report.copied = _copied(model, report)
     return report
+
+
+def _copied(model: nn.Module, report: ConversionReport) -> Dict[str, str]:
+    """:attr:`ConversionReport.copied`: converted blocks whose runtime no model drives (copied
+    apart from their model, runtime/block.py ``_apart``) in places that held no converted block
+    (a copy appended after the last converted block ran its own forward, warned, but explain()
+    and tokens_per_block() did not list it, until the forty-third session)."""
+    mine = {id(b) for b in report.blocks}
+    return {n: m._evoplug_spec.name for n, m in model.named_modules()
+            if isinstance(m, EvoBlockMixin) and id(m._evoplug_spec) not in mine
+            and not m._evoplug_spec.runtime.served and n not in report.replaced}
 
 
 def _holds(model: nn.Module, path: str) -> bool:
@@ -189,10 +207,12 @@ def _where(model: nn.Module, report: ConversionReport) -> Dict[int, str]:
 def tokens_per_block(model: nn.Module) -> List[Tuple[str, int]]:
     """Tokens each converted block ran through its attention and MLP in the last forward
     (-1: the block's original forward ran, or no forward has run since the conversion; so for a
-    module that replaced a converted block after conversion, which runs its own forward)."""
+    module that replaced a converted block after conversion, which runs its own forward, and
+    for a converted block copied into the model after conversion, last)."""
     report = get_report(model)
     return [(s.name, -1) if s.name in report.replaced else (report.path(s), s.tokens_run)
-            for s in report.blocks if s.name not in report.removed or s.name in report.replaced]
+            for s in report.blocks if s.name not in report.removed or s.name in report.replaced
+            ] + [(path, -1) for path in report.copied]
 
 
 def format_report(report: ConversionReport) -> str:
@@ -227,6 +247,7 @@ def format_report(report: ConversionReport) -> str:
                      f"{report.path(s)} (was {a.name})", role, toks, f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else
                      str(a.num_prefix), a.attention,
                      "; ".join(a.position_terms) or "-"))
+    rows.extend(_copied_rows(report))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(hdr)]
     fmt = "  ".join("{:<%d}" % w for w in widths)
     lines.append(fmt.format(*hdr))
@@ -253,11 +274,30 @@ def format_report(report: ConversionReport) -> str:
     if idle:
         lines.append(f"WARNING: {unscored_reason(analyses, idle)}")
     lines.extend(_removed_lines(report, idle))
+    lines.extend(f"WARNING: `{path}` is a copy of the converted block `{name}` put in the model "
+                 "after the conversion (copy.deepcopy of a converted block): it runs its own "
+                 "forward, every token (no speed-up; evoplug.set_options does not reach it); to "
+                 "have it evolve, convert again: evoplug.convert(evoplug.revert(model), ...)"
+                 for path, name in report.copied.items())
     for name, reason in report.failed:
         lines.append(f"NOT converted `{name}`: {reason}")
     for name, reason in report.skipped:
         lines.append(f"left alone `{name}`: {reason}")
     return "\n".join(lines)
+
+
+def _copied_rows(report) -> List[Tuple[str, ...]]:
+    """The table's rows of the converted blocks copied into the model after the conversion,
+    from the analysis of the converted block each copies (the copy holds a copy of it)."""
+    specs = {s.name: s.analysis for s in report.blocks}
+    rows = []
+    for path, name in report.copied.items():
+        a = specs.get(name)
+        rows.append((path, f"copy of `{name}`: its own forward", "-", "-", "-", "-") if a is None
+                    else (path, f"copy of `{name}`: its own forward", str(a.num_tokens),
+                          f"{a.num_prefix}+{a.num_suffix}" if a.num_suffix else str(a.num_prefix),
+                          a.attention, "; ".join(a.position_terms) or "-"))
+    return rows
 
 
 def _removed_lines(report, idle) -> List[str]:

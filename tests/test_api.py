@@ -714,6 +714,92 @@ def test_converted_blocks_reordered_after_conversion_are_told():
         torch.testing.assert_close(again(x), reference, atol=1e-6, rtol=1e-6)
 
 
+def test_a_converted_block_copied_past_the_converted_ones_is_listed_and_told_when_compiled():
+    """A known gap of the forty-second session: a converted block deep-copied past the
+    converted blocks (``blocks.append(copy.deepcopy(blocks[-1]))``) warned when it ran, but
+    explain(), get_report() and tokens_per_block() did not list it; and a copy first called
+    under torch.compile, where no entry hook marks the model's forward, ran through its own
+    runtime without a word: copies sharing one (``blocks.extend(copy.deepcopy(blocks[2:]))``)
+    evolved from each other's scores, 0.03 off the eager forward. Now explain() lists each copy
+    ("copy of `blocks.3`: its own forward") with a warning saying what to do, get_report() in
+    ``copied``, tokens_per_block() with -1; compiled copies run their own forward as in eager,
+    told once when they are traced. Compared with unconverted copies in their place."""
+    import warnings
+    m = sharp_tiny_vit()
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    fresh = copy.deepcopy(fast)                     # written another way: unconverted copies
+    fast.blocks.append(copy.deepcopy(fast.blocks[-1]))
+    fresh.blocks.append(copy.deepcopy(m.blocks[-1]))
+    report = evoplug.get_report(fast)
+    assert report.copied == {"blocks.4": "blocks.3"} and not report.replaced
+    assert evoplug.tokens_per_block(fast)[-1] == ("blocks.4", -1)
+    text = evoplug.explain(fast)
+    assert "blocks.4  copy of `blocks.3`: its own forward" in text
+    assert "WARNING: `blocks.4` is a copy of the converted block `blocks.3`" in text and \
+        "evoplug.convert(evoplug.revert(model), ...)" in text
+    assert evoplug.get_report(fresh).copied == {}
+    with warnings.catch_warnings(record=True), torch.no_grad():      # (its warning: above)
+        warnings.simplefilter("always")
+        torch.testing.assert_close(fast(x), fresh(x), atol=1e-6, rtol=1e-6)
+
+    fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    fresh = copy.deepcopy(fast)
+    fast.blocks.extend(copy.deepcopy(fast.blocks[2:]))
+    fresh.blocks.extend(copy.deepcopy(m.blocks[2:]))
+    compiled = torch.compile(fast, backend="eager", fullgraph=True)
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        outs = [compiled(x) for _ in range(2)]
+        want = fresh(x)
+    said = [str(i.message) for i in w if "evoplug" in str(i.message)]
+    assert len(said) == 1 and "a copy of the converted block `blocks.2`" in said[0] and \
+        "is compiled (or exported): it runs its own forward" in said[0], said
+    for out in outs:
+        torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
+    assert evoplug.get_report(fast).copied == {"blocks.4": "blocks.2", "blocks.5": "blocks.3"}
+
+
+def test_converted_blocks_reordered_after_conversion_at_another_size_are_told():
+    """A known gap of the forty-second session: converted blocks reordered after conversion
+    were told in a forward at the conversion's size only. At another size the twin converted
+    for it was refused with "other blocks convert", listing the same blocks, and a twin built
+    before the reordering ran the blocks in the conversion's order without a word. Now the
+    refusal names the reordering, each block where it is and as what it was converted, and the
+    fix; with a twin built before, the forward warns as at the conversion's size. The fix gives
+    the reordered model converted anew."""
+    import warnings
+    m = sharp_tiny_vit(dynamic_img_size=True)
+    x, y = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    reordered = copy.deepcopy(m)
+    reordered.blocks[1], reordered.blocks[2] = reordered.blocks[2], reordered.blocks[1]
+    want = evoplug.convert(reordered, keep_ratio=0.5, example_input=x)
+    fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    built = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("error")
+        built(y), built(x), built(y)                      # its twin for 48 px, before
+    for model in (fast, built):
+        model.blocks[1], model.blocks[2] = model.blocks[2], model.blocks[1]
+    with pytest.raises(evoplug.EvoplugError, match=r"its converted blocks were put in another order after "
+                       r"the conversion \(`blocks.2` \(converted as `blocks.1`\), `blocks.1` "
+                       r"\(converted as `blocks.2`\)\).*evoplug.convert\(evoplug.revert\(model\)"), \
+            torch.no_grad():
+        fast(y)
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        out = built(y)
+        built(y)
+        reference = want(y)
+    said = [str(i.message) for i in w if "evoplug" in str(i.message)]
+    assert len(said) == 1 and "`blocks.2` (converted as `blocks.1`) ran after `blocks.1` " \
+        "(converted as `blocks.2`)" in said[0], said
+    assert (out - reference).abs().max() > 1e-2              # what it warns of
+    again = evoplug.convert(evoplug.revert(built), keep_ratio=0.5, example_input=x)
+    with torch.no_grad():
+        torch.testing.assert_close(again(y), reference, atol=1e-6, rtol=1e-6)
+
+
 def test_options_that_contradict_the_model_are_told():
     """Found by the twenty-first session's audit of the options: ``num_prefix_tokens`` that
     contradicts the tokens (0 on a ViT with a class token: the class token ranked as a patch)

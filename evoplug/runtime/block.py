@@ -420,10 +420,11 @@ def _apart(block: nn.Module, spec: BlockSpec) -> bool:
     not drive it either: it then runs its own forward, told once per copy with its place. It
     ran through its own runtime without a word, and explain() called its place "removed after
     conversion", until audit F1 of the forty-second session. (Run alone, such copies go on as
-    blocks of a method called directly.)"""
+    blocks of a method called directly; compiled, they run their own forward:
+    :func:`_apart_compiled`.)"""
     rt = spec.runtime
     if torch.compiler.is_compiling():
-        return False
+        return _apart_compiled(rt, spec.name)
     models = [call[1] for other in list(_RUNTIMES) if other is not rt
               for call in getattr(other._local, "call", None) or ()]
     if not models or rt.apart_told:
@@ -437,6 +438,26 @@ def _apart(block: nn.Module, spec: BlockSpec) -> bool:
         "its own forward, on every token (no speed-up; evoplug.set_options does not reach it). "
         "To have it evolve, convert the model that holds it again: "
         "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=5)
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _apart_compiled(rt: EvoRuntime, name: str) -> bool:
+    """:func:`_apart` while torch.compile (or torch.export) traces the call: no entry hook
+    marks a compiled forward of the model, so a copy cannot tell whether one calls it; it runs
+    its own forward, as in the model's eager forward, told once per copy when it is traced (run
+    while dynamo traces, a constant in the graph: nothing per call). It ran through its own
+    runtime without a word until the forty-third session: copies sharing one (``blocks.extend(
+    copy.deepcopy(blocks[2:]))``) evolved from each other's scores, 0.03 off the eager forward."""
+    if not rt.apart_told:
+        rt.apart_told = True
+        warnings.warn(
+            f"evoplug: a copy of the converted block `{name}`, made apart from the model it was "
+            "converted in (copy.deepcopy of the block after the conversion), is compiled (or "
+            "exported): it runs its own forward, on every token (no speed-up; "
+            "evoplug.set_options does not reach it). To have it evolve, convert the model that "
+            "holds it again: "
+            "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=2)
     return True
 
 

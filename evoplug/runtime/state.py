@@ -307,12 +307,16 @@ class EvoRuntime:
         which the runtime does not follow; told once (it ran densely from no scores, and the
         blocks after it evolved from those, without a word, until the forty-second session).
         Blocks called inside another converted block's call (from a hook on it) are a run of
-        their own beside the forward's, which goes on after them (see :meth:`enter`): not told."""
-        if getattr(local, "ran", False) and not self.reorder_told and self.entered() and \
-                not _inside_another_block(self, index, local.frames[-1]):
-            self.reorder_told = True
-            model = self.call()[1]
-            now, before = (_placed(self, model, i) for i in (index, local.last))
+        their own beside the forward's, which goes on after them (see :meth:`enter`): not told.
+        The blocks of a size twin built before the reordering are told so too, in the model's
+        forward they run in (they ran so without a word until the forty-third session)."""
+        owner = self.parent or self    # (a size twin's blocks: the model's forward, told once)
+        if getattr(local, "ran", False) and not owner.reorder_told and owner.entered() and \
+                not _inside_another_block(self, index, owner._local.frames[-1]):
+            owner.reorder_told = True
+            model = owner.call()[1]
+            now, before = (_placed(owner, model, owner._model_index(self, i))
+                           for i in (index, local.last))
             ran = "ran twice in a row" if index == local.last else f"ran after {before}"
             warnings.warn(
                 f"evoplug: {now} {ran} in this forward of {type(model).__name__}: "
@@ -322,6 +326,14 @@ class EvoRuntime:
                 "run twice, after the conversion?). Convert after reordering blocks: "
                 "evoplug.convert(evoplug.revert(model), ...) (said once)", stacklevel=7)
         local.ran = True
+
+    def _model_index(self, rt: "EvoRuntime", index: int) -> int:
+        """The index in this model runtime's blocks of block ``index`` of ``rt``, this one or
+        the size twin this thread's forward runs with."""
+        variant = self._local.variant[-1] if rt is not self else None
+        return index if variant is None else next(
+            (i for i, b in enumerate(variant.blocks) if b is not None and
+             b._evoplug_spec.index == index), index)
 
     def _streams(self, local, cur: Optional[EvoState], index: int, tokens, run: Optional[Run]):
         """:meth:`enter` where runs wait or one may start: the state to go on from."""
@@ -426,6 +438,8 @@ class EvoRuntime:
         else:
             local.outer.append(None)
         local.ran = False
+        if variant is not None:        # (a run of its blocks starts in this forward too)
+            variant.runtime._local.ran = False
         stack.append(matches)
         local.frames.append(frame)
         self._local.variant.append(variant)
@@ -498,6 +512,7 @@ class EvoRuntime:
         """The rest of this thread's model forward runs with ``variant`` (a form twin, found by
         its first block that runs a program: runtime/block.py ``_form_twin``)."""
         self._local.variant[-1] = variant
+        variant.runtime._local.ran = False
 
     def images(self) -> Optional[int]:
         """The images of the model forward running on this thread (:func:`images_in`), None
