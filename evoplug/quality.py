@@ -36,6 +36,15 @@ def logits_of(output: Any, who: str = "the model") -> torch.Tensor:
     return t
 
 
+def check_classifier(model: nn.Module, who: str = "the model") -> None:
+    """Refuse a model built without its classifier head (timm's ``num_classes=0``): its 2-D
+    output is pooled features, whose argmax is no prediction (it was taken for logits)."""
+    if getattr(model, "num_classes", None) == 0:
+        raise ValueError(f"{who} ({type(model).__name__}) has num_classes=0: it returns features, "
+                         "not class logits, and agreement with the dense model (evoplug.plan, "
+                         "evoplug.distill) needs a classifier's head")
+
+
 def as_image_tensor(images: Any, limit: Optional[int] = None) -> torch.Tensor:
     """Images as one (N, C, H, W) tensor: a tensor as is; a Dataset, DataLoader or other
     iterable read once, each item a batch or one image, alone or first in a tuple/list (labels

@@ -169,6 +169,7 @@ def _check(model, steps, batch_size, temperature, mixup):
     if not evoplug.is_converted(model):
         raise EvoplugError("distill teaches a converted model: call evoplug.convert(model, ...) first "
                            "(the dense teacher is the converted model's own weights at keep 1.0)")
+    evoplug.quality.check_classifier(model)
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     if temperature <= 0:

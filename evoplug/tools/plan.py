@@ -32,6 +32,8 @@ from ..errors import EvoplugError
 from ..options import check_keep_ratio
 
 KEEP_RATIOS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+#: what ``Choice.agreement`` holds without ``metric=``
+AGREEMENT = "top-1 agreement with dense"
 
 
 class PlanError(EvoplugError):
@@ -76,7 +78,7 @@ class PlanResult:
     images: int
     timed: bool
     dense_top1: Optional[float] = None
-    metric: str = "top-1 agreement with dense"
+    metric: str = AGREEMENT               # or the name of plan's metric=, in its own units
     example: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)   # one calibration image
 
     @property
@@ -95,6 +97,11 @@ class PlanResult:
     def pareto(self) -> List[Choice]:
         return [c for c in self.choices if c.pareto]
 
+    def score(self, c: Choice) -> str:
+        """``c.agreement`` as the table prints it: the agreement in %, a ``metric=``'s own value
+        (it was printed x100 with '%' under "agreement": -0.0% for a negative MSE)."""
+        return f"{c.agreement:.1%}" if self.metric == AGREEMENT else f"{c.agreement:.4g}"
+
     def convert(self, model: nn.Module, **kwargs) -> nn.Module:
         """``evoplug.convert(model, **best.options(), **kwargs)``, on a calibration image."""
         kwargs.setdefault("example_input", self.example)
@@ -105,7 +112,8 @@ class PlanResult:
         rows = self.choices if rows is None else rows
         best = self.meeting[0] if self.meeting else None
         speed = "time ratio" if self.timed else "FLOP ratio"
-        head = ["", "keep", "start", "query", "alpha", speed, "agreement"]
+        head = ["", "keep", "start", "query", "alpha", speed,
+                "agreement" if self.metric == AGREEMENT else self.metric]
         if self.timed:
             head.insert(6, "FLOP ratio")
         if self.dense_top1 is not None:
@@ -114,7 +122,7 @@ class PlanResult:
         for c in rows:
             mark = (">" if c is best else "") + ("*" if c.pareto else "")
             cells = [mark, f"{c.keep_ratio:g}", str(c.start_block), c.global_query, f"{c.trade_off:g}",
-                     f"{c.speedup:.2f}x", f"{c.agreement:.1%}"]
+                     f"{c.speedup:.2f}x", self.score(c)]
             if self.timed:
                 cells.insert(6, f"{c.flop_speedup:.2f}x")
             if self.dense_top1 is not None:
@@ -139,23 +147,24 @@ class PlanResult:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
+        scale = 100 if self.metric == AGREEMENT else 1       # (a metric= in its own units)
         for q, marker in (("cls", "o"), ("mean", "s")):
             pts = [c for c in self.choices if c.global_query == q]
             if pts:
-                sc = ax.scatter([c.speedup for c in pts], [100 * c.agreement for c in pts], marker=marker,
+                sc = ax.scatter([c.speedup for c in pts], [scale * c.agreement for c in pts], marker=marker,
                                 c=[c.keep_ratio for c in pts], cmap="viridis", vmin=0.0, vmax=1.0,
                                 s=26, label=f"{q} query", edgecolors="none")
         front = sorted(self.pareto, key=lambda c: c.speedup)
-        ax.plot([c.speedup for c in front], [100 * c.agreement for c in front], "k-", lw=1,
+        ax.plot([c.speedup for c in front], [scale * c.agreement for c in front], "k-", lw=1,
                 label="Pareto front")
         ax.axvline(self.target_speedup, color="tab:red", ls="--", lw=1, label=f"target {self.target_speedup:g}x")
         if self.meeting:
             b = self.meeting[0]
-            ax.scatter([b.speedup], [100 * b.agreement], s=160, facecolors="none", edgecolors="tab:red",
+            ax.scatter([b.speedup], [scale * b.agreement], s=160, facecolors="none", edgecolors="tab:red",
                        label=f"best: keep {b.keep_ratio:g}, start {b.start_block}, {b.global_query}")
         fig.colorbar(sc, ax=ax, label="keep ratio")
         ax.set_xlabel(("measured time" if self.timed else "FLOP") + " speed-up over dense (x)")
-        ax.set_ylabel(f"{self.metric} (%)")
+        ax.set_ylabel(f"{self.metric} (%)" if scale == 100 else self.metric)
         ax.set_title(title or f"evoplug plan on {self.images} images")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
@@ -170,9 +179,9 @@ def _impossible(p: PlanResult) -> str:
     kind = "measured time" if p.timed else "FLOP"
     return (f"no option reaches a {p.target_speedup:g}x speed-up ({kind} ratio) on this model: the "
             f"fastest measured, keep_ratio={fastest.keep_ratio:g} start_block={fastest.start_block} "
-            f"global_query={fastest.global_query!r}, reaches {fastest.speedup:.2f}x (agreement "
-            f"{fastest.agreement:.1%}); lower the target, or measure smaller keep ratios or "
-            f"earlier start blocks")
+            f"global_query={fastest.global_query!r}, reaches {fastest.speedup:.2f}x "
+            f"({'agreement' if p.metric == AGREEMENT else p.metric} {p.score(fastest)}); lower "
+            f"the target, or measure smaller keep ratios or earlier start blocks")
 
 
 def _mark_pareto(choices: List[Choice]) -> None:
@@ -181,9 +190,38 @@ def _mark_pareto(choices: List[Choice]) -> None:
                            (o.speedup > c.speedup or o.agreement > c.agreement) for o in choices)
 
 
+#: the options the planner measures, each with its keyword of :func:`plan`
+AXES = dict(keep_ratio="keep_ratios", start_block="start_blocks", global_query="global_queries",
+            trade_off="trade_offs")
+
+
+def _fixed_axes(options: dict, given: dict) -> dict:
+    """The measured options ``given`` ({'keep_ratios': ..., ...}, None: the default) with one
+    given as a single option instead (``trade_off=0.3``: only 0.3 is measured, as
+    ``trade_offs=(0.3,)``); popped from ``options``. Both forms of one option are refused, and
+    ``global_query='auto'`` is the default: both queries measured."""
+    for one, many in AXES.items():
+        if one not in options:
+            continue
+        value = options.pop(one)
+        if given[many] is not None:
+            raise EvoplugError(f"plan measures {one}: give {many}= or {one}=, not both "
+                               f"({one}={value!r} measures only {value!r})")
+        if not (one == "global_query" and value == "auto"):
+            given[many] = (value,)
+    return given
+
+
+def _check_dense_classifier(model: nn.Module) -> None:
+    if evoplug.is_converted(model):
+        raise EvoplugError("plan measures conversions of a dense model: pass the model before "
+                           "evoplug.convert (or evoplug.revert(a copy))")
+    evoplug.quality.check_classifier(model)
+
+
 def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
-         keep_ratios: Sequence[float] = KEEP_RATIOS, start_blocks: Optional[Sequence[int]] = None,
-         global_queries: Optional[Sequence[str]] = None, trade_offs: Sequence[float] = (0.5,),
+         keep_ratios: Optional[Sequence[float]] = None, start_blocks: Optional[Sequence[int]] = None,
+         global_queries: Optional[Sequence[str]] = None, trade_offs: Optional[Sequence[float]] = None,
          timed: bool = False, batch_size: int = 32, repeats: int = 5,
          metric: Optional[Callable[[torch.Tensor, torch.Tensor], float]] = None,
          max_images: Optional[int] = None, progress: bool = True, **options) -> PlanResult:
@@ -194,14 +232,16 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     among them); global_queries: default both when the model has a class token, else the mean
     query; metric: ``metric(converted_logits, dense_logits) -> float``, higher is better,
     instead of the top-1 agreement. ``options``: other :class:`evoplug.EvoOptions` fields, the
-    same for every option (e.g. ``reselect_every``)."""
-    if evoplug.is_converted(model):
-        raise EvoplugError("plan measures conversions of a dense model: pass the model before "
-                           "evoplug.convert (or evoplug.revert(a copy))")
+    same for every option (e.g. ``reselect_every``); one the planner measures fixes it
+    (``trade_off=0.3``: only 0.3 measured, as ``trade_offs=(0.3,)``)."""
+    _check_dense_classifier(model)
     target = float(target_speedup)
     if not target > 0:
         raise ValueError(f"target_speedup must be > 0, got {target_speedup!r}")
-    keeps = sorted({check_keep_ratio(k) for k in keep_ratios})
+    axes = _fixed_axes(options, dict(keep_ratios=keep_ratios, start_blocks=start_blocks,
+                                     global_queries=global_queries, trade_offs=trade_offs))
+    keep_ratios, start_blocks, global_queries, trade_offs = axes.values()
+    keeps = sorted({check_keep_ratio(k) for k in keep_ratios or KEEP_RATIOS})
     x = evoplug.quality.as_image_tensor(images, max_images)
     y = None if labels is None else torch.as_tensor(labels)[:len(x)]
     score = metric or evoplug.quality.agreement
@@ -213,6 +253,7 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     has_cls = evoplug.get_report(first).blocks[0].analysis.global_query == "cls"
     queries = list(global_queries or (("cls", "mean") if has_cls else ("mean",)))
     starts = sorted(set(start_blocks or {max(1, n_blocks // 4), max(1, n_blocks // 3), max(1, n_blocks // 2)}))
+    trade_offs = trade_offs or (0.5,)
     total = len(queries) * len(starts) * len(keeps) * len(trade_offs)
     bar = _bar(total, progress)
     choices: List[Choice] = []
@@ -243,7 +284,7 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     _mark_pareto(choices)
     choices.sort(key=lambda c: (-c.speedup, -c.agreement))
     result = PlanResult(choices, target, len(x), timed, None if y is None else evoplug.quality.top1(ref, y),
-                        "top-1 agreement with dense" if metric is None else getattr(metric, "__name__", "metric"),
+                        AGREEMENT if metric is None else getattr(metric, "__name__", "metric"),
                         x[:1])
     if not result.meeting:
         raise PlanError(_impossible(result), result)
