@@ -654,6 +654,56 @@ def test_tools_feed_img_size_to_a_model_that_takes_no_img_size_argument():
     assert bench._checked(["pvt_v2_b0"], [0.5, 0.5, 1], [2, 2], "float32", "cpu")[1:3] == ([0.5, 1.0], [2])
 
 
+def test_model_arg_img_size_is_img_size_for_a_model_that_takes_none(capsys, tmp_path):
+    """``--model-arg img_size=64`` ran PVTv2 (which takes no ``img_size``) at 224 x 224 in
+    explain, check, visualize and plan, and bench's row said px 224 while its JSON recorded 64
+    (until the forty-third session, audit G2 of the forty-third session): it is ``--img-size
+    64``, as docs/cli.md says."""
+    pvt = ["pvt_v2_b0", "--model-arg", "depths=(1,1,1,1)"]
+    said = {}
+    for size in (["--img-size", "64"], ["--model-arg", "img_size=64"]):
+        rc, out = run_cli("explain", *pvt, *size)
+        said[size[0]] = [line for line in out.splitlines() if line.startswith("input ")]
+    assert said["--img-size"] == said["--model-arg"] and said["--img-size"][0].startswith("input 64x64")
+    rc, out = run_cli("check", *pvt, "--model-arg", "img_size=64", "--json", str(tmp_path / "c.json"))
+    tokens = json.loads((tmp_path / "c.json").read_text())["pvt_v2_b0"]["tokens_evolving"]
+    assert rc == 0 and tokens and {n for _, n in tokens} <= {(64 // s) ** 2 for s in (4, 8, 16, 32)}
+    rc, out = run_cli("bench", *pvt, "--model-arg", "img_size=64", "--keep", "1.0", "--batch", "1",
+                      "--repeats", "1", "--warmup", "0", "--json", str(tmp_path / "b.json"))
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert rc == 0 and data["settings"]["img_size"] == 64 and {r["img_size"] for r in data["rows"]} == {64}
+    from evoplug.tools.models import create_model
+    x = cli._calibration_images(["skimage:coffee"], create_model("pvt_v2_b0", 64), {},
+                                cli._img_size(cli.build_parser().parse_args(
+                                    ["plan", *pvt, "--model-arg", "img_size=64", "skimage:coffee"])))
+    assert x.shape == (1, 3, 64, 64)
+
+
+def test_a_checkpoint_of_another_model_and_pretrained_weights_are_told_in_one_line(capsys, tmp_path):
+    """``--checkpoint`` holding another model's state_dict printed torch's list of every missing
+    and unexpected key (57 lines); ``--model-arg pretrained=true`` repeated timm's "got multiple
+    values for keyword argument 'pretrained'" (until the forty-third session, audit G2 of the
+    forty-third session): one ``evoplug: error:`` line each, with the counts and the first key
+    of each kind, or saying that the tools build random weights and where weights come from."""
+    from evoplug.tools.models import create_model, save_checkpoint
+    other = create_model("vit_tiny_patch16_224", **dict(TINY_KW, depth=2, embed_dim=32)).state_dict()
+    torch.save(other, tmp_path / "other.pth")
+    save_checkpoint(str(tmp_path / "ck.pth"), create_model("vit_tiny_patch16_224", **TINY_KW),
+                    "vit_tiny_patch16_224", dict(TINY_KW, depth=6))
+    for cmd, said in (
+            (["explain", *TINY, "--checkpoint", str(tmp_path / "other.pth")],
+             "other.pth: not a state_dict of this VisionTransformer: of its 56 keys, 24 missing "
+             "(first: blocks.2.norm1.weight); 31 of another shape (first: cls_token (1, 1, 32), "
+             "the model's (1, 1, 64))"),
+            (["explain", str(tmp_path / "ck.pth")], "of its 80 keys, 24 missing (first: blocks.4.norm1.weight)"),
+            (["explain", *TINY, "--model-arg", "pretrained=true"], "random weights (no download); "
+             "give the weights with --checkpoint FILE")):
+        assert run_cli(*cmd)[0] == 1, cmd
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("evoplug: error: ") and said in err[0], err
+    assert run_cli("explain", *TINY, "--model-arg", "pretrained=false")[0] == 0
+
+
 def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     """``evoplug explain ... | head``: 'evoplug: error: BrokenPipeError' and exit status 1."""
     proc = subprocess.Popen([sys.executable, "-m", "evoplug", "explain", *TINY], stdout=subprocess.PIPE,

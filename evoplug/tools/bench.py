@@ -449,6 +449,8 @@ def run_bench(model_names: Iterable[str], keep_ratios: Sequence[float] = (0.5, 1
                                                             batch_sizes, dtype, device)
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if img_size is None and (model_kwargs or {}).get("img_size") is not None:
+        img_size = model_kwargs["img_size"]    # (the input size too: PVTv2 takes no img_size)
     rounds = (max(1, warmup) if compile or train else warmup) + repeats
     bar = Progress(len(model_names) * len(batch_sizes) * rounds, enabled=progress)
     common = dict(size=img_size, device=device, dtype=dtype, repeats=repeats, warmup=warmup,

@@ -274,7 +274,7 @@ def _check_models(parser, names: List[str], allow_files: bool = False):
 def _load_model(a):
     """(model, meta) from a timm name or an evoplug checkpoint file."""
     import torch
-    from .models import create_model, load_checkpoint, read_torch_file
+    from .models import create_model, load_checkpoint, load_state_dict, read_torch_file
     kwargs = dict(a.model_arg)
     if os.path.isfile(a.model):
         if kwargs or a.img_size or getattr(a, "checkpoint", None):
@@ -293,7 +293,7 @@ def _load_model(a):
             sd = sd["state_dict"]
         if not isinstance(sd, dict):
             raise CliError(f"{a.checkpoint}: not a state_dict (a dict of tensors), a {type(sd).__name__}")
-        model.load_state_dict(sd)
+        load_state_dict(model, sd, a.checkpoint)
     else:
         meta["random_weights"] = True
     return model.eval(), meta
@@ -342,11 +342,13 @@ def cmd_bench(a, out) -> int:
     if a.optimizer is not None and not a.train:
         raise UsageError("--optimizer applies to --train (training steps) only")
     a.optimizer = a.optimizer or "adamw"
-    _img_size(a)
+    # (--model-arg img_size=N is --img-size N: for a model that takes no img_size, PVTv2's,
+    # bench ran it at 224 and explain, check, visualize and plan too until the forty-third session)
+    size = _img_size(a)
     warmup = max(1, a.warmup) if a.train or a.compile else a.warmup    # (as bench runs them)
     settings = dict(allocator=bench.allocator(), keep_ratios=a.keep, batch_sizes=a.batch,
                     device=a.device, dtype=a.dtype, threads=a.threads or torch.get_num_threads(),
-                    repeats=a.repeats, warmup=warmup, compile=a.compile, img_size=a.img_size,
+                    repeats=a.repeats, warmup=warmup, compile=a.compile, img_size=size,
                     model_kwargs=dict(a.model_arg), convert_options=_bench_convert_options(a),
                     train=a.train, optimizer=a.optimizer if a.train else None)
     bench.resolve_device(a.device)
@@ -357,7 +359,7 @@ def cmd_bench(a, out) -> int:
           f"{f'; torch.compile mode={a.compile} (first call untimed)' if a.compile else ''}", file=out)
     rows: List[dict] = []
     for name in a.models:     # the table grows model by model
-        new = bench.run_bench([name], a.keep, a.batch, img_size=a.img_size, device=a.device,
+        new = bench.run_bench([name], a.keep, a.batch, img_size=size, device=a.device,
                               dtype=a.dtype, repeats=a.repeats, warmup=a.warmup,
                               compile=a.compile, model_kwargs=dict(a.model_arg),
                               convert_options=_bench_convert_options(a), progress=a.progress,
@@ -384,7 +386,7 @@ def cmd_explain(a, out) -> int:
     import evoplug
     from . import bench
     model, meta = _load_model(a)
-    h, w = bench.input_size(model, a.img_size)
+    h, w = bench.input_size(model, _img_size(a))
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     fast = evoplug.convert(model, keep_ratio=a.keep, example_input=x, strict=False,
                            **_convert_options(a))
@@ -418,7 +420,7 @@ def cmd_check(a, out) -> int:
             # the timm names beside it; they failed the file until the thirty-sixth session)
             own = os.path.isfile(name)
             model = load_checkpoint(name)[0] if own else _load_model(a)[0]
-            h, w = bench.input_size(model, None if own else a.img_size)
+            h, w = bench.input_size(model, None if own else _img_size(a))
             x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
             r = check_conversion(model, x, keep_ratio=a.keep, compile=a.compile,
                                  **_convert_options(a))
@@ -445,7 +447,7 @@ def cmd_visualize(a, out) -> int:
               "untrained model ranks tokens arbitrarily; train one, e.g. examples/photos.py",
               file=sys.stderr)
     mean, std = meta.get("mean"), meta.get("std")
-    wh = viz.visualize(model, a.images, a.out, keep_ratio=a.keep, size=a.img_size,
+    wh = viz.visualize(model, a.images, a.out, keep_ratio=a.keep, size=_img_size(a),
                        mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                        tile=a.tile, **_convert_options(a))
     print(f"wrote {a.out} ({wh[0]}x{wh[1]} px)", file=out)
@@ -494,7 +496,7 @@ def cmd_plan(a, out) -> int:
               "model says little", file=sys.stderr)
     if a.batch is not None and not a.timed:
         raise UsageError("--batch applies to --timed only (the agreement runs on every image)")
-    x = _calibration_images(a.images, model, meta, a.img_size)
+    x = _calibration_images(a.images, model, meta, _img_size(a))
     a.batch = a.batch or 32
     if a.timed and a.batch > len(x):
         print(f"evoplug: warning: --batch {a.batch} is more than the {len(x)} calibration "
