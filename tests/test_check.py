@@ -157,6 +157,25 @@ def test_the_check_rebuilds_the_evo_vit_update_and_finds_a_broken_rule(monkeypat
     assert r.keep1_fast_diff == 0 and r.batch_diff < 1e-4     # (what the check had: all fine)
 
 
+@pytest.mark.parametrize("how", ["bottom_k", "one_place_off"])
+def test_without_the_representative_token_the_update_and_scores_are_still_rebuilt(monkeypatch, how):
+    """With ``representative=False`` (``evoplug check --no-representative``) the update and the
+    global scores were not rebuilt at all (``evolution_checked (0, 0)``, ``scores_checked 0``)
+    and a runtime that kept the worst tokens or wrote the kept tokens back one place off passed
+    (until the forty-third session, audit G2 of the forty-third session). The reference
+    without the representative token: the non-selected tokens keep their values."""
+    model = _small_vit()
+    for opts in (dict(), dict(global_query="mean", trade_off=0.3)):
+        honest = check_conversion(model, representative=False, **opts)
+        assert honest.ok and honest.evolution_checked[0] == 3 and honest.scores_checked >= 1, str(honest)
+        assert honest.evolution_diff < 1e-5 and honest.scores_diff < 1e-5, str(honest)
+    name, broken = _planted(how)
+    monkeypatch.setattr(ev, name, broken)
+    r = check_conversion(model, representative=False)
+    assert r.status == "WRONG" and r.evolution_diff > 1e-2, str(r)
+    assert any("rebuilt from the paper's rules" in p for p in r.problems), str(r)
+
+
 def _planted_scores(how):
     """A runtime whose score update is wrong and whose update rule is right: the kept tokens'
     scores not refreshed, refreshed with each other's attention, or the first scores put on

@@ -30,7 +30,8 @@ outputs: each compared, the worst one reported):
   top-k patch tokens by the global scores the block received (images with a near-tie at the cut
   left out), the representative token (the non-kept tokens weighted by their scores), the
   block's original forward on [prefix, kept, representative], the kept tokens' outputs put back
-  at their places and the representative token's residual added to every other token. The
+  at their places and the representative token's residual added to every other token
+  (``representative=False``: no representative token, the other tokens keep their values). The
   block's output must match (``evolution_diff``, relative). This runs with ``reselect_every=1``
   and every block restoring the order, so that
 * **the global scores** those blocks receive are rebuilt too, from the block that ran just
@@ -449,7 +450,7 @@ def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, keep_rati
         _flag(r, f"the output with tokens handed on between blocks differs from every block "
                  f"restoring the order by {r.hand_on_diff:.2e} (relative)")
     specs = [s for s in report.blocks if _plain(s)][:3]
-    if not specs or not opts.representative:
+    if not specs:
         return
     scored = [s for s in report.blocks if s.role == "score" and _plain(s, "score")][:1]
     seen, order = _watch_blocks(fast, x, report, specs + scored)
@@ -457,8 +458,11 @@ def _check_evolution(r: CheckResult, fast: nn.Module, x: torch.Tensor, keep_rati
     for spec in specs + scored:
         if spec.index not in seen:
             continue
-        got = (_rebuilt if spec.role == "evolve" else _first_scores)(
-            spec, *seen[spec.index], alpha=opts.trade_off)
+        # (without the representative token, the non-selected tokens keep their values: both
+        # checks were skipped then until the forty-third session, audit G2)
+        got = _rebuilt(spec, *seen[spec.index], alpha=opts.trade_off,
+                       representative=opts.representative) \
+            if spec.role == "evolve" else _first_scores(spec, *seen[spec.index], alpha=opts.trade_off)
         if got is not None:
             diffs += [got[0]] if got[0] is not None else []
             images += got[1]
@@ -551,10 +555,11 @@ def _first_scores(spec, args, kwargs, scores, out, tokens_run, alpha):
 
 
 @torch.no_grad()
-def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha):
+def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha, representative=True):
     """(relative max |diff|, images compared, (scores expected after it, images compared)) of
-    the block's output against the update rebuilt from ``scores`` (B, M) on its input; None
-    where nothing can be compared."""
+    the block's output against the update rebuilt from ``scores`` (B, M) on its input
+    (``representative`` False: no representative token, the other tokens keep their values);
+    None where nothing can be compared."""
     plan = spec.call
     x = plan.tokens(args, kwargs) if args is not None else None
     out = out[0] if isinstance(out, (tuple, list)) and out else out
@@ -566,8 +571,8 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha):
         x, out = x.permute(plan.token_perm), out.permute(plan.token_perm)
     x, P = x.detach(), spec.analysis.num_prefix
     B, N, C = x.shape if x.dim() == 3 else (0, 0, 0)
-    k = tokens_run - P - 1
-    if out.shape != x.shape or scores.shape != (B, N - P) or not 0 < k < N - P - 1:
+    k = tokens_run - P - int(representative)
+    if out.shape != x.shape or scores.shape != (B, N - P) or not 0 < k < N - P - int(representative):
         return None
     g = scores.double()
     ranked = g.sort(-1, descending=True).values
@@ -577,7 +582,8 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha):
     kept = g.topk(k, -1).indices + P                                    # (B, k) token indices
     w = g.scatter(-1, kept - P, 0.0)
     w = w / w.sum(-1, keepdim=True)
-    rep = torch.einsum("bm,bmc->bc", w.to(x.dtype), x[:, P:])[:, None]
+    rep = torch.einsum("bm,bmc->bc", w.to(x.dtype), x[:, P:])[:, None] if representative \
+        else x[:, :0]
     index = kept[..., None].expand(B, k, C)
     sub = torch.cat([x[:, :P], x.gather(1, index), rep], 1)
     args, kwargs = _with_tokens(plan, args, kwargs, plan.to_call(sub))
@@ -585,7 +591,7 @@ def _rebuilt(spec, args, kwargs, scores, out, tokens_run, alpha):
         out_sub = spec.orig_class.forward(spec.analysis.module, *args, **kwargs)
     out_sub = out_sub[0] if isinstance(out_sub, (tuple, list)) else out_sub
     out_sub = out_sub.permute(plan.token_perm) if plan.token_perm else out_sub
-    want = x + (out_sub[:, -1:] - rep)
+    want = x + (out_sub[:, -1:] - rep) if representative else x.clone()
     want[:, :P] = out_sub[:, :P]
     want.scatter_(1, index, out_sub[:, P:P + k])
     scale = float(want[clear].abs().max().clamp_min(1e-6))
