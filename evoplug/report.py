@@ -88,11 +88,13 @@ class ConversionReport:
     @property
     def too_few(self) -> List[str]:
         """The evolving blocks with too few tokens to run fewer under the options in force: the
-        kept ones and the representative are all of them (``explain()`` marks them)."""
+        kept ones and the representative are all of them (``explain()`` marks them). None at
+        keep 1.0, which runs every token of every block (every one was listed until the
+        forty-third session, audit G2)."""
         o = self.options
-        return [s.name for s in self.blocks if s.role == "evolve" and ev.runs_every_token(
-            s.analysis.num_tokens - s.analysis.num_prefix - s.analysis.num_suffix,
-            o.keep_ratio, o.representative)]
+        return [s.name for s in self.blocks if s.role == "evolve" and o.keep_ratio < 1 and
+                ev.runs_every_token(s.analysis.num_tokens - s.analysis.num_prefix -
+                                    s.analysis.num_suffix, o.keep_ratio, o.representative)]
 
 
 def gives_row(a: BlockAnalysis) -> bool:
@@ -236,7 +238,9 @@ def format_report(report: ConversionReport) -> str:
         toks = f"{a.num_tokens}" if s.role != "evolve" or s.index in idle or k >= M else \
             f"{special + k + (1 if o.representative else 0)}/{a.num_tokens}"
         if s.role == "evolve" and ev.runs_every_token(M, o.keep_ratio, o.representative):
-            role, toks = "evolving, too few tokens: all run", f"{a.num_tokens}"
+            role = "evolving, keep 1.0: all run" if o.keep_ratio >= 1 else \
+                "evolving, too few tokens: all run"
+            toks = f"{a.num_tokens}"
         if s.index in idle:
             role = "evolving, no scores: dense"
         if s.name in report.removed:

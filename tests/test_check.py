@@ -340,6 +340,26 @@ def test_blocks_with_too_few_tokens_to_run_fewer_are_a_warning():
     assert [ev.runs_every_token(m, 0.5, False) for m in (1, 2, 3)] == [True, False, False]
 
 
+def test_at_keep_1_no_block_is_said_to_have_too_few_tokens():
+    """At keep 1.0 explain() labelled every evolving block "evolving, too few tokens: all run"
+    and the report's ``too_few`` listed them all (until the forty-third session, audit G2 of
+    the forty-third session): they run every token because keep 1.0 keeps every token, which
+    is what it says now; the same blocks at keep 0.5 run fewer, as the check finds."""
+    model = _small_vit()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, 1.0, example_input=x)
+    evolving = [s.name for s in evoplug.get_report(fast).blocks if s.role == "evolve"]
+    assert len(evolving) == 4 and evoplug.get_report(fast).too_few == []
+    text = evoplug.explain(fast)
+    assert "too few tokens" not in text and text.count("evolving, keep 1.0: all run") == 4
+    evoplug.set_options(fast, keep_ratio=0.5)
+    with torch.no_grad():
+        fast(x)
+    assert all(s.tokens_run < s.analysis.num_tokens for s in evoplug.get_report(fast).blocks
+               if s.role == "evolve")
+    assert evoplug.get_report(fast).too_few == [] and "all run" not in evoplug.explain(fast)
+
+
 def test_the_check_reports_a_refusal():
     model = timm.create_model("resnet18", pretrained=False).eval()
     r = check_conversion(model, torch.randn(2, 3, 32, 32))
