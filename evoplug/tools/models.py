@@ -91,7 +91,12 @@ def load_state_dict(model: torch.nn.Module, state_dict: dict, path: str) -> None
     """``model.load_state_dict(state_dict)`` (strict), a state_dict of another model said in one
     line: how many keys are missing, unexpected and of another shape, and the first of each
     (torch's message listed every key: 57 lines for a ViT of 4 blocks, until the forty-third
-    session)."""
+    session). What torch accepts is loaded (its load hooks: BatchNorm's old checkpoints)."""
+    try:
+        model.load_state_dict(state_dict)
+        return
+    except RuntimeError as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -99,10 +104,8 @@ def load_state_dict(model: torch.nn.Module, state_dict: dict, path: str) -> None
               if k in state_dict and getattr(state_dict[k], "shape", own[k].shape) != own[k].shape]
     wrong = [f"{len(keys)} {what} (first: {keys[0]})" for what, keys in
              (("missing", missing), ("unexpected", unexpected), ("of another shape", shaped)) if keys]
-    if wrong:
-        raise ValueError(f"{path}: not a state_dict of this {type(model).__name__}: of its "
-                         f"{len(own)} keys, {'; '.join(wrong)}")
-    model.load_state_dict(state_dict)
+    raise ValueError(f"{path}: not a state_dict of this {type(model).__name__}: of its {len(own)} "
+                     f"keys, {'; '.join(wrong)}" if wrong else f"{path}: {first}") from None
 
 
 def load_checkpoint(path: str):
