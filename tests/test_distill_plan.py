@@ -185,6 +185,10 @@ def test_a_model_without_its_classifier_head_is_refused():
     x = torch.randn(4, 3, 32, 32)
     with pytest.raises(ValueError, match="num_classes=0: it returns features, not class logits"):
         evoplug.plan(model, x, progress=False)
+    # (a metric of its own compares the features: planned)
+    cosine = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=-1).mean())  # noqa: E731
+    p = evoplug.plan(model, x, 1.0, keep_ratios=(0.5,), start_blocks=(1,), metric=cosine, progress=False)
+    assert p.best.keep_ratio == 0.5 and 0 < p.best.agreement <= 1
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     with pytest.raises(ValueError, match="num_classes=0"):
         evoplug.distill(fast, x, steps=1, progress=False)

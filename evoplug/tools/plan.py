@@ -212,11 +212,14 @@ def _fixed_axes(options: dict, given: dict) -> dict:
     return given
 
 
-def _check_dense_classifier(model: nn.Module) -> None:
+def _check_dense_classifier(model: nn.Module, logits: bool) -> None:
+    """A dense model; a classifier where agreement is measured (``logits``: no ``metric=``,
+    which may compare features)."""
     if evoplug.is_converted(model):
         raise EvoplugError("plan measures conversions of a dense model: pass the model before "
                            "evoplug.convert (or evoplug.revert(a copy))")
-    evoplug.quality.check_classifier(model)
+    if logits:
+        evoplug.quality.check_classifier(model)
 
 
 def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
@@ -234,7 +237,7 @@ def plan(model: nn.Module, images, target_speedup: float = 1.3, *, labels=None,
     instead of the top-1 agreement. ``options``: other :class:`evoplug.EvoOptions` fields, the
     same for every option (e.g. ``reselect_every``); one the planner measures fixes it
     (``trade_off=0.3``: only 0.3 measured, as ``trade_offs=(0.3,)``)."""
-    _check_dense_classifier(model)
+    _check_dense_classifier(model, metric is None)
     target = float(target_speedup)
     if not target > 0:
         raise ValueError(f"target_speedup must be > 0, got {target_speedup!r}")
