@@ -278,16 +278,21 @@ def format_report(report: ConversionReport) -> str:
     if idle:
         lines.append(f"WARNING: {unscored_reason(analyses, idle)}")
     lines.extend(_removed_lines(report, idle))
-    lines.extend(f"WARNING: `{path}` is a copy of the converted block `{name}` put in the model "
-                 "after the conversion (copy.deepcopy of a converted block): it runs its own "
-                 "forward, every token (no speed-up; evoplug.set_options does not reach it); to "
-                 "have it evolve, convert again: evoplug.convert(evoplug.revert(model), ...)"
-                 for path, name in report.copied.items())
+    lines.extend(_copied_lines(report))
     for name, reason in report.failed:
         lines.append(f"NOT converted `{name}`: {reason}")
     for name, reason in report.skipped:
         lines.append(f"left alone `{name}`: {reason}")
     return "\n".join(lines)
+
+
+def _copied_lines(report) -> List[str]:
+    """The warnings about converted blocks copied into the model after the conversion."""
+    return [f"WARNING: `{path}` is a copy of the converted block `{name}` put in the model "
+            "after the conversion (copy.deepcopy of a converted block): it runs its own "
+            "forward, every token (no speed-up; evoplug.set_options does not reach it); to "
+            "have it evolve, convert again: evoplug.convert(evoplug.revert(model), ...)"
+            for path, name in report.copied.items()]
 
 
 def _copied_rows(report) -> List[Tuple[str, ...]]:
