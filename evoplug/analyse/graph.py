@@ -138,7 +138,19 @@ def ancestors(node: fx.Node) -> Set[fx.Node]:
     return seen
 
 
-_SHAPE_ONLY_SECOND = ("reshape_as", "view_as", "expand_as", "type_as")
+#: methods that read only the shape, dtype or device of their other arguments (``x.to(y)``)
+_SHAPE_ONLY_SECOND = ("reshape_as", "view_as", "expand_as", "type_as", "to")
+
+
+def value_inputs(node: fx.Node) -> List[fx.Node]:
+    """The inputs whose values ``node`` reads: none for a size query, only ``x`` for
+    ``x.reshape_as(y)``, ``x.type_as(y)``, ``x.to(y)`` and the like (``y``'s shape, dtype or
+    device are read, not its values)."""
+    if is_size_query(node):
+        return []
+    if node.op == "call_method" and node.target in _SHAPE_ONLY_SECOND:
+        return [node.args[0]] if isinstance(node.args[0], fx.Node) else []
+    return node.all_input_nodes
 
 
 def value_ancestors(node: fx.Node) -> Set[fx.Node]:
@@ -146,13 +158,7 @@ def value_ancestors(node: fx.Node) -> Set[fx.Node]:
     second argument of ``x.reshape_as(y)`` and the like (only ``y``'s shape is read)."""
     seen, todo = set(), [node]
     while todo:
-        cur = todo.pop()
-        if is_size_query(cur):
-            continue
-        inputs = cur.all_input_nodes
-        if cur.op == "call_method" and cur.target in _SHAPE_ONLY_SECOND:
-            inputs = [cur.args[0]] if isinstance(cur.args[0], fx.Node) else []
-        for a in inputs:
+        for a in value_inputs(todo.pop()):
             if a not in seen:
                 seen.add(a)
                 todo.append(a)

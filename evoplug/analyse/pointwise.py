@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..copies import copy_model
-from .graph import ancestors, getattr_path, is_size_query, no_side_effects, shape_of
+from .graph import getattr_path, is_size_query, no_side_effects, shape_of, value_ancestors, value_inputs
 
 #: how far the op on tokens may be from the op on the map, relative to the values (rounding of
 #: another summation order; an op that mixes positions is off by the values' own size)
@@ -126,8 +126,9 @@ def node_treats_tokens_alike(gm: fx.GraphModule, n: fx.Node, x_node: fx.Node, sh
     ``x_node`` (``shape``: the batch, positions, channels last) its output from that token
     alone (treats_positions_alike, on random values): a norm, a scaling by a parameter, a
     cast, a registered leaf function that acts token by token. Its other arguments must be
-    constants (parameters, buffers, numbers: perturbed) or sizes (read on stand-ins of the
-    tensors they are read from); anything else it reads is not known: False."""
+    constants (parameters, buffers, numbers: perturbed) or sizes, dtypes and devices (read on
+    stand-ins of the tensors they are read from: ``x.dtype``, the ``x`` of ``t.type_as(x)``);
+    anything else it reads is not known: False."""
     meta = x_node.meta.get("tensor_meta")
     dtype = getattr(meta, "dtype", torch.float32)
     held = next(iter([*gm.parameters(), *gm.buffers()]), None)
@@ -135,8 +136,10 @@ def node_treats_tokens_alike(gm: fx.GraphModule, n: fx.Node, x_node: fx.Node, sh
                     dtype=torch.float32).to(dtype=dtype, device=None if held is None else held.device)
     perturbed = perturber()
     try:
-        args, kwargs = fx.map_arg((n.args, n.kwargs),
-                                  lambda v: v if v is x_node else _constant(gm, v, perturbed))
+        values = value_inputs(n)
+        args, kwargs = fx.map_arg((n.args, n.kwargs), lambda v: v if v is x_node else
+                                  _stand_in(v) if v not in values and _is_tensor(v) else
+                                  _constant(gm, v, perturbed))
         mod = perturbed_copy(gm.get_submodule(n.target), perturbed) if n.op == "call_module" else None
     except Exception:  # noqa: BLE001 - what it reads besides its input is not a constant
         return False
@@ -154,11 +157,15 @@ def node_treats_tokens_alike(gm: fx.GraphModule, n: fx.Node, x_node: fx.Node, sh
 
 
 def token_wise_input(gm: fx.GraphModule, n: fx.Node, source: fx.Node) -> Optional[fx.Node]:
-    """The one input of ``n`` that comes from ``source`` (``source`` itself, or a node made from
-    it), where ``n`` acts on each of its tokens alone (:func:`node_treats_tokens_alike`; its
+    """The one input of ``n`` whose values come from ``source`` (``source`` itself, or a node made
+    from it), where ``n`` acts on each of its tokens alone (:func:`node_treats_tokens_alike`; its
     shape known: batch, positions, channels); None otherwise. What grid.py carries a token index
-    through, and what rewrite/program.py re-runs on the full input of PVTv2's reduced keys."""
-    on_path = [i for i in n.all_input_nodes if i is source or source in ancestors(i)]
+    through, and what rewrite/program.py re-runs on the full input of PVTv2's reduced keys and
+    of windows. A read of ``source``'s dtype, shape or device (``t.to(x.dtype)``,
+    ``t.type_as(x)``, ``t * x.shape[-1] ** 0``) is no second input (until audit G1 of the
+    forty-third session it was, and such a block's windows ran on the kept tokens and the
+    representative token in place of the others)."""
+    on_path = [i for i in value_inputs(n) if i is source or source in value_ancestors(i)]
     shape = shape_of(on_path[0]) if len(on_path) == 1 else None
     if shape is None or len(shape) < 3 or not node_treats_tokens_alike(gm, n, on_path[0], shape):
         return None
@@ -173,13 +180,22 @@ def _constant(gm: fx.GraphModule, v: fx.Node, perturbed: Callable):
     if v.op not in ("call_function", "call_method"):
         raise ValueError(f"`{v.name}` is no constant")
     if is_size_query(v) and v.args[0].op != "get_attr":
-        meta = v.args[0].meta["tensor_meta"]
-        args, kwargs = (torch.zeros(meta.shape, dtype=meta.dtype), *v.args[1:]), v.kwargs
+        args, kwargs = (_stand_in(v.args[0]), *v.args[1:]), v.kwargs
     else:
         args, kwargs = fx.map_arg((v.args, v.kwargs), lambda u: _constant(gm, u, perturbed))
     if v.op == "call_method":
         return getattr(args[0], v.target)(*args[1:], **kwargs)
     return v.target(*args, **kwargs)
+
+
+def _stand_in(v: fx.Node) -> torch.Tensor:
+    """Zeros of ``v``'s shape and dtype, whose sizes, dtype and device are read (not its values)."""
+    meta = v.meta["tensor_meta"]
+    return torch.zeros(meta.shape, dtype=meta.dtype)
+
+
+def _is_tensor(v: fx.Node) -> bool:
+    return hasattr(v.meta.get("tensor_meta"), "shape")
 
 
 def _close(got, want, rtol: float) -> bool:

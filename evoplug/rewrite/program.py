@@ -46,7 +46,7 @@ from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
                               is_whole_view,
                               module_of, no_side_effects, shape_of, token_size_queries, token_wise_of,
-                              value_ancestors)
+                              value_ancestors, value_inputs)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
@@ -472,25 +472,27 @@ def _sized_on_the_map(graph: fx.Graph, term: fx.Node) -> fx.Node:
 def _to_map(rw: _Rewrite, node: fx.Node, dim):
     """A (tokens -> grid) view gets the full map: the same token-wise ops re-run on the full
     input when the tokens come from it by such ops, else the kept tokens + the representative
-    token elsewhere. ``dim``: the token dim, or ``(1, 'seq')`` for windows cut from the token
-    sequence itself."""
+    token elsewhere, where the attention does not read it (a depthwise conv in the MLP).
+    ``dim``: the token dim, or ``(1, 'seq')`` for windows cut from the token sequence itself."""
     graph, src = rw.graph, node.args[0]
     dim, layout = dim if isinstance(dim, tuple) else (dim, None)
-    src_full = _clone_token_wise_chain(graph, src, rw.root, rw.root_full)
+    src_full, blocker = _clone_token_wise_chain(graph, src, rw.root, rw.root_full)
     if src_full is None and rw.stream_is_input:
         # (a map block whose stream is its input tokens: a channels-first block's 2-D op on
         # its input or on norm1 of it, through the row layout; it got the representative
         # token's canvas, the same weights as tokens the exact map: audit O, thirty-fourth session)
-        src_full = _clone_token_wise_chain(graph, src, rw.token, rw.full)
-    if src_full is None and rw.a.kv_grid is not None and not rw.a.windowed and \
+        src_full, _ = _clone_token_wise_chain(graph, src, rw.token, rw.full)
+    if src_full is None and (rw.a.windowed or rw.a.kv_grid is not None) and \
             isinstance(rw.site.k, fx.Node) and node in ancestors(rw.site.k):
-        raise AnalysisError(rw.a.name, f"its keys/values are reduced from a 2-D map (at "
-                                       f"`{node.name}`) made from its tokens by ops evoplug cannot "
-                                       "re-run on its full input (only modules, layout methods, "
-                                       "views of every token and ops that act on each token "
-                                       "alone): the keys would come from the kept tokens and the "
-                                       "representative token in place of the others, not from "
-                                       "the full map")
+        # (windows ran on that patchwork silently until audit G1 of the forty-third session)
+        what = ("windows are cut", "windows") if rw.a.windowed else ("keys/values are reduced", "keys")
+        raise AnalysisError(rw.a.name, f"its {what[0]} from a 2-D map (at `{node.name}`) made from "
+                                       f"its tokens through `{blocker.name}` ({_op_name(blocker)}), "
+                                       "which evoplug cannot re-run on its full input (only "
+                                       "modules, layout methods, views of every token and ops "
+                                       f"that act on each token alone): the {what[1]} would come "
+                                       "from the kept tokens and the representative token in "
+                                       "place of the others, not from the full map")
     with graph.inserting_before(node):
         if src_full is not None:
             canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
@@ -630,14 +632,15 @@ def _token_wise_path(rw: _Rewrite, src: fx.Node) -> Tuple[Optional[list], Option
     at its place)."""
     chain, cur = [], src
     while cur is not rw.root:
-        main = [i for i in cur.all_input_nodes if i is rw.root or rw.root in value_ancestors(i)]
+        values = value_inputs(cur)      # (``t.type_as(x)`` reads ``x``'s dtype, not its values)
+        main = [i for i in values if i is rw.root or rw.root in value_ancestors(i)]
         if len(main) != 1:
             return None, cur
         si, so = shape_of(main[0]), shape_of(cur)
         if (si is None and main[0] is not rw.root) or so is None:
             return None, cur
         si = si if si is not None else (0, *rw.a.grid, rw.a.dim)
-        sizes = all(_is_size_value(n) for n in cur.all_input_nodes if n is not main[0])
+        sizes = all(_is_size_value(n) or n not in values for n in cur.all_input_nodes if n is not main[0])
         if _is_move(cur) and cur.args[0] is main[0]:
             ok = sizes and si[-1] == so[-1]
         elif (cur.op == "call_method" and cur.target in _VALUE_METHODS) or cur.name in rw.a.stream_head:
@@ -1125,12 +1128,12 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
     """Re-emit the ops that made ``src`` from the block's tokens, applied to the full input
     (``full``), when they are token-wise: leaf modules (norms, linears), layout methods,
     arithmetic with constants and any other op analyse/pointwise.py finds acts on each token
-    alone (``token_wise_input``). Returns the full-map node, or None (then the canvas is filled
-    with the representative token)."""
+    alone (``token_wise_input``). Returns (the full-map node, None), or (None, the first op on
+    the way that is none of these: then the map cannot be rebuilt from the full input)."""
     chain, cur = [], src
     while cur is not token:
         if not isinstance(cur, fx.Node) or not cur.all_input_nodes:
-            return None
+            return None, cur
         main = cur.all_input_nodes[0]
         if cur.op == "call_method" and cur.target in ("reshape", "view") and cur.args[0] is main and \
                 all(_batch_size(i) for i in cur.all_input_nodes[1:]) and -1 in cur.args[1:]:
@@ -1140,19 +1143,36 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
                 cur.op == "call_module" or (cur.op == "call_method" and cur.target in _TOKEN_WISE_OK)):
             main = _scaled_by_constants(cur, token) or token_wise_input(graph.owning_module, cur, token)
             if main is None:
-                return None
+                return None, cur
         if not _can_run_again(graph.owning_module, cur):
-            return None     # (its running statistics would move twice in a forward)
+            return None, cur     # (its running statistics would move twice in a forward)
         chain.append((cur, main))
         cur = main
     after = src
     if src.op == "placeholder":      # the map is the tokens themselves (Swinv2: post-norm)
         after = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(after):
-        prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
+        whole = prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
     for node, main in reversed(chain):
-        prev = _run_again(graph, node, prev, prev, main)
-    return prev
+        arg, prev = prev, _run_again(graph, node, prev, prev, main)
+        _read_on_whole(graph, prev, arg, token, whole)
+    return prev, None
+
+
+def _read_on_whole(graph: fx.Graph, copy: fx.Node, arg: fx.Node, token: fx.Node, whole: fx.Node):
+    """The sizes, dtype or device ``copy`` (an op re-run on ``arg``, made from the full input)
+    reads of the tokens (``t.to(x.dtype)``, ``t.type_as(x)``, ``t * x.shape[1]``) read on the
+    full input ``whole``: the subset's count is not the map's."""
+    copies = {token: whole}
+
+    def reread(n):
+        if n not in copies and isinstance(n, fx.Node) and token in ancestors(n):
+            copies[n] = graph.node_copy(n, reread)
+        return copies.get(n, n)
+    for i in copy.all_input_nodes:
+        if i is not arg and (i is token or token in ancestors(i)):
+            with graph.inserting_before(copy):
+                copy.replace_input_with(i, reread(i))
 
 
 _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
