@@ -1766,3 +1766,123 @@ def test_windows_cut_from_a_map_that_cannot_be_rebuilt_are_refused():
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1`: its windows are cut from a 2-D "
                                                       r"map .* through `cat` \(function cat\)"):
         evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+
+
+class _BiasedWindowAttention(_WindowAttention):
+    """_WindowAttention with a relative position bias over its window, viewed by the window's
+    token count read from its input (``table[index].view(n, n, -1)``)."""
+
+    def __init__(self, dim, ws):
+        super().__init__(dim)
+        self.table = nn.Parameter(torch.randn((2 * ws - 1) ** 2, 2))
+        c = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
+        r = (c[:, :, None] - c[:, None, :]).permute(1, 2, 0) + ws - 1
+        self.register_buffer("index", r[..., 0] * (2 * ws - 1) + r[..., 1], persistent=False)
+
+    def forward(self, w):
+        B_, n, C = w.shape
+        q, k, v = self.qkv(w).reshape(B_, n, 3, 2, C // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+        a = (q @ k.transpose(-2, -1) * (C // 2) ** -0.5 + bias).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B_, n, C))
+
+
+#: how a block's attention reads its normed tokens (or map): ``norm1`` written as a function
+_NORM1_WRITINGS = {
+    "module": lambda blk, x: blk.norm1(x),
+    "layer_norm": lambda blk, x: nn.functional.layer_norm(x, blk.norm1.normalized_shape, blk.norm1.weight,
+                                                          blk.norm1.bias, blk.norm1.eps),
+    "scale": lambda blk, x: blk.norm1(x) * blk.gamma,
+    "cast": lambda blk, x: blk.norm1(x).to(x.dtype),
+    "transposed": lambda blk, x: blk.norm1(x.transpose(1, 2)).transpose(1, 2),     # (a map's H, W)
+}
+
+
+class _OneWindowBlock(_WindowBlock):
+    """A block that takes (B, N, C) tokens and (H, W) and cuts one window covering the map from
+    ``norm1`` of them, written as ``_NORM1_WRITINGS[self.writing]``."""
+
+    def forward(self, x, H, W):
+        B, L, C = x.shape
+        x = x + self.windows(_NORM1_WRITINGS[self.writing](self, x).view(B, H, W, C)).reshape(B, L, C)
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+@pytest.mark.parametrize("writing", ["layer_norm", "scale", "cast"])
+def test_one_window_read_through_a_function_of_the_tokens_evolves_as_the_module_writing(writing):
+    """A token block whose one unshifted window covers the map (analyse/one_window.py), its
+    relative position bias viewed by the token count read from the window: with ``norm1``
+    written as ``F.layer_norm``, ``norm1(x) * gamma`` or ``norm1(x).to(x.dtype)`` it was refused,
+    "not equivariant to the token order ... mixes tokens outside attention", though it mixes
+    nothing (audit G1 of the forty-third session): the bias sized from such a function of the
+    tokens was taken for a term of their values, not gathered for the kept tokens
+    (graph.token_wise_of followed modules and methods of one input only). It evolves now as the
+    module writing (``gamma`` folded into ``norm1``) of the same weights does."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(0)
+    model = _WindowNet("tokens").eval()
+    for b in model.blocks:
+        b.ws, b.attn, b.writing = 8, _BiasedWindowAttention(32, 8), writing
+        b.gamma = nn.Parameter(torch.rand(32) + 0.5)
+        with torch.no_grad():
+            b.attn.qkv.weight.mul_(3)
+        b.__class__ = _OneWindowBlock
+    module = copy.deepcopy(model)
+    for b in module.blocks:
+        b.writing = "module"
+        if writing == "scale":
+            with torch.no_grad():
+                b.norm1.weight.mul_(b.gamma)
+                b.norm1.bias.mul_(b.gamma)
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(module(x), dense, atol=1e-5, rtol=0)
+    opts = dict(keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    want_fast, fast = evoplug.convert(module, **opts), evoplug.convert(model, **opts)
+    assert all(s.analysis.one_window for s in evoplug.get_report(fast).blocks)
+    with torch.no_grad():
+        want, out = want_fast(x), fast(x)
+        assert (out - dense).abs().max() > 1e-3
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)
+
+
+class _Norm1WrittenSwinBlock(_HeadSwinBlock):
+    """A Swin block whose windows are cut from ``norm1`` of its map written as
+    ``_NORM1_WRITINGS[self.writing]``: its only norm over the map."""
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = _head(self, x)
+        x = x + self.drop_path1(self._attn(_NORM1_WRITINGS[self.writing](self, x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+@pytest.mark.parametrize("writing", ["layer_norm", "transposed"])
+def test_a_swin_block_whose_only_norm_over_its_map_is_a_function_is_a_map_block(writing):
+    """A channels-last (B, H, W, C) Swin block whose only norm over the map is ``F.layer_norm``
+    (or ``norm1`` on the map with H and W swapped): it was refused, "a 4-D map that is not a
+    channels-last token map (no norm or linear over its last dim)" (audit G1 of the forty-third
+    session): only modules of the map's own shape told a channels-last map. A norm or linear
+    over the map's last dim, module or function, does now (recorded by the calibration), and the
+    block evolves as the module writing, itself checked against an Evo-ViT reference per block."""
+    x = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(3))     # (H != W)
+    swin = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=(64, 96),
+                             embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    model = _with_head(swin, "leaf").eval()       # (a head that is no norm module on the map)
+    want = _assert_blocks_evolve_as_the_reference(
+        model, x, ["layers.0.blocks.1", "layers.1.blocks.0", "layers.1.blocks.1"])
+    written = copy.deepcopy(model)
+    for blk in written.modules():
+        if type(blk) is _HeadSwinBlock:
+            blk.writing, blk.__class__ = writing, _Norm1WrittenSwinBlock
+    fast = evoplug.convert(written, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    with torch.no_grad():
+        dense = model(x)
+        torch.testing.assert_close(written(x), dense, atol=1e-5, rtol=0)
+        torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=0)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)

@@ -28,6 +28,10 @@ ATTENTION_FUNCTIONS = {
 }
 
 
+#: ops over the last dim that tell a channels-last map (discover.channels_last)
+_LAST_DIM_OPS = {F.layer_norm, F.rms_norm, F.linear}
+
+
 #: attention kernels evoplug does not read: their score and mask functions are Python code, not
 #: tensors, so no attention row can be taken from them (matched by name: no import of them)
 UNREAD_ATTENTION = frozenset({"flex_attention"})
@@ -53,6 +57,9 @@ class ModuleCall:
     #                                   first (analyse/channels_first.py), not one that permutes it
     token_key: Any = None            # where its tokens are when not in the first argument (an
     #                                   index of args or a keyword; see _token_arguments)
+    last_dim_maps: set = dataclasses.field(default_factory=set)   # shapes of the 4-D maps a
+    #                                   norm or linear ran over the last dim of inside it, as a
+    #                                   module or a function (discover.channels_last)
 
     def tokens(self, x=_OWN):
         """The token argument (or ``x``, another call's of this module), a token tensor as
@@ -274,6 +281,7 @@ class _AttentionCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         rec = self.recorder
         rec.note_uses(args, kwargs)
+        rec.note_last_dim_op(func, args, kwargs)
         if func in ATTENTION_FUNCTIONS and rec.inside_attention == 0:
             rec.count_attention()
             rec.inside_attention += 1
@@ -298,6 +306,7 @@ class _Recorder:
         self.order = 0
         self.names = {id(m): n for n, m in model.named_modules()}
         self.leaves = registry.leaf_modules()
+        self.childless: set = set()                 # ids of the modules with no submodules
         self.outputs: Dict[int, int] = {}           # id(tensor a module returned) -> id(module)
         self.uses: Dict[int, List[Tuple[int, ...]]] = {}   # ... -> module stack of each use
 
@@ -309,6 +318,27 @@ class _Recorder:
         for v in tree_leaves((args, kwargs)):
             if isinstance(v, torch.Tensor) and id(v) in self.outputs:
                 self.uses.setdefault(id(v), []).append(tuple(self.stack))
+
+    def note_last_dim_op(self, func, args, kwargs):
+        """A layer norm, RMS norm or linear over the last dim of a 4-D map called by a module
+        with submodules (a block's own ``F.layer_norm(x, (C,), w, b)``): its shape, for every
+        module running. Not one inside a module without submodules: such a module is a unit
+        of its own input (``nn.LayerNorm``; a channels-first ``LayerNorm2d`` that permutes the
+        map to norm it), which discover.channels_last reads as a module."""
+        if not self.stack or self.stack[-1] in self.childless or func not in _LAST_DIM_OPS:
+            return
+        x = args[0] if args else kwargs.get("input")
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return
+        arg = args[1] if len(args) > 1 else kwargs.get("weight" if func is F.linear else "normalized_shape")
+        if func is F.linear:
+            over = isinstance(arg, torch.Tensor) and arg.dim() == 2 and arg.shape[1] == x.shape[-1]
+        else:
+            shape = (arg,) if isinstance(arg, int) else arg
+            over = isinstance(shape, (tuple, list)) and list(shape) == [x.shape[-1]]
+        if over:
+            for mid in self.stack:
+                self.calls[mid].last_dim_maps.add(tuple(x.shape))
 
     def count_attention(self):
         for mid in self.stack:
@@ -322,8 +352,9 @@ class _Recorder:
                                              module_type=type(module))
         self.order += 1
         c.n_calls += 1
-        if next(module.children(), None) is None and any(
-                isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
+        if next(module.children(), None) is None:
+            self.childless.add(mid)
+        if mid in self.childless and any(isinstance(a, torch.Tensor) and a.dim() == 4 for a in args):
             for outer in self.stack:      # e.g. a depthwise conv inside an MLP, PVT's sr conv
                 self.calls[outer].grid_ops += 1
         self.stack.append(mid)

@@ -104,14 +104,17 @@ def value_dependent(graph: fx.Graph, any_size: bool = False) -> Set[fx.Node]:
 
 
 def token_wise_of(n, token: fx.Node) -> bool:
-    """``n`` is the token argument, or made from it alone by modules and dtype/layout methods
-    (a norm: transformers' Data2Vec-Vision sizes its relative positions from the normed
-    tokens' ``shape[1]``), so its sizes are the tokens'."""
+    """``n`` is the token argument, or made from it alone by ops that keep its shape, so its
+    sizes are the tokens': modules (a norm: transformers' Data2Vec-Vision sizes its relative
+    positions from the normed tokens' ``shape[1]``), dtype/layout methods, a functional norm
+    (``F.layer_norm(x, (C,), w, b)``) and a scaling or shift by a constant of no larger shape
+    (``norm1(x) * gamma``). Their other arguments may be parameters, buffers and sizes
+    (``.to(x.dtype)``): until audit G1 of the forty-third session only modules and methods of
+    one input were followed, and a relative position bias sized from ``F.layer_norm(x, ...)``
+    or ``norm1(x) * scale`` was taken for a term of the tokens' values (not gathered)."""
     while isinstance(n, fx.Node) and n is not token:
-        inputs = n.all_input_nodes
-        if len(inputs) != 1 or not (
-                (n.op == "call_module" and isinstance(module_of(n.graph.owning_module, n), _SAME_SHAPE))
-                or (n.op == "call_method" and n.target in _LAYOUT_METHODS)):
+        inputs = [i for i in n.all_input_nodes if not _constant_or_size(i)]
+        if len(inputs) != 1 or not _keeps_shape(n, inputs[0]):
             return False
         n = inputs[0]
     return n is token
@@ -119,6 +122,39 @@ def token_wise_of(n, token: fx.Node) -> bool:
 
 #: modules whose output has their input's shape (what token_wise_of follows)
 _SAME_SHAPE = (nn.LayerNorm, nn.RMSNorm, nn.Dropout, nn.Identity)
+#: functions whose output has their first argument's shape
+_SAME_SHAPE_FUNCTIONS = {F.layer_norm, F.rms_norm, F.dropout}
+_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
+                torch.sub, torch.div}
+
+
+def _keeps_shape(n: fx.Node, src: fx.Node) -> bool:
+    """``n`` gives its one tensor input ``src``'s shape by what it is (an elementwise op with
+    constants: where the shapes propagated at calibration say so)."""
+    if n.op == "call_module":
+        return isinstance(module_of(n.graph.owning_module, n), _SAME_SHAPE)
+    if n.op == "call_method" and n.target in _LAYOUT_METHODS:
+        return n.args[0] is src
+    if n.op == "call_function" and n.target in _SAME_SHAPE_FUNCTIONS:
+        return (n.args[0] if n.args else n.kwargs.get("input")) is src
+    elementwise = (n.op == "call_function" and n.target in _ELEMENTWISE) or \
+        (n.op == "call_method" and n.target in ("add", "mul", "sub", "div"))
+    return elementwise and shape_of(n) is not None and shape_of(n) == shape_of(src)
+
+
+def _constant_or_size(n: fx.Node) -> bool:
+    """``n`` reads no block argument's values: it is made of parameters, buffers, numbers and
+    sizes (``x.shape[-1]``, ``x.dtype``)."""
+    todo, seen = [n], set()
+    while todo:
+        v = todo.pop()
+        if v in seen or v.op == "get_attr" or is_size_query(v):
+            continue
+        if v.op == "placeholder":
+            return False
+        seen.add(v)
+        todo.extend(v.all_input_nodes)
+    return True
 
 
 def token_size_queries(node: fx.Node, token: fx.Node) -> List[fx.Node]:

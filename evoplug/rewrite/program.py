@@ -258,8 +258,11 @@ def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole:
     """The size queries ``sizes`` of the tokens that the position term ``bias`` is computed from
     read ``whole`` (the full input) on the term's own path: copies of them and of the ops
     between them and ``bias``, so the queries' other users (``B, n, C = x.shape`` also sizes
-    the q/k/v reshapes of the subset) keep the subset's sizes (audit H3)."""
-    path, queries = ancestors(bias), set(sizes)
+    the q/k/v reshapes of the subset) keep the subset's sizes (audit H3). A query that others
+    are read from (``x.dtype`` in ``norm1(x).to(x.dtype).shape``) stays: the outer one reads
+    ``whole``."""
+    path = ancestors(bias)
+    queries = {q for q in sizes if not any(q in ancestors(r) for r in sizes)}
     on = [n for n in graph.nodes if n in path and (n in queries or ancestors(n) & queries)]
     copies = {}
     for n in on:
