@@ -622,6 +622,18 @@ def test_blocks_removed_after_conversion_are_reported_and_a_forward_without_evol
     assert "none of the blocks left" not in evoplug.explain(fast)
 
 
+def _told_twice(model, expected, x, about: str):
+    """``model(x)`` twice and ``expected(x)`` once without autograd; the first output, the
+    expected one, and the warnings given about ``about``."""
+    import warnings
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        out = model(x)
+        model(x)
+        want = expected(x)
+    return out, want, [str(i.message) for i in w if about in str(i.message)]
+
+
 def test_a_converted_block_copied_into_another_place_is_told_and_reported_replaced():
     """A converted block deep-copied into another place after conversion (``blocks[2] =
     copy.deepcopy(blocks[1])``, depth up-scaling) keeps the spec of the block it was copied
@@ -632,19 +644,13 @@ def test_a_converted_block_copied_into_another_place_is_told_and_reported_replac
     does, with one warning naming its place and the fix; explain() and tokens_per_block()
     report the place replaced (a fresh block put there too); revert() then convert() gives the
     model copied before the conversion."""
-    import warnings
     m = sharp_tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     fast = evoplug.convert(copy.deepcopy(m), keep_ratio=0.5, example_input=x)
     fresh = copy.deepcopy(fast)                     # written another way: an unconverted copy
     fast.blocks[2] = copy.deepcopy(fast.blocks[1])
     fresh.blocks[2] = copy.deepcopy(m.blocks[1])
-    with warnings.catch_warnings(record=True) as w, torch.no_grad():
-        warnings.simplefilter("always")
-        out = fast(x)
-        fast(x)
-        want = fresh(x)
-    said = [str(i.message) for i in w if "copy of the converted block" in str(i.message)]
+    out, want, said = _told_twice(fast, fresh, x, "copy of the converted block")
     assert len(said) == 1 and "`blocks.2` of VisionTransformer is a copy of the converted block " \
         "`blocks.1`" in said[0] and "evoplug.convert(evoplug.revert(model), ...)" in said[0]
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
@@ -786,12 +792,7 @@ def test_converted_blocks_reordered_after_conversion_at_another_size_are_told():
                        r"\(converted as `blocks.2`\)\).*evoplug.convert\(evoplug.revert\(model\)"), \
             torch.no_grad():
         fast(y)
-    with warnings.catch_warnings(record=True) as w, torch.no_grad():
-        warnings.simplefilter("always")
-        out = built(y)
-        built(y)
-        reference = want(y)
-    said = [str(i.message) for i in w if "evoplug" in str(i.message)]
+    out, reference, said = _told_twice(built, want, y, "evoplug")
     assert len(said) == 1 and "`blocks.2` (converted as `blocks.1`) ran after `blocks.1` " \
         "(converted as `blocks.2`)" in said[0], said
     assert (out - reference).abs().max() > 1e-2              # what it warns of

@@ -501,6 +501,19 @@ class _Part(nn.Module):
         return getattr(self.model, self.part)(x)
 
 
+def _whole_and_in_two_parts(model, x):
+    """``model`` (a :class:`_DroppingViT`) converted whole, and in two parts: before the drop, and
+    from it on (scoring afresh), the expectation for the whole."""
+    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x[:1], start_block=2)
+    first = evoplug.convert(_Part(copy.deepcopy(model), "first"), keep_ratio=0.5,
+                            example_input=x[:1], start_block=2)
+    with torch.no_grad():
+        t = first(x)
+    rest = evoplug.convert(_Part(copy.deepcopy(model), "rest"), keep_ratio=0.5, example_input=t[:1],
+                           start_block=1, num_prefix_tokens=1, global_query="cls")
+    return fast, first, rest
+
+
 @pytest.mark.parametrize("img,kept,fixed", [((32, 32), 16, False), ((32, 64), 32, True)])
 def test_tokens_dropped_between_blocks_restart_the_scores_not_carried_onto_a_guessed_grid(img, kept, fixed):
     """A model that drops tokens between blocks (the 16 of largest norm of an 8x8 map, a fixed
@@ -512,13 +525,7 @@ def test_tokens_dropped_between_blocks_restart_the_scores_not_carried_onto_a_gue
     torch.manual_seed(0)
     model = _DroppingViT(kept, img, fixed).eval()
     x = torch.randn(2, 3, *img)
-    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x[:1], start_block=2)
-    first = evoplug.convert(_Part(copy.deepcopy(model), "first"), keep_ratio=0.5,
-                            example_input=x[:1], start_block=2)
-    with torch.no_grad():
-        t = first(x)
-    rest = evoplug.convert(_Part(copy.deepcopy(model), "rest"), keep_ratio=0.5, example_input=t[:1],
-                           start_block=1, num_prefix_tokens=1, global_query="cls")
+    fast, first, rest = _whole_and_in_two_parts(model, x)
     with torch.no_grad():
         out = fast(x)
         torch.testing.assert_close(out, rest(first(x)), atol=1e-5, rtol=0)
@@ -551,13 +558,7 @@ def test_tokens_dropped_then_stepped_token_by_token_restart_the_scores_too(step,
     torch.manual_seed(0)
     model = _SteppedDroppingViT(kept, img, fixed, step).eval()
     x = torch.randn(2, 3, *img)
-    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x[:1], start_block=2)
-    first = evoplug.convert(_Part(copy.deepcopy(model), "first"), keep_ratio=0.5,
-                            example_input=x[:1], start_block=2)
-    with torch.no_grad():
-        t = first(x)
-    rest = evoplug.convert(_Part(copy.deepcopy(model), "rest"), keep_ratio=0.5, example_input=t[:1],
-                           start_block=1, num_prefix_tokens=1, global_query="cls")
+    fast, first, rest = _whole_and_in_two_parts(model, x)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), rest(first(x)), atol=1e-5, rtol=0)
     assert [n for _, n in evoplug.tokens_per_block(fast)][3] == kept + 1

@@ -373,6 +373,17 @@ def test_videomae_mask_tokens_follow_the_calls_mask_count():
                                    model(video, bool_masked_pos=masks[24]).logits, atol=1e-5, rtol=1e-5)
 
 
+def _videomae_converted_at_8_masked():
+    """:func:`_videomae_pretraining`, converted at keep 0.5 on a call with 8 masked tubelets;
+    2 videos masked so, and 2 decoder inputs of 32 tokens."""
+    model = _videomae_pretraining()
+    video = torch.randn(2, 4, 3, 32, 32)
+    mask = torch.stack([torch.randperm(32) < 8 for _ in range(2)])
+    conv = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, start_block=2,
+                           example_input=dict(pixel_values=video[:1], bool_masked_pos=mask[:1]))
+    return model, conv, video, mask, torch.randn(2, 32, 32)
+
+
 def test_videomae_decoder_called_directly_is_refused_not_run_at_the_conversions_count():
     """The decoder's blocks learn their count of trailing mask tokens from the model's
     ``bool_masked_pos``; ``model.decoder(x, n)`` called directly passes no such argument, and
@@ -380,12 +391,7 @@ def test_videomae_decoder_called_directly_is_refused_not_run_at_the_conversions_
     tokens, 16 of them were ranked as patches, 2.6 off the model converted at 24, without a word
     (a known gap of the forty-first session). Now such a call is refused naming the block and
     the argument its count follows; the model's own calls and keep 1.0 run as before."""
-    model = _videomae_pretraining()
-    video = torch.randn(2, 4, 3, 32, 32)
-    mask = torch.stack([torch.randperm(32) < 8 for _ in range(2)])
-    conv = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, start_block=2,
-                           example_input=dict(pixel_values=video[:1], bool_masked_pos=mask[:1]))
-    x = torch.randn(2, 32, 32)
+    model, conv, video, mask, x = _videomae_converted_at_8_masked()
     with torch.no_grad():
         for n in (24, 8):
             with pytest.raises(evoplug.EvoplugError, match=r"`decoder\.decoder_layers\.0`.*"
@@ -404,12 +410,7 @@ def test_a_compiled_videomae_decoder_called_directly_is_refused_as_the_eager_one
     the model forwards dynamo traces: a compiled direct call is refused as the eager one is, and
     the compiled model's own calls run as eagerly, leaving the count at 0 after them."""
     torch._dynamo.reset()
-    model = _videomae_pretraining()
-    video = torch.randn(2, 4, 3, 32, 32)
-    mask = torch.stack([torch.randperm(32) < 8 for _ in range(2)])
-    conv = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, start_block=2,
-                           example_input=dict(pixel_values=video[:1], bool_masked_pos=mask[:1]))
-    x = torch.randn(2, 32, 32)
+    model, conv, video, mask, x = _videomae_converted_at_8_masked()
     runtime = evoplug.get_report(conv).blocks[0].runtime
     decoder = torch.compile(conv.decoder, backend="eager")
     with torch.no_grad():
