@@ -702,6 +702,10 @@ def test_a_checkpoint_of_another_model_and_pretrained_weights_are_told_in_one_li
         err = capsys.readouterr().err.splitlines()
         assert len(err) == 1 and err[0].startswith("evoplug: error: ") and said in err[0], err
     assert run_cli("explain", *TINY, "--model-arg", "pretrained=false")[0] == 0
+    from evoplug.tools.bench import run_bench          # (the same refusal says the Python way)
+    with pytest.raises(ValueError, match=r"random weights .*\(in Python: load the model yourself "
+                                         r"and measure it with evoplug.tools.bench.bench_model"):
+        run_bench(["vit_tiny_patch16_224"], model_kwargs=dict(TINY_KW, pretrained=True))
 
 
 def test_a_closed_pipe_ends_the_command_quietly(tmp_path):

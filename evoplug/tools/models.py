@@ -33,7 +33,9 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs) -> torch.n
         # forty-third session)
         raise ValueError(f"{name}: pretrained=True: the tools build timm models with random "
                          "weights (no download); give the weights with --checkpoint FILE (a "
-                         "state_dict), or an evoplug checkpoint file instead of the name")
+                         "state_dict), or an evoplug checkpoint file instead of the name (in "
+                         "Python: load the model yourself and measure it with "
+                         "evoplug.tools.bench.bench_model)")
     if img_size is not None:
         kwargs["img_size"] = img_size
     try:
