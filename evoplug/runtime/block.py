@@ -429,15 +429,9 @@ def _apart(block: nn.Module, spec: BlockSpec) -> bool:
               for call in getattr(other._local, "call", None) or ()]
     if not models or rt.apart_told:
         return bool(models)
-    rt.apart_told = True
     where = next((f"`{n}` of {type(model).__name__}" for model in models
                   for n, m in model.named_modules() if m is block), "this block")
-    warnings.warn(
-        f"evoplug: {where} is a copy of the converted block `{spec.name}`, made apart from the "
-        "model it was converted in (copy.deepcopy of the block after the conversion): it runs "
-        "its own forward, on every token (no speed-up; evoplug.set_options does not reach it). "
-        "To have it evolve, convert the model that holds it again: "
-        "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=5)
+    _tell_copy(rt, spec.name, f"{where} is a copy", "", stacklevel=5)
     return True
 
 
@@ -450,15 +444,20 @@ def _apart_compiled(rt: EvoRuntime, name: str) -> bool:
     runtime without a word until the forty-third session: copies sharing one (``blocks.extend(
     copy.deepcopy(blocks[2:]))``) evolved from each other's scores, 0.03 off the eager forward."""
     if not rt.apart_told:
-        rt.apart_told = True
-        warnings.warn(
-            f"evoplug: a copy of the converted block `{name}`, made apart from the model it was "
-            "converted in (copy.deepcopy of the block after the conversion), is compiled (or "
-            "exported): it runs its own forward, on every token (no speed-up; "
-            "evoplug.set_options does not reach it). To have it evolve, convert the model that "
-            "holds it again: "
-            "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=2)
+        _tell_copy(rt, name, "a copy", ", is compiled (or exported)", stacklevel=2)
     return True
+
+
+def _tell_copy(rt: EvoRuntime, name: str, who: str, how: str, stacklevel: int):
+    """The warning, once per copy, that a copy of the converted block ``name`` runs its own
+    forward (``who``: where it is; ``how``: how it is run)."""
+    rt.apart_told = True
+    warnings.warn(
+        f"evoplug: {who} of the converted block `{name}`, made apart from the model it was "
+        f"converted in (copy.deepcopy of the block after the conversion){how}: it runs its own "
+        "forward, on every token (no speed-up; evoplug.set_options does not reach it). To have "
+        "it evolve, convert the model that holds it again: "
+        "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=stacklevel + 1)
 
 
 def _fx_tracing(args, kwargs) -> bool:
