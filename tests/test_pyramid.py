@@ -1887,3 +1887,95 @@ def test_a_swin_block_whose_only_norm_over_its_map_is_a_function_is_a_map_block(
         torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=0)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x), dense, atol=1e-5, rtol=0)
+
+
+class _FunctionMapBlock(nn.Module):
+    """A channels-last (B, H, W, C) map block written with functions only: parameters, no
+    submodules (``F.layer_norm``, ``F.linear``, ``scaled_dot_product_attention``); its MLP on
+    the tokens (``mlp="tokens"``) or on the map itself (``"map"``). ``modules()`` gives the same
+    block with ``nn.LayerNorm`` and ``nn.Linear`` modules, sharing its weights."""
+
+    def __init__(self, dim, mlp):
+        super().__init__()
+        g = torch.Generator().manual_seed(dim)
+        self.mlp = mlp
+        self.w1, self.b1 = nn.Parameter(1 + 0.1 * torch.randn(dim, generator=g)), nn.Parameter(0.1 * torch.randn(dim, generator=g))
+        for name, (o, i, s) in {"qkv": (3 * dim, dim, 2.0), "proj": (dim, dim, 1.0),
+                                "fc1": (2 * dim, dim, 1.0), "fc2": (dim, 2 * dim, 1.0)}.items():
+            setattr(self, name, nn.Parameter(s * torch.randn(o, i, generator=g) * i ** -0.5))
+
+    def forward(self, x, f=None):
+        f = f or _FunctionMapBlock._functions(self)
+        B, H, W, C = x.shape
+        h = f["norm1"](x).reshape(B, H * W, C)
+        q, k, v = f["qkv"](h).reshape(B, H * W, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+        x = x + f["proj"](nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H, W, C))
+        t = x if self.mlp == "map" else x.reshape(B, H * W, C)
+        t = t + f["fc2"](nn.functional.gelu(f["fc1"](f["norm2"](t))))
+        return t.reshape(B, H, W, C)
+
+    def _functions(self):
+        F = nn.functional
+        return {"norm1": lambda x: F.layer_norm(x, (x.shape[-1],), self.w1, self.b1),
+                "norm2": lambda x: F.layer_norm(x, (x.shape[-1],)),
+                **{n: (lambda x, n=n: F.linear(x, getattr(self, n))) for n in ("qkv", "proj", "fc1", "fc2")}}
+
+    def modules_writing(self) -> nn.Module:
+        block = _ModuleMapBlock(self.mlp)
+        block.norm1 = nn.LayerNorm(self.w1.numel())
+        block.norm2 = nn.LayerNorm(self.w1.numel(), elementwise_affine=False)
+        block.norm1.weight, block.norm1.bias = self.w1, self.b1
+        for n in ("qkv", "proj", "fc1", "fc2"):
+            lin = nn.Linear(1, 1, bias=False)
+            lin.weight = getattr(self, n)
+            setattr(block, n, lin)
+        return block
+
+
+class _ModuleMapBlock(nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return _FunctionMapBlock.forward(self, x, {n: getattr(self, n) for n in
+                                                   ("norm1", "norm2", "qkv", "proj", "fc1", "fc2")})
+
+
+class _MapNet(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        torch.manual_seed(0)
+        self.pe, self.head = nn.Conv2d(3, 16, 4, 4), nn.Linear(16, 10)
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.pe(x).permute(0, 2, 3, 1)).mean((1, 2)))
+
+
+@pytest.mark.parametrize("mlp", ["tokens", "map"])
+def test_a_map_block_written_with_functions_only_evolves_as_its_module_writing(mlp):
+    """A channels-last map block with no submodules, its norms ``F.layer_norm`` and its linears
+    ``F.linear`` of its own parameters, was refused, "a 4-D map that is not a channels-last token
+    map" (the calibration kept a function's norm over the map off a module without submodules,
+    a known gap of the forty-third session), and with its MLP on the map, "the MLP runs on the
+    4-D map" (canon's token-wise check knew modules and a few unary functions; and the block's
+    last ``reshape(B, H, W, C)`` of the map as it is hid its MLP: the module writing was refused
+    for it too). It converts now and evolves as the same weights written with modules do."""
+    x = torch.randn(3, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    functions = _MapNet([_FunctionMapBlock(16, mlp) for _ in range(4)]).eval()
+    modules = _MapNet([b.modules_writing() for b in functions.blocks]).eval()
+    modules.load_state_dict(functions.state_dict(), strict=False)
+    modules.pe, modules.head = functions.pe, functions.head
+    assert not any(list(b.children()) for b in functions.blocks)
+    with torch.no_grad():
+        dense = functions(x)
+        torch.testing.assert_close(modules(x), dense, atol=0, rtol=0)
+    for keep in (1.0, 0.5):
+        opts = dict(keep_ratio=keep, example_input=x[:1])
+        want_fast, fast = evoplug.convert(modules, **opts), evoplug.convert(functions, **opts)
+        assert len(evoplug.get_report(fast).blocks) == 4
+        with torch.no_grad():
+            out = fast(x)
+            torch.testing.assert_close(out, want_fast(x), atol=1e-5, rtol=0)
+            assert ((out - dense).abs().max() > 1e-3) == (keep < 1)

@@ -322,10 +322,12 @@ class _Recorder:
     def note_last_dim_op(self, func, args, kwargs):
         """A layer norm, RMS norm or linear over the last dim of a 4-D map called by a module
         with submodules (a block's own ``F.layer_norm(x, (C,), w, b)``): its shape, for every
-        module running. Not one inside a module without submodules: such a module is a unit
-        of its own input (``nn.LayerNorm``; a channels-first ``LayerNorm2d`` that permutes the
-        map to norm it), which discover.channels_last reads as a module."""
-        if not self.stack or self.stack[-1] in self.childless or func not in _LAST_DIM_OPS:
+        module running. One inside a module without submodules is a unit of its own input
+        (``nn.LayerNorm``; a channels-first ``LayerNorm2d`` that permutes the map to norm it),
+        which discover.channels_last reads as a module: its shape is that module's alone (a
+        block written with functions only, its norms included, was refused as "not a
+        channels-last token map" until the forty-fourth session)."""
+        if not self.stack or func not in _LAST_DIM_OPS:
             return
         x = args[0] if args else kwargs.get("input")
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -337,7 +339,7 @@ class _Recorder:
             shape = (arg,) if isinstance(arg, int) else arg
             over = isinstance(shape, (tuple, list)) and list(shape) == [x.shape[-1]]
         if over:
-            for mid in self.stack:
+            for mid in self.stack[-1:] if self.stack[-1] in self.childless else self.stack:
                 self.calls[mid].last_dim_maps.add(tuple(x.shape))
 
     def count_attention(self):

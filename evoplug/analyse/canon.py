@@ -18,7 +18,8 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels_first import tokenise_channels_first
 from .graph import depends_on_data, is_add, is_reshape, no_side_effects, shape_of
-from .pointwise import mixes_positions, perturbed_copy, perturber, seeded, treats_positions_alike
+from .pointwise import (mixes_positions, node_treats_tokens_alike, perturbed_copy, perturber, seeded,
+                        treats_positions_alike)
 
 _UNARY_METHODS = {"contiguous", "float", "to", "type_as"}
 _UNARY_FUNCTIONS = {torch.nn.functional.gelu, torch.nn.functional.relu, torch.relu, torch.nn.functional.silu,
@@ -76,7 +77,8 @@ class _Ctx:
 
     def token_wise(self, n: fx.Node, src: fx.Node) -> bool:
         """``n`` (one tensor input, ``src``) treats every map position alike: an op that does by
-        what it is, or a module with no convolution wider than 1x1 or pooling inside that maps
+        what it is, a function or method that does on random values (``F.linear`` by a
+        parameter: pointwise.node_treats_tokens_alike), or a module with no convolution wider than 1x1 or pooling inside that maps
         the flattened map to the flattened output, and a subset of its positions to their
         outputs (analyse/pointwise.py: eval and train mode, parameters perturbed)."""
         if not (self.is_map(src) and self.is_map(n)) or \
@@ -90,6 +92,10 @@ class _Ctx:
             other = n.args[1] if n.args[0] is src else n.args[0]    # layer scale: (C,) parameter
             return isinstance(other, fx.Node) and other.op == "get_attr" and \
                 len(shape_of(other) or (0, 0)) == 1
+        if n.op in ("call_function", "call_method"):
+            # by what it computes (``F.layer_norm(h, (C,), w, b)``, ``F.linear(h, w)`` of a block
+            # written with functions: their 4-D MLP was refused until the forty-fourth session)
+            return node_treats_tokens_alike(self.gm, n, src, shape_of(src))
         if n.op != "call_module" or mixes_positions(self.gm, n, self.values):
             return False
         x = self.values.get(src)
@@ -337,6 +343,13 @@ def _tail_on_tokens(ctx: _Ctx) -> List[str]:
     graph = ctx.graph
     out = next(n for n in graph.nodes if n.op == "output")
     res = out.args[0]
+    if isinstance(res, fx.Node) and is_reshape(res) and isinstance(res.args[0], fx.Node) and \
+            len(res.users) == 1 and len(res.args[0].users) == 1 and shape_of(res) == shape_of(res.args[0]):
+        # ``return (t + mlp(t)).reshape(B, H, W, C)``, a view of the map as it is (made a
+        # reason to refuse, "the MLP runs on the 4-D map", until the forty-fourth session)
+        out.replace_input_with(res, res.args[0])
+        graph.erase_node(res)
+        res = out.args[0]
     if not (isinstance(res, fx.Node) and is_add(res) and ctx.is_map(res) and len(res.users) == 1):
         return []
     a, b = res.args[:2]
