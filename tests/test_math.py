@@ -213,17 +213,20 @@ def test_sdpa_query_row_matrix_form(dtype, P, cls_query, layout, mask, monkeypat
 
 @pytest.mark.parametrize("form", ["product", "matrix"])
 @pytest.mark.parametrize("layout", ["qkv", "contiguous"])
-def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layout, monkeypatch):
+@pytest.mark.parametrize("sharp", [1, 3])
+def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layout, sharp, monkeypatch):
     """Sharp attention in float16: class-token logits of about 1e5, beyond float16's 65504,
     which the model's own attention (accumulating in float32) takes. The logits were float16,
     inf, the scores NaN and every output of a converted model NaN, silently (audit A3 of the
     fortieth session). The row equals the float64 one, and a converted float16 ViT with such
-    logits is finite and near its float32 conversion."""
+    logits is finite and near its float32 conversion. ``sharp=3``: logits of about 8e5, whose
+    single terms q_i * k_i pass 65504 too: the product form's were float16 and inf, every
+    output NaN (audit H1 of the forty-fourth session)."""
     monkeypatch.setattr(ev, "_MATMUL_LOGITS", form == "matrix")
-    q, k, v = (t.half() * 130 for t in _qkv(torch.float32))
+    q, k, v = (t.half() * 130 * sharp ** 0.5 for t in _qkv(torch.float32))
     q, k = _k_layout(q, k, v, layout)
     logits = (q[:, :, :1].double() @ k.double().transpose(-1, -2)).squeeze(-2) * D ** -0.5
-    assert logits.abs().max() > 8e4
+    assert logits.abs().max() > 8e4 * sharp
     ref = logits.softmax(-1).mean(1)
     out = ev.sdpa_query_row(q, k, None, None, 1, True)
     assert torch.isfinite(out).all()
@@ -234,8 +237,8 @@ def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layo
                               embed_dim=64, num_heads=4, num_classes=10).eval()
     with torch.no_grad():
         for blk in model.blocks:            # q and k x 1000: class-token logits about 9e4
-            blk.attn.qkv.weight[:128] *= 1000
-            blk.attn.qkv.bias[:128] *= 1000
+            blk.attn.qkv.weight[:128] *= 1000 * sharp
+            blk.attn.qkv.bias[:128] *= 1000 * sharp
     x = torch.randn(3, 3, 32, 32)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     with torch.no_grad():

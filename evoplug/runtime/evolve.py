@@ -230,10 +230,12 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
     gives every head's logits; and a k whose batch and head dims merge (contiguous per head).
     Anything else takes the product and sum.
 
-    The sum accumulates into float32 and the matrix form's float16 product holds the logits
-    divided by 2^8, scaled back in float32: float16 logits beyond its range (65504, sharp
-    attention) were inf, the scores NaN and every output NaN where the model's own attention,
-    which accumulates in float32, was finite (audit A3 of the fortieth session)."""
+    The sum accumulates into float32 and both forms' float16 products hold their terms divided
+    by 2^8, scaled back in float32: float16 logits beyond its range (65504, sharp attention)
+    were inf, the scores NaN and every output NaN where the model's own attention, which
+    accumulates in float32, was finite (audit A3 of the fortieth session); and in the product
+    form so were single terms q_i * k_i beyond it (logits of about 3e5; audit H1 of the
+    forty-fourth session)."""
     matmul = _MATMUL_LOGITS
     if matmul is None:
         matmul = k.is_cuda and not torch.compiler.is_compiling()
@@ -252,6 +254,8 @@ def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:
             logits = torch.bmm(k.view(B * H, n, d), (qq * s).view(B * H, d, 1)).view(B, H, n)
         if logits is not None:
             return logits.float().mul_(_HALF_SHIFT) if half else logits
+    if qq.dtype == k.dtype == torch.float16:    # (its float16 terms divided by 2^8 too)
+        return ((qq * (scale / _HALF_SHIFT)) * k).sum(-1, dtype=torch.float32).mul_(_HALF_SHIFT)
     return ((qq * scale) * k).sum(-1, dtype=torch.float32)
 
 
