@@ -315,16 +315,17 @@ def _removed_lines(report, idle) -> List[str]:
         return []
     left = [s for s in report.blocks if s.name not in report.removed and s.role == "evolve"
             and s.index not in idle]
-    lines = [f"WARNING: {len(report.removed)} converted block(s) are no longer in the model "
-             f"({', '.join(report.removed)})" + (
-                 "" if left or report.options.keep_ratio >= 1 else
-                 "; none of the blocks left evolves its tokens: the model runs as the "
-                 "original (convert after removing blocks)")]
+    gone = [n for n in report.removed if n not in report.replaced]   # (places left empty: a
+    lines = [f"WARNING: {len(gone)} converted block(s) are no longer in the model "  # replaced
+             f"({', '.join(gone)})"] if gone else []     # one was said gone too, until audit H1)
     if report.replaced:
         lines.append(f"WARNING: other modules are in the place of {', '.join(report.replaced)} "
                      "(put or deep-copied there after the conversion): they run their own "
                      "forward, every token; to have them evolve, convert again: "
                      "evoplug.convert(evoplug.revert(model), ...)")
+    if not left and report.options.keep_ratio < 1:
+        lines[0] += ("; none of the blocks left evolves its tokens: the model runs as the "
+                     "original (convert after removing blocks)")
     return lines
 
 

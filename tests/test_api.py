@@ -659,12 +659,44 @@ def test_a_converted_block_copied_into_another_place_is_told_and_reported_replac
         assert [n for n, _ in evoplug.tokens_per_block(model)] == [f"blocks.{i}" for i in range(4)]
         assert dict(evoplug.tokens_per_block(model))["blocks.2"] == -1
         assert "blocks.2  replaced after conversion: its own forward" in evoplug.explain(model)
+        # (a replaced place was said gone too, "no longer in the model", until audit H1 of the
+        # forty-fourth session)
+        assert "WARNING: other modules are in the place of blocks.2" in evoplug.explain(model)
+        assert "no longer in the model" not in evoplug.explain(model)
     copied_first = copy.deepcopy(m)
     copied_first.blocks[2] = copy.deepcopy(m.blocks[1])
     again = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x)
     with torch.no_grad():
         torch.testing.assert_close(again(x), evoplug.convert(copied_first, keep_ratio=0.5,
                                                              example_input=x)(x))
+
+
+def test_a_converted_block_of_another_model_put_in_is_told_and_runs_its_own_forward():
+    """``fast_a.blocks[2] = fast_b.blocks[2]`` after both were converted: the block, whose
+    runtime is the other model's (no scores of this forward), ran its own forward without a
+    word (a copy of a block of the same model was told; a known gap of the forty-third
+    session). It still runs its own forward, as an unconverted block put there does, told once
+    with its place and the way to have it evolve, which gives the mixed model converted anew;
+    the model it came from is unchanged."""
+    x = torch.randn(2, 3, 32, 32)
+    a, b = sharp_tiny_vit(0), sharp_tiny_vit(1)
+    fast_a, fast_b, fresh = (evoplug.convert(m, keep_ratio=0.5, example_input=x) for m in (a, b, a))
+    with torch.no_grad():
+        b_before = fast_b(x)
+    fast_a.blocks[2] = fast_b.blocks[2]
+    fresh.blocks[2] = copy.deepcopy(b.blocks[2])
+    out, want, said = _told_twice(fast_a, fresh, x, "of another model")
+    assert len(said) == 1 and "`blocks.2` of VisionTransformer is the converted block `blocks.2` of " \
+        "another model" in said[0] and "evoplug.revert(other_model)" in said[0]
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    assert "blocks.2  replaced after conversion: its own forward" in evoplug.explain(fast_a)
+    with torch.no_grad():
+        torch.testing.assert_close(fast_b(x), b_before, atol=0, rtol=0)
+        mixed = copy.deepcopy(a)
+        mixed.blocks[2] = copy.deepcopy(b.blocks[2])
+        evoplug.revert(fast_b)
+        again = evoplug.convert(evoplug.revert(fast_a), keep_ratio=0.5, example_input=x)
+        torch.testing.assert_close(again(x), evoplug.convert(mixed, keep_ratio=0.5, example_input=x)(x))
 
 
 def test_converted_blocks_reordered_after_conversion_are_told():
@@ -729,7 +761,7 @@ def test_a_converted_block_copied_past_the_converted_ones_is_listed_and_told_whe
     evolved from each other's scores, 0.03 off the eager forward. Now explain() lists each copy
     ("copy of `blocks.3`: its own forward") with a warning saying what to do, get_report() in
     ``copied``, tokens_per_block() with -1; compiled copies run their own forward as in eager,
-    told once when they are traced. Compared with unconverted copies in their place."""
+    told once each when they are traced. Compared with unconverted copies in their place."""
     import warnings
     m = sharp_tiny_vit()
     x = torch.randn(2, 3, 32, 32)
@@ -753,14 +785,21 @@ def test_a_converted_block_copied_past_the_converted_ones_is_listed_and_told_whe
     fresh = copy.deepcopy(fast)
     fast.blocks.extend(copy.deepcopy(fast.blocks[2:]))
     fresh.blocks.extend(copy.deepcopy(m.blocks[2:]))
+    out, want, said = _told_twice(copy.deepcopy(fast), fresh, x, "copy of the converted block")
+    assert [t.split(" of the converted")[0] for t in said] == \
+        ["evoplug: `blocks.4` of VisionTransformer is a copy", "evoplug: `blocks.5` of VisionTransformer is a copy"]
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     compiled = torch.compile(fast, backend="eager", fullgraph=True)
     with warnings.catch_warnings(record=True) as w, torch.no_grad():
         warnings.simplefilter("always")
         outs = [compiled(x) for _ in range(2)]
         want = fresh(x)
     said = [str(i.message) for i in w if "evoplug" in str(i.message)]
-    assert len(said) == 1 and "a copy of the converted block `blocks.2`" in said[0] and \
-        "is compiled (or exported): it runs its own forward" in said[0], said
+    # one warning per copy, though both share one runtime (the first alone was told until
+    # audit H1 of the forty-fourth session)
+    assert len(said) == 2 and all(f"a copy of the converted block `blocks.{i}`" in t and
+                                  "is compiled (or exported): it runs its own forward" in t
+                                  for i, t in zip((2, 3), said)), said
     for out in outs:
         torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-6)
     assert evoplug.get_report(fast).copied == {"blocks.4": "blocks.2", "blocks.5": "blocks.3"}

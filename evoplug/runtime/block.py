@@ -425,13 +425,47 @@ def _apart(block: nn.Module, spec: BlockSpec) -> bool:
     rt = spec.runtime
     if torch.compiler.is_compiling():
         return _apart_compiled(rt, spec.name)
-    models = [call[1] for other in list(_RUNTIMES) if other is not rt
-              for call in getattr(other._local, "call", None) or ()]
-    if not models or rt.apart_told:
+    models = _models_running(rt)
+    if not models or spec.name in rt.apart_told:
         return bool(models)
-    where = next((f"`{n}` of {type(model).__name__}" for model in models
-                  for n, m in model.named_modules() if m is block), "this block")
+    where = _place(block, models) or "this block"
     _tell_copy(rt, spec.name, f"{where} is a copy", "", stacklevel=5)
+    return True
+
+
+def _models_running(rt: EvoRuntime) -> list:
+    """The converted models other than ``rt``'s whose forward runs on this thread."""
+    return [call[1] for other in list(_RUNTIMES) if other is not rt
+            for call in getattr(other._local, "call", None) or ()]
+
+
+def _place(block: nn.Module, models: list) -> Optional[str]:
+    return next((f"`{n}` of {type(model).__name__}" for model in models
+                 for n, m in model.named_modules() if m is block), None)
+
+
+def _foreign(block: nn.Module, spec: BlockSpec) -> bool:
+    """Whether ``block``, run outside a forward of the model it was converted in, is a module
+    of another converted model whose forward runs (``model_a.blocks[2] = model_b.blocks[2]``
+    after both were converted): it then runs its own forward, told once per block. Its
+    runtime, that of the other model, has no scores of this forward: it ran as its own forward
+    did, without a word, until the forty-fourth session (a copy of a block of the same model
+    was told: :func:`_apart`). Blocks of another model called from a hook are no module of the
+    running model: they run as blocks of a method called directly."""
+    rt = spec.runtime
+    where = _place(block, _models_running(rt)) if _RUNTIMES else None
+    if where is None:
+        return False
+    if spec.name not in rt.foreign_told:
+        rt.foreign_told = rt.foreign_told | {spec.name}
+        warnings.warn(
+            f"evoplug: {where} is the converted block `{spec.name}` of another model (put there "
+            "after both were converted): it runs its own forward, on every token (no speed-up; "
+            "evoplug.set_options does not reach it). To have it evolve, revert the model it came "
+            "from (evoplug.revert(other_model), or put a copy of its original block there), then "
+            "convert this one again: evoplug.convert(evoplug.revert(model), ...) (said once per "
+            "block)",
+            stacklevel=3)
     return True
 
 
@@ -443,15 +477,17 @@ def _apart_compiled(rt: EvoRuntime, name: str) -> bool:
     while dynamo traces, a constant in the graph: nothing per call). It ran through its own
     runtime without a word until the forty-third session: copies sharing one (``blocks.extend(
     copy.deepcopy(blocks[2:]))``) evolved from each other's scores, 0.03 off the eager forward."""
-    if not rt.apart_told:
+    if name not in rt.apart_told:
         _tell_copy(rt, name, "a copy", ", is compiled (or exported)", stacklevel=2)
     return True
 
 
 def _tell_copy(rt: EvoRuntime, name: str, who: str, how: str, stacklevel: int):
     """The warning, once per copy, that a copy of the converted block ``name`` runs its own
-    forward (``who``: where it is; ``how``: how it is run)."""
-    rt.apart_told = True
+    forward (``who``: where it is; ``how``: how it is run). Copies deep-copied together share
+    a runtime (``blocks.extend(copy.deepcopy(blocks[2:]))``): each is told (the first alone was,
+    until audit H1 of the forty-fourth session)."""
+    rt.apart_told = rt.apart_told | {name}
     warnings.warn(
         f"evoplug: {who} of the converted block `{name}`, made apart from the model it was "
         f"converted in (copy.deepcopy of the block after the conversion){how}: it runs its own "
@@ -550,6 +586,9 @@ class EvoBlockMixin:
             # directly went unadmitted, a twin build beside them: audit Q4, twenty-eighth session)
             rt._drop_abandoned(admitted=0)
         outside = not entry
+        if outside and _foreign(self, self._evoplug_spec):
+            self._evoplug_spec.tokens_run = -1
+            return self._evoplug_spec.orig_class.forward(self, *args, **kwargs)
         if outside:
             rt.admit()
         guard = getattr(local, "guard", None)

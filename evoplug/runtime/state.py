@@ -249,8 +249,11 @@ class EvoRuntime:
     #: a model's entry hook drives it (set by :class:`EntryHook`, also when one is copied or
     #: unpickled): False for the runtime of a converted block copied apart from its model
     served = False
-    #: a warning told that a converted block copied apart from its model runs its own forward
-    apart_told = False
+    #: the copied blocks (by the name of the block they copy) a warning told, copied apart
+    #: from their model, run their own forward (runtime/block._tell_copy)
+    apart_told: frozenset = frozenset()
+    #: the blocks a warning told run in another converted model (runtime/block._foreign)
+    foreign_told: frozenset = frozenset()
     #: a warning told that hooks inside an evolving block see its kept tokens (BlockSpec)
     leaf_hooks_told = False
     #: a warning told that a hook inside a block made it run its own forward (BlockSpec)
