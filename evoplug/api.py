@@ -797,7 +797,7 @@ def _calibrate(model: nn.Module, example_input):
         example_input)
     floats = [t for t in torch.utils._pytree.tree_leaves(example_input)
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if any(bool(_corrupt(t, i == 0).any()) for i, t in enumerate(floats)):
+    if any(bool(_corrupt(t.detach(), i == 0).any()) for i, t in enumerate(floats)):
         raise ConversionError(f"{type(model).__name__}: the example input holds NaN or inf (NaN "
                               "outside the images): the analysis checks every converted block "
                               "against the model on it; pass finite images")

@@ -708,6 +708,30 @@ def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentr
     torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("keep", [1.0, 0.5])
+def test_a_twin_first_built_in_a_non_reentrant_checkpoint_of_an_input_that_needs_grad(keep):
+    """``checkpoint(model, x.requires_grad_(), use_reentrant=False)`` with ``x`` of a new size:
+    the twin's conversion checked the input for NaN on the input itself, with autograd on, so
+    one tensor more was saved in the forward than in its recomputation: torch's raw
+    CheckpointError, keep 1.0 included (audit H3 of the forty-fourth session; adversarial
+    training and input gradients). The input gradients are now those of the plain backward."""
+    from torch.utils.checkpoint import checkpoint
+    model = sharp_tiny_vit(dynamic_img_size=True).train()
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=torch.randn(2, 3, 32, 32))
+    x = torch.randn(3, 3, 48, 48)
+    grads = []
+    for f, ckpt in ((copy.deepcopy(fast), False), (fast, True)):
+        xr = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        out = checkpoint(f, xr, use_reentrant=False) if ckpt else f(xr)
+        grads.append(torch.autograd.grad(out.pow(2).sum(), xr)[0])
+    torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+    if keep == 1.0:
+        xr = x.clone().requires_grad_()
+        torch.testing.assert_close(grads[1], torch.autograd.grad(model(xr).pow(2).sum(), xr)[0],
+                                   atol=1e-6, rtol=1e-5)
+
+
 def _in_forked_child(target, *args, timeout: float = 120):
     """What ``target(*args, queue)`` puts in its queue, run in a forked child; None if the child
     did not finish within ``timeout`` seconds (then killed) or failed."""
