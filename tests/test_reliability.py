@@ -837,6 +837,51 @@ def test_pruning_an_attention_modules_own_parameter_keeps_the_block_evolving(whe
     h.remove()
 
 
+@pytest.mark.parametrize("name", ["vit", "pvt_v2_b0"])
+def test_an_attention_in_another_mode_than_its_block_is_honoured(name):
+    """``model.train()`` then ``blk.attn.eval()`` (attention dropout off while training), or
+    ``model.eval()`` then ``blk.attn.train()`` (Monte-Carlo dropout on the attention alone): the
+    converted block ran the program traced in the block's mode, so the attention's own mode was
+    ignored at keep < 1, silently (audit H3 of the forty-fourth session: 0.098 apart between two
+    seeds where the attention ran in eval mode). Such a block runs its own forward now, told once
+    naming the module: the output is the dense model's, draw for draw; set whole again, the
+    blocks evolve."""
+    torch.manual_seed(0)
+    if name == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32,
+                                  depth=4, num_heads=2, num_classes=5, attn_drop_rate=0.5)
+    else:
+        model = timm.create_model("pvt_v2_b0", num_classes=5, attn_drop_rate=0.5)
+    x = torch.randn(2, 3, *((32, 32) if name == "vit" else (64, 64)))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).eval()
+    with torch.no_grad():
+        fast(x)
+    evolving = evoplug.tokens_per_block(fast)
+    assert any(t > 0 for _, t in evolving)
+    for whole, attn in ((True, False), (False, True)):
+        outs = []
+        for m in (model, fast):
+            m.train(whole)
+            for b in m.modules():
+                if hasattr(b, "attn"):
+                    b.attn.train(attn)
+            with warnings.catch_warnings(record=True) as w, torch.no_grad():
+                warnings.simplefilter("always")
+                outs.append([(torch.manual_seed(s), m(x))[1] for s in (0, 1)])
+        said = [str(i.message) for i in w if "a module its program traces into, is in" in str(i.message)]
+        torch.testing.assert_close(outs[1], outs[0], atol=0, rtol=0)
+        assert (outs[1][0] - outs[1][1]).abs().max() > 1e-3 if attn else (outs[1][0] == outs[1][1]).all()
+        assert all(t == -1 for _, t in evoplug.tokens_per_block(fast))
+        if whole:       # (said once per model: the first time only)
+            assert len(said) == 1 and re.search(r"while `[\w.]+\.attn`, .* is in eval mode", said[0])
+        else:
+            assert not said
+    fast.eval()
+    with torch.no_grad():
+        fast(x)
+    assert evoplug.tokens_per_block(fast) == evolving
+
+
 def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
     """A forward hook on ``attn.attn_drop`` (attention rollout reads the maps there) fires on
     the kept tokens in the selection's order, as guarantees.md says: a rollout failed on a

@@ -245,7 +245,17 @@ class BlockSpec:
             if self._active(m._forward_hooks) or m._backward_hooks or m._backward_pre_hooks or (
                     m._forward_pre_hooks and not _pruning_only(m._forward_pre_hooks)):
                 return True
-        return False
+        return self.mode_apart() is not None
+
+    def mode_apart(self) -> Optional[str]:
+        """The path of a module the programs traced into whose train/eval mode is not the
+        block's (``model.train()`` then ``blk.attn.eval()``: attention dropout off in training;
+        ``blk.attn.train()`` in eval: Monte-Carlo dropout): the programs traced the block in one
+        mode, whole, so it runs its own forward, which reads each module's own mode. The
+        program of the block's mode ran, silently, until audit H3 of the forty-fourth session."""
+        training = self.analysis.module.training
+        return next((path for parent, _, path, m, *_ in self.traced
+                     if parent is not None and m.training is not training), None)
 
     def run_pruning(self):
         """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
@@ -264,6 +274,16 @@ class BlockSpec:
         submodule its programs traced into (docs/guarantees.md, Hooks); said by a warning
         naming the module and the hook (it was silent until audit W2 of the thirty-eighth
         session)."""
+        apart = self.mode_apart()
+        if apart is not None and not self.runtime.mode_told:
+            self.runtime.mode_told = True
+            mode = "eval" if self.analysis.module.training else "train"
+            warnings.warn(
+                f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run -1, no "
+                f"speed-up), while `{self.name}.{apart}`, a module its program traces into, is in "
+                f"{mode} mode and the block is not: its programs run one mode, whole. Set the mode "
+                "on whole blocks (model.train() / model.eval(), block.train()) to keep it "
+                "evolving (said once per model)", stacklevel=5)
         family = self.family_hook or (lambda h: False)
         for m in self.inner:
             hooks = [("forward hook", h) for h in m._forward_hooks.values()] + \

@@ -254,6 +254,9 @@ class EvoRuntime:
     apart_told: frozenset = frozenset()
     #: the blocks a warning told run in another converted model (runtime/block._foreign)
     foreign_told: frozenset = frozenset()
+    #: a warning told that a block runs its own forward for a module inside it in another
+    #: train/eval mode (BlockSpec.mode_apart)
+    mode_told = False
     #: a warning told that hooks inside an evolving block see its kept tokens (BlockSpec)
     leaf_hooks_told = False
     #: a warning told that a hook inside a block made it run its own forward (BlockSpec)
