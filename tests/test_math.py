@@ -324,6 +324,35 @@ def test_mha_query_row(dtype, P, cls_query, batch_first, mask):
     _check_row(out, ref, P, TOL[dtype])
 
 
+@pytest.mark.parametrize("bias_kv,zero_attn", [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("mask", [None, "bool"])
+def test_mha_query_row_takes_the_keys_the_module_appends(bias_kv, zero_attn, mask):
+    """``nn.MultiheadAttention(add_bias_kv=True)`` (a learned key after the tokens': an
+    attention sink) and ``add_zero_attn=True`` (a zero key): the row left those keys out of its
+    softmax, so it was not the attention map's, silently (audit H2 of the forty-fourth session:
+    a converted model 0.099 off an Evo-ViT reference). It is now the class token's row of the
+    module's own attention weights over the tokens' keys (summing to less than 1)."""
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=bias_kv, add_zero_attn=zero_attn)
+    with torch.no_grad():
+        mha.in_proj_weight.mul_(3.0)
+        mha.in_proj_bias.normal_(0, 0.5, generator=_gen(3))
+        if bias_kv:
+            mha.bias_k.normal_(0, 2.0, generator=_gen(4))
+    x = torch.randn(B, N, 16, generator=_gen(4))
+    m = None
+    if mask == "bool":
+        m = torch.rand(N, N, generator=_gen(5)) < 0.3
+        m[:, 0] = False
+    with torch.no_grad():
+        weights = copy.deepcopy(mha).double()(x.double(), x.double(), x.double(), attn_mask=m,
+                                              need_weights=True, average_attn_weights=True)[1]
+    ref = weights[:, 0, :N]                  # (B, N): the class token's row over the tokens' keys
+    assert (ref.sum(-1) < 1 - 1e-3).all()
+    out = ev.mha_query_row(mha, x, x, m, 1, True)[:, 0]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
+
+
 # -- windows (Swin-like): per-window mean-query rows, scattered back to tokens ----------------
 
 NW, MW = 4, 6      # windows per image, tokens per window
