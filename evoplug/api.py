@@ -922,7 +922,7 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
             detail = "; ".join(f"`{n}`: {r}" for n, r in failed + skipped)
         else:
             detail = ("no attention computation (softmax over q.k^T, scaled_dot_product_attention "
-                      "or nn.MultiheadAttention) ran in its forward")
+                      "or nn.MultiheadAttention) ran in its forward" + _scripted(model))
         # (failures name the modules and reasons: the model itself ('') where no module ran any
         # attention; the list was empty then, and with one block, audit X4 of the 39th session)
         raise ConversionError(f"evoplug found no convertible transformer block in "
@@ -951,6 +951,18 @@ def _check_convertible(model: nn.Module, analysed, failed, skipped, strict: bool
                       f"`{odd.name}` show: {odd.prefix_source.split('where the tokens show ')[1]}; a "
                       "class token counted as a patch can be left out of the slow path, a patch "
                       "counted as a prefix token always runs it", stacklevel=3)
+
+
+def _scripted(model: nn.Module) -> str:
+    """Where the model holds TorchScript modules, which run as leaves (no hooks, nothing seen
+    inside them: an attention in one is not found), the outermost of them named."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)]
+    names = [n for n in names if not any(n.startswith(o + ".") for o in names if o)]
+    if not names:
+        return ""
+    shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f" outside its TorchScript modules ({shown}), which evoplug runs as they are and cannot "
+            "see into: an attention inside one is not found; convert the model before scripting it")
 
 
 def _check_scored(model: nn.Module, analyses, roles, strict: bool, starts=()):

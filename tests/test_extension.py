@@ -1,5 +1,7 @@
 """The extension points, on models of the user's own (evoplug/integrations/registry.py):
 register_leaf_function, register_leaf_module, register_family."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -229,3 +231,113 @@ def test_a_softmax_over_another_dim_than_the_last_is_refused_for_that():
     was the heads) until the eighteenth session."""
     with pytest.raises(evoplug.ConversionError, match="softmax over dim 2 of the attention map"):
         evoplug.convert(_model(KeysInTheMiddleBlock), example_input=torch.randn(1, 3, 32, 32))
+
+
+
+def _scripted(module):
+    with warnings.catch_warnings():          # (torch.jit.script is deprecated since torch 2.9)
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
+
+
+class UnbindAttention(Attention):
+    """The attention as TorchScript can compile it (no tuple assignment from a tensor)."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        return self.out((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class MlpBlock(GatedBlock):
+    def __init__(self, dim, script=False):
+        super().__init__(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        if script:
+            self.mlp = _scripted(self.mlp)
+
+
+def test_a_torchscript_submodule_runs_as_a_leaf():
+    """A block whose MLP is ``torch.jit.script(mlp)``: TorchScript takes no hooks and its
+    ``_modules`` cannot be iterated, and the conversion raised a raw ``KeyError: 0`` (audit H4 of
+    the forty-fourth session). A scripted module runs as a leaf now: the model converts as the
+    same model with the MLP unscripted does, exactly. An attention inside a scripted module is
+    not seen, which the refusal says, naming the module."""
+    model = _model(lambda dim: MlpBlock(dim, script=True))
+    plain = _model(MlpBlock)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(3, 3, 32, 32)
+    fast = evoplug.convert(model, example_input=x[:2])
+    want = evoplug.convert(plain, example_input=x[:2])
+    with torch.no_grad():
+        assert torch.equal(fast(x), want(x))
+    _exact_and_evolving(model, fast, x)
+    for layer in model.layers:
+        layer.attn = _scripted(UnbindAttention(32))
+    with pytest.raises(evoplug.ConversionError, match=r"no attention computation .* outside its "
+                       r"TorchScript modules \(`layers.0.attn`, .* cannot see into"):
+        evoplug.convert(model, example_input=x[:2])
+
+
+class TokenLoopBlock(MlpBlock):
+    """The MLP run token by token, in the block's own forward."""
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        return x + torch.cat([self.mlp(self.n2(x[:, i:i + 1])) for i in range(x.shape[1])], 1)
+
+
+class TokenwiseMlp(nn.Sequential):
+    def forward(self, x):
+        run = super().forward
+        return torch.cat([run(x[:, i:i + 1]) for i in range(x.shape[1])], 1)
+
+
+class TokenwiseMlpBlock(MlpBlock):
+    """The same loop in a submodule of its own."""
+
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.mlp = TokenwiseMlp(*self.mlp)
+
+
+class HeadLoopAttention(Attention):
+    """Multi-head attention computed head by head in a Python loop."""
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        d = C // self.heads
+        heads = [(q[..., h * d:(h + 1) * d] @ k[..., h * d:(h + 1) * d].transpose(-2, -1) * d ** -0.5)
+                 .softmax(-1) @ v[..., h * d:(h + 1) * d] for h in range(self.heads)]
+        return self.out(torch.cat(heads, -1))
+
+
+class HeadLoopBlock(MlpBlock):
+    def __init__(self, dim):
+        super().__init__(dim)
+        self.attn = HeadLoopAttention(dim)
+
+
+def test_loops_over_tokens_or_heads_are_refused_with_the_way_out():
+    """A loop over the tokens in a block's forward was refused with torch.fx's bare "'Proxy'
+    object cannot be interpreted as an integer"; attention computed head by head as "runs 2
+    attention computations per call" alone (audit H4 of the forty-fourth session). Both say
+    what the code does and how to write it now; the token loop moved into a submodule (a leaf)
+    converts as the same model with the MLP run on all tokens at once does."""
+    x = torch.randn(3, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`layers.0`: .*'Proxy' object cannot be "
+                       r"interpreted as an integer; a Python loop or `range` over a traced size.*"
+                       r"move the loop into a submodule"):
+        evoplug.convert(_model(TokenLoopBlock), example_input=x[:2])
+    with pytest.raises(evoplug.ConversionError, match=r"`layers.0`: runs 2 attention computations "
+                       r"per call.*heads computed one by one in a Python loop count one each"):
+        evoplug.convert(_model(HeadLoopBlock), example_input=x[:2])
+    model, plain = _model(TokenwiseMlpBlock), _model(MlpBlock)
+    plain.load_state_dict(model.state_dict())
+    fast = evoplug.convert(model, example_input=x[:2])
+    want = evoplug.convert(plain, example_input=x[:2])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=1e-5)

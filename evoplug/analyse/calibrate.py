@@ -410,6 +410,8 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     rec = _Recorder(model)
     handles = []
     for m in model.modules():
+        if isinstance(m, torch.jit.ScriptModule):
+            continue    # (TorchScript takes no hooks: a scripted module is a leaf, not recorded)
         handles.append(m.register_forward_pre_hook(this_thread(rec.pre), with_kwargs=True))
         handles.append(m.register_forward_hook(this_thread(rec.post), with_kwargs=True))
     was_training = model.training

@@ -2,11 +2,13 @@
 with the reason), the prefix tokens, the patch grid and the class token."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from ..errors import AnalysisError
 from ..integrations.registry import hint
@@ -22,7 +24,7 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
     tensors = [a for a in call.args if isinstance(a, torch.Tensor)]
     tensors += [v for v in call.kwargs.values() if isinstance(v, torch.Tensor)]
     if not tensors:
-        return "called without a tensor"
+        return container_reason(call) or "called without a tensor"
     x, rest = tensors[0], tensors[1:]
     if call.token_key is not None:      # (tokens not first: forward(self, pos, x))
         x, rest = call.first_tensor(), call.other_tensors()
@@ -46,7 +48,7 @@ def token_block_reason(call: ModuleCall, batch: Optional[int] = None,
         # their own (a block of one token, transformers' Swin's last stage at 32 px, is a block)
         out = None
     if out is None:
-        return f"returns {type(call.output).__name__}, not the token tensor"
+        return _returned_container(call.output) or f"returns {type(call.output).__name__}, not the token tensor"
     if tuple(out.shape) != tuple(x.shape):
         return (f"output {tuple(out.shape)} is not the input token map {tuple(x.shape)} "
                 "(not a self-attention token block, e.g. class attention or pooling)")
@@ -93,6 +95,33 @@ def token_output(out) -> Optional[torch.Tensor]:
     if isinstance(out, (tuple, list)) and out:
         out = out[0]
     return out if isinstance(out, torch.Tensor) else None
+
+
+def container_reason(call: ModuleCall) -> Optional[str]:
+    """Why a module is no block evoplug converts where its tokens come or go inside a container:
+    no argument is a tensor but one is a tuple, list or dict holding them (``forward(self, xp)``
+    with ``x, pos = xp``: blocks of an ``nn.Sequential`` handing (tokens, positions) on), or it
+    returns a dict or a dataclass (a tuple or list whose first item is the tokens is read:
+    :func:`token_output`). None otherwise. (Until audit H4 of the forty-fourth session the first
+    raised a raw AttributeError and the second was told "no residual attention branch".)"""
+    if call.first_tensor() is None:
+        held = next((a for a in (*call.args, *call.kwargs.values()) if isinstance(a, (
+            tuple, list, dict)) and any(isinstance(t, torch.Tensor) for t in tree_leaves(a))), None)
+        if held is not None:
+            return (f"its tokens come inside a {type(held).__name__} argument (`forward(self, xp)` "
+                    "with `x, pos = xp`): evoplug converts blocks that take their tokens as a tensor "
+                    "argument (`forward(self, x, pos)`, called from a loop: `for blk in self.blocks: "
+                    "x = blk(x, pos)`)")
+    return _returned_container(call.output)
+
+
+def _returned_container(out) -> Optional[str]:
+    if not isinstance(out, dict) and not (dataclasses.is_dataclass(out) and not isinstance(out, type)):
+        return None
+    kind = "dict" if isinstance(out, dict) else "dataclass"
+    kind += "" if type(out) is dict else f" ({type(out).__name__})"
+    return (f"returns a {kind}, not its tokens: evoplug converts blocks "
+            "that return the token tensor, or a tuple or list whose first item it is")
 
 
 def channels_last(m: nn.Module, call: ModuleCall, calls: Dict[int, ModuleCall]) -> bool:
@@ -231,7 +260,8 @@ def find_blocks(model: nn.Module, calls: Dict[int, ModuleCall]):
             c.token_perm = (1, 0, 2) if seq else (0, 2, 3, 1) if cf else ()
             candidates.append((name, m, c))
             return
-        if c.n_calls == 1 and c.attention_ops == 1 and reason == _SQUARE.format(tuple(x.shape)):
+        if c.n_calls == 1 and c.attention_ops == 1 and x is not None and \
+                reason == _SQUARE.format(tuple(x.shape)):
             # a block of as many tokens as images (one token, one image: transformers' Swin's
             # last stage at 32 px): refused as such, so that it is analysed on more images,
             # not through its attention module, whose windows are no token block
@@ -679,6 +709,10 @@ def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tu
     out: List[Tuple[str, str]] = []
     for name, reason, kind in parts:
         owner = _enclosing_block(model, calls, name, batch)
+        held = _in_container_block(model, calls, name) if kind == "no residual" else None
+        if owner is None and held is not None:
+            out.append(held)
+            continue
         if owner is None or any(c == owner or c.startswith(owner + ".") for c in converted):
             out.append((name, reason + _held_by(model, calls, name) if kind == "no residual"
                         and owner is None else reason))
@@ -696,7 +730,9 @@ def regroup_parts(model: nn.Module, calls: Dict[int, ModuleCall], parts: List[Tu
     return out
 
 
-_SOFTMAX_COUNTS = (" (each softmax and fused attention call that ran counts as one; a softmax "
+_SOFTMAX_COUNTS = (" (each softmax and fused attention call that ran counts as one: heads "
+                   "computed one by one in a Python loop count one each, computed together in one "
+                   "softmax over (B, heads, N, N) logits they are one attention; a softmax "
                    "that is no attention, a gate, a router or linear attention's feature maps, is "
                    "kept out by registering its module: evoplug.register_leaf_module)")
 
@@ -717,6 +753,20 @@ def _held_by(model: nn.Module, calls: Dict[int, ModuleCall], name: str) -> str:
                 f"computations per call and is no block evoplug converts (one self-attention "
                 "over one token stream)")
     return ""
+
+
+def _in_container_block(model: nn.Module, calls: Dict[int, ModuleCall], name: str):
+    """(the block, why) where the attention ``name``, told "no residual", is the one attention of
+    the module around it, a block whose tokens come or go inside a container
+    (:func:`container_reason`): that is why it is not converted, not the residual it adds."""
+    path = name.split(".")
+    for cut in range(len(path) - 1, 0, -1):
+        owner = ".".join(path[:cut])
+        c = calls.get(id(model.get_submodule(owner)))
+        if c is not None:
+            why = container_reason(c) if c.n_calls == 1 and c.attention_ops == 1 else None
+            return (owner, why) if why else None
+    return None
 
 
 def _enclosing_block(model: nn.Module, calls: Dict[int, ModuleCall], name: str,

@@ -38,10 +38,17 @@ def snapshot(model: nn.Module) -> List[tuple]:
     """For every module: (module, its class, [(name, buffer or None, a copy of its values)], the
     non-persistent buffer names, its own attributes (containers as shallow copies, everything
     else by identity), {name: a copy of the values} of the attributes that are tensors, its
-    children's names, {hook dict: a copy})."""
+    children's names, {hook dict: a copy}). Of a TorchScript module (``torch.jit.script``,
+    whose forward sets no Python attribute) the values of its buffers alone: its ``_modules``
+    and ``_buffers`` are TorchScript's, which cannot be iterated (a raw ``KeyError: 0`` until
+    audit H4 of the forty-fourth session)."""
     from torch.nn.parameter import is_lazy
     saved = []
     for m in model.modules():
+        if isinstance(m, torch.jit.ScriptModule):   # (a leaf: no Python state, no hooks)
+            saved.append((m, type(m), [(k, b, b.detach().clone()) for k, b in
+                                       m.named_buffers(recurse=False)], set(), {}, {}, set(), {}))
+            continue
         attrs = own_state(m)
         saved.append((m, type(m),
                       [(k, b, None if b is None or is_lazy(b) else b.detach().clone())
@@ -86,6 +93,9 @@ def restore(saved: List[tuple]):
     tensors = []
     for m, cls, bufs, non_persistent, attrs, values, children, hooks in saved:
         if type(m) is not cls:
+            continue
+        if isinstance(m, torch.jit.ScriptModule):   # (its buffers' values, in place)
+            tensors += [({}, k, b, values) for k, b, values in bufs]
             continue
         for name, before in hooks.items():
             d = vars(m).get(name)

@@ -785,6 +785,11 @@ def _trace_hint(e: Exception) -> str:
         return ("; an einops function called from a function of another module than the block's "
                 "(a helper) meets torch.fx's proxies there: register that helper with "
                 "evoplug.register_leaf_function")
+    if "'Proxy' object cannot be interpreted as an integer" in str(e):
+        return ("; a Python loop or `range` over a traced size (`for i in range(x.shape[1])`: the "
+                "tokens one by one), which a trace cannot keep (the kept tokens are fewer than the "
+                "calibration's): write it over all the tokens at once, or move the loop into a "
+                "submodule without attention (an MLP of its own), which evoplug runs whole as a leaf")
     f = str(e).split("(")[0]
     if isinstance(e, TypeError) and "positional argument" in str(e) and f in _FACTORIES:
         return (f"; `torch.{f}` given sizes read from a traced tensor, which torch.fx cannot "
