@@ -741,6 +741,84 @@ def test_a_shared_rotary_table_lined_up_inside_the_block(form, images):
     _evolves_like(RotaryArgViT(form).eval(), RotaryArgViT("4d").eval(), (torch.randn(3, 3, 32, 32),), images)
 
 
+class ShapedRotaryBlock(RotaryArgBlock):
+    """Rotary tables (N, d) without a batch dim, shaped for one image by the tokens' sizes:
+    ``view`` (``cos.view(1, 1, q.shape[2], -1)``), ``reshape`` (``cos.reshape(1, 1, n, -1)``),
+    ``broadcast`` (rope-vit's and Llama's ``reshape_for_broadcast``: ``cos.view(*shape)``, the
+    shape made from ``q.shape``); ``patches``: tables of the patch tokens only (N - 1, d) so
+    shaped and written into the queries by rope-vit's slice assignment ``q[:, :, 1:] = ...``;
+    ``flat``: flattened first, ``cos.view(1, -1).view(1, 1, n, -1)``."""
+
+    def forward(self, x, cos, sin):
+        B, n, C = x.shape
+        q, k, v = self.heads_of(self.norm1(x))
+        p = int(self.form == "patches")
+
+        def shaped(t, of):
+            if self.form == "view":
+                return t.view(1, 1, of.shape[2], -1)
+            if self.form == "reshape":
+                return t.reshape(1, 1, n, -1)
+            if self.form == "flat":
+                return t.view(1, -1).view(1, 1, n, -1)
+            return t.view(*[s if i >= of.ndim - 2 else 1 for i, s in enumerate(of.shape)])
+        c, s = shaped(cos, q[:, :, p:]), shaped(sin, q[:, :, p:])
+        for t in (q, k):
+            t[:, :, p:] = t[:, :, p:] * c + rotate_half(t[:, :, p:]) * s
+        o = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1) @ v
+        return self.finish(x, o)
+
+
+class ShapedRotaryViT(RotaryArgViT):
+    """RotaryArgViT on 40 px images (26 tokens: no head dim of 16 is as long as the patch
+    tokens), its tables (the class token's row a rotation by 0) handed (N, d), (N - 1, d) without
+    the class token's row (``patches``), or lined up (1, 1, N, d) to RotaryArgBlock (``4d``)."""
+
+    def __init__(self, form, dim=32, depth=4):
+        super().__init__(form, dim, depth)
+        if form != "4d":
+            self.blocks = nn.ModuleList([ShapedRotaryBlock(dim, form) for _ in range(depth)])
+        angle = torch.arange(26)[:, None] * torch.linspace(0.1, 1.0, dim // 2)[None]
+        self.cos, self.sin = angle.cos()[None], angle.sin()[None]
+
+    def forward(self, img):
+        x = self.tokens(img)
+        p = int(self.form == "patches")
+        cos, sin = (self.cos[:, None], self.sin[:, None]) if self.form == "4d" else (self.cos[0, p:], self.sin[0, p:])
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        return self.head(x[:, 0])
+
+
+@pytest.mark.parametrize("form", ["view", "reshape", "broadcast", "patches"])
+@pytest.mark.parametrize("images", [1, 2])
+def test_a_shared_rotary_table_shaped_by_the_tokens_sizes(form, images):
+    """Rotary tables (N, d) handed to every block and shaped for one image by the tokens' sizes
+    (``cos.view(1, 1, q.shape[2], -1)``, ``.reshape(1, 1, n, -1)``, rope-vit's and Llama's
+    ``reshape_for_broadcast``) were gathered before the block shaped them, and every block was
+    refused, from two images with a raw shape error, from one as "the block shapes it for one";
+    so were tables of the patch tokens only (N - 1, d) so shaped and written in by rope-vit's
+    ``q[:, :, 1:] = ...`` (audit H2 of the forty-fourth session; since tables lined up inside the
+    block were gathered where they are, the twenty-ninth). They are gathered where the block
+    shapes them, their token size read from the table, and the blocks evolve as the same blocks
+    handed the tables lined up (1, 1, N, d), each image as alone."""
+    torch.manual_seed(0)
+    _evolves_like(ShapedRotaryViT(form).eval(), ShapedRotaryViT("4d").eval(), (torch.randn(3, 3, 40, 40),),
+                  images, alone=True)
+
+
+def test_a_shared_rotary_table_evoplug_cannot_shape_is_refused_with_the_reason():
+    """A rotary table shaped for one image by a view that does not keep its token dim whole
+    (``cos.view(1, -1)``, flattened before it is shaped) cannot be gathered where the block shapes
+    it: refused naming the block, the argument, the view and why (a raw shape error until audit
+    H2 of the forty-fourth session)."""
+    torch.manual_seed(0)
+    with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.0`: its argument `cos` \(26, 16\) is "
+                                                   r"shaped for one image by `view` \(method \.view\(\) "
+                                                   r"to \(1, 416\)\), which does not keep its token dim whole"):
+        evoplug.convert(ShapedRotaryViT("flat").eval(), 0.5, example_input=torch.randn(2, 3, 40, 40))
+
+
 class KeyMaskBlock(MaskArgBlock):
     """A key mask shared by all images, handed (N,) and lined up by ``m[None, None, None]``
     (``1d``), or handed (1, 1, 1, N) (``4d``)."""

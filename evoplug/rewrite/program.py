@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import operator
 from typing import Callable, List, Optional, Tuple
 
@@ -292,11 +293,15 @@ def _is_unsqueeze_index(u: fx.Node, node: fx.Node) -> bool:
     return all(i is None or i is Ellipsis or i == slice(None) for i in index)
 
 
-def _lined_up(node: fx.Node, val: torch.Tensor) -> Tuple[fx.Node, torch.Tensor]:
+def _lined_up(node: fx.Node, val: torch.Tensor, size: int) -> Tuple[fx.Node, torch.Tensor, list]:
     """The last node (and its meta value) of the ops by which the block lines an argument up
-    with its tokens (unsqueeze, ``[:, None]``, a cast), from the argument's placeholder."""
-    while len(node.users) == 1:
-        u = next(iter(node.users))
+    with its tokens (unsqueeze, ``[:, None]``, a cast, a view for one image: :func:`_view_for_one`),
+    from the argument's placeholder (sizes read from it aside); its dim of ``size`` is the
+    tokens'. Also the views followed, as ``(view, where its token size is among the view's sizes,
+    the token dim of what it views)``."""
+    views = []
+    while len(_value_users(node)) == 1:
+        u = _value_users(node)[0]
         if _is_unsqueeze_index(u, node):
             val = val[u.args[1]]
         elif u.op == "call_method" and u.target in _LINE_UP and u.args[0] is node and not any(
@@ -305,10 +310,93 @@ def _lined_up(node: fx.Node, val: torch.Tensor) -> Tuple[fx.Node, torch.Tensor]:
                 val = getattr(val, u.target)(*u.args[1:], **u.kwargs)
             except (RuntimeError, TypeError):    # e.g. .to() a device: not followed further
                 break
+        elif (shaped := _view_for_one(u, node, val, size)) is not None:
+            views.append((u, shaped[0], list(val.shape).index(size)))
+            val = val.reshape(shaped[1])
         else:
             break
         node = u
-    return node, val
+    return node, val, views
+
+
+def _value_users(node: fx.Node) -> List[fx.Node]:
+    """What reads ``node``'s values, where its sizes are read only for that (a view by
+    ``t.shape[-1]``: the full table's sizes, as the block read them) or by a check the trace
+    specialised (Llama's ``assert freqs_cis.shape == (x.shape[1], x.shape[-1])``: no users);
+    else all its users."""
+    users = [u for u in node.users if not is_size_query(u)]
+
+    def for_it(n):
+        return all(u in users or (not u.users and u.op == "call_function") or (
+            _is_size_value(u) and for_it(u)) for u in n.users)
+    return users if len(users) == 1 and for_it(node) else list(node.users)
+
+
+def _view_sizes(u: fx.Node, node: fx.Node) -> Optional[list]:
+    """The sizes ``u`` views or reshapes ``node`` to (``t.view(1, n, -1)``, ``t.view(*shape)``,
+    ``t.reshape([1, n, -1])``, ``torch.reshape(t, shape)``), or None if it does not."""
+    if not ((u.op == "call_method" and u.target in ("view", "reshape")) or (
+            u.op == "call_function" and u.target is torch.reshape)) or u.args[0] is not node or u.kwargs:
+        return None
+    sizes = u.args[1:]
+    return list(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)) else list(sizes)
+
+
+def _view_for_one(u: fx.Node, node: fx.Node, val: torch.Tensor, size: int) -> Optional[tuple]:
+    """``u`` shapes the table ``node`` (``val``, its token dim the one of ``size``) for one image:
+    dims of 1 before the token dim, in the table and as 1s written in the view, the token dim
+    kept whole, the dims after it regrouped (``cos.view(1, 1, q.shape[2], -1)``, rope-vit's and
+    Llama's ``freqs_cis.view(*shape)`` with ``shape`` made from ``q.shape``): where its token
+    size is among the view's sizes and the shape it gives, else None."""
+    sizes = _view_sizes(u, node)
+    dst = shape_of(u)
+    if sizes is not None and dst is None and all(isinstance(s, int) for s in sizes):
+        try:
+            dst = tuple(val.reshape(sizes).shape)
+        except RuntimeError:
+            return None
+    if sizes is None or dst is None or len(dst) != len(sizes) or list(dst).count(size) != 1:
+        return None
+    t, j = list(val.shape).index(size), list(dst).index(size)
+    if any(d != 1 for d in val.shape[:t]) or any(not isinstance(s, int) or s != 1 for s in sizes[:j]) \
+            or math.prod(val.shape[t + 1:]) != math.prod(dst[j + 1:]):
+        return None
+    return j, dst
+
+
+def _views_from_the_table(graph: fx.Graph, views: list):
+    """The views :func:`_lined_up` followed read the token size from the table they view (the
+    full one: the block read it from its tokens, a subset's in a program), so they shape it as
+    the block does the full input's; the size queries they read no more are dropped."""
+    for u, j, t in views:
+        sizes = _view_sizes(u, u.args[0])
+        with graph.inserting_before(u):
+            sizes[j] = graph.call_method("size", (u.args[0], t))
+        old = set(u.all_input_nodes)
+        listed = len(u.args) == 2 and isinstance(u.args[1], (list, tuple))
+        u.args = (u.args[0], sizes) if listed else (u.args[0], *sizes)
+        todo = [n for n in old if not n.users and _is_size_value(n)]
+        while todo:
+            n = todo.pop()
+            inputs = n.all_input_nodes
+            graph.erase_node(n)
+            todo += [i for i in inputs if not i.users and _is_size_value(i)]
+
+
+def _refuse_unfollowed_view(a: BlockAnalysis, name: str, node: fx.Node):
+    """A table the block shapes for one image (``view(1, ...)``) by a view :func:`_lined_up`
+    cannot follow would be gathered for each image before it, and viewed for one: refused,
+    naming the view and why (a raw shape error until audit H2 of the forty-fourth session)."""
+    u = _value_users(node)[0] if len(_value_users(node)) == 1 else None
+    sizes = _view_sizes(u, node) if u is not None else None
+    if sizes and isinstance(sizes[0], int) and sizes[0] == 1:
+        raise AnalysisError(a.name, f"its argument `{name}` {a.extra_shapes.get(name)} is shaped "
+                                    f"for one image by `{u.name}` ({_op_name(u)} to "
+                                    f"{shape_of(u) or 'sizes it cannot read'}), which does not keep "
+                                    "its token dim whole after dims of 1: evoplug gathers such a "
+                                    "table for each image's kept tokens where the block shapes it, "
+                                    "through views that add dims of 1 before the token dim and "
+                                    "regroup the dims after it")
 
 
 _BROADCASTING = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub,
@@ -329,25 +417,32 @@ def _broadcast_partners(node: fx.Node) -> List[fx.Node]:
 def _whole_token_args(rw: _Rewrite):
     """A per-token argument without a batch dim that the block lines up with its tokens itself
     (MLCD's rotary ``cos`` (N, d): ``cos.unsqueeze(0) ... .unsqueeze(-2)`` against queries
-    (B, N, heads, d)) is handed to the program whole and gathered where it is lined up, to
-    (B, ..., n, ...): a gathered (B, n, d) handed in would not line up (the block adds its own
-    leading dim). The runtime leaves these arguments to the program (``a.whole_args``). Decided
-    on the calibration shapes (``a.extra_shapes``: a program built later, per batch size, has
-    no calibration call), the line-up replayed on meta tensors."""
+    (B, N, heads, d); a rotary table viewed for one image, ``cos.view(1, 1, n, -1)``) is handed
+    to the program whole and gathered where it is lined up, to (B, ..., n, ...): a gathered
+    (B, n, d) handed in would not line up (the block adds its own leading dim). So is a table of
+    the patch tokens only (M = N - P - S rows, rope-vit's ``freqs_cis`` lined up with
+    ``q[:, :, 1:]``) that the block lines up, gathered at the subset's patch tokens. The runtime
+    leaves these arguments to the program (``a.whole_args``). Decided on the calibration shapes
+    (``a.extra_shapes``: a program built later, per batch size, has no calibration call), the
+    line-up replayed on meta tensors."""
     a, graph = rw.a, rw.graph
     a.whole_args = tuple(rw.lined)
     if a.windowed or not a.plan.tensor_args:
         return
-    N = a.num_tokens
+    N, M = a.num_tokens, a.num_tokens - a.num_prefix - a.num_suffix
     holders = [n for n in graph.nodes if n.op == "placeholder"][1:1 + len(a.plan.tensor_args)]
     whole = []
     for name, node in zip(a.plan.tensor_args, holders):
         shape = a.extra_shapes[name]
         val = torch.empty(shape, device="meta")
-        if val.dim() < 1 or val.shape[0] not in (N, 1) or list(val.shape).count(N) != 1 \
+        size = N if list(shape).count(N) == 1 else M if M < N and list(shape).count(M) == 1 else None
+        if size is None or val.shape[0] not in (size, 1) \
                 or name in rw.site.arg_terms or name in rw.lined:
             continue
-        node, val = _lined_up(node, val)
+        node, val, views = _lined_up(node, val, size)
+        _refuse_unfollowed_view(a, name, node)
+        if size == M and val.dim() == len(shape) and not views:
+            continue     # (a patch table the block does not line up: gathered before, as EVA's)
         # (a shared table (1, N, d) only where the block adds dims to it: ``cos[:, None]`` against
         # (B, heads, N, d) was gathered to (B, 1, n, d) and came out rank 5, refused at any
         # calibration; audit Q5 of the twenty-eighth session. A table lined up with its token dim
@@ -358,22 +453,35 @@ def _whole_token_args(rw: _Rewrite):
         # at two images
         pad = max([len(shape_of(v) or ()) for v in _broadcast_partners(node)] + [val.dim()]) - val.dim()
         val = val[(None,) * pad]
-        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(N) != 1:
+        if val.dim() < 2 or val.shape[0] != 1 or list(val.shape).count(size) != 1:
             continue
-        users, lined = list(node.users), node
-        after = node if node.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
-        for _ in range(pad):
-            with graph.inserting_after(after):
-                after = lined = graph.call_method("unsqueeze", (lined, 0))
-        with graph.inserting_after(after):
-            gathered = graph.call_function(ev.gather_aligned, (lined, rw.pos, list(val.shape).index(N)))
-        for u in users:
-            u.replace_input_with(node, gathered)
+        _views_from_the_table(graph, views)
+        _gather_lined_up(rw, node, pad, list(val.shape).index(size), size < N)
         whole.append(name)
         _describe(a, f"argument `{name}` {shape} -> gathered by token index",
                   f"argument `{name}` {shape} -> gathered where the block "
                   f"lines it up with the tokens (`{node.name}`)")
     a.whole_args += tuple(whole)
+
+
+def _gather_lined_up(rw: _Rewrite, node: fx.Node, pad: int, dim: int, patches: bool):
+    """``node`` (a table as the block lines it up, ``pad`` leading dims short of what it meets)
+    gathered image by image on its token dim ``dim``, for all its users: at the subset's tokens,
+    or at its patch tokens (``patches``: a table of the patch tokens only)."""
+    graph = rw.graph
+    users, lined = list(node.users), node
+    after = node if node.op != "placeholder" else [n for n in graph.nodes if n.op == "placeholder"][-1]
+    for _ in range(pad):
+        with graph.inserting_after(after):
+            after = lined = graph.call_method("unsqueeze", (lined, 0))
+    pos = rw.pos
+    if patches:
+        with graph.inserting_after(after):
+            after = pos = graph.call_function(ev.patch_positions, (rw.pos, rw.a.num_prefix, rw.a.num_suffix))
+    with graph.inserting_after(after):
+        gathered = graph.call_function(ev.gather_aligned, (lined, pos, dim))
+    for u in users:
+        u.replace_input_with(node, gathered)
 
 
 def _stream_head(rw: _Rewrite):

@@ -409,6 +409,13 @@ def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
     return t.expand(B, *t.shape[1:]).gather(dim, index)
 
 
+def patch_positions(pos: Optional[Tensor], num_prefix: int, num_suffix: int) -> Optional[Tensor]:
+    """The places among the patch tokens of a subset's patch tokens (it runs its ``num_prefix``
+    + ``num_suffix`` special tokens first): where a table of the patch tokens only is gathered.
+    ``pos is None`` (dense run): None."""
+    return None if pos is None else pos[:, num_prefix + num_suffix:] - num_prefix
+
+
 def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) -> Tensor:
     """Gather a per-token tensor argument (e.g. rotary embeddings (M, D)) along ``dim``.
 
