@@ -199,10 +199,25 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     specs = [_install(i, a, programs, added, runtime, volatile, images)
              for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
+    _tell_state_from_tokens(specs)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,
                                              _install_entry_hook(model, runtime, example, strict,
                                                                  seq_batch, specs), regrouped=regrouped)
     return model
+
+
+def _tell_state_from_tokens(specs):
+    """Warn where a block's forward sets a tensor from its tokens on itself or a module it
+    traced into (an attention map kept for visualisation): an evolving block sets it for the
+    tokens it runs (audit H4 of the forty-fourth session: it kept a batch from before the
+    conversion, without a word)."""
+    found = [(s.name, a) for s in specs for a in s.state_from_tokens]
+    if found:
+        names = ", ".join(f"`{b}.{a}`" for b, a in found[:4]) + (" ..." if len(found) > 4 else "")
+        warnings.warn(f"evoplug: {names}: set by the block's forward from its tokens; where the "
+                      "block evolves it holds the value of the tokens it ran (prefix, kept tokens "
+                      "in score order, the representative token), not of every token in order; "
+                      "keep_ratio=1.0 runs the block's own forward", stacklevel=4)
 
 
 def _plan(model: nn.Module, example, blocks: List[BlockAnalysis], calls, opts: EvoOptions,
@@ -704,7 +719,8 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,
                             functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
-        per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None)
+        per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None,
+        state_from_tokens=a.state_from_tokens)
     spec.writes = traced_writes(spec.traced, volatile)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec

@@ -941,6 +941,77 @@ def test_the_conversion_leaves_no_trace_in_buffers_that_forwards_change(inplace)
     assert torch.isfinite(seen.min_val) and (seen is observer) == inplace
 
 
+class _KeepsItsMap(torch.nn.Module):
+    """An attention that keeps its last map for visualisation (``self.last_attn``)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.qkv, self.proj, self.heads = attn.qkv, attn.proj, attn.num_heads
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        self.last_attn = a.detach()
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _counts_its_calls(blk):
+    """``blk`` with a buffer it counts its forwards in, ``self.calls += 1``."""
+    class Counting(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.calls += 1
+            return super().forward(x)
+    blk.__class__ = Counting
+    blk.register_buffer("calls", torch.zeros(()))
+    return blk
+
+
+def test_state_a_block_keeps_from_its_forward_is_this_calls():
+    """A block that keeps state from its forward: the last attention map of its attention module
+    (``self.last_attn = a.detach()``) and a buffer counter (``self.calls += 1``). Until audit H4 of
+    the forty-fourth session the programs set neither: after two calls the counter stood where it
+    was before the conversion (fx traced ``+=`` as a new tensor set as the buffer, which the
+    program dropped) and the map was still the one of a batch from before the conversion, in
+    every role, keep 1.0 with ``identity_fast_path=False`` included, without a word. The counter
+    now counts as the dense model's; the map is the dense model's at keep 1.0 and in the scoring
+    block, and where a block evolves the map of the tokens it ran (told at the conversion)."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        blk.attn = _KeepsItsMap(blk.attn).eval()
+        _counts_its_calls(blk)
+    x, before = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model(before)                           # (the state the conversion finds)
+    with pytest.warns(UserWarning, match=r"`blocks\.1\.attn\.last_attn`.*tokens it ran"):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    ran = {}
+    for i, blk in enumerate(fast.blocks):       # the tokens each block ran, seen by its norm
+        blk.norm1.register_forward_hook(lambda m, a, out, i=i: ran.__setitem__(i, out))
+    with torch.no_grad(), pytest.warns(UserWarning):      # (the hooks inside evolving blocks)
+        for _ in range(2):
+            model(x)
+            fast(x)
+    assert [float(b.calls) for b in fast.blocks] == [float(b.calls) for b in model.blocks] == [3.0] * 4
+    assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
+    for i, (b, d) in enumerate(zip(fast.blocks, model.blocks)):
+        h, heads = ran[i], d.attn.heads
+        q, k, _ = d.attn.qkv(h).reshape(*h.shape[:2], 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        expected = (q @ k.transpose(-2, -1) * (h.shape[-1] // heads) ** -0.5).softmax(-1)
+        assert b.attn.last_attn.shape == (2, heads, h.shape[1], h.shape[1])
+        torch.testing.assert_close(b.attn.last_attn, expected, atol=1e-5, rtol=1e-5)
+    assert ran[0].shape[1] == 17 and ran[1].shape[1] == 10     # (cls, 8 kept, representative)
+    torch.testing.assert_close(fast.blocks[0].attn.last_attn, model.blocks[0].attn.last_attn)
+    for fast_path in (True, False):
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=fast_path)
+        with torch.no_grad():
+            model(before)
+            fast(before)
+        for b, d in zip(fast.blocks, model.blocks):
+            torch.testing.assert_close(b.attn.last_attn, d.attn.last_attn, atol=1e-6, rtol=1e-6)
+            assert float(b.calls) == float(d.calls)
+
+
 def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:
     """tests/plain_vit.py's ViT whose tokens (the class token first, plus its position table
     where ``position_table``) pass through ``stage`` before its layers."""

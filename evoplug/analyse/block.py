@@ -98,6 +98,9 @@ class BlockAnalysis:
     stream_head: List[str] = dataclasses.field(default_factory=list)   # what the residual
     #                                          stream passes before its first add (a norm: the
     #                                          skip path's start, rewrite/skip_path.py)
+    state_from_tokens: Tuple[str, ...] = ()    # tensors its forward sets on itself or a
+    #                                          module it traced into from its arguments (an
+    #                                          attention map): its programs set them too
 
     attention: str = ""              # human-readable attention description
     q: str = ""

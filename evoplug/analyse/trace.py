@@ -239,7 +239,7 @@ class BlockTracer(fx.Tracer):
 
     def _trace(self, root, concrete_args):
         if self._example is None or hasattr(fx.Proxy, "__int__"):
-            with _no_python_random():
+            with _no_python_random(), _in_place_on_attributes():
                 return super().trace(root, concrete_args)
 
         def to_int(p):
@@ -260,7 +260,7 @@ class BlockTracer(fx.Tracer):
         fx.Proxy.__setitem__ = setitem
         fx.Proxy.__len__ = length
         try:
-            with _no_python_random():
+            with _no_python_random(), _in_place_on_attributes():
                 return super().trace(root, concrete_args)
         finally:
             del fx.Proxy.__int__
@@ -383,6 +383,39 @@ def _no_python_random():
                 for mod, n, f in _PATCHED:
                     setattr(mod, n, f)
                 _PATCHED.clear()
+
+
+#: Python's augmented assignments and the in-place tensor methods they run
+_IN_PLACE = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
+             "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
+             "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
+             "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_"}
+
+
+@contextlib.contextmanager
+def _in_place_on_attributes():
+    """``self.n += 1`` on a buffer (or another tensor the trace reads as an attribute) traced as
+    the tensor runs it: in place (``n.add_(1)``). fx's proxies have no ``__iadd__``, so Python
+    made it ``self.n = self.n + 1``, a new tensor set as the buffer, which the programs never
+    set: the counter stayed where the conversion left it (audit H4 of the forty-fourth session).
+    Other values (a local ``x += y``) are traced as before."""
+    def in_place(method):
+        def op(p, other):
+            if p.node.op != "get_attr":
+                return NotImplemented        # (Python then runs ``p + other``)
+            return p.tracer.create_proxy("call_method", method, (p, other), {})
+        return op
+    saved = {name: fx.Proxy.__dict__.get(name) for name in _IN_PLACE}
+    for name, method in _IN_PLACE.items():
+        setattr(fx.Proxy, name, in_place(method))
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            if before is None:
+                delattr(fx.Proxy, name)
+            else:
+                setattr(fx.Proxy, name, before)
 
 
 def _after_fork():
@@ -574,6 +607,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
+    attributes = _attributes(module)
     tracer = None
     try:
         # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
@@ -594,6 +628,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                           f"modules kept whole: {type(second).__name__}: "
                                           f"{second}){_trace_hint(second)}") from None
         graph, tracer = _into_wrapped(module, graph, tracer, saved, plan, example)
+        _mark_set_by_forward(graph, _proxies_put_back(attributes))
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -621,6 +656,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                   f"{e}{_trace_hint(e)}") from None
     finally:
         _restore_mutable_state(saved)
+        _proxies_put_back(attributes)
         module.train(was)
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
@@ -809,6 +845,50 @@ def _mutable_state(module: nn.Module):
                 continue
             saved.append((m, k, v, type(v)(v)))
     return saved
+
+
+def _attributes(module: nn.Module):
+    """(path, module, its own attributes, its buffers) of every module of ``module``, before a
+    trace: the trace leaves a proxy where a forward sets an attribute or a buffer."""
+    return [(path, m, dict(vars(m)), dict(m._buffers)) for path, m in module.named_modules()]
+
+
+def _proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node]]:
+    """What the trace set to a traced value (a proxy) on a module of :func:`_attributes`,
+    as (module path, name, node), each put back as it was before the trace (or removed)."""
+    found = []
+    for path, m, attrs, buffers in attributes:
+        for now, before in ((m._buffers, buffers), (vars(m), attrs)):
+            for k, v in list(now.items()):
+                if isinstance(v, fx.Proxy):
+                    found.append((path, k, v.node))
+                    if k in before:
+                        now[k] = before[k]
+                    else:
+                        del now[k]
+    return found
+
+
+@fx.node.has_side_effect
+def set_by_forward(path: str, name: str, value):
+    """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
+    into (``self.attn_map = attn.detach()``); the program returns it for the block to set
+    (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the graph."""
+    return None
+
+
+def _mark_set_by_forward(graph: fx.Graph, found):
+    """A :func:`set_by_forward` node for each value of this graph the forward set (an update in
+    place of the same attribute, ``self.n += 1`` on a buffer, is one already)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    for path, name, node in found:
+        target = f"{path}.{name}" if path else name
+        first = node.args[0] if node.op == "call_method" and node.target.endswith("_") else None
+        if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
+                                       and first.target == target):
+            continue
+        with graph.inserting_before(out):
+            graph.call_function(set_by_forward, (path, name, node))
 
 
 def _restore_mutable_state(saved):

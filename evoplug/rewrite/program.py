@@ -7,7 +7,8 @@ for a dense run) and ``_evo_full``: the block's full token input. It returns
 attention runs on the full map (Swin's map blocks, Twins' locally-grouped blocks): every
 token's exact stream after attention and the representative token's, from which the converted
 block starts the fast update; a block that returns a tuple (Hugging Face layers) has its other
-items as a fourth:
+items as a fourth, and one whose forward sets tensors on itself (an attention map kept for
+visualisation) those, as (module path, name, value), as a fifth:
 
 * position terms found by the analysis (token-independent additive terms on the attention
   logits, e.g. BEiT's relative position bias) are gathered with ``_evo_pos``, so the kept tokens
@@ -51,7 +52,7 @@ from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, 
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
-from ..analyse.trace import mark_batch_specialised, trace_block
+from ..analyse.trace import mark_batch_specialised, set_by_forward, trace_block
 from ..errors import AnalysisError
 from ..runtime import evolve as ev
 from ..runtime.programs import compile_program
@@ -1067,7 +1068,8 @@ def _skip_fast_base(rw: _Rewrite):
 
 def _outputs(rw: _Rewrite):
     """The program returns (tokens, row), and the fast-update base where there is one; a block
-    that returns a tuple adds the tuple's other items as a fourth (see BlockSpec.returns)."""
+    that returns a tuple adds the tuple's other items as a fourth (see BlockSpec.returns), one
+    whose forward sets tensors on itself what it sets as a fifth (:func:`_set_by_forward`)."""
     a, graph = rw.a, rw.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
@@ -1077,12 +1079,37 @@ def _outputs(rw: _Rewrite):
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
     rest = out_node.meta.get("evo_rest")
-    if rest is not None:     # a tuple-returning block: its other items, as the program made them
+    writes = _set_by_forward(rw)
+    if writes:               # what the forward sets on the block, as the program made it
+        out_node.args = ((result, rw.row, rw.fast_base, tuple(rest or ()), writes),)
+    elif rest is not None:   # a tuple-returning block: its other items, as the program made them
         out_node.args = ((result, rw.row, rw.fast_base, tuple(rest)),)
     elif rw.fast_base is not None or a.token_map:
         out_node.args = ((result, rw.row, rw.fast_base),)
     else:
         out_node.args = ((result, rw.row),)
+
+
+def _set_by_forward(rw: _Rewrite) -> tuple:
+    """The tensors the block's forward sets on itself or a module it traced into (analyse/
+    trace.py ``set_by_forward``: ``self.attn_map = attn.detach()``), as (module path, name,
+    value) for the block to set from what its program computed (runtime/block.py); values of
+    another kind (a size) are the calibration's (BlockSpec.writes). Those computed from the
+    block's arguments are named in ``a.state_from_tokens``: an evolving block holds them for
+    the tokens it ran (audit H4 of the forty-fourth session: the programs set nothing, and the
+    attribute kept a batch from before the conversion)."""
+    writes = []
+    for n in [n for n in rw.graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
+        path, name, value = n.args
+        rw.graph.erase_node(n)
+        kind = value.meta.get("type")
+        if kind is not None and not issubclass(kind, torch.Tensor):
+            continue
+        writes.append((path, name, value))
+        if any(v.op == "placeholder" for v in ancestors(value) | {value}):
+            where = f"{path}.{name}" if path else name
+            rw.a.state_from_tokens = tuple(dict.fromkeys(rw.a.state_from_tokens + (where,)))
+    return tuple(writes)
 
 
 def batch_program_factory(a: BlockAnalysis, orig_class: type) -> Callable:

@@ -140,6 +140,10 @@ class BlockSpec:
     #                            and the modules it traced into (transformers' Swin sets its shift
     #                            to 0 for good when the map fits its window): its programs set
     #                            them too, as its forward would (replay_writes)
+    state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
+    #                            it traced into from its tokens (``self.attn_map = attn``): its
+    #                            programs set them for the tokens they ran (set_by_forward), and
+    #                            at keep 1.0 it runs its own forward, which sets every token's
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -753,6 +757,8 @@ class EvoBlockMixin:
         spec = self._evoplug_spec
         out, row, *more = program(self, *spec.call.feed(x, extras), None, None)
         spec.tokens_run = x.shape[1]
+        if len(more) > 2:
+            set_by_forward(self, more[2])
         if row is not None:
             S = spec.num_suffix
             row = ev.first_scores(ev.untangled(row), spec.runtime.ranks(spec.num_prefix + S, x.device),
@@ -778,6 +784,8 @@ class EvoBlockMixin:
                                    spec.batch_args, spec.extra_shapes)
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
+        if len(fast) > 2:
+            set_by_forward(self, fast[2])
         if row is not None:
             if callable(opt.trade_off) and self.training and not torch.is_grad_enabled():
                 _check_alpha_learns(spec, opt.trade_off)
@@ -816,12 +824,23 @@ class EvoBlockMixin:
         return not _saving_hooks() and not _in_backward()
 
 
+def set_by_forward(block: nn.Module, writes):
+    """Set what the block's forward sets on itself or a module it traced into, as its program
+    computed it ((module path, name, value), rewrite/program.py ``_set_by_forward``): an
+    attention map kept for visualisation is then the one of this call, over the tokens the block
+    ran (it kept a batch from before the conversion until audit H4 of the forty-fourth session)."""
+    for path, name, value in writes:
+        setattr(block.get_submodule(path) if path else block, name, value)
+
+
 def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:
     """Whether the block runs its own forward (every token): a dense block, keep 1.0 on the
-    identity fast path, a batch of no images, a hook on a module its programs traced into
-    (said once per model: BlockSpec.tell_hooked), or a call that collects the attention map it
-    returns (BlockSpec.maps_collected)."""
-    if role == "dense" or (opt.keep_ratio >= 1.0 and opt.identity_fast_path):
+    identity fast path (and off it where the forward sets a tensor from its tokens, which the
+    evolving path makes in score order: ``state_from_tokens``), a batch of no images, a hook
+    on a module its programs traced into (said once per model: BlockSpec.tell_hooked), or a
+    call that collects the attention map it returns (BlockSpec.maps_collected)."""
+    if role == "dense" or (opt.keep_ratio >= 1.0 and (opt.identity_fast_path or
+                                                       spec.state_from_tokens)):
         return True
     if spec.maps_collected is not None and spec.maps_collected():
         spec._tell_maps_collected()
