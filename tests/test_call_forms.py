@@ -139,18 +139,36 @@ def test_a_flag_that_changes_with_every_call_converts_a_few_twins_then_runs_dens
         assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 4
 
 
+class HandRMSNorm(nn.Module):
+    """An RMSNorm written by hand (as many codebases and timm's ``RmsNorm`` do)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 class RelBiasBlock(nn.Module):
     """A relative position bias (a table indexed by a buffer over the class token and a 4x4
     grid) sized from the token count ``n`` of ``B, n, C = x.shape``, the read that also sizes
-    the q/k/v reshapes; ``from_index``: sized from the index buffer instead."""
+    the q/k/v reshapes; ``from_index``: sized from the index buffer instead. ``sized``: the
+    sizes read from the normed tokens (``"norm"``) or from ``qkv(h).shape`` (``"qkv"``);
+    ``zeroed``: the class token's pairs of the bias set to 0 by item assignment before the
+    bias is laid out (``"setitem"``) or into the term itself (``"setitem_term"``), or by
+    ``masked_fill`` (``"masked"``); the last token's rows set so at the place ``n - 1``
+    (``"last"``) or by ``masked_fill`` (``"masked_last"``)."""
 
     def __init__(self, dim=32, heads=4, grid=4, from_index=False, folded=False, shared=False,
-                 int_batch=False, upcast=None):
+                 int_batch=False, upcast=None, norm=nn.LayerNorm, cast_norm=False, sized="x",
+                 zeroed=False):
         super().__init__()
         self.heads, self.from_index, self.folded, self.shared = heads, from_index, folded, shared
         self.upcast = upcast            # the logits cast before the softmax: "float" or "to"
         self.int_batch = int_batch      # B read by int(): the trace specialises on the batch size
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.cast_norm, self.sized, self.zeroed = cast_norm, sized, zeroed   # norm1(x.float()).type_as(x)
+        self.norm1, self.norm2 = norm(dim), norm(dim)
         self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
@@ -162,12 +180,29 @@ class RelBiasBlock(nn.Module):
         self.table = nn.Parameter(torch.randn((2 * grid - 1) ** 2 + 1, heads))
 
     def forward(self, x):
-        B, n, C = x.shape
+        h = self.norm1(x.float()).type_as(x) if self.cast_norm else self.norm1(x)
+        qkv = self.qkv(h)
+        B, n, C = {"x": x, "norm": h, "qkv": qkv}[self.sized].shape
+        C = C // 3 if self.sized == "qkv" else C
         B = int(B) if self.int_batch else B
-        h = self.norm1(x)
-        q, k, v = self.qkv(h).reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = qkv.reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         m = self.idx.shape[0] if self.from_index else n
-        bias = self.table[self.idx.view(-1)].view(m, m, -1).permute(2, 0, 1)
+        bias = self.table[self.idx.view(-1)].view(m, m, -1)
+        if self.zeroed == "setitem":
+            bias = bias.clone()
+            bias[0, :] = 0
+            bias[:, 0] = 0
+        elif self.zeroed == "last":
+            bias = bias.clone()
+            bias[n - 1, :] = 0
+        elif self.zeroed in ("masked", "masked_last"):
+            at = torch.arange(m) == (0 if self.zeroed == "masked" else m - 1)
+            bias = bias.masked_fill((at[:, None] | at[None, :] if self.zeroed == "masked" else at[:, None])[..., None], 0)
+        bias = bias.permute(2, 0, 1)
+        if self.zeroed == "setitem_term":
+            bias = bias.clone()
+            bias[:, 0, :] = 0
+            bias[:, :, 0] = 0
         if self.shared:
             bias = bias.mean(0, keepdim=True)
         scale = (C // self.heads) ** -0.5
@@ -249,6 +284,39 @@ def _evolves_as(model, same, x, ref):
             out = fast(x)
             torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
         assert (out - own).abs().max() == 0 if keep == 1.0 else (out - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("form", [dict(norm=HandRMSNorm, sized="norm"), dict(cast_norm=True, sized="norm"),
+                                  dict(sized="qkv")], ids=["hand_written_norm", "cast_norm", "qkv_shape"])
+def test_a_position_bias_sized_from_the_token_count_read_after_a_token_wise_op(form):
+    """The token count read after an op that acts on each token alone: a hand-written RMSNorm
+    (timm's ``RmsNorm`` too), ``norm1(x.float()).type_as(x)``, or ``qkv(h).shape`` (another
+    width). Only LayerNorm, RMSNorm, Dropout and Identity modules were followed, without
+    ``type_as``: the bias was taken for a term of the tokens' values and every block was
+    refused as not equivariant to the token order (audit H2 of the forty-fourth session,
+    since the sizes were first followed through a norm). An op is followed by what it computes
+    (run on a subset of the tokens); the blocks evolve as the same blocks sized from the index
+    buffer."""
+    torch.manual_seed(0)
+    _written_otherwise(RelBiasViT(from_index=False, **form).eval(), RelBiasViT(from_index=True, **form).eval())
+
+
+@pytest.mark.parametrize("zeroed,from_index,same", [("setitem", False, "masked"), ("setitem_term", False, "masked"),
+                                                    ("setitem_term", True, "masked"), ("last", True, "masked_last")])
+def test_a_position_bias_sized_from_the_token_count_and_written_in_place(zeroed, from_index, same):
+    """``bias = table[idx].view(n, n, -1).clone(); bias[0, :] = 0`` (the class token's pairs
+    zeroed by item assignment into a term sized from the token count): the program copied the
+    term's path for the full input without the writes, which went into the subset's copy, and
+    every block was refused as "traced program differs from the block"; writes into the term
+    itself (``bias[:, 0, :] = 0`` before the logits) went into its gathered pairs (refused as
+    not equivariant, also at a fixed size); a write at a place read from the token count
+    (``bias[n - 1, :] = 0``) into a fixed-size table was made at the subset's place, silently
+    (audit H2 of the forty-fourth session, since the in-place writes run on token subsets).
+    The writes are copied with the term, made before it is gathered, and read the full
+    input's sizes; the blocks evolve as the same blocks written with ``masked_fill``."""
+    torch.manual_seed(0)
+    _written_otherwise(RelBiasViT(from_index=from_index, zeroed=zeroed).eval(),
+                       RelBiasViT(from_index=True, zeroed=same).eval())
 
 
 @pytest.mark.parametrize("upcast", ["float", "to"])

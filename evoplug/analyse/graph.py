@@ -104,20 +104,39 @@ def value_dependent(graph: fx.Graph, any_size: bool = False) -> Set[fx.Node]:
 
 
 def token_wise_of(n, token: fx.Node) -> bool:
-    """``n`` is the token argument, or made from it alone by ops that keep its shape, so its
-    sizes are the tokens': modules (a norm: transformers' Data2Vec-Vision sizes its relative
-    positions from the normed tokens' ``shape[1]``), dtype/layout methods, a functional norm
-    (``F.layer_norm(x, (C,), w, b)``) and a scaling or shift by a constant of no larger shape
-    (``norm1(x) * gamma``). Their other arguments may be parameters, buffers and sizes
-    (``.to(x.dtype)``): until audit G1 of the forty-third session only modules and methods of
-    one input were followed, and a relative position bias sized from ``F.layer_norm(x, ...)``
-    or ``norm1(x) * scale`` was taken for a term of the tokens' values (not gathered)."""
+    """``n`` is the token argument, or made from it alone by ops that keep its token count, so
+    its token count is the tokens': modules (a norm: transformers' Data2Vec-Vision sizes its
+    relative positions from the normed tokens' ``shape[1]``), dtype/layout methods (the ``x``
+    of ``t.type_as(x)`` is only a dtype read), a functional norm (``F.layer_norm(x, (C,), w,
+    b)``), a scaling or shift by a constant of no larger shape (``norm1(x) * gamma``), and any
+    op that acts on each token alone, whatever its width (timm's ``RmsNorm``, a hand-written
+    norm, ``qkv(x)``: told by running it, :func:`~.pointwise.node_treats_tokens_alike`). Their
+    other arguments may be parameters, buffers and sizes (``.to(x.dtype)``): until audit G1 of
+    the forty-third session only modules and methods of one input were followed, and until
+    audit H2 of the forty-fourth session only the modules of a list (LayerNorm, RMSNorm,
+    Dropout, Identity), without ``type_as``: a position bias sized from such a read was taken
+    for a term of the tokens' values (not gathered) and the block refused."""
     while isinstance(n, fx.Node) and n is not token:
-        inputs = [i for i in n.all_input_nodes if not _constant_or_size(i)]
-        if len(inputs) != 1 or not _keeps_shape(n, inputs[0]):
+        inputs = [i for i in value_inputs(n) if not _constant_or_size(i)]
+        if len(inputs) != 1 or not (_keeps_shape(n, inputs[0]) or _acts_token_by_token(n, inputs[0])):
             return False
         n = inputs[0]
     return n is token
+
+
+def _acts_token_by_token(n: fx.Node, src: fx.Node) -> bool:
+    """``n`` gives each token of ``src`` (batch, tokens, ..., channels) its output from that
+    token alone, as many tokens as ``src`` at any count (its width may differ). Run once per
+    node (kept in its meta with ``src``)."""
+    shape, out = shape_of(src), shape_of(n)
+    if shape is None or out is None or len(shape) < 3 or out[:-1] != shape[:-1]:
+        return False
+    known = n.meta.get("_evo_token_wise")
+    if known is None or known[0] is not src:
+        from .pointwise import node_treats_tokens_alike     # (pointwise.py imports this module)
+        known = n.meta["_evo_token_wise"] = (src, node_treats_tokens_alike(
+            n.graph.owning_module, n, src, shape))
+    return known[1]
 
 
 #: modules whose output has their input's shape (what token_wise_of follows)
@@ -159,8 +178,10 @@ def _constant_or_size(n: fx.Node) -> bool:
 
 def token_size_queries(node: fx.Node, token: fx.Node) -> List[fx.Node]:
     """The size queries of the block's token argument (or of what token-wise modules made of
-    it) that ``node`` is computed from."""
-    return [a for a in ancestors(node) if is_size_query(a) and a.args and token_wise_of(a.args[0], token)]
+    it) that ``node`` is computed from (also where an in-place write into it reads them:
+    ``t[n - 1] = 0``)."""
+    return [a for a in ancestors_with_writes(node) if is_size_query(a) and a.args and
+            token_wise_of(a.args[0], token)]
 
 
 def ancestors(node: fx.Node) -> Set[fx.Node]:
@@ -171,6 +192,27 @@ def ancestors(node: fx.Node) -> Set[fx.Node]:
             if a not in seen:
                 seen.add(a)
                 todo.append(a)
+    return seen
+
+
+def writes_in_place(n: fx.Node) -> bool:
+    """``n`` writes into its first argument in place (``t[0, :] = 0``, ``t.mul_(s)``)."""
+    return bool(n.args) and isinstance(n.args[0], fx.Node) and (
+        (n.op == "call_function" and n.target is operator.setitem) or
+        (n.op == "call_method" and n.target.endswith("_") and not n.target.startswith("_")))
+
+
+def ancestors_with_writes(node: fx.Node) -> Set[fx.Node]:
+    """:func:`ancestors`, with the in-place writes into them and what those are computed from
+    (``dist = table[:n, :n].clone(); dist[0, :] = 0`` before ``node = -slope * dist``)."""
+    seen = ancestors(node)
+    todo = list(seen)
+    while todo:
+        for u in list(todo.pop().users):
+            if u not in seen and writes_in_place(u) and u.args[0] in seen:
+                new = ({u} | ancestors(u)) - seen
+                seen |= new
+                todo.extend(new)
     return seen
 
 

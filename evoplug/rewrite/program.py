@@ -45,10 +45,10 @@ from torch.package.importer import ObjMismatchError, ObjNotFoundError
 from ..analyse.attention import AttentionSite, find_attention, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
-from ..analyse.graph import (ancestors, rolls, getattr_path, is_add, is_matmul, is_reshape, is_size_query,
-                              is_whole_view,
+from ..analyse.graph import (ancestors, ancestors_with_writes, rolls, getattr_path, is_add, is_matmul,
+                              is_reshape, is_size_query, is_whole_view,
                               module_of, no_side_effects, shape_of, token_size_queries, token_wise_of,
-                              value_ancestors, value_inputs)
+                              value_ancestors, value_inputs, writes_in_place)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
@@ -204,7 +204,7 @@ def _sized_from_full(rw: _Rewrite, term: fx.Node):
         last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
         with rw.graph.inserting_after(last):
             whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
-        _size_bias_from(rw.graph, term, sizes, whole)
+        _size_bias_from(rw.graph, term, sizes, whole, rw.token)
 
 
 def _check_lined_up(rw: _Rewrite, node: fx.Node, name: str, heads: tuple):
@@ -234,9 +234,12 @@ def _check_lined_up(rw: _Rewrite, node: fx.Node, name: str, heads: tuple):
 
 
 def _gather_term(rw: _Rewrite, term: fx.Node, heads: tuple):
-    """``term`` (a term on the logits) gathered to the subset's pairs for all its users."""
-    consumers = list(term.users)
-    with rw.graph.inserting_after(term):
+    """``term`` (a term on the logits) gathered to the subset's pairs for all its users, after
+    the in-place writes into it (``bias[:, 0, :] = 0``: gathered before them, the writes went
+    into the gathered pairs until audit H2 of the forty-fourth session)."""
+    writes = [u for u in term.users if writes_in_place(u) and u.args[0] is term]
+    consumers = [u for u in term.users if u not in writes]
+    with rw.graph.inserting_after(max([term] + writes, key=list(rw.graph.nodes).index)):
         gathered = rw.graph.call_function(ev.gather_pair_bias, (term, rw.pos) + heads)
     for u in consumers:
         u.replace_input_with(term, gathered)
@@ -256,30 +259,59 @@ def _heads_merged(rw: _Rewrite) -> tuple:
     return (q[0] // token[0],)
 
 
-def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole: fx.Node):
+def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole: fx.Node,
+                    token: fx.Node):
     """The size queries ``sizes`` of the tokens that the position term ``bias`` is computed from
     read ``whole`` (the full input) on the term's own path: copies of them and of the ops
     between them and ``bias``, so the queries' other users (``B, n, C = x.shape`` also sizes
     the q/k/v reshapes of the subset) keep the subset's sizes (audit H3). A query that others
     are read from (``x.dtype`` in ``norm1(x).to(x.dtype).shape``) stays: the outer one reads
-    ``whole``."""
-    path = ancestors(bias)
+    ``whole``. A query of a tensor of another width or dtype than the tokens (``qkv(x).shape``)
+    reads a stand-in of it with the full input's token count (``ev.sized_as_full``). The
+    in-place writes into a copied tensor (``dist = table[:n, :n].clone(); dist[0, :] = 0``) are
+    copied with it, and a tensor written at a place read from the sizes (``t[n - 1] = 0``) is
+    copied with the write: until audit H2 of the forty-fourth session the writes went into the
+    subset's tensor alone (the block refused, "traced program differs"), or at the subset's
+    place (a fixed-size table: silently off)."""
+    path = ancestors_with_writes(bias)
     queries = {q for q in sizes if not any(q in ancestors(r) for r in sizes)}
-    on = [n for n in graph.nodes if n in path and (n in queries or ancestors(n) & queries)]
+    copied = _copied(path, queries)
+    on = [n for n in graph.nodes if n in copied]
     copies = {}
     for n in on:
         with graph.inserting_after(n):
             copies[n] = graph.node_copy(n, lambda a: copies.get(a, a))
         if n in queries:
-            copies[n].replace_input_with(n.args[0], whole)
+            read = n.args[0]
+            if shape_of(read) != shape_of(token) or _dtype(read) != _dtype(token):
+                with graph.inserting_before(copies[n]):
+                    copies[n].replace_input_with(read, graph.call_function(ev.sized_as_full, (read, whole)))
+            else:
+                copies[n].replace_input_with(read, whole)
     for u in list(path) + [bias]:
         if u not in copies:
             for a in list(u.all_input_nodes):
                 if a in copies:
                     u.replace_input_with(a, copies[a])
     for n in reversed(on):     # (left to the subset's sizes, a view by them would still run)
-        if not n.users:
+        if not n.users and not (writes_in_place(n) and not all(map(writes_in_place, n.args[0].users))):
             graph.erase_node(n)
+
+
+def _copied(path, queries) -> set:
+    """The nodes of ``path`` that :func:`_size_bias_from` copies: those computed from
+    ``queries``, the in-place writes into them, and the tensors such writes go into."""
+    on = {n for n in path if n in queries or ancestors(n) & queries}
+    while True:
+        more = {u for n in on for u in n.users if u in path and writes_in_place(u) and u.args[0] is n} | \
+            {n.args[0] for n in on if writes_in_place(n) and n.args[0].op not in ("placeholder", "get_attr")}
+        if more <= on:
+            return on
+        on |= more
+
+
+def _dtype(n: fx.Node):
+    return getattr(n.meta.get("tensor_meta"), "dtype", None)
 
 
 #: methods by which a block lines a per-token argument up with its tokens

@@ -508,6 +508,13 @@ def first_not_none(a, b):
     return b if a is None else a
 
 
+def sized_as_full(t: Tensor, full: Tensor) -> Tensor:
+    """A stand-in of ``t`` (made token by token from the subset's tokens, of another width or
+    dtype: ``qkv(x)``) with the full input's token count, read for its sizes, dtype and device
+    (an expanded scalar: nothing is allocated)."""
+    return t.new_empty(()).expand(t.shape[0], *full.shape[1:-1], t.shape[-1])
+
+
 def in_evolving_run(full: Optional[Tensor], t: Tensor) -> Optional[Tensor]:
     """``t`` in evolving runs (the block's full input given), None in dense runs."""
     return None if full is None else t
