@@ -94,6 +94,63 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward(name, 
             assert float((a - c).abs().max()) <= 1e-3 * big, pname
 
 
+def test_reentrant_checkpointing_of_whole_pvt_stages_gives_the_plain_gradients():
+    """A PVTv2 stage checkpointed whole (torch.utils.checkpoint, timm's checkpoint_seq over the
+    stages, or with timm's per-block checkpointing inside it too), reentrant: its input is the
+    stage before's output after its norm and reshape, which no block returned, and the
+    recomputation gets it detached, so its first block's state could not be traced back: an
+    EvoplugError in backward ("Checkpoint whole blocks") since the runtime followed gradient
+    checkpointing, until audit H3 of the forty-fourth session (Swin's and LeViT's stages take
+    a block's output, and worked); at another input size than the conversion's, the gradients
+    came out wrong without a word (off by 0.53: the size twin's blocks were not found). Now
+    the state it starts from goes with the checkpoint's input: the gradients of the plain
+    backward, and of non-reentrant checkpointing."""
+    from timm.models._manipulate import checkpoint_seq
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10))
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).train()
+
+    def forward(how, reentrant):
+        h = fast.patch_embed(x)
+        if how == "checkpoint_seq":
+            return fast.forward_head(checkpoint_seq(fast.stages, h, use_reentrant=reentrant))
+        for stage in fast.stages:
+            h = checkpoint(stage, h, use_reentrant=reentrant)
+        return fast.forward_head(h)
+
+    def grads(run, evolved=True):
+        fast.zero_grad()
+        run().pow(2).mean().backward()
+        assert not evolved or any(0 < s.tokens_run < s.analysis.num_tokens
+                                  for s in evoplug.get_report(fast).blocks)
+        return [p.grad.clone() for p in fast.parameters()]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        want = grads(lambda: fast(x))    # the plain backward, every block restoring the order
+    big = max(float(g.abs().max()) for g in want)
+    for how in ("each stage", "checkpoint_seq", "blocks inside too"):
+        if how == "blocks inside too":
+            fast.set_grad_checkpointing(True)
+            set_reentrant_ckpt(True)
+        try:
+            got = grads(lambda: forward(how, True))
+        finally:
+            set_reentrant_ckpt(False)
+            fast.set_grad_checkpointing(False)
+        non_reentrant = grads(lambda: forward(how, False))
+        for (name, _), a, b, c in zip(fast.named_parameters(), want, got, non_reentrant):
+            assert float((a - b).abs().max()) <= 1e-5 * big, (how, name)
+            assert float((c - b).abs().max()) <= 1e-5 * big, (how, name)
+    x = torch.randn(2, 3, 96, 96)        # another size: a size twin's blocks run
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        want = grads(lambda: fast(x), evolved=False)     # (counted against the 64 px tokens)
+    got = grads(lambda: forward("each stage", True), evolved=False)
+    big = max(float(g.abs().max()) for g in want)
+    for (name, _), a, b in zip(fast.named_parameters(), want, got):
+        assert float((a - b).abs().max()) <= 1e-5 * big, ("96 px", name)
+
+
 class Checkpointed(nn.Module):
     """A block run under torch.utils.checkpoint (put in place of the block after conversion)."""
 

@@ -705,6 +705,8 @@ class EvoBlockMixin:
                     "selection's order. Checkpoint whole blocks, or set reselect_every=1")
         elif record and not segment:    # a handed-on input was recorded as the output before
             rt.record(x, state)
+        if (record or recompute) and not segment and not torch.is_grad_enabled():
+            rt.record_checkpointed(state, spec.index)   # (how a reentrant checkpoint runs it)
         if segment:
             out, new, rest = self._run(x, extras, program, state, state.selection, state.g,
                                  state.since_select, state.segment.x0, state.segment.rep0)
@@ -1239,13 +1241,13 @@ def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     # the model's own records, else the nearest state upstream in the autograd graph (whichever
     # runtime made it: the nodes carry it), found once; a reentrant checkpoint's input is a
     # leaf with no graph, recorded by the twin's runtime only
-    state = rt.recall(x)
+    state = rt.recall(x, spec.index)
     if state is not None and state.plan is rt.plan:
         return None
     for variant in list(rt.variants.values()):
         twin = variant.blocks[spec.index]
         trt = twin._evoplug_spec.runtime
-        found = state if state is not None else trt.recall(x)
+        found = state if state is not None else trt.recall(x, twin._evoplug_spec.index)
         if found is not None and found.plan is trt.plan:
             return twin
     return None
@@ -1312,7 +1314,7 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
     """The state a block recomputed in backward ran with in its forward."""
     if role == "score":   # a scoring block starts the scores from its own attention
         return EvoState(-1, rt.plan)
-    state = rt.recall(x)
+    state = rt.recall(x, spec.index)
     if state is not None and state.plan != rt.plan:
         raise EvoplugError(
             f"`{spec.name}` runs again in backward (gradient checkpointing) after "

@@ -19,6 +19,7 @@ import weakref
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
+import torch.utils.checkpoint
 
 from ..errors import EvoplugError
 from ..options import EvoOptions, read_trade_off
@@ -90,6 +91,23 @@ def _saving_hooks() -> bool:
         return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
     except (AttributeError, TypeError):   # not in this torch: assume they are (no segments)
         return True
+
+
+#: the forward of torch.utils.checkpoint's reentrant checkpoint (use_reentrant=True)
+_REENTRANT_FORWARD = getattr(getattr(torch.utils.checkpoint, "CheckpointFunction", None),
+                             "forward", None)
+
+
+def _reentrant_inputs():
+    """The tensors given to each reentrant gradient checkpoint whose forward runs on this thread
+    now (on its stack): its recomputation in backward gets them back detached, leaves whose
+    graph ends there."""
+    code = getattr(_REENTRANT_FORWARD, "__code__", None)
+    frame = sys._getframe(1)
+    while frame is not None and code is not None:
+        if frame.f_code is code:
+            yield from (a for a in frame.f_locals.get("args", ()) if isinstance(a, torch.Tensor))
+        frame = frame.f_back
 
 
 def _tensor_key(t: torch.Tensor):
@@ -210,6 +228,9 @@ class EvoRuntime:
         self._frames: Dict[int, list] = {}
         self._new_stacks(self._local)
         self._recorded: Dict[tuple, Tuple[weakref.ref, EvoState]] = {}
+        # a reentrant checkpoint's inputs -> the state its first converted block started from,
+        # and that block's index (see record_checkpointed)
+        self._checkpointed: Dict[tuple, Tuple[weakref.ref, EvoState, int]] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
         # other input sizes (see SizeVariant): built by the conversion's factory (which the
         # EntryHook holds) at the first forward with a size, kept by input key; not pickled or
@@ -666,27 +687,29 @@ class EvoRuntime:
         fn = t.grad_fn
         if fn is not None:
             fn.metadata[_GRAD_FN_KEY] = state
-        try:
-            key = _tensor_key(t)
-        except RuntimeError:    # no storage (a wrapper subclass): the autograd node must do
-            return
-        recorded = self._recorded
+        _remember(self._recorded, t, state)
 
-        def forget(_, key=key):
-            entry = recorded.get(key)
-            if entry is not None and entry[0]() is None:
-                recorded.pop(key, None)
+    def record_checkpointed(self, state: EvoState, index: int):
+        """Block ``index`` starts from ``state`` inside the forward of reentrant checkpoints:
+        remembered with those of their inputs that go with no block yet (it is their first
+        converted block), for its recomputation, whose input may trace back to them only: a
+        stage checkpointed whole whose input is no block's output (PVTv2's, after the stage
+        before's norm and reshape, raised in backward until the forty-fourth session)."""
+        for t in _reentrant_inputs():
+            if self._entry(t, self._checkpointed) is None:
+                _remember(self._checkpointed, t, state, index)
 
-        recorded[key] = (weakref.ref(t, forget), state)
-
-    def recall(self, t: torch.Tensor) -> Optional[EvoState]:
+    def recall(self, t: torch.Tensor, index: Optional[int] = None) -> Optional[EvoState]:
         """The state recorded with ``t`` (or an alias of it), else the state of the nearest
-        block upstream of ``t`` in the autograd graph; None when there is none."""
+        block upstream of ``t`` in the autograd graph; else, for block ``index``, the state it
+        started from as the first block of a reentrant checkpoint whose input the graph ends
+        at; None when there is none."""
         entry = self._entry(t)
         if entry is not None:
             return entry[1]
         todo = collections.deque([t.grad_fn])
         seen = set()
+        leaves = [t]
         while todo and len(seen) < _MAX_GRAPH_SEARCH:
             fn = todo.popleft()
             if fn is None or fn in seen:
@@ -699,15 +722,33 @@ class EvoRuntime:
             entry = self._entry(var) if isinstance(var, torch.Tensor) else None
             if entry is not None:
                 return entry[1]
+            if isinstance(var, torch.Tensor):
+                leaves.append(var)
             todo.extend(f for f, _ in fn.next_functions)
-        return None
+        entries = (self._entry(leaf, self._checkpointed) for leaf in leaves)
+        return next((e[1] for e in entries if e is not None and e[2] == index), None)
 
-    def _entry(self, t: torch.Tensor):
+    def _entry(self, t: torch.Tensor, store: Optional[dict] = None):
         try:
-            entry = self._recorded.get(_tensor_key(t))
+            entry = (self._recorded if store is None else store).get(_tensor_key(t))
         except RuntimeError:
             return None
         return entry if entry is not None and entry[0]() is not None else None
+
+
+def _remember(store: dict, t: torch.Tensor, *values):
+    """``store[t's key] = (a weak reference to t, *values)``, forgotten when ``t`` is freed."""
+    try:
+        key = _tensor_key(t)
+    except RuntimeError:    # no storage (a wrapper subclass): the autograd node must do
+        return
+
+    def forget(_, key=key):
+        entry = store.get(key)
+        if entry is not None and entry[0]() is None:
+            store.pop(key, None)
+
+    store[key] = (weakref.ref(t, forget), *values)
 
 
 def _masked(alpha: float, num_prefix: int, n: int, device) -> torch.Tensor:
