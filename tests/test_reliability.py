@@ -937,6 +937,19 @@ def test_an_attention_in_another_mode_than_its_block_is_honoured(name):
     with torch.no_grad():
         fast(x)
     assert evoplug.tokens_per_block(fast) == evolving
+    # no dropout in the attention: its mode changes nothing its programs run (the two programs
+    # are the same code), so it evolves in either mode, without a word
+    for m in fast.modules():
+        if hasattr(m, "attn_drop"):
+            m.attn_drop.p = 0.0
+    fast = evoplug.convert(evoplug.revert(fast), keep_ratio=0.5, example_input=x[:1]).eval()
+    for b in fast.modules():
+        if hasattr(b, "attn"):
+            b.attn.train()
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        fast(x)
+    assert evoplug.tokens_per_block(fast) == evolving and not [i for i in w if "is in" in str(i.message)]
 
 
 def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():

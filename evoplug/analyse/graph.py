@@ -125,17 +125,20 @@ def token_wise_of(n, token: fx.Node) -> bool:
 
 
 def _acts_token_by_token(n: fx.Node, src: fx.Node) -> bool:
-    """``n`` gives each token of ``src`` (batch, tokens, ..., channels) its output from that
-    token alone, as many tokens as ``src`` at any count (its width may differ). Run once per
-    node (kept in its meta with ``src``)."""
+    """``n``, a module, gives each token of ``src`` (batch, tokens, ..., channels) its output
+    from that token alone, as many tokens as ``src`` at any count (its width may differ). Run
+    once per node (kept in its meta with ``src``), outside torch.func's transforms (a program
+    built for a new batch size inside ``vmap``, whose random numbers it refuses). Not a function:
+    ``F.pad`` by nothing at the calibration's size passes the probe, and pads at others."""
     shape, out = shape_of(src), shape_of(n)
-    if shape is None or out is None or len(shape) < 3 or out[:-1] != shape[:-1]:
+    if n.op != "call_module" or shape is None or out is None or len(shape) < 3 or out[:-1] != shape[:-1]:
         return False
     known = n.meta.get("_evo_token_wise")
     if known is None or known[0] is not src:
         from .pointwise import node_treats_tokens_alike     # (pointwise.py imports this module)
-        known = n.meta["_evo_token_wise"] = (src, node_treats_tokens_alike(
-            n.graph.owning_module, n, src, shape))
+        with torch._C._DisableFuncTorch():
+            known = n.meta["_evo_token_wise"] = (src, node_treats_tokens_alike(
+                n.graph.owning_module, n, src, shape))
     return known[1]
 
 

@@ -256,10 +256,16 @@ class BlockSpec:
         block's (``model.train()`` then ``blk.attn.eval()``: attention dropout off in training;
         ``blk.attn.train()`` in eval: Monte-Carlo dropout): the programs traced the block in one
         mode, whole, so it runs its own forward, which reads each module's own mode. The
-        program of the block's mode ran, silently, until audit H3 of the forty-fourth session."""
+        program of the block's mode ran, silently, until audit H3 of the forty-fourth session.
+        None where the block's two programs are the same code: nothing it traced reads its mode
+        (a fresh attention module put in after ``model.eval()``, in train mode by default)."""
         training = self.analysis.module.training
-        return next((path for parent, _, path, m, *_ in self.traced
+        path = next((path for parent, _, path, m, *_ in self.traced
                      if parent is not None and m.training is not training), None)
+        if path is None:
+            return None
+        sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
+        return path if None in sources or sources[0] != sources[1] else None
 
     def run_pruning(self):
         """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
