@@ -35,6 +35,21 @@ def build(name, **extra):
 ALL = list(TIMM_MODELS) + ["plain_vit"]
 
 
+class QKVAttention(nn.Module):
+    """Multi-head self-attention from one fused ``qkv`` linear and an explicit softmax, timm's
+    layout (the tests' hand-written blocks)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
 def sharp_tiny_vit(seed: int = 0, dynamic_img_size: bool = False) -> nn.Module:
     """A 4-block timm ViT at 32 px (16 patches, dim 32) in eval mode, its qkv weights scaled up
     so that keep 0.5 differs clearly from the dense model (``dynamic_img_size``: callable at

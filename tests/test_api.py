@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import evoplug
-from models import sharp_tiny_vit
+from models import QKVAttention, sharp_tiny_vit
 from plain_vit import Layer, PlainViT, RecordingViT
 
 
@@ -336,18 +336,6 @@ class _ResidualAdd(nn.Module):
         return x + self.fn(x)
 
 
-class _Attention(nn.Module):
-    def __init__(self, width, heads):
-        super().__init__()
-        self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
-
-
 class _NestedResidualViT(nn.Module):
     """kornia's ViT: each block ``Sequential(ResidualAdd(LN -> attention -> Dropout),
     ResidualAdd(LN -> FeedForward -> Dropout))``."""
@@ -358,7 +346,7 @@ class _NestedResidualViT(nn.Module):
         self.cls = nn.Parameter(torch.randn(1, 1, width))
         self.pos = nn.Parameter(torch.randn(1, 65, width) * 0.1)
         self.blocks = nn.Sequential(*[nn.Sequential(
-            _ResidualAdd(nn.LayerNorm(width), _Attention(width, 4), nn.Dropout(0.0)),
+            _ResidualAdd(nn.LayerNorm(width), QKVAttention(width, 4), nn.Dropout(0.0)),
             _ResidualAdd(nn.LayerNorm(width), nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(),
                                                             nn.Linear(2 * width, width)),
                          nn.Dropout(0.0))) for _ in range(depth)])

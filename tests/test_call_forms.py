@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import evoplug
+from models import QKVAttention
 
 
 def rotate_half(x):
@@ -1639,18 +1640,6 @@ def test_learned_queries_that_are_a_decoders_stream_are_no_table():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, dim=32, heads=2):
-        super().__init__()
-        self.qkv, self.proj, self.heads = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads
-
-    def forward(self, x):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
-        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
-
-
 @dataclasses.dataclass
 class Tokens:
     x: torch.Tensor
@@ -1669,7 +1658,7 @@ class ContainerBlock(nn.Module):
 
     def __init__(self, takes="tensor", gives="tensor", dim=32):
         super().__init__()
-        self.n1, self.attn, self.n2 = nn.LayerNorm(dim), SelfAttention(dim), nn.LayerNorm(dim)
+        self.n1, self.attn, self.n2 = nn.LayerNorm(dim), QKVAttention(dim), nn.LayerNorm(dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.takes, self.gives = takes, gives
 
