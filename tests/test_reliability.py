@@ -151,6 +151,58 @@ def test_reentrant_checkpointing_of_whole_pvt_stages_gives_the_plain_gradients()
         assert float((a - b).abs().max()) <= 1e-5 * big, ("96 px", name)
 
 
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "swin_tiny_patch4_window7_224"])
+def test_non_reentrant_checkpointing_of_whole_stages_at_another_size_gives_the_plain_gradients(name):
+    """Whole stages under non-reentrant checkpointing (torch.utils.checkpoint, timm's
+    checkpoint_seq), called directly at another input size than the conversion's, where a size
+    twin's blocks run: the forward took the twin's block for the first stage's scoring block
+    by the call's sizes (the block itself does not take them), but its recomputation looked
+    for the twin only by a recorded state, and nothing is recorded upstream of a stage's
+    input or of a block run in its own forward, so the block itself ran every token: fewer
+    tensors saved than in the forward, torch's raw CheckpointError in backward (80 against
+    75), since the twenty-third session, until a check of the forty-fourth session. The
+    recomputation now takes the twin by the forward's rule: the gradients of the plain
+    backward, and of reentrant checkpointing."""
+    from timm.models._manipulate import checkpoint_seq
+    torch.manual_seed(0)
+    kwargs, size = CKPT_MODELS[name]
+    swin = name.startswith("swin")
+    if swin:     # (no drop path: the plain backward's draws are not the checkpointed ones)
+        kwargs = dict(kwargs, strict_img_size=False, drop_path_rate=0.0)
+    model = _randomise(timm.create_model(name, pretrained=False, num_classes=10, **kwargs))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, size, size)).train()
+    stages = fast.layers if swin else fast.stages
+    other = 2 * size if swin else 3 * size // 2      # (Swin's windows tile 224 px, not 168)
+    x = torch.randn(2, 3, other, other)
+
+    def forward(how, reentrant):
+        h = fast.patch_embed(x)
+        if how == "checkpoint_seq":
+            h = checkpoint_seq(stages, h, use_reentrant=reentrant)
+        else:
+            for stage in stages:
+                h = checkpoint(stage, h, use_reentrant=reentrant)
+        return fast.forward_head(fast.norm(h) if swin else h)
+
+    def grads(run):
+        fast.zero_grad()
+        run().pow(2).mean().backward()
+        return [p.grad.clone() for p in fast.parameters()]
+
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        want = grads(lambda: fast(x))    # the plain backward (it converts the size twin)
+    twin = next(iter(evoplug.get_report(fast).blocks[0].runtime.variants.values()))
+    assert any(0 < b._evoplug_spec.tokens_run < b._evoplug_spec.analysis.num_tokens
+               for b in twin.blocks)                                    # the twin evolved
+    big = max(float(g.abs().max()) for g in want)
+    for how in ("each stage", "checkpoint_seq"):
+        got = grads(lambda: forward(how, False))
+        reentrant = grads(lambda: forward(how, True))
+        for (pname, _), a, b, c in zip(fast.named_parameters(), want, got, reentrant):
+            assert float((a - b).abs().max()) <= 1e-5 * big, (how, pname)
+            assert float((c - b).abs().max()) <= 1e-5 * big, (how, pname)
+
+
 class Checkpointed(nn.Module):
     """A block run under torch.utils.checkpoint (put in place of the block after conversion)."""
 

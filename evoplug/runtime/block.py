@@ -1036,7 +1036,7 @@ def _bound(spec: BlockSpec, args, kwargs):
     return bound
 
 
-def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional[nn.Module]:
     """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call,
     with the twin's modes synced; None if none. Where the block's trailing special tokens follow
     a boolean argument's count (``suffix_from``), only a twin converted at the block's count: a
@@ -1052,7 +1052,7 @@ def _twin_taking(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         except AnalysisError:
             continue
         variant.sync()
-        if not torch.compiler.is_compiling():
+        if sticky and not torch.compiler.is_compiling():
             spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
@@ -1256,7 +1256,18 @@ def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         found = state if state is not None else trt.recall(x, twin._evoplug_spec.index)
         if found is not None and found.plan is trt.plan:
             return twin
-    return None
+    if state is not None:
+        return None
+    # nothing recorded names it (the stage's input, a block run in its own forward before it:
+    # PVTv2's first stage under non-reentrant checkpointing at another size): the forward's
+    # rule, a twin's block that takes a call the block does not (see _bind); the block itself
+    # ran every token, and a scoring block saved fewer tensors than its forward, torch's raw
+    # CheckpointError, until the forty-fourth session
+    try:
+        _bound(spec, args, kwargs)
+        return None
+    except AnalysisError:
+        return _twin_taking(spec, args, kwargs, sticky=False)
 
 
 def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
