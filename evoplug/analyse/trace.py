@@ -24,7 +24,7 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
+from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes, writes_in_place
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -883,7 +883,7 @@ def _mark_set_by_forward(graph: fx.Graph, found):
     out = next(n for n in graph.nodes if n.op == "output")
     for path, name, node in found:
         target = f"{path}.{name}" if path else name
-        first = node.args[0] if node.op == "call_method" and node.target.endswith("_") else None
+        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else None
         if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
                                        and first.target == target):
             continue

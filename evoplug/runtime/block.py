@@ -142,8 +142,9 @@ class BlockSpec:
     #                            them too, as its forward would (replay_writes)
     state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
     #                            it traced into from its tokens (``self.attn_map = attn``): its
-    #                            programs set them for the tokens they ran (set_by_forward), and
+    #                            programs set them for the tokens they ran (_set_written), and
     #                            at keep 1.0 it runs its own forward, which sets every token's
+    _modes_differ: Optional[bool] = None   # its train and eval programs are other code (mode_apart)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def __repr__(self) -> str:
@@ -259,13 +260,14 @@ class BlockSpec:
         program of the block's mode ran, silently, until audit H3 of the forty-fourth session.
         None where the block's two programs are the same code: nothing it traced reads its mode
         (a fresh attention module put in after ``model.eval()``, in train mode by default)."""
-        training = self.analysis.module.training
-        path = next((path for parent, _, path, m, *_ in self.traced
-                     if parent is not None and m.training is not training), None)
-        if path is None:
+        if self._modes_differ is None:
+            sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
+            self._modes_differ = None in sources or sources[0] != sources[1]
+        if not self._modes_differ:
             return None
-        sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
-        return path if None in sources or sources[0] != sources[1] else None
+        training = self.analysis.module.training
+        return next((path for parent, _, path, m, *_ in self.traced
+                     if parent is not None and m.training is not training), None)
 
     def run_pruning(self):
         """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
@@ -488,14 +490,11 @@ def _foreign(block: nn.Module, spec: BlockSpec) -> bool:
         return False
     if spec.name not in rt.foreign_told:
         rt.foreign_told = rt.foreign_told | {spec.name}
-        warnings.warn(
-            f"evoplug: {where} is the converted block `{spec.name}` of another model (put there "
-            "after both were converted): it runs its own forward, on every token (no speed-up; "
-            "evoplug.set_options does not reach it). To have it evolve, revert the model it came "
-            "from (evoplug.revert(other_model), or put a copy of its original block there), then "
-            "convert this one again: evoplug.convert(evoplug.revert(model), ...) (said once per "
-            "block)",
-            stacklevel=3)
+        _tell_own_forward(f"{where} is the converted block `{spec.name}` of another model (put "
+                          "there after both were converted)", "revert the model it came from "
+                          "(evoplug.revert(other_model), or put a copy of its original block "
+                          "there), then convert this one again: evoplug.convert(evoplug.revert("
+                          "model), ...) (said once per block)", stacklevel=4)
     return True
 
 
@@ -518,12 +517,18 @@ def _tell_copy(rt: EvoRuntime, name: str, who: str, how: str, stacklevel: int):
     a runtime (``blocks.extend(copy.deepcopy(blocks[2:]))``): each is told (the first alone was,
     until audit H1 of the forty-fourth session)."""
     rt.apart_told = rt.apart_told | {name}
-    warnings.warn(
-        f"evoplug: {who} of the converted block `{name}`, made apart from the model it was "
-        f"converted in (copy.deepcopy of the block after the conversion){how}: it runs its own "
-        "forward, on every token (no speed-up; evoplug.set_options does not reach it). To have "
-        "it evolve, convert the model that holds it again: "
-        "evoplug.convert(evoplug.revert(model), ...) (said once per copy)", stacklevel=stacklevel + 1)
+    _tell_own_forward(f"{who} of the converted block `{name}`, made apart from the model it was "
+                      f"converted in (copy.deepcopy of the block after the conversion){how}",
+                      "convert the model that holds it again: evoplug.convert(evoplug.revert("
+                      "model), ...) (said once per copy)", stacklevel=stacklevel + 2)
+
+
+def _tell_own_forward(what: str, fix: str, stacklevel: int):
+    """The warning that a converted block in a place its runtime does not drive (``what``)
+    runs its own forward, and how to have it evolve (``fix``)."""
+    warnings.warn(f"evoplug: {what}: it runs its own forward, on every token (no speed-up; "
+                  f"evoplug.set_options does not reach it). To have it evolve, {fix}",
+                  stacklevel=stacklevel + 1)
 
 
 def _fx_tracing(args, kwargs) -> bool:
@@ -766,7 +771,7 @@ class EvoBlockMixin:
         out, row, *more = program(self, *spec.call.feed(x, extras), None, None)
         spec.tokens_run = x.shape[1]
         if len(more) > 2:
-            set_by_forward(self, more[2])
+            _set_written(self, more[2])
         if row is not None:
             S = spec.num_suffix
             row = ev.first_scores(ev.untangled(row), spec.runtime.ranks(spec.num_prefix + S, x.device),
@@ -793,7 +798,7 @@ class EvoBlockMixin:
         out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
         rest = fast[1] if len(fast) > 1 else ()
         if len(fast) > 2:
-            set_by_forward(self, fast[2])
+            _set_written(self, fast[2])
         if row is not None:
             if callable(opt.trade_off) and self.training and not torch.is_grad_enabled():
                 _check_alpha_learns(spec, opt.trade_off)
@@ -832,7 +837,7 @@ class EvoBlockMixin:
         return not _saving_hooks() and not _in_backward()
 
 
-def set_by_forward(block: nn.Module, writes):
+def _set_written(block: nn.Module, writes):
     """Set what the block's forward sets on itself or a module it traced into, as its program
     computed it ((module path, name, value), rewrite/program.py ``_set_by_forward``): an
     attention map kept for visualisation is then the one of this call, over the tokens the block

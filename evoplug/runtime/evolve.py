@@ -312,7 +312,7 @@ def mha_query_row(mha: torch.nn.MultiheadAttention, query: Tensor, key: Tensor,
         u = torch.einsum("bhd,hdc->bhc", qg, w_k.reshape(H, d, -1))                # (B, H, Ck)
         logits = torch.einsum("bhc,bnc->bhn", u, key) / math.sqrt(d)               # (B, H, N)
         sinks = _mha_sinks(mha, qg, logits)
-        if sinks is not None:
+        if sinks is not None and sinks[1] is not None:
             logits = logits + sinks[1]
         if attn_mask is not None:
             m = attn_mask.reshape(B, H, *attn_mask.shape[-2:]) if attn_mask.dim() == 3 else attn_mask
@@ -332,7 +332,7 @@ def _mha_sinks(mha: torch.nn.MultiheadAttention, qg: Tensor, logits: Tensor):
     """The logits (B, H, 1 or 2) of the keys ``nn.MultiheadAttention`` appends to the tokens'
     (``add_bias_kv``: its learned ``bias_k``; ``add_zero_attn``: a zero key), and the term
     (B, H, 1) the tokens' logits then need, ``q . b_k`` of their key bias (a constant over the
-    tokens, which the softmax over them alone drops); None without such keys. Left out, the
+    tokens, which the softmax over them alone drops; None without a bias); None without such keys. Left out, the
     row was not the attention map's (audit H2 of the forty-fourth session: 0.099 off)."""
     if mha.bias_k is None and not mha.add_zero_attn:
         return None
@@ -340,13 +340,13 @@ def _mha_sinks(mha: torch.nn.MultiheadAttention, qg: Tensor, logits: Tensor):
     E = mha.embed_dim
     scale = math.sqrt(d)
     bias = mha.in_proj_bias
-    shift = qg.new_zeros(B, H, 1) if bias is None else \
-        (qg * bias[E:2 * E].float().reshape(H, d)).sum(-1, keepdim=True) / scale
+    shift = None if bias is None else \
+        ((qg * bias[E:2 * E].float().reshape(H, d)).sum(-1, keepdim=True) / scale).to(logits.dtype)
     sinks = [] if mha.bias_k is None else \
         [(qg * mha.bias_k.float().reshape(H, d)).sum(-1, keepdim=True) / scale]
     if mha.add_zero_attn:
         sinks.append(qg.new_zeros(B, H, 1))
-    return torch.cat(sinks, -1).to(logits.dtype), shift.to(logits.dtype)
+    return torch.cat(sinks, -1).to(logits.dtype), shift
 
 
 def mha_attn_mask(mask: Optional[Tensor], heads: int) -> Optional[Tensor]:
