@@ -144,8 +144,14 @@ class BlockSpec:
     #                            it traced into from its tokens (``self.attn_map = attn``): its
     #                            programs set them for the tokens they ran (_set_written), and
     #                            at keep 1.0 it runs its own forward, which sets every token's
-    _modes_differ: Optional[bool] = None   # its train and eval programs are other code (mode_apart)
+    modes_differ: Optional[bool] = None   # its train and eval programs are other code
+    #                            (mode_apart; set at construction: a compiled forward that set it
+    #                            would be compiled again)
     _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
+        self.modes_differ = None in sources or sources[0] != sources[1]
 
     def __repr__(self) -> str:
         # (not the dataclass' own: programs, modules, buffers and the runtime would be in it)
@@ -260,10 +266,7 @@ class BlockSpec:
         program of the block's mode ran, silently, until audit H3 of the forty-fourth session.
         None where the block's two programs are the same code: nothing it traced reads its mode
         (a fresh attention module put in after ``model.eval()``, in train mode by default)."""
-        if self._modes_differ is None:
-            sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
-            self._modes_differ = None in sources or sources[0] != sources[1]
-        if not self._modes_differ:
+        if self.modes_differ is False:
             return None
         training = self.analysis.module.training
         return next((path for parent, _, path, m, *_ in self.traced
