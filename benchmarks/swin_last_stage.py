@@ -24,7 +24,7 @@ import digits  # noqa: E402
 import windowed_rows  # noqa: E402
 
 import evoplug  # noqa: E402
-from evoplug.rewrite import program  # noqa: E402
+from evoplug.rewrite import maps  # noqa: E402
 from evoplug.tools.bench import machine, provenance  # noqa: E402
 
 
@@ -38,14 +38,14 @@ def main(argv=None):
     model = windowed_rows.trained("swin", log=None)
     dense = digits.accuracy(model, xt, yt)
     print(f"small Swin trained on digits: dense top-1 {dense:.2f}% ({len(yt)} test images)")
-    rows, own = [], program._subset_tokens
+    rows, own = [], maps._subset_tokens
     for keep in (0.25, 0.35, 0.5, 0.7):
         now = digits.accuracy(evoplug.convert(model, keep_ratio=keep, example_input=xt[:1]), xt, yt)
-        program._subset_tokens = lambda rw, node: (None, [])
+        maps._subset_tokens = lambda rw, node: (None, [])
         try:
             before = digits.accuracy(evoplug.convert(model, keep_ratio=keep, example_input=xt[:1]), xt, yt)
         finally:
-            program._subset_tokens = own
+            maps._subset_tokens = own
         rows.append({"keep_ratio": keep, "representative_itself": now, "token_at_its_position": before})
         print(f"keep {keep}: the representative token itself {now:.2f}%, "
               f"the token at its position (before) {before:.2f}%")

@@ -43,8 +43,8 @@ from .runtime import evolve as ev
 from .report import ConversionReport, converted_inside, get_report, is_converted, unscored, unscored_reason
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
 from .runtime.pairs import undo_regroup
-from .runtime.block import (BlockSpec, EvoBlockMixin, FlatTokens, MapTokens, evo_class,
-                            leaf_groups, traced_state, traced_writes)
+from .runtime.block import EvoBlockMixin, evo_class
+from .runtime.spec import BlockSpec, FlatTokens, MapTokens, leaf_groups, traced_state, traced_writes
 from .runtime.state import (EntryHook, EvoRuntime, Plan, SizeVariant, batch_dims, images_in, input_key,
                             named_tensors, row_counts)
 
@@ -350,7 +350,7 @@ def _size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     model's options on the call's first image. Called by the runtime at the first forward with
     that input size (see runtime/state.py SizeVariant); what it cost is kept in ``seconds``.
     ``on``: which of the call's images it is converted on (:func:`_convert_twin`; a form twin,
-    runtime/block.py ``_form_twin``: the form of a padding mask follows the whole batch, not its
+    runtime/twins.py ``_form_twin``: the form of a padding mask follows the whole batch, not its
     first image)."""
     _refuse_under_vmap(model, on)
     report = get_report(model)

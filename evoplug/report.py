@@ -10,7 +10,8 @@ from torch import nn
 from .errors import ConversionError
 from .options import EvoOptions
 from .runtime import evolve as ev
-from .runtime.block import BlockSpec, EvoBlockMixin
+from .runtime.block import EvoBlockMixin
+from .runtime.spec import BlockSpec
 
 if TYPE_CHECKING:
     from .analyse.block import BlockAnalysis

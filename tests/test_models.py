@@ -384,7 +384,7 @@ def _spread_encoder(batch_first):
 def test_a_key_padding_mask_the_conversion_did_not_see_converts_a_twin(batch_first):
     """A model converted without ``src_key_padding_mask`` and called with one: the first layer
     that runs a program converts a twin of the model on the call (2 of its images) and the
-    forward runs it (runtime/block.py ``_form_twin``). A first padded batch whose images are all
+    forward runs it (runtime/twins.py ``_form_twin``). A first padded batch whose images are all
     padded alike was converted on its first image alone, which a per-image mask cannot be
     analysed on; the failure was kept, so every later padded batch ran dense, off by 5.6 from
     the same call made in another order (audit K of the twenty-fourth session)."""

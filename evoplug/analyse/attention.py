@@ -75,7 +75,7 @@ def _lined_up_argument(n: fx.Node) -> Optional[str]:
     (``rel_pos_bias.unsqueeze(0)``, ``bias[None]``), views and broadcasts of it by sizes
     (``bias.view(1, heads, N, N)``, ``.reshape``, ``.expand(B, -1, -1, -1)``) and casts, each
     read once (but for its sizes). Such a term is gathered where the block has lined it up
-    (rewrite/program.py): gathered before, a shared (heads, N, N) came out (B, heads, n, n) and
+    (rewrite/positions.py): gathered before, a shared (heads, N, N) came out (B, heads, n, n) and
     the block's own ``unsqueeze(0)`` made it rank 5, an internal error or a silently mixed order
     (audit A1 of the fortieth session); lined up by ``view``, ``reshape`` or ``expand`` it was
     refused with a raw shape error as the reason until the forty-first session."""

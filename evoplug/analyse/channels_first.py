@@ -347,7 +347,7 @@ def _shape_reads(graph: fx.Graph, maps, cf: fx.Node):
     twin: ``B, C, H, W = x.shape``): the batch, height and width from the map the block was
     given (its placeholder (B, H, W, C)), the channels as the constant they are. So no op runs
     on a map for its shape only (a BatchNorm2d kept for ``x.shape`` ran twice per forward, its
-    statistics too), and ``H * W`` reads as the grid's (rewrite/program.py ``_subset_sizes``)."""
+    statistics too), and ``H * W`` reads as the grid's (rewrite/maps.py ``_subset_sizes``)."""
     ph, perm, shape = cf.args[0], (0, 3, 1, 2), None
     for n in maps:
         channels = int(shape_of(n)[1]) if shape_of(n) is not None else None

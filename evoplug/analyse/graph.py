@@ -88,7 +88,7 @@ def value_dependent(graph: fx.Graph, any_size: bool = False) -> Set[fx.Node]:
     """Nodes that depend on the *values* of a block argument: as :func:`input_dependent`, but
     a size query of the token argument passes no dependence on (a bias table sized from the
     token count, HF BEiT's ``dim_size=hidden_states.shape[1]``, is a position term; the
-    program sizes it from the full input, rewrite/program.py). ``any_size``: no size query
+    program sizes it from the full input, rewrite/positions.py). ``any_size``: no size query
     passes it on (transformers' SAM sizes its relative positions from the normed map)."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     token = placeholders[0] if placeholders else None

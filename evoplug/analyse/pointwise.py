@@ -1,6 +1,6 @@
 """Whether an op on a 4-D map treats every map position alike, so the rewrites into token form
 (canon.py for channels-last maps, channels_first.py for channels-first ones) may run it on the
-kept tokens alone (and rewrite/program.py may re-run an op between a map block's input and its
+kept tokens alone (and rewrite/maps.py may re-run an op between a map block's input and its
 global attention on the subset's own tokens: node_treats_tokens_alike, an op of any rank).
 Checked by running the op, which is what its code computes, whatever kind of module it is:
 
@@ -160,7 +160,7 @@ def token_wise_input(gm: fx.GraphModule, n: fx.Node, source: fx.Node) -> Optiona
     """The one input of ``n`` whose values come from ``source`` (``source`` itself, or a node made
     from it), where ``n`` acts on each of its tokens alone (:func:`node_treats_tokens_alike`; its
     shape known: batch, positions, channels); None otherwise. What grid.py carries a token index
-    through, and what rewrite/program.py re-runs on the full input of PVTv2's reduced keys and
+    through, and what rewrite/maps.py re-runs on the full input of PVTv2's reduced keys and
     of windows. A read of ``source``'s dtype, shape or device (``t.to(x.dtype)``,
     ``t.type_as(x)``, ``t * x.shape[-1] ** 0``) is no second input (until audit G1 of the
     forty-third session it was, and such a block's windows ran on the kept tokens and the

@@ -246,7 +246,7 @@ class EvoRuntime:
         # KeyboardInterrupt: PyTorch calls always-call hooks for an Exception only) and is dropped
         self._owners: Dict[int, weakref.ref] = {}    # thread id -> the thread counted under it
         # a twin's runtime: the runtime of the model it is a twin of (whose forward runs the
-        # twin's blocks, and which keeps every twin: runtime/block.py ``_form_twin``)
+        # twin's blocks, and which keeps every twin: runtime/twins.py ``_form_twin``)
         self.parent: Optional["EvoRuntime"] = None
         self._no_form: Dict[tuple, str] = {}     # form twins that failed to convert: why
         _RUNTIMES.add(self)
@@ -284,7 +284,7 @@ class EvoRuntime:
     hooked_told = False
     #: a warning told that a call collecting attention maps runs the blocks' own forward
     maps_told = False
-    nested_told = False      # a block given a nested tensor was said (block.py ``_bind``)
+    nested_told = False      # a block given a nested tensor was said (twins.py ``bind``)
 
     def __setstate__(self, state):
         self.__init__(state["plan"])
@@ -537,7 +537,7 @@ class EvoRuntime:
 
     def use_variant(self, variant: "SizeVariant"):
         """The rest of this thread's model forward runs with ``variant`` (a form twin, found by
-        its first block that runs a program: runtime/block.py ``_form_twin``)."""
+        its first block that runs a program: runtime/twins.py ``_form_twin``)."""
         self._local.variant[-1] = variant
         variant.runtime._local.ran = False
 

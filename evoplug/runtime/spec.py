@@ -1,0 +1,514 @@
+"""What a converted block needs at run time, made by the conversion: :class:`BlockSpec` (how
+the block is called, its prefix tokens and patch grid, its token layout, its programs), and what
+it records of the modules its programs traced into, to tell when they changed (:func:`traced_state`,
+:meth:`BlockSpec.changed`). Not a module: a spec adds no state_dict key.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks,
+                                      _global_forward_hooks, _global_forward_pre_hooks)
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
+
+from ..errors import AnalysisError, EvoplugError
+from ..options import EvoOptions
+from .call import CallPlan
+from .programs import compile_program, program_source
+from .state import EvoRuntime, EvoState
+
+
+
+def _compiler_disable(reason: str) -> Callable:
+    """``torch.compiler.disable`` with a reason that ``fullgraph=True`` reports (torch >= 2.8
+    takes one; before, the plain decorator)."""
+    try:
+        return torch.compiler.disable(reason=reason)
+    except TypeError:
+        return torch.compiler.disable
+
+class FlatTokens:
+    """The block takes (B, N, C) tokens."""
+
+    @staticmethod
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def restore(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out
+
+
+class MapTokens:
+    """The block takes a channels-last (B, H, W, C) map (Swin): it evolves its H * W tokens and
+    gives the map back."""
+
+    @staticmethod
+    def tokens(x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2)
+
+    @staticmethod
+    def restore(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return out.reshape(x.shape)
+
+
+@dataclasses.dataclass(eq=False)
+class BlockSpec:
+    """What a converted block needs at run time (not a module: adds no state_dict key)."""
+    index: int                 # position among the converted blocks (execution order)
+    name: str
+    call: CallPlan             # how the block is called (token argument, other tensors, constants)
+    num_prefix: int            # leading prefix tokens (cls, registers): always slow
+    grid: Optional[Tuple[int, int]]   # patch grid of the M = N - P patch tokens
+    layout: type               # FlatTokens | MapTokens
+    full_row: bool             # the global row covers the M patches of the full map (windows)
+    runtime: EvoRuntime        # shared by all blocks of the model
+    programs: Dict[bool, Callable]   # training flag -> slow-path program
+    orig_class: type
+    analysis: Any = None       # what the analysis found (explain(), tests); not read here
+    batch_size: Optional[int] = None   # the programs are for this batch size only (see factory)
+    program_factory: Optional[Callable] = None   # (training, args, kwargs) -> program of that batch
+    inner: Tuple[nn.Module, ...] = ()   # submodules traced into (their hooks need its own forward)
+    added_buffers: Tuple[str, ...] = ()  # non-persistent buffers the conversion added (revert)
+    buffer_values: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    #                            their values (CPU copies): init_non_persistent_buffers
+    needs_pos: bool = True     # the programs read the subset tokens' original positions
+    near_ties: bool = False    # scores within evolve.tie_window of the cut are ties (evolve.select)
+    selects_pos: bool = False  # its selections take the positions: a block that may run on
+    #                            them after it reads them (api._relate; needs_pos its own)
+    chain_next: Optional["BlockSpec"] = None   # the converted block that takes this one's
+    #                            output and nothing else does (calibration): segments may pass
+    #                            it the slow-path tokens directly
+    returns: Optional[type] = None   # tuple/list: the block returns (tokens, *other items);
+    #                            the program returns the other items as it computed them
+    extra_shapes: Dict[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    #                            the other tensor arguments' shapes at the analysis (their ranks
+    #                            are checked at every call)
+    settings_of: Optional[Callable] = None   # module -> ((name, value), ...) its traced forward
+    #                            read beyond its attributes (a family hint: transformers' attention
+    #                            implementation); recorded in ``traced``, checked by changed()
+    idle_hook: Optional[Callable[[Callable], bool]] = None   # a family's forward hook that
+    #                            does nothing now (transformers' output capturing, see
+    #                            integrations/): not counted by hooked() / observed()
+    maps_collected: Optional[Callable[[], bool]] = None   # for a block that returns its
+    #                            attention map over the tokens it runs: whether the call now
+    #                            collects such maps (a family hint): it runs its own forward then
+    tokens_run: int = -1       # tokens the last call ran through attention/MLP (diagnostic)
+    num_suffix: int = 0        # trailing special tokens (YOLOS' detection tokens): always slow
+    suffix_from: Tuple[Tuple[str, bool], ...] = ()   # (argument, value): as many of them as
+    #                            ``value`` entries per row of the model's boolean argument
+    #                            (VideoMAE's mask tokens): each call's count keys its twin
+    whole_args: Tuple[str, ...] = ()   # per-token arguments the program gathers itself
+    batch_args: Tuple[str, ...] = ()   # other tensor arguments whose first dim is the batch
+    batch_programs: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> program
+    batch_failures: Dict = dataclasses.field(default_factory=dict)   # (training, B) -> why none
+    traced: Tuple = ()         # (parent, name, path, module, its plain attributes) of each module
+    #                            the programs traced into, as the trace saw them (changed())
+    per_image: Optional[int] = None   # token sequences per image the model's input had at
+    #                            calibration (block batch / images), when it divided evenly
+    starts_stream: bool = False   # its input comes from no converted block before it (another
+    #                            tower): the scores restart here (provenance.stream_starts)
+    windowed_tokens: Optional[int] = None   # a flat block's windows partition this many
+    #                            tokens (Hiera's mask units): its programs take no other count
+    attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
+    #                            its plain tensor attributes) when last followed (following)
+    family_hook: Optional[Callable[[Callable], bool]] = None   # whether a hook is a family's
+    #                            own, not the user's (not warned about: tell_hooked)
+    leaves: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()   # the submodules the
+    #                            programs call by path, as (parent's path parts, their names):
+    #                            their hooks fire on the tokens the block runs (tell_leaf_hooks);
+    #                            found by name at use, never held (leaf_groups)
+    writes: Tuple[Tuple[str, str, Any], ...] = ()   # (path, name, value): the plain
+    #                            attributes the block's forward set, at the calibration, on itself
+    #                            and the modules it traced into (transformers' Swin sets its shift
+    #                            to 0 for good when the map fits its window): its programs set
+    #                            them too, as its forward would (replay_writes)
+    state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
+    #                            it traced into from its tokens (``self.attn_map = attn``): its
+    #                            programs set them for the tokens they ran (_set_written), and
+    #                            at keep 1.0 it runs its own forward, which sets every token's
+    modes_differ: Optional[bool] = None   # its train and eval programs are other code
+    #                            (mode_apart; set at construction: a compiled forward that set it
+    #                            would be compiled again)
+    _program_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        sources = [getattr(self.programs.get(mode), "__evoplug_source__", None) for mode in (True, False)]
+        self.modes_differ = None in sources or sources[0] != sources[1]
+
+    def __repr__(self) -> str:
+        # (not the dataclass' own: programs, modules, buffers and the runtime would be in it)
+        return (f"BlockSpec({self.index}, {self.name!r}, role={self.role!r}, "
+                f"tokens_run={self.tokens_run})")
+
+    @property
+    def options(self) -> EvoOptions:
+        return self.runtime.plan.options
+
+    @property
+    def role(self) -> str:
+        """'dense' | 'score' | 'evolve' under the options in force."""
+        return self.runtime.plan.roles[self.index]
+
+    @property
+    def context(self) -> Optional[EvoState]:
+        """The state the last converted block run on this thread left (what a forward hook on
+        a converted block reads: the selection it ran with, the updated scores)."""
+        return self.runtime.current()
+
+    # pickling: programs are generated code, kept as their source and compiled again
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["programs"] = {k: program_source(p, self.name) for k, p in self.programs.items()}
+        state["batch_programs"] = {k: program_source(p, self.name)
+                                   for k, p in self.batch_programs.items()}
+        del state["_program_lock"]
+        return state
+
+    def __setstate__(self, state):
+        leaves = state.get("leaves", ())
+        if leaves and isinstance(leaves[0][1], nn.Module):    # (a pickle of (path, module) pairs)
+            state["leaves"] = leaf_groups(p for p, _ in leaves)
+        state["programs"] = {k: compile_program(s) for k, s in state["programs"].items()}
+        state["batch_programs"] = {k: compile_program(s) for k, s in state["batch_programs"].items()}
+        state["_program_lock"] = threading.Lock()
+        self.__dict__.update(state)
+
+    def __deepcopy__(self, memo):
+        # programs are shared (they read everything from the block they are called with)
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k in ("programs", "batch_programs"):
+                new.__dict__[k] = dict(v)
+            elif k == "_program_lock":
+                new.__dict__[k] = threading.Lock()
+            else:
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
+
+    def changed(self) -> Optional[str]:
+        """What changed since the block was traced in a module it traced into (its attention
+        modules, not the ones the programs call by path): a submodule replaced, or a plain
+        attribute set anew (a dropout rate, ``scale``, ``fused_attn``): the programs hold the
+        values and code the trace saw (a class or forward swapped or patched, too). None when
+        nothing did."""
+        for parent, name, path, m, scalars, nones, settings, (cls, fwd, own) in self.traced:
+            if parent is not None and parent._modules.get(name) is not m:
+                return f"its submodule `{path}` was replaced"
+            d = m.__dict__
+            now = type(m) if parent is not None else self.orig_class
+            if now is not cls and now.__bases__ == (cls,) and parametrize.is_parametrized(m):
+                now = cls      # (torch's parametrize puts a subclass in; its properties run live)
+            if now is not cls or now.forward is not fwd or d.get("forward") is not own:
+                what = f"`{path}` ({now.__name__})" if path else f"the block ({now.__name__})"
+                how = ("its class was swapped" if now is not cls else "its class's forward was "
+                       "replaced" if now.forward is not fwd else "a forward was set on it")
+                return f"{what}: {how} (the code its forward runs)"
+
+            for k, v in scalars:
+                now = d.get(k, _GONE)
+                if now is not v and now != v:
+                    where = f"{path}.{k}" if path else k
+                    return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
+                            f"{'(deleted)' if now is _GONE else repr(now)}")
+            for k in nones:
+                if m._buffers.get(k, _GONE) is not None:
+                    return f"`{path + '.' if path else ''}{k}` ({type(m).__name__}), None when traced, was set"
+            if settings and self.settings_of is not None:
+                for (k, v), (_, now) in zip(settings, self.settings_of(m)):
+                    if now is not v and now != v:
+                        return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
+                                f"{now!r}")
+        return None
+
+    def replay_writes(self, block: nn.Module):
+        """Set what the block's own forward sets on itself and the modules it traced into (the
+        programs, traced code, set nothing): a converted model's state then follows the calls it
+        ran as the original's does, keep 1.0 or not (audit X3 of the thirty-ninth session: a
+        transformers Swin whose blocks evolved kept its shift, one that ran keep 1.0 lost it,
+        and the two gave different outputs at the next input size)."""
+        for path, name, value in self.writes:
+            setattr(block.get_submodule(path) if path else block, name, value)
+
+    def hooked(self) -> bool:
+        """Whether a submodule the programs traced into has hooks that are not idle (see
+        ``idle_hook``) nor torch's pruning (``run_pruning``): they fire only in the block's own
+        forward."""
+        for m in self.inner:
+            if self._active(m._forward_hooks) or m._backward_hooks or m._backward_pre_hooks or (
+                    m._forward_pre_hooks and not pruning_only(m._forward_pre_hooks)):
+                return True
+        return self.mode_apart() is not None
+
+    def mode_apart(self) -> Optional[str]:
+        """The path of a module the programs traced into whose train/eval mode is not the
+        block's (``model.train()`` then ``blk.attn.eval()``: attention dropout off in training;
+        ``blk.attn.train()`` in eval: Monte-Carlo dropout): the programs traced the block in one
+        mode, whole, so it runs its own forward, which reads each module's own mode. The
+        program of the block's mode ran, silently, until audit H3 of the forty-fourth session.
+        None where the block's two programs are the same code: nothing it traced reads its mode
+        (a fresh attention module put in after ``model.eval()``, in train mode by default)."""
+        if self.modes_differ is False:
+            return None
+        training = self.analysis.module.training
+        return next((path for parent, _, path, m, *_ in self.traced
+                     if parent is not None and m.training is not training), None)
+
+    def run_pruning(self):
+        """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
+        traced into, as their own call would: each sets its pruned parameter (``q_bias`` from
+        ``q_bias_orig * q_bias_mask``), which the program then reads. They read no tokens, so
+        the block evolves (they made it run its own forward, for good and without a word, until
+        audit W2 of the thirty-eighth session). Called where ``hooked()`` is False: the
+        pre-hooks left are pruning ones."""
+        for m in self.inner:
+            if m._forward_pre_hooks:
+                for hook in tuple(m._forward_pre_hooks.values()):
+                    hook(m, ())
+
+    def tell_hooked(self):
+        """Once per model: the block runs its own forward, every token, while a hook is on a
+        submodule its programs traced into (docs/guarantees.md, Hooks); said by a warning
+        naming the module and the hook (it was silent until audit W2 of the thirty-eighth
+        session)."""
+        apart = self.mode_apart()
+        if apart is not None and not self.runtime.mode_told:
+            self.runtime.mode_told = True
+            mode = "eval" if self.analysis.module.training else "train"
+            warnings.warn(
+                f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run -1, no "
+                f"speed-up), while `{self.name}.{apart}`, a module its program traces into, is in "
+                f"{mode} mode and the block is not: its programs run one mode, whole. Set the mode "
+                "on whole blocks (model.train() / model.eval(), block.train()) to keep it "
+                "evolving (said once per model)", stacklevel=5)
+        family = self.family_hook or (lambda h: False)
+        for m in self.inner:
+            hooks = [("forward hook", h) for h in m._forward_hooks.values()] + \
+                [("forward pre-hook", h) for h in m._forward_pre_hooks.values()
+                 if not isinstance(h, BasePruningMethod)] + \
+                [("backward hook", h) for h in (*m._backward_hooks.values(), *m._backward_pre_hooks.values())]
+            if hooks and all(family(h) for _, h in hooks):
+                self._tell_maps_collected()
+            hooks = [(kind, h) for kind, h in hooks if not family(h)]
+            if hooks:
+                kind, hook = hooks[0]
+                paths = {id(m): p for p, m in self.analysis.module.named_modules()}
+                self.runtime.hooked_told = True
+                warnings.warn(
+                    f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run "
+                    f"-1, no speed-up), while a {kind} ({getattr(hook, '__qualname__', type(hook).__name__)}) "
+                    f"is on `{self.name}.{paths.get(id(m), '?')}` ({type(m).__name__}), a module "
+                    "its program traces into and so cannot fire inside it; the block evolves again "
+                    "once the hook is removed. Hook the block itself, or a module it calls "
+                    "(a Linear, a norm: it then sees the kept tokens), to keep it evolving (said "
+                    "once per model)", stacklevel=5)
+                return
+
+    def _tell_maps_collected(self):
+        """Once per model: a call collects what a family's own hooks capture inside the block
+        (transformers' attention maps, ``output_attentions``), so the block runs its own
+        forward. Said because the flag may be the model's config's, which made every call run
+        the dense model without a word until audit A2 of the fortieth session."""
+        if self.runtime.maps_told:
+            return
+        self.runtime.maps_told = True
+        warnings.warn(
+            f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run -1, no "
+            "speed-up), in calls that collect its attention maps (output_attentions=True, given "
+            "to the call or set in the model's config): the maps need every token's attention. "
+            "Calls that collect none evolve; where the config sets it (transformers' "
+            "`model.config.output_attentions`), set it to False and pass output_attentions=True "
+            "to the calls that need maps (said once per model)", stacklevel=5)
+
+    def tell_leaf_hooks(self, block: nn.Module):
+        """Once per model: a forward hook (or pre-hook) on a submodule the programs call by path
+        (``attn.attn_drop``, where attention rollout reads the attention maps; ``norm1``, a
+        Grad-CAM target) fires, in an evolving block, on what that submodule runs: the kept
+        tokens, in the selection's order (docs/guarantees.md, Hooks). Said by a warning with
+        the way to see every token: a rollout failed on a shape, or at keep 1.0 on the
+        evolving path read permuted maps, without a word (audit E3 of the twenty-seventh
+        session). The submodules are found by name in ``block`` (the spec held the ones of
+        the conversion: replaced by quantisation or LoRA, they were kept alive, broke pickling
+        and were the ones asked; audit W2 of the thirty-eighth session)."""
+        for parent_path, names in self.leaves:
+            parent = block
+            for part in parent_path:
+                parent = parent._modules.get(part) if parent is not None else None
+            if parent is None:
+                continue
+            modules = parent._modules
+            for name in names:
+                m = modules.get(name)
+                if m is not None and ((m._forward_pre_hooks and not pruning_only(m._forward_pre_hooks))
+                                      or (m._forward_hooks and self._active(m._forward_hooks))):
+                    self._tell_leaf_hook(".".join(parent_path + (name,)))
+                    return
+
+    def _tell_leaf_hook(self, path: str):
+        self.runtime.leaf_hooks_told = True
+        warnings.warn(
+            f"evoplug: a forward hook on `{self.name}.{path}` fires on the tokens that evolving "
+            "block runs (its prefix, kept and representative tokens, in the selection's order), "
+            "not on every token in order; to read every token (attention rollout, Grad-CAM), "
+            "hook the attention module or the block itself (the block then runs its own "
+            "forward), or set keep_ratio=1.0", stacklevel=5)
+
+    def observed(self) -> bool:
+        """Whether anything but the next block could see this block's input or output: hooks on
+        it or inside it that are not idle (backward hooks on it too: they wrap its output, so
+        the next block would get another tensor), or global module hooks."""
+        m = self.analysis.module
+        return bool(self._active(m._forward_hooks) or m._forward_pre_hooks or _global_forward_hooks
+                    or _global_forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                    or _global_backward_hooks or _global_backward_pre_hooks or self.hooked())
+
+    def _active(self, hooks) -> bool:
+        if not hooks:
+            return False
+        idle = self.idle_hook
+        return idle is None or not all(idle(h) for h in hooks.values())
+
+    def program(self, training: bool, batch: int, args, kwargs) -> Callable:
+        """The slow-path program for this mode and batch size; None where none can be built for
+        that batch size (said once, in a warning)."""
+        if self.batch_size is None or batch == self.batch_size:
+            return self.programs[training]
+        key = (training, batch)
+        program = self.batch_programs.get(key)
+        if program is None:
+            self._build_batch_programs(training, batch, args, kwargs)
+            program = self.batch_programs.get(key)
+        return program
+
+    # (the tracer cannot run inside torch.compile: a compiled call at a batch size no eager
+    # call has built programs for runs this outside the graph, and fullgraph=True refuses it
+    # with this reason; it refused it with dynamo's words about os.getpid)
+    @_compiler_disable("evoplug builds a converted block's programs for a new batch size by "
+                       "tracing the block, outside the graph: call the model once at this "
+                       "batch size outside torch.compile first, then "
+                       "compile with fullgraph=True")
+    def _build_batch_programs(self, training: bool, batch: int, args, kwargs):
+        if self.__dict__.get("_lock_pid", os.getpid()) != os.getpid():
+            # (a child forked while another thread built a program: that thread's hold on
+            # the lock is never released there)
+            self._program_lock = threading.Lock()
+        self._lock_pid = os.getpid()
+        with self._program_lock:   # the factory runs the compiler once per new batch size
+            # both modes at once: a compiled call in the other mode found no program, and
+            # dynamo cannot run the factory (one eager warm-up per mode was needed besides
+            # the one per batch size the docs name; audit V5, thirty-seventh session)
+            for mode in (training, not training):
+                if self.batch_programs.get((mode, batch)) is None and \
+                        (mode, batch) not in self.batch_failures:
+                    try:
+                        self.batch_programs[mode, batch] = self.program_factory(mode, args, kwargs)
+                    except AnalysisError as e:
+                        # (a block whose trace at this batch size is no block evoplug
+                        # converts: a per-image Python loop runs one attention per image; it
+                        # raised the analysis' error from the forward; audit of the
+                        # twenty-ninth session)
+                        self.batch_failures[mode, batch] = e.reason
+                        warnings.warn(f"evoplug: `{self.name}` at a batch of {batch}: {e.reason}; "
+                                      "it runs its original forward (every token) at that batch "
+                                      "size", stacklevel=7)
+
+
+
+def pruning_only(hooks) -> bool:
+    """Whether every hook of a module's forward pre-hooks is torch's pruning (which sets a
+    parameter from ``name_orig * name_mask`` and reads no tokens)."""
+    return all(isinstance(h, BasePruningMethod) for h in hooks.values())
+
+
+def check_unchanged(spec: BlockSpec):
+    """Raise where something the block's trace baked in changed since (BlockSpec.changed)."""
+    stale = spec.changed() if spec.traced else None
+    if stale is not None and "`with_cp`" in stale:     # (MMPretrain: checkpointing inside)
+        raise EvoplugError(
+            f"`{spec.name}`: {stale} after conversion: a converted block cannot checkpoint "
+            "itself (its forward branches on x.requires_grad, which a trace cannot keep). Keep "
+            "with_cp=False and checkpoint the converted blocks from outside "
+            "(torch.utils.checkpoint)")
+    if stale is not None:
+        raise EvoplugError(
+            f"`{spec.name}`: {stale} after conversion; its slow-path program holds what the "
+            "trace saw, so it would run the old computation. Convert the model again "
+            "(evoplug.convert(evoplug.revert(model), ...)), or make such changes before "
+            "converting")
+
+
+
+
+_GONE = object()
+
+
+def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:
+    """:attr:`BlockSpec.leaves` of submodule paths: (parent's path parts, child names), so a
+    forward finds them with one dict look-up each (``attn.qkv``, ``norm1``)."""
+    groups: Dict[Tuple[str, ...], list] = {}
+    for path in paths:
+        *parent, name = path.split(".")
+        groups.setdefault(tuple(parent), []).append(name)
+    return tuple((parent, tuple(names)) for parent, names in groups.items())
+
+
+def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=(),
+                 settings: Optional[Callable] = None) -> Tuple:
+    """For :attr:`BlockSpec.traced`: every module under the block's attention paths
+    (traced into), each with its parent, name and plain attributes (``attributes(m)``, a
+    dict) but those a forward sets (``volatile``: {id(module): names}), and what a family says
+    its forward read besides (``settings(m)``); not the modules the programs call by path
+    (``leaves``) and what is inside them: those run live."""
+    volatile = volatile or {}
+    live = tuple(leaves)
+
+    def entry(parent, path, m):
+        skip = set(volatile.get(id(m), ())) | (_READ_OUTSIDE if m is block else set())
+        # (a buffer the trace saw as None, Swin's attn_mask without a shift, is a constant too)
+        return (parent, path.rpartition(".")[2], path, m,
+                tuple((k, v) for k, v in attributes(m).items() if k not in skip),
+                tuple(k for k, v in m._buffers.items() if v is None),
+                settings(m) if settings is not None else (),
+                _code(m))
+
+    # the block's own attributes too (Swin's shift_size, read in its traced forward), but the
+    # flags read outside it (transformers' gradient_checkpointing, in __call__), and its code
+    own = entry(None, "", block)
+    out, seen = [own], {id(block)}
+    for path in paths:
+        if not path:
+            continue
+        for sub, m in block.get_submodule(path).named_modules(prefix=path):
+            if id(m) in seen or any(sub == p or sub.startswith(p + ".") for p in live):
+                continue
+            seen.add(id(m))
+            pp = sub.rpartition(".")[0]
+            out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
+    return tuple(out)
+
+
+def traced_writes(traced: Tuple, volatile) -> Tuple[Tuple[str, str, Any], ...]:
+    """For :attr:`BlockSpec.writes`: the plain attributes the calibration's forward set on the
+    modules of :func:`traced_state` (``volatile``: {id(module): {name: value}})."""
+    return tuple((path, k, v) for _, _, path, m, *_ in traced
+                 for k, v in (volatile or {}).get(id(m), {}).items())
+
+
+def _code(m: nn.Module) -> Tuple:
+    """What decides the code a module's forward runs: its class, the forward that class
+    has, a forward set on the instance (``m.forward = ...``)."""
+    cls = type(m)
+    return cls, cls.forward, m.__dict__.get("forward")
+
+
+#: a block's own attributes read outside its traced forward: not checked by changed()
+_READ_OUTSIDE = {"gradient_checkpointing"}

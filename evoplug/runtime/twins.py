@@ -1,0 +1,372 @@
+"""Which code a converted block's call runs when it is not the one the conversion analysed:
+binding a call to the block's program (:func:`bind`) and, where the call's sizes or argument
+forms differ, the block of a twin converted for them (runtime/state.py ``SizeVariant``): in the
+model's forward (:func:`size_twin`), in a method called directly, in a recomputation in backward,
+or for an argument that is None in one call and a tensor in another (form twins).
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..errors import AnalysisError, EvoplugError
+from .spec import BlockSpec, MapTokens, check_unchanged
+from .state import EvoState, _in_backward, input_key
+
+
+
+def bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
+          state: Optional[EvoState] = None):
+    """The token input and other tensor arguments of a call that runs the program, after
+    checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
+    conversion did not see (DINO's get_last_selfattention passes return_attention=True), which
+    runs the block's own forward, on every token, exactly (``strict``: raise instead).
+    ``twins``: a call of another size outside the model's own forward (``forward_features``
+    called directly, or under torch.compile, whose graphs skip the model's entry hook) runs the
+    block of a twin an earlier eager call of the model converted for that size, when one takes
+    it (returned instead of the binding; compiled, the failed binding is a graph break).
+    ``state``: the forward's; where no block of it has scored tokens yet, a call whose tensor
+    arguments differ from the analysed ones only in being None or not (a padding mask) runs the
+    form twin for it (:func:`_form_twin`)."""
+    check_unchanged(spec)
+    try:
+        bound = _bound(spec, args, kwargs)
+    except AnalysisError as e:
+        if strict:
+            raise
+        if getattr(spec.call.tokens(args, kwargs), "is_nested", False):
+            # (a call the conversion did not see: nested tokens without the padding mask)
+            _tell_nested(spec)
+            return None
+        if torch.compiler.is_exporting():     # an exported program is no place for a quiet fallback
+            raise EvoplugError(
+                f"`{spec.name}` cannot run its evolving program in this export: "
+                f"{e.reason.split('; re-run')[0]}. The exported program would run it on every "
+                "token (the dense model). Export at the input size and with the arguments the "
+                "model was converted with (docs/export.md)") from None
+        if twins and spec.runtime.variants and not spec.runtime.entered():
+            twin = _twin_taking(spec, args, kwargs)
+            if twin is not None:
+                return twin
+        if state is not None and state.g is None and state.segment is None and \
+                not torch.compiler.is_compiling():
+            twin = _form_twin(spec, args, kwargs)
+            if twin is _SAID:
+                return None
+            if twin is not None:
+                return twin
+        # (the size hint where the call differs in its sizes, not in a flag such as
+        # transformers' output_attentions=True, which needs every token's attention)
+        hint = "" if spec.runtime.entered() or not e.sized else (
+            "; a call of the model itself (eager or compiled) with a new input size converts a "
+            "twin for it, which methods such as forward_features called directly then use at "
+            "that size too")
+        warnings.warn(f"evoplug: {e.reason.split('; re-run')[0]}: `{spec.name}` runs its original "
+                      f"forward (every token) for such calls{hint}", stacklevel=6)
+        return None
+    if bound[0].is_nested:      # (the one attribute read on the common path)
+        _tell_nested(spec)
+        return None
+    return bound
+
+
+def _tell_nested(spec: BlockSpec):
+    """Once per model: a block given its tokens as a nested tensor runs its own forward, which
+    takes one (nn.TransformerEncoder's fast path makes one of a padded batch in inference when
+    built with ``enable_nested_tensor=True``, its default); the program, on padded tokens,
+    raised torch's "NestedTensorImpl doesn't support sizes" until audit A4 of the fortieth
+    session."""
+    if spec.runtime.nested_told:
+        return
+    spec.runtime.nested_told = True
+    warnings.warn(f"evoplug: `{spec.name}` is given its tokens as a nested tensor (nn."
+                  "TransformerEncoder's fast path for a padded batch in inference, with "
+                  "enable_nested_tensor=True): it runs its original forward (every token), as "
+                  "every converted block given one does. Build the encoder with "
+                  "enable_nested_tensor=False to evolve padded batches", stacklevel=7)
+
+
+def _bound(spec: BlockSpec, args, kwargs):
+    """``spec.call.bind``, and for a map block its map checked against the conversion's (the
+    programs' window indices and map views are that map's): AnalysisError if either differs."""
+    bound = spec.call.bind(spec.name, args, kwargs)
+    for n, t in bound[1].items():
+        want = spec.extra_shapes.get(n)
+        if want is not None and t.dim() != len(want):
+            # (EVA's rotary table gathered per image by timm's patch dropout in training: (B, 1,
+            # N', d) where the program took (N, d))
+            raise AnalysisError(spec.name, f"its argument {n!r} has shape {tuple(t.shape)}, of "
+                                f"another rank than when it was analysed {want}", sized=True)
+    if spec.windowed_tokens is not None and bound[0].shape[1] != spec.windowed_tokens:
+        # (MAE's visible tokens of a masked Hiera: the windows were cut from all of them)
+        raise AnalysisError(spec.name, f"its windows were cut from {spec.windowed_tokens} tokens, "
+                            f"and it has {bound[0].shape[1]} (a call that dropped tokens, as MAE's "
+                            "masking does)", sized=True)
+    if spec.layout is MapTokens and tuple(bound[0].shape[1:3]) != spec.grid:
+        raise AnalysisError(spec.name, f"its token map is {tuple(bound[0].shape[1:3])}, the "
+                            f"map it was analysed on {spec.grid}", sized=True)
+    return bound
+
+
+def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional[nn.Module]:
+    """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call,
+    with the twin's modes synced; None if none. Where the block's trailing special tokens follow
+    a boolean argument's count (``suffix_from``), only a twin converted at the block's count: a
+    compiled call has it (state.py refuses another), and twins of one size at other counts have
+    the same shapes (a compiled call at 48 px with 8 masked ran the twin for 24 that an eager
+    call had converted first, 1.0 off, until the forty-second session)."""
+    for variant in list(spec.runtime.variants.values()):
+        twin = variant.blocks[spec.index]
+        if variant.stale() or (spec.suffix_from and twin._evoplug_spec.num_suffix != spec.num_suffix):
+            continue                # (a stale one: the next call of the model converts anew)
+        try:
+            _bound(twin._evoplug_spec, args, kwargs)
+        except AnalysisError:
+            continue
+        variant.sync()
+        if sticky and not torch.compiler.is_compiling():
+            spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
+        return twin
+    return None
+
+
+def check_suffix_count(spec: BlockSpec):
+    """A block whose trailing special tokens are as many as a boolean argument of the model's
+    has True (or False) entries per image (``suffix_from``: VideoMAE's decoder trails one mask
+    token per True entry of ``bool_masked_pos``) learns that count only from a call of the model
+    (state.py ``counted``). Called outside one (``model.decoder(x, n)`` called directly) it
+    cannot tell how many of its tokens are special: refused by name. (It kept the conversion's
+    count, ranking mask tokens as patches, 2.6 off with 24 mask tokens where it was converted
+    at 8, until the forty-second session.) While compiling, the model's forwards dynamo traces
+    are counted instead (``EvoRuntime.compiled_entries``; a compiled direct call ran at the
+    conversion's count until the forty-third session); the entry hook refuses the model's
+    compiled calls at another count."""
+    owner = spec.runtime.parent or spec.runtime       # (a size twin's: the model's runtime)
+    if getattr(owner._local, "entry", None) or \
+            torch.compiler.is_compiling() and owner.compiled_entries > 0:
+        return
+    arg, value = spec.suffix_from[0]
+    raise EvoplugError(
+        f"`{spec.name}` keeps its last tokens as special tokens, as many as the model's argument "
+        f"`{arg}` has {value} entries per image ({spec.num_suffix} at the conversion), a count "
+        "only a call of the model gives: called outside the model's forward (a module holding "
+        "it called directly), it cannot tell how many of its tokens are special. Call the "
+        "model itself, or set keep_ratio=1.0 for such calls")
+
+
+def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In a forward of the model, the first block that runs a program, called with a tensor
+    argument that is None where its analysis had a tensor or the reverse: the block of the twin
+    converted on this forward's call (runtime/state.py SizeVariant; on 2 of its images that
+    give its form, api.py ``_form_images``, else on all), which the rest of the forward runs.
+    Such arguments follow the data: transformers passes a padding mask only when some image of
+    the batch is padded (``None`` for a batch without padding), so a model converted on either
+    form met the other in ordinary batches; its blocks ran their original forward then, and an
+    image's output depended on the images batched with it (up to 2.5 apart on Siglip2), until
+    the twenty-fourth session. None when the call differs in another way, or outside a model
+    forward."""
+    rt = spec.runtime
+    owner = rt.parent or rt          # (a size twin's block: the model's runtime keeps the twins)
+    call = owner.call()
+    if call is None or call[0].factory is None:
+        return None
+    plan = spec.call
+    try:
+        values = plan.arguments(spec.name, args, kwargs)
+    except AnalysisError:
+        return None
+    flipped, other, form = _other_form(plan, values)
+    if form is None:
+        return None
+    hook, model, cargs, ckwargs = call
+    key = (input_key(cargs, ckwargs, hook.batch_dims), form)
+    if key in owner._no_form:
+        # (its one warning was given: each block, at each call, said it again, audit V3 of the
+        # thirty-seventh session)
+        return _SAID
+    if other and len(_flag_values(owner, other)) >= _FLAG_TWINS:
+        # (a flag that changes with every call, a step count, would convert a twin each time)
+        owner._no_form[key] = "too many values"
+        warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(other)} of "
+                      f"{_FLAG_TWINS} other values already, each of which converted a twin of the "
+                      "model; for further values the blocks run their own forward (every token)",
+                      stacklevel=7)
+        return _SAID
+    make = hook._factory()
+
+    def takes(variant) -> bool:
+        try:
+            _bound(variant.blocks[spec.index]._evoplug_spec, args, kwargs)
+        except AnalysisError:
+            return False
+        return True
+
+    def build(m, a, k):     # on 2 images that give the call's form; else on all of them
+        try:
+            variant = make(m, a, k, on="form")
+        except Exception:       # (a twin on all images may still convert)
+            return make(m, a, k, on="all")
+        return variant if takes(variant) else make(m, a, k, on="all")
+    try:
+        variant = owner.variant_for(key, build, model, cargs, ckwargs)
+    except Exception as e:      # (the forward goes on as before the twins: each block its own)
+        owner._no_form[key] = str(e)
+        warnings.warn(f"evoplug: `{spec.name}` is called with {', '.join(flipped)} in another form "
+                      f"than when it was analysed (None or a tensor, or another value), and "
+                      f"converting the model on this call failed: {e}; the blocks run their own "
+                      "forward (every token) for such calls", stacklevel=7)
+        return _SAID
+    if not takes(variant):
+        return None
+    variant.sync()
+    owner.use_variant(variant)
+    return variant.blocks[spec.index]
+
+
+#: :func:`_form_twin`: the call's form was refused before, with a warning; the block runs its
+#: original forward without another
+_SAID = object()
+
+
+def _other_form(plan, values):
+    """How a call's arguments differ from the analysed ones in form: (the tensor arguments that
+    are None where the analysis had a tensor or the reverse, and the flags of another value; the
+    form's key, None where neither). A flag of another value: transformers' BEiT layers read
+    ``interpolate_pos_encoding``, which a caller may pass at every size: at the conversion's
+    size they ran their own forward, with a warning per layer and call (audits Q and T of the
+    twenty-fifth session)."""
+    flipped = [n for n in plan.names if n not in plan.packed and (
+        (n in plan.tensor_args and values.get(n) is None) or
+        (n in plan.constants and plan.constants[n] is None and isinstance(values.get(n), torch.Tensor)))]
+    other = [n for n in plan.names if n not in plan.packed and n in plan.constants and n in values
+             and _plain(plan.constants[n]) and _plain(values[n]) and values[n] != plan.constants[n]]
+    if not flipped and not other:
+        return flipped, other, None
+    form = ("form", tuple((n, values.get(n) is None) for n in flipped) +
+            tuple((n, "=", values[n]) for n in other))
+    return flipped + other, other, form
+
+
+#: twins converted for other values of a block's flags, at most (per flag)
+_FLAG_TWINS = 4
+
+
+def _flag_values(owner, names) -> set:
+    """The values of the flags ``names`` that form twins were converted (or tried) for."""
+    keys = list(owner.variants) + list(owner._no_form)
+    return {e for k in keys if len(k) == 2 and isinstance(k[1], tuple) and k[1][:1] == ("form",)
+            for e in k[1][1] if len(e) == 3 and e[0] in names}
+
+
+def _plain(v) -> bool:
+    """A flag's value (None, a bool, a number, a string): another one makes a form twin."""
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def following(block: nn.Module, twin: nn.Module) -> nn.Module:
+    """The twin's block with the plain tensor attributes the model's block holds now (not its
+    parameters, buffers or submodules, which the twin shares): prune's pruned weight, which its
+    forward pre-hook on the model's block sets anew at each call, or the hook-based
+    ``weight_norm``'s. The twin copied the block's attributes when it was built and read those
+    (off by 1.2 after prune, audit O of the twenty-fifth session); one the block no longer holds
+    leaves the twin (after ``prune.remove`` a stale copy hid the parameter again). Rescanned only
+    when the block's attributes are added or removed (a pre-hook replaces a value: same keys)."""
+    d, t = block.__dict__, twin.__dict__
+    spec = twin._evoplug_spec
+    size, names = spec.attributes
+    if size != len(d):
+        names = tuple(k for k, v in d.items() if isinstance(v, torch.Tensor))
+        for k in [k for k, v in t.items() if isinstance(v, torch.Tensor) and k not in d]:
+            del t[k]
+        spec.attributes = (len(d), names)
+    for k in names:
+        v = d[k]
+        if t.get(k) is not v:
+            t[k] = v
+    return twin
+
+
+def size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """The block of the size twin this call runs: the one the model's forward runs with (an
+    input of another size), or in a method called directly at a twin's size the twin an earlier
+    block of it ran; None: this block runs the call."""
+    rt = spec.runtime
+    variant = rt.variant()
+    if variant is not None and not spec.hooked():     # a forward of another input size
+        check_unchanged(spec)          # (the twin copied the block's attributes)
+        return variant.blocks[spec.index]
+    if rt.entered():
+        return None
+    if not torch.compiler.is_compiling() and _in_backward():
+        return _recomputed_twin(spec, args, kwargs)
+    return _sticky_twin(spec, args, kwargs)
+
+
+def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In backward, a block recomputed by gradient checkpointing whose forward ran a size
+    twin's block (the model's forward has ended: no variant in force): that twin's block, found
+    by the state its forward recorded with the block's input, which belongs to the twin's own
+    runtime. (Recomputed as the block itself, it ran every token: wrong gradients under
+    reentrant checkpointing, a CheckpointError under non-reentrant, until the twenty-third
+    session.)"""
+    rt = spec.runtime
+    try:
+        x = spec.call.arguments(spec.name, args, kwargs).get(spec.call.token_arg)
+    except AnalysisError:
+        return None
+    if not isinstance(x, torch.Tensor):
+        return None
+    # the model's own records, else the nearest state upstream in the autograd graph (whichever
+    # runtime made it: the nodes carry it), found once; a reentrant checkpoint's input is a
+    # leaf with no graph, recorded by the twin's runtime only
+    state = rt.recall(x, spec.index)
+    if state is not None and state.plan is rt.plan:
+        return None
+    for variant in list(rt.variants.values()):
+        twin = variant.blocks[spec.index]
+        trt = twin._evoplug_spec.runtime
+        found = state if state is not None else trt.recall(x, twin._evoplug_spec.index)
+        if found is not None and found.plan is trt.plan:
+            return twin
+    if state is not None:
+        return None
+    # nothing recorded names it (the stage's input, a block run in its own forward before it:
+    # PVTv2's first stage under non-reentrant checkpointing at another size): the forward's
+    # rule, a twin's block that takes a call the block does not (see bind); the block itself
+    # ran every token, and a scoring block saved fewer tensors than its forward, torch's raw
+    # CheckpointError, until the forty-fourth session
+    try:
+        _bound(spec, args, kwargs)
+        return None
+    except AnalysisError:
+        return _twin_taking(spec, args, kwargs, sticky=False)
+
+
+def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """In a method called directly (``forward_features``) whose earlier block ran a size
+    twin's block, the same twin's block for this one when it takes the call: a block whose
+    shapes are also those of another size (PVTv2's last 2x2 stage at 48 and 64 px) ran that
+    size's block, from scores it did not have (the output then differed from the model's
+    forward at that size, and with the twins built before)."""
+    if torch.compiler.is_compiling():
+        return None
+    local = spec.runtime._local
+    held = getattr(local, "direct", None)
+    if held is None:
+        return None
+    variant, last = held
+    if spec.index <= last:            # a new forward
+        local.direct = None
+        return None
+    twin = variant.blocks[spec.index]
+    try:
+        _bound(twin._evoplug_spec, args, kwargs)
+    except AnalysisError:
+        local.direct = None
+        return None
+    local.direct = (variant, spec.index)
+    return twin
+
