@@ -67,7 +67,7 @@ def copy_model(model: nn.Module, memo: Optional[dict] = None) -> nn.Module:
 def remade_class(cls: type, bases: Optional[tuple] = None, name: Optional[str] = None) -> type:
     """``cls`` made again (its properties and methods; on ``bases``, by default its own): a
     class of its own for a copy of a parametrized module, or a parametrization's class put back
-    on a block's original class by ``revert`` (api.py ``_unconverted_class``)."""
+    on a block's original class by ``revert`` (variants.py ``unconverted_class``)."""
     return type(name or cls.__name__, cls.__bases__ if bases is None else bases,
                 {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")})
 

@@ -411,7 +411,7 @@ def test_a_form_twin_takes_a_padded_image_and_leaves_what_the_batch_shares_whole
     its per-image integer arguments of 2 dims or more), not the first whose label differs; a
     mask the batch shares ((N, N), no batch dim) is not one: it chose "images" past the batch
     and was cut to 2 rows (audit K of the twenty-fourth session)."""
-    from evoplug.api import _first_image, _form_images
+    from evoplug.variants import _first_image, _form_images
     x, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
     pad = torch.ones(4, 65, dtype=torch.long)
     pad[2, 50:] = 0

@@ -1154,7 +1154,7 @@ def test_a_padding_mask_at_another_input_size_and_under_checkpointing():
         tried.append(1)
         raise evoplug.ConversionError("no such luck")
     with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evoplug.api, "_convert_twin", refuse)
+        mp.setattr(evoplug.variants, "_convert_twin", refuse)
         with pytest.warns(UserWarning, match=r"`layers.0` is called with attention_mask in another "
                                              r"form.*converting the model on this call failed") as said:
             out = fast(x, attention_mask=mask).last_hidden_state

@@ -161,7 +161,7 @@ def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     """In a forward of the model, the first block that runs a program, called with a tensor
     argument that is None where its analysis had a tensor or the reverse: the block of the twin
     converted on this forward's call (runtime/state.py SizeVariant; on 2 of its images that
-    give its form, api.py ``_form_images``, else on all), which the rest of the forward runs.
+    give its form, variants.py ``_form_images``, else on all), which the rest of the forward runs.
     Such arguments follow the data: transformers passes a padding mask only when some image of
     the batch is padded (``None`` for a batch without padding), so a model converted on either
     form met the other in ordinary batches; its blocks ran their original forward then, and an
