@@ -41,8 +41,8 @@ from .report import explain, format_report, gives_row, tokens_per_block  # noqa:
 from .runtime.pairs import undo_regroup
 from .runtime.block import EvoBlockMixin, evo_class
 from .runtime.spec import BlockSpec, FlatTokens, MapTokens, leaf_groups, traced_state, traced_writes
-from .runtime.state import (EntryHook, EvoRuntime, Plan, batch_dims, images_in, input_key,
-                            named_tensors, row_counts)
+from .runtime.entry import EntryHook, batch_dims, images_in, input_key, named_tensors, row_counts
+from .runtime.state import EvoRuntime, Plan
 from .variants import corrupt, on_more_images, plan_of_blocks_left, size_variant, unconverted_class
 
 
@@ -330,7 +330,7 @@ def _install_entry_hook(model: nn.Module, runtime: EvoRuntime, example_input,
                         strict: bool = True, seq_batch: Optional[int] = None,
                         specs: Tuple[BlockSpec, ...] = ()) -> Tuple[int, int]:
     """Hooks that tell the blocks when the model's own forward runs, called like calibration
-    called it, and with which input size (see runtime/state.py EntryHook, SizeVariant); returns
+    called it, and with which input size (see runtime/entry.py EntryHook, SizeVariant); returns
     their ids (revert removes them). ``seq_batch``: the images of the first converted block when
     it is sequence-first (an input laid out (N, B, ...) has its batch dim 1: ``batch_dims``)."""
     factory = functools.partial(size_variant, strict=strict, convert=convert)
@@ -353,7 +353,7 @@ def _suffix_counts(specs, named) -> Tuple[Tuple[str, bool, str], ...]:
     equal to ``value`` in every row of a boolean argument of the model's (recorded on the spec,
     ``suffix_from``). VideoMAE's pre-training decoder trails its mask tokens after the visible
     ones, as many as ``bool_masked_pos`` has True per row: that count follows the call, and the
-    entry hook reads it as part of the input size (state.counted; a call with another count
+    entry hook reads it as part of the input size (entry.counted; a call with another count
     kept the conversion's, ranking mask tokens as patches, until audit B1 of the forty-first
     session). A coincidental match costs a twin at another count, never a wrong output."""
     masks = [(n, t) for n, t in (named or {}).items()

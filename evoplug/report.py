@@ -26,7 +26,7 @@ class ConversionReport:
     blocks: List[BlockSpec]
     failed: List[Tuple[str, str]]      # candidate blocks that could not be converted
     skipped: List[Tuple[str, str]]     # modules with attention that are not token blocks
-    entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/state.py EntryHook)
+    entry_hooks: Tuple[int, ...] = ()  # ids of the hooks on the model (runtime/entry.py EntryHook)
     #: top-1 agreement with the dense model per global query, when ``convert(images=...)`` chose
     query_agreement: Optional[Dict[str, float]] = None
     #: converted blocks no longer in the model (timm's ``prune_intermediate_layers``, a block

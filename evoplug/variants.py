@@ -2,7 +2,7 @@
 block arguments of another form (a padding mask that is None in one batch and a tensor in the
 next). A twin is the model converted again on that call, whose converted blocks (and their
 ancestors) are new module objects sharing every parameter, buffer and other submodule with the
-model (runtime/state.py ``SizeVariant``); the runtime asks for one through the factory api.py
+model (runtime/entry.py ``SizeVariant``); the runtime asks for one through the factory api.py
 installs with the entry hook (:func:`size_variant`), at the first forward that needs it."""
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ from .options import EvoOptions
 from .report import ConversionReport, get_report
 from .runtime.block import evo_class
 from .runtime.spec import BlockSpec
-from .runtime.state import Plan, SizeVariant, images_in
+from .runtime.entry import SizeVariant, images_in
+from .runtime.state import Plan
 
 
 def on_more_images(convert_on: Callable[[int], Any]):
@@ -45,7 +46,7 @@ def size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     converted at): a twin whose converted blocks and their ancestors are new module objects
     (sharing every parameter, buffer and other submodule with the model), converted with the
     model's options on the call's first image. Called by the runtime at the first forward with
-    that input size (see runtime/state.py SizeVariant); what it cost is kept in ``seconds``.
+    that input size (see runtime/entry.py SizeVariant); what it cost is kept in ``seconds``.
     ``on``: which of the call's images it is converted on (:func:`_convert_twin`; a form twin,
     runtime/twins.py ``_form_twin``: the form of a padding mask follows the whole batch, not its
     first image). ``convert``: :func:`evoplug.convert`, which converts the twin (handed in by

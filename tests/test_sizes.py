@@ -593,7 +593,7 @@ def test_two_threads_that_each_need_a_twin_do_not_wait_for_each_other(monkeypatc
     threads). The delay the scheduler can put between C's admission and its twin is forced."""
     import threading
     import time
-    from evoplug.runtime import state as st
+    from evoplug.runtime import entry as st
     fast = evoplug.convert(_tiny_dynamic_vit(), keep_ratio=0.5)
     rt = evoplug.get_report(fast).blocks[0].runtime
     images_in = st.images_in

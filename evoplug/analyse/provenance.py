@@ -16,7 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 from .calibrate import AsCalibrated, CallRecord, _call, _tensors_in, noise, split_tokens, this_thread
 from .pointwise import seeded
-from ..runtime.state import row_counts
+from ..runtime.entry import row_counts
 
 
 #: relative change of a token row that counts as "comes from the patch map"

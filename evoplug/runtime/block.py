@@ -4,8 +4,9 @@ slow-fast token evolution around the block's own computation.
 Swapping the class (not wrapping the module) keeps every parameter, buffer, hook, attribute,
 ``isinstance`` check and state_dict key of the block. What the block needs at run time is a
 :class:`~evoplug.runtime.spec.BlockSpec`, made by the conversion (spec.py); a call of another
-size or form than the analysed one runs a twin's block (twins.py). The per-forward state travels as an :class:`~evoplug.runtime.state.EvoState` (see state.py):
-nothing a forward computes is stored on the modules.
+size or form than the analysed one runs a twin's block (twins.py). The per-forward state
+travels as an :class:`~evoplug.runtime.state.EvoState` (state.py): nothing a forward computes
+is stored on the modules.
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ model, it sits on the torch-function mode stack *between* converted blocks while
 exist (it is off while a converted block runs, so the blocks pay nothing): any torch function
 or tensor method (``t.shape`` included) that reads them gets the tokens restored to the
 original order, the values every block restoring would give. The model's forward hook
-(:class:`~evoplug.runtime.state.EntryHook`) replaces them in what the forward returns and, where
+(:class:`~evoplug.runtime.entry.EntryHook`) replaces them in what the forward returns and, where
 something outside kept one without autograd, restores it in place.
 """
 from __future__ import annotations

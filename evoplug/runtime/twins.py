@@ -1,6 +1,6 @@
 """Which code a converted block's call runs when it is not the one the conversion analysed:
 binding a call to the block's program (:func:`bind`) and, where the call's sizes or argument
-forms differ, the block of a twin converted for them (runtime/state.py ``SizeVariant``): in the
+forms differ, the block of a twin converted for them (runtime/entry.py ``SizeVariant``): in the
 model's forward (:func:`size_twin`), in a method called directly, in a recomputation in backward,
 or for an argument that is None in one call and a tensor in another (form twins).
 """
@@ -14,7 +14,8 @@ from torch import nn
 
 from ..errors import AnalysisError, EvoplugError
 from .spec import BlockSpec, MapTokens, check_unchanged
-from .state import EvoState, _in_backward, input_key
+from .entry import input_key
+from .state import EvoState, _in_backward
 
 
 
@@ -112,10 +113,10 @@ def _bound(spec: BlockSpec, args, kwargs):
 
 
 def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional[nn.Module]:
-    """The block of a size twin (runtime/state.py SizeVariant) whose program takes this call,
+    """The block of a size twin (runtime/entry.py SizeVariant) whose program takes this call,
     with the twin's modes synced; None if none. Where the block's trailing special tokens follow
     a boolean argument's count (``suffix_from``), only a twin converted at the block's count: a
-    compiled call has it (state.py refuses another), and twins of one size at other counts have
+    compiled call has it (entry.py refuses another), and twins of one size at other counts have
     the same shapes (a compiled call at 48 px with 8 masked ran the twin for 24 that an eager
     call had converted first, 1.0 off, until the forty-second session)."""
     for variant in list(spec.runtime.variants.values()):
@@ -137,7 +138,7 @@ def check_suffix_count(spec: BlockSpec):
     """A block whose trailing special tokens are as many as a boolean argument of the model's
     has True (or False) entries per image (``suffix_from``: VideoMAE's decoder trails one mask
     token per True entry of ``bool_masked_pos``) learns that count only from a call of the model
-    (state.py ``counted``). Called outside one (``model.decoder(x, n)`` called directly) it
+    (entry.py ``counted``). Called outside one (``model.decoder(x, n)`` called directly) it
     cannot tell how many of its tokens are special: refused by name. (It kept the conversion's
     count, ranking mask tokens as patches, 2.6 off with 24 mask tokens where it was converted
     at 8, until the forty-second session.) While compiling, the model's forwards dynamo traces
@@ -160,7 +161,7 @@ def check_suffix_count(spec: BlockSpec):
 def _form_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     """In a forward of the model, the first block that runs a program, called with a tensor
     argument that is None where its analysis had a tensor or the reverse: the block of the twin
-    converted on this forward's call (runtime/state.py SizeVariant; on 2 of its images that
+    converted on this forward's call (runtime/entry.py SizeVariant; on 2 of its images that
     give its form, variants.py ``_form_images``, else on all), which the rest of the forward runs.
     Such arguments follow the data: transformers passes a padding mask only when some image of
     the batch is padded (``None`` for a batch without padding), so a model converted on either
