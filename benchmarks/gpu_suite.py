@@ -99,11 +99,11 @@ class Unit:
 
 
 #: runtime variants a unit can run with: a private switch of evoplug set for the unit's duration,
-#: so two forms are timed in one run. The global-query logits (evoplug.runtime.evolve.
+#: so two forms are timed in one run. The global-query logits (evoplug.runtime.rows.
 #: query_logits) are by default batched matrix products in eager mode on a GPU and a product and
 #: sum when compiled; "product-logits" / "matmul-logits" force one form everywhere
-VARIANTS = {"matmul-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", True),
-            "product-logits": ("evoplug.runtime.evolve", "_MATMUL_LOGITS", False)}
+VARIANTS = {"matmul-logits": ("evoplug.runtime.rows", "_MATMUL_LOGITS", True),
+            "product-logits": ("evoplug.runtime.rows", "_MATMUL_LOGITS", False)}
 #: variants that are options of the converted model (evoplug.set_options on a copy): issue 12's
 #: reselect_every table on a GPU (the default selects every 4 blocks)
 OPTION_VARIANTS = {"reselect-1": dict(reselect_every=1)}

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import digits  # noqa: E402
 
 import evoplug  # noqa: E402
-from evoplug.runtime import evolve as ev  # noqa: E402
+from evoplug.runtime import gather, rows  # noqa: E402
 
 MODELS = {
     "swin": lambda: timm.create_model(
@@ -56,14 +56,16 @@ def trained(name, log=print):
 
 @contextlib.contextmanager
 def patched(**funcs):
-    saved = {k: getattr(ev, k) for k in funcs}
+    """The runtime functions ``funcs`` (rows.py's or gather.py's, by name) replaced meanwhile."""
+    where = {k: rows if hasattr(rows, k) else gather for k in funcs}
+    saved = {k: getattr(where[k], k) for k in funcs}
     for k, f in funcs.items():
-        setattr(ev, k, f)
+        setattr(where[k], k, f)
     try:
         yield
     finally:
         for k, f in saved.items():
-            setattr(ev, k, f)
+            setattr(where[k], k, f)
 
 
 def random_rows(seed):

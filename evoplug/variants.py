@@ -100,7 +100,7 @@ def size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     runtime.parent = report.blocks[0].runtime
     if report.removed:
         runtime.plan = plan_of_blocks_left(runtime.plan.options, report.blocks[0].runtime.plan.roles,
-                                            blocks)
+                                           blocks)
     added = {id(s.analysis.module): set(s.added_buffers) for s in report.blocks}
     triples = [(m, pairs[id(m)], tuple(n for n in m._buffers if n not in added.get(id(m), ())))
                for m in model.modules() if id(m) in pairs]

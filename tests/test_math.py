@@ -20,6 +20,8 @@ from torch import nn
 
 import evoplug
 from evoplug.runtime import evolve as ev
+from evoplug.runtime import gather as ev_gather
+from evoplug.runtime import rows as ev_rows
 from models import peaky_weights
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -124,7 +126,7 @@ def test_probs_query_row(dtype, P, bias):
     q, k, b, scale, logits = _biased_logits(dtype, bias)
     probs = logits.softmax(-1)                   # the map as the block computes it, in dtype
     ref = _ref_full_map(q, k, _additive(b), scale)[:, :, 0].mean(1)   # cls query, mean heads
-    _check_row(ev.probs_query_row(probs, P), ref, P, TOL[dtype])
+    _check_row(ev_rows.probs_query_row(probs, P), ref, P, TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -133,7 +135,7 @@ def test_probs_query_row(dtype, P, bias):
 def test_logits_query_row(dtype, P, bias):
     q, k, b, scale, logits = _biased_logits(dtype, bias)
     ref = _ref_mean_query_row(q, k, _additive(b), scale, P)
-    _check_row(ev.logits_query_row(logits, P), ref, P, TOL[dtype])
+    _check_row(ev_rows.logits_query_row(logits, P), ref, P, TOL[dtype])
 
 
 def _sdpa_mask(kind, dtype, P):
@@ -172,7 +174,7 @@ def test_sdpa_query_row(dtype, P, cls_query, mask, scale):
                                           scale=scale)
     torch.testing.assert_close(full @ v.double(), sdpa, atol=1e-10, rtol=0)
     ref = full[:, :, 0].mean(1) if cls_query else _ref_mean_query_row(q, k, add, s, P)
-    out = ev.sdpa_query_row(q, k, m, scale, P, cls_query)
+    out = ev_rows.sdpa_query_row(q, k, m, scale, P, cls_query)
     _check_row(out, ref, P, TOL[dtype])
 
 
@@ -203,11 +205,11 @@ def test_sdpa_query_row_matrix_form(dtype, P, cls_query, layout, mask, monkeypat
     add = _additive(m)
     full = _ref_full_map(ref_q, ref_k, add, D ** -0.5)
     ref = full[:, :, 0].mean(1) if cls_query else _ref_mean_query_row(ref_q, ref_k, add, D ** -0.5, P)
-    monkeypatch.setattr(ev, "_MATMUL_LOGITS", True)
-    out = ev.sdpa_query_row(q, k, m, None, P, cls_query)
+    monkeypatch.setattr(ev_rows, "_MATMUL_LOGITS", True)
+    out = ev_rows.sdpa_query_row(q, k, m, None, P, cls_query)
     _check_row(out, ref, P, TOL[dtype])
-    monkeypatch.setattr(ev, "_MATMUL_LOGITS", False)
-    torch.testing.assert_close(out, ev.sdpa_query_row(q, k, m, None, P, cls_query),
+    monkeypatch.setattr(ev_rows, "_MATMUL_LOGITS", False)
+    torch.testing.assert_close(out, ev_rows.sdpa_query_row(q, k, m, None, P, cls_query),
                                atol=TOL[dtype], rtol=0)
 
 
@@ -222,13 +224,13 @@ def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layo
     logits is finite and near its float32 conversion. ``sharp=3``: logits of about 8e5, whose
     single terms q_i * k_i pass 65504 too: the product form's were float16 and inf, every
     output NaN (audit H1 of the forty-fourth session)."""
-    monkeypatch.setattr(ev, "_MATMUL_LOGITS", form == "matrix")
+    monkeypatch.setattr(ev_rows, "_MATMUL_LOGITS", form == "matrix")
     q, k, v = (t.half() * 130 * sharp ** 0.5 for t in _qkv(torch.float32))
     q, k = _k_layout(q, k, v, layout)
     logits = (q[:, :, :1].double() @ k.double().transpose(-1, -2)).squeeze(-2) * D ** -0.5
     assert logits.abs().max() > 8e4 * sharp
     ref = logits.softmax(-1).mean(1)
-    out = ev.sdpa_query_row(q, k, None, None, 1, True)
+    out = ev_rows.sdpa_query_row(q, k, None, None, 1, True)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref[:, None], atol=2e-3, rtol=0)
 
@@ -251,16 +253,16 @@ def test_float16_logits_beyond_its_range_give_finite_rows_and_outputs(form, layo
 
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 def test_row_copies_match_gather_and_gradients(layout, monkeypatch):
-    """evolve._take by row copies (index_select, the CPU's form) and by gather (elsewhere): the
+    """gather._take by row copies (index_select, the CPU's form) and by gather (elsewhere): the
     same rows, the same gradients, for a contiguous tensor and a strided one (which gathers)."""
     torch.manual_seed(0)
     base = torch.randn(3, 5, 7, requires_grad=True)
     pos = torch.tensor([[4, 0, 4], [1, 2, 3], [0, 0, 0]])
     outs, grads = [], []
     for rows in (True, False):
-        monkeypatch.setattr(ev, "_ROW_SELECT", rows)
+        monkeypatch.setattr(ev_gather, "_ROW_SELECT", rows)
         t = base * 2 if layout == "contiguous" else (base * 2).transpose(1, 2).contiguous().transpose(1, 2)
-        out = ev._take(t, pos)
+        out = ev_gather._take(t, pos)
         (g,) = torch.autograd.grad((out * torch.arange(out.numel()).view_as(out)).sum(), base)
         outs.append(out)
         grads.append(g)
@@ -320,7 +322,7 @@ def test_mha_query_row(dtype, P, cls_query, batch_first, mask):
     torch.testing.assert_close(_ref_full_map(q64, k64, add, (E // mha.num_heads) ** -0.5).mean(1),
                                weights, atol=1e-10, rtol=0)
     ref = weights[:, 0] if cls_query else mean_ref
-    out = ev.mha_query_row(mha, xin, xin, m, P, cls_query)
+    out = ev_rows.mha_query_row(mha, xin, xin, m, P, cls_query)
     _check_row(out, ref, P, TOL[dtype])
 
 
@@ -349,7 +351,7 @@ def test_mha_query_row_takes_the_keys_the_module_appends(bias_kv, zero_attn, mas
                                               need_weights=True, average_attn_weights=True)[1]
     ref = weights[:, 0, :N]                  # (B, N): the class token's row over the tokens' keys
     assert (ref.sum(-1) < 1 - 1e-3).all()
-    out = ev.mha_query_row(mha, x, x, m, 1, True)[:, 0]
+    out = ev_rows.mha_query_row(mha, x, x, m, 1, True)[:, 0]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
 
@@ -395,7 +397,7 @@ def _window_ref(q, k, add_of_window, scale):
 def test_window_logits_row(dtype, layout):
     q, k, bias, shift, scale, logits = _window_inputs(dtype, layout)
     ref = _window_ref(q, k, lambda w, h: bias[h].double() + shift[w % NW].double(), scale)
-    out = ev.window_logits_row(logits, (1,) if layout == "4d" else (2,))
+    out = ev_rows.window_logits_row(logits, (1,) if layout == "4d" else (2,))
     out = out.reshape(B * NW, MW)
     _check_row(out, ref, 0, TOL[dtype])           # every window's row sums to 1
 
@@ -415,7 +417,7 @@ def test_window_sdpa_row(dtype, mask, scale):
         m, add = None, (lambda w, h: None)
     s = D ** -0.5 if scale is None else scale
     ref = _window_ref(q, k, add, s)
-    out = ev.window_sdpa_row(q, k, m, scale, (1,))
+    out = ev_rows.window_sdpa_row(q, k, m, scale, (1,))
     _check_row(out, ref, 0, TOL[dtype])
 
 
@@ -433,10 +435,10 @@ def test_window_row(dtype, row_layout, padding, by_slots):
     index_select (every token in one slot), without padding normalised by the window count."""
     num_tokens = NW * MW - padding
     index = _window_index(num_tokens, NW * MW)
-    slots = ev.window_slots(index, num_tokens) if by_slots else None
+    slots = ev_rows.window_slots(index, num_tokens) if by_slots else None
     assert not by_slots or slots is not None
     _, _, _, _, _, logits = _window_inputs(dtype, row_layout)
-    per_window = ev.window_logits_row(logits, (1,) if row_layout == "4d" else (2,)).to(dtype)
+    per_window = ev_rows.window_logits_row(logits, (1,) if row_layout == "4d" else (2,)).to(dtype)
     rows = per_window.reshape(B * NW, MW).double()
     ref = torch.zeros(B, num_tokens, dtype=torch.float64)
     for b in range(B):                     # explicit scatter back to the tokens
@@ -446,17 +448,17 @@ def test_window_row(dtype, row_layout, padding, by_slots):
                 if t > 0:
                     ref[b, t - 1] += rows[b * NW + w, s]
     ref /= ref.sum(1, keepdim=True)        # padding slots dropped: renormalise to sum 1
-    out = ev.window_row(per_window, index, num_tokens, slots)
+    out = ev_rows.window_row(per_window, index, num_tokens, slots)
     _check_row(out, ref, 0, 1e-6)          # float32 arithmetic on the given rows
     with pytest.raises(ValueError, match="window"):
-        ev.window_row(per_window[..., :-1], index, num_tokens, slots)
+        ev_rows.window_row(per_window[..., :-1], index, num_tokens, slots)
 
 
 def test_window_slots_only_where_every_token_has_one_slot():
     index = torch.tensor([2, 4, 0, 1, 3, 0])
-    assert ev.window_slots(index, 4).tolist() == [3, 0, 4, 1]
-    assert ev.window_slots(torch.tensor([2, 4, 0, 1, 2, 0]), 4) is None    # token 3 in none, 2 twice
-    assert ev.window_slots(torch.tensor([2, 1, 2, 0]), 2) is None            # token 2 twice
+    assert ev_rows.window_slots(index, 4).tolist() == [3, 0, 4, 1]
+    assert ev_rows.window_slots(torch.tensor([2, 4, 0, 1, 2, 0]), 4) is None    # token 3 in none, 2 twice
+    assert ev_rows.window_slots(torch.tensor([2, 1, 2, 0]), 2) is None            # token 2 twice
 
 
 # ------------------------------------------------------------------------------------------
@@ -634,7 +636,7 @@ def test_global_query_mean_override():
         blk = model.blocks[0]
         h = blk.norm1(model.norm_pre(model._pos_embed(model.patch_embed(x))))
         q, k, _ = blk.attn.qkv(h).reshape(2, -1, 3, 2, 32).permute(2, 0, 3, 1, 4).unbind(0)
-    torch.testing.assert_close(ev.sdpa_query_row(q, k, None, None, 1, False)[:, 0, 1:], row_mean, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ev_rows.sdpa_query_row(q, k, None, None, 1, False)[:, 0, 1:], row_mean, atol=1e-6, rtol=0)
     # ... and the selections it leads to: evoplug's output matches the mean-query reference,
     # which is far from the cls-query one
     assert (row_mean - row_cls).abs().max() > 1e-2
@@ -952,14 +954,14 @@ def test_upsampled_rows_by_taps_are_interpolate_and_tie_exactly(kv_grid, grid):
     ``interpolate``'s bilinear result (align_corners=False), and tokens whose taps meet equal
     values (the map's edge) get exactly equal scores (batch-independent ties)."""
     row = torch.rand(3, 1, kv_grid[0] * kv_grid[1], generator=_gen(4)).softmax(-1)
-    taps = tuple(ev.upsample_taps(i, o) for i, o in zip(kv_grid, grid))
+    taps = tuple(ev_rows.upsample_taps(i, o) for i, o in zip(kv_grid, grid))
     taps = ((taps[0][0], taps[0][1], taps[0][2].unsqueeze(1)), taps[1])
-    ref = ev.upsample_row(row, kv_grid, grid)                     # interpolate
-    out = ev.upsample_row(row, kv_grid, grid, taps)
+    ref = ev_rows.upsample_row(row, kv_grid, grid)                     # interpolate
+    out = ev_rows.upsample_row(row, kv_grid, grid, taps)
     torch.testing.assert_close(out, ref, atol=1e-7, rtol=1e-5)
     m = out.view(3, *grid)
     for side, (i, o) in enumerate(zip(kv_grid, grid)):
-        t0, t1, _ = ev.upsample_taps(i, o)
+        t0, t1, _ = ev_rows.upsample_taps(i, o)
         same = (t0 == t1).nonzero().flatten()    # clamped at an edge: the source value itself
         if len(same) > 1:
             a, b = m.select(side + 1, int(same[0])), m.select(side + 1, int(same[1]))

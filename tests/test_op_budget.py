@@ -32,7 +32,7 @@ from evoplug.errors import EvoplugError
 #: reselect_every=1; audit V5 of the thirty-seventh session); "matmul": the logits' form of eager mode on
 #: a GPU, 2 ops more per row (docs/gpu.md "The global-query logits": fewer bytes moved, measured
 #: faster there); "cpu": what a CPU runs by default, the product and rows copied by
-#: ``index_select`` (4 ops more per row copy, several times faster there: evolve._ROW_SELECT)
+#: ``index_select`` (4 ops more per row copy, several times faster there: gather._ROW_SELECT)
 BUDGETS = [
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=1), "product", 26),
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=4), "product", 13.2),
@@ -40,8 +40,8 @@ BUDGETS = [
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=4), "matmul", 15.4),
     # the map models take the representative token's position: 8 ops more per selection since
     # the twenty-first session for a place that does not follow the batch (evolve._rep_position),
-    # 5 since the twenty-second; windowed rows read by slot (evolve.window_row): 5 ops fewer;
-    # rows of a reduced map upsampled by two lerps (exact ties, evolve.upsample_row): 5 ops more;
+    # 5 since the twenty-second; windowed rows read by slot (rows.window_row): 5 ops fewer;
+    # rows of a reduced map upsampled by two lerps (exact ties, rows.upsample_row): 5 ops more;
     # near-ties at the cut taken as ties where rows are upsampled (evolve._ties_at_cut): 6 more
     ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "product", 57.5),
     ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "matmul", 57.5),  # explicit maps: no logits
@@ -97,12 +97,13 @@ def _converted(name, kwargs, size, opts):
 @pytest.fixture
 def logits_form(monkeypatch):
     """Sets the form of the global-query logits and of the row copies
-    (evoplug.runtime.evolve._MATMUL_LOGITS, _ROW_SELECT)."""
-    from evoplug.runtime import evolve
+    (evoplug.runtime.rows._MATMUL_LOGITS, gather._ROW_SELECT)."""
+    from evoplug.runtime import gather as ev_gather
+    from evoplug.runtime import rows as ev_rows
 
     def set_form(form):
-        monkeypatch.setattr(evolve, "_MATMUL_LOGITS", form == "matmul")
-        monkeypatch.setattr(evolve, "_ROW_SELECT", form == "cpu")
+        monkeypatch.setattr(ev_rows, "_MATMUL_LOGITS", form == "matmul")
+        monkeypatch.setattr(ev_gather, "_ROW_SELECT", form == "cpu")
     return set_form
 
 

@@ -11,6 +11,8 @@ from torch import nn
 
 import evoplug
 from evoplug.runtime import evolve as ev
+from evoplug.runtime import gather as ev_gather
+from evoplug.runtime import rows as ev_rows
 from models import peaky_weights
 from plain_vit import Layer
 from test_sam import _block_on_subset, _embed, tiny_sam
@@ -143,7 +145,7 @@ def test_to_canvas_puts_tokens_at_their_places_and_the_representative_elsewhere(
     B, M, n, C = 3, 12, 5, 4
     pos = torch.stack([torch.randperm(M)[:n] for _ in range(B)])
     t = torch.randn(B, n, C)
-    canvas = ev.to_canvas(t if dim == 1 else t.transpose(1, 2), pos, M, dim)
+    canvas = ev_gather.to_canvas(t if dim == 1 else t.transpose(1, 2), pos, M, dim)
     canvas = canvas if dim == 1 else canvas.transpose(1, 2)
     assert canvas.shape == (B, M, C)
     for b in range(B):
@@ -151,7 +153,7 @@ def test_to_canvas_puts_tokens_at_their_places_and_the_representative_elsewhere(
             where = (pos[b] == m).nonzero()
             want = t[b, where[0, 0]] if len(where) else t[b, -1]
             assert torch.equal(canvas[b, m], want)
-    assert ev.to_canvas(t, None, M, 1) is t
+    assert ev_gather.to_canvas(t, None, M, 1) is t
 
 
 def test_swin_windowed_map_blocks_evolve():
@@ -203,11 +205,11 @@ def test_window_row_maps_window_slots_to_tokens():
     # 2x2 map, two windows of 2 slots plus one padded slot each: slots hold tokens 1,3 | 0,2
     index = torch.tensor([2, 4, 0, 1, 3, 0])          # token + 1, 0 = padding
     row = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.6, 0.3]]).repeat(2, 1)   # batch 2
-    g = ev.window_row(row, index, 4)
+    g = ev_rows.window_row(row, index, 4)
     expect = torch.tensor([0.1, 0.5, 0.6, 0.3])
     assert torch.allclose(g, (expect / expect.sum()).expand(2, 1, 4))
     with pytest.raises(ValueError, match="example input of this size"):
-        ev.window_row(torch.ones(2, 5), index, 4)
+        ev_rows.window_row(torch.ones(2, 5), index, 4)
 
 
 def _mm_swin(**kw):

@@ -1393,7 +1393,7 @@ def test_forward_mode_derivatives_agree_with_backward():
 def test_vmap_over_a_converted_swin_gives_the_batched_outputs():
     """``torch.func.vmap`` over a converted Swin (per image) crashed with functorch's error on
     an in-place scatter of batched positions into the unbatched window canvas
-    (``evolve.to_canvas``); now it gives the batched forward's outputs."""
+    (``gather.to_canvas``); now it gives the batched forward's outputs."""
     import warnings
     from timm.models.swin_transformer import SwinTransformer
     torch.manual_seed(0)

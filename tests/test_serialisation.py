@@ -167,3 +167,29 @@ def test_the_report_and_its_parts_have_a_short_repr_and_compare_by_identity():
     assert repr(report.blocks[1].analysis).startswith("BlockAnalysis('blocks.1'")
     assert report == report and {report: 1}[report] == 1
     assert pickle.loads(pickle.dumps(report)) != report
+
+
+def test_a_pickle_whose_programs_import_from_evolve_still_loads():
+    """Until the forty-fifth session the attention rows and the functions a program calls with
+    its tokens' places lived in runtime/evolve.py, so a whole model pickled then has programs
+    that import them from there (``from evoplug.runtime.evolve import to_canvas``); they moved to
+    runtime/rows.py and runtime/gather.py, and evolve.py still hands them out. Its private
+    settings are not (setting one there would change nothing)."""
+    from evoplug.runtime import evolve
+    from evoplug.runtime.programs import compile_program
+    model, fast, x = _convert("pvt_v2_b0")
+    with torch.no_grad():
+        want = fast(x)
+    moved = 0
+    for spec in evoplug.get_report(fast).blocks:
+        for mode, program in spec.programs.items():
+            src = program.__evoplug_source__
+            old = src.replace("evoplug.runtime.rows", "evoplug.runtime.evolve").replace(
+                "evoplug.runtime.gather", "evoplug.runtime.evolve")
+            moved += old != src
+            spec.programs[mode] = compile_program(old)
+    assert moved > 0             # (pvt_v2_b0's programs call to_canvas and upsample_row)
+    loaded = pickle.loads(pickle.dumps(fast))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), want)
+    assert not hasattr(evolve, "_MATMUL_LOGITS") and not hasattr(evolve, "_ROW_SELECT")

@@ -234,7 +234,7 @@ def _masked_per_query(gm: fx.GraphModule, site: AttentionSite, feed, a: BlockAna
     calibration (a causal or block-diagonal mask: entries at or below half the dtype's lowest
     value, -inf included). The mean of such rows is no mask of the mean query (it masks every
     key any patch query cannot see, or overflows to NaN): the runtime then averages each key's
-    unmasked entries (evolve._masked_row_mean)."""
+    unmasked entries (runtime/rows.py _masked_row_mean)."""
     if site.kind == "softmax":
         node = site.logits
     else:     # (nn.MultiheadAttention's bool mask: True masks)

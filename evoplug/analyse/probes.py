@@ -13,7 +13,7 @@ from torch import nn
 
 from ..copies import copy_model
 from ..errors import AnalysisError
-from ..runtime.block import gather_extras
+from ..runtime.gather import gather_extras
 from .attention import attention_output, find_attention
 from .discover import token_output
 from .graph import shape_of
@@ -208,7 +208,7 @@ def check_count_free_program(a: BlockAnalysis, build: Callable, gm: Optional[fx.
         P, S = a.num_prefix, a.num_suffix
         pos = _count_subset(B, N, P, S, x.device)
         # the dense reference sees what the subset's maps see: every patch not in the subset
-        # holds the subset's last token (ev.to_canvas), the same through the token-wise ops
+        # holds the subset's last token (runtime/gather.py to_canvas), the same through the token-wise ops
         others = torch.ones(N, dtype=torch.bool, device=x.device)
         others[pos[0]] = False
         x = torch.where(others[:, None], x[:, pos[0, -1]][:, None], x)

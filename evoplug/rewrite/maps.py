@@ -18,7 +18,9 @@ from ..analyse.graph import (ancestors, rolls, is_add, is_matmul, is_reshape, is
 from ..analyse.grid import find_grid_ops
 from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
 from ..errors import AnalysisError
-from ..runtime import evolve as ev
+from ..runtime.gather import (first_not_none, from_canvas, from_canvas_map, from_stream_map,
+                              full_canvas, gather_pair_term, map_fast_base, stream_fast_base,
+                              to_canvas, tokens_to_map, without_stat_update)
 from .context import Rewrite, describe, is_size_value, op_name
 
 
@@ -50,7 +52,7 @@ def map_operations(rw: Rewrite):
         _gather_map_terms(rw)
 
 
-_CANVASES = (ev.to_canvas, ev.full_canvas)
+_CANVASES = (to_canvas, full_canvas)
 
 
 def _gather_map_terms(rw: Rewrite):
@@ -76,11 +78,11 @@ def _gather_map_terms(rw: Rewrite):
                 n.op == "call_function" and n.target in _CANVASES for n in ancestors(term)):
             continue
         describe(rw.a, None, f"term `{term.name}` on the logits, computed from the queries on "
-                              "the map -> the subset's queries on the map, gathered to its pairs")
+                 "the map -> the subset's queries on the map, gathered to its pairs")
         term = _sized_on_the_map(graph, term)
         consumers = list(term.users)
         with graph.inserting_after(term):
-            gathered = graph.call_function(ev.gather_pair_term, (term, rw.pos))
+            gathered = graph.call_function(gather_pair_term, (term, rw.pos))
         for u in consumers:
             u.replace_input_with(term, gathered)
 
@@ -126,10 +128,10 @@ def _to_map(rw: Rewrite, node: fx.Node, dim):
                                        "place of the others, not from the full map")
     with graph.inserting_before(node):
         if src_full is not None:
-            canvas = graph.call_function(ev.full_canvas, (src, src_full, rw.pos))
+            canvas = graph.call_function(full_canvas, (src, src_full, rw.pos))
         else:
             M = rw.a.grid[0] * rw.a.grid[1]
-            canvas = graph.call_function(ev.to_canvas, (src, rw.pos, M, dim))
+            canvas = graph.call_function(to_canvas, (src, rw.pos, M, dim))
     node.replace_input_with(src, canvas)
     if layout == "seq" and node.op == "call_method":
         # the cut's sizes are the full sequence's (Hiera computes its window count from the
@@ -157,18 +159,18 @@ def _from_map(rw: Rewrite, node: fx.Node, dim, on_stream: bool):
         return
     with graph.inserting_after(node):
         if on_stream:
-            back = graph.call_function(ev.from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
-                                                            rw.stream_in, rw.stream_full))
+            back = graph.call_function(from_stream_map, (node.args[0], rw.pos, tok_dim, layout,
+                                                         rw.stream_in, rw.stream_full))
             with graph.inserting_after(back):
-                rw.fast_base = graph.call_function(ev.map_fast_base, (node.args[0], back, rw.pos,
-                                                                      tok_dim, layout))
+                rw.fast_base = graph.call_function(map_fast_base, (node.args[0], back, rw.pos,
+                                                                   tok_dim, layout))
         else:
             if a.windowed and not a.token_map and tok_dim == 1 and rw.site.node in ancestors(node):
                 path = _branch_to_residual(graph, node, rw.stream_in)
             back, replaced = _subset_tokens(rw, node) if path is None else (None, [])
             if back is None:
                 where = None if path is not None else rw.pos
-                back = graph.call_function(ev.from_canvas_map, (node.args[0], where, tok_dim, layout))
+                back = graph.call_function(from_canvas_map, (node.args[0], where, tok_dim, layout))
     source = node.args[0]
     node.replace_all_uses_with(back)
     graph.erase_node(node)
@@ -184,7 +186,7 @@ def _from_map(rw: Rewrite, node: fx.Node, dim, on_stream: bool):
 def _reads_the_input(rw: Rewrite, node: fx.Node, dim) -> bool:
     """``node`` is a (B, H, W, C) -> (B, H * W, C) view of the block's entry map itself."""
     src, shape, entry = node.args[0], shape_of(node), shape_of(rw.root)
-    return src is rw.root and rw.root.op == "call_function" and rw.root.target is ev.tokens_to_map \
+    return src is rw.root and rw.root.op == "call_function" and rw.root.target is tokens_to_map \
         and dim == (1, "cl") and shape is not None and entry is not None and len(entry) == 4 \
         and tuple(shape) == (entry[0], entry[1] * entry[2], entry[3])
 
@@ -216,8 +218,8 @@ def _subset_tokens(rw: Rewrite, node: fx.Node):
                                     "always_partition=True); evoplug takes a single window's tokens "
                                     "in the map's own order, so it cannot place the kept ones")
     describe(a, f"2-D map op at `{node.name}` -> read back at the kept tokens",
-              f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
-              "before it re-run on them)")
+             f"2-D map op at `{node.name}` -> the subset's own tokens (the token-wise ops "
+             "before it re-run on them)")
     graph, prev = rw.graph, rw.token
     for op, main in reversed(chain):
         if not _is_move(op):        # (the subset's tokens are in token form already)
@@ -288,7 +290,7 @@ def _running_stats(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _can_run_again(gm: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` can run a second time in a forward, on other tokens, without moving
-    running statistics twice: ev.without_stat_update takes a module and its one input."""
+    running statistics twice: without_stat_update takes a module and its one input."""
     return not _running_stats(gm, node) or (len(node.args) == 1 and not node.kwargs)
 
 
@@ -302,7 +304,7 @@ def _run_again(graph: fx.Graph, node: fx.Node, anchor: fx.Node, arg: fx.Node,
         with graph.inserting_after(anchor):
             module = graph.get_attr(node.target)
         with graph.inserting_after(module):
-            return graph.call_function(ev.without_stat_update, (module, arg))
+            return graph.call_function(without_stat_update, (module, arg))
     with graph.inserting_after(anchor):
         return graph.node_copy(node, lambda n: arg if n is old else n)
 
@@ -424,10 +426,10 @@ def _exact_window_update(graph: fx.Graph, path, token: fx.Node, full: fx.Node, p
     chain, add = path
     last = chain[-1] if chain else next(v for v in add.args[:2] if v is not token)
     with graph.inserting_after(last):
-        sub = graph.call_function(ev.from_canvas, (last, pos, 1))
+        sub = graph.call_function(from_canvas, (last, pos, 1))
     add.replace_input_with(last, sub)
     with graph.inserting_after(add):
-        return graph.call_function(ev.stream_fast_base, (full, last, add, pos))
+        return graph.call_function(stream_fast_base, (full, last, add, pos))
 
 
 def _map_block_output(a: BlockAnalysis, graph: fx.Graph, grid_ops):
@@ -502,7 +504,7 @@ def _clone_token_wise_chain(graph: fx.Graph, src: fx.Node, token: fx.Node, full:
     if src.op == "placeholder":      # the map is the tokens themselves (Swinv2: post-norm)
         after = [n for n in graph.nodes if n.op == "placeholder"][-1]
     with graph.inserting_after(after):
-        whole = prev = graph.call_function(ev.first_not_none, (full, token))   # dense runs: the tokens
+        whole = prev = graph.call_function(first_not_none, (full, token))   # dense runs: the tokens
     for node, main in reversed(chain):
         arg, prev = prev, _run_again(graph, node, prev, prev, main)
         _read_on_whole(graph, prev, arg, token, whole)

@@ -16,7 +16,8 @@ from ..analyse.block import BlockAnalysis
 from ..analyse.graph import (ancestors, ancestors_with_writes, is_size_query, shape_of,
                              token_size_queries, token_wise_of, writes_in_place)
 from ..errors import AnalysisError
-from ..runtime import evolve as ev
+from ..runtime.gather import (first_not_none, gather_aligned, gather_pair_bias, patch_positions,
+                              sized_as_full)
 from .context import Rewrite, describe, is_size_value, op_name
 
 
@@ -40,8 +41,8 @@ def position_terms(rw: Rewrite):
         rw.lined.append(name)
         shape = rw.a.extra_shapes.get(name)
         describe(rw.a, f"argument `{name}` {shape} -> gathered by token index",
-                  f"argument `{name}` {shape} on the attention logits -> gathered where the block "
-                  f"lines it up with them (`{node.name}`)")
+                 f"argument `{name}` {shape} on the attention logits -> gathered where the block "
+                 f"lines it up with them (`{node.name}`)")
 
 
 def _sized_from_full(rw: Rewrite, term: fx.Node):
@@ -51,7 +52,7 @@ def _sized_from_full(rw: Rewrite, term: fx.Node):
     if sizes:
         last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
         with rw.graph.inserting_after(last):
-            whole = rw.graph.call_function(ev.first_not_none, (rw.full, rw.token))
+            whole = rw.graph.call_function(first_not_none, (rw.full, rw.token))
         _size_bias_from(rw.graph, term, sizes, whole, rw.token)
 
 
@@ -88,7 +89,7 @@ def _gather_term(rw: Rewrite, term: fx.Node, heads: tuple):
     writes = [u for u in term.users if writes_in_place(u) and u.args[0] is term]
     consumers = [u for u in term.users if u not in writes]
     with rw.graph.inserting_after(max([term] + writes, key=list(rw.graph.nodes).index)):
-        gathered = rw.graph.call_function(ev.gather_pair_bias, (term, rw.pos) + heads)
+        gathered = rw.graph.call_function(gather_pair_bias, (term, rw.pos) + heads)
     for u in consumers:
         u.replace_input_with(term, gathered)
 
@@ -115,7 +116,7 @@ def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole:
     the q/k/v reshapes of the subset) keep the subset's sizes (audit H3). A query that others
     are read from (``x.dtype`` in ``norm1(x).to(x.dtype).shape``) stays: the outer one reads
     ``whole``. A query of a tensor of another width or dtype than the tokens (``qkv(x).shape``)
-    reads a stand-in of it with the full input's token count (``ev.sized_as_full``). The
+    reads a stand-in of it with the full input's token count (``sized_as_full``). The
     in-place writes into a copied tensor (``dist = table[:n, :n].clone(); dist[0, :] = 0``) are
     copied with it, and a tensor written at a place read from the sizes (``t[n - 1] = 0``) is
     copied with the write: until audit H2 of the forty-fourth session the writes went into the
@@ -133,7 +134,7 @@ def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole:
             read = n.args[0]
             if shape_of(read) != shape_of(token) or _dtype(read) != _dtype(token):
                 with graph.inserting_before(copies[n]):
-                    copies[n].replace_input_with(read, graph.call_function(ev.sized_as_full, (read, whole)))
+                    copies[n].replace_input_with(read, graph.call_function(sized_as_full, (read, whole)))
             else:
                 copies[n].replace_input_with(read, whole)
     for u in list(path) + [bias]:
@@ -340,8 +341,8 @@ def whole_token_args(rw: Rewrite):
         _gather_lined_up(rw, node, pad, list(val.shape).index(size), size < N)
         whole.append(name)
         describe(a, f"argument `{name}` {shape} -> gathered by token index",
-                  f"argument `{name}` {shape} -> gathered where the block "
-                  f"lines it up with the tokens (`{node.name}`)")
+                 f"argument `{name}` {shape} -> gathered where the block "
+                 f"lines it up with the tokens (`{node.name}`)")
     a.whole_args += tuple(whole)
 
 
@@ -358,8 +359,8 @@ def _gather_lined_up(rw: Rewrite, node: fx.Node, pad: int, dim: int, patches: bo
     pos = rw.pos
     if patches:
         with graph.inserting_after(after):
-            after = pos = graph.call_function(ev.patch_positions, (rw.pos, rw.a.num_prefix, rw.a.num_suffix))
+            after = pos = graph.call_function(patch_positions, (rw.pos, rw.a.num_prefix, rw.a.num_suffix))
     with graph.inserting_after(after):
-        gathered = graph.call_function(ev.gather_aligned, (lined, pos, dim))
+        gathered = graph.call_function(gather_aligned, (lined, pos, dim))
     for u in users:
         u.replace_input_with(node, gathered)

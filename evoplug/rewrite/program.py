@@ -52,7 +52,7 @@ from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.trace import mark_batch_specialised, set_by_forward, trace_block
 from ..errors import AnalysisError
-from ..runtime import evolve as ev
+from ..runtime.gather import first_not_none, in_evolving_run, skip_fast_base, tokens_to_map
 from ..runtime.programs import compile_program
 from .context import Rewrite
 from .maps import map_operations
@@ -98,7 +98,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     # the submodules the program calls by path on the live block (what they compute, and
     # what replaces them, is read at run time: not part of what runtime/block.py checks)
     a.leaf_paths = tuple(sorted(set(a.leaf_paths) | {n.target for n in gm.graph.nodes
-                                                       if n.op == "call_module"}))
+                                                     if n.op == "call_module"}))
     return _as_program(a, gm)
 
 
@@ -128,12 +128,12 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> Rewrite:
     root = token
     if a.token_map:
         with graph.inserting_after(full):
-            root = graph.call_function(ev.tokens_to_map, (token, full, a.grid[0], a.grid[1]))
+            root = graph.call_function(tokens_to_map, (token, full, a.grid[0], a.grid[1]))
         if "tensor_meta" in token.meta:     # (the map's shape: a view of it may be the first op)
             root.meta["tensor_meta"] = token.meta["tensor_meta"]
         token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
     rw = Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
-                  root if a.token_map else full)
+                 root if a.token_map else full)
     rw.stream_in, rw.stream_full = token, full
     return rw
 
@@ -160,8 +160,8 @@ def _stream_head(rw: Rewrite):
         return
     path = [head[0].all_input_nodes[0]] + head
     with graph.inserting_before(head[-1].next):
-        whole = graph.call_function(ev.first_not_none, (rw.full, rw.token))
-        rw.stream_full = graph.call_function(ev.in_evolving_run, (rw.full, clone_path(graph, path, whole)))
+        whole = graph.call_function(first_not_none, (rw.full, rw.token))
+        rw.stream_full = graph.call_function(in_evolving_run, (rw.full, clone_path(graph, path, whole)))
         if a.token_map:     # (the head runs on the entry map: the subset's own tokens get theirs)
             rw.stream_in = clone_path(graph, path, rw.token)
     if not a.token_map:
@@ -191,10 +191,10 @@ def _skip_fast_base(rw: Rewrite):
     if path is None:
         return
     with graph.inserting_before(out_node):
-        z = graph.call_function(ev.first_not_none, (rw.full, rw.token))
+        z = graph.call_function(first_not_none, (rw.full, rw.token))
         rep = graph.call_function(operator.getitem, (rw.token, (slice(None), slice(-1, None))))
         s_full, s_rep = clone_path(graph, path, z), clone_path(graph, path, rep)
-        rw.fast_base = graph.call_function(ev.skip_fast_base, (s_full, s_rep, rw.pos, rw.full))
+        rw.fast_base = graph.call_function(skip_fast_base, (s_full, s_rep, rw.pos, rw.full))
 
 
 def _outputs(rw: Rewrite):

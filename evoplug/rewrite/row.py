@@ -12,7 +12,9 @@ from ..analyse.attention import AttentionSite, sdpa_arg
 from ..analyse.block import BlockAnalysis
 from ..analyse.graph import ancestors, is_reshape, module_of, shape_of
 from ..errors import AnalysisError
-from ..runtime import evolve as ev
+from ..runtime.rows import (logits_query_row, mha_attn_mask, mha_query_row, patch_span,
+                            probs_query_row, sdpa_query_row, upsample_row, upsample_taps,
+                            window_logits_row, window_row, window_sdpa_row, window_slots)
 from .context import Rewrite
 
 
@@ -33,7 +35,7 @@ def global_row(rw: Rewrite):
     P, cls_query = a.num_prefix, a.global_query == "cls"
     if a.num_suffix and not cls_query:    # the mean query's patches: between the special tokens
         with graph.inserting_after(rw.full):
-            P = graph.call_function(ev.patch_span, (a.num_prefix, a.num_suffix, rw.pos))
+            P = graph.call_function(patch_span, (a.num_prefix, a.num_suffix, rw.pos))
     with graph.inserting_after(site.node):
         if a.windowed:
             row = _window_row(a, rw.gm, site)
@@ -42,15 +44,15 @@ def global_row(rw: Rewrite):
             flags = {"masked": True} if a.row_masked else {}
             if not _argument_reaches(a, site.logits):    # no mask among the block's arguments
                 flags["padded"] = False
-            row = graph.call_function(ev.probs_query_row, (site.node, P) + extra) if cls_query else \
-                graph.call_function(ev.logits_query_row, (site.logits, P) + extra, flags)
+            row = graph.call_function(probs_query_row, (site.node, P) + extra) if cls_query else \
+                graph.call_function(logits_query_row, (site.logits, P) + extra, flags)
         elif site.kind == "sdpa":
             mask = sdpa_arg(site.node, 3, "attn_mask")
             flags = {"masked": True} if a.row_masked and not cls_query else {}
             if not _argument_reaches(a, mask):
                 flags["padded"] = False
-            row = graph.call_function(ev.sdpa_query_row, (site.q, site.k, mask, site.scale, P,
-                                                          cls_query) + _images_if_heads_merged(rw),
+            row = graph.call_function(sdpa_query_row, (site.q, site.k, mask, site.scale, P,
+                                                       cls_query) + _images_if_heads_merged(rw),
                                       flags)
         else:
             row = _mha_row(rw, P, cls_query)
@@ -65,14 +67,14 @@ def _mha_arg(node: fx.Node, index: int, name: str):
 
 def _mha_row(rw: Rewrite, P, cls_query: bool) -> fx.Node:
     """nn.MultiheadAttention's global row, with its masks as the module takes them; an
-    ``attn_mask`` gathered for the subset ((B, 1, n, n), :func:`ev.gather_pair_bias`) goes to
+    ``attn_mask`` gathered for the subset ((B, 1, n, n), :func:`gather_pair_bias`) goes to
     the module as (B * heads, n, n)."""
     graph, site = rw.graph, rw.site
     mha_module = module_of(rw.gm, site.node)
     mask = _mha_arg(site.node, 5, "attn_mask")
     if isinstance(mask, fx.Node):
         with graph.inserting_before(site.node):
-            mask = graph.call_function(ev.mha_attn_mask, (mask, mha_module.num_heads))
+            mask = graph.call_function(mha_attn_mask, (mask, mha_module.num_heads))
         if "attn_mask" in site.node.kwargs:
             site.node.update_kwarg("attn_mask", mask)
         else:
@@ -80,8 +82,8 @@ def _mha_row(rw: Rewrite, P, cls_query: bool) -> fx.Node:
     with graph.inserting_before(site.node):
         mha = graph.get_attr(site.node.target)
     flags = {"masked": True} if rw.a.row_masked and not cls_query else {}
-    return graph.call_function(ev.mha_query_row, (mha, site.q, site.k, mask, P, cls_query,
-                                                  _mha_arg(site.node, 3, "key_padding_mask")), flags)
+    return graph.call_function(mha_query_row, (mha, site.q, site.k, mask, P, cls_query,
+                                               _mha_arg(site.node, 3, "key_padding_mask")), flags)
 
 
 def _constant_buffer(a: BlockAnalysis, gm: fx.GraphModule, name: str, value: torch.Tensor):
@@ -93,7 +95,7 @@ def _constant_buffer(a: BlockAnalysis, gm: fx.GraphModule, name: str, value: tor
 
 
 def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
-    """The row over the reduced map's keys spread onto the tokens (:func:`ev.upsample_row`),
+    """The row over the reduced map's keys spread onto the tokens (:func:`upsample_row`),
     with its bilinear taps made once here as buffers."""
     graph = gm.graph
     try:
@@ -102,7 +104,7 @@ def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
         device = None
     names = []
     for side, (size_in, size_out) in enumerate(zip(a.kv_grid, a.grid)):
-        taps = ev.upsample_taps(size_in, size_out, device)
+        taps = upsample_taps(size_in, size_out, device)
         if side == 0:
             taps = (taps[0], taps[1], taps[2].unsqueeze(1))    # rows: weights (h, 1)
         for part, t in zip(("first", "second", "weight"), taps):
@@ -113,7 +115,7 @@ def _upsampled(a: BlockAnalysis, gm: fx.GraphModule, row: fx.Node) -> fx.Node:
         nodes = [graph.get_attr(n) for n in names]
     with graph.inserting_after(row):
         taps = (tuple(nodes[:3]), tuple(nodes[3:]))
-        return graph.call_function(ev.upsample_row, (row, a.kv_grid, a.grid, taps))
+        return graph.call_function(upsample_row, (row, a.kv_grid, a.grid, taps))
 
 
 def _images_if_heads_merged(rw: Rewrite) -> tuple:
@@ -163,17 +165,17 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
         return None
     graph = gm.graph
     _constant_buffer(a, gm, "_evo_window_index", a.window_index)
-    slots = ev.window_slots(a.window_index, a.num_tokens)     # windows partition the map
+    slots = window_slots(a.window_index, a.num_tokens)     # windows partition the map
     if slots is not None:
         _constant_buffer(a, gm, "_evo_window_slots", slots)
     heads, folded = a.window_head_dims, a.window_heads_folded
     with graph.inserting_after(site.node):
         if site.kind == "softmax":
-            per_window = graph.call_function(ev.window_logits_row, (site.logits, heads, folded))
+            per_window = graph.call_function(window_logits_row, (site.logits, heads, folded))
         else:
             mask = sdpa_arg(site.node, 3, "attn_mask")
-            per_window = graph.call_function(ev.window_sdpa_row, (site.q, site.k, mask, site.scale,
-                                                                  heads, folded))
+            per_window = graph.call_function(window_sdpa_row, (site.q, site.k, mask, site.scale,
+                                                               heads, folded))
     with graph.inserting_after(per_window):
         index = graph.get_attr("_evo_window_index")
     last = index
@@ -181,5 +183,5 @@ def _window_row(a: BlockAnalysis, gm: fx.GraphModule, site: AttentionSite):
         with graph.inserting_after(index):
             last = graph.get_attr("_evo_window_slots")
     with graph.inserting_after(last):
-        return graph.call_function(ev.window_row, (per_window, index, a.num_tokens,
-                                                   None if slots is None else last))
+        return graph.call_function(window_row, (per_window, index, a.num_tokens,
+                                                None if slots is None else last))

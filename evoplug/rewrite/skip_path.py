@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ..analyse.graph import is_add
 from ..analyse.residual import is_call, scales
-from ..runtime import evolve as ev
+from ..runtime.gather import without_stat_update
 
 _SUBS = {operator.sub, operator.isub, torch.sub}
 _SAME_VALUES = {"contiguous", "clone", "float", "to", "type_as"}
@@ -117,7 +117,7 @@ def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
         elif n.op == "call_module" and _running_stats(graph.owning_module, n.target):
             # (a BatchNorm's running statistics move once, in the block's own run of it)
             module = graph.get_attr(n.target)
-            done[n] = graph.call_function(ev.without_stat_update, (module, done[n.args[0]]))
+            done[n] = graph.call_function(without_stat_update, (module, done[n.args[0]]))
         elif n.op == "call_module":
             done[n] = graph.call_module(n.target, (done[n.args[0]],))
         else:

@@ -23,6 +23,7 @@ from torch import nn
 from ..errors import EvoplugError
 from ..options import EvoOptions, read_trade_off
 from . import evolve as ev
+from .gather import gather_extras
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
 from .twins import bind, check_suffix_count, following, size_twin
@@ -575,54 +576,6 @@ def _recomputed_state(spec: BlockSpec, rt: EvoRuntime, x: torch.Tensor, role: st
             "set_grad_checkpointing, torch.utils.checkpoint around converted blocks), or "
             "convert with keep_ratio=1.0 for this run")
     return state
-
-
-def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=(),
-                  batched=(), shapes=None):
-    """The block's other tensor arguments for a subset run: each gathered (:func:`gather_extra`)
-    but those the program gathers itself (``whole``); ``batched``: the names of those whose
-    first dim was the batch at calibration. An argument whose first dim was 1 there (one
-    calibration image: read as one table for all) and is the batch now (``shapes``: the
-    calibration's) holds one per image: gathered so (a mask made from integer ids, which the
-    noise does not reach, was gathered as one table and its (B, N) raised a shape error in the
-    block; audit of the twenty-ninth session)."""
-    B = pos.shape[0] if pos is not None else 1     # (None: every token, in order)
-    grown = () if B == 1 or not shapes else tuple(
-        n for n, t in extras.items() if n not in batched and isinstance(t, torch.Tensor) and
-        t.dim() >= 2 and t.shape[0] == B and
-        len(shapes.get(n, ())) == t.dim() and shapes[n][0] == 1)
-    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched or n in grown)
-            for n, t in extras.items()}
-
-
-def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int,
-                 S: int = 0, batched: bool = False):
-    """Other tensor arguments of the block follow the selected tokens: a trailing (N, N) pair
-    (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
-    size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
-    subset's P + S special tokens come first)."""
-    if batched and t.dim() == 3 and t.shape[-2:] == (N, N):
-        # a pair term per image (B, N, N): gathered image by image (taken for (1, heads, N, N),
-        # it came out (B, B, n, n), a raw shape error in the probes; audit Q5 of the
-        # twenty-eighth session)
-        return ev.gather_pair_bias(t.unsqueeze(1), pos).squeeze(1)
-    if (t.dim() >= 2 and t.shape[-2:] == (N, N)) or (t.dim() == 4 and t.shape[-2:] in ((1, N), (N, 1))):
-        # (a key mask (B or 1, 1, 1, N) too: gathered per token it came out of rank 5, a shape
-        # error in the program after a twin analysed on a (1, 1, N, N) mask; audit S of the
-        # twenty-fifth session)
-        return ev.gather_pair_bias(t, pos)
-    first = 1 if batched and t.shape[0] in (1, pos.shape[0]) else 0    # (not the batch dim)
-    for dim, size in enumerate(t.shape[first:], first):
-        if size == N:
-            return ev.gather_token_arg(t, pos, dim, batched)
-    for dim, size in enumerate(t.shape[first:], first):
-        if size == N - P - S:
-            return ev.gather_token_arg(t, pos[:, P + S:] - P, dim, batched)
-    # no token dim: one value per image or for all (DiT's adaLN conditioning (B, C)), the same
-    # for every token of an image and for a subset of them (refused until the twenty-eighth
-    # session; the analysis' probes run the subset with it)
-    return t
-
 
 
 #: converted classes by original class, while a converted block holds one: a parametrized

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pre_hooks,
-                                      _global_forward_hooks, _global_forward_pre_hooks)
+                                     _global_forward_hooks, _global_forward_pre_hooks)
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 

@@ -20,7 +20,7 @@ from .state import EvoState, _in_backward
 
 
 def bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
-          state: Optional[EvoState] = None):
+         state: Optional[EvoState] = None):
     """The token input and other tensor arguments of a call that runs the program, after
     checking that nothing it traced changed (:meth:`BlockSpec.changed`); None for a call the
     conversion did not see (DINO's get_last_selfattention passes return_attention=True), which

@@ -1,0 +1,329 @@
+"""What a block's program does with the places of the tokens it runs on: position-dependent
+terms follow the selected tokens (``pos`` (B, n) holds the original index 0..N-1 of every token
+of the subset), 2-D map operations see a full map (a canvas: each token at its place, the
+representative token elsewhere) and are read back at the subset's places, and map or windowed
+blocks hand the fast update the exact stream they computed on every token. They run inside the
+rewritten block graphs (rewrite/positions.py and rewrite/maps.py put them there); ``pos is None``
+is a dense run, which every function passes through unchanged.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+
+
+def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Tensor:
+    """Gather an additive attention term (..., Nq, Nk) to the subset's tokens.
+
+    Used for relative position biases and masks that do not depend on the input tokens. A dim
+    of size 1 broadcasts and is left alone; others are indexed by ``pos``. Result (B, L, n, n)
+    (or with 1 where the input had 1). ``heads`` > 0: the attention merges its ``heads`` into
+    the batch dim (logits (B * heads, N, N); one head with no head dim: ``heads`` 1), and a
+    term (N, N), (1, N, N), (heads, N, N) or (B * heads, N, N) is gathered to (B * heads, n, n)
+    (a 2-D one came out (B, 1, n, n), broadcast against the logits to rank 4, until the
+    forty-first session). ``pos is None`` (dense run) returns the term unchanged.
+    """
+    if pos is None or bias.dim() < 2:
+        return bias
+    B, n = pos.shape
+    R, K = bias.shape[-2], bias.shape[-1]
+    merged = heads > 0 and bias.dim() <= 3
+    if merged:
+        b4 = (bias.reshape(-1, heads, R, K) if bias.dim() == 3 and bias.shape[0] > 1
+              else bias.reshape(1, 1, R, K)).expand(B, heads, R, K)
+    elif bias.dim() == 4 and bias.shape[0] == B and B > 1:
+        b4 = bias
+    else:
+        b4 = bias.reshape(1, -1, R, K).expand(B, -1, -1, -1)
+    L = b4.shape[1]
+    if R != 1:
+        b4 = torch.gather(b4, 2, pos[:, None, :, None].expand(B, L, n, K))
+        R = n
+    if K != 1:
+        b4 = torch.gather(b4, 3, pos[:, None, None, :].expand(B, L, R, n))
+    return b4.reshape(B * heads, R, b4.shape[-1]) if merged else b4
+
+
+def gather_aligned(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
+    """A per-token term lined up with the tokens by the block, ``t`` (1 or B, ..., N, ...) with
+    the token dim ``dim`` (MLCD's rotary cos (1, N, 1, d) against queries (B, N, heads, d); a
+    per-image mask (B, N)), gathered image by image to the subset: (B, ..., n, ...). ``pos is
+    None`` (dense run): ``t``."""
+    if pos is None:
+        return t
+    B, n = pos.shape
+    size = list(t.shape)
+    size[0], size[dim] = B, n
+    index = pos.view(B, *([1] * (dim - 1)), n, *([1] * (t.dim() - dim - 1))).expand(size)
+    return t.expand(B, *t.shape[1:]).gather(dim, index)
+
+
+def patch_positions(pos: Optional[Tensor], num_prefix: int, num_suffix: int) -> Optional[Tensor]:
+    """The places among the patch tokens of a subset's patch tokens (it runs its ``num_prefix``
+    + ``num_suffix`` special tokens first): where a table of the patch tokens only is gathered.
+    ``pos is None`` (dense run): None."""
+    return None if pos is None else pos[:, num_prefix + num_suffix:] - num_prefix
+
+
+def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) -> Tensor:
+    """Gather a per-token tensor argument (e.g. rotary embeddings (M, D)) along ``dim``.
+
+    Returns (B, *t.shape[:dim], n, *t.shape[dim+1:]), padded with singleton dims after the
+    batch to rank 4 so that it broadcasts against (B, heads, n, d) like the original did.
+    ``batched``: the argument's first dim is the batch (a per-image mask or conditioning
+    stream (B, ..., N, ...), as at calibration; or 1, broadcast over the batch): each image's
+    row gathered with its own positions, in the argument's own shape.
+    """
+    if batched and dim >= 1 and t.shape[0] in (1, pos.shape[0]):
+        return gather_aligned(t, pos, dim)
+    out = t.movedim(dim, 0)[pos]            # (B, n, *rest)
+    out = out.movedim(1, dim + 1)
+    while out.dim() < 4:
+        out = out.unsqueeze(1)
+    return out
+
+
+#: how :func:`_take` copies rows: None = by where it runs (``index_select`` of whole rows on a
+#: CPU, ``gather`` elsewhere), True / False = always the one / the other. On a CPU, ``gather``
+#: with its index expanded over the channels reads an index per element: measured on the AMD
+#: EPYC (2 threads, batch 32, docs/benchmarks.md) PVTv2-b1 ran 1.14x with it and 1.26x with
+#: row copies (inference; training step at batch 16: 1.13x and 1.23x), Twins-S 1.17x and 1.23x.
+#: Row copies cost 4 ATen ops more per call (the row offsets): on a GPU in eager mode each op is
+#: host time (issue 12's op budgets count the ``gather`` form), so it keeps ``gather`` there.
+#: Private: tests/test_op_budget.py counts both forms.
+_ROW_SELECT: Optional[bool] = None
+
+
+def _take(t: Tensor, pos: Tensor) -> Tensor:
+    """t (B, N, *rest), pos (B, n) -> (B, n, *rest): t[b, pos[b, i]] (:data:`_ROW_SELECT`)."""
+    B, n = pos.shape
+    N, rest = t.shape[1], t.shape[2:]
+    rows = _ROW_SELECT
+    if rows is None:
+        rows = t.device.type == "cpu"
+    if rows and t.is_contiguous():
+        flat = pos + torch.arange(0, B * N, N, dtype=pos.dtype, device=pos.device).unsqueeze(1)
+        return t.flatten(0, 1).index_select(0, flat.view(-1)).view(B, n, *rest)
+    return t.gather(1, pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest))
+
+
+def _rows_of(pos: Tensor, rows: int) -> Tensor:
+    """``pos`` (B, n) for a tensor whose leading dim is ``rows``: B, or B * r with the images
+    outermost (heads merged into the batch dim, timm's SAM): each image's row repeated r times."""
+    B, n = pos.shape
+    if rows == B:
+        return pos
+    if rows % B:
+        raise ValueError(f"a tensor with {rows} rows for {B} images: not a whole number per image")
+    return pos[:, None].expand(B, rows // B, n).reshape(rows, n)
+
+
+def gather_pair_term(term: Tensor, pos: Optional[Tensor]) -> Tensor:
+    """An additive term on the attention logits computed from the tokens on the full map
+    (the decomposed relative positions of SAM / ViTDet: ``q_i . R[p_i - p_j]``), leading dims
+    image-major (B * heads, M, M) or (B, heads, M, M), to the subset's pairs (..., n, n)."""
+    if pos is None:
+        return term
+    B, n = pos.shape
+    t = term.reshape(B, -1, term.shape[-2], term.shape[-1])
+    L, K = t.shape[1], t.shape[-1]
+    t = t.gather(2, pos[:, None, :, None].expand(B, L, n, K))
+    t = t.gather(3, pos[:, None, None, :].expand(B, L, n, n))
+    return t.reshape(*term.shape[:-2], n, n)
+
+
+def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> Tensor:
+    """Full patch map for a 2-D operation inside a block (depthwise conv, spatial reduction).
+
+    ``t`` holds the subset's n tokens along ``dim``; each goes to its original position, every
+    other position holds the last token of the subset (the representative token), so a
+    convolution over the map sees real neighbours where they were run and the tokens' summary
+    elsewhere. ``pos is None`` (dense run) returns ``t``. No prefix tokens (checked by analysis).
+    """
+    if pos is None:
+        return t
+    t = t.movedim(dim, 1)
+    pos = _rows_of(pos, t.shape[0])
+    B, n = t.shape[:2]
+    # the subset row each map position reads: its own token, else the representative token.
+    # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
+    # (out of place: under torch.func.vmap the positions are batched and the full map is not)
+    src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device).scatter(
+        1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
+    return _take(t, src).movedim(1, dim)
+
+
+def first_not_none(a, b):
+    return b if a is None else a
+
+
+def sized_as_full(t: Tensor, full: Tensor) -> Tensor:
+    """A stand-in of ``t`` (made token by token from the subset's tokens, of another width or
+    dtype: ``qkv(x)``) with the full input's token count, read for its sizes, dtype and device
+    (an expanded scalar: nothing is allocated)."""
+    return t.new_empty(()).expand(t.shape[0], *full.shape[1:-1], t.shape[-1])
+
+
+def in_evolving_run(full: Optional[Tensor], t: Tensor) -> Optional[Tensor]:
+    """``t`` in evolving runs (the block's full input given), None in dense runs."""
+    return None if full is None else t
+
+
+def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
+    """``module(t)`` for a module holding a BatchNorm that also runs on other tokens of the same
+    forward (the block's full input beside the subset): in train mode it normalises ``t`` by the
+    batch's own statistics, as the module does, but leaves the running statistics and the batch
+    count to the run on the subset, so they move once per forward as in the original. A torch
+    BatchNorm itself is run as ``F.batch_norm`` without them (nothing of it changes: threads may
+    share it); a module holding one (timm's ``ConvNorm``) runs on copies of them. A
+    SyncBatchNorm takes this process's statistics here."""
+    norms = [n for n in module.modules()
+             if isinstance(n, _NormBase) and n.training and n.track_running_stats]
+    if not norms:
+        return module(t)        # (eval mode, or no running statistics: nothing moves)
+    if norms == [module] and isinstance(module, _BatchNorm) and \
+            type(module).forward in (_BatchNorm.forward, torch.nn.SyncBatchNorm.forward):
+        return torch.nn.functional.batch_norm(t, None, None, module.weight, module.bias, True, 0.0,
+                                              module.eps)
+    # the run moves copies of the statistics, the module's own are put back untouched (written
+    # back in place, they broke the backward: BatchNorm saves them for it; audit U4)
+    own = [(n, k, n._buffers[k]) for n in norms
+           for k in ("running_mean", "running_var", "num_batches_tracked") if n._buffers.get(k) is not None]
+    for n, k, b in own:
+        n._buffers[k] = b.clone()
+    try:
+        return module(t)
+    finally:
+        for n, k, b in own:
+            n._buffers[k] = b
+
+
+def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:
+    """The exact full map: the block's token-wise ops re-run on its full input (dense run:
+    the tokens themselves)."""
+    return t if pos is None or t_full is None else t_full
+
+
+def from_canvas_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str) -> Tensor:
+    """A 2-D map (B, C, H, W) ('cf') or (B, H, W, C) ('cl'), or windows cut from the token
+    sequence ('seq<k>': dims 1..k are the tokens, the rest channels), back to tokens along
+    ``dim``, read at the subset's positions (all positions for a dense run)."""
+    if layout.startswith("seq"):
+        return from_canvas(t.flatten(1, int(layout[3:])).flatten(2), pos, dim)
+    t = t.flatten(2) if layout == "cf" else t.flatten(1, 2)       # (B, C, M) / (B, M, C)
+    if (layout == "cf") != (dim == 2):
+        t = t.transpose(1, 2)
+    return from_canvas(t, pos, dim)
+
+
+def from_canvas(t: Tensor, pos: Optional[Tensor], dim: int) -> Tensor:
+    """Read a full map (tokens along ``dim``) back at the subset's positions."""
+    if pos is None:
+        return t
+    t = t.movedim(dim, 1)
+    return _take(t, _rows_of(pos, t.shape[0])).movedim(1, dim)
+
+
+def tokens_to_map(t: Tensor, full: Optional[Tensor], height: int, width: int) -> Tensor:
+    """Entry of a block that takes a channels-last map (B, H, W, C) (Swin): the exact full map
+    (the block's whole input, ``full``) in evolving runs; the tokens themselves in dense runs."""
+    src = t if full is None else full
+    return src.reshape(src.shape[0], height, width, src.shape[-1])
+
+
+def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub: Tensor,
+                    full: Optional[Tensor]) -> Tensor:
+    """The residual stream of a map block, computed on the full map, read back at the subset's
+    positions. Each subset token keeps its own stream value: ``+ (sub - full[pos])`` turns the
+    representative token's slot (read at ``rep_pos``) into ``representative + that position's
+    attention residual``; it is zero for the selected tokens."""
+    out = from_canvas_map(t, pos, dim, layout)
+    if pos is None or full is None:
+        return out
+    # sub equals full at every selected position: only the last slot (the representative
+    # token's, when there is one) can differ, so only it is corrected (out is a fresh gather)
+    slot = out.narrow(dim, out.shape[dim] - 1, 1)
+    slot += (sub[:, -1:] - _take(full, pos[:, -1:])).movedim(1, dim)
+    return out
+
+
+def map_fast_base(stream: Tensor, stream_sub: Tensor, pos: Optional[Tensor], dim: int, layout: str):
+    """A map block's windows run on the full map, so every token's attention update is exact:
+    the fast update starts from the full stream after attention (not from the block input) and
+    adds only the representative token's MLP residual. Returns (full stream as tokens (B, N, C),
+    the representative's stream value (B, 1, C)) in evolving runs, None in dense runs."""
+    if pos is None:
+        return None
+    return from_canvas_map(stream, None, dim, layout), stream_sub[:, -1:]
+
+
+def stream_fast_base(full: Optional[Tensor], branch_full: Tensor, stream_sub: Tensor,
+                     pos: Optional[Tensor]):
+    """(B, N, C) blocks with windowed attention (Twins): the attention branch ran on every
+    token, so the fast update starts from ``full + branch_full`` (each token's exact attention
+    update) and adds the representative token's MLP residual. None in dense runs."""
+    if pos is None or full is None:
+        return None
+    return full + branch_full, stream_sub[:, -1:]
+
+
+def skip_fast_base(skip_full: Tensor, skip_rep: Tensor, pos: Optional[Tensor],
+                   full: Optional[Tensor]):
+    """(B, N, C) blocks whose skip path scales the stream (MetaFormer's ResScale ``s * x +
+    f(norm(x))``; rewrite/skip_path.py): the fast update starts from every token's own skip
+    path ``S(x_j)`` and adds the representative token's residual over its own, ``r_after -
+    S(r_before)``. None in dense runs."""
+    if pos is None or full is None:
+        return None
+    return skip_full, skip_rep
+
+
+def gather_extras(block: str, extras, pos: torch.Tensor, N: int, P: int, S: int = 0, whole=(),
+                  batched=(), shapes=None):
+    """The block's other tensor arguments for a subset run: each gathered (:func:`gather_extra`)
+    but those the program gathers itself (``whole``); ``batched``: the names of those whose
+    first dim was the batch at calibration. An argument whose first dim was 1 there (one
+    calibration image: read as one table for all) and is the batch now (``shapes``: the
+    calibration's) holds one per image: gathered so (a mask made from integer ids, which the
+    noise does not reach, was gathered as one table and its (B, N) raised a shape error in the
+    block; audit of the twenty-ninth session)."""
+    B = pos.shape[0] if pos is not None else 1     # (None: every token, in order)
+    grown = () if B == 1 or not shapes else tuple(
+        n for n, t in extras.items() if n not in batched and isinstance(t, torch.Tensor) and
+        t.dim() >= 2 and t.shape[0] == B and
+        len(shapes.get(n, ())) == t.dim() and shapes[n][0] == 1)
+    return {n: t if n in whole else gather_extra(block, n, t, pos, N, P, S, n in batched or n in grown)
+            for n, t in extras.items()}
+
+
+def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: int, P: int,
+                 S: int = 0, batched: bool = False):
+    """Other tensor arguments of the block follow the selected tokens: a trailing (N, N) pair
+    (bias or mask) is gathered on both token dims; a dim of size N by token index; a dim of
+    size M = N - P - S (patch-only terms such as EVA's rotary embedding) by patch index (the
+    subset's P + S special tokens come first)."""
+    if batched and t.dim() == 3 and t.shape[-2:] == (N, N):
+        # a pair term per image (B, N, N): gathered image by image (taken for (1, heads, N, N),
+        # it came out (B, B, n, n), a raw shape error in the probes; audit Q5 of the
+        # twenty-eighth session)
+        return gather_pair_bias(t.unsqueeze(1), pos).squeeze(1)
+    if (t.dim() >= 2 and t.shape[-2:] == (N, N)) or (t.dim() == 4 and t.shape[-2:] in ((1, N), (N, 1))):
+        # (a key mask (B or 1, 1, 1, N) too: gathered per token it came out of rank 5, a shape
+        # error in the program after a twin analysed on a (1, 1, N, N) mask; audit S of the
+        # twenty-fifth session)
+        return gather_pair_bias(t, pos)
+    first = 1 if batched and t.shape[0] in (1, pos.shape[0]) else 0    # (not the batch dim)
+    for dim, size in enumerate(t.shape[first:], first):
+        if size == N:
+            return gather_token_arg(t, pos, dim, batched)
+    for dim, size in enumerate(t.shape[first:], first):
+        if size == N - P - S:
+            return gather_token_arg(t, pos[:, P + S:] - P, dim, batched)
+    # no token dim: one value per image or for all (DiT's adaLN conditioning (B, C)), the same
+    # for every token of an image and for a subset of them (refused until the twenty-eighth
+    # session; the analysis' probes run the subset with it)
+    return t
