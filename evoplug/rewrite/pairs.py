@@ -189,7 +189,7 @@ def _attribute_read(m: nn.Module, name: str, certain: bool, is_parent: bool):
     if is_plain(value):
         return [(m, name)]
     what = "the method or property" if isinstance(value, (property, types.FunctionType,
-                                                         staticmethod, classmethod)) else "the object"
+                                                            staticmethod, classmethod)) else "the object"
     where = "its" if is_parent else f"a submodule's ({type(m).__name__})"
     raise _NotRegrouped(f"its forward reads {where} `{name}`, {what} a traced program would run "
                         "or hold once, as it is now")
