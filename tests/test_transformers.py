@@ -1180,13 +1180,15 @@ def test_a_form_twin_is_converted_on_two_images_of_a_large_batch():
     mask = torch.ones(6, 65, dtype=torch.long)
     mask[4, 41:] = 0
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]).train()
-    seen, convert = [], evoplug.api.convert
+    seen, convert_twin = [], evoplug.variants._convert_twin
 
-    def spy(m, *a, example_input=None, **k):
-        seen.append(example_input)
-        return convert(m, *a, example_input=example_input, **k)
+    def spy(convert, *a, **k):       # (the twin's conversion, and the input it is converted on)
+        def seeing(m, *aa, example_input=None, **kk):
+            seen.append(example_input)
+            return convert(m, *aa, example_input=example_input, **kk)
+        return convert_twin(seeing, *a, **k)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evoplug.api, "convert", spy)
+        mp.setattr(evoplug.variants, "_convert_twin", spy)
         fast(pixel_values=x, attention_mask=mask, labels=y).loss.backward()
     assert all(0 < t < 65 for _, t in evoplug.tokens_per_block(fast)[1:])
     assert len(seen) == 1 and torch.equal(seen[0]["attention_mask"], mask[[0, 4]])
