@@ -159,7 +159,8 @@ class RelBiasBlock(nn.Module):
     ``zeroed``: the class token's pairs of the bias set to 0 by item assignment before the
     bias is laid out (``"setitem"``) or into the term itself (``"setitem_term"``), or by
     ``masked_fill`` (``"masked"``); the last token's rows set so at the place ``n - 1``
-    (``"last"``) or by ``masked_fill`` (``"masked_last"``)."""
+    (``"last"``) or by ``masked_fill`` (``"masked_last"``); by ``zero_()`` on views of it
+    (``"view"``, ``"view_last"``); ``"view_index"``: a row of the index buffer zeroed so."""
 
     def __init__(self, dim=32, heads=4, grid=4, from_index=False, folded=False, shared=False,
                  int_batch=False, upcast=None, norm=nn.LayerNorm, cast_norm=False, sized="x",
@@ -188,6 +189,8 @@ class RelBiasBlock(nn.Module):
         B = int(B) if self.int_batch else B
         q, k, v = qkv.reshape(B, n, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         m = self.idx.shape[0] if self.from_index else n
+        if self.zeroed == "view_index":     # a write into the index buffer itself
+            self.idx[n - 1].zero_()
         bias = self.table[self.idx.view(-1)].view(m, m, -1)
         if self.zeroed == "setitem":
             bias = bias.clone()
@@ -196,6 +199,10 @@ class RelBiasBlock(nn.Module):
         elif self.zeroed == "last":
             bias = bias.clone()
             bias[n - 1, :] = 0
+        elif self.zeroed in ("view", "view_last"):    # through a view of it
+            bias = bias.clone()
+            bias[n - 1 if self.zeroed == "view_last" else 0].zero_()
+            bias[:, 0].zero_() if self.zeroed == "view" else None
         elif self.zeroed in ("masked", "masked_last"):
             at = torch.arange(m) == (0 if self.zeroed == "masked" else m - 1)
             bias = bias.masked_fill((at[:, None] | at[None, :] if self.zeroed == "masked" else at[:, None])[..., None], 0)
@@ -318,6 +325,27 @@ def test_a_position_bias_sized_from_the_token_count_and_written_in_place(zeroed,
     torch.manual_seed(0)
     _written_otherwise(RelBiasViT(from_index=from_index, zeroed=zeroed).eval(),
                        RelBiasViT(from_index=True, zeroed=same).eval())
+
+
+@pytest.mark.parametrize("zeroed,same", [("view", "masked"), ("view_last", "masked_last")])
+def test_a_position_bias_written_in_place_through_a_view(zeroed, same):
+    """``bias = table[idx].view(n, n, -1).clone(); bias[0].zero_(); bias[:, 0].zero_()`` (or
+    ``bias[n - 1].zero_()``): writes into views of a term sized from the token count were not
+    part of its path (only writes into the term itself were, since audit H2 of the forty-fourth
+    session), so the sized copy of the term went without them and every block was refused as
+    "traced program differs from the block" (a known gap of the forty-fourth session, audit A1
+    of the forty-fifth session). They are copied with the term, read the full input's sizes, and the
+    blocks evolve as the same blocks written with ``masked_fill``. A write through a view into
+    a buffer the term is read from (``self.idx[n - 1].zero_()``: the model's table changes at
+    a place the kept tokens cannot follow) is refused by name (it was a raw "does not run on a
+    token subset")."""
+    torch.manual_seed(0)
+    _written_otherwise(RelBiasViT(from_index=False, zeroed=zeroed).eval(),
+                       RelBiasViT(from_index=True, zeroed=same).eval())
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: .*writes in place into `idx` "
+                                                      r".*through a view sized from the token count"):
+        evoplug.convert(RelBiasViT(from_index=False, zeroed="view_index").eval(), 0.5,
+                        example_input=torch.randn(1, 3, 32, 32))
 
 
 @pytest.mark.parametrize("upcast", ["float", "to"])

@@ -5,6 +5,7 @@ shared) and keeps it; later forwards of that size run it."""
 import collections
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -1010,6 +1011,78 @@ def test_state_a_block_keeps_from_its_forward_is_this_calls():
         for b, d in zip(fast.blocks, model.blocks):
             torch.testing.assert_close(b.attn.last_attn, d.attn.last_attn, atol=1e-6, rtol=1e-6)
             assert float(b.calls) == float(d.calls)
+
+
+class _KeepsCounts(_KeepsItsMap):
+    """:class:`_KeepsItsMap` with a plain tensor counter (not a buffer, ``self.total = self.total
+    + 1``) and a buffer it adds its map's column means to at the places of its tokens
+    (``self.hist[:, :N] += ...``)."""
+
+    def __init__(self, attn):
+        super().__init__(attn)
+        self.total = torch.zeros(())
+        self.register_buffer("hist", torch.zeros(1, 64))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        out = super().forward(x)
+        self.total = self.total + 1
+        self.hist[:, :x.shape[1]] += self.last_attn.mean((0, 1, 2))
+        return out
+
+
+def _keeps_its_input(blk):
+    """``blk`` that keeps its input (``self.last_in = x.detach()``) and counts its forwards in
+    a plain tensor (``self.steps += 1``) on itself."""
+    class Keeping(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.last_in = x.detach()
+            self.steps += 1
+            return super().forward(x)
+    blk.__class__ = Keeping
+    blk.steps = torch.zeros(())
+    return blk
+
+
+def test_state_a_block_keeps_in_plain_tensors_and_at_other_sizes_is_the_users():
+    """State the forward keeps in a plain tensor attribute (``self.total = self.total + 1``,
+    ``self.steps += 1``), at a place read from the token count (``self.hist[:, :N] += ...``),
+    and at an input size other than the conversion's. Known gaps of the forty-fourth session
+    (audit A1 of the forty-fifth session): fx ran the counters on the tensor while tracing,
+    once, so they stood still after the conversion; the buffer was written at the places of
+    the tokens an evolving block ran, at keep 1.0 off the identity fast path too, without a
+    word; at another size what the forward set went to the size twin's block, never to the
+    model's block the user reads. The counters now count as the dense model's, the buffer is
+    named at the conversion and is the dense model's at keep 1.0, and at another size the
+    model's block holds what the dense model holds at keep 1.0 and the tokens it ran at 0.5."""
+    model = sharp_tiny_vit(dynamic_img_size=True)
+    for blk in model.blocks:
+        blk.attn = _KeepsCounts(blk.attn).eval()
+        _keeps_its_input(blk)
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"`blocks\.0\.attn\.hist`.*tokens it ran"):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (dense, fast):
+            m(x)
+            m(x)
+            m(other)
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [37, 20, 20, 20]
+        assert [tuple(b.last_in.shape) for b in fast.blocks] == [(2, 37, 32)] + [(2, 20, 32)] * 3
+        assert float(fast.blocks[1].attn.hist[0, 20:].abs().max()) == 0      # (the tokens it ran)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        for m in (dense, fast):
+            for blk in m.blocks:
+                blk.attn.hist.zero_()
+            m(other)
+            m(x)
+            m(other)
+    for b, d in zip(fast.blocks, dense.blocks):
+        assert float(b.attn.total) == float(b.steps) == float(d.attn.total) == float(d.steps) == 6.0
+        torch.testing.assert_close(b.last_in, d.last_in, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.attn.last_attn, d.attn.last_attn, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.attn.hist, d.attn.hist, atol=1e-5, rtol=1e-5)
 
 
 def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:

@@ -101,6 +101,9 @@ class BlockAnalysis:
     state_from_tokens: Tuple[str, ...] = ()    # tensors its forward sets on itself or a
     #                                          module it traced into from its arguments (an
     #                                          attention map): its programs set them too
+    sets_own: Tuple[str, ...] = ()             # tensors its forward sets as attributes of
+    #                                          the block itself (a size twin's block sets them
+    #                                          on the model's block: runtime/block.py)
 
     attention: str = ""              # human-readable attention description
     q: str = ""

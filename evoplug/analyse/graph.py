@@ -206,17 +206,51 @@ def writes_in_place(n: fx.Node) -> bool:
 
 
 def ancestors_with_writes(node: fx.Node) -> Set[fx.Node]:
-    """:func:`ancestors`, with the in-place writes into them and what those are computed from
-    (``dist = table[:n, :n].clone(); dist[0, :] = 0`` before ``node = -slope * dist``)."""
+    """:func:`ancestors`, with the in-place writes into them (or into views of them) and what
+    those are computed from (``dist = table[:n, :n].clone(); dist[0, :] = 0`` or
+    ``dist[0].zero_()`` before ``node = -slope * dist``)."""
     seen = ancestors(node)
     todo = list(seen)
     while todo:
-        for u in list(todo.pop().users):
-            if u not in seen and writes_in_place(u) and u.args[0] in seen:
+        for u in writes_into(todo.pop()):
+            if u not in seen:
                 new = ({u} | ancestors(u)) - seen
                 seen |= new
                 todo.extend(new)
     return seen
+
+
+#: methods whose output is a view of their first argument (a write into it writes there)
+_VIEWS = {"view", "reshape", "narrow", "select", "transpose", "permute", "flatten", "unflatten",
+          "unsqueeze", "squeeze", "expand", "t", "view_as", "diagonal"}
+
+
+def is_view(n: fx.Node) -> bool:
+    """``n`` is a view of its first argument: ``t[0]``, ``t[:, :n]`` (no tensor index: ``t[idx]``
+    is a copy), ``t.view(...)``, ``t.transpose(...)``, ..."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_method":
+        return n.target in _VIEWS
+    if n.op != "call_function" or n.target is not operator.getitem:
+        return False
+    tensors = []
+    fx.node.map_arg(n.args[1], lambda a: tensors.append(a) or a)
+    return not any("tensor_meta" in a.meta or issubclass(a.meta.get("type") or int, torch.Tensor)
+                   for a in tensors)
+
+
+def writes_into(n: fx.Node) -> List[fx.Node]:
+    """The in-place writes into ``n`` or into a view of it (``t[0].zero_()``)."""
+    out, todo = [], [n]
+    while todo:
+        cur = todo.pop()
+        for u in cur.users:
+            if writes_in_place(u) and u.args[0] is cur:
+                out.append(u)
+            elif is_view(u) and u.args[0] is cur:
+                todo.append(u)
+    return out
 
 
 #: methods that read only the shape, dtype or device of their other arguments (``x.to(y)``)

@@ -71,7 +71,8 @@ class BlockTracer(fx.Tracer):
     """
 
     def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
-                 example: Optional[Dict[str, Any]] = None, trace_into: frozenset = frozenset()):
+                 example: Optional[Dict[str, Any]] = None, trace_into: frozenset = frozenset(),
+                 kept: Tuple = ()):
         leaf_functions = registry.leaf_functions()
         super().__init__(autowrap_functions=leaf_functions)
         # a leaf function called by its package's name (``einops.rearrange(...)``) as well as by
@@ -98,6 +99,15 @@ class BlockTracer(fx.Tracer):
         # fx patches nn.Module.__call__ and __getattr__ for the whole process while it traces:
         # other threads' modules (the same model's, running forwards) must run as usual
         self._thread = threading.get_ident()
+        # plain tensor attributes the forward changes (``self.total += 1``): traced as
+        # attributes, read and set by the program (see _changed_eagerly)
+        self._kept = kept
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(root_fn, is_module, concrete_args)
+        for m, name, target in self._kept:
+            vars(m)[name] = self.create_proxy("get_attr", target, (), {})
+        return out
 
     def getattr(self, attr: str, attr_val, parameter_proxy_cache):
         if threading.get_ident() != self._thread:
@@ -607,28 +617,22 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
-    attributes = _attributes(module)
+    attributes, plain = _attributes(module), _plain_tensors(module)
     tracer = None
     try:
-        # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
-        # often trace once the block's constant arguments are known; else they stay leaves
-        try:
-            tracer = BlockTracer(attention_modules, into_notrace=True, example=example)
-            graph = tracer.trace(module, concrete_args=dict(plan.constants))
-        except Exception as first:  # noqa: BLE001 - retried below, the first message is kept
-            if not _holds_family_leaves(module, tracer):
-                raise
+        graph, tracer = _traced(module, name, plan, attention_modules, example, saved)
+        found = _proxies_put_back(attributes)
+        kept = _changed_eagerly(plain)
+        if kept:         # traced again, those attributes read as the graph's values
             _restore_mutable_state(saved)
-            tracer = BlockTracer(attention_modules, example=example)
             try:
-                graph = tracer.trace(module, concrete_args=dict(plan.constants))
-            except Exception as second:  # noqa: BLE001
-                raise AnalysisError(name, f"torch.fx could not trace the block: "
-                                          f"{type(first).__name__}: {first} (and with the notrace "
-                                          f"modules kept whole: {type(second).__name__}: "
-                                          f"{second}){_trace_hint(second)}") from None
-        graph, tracer = _into_wrapped(module, graph, tracer, saved, plan, example)
-        _mark_set_by_forward(graph, _proxies_put_back(attributes))
+                graph, tracer = _traced(module, name, plan, attention_modules, example, saved, kept)
+                found = _proxies_put_back(attributes)
+            except Exception:  # noqa: BLE001 - the first trace stands, as before
+                _proxies_put_back(attributes)
+                _changed_eagerly(plain)
+                _restore_mutable_state(saved)
+        _mark_set_by_forward(graph, found)
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -657,10 +661,36 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     finally:
         _restore_mutable_state(saved)
         _proxies_put_back(attributes)
+        _changed_eagerly(plain)
         module.train(was)
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
+
+
+def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int], example,
+            saved, kept: Tuple = ()) -> Tuple[fx.Graph, BlockTracer]:
+    """The block's graph and its tracer (see :func:`trace_block`), ``kept``: the plain tensor
+    attributes read as traced values (:func:`_changed_eagerly`)."""
+    # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
+    # often trace once the block's constant arguments are known; else they stay leaves
+    tracer = None
+    try:
+        tracer = BlockTracer(attention_modules, into_notrace=True, example=example, kept=kept)
+        graph = tracer.trace(module, concrete_args=dict(plan.constants))
+    except Exception as first:  # noqa: BLE001 - retried below, the first message is kept
+        if not _holds_family_leaves(module, tracer):
+            raise
+        _restore_mutable_state(saved)
+        tracer = BlockTracer(attention_modules, example=example, kept=kept)
+        try:
+            graph = tracer.trace(module, concrete_args=dict(plan.constants))
+        except Exception as second:  # noqa: BLE001
+            raise AnalysisError(name, f"torch.fx could not trace the block: "
+                                      f"{type(first).__name__}: {first} (and with the notrace "
+                                      f"modules kept whole: {type(second).__name__}: "
+                                      f"{second}){_trace_hint(second)}") from None
+    return _into_wrapped(module, graph, tracer, saved, plan, example)
 
 
 def _globally_wrapped() -> set:
@@ -709,7 +739,7 @@ def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer, saved
         return graph, tracer
     _restore_mutable_state(saved)
     again = BlockTracer(tracer._attention_modules, into_notrace=tracer._into_notrace,
-                        example=example, trace_into=tracer.global_wrapped)
+                        example=example, trace_into=tracer.global_wrapped, kept=tracer._kept)
     try:
         retraced = again.trace(module, concrete_args=dict(plan.constants))
     except Exception:  # noqa: BLE001 - the first graph stands (and is refused as it was)
@@ -869,6 +899,39 @@ def _proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node]]:
     return found
 
 
+def _plain_tensors(module: nn.Module) -> List[tuple]:
+    """(module, name, path, tensor, its version, a copy) of every plain tensor attribute (not a
+    parameter or buffer) of the modules of ``module``, before a trace."""
+    return [(m, k, f"{path}.{k}" if path else k, v, _version(v), v.detach().clone())
+            for path, m in module.named_modules() for k, v in vars(m).items()
+            if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")]
+
+
+def _changed_eagerly(plain) -> Tuple[Tuple[nn.Module, str, str], ...]:
+    """The plain tensor attributes of :func:`_plain_tensors` the trace changed by running the
+    forward's own code on them, as (module, name, path), each put back as it was: fx reads
+    such an attribute as the tensor, so ``self.total += 1`` or ``self.total = self.total + 1``
+    (no traced value in it) ran once while tracing and not in the program, and the counter
+    stood still after the conversion (a known gap of the forty-fourth session)."""
+    changed = []
+    for m, k, path, v, version, copy_ in plain:
+        if vars(m).get(k) is v and _version(v) == version:
+            continue
+        changed.append((m, k, path))
+        if _version(v) != version:
+            with torch.no_grad():
+                v.copy_(copy_)
+        vars(m)[k] = v
+    return tuple(changed)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:      # (an inference tensor counts no versions)
+        return None
+
+
 @fx.node.has_side_effect
 def set_by_forward(path: str, name: str, value):
     """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
@@ -883,9 +946,9 @@ def _mark_set_by_forward(graph: fx.Graph, found):
     out = next(n for n in graph.nodes if n.op == "output")
     for path, name, node in found:
         target = f"{path}.{name}" if path else name
-        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else None
+        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else node
         if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
-                                       and first.target == target):
+                                       and first.target == target):     # (or only read)
             continue
         with graph.inserting_before(out):
             graph.call_function(set_by_forward, (path, name, node))

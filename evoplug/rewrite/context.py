@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..analyse.attention import AttentionSite
 from ..analyse.block import BlockAnalysis
-from ..analyse.graph import is_size_query
+from ..analyse.graph import is_size_query, is_view
 
 
 @dataclasses.dataclass
@@ -66,3 +66,13 @@ def describe(a: BlockAnalysis, old: Optional[str], new: str):
         terms[terms.index(old)] = new
     elif new not in terms:
         terms.append(new)
+
+
+def viewed_attribute(n: fx.Node) -> Optional[fx.Node]:
+    """The attribute (a get_attr node: a buffer, a plain tensor the forward changes) that ``n``
+    is, or is a view of (``self.hist[:, :N]``), else None."""
+    while n.op != "get_attr":
+        if not is_view(n):
+            return None
+        n = n.args[0]
+    return n

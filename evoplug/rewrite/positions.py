@@ -13,12 +13,12 @@ import torch
 import torch.fx as fx
 
 from ..analyse.block import BlockAnalysis
-from ..analyse.graph import (ancestors, ancestors_with_writes, is_size_query, shape_of,
-                             token_size_queries, token_wise_of, writes_in_place)
+from ..analyse.graph import (ancestors, ancestors_with_writes, is_size_query, is_view, shape_of,
+                             token_size_queries, token_wise_of, writes_in_place, writes_into)
 from ..errors import AnalysisError
 from ..runtime.gather import (first_not_none, gather_aligned, gather_pair_bias, patch_positions,
                               sized_as_full)
-from .context import Rewrite, describe, is_size_value, op_name
+from .context import Rewrite, describe, is_size_value, op_name, viewed_attribute
 
 
 def position_terms(rw: Rewrite):
@@ -49,6 +49,14 @@ def _sized_from_full(rw: Rewrite, term: fx.Node):
     """A term sized from the token count (HF BEiT's bias, ``bias.view(1, heads, n, n)``) is
     sized from the full input instead."""
     sizes = token_size_queries(term, rw.token)
+    kept = [w for w in ancestors_with_writes(term) if writes_in_place(w) and set(sizes) & ancestors(w)
+            and viewed_attribute(w.args[0]) is not None]
+    if kept:     # (a raw "does not run on a token subset" until the forty-fifth session)
+        raise AnalysisError(rw.a.name, f"a term on its attention logits writes in place into "
+                                       f"`{viewed_attribute(kept[0].args[0]).target}` (`{kept[0].name}`"
+                                       ") through a view sized from the token count: the model's "
+                                       "table itself changes, at places a token subset cannot "
+                                       "follow; write into a copy (`.clone()`) or use masked_fill")
     if sizes:
         last = [n for n in rw.graph.nodes if n.op == "placeholder"][-1]
         with rw.graph.inserting_after(last):
@@ -85,9 +93,10 @@ def _check_lined_up(rw: Rewrite, node: fx.Node, name: str, heads: tuple):
 def _gather_term(rw: Rewrite, term: fx.Node, heads: tuple):
     """``term`` (a term on the logits) gathered to the subset's pairs for all its users, after
     the in-place writes into it (``bias[:, 0, :] = 0``: gathered before them, the writes went
-    into the gathered pairs until audit H2 of the forty-fourth session)."""
-    writes = [u for u in term.users if writes_in_place(u) and u.args[0] is term]
-    consumers = [u for u in term.users if u not in writes]
+    into the gathered pairs until audit H2 of the forty-fourth session), or into a view of it
+    (``bias[:, 0].zero_()``, until the forty-fifth session)."""
+    writes = writes_into(term)
+    consumers = [u for u in term.users if u not in writes and not (is_view(u) and writes_into(u))]
     with rw.graph.inserting_after(max([term] + writes, key=list(rw.graph.nodes).index)):
         gathered = rw.graph.call_function(gather_pair_bias, (term, rw.pos) + heads)
     for u in consumers:
@@ -149,11 +158,13 @@ def _size_bias_from(graph: fx.Graph, bias: fx.Node, sizes: List[fx.Node], whole:
 
 def _copied(path, queries) -> set:
     """The nodes of ``path`` that :func:`_size_bias_from` copies: those computed from
-    ``queries``, the in-place writes into them, and the tensors such writes go into."""
+    ``queries``, the in-place writes into them (or views of them), and the tensors such writes
+    go into."""
     on = {n for n in path if n in queries or ancestors(n) & queries}
     while True:
-        more = {u for n in on for u in n.users if u in path and writes_in_place(u) and u.args[0] is n} | \
-            {n.args[0] for n in on if writes_in_place(n) and n.args[0].op not in ("placeholder", "get_attr")}
+        more = {u for n in on for u in writes_into(n) if u in path} | \
+            {n.args[0] for n in on if (writes_in_place(n) or is_view(n) and writes_into(n))
+             and n.args[0].op not in ("placeholder", "get_attr")}
         if more <= on:
             return on
         on |= more

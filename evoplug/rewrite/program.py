@@ -47,14 +47,15 @@ from torch.package.importer import ObjMismatchError, ObjNotFoundError
 from ..analyse.attention import find_attention
 from ..analyse.block import BlockAnalysis
 from ..analyse.calibrate import ModuleCall
-from ..analyse.graph import ancestors, getattr_path, is_add, is_whole_view, no_side_effects
+from ..analyse.graph import (ancestors, getattr_path, is_add, is_whole_view, no_side_effects,
+                             writes_in_place)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
 from ..analyse.trace import mark_batch_specialised, set_by_forward, trace_block
 from ..errors import AnalysisError
 from ..runtime.gather import first_not_none, in_evolving_run, skip_fast_base, tokens_to_map
 from ..runtime.programs import compile_program
-from .context import Rewrite
+from .context import Rewrite, viewed_attribute
 from .maps import map_operations
 from .positions import position_terms, whole_token_args
 from .row import global_row
@@ -228,8 +229,12 @@ def _set_by_forward(rw: Rewrite) -> tuple:
     another kind (a size) are the calibration's (BlockSpec.writes). Those computed from the
     block's arguments are named in ``a.state_from_tokens``: an evolving block holds them for
     the tokens it ran (audit H4 of the forty-fourth session: the programs set nothing, and the
-    attribute kept a batch from before the conversion)."""
-    writes = []
+    attribute kept a batch from before the conversion). So are an attribute's in-place writes
+    from them, of their values or at a place read from the token count (``self.acc +=
+    x.mean()``, ``self.hist[:, :N] += a.mean(...)``, ``self.buf[n - 1] = 1``: the tokens'
+    order and count the block ran, also at keep 1.0 off the identity fast path, without a
+    word, until the forty-fifth session)."""
+    writes, from_tokens = [], []
     for n in [n for n in rw.graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
         path, name, value = n.args
         rw.graph.erase_node(n)
@@ -238,8 +243,13 @@ def _set_by_forward(rw: Rewrite) -> tuple:
             continue
         writes.append((path, name, value))
         if any(v.op == "placeholder" for v in ancestors(value) | {value}):
-            where = f"{path}.{name}" if path else name
-            rw.a.state_from_tokens = tuple(dict.fromkeys(rw.a.state_from_tokens + (where,)))
+            from_tokens.append(f"{path}.{name}" if path else name)
+    for n in [n for n in rw.graph.nodes if writes_in_place(n)]:
+        written = viewed_attribute(n.args[0])
+        if written is not None and any(v.op == "placeholder" for v in ancestors(n)):
+            from_tokens.append(written.target)
+    rw.a.state_from_tokens = tuple(dict.fromkeys(rw.a.state_from_tokens + tuple(from_tokens)))
+    rw.a.sets_own = tuple(dict.fromkeys(rw.a.sets_own + tuple(k for p, k, _ in writes if not p)))
     return tuple(writes)
 
 

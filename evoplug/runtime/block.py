@@ -251,9 +251,7 @@ class EvoBlockMixin:
         rt = spec.runtime
         twin = size_twin(spec, args, kwargs) if rt.variants else None
         if twin is not None:
-            out = following(self, twin)(*args, **kwargs)
-            spec.tokens_run = twin._evoplug_spec.tokens_run
-            return out
+            return _twin_ran(self, twin, args, kwargs)
         if torch.compiler.is_compiling():
             return self._entered(rt.enter(spec.index), False, args, kwargs)
         if _in_backward():
@@ -287,9 +285,7 @@ class EvoBlockMixin:
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
         if isinstance(bound, nn.Module):      # a twin converted for this size: it runs the call
-            out = following(self, bound)(*args, **kwargs)
-            spec.tokens_run = bound._evoplug_spec.tokens_run
-            return out
+            return _twin_ran(self, bound, args, kwargs)
         x, extras = bound
         if spec.per_image and not recompute and rt.entered():
             _check_images(spec, x, rt.images())
@@ -445,6 +441,21 @@ def _set_written(block: nn.Module, writes):
     ran (it kept a batch from before the conversion until audit H4 of the forty-fourth session)."""
     for path, name, value in writes:
         setattr(block.get_submodule(path) if path else block, name, value)
+
+
+def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
+    """The call run by ``twin``, the block of a twin (a new object, its submodules shared); the
+    tensors its forward set on itself (``self.last = x.detach()``, ``self.total = self.total +
+    1``: BlockSpec.sets_own) set on the model's block, which the user reads (they stayed on the
+    twin's block until the forty-fifth session)."""
+    out = following(block, twin)(*args, **kwargs)
+    spec = block._evoplug_spec
+    spec.tokens_run = twin._evoplug_spec.tokens_run
+    for name in spec.sets_own:
+        value = getattr(twin, name, None)
+        if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:
+            setattr(block, name, value)
+    return out
 
 
 def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:

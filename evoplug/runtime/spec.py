@@ -135,6 +135,9 @@ class BlockSpec:
     #                            it traced into from its tokens (``self.attn_map = attn``): its
     #                            programs set them for the tokens they ran (_set_written), and
     #                            at keep 1.0 it runs its own forward, which sets every token's
+    sets_own: Tuple[str, ...] = ()   # tensors its forward sets as attributes of the block
+    #                            itself: a size twin's block that ran a call sets them on this
+    #                            block too (_twin_ran)
     modes_differ: Optional[bool] = None   # its train and eval programs are other code
     #                            (mode_apart; set at construction: a compiled forward that set it
     #                            would be compiled again)
