@@ -25,7 +25,8 @@ MAX_LINES = 70
 LONG_ALLOWED = {("tools/cli.py", "build_parser"): "a table of command-line options"}
 #: modules longer than this many lines want splitting by concern (the brief's complaint was a
 #: 1,200-line analysis module; runtime/block.py, rewrite/program.py, api.py, runtime/state.py
-#: and runtime/evolve.py had grown to 1,000-1,500 lines each by the forty-fifth session)
+#: and runtime/evolve.py had grown to 1,000-1,500 lines each by the forty-fifth session, and
+#: analyse/trace.py passed it with that session's state fixes: analyse/writes.py)
 MAX_MODULE_LINES = 1000
 
 

@@ -24,7 +24,9 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes, writes_in_place
+from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
+from .writes import (changed_eagerly, in_place_on_attributes, mark_set_by_forward, module_attributes,
+                     plain_tensors, proxies_put_back)
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -100,7 +102,7 @@ class BlockTracer(fx.Tracer):
         # other threads' modules (the same model's, running forwards) must run as usual
         self._thread = threading.get_ident()
         # plain tensor attributes the forward changes (``self.total += 1``): traced as
-        # attributes, read and set by the program (see _changed_eagerly)
+        # attributes, read and set by the program (see changed_eagerly)
         self._kept = kept
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
@@ -249,7 +251,7 @@ class BlockTracer(fx.Tracer):
 
     def _trace(self, root, concrete_args):
         if self._example is None or hasattr(fx.Proxy, "__int__"):
-            with _no_python_random(), _in_place_on_attributes():
+            with _no_python_random(), in_place_on_attributes():
                 return super().trace(root, concrete_args)
 
         def to_int(p):
@@ -270,7 +272,7 @@ class BlockTracer(fx.Tracer):
         fx.Proxy.__setitem__ = setitem
         fx.Proxy.__len__ = length
         try:
-            with _no_python_random(), _in_place_on_attributes():
+            with _no_python_random(), in_place_on_attributes():
                 return super().trace(root, concrete_args)
         finally:
             del fx.Proxy.__int__
@@ -393,39 +395,6 @@ def _no_python_random():
                 for mod, n, f in _PATCHED:
                     setattr(mod, n, f)
                 _PATCHED.clear()
-
-
-#: Python's augmented assignments and the in-place tensor methods they run
-_IN_PLACE = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
-             "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
-             "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
-             "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_"}
-
-
-@contextlib.contextmanager
-def _in_place_on_attributes():
-    """``self.n += 1`` on a buffer (or another tensor the trace reads as an attribute) traced as
-    the tensor runs it: in place (``n.add_(1)``). fx's proxies have no ``__iadd__``, so Python
-    made it ``self.n = self.n + 1``, a new tensor set as the buffer, which the programs never
-    set: the counter stayed where the conversion left it (audit H4 of the forty-fourth session).
-    Other values (a local ``x += y``) are traced as before."""
-    def in_place(method):
-        def op(p, other):
-            if p.node.op != "get_attr":
-                return NotImplemented        # (Python then runs ``p + other``)
-            return p.tracer.create_proxy("call_method", method, (p, other), {})
-        return op
-    saved = {name: fx.Proxy.__dict__.get(name) for name in _IN_PLACE}
-    for name, method in _IN_PLACE.items():
-        setattr(fx.Proxy, name, in_place(method))
-    try:
-        yield
-    finally:
-        for name, before in saved.items():
-            if before is None:
-                delattr(fx.Proxy, name)
-            else:
-                setattr(fx.Proxy, name, before)
 
 
 def _after_fork():
@@ -617,22 +586,22 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     was = module.training
     module.train(training)
     saved = _mutable_state(module)
-    attributes, plain = _attributes(module), _plain_tensors(module)
+    attributes, plain = module_attributes(module), plain_tensors(module)
     tracer = None
     try:
         graph, tracer = _traced(module, name, plan, attention_modules, example, saved)
-        found = _proxies_put_back(attributes)
-        kept = _changed_eagerly(plain)
+        found = proxies_put_back(attributes)
+        kept = changed_eagerly(plain)
         if kept:         # traced again, those attributes read as the graph's values
             _restore_mutable_state(saved)
             try:
                 graph, tracer = _traced(module, name, plan, attention_modules, example, saved, kept)
-                found = _proxies_put_back(attributes)
+                found = proxies_put_back(attributes)
             except Exception:  # noqa: BLE001 - the first trace stands, as before
-                _proxies_put_back(attributes)
-                _changed_eagerly(plain)
+                proxies_put_back(attributes)
+                changed_eagerly(plain)
                 _restore_mutable_state(saved)
-        _mark_set_by_forward(graph, found)
+        mark_set_by_forward(graph, found)
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -660,8 +629,8 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                   f"{e}{_trace_hint(e)}") from None
     finally:
         _restore_mutable_state(saved)
-        _proxies_put_back(attributes)
-        _changed_eagerly(plain)
+        proxies_put_back(attributes)
+        changed_eagerly(plain)
         module.train(was)
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
@@ -671,7 +640,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
 def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int], example,
             saved, kept: Tuple = ()) -> Tuple[fx.Graph, BlockTracer]:
     """The block's graph and its tracer (see :func:`trace_block`), ``kept``: the plain tensor
-    attributes read as traced values (:func:`_changed_eagerly`)."""
+    attributes read as traced values (:func:`changed_eagerly`)."""
     # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
     # often trace once the block's constant arguments are known; else they stay leaves
     tracer = None
@@ -875,83 +844,6 @@ def _mutable_state(module: nn.Module):
                 continue
             saved.append((m, k, v, type(v)(v)))
     return saved
-
-
-def _attributes(module: nn.Module):
-    """(path, module, its own attributes, its buffers) of every module of ``module``, before a
-    trace: the trace leaves a proxy where a forward sets an attribute or a buffer."""
-    return [(path, m, dict(vars(m)), dict(m._buffers)) for path, m in module.named_modules()]
-
-
-def _proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node]]:
-    """What the trace set to a traced value (a proxy) on a module of :func:`_attributes`,
-    as (module path, name, node), each put back as it was before the trace (or removed)."""
-    found = []
-    for path, m, attrs, buffers in attributes:
-        for now, before in ((m._buffers, buffers), (vars(m), attrs)):
-            for k, v in list(now.items()):
-                if isinstance(v, fx.Proxy):
-                    found.append((path, k, v.node))
-                    if k in before:
-                        now[k] = before[k]
-                    else:
-                        del now[k]
-    return found
-
-
-def _plain_tensors(module: nn.Module) -> List[tuple]:
-    """(module, name, path, tensor, its version, a copy) of every plain tensor attribute (not a
-    parameter or buffer) of the modules of ``module``, before a trace."""
-    return [(m, k, f"{path}.{k}" if path else k, v, _version(v), v.detach().clone())
-            for path, m in module.named_modules() for k, v in vars(m).items()
-            if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")]
-
-
-def _changed_eagerly(plain) -> Tuple[Tuple[nn.Module, str, str], ...]:
-    """The plain tensor attributes of :func:`_plain_tensors` the trace changed by running the
-    forward's own code on them, as (module, name, path), each put back as it was: fx reads
-    such an attribute as the tensor, so ``self.total += 1`` or ``self.total = self.total + 1``
-    (no traced value in it) ran once while tracing and not in the program, and the counter
-    stood still after the conversion (a known gap of the forty-fourth session)."""
-    changed = []
-    for m, k, path, v, version, copy_ in plain:
-        if vars(m).get(k) is v and _version(v) == version:
-            continue
-        changed.append((m, k, path))
-        if _version(v) != version:
-            with torch.no_grad():
-                v.copy_(copy_)
-        vars(m)[k] = v
-    return tuple(changed)
-
-
-def _version(t: torch.Tensor) -> Optional[int]:
-    try:
-        return t._version
-    except RuntimeError:      # (an inference tensor counts no versions)
-        return None
-
-
-@fx.node.has_side_effect
-def set_by_forward(path: str, name: str, value):
-    """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
-    into (``self.attn_map = attn.detach()``); the program returns it for the block to set
-    (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the graph."""
-    return None
-
-
-def _mark_set_by_forward(graph: fx.Graph, found):
-    """A :func:`set_by_forward` node for each value of this graph the forward set (an update in
-    place of the same attribute, ``self.n += 1`` on a buffer, is one already)."""
-    out = next(n for n in graph.nodes if n.op == "output")
-    for path, name, node in found:
-        target = f"{path}.{name}" if path else name
-        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else node
-        if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
-                                       and first.target == target):     # (or only read)
-            continue
-        with graph.inserting_before(out):
-            graph.call_function(set_by_forward, (path, name, node))
 
 
 def _restore_mutable_state(saved):

@@ -51,7 +51,8 @@ from ..analyse.graph import (ancestors, getattr_path, is_add, is_whole_view, no_
                              writes_in_place)
 from ..analyse.grid import find_grid_ops
 from ..analyse.one_window import collapse_one_window
-from ..analyse.trace import mark_batch_specialised, set_by_forward, trace_block
+from ..analyse.trace import mark_batch_specialised, trace_block
+from ..analyse.writes import set_by_forward
 from ..errors import AnalysisError
 from ..runtime.gather import first_not_none, in_evolving_run, skip_fast_base, tokens_to_map
 from ..runtime.programs import compile_program
@@ -224,7 +225,7 @@ def _outputs(rw: Rewrite):
 
 def _set_by_forward(rw: Rewrite) -> tuple:
     """The tensors the block's forward sets on itself or a module it traced into (analyse/
-    trace.py ``set_by_forward``: ``self.attn_map = attn.detach()``), as (module path, name,
+    analyse/writes.py ``set_by_forward``: ``self.attn_map = attn.detach()``), as (module path, name,
     value) for the block to set from what its program computed (runtime/block.py); values of
     another kind (a size) are the calibration's (BlockSpec.writes). Those computed from the
     block's arguments are named in ``a.state_from_tokens``: an evolving block holds them for

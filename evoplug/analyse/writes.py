@@ -1,0 +1,126 @@
+"""What a block's forward writes on itself and the modules it traces into, as a trace sees it:
+augmented assignments on attributes traced in place (``self.n += 1``), values set as
+attributes or buffers found and put back after the trace (``self.attn_map = attn``), plain
+tensor attributes a trace changed by running the forward's own code, and the
+:func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
+``_set_by_forward``; runtime/block.py sets them)."""
+from __future__ import annotations
+
+import contextlib
+from typing import List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .graph import writes_in_place
+
+
+#: Python's augmented assignments and the in-place tensor methods they run
+_IN_PLACE = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itruediv__": "div_",
+             "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
+             "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
+             "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_"}
+
+
+@contextlib.contextmanager
+def in_place_on_attributes():
+    """``self.n += 1`` on a buffer (or another tensor the trace reads as an attribute) traced as
+    the tensor runs it: in place (``n.add_(1)``). fx's proxies have no ``__iadd__``, so Python
+    made it ``self.n = self.n + 1``, a new tensor set as the buffer, which the programs never
+    set: the counter stayed where the conversion left it (audit H4 of the forty-fourth session).
+    Other values (a local ``x += y``) are traced as before."""
+    def in_place(method):
+        def op(p, other):
+            if p.node.op != "get_attr":
+                return NotImplemented        # (Python then runs ``p + other``)
+            return p.tracer.create_proxy("call_method", method, (p, other), {})
+        return op
+    saved = {name: fx.Proxy.__dict__.get(name) for name in _IN_PLACE}
+    for name, method in _IN_PLACE.items():
+        setattr(fx.Proxy, name, in_place(method))
+    try:
+        yield
+    finally:
+        for name, before in saved.items():
+            if before is None:
+                delattr(fx.Proxy, name)
+            else:
+                setattr(fx.Proxy, name, before)
+
+
+def module_attributes(module: nn.Module):
+    """(path, module, its own attributes, its buffers) of every module of ``module``, before a
+    trace: the trace leaves a proxy where a forward sets an attribute or a buffer."""
+    return [(path, m, dict(vars(m)), dict(m._buffers)) for path, m in module.named_modules()]
+
+
+def proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node]]:
+    """What the trace set to a traced value (a proxy) on a module of :func:`module_attributes`,
+    as (module path, name, node), each put back as it was before the trace (or removed)."""
+    found = []
+    for path, m, attrs, buffers in attributes:
+        for now, before in ((m._buffers, buffers), (vars(m), attrs)):
+            for k, v in list(now.items()):
+                if isinstance(v, fx.Proxy):
+                    found.append((path, k, v.node))
+                    if k in before:
+                        now[k] = before[k]
+                    else:
+                        del now[k]
+    return found
+
+
+def plain_tensors(module: nn.Module) -> List[tuple]:
+    """(module, name, path, tensor, its version, a copy) of every plain tensor attribute (not a
+    parameter or buffer) of the modules of ``module``, before a trace."""
+    return [(m, k, f"{path}.{k}" if path else k, v, _version(v), v.detach().clone())
+            for path, m in module.named_modules() for k, v in vars(m).items()
+            if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")]
+
+
+def changed_eagerly(plain) -> Tuple[Tuple[nn.Module, str, str], ...]:
+    """The plain tensor attributes of :func:`plain_tensors` the trace changed by running the
+    forward's own code on them, as (module, name, path), each put back as it was: fx reads
+    such an attribute as the tensor, so ``self.total += 1`` or ``self.total = self.total + 1``
+    (no traced value in it) ran once while tracing and not in the program, and the counter
+    stood still after the conversion (a known gap of the forty-fourth session)."""
+    changed = []
+    for m, k, path, v, version, copy_ in plain:
+        if vars(m).get(k) is v and _version(v) == version:
+            continue
+        changed.append((m, k, path))
+        if _version(v) != version:
+            with torch.no_grad():
+                v.copy_(copy_)
+        vars(m)[k] = v
+    return tuple(changed)
+
+
+def _version(t: torch.Tensor) -> Optional[int]:
+    try:
+        return t._version
+    except RuntimeError:      # (an inference tensor counts no versions)
+        return None
+
+
+@fx.node.has_side_effect
+def set_by_forward(path: str, name: str, value):
+    """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
+    into (``self.attn_map = attn.detach()``); the program returns it for the block to set
+    (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the graph."""
+    return None
+
+
+def mark_set_by_forward(graph: fx.Graph, found):
+    """A :func:`set_by_forward` node for each value of this graph the forward set (an update in
+    place of the same attribute, ``self.n += 1`` on a buffer, is one already)."""
+    out = next(n for n in graph.nodes if n.op == "output")
+    for path, name, node in found:
+        target = f"{path}.{name}" if path else name
+        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else node
+        if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
+                                       and first.target == target):     # (or only read)
+            continue
+        with graph.inserting_before(out):
+            graph.call_function(set_by_forward, (path, name, node))
