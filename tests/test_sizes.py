@@ -1046,10 +1046,10 @@ def _keeps_its_input(blk):
 def test_state_a_block_keeps_in_plain_tensors_and_at_other_sizes_is_the_users():
     """State the forward keeps in a plain tensor attribute (``self.total = self.total + 1``,
     ``self.steps += 1``), at a place read from the token count (``self.hist[:, :N] += ...``),
-    and at an input size other than the conversion's. Known gaps of the forty-fourth session
-    (audit A1 of the forty-fifth session): fx ran the counters on the tensor while tracing,
-    once, so they stood still after the conversion; the buffer was written at the places of
-    the tokens an evolving block ran, at keep 1.0 off the identity fast path too, without a
+    and at an input size other than the conversion's. Known gaps of the forty-fourth session,
+    fixed in the forty-fifth: fx ran the counters on the tensor while tracing, once, so they
+    stood still after the conversion; the buffer was written at the places of the tokens an
+    evolving block ran, at keep 1.0 off the identity fast path too, without a
     word; at another size what the forward set went to the size twin's block, never to the
     model's block the user reads. The counters now count as the dense model's, the buffer is
     named at the conversion and is the dense model's at keep 1.0, and at another size the
