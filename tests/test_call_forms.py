@@ -5,6 +5,7 @@ import dataclasses
 import functools
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -1749,3 +1750,44 @@ def test_tokens_in_a_container_are_refused_by_block_with_that_reason(takes, give
             evoplug.convert(model, 0.5, example_input=img[:2], strict=strict)
         assert [n for n, _ in e.value.failures] == [f"blocks.{i}" for i in range(4)]
         assert all(r.startswith(reason) for _, r in e.value.failures), e.value.failures
+
+
+class _SinkAttention(QKVAttention):
+    """Attention with a learned sink key and value appended to the tokens' own, by hand
+    (explicit softmax, or ``scaled_dot_product_attention``)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2, fused: bool = False):
+        super().__init__(dim, heads)
+        self.sink_k = nn.Parameter(torch.randn(1, heads, 1, dim // heads))
+        self.sink_v = nn.Parameter(torch.zeros(1, heads, 1, dim // heads))
+        self.fused = fused
+
+    def forward(self, x, **unused):      # (timm's blocks pass attn_mask and is_causal)
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        k = torch.cat([k, self.sink_k.expand(B, -1, -1, -1)], 2)
+        v = torch.cat([v, self.sink_v.expand(B, -1, -1, -1)], 2)
+        if self.fused:
+            out = nn.functional.scaled_dot_product_attention(q, k, v)
+        else:
+            out = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1) @ v
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_sink_key_appended_by_hand_is_refused_naming_it(fused):
+    """A learned attention-sink key concatenated to the keys in the block (17 keys for 16
+    tokens plus the class token) was refused with words about cross-attention and spatially
+    reduced maps alone (a known gap of the forty-fourth session); the refusal now says that
+    keys appended to the tokens' own are followed only as nn.MultiheadAttention makes them."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
+                              embed_dim=32, depth=4, num_heads=2, num_classes=5).eval()
+    for blk in model.blocks:
+        blk.attn = _SinkAttention(32, 2, fused)
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert [n for n, _ in e.value.failures] == [f"blocks.{i}" for i in range(4)], e.value.failures
+    for _, reason in e.value.failures:
+        assert reason.startswith("its attention has 18 keys for 17 query tokens"), reason
+        assert "1 key(s) more than its tokens" in reason and "add_bias_kv=True" in reason, reason

@@ -129,6 +129,21 @@ _REDUCED_KV = ("its attention has {} keys for {} query tokens, and evoplug canno
                "them. Cross-attention to another sequence (a decoder's object queries attending "
                "to image features) is no self-attention to evolve; a spatially reduced map that "
                "converts (PVT's and Twins' spatial-reduction attention) is made from the tokens")
+#: the keys a block appends to its tokens' own, at most, that the refusal calls sinks
+_FEW_EXTRA_KEYS = 16
+_EXTRA_KEYS = ("; {} key(s) more than its tokens: keys appended to the tokens' own (a learned "
+               "attention sink, memory or register key concatenated in the block) are followed "
+               "only as nn.MultiheadAttention makes them (add_bias_kv=True, add_zero_attn=True), "
+               "whose softmax over them the global row includes")
+
+
+def _refuse_reduced_kv(name: str, keys: int, N: int):
+    """The refusal of an attention over ``keys`` keys for ``N`` tokens that no map reduced;
+    a few keys more than the tokens are named as appended ones (a hand-written sink column got
+    the words about cross-attention alone until the forty-fifth session)."""
+    extra = keys - N
+    raise AnalysisError(name, _REDUCED_KV.format(keys, N) +
+                        (_EXTRA_KEYS.format(extra) if 0 < extra <= _FEW_EXTRA_KEYS else ""))
 
 
 def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCall,
@@ -463,7 +478,7 @@ def _softmax_attention(a: BlockAnalysis, gm, site, grid_ops):
     if s is not None and len(s) >= 2 and s[-2] == N and s[-1] != N:
         a.kv_grid = reduced_kv_grid(site.k, s[-1], grid_ops)
         if a.kv_grid is None:
-            raise AnalysisError(a.name, _REDUCED_KV.format(s[-1], N))
+            _refuse_reduced_kv(a.name, s[-1], N)
         s = s[:-1] + (N,)
     if s is None or len(s) < 2 or s[-1] != N or s[-2] != N:
         raise AnalysisError(a.name, f"attention map {s}{computed_in(site.node, a.name)} is not "
@@ -478,7 +493,7 @@ def _sdpa_attention(a: BlockAnalysis, site, grid_ops):
     if qs and ks and qs[-2] == N and ks[-2] != N:
         a.kv_grid = reduced_kv_grid(site.k, ks[-2], grid_ops)
         if a.kv_grid is None:
-            raise AnalysisError(a.name, _REDUCED_KV.format(ks[-2], N))
+            _refuse_reduced_kv(a.name, ks[-2], N)
         ks = ks[:-2] + (N, ks[-1])
     if not qs or not ks or qs[-2] != N or ks[-2] != N:
         raise AnalysisError(a.name, f"scaled_dot_product_attention q{qs} k{ks}"
