@@ -716,3 +716,25 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=300) == 0 and "Error" not in err, err
+
+
+def test_a_corrupt_checkpoint_is_said_in_one_line_with_its_name(tmp_path):
+    """Audit J2 of the forty-fifth session: a file that holds no pickle at all (text) was said
+    to hold "more than tensors" (a whole pickled model), which sent the user to re-save a model
+    never pickled; a zip checkpoint cut short raised a bare ``OSError: [Errno 22] Invalid
+    argument`` without the file's name. Both are now "not a file torch.save wrote, or cut
+    short", with the path; a whole pickled model is still said to be one."""
+    from evoplug.tools.models import create_model, read_torch_file
+    (tmp_path / "text.pt").write_text("garbage\n")
+    for name, legacy in (("cut.pt", False), ("cut_legacy.pt", True)):
+        torch.save({"w": torch.randn(100, 100)}, tmp_path / name,
+                   _use_new_zipfile_serialization=not legacy)
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:len(data) // 3])
+    for name in ("text.pt", "cut.pt", "cut_legacy.pt"):
+        with pytest.raises(ValueError) as e:
+            read_torch_file(str(tmp_path / name))
+        assert str(e.value).startswith(f"{tmp_path / name}: not a file torch.save wrote, or cut short")
+    torch.save(create_model("vit_tiny_patch16_224", **TINY_KW), tmp_path / "whole.pt")
+    with pytest.raises(ValueError, match="a whole pickled model is not read"):
+        read_torch_file(str(tmp_path / "whole.pt"))

@@ -80,11 +80,18 @@ def read_torch_file(path: str):
     import pickle
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" not in str(e):
+            # (no pickle of objects: bytes torch's unpickler cannot read, "Unsupported operand";
+            # they were said to hold more than tensors, audit J2 of the forty-fifth session)
+            raise ValueError(f"{path}: not a file torch.save wrote, or cut short (its bytes are "
+                             "no pickle torch.load reads)") from None
         raise ValueError(f"{path}: holds more than tensors and plain values (a whole pickled "
                          "model is not read: save its state_dict, or use "
                          "evoplug.tools.models.save_checkpoint)") from None
-    except (EOFError, RuntimeError) as e:
+    except (EOFError, RuntimeError, OSError) as e:
+        # (a zip checkpoint cut short: a bare OSError "[Errno 22] Invalid argument" without
+        # the file's name, audit J2 of the forty-fifth session)
         raise ValueError(f"{path}: not a file torch.save wrote, or cut short "
                          f"({type(e).__name__}: {str(e) or 'empty'})") from None
 
