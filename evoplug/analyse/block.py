@@ -136,6 +136,13 @@ _EXTRA_KEYS = ("; {} key(s) more than its tokens: keys appended to the tokens' o
                "only as nn.MultiheadAttention makes them (add_bias_kv=True, add_zero_attn=True), "
                "whose softmax over them the global row includes")
 
+#: a block whose forward changes Python state at each call (analyse/writes.py moved_in_python;
+#: its programs left it as it was, without a word, until audit J1 of the forty-fifth session)
+_MOVED_IN_PYTHON = ("its forward changes Python state at each call: {}; its programs (traced code) "
+                    "would not, so the converted block would leave it as the conversion did. Keep "
+                    "such state in a tensor attribute (`self.n = self.n + 1`, `self.last = "
+                    "t.detach()`), which the programs set as the forward does")
+
 
 def _refuse_reduced_kv(name: str, keys: int, N: int):
     """The refusal of an attention over ``keys`` keys for ``N`` tokens that no map reduced;
@@ -159,6 +166,8 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                           hint(model, "export_masks")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
+    if gm.meta.get("evo_moved_in_python"):
+        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(gm.meta["evo_moved_in_python"])))
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
     try:

@@ -26,7 +26,7 @@ from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
 from .writes import (changed_eagerly, in_place_on_attributes, mark_set_by_forward, module_attributes,
-                     plain_tensors, proxies_put_back)
+                     moved_in_python, plain_tensors, proxies_put_back, python_state)
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -587,10 +587,12 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     module.train(training)
     saved = _mutable_state(module)
     attributes, plain = module_attributes(module), plain_tensors(module)
+    python = python_state(module)
     tracer = None
     try:
         graph, tracer = _traced(module, name, plan, attention_modules, example, saved)
         found = proxies_put_back(attributes)
+        moved = moved_in_python(python)
         kept = changed_eagerly(plain)
         if kept:         # traced again, those attributes read as the graph's values
             _restore_mutable_state(saved)
@@ -614,6 +616,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         gm.meta["evo_batch_specialised"] = tracer.batch_specialised
         gm.meta["evo_specialised"] = list(tracer.specialised)
+        gm.meta["evo_moved_in_python"] = moved
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
             gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),

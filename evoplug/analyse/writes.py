@@ -3,7 +3,8 @@ augmented assignments on attributes traced in place (``self.n += 1``), values se
 attributes or buffers found and put back after the trace (``self.attn_map = attn``), plain
 tensor attributes a trace changed by running the forward's own code, and the
 :func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
-``_set_by_forward``; runtime/block.py sets them)."""
+``_set_by_forward``; runtime/block.py sets them), and the Python state it changes at each
+call, which no program does (:func:`moved_in_python`: the block is refused)."""
 from __future__ import annotations
 
 import contextlib
@@ -124,3 +125,54 @@ def mark_set_by_forward(graph: fx.Graph, found):
             continue
         with graph.inserting_before(out):
             graph.call_function(set_by_forward, (path, name, node))
+
+
+#: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's state
+_MODULE_KEYS = frozenset(nn.Module().__dict__)
+_NUMBERS = (bool, int, float, complex, str, type(None))
+
+
+def python_state(module: nn.Module) -> List[tuple]:
+    """(module, name, path, value, a shallow copy) of the Python numbers (flags, strings, tuples
+    of them), lists and dicts the modules of ``module`` hold, before a trace."""
+    out = []
+    for path, m in module.named_modules():
+        for k, v in vars(m).items():
+            where = f"{path}.{k}" if path else k
+            if k not in _MODULE_KEYS and _is_number(v):
+                out.append((m, k, where, v, v))
+            elif not k.startswith("_") and type(v) in (list, dict):
+                out.append((m, k, where, v, type(v)(v)))
+    return out
+
+
+def _is_number(v) -> bool:
+    return type(v) in _NUMBERS or type(v) is tuple and all(type(i) in _NUMBERS for i in v)
+
+
+def moved_in_python(state) -> Tuple[str, ...]:
+    """What of :func:`python_state` the trace's run of the forward changed (after the proxies it
+    set were put back), each named with how: Python the forward runs on the block's state at
+    each call (``self.hist.append(t)``, ``self.cache['last'] = t``, ``self.n += 1`` on an int),
+    which a trace runs once and its programs never. A value set again as the calibration left
+    it (transformers' Swin's shift set to 0, a cached size) moves no more, and a key a dict
+    gains is a cache filled (LeViT's attention-bias cache, keyed by the traced device)."""
+    moved = []
+    for m, k, where, v, before in state:
+        now = vars(m).get(k, _GONE)
+        if type(v) is list and (now is not v or len(v) != len(before) or
+                                any(a is not b for a, b in zip(v, before))):
+            more = len(now) - len(before) if type(now) is list else 0
+            moved.append(f"`{where}` (a list: " + (
+                f"{abs(more)} item(s) {'more' if more > 0 else 'fewer'} at each call)" if more
+                else "set anew at each call)"))
+        elif type(v) is dict and (now is not v or any(v.get(i, _GONE) is not before[i] for i in before)):
+            moved.append(f"`{where}` (a dict: an item set anew or removed at each call)")
+        elif type(v) not in (list, dict) and now is not v and (
+                now is _GONE or type(now) is not type(v) or now != v):
+            moved.append(f"`{where}` ({type(v).__name__}: {v!r}, then "
+                         f"{'deleted' if now is _GONE else repr(now)} after one more call)")
+    return tuple(moved)
+
+
+_GONE = object()
