@@ -1148,6 +1148,140 @@ def test_state_a_block_keeps_in_python_containers_and_numbers_is_refused_by_name
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     assert not evoplug.get_report(fast).failed and len(evoplug.get_report(fast).blocks) == 4
 
+
+def _warms_up(blk):
+    """``blk`` that counts its forwards in a plain tensor and reads the count as a Python number,
+    a warm-up factor on its attention (``w = min(1., float(self.steps) / 4)``)."""
+    class WarmingUp(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.steps += 1
+            w = min(1.0, float(self.steps) / 4)
+            x = x + self.attn(self.norm1(x)) * w
+            return x + self.mlp(self.norm2(x))
+    blk.__class__ = WarmingUp
+    blk.steps = torch.zeros(())
+    return blk
+
+
+def test_a_plain_tensor_counter_read_as_a_number_is_refused_by_name():
+    """A plain tensor counter (not a buffer) the forward reads as a Python number. Until audit
+    J1 of the forty-fifth session its second trace (the counter read as a traced value) failed
+    and the first stood: the counter froze where the conversion found it and the output was
+    0.35-1.2 off the dense model at keep 1.0 with ``identity_fast_path=False``, without a word.
+    The block is now refused naming it and the counter, as the same code on a buffer is; the
+    others convert (strict=False) and the model is the dense model at keep 1.0."""
+    model = sharp_tiny_vit()
+    _warms_up(model.blocks[2])
+    dense = copy.deepcopy(model)
+    example = torch.randn(1, 3, 32, 32)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.2`: its forward changes `steps`, "
+                                                      r"a plain tensor attribute .*float\(\)"):
+        evoplug.convert(model, keep_ratio=1.0, example_input=example)
+    fast = evoplug.convert(model, keep_ratio=1.0, example_input=example, strict=False,
+                           identity_fast_path=False)
+    assert [n for n, _ in evoplug.get_report(fast).failed] == ["blocks.2"]
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(fast(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert float(fast.blocks[2].steps) == float(dense.blocks[2].steps) == 3.0
+
+
+class _AveragesItsMap(_KeepsItsMap):
+    """An attention that keeps a running average of its class token's attention to the first
+    keys in a buffer, by an in-place chain (``self.m.mul_(0.9).add_(...)``), and no map."""
+
+    def __init__(self, attn):
+        super().__init__(attn)
+        self.register_buffer("m", torch.zeros(()))
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(-1)
+        with torch.no_grad():
+            self.m.mul_(0.9).add_(a[:, :, 0, :5].mean(), alpha=0.1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def _averages_its_input(blk):
+    """``blk`` that keeps a running average of its first tokens in a buffer, in place:
+    ``self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)``."""
+    class Averaging(type(blk)):
+        def forward(self, x, attn_mask=None):
+            with torch.no_grad():
+                self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)
+            return super().forward(x)
+    blk.__class__ = Averaging
+    blk.register_buffer("m", torch.zeros(32))
+    return blk
+
+
+def test_a_running_average_kept_by_an_in_place_chain_is_named():
+    """A running average of the tokens kept by the block and by its attention module in a
+    buffer, by an in-place chain (``self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)``).
+    Until audit J1 of the forty-fifth session the chain's second write (into the first's result,
+    the buffer itself) was not seen as a write into the buffer: nothing was named at the
+    conversion and at keep 1.0 with ``identity_fast_path=False`` the blocks averaged their
+    tokens in score order. Both are now named and keep 1.0 runs the blocks' own forward: the
+    averages are the dense model's."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        blk.attn = _AveragesItsMap(blk.attn).eval()
+        _averages_its_input(blk)
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"`blocks\.0\.m`.*`blocks\.0\.attn\.m`.*tokens it ran"):
+        fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 32, 32),
+                               identity_fast_path=False)
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn(2, 3, 32, 32)
+            torch.testing.assert_close(fast(x), dense(x), atol=1e-5, rtol=1e-5)
+    for b, d in zip(fast.blocks, dense.blocks):
+        torch.testing.assert_close(b.m, d.m, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(b.attn.m, d.attn.m, atol=1e-6, rtol=1e-6)
+
+
+def _registers_its_input(blk):
+    """``blk`` that keeps its first tokens in a buffer it registers in its forward:
+    ``self.register_buffer('last_in', x.detach()[:, :3].clone(), persistent=False)``."""
+    class Registering(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.register_buffer("last_in", x.detach()[:, :3].clone(), persistent=False)
+            return super().forward(x)
+    blk.__class__ = Registering
+    return blk
+
+
+def test_a_buffer_registered_in_the_forward_is_the_blocks_buffer():
+    """A buffer the forward registers (``self.register_buffer('last_in', ...)``). Until audit J1
+    of the forty-fifth session every program read it (the trace of ``register_buffer`` asks
+    whether it exists), though the conversion had taken away the calibration's: a raw
+    ``AttributeError`` at keep 0.5; and the value a size twin set went on the model's block as a
+    plain attribute, so the block's own forward then raised ``KeyError: "attribute 'last_in'
+    already exists"`` (keep 1.0, a 48 px call then a 32 px one). It is now a buffer of the
+    model's block, as the dense model's, in every role and at every size."""
+    model = sharp_tiny_vit(dynamic_img_size=True)
+    for blk in model.blocks:
+        _registers_its_input(blk)
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"`blocks\.0\.last_in`.*tokens it ran"):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    small, large = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in (small, large):
+            dense(x)
+            fast(x)
+        torch.testing.assert_close(fast.blocks[0].last_in, dense.blocks[0].last_in)  # (scoring)
+        evoplug.set_options(fast, keep_ratio=1.0)
+        for x in (large, small):
+            torch.testing.assert_close(fast(x), dense(x), atol=1e-5, rtol=1e-5)
+    for b, d in zip(fast.blocks, dense.blocks):
+        assert "last_in" in b._buffers and "last_in" not in vars(b) and "last_in" not in b.state_dict()
+        torch.testing.assert_close(b.last_in, d.last_in, atol=1e-5, rtol=1e-5)
+
+
 def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:
     """tests/plain_vit.py's ViT whose tokens (the class token first, plus its position table
     where ``position_table``) pass through ``stage`` before its layers."""

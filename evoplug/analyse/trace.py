@@ -599,11 +599,10 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             try:
                 graph, tracer = _traced(module, name, plan, attention_modules, example, saved, kept)
                 found = proxies_put_back(attributes)
-            except Exception:  # noqa: BLE001 - the first trace stands, as before
-                proxies_put_back(attributes)
-                changed_eagerly(plain)
-                _restore_mutable_state(saved)
+            except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
+                raise AnalysisError(name, _kept_refused(kept, e)) from None
         mark_set_by_forward(graph, found)
+        _drop_unread_attributes(graph)
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
@@ -638,6 +637,19 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
+
+
+def _kept_refused(kept: Tuple, e: Exception) -> str:
+    """Why a block whose plain tensor attributes changed while it was traced is refused when
+    it does not trace with them read as traced values (``float(self.steps)`` of a counter): the
+    first trace ran the change once, and its program would keep them still (and the values read
+    from them) without a word (audit J1 of the forty-fifth session)."""
+    names = ", ".join(f"`{path}`" for _, _, path in kept)
+    reason = e.reason if isinstance(e, AnalysisError) else f"{type(e).__name__}: {e}{_trace_hint(e)}"
+    what = "plain tensor attributes" if len(kept) > 1 else "a plain tensor attribute"
+    return (f"its forward changes {names}, {what} (not a buffer), which its program must read "
+            f"and set as a traced value (a program with it as a constant would keep it as the "
+            f"conversion found it), and torch.fx could not trace the block so: {reason}")
 
 
 def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int], example,
@@ -906,6 +918,15 @@ def _cancel_permutes(graph: fx.Graph):
         graph.erase_node(n)
         if not first.users:
             graph.erase_node(first)
+
+
+def _drop_unread_attributes(graph: fx.Graph):
+    """Attributes the trace read and nothing uses go: ``self.register_buffer('last', ...)`` in a
+    forward asks ``hasattr(self, 'last')``, which read the buffer the calibration's forward had
+    registered and the conversion took away, and every program raised ``AttributeError`` (audit
+    J1 of the forty-fifth session)."""
+    for node in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:
+        graph.erase_node(node)
 
 
 def _drop_constant_asserts(graph: fx.Graph):

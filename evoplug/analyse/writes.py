@@ -56,15 +56,18 @@ def module_attributes(module: nn.Module):
     return [(path, m, dict(vars(m)), dict(m._buffers)) for path, m in module.named_modules()]
 
 
-def proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node]]:
+def proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node, str]]:
     """What the trace set to a traced value (a proxy) on a module of :func:`module_attributes`,
-    as (module path, name, node), each put back as it was before the trace (or removed)."""
+    as (module path, name, node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent
+    buffer"``), each put back as it was before the trace (or removed)."""
     found = []
     for path, m, attrs, buffers in attributes:
         for now, before in ((m._buffers, buffers), (vars(m), attrs)):
             for k, v in list(now.items()):
                 if isinstance(v, fx.Proxy):
-                    found.append((path, k, v.node))
+                    kind = "attribute" if now is not m._buffers else \
+                        "non-persistent buffer" if k in m._non_persistent_buffers_set else "buffer"
+                    found.append((path, k, v.node, kind))
                     if k in before:
                         now[k] = before[k]
                     else:
@@ -106,10 +109,12 @@ def _version(t: torch.Tensor) -> Optional[int]:
 
 
 @fx.node.has_side_effect
-def set_by_forward(path: str, name: str, value):
+def set_by_forward(path: str, name: str, value, kind: str = "attribute"):
     """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
-    into (``self.attn_map = attn.detach()``); the program returns it for the block to set
-    (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the graph."""
+    into (``self.attn_map = attn.detach()``), as ``kind`` (:func:`proxies_put_back`: a buffer
+    where it sets one, ``self.register_buffer('last', ...)``); the program returns it for the
+    block to set (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the
+    graph."""
     return None
 
 
@@ -117,14 +122,14 @@ def mark_set_by_forward(graph: fx.Graph, found):
     """A :func:`set_by_forward` node for each value of this graph the forward set (an update in
     place of the same attribute, ``self.n += 1`` on a buffer, is one already)."""
     out = next(n for n in graph.nodes if n.op == "output")
-    for path, name, node in found:
+    for path, name, node, kind in found:
         target = f"{path}.{name}" if path else name
         first = node.args[0] if node.op == "call_method" and writes_in_place(node) else node
         if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
                                        and first.target == target):     # (or only read)
             continue
         with graph.inserting_before(out):
-            graph.call_function(set_by_forward, (path, name, node))
+            graph.call_function(set_by_forward, (path, name, node, kind))
 
 
 #: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's state

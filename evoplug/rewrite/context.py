@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..analyse.attention import AttentionSite
 from ..analyse.block import BlockAnalysis
-from ..analyse.graph import is_size_query, is_view
+from ..analyse.graph import is_size_query, is_view, writes_in_place
 
 
 @dataclasses.dataclass
@@ -70,9 +70,11 @@ def describe(a: BlockAnalysis, old: Optional[str], new: str):
 
 def viewed_attribute(n: fx.Node) -> Optional[fx.Node]:
     """The attribute (a get_attr node: a buffer, a plain tensor the forward changes) that ``n``
-    is, or is a view of (``self.hist[:, :N]``), else None."""
+    is, or is a view of (``self.hist[:, :N]``), else None. An in-place method returns its first
+    argument: ``self.m.mul_(0.9).add_(x.mean(), alpha=0.1)`` writes into ``self.m`` twice (an
+    EMA of the tokens so was never named until audit J1 of the forty-fifth session)."""
     while n.op != "get_attr":
-        if not is_view(n):
+        if not (is_view(n) or (n.op == "call_method" and writes_in_place(n))):
             return None
         n = n.args[0]
     return n

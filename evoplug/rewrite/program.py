@@ -226,23 +226,24 @@ def _outputs(rw: Rewrite):
 def _set_by_forward(rw: Rewrite) -> tuple:
     """The tensors the block's forward sets on itself or a module it traced into (analyse/
     analyse/writes.py ``set_by_forward``: ``self.attn_map = attn.detach()``), as (module path, name,
-    value) for the block to set from what its program computed (runtime/block.py); values of
-    another kind (a size) are the calibration's (BlockSpec.writes). Those computed from the
-    block's arguments are named in ``a.state_from_tokens``: an evolving block holds them for
-    the tokens it ran (audit H4 of the forty-fourth session: the programs set nothing, and the
-    attribute kept a batch from before the conversion). So are an attribute's in-place writes
-    from them, of their values or at a place read from the token count (``self.acc +=
-    x.mean()``, ``self.hist[:, :N] += a.mean(...)``, ``self.buf[n - 1] = 1``: the tokens'
+    value, kind: an attribute or a buffer) for the block to set from what its program computed
+    (runtime/block.py); values of another kind (a size) are the calibration's
+    (BlockSpec.writes). Those computed from the block's arguments are named in
+    ``a.state_from_tokens``: an evolving block holds them for the tokens it ran (audit H4 of
+    the forty-fourth session: the programs set nothing, and the attribute kept a batch from
+    before the conversion). So are an attribute's in-place writes from them, of their values
+    or at a place read from the token count (``self.acc += x.mean()``, ``self.hist[:, :N] +=
+    a.mean(...)``, ``self.buf[n - 1] = 1``, ``self.m.mul_(0.9).add_(x.mean())``: the tokens'
     order and count the block ran, also at keep 1.0 off the identity fast path, without a
     word, until the forty-fifth session)."""
     writes, from_tokens = [], []
     for n in [n for n in rw.graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
-        path, name, value = n.args
+        path, name, value, kind = n.args
         rw.graph.erase_node(n)
-        kind = value.meta.get("type")
-        if kind is not None and not issubclass(kind, torch.Tensor):
+        of = value.meta.get("type")
+        if of is not None and not issubclass(of, torch.Tensor):
             continue
-        writes.append((path, name, value))
+        writes.append((path, name, value, kind))
         if any(v.op == "placeholder" for v in ancestors(value) | {value}):
             from_tokens.append(f"{path}.{name}" if path else name)
     for n in [n for n in rw.graph.nodes if writes_in_place(n)]:
@@ -250,7 +251,7 @@ def _set_by_forward(rw: Rewrite) -> tuple:
         if written is not None and any(v.op == "placeholder" for v in ancestors(n)):
             from_tokens.append(written.target)
     rw.a.state_from_tokens = tuple(dict.fromkeys(rw.a.state_from_tokens + tuple(from_tokens)))
-    rw.a.sets_own = tuple(dict.fromkeys(rw.a.sets_own + tuple(k for p, k, _ in writes if not p)))
+    rw.a.sets_own = tuple(dict.fromkeys(rw.a.sets_own + tuple(k for p, k, *_ in writes if not p)))
     return tuple(writes)
 
 

@@ -436,11 +436,23 @@ class EvoBlockMixin:
 
 def _set_written(block: nn.Module, writes):
     """Set what the block's forward sets on itself or a module it traced into, as its program
-    computed it ((module path, name, value), rewrite/program.py ``_set_by_forward``): an
+    computed it ((module path, name, value, kind), rewrite/program.py ``_set_by_forward``): an
     attention map kept for visualisation is then the one of this call, over the tokens the block
     ran (it kept a batch from before the conversion until audit H4 of the forty-fourth session)."""
-    for path, name, value in writes:
-        setattr(block.get_submodule(path) if path else block, name, value)
+    for path, name, value, kind in writes:
+        _set_on(block.get_submodule(path) if path else block, name, value, kind)
+
+
+def _set_on(module: nn.Module, name: str, value: torch.Tensor, kind: str):
+    """``setattr``, but a buffer the forward registers (``self.register_buffer('last', ...)``,
+    kind ``"buffer"`` or ``"non-persistent buffer"``) that the module does not hold (the
+    conversion took the calibration's away) is registered as one, as the forward would: set as a
+    plain attribute, the forward's own ``register_buffer`` then raised ``KeyError: "attribute
+    'last' already exists"`` (audit J1 of the forty-fifth session)."""
+    if kind != "attribute" and name not in module._buffers:
+        module.register_buffer(name, value, persistent=kind == "buffer")
+    else:
+        setattr(module, name, value)
 
 
 def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
@@ -454,7 +466,9 @@ def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
     for name in spec.sets_own:
         value = getattr(twin, name, None)
         if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:
-            setattr(block, name, value)
+            kind = "attribute" if name not in twin._buffers else "non-persistent buffer" \
+                if name in twin._non_persistent_buffers_set else "buffer"
+            _set_on(block, name, value, kind)
     return out
 
 
