@@ -22,7 +22,7 @@ from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_p
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.snapshot import restore, snapshot
+from .analyse.snapshot import changed_tensors, kept_below, restore, snapshot
 from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
                                  stream_starts, token_provenance, varying_arguments)
 from .analyse.chain import chain_links, fresh_token_blocks
@@ -147,9 +147,10 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     if not inplace:
         model, opts = _copy_for_conversion(model, opts)
     analysed, parts = [], []
-    with _no_side_effects(model):
+    with _no_side_effects(model) as saved:
         calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
             model, example_input)
+        calls.derived["kept_state"] = changed_tensors(saved)    # (what the forwards moved)
         try:
             for name, module, call in candidates:
                 try:
@@ -192,16 +193,19 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
 
 def _tell_state_from_tokens(specs):
     """Warn where a block's forward sets a tensor from its tokens on itself or a module it
-    traced into (an attention map kept for visualisation): an evolving block sets it for the
+    traced into (an attention map kept for visualisation), or a module its programs call whole
+    changed a buffer or tensor attribute at the calibration (a running mean in ``norm1``, a
+    count in ``mlp``: audit J1 of the forty-fifth session): an evolving block sets it for the
     tokens it runs (audit H4 of the forty-fourth session: it kept a batch from before the
     conversion, without a word)."""
     found = [(s.name, a) for s in specs for a in s.state_from_tokens]
     if found:
         names = ", ".join(f"`{b}.{a}`" for b, a in found[:4]) + (" ..." if len(found) > 4 else "")
-        warnings.warn(f"evoplug: {names}: set by the block's forward from its tokens; where the "
-                      "block evolves it holds the value of the tokens it ran (prefix, kept tokens "
-                      "in score order, the representative token), not of every token in order; "
-                      "keep_ratio=1.0 runs the block's own forward", stacklevel=4)
+        warnings.warn(f"evoplug: {names}: set by the block's forward (or a module it calls) "
+                      "from its tokens; where the block evolves it holds the value of the tokens "
+                      "it ran (prefix, kept tokens in score order, the representative token), not "
+                      "of every token in order; keep_ratio=1.0 runs the block's own forward",
+                      stacklevel=4)
 
 
 def _plan(model: nn.Module, example, blocks: List[BlockAnalysis], calls, opts: EvoOptions,
@@ -415,7 +419,8 @@ def _no_side_effects(model: nn.Module):
     """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
     mode, with the random number generators restored afterwards: converting a model in train
     mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
-    put back as it was, and so is all of its own state (analyse/snapshot.py)."""
+    put back as it was, and so is all of its own state (analyse/snapshot.py). Yields the
+    snapshot: what the forwards changed in it is the state modules keep (``changed_tensors``)."""
     modes = [(m, m.training) for m in model.modules()]
     saved = snapshot(model)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
@@ -423,7 +428,7 @@ def _no_side_effects(model: nn.Module):
     with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
         model.eval()
         try:
-            yield
+            yield saved
         finally:
             model.train(modes[0][1])          # runs the modules' own train() overrides
             for m, mode in modes:
@@ -534,6 +539,7 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     try:
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
+        a.keeps_state = kept_below(module, calls.derived.get("kept_state", {}))
         counted = count_probe_graph(gm_eval, a)     # (before the rewrite changes gm_eval)
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])

@@ -1282,6 +1282,112 @@ def test_a_buffer_registered_in_the_forward_is_the_blocks_buffer():
         torch.testing.assert_close(b.last_in, d.last_in, atol=1e-5, rtol=1e-5)
 
 
+class _CountsItsCalls(torch.nn.Module):
+    """Passes its input on and counts its forwards in a buffer (``self.calls += 1``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls += 1
+        return x
+
+
+class _KeepsItsMean(torch.nn.LayerNorm):
+    """A LayerNorm that keeps the mean of its last input (``self.mean.copy_(...)``)."""
+
+    def __init__(self, norm):
+        super().__init__(norm.normalized_shape, eps=norm.eps)
+        self.load_state_dict(norm.state_dict())
+        self.register_buffer("mean", torch.zeros(norm.normalized_shape))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.copy_(x.mean((0, 1)))
+        return super().forward(x)
+
+
+def _keeps_state_in_what_it_calls(blk):
+    """``blk`` whose forward starts with ``x = self.pre(x)`` (a counter), whose ``norm1`` keeps
+    its input's mean and whose ``mlp`` counts the tokens it saw in a plain tensor
+    (``self.seen = self.seen + x.shape[1]``): state of modules its programs call whole."""
+    class Seeing(type(blk.mlp)):
+        def forward(self, x):
+            self.seen = self.seen + x.shape[1]
+            return super().forward(x)
+
+    class Pre(type(blk)):
+        def forward(self, x, attn_mask=None):
+            return super().forward(self.pre(x))
+    blk.__class__, blk.mlp.__class__, blk.mlp.seen = Pre, Seeing, torch.zeros(())
+    blk.pre, blk.norm1 = _CountsItsCalls(), _KeepsItsMean(blk.norm1)
+    return blk
+
+
+def test_state_the_modules_a_block_calls_keep_moves_once_per_call_and_is_named():
+    """State kept by the modules a block's programs call whole (audit J1 of the forty-fifth
+    session): a counter the block runs its input through first (``x = self.pre(x)``) counted 3
+    calls for each of the block's, in the scoring block and at keep 1.0 off the identity fast
+    path too (the fast update's base re-ran it on the full input and the representative token),
+    and ``norm1``'s kept mean and ``mlp``'s token count were those of the kept tokens where the
+    block evolved, without a word, though the same writes on the block itself are named. The
+    counter now counts as the dense model's, the state is named at the conversion, and at keep
+    1.0 off the fast path the blocks run their own forward: every state is the dense model's."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        _keeps_state_in_what_it_calls(blk)
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"`blocks\.0\.norm1\.mean`, `blocks\.0\.mlp\.seen`, "
+                                         r"`blocks\.0\.pre\.calls`.*tokens it ran"):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (dense, fast):
+            m(x)
+            m(x)
+        ran = [t for _, t in evoplug.tokens_per_block(fast)]
+        assert ran == [17, 10, 10, 10]
+        assert [float(b.pre.calls) for b in fast.blocks] == [float(b.pre.calls) for b in dense.blocks] == [2.0] * 4
+        assert [float(b.mlp.seen) for b in fast.blocks] == [2.0 * t for t in ran]   # (the tokens it ran)
+        torch.testing.assert_close(fast.blocks[0].norm1.mean, dense.blocks[0].norm1.mean)   # (scoring)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        for blk in list(dense.blocks) + list(fast.blocks):
+            blk.mlp.seen = torch.zeros(())
+        torch.testing.assert_close(fast(x), dense(x))
+    for b, d in zip(fast.blocks, dense.blocks):
+        assert float(b.pre.calls) == float(d.pre.calls) == 3.0
+        assert float(b.mlp.seen) == float(d.mlp.seen) == 17.0
+        torch.testing.assert_close(b.norm1.mean, d.norm1.mean)
+
+
+def test_a_counter_in_a_norm_the_map_runs_again_on_the_full_map_counts_once():
+    """PVTv2's ``norm1`` runs on the kept tokens and again on the full map (its reduced keys):
+    one that counts its calls in a buffer counted 2 for each of the block's where the block
+    evolved until audit J1 of the forty-fifth session; now 1, as in the dense model."""
+    class Counting(torch.nn.LayerNorm):
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+    model = _pvt()
+    norms = [m for n, m in model.named_modules() if n.endswith("norm1")]
+    for m in norms:
+        m.__class__ = Counting
+        m.register_buffer("calls", torch.zeros(()))
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=r"`stages\.0\.blocks\.0\.norm1\.calls`"):
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.randn(2, 3, 64, 64)
+        dense(x)
+        fast(x)
+    assert "evolve" in [s.role for s in evoplug.get_report(fast).blocks]
+    assert [float(m.calls) for n, m in fast.named_modules() if n.endswith("norm1")] == \
+        [float(m.calls) for m in dense.modules() if isinstance(m, Counting)] == [1.0] * len(norms)
+
+
 def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:
     """tests/plain_vit.py's ViT whose tokens (the class token first, plus its position table
     where ``position_table``) pass through ``stage`` before its layers."""

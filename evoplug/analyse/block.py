@@ -104,6 +104,10 @@ class BlockAnalysis:
     sets_own: Tuple[str, ...] = ()             # tensors its forward sets as attributes of
     #                                          the block itself (a size twin's block sets them
     #                                          on the model's block: runtime/block.py)
+    keeps_state: Tuple[str, ...] = ()          # ``path.name`` of the buffers and tensor
+    #                                          attributes of its submodules the calibration's
+    #                                          forwards changed (a counter, a running mean):
+    #                                          the programs run such a module once per call
 
     attention: str = ""              # human-readable attention description
     q: str = ""

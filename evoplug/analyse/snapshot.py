@@ -153,3 +153,39 @@ def _put_back(entries: list):
                 t.copy_(values)
             except (RuntimeError, NotImplementedError, TypeError):
                 where[k] = values
+
+
+def changed_tensors(saved: List[tuple]) -> dict:
+    """id(module) -> the names of its buffers and tensor attributes whose values the forwards
+    since :func:`snapshot` changed or made: state a module keeps from its forwards (a counter, a
+    running mean, the last input). A module whose class changed (a lazy one materialised) and
+    the analysis' own buffers are not counted; BatchNorm's statistics do not move in eval mode."""
+    from torch.nn.parameter import is_lazy
+    found = {}
+    for m, cls, bufs, _, _, values, _, _ in saved:
+        if type(m) is not cls:
+            continue
+        before = {**{k: v for k, _, v in bufs if v is not None}, **values}
+        now = dict(m.named_buffers(recurse=False)) if isinstance(m, torch.jit.ScriptModule) else \
+            {**{k: b for k, b in m._buffers.items() if not k.startswith(_OWN_BUFFERS)},
+             **{k: v for k, v in own_state(m).items() if isinstance(v, torch.Tensor)}}
+        names = tuple(k for k, t in now.items() if t is not None and not is_lazy(t) and
+                      not _equal(before.get(k), t))
+        if names:
+            found[id(m)] = names
+    return found
+
+
+def _equal(old, new: torch.Tensor) -> bool:
+    if old is None or old.shape != new.shape or old.dtype != new.dtype or old.layout != new.layout:
+        return False
+    try:
+        return bool(torch.equal(old, new.detach()))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return True       # (not comparable: taken as unchanged)
+
+
+def kept_below(module: nn.Module, changed: dict) -> tuple:
+    """``path.name`` (from ``module``) of the state :func:`changed_tensors` found in its
+    submodules, ``module`` itself left out."""
+    return tuple(f"{p}.{k}" for p, m in module.named_modules() if p for k in changed.get(id(m), ()))

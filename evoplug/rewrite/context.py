@@ -38,6 +38,14 @@ class Rewrite:
         return self.gm.graph
 
 
+def keeps_state(gm: fx.GraphModule, target: str) -> bool:
+    """The module at ``target`` (or one inside it) keeps state its forwards change (a counter,
+    a running mean: BlockAnalysis.keeps_state, which rewrite/program.py puts in ``gm.meta``):
+    a second run of it in the program runs without moving it (runtime/gather.py
+    ``without_state_update``)."""
+    return any(k.startswith(target + ".") for k in gm.meta.get("evo_keeps_state", ()))
+
+
 def op_name(n: fx.Node) -> str:
     if n.op == "call_module":
         return f"module {type(n.graph.owning_module.get_submodule(n.target)).__name__}"

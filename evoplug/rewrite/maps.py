@@ -20,8 +20,9 @@ from ..analyse.pointwise import node_treats_tokens_alike, token_wise_input
 from ..errors import AnalysisError
 from ..runtime.gather import (first_not_none, from_canvas, from_canvas_map, from_stream_map,
                               full_canvas, gather_pair_term, map_fast_base, stream_fast_base,
-                              to_canvas, tokens_to_map, without_stat_update)
-from .context import Rewrite, describe, is_size_value, op_name
+                              to_canvas, tokens_to_map, without_stat_update,
+                              without_state_update)
+from .context import Rewrite, describe, is_size_value, keeps_state, op_name
 
 
 def map_operations(rw: Rewrite):
@@ -282,10 +283,11 @@ def _token_wise_path(rw: Rewrite, src: fx.Node) -> Tuple[Optional[list], Optiona
 
 
 def _running_stats(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Whether the module ``node`` calls holds a norm with running statistics (BatchNorm)."""
+    """Whether the module ``node`` calls holds a norm with running statistics (BatchNorm), or
+    other state its forwards change (:func:`keeps_state`)."""
     from torch.nn.modules.batchnorm import _NormBase
-    return node.op == "call_module" and any(
-        isinstance(m, _NormBase) and m.track_running_stats for m in gm.get_submodule(node.target).modules())
+    return node.op == "call_module" and (keeps_state(gm, node.target) or any(
+        isinstance(m, _NormBase) and m.track_running_stats for m in gm.get_submodule(node.target).modules()))
 
 
 def _can_run_again(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -298,13 +300,15 @@ def _run_again(graph: fx.Graph, node: fx.Node, anchor: fx.Node, arg: fx.Node,
                old: Optional[fx.Node] = None) -> fx.Node:
     """A copy of ``node`` run on ``arg`` in place of its input ``old`` (its first), after
     ``anchor``: a BatchNorm's copy leaves the running statistics to the original's run (train
-    mode)."""
+    mode), a module keeping other state leaves it so too."""
     old = node.all_input_nodes[0] if old is None else old
     if _running_stats(graph.owning_module, node):
         with graph.inserting_after(anchor):
             module = graph.get_attr(node.target)
         with graph.inserting_after(module):
-            return graph.call_function(without_stat_update, (module, arg))
+            run = without_state_update if keeps_state(graph.owning_module, node.target) else \
+                without_stat_update
+            return graph.call_function(run, (module, arg))
     with graph.inserting_after(anchor):
         return graph.node_copy(node, lambda n: arg if n is old else n)
 

@@ -101,6 +101,9 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     # what replaces them, is read at run time: not part of what runtime/block.py checks)
     a.leaf_paths = tuple(sorted(set(a.leaf_paths) | {n.target for n in gm.graph.nodes
                                                      if n.op == "call_module"}))
+    # (state such a module keeps is the tokens' it ran, told as the block's own: audit J1)
+    a.state_from_tokens += tuple(k for k in a.keeps_state if k not in a.state_from_tokens and
+                                 any(k.startswith(p + ".") for p in a.leaf_paths))
     return _as_program(a, gm)
 
 
@@ -120,6 +123,7 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> Rewrite:
     """Add the ``_evo_pos`` and ``_evo_full`` arguments; a block that takes a (B, H, W, C) map
     runs its map part on the exact full map (its whole input), the token part on the subset."""
     graph = gm.graph
+    gm.meta["evo_keeps_state"] = a.keeps_state      # (rewrite/context.py keeps_state)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     token = placeholders[0]
     _drop_whole_views(graph, token)

@@ -27,7 +27,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 from ..analyse.graph import is_add
 from ..analyse.residual import is_call, scales
-from ..runtime.gather import without_stat_update
+from ..runtime.gather import without_stat_update, without_state_update
+from .context import keeps_state
 
 _SUBS = {operator.sub, operator.isub, torch.sub}
 _SAME_VALUES = {"contiguous", "clone", "float", "to", "type_as"}
@@ -114,10 +115,14 @@ def clone_path(graph: fx.Graph, path: List[fx.Node], z: fx.Node) -> fx.Node:
                 done[n] = a
             else:
                 done[n] = graph.call_function(operator.neg, (b,)) if sub else b
-        elif n.op == "call_module" and _running_stats(graph.owning_module, n.target):
-            # (a BatchNorm's running statistics move once, in the block's own run of it)
+        elif n.op == "call_module" and (keeps_state(graph.owning_module, n.target) or
+                                        _running_stats(graph.owning_module, n.target)):
+            # (a BatchNorm's running statistics, or a counter, move once, in the block's own
+            # run of it: audit J1 of the forty-fifth session)
             module = graph.get_attr(n.target)
-            done[n] = graph.call_function(without_stat_update, (module, done[n.args[0]]))
+            run = without_state_update if keeps_state(graph.owning_module, n.target) else \
+                without_stat_update
+            done[n] = graph.call_function(run, (module, done[n.args[0]]))
         elif n.op == "call_module":
             done[n] = graph.call_module(n.target, (done[n.args[0]],))
         else:

@@ -202,6 +202,35 @@ def without_stat_update(module: torch.nn.Module, t: Tensor) -> Tensor:
             n._buffers[k] = b
 
 
+def without_state_update(module: torch.nn.Module, t: Tensor) -> Tensor:
+    """``module(t)`` for a module whose forwards changed its buffers or tensor attributes at the
+    conversion (a counter, a running mean: BlockAnalysis.keeps_state) that the program runs
+    again on other tokens of the same forward (the fast update's base, the full map): it runs
+    on copies of them, and the module's own (its submodules' too) are put back as they were,
+    so they move once per forward, in the block's own run of it, as in the dense model (three
+    times until audit J1 of the forty-fifth session). Attributes it makes go again."""
+    saved = []
+    for m in module.modules():
+        own = vars(m)
+        saved.append((m, dict(m._buffers), dict(own)))
+        for k, b in m._buffers.items():
+            if b is not None:
+                m._buffers[k] = b.clone()
+        for k, v in list(own.items()):
+            if isinstance(v, Tensor):
+                own[k] = v.clone()
+    try:
+        return module(t)
+    finally:
+        for m, buffers, own in saved:
+            for k in [k for k in m._buffers if k not in buffers]:
+                del m._buffers[k]
+            m._buffers.update(buffers)
+            for k in [k for k in vars(m) if k not in own]:
+                del vars(m)[k]
+            vars(m).update(own)
+
+
 def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> Tensor:
     """The exact full map: the block's token-wise ops re-run on its full input (dense run:
     the tokens themselves)."""
