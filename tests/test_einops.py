@@ -131,3 +131,60 @@ def test_einops_in_a_helper_of_another_module_is_named_with_the_way_out(monkeypa
     with torch.no_grad():
         torch.testing.assert_close(fast(img), evoplug.convert(plain, 0.5, example_input=img[:1])(img),
                                    rtol=1e-5, atol=1e-5)
+
+
+class _WindowBlock(nn.Module):
+    """(B, N, C) tokens and (H, W), 4x4 windows cut through the (B, H, W, C) map, merged back to
+    the tokens by ``rearrange`` (``merge``) or by ``permute`` and one ``reshape``."""
+
+    def __init__(self, merge, dim=32, ws=4):
+        super().__init__()
+        self.merge, self.ws = merge, ws
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, H, W):
+        B, N, C = x.shape
+        ws = self.ws
+        w = self.norm(x).view(B, H, W, C).view(B, H // ws, ws, W // ws, ws, C)
+        w = w.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C)
+        q, k, v = self.qkv(w).chunk(3, dim=-1)
+        o = self.proj(((q @ k.transpose(-2, -1)) * C ** -0.5).softmax(-1) @ v)
+        o = o.view(B, H // ws, W // ws, ws, ws, C)
+        if self.merge:
+            return x + rearrange(o, "b h w p q c -> b (h p w q) c")
+        return x + o.permute(0, 1, 3, 2, 4, 5).reshape(B, N, C)
+
+
+def test_windows_merged_by_rearrange_are_refused_naming_it_with_the_way_out():
+    """A windowed block whose merge back to the tokens is one ``rearrange`` (an opaque node, no
+    map view) is refused, as docs/models.md says; the refusal said only "not equivariant to the
+    token order: it mixes tokens outside attention" (audit J2 of the forty-fifth session). It
+    names the call now and the way out: the same merge by ``permute`` and ``reshape`` converts."""
+
+    class Net(nn.Module):
+        def __init__(self, merge):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 32, 4, 4)
+            self.blocks = nn.ModuleList(_WindowBlock(merge) for _ in range(2))
+
+        def forward(self, img):
+            m = self.patch(img).permute(0, 2, 3, 1)
+            B, H, W, C = m.shape
+            x = m.reshape(B, H * W, C)
+            for b in self.blocks:
+                x = b(x, H, W)
+            return x
+
+    torch.manual_seed(0)
+    img = torch.randn(2, 3, 32, 32)
+    model, plain = Net(True).eval(), Net(False).eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(model(img), plain(img))
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: .*`rearrange\w*` \(einops\) "
+                       r"turns its tokens into the 2-D map or back as one opaque node, not "
+                       r"recognised as a map view: written with `reshape`"):
+        evoplug.convert(model, 0.5, example_input=img)
+    fast = evoplug.convert(plain, 1.0, example_input=img)
+    with torch.no_grad():
+        assert torch.equal(fast(img), plain(img))

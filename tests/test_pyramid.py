@@ -757,6 +757,50 @@ def test_windows_cut_inside_a_token_block_give_every_token_its_exact_attention_u
     torch.testing.assert_close(outs["view"], outs["map"], atol=1e-5, rtol=1e-5)
 
 
+class _OneReshapeWindowBlock(_WindowBlock):
+    """The 'tokens' writing with its windows cut from the tokens by one view (``cut``) or merged
+    back into them by one reshape (``merge``), no (B, H, W, C) map between."""
+
+    def __init__(self, dim, cut, merge):
+        super().__init__(dim, "tokens")
+        self.cut, self.merge = cut, merge
+
+    def forward(self, x, H=None, W=None):
+        B, L, C = x.shape
+        ws = self.ws
+        m = self.norm1(x) if self.cut else self.norm1(x).view(B, H, W, C)
+        w = self.attn(m.view(B, H // ws, ws, W // ws, ws, C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws * ws, C))
+        w = w.view(B, H // ws, W // ws, ws, ws, C).permute(0, 1, 3, 2, 4, 5)
+        x = x + (w.reshape(B, L, C) if self.merge else w.reshape(B, H, W, C).reshape(B, L, C))
+        return x + self.fc2(nn.functional.gelu(self.fc1(self.norm2(x))))
+
+
+@pytest.mark.parametrize("cut,merge", [(False, True), (True, False), (True, True)])
+def test_windows_cut_or_merged_in_one_reshape_evolve_as_through_the_map(cut, merge):
+    """A token block whose windows are merged back to its (B, N, C) tokens in one reshape,
+    ``o.permute(0, 1, 3, 2, 4, 5).reshape(B, N, C)``, or cut from them in one view,
+    ``x.view(B, H // ws, ws, W // ws, ws, C)``, with no (B, H, W, C) map between, was refused at
+    every keep as "not equivariant to the token order: it mixes tokens outside attention",
+    which it does not, while the same block going through the map converted (audit J2 of the
+    forty-fifth session): the one reshape was no map view. Now it is one: keep 1.0 is exact and
+    keep 0.5 gives what the writing through the map gives."""
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(1)
+    ref = _WindowNet("tokens").eval()
+    model = _WindowNet("tokens").eval()
+    model.blocks = nn.ModuleList(_OneReshapeWindowBlock(32, cut, merge) for _ in range(4))
+    model.load_state_dict(ref.state_dict())
+    fast = evoplug.convert(model, keep_ratio=1.0, example_input=x[:1])
+    with torch.no_grad():
+        assert torch.equal(model(x), ref(x))
+        torch.testing.assert_close(fast(x), model(x), atol=0, rtol=0)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    want = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1], reselect_every=1)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want(x), atol=1e-6, rtol=1e-6)
+    assert [n for _, n in evoplug.tokens_per_block(fast)] == [64, 33, 33, 33]
+
+
 def test_hiera_mask_unit_blocks_evolve_and_keep_every_tokens_exact_attention_update():
     """Hiera's mask-unit attention cuts its windows from the token sequence itself
     (``qkv(x).reshape(B, n, windows, 3, heads, d)``, the window count computed from the token

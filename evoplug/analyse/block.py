@@ -47,7 +47,8 @@ from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
 from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of, softmax_dim
-from .grid import find_grid_ops, reduced_kv_grid, window_token_index, windows_in_own_dim
+from .grid import (find_grid_ops, opaque_map_views, reduced_kv_grid, window_token_index,
+                   windows_in_own_dim)
 from .one_window import collapse_one_window
 from .probes import check_no_mixing_outside_attention
 from .residual import Branch, residual_branches
@@ -76,6 +77,7 @@ class BlockAnalysis:
     window_head_dims: Tuple[int, ...] = ()     # dims of the attention logits that are heads
     window_heads_folded: int = 1               # heads merged into the leading dim (B*win*heads)
     one_window: bool = False                   # its one window read as attention over the tokens
+    opaque_map_views: Tuple[str, ...] = ()     # einops calls between its tokens and the map
     row_full: bool = False                     # the global row covers every patch token
     batch_size: Optional[int] = None           # set when the trace specialised on the batch size
     heads_in_batch: bool = False               # its attention merges the heads into the batch dim
@@ -201,6 +203,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
         a.notes.append("one window covering the map, unshifted and unpadded: attention over the "
                        "tokens (its partition and merge removed)")
     _describe_map_operations(a, grid_ops)
+    a.opaque_map_views = opaque_map_views(gm, a.grid)
     _attention_kind(a, gm, site, grid_ops, x.shape[0], feed)
     varying = getattr(calls, "derived", {}).get("varying", ())
     rows = getattr(calls, "derived", {}).get("rows_not_images", ())

@@ -3,6 +3,7 @@ spatially reduced keys, and windows: which token each window slot holds."""
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import TYPE_CHECKING, Optional, Tuple
 
@@ -29,7 +30,9 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
     With the attention ``site``: a map whose one window covers it all (Swin's last stage, 7x7
     tokens in 7x7 windows) is partitioned and merged by views that look like map <-> token
     views; those inside the windowed attention (a 'from' of the map into the attention, a 'to'
-    from the attention's output before any residual add) are window views, not grid ops."""
+    from the attention's output before any residual add) are window views, not grid ops.
+    Windows cut from the tokens or merged back into them by one reshape are map views too
+    (``_window_view``)."""
     N, P, grid = a.num_tokens, a.num_prefix, a.grid
     if grid is None:
         return []
@@ -70,6 +73,8 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
             if so[dim] != M:
                 dim = len(so) - 1 - list(reversed(so)).index(M)
             ops.append(("from", n, (dim, layout(si, so))))
+        elif (op := _window_view(n, si, so, grid, site)) is not None:
+            ops.append(op)
     if site is not None and not ops and windows_in_own_dim(site, N):
         ops = _sequence_window_views(gm, N)
     if site is not None and ops:
@@ -80,6 +85,69 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
                                     f"`{ops[0][1].name}`): evoplug feeds the full map only to "
                                     "blocks whose tokens are all patches")
     return ops
+
+
+def _window_view(n: fx.Node, si, so, grid, site: Optional["AttentionSite"]):
+    """Windows cut from the (B, H * W, C) tokens or merged back into them by one reshape, with
+    no (B, H, W, C) map between: ``x.view(B, H // ws, ws, W // ws, ws, C)`` on the way to the
+    queries, ``o.permute(0, 1, 3, 2, 4, 5).reshape(B, N, C)`` after the attention. They read as
+    the views through the map (``.view(B, H, W, C).view(...)``, ``.reshape(B, H, W, C).reshape(B,
+    N, C)``): a 'to' of token dim 1, a channels-last 'from'. Until audit J2 of the forty-fifth
+    session the one reshape was no map view, and its block was refused as mixing tokens."""
+    if site is None:
+        return None
+    if _splits_the_map(so, si, grid) and isinstance(site.q, fx.Node) and n in ancestors(site.q):
+        return ("to", n, 1)
+    if _splits_the_map(si, so, grid) and site.node in ancestors(n):
+        return ("from", n, (1, "cl"))
+    return None
+
+
+def _splits_the_map(windows, tokens, grid) -> bool:
+    """``windows`` (B, ..., C) is ``tokens`` (B, H * W, C) with the map's dims split, its dims
+    between the batch and the channels multiplying to H, then to W ((B, H / ws, ws, W / ws, ws,
+    C) as the windows' merge permutes it back)."""
+    if len(windows) < 5 or len(tokens) != 3 or (windows[0], windows[-1]) != (tokens[0], tokens[-1]) \
+            or tokens[1] != grid[0] * grid[1]:
+        return False
+    return _split_map(windows[1:-1], grid)
+
+
+def _split_map(dims, grid) -> bool:
+    """``dims`` multiply to H, then to W: (H, W) itself or (H / ws, ws, W / ws, ws)."""
+    dims = [int(d) for d in dims]
+    return any(math.prod(dims[:k]) == grid[0] and math.prod(dims[k:]) == grid[1]
+               for k in range(1, len(dims)))
+
+
+def opaque_map_views(gm: fx.GraphModule, grid) -> Tuple[str, ...]:
+    """einops calls (``rearrange(o, 'b h w p q c -> b (h p w q) c')``, a ``Rearrange`` layer)
+    that turn the (B, H * W, C) tokens into the 2-D map or its windows, or back: one opaque node
+    each, no map view the rewrite can feed the full map or read back at the kept tokens. Named
+    in the block's refusal (until audit J2 of the forty-fifth session it said only that the
+    block mixes tokens outside attention)."""
+    if grid is None:
+        return ()
+    M, found = grid[0] * grid[1], []
+    for n in gm.graph.nodes:
+        fn = type(gm.get_submodule(n.target)) if n.op == "call_module" else n.target
+        if n.op not in ("call_function", "call_module") or \
+                not (getattr(fn, "__module__", None) or "").startswith("einops"):
+            continue
+        si = shape_of(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        so = shape_of(n)
+        if si is not None and so is not None and any(      # (channels last or first)
+                len(t) == 3 and M in t[1:] and len(m) >= 4 and (
+                    _map_dims(m[1:-1], M) or _map_dims(m[2:], M))
+                for t, m in ((si, so), (so, si))):
+            found.append(f"`{n.name}`")
+    return tuple(found)
+
+
+def _map_dims(dims, M: int) -> bool:
+    """``dims``, each between 1 and M, multiply to M: the map's (H, W), or its windows' dims in
+    any order ((H / ws, W / ws, ws, ws) before the merge permutes them), not the tokens whole."""
+    return all(1 < d < M for d in dims) and math.prod(int(d) for d in dims) == M
 
 
 def _heads_merged(src: fx.Node, site: "AttentionSite") -> bool:

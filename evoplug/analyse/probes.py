@@ -129,7 +129,7 @@ def check_no_mixing_outside_attention(gm: fx.GraphModule, site: AttentionSite, a
             a.name, "mixes tokens outside its attention (with the attention's output set to "
                     f"a constant, changing one patch token changed others by up to {err:.3g}): e.g. a "
                     "mean or sum over the tokens, which evoplug would take over the kept tokens "
-                    "only" + quantised_hint(a.module))
+                    "only" + quantised_hint(a.module) + _opaque_view_hint(a))
     if not has_grid_ops and not a.token_map:
         _check_count_free(probe, a, feed, ref.reshape(B, N, -1), tol * max(1.0, float(ref.abs().max())))
 
@@ -358,7 +358,7 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
                     a.name, "not equivariant to the token order (max abs diff "
                             f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
                             "attention or has a position-dependent term evoplug cannot follow"
-                            + _one_image_hint(a, extras, B))
+                            + _one_image_hint(a, extras, B) + _opaque_view_hint(a))
             step = _ON_SUBSET
             k = max(1, M // 2)
             sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
@@ -460,6 +460,16 @@ def _one_image_hint(a, extras, images: int) -> str:
     return "" if not shared else (
         f"; or its argument {', '.join(shared)} holds one value per image, which one calibration "
         "image cannot show: convert on two or more example images")
+
+
+def _opaque_view_hint(a) -> str:
+    """The einops calls between the block's tokens and its 2-D map (grid.opaque_map_views),
+    which evoplug does not read as map views, with the way out."""
+    if not a.opaque_map_views:
+        return ""
+    return (f"; {', '.join(a.opaque_map_views)} (einops) turns its tokens into the 2-D map or "
+            "back as one opaque node, not recognised as a map view: written with `reshape` "
+            "or `view` and `permute` it converts")
 
 
 def _in_float32(m: nn.Module, args, kwargs):

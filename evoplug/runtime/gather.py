@@ -238,12 +238,13 @@ def full_canvas(t: Tensor, t_full: Optional[Tensor], pos: Optional[Tensor]) -> T
 
 
 def from_canvas_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str) -> Tensor:
-    """A 2-D map (B, C, H, W) ('cf') or (B, H, W, C) ('cl'), or windows cut from the token
-    sequence ('seq<k>': dims 1..k are the tokens, the rest channels), back to tokens along
-    ``dim``, read at the subset's positions (all positions for a dense run)."""
+    """A 2-D map (B, C, H, W) ('cf') or (B, H, W, C) ('cl': or its windows merged back,
+    (B, H / ws, ws, W / ws, ws, C)), or windows cut from the token sequence ('seq<k>': dims
+    1..k are the tokens, the rest channels), back to tokens along ``dim``, read at the subset's
+    positions (all positions for a dense run)."""
     if layout.startswith("seq"):
         return from_canvas(t.flatten(1, int(layout[3:])).flatten(2), pos, dim)
-    t = t.flatten(2) if layout == "cf" else t.flatten(1, 2)       # (B, C, M) / (B, M, C)
+    t = t.flatten(2) if layout == "cf" else t.flatten(1, -2)      # (B, C, M) / (B, M, C)
     if (layout == "cf") != (dim == 2):
         t = t.transpose(1, 2)
     return from_canvas(t, pos, dim)
