@@ -1043,6 +1043,17 @@ def _keeps_its_input(blk):
     return blk
 
 
+def _dense_and_converted(model, told: str, size: int = 32, **options):
+    """(a copy of the dense ``model``, ``model`` converted at keep 0.5 on one image of ``size``
+    px), the conversion's warning matching ``told``: the state tests compare the two after the
+    same calls."""
+    dense = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match=told):
+        fast = evoplug.convert(model, **{"keep_ratio": 0.5, **options},
+                               example_input=torch.randn(1, 3, size, size))
+    return dense, fast
+
+
 def test_state_a_block_keeps_in_plain_tensors_and_at_other_sizes_is_the_users():
     """State the forward keeps in a plain tensor attribute (``self.total = self.total + 1``,
     ``self.steps += 1``), at a place read from the token count (``self.hist[:, :N] += ...``),
@@ -1058,9 +1069,7 @@ def test_state_a_block_keeps_in_plain_tensors_and_at_other_sizes_is_the_users():
     for blk in model.blocks:
         blk.attn = _KeepsCounts(blk.attn).eval()
         _keeps_its_input(blk)
-    dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"`blocks\.0\.attn\.hist`.*tokens it ran"):
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    dense, fast = _dense_and_converted(model, r"`blocks\.0\.attn\.hist`.*tokens it ran")
     x, other = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1229,10 +1238,8 @@ def test_a_running_average_kept_by_an_in_place_chain_is_named():
     for blk in model.blocks:
         blk.attn = _AveragesItsMap(blk.attn).eval()
         _averages_its_input(blk)
-    dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"`blocks\.0\.m`.*`blocks\.0\.attn\.m`.*tokens it ran"):
-        fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 32, 32),
-                               identity_fast_path=False)
+    dense, fast = _dense_and_converted(model, r"`blocks\.0\.m`.*`blocks\.0\.attn\.m`.*tokens it ran",
+                                       keep_ratio=1.0, identity_fast_path=False)
     with torch.no_grad():
         for _ in range(2):
             x = torch.randn(2, 3, 32, 32)
@@ -1264,9 +1271,7 @@ def test_a_buffer_registered_in_the_forward_is_the_blocks_buffer():
     model = sharp_tiny_vit(dynamic_img_size=True)
     for blk in model.blocks:
         _registers_its_input(blk)
-    dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"`blocks\.0\.last_in`.*tokens it ran"):
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    dense, fast = _dense_and_converted(model, r"`blocks\.0\.last_in`.*tokens it ran")
     small, large = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1337,10 +1342,8 @@ def test_state_the_modules_a_block_calls_keep_moves_once_per_call_and_is_named()
     model = sharp_tiny_vit()
     for blk in model.blocks:
         _keeps_state_in_what_it_calls(blk)
-    dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"`blocks\.0\.norm1\.mean`, `blocks\.0\.mlp\.seen`, "
-                                         r"`blocks\.0\.pre\.calls`.*tokens it ran"):
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    dense, fast = _dense_and_converted(model, r"`blocks\.0\.norm1\.mean`, `blocks\.0\.mlp\.seen`, "
+                                              r"`blocks\.0\.pre\.calls`.*tokens it ran")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1375,9 +1378,7 @@ def test_a_counter_in_a_norm_the_map_runs_again_on_the_full_map_counts_once():
     for m in norms:
         m.__class__ = Counting
         m.register_buffer("calls", torch.zeros(()))
-    dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=r"`stages\.0\.blocks\.0\.norm1\.calls`"):
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
+    dense, fast = _dense_and_converted(model, r"`stages\.0\.blocks\.0\.norm1\.calls`", size=64)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x = torch.randn(2, 3, 64, 64)
