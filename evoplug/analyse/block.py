@@ -142,8 +142,9 @@ _EXTRA_KEYS = ("; {} key(s) more than its tokens: keys appended to the tokens' o
                "only as nn.MultiheadAttention makes them (add_bias_kv=True, add_zero_attn=True), "
                "whose softmax over them the global row includes")
 
-#: a block whose forward changes Python state at each call (analyse/writes.py moved_in_python;
-#: its programs left it as it was, without a word, until audit J1 of the forty-fifth session)
+#: a block whose forward changes Python state at each call (analyse/writes.py
+#: StateBeforeTrace.moved_in_python; its programs left it as it was, without a word, until
+#: audit J1 of the forty-fifth session)
 _MOVED_IN_PYTHON = ("its forward changes Python state at each call: {}; its programs (traced code) "
                     "would not, so the converted block would leave it as the conversion did. Keep "
                     "such state in a tensor attribute (`self.n = self.n + 1`, `self.last = "

@@ -25,8 +25,7 @@ from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
-from .writes import (changed_eagerly, in_place_on_attributes, mark_set_by_forward, module_attributes,
-                     moved_in_python, plain_tensors, proxies_put_back, python_state)
+from .writes import StateBeforeTrace, in_place_on_attributes, mark_set_by_forward
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -102,7 +101,7 @@ class BlockTracer(fx.Tracer):
         # other threads' modules (the same model's, running forwards) must run as usual
         self._thread = threading.get_ident()
         # plain tensor attributes the forward changes (``self.total += 1``): traced as
-        # attributes, read and set by the program (see changed_eagerly)
+        # attributes, read and set by the program (see StateBeforeTrace.changed_eagerly)
         self._kept = kept
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
@@ -585,20 +584,18 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     module = _fixed_signature_root(module, plan)
     was = module.training
     module.train(training)
-    saved = _mutable_state(module)
-    attributes, plain = module_attributes(module), plain_tensors(module)
-    python = python_state(module)
+    before = StateBeforeTrace(module)
     tracer = None
     try:
-        graph, tracer = _traced(module, name, plan, attention_modules, example, saved)
-        found = proxies_put_back(attributes)
-        moved = moved_in_python(python)
-        kept = changed_eagerly(plain)
+        graph, tracer = _traced(module, name, plan, attention_modules, example, before)
+        found = before.proxies_put_back()
+        moved = before.moved_in_python()
+        kept = before.changed_eagerly()
         if kept:         # traced again, those attributes read as the graph's values
-            _restore_mutable_state(saved)
+            before.restore_containers()
             try:
-                graph, tracer = _traced(module, name, plan, attention_modules, example, saved, kept)
-                found = proxies_put_back(attributes)
+                graph, tracer = _traced(module, name, plan, attention_modules, example, before, kept)
+                found = before.proxies_put_back()
             except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
                 raise AnalysisError(name, _kept_refused(kept, e)) from None
         mark_set_by_forward(graph, found)
@@ -630,9 +627,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         raise AnalysisError(name, f"torch.fx could not trace the block: {type(e).__name__}: "
                                   f"{e}{_trace_hint(e)}") from None
     finally:
-        _restore_mutable_state(saved)
-        proxies_put_back(attributes)
-        changed_eagerly(plain)
+        before.put_back()
         module.train(was)
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
@@ -653,9 +648,9 @@ def _kept_refused(kept: Tuple, e: Exception) -> str:
 
 
 def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set[int], example,
-            saved, kept: Tuple = ()) -> Tuple[fx.Graph, BlockTracer]:
+            before: StateBeforeTrace, kept: Tuple = ()) -> Tuple[fx.Graph, BlockTracer]:
     """The block's graph and its tracer (see :func:`trace_block`), ``kept``: the plain tensor
-    attributes read as traced values (:func:`changed_eagerly`)."""
+    attributes read as traced values (:meth:`StateBeforeTrace.changed_eagerly`)."""
     # timm's notrace modules that hold the attention (Twins' locally-grouped attention)
     # often trace once the block's constant arguments are known; else they stay leaves
     tracer = None
@@ -665,7 +660,7 @@ def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set
     except Exception as first:  # noqa: BLE001 - retried below, the first message is kept
         if not _holds_family_leaves(module, tracer):
             raise
-        _restore_mutable_state(saved)
+        before.restore_containers()
         tracer = BlockTracer(attention_modules, example=example, kept=kept)
         try:
             graph = tracer.trace(module, concrete_args=dict(plan.constants))
@@ -674,7 +669,7 @@ def _traced(module: nn.Module, name: str, plan: CallPlan, attention_modules: Set
                                       f"{type(first).__name__}: {first} (and with the notrace "
                                       f"modules kept whole: {type(second).__name__}: "
                                       f"{second}){_trace_hint(second)}") from None
-    return _into_wrapped(module, graph, tracer, saved, plan, example)
+    return _into_wrapped(module, graph, tracer, before, plan, example)
 
 
 def _globally_wrapped() -> set:
@@ -711,8 +706,8 @@ def _has_attention(graph: fx.Graph, root: nn.Module) -> bool:
                for n in graph.nodes)
 
 
-def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer, saved, plan,
-                  example) -> Tuple[fx.Graph, BlockTracer]:
+def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer,
+                  before: StateBeforeTrace, plan, example) -> Tuple[fx.Graph, BlockTracer]:
     """The block traced again into the functions its library registered with ``torch.fx.wrap``
     (kept whole by fx in every trace of the process) where the first trace shows no attention
     and called such functions: the attention may run inside one (torchvision's Swin:
@@ -721,13 +716,13 @@ def _into_wrapped(module: nn.Module, graph: fx.Graph, tracer: BlockTracer, saved
     the attention."""
     if not tracer.global_wrapped or _has_attention(graph, tracer.root):
         return graph, tracer
-    _restore_mutable_state(saved)
+    before.restore_containers()
     again = BlockTracer(tracer._attention_modules, into_notrace=tracer._into_notrace,
                         example=example, trace_into=tracer.global_wrapped, kept=tracer._kept)
     try:
         retraced = again.trace(module, concrete_args=dict(plan.constants))
     except Exception:  # noqa: BLE001 - the first graph stands (and is refused as it was)
-        _restore_mutable_state(saved)
+        before.restore_containers()
         return graph, tracer
     if not _has_attention(retraced, again.root):
         return graph, tracer
@@ -741,7 +736,7 @@ def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) ->
     import numpy as np
     was = module.training
     module.train(training)
-    saved = _mutable_state(module)
+    before = StateBeforeTrace(module)
     tracer = BlockTracer(set())
     states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
     try:
@@ -758,7 +753,7 @@ def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) ->
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
-        _restore_mutable_state(saved)
+        before.restore_containers()
         module.train(was)
 
 
@@ -846,29 +841,6 @@ def _trace_hint(e: Exception) -> str:
                 f"trace: make the tensor from one that is traced (`x.new_{f}(...)`), or register "
                 "the function that makes it with evoplug.register_leaf_function")
     return ""
-
-
-def _mutable_state(module: nn.Module):
-    """Shallow copies of the dict/list attributes of every submodule: tracing runs the
-    modules' Python with proxies, and caches (e.g. LeViT's attention-bias cache) must not keep
-    them."""
-    saved = []
-    for m in module.modules():
-        for k, v in vars(m).items():
-            if k.startswith("_") or not isinstance(v, (dict, list)):
-                continue
-            saved.append((m, k, v, type(v)(v)))
-    return saved
-
-
-def _restore_mutable_state(saved):
-    for m, k, obj, copy_ in saved:
-        if isinstance(obj, dict):
-            obj.clear()
-            obj.update(copy_)
-        else:
-            obj[:] = copy_
-        setattr(m, k, obj)
 
 
 def _split_baddbmm(graph: fx.Graph):

@@ -4,7 +4,8 @@ attributes or buffers found and put back after the trace (``self.attn_map = attn
 tensor attributes a trace changed by running the forward's own code, and the
 :func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
 ``_set_by_forward``; runtime/block.py sets them), and the Python state it changes at each
-call, which no program does (:func:`moved_in_python`: the block is refused)."""
+call, which no program does (:meth:`StateBeforeTrace.moved_in_python`: the block is
+refused). :class:`StateBeforeTrace` records what a trace may change and puts it back."""
 from __future__ import annotations
 
 import contextlib
@@ -50,55 +51,98 @@ def in_place_on_attributes():
                 setattr(fx.Proxy, name, before)
 
 
-def module_attributes(module: nn.Module):
-    """(path, module, its own attributes, its buffers) of every module of ``module``, before a
-    trace: the trace leaves a proxy where a forward sets an attribute or a buffer."""
-    return [(path, m, dict(vars(m)), dict(m._buffers)) for path, m in module.named_modules()]
+class StateBeforeTrace:
+    """What the modules of a block hold before a trace runs its forward's Python with proxies,
+    recorded once for every use: each module's own attributes and buffers (by identity; a
+    forward that sets one leaves a proxy there), the contents of its lists and dicts (caches,
+    LeViT's attention-bias cache, must not keep proxies; a list that grows is a forward that
+    moves Python state), and its plain tensor attributes with their versions and values (a
+    forward may change one eagerly). :meth:`put_back` puts all of it back; the other methods
+    tell what the trace changed."""
 
+    def __init__(self, module: nn.Module):
+        self.modules = []
+        for path, m in module.named_modules():
+            attrs = dict(vars(m))
+            containers = {k: type(v)(v) for k, v in attrs.items()
+                          if not k.startswith("_") and isinstance(v, (dict, list))}
+            tensors = {k: (_version(v), v.detach().clone()) for k, v in attrs.items()
+                       if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")}
+            self.modules.append((path, m, attrs, dict(m._buffers), containers, tensors))
 
-def proxies_put_back(attributes) -> List[Tuple[str, str, fx.Node, str]]:
-    """What the trace set to a traced value (a proxy) on a module of :func:`module_attributes`,
-    as (module path, name, node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent
-    buffer"``), each put back as it was before the trace (or removed)."""
-    found = []
-    for path, m, attrs, buffers in attributes:
-        for now, before in ((m._buffers, buffers), (vars(m), attrs)):
-            for k, v in list(now.items()):
-                if isinstance(v, fx.Proxy):
-                    kind = "attribute" if now is not m._buffers else \
-                        "non-persistent buffer" if k in m._non_persistent_buffers_set else "buffer"
-                    found.append((path, k, v.node, kind))
-                    if k in before:
-                        now[k] = before[k]
-                    else:
-                        del now[k]
-    return found
+    def restore_containers(self):
+        """The lists and dicts put back as they were, the same objects (one a cache holds)."""
+        for _, m, attrs, _, containers, _ in self.modules:
+            for k, copy_ in containers.items():
+                obj = attrs[k]
+                if isinstance(obj, dict):
+                    obj.clear()
+                    obj.update(copy_)
+                else:
+                    obj[:] = copy_
+                setattr(m, k, obj)
 
+    def proxies_put_back(self) -> List[Tuple[str, str, fx.Node, str]]:
+        """What the trace set to a traced value (a proxy) on a module, as (module path, name,
+        node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent buffer"``), each put back
+        as it was before the trace (or removed)."""
+        found = []
+        for path, m, attrs, buffers, _, _ in self.modules:
+            for now, before in ((m._buffers, buffers), (vars(m), attrs)):
+                for k, v in list(now.items()):
+                    if isinstance(v, fx.Proxy):
+                        kind = "attribute" if now is not m._buffers else \
+                            "non-persistent buffer" if k in m._non_persistent_buffers_set else "buffer"
+                        found.append((path, k, v.node, kind))
+                        if k in before:
+                            now[k] = before[k]
+                        else:
+                            del now[k]
+        return found
 
-def plain_tensors(module: nn.Module) -> List[tuple]:
-    """(module, name, path, tensor, its version, a copy) of every plain tensor attribute (not a
-    parameter or buffer) of the modules of ``module``, before a trace."""
-    return [(m, k, f"{path}.{k}" if path else k, v, _version(v), v.detach().clone())
-            for path, m in module.named_modules() for k, v in vars(m).items()
-            if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")]
+    def changed_eagerly(self) -> Tuple[Tuple[nn.Module, str, str], ...]:
+        """The plain tensor attributes (not parameters or buffers) the trace changed by running
+        the forward's own code on them, as (module, name, path), each put back as it was: fx
+        reads such an attribute as the tensor, so ``self.total += 1`` or ``self.total =
+        self.total + 1`` (no traced value in it) ran once while tracing and not in the program,
+        and the counter stood still after the conversion (a known gap of the forty-fourth
+        session)."""
+        changed = []
+        for path, m, attrs, _, _, tensors in self.modules:
+            for k, (version, copy_) in tensors.items():
+                v = attrs[k]
+                if vars(m).get(k) is v and _version(v) == version:
+                    continue
+                changed.append((m, k, f"{path}.{k}" if path else k))
+                if _version(v) != version:
+                    with torch.no_grad():
+                        v.copy_(copy_)
+                vars(m)[k] = v
+        return tuple(changed)
 
+    def moved_in_python(self) -> Tuple[str, ...]:
+        """What of the Python numbers (flags, strings, tuples of them), lists and dicts the
+        modules hold the trace's run of the forward changed (after the proxies it set were put
+        back), each named with how: Python the forward runs on the block's state at each call
+        (``self.hist.append(t)``, ``self.cache['last'] = t``, ``self.n += 1`` on an int), which
+        a trace runs once and its programs never. A value set again as the calibration left it
+        (transformers' Swin's shift set to 0, a cached size) moves no more, and a key a dict
+        gains is a cache filled (LeViT's attention-bias cache, keyed by the traced device)."""
+        moved = []
+        for path, m, attrs, _, containers, _ in self.modules:
+            for k, v in attrs.items():
+                where = f"{path}.{k}" if path else k
+                if k not in _MODULE_KEYS and _is_number(v):
+                    moved += _number_moved(m, k, where, v)
+                elif not k.startswith("_") and type(v) in (list, dict):
+                    moved += _container_moved(m, k, where, v, containers[k])
+        return tuple(moved)
 
-def changed_eagerly(plain) -> Tuple[Tuple[nn.Module, str, str], ...]:
-    """The plain tensor attributes of :func:`plain_tensors` the trace changed by running the
-    forward's own code on them, as (module, name, path), each put back as it was: fx reads
-    such an attribute as the tensor, so ``self.total += 1`` or ``self.total = self.total + 1``
-    (no traced value in it) ran once while tracing and not in the program, and the counter
-    stood still after the conversion (a known gap of the forty-fourth session)."""
-    changed = []
-    for m, k, path, v, version, copy_ in plain:
-        if vars(m).get(k) is v and _version(v) == version:
-            continue
-        changed.append((m, k, path))
-        if _version(v) != version:
-            with torch.no_grad():
-                v.copy_(copy_)
-        vars(m)[k] = v
-    return tuple(changed)
+    def put_back(self):
+        """Everything as it was before the trace."""
+        self.restore_containers()
+        self.proxies_put_back()
+        self.changed_eagerly()
 
 
 def _version(t: torch.Tensor) -> Optional[int]:
@@ -111,7 +155,7 @@ def _version(t: torch.Tensor) -> Optional[int]:
 @fx.node.has_side_effect
 def set_by_forward(path: str, name: str, value, kind: str = "attribute"):
     """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
-    into (``self.attn_map = attn.detach()``), as ``kind`` (:func:`proxies_put_back`: a buffer
+    into (``self.attn_map = attn.detach()``), as ``kind`` (:meth:`StateBeforeTrace.proxies_put_back`: a buffer
     where it sets one, ``self.register_buffer('last', ...)``); the program returns it for the
     block to set (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the
     graph."""
@@ -135,49 +179,29 @@ def mark_set_by_forward(graph: fx.Graph, found):
 #: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's state
 _MODULE_KEYS = frozenset(nn.Module().__dict__)
 _NUMBERS = (bool, int, float, complex, str, type(None))
-
-
-def python_state(module: nn.Module) -> List[tuple]:
-    """(module, name, path, value, a shallow copy) of the Python numbers (flags, strings, tuples
-    of them), lists and dicts the modules of ``module`` hold, before a trace."""
-    out = []
-    for path, m in module.named_modules():
-        for k, v in vars(m).items():
-            where = f"{path}.{k}" if path else k
-            if k not in _MODULE_KEYS and _is_number(v):
-                out.append((m, k, where, v, v))
-            elif not k.startswith("_") and type(v) in (list, dict):
-                out.append((m, k, where, v, type(v)(v)))
-    return out
+_GONE = object()
 
 
 def _is_number(v) -> bool:
     return type(v) in _NUMBERS or type(v) is tuple and all(type(i) in _NUMBERS for i in v)
 
 
-def moved_in_python(state) -> Tuple[str, ...]:
-    """What of :func:`python_state` the trace's run of the forward changed (after the proxies it
-    set were put back), each named with how: Python the forward runs on the block's state at
-    each call (``self.hist.append(t)``, ``self.cache['last'] = t``, ``self.n += 1`` on an int),
-    which a trace runs once and its programs never. A value set again as the calibration left
-    it (transformers' Swin's shift set to 0, a cached size) moves no more, and a key a dict
-    gains is a cache filled (LeViT's attention-bias cache, keyed by the traced device)."""
-    moved = []
-    for m, k, where, v, before in state:
-        now = vars(m).get(k, _GONE)
-        if type(v) is list and (now is not v or len(v) != len(before) or
-                                any(a is not b for a, b in zip(v, before))):
-            more = len(now) - len(before) if type(now) is list else 0
-            moved.append(f"`{where}` (a list: " + (
-                f"{abs(more)} item(s) {'more' if more > 0 else 'fewer'} at each call)" if more
-                else "set anew at each call)"))
-        elif type(v) is dict and (now is not v or any(v.get(i, _GONE) is not before[i] for i in before)):
-            moved.append(f"`{where}` (a dict: an item set anew or removed at each call)")
-        elif type(v) not in (list, dict) and now is not v and (
-                now is _GONE or type(now) is not type(v) or now != v):
-            moved.append(f"`{where}` ({type(v).__name__}: {v!r}, then "
-                         f"{'deleted' if now is _GONE else repr(now)} after one more call)")
-    return tuple(moved)
+def _number_moved(m: nn.Module, k: str, where: str, v) -> List[str]:
+    now = vars(m).get(k, _GONE)
+    if now is v or now is not _GONE and type(now) is type(v) and now == v:
+        return []
+    return [f"`{where}` ({type(v).__name__}: {v!r}, then "
+            f"{'deleted' if now is _GONE else repr(now)} after one more call)"]
 
 
-_GONE = object()
+def _container_moved(m: nn.Module, k: str, where: str, v, before) -> List[str]:
+    now = vars(m).get(k, _GONE)
+    if type(v) is list and (now is not v or len(v) != len(before) or
+                            any(a is not b for a, b in zip(v, before))):
+        more = len(now) - len(before) if type(now) is list else 0
+        return [f"`{where}` (a list: " + (
+            f"{abs(more)} item(s) {'more' if more > 0 else 'fewer'} at each call)" if more
+            else "set anew at each call)")]
+    if type(v) is dict and (now is not v or any(v.get(i, _GONE) is not before[i] for i in before)):
+        return [f"`{where}` (a dict: an item set anew or removed at each call)"]
+    return []
