@@ -603,6 +603,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         _drop_constant_asserts(graph)
         _python_numbers(graph)
         _split_baddbmm(graph)
+        _out_as_copy(graph)
         if plan.token_perm:
             _cancel_permutes(graph)
         _constants_to_buffers(module)
@@ -841,6 +842,24 @@ def _trace_hint(e: Exception) -> str:
                 f"trace: make the tensor from one that is traced (`x.new_{f}(...)`), or register "
                 "the function that makes it with evoplug.register_leaf_function")
     return ""
+
+
+def _out_as_copy(graph: fx.Graph):
+    """``torch.add(a, b, out=t)`` as ``t.copy_(torch.add(a, b))``: a write into ``t`` in place,
+    which the analysis follows as it follows ``t.mul_(...)`` or ``t[...] = ...`` (the writes
+    from the tokens into a buffer named, keep 1.0 run by the block's own forward). Written with
+    ``out=``, a running mean kept in a buffer was not seen as written: it held the kept tokens'
+    mean where the block evolved, without a word (audit K6 of the forty-sixth session)."""
+    for node in list(graph.nodes):
+        out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
+        if not isinstance(out, fx.Node):
+            continue
+        with graph.inserting_before(node):
+            value = graph.create_node(node.op, node.target, node.args,
+                                      {k: v for k, v in node.kwargs.items() if k != "out"})
+            written = graph.call_method("copy_", (out, value))
+        node.replace_all_uses_with(written)
+        graph.erase_node(node)
 
 
 def _split_baddbmm(graph: fx.Graph):
