@@ -1094,6 +1094,56 @@ def test_state_a_block_keeps_in_plain_tensors_and_at_other_sizes_is_the_users():
         torch.testing.assert_close(b.attn.hist, d.attn.hist, atol=1e-5, rtol=1e-5)
 
 
+def _counts_in_a_plain_tensor(blk):
+    """``blk`` that counts its forwards in a plain tensor on itself, first thing
+    (``self.steps = self.steps + 1``)."""
+    class Counting(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.steps = self.steps + 1
+            return super().forward(x)
+    blk.__class__ = Counting
+    blk.steps = torch.zeros(())
+    return blk
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_a_plain_tensor_counter_counts_the_recomputation_of_a_non_reentrant_checkpoint(size):
+    """A block that counts its forwards in a plain tensor, trained with timm's per-block
+    non-reentrant gradient checkpointing: the dense model counts each forward and its
+    recomputation in backward. Since the forty-fifth session such counters count, but the
+    programs set what the forward sets after they returned, and torch's checkpoint stops a
+    recomputation (raises inside it) once it has recomputed the tensors the forward saved:
+    where that was inside the program (the first block's), the recomputation set nothing, 2
+    after two steps where the dense model counts 4, at keep 0.5 and at keep 1.0 off the
+    identity fast path, and at another input size every block's (audit J1 of the forty-fifth
+    session, left open then). The program now sets it where the forward does: the counts are
+    the dense model's."""
+    from timm.layers import config, set_reentrant_ckpt
+    model = sharp_tiny_vit(dynamic_img_size=True)
+    for blk in model.blocks:
+        _counts_in_a_plain_tensor(blk)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    x = torch.randn(2, 3, size, size)
+    before = config._USE_REENTRANT_CKPT
+    set_reentrant_ckpt(False)
+    try:
+        for options in ({}, {"keep_ratio": 1.0, "identity_fast_path": False}):
+            evoplug.set_options(fast, **options)
+            for m in (dense, fast):
+                m.train().set_grad_checkpointing(True)
+                for blk in m.blocks:
+                    blk.steps = torch.zeros(())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    for _ in range(2):
+                        m(x).pow(2).mean().backward()
+            assert [float(b.steps) for b in dense.blocks] == [4.0] * 4
+            assert [float(b.steps) for b in fast.blocks] == [4.0] * 4, options
+    finally:
+        set_reentrant_ckpt(before)
+
+
 def _keeps_python_state(blk, reads_only: bool = False):
     """``blk`` that keeps state in Python on itself at each call: a list it appends its class
     token to, a dict it sets it in, an int it counts its calls in; ``reads_only``: a dict cache

@@ -3,9 +3,9 @@ augmented assignments on attributes traced in place (``self.n += 1``), values se
 attributes or buffers found and put back after the trace (``self.attn_map = attn``), plain
 tensor attributes a trace changed by running the forward's own code, and the
 :func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
-``_set_by_forward``; runtime/block.py sets them), and the Python state it changes at each
-call, which no program does (:meth:`StateBeforeTrace.moved_in_python`: the block is
-refused). :class:`StateBeforeTrace` records what a trace may change and puts it back."""
+``_set_by_forward``; runtime/programs.py ``set_written`` sets them), and the Python state it
+changes at each call, which no program does (:meth:`StateBeforeTrace.moved_in_python`: the
+block is refused). :class:`StateBeforeTrace` records what a trace may change and puts it back."""
 from __future__ import annotations
 
 import contextlib
@@ -155,9 +155,10 @@ def _version(t: torch.Tensor) -> Optional[int]:
 @fx.node.has_side_effect
 def set_by_forward(path: str, name: str, value, kind: str = "attribute"):
     """Marks, in a block's graph, a value its forward sets on itself or on a module it traced
-    into (``self.attn_map = attn.detach()``), as ``kind`` (:meth:`StateBeforeTrace.proxies_put_back`: a buffer
-    where it sets one, ``self.register_buffer('last', ...)``); the program returns it for the
-    block to set (rewrite/program.py ``_outputs``). Does nothing where the analysis runs the
+    into (``self.attn_map = attn.detach()``), as ``kind``
+    (:meth:`StateBeforeTrace.proxies_put_back`: a buffer where it sets one,
+    ``self.register_buffer('last', ...)``); the program sets it on the block there
+    (rewrite/program.py ``_set_by_forward``). Does nothing where the analysis runs the
     graph."""
     return None
 

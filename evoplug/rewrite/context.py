@@ -23,6 +23,7 @@ class Rewrite:
     token: fx.Node            # the subset's tokens (the block's token argument)
     pos: fx.Node              # placeholder ``_evo_pos``: original index of each subset token
     full: fx.Node             # placeholder ``_evo_full``: the block's full token input
+    block: fx.Node            # placeholder ``_evo_block``: the block (a graph cannot name ``self``)
     root: fx.Node             # where the block's computation starts from the subset
     root_full: fx.Node        # ... and from the full input
     fast_base: Optional[fx.Node] = None   # exact stream after attention (map/windowed blocks)

@@ -2,13 +2,14 @@
 
 The program takes the block's own arguments (the token tensor replaced by the subset's tokens)
 plus ``_evo_pos`` (B, n): the original index of each token of the subset it runs on (``None``
-for a dense run) and ``_evo_full``: the block's full token input. It returns
+for a dense run), ``_evo_full``: the block's full token input, and ``_evo_block``: the block,
+on which it sets what the forward sets on itself (an attention map kept for visualisation, a
+counter), where the forward sets it (:func:`_set_by_forward`). It returns
 ``(tokens_out, global_row)``, plus a third item ``fast_base`` for blocks whose windowed
 attention runs on the full map (Swin's map blocks, Twins' locally-grouped blocks): every
 token's exact stream after attention and the representative token's, from which the converted
 block starts the fast update; a block that returns a tuple (Hugging Face layers) has its other
-items as a fourth, and one whose forward sets tensors on itself (an attention map kept for
-visualisation) those, as (module path, name, value), as a fifth:
+items as a fourth:
 
 * position terms found by the analysis (token-independent additive terms on the attention
   logits, e.g. BEiT's relative position bias) are gathered with ``_evo_pos``, so the kept tokens
@@ -55,12 +56,14 @@ from ..analyse.trace import mark_batch_specialised, trace_block
 from ..analyse.writes import set_by_forward
 from ..errors import AnalysisError
 from ..runtime.gather import first_not_none, in_evolving_run, skip_fast_base, tokens_to_map
-from ..runtime.programs import compile_program
+from ..runtime.programs import compile_program, set_written
 from .context import Rewrite, viewed_attribute
 from .maps import map_operations
 from .positions import position_terms, whole_token_args
 from .row import global_row
 from .skip_path import clone_path, is_identity, skip_path
+
+fx.node.has_side_effect(set_written)     # (a call with no users: no dead-code pass drops it)
 
 
 def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
@@ -120,8 +123,9 @@ def _one_window_again(a: BlockAnalysis, gm: fx.GraphModule, call):
 
 
 def _start(a: BlockAnalysis, gm: fx.GraphModule) -> Rewrite:
-    """Add the ``_evo_pos`` and ``_evo_full`` arguments; a block that takes a (B, H, W, C) map
-    runs its map part on the exact full map (its whole input), the token part on the subset."""
+    """Add the ``_evo_pos``, ``_evo_full`` and ``_evo_block`` arguments; a block that takes a
+    (B, H, W, C) map runs its map part on the exact full map (its whole input), the token part
+    on the subset."""
     graph = gm.graph
     gm.meta["evo_keeps_state"] = a.keeps_state      # (rewrite/context.py keeps_state)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -131,14 +135,16 @@ def _start(a: BlockAnalysis, gm: fx.GraphModule) -> Rewrite:
         pos = graph.placeholder("_evo_pos", default_value=None)
     with graph.inserting_after(pos):
         full = graph.placeholder("_evo_full", default_value=None)
+    with graph.inserting_after(full):
+        block = graph.placeholder("_evo_block", default_value=None)
     root = token
     if a.token_map:
-        with graph.inserting_after(full):
+        with graph.inserting_after(block):
             root = graph.call_function(tokens_to_map, (token, full, a.grid[0], a.grid[1]))
         if "tensor_meta" in token.meta:     # (the map's shape: a view of it may be the first op)
             root.meta["tensor_meta"] = token.meta["tensor_meta"]
         token.replace_all_uses_with(root, delete_user_cb=lambda u: u is not root)
-    rw = Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, root,
+    rw = Rewrite(a, gm, find_attention(gm, a.name), token, pos, full, block, root,
                  root if a.token_map else full)
     rw.stream_in, rw.stream_full = token, full
     return rw
@@ -205,8 +211,8 @@ def _skip_fast_base(rw: Rewrite):
 
 def _outputs(rw: Rewrite):
     """The program returns (tokens, row), and the fast-update base where there is one; a block
-    that returns a tuple adds the tuple's other items as a fourth (see BlockSpec.returns), one
-    whose forward sets tensors on itself what it sets as a fifth (:func:`_set_by_forward`)."""
+    that returns a tuple adds the tuple's other items as a fourth (see BlockSpec.returns); what
+    the forward sets on the block the program sets itself (:func:`_set_by_forward`)."""
     a, graph = rw.a, rw.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
     result = out_node.args[0]
@@ -216,10 +222,8 @@ def _outputs(rw: Rewrite):
         raise AnalysisError(a.name, "its residual stream never becomes tokens (no (B, H, W, C) -> "
                                     "(B, N, C) view of it): nothing would run on fewer tokens")
     rest = out_node.meta.get("evo_rest")
-    writes = _set_by_forward(rw)
-    if writes:               # what the forward sets on the block, as the program made it
-        out_node.args = ((result, rw.row, rw.fast_base, tuple(rest or ()), writes),)
-    elif rest is not None:   # a tuple-returning block: its other items, as the program made them
+    _set_by_forward(rw)
+    if rest is not None:     # a tuple-returning block: its other items, as the program made them
         out_node.args = ((result, rw.row, rw.fast_base, tuple(rest)),)
     elif rw.fast_base is not None or a.token_map:
         out_node.args = ((result, rw.row, rw.fast_base),)
@@ -227,36 +231,52 @@ def _outputs(rw: Rewrite):
         out_node.args = ((result, rw.row),)
 
 
-def _set_by_forward(rw: Rewrite) -> tuple:
+def _set_by_forward(rw: Rewrite):
     """The tensors the block's forward sets on itself or a module it traced into (analyse/
-    analyse/writes.py ``set_by_forward``: ``self.attn_map = attn.detach()``), as (module path, name,
-    value, kind: an attribute or a buffer) for the block to set from what its program computed
-    (runtime/block.py); values of another kind (a size) are the calibration's
-    (BlockSpec.writes). Those computed from the block's arguments are named in
-    ``a.state_from_tokens``: an evolving block holds them for the tokens it ran (audit H4 of
-    the forty-fourth session: the programs set nothing, and the attribute kept a batch from
-    before the conversion). So are an attribute's in-place writes from them, of their values
-    or at a place read from the token count (``self.acc += x.mean()``, ``self.hist[:, :N] +=
-    a.mean(...)``, ``self.buf[n - 1] = 1``, ``self.m.mul_(0.9).add_(x.mean())``: the tokens'
-    order and count the block ran, also at keep 1.0 off the identity fast path, without a
-    word, until the forty-fifth session)."""
-    writes, from_tokens = [], []
-    for n in [n for n in rw.graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
+    writes.py ``set_by_forward``: ``self.attn_map = attn.detach()``), each set by the program
+    where the forward sets it, once the value is computed and the old one read for the last
+    time (:func:`_where_set`): a call of runtime/programs.py ``set_written`` with the block, an
+    attribute or a buffer, as the forward's kind; values of another kind (a size) are the
+    calibration's (BlockSpec.writes). Set after the program returned, they were never set by a
+    recomputation that torch's non-reentrant checkpoint stops once it has the tensors it saves
+    (a plain tensor counter of the first block counted its forwards only, half the dense
+    model's; audit J1 of the forty-fifth session). Those computed from the block's arguments
+    are named in ``a.state_from_tokens``: an evolving block holds them for the tokens it ran
+    (audit H4 of the forty-fourth session: the programs set nothing, and the attribute kept a
+    batch from before the conversion). So are an attribute's in-place writes from them, of
+    their values or at a place read from the token count (``self.acc += x.mean()``,
+    ``self.hist[:, :N] += a.mean(...)``, ``self.buf[n - 1] = 1``, ``self.m.mul_(0.9).add_(
+    x.mean())``: the tokens' order and count the block ran, also at keep 1.0 off the identity
+    fast path, without a word, until the forty-fifth session)."""
+    graph, own, from_tokens = rw.graph, [], []
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
         path, name, value, kind = n.args
-        rw.graph.erase_node(n)
+        graph.erase_node(n)
         of = value.meta.get("type")
         if of is not None and not issubclass(of, torch.Tensor):
             continue
-        writes.append((path, name, value, kind))
+        target = f"{path}.{name}" if path else name
+        with graph.inserting_after(_where_set(rw, value, target)):
+            graph.call_function(set_written, (rw.block, path, name, value, kind))
+        if not path:
+            own.append(name)
         if any(v.op == "placeholder" for v in ancestors(value) | {value}):
-            from_tokens.append(f"{path}.{name}" if path else name)
-    for n in [n for n in rw.graph.nodes if writes_in_place(n)]:
+            from_tokens.append(target)
+    for n in [n for n in graph.nodes if writes_in_place(n)]:
         written = viewed_attribute(n.args[0])
         if written is not None and any(v.op == "placeholder" for v in ancestors(n)):
             from_tokens.append(written.target)
     rw.a.state_from_tokens = tuple(dict.fromkeys(rw.a.state_from_tokens + tuple(from_tokens)))
-    rw.a.sets_own = tuple(dict.fromkeys(rw.a.sets_own + tuple(k for p, k, *_ in writes if not p)))
-    return tuple(writes)
+    rw.a.sets_own = tuple(dict.fromkeys(rw.a.sets_own + tuple(own)))
+
+
+def _where_set(rw: Rewrite, value: fx.Node, target: str) -> fx.Node:
+    """The node after which the program sets ``target`` to ``value``: the last of ``value``,
+    the reads of ``target``'s old value (``get_attr``: a read after the set gets ``value``
+    itself in the trace) and the program's arguments (the block among them)."""
+    order = {n: i for i, n in enumerate(rw.graph.nodes)}
+    reads = [n for n in rw.graph.nodes if n.op == "get_attr" and n.target == target]
+    return max([value, rw.block, *reads], key=order.__getitem__)
 
 
 def batch_program_factory(a: BlockAnalysis, orig_class: type) -> Callable:

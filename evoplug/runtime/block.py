@@ -24,6 +24,7 @@ from ..errors import EvoplugError
 from ..options import EvoOptions, read_trade_off
 from . import evolve as ev
 from .gather import gather_extras
+from .programs import set_on
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
 from .twins import bind, check_suffix_count, following, size_twin
@@ -365,10 +366,8 @@ class EvoBlockMixin:
         """Every token through the block, its row (re)starting (``g`` None) or refreshing the
         scores."""
         spec = self._evoplug_spec
-        out, row, *more = program(self, *spec.call.feed(x, extras), None, None)
+        out, row, *more = program(self, *spec.call.feed(x, extras), None, None, self)
         spec.tokens_run = x.shape[1]
-        if len(more) > 2:
-            _set_written(self, more[2])
         if row is not None:
             S = spec.num_suffix
             row = ev.first_scores(ev.untangled(row), spec.runtime.ranks(spec.num_prefix + S, x.device),
@@ -392,10 +391,8 @@ class EvoBlockMixin:
                 "reselect_every=1")
         sub_extras = gather_extras(spec.name, extras, sel.pos, N, P, S, spec.whole_args,
                                    spec.batch_args, spec.extra_shapes)
-        out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0)
+        out_sub, row, *fast = program(self, *spec.call.feed(sub, sub_extras), sel.pos, x0, self)
         rest = fast[1] if len(fast) > 1 else ()
-        if len(fast) > 2:
-            _set_written(self, fast[2])
         if row is not None:
             if callable(opt.trade_off) and self.training and not torch.is_grad_enabled():
                 _check_alpha_learns(spec, opt.trade_off)
@@ -434,42 +431,24 @@ class EvoBlockMixin:
         return not _saving_hooks() and not _in_backward()
 
 
-def _set_written(block: nn.Module, writes):
-    """Set what the block's forward sets on itself or a module it traced into, as its program
-    computed it ((module path, name, value, kind), rewrite/program.py ``_set_by_forward``): an
-    attention map kept for visualisation is then the one of this call, over the tokens the block
-    ran (it kept a batch from before the conversion until audit H4 of the forty-fourth session)."""
-    for path, name, value, kind in writes:
-        _set_on(block.get_submodule(path) if path else block, name, value, kind)
-
-
-def _set_on(module: nn.Module, name: str, value: torch.Tensor, kind: str):
-    """``setattr``, but a buffer the forward registers (``self.register_buffer('last', ...)``,
-    kind ``"buffer"`` or ``"non-persistent buffer"``) that the module does not hold (the
-    conversion took the calibration's away) is registered as one, as the forward would: set as a
-    plain attribute, the forward's own ``register_buffer`` then raised ``KeyError: "attribute
-    'last' already exists"`` (audit J1 of the forty-fifth session)."""
-    if kind != "attribute" and name not in module._buffers:
-        module.register_buffer(name, value, persistent=kind == "buffer")
-    else:
-        setattr(module, name, value)
-
-
 def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
     """The call run by ``twin``, the block of a twin (a new object, its submodules shared); the
     tensors its forward set on itself (``self.last = x.detach()``, ``self.total = self.total +
     1``: BlockSpec.sets_own) set on the model's block, which the user reads (they stayed on the
-    twin's block until the forty-fifth session)."""
-    out = following(block, twin)(*args, **kwargs)
+    twin's block until the forty-fifth session), also from a call stopped midway: a
+    recomputation torch's non-reentrant checkpoint stops once it has the tensors it saves sets
+    what the twin's program set by then (never, until audit J1 of the forty-fifth session)."""
     spec = block._evoplug_spec
-    spec.tokens_run = twin._evoplug_spec.tokens_run
-    for name in spec.sets_own:
-        value = getattr(twin, name, None)
-        if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:
-            kind = "attribute" if name not in twin._buffers else "non-persistent buffer" \
-                if name in twin._non_persistent_buffers_set else "buffer"
-            _set_on(block, name, value, kind)
-    return out
+    try:
+        return following(block, twin)(*args, **kwargs)
+    finally:
+        spec.tokens_run = twin._evoplug_spec.tokens_run
+        for name in spec.sets_own:
+            value = getattr(twin, name, None)
+            if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:
+                kind = "attribute" if name not in twin._buffers else "non-persistent buffer" \
+                    if name in twin._non_persistent_buffers_set else "buffer"
+                set_on(block, name, value, kind)
 
 
 def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:

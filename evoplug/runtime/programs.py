@@ -1,8 +1,10 @@
 """Slow-path programs as plain functions with their source attached.
 
 A program is the ``forward`` of a rewritten block graph (see rewrite.py), called with the
-converted block as ``self``. Its source (imports included) rides along as
-``__evoplug_source__``: a pickled model stores the source and compiles it again when loaded.
+converted block as ``self`` and as its last argument, ``_evo_block``, on which it sets what the
+forward sets (:func:`set_written`: a graph cannot name ``self``). Its source (imports
+included) rides along as ``__evoplug_source__``: a pickled model stores the source and compiles
+it again when loaded.
 This module needs no torch.fx, so the runtime can load programs without the compiler.
 """
 from __future__ import annotations
@@ -19,6 +21,28 @@ def compile_program(source: str) -> Callable:
     fn = scope["forward"]
     fn.__evoplug_source__ = source
     return fn
+
+
+def set_written(block, path: str, name: str, value, kind: str = "attribute"):
+    """Set on ``block``, or its module at ``path``, a tensor its forward sets there (``kind``:
+    an attribute or a buffer), as its program computed it; a program calls it where the
+    forward sets it (rewrite/program.py ``_set_by_forward``), so what a recomputation cut short
+    in a checkpoint runs sets what the forward's own run would. Nothing without a block (the
+    conversion's probes)."""
+    if block is not None:
+        set_on(block.get_submodule(path) if path else block, name, value, kind)
+
+
+def set_on(module, name: str, value, kind: str):
+    """``setattr``, but a buffer the forward registers (``self.register_buffer('last', ...)``,
+    kind ``"buffer"`` or ``"non-persistent buffer"``) that the module does not hold (the
+    conversion took the calibration's away) is registered as one, as the forward would: set as a
+    plain attribute, the forward's own ``register_buffer`` then raised ``KeyError: "attribute
+    'last' already exists"`` (audit J1 of the forty-fifth session)."""
+    if kind != "attribute" and name not in module._buffers:
+        module.register_buffer(name, value, persistent=kind == "buffer")
+    else:
+        setattr(module, name, value)
 
 
 def program_source(program: Callable, block_name: str = "") -> str:

@@ -133,7 +133,7 @@ class BlockSpec:
     #                            them too, as its forward would (replay_writes)
     state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
     #                            it traced into from its tokens (``self.attn_map = attn``): its
-    #                            programs set them for the tokens they ran (_set_written), and
+    #                            programs set them for the tokens they ran (set_written), and
     #                            at keep 1.0 it runs its own forward, which sets every token's
     sets_own: Tuple[str, ...] = ()   # tensors its forward sets as attributes of the block
     #                            itself: a size twin's block that ran a call sets them on this
