@@ -2,6 +2,7 @@
 this process and in a fresh one), copy.deepcopy, and state_dicts both ways."""
 import copy
 import pickle
+import re
 
 import pytest
 import timm
@@ -193,3 +194,51 @@ def test_a_pickle_whose_programs_import_from_evolve_still_loads():
     with torch.no_grad():
         assert torch.equal(loaded(x), want)
     assert not hasattr(evolve, "_MATMUL_LOGITS") and not hasattr(evolve, "_ROW_SELECT")
+
+
+class _Counting(timm.models.vision_transformer.Block):
+    """timm's block with a plain tensor counter its forward moves: ``self.pc = self.pc + 1``."""
+
+    def forward(self, x, attn_mask=None):
+        self.pc = self.pc + 1
+        return super().forward(x, attn_mask=attn_mask)
+
+
+def _old_protocol(src: str) -> str:
+    """A program's source as programs were written before the forty-sixth session: no
+    ``_evo_block`` argument; what the forward sets on the block returned as a fifth item."""
+    src = src.replace(", _evo_block = None):", "):")
+    writes = re.findall(r"^\s*set_written = \w+\(_evo_block, (.*?)\);.*\n", src, flags=re.M)
+    src = re.sub(r"^\s*set_written = \w+\(_evo_block, .*\n", "", src, flags=re.M)
+    ret = re.search(r"^(\s*)return \((\w+), (\w+)\)$", src, flags=re.M)
+    assert ret is not None and writes, src        # (a flat ViT's program: tokens and row)
+    old = f"{ret.group(1)}return ({ret.group(2)}, {ret.group(3)}, None, (), ({', '.join(f'({w})' for w in writes)},))"
+    return src[:ret.start()] + old + src[ret.end():]
+
+
+def test_a_pickle_made_before_programs_took_the_block_still_runs_and_sets_its_writes():
+    """Since the forty-sixth session a program takes the block as its last argument and sets
+    what the forward sets on it where the forward sets it; before, it returned those as a fifth
+    item. A whole model pickled before keeps its programs' sources: they ran into a raw
+    ``TypeError`` (one positional argument too many) at every call of every such model. They
+    run now, and what they return as written is set: the counters count as the dense model's."""
+    from evoplug.runtime.programs import compile_program
+    kwargs, size = MODELS["vit_tiny_patch16_224"]
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kwargs).eval()
+    for blk in model.blocks:
+        blk.__class__, blk.pc = _Counting, torch.zeros(())
+    dense = copy.deepcopy(model)
+    x = torch.randn(2, 3, size, size)
+    fast = evoplug.convert(model, 0.5, example_input=x[:1])
+    old = copy.deepcopy(fast)
+    for spec in evoplug.get_report(old).blocks:
+        for mode, program in spec.programs.items():
+            spec.programs[mode] = compile_program(_old_protocol(program.__evoplug_source__))
+    loaded = pickle.loads(pickle.dumps(old))
+    with torch.no_grad():
+        for _ in range(2):
+            want = fast(x)
+            assert torch.equal(loaded(x), want)
+            dense(x)
+    assert [float(b.pc) for b in loaded.blocks] == [float(b.pc) for b in dense.blocks] == [2.0] * 4

@@ -19,8 +19,27 @@ def compile_program(source: str) -> Callable:
     scope: Dict[str, object] = {}
     exec(compile(source, "<evoplug program>", "exec"), scope)  # noqa: S102 - our own generated code
     fn = scope["forward"]
+    if "_evo_block" not in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+        fn = _without_block_argument(fn)
     fn.__evoplug_source__ = source
     return fn
+
+
+def _without_block_argument(program: Callable) -> Callable:
+    """A program of a model pickled before programs took the block (the forty-sixth session),
+    called as programs are now (the block last): it returned what the forward sets on the
+    block as a fifth item, (module path, name, value, kind), set here once it returns, as the
+    runtime did then. Called with one argument more than it takes, it raised a raw
+    ``TypeError`` at every call of such a model."""
+    def forward(self, *args):
+        *args, block = args
+        out = program(self, *args)
+        if isinstance(out, tuple) and len(out) > 4:
+            for path, name, value, kind in out[4]:
+                set_written(block, path, name, value, kind)
+            out = out[:4]
+        return out
+    return forward
 
 
 def set_written(block, path: str, name: str, value, kind: str = "attribute"):
