@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils._pytree import tree_map
 
 from ..errors import AnalysisError
 from ..integrations.registry import hint
@@ -50,9 +51,11 @@ from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of
 from .grid import (find_grid_ops, opaque_map_views, reduced_kv_grid, window_token_index,
                    windows_in_own_dim)
 from .one_window import collapse_one_window
-from .probes import check_no_mixing_outside_attention
+from .probes import check_no_mixing_outside_attention, hooks_suspended
 from .residual import Branch, residual_branches
+from .snapshot import restore, snapshot
 from .trace import make_call_plan, mark_batch_specialised, trace_block
+from .writes import StateBeforeTrace
 
 
 @dataclasses.dataclass
@@ -151,6 +154,37 @@ _MOVED_IN_PYTHON = ("its forward changes Python state at each call: {}; its prog
                     "t.detach()`), which the programs set as the forward does")
 
 
+def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphModule) -> Tuple[str, ...]:
+    """What of the Python state of ``module`` (keys of its dicts, items of its sets, attributes
+    of its plain objects included) a second eager call on the calibration input changes after
+    a first one, each call on fresh copies of the input tensors (a new ``id(x)``): a block whose
+    trace made a dict, set or object gain a key may keep a log (``self.log[len(self.log)] =
+    t``, ``self.ids.add(id(x))``), which gains again, or a cache (LeViT's attention-bias cache
+    keyed by the device, a table per input size), which the first call fills and the second
+    reads. Any key gained was taken for a cache, so a log stayed as the conversion left it (a
+    known gap of the forty-fifth session). The state is put back after."""
+    def call_once():
+        args, kwargs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
+                                (call.args, call.kwargs))
+        module(*args, **kwargs)
+        return args, kwargs
+    saved, first, was = snapshot(module), StateBeforeTrace(module), module.training
+    module.eval()
+    try:
+        with torch.no_grad(), hooks_suspended(module):
+            inputs = [call_once()]      # (kept: a freed input's id may come again)
+            again = StateBeforeTrace(module)
+            inputs.append(call_once())
+            return again.moved_in_python(gains=True)
+    except Exception as e:  # noqa: BLE001 - a cache cannot be told from a log: refused
+        return (f"{', '.join(gm.meta['evo_grown_in_python'])} at its trace, and a second call of "
+                f"the block raised {type(e).__name__}: {e}: a cache cannot be told from a log",)
+    finally:
+        first.put_back()
+        restore(saved)
+        module.train(was)
+
+
 def _refuse_reduced_kv(name: str, keys: int, N: int):
     """The refusal of an attention over ``keys`` keys for ``N`` tokens that no map reduced;
     a few keys more than the tokens are named as appended ones (a hand-written sink column got
@@ -173,8 +207,10 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                           hint(model, "export_masks")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
-    if gm.meta.get("evo_moved_in_python"):
-        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(gm.meta["evo_moved_in_python"])))
+    moved = gm.meta.get("evo_moved_in_python") or \
+        (gm.meta.get("evo_grown_in_python") and _moved_at_a_second_call(module, call, gm))
+    if moved:
+        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(moved)))
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
     try:

@@ -590,6 +590,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         graph, tracer = _traced(module, name, plan, attention_modules, example, before)
         found = before.proxies_put_back()
         moved = before.moved_in_python()
+        grown = tuple(w for w in before.moved_in_python(gains=True) if w not in moved)
         kept = before.changed_eagerly()
         if kept:         # traced again, those attributes read as the graph's values
             before.restore_containers()
@@ -614,6 +615,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm.meta["evo_batch_specialised"] = tracer.batch_specialised
         gm.meta["evo_specialised"] = list(tracer.specialised)
         gm.meta["evo_moved_in_python"] = moved
+        gm.meta["evo_grown_in_python"] = grown      # (a cache or a log: analyse/block.py tells)
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
             gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),

@@ -8,7 +8,12 @@ changes at each call, which no program does (:meth:`StateBeforeTrace.moved_in_py
 block is refused). :class:`StateBeforeTrace` records what a trace may change and puts it back."""
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
+import enum
+import sys
+import types
 from typing import List, Optional, Tuple
 
 import torch
@@ -54,40 +59,47 @@ def in_place_on_attributes():
 class StateBeforeTrace:
     """What the modules of a block hold before a trace runs its forward's Python with proxies,
     recorded once for every use: each module's own attributes and buffers (by identity; a
-    forward that sets one leaves a proxy there), the contents of its lists and dicts (caches,
-    LeViT's attention-bias cache, must not keep proxies; a list that grows is a forward that
-    moves Python state), and its plain tensor attributes with their versions and values (a
-    forward may change one eagerly). :meth:`put_back` puts all of it back; the other methods
-    tell what the trace changed."""
+    forward that sets one leaves a proxy there), the contents of its standard containers
+    (lists, dicts, sets, deques: caches, LeViT's attention-bias cache, must not keep proxies; a
+    list that grows is a forward that moves Python state) and the attributes of the plain
+    objects it holds (a dataclass, a SimpleNamespace), and its plain tensor attributes with
+    their versions and values (a forward may change one eagerly). :meth:`put_back` puts all of
+    it back; the other methods tell what the trace changed."""
 
     def __init__(self, module: nn.Module):
-        self.modules = []
+        self.modules, self.held, seen = [], [], set()
         for path, m in module.named_modules():
             attrs = dict(vars(m))
-            containers = {k: type(v)(v) for k, v in attrs.items()
-                          if not k.startswith("_") and isinstance(v, (dict, list))}
             tensors = {k: (_version(v), v.detach().clone()) for k, v in attrs.items()
                        if isinstance(v, torch.Tensor) and not k.startswith("_tensor_constant")}
-            self.modules.append((path, m, attrs, dict(m._buffers), containers, tensors))
+            self.modules.append((path, m, attrs, dict(m._buffers), tensors))
+            self.held.append((path, m, attrs, _containers(attrs)))
+            for k, v in attrs.items():        # (one level down: the objects' own attributes)
+                if _is_plain_object(v) and _own(k) and id(v) not in seen:
+                    seen.add(id(v))
+                    inner = dict(vars(v))
+                    self.held.append((f"{path}.{k}" if path else k, v, inner, _containers(inner)))
 
     def restore_containers(self):
-        """The lists and dicts put back as they were, the same objects (one a cache holds)."""
-        for _, m, attrs, _, containers, _ in self.modules:
+        """The containers put back as they were, the same objects (one a cache holds), and the
+        plain objects' attributes."""
+        for _, obj, attrs, containers in self.held:
             for k, copy_ in containers.items():
-                obj = attrs[k]
-                if isinstance(obj, dict):
-                    obj.clear()
-                    obj.update(copy_)
-                else:
-                    obj[:] = copy_
-                setattr(m, k, obj)
+                c = attrs[k]
+                c.clear()
+                c.extend(copy_) if isinstance(c, (list, collections.deque)) else c.update(copy_)
+                if isinstance(obj, nn.Module):
+                    setattr(obj, k, c)
+            if not isinstance(obj, nn.Module):
+                vars(obj).clear()
+                vars(obj).update(attrs)
 
     def proxies_put_back(self) -> List[Tuple[str, str, fx.Node, str]]:
         """What the trace set to a traced value (a proxy) on a module, as (module path, name,
         node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent buffer"``), each put back
         as it was before the trace (or removed)."""
         found = []
-        for path, m, attrs, buffers, _, _ in self.modules:
+        for path, m, attrs, buffers, _ in self.modules:
             for now, before in ((m._buffers, buffers), (vars(m), attrs)):
                 for k, v in list(now.items()):
                     if isinstance(v, fx.Proxy):
@@ -108,7 +120,7 @@ class StateBeforeTrace:
         and the counter stood still after the conversion (a known gap of the forty-fourth
         session)."""
         changed = []
-        for path, m, attrs, _, _, tensors in self.modules:
+        for path, m, attrs, _, tensors in self.modules:
             for k, (version, copy_) in tensors.items():
                 v = attrs[k]
                 if vars(m).get(k) is v and _version(v) == version:
@@ -120,22 +132,31 @@ class StateBeforeTrace:
                 vars(m)[k] = v
         return tuple(changed)
 
-    def moved_in_python(self) -> Tuple[str, ...]:
-        """What of the Python numbers (flags, strings, tuples of them), lists and dicts the
-        modules hold the trace's run of the forward changed (after the proxies it set were put
-        back), each named with how: Python the forward runs on the block's state at each call
-        (``self.hist.append(t)``, ``self.cache['last'] = t``, ``self.n += 1`` on an int), which
-        a trace runs once and its programs never. A value set again as the calibration left it
-        (transformers' Swin's shift set to 0, a cached size) moves no more, and a key a dict
-        gains is a cache filled (LeViT's attention-bias cache, keyed by the traced device)."""
+    def moved_in_python(self, gains: bool = False) -> Tuple[str, ...]:
+        """What of the Python numbers (flags, strings, tuples of them), the containers and the
+        plain objects' attributes the modules hold the trace's run of the forward changed (after
+        the proxies it set were put back), each named with how: Python the forward runs on the
+        block's state at each call (``self.hist.append(t)``, ``self.cache['last'] = t``,
+        ``self.n += 1`` on an int, ``self.stats.count += 1``), which a trace runs once and its
+        programs never. A value set again as the calibration left it (transformers' Swin's
+        shift set to 0, a cached size) moves no more. A key or item a dict, set or object gains
+        counts with ``gains`` alone: a cache filled (LeViT's attention-bias cache, keyed by the
+        traced device) gains nothing at a second call on the same input, which a log
+        (``self.log[len(self.log)] = t``, ``self.ids.add(id(x))``) does (analyse/block.py
+        ``_moved_at_a_second_call``)."""
         moved = []
-        for path, m, attrs, _, containers, _ in self.modules:
+        for path, obj, attrs, containers in self.held:
+            now = vars(obj)
             for k, v in attrs.items():
                 where = f"{path}.{k}" if path else k
-                if k not in _MODULE_KEYS and _is_number(v):
-                    moved += _number_moved(m, k, where, v)
-                elif not k.startswith("_") and type(v) in (list, dict):
-                    moved += _container_moved(m, k, where, v, containers[k])
+                if k in containers:
+                    moved += _container_moved(now.get(k, _GONE), where, v, containers[k], gains)
+                elif k not in _MODULE_KEYS and _is_number(v):
+                    moved += _number_moved(now.get(k, _GONE), where, v)
+            more = [k for k in now if k not in attrs]
+            if gains and more and not isinstance(obj, nn.Module):
+                moved.append(f"`{path}` (a {type(obj).__name__}: {len(more)} attribute(s) more "
+                             f"after one more call: {', '.join(more)})")
         return tuple(moved)
 
     def put_back(self):
@@ -183,26 +204,59 @@ _NUMBERS = (bool, int, float, complex, str, type(None))
 _GONE = object()
 
 
+#: the standard containers whose contents are followed and put back (their subclasses too:
+#: OrderedDict, defaultdict, Counter)
+_CONTAINERS = (list, dict, set, collections.deque)
+#: the packages whose objects are not looked into (their own state, not a forward's)
+_NOT_PLAIN = frozenset(sys.stdlib_module_names) | {"builtins", "torch", "numpy", "evoplug"}
+
+
+def _own(k: str) -> bool:
+    """An attribute that may be the forward's state: not nn.Module's bookkeeping nor evoplug's."""
+    return k not in _MODULE_KEYS and not k.startswith("_evo")
+
+
+def _containers(attrs: dict) -> dict:
+    return {k: copy.copy(v) for k, v in attrs.items() if _own(k) and isinstance(v, _CONTAINERS)}
+
+
+def _is_plain_object(v) -> bool:
+    """An object whose own attributes a forward may change in place (``self.stats.count += 1``
+    on a dataclass, a SimpleNamespace, an instance of a class of the model's code); not a
+    module, tensor, class, function, enum, nor an object of the standard library or torch."""
+    if type(v) is types.SimpleNamespace:
+        return True
+    return (hasattr(v, "__dict__") and not callable(v) and not isinstance(v, _CONTAINERS)
+            and not isinstance(v, (enum.Enum, torch.Tensor)) and type(v).__module__.partition(".")[0] not in _NOT_PLAIN)
+
+
 def _is_number(v) -> bool:
     return type(v) in _NUMBERS or type(v) is tuple and all(type(i) in _NUMBERS for i in v)
 
 
-def _number_moved(m: nn.Module, k: str, where: str, v) -> List[str]:
-    now = vars(m).get(k, _GONE)
+def _number_moved(now, where: str, v) -> List[str]:
     if now is v or now is not _GONE and type(now) is type(v) and now == v:
         return []
     return [f"`{where}` ({type(v).__name__}: {v!r}, then "
             f"{'deleted' if now is _GONE else repr(now)} after one more call)"]
 
 
-def _container_moved(m: nn.Module, k: str, where: str, v, before) -> List[str]:
-    now = vars(m).get(k, _GONE)
-    if type(v) is list and (now is not v or len(v) != len(before) or
-                            any(a is not b for a, b in zip(v, before))):
-        more = len(now) - len(before) if type(now) is list else 0
-        return [f"`{where}` (a list: " + (
-            f"{abs(more)} item(s) {'more' if more > 0 else 'fewer'} at each call)" if more
-            else "set anew at each call)")]
-    if type(v) is dict and (now is not v or any(v.get(i, _GONE) is not before[i] for i in before)):
-        return [f"`{where}` (a dict: an item set anew or removed at each call)"]
+def _container_moved(now, where: str, v, before, gains: bool) -> List[str]:
+    """How the container ``v`` (``before``: its items) changed, ``now`` what the attribute
+    holds; a dict's or set's new keys or items with ``gains`` alone."""
+    kind = type(v).__name__
+    if isinstance(v, (list, collections.deque)):
+        if now is v and len(v) == len(before) and all(a is b for a, b in zip(v, before)):
+            return []
+        more = len(now) - len(before) if type(now) is type(v) else 0
+        how = (f"{abs(more)} item(s) {'more' if more > 0 else 'fewer'}" if more else
+               "set anew" if now is not v else "its items changed")
+        return [f"`{where}` (a {kind}: {how} at each call)"]
+    if isinstance(v, dict) and (now is not v or any(v.get(i, _GONE) is not before[i] for i in before)):
+        return [f"`{where}` (a {kind}: an item set anew or removed at each call)"]
+    if isinstance(v, set) and (now is not v or not before <= v):
+        return [f"`{where}` (a {kind}: " + ("set anew" if now is not v else "an item removed") + " at each call)"]
+    if gains and len(v) > len(before):
+        return [f"`{where}` (a {kind}: {len(v) - len(before)} "
+                f"{'key(s)' if isinstance(v, dict) else 'item(s)'} more after one more call)"]
     return []
