@@ -1219,8 +1219,8 @@ def _logs_in_python(blk, what: str):
     """``blk`` whose forward keeps a log in Python at each call, ``what``: a dict it gives a new
     key (``self.log[len(self.log)] = t``), a set of its inputs' ids, a ``_``-named list and a
     bounded deque, a dataclass counter (``self.stats.count += 1``); or ``"caches"``: a table per
-    token count in a dict, the input shapes in a set and a table on a plain object, filled for a
-    new size and read after."""
+    token count in a dict and in a ``defaultdict(list)``, the input shapes in a set and a table
+    on a plain object, filled for a new size and read after."""
     class LogsInPython(type(blk)):
         def forward(self, x, attn_mask=None):
             if what == "caches":
@@ -1230,7 +1230,9 @@ def _logs_in_python(blk, what: str):
                 self.ids.add(tuple(x.shape))
                 if not hasattr(self.stats, "table"):
                     self.stats.table = torch.full((x.shape[-1],), 0.2)
-                x = x + self.log[n] + self.stats.table
+                if not self.by_size[n]:
+                    self.by_size[n].append(torch.full((x.shape[-1],), 0.3))
+                x = x + self.log[n] + self.stats.table + self.by_size[n][0]
             elif what == "dict":
                 self.log[len(self.log)] = x.detach()[:, 0]
             elif what == "set":
@@ -1243,6 +1245,7 @@ def _logs_in_python(blk, what: str):
             return super().forward(x)
     blk.__class__ = LogsInPython
     blk.log, blk.ids, blk._hist, blk.recent, blk.stats = {}, set(), [], collections.deque(maxlen=2), _Stats()
+    blk.by_size = collections.defaultdict(list)
     return blk
 
 
@@ -1255,7 +1258,8 @@ def test_state_a_block_keeps_in_python_logs_sets_and_objects_is_refused_by_name(
     identity fast path, while the dense model's grew at each call. Each is refused now, naming
     the block and the attribute; a dict, set or object that gains only for a new input size
     (a cache: a second call on the same input gains nothing) converts, at every size the dense
-    model's output at keep 1.0."""
+    model's output at keep 1.0; a ``collections.defaultdict`` among them (every block holds one)
+    made every conversion fail with a raw ``TypeError`` until audit K6 of the same session."""
     model = sharp_tiny_vit(dynamic_img_size=True)
     for blk, what in zip(model.blocks, ("dict", "set", "list", "dataclass")):
         _logs_in_python(blk, what)
