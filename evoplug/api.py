@@ -22,7 +22,8 @@ from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_p
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.snapshot import changed_tensors, kept_below, restore, snapshot
+from .analyse.snapshot import changed_tensors, changed_values, kept_below, restore, snapshot
+from .analyse.writes import recorded_assignments
 from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
                                  stream_starts, token_provenance, varying_arguments)
 from .analyse.chain import chain_links, fresh_token_blocks
@@ -147,10 +148,12 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     if not inplace:
         model, opts = _copy_for_conversion(model, opts)
     analysed, parts = [], []
-    with _no_side_effects(model) as saved:
-        calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
-            model, example_input)
-        calls.derived["kept_state"] = changed_tensors(saved)    # (what the forwards moved)
+    with _no_side_effects(model) as moved:
+        with recorded_assignments() as set_by:      # (who set what: writes.set_up_on_first_call)
+            calls, attn_mods, candidates, failed, skipped, example, regrouped = _calibrate_pairs(
+                model, example_input)
+        # (what the forwards moved, tensors and plain values, and who set what)
+        calls.derived.update(zip(("kept_state", "set_values"), moved()), set_by=set_by)
         try:
             for name, module, call in candidates:
                 try:
@@ -419,16 +422,20 @@ def _no_side_effects(model: nn.Module):
     """The analysis runs the model's modules (calibration, shape propagation, probes) in eval
     mode, with the random number generators restored afterwards: converting a model in train
     mode updates no BatchNorm statistics and draws no random numbers. Every module's mode is
-    put back as it was, and so is all of its own state (analyse/snapshot.py). Yields the
-    snapshot: what the forwards changed in it is the state modules keep (``changed_tensors``)."""
+    put back as it was, and so is all of its own state (analyse/snapshot.py). Yields a
+    function that tells what the forwards changed in it: the state modules keep or set up at
+    their first call (tensors, plain values; not what ``eval()`` changed, a ``train()``
+    override's cache: MMPretrain LeViT's ``ab``)."""
     modes = [(m, m.training) for m in model.modules()]
     saved = snapshot(model)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     python_rng = random.getstate()        # (a model's own Python draws, e.g. in its embedding)
     with _restored(random.setstate, python_rng), torch.random.fork_rng(devices=devices):
         model.eval()
+        tensors, values = changed_tensors(saved), changed_values(saved)
+        by_eval = {k: tensors.get(k, ()) + values.get(k, ()) for k in tensors.keys() | values.keys()}
         try:
-            yield saved
+            yield lambda: (changed_tensors(saved, by_eval), changed_values(saved, by_eval))
         finally:
             model.train(modes[0][1])          # runs the modules' own train() overrides
             for m, mode in modes:

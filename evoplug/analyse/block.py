@@ -55,7 +55,7 @@ from .probes import check_no_mixing_outside_attention, hooks_suspended
 from .residual import Branch, residual_branches
 from .snapshot import restore, snapshot
 from .trace import make_call_plan, mark_batch_specialised, trace_block
-from .writes import StateBeforeTrace
+from .writes import StateBeforeTrace, set_up_on_first_call
 
 
 @dataclasses.dataclass
@@ -185,6 +185,30 @@ def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphMod
         module.train(was)
 
 
+#: a block whose forward sets up state at its first call (writes.set_up_on_first_call): the
+#: conversion's forwards set it up, the snapshot put it back, and its programs (traced with it
+#: set up) read it as they found it, never setting it up: a raw error where a tensor was None
+#: again, a buffer never filled (0.47 off), without a word until audit K6 of the forty-sixth
+#: session
+_SET_UP_ON_FIRST_CALL = (
+    "its forward sets up {} at its first call and reads it after: the conversion's own forwards "
+    "(calibration, probes) ran that first call on the calibration's data, and its programs, "
+    "traced with the state set up, would never set it up (the model keeps it as it was before "
+    "the conversion). Run the model once on real data before converting: the state is then set "
+    "up, and the block converts")
+
+
+def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, calls, moved):
+    """Refuses a block whose forward changes Python state at each call (``moved``), or sets up
+    state at its first call (its programs would do neither)."""
+    if moved:
+        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(moved)))
+    set_up = set_up_on_first_call(gm, module, *(getattr(calls, "derived", {}).get(k, {})
+                                                for k in ("kept_state", "set_values", "set_by")))
+    if set_up:
+        raise AnalysisError(name, _SET_UP_ON_FIRST_CALL.format(", ".join(set_up)))
+
+
 def _refuse_reduced_kv(name: str, keys: int, N: int):
     """The refusal of an attention over ``keys`` keys for ``N`` tokens that no map reduced;
     a few keys more than the tokens are named as appended ones (a hand-written sink column got
@@ -209,8 +233,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     gm = trace_block(module, name, plan, traced, training=False, call=call)
     moved = gm.meta.get("evo_moved_in_python") or \
         (gm.meta.get("evo_grown_in_python") and _moved_at_a_second_call(module, call, gm))
-    if moved:
-        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(moved)))
+    _refuse_state(name, gm, module, calls, moved)
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
     try:

@@ -10,7 +10,7 @@ converted model starts from the state the user's model was in.
 from __future__ import annotations
 
 import copy
-from typing import List
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -155,11 +155,14 @@ def _put_back(entries: list):
                 where[k] = values
 
 
-def changed_tensors(saved: List[tuple]) -> dict:
+def changed_tensors(saved: List[tuple], but: Optional[dict] = None) -> dict:
     """id(module) -> the names of its buffers and tensor attributes whose values the forwards
     since :func:`snapshot` changed or made: state a module keeps from its forwards (a counter, a
-    running mean, the last input). A module whose class changed (a lazy one materialised) and
-    the analysis' own buffers are not counted; BatchNorm's statistics do not move in eval mode."""
+    running mean, the last input), or sets up at its first call (a table built lazily, an
+    ActNorm scale). A module whose class changed (a lazy one materialised), the analysis' own
+    buffers and the names in ``but`` ({id(module): names}: what ``eval()`` changed, a
+    ``train()`` override's cache) are not counted; BatchNorm's statistics do not move in eval
+    mode."""
     from torch.nn.parameter import is_lazy
     found = {}
     for m, cls, bufs, _, _, values, _, _ in saved:
@@ -170,10 +173,33 @@ def changed_tensors(saved: List[tuple]) -> dict:
             {**{k: b for k, b in m._buffers.items() if not k.startswith(_OWN_BUFFERS)},
              **{k: v for k, v in own_state(m).items() if isinstance(v, torch.Tensor)}}
         names = tuple(k for k, t in now.items() if t is not None and not is_lazy(t) and
-                      not _equal(before.get(k), t))
+                      not _equal(before.get(k), t) and k not in (but or {}).get(id(m), ()))
         if names:
             found[id(m)] = names
     return found
+
+
+def changed_values(saved: List[tuple], but: Optional[dict] = None) -> dict:
+    """id(module) -> the names of its plain Python values (numbers, flags, strings, None, tuples
+    of them) that the forwards since :func:`snapshot` changed or made (an ActNorm's
+    ``initialized`` flag, transformers' Swin's shift set to 0), but those in ``but`` (as
+    :func:`changed_tensors`)."""
+    found = {}
+    for m, cls, _, _, attrs, _, _, _ in saved:
+        if type(m) is not cls or isinstance(m, torch.jit.ScriptModule):
+            continue
+        names = tuple(k for k, v in own_state(m).items() if _plain(v) and k not in (but or {}).get(
+            id(m), ()) and (k not in attrs or not _same(attrs[k], v)))
+        if names:
+            found[id(m)] = names
+    return found
+
+
+def _plain(v) -> bool:
+    return type(v) in _PLAIN or type(v) is tuple and all(type(i) in _PLAIN for i in v)
+
+
+_PLAIN = (bool, int, float, complex, str, type(None))
 
 
 def _equal(old, new: torch.Tensor) -> bool:

@@ -25,7 +25,8 @@ from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
-from .writes import StateBeforeTrace, in_place_on_attributes, mark_set_by_forward
+from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward,
+                     recorded_assignments)
 
 if TYPE_CHECKING:
     from .block import BlockAnalysis
@@ -239,7 +240,7 @@ class BlockTracer(fx.Tracer):
             # (one trace at a time in the process: fx patches torch functions and
             # nn.Module.__call__ globally, and two threads' patches interleaved left them patched
             # and broke both conversions; audit V8 of the thirty-seventh session)
-            with _traced_into(self._trace_into):
+            with _traced_into(self._trace_into), recorded_assignments() as self.assigned:
                 graph = self._trace(root, concrete_args)
             wrapped = {n.target for n in graph.nodes
                        if n.op == "call_function" and n.meta.get("is_wrapped")}
@@ -616,6 +617,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm.meta["evo_specialised"] = list(tracer.specialised)
         gm.meta["evo_moved_in_python"] = moved
         gm.meta["evo_grown_in_python"] = grown      # (a cache or a log: analyse/block.py tells)
+        gm.meta["evo_assigned"] = frozenset(tracer.assigned)   # (writes.set_up_on_first_call)
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
             gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),

@@ -5,7 +5,9 @@ tensor attributes a trace changed by running the forward's own code, and the
 :func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
 ``_set_by_forward``; runtime/programs.py ``set_written`` sets them), and the Python state it
 changes at each call, which no program does (:meth:`StateBeforeTrace.moved_in_python`: the
-block is refused). :class:`StateBeforeTrace` records what a trace may change and puts it back."""
+block is refused), and the state its first call sets up, which the conversion's forwards ran
+and no program does (:func:`set_up_on_first_call`: the block is refused).
+:class:`StateBeforeTrace` records what a trace may change and puts it back."""
 from __future__ import annotations
 
 import collections
@@ -13,6 +15,7 @@ import contextlib
 import copy
 import enum
 import sys
+import threading
 import types
 from typing import List, Optional, Tuple
 
@@ -20,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import writes_in_place
+from .graph import is_view, writes_in_place
 
 
 #: Python's augmented assignments and the in-place tensor methods they run
@@ -54,6 +57,96 @@ def in_place_on_attributes():
                 delattr(fx.Proxy, name)
             else:
                 setattr(fx.Proxy, name, before)
+
+
+@contextlib.contextmanager
+def recorded_assignments():
+    """Yields {(id of the module's ``__dict__``, name): ids of the modules whose code set it}
+    of the attributes this thread sets on modules (``self.shift = 0``) while it runs; the setter
+    is the module whose method made the assignment (``self`` there: a parent setting
+    ``blk.H = H`` before each call is not the block), None where no module's method did. Of a
+    trace: what its run of the forward sets again at each call; of the calibration: what a
+    module's own code set (by ``__dict__``: a trace's root may be a twin sharing the block's).
+    ``nn.Module.__setattr__`` is patched while any thread records (other threads' conversions
+    may record at once: each records its own)."""
+    found = {}
+    with _RECORDING_LOCK:
+        if not _RECORDING:
+            nn.Module.__setattr__ = _recording
+        _RECORDING.append(found)
+    _RECORDERS.__dict__.setdefault("stack", []).append(found)
+    try:
+        yield found
+    finally:
+        _RECORDERS.stack.pop()
+        with _RECORDING_LOCK:
+            _RECORDING.remove(found)
+            if not _RECORDING:
+                nn.Module.__setattr__ = _SETATTR
+
+
+_SETATTR = nn.Module.__setattr__
+_RECORDERS = threading.local()       # this thread's recorders (innermost last)
+_RECORDING: list = []                # every thread's: the patch stays while one records
+_RECORDING_LOCK = threading.Lock()
+
+
+def _recording(m: nn.Module, name: str, value):
+    stack = getattr(_RECORDERS, "stack", None)
+    if stack:
+        caller = sys._getframe(1)             # (the method's first argument: its ``self``)
+        code = caller.f_code
+        setter = caller.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
+        who = id(setter) if isinstance(setter, nn.Module) else None
+        for found in stack:
+            found.setdefault((id(vars(m)), name), set()).add(who)
+    _SETATTR(m, name, value)
+
+
+def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, values: dict,
+                         set_by: dict) -> List[str]:
+    """What of ``module``'s state (of the block and the modules the trace ran the Python of,
+    not those it called whole) the block's code set up at the conversion's forwards and its
+    program takes as set up: a buffer or tensor attribute they changed or made (``tensors``:
+    {id(module): names}) that the graph reads and never writes (``self.gamma``, built when None;
+    an ActNorm scale filled from the first batch), a plain value they changed (``values``) that
+    the trace's run of the forward did not set again (an ``initialized`` flag: a first call's
+    branch). A forward that keeps its state at each call (a counter, a running mean, an
+    attention map, Swin's shift set again) sets or writes it in the graph; what a module outside
+    the block set on it (``set_by``: :func:`recorded_assignments` of the calibration; a parent's
+    ``blk.H = H``) is not the block's."""
+    nodes = list(gm.graph.nodes)
+    whole = [n.target for n in nodes if n.op == "call_module"]
+    read = {n.target for n in nodes if n.op == "get_attr"}
+    written = {f"{n.args[0]}.{n.args[1]}" if n.args[0] else n.args[1] for n in nodes
+               if n.op == "call_function" and n.target is set_by_forward}
+    written |= {t.target for t in map(_attribute_written, nodes) if t is not None}
+    assigned = gm.meta.get("evo_assigned", frozenset())
+    inside = {id(m) for m in module.modules()} | {None}       # (None: no module's method set it)
+    found = []
+    for path, m in module.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in whole):
+            continue
+        name = (lambda k: f"{path}.{k}") if path else (lambda k: k)   # noqa: E731
+        own = [k for k in tensors.get(id(m), ()) + values.get(id(m), ())
+               if set_by.get((id(vars(m)), k), {None}) & inside]
+        found += [f"`{name(k)}` ({'a buffer' if k in m._buffers else 'a tensor attribute'})"
+                  for k in own if k in tensors.get(id(m), ()) and name(k) in read and
+                  name(k) not in written]
+        found += [f"`{name(k)}` ({type(getattr(m, k, None)).__name__}: {getattr(m, k, None)!r} "
+                  f"after the first call)" for k in own if k in values.get(id(m), ()) and
+                  (id(vars(m)), k) not in assigned]
+    return found
+
+
+def _attribute_written(n: fx.Node) -> Optional[fx.Node]:
+    """The attribute (a get_attr node) an in-place write ``n`` writes into, or a view of it."""
+    if not writes_in_place(n):
+        return None
+    t = n.args[0]
+    while isinstance(t, fx.Node) and t.op != "get_attr" and (is_view(t) or writes_in_place(t)):
+        t = t.args[0]
+    return t if isinstance(t, fx.Node) and t.op == "get_attr" else None
 
 
 class StateBeforeTrace:
