@@ -110,8 +110,10 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
     program takes as set up: a buffer or tensor attribute they changed or made (``tensors``:
     {id(module): names}) that the graph reads and never writes (``self.gamma``, built when None;
     an ActNorm scale filled from the first batch), a plain value they changed (``values``) that
-    the trace's run of the forward did not set again (an ``initialized`` flag: a first call's
-    branch). A forward that keeps its state at each call (a counter, a running mean, an
+    the trace's run of the forward did not set again (a size or a scale read from the first
+    batch). A flag (a bool) counts through the tensors its first call's branch sets up (the
+    ActNorm scale behind ``initialized``): a warn-once flag (``self.warned = True``) sets up
+    nothing the program reads. A forward that keeps its state at each call (a counter, a running mean, an
     attention map, Swin's shift set again) sets or writes it in the graph; what a module outside
     the block set on it (``set_by``: :func:`recorded_assignments` of the calibration; a parent's
     ``blk.H = H``) is not the block's."""
@@ -135,7 +137,7 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
                   name(k) not in written]
         found += [f"`{name(k)}` ({type(getattr(m, k, None)).__name__}: {getattr(m, k, None)!r} "
                   f"after the first call)" for k in own if k in values.get(id(m), ()) and
-                  (id(vars(m)), k) not in assigned]
+                  (id(vars(m)), k) not in assigned and type(getattr(m, k, None)) is not bool]
     return found
 
 
