@@ -22,7 +22,8 @@ from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_p
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
 from .analyse.calibrate import calibrate, plain_attributes
-from .analyse.snapshot import changed_tensors, changed_values, kept_below, restore, snapshot
+from .analyse.snapshot import (changed_in_training, changed_tensors, changed_values, kept_below,
+                               restore, snapshot)
 from .analyse.writes import recorded_assignments
 from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
                                  stream_starts, token_provenance, varying_arguments)
@@ -546,7 +547,9 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     try:
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
-        a.keeps_state = kept_below(module, calls.derived.get("kept_state", {}))
+        # (state moved in training only too: audit K6 of the forty-sixth session)
+        a.keeps_state = tuple(dict.fromkeys(kept_below(module, calls.derived.get("kept_state", {}))
+                                            + kept_below(module, changed_in_training(module, call))))
         counted = count_probe_graph(gm_eval, a)     # (before the rewrite changes gm_eval)
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
         probe_program(a, programs[False])

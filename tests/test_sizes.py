@@ -1615,6 +1615,115 @@ def test_a_counter_in_a_norm_the_map_runs_again_on_the_full_map_counts_once():
         [float(m.calls) for m in dense.modules() if isinstance(m, Counting)] == [1.0] * len(norms)
 
 
+class _NormalisesAfterTraining(torch.nn.Module):
+    """Counts its forwards and keeps a running mean of its input in buffers in training only
+    (``if self.training: self.calls += 1; self.mean.mul_(0.5).add_(...)``), the usual form of
+    running statistics, and takes the mean off its input in eval mode."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("mean", torch.zeros(dim))
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            self.mean.mul_(0.5).add_(x.detach().mean((0, 1)), alpha=0.5)
+            return x
+        return x - self.mean
+
+
+def _normalises_its_input(blk):
+    """``blk`` whose forward starts with ``x = self.pre(x)``, a :class:`_NormalisesAfterTraining`."""
+    class Normalising(type(blk)):
+        def forward(self, x, attn_mask=None):
+            return super().forward(self.pre(x))
+    blk.__class__, blk.pre = Normalising, _NormalisesAfterTraining(blk.norm1.normalized_shape[0])
+    return blk
+
+
+def test_state_the_modules_a_block_calls_keep_in_training_only_moves_once_per_call():
+    """State a module the programs call whole keeps in training only (``if self.training:
+    self.calls += 1``, a running mean), which the conversion's forwards, all in eval mode, never
+    moved: until audit K6 of the forty-sixth session it was not seen as state, so in training
+    the counter counted 3 calls for each of the block's (the fast update's base ran the module
+    again on the full input and the representative token), at keep 1.0 off the identity fast
+    path and at keep 0.5, without a word, and after that training the model was 0.96 off the
+    dense one at keep 1.0. A train-mode run of the block at the conversion finds it now: it
+    moves once per call, as the dense model's, and is named as the state eval-mode forwards
+    move is."""
+    x = torch.randn(2, 3, 32, 32)
+    for keep, fast_path in ((1.0, False), (0.5, True)):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            _normalises_its_input(blk)
+        dense, fast = _dense_and_converted(model, r"`blocks\.0\.pre\.calls`, `blocks\.0\.pre\.mean`"
+                                                  r".*tokens it ran", keep_ratio=keep,
+                                           identity_fast_path=fast_path)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for m in (dense, fast):
+                m.train()
+                for _ in range(3):
+                    m(x)
+                m.eval()
+            assert [float(b.pre.calls) for b in fast.blocks] == \
+                [float(b.pre.calls) for b in dense.blocks] == [3.0] * 4
+            torch.testing.assert_close(fast.blocks[0].pre.mean, dense.blocks[0].pre.mean)  # (scoring)
+            if keep == 1.0:
+                for b, d in zip(fast.blocks, dense.blocks):
+                    torch.testing.assert_close(b.pre.mean, d.pre.mean)
+                for fast_path in (False, True):
+                    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=fast_path)
+                    torch.testing.assert_close(fast(x), dense(x))
+
+
+def _keeps_python_state_in_training(blk):
+    """``blk`` that keeps state in Python on itself in training only (``if self.training:
+    self.hist.append(t); self.n += 1``)."""
+    class KeepsInTraining(type(blk)):
+        def forward(self, x, attn_mask=None):
+            if self.training:
+                self.hist.append(x.detach()[:, 0])
+                self.n += 1
+            return super().forward(x)
+    blk.__class__ = KeepsInTraining
+    blk.hist, blk.n = [], 0
+    return blk
+
+
+def test_python_state_a_block_keeps_in_training_only_is_refused_by_name():
+    """Python state a block's forward changes in training only (``if self.training:
+    self.hist.append(t); self.n += 1``). Only the eval-mode trace's Python state was refused:
+    until audit K6 of the forty-sixth session such a block converted without a word (from a
+    model in eval or train mode), and in training the converted block's list stayed empty and
+    its int at 0. The train-mode trace's is refused too, with the same words; left the user's
+    own (``strict=False``), the block keeps its state as the dense model does."""
+    for training in (False, True):
+        model = sharp_tiny_vit().train(training)
+        for blk in model.blocks:
+            _keeps_python_state_in_training(blk)
+        with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: its forward changes Python "
+                                                          r"state at each call: `hist` \(a list.*`n` \(int"):
+            evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+        assert (model.blocks[0].hist, model.blocks[0].n, model.training) == ([], 0, training)
+    model = sharp_tiny_vit()
+    _keeps_python_state_in_training(model.blocks[0])
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32), strict=False)
+    assert [n for n, _ in evoplug.get_report(fast).failed] == ["blocks.0"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in (dense, fast):
+            m.train()
+            for _ in range(3):
+                m(x)
+    f, d = fast.blocks[0], dense.blocks[0]
+    assert (len(f.hist), f.n) == (len(d.hist), d.n) == (3, 3)
+    torch.testing.assert_close(f.hist[-1], d.hist[-1])
+
+
 def _vit_around(stage: torch.nn.Module, position_table: bool = True) -> torch.nn.Module:
     """tests/plain_vit.py's ViT whose tokens (the class token first, plus its position table
     where ``position_table``) pass through ``stage`` before its layers."""

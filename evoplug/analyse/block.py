@@ -209,6 +209,16 @@ def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, calls, moved
         raise AnalysisError(name, _SET_UP_ON_FIRST_CALL.format(", ".join(set_up)))
 
 
+def refuse_python_state(name: str, gm: fx.GraphModule):
+    """The refusal of a block whose forward, traced into ``gm`` (eval mode here; train mode in
+    rewrite/program.py ``build_program``), changed Python state (analyse/writes.py
+    ``moved_in_python``). Python changed in training only (``if self.training:
+    self.hist.append(t)``) converted without a word until audit K6 of the forty-sixth session:
+    the train-mode trace's was not looked at."""
+    if gm.meta.get("evo_moved_in_python"):
+        raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(gm.meta["evo_moved_in_python"])))
+
+
 def _refuse_reduced_kv(name: str, keys: int, N: int):
     """The refusal of an attention over ``keys`` keys for ``N`` tokens that no map reduced;
     a few keys more than the tokens are named as appended ones (a hand-written sink column got

@@ -117,11 +117,17 @@ def scales_by_a_parameter(module: nn.Module) -> bool:
 
 
 def _traced_scale(module: nn.Module) -> bool:
+    """(What the trace set on the module is put back: a counter, ``self.calls += 1``, stayed a
+    proxy for the rest of the analysis, seen with audit K6 of the forty-sixth session.)"""
     from .trace import BlockTracer
+    from .writes import StateBeforeTrace
+    before = StateBeforeTrace(module)
     try:
         graph = BlockTracer(set()).trace(module)
     except Exception:  # noqa: BLE001 - a module fx cannot trace is no plain scale
         return False
+    finally:
+        before.put_back()
     nodes = list(graph.nodes)
     ph = [n for n in nodes if n.op == "placeholder"]
     out = nodes[-1].args[0] if nodes and nodes[-1].op == "output" else None

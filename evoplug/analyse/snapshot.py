@@ -10,6 +10,7 @@ converted model starts from the state the user's model was in.
 from __future__ import annotations
 
 import copy
+import random
 from typing import List, Optional
 
 import torch
@@ -200,6 +201,40 @@ def _plain(v) -> bool:
 
 
 _PLAIN = (bool, int, float, complex, str, type(None))
+
+
+#: a norm's running statistics, which the programs already move once per call in training
+#: (runtime/gather.py ``without_stat_update``)
+_NORM_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def changed_in_training(module: nn.Module, call) -> dict:
+    """:func:`changed_tensors` of one train-mode run of ``module`` on its calibration ``call``
+    (no autograd; its modes, the random number generators and all it changed put back), less
+    BatchNorm's running statistics: state its submodules keep in training only (``if
+    self.training: self.n += 1``), which the conversion's forwards, all in eval mode, never
+    move (it counted 3 calls for each of the block's until audit K6 of the forty-sixth
+    session). A forward that fails in training tells nothing (the dense model's fails too)."""
+    from torch.nn.modules.batchnorm import _NormBase
+    modes, saved, python_rng = [(m, m.training) for m in module.modules()], snapshot(module), \
+        random.getstate()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module.train(True)
+            module(*call.args, **call.kwargs)
+    except Exception:   # noqa: BLE001 - nothing learned
+        pass
+    finally:
+        random.setstate(python_rng)
+        module.train(modes[0][1])       # (its own train() overrides: LeViT's bias cache)
+        for m, mode in modes:
+            m.training = mode
+        changed = changed_tensors(saved)
+        restore(saved)
+    norms = {id(m) for m in module.modules() if isinstance(m, _NormBase)}
+    changed = {i: tuple(k for k in names if i not in norms or k not in _NORM_STATISTICS)
+               for i, names in changed.items()}
+    return {i: names for i, names in changed.items() if names}
 
 
 def _equal(old, new: torch.Tensor) -> bool:
