@@ -383,6 +383,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
     module = a.module
     x = a.plan.bind(a.name, a.call.args, a.call.kwargs)[0]
     per_image = x.shape[0] // images if images and x.shape[0] % images == 0 else None
+    volatile = _with_recorded(volatile, module, a.python_writes)
     spec = BlockSpec(
         index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
@@ -408,6 +409,19 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
     return spec
+
+
+def _with_recorded(volatile, block: nn.Module, recorded) -> dict:
+    """``volatile`` ({id(module): {name: value}}, the plain attributes the calibration's
+    forward changed) with the Python values the block's forward sets from its traced values
+    (a size it records: analyse/writes.py ``python_writes``) at the calibration, changed or
+    not: its programs set them at each call (those of a model that had run at the conversion's
+    size before were not changed, and no program set them back after a call at another size)."""
+    out = dict(volatile or {})
+    for path, name, value in recorded:
+        m = block.get_submodule(path) if path else block
+        out[id(m)] = {**out.get(id(m), {}), name: value}
+    return out
 
 
 @contextlib.contextmanager

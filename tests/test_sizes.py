@@ -5,6 +5,7 @@ shared) and keeps it; later forwards of that size run it."""
 import collections
 import copy
 import dataclasses
+import math
 import os
 import warnings
 
@@ -1208,6 +1209,67 @@ def test_state_a_block_keeps_in_python_containers_and_numbers_is_refused_by_name
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     assert not evoplug.get_report(fast).failed and len(evoplug.get_report(fast).blocks) == 4
 
+
+def _records_its_size(blk, form: str):
+    """``blk`` that records the size of its input's map on itself at each call, as
+    hand-written blocks do: as ints, a tuple, a list, a dict, or its input's shape."""
+    class RecordsItsSize(type(blk)):
+        def forward(self, x, attn_mask=None):
+            H = W = math.isqrt(x.shape[1] - 1)
+            if form == "ints":
+                self.H, self.W = H, W
+            elif form == "tuple":
+                self.hw = (H, W)
+            elif form == "list":
+                self.hw = [H, W]
+            elif form == "dict":
+                self.hw = {"H": H, "W": W}
+            else:
+                self.hw = x.shape
+            return super().forward(x)
+    blk.__class__ = RecordsItsSize
+    return blk
+
+
+@pytest.mark.parametrize("form", ["ints", "tuple", "list", "dict"])
+def test_state_a_block_records_its_size_in_python_as_the_dense_model_does(form):
+    """A block that records its input's map size on itself (``self.H, self.W = H, W``, the
+    sizes as a tuple, list or dict): the ints converted, but after a call at another input size
+    the model's block kept the conversion's size (the size twin's block got the new one); the
+    tuple was refused with a raw "torch.fx could not trace the block: KeyError: eq", the list
+    and the dict as "Python state changed at each call", and ``self.hw = x.shape`` with an
+    internal torch.fx error (audit K6 of the forty-sixth session). Now each holds what the
+    dense model's forward sets, the full input's size, at every size, keep ratio and fast-path
+    setting, also for a model that ran at the conversion's size before (ints); a shape with the
+    batch size, which the programs would set as the calibration's, is refused by name."""
+    for ran_before in (False, True) if form == "ints" else (False,):
+        model = sharp_tiny_vit(dynamic_img_size=True)
+        for blk in model.blocks:
+            _records_its_size(blk, form)
+        small, big = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)
+        if ran_before:
+            with torch.no_grad():
+                model(small)
+        dense = copy.deepcopy(model)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=small)
+        names = ("H", "W") if form == "ints" else ("hw",)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for keep, fast_path in ((0.5, True), (1.0, True), (1.0, False)):
+                evoplug.set_options(fast, keep_ratio=keep, identity_fast_path=fast_path)
+                for x in (small, big, small, big):
+                    out, ref = fast(x), dense(x)
+                    for f, d in zip(fast.blocks, dense.blocks):
+                        for name in names:
+                            assert (type(getattr(f, name)), getattr(f, name)) == \
+                                (type(getattr(d, name)), getattr(d, name)), (keep, fast_path, x.shape)
+                    if keep == 1.0:
+                        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    model = sharp_tiny_vit(dynamic_img_size=True)
+    _records_its_size(model.blocks[1], "shape")
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1`: its forward sets `hw` from its "
+                                                      r"input's batch size"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(2, 3, 32, 32))
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -109,6 +109,11 @@ class BlockAnalysis:
     sets_own: Tuple[str, ...] = ()             # tensors its forward sets as attributes of
     #                                          the block itself (a size twin's block sets them
     #                                          on the model's block: runtime/block.py)
+    python_writes: Tuple[Tuple[str, str, Any], ...] = ()   # (path, name, value): Python
+    #                                          values its forward sets from its traced values
+    #                                          (a size it records, ``self.hw = (H, W)``), on
+    #                                          the calibration input: its programs set them
+    #                                          (BlockSpec.writes)
     keeps_state: Tuple[str, ...] = ()          # ``path.name`` of the buffers and tensor
     #                                          attributes of its submodules the calibration's
     #                                          forwards changed (a counter, a running mean):
@@ -154,6 +159,14 @@ _MOVED_IN_PYTHON = ("its forward changes Python state at each call: {}; its prog
                     "t.detach()`), which the programs set as the forward does")
 
 
+#: a block whose forward records its batch size on a module as a Python value (audit K6 of the
+#: forty-sixth session: ``self.in_shape = x.shape`` raised an internal error of torch.fx)
+_RECORDS_BATCH = ("its forward sets {} from its input's batch size, a Python value: its programs "
+                  "set the one of the input it was converted with (a size twin's: one image) at "
+                  "every call, where its own forward sets the call's. Record the batch size "
+                  "outside the block")
+
+
 def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphModule) -> Tuple[str, ...]:
     """What of the Python state of ``module`` (keys of its dicts, items of its sets, attributes
     of its plain objects included) a second eager call on the calibration input changes after
@@ -162,7 +175,9 @@ def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphMod
     t``, ``self.ids.add(id(x))``), which gains again, or a cache (LeViT's attention-bias cache
     keyed by the device, a table per input size), which the first call fills and the second
     reads. Any key gained was taken for a cache, so a log stayed as the conversion left it (a
-    known gap of the forty-fifth session). The state is put back after."""
+    known gap of the forty-fifth session). So does a size it records (analyse/writes.py
+    ``python_writes``) that is not the same at the second call: a log set anew
+    (``self.sizes = self.sizes + [n]``). The state is put back after."""
     def call_once():
         args, kwargs = tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t,
                                 (call.args, call.kwargs))
@@ -175,9 +190,12 @@ def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphMod
             inputs = [call_once()]      # (kept: a freed input's id may come again)
             again = StateBeforeTrace(module)
             inputs.append(call_once())
-            return again.moved_in_python(gains=True)
+            recorded = {f"{p}.{n}" if p else n: (p, n, v) for p, n, v in gm.meta["evo_python_writes"]}
+            return again.moved_in_python(gains=True, skip=recorded) + tuple(
+                f"`{w}` ({v!r}, then {now!r} after one more call)" for w, (p, n, v) in recorded.items()
+                if (now := getattr(module.get_submodule(p), n, None)) != v or type(now) is not type(v))
     except Exception as e:  # noqa: BLE001 - a cache cannot be told from a log: refused
-        return (f"{', '.join(gm.meta['evo_grown_in_python'])} at its trace, and a second call of "
+        return (f"{', '.join(gm.meta['evo_grown_in_python'] or ['its records'])} at its trace, and a second call of "
                 f"the block raised {type(e).__name__}: {e}: a cache cannot be told from a log",)
     finally:
         first.put_back()
@@ -199,10 +217,14 @@ _SET_UP_ON_FIRST_CALL = (
 
 
 def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, calls, moved):
-    """Refuses a block whose forward changes Python state at each call (``moved``), or sets up
-    state at its first call (its programs would do neither)."""
+    """Refuses a block whose forward changes Python state at each call (``moved``), records its
+    batch size as a Python value, or sets up state at its first call (its programs would
+    follow none of them)."""
     if moved:
         raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(moved)))
+    if gm.meta.get("evo_batch_writes"):
+        raise AnalysisError(name, _RECORDS_BATCH.format(
+            ", ".join(f"`{t}`" for t in gm.meta["evo_batch_writes"])))
     set_up = set_up_on_first_call(gm, module, *(getattr(calls, "derived", {}).get(k, {})
                                                 for k in ("kept_state", "set_values", "set_by")))
     if set_up:
@@ -241,8 +263,9 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                           hint(model, "export_masks")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
-    moved = gm.meta.get("evo_moved_in_python") or \
-        (gm.meta.get("evo_grown_in_python") and _moved_at_a_second_call(module, call, gm))
+    moved = gm.meta.get("evo_moved_in_python") or (
+        (gm.meta.get("evo_grown_in_python") or gm.meta.get("evo_python_writes"))
+        and _moved_at_a_second_call(module, call, gm))
     _refuse_state(name, gm, module, calls, moved)
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
@@ -257,6 +280,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     a = BlockAnalysis(name, module, call, plan, tuple(n for n, m in module.named_modules()
                                                       if id(m) in traced), N, x.shape[-1])
     mark_batch_specialised(a, gm, x.shape[0])
+    a.python_writes = gm.meta.get("evo_python_writes", ())
     if gm.meta.get("evo_specialised"):
         a.notes.append("Python values taken from the calibration input: "
                        + "; ".join(gm.meta["evo_specialised"]))

@@ -25,7 +25,7 @@ from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
-from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward,
+from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
 if TYPE_CHECKING:
@@ -205,11 +205,24 @@ class BlockTracer(fx.Tracer):
             raise fx.proxy.TraceError(
                 f"{what} (`{node.name}`) depends on the number of tokens, so a program "
                 "specialised on all tokens would be wrong on the kept ones")
-        B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
-        doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
-                   v.shape[0] == B else v for k, v in self._example.items()}
-        if self._value_on(node, doubled, convert, None) != value:
+        if self._value_on(node, self._doubled(), convert, None) != value:
             self.batch_specialised = True
+
+    def _doubled(self) -> Dict[str, Any]:
+        """The calibration arguments with the batch twice over."""
+        B = next(v for v in self._example.values() if isinstance(v, torch.Tensor)).shape[0]
+        return {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() >= 2 and
+                v.shape[0] == B else v for k, v in self._example.items()}
+
+    def recorded(self, node: fx.Node):
+        """The value of ``node``, a Python value the forward sets on a module (a size it
+        records: analyse/writes.py ``python_writes``), on the calibration input."""
+        return self._evaluate(node, self._example)
+
+    def follows_batch(self, node: fx.Node) -> bool:
+        """Whether the value of ``node`` (see :meth:`recorded`) is another with the batch
+        twice over."""
+        return self._value_on(node, self._doubled(), lambda v: v, None) != self.recorded(node)
 
     def _value_on(self, node: fx.Node, example, kind: type, unknown):
         """The traced value on another example; ``unknown`` when the path cannot run on it
@@ -601,6 +614,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
             except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
                 raise AnalysisError(name, _kept_refused(kept, e)) from None
         mark_set_by_forward(graph, found)
+        recorded, by_batch = _recorded(name, graph, tracer) if example is not None else ((), ())
         _drop_unread_attributes(graph)
         _drop_constant_asserts(graph)
         _python_numbers(graph)
@@ -618,6 +632,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm.meta["evo_moved_in_python"] = moved
         gm.meta["evo_grown_in_python"] = grown      # (a cache or a log: analyse/block.py tells)
         gm.meta["evo_assigned"] = frozenset(tracer.assigned)   # (writes.set_up_on_first_call)
+        gm.meta.update(evo_python_writes=recorded, evo_batch_writes=by_batch)
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))
             gm.meta["evo_tokenised"] = tokenise_map_block(gm, feed, tuple(feed[0].shape[1:3]),
@@ -637,6 +652,16 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
+
+
+def _recorded(name: str, graph: fx.Graph, tracer: BlockTracer) -> Tuple[Tuple, Tuple[str, ...]]:
+    """The Python values the forward sets from its traced values (a size it records), on the
+    calibration input, and those of them that follow the batch size (analyse/writes.py
+    ``python_writes``)."""
+    try:
+        return python_writes(graph, tracer.recorded, tracer.follows_batch)
+    except ValueError as e:
+        raise AnalysisError(name, str(e)) from None
 
 
 def _kept_refused(kept: Tuple, e: Exception) -> str:

@@ -5,9 +5,10 @@ tensor attributes a trace changed by running the forward's own code, and the
 :func:`set_by_forward` marks the programs turn into writes (rewrite/program.py
 ``_set_by_forward``; runtime/programs.py ``set_written`` sets them), and the Python state it
 changes at each call, which no program does (:meth:`StateBeforeTrace.moved_in_python`: the
-block is refused), and the state its first call sets up, which the conversion's forwards ran
-and no program does (:func:`set_up_on_first_call`: the block is refused).
-:class:`StateBeforeTrace` records what a trace may change and puts it back."""
+block is refused), but the sizes it records (:func:`python_writes`), and the state its first
+call sets up, which the conversion's forwards ran and no program does
+(:func:`set_up_on_first_call`: the block is refused). :class:`StateBeforeTrace` records what a
+trace may change and puts it back."""
 from __future__ import annotations
 
 import collections
@@ -23,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .graph import is_view, writes_in_place
+from .graph import depends_on_data, is_view, writes_in_place
 
 
 #: Python's augmented assignments and the in-place tensor methods they run
@@ -192,15 +193,16 @@ class StateBeforeTrace:
     def proxies_put_back(self) -> List[Tuple[str, str, fx.Node, str]]:
         """What the trace set to a traced value (a proxy) on a module, as (module path, name,
         node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent buffer"``), each put back
-        as it was before the trace (or removed)."""
+        as it was before the trace (or removed); sizes kept as a tuple, list or dict of traced
+        values (``self.hw = (H, W)``) too, their node a tuple, list or dict of nodes."""
         found = []
         for path, m, attrs, buffers, _ in self.modules:
             for now, before in ((m._buffers, buffers), (vars(m), attrs)):
                 for k, v in list(now.items()):
-                    if isinstance(v, fx.Proxy):
+                    if isinstance(v, fx.Proxy) or _set_anew_with_proxies(v, before.get(k), now is m._buffers):
                         kind = "attribute" if now is not m._buffers else \
                             "non-persistent buffer" if k in m._non_persistent_buffers_set else "buffer"
-                        found.append((path, k, v.node, kind))
+                        found.append((path, k, _as_nodes(v), kind))
                         if k in before:
                             now[k] = before[k]
                         else:
@@ -227,7 +229,7 @@ class StateBeforeTrace:
                 vars(m)[k] = v
         return tuple(changed)
 
-    def moved_in_python(self, gains: bool = False) -> Tuple[str, ...]:
+    def moved_in_python(self, gains: bool = False, skip=()) -> Tuple[str, ...]:
         """What of the Python numbers (flags, strings, tuples of them), the containers and the
         plain objects' attributes the modules hold the trace's run of the forward changed (after
         the proxies it set were put back), each named with how: Python the forward runs on the
@@ -238,12 +240,14 @@ class StateBeforeTrace:
         counts with ``gains`` alone: a cache filled (LeViT's attention-bias cache, keyed by the
         traced device) gains nothing at a second call on the same input, which a log
         (``self.log[len(self.log)] = t``, ``self.ids.add(id(x))``) does (analyse/block.py
-        ``_moved_at_a_second_call``)."""
+        ``_moved_at_a_second_call``). Not those named in ``skip`` (``path.name``)."""
         moved = []
         for path, obj, attrs, containers in self.held:
             now = vars(obj)
             for k, v in attrs.items():
                 where = f"{path}.{k}" if path else k
+                if where in skip:
+                    continue
                 if k in containers:
                     moved += _container_moved(now.get(k, _GONE), where, v, containers[k], gains)
                 elif k not in _MODULE_KEYS and _is_number(v):
@@ -283,14 +287,87 @@ def mark_set_by_forward(graph: fx.Graph, found):
     """A :func:`set_by_forward` node for each value of this graph the forward set (an update in
     place of the same attribute, ``self.n += 1`` on a buffer, is one already)."""
     out = next(n for n in graph.nodes if n.op == "output")
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for path, name, node, kind in found:
         target = f"{path}.{name}" if path else name
-        first = node.args[0] if node.op == "call_method" and writes_in_place(node) else node
-        if node.graph is not graph or (isinstance(first, fx.Node) and first.op == "get_attr"
-                                       and first.target == target):     # (or only read)
+        nodes = _nodes_in(node)
+        if any(n.graph is not graph for n in nodes):
             continue
+        for n in nodes:      # (``x.shape``: a node fx makes at its first use, after the output)
+            if order.get(n, -1) > order[out]:
+                out.prepend(n)
+        first = node.args[0] if isinstance(node, fx.Node) and node.op == "call_method" \
+            and writes_in_place(node) else node
+        if isinstance(first, fx.Node) and first.op == "get_attr" and first.target == target:
+            continue                                                      # (or only read)
         with graph.inserting_before(out):
             graph.call_function(set_by_forward, (path, name, node, kind))
+
+
+def python_writes(graph: fx.Graph, evaluate, follows_batch) -> Tuple[Tuple, Tuple[str, ...]]:
+    """The Python values (not tensors) the :func:`set_by_forward` marks of ``graph`` set, as
+    (module path, name, value), their marks removed: a size the forward records from its input
+    (``self.H, self.W = H, W``, ``self.hw = (H, W)``, ``[H, W]``, ``{"H": H, "W": W}``,
+    ``self.in_shape = x.shape``), ``evaluate(node)``: its value on the calibration input, the
+    full input the dense forward gets (a program runs on the kept tokens, whose count would be
+    the subset's). The block sets them again at each call of its programs (BlockSpec.writes);
+    second, those of them that ``follows_batch(node)`` (a cached batch size: the calibration's
+    at every batch size). Values computed from the tokens' values, not their sizes, are not
+    evaluated: alone, a tensor the program sets (``self.attn_map = attn``); in a tuple, list or
+    dict, or any that holds a tensor, ``ValueError`` names them: no program sets them."""
+    out, by_batch = [], []
+    for n in [n for n in graph.nodes if n.op == "call_function" and n.target is set_by_forward]:
+        path, name, value, _ = n.args
+        if isinstance(value, fx.Node) and (value.op == "get_attr" or depends_on_data(value)):
+            continue          # (a tensor: set by the program)
+        target = f"{path}.{name}" if path else name
+        got = None if any(map(depends_on_data, _nodes_in(value))) else _mapped(value, evaluate)
+        if isinstance(got, torch.Tensor):
+            continue
+        if got is None or any(isinstance(v, torch.Tensor) for v in _leaves(got)):
+            raise ValueError(f"its forward sets `{target}` to a {type(_mapped(value, str)).__name__} that holds a "
+                             "tensor, which its programs cannot set as the forward does: set each "
+                             "tensor as an attribute of its own")
+        out.append((path, name, got))
+        if any(follows_batch(v) for v in _nodes_in(value)):
+            by_batch.append(target)
+        graph.erase_node(n)
+    return tuple(out), tuple(by_batch)
+
+
+def _set_anew_with_proxies(v, before, buffer: bool) -> bool:
+    """A tuple, list or dict of traced values set as an attribute (``self.hw = (H, W)``), not
+    one the forward put them in (``self.hist.append(t)``: Python state, see moved_in_python)."""
+    return not buffer and v is not before and any(isinstance(i, fx.Proxy) for i in _leaves(v))
+
+
+def _leaves(v) -> list:
+    """The items of ``v``, a (nested) tuple, list or dict (its values), or ``[v]``."""
+    if isinstance(v, (tuple, list)):
+        return [i for item in v for i in _leaves(item)]
+    if isinstance(v, dict):
+        return [i for item in v.values() for i in _leaves(item)]
+    return [v]
+
+
+def _mapped(v, fn):
+    """``v`` with ``fn`` applied to its nodes (or proxies, or those of its items: a tuple, list
+    or dict of them), as plain tuples, lists and dicts (a graph holds its own kinds of them)."""
+    if isinstance(v, (fx.Node, fx.Proxy)):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return (tuple if isinstance(v, tuple) else list)(_mapped(i, fn) for i in v)
+    if isinstance(v, dict):
+        return {k: _mapped(i, fn) for k, i in v.items()}
+    return v
+
+
+def _as_nodes(v):
+    return _mapped(v, lambda p: p.node)
+
+
+def _nodes_in(v) -> list:
+    return [i for i in _leaves(v) if isinstance(i, fx.Node)]
 
 
 #: nn.Module's own bookkeeping (hooks, parameter dicts, ``training``): not the forward's state

@@ -437,12 +437,19 @@ def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
     1``: BlockSpec.sets_own) set on the model's block, which the user reads (they stayed on the
     twin's block until the forty-fifth session), also from a call stopped midway: a
     recomputation torch's non-reentrant checkpoint stops once it has the tensors it saves sets
-    what the twin's program set by then (never, until audit J1 of the forty-fifth session)."""
+    what the twin's program set by then (never, until audit J1 of the forty-fifth session).
+    So are the Python values its forward sets on itself at both sizes (BlockSpec.writes: a size
+    it records, ``self.H, self.W = H, W``), the twin's size's: the model's block kept the
+    conversion's size until audit K6 of the forty-sixth session."""
     spec = block._evoplug_spec
     try:
         return following(block, twin)(*args, **kwargs)
     finally:
         spec.tokens_run = twin._evoplug_spec.tokens_run
+        own = {name for path, name, _ in spec.writes if not path}    # (and not baked in)
+        for path, name, _ in twin._evoplug_spec.writes:
+            if not path and name in own and name in vars(twin):
+                setattr(block, name, vars(twin)[name])
         for name in spec.sets_own:
             value = getattr(twin, name, None)
             if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:

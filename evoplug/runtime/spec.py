@@ -240,7 +240,8 @@ class BlockSpec:
         transformers Swin whose blocks evolved kept its shift, one that ran keep 1.0 lost it,
         and the two gave different outputs at the next input size)."""
         for path, name, value in self.writes:
-            setattr(block.get_submodule(path) if path else block, name, value)
+            value = copy.copy(value) if isinstance(value, (list, dict)) else value   # (a new one
+            setattr(block.get_submodule(path) if path else block, name, value)  # each call)
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
