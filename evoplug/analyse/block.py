@@ -216,10 +216,14 @@ _SET_UP_ON_FIRST_CALL = (
     "up, and the block converts")
 
 
-def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, calls, moved):
-    """Refuses a block whose forward changes Python state at each call (``moved``), records its
+def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, call: ModuleCall, calls):
+    """Refuses a block whose forward changes Python state at each call (a dict, set or object
+    its trace made gain a key, or a value it records, told by a second eager call), records its
     batch size as a Python value, or sets up state at its first call (its programs would
     follow none of them)."""
+    moved = gm.meta.get("evo_moved_in_python") or (
+        (gm.meta.get("evo_grown_in_python") or gm.meta.get("evo_python_writes"))
+        and _moved_at_a_second_call(module, call, gm))
     if moved:
         raise AnalysisError(name, _MOVED_IN_PYTHON.format(", ".join(moved)))
     if gm.meta.get("evo_batch_writes"):
@@ -263,10 +267,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                           hint(model, "export_masks")[0] or ())
     traced = modules_to_trace(calls)
     gm = trace_block(module, name, plan, traced, training=False, call=call)
-    moved = gm.meta.get("evo_moved_in_python") or (
-        (gm.meta.get("evo_grown_in_python") or gm.meta.get("evo_python_writes"))
-        and _moved_at_a_second_call(module, call, gm))
-    _refuse_state(name, gm, module, calls, moved)
+    _refuse_state(name, gm, module, call, calls)
     x, extras = plan.bind(name, call.args, call.kwargs)
     feed = plan.feed(x, extras)
     try:
