@@ -19,7 +19,8 @@ def compile_program(source: str) -> Callable:
     scope: Dict[str, object] = {}
     exec(compile(source, "<evoplug program>", "exec"), scope)  # noqa: S102 - our own generated code
     fn = scope["forward"]
-    if "_evo_block" not in fn.__code__.co_varnames[:fn.__code__.co_argcount]:
+    takes = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    if "_evo_full" in takes and "_evo_block" not in takes:      # (a block's, pickled before)
         fn = _without_block_argument(fn)
     fn.__evoplug_source__ = source
     return fn
