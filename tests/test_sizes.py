@@ -1704,6 +1704,19 @@ def _normalises_its_input(blk):
     return blk
 
 
+def _called_in_training(models, x, calls: int = 3, back_to_eval: bool = True):
+    """Each of ``models`` called ``calls`` times on ``x`` in train mode (no autograd, warnings
+    ignored), then put back in eval mode unless ``back_to_eval`` is False."""
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for m in models:
+            m.train()
+            for _ in range(calls):
+                m(x)
+            if back_to_eval:
+                m.eval()
+
+
 def test_state_the_modules_a_block_calls_keep_in_training_only_moves_once_per_call():
     """State a module the programs call whole keeps in training only (``if self.training:
     self.calls += 1``, a running mean), which the conversion's forwards, all in eval mode, never
@@ -1722,13 +1735,8 @@ def test_state_the_modules_a_block_calls_keep_in_training_only_moves_once_per_ca
         dense, fast = _dense_and_converted(model, r"`blocks\.0\.pre\.calls`, `blocks\.0\.pre\.mean`"
                                                   r".*tokens it ran", keep_ratio=keep,
                                            identity_fast_path=fast_path)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for m in (dense, fast):
-                m.train()
-                for _ in range(3):
-                    m(x)
-                m.eval()
+        _called_in_training((dense, fast), x)
+        with torch.no_grad():
             assert [float(b.pre.calls) for b in fast.blocks] == \
                 [float(b.pre.calls) for b in dense.blocks] == [3.0] * 4
             torch.testing.assert_close(fast.blocks[0].pre.mean, dense.blocks[0].pre.mean)  # (scoring)
@@ -1774,13 +1782,7 @@ def test_python_state_a_block_keeps_in_training_only_is_refused_by_name():
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32), strict=False)
     assert [n for n, _ in evoplug.get_report(fast).failed] == ["blocks.0"]
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for m in (dense, fast):
-            m.train()
-            for _ in range(3):
-                m(x)
+    _called_in_training((dense, fast), torch.randn(2, 3, 32, 32), back_to_eval=False)
     f, d = fast.blocks[0], dense.blocks[0]
     assert (len(f.hist), f.n) == (len(d.hist), d.n) == (3, 3)
     torch.testing.assert_close(f.hist[-1], d.hist[-1])
