@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .probes import CALL_HOOK_DICTS
+from .writes import is_number
 
 #: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
@@ -189,18 +190,11 @@ def changed_values(saved: List[tuple], but: Optional[dict] = None) -> dict:
     for m, cls, _, _, attrs, _, _, _ in saved:
         if type(m) is not cls or isinstance(m, torch.jit.ScriptModule):
             continue
-        names = tuple(k for k, v in own_state(m).items() if _plain(v) and k not in (but or {}).get(
+        names = tuple(k for k, v in own_state(m).items() if is_number(v) and k not in (but or {}).get(
             id(m), ()) and (k not in attrs or not _same(attrs[k], v)))
         if names:
             found[id(m)] = names
     return found
-
-
-def _plain(v) -> bool:
-    return type(v) in _PLAIN or type(v) is tuple and all(type(i) in _PLAIN for i in v)
-
-
-_PLAIN = (bool, int, float, complex, str, type(None))
 
 
 #: a norm's running statistics, which the programs already move once per call in training

@@ -250,7 +250,7 @@ class StateBeforeTrace:
                     continue
                 if k in containers:
                     moved += _container_moved(now.get(k, _GONE), where, v, containers[k], gains)
-                elif k not in _MODULE_KEYS and _is_number(v):
+                elif k not in _MODULE_KEYS and is_number(v):
                     moved += _number_moved(now.get(k, _GONE), where, v)
             more = [k for k in now if k not in attrs]
             if gains and more and not isinstance(obj, nn.Module):
@@ -402,7 +402,8 @@ def _is_plain_object(v) -> bool:
             and not isinstance(v, (enum.Enum, torch.Tensor)) and type(v).__module__.partition(".")[0] not in _NOT_PLAIN)
 
 
-def _is_number(v) -> bool:
+def is_number(v) -> bool:
+    """A plain Python value: a number, flag, string or None, or a tuple of them."""
     return type(v) in _NUMBERS or type(v) is tuple and all(type(i) in _NUMBERS for i in v)
 
 
