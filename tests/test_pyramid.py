@@ -885,6 +885,38 @@ def test_a_map_smaller_than_its_window_is_one_padded_window():
         torch.testing.assert_close(fast(x), model(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("name,window", [("swin_tiny_patch4_window7_224", 4),
+                                         ("swinv2_tiny_window8_256", 8)])
+def test_a_one_token_last_stage_runs_its_token_as_pvt_v2s_does(name, window):
+    """timm's Swin (and Swin V2) at 32 px: its last stage is a 1x1 map, one window of one token.
+    The partition's last view, (B, 1, 1, 1, 1, C) -> (B, 1, 1, C), was read as the heads'
+    outputs merged on the tokens (the map's one token taken for ``N``), and the tokens view put
+    between it and the map could not be fed the full map: strict conversion refused the stage's
+    blocks, saying their windows came from a map evoplug cannot re-run (audit L3 of the
+    forty-seventh session). They evolve now with too few tokens to run fewer, as PVTv2's
+    one-token stage does."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, img_size=32, window_size=window,
+                              embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                              num_classes=10).eval()
+    for m in model.modules():       # (Swin V2 starts its post-norms at 0: its blocks add nothing)
+        if isinstance(m, nn.LayerNorm):
+            m.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 32, 32)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
+    last = ["layers.3.blocks.0", "layers.3.blocks.1"]
+    assert evoplug.get_report(fast).too_few == last
+    assert evoplug.explain(fast).count("evolving, too few tokens: all run") == 2
+    with torch.no_grad():
+        ref, out = model(x), fast(x)
+        assert torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+        assert [t for n, t in evoplug.tokens_per_block(fast) if n in last] == [1, 1]
+        evoplug.set_keep_ratio(fast, 1.0)
+        assert torch.equal(fast(x), ref)
+        evoplug.set_options(fast, identity_fast_path=False)
+        torch.testing.assert_close(fast(x), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_a_stage_holding_one_block_is_analysed_through_it():
     """A Swin stage with a single block ran one attention, so the stage was taken for the block;
     in stage 0 its identity downsampling sits before the block's residual stream, and strict

@@ -252,7 +252,7 @@ def _merge_then_view(ctx: _Ctx) -> List[str]:
             continue
         si, so, sizes = shape_of(r.args[0]), shape_of(r), _sizes(r)
         if si is None or len(si) < 4 or si[0] != ctx.batch or si[1] != N or \
-                math.prod(si[2:]) != so[3] or len(sizes) != 4:
+                math.prod(si[2:]) != so[3] or len(sizes) != 4 or _drops_ones(si, so):
             continue
         with graph.inserting_before(r):
             # (reshape(B, H, W, -1) or reshape(-1, H, W, C): the merge takes one -1 only)
@@ -266,6 +266,15 @@ def _merge_then_view(ctx: _Ctx) -> List[str]:
     if done:
         _propagate(ctx)
     return done
+
+
+def _drops_ones(si, so) -> bool:
+    """``(B, 1, ..., 1, C) -> (B, 1, 1, C)``: the channels already whole, only dims of size 1
+    dropped (a 1x1 map cut into its one window of one token, timm's Swin at a 32 px image):
+    no heads to merge. Read as a merge (the map's one token being ``N``), it put a (B, 1, C)
+    tokens view between the window and the map, which the rewrite could not feed the full map
+    (audit L3 of the forty-seventh session: the blocks were refused)."""
+    return math.prod(si[1:-1]) == 1 and si[-1] == so[3]
 
 
 def _inferred(size) -> bool:
