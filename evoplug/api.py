@@ -403,6 +403,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
                             functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None,
+        writes_at=tuple(x.shape[1:]) if a.python_writes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
     spec.writes = traced_writes(spec.traced, volatile)
     module.__class__ = evo_class(type(module))

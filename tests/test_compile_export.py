@@ -4,10 +4,13 @@ The token evolution is plain tensor code (topk, gather, scatter, einsum) with sh
 the input's, and the per-forward state is a Python value (EvoState) handed from block to block, so dynamo
 traces the whole converted model into one graph. Small models only (compile runs Inductor's
 C++ code generation on the CPU)."""
+import copy
+import math
 import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import evoplug
 from models import build
@@ -469,3 +472,70 @@ def test_a_compiled_call_at_a_new_size_takes_the_twin_of_its_mask_count():
         fast(x, mask[24]), fast(x, mask[8])
         out = torch.compile(fast, backend="eager")(x, mask[8])
         torch.testing.assert_close(out, at48(x, mask[8]), atol=1e-5, rtol=1e-5)
+
+
+def _records_its_size_and_warns(blk):
+    """``blk`` whose forward records its map's size on itself (``self.H, self.W = H, W`` from
+    its tokens) and sets a warn-once flag (``self.warned = True``), plain Python values."""
+    class RecordsAndWarns(type(blk)):
+        def forward(self, x, attn_mask=None):
+            self.H = self.W = math.isqrt(x.shape[1] - 1)
+            if not self.warned:
+                self.warned = True
+            return super().forward(x)
+    blk.__class__ = RecordsAndWarns
+    blk.H = blk.W = None
+    blk.warned = False
+    return blk
+
+
+class _MapOfLastBlock(nn.Module):
+    """A backbone that turns its last tokens back into a map with the size its last block
+    recorded (``blk.H, blk.W``)."""
+    def __init__(self, vit):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, images):
+        t = self.vit.forward_features(images)
+        last = self.vit.blocks[-1]
+        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, last.H, last.W)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_a_compiled_block_sets_the_python_values_its_forward_sets_as_the_dense_model_does(backend):
+    """Compiled, a converted block set none of the Python values its forward sets (a size it
+    records, a warn-once flag): they stayed None and False where the dense model compiled the
+    same way had 4, 4 and True, and a parent reading the size raised a raw TypeError; at 48 px
+    its programs ran the 32 px tokens' sizes (4, 4 where dense had 6, 6), at keep 0.5 and at
+    keep 1.0 off the identity fast path (audit L2 of the forty-seventh session). Now each holds
+    the dense model's value after every call, and the output is eager's (at keep 1.0 the dense
+    model's)."""
+    from models import sharp_tiny_vit
+    for keep, fast_path in ((0.5, True), (1.0, False)):
+        vit = sharp_tiny_vit(dynamic_img_size=True)
+        for blk in vit.blocks:
+            _records_its_size_and_warns(blk)
+        model = _MapOfLastBlock(vit)
+        dense = copy.deepcopy(model)
+        fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
+                               example_input=torch.randn(2, 3, 32, 32))
+        eager, direct = copy.deepcopy(fast), copy.deepcopy(fast)
+        torch._dynamo.reset()
+        compiled_dense = torch.compile(dense, backend=backend)
+        compiled = torch.compile(fast, backend=backend)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for size in (32, 48):
+                x = torch.randn(2, 3, size, size)
+                ref, out, want = compiled_dense(x), compiled(x), eager(x)
+                for f, d in zip(fast.vit.blocks, dense.vit.blocks):
+                    assert (f.H, f.W, f.warned) == (d.H, d.W, d.warned), (keep, size)
+                assert close(out, want, 1e-5), (keep, size)
+                if keep == 1.0:
+                    assert close(out, ref, 1e-5), size
+        # called directly at a new size (no twin for it), the blocks run their own forward,
+        # told, and hold the size they ran (they evolved with the conversion's sizes, 4, 4)
+        with torch.no_grad(), pytest.warns(UserWarning, match="records sizes from its tokens"):
+            direct.vit.forward_features(torch.randn(2, 3, 48, 48))
+        assert [(b.H, b.W) for b in direct.vit.blocks] == [(6, 6)] * 4

@@ -299,7 +299,7 @@ class EvoBlockMixin:
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks(self)
         spec.run_pruning()
-        if spec.writes and not torch.compiler.is_compiling():
+        if spec.writes:
             spec.replay_writes(self)
         record = not torch.compiler.is_compiling() and (
             self.training or torch.is_grad_enabled() or getattr(rt._local, "untied", False))

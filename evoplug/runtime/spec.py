@@ -118,6 +118,10 @@ class BlockSpec:
     #                            tower): the scores restart here (provenance.stream_starts)
     windowed_tokens: Optional[int] = None   # a flat block's windows partition this many
     #                            tokens (Hiera's mask units): its programs take no other count
+    writes_at: Optional[Tuple[int, ...]] = None   # the shape (less the batch) of the tokens
+    #                            its forward recorded sizes from (``self.H, self.W = H, W``
+    #                            from ``x.shape``), where ``writes`` holds such a size: its
+    #                            programs set those sizes, so they take tokens of that shape only
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
     #                            its plain tensor attributes) when last followed (following)
     family_hook: Optional[Callable[[Callable], bool]] = None   # whether a hook is a family's

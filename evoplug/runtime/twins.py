@@ -34,7 +34,7 @@ def bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     form twin for it (:func:`_form_twin`)."""
     check_unchanged(spec)
     try:
-        bound = _bound(spec, args, kwargs)
+        bound = _bound(spec, args, kwargs, whole=not strict)
     except AnalysisError as e:
         if strict:
             raise
@@ -90,10 +90,20 @@ def _tell_nested(spec: BlockSpec):
                   "enable_nested_tensor=False to evolve padded batches", stacklevel=7)
 
 
-def _bound(spec: BlockSpec, args, kwargs):
+def _bound(spec: BlockSpec, args, kwargs, whole: bool = True):
     """``spec.call.bind``, and for a map block its map checked against the conversion's (the
-    programs' window indices and map views are that map's): AnalysisError if either differs."""
+    programs' window indices and map views are that map's): AnalysisError if either differs.
+    So are the tokens' shape where the block records sizes from it (``writes_at``), unless the
+    call's tokens are not all of them (not ``whole``: a segment's, handed on in the model's
+    forward at the size of the block's conversion)."""
     bound = spec.call.bind(spec.name, args, kwargs)
+    if whole and spec.writes_at is not None and tuple(bound[0].shape[1:]) != spec.writes_at:
+        # (its programs set the sizes of the conversion's tokens: a compiled call at another
+        # size ran them, and the block kept the conversion's size, until audit L2 of the
+        # forty-seventh session)
+        raise AnalysisError(spec.name, f"its forward records sizes from its tokens, of shape "
+                            f"{spec.writes_at} when it was analysed, {tuple(bound[0].shape[1:])} "
+                            "now", sized=True)
     for n, t in bound[1].items():
         want = spec.extra_shapes.get(n)
         if want is not None and t.dim() != len(want):
