@@ -309,6 +309,8 @@ def _moved_in(leaf: nn.Module, calls: list, names: list, num_tokens: int) -> tup
 
 
 def _moved_by(leaf: nn.Module, given, names: list, num_tokens: int, rng) -> set:
+    """Of ``names``, those ``leaf`` leaves otherwise after the ``given`` call than after the
+    first of its other tokens it runs on in both modes; all of them where it runs on none."""
     for other in _other_tokens(*given, num_tokens):
         after = [(_state_after(leaf, given, names, training, rng),
                   _state_after(leaf, other, names, training, rng)) for training in (False, True)]
