@@ -23,7 +23,7 @@ from .analyse.probes import (check_count_free_program, count_probe_graph, probe_
                              quantised_hint)
 from .analyse.calibrate import calibrate, plain_attributes
 from .analyse.snapshot import (changed_in_training, changed_tensors, changed_values, kept_below,
-                               restore, snapshot)
+                               moved_by_input, restore, snapshot)
 from .analyse.writes import recorded_assignments
 from .analyse.provenance import (class_token_rows, images_in_rows, rest_read, rows_not_images,
                                  stream_starts, token_provenance, varying_arguments)
@@ -198,10 +198,11 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
 def _tell_state_from_tokens(specs):
     """Warn where a block's forward sets a tensor from its tokens on itself or a module it
     traced into (an attention map kept for visualisation), or a module its programs call whole
-    changed a buffer or tensor attribute at the calibration (a running mean in ``norm1``, a
-    count in ``mlp``: audit J1 of the forty-fifth session): an evolving block sets it for the
-    tokens it runs (audit H4 of the forty-fourth session: it kept a batch from before the
-    conversion, without a word)."""
+    changed a buffer or tensor attribute at the calibration with what it was called with (a
+    running mean in ``norm1``, a count in ``mlp``: audit J1 of the forty-fifth session; not
+    what it computes from its weights, ``spectral_norm``'s: analyse/snapshot.py
+    ``moved_by_input``): an evolving block sets it for the tokens it runs (audit H4 of the
+    forty-fourth session: it kept a batch from before the conversion, without a word)."""
     found = [(s.name, a) for s in specs for a in s.state_from_tokens]
     if found:
         names = ", ".join(f"`{b}.{a}`" for b, a in found[:4]) + (" ..." if len(found) > 4 else "")
@@ -567,6 +568,11 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
                                             + kept_below(module, changed_in_training(module, call))))
         counted = count_probe_graph(gm_eval, a)     # (before the rewrite changes gm_eval)
         programs = {False: build_program(a, False, gm_eval), True: build_program(a, True)}
+        # (state the modules its programs call whole keep is the tokens' it ran where it moves
+        # with what they are called with: audit J1 of the forty-fifth session; not where they
+        # compute it from their weights, spectral_norm's: audit K6 of the forty-sixth)
+        a.state_from_tokens += moved_by_input(module, call, a.leaf_paths, [
+            k for k in a.keeps_state if k not in a.state_from_tokens], a.num_tokens)
         probe_program(a, programs[False])
         check_count_free_program(a, lambda g: build_program(copy.copy(a), False, g), counted)
         inner = wrapped_block(name, module, call, calls) if a.stream_head else None

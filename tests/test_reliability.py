@@ -1037,6 +1037,45 @@ def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
     assert maps == [(2, 2, 65, 65)] * 6
 
 
+def _weight_hooked_tiny(form: str):
+    """:func:`_tiny`, randomised, with every block's ``attn.qkv`` under ``form``'s hook form."""
+    torch.manual_seed(0)
+    model = _randomise(_tiny())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)      # (weight_norm's hook form)
+        for b in model.blocks:
+            b.attn.qkv = getattr(torch.nn.utils, form)(b.attn.qkv)
+    return model
+
+
+@pytest.mark.parametrize("form", ["spectral_norm", "weight_norm"])
+def test_a_weight_hook_on_a_leaf_inside_an_evolving_block_is_not_told(form):
+    """``spectral_norm`` and ``weight_norm`` in their hook forms on ``attn.qkv``: a forward
+    pre-hook that sets its weight from its own parameters and buffers and reads no tokens. It
+    was told as a hook that fires on the kept tokens, with the way to read every token, until
+    audit K6 of the forty-sixth session; not now, as pruning's is not. The blocks evolve, the
+    power iteration moves as the dense model's in training, and a user's hook there is told."""
+    x = torch.randn(2, 3, 32, 32)
+    dense = _weight_hooked_tiny(form)      # (a twin: copy.deepcopy refuses weight_norm's hooks)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fast = evoplug.convert(_weight_hooked_tiny(form), 0.5, example_input=x[:1])
+        with torch.no_grad():
+            for training in (True, True, False):
+                dense.train(training), fast.train(training)
+                dense(x), fast(x)
+    assert not [str(r.message) for r in w if "forward hook on" in str(r.message)
+                or "from its tokens" in str(r.message)]
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1, 65, 34, 34, 34, 34]   # (as unhooked)
+    for b, d in zip(fast.blocks, dense.blocks):
+        for k, v in d.attn.qkv.state_dict().items():
+            assert torch.equal(b.attn.qkv.state_dict()[k], v), k
+    fast.blocks[2].attn.qkv.register_forward_hook(lambda m, i, o: None)
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"a forward hook on `blocks\.2\.attn\.qkv` "
+                                                         r"fires on the tokens that evolving block runs"):
+        fast(x)
+
+
 def test_a_leaf_replaced_after_conversion_leaves_no_stale_copy_behind():
     """The spec of a converted block kept the submodules its programs call by path as they were
     at conversion (``spec.leaves``). Replaced afterwards (dynamic quantisation in the order

@@ -7,7 +7,9 @@ import copy
 import dataclasses
 import math
 import os
+import re
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -1048,14 +1050,20 @@ def _keeps_its_input(blk):
     return blk
 
 
-def _dense_and_converted(model, told: str, size: int = 32, **options):
+def _dense_and_converted(model, told: Optional[str], size: int = 32, **options):
     """(a copy of the dense ``model``, ``model`` converted at keep 0.5 on one image of ``size``
-    px), the conversion's warning matching ``told``: the state tests compare the two after the
-    same calls."""
+    px), the conversion's warning matching ``told`` (None: no warning that state is set from
+    the tokens): the state tests compare the two after the same calls."""
     dense = copy.deepcopy(model)
-    with pytest.warns(UserWarning, match=told):
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
         fast = evoplug.convert(model, **{"keep_ratio": 0.5, **options},
                                example_input=torch.randn(1, 3, size, size))
+    said = [str(w.message) for w in said]
+    if told is None:
+        assert not [w for w in said if "from its tokens" in w], said
+    else:
+        assert [w for w in said if re.search(told, w)], said
     return dense, fast
 
 
@@ -1629,12 +1637,14 @@ def test_state_the_modules_a_block_calls_keep_moves_once_per_call_and_is_named()
     and ``norm1``'s kept mean and ``mlp``'s token count were those of the kept tokens where the
     block evolved, without a word, though the same writes on the block itself are named. The
     counter now counts as the dense model's, the state is named at the conversion, and at keep
-    1.0 off the fast path the blocks run their own forward: every state is the dense model's."""
+    1.0 off the fast path the blocks run their own forward: every state is the dense model's.
+    The counter, which moves with no token's value or count, is not named among the tokens'
+    state (it was, until audit K6 of the forty-sixth session)."""
     model = sharp_tiny_vit()
     for blk in model.blocks:
         _keeps_state_in_what_it_calls(blk)
     dense, fast = _dense_and_converted(model, r"`blocks\.0\.norm1\.mean`, `blocks\.0\.mlp\.seen`, "
-                                              r"`blocks\.0\.pre\.calls`.*tokens it ran")
+                                              r"`blocks\.1\.norm1\.mean`.*tokens it ran")
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -1659,7 +1669,8 @@ def test_state_the_modules_a_block_calls_keep_moves_once_per_call_and_is_named()
 def test_a_counter_in_a_norm_the_map_runs_again_on_the_full_map_counts_once():
     """PVTv2's ``norm1`` runs on the kept tokens and again on the full map (its reduced keys):
     one that counts its calls in a buffer counted 2 for each of the block's where the block
-    evolved until audit J1 of the forty-fifth session; now 1, as in the dense model."""
+    evolved until audit J1 of the forty-fifth session; now 1, as in the dense model, and not
+    said to be set from the tokens (it was until audit K6 of the forty-sixth session)."""
     class Counting(torch.nn.LayerNorm):
         def forward(self, x):
             self.calls += 1
@@ -1669,7 +1680,7 @@ def test_a_counter_in_a_norm_the_map_runs_again_on_the_full_map_counts_once():
     for m in norms:
         m.__class__ = Counting
         m.register_buffer("calls", torch.zeros(()))
-    dense, fast = _dense_and_converted(model, r"`stages\.0\.blocks\.0\.norm1\.calls`", size=64)
+    dense, fast = _dense_and_converted(model, None, size=64)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x = torch.randn(2, 3, 64, 64)
@@ -1728,14 +1739,14 @@ def test_state_the_modules_a_block_calls_keep_in_training_only_moves_once_per_ca
     again on the full input and the representative token), at keep 1.0 off the identity fast
     path and at keep 0.5, without a word, and after that training the model was 0.96 off the
     dense one at keep 1.0. A train-mode run of the block at the conversion finds it now: it
-    moves once per call, as the dense model's, and is named as the state eval-mode forwards
-    move is."""
+    moves once per call, as the dense model's, and the mean is named as the state eval-mode
+    forwards move is (the counter, which moves with no token, is not: audit K6 too)."""
     x = torch.randn(2, 3, 32, 32)
     for keep, fast_path in ((1.0, False), (0.5, True)):
         model = sharp_tiny_vit()
         for blk in model.blocks:
             _normalises_its_input(blk)
-        dense, fast = _dense_and_converted(model, r"`blocks\.0\.pre\.calls`, `blocks\.0\.pre\.mean`"
+        dense, fast = _dense_and_converted(model, r"`blocks\.0\.pre\.mean`, `blocks\.1\.pre\.mean`"
                                                   r".*tokens it ran", keep_ratio=keep,
                                            identity_fast_path=fast_path)
         _called_in_training((dense, fast), x)
@@ -1749,6 +1760,97 @@ def test_state_the_modules_a_block_calls_keep_in_training_only_moves_once_per_ca
                 for fast_path in (False, True):
                     evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=fast_path)
                     torch.testing.assert_close(fast(x), dense(x))
+
+
+class _Halved(torch.nn.Module):
+    """A parametrization (``torch.nn.utils.parametrize``): the weight used is half the kept one."""
+
+    def forward(self, w):
+        return w * 0.5
+
+
+def _weight_norm_hook(m):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)   # (deprecated for the parametrization)
+        return torch.nn.utils.weight_norm(m)
+
+
+def _halved(m):
+    torch.nn.utils.parametrize.register_parametrization(m, "weight", _Halved())
+    return m
+
+
+#: torch's forms of a weight a module computes from its own parameters and buffers at each call
+_WEIGHT_FORMS = {
+    "spectral_norm": torch.nn.utils.spectral_norm,
+    "parametrizations.spectral_norm": torch.nn.utils.parametrizations.spectral_norm,
+    "weight_norm": _weight_norm_hook,
+    "parametrizations.weight_norm": torch.nn.utils.parametrizations.weight_norm,
+    "register_parametrization": _halved,
+}
+
+
+def _plain_vit_with(form: str, token_state: bool = False):
+    """tests/plain_vit.py's hand-written ViT (4 blocks, dim 64, 32 px) whose second block's
+    first MLP linear computes its weight in ``form``; ``token_state``: that block's ``pre_b``
+    keeps its input's mean too (:class:`_KeepsItsMean`)."""
+    from plain_vit import PlainViT
+    torch.manual_seed(0)
+    model = PlainViT(width=64, depth=4).eval()
+    layer = model.trunk[1]
+    layer.ff[0] = _WEIGHT_FORMS[form](layer.ff[0])
+    if token_state:
+        layer.pre_b = _KeepsItsMean(layer.pre_b)
+    return model
+
+
+def _told(make, **options) -> list:
+    """(``make()`` converted on one 32 px image, the messages of the warnings it gave)."""
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        fast = evoplug.convert(make(), example_input=torch.randn(1, 3, 32, 32), **options)
+    return fast, [str(w.message) for w in said]
+
+
+@pytest.mark.parametrize("form", sorted(_WEIGHT_FORMS))
+def test_state_a_module_computes_from_its_weights_is_not_said_to_be_the_tokens(form):
+    """A linear layer whose weight torch computes from its own parameters and buffers at each
+    call (``spectral_norm``'s hook sets ``weight`` from ``weight_orig`` and moves ``weight_u``
+    and ``weight_v`` by a step of power iteration in training; the parametrization form moves
+    its ``_u`` and ``_v`` likewise; ``weight_norm``, a custom parametrization) in an MLP the
+    programs call whole: the conversion said that ``weight``, ``weight_u`` and ``weight_v`` (or
+    ``_u`` and ``_v``) were "set from its tokens", which none of them is, until audit K6 of the
+    forty-sixth session. The block evolves, says nothing of the kind, its weight and power
+    iteration move as the dense model's in training (at keep 0.5 too), and keep 1.0 off the
+    identity fast path gives the dense model's output, in eval and in training."""
+    x = torch.randn(2, 3, 32, 32)
+    for keep in (0.5, 1.0):
+        dense = _plain_vit_with(form)    # (a twin: copy.deepcopy refuses weight_norm's hook form)
+        start = {k: v.clone() for k, v in dense.trunk[1].ff[0].state_dict().items()}
+        fast, said = _told(lambda: _plain_vit_with(form), keep_ratio=keep, identity_fast_path=False)
+        assert not [w for w in said if "from its tokens" in w], said
+        assert evoplug.get_report(fast).blocks[1].role == "evolve"
+        _called_in_training((dense, fast), x)
+        f, d = fast.trunk[1].ff[0], dense.trunk[1].ff[0]
+        moved = [k for k, v in d.state_dict().items() if not torch.equal(v, start[k])]
+        assert bool(moved) == ("spectral" in form), moved     # (the power iteration's vectors)
+        for k, v in d.state_dict().items():
+            torch.testing.assert_close(f.state_dict()[k], v, rtol=0, atol=0)
+        torch.testing.assert_close(f.weight, d.weight, rtol=0, atol=0)
+        if keep == 1.0:
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x), dense(x))
+                fast.train(), dense.train()
+                torch.testing.assert_close(fast(x), dense(x))
+
+
+def test_state_from_the_tokens_is_named_beside_state_from_weights():
+    """The block of :func:`test_state_a_module_computes_from_its_weights_is_not_said_to_be_the_tokens`
+    whose ``pre_b`` also keeps its input's mean: that mean is named, set from the tokens, and
+    ``spectral_norm``'s state is not (audit K6 of the forty-sixth session)."""
+    _, said = _told(lambda: _plain_vit_with("spectral_norm", token_state=True), keep_ratio=0.5)
+    told = [w for w in said if "from its tokens" in w]
+    assert len(told) == 1 and told[0].startswith("evoplug: `trunk.1.pre_b.mean`: set by"), said
 
 
 def _keeps_python_state_in_training(blk):

@@ -105,7 +105,9 @@ class BlockAnalysis:
     #                                          skip path's start, rewrite/skip_path.py)
     state_from_tokens: Tuple[str, ...] = ()    # tensors its forward sets on itself or a
     #                                          module it traced into from its arguments (an
-    #                                          attention map): its programs set them too
+    #                                          attention map): its programs set them too; and
+    #                                          keeps_state a module it calls whole moves with
+    #                                          its input (snapshot.moved_by_input)
     sets_own: Tuple[str, ...] = ()             # tensors its forward sets as attributes of
     #                                          the block itself (a size twin's block sets them
     #                                          on the model's block: runtime/block.py)

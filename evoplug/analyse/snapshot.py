@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from .probes import CALL_HOOK_DICTS
 from .writes import is_number
@@ -244,3 +245,132 @@ def kept_below(module: nn.Module, changed: dict) -> tuple:
     """``path.name`` (from ``module``) of the state :func:`changed_tensors` found in its
     submodules, ``module`` itself left out."""
     return tuple(f"{p}.{k}" for p, m in module.named_modules() if p for k in changed.get(id(m), ()))
+
+
+def moved_by_input(module: nn.Module, call, leaves, kept, num_tokens: int) -> tuple:
+    """Of ``kept`` (``path.name`` of the state :func:`kept_below` found in ``module``'s
+    submodules), that of a submodule in ``leaves`` (which the programs call whole, on the tokens
+    they run) moved by what it is called with: run again from the same state on other values at
+    another token count, in eval and in train mode, it ends otherwise than on what ``module``'s
+    calibration ``call`` gave it (a running mean of its input, a count of its tokens). State it
+    computes from its parameters and buffers alone ends alike (``spectral_norm``'s ``weight``,
+    ``weight_u`` and ``weight_v``, a call counter): where the block evolves it is the dense
+    model's, and was said to be the tokens' until audit K6 of the forty-sixth session. Where it
+    cannot be told (no tensor the submodule is called with has a dim of ``num_tokens``, a call
+    fails), taken as moved by it."""
+    under = {p: [k for k in kept if k.startswith(p + ".")] for p in leaves}
+    under = {p: names for p, names in under.items() if names}
+    if not under:
+        return ()
+    calls, moved = _calls_of(module, call, under), set()
+    for path, names in under.items():
+        rel = [k[len(path) + 1:] for k in names]
+        moved |= {f"{path}.{k}" for k in _moved_in(module.get_submodule(path), calls.get(path, []),
+                                                   rel, num_tokens)}
+    return tuple(k for k in kept if k in moved)
+
+
+def _calls_of(module: nn.Module, call, paths) -> dict:
+    """{path: [(args, kwargs), ...]}: copies of what the submodules at ``paths`` are called with
+    in one run of ``module`` on its calibration ``call`` (no autograd; all it changed put back);
+    {} where that run fails."""
+    found, handles = {p: [] for p in paths}, []
+
+    def recorder(path):
+        def record(m, args, kwargs):
+            found[path].append(tree_map(lambda v: v.detach().clone() if isinstance(v, torch.Tensor)
+                                        else v, (args, kwargs)))
+        return record
+    saved, python_rng = snapshot(module), random.getstate()
+    try:
+        for p in paths:
+            handles.append(module.get_submodule(p).register_forward_pre_hook(
+                recorder(p), prepend=True, with_kwargs=True))
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            module(*call.args, **call.kwargs)
+    except Exception:   # noqa: BLE001 - nothing learned: its state taken as moved by its input
+        found = {}
+    finally:
+        for h in handles:
+            h.remove()
+        random.setstate(python_rng)
+        restore(saved)
+    return found
+
+
+def _moved_in(leaf: nn.Module, calls: list, names: list, num_tokens: int) -> tuple:
+    """Of ``names`` (``path.name`` in ``leaf``), those a call of ``leaf`` on other tokens
+    (:func:`_other_tokens`) leaves otherwise than one of its ``calls`` does, in eval or in train
+    mode; all of them where there is no call, or no other tokens it runs on."""
+    moved, rng = set(), (torch.random.get_rng_state(), random.getstate())
+    for given in calls or [None]:
+        moved |= set(names) if given is None else _moved_by(leaf, given, names, num_tokens, rng)
+    return tuple(k for k in names if k in moved)
+
+
+def _moved_by(leaf: nn.Module, given, names: list, num_tokens: int, rng) -> set:
+    """Of ``names``, those ``leaf`` leaves otherwise after the ``given`` call than after the
+    first of its other tokens it runs on in both modes; all of them where it runs on none."""
+    for other in _other_tokens(*given, num_tokens):
+        after = [(_state_after(leaf, given, names, training, rng),
+                  _state_after(leaf, other, names, training, rng)) for training in (False, True)]
+        if all(b for _, b in after):       # (it ran on the other tokens, in both modes)
+            return {k for a, b in after for k in names
+                    if k not in a or k not in b or not _equal(a[k], b[k])}
+    return set(names)
+
+
+def _other_tokens(args, kwargs, num_tokens: int):
+    """(args, kwargs) with their tensors' dims of ``num_tokens`` halved and new values in those
+    of floating point: every such dim, then, where a tensor has more than one (as many channels
+    as tokens), each alone; none where no tensor has such a dim."""
+    counts = [list(v.shape).count(num_tokens) for v in tree_leaves((args, kwargs))
+              if isinstance(v, torch.Tensor)]
+    if num_tokens < 2 or not any(counts):
+        return
+    for only in [None, *range(max(counts))] if max(counts) > 1 else [None]:
+        generator = torch.Generator().manual_seed(0)
+        yield tree_map(lambda v: _fewer(v, num_tokens, only, generator), (args, kwargs))
+
+
+def _fewer(v, num_tokens: int, only: Optional[int], generator: torch.Generator):
+    """``v`` with its dims of ``num_tokens`` (all, or the ``only``-th) halved, new values where
+    it is of floating point; ``v`` itself where it is no tensor."""
+    if not isinstance(v, torch.Tensor):
+        return v
+    dims = [d for d, size in enumerate(v.shape) if size == num_tokens]
+    for d in dims if only is None else dims[only:only + 1]:
+        v = v.narrow(d, 0, num_tokens // 2)
+    if not v.is_floating_point():
+        return v.clone()
+    return torch.randn(v.shape, generator=generator).to(v.device, v.dtype)
+
+
+def _state_after(leaf: nn.Module, call, names: list, training: bool, rng) -> dict:
+    """{name: a copy of its value} after one call of ``leaf`` in ``training`` mode from its
+    state now, the random number generators set to ``rng`` (no autograd; its modes and all it
+    changed put back); {} where the call fails."""
+    (args, kwargs), modes, saved = call, [(m, m.training) for m in leaf.modules()], snapshot(leaf)
+    python_rng = random.getstate()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.random.set_rng_state(rng[0])
+            random.setstate(rng[1])
+            leaf.train(training)
+            leaf(*args, **kwargs)
+            values = {k: _value_at(leaf, k) for k in names}
+            return {k: v for k, v in values.items() if v is not None}
+    except Exception:   # noqa: BLE001 - nothing learned: taken as moved by its input
+        return {}
+    finally:
+        random.setstate(python_rng)
+        leaf.train(modes[0][1])
+        for m, mode in modes:
+            m.training = mode
+        restore(saved)
+
+
+def _value_at(leaf: nn.Module, name: str) -> Optional[torch.Tensor]:
+    path, _, attr = name.rpartition(".")
+    v = getattr(leaf.get_submodule(path), attr, None)
+    return v.detach().clone() if isinstance(v, torch.Tensor) else None

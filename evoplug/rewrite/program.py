@@ -105,9 +105,6 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     # what replaces them, is read at run time: not part of what runtime/block.py checks)
     a.leaf_paths = tuple(sorted(set(a.leaf_paths) | {n.target for n in gm.graph.nodes
                                                      if n.op == "call_module"}))
-    # (state such a module keeps is the tokens' it ran, told as the block's own: audit J1)
-    a.state_from_tokens += tuple(k for k in a.keeps_state if k not in a.state_from_tokens and
-                                 any(k.startswith(p + ".") for p in a.leaf_paths))
     return _as_program(a, gm)
 
 

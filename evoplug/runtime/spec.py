@@ -18,6 +18,8 @@ from torch.nn.modules.module import (_global_backward_hooks, _global_backward_pr
                                      _global_forward_hooks, _global_forward_pre_hooks)
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
@@ -346,7 +348,9 @@ class BlockSpec:
         evolving path read permuted maps, without a word (audit E3 of the twenty-seventh
         session). The submodules are found by name in ``block`` (the spec held the ones of
         the conversion: replaced by quantisation or LoRA, they were kept alive, broke pickling
-        and were the ones asked; audit W2 of the thirty-eighth session)."""
+        and were the ones asked; audit W2 of the thirty-eighth session). Hooks that read no
+        tokens (:func:`weights_only`: ``spectral_norm``'s, said to fire on the kept tokens until
+        audit K6 of the forty-sixth session) are not told."""
         for parent_path, names in self.leaves:
             parent = block
             for part in parent_path:
@@ -356,7 +360,7 @@ class BlockSpec:
             modules = parent._modules
             for name in names:
                 m = modules.get(name)
-                if m is not None and ((m._forward_pre_hooks and not pruning_only(m._forward_pre_hooks))
+                if m is not None and ((m._forward_pre_hooks and not weights_only(m._forward_pre_hooks))
                                       or (m._forward_hooks and self._active(m._forward_hooks))):
                     self._tell_leaf_hook(".".join(parent_path + (name,)))
                     return
@@ -435,6 +439,14 @@ def pruning_only(hooks) -> bool:
     """Whether every hook of a module's forward pre-hooks is torch's pruning (which sets a
     parameter from ``name_orig * name_mask`` and reads no tokens)."""
     return all(isinstance(h, BasePruningMethod) for h in hooks.values())
+
+
+def weights_only(hooks) -> bool:
+    """Whether every hook of a module's forward pre-hooks sets a weight from the module's own
+    parameters and buffers and reads no tokens: torch's pruning, ``spectral_norm``'s and
+    ``weight_norm``'s hook forms (``weight`` from ``weight_orig``, ``weight_u`` and
+    ``weight_v``; from ``weight_g`` and ``weight_v``)."""
+    return all(isinstance(h, (BasePruningMethod, SpectralNorm, WeightNorm)) for h in hooks.values())
 
 
 def check_unchanged(spec: BlockSpec):
