@@ -180,12 +180,12 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             raise
         regrouped = _keep_regrouped(model, regrouped, [a.name for a, _, _ in analysed])
     runtime = EvoRuntime(Plan(opts, roles))
-    volatile = calls.derived.get("volatile", {})
+    volatile, set_by = calls.derived.get("volatile", {}), calls.derived.get("set_by", {})
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
     seq_batch = _sequence_first_batch(analysed[0][0])
-    specs = [_install(i, a, programs, added, runtime, volatile, images)
+    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by)
              for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
     _tell_state_from_tokens(specs)
@@ -379,12 +379,12 @@ def _suffix_counts(specs, named) -> Tuple[Tuple[str, bool, str], ...]:
 
 
 def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime,
-             volatile=None, images: Optional[int] = None) -> BlockSpec:
+             volatile=None, images: Optional[int] = None, set_by=None) -> BlockSpec:
     """Swap the block's class and hand it what it needs at run time."""
     module = a.module
     x = a.plan.bind(a.name, a.call.args, a.call.kwargs)[0]
     per_image = x.shape[0] // images if images and x.shape[0] % images == 0 else None
-    volatile = _with_recorded(volatile, module, a.python_writes)
+    volatile = _with_recorded(volatile, module, a.python_writes, set_by)
     spec = BlockSpec(
         index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
@@ -413,13 +413,24 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
     return spec
 
 
-def _with_recorded(volatile, block: nn.Module, recorded) -> dict:
+def _with_recorded(volatile, block: nn.Module, recorded, set_by=None) -> dict:
     """``volatile`` ({id(module): {name: value}}, the plain attributes the calibration's
-    forward changed) with the Python values the block's forward sets from its traced values
-    (a size it records: analyse/writes.py ``python_writes``) at the calibration, changed or
-    not: its programs set them at each call (those of a model that had run at the conversion's
-    size before were not changed, and no program set them back after a call at another size)."""
+    forward changed) with the plain values the block's own code assigned at the calibration,
+    changed or not (``set_by``: analyse/writes.py ``recorded_assignments``; a parent's ``blk.H
+    = H`` is not the block's), and the Python values its forward sets from its traced values (a
+    size it records: analyse/writes.py ``python_writes``): its programs set them at each call.
+    A size passed in as an int (``forward(x, H, W)``: ``self.H, self.W = H, W``) is a constant
+    to the trace, and one assigned the value it held already (the model ran at the conversion's
+    size before, ``__init__`` set it) changed nothing: no program set it, and the block kept
+    the conversion's size after a call at another size (audit L2 of the forty-seventh session;
+    a traced size, until audit K6 of the forty-sixth)."""
     out = dict(volatile or {})
+    inside = {id(m) for m in block.modules()}
+    for m in block.modules():
+        assigned = {k: v for k, v in plain_attributes(m).items()
+                    if (set_by or {}).get((id(vars(m)), k), set()) & inside}
+        if assigned:
+            out[id(m)] = {**assigned, **out.get(id(m), {})}     # (the calibration's, if changed)
     for path, name, value in recorded:
         m = block.get_submodule(path) if path else block
         out[id(m)] = {**out.get(id(m), {}), name: value}

@@ -17,7 +17,7 @@ import torch
 import evoplug
 
 timm = pytest.importorskip("timm")
-from models import sharp_tiny_vit  # noqa: E402  (needs timm)
+from models import QKVAttention, sharp_tiny_vit  # noqa: E402  (needs timm)
 
 
 def _pvt():
@@ -1281,6 +1281,101 @@ def test_state_a_block_records_its_size_in_python_as_the_dense_model_does(form):
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.1`: its forward sets `hw` from its "
                                                       r"input's batch size"):
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(2, 3, 32, 32))
+
+
+class _SizeArgBlock(torch.nn.Module):
+    """A PVT-style block: its parent passes it the map's size as ints (``forward(x, H, W)``),
+    which it records, ``form``: as ints (``self.H, self.W = H, W``), a list or a dict
+    (``self.hw``); ``preset``: ``__init__`` sets the default grid's."""
+
+    def __init__(self, form: str, dim: int = 32, preset=None):
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim), QKVAttention(dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * dim, dim))
+        self.form = form
+        if preset is not None:
+            self._record(preset, preset)
+
+    def _record(self, H, W):
+        if self.form == "ints":
+            self.H, self.W = H, W
+        else:
+            self.hw = [H, W] if self.form == "list" else {"H": H, "W": W}
+
+    def forward(self, x, H, W):
+        self._record(H, W)
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _recorded_size(blk) -> tuple:
+    """What ``blk`` (a :class:`_SizeArgBlock`) recorded, as (type, value) pairs."""
+    return tuple((type(v), v) for v in ((blk.H, blk.W) if blk.form == "ints" else (blk.hw,)))
+
+
+class _SizeArgViT(torch.nn.Module):
+    """Passes its blocks the patch grid's size and returns the map shaped by the size its last
+    block recorded, as a backbone rebuilding its feature map from ``blk.H, blk.W``."""
+
+    def __init__(self, preset=None, dim: int = 32, patch: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, dim, patch, patch)
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.blocks = torch.nn.ModuleList(_SizeArgBlock(form, dim, preset)
+                                          for form in ("ints", "list", "dict", "ints"))
+        with torch.no_grad():
+            for blk in self.blocks:
+                blk.attn.qkv.weight.mul_(4.0)
+        self.eval()
+
+    def forward(self, images):
+        t = self.embed(images)
+        H, W = t.shape[-2:]
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t.flatten(2).transpose(1, 2)], 1)
+        for blk in self.blocks:
+            t = blk(t, H, W)
+        last = self.blocks[-1]
+        return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, last.H, last.W)
+
+
+@pytest.mark.parametrize("before,keep", [("init", 1.0), ((32, 32), 0.5), ((32, 48), 1.0)],
+                         ids=["set_in_init", "ran_at_32", "ran_at_32x48"])
+def test_a_size_a_block_is_passed_and_records_follows_every_call_as_the_dense_models(before, keep):
+    """A block passed its map's size as ints that records it (``self.H, self.W = H, W``) where
+    the attribute held the calibration's value already: ``__init__`` set it, or the model ran
+    once before the conversion (at its size, or at 32x48: W changed, H not). An int argument is
+    a constant to the trace, and only the values the calibration changed were set again by the
+    programs: after a call at 48 px the converted blocks kept (4, 4), or a mix of old values,
+    keep 1.0 on the fast path included, and the parent's map came out the wrong shape without a
+    word; the same size recorded as a list or dict was refused as Python state changed at each
+    call (audit L2 of the forty-seventh session). Now every value the block's forward assigns
+    follows each call, at every size, keep ratio and fast-path setting."""
+    model = _SizeArgViT(preset=4 if before == "init" else None)
+    if before != "init":
+        with torch.no_grad():
+            model(torch.randn(2, 3, *before))
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=torch.randn(1, 3, 32, 32))
+    assert len(evoplug.get_report(fast).blocks) == 4
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for keep, fast_path in ((1.0, True), (1.0, False), (0.5, True)):
+            evoplug.set_options(fast, keep_ratio=keep, identity_fast_path=fast_path)
+            for size in ((32, 32), (48, 48), (32, 48), (32, 32)):
+                x = torch.randn(2, 3, *size)
+                out, ref = fast(x), dense(x)
+                grid = (size[0] // 8, size[1] // 8)
+                assert list(map(_recorded_size, fast.blocks)) == list(map(_recorded_size, dense.blocks)), \
+                    (keep, fast_path, size)
+                assert (dense.blocks[1].hw, dense.blocks[3].H, dense.blocks[3].W) == ([*grid], *grid), \
+                    (keep, fast_path, size)
+                assert out.shape == ref.shape == (2, 32, *grid)
+                if keep == 1.0:      # (off the fast path, the token map to float rounding)
+                    tol = 0 if fast_path else 1e-4
+                    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
 @dataclasses.dataclass

@@ -194,12 +194,14 @@ class StateBeforeTrace:
         """What the trace set to a traced value (a proxy) on a module, as (module path, name,
         node, kind: ``"attribute"``, ``"buffer"`` or ``"non-persistent buffer"``), each put back
         as it was before the trace (or removed); sizes kept as a tuple, list or dict of traced
-        values (``self.hw = (H, W)``) too, their node a tuple, list or dict of nodes."""
+        values (``self.hw = (H, W)``) too, their node a tuple, list or dict of nodes, and a list
+        or dict of plain values set anew (``self.hw = [H, W]`` of ints its parent passed in:
+        constants to the trace), as it is."""
         found = []
         for path, m, attrs, buffers, _ in self.modules:
             for now, before in ((m._buffers, buffers), (vars(m), attrs)):
                 for k, v in list(now.items()):
-                    if isinstance(v, fx.Proxy) or _set_anew_with_proxies(v, before.get(k), now is m._buffers):
+                    if isinstance(v, fx.Proxy) or _set_anew(k, v, before.get(k, _GONE), now is m._buffers):
                         kind = "attribute" if now is not m._buffers else \
                             "non-persistent buffer" if k in m._non_persistent_buffers_set else "buffer"
                         found.append((path, k, _as_nodes(v), kind))
@@ -335,10 +337,19 @@ def python_writes(graph: fx.Graph, evaluate, follows_batch) -> Tuple[Tuple, Tupl
     return tuple(out), tuple(by_batch)
 
 
-def _set_anew_with_proxies(v, before, buffer: bool) -> bool:
-    """A tuple, list or dict of traced values set as an attribute (``self.hw = (H, W)``), not
-    one the forward put them in (``self.hist.append(t)``: Python state, see moved_in_python)."""
-    return not buffer and v is not before and any(isinstance(i, fx.Proxy) for i in _leaves(v))
+def _set_anew(name: str, v, before, buffer: bool) -> bool:
+    """A tuple, list or dict of traced values set as an attribute (``self.hw = (H, W)``), or a
+    list or dict of plain values (``self.hw = [H, W]`` of ints passed in, ``self.cache = {}``),
+    not one the forward put them in (``self.hist.append(t)``: Python state, see
+    moved_in_python). A list of plain values set anew was refused as Python state changed at
+    each call (audit L2 of the forty-seventh session): it is a value the forward sets, which
+    python_writes records (a log set anew, ``self.sizes = self.sizes + [n]``, is refused by
+    name still: analyse/block.py ``_moved_at_a_second_call``)."""
+    if buffer or v is before or not _own(name):
+        return False
+    leaves = _leaves(v)
+    return any(isinstance(i, fx.Proxy) for i in leaves) or (
+        type(v) in (list, dict) and all(is_number(i) for i in leaves))
 
 
 def _leaves(v) -> list:
