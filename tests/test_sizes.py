@@ -3,6 +3,7 @@ and test at many): the first forward with a new size converts a twin of the mode
 objects for the converted blocks and the modules above them, every parameter and buffer
 shared) and keeps it; later forwards of that size run it."""
 import collections
+import contextlib
 import copy
 import dataclasses
 import math
@@ -1600,16 +1601,26 @@ class _AveragesItsMap(_KeepsItsMap):
 
 
 def _averages_its_input(blk, form: str = "chain"):
-    """``blk`` that keeps a running average of its first tokens in a buffer, in place:
-    ``self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)``, or written into it by
-    ``torch.add(self.m * 0.9, ..., alpha=0.1, out=self.m)`` (``form="out"``)."""
+    """``blk`` that keeps a running average of its first tokens in a buffer, in place, under
+    ``torch.no_grad()``: ``self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)``, or
+    written into it by ``torch.add(self.m * 0.9, ..., alpha=0.1, out=self.m)`` (``form="out"``);
+    the chain under ``torch.inference_mode()`` (``"inference"``), between
+    ``torch.set_grad_enabled(False)`` and ``(True)`` (``"set_grad_enabled"``), or with gradients
+    on, of the tokens' mean detached (``"detached"``: no history either way)."""
+    modes = {"inference": torch.inference_mode, "detached": contextlib.nullcontext}
+
     class Averaging(type(blk)):
         def forward(self, x, attn_mask=None):
-            with torch.no_grad():
+            if form == "set_grad_enabled":
+                torch.set_grad_enabled(False)
+            with modes.get(form, torch.no_grad)():
+                mean = x[:, :5].mean((0, 1))
                 if form == "out":
-                    torch.add(self.m * 0.9, x[:, :5].mean((0, 1)), alpha=0.1, out=self.m)
+                    torch.add(self.m * 0.9, mean, alpha=0.1, out=self.m)
                 else:
-                    self.m.mul_(0.9).add_(x[:, :5].mean((0, 1)), alpha=0.1)
+                    self.m.mul_(0.9).add_(mean.detach() if form == "detached" else mean, alpha=0.1)
+            if form == "set_grad_enabled":
+                torch.set_grad_enabled(True)
             return super().forward(x)
     blk.__class__ = Averaging
     blk.register_buffer("m", torch.zeros(32))
@@ -1641,6 +1652,92 @@ def test_a_running_average_kept_by_an_in_place_chain_is_named(form):
     for b, d in zip(fast.blocks, dense.blocks):
         torch.testing.assert_close(b.m, d.m, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(b.attn.m, d.attn.m, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("form", ["chain", "out", "inference", "set_grad_enabled"])
+def test_a_running_average_kept_under_no_grad_takes_no_autograd_history(form):
+    """A running average a block keeps in a buffer under ``torch.no_grad()`` (an in-place chain,
+    ``out=``, ``inference_mode``, ``set_grad_enabled(False)``), trained at keep 0.5. A trace
+    does not keep the gradient mode: until audit L2 of the forty-seventh session the programs
+    wrote the average with gradients on, and after one backward every block's buffer held the
+    tokens' autograd history (``requires_grad``, an ``AddBackward0``), a chain that grew at
+    each step (108 nodes after 50), ``copy.deepcopy`` of the model raised a raw "Only Tensors
+    created explicitly by the user" and ``torch.compile`` training raised "Trying to backward
+    through the graph a second time". The programs now run the write in the forward's mode:
+    outputs, gradients and averages are those of the same blocks writing a detached mean."""
+    models = []
+    for f in (form, "detached"):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            _averages_its_input(blk, f)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")         # (the averages are the tokens': named)
+            models.append(evoplug.convert(model, keep_ratio=0.5,
+                                          example_input=torch.randn(1, 3, 32, 32)).train())
+    fast, ref = models
+    for _ in range(3):
+        x = torch.randn(2, 3, 32, 32)
+        for m in models:
+            m.zero_grad()
+            m(x).pow(2).mean().backward()
+        assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    for b, r in zip(fast.blocks, ref.blocks):
+        assert not b.m.requires_grad and b.m.grad_fn is None
+        torch.testing.assert_close(b.m, r.m, atol=1e-6, rtol=1e-6)
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-6, msg=name)
+    copy.deepcopy(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.eval()(x), ref.eval()(x), atol=1e-6, rtol=1e-6)
+
+
+def test_a_value_computed_under_no_grad_passes_no_gradient():
+    """A value the block computes under ``torch.no_grad()`` and uses after it (a scale for the
+    MLP's input) passes no gradient in the dense model; the programs, traced without the mode,
+    passed it one (gradients 0.06 off those of the same block with the value ``.detach()``-ed,
+    audit L2 of the forty-seventh session). Now the same."""
+    def scaled(blk, detach: bool):
+        class Scaled(type(blk)):
+            def forward(self, x, attn_mask=None):
+                x = x + self.ls1(self.attn(self.norm1(x)))
+                h = self.norm2(x)
+                if detach:
+                    s = h.pow(2).mean(-1, keepdim=True).add(1).sqrt().detach()
+                else:
+                    with torch.no_grad():
+                        s = h.pow(2).mean(-1, keepdim=True).add(1).sqrt()
+                return x + self.ls2(self.mlp(h / s))
+        blk.__class__ = Scaled
+    grads = []
+    for detach in (False, True):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            scaled(blk, detach)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+        assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
+        torch.manual_seed(1)
+        fast.train()(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        grads.append([p.grad for p in fast.parameters()])
+    for g, want in zip(*grads):
+        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
+
+
+def test_an_error_inside_a_no_grad_write_leaves_gradients_on():
+    """An error raised by an op a program runs under the forward's ``torch.no_grad()`` (the
+    block's buffer of another size than the tokens' mean) leaves the caller's gradient mode as
+    it was, as the forward's ``with`` does: the programs set the mode with ``torch._C.
+    _set_grad_enabled``, which nothing puts back on an error (runtime/programs.py
+    ``modes_restored``)."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        _averages_its_input(blk)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    fast.blocks[1].m = torch.zeros(7)
+    with pytest.raises(RuntimeError, match="size"):
+        fast.train()(torch.randn(2, 3, 32, 32))
+    assert torch.is_grad_enabled()
 
 
 def _registers_its_input(blk):

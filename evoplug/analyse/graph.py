@@ -20,6 +20,27 @@ _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm, torch.einsum}
 _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
+#: the node meta key of the gradient mode a traced op ran in where the forward set one:
+#: ``"no_grad"`` (``with torch.no_grad():``, ``torch.set_grad_enabled(False)``) or
+#: ``"inference"`` (``torch.inference_mode()``); absent: the mode the program is called in
+GRAD_MODE = "evo_grad_mode"
+
+
+def grad_mode_now() -> Optional[str]:
+    """The gradient mode a node made now gets (:data:`GRAD_MODE`), the trace running with
+    gradients on and outside inference mode (analyse/trace.py ``BlockTracer.trace``)."""
+    if torch.is_inference_mode_enabled():
+        return "inference"
+    return None if torch.is_grad_enabled() else "no_grad"
+
+
+def same_grad_mode(new: fx.Node, old: fx.Node) -> fx.Node:
+    """``new``, made to stand for ``old`` by a pass, marked with ``old``'s gradient mode."""
+    if GRAD_MODE in old.meta:
+        new.meta[GRAD_MODE] = old.meta[GRAD_MODE]
+    return new
+
+
 def is_add(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target in _ADD_FUNCS) or \
         (n.op == "call_method" and n.target in ("add", "add_"))

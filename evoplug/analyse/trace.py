@@ -24,7 +24,8 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import ancestors, depends_on_data, is_softmax, module_of, random_source, run_nodes
+from .graph import (GRAD_MODE, ancestors, depends_on_data, grad_mode_now, is_softmax, module_of,
+                    random_source, run_nodes, same_grad_mode)
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -115,6 +116,18 @@ class BlockTracer(fx.Tracer):
         if threading.get_ident() != self._thread:
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_node(self, *args, **kwargs) -> fx.Node:
+        """fx's node, marked with the gradient mode its op ran in where the forward set one
+        (graph.GRAD_MODE: ``with torch.no_grad():``, which a graph does not keep): the program
+        runs it so (rewrite/grad_mode.py). Without it, an EMA kept under ``no_grad`` in a
+        buffer took the tokens' autograd history in training, a chain growing at each step
+        (audit L2 of the forty-seventh session)."""
+        node = super().create_node(*args, **kwargs)
+        mode = grad_mode_now()
+        if mode is not None:
+            node.meta[GRAD_MODE] = mode
+        return node
 
     def create_arg(self, a):
         """A plain tensor registered as a parameter (``torch.func.functional_call`` swaps the
@@ -253,7 +266,9 @@ class BlockTracer(fx.Tracer):
             # (one trace at a time in the process: fx patches torch functions and
             # nn.Module.__call__ globally, and two threads' patches interleaved left them patched
             # and broke both conversions; audit V8 of the thirty-seventh session)
-            with _traced_into(self._trace_into), recorded_assignments() as self.assigned:
+            # (with gradients on: the modes the forward sets are the ones that differ)
+            with _traced_into(self._trace_into), recorded_assignments() as self.assigned, \
+                    torch.enable_grad(), torch.inference_mode(False):
                 graph = self._trace(root, concrete_args)
             wrapped = {n.target for n in graph.nodes
                        if n.op == "call_function" and n.meta.get("is_wrapped")}
@@ -884,9 +899,9 @@ def _out_as_copy(graph: fx.Graph):
         if not isinstance(out, fx.Node):
             continue
         with graph.inserting_before(node):
-            value = graph.create_node(node.op, node.target, node.args,
-                                      {k: v for k, v in node.kwargs.items() if k != "out"})
-            written = graph.call_method("copy_", (out, value))
+            value = same_grad_mode(graph.create_node(node.op, node.target, node.args, {
+                k: v for k, v in node.kwargs.items() if k != "out"}), node)
+            written = same_grad_mode(graph.call_method("copy_", (out, value)), node)
         node.replace_all_uses_with(written)
         graph.erase_node(node)
 

@@ -56,8 +56,9 @@ from ..analyse.trace import mark_batch_specialised, trace_block
 from ..analyse.writes import set_by_forward
 from ..errors import AnalysisError
 from ..runtime.gather import first_not_none, in_evolving_run, skip_fast_base, tokens_to_map
-from ..runtime.programs import compile_program, set_written
+from ..runtime.programs import compile_program, modes_restored, set_written, sets_modes
 from .context import Rewrite, viewed_attribute
+from .grad_mode import keep_grad_modes
 from .maps import map_operations
 from .positions import position_terms, whole_token_args
 from .row import global_row
@@ -98,6 +99,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
     # tokens straight from the block before it, see runtime/block.py)
     a.uses_pos = a.uses_pos or bool(rw.pos.users)
     a.uses_full = a.uses_full or bool(rw.full.users)
+    keep_grad_modes(gm.graph)
     gm.graph.lint()
     gm.recompile()
     _check_attrs_resolve(a, gm, training)
@@ -308,7 +310,7 @@ def _as_program(a: BlockAnalysis, gm: fx.GraphModule) -> Callable:
     try:
         imports = _format_import_block(code.globals, sys_importer)
     except (ObjNotFoundError, ObjMismatchError):   # a global Python cannot import by name
-        return type(gm).forward
+        return modes_restored(type(gm).forward) if sets_modes(code.src) else type(gm).forward
     return compile_program(imports + "\n" + code.src)
 
 

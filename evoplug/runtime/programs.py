@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import torch
+
 from ..errors import EvoplugError
 
 
@@ -22,8 +24,32 @@ def compile_program(source: str) -> Callable:
     takes = fn.__code__.co_varnames[:fn.__code__.co_argcount]
     if "_evo_full" in takes and "_evo_block" not in takes:      # (a block's, pickled before)
         fn = _without_block_argument(fn)
+    if sets_modes(source):
+        fn = modes_restored(fn)
     fn.__evoplug_source__ = source
     return fn
+
+
+#: what a program that sets the gradient modes its forward sets calls (rewrite/grad_mode.py)
+_MODE_SETTERS = ("torch._C._set_grad_enabled(", "_enter_inference_mode(")
+
+
+def sets_modes(source: str) -> bool:
+    """Whether a program's source sets a gradient mode (rewrite/grad_mode.py)."""
+    return any(s in source for s in _MODE_SETTERS)
+
+
+def modes_restored(program: Callable) -> Callable:
+    """``program``, a program that sets the gradient modes its block's forward sets around the
+    ops that ran in them (rewrite/grad_mode.py), called so that an error raised inside such a
+    run leaves the caller's gradient mode as it was, as the forward's ``with torch.no_grad():``
+    does (the program puts it back itself when it runs through). Inference mode is put back by
+    the guard the program holds while in it, once the error lets go of it (asking for it here,
+    ``torch.is_inference_mode_enabled``, breaks a ``torch.compile`` graph at each block)."""
+    def forward(*args):
+        with torch.set_grad_enabled(torch.is_grad_enabled()):
+            return program(*args)
+    return forward
 
 
 def _without_block_argument(program: Callable) -> Callable:
