@@ -244,10 +244,13 @@ class BlockSpec:
         programs, traced code, set nothing): a converted model's state then follows the calls it
         ran as the original's does, keep 1.0 or not (audit X3 of the thirty-ninth session: a
         transformers Swin whose blocks evolved kept its shift, one that ran keep 1.0 lost it,
-        and the two gave different outputs at the next input size)."""
+        and the two gave different outputs at the next input size). A new list or dict each
+        call, as the forward makes (``list(v)``, not ``copy.copy``, which dynamo cannot trace:
+        a graph break, refused under ``fullgraph=True``)."""
         for path, name, value in self.writes:
-            value = copy.copy(value) if isinstance(value, (list, dict)) else value   # (a new one
-            setattr(block.get_submodule(path) if path else block, name, value)  # each call)
+            value = list(value) if type(value) is list else dict(value) if type(value) is dict \
+                else copy.copy(value) if isinstance(value, (list, dict)) else value
+            setattr(block.get_submodule(path) if path else block, name, value)
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
