@@ -17,6 +17,8 @@ from ..runtime.gather import gather_extras
 from .attention import attention_output, find_attention
 from .discover import token_output
 from .graph import shape_of
+from .same_start import SameStart
+from .snapshot import CALL_HOOK_DICTS
 
 if TYPE_CHECKING:
     from .attention import AttentionSite
@@ -275,12 +277,6 @@ def quantised_hint(block: nn.Module, reason: str = "") -> str:
             "(quantize_dynamic(..., inplace=True): the twins made for those sizes are kept)")
 
 
-#: a module's dicts of the hooks that run around its calls
-CALL_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                   "_backward_pre_hooks", "_forward_hooks_with_kwargs",
-                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
-
 @contextlib.contextmanager
 def hooks_suspended(*modules: nn.Module):
     """The hooks of ``modules`` and their submodules set aside (and put back): the probes
@@ -307,7 +303,10 @@ _ON_SUBSET = "the traced program on a token subset"     # (the probe step _faile
 
 
 def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
-    """Behavioural check of a block and its program on the calibration input (eval mode):
+    """Behavioural check of a block and its program on the calibration input (eval mode), each
+    run from the block's state before the first (:class:`SameStart`: a block that keeps a
+    running average and reads it back was refused as differing from itself until the
+    forty-eighth session):
 
     1. the traced program reproduces the block's own forward (dense);
     2. permutation equivariance: running it on the patch tokens in another order, with the
@@ -322,59 +321,87 @@ def probe_program(a: BlockAnalysis, program, atol: float = PROBE_TOLERANCE):
     step = "the block's own forward on the calibration input"
     try:
         with torch.no_grad(), hooks_suspended(m):
-            ref = token_output(type(a.module).forward(m, *args, **kwargs))
-            if not bool(torch.isfinite(ref).all()):
-                raise AnalysisError(a.name, "the block's own output on the calibration input is "
-                                            "not finite (NaN or inf): the traced program cannot "
-                                            "be checked against it")
-            step = "the traced program on all the tokens"
-            if a.plan.token_perm:     # a sequence-first block: compared as (B, N, C)
-                ref = ref.permute(a.plan.token_perm)
-            x, extras = a.plan.bind(a.name, args, kwargs)
-            if a.token_map:   # (B, H, W, C) maps: compare as tokens
-                ref, x = ref.flatten(1, 2), x.flatten(1, 2)
-            out, row = program(m, *a.plan.feed(x, extras), None, None)[:2]
-            scale = max(1.0, float(ref.abs().max()))
-            err = float((out - ref).abs().max())
-            if err > atol * scale:
-                raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
-            B, N, C = x.shape
-            P, S = a.num_prefix, a.num_suffix
-            M = N - P - S
-            want = (B, 1, M if a.row_full else N)    # over the patches of the full map, or the keys
-            if row is not None and row.shape != want:
-                raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {want}")
-            step = "the traced program on the tokens in another order"
-            gen = torch.Generator().manual_seed(0)
-            perm = torch.randperm(M, generator=gen).to(x.device)
-            special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
-            pos = torch.cat([special, perm + P]).expand(B, N)    # the runtime's order
-            xp = x.gather(1, pos[..., None].expand(-1, -1, C))
-            ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args, a.batch_args)
-            outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
-            err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
-            if err > atol * scale:
-                raise AnalysisError(
-                    a.name, "not equivariant to the token order (max abs diff "
-                            f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
-                            "attention or has a position-dependent term evoplug cannot follow"
-                            + _one_image_hint(a, extras, B) + _opaque_view_hint(a))
-            step = _ON_SUBSET
-            k = max(1, M // 2)
-            sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
-            xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
-            ex = gather_extras(a.name, extras, sub_pos, N, P, S, a.whole_args, a.batch_args)
-            outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
-            if outs.shape != xs.shape or not torch.isfinite(outs).all():
-                raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
-            step = "the traced program on two images"
-            _check_images_apart(a, program, m, x, extras, pos, k, atol * scale)
+            start = SameStart(m)
+            try:
+                ref = token_output(start.reference(lambda: type(a.module).forward(m, *args, **kwargs)))
+                if not bool(torch.isfinite(ref).all()):
+                    raise AnalysisError(a.name, "the block's own output on the calibration input is "
+                                                "not finite (NaN or inf): the traced program cannot "
+                                                "be checked against it")
+                _probe_steps(a, start, program, m, args, kwargs, ref, atol)
+            finally:
+                start.end()
     except AnalysisError:
         raise
+    except _StepFailed as e:
+        raise _failed(a.name, e.step, e.error) from None
     except Exception as e:
         raise _failed(a.name, step, e) from None
     finally:
         m.train(was)
+
+
+class _StepFailed(Exception):
+    """A probe step (``step``) that raised ``error``."""
+
+    def __init__(self, step: str, error: Exception):
+        super().__init__(step)
+        self.step, self.error = step, error
+
+
+def _probe_steps(a: BlockAnalysis, start: SameStart, program, m: nn.Module, args, kwargs,
+                 ref: torch.Tensor, atol: float):
+    """Steps 1-3 of :func:`probe_program` and the two images' check, against ``ref``, the
+    block's own output: the dense run writes what it computes, the others what the block's own
+    forward wrote (:meth:`SameStart.run`)."""
+    step = "the traced program on all the tokens"
+    try:
+        if a.plan.token_perm:     # a sequence-first block: compared as (B, N, C)
+            ref = ref.permute(a.plan.token_perm)
+        x, extras = a.plan.bind(a.name, args, kwargs)
+        if a.token_map:   # (B, H, W, C) maps: compare as tokens
+            ref, x = ref.flatten(1, 2), x.flatten(1, 2)
+        out, row = start.from_start(program, m, *a.plan.feed(x, extras), None, None)[:2]
+        scale = max(1.0, float(ref.abs().max()))
+        err = float((out - ref).abs().max())
+        if err > atol * scale:
+            raise AnalysisError(a.name, f"traced program differs from the block (max abs diff {err:.3g})")
+        B, N, C = x.shape
+        P, S = a.num_prefix, a.num_suffix
+        M = N - P - S
+        want = (B, 1, M if a.row_full else N)    # over the patches of the full map, or the keys
+        if row is not None and row.shape != want:
+            raise AnalysisError(a.name, f"global attention row has shape {tuple(row.shape)}, expected {want}")
+        step = "the traced program on the tokens in another order"
+        program = start.replayed(program)
+        gen = torch.Generator().manual_seed(0)
+        perm = torch.randperm(M, generator=gen).to(x.device)
+        special = torch.cat([torch.arange(P), torch.arange(N - S, N)]).to(x.device)
+        pos = torch.cat([special, perm + P]).expand(B, N)    # the runtime's order
+        xp = x.gather(1, pos[..., None].expand(-1, -1, C))
+        ex = gather_extras(a.name, extras, pos, N, P, S, a.whole_args, a.batch_args)
+        outp = program(m, *a.plan.feed(xp, ex), pos, x)[0]
+        err = float((outp - ref.gather(1, pos[..., None].expand(-1, -1, C))).abs().max())
+        if err > atol * scale:
+            raise AnalysisError(
+                a.name, "not equivariant to the token order (max abs diff "
+                        f"{err:.3g} after permuting the patch tokens): it mixes tokens outside "
+                        "attention or has a position-dependent term evoplug cannot follow"
+                        + _one_image_hint(a, extras, B) + _opaque_view_hint(a))
+        step = _ON_SUBSET
+        k = max(1, M // 2)
+        sub_pos = pos[:, :P + S + k + 1] if k + 1 <= M else pos
+        xs = x.gather(1, sub_pos[..., None].expand(-1, -1, C))
+        ex = gather_extras(a.name, extras, sub_pos, N, P, S, a.whole_args, a.batch_args)
+        outs = program(m, *a.plan.feed(xs, ex), sub_pos, x)[0]
+        if outs.shape != xs.shape or not torch.isfinite(outs).all():
+            raise AnalysisError(a.name, f"does not run on a token subset (got {tuple(outs.shape)})")
+        step = "the traced program on two images"
+        _check_images_apart(a, program, m, x, extras, pos, k, atol * scale)
+    except AnalysisError:
+        raise
+    except Exception as e:
+        raise _StepFailed(step, e) from None
 
 
 def _check_images_apart(a: BlockAnalysis, program, m: nn.Module, x: torch.Tensor, extras, pos,

@@ -17,13 +17,16 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .probes import CALL_HOOK_DICTS
 from .writes import is_number
 
 #: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
 _CONTAINERS = (list, dict, set)
 _MISSING = object()
+#: a module's dicts of the hooks that run around its calls
+CALL_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                   "_backward_pre_hooks", "_forward_hooks_with_kwargs",
+                   "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
 def own_state(m: nn.Module) -> dict:

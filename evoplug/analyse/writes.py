@@ -32,6 +32,8 @@ _IN_PLACE = {"__iadd__": "add_", "__isub__": "sub_", "__imul__": "mul_", "__itru
              "__ifloordiv__": "floor_divide_", "__imod__": "remainder_", "__ipow__": "pow_",
              "__iand__": "bitwise_and_", "__ior__": "bitwise_or_", "__ixor__": "bitwise_xor_",
              "__ilshift__": "bitwise_left_shift_", "__irshift__": "bitwise_right_shift_"}
+#: the names of Python's augmented assignments on a tensor (analyse/same_start.py)
+IN_PLACE_OPERATORS = frozenset(_IN_PLACE)
 
 
 @contextlib.contextmanager
