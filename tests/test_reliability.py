@@ -1076,6 +1076,72 @@ def test_a_weight_hook_on_a_leaf_inside_an_evolving_block_is_not_told(form):
         fast(x)
 
 
+class _OwnWeightAttention(nn.Module):
+    """timm's attention ``attn`` computing its qkv from a weight of its own (``F.linear(x,
+    self.weight, self.bias)``): the block's programs trace into it, so a pre-hook on it is on a
+    module the programs trace into, not on one they call."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.weight = nn.Parameter(attn.qkv.weight.detach().clone())
+        self.bias = nn.Parameter(attn.qkv.bias.detach().clone())
+        self.proj, self.heads = attn.proj, attn.num_heads
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        B, N, C = x.shape
+        qkv = nn.functional.linear(x, self.weight, self.bias)
+        q, k, v = qkv.reshape(B, N, 3, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        a = (q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5).softmax(-1)
+        return self.proj((a @ v).transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("form", ["spectral_norm", "weight_norm"])
+def test_a_weight_hook_on_a_module_the_block_traces_into_lets_it_evolve(form, keep_ratio):
+    """``spectral_norm`` and ``weight_norm`` in their hook forms on the attention module, which
+    the block's programs trace into (its own ``weight``, read by ``F.linear``), on a model never
+    run before the conversion. Their pre-hooks set the weight from the module's own parameters
+    and buffers and read no tokens: the programs run them before they read it, as pruning's.
+    Until the forty-eighth session every block ran its own forward (no speed-up, with a warning
+    of a hook that cannot fire inside the program), and before a first call of the model (the
+    weight spectral_norm leaves until then is the raw one) every block was refused as setting up
+    ``attn.weight`` at its first call. Now the blocks evolve; at keep 1.0 (off the identity fast
+    path) outputs, gradients and the weights after optimiser steps are the dense model's, and
+    spectral_norm's power iteration (``weight_u``, ``weight_v``) moves as the dense model's at
+    keep 0.5 too."""
+    def model():
+        torch.manual_seed(0)
+        m = _randomise(_tiny())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)      # (weight_norm's hook form)
+            for b in m.blocks:
+                b.attn = getattr(torch.nn.utils, form)(_OwnWeightAttention(b.attn))
+        return m
+    x = torch.randn(2, 3, 32, 32)
+    dense = model()      # (a twin: copy.deepcopy refuses weight_norm's hooks)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        fast = evoplug.convert(model(), keep_ratio, identity_fast_path=False, example_input=x[:1])
+        steps = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (dense, fast)]
+        for training in (True, True, False):
+            outs = []
+            for m, opt in zip((dense, fast), steps):
+                m.train(training).zero_grad()
+                with torch.set_grad_enabled(keep_ratio == 1.0):
+                    outs.append(m(x))
+                if keep_ratio == 1.0:
+                    outs[-1].pow(2).mean().backward()
+                    opt.step()
+            if keep_ratio == 1.0:
+                torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    assert not [str(r.message) for r in w if "runs its own forward" in str(r.message)]
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == ([-1, 65] + [65 if keep_ratio == 1.0 else 34] * 4)
+    for b, d in zip(fast.blocks, dense.blocks):
+        for k, v in d.attn.state_dict().items():
+            if keep_ratio == 1.0 or k.endswith(("_u", "_v")) and form == "spectral_norm":
+                torch.testing.assert_close(b.attn.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
+
+
 def test_a_leaf_replaced_after_conversion_leaves_no_stale_copy_behind():
     """The spec of a converted block kept the submodules its programs call by path as they were
     at conversion (``spec.leaves``). Replaced afterwards (dynamic quantisation in the order

@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..runtime.spec import weights_only
 from .graph import depends_on_data, is_view, writes_in_place
 
 
@@ -134,7 +135,7 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
             continue
         name = (lambda k: f"{path}.{k}") if path else (lambda k: k)   # noqa: E731
         own = [k for k in tensors.get(id(m), ()) + values.get(id(m), ())
-               if set_by.get((id(vars(m)), k), {None}) & inside]
+               if set_by.get((id(vars(m)), k), {None}) & inside and k not in _set_by_weight_hooks(m)]
         found += [f"`{name(k)}` ({'a buffer' if k in m._buffers else 'a tensor attribute'})"
                   for k in own if k in tensors.get(id(m), ()) and name(k) in read and
                   name(k) not in written]
@@ -142,6 +143,16 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
                   f"after the first call)" for k in own if k in values.get(id(m), ()) and
                   (id(vars(m)), k) not in assigned and type(getattr(m, k, None)) is not bool]
     return found
+
+
+def _set_by_weight_hooks(m: nn.Module) -> set:
+    """The names ``m``'s pre-hooks that set a weight from its own parameters (runtime/spec.py
+    ``weights_only``: pruning's, ``spectral_norm``'s and ``weight_norm``'s hook forms) set at
+    each call, as the programs run them (``run_weight_hooks``): not set up at a first call.
+    spectral_norm's ``weight`` (the raw weight until the first call) on a module the block
+    traces into was refused as set up at the first call until the forty-eighth session."""
+    return {getattr(h, "name", getattr(h, "_tensor_name", None)) for h in m._forward_pre_hooks.values()
+            if weights_only({0: h})}
 
 
 def _attribute_written(n: fx.Node) -> Optional[fx.Node]:

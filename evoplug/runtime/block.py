@@ -298,7 +298,7 @@ class EvoBlockMixin:
             return spec.orig_class.forward(self, *args, **kwargs)
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks(self)
-        spec.run_pruning()
+        spec.run_weight_hooks()
         if spec.writes:
             spec.replay_writes(self)
         record = not torch.compiler.is_compiling() and (

@@ -254,11 +254,12 @@ class BlockSpec:
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
-        ``idle_hook``) nor torch's pruning (``run_pruning``): they fire only in the block's own
-        forward."""
+        ``idle_hook``) nor ones that set a weight and read no tokens (torch's pruning,
+        ``spectral_norm``'s and ``weight_norm``'s hook forms: ``run_weight_hooks``): they fire
+        only in the block's own forward."""
         for m in self.inner:
             if self._active(m._forward_hooks) or m._backward_hooks or m._backward_pre_hooks or (
-                    m._forward_pre_hooks and not pruning_only(m._forward_pre_hooks)):
+                    m._forward_pre_hooks and not weights_only(m._forward_pre_hooks)):
                 return True
         return self.mode_apart() is not None
 
@@ -276,13 +277,15 @@ class BlockSpec:
         return next((path for parent, _, path, m, *_ in self.traced
                      if parent is not None and m.training is not training), None)
 
-    def run_pruning(self):
-        """Run the pruning pre-hooks (``torch.nn.utils.prune``) of the submodules the programs
-        traced into, as their own call would: each sets its pruned parameter (``q_bias`` from
-        ``q_bias_orig * q_bias_mask``), which the program then reads. They read no tokens, so
-        the block evolves (they made it run its own forward, for good and without a word, until
-        audit W2 of the thirty-eighth session). Called where ``hooked()`` is False: the
-        pre-hooks left are pruning ones."""
+    def run_weight_hooks(self):
+        """Run the pre-hooks that set a weight (:func:`weights_only`: torch's pruning,
+        ``spectral_norm``'s and ``weight_norm``'s hook forms) of the submodules the programs
+        traced into, as their own call would: each sets its parameter (``q_bias`` from
+        ``q_bias_orig * q_bias_mask``; ``weight`` from ``weight_orig``, a step of the power
+        iteration in training), which the program then reads. They read no tokens, so the block
+        evolves (pruning's made it run its own forward, for good and without a word, until audit
+        W2 of the thirty-eighth session; spectral_norm's and weight_norm's until the
+        forty-eighth). Called where ``hooked()`` is False: the pre-hooks left are those."""
         for m in self.inner:
             if m._forward_pre_hooks:
                 for hook in tuple(m._forward_pre_hooks.values()):
@@ -307,7 +310,7 @@ class BlockSpec:
         for m in self.inner:
             hooks = [("forward hook", h) for h in m._forward_hooks.values()] + \
                 [("forward pre-hook", h) for h in m._forward_pre_hooks.values()
-                 if not isinstance(h, BasePruningMethod)] + \
+                 if not weights_only({0: h})] + \
                 [("backward hook", h) for h in (*m._backward_hooks.values(), *m._backward_pre_hooks.values())]
             if hooks and all(family(h) for _, h in hooks):
                 self._tell_maps_collected()
@@ -436,12 +439,6 @@ class BlockSpec:
                                       "it runs its original forward (every token) at that batch "
                                       "size", stacklevel=7)
 
-
-
-def pruning_only(hooks) -> bool:
-    """Whether every hook of a module's forward pre-hooks is torch's pruning (which sets a
-    parameter from ``name_orig * name_mask`` and reads no tokens)."""
-    return all(isinstance(h, BasePruningMethod) for h in hooks.values())
 
 
 def weights_only(hooks) -> bool:
