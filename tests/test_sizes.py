@@ -1722,6 +1722,40 @@ def test_a_value_computed_under_no_grad_passes_no_gradient():
         torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
 
 
+def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():
+    """A ``torch.baddbmm`` the forward runs under ``torch.no_grad()`` (the logits of a gate of
+    its own parameters, ``baddbmm(b, h, w)``, taken through a sigmoid after it), which the conversion splits into ``bmm`` and an
+    add (analyse/trace.py ``_split_baddbmm``, as it splits an attention's logits): the split ops
+    had no gradient mode mark and ran with gradients on, so ``w`` and ``b`` took gradients the
+    dense model does not give them (until the forty-eighth session). A pass now marks the ops
+    it puts in an op's place with that op's mode (analyse/graph.py ``inserting_as``)."""
+    def gated(blk, detach: bool):
+        class Gated(type(blk)):
+            def forward(self, x, attn_mask=None):
+                x = x + self.ls1(self.attn(self.norm1(x)))
+                h = self.norm2(x)
+                with torch.no_grad() if not detach else contextlib.nullcontext():
+                    s = torch.baddbmm(self.b, h, self.w.expand(h.shape[0], -1, -1))
+                return x + self.ls2(self.mlp(h * (s.detach() if detach else s).sigmoid()))
+        blk.__class__ = Gated
+        blk.w = torch.nn.Parameter(torch.randn(32, 1) * 0.1)
+        blk.b = torch.nn.Parameter(torch.zeros(1))
+    grads = []
+    for detach in (False, True):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            gated(blk, detach)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+        assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
+        torch.manual_seed(1)
+        fast.train()(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in fast.named_parameters()})
+    assert all(grads[0][f"blocks.{i}.{p}"] is None for i in range(4) for p in "wb")
+    for name, want in grads[1].items():
+        if want is not None:
+            torch.testing.assert_close(grads[0][name], want, atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_an_error_inside_a_no_grad_write_leaves_gradients_on():
     """An error raised by an op a program runs under the forward's ``torch.no_grad()`` (the
     block's buffer of another size than the tokens' mean) leaves the caller's gradient mode as

@@ -24,8 +24,8 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import (GRAD_MODE, ancestors, depends_on_data, grad_mode_now, is_softmax, module_of,
-                    random_source, run_nodes, same_grad_mode)
+from .graph import (GRAD_MODE, ancestors, depends_on_data, grad_mode_now, inserting_as, is_softmax,
+                    module_of, random_source, run_nodes)
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -898,10 +898,10 @@ def _out_as_copy(graph: fx.Graph):
         out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
         if not isinstance(out, fx.Node):
             continue
-        with graph.inserting_before(node):
-            value = same_grad_mode(graph.create_node(node.op, node.target, node.args, {
-                k: v for k, v in node.kwargs.items() if k != "out"}), node)
-            written = same_grad_mode(graph.call_method("copy_", (out, value)), node)
+        with inserting_as(graph, node):
+            value = graph.create_node(node.op, node.target, node.args, {
+                k: v for k, v in node.kwargs.items() if k != "out"})
+            written = graph.call_method("copy_", (out, value))
         node.replace_all_uses_with(written)
         graph.erase_node(node)
 
@@ -920,7 +920,7 @@ def _split_baddbmm(graph: fx.Graph):
         if len(args) != 3 or set(node.kwargs) - set(names) - {"beta", "alpha"} or \
                 not all(isinstance(v, (int, float, fx.Node)) for v in (beta, alpha)):
             continue
-        with graph.inserting_before(node):
+        with inserting_as(graph, node):
             out = graph.call_function(torch.bmm, (args["batch1"], args["batch2"]))
             if isinstance(alpha, fx.Node) or alpha != 1:      # (a scale read from a shape)
                 out = graph.call_function(operator.mul, (out, alpha))
