@@ -21,17 +21,10 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
 #: the node meta key of the gradient mode a traced op ran in where the forward set one:
-#: ``"no_grad"`` (``with torch.no_grad():``, ``torch.set_grad_enabled(False)``) or
-#: ``"inference"`` (``torch.inference_mode()``); absent: the mode the program is called in
+#: ``"no_grad"`` (``with torch.no_grad():``, ``torch.set_grad_enabled(False)``), ``"grad"``
+#: (``with torch.enable_grad():``, whatever the caller's mode) or ``"inference"``
+#: (``torch.inference_mode()``); absent: the mode the program is called in (analyse/modes.py)
 GRAD_MODE = "evo_grad_mode"
-
-
-def grad_mode_now() -> Optional[str]:
-    """The gradient mode a node made now gets (:data:`GRAD_MODE`), the trace running with
-    gradients on and outside inference mode (analyse/trace.py ``BlockTracer.trace``)."""
-    if torch.is_inference_mode_enabled():
-        return "inference"
-    return None if torch.is_grad_enabled() else "no_grad"
 
 
 @contextlib.contextmanager
