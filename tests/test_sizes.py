@@ -1799,6 +1799,28 @@ def test_a_block_that_takes_gradients_in_its_forward_is_refused_by_name():
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 
 
+def test_a_block_that_branches_on_the_gradient_mode_it_sets_is_refused_by_name():
+    """A forward that sets a gradient mode and runs other ops by the caller's
+    (``if torch.is_grad_enabled(): x = x * 2``) gives one graph with gradients on and another
+    with them off, which one program cannot follow: refused naming the block and why. Until the
+    forty-eighth session the trace's branch (gradients on) was baked in and the probe, run
+    under ``no_grad``, refused it as "traced program differs from the block (max abs diff
+    1.85)", the reason unsaid."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        class Branches(type(blk)):
+            def forward(self, x, attn_mask=None):
+                with torch.no_grad():
+                    s = self.norm1.weight.mean()
+                if torch.is_grad_enabled():
+                    x = x * 2
+                return super().forward(x) + s
+        blk.__class__ = Branches
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`.*runs other ops when it is "
+                                                       r"called with gradients off"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
 def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():
     """A ``torch.baddbmm`` the forward runs under ``torch.no_grad()`` (the logits of a gate of
     its own parameters, ``baddbmm(b, h, w)``, taken through a sigmoid after it), which the conversion splits into ``bmm`` and an
