@@ -1801,6 +1801,139 @@ def test_a_value_computed_under_no_grad_passes_no_gradient():
         torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
 
 
+def _aux_under_enable_grad(blk, form: str):
+    """``blk`` whose forward runs its MLP branch under ``torch.enable_grad()`` (``"returns"``),
+    also keeping an auxiliary loss of its parameters on itself (``"stores"``: ``self.aux =
+    self.mlp.fc1(h).pow(2).mean()``), or (``"restores"``) runs it between ``prev =
+    torch.is_grad_enabled(); torch.set_grad_enabled(False)`` and ``torch.set_grad_enabled(prev)``,
+    gradients on after it only where the caller's are."""
+    class AuxLoss(type(blk)):
+        def forward(self, x, attn_mask=None):
+            x = x + self.ls1(self.attn(self.norm1(x)))
+            h = self.norm2(x)
+            if form == "restores":
+                prev = torch.is_grad_enabled()
+                torch.set_grad_enabled(False)
+                s = h.pow(2).mean(-1, keepdim=True).add(1).sqrt()
+                torch.set_grad_enabled(prev)
+                return x + self.ls2(self.mlp(h / s))
+            with torch.enable_grad():
+                if form == "stores":
+                    self.aux = self.mlp.fc1(h).pow(2).mean()
+                return x + self.ls2(self.mlp(h))
+    blk.__class__ = AuxLoss
+
+
+@pytest.mark.parametrize("form", ["returns", "stores", "restores"])
+def test_ops_a_forward_runs_under_enable_grad_keep_their_autograd_history(form):
+    """A block that runs ops under ``torch.enable_grad()`` (an auxiliary loss of its parameters
+    kept on itself, as test-time adaptation and energy heads do) computes them with autograd
+    history when called under ``torch.no_grad()``. A trace runs with gradients on and did not
+    tell: until the forty-eighth session the programs ran them in the caller's mode (no history
+    where the dense block's returned tokens and its ``aux`` held one). The block is now traced a
+    second time with gradients off where its forward sets a mode (analyse/modes.py): the
+    tokens it returns and what it stores hold history exactly where the dense block's do, at
+    keep 1.0 (identity fast path on and off) and 0.5, under ``no_grad``, ``inference_mode`` and
+    plain calls; a mode put back from ``torch.is_grad_enabled()`` is the caller's."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        _aux_under_enable_grad(blk, form)
+    model.norm = torch.nn.Identity()            # (the last block's tokens are the features)
+    dense, fast = _dense_and_converted(model, None if form != "stores" else r"`blocks\.0\.aux`")
+    x = torch.randn(2, 3, 32, 32)
+    for keep, identity in [(1.0, True), (1.0, False), (0.5, True)]:
+        evoplug.set_options(fast, keep_ratio=keep, identity_fast_path=identity)
+        for mode in (torch.no_grad, torch.inference_mode, contextlib.nullcontext):
+            with mode():
+                want, got = dense.forward_features(x), fast.forward_features(x)
+            said = f"keep {keep}, identity fast path {identity}, {mode.__name__}"
+            assert got.requires_grad == want.requires_grad, said
+            assert got.requires_grad == (mode is not torch.inference_mode and
+                                         (form != "restores" or mode is contextlib.nullcontext))
+            if keep == 1.0:
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=said)
+            for b, d in zip(fast.blocks, dense.blocks):
+                if form == "stores":
+                    assert b.aux.requires_grad == d.aux.requires_grad, said
+                    if keep == 1.0:
+                        torch.testing.assert_close(b.aux, d.aux, atol=1e-6, rtol=1e-6, msg=said)
+
+
+def test_a_block_that_takes_gradients_in_its_forward_is_refused_by_name():
+    """A forward that takes gradients of what it computes under ``torch.enable_grad()``
+    (``torch.autograd.grad``, as a test-time-adaptation block does) cannot be analysed (the
+    analysis runs the block's ops without autograd): it raised a raw "element 0 of tensors
+    does not require grad" inside a shape propagation; it is refused naming the block and why."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        class Adapts(type(blk)):
+            def forward(self, x, attn_mask=None):
+                with torch.enable_grad():
+                    e = self.norm1(x).pow(2).mean()
+                    g, = torch.autograd.grad(e, self.norm1.weight, create_graph=True)
+                return super().forward(x) * (1 + g.mean())
+        blk.__class__ = Adapts
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`.*takes gradients "
+                                                       r"\(`torch\.autograd\.grad`\)"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_a_block_that_branches_on_the_gradient_mode_it_sets_is_refused_by_name():
+    """A forward that sets a gradient mode and runs other ops by the caller's
+    (``if torch.is_grad_enabled(): x = x * 2``) gives one graph with gradients on and another
+    with them off, which one program cannot follow: refused naming the block and why. Until the
+    forty-eighth session the trace's branch (gradients on) was baked in and the probe, run
+    under ``no_grad``, refused it as "traced program differs from the block (max abs diff
+    1.85)", the reason unsaid."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        class Branches(type(blk)):
+            def forward(self, x, attn_mask=None):
+                with torch.no_grad():
+                    s = self.norm1.weight.mean()
+                if torch.is_grad_enabled():
+                    x = x * 2
+                return super().forward(x) + s
+        blk.__class__ = Branches
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`.*runs other ops when it is "
+                                                       r"called with gradients off"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():
+    """A ``torch.baddbmm`` the forward runs under ``torch.no_grad()`` (the logits of a gate of
+    its own parameters, ``baddbmm(b, h, w)``, taken through a sigmoid after it), which the conversion splits into ``bmm`` and an
+    add (analyse/trace.py ``_split_baddbmm``, as it splits an attention's logits): the split ops
+    had no gradient mode mark and ran with gradients on, so ``w`` and ``b`` took gradients the
+    dense model does not give them (until the forty-eighth session). A pass now marks the ops
+    it puts in an op's place with that op's mode (analyse/graph.py ``inserting_as``)."""
+    def gated(blk, detach: bool):
+        class Gated(type(blk)):
+            def forward(self, x, attn_mask=None):
+                x = x + self.ls1(self.attn(self.norm1(x)))
+                h = self.norm2(x)
+                with torch.no_grad() if not detach else contextlib.nullcontext():
+                    s = torch.baddbmm(self.b, h, self.w.expand(h.shape[0], -1, -1))
+                return x + self.ls2(self.mlp(h * (s.detach() if detach else s).sigmoid()))
+        blk.__class__ = Gated
+        blk.w = torch.nn.Parameter(torch.randn(32, 1) * 0.1)
+        blk.b = torch.nn.Parameter(torch.zeros(1))
+    grads = []
+    for detach in (False, True):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            gated(blk, detach)
+        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+        assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
+        torch.manual_seed(1)
+        fast.train()(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
+        grads.append({n: p.grad for n, p in fast.named_parameters()})
+    assert all(grads[0][f"blocks.{i}.{p}"] is None for i in range(4) for p in "wb")
+    for name, want in grads[1].items():
+        if want is not None:
+            torch.testing.assert_close(grads[0][name], want, atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_an_error_inside_a_no_grad_write_leaves_gradients_on():
     """An error raised by an op a program runs under the forward's ``torch.no_grad()`` (the
     block's buffer of another size than the tokens' mean) leaves the caller's gradient mode as

@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .channels_first import tokenise_channels_first
-from .graph import depends_on_data, is_add, is_reshape, no_side_effects, shape_of
+from .graph import depends_on_data, inserting_as, is_add, is_reshape, no_side_effects, shape_of
 from .pointwise import (mixes_positions, node_treats_tokens_alike, perturbed_copy, perturber, seeded,
                         treats_positions_alike)
 
@@ -169,7 +169,7 @@ def _terms_out_of_logit_views(ctx: _Ctx) -> List[str]:
                 tuple(torch.broadcast_shapes(*shapes)) != shape_of(view) or \
                 not all(depends_on_data(t) for t in terms):
             continue
-        with graph.inserting_before(out):
+        with inserting_as(graph, out):
             total = terms[-1]
             for t in reversed(terms[:-1]):
                 total = graph.call_function(operator.add, (total, t))
@@ -223,7 +223,7 @@ def _heads_to_tokens(ctx: _Ctx) -> List[str]:
         if s1 is None or s2 is None or math.prod(so_p[:k]) != ctx.batch:
             continue
         new_perm = [d if d < i + 1 else d - 1 for d in perm if d != i + 1]
-        with graph.inserting_before(r2):
+        with inserting_as(graph, r2):
             n1 = graph.call_method("reshape", (r1.args[0], *s1))
             n2 = graph.call_method("permute", (n1, *new_perm))
             n3 = graph.call_method("reshape", (n2, *s2))
@@ -254,7 +254,7 @@ def _merge_then_view(ctx: _Ctx) -> List[str]:
         if si is None or len(si) < 4 or si[0] != ctx.batch or si[1] != N or \
                 math.prod(si[2:]) != so[3] or len(sizes) != 4 or _drops_ones(si, so):
             continue
-        with graph.inserting_before(r):
+        with inserting_as(graph, r):
             # (reshape(B, H, W, -1) or reshape(-1, H, W, C): the merge takes one -1 only)
             batch = graph.call_method("size", (r.args[0], 0)) if _inferred(sizes[0]) else sizes[0]
             merged = graph.call_method("reshape", (r.args[0], batch, -1,
@@ -309,9 +309,9 @@ def _sink_map_views(ctx: _Ctx) -> List[str]:
             sizes = _sizes(v)[:-1] + [-1]
             at = u
             if _inferred(sizes[0]):              # (reshape(-1, H, W, C): one -1 only)
-                with graph.inserting_after(u):
+                with inserting_as(graph, u, after=True):
                     at = sizes[0] = graph.call_method("size", (u, 0))
-            with graph.inserting_after(at):
+            with inserting_as(graph, at, after=True):
                 view = graph.call_method("reshape", (u, *sizes))
             u.replace_all_uses_with(view, delete_user_cb=lambda w: w is not view and w is not at)
             graph.erase_node(v)
@@ -337,7 +337,7 @@ def _projection_on_tokens(ctx: _Ctx) -> List[str]:
         m = u.args[0]
         if not ctx.token_wise(u, m):
             continue
-        with graph.inserting_before(u):
+        with inserting_as(graph, u):
             flat = graph.call_method("flatten", (m, 1, 2))
         u.replace_input_with(m, flat)
         done.append(f"`{u.name}` runs on the map read as tokens")
@@ -374,7 +374,7 @@ def _tail_on_tokens(ctx: _Ctx) -> List[str]:
             cur = src
         if cur is not h or not chain:
             continue
-        with graph.inserting_before(out):
+        with inserting_as(graph, out):
             t = graph.call_method("flatten", (h, 1, 2))
             prev = t
             for node in reversed(chain):

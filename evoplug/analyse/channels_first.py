@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import ancestors, is_reshape, is_size_query, no_side_effects, shape_of
+from .graph import ancestors, inserting_as, is_reshape, is_size_query, no_side_effects, shape_of
 from .pointwise import mixes_positions, perturbed_copy, perturber, seeded, treats_positions_alike
 
 _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
@@ -71,7 +71,7 @@ class _Twins:
         self.cf, self.why = cf, None         # (why the output is not reached, where known)
         self.parts: Dict[fx.Node, fx.Node] = {}     # chunk/split of a map -> its twin's split
         ph = cf.args[0]
-        with self.graph.inserting_after(cf):
+        with inserting_as(self.graph, cf, after=True):
             self.twin[cf] = self._add("call_method", "flatten", (ph, 1, 2))
 
     def _add(self, op, target, args, kwargs=None) -> fx.Node:
@@ -156,15 +156,15 @@ class _Twins:
             elif other.target not in _ELEMENTWISE and self.cf in ancestors(other):
                 # a 2-D op's output added to the tokens (PVTv2's depthwise convolution): read as
                 # tokens, as the token layout reads it
-                with self.graph.inserting_after(other):
+                with inserting_as(self.graph, other, after=True):
                     f = self._add("call_method", "flatten", (other, 2))
-                with self.graph.inserting_after(f):
+                with inserting_as(self.graph, f, after=True):
                     self.twin[other] = self._add("call_method", "transpose", (f, 1, 2))
                 self._flat[self.twin[other]] = f
                 ins = [v for v in n.all_input_nodes if v in self.twin]
         if len(ins) == 2 and n.op == "call_function" and n.target in _ELEMENTWISE and \
                 self.is_cf_map(n) and shape_of(ins[0]) == shape_of(ins[1]) == shape_of(n):
-            with self.graph.inserting_before(n):
+            with inserting_as(self.graph, n):
                 self.twin[n] = self._add("call_function", n.target, fx.map_arg(
                     n.args, lambda a: self.twin.get(a, a)), dict(n.kwargs))
             return f"`{n.name}` on tokens"
@@ -179,7 +179,7 @@ class _Twins:
             self.twin[n] = self.twin[src]       # (CoAtNet's shortcut: the stream goes on)
             return None
         if self.row_wise(n, src):
-            with self.graph.inserting_before(n):
+            with inserting_as(self.graph, n):
                 row = self.rows(self.twin[src])
                 new = self.graph.node_copy(n, lambda a: row if a is src else a)
                 self.new.append(new)
@@ -196,7 +196,7 @@ class _Twins:
         as twin."""
         if n.op == "call_function" and n.target is operator.getitem and n.args[0] in self.parts \
                 and isinstance(n.args[1], int) and self.is_cf_map(n):
-            with self.graph.inserting_before(n):
+            with inserting_as(self.graph, n):
                 self.twin[n] = self._add("call_function", operator.getitem,
                                          (self.parts[n.args[0]], n.args[1]))
             return f"`{n.name}`: a part of the tokens' channels"
@@ -208,7 +208,7 @@ class _Twins:
         if dim not in (1, -3) or not isinstance(parts, (tuple, list)) or \
                 not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in parts):
             return None
-        with self.graph.inserting_before(n):
+        with inserting_as(self.graph, n):
             self.parts[n] = self._add("call_method", "split",
                                       (self.twin[src], [int(t.shape[1]) for t in parts], 2))
         return None
@@ -229,7 +229,7 @@ class _Twins:
         if s_out[-1] != N or int(torch.Size(s_out[1:-1]).numel()) != s_in[1]:
             return None
         inner = [int(d) for d in s_out[1:-1]]
-        with self.graph.inserting_before(n):
+        with inserting_as(self.graph, n):
             t = self.twin[src]
             b = self._add("call_method", "size", (self._flat.get(t, t), 0))
             if t in self._flat:       # (B, c, n): the map's own memory order, a view
@@ -252,7 +252,7 @@ class _Twins:
         if o in self.twin or s is None or len(s) < 3 or s[0] != self.batch or s[-1] != N or \
                 int(torch.Size(s[1:-1]).numel()) != shape_of(n)[1]:
             return None
-        with self.graph.inserting_before(n):
+        with inserting_as(self.graph, n):
             f = self._add("call_method", "flatten", (o, 1, -2)) if len(s) > 3 else o
             self.twin[n] = self._add("call_method", "transpose", (f, 1, 2))
         self._flat[self.twin[n]] = f
@@ -301,9 +301,9 @@ def tokenise_channels_first(ctx) -> List[str]:
         for u in list(n.users):
             if u is res or u in tw.new:
                 continue
-            with graph.inserting_before(u):
+            with inserting_as(graph, u):
                 u.replace_input_with(n, tw.map_view(n))
-    with graph.inserting_before(out):
+    with inserting_as(graph, out):
         size = graph.call_method("size", (cf.args[0],))
         view = graph.call_method("reshape", (tw.twin[last], size))
     out.replace_input_with(res, view)
@@ -369,9 +369,9 @@ def _shape_reads(graph: fx.Graph, maps, cf: fx.Node):
                 else:
                     if shape is None:
                         first = next(m for m in graph.nodes if m.op != "placeholder")
-                        with graph.inserting_before(first):
+                        with inserting_as(graph, first):
                             shape = graph.call_function(getattr, (ph, "shape"))
-                    with graph.inserting_before(r):
+                    with inserting_as(graph, r):
                         r.replace_all_uses_with(graph.call_function(operator.getitem,
                                                                     (shape, perm[i % 4])))
                 graph.erase_node(r)

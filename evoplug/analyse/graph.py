@@ -21,24 +21,27 @@ _SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
 #: the node meta key of the gradient mode a traced op ran in where the forward set one:
-#: ``"no_grad"`` (``with torch.no_grad():``, ``torch.set_grad_enabled(False)``) or
-#: ``"inference"`` (``torch.inference_mode()``); absent: the mode the program is called in
+#: ``"no_grad"`` (``with torch.no_grad():``, ``torch.set_grad_enabled(False)``), ``"grad"``
+#: (``with torch.enable_grad():``, whatever the caller's mode) or ``"inference"``
+#: (``torch.inference_mode()``); absent: the mode the program is called in (analyse/modes.py)
 GRAD_MODE = "evo_grad_mode"
 
 
-def grad_mode_now() -> Optional[str]:
-    """The gradient mode a node made now gets (:data:`GRAD_MODE`), the trace running with
-    gradients on and outside inference mode (analyse/trace.py ``BlockTracer.trace``)."""
-    if torch.is_inference_mode_enabled():
-        return "inference"
-    return None if torch.is_grad_enabled() else "no_grad"
-
-
-def same_grad_mode(new: fx.Node, old: fx.Node) -> fx.Node:
-    """``new``, made to stand for ``old`` by a pass, marked with ``old``'s gradient mode."""
-    if GRAD_MODE in old.meta:
-        new.meta[GRAD_MODE] = old.meta[GRAD_MODE]
-    return new
+@contextlib.contextmanager
+def inserting_as(graph: fx.Graph, node: fx.Node, after: bool = False):
+    """``graph.inserting_before(node)`` (``after``: ``inserting_after``), the nodes made there
+    marked with ``node``'s gradient mode (:data:`GRAD_MODE`): what a pass puts in the place of
+    the forward's ops runs in the mode the forward ran them in. Made with fx's own, a pass's
+    nodes had no mark and ran in the caller's mode (an attention's ``baddbmm`` split into
+    ``bmm`` and an add inside the forward's ``torch.no_grad()`` took gradients; until the
+    forty-eighth session)."""
+    lo, hi = (node, node.next) if after else (node.prev, node)
+    with (graph.inserting_after if after else graph.inserting_before)(node):
+        yield
+    mode, n = node.meta.get(GRAD_MODE), lo.next
+    while mode is not None and n is not hi and n.op != "root":
+        n.meta.setdefault(GRAD_MODE, mode)
+        n = n.next
 
 
 def is_add(n: fx.Node) -> bool:

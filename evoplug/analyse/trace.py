@@ -24,8 +24,9 @@ from ..integrations import registry
 from ..runtime.call import CallPlan, inverse, packed_name, same_constant, tensor_tuple
 from .calibrate import ModuleCall
 from .canon import tokenise_map_block
-from .graph import (GRAD_MODE, ancestors, depends_on_data, grad_mode_now, is_softmax, module_of,
-                    random_source, run_nodes, same_grad_mode)
+from .graph import (GRAD_MODE, ancestors, depends_on_data, inserting_as, is_softmax, module_of,
+                    random_source, run_nodes)
+from .modes import grad_mode_now, keep_grad_modes_set, mode_changes_watched
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -75,7 +76,7 @@ class BlockTracer(fx.Tracer):
 
     def __init__(self, attention_modules: Set[int], into_notrace: bool = False,
                  example: Optional[Dict[str, Any]] = None, trace_into: frozenset = frozenset(),
-                 kept: Tuple = ()):
+                 kept: Tuple = (), caller_grad: bool = True):
         leaf_functions = registry.leaf_functions()
         super().__init__(autowrap_functions=leaf_functions)
         # a leaf function called by its package's name (``einops.rearrange(...)``) as well as by
@@ -105,6 +106,9 @@ class BlockTracer(fx.Tracer):
         # plain tensor attributes the forward changes (``self.total += 1``): traced as
         # attributes, read and set by the program (see StateBeforeTrace.changed_eagerly)
         self._kept = kept
+        # traced as a caller with gradients on (off: analyse/modes.py) runs it; whether the
+        # forward sets a mode, and whether the tracer's own evaluation runs now
+        self._caller_grad, self.sets_grad_mode, self.evaluating = caller_grad, False, False
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -124,7 +128,7 @@ class BlockTracer(fx.Tracer):
         buffer took the tokens' autograd history in training, a chain growing at each step
         (audit L2 of the forty-seventh session)."""
         node = super().create_node(*args, **kwargs)
-        mode = grad_mode_now()
+        mode = grad_mode_now(self._caller_grad)
         if mode is not None:
             node.meta[GRAD_MODE] = mode
         return node
@@ -266,9 +270,10 @@ class BlockTracer(fx.Tracer):
             # (one trace at a time in the process: fx patches torch functions and
             # nn.Module.__call__ globally, and two threads' patches interleaved left them patched
             # and broke both conversions; audit V8 of the thirty-seventh session)
-            # (with gradients on: the modes the forward sets are the ones that differ)
+            # (gradients on, or off: the modes the forward sets are the ones that differ)
             with _traced_into(self._trace_into), recorded_assignments() as self.assigned, \
-                    torch.enable_grad(), torch.inference_mode(False):
+                    torch.inference_mode(False), torch.set_grad_enabled(self._caller_grad), \
+                    mode_changes_watched(self):     # (inference_mode(False) sets grad on)
                 graph = self._trace(root, concrete_args)
             wrapped = {n.target for n in graph.nodes
                        if n.op == "call_function" and n.meta.get("is_wrapped")}
@@ -337,6 +342,7 @@ class BlockTracer(fx.Tracer):
                 env[n] = example[n.target]
         was = root.training
         root.eval()    # no statistics updates while evaluating (BatchNorm in train mode)
+        self.evaluating = True
         try:
             # run the real modules and functions: fx's patches (Module.__call__, wrapped
             # functions) are lifted while evaluating, as fx itself does for such calls
@@ -345,6 +351,7 @@ class BlockTracer(fx.Tracer):
                 return run_nodes(self.graph, node, root, env)
         finally:
             root.train(was)
+            self.evaluating = False
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         """A module traced into contributes its own computation, not its hooks: a hook is the
@@ -628,6 +635,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                 found = before.proxies_put_back()
             except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
                 raise AnalysisError(name, _kept_refused(kept, e)) from None
+        keep_grad_modes_set(name, graph, module, dict(plan.constants), tracer, before)
         mark_set_by_forward(graph, found)
         recorded, by_batch = _recorded(name, graph, tracer) if example is not None else ((), ())
         _drop_unread_attributes(graph)
@@ -898,10 +906,10 @@ def _out_as_copy(graph: fx.Graph):
         out = node.kwargs.get("out") if node.op in ("call_function", "call_method") else None
         if not isinstance(out, fx.Node):
             continue
-        with graph.inserting_before(node):
-            value = same_grad_mode(graph.create_node(node.op, node.target, node.args, {
-                k: v for k, v in node.kwargs.items() if k != "out"}), node)
-            written = same_grad_mode(graph.call_method("copy_", (out, value)), node)
+        with inserting_as(graph, node):
+            value = graph.create_node(node.op, node.target, node.args, {
+                k: v for k, v in node.kwargs.items() if k != "out"})
+            written = graph.call_method("copy_", (out, value))
         node.replace_all_uses_with(written)
         graph.erase_node(node)
 
@@ -920,7 +928,7 @@ def _split_baddbmm(graph: fx.Graph):
         if len(args) != 3 or set(node.kwargs) - set(names) - {"beta", "alpha"} or \
                 not all(isinstance(v, (int, float, fx.Node)) for v in (beta, alpha)):
             continue
-        with graph.inserting_before(node):
+        with inserting_as(graph, node):
             out = graph.call_function(torch.bmm, (args["batch1"], args["batch2"]))
             if isinstance(alpha, fx.Node) or alpha != 1:      # (a scale read from a shape)
                 out = graph.call_function(operator.mul, (out, alpha))

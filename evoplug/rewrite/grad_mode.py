@@ -1,4 +1,4 @@
-"""The gradient modes a block's forward sets (``with torch.no_grad():``,
+"""The gradient modes a block's forward sets (``with torch.no_grad():``, ``torch.enable_grad()``,
 ``torch.inference_mode()``), kept by its program.
 
 A torch.fx graph does not keep them: the tracer marks each op with the mode it ran in
@@ -11,8 +11,13 @@ training: the buffer took the tokens' autograd history, a chain growing at each 
 L2 of the forty-seventh session); a value computed under ``no_grad`` and used after it passed
 gradients the dense model does not.
 
-Nodes a rewrite pass added (no mark) run in the mode the program is called in, as the block's
-other ops do. A program that sets a mode is called through runtime/programs.py
+Ops the forward runs under ``torch.enable_grad()`` (marked ``"grad"``: analyse/modes.py traces
+the block a second time with gradients off to tell them) run with gradients on whatever the
+caller's mode, as the dense block's do (until the forty-eighth session they ran in the caller's:
+called under ``no_grad``, an auxiliary loss the block kept held no autograd history). What an
+analysis pass puts in the place of the forward's ops takes their mark (analyse/graph.py
+``inserting_as``); the nodes the rewrite adds (gathers, the attention row) have none and run in
+the mode the program is called in. A program that sets a mode is called through runtime/programs.py
 ``modes_restored``: an error inside such a run leaves the caller's mode as it was.
 """
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch.fx as fx
 
 from ..analyse.graph import GRAD_MODE
 
+#: (bound here: analyse/modes.py watches ``torch._C._set_grad_enabled`` while it traces)
+_set_grad_enabled = torch._C._set_grad_enabled
 _enter_inference = torch.autograd.grad_mode._enter_inference_mode
 _exit_inference = torch.autograd.grad_mode._exit_inference_mode
 fx.node.has_side_effect(_exit_inference)     # (a call with no users: no dead-code pass drops it)
@@ -37,12 +44,12 @@ def keep_grad_modes(graph: fx.Graph):
                 handle = graph.call_function(_enter_inference, (True,))
             else:
                 handle = graph.call_function(torch.is_grad_enabled)
-                graph.call_function(torch._C._set_grad_enabled, (False,))
+                graph.call_function(_set_grad_enabled, (mode == "grad",))
         with graph.inserting_after(last):
             if mode == "inference":
                 graph.call_function(_exit_inference, (handle,))
             else:
-                graph.call_function(torch._C._set_grad_enabled, (handle,))
+                graph.call_function(_set_grad_enabled, (handle,))
 
 
 def _runs(graph: fx.Graph) -> List[tuple]:

@@ -10,6 +10,7 @@ is stored on the modules.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -322,7 +323,8 @@ class EvoBlockMixin:
         else:
             out, new, rest = self._evolve(spec.layout.tokens(x), extras, program, state, role, opt)
         if new.segment is None:
-            out = spec.call.to_call(spec.layout.restore(out, x))
+            with _history_kept(out):
+                out = spec.call.to_call(spec.layout.restore(out, x))
         if record or recompute:
             rt.record(out, new)
         if not recompute:
@@ -407,10 +409,11 @@ class EvoBlockMixin:
                                       spec.name)
             segment = Segment(out_sub, x0, rep0, tuple(out_sub.shape), spec.chain_next.index)
             return out_sub, new._replace(segment=segment), rest
-        if fast and fast[0] is not None:   # map block: exact attention update for every token
-            base, base_rep = fast[0]
-            return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new, rest
-        return ev.restore(x0, out_sub, sel, rep0), new, rest
+        with _history_kept(out_sub):
+            if fast and fast[0] is not None:   # map block: exact attention update for every token
+                base, base_rep = fast[0]
+                return ev.restore(base, out_sub, sel, base_rep if rep0 is not None else None), new, rest
+            return ev.restore(x0, out_sub, sel, rep0), new, rest
 
     def _hands_on(self, plan) -> bool:
         """Whether this block may hand its slow-path tokens straight to the next block: the
@@ -429,6 +432,16 @@ class EvoBlockMixin:
         if not torch.is_grad_enabled():
             return not self.training and not getattr(self._evoplug_spec.runtime._local, "untied", False)
         return not _saving_hooks() and not _in_backward()
+
+
+def _history_kept(out: torch.Tensor):
+    """Gradients on while the tokens a program returns go back in order where they hold autograd
+    history the caller's mode would drop: what the forward computes under ``torch.enable_grad()``
+    (rewrite/grad_mode.py), whose history the dense block's output holds under ``no_grad`` too
+    (dropped until the forty-eighth session)."""
+    if torch.is_grad_enabled() or not out.requires_grad:
+        return contextlib.nullcontext()
+    return torch.enable_grad()
 
 
 def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):

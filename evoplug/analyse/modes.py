@@ -1,0 +1,108 @@
+"""The gradient modes a block's forward sets, as its traced graph keeps them (graph.GRAD_MODE).
+
+A trace does not keep them. The block is traced with gradients on, so an op the forward runs
+under ``torch.no_grad()`` shows its mode; one it runs under ``torch.enable_grad()`` does not
+(gradients are on either way). Where the forward sets a mode at all (each of torch's
+``no_grad``, ``enable_grad`` and ``set_grad_enabled`` calls ``torch._C._set_grad_enabled``,
+watched while tracing), the block is traced again with gradients off, as a caller under
+``torch.no_grad()`` runs it: an op that runs with gradients on there runs so whatever the
+caller's mode (``"grad"``). Two traces see what the forward computes its mode from, as the
+dense model does (``torch.set_grad_enabled(prev)`` after ``prev = torch.is_grad_enabled()``
+puts back the caller's mode; ``enable_grad`` sets it on). Until the forty-eighth session an
+``enable_grad`` inside a forward was not kept: called under ``no_grad``, what its ops computed
+from parameters held no autograd history where the dense model's did.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import AnalysisError
+from .graph import GRAD_MODE
+
+#: what takes gradients inside a forward (test-time adaptation, energy heads)
+_TAKES_GRADIENTS = {torch.autograd.grad, torch.autograd.backward}
+
+
+def grad_mode_now(caller_grad: bool = True) -> Optional[str]:
+    """The gradient mode a node made now gets (:data:`graph.GRAD_MODE`), the trace running as a
+    caller with gradients ``caller_grad`` and outside inference mode runs it: None where the
+    mode is the caller's."""
+    if torch.is_inference_mode_enabled():
+        return "inference"
+    on = torch.is_grad_enabled()
+    return None if on == caller_grad else ("grad" if on else "no_grad")
+
+
+@contextlib.contextmanager
+def mode_changes_watched(tracer):
+    """While ``tracer`` traces: ``tracer.sets_grad_mode`` becomes True where the traced forward
+    sets a gradient mode (not where the tracer's own evaluation does, ``tracer.evaluating``).
+    (Callers hold the one-trace lock; other threads' calls pass through.)"""
+    original, thread = torch._C._set_grad_enabled, threading.get_ident()
+
+    def watched(mode):
+        if threading.get_ident() == thread and not tracer.evaluating:
+            tracer.sets_grad_mode = True
+        return original(mode)
+    torch._C._set_grad_enabled = watched
+    try:
+        yield
+    finally:
+        torch._C._set_grad_enabled = original
+
+
+def keep_grad_modes_set(name: str, graph: fx.Graph, module, constants, tracer, before):
+    """``graph``, traced by ``tracer``, marked with the gradient modes its forward sets: where
+    it sets one, the block traced again as ``tracer`` traced it, as a caller with gradients off
+    runs it (``before``: the block's state before the trace, analyse/writes.py)."""
+    refuse_gradients_taken(graph, name)
+    if not tracer.sets_grad_mode:
+        return
+    before.restore_containers()
+    again = type(tracer)(tracer._attention_modules, into_notrace=tracer._into_notrace,
+                         example=tracer._example, trace_into=tracer._trace_into,
+                         kept=tracer._kept, caller_grad=False)
+    try:
+        _keep_modes_of(graph, again.trace(module, concrete_args=constants), name)
+    finally:
+        before.proxies_put_back()
+        again._example = None       # (the tracer sits in reference cycles)
+
+
+def _keep_modes_of(graph: fx.Graph, off: fx.Graph, name: str):
+    """Mark ``graph`` (traced with gradients on: ``no_grad`` marked) with the ``"grad"`` runs of
+    ``off``, the same block traced with gradients off."""
+    ours, theirs = list(graph.nodes), list(off.nodes)
+    if len(ours) != len(theirs) or any((a.op, str(a.target)) != (b.op, str(b.target))
+                                       for a, b in zip(ours, theirs)):
+        raise AnalysisError(name, "its forward runs other ops when it is called with gradients "
+                                  "off (it sets a gradient mode and branches on "
+                                  "`torch.is_grad_enabled()`), which one program cannot follow")
+    for a, b in zip(ours, theirs):
+        on_mode, off_mode = a.meta.get(GRAD_MODE), b.meta.get(GRAD_MODE)
+        if on_mode is not None and off_mode is not None and on_mode != off_mode:
+            raise AnalysisError(name, f"its forward runs `{a.name}` with gradients off when "
+                                      "called with them on and on when called with them off, "
+                                      "which evoplug cannot keep")
+        if off_mode is not None:
+            a.meta[GRAD_MODE] = off_mode
+
+
+def refuse_gradients_taken(graph: fx.Graph, name: str):
+    """A forward that takes gradients (``torch.autograd.grad`` of what it computes under
+    ``torch.enable_grad()``) is refused by name: the analysis runs the block's graph without
+    autograd (it raised a raw "element 0 of tensors does not require grad")."""
+    for n in graph.nodes:
+        if (n.op == "call_function" and n.target in _TAKES_GRADIENTS) or \
+                (n.op == "call_method" and n.target == "backward"):
+            what = "backward" if n.op == "call_method" else f"torch.autograd.{n.target.__name__}"
+            raise AnalysisError(name, f"its forward takes gradients (`{what}`), which evoplug's "
+                                      "analysis, running the block's ops without autograd, cannot "
+                                      "follow: take them in a submodule registered with "
+                                      "evoplug.register_leaf_module (run whole), or outside "
+                                      "the block")
