@@ -1379,6 +1379,186 @@ def test_a_size_a_block_is_passed_and_records_follows_every_call_as_the_dense_mo
                     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
 
 
+class _SettlingBlock(_SizeArgBlock):
+    """Passed its map's size as ints, as transformers' Swin layer is: once the map is small
+    (4 patches a side or fewer) it halves its MLP branch for good (``self.gain = 0.5``, as
+    Swin's shift goes to 0 once its map fits its window), read in its traced forward."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__("ints", dim)
+        self.gain = 1.0
+
+    def forward(self, x, H, W):
+        if min(H, W) <= 4:
+            self.gain = 0.5
+        x = x + self.attn(self.norm1(x))
+        return x + self.gain * self.mlp(self.norm2(x))
+
+
+class _SettlingViT(_SizeArgViT):
+    """:class:`_SizeArgViT` of :class:`_SettlingBlock` s; ``features`` runs its blocks (a
+    method a user calls directly, as timm's ``forward_features``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.blocks = torch.nn.ModuleList(_SettlingBlock() for _ in range(4))
+        with torch.no_grad():
+            for blk in self.blocks:
+                blk.attn.qkv.weight.mul_(4.0)
+        self.eval()
+
+    def features(self, t, H, W):
+        for blk in self.blocks:
+            t = blk(t, H, W)
+        return t
+
+    def forward(self, images):
+        t = self.embed(images)
+        H, W = t.shape[-2:]
+        t = torch.cat([self.cls.expand(t.shape[0], -1, -1), t.flatten(2).transpose(1, 2)], 1)
+        return self.features(t, H, W)
+
+
+@pytest.mark.parametrize("at,keep,fast_path", [(48, 1.0, True), (48, 1.0, False), (48, 0.5, True),
+                                               (32, 1.0, False), (32, 0.5, True)],
+                         ids=["keep1_fast_path", "keep1_programs", "keep_half",
+                              "at_32_keep1_programs", "at_32_keep_half"])
+def test_a_setting_a_block_changes_at_another_size_reaches_the_models_block(at, keep, fast_path):
+    """A block that changes a setting of its own for good at a small map (transformers' Swin
+    sets its shift to 0 once its map fits its window), converted at 48 px and called at 32 px,
+    a twin's size: the twin's block changed it and the model's block kept the old one, so at 48
+    px again the converted model ran the old setting, keep 1.0 on the fast path included (Swin
+    was 0.27 off its dense model; audit L1 of the forty-seventh session). The value now reaches
+    the model's block, and the programs traced with the old one run no more: the model's
+    forwards run a twin converted with the new one, at the conversion's size too (keep 0.5 runs
+    as the model converted afresh with it), and so does a method called directly; a copy of
+    the converted model keeps it. Converted at 32 px, a twin built at 48 px before the call at
+    32 px kept the setting it was traced with (Swin 0.04 off at keep 1.0 off the fast path): it
+    is converted anew."""
+    model = _SettlingViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
+                           example_input=torch.randn(1, 3, at, at))
+    gains = lambda m: [blk.gain for blk in m.blocks]  # noqa: E731
+    x48, x32 = torch.randn(2, 3, 48, 48), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for x in (x48, x32, x48, x32, x48):
+            out, ref = fast(x), dense(x)
+            assert gains(fast) == gains(dense)
+            if keep == 1.0:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert gains(fast) == [0.5] * 4
+        t = torch.randn(2, 37, 32)
+        if keep == 1.0:
+            torch.testing.assert_close(fast.features(t, 6, 6), dense.features(t, 6, 6),
+                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(copy.deepcopy(fast)(x48), ref, rtol=1e-5, atol=1e-5)
+            return
+        afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=keep,
+                                 example_input=x48[:1])
+        assert gains(afresh) == [0.5] * 4
+        want = afresh(x48)
+        assert not torch.allclose(want, dense(x48), atol=1e-3)
+        torch.testing.assert_close(fast(x48), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(copy.deepcopy(fast)(x48), want, rtol=1e-5, atol=1e-5)
+
+
+def test_transformers_swin_keeps_the_shift_it_drops_at_another_size():
+    """transformers' SwinModel converted at 64 px, called at 32 px (its last layer's map fits
+    its window there: the dense layer sets its shift to 0 for good) and at 64 px again: the
+    converted model kept its shift of 2 and was 0.27 off its dense model, keep 1.0 included
+    (audit L1 of the forty-seventh session). It follows the dense model's shift, and at keep
+    0.5 runs as the dense model, shift 0, converted afresh."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 2],
+                       num_heads=[1, 2, 4], window_size=4, attn_implementation="sdpa")
+    base = T.SwinModel(cfg, add_pooling_layer=False).eval()
+    shifts = lambda m: [b.shift_size for layer in m.encoder.layers for b in layer.blocks]  # noqa: E731
+    x64, x32 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)
+    dense = copy.deepcopy(base)
+    fast = evoplug.convert(base, keep_ratio=1.0, example_input=x64[:1])
+    with torch.no_grad():
+        for x in (x64, x32, x64):
+            ref, out = dense(x).last_hidden_state, fast(x).last_hidden_state
+            assert shifts(fast) == shifts(dense)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert shifts(fast)[-1] == 0
+        evoplug.set_options(fast, keep_ratio=0.5)
+        afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x64[:1])
+        torch.testing.assert_close(fast(x64).last_hidden_state, afresh(x64).last_hidden_state,
+                                   rtol=1e-5, atol=1e-5)
+
+
+class _ParentSizedBlock(torch.nn.Module):
+    """A PVT-style block whose parent sets its map's size on it before each call (``blk.H,
+    blk.W = H, W``), which a depthwise conv in its MLP reads."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.norm1, self.attn = torch.nn.LayerNorm(dim), QKVAttention(dim)
+        self.norm2 = torch.nn.LayerNorm(dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
+        self.dw = torch.nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim)
+        self.H = self.W = 0
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        h = self.fc1(self.norm2(x))
+        B, N, C = h.shape
+        h = self.dw(h.transpose(1, 2).reshape(B, C, self.H, self.W)).flatten(2).transpose(1, 2)
+        return x + self.fc2(torch.nn.functional.gelu(h))
+
+
+class _ParentSizedViT(torch.nn.Module):
+    """Sets each block's ``H, W`` before calling it; no class token; returns the token map."""
+
+    def __init__(self, dim: int = 32, patch: int = 8):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Conv2d(3, dim, patch, patch)
+        self.blocks = torch.nn.ModuleList(_ParentSizedBlock(dim) for _ in range(4))
+        with torch.no_grad():
+            for blk in self.blocks:
+                blk.attn.qkv.weight.mul_(4.0)
+        self.eval()
+
+    def forward(self, images):
+        t = self.embed(images)
+        H, W = t.shape[-2:]
+        t = t.flatten(2).transpose(1, 2)
+        for blk in self.blocks:
+            blk.H, blk.W = H, W
+            t = blk(t)
+        return t.transpose(1, 2).reshape(t.shape[0], -1, H, W)
+
+
+def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it():
+    """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px: at 48
+    px the twin's block, a copy made when the twin was built, kept the size it was built with,
+    and its forward failed in a raw reshape error, keep 1.0 on the fast path included (audit L1
+    of the forty-seventh session). The twin's block takes the plain values the model's block
+    holds at each call: the converted model is the dense one at keep 1.0 at 32, 48 and 32 px
+    again, and keep 0.5 evolves at each."""
+    model = _ParentSizedViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    with torch.no_grad():
+        for keep, fast_path in ((1.0, True), (1.0, False), (0.5, True)):
+            evoplug.set_options(fast, keep_ratio=keep, identity_fast_path=fast_path)
+            for size in (32, 48, 32, 48):
+                x = torch.randn(2, 3, size, size)
+                out, ref = fast(x), dense(x)
+                assert out.shape == ref.shape == (2, 32, size // 8, size // 8)
+                assert (fast.blocks[3].H, fast.blocks[3].W) == (size // 8,) * 2
+                if keep == 1.0:
+                    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+                else:
+                    ran = dict(evoplug.tokens_per_block(fast))["blocks.3"]
+                    assert 0 < ran < (size // 8) ** 2
+
+
 @dataclasses.dataclass
 class _Stats:
     count: int = 0

@@ -28,7 +28,7 @@ from .gather import gather_extras
 from .programs import set_on
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
-from .twins import bind, check_suffix_count, following, size_twin
+from .twins import bind, check_suffix_count, following, set_back, size_twin
 
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
@@ -459,10 +459,7 @@ def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
         return following(block, twin)(*args, **kwargs)
     finally:
         spec.tokens_run = twin._evoplug_spec.tokens_run
-        own = {name for path, name, _ in spec.writes if not path}    # (and not baked in)
-        for path, name, _ in twin._evoplug_spec.writes:
-            if not path and name in own and name in vars(twin):
-                setattr(block, name, vars(twin)[name])
+        set_back(block, twin)
         for name in spec.sets_own:
             value = getattr(twin, name, None)
             if isinstance(value, torch.Tensor) and getattr(block, name, None) is not value:

@@ -147,12 +147,40 @@ class SizeVariant:
         self.pairs = pairs
         self.seconds = seconds          # what building it cost (the first call's extra time)
         self.classes = tuple((orig, type(orig)) for orig, _, _ in pairs)
+        owner = runtime.parent if runtime is not None else None
+        self.drift = dict(owner.drift) if owner is not None else {}   # (see stale)
+        # (the model's block's attributes, by name, that its forward sets at the conversion's
+        # size, and the value the twin's programs hold of each: see stale)
+        self.watched = tuple((vars(orig), name, value) for orig, twin, _ in pairs
+                             for name, value in _held(orig, twin, _written(orig)))
 
     def stale(self) -> bool:
         """Whether a module the twin copied has changed class since it was built
         (``torch.nn.utils.parametrize`` on a block's own parameter makes a subclass and moves
-        the parameter): the twin's copy lacks the change; a new twin is converted instead."""
-        return any(type(orig) is not cls for orig, cls in self.classes)
+        the parameter): the twin's copy lacks the change; a new twin is converted instead. So
+        when a block of the twin has programs traced with another value of a plain attribute
+        than the model's block holds now, where a forward sets it on the model's block: at the
+        conversion's size (its ``writes``), or at another (the model's runtime's ``drift``):
+        transformers' Swin sets its shift to 0 for good once a map fits its window, and a twin
+        built before kept the shift it was traced with, silently, until audit L1 of the
+        forty-seventh session. A twin whose own forward sets the value at its size is not."""
+        if any(type(orig) is not cls for orig, cls in self.classes):
+            return True
+        if any(_other(d.get(name, value), value) for d, name, value in self.watched):
+            return True
+        owner = self.runtime.parent if self.runtime is not None else None
+        if owner is None or owner.drift == self.drift:
+            return False
+        names = {}
+        for i, name in owner.drift.keys() | self.drift.keys():
+            names.setdefault(i, set()).add(name)
+        for orig, twin, _ in self.pairs:
+            spec = getattr(orig, "_evoplug_spec", None)
+            if spec is not None and spec.index in names and any(
+                    _other(vars(orig).get(n, v), v) for n, v in _held(orig, twin, names[spec.index])):
+                return True
+        self.drift = dict(owner.drift)      # (its programs hold none of those values)
+        return False
 
     def sync(self):
         """The model's train/eval modes, and the buffers ``.to()``/``.half()`` replaced on the
@@ -167,6 +195,28 @@ class SizeVariant:
             for name, buf in twin._buffers.items():
                 if buf is not None and name not in shared:
                     _follow(twin, name, buf, orig._buffers.get(name))
+
+
+_NONE = object()
+
+
+def _written(block) -> set:
+    """The names of the plain attributes a converted block's forward sets on itself."""
+    spec = getattr(block, "_evoplug_spec", None)
+    return {name for path, name, _ in spec.writes if not path} if spec is not None else set()
+
+
+def _held(orig, twin, names):
+    """(name, value) of each of ``names`` that the programs of ``twin``, the twin of the
+    converted block ``orig``, were traced with."""
+    spec = getattr(twin, "_evoplug_spec", None)
+    if spec is None or getattr(orig, "_evoplug_spec", None) is None:
+        return ()
+    return tuple((n, v) for n in names for v in (spec.traced_value(n, _NONE),) if v is not _NONE)
+
+
+def _other(now, then) -> bool:
+    return now is not then and now != then
 
 
 @torch._dynamo.disable
@@ -271,7 +321,9 @@ class EntryHook:
                 images = 0
             elif matches and self.factory is not None:
                 key = self._key(module, args, kwargs)
-                if _shapes(key) != self._key_shapes:       # dtype or device alone need no twin
+                # (dtype or device alone need no twin; a value a forward set on a block at
+                # another size, other than its programs hold, needs one at every size: drift)
+                if _shapes(key) != self._key_shapes or self.runtime.drift:
                     variant = self.runtime.variant_for(key, self._factory(), module, args, kwargs)
                     variant.sync()
             elif self.factory is not None and self.names:
@@ -305,7 +357,7 @@ class EntryHook:
             return None
         mine = {n: named[n] for n in self.names}
         key = counted(input_key((), mine, self.batch_dims), self.counts, named)
-        if _shapes(key) == self._named_shapes:
+        if _shapes(key) == self._named_shapes and not self.runtime.drift:
             return None
         flags = named_flags(module, args, kwargs)
         # (the call's flags and its other tensors go with the twin's example:

@@ -125,7 +125,8 @@ class BlockSpec:
     #                            from ``x.shape``), where ``writes`` holds such a size: its
     #                            programs set those sizes, so they take tokens of that shape only
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
-    #                            its plain tensor attributes) when last followed (following)
+    #                            its plain tensor attributes, its plain Python values) when
+    #                            last followed (twins.py following)
     family_hook: Optional[Callable[[Callable], bool]] = None   # whether a hook is a family's
     #                            own, not the user's (not warned about: tell_hooked)
     leaves: Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...] = ()   # the submodules the
@@ -223,9 +224,11 @@ class BlockSpec:
                        "replaced" if now.forward is not fwd else "a forward was set on it")
                 return f"{what}: {how} (the code its forward runs)"
 
+            drift = self.runtime.drift if parent is None else None
             for k, v in scalars:
                 now = d.get(k, _GONE)
-                if now is not v and now != v:
+                if now is not v and now != v and not (
+                        drift and _same(drift.get((self.index, k), _GONE), now)):
                     where = f"{path}.{k}" if path else k
                     return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
                             f"{'(deleted)' if now is _GONE else repr(now)}")
@@ -238,6 +241,34 @@ class BlockSpec:
                         return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
                                 f"{now!r}")
         return None
+
+    def drifted(self) -> Optional[Tuple[str, Any, Any]]:
+        """(name, value now, value traced) of a plain attribute of the block that a twin's
+        forward set, at another input size, to another value than its programs were traced
+        with (:meth:`note_set`); None where none is."""
+        drift = self.runtime.drift
+        name = next((k for i, k in drift if i == self.index), None) if drift else None
+        return None if name is None else (name, drift[self.index, name], self.traced_value(name))
+
+    def traced_value(self, name: str, default=None):
+        """The value of the block's own plain attribute ``name`` its programs were traced with
+        (``default``: none, or one its forward sets, which they set too: ``writes``)."""
+        own = self.traced[0] if self.traced and self.traced[0][0] is None else None
+        return next((v for k, v in own[4] if k == name), default) if own is not None else default
+
+    def note_set(self, name: str, value):
+        """A twin's forward set ``value`` on this block's attribute ``name`` (twins.py
+        ``set_back``): where the programs were traced with another value (transformers' Swin
+        sets its shift to 0 for good once a map fits its window, at a smaller input than the
+        conversion's), it is kept in the runtime's ``drift`` (so :meth:`changed` does not take
+        it for the user's change, and the model's forwards run twins converted with it)."""
+        traced = self.traced_value(name, _GONE)
+        if traced is _GONE:
+            return
+        if _same(value, traced):
+            self.runtime.drift.pop((self.index, name), None)
+        else:
+            self.runtime.drift[self.index, name] = value
 
     def replay_writes(self, block: nn.Module):
         """Set what the block's own forward sets on itself and the modules it traced into (the
@@ -469,6 +500,11 @@ def check_unchanged(spec: BlockSpec):
 
 
 _GONE = object()
+
+
+def _same(a, b) -> bool:
+    """Whether two plain values are the same (``_GONE`` is no value)."""
+    return a is b or (a is not _GONE and b is not _GONE and a == b)
 
 
 def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:

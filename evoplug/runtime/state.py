@@ -248,6 +248,12 @@ class EvoRuntime:
         # twin's blocks, and which keeps every twin: runtime/twins.py ``_form_twin``)
         self.parent: Optional["EvoRuntime"] = None
         self._no_form: Dict[tuple, str] = {}     # form twins that failed to convert: why
+        # (block index, name) -> the value a twin's forward set on the model's block, at
+        # another input size, other than the one the block's programs were traced with
+        # (transformers' Swin: its shift, 0 for good once a map fits its window): the model's
+        # forwards then run twins converted with it (entry.py), its own programs none
+        # (twins.py ``_bound``); copied and pickled with the plan, as the blocks keep the values
+        self.drift: Dict[tuple, object] = {}
         _RUNTIMES.add(self)
 
     def _after_fork(self):
@@ -264,7 +270,7 @@ class EvoRuntime:
         self._builder = None
 
     def __getstate__(self):
-        return {"plan": self.plan}
+        return {"plan": self.plan, "drift": dict(self.drift)}
 
     #: a model's entry hook drives it (set by :class:`EntryHook`, also when one is copied or
     #: unpickled): False for the runtime of a converted block copied apart from its model
@@ -287,6 +293,7 @@ class EvoRuntime:
 
     def __setstate__(self, state):
         self.__init__(state["plan"])
+        self.drift = dict(state.get("drift", {}))
 
     # -- the forward in progress on this thread ------------------------------------------
     def enter(self, index: int, tokens=NO_TOKENS) -> EvoState:

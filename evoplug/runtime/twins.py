@@ -15,6 +15,7 @@ from torch import nn
 from ..errors import AnalysisError, EvoplugError
 from .spec import BlockSpec, MapTokens, check_unchanged
 from .entry import input_key
+from .pairs import _MODULE_KEYS, is_plain
 from .state import EvoState, _in_backward
 
 
@@ -97,6 +98,16 @@ def _bound(spec: BlockSpec, args, kwargs, whole: bool = True):
     call's tokens are not all of them (not ``whole``: a segment's, handed on in the model's
     forward at the size of the block's conversion)."""
     bound = spec.call.bind(spec.name, args, kwargs)
+    drifted = spec.drifted() if spec.runtime.drift else None
+    if drifted is not None:
+        # (its programs ran the value they were traced with: transformers' Swin, called at 32
+        # px where it was converted at 64, kept its shift of 2 at 64 px after, 0.27 off, until
+        # audit L1 of the forty-seventh session)
+        name, now, then = drifted
+        raise AnalysisError(spec.name, f"its forward set `{name}` to {now!r} at another input "
+                            f"size, as the original's does, and its programs were traced with "
+                            f"{then!r} (an eager call of the model at this size converts a twin "
+                            "with it, which such calls then run)")
     if whole and spec.writes_at is not None and tuple(bound[0].shape[1:]) != spec.writes_at:
         # (its programs set the sizes of the conversion's tokens: a compiled call at another
         # size ran them, and the block kept the conversion's size, until audit L2 of the
@@ -283,21 +294,53 @@ def following(block: nn.Module, twin: nn.Module) -> nn.Module:
     forward pre-hook on the model's block sets anew at each call, or the hook-based
     ``weight_norm``'s. The twin copied the block's attributes when it was built and read those
     (off by 1.2 after prune, audit O of the twenty-fifth session); one the block no longer holds
-    leaves the twin (after ``prune.remove`` a stale copy hid the parameter again). Rescanned only
-    when the block's attributes are added or removed (a pre-hook replaces a value: same keys)."""
+    leaves the twin (after ``prune.remove`` a stale copy hid the parameter again). So are its
+    plain Python values (:func:`_synced`): a size a parent sets on the block before each call
+    (``blk.H, blk.W = H, W``), which the twin's block kept from its build, a raw reshape error,
+    until audit L1 of the forty-seventh session. Rescanned only when the block's attributes
+    are added or removed (a pre-hook replaces a value: same keys)."""
     d, t = block.__dict__, twin.__dict__
     spec = twin._evoplug_spec
-    size, names = spec.attributes
-    if size != len(d):
+    size, names, plain = (*spec.attributes, None)[:3]      # (a pickle from before: 2 items)
+    if size != len(d) or plain is None:
         names = tuple(k for k, v in d.items() if isinstance(v, torch.Tensor))
         for k in [k for k, v in t.items() if isinstance(v, torch.Tensor) and k not in d]:
             del t[k]
-        spec.attributes = (len(d), names)
-    for k in names:
-        v = d[k]
-        if t.get(k) is not v:
+        plain = tuple(k for k, v in d.items() if _synced(k, v))
+        spec.attributes = (len(d), names, plain)
+    for k in names + plain:
+        v = d.get(k, _NONE)
+        if v is not _NONE and t.get(k) is not v:
             t[k] = v
     return twin
+
+
+def set_back(block: nn.Module, twin: nn.Module):
+    """The plain Python values the twin's block holds after a call other than the model's
+    block's (its forward, or its programs, set them: :func:`_synced`) set on the model's block,
+    which the user and the next calls read: transformers' Swin sets its shift to 0 for good once
+    a map fits its window, and at 32 px, a twin's size, that stayed on the twin, so at 64 px the
+    model's block kept its shift of 2 (0.27 off its dense model, keep 1.0 included) until audit
+    L1 of the forty-seventh session. One its programs were traced with another value of is kept
+    as the runtime's ``drift`` (BlockSpec.note_set). So are the names of the twin's ``writes``
+    (``_``-named too)."""
+    d, t = block.__dict__, twin.__dict__
+    spec = block._evoplug_spec
+    written = {name for path, name, _ in twin._evoplug_spec.writes if not path}
+    for k, v in t.items():
+        if d.get(k, _NONE) is not v and (_synced(k, v) or (k in written and k not in _MODULE_KEYS)):
+            setattr(block, k, v)
+            spec.note_set(k, v)
+
+
+def _synced(name: str, value) -> bool:
+    """Whether a block's attribute is a plain Python value (a number, flag, string, or a list,
+    tuple or dict of them: ``runtime/pairs.is_plain``) a twin's block and the model's hold
+    alike: not nn.Module's own (``training``, which the twin syncs by mode) nor ``_``-named."""
+    return not name.startswith("_") and name not in _MODULE_KEYS and is_plain(value)
+
+
+_NONE = object()
 
 
 def size_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
