@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisError, EvoplugError
-from .spec import BlockSpec, MapTokens, check_unchanged
+from .spec import _READ_OUTSIDE, BlockSpec, MapTokens, check_unchanged
 from .entry import input_key
 from .pairs import _MODULE_KEYS, is_plain
 from .state import EvoState, _in_backward
@@ -336,8 +336,12 @@ def set_back(block: nn.Module, twin: nn.Module):
 def _synced(name: str, value) -> bool:
     """Whether a block's attribute is a plain Python value (a number, flag, string, or a list,
     tuple or dict of them: ``runtime/pairs.is_plain``) a twin's block and the model's hold
-    alike: not nn.Module's own (``training``, which the twin syncs by mode) nor ``_``-named."""
-    return not name.startswith("_") and name not in _MODULE_KEYS and is_plain(value)
+    alike: not nn.Module's own (``training``, which the twin syncs by mode) nor ``_``-named,
+    nor one read outside the block's forward (transformers' ``gradient_checkpointing``: the
+    model's block's call checkpoints, and the twin's block, without the checkpointing function
+    ``gradient_checkpointing_enable`` set on the model's, raised an AttributeError)."""
+    return not name.startswith("_") and name not in _MODULE_KEYS and \
+        name not in _READ_OUTSIDE and is_plain(value)
 
 
 _NONE = object()
