@@ -1967,18 +1967,26 @@ def test_a_value_computed_under_no_grad_passes_no_gradient():
                         s = h.pow(2).mean(-1, keepdim=True).add(1).sqrt()
                 return x + self.ls2(self.mlp(h / s))
         blk.__class__ = Scaled
+    grads = _step_grads_under_no_grad_and_detached(scaled)
+    for name, want in grads[1].items():
+        torch.testing.assert_close(grads[0][name], want, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def _step_grads_under_no_grad_and_detached(patch):
+    """Parameter gradients, by name, of one training step at keep 0.5 of ``sharp_tiny_vit``
+    whose blocks ``patch(blk, detach)`` changed: for ``detach`` False (the forward's no_grad
+    region) and True (the same values detached)."""
     grads = []
     for detach in (False, True):
         model = sharp_tiny_vit()
         for blk in model.blocks:
-            scaled(blk, detach)
+            patch(blk, detach)
         fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
         assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
         torch.manual_seed(1)
         fast.train()(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
-        grads.append([p.grad for p in fast.parameters()])
-    for g, want in zip(*grads):
-        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-6)
+        grads.append({n: p.grad for n, p in fast.named_parameters()})
+    return grads
 
 
 def _aux_under_enable_grad(blk, form: str):
@@ -2098,16 +2106,7 @@ def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():
         blk.__class__ = Gated
         blk.w = torch.nn.Parameter(torch.randn(32, 1) * 0.1)
         blk.b = torch.nn.Parameter(torch.zeros(1))
-    grads = []
-    for detach in (False, True):
-        model = sharp_tiny_vit()
-        for blk in model.blocks:
-            gated(blk, detach)
-        fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
-        assert [s.role for s in evoplug.get_report(fast).blocks] == ["score"] + ["evolve"] * 3
-        torch.manual_seed(1)
-        fast.train()(torch.randn(2, 3, 32, 32)).pow(2).mean().backward()
-        grads.append({n: p.grad for n, p in fast.named_parameters()})
+    grads = _step_grads_under_no_grad_and_detached(gated)
     assert all(grads[0][f"blocks.{i}.{p}"] is None for i in range(4) for p in "wb")
     for name, want in grads[1].items():
         if want is not None:
