@@ -1316,6 +1316,15 @@ def _recorded_size(blk) -> tuple:
     return tuple((type(v), v) for v in ((blk.H, blk.W) if blk.form == "ints" else (blk.hw,)))
 
 
+def _sharpened(blocks) -> torch.nn.ModuleList:
+    """``blocks`` with their ``attn.qkv`` weights times 4 (sharp attention: a clear selection)."""
+    blocks = torch.nn.ModuleList(blocks)
+    with torch.no_grad():
+        for blk in blocks:
+            blk.attn.qkv.weight.mul_(4.0)
+    return blocks
+
+
 class _SizeArgViT(torch.nn.Module):
     """Passes its blocks the patch grid's size and returns the map shaped by the size its last
     block recorded, as a backbone rebuilding its feature map from ``blk.H, blk.W``."""
@@ -1325,11 +1334,8 @@ class _SizeArgViT(torch.nn.Module):
         torch.manual_seed(0)
         self.embed = torch.nn.Conv2d(3, dim, patch, patch)
         self.cls = torch.nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        self.blocks = torch.nn.ModuleList(_SizeArgBlock(form, dim, preset)
-                                          for form in ("ints", "list", "dict", "ints"))
-        with torch.no_grad():
-            for blk in self.blocks:
-                blk.attn.qkv.weight.mul_(4.0)
+        self.blocks = _sharpened(_SizeArgBlock(form, dim, preset)
+                                 for form in ("ints", "list", "dict", "ints"))
         self.eval()
 
     def forward(self, images):
@@ -1402,10 +1408,7 @@ class _SettlingViT(_SizeArgViT):
     def __init__(self):
         super().__init__()
         torch.manual_seed(1)
-        self.blocks = torch.nn.ModuleList(_SettlingBlock() for _ in range(4))
-        with torch.no_grad():
-            for blk in self.blocks:
-                blk.attn.qkv.weight.mul_(4.0)
+        self.blocks = _sharpened(_SettlingBlock() for _ in range(4))
         self.eval()
 
     def features(self, t, H, W):
@@ -1518,10 +1521,7 @@ class _ParentSizedViT(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Conv2d(3, dim, patch, patch)
-        self.blocks = torch.nn.ModuleList(_ParentSizedBlock(dim) for _ in range(4))
-        with torch.no_grad():
-            for blk in self.blocks:
-                blk.attn.qkv.weight.mul_(4.0)
+        self.blocks = _sharpened(_ParentSizedBlock(dim) for _ in range(4))
         self.eval()
 
     def forward(self, images):
