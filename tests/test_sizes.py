@@ -1467,6 +1467,39 @@ def test_a_setting_a_block_changes_at_another_size_reaches_the_models_block(at, 
         torch.testing.assert_close(copy.deepcopy(fast)(x48), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep,fast_path", [(1.0, True), (1.0, False), (0.5, True)],
+                         ids=["keep1_fast_path", "keep1_programs", "keep_half"])
+def test_a_setting_set_back_by_hand_then_changed_again_by_the_block_runs_as_the_dense_model(
+        keep, fast_path):
+    """A block that changes a setting for good at a small map (:class:`_SettlingBlock`),
+    converted at 48 px and called at 48 and 32 px; the user sets it back by hand on the model's
+    blocks, then calls at 48, 32 (the block's forward changes it again) and 48 px: the twin
+    converted at 48 px with the value set by hand stayed in use, and its programs, traced with
+    the other value, refused the call as a change made after conversion, though only the
+    block's own forward had made it (audit D8 of the forty-ninth session). A twin is now stale
+    when its programs hold another value than the model's block holds now: keep 1.0 is the
+    dense model at every call (both paths), and keep 0.5 runs at 48 px as the model converted
+    afresh with the value."""
+    model = _SettlingViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
+                           example_input=torch.randn(1, 3, 48, 48))
+    x48, x32 = torch.randn(2, 3, 48, 48), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for x in (x48, x32, None, x48, x32, x48):
+            if x is None:           # (set back by hand, on both models)
+                for blk in (*fast.blocks, *dense.blocks):
+                    blk.gain = 1.0
+                continue
+            out, ref = fast(x), dense(x)
+            assert [b.gain for b in fast.blocks] == [b.gain for b in dense.blocks]
+            if keep == 1.0:
+                torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        if keep < 1.0:
+            afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=keep, example_input=x48[:1])
+            torch.testing.assert_close(out, afresh(x48), rtol=1e-5, atol=1e-5)
+
+
 def test_transformers_swin_keeps_the_shift_it_drops_at_another_size():
     """transformers' SwinModel converted at 64 px, called at 32 px (its last layer's map fits
     its window there: the dense layer sets its shift to 0 for good) and at 64 px again: the
