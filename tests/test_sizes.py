@@ -1527,6 +1527,53 @@ def test_transformers_swin_keeps_the_shift_it_drops_at_another_size():
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("keep,fast_path", [(1.0, True), (1.0, False), (0.5, True)],
+                         ids=["keep1_fast_path", "keep1_programs", "keep_half"])
+def test_transformers_swin_trains_checkpointed_after_it_drops_its_shift(keep, fast_path):
+    """transformers' SwinModel converted at 64 px with ``gradient_checkpointing_enable()``,
+    trained at 64, 32 (its last layer sets its shift to 0 for good) and 64 px: the forward at
+    64 px runs a twin converted with the new shift, and on the identity fast path, which
+    records no state, the recomputation in backward ran the model's own blocks, which do not
+    checkpoint inside where the twin's do: torch's CheckpointError "Recomputed values ...
+    different metadata" at every such step, keep 1.0 included (audit D1 of the forty-ninth
+    session). The recomputation now runs what the forward ran: at keep 1.0 (both paths)
+    outputs and gradients are the dense model's, and at keep 0.5 the step at 64 px is that of
+    the model converted afresh with the new shift."""
+    T = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 2],
+                       num_heads=[1, 2, 4], window_size=4, attn_implementation="sdpa",
+                       drop_path_rate=0.0)
+    base = T.SwinModel(cfg, add_pooling_layer=False).eval()
+    dense = copy.deepcopy(base)
+    fast = evoplug.convert(base, keep_ratio=keep, identity_fast_path=fast_path,
+                           example_input=torch.randn(1, 3, 64, 64))
+
+    def step(model, x):
+        model.train().zero_grad()
+        out = model(x).last_hidden_state
+        out.pow(2).mean().backward()
+        return out.detach(), [p.grad for p in model.parameters()]
+    for model in (fast, dense):
+        model.gradient_checkpointing_enable()
+    for size in (64, 32, 64):
+        x = torch.randn(2, 3, size, size)
+        (out, grads), (ref, ref_grads) = step(fast, x), step(dense, x)
+        if keep == 1.0:
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+            for g, r in zip(grads, ref_grads):
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert fast.encoder.layers[-1].blocks[-1].shift_size == 0
+    if keep < 1.0:
+        afresh = evoplug.convert(copy.deepcopy(dense).eval(), keep_ratio=keep,
+                                 example_input=x[:1])
+        afresh.gradient_checkpointing_enable()
+        want, want_grads = step(afresh, x)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 class _ParentSizedBlock(torch.nn.Module):
     """A PVT-style block whose parent sets its map's size on it before each call (``blk.H,
     blk.W = H, W``), which a depthwise conv in its MLP reads."""

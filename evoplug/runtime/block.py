@@ -28,7 +28,7 @@ from .gather import gather_extras
 from .programs import set_on
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
-from .twins import bind, check_suffix_count, following, set_back, size_twin
+from .twins import bind, check_suffix_count, following, note_ran, set_back, size_twin
 
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
@@ -256,10 +256,16 @@ class EvoBlockMixin:
             return _twin_ran(self, twin, args, kwargs)
         if torch.compiler.is_compiling():
             return self._entered(rt.enter(spec.index), False, args, kwargs)
+        if rt.variants:     # (for a recomputation in backward: twins.py ``_recomputed_twin``)
+            note_ran(self, args, kwargs, None)
         if _in_backward():
-            return self._entered(None, True, args, kwargs)
-        out = self._entered(rt.enter(spec.index, spec.call.tokens(args, kwargs)), False, args, kwargs)
-        rt.left(out)
+            out = self._entered(None, True, args, kwargs)
+        else:
+            out = self._entered(rt.enter(spec.index, spec.call.tokens(args, kwargs)), False,
+                                args, kwargs)
+            rt.left(out)
+        if rt.variants:
+            note_ran(self, args, kwargs, None, out)
         return out
 
     def _entered(self, state: Optional[EvoState], recompute: bool, args, kwargs):
@@ -455,8 +461,9 @@ def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
     it records, ``self.H, self.W = H, W``), the twin's size's: the model's block kept the
     conversion's size until audit K6 of the forty-sixth session."""
     spec = block._evoplug_spec
+    note_ran(block, args, kwargs, twin)      # (and the call's output, below)
     try:
-        return following(block, twin)(*args, **kwargs)
+        out = following(block, twin)(*args, **kwargs)
     finally:
         spec.tokens_run = twin._evoplug_spec.tokens_run
         set_back(block, twin)
@@ -466,6 +473,8 @@ def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
                 kind = "attribute" if name not in twin._buffers else "non-persistent buffer" \
                     if name in twin._non_persistent_buffers_set else "buffer"
                 set_on(block, name, value, kind)
+    note_ran(block, args, kwargs, twin, out)
+    return out
 
 
 def _runs_own_forward(spec: BlockSpec, role: str, opt: EvoOptions) -> bool:

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 
 #: key of the state a converted block left, in the metadata of its output's autograd node
 _GRAD_FN_KEY = "evoplug_state"
+#: key of the size twin's blocks a converted block's call ran (None: its own), in the metadata
+#: of its output's autograd node: (the model's runtime, weakly; the blocks)
+_RAN_KEY = "evoplug_ran"
+#: :meth:`EvoRuntime.ran_with`: no call noted which blocks ran
+NOT_NOTED = object()
 #: autograd nodes searched, at most, for the state of a block recomputed in backward
 _MAX_GRAPH_SEARCH = 10_000
 
@@ -230,6 +235,8 @@ class EvoRuntime:
         # a reentrant checkpoint's inputs -> the state its first converted block started from,
         # and that block's index (see record_checkpointed)
         self._checkpointed: Dict[tuple, Tuple[weakref.ref, EvoState, int]] = {}
+        # a block's tokens -> the size twin's blocks its call ran, None: its own (see note_ran)
+        self._ran: Dict[tuple, tuple] = {}
         self._consts: Dict[tuple, torch.Tensor] = {}
         # other input sizes (see SizeVariant): built by the conversion's factory (which the
         # EntryHook holds) at the first forward with a size, kept by input key; not pickled or
@@ -694,6 +701,40 @@ class EvoRuntime:
         if fn is not None:
             fn.metadata[_GRAD_FN_KEY] = state
         _remember(self._recorded, t, state)
+
+    def note_ran(self, x: torch.Tensor, blocks, out=None, replace: bool = True):
+        """A converted block's call on tokens ``x`` ran the blocks of a size twin (``blocks``,
+        ``SizeVariant.blocks``; None: the model's own), in a forward of the model or in its
+        recomputation in backward: the recomputation of a block checkpointed on ``x``, and of
+        the blocks downstream of its output ``out`` recomputed on tokens recomputed from it (a
+        stage checkpointed whole), runs the same ones (:meth:`ran_with`). ``replace``: not
+        where a twin's block that the call ran said so already."""
+        if x is not None:
+            _remember(self._ran, x, blocks)
+        t = first_tensor(out)
+        fn = t.grad_fn if t is not None else None
+        if fn is not None and (replace or _RAN_KEY not in fn.metadata):
+            fn.metadata[_RAN_KEY] = (weakref.ref(self), blocks)
+
+    def ran_with(self, x: torch.Tensor):
+        """The blocks a call on tokens ``x`` ran in its forward (:meth:`note_ran`): a twin's,
+        None (the model's own), or ``NOT_NOTED``; for tokens computed from the output of a
+        call, a twin's that the nearest such call upstream ran (one that ran the model's own
+        block says nothing of this one: a form twin takes over in the middle of a forward)."""
+        entry = self._entry(x, self._ran)
+        if entry is not None:
+            return entry[1]
+        todo, seen = collections.deque([x.grad_fn]), set()
+        while todo and len(seen) < _MAX_GRAPH_SEARCH:
+            fn = todo.popleft()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            ran = fn.metadata.get(_RAN_KEY)
+            if ran is not None and ran[0]() is self:
+                return NOT_NOTED if ran[1] is None else ran[1]
+            todo.extend(f for f, _ in fn.next_functions)
+        return NOT_NOTED
 
     def record_checkpointed(self, state: EvoState, index: int):
         """Block ``index`` starts from ``state`` inside the forward of reentrant checkpoints:

@@ -16,7 +16,7 @@ from ..errors import AnalysisError, EvoplugError
 from .spec import _READ_OUTSIDE, BlockSpec, MapTokens, check_unchanged
 from .entry import input_key
 from .pairs import _MODULE_KEYS, is_plain
-from .state import EvoState, _in_backward
+from .state import NOT_NOTED, EvoState, _in_backward
 
 
 
@@ -377,6 +377,14 @@ def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         return None
     if not isinstance(x, torch.Tensor):
         return None
+    # what the forward's call ran, as it noted (runtime/block.py): a twin's blocks run at the
+    # conversion's size once a forward set a value on a block at another (transformers' Swin,
+    # its shift: entry.py ``drift``), and such a block recomputed on the identity fast path,
+    # which records no state, ran the model's own, which does not checkpoint inside where the
+    # twin's did: torch's CheckpointError, until audit D1 of the forty-ninth session
+    ran = rt.ran_with(x)
+    if ran is None or ran is not NOT_NOTED and _takes(ran[spec.index], args, kwargs):
+        return None if ran is None else ran[spec.index]
     # the model's own records, else the nearest state upstream in the autograd graph (whichever
     # runtime made it: the nodes carry it), found once; a reentrant checkpoint's input is a
     # leaf with no graph, recorded by the twin's runtime only
@@ -401,6 +409,35 @@ def _recomputed_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         return None
     except AnalysisError:
         return _twin_taking(spec, args, kwargs, sticky=False)
+
+
+def _takes(twin: nn.Module, args, kwargs) -> bool:
+    """Whether the program of a twin's block takes the call."""
+    try:
+        _bound(twin._evoplug_spec, args, kwargs)
+    except AnalysisError:
+        return False
+    return True
+
+
+def note_ran(block: nn.Module, args, kwargs, twin: Optional[nn.Module], out=_NONE):
+    """Note, where the model has twins and autograd may recompute the call, that a converted
+    block's call (in a forward, or its recomputation in backward) runs ``twin``, a size twin's
+    block (None: its own): on its tokens before it runs, on its output (``out``) after, but for
+    its own block's not where it handed the call to a twin's, which noted it (bind)
+    (:meth:`EvoRuntime.note_ran`)."""
+    rt = block._evoplug_spec.runtime
+    if not rt.variants or torch.compiler.is_compiling():    # (compiled: nothing is noted)
+        return
+    spec = block._evoplug_spec
+    x = spec.call.tokens(args, kwargs)
+    if not isinstance(x, torch.Tensor) or not (torch.is_grad_enabled() or x.requires_grad):
+        return
+    blocks = None if twin is None else next(
+        (v.blocks for v in list(rt.variants.values()) if v.blocks[spec.index] is twin), NOT_NOTED)
+    if blocks is not NOT_NOTED:
+        rt.note_ran(None if out is not _NONE else x, blocks, None if out is _NONE else out,
+                    replace=twin is not None)
 
 
 def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
