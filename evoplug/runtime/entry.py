@@ -11,8 +11,10 @@ import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 from ..errors import EvoplugError
+from .pairs import same_value
 from .state import EvoRuntime
 
 
@@ -177,7 +179,7 @@ class SizeVariant:
         for orig, twin, _ in self.pairs:
             spec = getattr(orig, "_evoplug_spec", None)
             if spec is not None and spec.index in names and any(
-                    _other(vars(orig).get(n, v), v) for n, v in _held(orig, twin, names[spec.index])):
+                    _other(_value(orig, n, v), v) for n, v in _held(orig, twin, names[spec.index])):
                 return True
         self.drift = dict(owner.drift)      # (its programs hold none of those values)
         return False
@@ -216,7 +218,17 @@ def _held(orig, twin, names):
 
 
 def _other(now, then) -> bool:
-    return now is not then and now != then
+    return not same_value(now, then)
+
+
+def _value(block: nn.Module, name: str, default):
+    """The value of the block's attribute ``name`` (``attn.temp``: of its submodule ``attn``)."""
+    path, _, key = name.rpartition(".")
+    try:
+        m = block.get_submodule(path) if path else block
+    except AttributeError:      # (a submodule removed since)
+        return default
+    return vars(m).get(key, default)
 
 
 @torch._dynamo.disable
