@@ -385,6 +385,8 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
     x = a.plan.bind(a.name, a.call.args, a.call.kwargs)[0]
     per_image = x.shape[0] // images if images and x.shape[0] % images == 0 else None
     volatile = _with_recorded(volatile, module, a.python_writes, set_by)
+    # (a tensor its forward sets, analyse/writes.py tensors_set, is no size it records)
+    sizes = any(not isinstance(v, torch.Tensor) for *_, v in a.python_writes)
     spec = BlockSpec(
         index, a.name, a.plan, a.num_prefix, a.grid, MapTokens if a.token_map else FlatTokens,
         a.row_full, runtime, programs, type(module), analysis=a, batch_size=a.batch_size,
@@ -404,7 +406,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
                             functools.partial(registry.traced_settings, converting=True)),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None,
-        writes_at=tuple(x.shape[1:]) if a.python_writes else None,
+        writes_at=tuple(x.shape[1:]) if sizes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
     spec.writes = traced_writes(spec.traced, volatile)
     module.__class__ = evo_class(type(module))

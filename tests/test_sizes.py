@@ -6,9 +6,11 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import enum
 import math
 import os
 import re
+import types
 import warnings
 from typing import Optional
 
@@ -1500,6 +1502,108 @@ def test_a_setting_set_back_by_hand_then_changed_again_by_the_block_runs_as_the_
             torch.testing.assert_close(out, afresh(x48), rtol=1e-5, atol=1e-5)
 
 
+class _Gain(enum.Enum):
+    FULL = 1.0
+    HALF = 0.5
+
+
+class _KindSettlingBlock(_SizeArgBlock):
+    """:class:`_SettlingBlock`'s gain held as ``kind``: an enum member, a numpy scalar, a
+    plain tensor (not a buffer), an item of a dict or list changed in place, or an attribute of
+    its attention module (a module its programs trace into); halved at small maps (4 patches
+    a side or fewer), whole again at large ones (8 or more)."""
+
+    def __init__(self, kind: str, dim: int = 32):
+        super().__init__("ints", dim)
+        self.kind, self.cfg, self.gains = kind, {"gain": 1.0}, [1.0]
+        self._set(1.0)
+
+    def _set(self, g: float):
+        if self.kind == "enum":
+            self.gain = _Gain(g)
+        elif self.kind == "numpy":
+            import numpy
+            self.gain = numpy.float32(g)
+        elif self.kind == "tensor":
+            self.gain = torch.tensor(g)
+        elif self.kind == "dict_in_place":
+            self.cfg["gain"] = g
+        elif self.kind == "list_in_place":
+            self.gains[0] = g
+        else:
+            self.attn.gain = g
+
+    def read(self):
+        return {"enum": lambda: self.gain.value, "numpy": lambda: float(self.gain),
+                "tensor": lambda: self.gain, "dict_in_place": lambda: self.cfg["gain"],
+                "list_in_place": lambda: self.gains[0], "submodule": lambda: self.attn.gain}[self.kind]()
+
+    def forward(self, x, H, W):
+        if min(H, W) <= 4:
+            self._set(0.5)
+        elif min(H, W) >= 8:
+            self._set(1.0)
+        x = x + self.attn(self.norm1(x))
+        return x + self.read() * self.mlp(self.norm2(x))
+
+
+class _KindSettlingViT(_SettlingViT):
+    def __init__(self, kind: str):
+        super().__init__()
+        torch.manual_seed(1)
+        self.blocks = _sharpened(_KindSettlingBlock(kind) for _ in range(4))
+        self.eval()
+
+
+@pytest.mark.parametrize("kind", ["enum", "numpy", "tensor", "dict_in_place", "list_in_place",
+                                  "submodule"])
+def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_block(kind):
+    """As :func:`test_a_setting_a_block_changes_at_another_size_reaches_the_models_block`, for
+    a value of each kind a forward may set at another input size than the conversion's (48 px)
+    and set back at a third (64 px). Until the forty-ninth session an enum member, a numpy
+    scalar or a plain tensor stayed on the twin's block (3 to 4 off the dense model at 48 px
+    after 32, keep 1.0 on the fast path included), a dict or list changed in place ran the
+    programs traced with the old value (3.1 off at keep 1.0 off the fast path), and an
+    attribute of the attention module was refused at the next call as the user's change
+    ("`attn.gain` changed from 1.0 to 0.5 after conversion"). Now each follows the dense
+    model at keep 1.0 on and off the fast path, and at keep 0.5 the model runs as converted
+    afresh with it."""
+    if kind == "numpy":
+        pytest.importorskip("numpy")
+    model = _KindSettlingViT(kind)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 48, 48))
+    gains = lambda m: [float(blk.read()) for blk in m.blocks]  # noqa: E731
+    x32, x48, x64 = (torch.randn(2, 3, s, s) for s in (32, 48, 64))
+    with torch.no_grad():
+        for keep, fast_path in ((1.0, True), (1.0, False), (0.5, True)):
+            evoplug.set_options(fast, keep_ratio=keep, identity_fast_path=fast_path)
+            for x in (x32, x48, x64, x48, x32):
+                out, ref = fast(x), dense(x)
+                assert gains(fast) == gains(dense), (keep, fast_path, x.shape)
+                if keep == 1.0:
+                    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert gains(fast) == [0.5] * 4
+        afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x48[:1])
+        torch.testing.assert_close(fast(x48), afresh(x48), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["enum", "numpy", "dict_in_place", "list_in_place"])
+def test_a_value_of_any_kind_changed_by_hand_after_conversion_is_refused_by_name(kind):
+    """The same values changed by the user after the conversion (not by a forward at another
+    size): the programs hold the traced one, so the call is refused naming the attribute, as a
+    number is. An enum member, a numpy scalar, or a dict or list changed in place went unseen
+    until the forty-ninth session (0.79 off the dense model at keep 1.0 off the fast path)."""
+    if kind == "numpy":
+        pytest.importorskip("numpy")
+    fast = evoplug.convert(_KindSettlingViT(kind), keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, 48, 48))
+    fast.blocks[2]._set(0.5)
+    with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError,
+                                        match=r"`blocks.2`: `(gain|cfg|gains)` .* after conversion"):
+        fast(torch.randn(2, 3, 48, 48))
+
+
 def test_transformers_swin_keeps_the_shift_it_drops_at_another_size():
     """transformers' SwinModel converted at 64 px, called at 32 px (its last layer's map fits
     its window there: the dense layer sets its shift to 0 for good) and at 64 px again: the
@@ -1575,33 +1679,39 @@ def test_transformers_swin_trains_checkpointed_after_it_drops_its_shift(keep, fa
 
 
 class _ParentSizedBlock(torch.nn.Module):
-    """A PVT-style block whose parent sets its map's size on it before each call (``blk.H,
-    blk.W = H, W``), which a depthwise conv in its MLP reads."""
+    """A PVT-style block whose parent sets its map's size on it before each call, which a
+    depthwise conv in its MLP reads; ``form``: as ints (``blk.H, blk.W = H, W``), a list or a
+    ``torch.Size`` (``blk.hw``, where ``__init__`` set a tuple) or a SimpleNamespace."""
 
-    def __init__(self, dim: int = 32):
+    def __init__(self, dim: int = 32, form: str = "ints"):
         super().__init__()
         self.norm1, self.attn = torch.nn.LayerNorm(dim), QKVAttention(dim)
         self.norm2 = torch.nn.LayerNorm(dim)
         self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
         self.dw = torch.nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim)
         self.H = self.W = 0
+        self.form, self.hw = form, types.SimpleNamespace(H=0, W=0) if form == "namespace" else (0, 0)
+
+    def size(self):
+        return (self.H, self.W) if self.form == "ints" else \
+            (self.hw.H, self.hw.W) if self.form == "namespace" else tuple(self.hw)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         h = self.fc1(self.norm2(x))
         B, N, C = h.shape
-        h = self.dw(h.transpose(1, 2).reshape(B, C, self.H, self.W)).flatten(2).transpose(1, 2)
+        h = self.dw(h.transpose(1, 2).reshape(B, C, *self.size())).flatten(2).transpose(1, 2)
         return x + self.fc2(torch.nn.functional.gelu(h))
 
 
 class _ParentSizedViT(torch.nn.Module):
-    """Sets each block's ``H, W`` before calling it; no class token; returns the token map."""
+    """Sets each block's size before calling it; no class token; returns the token map."""
 
-    def __init__(self, dim: int = 32, patch: int = 8):
+    def __init__(self, dim: int = 32, patch: int = 8, form: str = "ints"):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Conv2d(3, dim, patch, patch)
-        self.blocks = _sharpened(_ParentSizedBlock(dim) for _ in range(4))
+        self.blocks = _sharpened(_ParentSizedBlock(dim, form) for _ in range(4))
         self.eval()
 
     def forward(self, images):
@@ -1609,19 +1719,27 @@ class _ParentSizedViT(torch.nn.Module):
         H, W = t.shape[-2:]
         t = t.flatten(2).transpose(1, 2)
         for blk in self.blocks:
-            blk.H, blk.W = H, W
+            if blk.form == "ints":
+                blk.H, blk.W = H, W
+            else:
+                blk.hw = {"namespace": lambda: types.SimpleNamespace(H=H, W=W), "list": lambda: [H, W],
+                          "size": lambda: torch.Size([H, W])}[blk.form]()
             t = blk(t)
         return t.transpose(1, 2).reshape(t.shape[0], -1, H, W)
 
 
-def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it():
+@pytest.mark.parametrize("form", ["ints", "namespace", "list", "size"])
+def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it(form):
     """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px: at 48
     px the twin's block, a copy made when the twin was built, kept the size it was built with,
     and its forward failed in a raw reshape error, keep 1.0 on the fast path included (audit L1
     of the forty-seventh session). The twin's block takes the plain values the model's block
     holds at each call: the converted model is the dense one at keep 1.0 at 32, 48 and 32 px
-    again, and keep 0.5 evolves at each."""
-    model = _ParentSizedViT()
+    again, and keep 0.5 evolves at each. So for a size set as a SimpleNamespace (the raw
+    reshape error until the forty-ninth session), and as a list or ``torch.Size`` where
+    ``__init__`` set a tuple (refused at every call off the fast path, at the conversion's size
+    too, as a change after conversion, "`hw` changed from (0, 0) to [4, 4]", until then)."""
+    model = _ParentSizedViT(form=form)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     with torch.no_grad():
@@ -1631,7 +1749,7 @@ def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it():
                 x = torch.randn(2, 3, size, size)
                 out, ref = fast(x), dense(x)
                 assert out.shape == ref.shape == (2, 32, size // 8, size // 8)
-                assert (fast.blocks[3].H, fast.blocks[3].W) == (size // 8,) * 2
+                assert tuple(fast.blocks[3].size()) == (size // 8,) * 2
                 if keep == 1.0:
                     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
                 else:

@@ -43,6 +43,7 @@ from torch.utils._pytree import tree_map
 from ..errors import AnalysisError
 from ..integrations.registry import hint
 from ..runtime.call import CallPlan
+from ..runtime.pairs import same_value
 from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
@@ -195,7 +196,8 @@ def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphMod
             recorded = {f"{p}.{n}" if p else n: (p, n, v) for p, n, v in gm.meta["evo_python_writes"]}
             return again.moved_in_python(gains=True, skip=recorded) + tuple(
                 f"`{w}` ({v!r}, then {now!r} after one more call)" for w, (p, n, v) in recorded.items()
-                if (now := getattr(module.get_submodule(p), n, None)) != v or type(now) is not type(v))
+                if not same_value(now := getattr(module.get_submodule(p), n, None), v) or
+                type(now) is not type(v))
     except Exception as e:  # noqa: BLE001 - a cache cannot be told from a log: refused
         return (f"{', '.join(gm.meta['evo_grown_in_python'] or ['its records'])} at its trace, and a second call of "
                 f"the block raised {type(e).__name__}: {e}: a cache cannot be told from a log",)

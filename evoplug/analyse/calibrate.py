@@ -8,9 +8,11 @@ count N at each block and the patch grid (for the number of prefix tokens).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import threading
+import types
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -20,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 from ..integrations import registry
+from ..runtime.pairs import is_plain
 
 ATTENTION_FUNCTIONS = {
     F.softmax, torch.softmax, torch.Tensor.softmax,
@@ -443,16 +446,18 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
 
 
 _GONE = object()
-_PLAIN = (bool, int, float, str, type(None))
-
-
 def plain_attributes(m: nn.Module) -> Dict[str, Any]:
-    """A module's attributes of plain Python values (not ``training``): numbers, flags,
-    strings and tuples of them (what a trace bakes into the code it records: a window or shift
-    size)."""
-    return {k: v for k, v in vars(m).items()
-            if not k.startswith("_") and k != "training" and (type(v) in _PLAIN or (
-                type(v) is tuple and all(type(i) in _PLAIN for i in v)))}
+    """A module's attributes of plain Python values (not ``training``): what a trace bakes
+    into the code it records (a window or shift size, a flag, a mode): numbers, flags,
+    strings, enum members, numpy scalars and containers of them (runtime/pairs.py
+    ``is_plain``), the mutable ones copied (a forward that changes a dict in place changed
+    it). Until the forty-ninth session only numbers, flags, strings and tuples of them: a
+    forward that set an enum member, or a list where ``__init__`` had a tuple, went unseen."""
+    return {k: copy.deepcopy(v) if isinstance(v, _MUTABLE) else v for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and is_plain(v)}
+
+
+_MUTABLE = (list, dict, set, types.SimpleNamespace)
 
 
 def _tensors_in(obj, depth: int = 4):

@@ -638,6 +638,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         keep_grad_modes_set(name, graph, module, dict(plan.constants), tracer, before)
         mark_set_by_forward(graph, found)
         recorded, by_batch = _recorded(name, graph, tracer) if example is not None else ((), ())
+        recorded += before.tensors_set()
         _drop_unread_attributes(graph)
         _drop_constant_asserts(graph)
         _python_numbers(graph)

@@ -244,6 +244,26 @@ class StateBeforeTrace:
                 vars(m)[k] = v
         return tuple(changed)
 
+    def tensors_set(self) -> Tuple[Tuple[str, str, torch.Tensor], ...]:
+        """The plain tensor attributes (not parameters or buffers) the trace's run of the
+        forward set to a tensor of its own, no traced value (``self.g = torch.tensor(0.5)``), as
+        (module path, name, tensor), each put back as it was (or removed): the forward sets that
+        tensor at each call, and its programs set it too (python_writes' values). Its programs
+        set none until the forty-ninth session: a twin's, at another input size, left the
+        value a call at a third size had set."""
+        found = []
+        for path, m, attrs, _, _ in self.modules:
+            now, hooked = vars(m), _set_by_weight_hooks(m)    # (pruning's ``weight``: not the forward's)
+            for k, v in list(now.items()):
+                if isinstance(v, torch.Tensor) and not isinstance(v, (fx.Proxy, nn.Parameter)) and \
+                        v is not attrs.get(k) and _own(k) and not k.startswith("_") and k not in hooked:
+                    found.append((path, k, v))
+                    if k in attrs:
+                        now[k] = attrs[k]
+                    else:
+                        del now[k]
+        return tuple(found)
+
     def moved_in_python(self, gains: bool = False, skip=()) -> Tuple[str, ...]:
         """What of the Python numbers (flags, strings, tuples of them), the containers and the
         plain objects' attributes the modules hold the trace's run of the forward changed (after

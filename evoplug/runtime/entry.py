@@ -11,8 +11,10 @@ import sys
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+from torch import nn
 
 from ..errors import EvoplugError
+from .pairs import same_value
 from .state import EvoRuntime
 
 
@@ -151,7 +153,6 @@ class SizeVariant:
         # (the (block index, name) of every value a forward set at another size than its
         # programs hold, while this twin was in use: see stale)
         self.drift = set(owner.drift) if owner is not None else set()
-        self._blocks_at = None          # block index -> (the model's block, the twin's)
         # (the model's block's attributes, by name, that its forward sets at the conversion's
         # size, and the value the twin's programs hold of each: see stale)
         self.watched = tuple((vars(orig), name, value) for orig, twin, _ in pairs
@@ -178,18 +179,16 @@ class SizeVariant:
         # set back by hand keeps its key there, and a twin built with it then ran, refused
         # as changed by the user, once the block's forward set the other value again, until
         # audit D8 of the forty-ninth session)
-        self.drift.update(owner.drift)
-        return any(self._holds_other(i, name) for i, name in self.drift)
-
-    def _holds_other(self, index: int, name: str) -> bool:
-        """Whether the twin's block ``index`` has programs traced with another value of its
-        plain attribute ``name`` than the model's block holds now."""
-        if self._blocks_at is None:
-            self._blocks_at = {orig._evoplug_spec.index: (orig, twin) for orig, twin, _ in self.pairs
-                               if getattr(orig, "_evoplug_spec", None) is not None}
-        orig, twin = self._blocks_at.get(index, (None, None))
-        return orig is not None and any(_other(vars(orig).get(n, v), v)
-                                        for n, v in _held(orig, twin, (name,)))
+        names = {}
+        for i, name in owner.drift.keys() | self.drift.keys():
+            names.setdefault(i, set()).add(name)
+        for orig, twin, _ in self.pairs:
+            spec = getattr(orig, "_evoplug_spec", None)
+            if spec is not None and spec.index in names and any(
+                    _other(_value(orig, n, v), v) for n, v in _held(orig, twin, names[spec.index])):
+                return True
+        self.drift = dict(owner.drift)      # (its programs hold none of those values)
+        return False
 
     def sync(self):
         """The model's train/eval modes, and the buffers ``.to()``/``.half()`` replaced on the
@@ -225,7 +224,17 @@ def _held(orig, twin, names):
 
 
 def _other(now, then) -> bool:
-    return now is not then and now != then
+    return not same_value(now, then)
+
+
+def _value(block: nn.Module, name: str, default):
+    """The value of the block's attribute ``name`` (``attn.temp``: of its submodule ``attn``)."""
+    path, _, key = name.rpartition(".")
+    try:
+        m = block.get_submodule(path) if path else block
+    except AttributeError:      # (a submodule removed since)
+        return default
+    return vars(m).get(key, default)
 
 
 @torch._dynamo.disable

@@ -11,8 +11,10 @@ argument) runs the parent's own forward: the parts run as written, dense.
 from __future__ import annotations
 
 import copy
+import enum
 import inspect
 import sys
+import types
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -125,14 +127,38 @@ _GONE = "<evoplug: no such attribute>"   # (a string: it compares equal after a 
 
 
 def is_plain(v) -> bool:
-    """A plain Python value, or a list/tuple/set/dict of them (what a trace reads as constants)."""
-    if isinstance(v, _PLAIN):
+    """A value a trace reads as a constant: None, a bool, number or string, an enum member, a
+    numpy scalar, or a list/tuple/set/dict/SimpleNamespace of them (``torch.Size`` and named
+    tuples are tuples). (Enum members and numpy scalars were not, nor a SimpleNamespace: a
+    block's forward that set one at another input size than the conversion's set it on the
+    twin's block only, until the forty-ninth session.)"""
+    if isinstance(v, _PLAIN) or isinstance(v, enum.Enum) or _numpy_scalar(v):
         return True
     if isinstance(v, (list, tuple, set, frozenset)):
         return all(is_plain(i) for i in v)
     if isinstance(v, dict):
         return all(is_plain(k) and is_plain(i) for k, i in v.items())
+    if type(v) is types.SimpleNamespace:
+        return all(is_plain(i) for i in vars(v).values())
     return False
+
+
+def _numpy_scalar(v) -> bool:
+    np = sys.modules.get("numpy")       # (none can exist where numpy was never imported)
+    return np is not None and isinstance(v, np.generic)
+
+
+def same_value(a, b) -> bool:
+    """Whether two attribute values are the same: one object, equal plain values (``==``,
+    which numpy scalars and containers of them answer too), or tensors of one shape, dtype and
+    device with equal elements."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and \
+            a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and \
+            bool(torch.equal(a, b))
+    return _same(a, b)
 
 
 def plain_attributes(module: nn.Module, copied: bool = True) -> Dict[str, Any]:

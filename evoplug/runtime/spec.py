@@ -24,6 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
 from .call import CallPlan
+from .pairs import same_value
 from .programs import compile_program, program_source
 from .state import EvoRuntime, EvoState
 
@@ -224,12 +225,13 @@ class BlockSpec:
                        "replaced" if now.forward is not fwd else "a forward was set on it")
                 return f"{what}: {how} (the code its forward runs)"
 
-            drift = self.runtime.drift if parent is None else None
+            drift = self.runtime.drift
             for k, v in scalars:
                 now = d.get(k, _GONE)
-                if now is not v and now != v and not (
-                        drift and _same(drift.get((self.index, k), _GONE), now)):
+                if not same_value(now, v):
                     where = f"{path}.{k}" if path else k
+                    if drift and _same(drift.get((self.index, where), _GONE), now):
+                        continue
                     return (f"`{where}` ({type(m).__name__}) changed from {v!r} to "
                             f"{'(deleted)' if now is _GONE else repr(now)}")
             for k in nones:
@@ -251,17 +253,20 @@ class BlockSpec:
         return None if name is None else (name, drift[self.index, name], self.traced_value(name))
 
     def traced_value(self, name: str, default=None):
-        """The value of the block's own plain attribute ``name`` its programs were traced with
-        (``default``: none, or one its forward sets, which they set too: ``writes``)."""
-        own = self.traced[0] if self.traced and self.traced[0][0] is None else None
-        return next((v for k, v in own[4] if k == name), default) if own is not None else default
+        """The value of the plain attribute ``name`` of the block (``attn.temp``: of a module
+        it traced into) its programs were traced with (``default``: none, or one its forward
+        sets, which they set too: ``writes``)."""
+        path, _, key = name.rpartition(".")
+        entry = next((e for e in self.traced if e[2] == path), None)
+        return next((v for k, v in entry[4] if k == key), default) if entry is not None else default
 
     def note_set(self, name: str, value):
         """A twin's forward set ``value`` on this block's attribute ``name`` (twins.py
-        ``set_back``): where the programs were traced with another value (transformers' Swin
-        sets its shift to 0 for good once a map fits its window, at a smaller input than the
-        conversion's), it is kept in the runtime's ``drift`` (so :meth:`changed` does not take
-        it for the user's change, and the model's forwards run twins converted with it)."""
+        ``set_back``; ``attn.temp``: on a module it traced into, which the twin's block shares):
+        where the programs were traced with another value (transformers' Swin sets its shift to
+        0 for good once a map fits its window, at a smaller input than the conversion's), it is
+        kept in the runtime's ``drift`` (so :meth:`changed` does not take it for the user's
+        change, and the model's forwards run twins converted with it)."""
         traced = self.traced_value(name, _GONE)
         if traced is _GONE:
             return
@@ -269,6 +274,20 @@ class BlockSpec:
             self.runtime.drift.pop((self.index, name), None)
         else:
             self.runtime.drift[self.index, name] = value
+
+    def note_drift(self):
+        """After a twin's block ran a call: each traced plain value of the block and of the
+        modules it traced into (which the twin's block shares) noted (:meth:`note_set`), a
+        container changed in place too (``self.cfg["g"] = 0.5``). Until the forty-ninth session
+        only the block's own values replaced by another object were: a forward that set
+        ``self.attn.temp`` at another size was refused at the next call as the user's change,
+        and one that changed a dict in place ran the programs traced with the old value."""
+        for _, _, path, m, scalars, *_ in self.traced:
+            d = m.__dict__
+            for k, v in scalars:
+                now, where = d.get(k, _GONE), f"{path}.{k}" if path else k
+                if now is not _GONE and (now is not v or (self.index, where) in self.runtime.drift):
+                    self.note_set(where, now)
 
     def replay_writes(self, block: nn.Module):
         """Set what the block's own forward sets on itself and the modules it traced into (the
@@ -504,7 +523,7 @@ _GONE = object()
 
 def _same(a, b) -> bool:
     """Whether two plain values are the same (``_GONE`` is no value)."""
-    return a is b or (a is not _GONE and b is not _GONE and a == b)
+    return a is b or (a is not _GONE and b is not _GONE and same_value(a, b))
 
 
 def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:

@@ -316,21 +316,33 @@ def following(block: nn.Module, twin: nn.Module) -> nn.Module:
 
 
 def set_back(block: nn.Module, twin: nn.Module):
-    """The plain Python values the twin's block holds after a call other than the model's
-    block's (its forward, or its programs, set them: :func:`_synced`) set on the model's block,
-    which the user and the next calls read: transformers' Swin sets its shift to 0 for good once
-    a map fits its window, and at 32 px, a twin's size, that stayed on the twin, so at 64 px the
-    model's block kept its shift of 2 (0.27 off its dense model, keep 1.0 included) until audit
-    L1 of the forty-seventh session. One its programs were traced with another value of is kept
-    as the runtime's ``drift`` (BlockSpec.note_set). So are the names of the twin's ``writes``
-    (``_``-named too)."""
+    """The values the twin's block holds after a call other than the model's block's (its
+    forward, or its programs, set them) set on the model's block, which the user and the next
+    calls read: its plain Python values (:func:`_synced`) and plain tensor attributes (not its
+    parameters or buffers): transformers' Swin sets its shift to 0 for good once a map fits its
+    window, and at 32 px, a twin's size, that stayed on the twin, so at 64 px the model's block
+    kept its shift of 2 (0.27 off its dense model, keep 1.0 included) until audit L1 of the
+    forty-seventh session; an enum member, a numpy scalar or a tensor (``self.g =
+    torch.tensor(0.5)``) stayed on the twin until the forty-ninth. One its programs were traced
+    with another value of, set here or in place on a module the twins share (``self.attn.temp
+    = 0.5``, ``self.cfg["g"] = 0.5``), is kept as the runtime's ``drift``
+    (BlockSpec.note_drift). So are the names of the twin's ``writes`` (``_``-named too)."""
     d, t = block.__dict__, twin.__dict__
     spec = block._evoplug_spec
     written = {name for path, name, _ in twin._evoplug_spec.writes if not path}
     for k, v in t.items():
-        if d.get(k, _NONE) is not v and (_synced(k, v) or (k in written and k not in _MODULE_KEYS)):
+        if d.get(k, _NONE) is not v and (_synced(k, v) or _tensor(k, v, spec) or (
+                k in written and k not in _MODULE_KEYS)):
             setattr(block, k, v)
-            spec.note_set(k, v)
+    spec.note_drift()
+
+
+def _tensor(name: str, value, spec: BlockSpec) -> bool:
+    """A plain tensor attribute a twin's block holds, other than the model's block's (its
+    forward set it), but one :func:`block._twin_ran` sets (``sets_own``: as a buffer where the
+    forward registers one)."""
+    return isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and \
+        not name.startswith("_") and name not in spec.sets_own
 
 
 def _synced(name: str, value) -> bool:
