@@ -153,6 +153,7 @@ class SizeVariant:
         # (the (block index, name) of every value a forward set at another size than its
         # programs hold, while this twin was in use: see stale)
         self.drift = set(owner.drift) if owner is not None else set()
+        self._blocks_at = None          # block index -> (the model's block, the twin's)
         # (the model's block's attributes, by name, that its forward sets at the conversion's
         # size, and the value the twin's programs hold of each: see stale)
         self.watched = tuple((vars(orig), name, value) for orig, twin, _ in pairs
@@ -179,16 +180,19 @@ class SizeVariant:
         # set back by hand keeps its key there, and a twin built with it then ran, refused
         # as changed by the user, once the block's forward set the other value again, until
         # audit D8 of the forty-ninth session)
-        names = {}
-        for i, name in owner.drift.keys() | self.drift.keys():
-            names.setdefault(i, set()).add(name)
-        for orig, twin, _ in self.pairs:
-            spec = getattr(orig, "_evoplug_spec", None)
-            if spec is not None and spec.index in names and any(
-                    _other(_value(orig, n, v), v) for n, v in _held(orig, twin, names[spec.index])):
-                return True
-        self.drift = dict(owner.drift)      # (its programs hold none of those values)
-        return False
+        self.drift.update(owner.drift)
+        return any(self._holds_other(i, name) for i, name in self.drift)
+
+    def _holds_other(self, index: int, name: str) -> bool:
+        """Whether the twin's block ``index`` has programs traced with another value of its
+        plain attribute ``name`` (dotted: a module it traced into) than the model's block
+        holds now."""
+        if self._blocks_at is None:
+            self._blocks_at = {orig._evoplug_spec.index: (orig, twin) for orig, twin, _ in self.pairs
+                               if getattr(orig, "_evoplug_spec", None) is not None}
+        orig, twin = self._blocks_at.get(index, (None, None))
+        return orig is not None and any(_other(_value(orig, n, v), v)
+                                        for n, v in _held(orig, twin, (name,)))
 
     def sync(self):
         """The model's train/eval modes, and the buffers ``.to()``/``.half()`` replaced on the
