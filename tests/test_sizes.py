@@ -2066,6 +2066,25 @@ def test_a_block_that_takes_gradients_in_its_forward_is_refused_by_name():
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 
 
+def test_a_block_that_takes_gradients_without_enable_grad_is_named():
+    """``torch.autograd.grad`` in a forward without ``torch.enable_grad()``: the model runs with
+    gradients on only, and the conversion's first forward (eval mode, ``no_grad``) fails. It
+    said "the example input does not run through the model: RuntimeError: element 0 of tensors
+    does not require grad", naming no block and not how it ran the model, until audit M3 of
+    the forty-ninth session; it names both now."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        class Adapts(type(blk)):
+            def forward(self, x, attn_mask=None):
+                e = self.norm1(x).pow(2).mean()
+                g, = torch.autograd.grad(e, self.norm1.weight, create_graph=True)
+                return super().forward(x) * (1 + g.mean())
+        blk.__class__ = Adapts
+    with pytest.raises(evoplug.ConversionError, match=r"under torch\.no_grad\(\) as evoplug runs it "
+                                                       r"\(it raised in `blocks\.0`\): RuntimeError: "):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
 def test_a_block_that_branches_on_the_gradient_mode_it_sets_is_refused_by_name():
     """A forward that sets a gradient mode and runs other ops by the caller's
     (``if torch.is_grad_enabled(): x = x * 2``) gives one graph with gradients on and another
