@@ -2113,8 +2113,9 @@ def test_a_block_that_branches_on_the_gradient_mode_it_reads_is_refused_by_name(
     on and refused by the probe, run under ``no_grad``, as "traced program differs from the
     block (max abs diff 0.0883)", the reason unsaid, until audit M1 of the forty-ninth session:
     a forward whose own code reads the mode is traced again with gradients off, as one that
-    sets a mode is, and refused naming the block and why."""
-    for form in ("branch", "constant"):
+    sets a mode is, and refused naming the block and why. One that reads it and runs the same
+    ops either way (a tensor constant among them, which each trace names anew) converts."""
+    for form in ("branch", "constant", "same ops"):
         model = sharp_tiny_vit()
         for blk in model.blocks:
             class Reads(type(blk)):
@@ -2122,10 +2123,18 @@ def test_a_block_that_branches_on_the_gradient_mode_it_reads_is_refused_by_name(
                     if form == "branch":
                         if torch.is_grad_enabled():
                             x = x * 1.1
-                    else:
+                    elif form == "constant":
                         x = x * (1.1 if torch.is_grad_enabled() else 1.0)
+                    else:
+                        x = x * torch.tensor([1.1]) if torch.is_grad_enabled() or True else x
                     return super().forward(x)
             blk.__class__ = Reads
+        if form == "same ops":
+            dense, x = copy.deepcopy(model), torch.randn(2, 3, 32, 32)
+            fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x), dense(x))
+            continue
         with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: its forward branches on the "
                                                            r"gradient mode \(`torch\.is_grad_enabled\(\)`\)"):
             evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))

@@ -96,8 +96,8 @@ def _keep_modes_of(graph: fx.Graph, off: fx.Graph, name: str, tracer):
     as "traced program differs from the block" without a reason until audit M1 of the
     forty-ninth session."""
     ours, theirs = list(graph.nodes), list(off.nodes)
-    if len(ours) != len(theirs) or any(_signature(a, tracer) != _signature(b, tracer)
-                                       for a, b in zip(ours, theirs)):
+    at = ({n: i for i, n in enumerate(ours)}, {n: i for i, n in enumerate(theirs)})
+    if len(ours) != len(theirs) or any(not _same_node(a, b, at, tracer) for a, b in zip(ours, theirs)):
         sets = ", and sets a gradient mode" if tracer.sets_grad_mode else ""
         raise AnalysisError(name, "its forward branches on the gradient mode "
                                   f"(`torch.is_grad_enabled()`{sets}): it runs other ops when it "
@@ -135,12 +135,28 @@ def requires_grad_branch(tensor, frame) -> str:
             "evoplug.register_leaf_module (run whole)")
 
 
-def _signature(n: fx.Node, tracer) -> tuple:
-    """What of ``n`` two traces of a forward must share: its op and target, and its arguments
-    where the forward reads the gradient mode."""
+def _same_node(a: fx.Node, b: fx.Node, at, tracer) -> bool:
+    """Whether ``a`` and ``b`` (``at``: their graphs' node positions) run the same op: its kind
+    and target (a tensor constant, which each trace sets on the root under a name of its own,
+    by value), and its arguments where the forward reads the gradient mode (nodes by place)."""
+    if a.op != b.op:
+        return False
+    if a.op == "get_attr" and a.target.startswith(_CONSTANT) and b.target.startswith(_CONSTANT):
+        x, y = getattr(tracer.root, a.target, None), getattr(tracer.root, b.target, None)
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                and x.dtype == y.dtype and torch.equal(x, y)):
+            return False
+    elif str(a.target) != str(b.target):
+        return False
     if not tracer.reads_grad_mode:
-        return n.op, str(n.target)
-    return n.op, str(n.target), str(n.args), str(n.kwargs)
+        return True
+    mine, theirs = (fx.node.map_arg((n.args, n.kwargs), lambda m, i=i: f"%{at[i][m]}")
+                    for i, n in enumerate((a, b)))
+    return str(mine) == str(theirs)
+
+
+#: the names fx gives the tensors a trace makes constants of (``_tensor_constant0``)
+_CONSTANT = "_tensor_constant"
 
 
 def refuse_gradients_taken(graph: fx.Graph, name: str):
