@@ -533,13 +533,14 @@ def _calibrate(model: nn.Module, example_input):
                               "against the model on it; pass finite images")
     try:
         calls = calibrate(model, example_input)
-    except CalibrationFailed as failed:
-        e, hint = failed.error, ""
+    except Exception as failed:     # (CalibrationFailed: the model's forward, where it raised)
+        known = isinstance(failed, CalibrationFailed)
+        e, hint = failed.error if known else failed, ""
         if source != "example_input":
             hint = (f" (evoplug made a default input of shape {tuple(example_input.shape)} from "
                     f"{source}; if the model takes another size or channel count, pass "
                     "example_input=)")
-        where = f" (it raised in `{failed.where}`)" if failed.where else ""
+        where = f" (it raised in `{failed.where}`)" if known and failed.where else ""
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
                               f"the model{hint}, run in eval mode under torch.no_grad() as "
                               f"evoplug runs it{where}: {type(e).__name__}: {e}") from e
