@@ -21,7 +21,7 @@ from .analyse.block import BlockAnalysis, analyse_block
 from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_parts, wrapped_block
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
-from .analyse.calibrate import calibrate, plain_attributes
+from .analyse.calibrate import CalibrationFailed, calibrate, plain_attributes
 from .analyse.snapshot import (changed_in_training, changed_tensors, changed_values, kept_below,
                                moved_by_input, restore, snapshot)
 from .analyse.writes import recorded_assignments
@@ -535,14 +535,17 @@ def _calibrate(model: nn.Module, example_input):
                               "against the model on it; pass finite images")
     try:
         calls = calibrate(model, example_input)
-    except Exception as e:
-        hint = ""
+    except Exception as failed:     # (CalibrationFailed: the model's forward, where it raised)
+        known = isinstance(failed, CalibrationFailed)
+        e, hint = failed.error if known else failed, ""
         if source != "example_input":
             hint = (f" (evoplug made a default input of shape {tuple(example_input.shape)} from "
                     f"{source}; if the model takes another size or channel count, pass "
                     "example_input=)")
+        where = f" (it raised in `{failed.where}`)" if known and failed.where else ""
         raise ConversionError(f"{type(model).__name__}: the example input does not run through "
-                              f"the model{hint}: {type(e).__name__}: {e}") from e
+                              f"the model{hint}, run in eval mode under torch.no_grad() as "
+                              f"evoplug runs it{where}: {type(e).__name__}: {e}") from e
     images_in_rows(model, example_input, calls)
     candidates, failed, skipped = find_blocks(model, calls)
     skipped = skipped + _unread_attention(calls)

@@ -1109,13 +1109,40 @@ def test_a_weight_hook_on_a_module_the_block_traces_into_lets_it_evolve(form, ke
     path) outputs, gradients and the weights after optimiser steps are the dense model's, and
     spectral_norm's power iteration (``weight_u``, ``weight_v``) moves as the dense model's at
     keep 0.5 too."""
+    _evolves_as_the_dense_model(getattr(torch.nn.utils, form), keep_ratio, form == "spectral_norm")
+
+
+@pytest.mark.parametrize("keep_ratio", [1.0, 0.5])
+@pytest.mark.parametrize("form", ["spectral_norm", "weight_norm", "orthogonal"])
+def test_a_parametrization_on_a_module_the_block_traces_into_lets_it_evolve(form, keep_ratio):
+    """The parametrization forms (``torch.nn.utils.parametrizations``) on the attention module
+    the block's programs trace into: its ``weight`` is computed at each read by the module
+    ``attn.parametrizations.weight``, which the programs call whole with no argument (it reads
+    ``original`` and, spectral_norm's, moves ``_u`` and ``_v`` by a step of power iteration in
+    training). Called with no tokens, its state could not be told from its tokens, and until
+    audit D9 of the forty-ninth session spectral_norm's ``_u`` and ``_v`` were said to be "set
+    from its tokens" and at keep 1.0 off the identity fast path every block ran its own forward.
+    Now nothing is said, the blocks evolve, keep 1.0 gives the dense model's outputs, gradients
+    and weights after optimiser steps, and ``_u`` and ``_v`` move as the dense model's at keep
+    0.5 too."""
+    import torch.nn.utils.parametrizations as forms
+    _evolves_as_the_dense_model(getattr(forms, form), keep_ratio, form == "spectral_norm")
+
+
+def _evolves_as_the_dense_model(wrap, keep_ratio: float, power_iteration: bool):
+    """:func:`_tiny` with every block's attention an :class:`_OwnWeightAttention` under
+    ``wrap`` (a hook or parametrization form, on its ``weight``), converted at ``keep_ratio``
+    off the identity fast path beside a dense twin: nothing said of state from its tokens nor
+    of a block running its own forward, the blocks evolve, two training steps and an eval call
+    (with SGD steps at keep 1.0) give the dense model's outputs and state, and the power
+    iteration's vectors (``power_iteration``) the dense model's at keep 0.5 too."""
     def model():
         torch.manual_seed(0)
         m = _randomise(_tiny())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)      # (weight_norm's hook form)
             for b in m.blocks:
-                b.attn = getattr(torch.nn.utils, form)(_OwnWeightAttention(b.attn))
+                b.attn = wrap(_OwnWeightAttention(b.attn))
         return m
     x = torch.randn(2, 3, 32, 32)
     dense = model()      # (a twin: copy.deepcopy refuses weight_norm's hooks)
@@ -1134,11 +1161,12 @@ def test_a_weight_hook_on_a_module_the_block_traces_into_lets_it_evolve(form, ke
                     opt.step()
             if keep_ratio == 1.0:
                 torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
-    assert not [str(r.message) for r in w if "runs its own forward" in str(r.message)]
+    assert not [str(r.message) for r in w if "runs its own forward" in str(r.message)
+                or "from its tokens" in str(r.message)]
     assert [t for _, t in evoplug.tokens_per_block(fast)] == ([-1, 65] + [65 if keep_ratio == 1.0 else 34] * 4)
     for b, d in zip(fast.blocks, dense.blocks):
         for k, v in d.attn.state_dict().items():
-            if keep_ratio == 1.0 or k.endswith(("_u", "_v")) and form == "spectral_norm":
+            if keep_ratio == 1.0 or k.endswith(("_u", "_v")) and power_iteration:
                 torch.testing.assert_close(b.attn.state_dict()[k], v, atol=1e-5, rtol=1e-5, msg=k)
 
 

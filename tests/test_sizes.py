@@ -2264,6 +2264,25 @@ def test_a_block_that_takes_gradients_in_its_forward_is_refused_by_name():
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 
 
+def test_a_block_that_takes_gradients_without_enable_grad_is_named():
+    """``torch.autograd.grad`` in a forward without ``torch.enable_grad()``: the model runs with
+    gradients on only, and the conversion's first forward (eval mode, ``no_grad``) fails. It
+    said "the example input does not run through the model: RuntimeError: element 0 of tensors
+    does not require grad", naming no block and not how it ran the model, until audit M3 of
+    the forty-ninth session; it names both now."""
+    model = sharp_tiny_vit()
+    for blk in model.blocks:
+        class Adapts(type(blk)):
+            def forward(self, x, attn_mask=None):
+                e = self.norm1(x).pow(2).mean()
+                g, = torch.autograd.grad(e, self.norm1.weight, create_graph=True)
+                return super().forward(x) * (1 + g.mean())
+        blk.__class__ = Adapts
+    with pytest.raises(evoplug.ConversionError, match=r"under torch\.no_grad\(\) as evoplug runs it "
+                                                       r"\(it raised in `blocks\.0`\): RuntimeError: "):
+        evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
 def test_a_block_that_branches_on_the_gradient_mode_it_sets_is_refused_by_name():
     """A forward that sets a gradient mode and runs other ops by the caller's
     (``if torch.is_grad_enabled(): x = x * 2``) gives one graph with gradients on and another
@@ -2284,6 +2303,66 @@ def test_a_block_that_branches_on_the_gradient_mode_it_sets_is_refused_by_name()
     with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`.*runs other ops when it is "
                                                        r"called with gradients off"):
         evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_a_block_that_branches_on_the_gradient_mode_it_reads_is_refused_by_name():
+    """A forward that sets no gradient mode and branches on the caller's (``if
+    torch.is_grad_enabled(): h = h * 1.1``, or picks a constant by it) was traced with gradients
+    on and refused by the probe, run under ``no_grad``, as "traced program differs from the
+    block (max abs diff 0.0883)", the reason unsaid, until audit M1 of the forty-ninth session:
+    a forward whose own code reads the mode is traced again with gradients off, as one that
+    sets a mode is, and refused naming the block and why. One that reads it and runs the same
+    ops either way (a tensor constant among them, which each trace names anew) converts."""
+    for form in ("branch", "constant", "same ops"):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            class Reads(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if form == "branch":
+                        if torch.is_grad_enabled():
+                            x = x * 1.1
+                    elif form == "constant":
+                        x = x * (1.1 if torch.is_grad_enabled() else 1.0)
+                    else:
+                        x = x * torch.tensor([1.1]) if torch.is_grad_enabled() or True else x
+                    return super().forward(x)
+            blk.__class__ = Reads
+        if form == "same ops":
+            dense, x = copy.deepcopy(model), torch.randn(2, 3, 32, 32)
+            fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+            with torch.no_grad():
+                torch.testing.assert_close(fast(x), dense(x))
+            continue
+        with pytest.raises(evoplug.ConversionError, match=r"`blocks\.0`: its forward branches on the "
+                                                           r"gradient mode \(`torch\.is_grad_enabled\(\)`\)"):
+            evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+
+
+def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refused_by_name():
+    """``if h.requires_grad: h = h * 1.1`` in a forward: refused as gradient checkpointing
+    inside the block (MMPretrain's ``with_cp=True``) until audit M2 of the forty-ninth session,
+    which it is not; it is refused naming the block and the branch. A forward that checkpoints
+    on that branch is still told to build the model without it."""
+    import torch.utils.checkpoint
+    for checkpoints in (False, True):
+        model = sharp_tiny_vit()
+        for blk in model.blocks:
+            class Branches(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if x.requires_grad:
+                        x = x * 1.1
+                    return super().forward(x)
+
+            class Checkpoints(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if x.requires_grad:
+                        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+                    return super().forward(x)
+            blk.__class__ = Checkpoints if checkpoints else Branches
+        said = r"`blocks\.0`.*" + (r"x\.requires_grad` \(gradient checkpointing.*with_cp=False" if checkpoints
+                                    else r"branches on whether its tokens require gradients \(`x\.requires_grad`")
+        with pytest.raises(evoplug.ConversionError, match=said):
+            evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 
 
 def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():

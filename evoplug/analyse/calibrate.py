@@ -408,8 +408,19 @@ class CallRecord(dict):
         self.returned = frozenset(returned)     # ids of the tensors the model's forward returned
 
 
+class CalibrationFailed(Exception):
+    """The calibration forward raised ``error`` inside the module at path ``where`` (the
+    innermost that ran; "" where none of the model's submodules did)."""
+
+    def __init__(self, where: str, error: Exception):
+        super().__init__(where, error)
+        self.where, self.error = where, error
+
+
 def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
-    """Run ``model(example_input)`` once (eval, no grad) and record every module call."""
+    """Run ``model(example_input)`` once (eval, no grad) and record every module call; raises
+    :class:`CalibrationFailed` naming the module it fails in (a block that takes gradients
+    without ``torch.enable_grad()``: audit M3 of the forty-ninth session named none)."""
     rec = _Recorder(model)
     handles = []
     for m in model.modules():
@@ -428,6 +439,8 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
                 out = model(**example_input)
             else:
                 out = model(example_input)
+    except Exception as e:
+        raise CalibrationFailed(rec.names.get(rec.stack[-1], "") if rec.stack else "", e) from e
     finally:
         for h in handles:
             h.remove()

@@ -258,9 +258,10 @@ def moved_by_input(module: nn.Module, call, leaves, kept, num_tokens: int) -> tu
     calibration ``call`` gave it (a running mean of its input, a count of its tokens). State it
     computes from its parameters and buffers alone ends alike (``spectral_norm``'s ``weight``,
     ``weight_u`` and ``weight_v``, a call counter): where the block evolves it is the dense
-    model's, and was said to be the tokens' until audit K6 of the forty-sixth session. Where it
-    cannot be told (no tensor the submodule is called with has a dim of ``num_tokens``, a call
-    fails), taken as moved by it."""
+    model's, and was said to be the tokens' until audit K6 of the forty-sixth session; so does
+    that of a submodule called with no tensor at all (a parametrization's: audit D9 of the
+    forty-ninth). Where it cannot be told (no tensor the submodule is called with has a dim of
+    ``num_tokens``, a call fails), taken as moved by it."""
     under = {p: [k for k in kept if k.startswith(p + ".")] for p in leaves}
     under = {p: names for p, names in under.items() if names}
     if not under:
@@ -313,7 +314,13 @@ def _moved_in(leaf: nn.Module, calls: list, names: list, num_tokens: int) -> tup
 
 def _moved_by(leaf: nn.Module, given, names: list, num_tokens: int, rng) -> set:
     """Of ``names``, those ``leaf`` leaves otherwise after the ``given`` call than after the
-    first of its other tokens it runs on in both modes; all of them where it runs on none."""
+    first of its other tokens it runs on in both modes; all of them where it runs on none, but
+    where ``given`` holds no tensor at all: then it moves them from its own state alone
+    (``attn.parametrizations.weight``, which a block traced into ``attn`` calls with no
+    argument: parametrize's spectral_norm's ``_u`` and ``_v`` were said to be the tokens' until
+    audit D9 of the forty-ninth session)."""
+    if not any(isinstance(v, torch.Tensor) for v in tree_leaves(given)):
+        return set()
     for other in _other_tokens(*given, num_tokens):
         after = [(_state_after(leaf, given, names, training, rng),
                   _state_after(leaf, other, names, training, rng)) for training in (False, True)]

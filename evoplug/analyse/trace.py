@@ -26,7 +26,7 @@ from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import (GRAD_MODE, ancestors, depends_on_data, inserting_as, is_softmax, module_of,
                     random_source, run_nodes)
-from .modes import grad_mode_now, keep_grad_modes_set, mode_changes_watched
+from .modes import grad_mode_now, keep_grad_modes_set, mode_changes_watched, requires_grad_branch
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -107,8 +107,9 @@ class BlockTracer(fx.Tracer):
         # attributes, read and set by the program (see StateBeforeTrace.changed_eagerly)
         self._kept = kept
         # traced as a caller with gradients on (off: analyse/modes.py) runs it; whether the
-        # forward sets a mode, and whether the tracer's own evaluation runs now
+        # forward sets a mode or reads it, and whether the tracer's own evaluation runs now
         self._caller_grad, self.sets_grad_mode, self.evaluating = caller_grad, False, False
+        self.reads_grad_mode = False
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         out = super().create_args_for_root(root_fn, is_module, concrete_args)
@@ -165,11 +166,7 @@ class BlockTracer(fx.Tracer):
         grad = next((n for n in ancestors(obj.node) | {obj.node} if n.op == "call_function"
                      and n.target is getattr and n.args[1:] == ("requires_grad",)), None)
         if grad is not None:
-            raise fx.proxy.TraceError(
-                f"a Python branch on `{grad.args[0]}.requires_grad` (gradient checkpointing "
-                "inside the block, as MMPretrain's with_cp=True does): a trace cannot keep the "
-                "checkpointing. Build the model without it (with_cp=False) and checkpoint the "
-                "converted blocks from outside (torch.utils.checkpoint) if memory needs it")
+            raise fx.proxy.TraceError(requires_grad_branch(grad.args[0], inspect.currentframe()))
         self._check_dependence(obj.node, value, "a Python branch")
         self.specialised.append(f"{obj.node.name} -> {value}")
         return value
