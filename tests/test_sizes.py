@@ -1559,6 +1559,35 @@ def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it():
                     assert 0 < ran < (size // 8) ** 2
 
 
+def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_blocks_size():
+    """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px and
+    compiled: at 48 px the model's blocks took the call (dynamo skips the entry hook that gives
+    an eager call the twin) and ran their programs, traced with the conversion's size, a raw
+    reshape error (audit D1 of the forty-ninth session); so did a block called directly. The
+    programs take a call only while the block holds the values they were traced with: the
+    compiled call runs the twin's blocks, as the eager call does, and a block called directly
+    at a size no twin exists for runs its own forward, warned."""
+    torch._dynamo.reset()
+    model = _ParentSizedViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        for size in (32, 48):
+            x = torch.randn(2, 3, size, size)
+            out = compiled(x)
+            assert (fast.blocks[3].H, fast.blocks[3].W) == (size // 8,) * 2
+            assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.3"] < (size // 8) ** 2
+            torch.testing.assert_close(out, fast(x), rtol=1e-5, atol=1e-5)
+        t = torch.randn(2, 25, 32)
+        for m in (fast, dense):
+            m.blocks[1].H = m.blocks[1].W = 5
+        with pytest.warns(UserWarning, match=r"its attribute `H`, which code outside it .* is "
+                                             r"5, .* traced with 4: `blocks.1` runs its original"):
+            out = fast.blocks[1](t)
+        torch.testing.assert_close(out, dense.blocks[1](t), rtol=1e-5, atol=1e-5)
+
+
 @dataclasses.dataclass
 class _Stats:
     count: int = 0
