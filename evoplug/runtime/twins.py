@@ -72,6 +72,14 @@ def bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     if bound[0].is_nested:      # (the one attribute read on the common path)
         _tell_nested(spec)
         return None
+    if twins and spec.runtime.drift and not spec.runtime.entered():
+        # (where a forward set a value on some blocks at another size, the call runs the twin
+        # converted with it, every block, as the model's forward does: compiled, only the
+        # drifted blocks ran it, each from a state of its own, 0.5 off, until audit D1 of the
+        # forty-ninth session)
+        twin = _twin_taking(spec, args, kwargs)
+        if twin is not None:
+            return twin
     return bound
 
 
