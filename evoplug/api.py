@@ -409,10 +409,25 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         writes_at=tuple(x.shape[1:]) if sizes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
     spec.writes = traced_writes(spec.traced, volatile)
+    spec.set_outside = _set_outside(module, spec.writes, set_by)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive
     return spec
+
+
+def _set_outside(block: nn.Module, writes, set_by) -> tuple:
+    """(name, value) of the block's own plain attributes that code outside it set at the
+    calibration (a parent's ``blk.H, blk.W = H, W`` before each call; ``set_by``: analyse/writes.py
+    ``recorded_assignments``), with the value its programs were traced with (``writes``): they
+    take calls only while the block holds that value (runtime/twins.py ``_bound``)."""
+    inside = {id(m) for m in block.modules()}
+    found = []
+    for path, name, value in writes:
+        who = (set_by or {}).get((id(vars(block)), name)) if not path else None
+        if who and not who & inside:
+            found.append((name, value))
+    return tuple(found)
 
 
 def _with_recorded(volatile, block: nn.Module, recorded, set_by=None) -> dict:

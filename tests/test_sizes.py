@@ -1392,25 +1392,26 @@ class _SettlingBlock(_SizeArgBlock):
     (4 patches a side or fewer) it halves its MLP branch for good (``self.gain = 0.5``, as
     Swin's shift goes to 0 once its map fits its window), read in its traced forward."""
 
-    def __init__(self, dim: int = 32):
+    def __init__(self, dim: int = 32, at: int = 4):
         super().__init__("ints", dim)
-        self.gain = 1.0
+        self.gain, self.at = 1.0, at
 
     def forward(self, x, H, W):
-        if min(H, W) <= 4:
+        if min(H, W) <= self.at:
             self.gain = 0.5
         x = x + self.attn(self.norm1(x))
         return x + self.gain * self.mlp(self.norm2(x))
 
 
 class _SettlingViT(_SizeArgViT):
-    """:class:`_SizeArgViT` of :class:`_SettlingBlock` s; ``features`` runs its blocks (a
-    method a user calls directly, as timm's ``forward_features``)."""
+    """:class:`_SizeArgViT` of :class:`_SettlingBlock` s, the first ``steady`` of which never
+    settle; ``features`` runs its blocks (a method a user calls directly, as timm's
+    ``forward_features``)."""
 
-    def __init__(self):
+    def __init__(self, steady: int = 0):
         super().__init__()
         torch.manual_seed(1)
-        self.blocks = _sharpened(_SettlingBlock() for _ in range(4))
+        self.blocks = _sharpened(_SettlingBlock(at=0 if i < steady else 4) for i in range(4))
         self.eval()
 
     def features(self, t, H, W):
@@ -1678,6 +1679,41 @@ def test_transformers_swin_trains_checkpointed_after_it_drops_its_shift(keep, fa
             torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("eager_first", [True, False], ids=["after_an_eager_call", "compiled_first"])
+def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_in_every_block(
+        eager_first):
+    """A model whose last two blocks change a setting for good at a small map (Swin's shift),
+    converted at 48 px, called at 32 px (the setting changes) and compiled at 48 px: dynamo
+    skips the entry hook that runs the twin converted with the new setting in every block, so
+    the changed blocks ran that twin's block, each from a state of its own, and the others the
+    model's programs, 0.77 off the eager call, without a word (transformers' Swin 0.52; audit
+    D1 of the forty-ninth session); a method called directly mixed them too. Each block runs
+    the twin now, converted in a graph break at the model's entry where no eager call did: as
+    the model converted afresh with the new setting."""
+    torch._dynamo.reset()
+    model = _SettlingViT(steady=2)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 48, 48))
+    x48, t = torch.randn(2, 3, 48, 48), torch.randn(2, 37, 32)
+    with torch.no_grad():
+        for x in (x48, torch.randn(2, 3, 32, 32)):
+            fast(x)
+            dense(x)
+        assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5, 0.5]
+        afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x48[:1])
+        want = afresh(x48)
+        assert not torch.allclose(want, dense(x48), atol=1e-3)
+        if eager_first:
+            torch.testing.assert_close(fast(x48), want, rtol=1e-5, atol=1e-5)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(fast, backend="eager")(x48)
+        assert not [w for w in caught if "evoplug" in str(w.message)]
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast.features(t, 6, 6), afresh.features(t, 6, 6),
+                                   rtol=1e-5, atol=1e-5)
+
+
 class _ParentSizedBlock(torch.nn.Module):
     """A PVT-style block whose parent sets its map's size on it before each call, which a
     depthwise conv in its MLP reads; ``form``: as ints (``blk.H, blk.W = H, W``), a list or a
@@ -1755,6 +1791,35 @@ def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it(form):
                 else:
                     ran = dict(evoplug.tokens_per_block(fast))["blocks.3"]
                     assert 0 < ran < (size // 8) ** 2
+
+
+def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_blocks_size():
+    """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px and
+    compiled: at 48 px the model's blocks took the call (dynamo skips the entry hook that gives
+    an eager call the twin) and ran their programs, traced with the conversion's size, a raw
+    reshape error (audit D1 of the forty-ninth session); so did a block called directly. The
+    programs take a call only while the block holds the values they were traced with: the
+    compiled call runs the twin's blocks, as the eager call does, and a block called directly
+    at a size no twin exists for runs its own forward, warned."""
+    torch._dynamo.reset()
+    model = _ParentSizedViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        for size in (32, 48):
+            x = torch.randn(2, 3, size, size)
+            out = compiled(x)
+            assert (fast.blocks[3].H, fast.blocks[3].W) == (size // 8,) * 2
+            assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.3"] < (size // 8) ** 2
+            torch.testing.assert_close(out, fast(x), rtol=1e-5, atol=1e-5)
+        t = torch.randn(2, 25, 32)
+        for m in (fast, dense):
+            m.blocks[1].H = m.blocks[1].W = 5
+        with pytest.warns(UserWarning, match=r"its attribute `H`, which code outside it .* is "
+                                             r"5, .* traced with 4: `blocks.1` runs its original"):
+            out = fast.blocks[1](t)
+        torch.testing.assert_close(out, dense.blocks[1](t), rtol=1e-5, atol=1e-5)
 
 
 @dataclasses.dataclass

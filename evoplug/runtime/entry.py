@@ -259,8 +259,12 @@ def _twin_outside_the_graph(hook: "EntryHook", module, args, kwargs):
             f"entries per image ({now[0]} in this call, {then[0]} at the "
             "conversion): a compiled call with another count cannot take the twin converted "
             "for it. Call the model eagerly for such calls, or convert it at that count")
-    if len(args) == hook.num_args and kwargs.keys() == hook.kwargs and \
-            _shapes(key) != hook._key_shapes and key not in hook.runtime.variants:
+    if len(args) == hook.num_args and kwargs.keys() == hook.kwargs and (hook.runtime.drift or (
+            _shapes(key) != hook._key_shapes and key not in hook.runtime.variants)):
+        # (a value a forward set on a block at another size, other than its programs hold: the
+        # twin converted with it, at every size, as in an eager call; compiled, the drifted
+        # blocks ran their own forward until an eager call had converted it, until audit D1 of
+        # the forty-ninth session)
         hook.runtime.variant_for(key, hook._factory(), module, args, kwargs)
 
 
@@ -324,9 +328,11 @@ class EntryHook:
         if torch.compiler.is_compiling():
             self.runtime.compiled_entries += 1
             # (shapes are static while dynamo traces: at the conversion's size nothing is added to
-            # the graph; at another, a graph break builds the twin the blocks then take)
+            # the graph, unless a forward set a value on a block at another size: ``drift``; at
+            # another, a graph break builds the twin the blocks then take)
             if self.factory is not None and not torch.compiler.is_exporting() and (
-                    self.counts or len(args) == self.num_args and kwargs.keys() == self.kwargs and
+                    self.counts or self.runtime.drift or len(args) == self.num_args and
+                    kwargs.keys() == self.kwargs and
                     _shapes(input_key(args, kwargs, self.batch_dims)) != self._key_shapes):
                 _twin_outside_the_graph(self, module, args, kwargs)
             return

@@ -125,6 +125,10 @@ class BlockSpec:
     #                            its forward recorded sizes from (``self.H, self.W = H, W``
     #                            from ``x.shape``), where ``writes`` holds such a size: its
     #                            programs set those sizes, so they take tokens of that shape only
+    set_outside: Tuple[Tuple[str, Any], ...] = ()   # (name, value): the block's own plain
+    #                            attributes code outside it sets before its calls (a parent's
+    #                            ``blk.H, blk.W = H, W``), as its programs were traced with them:
+    #                            they take calls only while the block holds those values
     attributes: Tuple = (-1, ())   # a twin's block: (size of the model's block's __dict__,
     #                            its plain tensor attributes, its plain Python values) when
     #                            last followed (twins.py following)

@@ -15,7 +15,7 @@ from torch import nn
 from ..errors import AnalysisError, EvoplugError
 from .spec import _READ_OUTSIDE, BlockSpec, MapTokens, check_unchanged
 from .entry import input_key
-from .pairs import _MODULE_KEYS, is_plain
+from .pairs import _MODULE_KEYS, is_plain, same_value
 from .state import NOT_NOTED, EvoState, _in_backward
 
 
@@ -72,6 +72,14 @@ def bind(spec: BlockSpec, args, kwargs, strict: bool, twins: bool = False,
     if bound[0].is_nested:      # (the one attribute read on the common path)
         _tell_nested(spec)
         return None
+    if twins and spec.runtime.drift and not spec.runtime.entered():
+        # (where a forward set a value on some blocks at another size, the call runs the twin
+        # converted with it, every block, as the model's forward does: compiled, only the
+        # drifted blocks ran it, each from a state of its own, 0.5 off, until audit D1 of the
+        # forty-ninth session)
+        twin = _twin_taking(spec, args, kwargs)
+        if twin is not None:
+            return twin
     return bound
 
 
@@ -91,13 +99,17 @@ def _tell_nested(spec: BlockSpec):
                   "enable_nested_tensor=False to evolve padded batches", stacklevel=7)
 
 
-def _bound(spec: BlockSpec, args, kwargs, whole: bool = True):
+def _bound(spec: BlockSpec, args, kwargs, whole: bool = True, held: Optional[nn.Module] = None):
     """``spec.call.bind``, and for a map block its map checked against the conversion's (the
     programs' window indices and map views are that map's): AnalysisError if either differs.
     So are the tokens' shape where the block records sizes from it (``writes_at``), unless the
     call's tokens are not all of them (not ``whole``: a segment's, handed on in the model's
-    forward at the size of the block's conversion)."""
+    forward at the size of the block's conversion), and the values a parent sets on the block
+    (``set_outside``) that ``held`` holds (the model's block, of which ``spec``'s is a twin's;
+    default the block itself)."""
     bound = spec.call.bind(spec.name, args, kwargs)
+    if spec.set_outside:
+        _check_set_outside(spec, held)
     drifted = spec.drifted() if spec.runtime.drift else None
     if drifted is not None:
         # (its programs ran the value they were traced with: transformers' Swin, called at 32
@@ -133,6 +145,30 @@ def _bound(spec: BlockSpec, args, kwargs, whole: bool = True):
     return bound
 
 
+def _check_set_outside(spec: BlockSpec, held: Optional[nn.Module]):
+    """AnalysisError where the block (``held``: the model's, when ``spec`` is a twin's) holds
+    another value of an attribute a parent sets on it before each call (``blk.H, blk.W = H,
+    W``) than its programs were traced with: they run that value (a depthwise conv's reshape to
+    the conversion's map). A compiled call at another input size ran the model's programs, a
+    raw reshape error, until audit D1 of the forty-ninth session: dynamo skips the entry hook
+    that gives the model's eager calls their twin; so did a block called directly at another
+    size."""
+    block = held if held is not None else _block_of(spec)
+    for name, value in spec.set_outside if block is not None else ():
+        now = vars(block).get(name, _NONE)
+        if not same_value(now, value):
+            raise AnalysisError(spec.name, f"its attribute `{name}`, which code outside it "
+                                f"sets before its calls (a parent's `blk.{name} = ...`), is "
+                                f"{now!r}, and its programs were traced with {value!r}", sized=True)
+
+
+def _block_of(spec: BlockSpec) -> Optional[nn.Module]:
+    """The block ``spec`` is the spec of (the first module its programs traced into), None for
+    a spec without them."""
+    own = spec.traced[0] if spec.traced else None
+    return own[3] if own is not None and own[0] is None else None
+
+
 def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional[nn.Module]:
     """The block of a size twin (runtime/entry.py SizeVariant) whose program takes this call,
     with the twin's modes synced; None if none. Where the block's trailing special tokens follow
@@ -145,7 +181,7 @@ def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional
         if variant.stale() or (spec.suffix_from and twin._evoplug_spec.num_suffix != spec.num_suffix):
             continue                # (a stale one: the next call of the model converts anew)
         try:
-            _bound(twin._evoplug_spec, args, kwargs)
+            _bound(twin._evoplug_spec, args, kwargs, held=_block_of(spec))
         except AnalysisError:
             continue
         variant.sync()
@@ -470,7 +506,7 @@ def _sticky_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
         return None
     twin = variant.blocks[spec.index]
     try:
-        _bound(twin._evoplug_spec, args, kwargs)
+        _bound(twin._evoplug_spec, args, kwargs, held=_block_of(spec))
     except AnalysisError:
         local.direct = None
         return None
