@@ -724,16 +724,10 @@ class EvoRuntime:
         entry = self._entry(x, self._ran)
         if entry is not None:
             return entry[1]
-        todo, seen = collections.deque([x.grad_fn]), set()
-        while todo and len(seen) < _MAX_GRAPH_SEARCH:
-            fn = todo.popleft()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
+        for fn in _upstream(x.grad_fn):
             ran = fn.metadata.get(_RAN_KEY)
             if ran is not None and ran[0]() is self:
                 return NOT_NOTED if ran[1] is None else ran[1]
-            todo.extend(f for f, _ in fn.next_functions)
         return NOT_NOTED
 
     def record_checkpointed(self, state: EvoState, index: int):
@@ -754,14 +748,8 @@ class EvoRuntime:
         entry = self._entry(t)
         if entry is not None:
             return entry[1]
-        todo = collections.deque([t.grad_fn])
-        seen = set()
         leaves = [t]
-        while todo and len(seen) < _MAX_GRAPH_SEARCH:
-            fn = todo.popleft()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
+        for fn in _upstream(t.grad_fn):
             state = fn.metadata.get(_GRAD_FN_KEY)
             if state is not None:
                 return state
@@ -771,7 +759,6 @@ class EvoRuntime:
                 return entry[1]
             if isinstance(var, torch.Tensor):
                 leaves.append(var)
-            todo.extend(f for f, _ in fn.next_functions)
         entries = (self._entry(leaf, self._checkpointed) for leaf in leaves)
         return next((e[1] for e in entries if e is not None and e[2] == index), None)
 
@@ -781,6 +768,19 @@ class EvoRuntime:
         except RuntimeError:
             return None
         return entry if entry is not None and entry[0]() is not None else None
+
+
+def _upstream(fn):
+    """The autograd nodes from ``fn`` up the graph, breadth first, each once (at most
+    ``_MAX_GRAPH_SEARCH`` of them)."""
+    todo, seen = collections.deque([fn]), set()
+    while todo and len(seen) < _MAX_GRAPH_SEARCH:
+        fn = todo.popleft()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        yield fn
+        todo.extend(f for f, _ in fn.next_functions)
 
 
 def _remember(store: dict, t: torch.Tensor, *values):
