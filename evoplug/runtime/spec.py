@@ -232,7 +232,7 @@ class BlockSpec:
             drift = self.runtime.drift
             for k, v in scalars:
                 now = d.get(k, _GONE)
-                if not same_value(now, v):
+                if now is not v and not same_value(now, v):   # (`is` first: per call)
                     where = f"{path}.{k}" if path else k
                     if drift and _same(drift.get((self.index, where), _GONE), now):
                         continue
