@@ -160,8 +160,9 @@ def test_swin_windowed_map_blocks_evolve():
     """Swin: blocks take (B, H, W, C) maps with (shifted) windows. The windows run on the
     exact full map; the MLP on the kept tokens; the global row is each window's mean-query
     attention mapped back to its tokens. The last stage (one 7x7 window = global attention)
-    runs its attention on the kept tokens too."""
-    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False).eval()
+    runs its attention on the kept tokens too. (Narrowed, embed_dim 48: Swin-T's blocks, grids
+    and windows at a quarter of its linear FLOPs.)"""
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, embed_dim=48).eval()
     x = torch.randn(2, 3, 224, 224)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     blocks = evoplug.get_report(fast).blocks
@@ -179,7 +180,7 @@ def test_swin_windowed_map_blocks_evolve():
 
 def test_swin_window_rows_rank_tokens_and_train():
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
-                              drop_path_rate=0.1)
+                              drop_path_rate=0.1, embed_dim=48)
     x = torch.randn(2, 3, 224, 224)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     fast.eval()
@@ -196,7 +197,7 @@ def test_swin_window_rows_rank_tokens_and_train():
 
 def test_swin_features_only_keeps_every_map():
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False,
-                              features_only=True).eval()
+                              features_only=True, embed_dim=48).eval()
     x = torch.randn(2, 3, 224, 224)
     _assert_feature_maps_kept(model, evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]), x)
 
@@ -339,7 +340,7 @@ def test_swin_window_index_matches_timm_window_partition(name):
     shift + window partition of the token map. Swinv2's qkv is ``F.linear`` with a bias made
     by ``torch.cat`` (a function, not a module, on the way to the keys)."""
     from timm.models.swin_transformer import window_partition
-    model = timm.create_model(name, pretrained=False).eval()
+    model = timm.create_model(name, pretrained=False, embed_dim=48).eval()     # (narrowed)
     fast = evoplug.convert(model, keep_ratio=0.5)
     x = evoplug.example_input(model)
     with torch.no_grad():
