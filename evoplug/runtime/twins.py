@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AnalysisError, EvoplugError
 from .spec import _READ_OUTSIDE, BlockSpec, MapTokens, check_unchanged
-from .entry import input_key
+from .entry import _value, input_key
 from .pairs import _MODULE_KEYS, is_plain, same_value
 from .state import NOT_NOTED, EvoState, _in_backward
 
@@ -155,7 +155,7 @@ def _check_set_outside(spec: BlockSpec, held: Optional[nn.Module]):
     size."""
     block = held if held is not None else _block_of(spec)
     for name, value in spec.set_outside if block is not None else ():
-        now = vars(block).get(name, _NONE)
+        now = _value(block, name, _NONE)        # (``dw.H``: a parent's ``blk.dw.H = H``)
         if not same_value(now, value):
             raise AnalysisError(spec.name, f"its attribute `{name}`, which code outside it "
                                 f"sets before its calls (a parent's `blk.{name} = ...`), is "
