@@ -1714,6 +1714,25 @@ def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_i
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_calls_dense():
+    """keep 1.0 on the identity fast path, converted at 48 px and compiled: a first call at 32
+    px, where the last two blocks halve their gain for good, ran the model's own blocks, which
+    set it with no record of it, and every eager call after, at any size, was refused
+    ("`blocks.2`: `gain` (EvoBlock) changed from 1.0 to 0.5 after conversion"; audit D1 of the
+    fiftieth session; transformers' Swin so after its shift). The compiled blocks run the twin
+    converted for the call, as eager ones do: every call is the dense model's."""
+    torch._dynamo.reset()
+    model = _SettlingViT(steady=2)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 48, 48))
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        for call, size in ((compiled, 32), (fast, 32), (fast, 48), (compiled, 48)):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(call(x), dense(x), rtol=1e-5, atol=1e-5)
+            assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5, 0.5]
+
+
 class _SizedConv(torch.nn.Module):
     """A depthwise conv on tokens, which it shapes into the map whose size a parent sets on it
     (``blk.dw.H, blk.dw.W = H, W``)."""
