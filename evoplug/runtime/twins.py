@@ -191,19 +191,20 @@ def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional
     return None
 
 
-def compiled_own_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
-    """Compiled, a block that runs its own forward (keep 1.0 on the identity fast path, a dense
-    block): the block of the twin that takes the call where its own programs do not, or where
-    a forward set a value on a block at another size (``drift``), as :func:`bind` finds one for
-    an evolving block and an eager call of the model runs one (dynamo skips the entry hook that
-    gives it: :func:`size_twin`). Its own forward on the model's block set what the dense block
-    sets at that size (a gain, Swin's shift) there, with no twin's record of it (``drift``,
-    :func:`set_back`): the next eager call refused it as a change made after conversion, at
-    every size, until audit D1 of the fiftieth session. None: the block runs its own forward."""
-    rt = spec.runtime
-    if not rt.variants or torch.compiler.is_exporting() or spec.hooked():
+def own_forward_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """Outside the model's eager forward (compiled: dynamo skips the entry hook that gives an
+    eager call of another size its twin, :func:`size_twin`; a frame dynamo runs uncompiled past
+    its recompile limit; a method called directly), a block that runs its own forward (keep
+    1.0 on the identity fast path, a dense block): the block of the twin that takes the call
+    where its own programs do not, or where a forward set a value on a block at another size
+    (``drift``), as :func:`bind` finds one for an evolving block. Its own forward on the
+    model's block set what the dense block sets at that size (a gain, Swin's shift) there, with
+    no twin's record of it (``drift``, :func:`set_back`): the next eager call refused it as a
+    change made after conversion, at every size, until audit D1 of the fiftieth session. None:
+    the block runs its own forward."""
+    if torch.compiler.is_exporting() or spec.hooked():
         return None
-    if not rt.drift:
+    if not spec.runtime.drift:
         try:
             _bound(spec, args, kwargs)
             return None
