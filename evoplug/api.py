@@ -417,16 +417,20 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
 
 
 def _set_outside(block: nn.Module, writes, set_by) -> tuple:
-    """(name, value) of the block's own plain attributes that code outside it set at the
-    calibration (a parent's ``blk.H, blk.W = H, W`` before each call; ``set_by``: analyse/writes.py
+    """(name, value) of the plain attributes of the block and of the modules it traced into
+    that code outside it set at the calibration (a parent's ``blk.H, blk.W = H, W`` before each
+    call, or ``blk.dw.H = H``: name ``dw.H``; ``set_by``: analyse/writes.py
     ``recorded_assignments``), with the value its programs were traced with (``writes``): they
-    take calls only while the block holds that value (runtime/twins.py ``_bound``)."""
+    take calls only while the block holds that value (runtime/twins.py ``_bound``). A value set
+    on a submodule was left out until audit D3 of the fiftieth session: a compiled call at
+    another size ran the programs' reshape to the conversion's map (a raw error), or was
+    refused as the user's change."""
     inside = {id(m) for m in block.modules()}
     found = []
     for path, name, value in writes:
-        who = (set_by or {}).get((id(vars(block)), name)) if not path else None
+        who = (set_by or {}).get((id(vars(block.get_submodule(path) if path else block)), name))
         if who and not who & inside:
-            found.append((name, value))
+            found.append((f"{path}.{name}" if path else name, value))
     return tuple(found)
 
 

@@ -1714,29 +1714,68 @@ def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_i
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_calls_dense():
+    """keep 1.0 on the identity fast path, converted at 48 px and compiled: a first call at 32
+    px, where the last two blocks halve their gain for good, ran the model's own blocks, which
+    set it with no record of it, and every eager call after, at any size, was refused
+    ("`blocks.2`: `gain` (EvoBlock) changed from 1.0 to 0.5 after conversion"; audit D1 of the
+    fiftieth session; transformers' Swin so after its shift). The compiled blocks run the twin
+    converted for the call, as eager ones do: every call is the dense model's."""
+    torch._dynamo.reset()
+    model = _SettlingViT(steady=2)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 48, 48))
+    compiled = torch.compile(fast, backend="eager")
+    with torch.no_grad():
+        for call, size in ((compiled, 32), (fast, 32), (fast, 48), (compiled, 48)):
+            x = torch.randn(2, 3, size, size)
+            torch.testing.assert_close(call(x), dense(x), rtol=1e-5, atol=1e-5)
+            assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5, 0.5]
+
+
+class _SizedConv(torch.nn.Module):
+    """A depthwise conv on tokens, which it shapes into the map whose size a parent sets on it
+    (``blk.dw.H, blk.dw.W = H, W``)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, 1, 1, groups=c)
+        self.H = self.W = 0
+
+    def forward(self, h):
+        B, N, C = h.shape
+        return self.conv(h.transpose(1, 2).reshape(B, C, self.H, self.W)).flatten(2).transpose(1, 2)
+
+
 class _ParentSizedBlock(torch.nn.Module):
     """A PVT-style block whose parent sets its map's size on it before each call, which a
     depthwise conv in its MLP reads; ``form``: as ints (``blk.H, blk.W = H, W``), a list or a
-    ``torch.Size`` (``blk.hw``, where ``__init__`` set a tuple) or a SimpleNamespace."""
+    ``torch.Size`` (``blk.hw``, where ``__init__`` set a tuple), a SimpleNamespace, or as ints
+    on the conv, a submodule (``"submodule"``: ``blk.dw.H, blk.dw.W = H, W``)."""
 
     def __init__(self, dim: int = 32, form: str = "ints"):
         super().__init__()
         self.norm1, self.attn = torch.nn.LayerNorm(dim), QKVAttention(dim)
         self.norm2 = torch.nn.LayerNorm(dim)
         self.fc1, self.fc2 = torch.nn.Linear(dim, 2 * dim), torch.nn.Linear(2 * dim, dim)
-        self.dw = torch.nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim)
+        self.dw = _SizedConv(2 * dim) if form == "submodule" else \
+            torch.nn.Conv2d(2 * dim, 2 * dim, 3, 1, 1, groups=2 * dim)
         self.H = self.W = 0
         self.form, self.hw = form, types.SimpleNamespace(H=0, W=0) if form == "namespace" else (0, 0)
 
     def size(self):
-        return (self.H, self.W) if self.form == "ints" else \
+        return (self.H, self.W) if self.form == "ints" else (self.dw.H, self.dw.W) \
+            if self.form == "submodule" else \
             (self.hw.H, self.hw.W) if self.form == "namespace" else tuple(self.hw)
 
     def forward(self, x):
         x = x + self.attn(self.norm1(x))
         h = self.fc1(self.norm2(x))
         B, N, C = h.shape
-        h = self.dw(h.transpose(1, 2).reshape(B, C, *self.size())).flatten(2).transpose(1, 2)
+        if self.form == "submodule":
+            h = self.dw(h)
+        else:
+            h = self.dw(h.transpose(1, 2).reshape(B, C, *self.size())).flatten(2).transpose(1, 2)
         return x + self.fc2(torch.nn.functional.gelu(h))
 
 
@@ -1757,6 +1796,8 @@ class _ParentSizedViT(torch.nn.Module):
         for blk in self.blocks:
             if blk.form == "ints":
                 blk.H, blk.W = H, W
+            elif blk.form == "submodule":
+                blk.dw.H, blk.dw.W = H, W
             else:
                 blk.hw = {"namespace": lambda: types.SimpleNamespace(H=H, W=W), "list": lambda: [H, W],
                           "size": lambda: torch.Size([H, W])}[blk.form]()
@@ -1793,16 +1834,22 @@ def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it(form):
                     assert 0 < ran < (size // 8) ** 2
 
 
-def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_blocks_size():
+@pytest.mark.parametrize("form", ["ints", "submodule"])
+def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_blocks_size(form):
     """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px and
     compiled: at 48 px the model's blocks took the call (dynamo skips the entry hook that gives
     an eager call the twin) and ran their programs, traced with the conversion's size, a raw
     reshape error (audit D1 of the forty-ninth session); so did a block called directly. The
     programs take a call only while the block holds the values they were traced with: the
-    compiled call runs the twin's blocks, as the eager call does, and a block called directly
-    at a size no twin exists for runs its own forward, warned."""
+    compiled call runs the twin's blocks, as the eager call does (keep 1.0 off the fast path:
+    the dense model), and a block called directly at a size no twin exists for runs its own
+    forward, warned. So where the parent sets the size on a submodule of the block
+    (``blk.dw.H, blk.dw.W = H, W``): until audit D3 of the fiftieth session the compiled call
+    was refused as a change after conversion ("`dw.H` changed from 4 to 6") or raised torch's
+    raw TorchRuntimeError (keep 1.0 off the fast path too), and the block called directly a raw
+    RuntimeError."""
     torch._dynamo.reset()
-    model = _ParentSizedViT()
+    model = _ParentSizedViT(form=form)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     compiled = torch.compile(fast, backend="eager")
@@ -1810,14 +1857,18 @@ def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_b
         for size in (32, 48):
             x = torch.randn(2, 3, size, size)
             out = compiled(x)
-            assert (fast.blocks[3].H, fast.blocks[3].W) == (size // 8,) * 2
+            assert tuple(fast.blocks[3].size()) == (size // 8,) * 2
             assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.3"] < (size // 8) ** 2
             torch.testing.assert_close(out, fast(x), rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(compiled(x), dense(x), rtol=1e-5, atol=1e-5)
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
         t = torch.randn(2, 25, 32)
         for m in (fast, dense):
-            m.blocks[1].H = m.blocks[1].W = 5
-        with pytest.warns(UserWarning, match=r"its attribute `H`, which code outside it .* is "
-                                             r"5, .* traced with 4: `blocks.1` runs its original"):
+            sized = m.blocks[1].dw if form == "submodule" else m.blocks[1]
+            sized.H = sized.W = 5
+        with pytest.warns(UserWarning, match=r"its attribute `(dw\.)?H`, which code outside it .* "
+                                             r"is 5, .* traced with 4: `blocks.1` runs its original"):
             out = fast.blocks[1](t)
         torch.testing.assert_close(out, dense.blocks[1](t), rtol=1e-5, atol=1e-5)
 

@@ -28,7 +28,8 @@ from .gather import gather_extras
 from .programs import set_on
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
-from .twins import bind, check_suffix_count, following, note_ran, set_back, size_twin
+from .twins import (bind, check_suffix_count, following, note_ran, own_forward_twin, set_back,
+                    size_twin)
 
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
@@ -282,10 +283,7 @@ class EvoBlockMixin:
         opt = plan.options
         segment = state is not None and state.segment is not None
         if not segment and _runs_own_forward(spec, role, opt):
-            # the block's own forward (hooks of its submodules fire as always); an evolving
-            # block passes the state on unchanged
-            spec.tokens_run = -1
-            return spec.orig_class.forward(self, *args, **kwargs)
+            return self._own_forward(args, kwargs, twins=not recompute)
         if spec.suffix_from and not recompute:
             check_suffix_count(spec)
         bound = bind(spec, args, kwargs, strict=segment, twins=not recompute, state=state)
@@ -336,6 +334,20 @@ class EvoBlockMixin:
         if not recompute:
             rt.leave(new)
         return out if spec.returns is None else spec.returns((out, *rest))
+
+    def _own_forward(self, args, kwargs, twins: bool):
+        """The block's own forward (hooks of its submodules fire as always; an evolving block
+        passes the state on unchanged); outside the model's eager forward (compiled, or a
+        method called directly: ``twins``, not a recomputation in backward) at a twin's size,
+        the twin's block runs it (twins.py ``own_forward_twin``), as in an eager call of the
+        model."""
+        spec = self._evoplug_spec
+        twin = own_forward_twin(spec, args, kwargs) if twins and spec.runtime.variants and \
+            not spec.runtime.entered() else None
+        if twin is not None:
+            return _twin_ran(self, twin, args, kwargs)
+        spec.tokens_run = -1
+        return spec.orig_class.forward(self, *args, **kwargs)
 
     def _evolve(self, x: torch.Tensor, extras, program, state: EvoState, role: str, opt: EvoOptions):
         """One block on tokens ``x`` (B, N, C) in the original order, from ``state``: (output

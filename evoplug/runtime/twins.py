@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import AnalysisError, EvoplugError
 from .spec import _READ_OUTSIDE, BlockSpec, MapTokens, check_unchanged
-from .entry import input_key
+from .entry import _value, input_key
 from .pairs import _MODULE_KEYS, is_plain, same_value
 from .state import NOT_NOTED, EvoState, _in_backward
 
@@ -155,7 +155,7 @@ def _check_set_outside(spec: BlockSpec, held: Optional[nn.Module]):
     size."""
     block = held if held is not None else _block_of(spec)
     for name, value in spec.set_outside if block is not None else ():
-        now = vars(block).get(name, _NONE)
+        now = _value(block, name, _NONE)        # (``dw.H``: a parent's ``blk.dw.H = H``)
         if not same_value(now, value):
             raise AnalysisError(spec.name, f"its attribute `{name}`, which code outside it "
                                 f"sets before its calls (a parent's `blk.{name} = ...`), is "
@@ -189,6 +189,28 @@ def _twin_taking(spec: BlockSpec, args, kwargs, sticky: bool = True) -> Optional
             spec.runtime._local.direct = (variant, spec.index)      # (see _sticky_twin)
         return twin
     return None
+
+
+def own_forward_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
+    """Outside the model's eager forward (compiled: dynamo skips the entry hook that gives an
+    eager call of another size its twin, :func:`size_twin`; a frame dynamo runs uncompiled past
+    its recompile limit; a method called directly), a block that runs its own forward (keep
+    1.0 on the identity fast path, a dense block): the block of the twin that takes the call
+    where its own programs do not, or where a forward set a value on a block at another size
+    (``drift``), as :func:`bind` finds one for an evolving block. Its own forward on the
+    model's block set what the dense block sets at that size (a gain, Swin's shift) there, with
+    no twin's record of it (``drift``, :func:`set_back`): the next eager call refused it as a
+    change made after conversion, at every size, until audit D1 of the fiftieth session. None:
+    the block runs its own forward."""
+    if torch.compiler.is_exporting() or spec.hooked():
+        return None
+    if not spec.runtime.drift:
+        try:
+            _bound(spec, args, kwargs)
+            return None
+        except AnalysisError:
+            pass
+    return _twin_taking(spec, args, kwargs)
 
 
 def check_suffix_count(spec: BlockSpec):
