@@ -2460,9 +2460,12 @@ def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refuse
     """``if h.requires_grad: h = h * 1.1`` in a forward: refused as gradient checkpointing
     inside the block (MMPretrain's ``with_cp=True``) until audit M2 of the forty-ninth session,
     which it is not; it is refused naming the block and the branch. A forward that checkpoints
-    on that branch is still told to build the model without it."""
+    on that branch is still told to build the model without it; one that tests its flag after
+    the tokens (``if x.requires_grad and self.with_cp``), the flag off, is told to test the flag
+    first, which converts (it was told to build the model with the flag off, which it was,
+    until audit D7 of the fiftieth session)."""
     import torch.utils.checkpoint
-    for checkpoints in (False, True):
+    for form in ("branches", "checkpoints", "flag_after", "flag_first"):
         model = sharp_tiny_vit()
         for blk in model.blocks:
             class Branches(type(blk)):
@@ -2476,9 +2479,29 @@ def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refuse
                     if x.requires_grad:
                         return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
                     return super().forward(x)
-            blk.__class__ = Checkpoints if checkpoints else Branches
-        said = r"`blocks\.0`.*" + (r"x\.requires_grad` \(gradient checkpointing.*with_cp=False" if checkpoints
-                                    else r"branches on whether its tokens require gradients \(`x\.requires_grad`")
+
+            class FlagAfter(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if x.requires_grad and self.with_cp:
+                        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+                    return super().forward(x)
+
+            class FlagFirst(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if self.with_cp and x.requires_grad:
+                        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+                    return super().forward(x)
+            blk.__class__ = {"branches": Branches, "checkpoints": Checkpoints, "flag_after": FlagAfter,
+                             "flag_first": FlagFirst}[form]
+            blk.with_cp = False
+        if form == "flag_first":
+            evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+            continue
+        said = r"`blocks\.0`.*" + {
+            "branches": r"branches on whether its tokens require gradients \(`x\.requires_grad`",
+            "checkpoints": r"x\.requires_grad` \(gradient checkpointing.*with_cp=False",
+            "flag_after": r"x\.requires_grad` \(gradient checkpointing.*`self\.with_cp` is False "
+                          r"already.*`if self\.with_cp and x\.requires_grad:`"}[form]
         with pytest.raises(evoplug.ConversionError, match=said):
             evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 
