@@ -408,7 +408,8 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None,
         writes_at=tuple(x.shape[1:]) if sizes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
-    spec.writes = traced_writes(spec.traced, volatile)
+    leaf_writes, spec.leaf_values = _leaf_state(module, a.leaf_paths, volatile, set_by)
+    spec.writes = traced_writes(spec.traced, volatile) + leaf_writes
     spec.set_outside = _set_outside(module, spec.writes, set_by)
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
@@ -456,6 +457,34 @@ def _with_recorded(volatile, block: nn.Module, recorded, set_by=None) -> dict:
         m = block.get_submodule(path) if path else block
         out[id(m)] = {**out.get(id(m), {}), name: value}
     return out
+
+
+def _leaf_state(block: nn.Module, leaf_paths, volatile, set_by) -> Tuple[tuple, tuple]:
+    """Of the modules the programs call whole (``leaf_paths``, and those inside them): (the
+    plain values the block's traced code set on them at the calibration, ``self.scale.g =
+    0.5``, as (path, name, value): its programs set them too, before they call the module,
+    which reads them live (BlockSpec.writes); the other plain values they hold now, as (path,
+    name, value), but those their own code set (a counter): where the block's code reads one,
+    its programs hold that value (BlockSpec.leaf_values)). The programs set none until audit D6
+    of the fiftieth session: a `Scale` whose `g` the block's forward set held `__init__`'s
+    value, 3.45 off the dense model at keep 1.0 off the fast path."""
+    leaves = [p for p in leaf_paths if p]
+    under = lambda path: any(path == p or path.startswith(p + ".") for p in leaves)   # noqa: E731
+    named = list(block.named_modules(remove_duplicate=False))
+    code = {id(m) for path, m in named if not under(path)}      # (whose code the trace ran)
+    writes, values, seen = [], [], set()
+    for path, m in named:
+        if not under(path) or id(m) in seen:
+            continue
+        seen.add(id(m))
+        set_here = (volatile or {}).get(id(m), {})
+        for k, v in plain_attributes(m).items():
+            who = (set_by or {}).get((id(vars(m)), k), set())
+            if who & code and k in set_here:
+                writes.append((path, k, set_here[k]))
+            elif not who:
+                values.append((path, k, v))
+    return tuple(writes), tuple(values)
 
 
 @contextlib.contextmanager

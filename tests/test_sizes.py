@@ -1589,6 +1589,71 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
         torch.testing.assert_close(fast(x48), afresh(x48), rtol=1e-5, atol=1e-5)
 
 
+class _Scale(torch.nn.Module):
+    """``x * self.g``: a module the programs call whole, which reads its ``g`` at run time."""
+
+    def __init__(self):
+        super().__init__()
+        self.g = 1.0
+
+    def forward(self, x):
+        return x * self.g
+
+
+class _LeafSettlingBlock(_KindSettlingBlock):
+    """:class:`_KindSettlingBlock`'s gain set by the block's forward on a module its programs
+    call whole: ``self.scale.g``, which :class:`_Scale` reads (``kind`` "module_reads"), or
+    ``self.norm2.gain`` on its LayerNorm, which the block's own code reads ("block_reads")."""
+
+    def _set(self, g: float):
+        if self.kind == "module_reads":
+            if "scale" not in self._modules:
+                self.scale = _Scale()
+            self.scale.g = g
+        else:
+            self.norm2.gain = g
+
+    def read(self):
+        return self.scale.g if self.kind == "module_reads" else self.norm2.gain
+
+    def forward(self, x, H, W):
+        if min(H, W) <= 4:
+            self._set(0.5)
+        elif min(H, W) >= 8:
+            self._set(1.0)
+        x = x + self.attn(self.norm1(x))
+        if self.kind == "module_reads":
+            return x + self.scale(self.mlp(self.norm2(x)))
+        return x + self.norm2.gain * self.mlp(self.norm2(x))
+
+
+@pytest.mark.parametrize("kind,at", [("module_reads", 32), ("block_reads", 32), ("block_reads", 48)])
+def test_a_value_a_block_sets_on_a_module_its_programs_call_whole_follows_the_dense_model(kind, at):
+    """A value the block's forward sets on a module its programs call whole (a norm, a
+    `Scale`), read by that module's forward or by the block's own code, converted at ``at`` px
+    and called at 48, 32 and 48 px (keep 1.0 off the fast path: the programs). Until audit
+    D5/D6 of the fiftieth session the programs neither set it nor noted it: at the conversion's
+    size the module kept `__init__`'s value (3.45 off the dense model), a twin's value stayed
+    where the programs traced with the old one ran (2.38 off), and a twin traced before the
+    value changed kept it (1.66 off)."""
+    class LeafViT(_SettlingViT):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(1)
+            self.blocks = _sharpened(_LeafSettlingBlock(kind) for _ in range(4))
+            self.eval()
+    model = LeafViT()
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False,
+                           example_input=torch.randn(1, 3, at, at))
+    with torch.no_grad():
+        for size in (48, 32, 48):
+            x = torch.randn(2, 3, size, size)
+            out, ref = fast(x), dense(x)
+            assert [blk.read() for blk in fast.blocks] == [blk.read() for blk in dense.blocks], size
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("kind", ["enum", "numpy", "dict_in_place", "list_in_place"])
 def test_a_value_of_any_kind_changed_by_hand_after_conversion_is_refused_by_name(kind):
     """The same values changed by the user after the conversion (not by a forward at another
@@ -2446,9 +2511,12 @@ def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refuse
     """``if h.requires_grad: h = h * 1.1`` in a forward: refused as gradient checkpointing
     inside the block (MMPretrain's ``with_cp=True``) until audit M2 of the forty-ninth session,
     which it is not; it is refused naming the block and the branch. A forward that checkpoints
-    on that branch is still told to build the model without it."""
+    on that branch is still told to build the model without it; one that tests its flag after
+    the tokens (``if x.requires_grad and self.with_cp``), the flag off, is told to test the flag
+    first, which converts (it was told to build the model with the flag off, which it was,
+    until audit D7 of the fiftieth session)."""
     import torch.utils.checkpoint
-    for checkpoints in (False, True):
+    for form in ("branches", "checkpoints", "flag_after", "flag_first"):
         model = sharp_tiny_vit()
         for blk in model.blocks:
             class Branches(type(blk)):
@@ -2462,9 +2530,29 @@ def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refuse
                     if x.requires_grad:
                         return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
                     return super().forward(x)
-            blk.__class__ = Checkpoints if checkpoints else Branches
-        said = r"`blocks\.0`.*" + (r"x\.requires_grad` \(gradient checkpointing.*with_cp=False" if checkpoints
-                                    else r"branches on whether its tokens require gradients \(`x\.requires_grad`")
+
+            class FlagAfter(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if x.requires_grad and self.with_cp:
+                        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+                    return super().forward(x)
+
+            class FlagFirst(type(blk)):
+                def forward(self, x, attn_mask=None):
+                    if self.with_cp and x.requires_grad:
+                        return torch.utils.checkpoint.checkpoint(super().forward, x, use_reentrant=False)
+                    return super().forward(x)
+            blk.__class__ = {"branches": Branches, "checkpoints": Checkpoints, "flag_after": FlagAfter,
+                             "flag_first": FlagFirst}[form]
+            blk.with_cp = False
+        if form == "flag_first":
+            evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+            continue
+        said = r"`blocks\.0`.*" + {
+            "branches": r"branches on whether its tokens require gradients \(`x\.requires_grad`",
+            "checkpoints": r"x\.requires_grad` \(gradient checkpointing.*with_cp=False",
+            "flag_after": r"x\.requires_grad` \(gradient checkpointing.*`self\.with_cp` is False "
+                          r"already.*`if self\.with_cp and x\.requires_grad:`"}[form]
         with pytest.raises(evoplug.ConversionError, match=said):
             evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
 

@@ -126,13 +126,33 @@ def requires_grad_branch(tensor, frame) -> str:
     if any("checkpoint" in n or n == "with_cp" for n in names):
         return (f"a Python branch on `{tensor}.requires_grad` (gradient checkpointing inside the "
                 "block, as MMPretrain's with_cp=True does): a trace cannot keep the "
-                "checkpointing. Build the model without it (with_cp=False) and checkpoint the "
-                "converted blocks from outside (torch.utils.checkpoint) if memory needs it")
+                "checkpointing. " + _checkpoint_way_out(tensor, frame, names))
     return (f"its forward branches on whether its tokens require gradients (`{tensor}."
             "requires_grad`, which follows the caller's gradient mode): a trace keeps one "
             "branch, which its program would run either way. Branch on `self.training` "
             "instead, or run the branch in a submodule registered with "
             "evoplug.register_leaf_module (run whole)")
+
+
+def _checkpoint_way_out(tensor, frame, names) -> str:
+    """The way out of a branch on ``tensor.requires_grad`` that checkpoints: where the block's
+    flag for it (a bool attribute of ``self`` the forward's code names: ``with_cp``,
+    ``use_checkpoint``) is off already, the branch tests the tokens first (``if
+    x.requires_grad and self.with_cp``), and the order that tests the flag first converts;
+    until audit D7 of the fiftieth session it was told to build the model with the flag off,
+    which it was."""
+    owner = frame.f_locals.get("self") if frame is not None else None
+    flag = next((n for n in names if isinstance(vars(owner).get(n) if hasattr(owner, "__dict__")
+                                                 else None, bool)
+                 and any(w in n for w in ("cp", "ckpt", "checkpoint"))), None)
+    if flag is not None and not getattr(owner, flag):
+        return (f"Its flag `self.{flag}` is False already, and the branch tests "
+                f"`{tensor}.requires_grad` first: test the flag first (`if self.{flag} and "
+                f"{tensor}.requires_grad:`), which converts with the flag off, and checkpoint the "
+                "converted blocks from outside (torch.utils.checkpoint) if memory needs it")
+    return ("Build the model without it (with_cp=False; a branch that tests the flag first, "
+            f"`if self.with_cp and {tensor}.requires_grad:`, then converts) and checkpoint the "
+            "converted blocks from outside (torch.utils.checkpoint) if memory needs it")
 
 
 def _same_node(a: fx.Node, b: fx.Node, at, tracer) -> bool:

@@ -156,7 +156,8 @@ class SizeVariant:
         self._blocks_at = None          # block index -> (the model's block, the twin's)
         # (the model's block's attributes, by name, that its forward sets at the conversion's
         # size, and the value the twin's programs hold of each: see stale)
-        self.watched = tuple((vars(orig), name, value) for orig, twin, _ in pairs
+        self.watched = tuple((vars(_owner(orig, name)), name.rpartition(".")[2], value)
+                             for orig, twin, _ in pairs
                              for name, value in _held(orig, twin, _written(orig)))
 
     def stale(self) -> bool:
@@ -213,9 +214,18 @@ _NONE = object()
 
 
 def _written(block) -> set:
-    """The names of the plain attributes a converted block's forward sets on itself."""
+    """The names of the plain attributes a converted block's forward sets on itself and its
+    submodules (dotted: ``mlp.0.gain``; a twin traced with another value of one, which the
+    block's code read as a constant, ran, 1.66 off, until audit D5 of the fiftieth session)."""
     spec = getattr(block, "_evoplug_spec", None)
-    return {name for path, name, _ in spec.writes if not path} if spec is not None else set()
+    return {f"{path}.{name}" if path else name for path, name, _ in spec.writes} \
+        if spec is not None else set()
+
+
+def _owner(block: nn.Module, name: str) -> nn.Module:
+    """The module that holds the attribute ``name`` of the block (dotted: of a submodule)."""
+    path = name.rpartition(".")[0]
+    return block.get_submodule(path) if path else block
 
 
 def _held(orig, twin, names):

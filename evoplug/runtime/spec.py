@@ -143,6 +143,11 @@ class BlockSpec:
     #                            and the modules it traced into (transformers' Swin sets its shift
     #                            to 0 for good when the map fits its window): its programs set
     #                            them too, as its forward would (replay_writes)
+    leaf_values: Tuple[Tuple[str, str, Any], ...] = ()   # (path, name, value): the plain
+    #                            attributes of the modules its programs call whole that no
+    #                            code set at the calibration, as the trace saw them (code of the
+    #                            block that reads one holds that value): a twin's forward that
+    #                            sets one (``writes``) notes it as ``drift`` (note_drift)
     state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
     #                            it traced into from its tokens (``self.attn_map = attn``): its
     #                            programs set them for the tokens they ran (set_written), and
@@ -262,7 +267,9 @@ class BlockSpec:
         sets, which they set too: ``writes``)."""
         path, _, key = name.rpartition(".")
         entry = next((e for e in self.traced if e[2] == path), None)
-        return next((v for k, v in entry[4] if k == key), default) if entry is not None else default
+        if entry is None:       # (a module its programs call whole)
+            return next((v for p, k, v in self.leaf_values if p == path and k == key), default)
+        return next((v for k, v in entry[4] if k == key), default)
 
     def note_set(self, name: str, value):
         """A twin's forward set ``value`` on this block's attribute ``name`` (twins.py
@@ -279,13 +286,25 @@ class BlockSpec:
         else:
             self.runtime.drift[self.index, name] = value
 
-    def note_drift(self):
+    def note_drift(self, block: Optional[nn.Module] = None, written=()):
         """After a twin's block ran a call: each traced plain value of the block and of the
         modules it traced into (which the twin's block shares) noted (:meth:`note_set`), a
         container changed in place too (``self.cfg["g"] = 0.5``). Until the forty-ninth session
         only the block's own values replaced by another object were: a forward that set
         ``self.attn.temp`` at another size was refused at the next call as the user's change,
-        and one that changed a dict in place ran the programs traced with the old value."""
+        and one that changed a dict in place ran the programs traced with the old value. So is
+        each value the twin's forward set (``written``: its ``writes``, (path, name, value)) on
+        a module ``block``'s programs call whole (``self.mlp[0].gain = 0.5``), which the block's
+        code may read as a constant (``leaf_values``): such a value stayed unnoted until audit
+        D5 of the fiftieth session, and the programs traced with the old one ran, 2.38 off."""
+        for path, k, _ in written:
+            if path and block is not None and self.traced_value(f"{path}.{k}", _GONE) is not _GONE:
+                try:
+                    now = vars(block.get_submodule(path)).get(k, _GONE)
+                except AttributeError:      # (a submodule removed since)
+                    continue
+                if now is not _GONE:
+                    self.note_set(f"{path}.{k}", now)
         for _, _, path, m, scalars, *_ in self.traced:
             d = m.__dict__
             for k, v in scalars:

@@ -392,7 +392,7 @@ def set_back(block: nn.Module, twin: nn.Module):
         if d.get(k, _NONE) is not v and (_synced(k, v) or _tensor(k, v, spec) or (
                 k in written and k not in _MODULE_KEYS)):
             setattr(block, k, v)
-    spec.note_drift()
+    spec.note_drift(block, twin._evoplug_spec.writes)
 
 
 def _tensor(name: str, value, spec: BlockSpec) -> bool:
