@@ -3,6 +3,7 @@ checkpointing, validation before anything is touched, prefix and class-token det
 mixing outside attention, hooks, run-time options, odd batches, clear refusals."""
 import contextlib
 import copy
+import dataclasses
 import random
 import re
 import threading
@@ -717,6 +718,53 @@ def test_a_block_that_skips_itself_at_random_is_refused(cls, source):
     fast = evoplug.convert(model, 0.5, example_input=x, strict=False)
     assert "blocks.3" not in [s.analysis.name for s in evoplug.get_report(fast).blocks]
     assert random.getstate() == state
+
+
+@dataclasses.dataclass(eq=False)
+class _ByIdentity:
+    """A dataclass compared by identity (``eq=False``): no value to follow."""
+    n: int
+
+
+class _Opaque:
+    """An object of a class of the model's own."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+class SetsPythonState(Block):
+    """Sets Python state no program can set at each call, as ``kind``: an object of its own
+    class or a dataclass compared by identity, set anew, or a count in a dict nested in a
+    dict."""
+
+    kind = "object"
+
+    def forward(self, x, attn_mask=None):
+        if self.kind == "nested_counter":
+            self.stats["inner"]["n"] += 1
+        else:
+            self.rec = (_Opaque if self.kind == "object" else _ByIdentity)(x.shape[1])
+        return super().forward(x, attn_mask=attn_mask)
+
+
+@pytest.mark.parametrize("kind,named", [("object", r"`rec` \(a _Opaque\)"),
+                                        ("dataclass_by_identity", r"`rec` \(a _ByIdentity\)"),
+                                        ("nested_counter", r"`stats\['inner'\]` \(a dict")])
+def test_python_state_a_block_sets_that_no_program_can_is_refused_by_name(kind, named):
+    """A forward that set an object of its own class, or a dataclass compared by identity, as an
+    attribute at each call (``self.rec = Rec(n)``), or counted in a dict nested in a dict
+    (``self.stats["inner"]["n"] += 1``), converted without a word until the fiftieth session:
+    no program set it, and the converted model kept the value from before the conversion.
+    Refused by name now (a dataclass compared with ``==``, and a nested dict a forward sets to
+    a value, are followed: tests/test_sizes.py
+    ``test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_block``)."""
+    model = _tiny(depth=2)
+    for blk in model.blocks:
+        blk.__class__, blk.kind, blk.rec, blk.stats = SetsPythonState, kind, None, {"inner": {"n": 0}}
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks.0`: .*" + named):
+        evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert (model.blocks[0].rec, model.blocks[0].stats) == (None, {"inner": {"n": 0}})
 
 
 def test_order_independent_mixing_outside_attention_is_refused():

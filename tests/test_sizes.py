@@ -1508,15 +1508,26 @@ class _Gain(enum.Enum):
     HALF = 0.5
 
 
+@dataclasses.dataclass(frozen=True)
+class _GainCfg:
+    gain: float
+
+
+@dataclasses.dataclass
+class _MutableGainCfg:
+    gain: float
+
+
 class _KindSettlingBlock(_SizeArgBlock):
     """:class:`_SettlingBlock`'s gain held as ``kind``: an enum member, a numpy scalar, a
-    plain tensor (not a buffer), an item of a dict or list changed in place, or an attribute of
-    its attention module (a module its programs trace into); halved at small maps (4 patches
-    a side or fewer), whole again at large ones (8 or more)."""
+    plain tensor (not a buffer), an item of a dict or list changed in place (of a dict nested
+    in one too), a dataclass (frozen or not) set anew, or an attribute of its attention module
+    (a module its programs trace into); halved at small maps (4 patches a side or fewer),
+    whole again at large ones (8 or more)."""
 
     def __init__(self, kind: str, dim: int = 32):
         super().__init__("ints", dim)
-        self.kind, self.cfg, self.gains = kind, {"gain": 1.0}, [1.0]
+        self.kind, self.cfg, self.gains = kind, {"gain": 1.0, "inner": {"gain": 1.0}}, [1.0]
         self._set(1.0)
 
     def _set(self, g: float):
@@ -1529,6 +1540,10 @@ class _KindSettlingBlock(_SizeArgBlock):
             self.gain = torch.tensor(g)
         elif self.kind == "dict_in_place":
             self.cfg["gain"] = g
+        elif self.kind == "nested_dict_in_place":
+            self.cfg["inner"]["gain"] = g
+        elif self.kind in ("dataclass", "mutable_dataclass"):
+            self.gain = (_GainCfg if self.kind == "dataclass" else _MutableGainCfg)(g)
         elif self.kind == "list_in_place":
             self.gains[0] = g
         else:
@@ -1537,7 +1552,9 @@ class _KindSettlingBlock(_SizeArgBlock):
     def read(self):
         return {"enum": lambda: self.gain.value, "numpy": lambda: float(self.gain),
                 "tensor": lambda: self.gain, "dict_in_place": lambda: self.cfg["gain"],
-                "list_in_place": lambda: self.gains[0], "submodule": lambda: self.attn.gain}[self.kind]()
+                "list_in_place": lambda: self.gains[0], "submodule": lambda: self.attn.gain,
+                "nested_dict_in_place": lambda: self.cfg["inner"]["gain"],
+                "dataclass": lambda: self.gain.gain, "mutable_dataclass": lambda: self.gain.gain}[self.kind]()
 
     def forward(self, x, H, W):
         if min(H, W) <= 4:
@@ -1557,7 +1574,8 @@ class _KindSettlingViT(_SettlingViT):
 
 
 @pytest.mark.parametrize("kind", ["enum", "numpy", "tensor", "dict_in_place", "list_in_place",
-                                  "submodule"])
+                                  "submodule", "nested_dict_in_place", "dataclass",
+                                  "mutable_dataclass"])
 def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_block(kind):
     """As :func:`test_a_setting_a_block_changes_at_another_size_reaches_the_models_block`, for
     a value of each kind a forward may set at another input size than the conversion's (48 px)
@@ -1566,9 +1584,12 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
     after 32, keep 1.0 on the fast path included), a dict or list changed in place ran the
     programs traced with the old value (3.1 off at keep 1.0 off the fast path), and an
     attribute of the attention module was refused at the next call as the user's change
-    ("`attn.gain` changed from 1.0 to 0.5 after conversion"). Now each follows the dense
-    model at keep 1.0 on and off the fast path, and at keep 0.5 the model runs as converted
-    afresh with it."""
+    ("`attn.gain` changed from 1.0 to 0.5 after conversion"). Until the fiftieth session so
+    was a dict nested in a dict changed in place (a twin's calibration left the model's so),
+    and a dataclass set anew (``self.gain = Cfg(0.5)``) was set by no program: the model's
+    block kept the one from before the conversion at every size (2.3 off at keep 1.0 off the
+    fast path). Now each follows the dense model at keep 1.0 on and off the fast path, and at
+    keep 0.5 the model runs as converted afresh with it."""
     if kind == "numpy":
         pytest.importorskip("numpy")
     model = _KindSettlingViT(kind)

@@ -56,7 +56,7 @@ from .probes import check_no_mixing_outside_attention, hooks_suspended
 from .residual import Branch, residual_branches
 from .snapshot import restore, snapshot
 from .trace import make_call_plan, mark_batch_specialised, trace_block
-from .writes import StateBeforeTrace, set_up_on_first_call
+from .writes import StateBeforeTrace, objects_set_by_forward, set_up_on_first_call
 
 
 @dataclasses.dataclass
@@ -220,6 +220,16 @@ _SET_UP_ON_FIRST_CALL = (
     "up, and the block converts")
 
 
+#: a block whose forward sets an attribute to a Python object no program sets
+#: (writes.objects_set_by_forward): the converted model would keep the one from before the
+#: conversion, without a word, until the fiftieth session
+_SETS_OBJECTS = (
+    "its forward sets {} at each call, a Python object evoplug cannot follow (its programs, "
+    "traced code, would not set it, and the model would keep the one from before the "
+    "conversion): set a plain value instead (a number, a tuple or named tuple, a dict, or a "
+    "dataclass of plain values compared with ==), or a tensor as an attribute of its own")
+
+
 def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, call: ModuleCall, calls):
     """Refuses a block whose forward changes Python state at each call (a dict, set or object
     its trace made gain a key, or a value it records, told by a second eager call), records its
@@ -237,6 +247,10 @@ def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, call: Module
                                                 for k in ("kept_state", "set_values", "set_by")))
     if set_up:
         raise AnalysisError(name, _SET_UP_ON_FIRST_CALL.format(", ".join(set_up)))
+    derived = getattr(calls, "derived", {})
+    objects = objects_set_by_forward(gm, module, derived.get("objects_set", {}), derived.get("set_by", {}))
+    if objects:
+        raise AnalysisError(name, _SETS_OBJECTS.format(", ".join(objects)))
 
 
 def refuse_python_state(name: str, gm: fx.GraphModule):

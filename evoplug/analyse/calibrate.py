@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_leaves
 
 from ..integrations import registry
 from ..runtime.pairs import is_plain
+from .writes import unfollowed
 
 ATTENTION_FUNCTIONS = {
     F.softmax, torch.softmax, torch.Tensor.softmax,
@@ -431,6 +432,7 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
     was_training = model.training
     model.eval()
     before = {id(m): plain_attributes(m) for m in model.modules()}
+    held = {id(m): dict(vars(m)) for m in model.modules()}       # (by identity: objects_set)
     try:
         with torch.no_grad(), _AttentionCounter(rec):
             if isinstance(example_input, (tuple, list)):
@@ -455,7 +457,23 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
         id(m): {k: v for k, v in plain_attributes(m).items()
                 if before.get(id(m), {}).get(k, _GONE) != v}
         for m in model.modules()}
+    calls.derived["objects_set"] = objects_set(model, held)
     return calls
+
+
+def objects_set(model: nn.Module, held: Dict[int, dict]) -> Dict[int, Tuple[str, ...]]:
+    """id(module) -> the names of the attributes the calibration's forward set to another
+    Python object than ``held`` ({id(module): its attributes before}) that no program can set
+    as it does (analyse/writes.py ``unfollowed``: an instance of a class of the model's code, a
+    dataclass compared by identity or holding a tensor): analyse/block.py refuses the block
+    whose own code set one."""
+    found = {}
+    for m in model.modules():
+        names = tuple(k for k, v in vars(m).items() if not k.startswith("_") and
+                      v is not held.get(id(m), {}).get(k) and unfollowed(v))
+        if names:
+            found[id(m)] = names
+    return found
 
 
 _GONE = object()

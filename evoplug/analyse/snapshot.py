@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from .writes import is_number
+from .writes import is_number, nested_containers
 
 #: torch's own bookkeeping in every module's ``__dict__`` (hooks, parameters, ...)
 _MODULE_INTERNALS = frozenset(vars(nn.Module())) | {"training"}
@@ -44,8 +44,11 @@ def snapshot(model: nn.Module) -> List[tuple]:
     """For every module: (module, its class, [(name, buffer or None, a copy of its values)], the
     non-persistent buffer names, its own attributes (containers as shallow copies, everything
     else by identity), {name: a copy of the values} of the attributes that are tensors, its
-    children's names, {hook dict: a copy}). Of a TorchScript module (``torch.jit.script``,
-    whose forward sets no Python attribute) the values of its buffers alone: its ``_modules``
+    children's names, {hook dict: a copy}, the containers nested in its containers, each with
+    a shallow copy: analyse/writes.py ``nested_containers``, put back in place too: a twin
+    built at another input size left a nested dict as its calibration had set it, and the next
+    call was refused as the user's change, until the fiftieth session). Of a TorchScript
+    module (``torch.jit.script``, whose forward sets no Python attribute) the values of its buffers alone: its ``_modules``
     and ``_buffers`` are TorchScript's, which cannot be iterated (a raw ``KeyError: 0`` until
     audit H4 of the forty-fourth session)."""
     from torch.nn.parameter import is_lazy
@@ -53,7 +56,7 @@ def snapshot(model: nn.Module) -> List[tuple]:
     for m in model.modules():
         if isinstance(m, torch.jit.ScriptModule):   # (a leaf: no Python state, no hooks)
             saved.append((m, type(m), [(k, b, b.detach().clone()) for k, b in
-                                       m.named_buffers(recurse=False)], set(), {}, {}, set(), {}))
+                                       m.named_buffers(recurse=False)], set(), {}, {}, set(), {}, []))
             continue
         attrs = own_state(m)
         saved.append((m, type(m),
@@ -64,8 +67,11 @@ def snapshot(model: nn.Module) -> List[tuple]:
                       {k: v.detach().clone() for k, v in attrs.items()
                        if isinstance(v, torch.Tensor) and not is_lazy(v)},
                       set(m._modules),
-                      {name: dict(vars(m)[name]) for name in CALL_HOOK_DICTS if name in vars(m)}))
+                      {name: dict(vars(m)[name]) for name in CALL_HOOK_DICTS if name in vars(m)},
+                      [(c, before) for _, c, before in nested_containers(attrs)]))
     return saved
+
+
 
 
 def _same(old, new) -> bool:
@@ -97,7 +103,7 @@ def restore(saved: List[tuple]):
     lazy module materialised) keeps its new state. Not seen: an object other than a tensor or
     a container changed in place, attributes in ``__slots__``, modules outside the module tree."""
     tensors = []
-    for m, cls, bufs, non_persistent, attrs, values, children, hooks in saved:
+    for m, cls, bufs, non_persistent, attrs, values, children, hooks, nested in saved:
         if type(m) is not cls:
             continue
         if isinstance(m, torch.jit.ScriptModule):   # (its buffers' values, in place)
@@ -109,6 +115,10 @@ def restore(saved: List[tuple]):
                 d.clear()
                 d.update(before)
         _put_back_attributes(m, attrs, children)
+        for c, before in nested:
+            if not _same(before, c):
+                c.clear()
+                c.extend(before) if isinstance(c, list) else c.update(before)
         tensors += [(vars(m), k, attrs[k], v) for k, v in values.items()]
         tensors += _put_back_buffers(m, bufs, non_persistent)
     _put_back(tensors)
@@ -171,7 +181,7 @@ def changed_tensors(saved: List[tuple], but: Optional[dict] = None) -> dict:
     mode."""
     from torch.nn.parameter import is_lazy
     found = {}
-    for m, cls, bufs, _, _, values, _, _ in saved:
+    for m, cls, bufs, _, _, values, _, _, _ in saved:
         if type(m) is not cls:
             continue
         before = {**{k: v for k, _, v in bufs if v is not None}, **values}
@@ -191,7 +201,7 @@ def changed_values(saved: List[tuple], but: Optional[dict] = None) -> dict:
     ``initialized`` flag, transformers' Swin's shift set to 0), but those in ``but`` (as
     :func:`changed_tensors`)."""
     found = {}
-    for m, cls, _, _, attrs, _, _, _ in saved:
+    for m, cls, _, _, attrs, _, _, _, _ in saved:
         if type(m) is not cls or isinstance(m, torch.jit.ScriptModule):
             continue
         names = tuple(k for k, v in own_state(m).items() if is_number(v) and k not in (but or {}).get(

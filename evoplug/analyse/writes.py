@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import enum
 import sys
 import threading
@@ -24,6 +25,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ..runtime.pairs import is_plain, plain_dataclass
 from ..runtime.spec import weights_only
 from .graph import depends_on_data, is_view, writes_in_place
 
@@ -145,6 +147,25 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
     return found
 
 
+def objects_set_by_forward(gm: fx.GraphModule, module: nn.Module, objects: dict, set_by: dict) -> List[str]:
+    """What of ``module``'s attributes (of the block and the modules the trace ran the Python
+    of, not those it called whole, which run their own) the block's code set, at the
+    calibration, to a Python object no program sets (``objects``: calibrate.py
+    ``objects_set``; ``set_by``: :func:`recorded_assignments`), named with its class: a
+    ``self.cfg = Cfg(H, W)`` of a class of the model's own, or of a dataclass compared by
+    identity. Dataclasses were not followed at all until the fiftieth session: the converted
+    model kept the value from before the conversion at every size, without a word."""
+    whole = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    inside = {id(m) for m in module.modules()} | {None}
+    found = []
+    for path, m in module.named_modules():
+        if any(path == p or path.startswith(p + ".") for p in whole):
+            continue
+        found += [f"`{path + '.' if path else ''}{k}` (a {type(getattr(m, k, None)).__name__})"
+                  for k in objects.get(id(m), ()) if set_by.get((id(vars(m)), k), {None}) & inside]
+    return found
+
+
 def _set_by_weight_hooks(m: nn.Module) -> set:
     """The names ``m``'s pre-hooks that set a weight from its own parameters (runtime/spec.py
     ``weights_only``: pruning's, ``spectral_norm``'s and ``weight_norm``'s hook forms) set at
@@ -188,10 +209,15 @@ class StateBeforeTrace:
                     seen.add(id(v))
                     inner = dict(vars(v))
                     self.held.append((f"{path}.{k}" if path else k, v, inner, _containers(inner)))
+        self.nested = [n for path, _, attrs, _ in self.held for n in nested_containers(
+            {(f"{path}.{k}" if path else k): v for k, v in attrs.items() if _own(k)})]
 
     def restore_containers(self):
         """The containers put back as they were, the same objects (one a cache holds), and the
-        plain objects' attributes."""
+        plain objects' attributes, and the containers nested in them."""
+        for _, c, copy_ in self.nested:
+            c.clear()
+            c.extend(copy_) if isinstance(c, (list, collections.deque)) else c.update(copy_)
         for _, obj, attrs, containers in self.held:
             for k, copy_ in containers.items():
                 c = attrs[k]
@@ -291,6 +317,9 @@ class StateBeforeTrace:
             if gains and more and not isinstance(obj, nn.Module):
                 moved.append(f"`{path}` (a {type(obj).__name__}: {len(more)} attribute(s) more "
                              f"after one more call: {', '.join(more)})")
+        for where, c, before in self.nested:
+            if where.partition("[")[0] not in skip:
+                moved += _container_moved(c, where, c, before, gains)
         return tuple(moved)
 
     def put_back(self):
@@ -386,23 +415,33 @@ def _set_anew(name: str, v, before, buffer: bool) -> bool:
 
 
 def _leaves(v) -> list:
-    """The items of ``v``, a (nested) tuple, list or dict (its values), or ``[v]``."""
+    """The items of ``v``, a (nested) tuple, list or dict (its values), or dataclass (its
+    fields), or ``[v]``."""
     if isinstance(v, (tuple, list)):
         return [i for item in v for i in _leaves(item)]
     if isinstance(v, dict):
         return [i for item in v.values() for i in _leaves(item)]
+    if plain_dataclass(v):
+        return [i for f in dataclasses.fields(v) for i in _leaves(getattr(v, f.name))]
     return [v]
 
 
 def _mapped(v, fn):
     """``v`` with ``fn`` applied to its nodes (or proxies, or those of its items: a tuple, list
-    or dict of them), as plain tuples, lists and dicts (a graph holds its own kinds of them)."""
+    or dict of them), as plain tuples, lists and dicts (a graph holds its own kinds of them); a
+    named tuple or a dataclass as one of its class (a named tuple became a plain tuple, and its
+    forward was refused as one that changes Python state, until the fiftieth session)."""
     if isinstance(v, (fx.Node, fx.Proxy)):
         return fn(v)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):        # (a named tuple: its own class)
+        return type(v)(*(_mapped(i, fn) for i in v))
     if isinstance(v, (tuple, list)):
         return (tuple if isinstance(v, tuple) else list)(_mapped(i, fn) for i in v)
     if isinstance(v, dict):
         return {k: _mapped(i, fn) for k, i in v.items()}
+    if plain_dataclass(v):        # (its class, with its fields mapped: Cfg(H, W) of traced sizes)
+        return dataclasses.replace(v, **{f.name: _mapped(getattr(v, f.name), fn)
+                                         for f in dataclasses.fields(v) if f.init})
     return v
 
 
@@ -436,6 +475,32 @@ def _containers(attrs: dict) -> dict:
     return {k: copy.copy(v) for k, v in attrs.items() if _own(k) and isinstance(v, _CONTAINERS)}
 
 
+#: how deep below an attribute nested containers are followed and put back
+_NESTED_DEPTH = 4
+
+
+def nested_containers(values: dict, depth: int = _NESTED_DEPTH, seen: Optional[set] = None) -> list:
+    """(``where[key]``, container, a shallow copy) of each list, dict, set or deque nested in
+    the containers and tuples of ``values`` ({where: value}), outer ones first: a forward that
+    changes one in place (``self.cfg["inner"]["g"] = 0.5``, ``self.stats["inner"]["n"] += 1``)
+    changes the block's state as one that changes a top-level container does. Only the top
+    level was followed until the fiftieth session: such a counter stood still after the
+    conversion, without a word (StateBeforeTrace), and a nested dict a twin's calibration had
+    changed was left so, the next call refused as the user's change (snapshot.py)."""
+    seen = set() if seen is None else seen
+    found = []
+    for where, v in values.items():
+        if depth == 0 or not isinstance(v, _CONTAINERS + (tuple,)) or isinstance(v, set):
+            continue
+        for k, i in (v.items() if isinstance(v, dict) else enumerate(v)):
+            if isinstance(i, _CONTAINERS + (tuple,)) and id(i) not in seen:
+                seen.add(id(i))
+                if isinstance(i, _CONTAINERS):
+                    found.append((f"{where}[{k!r}]", i, copy.copy(i)))
+                found += nested_containers({f"{where}[{k!r}]": i}, depth - 1, seen)
+    return found
+
+
 def _is_plain_object(v) -> bool:
     """An object whose own attributes a forward may change in place (``self.stats.count += 1``
     on a dataclass, a SimpleNamespace, an instance of a class of the model's code); not a
@@ -444,6 +509,14 @@ def _is_plain_object(v) -> bool:
         return True
     return (hasattr(v, "__dict__") and not callable(v) and not isinstance(v, _CONTAINERS)
             and not isinstance(v, (enum.Enum, torch.Tensor)) and type(v).__module__.partition(".")[0] not in _NOT_PLAIN)
+
+
+def unfollowed(v) -> bool:
+    """A Python object a forward may set as an attribute that no program can set as it does:
+    an object of the model's code (:func:`_is_plain_object`) that is no plain value
+    (runtime/pairs.py ``is_plain``: a dataclass compared by identity, ``eq=False``, or holding
+    a tensor; an instance of a class of its own)."""
+    return _is_plain_object(v) and not is_plain(v)
 
 
 def is_number(v) -> bool:

@@ -11,6 +11,7 @@ argument) runs the parent's own forward: the parts run as written, dense.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import enum
 import inspect
 import sys
@@ -129,9 +130,12 @@ _GONE = "<evoplug: no such attribute>"   # (a string: it compares equal after a 
 def is_plain(v) -> bool:
     """A value a trace reads as a constant: None, a bool, number or string, an enum member, a
     numpy scalar, or a list/tuple/set/dict/SimpleNamespace of them (``torch.Size`` and named
-    tuples are tuples). (Enum members and numpy scalars were not, nor a SimpleNamespace: a
-    block's forward that set one at another input size than the conversion's set it on the
-    twin's block only, until the forty-ninth session.)"""
+    tuples are tuples), or a dataclass instance compared by its fields (``==``: ``eq=True``, the
+    default), frozen or not, whose fields are. (Enum members and numpy scalars were not, nor a
+    SimpleNamespace: a block's forward that set one at another input size than the
+    conversion's set it on the twin's block only, until the forty-ninth session; nor a
+    dataclass, until the fiftieth: a forward's ``self.cfg = Cfg(H, W)`` was set by no program,
+    and the converted model kept the value from before the conversion at every size.)"""
     if isinstance(v, _PLAIN) or isinstance(v, enum.Enum) or _numpy_scalar(v):
         return True
     if isinstance(v, (list, tuple, set, frozenset)):
@@ -140,7 +144,45 @@ def is_plain(v) -> bool:
         return all(is_plain(k) and is_plain(i) for k, i in v.items())
     if type(v) is types.SimpleNamespace:
         return all(is_plain(i) for i in vars(v).values())
+    if plain_dataclass(v):
+        return all(is_plain(getattr(v, f.name)) for f in dataclasses.fields(v))
     return False
+
+
+def plain_dataclass(v) -> bool:
+    """A dataclass instance (not the class) whose ``==`` compares its fields."""
+    params = getattr(type(v), "__dataclass_params__", None)
+    return params is not None and params.eq and not isinstance(v, type)
+
+
+def fresh(v):
+    """A plain value (:func:`is_plain`) made anew, as a forward that sets it at each call makes
+    it: its lists, dicts, sets and mutable dataclasses new at every depth, so that what a caller
+    changes in place (``blk.cfg["inner"]["g"] = 1.0``) leaves the value recorded at the
+    conversion as it was (a shallow copy shared the inner dict with it until the fiftieth
+    session); what cannot change (numbers, strings, tuples of them, frozen dataclasses of them)
+    as it is. Comprehensions, not ``copy.copy``, which dynamo cannot trace (a graph break,
+    refused under ``fullgraph=True``), for the standard lists, dicts and tuples."""
+    t = type(v)
+    if t in _PLAIN:
+        return v
+    if t is list:
+        return [fresh(i) for i in v]
+    if t is dict:
+        return {k: fresh(i) for k, i in v.items()}
+    if t is tuple:
+        return v if all(type(i) in _PLAIN for i in v) else tuple(fresh(i) for i in v)
+    if isinstance(v, tuple) and hasattr(v, "_fields"):      # (a named tuple)
+        return t(*(fresh(i) for i in v))
+    if plain_dataclass(v):
+        if t.__dataclass_params__.frozen and all(type(getattr(v, f.name)) in _PLAIN
+                                                 for f in dataclasses.fields(v)):
+            return v
+        return dataclasses.replace(v, **{f.name: fresh(getattr(v, f.name))
+                                         for f in dataclasses.fields(v) if f.init})
+    if isinstance(v, (list, dict, set, types.SimpleNamespace)):
+        return copy.deepcopy(v)
+    return v
 
 
 def _numpy_scalar(v) -> bool:

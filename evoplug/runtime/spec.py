@@ -24,7 +24,7 @@ from torch.nn.utils.weight_norm import WeightNorm
 from ..errors import AnalysisError, EvoplugError
 from ..options import EvoOptions
 from .call import CallPlan
-from .pairs import same_value
+from .pairs import fresh, same_value
 from .programs import compile_program, program_source
 from .state import EvoRuntime, EvoState
 
@@ -318,12 +318,9 @@ class BlockSpec:
         ran as the original's does, keep 1.0 or not (audit X3 of the thirty-ninth session: a
         transformers Swin whose blocks evolved kept its shift, one that ran keep 1.0 lost it,
         and the two gave different outputs at the next input size). A new list or dict each
-        call, as the forward makes (``list(v)``, not ``copy.copy``, which dynamo cannot trace:
-        a graph break, refused under ``fullgraph=True``)."""
+        call, at every depth, as the forward makes (runtime/pairs.py ``fresh``)."""
         for path, name, value in self.writes:
-            value = list(value) if type(value) is list else dict(value) if type(value) is dict \
-                else copy.copy(value) if isinstance(value, (list, dict)) else value
-            setattr(block.get_submodule(path) if path else block, name, value)
+            setattr(block.get_submodule(path) if path else block, name, fresh(value))
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
