@@ -517,6 +517,38 @@ def test_what_trainer_passes_down_still_evolves_and_checkpoints():
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=n)
 
 
+@pytest.mark.parametrize("when", ["before the conversion", "before a new size's twin"])
+def test_reentrant_checkpointing_of_layers_that_checkpoint_themselves(when):
+    """transformers' layers checkpoint their own forward (GradientCheckpointingLayer). Traced
+    with reentrant checkpointing on, the checkpoint's ``no_grad`` went into the layer's training
+    program: backward raised torch's "none of output has requires_grad=True" for a model
+    converted with it on, or for a twin first converted at a new size after it was enabled
+    (audit E1 of the fiftieth session). A layer is traced with its own checkpointing off, and
+    its call checkpoints the program: the gradients of the plain backward."""
+    torch.manual_seed(0)
+    model = T.Dinov2Model(T.Dinov2Config(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=3,
+                                         num_attention_heads=2, intermediate_size=64)).train()
+    size = 16 if when == "before the conversion" else 24
+    x = torch.randn(2, 3, size, size)
+    if size == 16:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 16, 16)).train()
+    grads = []
+    for reentrant in (True, None):      # (the checkpointed call converts the twin at 24 px)
+        if reentrant:
+            fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        else:
+            fast.gradient_checkpointing_disable()
+        fast.zero_grad()
+        xr = x.clone().requires_grad_()
+        fast(xr).last_hidden_state.pow(2).mean().backward()
+        assert all(0 < t < size ** 2 // 16 + 1 for _, t in evoplug.tokens_per_block(fast)[1:])
+        grads.append([xr.grad] + [p.grad.clone() for p in fast.parameters() if p.grad is not None])
+    assert (size == 16) != bool(evoplug.get_report(fast).blocks[0].runtime.variants)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_dinov2_evolves_with_interpolate_pos_encoding():
     """DINOv2 hands ``interpolate_pos_encoding`` to every layer, where nothing reads it (its
     embeddings interpolate always): every layer ran its own forward for such calls until the

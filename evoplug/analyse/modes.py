@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..errors import AnalysisError
 from .graph import GRAD_MODE
@@ -192,3 +193,26 @@ def refuse_gradients_taken(graph: fx.Graph, name: str):
                                       "follow: take them in a submodule registered with "
                                       "evoplug.register_leaf_module (run whole), or outside "
                                       "the block")
+
+
+#: the flag with which a layer checkpoints its own forward, read outside the code its program
+#: runs (transformers' GradientCheckpointingLayer wraps ``forward`` and checks it)
+_OWN_CHECKPOINT = "gradient_checkpointing"
+
+
+def own_checkpointing_off(block: nn.Module) -> List[dict]:
+    """Sets off, for a trace, the checkpointing of the block's own forward (and of its
+    submodules'), and returns the attribute dicts it was on in, for :func:`own_checkpointing_back`.
+    Traced with it on, a reentrant checkpoint's ``no_grad`` went into the training program, which
+    computed the whole block without autograd (torch's raw "none of output has requires_grad" in
+    backward) until audit E1 of the fiftieth session. The converted block's call checkpoints its
+    program as the block's did, by the flag the program leaves out."""
+    held = [vars(m) for m in block.modules() if vars(m).get(_OWN_CHECKPOINT) is True]
+    for d in held:
+        d[_OWN_CHECKPOINT] = False
+    return held
+
+
+def own_checkpointing_back(held: List[dict]):
+    for d in held:
+        d[_OWN_CHECKPOINT] = True

@@ -26,7 +26,8 @@ from .calibrate import ModuleCall
 from .canon import tokenise_map_block
 from .graph import (GRAD_MODE, ancestors, depends_on_data, inserting_as, is_softmax, module_of,
                     random_source, run_nodes)
-from .modes import grad_mode_now, keep_grad_modes_set, mode_changes_watched, requires_grad_branch
+from .modes import (grad_mode_now, keep_grad_modes_set, mode_changes_watched, own_checkpointing_back,
+                    own_checkpointing_off, requires_grad_branch)
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -607,16 +608,11 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                 training: bool, call: Optional[ModuleCall] = None) -> fx.GraphModule:
     """Trace ``module`` in the given train/eval mode (traces bake ``self.training``). With the
     calibration ``call``, Python branches on traced values are specialised on it."""
-    example = None
-    if call is not None:
-        example = plan.arguments(name, call.args, call.kwargs)
-        if plan.token_perm:
-            example[plan.token_arg] = example[plan.token_arg].permute(plan.token_perm)
-        for n in plan.perm_args:
-            example[n] = example[n].transpose(0, 1)
+    example = _example(name, plan, call) if call is not None else None
     module = _fixed_signature_root(module, plan)
     was = module.training
     module.train(training)
+    checkpointed = own_checkpointing_off(module)   # (its call checkpoints the program)
     before = StateBeforeTrace(module)
     tracer = None
     try:
@@ -669,10 +665,21 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
                                   f"{e}{_trace_hint(e)}") from None
     finally:
         before.put_back()
+        own_checkpointing_back(checkpointed)
         module.train(was)
         if tracer is not None:
             tracer._example = None   # the tracer sits in reference cycles: drop the arguments now
     return gm
+
+
+def _example(name: str, plan: CallPlan, call: ModuleCall) -> Dict[str, Any]:
+    """The calibration call's arguments by name, laid out as the program takes them."""
+    example = plan.arguments(name, call.args, call.kwargs)
+    if plan.token_perm:
+        example[plan.token_arg] = example[plan.token_arg].permute(plan.token_perm)
+    for n in plan.perm_args:
+        example[n] = example[n].transpose(0, 1)
+    return example
 
 
 def _recorded(name: str, graph: fx.Graph, tracer: BlockTracer) -> Tuple[Tuple, Tuple[str, ...]]:
