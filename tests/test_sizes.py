@@ -1556,11 +1556,14 @@ class _KindSettlingBlock(_SizeArgBlock):
                 "nested_dict_in_place": lambda: self.cfg["inner"]["gain"],
                 "dataclass": lambda: self.gain.gain, "mutable_dataclass": lambda: self.gain.gain}[self.kind]()
 
-    def forward(self, x, H, W):
+    def _settle(self, H: int, W: int):
         if min(H, W) <= 4:
             self._set(0.5)
         elif min(H, W) >= 8:
             self._set(1.0)
+
+    def forward(self, x, H, W):
+        self._settle(H, W)
         x = x + self.attn(self.norm1(x))
         return x + self.read() * self.mlp(self.norm2(x))
 
@@ -1638,10 +1641,7 @@ class _LeafSettlingBlock(_KindSettlingBlock):
         return self.scale.g if self.kind == "module_reads" else self.norm2.gain
 
     def forward(self, x, H, W):
-        if min(H, W) <= 4:
-            self._set(0.5)
-        elif min(H, W) >= 8:
-            self._set(1.0)
+        self._settle(H, W)
         x = x + self.attn(self.norm1(x))
         if self.kind == "module_reads":
             return x + self.scale(self.mlp(self.norm2(x)))
