@@ -14,10 +14,8 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements/torch.txt requirements/dev.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@# --no-compile: no bytecode for every file of torch and the rest up front (most are never
-	@# imported); what is imported is compiled once, on its first import
-	$(PY) -m pip install -q --no-compile -r requirements/torch.txt
-	$(PY) -m pip install -q --no-compile -r requirements/dev.txt
+	$(PY) -m pip install -q -r requirements/torch.txt
+	$(PY) -m pip install -q -r requirements/dev.txt
 	$(PY) -m pip install -q -e '.[test,timm,plot,mm]'
 	@# yapf (MMEngine imports it) writes its grammar pickles on its first import: here, once, not
 	@# by two test workers at once (one read a half-written pickle: EOFError at collection)
