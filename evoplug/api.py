@@ -42,7 +42,8 @@ from .report import ConversionReport, converted_inside, get_report, is_converted
 from .report import explain, format_report, gives_row, tokens_per_block  # noqa: F401 (API)
 from .runtime.pairs import undo_regroup
 from .runtime.block import EvoBlockMixin, evo_class
-from .runtime.spec import BlockSpec, FlatTokens, MapTokens, leaf_groups, traced_state, traced_writes
+from .runtime.spec import (BlockSpec, FlatTokens, MapTokens, leaf_groups, traced_state, traced_writes,
+                           under)
 from .runtime.entry import EntryHook, batch_dims, images_in, input_key, named_tensors, row_counts
 from .runtime.state import EvoRuntime, Plan
 from .variants import corrupt, on_more_images, plan_of_blocks_left, size_variant, unconverted_class
@@ -409,6 +410,8 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         writes_at=tuple(x.shape[1:]) if sizes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
     leaf_writes, spec.leaf_values = _leaf_state(module, a.leaf_paths, volatile, set_by)
+    spec.leaf_reads = tuple((tuple(p.split(".")), k, v) for p, k, v in spec.leaf_values
+                            if (p, k) in a.leaf_reads)
     spec.writes = traced_writes(spec.traced, volatile) + leaf_writes
     spec.set_outside = _set_outside(module, spec.writes, set_by)
     module.__class__ = evo_class(type(module))
@@ -429,7 +432,7 @@ def _set_outside(block: nn.Module, writes, set_by) -> tuple:
     inside = {id(m) for m in block.modules()}
     found = []
     for path, name, value in writes:
-        who = (set_by or {}).get((id(vars(block.get_submodule(path) if path else block)), name))
+        who = (set_by or {}).get((id(vars(block.get_submodule(path))), name))
         if who and not who & inside:
             found.append((f"{path}.{name}" if path else name, value))
     return tuple(found)
@@ -454,7 +457,7 @@ def _with_recorded(volatile, block: nn.Module, recorded, set_by=None) -> dict:
         if assigned:
             out[id(m)] = {**assigned, **out.get(id(m), {})}     # (the calibration's, if changed)
     for path, name, value in recorded:
-        m = block.get_submodule(path) if path else block
+        m = block.get_submodule(path)
         out[id(m)] = {**out.get(id(m), {}), name: value}
     return out
 
@@ -469,12 +472,11 @@ def _leaf_state(block: nn.Module, leaf_paths, volatile, set_by) -> Tuple[tuple, 
     of the fiftieth session: a `Scale` whose `g` the block's forward set held `__init__`'s
     value, 3.45 off the dense model at keep 1.0 off the fast path."""
     leaves = [p for p in leaf_paths if p]
-    under = lambda path: any(path == p or path.startswith(p + ".") for p in leaves)   # noqa: E731
     named = list(block.named_modules(remove_duplicate=False))
-    code = {id(m) for path, m in named if not under(path)}      # (whose code the trace ran)
+    code = {id(m) for path, m in named if not under(path, leaves)}      # (whose code the trace ran)
     writes, values, seen = [], [], set()
     for path, m in named:
-        if not under(path) or id(m) in seen:
+        if not under(path, leaves) or id(m) in seen:
             continue
         seen.add(id(m))
         set_here = (volatile or {}).get(id(m), {})

@@ -1401,6 +1401,62 @@ def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
         counted(x)
 
 
+class _GainBlock(Block):
+    """timm's block whose own code scales the MLP branch by ``self.norm2.gain``, a plain value
+    on its LayerNorm (a module its programs call whole), and by ``self.ls2.g``, read by
+    :class:`_Gain`'s own forward."""
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.norm1(x))
+        return x + self.norm2.gain * self.ls2(self.mlp(self.norm2(x)))
+
+
+class _Gain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.g = 1.0
+
+    def forward(self, x):
+        return x * self.g
+
+
+def test_a_value_the_blocks_code_reads_from_a_module_called_whole_changed_by_hand_is_refused():
+    """``x + self.norm2.gain * ...``: the block's own code reads a plain value of a module its
+    programs call whole, so the programs hold it as a constant. Changed by hand after the
+    conversion it went unseen until the fifty-first session (the programs ran the old gain,
+    2.92 off the dense model in the fiftieth session's repro); the call is refused now, naming
+    it, and a module put in its place that holds the same value is not. A value such a module's
+    own forward reads (``_Gain.g``) is read live: changed, it is honoured."""
+    model = _randomise(_tiny())
+    for blk in model.blocks:
+        blk.__class__ = _GainBlock
+        blk.norm2.gain, blk.ls2 = 1.0, _Gain()
+    x = torch.randn(2, 3, 32, 32)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+        for m in (fast, dense):
+            m.blocks[3].ls2.g = 0.25                          # read live by _Gain: honoured
+        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+        fast.blocks[2].norm2 = copy.deepcopy(fast.blocks[2].norm2)    # the same gain: runs
+        torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
+        before = dense(x)
+        for m in (fast, dense):
+            m.blocks[2].norm2.gain = 0.5
+        assert (dense(x) - before).abs().max() > 0.1         # (the gain matters)
+        with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.2`: `norm2\.gain` \(LayerNorm, "
+                                                       r"called whole; the block's code reads it\) "
+                                                       r"changed from 1\.0 to 0\.5 after conversion"):
+            fast(x)
+        fast.blocks[2].norm2.gain = 1.0                       # back as traced: runs
+        fast(x)
+        fast.blocks[2].norm2.gain = 0.5
+        again = evoplug.convert(evoplug.revert(fast), keep_ratio=1.0, identity_fast_path=False,
+                                example_input=x[:1])
+        torch.testing.assert_close(again(x), dense(x), rtol=1e-5, atol=1e-5)
+
+
 class _LowRank(nn.Module):
     def __init__(self, base):
         super().__init__()

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
@@ -89,6 +89,8 @@ class BlockAnalysis:
     uses_full: bool = False                    # ... or the block's whole input
     whole_args: Tuple[str, ...] = ()           # per-token arguments the program gathers itself
     leaf_paths: Tuple[str, ...] = ()           # submodules its programs call as modules
+    leaf_reads: FrozenSet[Tuple[str, str]] = frozenset()   # (path, name): their plain
+    #                                          attributes its traced code read (reads.py)
     row_masked: bool = False                   # the mean query's rows are masked per query
     #                                          (causal, block-diagonal): _masked_per_query
     batch_args: Tuple[str, ...] = ()           # other tensor arguments whose first dim is the

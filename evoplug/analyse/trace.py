@@ -28,6 +28,7 @@ from .graph import (GRAD_MODE, ancestors, depends_on_data, inserting_as, is_soft
                     random_source, run_nodes)
 from .modes import (grad_mode_now, keep_grad_modes_set, mode_changes_watched, own_checkpointing_back,
                     own_checkpointing_off, requires_grad_branch)
+from .reads import leaf_reads
 from .writes import (StateBeforeTrace, in_place_on_attributes, mark_set_by_forward, python_writes,
                      recorded_assignments)
 
@@ -616,18 +617,20 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
     before = StateBeforeTrace(module)
     tracer = None
     try:
-        graph, tracer = _traced(module, name, plan, attention_modules, example, before)
-        found = before.proxies_put_back()
-        moved = before.moved_in_python()
-        grown = tuple(w for w in before.moved_in_python(gains=True) if w not in moved)
-        kept = before.changed_eagerly()
-        if kept:         # traced again, those attributes read as the graph's values
-            before.restore_containers()
-            try:
-                graph, tracer = _traced(module, name, plan, attention_modules, example, before, kept)
-                found = before.proxies_put_back()
-            except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
-                raise AnalysisError(name, _kept_refused(kept, e)) from None
+        with leaf_reads(module, attention_modules) as reads:
+            graph, tracer = _traced(module, name, plan, attention_modules, example, before)
+            found = before.proxies_put_back()
+            moved = before.moved_in_python()
+            grown = tuple(w for w in before.moved_in_python(gains=True) if w not in moved)
+            kept = before.changed_eagerly()
+            if kept:         # traced again, those attributes read as the graph's values
+                before.restore_containers()
+                try:
+                    graph, tracer = _traced(module, name, plan, attention_modules, example,
+                                            before, kept)
+                    found = before.proxies_put_back()
+                except Exception as e:  # noqa: BLE001 - the first trace would freeze them: refused
+                    raise AnalysisError(name, _kept_refused(kept, e)) from None
         keep_grad_modes_set(name, graph, module, dict(plan.constants), tracer, before)
         mark_set_by_forward(graph, found)
         recorded, by_batch = _recorded(name, graph, tracer) if example is not None else ((), ())
@@ -649,6 +652,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm.meta["evo_moved_in_python"] = moved
         gm.meta["evo_grown_in_python"] = grown      # (a cache or a log: analyse/block.py tells)
         gm.meta["evo_assigned"] = frozenset(tracer.assigned)   # (writes.set_up_on_first_call)
+        gm.meta["evo_leaf_reads"] = frozenset(reads)           # (reads.py: constants too)
         gm.meta.update(evo_python_writes=recorded, evo_batch_writes=by_batch)
         if call is not None:
             feed = plan.feed(*plan.bind(name, call.args, call.kwargs))

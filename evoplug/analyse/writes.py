@@ -26,7 +26,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..runtime.pairs import is_plain, plain_dataclass
-from ..runtime.spec import weights_only
+from ..runtime.spec import under, weights_only
 from .graph import depends_on_data, is_view, writes_in_place
 
 
@@ -133,7 +133,7 @@ def set_up_on_first_call(gm: fx.GraphModule, module: nn.Module, tensors: dict, v
     inside = {id(m) for m in module.modules()} | {None}       # (None: no module's method set it)
     found = []
     for path, m in module.named_modules():
-        if any(path == p or path.startswith(p + ".") for p in whole):
+        if under(path, whole):
             continue
         name = (lambda k: f"{path}.{k}") if path else (lambda k: k)   # noqa: E731
         own = [k for k in tensors.get(id(m), ()) + values.get(id(m), ())
@@ -159,7 +159,7 @@ def objects_set_by_forward(gm: fx.GraphModule, module: nn.Module, objects: dict,
     inside = {id(m) for m in module.modules()} | {None}
     found = []
     for path, m in module.named_modules():
-        if any(path == p or path.startswith(p + ".") for p in whole):
+        if under(path, whole):
             continue
         found += [f"`{path + '.' if path else ''}{k}` (a {type(getattr(m, k, None)).__name__})"
                   for k in objects.get(id(m), ()) if set_by.get((id(vars(m)), k), {None}) & inside]

@@ -91,6 +91,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
                 pass
         if a.one_window:
             _one_window_again(a, gm, call)
+    a.leaf_reads = a.leaf_reads | gm.meta.get("evo_leaf_reads", frozenset())
     rw = _start(a, gm)
     for rewrite_pass in (position_terms, whole_token_args, _stream_head, map_operations,
                          global_row, _skip_fast_base, _outputs):

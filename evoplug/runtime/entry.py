@@ -224,8 +224,7 @@ def _written(block) -> set:
 
 def _owner(block: nn.Module, name: str) -> nn.Module:
     """The module that holds the attribute ``name`` of the block (dotted: of a submodule)."""
-    path = name.rpartition(".")[0]
-    return block.get_submodule(path) if path else block
+    return block.get_submodule(name.rpartition(".")[0])
 
 
 def _held(orig, twin, names):
@@ -245,7 +244,7 @@ def _value(block: nn.Module, name: str, default):
     """The value of the block's attribute ``name`` (``attn.temp``: of its submodule ``attn``)."""
     path, _, key = name.rpartition(".")
     try:
-        m = block.get_submodule(path) if path else block
+        m = block.get_submodule(path)
     except AttributeError:      # (a submodule removed since)
         return default
     return vars(m).get(key, default)

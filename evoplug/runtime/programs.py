@@ -76,7 +76,7 @@ def set_written(block, path: str, name: str, value, kind: str = "attribute"):
     in a checkpoint runs sets what the forward's own run would. Nothing without a block (the
     conversion's probes)."""
     if block is not None:
-        set_on(block.get_submodule(path) if path else block, name, value, kind)
+        set_on(block.get_submodule(path), name, value, kind)
 
 
 def set_on(module, name: str, value, kind: str):

@@ -148,6 +148,10 @@ class BlockSpec:
     #                            code set at the calibration, as the trace saw them (code of the
     #                            block that reads one holds that value): a twin's forward that
     #                            sets one (``writes``) notes it as ``drift`` (note_drift)
+    leaf_reads: Tuple[Tuple[Tuple[str, ...], str, Any], ...] = ()   # (path parts, name,
+    #                            value): of ``leaf_values``, those the block's traced code read
+    #                            (analyse/reads.py): constants in its programs, checked by
+    #                            changed() as the traced modules' values are
     state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
     #                            it traced into from its tokens (``self.attn_map = attn``): its
     #                            programs set them for the tokens they ran (set_written), and
@@ -251,6 +255,24 @@ class BlockSpec:
                     if now is not v and now != v:
                         return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
                                 f"{now!r}")
+        return self._leaf_read_changed() if self.leaf_reads else None
+
+    def _leaf_read_changed(self) -> Optional[str]:
+        """:meth:`changed` of the values the block's code read from the modules its programs
+        call whole (``leaf_reads``), found by path on the block (a module replaced there is read
+        as it is now: a wrapper that passes the attribute on holds the same value)."""
+        drift = self.runtime.drift
+        for parts, k, v in self.leaf_reads:
+            m = self.traced[0][3]
+            for part in parts:
+                m = m._modules.get(part) if isinstance(m, nn.Module) else None
+            now = _GONE if m is None else getattr(m, k, _GONE)
+            if now is not v and not same_value(now, v):
+                where = ".".join(parts + (k,))
+                if drift and _same(drift.get((self.index, where), _GONE), now):
+                    continue
+                return (f"`{where}` ({type(m).__name__}, called whole; the block's code reads it) "
+                        f"changed from {v!r} to {'(deleted)' if now is _GONE else repr(now)}")
         return None
 
     def drifted(self) -> Optional[Tuple[str, Any, Any]]:
@@ -320,7 +342,7 @@ class BlockSpec:
         and the two gave different outputs at the next input size). A new list or dict each
         call, at every depth, as the forward makes (runtime/pairs.py ``fresh``)."""
         for path, name, value in self.writes:
-            setattr(block.get_submodule(path) if path else block, name, fresh(value))
+            setattr(block.get_submodule(path), name, fresh(value))
 
     def hooked(self) -> bool:
         """Whether a submodule the programs traced into has hooks that are not idle (see
@@ -546,6 +568,11 @@ def _same(a, b) -> bool:
     return a is b or (a is not _GONE and b is not _GONE and same_value(a, b))
 
 
+def under(path: str, prefixes) -> bool:
+    """Whether the module at ``path`` is one of the modules at ``prefixes`` or inside one."""
+    return any(path == p or path.startswith(p + ".") for p in prefixes)
+
+
 def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:
     """:attr:`BlockSpec.leaves` of submodule paths: (parent's path parts, child names), so a
     forward finds them with one dict look-up each (``attn.qkv``, ``norm1``)."""
@@ -583,11 +610,11 @@ def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, l
         if not path:
             continue
         for sub, m in block.get_submodule(path).named_modules(prefix=path):
-            if id(m) in seen or any(sub == p or sub.startswith(p + ".") for p in live):
+            if id(m) in seen or under(sub, live):
                 continue
             seen.add(id(m))
             pp = sub.rpartition(".")[0]
-            out.append(entry(block.get_submodule(pp) if pp else block, sub, m))
+            out.append(entry(block.get_submodule(pp), sub, m))
     return tuple(out)
 
 
