@@ -332,9 +332,9 @@ def test_levit_on_a_wide_image_carries_its_scores_on_its_real_stage_grids(size):
 def test_coatnet_transformer_stages_convert():
     """CoAtNet: its transformer stages (LayerNorm2d, 1x1 convolutions, relative position bias,
     scaled_dot_product_attention on views of the map) evolve; the first block of each stage
-    (a downsampling one) is left alone."""
-    model = _randomise(timm.create_model("coatnet_nano_rw_224", pretrained=False)).eval()
-    x = torch.randn(2, 3, 224, 224)
+    (a downsampling one) is left alone. (At 128 px: its stages' 8x8 and 4x4 maps.)"""
+    model = _randomise(timm.create_model("coatnet_nano_rw_224", pretrained=False, img_size=128)).eval()
+    x = torch.randn(2, 3, 128, 128)
     fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5, example_input=x)
     report = evoplug.get_report(fast)
     names = {s.analysis.name: s.role for s in report.blocks}
