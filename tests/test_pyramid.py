@@ -1131,27 +1131,27 @@ def test_a_last_stage_of_one_window_evolves_alike_in_timm_and_transformers(attn)
     that collects it: test_transformers_swin_evolves_alike_under_eager_and_sdpa_attention)."""
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    depths, heads = (2, 2, 2), (2, 4, 8)
-    t = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=2,
+    depths, heads = (2, 2), (2, 4)      # (an 8x8 map in 4x4 windows, then one 4x4 window)
+    t = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32, patch_size=4,
                           embed_dim=32, depths=depths, num_heads=heads, window_size=4, num_classes=0).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n, p in t.named_parameters():     # (norms' weights about 1: peaky attention)
             norm = "norm" in n and n.endswith("weight")
             p.copy_((1 + 0.1 * torch.randn(p.shape, generator=g)) if norm else 0.3 * torch.randn(p.shape, generator=g))
-        for b in t.layers[2].blocks:
+        for b in t.layers[1].blocks:
             b.mlp.fc2.weight.zero_()
             b.mlp.fc2.bias.zero_()
-    hf = _swin_in_transformers(t, depths, heads, 4, 2, 32, 32, attn)
+    hf = _swin_in_transformers(t, depths, heads, 4, 4, 32, 32, attn)
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         dense = t.forward_features(x).flatten(1, 2)
         torch.testing.assert_close(hf(x).last_hidden_state, dense, rtol=1e-5, atol=1e-5)
     for keep in (0.5, 0.25):
-        ft = evoplug.convert(t, keep_ratio=keep, start_block=4, example_input=x)
-        fh = evoplug.convert(hf, keep_ratio=keep, start_block=4, example_input=x)
-        assert [n for n, _ in evoplug.tokens_per_block(fh)][-2:] == ["encoder.layers.2.blocks.0",
-                                                                      "encoder.layers.2.blocks.1"]
+        ft = evoplug.convert(t, keep_ratio=keep, start_block=2, example_input=x)
+        fh = evoplug.convert(hf, keep_ratio=keep, start_block=2, example_input=x)
+        assert [n for n, _ in evoplug.tokens_per_block(fh)][-2:] == ["encoder.layers.1.blocks.0",
+                                                                      "encoder.layers.1.blocks.1"]
         assert [v for _, v in evoplug.tokens_per_block(fh)] == [v for _, v in evoplug.tokens_per_block(ft)]
         spec = evoplug.get_report(fh).blocks[-1]
         assert spec.analysis.one_window and not spec.analysis.windowed
