@@ -220,12 +220,13 @@ def _pair(form="", sdpa=False):
 
 
 def _levit_pair():
-    tokens = _randomise(timm.create_model("levit_128s", pretrained=False)).eval()
+    """levit_128s and levit_conv_128s with the same weights, two blocks a stage (of 2, 3, 4)."""
+    tokens = _randomise(timm.create_model("levit_128s", pretrained=False, depth=(2, 2, 2))).eval()
     with torch.no_grad():       # (branches strong enough for the selection to show)
         for n, p in tokens.named_parameters():
             if n.endswith(("proj.ln.bn.weight", "ln2.bn.weight")):
                 p.mul_(8)
-    maps = timm.create_model("levit_conv_128s", pretrained=False).eval()
+    maps = timm.create_model("levit_conv_128s", pretrained=False, depth=(2, 2, 2)).eval()
     maps.load_state_dict({k: v.reshape(maps.state_dict()[k].shape)
                           for k, v in tokens.state_dict().items()})
     return tokens, maps

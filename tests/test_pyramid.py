@@ -60,8 +60,9 @@ def _assert_evolves_then_reproduces(model, fast, x):
 
 @pytest.mark.parametrize("name", ["levit_128s"])
 def test_levit_converts_evolves_across_stages(name):
-    """(levit_128s alone: levit_256 is the same blocks and stages, wider and deeper.)"""
-    model = _randomise(timm.create_model(name, pretrained=False)).eval()
+    """(levit_128s alone: levit_256 is the same blocks and stages, wider and deeper; two blocks
+    a stage, where it has 2, 3, 4.)"""
+    model = _randomise(timm.create_model(name, pretrained=False, depth=(2, 2, 2))).eval()
     x = torch.randn(2, 3, 224, 224)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     report = evoplug.get_report(fast)
@@ -75,7 +76,8 @@ def test_levit_converts_evolves_across_stages(name):
 
 
 def test_levit_batchnorm_in_train_mode_uses_the_tokens_that_ran():
-    model = _randomise(timm.create_model("levit_128s", pretrained=False, drop_path_rate=0.1))
+    model = _randomise(timm.create_model("levit_128s", pretrained=False, drop_path_rate=0.1,
+                                         depth=(2, 2, 2)))     # (two blocks a stage)
     x = torch.randn(2, 3, 224, 224)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     spec = evoplug.get_report(fast).blocks[-1]
@@ -110,7 +112,8 @@ def _assert_feature_maps_kept(model, fast, x):
 
 
 def test_levit_features_only_keeps_every_map():
-    model = _randomise(timm.create_model("levit_128s", pretrained=False, features_only=True)).eval()
+    model = _randomise(timm.create_model("levit_128s", pretrained=False, features_only=True,
+                                         depth=(2, 2, 2))).eval()     # (two blocks a stage)
     x = torch.randn(2, 3, 224, 224)
     _assert_feature_maps_kept(model, evoplug.convert(model, keep_ratio=0.5, example_input=x[:1]), x)
 
