@@ -704,34 +704,35 @@ def test_importing_the_detection_backbones_without_compiled_mmcv_says_what_to_im
 def test_swin_backbone_converts_for_dense_tasks():
     """The Swin backbone mmdet/mmseg configs use, by scoped type name: every stage's feature map
     keeps its shape, the dense weights load strictly, keep 1.0 reproduces every map."""
-    kw = dict(arch=dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]), img_size=224,
-              out_indices=(0, 1, 2, 3))
+    kw = dict(arch=dict(embed_dims=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8]), img_size=128,
+              out_indices=(0, 1, 2, 3), window_size=4)
     dense, evo = _dense_and_evo("SwinTransformer", "mmpretrain.EvoSwinTransformer", ROOT_MODELS, **kw)
     assert type(evo) is evoplug.mm.EvoSwinTransformer
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         ref, out = dense(x), evo(x)
         assert [o.shape for o in out] == [r.shape for r in ref] == \
-            [(2, 32 * 2 ** i, 56 // 2 ** i, 56 // 2 ** i) for i in range(4)]
+            [(2, 32 * 2 ** i, 32 // 2 ** i, 32 // 2 ** i) for i in range(4)]
         assert any(s.role == "evolve" for s in evoplug.get_report(evo).blocks)
         evoplug.set_options(evo, keep_ratio=1.0, identity_fast_path=False)
         assert all((o - r).abs().max() <= 1e-5 for o, r in zip(evo(x), ref))
 
 
 def test_swin_classifier_trains_on_batches_of_changing_size_and_survives_ema_copy():
-    """EvoImageClassifier with MMPretrain's Swin: train steps at two batch sizes (each traces
-    its own train programs), an EMA-style deep copy that follows, predictions in eval mode."""
-    swin = dict(type="SwinTransformer", arch=dict(embed_dims=32, depths=[2, 2, 2, 2],
-                                                   num_heads=[1, 2, 4, 8]), img_size=224)
+    """EvoImageClassifier with MMPretrain's Swin (2 stages, 128 px, 4x4 windows): train steps at two
+    batch sizes (each traces its own train programs), an EMA-style deep copy that follows,
+    predictions in eval mode."""
+    swin = dict(type="SwinTransformer", arch=dict(embed_dims=32, depths=[2, 2], num_heads=[1, 2]),
+                img_size=128, window_size=4, out_indices=(1,))
     kw = dict(backbone=swin, neck=dict(type="GlobalAveragePooling"),
-              head=dict(type="LinearClsHead", num_classes=10, in_channels=256))
+              head=dict(type="LinearClsHead", num_classes=10, in_channels=64))
     dense = _tiny_classifier(**kw)
     evo = _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=0.5), **kw)
     evo.load_state_dict(dense.state_dict(), strict=True)
     opt = torch.optim.SGD(evo.parameters(), lr=0.01)
     evo.train()
     for batch in (4, 3):
-        losses = evo(torch.randn(batch, 3, 224, 224), _samples(batch), mode="loss")
+        losses = evo(torch.randn(batch, 3, 128, 128), _samples(batch), mode="loss")
         assert torch.isfinite(losses["loss"])
         opt.zero_grad()
         losses["loss"].backward()
@@ -741,7 +742,7 @@ def test_swin_classifier_trains_on_batches_of_changing_size_and_survives_ema_cop
     ema = copy.deepcopy(evo)
     evo.eval()
     ema.eval()
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert torch.allclose(ema(x), evo(x), atol=1e-6)
         preds = evo(x, mode="predict")
