@@ -760,7 +760,7 @@ def test_swin_programs_for_a_new_batch_size_build_inside_torch_func_grad_and_vma
     from mmpretrain.models.backbones import SwinTransformer
     from torch.func import functional_call, grad, vmap
     torch.manual_seed(0)
-    model = SwinTransformer(arch=dict(embed_dims=32, depths=[2, 4], num_heads=[2, 2]), img_size=64,
+    model = SwinTransformer(arch=dict(embed_dims=32, depths=[2, 2], num_heads=[2, 2]), img_size=64,
                             window_size=4, out_indices=(1,), drop_path_rate=0.0)
     model.eval()
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(2, 3, 64, 64))
