@@ -82,6 +82,9 @@ def _tiny_cfg(path, root, work_dir, iters, **changes):
     return cfg
 
 
+NO_VAL = dict(val_dataloader=None, val_cfg=None, val_evaluator=None)    # where no test reads it
+
+
 @pytest.fixture(scope="module")
 def dense_ckpt(mini_root, tmp_path_factory):
     """A dense checkpoint saved by MMEngine's Runner (meta holds numpy objects)."""
@@ -570,9 +573,10 @@ def test_runner_compiles_the_backbone_and_trains_as_eager(dense_ckpt, mini_root,
     normalised steps carry into the update (measured: 2.8e-6 at most, against moves up to 5e-3)."""
     from evoplug.mm.train import main
     opts = ["--cfg-options", f"load_from={dense_ckpt}", f"train_dataloader.dataset.data_root={mini_root}",
-            f"val_dataloader.dataset.data_root={mini_root}", "train_dataloader.batch_size=12",
-            "val_dataloader.batch_size=10", "train_cfg.max_epochs=1", "param_scheduler=[]",
+            "train_dataloader.batch_size=12",
+            "train_cfg.max_epochs=1", "param_scheduler=[]",
             "test_dataloader=None", "test_cfg=None", "test_evaluator=None",
+            "val_dataloader=None", "val_cfg=None", "val_evaluator=None",   # (training is compared)
             "model.backbone.drop_path_rate=0.0"]
     eager = main([EVO_CFG, "--work-dir", str(tmp_path / "eager"), *opts])
     torch._dynamo.reset()
@@ -815,7 +819,7 @@ def test_label_free_distillation_with_the_runner(mini_root, dense_ckpt, tmp_path
     from mmengine.runner import load_checkpoint
     path = os.path.join(EXAMPLES, "distill-evo-deit-tiny_mnist5k.py")
     wd = str(tmp_path / "distill")
-    cfg = _tiny_cfg(path, mini_root, wd, 3, load_from=dense_ckpt)
+    cfg = _tiny_cfg(path, mini_root, wd, 3, load_from=dense_ckpt, **NO_VAL)
     assert cfg.train_dataloader.dataset.with_label is False
     runner = build_runner(cfg)
     runner.train()
@@ -829,7 +833,7 @@ def test_label_free_distillation_with_the_runner(mini_root, dense_ckpt, tmp_path
     assert evoplug.get_report(model.backbone).options.keep_ratio == 0.5
     dense = MODELS.build(Config.fromfile(DENSE_CFG).model)
     load_checkpoint(dense, os.path.join(wd, "iter_3.pth"), map_location="cpu", strict=True)
-    resumed = _tiny_cfg(path, mini_root, wd, 4, resume=True, load_from=os.path.join(wd, "iter_3.pth"))
+    resumed = _tiny_cfg(path, mini_root, wd, 4, resume=True, load_from=os.path.join(wd, "iter_3.pth"), **NO_VAL)
     with pytest.raises(RuntimeError, match="teacher_checkpoint"):
         build_runner(resumed).train()
     resumed.model.distill.teacher_checkpoint = dense_ckpt
@@ -858,7 +862,7 @@ def test_options_hook_switches_options_at_the_scheduled_iterations_and_on_resume
 
     hook = dict(type="EvoOptionsHook", by_epoch=False,
                 schedule={0: dict(reselect_every=1), 2: dict(reselect_every=2, keep_ratio=0.5)})
-    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook])
+    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook], **NO_VAL)
     cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=2)
     runner = build_runner(cfg)
     runner.register_hook(Probe())
@@ -866,7 +870,7 @@ def test_options_hook_switches_options_at_the_scheduled_iterations_and_on_resume
     assert seen == [(0, 1), (1, 1), (2, 2), (3, 2)]
 
     seen.clear()          # resume from iteration 2 with the options set back to 4
-    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook],
+    cfg = _tiny_cfg(EVO_CFG, mini_root, str(tmp_path), 4, custom_hooks=[hook], **NO_VAL,
                     resume=True, load_from=os.path.join(str(tmp_path), "iter_2.pth"))
     runner = build_runner(cfg)
     (root,) = converted_roots(runner.model)
