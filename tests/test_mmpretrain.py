@@ -179,10 +179,10 @@ def test_evo_swin_tiny_user_config_takes_a_dense_checkpoint():
     evo.eval()
     roles = [s.role for s in evoplug.get_report(evo.backbone).blocks]
     assert len(roles) == 12 and roles.count("evolve") == 8
-    x = torch.randn(2, 3, 224, 224)
+    x = torch.randn(1, 3, 224, 224)         # (programs for other batch sizes: the Swin classifier test)
     with torch.no_grad():
         out = evo(x)
-        assert out.shape == (2, 1000) and torch.isfinite(out).all()
+        assert out.shape == (1, 1000) and torch.isfinite(out).all()
         evoplug.set_options(evo.backbone, keep_ratio=1.0, identity_fast_path=False)
         assert (evo(x) - dense(x)).abs().max() <= 1e-5
 
