@@ -924,7 +924,7 @@ def test_a_model_that_packs_its_images_into_one_sequence_refuses_a_batch():
     block-diagonal mask keeps them apart). Converted on one image, a call with two would rank
     the tokens of both images together (and the mean query of the packed mask overflowed to
     NaN before the seventeenth session): it raises, naming the block; one image still runs."""
-    cfg = T.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+    cfg = T.PixtralVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                 num_attention_heads=4, image_size=32, patch_size=4, head_dim=16)
     torch.manual_seed(0)
     model = T.PixtralVisionModel(cfg).eval()
@@ -949,17 +949,17 @@ def test_vitdet_layers_on_channels_first_maps_evolve():
     timm's SAM adds them (``canon._terms_out_of_logit_views``), which follows the kept tokens
     (the permutation probe refused those global layers before)."""
     torch.manual_seed(0)
-    cfg = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=2,
+    cfg = dict(image_size=64, patch_size=8, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
                mlp_ratio=2, window_size=4, window_block_indices=[0, 2])
-    model = T.VitDetBackbone(T.VitDetConfig(**cfg, out_features=["stage6"])).eval()
+    model = T.VitDetBackbone(T.VitDetConfig(**cfg, out_features=["stage4"])).eval()
     x = torch.randn(3, 3, 64, 64)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
     report = evoplug.get_report(fast)
-    assert [s.analysis.plan.token_perm for s in report.blocks] == [(0, 2, 3, 1)] * 6
+    assert [s.analysis.plan.token_perm for s in report.blocks] == [(0, 2, 3, 1)] * 4
     with torch.no_grad():
         out = fast(x).feature_maps[0]
         assert out.shape == model(x).feature_maps[0].shape == (3, 64, 8, 8)
-        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 4
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 2     # windowed, global
         torch.testing.assert_close(fast(x[1:2]).feature_maps[0], out[1:2], atol=1e-5, rtol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x).feature_maps[0], model(x).feature_maps[0],
@@ -969,7 +969,7 @@ def test_vitdet_layers_on_channels_first_maps_evolve():
     assert any("one term on it" in n for n in evoplug.get_report(fast).blocks[1].analysis.notes)
     with torch.no_grad():
         out = fast(x).last_hidden_state
-        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 4
+        assert [t for _, t in evoplug.tokens_per_block(fast)][2:] == [33] * 2
         torch.testing.assert_close(fast(x[1:2]).last_hidden_state, out[1:2], atol=1e-5, rtol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(fast(x).last_hidden_state, rel(x).last_hidden_state,
@@ -999,7 +999,7 @@ def test_an_attention_implementation_changed_after_the_conversion_is_refused_by_
     AttentionInterface.register("evoplug_test_capture", capture)
     AttentionInterface.register("evoplug_test_half", half)
     torch.manual_seed(0)
-    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=6,
+    cfg = T.ViTConfig(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4,
                       num_attention_heads=2, intermediate_size=128, num_labels=10)
     x = torch.randn(2, 3, 32, 32)
     model = T.ViTForImageClassification(cfg).eval()
