@@ -287,15 +287,15 @@ def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows
     import timm
     torch._dynamo.reset()
     torch.manual_seed(0)
-    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+    m = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=64,
                           patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
                           num_heads=(2, 4), strict_img_size=False, num_classes=0,
                           global_pool="").eval()
     fast = evoplug.convert(m, keep_ratio=1.0, identity_fast_path=False,
-                           example_input=torch.randn(1, 3, 32, 32)).eval()
+                           example_input=torch.randn(1, 3, 64, 64)).eval()
     compiled = torch.compile(fast, backend="eager")
     variants = evoplug.get_report(fast).blocks[0].runtime.variants
-    sizes = (torch.randn(2, 3, 16, 64), torch.randn(2, 3, 48, 48))     # same / other count
+    sizes = (torch.randn(2, 3, 32, 128), torch.randn(2, 3, 48, 48))     # same / other count
     with torch.no_grad():
         for i, x in enumerate(sizes):
             with pytest.warns(UserWarning, match="its token map is .* the map it was analysed on"):
