@@ -1087,10 +1087,9 @@ def test_a_hook_on_a_leaf_inside_an_evolving_block_is_told_once():
 
 
 def _weight_hooked_tiny(form: str):
-    """:func:`_tiny` of 4 blocks, randomised, with every block's ``attn.qkv`` under ``form``'s hook
-    form."""
+    """:func:`_tiny`, randomised, with every block's ``attn.qkv`` under ``form``'s hook form."""
     torch.manual_seed(0)
-    model = _randomise(_tiny(depth=4))
+    model = _randomise(_tiny())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)      # (weight_norm's hook form)
         for b in model.blocks:
@@ -1116,7 +1115,7 @@ def test_a_weight_hook_on_a_leaf_inside_an_evolving_block_is_not_told(form):
                 dense(x), fast(x)
     assert not [str(r.message) for r in w if "forward hook on" in str(r.message)
                 or "from its tokens" in str(r.message)]
-    assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1, 65, 34, 34]   # (as unhooked)
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1, 65, 34, 34, 34, 34]   # (as unhooked)
     for b, d in zip(fast.blocks, dense.blocks):
         for k, v in d.attn.qkv.state_dict().items():
             assert torch.equal(b.attn.qkv.state_dict()[k], v), k
@@ -1180,7 +1179,7 @@ def test_a_parametrization_on_a_module_the_block_traces_into_lets_it_evolve(form
 
 
 def _evolves_as_the_dense_model(wrap, keep_ratio: float, power_iteration: bool):
-    """:func:`_tiny` of 4 blocks with every block's attention an :class:`_OwnWeightAttention` under
+    """:func:`_tiny` with every block's attention an :class:`_OwnWeightAttention` under
     ``wrap`` (a hook or parametrization form, on its ``weight``), converted at ``keep_ratio``
     off the identity fast path beside a dense twin: nothing said of state from its tokens nor
     of a block running its own forward, the blocks evolve, two training steps and an eval call
@@ -1188,7 +1187,7 @@ def _evolves_as_the_dense_model(wrap, keep_ratio: float, power_iteration: bool):
     iteration's vectors (``power_iteration``) the dense model's at keep 0.5 too."""
     def model():
         torch.manual_seed(0)
-        m = _randomise(_tiny(depth=4))
+        m = _randomise(_tiny())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)      # (weight_norm's hook form)
             for b in m.blocks:
@@ -1213,7 +1212,7 @@ def _evolves_as_the_dense_model(wrap, keep_ratio: float, power_iteration: bool):
                 torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
     assert not [str(r.message) for r in w if "runs its own forward" in str(r.message)
                 or "from its tokens" in str(r.message)]
-    assert [t for _, t in evoplug.tokens_per_block(fast)] == ([-1, 65] + [65 if keep_ratio == 1.0 else 34] * 2)
+    assert [t for _, t in evoplug.tokens_per_block(fast)] == ([-1, 65] + [65 if keep_ratio == 1.0 else 34] * 4)
     for b, d in zip(fast.blocks, dense.blocks):
         for k, v in d.attn.state_dict().items():
             if keep_ratio == 1.0 or k.endswith(("_u", "_v")) and power_iteration:
