@@ -2148,7 +2148,7 @@ def test_a_thread_that_ended_inside_a_forward_holds_no_twin_build_back():
     import threading
     import time
     torch.manual_seed(0)
-    model = _randomise(_tiny(dynamic_img_size=True, depth=4))
+    model = _randomise(_tiny(dynamic_img_size=True))
     x = torch.randn(1, 3, 32, 32)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
     runtime = evoplug.get_report(fast).blocks[0].runtime
