@@ -50,13 +50,13 @@ class QKVAttention(nn.Module):
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
-def sharp_tiny_vit(seed: int = 0, dynamic_img_size: bool = False) -> nn.Module:
-    """A 4-block timm ViT at 32 px (16 patches, dim 32) in eval mode, its qkv weights scaled up
-    so that keep 0.5 differs clearly from the dense model (``dynamic_img_size``: callable at
-    other sizes)."""
+def sharp_tiny_vit(seed: int = 0, dynamic_img_size: bool = False, depth: int = 4) -> nn.Module:
+    """A ``depth``-block (4) timm ViT at 32 px (16 patches, dim 32) in eval mode, its qkv weights
+    scaled up so that keep 0.5 differs clearly from the dense model (``dynamic_img_size``:
+    callable at other sizes)."""
     torch.manual_seed(seed)
     m = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8,
-                          embed_dim=32, depth=4, num_heads=2, num_classes=5,
+                          embed_dim=32, depth=depth, num_heads=2, num_classes=5,
                           dynamic_img_size=dynamic_img_size).eval()
     with torch.no_grad():
         for blk in m.blocks:

@@ -91,7 +91,7 @@ def test_a_key_mask_after_a_pair_mask_evolves_and_keeps_images_apart():
     the twenty-fifth session). Both are gathered as (..., 1, N) logit terms now."""
     from timm.models.vision_transformer import VisionTransformer
     torch.manual_seed(0)
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4,
                               num_classes=10).eval()
     x, n = torch.randn(4, 3, 32, 32), 17
     keys = torch.ones(4, 1, 1, n, dtype=torch.bool)
@@ -105,7 +105,7 @@ def test_a_key_mask_after_a_pair_mask_evolves_and_keeps_images_apart():
                                        atol=1e-5, rtol=1e-5)
             evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
             out = fast(x, attn_mask=mask)
-            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10]
             one = mask if mask.shape[0] == 1 else mask[1:2]
             torch.testing.assert_close(fast(x[1:2], attn_mask=one), out[1:2], atol=1e-5, rtol=1e-5)
 
@@ -128,17 +128,17 @@ def test_a_flag_that_changes_with_every_call_converts_a_few_twins_then_runs_dens
             return self.forward_head(self.norm(x))
 
     torch.manual_seed(0)
-    model = StepViT(img_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4,
+    model = StepViT(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4,
                     block_fn=StepBlock).eval()
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         for step in range(1, 5):
             fast(x, step=step)
-            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+            assert [t for _, t in evoplug.tokens_per_block(fast)] == [17, 10, 10]
         with pytest.warns(UserWarning, match="of 4 other values already"):
             torch.testing.assert_close(fast(x, step=5), model(x, step=5))
-        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 4
+        assert [t for _, t in evoplug.tokens_per_block(fast)] == [-1] * 3
 
 
 class HandRMSNorm(nn.Module):
@@ -243,7 +243,7 @@ class RelBiasBlock(nn.Module):
 
 
 class RelBiasViT(nn.Module):
-    def __init__(self, from_index, depth=4, dim=32, **form):
+    def __init__(self, from_index, depth=3, dim=32, **form):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
@@ -288,7 +288,7 @@ def _evolves_as(model, same, x, ref):
     for keep in (1.0, 0.5):
         fast = evoplug.convert(model, keep, example_input=x[:1])
         want = evoplug.convert(same, keep, example_input=x[:1])
-        assert len(evoplug.get_report(fast).blocks) == 4
+        assert len(evoplug.get_report(fast).blocks) == 3
         with torch.no_grad():
             out = fast(x)
             torch.testing.assert_close(out, want(x), rtol=1e-5, atol=1e-5)
@@ -460,7 +460,7 @@ def test_grouped_query_attention_by_enable_gqa_evolves_as_with_repeated_heads():
     models = []
     for repeat in (False, True):
         m = RelBiasViT(from_index=True)
-        m.blocks = nn.ModuleList([GQABlock(repeat=repeat) for _ in range(4)])
+        m.blocks = nn.ModuleList([GQABlock(repeat=repeat) for _ in range(3)])
         models.append(m.eval())
     models[1].load_state_dict(models[0].state_dict())
     x = torch.randn(3, 3, 32, 32)
@@ -504,7 +504,7 @@ def test_map_over_a_chunk_is_no_data_dependent_control_flow():
     models = []
     for unpacked in (False, True):
         m = RelBiasViT(from_index=True)
-        m.blocks = nn.ModuleList([MapChunkBlock(unpacked) for _ in range(4)])
+        m.blocks = nn.ModuleList([MapChunkBlock(unpacked) for _ in range(3)])
         models.append(m.eval())
     models[1].load_state_dict(models[0].state_dict())
     x = torch.randn(3, 3, 32, 32)
@@ -538,12 +538,12 @@ class HeadsOfAChunkBlock(nn.Module):
 
 
 class HeadsOfAChunkViT(RelBiasViT):
-    """4 such blocks over the 4x4 patch grid of a 32x32 image, with a class token or without
+    """3 such blocks over the 4x4 patch grid of a 32x32 image, with a class token or without
     (then as many tokens as channels, 16)."""
 
     def __init__(self, form, cls):
         super().__init__(from_index=True, dim=16)
-        self.blocks = nn.ModuleList([HeadsOfAChunkBlock(form) for _ in range(4)])
+        self.blocks = nn.ModuleList([HeadsOfAChunkBlock(form) for _ in range(3)])
         self.with_cls = cls
 
     def forward(self, img):
@@ -657,7 +657,7 @@ class IdsMaskViT(nn.Module):
     """Transformers' way: an integer attention mask (B, patches) made additive inside the model
     ((1 - m) * finfo.min), handed to every block."""
 
-    def __init__(self, dim=32, depth=4, block=None):
+    def __init__(self, dim=32, depth=3, block=None):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, dim))
@@ -730,7 +730,7 @@ def _evolves_like(model, other, inputs, images=1, alone=False):
     for keep in (1.0, 0.5):
         fast = evoplug.convert(model, keep, example_input=example)
         want = evoplug.convert(other, keep, example_input=example)
-        assert len(evoplug.get_report(fast).blocks) == 4
+        assert len(evoplug.get_report(fast).blocks) == 3
         with torch.no_grad():
             out, dense = fast(*inputs), model(*inputs)
             torch.testing.assert_close(out, want(*inputs), rtol=1e-5, atol=1e-5)
@@ -761,7 +761,7 @@ class PairMaskBlock(MaskArgBlock):
 
 
 class PairMaskViT(IdsMaskViT):
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(PairMaskBlock, form=form))
         self.form = form
 
@@ -811,7 +811,7 @@ class RotaryArgBlock(MaskArgBlock):
 
 
 class RotaryArgViT(IdsMaskViT):
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(RotaryArgBlock, form=form))
         self.form = form
         angle = torch.arange(17)[:, None] * torch.linspace(0.1, 1.0, dim // 2)[None]
@@ -872,7 +872,7 @@ class ShapedRotaryViT(RotaryArgViT):
     tokens), its tables (the class token's row a rotation by 0) handed (N, d), (N - 1, d) without
     the class token's row (``patches``), or lined up (1, 1, N, d) to RotaryArgBlock (``4d``)."""
 
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(form, dim, depth)
         if form != "4d":
             self.blocks = nn.ModuleList([ShapedRotaryBlock(dim, form) for _ in range(depth)])
@@ -935,7 +935,7 @@ class KeyMaskBlock(MaskArgBlock):
 
 
 class KeyMaskViT(IdsMaskViT):
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(KeyMaskBlock, form=form))
         self.form = form
         mask = torch.zeros(17)
@@ -991,7 +991,7 @@ class IdsArgBlock(MaskArgBlock):
 
 
 class IdsArgViT(IdsMaskViT):
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(IdsArgBlock, form=form))
         self.form = form
         self.emb = nn.Embedding(4, dim)
@@ -1037,7 +1037,7 @@ class CondBlock(MaskArgBlock):
 
 
 class CondViT(IdsMaskViT):
-    def __init__(self, before, dim=32, depth=4):
+    def __init__(self, before, dim=32, depth=3):
         super().__init__(dim, depth)
         self.blocks = nn.ModuleList([CondBlock(dim, before) for _ in range(depth)])
         self.cond = nn.Conv2d(1, dim, 8, 8)
@@ -1062,7 +1062,7 @@ def test_a_conditioning_stream_added_before_the_attention_branchs_first_op():
     for keep in (1.0, 0.5):
         fast = evoplug.convert(before, keep, example_input=(img[:1], side[:1]))
         want = evoplug.convert(after, keep, example_input=(img[:1], side[:1]))
-        assert len(evoplug.get_report(fast).blocks) == 4
+        assert len(evoplug.get_report(fast).blocks) == 3
         with torch.no_grad():
             out = fast(img, side)
             torch.testing.assert_close(out, want(img, side), rtol=1e-5, atol=1e-5)
@@ -1091,7 +1091,7 @@ class AdaBlock(MaskArgBlock):
 
 
 class AdaViT(IdsMaskViT):
-    def __init__(self, per_token, dim=32, depth=4):
+    def __init__(self, per_token, dim=32, depth=3):
         super().__init__(dim, depth)
         self.per_token = per_token
         self.blocks = nn.ModuleList([AdaBlock(dim, per_token) for _ in range(depth)])
@@ -1127,7 +1127,7 @@ class BranchAddBlock(MaskArgBlock):
 
 
 class BranchAddViT(AdaViT):
-    def __init__(self, form, dim=32, depth=4):
+    def __init__(self, form, dim=32, depth=3):
         super().__init__(False, dim, depth)
         self.blocks = nn.ModuleList([BranchAddBlock(dim, form) for _ in range(depth)])
 
@@ -1159,7 +1159,7 @@ def test_a_conditioning_vector_per_image_passes_to_the_kept_tokens_as_it_is():
     for keep in (1.0, 0.5):
         fast = evoplug.convert(vector, keep, example_input=(img[:1], y[:1]))
         want = evoplug.convert(tokens, keep, example_input=(img[:1], y[:1]))
-        assert len(evoplug.get_report(fast).blocks) == 4
+        assert len(evoplug.get_report(fast).blocks) == 3
         with torch.no_grad():
             out, dense = fast(img, y), vector(img, y)
             torch.testing.assert_close(out, want(img, y), rtol=1e-5, atol=1e-5)
@@ -1218,7 +1218,7 @@ class SharedBiasBlock(MaskArgBlock):
 
 
 class SharedBiasViT(IdsMaskViT):
-    def __init__(self, form, heads, dim=32, depth=4):
+    def __init__(self, form, heads, dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(SharedBiasBlock, heads=heads, form=form))
         self.form = form
         self.rel_pos_bias = nn.Parameter(torch.randn(heads, 17, 17))
@@ -1284,7 +1284,7 @@ class ShapedBiasBlock(SharedBiasBlock):
 class ShapedBiasViT(IdsMaskViT):
     """The bias (``bias``): per head (heads, N, N), ``flat`` (heads * N * N,) or ``shared`` (N, N)."""
 
-    def __init__(self, form, heads, line_up, bias="heads", dim=32, depth=4):
+    def __init__(self, form, heads, line_up, bias="heads", dim=32, depth=3):
         super().__init__(dim, depth, functools.partial(ShapedBiasBlock, heads=heads, form=form,
                                                        line_up=line_up))
         self.line_up = line_up
@@ -1358,7 +1358,7 @@ class HeadLayoutBlock(MaskArgBlock):
 
 class HeadLayoutViT(IdsMaskViT):
     def __init__(self, layout, term, heads):
-        super().__init__(32, 4, functools.partial(HeadLayoutBlock, heads=heads, layout=layout, term=term))
+        super().__init__(32, 3, functools.partial(HeadLayoutBlock, heads=heads, layout=layout, term=term))
         self.rel_pos_bias = nn.Parameter(torch.randn(17, 17))
 
     def forward(self, img):
@@ -1410,7 +1410,7 @@ class PosViT(nn.Module):
     the tokens named first), 'slice' (the parameter sliced at each call), 'own' (a table of
     each block's own, of one image), 'expanded' (the same, expanded to the batch)."""
 
-    def __init__(self, pos_first, form="table", dim=32, depth=4):
+    def __init__(self, pos_first, form="table", dim=32, depth=3):
         super().__init__()
         self.embed = nn.Conv2d(3, dim, 8, 8)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * .02)
@@ -1460,7 +1460,7 @@ def test_a_block_whose_tokens_are_not_its_first_argument(form, images):
         out = fast(img)
         torch.testing.assert_close(out, want(img), rtol=1e-5, atol=1e-5)
         assert (out - first(img)).abs().max() > 1e-3
-        assert [n for _, n in evoplug.tokens_per_block(fast)] == [17, 10, 10, 10]
+        assert [n for _, n in evoplug.tokens_per_block(fast)] == [17, 10, 10]
         torch.testing.assert_close(fast(img[2:]), out[2:], rtol=1e-5, atol=1e-5)
     fast.train(), want.train()
     fast(img).square().sum().backward()

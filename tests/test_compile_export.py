@@ -516,27 +516,34 @@ def test_a_compiled_block_sets_the_python_values_its_forward_sets_as_the_dense_m
     the conversion's size in one graph, and the output is eager's (at keep 1.0 the dense
     model's). (AOTAutograd's backend: Dynamo's graphs, as the eager backend, then its own.)"""
     from models import sharp_tiny_vit
+    # the dense model compiled (the same model, weights and calls for both options): compiled,
+    # called and read in the first round, as before the fast model at each size; its input,
+    # output and values kept for the second round
+    dense_seen = {}
     for keep, fast_path in ((0.5, True), (1.0, False)):
-        vit = sharp_tiny_vit(dynamic_img_size=True)
+        vit = sharp_tiny_vit(dynamic_img_size=True, depth=3)     # (blocks.0 scores, 1-2 evolve)
         for blk in vit.blocks:
             _records_its_size_and_warns(blk)
         model = _MapOfLastBlock(vit)
-        dense = copy.deepcopy(model)
+        dense = None if dense_seen else copy.deepcopy(model)
         fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
                                example_input=torch.randn(2, 3, 32, 32))
         eager, direct = copy.deepcopy(fast), copy.deepcopy(fast)
         torch._dynamo.reset()
-        compiled_dense = torch.compile(dense, backend=backend)
+        compiled_dense = None if dense is None else torch.compile(dense, backend=backend)
         # (at the conversion's size one graph: setting the values breaks none)
         compiled = {32: torch.compile(fast, backend=backend, fullgraph=True),
                     48: torch.compile(fast, backend=backend)}
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for size in (32, 48):
-                x = torch.randn(2, 3, size, size)
-                ref, out, want = compiled_dense(x), compiled[size](x), eager(x)
-                for f, d in zip(fast.vit.blocks, dense.vit.blocks):
-                    assert (f.H, f.W, f.hw, f.warned) == (d.H, d.W, d.hw, d.warned), (keep, size)
+                if compiled_dense is not None:
+                    x = torch.randn(2, 3, size, size)
+                    dense_seen[size] = x, compiled_dense(x), [(d.H, d.W, d.hw, d.warned)
+                                                              for d in dense.vit.blocks]
+                x, ref, values = dense_seen[size]
+                out, want = compiled[size](x), eager(x)
+                assert [(f.H, f.W, f.hw, f.warned) for f in fast.vit.blocks] == values, (keep, size)
                 assert close(out, want, 1e-5), (keep, size)
                 if keep == 1.0:
                     assert close(out, ref, 1e-5), size
@@ -544,4 +551,4 @@ def test_a_compiled_block_sets_the_python_values_its_forward_sets_as_the_dense_m
         # told, and hold the size they ran (they evolved with the conversion's sizes, 4, 4)
         with torch.no_grad(), pytest.warns(UserWarning, match="records sizes from its tokens"):
             direct.vit.forward_features(torch.randn(2, 3, 48, 48))
-        assert [(b.H, b.W) for b in direct.vit.blocks] == [(6, 6)] * 4
+        assert [(b.H, b.W) for b in direct.vit.blocks] == [(6, 6)] * 3

@@ -48,7 +48,8 @@ def _randomise(model, scale=0.5):
 # --------------------------------------------------------------------------------------------
 
 CKPT_MODELS = {   # name -> (kwargs, input size); LeViT checkpoints whole stages (downsampling inside)
-    "swin_tiny_patch4_window7_224": (dict(img_size=112, depths=(2, 2, 4, 2)), 112),
+    # (Swin-T narrowed: embed_dim 48, its stages, windows and shifted blocks as they are)
+    "swin_tiny_patch4_window7_224": (dict(img_size=112, depths=(2, 2, 4, 2), embed_dim=48), 112),
     "pvt_v2_b0": (dict(), 64),
     "levit_128s": (dict(), 224),
     "deit_tiny_patch16_224": (dict(img_size=64), 64),
