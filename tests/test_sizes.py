@@ -701,7 +701,7 @@ def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentr
     from timm.layers import config, set_reentrant_ckpt
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
-                              patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2),
+                              patch_size=2, window_size=4, embed_dim=32, depths=(1, 1, 2),
                               num_heads=(2, 2, 2), dynamic_img_size=True, num_classes=10)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).train()
     x = torch.randn(2, 3, 48, 48)
@@ -3279,7 +3279,7 @@ def test_a_twin_built_inside_torch_func_grad_gives_the_gradients_of_a_plain_call
     from timm.models.vision_transformer import VisionTransformer
     from torch.func import functional_call
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
                             num_classes=10, dynamic_img_size=True).train()
     swin = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
                            num_heads=(2, 2), num_classes=10, strict_img_size=False).eval()
@@ -3405,7 +3405,7 @@ def test_an_additive_mask_of_minus_inf_is_no_corrupt_image():
     images refused it as a corrupt example input, and at a new size as a call whose every
     image is corrupt (audit Q3). NaN or inf in the images, NaN elsewhere, is what it looks for."""
     torch.manual_seed(0)
-    model = _MaskedEncoder().eval()
+    model = _MaskedEncoder(depth=3).eval()
 
     def call(size):
         pad = torch.zeros(2, 1 + (size // 8) ** 2)
