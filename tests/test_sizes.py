@@ -83,7 +83,7 @@ def test_other_sizes_share_parameters_modes_and_gradients(converted):
 
 def test_a_copy_builds_its_own_twins_and_a_size_the_model_cannot_take_is_named():
     import copy
-    model = _pvt()
+    model = _pvt(depths=(1, 1, 1, 1))
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
@@ -672,8 +672,9 @@ def test_a_twins_own_buffers_follow_the_models_dtype_and_device():
     `weight`"). And the buffers a twin's conversion added are not in model.modules(): .to()
     left them behind. A new dtype or device type gets a twin of its own, but a move to another
     GPU (cuda:0 -> cuda:1) reuses the twin, whose window index stayed on the first (audit G of
-    the twenty-third session); they follow the model's own now, when the twin is synced."""
-    model = _pvt()
+    the twenty-third session); they follow the model's own now, when the twin is synced. (One
+    block a stage: block 0, the scoring one, holds the upsampling taps.)"""
+    model = _pvt(depths=(1, 1, 1, 1))
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x64, x96 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -701,7 +702,7 @@ def test_gradient_checkpointing_at_a_twins_size_gives_the_plain_gradients(reentr
     from timm.layers import config, set_reentrant_ckpt
     torch.manual_seed(0)
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
-                              patch_size=2, window_size=4, embed_dim=32, depths=(1, 1, 2),
+                              patch_size=2, window_size=4, embed_dim=32, depths=(2, 2, 2),
                               num_heads=(2, 2, 2), dynamic_img_size=True, num_classes=10)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).train()
     x = torch.randn(2, 3, 48, 48)
@@ -773,7 +774,7 @@ def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
     the child, and its count held the child's twin build waiting forever (audit Y of the
     twenty-fifth session). A forked child resets the runtime's thread bookkeeping."""
     import threading
-    model = _pvt()
+    model = _pvt(depths=(1, 1, 1, 1))
     small, large = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=small[:1])
     inside, release = threading.Event(), threading.Event()
