@@ -23,11 +23,11 @@ timm = pytest.importorskip("timm")
 from models import QKVAttention, sharp_tiny_vit  # noqa: E402  (needs timm)
 
 
-def _pvt():
+def _pvt(depths=(2, 2, 1, 1)):
     """PVTv2-b0 with one block in its last two stages (6 blocks of 8: its conversion
-    and twins in about two thirds of the time)."""
+    and twins in about two thirds of the time; ``depths``: other stage depths)."""
     torch.manual_seed(0)
-    return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10, depths=(2, 2, 1, 1)).eval()
+    return timm.create_model("pvt_v2_b0", pretrained=False, num_classes=10, depths=depths).eval()
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_other_sizes_share_parameters_modes_and_gradients(converted):
 
 def test_a_copy_builds_its_own_twins_and_a_size_the_model_cannot_take_is_named():
     import copy
-    model = _pvt()
+    model = _pvt(depths=(1, 1, 1, 1))
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x = torch.randn(1, 3, 96, 96)
     with torch.no_grad():
@@ -279,11 +279,14 @@ def test_a_compiled_model_at_a_size_a_twin_exists_for_runs_the_twin():
     """torch.compile's graphs skip the model's entry hook, so a compiled call of another size
     ran every block's own forward (the dense model) even where an eager call had converted a twin
     for that size, until the eighteenth session; it runs the twin's blocks now (the failed
-    binding of the model's own blocks is a graph break). Without a twin it stays dense, warned."""
+    binding of the model's own blocks is a graph break). Without a twin it stays dense, warned.
+    (One block a stage: the stage-1 block scores, the others evolve; each dynamo-traced block
+    costs seconds.)"""
     torch._dynamo.reset()
-    model = _pvt()
+    model = _pvt(depths=(1, 1, 1, 1))
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x = torch.randn(2, 3, 96, 96)
+    assert [b.role for b in evoplug.get_report(fast).blocks] == ["score", "evolve", "evolve", "evolve"]
     compiled = torch.compile(fast, backend="eager")
     with torch.no_grad():
         eager = fast(x)                              # converts the twin
@@ -543,10 +546,9 @@ def test_a_size_whose_last_stage_has_one_token_converts_its_twin_on_more_images(
     """PVTv2 converted at 64 px and called at 32 px: its last stage has 1 token there, and the
     twin, calibrated on the call's first image, was refused (1 token as many as 1 image: the
     batch dim cannot be told from the token dim), so the forward raised although the dense
-    model runs (audit, twenty-second session). The twin is then calibrated on 2 images."""
-    import timm
-    torch.manual_seed(0)
-    model = timm.create_model("pvt_v2_b0", pretrained=False).eval()
+    model runs (audit, twenty-second session). The twin is then calibrated on 2 images. (The
+    6-block PVTv2 of :func:`_pvt`: one block in its last stage, as in any depth.)"""
+    model = _pvt()
     fast = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 64, 64))
     at32 = evoplug.convert(model, 0.5, example_input=torch.randn(2, 3, 32, 32))
     x = torch.randn(3, 3, 32, 32)
@@ -670,8 +672,9 @@ def test_a_twins_own_buffers_follow_the_models_dtype_and_device():
     `weight`"). And the buffers a twin's conversion added are not in model.modules(): .to()
     left them behind. A new dtype or device type gets a twin of its own, but a move to another
     GPU (cuda:0 -> cuda:1) reuses the twin, whose window index stayed on the first (audit G of
-    the twenty-third session); they follow the model's own now, when the twin is synced."""
-    model = _pvt()
+    the twenty-third session); they follow the model's own now, when the twin is synced. (One
+    block a stage: block 0, the scoring one, holds the upsampling taps.)"""
+    model = _pvt(depths=(1, 1, 1, 1))
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 64, 64))
     x64, x96 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
     with torch.no_grad():
@@ -771,7 +774,7 @@ def test_a_child_forked_while_another_thread_runs_the_model_builds_its_twins():
     the child, and its count held the child's twin build waiting forever (audit Y of the
     twenty-fifth session). A forked child resets the runtime's thread bookkeeping."""
     import threading
-    model = _pvt()
+    model = _pvt(depths=(1, 1, 1, 1))
     small, large = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=small[:1])
     inside, release = threading.Event(), threading.Event()
@@ -858,7 +861,7 @@ def test_a_layer_that_changes_its_own_settings_in_a_forward_is_converted_as_it_w
     session). The plain attributes the analysis' forwards change are put back."""
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[2, 2, 2],
+    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=32, depths=[1, 1, 2],
                        num_heads=[2, 4, 8], window_size=4, attn_implementation="sdpa")
     base = T.SwinModel(cfg, add_pooling_layer=False).eval()
     for inplace in (False, True):
@@ -1404,14 +1407,14 @@ class _SettlingBlock(_SizeArgBlock):
 
 
 class _SettlingViT(_SizeArgViT):
-    """:class:`_SizeArgViT` of :class:`_SettlingBlock` s, the first ``steady`` of which never
-    settle; ``features`` runs its blocks (a method a user calls directly, as timm's
+    """:class:`_SizeArgViT` of ``depth`` :class:`_SettlingBlock` s, the first ``steady`` of
+    which never settle; ``features`` runs its blocks (a method a user calls directly, as timm's
     ``forward_features``)."""
 
-    def __init__(self, steady: int = 0):
+    def __init__(self, steady: int = 0, depth: int = 4):
         super().__init__()
         torch.manual_seed(1)
-        self.blocks = _sharpened(_SettlingBlock(at=0 if i < steady else 4) for i in range(4))
+        self.blocks = _sharpened(_SettlingBlock(at=0 if i < steady else 4) for i in range(depth))
         self.eval()
 
     def features(self, t, H, W):
@@ -1441,8 +1444,8 @@ def test_a_setting_a_block_changes_at_another_size_reaches_the_models_block(at, 
     as the model converted afresh with it), and so does a method called directly; a copy of
     the converted model keeps it. Converted at 32 px, a twin built at 48 px before the call at
     32 px kept the setting it was traced with (Swin 0.04 off at keep 1.0 off the fast path): it
-    is converted anew."""
-    model = _SettlingViT()
+    is converted anew. (3 blocks: a scoring one and two evolving ones.)"""
+    model = _SettlingViT(depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
                            example_input=torch.randn(1, 3, at, at))
@@ -1454,7 +1457,7 @@ def test_a_setting_a_block_changes_at_another_size_reaches_the_models_block(at, 
             assert gains(fast) == gains(dense)
             if keep == 1.0:
                 torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-        assert gains(fast) == [0.5] * 4
+        assert gains(fast) == [0.5] * 3
         t = torch.randn(2, 37, 32)
         if keep == 1.0:
             torch.testing.assert_close(fast.features(t, 6, 6), dense.features(t, 6, 6),
@@ -1463,7 +1466,7 @@ def test_a_setting_a_block_changes_at_another_size_reaches_the_models_block(at, 
             return
         afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=keep,
                                  example_input=x48[:1])
-        assert gains(afresh) == [0.5] * 4
+        assert gains(afresh) == [0.5] * 3
         want = afresh(x48)
         assert not torch.allclose(want, dense(x48), atol=1e-3)
         torch.testing.assert_close(fast(x48), want, rtol=1e-5, atol=1e-5)
@@ -1482,8 +1485,8 @@ def test_a_setting_set_back_by_hand_then_changed_again_by_the_block_runs_as_the_
     block's own forward had made it (audit D8 of the forty-ninth session). A twin is now stale
     when its programs hold another value than the model's block holds now: keep 1.0 is the
     dense model at every call (both paths), and keep 0.5 runs at 48 px as the model converted
-    afresh with the value."""
-    model = _SettlingViT()
+    afresh with the value. (3 blocks: a scoring one and two evolving ones.)"""
+    model = _SettlingViT(depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=keep, identity_fast_path=fast_path,
                            example_input=torch.randn(1, 3, 48, 48))
@@ -1569,10 +1572,12 @@ class _KindSettlingBlock(_SizeArgBlock):
 
 
 class _KindSettlingViT(_SettlingViT):
-    def __init__(self, kind: str):
-        super().__init__()
+    """:class:`_SettlingViT` of ``depth`` :class:`_KindSettlingBlock` s."""
+
+    def __init__(self, kind: str, depth: int = 4):
+        super().__init__(depth=depth)
         torch.manual_seed(1)
-        self.blocks = _sharpened(_KindSettlingBlock(kind) for _ in range(4))
+        self.blocks = _sharpened(_KindSettlingBlock(kind) for _ in range(depth))
         self.eval()
 
 
@@ -1592,10 +1597,11 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
     and a dataclass set anew (``self.gain = Cfg(0.5)``) was set by no program: the model's
     block kept the one from before the conversion at every size (2.3 off at keep 1.0 off the
     fast path). Now each follows the dense model at keep 1.0 on and off the fast path, and at
-    keep 0.5 the model runs as converted afresh with it."""
+    keep 0.5 the model runs as converted afresh with it. (3 blocks: a scoring one and two
+    evolving ones, all setting the value.)"""
     if kind == "numpy":
         pytest.importorskip("numpy")
-    model = _KindSettlingViT(kind)
+    model = _KindSettlingViT(kind, depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 48, 48))
     gains = lambda m: [float(blk.read()) for blk in m.blocks]  # noqa: E731
@@ -1608,7 +1614,7 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
                 assert gains(fast) == gains(dense), (keep, fast_path, x.shape)
                 if keep == 1.0:
                     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-        assert gains(fast) == [0.5] * 4
+        assert gains(fast) == [0.5] * 3
         afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x48[:1])
         torch.testing.assert_close(fast(x48), afresh(x48), rtol=1e-5, atol=1e-5)
 
@@ -1657,11 +1663,11 @@ def test_a_value_a_block_sets_on_a_module_its_programs_call_whole_follows_the_de
     size the module kept `__init__`'s value (3.45 off the dense model), a twin's value stayed
     where the programs traced with the old one ran (2.38 off), and a twin traced before the
     value changed kept it (1.66 off)."""
-    class LeafViT(_SettlingViT):
+    class LeafViT(_SettlingViT):                 # (3 blocks: a scoring one, two evolving)
         def __init__(self):
-            super().__init__()
+            super().__init__(depth=3)
             torch.manual_seed(1)
-            self.blocks = _sharpened(_LeafSettlingBlock(kind) for _ in range(4))
+            self.blocks = _sharpened(_LeafSettlingBlock(kind) for _ in range(3))
             self.eval()
     model = LeafViT()
     dense = copy.deepcopy(model)
@@ -1683,7 +1689,7 @@ def test_a_value_of_any_kind_changed_by_hand_after_conversion_is_refused_by_name
     until the forty-ninth session (0.79 off the dense model at keep 1.0 off the fast path)."""
     if kind == "numpy":
         pytest.importorskip("numpy")
-    fast = evoplug.convert(_KindSettlingViT(kind), keep_ratio=1.0, identity_fast_path=False,
+    fast = evoplug.convert(_KindSettlingViT(kind, depth=3), keep_ratio=1.0, identity_fast_path=False,
                            example_input=torch.randn(1, 3, 48, 48))
     fast.blocks[2]._set(0.5)
     with torch.no_grad(), pytest.raises(evoplug.errors.EvoplugError,
@@ -1699,8 +1705,8 @@ def test_transformers_swin_keeps_the_shift_it_drops_at_another_size():
     0.5 runs as the dense model, shift 0, converted afresh."""
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 2],
-                       num_heads=[1, 2, 4], window_size=4, attn_implementation="sdpa")
+    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 2],
+                       num_heads=[1, 2], window_size=4, attn_implementation="sdpa")
     base = T.SwinModel(cfg, add_pooling_layer=False).eval()
     shifts = lambda m: [b.shift_size for layer in m.encoder.layers for b in layer.blocks]  # noqa: E731
     x64, x32 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)
@@ -1732,8 +1738,8 @@ def test_transformers_swin_trains_checkpointed_after_it_drops_its_shift(keep, fa
     the model converted afresh with the new shift."""
     T = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = T.SwinConfig(image_size=32, patch_size=2, embed_dim=16, depths=[1, 1, 2],
-                       num_heads=[1, 2, 4], window_size=4, attn_implementation="sdpa",
+    cfg = T.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 2],
+                       num_heads=[1, 2], window_size=4, attn_implementation="sdpa",
                        drop_path_rate=0.0)
     base = T.SwinModel(cfg, add_pooling_layer=False).eval()
     dense = copy.deepcopy(base)
@@ -1768,7 +1774,8 @@ def test_transformers_swin_trains_checkpointed_after_it_drops_its_shift(keep, fa
 @pytest.mark.parametrize("eager_first", [True, False], ids=["after_an_eager_call", "compiled_first"])
 def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_in_every_block(
         eager_first):
-    """A model whose last two blocks change a setting for good at a small map (Swin's shift),
+    """A model whose last block changes a setting for good at a small map (Swin's shift; of 3
+    blocks: a scoring and an evolving one that keep theirs, and an evolving one that changes it),
     converted at 48 px, called at 32 px (the setting changes) and compiled at 48 px: dynamo
     skips the entry hook that runs the twin converted with the new setting in every block, so
     the changed blocks ran that twin's block, each from a state of its own, and the others the
@@ -1777,15 +1784,16 @@ def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_i
     the twin now, converted in a graph break at the model's entry where no eager call did: as
     the model converted afresh with the new setting."""
     torch._dynamo.reset()
-    model = _SettlingViT(steady=2)
+    model = _SettlingViT(steady=2, depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 48, 48))
+    assert [b.role for b in evoplug.get_report(fast).blocks] == ["score", "evolve", "evolve"]
     x48, t = torch.randn(2, 3, 48, 48), torch.randn(2, 37, 32)
     with torch.no_grad():
         for x in (x48, torch.randn(2, 3, 32, 32)):
             fast(x)
             dense(x)
-        assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5, 0.5]
+        assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5]
         afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x48[:1])
         want = afresh(x48)
         assert not torch.allclose(want, dense(x48), atol=1e-3)
@@ -1802,13 +1810,13 @@ def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_i
 
 def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_calls_dense():
     """keep 1.0 on the identity fast path, converted at 48 px and compiled: a first call at 32
-    px, where the last two blocks halve their gain for good, ran the model's own blocks, which
+    px, where the last block (of 3) halves its gain for good, ran the model's own blocks, which
     set it with no record of it, and every eager call after, at any size, was refused
     ("`blocks.2`: `gain` (EvoBlock) changed from 1.0 to 0.5 after conversion"; audit D1 of the
     fiftieth session; transformers' Swin so after its shift). The compiled blocks run the twin
     converted for the call, as eager ones do: every call is the dense model's."""
     torch._dynamo.reset()
-    model = _SettlingViT(steady=2)
+    model = _SettlingViT(steady=2, depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=1.0, example_input=torch.randn(1, 3, 48, 48))
     compiled = torch.compile(fast, backend="eager")
@@ -1816,7 +1824,7 @@ def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_cal
         for call, size in ((compiled, 32), (fast, 32), (fast, 48), (compiled, 48)):
             x = torch.randn(2, 3, size, size)
             torch.testing.assert_close(call(x), dense(x), rtol=1e-5, atol=1e-5)
-            assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5, 0.5]
+            assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5]
 
 
 class _SizedConv(torch.nn.Module):
@@ -1866,13 +1874,14 @@ class _ParentSizedBlock(torch.nn.Module):
 
 
 class _ParentSizedViT(torch.nn.Module):
-    """Sets each block's size before calling it; no class token; returns the token map."""
+    """Sets each block's size before calling it; no class token; returns the token map
+    (``depth`` blocks)."""
 
-    def __init__(self, dim: int = 32, patch: int = 8, form: str = "ints"):
+    def __init__(self, dim: int = 32, patch: int = 8, form: str = "ints", depth: int = 4):
         super().__init__()
         torch.manual_seed(0)
         self.embed = torch.nn.Conv2d(3, dim, patch, patch)
-        self.blocks = _sharpened(_ParentSizedBlock(dim, form) for _ in range(4))
+        self.blocks = _sharpened(_ParentSizedBlock(dim, form) for _ in range(depth))
         self.eval()
 
     def forward(self, images):
@@ -1933,18 +1942,20 @@ def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_b
     (``blk.dw.H, blk.dw.W = H, W``): until audit D3 of the fiftieth session the compiled call
     was refused as a change after conversion ("`dw.H` changed from 4 to 6") or raised torch's
     raw TorchRuntimeError (keep 1.0 off the fast path too), and the block called directly a raw
-    RuntimeError."""
+    RuntimeError. (3 blocks: the scoring one, an evolving one called directly, and the last,
+    evolving; each dynamo-traced block costs seconds.)"""
     torch._dynamo.reset()
-    model = _ParentSizedViT(form=form)
+    model = _ParentSizedViT(form=form, depth=3)
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32))
+    assert [b.role for b in evoplug.get_report(fast).blocks] == ["score", "evolve", "evolve"]
     compiled = torch.compile(fast, backend="eager")
     with torch.no_grad():
         for size in (32, 48):
             x = torch.randn(2, 3, size, size)
             out = compiled(x)
-            assert tuple(fast.blocks[3].size()) == (size // 8,) * 2
-            assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.3"] < (size // 8) ** 2
+            assert tuple(fast.blocks[2].size()) == (size // 8,) * 2
+            assert 0 < dict(evoplug.tokens_per_block(fast))["blocks.2"] < (size // 8) ** 2
             torch.testing.assert_close(out, fast(x), rtol=1e-5, atol=1e-5)
         evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
         torch.testing.assert_close(compiled(x), dense(x), rtol=1e-5, atol=1e-5)
@@ -3269,7 +3280,7 @@ def test_a_twin_built_inside_torch_func_grad_gives_the_gradients_of_a_plain_call
     from timm.models.vision_transformer import VisionTransformer
     from torch.func import functional_call
     torch.manual_seed(0)
-    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2,
+    vit = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
                             num_classes=10, dynamic_img_size=True).train()
     swin = SwinTransformer(img_size=32, patch_size=2, window_size=4, embed_dim=32, depths=(2, 2),
                            num_heads=(2, 2), num_classes=10, strict_img_size=False).eval()
@@ -3395,7 +3406,7 @@ def test_an_additive_mask_of_minus_inf_is_no_corrupt_image():
     images refused it as a corrupt example input, and at a new size as a call whose every
     image is corrupt (audit Q3). NaN or inf in the images, NaN elsewhere, is what it looks for."""
     torch.manual_seed(0)
-    model = _MaskedEncoder().eval()
+    model = _MaskedEncoder(depth=3).eval()
 
     def call(size):
         pad = torch.zeros(2, 1 + (size // 8) ** 2)
