@@ -1402,6 +1402,38 @@ def test_changes_inside_traced_modules_after_conversion_are_refused_by_name():
         counted(x)
 
 
+def test_a_stage_of_one_block_trains_checkpointed_as_it_trains_without():
+    """A Swin stage of one block: its ``blocks`` (an nn.Sequential of that one block) took the
+    whole call and was converted as the block until the fifty-first session; timm's gradient
+    checkpointing runs the Sequential's blocks one by one (``checkpoint_seq``), so the block ran
+    dense and the next one unscored, every token: 0.02 off the converted model's own output and
+    gradients, without a word. The block itself is converted now, and checkpointing changes
+    neither (at the conversion's size and at a twin's)."""
+    torch.manual_seed(0)
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, img_size=32,
+                              patch_size=2, window_size=4, embed_dim=32, depths=(1, 1, 2),
+                              num_heads=(2, 2, 2), dynamic_img_size=True, num_classes=10)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).train()
+    assert [s.name for s in evoplug.get_report(fast).blocks][:2] == ["layers.0.blocks.0",
+                                                                     "layers.1.blocks.0"]
+    ckpt = copy.deepcopy(fast)
+    ckpt.set_grad_checkpointing(True)
+    for size in (32, 48):
+        x = torch.randn(2, 3, size, size)
+        outs, grads = [], []
+        for f in (fast, ckpt):
+            f.zero_grad(set_to_none=True)
+            torch.manual_seed(1)
+            out = f(x)
+            out.pow(2).mean().backward()
+            outs.append(out)
+            grads.append(torch.cat([p.grad.flatten() for p in f.parameters()]))
+        assert evoplug.tokens_per_block(ckpt) == evoplug.tokens_per_block(fast)
+        assert dict(evoplug.tokens_per_block(ckpt))["layers.1.blocks.0"] < (size // 4) ** 2
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
 class _GainBlock(Block):
     """timm's block whose own code scales the MLP branch by ``self.norm2.gain``, a plain value
     on its LayerNorm (a module its programs call whole), and by ``self.ls2.g``, read by
