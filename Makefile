@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.evoplug-installed
 # so a module's fixtures are built once
 TEST_WORKERS ?= auto
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test test-all bench clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,11 @@ ARGS ?=
 demo: venv
 	$(PY) examples/demo.py $(ARGS)
 
+# the quick suite (CI): all but the tests marked slow; `make test-all` runs those too
 test: venv
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" tests
+
+test-all: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 bench: venv

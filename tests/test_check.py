@@ -302,6 +302,7 @@ def test_float32_rounding_the_model_amplifies_is_a_warning():
     assert any("float64" in w for w in r.warnings)
 
 
+@pytest.mark.slow
 def test_the_check_finds_blocks_that_no_scores_reach(monkeypatch):
     """Swinv2 with its windows not mapped (see test_pyramid): the strict conversion refuses it,
     the check converts with strict=False and reports the blocks that run every token: a
@@ -409,6 +410,7 @@ def test_check_command(tmp_path, capsys):
     assert saved["resnet18"]["status"] == "refused"
 
 
+@pytest.mark.slow
 def test_the_check_compiles_and_compares():
     """compile=BACKEND: dynamo's graphs of the converted forward and the compiled output
     against the eager one (aot_eager here: the graph capture and functionalisation without

@@ -96,6 +96,7 @@ print(min(faults[3:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's mallopt")
 def test_retain_freed_memory_stops_the_page_faults_of_a_second_big_allocation():

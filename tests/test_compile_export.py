@@ -276,6 +276,7 @@ def test_swin_map_blocks_compile_into_one_graph():
     assert any(0 < t < 256 for _, t in evoplug.tokens_per_block(fast)[:4])
 
 
+@pytest.mark.slow
 def test_a_map_of_another_shape_outside_a_twin_runs_dense_not_on_the_old_windows():
     """Swin's blocks take the map itself, with no size argument: compiled, or through
     ``forward_features`` (no twin is converted for a new size there), a map of another shape
@@ -506,6 +507,7 @@ class _MapOfLastBlock(nn.Module):
         return t[:, 1:].transpose(1, 2).reshape(t.shape[0], -1, last.H, last.W)
 
 
+@pytest.mark.slow
 def test_a_compiled_block_sets_the_python_values_its_forward_sets_as_the_dense_model_does(backend="aot_eager"):
     """Compiled, a converted block set none of the Python values its forward sets (a size it
     records, a warn-once flag): they stayed None and False where the dense model compiled the

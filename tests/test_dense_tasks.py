@@ -361,6 +361,7 @@ def test_swin_with_checkpointing_inside_its_blocks_is_refused_naming_it():
         model(torch.randn(2, 3, 64, 64))
 
 
+@pytest.mark.slow
 def test_mmseg_and_mmdet_evo_backbones_save_whole_and_load_in_a_fresh_process(tmp_path):
     """Their classes were named like MMPretrain's own Evo classes in that module, so
     ``torch.save`` of the backbone (and of any segmentor or detector on it) failed until the

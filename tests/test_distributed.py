@@ -130,6 +130,7 @@ def _check_dense_load(checkpoint, iters):
     dense.load_state_dict(state["state_dict"], strict=True)
 
 
+@pytest.mark.slow
 def test_two_process_cpu_ddp_trains_saves_resumes_and_stays_in_sync(tmp_path):
     """Four eager steps, then a resume to six with ``--amp`` and ``--compile``: under DDP the
     compiled backbone inside MMDistributedDataParallel (backend aot_eager: AOTAutograd's graphs

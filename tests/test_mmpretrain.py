@@ -562,6 +562,7 @@ def test_runner_resumes_without_amp_from_an_amp_checkpoint(dense_ckpt, mini_root
     assert evo_ckpt.load_from_local(os.path.join(wd, "iter_4.pth"))["optimizer"]["state"][0]["step"] == 4
 
 
+@pytest.mark.slow
 def test_runner_compiles_the_backbone_and_trains_as_eager(dense_ckpt, mini_root, tmp_path):
     """`python -m evoplug.mm.train CONFIG --compile`: the backbone runs torch.compile (here the
     aot_eager backend: AOTAutograd's forward and backward graphs, without Inductor's code

@@ -153,7 +153,8 @@ def test_training_step_extra_ops_within_budget(reselect_every, budget, logits_fo
 
 @pytest.mark.parametrize("name,kwargs,size", [("deit_small_patch16_224", dict(depth=6), 224),
                                               ("swin_tiny_patch4_window7_224", dict(depths=(2, 2, 2, 2)), 224),
-                                              ("pvt_v2_b0", {}, 64), ("levit_conv_128s", {}, 224)])
+                                              ("pvt_v2_b0", {}, 64),
+                                              pytest.param("levit_conv_128s", {}, 224, marks=pytest.mark.slow)])
 def test_no_host_synchronisation(name, kwargs, size, logits_form):
     """Nothing in a converted forward waits for the device: no value read back (``.item()``,
     ``bool(tensor)``), no data-dependent shape (``nonzero``, boolean masks); eval and train,

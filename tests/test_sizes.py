@@ -275,6 +275,7 @@ def test_forward_features_runs_one_twin_where_a_stage_has_another_sizes_shapes()
             assert evoplug.tokens_per_block(fast) == tokens
 
 
+@pytest.mark.slow
 def test_a_compiled_model_at_a_size_a_twin_exists_for_runs_the_twin():
     """torch.compile's graphs skip the model's entry hook, so a compiled call of another size
     ran every block's own forward (the dense model) even where an eager call had converted a twin
@@ -1808,6 +1809,7 @@ def test_a_compiled_call_after_a_setting_changed_at_another_size_runs_the_twin_i
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_calls_dense():
     """keep 1.0 on the identity fast path, converted at 48 px and compiled: a first call at 32
     px, where the last block (of 3) halves its gain for good, ran the model's own blocks, which
@@ -1929,6 +1931,7 @@ def test_a_size_a_parent_sets_on_a_block_reaches_the_twin_that_runs_it(form):
                     assert 0 < ran < (size // 8) ** 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["ints", "submodule"])
 def test_a_compiled_call_at_another_size_runs_the_twin_where_a_parent_sets_the_blocks_size(form):
     """A parent that sets ``blk.H, blk.W = H, W`` before each call, converted at 32 px and

@@ -26,7 +26,7 @@ def _images(n=2, size=96, seed=1):
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("v2", [False, True], ids=["swin", "swin_v2"])
+@pytest.mark.parametrize("v2", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["swin", "swin_v2"])
 def test_torchvision_swin_converts_through_its_fx_wrapped_window_attention(v2):
     model, x = _swin(v2), _images()
     table = dict(fx_trace._wrapped_fns_to_patch)

@@ -901,6 +901,7 @@ def test_a_flag_given_by_position_goes_with_a_new_size():
                                    vit(x, None, True).last_hidden_state, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_flex_attention_is_refused_by_name_with_what_works():
     """``attn_implementation="flex_attention"``: the model runs (its calibration forward does),
     and its attention ran through a kernel whose score and mask functions are code, no tensors. The refusal said no attention
