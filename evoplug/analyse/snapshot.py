@@ -72,8 +72,6 @@ def snapshot(model: nn.Module) -> List[tuple]:
     return saved
 
 
-
-
 def _same(old, new) -> bool:
     """Whether an attribute is as it was: plain values by value, containers and tuples item by
     item (the items by identity), anything else by identity."""
