@@ -410,8 +410,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         writes_at=tuple(x.shape[1:]) if sizes else None,
         state_from_tokens=a.state_from_tokens, sets_own=a.sets_own)
     leaf_writes, spec.leaf_values = _leaf_state(module, a.leaf_paths, volatile, set_by)
-    spec.leaf_reads = tuple((tuple(p.split(".")), k, v) for p, k, v in spec.leaf_values
-                            if (p, k) in a.leaf_reads)
+    spec.leaf_reads = _read_values(module, a.leaf_reads, spec.leaf_values, spec.traced, set_by)
     spec.writes = traced_writes(spec.traced, volatile) + leaf_writes
     spec.set_outside = _set_outside(module, spec.writes, set_by)
     module.__class__ = evo_class(type(module))
@@ -487,6 +486,26 @@ def _leaf_state(block: nn.Module, leaf_paths, volatile, set_by) -> Tuple[tuple, 
             elif not who:
                 values.append((path, k, v))
     return tuple(writes), tuple(values)
+
+
+def _read_values(block: nn.Module, reads, leaf_values, traced, set_by) -> tuple:
+    """For :attr:`BlockSpec.leaf_reads`: (path parts, name, value) of each plain value the
+    block's traced code read (``reads``: (path, name)) from a module its programs hold no code
+    of: one they call whole (``leaf_values``), or one whose other method the block's code calls
+    (``self.ls2.scale_for(x)``, which the trace ran as Python: no module call, so neither whole
+    nor traced into; unseen until the fifty-second session). Not values some code set at the
+    calibration (``set_by``), which the programs set as that code did."""
+    values = {(p, k): v for p, k, v in leaf_values}
+    held = {e[2] for e in traced}
+    out = []
+    for p, k in sorted(reads):
+        if (p, k) not in values and p not in held:
+            m = block.get_submodule(p)
+            if (id(vars(m)), k) not in (set_by or {}) and k in plain_attributes(m):
+                values[p, k] = plain_attributes(m)[k]
+        if (p, k) in values:
+            out.append((tuple(p.split(".")), k, values[p, k]))
+    return tuple(out)
 
 
 @contextlib.contextmanager

@@ -5,11 +5,13 @@ modules themselves run live. The runtime refuses a call once one of them changed
 (runtime/spec.py ``BlockSpec.changed``), as it does for the modules the trace ran the code of.
 
 A trace never runs a leaf module's forward (fx records a call), so any read of a leaf's plain
-attribute while the block is traced comes from code the program holds: but a leaf's own methods
-(a Python branch evaluated on real tensors runs the real modules) and fx's and evoplug's own
-bookkeeping, which are left out. Reads are seen through a subclass of each leaf's class set on
-the instance for the trace (``__getattribute__`` notes the watched names, on the tracing thread
-only), and the class put back after it."""
+attribute while the block is traced comes from code the program holds, the leaf's other methods
+that code calls included (``self.ls2.scale_for(x)``: unseen until the fifty-second session, 0.32
+off once changed): but not a call of the leaf itself (a Python branch evaluated on real tensors
+runs the real modules, through torch.nn's call machinery) nor fx's and evoplug's own
+bookkeeping, which are left out (:func:`_by_traced_code`). Reads are seen through a subclass of
+each leaf's class set on the instance for the trace (``__getattribute__`` notes the watched
+names, on the tracing thread only), and the class put back after it."""
 from __future__ import annotations
 
 import contextlib
@@ -78,10 +80,7 @@ def _reader(cls: type):
         def __getattribute__(self, name):
             watched = _WATCHED.get(id(self))
             if watched is not None and name in watched[0] and threading.get_ident() == watched[2]:
-                caller = sys._getframe(1)
-                code = caller.f_code
-                own = code.co_argcount and caller.f_locals.get(code.co_varnames[0]) is self
-                if not own and not caller.f_globals.get("__name__", "").startswith(_OWN):
+                if _by_traced_code(self, sys._getframe(1)):
                     watched[1].add(name)
             return get(self, name)
 
@@ -93,3 +92,21 @@ def _reader(cls: type):
             reader = None
         _READERS[cls] = reader
         return reader
+
+
+def _by_traced_code(module: nn.Module, frame) -> bool:
+    """Whether a read from ``frame`` comes from code the trace holds: up through the module's own
+    methods (and torch's wrappers around them), the first other code decides (fx's and
+    evoplug's bookkeeping do not count), unless a call of the module (torch.nn's machinery:
+    ``_call_impl``, ``__repr__``) is found first, where the module runs for real."""
+    while frame is not None:
+        code, where = frame.f_code, frame.f_globals.get("__name__", "")
+        if code.co_argcount and frame.f_locals.get(code.co_varnames[0]) is module:
+            if where == "torch.nn.modules.module":
+                return False
+        elif where.startswith(_OWN):
+            return False
+        elif not where.startswith("torch."):
+            return True
+        frame = frame.f_back
+    return False

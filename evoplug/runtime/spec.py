@@ -259,7 +259,7 @@ class BlockSpec:
 
     def _leaf_read_changed(self) -> Optional[str]:
         """:meth:`changed` of the values the block's code read from the modules its programs
-        call whole (``leaf_reads``), found by path on the block (a module replaced there is read
+        call whole or call a method of (``leaf_reads``), found by path on the block (a module replaced there is read
         as it is now: a wrapper that passes the attribute on holds the same value)."""
         drift = self.runtime.drift
         for parts, k, v in self.leaf_reads:
@@ -271,7 +271,7 @@ class BlockSpec:
                 where = ".".join(parts + (k,))
                 if drift and _same(drift.get((self.index, where), _GONE), now):
                     continue
-                return (f"`{where}` ({type(m).__name__}, called whole; the block's code reads it) "
+                return (f"`{where}` ({type(m).__name__}; the block's code reads it) "
                         f"changed from {v!r} to {'(deleted)' if now is _GONE else repr(now)}")
         return None
 
