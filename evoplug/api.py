@@ -521,8 +521,9 @@ def _read_values(block: nn.Module, reads, leaf_values, traced, set_by) -> tuple:
     for p, k in sorted(reads):
         if (p, k) not in values and p not in held:
             m = block.get_submodule(p)
-            if (id(vars(m)), k) not in (set_by or {}) and k in plain_attributes(m):
-                values[p, k] = plain_attributes(m)[k]
+            plain = plain_attributes(m)
+            if (id(vars(m)), k) not in (set_by or {}) and k in plain:
+                values[p, k] = plain[k]
         if (p, k) in values:
             out.append((tuple(p.split(".")), k, values[p, k]))
     return tuple(out)

@@ -259,8 +259,9 @@ class BlockSpec:
 
     def _leaf_read_changed(self) -> Optional[str]:
         """:meth:`changed` of the values the block's code read from the modules its programs
-        call whole or call a method of (``leaf_reads``), found by path on the block (a module replaced there is read
-        as it is now: a wrapper that passes the attribute on holds the same value)."""
+        call whole or call a method of (``leaf_reads``), found by path on the block (a module
+        replaced there is read as it is now: a wrapper that passes the attribute on holds the
+        same value)."""
         drift = self.runtime.drift
         for parts, k, v in self.leaf_reads:
             m = self.traced[0][3]
