@@ -202,11 +202,12 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
         regrouped = _keep_regrouped(model, regrouped, [a.name for a, _, _ in analysed])
     runtime = EvoRuntime(Plan(opts, roles))
     volatile, set_by = calls.derived.get("volatile", {}), calls.derived.get("set_by", {})
+    filled = calls.derived.get("filled", {})
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
     seq_batch = _sequence_first_batch(analysed[0][0])
-    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by)
+    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, filled)
              for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
     _tell_state_from_tokens(specs)
@@ -400,8 +401,9 @@ def _suffix_counts(specs, named) -> Tuple[Tuple[str, bool, str], ...]:
 
 
 def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: EvoRuntime,
-             volatile=None, images: Optional[int] = None, set_by=None) -> BlockSpec:
-    """Swap the block's class and hand it what it needs at run time."""
+             volatile=None, images: Optional[int] = None, set_by=None, filled=None) -> BlockSpec:
+    """Swap the block's class and hand it what it needs at run time (``filled``: the caches a
+    forward filled, analyse/calibrate.py ``filled_with_tensors``: not watched)."""
     module = a.module
     x = a.plan.bind(a.name, a.call.args, a.call.kwargs)[0]
     per_image = x.shape[0] // images if images and x.shape[0] % images == 0 else None
@@ -424,7 +426,7 @@ def _install(index: int, a: BlockAnalysis, programs, buffers_before, runtime: Ev
         num_suffix=a.num_suffix, whole_args=a.whole_args,
         batch_args=a.batch_args,
         traced=traced_state(module, a.attention_paths, plain_attributes, volatile, a.leaf_paths,
-                            functools.partial(registry.traced_settings, converting=True)),
+                            functools.partial(registry.traced_settings, converting=True), filled),
         settings_of=registry.traced_settings, extra_shapes=dict(a.extra_shapes),
         per_image=per_image, windowed_tokens=a.num_tokens if a.windowed and not a.token_map else None,
         writes_at=tuple(x.shape[1:]) if sizes else None,

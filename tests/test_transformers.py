@@ -1290,3 +1290,27 @@ def test_a_stage_of_one_block_converts_with_the_nested_items_it_returns():
         fast = evoplug.convert(model, keep_ratio=0.5, example_input=x)
         assert fast(x).logits.shape == (2, 10)
     assert dict(evoplug.tokens_per_block(fast))["swinv2.encoder.layers.3"] == 3
+
+
+def test_a_cache_the_layers_own_forward_fills_is_no_change_after_the_conversion():
+    """transformers' LeViT attention keeps its bias table in a dict keyed by the device, filled
+    by its own forward in eval mode (``attention_bias_cache``). The conversion left it empty and
+    took the empty dict for a setting its programs were traced with; the layers' own forward
+    (keep 1.0 on the fast path, a call with other keywords) filled it, and every later call of
+    the programs was refused as a change after the conversion ("`module.attention_bias_cache`
+    (LevitAttention) changed from {} to {'cpu': tensor(...)}"), keep 0.5 and keep 1.0 off the
+    fast path (audit A1 of the fifty-first session). Now such a cache is the layer's own state."""
+    torch.manual_seed(0)
+    model = _randomise(T.LevitModel(T.LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], depths=[2, 2, 2],
+                                                  num_attention_heads=[2, 2, 2], key_dim=[8, 8, 8]))).eval()
+    x = torch.randn(2, 3, 64, 64)
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    with torch.no_grad():
+        half = fast(x).last_hidden_state
+        evoplug.set_options(fast, keep_ratio=1.0)
+        assert torch.equal(fast(x).last_hidden_state, model(x).last_hidden_state)
+        evoplug.set_options(fast, keep_ratio=0.5)
+        assert torch.equal(fast(x).last_hidden_state, half)
+        assert 0 < evoplug.tokens_per_block(fast)[-1][1] < 16
+        evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+        torch.testing.assert_close(fast(x).last_hidden_state, model(x).last_hidden_state, atol=1e-4, rtol=1e-5)

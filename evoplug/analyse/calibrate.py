@@ -458,7 +458,26 @@ def calibrate(model: nn.Module, example_input) -> Dict[int, ModuleCall]:
                 if before.get(id(m), {}).get(k, _GONE) != v}
         for m in model.modules()}
     calls.derived["objects_set"] = objects_set(model, held)
+    calls.derived["filled"] = filled_with_tensors(model, before)
     return calls
+
+
+def filled_with_tensors(model: nn.Module, before: Dict[int, dict]) -> Dict[int, Tuple[str, ...]]:
+    """id(module) -> the names of the plain containers (``before``: :func:`plain_attributes`)
+    that the calibration's forward filled with tensors: a cache of the module's own
+    (transformers' LeViT attention keeps its bias table in a dict keyed by the device, filled in
+    eval mode), no setting a trace reads: runtime/spec.py ``changed`` does not watch them (an
+    empty one was watched until audit A1 of the fifty-first session, and the layer's own
+    forward, keep 1.0 on the fast path, filling it refused every later call). A log that grows
+    at each call is refused by analyse/block.py ``_moved_at_a_second_call``."""
+    found = {}
+    for m in model.modules():
+        now = vars(m)
+        names = tuple(k for k, v in before.get(id(m), {}).items() if isinstance(v, _MUTABLE)
+                      and k in now and not is_plain(now[k]))
+        if names:
+            found[id(m)] = names
+    return found
 
 
 def objects_set(model: nn.Module, held: Dict[int, dict]) -> Dict[int, Tuple[str, ...]]:

@@ -585,17 +585,19 @@ def leaf_groups(paths) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:
 
 
 def traced_state(block: nn.Module, paths, attributes: Callable, volatile=None, leaves=(),
-                 settings: Optional[Callable] = None) -> Tuple:
+                 settings: Optional[Callable] = None, own_state=None) -> Tuple:
     """For :attr:`BlockSpec.traced`: every module under the block's attention paths
     (traced into), each with its parent, name and plain attributes (``attributes(m)``, a
-    dict) but those a forward sets (``volatile``: {id(module): names}), and what a family says
+    dict) but those a forward sets (``volatile``: {id(module): names}) or fills with tensors
+    (``own_state``, the same form: a cache of its own), and what a family says
     its forward read besides (``settings(m)``); not the modules the programs call by path
     (``leaves``) and what is inside them: those run live."""
     volatile = volatile or {}
     live = tuple(leaves)
 
     def entry(parent, path, m):
-        skip = set(volatile.get(id(m), ())) | (_READ_OUTSIDE if m is block else set())
+        skip = set(volatile.get(id(m), ())) | set((own_state or {}).get(id(m), ())) | (
+            _READ_OUTSIDE if m is block else set())
         # (a buffer the trace saw as None, Swin's attn_mask without a shift, is a constant too)
         return (parent, path.rpartition(".")[2], path, m,
                 tuple((k, v) for k, v in attributes(m).items() if k not in skip),
