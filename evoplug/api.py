@@ -202,12 +202,11 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
         regrouped = _keep_regrouped(model, regrouped, [a.name for a, _, _ in analysed])
     runtime = EvoRuntime(Plan(opts, roles))
     volatile, set_by = calls.derived.get("volatile", {}), calls.derived.get("set_by", {})
-    filled = calls.derived.get("filled", {})
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
     seq_batch = _sequence_first_batch(analysed[0][0])
-    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, filled)
+    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, calls.derived.get("filled"))
              for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
     _tell_state_from_tokens(specs)
