@@ -206,8 +206,8 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
     seq_batch = _sequence_first_batch(analysed[0][0])
-    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, calls.derived.get("filled"))
-             for i, (a, programs, added) in enumerate(analysed)]
+    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, filled=calls.derived
+                      .get("filled")) for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
     _tell_state_from_tokens(specs)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,

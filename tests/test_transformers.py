@@ -1299,7 +1299,7 @@ def test_a_cache_the_layers_own_forward_fills_is_no_change_after_the_conversion(
     (keep 1.0 on the fast path, a call with other keywords) filled it, and every later call of
     the programs was refused as a change after the conversion ("`module.attention_bias_cache`
     (LevitAttention) changed from {} to {'cpu': tensor(...)}"), keep 0.5 and keep 1.0 off the
-    fast path (audit A1 of the fifty-first session). Now such a cache is the layer's own state."""
+    fast path (audit A1 of the fifty-second session). Now such a cache is the layer's own state."""
     torch.manual_seed(0)
     model = _randomise(T.LevitModel(T.LevitConfig(image_size=64, hidden_sizes=[32, 48, 64], depths=[2, 2, 2],
                                                   num_attention_heads=[2, 2, 2], key_dim=[8, 8, 8]))).eval()

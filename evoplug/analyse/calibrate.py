@@ -467,7 +467,7 @@ def filled_with_tensors(model: nn.Module, before: Dict[int, dict]) -> Dict[int, 
     that the calibration's forward filled with tensors: a cache of the module's own
     (transformers' LeViT attention keeps its bias table in a dict keyed by the device, filled in
     eval mode), no setting a trace reads: runtime/spec.py ``changed`` does not watch them (an
-    empty one was watched until audit A1 of the fifty-first session, and the layer's own
+    empty one was watched until audit A1 of the fifty-second session, and the layer's own
     forward, keep 1.0 on the fast path, filling it refused every later call). A log that grows
     at each call is refused by analyse/block.py ``_moved_at_a_second_call``."""
     found = {}
