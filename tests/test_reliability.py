@@ -1456,6 +1456,18 @@ class _Gain(nn.Module):
         return x * self.g
 
 
+def _refused_once_changed(fast, dense, x, change, match):
+    """``change`` made on both models matters to the dense one, and the converted one refuses
+    the next call with ``match``; returns the dense output before the change."""
+    before = dense(x)
+    for m in (fast, dense):
+        change(m)
+    assert (dense(x) - before).abs().max() > 0.1
+    with pytest.raises(evoplug.EvoplugError, match=match):
+        fast(x)
+    return before
+
+
 def test_a_value_the_blocks_code_reads_from_a_module_called_whole_changed_by_hand_is_refused():
     """``x + self.norm2.gain * ...``: the block's own code reads a plain value of a module its
     programs call whole, so the programs hold it as a constant. Changed by hand after the
@@ -1477,14 +1489,9 @@ def test_a_value_the_blocks_code_reads_from_a_module_called_whole_changed_by_han
         torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
         fast.blocks[2].norm2 = copy.deepcopy(fast.blocks[2].norm2)    # the same gain: runs
         torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
-        before = dense(x)
-        for m in (fast, dense):
-            m.blocks[2].norm2.gain = 0.5
-        assert (dense(x) - before).abs().max() > 0.1         # (the gain matters)
-        with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.2`: `norm2\.gain` \(LayerNorm; "
-                                                       r"the block's code reads it\) "
-                                                       r"changed from 1\.0 to 0\.5 after conversion"):
-            fast(x)
+        _refused_once_changed(fast, dense, x, lambda m: setattr(m.blocks[2].norm2, "gain", 0.5),
+                              r"`blocks\.2`: `norm2\.gain` \(LayerNorm; the block's code reads it\) "
+                              r"changed from 1\.0 to 0\.5 after conversion")
         fast.blocks[2].norm2.gain = 1.0                       # back as traced: runs
         fast(x)
         fast.blocks[2].norm2.gain = 0.5
@@ -1517,13 +1524,9 @@ def test_a_value_read_through_a_method_of_a_module_the_block_calls_changed_by_ha
     fast = evoplug.convert(model, keep_ratio=1.0, identity_fast_path=False, example_input=x[:1])
     with torch.no_grad():
         torch.testing.assert_close(fast(x), dense(x), rtol=1e-5, atol=1e-5)
-        before = dense(x)
-        for m in (fast, dense):
-            m.blocks[2].ls2.g = 0.5
-        assert (dense(x) - before).abs().max() > 0.1         # (the gain matters)
-        with pytest.raises(evoplug.EvoplugError, match=r"`blocks\.2`: `ls2\.g` \(_Gain; the block's "
-                                                       r"code reads it\) changed from 1\.0 to 0\.5"):
-            fast(x)
+        before = _refused_once_changed(fast, dense, x, lambda m: setattr(m.blocks[2].ls2, "g", 0.5),
+                                       r"`blocks\.2`: `ls2\.g` \(_Gain; the block's code reads it\) "
+                                       r"changed from 1\.0 to 0\.5")
         fast.blocks[2].ls2.g = 1.0                            # back as traced: runs
         torch.testing.assert_close(fast(x), before, rtol=1e-5, atol=1e-5)
 
