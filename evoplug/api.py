@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .analyse.block import BlockAnalysis, analyse_block
+from .analyse.block import BlockAnalysis, analyse_block, with_wrapped_forward
 from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_parts, wrapped_block
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
@@ -695,13 +695,16 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
         return a, programs, added
     except AnalysisError as e:
         _drop_added_buffers(module, added)
+        named = with_wrapped_forward(e, module)
         inner = wrapped_block(name, module, call, calls)
         if inner is None:
-            raise
+            if named is e:
+                raise
+            raise named from None
         try:
             return _analyse_candidate(model, *inner, calls, attn_mods, opts, prior)
         except AnalysisError:
-            raise e from None
+            raise named from None
     except BaseException:
         _drop_added_buffers(module, added)
         raise

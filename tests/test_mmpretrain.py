@@ -204,6 +204,42 @@ def test_dense_state_dict_loads_strictly_and_keep_one_reproduces_it():
     assert dict(evoplug.tokens_per_block(evo.backbone))["layers.5"] == 1 + 32 + 1
 
 
+def test_mmengines_activation_checkpointing_of_evo_blocks_gives_the_plain_gradients():
+    """MMEngine's Runner turns on a config's ``activation_checkpointing`` once the model is
+    built (converted): each named module gets a forward that wraps its own in a checkpoint. On
+    a converted block that was refused as "a forward was set on it" until the fifty-second
+    session; the block runs as converted inside it now (no tokens handed on into it or out of
+    it), with the gradients of the model without checkpointing. A module inside a block, whose
+    code the block's programs hold, and a block wrapped before the conversion (refused as
+    "extra positional arguments" until then) are refused, naming the way out."""
+    from mmengine.runner import turn_on_activation_checkpointing
+    torch.manual_seed(0)
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=0.5)).train()
+    ckpt, inner = copy.deepcopy(evo), copy.deepcopy(evo)
+    turn_on_activation_checkpointing(ckpt, [f"backbone.layers.{i}" for i in (1, 2, 4)])
+    x, grads = torch.randn(2, 3, 32, 32), []
+    for m in (evo, ckpt):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # (torch: checkpoint without use_reentrant)
+            m(x, mode="tensor").square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+    assert evoplug.tokens_per_block(ckpt.backbone) == evoplug.tokens_per_block(evo.backbone)
+    assert dict(evoplug.tokens_per_block(ckpt.backbone))["layers.4"] == 1 + 32 + 1
+    turn_on_activation_checkpointing(inner, ["backbone.layers.3.attn"])
+    with pytest.raises(evoplug.EvoplugError, match=r"`layers\.3`: `attn` .* checkpoint the block itself"):
+        inner(x, mode="tensor")
+    dense = _tiny_classifier().backbone                   # wrapped before the conversion
+    turn_on_activation_checkpointing(dense, ["layers.2"])
+    with pytest.raises(evoplug.ConversionError, match=r"`layers\.2`: .*; a forward set on its "
+                                                      r"instance \(wrap_forward.*set it after converting"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")     # (torch: checkpoint without use_reentrant)
+            evoplug.convert(dense, keep_ratio=0.5, example_input=x[:1])
+
+
 def test_init_cfg_pretrained_loads_the_dense_backbone(tmp_path):
     dense = _tiny_classifier()
     path = str(tmp_path / "dense.pth")

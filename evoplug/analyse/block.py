@@ -344,6 +344,28 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     return a, gm
 
 
+def with_wrapped_forward(e: AnalysisError, module: nn.Module) -> AnalysisError:
+    """``e``, the refusal of a block whose instance has a forward set that wraps another
+    (``functools.wraps``: MMEngine's ``activation_checkpointing``, ``module.forward =
+    wrap_forward(module.forward)``, a checkpoint a trace cannot see into), naming the wrapper
+    and the way out: it was refused as "no attention computation" or "extra positional
+    arguments" until the fifty-second session, which said nothing of the wrapper. Set on a
+    converted block it runs as converted (runtime/spec.py ``wraps_own_forward``), at the input
+    sizes the model was converted at."""
+    fn = vars(module).get("forward")
+    inner = getattr(fn, "__wrapped__", None)
+    if inner is None:
+        return e
+    code = getattr(fn, "__code__", None)
+    return AnalysisError(e.module_name, f"{e.reason}; a forward set on its instance "
+                         f"({getattr(code, 'co_qualname', fn)!s:.60}, wrapping "
+                         f"{getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? MMEngine's "
+                         "activation_checkpointing) runs it, which evoplug cannot trace: set "
+                         "it after converting (the converted block then runs inside it, at the "
+                         "input sizes the model was converted at)", not_a_block=e.not_a_block,
+                         sized=e.sized)
+
+
 def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, x, extras) -> AnalysisError:
     """``e``, a block with no residual attention branch from the argument taken for its tokens,
     says which one that was and which other argument has the tokens' shape: the tokens may be

@@ -232,11 +232,16 @@ class BlockSpec:
             now = type(m) if parent is not None else self.orig_class
             if now is not cls and now.__bases__ == (cls,) and parametrize.is_parametrized(m):
                 now = cls      # (torch's parametrize puts a subclass in; its properties run live)
-            if now is not cls or now.forward is not fwd or d.get("forward") is not own:
+            if now is not cls or now.forward is not fwd or (d.get("forward") is not own and not (
+                    parent is None and wraps_own_forward(m))):
                 what = f"`{path}` ({now.__name__})" if path else f"the block ({now.__name__})"
                 how = ("its class was swapped" if now is not cls else "its class's forward was "
                        "replaced" if now.forward is not fwd else "a forward was set on it")
-                return f"{what}: {how} (the code its forward runs)"
+                hint = ("; one that wraps its own, a checkpoint of a module inside a block "
+                        "(MMEngine's activation_checkpointing?), cannot run inside the block's "
+                        "programs: checkpoint the block itself, which then runs as converted"
+                        if now is cls and now.forward is fwd and wraps_own_forward(m) else "")
+                return f"{what}: {how} (the code its forward runs{hint})"
 
             drift = self.runtime.drift
             for k, v in scalars:
@@ -480,7 +485,8 @@ class BlockSpec:
         m = self.analysis.module
         return bool(self._active(m._forward_hooks) or m._forward_pre_hooks or _global_forward_hooks
                     or _global_forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                    or _global_backward_hooks or _global_backward_pre_hooks or self.hooked())
+                    or _global_backward_hooks or _global_backward_pre_hooks or self.hooked()
+                    or "forward" in m.__dict__)
 
     def _active(self, hooks) -> bool:
         if not hooks:
@@ -626,6 +632,24 @@ def traced_writes(traced: Tuple, volatile) -> Tuple[Tuple[str, str, Any], ...]:
     modules of :func:`traced_state` (``volatile``: {id(module): {name: value}})."""
     return tuple((path, k, v) for _, _, path, m, *_ in traced
                  for k, v in (volatile or {}).get(id(m), {}).items())
+
+
+def wraps_own_forward(block: nn.Module, depth: int = 8) -> bool:
+    """Whether the forward set on the block's instance wraps the block's own (its ``__wrapped__``
+    chain, as ``functools.wraps`` leaves it, reaches the block's forward bound to it): MMEngine's
+    ``activation_checkpointing`` (``module.forward = wrap_forward(module.forward)``, a
+    ``torch.utils.checkpoint`` around it, set by the Runner after the model is built) and the
+    like call the converted forward, which runs as it would, so the programs still hold what
+    that code computes (refused as "a forward was set on it" until the fifty-second session).
+    Such a block is ``observed``: no block hands it the selection's order or takes its own."""
+    fn = block.__dict__.get("forward")
+    for _ in range(depth):
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+        if getattr(fn, "__self__", None) is block and getattr(fn, "__func__", None) is type(block).forward:
+            return True
+    return False
 
 
 def _code(m: nn.Module) -> Tuple:
