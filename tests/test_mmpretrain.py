@@ -463,7 +463,8 @@ def test_mmengine_checkpoints_need_the_allow_list_and_it_stays_narrow(dense_ckpt
 
 def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_root, tmp_path):
     """MMEngine's Runner on real images: load the dense checkpoint strictly into the Evo model,
-    train + validate, save, and resume from MMEngine's own checkpoint (torch 2.14)."""
+    train + validate, save, and resume from MMEngine's own checkpoint (torch 2.14); two blocks
+    under the config's ``activation_checkpointing``."""
     from evoplug.mm.train import build_runner, main
     wd = str(tmp_path / "evo")
     derived = tmp_path / "my_evo.py"                             # a user's derived config
@@ -475,7 +476,9 @@ def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_
         "param_scheduler = []\n"
         "default_hooks = dict(checkpoint=dict(by_epoch=False, interval=2, max_keep_ckpts=3),\n"
         "                     logger=dict(interval=1))\n"
-        "test_dataloader = None\ntest_cfg = None\ntest_evaluator = None\n")
+        "test_dataloader = None\ntest_cfg = None\ntest_evaluator = None\n"
+        # (MMEngine's Runner wraps these blocks' forwards when training starts, converted)
+        "activation_checkpointing = ['backbone.layers.3', 'backbone.layers.5']\n")
 
     cfg = Config.fromfile(str(derived))
     cfg.work_dir = str(tmp_path / "probe")
@@ -486,7 +489,7 @@ def test_runner_finetunes_a_dense_checkpoint_saves_and_resumes(dense_ckpt, mini_
     assert all(torch.equal(v, dense_sd[k]) for k, v in probe.model.state_dict().items())
 
     runner = main([str(derived), "--work-dir", wd, "--cfg-options", f"load_from={dense_ckpt}"])
-    assert runner.iter == 4
+    assert runner.iter == 4 and "forward" in vars(runner.model.backbone.layers[3])    # (wrapped)
     top1 = runner.message_hub.get_scalar("val/accuracy/top1").current()
     assert 0.0 <= top1 <= 100.0
     assert dict(evoplug.tokens_per_block(runner.model.backbone))["layers.5"] == 1 + 32 + 1
