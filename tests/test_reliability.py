@@ -840,6 +840,61 @@ def test_gpsa_blocks_are_reported_and_fail_strict_conversion():
     assert [s.analysis.name for s in evoplug.get_report(fast).blocks] == ["blocks.2", "blocks.3"]
 
 
+class _FunctionalMHA(nn.Module):
+    """Attention written as a call of ``F.multi_head_attention_forward`` on the layer's own
+    weights (as CLIP's attention pooling calls it), tokens laid out (N, B, C) around it."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.randn(3 * d, d) * 0.2)
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
+        self.out_proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        t = x.transpose(0, 1)
+        out, _ = nn.functional.multi_head_attention_forward(
+            t, t, t, t.shape[-1], self.heads, self.in_proj_weight, self.in_proj_bias, None, None,
+            False, 0.0, self.out_proj.weight, self.out_proj.bias, training=self.training,
+            need_weights=False)
+        return out.transpose(0, 1)
+
+
+def test_attention_called_as_the_functional_multi_head_attention_is_refused_naming_it():
+    """A block whose attention is ``F.multi_head_attention_forward`` called with its own
+    weights: torch.fx keeps the call whole (one node), so no q.k^T is there to read a row from.
+    It was refused as having "no attention computation (softmax over q.k^T, ... or
+    nn.MultiheadAttention) in its graph" (audit a4), which says the opposite of what it runs:
+    the refusal names the call and the way out (the weights in an ``nn.MultiheadAttention``)."""
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm1, self.attn = nn.LayerNorm(32), _FunctionalMHA()
+            self.norm2, self.mlp = nn.LayerNorm(32), nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+
+        def forward(self, x):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 4, 4)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 32))
+            self.blocks = nn.Sequential(*[Blk() for _ in range(3)])
+
+        def forward(self, img):
+            x = self.embed(img).flatten(2).transpose(1, 2)
+            return self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))[:, 0]
+
+    with pytest.raises(evoplug.ConversionError) as e:
+        evoplug.convert(Net().eval(), example_input=torch.randn(1, 3, 16, 16))
+    assert [n for n, _ in e.value.failures] == ["blocks.0", "blocks.1", "blocks.2"]
+    why = dict(e.value.failures)["blocks.0"]
+    assert "multi_head_attention_forward" in why and "nn.MultiheadAttention" in why
+    assert "no attention computation" not in why
+
+
 @pytest.mark.parametrize("make,block,why", [
     (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, attn_layer="diff",
                                img_size=32, patch_size=4, depth=3),

@@ -158,6 +158,22 @@ def _no_argument_on_merged_pairs(logits: fx.Node, values: Set[fx.Node], name: st
                                   "of the logits and cannot follow one added to them merged")
 
 
+def _no_functional_mha(graph: fx.Graph, name: str) -> None:
+    """``F.multi_head_attention_forward`` called by the block itself (not through an
+    ``nn.MultiheadAttention``): fx keeps the call whole, one node with no q.k^T inside, so no
+    global row can be read from it. Refused naming the call (it was refused as "no attention
+    computation", which the block does run, until audit a4)."""
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is F.multi_head_attention_forward:
+            raise AnalysisError(name, f"its attention is a call of F.multi_head_attention_forward "
+                                      f"(`{n.name}`) with weights of its own: torch.fx keeps the "
+                                      "call whole, so evoplug cannot read the attention's queries "
+                                      "and keys; hold the weights in an nn.MultiheadAttention and "
+                                      "call the module (evoplug reads its row from the module's "
+                                      "weights), or compute softmax(q.k^T) or "
+                                      "scaled_dot_product_attention in the block")
+
+
 def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
     graph = gm.graph
     dep = input_dependent(graph)
@@ -209,6 +225,7 @@ def find_attention(gm: fx.GraphModule, name: str) -> AttentionSite:
             _no_argument_on_merged_pairs(logits, values, name)
             sites.append(site)
     if not sites:
+        _no_functional_mha(graph, name)
         raise AnalysisError(name, "no attention computation (softmax over q.k^T, "
                                   "scaled_dot_product_attention or nn.MultiheadAttention) in its graph",
                             not_a_block="no attention")
