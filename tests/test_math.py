@@ -271,6 +271,41 @@ def test_row_copies_match_gather_and_gradients(layout, monkeypatch):
     torch.testing.assert_close(grads[0], grads[1], atol=0, rtol=0)
 
 
+# (term shape, heads merged into the batch dim (0: not)) for 2 images of 5 tokens
+PAIR_TERMS = [((5, 5), 0), ((3, 5, 5), 0), ((1, 3, 5, 5), 0), ((2, 3, 5, 5), 0), ((1, 1, 5, 5), 0),
+              ((2, 1, 1, 5), 0), ((1, 1, 5, 1), 0), ((2, 2, 3, 5, 5), 0), ((3, 5, 5), 3), ((5, 5), 3),
+              ((1, 5, 5), 3), ((6, 5, 5), 3), ((5, 5), 1)]
+
+
+@pytest.mark.parametrize("shape,heads", PAIR_TERMS, ids=[f"{s}-h{h}" for s, h in PAIR_TERMS])
+def test_pair_terms_gathered_by_one_index_match_the_explicit_pairs(shape, heads):
+    """gather.gather_pair_bias (one ``index`` of the pairs, or gathers where a token dim is 1):
+    each image's term at its subset's pairs, the gradient of the term's own, and what it made
+    for a selection taken again by the next block on it, but a term written in between."""
+    torch.manual_seed(0)
+    base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    pos = torch.tensor([[4, 0, 2], [1, 2, 3]])
+    out = ev_gather.gather_pair_bias(base * 1, pos, heads)
+    full = (base * 1).reshape(-1, *shape[-2:]) if heads else base * 1
+    full = full.reshape(2, -1, *shape[-2:]) if heads and full.shape[0] == 2 * heads else \
+        (full.reshape(1, -1, *shape[-2:]) if heads or full.dim() != 4 else full)
+    full = full.expand(2, heads or full.shape[1], *shape[-2:])
+    rows = [pos[b] if shape[-2] > 1 else [0] for b in range(2)]
+    cols = [pos[b] if shape[-1] > 1 else [0] for b in range(2)]
+    ref = torch.stack([full[b][:, rows[b]][:, :, cols[b]] for b in range(2)])
+    ref = ref.reshape(-1, *ref.shape[-2:]) if heads else ref
+    assert out.shape == ref.shape and torch.equal(out, ref)
+    w = torch.arange(out.numel(), dtype=out.dtype).view_as(out)
+    (g,) = torch.autograd.grad((out * w).sum(), base)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), base)
+    assert torch.equal(g, g_ref)
+    term = base.detach().clone()
+    first = ev_gather.gather_pair_bias(term, pos, heads)
+    assert ev_gather.gather_pair_bias(term, pos, heads) is first    # made once per selection
+    term.add_(1.0)
+    assert torch.equal(ev_gather.gather_pair_bias(term, pos, heads), first + 1.0)
+
+
 def _mha(batch_first, dtype, seed=3, E=16, heads=2):
     torch.manual_seed(seed)
     mha = nn.MultiheadAttention(E, heads, batch_first=batch_first)

@@ -14,6 +14,40 @@ import torch
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
+#: the attribute of a subset's positions ``pos`` that holds what :func:`per_selection` made
+_MEMO = "_evoplug_per_selection"
+
+
+def per_selection(pos: Tensor, key: tuple, make, source: Optional[Tensor] = None) -> Tensor:
+    """``make()``, made once per selection: the index tensors a block derives from its subset's
+    places ``pos`` (and a term gathered from a tensor ``source`` that every block of the model
+    is handed, EVA's rotary table) are the same in every block that runs that selection (the
+    blocks between selections, reselect_every > 1), so the first makes them and the others
+    take them: kept on ``pos`` itself, gone with it. ``key`` names what is made (ints and
+    strings); ``source`` is checked by identity and version (a tensor written in place between
+    two blocks is gathered again), and so is the kept tensor (a block that wrote into it).
+    Made every time: what holds autograd history (a gather of a trained table: its backward
+    must see each block's use, and a recomputation in backward the same ops), and while
+    compiling or under a functorch transform (the graph makes it, once). Bitwise the same
+    values: no output changes, and no op dispatched (an attribute read)."""
+    if torch.compiler.is_compiling() or type(pos) is not Tensor or \
+            torch._C._functorch.is_functorch_wrapped_tensor(pos):
+        return make()
+    memo = pos.__dict__.get(_MEMO)
+    if memo is None:
+        memo = {}
+        setattr(pos, _MEMO, memo)
+    full = key if source is None else key + (id(source),)
+    hit = memo.get(full)
+    if hit is not None:
+        src, version, out, out_version = hit
+        if src is source and (source is None or source._version == version) and \
+                out._version == out_version:
+            return out
+    out = make()
+    if not out.requires_grad:
+        memo[full] = (source, None if source is None else source._version, out, out._version)
+    return out
 
 
 def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Tensor:
@@ -29,6 +63,50 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Ten
     """
     if pos is None or bias.dim() < 2:
         return bias
+    return per_selection(pos, ("pair", heads), lambda: _gathered_pair(bias, pos, heads), bias)
+
+
+def _gathered_pair(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
+    """:func:`gather_pair_bias` on a subset. A pair term (..., N, N) takes one ``index`` of
+    every entry at once, with the subset's rows and columns and its leading dims' indices made
+    once per selection (:func:`per_selection`): 1 op per block, where two gathers on indices
+    expanded every time took 10 (BEiT's relative position bias in every block). A term that
+    broadcasts on a token dim (a key mask (..., 1, N)) takes the gathers."""
+    B, n = pos.shape
+    R, K = bias.shape[-2], bias.shape[-1]
+    merged = heads > 0 and bias.dim() <= 3
+    if merged:
+        b = bias.reshape(-1, heads, R, K) if bias.dim() == 3 and bias.shape[0] > 1 else bias.reshape(1, 1, R, K)
+    elif bias.dim() == 4 and (bias.shape[0] == 1 or bias.shape[0] == B) or bias.dim() <= 3:
+        b = bias
+    else:
+        b = bias.reshape(1, -1, R, K)
+    lead = b.shape[:-2]
+    if R == 1 or K == 1 or (len(lead) == 2 and lead[0] not in (1, B)):
+        return _gathered_pair_rows(bias, pos, heads)
+    L = heads if merged else (lead[-1] if lead else 1)
+    index = [_lead_index(pos, size, target, dim) for dim, size, target in
+             zip(range(2 - len(lead), 2), lead, (B, L)[2 - len(lead):])]
+    index += [per_selection(pos, ("pair-rows",), lambda: pos.view(B, 1, n, 1)),
+              per_selection(pos, ("pair-cols",), lambda: pos.view(B, 1, 1, n))]
+    out = b[tuple(index)]                                           # (B, L, n, n)
+    return out.view(B * heads, n, n) if merged else out
+
+
+def _lead_index(pos: Tensor, size: int, target: int, dim: int) -> Tensor:
+    """The index of a pair term's leading dim ``dim`` (0: the images, 1: the heads) of ``size``
+    (1: broadcast) onto ``target`` entries, shaped to broadcast against (B, L, n, n)."""
+    shape = [1, 1, 1, 1]
+    shape[dim] = target
+    if size == 1:
+        return per_selection(pos, ("pair-zeros", dim, target),
+                             lambda: pos.new_zeros(()).expand(shape))
+    return per_selection(pos, ("pair-range", dim, target),
+                         lambda: torch.arange(target, device=pos.device).view(shape))
+
+
+def _gathered_pair_rows(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
+    """:func:`gather_pair_bias` by a gather along each token dim that is not 1."""
     B, n = pos.shape
     R, K = bias.shape[-2], bias.shape[-1]
     merged = heads > 0 and bias.dim() <= 3
@@ -41,10 +119,10 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Ten
         b4 = bias.reshape(1, -1, R, K).expand(B, -1, -1, -1)
     L = b4.shape[1]
     if R != 1:
-        b4 = torch.gather(b4, 2, pos[:, None, :, None].expand(B, L, n, K))
+        b4 = torch.gather(b4, 2, per_selection(pos, ("rows", L, K), lambda: pos[:, None, :, None].expand(B, L, n, K)))
         R = n
     if K != 1:
-        b4 = torch.gather(b4, 3, pos[:, None, None, :].expand(B, L, R, n))
+        b4 = torch.gather(b4, 3, per_selection(pos, ("cols", L, R), lambda: pos[:, None, None, :].expand(B, L, R, n)))
     return b4.reshape(B * heads, R, b4.shape[-1]) if merged else b4
 
 
@@ -349,10 +427,12 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
     first = 1 if batched and t.shape[0] in (1, pos.shape[0]) else 0    # (not the batch dim)
     for dim, size in enumerate(t.shape[first:], first):
         if size == N:
-            return gather_token_arg(t, pos, dim, batched)
+            return per_selection(pos, ("token", dim, batched), lambda: gather_token_arg(t, pos, dim, batched), t)
     for dim, size in enumerate(t.shape[first:], first):
         if size == N - P - S:
-            return gather_token_arg(t, pos[:, P + S:] - P, dim, batched)
+            # (the same table in every block: gathered once per selection, EVA's rotary one)
+            return per_selection(pos, ("patch", dim, batched, P + S),
+                                 lambda: gather_token_arg(t, pos[:, P + S:] - P, dim, batched), t)
     # no token dim: one value per image or for all (DiT's adaLN conditioning (B, C)), the same
     # for every token of an image and for a subset of them (refused until the twenty-eighth
     # session; the analysis' probes run the subset with it)
