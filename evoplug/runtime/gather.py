@@ -85,7 +85,7 @@ def _gathered_pair(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
     if R == 1 or K == 1 or (len(lead) == 2 and lead[0] not in (1, B)):
         return _gathered_pair_rows(bias, pos, heads)
     L = heads if merged else (lead[-1] if lead else 1)
-    index = [_lead_index(pos, size, target, dim) for dim, size, target in
+    index = [_lead_index(pos.device, size, target, dim) for dim, size, target in
              zip(range(2 - len(lead), 2), lead, (B, L)[2 - len(lead):])]
     index += [per_selection(pos, ("pair-rows",), lambda: pos.view(B, 1, n, 1)),
               per_selection(pos, ("pair-cols",), lambda: pos.view(B, 1, 1, n))]
@@ -93,16 +93,28 @@ def _gathered_pair(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
     return out.view(B * heads, n, n) if merged else out
 
 
-def _lead_index(pos: Tensor, size: int, target: int, dim: int) -> Tensor:
+#: (1, 1, 1, 1)-shaped indices of a pair term's leading dims, per (dim, size, target, device)
+_LEAD_INDICES: dict = {}
+
+
+def _lead_index(device, size: int, target: int, dim: int) -> Tensor:
     """The index of a pair term's leading dim ``dim`` (0: the images, 1: the heads) of ``size``
-    (1: broadcast) onto ``target`` entries, shaped to broadcast against (B, L, n, n)."""
-    shape = [1, 1, 1, 1]
-    shape[dim] = target
-    if size == 1:
-        return per_selection(pos, ("pair-zeros", dim, target),
-                             lambda: pos.new_zeros(()).expand(shape))
-    return per_selection(pos, ("pair-range", dim, target),
-                         lambda: torch.arange(target, device=pos.device).view(shape))
+    (1: broadcast) onto ``target`` entries, shaped to broadcast against (B, L, n, n): the same
+    for every selection, made once per device (as rows._head_mask)."""
+    def make():
+        shape = [1, 1, 1, 1]
+        shape[dim] = target
+        if size == 1:
+            return torch.zeros((), dtype=torch.long, device=device).expand(shape)
+        return torch.arange(target, device=device).view(shape)
+    if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
+        return make()
+    key = (dim, size, target, device)
+    index = _LEAD_INDICES.get(key)
+    if index is None:
+        with torch.inference_mode(False):      # not an inference tensor (kept across modes)
+            index = _LEAD_INDICES[key] = make()
+    return index
 
 
 def _gathered_pair_rows(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
@@ -158,8 +170,10 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) ->
     """
     if batched and dim >= 1 and t.shape[0] in (1, pos.shape[0]):
         return gather_aligned(t, pos, dim)
-    out = t.movedim(dim, 0)[pos]            # (B, n, *rest)
-    out = out.movedim(1, dim + 1)
+    if dim == 0:                            # (no movedim: each is an op, even in place)
+        out = t[pos]                        # (B, n, *rest)
+    else:
+        out = t[(slice(None),) * dim + (pos,)].movedim(dim, 0)     # (*lead, B, n, *rest) first
     while out.dim() < 4:
         out = out.unsqueeze(1)
     return out
@@ -183,10 +197,13 @@ def _take(t: Tensor, pos: Tensor) -> Tensor:
     rows = _ROW_SELECT
     if rows is None:
         rows = t.device.type == "cpu"
+    # (the row offsets and the expanded index: made once per selection, :func:`per_selection`)
     if rows and t.is_contiguous():
-        flat = pos + torch.arange(0, B * N, N, dtype=pos.dtype, device=pos.device).unsqueeze(1)
-        return t.flatten(0, 1).index_select(0, flat.view(-1)).view(B, n, *rest)
-    return t.gather(1, pos.reshape(B, n, *([1] * len(rest))).expand(B, n, *rest))
+        flat = per_selection(pos, ("flat-rows", N), lambda: (pos + torch.arange(
+            0, B * N, N, dtype=pos.dtype, device=pos.device).unsqueeze(1)).view(-1))
+        return t.flatten(0, 1).index_select(0, flat).view(B, n, *rest)
+    return t.gather(1, per_selection(pos, ("rows-index", *rest), lambda: pos.reshape(
+        B, n, *([1] * len(rest))).expand(B, n, *rest)))
 
 
 def _rows_of(pos: Tensor, rows: int) -> Tensor:
@@ -197,7 +214,7 @@ def _rows_of(pos: Tensor, rows: int) -> Tensor:
         return pos
     if rows % B:
         raise ValueError(f"a tensor with {rows} rows for {B} images: not a whole number per image")
-    return pos[:, None].expand(B, rows // B, n).reshape(rows, n)
+    return per_selection(pos, ("rows-of", rows), lambda: pos[:, None].expand(B, rows // B, n).reshape(rows, n))
 
 
 def gather_pair_term(term: Tensor, pos: Optional[Tensor]) -> Tensor:
@@ -230,8 +247,9 @@ def to_canvas(t: Tensor, pos: Optional[Tensor], num_patches: int, dim: int) -> T
     # the subset row each map position reads: its own token, else the representative token.
     # One row gather writes the map once (a fill + a scatter of the rows would write it 1.5x).
     # (out of place: under torch.func.vmap the positions are batched and the full map is not)
-    src = torch.full((B, num_patches), n - 1, dtype=pos.dtype, device=pos.device).scatter(
-        1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n))
+    src = per_selection(pos, ("canvas", num_patches), lambda: torch.full(
+        (B, num_patches), n - 1, dtype=pos.dtype, device=pos.device).scatter(
+        1, pos, torch.arange(n, dtype=pos.dtype, device=pos.device).expand(B, n)))
     return _take(t, src).movedim(1, dim)
 
 
@@ -355,7 +373,7 @@ def from_stream_map(t: Tensor, pos: Optional[Tensor], dim: int, layout: str, sub
     # sub equals full at every selected position: only the last slot (the representative
     # token's, when there is one) can differ, so only it is corrected (out is a fresh gather)
     slot = out.narrow(dim, out.shape[dim] - 1, 1)
-    slot += (sub[:, -1:] - _take(full, pos[:, -1:])).movedim(1, dim)
+    slot += (sub[:, -1:] - _take(full, per_selection(pos, ("last",), lambda: pos[:, -1:]))).movedim(1, dim)
     return out
 
 
@@ -431,8 +449,11 @@ def gather_extra(block: str, name: str, t: torch.Tensor, pos: torch.Tensor, N: i
     for dim, size in enumerate(t.shape[first:], first):
         if size == N - P - S:
             # (the same table in every block: gathered once per selection, EVA's rotary one)
+            # (a table of its own per block, trained: ViT-RoPE's mixed frequencies) and the
+            # patch places, once per selection
+            patches = per_selection(pos, ("patch-places", P, S), lambda: pos[:, P + S:] - P)
             return per_selection(pos, ("patch", dim, batched, P + S),
-                                 lambda: gather_token_arg(t, pos[:, P + S:] - P, dim, batched), t)
+                                 lambda: gather_token_arg(t, patches, dim, batched), t)
     # no token dim: one value per image or for all (DiT's adaLN conditioning (B, C)), the same
     # for every token of an image and for a subset of them (refused until the twenty-eighth
     # session; the analysis' probes run the subset with it)

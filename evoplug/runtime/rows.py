@@ -168,7 +168,9 @@ def _query_mask(m: Tensor, num_prefix, cls_query: bool, masked: bool, valid: Opt
         m = torch.where(w, rows, torch.zeros((), device=m.device)).sum(-2, keepdim=True) / \
             w.sum(-2, keepdim=True).clamp_min(1)
     elif m.shape[-2] != 1:
-        m = m[..., :1, :] if cls_query else _patches(m, -2, num_prefix).mean(-2, keepdim=True)
+        if cls_query:
+            return m.select(-2, 0)      # (one op; a slice and a squeeze were two)
+        m = _patches(m, -2, num_prefix).mean(-2, keepdim=True)
     return m.squeeze(-2)
 
 
