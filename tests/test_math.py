@@ -304,6 +304,11 @@ def test_pair_terms_gathered_by_one_index_match_the_explicit_pairs(shape, heads)
     assert ev_gather.gather_pair_bias(term, pos, heads) is first    # made once per selection
     term.add_(1.0)
     assert torch.equal(ev_gather.gather_pair_bias(term, pos, heads), first + 1.0)
+    with torch.inference_mode():          # (no version counters: the term gathered every time)
+        pos_i, term_i = pos.clone(), term.clone()
+        first = ev_gather.gather_pair_bias(term_i, pos_i, heads)
+        term_i.add_(1.0)
+        assert torch.equal(ev_gather.gather_pair_bias(term_i, pos_i, heads), first + 1.0)
 
 
 def _mha(batch_first, dtype, seed=3, E=16, heads=2):

@@ -25,7 +25,8 @@ def per_selection(pos: Tensor, key: tuple, make, source: Optional[Tensor] = None
     blocks between selections, reselect_every > 1), so the first makes them and the others
     take them: kept on ``pos`` itself, gone with it. ``key`` names what is made (ints and
     strings); ``source`` is checked by identity and version (a tensor written in place between
-    two blocks is gathered again), and so is the kept tensor (a block that wrote into it).
+    two blocks is gathered again; an inference tensor, which keeps no version, every time), and
+    so is the kept tensor (a block that wrote into it).
     Made every time: what holds autograd history (a gather of a trained table: its backward
     must see each block's use, and a recomputation in backward the same ops), and while
     compiling or under a functorch transform (the graph makes it, once). Bitwise the same
@@ -37,17 +38,25 @@ def per_selection(pos: Tensor, key: tuple, make, source: Optional[Tensor] = None
     if memo is None:
         memo = {}
         setattr(pos, _MEMO, memo)
+    if source is not None and source.is_inference():
+        return make()       # (no version counter: a write into it could not be told)
     full = key if source is None else key + (id(source),)
     hit = memo.get(full)
     if hit is not None:
         src, version, out, out_version = hit
         if src is source and (source is None or source._version == version) and \
-                out._version == out_version:
+                out_version == _version(out):
             return out
     out = make()
     if not out.requires_grad:
-        memo[full] = (source, None if source is None else source._version, out, out._version)
+        memo[full] = (source, None if source is None else source._version, out, _version(out))
     return out
+
+
+def _version(t: Tensor) -> int:
+    """``t``'s version counter; -1 for an inference tensor, which keeps none (only index tensors
+    made from ``pos`` here, which nothing but the gathers reads)."""
+    return -1 if t.is_inference() else t._version
 
 
 def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Tensor:
