@@ -16,17 +16,8 @@ import argparse
 import collections
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-
-class _Names(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
+from evoplug.tools.bench import OpCounter
 
 
 def _timm(name, size, **kw):
@@ -71,7 +62,7 @@ FAMILIES = {
 
 
 def count(model, x) -> collections.Counter:
-    with torch.no_grad(), _Names() as c:
+    with torch.no_grad(), OpCounter() as c:
         model(x)
     return c.ops
 

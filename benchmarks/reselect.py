@@ -34,7 +34,6 @@ import os
 import sys
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -43,6 +42,7 @@ import photos  # noqa: E402
 
 import evoplug  # noqa: E402
 from evoplug.tools import bench  # noqa: E402
+from evoplug.tools.bench import OpCounter  # noqa: E402
 from evoplug.tools.models import create_model  # noqa: E402
 
 KEEPS = (0.5, 0.7)
@@ -164,18 +164,6 @@ def run_accuracy(a) -> dict:
 # Part 2: ATen ops and CPU time of deit_small
 # --------------------------------------------------------------------------------------------
 
-class OpCounter(TorchDispatchMode):
-    """Counts every ATen op dispatched while active, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.counts[str(func.overloadpacket.__name__)] += 1
-        return func(*args, **(kwargs or {}))
-
-
 @torch.no_grad()
 def count_ops(model, x) -> collections.Counter:
     """Ops of one forward after a warm-up forward (a converted model makes its constants once
@@ -183,7 +171,7 @@ def count_ops(model, x) -> collections.Counter:
     model(x)
     with OpCounter() as c:
         model(x)
-    return c.counts
+    return c.ops
 
 
 def cost_variants(keep: float):

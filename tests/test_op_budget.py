@@ -16,10 +16,10 @@ import pytest
 import timm
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import evoplug
 from evoplug.errors import EvoplugError
+from evoplug.tools.bench import OpCounter
 
 #: (model, kwargs, image size, options, form of the global-query logits) -> most extra ops per
 #: evolving block (the budget reached; the issue's targets: DeiT-S 30 reselecting every block, 14
@@ -74,16 +74,6 @@ BUDGETS = [
 SYNCING = {"_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique",
            "_unique2", "unique_consecutive", "unique_dim", "is_nonzero", "equal", "allclose",
            "masked_scatter", "repeat_interleave", "bincount", "histc", "_assert_async"}
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count_ops(model, x, train=False) -> collections.Counter:

@@ -116,14 +116,21 @@ def _lead_index(device, size: int, target: int, dim: int) -> Tensor:
         if size == 1:
             return torch.zeros((), dtype=torch.long, device=device).expand(shape)
         return torch.arange(target, device=device).view(shape)
-    if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
+    return device_constant(_LEAD_INDICES, (dim, size, target, device), make)
+
+
+def device_constant(cache: dict, key: tuple, make) -> Tensor:
+    """``make()``, kept in ``cache`` under ``key`` (which names the device): a constant the
+    blocks use at every call (an index, a head mask), made once and outside inference mode (no
+    inference tensor: it serves every mode); made inside the graph while compiling
+    (constant-folded)."""
+    if torch.compiler.is_compiling():
         return make()
-    key = (dim, size, target, device)
-    index = _LEAD_INDICES.get(key)
-    if index is None:
-        with torch.inference_mode(False):      # not an inference tensor (kept across modes)
-            index = _LEAD_INDICES[key] = make()
-    return index
+    out = cache.get(key)
+    if out is None:
+        with torch.inference_mode(False):
+            out = cache[key] = make()
+    return out
 
 
 def _gathered_pair_rows(bias: Tensor, pos: Tensor, heads: int) -> Tensor:

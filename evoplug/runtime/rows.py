@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .gather import device_constant
+
 
 
 #: smallest normaliser of rows mapped or carried onto tokens (all their entries underflowed)
@@ -192,14 +194,7 @@ def _head_mask(heads: int, dim: int, scale: float, dtype, device) -> Tensor:
     def make():
         eye = torch.eye(heads, dtype=dtype, device=device) * scale
         return eye[:, :, None].expand(heads, heads, dim).reshape(1, heads, heads * dim)
-    if torch.compiler.is_compiling():     # made inside the graph (constant-folded)
-        return make()
-    key = (heads, dim, float(scale), dtype, device)
-    mask = _HEAD_MASKS.get(key)
-    if mask is None:
-        with torch.inference_mode(False):      # not an inference tensor (cached across modes)
-            mask = _HEAD_MASKS[key] = make()
-    return mask
+    return device_constant(_HEAD_MASKS, (heads, dim, float(scale), dtype, device), make)
 
 
 def query_logits(qq: Tensor, k: Tensor, scale: float) -> Tensor:

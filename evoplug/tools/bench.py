@@ -23,6 +23,7 @@ Tests never assert timings: figures measured on a shared machine are indicative 
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import csv
@@ -38,6 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch.utils import flop_counter as _fc
 from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .models import check_model_name, create_model, input_size  # noqa: F401  (public)
 
@@ -47,6 +49,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # --------------------------------------------------------------------------------------------
 # Machine, FLOPs, timing
 # --------------------------------------------------------------------------------------------
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen ops dispatched while active, by name (``ops``; ``n``: all of them): the
+    measure of the runtime's cost per evolving block (tests/test_op_budget.py,
+    benchmarks/host_time.py, family_ops.py, reselect.py)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    @property
+    def n(self) -> int:
+        return sum(self.ops.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
 
 def machine(device: str = "cpu") -> str:
     """A one-line description of where the numbers were measured."""
