@@ -93,8 +93,14 @@ def main(argv=None):
     p.add_argument("families", nargs="*", default=list(FAMILIES))
     p.add_argument("--reselect-every", type=int, default=None)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--form", choices=("gpu", "cpu"), default="gpu",
+                   help="the runtime's forms counted: a GPU's (gathers, pair terms by one index; "
+                        "the forms tests/test_op_budget.py's budgets count) or a CPU's (rows "
+                        "copied by index_select, pair terms by two gathers; gather._ROW_SELECT)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    from evoplug.runtime import gather
+    gather._ROW_SELECT = a.form == "cpu"
     opts = {} if a.reselect_every is None else dict(reselect_every=a.reselect_every)
     for name in a.families:
         try:

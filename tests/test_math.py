@@ -277,11 +277,14 @@ PAIR_TERMS = [((5, 5), 0), ((3, 5, 5), 0), ((1, 3, 5, 5), 0), ((2, 3, 5, 5), 0),
               ((1, 5, 5), 3), ((6, 5, 5), 3), ((5, 5), 1)]
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["index", "gathers"])
 @pytest.mark.parametrize("shape,heads", PAIR_TERMS, ids=[f"{s}-h{h}" for s, h in PAIR_TERMS])
-def test_pair_terms_gathered_by_one_index_match_the_explicit_pairs(shape, heads):
-    """gather.gather_pair_bias (one ``index`` of the pairs, or gathers where a token dim is 1):
-    each image's term at its subset's pairs, the gradient of the term's own, and what it made
-    for a selection taken again by the next block on it, but a term written in between."""
+def test_pair_terms_gathered_by_one_index_match_the_explicit_pairs(shape, heads, rows, monkeypatch):
+    """gather.gather_pair_bias (one ``index`` of the pairs, or gathers where a token dim is 1;
+    ``rows``: the CPU form, two gathers): each image's term at its subset's pairs, the gradient
+    of the term's own, and what it made for a selection taken again by the next block on it,
+    but a term written in between."""
+    monkeypatch.setattr(ev_gather, "_ROW_SELECT", rows)
     torch.manual_seed(0)
     base = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     pos = torch.tensor([[4, 0, 2], [1, 2, 3]])

@@ -66,7 +66,8 @@ BUDGETS = [
     # block gathered it)
     ("eva02_tiny_patch14_224", {}, 224, dict(reselect_every=4), "product", 15.9),
     ("deit_small_patch16_224", {}, 224, dict(reselect_every=4), "cpu", 13.2),
-    ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "cpu", 63.7),
+    # (the CPU form takes a pair term's pairs by two gathers, not one index: gather._ROW_SELECT)
+    ("swin_tiny_patch4_window7_224", {}, 224, dict(reselect_every=1), "cpu", 65.4),
     ("pvt_v2_b0", {}, 64, dict(reselect_every=1), "cpu", 77.7),
 ]
 

@@ -72,7 +72,9 @@ def gather_pair_bias(bias: Tensor, pos: Optional[Tensor], heads: int = 0) -> Ten
     """
     if pos is None or bias.dim() < 2:
         return bias
-    return per_selection(pos, ("pair", heads), lambda: _gathered_pair(bias, pos, heads), bias)
+    rows = _ROW_SELECT if _ROW_SELECT is not None else bias.device.type == "cpu"
+    make = _gathered_pair_rows if rows else _gathered_pair
+    return per_selection(pos, ("pair", heads, rows), lambda: make(bias, pos, heads), bias)
 
 
 def _gathered_pair(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
@@ -80,7 +82,11 @@ def _gathered_pair(bias: Tensor, pos: Tensor, heads: int) -> Tensor:
     every entry at once, with the subset's rows and columns and its leading dims' indices made
     once per selection (:func:`per_selection`): 1 op per block, where two gathers on indices
     expanded every time took 10 (BEiT's relative position bias in every block). A term that
-    broadcasts on a token dim (a key mask (..., 1, N)) takes the gathers."""
+    broadcasts on a token dim (a key mask (..., 1, N)) takes the gathers. Not on a CPU
+    (:data:`_ROW_SELECT`): there the one ``index`` took 2x the time of the two gathers
+    (narrowed BEiT, batch 1, one thread: 8 of them 1.0 ms against 0.55 ms, and the forward
+    0.5-1.5 ms slower; fifty-second session), which the CPU form keeps, on indices expanded
+    once per selection. A GPU launches fewer kernels (not measured yet)."""
     B, n = pos.shape
     R, K = bias.shape[-2], bias.shape[-1]
     merged = heads > 0 and bias.dim() <= 3
@@ -202,6 +208,7 @@ def gather_token_arg(t: Tensor, pos: Tensor, dim: int, batched: bool = False) ->
 #: row copies (inference; training step at batch 16: 1.13x and 1.23x), Twins-S 1.17x and 1.23x.
 #: Row copies cost 4 ATen ops more per call (the row offsets): on a GPU in eager mode each op is
 #: host time (issue 12's op budgets count the ``gather`` form), so it keeps ``gather`` there.
+#: Pair terms (:func:`gather_pair_bias`) follow it: two gathers on a CPU, one ``index`` elsewhere.
 #: Private: tests/test_op_budget.py counts both forms.
 _ROW_SELECT: Optional[bool] = None
 
