@@ -82,8 +82,7 @@ def convert(model: nn.Module, keep_ratio: float = 0.5, *, example_input=None, im
                         + (" (some modules' train()/eval() return None: call model.eval() on its "
                            "own line)" if model is None else ""))
     check_names(options, ("example_input", "images", "strict", "inplace"))
-    inner = _compiled_inner(model)
-    if inner is not None:
+    if _compiled_inner(model) is not None:
         # a torch.compile wrapper: its module is converted (the analysis' forwards ran through
         # Dynamo, recompiling at each and hitting its recompile limit: 16.7 s against 0.34 s
         # for a 4-block ViT-Ti until the fifty-second session), in the wrapper (or its copy),
@@ -201,13 +200,13 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
             raise
         regrouped = _keep_regrouped(model, regrouped, [a.name for a, _, _ in analysed])
     runtime = EvoRuntime(Plan(opts, roles))
-    volatile, set_by = calls.derived.get("volatile", {}), calls.derived.get("set_by", {})
+    volatile, set_by, filled = (calls.derived.get(k, {}) for k in ("volatile", "set_by", "filled"))
     images = (images_in((), example) if isinstance(example, dict) else
               images_in(tuple(example), {}) if isinstance(example, (tuple, list)) else
               images_in((example,), {}))
     seq_batch = _sequence_first_batch(analysed[0][0])
-    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, filled=calls.derived
-                      .get("filled")) for i, (a, programs, added) in enumerate(analysed)]
+    specs = [_install(i, a, programs, added, runtime, volatile, images, set_by, filled)
+             for i, (a, programs, added) in enumerate(analysed)]
     _relate(specs, links, starts)
     _tell_state_from_tokens(specs)
     model._evoplug_report = ConversionReport(type(model).__name__, opts, specs, failed, skipped,

@@ -34,12 +34,12 @@ def per_selection(pos: Tensor, key: tuple, make, source: Optional[Tensor] = None
     if torch.compiler.is_compiling() or type(pos) is not Tensor or \
             torch._C._functorch.is_functorch_wrapped_tensor(pos):
         return make()
+    if source is not None and source.is_inference():
+        return make()       # (no version counter: a write into it could not be told)
     memo = pos.__dict__.get(_MEMO)
     if memo is None:
         memo = {}
         setattr(pos, _MEMO, memo)
-    if source is not None and source.is_inference():
-        return make()       # (no version counter: a write into it could not be told)
     full = key if source is None else key + (id(source),)
     hit = memo.get(full)
     if hit is not None:

@@ -18,7 +18,6 @@ from torch import Tensor
 from .gather import device_constant
 
 
-
 #: smallest normaliser of rows mapped or carried onto tokens (all their entries underflowed)
 TINY = 1e-12
 

@@ -51,17 +51,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # --------------------------------------------------------------------------------------------
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched while active, by name (``ops``; ``n``: all of them): the
-    measure of the runtime's cost per evolving block (tests/test_op_budget.py,
-    benchmarks/host_time.py, family_ops.py, reselect.py)."""
+    """Counts the ATen ops dispatched while active, by name (``ops``): the measure of the
+    runtime's cost per evolving block (tests/test_op_budget.py, benchmarks/family_ops.py and
+    reselect.py; benchmarks/host_time.py keeps its own, to run against older commits)."""
 
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
-
-    @property
-    def n(self) -> int:
-        return sum(self.ops.values())
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[func.overloadpacket.__name__] += 1
