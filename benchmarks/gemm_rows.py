@@ -12,7 +12,18 @@ matrix, the edges of its tiles), which weigh more the fewer rows there are. Part
 that (batch 32), interleaved rounds, one thread (``--threads``), median, and reports the
 speed-up the fewer rows give against the row ratio. Part 2 profiles one forward of the original
 and of the converted DeiT-S at batch 1 (``torch.profiler``, ``--forwards`` forwards) and splits
-the time into the matrix products (``aten::addmm``), the attention kernel and the rest.
+the time into the matrix products (``aten::addmm``), the attention kernel and the rest (the
+profiler perturbs what it times: read part 3 for wall times).
+
+Part 3, without a profiler: DeiT-S's blocks at batch 1 on 197 and on 100 tokens, one block
+twelve times (its weights stay in the core's caches) and the twelve blocks in turn, as a forward
+runs them (each block's 7 MB of weights comes back from beyond the core's L2 every time: a cost
+per block that does not shrink with its tokens); and the original and converted forwards,
+interleaved. From these, the converted forward's *ceiling*: the original forward less, for each
+block that ran fewer tokens (``evoplug.tokens_per_block``), what its fewer tokens save in turn,
+and nothing for evoplug's runtime (its selection, gathers, global-attention row and Python). The
+measured converted forward against that ceiling is what the runtime costs; the ceiling against
+the original is the most any runtime could give this plan on this machine.
 """
 from __future__ import annotations
 
@@ -94,12 +105,60 @@ def forward_split(forwards: int) -> dict:
     return out
 
 
+def _wall(f, x, calls: int) -> float:
+    t = time.perf_counter()
+    for _ in range(calls):
+        f(x)
+    return (time.perf_counter() - t) / calls
+
+
+def blocks_in_turn(rounds: int, calls: int) -> dict:
+    """Part 3 (see the module docstring): ms per block and per forward, medians of interleaved
+    rounds, and the converted forward's ceiling."""
+    import timm
+
+    import evoplug
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224").eval()
+    fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5).eval()
+    blocks = list(model.blocks)
+    x = torch.randn(1, 3, 224, 224)
+    toks = {n: torch.randn(1, n, model.embed_dim) for n in (DENSE, EVOLVING)}
+    runs = {"original": lambda t: model(t), "converted": lambda t: fast(t)}
+    for n, t in toks.items():
+        runs[f"one block x12, {n} tokens"] = lambda t, t_=t: [blocks[6](t_) for _ in blocks]
+        runs[f"12 blocks in turn, {n} tokens"] = lambda t, t_=t: [b(t_) for b in blocks]
+    got = {k: [] for k in runs}
+    with torch.inference_mode():
+        for f in runs.values():                                 # warm-up
+            _wall(f, x, 2)
+        for _ in range(rounds):                                 # interleaved
+            for k, f in runs.items():
+                got[k].append(_wall(f, x, calls))
+        ran = [DENSE if n < 0 else n for _, n in evoplug.tokens_per_block(fast)]  # (-1: own forward)
+    ms = {k: statistics.median(v) * 1e3 for k, v in got.items()}
+    per_block = {k: round(v / len(blocks), 3) for k, v in ms.items() if "x12" in k or "turn" in k}
+    in_turn = {n: ms[f"12 blocks in turn, {n} tokens"] / len(blocks) for n in toks}
+    # the original forward less, for each block that ran fewer tokens, what they save in turn
+    # (the blocks' and the stem's and head's time as in the original forward itself)
+    ceiling = ms["original"] - sum(in_turn[DENSE] - in_turn[n] for n in ran)
+    return dict(forward_ms={k: round(ms[k], 2) for k in ("original", "converted")},
+                block_ms=per_block, tokens_per_block=ran, converted_ceiling_ms=round(ceiling, 2),
+                speedup=round(ms["original"] / ms["converted"], 3),
+                ceiling_speedup=round(ms["original"] / ceiling, 3),
+                runtime_ms=round(ms["converted"] - ceiling, 2),
+                block_speedup_in_turn=round(in_turn[DENSE] / in_turn[EVOLVING], 3),
+                block_speedup_one_block=round(ms[f"one block x12, {DENSE} tokens"] /
+                                              ms[f"one block x12, {EVOLVING} tokens"], 3))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--calls", type=int, default=40, help="calls per round at batch 1")
     p.add_argument("--forwards", type=int, default=10)
+    p.add_argument("--block-calls", type=int, default=3, help="calls per round in part 3")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json")
     a = p.parse_args(argv)
@@ -107,10 +166,13 @@ def main(argv=None):
     from evoplug.tools.bench import machine, provenance
     rows = gemm_rows(a.batches, a.rounds, a.calls)
     split = forward_split(a.forwards)
+    turn = blocks_in_turn(a.rounds, a.block_calls)
     settings = dict(threads=a.threads, rounds=a.rounds, calls_at_batch_1=a.calls,
-                    forwards=a.forwards, dtype="float32", model="deit_small_patch16_224",
-                    keep_ratio=0.5, timing="median of interleaved rounds; profiler self CPU time")
-    result = dict(machine=machine(), **provenance(), settings=settings, gemm=rows, forward=split)
+                    forwards=a.forwards, block_calls=a.block_calls, dtype="float32",
+                    model="deit_small_patch16_224", keep_ratio=0.5,
+                    timing="median of interleaved rounds; part 2: profiler self CPU time")
+    result = dict(machine=machine(), **provenance(), settings=settings, gemm=rows, forward=split,
+                  blocks_in_turn=turn)
     print(f"{'batch':>5} {'shape':>9} {'rows':>11} {'us':>17} {'speed-up':>8} {'of 1.97x':>8}")
     for r in rows:
         print(f"{r['batch']:>5} {r['shape']:>9} {r['dense_rows']:>5}->{r['evolving_rows']:<5} "
@@ -118,6 +180,7 @@ def main(argv=None):
     for k in ("original", "converted"):
         print(k, split[k])
     print("ratio", split["ratio"])
+    print("part 3:", json.dumps(turn, indent=1))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
