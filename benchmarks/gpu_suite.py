@@ -101,9 +101,13 @@ class Unit:
 #: runtime variants a unit can run with: a private switch of evoplug set for the unit's duration,
 #: so two forms are timed in one run. The global-query logits (evoplug.runtime.rows.
 #: query_logits) are by default batched matrix products in eager mode on a GPU and a product and
-#: sum when compiled; "product-logits" / "matmul-logits" force one form everywhere
+#: sum when compiled; "product-logits" / "matmul-logits" force one form everywhere. Token rows
+#: and pair terms (evoplug.runtime.gather) take ``gather`` and one ``index`` off the CPU, row
+#: copies and two gathers on it (fewer ATen ops against the CPU's faster kernels, fifty-second
+#: session); "cpu-form" runs the CPU's form on the GPU, so the two are timed there side by side
 VARIANTS = {"matmul-logits": ("evoplug.runtime.rows", "_MATMUL_LOGITS", True),
-            "product-logits": ("evoplug.runtime.rows", "_MATMUL_LOGITS", False)}
+            "product-logits": ("evoplug.runtime.rows", "_MATMUL_LOGITS", False),
+            "cpu-form": ("evoplug.runtime.gather", "_ROW_SELECT", True)}
 #: variants that are options of the converted model (evoplug.set_options on a copy): issue 12's
 #: reselect_every table on a GPU (the default selects every 4 blocks)
 OPTION_VARIANTS = {"reselect-1": dict(reselect_every=1)}
@@ -112,7 +116,8 @@ OPTION_VARIANTS = {"reselect-1": dict(reselect_every=1)}
 def gpu_plan() -> List[Unit]:
     """The matrix, most wanted first: every model eager fp16 (keep 0.5 and 1.0), again with the
     product-logits variant (keep 0.5; compiled units use it by default, matmul-logits for
-    DeiT-S), DeiT-S/B selecting every block (reselect-1), the DeiT-S profile (both forms) and training steps at batch
+    DeiT-S), DeiT-S/B selecting every block (reselect-1), Swin-T and DeiT-S with the CPU's
+    gathers (cpu-form), the DeiT-S profile (both forms) and training steps at batch
     64 and 256 (eager, then compiled), fp32 eager for DeiT-S/B and ViT-L/384, DeiT-T/S training steps at
     batch 32, then torch.compile
     (fp16, keep 0.5) in both modes for DeiT-S, DeiT-B, ViT-L/384 and Swin-T."""
@@ -123,6 +128,10 @@ def gpu_plan() -> List[Unit]:
                    keeps=(0.5,), est_s=EAGER_S[m], variant=prod) for m in MODELS]
     units += [Unit("eager_fp16_r1", "infer", m, "float16", BATCH, keeps=(0.5,), est_s=EAGER_S[m],
                    variant="reselect-1") for m in (DEIT_S, DEIT_B)]
+    # the pair terms' one index (Swin-T's relative position bias in every evolving block) and
+    # the token rows' gather against the CPU's form: not yet timed on a GPU
+    units += [Unit("eager_fp16_cpuform", "infer", m, "float16", BATCH, keeps=(0.5,),
+                   est_s=EAGER_S[m], variant="cpu-form") for m in (SWIN_T, DEIT_S)]
     units += [Unit("profile_fp16", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,), est_s=5),
               Unit("profile_fp16_product", "profile", DEIT_S, "float16", BATCH, keeps=(0.5,),
                    est_s=5, variant=prod)]
