@@ -23,7 +23,8 @@ interleaved. From these, the converted forward's *ceiling*: the original forward
 block that ran fewer tokens (``evoplug.tokens_per_block``), what its fewer tokens save in turn,
 and nothing for evoplug's runtime (its selection, gathers, global-attention row and Python). The
 measured converted forward against that ceiling is what the runtime costs; the ceiling against
-the original is the most any runtime could give this plan on this machine.
+the original is the most any runtime could give this plan on this machine (``--turn-batch 32
+--threads 2 --parts 3``: at issue 12's batch-32 setting).
 """
 from __future__ import annotations
 
@@ -112,9 +113,9 @@ def _wall(f, x, calls: int) -> float:
     return (time.perf_counter() - t) / calls
 
 
-def blocks_in_turn(rounds: int, calls: int) -> dict:
-    """Part 3 (see the module docstring): ms per block and per forward, medians of interleaved
-    rounds, and the converted forward's ceiling."""
+def blocks_in_turn(rounds: int, calls: int, batch: int = 1) -> dict:
+    """Part 3 (see the module docstring) at ``batch`` images: ms per block and per forward,
+    medians of interleaved rounds, and the converted forward's ceiling."""
     import timm
 
     import evoplug
@@ -122,8 +123,8 @@ def blocks_in_turn(rounds: int, calls: int) -> dict:
     model = timm.create_model("deit_small_patch16_224").eval()
     fast = evoplug.convert(copy.deepcopy(model), keep_ratio=0.5).eval()
     blocks = list(model.blocks)
-    x = torch.randn(1, 3, 224, 224)
-    toks = {n: torch.randn(1, n, model.embed_dim) for n in (DENSE, EVOLVING)}
+    x = torch.randn(batch, 3, 224, 224)
+    toks = {n: torch.randn(batch, n, model.embed_dim) for n in (DENSE, EVOLVING)}
     runs = {"original": lambda t: model(t), "converted": lambda t: fast(t)}
     for n, t in toks.items():
         runs[f"one block x12, {n} tokens"] = lambda t, t_=t: [blocks[6](t_) for _ in blocks]
@@ -142,7 +143,7 @@ def blocks_in_turn(rounds: int, calls: int) -> dict:
     # the original forward less, for each block that ran fewer tokens, what they save in turn
     # (the blocks' and the stem's and head's time as in the original forward itself)
     ceiling = ms["original"] - sum(in_turn[DENSE] - in_turn[n] for n in ran)
-    return dict(forward_ms={k: round(ms[k], 2) for k in ("original", "converted")},
+    return dict(batch=batch, forward_ms={k: round(ms[k], 2) for k in ("original", "converted")},
                 block_ms=per_block, tokens_per_block=ran, converted_ceiling_ms=round(ceiling, 2),
                 speedup=round(ms["original"] / ms["converted"], 3),
                 ceiling_speedup=round(ms["original"] / ceiling, 3),
@@ -159,16 +160,23 @@ def main(argv=None):
     p.add_argument("--calls", type=int, default=40, help="calls per round at batch 1")
     p.add_argument("--forwards", type=int, default=10)
     p.add_argument("--block-calls", type=int, default=3, help="calls per round in part 3")
+    p.add_argument("--turn-batch", type=int, default=1, help="images per call in part 3")
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3], choices=[1, 2, 3])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--malloc", choices=["retain", "system"], default="retain",
+                   help="glibc's malloc keeping freed memory (as `evoplug bench`), or as it is")
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    from evoplug.tools.bench import machine, provenance
-    rows = gemm_rows(a.batches, a.rounds, a.calls)
-    split = forward_split(a.forwards)
-    turn = blocks_in_turn(a.rounds, a.block_calls)
+    from evoplug.tools.bench import allocator, machine, provenance, retain_freed_memory
+    if a.malloc == "retain":
+        retain_freed_memory()
+    rows = gemm_rows(a.batches, a.rounds, a.calls) if 1 in a.parts else []
+    split = forward_split(a.forwards) if 2 in a.parts else {}
+    turn = blocks_in_turn(a.rounds, a.block_calls, a.turn_batch) if 3 in a.parts else {}
     settings = dict(threads=a.threads, rounds=a.rounds, calls_at_batch_1=a.calls,
-                    forwards=a.forwards, block_calls=a.block_calls, dtype="float32",
+                    forwards=a.forwards, block_calls=a.block_calls, parts=a.parts,
+                    allocator=allocator(), dtype="float32",
                     model="deit_small_patch16_224", keep_ratio=0.5,
                     timing="median of interleaved rounds; part 2: profiler self CPU time")
     result = dict(machine=machine(), **provenance(), settings=settings, gemm=rows, forward=split,
@@ -177,10 +185,10 @@ def main(argv=None):
     for r in rows:
         print(f"{r['batch']:>5} {r['shape']:>9} {r['dense_rows']:>5}->{r['evolving_rows']:<5} "
               f"{r['dense_us']:>8}->{r['evolving_us']:<8} {r['speedup']:>8} {r['of_row_ratio']:>8}")
-    for k in ("original", "converted"):
+    for k in split:
         print(k, split[k])
-    print("ratio", split["ratio"])
-    print("part 3:", json.dumps(turn, indent=1))
+    if turn:
+        print("part 3:", json.dumps(turn, indent=1))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
