@@ -737,13 +737,15 @@ class _Opaque:
 class SetsPythonState(Block):
     """Sets Python state no program can set at each call, as ``kind``: an object of its own
     class or a dataclass compared by identity, set anew, or a count in a dict nested in a
-    dict."""
+    dict, or in one nested five deep (``stats["a"]["b"]["c"]["d"]["e"]["n"]``)."""
 
     kind = "object"
 
     def forward(self, x, attn_mask=None):
         if self.kind == "nested_counter":
             self.stats["inner"]["n"] += 1
+        elif self.kind == "deep_counter":
+            self.stats["a"]["b"]["c"]["d"]["e"]["n"] += 1
         else:
             self.rec = (_Opaque if self.kind == "object" else _ByIdentity)(x.shape[1])
         return super().forward(x, attn_mask=attn_mask)
@@ -751,21 +753,28 @@ class SetsPythonState(Block):
 
 @pytest.mark.parametrize("kind,named", [("object", r"`rec` \(a _Opaque\)"),
                                         ("dataclass_by_identity", r"`rec` \(a _ByIdentity\)"),
-                                        ("nested_counter", r"`stats\['inner'\]` \(a dict")])
+                                        ("nested_counter", r"`stats\['inner'\]` \(a dict"),
+                                        ("deep_counter", r"`stats\['a'\]\['b'\]\['c'\]\['d'\]"
+                                                         r"\['e'\]` \(a dict")])
 def test_python_state_a_block_sets_that_no_program_can_is_refused_by_name(kind, named):
     """A forward that set an object of its own class, or a dataclass compared by identity, as an
     attribute at each call (``self.rec = Rec(n)``), or counted in a dict nested in a dict
     (``self.stats["inner"]["n"] += 1``), converted without a word until the fiftieth session:
-    no program set it, and the converted model kept the value from before the conversion.
+    no program set it, and the converted model kept the value from before the conversion. So,
+    until the fifty-second, did a count in a dict nested deeper than four containers below the
+    attribute (``self.stats["a"]["b"]["c"]["d"]["e"]["n"] += 1``): its count stood at the
+    calibration's 1 where the dense model's was 3 after three calls.
     Refused by name now (a dataclass compared with ``==``, and a nested dict a forward sets to
     a value, are followed: tests/test_sizes.py
     ``test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_block``)."""
     model = _tiny(depth=2)
     for blk in model.blocks:
-        blk.__class__, blk.kind, blk.rec, blk.stats = SetsPythonState, kind, None, {"inner": {"n": 0}}
+        stats = {"inner": {"n": 0}} if kind != "deep_counter" else \
+            {"a": {"b": {"c": {"d": {"e": {"n": 0}}}}}}
+        blk.__class__, blk.kind, blk.rec, blk.stats = SetsPythonState, kind, None, copy.deepcopy(stats)
     with pytest.raises(evoplug.ConversionError, match=r"`blocks.0`: .*" + named):
         evoplug.convert(model, 0.5, example_input=torch.randn(1, 3, 32, 32))
-    assert (model.blocks[0].rec, model.blocks[0].stats) == (None, {"inner": {"n": 0}})
+    assert (model.blocks[0].rec, model.blocks[0].stats) == (None, stats)
 
 
 def test_order_independent_mixing_outside_attention_is_refused():

@@ -1531,7 +1531,8 @@ class _KindSettlingBlock(_SizeArgBlock):
 
     def __init__(self, kind: str, dim: int = 32):
         super().__init__("ints", dim)
-        self.kind, self.cfg, self.gains = kind, {"gain": 1.0, "inner": {"gain": 1.0}}, [1.0]
+        self.kind, self.gains = kind, [1.0]
+        self.cfg = {"gain": 1.0, "inner": {"gain": 1.0}, "deep": {"a": {"b": {"c": {"d": {"gain": 1.0}}}}}}
         self._set(1.0)
 
     def _set(self, g: float):
@@ -1546,6 +1547,8 @@ class _KindSettlingBlock(_SizeArgBlock):
             self.cfg["gain"] = g
         elif self.kind == "nested_dict_in_place":
             self.cfg["inner"]["gain"] = g
+        elif self.kind == "deep_dict_in_place":
+            self.cfg["deep"]["a"]["b"]["c"]["d"]["gain"] = g
         elif self.kind in ("dataclass", "mutable_dataclass"):
             self.gain = (_GainCfg if self.kind == "dataclass" else _MutableGainCfg)(g)
         elif self.kind == "list_in_place":
@@ -1558,6 +1561,7 @@ class _KindSettlingBlock(_SizeArgBlock):
                 "tensor": lambda: self.gain, "dict_in_place": lambda: self.cfg["gain"],
                 "list_in_place": lambda: self.gains[0], "submodule": lambda: self.attn.gain,
                 "nested_dict_in_place": lambda: self.cfg["inner"]["gain"],
+                "deep_dict_in_place": lambda: self.cfg["deep"]["a"]["b"]["c"]["d"]["gain"],
                 "dataclass": lambda: self.gain.gain, "mutable_dataclass": lambda: self.gain.gain}[self.kind]()
 
     def _settle(self, H: int, W: int):
@@ -1583,8 +1587,8 @@ class _KindSettlingViT(_SettlingViT):
 
 
 @pytest.mark.parametrize("kind", ["enum", "numpy", "tensor", "dict_in_place", "list_in_place",
-                                  "submodule", "nested_dict_in_place", "dataclass",
-                                  "mutable_dataclass"])
+                                  "submodule", "nested_dict_in_place", "deep_dict_in_place",
+                                  "dataclass", "mutable_dataclass"])
 def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_block(kind):
     """As :func:`test_a_setting_a_block_changes_at_another_size_reaches_the_models_block`, for
     a value of each kind a forward may set at another input size than the conversion's (48 px)
@@ -1597,7 +1601,9 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
     was a dict nested in a dict changed in place (a twin's calibration left the model's so),
     and a dataclass set anew (``self.gain = Cfg(0.5)``) was set by no program: the model's
     block kept the one from before the conversion at every size (2.3 off at keep 1.0 off the
-    fast path). Now each follows the dense model at keep 1.0 on and off the fast path, and at
+    fast path). So, until the fifty-second, was a dict nested five containers below the attribute
+    (``self.cfg["deep"]["a"]["b"]["c"]["d"]["gain"]``): the snapshot put back four levels.
+    Now each follows the dense model at keep 1.0 on and off the fast path, and at
     keep 0.5 the model runs as converted afresh with it. (3 blocks: a scoring one and two
     evolving ones, all setting the value.)"""
     if kind == "numpy":
