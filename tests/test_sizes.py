@@ -1835,6 +1835,42 @@ def test_a_compiled_first_call_at_keep_1_that_changes_a_setting_leaves_later_cal
             assert [blk.gain for blk in fast.blocks] == [1.0, 1.0, 0.5]
 
 
+@pytest.mark.parametrize("compiled,keep", [(False, 1.0), (True, 1.0), (False, 0.5)],
+                         ids=["direct", "compiled_direct", "direct_keep_half"])
+def test_a_method_called_directly_at_keep_1_that_changes_a_setting_at_a_size_no_twin_takes_is_followed(
+        compiled, keep):
+    """keep 1.0 on the identity fast path, converted at 48 px: ``features`` (a method called
+    directly, eager or compiled: no entry hook) at a 4x4 map, a size no twin was converted for,
+    where every block (of 3) halves its gain for good. The blocks ran their own forward on the
+    model's blocks, which set the gain with no record of it, and every later call that ran the
+    programs (keep 1.0 off the fast path, keep 0.5), at every size, was refused ("`blocks.0`:
+    `gain` (Evo_SettlingBlock) changed from 1.0 to 0.5 after conversion"), until the
+    fifty-second session; so at keep 0.5, where such a call runs the blocks' own forward,
+    warned. It is noted as a forward's own change: at 48 px the model then runs a twin
+    converted with it, the dense model at keep 1.0, the model converted afresh with it at keep
+    0.5. A change the user makes by hand is still refused."""
+    torch._dynamo.reset()
+    model = _SettlingViT(depth=3)
+    dense = copy.deepcopy(model)
+    fast = evoplug.convert(model, keep_ratio=keep, example_input=torch.randn(1, 3, 48, 48))
+    t, x48 = torch.randn(2, 17, 32), torch.randn(2, 3, 48, 48)
+    features = torch.compile(fast.features, backend="eager") if compiled else fast.features
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")         # (keep 0.5: "argument 'H' was 6 ... 4 now")
+        torch.testing.assert_close(features(t, 4, 4), dense.features(t, 4, 4), rtol=1e-5, atol=1e-5)
+        assert [blk.gain for blk in fast.blocks] == [blk.gain for blk in dense.blocks] == [0.5] * 3
+        ref = dense(x48)
+        for fast_path in (True, False):
+            evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=fast_path)
+            torch.testing.assert_close(fast(x48), ref, rtol=1e-4, atol=1e-4)
+        evoplug.set_options(fast, keep_ratio=0.5, identity_fast_path=True)
+        afresh = evoplug.convert(copy.deepcopy(dense), keep_ratio=0.5, example_input=x48[:1])
+        torch.testing.assert_close(fast(x48), afresh(x48), rtol=1e-5, atol=1e-5)
+        fast.blocks[1].gain = 0.25
+        with pytest.raises(evoplug.errors.EvoplugError, match=r"`blocks.1`: `gain` .* after conversion"):
+            fast(x48)
+
+
 class _SizedConv(torch.nn.Module):
     """A depthwise conv on tokens, which it shapes into the map whose size a parent sets on it
     (``blk.dw.H, blk.dw.W = H, W``)."""

@@ -28,8 +28,8 @@ from .gather import gather_extras
 from .programs import set_on
 from .spec import BlockSpec
 from .state import _RUNTIMES, EvoRuntime, EvoState, Segment, _in_backward, _saving_hooks
-from .twins import (bind, check_suffix_count, following, note_ran, own_forward_twin, set_back,
-                    size_twin)
+from .twins import (bind, check_suffix_count, following, note_ran, own_forward_noted,
+                    own_forward_twin, set_back, size_twin)
 
 
 _NO_TORCHSCRIPT = ("`{}` is a converted block, which TorchScript cannot take ({}: its selection "
@@ -288,8 +288,7 @@ class EvoBlockMixin:
             check_suffix_count(spec)
         bound = bind(spec, args, kwargs, strict=segment, twins=not recompute, state=state)
         if bound is None:       # a call the conversion did not see: the block's own forward
-            spec.tokens_run = -1
-            return spec.orig_class.forward(self, *args, **kwargs)
+            return self._unconverted(args, kwargs, noted=not recompute)
         if isinstance(bound, nn.Module):      # a twin converted for this size: it runs the call
             return _twin_ran(self, bound, args, kwargs)
         x, extras = bound
@@ -299,8 +298,7 @@ class EvoBlockMixin:
             state, segment, x = _segment_taken(spec, state, x, recompute, rt._local)
         program = spec.program(self.training, x.shape[0], args, kwargs)
         if program is None:      # (no program at this batch size: told once, in its build)
-            spec.tokens_run = -1
-            return spec.orig_class.forward(self, *args, **kwargs)
+            return self._unconverted(args, kwargs, noted=not recompute)
         if role == "evolve" and not rt.leaf_hooks_told and spec.leaves:
             spec.tell_leaf_hooks(self)
         spec.run_weight_hooks()
@@ -346,7 +344,16 @@ class EvoBlockMixin:
             not spec.runtime.entered() else None
         if twin is not None:
             return _twin_ran(self, twin, args, kwargs)
+        return self._unconverted(args, kwargs, noted=twins)
+
+    def _unconverted(self, args, kwargs, noted: bool):
+        """The block's own forward, every token; ``noted`` (not a recomputation in backward):
+        outside the model's eager forward, with what it sets at a size no twin takes noted
+        (twins.py ``own_forward_noted``)."""
+        spec = self._evoplug_spec
         spec.tokens_run = -1
+        if noted and not spec.runtime.entered():
+            return own_forward_noted(self, args, kwargs)
         return spec.orig_class.forward(self, *args, **kwargs)
 
     def _evolve(self, x: torch.Tensor, extras, program, state: EvoState, role: str, opt: EvoOptions):

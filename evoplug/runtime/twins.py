@@ -213,6 +213,27 @@ def own_forward_twin(spec: BlockSpec, args, kwargs) -> Optional[nn.Module]:
     return _twin_taking(spec, args, kwargs)
 
 
+def own_forward_noted(block: nn.Module, args, kwargs):
+    """The block's own forward on the model's block, outside the model's eager forward (a
+    method called directly, compiled) where no twin takes the call (:func:`own_forward_twin`:
+    none converted for its size yet), with what it sets that its programs were traced with
+    another value of (a gain, Swin's shift, set at this size) noted as ``drift``, as
+    :func:`set_back` notes a twin's: on the block, the modules it traced into and the ones its
+    programs call whole (``leaf_values``). Unnoted, every later call that ran the programs (keep
+    below 1.0, keep 1.0 off the identity fast path), at every size, was refused as a change
+    made after conversion ("`gain` changed from 1.0 to 0.5"), until the fifty-second session;
+    now the next eager call converts a twin with it, as after an eager call at that size. A
+    value that differed before the call (the user's change: refused by the next program's call,
+    as it was) is left unnoted."""
+    spec = block._evoplug_spec
+    clean = not spec.traced or spec.changed() is None
+    out = spec.orig_class.forward(block, *args, **kwargs)
+    if clean:
+        spec.note_drift(block, [(p, k, v) for p, k, v in spec.leaf_values
+                                if _value(block, f"{p}.{k}" if p else k, v) is not v])
+    return out
+
+
 def check_suffix_count(spec: BlockSpec):
     """A block whose trailing special tokens are as many as a boolean argument of the model's
     has True (or False) entries per image (``suffix_from``: VideoMAE's decoder trails one mask
