@@ -1854,7 +1854,8 @@ def test_a_method_called_directly_at_keep_1_that_changes_a_setting_at_a_size_no_
     dense = copy.deepcopy(model)
     fast = evoplug.convert(model, keep_ratio=keep, example_input=torch.randn(1, 3, 48, 48))
     t, x48 = torch.randn(2, 17, 32), torch.randn(2, 3, 48, 48)
-    features = torch.compile(fast.features, backend="eager") if compiled else fast.features
+    features = torch.compile(fast.features, backend="eager", fullgraph=True) if compiled else \
+        fast.features
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")         # (keep 0.5: "argument 'H' was 6 ... 4 now")
         torch.testing.assert_close(features(t, 4, 4), dense.features(t, 4, 4), rtol=1e-5, atol=1e-5)

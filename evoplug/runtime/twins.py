@@ -224,9 +224,12 @@ def own_forward_noted(block: nn.Module, args, kwargs):
     made after conversion ("`gain` changed from 1.0 to 0.5"), until the fifty-second session;
     now the next eager call converts a twin with it, as after an eager call at that size. A
     value that differed before the call (the user's change: refused by the next program's call,
-    as it was) is left unnoted."""
+    as it was) is left unnoted. Not in the model's compiled forward: its entry hook converted
+    a twin for a size of its own (``_twin_outside_the_graph``), whose blocks take such calls."""
     spec = block._evoplug_spec
-    clean = not spec.traced or spec.changed() is None
+    if torch.compiler.is_compiling() and (spec.runtime.parent or spec.runtime).compiled_entries > 0:
+        return spec.orig_class.forward(block, *args, **kwargs)
+    clean = spec.changed() is None if spec.traced else True
     out = spec.orig_class.forward(block, *args, **kwargs)
     if clean:
         spec.note_drift(block, [(p, k, v) for p, k, v in spec.leaf_values
