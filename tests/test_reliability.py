@@ -761,7 +761,7 @@ def test_python_state_a_block_sets_that_no_program_can_is_refused_by_name(kind, 
     attribute at each call (``self.rec = Rec(n)``), or counted in a dict nested in a dict
     (``self.stats["inner"]["n"] += 1``), converted without a word until the fiftieth session:
     no program set it, and the converted model kept the value from before the conversion. So,
-    until the fifty-second, did a count in a dict nested deeper than four containers below the
+    until the fifty-third, did a count in a dict nested deeper than four containers below the
     attribute (``self.stats["a"]["b"]["c"]["d"]["e"]["n"] += 1``): its count stood at the
     calibration's 1 where the dense model's was 3 after three calls.
     Refused by name now (a dataclass compared with ``==``, and a nested dict a forward sets to

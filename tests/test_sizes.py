@@ -1601,7 +1601,7 @@ def test_a_value_of_any_kind_a_block_sets_at_another_size_reaches_the_models_blo
     was a dict nested in a dict changed in place (a twin's calibration left the model's so),
     and a dataclass set anew (``self.gain = Cfg(0.5)``) was set by no program: the model's
     block kept the one from before the conversion at every size (2.3 off at keep 1.0 off the
-    fast path). So, until the fifty-second, was a dict nested five containers below the attribute
+    fast path). So, until the fifty-third, was a dict nested five containers below the attribute
     (``self.cfg["deep"]["a"]["b"]["c"]["d"]["gain"]``): the snapshot put back four levels.
     Now each follows the dense model at keep 1.0 on and off the fast path, and at
     keep 0.5 the model runs as converted afresh with it. (3 blocks: a scoring one and two
@@ -1845,7 +1845,7 @@ def test_a_method_called_directly_at_keep_1_that_changes_a_setting_at_a_size_no_
     model's blocks, which set the gain with no record of it, and every later call that ran the
     programs (keep 1.0 off the fast path, keep 0.5), at every size, was refused ("`blocks.0`:
     `gain` (Evo_SettlingBlock) changed from 1.0 to 0.5 after conversion"), until the
-    fifty-second session; so at keep 0.5, where such a call runs the blocks' own forward,
+    fifty-third session; so at keep 0.5, where such a call runs the blocks' own forward,
     warned. It is noted as a forward's own change: at 48 px the model then runs a twin
     converted with it, the dense model at keep 1.0, the model converted afresh with it at keep
     0.5. A change the user makes by hand is still refused."""

@@ -483,7 +483,7 @@ def nested_containers(values: dict) -> list:
     top-level container does. Only the top level was followed until the fiftieth session: such
     a counter stood still after the conversion, without a word (StateBeforeTrace), and a nested
     dict a twin's calibration had changed was left so, the next call refused as the user's
-    change (snapshot.py). Then four levels down, until the fifty-second: a forward that counted
+    change (snapshot.py). Then four levels down, until the fifty-third: a forward that counted
     in a dict nested five deep (``self.log["a"]["b"]["c"]["d"]["e"]["n"] += 1``) converted
     without a word, its count left at the calibration's and never moved again (1 where the
     dense model had 3 after three calls). Walked with a stack of its own: no recursion limit."""

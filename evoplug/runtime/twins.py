@@ -221,7 +221,7 @@ def own_forward_noted(block: nn.Module, args, kwargs):
     :func:`set_back` notes a twin's: on the block, the modules it traced into and the ones its
     programs call whole (``leaf_values``). Unnoted, every later call that ran the programs (keep
     below 1.0, keep 1.0 off the identity fast path), at every size, was refused as a change
-    made after conversion ("`gain` changed from 1.0 to 0.5"), until the fifty-second session;
+    made after conversion ("`gain` changed from 1.0 to 0.5"), until the fifty-third session;
     now the next eager call converts a twin with it, as after an eager call at that size. A
     value that differed before the call (the user's change: refused by the next program's call,
     as it was) is left unnoted. Not in the model's compiled forward: its entry hook converted
