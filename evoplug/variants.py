@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .analyse.discover import _SQUARE
+from .analyse.modes import _OWN_CHECKPOINT
 from .analyse.probes import CALL_HOOK_DICTS, hooks_suspended
 from .copies import remade_class
 from .errors import ConversionError, EvoplugError
@@ -305,6 +306,8 @@ def _twin(model: nn.Module, blocks: set):
         for k, v in list(t.__dict__.items()):
             if isinstance(v, types.MethodType) and v.__self__ is m:
                 t.__dict__[k] = types.MethodType(v.__func__, t)
+        if id(m) in blocks:
+            _unwrapped(m, t)
         t._buffers = dict(m._buffers)      # (its conversion adds buffers of its own)
         # the parameters dict itself is shared: one replaced on the model (load_state_dict with
         # assign=True, a parameter set anew) is the twin's too
@@ -317,6 +320,19 @@ def _twin(model: nn.Module, blocks: set):
         return t
 
     return copy(model), pairs
+
+
+def _unwrapped(block: nn.Module, twin: nn.Module):
+    """The twin's copy of a converted block without what the model's block's call does around
+    its forward, inside which the twin's block runs (runtime/block.py ``_twin_ran``):
+    transformers' own checkpointing flag, on where ``gradient_checkpointing_enable()`` ran
+    before the twin was built: its block checkpointed again inside the model's block's
+    checkpoint, each layer recomputed twice in a reentrant backward (checkpoint calls nested 2
+    deep, 12 a step for 4 layers where 4 do at the conversion's size), until the fifty-third
+    session. A twin built before never had it on: the model's block alone decides, as its flag
+    now says."""
+    if twin.__dict__.get(_OWN_CHECKPOINT) is True:
+        twin.__dict__[_OWN_CHECKPOINT] = False
 
 
 def _first_image(args, kwargs, batch_dims=None, n: Optional[int] = 1,

@@ -549,6 +549,55 @@ def test_reentrant_checkpointing_of_layers_that_checkpoint_themselves(when):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_twin_built_after_checkpointing_was_enabled_checkpoints_each_layer_once(reentrant):
+    """A twin converted at a new input size after ``gradient_checkpointing_enable()`` copied
+    the layer's own checkpointing flag, on: its layer checkpointed again inside the model's
+    layer's checkpoint (calls of the checkpointing function nested 2 deep, 12 a step for the 4
+    layers where 4 run at the conversion's size, and in a reentrant backward each layer's MLP
+    recomputed twice), until the fifty-third session. At both sizes each layer now checkpoints
+    once and is recomputed once, with the gradients of the model without checkpointing."""
+    torch.manual_seed(0)
+    model = T.ViTModel(T.ViTConfig(**FLAT), add_pooling_layer=False).eval()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=torch.randn(1, 3, 32, 32)).train()
+    plain = copy.deepcopy(fast)
+    fast.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    calls, depth, fc1 = [0, 0, 0], [0], [0]
+
+    def counted(func):
+        def run(*args, **kwargs):
+            depth[0] += 1
+            calls[0], calls[1] = calls[0] + 1, max(calls[1], depth[0])
+            try:
+                return func(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+        return run
+    for layer in fast.layers:
+        layer._gradient_checkpointing_func = counted(layer._gradient_checkpointing_func)
+    fast.layers[2].mlp.fc1.register_forward_hook(lambda *_: fc1.__setitem__(0, fc1[0] + 1))
+    for size in (32, 48, 48):
+        x = torch.randn(2, 3, size, size)
+        grads = []
+        for m in (fast, plain):
+            m.zero_grad()
+            calls[:2] = [0, 0]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")         # (the hook on fc1 sees the kept tokens)
+                out = m(x, interpolate_pos_encoding=True).last_hidden_state
+                fc1[0] = 0
+                out.pow(2).mean().backward()
+            grads.append([p.grad for p in m.parameters() if p.grad is not None])
+            if m is fast:
+                assert calls[:2] == [4, 1], (size, calls)
+                assert fc1[0] == 1, (size, fc1)        # (recomputed once in backward)
+        assert len(grads[0]) == len(grads[1]) > 40
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert evoplug.get_report(fast).blocks[0].runtime.variants
+    assert all(0 < t < 145 for _, t in evoplug.tokens_per_block(fast)[1:])
+
+
 def test_dinov2_evolves_with_interpolate_pos_encoding():
     """DINOv2 hands ``interpolate_pos_encoding`` to every layer, where nothing reads it (its
     embeddings interpolate always): every layer ran its own forward for such calls until the
