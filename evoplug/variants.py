@@ -23,7 +23,7 @@ from .errors import ConversionError, EvoplugError
 from .options import EvoOptions
 from .report import ConversionReport, get_report
 from .runtime.block import evo_class
-from .runtime.spec import BlockSpec
+from .runtime.spec import BlockSpec, wraps_own_forward
 from .runtime.entry import SizeVariant, images_in
 from .runtime.state import Plan
 
@@ -324,13 +324,17 @@ def _twin(model: nn.Module, blocks: set):
 
 def _unwrapped(block: nn.Module, twin: nn.Module):
     """The twin's copy of a converted block without what the model's block's call does around
-    its forward, inside which the twin's block runs (runtime/block.py ``_twin_ran``):
+    its forward, inside which the twin's block runs (runtime/block.py ``_twin_ran``): a forward
+    set on the instance that wraps the block's own (MMEngine's ``activation_checkpointing``,
+    ``wrap_forward``: the copy's called the model's block's forward, and the twin's conversion
+    refused it as "extra positional arguments", until the fifty-third session), and
     transformers' own checkpointing flag, on where ``gradient_checkpointing_enable()`` ran
     before the twin was built: its block checkpointed again inside the model's block's
     checkpoint, each layer recomputed twice in a reentrant backward (checkpoint calls nested 2
-    deep, 12 a step for 4 layers where 4 do at the conversion's size), until the fifty-third
-    session. A twin built before never had it on: the model's block alone decides, as its flag
-    now says."""
+    deep, 12 a step for 4 layers where 4 do at the conversion's size). A twin built before
+    never had it on: the model's block alone decides, as its flag now says."""
+    if wraps_own_forward(block):
+        del twin.__dict__["forward"]
     if twin.__dict__.get(_OWN_CHECKPOINT) is True:
         twin.__dict__[_OWN_CHECKPOINT] = False
 

@@ -240,6 +240,51 @@ def test_mmengines_activation_checkpointing_of_evo_blocks_gives_the_plain_gradie
             evoplug.convert(dense, keep_ratio=0.5, example_input=x[:1])
 
 
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_mmengines_activation_checkpointing_of_evo_blocks_at_a_new_input_size(keep):
+    """A call at a new input size converts a twin of the model, whose blocks are copies of the
+    model's: the copy of a block MMEngine's ``activation_checkpointing`` had wrapped held the
+    wrapper, which calls the model's block, and the twin's conversion refused it ("extra
+    positional arguments ... a forward set on its instance (wrap_forward...)") until the
+    fifty-third session. The twin's block runs inside the model's block's checkpoint now: each
+    checkpointed block is recomputed once in backward and the others never, and the gradients
+    are those of the model without checkpointing (at keep 1.0, off the identity fast path, those
+    of the dense model under the same checkpointing)."""
+    from mmengine.runner import turn_on_activation_checkpointing
+    torch.manual_seed(0)
+    dense = _tiny_classifier().train()
+    evo = _tiny_classifier("EvoImageClassifier", evo=dict(keep_ratio=keep, identity_fast_path=False))
+    evo.load_state_dict(dense.state_dict())
+    evo.train()
+    ckpt = copy.deepcopy(evo)
+    layers = (1, 2, 4)
+    for m in (ckpt, dense):
+        turn_on_activation_checkpointing(m, [f"backbone.layers.{i}" for i in layers])
+    runs = [0] * 6
+    for i, layer in enumerate(ckpt.backbone.layers):
+        layer.ffn.layers[1].register_forward_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    for size in (32, 48):
+        x, grads = torch.randn(2, 3, size, size), []
+        for m in (evo, ckpt, dense):
+            m.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")     # (torch: checkpoint without use_reentrant)
+                out = m(x, mode="tensor")
+                runs[:] = [0] * 6
+                out.square().mean().backward()
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+            if m is ckpt:
+                assert runs == [int(i in layers) for i in range(6)], (size, runs)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 20
+        for n, g in grads[0].items():
+            torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-4, msg=n)
+            if keep == 1.0:
+                torch.testing.assert_close(grads[1][n], grads[2][n], atol=1e-5, rtol=1e-4, msg=n)
+    assert evoplug.get_report(ckpt.backbone).blocks[0].runtime.variants
+    ran = dict(evoplug.tokens_per_block(ckpt.backbone))
+    assert ran["layers.4"] == (1 + 72 + 1 if keep < 1.0 else 145), ran
+
+
 def test_init_cfg_pretrained_loads_the_dense_backbone(tmp_path):
     dense = _tiny_classifier()
     path = str(tmp_path / "dense.pth")

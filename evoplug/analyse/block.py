@@ -350,8 +350,8 @@ def with_wrapped_forward(e: AnalysisError, module: nn.Module) -> AnalysisError:
     wrap_forward(module.forward)``, a checkpoint a trace cannot see into), naming the wrapper
     and the way out: it was refused as "no attention computation" or "extra positional
     arguments" until the fifty-second session, which said nothing of the wrapper. Set on a
-    converted block it runs as converted (runtime/spec.py ``wraps_own_forward``), at the input
-    sizes the model was converted at."""
+    converted block it runs as converted (runtime/spec.py ``wraps_own_forward``), at a twin's
+    input size too (evoplug/variants.py ``_unwrapped``)."""
     fn = vars(module).get("forward")
     inner = getattr(fn, "__wrapped__", None)
     if inner is None:
@@ -361,8 +361,8 @@ def with_wrapped_forward(e: AnalysisError, module: nn.Module) -> AnalysisError:
                          f"({getattr(code, 'co_qualname', fn)!s:.60}, wrapping "
                          f"{getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? MMEngine's "
                          "activation_checkpointing) runs it, which evoplug cannot trace: set "
-                         "it after converting (the converted block then runs inside it, at the "
-                         "input sizes the model was converted at)", not_a_block=e.not_a_block,
+                         "it after converting (the converted block then runs inside it)",
+                         not_a_block=e.not_a_block,
                          sized=e.sized)
 
 
