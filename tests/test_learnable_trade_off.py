@@ -265,6 +265,75 @@ def test_a_trade_off_evoplug_cannot_rebuild_for_the_copy_is_refused():
             evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], trade_off=fn)
 
 
+class _Box:
+    """An object holding another (a trainer, a config, a scheduler: the model a few objects
+    down)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def alpha(self):
+        o = self
+        while isinstance(o, _Box):
+            o = o.inner
+        return torch.sigmoid(o.alpha_logit)
+
+
+_HOLDER = None
+
+
+def _global_holder_alpha():
+    return _HOLDER.alpha()
+
+
+@pytest.mark.parametrize("form", ["method_five_deep", "closure_over_an_object", "global_object"])
+def test_a_trade_off_reaching_the_models_parameter_through_objects_follows_or_is_refused(form):
+    """A trade-off reaching the model's parameter through plain objects: a method of an object
+    holding it five objects down (found four down: the walk stopped there), a closure over such
+    an object (its cells were rebuilt only where they held a tensor or module, a container of
+    them, or a function), a global object holding it (only a tensor or module was refused).
+    The copy ``inplace=False`` converts, and for the closure a ``copy.deepcopy`` of the
+    converted model, read and trained the original's parameter, 0.0008 off a model reading its
+    own, the copy's parameter without a gradient, without a word, until the fifty-third
+    session. The copy ``inplace=False`` makes refuses each now, naming the object; a deep copy
+    of the converted model copies the object with the model (the global one: refused)."""
+    import copy
+    global _HOLDER
+    x = torch.randn(2, 3, 32, 32)
+
+    def make(m):
+        global _HOLDER
+        held = m
+        for _ in range(5):
+            held = _Box(held)
+        _HOLDER = held
+        return {"method_five_deep": held.alpha, "closure_over_an_object": lambda: held.alpha(),
+                "global_object": _global_holder_alpha}[form]
+    model = _alpha_model()
+    with pytest.raises(ValueError, match="cannot rebuild|`_HOLDER`.* as a global name"):
+        evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1,
+                        reselect_every=1, trade_off=make(model))
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1,
+                           reselect_every=1, inplace=True, trade_off=make(model))
+    if form == "global_object":
+        with pytest.raises(ValueError, match="`_HOLDER`.* as a global name"):
+            copy.deepcopy(fast)
+        return
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        twin.alpha_logit.fill_(3.0)
+    ref = _alpha_model()
+    ref.load_state_dict(evoplug.revert(copy.deepcopy(twin)).state_dict())
+    ref = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1], start_block=1,
+                          reselect_every=1, inplace=True, trade_off=_closure(ref))
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), ref(x), atol=1e-6, rtol=0)
+    twin.train()
+    twin(x).square().mean().backward()
+    assert model.alpha_logit.grad is None
+    assert twin.alpha_logit.grad is not None and float(twin.alpha_logit.grad.abs()) > 0
+
+
 def test_replacing_a_learnable_trade_off_is_warned_and_a_compiled_model_keeps_one_graph():
     """A learnable trade-off replaced by a number (``set_options(trade_off=0.5)``, or an
     MMPretrain ``EvoOptionsHook`` scheduling one on ``learnable_trade_off=True``) silently left
