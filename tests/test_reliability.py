@@ -226,6 +226,65 @@ def _segment_model():
     return fast
 
 
+class _Boxed:
+    def __init__(self, inner):
+        self.inner = inner
+
+
+class _ReturnsABlockOutputDeep(nn.Module):
+    """A ViT of 6 blocks that returns, beside its logits, block 2's output nested ``depth``
+    containers deep (tuples, or plain objects)."""
+
+    def __init__(self, depth, how):
+        super().__init__()
+        self.vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, depth=6,
+                                     embed_dim=64, num_heads=2, num_classes=10)
+        self.depth, self.how = depth, how
+
+    def forward(self, x):
+        v = self.vit
+        t = v._pos_embed(v.patch_embed(x))
+        for i, blk in enumerate(v.blocks):
+            t = blk(t)
+            if i == 2:
+                kept = t
+        for _ in range(self.depth - 1):
+            kept = (kept,) if self.how == "tuple" else _Boxed(kept)
+        return v.head(v.norm(t)[:, 0]), kept
+
+
+@pytest.mark.parametrize("how", ["tuple", "object"])
+def test_a_block_output_the_model_returns_deeper_than_the_calibration_looks_is_not_handed_on(how):
+    """Audit of the fifty-third session: the calibration notes the tensors a model returns
+    four containers deep (analyse/calibrate.py ``_tensors_in``), and a block whose output the
+    model returns must not hand its kept tokens on in the selection's order. Nested five deep
+    the note misses it, but the calibration record holds the model's output, so the block's
+    output is held outside the record (analyse/chain.py ``_held_elsewhere``) and no link is
+    made: the returned tokens are those of the model returning them at the top, in inference
+    and in training with autograd."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    got, weights = {}, _ReturnsABlockOutputDeep(1, how).state_dict()
+    for depth in (1, 5):
+        model = _ReturnsABlockOutputDeep(depth, how)
+        model.load_state_dict(weights)
+        fast = evoplug.convert(model.eval(), keep_ratio=0.5, reselect_every=2,
+                               example_input=x[:1])
+        blocks = evoplug.get_report(fast).blocks
+        assert blocks[2].chain_next is None
+        assert depth == 5 or blocks[3].chain_next is blocks[4]        # (others hand on)
+        for train in (False, True):
+            fast.train(train)
+            with torch.set_grad_enabled(train):
+                out, kept = fast(x)
+            for _ in range(depth - 1):
+                kept = kept[0] if how == "tuple" else kept.inner
+            got.setdefault(train, []).append((out.detach(), kept.detach()))
+    for (out1, kept1), (out5, kept5) in got.values():
+        torch.testing.assert_close(kept5, kept1, atol=0, rtol=0)
+        torch.testing.assert_close(out5, out1, atol=1e-6, rtol=1e-5)
+
+
 def test_checkpointing_one_block_of_a_segment_gives_the_plain_gradients():
     """Block 3 alone under non-reentrant checkpointing gets the tokens block 2 handed on, in
     its forward and again when it is recomputed in backward: the gradients of the model

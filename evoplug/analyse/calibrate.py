@@ -512,7 +512,11 @@ _MUTABLE = (list, dict, set, types.SimpleNamespace)
 
 def _tensors_in(obj, depth: int = 4):
     """The tensors in a model's output: nested tuples, lists, dicts and plain objects (e.g. a
-    dataclass of outputs)."""
+    dataclass of outputs), ``depth`` containers down (``CallRecord.returned``: a block whose
+    output the model returns hands nothing on). One deeper is not missed for good: the record
+    holds the model's output, so the block's output is held outside the record and makes no link
+    there either (analyse/chain.py ``_held_elsewhere``; audit of the fifty-third session,
+    ``test_a_block_output_the_model_returns_deeper_than_the_calibration_looks_is_not_handed_on``)."""
     if isinstance(obj, torch.Tensor):
         return [obj]
     if depth == 0:
