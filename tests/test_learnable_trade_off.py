@@ -189,6 +189,23 @@ def _closure(m):
     return lambda: torch.sigmoid(m.alpha_logit)
 
 
+def _reads_its_own_parameter(m, x):
+    """``m``'s trade-off reads ``m``'s own ``alpha_logit``: set anew, the output is that of a
+    fresh conversion of ``m``'s weights, and a backward gives that parameter a gradient."""
+    import copy
+    with torch.no_grad():
+        m.alpha_logit.fill_(3.0)
+    ref = _alpha_model()
+    ref.load_state_dict(evoplug.revert(copy.deepcopy(m)).state_dict())
+    ref = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1], start_block=1,
+                          reselect_every=1, inplace=True, trade_off=_closure(ref))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref(x), atol=1e-6, rtol=0)
+    m.train()
+    m(x).square().mean().backward()
+    assert m.alpha_logit.grad is not None and float(m.alpha_logit.grad.abs()) > 0
+
+
 @pytest.mark.parametrize("form", ["closure", "partial", "default_argument", "nested_closure"])
 def test_a_trade_off_function_holding_the_models_parameter_follows_every_copy(form):
     """A function holding the model's parameter (a closure, ``functools.partial``, a default
@@ -208,17 +225,7 @@ def test_a_trade_off_function_holding_the_models_parameter_follows_every_copy(fo
     fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1,
                            reselect_every=1, trade_off=make(model))
     for m in (fast, copy.deepcopy(fast)):
-        with torch.no_grad():
-            m.alpha_logit.fill_(3.0)
-        ref = _alpha_model()
-        ref.load_state_dict(evoplug.revert(copy.deepcopy(m)).state_dict())
-        ref = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1], start_block=1,
-                              reselect_every=1, inplace=True, trade_off=_closure(ref))
-        with torch.no_grad():
-            torch.testing.assert_close(m(x), ref(x), atol=1e-6, rtol=0)
-        m.train()
-        m(x).square().mean().backward()
-        assert m.alpha_logit.grad is not None and float(m.alpha_logit.grad.abs()) > 0
+        _reads_its_own_parameter(m, x)
     assert model.alpha_logit.grad is None and fast.alpha_logit.grad is not None
 
 
@@ -319,19 +326,8 @@ def test_a_trade_off_reaching_the_models_parameter_through_objects_follows_or_is
         with pytest.raises(ValueError, match="`_HOLDER`.* as a global name"):
             copy.deepcopy(fast)
         return
-    twin = copy.deepcopy(fast)
-    with torch.no_grad():
-        twin.alpha_logit.fill_(3.0)
-    ref = _alpha_model()
-    ref.load_state_dict(evoplug.revert(copy.deepcopy(twin)).state_dict())
-    ref = evoplug.convert(ref, keep_ratio=0.5, example_input=x[:1], start_block=1,
-                          reselect_every=1, inplace=True, trade_off=_closure(ref))
-    with torch.no_grad():
-        torch.testing.assert_close(twin(x), ref(x), atol=1e-6, rtol=0)
-    twin.train()
-    twin(x).square().mean().backward()
+    _reads_its_own_parameter(copy.deepcopy(fast), x)
     assert model.alpha_logit.grad is None
-    assert twin.alpha_logit.grad is not None and float(twin.alpha_logit.grad.abs()) > 0
 
 
 def test_replacing_a_learnable_trade_off_is_warned_and_a_compiled_model_keeps_one_graph():
