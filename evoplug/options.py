@@ -249,7 +249,8 @@ def follow_copy(fn: Any, memo: dict, only_copied: bool = False) -> Any:
     def moved(v):
         if isinstance(v, (types.FunctionType, functools.partial)) and v is not fn:
             return follow_copy(v, memo, only_copied)     # (a function the closure calls)
-        if not _reaches_state(v, within=within):
+        if not (_reaches_state(v, within=within) if within is not None else
+                _holds_state(v) or _reaches_state(v, model_only=True)):
             return v
         if isinstance(v, (tuple, list)):
             return type(v)(moved(i) for i in v)
@@ -297,12 +298,12 @@ def follow_copy(fn: Any, memo: dict, only_copied: bool = False) -> Any:
 
 def _global_holds(value, fn, within: Optional[dict]) -> bool:
     """Whether a global name the function ``fn`` reads is a tensor or module, or reaches one of
-    the model's (``within``; any, where None): a global object or function holding the model
-    (``HOLDER.alpha()``) was left to the copy, which read and trained the original's, until the
-    fifty-third session."""
+    the model's (``within``; where None, a module or parameter: ``_reaches_state``'s
+    ``model_only``): a global object or function holding the model (``HOLDER.alpha()``) was
+    left to the copy, which read and trained the original's, until the fifty-third session."""
     if value is fn or isinstance(value, (type, types.ModuleType)):
         return False
-    return _holds_state(value) or _reaches_state(value, within=within)
+    return _holds_state(value) or _reaches_state(value, within=within, model_only=within is None)
 
 
 def _cannot_rebuild(what: str) -> str:
@@ -312,9 +313,12 @@ def _cannot_rebuild(what: str) -> str:
             "then follows the copy), a method of one, or a function holding what it reads")
 
 
-def _reaches_state(f, within: Optional[dict] = None) -> bool:
+def _reaches_state(f, within: Optional[dict] = None, model_only: bool = False) -> bool:
     """An object (a ``trade_off`` callable) that holds a tensor or module (one of ``within``'s
-    keys, ids, where given): through a function's closure, default arguments and the global
+    keys, ids, where given; ``model_only``: a module or parameter, what a model is made of, not
+    a plain tensor such as a schedule's the user steps, which a copy of the model shares, as
+    before the fifty-third session: ``copy.deepcopy`` of a converted model, where the model's
+    own are not known yet, copies or refuses what holds those only): through a function's closure, default arguments and the global
     names it reads, a partial's function and arguments, a bound method's object, an object's
     attributes (a callable object's, a module's), and the tuples, lists and dicts among them, at
     any depth. Four levels down until the fifty-third session: a method of an object reaching
@@ -328,7 +332,8 @@ def _reaches_state(f, within: Optional[dict] = None) -> bool:
         if v is None or id(v) in seen or isinstance(v, (type, types.ModuleType)):
             continue
         seen.add(id(v))
-        if _holds_state(v) and (within is None or _some_in(v, within)):
+        if _holds_state(v) and (within is None or _some_in(v, within)) and (
+                not model_only or isinstance(v, (torch.nn.Module, torch.nn.Parameter))):
             return True
         if not isinstance(v, (torch.Tensor, numbers.Number, str, bytes)):
             stack.extend(_held_by(v))

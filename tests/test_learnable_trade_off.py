@@ -330,6 +330,42 @@ def test_a_trade_off_reaching_the_models_parameter_through_objects_follows_or_is
     assert model.alpha_logit.grad is None
 
 
+class _Schedule:
+    """State outside the model a trade-off reads, which the user steps (a plain tensor)."""
+
+    def __init__(self):
+        self.alpha = torch.tensor(0.5)
+
+
+_SCHEDULE = _Schedule()
+
+
+@pytest.mark.parametrize("form", ["closure", "global"])
+def test_a_copy_of_the_model_shares_the_schedule_object_its_trade_off_reads(form):
+    """A trade-off reading state outside the model (a schedule object holding a plain tensor,
+    which the user steps) is shared by a ``copy.deepcopy`` of the converted model, as it was
+    before the fifty-third session's walk to any depth: it then deep-copied a closure's
+    schedule (the copy's trade-off stood still when the user stepped it) and refused a global
+    one ("reads `_SCHEDULE` ... as a global name"). What holds the model's parameters or modules
+    is copied or refused (the test above)."""
+    import copy
+    x = torch.randn(2, 3, 32, 32)
+    sched = _Schedule() if form == "closure" else _SCHEDULE
+    fn = (lambda: sched.alpha) if form == "closure" else (lambda: _SCHEDULE.alpha)
+    fast = evoplug.convert(_alpha_model(), keep_ratio=0.5, example_input=x[:1], start_block=1,
+                           reselect_every=1, inplace=True, trade_off=fn)
+    twin = copy.deepcopy(fast)
+    with torch.no_grad():
+        before = twin(x)
+        sched.alpha = torch.tensor(0.1)
+        try:
+            after = twin(x)
+            assert not torch.equal(before, after)             # (the step reaches the copy)
+            torch.testing.assert_close(after, fast(x), atol=0, rtol=0)
+        finally:
+            sched.alpha = torch.tensor(0.5)
+
+
 def test_replacing_a_learnable_trade_off_is_warned_and_a_compiled_model_keeps_one_graph():
     """A learnable trade-off replaced by a number (``set_options(trade_off=0.5)``, or an
     MMPretrain ``EvoOptionsHook`` scheduling one on ``learnable_trade_off=True``) silently left
