@@ -944,19 +944,9 @@ def test_attention_called_as_the_functional_multi_head_attention_is_refused_nami
             x = x + self.attn(self.norm1(x))
             return x + self.mlp(self.norm2(x))
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Conv2d(3, 32, 4, 4)
-            self.cls = nn.Parameter(torch.zeros(1, 1, 32))
-            self.blocks = nn.Sequential(*[Blk() for _ in range(3)])
-
-        def forward(self, img):
-            x = self.embed(img).flatten(2).transpose(1, 2)
-            return self.blocks(torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1))[:, 0]
-
     with pytest.raises(evoplug.ConversionError) as e:
-        evoplug.convert(Net().eval(), example_input=torch.randn(1, 3, 16, 16))
+        evoplug.convert(_ClassTokenConvViT(Blk, depth=3, patch=4).eval(),
+                        example_input=torch.randn(1, 3, 16, 16))
     assert [n for n, _ in e.value.failures] == ["blocks.0", "blocks.1", "blocks.2"]
     why = dict(e.value.failures)["blocks.0"]
     assert "multi_head_attention_forward" in why and "nn.MultiheadAttention" in why
@@ -998,11 +988,14 @@ class _ClassTokenConvBlock(nn.Module):
 
 
 class _ClassTokenConvViT(nn.Module):
-    def __init__(self):
+    """A class token, width 32, and ``depth`` blocks of class ``block`` (its default: the
+    CPVT/PiT-style one above)."""
+
+    def __init__(self, block=None, depth=4, patch=8):
         super().__init__()
-        self.pe = nn.Conv2d(3, 32, 8, 8)
+        self.pe = nn.Conv2d(3, 32, patch, patch)
         self.cls = nn.Parameter(torch.zeros(1, 1, 32))
-        self.blocks = nn.Sequential(*[_ClassTokenConvBlock() for _ in range(4)])
+        self.blocks = nn.Sequential(*[(block or _ClassTokenConvBlock)() for _ in range(depth)])
 
     def forward(self, x):
         x = self.pe(x).flatten(2).transpose(1, 2)
