@@ -211,12 +211,10 @@ class EvoOptions:
     def __getstate__(self):
         # (pickle stores a function by its name: what its default arguments or the global names
         # it reads hold would be the loading process's, not the loaded model's)
-        fn = self.trade_off
-        import types
-        if isinstance(fn, types.FunctionType) and (_holds_state(fn.__defaults__) or _holds_state(
-                fn.__kwdefaults__) or any(_holds_state(fn.__globals__.get(n)) for n in _global_names(fn.__code__))):
-            raise TypeError(f"trade_off {fn.__qualname__} reads tensors or modules through its default "
-                            "arguments or global names, which pickle cannot store with the model: "
+        name = _stored_by_name_reading_state(self.trade_off)
+        if name is not None:
+            raise TypeError(f"trade_off reads tensors or modules through the default arguments or "
+                            f"global names of {name}, which pickle cannot store with the model: "
                             "make trade_off a module of the model (evoplug.set_options(model, "
                             "trade_off=...)) before saving")
         return dict(self.__dict__)
@@ -338,6 +336,34 @@ def _reaches_state(f, within: Optional[dict] = None, model_only: bool = False) -
         if not isinstance(v, (torch.Tensor, numbers.Number, str, bytes)):
             stack.extend(_held_by(v))
     return False
+
+
+def _stored_by_name_reading_state(fn) -> Optional[str]:
+    """The qualified name of a function pickle stores by its name (``fn`` itself, or one that a
+    partial, a bound method's object or a callable object ``fn`` is holds) whose default
+    arguments or global names hold a tensor or module, or reach a module or parameter at any
+    depth (:func:`_reaches_state`); None where there is none. A module, pickled with the model,
+    is not looked into. Until the fifty-fourth session only what those held directly (or in a
+    tuple, list or dict) was looked at: a global object holding the model (``HOLDER.model``),
+    or a partial of a function reading one, pickled, and the loaded model read and trained the
+    original's parameter, without a word."""
+    import torch
+    seen, stack = set(), [fn]
+    while stack:
+        v = stack.pop()
+        if v is None or id(v) in seen or isinstance(v, (type, types.ModuleType, torch.nn.Module,
+                                                        torch.Tensor, numbers.Number, str, bytes)):
+            continue
+        seen.add(id(v))
+        if isinstance(v, types.FunctionType):     # (its closure: pickle refuses a local function)
+            held = list(v.__defaults__ or ()) + list((v.__kwdefaults__ or {}).values())
+            held += [v.__globals__.get(n) for n in _global_names(v.__code__)]
+            if any(_holds_state(h) or _reaches_state(h, model_only=True) for h in held):
+                return v.__qualname__
+            stack.extend(vars(v).values())        # (``__wrapped__``)
+        else:
+            stack.extend(_held_by(v))
+    return None
 
 
 def _held_by(v) -> list:

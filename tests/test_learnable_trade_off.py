@@ -244,10 +244,46 @@ def test_a_trade_off_reading_the_model_as_a_global_name_is_refused_when_copied_o
 
 
 _MODEL = None
+_HOLDER = None
 
 
 def _global_alpha():
     return torch.sigmoid(_MODEL.alpha_logit)
+
+
+def _alpha_through_a_global_object():
+    return _HOLDER.alpha()
+
+
+def _scaled_alpha_through_a_global_object(scale):
+    return scale * _HOLDER.alpha()
+
+
+@pytest.mark.parametrize("form", ["function", "partial"])
+def test_a_trade_off_reaching_the_model_through_a_global_object_is_refused_when_pickled(form):
+    """Pickle stores a function by its name, so the loaded model's trade-off reads the global
+    object the loading process holds: here the original model, whose parameter the loaded one
+    read and trained without a word until the fifty-fourth session (only a tensor or module held
+    by the global name itself was refused). A partial holding the model's own parameter is
+    pickled with the model and follows it."""
+    import functools
+    import pickle
+    global _HOLDER
+    x = torch.randn(2, 3, 32, 32)
+    model = _alpha_model()
+    _HOLDER = _Holder(model)
+    fn = {"function": _alpha_through_a_global_object,
+          "partial": functools.partial(_scaled_alpha_through_a_global_object, 1.0)}[form]
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1,
+                           reselect_every=1, inplace=True, trade_off=fn)
+    with pytest.raises(TypeError, match="global names of _(scaled_)?alpha_through_a_global_object, "
+                                        "which pickle cannot store"):
+        pickle.dumps(fast)
+    model = _alpha_model()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1], start_block=1, reselect_every=1,
+                           inplace=True, trade_off=functools.partial(torch.sigmoid, model.alpha_logit))
+    _reads_its_own_parameter(pickle.loads(pickle.dumps(fast)), x)
+    assert model.alpha_logit.grad is None
 
 
 class _Holder:
