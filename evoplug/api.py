@@ -149,21 +149,7 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
     # everything is checked before the model is touched: a conversion that fails (inplace or
     # not) leaves the model exactly as it was
     opts = EvoOptions(keep_ratio=keep_ratio, **options)
-    if is_converted(model):
-        whole = getattr(model, "_evoplug_report", None) is not None
-        inner, block = converted_inside(model)
-        raise ConversionError(
-            f"{type(model).__name__} is already converted; use evoplug.set_options() to change "
-            "its options" if whole else
-            f"{type(model).__name__} holds a model evoplug converted, `{inner}`: convert "
-            f"evoplug.revert(model.{inner}) first, or change its options with "
-            f"evoplug.set_options(model.{inner}, ...)" if inner else
-            # (blocks shared with a model converted elsewhere: they named nothing, and the advice
-            # given, set_options or revert on this model, raised; audit C2, twenty-sixth session)
-            f"{type(model).__name__} holds blocks of a model evoplug converted (`{block}`; this "
-            "is a part of it, or shares blocks with it): change the options on that model "
-            "(evoplug.set_options(that_model, ...)), revert it (evoplug.revert(that_model)), or "
-            "convert a copy of this one with blocks of its own (copy.deepcopy of the original)")
+    _refuse_converted(model)
     _check_model(model)
     if not inplace:
         model, opts = _copy_for_conversion(model, opts)
@@ -212,6 +198,27 @@ def _convert(model: nn.Module, keep_ratio, example_input, strict: bool, inplace:
                                              _install_entry_hook(model, runtime, example, strict,
                                                                  seq_batch, specs), regrouped=regrouped)
     return model
+
+
+def _refuse_converted(model: nn.Module):
+    """A ``ConversionError`` where ``model`` is, holds, or shares blocks with a converted model,
+    saying what to do instead."""
+    if not is_converted(model):
+        return
+    whole = getattr(model, "_evoplug_report", None) is not None
+    inner, block = converted_inside(model)
+    raise ConversionError(
+        f"{type(model).__name__} is already converted; use evoplug.set_options() to change "
+        "its options" if whole else
+        f"{type(model).__name__} holds a model evoplug converted, `{inner}`: convert "
+        f"evoplug.revert(model.{inner}) first, or change its options with "
+        f"evoplug.set_options(model.{inner}, ...)" if inner else
+        # (blocks shared with a model converted elsewhere: they named nothing, and the advice
+        # given, set_options or revert on this model, raised; audit C2, twenty-sixth session)
+        f"{type(model).__name__} holds blocks of a model evoplug converted (`{block}`; this "
+        "is a part of it, or shares blocks with it): change the options on that model "
+        "(evoplug.set_options(that_model, ...)), revert it (evoplug.revert(that_model)), or "
+        "convert a copy of this one with blocks of its own (copy.deepcopy of the original)")
 
 
 def _tell_state_from_tokens(specs):
