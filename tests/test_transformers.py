@@ -7,7 +7,7 @@ plus the representative one; the original state_dict loads strictly; backward wo
 What makes them convert: their layers' ``forward(hidden_states, **kwargs)`` is bound by the
 keywords the call passed (runtime/call.py), and ``len()``/unpacking of a traced shape
 (``(*hidden_states.shape[:-1], -1, head_dim)``) is specialised on the calibration input like
-``int()`` (analyse/trace.py)."""
+``int()`` (analyse/tracer.py)."""
 import copy
 import warnings
 

@@ -119,7 +119,7 @@ def scales_by_a_parameter(module: nn.Module) -> bool:
 def _traced_scale(module: nn.Module) -> bool:
     """(What the trace set on the module is put back: a counter, ``self.calls += 1``, stayed a
     proxy for the rest of the analysis, seen with audit K6 of the forty-sixth session.)"""
-    from .trace import BlockTracer
+    from .tracer import BlockTracer
     from .writes import StateBeforeTrace
     before = StateBeforeTrace(module)
     try:
