@@ -2638,7 +2638,7 @@ def test_a_block_that_branches_on_whether_its_tokens_require_gradients_is_refuse
 def test_an_op_a_pass_rewrites_inside_no_grad_passes_no_gradient():
     """A ``torch.baddbmm`` the forward runs under ``torch.no_grad()`` (the logits of a gate of
     its own parameters, ``baddbmm(b, h, w)``, taken through a sigmoid after it), which the conversion splits into ``bmm`` and an
-    add (analyse/tidy.py ``_split_baddbmm``, as it splits an attention's logits): the split ops
+    add (analyse/tidy.py ``split_baddbmm``, as it splits an attention's logits): the split ops
     had no gradient mode mark and ran with gradients on, so ``w`` and ``b`` took gradients the
     dense model does not give them (until the forty-eighth session). A pass now marks the ops
     it puts in an op's place with that op's mode (analyse/graph.py ``inserting_as``)."""

@@ -17,7 +17,7 @@ from ..runtime.call import CallPlan
 from .graph import inserting_as
 
 
-def _python_numbers(graph: fx.Graph):
+def python_numbers(graph: fx.Graph):
     """NumPy scalars in the graph's arguments as Python numbers: fx prints them as
     ``np.float64(...)`` in the code it generates, where ``np`` is no name (MMPretrain's
     SwinTransformerV2 clamps by ``np.log(1 / 0.01)``: a NameError out of the generated code,
@@ -32,7 +32,7 @@ def _python_numbers(graph: fx.Graph):
             n.kwargs = torch.utils._pytree.tree_map(plain, n.kwargs)
 
 
-def _constants_to_buffers(module: nn.Module):
+def constants_to_buffers(module: nn.Module):
     """Tensors that tracing baked into the graph are stored by fx as plain attributes of the
     root (the block): make them non-persistent buffers, so ``.to()``/``.half()`` move them with
     the block while the state_dict stays the same."""
@@ -42,7 +42,7 @@ def _constants_to_buffers(module: nn.Module):
         module.register_buffer(k, t, persistent=False)
 
 
-def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
+def tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
     """Programs take (tokens, *tensor arguments): constant arguments (None, flags, the
     feature size list of PVT) are baked into the trace, so their placeholders go, and with
     them fx's pytree input handling for list constants."""
@@ -72,7 +72,7 @@ def _tensor_only_signature(graph: fx.Graph, plan: CallPlan, name: str):
     graph.lint()
 
 
-def _out_as_copy(graph: fx.Graph):
+def out_as_copy(graph: fx.Graph):
     """``torch.add(a, b, out=t)`` as ``t.copy_(torch.add(a, b))``: a write into ``t`` in place,
     which the analysis follows as it follows ``t.mul_(...)`` or ``t[...] = ...`` (the writes
     from the tokens into a buffer named, keep 1.0 run by the block's own forward). Written with
@@ -90,7 +90,7 @@ def _out_as_copy(graph: fx.Graph):
         graph.erase_node(node)
 
 
-def _split_baddbmm(graph: fx.Graph):
+def split_baddbmm(graph: fx.Graph):
     """``baddbmm(bias, q, k^T, beta=, alpha=)``, attention logits with an added term in one
     call, as ``beta * bias + alpha * bmm(q, k^T)``: the product the analysis finds attention by,
     and an additive term on the logits like any other (gathered for the kept tokens)."""
@@ -116,7 +116,7 @@ def _split_baddbmm(graph: fx.Graph):
         graph.erase_node(node)
 
 
-def _cancel_permutes(graph: fx.Graph):
+def cancel_permutes(graph: fx.Graph):
     """``x.permute(p).permute(q)`` that gives ``x`` back is ``x``: a block that takes a
     channels-first map and permutes it to channels-last itself (VitDet) is traced through the
     permute to its own layout (CallPlan.token_perm) and back; the pair goes, so the residual
@@ -139,7 +139,7 @@ def _cancel_permutes(graph: fx.Graph):
             graph.erase_node(first)
 
 
-def _drop_unread_attributes(graph: fx.Graph):
+def drop_unread_attributes(graph: fx.Graph):
     """Attributes the trace read and nothing uses go: ``self.register_buffer('last', ...)`` in a
     forward asks ``hasattr(self, 'last')``, which read the buffer the calibration's forward had
     registered and the conversion took away, and every program raised ``AttributeError`` (audit
@@ -148,7 +148,7 @@ def _drop_unread_attributes(graph: fx.Graph):
         graph.erase_node(node)
 
 
-def _drop_constant_asserts(graph: fx.Graph):
+def drop_constant_asserts(graph: fx.Graph):
     """fx guards concrete (constant) arguments with torch._assert; CallPlan.bind checks them."""
     for node in list(graph.nodes):
         if node.op == "call_function" and (node.target is torch._assert or

@@ -23,9 +23,9 @@ from .canon import tokenise_map_block
 from .graph import is_softmax, module_of
 from .modes import keep_grad_modes_set, own_checkpointing_back, own_checkpointing_off
 from .reads import leaf_reads
-from .tidy import (_cancel_permutes, _constants_to_buffers, _drop_constant_asserts,
-                   _drop_unread_attributes, _out_as_copy, _python_numbers, _split_baddbmm,
-                   _tensor_only_signature)
+from .tidy import (cancel_permutes, constants_to_buffers, drop_constant_asserts,
+                   drop_unread_attributes, out_as_copy, python_numbers, split_baddbmm,
+                   tensor_only_signature)
 from .tracer import BlockTracer
 from .writes import StateBeforeTrace, mark_set_by_forward, python_writes
 
@@ -151,15 +151,15 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         mark_set_by_forward(graph, found)
         recorded, by_batch = _recorded(name, graph, tracer) if example is not None else ((), ())
         recorded += before.tensors_set()
-        _drop_unread_attributes(graph)
-        _drop_constant_asserts(graph)
-        _python_numbers(graph)
-        _split_baddbmm(graph)
-        _out_as_copy(graph)
+        drop_unread_attributes(graph)
+        drop_constant_asserts(graph)
+        python_numbers(graph)
+        split_baddbmm(graph)
+        out_as_copy(graph)
         if plan.token_perm:
-            _cancel_permutes(graph)
-        _constants_to_buffers(module)
-        _tensor_only_signature(graph, plan, name)
+            cancel_permutes(graph)
+        constants_to_buffers(module)
+        tensor_only_signature(graph, plan, name)
         # assembled before the mode is restored: some modules' train() drops cached tensors the
         # graph refers to (MMPretrain LeViT's attention bias cache `ab`)
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
@@ -299,8 +299,8 @@ def trace_parent(module: nn.Module, concrete: Dict[str, Any], training: bool) ->
             # (``from random import random`` escapes the patched functions; NumPy's are not)
             raise AnalysisError(type(module).__name__, "its forward draws a random number outside "
                                 "its traced tensors: a program would keep the one drawn while tracing")
-        _drop_constant_asserts(graph)
-        _python_numbers(graph)
+        drop_constant_asserts(graph)
+        python_numbers(graph)
         return fx.GraphModule(tracer.root, graph, type(module).__name__)
     finally:
         random.setstate(states[0])
