@@ -444,6 +444,21 @@ def depends_on_data(node: fx.Node) -> bool:
     return data[node]
 
 
+def values_of_attributes(node: fx.Node) -> List[str]:
+    """The attributes (``get_attr`` targets: parameters, buffers) whose *values*, not only
+    sizes, ``node`` is computed from (as :func:`depends_on_data` follows the arguments')."""
+    reads: Dict[fx.Node, frozenset] = {}
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for n in sorted(ancestors(node) | {node}, key=order.__getitem__):
+        if n.op == "get_attr":
+            reads[n] = frozenset((n.target,))
+        elif is_size_query(n) or (n.op == "call_method" and n.target == "numel"):
+            reads[n] = frozenset()
+        else:
+            reads[n] = frozenset().union(*(reads.get(a, frozenset()) for a in n.all_input_nodes))
+    return sorted(reads[node])
+
+
 _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
                      torch.randint_like, torch.bernoulli, torch.normal, torch.randperm,
                      torch.multinomial, torch.poisson}

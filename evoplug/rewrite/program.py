@@ -46,7 +46,7 @@ from torch.package import sys_importer
 from torch.package.importer import ObjMismatchError, ObjNotFoundError
 
 from ..analyse.attention import find_attention
-from ..analyse.block import BlockAnalysis, refuse_python_state
+from ..analyse.block import BlockAnalysis, branches_on_weights, refuse_python_state
 from ..analyse.calibrate import ModuleCall
 from ..analyse.graph import (ancestors, getattr_path, is_add, is_whole_view, no_side_effects,
                              writes_in_place)
@@ -78,6 +78,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         gm = trace_block(a.module if root is None else root, a.name, a.plan, a.attention_ids(),
                          training, call)
         refuse_python_state(a.name, gm)
+        branches_on_weights(a.name, gm, a.module)
         mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
