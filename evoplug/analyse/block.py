@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import re
 from typing import Any, Dict, FrozenSet, List, Optional, Set, Tuple
 
 import torch
@@ -49,8 +48,7 @@ from .attention import AttentionSite, find_attention, sdpa_arg
 from .calibrate import ModuleCall
 from .discover import (detect_prefix, modules_to_trace, patch_grid, resolve_global_query,
                        special_rows)
-from .graph import (ancestors, computed_in, module_of, rolls, run_nodes, shape_of, softmax_dim,
-                    values_of_attributes)
+from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of, softmax_dim
 from .grid import (find_grid_ops, opaque_map_views, reduced_kv_grid, window_token_index,
                    windows_in_own_dim)
 from .one_window import collapse_one_window
@@ -182,27 +180,16 @@ _BRANCHES_ON_WEIGHTS = ("its forward takes a Python branch on the value of {} ({
                         "take the other branch and its programs would not. Compute it with "
                         "tensor ops (torch.where), or hold the choice as a Python attribute "
                         "(a bool), which the programs check")
-#: a value the trace specialised (analyse/trace.py: ``name -> value``, ``int(name) -> value``)
-_SPECIALISED = re.compile(r"^(?:int\()?(\w+)\)? -> ")
 
 
-def branches_on_weights(name: str, gm: fx.GraphModule, module: nn.Module):
+def branches_on_weights(name: str, gm: fx.GraphModule):
     """Refuses a block whose trace specialised a Python branch (or an ``int()``) on the value
-    of a parameter or buffer of ``module``: the programs would keep the conversion's branch."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    weights = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-    # (a branch on the tensor itself, ``if self.flag:``, read nothing else: the trace dropped
-    # its node, unused, and the note names it as fx named it)
-    unread = {t.replace(".", "_"): t for t in weights}
-    for note in gm.meta.get("evo_specialised") or ():
-        found = _SPECIALISED.match(note)
-        key = found.group(1) if found else None
-        node = nodes.get(key)
-        read = [t for t in values_of_attributes(node) if t in weights] if node is not None else \
-            [unread[k] for k in (key, re.sub(r"_\d+$", "", key or "")) if k in unread][:1]
-        if read:
-            raise AnalysisError(name, _BRANCHES_ON_WEIGHTS.format(
-                ", ".join(f"`{t}`" for t in read), note))
+    of one of its parameters or buffers (analyse/tracer.py ``_specialised``): the programs would
+    keep the conversion's branch."""
+    found = gm.meta.get("evo_weight_branches")
+    if found:
+        read, note = found[0]
+        raise AnalysisError(name, _BRANCHES_ON_WEIGHTS.format(", ".join(f"`{t}`" for t in read), note))
 
 
 def _moved_at_a_second_call(module: nn.Module, call: ModuleCall, gm: fx.GraphModule) -> Tuple[str, ...]:
@@ -286,7 +273,7 @@ def _refuse_state(name: str, gm: fx.GraphModule, module: nn.Module, call: Module
     objects = objects_set_by_forward(gm, module, derived.get("objects_set", {}), derived.get("set_by", {}))
     if objects:
         raise AnalysisError(name, _SETS_OBJECTS.format(", ".join(objects)))
-    branches_on_weights(name, gm, module)
+    branches_on_weights(name, gm)
 
 
 def refuse_python_state(name: str, gm: fx.GraphModule):

@@ -165,6 +165,7 @@ def trace_block(module: nn.Module, name: str, plan: CallPlan, attention_modules:
         gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
         gm.meta["evo_batch_specialised"] = tracer.batch_specialised
         gm.meta["evo_specialised"] = list(tracer.specialised)
+        gm.meta["evo_weight_branches"] = list(tracer.weight_branches)
         gm.meta["evo_moved_in_python"] = moved
         gm.meta["evo_grown_in_python"] = grown      # (a cache or a log: analyse/block.py tells)
         gm.meta["evo_assigned"] = frozenset(tracer.assigned)   # (writes.set_up_on_first_call)

@@ -23,7 +23,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from ..integrations import registry
-from .graph import GRAD_MODE, ancestors, depends_on_data, random_source, run_nodes
+from .graph import (GRAD_MODE, ancestors, depends_on_data, random_source, run_nodes,
+                    values_of_attributes)
 from .modes import grad_mode_now, mode_changes_watched, requires_grad_branch
 from .writes import in_place_on_attributes, recorded_assignments
 
@@ -90,6 +91,9 @@ class BlockTracer(fx.Tracer):
         self._trace_into = trace_into
         self.global_wrapped: frozenset = frozenset()
         self.specialised: List[str] = []
+        # (the root's parameters and buffers a specialised value was computed from, its note):
+        # analyse/block.py ``branches_on_weights`` refuses the block
+        self.weight_branches: List[Tuple[Tuple[str, ...], str]] = []
         self.batch_specialised = False   # a specialised value depends on the batch size
         # buffers (masks, index tables) become get_attr nodes, not tensor constants: the
         # program then reads the block's live buffers, which follow .to(device, dtype)
@@ -162,7 +166,7 @@ class BlockTracer(fx.Tracer):
         if grad is not None:
             raise fx.proxy.TraceError(requires_grad_branch(grad.args[0], inspect.currentframe()))
         self._check_dependence(obj.node, value, "a Python branch")
-        self.specialised.append(f"{obj.node.name} -> {value}")
+        self._specialised(obj.node, f"{obj.node.name} -> {value}")
         return value
 
     def to_int(self, obj: fx.Proxy) -> int:
@@ -170,8 +174,19 @@ class BlockTracer(fx.Tracer):
         number of windows): specialised on the calibration input like a branch."""
         value = int(self._evaluate(obj.node, self._example))
         self._check_dependence(obj.node, value, "an int() of a traced value")
-        self.specialised.append(f"int({obj.node.name}) -> {value}")
+        self._specialised(obj.node, f"int({obj.node.name}) -> {value}")
         return value
+
+    def _specialised(self, node: fx.Node, note: str):
+        """Notes a value specialised on the calibration input, and where it was computed from
+        the values (not the sizes) of the root's parameters or buffers, those (audit A1 of the
+        fifty-fourth session: ``if self.gate > 0`` kept the conversion's branch after
+        ``load_state_dict``)."""
+        self.specialised.append(note)
+        own = {n for n, _ in self.root.named_parameters()} | {n for n, _ in self.root.named_buffers()}
+        read = tuple(t for t in values_of_attributes(node) if t in own)
+        if read:
+            self.weight_branches.append((read, note))
 
     def to_len(self, obj: fx.Proxy) -> int:
         """``len()`` of a traced value (Hugging Face's ``(*hidden_states.shape[:-1], -1, d)``):

@@ -78,7 +78,7 @@ def build_program(a: BlockAnalysis, training: bool, gm: fx.GraphModule = None,
         gm = trace_block(a.module if root is None else root, a.name, a.plan, a.attention_ids(),
                          training, call)
         refuse_python_state(a.name, gm)
-        branches_on_weights(a.name, gm, a.module)
+        branches_on_weights(a.name, gm)
         mark_batch_specialised(a, gm, a.plan.bind(a.name, call.args, call.kwargs)[0].shape[0])
         if a.grid_ops_expected:
             _shape_prop_without_side_effects(a, gm, call)
