@@ -78,6 +78,10 @@ def install_block(index: int, a: BlockAnalysis, programs, buffers_before, runtim
     spec.leaf_reads = read_values(module, a.leaf_reads, spec.leaf_values, spec.traced, set_by)
     spec.writes = traced_writes(spec.traced, volatile) + leaf_writes
     spec.set_outside = set_outside(module, spec.writes, set_by)
+    spec.python_tensors = tuple(
+        (p, k, m, m.__dict__[k], m.__dict__[k]._version) for p, k, _ in a.python_tensors
+        if not under(p, [q for q in a.leaf_paths if q]) and isinstance(
+            (m := module.get_submodule(p)).__dict__.get(k), torch.Tensor))
     module.__class__ = evo_class(type(module))
     module._evoplug_spec = spec
     del a.call  # do not keep the calibration tensors alive

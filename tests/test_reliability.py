@@ -844,6 +844,63 @@ def test_a_python_branch_on_the_value_of_a_parameter_or_buffer_is_refused_by_nam
             torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
 
 
+class BranchesOnAPlainTensor(Block):
+    """Reads plain tensor attributes (set in ``__init__``: neither parameter nor buffer): takes a
+    Python branch on ``thr`` (``if self.thr > 0``), scales by ``s`` in a tensor op, and never
+    reads ``unused``."""
+
+    def forward(self, x, attn_mask=None):
+        h = self.attn(self.norm1(x)) * self.s
+        if self.thr > 0:
+            h = h * 2.0
+        x = x + h
+        return x + self.mlp(self.norm2(x))
+
+
+def _branching_on_a_plain_tensor():
+    model = _randomise(_tiny(depth=3))
+    for blk in model.blocks:
+        blk.__class__ = BranchesOnAPlainTensor
+        blk.thr, blk.s, blk.unused = torch.tensor(1.0), torch.tensor(1.5), torch.tensor([3.0])
+    return model
+
+
+def test_a_python_branch_on_a_plain_tensor_attribute_changed_after_conversion_is_refused():
+    """A Python branch on a plain tensor attribute (``self.thr = torch.tensor(1.0)`` in
+    ``__init__``) is read by Python while tracing, unseen by the trace, which keeps the
+    conversion's branch: replaced or filled in place after conversion, the dense model took
+    the other branch and the converted one did not, 1.41 off at keep 1.0 off the fast path,
+    without a word, until the fifty-fourth session (a known gap of its audit). The conversion
+    finds such tensors (another value changes the block's eager output) and a call after one
+    changed is refused, naming the block and the attribute. A plain tensor used in a tensor op
+    (``h * self.s``, read through get_attr) follows a replacement; one never read may change."""
+    x, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    for change in ("replace", "fill"):
+        model = _branching_on_a_plain_tensor()
+        fast = evoplug.convert(model, 1.0, example_input=x, identity_fast_path=False)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+            for m in (model, fast):
+                m.blocks[1].s = torch.tensor(-0.5)         # (read through get_attr: followed)
+                m.blocks[1].unused = torch.tensor([7.0])    # (never read)
+                m.blocks[2].unused.fill_(-2.0)
+            torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+            if change == "replace":
+                fast.blocks[1].thr = torch.tensor(-1.0)
+            else:
+                fast.blocks[1].thr.fill_(-1.0)
+            how = "was replaced" if change == "replace" else "was changed in place"
+            with pytest.raises(evoplug.EvoplugError, match=rf"`blocks.1`: `thr` .*plain tensor "
+                                                           rf"attribute .*{how}.*Convert the model again"):
+                fast(x2)
+    copied = copy.deepcopy(evoplug.convert(_branching_on_a_plain_tensor(), 0.5, example_input=x))
+    with torch.no_grad():
+        copied(x2)                  # (a copy's tensors count their versions anew: no refusal)
+        copied.blocks[0].thr.fill_(-1.0)
+        with pytest.raises(evoplug.EvoplugError, match=r"`blocks.0`: `thr`"):
+            copied(x2)
+
+
 @dataclasses.dataclass(eq=False)
 class _ByIdentity:
     """A dataclass compared by identity (``eq=False``): no value to follow."""

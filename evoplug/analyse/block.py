@@ -52,6 +52,7 @@ from .graph import ancestors, computed_in, module_of, rolls, run_nodes, shape_of
 from .grid import (find_grid_ops, opaque_map_views, reduced_kv_grid, window_token_index,
                    windows_in_own_dim)
 from .one_window import collapse_one_window
+from .plain_tensors import python_read_tensors
 from .probes import check_no_mixing_outside_attention, hooks_suspended
 from .residual import Branch, residual_branches
 from .snapshot import restore, snapshot
@@ -114,6 +115,9 @@ class BlockAnalysis:
     sets_own: Tuple[str, ...] = ()             # tensors its forward sets as attributes of
     #                                          the block itself (a size twin's block sets them
     #                                          on the model's block: runtime/block.py)
+    python_tensors: Tuple[Tuple[str, str, torch.Tensor], ...] = ()   # (path, name, tensor):
+    #                                          plain tensor attributes its forward reads in
+    #                                          Python (analyse/plain_tensors.py): guarded
     python_writes: Tuple[Tuple[str, str, Any], ...] = ()   # (path, name, value): Python
     #                                          values its forward sets from its traced values
     #                                          (a size it records, ``self.hw = (H, W)``), on
@@ -323,6 +327,7 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
                                                       if id(m) in traced), N, x.shape[-1])
     mark_batch_specialised(a, gm, x.shape[0])
     a.python_writes = gm.meta.get("evo_python_writes", ())
+    a.python_tensors = python_read_tensors(module, call, gm)
     if gm.meta.get("evo_specialised"):
         a.notes.append("Python values taken from the calibration input: "
                        + "; ".join(gm.meta["evo_specialised"]))

@@ -152,6 +152,11 @@ class BlockSpec:
     #                            value): of ``leaf_values``, those the block's traced code read
     #                            (analyse/reads.py): constants in its programs, checked by
     #                            changed() as the traced modules' values are
+    python_tensors: Tuple[Tuple[str, str, nn.Module, torch.Tensor, int], ...] = ()   # (path,
+    #                            name, module, tensor, its _version): plain tensor attributes
+    #                            its traced code read in Python (analyse/plain_tensors.py), as
+    #                            the programs hold them: changed() refuses another object or a
+    #                            change in place (version -1: changed before a copy or pickle)
     state_from_tokens: Tuple[str, ...] = ()   # tensors its forward sets on itself or a module
     #                            it traced into from its tokens (``self.attn_map = attn``): its
     #                            programs set them for the tokens they ran (set_written), and
@@ -195,6 +200,8 @@ class BlockSpec:
         state["batch_programs"] = {k: program_source(p, self.name)
                                    for k, p in self.batch_programs.items()}
         del state["_program_lock"]
+        state["python_tensors"] = tuple((p, k, m, t, v if t._version == v else -1)
+                                        for p, k, m, t, v in self.python_tensors)
         return state
 
     def __setstate__(self, state):
@@ -204,6 +211,7 @@ class BlockSpec:
         state["programs"] = {k: compile_program(s) for k, s in state["programs"].items()}
         state["batch_programs"] = {k: compile_program(s) for k, s in state["batch_programs"].items()}
         state["_program_lock"] = threading.Lock()
+        state["python_tensors"] = _rebased(state.get("python_tensors", ()))
         self.__dict__.update(state)
 
     def __deepcopy__(self, memo):
@@ -215,6 +223,8 @@ class BlockSpec:
                 new.__dict__[k] = dict(v)
             elif k == "_program_lock":
                 new.__dict__[k] = threading.Lock()
+            elif k == "python_tensors":     # (a copy's tensors count their versions anew)
+                new.__dict__[k] = _rebased(copy.deepcopy(v, memo), v)
             else:
                 new.__dict__[k] = copy.deepcopy(v, memo)
         return new
@@ -260,7 +270,24 @@ class BlockSpec:
                     if now is not v and now != v:
                         return (f"`{path}` ({type(m).__name__}): its {k} changed from {v!r} to "
                                 f"{now!r}")
+        if self.python_tensors:
+            stale = self._python_tensor_changed()
+            if stale is not None:
+                return stale
         return self._leaf_read_changed() if self.leaf_reads else None
+
+    def _python_tensor_changed(self) -> Optional[str]:
+        """:meth:`changed` of the plain tensor attributes the block's code read in Python
+        (``if self.thr > 0:``): the trace kept what they held (``python_tensors``)."""
+        for path, k, m, t, v in self.python_tensors:
+            now = m.__dict__.get(k, _GONE)
+            if now is not t or t._version != v:
+                how = ("was deleted" if now is _GONE else "was replaced" if now is not t
+                       else "was changed in place")
+                where, cls = (f"{path}.{k}", type(m)) if path else (k, self.orig_class)
+                return (f"`{where}` ({cls.__name__}), a plain tensor attribute its forward "
+                        f"reads in Python (a branch or a Python number the trace kept), {how}")
+        return None
 
     def _leaf_read_changed(self) -> Optional[str]:
         """:meth:`changed` of the values the block's code read from the modules its programs
@@ -568,6 +595,15 @@ def check_unchanged(spec: BlockSpec):
 
 
 _GONE = object()
+
+
+def _rebased(entries, old=None) -> Tuple:
+    """:attr:`BlockSpec.python_tensors` of a copy or an unpickled spec: each tensor's version
+    now, or -1 where the original had changed (``old``: the original's entries; else the
+    version recorded, -1 for a changed one, by __getstate__)."""
+    return tuple((p, k, m, t, -1 if (o[3]._version != o[4] if old is not None else v == -1)
+                  else t._version)
+                 for (p, k, m, t, v), o in zip(entries, old if old is not None else entries))
 
 
 def _same(a, b) -> bool:
