@@ -340,7 +340,7 @@ def _reaches_state(f, within: Optional[dict] = None, model_only: bool = False) -
 
 def _stored_by_name_reading_state(fn) -> Optional[str]:
     """The qualified name of a function pickle stores by its name (``fn`` itself, or one that a
-    partial, a bound method's object or a callable object ``fn`` is holds) whose default
+    partial, bound method or callable object ``fn`` holds) whose default
     arguments or global names hold a tensor or module, or reach a module or parameter at any
     depth (:func:`_reaches_state`); None where there is none. A module, pickled with the model,
     is not looked into. Until the fifty-fourth session only what those held directly (or in a
