@@ -427,36 +427,36 @@ def run_nodes(graph: fx.Graph, target: fx.Node, root: nn.Module, env: Dict[fx.No
     return PartialInterpreter(root, graph, target, call_module, call_function).value(env)
 
 
+def _sources(node: fx.Node, own) -> frozenset:
+    """What ``node`` is computed from, by value: walking its ancestors in graph order, ``own(n)``
+    gives a node's own sources (a frozenset: the path ends there) or None (its inputs')."""
+    found: Dict[fx.Node, frozenset] = {}
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    for n in sorted(ancestors(node) | {node}, key=order.__getitem__):
+        mine = own(n)
+        found[n] = mine if mine is not None else \
+            frozenset().union(*(found.get(a, frozenset()) for a in n.all_input_nodes))
+    return found[node]
+
+
+_DATA, _NOTHING = frozenset(("<data>",)), frozenset()
+
+
 def depends_on_data(node: fx.Node) -> bool:
     """Whether ``node`` depends on the *values* of a block argument, not only on its sizes:
     some path from a tensor placeholder reaches it without passing through a size query
     (``x.shape``, ``x.size()``, ``x.dim()``). Parameters and buffers (``get_attr``) are the
     same for every input, so they do not count."""
-    data: Dict[fx.Node, bool] = {}
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for n in sorted(ancestors(node) | {node}, key=order.__getitem__):
-        if n.op == "placeholder":
-            data[n] = True
-        elif n.op == "get_attr" or is_size_query(n):
-            data[n] = False
-        else:
-            data[n] = any(data.get(a, False) for a in n.all_input_nodes)
-    return data[node]
+    return bool(_sources(node, lambda n: _DATA if n.op == "placeholder" else _NOTHING
+                         if n.op == "get_attr" or is_size_query(n) else None))
 
 
 def values_of_attributes(node: fx.Node) -> List[str]:
     """The attributes (``get_attr`` targets: parameters, buffers) whose *values*, not only
     sizes, ``node`` is computed from (as :func:`depends_on_data` follows the arguments')."""
-    reads: Dict[fx.Node, frozenset] = {}
-    order = {n: i for i, n in enumerate(node.graph.nodes)}
-    for n in sorted(ancestors(node) | {node}, key=order.__getitem__):
-        if n.op == "get_attr":
-            reads[n] = frozenset((n.target,))
-        elif is_size_query(n) or (n.op == "call_method" and n.target == "numel"):
-            reads[n] = frozenset()
-        else:
-            reads[n] = frozenset().union(*(reads.get(a, frozenset()) for a in n.all_input_nodes))
-    return sorted(reads[node])
+    return sorted(_sources(node, lambda n: frozenset((n.target,)) if n.op == "get_attr" else _NOTHING
+                           if is_size_query(n) or (n.op == "call_method" and n.target == "numel")
+                           else None))
 
 
 _RANDOM_FUNCTIONS = {torch.rand, torch.randn, torch.randint, torch.rand_like, torch.randn_like,
