@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from .analyse.block import BlockAnalysis, analyse_block, with_wrapped_forward
+from .analyse.block import BlockAnalysis, analyse_block, refuse_forward_on_instance
 from .analyse.discover import BETWEEN, attention_modules, find_blocks, regroup_parts, wrapped_block
 from .analyse.probes import (check_count_free_program, count_probe_graph, probe_program,
                              quantised_hint)
@@ -521,6 +521,7 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
     Raises the candidate's own :class:`AnalysisError` when neither is."""
     added = set(module._buffers)
     try:
+        refuse_forward_on_instance(name, module)
         a, gm_eval = analyse_block(model, name, module, call, calls, attn_mods,
                                    opts.num_prefix_tokens, opts.global_query, prior)
         # (state moved in training only too: audit K6 of the forty-sixth session)
@@ -548,16 +549,13 @@ def _analyse_candidate(model: nn.Module, name: str, module: nn.Module, call, cal
         return a, programs, added
     except AnalysisError as e:
         _drop_added_buffers(module, added)
-        named = with_wrapped_forward(e, module)
         inner = wrapped_block(name, module, call, calls)
         if inner is None:
-            if named is e:
-                raise
-            raise named from None
+            raise
         try:
             return _analyse_candidate(model, *inner, calls, attn_mods, opts, prior)
         except AnalysisError:
-            raise named from None
+            raise e from None
     except BaseException:
         _drop_added_buffers(module, added)
         raise

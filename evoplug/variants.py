@@ -23,7 +23,7 @@ from .errors import ConversionError, EvoplugError
 from .options import EvoOptions
 from .report import ConversionReport, get_report
 from .runtime.block import evo_class
-from .runtime.spec import BlockSpec, wraps_own_forward
+from .runtime.spec import BlockSpec
 from .runtime.entry import SizeVariant, images_in
 from .runtime.state import Plan
 
@@ -332,9 +332,13 @@ def _unwrapped(block: nn.Module, twin: nn.Module):
     before the twin was built: its block checkpointed again inside the model's block's
     checkpoint, each layer recomputed twice in a reentrant backward (checkpoint calls nested 2
     deep, 12 a step for 4 layers where 4 do at the conversion's size). A twin built before
-    never had it on: the model's block alone decides, as its flag now says."""
-    if wraps_own_forward(block):
-        del twin.__dict__["forward"]
+    never had it on: the model's block alone decides, as its flag now says. Any other forward
+    set on the block's instance after the conversion goes too (the conversion refuses a block
+    holding one, api.py ``_analyse_candidate``): the model's block runs it, and it reaches the
+    twin's block only through the converted forward (a lambda calling the block's forward bound
+    before: the copy called the model's block again, and the twin's conversion refused it as
+    "extra positional arguments" until the fifty-fifth session)."""
+    twin.__dict__.pop("forward", None)
     if twin.__dict__.get(_OWN_CHECKPOINT) is True:
         twin.__dict__[_OWN_CHECKPOINT] = False
 

@@ -2109,6 +2109,69 @@ def test_code_changed_after_conversion_is_refused_by_name(how, monkeypatch):
         fast(x)
 
 
+def _own_forward(self, x, attn_mask=None, is_causal=False):
+    x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)))
+    return 2 * (x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))))
+
+
+def test_a_forward_set_on_a_blocks_instance_before_conversion_is_refused_by_name():
+    """``module(x)`` runs a forward set on the instance, not the class's forward fx traces:
+    until the fifty-fifth session such a block was converted, reported "evolving" by
+    ``explain``, and ran its own forward at every call (``tokens_per_block`` -1), a silent
+    no-op. Now refused by name; ``strict=False`` converts the others and the block runs its own
+    forward, outputs those of the dense model at keep 1.0."""
+    import types
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=5, num_classes=10).eval()
+    m.blocks[3].forward = types.MethodType(_own_forward, m.blocks[3])
+    x = torch.randn(2, 3, 64, 64)
+    with pytest.raises(evoplug.ConversionError, match=r"`blocks\.3`: a forward set on its instance "
+                                                      r"\(_own_forward\) runs instead of its class's"):
+        evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    fast = evoplug.convert(m, keep_ratio=1.0, example_input=x, strict=False, identity_fast_path=False)
+    report = evoplug.get_report(fast)
+    assert [n for n, _ in report.failed] == ["blocks.3"]
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), m(x), atol=1e-5, rtol=1e-5)
+    assert dict(evoplug.tokens_per_block(fast)) == {
+        "blocks.0": 17, "blocks.1": 17, "blocks.2": 17, "blocks.4": 17}
+    del m.blocks[3].forward
+    evoplug.convert(m, keep_ratio=0.5, example_input=x)      # (the way out the error names)
+
+
+@pytest.mark.parametrize("how", ["lambda", "method"])
+def test_a_forward_set_on_a_converted_blocks_instance_runs_at_a_new_input_size(how):
+    """A forward set on a converted block's instance after the conversion runs instead of the
+    converted one, which runs where it calls it (a lambda around the block's forward bound
+    before, without functools.wraps: the converted forward refused it as "a forward was set on
+    it", and at a new input size the twin's copy of it called the model's block again, until
+    the fifty-fifth session). One of the block's own runs at every size, the block dense."""
+    import types
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=5, num_classes=10,
+                          dynamic_img_size=True).eval()
+    x, x2 = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 96, 96)
+    plain = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    block = fast.blocks[3]
+    if how == "lambda":
+        old = block.forward
+        block.forward = lambda *a, **k: 2 * old(*a, **k)
+        want = evoplug.convert(m, keep_ratio=0.5, example_input=x)    # (the block's output doubled)
+        want.blocks[3].register_forward_hook(lambda mod, i, o: 2 * o)
+    else:
+        block.forward = types.MethodType(_own_forward, block)
+    for inp in (x, x2, x):
+        with torch.no_grad():
+            ran, other = fast(inp), plain(inp)
+        assert not torch.allclose(ran, other, atol=1e-2)
+        tokens = dict(evoplug.tokens_per_block(plain))["blocks.3"]
+        if how == "lambda":        # (the converted forward ran, on the plain conversion's tokens)
+            assert dict(evoplug.tokens_per_block(fast))["blocks.3"] == tokens < inp.shape[-1] ** 2 // 256
+            with torch.no_grad():
+                torch.testing.assert_close(ran, want(inp), atol=1e-5, rtol=1e-5)
+
+
 def test_a_parametrization_after_conversion_is_no_code_change():
     """torch's parametrize puts a subclass of the attention's class in; the programs read the
     parametrized tensor live, so it is honoured, not refused as a class swap."""

@@ -370,26 +370,32 @@ def analyse_block(model: nn.Module, name: str, module: nn.Module, call: ModuleCa
     return a, gm
 
 
-def with_wrapped_forward(e: AnalysisError, module: nn.Module) -> AnalysisError:
-    """``e``, the refusal of a block whose instance has a forward set that wraps another
-    (``functools.wraps``: MMEngine's ``activation_checkpointing``, ``module.forward =
-    wrap_forward(module.forward)``, a checkpoint a trace cannot see into), naming the wrapper
-    and the way out: it was refused as "no attention computation" or "extra positional
-    arguments" until the fifty-second session, which said nothing of the wrapper. Set on a
-    converted block it runs as converted (runtime/spec.py ``wraps_own_forward``), at a twin's
-    input size too (evoplug/variants.py ``_unwrapped``)."""
+def refuse_forward_on_instance(name: str, module: nn.Module):
+    """Refuse a candidate block whose instance has a forward set (``block.forward = ...``: a
+    hand adapter, a method bound to collect attention maps, MMEngine's
+    ``activation_checkpointing`` or accelerate's hooks wrapping it). ``module(x)`` runs that
+    forward, not the class's one evoplug traces and converts (fx traces ``type(root).forward``),
+    so the converted block would never run: until the fifty-fifth session such a block was
+    reported "evolving" and ran its own forward at every call (``tokens_per_block`` -1), a
+    silent no-op; one wrapping a checkpoint was refused by whichever probe failed first
+    ("extra positional arguments"), with the wrapper named after it (fifty-second session).
+    A forward set after the conversion runs around or instead of the converted one, as its
+    author meant (runtime/spec.py ``wraps_own_forward``, ``observed``)."""
     fn = vars(module).get("forward")
+    if fn is None:
+        return
+    code = getattr(fn, "__code__", None) or getattr(getattr(fn, "__func__", None), "__code__", None)
+    what = f"{getattr(code, 'co_qualname', None) or type(fn).__name__!s:.60}"
     inner = getattr(fn, "__wrapped__", None)
-    if inner is None:
-        return e
-    code = getattr(fn, "__code__", None)
-    return AnalysisError(e.module_name, f"{e.reason}; a forward set on its instance "
-                         f"({getattr(code, 'co_qualname', fn)!s:.60}, wrapping "
-                         f"{getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? MMEngine's "
-                         "activation_checkpointing) runs it, which evoplug cannot trace: set "
-                         "it after converting (the converted block then runs inside it)",
-                         not_a_block=e.not_a_block,
-                         sized=e.sized)
+    if inner is not None:
+        what += (f", wrapping {getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? "
+                 "MMEngine's activation_checkpointing")
+    raise AnalysisError(name, f"a forward set on its instance ({what}) runs instead of its "
+                        f"class's forward, which is what evoplug traces and converts: the converted "
+                        f"block would never run; delete it before converting (`del block.forward`) and set "
+                        "it after converting (a wrapper then "
+                        "runs the converted block inside it), or give the block a subclass whose "
+                        "forward it is")
 
 
 def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, x, extras) -> AnalysisError:

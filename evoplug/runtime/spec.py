@@ -242,8 +242,13 @@ class BlockSpec:
             now = type(m) if parent is not None else self.orig_class
             if now is not cls and now.__bases__ == (cls,) and parametrize.is_parametrized(m):
                 now = cls      # (torch's parametrize puts a subclass in; its properties run live)
-            if now is not cls or now.forward is not fwd or (d.get("forward") is not own and not (
-                    parent is None and wraps_own_forward(m))):
+            # (a forward set on the block's own instance runs instead of the converted one; this
+            # runs only where it calls it, a wrapper with or without functools.wraps: the class's
+            # computation was asked for. A lambda calling the converted forward was refused as
+            # "a forward was set on it" until the fifty-fifth session; the conversion refuses a
+            # block holding one: analyse/block.py ``refuse_forward_on_instance``)
+            if now is not cls or now.forward is not fwd or (parent is not None
+                                                            and d.get("forward") is not own):
                 what = f"`{path}` ({now.__name__})" if path else f"the block ({now.__name__})"
                 how = ("its class was swapped" if now is not cls else "its class's forward was "
                        "replaced" if now.forward is not fwd else "a forward was set on it")
@@ -671,13 +676,14 @@ def traced_writes(traced: Tuple, volatile) -> Tuple[Tuple[str, str, Any], ...]:
 
 
 def wraps_own_forward(block: nn.Module, depth: int = 8) -> bool:
-    """Whether the forward set on the block's instance wraps the block's own (its ``__wrapped__``
-    chain, as ``functools.wraps`` leaves it, reaches the block's forward bound to it): MMEngine's
-    ``activation_checkpointing`` (``module.forward = wrap_forward(module.forward)``, a
-    ``torch.utils.checkpoint`` around it, set by the Runner after the model is built) and the
-    like call the converted forward, which runs as it would, so the programs still hold what
-    that code computes (refused as "a forward was set on it" until the fifty-second session).
-    Such a block is ``observed``: no block hands it the selection's order or takes its own."""
+    """Whether the forward set on a module's instance wraps the module's own (its ``__wrapped__``
+    chain, as ``functools.wraps`` leaves it, reaches the module's forward bound to it):
+    MMEngine's ``activation_checkpointing`` (``module.forward = wrap_forward(module.forward)``,
+    a ``torch.utils.checkpoint`` around it, set by the Runner after the model is built). On a
+    converted block any forward set on its instance after the conversion runs, and the
+    converted one inside it where it calls it (:meth:`BlockSpec.changed`; this allowed only
+    such wrappers from the fifty-second session to the fifty-fifth); on a module inside a block
+    it is refused, with a hint to checkpoint the block itself where it is such a wrapper."""
     fn = block.__dict__.get("forward")
     for _ in range(depth):
         fn = getattr(fn, "__wrapped__", None)
