@@ -784,7 +784,8 @@ class BranchesOnItsWeights(Block):
     """Takes a Python branch on the value of one of its own tensors, as ``kind``: a parameter
     (``if self.gate > 0``), a buffer used as a flag (``if self.flag``), a buffer read as a
     Python number (``int(self.reps)``), or (converted) a buffer's size only, or a parameter's
-    value as a tensor (``self.gate.item()`` is an op of the trace)."""
+    value as a tensor (``self.gate.item()`` is an op of the trace), or (converted) checks them
+    (``assert (self.gate > 0).all()``)."""
 
     kind = "parameter"
 
@@ -800,12 +801,16 @@ class BranchesOnItsWeights(Block):
             h = h * 2.0
         elif self.kind == "item":
             h = h * self.gate.item()
+        elif self.kind == "assert":
+            assert (self.gate > 0).all(), "a positive gate"
+            assert self.flag.all(), "a positive gate"
+            h = h * self.gate
         x = x + h
         return x + self.mlp(self.norm2(x))
 
 
-def _branching_on_weights(kind: str):
-    model = _randomise(_tiny(depth=3))
+def _branching_on_weights(kind: str, **kw):
+    model = _randomise(_tiny(depth=3, **kw))
     for blk in model.blocks:
         blk.__class__ = BranchesOnItsWeights
         blk.kind = kind
@@ -842,6 +847,40 @@ def test_a_python_branch_on_the_value_of_a_parameter_or_buffer_is_refused_by_nam
                 for blk in m.blocks:
                     blk.gate.fill_(-1.0)
             torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_a_check_on_the_value_of_a_parameter_or_buffer_still_runs(keep):
+    """A check on the values of a block's own parameters or buffers (``assert (self.gate >
+    0).all()``) passed at the conversion and was dropped from the programs with the checks on
+    sizes, until the fifty-fifth session (audit of its known gaps): with a gate made negative
+    the dense model raised and the converted one ran on. It stays in the programs as
+    ``torch._assert_async`` (no host sync on a GPU), at every input size, in training too, and
+    raises naming the tensors; checks on the tokens' sizes are still dropped."""
+    model = _branching_on_weights("assert", dynamic_img_size=True)
+    x = torch.randn(1, 3, 32, 32)
+    fast = evoplug.convert(model, keep, example_input=x, identity_fast_path=False)
+    for x2 in (torch.randn(2, 3, 32, 32), torch.randn(2, 3, 48, 48)):
+        for train in (False, True):
+            model.train(train), fast.train(train)
+            if keep == 1.0:
+                torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+            else:
+                assert fast(x2).isfinite().all()
+            for name in ("gate", "flag"):
+                value = getattr(model.blocks[1], name).detach().clone()
+                with torch.no_grad():
+                    for m in (model, fast):
+                        getattr(m.blocks[1], name).copy_(-value if name == "gate" else ~value)
+                with pytest.raises(AssertionError, match="a positive gate"):
+                    model(x2)
+                with pytest.raises(RuntimeError, match=rf"check \(assert\) on .*`{name}`"):
+                    fast(x2)
+                with torch.no_grad():
+                    for m in (model, fast):
+                        getattr(m.blocks[1], name).copy_(value)
+    full = (48 // 4) ** 2 + 1        # (the last call's tokens: the blocks after the first evolve)
+    assert [t < full for _, t in evoplug.tokens_per_block(fast)[1:]] == [keep < 1] * 2
 
 
 class BranchesOnAPlainTensor(Block):

@@ -2,7 +2,7 @@
 (every submodule without attention, the registered leaf modules and the families' notrace ones),
 Python branches, ``int()`` and ``len()`` on traced sizes specialised on the calibration input
 (refused where they follow the tensors' values or the token count; a check that only raises is
-dropped), buffers read as attributes, hooks never baked in, and the process-wide patches a trace
+dropped, but one on the block's own weights, kept as ``torch._assert_async``), buffers read as attributes, hooks never baked in, and the process-wide patches a trace
 needs (no random draw outside the traced tensors, one trace at a time, put back after a fork).
 trace.py drives it; split from trace.py in the fifty-fourth session."""
 from __future__ import annotations
@@ -160,6 +160,7 @@ class BlockTracer(fx.Tracer):
         value = bool(self._evaluate(obj.node, self._example))
         if _is_guard(inspect.currentframe()):
             self.specialised.append(f"check {obj.node.name} (passes on the calibration input)")
+            self._keep_weight_check(obj.node)
             return value
         grad = next((n for n in ancestors(obj.node) | {obj.node} if n.op == "call_function"
                      and n.target is getattr and n.args[1:] == ("requires_grad",)), None)
@@ -168,6 +169,21 @@ class BlockTracer(fx.Tracer):
         self._check_dependence(obj.node, value, "a Python branch")
         self._specialised(obj.node, f"{obj.node.name} -> {value}")
         return value
+
+    def _keep_weight_check(self, node: fx.Node):
+        """A check on the values of the root's own parameters or buffers alone (``assert
+        (self.gate > 0).all()``) stays in the trace as ``torch._assert_async``: it raises where
+        the weights make it fail (after ``load_state_dict``, an optimiser step), as the dense
+        forward does, without a host sync on a GPU. It was dropped as passing at the conversion
+        until the fifty-fifth session. Checks on the tokens or their sizes are dropped, as
+        above."""
+        own = {n for n, _ in self.root.named_parameters()} | {n for n, _ in self.root.named_buffers()}
+        read = values_of_attributes(node)
+        if not read or not set(read) <= own or depends_on_data(node):
+            return
+        self.create_node("call_function", torch._assert_async, (node, (
+            f"evoplug: a check (assert) on {', '.join(f'`{r}`' for r in read)} in the block's "
+            "forward failed, as it would in the original forward")), {})
 
     def to_int(self, obj: fx.Proxy) -> int:
         """``int()`` of a traced size (MMPretrain's ``window_reverse``: the batch size from the
