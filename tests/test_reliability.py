@@ -883,6 +883,41 @@ def test_a_check_on_the_value_of_a_parameter_or_buffer_still_runs(keep):
     assert [t < full for _, t in evoplug.tokens_per_block(fast)[1:]] == [keep < 1] * 2
 
 
+_CHECKS_TWO_THINGS = """
+class ChecksTwoThings(Block):
+    def forward(self, x, attn_mask=None):
+        B, L, C = x.shape
+        assert L > 1 and C == 64, "tokens of width 64"
+        assert (self.gate > 0).all() and self.flag.all(), "a positive gate"
+        x = x + self.attn(self.norm1(x)) * self.gate
+        return x + self.mlp(self.norm2(x))
+"""
+
+
+def test_an_assert_of_two_conditions_is_a_check():
+    """``assert a and b``: the jump on ``a`` goes straight to the raise, so ``a`` is a check
+    too; until the fifty-fifth session only the last condition was, and ``assert L > 1 and C ==
+    64`` was refused as a Python branch on the token count. The class is compiled from source
+    here, since pytest rewrites the asserts of test modules into other bytecode."""
+    space = {"Block": Block}
+    exec(compile(_CHECKS_TWO_THINGS, "<checks_two_things>", "exec"), space)
+    model = _branching_on_weights("assert")
+    for blk in model.blocks:
+        blk.__class__ = space["ChecksTwoThings"]
+    x, x2 = torch.randn(1, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    half = evoplug.convert(model, 0.5, example_input=x)
+    fast = evoplug.convert(model, 1.0, example_input=x, identity_fast_path=False)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x2), model(x2), rtol=1e-5, atol=1e-5)
+        assert half(x2).isfinite().all() and dict(evoplug.tokens_per_block(half))["blocks.2"] < 65
+        for m in (model, fast):
+            m.blocks[2].gate.fill_(-1.0)
+        with pytest.raises(AssertionError, match="a positive gate"):
+            model(x2)
+        with pytest.raises(RuntimeError, match=r"check \(assert\) on `gate`"):
+            fast(x2)
+
+
 class BranchesOnAPlainTensor(Block):
     """Reads plain tensor attributes (set in ``__init__``: neither parameter nor buffer): takes a
     Python branch on ``thr`` (``if self.thr > 0``), scales by ``s`` in a tensor op, and never

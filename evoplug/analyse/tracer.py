@@ -154,7 +154,8 @@ class BlockTracer(fx.Tracer):
         A check (``assert``, or a branch whose other path only raises) is not a branch: it
         passes on the calibration input (which ran), and one on the token count (MMPretrain's
         ``assert L == H * W`` before the tokens become a map) is dropped: evoplug feeds such
-        views the full map, and the probe checks the converted block."""
+        views the full map, and the probe checks the converted block. One on the block's own
+        weights stays (:meth:`_keep_weight_check`)."""
         if self._example is None:
             return super().to_bool(obj)
         value = bool(self._evaluate(obj.node, self._example))
@@ -519,10 +520,18 @@ def _is_guard(frame) -> bool:
     target = insts[at].argval
     body = [ins for ins in insts[at + 1:] if ins.offset < target]
     # the other path ends in a raise and never leaves (its jumps stay inside: message building)
-    return bool(body) and body[-1].opname == "RAISE_VARARGS" and not any(
-        ins.opname.startswith("RETURN") or
-        ("JUMP" in ins.opname and isinstance(ins.argval, int) and not
-         body[0].offset <= ins.argval < target) for ins in body[:-1])
+    if bool(body) and body[-1].opname == "RAISE_VARARGS" and not any(
+            ins.opname.startswith("RETURN") or
+            ("JUMP" in ins.opname and isinstance(ins.argval, int) and not
+             body[0].offset <= ins.argval < target) for ins in body[:-1]):
+        return True
+    # or the jump goes straight to a raise: the first part of ``assert a and b`` (refused as
+    # a branch on the token count, ``assert L == H * W and ...``, until the fifty-fifth session)
+    start = next((i for i, ins in enumerate(insts) if ins.offset == target), None)
+    rest = insts[start:] if start is not None else []
+    end = next((i for i, ins in enumerate(rest) if ins.opname == "RAISE_VARARGS"), None)
+    return end is not None and not any(ins.opname.startswith("RETURN") or "JUMP" in ins.opname
+                                       for ins in rest[:end])
 
 
 def _globally_wrapped() -> set:
