@@ -112,6 +112,27 @@ def test_empty_init_and_timms_reinit_restore_the_buffers_the_conversion_added(na
         torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
 
 
+def test_to_empty_then_the_dense_checkpoint_restores_the_integer_buffers_the_conversion_added(
+        monkeypatch):
+    """``to_empty`` then ``load_state_dict`` of the dense checkpoint, without timm's
+    ``reinit_non_persistent_buffers``: the dense PVTv2 comes back exact (it has no buffer that
+    no checkpoint holds), but the converted one's integer buffers (its upsampling indices) kept
+    what ``to_empty`` gave them, only the floating-point ones were put back: a raw index error,
+    or, memory holding zeros, an output 0.14 off, without a word (until the fifty-fifth
+    session). ``to_empty`` puts back every buffer the conversion added now."""
+    model, fast, x = _convert("pvt_v2_b0")
+    with torch.no_grad():
+        want = fast(x)
+    assert any(not fast.get_submodule(s.name)._buffers[n].is_floating_point()
+               for s in evoplug.get_report(fast).blocks for n in s.added_buffers)
+    monkeypatch.setattr(torch, "empty_like", lambda t, **kw: torch.zeros_like(t, **kw))
+    fast.to_empty(device="cpu")                 # (empty memory that holds zeros)
+    monkeypatch.undo()
+    fast.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_round_trip_leaves_the_buffers_the_conversion_added_exact(dtype):
     """``.bfloat16().float()`` after the conversion rounded PVTv2's upsampling taps for good (its

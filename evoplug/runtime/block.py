@@ -168,14 +168,19 @@ class EvoBlockMixin:
         the conversion added from the values it computed, not from their last cast: after
         ``.bfloat16().float()`` PVTv2's upsampling taps kept their bfloat16 rounding for good,
         and the selection moved (6e-2 off the same weights converted afresh; audit X2 of the
-        thirty-ninth session). In place, so a buffer shared by ``share_memory`` stays shared."""
+        thirty-ninth session). In place, so a buffer shared by ``share_memory`` stays shared.
+        The integer ones too (PVTv2's upsampling indices, Swin's window index), which a cast
+        leaves alone but ``to_empty`` does not: until the fifty-fifth session they held
+        whatever memory ``to_empty`` gave them, and the plain recipe that the dense model
+        survives (``to_empty``, then ``load_state_dict`` of its checkpoint) gave a raw index
+        error or, memory holding small numbers, an output 0.08-0.14 off, without a word."""
         out = super()._apply(fn, recurse)
         spec = self.__dict__.get("_evoplug_spec")
         if spec is not None:
             with torch.no_grad():
                 for name, value in spec.buffer_values.items():
                     cur = self._buffers.get(name)
-                    if cur is not None and cur.is_floating_point() and not cur.is_meta:
+                    if cur is not None and not cur.is_meta:
                         cur.copy_(value)
         return out
 
