@@ -391,11 +391,10 @@ def refuse_forward_on_instance(name: str, module: nn.Module):
         what += (f", wrapping {getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? "
                  "MMEngine's activation_checkpointing")
     raise AnalysisError(name, f"a forward set on its instance ({what}) runs instead of its "
-                        f"class's forward, which is what evoplug traces and converts: the converted "
-                        f"block would never run; delete it before converting (`del block.forward`) and set "
-                        "it after converting (a wrapper then "
-                        "runs the converted block inside it), or give the block a subclass whose "
-                        "forward it is")
+                        "class's forward, which is what evoplug traces and converts: the converted "
+                        "block would never run; delete it before converting (`del block.forward`) "
+                        "and set it after converting (a wrapper then runs the converted block "
+                        "inside it), or give the block a subclass whose forward it is")
 
 
 def _tokens_maybe_elsewhere(e: AnalysisError, plan: CallPlan, x, extras) -> AnalysisError:

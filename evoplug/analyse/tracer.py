@@ -2,8 +2,9 @@
 (every submodule without attention, the registered leaf modules and the families' notrace ones),
 Python branches, ``int()`` and ``len()`` on traced sizes specialised on the calibration input
 (refused where they follow the tensors' values or the token count; a check that only raises is
-dropped, but one on the block's own weights, kept as ``torch._assert_async``), buffers read as attributes, hooks never baked in, and the process-wide patches a trace
-needs (no random draw outside the traced tensors, one trace at a time, put back after a fork).
+dropped, but one on the block's own weights is kept as ``torch._assert_async``), buffers read as
+attributes, hooks never baked in, and the process-wide patches a trace needs (no random draw
+outside the traced tensors, one trace at a time, put back after a fork).
 trace.py drives it; split from trace.py in the fifty-fourth session."""
 from __future__ import annotations
 
