@@ -388,8 +388,8 @@ def refuse_forward_on_instance(name: str, module: nn.Module):
     what = f"{getattr(code, 'co_qualname', None) or type(fn).__name__!s:.60}"
     inner = getattr(fn, "__wrapped__", None)
     if inner is not None:
-        what += (f", wrapping {getattr(inner, '__qualname__', inner)!s:.60}: a checkpoint? "
-                 "MMEngine's activation_checkpointing")
+        what += (f", wrapping {getattr(inner, '__qualname__', inner)!s:.60}: torch.compile, a "
+                 "checkpoint, MMEngine's activation_checkpointing?")
     raise AnalysisError(name, f"a forward set on its instance ({what}) runs instead of its "
                         "class's forward, which is what evoplug traces and converts: the converted "
                         "block would never run; delete it before converting (`del block.forward`) "
