@@ -77,7 +77,7 @@ def _models(name: str, reselect_every):
 
 
 def _evolving(fast) -> int:
-    from evoplug.report import get_report
+    from evoplug import get_report      # (public: an older evoplug, --against, has it too)
     return sum(1 for b in get_report(fast).blocks if b.role == "evolve")
 
 
@@ -168,7 +168,10 @@ def main(argv=None):
         p.error(f"unknown model(s) {', '.join(unknown)}: choose from {', '.join(MODELS)}")
     torch.set_num_threads(1)
     import evoplug
-    from evoplug.tools.bench import machine, provenance
+    from evoplug.tools import bench
+    machine = bench.machine
+    # (an older evoplug, --against, may have no provenance(): its run reports none)
+    provenance = getattr(bench, "provenance", dict)
     if a.evoplug_from and not os.path.abspath(evoplug.__file__).startswith(os.path.abspath(a.evoplug_from)):
         raise SystemExit(f"expected evoplug from {a.evoplug_from}, got {evoplug.__file__}")
     settings = dict(threads=1, batch=1, keep_ratio=0.5, rounds=a.rounds, per_round=a.per_round,
