@@ -2246,6 +2246,32 @@ def test_a_forward_set_on_a_converted_blocks_instance_runs_at_a_new_input_size(h
                 torch.testing.assert_close(ran, want(inp), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["lambda", "functools.wraps"])
+def test_a_forward_set_on_a_converted_blocks_instance_runs_the_dense_block_after_revert(how):
+    """``evoplug.revert`` gives the blocks their classes back and leaves a forward set on an
+    instance after the conversion in place; one that calls the converted forward (MMEngine's
+    checkpoint wrapper, a lambda around the bound forward) then called it on a dense block: a
+    raw AttributeError (``_evoplug_spec``) until the fifty-fifth session. It runs the block's
+    own forward now: the dense model's outputs, with the wrapper still around the block."""
+    import functools
+    torch.manual_seed(0)
+    m = timm.create_model("vit_tiny_patch16_224", img_size=64, depth=4, num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = m(x)
+    fast = evoplug.convert(m, keep_ratio=0.5, example_input=x)
+    old, calls = fast.blocks[2].forward, []
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return old(*a, **k)
+    fast.blocks[2].forward = functools.wraps(old)(wrapper) if how != "lambda" else wrapper
+    dense = evoplug.revert(fast)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), want, atol=1e-6, rtol=1e-6)
+    assert calls == [1] and not evoplug.is_converted(dense)
+
+
 def test_a_parametrization_after_conversion_is_no_code_change():
     """torch's parametrize puts a subclass of the attention's class in; the programs read the
     parametrized tensor live, so it is honoured, not refused as a class swap."""

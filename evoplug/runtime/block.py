@@ -208,7 +208,9 @@ class EvoBlockMixin:
         raise EvoplugError(_NO_TORCHSCRIPT.format(self._evoplug_spec.name, "torch.jit.script"))
 
     def forward(self, *args, **kwargs):
-        spec = self._evoplug_spec
+        spec = self.__dict__.get("_evoplug_spec")
+        if spec is None:
+            return _reverted(self, args, kwargs)
         if not spec.runtime.served and _apart(self, spec):    # (a copy put in a converted model)
             spec.tokens_run = -1
             return spec.orig_class.forward(self, *args, **kwargs)
@@ -472,6 +474,18 @@ def _history_kept(out: torch.Tensor):
     if torch.is_grad_enabled() or not out.requires_grad:
         return contextlib.nullcontext()
     return torch.enable_grad()
+
+
+def _reverted(block: nn.Module, args, kwargs):
+    """The converted forward called on a block :func:`evoplug.revert` gave its class back: by a
+    forward set on its instance after the conversion that calls the converted one (MMEngine's
+    checkpoint wrapper, a lambda around ``block.forward`` bound then), which revert leaves in
+    place. The block's own forward runs, as in the dense model with that wrapper (a raw
+    AttributeError, ``_evoplug_spec``, until the fifty-fifth session)."""
+    if isinstance(block, EvoBlockMixin):
+        raise EvoplugError(f"{type(block).__name__}: a converted block without its conversion "
+                           "state (`_evoplug_spec` deleted?): convert the model again")
+    return type(block).forward(block, *args, **kwargs)
 
 
 def _twin_ran(block: nn.Module, twin: nn.Module, args, kwargs):
