@@ -380,7 +380,7 @@ def refuse_forward_on_instance(name: str, module: nn.Module):
     silent no-op; one wrapping a checkpoint was refused by whichever probe failed first
     ("extra positional arguments"), with the wrapper named after it (fifty-second session).
     A forward set after the conversion runs around or instead of the converted one, as its
-    author meant (runtime/spec.py ``wraps_own_forward``, ``observed``)."""
+    author meant (runtime/spec.py ``BlockSpec.changed``, ``observed``)."""
     fn = vars(module).get("forward")
     if fn is None:
         return

@@ -179,9 +179,8 @@ class BlockTracer(fx.Tracer):
         forward does, without a host sync on a GPU. It was dropped as passing at the conversion
         until the fifty-fifth session. Checks on the tokens or their sizes are dropped, as
         above."""
-        own = {n for n, _ in self.root.named_parameters()} | {n for n, _ in self.root.named_buffers()}
         read = values_of_attributes(node)
-        if not read or not set(read) <= own or depends_on_data(node):
+        if not read or not set(read) <= self._own_state() or depends_on_data(node):
             return
         self.create_node("call_function", torch._assert_async, (node, (
             f"evoplug: a check (assert) on {', '.join(f'`{r}`' for r in read)} in the block's "
@@ -201,10 +200,14 @@ class BlockTracer(fx.Tracer):
         fifty-fourth session: ``if self.gate > 0`` kept the conversion's branch after
         ``load_state_dict``)."""
         self.specialised.append(note)
-        own = {n for n, _ in self.root.named_parameters()} | {n for n, _ in self.root.named_buffers()}
+        own = self._own_state()
         read = tuple(t for t in values_of_attributes(node) if t in own)
         if read:
             self.weight_branches.append((read, note))
+
+    def _own_state(self) -> Set[str]:
+        """The names of the root's parameters and buffers (what ``get_attr`` nodes target)."""
+        return {n for n, _ in self.root.named_parameters()} | {n for n, _ in self.root.named_buffers()}
 
     def to_len(self, obj: fx.Proxy) -> int:
         """``len()`` of a traced value (Hugging Face's ``(*hidden_states.shape[:-1], -1, d)``):
