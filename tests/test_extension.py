@@ -326,7 +326,12 @@ def test_loops_over_tokens_or_heads_are_refused_with_the_way_out():
     object cannot be interpreted as an integer"; attention computed head by head as "runs 2
     attention computations per call" alone (audit H4 of the forty-fourth session). Both say
     what the code does and how to write it now; the token loop moved into a submodule (a leaf)
-    converts as the same model with the MLP run on all tokens at once does."""
+    converts as the same model with the MLP run on all tokens at once does, to the float32
+    rounding by which the two dense models differ (outputs up to ~60 with the weights scaled:
+    their loop and batched GEMMs differ by 3e-5 to 9e-5, the converted pair by 0.5-2.2 times
+    that over 30 inputs; the input was unseeded, and 1e-5 failed for most inputs, until the
+    fifty-fifth session)."""
+    torch.manual_seed(0)
     x = torch.randn(3, 3, 32, 32)
     with pytest.raises(evoplug.ConversionError, match=r"`layers.0`: .*'Proxy' object cannot be "
                        r"interpreted as an integer; a Python loop or `range` over a traced size.*"
@@ -337,7 +342,9 @@ def test_loops_over_tokens_or_heads_are_refused_with_the_way_out():
         evoplug.convert(_model(HeadLoopBlock), example_input=x[:2])
     model, plain = _model(TokenwiseMlpBlock), _model(MlpBlock)
     plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        rounding = (model(x) - plain(x)).abs().max().item()
     fast = evoplug.convert(model, example_input=x[:2])
     want = evoplug.convert(plain, example_input=x[:2])
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fast(x), want(x), rtol=1e-5, atol=max(1e-5, 4 * rounding))
