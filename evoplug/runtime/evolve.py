@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..options import read_trade_off
 from . import gather, rows
-from .rows import TINY
+from .rows import TINY, as_dtype, as_float
 
 #: score of the last prefix token; prefix token i of P gets (P - i) times this: above any
 #: attention score (a probability), exact under the score update (its trade-off weight is 0)
@@ -238,7 +238,7 @@ def representative(x: Tensor, sel: Selection) -> Optional[Tensor]:
     kept (None without one)."""
     if sel.weights is None:
         return None
-    return torch.bmm(sel.weights.to(x.dtype), x)
+    return torch.bmm(as_dtype(sel.weights, x.dtype), x)
 
 
 def gather_subset(x: Tensor, sel: Selection, rep: Optional[Tensor]) -> Tensor:
@@ -278,7 +278,7 @@ def refresh(sel: Selection, row: Tensor, weight) -> Selection:
     alpha with 0 at the prefix tokens (their rank constants stay exact). Built with the
     constructor, not ``_replace``: Dynamo of torch 2.11 cannot rebuild a NamedTuple that
     ``_replace`` made inside a compiled forward (AssertionError in codegen_save_tempvars)."""
-    vals = torch.lerp(sel.vals, untangled(row).to(sel.vals.dtype), weight)
+    vals = torch.lerp(sel.vals, as_dtype(untangled(row), sel.vals.dtype), weight)
     return Selection(sel.top, sel.index, vals, sel.weights, sel.pos)
 
 
@@ -304,7 +304,7 @@ def current_scores(g: Tensor, sel: Optional[Selection]) -> Tensor:
 def update_scores(scores: Optional[Tensor], row: Tensor, alpha) -> Tensor:
     """Global attention update g = (1 - alpha) g + alpha a of every entry (dense runs; the first
     time g = a). ``alpha`` may be a callable (learnable trade-off), read at each update."""
-    row = row.detach().float()
+    row = as_float(row.detach())
     if scores is None or scores.shape != row.shape:
         return row
     if callable(alpha):
