@@ -23,6 +23,7 @@ from .errors import ConversionError, EvoplugError
 from .options import EvoOptions
 from .report import ConversionReport, get_report
 from .runtime.block import evo_class
+from .runtime.sharded import fsdp_name, made_by_fsdp, sharded_inside
 from .runtime.spec import BlockSpec
 from .runtime.entry import SizeVariant, images_in
 from .runtime.state import Plan
@@ -53,6 +54,7 @@ def size_variant(model: nn.Module, args, kwargs, strict: bool = True,
     first image). ``convert``: :func:`evoplug.convert`, which converts the twin (handed in by
     api.py: this module is below it)."""
     _refuse_under_vmap(model, on)
+    _refuse_sharded(model, on)
     report = get_report(model)
     t0 = time.perf_counter()
     # (blocks removed after conversion, timm's prune_intermediate_layers: the twin converts the
@@ -152,6 +154,26 @@ def _refuse_under_vmap(model: nn.Module, on: str):
             "converted at: evoplug converts the model again for it first, which it cannot do "
             "inside vmap. Call the model once at this size outside vmap (one input is enough), "
             "then vmap it: later calls at that size run under vmap")
+
+
+def _refuse_sharded(model: nn.Module, on: str):
+    """A twin cannot be converted while a unit of FSDP inside the model holds its parameters
+    sharded (they are gathered only around that unit's forward; the twin's analysis runs
+    the twin's blocks outside it): the build failed with a shape error from the analysis, or
+    crashed the process (FSDP1 with flat parameters), until the fifty-sixth session. A twin
+    built before the sharding runs (runtime/sharded.py)."""
+    path = sharded_inside(model)
+    if path is None:
+        return
+    what = "an input size" if on == "first" else "a form of the block arguments"
+    raise EvoplugError(
+        f"{type(model).__name__}: called with {what} it was not converted at, for which "
+        f"evoplug converts it again (a twin sharing its parameters), while `{path}` is "
+        f"sharded by {fsdp_name(model.get_submodule(path))}: its parameters are gathered only "
+        "around its own forward, not for that conversion. Call the converted model once with "
+        "each input size it will take (under torch.no_grad(), one image is enough) before "
+        "sharding it: the twins built then run sharded. (Sharded as one unit, the whole model, "
+        "it converts again at any size)")
 
 
 def _convert_twin(convert: Callable, twin: nn.Module, args, kwargs, batch_dims, strict: bool,
@@ -380,8 +402,11 @@ def unconverted_class(spec: BlockSpec) -> type:
     cls, evo, above = type(spec.analysis.module), evo_class(spec.orig_class), []
     while cls is not evo:
         if len(cls.__bases__) != 1 or not issubclass(cls, evo):
+            how = " (sharded by FSDP's fully_shard: revert before sharding, or load the " \
+                "model's state_dict into the dense model)" if made_by_fsdp(cls, cls.__bases__[1]) \
+                else ""
             raise EvoplugError(f"`{spec.name}`: its class {cls.__qualname__} was changed after "
-                               "the conversion in a way revert cannot undo")
+                               f"the conversion in a way revert cannot undo{how}")
         above.append(cls)
         cls = cls.__bases__[0]
     out = spec.orig_class

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import EvoplugError
 from .pairs import same_value
+from .sharded import made_by_fsdp
 from .state import EvoRuntime
 
 
@@ -169,8 +170,13 @@ class SizeVariant:
         conversion's size (its ``writes``), or at another (the model's runtime's ``drift``):
         transformers' Swin sets its shift to 0 for good once a map fits its window, and a twin
         built before kept the shift it was traced with, silently, until audit L1 of the
-        forty-seventh session. A twin whose own forward sets the value at its size is not."""
-        if any(type(orig) is not cls for orig, cls in self.classes):
+        forty-seventh session. A twin whose own forward sets the value at its size is not.
+        FSDP's ``fully_shard`` puts a class in front of a block's (:func:`made_by_fsdp`) that
+        computes as before, and the twin shares the parameter dicts it fills: still fresh
+        (rebuilt, the twin's conversion ran on parameters not gathered, until the fifty-sixth
+        session; runtime/sharded.py)."""
+        if any(type(orig) is not cls and not made_by_fsdp(type(orig), cls)
+               for orig, cls in self.classes):
             return True
         if any(_other(d.get(name, value), value) for d, name, value in self.watched):
             return True

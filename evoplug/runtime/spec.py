@@ -26,6 +26,7 @@ from ..options import EvoOptions
 from .call import CallPlan
 from .pairs import fresh, same_value
 from .programs import compile_program, program_source
+from .sharded import fsdp_name, is_sharded, only_fsdp_hooks
 from .state import EvoRuntime, EvoState
 
 
@@ -237,6 +238,9 @@ class BlockSpec:
         nothing did."""
         for parent, name, path, m, scalars, nones, settings, (cls, fwd, own) in self.traced:
             if parent is not None and parent._modules.get(name) is not m:
+                now = parent._modules.get(name)
+                if now is not None and is_sharded(now):
+                    return f"its submodule `{path}` was wrapped by {fsdp_name(now)}"
                 return f"its submodule `{path}` was replaced"
             d = m.__dict__
             now = type(m) if parent is not None else self.orig_class
@@ -445,6 +449,9 @@ class BlockSpec:
             if hooks and all(family(h) for _, h in hooks):
                 self._tell_maps_collected()
             hooks = [(kind, h) for kind, h in hooks if not family(h)]
+            if hooks and is_sharded(m):
+                self._tell_sharded(m)
+                return
             if hooks:
                 kind, hook = hooks[0]
                 paths = {id(m): p for p, m in self.analysis.module.named_modules()}
@@ -458,6 +465,21 @@ class BlockSpec:
                     "(a Linear, a norm: it then sees the kept tokens), to keep it evolving (said "
                     "once per model)", stacklevel=5)
                 return
+
+    def _tell_sharded(self, m: nn.Module):
+        """Once per model: FSDP's ``fully_shard`` on a module the block's programs trace into
+        (``blocks.0.attn``): its hooks gather the module's parameters around its forward, which
+        runs inside the programs, so the block runs its own forward (it was told as any hook,
+        with advice to remove it, until the fifty-sixth session)."""
+        self.runtime.hooked_told = True
+        paths = {id(mod): p for p, mod in self.analysis.module.named_modules()}
+        warnings.warn(
+            f"evoplug: `{self.name}` runs its own forward, on every token (tokens_run -1, no "
+            f"speed-up): `{self.name}.{paths.get(id(m), '?')}` ({type(m).__name__}) is sharded "
+            f"on its own by {fsdp_name(m)}, and the hooks that gather its parameters cannot "
+            "fire inside the block's programs, which trace into it. Shard whole blocks "
+            "(fully_shard on each block, then on the model) to keep them evolving (said once "
+            "per model)", stacklevel=5)
 
     def _tell_maps_collected(self):
         """Once per model: a call collects what a family's own hooks capture inside the block
@@ -486,7 +508,8 @@ class BlockSpec:
         the conversion: replaced by quantisation or LoRA, they were kept alive, broke pickling
         and were the ones asked; audit W2 of the thirty-eighth session). Hooks that read no
         tokens (:func:`weights_only`: ``spectral_norm``'s, said to fire on the kept tokens until
-        audit K6 of the forty-sixth session) are not told."""
+        audit K6 of the forty-sixth session) are not told, nor are FSDP's (``fully_shard`` on an
+        MLP: told until the fifty-sixth session)."""
         for parent_path, names in self.leaves:
             parent = block
             for part in parent_path:
@@ -497,7 +520,8 @@ class BlockSpec:
             for name in names:
                 m = modules.get(name)
                 if m is not None and ((m._forward_pre_hooks and not weights_only(m._forward_pre_hooks))
-                                      or (m._forward_hooks and self._active(m._forward_hooks))):
+                                      or (m._forward_hooks and self._active(m._forward_hooks))) \
+                        and not only_fsdp_hooks(m):
                     self._tell_leaf_hook(".".join(parent_path + (name,)))
                     return
 
@@ -583,6 +607,12 @@ def weights_only(hooks) -> bool:
 def check_unchanged(spec: BlockSpec):
     """Raise where something the block's trace baked in changed since (BlockSpec.changed)."""
     stale = spec.changed() if spec.traced else None
+    if stale is not None and " by FSDP's " in stale:
+        raise EvoplugError(
+            f"`{spec.name}`: {stale}, a module its programs trace into, where the hooks that "
+            "gather its parameters cannot run. Shard whole blocks: FSDP1's auto_wrap_policy "
+            f"ModuleWrapPolicy({{{spec.orig_class.__name__}}}) (converted blocks are instances of "
+            "their class), or fully_shard on each block, then on the model")
     if stale is not None and "`with_cp`" in stale:     # (MMPretrain: checkpointing inside)
         raise EvoplugError(
             f"`{spec.name}`: {stale} after conversion: a converted block cannot checkpoint "
