@@ -13,6 +13,7 @@ import warnings
 import timm
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -20,6 +21,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy, lambda_auto_wrap_policy
 
 import evoplug
+
+Block = timm.models.vision_transformer.Block
 
 RANK, WORLD, BATCH, MESH = 0, 1, 4, None
 
@@ -109,6 +112,13 @@ def _blocks_then_model_bf16(model):
     return fully_shard(model, mesh=MESH, mp_policy=policy)
 
 
+def _checkpointed_blocks_then_model(model):
+    """Activation checkpointing (non-reentrant) on each block, then each wrapped block and the
+    model sharded: the usual order of large-scale recipes."""
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, Block))
+    return _blocks_then_model(model)
+
+
 def _mlps_then_model(model):
     for block in model.blocks:
         fully_shard(block.mlp, mesh=MESH)
@@ -125,6 +135,7 @@ CASES = {
     "fully_shard blocks": lambda: _train(_blocks_then_model),
     "fully_shard blocks, reselect_every=4": lambda: _train(_blocks_then_model, reselect_every=4),
     "fully_shard blocks, bfloat16": lambda: _train(_blocks_then_model_bf16),
+    "fully_shard checkpointed blocks": lambda: _train(_checkpointed_blocks_then_model),
     "fully_shard model": lambda: _train(lambda m: fully_shard(m, mesh=MESH)),
     "fully_shard model, new size": lambda: _train(lambda m: fully_shard(m, mesh=MESH), sizes=(32, 48, 32)),
     "FSDP1 model, new size": lambda: _train(lambda m: _fsdp1(m, None), sizes=(32, 48, 32)),
@@ -132,18 +143,18 @@ CASES = {
     "fully_shard blocks, twin built before": lambda: _train(_blocks_then_model, sizes=(32, 48, 32, 48),
                                                             before=(48,)),
     "FSDP1 ModuleWrapPolicy(Block)": lambda: _train(
-        lambda m: _fsdp1(m, ModuleWrapPolicy({timm.models.vision_transformer.Block}))),
+        lambda m: _fsdp1(m, ModuleWrapPolicy({Block}))),
     "FSDP1 blocks, flat parameters": lambda: _train(
-        lambda m: _fsdp1(m, ModuleWrapPolicy({timm.models.vision_transformer.Block}), flat=True)),
+        lambda m: _fsdp1(m, ModuleWrapPolicy({Block}), flat=True)),
     "FSDP1 blocks, twin built before": lambda: _train(
-        lambda m: _fsdp1(m, ModuleWrapPolicy({timm.models.vision_transformer.Block})),
+        lambda m: _fsdp1(m, ModuleWrapPolicy({Block})),
         sizes=(32, 48, 32, 48), before=(48,)),
     "FSDP1 mlps": lambda: _train(lambda m: _fsdp1(m, _modules_of(m, lambda b: b.mlp))),
     "fully_shard attention": lambda: _dense_reference(_attn_then_model),
     # refusals last: a forward that raised leaves FSDP's state of those models mid-way
     "fully_shard blocks, new size": lambda: _train(_blocks_then_model, sizes=(32, 48)),
     "FSDP1 blocks, new size": lambda: _train(
-        lambda m: _fsdp1(m, ModuleWrapPolicy({timm.models.vision_transformer.Block}), flat=True),
+        lambda m: _fsdp1(m, ModuleWrapPolicy({Block}), flat=True),
         sizes=(32, 48)),
     "revert after fully_shard": lambda: dict(reverted=type(evoplug.revert(_blocks_then_model(_models()[1]))).__name__),
     "FSDP1 attention": lambda: _train(lambda m: _fsdp1(m, _modules_of(m, lambda b: b.attn))),

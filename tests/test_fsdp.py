@@ -23,6 +23,7 @@ TRAINED = {
     "fully_shard blocks": [65, 34, 34, 34],
     "fully_shard blocks, reselect_every=4": [65, 34, 34, 34],
     "fully_shard blocks, bfloat16": [65, 34, 34, 34],
+    "fully_shard checkpointed blocks": [65, 34, 34, 34],
     "fully_shard model": [65, 34, 34, 34],
     "fully_shard model, new size": [65, 34, 34, 34],
     "fully_shard mlps": [65, 34, 34, 34],
