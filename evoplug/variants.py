@@ -402,8 +402,8 @@ def unconverted_class(spec: BlockSpec) -> type:
     cls, evo, above = type(spec.analysis.module), evo_class(spec.orig_class), []
     while cls is not evo:
         if len(cls.__bases__) != 1 or not issubclass(cls, evo):
-            how = " (sharded by FSDP's fully_shard: revert before sharding, or load the " \
-                "model's state_dict into the dense model)" if made_by_fsdp(cls, cls.__bases__[1]) \
+            how = " (by FSDP's fully_shard or replicate: revert before sharding, or load the " \
+                "model's state_dict into the dense model)" if made_by_fsdp(cls, cls.__bases__[-1]) \
                 else ""
             raise EvoplugError(f"`{spec.name}`: its class {cls.__qualname__} was changed after "
                                f"the conversion in a way revert cannot undo{how}")

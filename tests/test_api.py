@@ -231,6 +231,18 @@ def test_revert_keeps_a_parametrization_made_after_the_conversion():
     assert type(fast.trunk[3]) is Layer
 
 
+def test_revert_refuses_by_name_a_class_put_in_place_of_the_converted_one():
+    """A block's class replaced after the conversion by one that is no subclass of the
+    converted class (nothing revert can put back on top of the original) is refused naming
+    the block and the class; only FSDP's class is said to be FSDP's (tests/test_fsdp.py)."""
+    model, x = _small_vit()
+    fast = evoplug.convert(model, keep_ratio=0.5, example_input=x[:1])
+    fast.trunk[3].__class__ = type("Swapped", (nn.Module,), {})
+    with pytest.raises(evoplug.EvoplugError, match=r"^`trunk\.3`: its class Swapped was changed after the "
+                                                   r"conversion in a way revert cannot undo$"):
+        evoplug.revert(fast)
+
+
 def test_converted_classes_of_parametrized_blocks_go_with_their_models():
     """A block whose own parameter is parametrized has a class of torch's, one per module; the
     converted class made on it was cached for good, so every conversion of such a block kept a

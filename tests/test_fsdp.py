@@ -102,4 +102,4 @@ def test_revert_of_a_model_sharded_by_fully_shard_says_revert_before_sharding(ra
     for rank in ranks:
         err = rank["revert after fully_shard"]["error"]
         assert "its class FSDPEvoBlock was changed after the conversion" in err, err
-        assert "revert before sharding" in err
+        assert "by FSDP's fully_shard or replicate: revert before sharding" in err
