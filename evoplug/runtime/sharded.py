@@ -4,9 +4,10 @@ wrapper module. Both gather a unit's parameters around that unit's own forward o
 
 Sharding whole converted blocks (and then the model) works: the block's call is the unit, its
 programs run on the gathered parameters, and a size twin built before the sharding shares the
-modules whose parameter dicts FSDP fills (tests/test_fsdp.py). What cannot work is said by name:
-a unit inside a block, whose hooks cannot fire inside the block's programs, and a twin built
-after the sharding, whose conversion would run on parameters that are not gathered.
+modules whose parameter dicts FSDP fills (tests/test_fsdp.py); so does a unit on a module the
+programs call whole (an MLP). What cannot work is said by name: a unit on a module the programs
+trace into (the attention), whose hooks cannot fire inside them, and a twin converted while
+blocks are units, whose conversion would run on parameters that are not gathered.
 Nothing here imports ``torch.distributed`` unless a process group exists (FSDP needs one)."""
 from __future__ import annotations
 
