@@ -12,7 +12,9 @@ forward's time is the Python and the ATen dispatch of its ops. Reported per mode
 and the converted model's time per forward (median of interleaved rounds), the time the converted
 model adds per evolving block, and the ATen ops it adds per evolving block (a
 ``TorchDispatchMode`` count: tests/test_op_budget.py bounds them), so that the time of the ops it
-adds and the time of evoplug's own Python can be told apart. ``--profile`` adds evoplug's
+adds and the time of evoplug's own Python can be told apart, and the Python bytecodes it adds per
+evolving block (all, and those of evoplug's own code; ``sys.settrace`` opcode events, one forward:
+a count that does not move with the machine's noise). ``--profile`` adds evoplug's
 Python functions by their own time (``cProfile``; the profiler's overhead inflates them).
 
 ``--against COMMIT`` loads the evoplug of another commit (``git archive`` into a temporary
@@ -76,6 +78,30 @@ def _models(name: str, reselect_every):
     return out, x
 
 
+def _bytecodes(model, x) -> dict:
+    """Python bytecodes one forward executes (after a warm-up one), by whose code: evoplug's
+    (its modules and its generated programs) and all of them. A count, not a time: the same on
+    any machine and in any run, so the Python a change adds or removes shows without the noise
+    of a timing (on a GPU in eager mode, that Python is host time between launches)."""
+    counts = collections.Counter()
+
+    def trace(frame, event, arg):
+        frame.f_trace_opcodes = True
+        if event == "opcode":
+            f = frame.f_code.co_filename
+            counts["evoplug" if "/evoplug/" in f or f == "<evoplug program>" else "other"] += 1
+        return trace
+
+    with torch.inference_mode():
+        model(x)
+        sys.settrace(trace)
+        try:
+            model(x)
+        finally:
+            sys.settrace(None)
+    return dict(evoplug=counts["evoplug"], all=counts["evoplug"] + counts["other"])
+
+
 def _evolving(fast) -> int:
     from evoplug import get_report      # (public: an older evoplug, --against, has it too)
     return sum(1 for b in get_report(fast).blocks if b.role == "evolve")
@@ -119,6 +145,7 @@ def measure(names, reselect_every, rounds: int, per_round: int, profile: bool) -
         models, x = _models(name, reselect_every)
         secs = _timed(models, x, rounds, per_round)
         ops = {n: _ops(m, x) for n, m in models.items()}
+        codes = {n: _bytecodes(m, x) for n, m in models.items()}
         for n, m in models.items():
             if n == "original":
                 continue
@@ -128,13 +155,20 @@ def measure(names, reselect_every, rounds: int, per_round: int, profile: bool) -
                        ratio=round(secs[n] / secs["original"], 3),
                        added_us_per_evolving_block=round((secs[n] - secs["original"]) * 1e6 / k, 1),
                        original_ops=ops["original"], converted_ops=ops[n],
-                       added_ops_per_evolving_block=round((ops[n] - ops["original"]) / k, 2))
+                       added_ops_per_evolving_block=round((ops[n] - ops["original"]) / k, 2),
+                       original_bytecodes=codes["original"]["all"], converted_bytecodes=codes[n]["all"],
+                       added_bytecodes_per_evolving_block=round(
+                           (codes[n]["all"] - codes["original"]["all"]) / k),
+                       evoplug_bytecodes_per_evolving_block=round(codes[n]["evoplug"] / k))
             if profile:
                 row["evoplug_python"] = _profile(m, x)
             rows.append(row)
             print(f"{name:30s} {n:13s} original {row['original_us']:8.1f} us  converted "
                   f"{row['converted_us']:8.1f} us  {row['ratio']:.3f}x  +{row['added_us_per_evolving_block']:6.1f} "
-                  f"us and +{row['added_ops_per_evolving_block']:5.2f} ops per evolving block ({k})", flush=True)
+                  f"us, +{row['added_ops_per_evolving_block']:5.2f} ops and +"
+                  f"{row['added_bytecodes_per_evolving_block']} Python bytecodes "
+                  f"({row['evoplug_bytecodes_per_evolving_block']} evoplug's) per evolving block ({k})",
+                  flush=True)
     return rows
 
 
