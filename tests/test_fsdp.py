@@ -36,13 +36,11 @@ TRAINED = {
 }
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
+def _run_worker(out, *only):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([ROOT, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-           "--nproc_per_node", "2", os.path.join(ROOT, "tests", "fsdp_worker.py"), str(out)]
+           "--nproc_per_node", "2", os.path.join(ROOT, "tests", "fsdp_worker.py"), str(out), *only]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=str(out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
     results = []
@@ -52,8 +50,12 @@ def ranks(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("case", list(TRAINED))
-def test_a_sharded_converted_model_trains_as_the_unsharded_one(ranks, case):
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _run_worker(tmp_path_factory.mktemp("fsdp"))
+
+
+def _check_trained(ranks, case, tokens):
     for rank in ranks:
         r = rank[case]
         assert "error" not in r, r
@@ -64,8 +66,19 @@ def test_a_sharded_converted_model_trains_as_the_unsharded_one(ranks, case):
         assert r["params"] < (2e-4 if bf16 else 1e-6), r["params"]
         assert r["moved"] > 1e-3, r["moved"]                   # (the steps trained it)
         assert r["keys"] and r["strict_load"], r
-        assert r["tokens"] == TRAINED[case], r["tokens"]
+        assert r["tokens"] == tokens, r["tokens"]
         assert r["warnings"] == [], r["warnings"]    # (FSDP's own hooks on an MLP: no warning)
+
+
+@pytest.mark.parametrize("case", list(TRAINED))
+def test_a_sharded_converted_model_trains_as_the_unsharded_one(ranks, case):
+    _check_trained(ranks, case, TRAINED[case])
+
+
+@pytest.mark.slow
+def test_compiled_blocks_sharded_train_as_the_unsharded_model(tmp_path):
+    """torchtitan's order: each block compiled (aot_eager), then sharded (about 15 s)."""
+    _check_trained(_run_worker(tmp_path, "compiled"), "fully_shard compiled blocks", [65, 34, 34, 34])
 
 
 def test_fully_shard_inside_a_block_runs_it_dense_and_says_why(ranks):
