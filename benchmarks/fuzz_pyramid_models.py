@@ -747,6 +747,10 @@ def ref_win_evolve(blk, xm, sel, rep_pos, w):
     return new.reshape(B, H, W, C), row.gather(1, sel)
 
 
+#: the relative gap at the cut of each selection of the last :func:`reference` run
+MARGINS = []
+
+
 def select(g, k, near_ties):
     """g (B, M) -> sel (B, k), rep_pos (B,), w (B, M)."""
     B, M = g.shape
@@ -755,6 +759,9 @@ def select(g, k, near_ties):
         kth = g.kthvalue(M - k + 1, -1, keepdim=True).values
         ranked = torch.where((g - kth).abs() <= kth * 3e-7, kth, g)
     vals, idx = ranked.sort(dim=-1, descending=True, stable=True)
+    if k < M:     # (the relative gap at the cut: 0 is a tie the two may break apart)
+        raw = g.sort(-1, descending=True).values
+        MARGINS.append(((raw[:, k - 1] - raw[:, k]) / raw[:, k - 1]).min().item())
     sel = idx[:, :k]
     rest_v, rest_i = vals[:, k:], idx[:, k:]
     if k < M:
@@ -776,7 +783,9 @@ def pooled_scores(g, grid, new_grid):
 
 
 def reference(model, img, keep, reselect_every=1, start=None):
-    """Evo-ViT forward of a Pyramid from the documented rules. Returns output, roles."""
+    """Evo-ViT forward of a Pyramid from the documented rules. Returns output, roles (and
+    leaves the selections' gaps at the cut in ``MARGINS``)."""
+    MARGINS.clear()
     blocks = [b for st in model.stages for b in st.blocks]
     nb = len(blocks)
     if start is None:

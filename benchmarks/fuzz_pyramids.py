@@ -44,7 +44,8 @@ def one(seed: int, reselect: int) -> dict:
         scale = dense.abs().max().item()
         rec.update(status="converted", roles=[s.role for s in evoplug.get_report(fast).blocks],
                    keep05_vs_reference=(out - ref).abs().max().item() / scale,
-                   keep05_vs_dense=(out - dense).abs().max().item() / scale)
+                   keep05_vs_dense=(out - dense).abs().max().item() / scale,
+                   min_margin=min(pyr.MARGINS, default=None))
         evoplug.set_keep_ratio(fast, 1.0)
         rec["keep1_fast_path"] = (fast(x) - dense).abs().max().item()
         evoplug.set_options(fast, identity_fast_path=False)

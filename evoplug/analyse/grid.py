@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from ..errors import AnalysisError
-from .attention import attention_output
+from .attention import attention_output, sdpa_arg
 from .graph import ancestors, is_add, is_reshape, rolls, run_nodes, shape_of
 from .pointwise import token_wise_input
 
@@ -65,6 +65,8 @@ def find_grid_ops(gm: fx.GraphModule, a: "BlockAnalysis", site: Optional["Attent
             if held is not None and held not in _split_dim(si, so):
                 continue    # the heads split off the channels, (B, N, C) -> (B, N, heads, d),
                 #            where (heads, d) happens to be the patch grid
+            if _splits_heads(n, si, so, site, N):
+                continue    # one head on an (N, 1) grid: (B, N, C) -> (B, N, 1, C) as both
             ops.append(("to", n, dim))
         elif layout(si) and len(so) == 3 and M in so[1:]:
             if site is not None and _heads_merged(src, site):
@@ -161,6 +163,51 @@ def _heads_merged(src: fx.Node, site: "AttentionSite") -> bool:
                 or _heads_out_of_the_batch(shape_of(src.args[0]), shape_of(src))))):
         src = src.args[0]
     return out is not None and src is out
+
+
+def _splits_heads(n: fx.Node, si, so, site: Optional["AttentionSite"], N: int) -> bool:
+    """Whether the reshape ``n`` of the tokens (B, N, C) into (B, N, heads, d) is the heads
+    split of the attention's queries, keys or values (the last reshape before them, through
+    moves of dims only), not a view of the map: one head on an (N, 1) grid, (B, N, 1, C), reads
+    as both, and taken as a map view the queries were computed on the full map in the original
+    order while the keys came from the kept tokens in the selection's order (a fuzzed pyramid
+    whose 2-token stage evolved, keep 1.0 off the dense model by 0.1: the fifty-seventh
+    session)."""
+    return site is not None and len(so) == 4 and so[1] == N and so[2] * so[3] == si[2] and \
+        n in _heads_splits(site)
+
+
+_MOVES = {"transpose", "permute", "contiguous", "unbind", "float", "to", "type_as", "mul", "div"}
+
+
+def _heads_splits(site: "AttentionSite") -> set:
+    """The last reshape before each of the attention's queries, keys and values, through moves
+    of dims (transposes, an ``unbind`` and its items, casts, scaling, a norm per head)."""
+    out = attention_output(site)
+    if site.kind == "sdpa":
+        v = sdpa_arg(site.node, 2, "value")
+    elif site.kind == "softmax" and out is not None:
+        v = next((a for a in out.args if isinstance(a, fx.Node) and site.node not in ancestors(a)
+                  and a is not site.node), None)
+    else:
+        v = None
+    found = set()
+    for cur in (site.q, site.k, v):
+        for _ in range(16):
+            if not isinstance(cur, fx.Node) or not cur.args:
+                break
+            if is_reshape(cur):
+                found.add(cur)
+                break
+            moves = (cur.op == "call_method" and cur.target in _MOVES) or (
+                cur.op == "call_function" and cur.target in (operator.getitem, torch.transpose,
+                                                             torch.permute)) or (
+                cur.op == "call_module" and shape_of(cur) is not None
+                and shape_of(cur) == shape_of(cur.args[0]))
+            if not moves:
+                break
+            cur = cur.args[0]
+    return found
 
 
 def _heads_out_of_the_batch(si, so) -> bool:
