@@ -46,7 +46,7 @@ def test_fuzzed_pyramid(seed, reselect):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rec = fuzz_pyramids.one(seed, reselect)
-    _check(rec, "keep05_vs_reference", 5e-4)     # (absolute, on outputs up to about 25)
+    _check(rec, "keep_vs_reference", 5e-4)     # (absolute, on outputs up to about 25)
 
 
 @pytest.mark.parametrize("seed", FLAT_SEEDS)
