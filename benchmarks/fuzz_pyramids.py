@@ -40,7 +40,8 @@ def one(seed: int, reselect: int, keep: float = 0.5, cpe: bool = False) -> dict:
     with torch.no_grad():
         dense = model(x)
         try:
-            fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1], reselect_every=reselect)
+            fast = evoplug.convert(model, keep_ratio=keep, example_input=x[:1],
+                                   reselect_every=reselect)
         except evoplug.ConversionError as e:
             return dict(rec, status="refused", reason=(e.failures[0][1] if e.failures else str(e))[:200])
         out = fast(x)
@@ -61,7 +62,8 @@ def main():
     p = fuzz_parser(__doc__)
     p.add_argument("--reselect", type=int, default=1)
     p.add_argument("--keep", type=float, default=0.5)
-    p.add_argument("--cpe", action="store_true", help="blocks may add a convolutional position encoding (CPE) of their map")
+    p.add_argument("--cpe", action="store_true",
+                   help="blocks may add a convolutional position encoding (CPE) of their map")
     a = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
