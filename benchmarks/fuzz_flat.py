@@ -8,6 +8,9 @@ the output's scale, keep 1.0 against the model on the fast path and through the 
 
     python benchmarks/fuzz_flat.py 0 300 --json docs/bench/fuzz_flat_r1.json
     python benchmarks/fuzz_flat.py 1000 1250 --json docs/bench/fuzz_flat_v2.json
+    python benchmarks/fuzz_flat.py 2000 2400 --grads --json docs/bench/fuzz_flat_grads.json
+
+``--grads`` also compares a training step's gradients with the reference's (fuzz_grads.py).
 """
 import json
 import os
@@ -22,12 +25,13 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fuzz_flat_models as ff  # noqa: E402
+import fuzz_grads  # noqa: E402
 from fuzz_summary import fuzz_parser, summarise  # noqa: E402
 
 import evoplug  # noqa: E402
 
 
-def one(seed, keep=None, reselect=None, start="cfg"):
+def one(seed, keep=None, reselect=None, start="cfg", grads=False):
     model, x, cfg = ff.build(seed)
     keep = cfg["keep"] if keep is None else keep
     reselect = cfg["reselect"] if reselect is None else reselect
@@ -62,6 +66,11 @@ def one(seed, keep=None, reselect=None, start="cfg"):
         rec["keep1_fast_path"] = (fast(x) - dense).abs().max().item() / scale
         evoplug.set_options(fast, identity_fast_path=False)
         rec["keep1_machinery"] = (fast(x) - dense).abs().max().item() / scale
+    if grads:
+        rec.update(fuzz_grads.record(
+            model, x, lambda m, x: evoplug.convert(m, keep_ratio=keep, example_input=x[:1], **opts),
+            lambda m, x: ff.reference(m, x, keep, reselect, start, alpha=alpha,
+                                      representative=rep, grad=True)))
     return rec
 
 
@@ -74,7 +83,7 @@ def main():
     for seed in range(a.start, a.end):
         ts = time.time()
         try:
-            r = one(seed)
+            r = one(seed, grads=a.grads)
         except Exception as e:  # noqa: BLE001
             r = {"seed": seed, "status": "crash", "error": f"{type(e).__name__}: {e}"[:400],
                  "tb": traceback.format_exc()[-1500:]}
@@ -82,7 +91,8 @@ def main():
         rows.append(r)
         print(seed, r["status"], {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()
                                   if k in ("keep_vs_reference", "keep1_fast_path", "keep1_machinery",
-                                           "ref_keep1_vs_dense", "error", "secs")},
+                                           "ref_keep1_vs_dense", "grad_vs_reference", "grad_ok",
+                                           "error", "secs")},
               (r.get("failures") or [""])[0] if r["status"] == "refused" else "", flush=True)
         if a.json:
             with open(a.json, "w") as f:
@@ -96,7 +106,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"settings": {"seeds": [a.start, a.end], "torch": torch.__version__,
-                                    "commit": _commit(), "threads": 1,
+                                    "commit": _commit(), "threads": 1, "grads": a.grads,
                                     "machine": platform.processor() or platform.machine(),
                                     "seconds": summary["seconds"]},
                        "summary": summary, "rows": rows}, f, indent=1, default=str)

@@ -515,12 +515,13 @@ def build(seed):
 # ----------------------------------------------------------------------------------------------
 
 def global_row(lg, q_idx, rows):
-    """lg (B, h, n, n) logits; query row q_idx, else the mean of the logits rows ``rows``."""
+    """lg (B, h, n, n) logits; query row q_idx, else the mean of the logits rows ``rows``.
+    Detached: the rows rank tokens, no gradient flows back through them (docs/guarantees.md)."""
     if q_idx is not None:
         q = lg[:, :, q_idx, :]
     else:
         q = lg[:, :, rows, :].mean(-2)
-    return q.float().softmax(-1).mean(1)          # (B, n)
+    return q.float().softmax(-1).mean(1).detach()          # (B, n)
 
 
 def select(g, k):
@@ -532,9 +533,14 @@ def select(g, k):
     return sel, rep_pos, wt, vals
 
 
-@torch.no_grad()
-def reference(model, img, keep, reselect_every=1, start=None, alpha=ALPHA, representative=True,
-              info=None):
+def reference(*args, grad=False, **kwargs):
+    """The reference's output; ``grad``: with autograd (fuzz_grads.py), else under no_grad."""
+    with torch.set_grad_enabled(grad):
+        return _reference(*args, **kwargs)
+
+
+def _reference(model, img, keep, reselect_every=1, start=None, alpha=ALPHA, representative=True,
+               info=None):
     """Sub-sequence run by an evolving block: [lead prefix, trailing, kept, (r)]."""
     blocks = list(model.blocks)
     nb = len(blocks)

@@ -784,7 +784,8 @@ def pooled_scores(g, grid, new_grid):
 
 def reference(model, img, keep, reselect_every=1, start=None):
     """Evo-ViT forward of a Pyramid from the documented rules. Returns output, roles (and
-    leaves the selections' gaps at the cut in ``MARGINS``)."""
+    leaves the selections' gaps at the cut in ``MARGINS``). Autograd as the caller's mode has
+    it (fuzz_grads.py); the attention rows are detached (they rank tokens)."""
     MARGINS.clear()
     blocks = [b for st in model.stages for b in st.blocks]
     nb = len(blocks)
@@ -826,7 +827,7 @@ def reference(model, img, keep, reselect_every=1, start=None):
                 out = run()
                 roles.append("dense")
             elif bi == start - 1 or g is None:
-                row = dense_row()
+                row = dense_row().detach()      # (rows rank tokens: no gradient through them)
                 out = run()
                 g, ggrid, sel = row.float(), (H, W), None
                 roles.append("score")
@@ -834,7 +835,7 @@ def reference(model, img, keep, reselect_every=1, start=None):
                 if ggrid != (H, W):
                     g, ggrid, sel = pooled_scores(g, ggrid, (H, W)), (H, W), None
                 if k >= M:
-                    row = dense_row()
+                    row = dense_row().detach()
                     out = run()
                     g = (1 - ALPHA) * g + ALPHA * row
                     roles.append("evolve(all)")
@@ -843,7 +844,7 @@ def reference(model, img, keep, reselect_every=1, start=None):
                         sel, rep_pos, wt = select(g, k, near_ties)
                         since = 0
                     out, a = evolve(sel, rep_pos, wt)
-                    g = g.scatter(1, sel, torch.lerp(g.gather(1, sel), a.float(), ALPHA))
+                    g = g.scatter(1, sel, torch.lerp(g.gather(1, sel), a.detach().float(), ALPHA))
                     since += 1
                     roles.append("evolve")
             if windowed or not P:

@@ -12,6 +12,9 @@ relative gap at a selection's cut, ``min_margin``: 0 is a tie the two may break 
     python benchmarks/fuzz_pyramids.py 250 350 --reselect 4 --json docs/bench/fuzz_pyramids_r4.json
     python benchmarks/fuzz_pyramids.py 500 700 --keep 0.3 --json docs/bench/fuzz_pyramids_k03.json
     python benchmarks/fuzz_pyramids.py 1000 1250 --cpe --json docs/bench/fuzz_pyramids_cpe.json
+    python benchmarks/fuzz_pyramids.py 500 750 --grads --json docs/bench/fuzz_pyramids_grads.json
+
+``--grads`` also compares a training step's gradients with the reference's (fuzz_grads.py).
 
 The reference runs every windowed block as windows on the full map, as docs/models.md says
 evoplug does for blocks that cut their windows themselves (its own flag would run a
@@ -26,6 +29,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fuzz_grads  # noqa: E402
 import fuzz_pyramid_models as pyr  # noqa: E402
 from fuzz_summary import fuzz_parser, summarise  # noqa: E402
 
@@ -34,7 +38,8 @@ import evoplug  # noqa: E402
 pyr.WinBlock.single_window = property(lambda self: False)
 
 
-def one(seed: int, reselect: int, keep: float = 0.5, cpe: bool = False) -> dict:
+def one(seed: int, reselect: int, keep: float = 0.5, cpe: bool = False,
+        grads: bool = False) -> dict:
     rec = {"seed": seed}
     model, x, cfg = pyr.build(seed, allow_cpe=cpe)
     with torch.no_grad():
@@ -55,6 +60,11 @@ def one(seed: int, reselect: int, keep: float = 0.5, cpe: bool = False) -> dict:
         rec["keep1_fast_path"] = (fast(x) - dense).abs().max().item()
         evoplug.set_options(fast, identity_fast_path=False)
         rec["keep1_machinery"] = (fast(x) - dense).abs().max().item()
+    if grads:
+        rec.update(fuzz_grads.record(
+            model, x, lambda m, x: evoplug.convert(m, keep_ratio=keep, example_input=x[:1],
+                                                   reselect_every=reselect),
+            lambda m, x: pyr.reference(m, x, keep, reselect)[0]))
     return rec
 
 
@@ -70,7 +80,7 @@ def main():
     rows, t0 = [], time.time()
     for seed in range(a.start, a.end):
         try:
-            rows.append(one(seed, a.reselect, a.keep, a.cpe))
+            rows.append(one(seed, a.reselect, a.keep, a.cpe, a.grads))
         except Exception as e:      # noqa: BLE001 - a crash is a finding, recorded
             rows.append({"seed": seed, "status": "crash", "error": f"{type(e).__name__}: {e}"[:300]})
     summary = summarise(rows, "keep_vs_reference", "keep_vs_reference_over_1e-4",
@@ -79,6 +89,7 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"settings": {"seeds": [a.start, a.end], "keep_ratio": a.keep, "cpe": a.cpe,
+                                    "grads": a.grads,
                                     "reselect_every": a.reselect, "torch": torch.__version__,
                                     "evoplug": evoplug.__version__ if hasattr(evoplug, "__version__") else None,
                                     "machine": platform.processor() or platform.machine(),
