@@ -17,12 +17,17 @@ import sys
 import warnings
 
 import pytest
+import torch
+from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 import fuzz_flat  # noqa: E402
+import fuzz_flat_models  # noqa: E402
+import fuzz_grads  # noqa: E402
 import fuzz_pyramids  # noqa: E402
 
+import evoplug  # noqa: E402
 import evoplug.runtime.evolve as evolve  # noqa: E402
 
 TIE = 1e-5
@@ -103,3 +108,39 @@ def test_the_gradient_check_sees_a_backward_that_drops_a_term(monkeypatch):
     rec = _graded("pyramid", 501, 1)
     assert rec["keep_vs_reference"] <= 1e-4 and not rec["grad_ok"], rec
     assert rec["grad_vs_reference"] > 1e-2, rec
+
+
+class _Alpha(nn.Module):
+    """A learnable trade-off, sigmoid(logit)."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self):
+        return torch.sigmoid(self.logit)
+
+
+@pytest.mark.parametrize("seed", [2016, 2024])
+def test_a_learnable_trade_off_gets_the_references_gradient(seed):
+    """A learnable trade-off reaches the output through the next selection's representative
+    weights (the scores it mixes): its gradient, and the model's, are the reference's with
+    alpha a tensor (float64, train mode; seeds drawn with the representative token and a
+    reselection after an update)."""
+    model, x, cfg = fuzz_flat_models.build(seed)
+    model, x = model.double().train(), x.double()
+    ours, theirs = _Alpha(), _Alpha()
+    opts = {"start_block": cfg["start"]} if cfg["start"] is not None else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fast = evoplug.convert(model, keep_ratio=cfg["keep"], example_input=x[:1],
+                               reselect_every=cfg["reselect"], trade_off=ours, **opts)
+    out, got = fuzz_grads.gradients(fast, lambda: fast(x))
+    ref, want = fuzz_grads.gradients(model, lambda: fuzz_flat_models.reference(
+        model, x, cfg["keep"], cfg["reselect"], cfg["start"], alpha=theirs(), grad=True))
+    out_diff = ((out - ref).abs().max() / ref.abs().max()).item()
+    assert out_diff < 1e-5
+    assert theirs.logit.grad.abs() > 1.0      # (-11.2 and -22.4)
+    torch.testing.assert_close(ours.logit.grad, theirs.logit.grad, rtol=1e-4, atol=0)
+    diff, name = fuzz_grads.worst(got, want)
+    assert diff <= fuzz_grads.GRAD_RATIO * out_diff, name
