@@ -115,6 +115,23 @@ def test_the_check_finds_images_of_a_batch_mixed(monkeypatch):
     assert any(p.startswith("keep1_machinery_diff") and "float64" in p for p in r.problems), str(r)
 
 
+def test_the_check_finds_gradients_a_backward_scales_at_keep_1(monkeypatch):
+    """A restore whose backward scales the slow path's gradient by 1.01 (its forward exact):
+    every output comparison passes; the keep-1.0 gradients against the original's do not."""
+    restore = ev.restore
+
+    def scaled(base, out_sub, sel, rep):
+        return restore(base, out_sub + 0.01 * (out_sub - out_sub.detach()), sel, rep)
+    monkeypatch.setattr(ev, "restore", scaled)
+    r = check_conversion(_small_vit())
+    assert r.keep1_fast_diff == 0 and r.keep1_machinery_diff < 1e-5, str(r)
+    assert r.status == "WRONG" and 1e-3 < r.keep1_grad_diff < 0.1, str(r)
+    assert any("gradients off the original's" in p for p in r.problems), str(r)
+    monkeypatch.setattr(ev, "restore", restore)
+    r = check_conversion(_small_vit())
+    assert r.status == "converts" and r.keep1_grad_diff < 1e-5, str(r)
+
+
 def _planted(how):
     """A runtime with one of the Evo-ViT rules broken, each a plausible slip: the lowest-scored
     tokens kept, no representative residual on the tokens not kept, the kept tokens' outputs

@@ -45,7 +45,9 @@ outputs: each compared, the worst one reported):
   selection's order equals its output with every block restoring the order (``hand_on_diff``);
 * the model's ``state_dict`` loads strictly into the converted model and back;
 * **gradients** (train mode, loss: the sum of ``out.pow(2).mean()`` over the outputs): finite, and every parameter that gets a
-  gradient in the original gets one in the converted model.
+  gradient in the original gets one in the converted model; at keep 1.0 through the selection
+  machinery (eval mode: no dropout draws) they are the original's, within ``grad_bound``
+  relative to the largest (``keep1_grad_diff``).
 
 A model evoplug refuses is reported with the refusal (``result.refused``), not raised.
 
@@ -110,6 +112,9 @@ class CheckResult:
     evolution_diff: float = float("nan")
     evolution_checked: Tuple[int, int] = (0, 0)
     hand_on_diff: float = float("nan")
+    # the parameters' gradients at keep 1.0 through the machinery against the original's (eval
+    # mode), the largest |diff| relative to the largest gradient
+    keep1_grad_diff: float = float("nan")
     # the global scores blocks received against the ones rebuilt from the block before them
     # (its input scores and its own attention map, read by tools/attention_maps.py; relative),
     # and how many blocks' scores it compared
@@ -133,7 +138,8 @@ class CheckResult:
                        f"attention maps {self.scores_diff:.1e}")
         text = (f"{self.status}: {self.evolving}/{self.blocks} blocks evolving{first}, keep 1.0 "
                 f"max diff {self.keep1_fast_diff:.1e} (fast path) / "
-                f"{self.keep1_machinery_diff:.1e} (machinery), batch independence "
+                f"{self.keep1_machinery_diff:.1e} (machinery), gradients at keep 1.0 "
+                f"{self.keep1_grad_diff:.1e}, batch independence "
                 f"{self.batch_diff:.1e}{update}, converted in {self.convert_s:.1f} s")
         if self.graphs:
             text += (f"; torch.compile: {self.graphs} graph(s), compiled vs eager "
@@ -171,9 +177,9 @@ def _first(out: List[torch.Tensor], batch: int) -> List[torch.Tensor]:
     return [t[:1] for t in out if t.dim() and t.shape[0] == batch]
 
 
-def _grads(model: nn.Module, x: torch.Tensor):
+def _grads(model: nn.Module, x: torch.Tensor, train: bool = True):
     was = model.training
-    model.train()
+    model.train(train)
     model.zero_grad(set_to_none=True)
     sum(t.float().pow(2).mean() for t in outputs(model(x))).backward()
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -185,7 +191,7 @@ def _grads(model: nn.Module, x: torch.Tensor):
 def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = None,
                      keep_ratio: float = 0.5, keep1_bound: float = 1e-5,
                      batch_bound: float = 1e-4, compile: Optional[str] = None,
-                     **options) -> CheckResult:
+                     grad_bound: float = 1e-4, **options) -> CheckResult:
     """Convert a copy of ``model`` (left untouched) and check it; see the module docstring.
     ``example_input``: a batch of at least 2 (default: 2 images of the declared input size);
     ``compile``: also compile the converted model with this ``torch.compile`` backend
@@ -240,7 +246,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
         model.load_state_dict(fast.state_dict(), strict=True)
     except Exception as e:                     # noqa: BLE001 (a problem to report)
         r.problems.append(f"state_dict: {e}"[:300])
-    _check_gradients(r, model, fast, x)
+    _check_gradients(r, model, fast, x, grad_bound)
     if compile:
         _check_compiled(r, fast, x, compile, batch_bound)
     if r.problems:
@@ -248,14 +254,18 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
     return r
 
 
-def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch.Tensor):
+def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch.Tensor,
+                     grad_bound: float):
     """Every parameter that gets a gradient in the original gets a finite one in the converted
-    model. A training forward evoplug refuses by name (a model that keeps block outputs handed
-    on between selections: runtime/guard.py) is a warning with the refusal, as evoplug
-    promises a clear error there (it ended the check with a traceback until the thirty-eighth
-    session)."""
-    g_ref = _grads(model, x)
+    model, and at keep 1.0 through the machinery the original's. A training forward evoplug
+    refuses by name (a model that keeps block outputs handed on between selections:
+    runtime/guard.py) is a warning with the refusal, as evoplug promises a clear error there
+    (it ended the check with a traceback until the thirty-eighth session). Keep 1.0 first:
+    a training step moves BatchNorm's running statistics, the original's and the converted
+    model's apart (at ``keep_ratio`` its normed tokens are others)."""
     try:
+        _check_keep1_gradients(r, model, fast, x, grad_bound)
+        g_ref = _grads(model, x)
         g = _grads(fast, x)
     except evoplug.EvoplugError as e:
         r.warnings.append(f"a training step of the converted model is refused with these "
@@ -266,6 +276,29 @@ def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch
         r.problems.append(f"{len(lost)} parameter(s) lost their gradient: {lost[:4]}")
     if not all(bool(torch.isfinite(t).all()) for t in g.values()):
         r.problems.append("non-finite gradients")
+
+
+def _check_keep1_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch.Tensor,
+                           bound: float):
+    """Keep 1.0 through the selection machinery (every token, in the selection's order) gives
+    the original's gradients, eval mode (dropout would draw other masks for tokens in another
+    order), relative to the largest gradient (softmax makes some exactly zero but for
+    rounding: a key's bias)."""
+    opts = evoplug.get_report(fast).options
+    evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
+    try:
+        got, want = _grads(fast, x, train=False), _grads(model, x, train=False)
+    finally:
+        evoplug.set_options(fast, keep_ratio=opts.keep_ratio,
+                            identity_fast_path=opts.identity_fast_path)
+    top = max((float(t.float().abs().max()) for t in want.values() if t.numel()), default=0.0)
+    if not want or top == 0.0:
+        return
+    r.keep1_grad_diff = max((float((got[n].float() - t.float()).abs().max()) if n in got
+                             else float("inf")) for n, t in want.items() if t.numel()) / top
+    if not r.keep1_grad_diff <= bound:
+        r.problems.append(f"keep 1.0 through the machinery: gradients off the original's by "
+                          f"{r.keep1_grad_diff:.2e} (relative to the largest) > {bound}")
 
 
 def _same_draws(module, args):
