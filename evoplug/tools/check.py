@@ -246,7 +246,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
         model.load_state_dict(fast.state_dict(), strict=True)
     except Exception as e:                     # noqa: BLE001 (a problem to report)
         r.problems.append(f"state_dict: {e}"[:300])
-    _check_gradients(r, model, fast, x, grad_bound)
+    _check_gradients(r, model, fast, x, grad_bound, options)
     if compile:
         _check_compiled(r, fast, x, compile, batch_bound)
     if r.problems:
@@ -255,7 +255,7 @@ def check_conversion(model: nn.Module, example_input: Optional[torch.Tensor] = N
 
 
 def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch.Tensor,
-                     grad_bound: float):
+                     grad_bound: float, options: dict):
     """Every parameter that gets a gradient in the original gets a finite one in the converted
     model, and at keep 1.0 through the machinery the original's. A training forward evoplug
     refuses by name (a model that keeps block outputs handed on between selections:
@@ -264,7 +264,7 @@ def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch
     a training step moves BatchNorm's running statistics, the original's and the converted
     model's apart (at ``keep_ratio`` its normed tokens are others)."""
     try:
-        _check_keep1_gradients(r, model, fast, x, grad_bound)
+        _check_keep1_gradients(r, model, fast, x, grad_bound, options)
         g_ref = _grads(model, x)
         g = _grads(fast, x)
     except evoplug.EvoplugError as e:
@@ -279,26 +279,51 @@ def _check_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch
 
 
 def _check_keep1_gradients(r: CheckResult, model: nn.Module, fast: nn.Module, x: torch.Tensor,
-                           bound: float):
+                           bound: float, options: dict):
     """Keep 1.0 through the selection machinery (every token, in the selection's order) gives
     the original's gradients, eval mode (dropout would draw other masks for tokens in another
     order), relative to the largest gradient (softmax makes some exactly zero but for
-    rounding: a key's bias)."""
+    rounding: a key's bias). Over ``bound`` in float32, float64 decides as for the outputs: the
+    same computation there is a warning, else a problem."""
     opts = evoplug.get_report(fast).options
     evoplug.set_options(fast, keep_ratio=1.0, identity_fast_path=False)
     try:
-        got, want = _grads(fast, x, train=False), _grads(model, x, train=False)
+        r.keep1_grad_diff = _grad_diff(_grads(fast, x, train=False),
+                                       _grads(model, x, train=False))
     finally:
         evoplug.set_options(fast, keep_ratio=opts.keep_ratio,
                             identity_fast_path=opts.identity_fast_path)
-    top = max((float(t.float().abs().max()) for t in want.values() if t.numel()), default=0.0)
-    if not want or top == 0.0:
+    if not r.keep1_grad_diff > bound:       # (NaN: no gradient to compare)
         return
-    r.keep1_grad_diff = max((float((got[n].float() - t.float()).abs().max()) if n in got
-                             else float("inf")) for n, t in want.items() if t.numel()) / top
-    if not r.keep1_grad_diff <= bound:
-        r.problems.append(f"keep 1.0 through the machinery: gradients off the original's by "
-                          f"{r.keep1_grad_diff:.2e} (relative to the largest) > {bound}")
+    text = (f"keep 1.0 through the machinery: gradients off the original's by "
+            f"{r.keep1_grad_diff:.2e} (relative to the largest) > {bound}")
+    f64 = _keep1_grads_float64(model, x, options)
+    if f64 <= F64_BOUND:
+        r.warnings.append(f"{text} in float32, but {f64:.1e} in float64: the same computation, "
+                          "float32 rounding in another summation order, amplified by the model")
+    else:
+        r.problems.append(f"{text} (float64: {f64:.1e})")
+
+
+def _grad_diff(got: dict, want: dict) -> float:
+    """Largest |got - want| over the parameters, relative to the largest gradient (inf where
+    one is missing; NaN where there is none)."""
+    top = max((float(t.float().abs().max()) for t in want.values() if t.numel()), default=0.0)
+    if top == 0.0:
+        return float("nan")
+    return max((float((got[n].float() - t.float()).abs().max()) if n in got else float("inf"))
+               for n, t in want.items() if t.numel()) / top
+
+
+def _keep1_grads_float64(model: nn.Module, x: torch.Tensor, options: dict) -> float:
+    """:func:`_check_keep1_gradients` in float64 (NaN where the model does not run there)."""
+    try:
+        m64, x64 = copy_model(model).double(), x.double()
+        fast = evoplug.convert(m64, example_input=x64, strict=False,
+                               **dict(options, keep_ratio=1.0, identity_fast_path=False))
+        return _grad_diff(_grads(fast, x64, train=False), _grads(m64, x64, train=False))
+    except Exception:                          # noqa: BLE001 (no float64 comparison: a problem)
+        return float("nan")
 
 
 def _same_draws(module, args):
