@@ -152,7 +152,8 @@ def _line(r: dict) -> str:
     if s in ("converts", "partly", "WRONG"):
         t = r.get("tokens_evolving") or [("-", "-")]
         what = (f"{r['evolving']}/{r['blocks']} evolving, tokens {t[0][0]}/{t[0][1]}, keep 1.0 "
-                f"{r['keep1_fast_diff']:.1e}/{r['keep1_machinery_diff']:.1e}, batch "
+                f"{r['keep1_fast_diff']:.1e}/{r['keep1_machinery_diff']:.1e}, grads "
+                f"{r.get('keep1_grad_diff', float('nan')):.1e}, batch "
                 f"{r['batch_diff']:.1e}, {r['convert_s']:.1f} s")
         if r.get("graphs"):
             what += f", compile: {r['graphs']} graph(s), {r['compile_diff']:.1e}"
