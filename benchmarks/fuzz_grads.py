@@ -12,7 +12,7 @@ with its rows rounded otherwise), and more in parameters whose gradient is a can
 key's bias, a head's constant logit bias: zero but for rounding, as softmax ignores them). A
 gradient is compared relative to its largest entry, or to 1e-2 of the model's largest where it
 is smaller. ``grad_ok``: the gradients within 1000 times the outputs' difference (the largest
-ratios seen: 184 in 950 flat seeds, 65 in 335 pyramids, 328 at keep 1.0; docs/models.md; 1e-9
+ratios seen: 184 in 950 flat seeds, 65 in 502 pyramids, 328 at keep 1.0; docs/models.md; 1e-9
 where the outputs agree exactly), and so at keep 1.0 through the machinery against the dense
 model (exact to about 1e-13, unless the model itself rounds to float32: a softmax in float32
 sums the tokens in another order there). A backward that drops a term (a detached
