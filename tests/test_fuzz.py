@@ -18,13 +18,13 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 import fuzz_flat  # noqa: E402
 import fuzz_flat_models  # noqa: E402
 import fuzz_grads  # noqa: E402
+from test_learnable_trade_off import SigmoidAlpha  # noqa: E402
 import fuzz_pyramids  # noqa: E402
 
 import evoplug  # noqa: E402
@@ -110,17 +110,6 @@ def test_the_gradient_check_sees_a_backward_that_drops_a_term(monkeypatch):
     assert rec["grad_vs_reference"] > 1e-2, rec
 
 
-class _Alpha(nn.Module):
-    """A learnable trade-off, sigmoid(logit)."""
-
-    def __init__(self):
-        super().__init__()
-        self.logit = nn.Parameter(torch.tensor(0.3))
-
-    def forward(self):
-        return torch.sigmoid(self.logit)
-
-
 @pytest.mark.parametrize("seed", [2016, 2024])
 def test_a_learnable_trade_off_gets_the_references_gradient(seed):
     """A learnable trade-off reaches the output through the next selection's representative
@@ -129,7 +118,10 @@ def test_a_learnable_trade_off_gets_the_references_gradient(seed):
     reselection after an update)."""
     model, x, cfg = fuzz_flat_models.build(seed)
     model, x = model.double().train(), x.double()
-    ours, theirs = _Alpha(), _Alpha()
+    ours, theirs = SigmoidAlpha(), SigmoidAlpha()
+    with torch.no_grad():
+        ours.logit.fill_(0.3)
+        theirs.logit.fill_(0.3)
     opts = {"start_block": cfg["start"]} if cfg["start"] is not None else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
